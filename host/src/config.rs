@@ -1,0 +1,560 @@
+//! Configuration: TOML file → `${VAR}` expansion → `SWITCHYARD_*` overrides → a validated
+//! [`Config`]. Errors name the key (and the file) so users can fix them at once.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Reads an environment variable. Injected so that tests never touch the process
+/// environment.
+pub type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+/// A configuration problem, naming the key where there is one.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{origin}: invalid TOML: {message}")]
+    Syntax { origin: String, message: String },
+    #[error("{origin}: key `{key}`: {message}")]
+    Key {
+        origin: String,
+        key: String,
+        message: String,
+    },
+}
+
+/// The validated configuration of a gateway.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub plugins: PluginsConfig,
+    pub delivery: DeliveryConfig,
+    pub sources: Vec<SourceConfig>,
+    pub destinations: Vec<DestinationConfig>,
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    plugins: RawPlugins,
+    #[serde(default)]
+    delivery: DeliveryConfig,
+    #[serde(default)]
+    sources: Vec<SourceConfig>,
+    #[serde(default)]
+    destinations: Vec<DestinationConfig>,
+    #[serde(default)]
+    routes: Vec<RouteConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    #[serde(default = "default_listen")]
+    listen: String,
+    #[serde(default = "default_data_dir")]
+    data_dir: PathBuf,
+    #[serde(default = "default_max_body")]
+    max_body_bytes: usize,
+    #[serde(default = "default_queue_capacity")]
+    queue_capacity: usize,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            data_dir: default_data_dir(),
+            max_body_bytes: default_max_body(),
+            queue_capacity: default_queue_capacity(),
+        }
+    }
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8080".into()
+}
+fn default_data_dir() -> PathBuf {
+    "./data".into()
+}
+fn default_max_body() -> usize {
+    1 << 20
+}
+fn default_queue_capacity() -> usize {
+    10_000
+}
+
+/// `[server]`.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// Largest accepted ingest body; larger ones get 413.
+    pub max_body_bytes: usize,
+    /// Events accepted but not yet processed; beyond it ingest answers 503.
+    pub queue_capacity: usize,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlugins {
+    #[serde(default = "default_plugin_dir")]
+    dir: PathBuf,
+    #[serde(default = "default_deadline", with = "humantime_serde")]
+    deadline: Duration,
+    #[serde(default = "default_max_memory")]
+    max_memory_bytes: usize,
+}
+
+impl Default for RawPlugins {
+    fn default() -> Self {
+        Self {
+            dir: default_plugin_dir(),
+            deadline: default_deadline(),
+            max_memory_bytes: default_max_memory(),
+        }
+    }
+}
+
+fn default_plugin_dir() -> PathBuf {
+    "./plugins.d".into()
+}
+fn default_deadline() -> Duration {
+    Duration::from_millis(100)
+}
+fn default_max_memory() -> usize {
+    64 << 20
+}
+
+/// `[plugins]`.
+#[derive(Clone, Debug)]
+pub struct PluginsConfig {
+    /// Every `*.wasm` here is a plugin, named by its file stem.
+    pub dir: PathBuf,
+    /// Wall-clock budget of one plugin call.
+    pub deadline: Duration,
+    /// Memory cap of one plugin instance.
+    pub max_memory_bytes: usize,
+}
+
+/// `[delivery]`: how deliveries are sent and retried.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveryConfig {
+    /// Timeout of one HTTP attempt.
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Attempts per delivery, including the first.
+    #[serde(default = "default_attempts")]
+    pub max_attempts: u32,
+    /// Wait before the first retry; doubled before each further one.
+    #[serde(default = "default_backoff", with = "humantime_serde")]
+    pub backoff: Duration,
+    /// Deliveries in flight at once.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        Self {
+            timeout: default_timeout(),
+            max_attempts: default_attempts(),
+            backoff: default_backoff(),
+            concurrency: default_concurrency(),
+        }
+    }
+}
+
+fn default_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_attempts() -> u32 {
+    3
+}
+fn default_backoff() -> Duration {
+    Duration::from_millis(500)
+}
+fn default_concurrency() -> usize {
+    256
+}
+
+/// `[[sources]]`: a name senders post to at `/v1/ingest/{name}`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    pub name: String,
+}
+
+/// `[[destinations]]`: where deliveries go.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DestinationConfig {
+    pub name: String,
+    /// The URL; may contain `:name:` placeholders.
+    pub url: String,
+    /// Extra headers; values may contain `:name:` placeholders.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Deliver only events of these types (all when absent).
+    #[serde(default)]
+    pub event_types: Option<Vec<String>>,
+}
+
+/// `[[routes]]`: which plugins run on a source's events and where they go by default.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub source: String,
+    #[serde(default)]
+    pub plugins: Vec<PluginRef>,
+    #[serde(default)]
+    pub destinations: Vec<String>,
+}
+
+/// One plugin of a route's chain with its configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginRef {
+    pub name: String,
+    /// Key/value configuration handed to the plugin, in order. Numbers and booleans are
+    /// given as their text.
+    #[serde(default, deserialize_with = "config_pairs")]
+    pub config: Vec<(String, String)>,
+}
+
+fn config_pairs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<(String, String)>, D::Error> {
+    let table = toml::Table::deserialize(d)?;
+    table
+        .into_iter()
+        .map(|(k, v)| {
+            let text = match v {
+                toml::Value::String(s) => s,
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Float(f) => f.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                other => {
+                    return Err(serde::de::Error::custom(format!(
+                        "value of `{k}` must be a string, number or boolean, not {}",
+                        other.type_str()
+                    )));
+                }
+            };
+            Ok((k, text))
+        })
+        .collect()
+}
+
+impl Config {
+    /// Loads and validates a config file; relative paths in it are relative to its folder.
+    pub fn load(path: &Path, env: EnvLookup<'_>) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::parse(&text, &path.display().to_string(), base, env)
+    }
+
+    /// Parses and validates config text. `origin` names it in errors.
+    pub fn parse(
+        text: &str,
+        origin: &str,
+        base_dir: &Path,
+        env: EnvLookup<'_>,
+    ) -> Result<Config, ConfigError> {
+        let key_err = |key: String, message: String| ConfigError::Key {
+            origin: origin.to_string(),
+            key,
+            message,
+        };
+        let mut value: toml::Value =
+            toml::from_str(text).map_err(|e: toml::de::Error| ConfigError::Syntax {
+                origin: origin.to_string(),
+                message: e.to_string(),
+            })?;
+        expand_env(&mut value, &mut String::new(), env).map_err(|(k, m)| key_err(k, m))?;
+
+        let raw: RawConfig = serde_path_to_error::deserialize(value).map_err(|e| {
+            let key = e.path().to_string();
+            key_err(key, e.into_inner().to_string())
+        })?;
+
+        let listen_text = env("SWITCHYARD_LISTEN").unwrap_or(raw.server.listen);
+        let listen = listen_text.parse().map_err(|e| {
+            key_err(
+                "server.listen".into(),
+                format!("`{listen_text}` is not an address like 127.0.0.1:8080: {e}"),
+            )
+        })?;
+        let data_dir = match env("SWITCHYARD_DATA_DIR") {
+            Some(dir) => PathBuf::from(dir),
+            None => base_dir.join(raw.server.data_dir),
+        };
+        let config = Config {
+            server: ServerConfig {
+                listen,
+                data_dir,
+                max_body_bytes: raw.server.max_body_bytes,
+                queue_capacity: raw.server.queue_capacity,
+            },
+            plugins: PluginsConfig {
+                dir: base_dir.join(raw.plugins.dir),
+                deadline: raw.plugins.deadline,
+                max_memory_bytes: raw.plugins.max_memory_bytes,
+            },
+            delivery: raw.delivery,
+            sources: raw.sources,
+            destinations: raw.destinations,
+            routes: raw.routes,
+        };
+        config.validate().map_err(|(k, m)| key_err(k, m))?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), (String, String)> {
+        if self.server.max_body_bytes == 0 {
+            return Err(("server.max_body_bytes".into(), "must be above 0".into()));
+        }
+        if self.server.queue_capacity == 0 {
+            return Err(("server.queue_capacity".into(), "must be above 0".into()));
+        }
+        if self.delivery.max_attempts == 0 {
+            return Err(("delivery.max_attempts".into(), "must be at least 1".into()));
+        }
+        if self.delivery.concurrency == 0 {
+            return Err(("delivery.concurrency".into(), "must be at least 1".into()));
+        }
+        let mut sources = HashSet::new();
+        for (i, s) in self.sources.iter().enumerate() {
+            check_name(&s.name).map_err(|m| (format!("sources[{i}].name"), m))?;
+            if !sources.insert(s.name.as_str()) {
+                return Err((format!("sources[{i}].name"), format!("`{}` is defined twice", s.name)));
+            }
+        }
+        let mut destinations = HashSet::new();
+        for (i, d) in self.destinations.iter().enumerate() {
+            check_name(&d.name).map_err(|m| (format!("destinations[{i}].name"), m))?;
+            if !destinations.insert(d.name.as_str()) {
+                return Err((format!("destinations[{i}].name"), format!("`{}` is defined twice", d.name)));
+            }
+            let url = reqwest::Url::parse(&d.url)
+                .map_err(|e| (format!("destinations[{i}].url"), format!("`{}` is not a URL: {e}", d.url)))?;
+            if url.scheme() != "http" && url.scheme() != "https" {
+                return Err((format!("destinations[{i}].url"), "must be an http or https URL".into()));
+            }
+            for name in d.headers.keys() {
+                reqwest::header::HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+                    (format!("destinations[{i}].headers"), format!("`{name}` is not a valid header name"))
+                })?;
+            }
+        }
+        for (i, r) in self.routes.iter().enumerate() {
+            if !sources.contains(r.source.as_str()) {
+                return Err((format!("routes[{i}].source"), format!("no source named `{}`", r.source)));
+            }
+            for (j, d) in r.destinations.iter().enumerate() {
+                if !destinations.contains(d.as_str()) {
+                    return Err((format!("routes[{i}].destinations[{j}]"), format!("no destination named `{d}`")));
+                }
+            }
+            for (j, p) in r.plugins.iter().enumerate() {
+                check_name(&p.name).map_err(|m| (format!("routes[{i}].plugins[{j}].name"), m))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The plugin names that some route uses.
+    pub fn used_plugins(&self) -> HashSet<&str> {
+        self.routes
+            .iter()
+            .flat_map(|r| r.plugins.iter().map(|p| p.name.as_str()))
+            .collect()
+    }
+}
+
+fn check_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{name}` must be 1 to 64 characters of letters, digits, `-`, `_` or `.`"
+        ))
+    }
+}
+
+/// Replaces `${VAR}` and `${VAR:-default}` in every string of the tree. `$$` is a literal `$`.
+fn expand_env(value: &mut toml::Value, path: &mut String, env: EnvLookup<'_>) -> Result<(), (String, String)> {
+    match value {
+        toml::Value::String(s) => {
+            *s = expand_str(s, env).map_err(|m| (path.clone(), m))?;
+        }
+        toml::Value::Array(items) => {
+            for (i, item) in items.iter_mut().enumerate() {
+                let len = path.len();
+                path.push_str(&format!("[{i}]"));
+                expand_env(item, path, env)?;
+                path.truncate(len);
+            }
+        }
+        toml::Value::Table(table) => {
+            for (k, item) in table.iter_mut() {
+                let len = path.len();
+                if !path.is_empty() {
+                    path.push('.');
+                }
+                path.push_str(k);
+                expand_env(item, path, env)?;
+                path.truncate(len);
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn expand_str(s: &str, env: EnvLookup<'_>) -> Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(pos) = rest.find('$') {
+        out.push_str(&rest[..pos]);
+        rest = &rest[pos..];
+        if let Some(after) = rest.strip_prefix("$$") {
+            out.push('$');
+            rest = after;
+        } else if let Some(after) = rest.strip_prefix("${") {
+            let end = after
+                .find('}')
+                .ok_or_else(|| format!("unclosed `${{` in `{s}`"))?;
+            let expr = &after[..end];
+            let (name, default) = match expr.split_once(":-") {
+                Some((n, d)) => (n, Some(d)),
+                None => (expr, None),
+            };
+            let valid = !name.is_empty()
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !valid {
+                return Err(format!("`${{{expr}}}` is not a valid variable reference"));
+            }
+            match (env(name), default) {
+                (Some(v), _) => out.push_str(&v),
+                (None, Some(d)) => out.push_str(d),
+                (None, None) => {
+                    return Err(format!(
+                        "environment variable `{name}` is not set (use `${{{name}:-default}}` for a default)"
+                    ));
+                }
+            }
+            rest = &after[end + 1..];
+        } else {
+            out.push('$');
+            rest = &rest[1..];
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(name: &str) -> Option<String> {
+        match name {
+            "FLEET_KEY" => Some("k-123".into()),
+            _ => None,
+        }
+    }
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, "test.toml", Path::new("/etc/sy"), &env)
+    }
+
+    const GOOD: &str = r#"
+        [server]
+        listen = "127.0.0.1:9000"
+        [[sources]]
+        name = "onomondo"
+        [[destinations]]
+        name = "fleet"
+        url = "https://fleet.example/events?iccid=:iccid:"
+        headers = { "x-api-key" = "${FLEET_KEY}", "x-region" = "${REGION:-eu}" }
+        event_types = ["usage"]
+        [[routes]]
+        source = "onomondo"
+        plugins = [{ name = "event-filter", config = { allow = "usage,location", n = 3 } }]
+        destinations = ["fleet"]
+    "#;
+
+    #[test]
+    fn expands_env_and_defaults() {
+        let c = parse(GOOD).unwrap();
+        let d = &c.destinations[0];
+        assert_eq!(d.headers["x-api-key"], "k-123");
+        assert_eq!(d.headers["x-region"], "eu");
+        assert_eq!(c.server.listen.port(), 9000);
+        assert_eq!(c.plugins.dir, Path::new("/etc/sy/./plugins.d"));
+        assert_eq!(
+            c.routes[0].plugins[0].config,
+            vec![("allow".into(), "usage,location".into()), ("n".into(), "3".into())]
+        );
+    }
+
+    #[test]
+    fn missing_env_names_the_key() {
+        let err = parse(&GOOD.replace("${FLEET_KEY}", "${NOPE}")).unwrap_err().to_string();
+        assert!(err.contains("destinations[0].headers.x-api-key"), "{err}");
+        assert!(err.contains("NOPE"), "{err}");
+    }
+
+    #[test]
+    fn unknown_field_names_the_key() {
+        let err = parse(&GOOD.replace("event_types", "event_typo")).unwrap_err().to_string();
+        assert!(err.contains("destinations[0]"), "{err}");
+        assert!(err.contains("event_typo"), "{err}");
+    }
+
+    #[test]
+    fn route_to_unknown_destination_is_rejected() {
+        let err = parse(&GOOD.replace(r#"destinations = ["fleet"]"#, r#"destinations = ["nope"]"#))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("routes[0].destinations[0]"), "{err}");
+    }
+
+    #[test]
+    fn environment_overrides_listen_and_data_dir() {
+        let env = |n: &str| match n {
+            "SWITCHYARD_LISTEN" => Some("127.0.0.1:0".to_string()),
+            "SWITCHYARD_DATA_DIR" => Some("/var/lib/sy".to_string()),
+            "FLEET_KEY" => Some("x".to_string()),
+            _ => None,
+        };
+        let c = Config::parse(GOOD, "t", Path::new("."), &env).unwrap();
+        assert_eq!(c.server.listen.port(), 0);
+        assert_eq!(c.server.data_dir, Path::new("/var/lib/sy"));
+    }
+
+    #[test]
+    fn bad_listen_names_the_key() {
+        let err = parse(&GOOD.replace("127.0.0.1:9000", "nowhere")).unwrap_err().to_string();
+        assert!(err.contains("server.listen"), "{err}");
+    }
+}

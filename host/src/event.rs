@@ -1,0 +1,87 @@
+//! The gateway's own representation of an event as it moves along the data path, and the
+//! `Body` wrapper that shows bytes readably in JSON views.
+
+use base64::Engine as _;
+use bytes::Bytes;
+use serde::{Serialize, Serializer};
+
+/// HTTP headers or metadata as ordered (name, value) pairs.
+pub type Pairs = Vec<(String, String)>;
+
+/// One event: the accepted request, reshaped step by step by the plugins of a route.
+#[derive(Clone, Debug, Serialize)]
+pub struct Event {
+    /// The gateway's id (a UUIDv7), assigned at ingest.
+    pub id: String,
+    /// The source it was posted to.
+    pub source: String,
+    /// Acceptance time in milliseconds since the Unix epoch.
+    pub received_at: u64,
+    pub method: String,
+    pub path: String,
+    pub query: String,
+    pub headers: Pairs,
+    pub content_type: Option<String>,
+    pub body: Body,
+    /// Metadata accumulated from plugins (empty on ingest).
+    pub metadata: Pairs,
+}
+
+impl Event {
+    /// The event's body parsed as a JSON object, if it is one.
+    pub fn json_object(&self) -> Option<serde_json::Map<String, serde_json::Value>> {
+        match serde_json::from_slice(&self.body.0) {
+            Ok(serde_json::Value::Object(map)) => Some(map),
+            _ => None,
+        }
+    }
+}
+
+/// Sets `key` in `pairs`, replacing an earlier value (the last value of a key wins).
+pub fn merge_pairs(pairs: &mut Pairs, more: impl IntoIterator<Item = (String, String)>) {
+    for (k, v) in more {
+        pairs.retain(|(existing, _)| *existing != k);
+        pairs.push((k, v));
+    }
+}
+
+/// The last value of `key` in `pairs`.
+pub fn lookup<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    pairs
+        .iter()
+        .rev()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+}
+
+/// A body of bytes. In JSON views it shows as the JSON value when it is valid JSON, as a
+/// string when it is UTF-8 text, and as `{"base64": "..."}` otherwise.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Body(pub Bytes);
+
+impl Body {
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl From<Vec<u8>> for Body {
+    fn from(v: Vec<u8>) -> Self {
+        Body(Bytes::from(v))
+    }
+}
+
+impl Serialize for Body {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if let Ok(value) = serde_json::from_slice::<serde_json::Value>(&self.0) {
+            return value.serialize(s);
+        }
+        match std::str::from_utf8(&self.0) {
+            Ok(text) => s.serialize_str(text),
+            Err(_) => {
+                let b64 = base64::engine::general_purpose::STANDARD.encode(&self.0);
+                serde_json::json!({ "base64": b64 }).serialize(s)
+            }
+        }
+    }
+}

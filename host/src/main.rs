@@ -1,0 +1,198 @@
+//! The `switchyard` binary: parses flags, sets up logging and calls the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use switchyard::config::Config;
+use switchyard::event::{Body, Event};
+use switchyard::plugin::{CallLimits, PluginRuntime, check_component};
+
+#[derive(Parser)]
+#[command(name = "switchyard", version, about = "Webhook router with WebAssembly plugins")]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve {
+        /// The config file.
+        #[arg(long, short, default_value = "switchyard.toml")]
+        config: PathBuf,
+    },
+    /// Work with plugin components.
+    Plugin {
+        #[command(subcommand)]
+        command: PluginCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Check that a component fits the switchyard:plugin world; name what does not.
+    Check {
+        file: PathBuf,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run one event through a plugin and print its verdict as JSON.
+    Run {
+        file: PathBuf,
+        /// The event body (e.g. examples/events/onomondo-usage.json).
+        #[arg(long)]
+        event: PathBuf,
+        /// Plugin configuration, repeatable.
+        #[arg(long = "config", value_name = "KEY=VALUE", value_parser = parse_pair)]
+        config: Vec<(String, String)>,
+        /// The source name the plugin sees.
+        #[arg(long, default_value = "cli")]
+        source: String,
+        /// The content type the plugin sees.
+        #[arg(long, default_value = "application/json")]
+        content_type: String,
+        /// Metadata the plugin sees, repeatable.
+        #[arg(long = "metadata", value_name = "KEY=VALUE", value_parser = parse_pair)]
+        metadata: Vec<(String, String)>,
+    },
+}
+
+fn parse_pair(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("`{s}` is not KEY=VALUE"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    match run(cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+#[tokio::main]
+async fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Serve { config } => {
+            let env = |name: &str| std::env::var(name).ok();
+            let config = Config::load(&config, &env)?;
+            let listen = config.server.listen;
+            let gateway = tokio::task::block_in_place(|| switchyard::Gateway::new(config))?;
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen}"))?;
+            gateway.serve(listener, shutdown_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Plugin {
+            command: PluginCommand::Check { file, json },
+        } => {
+            let runtime = PluginRuntime::new()?;
+            let report = check_component(&runtime, &file);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else if report.ok {
+                println!("ok: {} fits {}", report.file, switchyard::plugin::WIT_PACKAGE);
+            } else {
+                println!("{} does not fit {}:", report.file, switchyard::plugin::WIT_PACKAGE);
+                for problem in &report.problems {
+                    println!("  - {problem}");
+                }
+            }
+            Ok(if report.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Command::Plugin {
+            command:
+                PluginCommand::Run {
+                    file,
+                    event,
+                    config,
+                    source,
+                    content_type,
+                    metadata,
+                },
+        } => {
+            let runtime = PluginRuntime::new()?;
+            let name = file.file_stem().and_then(|s| s.to_str()).unwrap_or("plugin").to_string();
+            let plugin = runtime.load_file(&name, &file)?;
+            let body = std::fs::read(&event).with_context(|| format!("cannot read {}", event.display()))?;
+            let event = Event {
+                id: uuid::Uuid::now_v7().to_string(),
+                path: format!("/v1/ingest/{source}"),
+                source,
+                received_at: switchyard::delivery::now_ms(),
+                method: "POST".into(),
+                query: String::new(),
+                headers: vec![("content-type".into(), content_type.clone())],
+                content_type: Some(content_type),
+                body: Body::from(body),
+                metadata,
+            };
+            let outcome = tokio::task::spawn_blocking(move || {
+                plugin.call(&event, Arc::from(config), CallLimits::default())
+            })
+            .await?;
+            match outcome {
+                Ok(verdict) => {
+                    println!("{}", serde_json::to_string_pretty(&verdict)?);
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    println!("{}", serde_json::json!({ "error": e.to_string() }));
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("Shutdown signal received.");
+}

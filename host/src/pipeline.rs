@@ -1,0 +1,336 @@
+//! The plugin-chain stage: takes queued events from the store, runs each route of the
+//! event's source through its chain of plugins, and hands the resulting deliveries to the
+//! delivery stage.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::config::Config;
+use crate::delivery::{Deliverer, Destination, PlaceholderValues, PlannedDelivery, delivery_id};
+use crate::event::{Body, Event, Pairs, merge_pairs};
+use crate::plugin::{CallLimits, PluginRegistry, PluginVerdict};
+use crate::store::{
+    DeliveryRecord, DeliveryStatus, PluginStep, RouteOutcome, RouteResult, StepResult, Store,
+};
+
+/// Sources, destinations and routes as the pipeline uses them; swapped whole on reload.
+pub struct Routing {
+    sources: HashSet<String>,
+    destinations: HashMap<String, Arc<Destination>>,
+    routes: Vec<Route>,
+}
+
+struct Route {
+    index: usize,
+    source: String,
+    plugins: Vec<RoutePlugin>,
+    destinations: Vec<Arc<Destination>>,
+}
+
+struct RoutePlugin {
+    name: String,
+    config: Arc<[(String, String)]>,
+}
+
+impl Routing {
+    /// Builds the routing table from a validated config.
+    pub fn from_config(config: &Config) -> Self {
+        let destinations: HashMap<String, Arc<Destination>> = config
+            .destinations
+            .iter()
+            .map(|d| (d.name.clone(), Arc::new(Destination::from_config(d))))
+            .collect();
+        let routes = config
+            .routes
+            .iter()
+            .enumerate()
+            .map(|(index, r)| Route {
+                index,
+                source: r.source.clone(),
+                plugins: r
+                    .plugins
+                    .iter()
+                    .map(|p| RoutePlugin {
+                        name: p.name.clone(),
+                        config: p.config.clone().into(),
+                    })
+                    .collect(),
+                destinations: r.destinations.iter().map(|d| destinations[d].clone()).collect(),
+            })
+            .collect();
+        Self {
+            sources: config.sources.iter().map(|s| s.name.clone()).collect(),
+            destinations,
+            routes,
+        }
+    }
+
+    /// Whether events may be posted to this source.
+    pub fn has_source(&self, name: &str) -> bool {
+        self.sources.contains(name)
+    }
+}
+
+/// The running pipeline: store → plugin chains → deliveries.
+pub struct Pipeline {
+    store: Arc<dyn Store>,
+    plugins: Arc<PluginRegistry>,
+    routing: ArcSwap<Routing>,
+    limits: CallLimits,
+    deliverer: Arc<Deliverer>,
+    deliveries: TaskTracker,
+}
+
+impl Pipeline {
+    pub fn new(
+        store: Arc<dyn Store>,
+        plugins: Arc<PluginRegistry>,
+        routing: Routing,
+        limits: CallLimits,
+        deliverer: Deliverer,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            plugins,
+            routing: ArcSwap::from_pointee(routing),
+            limits,
+            deliverer: Arc::new(deliverer),
+            deliveries: TaskTracker::new(),
+        })
+    }
+
+    /// The routing table now in force.
+    pub fn routing(&self) -> Arc<Routing> {
+        self.routing.load_full()
+    }
+
+    /// Processes events until the store is closed and drained, then waits for the
+    /// deliveries in flight.
+    pub async fn run(self: Arc<Self>, workers: usize) {
+        let mut handles = Vec::new();
+        for _ in 0..workers.max(1) {
+            let this = self.clone();
+            handles.push(tokio::spawn(async move {
+                while let Some(event) = this.store.next_event().await {
+                    let span = tracing::info_span!("event", event_id = %event.id, source = %event.source);
+                    this.process(event).instrument(span).await;
+                }
+            }));
+        }
+        for h in handles {
+            if let Err(e) = h.await {
+                tracing::error!(error = %e, "Pipeline worker ended abnormally.");
+            }
+        }
+        self.deliveries.close();
+        self.deliveries.wait().await;
+    }
+
+    /// Runs every route of the event's source and starts the deliveries they decide.
+    async fn process(&self, event: Event) {
+        let routing = self.routing();
+        let event = Arc::new(event);
+        let values = Arc::new(PlaceholderValues::of(&event));
+        for route_index in 0..routing.routes.len() {
+            if routing.routes[route_index].source != event.source {
+                continue;
+            }
+            let (routing2, plugins, event2, limits) =
+                (routing.clone(), self.plugins.clone(), event.clone(), self.limits);
+            let chain = tokio::task::spawn_blocking(move || {
+                run_chain(&routing2, &routing2.routes[route_index], &plugins, &event2, limits)
+            })
+            .await;
+            let (steps, end) = match chain {
+                Ok(result) => result,
+                Err(e) => (Vec::new(), ChainEnd::Failed(format!("plugin chain panicked: {e}"))),
+            };
+            let route = &routing.routes[route_index];
+            let result = match &end {
+                ChainEnd::Dropped { plugin, reason } => {
+                    tracing::info!(route = route.index, plugin, reason, "Event dropped.");
+                    RouteResult::Dropped {
+                        plugin: plugin.clone(),
+                        reason: reason.clone(),
+                    }
+                }
+                ChainEnd::Failed(error) => {
+                    tracing::warn!(route = route.index, error, "Route failed for this event.");
+                    RouteResult::Failed { error: error.clone() }
+                }
+                ChainEnd::Deliver(d) => RouteResult::Delivering { deliveries: d.len() },
+            };
+            self.store
+                .record_route(
+                    &event.id,
+                    RouteOutcome {
+                        route: route.index,
+                        steps,
+                        result,
+                    },
+                )
+                .await;
+            if let ChainEnd::Deliver(planned) = end {
+                for delivery in planned {
+                    self.start_delivery(delivery, &values).await;
+                }
+            }
+        }
+    }
+
+    async fn start_delivery(&self, planned: PlannedDelivery, values: &Arc<PlaceholderValues>) {
+        if !planned.destination.accepts(values.event_type(&planned.metadata)) {
+            let record = DeliveryRecord {
+                id: planned.id.clone(),
+                route: planned.route,
+                destination: planned.destination.name.clone(),
+                url: String::new(),
+                status: DeliveryStatus::Skipped,
+                attempts: Vec::new(),
+            };
+            self.store.record_delivery(&record_event_id(values), record).await;
+            return;
+        }
+        let (deliverer, store, values) = (self.deliverer.clone(), self.store.clone(), values.clone());
+        self.deliveries.spawn(
+            async move { deliverer.deliver(&*store, planned, &values).await }.in_current_span(),
+        );
+    }
+}
+
+fn record_event_id(values: &PlaceholderValues) -> String {
+    values.event_id().to_string()
+}
+
+/// How a route's chain ended.
+enum ChainEnd {
+    Dropped { plugin: String, reason: String },
+    Deliver(Vec<PlannedDelivery>),
+    Failed(String),
+}
+
+/// Runs one route's plugins in order on an event. Blocking (plugins run synchronously).
+fn run_chain(
+    routing: &Routing,
+    route: &Route,
+    plugins: &PluginRegistry,
+    received: &Event,
+    limits: CallLimits,
+) -> (Vec<PluginStep>, ChainEnd) {
+    let mut event = received.clone();
+    let mut steps = Vec::with_capacity(route.plugins.len());
+    for rp in &route.plugins {
+        let Some(plugin) = plugins.get(&rp.name) else {
+            return (steps, ChainEnd::Failed(format!("plugin `{}` is not loaded", rp.name)));
+        };
+        let started = Instant::now();
+        let result = plugin.call(&event, rp.config.clone(), limits);
+        let mut step = PluginStep {
+            plugin: rp.name.clone(),
+            sha256: plugin.sha256().to_string(),
+            duration_us: started.elapsed().as_micros() as u64,
+            result: StepResult::Error { error: String::new() },
+        };
+        let verdict = match result {
+            Ok(v) => v,
+            Err(e) => {
+                let error = format!("plugin `{}` failed: {e}", rp.name);
+                tracing::warn!(plugin = %rp.name, sha256 = plugin.sha256(), error = %e, "Plugin failed.");
+                step.result = StepResult::Error { error: e.to_string() };
+                steps.push(step);
+                return (steps, ChainEnd::Failed(error));
+            }
+        };
+        step.result = StepResult::Verdict {
+            verdict: verdict.clone(),
+        };
+        steps.push(step);
+        match verdict {
+            PluginVerdict::Drop { reason } => {
+                return (
+                    steps,
+                    ChainEnd::Dropped {
+                        plugin: rp.name.clone(),
+                        reason,
+                    },
+                );
+            }
+            PluginVerdict::Continue(update) => {
+                if let Some(body) = update.body {
+                    event.body = body;
+                }
+                if update.content_type.is_some() {
+                    event.content_type = update.content_type;
+                }
+                if let Some(headers) = update.headers {
+                    event.headers = headers;
+                }
+                merge_pairs(&mut event.metadata, update.metadata);
+            }
+            PluginVerdict::Route { deliveries } => {
+                let mut planned = Vec::with_capacity(deliveries.len());
+                for (i, d) in deliveries.into_iter().enumerate() {
+                    let Some(dest) = routing.destinations.get(&d.destination) else {
+                        return (
+                            steps,
+                            ChainEnd::Failed(format!(
+                                "plugin `{}` routed to unknown destination `{}`",
+                                rp.name, d.destination
+                            )),
+                        );
+                    };
+                    let mut metadata = event.metadata.clone();
+                    merge_pairs(&mut metadata, d.metadata);
+                    planned.push(plan(
+                        &event,
+                        route.index,
+                        i,
+                        dest.clone(),
+                        d.body,
+                        d.content_type,
+                        d.headers,
+                        metadata,
+                    ));
+                }
+                return (steps, ChainEnd::Deliver(planned));
+            }
+        }
+    }
+    let planned = route
+        .destinations
+        .iter()
+        .enumerate()
+        .map(|(i, dest)| {
+            plan(&event, route.index, i, dest.clone(), None, None, Vec::new(), event.metadata.clone())
+        })
+        .collect();
+    (steps, ChainEnd::Deliver(planned))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn plan(
+    event: &Event,
+    route: usize,
+    index: usize,
+    destination: Arc<Destination>,
+    body: Option<Body>,
+    content_type: Option<String>,
+    extra_headers: Pairs,
+    metadata: Pairs,
+) -> PlannedDelivery {
+    PlannedDelivery {
+        id: delivery_id(&event.id, route, index, &destination.name),
+        route,
+        body: body.unwrap_or_else(|| event.body.clone()),
+        content_type: content_type.or_else(|| event.content_type.clone()),
+        headers: event.headers.clone(),
+        extra_headers,
+        metadata,
+        destination,
+    }
+}

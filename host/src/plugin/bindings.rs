@@ -1,0 +1,18 @@
+//! The generated bindings for the `switchyard:plugin` WIT package: the one `bindgen!` call
+//! of the gateway. Everything else uses these types through `plugin::`.
+
+wasmtime::component::bindgen!({
+    path: "../wit",
+    world: "plugin",
+});
+
+pub use exports::switchyard::plugin::handler::{Event, PluginError, Verdict};
+pub use switchyard::plugin::host::LogLevel;
+pub use switchyard::plugin::types::{Delivery, Update};
+
+/// The package and version of the contract this gateway implements.
+pub const WIT_PACKAGE: &str = "switchyard:plugin@0.1.0";
+/// The interface a plugin must export.
+pub const HANDLER_EXPORT: &str = "switchyard:plugin/handler@0.1.0";
+/// The interface the gateway provides to plugins.
+pub const HOST_IMPORT: &str = "switchyard:plugin/host@0.1.0";

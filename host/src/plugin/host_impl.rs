@@ -1,0 +1,175 @@
+//! The per-event state of a plugin's `Store` and the host side of the `host` interface:
+//! logging, configuration, and the capture of the guest's stdout and stderr.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use wasmtime::StoreLimits;
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::bindings::LogLevel;
+use super::bindings::switchyard::plugin::host;
+
+/// How much of a plugin's stdout and stderr is kept per call; the rest is dropped so a
+/// chatty plugin cannot fill the gateway's memory or log.
+const OUTPUT_CAP: usize = 16 * 1024;
+/// How many `host.log` lines a plugin may write per call.
+const LOG_LINES_CAP: usize = 100;
+
+/// The data of one plugin `Store`: lives for one call of one plugin on one event.
+pub struct PluginState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    pub(super) limits: StoreLimits,
+    plugin: Arc<str>,
+    event_id: String,
+    config: Arc<[(String, String)]>,
+    log_lines: usize,
+    stdout: CapturedOutput,
+    stderr: CapturedOutput,
+}
+
+impl PluginState {
+    pub(super) fn new(
+        plugin: Arc<str>,
+        event_id: String,
+        config: Arc<[(String, String)]>,
+        limits: StoreLimits,
+    ) -> Self {
+        let stdout = CapturedOutput::default();
+        let stderr = CapturedOutput::default();
+        // Deny by default: no preopened directories, no environment, no arguments, no
+        // sockets, stdin closed. Clocks and random numbers stay available.
+        let wasi = WasiCtx::builder()
+            .stdout(stdout.clone())
+            .stderr(stderr.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        Self {
+            wasi,
+            table: ResourceTable::new(),
+            limits,
+            plugin,
+            event_id,
+            config,
+            log_lines: 0,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Writes what the guest printed to the gateway's log, one event per line, tagged with
+    /// the plugin and the event.
+    pub(super) fn flush_output(&self) {
+        for (stream, out) in [("stdout", &self.stdout), ("stderr", &self.stderr)] {
+            let (bytes, truncated) = out.take();
+            for line in String::from_utf8_lossy(&bytes).lines() {
+                tracing::info!(plugin = %self.plugin, event_id = %self.event_id, stream, "{line}");
+            }
+            if truncated {
+                tracing::warn!(plugin = %self.plugin, event_id = %self.event_id, stream,
+                    "Plugin output truncated at {OUTPUT_CAP} bytes.");
+            }
+        }
+    }
+}
+
+impl WasiView for PluginState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl host::Host for PluginState {
+    fn log(&mut self, level: LogLevel, message: String) {
+        self.log_lines += 1;
+        if self.log_lines > LOG_LINES_CAP {
+            if self.log_lines == LOG_LINES_CAP + 1 {
+                tracing::warn!(plugin = %self.plugin, event_id = %self.event_id,
+                    "Plugin log lines beyond {LOG_LINES_CAP} per call are dropped.");
+            }
+            return;
+        }
+        let (plugin, event_id) = (&*self.plugin, &self.event_id);
+        match level {
+            LogLevel::Trace => tracing::trace!(plugin, event_id, "{message}"),
+            LogLevel::Debug => tracing::debug!(plugin, event_id, "{message}"),
+            LogLevel::Info => tracing::info!(plugin, event_id, "{message}"),
+            LogLevel::Warn => tracing::warn!(plugin, event_id, "{message}"),
+            LogLevel::Error => tracing::error!(plugin, event_id, "{message}"),
+        }
+    }
+
+    fn config(&mut self) -> Vec<(String, String)> {
+        self.config.to_vec()
+    }
+
+    fn config_get(&mut self, key: String) -> Option<String> {
+        self.config
+            .iter()
+            .rev()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v.clone())
+    }
+}
+
+impl super::bindings::switchyard::plugin::types::Host for PluginState {}
+
+/// A bounded in-memory sink for a guest's stdout or stderr. Writes past the cap succeed
+/// (so a guest's `println!` never fails and traps) but are dropped.
+#[derive(Clone, Default)]
+struct CapturedOutput(Arc<Mutex<Captured>>);
+
+#[derive(Default)]
+struct Captured {
+    bytes: Vec<u8>,
+    truncated: bool,
+}
+
+impl CapturedOutput {
+    fn take(&self) -> (Vec<u8>, bool) {
+        let mut c = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        (std::mem::take(&mut c.bytes), std::mem::take(&mut c.truncated))
+    }
+}
+
+impl IsTerminal for CapturedOutput {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for CapturedOutput {
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+}
+
+impl tokio::io::AsyncWrite for CapturedOutput {
+    fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let mut c = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let room = OUTPUT_CAP.saturating_sub(c.bytes.len());
+        let keep = room.min(buf.len());
+        c.bytes.extend_from_slice(&buf[..keep]);
+        if keep < buf.len() {
+            c.truncated = true;
+        }
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
