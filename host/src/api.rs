@@ -41,7 +41,10 @@ async fn healthz() -> Json<serde_json::Value> {
     Json(json!({ "status": "ok" }))
 }
 
-async fn get_event(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<EventRecord>, ApiError> {
+async fn get_event(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<EventRecord>, ApiError> {
     state
         .store
         .get_event(&id)

@@ -340,33 +340,55 @@ impl Config {
         for (i, s) in self.sources.iter().enumerate() {
             check_name(&s.name).map_err(|m| (format!("sources[{i}].name"), m))?;
             if !sources.insert(s.name.as_str()) {
-                return Err((format!("sources[{i}].name"), format!("`{}` is defined twice", s.name)));
+                return Err((
+                    format!("sources[{i}].name"),
+                    format!("`{}` is defined twice", s.name),
+                ));
             }
         }
         let mut destinations = HashSet::new();
         for (i, d) in self.destinations.iter().enumerate() {
             check_name(&d.name).map_err(|m| (format!("destinations[{i}].name"), m))?;
             if !destinations.insert(d.name.as_str()) {
-                return Err((format!("destinations[{i}].name"), format!("`{}` is defined twice", d.name)));
+                return Err((
+                    format!("destinations[{i}].name"),
+                    format!("`{}` is defined twice", d.name),
+                ));
             }
-            let url = reqwest::Url::parse(&d.url)
-                .map_err(|e| (format!("destinations[{i}].url"), format!("`{}` is not a URL: {e}", d.url)))?;
+            let url = reqwest::Url::parse(&d.url).map_err(|e| {
+                (
+                    format!("destinations[{i}].url"),
+                    format!("`{}` is not a URL: {e}", d.url),
+                )
+            })?;
             if url.scheme() != "http" && url.scheme() != "https" {
-                return Err((format!("destinations[{i}].url"), "must be an http or https URL".into()));
+                return Err((
+                    format!("destinations[{i}].url"),
+                    "must be an http or https URL".into(),
+                ));
             }
             for name in d.headers.keys() {
                 reqwest::header::HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
-                    (format!("destinations[{i}].headers"), format!("`{name}` is not a valid header name"))
+                    (
+                        format!("destinations[{i}].headers"),
+                        format!("`{name}` is not a valid header name"),
+                    )
                 })?;
             }
         }
         for (i, r) in self.routes.iter().enumerate() {
             if !sources.contains(r.source.as_str()) {
-                return Err((format!("routes[{i}].source"), format!("no source named `{}`", r.source)));
+                return Err((
+                    format!("routes[{i}].source"),
+                    format!("no source named `{}`", r.source),
+                ));
             }
             for (j, d) in r.destinations.iter().enumerate() {
                 if !destinations.contains(d.as_str()) {
-                    return Err((format!("routes[{i}].destinations[{j}]"), format!("no destination named `{d}`")));
+                    return Err((
+                        format!("routes[{i}].destinations[{j}]"),
+                        format!("no destination named `{d}`"),
+                    ));
                 }
             }
             for (j, p) in r.plugins.iter().enumerate() {
@@ -401,7 +423,11 @@ fn check_name(name: &str) -> Result<(), String> {
 }
 
 /// Replaces `${VAR}` and `${VAR:-default}` in every string of the tree. `$$` is a literal `$`.
-fn expand_env(value: &mut toml::Value, path: &mut String, env: EnvLookup<'_>) -> Result<(), (String, String)> {
+fn expand_env(
+    value: &mut toml::Value,
+    path: &mut String,
+    env: EnvLookup<'_>,
+) -> Result<(), (String, String)> {
     match value {
         toml::Value::String(s) => {
             *s = expand_str(s, env).map_err(|m| (path.clone(), m))?;
@@ -448,8 +474,8 @@ fn expand_str(s: &str, env: EnvLookup<'_>) -> Result<String, String> {
                 Some((n, d)) => (n, Some(d)),
                 None => (expr, None),
             };
-            let valid = !name.is_empty()
-                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            let valid =
+                !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
             if !valid {
                 return Err(format!("`${{{expr}}}` is not a valid variable reference"));
             }
@@ -513,20 +539,27 @@ mod tests {
         assert_eq!(c.plugins.dir, Path::new("/etc/sy/./plugins.d"));
         assert_eq!(
             c.routes[0].plugins[0].config,
-            vec![("allow".into(), "usage,location".into()), ("n".into(), "3".into())]
+            vec![
+                ("allow".into(), "usage,location".into()),
+                ("n".into(), "3".into())
+            ]
         );
     }
 
     #[test]
     fn missing_env_names_the_key() {
-        let err = parse(&GOOD.replace("${FLEET_KEY}", "${NOPE}")).unwrap_err().to_string();
+        let err = parse(&GOOD.replace("${FLEET_KEY}", "${NOPE}"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("destinations[0].headers.x-api-key"), "{err}");
         assert!(err.contains("NOPE"), "{err}");
     }
 
     #[test]
     fn unknown_field_names_the_key() {
-        let err = parse(&GOOD.replace("event_types", "event_typo")).unwrap_err().to_string();
+        let err = parse(&GOOD.replace("event_types", "event_typo"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("destinations[0]"), "{err}");
         assert!(err.contains("event_typo"), "{err}");
     }
@@ -554,7 +587,9 @@ mod tests {
 
     #[test]
     fn bad_listen_names_the_key() {
-        let err = parse(&GOOD.replace("127.0.0.1:9000", "nowhere")).unwrap_err().to_string();
+        let err = parse(&GOOD.replace("127.0.0.1:9000", "nowhere"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("server.listen"), "{err}");
     }
 }

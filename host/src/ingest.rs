@@ -30,7 +30,12 @@ pub async fn ingest(
         Err(r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => {
             return Err(ApiError::PayloadTooLarge(state.max_body_bytes));
         }
-        Err(r) => return Err(ApiError::BadRequest(format!("cannot read the body: {}", r.body_text()))),
+        Err(r) => {
+            return Err(ApiError::BadRequest(format!(
+                "cannot read the body: {}",
+                r.body_text()
+            )));
+        }
     };
     let content_type = headers
         .get(axum::http::header::CONTENT_TYPE)
@@ -45,7 +50,12 @@ pub async fn ingest(
         query: uri.query().unwrap_or("").to_string(),
         headers: headers
             .iter()
-            .map(|(k, v)| (k.as_str().to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
             .collect(),
         content_type,
         body: Body(body),

@@ -45,8 +45,15 @@ impl Gateway {
             deadline: config.plugins.deadline,
             max_memory: config.plugins.max_memory_bytes,
         };
-        let deliverer = Deliverer::new(config.delivery.clone()).context("cannot build the HTTP client")?;
-        let pipeline = Pipeline::new(store.clone(), Arc::new(plugins), Routing::from_config(&config), limits, deliverer);
+        let deliverer =
+            Deliverer::new(config.delivery.clone()).context("cannot build the HTTP client")?;
+        let pipeline = Pipeline::new(
+            store.clone(),
+            Arc::new(plugins),
+            Routing::from_config(&config),
+            limits,
+            deliverer,
+        );
         Ok(Self {
             config,
             store,
@@ -56,7 +63,11 @@ impl Gateway {
 
     /// Serves on `listener` until `shutdown` completes, then stops accepting, processes the
     /// events already accepted and waits for their deliveries.
-    pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
         let workers = std::thread::available_parallelism().map_or(2, |n| n.get()) * 2;
         let pipeline = tokio::spawn(self.pipeline.clone().run(workers));
         let app = api::router(api::AppState {
@@ -90,13 +101,19 @@ fn load_plugins(runtime: &PluginRuntime, config: &Config) -> anyhow::Result<Plug
     };
     for error in &errors {
         if let RegistryError::File { path, .. } = error {
-            let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
+            let stem = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or_default();
             if used.contains(stem) {
                 anyhow::bail!("plugin `{stem}` is used by a route but failed to load: {error}");
             }
         }
     }
-    let mut missing: Vec<&str> = used.into_iter().filter(|n| registry.get(n).is_none()).collect();
+    let mut missing: Vec<&str> = used
+        .into_iter()
+        .filter(|n| registry.get(n).is_none())
+        .collect();
     missing.sort();
     if !missing.is_empty() {
         anyhow::bail!(

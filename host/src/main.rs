@@ -11,7 +11,11 @@ use switchyard::event::{Body, Event};
 use switchyard::plugin::{CallLimits, PluginRuntime, check_component};
 
 #[derive(Parser)]
-#[command(name = "switchyard", version, about = "Webhook router with WebAssembly plugins")]
+#[command(
+    name = "switchyard",
+    version,
+    about = "Webhook router with WebAssembly plugins"
+)]
 struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
@@ -92,7 +96,9 @@ fn main() -> ExitCode {
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -121,14 +127,26 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else if report.ok {
-                println!("ok: {} fits {}", report.file, switchyard::plugin::WIT_PACKAGE);
+                println!(
+                    "ok: {} fits {}",
+                    report.file,
+                    switchyard::plugin::WIT_PACKAGE
+                );
             } else {
-                println!("{} does not fit {}:", report.file, switchyard::plugin::WIT_PACKAGE);
+                println!(
+                    "{} does not fit {}:",
+                    report.file,
+                    switchyard::plugin::WIT_PACKAGE
+                );
                 for problem in &report.problems {
                     println!("  - {problem}");
                 }
             }
-            Ok(if report.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if report.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::Plugin {
             command:
@@ -142,9 +160,14 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 },
         } => {
             let runtime = PluginRuntime::new()?;
-            let name = file.file_stem().and_then(|s| s.to_str()).unwrap_or("plugin").to_string();
+            let name = file
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or("plugin")
+                .to_string();
             let plugin = runtime.load_file(&name, &file)?;
-            let body = std::fs::read(&event).with_context(|| format!("cannot read {}", event.display()))?;
+            let body = std::fs::read(&event)
+                .with_context(|| format!("cannot read {}", event.display()))?;
             let event = Event {
                 id: uuid::Uuid::now_v7().to_string(),
                 path: format!("/v1/ingest/{source}"),

@@ -60,7 +60,11 @@ impl Routing {
                         config: p.config.clone().into(),
                     })
                     .collect(),
-                destinations: r.destinations.iter().map(|d| destinations[d].clone()).collect(),
+                destinations: r
+                    .destinations
+                    .iter()
+                    .map(|d| destinations[d].clone())
+                    .collect(),
             })
             .collect();
         Self {
@@ -117,7 +121,8 @@ impl Pipeline {
             let this = self.clone();
             handles.push(tokio::spawn(async move {
                 while let Some(event) = this.store.next_event().await {
-                    let span = tracing::info_span!("event", event_id = %event.id, source = %event.source);
+                    let span =
+                        tracing::info_span!("event", event_id = %event.id, source = %event.source);
                     this.process(event).instrument(span).await;
                 }
             }));
@@ -140,15 +145,28 @@ impl Pipeline {
             if routing.routes[route_index].source != event.source {
                 continue;
             }
-            let (routing2, plugins, event2, limits) =
-                (routing.clone(), self.plugins.clone(), event.clone(), self.limits);
+            let (routing2, plugins, event2, limits) = (
+                routing.clone(),
+                self.plugins.clone(),
+                event.clone(),
+                self.limits,
+            );
             let chain = tokio::task::spawn_blocking(move || {
-                run_chain(&routing2, &routing2.routes[route_index], &plugins, &event2, limits)
+                run_chain(
+                    &routing2,
+                    &routing2.routes[route_index],
+                    &plugins,
+                    &event2,
+                    limits,
+                )
             })
             .await;
             let (steps, end) = match chain {
                 Ok(result) => result,
-                Err(e) => (Vec::new(), ChainEnd::Failed(format!("plugin chain panicked: {e}"))),
+                Err(e) => (
+                    Vec::new(),
+                    ChainEnd::Failed(format!("plugin chain panicked: {e}")),
+                ),
             };
             let route = &routing.routes[route_index];
             let result = match &end {
@@ -161,9 +179,13 @@ impl Pipeline {
                 }
                 ChainEnd::Failed(error) => {
                     tracing::warn!(route = route.index, error, "Route failed for this event.");
-                    RouteResult::Failed { error: error.clone() }
+                    RouteResult::Failed {
+                        error: error.clone(),
+                    }
                 }
-                ChainEnd::Deliver(d) => RouteResult::Delivering { deliveries: d.len() },
+                ChainEnd::Deliver(d) => RouteResult::Delivering {
+                    deliveries: d.len(),
+                },
             };
             self.store
                 .record_route(
@@ -181,10 +203,14 @@ impl Pipeline {
                 }
             }
         }
+        self.store.mark_processed(&event.id).await;
     }
 
     async fn start_delivery(&self, planned: PlannedDelivery, values: &Arc<PlaceholderValues>) {
-        if !planned.destination.accepts(values.event_type(&planned.metadata)) {
+        if !planned
+            .destination
+            .accepts(values.event_type(&planned.metadata))
+        {
             let record = DeliveryRecord {
                 id: planned.id.clone(),
                 route: planned.route,
@@ -193,18 +219,15 @@ impl Pipeline {
                 status: DeliveryStatus::Skipped,
                 attempts: Vec::new(),
             };
-            self.store.record_delivery(&record_event_id(values), record).await;
+            self.store.record_delivery(values.event_id(), record).await;
             return;
         }
-        let (deliverer, store, values) = (self.deliverer.clone(), self.store.clone(), values.clone());
+        let (deliverer, store, values) =
+            (self.deliverer.clone(), self.store.clone(), values.clone());
         self.deliveries.spawn(
             async move { deliverer.deliver(&*store, planned, &values).await }.in_current_span(),
         );
     }
-}
-
-fn record_event_id(values: &PlaceholderValues) -> String {
-    values.event_id().to_string()
 }
 
 /// How a route's chain ended.
@@ -226,7 +249,10 @@ fn run_chain(
     let mut steps = Vec::with_capacity(route.plugins.len());
     for rp in &route.plugins {
         let Some(plugin) = plugins.get(&rp.name) else {
-            return (steps, ChainEnd::Failed(format!("plugin `{}` is not loaded", rp.name)));
+            return (
+                steps,
+                ChainEnd::Failed(format!("plugin `{}` is not loaded", rp.name)),
+            );
         };
         let started = Instant::now();
         let result = plugin.call(&event, rp.config.clone(), limits);
@@ -234,14 +260,18 @@ fn run_chain(
             plugin: rp.name.clone(),
             sha256: plugin.sha256().to_string(),
             duration_us: started.elapsed().as_micros() as u64,
-            result: StepResult::Error { error: String::new() },
+            result: StepResult::Error {
+                error: String::new(),
+            },
         };
         let verdict = match result {
             Ok(v) => v,
             Err(e) => {
                 let error = format!("plugin `{}` failed: {e}", rp.name);
                 tracing::warn!(plugin = %rp.name, sha256 = plugin.sha256(), error = %e, "Plugin failed.");
-                step.result = StepResult::Error { error: e.to_string() };
+                step.result = StepResult::Error {
+                    error: e.to_string(),
+                };
                 steps.push(step);
                 return (steps, ChainEnd::Failed(error));
             }
@@ -306,7 +336,16 @@ fn run_chain(
         .iter()
         .enumerate()
         .map(|(i, dest)| {
-            plan(&event, route.index, i, dest.clone(), None, None, Vec::new(), event.metadata.clone())
+            plan(
+                &event,
+                route.index,
+                i,
+                dest.clone(),
+                None,
+                None,
+                Vec::new(),
+                event.metadata.clone(),
+            )
         })
         .collect();
     (steps, ChainEnd::Deliver(planned))

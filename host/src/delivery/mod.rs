@@ -40,7 +40,14 @@ const NOT_FORWARDED: &[&str] = &[
 ];
 
 /// Headers that only the HTTP client may set, even when a plugin asks for them.
-const FRAMING: &[&str] = &["host", "content-length", "transfer-encoding", "connection", "te", "upgrade"];
+const FRAMING: &[&str] = &[
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "te",
+    "upgrade",
+];
 
 const USER_AGENT: &str = concat!("switchyard/", env!("CARGO_PKG_VERSION"));
 
@@ -175,7 +182,12 @@ impl Deliverer {
     }
 
     /// Sends one delivery, retrying transient failures, and records each attempt.
-    pub async fn deliver(&self, store: &dyn Store, planned: PlannedDelivery, values: &PlaceholderValues) {
+    pub async fn deliver(
+        &self,
+        store: &dyn Store,
+        planned: PlannedDelivery,
+        values: &PlaceholderValues,
+    ) {
         let dest = &planned.destination;
         let url = placeholder::render(&dest.url, Target::Url, |n| values.get(&planned.metadata, n));
         let mut record = DeliveryRecord {
@@ -207,7 +219,8 @@ impl Deliverer {
                     // Drain the body so the connection can be reused.
                     let _ = resp.bytes().await;
                     let retry = code.is_server_error() || code.as_u16() == 429;
-                    let error = (!code.is_success()).then(|| format!("destination answered {code}"));
+                    let error =
+                        (!code.is_success()).then(|| format!("destination answered {code}"));
                     (Some(code.as_u16()), error, retry)
                 }
                 Err(e) => (None, Some(describe(&e)), true),
@@ -241,7 +254,9 @@ impl Deliverer {
 
     /// The wait after failed attempt `n` (1-based): `backoff`, doubled each time.
     fn backoff(&self, attempt: u32) -> Duration {
-        self.config.backoff.saturating_mul(1 << (attempt - 1).min(16))
+        self.config
+            .backoff
+            .saturating_mul(1 << (attempt - 1).min(16))
     }
 
     /// Headers of a delivery: forwarded event headers, the destination's (with
@@ -249,7 +264,10 @@ impl Deliverer {
     fn headers(&self, planned: &PlannedDelivery, values: &PlaceholderValues) -> HeaderMap {
         let mut map = HeaderMap::new();
         let mut set = |name: &str, value: &str| {
-            if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(value)) {
+            if let (Ok(n), Ok(v)) = (
+                HeaderName::from_bytes(name.as_bytes()),
+                HeaderValue::from_str(value),
+            ) {
                 map.insert(n, v);
             }
         };
@@ -263,7 +281,9 @@ impl Deliverer {
             }
         }
         for (name, template) in &planned.destination.headers {
-            let value = placeholder::render(template, Target::Header, |n| values.get(&planned.metadata, n));
+            let value = placeholder::render(template, Target::Header, |n| {
+                values.get(&planned.metadata, n)
+            });
             set(name.as_str(), &value);
         }
         for (name, value) in &planned.extra_headers {

@@ -27,7 +27,11 @@ pub enum Target {
 }
 
 /// Replaces the placeholders of `template` with values from `lookup`.
-pub fn render<'a>(template: &str, target: Target, lookup: impl Fn(&str) -> Option<&'a str>) -> String {
+pub fn render<'a>(
+    template: &str,
+    target: Target,
+    lookup: impl Fn(&str) -> Option<&'a str>,
+) -> String {
     let mut out = String::with_capacity(template.len());
     let mut rest = template;
     while let Some(start) = rest.find(':') {
@@ -109,12 +113,18 @@ mod tests {
     #[test]
     fn header_values_with_newlines_are_never_used() {
         assert_eq!(render(":evil:", Target::Header, values), ":evil:");
-        assert_eq!(render(":ip:/:imsi:", Target::Header, values), "10.0.0.1/none");
+        assert_eq!(
+            render(":ip:/:imsi:", Target::Header, values),
+            "10.0.0.1/none"
+        );
     }
 
     #[test]
     fn colons_that_are_not_placeholders_stay() {
-        assert_eq!(render("a:b c::d: :1x:", Target::Header, values), "a:b c::d: :1x:");
+        assert_eq!(
+            render("a:b c::d: :1x:", Target::Header, values),
+            "a:b c::d: :1x:"
+        );
         assert_eq!(render("trailing:", Target::Header, values), "trailing:");
     }
 }

@@ -102,9 +102,12 @@ pub(super) fn diagnose(engine: &Engine, component: &Component) -> Diagnosis {
     }
 
     if !exports.iter().any(|e| e == HANDLER_EXPORT) {
-        let other_version = exports
-            .iter()
-            .find(|e| matches!(split_versioned(e), Some(("switchyard:plugin", "handler", _))));
+        let other_version = exports.iter().find(|e| {
+            matches!(
+                split_versioned(e),
+                Some(("switchyard:plugin", "handler", _))
+            )
+        });
         problems.push(match other_version {
             Some(found) => format!(
                 "exports `{found}`, but this gateway calls `{HANDLER_EXPORT}`: rebuild the plugin \

@@ -137,7 +137,10 @@ struct Captured {
 impl CapturedOutput {
     fn take(&self) -> (Vec<u8>, bool) {
         let mut c = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        (std::mem::take(&mut c.bytes), std::mem::take(&mut c.truncated))
+        (
+            std::mem::take(&mut c.bytes),
+            std::mem::take(&mut c.truncated),
+        )
     }
 }
 
@@ -154,7 +157,11 @@ impl StdoutStream for CapturedOutput {
 }
 
 impl tokio::io::AsyncWrite for CapturedOutput {
-    fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         let mut c = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let room = OUTPUT_CAP.saturating_sub(c.bytes.len());
         let keep = room.min(buf.len());

@@ -52,8 +52,12 @@ impl PluginRegistry {
             let started = std::time::Instant::now();
             match runtime.load_file(name, &path) {
                 Ok(plugin) => {
-                    tracing::info!(plugin = name, sha256 = plugin.sha256(),
-                        elapsed_ms = started.elapsed().as_millis() as u64, "Plugin loaded.");
+                    tracing::info!(
+                        plugin = name,
+                        sha256 = plugin.sha256(),
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        "Plugin loaded."
+                    );
                     plugins.insert(name.to_string(), Arc::new(plugin));
                 }
                 Err(e) => {

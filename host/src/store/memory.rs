@@ -84,9 +84,6 @@ impl Store for MemoryStore {
             {
                 let mut inner = self.lock();
                 if let Some(event) = inner.queue.pop_front() {
-                    if let Some(r) = inner.records.get_mut(&event.id) {
-                        r.status = EventStatus::Processed;
-                    }
                     if !inner.queue.is_empty() {
                         self.ready.notify_one();
                     }
@@ -103,6 +100,12 @@ impl Store for MemoryStore {
     fn close(&self) {
         self.lock().closed = true;
         self.ready.notify_waiters();
+    }
+
+    async fn mark_processed(&self, event_id: &str) {
+        if let Some(r) = self.lock().records.get_mut(event_id) {
+            r.status = EventStatus::Processed;
+        }
     }
 
     async fn record_route(&self, event_id: &str, outcome: RouteOutcome) {
@@ -150,12 +153,26 @@ mod tests {
         let store = MemoryStore::new(2);
         store.insert_event(event("a")).await.unwrap();
         store.insert_event(event("b")).await.unwrap();
-        assert!(matches!(store.insert_event(event("c")).await, Err(StoreError::QueueFull(2))));
+        assert!(matches!(
+            store.insert_event(event("c")).await,
+            Err(StoreError::QueueFull(2))
+        ));
         store.close();
-        assert!(matches!(store.insert_event(event("d")).await, Err(StoreError::Closed)));
+        assert!(matches!(
+            store.insert_event(event("d")).await,
+            Err(StoreError::Closed)
+        ));
         assert_eq!(store.next_event().await.unwrap().id, "a");
         assert_eq!(store.next_event().await.unwrap().id, "b");
         assert!(store.next_event().await.is_none());
-        assert_eq!(store.get_event("a").await.unwrap().status, EventStatus::Processed);
+        assert_eq!(
+            store.get_event("a").await.unwrap().status,
+            EventStatus::Queued
+        );
+        store.mark_processed("a").await;
+        assert_eq!(
+            store.get_event("a").await.unwrap().status,
+            EventStatus::Processed
+        );
     }
 }

@@ -35,6 +35,9 @@ pub trait Store: Send + Sync + 'static {
     /// Stops accepting events; queued ones are still handed out.
     fn close(&self);
 
+    /// Marks an event as processed: every route's chain has run and its outcome is recorded.
+    async fn mark_processed(&self, event_id: &str);
+
     /// Records the outcome of one route for an event.
     async fn record_route(&self, event_id: &str, outcome: RouteOutcome);
 

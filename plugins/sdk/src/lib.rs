@@ -1,0 +1,128 @@
+//! Write Switchyard plugins in Rust.
+//!
+//! The bindings are generated from the repository's `wit/` (the `switchyard:plugin@0.1.0`
+//! world), so the SDK and the gateway share one contract. A plugin implements [`Plugin`]
+//! and registers itself with [`export_plugin!`]:
+//!
+//! ```ignore
+//! use switchyard_plugin::*;
+//!
+//! struct Hello;
+//! impl Plugin for Hello {
+//!     fn handle(event: Event) -> Result<Verdict, PluginError> {
+//!         let body = json_body(&event)?;
+//!         log(LogLevel::Info, &format!("got {}", body["type"]));
+//!         Ok(Verdict::Continue(Update::default()))
+//!     }
+//! }
+//! export_plugin!(Hello);
+//! ```
+//!
+//! Build with `cargo build --release --target wasm32-wasip2`; the `.wasm` file in
+//! `target/wasm32-wasip2/release/` is the plugin.
+
+wit_bindgen::generate!({
+    path: "../../wit",
+    world: "plugin",
+    pub_export_macro: true,
+    export_macro_name: "export_plugin",
+    default_bindings_module: "switchyard_plugin",
+});
+
+pub use exports::switchyard::plugin::handler::Guest as Plugin;
+pub use switchyard::plugin::host::{LogLevel, log};
+pub use switchyard::plugin::types::{Delivery, Event, PluginError, Update, Verdict};
+
+use serde_json::Value;
+
+impl Default for Update {
+    fn default() -> Self {
+        Update {
+            body: None,
+            content_type: None,
+            headers: None,
+            metadata: Vec::new(),
+        }
+    }
+}
+
+impl Delivery {
+    /// A delivery of the event as it is to the named destination.
+    pub fn to(destination: impl Into<String>) -> Self {
+        Delivery {
+            destination: destination.into(),
+            body: None,
+            content_type: None,
+            headers: Vec::new(),
+            metadata: Vec::new(),
+        }
+    }
+}
+
+/// The event's body parsed as JSON; a body that is not JSON is an `invalid-event` error.
+pub fn json_body(event: &Event) -> Result<Value, PluginError> {
+    serde_json::from_slice(&event.body)
+        .map_err(|e| PluginError::InvalidEvent(format!("body is not valid JSON: {e}")))
+}
+
+/// A continue verdict that replaces the body with `value` as JSON.
+pub fn continue_with_json(value: &Value, metadata: Vec<(String, String)>) -> Verdict {
+    Verdict::Continue(Update {
+        body: Some(serde_json::to_vec(value).unwrap_or_default()),
+        content_type: Some("application/json".into()),
+        headers: None,
+        metadata,
+    })
+}
+
+/// A value of the plugin's configuration.
+pub fn config(key: &str) -> Option<String> {
+    switchyard::plugin::host::config_get(key)
+}
+
+/// All of the plugin's configuration, in order.
+pub fn config_all() -> Vec<(String, String)> {
+    switchyard::plugin::host::config()
+}
+
+/// A comma-separated configuration value as a list of trimmed, non-empty items.
+pub fn config_list(key: &str) -> Vec<String> {
+    config(key)
+        .map(|v| {
+            v.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The last value of a header (names compare case-insensitively).
+pub fn header<'a>(event: &'a Event, name: &str) -> Option<&'a str> {
+    event
+        .headers
+        .iter()
+        .rev()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
+/// The last value of a metadata key set by an earlier plugin.
+pub fn metadata<'a>(event: &'a Event, key: &str) -> Option<&'a str> {
+    event
+        .metadata
+        .iter()
+        .rev()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+}
+
+/// A JSON value as text if it is a string or a number.
+pub fn scalar_text(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}

@@ -1,0 +1,170 @@
+//! The `switchyard` binary from outside: `plugin check`, `plugin run` and `serve` errors.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+use crate::util::{GUESTS, guest, switchyard_bin};
+
+fn run(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(switchyard_bin())
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("switchyard runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn path(p: &std::path::Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn plugin_check_accepts_every_example_plugin() {
+    for name in &GUESTS[..4] {
+        let (ok, out, err) = run(&["plugin", "check", path(&guest(name))]);
+        assert!(ok, "{name}: {out}{err}");
+        assert!(out.contains("fits switchyard:plugin@0.1.0"), "{out}");
+    }
+}
+
+#[test]
+fn plugin_check_names_the_mismatch_of_another_version() {
+    let (ok, out, _) = run(&["plugin", "check", "--json", path(&guest("wrong-world"))]);
+    assert!(!ok, "a plugin built against 0.2.0 must not pass");
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["ok"], false);
+    let problems = report["problems"].to_string();
+    assert!(
+        problems.contains("exports `switchyard:plugin/handler@0.2.0`"),
+        "{problems}"
+    );
+    assert!(
+        problems.contains("switchyard:plugin/handler@0.1.0"),
+        "{problems}"
+    );
+    assert!(
+        problems.contains("imports `switchyard:plugin/types@0.2.0`"),
+        "{problems}"
+    );
+}
+
+#[test]
+fn plugin_check_names_a_missing_export_and_a_non_component() {
+    let dir = tempfile::tempdir().unwrap();
+    // A valid component that exports nothing and imports something we do not provide.
+    let empty = dir.path().join("empty.wasm");
+    std::fs::write(&empty, wasm_component_with_unknown_import()).unwrap();
+    let (ok, out, _) = run(&["plugin", "check", path(&empty)]);
+    assert!(!ok);
+    assert!(
+        out.contains("does not export `switchyard:plugin/handler@0.1.0`"),
+        "{out}"
+    );
+    assert!(
+        out.contains("imports `acme:clock/now@1.0.0`, which this gateway does not provide"),
+        "{out}"
+    );
+
+    let garbage = dir.path().join("garbage.wasm");
+    std::fs::write(&garbage, b"hello").unwrap();
+    let (ok, out, _) = run(&["plugin", "check", path(&garbage)]);
+    assert!(!ok);
+    assert!(out.contains("not a valid WebAssembly component"), "{out}");
+}
+
+#[test]
+fn plugin_run_prints_the_verdict_as_json() {
+    let root = xtask::workspace_root();
+    let event = root.join("examples/events/onomondo-location.json");
+    let (ok, out, err) = run(&[
+        "plugin",
+        "run",
+        path(&guest("tag-router")),
+        "--event",
+        path(&event),
+        "--config",
+        "label.valid-example=fleet,archive",
+    ]);
+    assert!(ok, "{out}{err}");
+    let verdict: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(verdict["verdict"], "route");
+    assert_eq!(verdict["deliveries"][0]["destination"], "fleet");
+    assert_eq!(verdict["deliveries"][1]["destination"], "archive");
+
+    let (ok, out, _) = run(&[
+        "plugin",
+        "run",
+        path(&guest("event-filter")),
+        "--event",
+        path(&event),
+    ]);
+    assert!(!ok, "missing config is a plugin error");
+    let answer: Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        answer["error"].as_str().unwrap().contains("invalid config"),
+        "{answer}"
+    );
+}
+
+#[test]
+fn serve_names_a_bad_config_key_and_a_broken_plugin_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("switchyard.toml");
+    std::fs::write(
+        &config,
+        "[[destinations]]\nname = \"d\"\nurl = \"not a url\"\n",
+    )
+    .unwrap();
+    let (ok, _, err) = run(&["serve", "--config", path(&config)]);
+    assert!(!ok);
+    assert!(err.contains("destinations[0].url"), "{err}");
+
+    std::fs::create_dir_all(dir.path().join("plugins.d")).unwrap();
+    std::fs::write(
+        dir.path().join("plugins.d/half.wasm"),
+        &std::fs::read(guest("tag-router")).unwrap()[..1000],
+    )
+    .unwrap();
+    std::fs::write(
+        &config,
+        "[server]\nlisten = \"127.0.0.1:0\"\n[[sources]]\nname = \"s\"\n[[routes]]\nsource = \"s\"\nplugins = [{ name = \"half\" }]\n",
+    )
+    .unwrap();
+    let (ok, _, err) = run(&["serve", "--config", path(&config)]);
+    assert!(!ok);
+    assert!(err.contains("half.wasm"), "{err}");
+}
+
+#[test]
+fn every_guest_fixture_is_used_by_a_test() {
+    let sources = [include_str!("spine.rs"), include_str!("cli.rs")].concat();
+    for name in GUESTS {
+        assert!(
+            sources.matches(&format!("\"{name}\"")).count() >= 2
+                || sources.contains(&format!("guest(\"{name}\")")),
+            "guest `{name}` is built but no test uses it"
+        );
+    }
+}
+
+/// A minimal component (binary format) with one import, `acme:clock/now@1.0.0` (an empty
+/// instance), and no exports.
+fn wasm_component_with_unknown_import() -> Vec<u8> {
+    let name = b"acme:clock/now@1.0.0";
+    let mut out = vec![0x00, 0x61, 0x73, 0x6d, 0x0d, 0x00, 0x01, 0x00];
+    // Type section (id 7): one instance type with no declarations.
+    out.extend([0x07, 0x03, 0x01, 0x42, 0x00]);
+    // Import section (id 10): one import, kebab name, instance of type 0.
+    let mut body = vec![0x01, 0x00, name.len() as u8];
+    body.extend_from_slice(name);
+    body.extend([0x05, 0x00]);
+    out.push(0x0a);
+    out.push(body.len() as u8);
+    out.extend(body);
+    out
+}

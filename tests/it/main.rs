@@ -1,0 +1,7 @@
+//! The integration suite: one binary that starts real gateways on `127.0.0.1:0`, real
+//! receivers that record what arrives, and the real `switchyard` binary for the CLI.
+//! Guest plugins are built from source on first use (see `util::guest`).
+
+mod cli;
+mod spine;
+mod util;

@@ -1,0 +1,290 @@
+//! Test harness: guest plugins built from source, a recording receiver, and a gateway
+//! started in-process on a loopback port.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use serde_json::Value;
+use switchyard::Config;
+use tokio::sync::{Notify, oneshot};
+
+/// Every guest the tests use; `every_fixture_is_used` checks none is forgotten.
+pub const GUESTS: &[&str] = &[
+    "event-filter",
+    "iot-normalize",
+    "tag-router",
+    "metadata-inject",
+    "misbehave",
+    "wrong-world",
+];
+
+/// The path of a guest plugin's component, building all of them once per test process.
+pub fn guest(name: &str) -> PathBuf {
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        let out = xtask::workspace_root().join("target/guests/plugins");
+        xtask::build_guests(GUESTS, &out).map(|_| out)
+    });
+    match dir {
+        Ok(dir) => dir.join(format!("{name}.wasm")),
+        Err(e) => panic!("cannot build guest plugins: {e}"),
+    }
+}
+
+/// The repository's `examples/events/NAME.json`.
+pub fn sample_event(name: &str) -> Vec<u8> {
+    let path = xtask::workspace_root().join("examples/events").join(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// One request as the receiver saw it.
+#[derive(Clone, Debug)]
+pub struct Received {
+    pub method: Method,
+    /// Path and query.
+    pub uri: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Received {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).expect("receiver got JSON")
+    }
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+#[derive(Default)]
+struct Recorded {
+    requests: Mutex<Vec<Received>>,
+    arrived: Notify,
+}
+
+/// A webhook receiver on a loopback port that records every request. A path starting with
+/// `/status/NNN` is answered with status NNN; anything else with 200.
+pub struct Receiver {
+    pub url: String,
+    recorded: Arc<Recorded>,
+}
+
+impl Receiver {
+    pub async fn start() -> Self {
+        let recorded = Arc::new(Recorded::default());
+        let app = axum::Router::new()
+            .fallback(record)
+            .with_state(recorded.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Self { url, recorded }
+    }
+
+    pub fn requests(&self) -> Vec<Received> {
+        self.recorded.requests.lock().unwrap().clone()
+    }
+
+    /// Waits until at least `n` requests arrived and returns them all.
+    pub async fn wait_for(&self, n: usize) -> Vec<Received> {
+        let wait = async {
+            loop {
+                let notified = self.recorded.arrived.notified();
+                let got = self.requests();
+                if got.len() >= n {
+                    return got;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), wait)
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "receiver got {} requests, expected {n}",
+                    self.requests().len()
+                )
+            })
+    }
+}
+
+async fn record(
+    State(recorded): State<Arc<Recorded>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> StatusCode {
+    let status = uri
+        .path()
+        .strip_prefix("/status/")
+        .and_then(|s| s.split('/').next())
+        .and_then(|s| s.parse().ok())
+        .and_then(|code| StatusCode::from_u16(code).ok())
+        .unwrap_or(StatusCode::OK);
+    recorded.requests.lock().unwrap().push(Received {
+        method,
+        uri: uri.to_string(),
+        headers,
+        body,
+    });
+    recorded.arrived.notify_waiters();
+    status
+}
+
+/// A gateway running in-process on a loopback port with its own plugin and data dirs.
+pub struct TestGateway {
+    pub url: String,
+    pub client: reqwest::Client,
+    shutdown: Option<oneshot::Sender<()>>,
+    served: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl TestGateway {
+    /// Starts a gateway on `config` (TOML; `{receiver}` is replaced by the receiver's
+    /// URL) with the named guest plugins in its plugin dir.
+    pub async fn start(config: &str, receiver: &Receiver, plugins: &[&str]) -> Self {
+        Self::try_start(config, receiver, plugins)
+            .await
+            .expect("gateway starts")
+    }
+
+    pub async fn try_start(
+        config: &str,
+        receiver: &Receiver,
+        plugins: &[&str],
+    ) -> anyhow::Result<Self> {
+        Self::start_in(Self::dir_with_plugins(plugins), config, receiver).await
+    }
+
+    /// A fresh gateway directory whose `plugins.d` holds the named guest plugins.
+    pub fn dir_with_plugins(plugins: &[&str]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let plugin_dir = dir.path().join("plugins.d");
+        std::fs::create_dir_all(&plugin_dir).unwrap();
+        for p in plugins {
+            std::fs::copy(guest(p), plugin_dir.join(format!("{p}.wasm"))).unwrap();
+        }
+        dir
+    }
+
+    /// Starts a gateway in a prepared directory (its `plugins.d` already filled).
+    pub async fn start_in(
+        dir: tempfile::TempDir,
+        config: &str,
+        receiver: &Receiver,
+    ) -> anyhow::Result<Self> {
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[delivery]\nbackoff = \"10ms\"\n{}",
+            config.replace("{receiver}", &receiver.url)
+        );
+        Self::start_raw(dir, &text, &|_| None).await
+    }
+
+    /// Starts a gateway on config text as it is, with relative paths resolved in `dir`
+    /// and `${VAR}` read from `env`. It listens on a loopback port of its own choosing.
+    pub async fn start_raw(
+        dir: tempfile::TempDir,
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> anyhow::Result<Self> {
+        let config = Config::parse(text, "test config", dir.path(), env)?;
+        let gateway =
+            tokio::task::spawn_blocking(move || switchyard::Gateway::new(config)).await??;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let (tx, rx) = oneshot::channel();
+        let served = tokio::spawn(gateway.serve(listener, async {
+            let _ = rx.await;
+        }));
+        Ok(Self {
+            url,
+            client: reqwest::Client::new(),
+            shutdown: Some(tx),
+            served: Some(served),
+            _dir: dir,
+        })
+    }
+
+    /// Posts a body to a source; returns the status and the JSON answer.
+    pub async fn post(&self, source: &str, body: impl Into<reqwest::Body>) -> (u16, Value) {
+        let resp = self
+            .client
+            .post(format!("{}/v1/ingest/{source}", self.url))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("gateway answers");
+        let status = resp.status().as_u16();
+        (status, resp.json().await.expect("answer is JSON"))
+    }
+
+    /// Posts an event that must be accepted; returns its id.
+    pub async fn accept(&self, source: &str, body: impl Into<reqwest::Body>) -> String {
+        let (status, answer) = self.post(source, body).await;
+        assert_eq!(status, 202, "ingest answered {answer}");
+        answer["id"].as_str().expect("id in answer").to_string()
+    }
+
+    /// `GET /v1/events/{id}`.
+    pub async fn event(&self, id: &str) -> Value {
+        self.client
+            .get(format!("{}/v1/events/{id}", self.url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// Waits until the event's routes are recorded and none of its deliveries is pending.
+    pub async fn settled(&self, id: &str) -> Value {
+        for _ in 0..400 {
+            let e = self.event(id).await;
+            let processed = e["status"] == "processed";
+            let expected: u64 = e["routes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|r| r["result"]["deliveries"].as_u64())
+                .sum();
+            let deliveries = e["deliveries"].as_array().unwrap();
+            let done = deliveries.len() as u64 == expected
+                && deliveries.iter().all(|d| d["status"] != "pending");
+            if processed && done {
+                return e;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("event {id} did not settle: {}", self.event(id).await);
+    }
+
+    /// Stops accepting, lets accepted events finish, and returns what `serve` returned.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.served.take().unwrap().await?
+    }
+}
+
+/// Writes `bytes` as `name` in a fresh gateway directory's `plugins.d`.
+pub fn dir_with_plugin_bytes(name: &str, bytes: &[u8]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins.d");
+    std::fs::create_dir_all(&plugins).unwrap();
+    std::fs::write(plugins.join(name), bytes).unwrap();
+    dir
+}
+
+/// The `switchyard` binary built for this test run.
+pub fn switchyard_bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_switchyard"))
+}
