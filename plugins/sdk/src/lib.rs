@@ -35,6 +35,8 @@ pub use switchyard::plugin::types::{Delivery, Event, PluginError, Update, Verdic
 
 use serde_json::Value;
 
+// The type is generated, so the derive cannot be added where it is defined.
+#[allow(clippy::derivable_impls)]
 impl Default for Update {
     fn default() -> Self {
         Update {
