@@ -1,37 +1,47 @@
-//! The HTTP edge: the axum router, the one JSON error type, and the small read-only
-//! endpoints. Ingest has its own module.
+//! The HTTP edge: the axum router, the one JSON error type, and the operator endpoints
+//! (events, destinations, deliveries). Ingest has its own module.
 
 use std::sync::Arc;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::config::Config;
+use crate::delivery::{Dispatcher, RestartError};
 use crate::ingest;
 use crate::pipeline::Pipeline;
-use crate::store::{EventRecord, Store};
+use crate::store::{
+    DeliveryRecord, DeliveryStatus, DestinationHealth, EventRecord, Store, StoreError,
+};
 
 /// What every handler can reach.
 #[derive(Clone)]
 pub struct AppState {
     pub pipeline: Arc<Pipeline>,
     pub store: Arc<dyn Store>,
-    pub max_body_bytes: usize,
+    pub dispatcher: Arc<Dispatcher>,
+    pub config: Arc<Config>,
 }
 
 /// Builds the gateway's router.
 pub fn router(state: AppState) -> Router {
     // axum's own limit is set above ours so that ingest can answer an oversized body with
     // our JSON error rather than axum's plain-text one.
-    let limit = state.max_body_bytes.saturating_add(1);
+    let limit = state.config.server.max_body_bytes.saturating_add(1);
     Router::new()
         .route("/healthz", get(healthz))
         .route("/v1/ingest/{source}", post(ingest::ingest))
         .route("/v1/events/{id}", get(get_event))
+        .route("/v1/events/{id}/replay", post(replay_event))
+        .route("/v1/destinations", get(list_destinations))
+        .route("/v1/destinations/{name}/restart", post(restart_destination))
+        .route("/v1/deliveries", get(list_deliveries))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
@@ -48,9 +58,115 @@ async fn get_event(
     state
         .store
         .get_event(&id)
-        .await
+        .await?
         .map(Json)
         .ok_or_else(|| ApiError::NotFound(format!("no event with id `{id}`")))
+}
+
+/// Runs a stored event through the current plugins again; its new deliveries get new ids.
+async fn replay_event(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    if state.store.replay(&id).await? {
+        Ok((StatusCode::ACCEPTED, Json(json!({ "id": id }))))
+    } else {
+        Err(ApiError::NotFound(format!("no event with id `{id}`")))
+    }
+}
+
+/// A destination as `GET /v1/destinations` shows it.
+#[derive(Serialize)]
+struct DestinationView {
+    name: String,
+    state: DestinationHealth,
+    consecutive_failures: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_error: Option<String>,
+    pending: u64,
+    failed: u64,
+}
+
+async fn list_destinations(
+    State(state): State<AppState>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let counts = state.store.delivery_counts().await?;
+    let items: Vec<DestinationView> = state
+        .config
+        .destinations
+        .iter()
+        .map(|d| {
+            let s = state.dispatcher.state(&d.name);
+            let c = counts
+                .iter()
+                .find(|c| c.destination == d.name)
+                .cloned()
+                .unwrap_or_default();
+            DestinationView {
+                name: d.name.clone(),
+                state: s.state,
+                consecutive_failures: s.consecutive_failures,
+                last_error: s.last_error,
+                pending: c.pending,
+                failed: c.failed,
+            }
+        })
+        .collect();
+    Ok(Json(json!({ "items": items })))
+}
+
+/// Sends a test message; if it succeeds, the destination is ACTIVE again and its queued
+/// deliveries are sent.
+async fn restart_destination(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    match state.dispatcher.restart(&name).await {
+        Ok(s) => Ok(Json(json!({ "name": s.name, "state": s.state }))),
+        Err(RestartError::NotFound(n)) => {
+            Err(ApiError::NotFound(format!("no destination named `{n}`")))
+        }
+        Err(RestartError::TestFailed(e)) => Err(ApiError::BadGateway(format!(
+            "the test message failed: {e}"
+        ))),
+        Err(RestartError::Store(e)) => Err(e.into()),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeliveryQuery {
+    status: Option<DeliveryStatus>,
+    cursor: Option<String>,
+    limit: Option<usize>,
+}
+
+/// Deliveries, oldest first, `limit` (default 50, at most 500) a page; `next_cursor` fetches
+/// the next page.
+async fn list_deliveries(
+    State(state): State<AppState>,
+    query: Result<Query<DeliveryQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let after = match q.cursor.as_deref() {
+        None | Some("") => None,
+        Some(c) => Some(c.parse::<i64>().map_err(|_| {
+            ApiError::BadRequest(format!("`cursor`: `{c}` is not a cursor from this API"))
+        })?),
+    };
+    let limit = q.limit.unwrap_or(50).clamp(1, 500);
+    let page = state
+        .store
+        .list_deliveries(q.status, after, limit + 1)
+        .await?;
+    let more = page.len() > limit;
+    let items: Vec<&DeliveryRecord> = page.iter().take(limit).map(|(_, d)| d).collect();
+    let next_cursor = if more {
+        page.get(limit - 1).map(|(seq, _)| seq.to_string())
+    } else {
+        None
+    };
+    Ok(Json(json!({ "items": items, "next_cursor": next_cursor })))
 }
 
 async fn not_found() -> ApiError {
@@ -69,8 +185,19 @@ pub enum ApiError {
     PayloadTooLarge(usize),
     #[error("{0}")]
     Unavailable(String),
+    #[error("{0}")]
+    BadGateway(String),
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::QueueFull(_) | StoreError::Closed => ApiError::Unavailable(e.to_string()),
+            StoreError::Db(_) => ApiError::Internal(e.into()),
+        }
+    }
 }
 
 impl IntoResponse for ApiError {
@@ -80,6 +207,7 @@ impl IntoResponse for ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
             ApiError::Internal(e) => {
                 tracing::error!(error = %format!("{e:#}"), "Request failed.");
                 StatusCode::INTERNAL_SERVER_ERROR

@@ -36,6 +36,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub plugins: PluginsConfig,
     pub delivery: DeliveryConfig,
+    pub retention: RetentionConfig,
     pub sources: Vec<SourceConfig>,
     pub destinations: Vec<DestinationConfig>,
     pub routes: Vec<RouteConfig>,
@@ -50,6 +51,8 @@ struct RawConfig {
     plugins: RawPlugins,
     #[serde(default)]
     delivery: DeliveryConfig,
+    #[serde(default)]
+    retention: RetentionConfig,
     #[serde(default)]
     sources: Vec<SourceConfig>,
     #[serde(default)]
@@ -69,6 +72,8 @@ struct RawServer {
     max_body_bytes: usize,
     #[serde(default = "default_queue_capacity")]
     queue_capacity: usize,
+    #[serde(default = "default_idempotency_window", with = "humantime_serde")]
+    idempotency_window: Duration,
 }
 
 impl Default for RawServer {
@@ -78,8 +83,13 @@ impl Default for RawServer {
             data_dir: default_data_dir(),
             max_body_bytes: default_max_body(),
             queue_capacity: default_queue_capacity(),
+            idempotency_window: default_idempotency_window(),
         }
     }
+}
+
+fn default_idempotency_window() -> Duration {
+    Duration::from_secs(24 * 3600)
 }
 
 fn default_listen() -> String {
@@ -104,6 +114,8 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// Events accepted but not yet processed; beyond it ingest answers 503.
     pub queue_capacity: usize,
+    /// A repeated idempotency key within this window returns the original event.
+    pub idempotency_window: Duration,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -148,31 +160,27 @@ pub struct PluginsConfig {
     pub max_memory_bytes: usize,
 }
 
-/// `[delivery]`: how deliveries are sent and retried.
+/// `[delivery]`: how deliveries are sent and retried (destinations may override the
+/// retry policy).
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeliveryConfig {
     /// Timeout of one HTTP attempt.
     #[serde(default = "default_timeout", with = "humantime_serde")]
     pub timeout: Duration,
-    /// Attempts per delivery, including the first.
-    #[serde(default = "default_attempts")]
-    pub max_attempts: u32,
-    /// Wait before the first retry; doubled before each further one.
-    #[serde(default = "default_backoff", with = "humantime_serde")]
-    pub backoff: Duration,
     /// Deliveries in flight at once.
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
+    #[serde(flatten)]
+    pub retry: RetryPolicy,
 }
 
 impl Default for DeliveryConfig {
     fn default() -> Self {
         Self {
             timeout: default_timeout(),
-            max_attempts: default_attempts(),
-            backoff: default_backoff(),
             concurrency: default_concurrency(),
+            retry: RetryPolicy::default(),
         }
     }
 }
@@ -180,14 +188,96 @@ impl Default for DeliveryConfig {
 fn default_timeout() -> Duration {
     Duration::from_secs(10)
 }
-fn default_attempts() -> u32 {
-    3
-}
-fn default_backoff() -> Duration {
-    Duration::from_millis(500)
-}
 fn default_concurrency() -> usize {
     256
+}
+
+/// When to retry a delivery and when to give up on a destination.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub struct RetryPolicy {
+    /// The wait before each attempt: the first entry before the first attempt (normally
+    /// 0), and so on. Its length is the number of attempts of a delivery.
+    #[serde(default = "default_schedule", with = "humantime_serde_vec")]
+    pub retry_schedule: Vec<Duration>,
+    /// Each wait is lengthened by a random fraction up to this, so retries spread out.
+    #[serde(default = "default_jitter")]
+    pub jitter: f64,
+    /// Consecutive failed attempts after which the destination is FAILED.
+    #[serde(default = "default_failure_threshold")]
+    pub failure_threshold: u32,
+    /// Retry 4xx answers other than 408, 410 and 429 (by default they fail the delivery).
+    #[serde(default)]
+    pub retry_client_errors: bool,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            retry_schedule: default_schedule(),
+            jitter: default_jitter(),
+            failure_threshold: default_failure_threshold(),
+            retry_client_errors: false,
+        }
+    }
+}
+
+fn default_schedule() -> Vec<Duration> {
+    [0, 5, 300, 1800, 7200, 18000, 36000, 36000]
+        .into_iter()
+        .map(Duration::from_secs)
+        .collect()
+}
+fn default_jitter() -> f64 {
+    0.2
+}
+fn default_failure_threshold() -> u32 {
+    5
+}
+
+/// Serde for a list of human-readable durations (`["0s", "5s", "5m"]`).
+mod humantime_serde_vec {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
+        let items = Vec::<String>::deserialize(d)?;
+        items
+            .iter()
+            .map(|s| {
+                humantime::parse_duration(s)
+                    .map_err(|e| serde::de::Error::custom(format!("`{s}`: {e}")))
+            })
+            .collect()
+    }
+}
+
+/// `[retention]`: how long delivered events are kept.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Processed events whose deliveries all succeeded are deleted after this long.
+    /// Events with pending or failed deliveries are kept.
+    #[serde(default = "default_retention", with = "humantime_serde")]
+    pub delivered: Duration,
+    /// How often the purge runs.
+    #[serde(default = "default_purge_interval", with = "humantime_serde")]
+    pub interval: Duration,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            delivered: default_retention(),
+            interval: default_purge_interval(),
+        }
+    }
+}
+
+fn default_retention() -> Duration {
+    Duration::from_secs(7 * 24 * 3600)
+}
+fn default_purge_interval() -> Duration {
+    Duration::from_secs(60)
 }
 
 /// `[[sources]]`: a name senders post to at `/v1/ingest/{name}`.
@@ -195,6 +285,10 @@ fn default_concurrency() -> usize {
 #[serde(deny_unknown_fields)]
 pub struct SourceConfig {
     pub name: String,
+    /// A top-level JSON field whose value de-duplicates events (e.g. Onomondo's `id`),
+    /// besides the `Idempotency-Key` header.
+    #[serde(default)]
+    pub idempotency_field: Option<String>,
 }
 
 /// `[[destinations]]`: where deliveries go.
@@ -210,6 +304,44 @@ pub struct DestinationConfig {
     /// Deliver only events of these types (all when absent).
     #[serde(default)]
     pub event_types: Option<Vec<String>>,
+    /// This destination's retry policy, if not `[delivery]`'s.
+    #[serde(default)]
+    pub retry: Option<RetryOverride>,
+}
+
+/// Per-destination overrides of `[delivery]`'s retry policy.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryOverride {
+    #[serde(default, with = "humantime_serde_opt_vec")]
+    pub retry_schedule: Option<Vec<Duration>>,
+    pub jitter: Option<f64>,
+    pub failure_threshold: Option<u32>,
+    pub retry_client_errors: Option<bool>,
+}
+
+impl RetryOverride {
+    /// `base` with these overrides applied.
+    pub fn apply(&self, base: &RetryPolicy) -> RetryPolicy {
+        RetryPolicy {
+            retry_schedule: self
+                .retry_schedule
+                .clone()
+                .unwrap_or_else(|| base.retry_schedule.clone()),
+            jitter: self.jitter.unwrap_or(base.jitter),
+            failure_threshold: self.failure_threshold.unwrap_or(base.failure_threshold),
+            retry_client_errors: self.retry_client_errors.unwrap_or(base.retry_client_errors),
+        }
+    }
+}
+
+mod humantime_serde_opt_vec {
+    use serde::Deserializer;
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<Duration>>, D::Error> {
+        super::humantime_serde_vec::deserialize(d).map(Some)
+    }
 }
 
 /// `[[routes]]`: which plugins run on a source's events and where they go by default.
@@ -308,6 +440,7 @@ impl Config {
                 data_dir,
                 max_body_bytes: raw.server.max_body_bytes,
                 queue_capacity: raw.server.queue_capacity,
+                idempotency_window: raw.server.idempotency_window,
             },
             plugins: PluginsConfig {
                 dir: base_dir.join(raw.plugins.dir),
@@ -315,6 +448,7 @@ impl Config {
                 max_memory_bytes: raw.plugins.max_memory_bytes,
             },
             delivery: raw.delivery,
+            retention: raw.retention,
             sources: raw.sources,
             destinations: raw.destinations,
             routes: raw.routes,
@@ -330,9 +464,7 @@ impl Config {
         if self.server.queue_capacity == 0 {
             return Err(("server.queue_capacity".into(), "must be above 0".into()));
         }
-        if self.delivery.max_attempts == 0 {
-            return Err(("delivery.max_attempts".into(), "must be at least 1".into()));
-        }
+        check_retry(&self.delivery.retry).map_err(|(k, m)| (format!("delivery.{k}"), m))?;
         if self.delivery.concurrency == 0 {
             return Err(("delivery.concurrency".into(), "must be at least 1".into()));
         }
@@ -366,6 +498,10 @@ impl Config {
                     format!("destinations[{i}].url"),
                     "must be an http or https URL".into(),
                 ));
+            }
+            if let Some(o) = &d.retry {
+                check_retry(&o.apply(&self.delivery.retry))
+                    .map_err(|(k, m)| (format!("destinations[{i}].retry.{k}"), m))?;
             }
             for name in d.headers.keys() {
                 reqwest::header::HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
@@ -405,6 +541,22 @@ impl Config {
             .flat_map(|r| r.plugins.iter().map(|p| p.name.as_str()))
             .collect()
     }
+}
+
+fn check_retry(p: &RetryPolicy) -> Result<(), (String, String)> {
+    if p.retry_schedule.is_empty() {
+        return Err((
+            "retry_schedule".into(),
+            "must list at least one attempt".into(),
+        ));
+    }
+    if !(0.0..=1.0).contains(&p.jitter) {
+        return Err(("jitter".into(), "must be between 0 and 1".into()));
+    }
+    if p.failure_threshold == 0 {
+        return Err(("failure_threshold".into(), "must be at least 1".into()));
+    }
+    Ok(())
 }
 
 fn check_name(name: &str) -> Result<(), String> {

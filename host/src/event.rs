@@ -25,6 +25,8 @@ pub struct Event {
     pub body: Body,
     /// Metadata accumulated from plugins (empty on ingest).
     pub metadata: Pairs,
+    /// Which run of the event this is: 0 at first, one more per replay.
+    pub run: u32,
 }
 
 impl Event {

@@ -11,7 +11,7 @@ use serde_json::json;
 use crate::api::{ApiError, AppState};
 use crate::delivery::now_ms;
 use crate::event::{Body, Event};
-use crate::store::StoreError;
+use crate::store::{Idempotency, Inserted};
 
 pub async fn ingest(
     State(state): State<AppState>,
@@ -24,11 +24,12 @@ pub async fn ingest(
     if !state.pipeline.routing().has_source(&source) {
         return Err(ApiError::NotFound(format!("no source named `{source}`")));
     }
+    let max = state.config.server.max_body_bytes;
     let body = match body {
-        Ok(b) if b.len() <= state.max_body_bytes => b,
-        Ok(_) => return Err(ApiError::PayloadTooLarge(state.max_body_bytes)),
+        Ok(b) if b.len() <= max => b,
+        Ok(_) => return Err(ApiError::PayloadTooLarge(max)),
         Err(r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            return Err(ApiError::PayloadTooLarge(state.max_body_bytes));
+            return Err(ApiError::PayloadTooLarge(max));
         }
         Err(r) => {
             return Err(ApiError::BadRequest(format!(
@@ -60,12 +61,58 @@ pub async fn ingest(
         content_type,
         body: Body(body),
         metadata: Vec::new(),
+        run: 0,
     };
+    let idempotency = idempotency_key(&state, &event, &headers)?.map(|key| Idempotency {
+        key,
+        window_ms: state.config.server.idempotency_window.as_millis() as u64,
+    });
     let id = event.id.clone();
     let source = event.source.clone();
-    state.store.insert_event(event).await.map_err(|e| match e {
-        StoreError::QueueFull(_) | StoreError::Closed => ApiError::Unavailable(e.to_string()),
-    })?;
-    tracing::debug!(event_id = %id, source, "Event accepted.");
-    Ok((StatusCode::ACCEPTED, Json(json!({ "id": id }))))
+    match state.store.insert_event(event, idempotency).await? {
+        Inserted::New => {
+            tracing::debug!(event_id = %id, source, "Event accepted.");
+            Ok((StatusCode::ACCEPTED, Json(json!({ "id": id }))))
+        }
+        Inserted::Duplicate(original) => {
+            tracing::info!(event_id = %original, source, "Duplicate event answered with the original id.");
+            Ok((
+                StatusCode::OK,
+                Json(json!({ "id": original, "duplicate": true })),
+            ))
+        }
+    }
+}
+
+/// The event's idempotency key: the `Idempotency-Key` header, or else the source's
+/// configured JSON field.
+fn idempotency_key(
+    state: &AppState,
+    event: &Event,
+    headers: &HeaderMap,
+) -> Result<Option<String>, ApiError> {
+    if let Some(v) = headers.get("idempotency-key") {
+        let key = v
+            .to_str()
+            .map_err(|_| ApiError::BadRequest("`Idempotency-Key` must be visible ASCII".into()))?;
+        if key.is_empty() || key.len() > 255 {
+            return Err(ApiError::BadRequest(
+                "`Idempotency-Key` must be 1 to 255 characters".into(),
+            ));
+        }
+        return Ok(Some(key.to_string()));
+    }
+    let field = state
+        .config
+        .sources
+        .iter()
+        .find(|s| s.name == event.source)
+        .and_then(|s| s.idempotency_field.as_deref());
+    Ok(field.and_then(|f| {
+        event.json_object().and_then(|obj| match obj.get(f) {
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            Some(serde_json::Value::Number(n)) => Some(n.to_string()),
+            _ => None,
+        })
+    }))
 }

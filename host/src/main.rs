@@ -112,7 +112,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             let env = |name: &str| std::env::var(name).ok();
             let config = Config::load(&config, &env)?;
             let listen = config.server.listen;
-            let gateway = tokio::task::block_in_place(|| switchyard::Gateway::new(config))?;
+            let gateway = switchyard::Gateway::new(config).await?;
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("cannot listen on {listen}"))?;
@@ -179,6 +179,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 content_type: Some(content_type),
                 body: Body::from(body),
                 metadata,
+                run: 0,
             };
             let outcome = tokio::task::spawn_blocking(move || {
                 plugin.call(&event, Arc::from(config), CallLimits::default())

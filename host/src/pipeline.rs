@@ -7,16 +7,15 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
-use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::config::Config;
-use crate::delivery::{Deliverer, Destination, PlaceholderValues, PlannedDelivery, delivery_id};
+use crate::delivery::{
+    Destination, Dispatcher, PlaceholderValues, PlannedDelivery, delivery_id, render,
+};
 use crate::event::{Body, Event, Pairs, merge_pairs};
 use crate::plugin::{CallLimits, PluginRegistry, PluginVerdict};
-use crate::store::{
-    DeliveryRecord, DeliveryStatus, PluginStep, RouteOutcome, RouteResult, StepResult, Store,
-};
+use crate::store::{PluginStep, RouteOutcome, RouteResult, StepResult, Store};
 
 /// Sources, destinations and routes as the pipeline uses them; swapped whole on reload.
 pub struct Routing {
@@ -43,7 +42,12 @@ impl Routing {
         let destinations: HashMap<String, Arc<Destination>> = config
             .destinations
             .iter()
-            .map(|d| (d.name.clone(), Arc::new(Destination::from_config(d))))
+            .map(|d| {
+                (
+                    d.name.clone(),
+                    Arc::new(Destination::from_config(d, &config.delivery.retry)),
+                )
+            })
             .collect();
         let routes = config
             .routes
@@ -78,33 +82,37 @@ impl Routing {
     pub fn has_source(&self, name: &str) -> bool {
         self.sources.contains(name)
     }
+
+    /// The destinations by name.
+    pub fn destinations(&self) -> &HashMap<String, Arc<Destination>> {
+        &self.destinations
+    }
 }
 
-/// The running pipeline: store → plugin chains → deliveries.
+/// The running pipeline: store → plugin chains → deliveries (stored, then sent by the
+/// dispatcher).
 pub struct Pipeline {
     store: Arc<dyn Store>,
     plugins: Arc<PluginRegistry>,
     routing: ArcSwap<Routing>,
     limits: CallLimits,
-    deliverer: Arc<Deliverer>,
-    deliveries: TaskTracker,
+    dispatcher: Arc<Dispatcher>,
 }
 
 impl Pipeline {
     pub fn new(
         store: Arc<dyn Store>,
         plugins: Arc<PluginRegistry>,
-        routing: Routing,
+        routing: Arc<Routing>,
         limits: CallLimits,
-        deliverer: Deliverer,
+        dispatcher: Arc<Dispatcher>,
     ) -> Arc<Self> {
         Arc::new(Self {
             store,
             plugins,
-            routing: ArcSwap::from_pointee(routing),
+            routing: ArcSwap::new(routing),
             limits,
-            deliverer: Arc::new(deliverer),
-            deliveries: TaskTracker::new(),
+            dispatcher,
         })
     }
 
@@ -113,8 +121,7 @@ impl Pipeline {
         self.routing.load_full()
     }
 
-    /// Processes events until the store is closed and drained, then waits for the
-    /// deliveries in flight.
+    /// Processes events until the store is closed and drained.
     pub async fn run(self: Arc<Self>, workers: usize) {
         let mut handles = Vec::new();
         for _ in 0..workers.max(1) {
@@ -132,15 +139,16 @@ impl Pipeline {
                 tracing::error!(error = %e, "Pipeline worker ended abnormally.");
             }
         }
-        self.deliveries.close();
-        self.deliveries.wait().await;
     }
 
-    /// Runs every route of the event's source and starts the deliveries they decide.
+    /// Runs every route of the event's source, then stores the outcomes and the deliveries
+    /// they decided in one commit and wakes the dispatcher.
     async fn process(&self, event: Event) {
         let routing = self.routing();
         let event = Arc::new(event);
-        let values = Arc::new(PlaceholderValues::of(&event));
+        let values = PlaceholderValues::of(&event);
+        let mut outcomes = Vec::new();
+        let mut deliveries = Vec::new();
         for route_index in 0..routing.routes.len() {
             if routing.routes[route_index].source != event.source {
                 continue;
@@ -168,65 +176,38 @@ impl Pipeline {
                     ChainEnd::Failed(format!("plugin chain panicked: {e}")),
                 ),
             };
-            let route = &routing.routes[route_index];
-            let result = match &end {
+            let route = routing.routes[route_index].index;
+            let result = match end {
                 ChainEnd::Dropped { plugin, reason } => {
-                    tracing::info!(route = route.index, plugin, reason, "Event dropped.");
-                    RouteResult::Dropped {
-                        plugin: plugin.clone(),
-                        reason: reason.clone(),
-                    }
+                    tracing::info!(route, plugin, reason, "Event dropped.");
+                    RouteResult::Dropped { plugin, reason }
                 }
                 ChainEnd::Failed(error) => {
-                    tracing::warn!(route = route.index, error, "Route failed for this event.");
-                    RouteResult::Failed {
-                        error: error.clone(),
-                    }
+                    tracing::warn!(route, error, "Route failed for this event.");
+                    RouteResult::Failed { error }
                 }
-                ChainEnd::Deliver(d) => RouteResult::Delivering {
-                    deliveries: d.len(),
-                },
+                ChainEnd::Deliver(planned) => {
+                    let n = planned.len();
+                    deliveries.extend(planned.iter().map(|p| render(p, &values)));
+                    RouteResult::Delivering { deliveries: n }
+                }
             };
-            self.store
-                .record_route(
-                    &event.id,
-                    RouteOutcome {
-                        route: route.index,
-                        steps,
-                        result,
-                    },
-                )
-                .await;
-            if let ChainEnd::Deliver(planned) = end {
-                for delivery in planned {
-                    self.start_delivery(delivery, &values).await;
-                }
-            }
+            outcomes.push(RouteOutcome {
+                route,
+                run: event.run,
+                steps,
+                result,
+            });
         }
-        self.store.mark_processed(&event.id).await;
-    }
-
-    async fn start_delivery(&self, planned: PlannedDelivery, values: &Arc<PlaceholderValues>) {
-        if !planned
-            .destination
-            .accepts(values.event_type(&planned.metadata))
+        match self
+            .store
+            .complete_event(&event, outcomes, deliveries)
+            .await
         {
-            let record = DeliveryRecord {
-                id: planned.id.clone(),
-                route: planned.route,
-                destination: planned.destination.name.clone(),
-                url: String::new(),
-                status: DeliveryStatus::Skipped,
-                attempts: Vec::new(),
-            };
-            self.store.record_delivery(values.event_id(), record).await;
-            return;
+            Ok(()) => self.dispatcher.wake(),
+            // The event stays queued in the store and is processed again at the next start.
+            Err(e) => tracing::error!(error = %e, "Cannot record the event's outcome."),
         }
-        let (deliverer, store, values) =
-            (self.deliverer.clone(), self.store.clone(), values.clone());
-        self.deliveries.spawn(
-            async move { deliverer.deliver(&*store, planned, &values).await }.in_current_span(),
-        );
     }
 }
 
@@ -363,7 +344,7 @@ fn plan(
     metadata: Pairs,
 ) -> PlannedDelivery {
     PlannedDelivery {
-        id: delivery_id(&event.id, route, index, &destination.name),
+        id: delivery_id(&event.id, event.run, route, index, &destination.name),
         route,
         body: body.unwrap_or_else(|| event.body.clone()),
         content_type: content_type.or_else(|| event.content_type.clone()),

@@ -180,7 +180,7 @@ impl TestGateway {
         receiver: &Receiver,
     ) -> anyhow::Result<Self> {
         let text = format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n[delivery]\nbackoff = \"10ms\"\n{}",
+            "[server]\nlisten = \"127.0.0.1:0\"\n[delivery]\nretry_schedule = [\"0s\", \"10ms\", \"10ms\"]\njitter = 0.0\n{}",
             config.replace("{receiver}", &receiver.url)
         );
         Self::start_raw(dir, &text, &|_| None).await
@@ -194,8 +194,7 @@ impl TestGateway {
         env: &dyn Fn(&str) -> Option<String>,
     ) -> anyhow::Result<Self> {
         let config = Config::parse(text, "test config", dir.path(), env)?;
-        let gateway =
-            tokio::task::spawn_blocking(move || switchyard::Gateway::new(config)).await??;
+        let gateway = switchyard::Gateway::new(config).await?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);
         let (tx, rx) = oneshot::channel();

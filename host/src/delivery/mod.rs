@@ -1,19 +1,22 @@
-//! The delivery stage: turns a planned delivery into an HTTP request (placeholders,
-//! headers) and sends it, retrying with backoff, recording every attempt.
+//! The delivery stage: renders a planned delivery into a stored request (placeholders,
+//! headers), and the [`Dispatcher`] that sends due deliveries, decides on retries
+//! ([`policy`]) and keeps each destination's state.
 
+mod dispatch;
 pub mod placeholder;
+pub mod policy;
+
+pub use dispatch::{Clock, Dispatcher, ManualClock, RestartError, SystemClock};
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use reqwest::header::{HeaderName, HeaderValue};
 use sha2::{Digest, Sha256};
-use tokio::sync::Semaphore;
 
-use crate::config::{DeliveryConfig, DestinationConfig};
+use crate::config::{DestinationConfig, RetryPolicy};
 use crate::event::{Body, Event, Pairs, lookup};
-use crate::store::{Attempt, DeliveryRecord, DeliveryStatus, Store};
+use crate::store::{DeliveryStatus, NewDelivery};
 use placeholder::Target;
 
 /// Inbound headers that are never forwarded: hop-by-hop and framing headers, the sender's
@@ -49,7 +52,7 @@ const FRAMING: &[&str] = &[
     "upgrade",
 ];
 
-const USER_AGENT: &str = concat!("switchyard/", env!("CARGO_PKG_VERSION"));
+pub(crate) const USER_AGENT: &str = concat!("switchyard/", env!("CARGO_PKG_VERSION"));
 
 /// A configured destination, ready to render.
 #[derive(Debug)]
@@ -58,14 +61,19 @@ pub struct Destination {
     url: String,
     headers: Vec<(HeaderName, String)>,
     event_types: Option<HashSet<String>>,
+    pub retry: RetryPolicy,
 }
 
 impl Destination {
     /// Builds a destination from validated config.
-    pub fn from_config(c: &DestinationConfig) -> Self {
+    pub fn from_config(c: &DestinationConfig, defaults: &RetryPolicy) -> Self {
         Self {
             name: c.name.clone(),
             url: c.url.clone(),
+            retry: c
+                .retry
+                .as_ref()
+                .map_or_else(|| defaults.clone(), |o| o.apply(defaults)),
             headers: c
                 .headers
                 .iter()
@@ -152,171 +160,84 @@ impl PlaceholderValues {
     }
 }
 
-/// The stable id of a delivery, derived from what identifies it, so that running the same
-/// event again yields the same ids and receivers can de-duplicate on `webhook-id`.
-pub fn delivery_id(event_id: &str, route: usize, index: usize, destination: &str) -> String {
-    let digest = Sha256::digest(format!("{event_id}\n{route}\n{index}\n{destination}"));
+/// The stable id of a delivery, derived from what identifies it, so that processing the
+/// same event again after a crash yields the same ids and receivers can de-duplicate on
+/// `webhook-id`. A replay is a new `run` and gets new ids.
+pub fn delivery_id(
+    event_id: &str,
+    run: u32,
+    route: usize,
+    index: usize,
+    destination: &str,
+) -> String {
+    let digest = Sha256::digest(format!(
+        "{event_id}\n{run}\n{route}\n{index}\n{destination}"
+    ));
     format!("dlv_{}", &hex::encode(digest)[..26])
 }
 
-/// Sends deliveries over HTTP.
-pub struct Deliverer {
-    client: reqwest::Client,
-    config: DeliveryConfig,
-    in_flight: Arc<Semaphore>,
+/// Renders a planned delivery: the URL and headers with placeholders filled, the
+/// gateway's headers added. The result is stored and sent as it is, retry after retry.
+pub fn render(planned: &PlannedDelivery, values: &PlaceholderValues) -> NewDelivery {
+    let dest = &planned.destination;
+    let accepted = dest.accepts(values.event_type(&planned.metadata));
+    let url = placeholder::render(&dest.url, Target::Url, |n| values.get(&planned.metadata, n));
+    NewDelivery {
+        id: planned.id.clone(),
+        route: planned.route,
+        destination: dest.name.clone(),
+        url,
+        headers: headers(planned, values),
+        body: planned.body.0.clone(),
+        status: if accepted {
+            DeliveryStatus::Pending
+        } else {
+            DeliveryStatus::Skipped
+        },
+    }
 }
 
-impl Deliverer {
-    pub fn new(config: DeliveryConfig) -> anyhow::Result<Self> {
-        let client = reqwest::Client::builder()
-            .timeout(config.timeout)
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(USER_AGENT)
-            .build()?;
-        let in_flight = Arc::new(Semaphore::new(config.concurrency));
-        Ok(Self {
-            client,
-            config,
-            in_flight,
-        })
-    }
-
-    /// Sends one delivery, retrying transient failures, and records each attempt.
-    pub async fn deliver(
-        &self,
-        store: &dyn Store,
-        planned: PlannedDelivery,
-        values: &PlaceholderValues,
-    ) {
-        let dest = &planned.destination;
-        let url = placeholder::render(&dest.url, Target::Url, |n| values.get(&planned.metadata, n));
-        let mut record = DeliveryRecord {
-            id: planned.id.clone(),
-            route: planned.route,
-            destination: dest.name.clone(),
-            url: url.clone(),
-            status: DeliveryStatus::Pending,
-            attempts: Vec::new(),
-        };
-        let event_id = values.event_id.as_str();
-        let headers = self.headers(&planned, values);
-        let _permit = self.in_flight.acquire().await;
-
-        for attempt in 1..=self.config.max_attempts {
-            let at = now_ms();
-            let started = Instant::now();
-            let result = self
-                .client
-                .post(&url)
-                .headers(headers.clone())
-                .body(planned.body.0.clone())
-                .send()
-                .await;
-            let duration_ms = started.elapsed().as_millis() as u64;
-            let (status_code, error, retry) = match result {
-                Ok(resp) => {
-                    let code = resp.status();
-                    // Drain the body so the connection can be reused.
-                    let _ = resp.bytes().await;
-                    let retry = code.is_server_error() || code.as_u16() == 429;
-                    let error =
-                        (!code.is_success()).then(|| format!("destination answered {code}"));
-                    (Some(code.as_u16()), error, retry)
-                }
-                Err(e) => (None, Some(describe(&e)), true),
-            };
-            let ok = error.is_none();
-            record.attempts.push(Attempt {
-                at,
-                duration_ms,
-                status_code,
-                error: error.clone(),
-            });
-            if ok {
-                record.status = DeliveryStatus::Delivered;
-                tracing::info!(event_id, delivery_id = %record.id, destination = %dest.name, attempt,
-                    status = status_code, "Delivered.");
-                break;
-            }
-            let last = attempt == self.config.max_attempts;
-            tracing::warn!(event_id, delivery_id = %record.id, destination = %dest.name, attempt,
-                status = status_code, error = error.as_deref().unwrap_or(""), will_retry = retry && !last,
-                "Delivery attempt failed.");
-            if !retry || last {
-                record.status = DeliveryStatus::Failed;
-                break;
-            }
-            store.record_delivery(event_id, record.clone()).await;
-            tokio::time::sleep(self.backoff(attempt)).await;
+/// Headers of a delivery: forwarded event headers, the destination's (with placeholders),
+/// the delivery's own, and the gateway's.
+fn headers(planned: &PlannedDelivery, values: &PlaceholderValues) -> Pairs {
+    let mut out: Pairs = Vec::new();
+    let mut set = |name: &str, value: String| {
+        let lower = name.to_ascii_lowercase();
+        let valid = HeaderName::from_bytes(lower.as_bytes()).is_ok()
+            && HeaderValue::from_str(&value).is_ok();
+        if valid {
+            out.retain(|(k, _)| *k != lower);
+            out.push((lower, value));
         }
-        store.record_delivery(event_id, record).await;
-    }
-
-    /// The wait after failed attempt `n` (1-based): `backoff`, doubled each time.
-    fn backoff(&self, attempt: u32) -> Duration {
-        self.config
-            .backoff
-            .saturating_mul(1 << (attempt - 1).min(16))
-    }
-
-    /// Headers of a delivery: forwarded event headers, the destination's (with
-    /// placeholders), the delivery's own, and the gateway's.
-    fn headers(&self, planned: &PlannedDelivery, values: &PlaceholderValues) -> HeaderMap {
-        let mut map = HeaderMap::new();
-        let mut set = |name: &str, value: &str| {
-            if let (Ok(n), Ok(v)) = (
-                HeaderName::from_bytes(name.as_bytes()),
-                HeaderValue::from_str(value),
-            ) {
-                map.insert(n, v);
-            }
-        };
-        for (name, value) in &planned.headers {
-            let lower = name.to_ascii_lowercase();
-            if !NOT_FORWARDED.contains(&lower.as_str())
-                && !lower.starts_with("x-forwarded-")
-                && !lower.starts_with("proxy-")
-            {
-                set(&lower, value);
-            }
+    };
+    for (name, value) in &planned.headers {
+        let lower = name.to_ascii_lowercase();
+        if !NOT_FORWARDED.contains(&lower.as_str())
+            && !lower.starts_with("x-forwarded-")
+            && !lower.starts_with("proxy-")
+        {
+            set(&lower, value.clone());
         }
-        for (name, template) in &planned.destination.headers {
-            let value = placeholder::render(template, Target::Header, |n| {
+    }
+    for (name, template) in &planned.destination.headers {
+        set(
+            name.as_str(),
+            placeholder::render(template, Target::Header, |n| {
                 values.get(&planned.metadata, n)
-            });
-            set(name.as_str(), &value);
-        }
-        for (name, value) in &planned.extra_headers {
-            let lower = name.to_ascii_lowercase();
-            if !FRAMING.contains(&lower.as_str()) {
-                set(&lower, value);
-            }
-        }
-        if let Some(ct) = &planned.content_type {
-            set("content-type", ct);
-        }
-        set("webhook-id", &planned.id);
-        set("switchyard-event-id", &values.event_id);
-        map
+            }),
+        );
     }
-}
-
-fn describe(e: &reqwest::Error) -> String {
-    if e.is_timeout() {
-        "timed out".into()
-    } else if e.is_connect() {
-        format!("could not connect: {}", root_cause(e))
-    } else {
-        format!("request failed: {}", root_cause(e))
+    for (name, value) in &planned.extra_headers {
+        if !FRAMING.contains(&name.to_ascii_lowercase().as_str()) {
+            set(name, value.clone());
+        }
     }
-}
-
-fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut cur = e;
-    while let Some(next) = cur.source() {
-        cur = next;
+    if let Some(ct) = &planned.content_type {
+        set("content-type", ct.clone());
     }
-    cur.to_string()
+    set("webhook-id", planned.id.clone());
+    set("switchyard-event-id", values.event_id.clone());
+    out
 }
 
 /// Milliseconds since the Unix epoch.

@@ -6,9 +6,9 @@ wasmtime::component::bindgen!({
     world: "plugin",
 });
 
-pub use exports::switchyard::plugin::handler::{Event, PluginError, Verdict};
-pub use switchyard::plugin::host::LogLevel;
-pub use switchyard::plugin::types::{Delivery, Update};
+pub use self::exports::switchyard::plugin::handler::{Event, PluginError, Verdict};
+pub use self::switchyard::plugin::host::LogLevel;
+pub use self::switchyard::plugin::types::{Delivery, Update};
 
 /// The package and version of the contract this gateway implements.
 pub const WIT_PACKAGE: &str = "switchyard:plugin@0.1.0";

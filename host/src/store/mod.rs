@@ -1,32 +1,64 @@
-//! The store stage: where an accepted event is kept, queued for the pipeline, and where
-//! the pipeline records what happened to it. A small trait with an in-memory backend; the
-//! durable backends implement the same trait.
+//! The store stage: where an accepted event is kept and queued for the pipeline, where the
+//! pipeline records what it decided, and where deliveries wait for their next attempt.
+//!
+//! One small trait, [`Store`]; [`SqliteStore`] is the embedded backend (a file in the data
+//! dir, or in memory for unit tests). The trait is shaped for a shared database too:
+//! deliveries are claimed with a lease rather than held in memory.
 
-mod memory;
+mod sqlite;
 
 use async_trait::async_trait;
 use serde::Serialize;
 
-pub use memory::MemoryStore;
+pub use sqlite::SqliteStore;
 
-use crate::event::Event;
+use crate::event::{Event, Pairs};
 use crate::plugin::PluginVerdict;
 
-/// A store failure that the client of ingest must hear about.
+/// A store failure.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("the queue is full ({0} events waiting); try again later")]
     QueueFull(usize),
     #[error("the gateway is shutting down")]
     Closed,
+    #[error("database error: {0}")]
+    Db(String),
 }
 
-/// Where events live and queue. Every method is cheap enough to call on the request path.
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Db(e.to_string())
+    }
+}
+
+/// What ingest asked the store to do with an idempotency key.
+#[derive(Clone, Debug)]
+pub struct Idempotency {
+    pub key: String,
+    /// A repeat of the key within this many milliseconds is a duplicate.
+    pub window_ms: u64,
+}
+
+/// The answer to an insert.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Inserted {
+    /// A new event, committed and queued.
+    New,
+    /// The idempotency key was seen within the window: this is the original event's id.
+    Duplicate(String),
+}
+
+/// Where events live and queue and where deliveries wait.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Keeps the event and queues it for the pipeline. When this returns `Ok`, the event is
-    /// accepted and the sender may be told so.
-    async fn insert_event(&self, event: Event) -> Result<(), StoreError>;
+    /// Commits the event and queues it for the pipeline. When this returns `Ok`, the event
+    /// survives a crash and the sender may be told it is accepted.
+    async fn insert_event(
+        &self,
+        event: Event,
+        idempotency: Option<Idempotency>,
+    ) -> Result<Inserted, StoreError>;
 
     /// The next queued event, waiting for one. `None` once the store is closed and the
     /// queue is empty.
@@ -35,17 +67,69 @@ pub trait Store: Send + Sync + 'static {
     /// Stops accepting events; queued ones are still handed out.
     fn close(&self);
 
-    /// Marks an event as processed: every route's chain has run and its outcome is recorded.
-    async fn mark_processed(&self, event_id: &str);
+    /// Records what the routes decided for an event (run `event.run`) and the deliveries
+    /// they planned, and marks it processed: all at once.
+    async fn complete_event(
+        &self,
+        event: &Event,
+        outcomes: Vec<RouteOutcome>,
+        deliveries: Vec<NewDelivery>,
+    ) -> Result<(), StoreError>;
 
-    /// Records the outcome of one route for an event.
-    async fn record_route(&self, event_id: &str, outcome: RouteOutcome);
+    /// Queues a stored event again for the current plugins; its deliveries get new ids.
+    /// `false` if there is no such event.
+    async fn replay(&self, event_id: &str) -> Result<bool, StoreError>;
 
-    /// Records a delivery, replacing an earlier record with the same id.
-    async fn record_delivery(&self, event_id: &str, delivery: DeliveryRecord);
+    /// Claims up to `limit` pending deliveries that are due at `now` and whose destination
+    /// is active, leasing them until `lease_until`.
+    async fn claim_due(
+        &self,
+        now: u64,
+        lease_until: u64,
+        limit: usize,
+    ) -> Result<Vec<DueDelivery>, StoreError>;
+
+    /// When the earliest pending delivery of an active destination is due, if any.
+    async fn next_due_at(&self) -> Result<Option<u64>, StoreError>;
+
+    /// Records one attempt of a delivery, what follows from it, and the destination's new
+    /// state, at once.
+    async fn record_attempt(
+        &self,
+        delivery_id: &str,
+        attempt: Attempt,
+        next: AttemptNext,
+        destination: &DestinationState,
+    ) -> Result<(), StoreError>;
+
+    /// The stored state of every destination that has one.
+    async fn destination_states(&self) -> Result<Vec<DestinationState>, StoreError>;
+
+    /// Sets a destination's state. Setting it active makes its pending deliveries due at
+    /// `now`.
+    async fn set_destination_state(
+        &self,
+        state: &DestinationState,
+        now: u64,
+    ) -> Result<(), StoreError>;
+
+    /// Pending and failed delivery counts per destination.
+    async fn delivery_counts(&self) -> Result<Vec<DeliveryCounts>, StoreError>;
 
     /// An event with everything recorded about it.
-    async fn get_event(&self, id: &str) -> Option<EventRecord>;
+    async fn get_event(&self, id: &str) -> Result<Option<EventRecord>, StoreError>;
+
+    /// Deliveries in the order they were created, optionally of one status, after a cursor.
+    async fn list_deliveries(
+        &self,
+        status: Option<DeliveryStatus>,
+        after: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<(i64, DeliveryRecord)>, StoreError>;
+
+    /// Deletes processed events received before `before` whose deliveries all succeeded or
+    /// were skipped (undelivered events are kept). Returns how many were deleted.
+    async fn purge_delivered(&self, before: u64) -> Result<usize, StoreError>;
 }
 
 /// An event and its history, as `GET /v1/events/{id}` shows it.
@@ -53,7 +137,8 @@ pub trait Store: Send + Sync + 'static {
 pub struct EventRecord {
     pub event: Event,
     pub status: EventStatus,
-    pub routes: Vec<RouteOutcome>,
+    /// Each route's outcome, of every run (a replay is a new run).
+    pub routes: Vec<serde_json::Value>,
     pub deliveries: Vec<DeliveryRecord>,
 }
 
@@ -66,11 +151,22 @@ pub enum EventStatus {
     Processed,
 }
 
+impl EventStatus {
+    fn as_str(self) -> &'static str {
+        match self {
+            EventStatus::Queued => "queued",
+            EventStatus::Processed => "processed",
+        }
+    }
+}
+
 /// What one route's plugin chain did with an event.
 #[derive(Clone, Debug, Serialize)]
 pub struct RouteOutcome {
     /// The route's index in the configuration.
     pub route: usize,
+    /// Which run of the event (0 first, +1 per replay).
+    pub run: u32,
     pub steps: Vec<PluginStep>,
     pub result: RouteResult,
 }
@@ -105,20 +201,62 @@ pub enum RouteResult {
     Failed { error: String },
 }
 
+/// A delivery planned by the pipeline, its request fully rendered.
+#[derive(Clone, Debug)]
+pub struct NewDelivery {
+    pub id: String,
+    pub route: usize,
+    pub destination: String,
+    pub url: String,
+    pub headers: Pairs,
+    pub body: bytes::Bytes,
+    /// `Pending` (due now) or `Skipped`.
+    pub status: DeliveryStatus,
+}
+
+/// A delivery claimed for an attempt.
+#[derive(Clone, Debug)]
+pub struct DueDelivery {
+    pub id: String,
+    pub event_id: String,
+    pub destination: String,
+    pub url: String,
+    pub headers: Pairs,
+    pub body: bytes::Bytes,
+    /// Attempts already made.
+    pub attempts: u32,
+}
+
+/// What follows an attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttemptNext {
+    Delivered,
+    /// Try again at this time (ms since the epoch).
+    RetryAt(u64),
+    /// Give up: the delivery failed.
+    Failed,
+    /// Keep pending but wait for the destination to be restarted.
+    Hold,
+}
+
 /// One delivery of an event to a destination.
 #[derive(Clone, Debug, Serialize)]
 pub struct DeliveryRecord {
     /// Stable across retries: sent as the `webhook-id` header.
     pub id: String,
+    pub event_id: String,
     pub route: usize,
     pub destination: String,
     /// The URL after placeholders.
     pub url: String,
     pub status: DeliveryStatus,
+    /// When the next attempt is due, for pending deliveries.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_attempt_at: Option<u64>,
     pub attempts: Vec<Attempt>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DeliveryStatus {
     Pending,
@@ -126,6 +264,26 @@ pub enum DeliveryStatus {
     Failed,
     /// Not sent: the destination does not take this event type.
     Skipped,
+}
+
+impl DeliveryStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryStatus::Pending => "pending",
+            DeliveryStatus::Delivered => "delivered",
+            DeliveryStatus::Failed => "failed",
+            DeliveryStatus::Skipped => "skipped",
+        }
+    }
+
+    fn parse(s: &str) -> Self {
+        match s {
+            "delivered" => DeliveryStatus::Delivered,
+            "failed" => DeliveryStatus::Failed,
+            "skipped" => DeliveryStatus::Skipped,
+            _ => DeliveryStatus::Pending,
+        }
+    }
 }
 
 /// One HTTP attempt of a delivery.
@@ -138,4 +296,53 @@ pub struct Attempt {
     pub status_code: Option<u16>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The first KiB of the response body.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response: Option<String>,
+}
+
+/// A destination's health, after 1NCE: active, failed after too many consecutive failed
+/// attempts (restart to resume), or disabled by a 410 Gone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum DestinationHealth {
+    Active,
+    Failed,
+    Disabled,
+}
+
+impl DestinationHealth {
+    fn as_str(self) -> &'static str {
+        match self {
+            DestinationHealth::Active => "active",
+            DestinationHealth::Failed => "failed",
+            DestinationHealth::Disabled => "disabled",
+        }
+    }
+
+    fn parse(s: &str) -> Self {
+        match s {
+            "failed" => DestinationHealth::Failed,
+            "disabled" => DestinationHealth::Disabled,
+            _ => DestinationHealth::Active,
+        }
+    }
+}
+
+/// The stored state of one destination.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DestinationState {
+    pub name: String,
+    pub state: DestinationHealth,
+    pub consecutive_failures: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// How many deliveries of a destination wait or failed.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct DeliveryCounts {
+    pub destination: String,
+    pub pending: u64,
+    pub failed: u64,
 }

@@ -1,0 +1,373 @@
+//! The [`Dispatcher`]: claims due deliveries from the store, sends them, records each
+//! attempt with what follows from it, and keeps every destination's state (ACTIVE,
+//! FAILED, DISABLED). Time comes from a [`Clock`] so tests can move it by hand.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::placeholder::{self, Target};
+use super::policy::{AttemptResult, decide, parse_retry_after};
+use super::{Destination, USER_AGENT};
+use crate::config::DeliveryConfig;
+use crate::store::{
+    Attempt, AttemptNext, DestinationHealth, DestinationState, DueDelivery, Store, StoreError,
+};
+
+/// How much of a response body is kept with an attempt.
+const RESPONSE_EXCERPT: usize = 1024;
+/// How long the dispatcher sleeps at most before looking for due deliveries again.
+const IDLE_POLL: Duration = Duration::from_millis(500);
+
+/// The time, in milliseconds since the Unix epoch.
+pub trait Clock: Send + Sync + 'static {
+    fn now_ms(&self) -> u64;
+}
+
+/// The system's clock.
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> u64 {
+        super::now_ms()
+    }
+}
+
+/// A clock that moves only when told to, for tests.
+pub struct ManualClock(AtomicU64);
+
+impl ManualClock {
+    pub fn new(start_ms: u64) -> Self {
+        Self(AtomicU64::new(start_ms))
+    }
+
+    pub fn advance(&self, by: Duration) {
+        self.0.fetch_add(by.as_millis() as u64, Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now_ms(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Why a restart did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum RestartError {
+    #[error("no destination named `{0}`")]
+    NotFound(String),
+    #[error("the test message failed: {0}")]
+    TestFailed(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Sends due deliveries and keeps destination state.
+pub struct Dispatcher {
+    store: Arc<dyn Store>,
+    client: reqwest::Client,
+    lease: Duration,
+    destinations: ArcSwap<HashMap<String, Arc<Destination>>>,
+    states: Mutex<HashMap<String, DestinationState>>,
+    clock: Arc<dyn Clock>,
+    wake: Notify,
+    permits: Arc<Semaphore>,
+    attempts: TaskTracker,
+}
+
+impl Dispatcher {
+    /// A dispatcher for these destinations, with their states as stored.
+    pub async fn new(
+        store: Arc<dyn Store>,
+        config: &DeliveryConfig,
+        destinations: HashMap<String, Arc<Destination>>,
+        clock: Arc<dyn Clock>,
+    ) -> anyhow::Result<Arc<Self>> {
+        let client = reqwest::Client::builder()
+            .timeout(config.timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(USER_AGENT)
+            .build()?;
+        let states = store
+            .destination_states()
+            .await?
+            .into_iter()
+            .map(|s| (s.name.clone(), s))
+            .collect();
+        Ok(Arc::new(Self {
+            store,
+            client,
+            lease: config.timeout + Duration::from_secs(30),
+            destinations: ArcSwap::from_pointee(destinations),
+            states: Mutex::new(states),
+            clock,
+            wake: Notify::new(),
+            permits: Arc::new(Semaphore::new(config.concurrency)),
+            attempts: TaskTracker::new(),
+        }))
+    }
+
+    /// Tells the dispatcher to look for due deliveries now.
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// The state of a destination (ACTIVE if nothing was ever recorded).
+    pub fn state(&self, name: &str) -> DestinationState {
+        self.lock_states()
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| active(name))
+    }
+
+    fn lock_states(&self) -> std::sync::MutexGuard<'_, HashMap<String, DestinationState>> {
+        self.states.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sends due deliveries until `stop` is cancelled; then sends what is due at that moment,
+    /// waits for the attempts in flight, and returns. Later retries stay in the store.
+    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+        loop {
+            let free = self.permits.available_permits();
+            let mut claimed = 0;
+            if free > 0 {
+                let now = self.clock.now_ms();
+                let lease_until = now + self.lease.as_millis() as u64;
+                match self.store.claim_due(now, lease_until, free.min(256)).await {
+                    Ok(due) => {
+                        claimed = due.len();
+                        for d in due {
+                            let Ok(permit) = self.permits.clone().acquire_owned().await else {
+                                return;
+                            };
+                            let this = self.clone();
+                            self.attempts
+                                .spawn(async move { this.attempt(d, permit).await });
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "Cannot claim due deliveries."),
+                }
+            }
+            if claimed > 0 {
+                continue;
+            }
+            if stop.is_cancelled() {
+                if self.attempts.is_empty() {
+                    break;
+                }
+                self.attempts.close();
+                self.attempts.wait().await;
+                self.attempts.reopen();
+                continue;
+            }
+            let wait = match self.store.next_due_at().await {
+                Ok(Some(at)) => {
+                    Duration::from_millis(at.saturating_sub(self.clock.now_ms())).min(IDLE_POLL)
+                }
+                _ => IDLE_POLL,
+            };
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+                _ = stop.cancelled() => {}
+            }
+        }
+    }
+
+    async fn attempt(&self, d: DueDelivery, _permit: OwnedSemaphorePermit) {
+        let dest = self.destinations.load().get(&d.destination).cloned();
+        let policy = dest.as_ref().map(|d| d.retry.clone()).unwrap_or_default();
+        let at = self.clock.now_ms();
+        let (status, retry_after, response, error, duration_ms) =
+            self.send(&d.url, &d.headers, d.body.clone()).await;
+        let result = AttemptResult::from_status(status, retry_after);
+        let (next, state) = {
+            let mut states = self.lock_states();
+            let before = states
+                .get(&d.destination)
+                .cloned()
+                .unwrap_or_else(|| active(&d.destination));
+            let was = before.state;
+            let (next, after) = decide(
+                &policy,
+                result,
+                d.attempts + 1,
+                at,
+                rand::random(),
+                before,
+                error.clone(),
+            );
+            if after.state != was {
+                tracing::warn!(destination = %d.destination, state = ?after.state,
+                    consecutive_failures = after.consecutive_failures, "Destination state changed.");
+            }
+            states.insert(d.destination.clone(), after.clone());
+            (next, after)
+        };
+        match next {
+            AttemptNext::Delivered => tracing::info!(event_id = %d.event_id, delivery_id = %d.id,
+                destination = %d.destination, status, "Delivered."),
+            _ => {
+                tracing::warn!(event_id = %d.event_id, delivery_id = %d.id, destination = %d.destination,
+                status, error = error.as_deref().unwrap_or(""), next = ?next, "Delivery attempt failed.")
+            }
+        }
+        let attempt = Attempt {
+            at,
+            duration_ms,
+            status_code: status,
+            error,
+            response,
+        };
+        if let Err(e) = self
+            .store
+            .record_attempt(&d.id, attempt, next, &state)
+            .await
+        {
+            // The lease runs out and the delivery is tried again: at least once, never lost.
+            tracing::error!(delivery_id = %d.id, error = %e, "Cannot record a delivery attempt.");
+        }
+    }
+
+    /// POSTs once; returns (status, Retry-After, response excerpt, error, duration in ms).
+    async fn send(
+        &self,
+        url: &str,
+        headers: &[(String, String)],
+        body: bytes::Bytes,
+    ) -> (
+        Option<u16>,
+        Option<Duration>,
+        Option<String>,
+        Option<String>,
+        u64,
+    ) {
+        let mut map = HeaderMap::new();
+        for (k, v) in headers {
+            if let (Ok(k), Ok(v)) = (
+                HeaderName::from_bytes(k.as_bytes()),
+                HeaderValue::from_str(v),
+            ) {
+                map.append(k, v);
+            }
+        }
+        let started = Instant::now();
+        let result = self.client.post(url).headers(map).body(body).send().await;
+        let outcome = match result {
+            Ok(mut resp) => {
+                let code = resp.status();
+                let retry_after = parse_retry_after(
+                    resp.headers()
+                        .get("retry-after")
+                        .and_then(|v| v.to_str().ok()),
+                );
+                let mut excerpt = Vec::new();
+                while excerpt.len() < RESPONSE_EXCERPT {
+                    match resp.chunk().await {
+                        Ok(Some(chunk)) => excerpt.extend_from_slice(&chunk),
+                        _ => break,
+                    }
+                }
+                excerpt.truncate(RESPONSE_EXCERPT);
+                let response =
+                    (!excerpt.is_empty()).then(|| String::from_utf8_lossy(&excerpt).into_owned());
+                let error = (!code.is_success()).then(|| format!("destination answered {code}"));
+                (Some(code.as_u16()), retry_after, response, error)
+            }
+            Err(e) => (None, None, None, Some(describe(&e))),
+        };
+        (
+            outcome.0,
+            outcome.1,
+            outcome.2,
+            outcome.3,
+            started.elapsed().as_millis() as u64,
+        )
+    }
+
+    /// Sends a test message to a destination (placeholders resolve to `none`); `Ok` with the
+    /// status code if it answered 2xx.
+    pub async fn send_test(&self, name: &str) -> Result<u16, RestartError> {
+        let dest = self
+            .destinations
+            .load()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| RestartError::NotFound(name.to_string()))?;
+        let url = placeholder::render(&dest.url, Target::Url, |_| None);
+        let mut headers: Vec<(String, String)> = dest
+            .headers
+            .iter()
+            .map(|(k, t)| {
+                (
+                    k.to_string(),
+                    placeholder::render(t, Target::Header, |_| None),
+                )
+            })
+            .collect();
+        let id = format!("test_{}", uuid::Uuid::now_v7());
+        headers.push(("content-type".into(), "application/json".into()));
+        headers.push(("webhook-id".into(), id.clone()));
+        let body = serde_json::json!({
+            "type": "switchyard.test",
+            "id": id,
+            "destination": name,
+            "time_ms": self.clock.now_ms(),
+        });
+        let (status, _, _, error, _) = self.send(&url, &headers, body.to_string().into()).await;
+        match (status, error) {
+            (Some(code), None) => Ok(code),
+            (_, Some(e)) => Err(RestartError::TestFailed(e)),
+            (None, None) => Err(RestartError::TestFailed("no answer".into())),
+        }
+    }
+
+    /// Restarts a FAILED or DISABLED destination: sends it a test message first, and if that
+    /// succeeds marks it ACTIVE and makes its queued deliveries due now.
+    pub async fn restart(&self, name: &str) -> Result<DestinationState, RestartError> {
+        self.send_test(name).await?;
+        let state = active(name);
+        self.store
+            .set_destination_state(&state, self.clock.now_ms())
+            .await?;
+        self.lock_states().insert(name.to_string(), state.clone());
+        tracing::info!(destination = name, "Destination restarted.");
+        self.wake();
+        Ok(state)
+    }
+}
+
+fn active(name: &str) -> DestinationState {
+    DestinationState {
+        name: name.to_string(),
+        state: DestinationHealth::Active,
+        consecutive_failures: 0,
+        last_error: None,
+    }
+}
+
+fn describe(e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        "timed out".into()
+    } else if e.is_connect() {
+        format!("could not connect: {}", root_cause(e))
+    } else {
+        format!("request failed: {}", root_cause(e))
+    }
+}
+
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}

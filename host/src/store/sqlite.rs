@@ -1,0 +1,751 @@
+//! The embedded store: SQLite in WAL mode.
+//!
+//! All writes go through one writer thread that commits them in batches (group commit):
+//! whatever arrived while the previous batch was being written goes into the next
+//! transaction, so many requests share one fsync. Each write runs in a savepoint, so one
+//! failing write does not undo the others of its batch. Reads use a second connection.
+//! The queue of events for the pipeline is kept in memory and rebuilt from the `queued`
+//! rows at open.
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::sync::{Arc, Mutex, mpsc};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use rusqlite::{Connection, OptionalExtension, params};
+use tokio::sync::{Notify, oneshot};
+
+use super::*;
+use crate::event::{Body, Event};
+
+/// How many writes one transaction takes at most.
+const MAX_BATCH: usize = 1024;
+
+const SCHEMA: &[&str] = &[
+    // Version 1.
+    r#"
+    CREATE TABLE events (
+        id TEXT PRIMARY KEY,
+        source TEXT NOT NULL,
+        received_at INTEGER NOT NULL,
+        method TEXT NOT NULL,
+        path TEXT NOT NULL,
+        query TEXT NOT NULL,
+        headers TEXT NOT NULL,
+        content_type TEXT,
+        body BLOB NOT NULL,
+        status TEXT NOT NULL,
+        run INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX events_queued ON events (received_at) WHERE status = 'queued';
+    CREATE INDEX events_received ON events (received_at);
+    CREATE TABLE idempotency (
+        source TEXT NOT NULL,
+        key TEXT NOT NULL,
+        event_id TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        PRIMARY KEY (source, key)
+    );
+    CREATE TABLE route_outcomes (
+        event_id TEXT NOT NULL,
+        run INTEGER NOT NULL,
+        route INTEGER NOT NULL,
+        outcome TEXT NOT NULL,
+        PRIMARY KEY (event_id, run, route)
+    );
+    CREATE TABLE deliveries (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        event_id TEXT NOT NULL,
+        route INTEGER NOT NULL,
+        destination TEXT NOT NULL,
+        url TEXT NOT NULL,
+        headers TEXT NOT NULL,
+        body BLOB NOT NULL,
+        status TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at INTEGER,
+        lease_until INTEGER,
+        created_at INTEGER NOT NULL
+    );
+    CREATE INDEX deliveries_due ON deliveries (next_attempt_at) WHERE status = 'pending';
+    CREATE INDEX deliveries_event ON deliveries (event_id);
+    CREATE INDEX deliveries_status ON deliveries (status, seq);
+    CREATE TABLE attempts (
+        delivery_id TEXT NOT NULL,
+        n INTEGER NOT NULL,
+        at INTEGER NOT NULL,
+        duration_ms INTEGER NOT NULL,
+        status_code INTEGER,
+        error TEXT,
+        response TEXT,
+        PRIMARY KEY (delivery_id, n)
+    );
+    CREATE TABLE destination_state (
+        name TEXT PRIMARY KEY,
+        state TEXT NOT NULL,
+        consecutive_failures INTEGER NOT NULL,
+        last_error TEXT
+    );
+    "#,
+];
+
+type Reply = Box<dyn FnOnce(Result<(), String>) + Send>;
+type Job = Box<dyn FnOnce(&Connection) -> Reply + Send>;
+
+/// The SQLite store.
+pub struct SqliteStore {
+    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    reader: Arc<Mutex<Connection>>,
+    queue: Mutex<Queue>,
+    capacity: usize,
+    ready: Notify,
+}
+
+#[derive(Default)]
+struct Queue {
+    events: VecDeque<Event>,
+    closed: bool,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) `switchyard.db` in `data_dir`, migrates it, and queues
+    /// the events that were accepted but not processed before the last stop.
+    pub fn open(data_dir: &Path, capacity: usize) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(data_dir)
+            .map_err(|e| StoreError::Db(format!("cannot create {}: {e}", data_dir.display())))?;
+        let path = data_dir.join("switchyard.db");
+        let writer = Connection::open(&path)?;
+        writer.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000;",
+        )?;
+        let reader = Connection::open(&path)?;
+        reader.execute_batch("PRAGMA busy_timeout = 5000;")?;
+        Self::start(writer, reader, capacity)
+    }
+
+    /// A store in memory (shared by its two connections), for unit tests.
+    pub fn open_in_memory(capacity: usize) -> Result<Self, StoreError> {
+        let name = format!(
+            "file:switchyard-{}?mode=memory&cache=shared",
+            uuid::Uuid::now_v7()
+        );
+        let flags = rusqlite::OpenFlags::default() | rusqlite::OpenFlags::SQLITE_OPEN_URI;
+        let writer = Connection::open_with_flags(&name, flags)?;
+        let reader = Connection::open_with_flags(&name, flags)?;
+        Self::start(writer, reader, capacity)
+    }
+
+    fn start(
+        mut writer: Connection,
+        reader: Connection,
+        capacity: usize,
+    ) -> Result<Self, StoreError> {
+        migrate(&mut writer)?;
+        // One process owns the file: leases of a previous run are void.
+        writer.execute(
+            "UPDATE deliveries SET lease_until = NULL WHERE lease_until IS NOT NULL",
+            [],
+        )?;
+        let queued = load_queued(&writer)?;
+        if !queued.is_empty() {
+            tracing::info!(
+                events = queued.len(),
+                "Resuming events accepted before the last stop."
+            );
+        }
+        let (tx, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("switchyard-sqlite-writer".into())
+            .spawn(move || write_loop(writer, rx))
+            .map_err(|e| StoreError::Db(format!("cannot start the writer thread: {e}")))?;
+        Ok(Self {
+            jobs: Mutex::new(Some(tx)),
+            reader: Arc::new(Mutex::new(reader)),
+            queue: Mutex::new(Queue {
+                events: queued.into(),
+                closed: false,
+            }),
+            capacity,
+            ready: Notify::new(),
+        })
+    }
+
+    /// Runs `f` in the writer's next transaction and answers once that transaction is
+    /// committed.
+    async fn write<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
+    ) -> Result<R, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |conn| {
+            let result = in_savepoint(conn, f);
+            Box::new(move |commit| {
+                let answer = match (result, commit) {
+                    (Ok(v), Ok(())) => Ok(v),
+                    (Err(e), _) => Err(StoreError::from(e)),
+                    (Ok(_), Err(e)) => Err(StoreError::Db(e)),
+                };
+                let _ = tx.send(answer);
+            })
+        });
+        let sender = self.jobs.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        sender
+            .ok_or(StoreError::Closed)?
+            .send(job)
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Runs a read on the reading connection, off the async runtime.
+    async fn read<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
+    ) -> Result<R, StoreError> {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = reader.lock().unwrap_or_else(|e| e.into_inner());
+            f(&conn)
+        })
+        .await
+        .map_err(|e| StoreError::Db(format!("read task failed: {e}")))?
+        .map_err(StoreError::from)
+    }
+
+    fn push(&self, event: Event) {
+        self.queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .events
+            .push_back(event);
+        self.ready.notify_one();
+    }
+}
+
+fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    for (i, sql) in SCHEMA.iter().enumerate().skip(version as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", i as i64 + 1)?;
+        tx.commit()?;
+        tracing::info!(version = i + 1, "Store migrated.");
+    }
+    Ok(())
+}
+
+fn in_savepoint<R>(
+    conn: &Connection,
+    f: impl FnOnce(&Connection) -> rusqlite::Result<R>,
+) -> rusqlite::Result<R> {
+    conn.execute_batch("SAVEPOINT job")?;
+    match f(conn) {
+        Ok(v) => {
+            conn.execute_batch("RELEASE job")?;
+            Ok(v)
+        }
+        Err(e) => {
+            conn.execute_batch("ROLLBACK TO job; RELEASE job")?;
+            Err(e)
+        }
+    }
+}
+
+fn write_loop(conn: Connection, jobs: mpsc::Receiver<Job>) {
+    while let Ok(first) = jobs.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let replies: Vec<Reply>;
+        let commit = match conn.execute_batch("BEGIN IMMEDIATE") {
+            Ok(()) => {
+                replies = batch.into_iter().map(|job| job(&conn)).collect();
+                conn.execute_batch("COMMIT").map_err(|e| {
+                    let _ = conn.execute_batch("ROLLBACK");
+                    e.to_string()
+                })
+            }
+            Err(e) => {
+                // Without a transaction nothing can be written; fail every job of the batch.
+                replies = batch
+                    .into_iter()
+                    .map(|_| Box::new(|_| {}) as Reply)
+                    .collect();
+                Err(e.to_string())
+            }
+        };
+        if let Err(e) = &commit {
+            tracing::error!(error = %e, "Store commit failed.");
+        }
+        for reply in replies {
+            reply(commit.clone());
+        }
+    }
+}
+
+fn event_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Event> {
+    let headers: String = r.get("headers")?;
+    let body: Vec<u8> = r.get("body")?;
+    Ok(Event {
+        id: r.get("id")?,
+        source: r.get("source")?,
+        received_at: r.get::<_, i64>("received_at")? as u64,
+        method: r.get("method")?,
+        path: r.get("path")?,
+        query: r.get("query")?,
+        headers: serde_json::from_str(&headers).unwrap_or_default(),
+        content_type: r.get("content_type")?,
+        body: Body(Bytes::from(body)),
+        metadata: Vec::new(),
+        run: r.get::<_, i64>("run")? as u32,
+    })
+}
+
+fn load_queued(conn: &Connection) -> rusqlite::Result<Vec<Event>> {
+    let mut stmt =
+        conn.prepare("SELECT * FROM events WHERE status = 'queued' ORDER BY received_at, id")?;
+    stmt.query_map([], event_from_row)?.collect()
+}
+
+fn delivery_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeliveryRecord> {
+    let status: String = r.get("status")?;
+    let status = DeliveryStatus::parse(&status);
+    Ok(DeliveryRecord {
+        id: r.get("id")?,
+        event_id: r.get("event_id")?,
+        route: r.get::<_, i64>("route")? as usize,
+        destination: r.get("destination")?,
+        url: r.get("url")?,
+        next_attempt_at: match status {
+            DeliveryStatus::Pending => r
+                .get::<_, Option<i64>>("next_attempt_at")?
+                .map(|v| v as u64),
+            _ => None,
+        },
+        status,
+        attempts: Vec::new(),
+    })
+}
+
+fn load_attempts(conn: &Connection, delivery: &mut DeliveryRecord) -> rusqlite::Result<()> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT at, duration_ms, status_code, error, response FROM attempts WHERE delivery_id = ? ORDER BY n",
+    )?;
+    delivery.attempts = stmt
+        .query_map([&delivery.id], |r| {
+            Ok(Attempt {
+                at: r.get::<_, i64>(0)? as u64,
+                duration_ms: r.get::<_, i64>(1)? as u64,
+                status_code: r.get::<_, Option<i64>>(2)?.map(|c| c as u16),
+                error: r.get(3)?,
+                response: r.get(4)?,
+            })
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(())
+}
+
+fn json<T: Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "null".into())
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn insert_event(
+        &self,
+        event: Event,
+        idempotency: Option<Idempotency>,
+    ) -> Result<Inserted, StoreError> {
+        {
+            let queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            if queue.closed {
+                return Err(StoreError::Closed);
+            }
+            if queue.events.len() >= self.capacity {
+                return Err(StoreError::QueueFull(queue.events.len()));
+            }
+        }
+        let row = event.clone();
+        let inserted = self
+            .write(move |conn| {
+                if let Some(idem) = &idempotency {
+                    let since = row.received_at.saturating_sub(idem.window_ms) as i64;
+                    let existing: Option<String> = conn
+                        .prepare_cached("SELECT event_id FROM idempotency WHERE source = ? AND key = ? AND created_at >= ?")?
+                        .query_row(params![row.source, idem.key, since], |r| r.get(0))
+                        .optional()?;
+                    if let Some(id) = existing {
+                        return Ok(Inserted::Duplicate(id));
+                    }
+                    conn.prepare_cached(
+                        "INSERT OR REPLACE INTO idempotency (source, key, event_id, created_at) VALUES (?, ?, ?, ?)",
+                    )?
+                    .execute(params![row.source, idem.key, row.id, row.received_at as i64])?;
+                }
+                conn.prepare_cached(
+                    "INSERT INTO events (id, source, received_at, method, path, query, headers, content_type, body, status, run)
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?)",
+                )?
+                .execute(params![
+                    row.id,
+                    row.source,
+                    row.received_at as i64,
+                    row.method,
+                    row.path,
+                    row.query,
+                    json(&row.headers),
+                    row.content_type,
+                    row.body.as_bytes(),
+                    row.run as i64,
+                ])?;
+                Ok(Inserted::New)
+            })
+            .await?;
+        if inserted == Inserted::New {
+            self.push(event);
+        }
+        Ok(inserted)
+    }
+
+    async fn next_event(&self) -> Option<Event> {
+        loop {
+            // Register interest before checking, so a notify in between is not missed.
+            let notified = self.ready.notified();
+            {
+                let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(event) = queue.events.pop_front() {
+                    if !queue.events.is_empty() {
+                        self.ready.notify_one();
+                    }
+                    return Some(event);
+                }
+                if queue.closed {
+                    return None;
+                }
+            }
+            notified.await;
+        }
+    }
+
+    fn close(&self) {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
+        self.ready.notify_waiters();
+    }
+
+    async fn complete_event(
+        &self,
+        event: &Event,
+        outcomes: Vec<RouteOutcome>,
+        deliveries: Vec<NewDelivery>,
+    ) -> Result<(), StoreError> {
+        let (event_id, run, now) = (event.id.clone(), event.run, crate::delivery::now_ms());
+        self.write(move |conn| {
+            for o in &outcomes {
+                conn.prepare_cached(
+                    "INSERT OR REPLACE INTO route_outcomes (event_id, run, route, outcome) VALUES (?, ?, ?, ?)",
+                )?
+                .execute(params![event_id, run as i64, o.route as i64, json(o)])?;
+            }
+            for d in &deliveries {
+                let next = (d.status == DeliveryStatus::Pending).then_some(now as i64);
+                conn.prepare_cached(
+                    "INSERT OR IGNORE INTO deliveries (id, event_id, route, destination, url, headers, body, status, next_attempt_at, created_at)
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                )?
+                .execute(params![
+                    d.id,
+                    event_id,
+                    d.route as i64,
+                    d.destination,
+                    d.url,
+                    json(&d.headers),
+                    d.body.as_ref(),
+                    d.status.as_str(),
+                    next,
+                    now as i64,
+                ])?;
+            }
+            conn.prepare_cached("UPDATE events SET status = 'processed' WHERE id = ? AND run = ?")?
+                .execute(params![event_id, run as i64])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn replay(&self, event_id: &str) -> Result<bool, StoreError> {
+        let id = event_id.to_string();
+        let event = self
+            .write(move |conn| {
+                let changed = conn
+                    .prepare_cached(
+                        "UPDATE events SET status = 'queued', run = run + 1 WHERE id = ?",
+                    )?
+                    .execute([&id])?;
+                if changed == 0 {
+                    return Ok(None);
+                }
+                conn.prepare_cached("SELECT * FROM events WHERE id = ?")?
+                    .query_row([&id], event_from_row)
+                    .optional()
+            })
+            .await?;
+        match event {
+            Some(e) => {
+                self.push(e);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    async fn claim_due(
+        &self,
+        now: u64,
+        lease_until: u64,
+        limit: usize,
+    ) -> Result<Vec<DueDelivery>, StoreError> {
+        self.write(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "UPDATE deliveries SET lease_until = ?1
+                 WHERE seq IN (
+                     SELECT d.seq FROM deliveries d
+                     LEFT JOIN destination_state s ON s.name = d.destination
+                     WHERE d.status = 'pending' AND d.next_attempt_at <= ?2
+                       AND (d.lease_until IS NULL OR d.lease_until < ?2)
+                       AND (s.state IS NULL OR s.state = 'active')
+                     ORDER BY d.next_attempt_at LIMIT ?3)
+                 RETURNING id, event_id, destination, url, headers, body, attempts",
+            )?;
+            stmt.query_map(params![lease_until as i64, now as i64, limit as i64], |r| {
+                let headers: String = r.get(4)?;
+                let body: Vec<u8> = r.get(5)?;
+                Ok(DueDelivery {
+                    id: r.get(0)?,
+                    event_id: r.get(1)?,
+                    destination: r.get(2)?,
+                    url: r.get(3)?,
+                    headers: serde_json::from_str(&headers).unwrap_or_default(),
+                    body: Bytes::from(body),
+                    attempts: r.get::<_, i64>(6)? as u32,
+                })
+            })?
+            .collect()
+        })
+        .await
+    }
+
+    async fn next_due_at(&self) -> Result<Option<u64>, StoreError> {
+        self.read(|conn| {
+            conn.query_row(
+                "SELECT MIN(d.next_attempt_at) FROM deliveries d
+                 LEFT JOIN destination_state s ON s.name = d.destination
+                 WHERE d.status = 'pending' AND (s.state IS NULL OR s.state = 'active')",
+                [],
+                |r| r.get::<_, Option<i64>>(0),
+            )
+            .map(|v| v.map(|v| v as u64))
+        })
+        .await
+    }
+
+    async fn record_attempt(
+        &self,
+        delivery_id: &str,
+        attempt: Attempt,
+        next: AttemptNext,
+        destination: &DestinationState,
+    ) -> Result<(), StoreError> {
+        let (id, dest) = (delivery_id.to_string(), destination.clone());
+        self.write(move |conn| {
+            let n: i64 = conn
+                .prepare_cached("SELECT attempts FROM deliveries WHERE id = ?")?
+                .query_row([&id], |r| r.get(0))?;
+            conn.prepare_cached(
+                "INSERT OR REPLACE INTO attempts (delivery_id, n, at, duration_ms, status_code, error, response)
+                 VALUES (?, ?, ?, ?, ?, ?, ?)",
+            )?
+            .execute(params![
+                id,
+                n + 1,
+                attempt.at as i64,
+                attempt.duration_ms as i64,
+                attempt.status_code.map(i64::from),
+                attempt.error,
+                attempt.response,
+            ])?;
+            let (status, next_at) = match next {
+                AttemptNext::Delivered => ("delivered", None),
+                AttemptNext::Failed => ("failed", None),
+                AttemptNext::RetryAt(at) => ("pending", Some(at as i64)),
+                AttemptNext::Hold => ("pending", Some(attempt.at as i64)),
+            };
+            conn.prepare_cached(
+                "UPDATE deliveries SET attempts = attempts + 1, status = ?, next_attempt_at = ?, lease_until = NULL WHERE id = ?",
+            )?
+            .execute(params![status, next_at, id])?;
+            upsert_destination(conn, &dest)
+        })
+        .await
+    }
+
+    async fn destination_states(&self) -> Result<Vec<DestinationState>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare(
+                "SELECT name, state, consecutive_failures, last_error FROM destination_state",
+            )?;
+            stmt.query_map([], |r| {
+                let state: String = r.get(1)?;
+                Ok(DestinationState {
+                    name: r.get(0)?,
+                    state: DestinationHealth::parse(&state),
+                    consecutive_failures: r.get::<_, i64>(2)? as u32,
+                    last_error: r.get(3)?,
+                })
+            })?
+            .collect()
+        })
+        .await
+    }
+
+    async fn set_destination_state(
+        &self,
+        state: &DestinationState,
+        now: u64,
+    ) -> Result<(), StoreError> {
+        let state = state.clone();
+        self.write(move |conn| {
+            upsert_destination(conn, &state)?;
+            if state.state == DestinationHealth::Active {
+                conn.prepare_cached(
+                    "UPDATE deliveries SET next_attempt_at = ? WHERE destination = ? AND status = 'pending' AND next_attempt_at > ?",
+                )?
+                .execute(params![now as i64, state.name, now as i64])?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn delivery_counts(&self) -> Result<Vec<DeliveryCounts>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare(
+                "SELECT destination,
+                        SUM(status = 'pending'), SUM(status = 'failed')
+                 FROM deliveries WHERE status IN ('pending', 'failed') GROUP BY destination",
+            )?;
+            stmt.query_map([], |r| {
+                Ok(DeliveryCounts {
+                    destination: r.get(0)?,
+                    pending: r.get::<_, i64>(1)? as u64,
+                    failed: r.get::<_, i64>(2)? as u64,
+                })
+            })?
+            .collect()
+        })
+        .await
+    }
+
+    async fn get_event(&self, id: &str) -> Result<Option<EventRecord>, StoreError> {
+        let id = id.to_string();
+        self.read(move |conn| {
+            let Some((event, status)) = conn
+                .prepare_cached("SELECT * FROM events WHERE id = ?")?
+                .query_row([&id], |r| {
+                    let status: String = r.get("status")?;
+                    Ok((event_from_row(r)?, status))
+                })
+                .optional()?
+            else {
+                return Ok(None);
+            };
+            let routes = conn
+                .prepare_cached(
+                    "SELECT outcome FROM route_outcomes WHERE event_id = ? ORDER BY run, route",
+                )?
+                .query_map([&id], |r| {
+                    let text: String = r.get(0)?;
+                    Ok(serde_json::from_str(&text).unwrap_or(serde_json::Value::Null))
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            let mut deliveries: Vec<DeliveryRecord> = conn
+                .prepare_cached("SELECT * FROM deliveries WHERE event_id = ? ORDER BY seq")?
+                .query_map([&id], delivery_from_row)?
+                .collect::<rusqlite::Result<_>>()?;
+            for d in &mut deliveries {
+                load_attempts(conn, d)?;
+            }
+            Ok(Some(EventRecord {
+                event,
+                status: if status == EventStatus::Queued.as_str() {
+                    EventStatus::Queued
+                } else {
+                    EventStatus::Processed
+                },
+                routes,
+                deliveries,
+            }))
+        })
+        .await
+    }
+
+    async fn list_deliveries(
+        &self,
+        status: Option<DeliveryStatus>,
+        after: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<(i64, DeliveryRecord)>, StoreError> {
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT * FROM deliveries WHERE (?1 IS NULL OR status = ?1) AND seq > ?2 ORDER BY seq LIMIT ?3",
+            )?;
+            let rows: Vec<(i64, DeliveryRecord)> = stmt
+                .query_map(
+                    params![status.map(DeliveryStatus::as_str), after.unwrap_or(0), limit as i64],
+                    |r| Ok((r.get::<_, i64>("seq")?, delivery_from_row(r)?)),
+                )?
+                .collect::<rusqlite::Result<_>>()?;
+            let mut out = Vec::with_capacity(rows.len());
+            for (seq, mut d) in rows {
+                load_attempts(conn, &mut d)?;
+                out.push((seq, d));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn purge_delivered(&self, before: u64) -> Result<usize, StoreError> {
+        self.write(move |conn| {
+            let doomed = "SELECT id FROM events e WHERE e.status = 'processed' AND e.received_at < ?1
+                AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id AND d.status IN ('pending', 'failed'))";
+            conn.execute(&format!("DELETE FROM attempts WHERE delivery_id IN (SELECT id FROM deliveries WHERE event_id IN ({doomed}))"), [before as i64])?;
+            conn.execute(&format!("DELETE FROM deliveries WHERE event_id IN ({doomed})"), [before as i64])?;
+            conn.execute(&format!("DELETE FROM route_outcomes WHERE event_id IN ({doomed})"), [before as i64])?;
+            conn.execute("DELETE FROM idempotency WHERE created_at < ?", [before as i64])?;
+            conn.execute(&format!("DELETE FROM events WHERE id IN ({doomed})"), [before as i64])
+        })
+        .await
+    }
+}
+
+fn upsert_destination(conn: &Connection, s: &DestinationState) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO destination_state (name, state, consecutive_failures, last_error) VALUES (?, ?, ?, ?)
+         ON CONFLICT (name) DO UPDATE SET state = excluded.state,
+             consecutive_failures = excluded.consecutive_failures, last_error = excluded.last_error",
+    )?
+    .execute(params![s.name, s.state.as_str(), s.consecutive_failures as i64, s.last_error])?;
+    Ok(())
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        // Dropping the sender ends the writer thread once it has written what it has.
+        self.jobs.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+}
