@@ -199,9 +199,10 @@ impl Pipeline {
                 result,
             });
         }
+        let now = self.dispatcher.now_ms();
         match self
             .store
-            .complete_event(&event, outcomes, deliveries)
+            .complete_event(&event, outcomes, deliveries, now)
             .await
         {
             Ok(()) => self.dispatcher.wake(),

@@ -3,5 +3,7 @@
 //! Guest plugins are built from source on first use (see `util::guest`).
 
 mod cli;
+mod crash;
+mod durable;
 mod spine;
 mod util;

@@ -10,6 +10,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use serde_json::Value;
 use switchyard::Config;
+use switchyard::delivery::ManualClock;
 use tokio::sync::{Notify, oneshot};
 
 /// Every guest the tests use; `every_fixture_is_used` checks none is forgotten.
@@ -64,10 +65,13 @@ impl Received {
 struct Recorded {
     requests: Mutex<Vec<Received>>,
     arrived: Notify,
+    /// When set, every request is answered with this status.
+    fail_with: Mutex<Option<u16>>,
 }
 
 /// A webhook receiver on a loopback port that records every request. A path starting with
-/// `/status/NNN` is answered with status NNN; anything else with 200.
+/// `/status/NNN` is answered with status NNN, and `/status/NNN/retry-after/S` adds a
+/// `Retry-After: S` header; anything else gets 200 (unless `fail_with` says otherwise).
 pub struct Receiver {
     pub url: String,
     recorded: Arc<Recorded>,
@@ -83,6 +87,11 @@ impl Receiver {
         let url = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await });
         Self { url, recorded }
+    }
+
+    /// Answers every request with `status` from now on (`None`: back to normal).
+    pub fn fail_with(&self, status: Option<u16>) {
+        *self.recorded.fail_with.lock().unwrap() = status;
     }
 
     pub fn requests(&self) -> Vec<Received> {
@@ -118,14 +127,22 @@ async fn record(
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
-) -> StatusCode {
-    let status = uri
-        .path()
-        .strip_prefix("/status/")
-        .and_then(|s| s.split('/').next())
-        .and_then(|s| s.parse().ok())
-        .and_then(|code| StatusCode::from_u16(code).ok())
+) -> (StatusCode, HeaderMap) {
+    let mut parts = uri.path().strip_prefix("/status/").unwrap_or("").split('/');
+    let code = parts.next().and_then(|s| s.parse().ok());
+    let retry_after = match (parts.next(), parts.next()) {
+        (Some("retry-after"), Some(secs)) => Some(secs.to_string()),
+        _ => None,
+    };
+    let forced = *recorded.fail_with.lock().unwrap();
+    let status = forced
+        .or(code)
+        .and_then(|c| StatusCode::from_u16(c).ok())
         .unwrap_or(StatusCode::OK);
+    let mut answer = HeaderMap::new();
+    if let Some(secs) = retry_after {
+        answer.insert("retry-after", secs.parse().unwrap());
+    }
     recorded.requests.lock().unwrap().push(Received {
         method,
         uri: uri.to_string(),
@@ -133,7 +150,7 @@ async fn record(
         body,
     });
     recorded.arrived.notify_waiters();
-    status
+    (status, answer)
 }
 
 /// A gateway running in-process on a loopback port with its own plugin and data dirs.
@@ -179,11 +196,32 @@ impl TestGateway {
         config: &str,
         receiver: &Receiver,
     ) -> anyhow::Result<Self> {
-        let text = format!(
+        Self::start_raw(dir, &Self::harness_config(config, receiver), &|_| None).await
+    }
+
+    /// As [`TestGateway::start`], with the delivery stage's time on a hand-moved clock.
+    pub async fn start_with_clock(
+        config: &str,
+        receiver: &Receiver,
+        plugins: &[&str],
+        clock: Arc<ManualClock>,
+    ) -> Self {
+        let text = Self::harness_config(config, receiver);
+        Self::start_raw_with_clock(
+            Self::dir_with_plugins(plugins),
+            &text,
+            &|_| None,
+            Some(clock),
+        )
+        .await
+        .expect("gateway starts")
+    }
+
+    fn harness_config(config: &str, receiver: &Receiver) -> String {
+        format!(
             "[server]\nlisten = \"127.0.0.1:0\"\n[delivery]\nretry_schedule = [\"0s\", \"10ms\", \"10ms\"]\njitter = 0.0\n{}",
             config.replace("{receiver}", &receiver.url)
-        );
-        Self::start_raw(dir, &text, &|_| None).await
+        )
     }
 
     /// Starts a gateway on config text as it is, with relative paths resolved in `dir`
@@ -193,8 +231,20 @@ impl TestGateway {
         text: &str,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> anyhow::Result<Self> {
+        Self::start_raw_with_clock(dir, text, env, None).await
+    }
+
+    async fn start_raw_with_clock(
+        dir: tempfile::TempDir,
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+        clock: Option<Arc<ManualClock>>,
+    ) -> anyhow::Result<Self> {
         let config = Config::parse(text, "test config", dir.path(), env)?;
-        let gateway = switchyard::Gateway::new(config).await?;
+        let gateway = match clock {
+            Some(clock) => switchyard::Gateway::with_clock(config, clock).await?,
+            None => switchyard::Gateway::new(config).await?,
+        };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);
         let (tx, rx) = oneshot::channel();
@@ -222,6 +272,28 @@ impl TestGateway {
             .expect("gateway answers");
         let status = resp.status().as_u16();
         (status, resp.json().await.expect("answer is JSON"))
+    }
+
+    /// GETs a path of the gateway's API; returns the status and the JSON answer.
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let resp = self
+            .client
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await
+            .unwrap();
+        (resp.status().as_u16(), resp.json().await.unwrap())
+    }
+
+    /// POSTs to a path of the gateway's API (empty body); returns the status and the JSON answer.
+    pub async fn post_api(&self, path: &str) -> (u16, Value) {
+        let resp = self
+            .client
+            .post(format!("{}{path}", self.url))
+            .send()
+            .await
+            .unwrap();
+        (resp.status().as_u16(), resp.json().await.unwrap())
     }
 
     /// Posts an event that must be accepted; returns its id.

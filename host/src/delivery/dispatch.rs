@@ -115,6 +115,11 @@ impl Dispatcher {
         }))
     }
 
+    /// The delivery stage's time.
+    pub fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
+    }
+
     /// Tells the dispatcher to look for due deliveries now.
     pub fn wake(&self) {
         self.wake.notify_one();

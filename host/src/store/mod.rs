@@ -68,12 +68,13 @@ pub trait Store: Send + Sync + 'static {
     fn close(&self);
 
     /// Records what the routes decided for an event (run `event.run`) and the deliveries
-    /// they planned, and marks it processed: all at once.
+    /// they planned (due at `now`), and marks it processed: all at once.
     async fn complete_event(
         &self,
         event: &Event,
         outcomes: Vec<RouteOutcome>,
         deliveries: Vec<NewDelivery>,
+        now: u64,
     ) -> Result<(), StoreError>;
 
     /// Queues a stored event again for the current plugins; its deliveries get new ids.

@@ -442,8 +442,9 @@ impl Store for SqliteStore {
         event: &Event,
         outcomes: Vec<RouteOutcome>,
         deliveries: Vec<NewDelivery>,
+        now: u64,
     ) -> Result<(), StoreError> {
-        let (event_id, run, now) = (event.id.clone(), event.run, crate::delivery::now_ms());
+        let (event_id, run) = (event.id.clone(), event.run);
         self.write(move |conn| {
             for o in &outcomes {
                 conn.prepare_cached(
@@ -747,5 +748,185 @@ impl Drop for SqliteStore {
     fn drop(&mut self) {
         // Dropping the sender ends the writer thread once it has written what it has.
         self.jobs.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(id: &str, source: &str) -> Event {
+        Event {
+            id: id.into(),
+            source: source.into(),
+            received_at: 1_000,
+            method: "POST".into(),
+            path: "/".into(),
+            query: String::new(),
+            headers: vec![("x-a".into(), "1".into())],
+            content_type: Some("application/json".into()),
+            body: Body(Bytes::from_static(b"{}")),
+            metadata: vec![],
+            run: 0,
+        }
+    }
+
+    fn delivery(id: &str, destination: &str) -> NewDelivery {
+        NewDelivery {
+            id: id.into(),
+            route: 0,
+            destination: destination.into(),
+            url: "http://127.0.0.1:1/".into(),
+            headers: vec![("webhook-id".into(), id.into())],
+            body: Bytes::from_static(b"{}"),
+            status: DeliveryStatus::Pending,
+        }
+    }
+
+    #[tokio::test]
+    async fn queued_events_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = SqliteStore::open(dir.path(), 10).unwrap();
+            store.insert_event(event("a", "s"), None).await.unwrap();
+            store.insert_event(event("b", "s"), None).await.unwrap();
+            let a = store.next_event().await.unwrap();
+            store
+                .complete_event(&a, vec![], vec![delivery("d1", "x")], 5)
+                .await
+                .unwrap();
+        }
+        let store = SqliteStore::open(dir.path(), 10).unwrap();
+        store.close();
+        let b = store.next_event().await.unwrap();
+        assert_eq!(b.id, "b", "only the unprocessed event is queued again");
+        assert_eq!(b.headers, vec![("x-a".to_string(), "1".to_string())]);
+        assert!(store.next_event().await.is_none());
+        let due = store.claim_due(10, 100, 10).await.unwrap();
+        assert_eq!(due.len(), 1, "the pending delivery is still there");
+    }
+
+    #[tokio::test]
+    async fn a_claimed_delivery_is_leased_until_recorded() {
+        let store = SqliteStore::open_in_memory(10).unwrap();
+        store.insert_event(event("a", "s"), None).await.unwrap();
+        let a = store.next_event().await.unwrap();
+        store
+            .complete_event(
+                &a,
+                vec![],
+                vec![delivery("d1", "x"), delivery("d2", "y")],
+                5,
+            )
+            .await
+            .unwrap();
+        assert_eq!(store.claim_due(10, 100, 10).await.unwrap().len(), 2);
+        assert!(
+            store.claim_due(50, 150, 10).await.unwrap().is_empty(),
+            "leased"
+        );
+        assert_eq!(
+            store.claim_due(101, 200, 10).await.unwrap().len(),
+            2,
+            "lease ran out"
+        );
+
+        let failed = DestinationState {
+            name: "y".into(),
+            state: DestinationHealth::Failed,
+            consecutive_failures: 5,
+            last_error: None,
+        };
+        let attempt = Attempt {
+            at: 101,
+            duration_ms: 1,
+            status_code: Some(503),
+            error: None,
+            response: None,
+        };
+        store
+            .record_attempt("d2", attempt, AttemptNext::RetryAt(300), &failed)
+            .await
+            .unwrap();
+        assert_eq!(
+            store.next_due_at().await.unwrap(),
+            Some(5),
+            "d1 (still leased) is the earliest of an active destination"
+        );
+        assert!(
+            store
+                .claim_due(1000, 2000, 10)
+                .await
+                .unwrap()
+                .iter()
+                .all(|d| d.id != "d2"),
+            "FAILED: held"
+        );
+        let active = DestinationState {
+            state: DestinationHealth::Active,
+            consecutive_failures: 0,
+            ..failed
+        };
+        store.set_destination_state(&active, 1000).await.unwrap();
+        let due = store.claim_due(1000, 2000, 10).await.unwrap();
+        assert!(due.iter().any(|d| d.id == "d2" && d.attempts == 1));
+    }
+
+    #[tokio::test]
+    async fn idempotency_window() {
+        let store = SqliteStore::open_in_memory(10).unwrap();
+        let idem = |window_ms| {
+            Some(Idempotency {
+                key: "k".into(),
+                window_ms,
+            })
+        };
+        assert_eq!(
+            store
+                .insert_event(event("a", "s"), idem(100))
+                .await
+                .unwrap(),
+            Inserted::New
+        );
+        assert_eq!(
+            store
+                .insert_event(event("b", "s"), idem(100))
+                .await
+                .unwrap(),
+            Inserted::Duplicate("a".into())
+        );
+        assert_eq!(
+            store
+                .insert_event(event("c", "other"), idem(100))
+                .await
+                .unwrap(),
+            Inserted::New,
+            "keys are per source"
+        );
+        let mut later = event("d", "s");
+        later.received_at = 1_200;
+        assert_eq!(
+            store.insert_event(later, idem(100)).await.unwrap(),
+            Inserted::New,
+            "outside the window"
+        );
+    }
+
+    #[tokio::test]
+    async fn many_concurrent_writes_share_commits() {
+        let store = Arc::new(SqliteStore::open_in_memory(10_000).unwrap());
+        let mut tasks = Vec::new();
+        for i in 0..500 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                store.insert_event(event(&format!("e{i}"), "s"), None).await
+            }));
+        }
+        for t in tasks {
+            assert_eq!(t.await.unwrap().unwrap(), Inserted::New);
+        }
+        for i in 0..500 {
+            assert!(store.get_event(&format!("e{i}")).await.unwrap().is_some());
+        }
     }
 }

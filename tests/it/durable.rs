@@ -1,0 +1,414 @@
+//! Durable delivery through a real gateway: idempotent ingest, the retry schedule on an
+//! injected clock, Retry-After, 410, the FAILED state and restart, replay, pagination,
+//! retention.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use switchyard::delivery::{Clock, ManualClock};
+
+use crate::util::{Receiver, TestGateway, sample_event};
+
+fn one_destination(path: &str, extra: &str) -> String {
+    format!(
+        r#"
+[[sources]]
+name = "s"
+idempotency_field = "id"
+[[destinations]]
+name = "d"
+url = "{{receiver}}{path}"
+{extra}
+[[routes]]
+source = "s"
+destinations = ["d"]
+"#
+    )
+}
+
+fn clock() -> Arc<ManualClock> {
+    Arc::new(ManualClock::new(switchyard::delivery::now_ms()))
+}
+
+/// Polls the event until `check` holds (the dispatcher runs on its own time).
+async fn wait_event(gw: &TestGateway, id: &str, check: impl Fn(&Value) -> bool) -> Value {
+    for _ in 0..200 {
+        let e = gw.event(id).await;
+        if check(&e) {
+            return e;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!(
+        "event {id} never reached the expected state: {}",
+        gw.event(id).await
+    );
+}
+
+fn attempts(e: &Value) -> usize {
+    e["deliveries"][0]["attempts"]
+        .as_array()
+        .map_or(0, Vec::len)
+}
+
+async fn destination(gw: &TestGateway, name: &str) -> Value {
+    let (status, body) = gw.get("/v1/destinations").await;
+    assert_eq!(status, 200);
+    body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == name)
+        .cloned()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idempotent_ingest_answers_with_the_original_id() {
+    let rx = Receiver::start().await;
+    let gw = TestGateway::start(&one_destination("/", ""), &rx, &[]).await;
+    let post = |key: Option<&'static str>, body: &'static str| {
+        let mut req = gw.client.post(format!("{}/v1/ingest/s", gw.url)).body(body);
+        if let Some(k) = key {
+            req = req.header("idempotency-key", k);
+        }
+        async move {
+            let resp = req.send().await.unwrap();
+            (resp.status().as_u16(), resp.json::<Value>().await.unwrap())
+        }
+    };
+    let (s1, first) = post(Some("k-1"), "{}").await;
+    let (s2, again) = post(Some("k-1"), "{}").await;
+    let (s3, other) = post(Some("k-2"), "{}").await;
+    assert_eq!((s1, s2, s3), (202, 200, 202));
+    assert_eq!(again["id"], first["id"]);
+    assert_eq!(again["duplicate"], true);
+    assert_ne!(other["id"], first["id"]);
+
+    // The source's idempotency_field (Onomondo's `id`) de-duplicates without a header.
+    let (_, a) = post(None, r#"{"id":"onomondo-1","type":"usage"}"#).await;
+    let (status, b) = post(None, r#"{"id":"onomondo-1","type":"usage"}"#).await;
+    assert_eq!(status, 200);
+    assert_eq!(a["id"], b["id"]);
+
+    rx.wait_for(3).await;
+    gw.shutdown().await.unwrap();
+    assert_eq!(rx.requests().len(), 3, "duplicates are not delivered again");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retries_follow_the_schedule_on_the_injected_clock() {
+    let rx = Receiver::start().await;
+    let clock = clock();
+    let config = one_destination(
+        "/status/503",
+        r#"retry = { retry_schedule = ["0s", "5s", "5m"], jitter = 0.2, failure_threshold = 10 }"#,
+    );
+    let gw = TestGateway::start_with_clock(&config, &rx, &[], clock.clone()).await;
+    let t0 = clock.now_ms();
+    let id = gw.accept("s", "{}").await;
+
+    let e = wait_event(&gw, &id, |e| {
+        attempts(e) == 1 && e["deliveries"][0]["next_attempt_at"].is_u64()
+    })
+    .await;
+    let next = e["deliveries"][0]["next_attempt_at"].as_u64().unwrap();
+    assert!(
+        (t0 + 5_000..=t0 + 6_000).contains(&next),
+        "second attempt 5 s + up to 20%: {}",
+        next - t0
+    );
+
+    // Not due yet: nothing happens however long we wait in real time.
+    clock.advance(Duration::from_millis(4_900));
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(attempts(&gw.event(&id).await), 1);
+
+    clock.advance(Duration::from_millis(1_200));
+    let e = wait_event(&gw, &id, |e| attempts(e) == 2).await;
+    let at2 = e["deliveries"][0]["attempts"][1]["at"].as_u64().unwrap();
+    let next = e["deliveries"][0]["next_attempt_at"].as_u64().unwrap();
+    assert!(
+        (at2 + 300_000..=at2 + 360_000).contains(&next),
+        "third attempt 5 min + up to 20%"
+    );
+
+    clock.advance(Duration::from_secs(361));
+    let e = wait_event(&gw, &id, |e| e["deliveries"][0]["status"] == "failed").await;
+    assert_eq!(attempts(&e), 3, "the schedule has three attempts");
+    gw.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retry_after_is_honoured() {
+    let rx = Receiver::start().await;
+    let clock = clock();
+    let gw = TestGateway::start_with_clock(
+        &one_destination("/status/429/retry-after/120", ""),
+        &rx,
+        &[],
+        clock.clone(),
+    )
+    .await;
+    let id = gw.accept("s", "{}").await;
+    let e = wait_event(&gw, &id, |e| {
+        attempts(e) == 1 && e["deliveries"][0]["next_attempt_at"].is_u64()
+    })
+    .await;
+    let at = e["deliveries"][0]["attempts"][0]["at"].as_u64().unwrap();
+    let next = e["deliveries"][0]["next_attempt_at"].as_u64().unwrap();
+    assert_eq!(
+        next,
+        at + 120_000,
+        "Retry-After: 120 wins over the harness's 10 ms"
+    );
+    assert_eq!(e["deliveries"][0]["attempts"][0]["status_code"], 429);
+    gw.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gone_disables_the_destination_and_keeps_the_event() {
+    let rx = Receiver::start().await;
+    let gw = TestGateway::start(&one_destination("/status/410", ""), &rx, &[]).await;
+    let id = gw.accept("s", "{}").await;
+    let e = wait_event(&gw, &id, |e| attempts(e) == 1).await;
+    assert_eq!(
+        e["deliveries"][0]["status"], "pending",
+        "held, not given up"
+    );
+    let d = destination(&gw, "d").await;
+    assert_eq!(d["state"], "DISABLED");
+    assert_eq!(d["pending"], 1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        rx.requests().len(),
+        1,
+        "a disabled destination is not called again"
+    );
+    gw.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failed_destination_keeps_events_until_restart_delivers_them() {
+    let rx = Receiver::start().await;
+    let clock = clock();
+    let config = one_destination(
+        "/fleet",
+        r#"retry = { retry_schedule = ["0s", "1m", "1m"], jitter = 0.0, failure_threshold = 3 }"#,
+    );
+    let gw = TestGateway::start_with_clock(&config, &rx, &[], clock.clone()).await;
+    rx.fail_with(Some(503));
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(gw.accept("s", json!({ "n": i }).to_string()).await);
+    }
+    for id in &ids {
+        wait_event(&gw, id, |e| attempts(e) == 1).await;
+    }
+    let d = destination(&gw, "d").await;
+    assert_eq!(d["state"], "FAILED", "{d}");
+    assert_eq!(d["consecutive_failures"], 3);
+
+    // Events keep arriving and are kept, not sent, while the destination is FAILED, even
+    // long after their retries were due.
+    for i in 3..5 {
+        ids.push(gw.accept("s", json!({ "n": i }).to_string()).await);
+    }
+    clock.advance(Duration::from_secs(3600));
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(rx.requests().len(), 3, "no attempts while FAILED");
+    let d = destination(&gw, "d").await;
+    assert_eq!(d["pending"], 5, "{d}");
+
+    // A restart whose test message fails leaves it FAILED.
+    let (status, body) = gw.post_api("/v1/destinations/d/restart").await;
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(destination(&gw, "d").await["state"], "FAILED");
+
+    rx.fail_with(None);
+    let (status, body) = gw.post_api("/v1/destinations/d/restart").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["state"], "ACTIVE");
+    for id in &ids {
+        wait_event(&gw, id, |e| e["deliveries"][0]["status"] == "delivered").await;
+    }
+    let got = rx.requests();
+    let test_messages: Vec<_> = got
+        .iter()
+        .filter(|r| r.json()["type"] == "switchyard.test")
+        .collect();
+    assert_eq!(
+        test_messages.len(),
+        2,
+        "each restart sends a test message first"
+    );
+    let (status, _) = gw.post_api("/v1/destinations/nope/restart").await;
+    assert_eq!(status, 404);
+    gw.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replay_runs_the_event_through_the_plugins_again() {
+    let rx = Receiver::start().await;
+    let config = r#"
+[[sources]]
+name = "onomondo"
+[[destinations]]
+name = "sink"
+url = "{receiver}/sink"
+[[routes]]
+source = "onomondo"
+plugins = [{ name = "iot-normalize" }]
+destinations = ["sink"]
+"#;
+    let gw = TestGateway::start(config, &rx, &["iot-normalize"]).await;
+    let id = gw
+        .accept("onomondo", sample_event("onomondo-usage.json"))
+        .await;
+    gw.settled(&id).await;
+    let (status, body) = gw.post_api(&format!("/v1/events/{id}/replay")).await;
+    assert_eq!(status, 202, "{body}");
+    let e = wait_event(&gw, &id, |e| {
+        e["deliveries"].as_array().unwrap().len() == 2
+            && e["deliveries"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|d| d["status"] == "delivered")
+    })
+    .await;
+    assert_eq!(e["routes"].as_array().unwrap().len(), 2);
+    assert_eq!(e["routes"][1]["run"], 1);
+    assert_eq!(e["event"]["run"], 1);
+    let got = rx.wait_for(2).await;
+    assert_ne!(
+        got[0].header("webhook-id"),
+        got[1].header("webhook-id"),
+        "a replay is a new delivery"
+    );
+    assert_eq!(got[0].body, got[1].body);
+    let (status, _) = gw.post_api("/v1/events/nope/replay").await;
+    assert_eq!(status, 404);
+    gw.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failed_deliveries_are_listed_page_by_page() {
+    let rx = Receiver::start().await;
+    let config = r#"
+[[sources]]
+name = "s"
+[[destinations]]
+name = "bad"
+url = "{receiver}/status/404"
+[[destinations]]
+name = "good"
+url = "{receiver}/ok"
+[[routes]]
+source = "s"
+destinations = ["bad", "good"]
+"#;
+    let gw = TestGateway::start(config, &rx, &[]).await;
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(gw.accept("s", "{}").await);
+    }
+    for id in &ids {
+        gw.settled(id).await;
+    }
+    let mut seen = Vec::new();
+    let mut cursor = String::new();
+    let mut pages = 0;
+    loop {
+        let (status, page) = gw
+            .get(&format!(
+                "/v1/deliveries?status=failed&limit=2&cursor={cursor}"
+            ))
+            .await;
+        assert_eq!(status, 200, "{page}");
+        pages += 1;
+        for d in page["items"].as_array().unwrap() {
+            assert_eq!(d["status"], "failed");
+            assert_eq!(d["destination"], "bad");
+            assert_eq!(d["attempts"][0]["status_code"], 404);
+            seen.push(d["id"].as_str().unwrap().to_string());
+        }
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = c.to_string(),
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3);
+    let mut unique = seen.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(
+        unique.len(),
+        5,
+        "five failed deliveries, each once: {seen:?}"
+    );
+    let (status, body) = gw.get("/v1/deliveries?status=bogus").await;
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = gw.get("/v1/deliveries?cursor=xyz").await;
+    assert_eq!(status, 400, "{body}");
+    gw.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retention_purges_delivered_events_and_keeps_undelivered_ones() {
+    let rx = Receiver::start().await;
+    let clock = clock();
+    let config = r#"
+[retention]
+delivered = "1d"
+interval = "50ms"
+[[sources]]
+name = "ok"
+[[sources]]
+name = "bad"
+[[destinations]]
+name = "good"
+url = "{receiver}/ok"
+[[destinations]]
+name = "broken"
+url = "{receiver}/status/400"
+[[routes]]
+source = "ok"
+destinations = ["good"]
+[[routes]]
+source = "bad"
+destinations = ["broken"]
+"#;
+    let gw = TestGateway::start_with_clock(config, &rx, &[], clock.clone()).await;
+    let delivered = gw.accept("ok", "{}").await;
+    let failed = gw.accept("bad", "{}").await;
+    gw.settled(&delivered).await;
+    gw.settled(&failed).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        gw.get(&format!("/v1/events/{delivered}")).await.0,
+        200,
+        "younger than a day: kept"
+    );
+
+    clock.advance(Duration::from_secs(2 * 24 * 3600));
+    let mut purged = false;
+    for _ in 0..100 {
+        if gw.get(&format!("/v1/events/{delivered}")).await.0 == 404 {
+            purged = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(
+        purged,
+        "a delivered event older than the retention age is purged"
+    );
+    assert_eq!(
+        gw.get(&format!("/v1/events/{failed}")).await.0,
+        200,
+        "an undelivered event is kept"
+    );
+    gw.shutdown().await.unwrap();
+}
