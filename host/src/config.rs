@@ -127,6 +127,16 @@ struct RawPlugins {
     deadline: Duration,
     #[serde(default = "default_max_memory")]
     max_memory_bytes: usize,
+    #[serde(default = "default_max_output")]
+    max_output_bytes: usize,
+    #[serde(default = "default_max_deliveries")]
+    max_deliveries: usize,
+    #[serde(default = "default_warm_pool")]
+    warm_pool_size: usize,
+    #[serde(default = "default_warm_recycle")]
+    warm_recycle_after: u32,
+    #[serde(default = "default_degraded_after")]
+    degraded_after: u32,
 }
 
 impl Default for RawPlugins {
@@ -135,8 +145,29 @@ impl Default for RawPlugins {
             dir: default_plugin_dir(),
             deadline: default_deadline(),
             max_memory_bytes: default_max_memory(),
+            max_output_bytes: default_max_output(),
+            max_deliveries: default_max_deliveries(),
+            warm_pool_size: default_warm_pool(),
+            warm_recycle_after: default_warm_recycle(),
+            degraded_after: default_degraded_after(),
         }
     }
+}
+
+fn default_max_output() -> usize {
+    1 << 20
+}
+fn default_max_deliveries() -> usize {
+    64
+}
+fn default_warm_pool() -> usize {
+    4
+}
+fn default_warm_recycle() -> u32 {
+    1000
+}
+fn default_degraded_after() -> u32 {
+    5
 }
 
 fn default_plugin_dir() -> PathBuf {
@@ -158,6 +189,16 @@ pub struct PluginsConfig {
     pub deadline: Duration,
     /// Memory cap of one plugin instance.
     pub max_memory_bytes: usize,
+    /// The largest body a verdict may return (continue or per delivery).
+    pub max_output_bytes: usize,
+    /// The most deliveries one `route` verdict may list.
+    pub max_deliveries: usize,
+    /// Warm instances kept per plugin.
+    pub warm_pool_size: usize,
+    /// A warm instance is replaced after this many events.
+    pub warm_recycle_after: u32,
+    /// Consecutive failures after which a plugin is reported degraded.
+    pub degraded_after: u32,
 }
 
 /// `[delivery]`: how deliveries are sent and retried (destinations may override the
@@ -353,9 +394,25 @@ pub struct RouteConfig {
     pub plugins: Vec<PluginRef>,
     #[serde(default)]
     pub destinations: Vec<String>,
+    /// What happens to an event whose plugin fails (error, trap, deadline, limit).
+    #[serde(default)]
+    pub on_error: OnError,
 }
 
-/// One plugin of a route's chain with its configuration.
+/// A route's answer to a failing plugin.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnError {
+    /// Keep the event as failed on this route: visible and replayable.
+    #[default]
+    DeadLetter,
+    /// Drop the event on this route, recording why.
+    Drop,
+    /// Go on with the next plugin as if the failing one had continued unchanged.
+    SkipPlugin,
+}
+
+/// One plugin of a route's chain with its configuration and limits.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PluginRef {
@@ -364,6 +421,27 @@ pub struct PluginRef {
     /// given as their text.
     #[serde(default, deserialize_with = "config_pairs")]
     pub config: Vec<(String, String)>,
+    /// This plugin's call deadline on this route, if not `[plugins] deadline`.
+    #[serde(default, with = "humantime_serde")]
+    pub deadline: Option<Duration>,
+    /// This plugin's memory cap on this route, if not `[plugins] max_memory_bytes`.
+    #[serde(default)]
+    pub max_memory_bytes: Option<usize>,
+    /// `fresh` (a new instance per event) or `warm` (reused instances); by default warm
+    /// for large components (language runtimes), fresh otherwise.
+    #[serde(default)]
+    pub instance: Option<InstanceMode>,
+}
+
+/// How a plugin's instances live.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum InstanceMode {
+    /// A new instance for every event: nothing carries over.
+    Fresh,
+    /// A small pool of reused instances, replaced after `warm_recycle_after` events or on
+    /// any trap.
+    Warm,
 }
 
 fn config_pairs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<(String, String)>, D::Error> {
@@ -446,6 +524,11 @@ impl Config {
                 dir: base_dir.join(raw.plugins.dir),
                 deadline: raw.plugins.deadline,
                 max_memory_bytes: raw.plugins.max_memory_bytes,
+                max_output_bytes: raw.plugins.max_output_bytes,
+                max_deliveries: raw.plugins.max_deliveries,
+                warm_pool_size: raw.plugins.warm_pool_size,
+                warm_recycle_after: raw.plugins.warm_recycle_after,
+                degraded_after: raw.plugins.degraded_after,
             },
             delivery: raw.delivery,
             retention: raw.retention,
@@ -529,6 +612,12 @@ impl Config {
             }
             for (j, p) in r.plugins.iter().enumerate() {
                 check_name(&p.name).map_err(|m| (format!("routes[{i}].plugins[{j}].name"), m))?;
+                if p.max_memory_bytes.unwrap_or(self.plugins.max_memory_bytes) > self.plugins.max_memory_bytes {
+                    return Err((
+                        format!("routes[{i}].plugins[{j}].max_memory_bytes"),
+                        "may not exceed [plugins] max_memory_bytes".into(),
+                    ));
+                }
             }
         }
         Ok(())

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::delivery::{Clock, Dispatcher, SystemClock};
 use crate::pipeline::{Pipeline, Routing};
-use crate::plugin::{CallLimits, PluginRegistry, PluginRuntime, RegistryError};
+use crate::plugin::{PluginRegistry, PluginRuntime, RegistryError, RuntimeOptions};
 use crate::store::{SqliteStore, Store};
 
 /// A gateway whose plugins are loaded, whose store is open and whose stages are built,
@@ -50,7 +50,14 @@ impl Gateway {
     pub async fn with_clock(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
         let plugin_config = config.clone();
         let plugins = tokio::task::spawn_blocking(move || -> anyhow::Result<PluginRegistry> {
-            let runtime = PluginRuntime::new().context("cannot start the WebAssembly engine")?;
+            let p = &plugin_config.plugins;
+            let options = RuntimeOptions {
+                max_memory: p.max_memory_bytes,
+                warm_pool_size: p.warm_pool_size,
+                warm_recycle_after: p.warm_recycle_after,
+                degraded_after: p.degraded_after,
+            };
+            let runtime = PluginRuntime::with_options(options).context("cannot start the WebAssembly engine")?;
             load_plugins(&runtime, &plugin_config)
         })
         .await??;
@@ -65,10 +72,6 @@ impl Gateway {
                     )
                 })?,
         );
-        let limits = CallLimits {
-            deadline: config.plugins.deadline,
-            max_memory: config.plugins.max_memory_bytes,
-        };
         let routing = Arc::new(Routing::from_config(&config));
         let dispatcher = Dispatcher::new(
             store.clone(),
@@ -82,7 +85,6 @@ impl Gateway {
             store.clone(),
             Arc::new(plugins),
             routing,
-            limits,
             dispatcher.clone(),
         );
         Ok(Self {

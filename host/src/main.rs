@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use switchyard::config::Config;
 use switchyard::event::{Body, Event};
-use switchyard::plugin::{CallLimits, PluginRuntime, check_component};
+use switchyard::plugin::{CallLimits, InstanceMode, PluginRuntime, check_component};
 
 #[derive(Parser)]
 #[command(
@@ -182,7 +182,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 run: 0,
             };
             let outcome = tokio::task::spawn_blocking(move || {
-                plugin.call(&event, Arc::from(config), CallLimits::default())
+                plugin.call(&event, Arc::from(config), CallLimits::default(), InstanceMode::Fresh)
             })
             .await?;
             match outcome {

@@ -9,7 +9,7 @@ use std::time::Instant;
 use arc_swap::ArcSwap;
 use tracing::Instrument;
 
-use crate::config::Config;
+use crate::config::{Config, InstanceMode, OnError};
 use crate::delivery::{
     Destination, Dispatcher, PlaceholderValues, PlannedDelivery, delivery_id, render,
 };
@@ -29,11 +29,15 @@ struct Route {
     source: String,
     plugins: Vec<RoutePlugin>,
     destinations: Vec<Arc<Destination>>,
+    on_error: OnError,
 }
 
 struct RoutePlugin {
     name: String,
     config: Arc<[(String, String)]>,
+    limits: CallLimits,
+    /// `None`: the plugin's default mode.
+    mode: Option<InstanceMode>,
 }
 
 impl Routing {
@@ -62,8 +66,16 @@ impl Routing {
                     .map(|p| RoutePlugin {
                         name: p.name.clone(),
                         config: p.config.clone().into(),
+                        limits: CallLimits {
+                            deadline: p.deadline.unwrap_or(config.plugins.deadline),
+                            max_memory: p.max_memory_bytes.unwrap_or(config.plugins.max_memory_bytes),
+                            max_output_bytes: config.plugins.max_output_bytes,
+                            max_deliveries: config.plugins.max_deliveries,
+                        },
+                        mode: p.instance,
                     })
                     .collect(),
+                on_error: r.on_error,
                 destinations: r
                     .destinations
                     .iter()
@@ -95,7 +107,6 @@ pub struct Pipeline {
     store: Arc<dyn Store>,
     plugins: Arc<PluginRegistry>,
     routing: ArcSwap<Routing>,
-    limits: CallLimits,
     dispatcher: Arc<Dispatcher>,
 }
 
@@ -104,14 +115,12 @@ impl Pipeline {
         store: Arc<dyn Store>,
         plugins: Arc<PluginRegistry>,
         routing: Arc<Routing>,
-        limits: CallLimits,
         dispatcher: Arc<Dispatcher>,
     ) -> Arc<Self> {
         Arc::new(Self {
             store,
             plugins,
             routing: ArcSwap::new(routing),
-            limits,
             dispatcher,
         })
     }
@@ -153,20 +162,9 @@ impl Pipeline {
             if routing.routes[route_index].source != event.source {
                 continue;
             }
-            let (routing2, plugins, event2, limits) = (
-                routing.clone(),
-                self.plugins.clone(),
-                event.clone(),
-                self.limits,
-            );
+            let (routing2, plugins, event2) = (routing.clone(), self.plugins.clone(), event.clone());
             let chain = tokio::task::spawn_blocking(move || {
-                run_chain(
-                    &routing2,
-                    &routing2.routes[route_index],
-                    &plugins,
-                    &event2,
-                    limits,
-                )
+                run_chain(&routing2, &routing2.routes[route_index], &plugins, &event2)
             })
             .await;
             let (steps, end) = match chain {
@@ -225,7 +223,6 @@ fn run_chain(
     route: &Route,
     plugins: &PluginRegistry,
     received: &Event,
-    limits: CallLimits,
 ) -> (Vec<PluginStep>, ChainEnd) {
     let mut event = received.clone();
     let mut steps = Vec::with_capacity(route.plugins.len());
@@ -237,7 +234,8 @@ fn run_chain(
             );
         };
         let started = Instant::now();
-        let result = plugin.call(&event, rp.config.clone(), limits);
+        let mode = rp.mode.unwrap_or_else(|| plugin.default_mode());
+        let result = plugin.call(&event, rp.config.clone(), rp.limits, mode);
         let mut step = PluginStep {
             plugin: rp.name.clone(),
             sha256: plugin.sha256().to_string(),
@@ -250,12 +248,20 @@ fn run_chain(
             Ok(v) => v,
             Err(e) => {
                 let error = format!("plugin `{}` failed: {e}", rp.name);
-                tracing::warn!(plugin = %rp.name, sha256 = plugin.sha256(), error = %e, "Plugin failed.");
+                tracing::warn!(plugin = %rp.name, sha256 = plugin.sha256(), error = %e,
+                    on_error = ?route.on_error, "Plugin failed.");
                 step.result = StepResult::Error {
                     error: e.to_string(),
                 };
                 steps.push(step);
-                return (steps, ChainEnd::Failed(error));
+                match route.on_error {
+                    OnError::DeadLetter => return (steps, ChainEnd::Failed(error)),
+                    OnError::Drop => {
+                        let plugin = rp.name.clone();
+                        return (steps, ChainEnd::Dropped { plugin, reason: error });
+                    }
+                    OnError::SkipPlugin => continue,
+                }
             }
         };
         step.result = StepResult::Verdict {

@@ -63,6 +63,13 @@ impl PluginState {
         }
     }
 
+    /// Prepares a reused (warm) instance's state for the next call.
+    pub(super) fn begin_call(&mut self, event_id: String, config: Arc<[(String, String)]>) {
+        self.event_id = event_id;
+        self.config = config;
+        self.log_lines = 0;
+    }
+
     /// Writes what the guest printed to the gateway's log, one event per line, tagged with
     /// the plugin and the event.
     pub(super) fn flush_output(&self) {

@@ -11,12 +11,13 @@ mod host_impl;
 mod registry;
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker};
-use wasmtime::{Engine, Store, StoreLimitsBuilder};
+use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreLimitsBuilder};
 
 pub use bindings::{HANDLER_EXPORT, HOST_IMPORT, WIT_PACKAGE};
 pub use check::{CheckReport, check_component};
@@ -26,10 +27,15 @@ pub use registry::{PluginRegistry, RegistryError};
 use bindings::{Plugin, PluginPre};
 use host_impl::PluginState;
 
+pub use crate::config::InstanceMode;
 use crate::event::Event;
 
 /// How often the epoch ticks; plugin deadlines are counted in these ticks.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
+
+/// Components larger than this (language runtimes: JavaScript, Python) default to warm
+/// instances; smaller ones to fresh instances.
+const WARM_BY_DEFAULT_ABOVE: usize = 1 << 20;
 
 /// Limits applied to one call of a plugin.
 #[derive(Clone, Copy, Debug)]
@@ -38,6 +44,10 @@ pub struct CallLimits {
     pub deadline: Duration,
     /// The most linear memory one instance may grow to, in bytes.
     pub max_memory: usize,
+    /// The largest body a verdict may carry.
+    pub max_output_bytes: usize,
+    /// The most deliveries a `route` verdict may list.
+    pub max_deliveries: usize,
 }
 
 impl Default for CallLimits {
@@ -45,6 +55,32 @@ impl Default for CallLimits {
         Self {
             deadline: Duration::from_millis(100),
             max_memory: 64 << 20,
+            max_output_bytes: 1 << 20,
+            max_deliveries: 64,
+        }
+    }
+}
+
+/// How the runtime sizes its instance pool and warm instances.
+#[derive(Clone, Copy, Debug)]
+pub struct RuntimeOptions {
+    /// The largest memory any instance may have (the pool reserves this per slot).
+    pub max_memory: usize,
+    /// Warm instances kept per plugin.
+    pub warm_pool_size: usize,
+    /// A warm instance is replaced after this many calls.
+    pub warm_recycle_after: u32,
+    /// Consecutive failures after which a plugin is degraded.
+    pub degraded_after: u32,
+}
+
+impl Default for RuntimeOptions {
+    fn default() -> Self {
+        Self {
+            max_memory: 64 << 20,
+            warm_pool_size: 4,
+            warm_recycle_after: 1000,
+            degraded_after: 5,
         }
     }
 }
@@ -61,21 +97,38 @@ pub enum CallError {
     /// The plugin trapped (panic, `unreachable`, out of memory, stack overflow, ...).
     #[error("plugin trapped: {0}")]
     Trap(String),
+    /// The verdict broke an output limit.
+    #[error("plugin output over the limit: {0}")]
+    Output(String),
 }
 
-/// The process-wide wasmtime state: one `Engine` and one `Linker` with WASI (granting
-/// nothing) and the `host` interface.
+/// The process-wide wasmtime state: one `Engine` (with a pooling allocator) and one
+/// `Linker` with WASI (granting nothing) and the `host` interface.
 pub struct PluginRuntime {
     engine: Engine,
     linker: Linker<PluginState>,
+    options: RuntimeOptions,
 }
 
 impl PluginRuntime {
     /// Builds the engine and starts the epoch ticker that enforces deadlines.
     pub fn new() -> anyhow::Result<Arc<Self>> {
+        Self::with_options(RuntimeOptions::default())
+    }
+
+    pub fn with_options(options: RuntimeOptions) -> anyhow::Result<Arc<Self>> {
         let mut config = wasmtime::Config::new();
         config.epoch_interruption(true);
         config.max_wasm_stack(1 << 20);
+        // Instances come from a pool of pre-reserved slots, with copy-on-write memory images:
+        // a fresh instance per event costs microseconds, not a round of mmaps.
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_component_instances(1000)
+            .total_core_instances(2000)
+            .total_memories(1000)
+            .total_tables(1000)
+            .max_memory_size(options.max_memory);
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&config)?;
 
         let mut linker = Linker::new(&engine);
@@ -94,15 +147,13 @@ impl PluginRuntime {
                 }
             })?;
 
-        Ok(Arc::new(Self { engine, linker }))
+        Ok(Arc::new(Self { engine, linker, options }))
     }
 
     /// Compiles a plugin from a file and checks it against the `plugin` world.
     pub fn load_file(&self, name: &str, path: &Path) -> anyhow::Result<LoadedPlugin> {
-        let bytes = std::fs::read(path)
-            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
-        self.load_bytes(name, &bytes)
-            .map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))
+        let bytes = std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+        self.load_bytes(name, &bytes).map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))
     }
 
     /// Compiles a plugin from component bytes and checks it against the `plugin` world.
@@ -114,16 +165,17 @@ impl PluginRuntime {
         Ok(LoadedPlugin {
             name: name.into(),
             sha256,
+            size: bytes.len(),
             pre,
+            options: self.options,
+            warm: Mutex::new(Vec::new()),
+            consecutive_failures: AtomicU32::new(0),
         })
     }
 
     /// Links a component against the world, explaining a mismatch in plain words.
     fn link(&self, component: &Component) -> anyhow::Result<PluginPre<PluginState>> {
-        let linked = self
-            .linker
-            .instantiate_pre(component)
-            .and_then(PluginPre::new);
+        let linked = self.linker.instantiate_pre(component).and_then(PluginPre::new);
         linked.map_err(|e| {
             let report = check::diagnose(&self.engine, component);
             if report.problems.is_empty() {
@@ -139,11 +191,23 @@ impl PluginRuntime {
     }
 }
 
+/// An instance kept for reuse, with the limits it was made with.
+struct WarmInstance {
+    store: Store<PluginState>,
+    plugin: Plugin,
+    max_memory: usize,
+    calls: u32,
+}
+
 /// One compiled version of one plugin, ready to instantiate.
 pub struct LoadedPlugin {
     name: Arc<str>,
     sha256: String,
+    size: usize,
     pre: PluginPre<PluginState>,
+    options: RuntimeOptions,
+    warm: Mutex<Vec<WarmInstance>>,
+    consecutive_failures: AtomicU32,
 }
 
 impl LoadedPlugin {
@@ -156,47 +220,179 @@ impl LoadedPlugin {
         &self.sha256
     }
 
-    /// Runs the plugin on one event in a fresh instance. Blocking: call it off the async
-    /// runtime (e.g. in `spawn_blocking`).
+    /// The instance mode used when a route does not choose one.
+    pub fn default_mode(&self) -> InstanceMode {
+        if self.size > WARM_BY_DEFAULT_ABOVE { InstanceMode::Warm } else { InstanceMode::Fresh }
+    }
+
+    /// Failures in a row, up to now.
+    pub fn consecutive_failures(&self) -> u32 {
+        self.consecutive_failures.load(Ordering::Relaxed)
+    }
+
+    /// Whether the plugin has failed `degraded_after` times in a row.
+    pub fn degraded(&self) -> bool {
+        self.consecutive_failures() >= self.options.degraded_after
+    }
+
+    /// Runs the plugin on one event. Blocking: call it off the async runtime (e.g. in
+    /// `spawn_blocking`).
     pub fn call(
         &self,
         event: &Event,
         config: Arc<[(String, String)]>,
         limits: CallLimits,
+        mode: InstanceMode,
     ) -> Result<PluginVerdict, CallError> {
-        let store_limits = StoreLimitsBuilder::new()
-            .memory_size(limits.max_memory)
-            .instances(4)
-            .tables(20)
-            .memories(4)
-            .trap_on_grow_failure(true)
-            .build();
-        let state = PluginState::new(
-            self.name.clone(),
-            event.id.to_string(),
-            config,
-            store_limits,
-        );
-        let mut store = Store::new(self.pre.engine(), state);
-        store.limiter(|s| &mut s.limits);
-        let ticks = (limits.deadline.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64;
-        store.set_epoch_deadline(ticks);
-        store.epoch_deadline_trap();
+        let result = match mode {
+            InstanceMode::Fresh => self.call_fresh(event, config, limits),
+            InstanceMode::Warm => self.call_warm(event, config, limits),
+        }
+        .and_then(|v| check_output(v, &limits));
+        self.note_outcome(result.is_ok());
+        result
+    }
 
-        let wit_event = convert::to_wit_event(event);
-        let result = self.pre.instantiate(&mut store).and_then(|plugin| {
-            plugin
-                .switchyard_plugin_handler()
-                .call_handle(&mut store, &wit_event)
-        });
-        store.data().flush_output();
-        match result {
-            Ok(Ok(verdict)) => Ok(convert::from_wit_verdict(verdict)),
-            Ok(Err(error)) => Err(CallError::Plugin(convert::plugin_error_message(&error))),
-            Err(error) => match error.downcast_ref::<wasmtime::Trap>() {
-                Some(wasmtime::Trap::Interrupt) => Err(CallError::Deadline(limits.deadline)),
-                _ => Err(CallError::Trap(format!("{error:#}"))),
-            },
+    fn note_outcome(&self, ok: bool) {
+        let threshold = self.options.degraded_after;
+        if ok {
+            if self.consecutive_failures.swap(0, Ordering::Relaxed) >= threshold {
+                tracing::info!(plugin = %self.name, sha256 = %self.sha256, "Plugin recovered.");
+            }
+        } else if self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1 == threshold {
+            tracing::warn!(plugin = %self.name, sha256 = %self.sha256, failures = threshold, "Plugin degraded.");
         }
     }
+
+    fn new_store(&self, event: &Event, config: Arc<[(String, String)]>, max_memory: usize) -> Store<PluginState> {
+        let store_limits = StoreLimitsBuilder::new()
+            .memory_size(max_memory)
+            .instances(20)
+            .tables(20)
+            .memories(20)
+            .trap_on_grow_failure(true)
+            .build();
+        let state = PluginState::new(self.name.clone(), event.id.to_string(), config, store_limits);
+        let mut store = Store::new(self.pre.engine(), state);
+        store.limiter(|s| &mut s.limits);
+        store.epoch_deadline_trap();
+        store
+    }
+
+    fn call_fresh(&self, event: &Event, config: Arc<[(String, String)]>, limits: CallLimits) -> Result<PluginVerdict, CallError> {
+        let mut store = self.new_store(event, config, limits.max_memory);
+        set_deadline(&mut store, limits.deadline);
+        let result = self
+            .pre
+            .instantiate(&mut store)
+            .and_then(|plugin| invoke(&plugin, &mut store, event));
+        store.data().flush_output();
+        classify(result, limits.deadline)
+    }
+
+    fn call_warm(&self, event: &Event, config: Arc<[(String, String)]>, limits: CallLimits) -> Result<PluginVerdict, CallError> {
+        let reused = {
+            let mut pool = self.warm.lock().unwrap_or_else(|e| e.into_inner());
+            let at = pool.iter().rposition(|w| w.max_memory == limits.max_memory);
+            at.map(|i| pool.swap_remove(i))
+        };
+        let mut warm = match reused {
+            Some(mut w) => {
+                w.store.data_mut().begin_call(event.id.to_string(), config);
+                w
+            }
+            None => {
+                let mut store = self.new_store(event, config, limits.max_memory);
+                set_deadline(&mut store, limits.deadline);
+                let plugin = match self.pre.instantiate(&mut store) {
+                    Ok(p) => p,
+                    Err(e) => return classify(Err(e), limits.deadline),
+                };
+                WarmInstance {
+                    store,
+                    plugin,
+                    max_memory: limits.max_memory,
+                    calls: 0,
+                }
+            }
+        };
+        set_deadline(&mut warm.store, limits.deadline);
+        let result = invoke(&warm.plugin, &mut warm.store, event);
+        warm.store.data().flush_output();
+        warm.calls += 1;
+        // A trapped instance is never reused: its memory may be in any state.
+        let trapped = result.is_err();
+        if !trapped && warm.calls < self.options.warm_recycle_after {
+            let mut pool = self.warm.lock().unwrap_or_else(|e| e.into_inner());
+            if pool.len() < self.options.warm_pool_size {
+                pool.push(warm);
+            }
+        }
+        classify(result, limits.deadline)
+    }
+
+    /// How many warm instances wait for reuse.
+    pub fn warm_instances(&self) -> usize {
+        self.warm.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+fn set_deadline(store: &mut Store<PluginState>, deadline: Duration) {
+    let ticks = (deadline.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64;
+    store.set_epoch_deadline(ticks);
+}
+
+type RawResult = wasmtime::Result<Result<bindings::Verdict, bindings::PluginError>>;
+
+fn invoke(plugin: &Plugin, store: &mut Store<PluginState>, event: &Event) -> RawResult {
+    let wit_event = convert::to_wit_event(event);
+    plugin.switchyard_plugin_handler().call_handle(store, &wit_event)
+}
+
+fn classify(result: RawResult, deadline: Duration) -> Result<PluginVerdict, CallError> {
+    match result {
+        Ok(Ok(verdict)) => Ok(convert::from_wit_verdict(verdict)),
+        Ok(Err(error)) => Err(CallError::Plugin(convert::plugin_error_message(&error))),
+        Err(error) => match error.downcast_ref::<wasmtime::Trap>() {
+            Some(wasmtime::Trap::Interrupt) => Err(CallError::Deadline(deadline)),
+            _ => Err(CallError::Trap(format!("{error:#}"))),
+        },
+    }
+}
+
+/// Enforces the output caps on a verdict.
+fn check_output(verdict: PluginVerdict, limits: &CallLimits) -> Result<PluginVerdict, CallError> {
+    let too_big = |len: usize| {
+        Err(CallError::Output(format!(
+            "a body of {len} bytes is larger than {} bytes",
+            limits.max_output_bytes
+        )))
+    };
+    match &verdict {
+        PluginVerdict::Continue(u) => {
+            if let Some(b) = &u.body
+                && b.0.len() > limits.max_output_bytes
+            {
+                return too_big(b.0.len());
+            }
+        }
+        PluginVerdict::Route { deliveries } => {
+            if deliveries.len() > limits.max_deliveries {
+                return Err(CallError::Output(format!(
+                    "{} deliveries are more than {}",
+                    deliveries.len(),
+                    limits.max_deliveries
+                )));
+            }
+            for d in deliveries {
+                if let Some(b) = &d.body
+                    && b.0.len() > limits.max_output_bytes
+                {
+                    return too_big(b.0.len());
+                }
+            }
+        }
+        PluginVerdict::Drop { .. } => {}
+    }
+    Ok(verdict)
 }
