@@ -31,7 +31,8 @@ async fn run(url: &str, events: usize, concurrency: usize) -> (f64, Vec<Duration
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
-        let (client, body, next, url) = (client.clone(), body.clone(), next.clone(), url.to_string());
+        let (client, body, next, url) =
+            (client.clone(), body.clone(), next.clone(), url.to_string());
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < events {
@@ -61,7 +62,10 @@ async fn run(url: &str, events: usize, concurrency: usize) -> (f64, Vec<Duration
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
     let events: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(20_000);
     let concurrency: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(64);
 

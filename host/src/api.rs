@@ -42,6 +42,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/destinations", get(list_destinations))
         .route("/v1/destinations/{name}/restart", post(restart_destination))
         .route("/v1/deliveries", get(list_deliveries))
+        .route("/v1/plugins", get(list_plugins))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
@@ -167,6 +168,29 @@ async fn list_deliveries(
         None
     };
     Ok(Json(json!({ "items": items, "next_cursor": next_cursor })))
+}
+
+/// The loaded plugins: version, health, instance mode and the routes that use each.
+async fn list_plugins(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let routing = state.pipeline.routing();
+    let items: Vec<serde_json::Value> = state
+        .pipeline
+        .plugins()
+        .all()
+        .iter()
+        .map(|p| {
+            json!({
+                "name": p.name(),
+                "sha256": p.sha256(),
+                "status": if p.degraded() { "degraded" } else { "ok" },
+                "consecutive_failures": p.consecutive_failures(),
+                "default_instance": p.default_mode(),
+                "warm_instances": p.warm_instances(),
+                "routes": routing.routes_using(p.name()),
+            })
+        })
+        .collect();
+    Json(json!({ "items": items }))
 }
 
 async fn not_found() -> ApiError {

@@ -612,7 +612,9 @@ impl Config {
             }
             for (j, p) in r.plugins.iter().enumerate() {
                 check_name(&p.name).map_err(|m| (format!("routes[{i}].plugins[{j}].name"), m))?;
-                if p.max_memory_bytes.unwrap_or(self.plugins.max_memory_bytes) > self.plugins.max_memory_bytes {
+                if p.max_memory_bytes.unwrap_or(self.plugins.max_memory_bytes)
+                    > self.plugins.max_memory_bytes
+                {
                     return Err((
                         format!("routes[{i}].plugins[{j}].max_memory_bytes"),
                         "may not exceed [plugins] max_memory_bytes".into(),

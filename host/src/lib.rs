@@ -57,7 +57,8 @@ impl Gateway {
                 warm_recycle_after: p.warm_recycle_after,
                 degraded_after: p.degraded_after,
             };
-            let runtime = PluginRuntime::with_options(options).context("cannot start the WebAssembly engine")?;
+            let runtime = PluginRuntime::with_options(options)
+                .context("cannot start the WebAssembly engine")?;
             load_plugins(&runtime, &plugin_config)
         })
         .await??;

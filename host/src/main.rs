@@ -182,7 +182,12 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 run: 0,
             };
             let outcome = tokio::task::spawn_blocking(move || {
-                plugin.call(&event, Arc::from(config), CallLimits::default(), InstanceMode::Fresh)
+                plugin.call(
+                    &event,
+                    Arc::from(config),
+                    CallLimits::default(),
+                    InstanceMode::Fresh,
+                )
             })
             .await?;
             match outcome {

@@ -68,7 +68,9 @@ impl Routing {
                         config: p.config.clone().into(),
                         limits: CallLimits {
                             deadline: p.deadline.unwrap_or(config.plugins.deadline),
-                            max_memory: p.max_memory_bytes.unwrap_or(config.plugins.max_memory_bytes),
+                            max_memory: p
+                                .max_memory_bytes
+                                .unwrap_or(config.plugins.max_memory_bytes),
                             max_output_bytes: config.plugins.max_output_bytes,
                             max_deliveries: config.plugins.max_deliveries,
                         },
@@ -99,6 +101,15 @@ impl Routing {
     pub fn destinations(&self) -> &HashMap<String, Arc<Destination>> {
         &self.destinations
     }
+
+    /// The indexes of the routes whose chain includes the plugin.
+    pub fn routes_using(&self, plugin: &str) -> Vec<usize> {
+        self.routes
+            .iter()
+            .filter(|r| r.plugins.iter().any(|p| p.name == plugin))
+            .map(|r| r.index)
+            .collect()
+    }
 }
 
 /// The running pipeline: store → plugin chains → deliveries (stored, then sent by the
@@ -123,6 +134,11 @@ impl Pipeline {
             routing: ArcSwap::new(routing),
             dispatcher,
         })
+    }
+
+    /// The loaded plugins.
+    pub fn plugins(&self) -> &PluginRegistry {
+        &self.plugins
     }
 
     /// The routing table now in force.
@@ -162,7 +178,8 @@ impl Pipeline {
             if routing.routes[route_index].source != event.source {
                 continue;
             }
-            let (routing2, plugins, event2) = (routing.clone(), self.plugins.clone(), event.clone());
+            let (routing2, plugins, event2) =
+                (routing.clone(), self.plugins.clone(), event.clone());
             let chain = tokio::task::spawn_blocking(move || {
                 run_chain(&routing2, &routing2.routes[route_index], &plugins, &event2)
             })
@@ -258,7 +275,13 @@ fn run_chain(
                     OnError::DeadLetter => return (steps, ChainEnd::Failed(error)),
                     OnError::Drop => {
                         let plugin = rp.name.clone();
-                        return (steps, ChainEnd::Dropped { plugin, reason: error });
+                        return (
+                            steps,
+                            ChainEnd::Dropped {
+                                plugin,
+                                reason: error,
+                            },
+                        );
                     }
                     OnError::SkipPlugin => continue,
                 }

@@ -142,7 +142,13 @@ fn serve_names_a_bad_config_key_and_a_broken_plugin_file() {
 
 #[test]
 fn every_guest_fixture_is_used_by_a_test() {
-    let sources = [include_str!("spine.rs"), include_str!("cli.rs")].concat();
+    let sources = [
+        include_str!("spine.rs"),
+        include_str!("cli.rs"),
+        include_str!("sandbox.rs"),
+        include_str!("crash.rs"),
+    ]
+    .concat();
     for name in GUESTS {
         assert!(
             sources.matches(&format!("\"{name}\"")).count() >= 2

@@ -5,5 +5,6 @@
 mod cli;
 mod crash;
 mod durable;
+mod sandbox;
 mod spine;
 mod util;

@@ -17,7 +17,9 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker};
-use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreLimitsBuilder};
+use wasmtime::{
+    Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreLimitsBuilder,
+};
 
 pub use bindings::{HANDLER_EXPORT, HOST_IMPORT, WIT_PACKAGE};
 pub use check::{CheckReport, check_component};
@@ -147,13 +149,19 @@ impl PluginRuntime {
                 }
             })?;
 
-        Ok(Arc::new(Self { engine, linker, options }))
+        Ok(Arc::new(Self {
+            engine,
+            linker,
+            options,
+        }))
     }
 
     /// Compiles a plugin from a file and checks it against the `plugin` world.
     pub fn load_file(&self, name: &str, path: &Path) -> anyhow::Result<LoadedPlugin> {
-        let bytes = std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
-        self.load_bytes(name, &bytes).map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))
+        let bytes = std::fs::read(path)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+        self.load_bytes(name, &bytes)
+            .map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))
     }
 
     /// Compiles a plugin from component bytes and checks it against the `plugin` world.
@@ -175,7 +183,10 @@ impl PluginRuntime {
 
     /// Links a component against the world, explaining a mismatch in plain words.
     fn link(&self, component: &Component) -> anyhow::Result<PluginPre<PluginState>> {
-        let linked = self.linker.instantiate_pre(component).and_then(PluginPre::new);
+        let linked = self
+            .linker
+            .instantiate_pre(component)
+            .and_then(PluginPre::new);
         linked.map_err(|e| {
             let report = check::diagnose(&self.engine, component);
             if report.problems.is_empty() {
@@ -222,7 +233,11 @@ impl LoadedPlugin {
 
     /// The instance mode used when a route does not choose one.
     pub fn default_mode(&self) -> InstanceMode {
-        if self.size > WARM_BY_DEFAULT_ABOVE { InstanceMode::Warm } else { InstanceMode::Fresh }
+        if self.size > WARM_BY_DEFAULT_ABOVE {
+            InstanceMode::Warm
+        } else {
+            InstanceMode::Fresh
+        }
     }
 
     /// Failures in a row, up to now.
@@ -264,7 +279,12 @@ impl LoadedPlugin {
         }
     }
 
-    fn new_store(&self, event: &Event, config: Arc<[(String, String)]>, max_memory: usize) -> Store<PluginState> {
+    fn new_store(
+        &self,
+        event: &Event,
+        config: Arc<[(String, String)]>,
+        max_memory: usize,
+    ) -> Store<PluginState> {
         let store_limits = StoreLimitsBuilder::new()
             .memory_size(max_memory)
             .instances(20)
@@ -272,14 +292,24 @@ impl LoadedPlugin {
             .memories(20)
             .trap_on_grow_failure(true)
             .build();
-        let state = PluginState::new(self.name.clone(), event.id.to_string(), config, store_limits);
+        let state = PluginState::new(
+            self.name.clone(),
+            event.id.to_string(),
+            config,
+            store_limits,
+        );
         let mut store = Store::new(self.pre.engine(), state);
         store.limiter(|s| &mut s.limits);
         store.epoch_deadline_trap();
         store
     }
 
-    fn call_fresh(&self, event: &Event, config: Arc<[(String, String)]>, limits: CallLimits) -> Result<PluginVerdict, CallError> {
+    fn call_fresh(
+        &self,
+        event: &Event,
+        config: Arc<[(String, String)]>,
+        limits: CallLimits,
+    ) -> Result<PluginVerdict, CallError> {
         let mut store = self.new_store(event, config, limits.max_memory);
         set_deadline(&mut store, limits.deadline);
         let result = self
@@ -290,7 +320,12 @@ impl LoadedPlugin {
         classify(result, limits.deadline)
     }
 
-    fn call_warm(&self, event: &Event, config: Arc<[(String, String)]>, limits: CallLimits) -> Result<PluginVerdict, CallError> {
+    fn call_warm(
+        &self,
+        event: &Event,
+        config: Arc<[(String, String)]>,
+        limits: CallLimits,
+    ) -> Result<PluginVerdict, CallError> {
         let reused = {
             let mut pool = self.warm.lock().unwrap_or_else(|e| e.into_inner());
             let at = pool.iter().rposition(|w| w.max_memory == limits.max_memory);
@@ -346,7 +381,9 @@ type RawResult = wasmtime::Result<Result<bindings::Verdict, bindings::PluginErro
 
 fn invoke(plugin: &Plugin, store: &mut Store<PluginState>, event: &Event) -> RawResult {
     let wit_event = convert::to_wit_event(event);
-    plugin.switchyard_plugin_handler().call_handle(store, &wit_event)
+    plugin
+        .switchyard_plugin_handler()
+        .call_handle(store, &wit_event)
 }
 
 fn classify(result: RawResult, deadline: Duration) -> Result<PluginVerdict, CallError> {

@@ -84,6 +84,13 @@ impl PluginRegistry {
         self.plugins.load().get(name).cloned()
     }
 
+    /// The loaded plugins, sorted by name.
+    pub fn all(&self) -> Vec<Arc<LoadedPlugin>> {
+        let mut all: Vec<Arc<LoadedPlugin>> = self.plugins.load().values().cloned().collect();
+        all.sort_by(|a, b| a.name().cmp(b.name()));
+        all
+    }
+
     /// The names of the loaded plugins, sorted.
     pub fn names(&self) -> Vec<String> {
         let mut names: Vec<String> = self.plugins.load().keys().cloned().collect();

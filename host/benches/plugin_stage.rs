@@ -1,0 +1,56 @@
+//! The plugin stage per call: one 1 KiB Onomondo event through a plugin, in a fresh
+//! instance and in a warm (reused) one.
+//!
+//! Run with: `cargo bench -p switchyard --bench plugin_stage`. The plugins are built from
+//! source first (release, wasm32-wasip2).
+
+use std::sync::Arc;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use switchyard::event::{Body, Event};
+use switchyard::plugin::{CallLimits, InstanceMode, PluginRuntime};
+
+fn event() -> Event {
+    let body =
+        std::fs::read(xtask::workspace_root().join("examples/events/onomondo-usage.json")).unwrap();
+    Event {
+        id: "0192a0b0-0000-7000-8000-000000000000".into(),
+        source: "onomondo".into(),
+        received_at: 1_730_000_000_000,
+        method: "POST".into(),
+        path: "/v1/ingest/onomondo".into(),
+        query: String::new(),
+        headers: vec![("content-type".into(), "application/json".into())],
+        content_type: Some("application/json".into()),
+        body: Body::from(body),
+        metadata: Vec::new(),
+        run: 0,
+    }
+}
+
+fn plugin_stage(c: &mut Criterion) {
+    let out = xtask::workspace_root().join("target/guests/plugins");
+    let plugins = ["event-filter", "iot-normalize"];
+    xtask::build_guests(&plugins, &out).expect("guest plugins build");
+    let runtime = PluginRuntime::new().unwrap();
+    let event = event();
+    for name in plugins {
+        let plugin = runtime
+            .load_file(name, &out.join(format!("{name}.wasm")))
+            .unwrap();
+        let config: Arc<[(String, String)]> =
+            Arc::from(vec![("allow".to_string(), "usage".to_string())]);
+        for (label, mode) in [("fresh", InstanceMode::Fresh), ("warm", InstanceMode::Warm)] {
+            c.bench_function(&format!("{name}/{label}"), |b| {
+                b.iter(|| {
+                    plugin
+                        .call(&event, config.clone(), CallLimits::default(), mode)
+                        .expect("plugin answers")
+                })
+            });
+        }
+    }
+}
+
+criterion_group!(benches, plugin_stage);
+criterion_main!(benches);

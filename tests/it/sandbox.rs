@@ -1,0 +1,230 @@
+//! The plugin sandbox: adversarial plugins cost only their own event, capabilities are
+//! denied, routes choose what a failure means, warm instances are recycled and a trapped
+//! instance is never reused, and a plugin that keeps failing is reported degraded.
+
+use serde_json::{Value, json};
+
+use crate::util::{Receiver, TestGateway};
+
+/// A `bad` source through the misbehave fixture and a `good` one that must keep flowing.
+fn config(route_extra: &str, plugin_extra: &str) -> String {
+    format!(
+        r#"
+[plugins]
+deadline = "200ms"
+max_memory_bytes = 16777216
+max_output_bytes = 65536
+max_deliveries = 8
+warm_recycle_after = 3
+degraded_after = 3
+[[sources]]
+name = "bad"
+[[sources]]
+name = "good"
+[[destinations]]
+name = "sink"
+url = "{{receiver}}/:source:?calls=:calls:&result=:result:"
+[[routes]]
+source = "bad"
+plugins = [{{ name = "misbehave"{plugin_extra} }}]
+destinations = ["sink"]
+{route_extra}
+[[routes]]
+source = "good"
+destinations = ["sink"]
+"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn adversarial_plugins_are_contained_with_a_clear_reason() {
+    let rx = Receiver::start().await;
+    let gw = TestGateway::start(&config("", ""), &rx, &["misbehave"]).await;
+    let cases = [
+        (json!({ "mode": "loop" }), "exceeded its deadline of 200ms"),
+        (json!({ "mode": "alloc" }), "trapped"),
+        (json!({ "mode": "recurse" }), "trapped"),
+        (json!({ "mode": "panic" }), "trapped"),
+        (json!({ "mode": "unreachable" }), "trapped"),
+        (
+            json!({ "mode": "big-body", "size": 65537 }),
+            "a body of 65537 bytes is larger than 65536 bytes",
+        ),
+        (
+            json!({ "mode": "many-deliveries", "count": 9 }),
+            "9 deliveries are more than 8",
+        ),
+    ];
+    let mut ids = Vec::new();
+    let mut good = Vec::new();
+    for (body, _) in &cases {
+        ids.push(gw.accept("bad", body.to_string()).await);
+        good.push(gw.accept("good", "{}").await);
+    }
+    for ((body, expected), id) in cases.iter().zip(&ids) {
+        let e = gw.settled(id).await;
+        let error = e["routes"][0]["result"]["error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(error.contains(expected), "{body}: {error}");
+        assert_eq!(e["deliveries"], json!([]), "{body}");
+    }
+    for id in &good {
+        assert_eq!(gw.settled(id).await["deliveries"][0]["status"], "delivered");
+    }
+    // A body exactly at the cap is fine.
+    let ok = gw
+        .accept(
+            "bad",
+            json!({ "mode": "big-body", "size": 65536 }).to_string(),
+        )
+        .await;
+    assert_eq!(
+        gw.settled(&ok).await["deliveries"][0]["status"],
+        "delivered"
+    );
+    gw.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn capabilities_are_denied() {
+    let rx = Receiver::start().await;
+    let gw = TestGateway::start(&config("", ""), &rx, &["misbehave"]).await;
+    // A socket that is really listening, so a refusal is the sandbox's doing.
+    let port: u16 = rx.url.rsplit(':').next().unwrap().parse().unwrap();
+    let probes = [
+        json!({ "mode": "file" }),
+        json!({ "mode": "socket", "port": port }),
+        json!({ "mode": "env" }),
+    ];
+    let mut results = Vec::new();
+    for p in &probes {
+        let id = gw.accept("bad", p.to_string()).await;
+        gw.settled(&id).await;
+        let e = gw.event(&id).await;
+        let verdict = &e["routes"][0]["steps"][0]["verdict"];
+        let result = verdict["metadata"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|kv| kv[0] == "result")
+            .map(|kv| kv[1].as_str().unwrap().to_string())
+            .unwrap();
+        results.push(result);
+    }
+    assert!(results[0].starts_with("denied"), "file: {}", results[0]);
+    assert!(results[1].starts_with("denied"), "socket: {}", results[1]);
+    assert_eq!(results[2], "0 variables", "env");
+    assert!(
+        rx.requests().iter().all(|r| r.uri.starts_with("/bad?")),
+        "the plugin's socket never reached the receiver"
+    );
+    gw.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn on_error_decides_what_a_failure_means() {
+    let rx = Receiver::start().await;
+    let panic = json!({ "mode": "panic" }).to_string();
+
+    let gw = TestGateway::start(&config(r#"on_error = "drop""#, ""), &rx, &["misbehave"]).await;
+    let e = gw.settled(&gw.accept("bad", panic.clone()).await).await;
+    assert_eq!(e["routes"][0]["result"]["result"], "dropped", "{e}");
+    assert!(
+        e["routes"][0]["result"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("trapped")
+    );
+    gw.shutdown().await.unwrap();
+
+    let gw = TestGateway::start(
+        &config(r#"on_error = "skip-plugin""#, ""),
+        &rx,
+        &["misbehave"],
+    )
+    .await;
+    let e = gw.settled(&gw.accept("bad", panic.clone()).await).await;
+    assert_eq!(e["routes"][0]["result"]["result"], "delivering", "{e}");
+    assert_eq!(e["routes"][0]["steps"][0]["outcome"], "error");
+    assert_eq!(e["deliveries"][0]["status"], "delivered");
+    gw.shutdown().await.unwrap();
+
+    // The default: dead-letter — kept, visible, and replayable.
+    let gw = TestGateway::start(&config("", ""), &rx, &["misbehave"]).await;
+    let id = gw.accept("bad", panic).await;
+    let e = gw.settled(&id).await;
+    assert_eq!(e["routes"][0]["result"]["result"], "failed", "{e}");
+    assert_eq!(gw.post_api(&format!("/v1/events/{id}/replay")).await.0, 202);
+    gw.shutdown().await.unwrap();
+}
+
+/// The `calls` count the misbehave fixture keeps in its instance, as delivered.
+async fn calls_of(gw: &TestGateway, body: &str) -> Option<u64> {
+    let id = gw.accept("bad", body.to_string()).await;
+    let e = gw.settled(&id).await;
+    let delivered = e["deliveries"].as_array().unwrap().first().cloned()?;
+    let url = delivered["url"].as_str().unwrap();
+    let calls = url.split("calls=").nth(1)?.split('&').next()?;
+    calls.parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn warm_instances_are_recycled_and_never_reused_after_a_trap() {
+    let rx = Receiver::start().await;
+    let gw = TestGateway::start(&config("", r#", instance = "warm""#), &rx, &["misbehave"]).await;
+    let fine = r#"{"mode":"fine"}"#;
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        seen.push(calls_of(&gw, fine).await.unwrap());
+    }
+    assert_eq!(
+        seen,
+        [1, 2, 3, 1],
+        "an instance serves 3 events, then a new one takes over"
+    );
+
+    assert_eq!(calls_of(&gw, fine).await, Some(2));
+    assert_eq!(calls_of(&gw, r#"{"mode":"panic"}"#).await, None);
+    assert_eq!(
+        calls_of(&gw, fine).await,
+        Some(1),
+        "the trapped instance was thrown away"
+    );
+
+    let (_, plugins) = gw.get("/v1/plugins").await;
+    assert_eq!(plugins["items"][0]["warm_instances"], 1);
+    gw.shutdown().await.unwrap();
+
+    // Fresh mode (the default for a small plugin): every event gets a new instance.
+    let gw = TestGateway::start(&config("", ""), &rx, &["misbehave"]).await;
+    for _ in 0..3 {
+        assert_eq!(calls_of(&gw, fine).await, Some(1));
+    }
+    let (_, plugins) = gw.get("/v1/plugins").await;
+    assert_eq!(plugins["items"][0]["default_instance"], "fresh");
+    gw.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plugin_failing_again_and_again_is_degraded_until_it_succeeds() {
+    let rx = Receiver::start().await;
+    let gw = TestGateway::start(&config("", ""), &rx, &["misbehave"]).await;
+    let status = |v: &Value| v["items"][0]["status"].as_str().unwrap().to_string();
+    for i in 1..=3 {
+        let id = gw.accept("bad", r#"{"mode":"error"}"#).await;
+        gw.settled(&id).await;
+        let (_, plugins) = gw.get("/v1/plugins").await;
+        let expected = if i < 3 { "ok" } else { "degraded" };
+        assert_eq!(status(&plugins), expected, "after {i} failures: {plugins}");
+    }
+    let (_, plugins) = gw.get("/v1/plugins").await;
+    assert_eq!(plugins["items"][0]["routes"], json!([0]));
+    let id = gw.accept("bad", r#"{"mode":"fine"}"#).await;
+    gw.settled(&id).await;
+    let (_, plugins) = gw.get("/v1/plugins").await;
+    assert_eq!(status(&plugins), "ok");
+    assert_eq!(plugins["items"][0]["consecutive_failures"], 0);
+    gw.shutdown().await.unwrap();
+}
