@@ -12,10 +12,10 @@ use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::config::Config;
 use crate::delivery::{Dispatcher, RestartError};
 use crate::ingest;
 use crate::pipeline::Pipeline;
+use crate::reload::Reloader;
 use crate::store::{
     DeliveryRecord, DeliveryStatus, DestinationHealth, EventRecord, Store, StoreError,
 };
@@ -26,14 +26,20 @@ pub struct AppState {
     pub pipeline: Arc<Pipeline>,
     pub store: Arc<dyn Store>,
     pub dispatcher: Arc<Dispatcher>,
-    pub config: Arc<Config>,
+    pub reloader: Arc<Reloader>,
 }
 
 /// Builds the gateway's router.
 pub fn router(state: AppState) -> Router {
     // axum's own limit is set above ours so that ingest can answer an oversized body with
     // our JSON error rather than axum's plain-text one.
-    let limit = state.config.server.max_body_bytes.saturating_add(1);
+    // The limit is read once: a reloaded max_body_bytes takes effect at the next start.
+    let limit = state
+        .reloader
+        .config()
+        .server
+        .max_body_bytes
+        .saturating_add(1);
     Router::new()
         .route("/healthz", get(healthz))
         .route("/v1/ingest/{source}", post(ingest::ingest))
@@ -43,6 +49,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/destinations/{name}/restart", post(restart_destination))
         .route("/v1/deliveries", get(list_deliveries))
         .route("/v1/plugins", get(list_plugins))
+        .route("/v1/reload", post(reload))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
@@ -93,7 +100,8 @@ async fn list_destinations(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let counts = state.store.delivery_counts().await?;
     let items: Vec<DestinationView> = state
-        .config
+        .reloader
+        .config()
         .destinations
         .iter()
         .map(|d| {
@@ -170,27 +178,56 @@ async fn list_deliveries(
     Ok(Json(json!({ "items": items, "next_cursor": next_cursor })))
 }
 
-/// The loaded plugins: version, health, instance mode and the routes that use each.
+/// Every plugin the last reload saw: the serving version, its status (ok, error with the
+/// last error, missing), health, instance mode, and the routes that use it.
 async fn list_plugins(State(state): State<AppState>) -> Json<serde_json::Value> {
     let routing = state.pipeline.routing();
+    let serving = state.pipeline.plugins().snapshot();
     let items: Vec<serde_json::Value> = state
         .pipeline
         .plugins()
-        .all()
-        .iter()
-        .map(|p| {
-            json!({
-                "name": p.name(),
-                "sha256": p.sha256(),
-                "status": if p.degraded() { "degraded" } else { "ok" },
-                "consecutive_failures": p.consecutive_failures(),
-                "default_instance": p.default_mode(),
-                "warm_instances": p.warm_instances(),
-                "routes": routing.routes_using(p.name()),
-            })
+        .statuses()
+        .into_iter()
+        .map(|(name, status)| {
+            let mut item = json!({
+                "name": name,
+                "status": status.status,
+                "routes": routing.routes_using(&name),
+            });
+            if let serde_json::Value::Object(s) = json!(status) {
+                item.as_object_mut().unwrap().extend(s);
+            }
+            if let Some(p) = serving.get(&name) {
+                item.as_object_mut().unwrap().extend(
+                    json!({
+                        "sha256": p.sha256(),
+                        "from_cache": p.from_cache(),
+                        "degraded": p.degraded(),
+                        "consecutive_failures": p.consecutive_failures(),
+                        "default_instance": p.default_mode(),
+                        "warm_instances": p.warm_instances(),
+                    })
+                    .as_object()
+                    .unwrap()
+                    .clone(),
+                );
+            }
+            item
         })
         .collect();
     Json(json!({ "items": items }))
+}
+
+/// Reloads the config file and the plugin directory now. `422` when the config was
+/// rejected (the previous one keeps serving).
+async fn reload(State(state): State<AppState>) -> (StatusCode, Json<crate::reload::ReloadReport>) {
+    let report = state.reloader.reload("POST /v1/reload").await;
+    let status = if report.config == "rejected" {
+        StatusCode::UNPROCESSABLE_ENTITY
+    } else {
+        StatusCode::OK
+    };
+    (status, Json(report))
 }
 
 async fn not_found() -> ApiError {

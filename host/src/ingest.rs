@@ -9,6 +9,7 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use serde_json::json;
 
 use crate::api::{ApiError, AppState};
+use crate::config::Config;
 use crate::delivery::now_ms;
 use crate::event::{Body, Event};
 use crate::store::{Idempotency, Inserted};
@@ -24,7 +25,8 @@ pub async fn ingest(
     if !state.pipeline.routing().has_source(&source) {
         return Err(ApiError::NotFound(format!("no source named `{source}`")));
     }
-    let max = state.config.server.max_body_bytes;
+    let config = state.reloader.config();
+    let max = config.server.max_body_bytes;
     let body = match body {
         Ok(b) if b.len() <= max => b,
         Ok(_) => return Err(ApiError::PayloadTooLarge(max)),
@@ -63,9 +65,9 @@ pub async fn ingest(
         metadata: Vec::new(),
         run: 0,
     };
-    let idempotency = idempotency_key(&state, &event, &headers)?.map(|key| Idempotency {
+    let idempotency = idempotency_key(&config, &event, &headers)?.map(|key| Idempotency {
         key,
-        window_ms: state.config.server.idempotency_window.as_millis() as u64,
+        window_ms: config.server.idempotency_window.as_millis() as u64,
     });
     let id = event.id.clone();
     let source = event.source.clone();
@@ -87,7 +89,7 @@ pub async fn ingest(
 /// The event's idempotency key: the `Idempotency-Key` header, or else the source's
 /// configured JSON field.
 fn idempotency_key(
-    state: &AppState,
+    config: &Config,
     event: &Event,
     headers: &HeaderMap,
 ) -> Result<Option<String>, ApiError> {
@@ -102,8 +104,7 @@ fn idempotency_key(
         }
         return Ok(Some(key.to_string()));
     }
-    let field = state
-        .config
+    let field = config
         .sources
         .iter()
         .find(|s| s.name == event.source)

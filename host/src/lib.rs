@@ -3,7 +3,8 @@
 //! The data path is a chain of stages, one module each:
 //! [`ingest`] → [`store`] → [`pipeline`] (plugin chains, run by [`plugin`]) →
 //! [`delivery`] → outcome recorded in the [`store`]. [`config`] loads and validates the
-//! configuration; [`api`] is the HTTP edge. `main.rs` only parses flags and calls in here.
+//! configuration and [`reload`] swaps it and the plugins while running; [`api`] is the HTTP
+//! edge. `main.rs` only parses flags and calls in here.
 
 pub mod api;
 pub mod config;
@@ -12,9 +13,11 @@ pub mod event;
 pub mod ingest;
 pub mod pipeline;
 pub mod plugin;
+pub mod reload;
 pub mod store;
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context as _;
@@ -26,16 +29,17 @@ use tokio_util::sync::CancellationToken;
 
 use crate::delivery::{Clock, Dispatcher, SystemClock};
 use crate::pipeline::{Pipeline, Routing};
-use crate::plugin::{PluginRegistry, PluginRuntime, RegistryError, RuntimeOptions};
+use crate::plugin::{PluginRegistry, PluginRuntime, RuntimeOptions};
+use crate::reload::{Env, Reloader};
 use crate::store::{SqliteStore, Store};
 
 /// A gateway whose plugins are loaded, whose store is open and whose stages are built,
 /// ready to serve.
 pub struct Gateway {
-    config: Config,
     store: Arc<dyn Store>,
     pipeline: Arc<Pipeline>,
     dispatcher: Arc<Dispatcher>,
+    reloader: Arc<Reloader>,
     clock: Arc<dyn Clock>,
 }
 
@@ -48,20 +52,16 @@ impl Gateway {
 
     /// As [`Gateway::new`], with the delivery stage's time taken from `clock`.
     pub async fn with_clock(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
-        let plugin_config = config.clone();
-        let plugins = tokio::task::spawn_blocking(move || -> anyhow::Result<PluginRegistry> {
-            let p = &plugin_config.plugins;
-            let options = RuntimeOptions {
-                max_memory: p.max_memory_bytes,
-                warm_pool_size: p.warm_pool_size,
-                warm_recycle_after: p.warm_recycle_after,
-                degraded_after: p.degraded_after,
-            };
-            let runtime = PluginRuntime::with_options(options)
-                .context("cannot start the WebAssembly engine")?;
-            load_plugins(&runtime, &plugin_config)
-        })
-        .await??;
+        let p = &config.plugins;
+        let options = RuntimeOptions {
+            max_memory: p.max_memory_bytes,
+            warm_pool_size: p.warm_pool_size,
+            warm_recycle_after: p.warm_recycle_after,
+            degraded_after: p.degraded_after,
+        };
+        let runtime = tokio::task::spawn_blocking(move || PluginRuntime::with_options(options))
+            .await?
+            .context("cannot start the WebAssembly engine")?;
         let (data_dir, capacity) = (config.server.data_dir.clone(), config.server.queue_capacity);
         let store: Arc<dyn Store> = Arc::new(
             tokio::task::spawn_blocking(move || SqliteStore::open(&data_dir, capacity))
@@ -82,19 +82,63 @@ impl Gateway {
         )
         .await
         .context("cannot start the delivery stage")?;
-        let pipeline = Pipeline::new(
-            store.clone(),
-            Arc::new(plugins),
-            routing,
+        let registry = Arc::new(PluginRegistry::default());
+        let pipeline = Pipeline::new(store.clone(), registry.clone(), routing, dispatcher.clone());
+        let reloader = Reloader::new(
+            runtime,
+            registry.clone(),
+            pipeline.clone(),
             dispatcher.clone(),
-        );
-        Ok(Self {
             config,
+        );
+
+        // Startup is a reload from empty; unlike later reloads, a plugin that a route uses
+        // and that does not load stops the start.
+        let report = reloader.reload("startup").await;
+        let config = reloader.config();
+        let loaded = registry.snapshot();
+        let mut failures: Vec<String> = Vec::new();
+        let mut used: Vec<&str> = config.used_plugins().into_iter().collect();
+        used.sort();
+        for name in used {
+            if !loaded.contains_key(name) {
+                failures.push(
+                    match report
+                        .plugins
+                        .get(name)
+                        .and_then(|s| s.last_error.as_deref())
+                    {
+                        Some(error) => format!(
+                            "plugin `{name}` is used by a route but failed to load: {error}"
+                        ),
+                        None => format!(
+                            "plugin `{name}` is used by a route but there is no {name}.wasm in {}",
+                            config.plugins.dir.display()
+                        ),
+                    },
+                );
+            }
+        }
+        if !failures.is_empty() {
+            anyhow::bail!("{}", failures.join("; "));
+        }
+        Ok(Self {
             store,
             pipeline,
             dispatcher,
+            reloader,
             clock,
         })
+    }
+
+    /// Re-reads `path` (with `env` for `${VAR}`) on every reload and watches it.
+    pub fn watch_config_file(&self, path: PathBuf, env: Env) {
+        self.reloader.set_config_file(path, env);
+    }
+
+    /// The reloader, e.g. to reload on SIGHUP.
+    pub fn reloader(&self) -> Arc<Reloader> {
+        self.reloader.clone()
     }
 
     /// Serves on `listener` until `shutdown` completes, then stops accepting, processes the
@@ -109,17 +153,25 @@ impl Gateway {
         let pipeline = tokio::spawn(self.pipeline.clone().run(workers));
         let stop = CancellationToken::new();
         let dispatcher = tokio::spawn(self.dispatcher.clone().run(stop.clone()));
+        let config = self.reloader.config();
         let retention = tokio::spawn(retention_loop(
             self.store.clone(),
             self.clock.clone(),
-            self.config.retention.clone(),
+            config.retention.clone(),
             stop.clone(),
         ));
+        let watcher = match self.reloader.clone().watch(stop.clone()) {
+            Ok(handle) => Some(handle),
+            Err(e) => {
+                tracing::warn!(error = %e, "Cannot watch for plugin and config changes; reload with SIGHUP or POST /v1/reload.");
+                None
+            }
+        };
         let app = api::router(api::AppState {
             pipeline: self.pipeline.clone(),
             store: self.store.clone(),
             dispatcher: self.dispatcher.clone(),
-            config: Arc::new(self.config.clone()),
+            reloader: self.reloader.clone(),
         });
         tracing::info!(address = %listener.local_addr()?, "Switchyard is listening.");
         axum::serve(listener, app)
@@ -132,6 +184,9 @@ impl Gateway {
         stop.cancel();
         dispatcher.await.context("dispatcher ended abnormally")?;
         retention.await.context("retention ended abnormally")?;
+        if let Some(w) = watcher {
+            w.await.context("watcher ended abnormally")?;
+        }
         tracing::info!("Shutdown complete.");
         Ok(())
     }
@@ -158,41 +213,4 @@ async fn retention_loop(
             _ = stop.cancelled() => return,
         }
     }
-}
-
-fn load_plugins(runtime: &PluginRuntime, config: &Config) -> anyhow::Result<PluginRegistry> {
-    let used = config.used_plugins();
-    let dir = &config.plugins.dir;
-    let (registry, errors) = match PluginRegistry::load_dir(runtime, dir) {
-        Ok(loaded) => loaded,
-        Err(e) if used.is_empty() => {
-            tracing::warn!(error = %e, "No plugins loaded.");
-            (PluginRegistry::from_map(Default::default()), Vec::new())
-        }
-        Err(e) => return Err(e.into()),
-    };
-    for error in &errors {
-        if let RegistryError::File { path, .. } = error {
-            let stem = path
-                .file_stem()
-                .and_then(|s| s.to_str())
-                .unwrap_or_default();
-            if used.contains(stem) {
-                anyhow::bail!("plugin `{stem}` is used by a route but failed to load: {error}");
-            }
-        }
-    }
-    let mut missing: Vec<&str> = used
-        .into_iter()
-        .filter(|n| registry.get(n).is_none())
-        .collect();
-    missing.sort();
-    if !missing.is_empty() {
-        anyhow::bail!(
-            "routes use plugins that are not in {}: {} (expected files named NAME.wasm)",
-            dir.display(),
-            missing.join(", ")
-        );
-    }
-    Ok(registry)
 }

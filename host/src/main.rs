@@ -110,9 +110,12 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Serve { config } => {
             let env = |name: &str| std::env::var(name).ok();
-            let config = Config::load(&config, &env)?;
+            let path = config;
+            let config = Config::load(&path, &env)?;
             let listen = config.server.listen;
             let gateway = switchyard::Gateway::new(config).await?;
+            gateway.watch_config_file(path, Arc::new(env));
+            reload_on_sighup(gateway.reloader());
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("cannot listen on {listen}"))?;
@@ -202,6 +205,20 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             }
         }
     }
+}
+
+/// SIGHUP reloads, through the same path as the file watcher and `POST /v1/reload`.
+fn reload_on_sighup(reloader: Arc<switchyard::reload::Reloader>) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            reloader.reload("SIGHUP").await;
+        }
+    });
 }
 
 async fn shutdown_signal() {

@@ -14,7 +14,7 @@ use crate::delivery::{
     Destination, Dispatcher, PlaceholderValues, PlannedDelivery, delivery_id, render,
 };
 use crate::event::{Body, Event, Pairs, merge_pairs};
-use crate::plugin::{CallLimits, PluginRegistry, PluginVerdict};
+use crate::plugin::{CallLimits, PluginMap, PluginRegistry, PluginVerdict};
 use crate::store::{PluginStep, RouteOutcome, RouteResult, StepResult, Store};
 
 /// Sources, destinations and routes as the pipeline uses them; swapped whole on reload.
@@ -141,6 +141,11 @@ impl Pipeline {
         &self.plugins
     }
 
+    /// Swaps in a new routing table; events already in progress finish on the old one.
+    pub fn set_routing(&self, routing: Arc<Routing>) {
+        self.routing.store(routing);
+    }
+
     /// The routing table now in force.
     pub fn routing(&self) -> Arc<Routing> {
         self.routing.load_full()
@@ -169,7 +174,10 @@ impl Pipeline {
     /// Runs every route of the event's source, then stores the outcomes and the deliveries
     /// they decided in one commit and wakes the dispatcher.
     async fn process(&self, event: Event) {
+        // One snapshot of routes and plugins per event: each event is processed by exactly
+        // one version of each plugin, whatever reloads happen meanwhile.
         let routing = self.routing();
+        let plugin_versions = self.plugins.snapshot();
         let event = Arc::new(event);
         let values = PlaceholderValues::of(&event);
         let mut outcomes = Vec::new();
@@ -179,7 +187,7 @@ impl Pipeline {
                 continue;
             }
             let (routing2, plugins, event2) =
-                (routing.clone(), self.plugins.clone(), event.clone());
+                (routing.clone(), plugin_versions.clone(), event.clone());
             let chain = tokio::task::spawn_blocking(move || {
                 run_chain(&routing2, &routing2.routes[route_index], &plugins, &event2)
             })
@@ -238,13 +246,13 @@ enum ChainEnd {
 fn run_chain(
     routing: &Routing,
     route: &Route,
-    plugins: &PluginRegistry,
+    plugins: &PluginMap,
     received: &Event,
 ) -> (Vec<PluginStep>, ChainEnd) {
     let mut event = received.clone();
     let mut steps = Vec::with_capacity(route.plugins.len());
     for rp in &route.plugins {
-        let Some(plugin) = plugins.get(&rp.name) else {
+        let Some(plugin) = plugins.get(&rp.name).cloned() else {
             return (
                 steps,
                 ChainEnd::Failed(format!("plugin `{}` is not loaded", rp.name)),

@@ -21,6 +21,8 @@ pub const GUESTS: &[&str] = &[
     "metadata-inject",
     "misbehave",
     "wrong-world",
+    "marker",
+    "marker-v2",
 ];
 
 /// The path of a guest plugin's component, building all of them once per test process.
@@ -199,6 +201,21 @@ impl TestGateway {
         Self::start_raw(dir, &Self::harness_config(config, receiver), &|_| None).await
     }
 
+    /// Starts a gateway whose config is the file `dir/switchyard.toml` (written from
+    /// `config`, `{receiver}` replaced), watched and re-read on reload like `serve` does.
+    pub async fn start_from_file(
+        dir: tempfile::TempDir,
+        config: &str,
+        receiver: &Receiver,
+    ) -> anyhow::Result<Self> {
+        let path = dir.path().join("switchyard.toml");
+        std::fs::write(&path, Self::harness_config(config, receiver))?;
+        let config = Config::load(&path, &|_| None)?;
+        let gateway = switchyard::Gateway::new(config).await?;
+        gateway.watch_config_file(path, Arc::new(|_| None));
+        Self::serve(gateway, dir).await
+    }
+
     /// As [`TestGateway::start`], with the delivery stage's time on a hand-moved clock.
     pub async fn start_with_clock(
         config: &str,
@@ -245,6 +262,10 @@ impl TestGateway {
             Some(clock) => switchyard::Gateway::with_clock(config, clock).await?,
             None => switchyard::Gateway::new(config).await?,
         };
+        Self::serve(gateway, dir).await
+    }
+
+    async fn serve(gateway: switchyard::Gateway, dir: tempfile::TempDir) -> anyhow::Result<Self> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);
         let (tx, rx) = oneshot::channel();
@@ -335,6 +356,11 @@ impl TestGateway {
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
         panic!("event {id} did not settle: {}", self.event(id).await);
+    }
+
+    /// The gateway's directory (config, `plugins.d`, data).
+    pub fn dir(&self) -> &Path {
+        self._dir.path()
     }
 
     /// Stops accepting, lets accepted events finish, and returns what `serve` returned.

@@ -13,7 +13,7 @@ pub const PLUGINS: &[&str] = &[
 ];
 
 /// Plugins that exist only to test the gateway.
-pub const FIXTURES: &[&str] = &["misbehave", "wrong-world"];
+pub const FIXTURES: &[&str] = &["misbehave", "wrong-world", "marker", "marker-v2"];
 
 /// The guest target.
 pub const TARGET: &str = "wasm32-wasip2";

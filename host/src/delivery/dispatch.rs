@@ -120,6 +120,11 @@ impl Dispatcher {
         self.clock.now_ms()
     }
 
+    /// Swaps in the destinations of a reloaded config.
+    pub fn set_destinations(&self, destinations: HashMap<String, Arc<Destination>>) {
+        self.destinations.store(Arc::new(destinations));
+    }
+
     /// Tells the dispatcher to look for due deliveries now.
     pub fn wake(&self) {
         self.wake.notify_one();

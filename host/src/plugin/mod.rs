@@ -24,7 +24,7 @@ use wasmtime::{
 pub use bindings::{HANDLER_EXPORT, HOST_IMPORT, WIT_PACKAGE};
 pub use check::{CheckReport, check_component};
 pub use convert::{PluginDelivery, PluginUpdate, PluginVerdict};
-pub use registry::{PluginRegistry, RegistryError};
+pub use registry::{PluginMap, PluginRegistry, PluginStatus};
 
 use bindings::{Plugin, PluginPre};
 use host_impl::PluginState;
@@ -166,9 +166,45 @@ impl PluginRuntime {
 
     /// Compiles a plugin from component bytes and checks it against the `plugin` world.
     pub fn load_bytes(&self, name: &str, bytes: &[u8]) -> anyhow::Result<LoadedPlugin> {
+        self.load_cached(name, bytes, None)
+    }
+
+    /// As [`PluginRuntime::load_bytes`], reusing the compiled code cached in `cache_dir`
+    /// (keyed by the file's SHA-256 and the engine's compatibility hash) and caching what it
+    /// compiles. The cache dir must be as trusted as the gateway's own files: its contents
+    /// are loaded as native code.
+    pub fn load_cached(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        cache_dir: Option<&Path>,
+    ) -> anyhow::Result<LoadedPlugin> {
         let sha256 = hex::encode(Sha256::digest(bytes));
-        let component = Component::from_binary(&self.engine, bytes)
-            .map_err(|e| anyhow::anyhow!("not a valid WebAssembly component: {e:#}"))?;
+        let cache_file =
+            cache_dir.map(|d| d.join(format!("{sha256}-{}.cwasm", self.compatibility_hash())));
+        let cached = cache_file.as_deref().filter(|f| f.is_file()).and_then(|f| {
+            // SAFETY: the file was written by `Component::serialize` of an engine with the
+            // same compatibility hash, into the gateway's own data dir.
+            match unsafe { Component::deserialize_file(&self.engine, f) } {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    tracing::warn!(plugin = name, file = %f.display(), error = %e, "Ignoring a bad compiled-plugin cache entry.");
+                    None
+                }
+            }
+        });
+        let from_cache = cached.is_some();
+        let component = match cached {
+            Some(c) => c,
+            None => {
+                let c = Component::from_binary(&self.engine, bytes)
+                    .map_err(|e| anyhow::anyhow!("not a valid WebAssembly component: {e:#}"))?;
+                if let Some(f) = &cache_file {
+                    write_cache(&c, f);
+                }
+                c
+            }
+        };
         let pre = self.link(&component)?;
         Ok(LoadedPlugin {
             name: name.into(),
@@ -178,7 +214,16 @@ impl PluginRuntime {
             options: self.options,
             warm: Mutex::new(Vec::new()),
             consecutive_failures: AtomicU32::new(0),
+            from_cache,
         })
+    }
+
+    /// A short hex digest of what makes compiled code loadable by this engine.
+    fn compatibility_hash(&self) -> String {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::hash::DefaultHasher::new();
+        self.engine.precompile_compatibility_hash().hash(&mut h);
+        format!("{:016x}", h.finish())
     }
 
     /// Links a component against the world, explaining a mismatch in plain words.
@@ -202,6 +247,24 @@ impl PluginRuntime {
     }
 }
 
+/// Writes a compiled component to the cache, atomically (temp file, then rename).
+fn write_cache(component: &Component, file: &Path) {
+    let result = component
+        .serialize()
+        .map_err(|e| e.to_string())
+        .and_then(|bytes| {
+            let dir = file.parent().unwrap_or(Path::new("."));
+            std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+            let tmp = file.with_extension(format!("tmp{}", std::process::id()));
+            std::fs::write(&tmp, bytes)
+                .and_then(|_| std::fs::rename(&tmp, file))
+                .map_err(|e| e.to_string())
+        });
+    if let Err(e) = result {
+        tracing::warn!(file = %file.display(), error = %e, "Cannot cache a compiled plugin.");
+    }
+}
+
 /// An instance kept for reuse, with the limits it was made with.
 struct WarmInstance {
     store: Store<PluginState>,
@@ -219,9 +282,15 @@ pub struct LoadedPlugin {
     options: RuntimeOptions,
     warm: Mutex<Vec<WarmInstance>>,
     consecutive_failures: AtomicU32,
+    from_cache: bool,
 }
 
 impl LoadedPlugin {
+    /// Whether the compiled code came from the cache (no compilation).
+    pub fn from_cache(&self) -> bool {
+        self.from_cache
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }

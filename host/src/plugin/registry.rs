@@ -1,100 +1,62 @@
-//! The set of loaded plugins, by name: every `*.wasm` file of the plugin directory, named
-//! by its file stem.
+//! The set of plugins serving, by name, and what the last reload found for each file.
+//! Readers take a snapshot; a reload swaps the whole map at once.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
+use serde::Serialize;
 
-use super::{LoadedPlugin, PluginRuntime};
+use super::LoadedPlugin;
 
-/// A problem found while loading the plugin directory.
-#[derive(Debug, thiserror::Error)]
-pub enum RegistryError {
-    #[error("cannot read plugin directory {dir}: {source}")]
-    Dir {
-        dir: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("plugin file {path}: {message}")]
-    File { path: PathBuf, message: String },
+/// The plugins serving, by name.
+pub type PluginMap = HashMap<String, Arc<LoadedPlugin>>;
+
+/// What the last reload found for one plugin name.
+#[derive(Clone, Debug, Serialize)]
+pub struct PluginStatus {
+    /// `ok`: the file on disk is the version serving. `error`: the file on disk failed to
+    /// load (`last_error`), an earlier version serves if there was one. `missing`: the file
+    /// is gone but a route uses the plugin, so the last good version keeps serving.
+    pub status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// When the serving version was loaded (ms since the epoch).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loaded_at: Option<u64>,
+    /// The SHA-256 of the file that failed, when it is not the serving one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failed_sha256: Option<String>,
 }
 
-/// The plugins currently serving. Readers take a snapshot; a reload swaps the whole map.
+#[derive(Default)]
 pub struct PluginRegistry {
-    plugins: ArcSwap<HashMap<String, Arc<LoadedPlugin>>>,
+    plugins: ArcSwap<PluginMap>,
+    status: Mutex<BTreeMap<String, PluginStatus>>,
 }
 
 impl PluginRegistry {
-    /// Loads every `*.wasm` file of `dir`. Files that fail to load are returned as errors
-    /// beside the registry of those that loaded.
-    pub fn load_dir(
-        runtime: &PluginRuntime,
-        dir: &Path,
-    ) -> Result<(Self, Vec<RegistryError>), RegistryError> {
-        let entries = std::fs::read_dir(dir).map_err(|source| RegistryError::Dir {
-            dir: dir.to_path_buf(),
-            source,
-        })?;
-        let mut paths: Vec<PathBuf> = entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "wasm") && p.is_file())
-            .collect();
-        paths.sort();
-
-        let mut plugins = HashMap::new();
-        let mut errors = Vec::new();
-        for path in paths {
-            let Some(name) = path.file_stem().and_then(|s| s.to_str()) else {
-                continue;
-            };
-            let started = std::time::Instant::now();
-            match runtime.load_file(name, &path) {
-                Ok(plugin) => {
-                    tracing::info!(
-                        plugin = name,
-                        sha256 = plugin.sha256(),
-                        elapsed_ms = started.elapsed().as_millis() as u64,
-                        "Plugin loaded."
-                    );
-                    plugins.insert(name.to_string(), Arc::new(plugin));
-                }
-                Err(e) => {
-                    tracing::error!(plugin = name, path = %path.display(), error = %format!("{e:#}"),
-                        "Plugin failed to load.");
-                    errors.push(RegistryError::File {
-                        path: path.clone(),
-                        message: format!("{e:#}"),
-                    });
-                }
-            }
-        }
-        Ok((Self::from_map(plugins), errors))
+    /// The plugins serving now. An event keeps the snapshot it started with.
+    pub fn snapshot(&self) -> Arc<PluginMap> {
+        self.plugins.load_full()
     }
 
-    pub fn from_map(plugins: HashMap<String, Arc<LoadedPlugin>>) -> Self {
-        Self {
-            plugins: ArcSwap::from_pointee(plugins),
-        }
-    }
-
-    /// The plugin of that name, if loaded.
+    /// The plugin of that name, if serving.
     pub fn get(&self, name: &str) -> Option<Arc<LoadedPlugin>> {
         self.plugins.load().get(name).cloned()
     }
 
-    /// The loaded plugins, sorted by name.
-    pub fn all(&self) -> Vec<Arc<LoadedPlugin>> {
-        let mut all: Vec<Arc<LoadedPlugin>> = self.plugins.load().values().cloned().collect();
-        all.sort_by(|a, b| a.name().cmp(b.name()));
-        all
+    /// Swaps in a new set of plugins and their statuses.
+    pub fn swap(&self, plugins: PluginMap, status: BTreeMap<String, PluginStatus>) {
+        self.plugins.store(Arc::new(plugins));
+        *self.status.lock().unwrap_or_else(|e| e.into_inner()) = status;
     }
 
-    /// The names of the loaded plugins, sorted.
-    pub fn names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.plugins.load().keys().cloned().collect();
-        names.sort();
-        names
+    /// The statuses of the last reload, by name.
+    pub fn statuses(&self) -> BTreeMap<String, PluginStatus> {
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }

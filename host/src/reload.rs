@@ -1,0 +1,392 @@
+//! Hot reload: the one path by which plugins and config change while the gateway runs.
+//!
+//! Startup is a reload from empty; the file watcher (debounced), SIGHUP and
+//! `POST /v1/reload` all call [`Reloader::reload`]. A reload compiles off the request path,
+//! checks every component against the world, and swaps plugins, routes and destinations
+//! at once. What fails keeps the previous version serving: a file that does not load, a
+//! config that does not validate, a plugin a route uses that vanished from disk.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use notify::{RecursiveMode, Watcher};
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::delivery::{Dispatcher, now_ms};
+use crate::pipeline::{Pipeline, Routing};
+use crate::plugin::{PluginMap, PluginRegistry, PluginRuntime, PluginStatus};
+
+/// How long the watcher waits for a burst of file events to end before reloading: editors
+/// and `cp` write files in pieces.
+const DEBOUNCE: Duration = Duration::from_millis(250);
+
+/// Reads an environment variable for `${VAR}` in a reloaded config.
+pub type Env = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
+/// What a reload did.
+#[derive(Clone, Debug, Serialize)]
+pub struct ReloadReport {
+    pub reason: String,
+    /// `unchanged` (no config file to read), `applied`, or `rejected` (see `config_error`;
+    /// the previous config keeps serving).
+    pub config: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub config_error: Option<String>,
+    pub plugins: BTreeMap<String, PluginStatus>,
+}
+
+/// Owns the live config and performs reloads, one at a time.
+pub struct Reloader {
+    runtime: Arc<PluginRuntime>,
+    registry: Arc<PluginRegistry>,
+    pipeline: Arc<Pipeline>,
+    dispatcher: Arc<Dispatcher>,
+    config: ArcSwap<Config>,
+    source: Mutex<Option<(PathBuf, Env)>>,
+    busy: tokio::sync::Mutex<()>,
+}
+
+impl Reloader {
+    pub fn new(
+        runtime: Arc<PluginRuntime>,
+        registry: Arc<PluginRegistry>,
+        pipeline: Arc<Pipeline>,
+        dispatcher: Arc<Dispatcher>,
+        config: Config,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            runtime,
+            registry,
+            pipeline,
+            dispatcher,
+            config: ArcSwap::from_pointee(config),
+            source: Mutex::new(None),
+            busy: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// Re-reads this file (with this environment) on every reload.
+    pub fn set_config_file(&self, path: PathBuf, env: Env) {
+        *self.source.lock().unwrap_or_else(|e| e.into_inner()) = Some((path, env));
+    }
+
+    fn config_file(&self) -> Option<(PathBuf, Env)> {
+        self.source
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The config now in force.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.load_full()
+    }
+
+    /// Reloads the config file (if any) and the plugin directory, and swaps in what loaded.
+    pub async fn reload(&self, reason: &str) -> ReloadReport {
+        let _one_at_a_time = self.busy.lock().await;
+        let old = self.config();
+        let (mut config, mut config_error, mut outcome) = (old.clone(), None, "unchanged");
+        if let Some((path, env)) = self.config_file() {
+            match Config::load(&path, &*env) {
+                Ok(c) => {
+                    config = Arc::new(c);
+                    outcome = "applied";
+                }
+                Err(e) => {
+                    config_error = Some(e.to_string());
+                    outcome = "rejected";
+                }
+            }
+        }
+        if config.server.listen != old.server.listen
+            || config.server.data_dir != old.server.data_dir
+        {
+            tracing::warn!("server.listen and server.data_dir take effect at the next start only.");
+        }
+
+        // Keep what either config's routes use: a rejected config falls back to the old one.
+        let used: HashSet<String> = old
+            .used_plugins()
+            .into_iter()
+            .chain(config.used_plugins())
+            .map(String::from)
+            .collect();
+        let (runtime, current, previous) = (
+            self.runtime.clone(),
+            self.registry.snapshot(),
+            self.registry.statuses(),
+        );
+        let dir = config.plugins.dir.clone();
+        let cache = config.server.data_dir.join("plugin-cache");
+        let scanned = tokio::task::spawn_blocking(move || {
+            scan(&runtime, &dir, &current, &previous, &used, &cache)
+        })
+        .await;
+        let (plugins, statuses) = match scanned {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "Plugin scan failed; nothing changed.");
+                return ReloadReport {
+                    reason: reason.into(),
+                    config: "rejected",
+                    config_error: Some(format!("plugin scan failed: {e}")),
+                    plugins: self.registry.statuses(),
+                };
+            }
+        };
+
+        if outcome == "applied"
+            && let Some(missing) = first_missing_plugin(&config, &plugins)
+        {
+            config_error = Some(missing);
+            outcome = "rejected";
+        }
+        if outcome == "rejected" {
+            tracing::error!(
+                reason,
+                error = config_error.as_deref().unwrap_or(""),
+                "Config change rejected; the previous config keeps serving."
+            );
+            config = old;
+        }
+
+        let routing = Arc::new(Routing::from_config(&config));
+        self.dispatcher
+            .set_destinations(routing.destinations().clone());
+        self.registry.swap(plugins, statuses.clone());
+        self.pipeline.set_routing(routing);
+        self.config.store(config);
+        tracing::info!(
+            reason,
+            config = outcome,
+            plugins = statuses.len(),
+            "Reloaded."
+        );
+        ReloadReport {
+            reason: reason.into(),
+            config: outcome,
+            config_error,
+            plugins: statuses,
+        }
+    }
+
+    /// Watches the plugin directory and the config file and reloads after each burst of
+    /// changes, until `stop`. The watch stays on the directories watched at the start.
+    pub fn watch(
+        self: Arc<Self>,
+        stop: CancellationToken,
+    ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+        let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+        let config = self.config();
+        let plugin_dir = config.plugins.dir.clone();
+        let config_file = self.config_file().map(|(p, _)| p);
+        let relevant = {
+            let config_file = config_file.clone();
+            move |path: &Path| {
+                let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                (path.extension().is_some_and(|e| e == "wasm") && !name.starts_with('.'))
+                    || config_file.as_deref().and_then(Path::file_name)
+                        == path.file_name().filter(|_| !name.is_empty())
+            }
+        };
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                if let Ok(event) = event
+                    && event.paths.iter().any(|p| relevant(p))
+                {
+                    let _ = tx.send(());
+                }
+            })?;
+        if plugin_dir.is_dir() {
+            watcher.watch(&plugin_dir, RecursiveMode::NonRecursive)?;
+        }
+        if let Some(parent) = config_file.as_deref().and_then(Path::parent) {
+            let parent = if parent.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                parent
+            };
+            watcher.watch(parent, RecursiveMode::NonRecursive)?;
+        }
+        Ok(tokio::spawn(async move {
+            let _watcher = watcher;
+            loop {
+                tokio::select! {
+                    got = rx.recv() => if got.is_none() { return },
+                    _ = stop.cancelled() => return,
+                }
+                // Wait for the burst to end.
+                loop {
+                    match tokio::time::timeout(DEBOUNCE, rx.recv()).await {
+                        Ok(Some(())) => continue,
+                        Ok(None) => return,
+                        Err(_) => break,
+                    }
+                }
+                self.reload("file change").await;
+            }
+        }))
+    }
+}
+
+/// The first plugin that the config's routes use and that is not loaded, as an error
+/// naming the key.
+fn first_missing_plugin(config: &Config, plugins: &PluginMap) -> Option<String> {
+    for (i, r) in config.routes.iter().enumerate() {
+        for (j, p) in r.plugins.iter().enumerate() {
+            if !plugins.contains_key(&p.name) {
+                return Some(format!(
+                    "key `routes[{i}].plugins[{j}].name`: no plugin `{}` is loaded from {} (expected {}.wasm)",
+                    p.name,
+                    config.plugins.dir.display(),
+                    p.name
+                ));
+            }
+        }
+    }
+    None
+}
+
+/// Loads what changed in `dir` against the plugins serving now.
+fn scan(
+    runtime: &PluginRuntime,
+    dir: &Path,
+    current: &PluginMap,
+    previous: &BTreeMap<String, PluginStatus>,
+    used: &HashSet<String>,
+    cache: &Path,
+) -> (PluginMap, BTreeMap<String, PluginStatus>) {
+    let mut plugins = PluginMap::new();
+    let mut statuses = BTreeMap::new();
+    let files: Vec<(String, PathBuf)> = match std::fs::read_dir(dir) {
+        Ok(entries) => {
+            let mut files: Vec<(String, PathBuf)> = entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "wasm") && p.is_file())
+                .filter_map(|p| {
+                    let name = p.file_stem()?.to_str()?.to_string();
+                    (!name.starts_with('.')).then_some((name, p))
+                })
+                .collect();
+            files.sort();
+            files
+        }
+        Err(e) => {
+            if !used.is_empty() {
+                tracing::error!(dir = %dir.display(), error = %e, "Cannot read the plugin directory.");
+            }
+            Vec::new()
+        }
+    };
+    let loaded_at = |name: &str| previous.get(name).and_then(|s| s.loaded_at);
+
+    for (name, path) in &files {
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) => {
+                keep_or_fail(
+                    &mut plugins,
+                    &mut statuses,
+                    current,
+                    name,
+                    format!("cannot read {}: {e}", path.display()),
+                    None,
+                    loaded_at(name),
+                );
+                continue;
+            }
+        };
+        let sha256 = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+        if let Some(serving) = current.get(name)
+            && serving.sha256() == sha256
+        {
+            plugins.insert(name.clone(), serving.clone());
+            statuses.insert(name.clone(), ok(loaded_at(name)));
+            continue;
+        }
+        let started = std::time::Instant::now();
+        match runtime.load_cached(name, &bytes, Some(cache)) {
+            Ok(plugin) => {
+                tracing::info!(plugin = %name, sha256 = plugin.sha256(), from_cache = plugin.from_cache(),
+                    elapsed_ms = started.elapsed().as_millis() as u64, "Plugin loaded.");
+                plugins.insert(name.clone(), Arc::new(plugin));
+                statuses.insert(name.clone(), ok(Some(now_ms())));
+            }
+            Err(e) => {
+                let message = format!("{}: {e:#}", path.display());
+                tracing::error!(plugin = %name, error = %message, "Plugin failed to load; the previous version, if any, keeps serving.");
+                keep_or_fail(
+                    &mut plugins,
+                    &mut statuses,
+                    current,
+                    name,
+                    message,
+                    Some(sha256),
+                    loaded_at(name),
+                );
+            }
+        }
+    }
+    for (name, serving) in current {
+        if plugins.contains_key(name) || files.iter().any(|(n, _)| n == name) {
+            continue;
+        }
+        if used.contains(name) {
+            tracing::warn!(plugin = %name, "A plugin that a route uses is gone from disk; its last good version keeps serving.");
+            plugins.insert(name.clone(), serving.clone());
+            statuses.insert(
+                name.clone(),
+                PluginStatus {
+                    status: "missing",
+                    last_error: Some(format!("{name}.wasm is no longer in {}", dir.display())),
+                    loaded_at: loaded_at(name),
+                    failed_sha256: None,
+                },
+            );
+        } else {
+            tracing::info!(plugin = %name, "Plugin removed.");
+        }
+    }
+    (plugins, statuses)
+}
+
+fn ok(loaded_at: Option<u64>) -> PluginStatus {
+    PluginStatus {
+        status: "ok",
+        last_error: None,
+        loaded_at,
+        failed_sha256: None,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn keep_or_fail(
+    plugins: &mut PluginMap,
+    statuses: &mut BTreeMap<String, PluginStatus>,
+    current: &PluginMap,
+    name: &str,
+    error: String,
+    failed_sha256: Option<String>,
+    loaded_at: Option<u64>,
+) {
+    let serving = current.get(name);
+    if let Some(p) = serving {
+        plugins.insert(name.to_string(), p.clone());
+    }
+    statuses.insert(
+        name.to_string(),
+        PluginStatus {
+            status: "error",
+            last_error: Some(error),
+            loaded_at: serving.and(loaded_at),
+            failed_sha256,
+        },
+    );
+}

@@ -1,0 +1,317 @@
+//! Hot reload: plugins and config change on disk while events flow; nothing is lost, each
+//! event is processed by one version, and what fails to load leaves the old one serving.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use serde_json::Value;
+use sha2::Digest;
+use tokio::sync::Mutex;
+
+use crate::util::{Receiver, TestGateway, guest};
+
+const MARKED: &str = r#"
+[[sources]]
+name = "s"
+[[destinations]]
+name = "sink"
+url = "{receiver}/sink?v=:version:"
+[[routes]]
+source = "s"
+plugins = [{ name = "marker" }]
+destinations = ["sink"]
+"#;
+
+fn sha256_of(path: &Path) -> String {
+    hex::encode(sha2::Sha256::digest(std::fs::read(path).unwrap()))
+}
+
+/// Installs `from` as plugin `name` the recommended way: write aside, then rename.
+fn install(dir: &Path, name: &str, from: &Path) {
+    let tmp = dir.join(format!("plugins.d/.{name}.wasm.tmp"));
+    std::fs::copy(from, &tmp).unwrap();
+    std::fs::rename(&tmp, dir.join(format!("plugins.d/{name}.wasm"))).unwrap();
+}
+
+async fn plugin(gw: &TestGateway, name: &str) -> Value {
+    let (_, body) = gw.get("/v1/plugins").await;
+    body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == name)
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+/// Waits until the plugin's entry in `/v1/plugins` satisfies `check`.
+async fn wait_plugin(gw: &TestGateway, name: &str, check: impl Fn(&Value) -> bool) -> Value {
+    for _ in 0..400 {
+        let p = plugin(gw, name).await;
+        if check(&p) {
+            return p;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!(
+        "plugin {name} never reached the expected state: {}",
+        plugin(gw, name).await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_swap_under_load_delivers_every_event_once_on_one_version() {
+    let rx = Receiver::start().await;
+    let dir = TestGateway::dir_with_plugins(&["marker"]);
+    let gw = Arc::new(
+        TestGateway::start_from_file(dir, MARKED, &rx)
+            .await
+            .unwrap(),
+    );
+    let v2_sha = sha256_of(&guest("marker-v2"));
+
+    let total = 2400;
+    let sent = Arc::new(AtomicUsize::new(0));
+    let swapped = Arc::new(AtomicBool::new(false));
+    let accepted = Arc::new(Mutex::new(Vec::<(String, bool)>::new()));
+    let mut senders = Vec::new();
+    for _ in 0..4 {
+        let (gw, sent, swapped, accepted) =
+            (gw.clone(), sent.clone(), swapped.clone(), accepted.clone());
+        senders.push(tokio::spawn(async move {
+            while sent.fetch_add(1, Ordering::SeqCst) < total {
+                let after_swap = swapped.load(Ordering::SeqCst);
+                let (status, body) = gw.post("s", r#"{"type":"usage"}"#).await;
+                assert_eq!(status, 202, "no request fails during a reload: {body}");
+                accepted
+                    .lock()
+                    .await
+                    .push((body["id"].as_str().unwrap().to_string(), after_swap));
+            }
+        }));
+    }
+    while sent.load(Ordering::SeqCst) < 600 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    install(gw.dir(), "marker", &guest("marker-v2"));
+    wait_plugin(&gw, "marker", |p| p["sha256"] == v2_sha.as_str()).await;
+    swapped.store(true, Ordering::SeqCst);
+    for s in senders {
+        s.await.unwrap();
+    }
+
+    let accepted = accepted.lock().await.clone();
+    assert_eq!(accepted.len(), total);
+    let got = rx.wait_for(total).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let got_all = rx.requests();
+    assert_eq!(got_all.len(), total, "exactly one delivery per event");
+    let mut version_of = std::collections::HashMap::new();
+    for r in &got {
+        let id = r.header("switchyard-event-id").unwrap().to_string();
+        let version = r.uri.split("v=").nth(1).unwrap().to_string();
+        assert!(version == "v1" || version == "v2", "{}", r.uri);
+        assert!(
+            version_of.insert(id, version).is_none(),
+            "an event was delivered twice"
+        );
+    }
+    let mut after = 0;
+    for (id, after_swap) in &accepted {
+        let version = version_of
+            .get(id)
+            .unwrap_or_else(|| panic!("event {id} was not delivered"));
+        if *after_swap {
+            after += 1;
+            assert_eq!(
+                version, "v2",
+                "an event sent after the swap was reported ran on v1"
+            );
+        }
+    }
+    assert!(after > 0, "the stream went on after the swap");
+    assert!(
+        version_of.values().any(|v| v == "v1"),
+        "the stream started on v1"
+    );
+    let gw = Arc::try_unwrap(gw).ok().unwrap();
+    gw.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_broken_file_leaves_the_old_version_serving() {
+    let rx = Receiver::start().await;
+    let dir = TestGateway::dir_with_plugins(&["marker"]);
+    let gw = TestGateway::start_from_file(dir, MARKED, &rx)
+        .await
+        .unwrap();
+    let v1 = plugin(&gw, "marker").await["sha256"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let full = std::fs::read(guest("marker-v2")).unwrap();
+    let plugin_file = gw.dir().join("plugins.d/marker.wasm");
+
+    for (what, bytes) in [
+        ("truncated", full[..full.len() / 2].to_vec()),
+        ("garbage", b"not wasm at all".to_vec()),
+    ] {
+        std::fs::write(&plugin_file, &bytes).unwrap();
+        let p = wait_plugin(&gw, "marker", |p| p["status"] == "error").await;
+        assert_eq!(p["sha256"], v1.as_str(), "{what}: v1 keeps serving");
+        assert!(
+            p["last_error"].as_str().unwrap().contains("marker.wasm"),
+            "{what}: {p}"
+        );
+        let id = gw.accept("s", "{}").await;
+        let e = gw.settled(&id).await;
+        assert!(
+            e["deliveries"][0]["url"]
+                .as_str()
+                .unwrap()
+                .ends_with("v=v1"),
+            "{what}"
+        );
+        assert_eq!(e["routes"][0]["steps"][0]["sha256"], v1.as_str());
+        // Back to a good file before the next case.
+        install(gw.dir(), "marker", &guest("marker"));
+        wait_plugin(&gw, "marker", |p| p["status"] == "ok").await;
+    }
+    gw.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_removed_plugin_keeps_serving_and_is_reported_missing() {
+    let rx = Receiver::start().await;
+    let dir = TestGateway::dir_with_plugins(&["marker", "event-filter"]);
+    let gw = TestGateway::start_from_file(dir, MARKED, &rx)
+        .await
+        .unwrap();
+    std::fs::remove_file(gw.dir().join("plugins.d/marker.wasm")).unwrap();
+    std::fs::remove_file(gw.dir().join("plugins.d/event-filter.wasm")).unwrap();
+    let p = wait_plugin(&gw, "marker", |p| p["status"] == "missing").await;
+    assert!(
+        p["sha256"].is_string(),
+        "the last good version is still serving: {p}"
+    );
+    // A plugin no route uses simply goes.
+    assert!(plugin(&gw, "event-filter").await.is_null());
+    let id = gw.accept("s", "{}").await;
+    assert!(
+        gw.settled(&id).await["deliveries"][0]["url"]
+            .as_str()
+            .unwrap()
+            .ends_with("v=v1")
+    );
+    gw.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn config_changes_apply_atomically_and_invalid_ones_are_rejected() {
+    let rx = Receiver::start().await;
+    let dir = TestGateway::dir_with_plugins(&["marker"]);
+    let gw = TestGateway::start_from_file(dir, MARKED, &rx)
+        .await
+        .unwrap();
+    let config_file = gw.dir().join("switchyard.toml");
+    let original = std::fs::read_to_string(&config_file).unwrap();
+
+    // An invalid change: rejected with the key named, and the old config keeps routing.
+    std::fs::write(
+        &config_file,
+        original.replace("url = \"", "url = \"not a url "),
+    )
+    .unwrap();
+    let (status, report) = gw.post_api("/v1/reload").await;
+    assert_eq!(status, 422, "{report}");
+    assert!(
+        report["config_error"]
+            .as_str()
+            .unwrap()
+            .contains("destinations[0].url"),
+        "{report}"
+    );
+    let id = gw.accept("s", "{}").await;
+    assert_eq!(
+        gw.settled(&id).await["deliveries"][0]["status"],
+        "delivered"
+    );
+
+    // A route using a plugin that is not there is rejected too.
+    std::fs::write(
+        &config_file,
+        original.replace("name = \"marker\"", "name = \"nowhere\""),
+    )
+    .unwrap();
+    let (status, report) = gw.post_api("/v1/reload").await;
+    assert_eq!(status, 422, "{report}");
+    assert!(
+        report["config_error"]
+            .as_str()
+            .unwrap()
+            .contains("routes[0].plugins[0].name"),
+        "{report}"
+    );
+
+    // A new plugin file and a config that uses it: the new source routes through it.
+    install(gw.dir(), "event-filter", &guest("event-filter"));
+    let added = format!(
+        "{original}\n[[sources]]\nname = \"new\"\n[[routes]]\nsource = \"new\"\nplugins = [{{ name = \"event-filter\", config = {{ allow = \"usage\" }} }}]\ndestinations = [\"sink\"]\n"
+    );
+    let tmp = gw.dir().join(".switchyard.toml.tmp");
+    std::fs::write(&tmp, added).unwrap();
+    std::fs::rename(&tmp, &config_file).unwrap();
+    wait_plugin(&gw, "event-filter", |p| {
+        p["routes"] == serde_json::json!([1])
+    })
+    .await;
+    let dropped = gw.accept("new", r#"{"type":"sms"}"#).await;
+    let e = gw.settled(&dropped).await;
+    assert_eq!(e["routes"][0]["result"]["result"], "dropped", "{e}");
+    let kept = gw.accept("new", r#"{"type":"usage"}"#).await;
+    assert_eq!(
+        gw.settled(&kept).await["deliveries"][0]["status"],
+        "delivered"
+    );
+    gw.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_compiled_cache_skips_compilation_on_restart() {
+    let rx = Receiver::start().await;
+    let dir = TestGateway::dir_with_plugins(&["marker"]);
+    let gw = TestGateway::start_from_file(dir, MARKED, &rx)
+        .await
+        .unwrap();
+    assert_eq!(plugin(&gw, "marker").await["from_cache"], false);
+    let dir = tempfile::tempdir().unwrap();
+    // Same plugin and data dir, new process state: the compiled code comes from the cache.
+    let data = gw.dir().join("data");
+    let plugins = gw.dir().join("plugins.d");
+    copy_dir(
+        &data.join("plugin-cache"),
+        &dir.path().join("data/plugin-cache"),
+    );
+    copy_dir(&plugins, &dir.path().join("plugins.d"));
+    gw.shutdown().await.unwrap();
+    let gw = TestGateway::start_from_file(dir, MARKED, &rx)
+        .await
+        .unwrap();
+    assert_eq!(plugin(&gw, "marker").await["from_cache"], true);
+    let id = gw.accept("s", "{}").await;
+    assert_eq!(
+        gw.settled(&id).await["deliveries"][0]["status"],
+        "delivered"
+    );
+    gw.shutdown().await.unwrap();
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}
