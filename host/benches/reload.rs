@@ -10,7 +10,12 @@ use std::time::{Duration, Instant};
 use sha2::Digest;
 use switchyard::Config;
 
-async fn first_event_on(client: &reqwest::Client, base: &str, sha: &str, started: Instant) -> Duration {
+async fn first_event_on(
+    client: &reqwest::Client,
+    base: &str,
+    sha: &str,
+    started: Instant,
+) -> Duration {
     loop {
         let resp: serde_json::Value = client
             .post(format!("{base}/v1/ingest/s"))
@@ -23,7 +28,14 @@ async fn first_event_on(client: &reqwest::Client, base: &str, sha: &str, started
             .unwrap();
         let id = resp["id"].as_str().unwrap().to_string();
         loop {
-            let e: serde_json::Value = client.get(format!("{base}/v1/events/{id}")).send().await.unwrap().json().await.unwrap();
+            let e: serde_json::Value = client
+                .get(format!("{base}/v1/events/{id}"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
             if e["status"] == "processed" {
                 if e["routes"][0]["steps"][0]["sha256"] == sha {
                     return started.elapsed();
@@ -43,17 +55,29 @@ fn install(dir: &Path, bytes: &[u8]) {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let runs: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(7);
+    let runs: usize = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(7);
     let guests = xtask::workspace_root().join("target/guests/plugins");
     xtask::build_guests(&["marker", "marker-v2"], &guests).map_err(anyhow::Error::msg)?;
-    let versions = [std::fs::read(guests.join("marker.wasm"))?, std::fs::read(guests.join("marker-v2.wasm"))?];
-    let shas: Vec<String> = versions.iter().map(|v| hex::encode(sha2::Sha256::digest(v))).collect();
+    let versions = [
+        std::fs::read(guests.join("marker.wasm"))?,
+        std::fs::read(guests.join("marker-v2.wasm"))?,
+    ];
+    let shas: Vec<String> = versions
+        .iter()
+        .map(|v| hex::encode(sha2::Sha256::digest(v)))
+        .collect();
 
     let dir = tempfile::tempdir()?;
     std::fs::create_dir_all(dir.path().join("plugins.d"))?;
     install(dir.path(), &versions[0]);
     let path = dir.path().join("switchyard.toml");
-    std::fs::write(&path, "[server]\nlisten = \"127.0.0.1:0\"\n[[sources]]\nname = \"s\"\n[[routes]]\nsource = \"s\"\nplugins = [{ name = \"marker\" }]\n")?;
+    std::fs::write(
+        &path,
+        "[server]\nlisten = \"127.0.0.1:0\"\n[[sources]]\nname = \"s\"\n[[routes]]\nsource = \"s\"\nplugins = [{ name = \"marker\" }]\n",
+    )?;
     let config = Config::load(&path, &|_| None)?;
     let gateway = switchyard::Gateway::new(config).await?;
     gateway.watch_config_file(path, std::sync::Arc::new(|_| None));
@@ -80,7 +104,10 @@ async fn main() -> anyhow::Result<()> {
             current = next;
         }
         times.sort();
-        let ms: Vec<String> = times.iter().map(|t| format!("{:.0}", t.as_secs_f64() * 1e3)).collect();
+        let ms: Vec<String> = times
+            .iter()
+            .map(|t| format!("{:.0}", t.as_secs_f64() * 1e3))
+            .collect();
         println!(
             "reload {label}: median {:.0} ms over {runs} runs (all, ms: {})",
             times[runs / 2].as_secs_f64() * 1e3,

@@ -14,6 +14,7 @@ use serde_json::json;
 
 use crate::delivery::{Dispatcher, RestartError};
 use crate::ingest;
+use crate::metrics::{Metrics, StateLabels};
 use crate::pipeline::Pipeline;
 use crate::reload::Reloader;
 use crate::store::{
@@ -27,6 +28,7 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     pub dispatcher: Arc<Dispatcher>,
     pub reloader: Arc<Reloader>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// Builds the gateway's router.
@@ -42,6 +44,8 @@ pub fn router(state: AppState) -> Router {
         .saturating_add(1);
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .route("/v1/ingest/{source}", post(ingest::ingest))
         .route("/v1/events/{id}", get(get_event))
         .route("/v1/events/{id}/replay", post(replay_event))
@@ -57,6 +61,50 @@ pub fn router(state: AppState) -> Router {
 
 async fn healthz() -> Json<serde_json::Value> {
     Json(json!({ "status": "ok" }))
+}
+
+/// Ready when the store answers (plugins are loaded before the gateway listens).
+async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    match state.store.backlog().await {
+        Ok(_) => Ok(Json(json!({ "ready": true }))),
+        Err(e) => Err(ApiError::Unavailable(format!("not ready: {e}"))),
+    }
+}
+
+/// Prometheus text format. Gauges are read from the store and the dispatcher here.
+async fn metrics(State(state): State<AppState>) -> Response {
+    let m = &state.metrics;
+    m.queue_depth.set(state.store.queue_depth() as i64);
+    if let Ok((pending, oldest)) = state.store.backlog().await {
+        m.pending_deliveries.set(pending as i64);
+        let now = state.dispatcher.now_ms();
+        m.oldest_pending_seconds
+            .set(oldest.map_or(0, |at| now.saturating_sub(at) / 1000) as i64);
+    }
+    for d in &state.reloader.config().destinations {
+        let current = state.dispatcher.state(&d.name).state;
+        for s in [
+            DestinationHealth::Active,
+            DestinationHealth::Failed,
+            DestinationHealth::Disabled,
+        ] {
+            let labels = StateLabels {
+                destination: d.name.clone(),
+                state: format!("{s:?}").to_uppercase(),
+            };
+            m.destination_state
+                .get_or_create(&labels)
+                .set(i64::from(s == current));
+        }
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        m.encode(),
+    )
+        .into_response()
 }
 
 async fn get_event(

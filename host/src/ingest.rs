@@ -14,9 +14,39 @@ use crate::delivery::now_ms;
 use crate::event::{Body, Event};
 use crate::store::{Idempotency, Inserted};
 
+/// `POST /v1/ingest/{source}`, counted in `switchyard_events_received_total`.
 pub async fn ingest(
     State(state): State<AppState>,
     Path(source): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let known = state.pipeline.routing().has_source(&source);
+    // Unknown source names come from the client: one label for all, not one per name.
+    let label = if known {
+        source.clone()
+    } else {
+        "unknown".to_string()
+    };
+    let result = accept(&state, source, method, uri, headers, body).await;
+    let outcome = match &result {
+        Ok((StatusCode::OK, _)) => "duplicate",
+        Ok(_) => "accepted",
+        Err(ApiError::NotFound(_)) => "rejected_unknown_source",
+        Err(ApiError::PayloadTooLarge(_)) => "rejected_too_large",
+        Err(ApiError::BadRequest(_)) => "rejected_bad_request",
+        Err(ApiError::Unavailable(_)) => "rejected_unavailable",
+        Err(_) => "rejected_error",
+    };
+    state.metrics.event(&label, outcome);
+    result
+}
+
+async fn accept(
+    state: &AppState,
+    source: String,
     method: Method,
     uri: Uri,
     headers: HeaderMap,

@@ -11,6 +11,7 @@ pub mod config;
 pub mod delivery;
 pub mod event;
 pub mod ingest;
+pub mod metrics;
 pub mod pipeline;
 pub mod plugin;
 pub mod reload;
@@ -28,6 +29,7 @@ pub use config::Config;
 use tokio_util::sync::CancellationToken;
 
 use crate::delivery::{Clock, Dispatcher, SystemClock};
+use crate::metrics::Metrics;
 use crate::pipeline::{Pipeline, Routing};
 use crate::plugin::{PluginRegistry, PluginRuntime, RuntimeOptions};
 use crate::reload::{Env, Reloader};
@@ -41,6 +43,7 @@ pub struct Gateway {
     dispatcher: Arc<Dispatcher>,
     reloader: Arc<Reloader>,
     clock: Arc<dyn Clock>,
+    metrics: Arc<Metrics>,
 }
 
 impl Gateway {
@@ -73,22 +76,31 @@ impl Gateway {
                     )
                 })?,
         );
+        let metrics = Arc::new(Metrics::default());
         let routing = Arc::new(Routing::from_config(&config));
         let dispatcher = Dispatcher::new(
             store.clone(),
             &config.delivery,
             routing.destinations().clone(),
             clock.clone(),
+            metrics.clone(),
         )
         .await
         .context("cannot start the delivery stage")?;
         let registry = Arc::new(PluginRegistry::default());
-        let pipeline = Pipeline::new(store.clone(), registry.clone(), routing, dispatcher.clone());
+        let pipeline = Pipeline::new(
+            store.clone(),
+            registry.clone(),
+            routing,
+            dispatcher.clone(),
+            metrics.clone(),
+        );
         let reloader = Reloader::new(
             runtime,
             registry.clone(),
             pipeline.clone(),
             dispatcher.clone(),
+            metrics.clone(),
             config,
         );
 
@@ -128,6 +140,7 @@ impl Gateway {
             dispatcher,
             reloader,
             clock,
+            metrics,
         })
     }
 
@@ -172,6 +185,7 @@ impl Gateway {
             store: self.store.clone(),
             dispatcher: self.dispatcher.clone(),
             reloader: self.reloader.clone(),
+            metrics: self.metrics.clone(),
         });
         tracing::info!(address = %listener.local_addr()?, "Switchyard is listening.");
         axum::serve(listener, app)

@@ -14,8 +14,9 @@ use crate::delivery::{
     Destination, Dispatcher, PlaceholderValues, PlannedDelivery, delivery_id, render,
 };
 use crate::event::{Body, Event, Pairs, merge_pairs};
-use crate::plugin::{CallLimits, PluginMap, PluginRegistry, PluginVerdict};
-use crate::store::{PluginStep, RouteOutcome, RouteResult, StepResult, Store};
+use crate::metrics::Metrics;
+use crate::plugin::{CallError, CallLimits, PluginMap, PluginRegistry, PluginVerdict};
+use crate::store::{DeliveryStatus, PluginStep, RouteOutcome, RouteResult, StepResult, Store};
 
 /// Sources, destinations and routes as the pipeline uses them; swapped whole on reload.
 pub struct Routing {
@@ -119,6 +120,7 @@ pub struct Pipeline {
     plugins: Arc<PluginRegistry>,
     routing: ArcSwap<Routing>,
     dispatcher: Arc<Dispatcher>,
+    metrics: Arc<Metrics>,
 }
 
 impl Pipeline {
@@ -127,9 +129,11 @@ impl Pipeline {
         plugins: Arc<PluginRegistry>,
         routing: Arc<Routing>,
         dispatcher: Arc<Dispatcher>,
+        metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         Arc::new(Self {
             store,
+            metrics,
             plugins,
             routing: ArcSwap::new(routing),
             dispatcher,
@@ -186,10 +190,15 @@ impl Pipeline {
             if routing.routes[route_index].source != event.source {
                 continue;
             }
-            let (routing2, plugins, event2) =
-                (routing.clone(), plugin_versions.clone(), event.clone());
+            let (routing2, plugins, event2, metrics) = (
+                routing.clone(),
+                plugin_versions.clone(),
+                event.clone(),
+                self.metrics.clone(),
+            );
             let chain = tokio::task::spawn_blocking(move || {
-                run_chain(&routing2, &routing2.routes[route_index], &plugins, &event2)
+                let route = &routing2.routes[route_index];
+                run_chain(&routing2, route, &plugins, &event2, &metrics)
             })
             .await;
             let (steps, end) = match chain {
@@ -222,13 +231,23 @@ impl Pipeline {
                 result,
             });
         }
+        let skipped: Vec<String> = deliveries
+            .iter()
+            .filter(|d| d.status == DeliveryStatus::Skipped)
+            .map(|d| d.destination.clone())
+            .collect();
         let now = self.dispatcher.now_ms();
         match self
             .store
             .complete_event(&event, outcomes, deliveries, now)
             .await
         {
-            Ok(()) => self.dispatcher.wake(),
+            Ok(()) => {
+                for destination in &skipped {
+                    self.metrics.delivery(destination, "skipped");
+                }
+                self.dispatcher.wake()
+            }
             // The event stays queued in the store and is processed again at the next start.
             Err(e) => tracing::error!(error = %e, "Cannot record the event's outcome."),
         }
@@ -248,6 +267,7 @@ fn run_chain(
     route: &Route,
     plugins: &PluginMap,
     received: &Event,
+    metrics: &Metrics,
 ) -> (Vec<PluginStep>, ChainEnd) {
     let mut event = received.clone();
     let mut steps = Vec::with_capacity(route.plugins.len());
@@ -261,6 +281,21 @@ fn run_chain(
         let started = Instant::now();
         let mode = rp.mode.unwrap_or_else(|| plugin.default_mode());
         let result = plugin.call(&event, rp.config.clone(), rp.limits, mode);
+        let outcome = match &result {
+            Ok(PluginVerdict::Drop { .. }) => "drop",
+            Ok(PluginVerdict::Continue(_)) => "continue",
+            Ok(PluginVerdict::Route { .. }) => "route",
+            Err(CallError::Plugin(_)) => "error",
+            Err(CallError::Trap(_)) => "trap",
+            Err(CallError::Deadline(_)) => "deadline",
+            Err(CallError::Output(_)) => "output",
+        };
+        metrics.plugin_call(
+            &rp.name,
+            plugin.sha256(),
+            outcome,
+            started.elapsed().as_secs_f64(),
+        );
         let mut step = PluginStep {
             plugin: rp.name.clone(),
             sha256: plugin.sha256().to_string(),

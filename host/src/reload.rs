@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::delivery::{Dispatcher, now_ms};
+use crate::metrics::{Metrics, ResultLabels};
 use crate::pipeline::{Pipeline, Routing};
 use crate::plugin::{PluginMap, PluginRegistry, PluginRuntime, PluginStatus};
 
@@ -47,6 +48,7 @@ pub struct Reloader {
     registry: Arc<PluginRegistry>,
     pipeline: Arc<Pipeline>,
     dispatcher: Arc<Dispatcher>,
+    metrics: Arc<Metrics>,
     config: ArcSwap<Config>,
     source: Mutex<Option<(PathBuf, Env)>>,
     busy: tokio::sync::Mutex<()>,
@@ -58,6 +60,7 @@ impl Reloader {
         registry: Arc<PluginRegistry>,
         pipeline: Arc<Pipeline>,
         dispatcher: Arc<Dispatcher>,
+        metrics: Arc<Metrics>,
         config: Config,
     ) -> Arc<Self> {
         Arc::new(Self {
@@ -65,6 +68,7 @@ impl Reloader {
             registry,
             pipeline,
             dispatcher,
+            metrics,
             config: ArcSwap::from_pointee(config),
             source: Mutex::new(None),
             busy: tokio::sync::Mutex::new(()),
@@ -169,6 +173,13 @@ impl Reloader {
             plugins = statuses.len(),
             "Reloaded."
         );
+        let failed = outcome == "rejected" || statuses.values().any(|s| s.status == "error");
+        self.metrics
+            .reloads
+            .get_or_create(&ResultLabels {
+                result: if failed { "error" } else { "ok" }.into(),
+            })
+            .inc();
         ReloadReport {
             reason: reason.into(),
             config: outcome,

@@ -17,6 +17,7 @@ use super::placeholder::{self, Target};
 use super::policy::{AttemptResult, decide, parse_retry_after};
 use super::{Destination, USER_AGENT};
 use crate::config::DeliveryConfig;
+use crate::metrics::Metrics;
 use crate::store::{
     Attempt, AttemptNext, DestinationHealth, DestinationState, DueDelivery, Store, StoreError,
 };
@@ -81,6 +82,7 @@ pub struct Dispatcher {
     wake: Notify,
     permits: Arc<Semaphore>,
     attempts: TaskTracker,
+    metrics: Arc<Metrics>,
 }
 
 impl Dispatcher {
@@ -90,6 +92,7 @@ impl Dispatcher {
         config: &DeliveryConfig,
         destinations: HashMap<String, Arc<Destination>>,
         clock: Arc<dyn Clock>,
+        metrics: Arc<Metrics>,
     ) -> anyhow::Result<Arc<Self>> {
         let client = reqwest::Client::builder()
             .timeout(config.timeout)
@@ -112,6 +115,7 @@ impl Dispatcher {
             wake: Notify::new(),
             permits: Arc::new(Semaphore::new(config.concurrency)),
             attempts: TaskTracker::new(),
+            metrics,
         }))
     }
 
@@ -230,6 +234,13 @@ impl Dispatcher {
                 status, error = error.as_deref().unwrap_or(""), next = ?next, "Delivery attempt failed.")
             }
         }
+        let settled = match next {
+            AttemptNext::Delivered => Some("delivered"),
+            AttemptNext::Failed => Some("failed"),
+            _ => None,
+        };
+        self.metrics
+            .attempt(&d.destination, result == AttemptResult::Success, settled);
         let attempt = Attempt {
             at,
             duration_ms,

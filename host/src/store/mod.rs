@@ -128,6 +128,12 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<(i64, DeliveryRecord)>, StoreError>;
 
+    /// Events accepted and not yet processed.
+    fn queue_depth(&self) -> usize;
+
+    /// How many deliveries are pending, and when the oldest of them was created.
+    async fn backlog(&self) -> Result<(u64, Option<u64>), StoreError>;
+
     /// Deletes processed events received before `before` whose deliveries all succeeded or
     /// were skipped (undelivered events are kept). Returns how many were deleted.
     async fn purge_delivered(&self, before: u64) -> Result<usize, StoreError>;

@@ -720,6 +720,30 @@ impl Store for SqliteStore {
         .await
     }
 
+    fn queue_depth(&self) -> usize {
+        self.queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .events
+            .len()
+    }
+
+    async fn backlog(&self) -> Result<(u64, Option<u64>), StoreError> {
+        self.read(|conn| {
+            conn.query_row(
+                "SELECT COUNT(*), MIN(created_at) FROM deliveries WHERE status = 'pending'",
+                [],
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)? as u64,
+                        r.get::<_, Option<i64>>(1)?.map(|v| v as u64),
+                    ))
+                },
+            )
+        })
+        .await
+    }
+
     async fn purge_delivered(&self, before: u64) -> Result<usize, StoreError> {
         self.write(move |conn| {
             let doomed = "SELECT id FROM events e WHERE e.status = 'processed' AND e.received_at < ?1

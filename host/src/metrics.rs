@@ -1,0 +1,184 @@
+//! Prometheus metrics: what each stage counts, and the gauges read from the store and the
+//! dispatcher when `/metrics` is scraped.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventLabels {
+    pub source: String,
+    /// `accepted`, `duplicate`, or `rejected_<reason>`.
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginLabels {
+    pub plugin: String,
+    /// The first 12 hex digits of the plugin's SHA-256.
+    pub version: String,
+    /// `drop`, `continue`, `route`, `error`, `trap`, `deadline`, `output`.
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DestinationLabels {
+    pub destination: String,
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    pub destination: String,
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: String,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// Every metric of one gateway.
+pub struct Metrics {
+    registry: Registry,
+    pub events: Family<EventLabels, Counter>,
+    pub plugin_calls: HistogramFamily<PluginLabels>,
+    pub deliveries: Family<DestinationLabels, Counter>,
+    pub attempts: Family<DestinationLabels, Counter>,
+    pub reloads: Family<ResultLabels, Counter>,
+    pub queue_depth: Gauge,
+    pub pending_deliveries: Gauge,
+    pub oldest_pending_seconds: Gauge,
+    pub destination_state: Family<StateLabels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("switchyard");
+        let events = Family::<EventLabels, Counter>::default();
+        registry.register(
+            "events_received",
+            "Events received, by source and result",
+            events.clone(),
+        );
+        let plugin_calls: HistogramFamily<PluginLabels> = Family::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.000_005, 2.0, 18))
+        });
+        registry.register(
+            "plugin_call_seconds",
+            "Duration of plugin calls, by plugin, version and outcome",
+            plugin_calls.clone(),
+        );
+        let deliveries = Family::<DestinationLabels, Counter>::default();
+        registry.register(
+            "deliveries",
+            "Deliveries that reached a final state, by destination and outcome",
+            deliveries.clone(),
+        );
+        let attempts = Family::<DestinationLabels, Counter>::default();
+        registry.register(
+            "delivery_attempts",
+            "HTTP attempts, by destination and outcome",
+            attempts.clone(),
+        );
+        let reloads = Family::<ResultLabels, Counter>::default();
+        registry.register("reloads", "Reloads, by result (ok, error)", reloads.clone());
+        let queue_depth = Gauge::default();
+        registry.register(
+            "queue_depth",
+            "Events accepted and not yet processed",
+            queue_depth.clone(),
+        );
+        let pending_deliveries = Gauge::default();
+        registry.register(
+            "pending_deliveries",
+            "Deliveries waiting for an attempt",
+            pending_deliveries.clone(),
+        );
+        let oldest_pending_seconds = Gauge::default();
+        registry.register(
+            "oldest_pending_delivery_age_seconds",
+            "Age of the oldest pending delivery",
+            oldest_pending_seconds.clone(),
+        );
+        let destination_state = Family::<StateLabels, Gauge>::default();
+        registry.register(
+            "destination_state",
+            "1 for each destination's current state (ACTIVE, FAILED, DISABLED)",
+            destination_state.clone(),
+        );
+        Self {
+            registry,
+            events,
+            plugin_calls,
+            deliveries,
+            attempts,
+            reloads,
+            queue_depth,
+            pending_deliveries,
+            oldest_pending_seconds,
+            destination_state,
+        }
+    }
+}
+
+impl Metrics {
+    /// Counts an ingest request.
+    pub fn event(&self, source: &str, result: &str) {
+        self.events
+            .get_or_create(&EventLabels {
+                source: source.to_string(),
+                result: result.to_string(),
+            })
+            .inc();
+    }
+
+    /// Records one plugin call.
+    pub fn plugin_call(&self, plugin: &str, sha256: &str, outcome: &str, seconds: f64) {
+        self.plugin_calls
+            .get_or_create(&PluginLabels {
+                plugin: plugin.to_string(),
+                version: sha256.chars().take(12).collect(),
+                outcome: outcome.to_string(),
+            })
+            .observe(seconds);
+    }
+
+    /// Counts an attempt, and the delivery when the attempt settled it.
+    pub fn attempt(&self, destination: &str, success: bool, settled: Option<&str>) {
+        let outcome = if success { "success" } else { "failure" };
+        self.attempts
+            .get_or_create(&DestinationLabels {
+                destination: destination.to_string(),
+                outcome: outcome.to_string(),
+            })
+            .inc();
+        if let Some(outcome) = settled {
+            self.delivery(destination, outcome);
+        }
+    }
+
+    /// Counts a delivery that reached a final state.
+    pub fn delivery(&self, destination: &str, outcome: &str) {
+        self.deliveries
+            .get_or_create(&DestinationLabels {
+                destination: destination.to_string(),
+                outcome: outcome.to_string(),
+            })
+            .inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::error!(error = %e, "Cannot encode metrics.");
+        }
+        out
+    }
+}

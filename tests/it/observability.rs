@@ -1,0 +1,124 @@
+//! `/metrics` (Prometheus text) and `/readyz` from outside.
+
+use crate::util::{Receiver, TestGateway};
+
+/// The value of the sample whose line starts with `series` (name and labels).
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_count_every_stage() {
+    let rx = Receiver::start().await;
+    let config = r#"
+[[sources]]
+name = "s"
+[[destinations]]
+name = "ok"
+url = "{receiver}/ok"
+[[destinations]]
+name = "bad"
+url = "{receiver}/status/400"
+[[routes]]
+source = "s"
+plugins = [{ name = "event-filter", config = { allow = "usage" } }]
+destinations = ["ok", "bad"]
+"#;
+    let gw = TestGateway::start(config, &rx, &["event-filter"]).await;
+    let (status, ready) = gw.get("/readyz").await;
+    assert_eq!((status, ready["ready"].as_bool()), (200, Some(true)));
+
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(gw.accept("s", r#"{"type":"usage"}"#).await);
+    }
+    ids.push(gw.accept("s", r#"{"type":"sms"}"#).await);
+    assert_eq!(gw.post("nope", "{}").await.0, 404);
+    let dup = || async {
+        gw.client
+            .post(format!("{}/v1/ingest/s", gw.url))
+            .header("idempotency-key", "k")
+            .body(r#"{"type":"sms"}"#)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!((dup().await, dup().await), (202, 200));
+    for id in &ids {
+        gw.settled(id).await;
+    }
+
+    let resp = gw
+        .client
+        .get(format!("{}/metrics", gw.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/openmetrics-text")
+    );
+    let text = resp.text().await.unwrap();
+    let get =
+        |series: &str| sample(&text, series).unwrap_or_else(|| panic!("no `{series}` in\n{text}"));
+
+    assert_eq!(
+        get(r#"switchyard_events_received_total{source="s",result="accepted"}"#),
+        5.0
+    );
+    assert_eq!(
+        get(r#"switchyard_events_received_total{source="s",result="duplicate"}"#),
+        1.0
+    );
+    assert_eq!(
+        get(
+            r#"switchyard_events_received_total{source="unknown",result="rejected_unknown_source"}"#
+        ),
+        1.0
+    );
+    let version = text
+        .lines()
+        .find_map(|l| l.split("version=\"").nth(1))
+        .map(|v| v[..12].to_string())
+        .unwrap();
+    let calls = |outcome: &str| {
+        get(&format!(
+            r#"switchyard_plugin_call_seconds_count{{plugin="event-filter",version="{version}",outcome="{outcome}"}}"#
+        ))
+    };
+    assert_eq!(calls("continue"), 3.0);
+    assert_eq!(calls("drop"), 2.0);
+    assert_eq!(
+        get(r#"switchyard_deliveries_total{destination="ok",outcome="delivered"}"#),
+        3.0
+    );
+    assert_eq!(
+        get(r#"switchyard_deliveries_total{destination="bad",outcome="failed"}"#),
+        3.0
+    );
+    assert_eq!(
+        get(r#"switchyard_delivery_attempts_total{destination="bad",outcome="failure"}"#),
+        3.0
+    );
+    assert_eq!(get("switchyard_queue_depth"), 0.0);
+    assert_eq!(get("switchyard_pending_deliveries"), 0.0);
+    assert_eq!(get("switchyard_oldest_pending_delivery_age_seconds"), 0.0);
+    assert_eq!(
+        get(r#"switchyard_destination_state{destination="ok",state="ACTIVE"}"#),
+        1.0
+    );
+    assert_eq!(
+        get(r#"switchyard_destination_state{destination="ok",state="FAILED"}"#),
+        0.0
+    );
+    assert_eq!(get(r#"switchyard_reloads_total{result="ok"}"#), 1.0);
+    gw.shutdown().await.unwrap();
+}
