@@ -35,6 +35,9 @@ use crate::plugin::{PluginRegistry, PluginRuntime, RuntimeOptions};
 use crate::reload::{Env, Reloader};
 use crate::store::{SqliteStore, Store};
 
+/// Events the pipeline works on at once.
+const PIPELINE_WORKERS: usize = 64;
+
 /// A gateway whose plugins are loaded, whose store is open and whose stages are built,
 /// ready to serve.
 pub struct Gateway {
@@ -162,8 +165,9 @@ impl Gateway {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let workers = std::thread::available_parallelism().map_or(2, |n| n.get()) * 2;
-        let pipeline = tokio::spawn(self.pipeline.clone().run(workers));
+        // Many events in flight at once so that their commits share fsyncs; the plugin
+        // calls among them are bounded by the pipeline's CPU permits.
+        let pipeline = tokio::spawn(self.pipeline.clone().run(PIPELINE_WORKERS));
         let stop = CancellationToken::new();
         let dispatcher = tokio::spawn(self.dispatcher.clone().run(stop.clone()));
         let config = self.reloader.config();

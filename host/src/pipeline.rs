@@ -121,6 +121,8 @@ pub struct Pipeline {
     routing: ArcSwap<Routing>,
     dispatcher: Arc<Dispatcher>,
     metrics: Arc<Metrics>,
+    /// Plugin chains running at once: as many as the machine has cores, twice over.
+    cpu: Arc<tokio::sync::Semaphore>,
 }
 
 impl Pipeline {
@@ -131,9 +133,11 @@ impl Pipeline {
         dispatcher: Arc<Dispatcher>,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         Arc::new(Self {
             store,
             metrics,
+            cpu: Arc::new(tokio::sync::Semaphore::new(cores * 2)),
             plugins,
             routing: ArcSwap::new(routing),
             dispatcher,
@@ -196,7 +200,9 @@ impl Pipeline {
                 event.clone(),
                 self.metrics.clone(),
             );
+            let permit = self.cpu.clone().acquire_owned().await;
             let chain = tokio::task::spawn_blocking(move || {
+                let _permit = permit;
                 let route = &routing2.routes[route_index];
                 run_chain(&routing2, route, &plugins, &event2, &metrics)
             })

@@ -182,7 +182,7 @@ impl Dispatcher {
                 self.attempts.reopen();
                 continue;
             }
-            let wait = match self.store.next_due_at().await {
+            let wait = match self.store.next_due_at(self.clock.now_ms()).await {
                 Ok(Some(at)) => {
                     Duration::from_millis(at.saturating_sub(self.clock.now_ms())).min(IDLE_POLL)
                 }
@@ -256,6 +256,8 @@ impl Dispatcher {
             // The lease runs out and the delivery is tried again: at least once, never lost.
             tracing::error!(delivery_id = %d.id, error = %e, "Cannot record a delivery attempt.");
         }
+        // A permit is free again.
+        self.wake();
     }
 
     /// POSTs once; returns (status, Retry-After, response excerpt, error, duration in ms).

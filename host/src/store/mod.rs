@@ -90,8 +90,9 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<DueDelivery>, StoreError>;
 
-    /// When the earliest pending delivery of an active destination is due, if any.
-    async fn next_due_at(&self) -> Result<Option<u64>, StoreError>;
+    /// When the earliest pending delivery of an active destination can be claimed (its
+    /// due time, or the end of its lease if it is leased at `now`), if any.
+    async fn next_due_at(&self, now: u64) -> Result<Option<u64>, StoreError>;
 
     /// Records one attempt of a delivery, what follows from it, and the destination's new
     /// state, at once.

@@ -540,13 +540,14 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn next_due_at(&self) -> Result<Option<u64>, StoreError> {
-        self.read(|conn| {
+    async fn next_due_at(&self, now: u64) -> Result<Option<u64>, StoreError> {
+        self.read(move |conn| {
             conn.query_row(
-                "SELECT MIN(d.next_attempt_at) FROM deliveries d
+                "SELECT MIN(CASE WHEN d.lease_until >= ?1 THEN d.lease_until ELSE d.next_attempt_at END)
+                 FROM deliveries d
                  LEFT JOIN destination_state s ON s.name = d.destination
                  WHERE d.status = 'pending' AND (s.state IS NULL OR s.state = 'active')",
-                [],
+                [now as i64],
                 |r| r.get::<_, Option<i64>>(0),
             )
             .map(|v| v.map(|v| v as u64))
@@ -873,9 +874,9 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(
-            store.next_due_at().await.unwrap(),
-            Some(5),
-            "d1 (still leased) is the earliest of an active destination"
+            store.next_due_at(150).await.unwrap(),
+            Some(200),
+            "d1 is leased until 200; d2's destination is not active"
         );
         assert!(
             store
