@@ -212,19 +212,18 @@ async fn main() -> anyhow::Result<()> {
     }
     let sent = sent.lock().await.clone();
     let deadline = Instant::now() + Duration::from_secs(30);
-    let mut latencies = Vec::new();
-    loop {
+    let mut latencies = loop {
         let arrivals = sink.arrivals.lock().await;
-        latencies = sent
+        let latencies: Vec<Duration> = sent
             .iter()
             .filter_map(|(id, t)| arrivals.get(id).map(|a| a.duration_since(*t)))
-            .collect::<Vec<_>>();
+            .collect();
         if latencies.len() == sent.len() || Instant::now() > deadline {
-            break;
+            break latencies;
         }
         drop(arrivals);
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    };
     latencies.sort();
     println!(
         "latency ingest→delivered at 1000 events/s ({} of {} events): p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms",
