@@ -74,6 +74,8 @@ struct RawServer {
     queue_capacity: usize,
     #[serde(default = "default_idempotency_window", with = "humantime_serde")]
     idempotency_window: Duration,
+    #[serde(default)]
+    trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 impl Default for RawServer {
@@ -84,6 +86,7 @@ impl Default for RawServer {
             max_body_bytes: default_max_body(),
             queue_capacity: default_queue_capacity(),
             idempotency_window: default_idempotency_window(),
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -116,6 +119,8 @@ pub struct ServerConfig {
     pub queue_capacity: usize,
     /// A repeated idempotency key within this window returns the original event.
     pub idempotency_window: Duration,
+    /// Proxies whose `X-Forwarded-For` is believed when checking `allow_ips`.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -330,6 +335,12 @@ pub struct SourceConfig {
     /// besides the `Idempotency-Key` header.
     #[serde(default)]
     pub idempotency_field: Option<String>,
+    /// How requests to this source are authenticated (none by default).
+    #[serde(default)]
+    pub verify: Option<crate::edge::VerifyConfig>,
+    /// Only these networks may post to this source (everyone when absent).
+    #[serde(default)]
+    pub allow_ips: Option<Vec<ipnet::IpNet>>,
 }
 
 /// `[[destinations]]`: where deliveries go.
@@ -348,6 +359,17 @@ pub struct DestinationConfig {
     /// This destination's retry policy, if not `[delivery]`'s.
     #[serde(default)]
     pub retry: Option<RetryOverride>,
+    /// Sign deliveries with Standard Webhooks headers.
+    #[serde(default)]
+    pub signing: Option<SigningConfig>,
+}
+
+/// Standard Webhooks signing of a destination's deliveries.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SigningConfig {
+    /// A `whsec_…` secret (base64 after the prefix, at least 16 bytes).
+    pub secret: String,
 }
 
 /// Per-destination overrides of `[delivery]`'s retry policy.
@@ -519,6 +541,7 @@ impl Config {
                 max_body_bytes: raw.server.max_body_bytes,
                 queue_capacity: raw.server.queue_capacity,
                 idempotency_window: raw.server.idempotency_window,
+                trusted_proxies: raw.server.trusted_proxies,
             },
             plugins: PluginsConfig {
                 dir: base_dir.join(raw.plugins.dir),
@@ -554,6 +577,10 @@ impl Config {
         let mut sources = HashSet::new();
         for (i, s) in self.sources.iter().enumerate() {
             check_name(&s.name).map_err(|m| (format!("sources[{i}].name"), m))?;
+            if let Some(v) = &s.verify {
+                v.validate()
+                    .map_err(|m| (format!("sources[{i}].verify"), m))?;
+            }
             if !sources.insert(s.name.as_str()) {
                 return Err((
                     format!("sources[{i}].name"),
@@ -581,6 +608,10 @@ impl Config {
                     format!("destinations[{i}].url"),
                     "must be an http or https URL".into(),
                 ));
+            }
+            if let Some(s) = &d.signing {
+                crate::edge::decode_secret(&s.secret)
+                    .map_err(|m| (format!("destinations[{i}].signing.secret"), m))?;
             }
             if let Some(o) = &d.retry {
                 check_retry(&o.apply(&self.delivery.retry))

@@ -4,19 +4,23 @@
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use serde_json::json;
 
 use crate::api::{ApiError, AppState};
 use crate::config::Config;
 use crate::delivery::now_ms;
+use crate::edge;
 use crate::event::{Body, Event};
 use crate::store::{Idempotency, Inserted};
 
 /// `POST /v1/ingest/{source}`, counted in `switchyard_events_received_total`.
 pub async fn ingest(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(source): Path<String>,
     method: Method,
     uri: Uri,
@@ -30,7 +34,7 @@ pub async fn ingest(
     } else {
         "unknown".to_string()
     };
-    let result = accept(&state, source, method, uri, headers, body).await;
+    let result = accept(&state, peer, source, method, uri, headers, body).await;
     let outcome = match &result {
         Ok((StatusCode::OK, _)) => "duplicate",
         Ok(_) => "accepted",
@@ -38,6 +42,8 @@ pub async fn ingest(
         Err(ApiError::PayloadTooLarge(_)) => "rejected_too_large",
         Err(ApiError::BadRequest(_)) => "rejected_bad_request",
         Err(ApiError::Unavailable(_)) => "rejected_unavailable",
+        Err(ApiError::Unauthorized(_)) => "rejected_signature",
+        Err(ApiError::Forbidden(_)) => "rejected_address",
         Err(_) => "rejected_error",
     };
     state.metrics.event(&label, outcome);
@@ -46,6 +52,7 @@ pub async fn ingest(
 
 async fn accept(
     state: &AppState,
+    peer: SocketAddr,
     source: String,
     method: Method,
     uri: Uri,
@@ -70,6 +77,22 @@ async fn accept(
             )));
         }
     };
+    // The edge: who may post here, and is it really them. Nothing is stored otherwise.
+    let source_config = config.sources.iter().find(|s| s.name == source);
+    if let Some(sc) = source_config {
+        let ip = edge::client_ip(peer.ip(), &headers, &config.server.trusted_proxies);
+        edge::allowed(ip, sc.allow_ips.as_deref()).map_err(|e| {
+            tracing::warn!(source, %ip, "Ingest refused: address not allowed.");
+            ApiError::Forbidden(e.to_string())
+        })?;
+        if let Some(verify) = &sc.verify {
+            let now_s = now_ms() / 1000;
+            verify.verify(&headers, &body, now_s).map_err(|e| {
+                tracing::warn!(source, %ip, reason = %e, "Ingest refused: signature check failed.");
+                ApiError::Unauthorized(e.to_string())
+            })?;
+        }
+    }
     let content_type = headers
         .get(axum::http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())

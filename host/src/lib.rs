@@ -9,6 +9,7 @@
 pub mod api;
 pub mod config;
 pub mod delivery;
+pub mod edge;
 pub mod event;
 pub mod ingest;
 pub mod metrics;
@@ -192,6 +193,7 @@ impl Gateway {
             metrics: self.metrics.clone(),
         });
         tracing::info!(address = %listener.local_addr()?, "Switchyard is listening.");
+        let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
         axum::serve(listener, app)
             .with_graceful_shutdown(shutdown)
             .await

@@ -5,6 +5,7 @@
 mod cli;
 mod crash;
 mod durable;
+mod edge;
 mod observability;
 mod reload;
 mod sandbox;

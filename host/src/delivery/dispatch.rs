@@ -200,8 +200,9 @@ impl Dispatcher {
         let dest = self.destinations.load().get(&d.destination).cloned();
         let policy = dest.as_ref().map(|d| d.retry.clone()).unwrap_or_default();
         let at = self.clock.now_ms();
+        let headers = signed_headers(dest.as_deref(), &d, at);
         let (status, retry_after, response, error, duration_ms) =
-            self.send(&d.url, &d.headers, d.body.clone()).await;
+            self.send(&d.url, &headers, d.body.clone()).await;
         let result = AttemptResult::from_status(status, retry_after);
         let (next, state) = {
             let mut states = self.lock_states();
@@ -366,6 +367,26 @@ impl Dispatcher {
         self.wake();
         Ok(state)
     }
+}
+
+/// The stored headers, plus a fresh Standard Webhooks timestamp and signature when the
+/// destination signs (each attempt is signed anew; the `webhook-id` stays).
+fn signed_headers(
+    dest: Option<&Destination>,
+    d: &DueDelivery,
+    now_ms: u64,
+) -> Vec<(String, String)> {
+    let mut headers = d.headers.clone();
+    if let Some(key) = dest.and_then(|d| d.signing_key.as_deref()) {
+        let ts = now_ms / 1000;
+        headers.retain(|(k, _)| k != "webhook-timestamp" && k != "webhook-signature");
+        headers.push(("webhook-timestamp".into(), ts.to_string()));
+        headers.push((
+            "webhook-signature".into(),
+            crate::edge::sign(key, &d.id, ts, &d.body),
+        ));
+    }
+    headers
 }
 
 fn active(name: &str) -> DestinationState {

@@ -62,6 +62,8 @@ pub struct Destination {
     headers: Vec<(HeaderName, String)>,
     event_types: Option<HashSet<String>>,
     pub retry: RetryPolicy,
+    /// The Standard Webhooks key deliveries are signed with, if any.
+    signing_key: Option<Vec<u8>>,
 }
 
 impl Destination {
@@ -74,6 +76,10 @@ impl Destination {
                 .retry
                 .as_ref()
                 .map_or_else(|| defaults.clone(), |o| o.apply(defaults)),
+            signing_key: c
+                .signing
+                .as_ref()
+                .and_then(|s| crate::edge::decode_secret(&s.secret).ok()),
             headers: c
                 .headers
                 .iter()
