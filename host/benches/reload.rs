@@ -76,7 +76,7 @@ async fn main() -> anyhow::Result<()> {
     let path = dir.path().join("switchyard.toml");
     std::fs::write(
         &path,
-        "[server]\nlisten = \"127.0.0.1:0\"\n[[sources]]\nname = \"s\"\n[[routes]]\nsource = \"s\"\nplugins = [{ name = \"marker\" }]\n",
+        "[server]\nlisten = \"127.0.0.1:0\"\n[api]\ntokens = [\"bench-token-1\"]\n[[sources]]\nname = \"s\"\n[[routes]]\nsource = \"s\"\nplugins = [{ name = \"marker\" }]\n",
     )?;
     let config = Config::load(&path, &|_| None)?;
     let gateway = switchyard::Gateway::new(config).await?;
@@ -87,7 +87,12 @@ async fn main() -> anyhow::Result<()> {
     let server = tokio::spawn(gateway.serve(listener, async {
         let _ = stopped.await;
     }));
-    let client = reqwest::Client::new();
+    let mut auth = reqwest::header::HeaderMap::new();
+    auth.insert(
+        reqwest::header::AUTHORIZATION,
+        "Bearer bench-token-1".parse()?,
+    );
+    let client = reqwest::Client::builder().default_headers(auth).build()?;
     let cache = dir.path().join("data/plugin-cache");
 
     let mut current = 0;

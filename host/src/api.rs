@@ -11,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use subtle::ConstantTimeEq;
 
 use crate::delivery::{Dispatcher, RestartError};
 use crate::ingest;
@@ -42,11 +43,7 @@ pub fn router(state: AppState) -> Router {
         .server
         .max_body_bytes
         .saturating_add(1);
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/v1/ingest/{source}", post(ingest::ingest))
+    let management = Router::new()
         .route("/v1/events/{id}", get(get_event))
         .route("/v1/events/{id}/replay", post(replay_event))
         .route("/v1/destinations", get(list_destinations))
@@ -54,9 +51,53 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/deliveries", get(list_deliveries))
         .route("/v1/plugins", get(list_plugins))
         .route("/v1/reload", post(reload))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_token,
+        ));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/ingest/{source}", post(ingest::ingest))
+        .merge(management)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
+}
+
+/// The management API's gate: `Authorization: Bearer <token>` with a configured token,
+/// compared in constant time.
+async fn require_token(
+    State(state): State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let tokens = &state.reloader.config().api.tokens;
+    let given = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let ok = given.is_some_and(|g| {
+        tokens
+            .iter()
+            .any(|t| bool::from(t.as_bytes().ct_eq(g.as_bytes())))
+    });
+    if ok {
+        return next.run(request).await;
+    }
+    let message = if tokens.is_empty() {
+        "the management API is disabled: configure [api] tokens"
+    } else {
+        "missing or invalid bearer token"
+    };
+    let mut response = ApiError::Unauthorized(message.into()).into_response();
+    response.headers_mut().insert(
+        axum::http::header::WWW_AUTHENTICATE,
+        axum::http::HeaderValue::from_static("Bearer"),
+    );
+    response
 }
 
 async fn healthz() -> Json<serde_json::Value> {

@@ -37,6 +37,7 @@ pub struct Config {
     pub plugins: PluginsConfig,
     pub delivery: DeliveryConfig,
     pub retention: RetentionConfig,
+    pub api: ApiConfig,
     pub sources: Vec<SourceConfig>,
     pub destinations: Vec<DestinationConfig>,
     pub routes: Vec<RouteConfig>,
@@ -53,6 +54,8 @@ struct RawConfig {
     delivery: DeliveryConfig,
     #[serde(default)]
     retention: RetentionConfig,
+    #[serde(default)]
+    api: ApiConfig,
     #[serde(default)]
     sources: Vec<SourceConfig>,
     #[serde(default)]
@@ -295,6 +298,16 @@ mod humantime_serde_vec {
             })
             .collect()
     }
+}
+
+/// `[api]`: who may use the management API (everything under `/v1` but ingest).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Bearer tokens accepted in `Authorization: Bearer <token>`. Without any, the
+    /// management API answers 401 to everyone.
+    #[serde(default)]
+    pub tokens: Vec<String>,
 }
 
 /// `[retention]`: how long delivered events are kept.
@@ -555,6 +568,7 @@ impl Config {
             },
             delivery: raw.delivery,
             retention: raw.retention,
+            api: raw.api,
             sources: raw.sources,
             destinations: raw.destinations,
             routes: raw.routes,
@@ -571,6 +585,14 @@ impl Config {
             return Err(("server.queue_capacity".into(), "must be above 0".into()));
         }
         check_retry(&self.delivery.retry).map_err(|(k, m)| (format!("delivery.{k}"), m))?;
+        for (i, t) in self.api.tokens.iter().enumerate() {
+            if t.len() < 8 {
+                return Err((
+                    format!("api.tokens[{i}]"),
+                    "a token must be at least 8 characters".into(),
+                ));
+            }
+        }
         if self.delivery.concurrency == 0 {
             return Err(("delivery.concurrency".into(), "must be at least 1".into()));
         }

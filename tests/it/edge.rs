@@ -256,3 +256,73 @@ async fn deliveries_carry_standard_webhooks_signatures() {
     assert_eq!(r.body, body.as_bytes());
     gw.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_management_api_requires_a_bearer_token() {
+    let rx = Receiver::start().await;
+    let gw = TestGateway::start(&config(), &rx, &[]).await;
+    let bare = reqwest::Client::new();
+    for path in [
+        "/v1/destinations",
+        "/v1/plugins",
+        "/v1/deliveries",
+        "/v1/events/x",
+    ] {
+        let resp = bare.get(format!("{}{path}", gw.url)).send().await.unwrap();
+        assert_eq!(resp.status(), 401, "{path}");
+        assert_eq!(resp.headers()["www-authenticate"], "Bearer");
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["error"], "missing or invalid bearer token");
+        let wrong = bare
+            .get(format!("{}{path}", gw.url))
+            .bearer_auth("test-token-0124")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(wrong.status(), 401, "{path}");
+    }
+    let resp = bare
+        .post(format!("{}/v1/reload", gw.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    assert_eq!(gw.get("/v1/destinations").await.0, 200, "with the token");
+    // Ingest and the operational endpoints stay open.
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        assert_eq!(
+            bare.get(format!("{}{path}", gw.url))
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            200,
+            "{path}"
+        );
+    }
+    let resp = bare
+        .post(format!("{}/v1/ingest/local", gw.url))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    gw.shutdown().await.unwrap();
+
+    // Without tokens the management API is closed, not open.
+    let dir = TestGateway::dir_with_plugins(&[]);
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n{}",
+        config().replace("{receiver}", &rx.url)
+    );
+    let gw = TestGateway::start_raw(dir, &text, &|_| None).await.unwrap();
+    let (status, body) = gw.get("/v1/destinations").await;
+    assert_eq!(status, 401);
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("configure [api] tokens")
+    );
+    gw.shutdown().await.unwrap();
+}

@@ -491,6 +491,7 @@ async fn quickstart_config_accepts_every_sample_event() {
     let env = |name: &str| match name {
         "FLEET_URL" => Some(fleet.clone()),
         "ARCHIVE_URL" => Some(archive.clone()),
+        "SWITCHYARD_API_TOKEN" => Some(crate::util::API_TOKEN.to_string()),
         _ => None,
     };
     let dir = TestGateway::dir_with_plugins(&GUESTS[..4]);

@@ -236,7 +236,7 @@ impl TestGateway {
 
     fn harness_config(config: &str, receiver: &Receiver) -> String {
         format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n[delivery]\nretry_schedule = [\"0s\", \"10ms\", \"10ms\"]\njitter = 0.0\n{}",
+            "[server]\nlisten = \"127.0.0.1:0\"\n[api]\ntokens = [\"{API_TOKEN}\"]\n[delivery]\nretry_schedule = [\"0s\", \"10ms\", \"10ms\"]\njitter = 0.0\n{}",
             config.replace("{receiver}", &receiver.url)
         )
     }
@@ -274,7 +274,7 @@ impl TestGateway {
         }));
         Ok(Self {
             url,
-            client: reqwest::Client::new(),
+            client: api_client(),
             shutdown: Some(tx),
             served: Some(served),
             _dir: dir,
@@ -370,6 +370,22 @@ impl TestGateway {
         }
         self.served.take().unwrap().await?
     }
+}
+
+/// The management API token of test gateways.
+pub const API_TOKEN: &str = "test-token-0123";
+
+/// A client that sends the test API token with every request.
+fn api_client() -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {API_TOKEN}").parse().unwrap(),
+    );
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .unwrap()
 }
 
 /// Writes `bytes` as `name` in a fresh gateway directory's `plugins.d`.

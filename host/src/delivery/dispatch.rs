@@ -24,6 +24,8 @@ use crate::store::{
 
 /// How much of a response body is kept with an attempt.
 const RESPONSE_EXCERPT: usize = 1024;
+/// At shutdown, retries due within this long are still sent.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// How long the dispatcher sleeps at most before looking for due deliveries again.
 const IDLE_POLL: Duration = Duration::from_millis(500);
 
@@ -146,9 +148,11 @@ impl Dispatcher {
         self.states.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Sends due deliveries until `stop` is cancelled; then sends what is due at that moment,
-    /// waits for the attempts in flight, and returns. Later retries stay in the store.
+    /// Sends due deliveries until `stop` is cancelled; then sends what is due, waits for the
+    /// attempts in flight and for retries due within a short grace period, and returns.
+    /// Later retries stay in the store.
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+        let mut drain_until: Option<u64> = None;
         loop {
             let free = self.permits.available_permits();
             let mut claimed = 0;
@@ -174,13 +178,24 @@ impl Dispatcher {
                 continue;
             }
             if stop.is_cancelled() {
-                if self.attempts.is_empty() {
-                    break;
+                if !self.attempts.is_empty() {
+                    self.attempts.close();
+                    self.attempts.wait().await;
+                    self.attempts.reopen();
+                    continue;
                 }
-                self.attempts.close();
-                self.attempts.wait().await;
-                self.attempts.reopen();
-                continue;
+                // Retries that fall due within the grace period are still sent, so that a
+                // transient failure just before shutdown does not wait for the next start.
+                let now = self.clock.now_ms();
+                let until = *drain_until.get_or_insert(now + SHUTDOWN_GRACE.as_millis() as u64);
+                match self.store.next_due_at(now).await {
+                    Ok(Some(at)) if at <= until => {
+                        let wait = Duration::from_millis(at.saturating_sub(now)).min(IDLE_POLL);
+                        tokio::time::sleep(wait).await;
+                        continue;
+                    }
+                    _ => break,
+                }
             }
             let wait = match self.store.next_due_at(self.clock.now_ms()).await {
                 Ok(Some(at)) => {
