@@ -140,7 +140,7 @@ async fn main() -> anyhow::Result<()> {
     std::fs::write(
         &config,
         format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nqueue_capacity = 1000000\n[delivery]\nconcurrency = 256\n\
+            "[server]\nlisten = \"127.0.0.1:0\"\nqueue_capacity = 1000000\n[delivery]\nconcurrency = 256\nallowed_networks = [\"127.0.0.0/8\"]\n\
              [[sources]]\nname = \"onomondo\"\n[[destinations]]\nname = \"sink\"\nurl = \"{sink_url}/events\"\n\
              [[routes]]\nsource = \"onomondo\"\nplugins = [{{ name = \"event-filter\", config = {{ allow = \"usage\" }} }}]\n\
              destinations = [\"sink\"]\n"

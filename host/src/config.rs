@@ -212,16 +212,53 @@ pub struct PluginsConfig {
 /// `[delivery]`: how deliveries are sent and retried (destinations may override the
 /// retry policy).
 #[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(from = "RawDelivery")]
 pub struct DeliveryConfig {
     /// Timeout of one HTTP attempt.
-    #[serde(default = "default_timeout", with = "humantime_serde")]
     pub timeout: Duration,
     /// Deliveries in flight at once.
-    #[serde(default = "default_concurrency")]
     pub concurrency: usize,
-    #[serde(flatten)]
+    /// The default retry policy of destinations.
     pub retry: RetryPolicy,
+    /// Networks deliveries may reach although the SSRF guard refuses them by default
+    /// (loopback, private, link-local, shared).
+    pub allowed_networks: Vec<ipnet::IpNet>,
+}
+
+/// `[delivery]` as written: every key at one level, unknown keys rejected.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDelivery {
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    timeout: Duration,
+    #[serde(default = "default_concurrency")]
+    concurrency: usize,
+    #[serde(default = "default_schedule", with = "humantime_serde_vec")]
+    retry_schedule: Vec<Duration>,
+    #[serde(default = "default_jitter")]
+    jitter: f64,
+    #[serde(default = "default_failure_threshold")]
+    failure_threshold: u32,
+    #[serde(default)]
+    retry_client_errors: bool,
+    #[serde(default)]
+    allowed_networks: Vec<ipnet::IpNet>,
+}
+
+impl From<RawDelivery> for DeliveryConfig {
+    fn from(r: RawDelivery) -> Self {
+        Self {
+            timeout: r.timeout,
+            concurrency: r.concurrency,
+            retry: RetryPolicy {
+                retry_schedule: r.retry_schedule,
+                jitter: r.jitter,
+                failure_threshold: r.failure_threshold,
+                retry_client_errors: r.retry_client_errors,
+            },
+            allowed_networks: r.allowed_networks,
+        }
+    }
 }
 
 impl Default for DeliveryConfig {
@@ -229,6 +266,7 @@ impl Default for DeliveryConfig {
         Self {
             timeout: default_timeout(),
             concurrency: default_concurrency(),
+            allowed_networks: Vec::new(),
             retry: RetryPolicy::default(),
         }
     }
@@ -242,20 +280,16 @@ fn default_concurrency() -> usize {
 }
 
 /// When to retry a delivery and when to give up on a destination.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct RetryPolicy {
     /// The wait before each attempt: the first entry before the first attempt (normally
     /// 0), and so on. Its length is the number of attempts of a delivery.
-    #[serde(default = "default_schedule", with = "humantime_serde_vec")]
     pub retry_schedule: Vec<Duration>,
     /// Each wait is lengthened by a random fraction up to this, so retries spread out.
-    #[serde(default = "default_jitter")]
     pub jitter: f64,
     /// Consecutive failed attempts after which the destination is FAILED.
-    #[serde(default = "default_failure_threshold")]
     pub failure_threshold: u32,
     /// Retry 4xx answers other than 408, 410 and 429 (by default they fail the delivery).
-    #[serde(default)]
     pub retry_client_errors: bool,
 }
 
@@ -858,6 +892,21 @@ mod tests {
             .to_string();
         assert!(err.contains("destinations[0]"), "{err}");
         assert!(err.contains("event_typo"), "{err}");
+    }
+
+    #[test]
+    fn unknown_delivery_key_is_rejected() {
+        let err = parse(&format!("[delivery]\nmax_attempts = 3\n{GOOD}"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("delivery") && err.contains("max_attempts"),
+            "{err}"
+        );
+        let ok = parse(&format!("[delivery]\nretry_schedule = [\"0s\", \"1m\"]\nallowed_networks = [\"127.0.0.0/8\"]\n{GOOD}"))
+            .unwrap();
+        assert_eq!(ok.delivery.retry.retry_schedule.len(), 2);
+        assert_eq!(ok.delivery.allowed_networks.len(), 1);
     }
 
     #[test]

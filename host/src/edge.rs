@@ -348,3 +348,154 @@ mod tests {
         assert_eq!(allowed(stranger, None), Ok(()));
     }
 }
+
+/// The SSRF guard: deliveries never reach loopback, private, link-local (cloud metadata),
+/// shared, unspecified or multicast addresses unless a configured network allows them. The
+/// check applies to the addresses the client actually connects to — the resolver below
+/// hands reqwest only permitted addresses, so a name that re-resolves elsewhere (DNS
+/// rebinding) gains nothing — and to IP literals in URLs, which skip the resolver.
+#[derive(Clone, Debug, Default)]
+pub struct SsrfGuard {
+    allowed: std::sync::Arc<Vec<IpNet>>,
+}
+
+impl SsrfGuard {
+    pub fn new(allowed: Vec<IpNet>) -> Self {
+        Self {
+            allowed: std::sync::Arc::new(allowed),
+        }
+    }
+
+    /// `Err` with the reason when deliveries may not go to `ip`.
+    pub fn check(&self, ip: IpAddr) -> Result<(), String> {
+        if self.allowed.iter().any(|n| n.contains(&ip)) {
+            return Ok(());
+        }
+        match refused_kind(ip) {
+            Some(kind) => Err(format!(
+                "refused by the SSRF guard: {ip} is a {kind} address (allow it in delivery.allowed_networks)"
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Checks a URL whose host is an IP literal (names are checked at resolution).
+    pub fn check_url(&self, url: &str) -> Result<(), String> {
+        let Ok(parsed) = reqwest::Url::parse(url) else {
+            return Ok(()); // The request itself reports a bad URL.
+        };
+        match parsed.host() {
+            Some(url::Host::Ipv4(ip)) => self.check(IpAddr::V4(ip)),
+            Some(url::Host::Ipv6(ip)) => self.check(IpAddr::V6(ip)),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn refused_kind(ip: IpAddr) -> Option<&'static str> {
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            if v4.is_loopback() {
+                Some("loopback")
+            } else if v4.is_private() {
+                Some("private")
+            } else if v4.is_link_local() {
+                Some("link-local (cloud metadata)")
+            } else if o[0] == 100 && (o[1] & 0xc0) == 64 {
+                Some("shared (carrier-grade NAT)")
+            } else if v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast() || o[0] == 0 {
+                Some("non-unicast")
+            } else {
+                None
+            }
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return refused_kind(IpAddr::V4(v4));
+            }
+            let first = v6.segments()[0];
+            if v6.is_loopback() {
+                Some("loopback")
+            } else if v6.is_unspecified() || v6.is_multicast() {
+                Some("non-unicast")
+            } else if (first & 0xfe00) == 0xfc00 {
+                Some("private (unique local)")
+            } else if (first & 0xffc0) == 0xfe80 {
+                Some("link-local")
+            } else {
+                None
+            }
+        }
+    }
+}
+
+impl reqwest::dns::Resolve for SsrfGuard {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let guard = self.clone();
+        let host = name.as_str().to_string();
+        Box::pin(async move {
+            let addrs: Vec<std::net::SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let mut refusal = None;
+            let permitted: Vec<std::net::SocketAddr> = addrs
+                .into_iter()
+                .filter(|a| match guard.check(a.ip()) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        refusal = Some(e);
+                        false
+                    }
+                })
+                .collect();
+            if permitted.is_empty() {
+                let reason = refusal.unwrap_or_else(|| "no addresses".into());
+                let e: Box<dyn std::error::Error + Send + Sync> =
+                    format!("{host}: {reason}").into();
+                return Err(e);
+            }
+            Ok(Box::new(permitted.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
+#[cfg(test)]
+mod ssrf_tests {
+    use super::*;
+
+    #[test]
+    fn private_and_metadata_addresses_are_refused_unless_allowed() {
+        let guard = SsrfGuard::default();
+        for ip in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "::1",
+            "fd00::1",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+        ] {
+            assert!(guard.check(ip.parse().unwrap()).is_err(), "{ip}");
+        }
+        for ip in ["93.184.216.34", "2606:4700::1111"] {
+            assert!(guard.check(ip.parse().unwrap()).is_ok(), "{ip}");
+        }
+        let allowing = SsrfGuard::new(vec!["127.0.0.0/8".parse().unwrap()]);
+        assert!(allowing.check("127.0.0.1".parse().unwrap()).is_ok());
+        assert!(allowing.check("10.0.0.1".parse().unwrap()).is_err());
+        assert!(
+            guard
+                .check_url("http://169.254.169.254/latest/meta-data")
+                .is_err()
+        );
+        assert!(guard.check_url("http://[::1]:8080/").is_err());
+        assert!(
+            guard.check_url("https://fleet.example/x").is_ok(),
+            "names are checked at resolution"
+        );
+    }
+}

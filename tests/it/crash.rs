@@ -64,6 +64,7 @@ listen = "127.0.0.1:0"
 data_dir = "./data"
 [delivery]
 retry_schedule = ["0s", "100ms", "100ms", "100ms", "100ms", "100ms"]
+allowed_networks = ["127.0.0.0/8"]
 [[sources]]
 name = "s"
 [[destinations]]

@@ -326,3 +326,53 @@ async fn the_management_api_requires_a_bearer_token() {
     );
     gw.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_ssrf_guard_refuses_private_destinations_unless_allowed() {
+    let rx = Receiver::start().await;
+    let port = rx.url.rsplit(':').next().unwrap().to_string();
+    let text = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+[api]
+tokens = ["{token}"]
+[delivery]
+retry_schedule = ["0s"]
+[[sources]]
+name = "s"
+[[destinations]]
+name = "by-name"
+url = "http://localhost:{port}/by-name"
+[[destinations]]
+name = "literal"
+url = "http://127.0.0.1:{port}/literal"
+[[destinations]]
+name = "metadata"
+url = "http://169.254.169.254/latest/meta-data"
+[[routes]]
+source = "s"
+destinations = ["by-name", "literal", "metadata"]
+"#,
+        token = crate::util::API_TOKEN
+    );
+    let gw = TestGateway::start_raw(TestGateway::dir_with_plugins(&[]), &text, &|_| None)
+        .await
+        .unwrap();
+    let id = gw.accept("s", "{}").await;
+    let e = gw.settled(&id).await;
+    for d in e["deliveries"].as_array().unwrap() {
+        assert_eq!(d["status"], "failed", "{d}");
+        let error = d["attempts"][0]["error"].as_str().unwrap();
+        assert!(
+            error.contains("refused by the SSRF guard"),
+            "{}: {error}",
+            d["destination"]
+        );
+    }
+    assert!(
+        rx.requests().is_empty(),
+        "nothing reached the loopback receiver"
+    );
+    gw.shutdown().await.unwrap();
+}

@@ -236,7 +236,7 @@ impl TestGateway {
 
     fn harness_config(config: &str, receiver: &Receiver) -> String {
         format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n[api]\ntokens = [\"{API_TOKEN}\"]\n[delivery]\nretry_schedule = [\"0s\", \"10ms\", \"10ms\"]\njitter = 0.0\n{}",
+            "[server]\nlisten = \"127.0.0.1:0\"\n[api]\ntokens = [\"{API_TOKEN}\"]\n[delivery]\nretry_schedule = [\"0s\", \"10ms\", \"10ms\"]\njitter = 0.0\nallowed_networks = [\"127.0.0.0/8\"]\n{}",
             config.replace("{receiver}", &receiver.url)
         )
     }

@@ -17,6 +17,7 @@ use super::placeholder::{self, Target};
 use super::policy::{AttemptResult, decide, parse_retry_after};
 use super::{Destination, USER_AGENT};
 use crate::config::DeliveryConfig;
+use crate::edge::SsrfGuard;
 use crate::metrics::Metrics;
 use crate::store::{
     Attempt, AttemptNext, DestinationHealth, DestinationState, DueDelivery, Store, StoreError,
@@ -85,6 +86,7 @@ pub struct Dispatcher {
     permits: Arc<Semaphore>,
     attempts: TaskTracker,
     metrics: Arc<Metrics>,
+    guard: SsrfGuard,
 }
 
 impl Dispatcher {
@@ -96,7 +98,9 @@ impl Dispatcher {
         clock: Arc<dyn Clock>,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Arc<Self>> {
+        let guard = SsrfGuard::new(config.allowed_networks.clone());
         let client = reqwest::Client::builder()
+            .dns_resolver(Arc::new(guard.clone()))
             .timeout(config.timeout)
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(USER_AGENT)
@@ -118,6 +122,7 @@ impl Dispatcher {
             permits: Arc::new(Semaphore::new(config.concurrency)),
             attempts: TaskTracker::new(),
             metrics,
+            guard,
         }))
     }
 
@@ -299,6 +304,9 @@ impl Dispatcher {
             }
         }
         let started = Instant::now();
+        if let Err(refused) = self.guard.check_url(url) {
+            return (None, None, None, Some(refused), 0);
+        }
         let result = self.client.post(url).headers(map).body(body).send().await;
         let outcome = match result {
             Ok(mut resp) => {
