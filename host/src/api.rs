@@ -48,6 +48,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/events/{id}/replay", post(replay_event))
         .route("/v1/destinations", get(list_destinations))
         .route("/v1/destinations/{name}/restart", post(restart_destination))
+        .route("/v1/destinations/{name}/test", post(test_destination))
         .route("/v1/deliveries", get(list_deliveries))
         .route("/v1/plugins", get(list_plugins))
         .route("/v1/reload", post(reload))
@@ -221,6 +222,24 @@ async fn restart_destination(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     match state.dispatcher.restart(&name).await {
         Ok(s) => Ok(Json(json!({ "name": s.name, "state": s.state }))),
+        Err(RestartError::NotFound(n)) => {
+            Err(ApiError::NotFound(format!("no destination named `{n}`")))
+        }
+        Err(RestartError::TestFailed(e)) => Err(ApiError::BadGateway(format!(
+            "the test message failed: {e}"
+        ))),
+        Err(RestartError::Store(e)) => Err(e.into()),
+    }
+}
+
+/// Sends a test message (placeholders resolve to `none`) and reports the answer; the
+/// destination's state does not change.
+async fn test_destination(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    match state.dispatcher.send_test(&name).await {
+        Ok(code) => Ok(Json(json!({ "name": name, "status_code": code }))),
         Err(RestartError::NotFound(n)) => {
             Err(ApiError::NotFound(format!("no destination named `{n}`")))
         }

@@ -245,6 +245,25 @@ async fn failed_destination_keeps_events_until_restart_delivers_them() {
     );
     let (status, _) = gw.post_api("/v1/destinations/nope/restart").await;
     assert_eq!(status, 404);
+
+    // A test message on its own: placeholders resolve to `none`, the state is unchanged.
+    let (status, body) = gw.post_api("/v1/destinations/d/test").await;
+    assert_eq!(
+        (status, body["status_code"].as_u64()),
+        (200, Some(200)),
+        "{body}"
+    );
+    let last = rx.requests().pop().unwrap();
+    assert_eq!(last.json()["type"], "switchyard.test");
+    rx.fail_with(Some(500));
+    let (status, body) = gw.post_api("/v1/destinations/d/test").await;
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(
+        destination(&gw, "d").await["state"],
+        "ACTIVE",
+        "a test does not change the state"
+    );
+    assert_eq!(gw.post_api("/v1/destinations/nope/test").await.0, 404);
     gw.shutdown().await.unwrap();
 }
 
