@@ -220,16 +220,8 @@ async fn restart_destination(
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    match state.dispatcher.restart(&name).await {
-        Ok(s) => Ok(Json(json!({ "name": s.name, "state": s.state }))),
-        Err(RestartError::NotFound(n)) => {
-            Err(ApiError::NotFound(format!("no destination named `{n}`")))
-        }
-        Err(RestartError::TestFailed(e)) => Err(ApiError::BadGateway(format!(
-            "the test message failed: {e}"
-        ))),
-        Err(RestartError::Store(e)) => Err(e.into()),
-    }
+    let s = state.dispatcher.restart(&name).await?;
+    Ok(Json(json!({ "name": s.name, "state": s.state })))
 }
 
 /// Sends a test message (placeholders resolve to `none`) and reports the answer; the
@@ -238,15 +230,19 @@ async fn test_destination(
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    match state.dispatcher.send_test(&name).await {
-        Ok(code) => Ok(Json(json!({ "name": name, "status_code": code }))),
-        Err(RestartError::NotFound(n)) => {
-            Err(ApiError::NotFound(format!("no destination named `{n}`")))
+    let code = state.dispatcher.send_test(&name).await?;
+    Ok(Json(json!({ "name": name, "status_code": code })))
+}
+
+impl From<RestartError> for ApiError {
+    fn from(e: RestartError) -> Self {
+        match e {
+            RestartError::NotFound(n) => ApiError::NotFound(format!("no destination named `{n}`")),
+            RestartError::TestFailed(e) => {
+                ApiError::BadGateway(format!("the test message failed: {e}"))
+            }
+            RestartError::Store(e) => e.into(),
         }
-        Err(RestartError::TestFailed(e)) => Err(ApiError::BadGateway(format!(
-            "the test message failed: {e}"
-        ))),
-        Err(RestartError::Store(e)) => Err(e.into()),
     }
 }
 
