@@ -6,7 +6,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 /// Reads an environment variable. Injected so that tests never touch the process
 /// environment.
@@ -322,6 +323,10 @@ mod humantime_serde_vec {
     use serde::{Deserialize, Deserializer};
     use std::time::Duration;
 
+    pub fn serialize<S: serde::Serializer>(items: &[Duration], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(items.iter().map(|d| humantime::format_duration(*d).to_string()))
+    }
+
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
         let items = Vec::<String>::deserialize(d)?;
         items
@@ -374,45 +379,49 @@ fn default_purge_interval() -> Duration {
 }
 
 /// `[[sources]]`: a name senders post to at `/v1/ingest/{name}`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SourceConfig {
+    /// 1 to 64 letters, digits, `-`, `_` or `.`.
     pub name: String,
     /// A top-level JSON field whose value de-duplicates events (e.g. Onomondo's `id`),
     /// besides the `Idempotency-Key` header.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_field: Option<String>,
     /// How requests to this source are authenticated (none by default).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verify: Option<crate::edge::VerifyConfig>,
-    /// Only these networks may post to this source (everyone when absent).
-    #[serde(default)]
+    /// Only these networks (CIDRs) may post to this source (everyone when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<String>>, example = json!(["203.0.113.0/24"]))]
     pub allow_ips: Option<Vec<ipnet::IpNet>>,
 }
 
 /// `[[destinations]]`: where deliveries go.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DestinationConfig {
+    /// 1 to 64 letters, digits, `-`, `_` or `.`.
     pub name: String,
     /// The URL; may contain `:name:` placeholders.
+    #[schema(example = "https://fleet.example/events?iccid=:iccid:")]
     pub url: String,
     /// Extra headers; values may contain `:name:` placeholders.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub headers: BTreeMap<String, String>,
     /// Deliver only events of these types (all when absent).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub event_types: Option<Vec<String>>,
     /// This destination's retry policy, if not `[delivery]`'s.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<RetryOverride>,
     /// Sign deliveries with Standard Webhooks headers.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signing: Option<SigningConfig>,
 }
 
 /// Standard Webhooks signing of a destination's deliveries.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SigningConfig {
     /// A `whsec_…` secret (base64 after the prefix, at least 16 bytes).
@@ -420,13 +429,24 @@ pub struct SigningConfig {
 }
 
 /// Per-destination overrides of `[delivery]`'s retry policy.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RetryOverride {
-    #[serde(default, with = "humantime_serde_opt_vec")]
+    /// The wait before each attempt, e.g. `["0s", "5s", "5m"]`.
+    #[serde(
+        default,
+        with = "humantime_serde_opt_vec",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = Option<Vec<String>>, example = json!(["0s", "5s", "5m"]))]
     pub retry_schedule: Option<Vec<Duration>>,
+    /// 0 to 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jitter: Option<f64>,
+    /// At least 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure_threshold: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_client_errors: Option<bool>,
 }
 
@@ -446,21 +466,36 @@ impl RetryOverride {
 }
 
 mod humantime_serde_opt_vec {
-    use serde::Deserializer;
+    use serde::{Deserializer, Serializer};
     use std::time::Duration;
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<Duration>>, D::Error> {
         super::humantime_serde_vec::deserialize(d).map(Some)
     }
+
+    pub fn serialize<S: Serializer>(v: &Option<Vec<Duration>>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(items) => super::humantime_serde_vec::serialize(items, s),
+            None => s.serialize_none(),
+        }
+    }
 }
 
 /// `[[routes]]`: which plugins run on a source's events and where they go by default.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
+    /// Names the route in the API. Optional in the config file, where a route without one
+    /// is named after its source (`onomondo`, then `onomondo-2`, …); required through the
+    /// API.
+    #[serde(default)]
+    pub name: String,
+    /// The source whose events this route takes.
     pub source: String,
+    /// The plugin chain, run in order.
     #[serde(default)]
     pub plugins: Vec<PluginRef>,
+    /// Where events that the chain continues go (a `route` verdict chooses its own).
     #[serde(default)]
     pub destinations: Vec<String>,
     /// What happens to an event whose plugin fails (error, trap, deadline, limit).
@@ -469,7 +504,7 @@ pub struct RouteConfig {
 }
 
 /// A route's answer to a failing plugin.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, Serialize, ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum OnError {
     /// Keep the event as failed on this route: visible and replayable.
@@ -482,28 +517,44 @@ pub enum OnError {
 }
 
 /// One plugin of a route's chain with its configuration and limits.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PluginRef {
+    /// The plugin's file stem in the plugin directory.
     pub name: String,
     /// Key/value configuration handed to the plugin, in order. Numbers and booleans are
     /// given as their text.
-    #[serde(default, deserialize_with = "config_pairs")]
+    #[serde(
+        default,
+        deserialize_with = "config_pairs",
+        serialize_with = "config_pairs_out",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    #[schema(value_type = Option<BTreeMap<String, String>>)]
     pub config: Vec<(String, String)>,
     /// This plugin's call deadline on this route, if not `[plugins] deadline`.
-    #[serde(default, with = "humantime_serde")]
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = Option<String>, example = "50ms")]
     pub deadline: Option<Duration>,
     /// This plugin's memory cap on this route, if not `[plugins] max_memory_bytes`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_memory_bytes: Option<usize>,
     /// `fresh` (a new instance per event) or `warm` (reused instances); by default warm
     /// for large components (language runtimes), fresh otherwise.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance: Option<InstanceMode>,
 }
 
+fn config_pairs_out<S: serde::Serializer>(pairs: &[(String, String)], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_map(pairs.iter().map(|(k, v)| (k, v)))
+}
+
 /// How a plugin's instances live.
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Serialize, ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum InstanceMode {
     /// A new instance for every event: nothing carries over.
@@ -605,13 +656,14 @@ impl Config {
             api: raw.api,
             sources: raw.sources,
             destinations: raw.destinations,
-            routes: raw.routes,
+            routes: name_routes(raw.routes),
         };
         config.validate().map_err(|(k, m)| key_err(k, m))?;
         Ok(config)
     }
 
-    fn validate(&self) -> Result<(), (String, String)> {
+    /// Checks the whole config; the error names the key, e.g. `routes[2].source`.
+    pub(crate) fn validate(&self) -> Result<(), (String, String)> {
         if self.server.max_body_bytes == 0 {
             return Err(("server.max_body_bytes".into(), "must be above 0".into()));
         }
@@ -682,7 +734,15 @@ impl Config {
                 })?;
             }
         }
+        let mut routes = HashSet::new();
         for (i, r) in self.routes.iter().enumerate() {
+            check_name(&r.name).map_err(|m| (format!("routes[{i}].name"), m))?;
+            if !routes.insert(r.name.as_str()) {
+                return Err((
+                    format!("routes[{i}].name"),
+                    format!("`{}` is defined twice", r.name),
+                ));
+            }
             if !sources.contains(r.source.as_str()) {
                 return Err((
                     format!("routes[{i}].source"),
@@ -719,6 +779,24 @@ impl Config {
             .flat_map(|r| r.plugins.iter().map(|p| p.name.as_str()))
             .collect()
     }
+}
+
+/// Names the routes that have no name after their source: `onomondo`, `onomondo-2`, …
+fn name_routes(mut routes: Vec<RouteConfig>) -> Vec<RouteConfig> {
+    let taken: HashSet<String> = routes.iter().map(|r| r.name.clone()).collect();
+    let mut given: HashSet<String> = HashSet::new();
+    for r in routes.iter_mut().filter(|r| r.name.is_empty()) {
+        let name = (1..)
+            .map(|n| match n {
+                1 => r.source.clone(),
+                n => format!("{}-{n}", r.source),
+            })
+            .find(|n| !taken.contains(n) && !given.contains(n))
+            .expect("an unused name exists");
+        given.insert(name.clone());
+        r.name = name;
+    }
+    routes
 }
 
 fn check_retry(p: &RetryPolicy) -> Result<(), (String, String)> {

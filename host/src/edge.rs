@@ -10,18 +10,21 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use hmac::{Hmac, Mac};
 use ipnet::IpNet;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 use sha2::Sha256;
 
 type HmacSha256 = Hmac<Sha256>;
 
 /// How a source's requests are authenticated.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
 #[serde(tag = "scheme", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum VerifyConfig {
     /// An HMAC-SHA256 of the raw body in a header (e.g. Bondio's `bondio-signature`).
     HmacSha256 {
+        /// The shared secret (never shown in full by the API).
         secret: String,
+        /// The header carrying the signature.
         header: String,
         #[serde(default)]
         encoding: Encoding,
@@ -31,9 +34,11 @@ pub enum VerifyConfig {
     },
     /// Standard Webhooks: `webhook-id`, `webhook-timestamp`, `webhook-signature`.
     StandardWebhooks {
-        /// `whsec_…` secrets; several during a rotation.
+        /// `whsec_…` secrets; several during a rotation (never shown in full by the API).
         secrets: Vec<String>,
+        /// How far the timestamp may be from now, e.g. `5m`.
         #[serde(default = "default_tolerance", with = "humantime_serde")]
+        #[schema(value_type = String, example = "5m")]
         tolerance: Duration,
     },
     /// No verification.
@@ -45,7 +50,7 @@ fn default_tolerance() -> Duration {
 }
 
 /// How an HMAC signature is written in its header.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Encoding {
     #[default]

@@ -17,7 +17,25 @@ use crate::edge;
 use crate::event::{Body, Event};
 use crate::store::{Idempotency, Inserted};
 
-/// `POST /v1/ingest/{source}`, counted in `switchyard_events_received_total`.
+/// Accepts an event: `202` once it is committed to the store (it will not be lost). The
+/// body is any bytes (JSON is parsed by plugins, not here). Counted in
+/// `switchyard_events_received_total`.
+#[utoipa::path(post, path = "/v1/ingest/{source}", tag = "ingest", security(()),
+    params(
+        ("source" = String, Path, description = "A configured source"),
+        ("Idempotency-Key" = Option<String>, Header, description = "A repeat within the idempotency window answers 200 with the original id"),
+    ),
+    request_body(content = Object, description = "The sender's payload, stored as sent", content_type = "application/json"),
+    responses(
+        (status = 202, description = "Accepted and committed", body = crate::api::EventId),
+        (status = 200, description = "A duplicate: the original event's id", body = Object),
+        (status = 400, description = "A malformed `Idempotency-Key` or unreadable body", body = crate::api::ErrorBody),
+        (status = 401, description = "The signature check failed", body = crate::api::ErrorBody),
+        (status = 403, description = "The sender's address is not allowed", body = crate::api::ErrorBody),
+        (status = 404, description = "No such source", body = crate::api::ErrorBody),
+        (status = 413, description = "The body is over `max_body_bytes`", body = crate::api::ErrorBody),
+        (status = 503, description = "The queue is full or the gateway is stopping", body = crate::api::ErrorBody),
+    ))]
 pub async fn ingest(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,

@@ -12,6 +12,7 @@ pub mod delivery;
 pub mod edge;
 pub mod event;
 pub mod ingest;
+pub mod managed;
 pub mod metrics;
 pub mod pipeline;
 pub mod plugin;
@@ -105,6 +106,7 @@ impl Gateway {
             pipeline.clone(),
             dispatcher.clone(),
             metrics.clone(),
+            store.clone(),
             config,
         );
 

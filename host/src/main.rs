@@ -43,6 +43,8 @@ enum Command {
         #[command(subcommand)]
         command: PluginCommand,
     },
+    /// Print the HTTP API's OpenAPI 3 document (as served at /v1/openapi.json).
+    Openapi,
 }
 
 #[derive(Subcommand)]
@@ -108,6 +110,12 @@ fn init_tracing(format: LogFormat) {
 #[tokio::main]
 async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
+        Command::Openapi => {
+            let doc = serde_json::to_string_pretty(&switchyard::api::openapi())
+                .context("cannot render the OpenAPI document")?;
+            println!("{doc}");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Serve { config } => {
             let env = |name: &str| std::env::var(name).ok();
             let path = config;

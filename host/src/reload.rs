@@ -19,6 +19,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::delivery::{Dispatcher, now_ms};
+use crate::managed::{Change, ChangeError, Managed};
+use crate::store::Store;
 use crate::metrics::{Metrics, ResultLabels};
 use crate::pipeline::{Pipeline, Routing};
 use crate::plugin::{PluginMap, PluginRegistry, PluginRuntime, PluginStatus};
@@ -49,7 +51,13 @@ pub struct Reloader {
     pipeline: Arc<Pipeline>,
     dispatcher: Arc<Dispatcher>,
     metrics: Arc<Metrics>,
+    store: Arc<dyn Store>,
+    /// The config in force: the file's objects and the managed ones.
     config: ArcSwap<Config>,
+    /// The last config file that loaded (or the config the gateway started with).
+    file: ArcSwap<Config>,
+    /// The objects made through the management API.
+    managed: ArcSwap<Managed>,
     source: Mutex<Option<(PathBuf, Env)>>,
     busy: tokio::sync::Mutex<()>,
 }
@@ -61,15 +69,20 @@ impl Reloader {
         pipeline: Arc<Pipeline>,
         dispatcher: Arc<Dispatcher>,
         metrics: Arc<Metrics>,
+        store: Arc<dyn Store>,
         config: Config,
     ) -> Arc<Self> {
+        let config = Arc::new(config);
         Arc::new(Self {
             runtime,
             registry,
             pipeline,
             dispatcher,
             metrics,
-            config: ArcSwap::from_pointee(config),
+            store,
+            config: ArcSwap::new(config.clone()),
+            file: ArcSwap::new(config),
+            managed: ArcSwap::from_pointee(Managed::default()),
             source: Mutex::new(None),
             busy: tokio::sync::Mutex::new(()),
         })
@@ -92,19 +105,80 @@ impl Reloader {
         self.config.load_full()
     }
 
-    /// Reloads the config file (if any) and the plugin directory, and swaps in what loaded.
+    /// The objects made through the management API.
+    pub fn managed(&self) -> Arc<Managed> {
+        self.managed.load_full()
+    }
+
+    /// Applies a change made through the management API: checked against the whole
+    /// config (and the loaded plugins), persisted, then swapped in like a reload.
+    pub async fn apply(&self, change: Change) -> Result<Arc<Config>, ChangeError> {
+        let _one_at_a_time = self.busy.lock().await;
+        let file = self.file.load_full();
+        let (managed, config) = self.managed.load().apply(&file, &change)?;
+        if let Some((key, message)) = first_missing_plugin(&config, &self.registry.snapshot()) {
+            return Err(managed.blame(&file, &change, &key, message));
+        }
+        match change.stored() {
+            Ok(object) => self.store.put_managed(object, now_ms()).await?,
+            Err((kind, name)) => self.store.delete_managed(kind.as_str(), &name).await?,
+        }
+        tracing::info!(
+            kind = change.kind().as_str(),
+            name = change.name(),
+            change = match change {
+                Change::Create(_) => "created",
+                Change::Update(_) => "updated",
+                Change::Delete(..) => "deleted",
+            },
+            "Managed object changed."
+        );
+        let config = Arc::new(config);
+        self.managed.store(Arc::new(managed));
+        self.install(config.clone());
+        Ok(config)
+    }
+
+    /// Makes `config` the one in force: routing, destinations and the config itself.
+    fn install(&self, config: Arc<Config>) {
+        let routing = Arc::new(Routing::from_config(&config));
+        self.dispatcher
+            .set_destinations(routing.destinations().clone());
+        self.pipeline.set_routing(routing);
+        self.config.store(config);
+    }
+
+    /// Reloads the config file (if any), the managed objects and the plugin directory, and
+    /// swaps in what loaded.
     pub async fn reload(&self, reason: &str) -> ReloadReport {
         let _one_at_a_time = self.busy.lock().await;
         let old = self.config();
-        let (mut config, mut config_error, mut outcome) = (old.clone(), None, "unchanged");
+        let (mut file, mut config_error, mut outcome) = (self.file.load_full(), None, "unchanged");
         if let Some((path, env)) = self.config_file() {
             match Config::load(&path, &*env) {
                 Ok(c) => {
-                    config = Arc::new(c);
+                    file = Arc::new(c);
                     outcome = "applied";
                 }
                 Err(e) => {
                     config_error = Some(e.to_string());
+                    outcome = "rejected";
+                }
+            }
+        }
+        let managed = match self.store.managed_objects().await {
+            Ok(objects) => Arc::new(Managed::from_stored(&objects)),
+            Err(e) => {
+                tracing::error!(error = %e, "Cannot read the managed objects; keeping the ones in memory.");
+                self.managed.load_full()
+            }
+        };
+        let mut config = old.clone();
+        if outcome != "rejected" {
+            match managed.merged_with(&file) {
+                Ok(c) => config = Arc::new(c),
+                Err((key, message)) => {
+                    config_error = Some(format!("key `{key}`: {message}"));
                     outcome = "rejected";
                 }
             }
@@ -147,9 +221,9 @@ impl Reloader {
         };
 
         if outcome == "applied"
-            && let Some(missing) = first_missing_plugin(&config, &plugins)
+            && let Some((key, message)) = first_missing_plugin(&config, &plugins)
         {
-            config_error = Some(missing);
+            config_error = Some(format!("key `{key}`: {message}"));
             outcome = "rejected";
         }
         if outcome == "rejected" {
@@ -161,12 +235,12 @@ impl Reloader {
             config = old;
         }
 
-        let routing = Arc::new(Routing::from_config(&config));
-        self.dispatcher
-            .set_destinations(routing.destinations().clone());
+        if outcome != "rejected" {
+            self.file.store(file);
+            self.managed.store(managed);
+        }
         self.registry.swap(plugins, statuses.clone());
-        self.pipeline.set_routing(routing);
-        self.config.store(config);
+        self.install(config);
         tracing::info!(
             reason,
             config = outcome,
@@ -249,15 +323,19 @@ impl Reloader {
 
 /// The first plugin that the config's routes use and that is not loaded, as an error
 /// naming the key.
-fn first_missing_plugin(config: &Config, plugins: &PluginMap) -> Option<String> {
+/// The first plugin a route uses that is not loaded: its key and the message.
+fn first_missing_plugin(config: &Config, plugins: &PluginMap) -> Option<(String, String)> {
     for (i, r) in config.routes.iter().enumerate() {
         for (j, p) in r.plugins.iter().enumerate() {
             if !plugins.contains_key(&p.name) {
-                return Some(format!(
-                    "key `routes[{i}].plugins[{j}].name`: no plugin `{}` is loaded from {} (expected {}.wasm)",
-                    p.name,
-                    config.plugins.dir.display(),
-                    p.name
+                return Some((
+                    format!("routes[{i}].plugins[{j}].name"),
+                    format!(
+                        "no plugin `{}` is loaded from {} (expected {}.wasm)",
+                        p.name,
+                        config.plugins.dir.display(),
+                        p.name
+                    ),
                 ));
             }
         }

@@ -9,6 +9,7 @@ mod sqlite;
 
 use async_trait::async_trait;
 use serde::Serialize;
+use utoipa::ToSchema;
 
 pub use sqlite::SqliteStore;
 
@@ -118,6 +119,15 @@ pub trait Store: Send + Sync + 'static {
     /// Pending and failed delivery counts per destination.
     async fn delivery_counts(&self) -> Result<Vec<DeliveryCounts>, StoreError>;
 
+    /// The sources, destinations and routes made through the management API.
+    async fn managed_objects(&self) -> Result<Vec<ManagedObject>, StoreError>;
+
+    /// Creates or replaces a managed object.
+    async fn put_managed(&self, object: ManagedObject, now: u64) -> Result<(), StoreError>;
+
+    /// Deletes a managed object (nothing happens if there is none).
+    async fn delete_managed(&self, kind: &str, name: &str) -> Result<(), StoreError>;
+
     /// An event with everything recorded about it.
     async fn get_event(&self, id: &str) -> Result<Option<EventRecord>, StoreError>;
 
@@ -140,17 +150,32 @@ pub trait Store: Send + Sync + 'static {
     async fn purge_delivered(&self, before: u64) -> Result<usize, StoreError>;
 }
 
+/// A source, destination or route made through the management API, as stored: its JSON
+/// is the same as the object's config-file form.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ManagedObject {
+    /// `source`, `destination` or `route`.
+    pub kind: String,
+    pub name: String,
+    pub body: String,
+}
+
 /// An event and its history, as `GET /v1/events/{id}` shows it.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct EventRecord {
+    /// The event as accepted: id, source, received_at, method, path, query, headers,
+    /// content_type, body (text, or base64 when not UTF-8), metadata, run.
+    #[schema(value_type = Object)]
     pub event: Event,
     pub status: EventStatus,
-    /// Each route's outcome, of every run (a replay is a new run).
+    /// Each route's outcome, of every run (a replay is a new run): the plugin steps with
+    /// each verdict, version (sha256) and duration, and the result.
+    #[schema(value_type = Vec<Object>)]
     pub routes: Vec<serde_json::Value>,
     pub deliveries: Vec<DeliveryRecord>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum EventStatus {
     /// Accepted, waiting for the pipeline.
@@ -248,7 +273,7 @@ pub enum AttemptNext {
 }
 
 /// One delivery of an event to a destination.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct DeliveryRecord {
     /// Stable across retries: sent as the `webhook-id` header.
     pub id: String,
@@ -264,7 +289,7 @@ pub struct DeliveryRecord {
     pub attempts: Vec<Attempt>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum DeliveryStatus {
     Pending,
@@ -295,7 +320,7 @@ impl DeliveryStatus {
 }
 
 /// One HTTP attempt of a delivery.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct Attempt {
     /// Start, in milliseconds since the Unix epoch.
     pub at: u64,
@@ -311,7 +336,7 @@ pub struct Attempt {
 
 /// A destination's health, after 1NCE: active, failed after too many consecutive failed
 /// attempts (restart to resume), or disabled by a 410 Gone.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, ToSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum DestinationHealth {
     Active,

@@ -89,6 +89,16 @@ const SCHEMA: &[&str] = &[
         last_error TEXT
     );
     "#,
+    // 2: sources, destinations and routes made through the management API.
+    r#"
+    CREATE TABLE managed_objects (
+        kind TEXT NOT NULL,
+        name TEXT NOT NULL,
+        body TEXT NOT NULL,
+        updated_at INTEGER NOT NULL,
+        PRIMARY KEY (kind, name)
+    );
+    "#,
 ];
 
 type Reply = Box<dyn FnOnce(Result<(), String>) + Send>;
@@ -648,6 +658,45 @@ impl Store for SqliteStore {
                 })
             })?
             .collect()
+        })
+        .await
+    }
+
+    async fn managed_objects(&self) -> Result<Vec<ManagedObject>, StoreError> {
+        self.read(|conn| {
+            conn.prepare("SELECT kind, name, body FROM managed_objects ORDER BY kind, name")?
+                .query_map([], |r| {
+                    Ok(ManagedObject {
+                        kind: r.get(0)?,
+                        name: r.get(1)?,
+                        body: r.get(2)?,
+                    })
+                })?
+                .collect()
+        })
+        .await
+    }
+
+    async fn put_managed(&self, object: ManagedObject, now: u64) -> Result<(), StoreError> {
+        self.write(move |conn| {
+            conn.execute(
+                "INSERT INTO managed_objects (kind, name, body, updated_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (kind, name) DO UPDATE SET body = ?3, updated_at = ?4",
+                rusqlite::params![object.kind, object.name, object.body, now as i64],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+
+    async fn delete_managed(&self, kind: &str, name: &str) -> Result<(), StoreError> {
+        let (kind, name) = (kind.to_string(), name.to_string());
+        self.write(move |conn| {
+            conn.execute(
+                "DELETE FROM managed_objects WHERE kind = ?1 AND name = ?2",
+                [kind, name],
+            )
+            .map(|_| ())
         })
         .await
     }

@@ -1,5 +1,12 @@
 //! The HTTP edge: the axum router, the one JSON error type, and the operator endpoints
-//! (events, destinations, deliveries). Ingest has its own module.
+//! (events, deliveries, plugins, reload). Ingest has its own module; sources, destinations
+//! and routes are in [`objects`].
+//!
+//! The management API is a public contract: every handler carries a `#[utoipa::path]`
+//! annotation and is registered through [`utoipa_axum::routes!`], so the OpenAPI document
+//! served at `/v1/openapi.json` is generated from the same code that serves the routes.
+
+pub mod objects;
 
 use std::sync::Arc;
 
@@ -8,19 +15,21 @@ use axum::Router;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use subtle::ConstantTimeEq;
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::{IntoParams, OpenApi, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::delivery::{Dispatcher, RestartError};
 use crate::ingest;
 use crate::metrics::{Metrics, StateLabels};
 use crate::pipeline::Pipeline;
 use crate::reload::Reloader;
-use crate::store::{
-    DeliveryRecord, DeliveryStatus, DestinationHealth, EventRecord, Store, StoreError,
-};
+use crate::store::{DeliveryRecord, DeliveryStatus, DestinationHealth, EventRecord, Store, StoreError};
 
 /// What every handler can reach.
 #[derive(Clone)]
@@ -30,6 +39,114 @@ pub struct AppState {
     pub dispatcher: Arc<Dispatcher>,
     pub reloader: Arc<Reloader>,
     pub metrics: Arc<Metrics>,
+}
+
+/// The OpenAPI document's frame; the paths come from the handlers.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Switchyard",
+        description = "Webhook router with WebAssembly plugins: ingest and management API. \
+            Everything under /v1 except ingest requires `Authorization: Bearer <token>`.",
+    ),
+    security(("bearer" = [])),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "ingest", description = "Where senders post events"),
+        (name = "events", description = "Stored events and their history"),
+        (name = "sources", description = "Names senders post to"),
+        (name = "destinations", description = "Where deliveries go"),
+        (name = "routes", description = "Plugin chains from a source to destinations"),
+        (name = "deliveries", description = "The delivery log"),
+        (name = "plugins", description = "Loaded plugins and reloads"),
+    )
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
+    }
+}
+
+/// The OpenAPI 3 document of the HTTP API, as served at `/v1/openapi.json`.
+pub fn openapi() -> serde_json::Value {
+    finish_doc(api_router().split_for_parts().1)
+}
+
+/// The generated document with one correction: a view (`SourceView`, …) is its config
+/// object plus read-only fields, but the config object's schema forbids other properties
+/// (it is also the request body, where unknown fields are rejected). In the views the
+/// config's properties are inlined without that restriction.
+fn finish_doc(doc: utoipa::openapi::OpenApi) -> serde_json::Value {
+    let mut doc = serde_json::to_value(doc).expect("the OpenAPI document serializes");
+    let schemas = doc["components"]["schemas"].clone();
+    if let Some(all) = doc["components"]["schemas"].as_object_mut() {
+        for (name, schema) in all.iter_mut() {
+            if !name.ends_with("View") {
+                continue;
+            }
+            if let Some(parts) = schema.get_mut("allOf").and_then(|a| a.as_array_mut()) {
+                for part in parts.iter_mut() {
+                    let target = part
+                        .get("$ref")
+                        .and_then(|r| r.as_str())
+                        .and_then(|r| r.strip_prefix("#/components/schemas/"))
+                        .and_then(|r| schemas.get(r))
+                        .cloned();
+                    if let Some(mut inline) = target {
+                        if let Some(o) = inline.as_object_mut() {
+                            o.remove("additionalProperties");
+                        }
+                        *part = inline;
+                    }
+                }
+            }
+        }
+    }
+    doc
+}
+
+/// Every documented route; the bearer-token gate is added by [`router`].
+fn api_router() -> OpenApiRouter<AppState> {
+    let mut doc = ApiDoc::openapi();
+    doc.info.version = env!("CARGO_PKG_VERSION").into();
+    OpenApiRouter::with_openapi(doc)
+        .routes(routes!(ingest::ingest))
+        .routes(routes!(get_event))
+        .routes(routes!(replay_event))
+        .routes(routes!(objects::list_sources, objects::create_source))
+        .routes(routes!(
+            objects::get_source,
+            objects::patch_source,
+            objects::delete_source
+        ))
+        .routes(routes!(
+            objects::list_destinations,
+            objects::create_destination
+        ))
+        .routes(routes!(
+            objects::get_destination,
+            objects::patch_destination,
+            objects::delete_destination
+        ))
+        .routes(routes!(restart_destination))
+        .routes(routes!(test_destination))
+        .routes(routes!(objects::list_routes, objects::create_route))
+        .routes(routes!(
+            objects::get_route,
+            objects::patch_route,
+            objects::delete_route
+        ))
+        .routes(routes!(list_deliveries))
+        .routes(routes!(list_plugins))
+        .routes(routes!(reload))
 }
 
 /// Builds the gateway's router.
@@ -43,37 +160,42 @@ pub fn router(state: AppState) -> Router {
         .server
         .max_body_bytes
         .saturating_add(1);
+    let (documented, doc) = api_router().split_for_parts();
+    let doc = Arc::new(finish_doc(doc));
     let management = Router::new()
-        .route("/v1/events/{id}", get(get_event))
-        .route("/v1/events/{id}/replay", post(replay_event))
-        .route("/v1/destinations", get(list_destinations))
-        .route("/v1/destinations/{name}/restart", post(restart_destination))
-        .route("/v1/destinations/{name}/test", post(test_destination))
-        .route("/v1/deliveries", get(list_deliveries))
-        .route("/v1/plugins", get(list_plugins))
-        .route("/v1/reload", post(reload))
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            require_token,
-        ));
+        .route(
+            "/v1/openapi.json",
+            get(move || {
+                let doc = doc.clone();
+                async move { Json(doc.as_ref().clone()) }
+            }),
+        )
+        .merge(documented);
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .route("/v1/ingest/{source}", post(ingest::ingest))
         .merge(management)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_token,
+        ))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }
 
 /// The management API's gate: `Authorization: Bearer <token>` with a configured token,
-/// compared in constant time.
+/// compared in constant time, for every path under `/v1/` but ingest.
 async fn require_token(
     State(state): State<AppState>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
+    let path = request.uri().path();
+    if !path.starts_with("/v1/") || path.starts_with("/v1/ingest/") {
+        return next.run(request).await;
+    }
     let tokens = &state.reloader.config().api.tokens;
     let given = request
         .headers()
@@ -149,6 +271,14 @@ async fn metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
+/// An event with its route outcomes, deliveries and attempts.
+#[utoipa::path(get, path = "/v1/events/{id}", tag = "events",
+    params(("id" = String, Path, description = "The event id from ingest")),
+    responses(
+        (status = 200, description = "The event", body = EventRecord),
+        (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
+        (status = 404, description = "No such event", body = ErrorBody),
+    ))]
 async fn get_event(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -162,76 +292,77 @@ async fn get_event(
 }
 
 /// Runs a stored event through the current plugins again; its new deliveries get new ids.
+#[utoipa::path(post, path = "/v1/events/{id}/replay", tag = "events",
+    params(("id" = String, Path, description = "The event id from ingest")),
+    responses(
+        (status = 202, description = "Queued again", body = EventId),
+        (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
+        (status = 404, description = "No such event", body = ErrorBody),
+        (status = 503, description = "The queue is full or the gateway is stopping", body = ErrorBody),
+    ))]
 async fn replay_event(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+) -> Result<(StatusCode, Json<EventId>), ApiError> {
     if state.store.replay(&id).await? {
-        Ok((StatusCode::ACCEPTED, Json(json!({ "id": id }))))
+        Ok((StatusCode::ACCEPTED, Json(EventId { id })))
     } else {
         Err(ApiError::NotFound(format!("no event with id `{id}`")))
     }
 }
 
-/// A destination as `GET /v1/destinations` shows it.
-#[derive(Serialize)]
-struct DestinationView {
+/// The answer to a restart.
+#[derive(Serialize, ToSchema)]
+struct Restarted {
     name: String,
     state: DestinationHealth,
-    consecutive_failures: u32,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    last_error: Option<String>,
-    pending: u64,
-    failed: u64,
 }
 
-async fn list_destinations(
-    State(state): State<AppState>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let counts = state.store.delivery_counts().await?;
-    let items: Vec<DestinationView> = state
-        .reloader
-        .config()
-        .destinations
-        .iter()
-        .map(|d| {
-            let s = state.dispatcher.state(&d.name);
-            let c = counts
-                .iter()
-                .find(|c| c.destination == d.name)
-                .cloned()
-                .unwrap_or_default();
-            DestinationView {
-                name: d.name.clone(),
-                state: s.state,
-                consecutive_failures: s.consecutive_failures,
-                last_error: s.last_error,
-                pending: c.pending,
-                failed: c.failed,
-            }
-        })
-        .collect();
-    Ok(Json(json!({ "items": items })))
+/// The answer to a test message.
+#[derive(Serialize, ToSchema)]
+struct Tested {
+    name: String,
+    /// The destination's HTTP status code.
+    status_code: u16,
 }
 
 /// Sends a test message; if it succeeds, the destination is ACTIVE again and its queued
 /// deliveries are sent.
+#[utoipa::path(post, path = "/v1/destinations/{name}/restart", tag = "destinations",
+    params(("name" = String, Path)),
+    responses(
+        (status = 200, description = "ACTIVE again", body = Restarted),
+        (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
+        (status = 404, description = "No such destination", body = ErrorBody),
+        (status = 502, description = "The test message failed; the state is unchanged", body = ErrorBody),
+    ))]
 async fn restart_destination(
     State(state): State<AppState>,
     Path(name): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<Restarted>, ApiError> {
     let s = state.dispatcher.restart(&name).await?;
-    Ok(Json(json!({ "name": s.name, "state": s.state })))
+    Ok(Json(Restarted {
+        name: s.name,
+        state: s.state,
+    }))
 }
 
 /// Sends a test message (placeholders resolve to `none`) and reports the answer; the
 /// destination's state does not change.
+#[utoipa::path(post, path = "/v1/destinations/{name}/test", tag = "destinations",
+    params(("name" = String, Path)),
+    responses(
+        (status = 200, description = "The destination accepted it", body = Tested),
+        (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
+        (status = 404, description = "No such destination", body = ErrorBody),
+        (status = 502, description = "The test message failed", body = ErrorBody),
+    ))]
 async fn test_destination(
     State(state): State<AppState>,
     Path(name): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let code = state.dispatcher.send_test(&name).await?;
-    Ok(Json(json!({ "name": name, "status_code": code })))
+) -> Result<Json<Tested>, ApiError> {
+    let status_code = state.dispatcher.send_test(&name).await?;
+    Ok(Json(Tested { name, status_code }))
 }
 
 impl From<RestartError> for ApiError {
@@ -246,20 +377,40 @@ impl From<RestartError> for ApiError {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct DeliveryQuery {
+    /// Only deliveries with this status.
     status: Option<DeliveryStatus>,
+    /// `next_cursor` of the previous page.
     cursor: Option<String>,
+    /// Items per page: 1 to 500, 50 by default.
+    #[param(minimum = 1, maximum = 500)]
     limit: Option<usize>,
+}
+
+/// A page of deliveries.
+#[derive(Serialize, ToSchema)]
+struct DeliveryPage {
+    items: Vec<DeliveryRecord>,
+    /// Fetches the next page; `null` on the last.
+    next_cursor: Option<String>,
 }
 
 /// Deliveries, oldest first, `limit` (default 50, at most 500) a page; `next_cursor` fetches
 /// the next page.
+#[utoipa::path(get, path = "/v1/deliveries", tag = "deliveries",
+    params(DeliveryQuery),
+    responses(
+        (status = 200, description = "A page of deliveries", body = DeliveryPage),
+        (status = 400, description = "A malformed parameter, named", body = ErrorBody),
+        (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
+    ))]
 async fn list_deliveries(
     State(state): State<AppState>,
     query: Result<Query<DeliveryQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<DeliveryPage>, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let after = match q.cursor.as_deref() {
         None | Some("") => None,
@@ -267,23 +418,39 @@ async fn list_deliveries(
             ApiError::BadRequest(format!("`cursor`: `{c}` is not a cursor from this API"))
         })?),
     };
-    let limit = q.limit.unwrap_or(50).clamp(1, 500);
+    let limit = page_limit(q.limit)?;
     let page = state
         .store
         .list_deliveries(q.status, after, limit + 1)
         .await?;
     let more = page.len() > limit;
-    let items: Vec<&DeliveryRecord> = page.iter().take(limit).map(|(_, d)| d).collect();
     let next_cursor = if more {
         page.get(limit - 1).map(|(seq, _)| seq.to_string())
     } else {
         None
     };
-    Ok(Json(json!({ "items": items, "next_cursor": next_cursor })))
+    let items = page.into_iter().take(limit).map(|(_, d)| d).collect();
+    Ok(Json(DeliveryPage { items, next_cursor }))
+}
+
+/// A page size from `limit`: 50 by default, 1 to 500.
+fn page_limit(limit: Option<usize>) -> Result<usize, ApiError> {
+    match limit {
+        None => Ok(50),
+        Some(n @ 1..=500) => Ok(n),
+        Some(n) => Err(ApiError::BadRequest(format!(
+            "`limit`: {n} is not between 1 and 500"
+        ))),
+    }
 }
 
 /// Every plugin the last reload saw: the serving version, its status (ok, error with the
 /// last error, missing), health, instance mode, and the routes that use it.
+#[utoipa::path(get, path = "/v1/plugins", tag = "plugins",
+    responses(
+        (status = 200, description = "`{\"items\": [...]}`, one item per plugin", body = Object),
+        (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
+    ))]
 async fn list_plugins(State(state): State<AppState>) -> Json<serde_json::Value> {
     let routing = state.pipeline.routing();
     let serving = state.pipeline.plugins().snapshot();
@@ -324,6 +491,12 @@ async fn list_plugins(State(state): State<AppState>) -> Json<serde_json::Value> 
 
 /// Reloads the config file and the plugin directory now. `422` when the config was
 /// rejected (the previous one keeps serving).
+#[utoipa::path(post, path = "/v1/reload", tag = "plugins",
+    responses(
+        (status = 200, description = "Reloaded", body = Object),
+        (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
+        (status = 422, description = "The config was rejected; the previous one keeps serving", body = Object),
+    ))]
 async fn reload(State(state): State<AppState>) -> (StatusCode, Json<crate::reload::ReloadReport>) {
     let report = state.reloader.reload("POST /v1/reload").await;
     let status = if report.config == "rejected" {
@@ -336,6 +509,19 @@ async fn reload(State(state): State<AppState>) -> (StatusCode, Json<crate::reloa
 
 async fn not_found() -> ApiError {
     ApiError::NotFound("no such endpoint".into())
+}
+
+/// Every error's body.
+#[derive(Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// What went wrong, naming the field or header where there is one.
+    pub error: String,
+}
+
+/// `{"id": ...}`: the event's id.
+#[derive(Serialize, ToSchema)]
+pub struct EventId {
+    pub id: String,
 }
 
 /// An error answered as `{"error": "..."}` with a fitting status. The message is short and
@@ -356,6 +542,8 @@ pub enum ApiError {
     Unauthorized(String),
     #[error("{0}")]
     Forbidden(String),
+    #[error("{0}")]
+    Conflict(String),
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
 }
@@ -379,6 +567,7 @@ impl IntoResponse for ApiError {
             ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Internal(e) => {
                 tracing::error!(error = %format!("{e:#}"), "Request failed.");
                 StatusCode::INTERNAL_SERVER_ERROR

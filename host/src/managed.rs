@@ -1,0 +1,576 @@
+//! Sources, destinations and routes made through the management API.
+//!
+//! Like Envoy's static and dynamic resources: objects written in the config file are
+//! *file* objects, read-only through the API (change the file, then reload); objects
+//! created through the API are *api* objects, kept in the store so that they survive a
+//! restart, and changed or deleted only through the API. The config in force is the file's
+//! objects followed by the api objects, validated together, so a route made through the API
+//! may use a source from the file and the other way round. A name belongs to one origin: the
+//! API refuses to create a name the file has, and a reload whose file adds a name that an
+//! api object has is rejected (the previous config keeps serving).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::config::{Config, DestinationConfig, RouteConfig, SourceConfig};
+use crate::store::ManagedObject;
+
+/// The three kinds of managed object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Source,
+    Destination,
+    Route,
+}
+
+impl Kind {
+    /// The name stored in the store's `kind` column.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Source => "source",
+            Kind::Destination => "destination",
+            Kind::Route => "route",
+        }
+    }
+
+    /// The config file's key for a list of them.
+    fn plural(self) -> &'static str {
+        match self {
+            Kind::Source => "sources",
+            Kind::Destination => "destinations",
+            Kind::Route => "routes",
+        }
+    }
+}
+
+/// Where an object is defined.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    /// The config file: read-only through the API.
+    File,
+    /// The management API: stored, and changed through the API.
+    Api,
+}
+
+/// A source, destination or route, as the API takes it.
+#[derive(Clone, Debug)]
+pub enum Object {
+    Source(SourceConfig),
+    Destination(DestinationConfig),
+    Route(RouteConfig),
+}
+
+impl Object {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Object::Source(_) => Kind::Source,
+            Object::Destination(_) => Kind::Destination,
+            Object::Route(_) => Kind::Route,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        match self {
+            Object::Source(s) => &s.name,
+            Object::Destination(d) => &d.name,
+            Object::Route(r) => &r.name,
+        }
+    }
+
+    fn stored(&self) -> ManagedObject {
+        let body = match self {
+            Object::Source(s) => serde_json::to_string(s),
+            Object::Destination(d) => serde_json::to_string(d),
+            Object::Route(r) => serde_json::to_string(r),
+        }
+        .expect("config objects serialize");
+        ManagedObject {
+            kind: self.kind().as_str().into(),
+            name: self.name().into(),
+            body,
+        }
+    }
+
+    fn parse(stored: &ManagedObject) -> Result<Object, String> {
+        let e = |e: serde_json::Error| e.to_string();
+        Ok(match stored.kind.as_str() {
+            "source" => Object::Source(serde_json::from_str(&stored.body).map_err(e)?),
+            "destination" => Object::Destination(serde_json::from_str(&stored.body).map_err(e)?),
+            "route" => Object::Route(serde_json::from_str(&stored.body).map_err(e)?),
+            other => return Err(format!("unknown kind `{other}`")),
+        })
+    }
+}
+
+/// A change made through the API.
+#[derive(Clone, Debug)]
+pub enum Change {
+    /// A new object; its name must be free.
+    Create(Object),
+    /// A new version of an api object.
+    Update(Object),
+    Delete(Kind, String),
+}
+
+impl Change {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Change::Create(o) | Change::Update(o) => o.kind(),
+            Change::Delete(k, _) => *k,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        match self {
+            Change::Create(o) | Change::Update(o) => o.name(),
+            Change::Delete(_, n) => n,
+        }
+    }
+
+    /// What the store must do to persist this change.
+    pub fn stored(&self) -> Result<ManagedObject, (Kind, String)> {
+        match self {
+            Change::Create(o) | Change::Update(o) => Ok(o.stored()),
+            Change::Delete(k, n) => Err((*k, n.clone())),
+        }
+    }
+}
+
+/// Why a change was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ChangeError {
+    /// The object itself is invalid: `field` is the key inside it (`verify.secret`).
+    #[error("`{field}`: {message}")]
+    Invalid { field: String, message: String },
+    /// The change is fine in itself but clashes with what exists.
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+/// The api objects, by name.
+#[derive(Clone, Debug, Default)]
+pub struct Managed {
+    pub sources: BTreeMap<String, SourceConfig>,
+    pub destinations: BTreeMap<String, DestinationConfig>,
+    pub routes: BTreeMap<String, RouteConfig>,
+}
+
+impl Managed {
+    /// The objects from the store. A stored object that no longer parses is logged and
+    /// left out (it stays in the store).
+    pub fn from_stored(objects: &[ManagedObject]) -> Self {
+        let mut m = Managed::default();
+        for stored in objects {
+            match Object::parse(stored) {
+                Ok(o) if o.name() == stored.name => m.insert(o),
+                Ok(_) => tracing::error!(kind = %stored.kind, name = %stored.name,
+                    "A stored object's name does not match its key; left out."),
+                Err(e) => tracing::error!(kind = %stored.kind, name = %stored.name, error = %e,
+                    "A stored object does not parse; left out."),
+            }
+        }
+        m
+    }
+
+    fn insert(&mut self, o: Object) {
+        match o {
+            Object::Source(s) => {
+                self.sources.insert(s.name.clone(), s);
+            }
+            Object::Destination(d) => {
+                self.destinations.insert(d.name.clone(), d);
+            }
+            Object::Route(r) => {
+                self.routes.insert(r.name.clone(), r);
+            }
+        }
+    }
+
+    fn remove(&mut self, kind: Kind, name: &str) -> bool {
+        match kind {
+            Kind::Source => self.sources.remove(name).is_some(),
+            Kind::Destination => self.destinations.remove(name).is_some(),
+            Kind::Route => self.routes.remove(name).is_some(),
+        }
+    }
+
+    pub fn contains(&self, kind: Kind, name: &str) -> bool {
+        match kind {
+            Kind::Source => self.sources.contains_key(name),
+            Kind::Destination => self.destinations.contains_key(name),
+            Kind::Route => self.routes.contains_key(name),
+        }
+    }
+
+    pub fn origin(&self, kind: Kind, name: &str) -> Origin {
+        if self.contains(kind, name) {
+            Origin::Api
+        } else {
+            Origin::File
+        }
+    }
+
+    /// The config in force: the file's objects followed by these, validated together.
+    /// The error names the key in the merged config (`routes[3].source`).
+    pub fn merged_with(&self, file: &Config) -> Result<Config, (String, String)> {
+        let mut c = file.clone();
+        let clash = |kind: Kind, i: usize, name: &str| {
+            (
+                format!("{}[{i}].name", kind.plural()),
+                format!(
+                    "`{name}` is defined both in the config file and through the management API; delete one of them"
+                ),
+            )
+        };
+        for (i, s) in file.sources.iter().enumerate() {
+            if self.sources.contains_key(&s.name) {
+                return Err(clash(Kind::Source, i, &s.name));
+            }
+        }
+        for (i, d) in file.destinations.iter().enumerate() {
+            if self.destinations.contains_key(&d.name) {
+                return Err(clash(Kind::Destination, i, &d.name));
+            }
+        }
+        for (i, r) in file.routes.iter().enumerate() {
+            if self.routes.contains_key(&r.name) {
+                return Err(clash(Kind::Route, i, &r.name));
+            }
+        }
+        c.sources.extend(self.sources.values().cloned());
+        c.destinations.extend(self.destinations.values().cloned());
+        c.routes.extend(self.routes.values().cloned());
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Applies `change` on top of `file`: the new managed set and the config it makes, or
+    /// why the change is refused.
+    pub fn apply(&self, file: &Config, change: &Change) -> Result<(Managed, Config), ChangeError> {
+        let (kind, name) = (change.kind(), change.name().to_string());
+        let in_file = names(file, kind).any(|n| n == name);
+        let mut next = self.clone();
+        match change {
+            Change::Create(o) => {
+                if in_file || self.contains(kind, &name) {
+                    return Err(ChangeError::Conflict(format!(
+                        "a {} named `{name}` already exists",
+                        kind.as_str()
+                    )));
+                }
+                next.insert(o.clone());
+            }
+            Change::Update(o) => {
+                if in_file {
+                    return Err(read_only(kind, &name));
+                }
+                if !next.remove(kind, &name) {
+                    return Err(not_found(kind, &name));
+                }
+                next.insert(o.clone());
+            }
+            Change::Delete(..) => {
+                if in_file {
+                    return Err(read_only(kind, &name));
+                }
+                if !next.remove(kind, &name) {
+                    return Err(not_found(kind, &name));
+                }
+            }
+        }
+        let config = next
+            .merged_with(file)
+            .map_err(|(key, message)| next.blame(file, change, &key, message))?;
+        Ok((next, config))
+    }
+
+    /// Turns an error of the merged config into one about the changed object (a field of
+    /// it) or a conflict with another object (named).
+    pub fn blame(&self, file: &Config, change: &Change, key: &str, message: String) -> ChangeError {
+        let (kind, name) = (change.kind(), change.name());
+        if !matches!(change, Change::Delete(..)) {
+            let index = names(file, kind).count()
+                + self
+                    .names(kind)
+                    .position(|n| n == name)
+                    .expect("the changed object is in the set");
+            let prefix = format!("{}[{index}]", kind.plural());
+            if let Some(rest) = key.strip_prefix(&prefix) {
+                return ChangeError::Invalid {
+                    field: rest.trim_start_matches('.').to_string(),
+                    message,
+                };
+            }
+        }
+        let culprit = [Kind::Source, Kind::Destination, Kind::Route]
+            .into_iter()
+            .find_map(|k| {
+                let rest = key.strip_prefix(k.plural())?.strip_prefix('[')?;
+                let i: usize = rest.split(']').next()?.parse().ok()?;
+                let n = names(file, k).chain(self.names(k)).nth(i)?;
+                Some(format!("{} `{n}`", k.as_str()))
+            })
+            .unwrap_or_else(|| "the config".into());
+        ChangeError::Conflict(format!(
+            "this change to {} `{name}` would break {culprit} (`{key}`: {message})",
+            kind.as_str()
+        ))
+    }
+
+    fn names(&self, kind: Kind) -> Box<dyn Iterator<Item = &str> + '_> {
+        match kind {
+            Kind::Source => Box::new(self.sources.keys().map(String::as_str)),
+            Kind::Destination => Box::new(self.destinations.keys().map(String::as_str)),
+            Kind::Route => Box::new(self.routes.keys().map(String::as_str)),
+        }
+    }
+}
+
+fn names(c: &Config, kind: Kind) -> Box<dyn Iterator<Item = &str> + '_> {
+    match kind {
+        Kind::Source => Box::new(c.sources.iter().map(|s| s.name.as_str())),
+        Kind::Destination => Box::new(c.destinations.iter().map(|d| d.name.as_str())),
+        Kind::Route => Box::new(c.routes.iter().map(|r| r.name.as_str())),
+    }
+}
+
+fn read_only(kind: Kind, name: &str) -> ChangeError {
+    ChangeError::Conflict(format!(
+        "{} `{name}` is defined in the config file and is read-only through the API; change the file and reload",
+        kind.as_str()
+    ))
+}
+
+fn not_found(kind: Kind, name: &str) -> ChangeError {
+    ChangeError::NotFound(format!("no {} named `{name}`", kind.as_str()))
+}
+
+/// Secrets as the API shows them: never in full.
+pub trait Redact: Sized {
+    /// A copy with every secret shortened to `****` and its last four characters.
+    fn redacted(&self) -> Self;
+    /// After a PATCH: a secret sent back as it was shown is the stored one, unchanged.
+    fn keep_secrets(&mut self, old: &Self);
+}
+
+/// `****` and the last four characters (or only `****` for short secrets).
+pub fn redact(secret: &str) -> String {
+    let n = secret.chars().count();
+    if n < 16 {
+        return "****".into();
+    }
+    let tail: String = secret.chars().skip(n - 4).collect();
+    format!("****{tail}")
+}
+
+/// Header names whose values are treated as secrets.
+fn secret_header(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    ["authorization", "cookie", "key", "token", "secret", "password", "signature"]
+        .iter()
+        .any(|s| n.contains(s))
+}
+
+fn keep(new: &mut String, old: &str) {
+    if *new == redact(old) {
+        *new = old.to_string();
+    }
+}
+
+impl Redact for SourceConfig {
+    fn redacted(&self) -> Self {
+        use crate::edge::VerifyConfig as V;
+        let mut s = self.clone();
+        match &mut s.verify {
+            Some(V::HmacSha256 { secret, .. }) => *secret = redact(secret),
+            Some(V::StandardWebhooks { secrets, .. }) => {
+                for x in secrets.iter_mut() {
+                    *x = redact(x);
+                }
+            }
+            _ => {}
+        }
+        s
+    }
+
+    fn keep_secrets(&mut self, old: &Self) {
+        use crate::edge::VerifyConfig as V;
+        match (&mut self.verify, &old.verify) {
+            (Some(V::HmacSha256 { secret, .. }), Some(V::HmacSha256 { secret: o, .. })) => {
+                keep(secret, o)
+            }
+            (
+                Some(V::StandardWebhooks { secrets, .. }),
+                Some(V::StandardWebhooks { secrets: olds, .. }),
+            ) => {
+                for x in secrets.iter_mut() {
+                    if let Some(o) = olds.iter().find(|o| *x == redact(o)) {
+                        *x = o.clone();
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Redact for DestinationConfig {
+    fn redacted(&self) -> Self {
+        let mut d = self.clone();
+        if let Some(s) = &mut d.signing {
+            s.secret = redact(&s.secret);
+        }
+        for (name, value) in d.headers.iter_mut() {
+            if secret_header(name) {
+                *value = redact(value);
+            }
+        }
+        d
+    }
+
+    fn keep_secrets(&mut self, old: &Self) {
+        if let (Some(s), Some(o)) = (&mut self.signing, &old.signing) {
+            keep(&mut s.secret, &o.secret);
+        }
+        for (name, value) in self.headers.iter_mut() {
+            if let Some(o) = old.headers.get(name) {
+                keep(value, o);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn file() -> Config {
+        Config::parse(
+            r#"
+            [[sources]]
+            name = "onomondo"
+            [[destinations]]
+            name = "fleet"
+            url = "https://fleet.example/in"
+            [[routes]]
+            source = "onomondo"
+            destinations = ["fleet"]
+            "#,
+            "test.toml",
+            Path::new("."),
+            &|_| None,
+        )
+        .unwrap()
+    }
+
+    fn destination(name: &str, url: &str) -> Object {
+        Object::Destination(
+            serde_json::from_value(serde_json::json!({ "name": name, "url": url })).unwrap(),
+        )
+    }
+
+    #[test]
+    fn file_routes_are_named_after_their_source() {
+        assert_eq!(file().routes[0].name, "onomondo");
+    }
+
+    #[test]
+    fn create_update_delete() {
+        let (file, m) = (file(), Managed::default());
+        let (m, c) = m
+            .apply(&file, &Change::Create(destination("archive", "https://a.example/")))
+            .unwrap();
+        assert_eq!(c.destinations.len(), 2);
+        let err = m
+            .apply(&file, &Change::Create(destination("archive", "https://b.example/")))
+            .unwrap_err();
+        assert!(matches!(err, ChangeError::Conflict(_)), "{err}");
+        let (m, c) = m
+            .apply(&file, &Change::Update(destination("archive", "https://b.example/")))
+            .unwrap();
+        assert_eq!(c.destinations[1].url, "https://b.example/");
+        let (m, c) = m
+            .apply(&file, &Change::Delete(Kind::Destination, "archive".into()))
+            .unwrap();
+        assert_eq!(c.destinations.len(), 1);
+        assert!(m.destinations.is_empty());
+    }
+
+    #[test]
+    fn invalid_field_is_named_relative_to_the_object() {
+        let err = Managed::default()
+            .apply(&file(), &Change::Create(destination("archive", "ftp://x")))
+            .unwrap_err();
+        match err {
+            ChangeError::Invalid { field, .. } => assert_eq!(field, "url"),
+            other => panic!("{other}"),
+        }
+    }
+
+    #[test]
+    fn file_objects_are_read_only_and_used_ones_cannot_go() {
+        let file = file();
+        let err = Managed::default()
+            .apply(&file, &Change::Delete(Kind::Destination, "fleet".into()))
+            .unwrap_err();
+        assert!(err.to_string().contains("config file"), "{err}");
+
+        let m = Managed::default();
+        let (m, _) = m
+            .apply(&file, &Change::Create(destination("archive", "https://a.example/")))
+            .unwrap();
+        let route: RouteConfig = serde_json::from_value(serde_json::json!({
+            "name": "to-archive", "source": "onomondo", "destinations": ["archive"]
+        }))
+        .unwrap();
+        let (m, _) = m.apply(&file, &Change::Create(Object::Route(route))).unwrap();
+        let err = m
+            .apply(&file, &Change::Delete(Kind::Destination, "archive".into()))
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, ChangeError::Conflict(_)), "{text}");
+        assert!(text.contains("route `to-archive`"), "{text}");
+    }
+
+    #[test]
+    fn a_file_name_that_clashes_with_an_api_object_is_rejected() {
+        let mut m = Managed::default();
+        m.insert(destination("fleet", "https://other.example/"));
+        let (key, message) = m.merged_with(&file()).unwrap_err();
+        assert_eq!(key, "destinations[0].name");
+        assert!(message.contains("both"), "{message}");
+    }
+
+    #[test]
+    fn secrets_are_redacted_and_kept_when_echoed() {
+        let d: DestinationConfig = serde_json::from_value(serde_json::json!({
+            "name": "d", "url": "https://d.example/",
+            "headers": { "x-api-key": "k-0123456789abcdef", "x-region": "eu" },
+            "signing": { "secret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw" }
+        }))
+        .unwrap();
+        let shown = d.redacted();
+        assert_eq!(shown.headers["x-api-key"], "****cdef");
+        assert_eq!(shown.headers["x-region"], "eu");
+        assert_eq!(shown.signing.as_ref().unwrap().secret, "****LaSw");
+        let mut echoed = shown.clone();
+        echoed.keep_secrets(&d);
+        assert_eq!(echoed.headers["x-api-key"], "k-0123456789abcdef");
+        assert_eq!(echoed.signing.unwrap().secret, d.signing.unwrap().secret);
+    }
+
+    #[test]
+    fn stored_objects_round_trip() {
+        let o = destination("archive", "https://a.example/:source:");
+        let m = Managed::from_stored(&[o.stored()]);
+        assert_eq!(m.destinations["archive"].url, "https://a.example/:source:");
+    }
+}
