@@ -324,7 +324,11 @@ mod humantime_serde_vec {
     use std::time::Duration;
 
     pub fn serialize<S: serde::Serializer>(items: &[Duration], s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(items.iter().map(|d| humantime::format_duration(*d).to_string()))
+        s.collect_seq(
+            items
+                .iter()
+                .map(|d| humantime::format_duration(*d).to_string()),
+        )
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
@@ -549,7 +553,10 @@ pub struct PluginRef {
     pub instance: Option<InstanceMode>,
 }
 
-fn config_pairs_out<S: serde::Serializer>(pairs: &[(String, String)], s: S) -> Result<S::Ok, S::Error> {
+fn config_pairs_out<S: serde::Serializer>(
+    pairs: &[(String, String)],
+    s: S,
+) -> Result<S::Ok, S::Error> {
     s.collect_map(pairs.iter().map(|(k, v)| (k, v)))
 }
 

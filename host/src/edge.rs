@@ -11,8 +11,8 @@ use base64::engine::general_purpose::STANDARD as B64;
 use hmac::{Hmac, Mac};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
 use sha2::Sha256;
+use utoipa::ToSchema;
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -42,7 +42,7 @@ pub enum VerifyConfig {
         tolerance: Duration,
     },
     /// No verification.
-    None,
+    None {},
 }
 
 fn default_tolerance() -> Duration {
@@ -94,7 +94,7 @@ impl VerifyConfig {
                 }
                 Ok(())
             }
-            VerifyConfig::None => Ok(()),
+            VerifyConfig::None {} => Ok(()),
         }
     }
 
@@ -106,7 +106,7 @@ impl VerifyConfig {
         now_s: u64,
     ) -> Result<(), EdgeError> {
         match self {
-            VerifyConfig::None => Ok(()),
+            VerifyConfig::None {} => Ok(()),
             VerifyConfig::HmacSha256 {
                 secret,
                 header,

@@ -373,9 +373,17 @@ pub fn redact(secret: &str) -> String {
 /// Header names whose values are treated as secrets.
 fn secret_header(name: &str) -> bool {
     let n = name.to_ascii_lowercase();
-    ["authorization", "cookie", "key", "token", "secret", "password", "signature"]
-        .iter()
-        .any(|s| n.contains(s))
+    [
+        "authorization",
+        "cookie",
+        "key",
+        "token",
+        "secret",
+        "password",
+        "signature",
+    ]
+    .iter()
+    .any(|s| n.contains(s))
 }
 
 fn keep(new: &mut String, old: &str) {
@@ -486,15 +494,24 @@ mod tests {
     fn create_update_delete() {
         let (file, m) = (file(), Managed::default());
         let (m, c) = m
-            .apply(&file, &Change::Create(destination("archive", "https://a.example/")))
+            .apply(
+                &file,
+                &Change::Create(destination("archive", "https://a.example/")),
+            )
             .unwrap();
         assert_eq!(c.destinations.len(), 2);
         let err = m
-            .apply(&file, &Change::Create(destination("archive", "https://b.example/")))
+            .apply(
+                &file,
+                &Change::Create(destination("archive", "https://b.example/")),
+            )
             .unwrap_err();
         assert!(matches!(err, ChangeError::Conflict(_)), "{err}");
         let (m, c) = m
-            .apply(&file, &Change::Update(destination("archive", "https://b.example/")))
+            .apply(
+                &file,
+                &Change::Update(destination("archive", "https://b.example/")),
+            )
             .unwrap();
         assert_eq!(c.destinations[1].url, "https://b.example/");
         let (m, c) = m
@@ -525,13 +542,18 @@ mod tests {
 
         let m = Managed::default();
         let (m, _) = m
-            .apply(&file, &Change::Create(destination("archive", "https://a.example/")))
+            .apply(
+                &file,
+                &Change::Create(destination("archive", "https://a.example/")),
+            )
             .unwrap();
         let route: RouteConfig = serde_json::from_value(serde_json::json!({
             "name": "to-archive", "source": "onomondo", "destinations": ["archive"]
         }))
         .unwrap();
-        let (m, _) = m.apply(&file, &Change::Create(Object::Route(route))).unwrap();
+        let (m, _) = m
+            .apply(&file, &Change::Create(Object::Route(route)))
+            .unwrap();
         let err = m
             .apply(&file, &Change::Delete(Kind::Destination, "archive".into()))
             .unwrap_err();

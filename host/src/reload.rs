@@ -20,10 +20,10 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::delivery::{Dispatcher, now_ms};
 use crate::managed::{Change, ChangeError, Managed};
-use crate::store::Store;
 use crate::metrics::{Metrics, ResultLabels};
 use crate::pipeline::{Pipeline, Routing};
 use crate::plugin::{PluginMap, PluginRegistry, PluginRuntime, PluginStatus};
+use crate::store::Store;
 
 /// How long the watcher waits for a burst of file events to end before reloading: editors
 /// and `cp` write files in pieces.

@@ -223,7 +223,7 @@ async fn failed_destination_keeps_events_until_restart_delivers_them() {
 
     // A restart whose test message fails leaves it FAILED.
     let (status, body) = gw.post_api("/v1/destinations/d/restart").await;
-    assert_eq!(status, 502, "{body}");
+    assert_eq!(status, 409, "{body}");
     assert_eq!(destination(&gw, "d").await["state"], "FAILED");
 
     rx.fail_with(None);
@@ -249,15 +249,19 @@ async fn failed_destination_keeps_events_until_restart_delivers_them() {
     // A test message on its own: placeholders resolve to `none`, the state is unchanged.
     let (status, body) = gw.post_api("/v1/destinations/d/test").await;
     assert_eq!(
-        (status, body["status_code"].as_u64()),
-        (200, Some(200)),
+        (status, body["ok"].as_bool(), body["status_code"].as_u64()),
+        (200, Some(true), Some(200)),
         "{body}"
     );
     let last = rx.requests().pop().unwrap();
     assert_eq!(last.json()["type"], "switchyard.test");
     rx.fail_with(Some(500));
     let (status, body) = gw.post_api("/v1/destinations/d/test").await;
-    assert_eq!(status, 502, "{body}");
+    assert_eq!(
+        (status, body["ok"].as_bool(), body["status_code"].as_u64()),
+        (200, Some(false), Some(500)),
+        "{body}"
+    );
     assert_eq!(
         destination(&gw, "d").await["state"],
         "ACTIVE",

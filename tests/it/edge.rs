@@ -254,6 +254,49 @@ async fn deliveries_carry_standard_webhooks_signatures() {
         standard_signature(SECRET, id, ts, std::str::from_utf8(&r.body).unwrap())
     );
     assert_eq!(r.body, body.as_bytes());
+
+    // And by the official Standard Webhooks library from PyPI, which shares no code with
+    // ours; it also rejects a tampered body.
+    let verify = |body: &[u8]| {
+        let out = std::process::Command::new(crate::tools::python_env().join("bin/python"))
+            .args([
+                "-c",
+                "import sys, json\n\
+                 from standardwebhooks.webhooks import Webhook\n\
+                 h = json.loads(sys.argv[2])\n\
+                 print(json.dumps(Webhook(sys.argv[1]).verify(sys.stdin.buffer.read(), h)))",
+                SECRET,
+                &serde_json::json!({
+                    "webhook-id": id,
+                    "webhook-timestamp": ts.to_string(),
+                    "webhook-signature": r.header("webhook-signature").unwrap(),
+                })
+                .to_string(),
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut child| {
+                use std::io::Write;
+                child.stdin.take().unwrap().write_all(body)?;
+                child.wait_with_output()
+            })
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, stdout, stderr) = verify(&r.body);
+    assert!(ok, "standardwebhooks rejected our signature: {stderr}");
+    assert_eq!(serde_json::from_str::<Value>(&stdout).unwrap()["n"], 1);
+    let (ok, _, stderr) = verify(br#"{"type":"usage","n":2}"#);
+    assert!(
+        !ok && stderr.contains("WebhookVerificationError"),
+        "{stderr}"
+    );
     gw.shutdown().await.unwrap();
 }
 

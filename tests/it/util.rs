@@ -358,6 +358,39 @@ impl TestGateway {
         panic!("event {id} did not settle: {}", self.event(id).await);
     }
 
+    /// Sends `body` as JSON with `method` to a path of the gateway's API; returns the
+    /// status and the JSON answer (`null` when there is none).
+    pub async fn send(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut req = self.client.request(
+            reqwest::Method::from_bytes(method.as_bytes()).unwrap(),
+            format!("{}{path}", self.url),
+        );
+        if let Some(b) = body {
+            req = req
+                .header("content-type", "application/json")
+                .body(b.to_string());
+        }
+        let resp = req.send().await.expect("gateway answers");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        let value = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"))
+        };
+        (status, value)
+    }
+
+    /// Stops the gateway as [`TestGateway::shutdown`] does and hands back its directory,
+    /// so that another gateway can start on the same data.
+    pub async fn stop(mut self) -> tempfile::TempDir {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.served.take().unwrap().await.unwrap().unwrap();
+        self._dir
+    }
+
     /// The gateway's directory (config, `plugins.d`, data).
     pub fn dir(&self) -> &Path {
         self._dir.path()

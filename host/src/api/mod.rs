@@ -24,12 +24,14 @@ use utoipa::{IntoParams, OpenApi, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::delivery::{Dispatcher, RestartError};
+use crate::delivery::{Dispatcher, RestartError, TestOutcome};
 use crate::ingest;
 use crate::metrics::{Metrics, StateLabels};
 use crate::pipeline::Pipeline;
 use crate::reload::Reloader;
-use crate::store::{DeliveryRecord, DeliveryStatus, DestinationHealth, EventRecord, Store, StoreError};
+use crate::store::{
+    DeliveryRecord, DeliveryStatus, DestinationHealth, EventRecord, Store, StoreError,
+};
 
 /// What every handler can reach.
 #[derive(Clone)]
@@ -82,35 +84,47 @@ pub fn openapi() -> serde_json::Value {
 
 /// The generated document with one correction: a view (`SourceView`, …) is its config
 /// object plus read-only fields, but the config object's schema forbids other properties
-/// (it is also the request body, where unknown fields are rejected). In the views the
-/// config's properties are inlined without that restriction.
+/// (it is also the request body, where unknown fields are rejected). Wherever a schema
+/// combines such an object with more fields (`allOf`), the object's properties are inlined
+/// without that restriction.
 fn finish_doc(doc: utoipa::openapi::OpenApi) -> serde_json::Value {
     let mut doc = serde_json::to_value(doc).expect("the OpenAPI document serializes");
     let schemas = doc["components"]["schemas"].clone();
-    if let Some(all) = doc["components"]["schemas"].as_object_mut() {
-        for (name, schema) in all.iter_mut() {
-            if !name.ends_with("View") {
-                continue;
-            }
-            if let Some(parts) = schema.get_mut("allOf").and_then(|a| a.as_array_mut()) {
+    open_all_of(&mut doc, &schemas);
+    doc
+}
+
+fn open_all_of(value: &mut serde_json::Value, schemas: &serde_json::Value) {
+    use serde_json::Value;
+    match value {
+        Value::Object(map) => {
+            if let Some(Value::Array(parts)) = map.get_mut("allOf")
+                && parts.len() > 1
+            {
                 for part in parts.iter_mut() {
                     let target = part
                         .get("$ref")
-                        .and_then(|r| r.as_str())
+                        .and_then(Value::as_str)
                         .and_then(|r| r.strip_prefix("#/components/schemas/"))
-                        .and_then(|r| schemas.get(r))
-                        .cloned();
-                    if let Some(mut inline) = target {
-                        if let Some(o) = inline.as_object_mut() {
-                            o.remove("additionalProperties");
-                        }
-                        *part = inline;
+                        .and_then(|r| schemas.get(r));
+                    if let Some(Value::Object(target)) = target {
+                        let mut inline = target.clone();
+                        inline.remove("additionalProperties");
+                        *part = Value::Object(inline);
                     }
                 }
             }
+            for v in map.values_mut() {
+                open_all_of(v, schemas);
+            }
         }
+        Value::Array(items) => {
+            for v in items {
+                open_all_of(v, schemas);
+            }
+        }
+        _ => {}
     }
-    doc
 }
 
 /// Every documented route; the bearer-token gate is added by [`router`].
@@ -318,14 +332,6 @@ struct Restarted {
     state: DestinationHealth,
 }
 
-/// The answer to a test message.
-#[derive(Serialize, ToSchema)]
-struct Tested {
-    name: String,
-    /// The destination's HTTP status code.
-    status_code: u16,
-}
-
 /// Sends a test message; if it succeeds, the destination is ACTIVE again and its queued
 /// deliveries are sent.
 #[utoipa::path(post, path = "/v1/destinations/{name}/restart", tag = "destinations",
@@ -334,7 +340,7 @@ struct Tested {
         (status = 200, description = "ACTIVE again", body = Restarted),
         (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
         (status = 404, description = "No such destination", body = ErrorBody),
-        (status = 502, description = "The test message failed; the state is unchanged", body = ErrorBody),
+        (status = 409, description = "The test message failed; the state is unchanged", body = ErrorBody),
     ))]
 async fn restart_destination(
     State(state): State<AppState>,
@@ -347,31 +353,29 @@ async fn restart_destination(
     }))
 }
 
-/// Sends a test message (placeholders resolve to `none`) and reports the answer; the
-/// destination's state does not change.
+/// Sends a test message (placeholders resolve to `none`) and reports how the destination
+/// answered (`ok` is false when it did not answer 2xx); its state does not change.
 #[utoipa::path(post, path = "/v1/destinations/{name}/test", tag = "destinations",
     params(("name" = String, Path)),
     responses(
-        (status = 200, description = "The destination accepted it", body = Tested),
+        (status = 200, description = "The destination's answer", body = TestOutcome),
         (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
         (status = 404, description = "No such destination", body = ErrorBody),
-        (status = 502, description = "The test message failed", body = ErrorBody),
     ))]
 async fn test_destination(
     State(state): State<AppState>,
     Path(name): Path<String>,
-) -> Result<Json<Tested>, ApiError> {
-    let status_code = state.dispatcher.send_test(&name).await?;
-    Ok(Json(Tested { name, status_code }))
+) -> Result<Json<TestOutcome>, ApiError> {
+    Ok(Json(state.dispatcher.send_test(&name).await?))
 }
 
 impl From<RestartError> for ApiError {
     fn from(e: RestartError) -> Self {
         match e {
             RestartError::NotFound(n) => ApiError::NotFound(format!("no destination named `{n}`")),
-            RestartError::TestFailed(e) => {
-                ApiError::BadGateway(format!("the test message failed: {e}"))
-            }
+            RestartError::TestFailed(e) => ApiError::Conflict(format!(
+                "the test message failed, the destination stays as it was: {e}"
+            )),
             RestartError::Store(e) => e.into(),
         }
     }
@@ -537,8 +541,6 @@ pub enum ApiError {
     #[error("{0}")]
     Unavailable(String),
     #[error("{0}")]
-    BadGateway(String),
-    #[error("{0}")]
     Unauthorized(String),
     #[error("{0}")]
     Forbidden(String),
@@ -564,7 +566,6 @@ impl IntoResponse for ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::Conflict(_) => StatusCode::CONFLICT,

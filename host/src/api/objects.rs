@@ -231,14 +231,14 @@ fn find<R: Resource>(state: &AppState, name: &str) -> Result<R, ApiError> {
 fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     let mut de = serde_json::Deserializer::from_slice(body);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-            let path = e.path().to_string();
-            let inner = e.into_inner();
-            if path == "." {
-                ApiError::BadRequest(format!("invalid JSON body: {inner}"))
-            } else {
-                ApiError::BadRequest(format!("`{path}`: {inner}"))
-            }
-        })?;
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." {
+            ApiError::BadRequest(format!("invalid JSON body: {inner}"))
+        } else {
+            ApiError::BadRequest(format!("`{path}`: {inner}"))
+        }
+    })?;
     de.end()
         .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?;
     Ok(value)

@@ -74,6 +74,19 @@ pub enum RestartError {
     Store(#[from] StoreError),
 }
 
+/// How a destination answered a test message.
+#[derive(Clone, Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct TestOutcome {
+    /// True when it answered 2xx.
+    pub ok: bool,
+    /// Its HTTP status code, when it answered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status_code: Option<u16>,
+    /// Why the message failed (connection error, status, SSRF refusal).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
 /// Sends due deliveries and keeps destination state.
 pub struct Dispatcher {
     store: Arc<dyn Store>,
@@ -340,9 +353,9 @@ impl Dispatcher {
         )
     }
 
-    /// Sends a test message to a destination (placeholders resolve to `none`); `Ok` with the
-    /// status code if it answered 2xx.
-    pub async fn send_test(&self, name: &str) -> Result<u16, RestartError> {
+    /// Sends a test message to a destination (placeholders resolve to `none`, signed like a
+    /// delivery when the destination signs) and reports how it answered.
+    pub async fn send_test(&self, name: &str) -> Result<TestOutcome, RestartError> {
         let dest = self
             .destinations
             .load()
@@ -369,18 +382,33 @@ impl Dispatcher {
             "destination": name,
             "time_ms": self.clock.now_ms(),
         });
-        let (status, _, _, error, _) = self.send(&url, &headers, body.to_string().into()).await;
-        match (status, error) {
-            (Some(code), None) => Ok(code),
-            (_, Some(e)) => Err(RestartError::TestFailed(e)),
-            (None, None) => Err(RestartError::TestFailed("no answer".into())),
+        let body: bytes::Bytes = body.to_string().into();
+        if let Some(key) = dest.signing_key.as_deref() {
+            let ts = self.clock.now_ms() / 1000;
+            headers.push(("webhook-timestamp".into(), ts.to_string()));
+            headers.push((
+                "webhook-signature".into(),
+                crate::edge::sign(key, &id, ts, &body),
+            ));
         }
+        let (status_code, _, _, error, _) = self.send(&url, &headers, body).await;
+        let error = match (status_code, error) {
+            (None, None) => Some("no answer".into()),
+            (_, e) => e,
+        };
+        Ok(TestOutcome {
+            ok: error.is_none(),
+            status_code,
+            error,
+        })
     }
 
     /// Restarts a FAILED or DISABLED destination: sends it a test message first, and if that
     /// succeeds marks it ACTIVE and makes its queued deliveries due now.
     pub async fn restart(&self, name: &str) -> Result<DestinationState, RestartError> {
-        self.send_test(name).await?;
+        if let Some(e) = self.send_test(name).await?.error {
+            return Err(RestartError::TestFailed(e));
+        }
         let state = active(name);
         self.store
             .set_destination_state(&state, self.clock.now_ms())

@@ -6,7 +6,7 @@ mod dispatch;
 pub mod placeholder;
 pub mod policy;
 
-pub use dispatch::{Clock, Dispatcher, ManualClock, RestartError, SystemClock};
+pub use dispatch::{Clock, Dispatcher, ManualClock, RestartError, SystemClock, TestOutcome};
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
