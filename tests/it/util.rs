@@ -25,13 +25,29 @@ pub const GUESTS: &[&str] = &[
     "marker-v2",
 ];
 
-/// The path of a guest plugin's component, building all of them once per test process.
+/// The path of a guest plugin's component, building all the Rust ones once per test
+/// process, and a JavaScript or Python one (`xtask::JS_PLUGINS`, `PYTHON_PLUGINS`) on
+/// first use.
 pub fn guest(name: &str) -> PathBuf {
+    let out = xtask::workspace_root().join("target/guests/plugins");
+    if xtask::JS_PLUGINS.contains(&name) || xtask::PYTHON_PLUGINS.contains(&name) {
+        static OTHERS: Mutex<Vec<(String, Result<PathBuf, String>)>> = Mutex::new(Vec::new());
+        let mut built = OTHERS.lock().unwrap_or_else(|e| e.into_inner());
+        if !built.iter().any(|(n, _)| n == name) {
+            let result = if xtask::JS_PLUGINS.contains(&name) {
+                xtask::build_js(name, &out)
+            } else {
+                xtask::build_python(name, &out)
+            };
+            built.push((name.to_string(), result));
+        }
+        return match &built.iter().find(|(n, _)| n == name).unwrap().1 {
+            Ok(p) => p.clone(),
+            Err(e) => panic!("cannot build {name}: {e}"),
+        };
+    }
     static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    let dir = BUILT.get_or_init(|| {
-        let out = xtask::workspace_root().join("target/guests/plugins");
-        xtask::build_guests(GUESTS, &out).map(|_| out)
-    });
+    let dir = BUILT.get_or_init(|| xtask::build_guests(GUESTS, &out).map(|_| out.clone()));
     match dir {
         Ok(dir) => dir.join(format!("{name}.wasm")),
         Err(e) => panic!("cannot build guest plugins: {e}"),

@@ -84,3 +84,154 @@ pub fn build_guests(packages: &[&str], out_dir: &Path) -> Result<Vec<PathBuf>, S
         })
         .collect()
 }
+
+/// Plugins in other languages, built by their own tools from `plugins/NAME`.
+pub const JS_PLUGINS: &[&str] = &["tag-router-js"];
+pub const PYTHON_PLUGINS: &[&str] = &["tag-router-py"];
+
+/// The virtualenv (under `target/pytools`) with the pinned Python tools of
+/// `tests/tools/requirements.txt`: componentize-py for Python plugins, schemathesis and
+/// standardwebhooks for the tests. Created or updated when the pins change.
+pub fn python_env() -> Result<PathBuf, String> {
+    let root = workspace_root();
+    let requirements = root.join("tests/tools/requirements.txt");
+    let wanted = std::fs::read_to_string(&requirements)
+        .map_err(|e| format!("cannot read {}: {e}", requirements.display()))?;
+    let venv = root.join("target/pytools");
+    let stamp = venv.join("installed-requirements.txt");
+    if std::fs::read_to_string(&stamp).ok().as_deref() == Some(wanted.as_str()) {
+        return Ok(venv);
+    }
+    run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    run(Command::new(venv.join("bin/pip"))
+        .args(["install", "--quiet", "--disable-pip-version-check", "-r"])
+        .arg(&requirements))?;
+    std::fs::write(&stamp, wanted).map_err(|e| format!("cannot write {}: {e}", stamp.display()))?;
+    Ok(venv)
+}
+
+/// Builds the JavaScript plugin `plugins/NAME` with its own `package.json` (`npm ci` when
+/// its `node_modules` is missing, then `npm run build`, which writes `dist/NAME.wasm`) and
+/// copies it to `out_dir/NAME.wasm`. Skipped when the output is newer than the sources.
+pub fn build_js(name: &str, out_dir: &Path) -> Result<PathBuf, String> {
+    let dir = workspace_root().join("plugins").join(name);
+    let to = out_dir.join(format!("{name}.wasm"));
+    if fresh(&to, &[&dir, &workspace_root().join("wit")]) {
+        return Ok(to);
+    }
+    if !dir.join("node_modules/.package-lock.json").exists() {
+        run(Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
+            .current_dir(&dir))?;
+    }
+    run(Command::new("npm")
+        .args(["run", "--silent", "build"])
+        .current_dir(&dir))?;
+    install(
+        &dir.join("dist").join(format!("{name}.wasm")),
+        out_dir,
+        name,
+    )
+}
+
+/// Builds the Python plugin `plugins/NAME` (its `app.py`) with the pinned componentize-py
+/// against `wit/`, into `out_dir/NAME.wasm`. Skipped when the output is newer than the
+/// sources.
+pub fn build_python(name: &str, out_dir: &Path) -> Result<PathBuf, String> {
+    let root = workspace_root();
+    let dir = root.join("plugins").join(name);
+    let to = out_dir.join(format!("{name}.wasm"));
+    if fresh(&to, &[&dir, &root.join("wit")]) {
+        return Ok(to);
+    }
+    check_pins(&dir.join("requirements.txt"))?;
+    let venv = python_env()?;
+    std::fs::create_dir_all(out_dir)
+        .map_err(|e| format!("cannot create {}: {e}", out_dir.display()))?;
+    let tmp = out_dir.join(format!(".{name}.build.wasm"));
+    run(Command::new(venv.join("bin/componentize-py"))
+        .arg("-d")
+        .arg(root.join("wit"))
+        .args(["-w", "plugin", "componentize", "app", "-o"])
+        .arg(&tmp)
+        .current_dir(&dir))?;
+    std::fs::rename(&tmp, &to).map_err(|e| format!("cannot move {}: {e}", tmp.display()))?;
+    Ok(to)
+}
+
+/// A plugin's own pins must be the ones the build uses.
+fn check_pins(requirements: &Path) -> Result<(), String> {
+    let tools = std::fs::read_to_string(workspace_root().join("tests/tools/requirements.txt"))
+        .map_err(|e| e.to_string())?;
+    let own = std::fs::read_to_string(requirements)
+        .map_err(|e| format!("cannot read {}: {e}", requirements.display()))?;
+    for pin in own
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        if !tools.lines().any(|l| l.trim() == pin) {
+            return Err(format!(
+                "{} pins `{pin}`, but tests/tools/requirements.txt does not; keep them equal",
+                requirements.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// True when `output` exists and is newer than every file under `inputs` (skipping
+/// `node_modules`, `dist` and build outputs).
+fn fresh(output: &Path, inputs: &[&Path]) -> bool {
+    fn newest(p: &Path) -> std::time::SystemTime {
+        let Ok(meta) = std::fs::metadata(p) else {
+            return std::time::SystemTime::UNIX_EPOCH;
+        };
+        if !meta.is_dir() {
+            return meta.modified().unwrap_or(std::time::SystemTime::UNIX_EPOCH);
+        }
+        std::fs::read_dir(p)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| {
+                let n = e.file_name();
+                let n = n.to_string_lossy();
+                !(n == "node_modules" || n == "dist" || n == "__pycache__" || n.ends_with(".wasm"))
+            })
+            .map(|e| newest(&e.path()))
+            .max()
+            .unwrap_or(std::time::SystemTime::UNIX_EPOCH)
+    }
+    let Ok(built) = std::fs::metadata(output).and_then(|m| m.modified()) else {
+        return false;
+    };
+    inputs.iter().all(|i| newest(i) < built)
+}
+
+fn install(from: &Path, out_dir: &Path, name: &str) -> Result<PathBuf, String> {
+    std::fs::create_dir_all(out_dir)
+        .map_err(|e| format!("cannot create {}: {e}", out_dir.display()))?;
+    let to = out_dir.join(format!("{name}.wasm"));
+    let tmp = out_dir.join(format!(".{name}.wasm.tmp"));
+    std::fs::copy(from, &tmp)
+        .and_then(|_| std::fs::rename(&tmp, &to))
+        .map_err(|e| format!("cannot copy {} to {}: {e}", from.display(), to.display()))?;
+    Ok(to)
+}
+
+fn run(cmd: &mut Command) -> Result<(), String> {
+    let out = cmd
+        .output()
+        .map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{cmd:?} failed ({}):\n{}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}

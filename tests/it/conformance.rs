@@ -1,0 +1,182 @@
+//! One conformance suite for plugins in three languages: `tag-router` in Rust,
+//! `tag-router-js` (componentize-js) and `tag-router-py` (componentize-py), each built from
+//! source, run side by side on the same events through a real gateway. Every event must
+//! get the same verdict from all three.
+
+use serde_json::{Value, json};
+
+use crate::util::{Receiver, TestGateway, sample_event};
+
+const LANGUAGES: &[(&str, &str)] = &[
+    ("rust", "tag-router"),
+    ("js", "tag-router-js"),
+    ("python", "tag-router-py"),
+];
+
+/// Three configs: with a default, without one (unmatched events drop), and a bad rule.
+const CONFIGS: &[(&str, &str)] = &[
+    (
+        "routed",
+        r#"{ "label.valid-example" = "fleet,archive", "tag.gold" = "fleet", "iccid.8988" = "sims", default = "archive" }"#,
+    ),
+    (
+        "strict",
+        r#"{ "tag.gold" = "fleet", "iccid.8944" = "sims" }"#,
+    ),
+    ("broken", r#"{ "colour.red" = "fleet" }"#),
+];
+
+fn config() -> String {
+    let mut c = String::new();
+    for d in ["fleet", "archive", "sims"] {
+        c += &format!("[[destinations]]\nname = \"{d}\"\nurl = \"{{receiver}}/{d}\"\n");
+    }
+    for (source, rules) in CONFIGS {
+        c += &format!("[[sources]]\nname = \"{source}\"\n");
+        for (lang, plugin) in LANGUAGES {
+            c += &format!(
+                "[[routes]]\nname = \"{source}-{lang}\"\nsource = \"{source}\"\non_error = \"drop\"\n\
+                 plugins = [{{ name = \"{plugin}\", instance = \"warm\", config = {rules} }}]\n"
+            );
+        }
+    }
+    c
+}
+
+/// The inputs: every provider sample, and cases that reach each branch of the rules.
+fn events() -> Vec<(String, Vec<u8>)> {
+    let dir = xtask::workspace_root().join("examples/events");
+    let mut events: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+        .map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            (name.clone(), sample_event(&name))
+        })
+        .collect();
+    events.sort();
+    events.push((
+        "invalid/onomondo-usage-as-printed.json".into(),
+        sample_event("invalid/onomondo-usage-as-printed.json"),
+    ));
+    let cases = [
+        ("tags list", json!({ "tags": ["silver", "gold"] })),
+        ("tag field", json!({ "tag": "gold" })),
+        ("numeric iccid", json!({ "iccid": 89882390000012345u64 })),
+        ("esimIccid", json!({ "esimIccid": "8944500000000000001" })),
+        ("nested esim", json!({ "data": { "esim": "8944" } })),
+        (
+            "cloudevents",
+            json!({ "specversion": "1.0", "data": { "sim_label": "valid-example", "tags": ["gold"] } }),
+        ),
+        (
+            "cloudevents without data",
+            json!({ "specversion": "1.0", "tag": "gold" }),
+        ),
+        (
+            "cloudevents null data",
+            json!({ "specversion": "1.0", "data": null, "tag": "gold" }),
+        ),
+        ("array body", json!([1, 2, 3])),
+        ("string body", json!("gold")),
+        ("nothing matches", json!({ "sim_label": "other" })),
+    ];
+    events.extend(
+        cases
+            .into_iter()
+            .map(|(n, v)| (n.to_string(), v.to_string().into_bytes())),
+    );
+    events.push(("not JSON".into(), b"{ nope".to_vec()));
+    events
+}
+
+/// What a route's plugin decided: its verdict, or for an error only the error's kind
+/// (messages are each language's own).
+fn decision(step: &Value) -> Value {
+    match step["outcome"].as_str() {
+        Some("verdict") => step["verdict"].clone(),
+        _ => {
+            let error = step["error"].as_str().unwrap_or_default();
+            let kind = ["invalid event", "invalid config"]
+                .into_iter()
+                .find(|k| error.contains(k))
+                .unwrap_or("other");
+            json!({ "error": kind })
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rust_js_and_python_plugins_give_the_same_verdicts() {
+    let plugins: Vec<&str> = LANGUAGES.iter().map(|(_, p)| *p).collect();
+    let rx = Receiver::start().await;
+    let gw = TestGateway::start(&config(), &rx, &plugins).await;
+    let (_, listed) = gw.get("/v1/plugins").await;
+    for p in &plugins {
+        let item = listed["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["name"] == *p)
+            .unwrap_or_else(|| panic!("{p} is not loaded: {listed}"));
+        assert_eq!(item["status"], "ok", "{item}");
+    }
+
+    let mut seen: Vec<(String, Value)> = Vec::new();
+    for (source, _) in CONFIGS {
+        for (name, body) in events() {
+            let id = gw.accept(source, body).await;
+            let event = gw.settled(&id).await;
+            let routes = event["routes"].as_array().unwrap();
+            assert_eq!(routes.len(), LANGUAGES.len(), "{event}");
+            let decisions: Vec<Value> = routes.iter().map(|r| decision(&r["steps"][0])).collect();
+            for (i, (lang, _)) in LANGUAGES.iter().enumerate().skip(1) {
+                assert_eq!(
+                    decisions[i], decisions[0],
+                    "{source} / {name}: {lang} disagrees with rust"
+                );
+            }
+            seen.push((format!("{source} / {name}"), decisions[0].clone()));
+        }
+    }
+
+    // The suite reaches every kind of outcome, and a few are pinned by hand.
+    let verdict = |case: &str| -> Value {
+        seen.iter()
+            .find(|(n, _)| n == case)
+            .unwrap_or_else(|| panic!("no case {case}"))
+            .1
+            .clone()
+    };
+    let destinations = |v: &Value| -> Vec<String> {
+        v["deliveries"]
+            .as_array()
+            .map(|d| {
+                d.iter()
+                    .map(|x| x["destination"].as_str().unwrap().to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        destinations(&verdict("routed / cloudevents")),
+        ["fleet", "archive"]
+    );
+    assert_eq!(destinations(&verdict("routed / numeric iccid")), ["sims"]);
+    assert_eq!(
+        destinations(&verdict("routed / nothing matches")),
+        ["archive"]
+    );
+    assert_eq!(destinations(&verdict("strict / esimIccid")), ["sims"]);
+    assert_eq!(verdict("strict / nothing matches")["verdict"], "drop");
+    assert_eq!(
+        verdict("routed / not JSON"),
+        json!({ "error": "invalid event" })
+    );
+    assert_eq!(
+        verdict("broken / tag field"),
+        json!({ "error": "invalid config" })
+    );
+    gw.shutdown().await.unwrap();
+}
