@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod plugin;
 pub mod reload;
+pub mod scaffold;
 pub mod store;
 
 use std::future::Future;

@@ -74,6 +74,18 @@ enum PluginCommand {
         /// Metadata the plugin sees, repeatable.
         #[arg(long = "metadata", value_name = "KEY=VALUE", value_parser = parse_pair)]
         metadata: Vec<(String, String)>,
+        /// A JSON file with the expected output: exit 1, showing both, if it differs.
+        #[arg(long)]
+        expect: Option<PathBuf>,
+    },
+    /// Write a new plugin project (WIT, build command, sample event, test).
+    New {
+        name: String,
+        #[arg(long, value_enum)]
+        lang: switchyard::scaffold::Lang,
+        /// Where to write it (default: ./NAME).
+        #[arg(long)]
+        dir: Option<PathBuf>,
     },
 }
 
@@ -168,6 +180,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                     source,
                     content_type,
                     metadata,
+                    expect,
                 },
         } => {
             let runtime = PluginRuntime::new()?;
@@ -201,16 +214,52 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 )
             })
             .await?;
-            match outcome {
-                Ok(verdict) => {
-                    println!("{}", serde_json::to_string_pretty(&verdict)?);
-                    Ok(ExitCode::SUCCESS)
-                }
-                Err(e) => {
-                    println!("{}", serde_json::json!({ "error": e.to_string() }));
-                    Ok(ExitCode::FAILURE)
+            let (output, ok) = match outcome {
+                Ok(verdict) => (serde_json::to_value(&verdict)?, true),
+                Err(e) => (serde_json::json!({ "error": e.to_string() }), false),
+            };
+            println!("{}", serde_json::to_string_pretty(&output)?);
+            match expect {
+                None => Ok(if ok {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }),
+                Some(path) => {
+                    let text = std::fs::read_to_string(&path)
+                        .with_context(|| format!("cannot read {}", path.display()))?;
+                    let expected: serde_json::Value = serde_json::from_str(&text)
+                        .with_context(|| format!("{} is not JSON", path.display()))?;
+                    if expected == output {
+                        eprintln!("ok: the output is as expected ({})", path.display());
+                        Ok(ExitCode::SUCCESS)
+                    } else {
+                        eprintln!(
+                            "error: the output differs from {}; expected:\n{}",
+                            path.display(),
+                            serde_json::to_string_pretty(&expected)?
+                        );
+                        Ok(ExitCode::FAILURE)
+                    }
                 }
             }
+        }
+        Command::Plugin {
+            command: PluginCommand::New { name, lang, dir },
+        } => {
+            let dir = dir.unwrap_or_else(|| PathBuf::from(&name));
+            let written = switchyard::scaffold::new_plugin(lang, &name, &dir)?;
+            for path in &written {
+                println!("{}", path.display());
+            }
+            let (build, test) = switchyard::scaffold::commands(lang);
+            eprintln!(
+                "Created {} ({lang:?}). Build: (cd {} && {}); test: {test}",
+                name,
+                dir.display(),
+                build.replace("NAME", &name)
+            );
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

@@ -180,3 +180,123 @@ fn wasm_component_with_unknown_import() -> Vec<u8> {
     out.extend(body);
     out
 }
+
+/// Scaffolds a project with `switchyard plugin new`, then runs its own build and test
+/// commands (which end in `switchyard plugin run … --expect expected-verdict.json`) with
+/// this build's binary and the pinned tools on `PATH`.
+fn scaffold_builds_and_passes_its_test(lang: &str, steps: &[&[&str]]) {
+    let dir = tempfile::tempdir().unwrap();
+    let project = dir.path().join(format!("hello-{lang}"));
+    let (ok, out, err) = run(&[
+        "plugin",
+        "new",
+        &format!("hello-{lang}"),
+        "--lang",
+        lang,
+        "--dir",
+        path(&project),
+    ]);
+    assert!(ok, "{out}{err}");
+    for f in [
+        "wit/plugin.wit",
+        "sample-event.json",
+        "expected-verdict.json",
+        "README.md",
+    ] {
+        assert!(project.join(f).is_file(), "{f} was not written");
+    }
+    let root = xtask::workspace_root();
+    let path_var = format!(
+        "{}:{}:{}",
+        switchyard_bin().parent().unwrap().display(),
+        crate::tools::python_env().join("bin").display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    for step in steps {
+        let out = Command::new(step[0])
+            .args(&step[1..])
+            .current_dir(&project)
+            .env("PATH", &path_var)
+            // One target dir for scaffolded Rust projects, so reruns are quick.
+            .env("CARGO_TARGET_DIR", root.join("target/scaffolded"))
+            .env_remove("CARGO_ENCODED_RUSTFLAGS")
+            .env_remove("RUSTFLAGS")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{lang}: {step:?} failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // The test really compares: a wrong expectation fails it.
+    std::fs::write(
+        project.join("expected-verdict.json"),
+        r#"{"verdict":"drop","reason":"x"}"#,
+    )
+    .unwrap();
+    let last = steps.last().unwrap();
+    let out = Command::new(last[0])
+        .args(&last[1..])
+        .current_dir(&project)
+        .env("PATH", &path_var)
+        .env("CARGO_TARGET_DIR", root.join("target/scaffolded"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{lang}: a wrong expectation passed");
+}
+
+#[test]
+fn plugin_new_rust_builds_and_passes_its_test() {
+    scaffold_builds_and_passes_its_test("rust", &[&["./test.sh"]]);
+}
+
+#[test]
+fn plugin_new_js_builds_and_passes_its_test() {
+    scaffold_builds_and_passes_its_test(
+        "js",
+        &[
+            &[
+                "npm",
+                "install",
+                "--no-audit",
+                "--no-fund",
+                "--prefer-offline",
+            ],
+            &["npm", "run", "build"],
+            &["npm", "test"],
+        ],
+    );
+}
+
+#[test]
+fn plugin_new_python_builds_and_passes_its_test() {
+    scaffold_builds_and_passes_its_test("python", &[&["./test.sh"]]);
+}
+
+#[test]
+fn plugin_new_refuses_a_bad_name_and_a_full_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, _, err) = run(&[
+        "plugin",
+        "new",
+        "Bad Name",
+        "--lang",
+        "rust",
+        "--dir",
+        path(dir.path()),
+    ]);
+    assert!(!ok && err.contains("plugin name"), "{err}");
+    std::fs::write(dir.path().join("x"), "").unwrap();
+    let (ok, _, err) = run(&[
+        "plugin",
+        "new",
+        "fine",
+        "--lang",
+        "js",
+        "--dir",
+        path(dir.path()),
+    ]);
+    assert!(!ok && err.contains("not empty"), "{err}");
+}
