@@ -28,6 +28,47 @@ fn event() -> Event {
     }
 }
 
+/// The same plugin, `tag-router`, in Rust, JavaScript (componentize-js) and Python
+/// (componentize-py) on a 0.6 KiB Onomondo location event: the per-event cost of each
+/// language, fresh and warm.
+fn languages(c: &mut Criterion) {
+    let out = xtask::workspace_root().join("target/guests/plugins");
+    xtask::build_guests(&["tag-router"], &out).expect("Rust plugin builds");
+    xtask::build_js("tag-router-js", &out).expect("JS plugin builds");
+    xtask::build_python("tag-router-py", &out).expect("Python plugin builds");
+    let runtime = PluginRuntime::new().unwrap();
+    let mut event = event();
+    event.body = Body::from(
+        std::fs::read(xtask::workspace_root().join("examples/events/onomondo-location.json"))
+            .unwrap(),
+    );
+    let config: Arc<[(String, String)]> = Arc::from(vec![
+        ("label.valid-example".to_string(), "fleet".to_string()),
+        ("default".to_string(), "archive".to_string()),
+    ]);
+    let mut group = c.benchmark_group("tag-router");
+    group.sample_size(20);
+    for (lang, name) in [
+        ("rust", "tag-router"),
+        ("js", "tag-router-js"),
+        ("python", "tag-router-py"),
+    ] {
+        let plugin = runtime
+            .load_file(name, &out.join(format!("{name}.wasm")))
+            .unwrap();
+        for (mode_label, mode) in [("fresh", InstanceMode::Fresh), ("warm", InstanceMode::Warm)] {
+            group.bench_function(format!("{lang}/{mode_label}"), |b| {
+                b.iter(|| {
+                    plugin
+                        .call(&event, config.clone(), CallLimits::default(), mode)
+                        .expect("plugin answers")
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
 fn plugin_stage(c: &mut Criterion) {
     let out = xtask::workspace_root().join("target/guests/plugins");
     let plugins = ["event-filter", "iot-normalize"];
@@ -60,5 +101,5 @@ fn plugin_stage(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, plugin_stage);
+criterion_group!(benches, plugin_stage, languages);
 criterion_main!(benches);
