@@ -66,21 +66,15 @@ pub fn build_guests(packages: &[&str], out_dir: &Path) -> Result<Vec<PathBuf>, S
              (`rustup target add {TARGET}`)"
         ));
     }
-    std::fs::create_dir_all(out_dir)
-        .map_err(|e| format!("cannot create {}: {e}", out_dir.display()))?;
     let built = target_dir.join(TARGET).join("release");
     packages
         .iter()
         .map(|p| {
-            let from = built.join(format!("{}.wasm", p.replace('-', "_")));
-            let to = out_dir.join(format!("{p}.wasm"));
-            // Copy to a temporary name and rename, so a running gateway never sees a
-            // half-written plugin.
-            let tmp = out_dir.join(format!(".{p}.wasm.tmp"));
-            std::fs::copy(&from, &tmp)
-                .and_then(|_| std::fs::rename(&tmp, &to))
-                .map_err(|e| format!("cannot copy {} to {}: {e}", from.display(), to.display()))?;
-            Ok(to)
+            install(
+                &built.join(format!("{}.wasm", p.replace('-', "_"))),
+                out_dir,
+                p,
+            )
         })
         .collect()
 }
@@ -91,8 +85,11 @@ pub const PYTHON_PLUGINS: &[&str] = &["tag-router-py"];
 
 /// The virtualenv (under `target/pytools`) with the pinned Python tools of
 /// `tests/tools/requirements.txt`: componentize-py for Python plugins, schemathesis and
-/// standardwebhooks for the tests. Created or updated when the pins change.
+/// standardwebhooks for the tests. Created or updated when the pins change; one caller at
+/// a time (tests call it from many threads).
 pub fn python_env() -> Result<PathBuf, String> {
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let root = workspace_root();
     let requirements = root.join("tests/tools/requirements.txt");
     let wanted = std::fs::read_to_string(&requirements)
@@ -209,6 +206,8 @@ fn fresh(output: &Path, inputs: &[&Path]) -> bool {
     inputs.iter().all(|i| newest(i) < built)
 }
 
+/// Copies a built component to `out_dir/NAME.wasm` under a temporary name first and
+/// renames it, so a running gateway never sees a half-written plugin.
 fn install(from: &Path, out_dir: &Path, name: &str) -> Result<PathBuf, String> {
     std::fs::create_dir_all(out_dir)
         .map_err(|e| format!("cannot create {}: {e}", out_dir.display()))?;
