@@ -16,7 +16,9 @@ use crate::delivery::{
 use crate::event::{Body, Event, Pairs, merge_pairs};
 use crate::metrics::Metrics;
 use crate::plugin::{CallError, CallLimits, PluginMap, PluginRegistry, PluginVerdict};
-use crate::store::{DeliveryStatus, PluginStep, RouteOutcome, RouteResult, StepResult, Store};
+use crate::store::{
+    DeliveryStatus, DueDelivery, PluginStep, RouteOutcome, RouteResult, StepResult, Store,
+};
 
 /// Sources, destinations and routes as the pipeline uses them; swapped whole on reload.
 pub struct Routing {
@@ -243,15 +245,38 @@ impl Pipeline {
             .map(|d| d.destination.clone())
             .collect();
         let now = self.dispatcher.now_ms();
+        // Deliveries to ACTIVE destinations are claimed as they are stored and sent from
+        // here, without a round through the store's claim query.
+        let lease_until = self.dispatcher.lease_until(now);
+        for d in deliveries.iter_mut() {
+            if d.status == DeliveryStatus::Pending && self.dispatcher.is_active(&d.destination) {
+                d.lease_until = Some(lease_until);
+            }
+        }
+        let mut due: Vec<DueDelivery> = deliveries
+            .iter()
+            .filter(|d| d.lease_until.is_some())
+            .map(|d| DueDelivery {
+                id: d.id.clone(),
+                event_id: event.id.clone(),
+                destination: d.destination.clone(),
+                url: d.url.clone(),
+                headers: d.headers.clone(),
+                body: d.body.clone(),
+                attempts: 0,
+            })
+            .collect();
         match self
             .store
             .complete_event(&event, outcomes, deliveries, now)
             .await
         {
-            Ok(()) => {
+            Ok(leased) => {
                 for destination in &skipped {
                     self.metrics.delivery(destination, "skipped");
                 }
+                due.retain(|d| leased.contains(&d.id));
+                self.dispatcher.send_now(due);
                 self.dispatcher.wake()
             }
             // The event stays queued in the store and is processed again at the next start.

@@ -149,6 +149,32 @@ impl Dispatcher {
         self.destinations.store(Arc::new(destinations));
     }
 
+    /// Until when a delivery claimed now is leased.
+    pub fn lease_until(&self, now: u64) -> u64 {
+        now + self.lease.as_millis() as u64
+    }
+
+    /// Whether deliveries to `destination` may be sent now (it is ACTIVE).
+    pub fn is_active(&self, destination: &str) -> bool {
+        self.lock_states()
+            .get(destination)
+            .is_none_or(|s| s.state == DestinationHealth::Active)
+    }
+
+    /// Sends deliveries that the caller already holds a lease on (the pipeline, for the
+    /// deliveries it just planned), within the dispatcher's concurrency.
+    pub fn send_now(self: &Arc<Self>, due: Vec<DueDelivery>) {
+        for d in due {
+            let this = self.clone();
+            self.attempts.spawn(async move {
+                let Ok(permit) = this.permits.clone().acquire_owned().await else {
+                    return;
+                };
+                this.attempt(d, permit).await
+            });
+        }
+    }
+
     /// Tells the dispatcher to look for due deliveries now.
     pub fn wake(&self) {
         self.wake.notify_one();

@@ -189,6 +189,7 @@ pub fn render(planned: &PlannedDelivery, values: &PlaceholderValues) -> NewDeliv
     let accepted = dest.accepts(values.event_type(&planned.metadata));
     let url = placeholder::render(&dest.url, Target::Url, |n| values.get(&planned.metadata, n));
     NewDelivery {
+        lease_until: None,
         id: planned.id.clone(),
         route: planned.route,
         destination: dest.name.clone(),

@@ -69,14 +69,17 @@ pub trait Store: Send + Sync + 'static {
     fn close(&self);
 
     /// Records what the routes decided for an event (run `event.run`) and the deliveries
-    /// they planned (due at `now`), and marks it processed: all at once.
+    /// they planned (due at `now`), and marks it processed: all at once. Returns the ids of
+    /// the deliveries inserted with a lease (`NewDelivery::lease_until`): the caller sends
+    /// those itself. A delivery that already existed (the event was processed before a
+    /// crash) is left as it is and not returned.
     async fn complete_event(
         &self,
         event: &Event,
         outcomes: Vec<RouteOutcome>,
         deliveries: Vec<NewDelivery>,
         now: u64,
-    ) -> Result<(), StoreError>;
+    ) -> Result<Vec<String>, StoreError>;
 
     /// Queues a stored event again for the current plugins; its deliveries get new ids.
     /// `false` if there is no such event.
@@ -245,6 +248,10 @@ pub struct NewDelivery {
     pub body: bytes::Bytes,
     /// `Pending` (due now) or `Skipped`.
     pub status: DeliveryStatus,
+    /// Claimed as it is inserted, until then: the pipeline hands it to the dispatcher at
+    /// once instead of waiting for a claim. If the gateway dies first, the lease runs out
+    /// and the delivery is claimed like any other.
+    pub lease_until: Option<u64>,
 }
 
 /// A delivery claimed for an attempt.

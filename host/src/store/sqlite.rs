@@ -453,9 +453,10 @@ impl Store for SqliteStore {
         outcomes: Vec<RouteOutcome>,
         deliveries: Vec<NewDelivery>,
         now: u64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Vec<String>, StoreError> {
         let (event_id, run) = (event.id.clone(), event.run);
         self.write(move |conn| {
+            let mut leased = Vec::new();
             for o in &outcomes {
                 conn.prepare_cached(
                     "INSERT OR REPLACE INTO route_outcomes (event_id, run, route, outcome) VALUES (?, ?, ?, ?)",
@@ -464,9 +465,9 @@ impl Store for SqliteStore {
             }
             for d in &deliveries {
                 let next = (d.status == DeliveryStatus::Pending).then_some(now as i64);
-                conn.prepare_cached(
-                    "INSERT OR IGNORE INTO deliveries (id, event_id, route, destination, url, headers, body, status, next_attempt_at, created_at)
-                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                let inserted = conn.prepare_cached(
+                    "INSERT OR IGNORE INTO deliveries (id, event_id, route, destination, url, headers, body, status, next_attempt_at, created_at, lease_until)
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 )?
                 .execute(params![
                     d.id,
@@ -479,11 +480,15 @@ impl Store for SqliteStore {
                     d.status.as_str(),
                     next,
                     now as i64,
+                    d.lease_until.map(|l| l as i64),
                 ])?;
+                if inserted == 1 && d.lease_until.is_some() {
+                    leased.push(d.id.clone());
+                }
             }
             conn.prepare_cached("UPDATE events SET status = 'processed' WHERE id = ? AND run = ?")?
                 .execute(params![event_id, run as i64])?;
-            Ok(())
+            Ok(leased)
         })
         .await
     }
@@ -847,6 +852,7 @@ mod tests {
 
     fn delivery(id: &str, destination: &str) -> NewDelivery {
         NewDelivery {
+            lease_until: None,
             id: id.into(),
             route: 0,
             destination: destination.into(),
