@@ -5,6 +5,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context as _;
+
+/// mimalloc instead of glibc's allocator: many small allocations per event across many
+/// threads (HTTP, JSON, plugin calls) contend less; see BENCHMARKS.md.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::{Parser, Subcommand, ValueEnum};
 use switchyard::config::Config;
 use switchyard::event::{Body, Event};
