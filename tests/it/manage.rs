@@ -388,3 +388,140 @@ async fn schemathesis_finds_no_server_error_or_schema_violation() {
     assert_eq!(gw.get("/healthz").await.0, 200);
     gw.shutdown().await.unwrap();
 }
+
+/// The operator's views: the event list with filters and pagination, a retry by hand of a
+/// failed delivery, and per-minute stats.
+#[tokio::test(flavor = "multi_thread")]
+async fn event_list_retry_and_stats() {
+    let rx = Receiver::start().await;
+    let config = r#"
+[[sources]]
+name = "a"
+[[sources]]
+name = "b"
+[[destinations]]
+name = "d"
+url = "{receiver}/d"
+[[routes]]
+source = "a"
+destinations = ["d"]
+[[routes]]
+source = "b"
+destinations = ["d"]
+"#;
+    let gw = TestGateway::start(config, &rx, &[]).await;
+    let mut ids = Vec::new();
+    for (source, kind) in [
+        ("a", "usage"),
+        ("a", "location"),
+        ("a", "usage"),
+        ("b", "usage"),
+        ("b", "sms"),
+    ] {
+        let id = gw.accept(source, json!({ "type": kind }).to_string()).await;
+        gw.settled(&id).await;
+        ids.push(id);
+    }
+    let list = |q: &'static str| {
+        let path = format!("/v1/events{q}");
+        let gw = &gw;
+        async move { gw.get(&path).await }
+    };
+    let ids_of = |page: &Value| -> Vec<String> {
+        page["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let (status, all) = list("").await;
+    assert_eq!(status, 200, "{all}");
+    let newest_first: Vec<String> = ids.iter().rev().cloned().collect();
+    assert_eq!(ids_of(&all), newest_first);
+    assert_eq!(all["items"][0]["event_type"], "sms");
+    assert_eq!(all["items"][0]["delivered"], 1);
+    assert_eq!(all["items"][0]["status"], "processed");
+    assert_eq!(ids_of(&list("?source=a").await.1).len(), 3);
+    assert_eq!(ids_of(&list("?type=usage").await.1).len(), 3);
+    assert_eq!(
+        ids_of(&list("?source=a&type=usage").await.1),
+        [ids[2].clone(), ids[0].clone()]
+    );
+    assert_eq!(ids_of(&list("?status=queued").await.1).len(), 0);
+    let (_, page) = list("?source=b&limit=1").await;
+    assert_eq!(ids_of(&page), [ids[4].clone()]);
+    let cursor = page["next_cursor"].as_str().unwrap().to_string();
+    let (_, page) = gw
+        .get(&format!("/v1/events?source=b&limit=1&cursor={cursor}"))
+        .await;
+    assert_eq!(ids_of(&page), [ids[3].clone()]);
+    assert!(page["next_cursor"].is_null());
+    let future = crate::util::now_ms() + 3_600_000;
+    assert_eq!(
+        ids_of(&gw.get(&format!("/v1/events?since={future}")).await.1).len(),
+        0
+    );
+    for bad in [
+        "?status=lost",
+        "?cursor=zzz",
+        "?limit=0",
+        "?since=yesterday",
+        "?colour=red",
+    ] {
+        assert_eq!(gw.get(&format!("/v1/events{bad}")).await.0, 400, "{bad}");
+    }
+
+    // A delivery that failed every attempt, retried by hand once the receiver is back.
+    rx.fail_with(Some(500));
+    let id = gw.accept("a", r#"{"type":"usage"}"#).await;
+    let event = gw.settled(&id).await;
+    let delivery = &event["deliveries"][0];
+    assert_eq!(delivery["status"], "failed", "{event}");
+    let attempts = delivery["attempts"].as_array().unwrap().len();
+    rx.fail_with(None);
+    let (status, body) = gw
+        .send(
+            "POST",
+            &format!("/v1/deliveries/{}/retry", delivery["id"].as_str().unwrap()),
+            None,
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let mut delivered = Value::Null;
+    for _ in 0..200 {
+        let e = gw.event(&id).await;
+        if e["deliveries"][0]["status"] == "delivered" {
+            delivered = e;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    let d = &delivered["deliveries"][0];
+    assert_eq!(d["status"], "delivered", "the retry did not deliver");
+    assert_eq!(d["attempts"].as_array().unwrap().len(), attempts + 1);
+    let (status, _) = gw
+        .send(
+            "POST",
+            &format!("/v1/deliveries/{}/retry", d["id"].as_str().unwrap()),
+            None,
+        )
+        .await;
+    assert_eq!(status, 404, "a delivered delivery is not retried");
+    assert_eq!(
+        gw.send("POST", "/v1/deliveries/nope/retry", None).await.0,
+        404
+    );
+
+    // Per-minute stats over the last five minutes, zeros included.
+    let (status, stats) = gw.get("/v1/stats?minutes=5").await;
+    assert_eq!(status, 200, "{stats}");
+    let minutes = stats["minutes"].as_array().unwrap();
+    assert_eq!(minutes.len(), 5);
+    let sum = |k: &str| minutes.iter().map(|m| m[k].as_u64().unwrap()).sum::<u64>();
+    assert_eq!(sum("received"), 6);
+    assert_eq!(sum("delivered"), 6);
+    assert_eq!(sum("failed"), attempts as u64);
+    assert_eq!(gw.get("/v1/stats?minutes=0").await.0, 400);
+    gw.shutdown().await.unwrap();
+}

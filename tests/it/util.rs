@@ -450,3 +450,11 @@ pub fn dir_with_plugin_bytes(name: &str, bytes: &[u8]) -> tempfile::TempDir {
 pub fn switchyard_bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_switchyard"))
 }
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}

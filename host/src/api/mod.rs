@@ -30,7 +30,8 @@ use crate::metrics::{Metrics, StateLabels};
 use crate::pipeline::Pipeline;
 use crate::reload::Reloader;
 use crate::store::{
-    DeliveryRecord, DeliveryStatus, DestinationHealth, EventRecord, Store, StoreError,
+    DeliveryRecord, DeliveryStatus, DestinationHealth, EventFilter, EventRecord, EventStatus,
+    EventSummary, MinuteStats, Store, StoreError,
 };
 
 /// What every handler can reach.
@@ -133,6 +134,7 @@ fn api_router() -> OpenApiRouter<AppState> {
     doc.info.version = env!("CARGO_PKG_VERSION").into();
     OpenApiRouter::with_openapi(doc)
         .routes(routes!(ingest::ingest))
+        .routes(routes!(list_events))
         .routes(routes!(get_event))
         .routes(routes!(replay_event))
         .routes(routes!(objects::list_sources, objects::create_source))
@@ -159,6 +161,8 @@ fn api_router() -> OpenApiRouter<AppState> {
             objects::delete_route
         ))
         .routes(routes!(list_deliveries))
+        .routes(routes!(retry_delivery))
+        .routes(routes!(stats))
         .routes(routes!(list_plugins))
         .routes(routes!(reload))
 }
@@ -283,6 +287,78 @@ async fn metrics(State(state): State<AppState>) -> Response {
         m.encode(),
     )
         .into_response()
+}
+
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+struct EventQuery {
+    /// Only events of this source.
+    source: Option<String>,
+    /// Only `queued` or `processed` events.
+    status: Option<EventStatus>,
+    /// Only events whose body's top-level `type` (or `event_type`) is this.
+    #[serde(rename = "type")]
+    #[param(rename = "type")]
+    event_type: Option<String>,
+    /// Received at or after (ms since the Unix epoch).
+    since: Option<u64>,
+    /// Received before (ms since the Unix epoch).
+    until: Option<u64>,
+    /// `next_cursor` of the previous page.
+    cursor: Option<String>,
+    /// Items per page: 1 to 500, 50 by default.
+    #[param(minimum = 1, maximum = 500)]
+    limit: Option<usize>,
+}
+
+/// A page of events.
+#[derive(Serialize, ToSchema)]
+struct EventPage {
+    items: Vec<EventSummary>,
+    /// Fetches the next page; `null` on the last.
+    next_cursor: Option<String>,
+}
+
+/// Events, newest first, with their delivery counts; filter by source, status, type and
+/// time. To find one event by id, `GET /v1/events/{id}`.
+#[utoipa::path(get, path = "/v1/events", tag = "events",
+    params(EventQuery),
+    responses(
+        (status = 200, description = "A page of events", body = EventPage),
+        (status = 400, description = "A malformed parameter, named", body = ErrorBody),
+        (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
+    ))]
+async fn list_events(
+    State(state): State<AppState>,
+    query: Result<Query<EventQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<EventPage>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let limit = page_limit(q.limit)?;
+    let after = match q.cursor.as_deref() {
+        None | Some("") => None,
+        Some(c) => Some(
+            c.split_once('_')
+                .and_then(|(at, id)| Some((at.parse::<u64>().ok()?, id.to_string())))
+                .ok_or_else(|| {
+                    ApiError::BadRequest(format!("`cursor`: `{c}` is not a cursor from this API"))
+                })?,
+        ),
+    };
+    let filter = EventFilter {
+        source: q.source,
+        status: q.status,
+        event_type: q.event_type,
+        since: q.since,
+        until: q.until,
+    };
+    let mut items = state.store.list_events(filter, after, limit + 1).await?;
+    let next_cursor = (items.len() > limit).then(|| {
+        let last = &items[limit - 1];
+        format!("{}_{}", last.received_at, last.id)
+    });
+    items.truncate(limit);
+    Ok(Json(EventPage { items, next_cursor }))
 }
 
 /// An event with its route outcomes, deliveries and attempts.
@@ -435,6 +511,94 @@ async fn list_deliveries(
     };
     let items = page.into_iter().take(limit).map(|(_, d)| d).collect();
     Ok(Json(DeliveryPage { items, next_cursor }))
+}
+
+/// Sends a pending or failed delivery again now (its destination must be ACTIVE; a FAILED
+/// destination's deliveries wait for its restart). Attempts so far are kept.
+#[utoipa::path(post, path = "/v1/deliveries/{id}/retry", tag = "deliveries",
+    params(("id" = String, Path, description = "The delivery id (its `webhook-id`)")),
+    responses(
+        (status = 202, description = "Due now", body = EventId),
+        (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
+        (status = 404, description = "No pending or failed delivery with this id", body = ErrorBody),
+    ))]
+async fn retry_delivery(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<EventId>), ApiError> {
+    if state
+        .store
+        .retry_delivery(&id, state.dispatcher.now_ms())
+        .await?
+    {
+        tracing::info!(delivery_id = %id, "Delivery retried by hand.");
+        state.dispatcher.wake();
+        Ok((StatusCode::ACCEPTED, Json(EventId { id })))
+    } else {
+        Err(ApiError::NotFound(format!(
+            "no pending or failed delivery with id `{id}`"
+        )))
+    }
+}
+
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+struct StatsQuery {
+    /// How many minutes back, up to now: 1 to 1440, 60 by default.
+    #[param(minimum = 1, maximum = 1440)]
+    minutes: Option<u64>,
+}
+
+/// Per-minute counts, oldest first.
+#[derive(Serialize, ToSchema)]
+struct Stats {
+    /// One entry per minute of the window, zeros included.
+    minutes: Vec<MinuteStats>,
+}
+
+/// Events received, attempts delivered and attempts failed per minute over the last
+/// `minutes` minutes (for charts).
+#[utoipa::path(get, path = "/v1/stats", tag = "events",
+    params(StatsQuery),
+    responses(
+        (status = 200, description = "Per-minute counts", body = Stats),
+        (status = 400, description = "A malformed parameter, named", body = ErrorBody),
+        (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
+    ))]
+async fn stats(
+    State(state): State<AppState>,
+    query: Result<Query<StatsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Stats>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let minutes = match q.minutes {
+        None => 60,
+        Some(n @ 1..=1440) => n,
+        Some(n) => {
+            return Err(ApiError::BadRequest(format!(
+                "`minutes`: {n} is not between 1 and 1440"
+            )));
+        }
+    };
+    let now = state.dispatcher.now_ms() / 60_000 * 60_000;
+    let since = now - (minutes - 1) * 60_000;
+    let found = state.store.minute_stats(since).await?;
+    let minutes = (0..minutes)
+        .map(|i| {
+            let minute = since + i * 60_000;
+            found
+                .iter()
+                .find(|m| m.minute == minute)
+                .cloned()
+                .unwrap_or(MinuteStats {
+                    minute,
+                    received: 0,
+                    delivered: 0,
+                    failed: 0,
+                })
+        })
+        .collect();
+    Ok(Json(Stats { minutes }))
 }
 
 /// A page size from `limit`: 50 by default, 1 to 500.

@@ -142,6 +142,22 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<(i64, DeliveryRecord)>, StoreError>;
 
+    /// Events, newest first, matching `filter`, after the cursor `(received_at, id)`.
+    async fn list_events(
+        &self,
+        filter: EventFilter,
+        after: Option<(u64, String)>,
+        limit: usize,
+    ) -> Result<Vec<EventSummary>, StoreError>;
+
+    /// Makes a pending or failed delivery due at `now` (a retry by hand). `false` if there
+    /// is no such delivery or it was delivered or skipped.
+    async fn retry_delivery(&self, id: &str, now: u64) -> Result<bool, StoreError>;
+
+    /// Per minute from `since` (ms, rounded down to a minute) on: events received, attempts
+    /// that delivered, attempts that failed.
+    async fn minute_stats(&self, since: u64) -> Result<Vec<MinuteStats>, StoreError>;
+
     /// Events accepted and not yet processed.
     fn queue_depth(&self) -> usize;
 
@@ -151,6 +167,48 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes processed events received before `before` whose deliveries all succeeded or
     /// were skipped (undelivered events are kept). Returns how many were deleted.
     async fn purge_delivered(&self, before: u64) -> Result<usize, StoreError>;
+}
+
+/// Which events `list_events` returns; every field narrows.
+#[derive(Clone, Debug, Default)]
+pub struct EventFilter {
+    pub source: Option<String>,
+    pub status: Option<EventStatus>,
+    /// The body's top-level `type` field (or `event_type`).
+    pub event_type: Option<String>,
+    /// Received at or after (ms since the epoch).
+    pub since: Option<u64>,
+    /// Received before (ms since the epoch).
+    pub until: Option<u64>,
+}
+
+/// An event as the event list shows it.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct EventSummary {
+    pub id: String,
+    pub source: String,
+    /// Milliseconds since the Unix epoch.
+    pub received_at: u64,
+    pub status: EventStatus,
+    /// The body's top-level `type` (or `event_type`) when it is JSON and has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event_type: Option<String>,
+    /// How many of its deliveries are pending, delivered, failed.
+    pub pending: u64,
+    pub delivered: u64,
+    pub failed: u64,
+}
+
+/// One minute of traffic.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct MinuteStats {
+    /// The minute's start, ms since the Unix epoch.
+    pub minute: u64,
+    pub received: u64,
+    /// Attempts that delivered (2xx).
+    pub delivered: u64,
+    /// Attempts that did not.
+    pub failed: u64,
 }
 
 /// A source, destination or route made through the management API, as stored: its JSON
@@ -178,7 +236,7 @@ pub struct EventRecord {
     pub deliveries: Vec<DeliveryRecord>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, ToSchema)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum EventStatus {
     /// Accepted, waiting for the pipeline.
@@ -188,7 +246,7 @@ pub enum EventStatus {
 }
 
 impl EventStatus {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             EventStatus::Queued => "queued",
             EventStatus::Processed => "processed",

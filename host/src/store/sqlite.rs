@@ -316,6 +316,16 @@ fn event_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Event> {
     })
 }
 
+/// The stats entry of minute `m`, made empty if there is none yet.
+fn minute(minutes: &mut std::collections::BTreeMap<i64, MinuteStats>, m: i64) -> &mut MinuteStats {
+    minutes.entry(m).or_insert(MinuteStats {
+        minute: m as u64,
+        received: 0,
+        delivered: 0,
+        failed: 0,
+    })
+}
+
 fn load_queued(conn: &Connection) -> rusqlite::Result<Vec<Event>> {
     let mut stmt =
         conn.prepare("SELECT * FROM events WHERE status = 'queued' ORDER BY received_at, id")?;
@@ -771,6 +781,125 @@ impl Store for SqliteStore {
                 out.push((seq, d));
             }
             Ok(out)
+        })
+        .await
+    }
+
+    async fn list_events(
+        &self,
+        filter: EventFilter,
+        after: Option<(u64, String)>,
+        limit: usize,
+    ) -> Result<Vec<EventSummary>, StoreError> {
+        self.read(move |conn| {
+            // The type is read from the body where the body is JSON text.
+            let event_type = "CASE WHEN json_valid(CAST(e.body AS TEXT))
+                 THEN COALESCE(json_extract(CAST(e.body AS TEXT), '$.type'), json_extract(CAST(e.body AS TEXT), '$.event_type'))
+                 END";
+            let sql = format!(
+                "SELECT e.id, e.source, e.received_at, e.status, {event_type} AS event_type,
+                        (SELECT COUNT(*) FROM deliveries d WHERE d.event_id = e.id AND d.status = 'pending'),
+                        (SELECT COUNT(*) FROM deliveries d WHERE d.event_id = e.id AND d.status = 'delivered'),
+                        (SELECT COUNT(*) FROM deliveries d WHERE d.event_id = e.id AND d.status = 'failed')
+                 FROM events e
+                 WHERE (?1 IS NULL OR e.source = ?1)
+                   AND (?2 IS NULL OR e.status = ?2)
+                   AND (?3 IS NULL OR {event_type} = ?3)
+                   AND (?4 IS NULL OR e.received_at >= ?4)
+                   AND (?5 IS NULL OR e.received_at < ?5)
+                   AND (?6 IS NULL OR e.received_at < ?6 OR (e.received_at = ?6 AND e.id < ?7))
+                 ORDER BY e.received_at DESC, e.id DESC LIMIT ?8"
+            );
+            let (after_at, after_id) = match &after {
+                Some((at, id)) => (Some(*at as i64), Some(id.clone())),
+                None => (None, None),
+            };
+            conn.prepare_cached(&sql)?
+                .query_map(
+                    params![
+                        filter.source,
+                        filter.status.map(EventStatus::as_str),
+                        filter.event_type,
+                        filter.since.map(|v| v as i64),
+                        filter.until.map(|v| v as i64),
+                        after_at,
+                        after_id,
+                        limit as i64
+                    ],
+                    |r| {
+                        let status: String = r.get(3)?;
+                        let event_type: Option<rusqlite::types::Value> = r.get(4)?;
+                        Ok(EventSummary {
+                            id: r.get(0)?,
+                            source: r.get(1)?,
+                            received_at: r.get::<_, i64>(2)? as u64,
+                            status: if status == "queued" {
+                                EventStatus::Queued
+                            } else {
+                                EventStatus::Processed
+                            },
+                            event_type: match event_type {
+                                Some(rusqlite::types::Value::Text(t)) => Some(t),
+                                Some(rusqlite::types::Value::Integer(i)) => Some(i.to_string()),
+                                _ => None,
+                            },
+                            pending: r.get::<_, i64>(5)? as u64,
+                            delivered: r.get::<_, i64>(6)? as u64,
+                            failed: r.get::<_, i64>(7)? as u64,
+                        })
+                    },
+                )?
+                .collect()
+        })
+        .await
+    }
+
+    async fn retry_delivery(&self, id: &str, now: u64) -> Result<bool, StoreError> {
+        let id = id.to_string();
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "UPDATE deliveries SET status = 'pending', next_attempt_at = ?1, lease_until = NULL
+                 WHERE id = ?2 AND status IN ('pending', 'failed')",
+            )?
+            .execute(params![now as i64, id])
+            .map(|n| n == 1)
+        })
+        .await
+    }
+
+    async fn minute_stats(&self, since: u64) -> Result<Vec<MinuteStats>, StoreError> {
+        let since = (since / 60_000 * 60_000) as i64;
+        self.read(move |conn| {
+            let mut minutes: std::collections::BTreeMap<i64, MinuteStats> = Default::default();
+            let mut rows = conn.prepare_cached(
+                "SELECT received_at / 60000 * 60000 AS m, COUNT(*) FROM events
+                 WHERE received_at >= ?1 GROUP BY m",
+            )?;
+            for row in
+                rows.query_map([since], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))?
+            {
+                let (m, n) = row?;
+                minute(&mut minutes, m).received = n as u64;
+            }
+            let mut rows = conn.prepare_cached(
+                "SELECT at / 60000 * 60000 AS m,
+                        SUM(status_code BETWEEN 200 AND 299),
+                        SUM(status_code IS NULL OR status_code NOT BETWEEN 200 AND 299)
+                 FROM attempts WHERE at >= ?1 GROUP BY m",
+            )?;
+            for row in rows.query_map([since], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            })? {
+                let (m, ok, failed) = row?;
+                let entry = minute(&mut minutes, m);
+                entry.delivered = ok as u64;
+                entry.failed = failed as u64;
+            }
+            Ok(minutes.into_values().collect())
         })
         .await
     }
