@@ -19,6 +19,7 @@ pub mod plugin;
 pub mod reload;
 pub mod scaffold;
 pub mod store;
+pub mod ui;
 
 use std::future::Future;
 use std::path::PathBuf;

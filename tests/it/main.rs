@@ -13,4 +13,5 @@ mod reload;
 mod sandbox;
 mod spine;
 mod tools;
+mod ui;
 mod util;

@@ -146,6 +146,13 @@ async fn record(
     headers: HeaderMap,
     body: Bytes,
 ) -> (StatusCode, HeaderMap) {
+    // `POST /control/ok` and `/control/fail/NNN` switch `fail_with` for tests driven from
+    // outside the test process (the browser test); they are not recorded.
+    if let Some(command) = uri.path().strip_prefix("/control/") {
+        *recorded.fail_with.lock().unwrap() =
+            command.strip_prefix("fail/").and_then(|c| c.parse().ok());
+        return (StatusCode::NO_CONTENT, HeaderMap::new());
+    }
     let mut parts = uri.path().strip_prefix("/status/").unwrap_or("").split('/');
     let code = parts.next().and_then(|s| s.parse().ok());
     let retry_after = match (parts.next(), parts.next()) {

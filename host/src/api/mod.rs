@@ -193,6 +193,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .merge(crate::ui::routes())
         .merge(management)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -637,8 +638,11 @@ async fn list_plugins(State(state): State<AppState>) -> Json<serde_json::Value> 
                 item.as_object_mut().unwrap().extend(s);
             }
             if let Some(p) = serving.get(&name) {
+                let (calls, mean_call_us) = p.call_stats();
                 item.as_object_mut().unwrap().extend(
                     json!({
+                        "calls": calls,
+                        "mean_call_us": mean_call_us,
                         "sha256": p.sha256(),
                         "from_cache": p.from_cache(),
                         "degraded": p.degraded(),

@@ -11,7 +11,7 @@ mod host_impl;
 mod registry;
 
 use std::path::Path;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -214,6 +214,8 @@ impl PluginRuntime {
             options: self.options,
             warm: Mutex::new(Vec::new()),
             consecutive_failures: AtomicU32::new(0),
+            calls: AtomicU64::new(0),
+            call_micros: AtomicU64::new(0),
             from_cache,
         })
     }
@@ -282,6 +284,9 @@ pub struct LoadedPlugin {
     options: RuntimeOptions,
     warm: Mutex<Vec<WarmInstance>>,
     consecutive_failures: AtomicU32,
+    /// Calls of this version, and their total duration: the mean call latency.
+    calls: AtomicU64,
+    call_micros: AtomicU64,
     from_cache: bool,
 }
 
@@ -314,6 +319,13 @@ impl LoadedPlugin {
         self.consecutive_failures.load(Ordering::Relaxed)
     }
 
+    /// Calls of this version so far, and their mean duration in microseconds.
+    pub fn call_stats(&self) -> (u64, u64) {
+        let calls = self.calls.load(Ordering::Relaxed);
+        let micros = self.call_micros.load(Ordering::Relaxed);
+        (calls, micros.checked_div(calls).unwrap_or(0))
+    }
+
     /// Whether the plugin has failed `degraded_after` times in a row.
     pub fn degraded(&self) -> bool {
         self.consecutive_failures() >= self.options.degraded_after
@@ -328,11 +340,15 @@ impl LoadedPlugin {
         limits: CallLimits,
         mode: InstanceMode,
     ) -> Result<PluginVerdict, CallError> {
+        let started = std::time::Instant::now();
         let result = match mode {
             InstanceMode::Fresh => self.call_fresh(event, config, limits),
             InstanceMode::Warm => self.call_warm(event, config, limits),
         }
         .and_then(|v| check_output(v, &limits));
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.call_micros
+            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         self.note_outcome(result.is_ok());
         result
     }

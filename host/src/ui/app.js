@@ -1,0 +1,284 @@
+// The Switchyard dashboard: a single page over the public /v1 API (anything shown here can
+// be scripted with the same calls). No framework, no build step, no outside fetches.
+
+const main = document.getElementById('main');
+const TOKEN_KEY = 'switchyard-token';
+let poller = null;
+
+// ---- helpers ------------------------------------------------------------------------
+
+function h(tag, attrs = {}, ...children) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (v === undefined || v === null || v === false) continue;
+    if (k.startsWith('on')) el.addEventListener(k.slice(2), v);
+    else if (k === 'text') el.textContent = v;
+    else el.setAttribute(k, v === true ? '' : v);
+  }
+  for (const c of children.flat()) {
+    if (c === null || c === undefined) continue;
+    el.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return el;
+}
+
+const badge = (s) => h('span', { class: `badge ${s}` }, s);
+const time = (ms) => (ms ? new Date(ms).toLocaleString() : '');
+const short = (sha) => (sha ? sha.slice(0, 12) : '');
+
+function toast(message) {
+  const t = document.getElementById('toast');
+  t.textContent = message;
+  t.classList.add('show');
+  clearTimeout(toast.timer);
+  toast.timer = setTimeout(() => t.classList.remove('show'), 3000);
+}
+
+class ApiError extends Error {}
+
+async function api(path, options = {}) {
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  const resp = await fetch(path, {
+    ...options,
+    headers: { authorization: `Bearer ${token}`, ...(options.headers || {}) },
+  });
+  if (resp.status === 401) {
+    sessionStorage.removeItem(TOKEN_KEY);
+    route();
+    throw new ApiError('signed out');
+  }
+  const text = await resp.text();
+  const body = text ? JSON.parse(text) : null;
+  if (!resp.ok) throw new ApiError(body && body.error ? body.error : `HTTP ${resp.status}`);
+  return body;
+}
+
+function page(title, ...content) {
+  main.replaceChildren(h('h1', {}, title), ...content.flat());
+  document.title = `${title} · Switchyard`;
+}
+
+function failed(e) {
+  if (!(e instanceof ApiError && e.message === 'signed out')) {
+    main.append(h('p', { class: 'error', role: 'alert' }, `Error: ${e.message}`));
+  }
+}
+
+// ---- sign in --------------------------------------------------------------------------
+
+function signIn() {
+  const input = h('input', { type: 'password', id: 'token', name: 'token', autocomplete: 'current-password', required: true });
+  const message = h('p', { class: 'error', role: 'alert' });
+  const form = h('form', {
+    onsubmit: async (e) => {
+      e.preventDefault();
+      sessionStorage.setItem(TOKEN_KEY, input.value);
+      const resp = await fetch('/v1/plugins', { headers: { authorization: `Bearer ${input.value}` } });
+      if (resp.ok) {
+        location.hash = '#/events';
+        route();
+      } else {
+        sessionStorage.removeItem(TOKEN_KEY);
+        message.textContent = 'That token was not accepted.';
+      }
+    },
+  },
+  h('label', { for: 'token' }, 'API token', input),
+  h('button', { class: 'primary', type: 'submit' }, 'Sign in'),
+  message);
+  main.replaceChildren(h('div', { class: 'signin card' }, h('h1', {}, 'Sign in'),
+    h('p', { class: 'muted' }, 'Use a bearer token from [api] tokens.'), form));
+  input.focus();
+}
+
+// ---- events -----------------------------------------------------------------------------
+
+const filters = { source: '', type: '', status: '', since: '' };
+
+function chart(minutes) {
+  const w = 720, hgt = 150, pad = 20;
+  const series = [['received', '#1f5fbf'], ['delivered', '#17794a'], ['failed', '#b3261e']];
+  const max = Math.max(1, ...minutes.flatMap((m) => series.map(([k]) => m[k])));
+  const x = (i) => pad + (i * (w - 2 * pad)) / Math.max(1, minutes.length - 1);
+  const y = (v) => hgt - pad - (v * (hgt - 2 * pad)) / max;
+  const ns = 'http://www.w3.org/2000/svg';
+  const svg = document.createElementNS(ns, 'svg');
+  svg.setAttribute('viewBox', `0 0 ${w} ${hgt}`);
+  svg.setAttribute('class', 'chart');
+  svg.setAttribute('preserveAspectRatio', 'none');
+  svg.setAttribute('role', 'img');
+  const total = (k) => minutes.reduce((a, m) => a + m[k], 0);
+  svg.setAttribute('aria-label', `Last hour: ${total('received')} received, ${total('delivered')} delivered, ${total('failed')} failed`);
+  const axis = document.createElementNS(ns, 'line');
+  Object.entries({ x1: pad, x2: w - pad, y1: hgt - pad, y2: hgt - pad, stroke: '#b9c2cc' }).forEach(([k, v]) => axis.setAttribute(k, v));
+  svg.append(axis);
+  const label = document.createElementNS(ns, 'text');
+  Object.entries({ x: pad, y: 12, 'font-size': 11, fill: '#5d6875' }).forEach(([k, v]) => label.setAttribute(k, v));
+  label.textContent = `max ${max}/min`;
+  svg.append(label);
+  for (const [k, color] of series) {
+    const line = document.createElementNS(ns, 'polyline');
+    line.setAttribute('points', minutes.map((m, i) => `${x(i)},${y(m[k])}`).join(' '));
+    line.setAttribute('fill', 'none');
+    line.setAttribute('stroke', color);
+    line.setAttribute('stroke-width', '2');
+    svg.append(line);
+  }
+  const legend = h('div', { class: 'legend' }, series.map(([k, c]) =>
+    h('span', {}, h('i', { style: `background:${c}` }), `${k} ${total(k)}`)));
+  return h('div', { class: 'card' }, h('div', { class: 'row' }, h('strong', {}, 'Last hour, per minute'), legend), svg);
+}
+
+async function eventsPage() {
+  const sources = await api('/v1/sources?limit=500').catch(() => ({ items: [] }));
+  const search = h('input', { id: 'search', name: 'id', placeholder: 'event id', 'aria-label': 'Find an event by id' });
+  const field = (name, el) => { el.value = filters[name]; el.addEventListener('change', () => { filters[name] = el.value; refresh(); }); return el; };
+  const form = h('form', { class: 'filters', onsubmit: (e) => { e.preventDefault(); if (search.value.trim()) location.hash = `#/events/${search.value.trim()}`; } },
+    h('label', {}, 'Source', field('source', h('select', { name: 'source' }, h('option', { value: '' }, 'all'),
+      sources.items.map((s) => h('option', { value: s.name }, s.name))))),
+    h('label', {}, 'Type', field('type', h('input', { name: 'type', placeholder: 'usage' }))),
+    h('label', {}, 'Status', field('status', h('select', { name: 'status' }, h('option', { value: '' }, 'all'),
+      h('option', { value: 'queued' }, 'queued'), h('option', { value: 'processed' }, 'processed')))),
+    h('label', {}, 'Since', field('since', h('input', { name: 'since', type: 'datetime-local' }))),
+    h('label', {}, 'Find by id', search),
+    h('button', { type: 'submit' }, 'Open'));
+  const chartBox = h('div');
+  const table = h('div', { class: 'card' });
+  page('Events', chartBox, h('div', { class: 'card' }, form), table);
+
+  async function refresh() {
+    const q = new URLSearchParams({ limit: '100' });
+    if (filters.source) q.set('source', filters.source);
+    if (filters.type) q.set('type', filters.type);
+    if (filters.status) q.set('status', filters.status);
+    if (filters.since) q.set('since', String(new Date(filters.since).getTime()));
+    try {
+      const [events, stats] = await Promise.all([api(`/v1/events?${q}`), api('/v1/stats?minutes=60')]);
+      chartBox.replaceChildren(chart(stats.minutes));
+      table.replaceChildren(events.items.length === 0 ? h('p', { class: 'muted' }, 'No events yet.') :
+        h('table', { id: 'events' },
+          h('thead', {}, h('tr', {}, h('th', {}, 'Received'), h('th', {}, 'Source'), h('th', { class: 'hide-narrow' }, 'Type'),
+            h('th', {}, 'Status'), h('th', { class: 'num' }, 'Delivered'), h('th', { class: 'num hide-narrow' }, 'Pending'),
+            h('th', { class: 'num hide-narrow' }, 'Failed'))),
+          h('tbody', {}, events.items.map((e) => h('tr', { 'data-id': e.id },
+            h('td', {}, h('a', { href: `#/events/${e.id}` }, time(e.received_at))),
+            h('td', {}, e.source), h('td', { class: 'hide-narrow' }, e.event_type || ''), h('td', {}, badge(e.status)),
+            h('td', { class: 'num' }, e.delivered), h('td', { class: 'num hide-narrow' }, e.pending),
+            h('td', { class: `num hide-narrow ${e.failed ? 'error' : ''}` }, e.failed))))));
+    } catch (e) { failed(e); }
+  }
+  await refresh();
+  poller = setInterval(refresh, 2000);
+}
+
+function pretty(bodyText) {
+  try { return JSON.stringify(JSON.parse(bodyText), null, 2); } catch { return bodyText; }
+}
+
+async function eventPage(id) {
+  let e;
+  try { e = await api(`/v1/events/${encodeURIComponent(id)}`); } catch (err) { page('Event'); failed(err); return; }
+  const ev = e.event;
+  const body = typeof ev.body === 'string' ? ev.body : JSON.stringify(ev.body);
+  const replay = h('button', { class: 'primary', id: 'replay', onclick: async () => {
+    try { await api(`/v1/events/${ev.id}/replay`, { method: 'POST' }); toast('Replayed: a new run is queued.'); setTimeout(() => eventPage(id), 700); } catch (err) { toast(err.message); }
+  } }, 'Replay');
+  const routes = e.routes.map((r) => h('div', { class: 'card route' },
+    h('div', { class: 'row' }, h('strong', {}, `Route #${r.route}`), h('span', { class: 'muted' }, `run ${r.run}`),
+      badge(r.result.result), r.result.reason ? h('span', {}, r.result.reason) : null, r.result.error ? h('span', { class: 'error' }, r.result.error) : null),
+    h('table', {}, h('thead', {}, h('tr', {}, h('th', {}, 'Plugin'), h('th', {}, 'Version'), h('th', { class: 'num' }, 'Duration'), h('th', {}, 'Verdict'))),
+      h('tbody', {}, r.steps.map((s) => h('tr', { class: 'step' },
+        h('td', {}, s.plugin), h('td', { class: 'mono', title: s.sha256 }, short(s.sha256)),
+        h('td', { class: 'num' }, `${s.duration_us} µs`),
+        h('td', {}, s.outcome === 'verdict' ? h('pre', {}, JSON.stringify(s.verdict, null, 2)) : h('span', { class: 'error' }, s.error))))))));
+  const deliveries = e.deliveries.map((d) => h('div', { class: 'card delivery', 'data-id': d.id },
+    h('div', { class: 'row' }, h('strong', {}, d.destination), badge(d.status), h('span', { class: 'mono muted' }, d.id),
+      (d.status === 'failed' || d.status === 'pending') ? h('button', { onclick: async () => {
+        try { await api(`/v1/deliveries/${d.id}/retry`, { method: 'POST' }); toast('Retry queued.'); setTimeout(() => eventPage(id), 700); } catch (err) { toast(err.message); }
+      } }, 'Retry') : null),
+    h('div', { class: 'mono muted' }, d.url),
+    d.attempts.length === 0 ? h('p', { class: 'muted' }, 'No attempt yet.') :
+      h('table', { class: 'attempts' }, h('thead', {}, h('tr', {}, h('th', {}, 'At'), h('th', {}, 'Status'), h('th', { class: 'num' }, 'Duration'), h('th', {}, 'Error or response'))),
+        h('tbody', {}, d.attempts.map((a) => h('tr', { class: 'attempt' },
+          h('td', {}, time(a.at)), h('td', {}, a.status_code ?? '—'), h('td', { class: 'num' }, `${a.duration_ms} ms`),
+          h('td', {}, a.error ? h('span', { class: 'error' }, a.error) : h('code', {}, (a.response || '').slice(0, 200)))))))));
+  page(`Event ${ev.id}`,
+    h('div', { class: 'card' }, h('div', { class: 'row' }, badge(e.status), h('span', {}, `${ev.source} · ${time(ev.received_at)} · run ${ev.run}`), replay)),
+    h('h2', {}, 'Payload'), h('div', { class: 'card' }, h('pre', { id: 'payload' }, pretty(body))),
+    h('h2', {}, 'Headers'), h('div', { class: 'card' }, h('table', {}, h('tbody', {}, ev.headers.map(([k, v]) => h('tr', {}, h('th', {}, k), h('td', { class: 'mono' }, v)))))),
+    h('h2', {}, 'Routes'), routes.length ? routes : h('p', { class: 'muted' }, 'Not processed yet.'),
+    h('h2', {}, 'Deliveries'), deliveries.length ? deliveries : h('p', { class: 'muted' }, 'No deliveries.'));
+  if (e.status === 'queued' || e.deliveries.some((d) => d.status === 'pending')) {
+    poller = setInterval(() => { clearInterval(poller); eventPage(id); }, 1500);
+  }
+}
+
+// ---- destinations and plugins ---------------------------------------------------------
+
+async function destinationsPage() {
+  const box = h('div', { class: 'card' });
+  page('Destinations', box);
+  async function refresh() {
+    try {
+      const list = await api('/v1/destinations?limit=500');
+      box.replaceChildren(h('table', { id: 'destinations' },
+        h('thead', {}, h('tr', {}, h('th', {}, 'Name'), h('th', {}, 'State'), h('th', { class: 'num' }, 'Pending'),
+          h('th', { class: 'num' }, 'Failed'), h('th', { class: 'hide-narrow' }, 'Last error'), h('th', {}, 'Actions'))),
+        h('tbody', {}, list.items.map((d) => h('tr', { 'data-name': d.name },
+          h('td', {}, h('div', {}, d.name), h('div', { class: 'mono muted hide-narrow' }, d.url)),
+          h('td', {}, badge(d.state)), h('td', { class: 'num' }, d.pending), h('td', { class: 'num' }, d.failed),
+          h('td', { class: 'hide-narrow error' }, d.last_error || ''),
+          h('td', {}, h('div', { class: 'row' },
+            h('button', { class: 'restart', onclick: async () => {
+              try { await api(`/v1/destinations/${d.name}/restart`, { method: 'POST' }); toast(`${d.name} restarted.`); } catch (err) { toast(err.message); }
+              refresh();
+            } }, 'Restart'),
+            h('button', { class: 'test', onclick: async () => {
+              try { const r = await api(`/v1/destinations/${d.name}/test`, { method: 'POST' }); toast(r.ok ? `Test: ${r.status_code}` : `Test failed: ${r.error}`); } catch (err) { toast(err.message); }
+            } }, 'Test'))))))));
+    } catch (e) { failed(e); }
+  }
+  await refresh();
+  poller = setInterval(refresh, 2000);
+}
+
+async function pluginsPage() {
+  const box = h('div', { class: 'card' });
+  page('Plugins', box);
+  try {
+    const list = await api('/v1/plugins');
+    box.replaceChildren(h('table', { id: 'plugins' },
+      h('thead', {}, h('tr', {}, h('th', {}, 'Name'), h('th', {}, 'Status'), h('th', {}, 'Version'), h('th', { class: 'hide-narrow' }, 'Loaded'),
+        h('th', { class: 'num' }, 'Calls'), h('th', { class: 'num' }, 'Mean call'), h('th', {}, 'Routes'), h('th', { class: 'hide-narrow' }, 'Last error'))),
+      h('tbody', {}, list.items.map((p) => h('tr', { 'data-name': p.name },
+        h('td', {}, p.name, p.degraded ? h('span', { class: 'badge error' }, 'degraded') : null),
+        h('td', {}, badge(p.status)), h('td', { class: 'mono', title: p.sha256 || '' }, short(p.sha256)),
+        h('td', { class: 'hide-narrow' }, p.loaded_at ? time(p.loaded_at) : ''),
+        h('td', { class: 'num' }, p.calls ?? ''), h('td', { class: 'num' }, p.mean_call_us !== undefined ? `${p.mean_call_us} µs` : ''),
+        h('td', {}, (p.routes || []).join(', ')), h('td', { class: 'hide-narrow error' }, p.last_error || ''))))));
+  } catch (e) { failed(e); }
+}
+
+// ---- router -------------------------------------------------------------------------------
+
+async function route() {
+  clearInterval(poller);
+  const signedIn = !!sessionStorage.getItem(TOKEN_KEY);
+  document.getElementById('signout').hidden = !signedIn;
+  if (!signedIn) { signIn(); return; }
+  const [, name, id] = (location.hash || '#/events').split('/');
+  for (const a of document.querySelectorAll('nav a')) {
+    if (a.dataset.page === name) a.setAttribute('aria-current', 'page'); else a.removeAttribute('aria-current');
+  }
+  try {
+    if (name === 'events' && id) await eventPage(decodeURIComponent(id));
+    else if (name === 'destinations') await destinationsPage();
+    else if (name === 'plugins') await pluginsPage();
+    else await eventsPage();
+  } catch (e) { failed(e); }
+  main.focus();
+}
+
+document.getElementById('signout').addEventListener('click', () => { sessionStorage.removeItem(TOKEN_KEY); route(); });
+window.addEventListener('hashchange', route);
+route();

@@ -1,0 +1,131 @@
+//! The dashboard, end to end in headless Chromium (Debian's `chromium`, driven by
+//! playwright-core from `tests/ui`): see `tests/ui/dashboard.mjs` for the steps.
+//! Screenshots of every page are written to `target/ui-artifacts/`.
+//!
+//! Without Chromium the test says so and passes, unless `CI` is set (`.ci/run` installs
+//! Chromium and always runs it).
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use crate::util::{API_TOKEN, Receiver, TestGateway};
+
+fn chromium() -> Option<PathBuf> {
+    let path = std::env::var_os("SWITCHYARD_CHROMIUM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"));
+    path.exists().then_some(path)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dashboard_in_a_real_browser() {
+    let Some(chromium) = chromium() else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "Chromium is missing: .ci/run installs Debian's chromium package"
+        );
+        eprintln!(
+            "SKIPPED dashboard_in_a_real_browser: no /usr/bin/chromium (apt-get install chromium, \
+             or set SWITCHYARD_CHROMIUM)"
+        );
+        return;
+    };
+    let root = xtask::workspace_root();
+    let ui = root.join("tests/ui");
+    if !ui.join("node_modules/playwright-core").exists() {
+        let out = Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
+            .current_dir(&ui)
+            .output()
+            .expect("npm runs");
+        assert!(
+            out.status.success(),
+            "npm ci failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    let fleet = Receiver::start().await;
+    let flaky = Receiver::start().await;
+    flaky.fail_with(Some(503));
+    let config = format!(
+        r#"
+[[sources]]
+name = "onomondo"
+[[sources]]
+name = "flaky-source"
+[[destinations]]
+name = "fleet"
+url = "{{receiver}}/fleet"
+[[destinations]]
+name = "flaky"
+url = "{}/flaky"
+retry = {{ retry_schedule = ["0s", "1h"], failure_threshold = 1 }}
+[[routes]]
+source = "onomondo"
+plugins = [{{ name = "event-filter", config = {{ allow = "usage" }} }}]
+destinations = ["fleet"]
+[[routes]]
+source = "flaky-source"
+destinations = ["flaky"]
+"#,
+        flaky.url
+    );
+    let gw = TestGateway::start(&config, &fleet, &["event-filter"]).await;
+    // The flaky destination fails once and turns FAILED; the next event is held.
+    gw.accept("flaky-source", r#"{"type":"alert","n":1}"#).await;
+    flaky.wait_for(1).await;
+    for _ in 0..200 {
+        if gw.get("/v1/destinations/flaky").await.1["state"] == "FAILED" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    gw.accept("flaky-source", r#"{"type":"alert","n":2}"#).await;
+
+    let artifacts = root.join("target/ui-artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let mut cmd = tokio::process::Command::new("node");
+    cmd.arg(ui.join("dashboard.mjs"))
+        .arg(&gw.url)
+        .arg(API_TOKEN)
+        .arg(format!("{}/control", flaky.url))
+        .arg(&artifacts)
+        .env("SWITCHYARD_CHROMIUM", &chromium)
+        .current_dir(&ui)
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(std::time::Duration::from_secs(180), cmd.output())
+        .await
+        .expect("the browser test ends within 3 minutes")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "browser test failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.trim_end().ends_with("ok"), "{stdout}");
+    // Both held events reached the restarted destination.
+    let (_, delivered) = gw.get("/v1/deliveries?status=delivered&limit=500").await;
+    let to_flaky = delivered["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["destination"] == "flaky")
+        .count();
+    assert_eq!(to_flaky, 2, "{delivered}");
+    for name in [
+        "signin",
+        "events",
+        "event",
+        "destinations",
+        "plugins",
+        "events-phone",
+    ] {
+        assert!(
+            artifacts.join(format!("{name}.png")).is_file(),
+            "no screenshot of {name}"
+        );
+    }
+    gw.shutdown().await.unwrap();
+}

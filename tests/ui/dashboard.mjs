@@ -1,0 +1,130 @@
+// End-to-end test of the dashboard in headless Chromium, driven by playwright-core.
+// Started by tests/it/ui.rs with a running gateway:
+//   node dashboard.mjs <gateway-url> <api-token> <receiver-control-url> <artifact-dir>
+// It signs in, sees a freshly ingested event appear, opens it (plugin verdicts, attempt),
+// replays it (a new attempt), restarts a FAILED destination (its held events go out), and
+// writes a screenshot of every page, at 1280×800 and at phone width.
+
+import { chromium } from 'playwright-core';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
+const [base, token, controlUrl, artifacts] = process.argv.slice(2);
+const executablePath = process.env.SWITCHYARD_CHROMIUM || '/usr/bin/chromium';
+const profile = mkdtempSync(join(tmpdir(), 'switchyard-ui-'));
+const step = (s) => console.log(`- ${s}`);
+
+const context = await chromium.launchPersistentContext(profile, {
+  executablePath,
+  headless: true,
+  viewport: { width: 1280, height: 800 },
+  args: [
+    '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+    '--disable-background-networking', '--disable-component-update', '--disable-sync',
+  ],
+});
+// Nothing may be fetched from anywhere but the gateway.
+const outside = [];
+context.on('request', (r) => { if (!r.url().startsWith(base) && !r.url().startsWith('data:')) outside.push(r.url()); });
+
+const page = context.pages()[0] ?? (await context.newPage());
+const errors = [];
+page.on('pageerror', (e) => errors.push(String(e)));
+try {
+  page.setDefaultTimeout(15000);
+  const shot = (name) => page.screenshot({ path: join(artifacts, `${name}.png`), fullPage: true });
+
+  step('a wrong token is refused, the right one signs in (by keyboard)');
+  await page.goto(`${base}/ui/`);
+  await page.getByLabel('API token').fill('not-the-token');
+  await page.keyboard.press('Enter');
+  await page.getByRole('alert').filter({ hasText: 'not accepted' }).waitFor();
+  await shot('signin');
+  await page.getByLabel('API token').fill(token);
+  await page.keyboard.press('Enter');
+  await page.getByRole('heading', { name: 'Events' }).waitFor();
+
+  step('a freshly ingested event appears in the live list');
+  const posted = await fetch(`${base}/v1/ingest/onomondo`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ type: 'usage', iccid: '8945738730000000012', bytes: 1234 }),
+  });
+  const { id } = await posted.json();
+  if (posted.status !== 202) throw new Error(`ingest answered ${posted.status}`);
+  const row = page.locator(`#events tr[data-id="${id}"]`);
+  await row.waitFor();
+  await row.getByText('delivered', { exact: false }).or(row.locator('td.num', { hasText: '1' })).first().waitFor();
+  await page.locator('svg.chart').waitFor();
+  await shot('events');
+
+  step('filters narrow the list');
+  await page.getByLabel('Type').fill('no-such-type');
+  await page.getByLabel('Type').press('Tab');
+  await page.getByText('No events yet.').waitFor();
+  await page.getByLabel('Type').fill('usage');
+  await page.getByLabel('Type').press('Tab');
+  await row.waitFor();
+
+  step('the event page shows the plugin verdicts and the attempt');
+  await row.getByRole('link').click();
+  await page.getByRole('heading', { name: `Event ${id}` }).waitFor();
+  await page.locator('#payload', { hasText: '8945738730000000012' }).waitFor();
+  const step0 = page.locator('tr.step').first();
+  await step0.getByText('event-filter').waitFor();
+  await step0.getByText('"verdict": "continue"').waitFor();
+  await page.locator('tr.attempt').first().getByText('200').waitFor();
+  await shot('event');
+
+  step('replay makes a new run and a new attempt');
+  await page.getByRole('button', { name: 'Replay' }).click();
+  await page.locator('tr.attempt').nth(1).waitFor();
+  await page.getByText('run 1').first().waitFor();
+
+  step('search by id opens the event');
+  await page.goto(`${base}/ui/#/events`);
+  await page.getByLabel('Find an event by id').fill(id);
+  await page.getByLabel('Find an event by id').press('Enter');
+  await page.getByRole('heading', { name: `Event ${id}` }).waitFor();
+
+  step('a FAILED destination is restarted and its held events are delivered');
+  await page.getByRole('link', { name: 'Destinations' }).click();
+  const flaky = page.locator('#destinations tr[data-name="flaky"]');
+  await flaky.getByText('FAILED').waitFor();
+  const pending = Number(await flaky.locator('td.num').first().textContent());
+  if (!(pending >= 1)) throw new Error(`expected held deliveries, saw ${pending}`);
+  await shot('destinations');
+  await fetch(`${controlUrl}/ok`, { method: 'POST' });
+  await flaky.getByRole('button', { name: 'Restart' }).click();
+  await flaky.getByText('ACTIVE').waitFor();
+  await page.waitForFunction(() => document.querySelector('#destinations tr[data-name="flaky"] td.num')?.textContent === '0');
+
+  step('the plugins page shows versions, routes and call latency');
+  await page.getByRole('link', { name: 'Plugins' }).click();
+  const plugin = page.locator('#plugins tr[data-name="event-filter"]');
+  await plugin.getByText('ok').first().waitFor();
+  await plugin.getByText('µs').waitFor();
+  await shot('plugins');
+
+  step('readable at phone width');
+  await page.setViewportSize({ width: 390, height: 844 });
+  await page.goto(`${base}/ui/#/events`);
+  await page.locator(`#events tr[data-id="${id}"]`).waitFor();
+  const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+  if (overflow > 2) throw new Error(`the page is ${overflow}px wider than a phone`);
+  await shot('events-phone');
+
+  if (outside.length) throw new Error(`fetched from outside the gateway: ${outside.join(', ')}`);
+  if (errors.length) throw new Error(`page errors: ${errors.join('; ')}`);
+  console.log('ok');
+} catch (e) {
+  // Leave what the page showed for whoever reads the failure.
+  await page.screenshot({ path: join(artifacts, 'failure.png'), fullPage: true }).catch(() => {});
+  console.log(`page errors: ${errors.join('; ')}`);
+  console.log(`main: ${(await page.locator('main').innerText().catch(() => '')).slice(0, 2000)}`);
+  throw e;
+} finally {
+  await context.close();
+  rmSync(profile, { recursive: true, force: true });
+}
