@@ -29,6 +29,7 @@ pub struct Routing {
 
 struct Route {
     index: usize,
+    name: String,
     source: String,
     plugins: Vec<RoutePlugin>,
     destinations: Vec<Arc<Destination>>,
@@ -62,6 +63,7 @@ impl Routing {
             .enumerate()
             .map(|(index, r)| Route {
                 index,
+                name: r.name.clone(),
                 source: r.source.clone(),
                 plugins: r
                     .plugins
@@ -234,6 +236,7 @@ impl Pipeline {
             };
             outcomes.push(RouteOutcome {
                 route,
+                name: routing.routes[route_index].name.clone(),
                 run: event.run,
                 steps,
                 result,

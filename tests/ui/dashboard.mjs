@@ -71,6 +71,7 @@ try {
   await row.getByRole('link').click();
   await page.getByRole('heading', { name: `Event ${id}` }).waitFor();
   await page.locator('#payload', { hasText: '8945738730000000012' }).waitFor();
+  await page.getByText('Route onomondo').waitFor();
   const step0 = page.locator('tr.step').first();
   await step0.getByText('event-filter').waitFor();
   await step0.getByText('"verdict": "continue"').waitFor();

@@ -259,6 +259,8 @@ impl EventStatus {
 pub struct RouteOutcome {
     /// The route's index in the configuration.
     pub route: usize,
+    /// The route's name (`[[routes]] name`, or its source's name for unnamed file routes).
+    pub name: String,
     /// Which run of the event (0 first, +1 per replay).
     pub run: u32,
     pub steps: Vec<PluginStep>,

@@ -184,7 +184,7 @@ async function eventPage(id) {
     try { await api(`/v1/events/${ev.id}/replay`, { method: 'POST' }); toast('Replayed: a new run is queued.'); setTimeout(() => eventPage(id), 700); } catch (err) { toast(err.message); }
   } }, 'Replay');
   const routes = e.routes.map((r) => h('div', { class: 'card route' },
-    h('div', { class: 'row' }, h('strong', {}, `Route #${r.route}`), h('span', { class: 'muted' }, `run ${r.run}`),
+    h('div', { class: 'row' }, h('strong', {}, r.name ? `Route ${r.name}` : `Route #${r.route}`), h('span', { class: 'muted' }, `run ${r.run}`),
       badge(r.result.result), r.result.reason ? h('span', {}, r.result.reason) : null, r.result.error ? h('span', { class: 'error' }, r.result.error) : null),
     h('table', {}, h('thead', {}, h('tr', {}, h('th', {}, 'Plugin'), h('th', {}, 'Version'), h('th', { class: 'num' }, 'Duration'), h('th', {}, 'Verdict'))),
       h('tbody', {}, r.steps.map((s) => h('tr', { class: 'step' },
