@@ -39,6 +39,7 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     pub retention: RetentionConfig,
     pub api: ApiConfig,
+    pub store: StoreConfig,
     pub sources: Vec<SourceConfig>,
     pub destinations: Vec<DestinationConfig>,
     pub routes: Vec<RouteConfig>,
@@ -57,6 +58,8 @@ struct RawConfig {
     retention: RetentionConfig,
     #[serde(default)]
     api: ApiConfig,
+    #[serde(default)]
+    store: StoreConfig,
     #[serde(default)]
     sources: Vec<SourceConfig>,
     #[serde(default)]
@@ -351,6 +354,17 @@ pub struct ApiConfig {
     /// management API answers 401 to everyone.
     #[serde(default)]
     pub tokens: Vec<String>,
+}
+
+/// `[store]`: where events and deliveries are kept.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `postgres://user:password@host/db` selects PostgreSQL (several gateways can share
+    /// it); without it the SQLite file `switchyard.db` in the data dir is used.
+    /// `SWITCHYARD_STORE_URL` overrides it.
+    #[serde(default)]
+    pub url: Option<String>,
 }
 
 /// `[retention]`: how long delivered events are kept.
@@ -661,6 +675,9 @@ impl Config {
             delivery: raw.delivery,
             retention: raw.retention,
             api: raw.api,
+            store: StoreConfig {
+                url: env("SWITCHYARD_STORE_URL").or(raw.store.url),
+            },
             sources: raw.sources,
             destinations: raw.destinations,
             routes: name_routes(raw.routes),
@@ -685,6 +702,14 @@ impl Config {
                     "a token must be at least 8 characters".into(),
                 ));
             }
+        }
+        if let Some(url) = &self.store.url
+            && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
+        {
+            return Err((
+                "store.url".into(),
+                "must be a postgres:// URL (leave it out for the embedded SQLite store)".into(),
+            ));
         }
         if self.delivery.concurrency == 0 {
             return Err(("delivery.concurrency".into(), "must be at least 1".into()));

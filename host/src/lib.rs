@@ -37,7 +37,7 @@ use crate::metrics::Metrics;
 use crate::pipeline::{Pipeline, Routing};
 use crate::plugin::{PluginRegistry, PluginRuntime, RuntimeOptions};
 use crate::reload::{Env, Reloader};
-use crate::store::{SqliteStore, Store};
+use crate::store::{PgStore, SqliteStore, Store};
 
 /// Events the pipeline works on at once.
 const PIPELINE_WORKERS: usize = 64;
@@ -73,16 +73,23 @@ impl Gateway {
             .await?
             .context("cannot start the WebAssembly engine")?;
         let (data_dir, capacity) = (config.server.data_dir.clone(), config.server.queue_capacity);
-        let store: Arc<dyn Store> = Arc::new(
-            tokio::task::spawn_blocking(move || SqliteStore::open(&data_dir, capacity))
-                .await?
-                .with_context(|| {
-                    format!(
-                        "cannot open the store in {}",
-                        config.server.data_dir.display()
-                    )
-                })?,
-        );
+        let store: Arc<dyn Store> = match &config.store.url {
+            Some(url) => Arc::new(
+                PgStore::open(url, capacity)
+                    .await
+                    .context("cannot open the PostgreSQL store (store.url)")?,
+            ),
+            None => Arc::new(
+                tokio::task::spawn_blocking(move || SqliteStore::open(&data_dir, capacity))
+                    .await?
+                    .with_context(|| {
+                        format!(
+                            "cannot open the store in {}",
+                            config.server.data_dir.display()
+                        )
+                    })?,
+            ),
+        };
         let metrics = Arc::new(Metrics::default());
         let routing = Arc::new(Routing::from_config(&config));
         let dispatcher = Dispatcher::new(

@@ -5,12 +5,14 @@
 //! dir, or in memory for unit tests). The trait is shaped for a shared database too:
 //! deliveries are claimed with a lease rather than held in memory.
 
+mod postgres;
 mod sqlite;
 
 use async_trait::async_trait;
 use serde::Serialize;
 use utoipa::ToSchema;
 
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 use crate::event::{Event, Pairs};
@@ -209,6 +211,99 @@ pub struct MinuteStats {
     pub delivered: u64,
     /// Attempts that did not.
     pub failed: u64,
+}
+
+/// The events accepted and not yet processed, in memory, in order: both backends hand
+/// them to the pipeline from here (and rebuild it from the `queued` rows at open).
+struct EventQueue {
+    inner: std::sync::Mutex<QueueState>,
+    ready: tokio::sync::Notify,
+    capacity: usize,
+}
+
+#[derive(Default)]
+struct QueueState {
+    events: std::collections::VecDeque<Event>,
+    closed: bool,
+}
+
+impl EventQueue {
+    fn new(events: Vec<Event>, capacity: usize) -> Self {
+        if !events.is_empty() {
+            tracing::info!(
+                events = events.len(),
+                "Resuming events accepted before the last stop."
+            );
+        }
+        Self {
+            inner: std::sync::Mutex::new(QueueState {
+                events: events.into(),
+                closed: false,
+            }),
+            ready: tokio::sync::Notify::new(),
+            capacity,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether another event may be accepted: not closed, not full.
+    fn accepting(&self) -> Result<(), StoreError> {
+        let queue = self.lock();
+        if queue.closed {
+            return Err(StoreError::Closed);
+        }
+        if queue.events.len() >= self.capacity {
+            return Err(StoreError::QueueFull(queue.events.len()));
+        }
+        Ok(())
+    }
+
+    fn push(&self, event: Event) {
+        self.lock().events.push_back(event);
+        self.ready.notify_one();
+    }
+
+    async fn next(&self) -> Option<Event> {
+        loop {
+            // Register interest before checking, so a notify in between is not missed.
+            let notified = self.ready.notified();
+            {
+                let mut queue = self.lock();
+                if let Some(event) = queue.events.pop_front() {
+                    if !queue.events.is_empty() {
+                        self.ready.notify_one();
+                    }
+                    return Some(event);
+                }
+                if queue.closed {
+                    return None;
+                }
+            }
+            notified.await;
+        }
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.ready.notify_waiters();
+    }
+
+    fn len(&self) -> usize {
+        self.lock().events.len()
+    }
+}
+
+/// The stats entry of minute `m`, made empty if there is none yet.
+fn minute(minutes: &mut std::collections::BTreeMap<i64, MinuteStats>, m: i64) -> &mut MinuteStats {
+    minutes.entry(m).or_insert(MinuteStats {
+        minute: m as u64,
+        received: 0,
+        delivered: 0,
+        failed: 0,
+    })
 }
 
 /// A source, destination or route made through the management API, as stored: its JSON

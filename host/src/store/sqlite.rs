@@ -7,14 +7,13 @@
 //! The queue of events for the pipeline is kept in memory and rebuilt from the `queued`
 //! rows at open.
 
-use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::{Arc, Mutex, mpsc};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use rusqlite::{Connection, OptionalExtension, params};
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::oneshot;
 
 use super::*;
 use crate::event::{Body, Event};
@@ -108,15 +107,7 @@ type Job = Box<dyn FnOnce(&Connection) -> Reply + Send>;
 pub struct SqliteStore {
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     reader: Arc<Mutex<Connection>>,
-    queue: Mutex<Queue>,
-    capacity: usize,
-    ready: Notify,
-}
-
-#[derive(Default)]
-struct Queue {
-    events: VecDeque<Event>,
-    closed: bool,
+    queue: EventQueue,
 }
 
 impl SqliteStore {
@@ -159,12 +150,6 @@ impl SqliteStore {
             [],
         )?;
         let queued = load_queued(&writer)?;
-        if !queued.is_empty() {
-            tracing::info!(
-                events = queued.len(),
-                "Resuming events accepted before the last stop."
-            );
-        }
         let (tx, rx) = mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("switchyard-sqlite-writer".into())
@@ -173,12 +158,7 @@ impl SqliteStore {
         Ok(Self {
             jobs: Mutex::new(Some(tx)),
             reader: Arc::new(Mutex::new(reader)),
-            queue: Mutex::new(Queue {
-                events: queued.into(),
-                closed: false,
-            }),
-            capacity,
-            ready: Notify::new(),
+            queue: EventQueue::new(queued, capacity),
         })
     }
 
@@ -221,15 +201,6 @@ impl SqliteStore {
         .await
         .map_err(|e| StoreError::Db(format!("read task failed: {e}")))?
         .map_err(StoreError::from)
-    }
-
-    fn push(&self, event: Event) {
-        self.queue
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .events
-            .push_back(event);
-        self.ready.notify_one();
     }
 }
 
@@ -316,16 +287,6 @@ fn event_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Event> {
     })
 }
 
-/// The stats entry of minute `m`, made empty if there is none yet.
-fn minute(minutes: &mut std::collections::BTreeMap<i64, MinuteStats>, m: i64) -> &mut MinuteStats {
-    minutes.entry(m).or_insert(MinuteStats {
-        minute: m as u64,
-        received: 0,
-        delivered: 0,
-        failed: 0,
-    })
-}
-
 fn load_queued(conn: &Connection) -> rusqlite::Result<Vec<Event>> {
     let mut stmt =
         conn.prepare("SELECT * FROM events WHERE status = 'queued' ORDER BY received_at, id")?;
@@ -381,15 +342,7 @@ impl Store for SqliteStore {
         event: Event,
         idempotency: Option<Idempotency>,
     ) -> Result<Inserted, StoreError> {
-        {
-            let queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-            if queue.closed {
-                return Err(StoreError::Closed);
-            }
-            if queue.events.len() >= self.capacity {
-                return Err(StoreError::QueueFull(queue.events.len()));
-            }
-        }
+        self.queue.accepting()?;
         let row = event.clone();
         let inserted = self
             .write(move |conn| {
@@ -427,34 +380,17 @@ impl Store for SqliteStore {
             })
             .await?;
         if inserted == Inserted::New {
-            self.push(event);
+            self.queue.push(event);
         }
         Ok(inserted)
     }
 
     async fn next_event(&self) -> Option<Event> {
-        loop {
-            // Register interest before checking, so a notify in between is not missed.
-            let notified = self.ready.notified();
-            {
-                let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some(event) = queue.events.pop_front() {
-                    if !queue.events.is_empty() {
-                        self.ready.notify_one();
-                    }
-                    return Some(event);
-                }
-                if queue.closed {
-                    return None;
-                }
-            }
-            notified.await;
-        }
+        self.queue.next().await
     }
 
     fn close(&self) {
-        self.queue.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
-        self.ready.notify_waiters();
+        self.queue.close();
     }
 
     async fn complete_event(
@@ -522,7 +458,7 @@ impl Store for SqliteStore {
             .await?;
         match event {
             Some(e) => {
-                self.push(e);
+                self.queue.push(e);
                 Ok(true)
             }
             None => Ok(false),
@@ -905,11 +841,7 @@ impl Store for SqliteStore {
     }
 
     fn queue_depth(&self) -> usize {
-        self.queue
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .events
-            .len()
+        self.queue.len()
     }
 
     async fn backlog(&self) -> Result<(u64, Option<u64>), StoreError> {

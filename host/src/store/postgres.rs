@@ -1,0 +1,829 @@
+//! The PostgreSQL store: the same [`Store`] as [`super::SqliteStore`], on a server that
+//! several gateways can share.
+//!
+//! Selected by `[store] url = "postgres://…"` (or `SWITCHYARD_STORE_URL`). Migrations are
+//! versioned and applied at open under an advisory lock, so instances starting together
+//! do not race. Ingest commits each event in its own transaction before the 202; the
+//! server's group commit shares the WAL flushes of concurrent ingests. Due deliveries are
+//! claimed with `FOR UPDATE SKIP LOCKED` and a lease, so two instances never claim the
+//! same delivery, and the claims of an instance that died are taken over when the lease
+//! runs out.
+//!
+//! Not yet shared between instances (see the scale-out issue): the queue of accepted but
+//! unprocessed events is each instance's own (an instance resumes the `queued` events it
+//! finds at open), and destination states are read at start.
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use deadpool_postgres::{Pool, Runtime};
+use tokio_postgres::NoTls;
+use tokio_postgres::Row;
+
+use super::*;
+use crate::event::{Body, Event};
+
+/// The migrations, in order; `schema_version` holds how many ran.
+const SCHEMA: &[&str] = &[
+    // 1: everything the SQLite store has at its version 2.
+    r#"
+    CREATE TABLE events (
+        id TEXT PRIMARY KEY,
+        source TEXT NOT NULL,
+        received_at BIGINT NOT NULL,
+        method TEXT NOT NULL,
+        path TEXT NOT NULL,
+        query TEXT NOT NULL,
+        headers TEXT NOT NULL,
+        content_type TEXT,
+        body BYTEA NOT NULL,
+        status TEXT NOT NULL,
+        run INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX events_queued ON events (received_at) WHERE status = 'queued';
+    CREATE INDEX events_received ON events (received_at);
+    CREATE TABLE idempotency (
+        source TEXT NOT NULL,
+        key TEXT NOT NULL,
+        event_id TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        PRIMARY KEY (source, key)
+    );
+    CREATE TABLE route_outcomes (
+        event_id TEXT NOT NULL,
+        run INTEGER NOT NULL,
+        route INTEGER NOT NULL,
+        outcome TEXT NOT NULL,
+        PRIMARY KEY (event_id, run, route)
+    );
+    CREATE TABLE deliveries (
+        seq BIGSERIAL PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
+        event_id TEXT NOT NULL,
+        route INTEGER NOT NULL,
+        destination TEXT NOT NULL,
+        url TEXT NOT NULL,
+        headers TEXT NOT NULL,
+        body BYTEA NOT NULL,
+        status TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at BIGINT,
+        lease_until BIGINT,
+        created_at BIGINT NOT NULL
+    );
+    CREATE INDEX deliveries_due ON deliveries (next_attempt_at) WHERE status = 'pending';
+    CREATE INDEX deliveries_event ON deliveries (event_id);
+    CREATE INDEX deliveries_status ON deliveries (status, seq);
+    CREATE TABLE attempts (
+        delivery_id TEXT NOT NULL,
+        n INTEGER NOT NULL,
+        at BIGINT NOT NULL,
+        duration_ms BIGINT NOT NULL,
+        status_code INTEGER,
+        error TEXT,
+        response TEXT,
+        PRIMARY KEY (delivery_id, n)
+    );
+    CREATE TABLE destination_state (
+        name TEXT PRIMARY KEY,
+        state TEXT NOT NULL,
+        consecutive_failures INTEGER NOT NULL,
+        last_error TEXT
+    );
+    CREATE TABLE managed_objects (
+        kind TEXT NOT NULL,
+        name TEXT NOT NULL,
+        body TEXT NOT NULL,
+        updated_at BIGINT NOT NULL,
+        PRIMARY KEY (kind, name)
+    );
+    -- The body's top-level `type` (or `event_type`) when it is a JSON object, else NULL.
+    CREATE FUNCTION switchyard_event_type(body BYTEA) RETURNS TEXT AS $$
+    DECLARE j JSONB;
+    BEGIN
+        j := convert_from(body, 'UTF8')::JSONB;
+        IF jsonb_typeof(j) = 'object' THEN
+            RETURN COALESCE(j ->> 'type', j ->> 'event_type');
+        END IF;
+        RETURN NULL;
+    EXCEPTION WHEN others THEN
+        RETURN NULL;
+    END;
+    $$ LANGUAGE plpgsql IMMUTABLE;
+    "#,
+];
+
+/// Any advisory-lock key that is ours: serialises migrations across instances.
+const MIGRATION_LOCK: i64 = 0x5357_4954_4348;
+
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        StoreError::Db(match e.as_db_error() {
+            Some(db) => format!("{}: {}", db.code().code(), db.message()),
+            None => e.to_string(),
+        })
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for StoreError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        StoreError::Db(format!("no database connection: {e}"))
+    }
+}
+
+/// The PostgreSQL store.
+pub struct PgStore {
+    pool: Pool,
+    queue: EventQueue,
+}
+
+impl PgStore {
+    /// Connects to `url`, migrates the database, and queues the events that were accepted
+    /// but not processed before the last stop.
+    pub async fn open(url: &str, capacity: usize) -> Result<Self, StoreError> {
+        let mut cfg = deadpool_postgres::Config::new();
+        cfg.url = Some(url.to_string());
+        cfg.pool = Some(deadpool_postgres::PoolConfig::new(32));
+        let pool = cfg
+            .create_pool(Some(Runtime::Tokio1), NoTls)
+            .map_err(|e| StoreError::Db(format!("invalid store url: {e}")))?;
+        let mut client = pool.get().await?;
+        let tx = client.transaction().await?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+            .await?;
+        tx.batch_execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            .await?;
+        let version: i32 = tx
+            .query_opt("SELECT version FROM schema_version", &[])
+            .await?
+            .map_or(0, |r| r.get(0));
+        for (i, sql) in SCHEMA.iter().enumerate().skip(version as usize) {
+            tx.batch_execute(sql).await?;
+            tracing::info!(version = i + 1, "Store migrated.");
+        }
+        if (version as usize) < SCHEMA.len() {
+            tx.execute("DELETE FROM schema_version", &[]).await?;
+            tx.execute(
+                "INSERT INTO schema_version (version) VALUES ($1)",
+                &[&(SCHEMA.len() as i32)],
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        let queued: Vec<Event> = client
+            .query(
+                "SELECT * FROM events WHERE status = 'queued' ORDER BY received_at, id",
+                &[],
+            )
+            .await?
+            .iter()
+            .map(event_from_row)
+            .collect();
+        Ok(Self {
+            pool,
+            queue: EventQueue::new(queued, capacity),
+        })
+    }
+
+    async fn attempts_of(
+        &self,
+        client: &tokio_postgres::Client,
+        d: &mut DeliveryRecord,
+    ) -> Result<(), StoreError> {
+        d.attempts = client
+            .query(
+                "SELECT at, duration_ms, status_code, error, response FROM attempts
+                 WHERE delivery_id = $1 ORDER BY n",
+                &[&d.id],
+            )
+            .await?
+            .iter()
+            .map(|r| Attempt {
+                at: r.get::<_, i64>(0) as u64,
+                duration_ms: r.get::<_, i64>(1) as u64,
+                status_code: r.get::<_, Option<i32>>(2).map(|c| c as u16),
+                error: r.get(3),
+                response: r.get(4),
+            })
+            .collect();
+        Ok(())
+    }
+}
+
+fn event_from_row(r: &Row) -> Event {
+    let headers: String = r.get("headers");
+    let body: Vec<u8> = r.get("body");
+    Event {
+        id: r.get("id"),
+        source: r.get("source"),
+        received_at: r.get::<_, i64>("received_at") as u64,
+        method: r.get("method"),
+        path: r.get("path"),
+        query: r.get("query"),
+        headers: serde_json::from_str(&headers).unwrap_or_default(),
+        content_type: r.get("content_type"),
+        body: Body(Bytes::from(body)),
+        metadata: Vec::new(),
+        run: r.get::<_, i32>("run") as u32,
+    }
+}
+
+fn delivery_from_row(r: &Row) -> DeliveryRecord {
+    let status = DeliveryStatus::parse(r.get("status"));
+    DeliveryRecord {
+        id: r.get("id"),
+        event_id: r.get("event_id"),
+        route: r.get::<_, i32>("route") as usize,
+        destination: r.get("destination"),
+        url: r.get("url"),
+        next_attempt_at: match status {
+            DeliveryStatus::Pending => r.get::<_, Option<i64>>("next_attempt_at").map(|v| v as u64),
+            _ => None,
+        },
+        status,
+        attempts: Vec::new(),
+    }
+}
+
+fn json<T: Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "null".into())
+}
+
+async fn upsert_destination(
+    tx: &impl deadpool_postgres::GenericClient,
+    s: &DestinationState,
+) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT INTO destination_state (name, state, consecutive_failures, last_error)
+         VALUES ($1, $2, $3, $4)
+         ON CONFLICT (name) DO UPDATE SET state = excluded.state,
+             consecutive_failures = excluded.consecutive_failures, last_error = excluded.last_error",
+        &[
+            &s.name,
+            &s.state.as_str(),
+            &(s.consecutive_failures as i32),
+            &s.last_error,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn insert_event(
+        &self,
+        event: Event,
+        idempotency: Option<Idempotency>,
+    ) -> Result<Inserted, StoreError> {
+        self.queue.accepting()?;
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        if let Some(idem) = &idempotency {
+            let since = event.received_at.saturating_sub(idem.window_ms) as i64;
+            // The row lock of the key makes concurrent repeats (on any instance) wait for
+            // the first one's commit.
+            tx.execute(
+                "INSERT INTO idempotency (source, key, event_id, created_at) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (source, key) DO UPDATE SET event_id = idempotency.event_id",
+                &[&event.source, &idem.key, &event.id, &(event.received_at as i64)],
+            )
+            .await?;
+            let row = tx
+                .query_one(
+                    "SELECT event_id, created_at FROM idempotency WHERE source = $1 AND key = $2",
+                    &[&event.source, &idem.key],
+                )
+                .await?;
+            let (existing, created_at): (String, i64) = (row.get(0), row.get(1));
+            if existing != event.id {
+                if created_at >= since {
+                    return Ok(Inserted::Duplicate(existing));
+                }
+                tx.execute(
+                    "UPDATE idempotency SET event_id = $3, created_at = $4 WHERE source = $1 AND key = $2",
+                    &[&event.source, &idem.key, &event.id, &(event.received_at as i64)],
+                )
+                .await?;
+            }
+        }
+        tx.execute(
+            "INSERT INTO events (id, source, received_at, method, path, query, headers, content_type, body, status, run)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'queued', $10)",
+            &[
+                &event.id,
+                &event.source,
+                &(event.received_at as i64),
+                &event.method,
+                &event.path,
+                &event.query,
+                &json(&event.headers),
+                &event.content_type,
+                &event.body.as_bytes(),
+                &(event.run as i32),
+            ],
+        )
+        .await?;
+        tx.commit().await?;
+        self.queue.push(event);
+        Ok(Inserted::New)
+    }
+
+    async fn next_event(&self) -> Option<Event> {
+        self.queue.next().await
+    }
+
+    fn close(&self) {
+        self.queue.close();
+    }
+
+    async fn complete_event(
+        &self,
+        event: &Event,
+        outcomes: Vec<RouteOutcome>,
+        deliveries: Vec<NewDelivery>,
+        now: u64,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        for o in &outcomes {
+            tx.execute(
+                "INSERT INTO route_outcomes (event_id, run, route, outcome) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (event_id, run, route) DO UPDATE SET outcome = excluded.outcome",
+                &[&event.id, &(event.run as i32), &(o.route as i32), &json(o)],
+            )
+            .await?;
+        }
+        let mut leased = Vec::new();
+        for d in &deliveries {
+            let next = (d.status == DeliveryStatus::Pending).then_some(now as i64);
+            let inserted = tx
+                .execute(
+                    "INSERT INTO deliveries (id, event_id, route, destination, url, headers, body, status, next_attempt_at, created_at, lease_until)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT (id) DO NOTHING",
+                    &[
+                        &d.id,
+                        &event.id,
+                        &(d.route as i32),
+                        &d.destination,
+                        &d.url,
+                        &json(&d.headers),
+                        &d.body.as_ref(),
+                        &d.status.as_str(),
+                        &next,
+                        &(now as i64),
+                        &d.lease_until.map(|l| l as i64),
+                    ],
+                )
+                .await?;
+            if inserted == 1 && d.lease_until.is_some() {
+                leased.push(d.id.clone());
+            }
+        }
+        tx.execute(
+            "UPDATE events SET status = 'processed' WHERE id = $1 AND run = $2",
+            &[&event.id, &(event.run as i32)],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(leased)
+    }
+
+    async fn replay(&self, event_id: &str) -> Result<bool, StoreError> {
+        let client = self.pool.get().await?;
+        let row = client
+            .query_opt(
+                "UPDATE events SET status = 'queued', run = run + 1 WHERE id = $1 RETURNING *",
+                &[&event_id],
+            )
+            .await?;
+        match row {
+            Some(r) => {
+                self.queue.push(event_from_row(&r));
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    async fn claim_due(
+        &self,
+        now: u64,
+        lease_until: u64,
+        limit: usize,
+    ) -> Result<Vec<DueDelivery>, StoreError> {
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                "UPDATE deliveries SET lease_until = $1
+                 WHERE seq IN (
+                     SELECT d.seq FROM deliveries d
+                     LEFT JOIN destination_state s ON s.name = d.destination
+                     WHERE d.status = 'pending' AND d.next_attempt_at <= $2
+                       AND (d.lease_until IS NULL OR d.lease_until < $2)
+                       AND (s.state IS NULL OR s.state = 'active')
+                     ORDER BY d.next_attempt_at LIMIT $3
+                     FOR UPDATE OF d SKIP LOCKED)
+                 RETURNING id, event_id, destination, url, headers, body, attempts",
+                &[&(lease_until as i64), &(now as i64), &(limit as i64)],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let headers: String = r.get(4);
+                let body: Vec<u8> = r.get(5);
+                DueDelivery {
+                    id: r.get(0),
+                    event_id: r.get(1),
+                    destination: r.get(2),
+                    url: r.get(3),
+                    headers: serde_json::from_str(&headers).unwrap_or_default(),
+                    body: Bytes::from(body),
+                    attempts: r.get::<_, i32>(6) as u32,
+                }
+            })
+            .collect())
+    }
+
+    async fn next_due_at(&self, now: u64) -> Result<Option<u64>, StoreError> {
+        let client = self.pool.get().await?;
+        let row = client
+            .query_one(
+                "SELECT MIN(CASE WHEN d.lease_until >= $1 THEN d.lease_until ELSE d.next_attempt_at END)
+                 FROM deliveries d
+                 LEFT JOIN destination_state s ON s.name = d.destination
+                 WHERE d.status = 'pending' AND (s.state IS NULL OR s.state = 'active')",
+                &[&(now as i64)],
+            )
+            .await?;
+        Ok(row.get::<_, Option<i64>>(0).map(|v| v as u64))
+    }
+
+    async fn record_attempt(
+        &self,
+        delivery_id: &str,
+        attempt: Attempt,
+        next: AttemptNext,
+        destination: &DestinationState,
+    ) -> Result<(), StoreError> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let (status, next_at) = match next {
+            AttemptNext::Delivered => ("delivered", None),
+            AttemptNext::Failed => ("failed", None),
+            AttemptNext::RetryAt(at) => ("pending", Some(at as i64)),
+            AttemptNext::Hold => ("pending", Some(attempt.at as i64)),
+        };
+        let n: i32 = tx
+            .query_one(
+                "UPDATE deliveries SET attempts = attempts + 1, status = $1, next_attempt_at = $2, lease_until = NULL
+                 WHERE id = $3 RETURNING attempts",
+                &[&status, &next_at, &delivery_id],
+            )
+            .await?
+            .get(0);
+        tx.execute(
+            "INSERT INTO attempts (delivery_id, n, at, duration_ms, status_code, error, response)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
+             ON CONFLICT (delivery_id, n) DO UPDATE SET at = excluded.at, duration_ms = excluded.duration_ms,
+                 status_code = excluded.status_code, error = excluded.error, response = excluded.response",
+            &[
+                &delivery_id,
+                &n,
+                &(attempt.at as i64),
+                &(attempt.duration_ms as i64),
+                &attempt.status_code.map(i32::from),
+                &attempt.error,
+                &attempt.response,
+            ],
+        )
+        .await?;
+        upsert_destination(&tx, destination).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn destination_states(&self) -> Result<Vec<DestinationState>, StoreError> {
+        let client = self.pool.get().await?;
+        Ok(client
+            .query(
+                "SELECT name, state, consecutive_failures, last_error FROM destination_state",
+                &[],
+            )
+            .await?
+            .iter()
+            .map(|r| DestinationState {
+                name: r.get(0),
+                state: DestinationHealth::parse(r.get(1)),
+                consecutive_failures: r.get::<_, i32>(2) as u32,
+                last_error: r.get(3),
+            })
+            .collect())
+    }
+
+    async fn set_destination_state(
+        &self,
+        state: &DestinationState,
+        now: u64,
+    ) -> Result<(), StoreError> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        upsert_destination(&tx, state).await?;
+        if state.state == DestinationHealth::Active {
+            tx.execute(
+                "UPDATE deliveries SET next_attempt_at = $1
+                 WHERE destination = $2 AND status = 'pending' AND next_attempt_at > $1",
+                &[&(now as i64), &state.name],
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn delivery_counts(&self) -> Result<Vec<DeliveryCounts>, StoreError> {
+        let client = self.pool.get().await?;
+        Ok(client
+            .query(
+                "SELECT destination, COUNT(*) FILTER (WHERE status = 'pending'),
+                        COUNT(*) FILTER (WHERE status = 'failed')
+                 FROM deliveries WHERE status IN ('pending', 'failed') GROUP BY destination",
+                &[],
+            )
+            .await?
+            .iter()
+            .map(|r| DeliveryCounts {
+                destination: r.get(0),
+                pending: r.get::<_, i64>(1) as u64,
+                failed: r.get::<_, i64>(2) as u64,
+            })
+            .collect())
+    }
+
+    async fn managed_objects(&self) -> Result<Vec<ManagedObject>, StoreError> {
+        let client = self.pool.get().await?;
+        Ok(client
+            .query(
+                "SELECT kind, name, body FROM managed_objects ORDER BY kind, name",
+                &[],
+            )
+            .await?
+            .iter()
+            .map(|r| ManagedObject {
+                kind: r.get(0),
+                name: r.get(1),
+                body: r.get(2),
+            })
+            .collect())
+    }
+
+    async fn put_managed(&self, object: ManagedObject, now: u64) -> Result<(), StoreError> {
+        let client = self.pool.get().await?;
+        client
+            .execute(
+                "INSERT INTO managed_objects (kind, name, body, updated_at) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (kind, name) DO UPDATE SET body = excluded.body, updated_at = excluded.updated_at",
+                &[&object.kind, &object.name, &object.body, &(now as i64)],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn delete_managed(&self, kind: &str, name: &str) -> Result<(), StoreError> {
+        let client = self.pool.get().await?;
+        client
+            .execute(
+                "DELETE FROM managed_objects WHERE kind = $1 AND name = $2",
+                &[&kind, &name],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn get_event(&self, id: &str) -> Result<Option<EventRecord>, StoreError> {
+        let client = self.pool.get().await?;
+        let Some(row) = client
+            .query_opt("SELECT * FROM events WHERE id = $1", &[&id])
+            .await?
+        else {
+            return Ok(None);
+        };
+        let status: String = row.get("status");
+        let routes = client
+            .query(
+                "SELECT outcome FROM route_outcomes WHERE event_id = $1 ORDER BY run, route",
+                &[&id],
+            )
+            .await?
+            .iter()
+            .map(|r| {
+                let text: String = r.get(0);
+                serde_json::from_str(&text).unwrap_or(serde_json::Value::Null)
+            })
+            .collect();
+        let mut deliveries: Vec<DeliveryRecord> = client
+            .query(
+                "SELECT * FROM deliveries WHERE event_id = $1 ORDER BY seq",
+                &[&id],
+            )
+            .await?
+            .iter()
+            .map(delivery_from_row)
+            .collect();
+        for d in &mut deliveries {
+            self.attempts_of(&client, d).await?;
+        }
+        Ok(Some(EventRecord {
+            event: event_from_row(&row),
+            status: if status == EventStatus::Queued.as_str() {
+                EventStatus::Queued
+            } else {
+                EventStatus::Processed
+            },
+            routes,
+            deliveries,
+        }))
+    }
+
+    async fn list_deliveries(
+        &self,
+        status: Option<DeliveryStatus>,
+        after: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<(i64, DeliveryRecord)>, StoreError> {
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                "SELECT * FROM deliveries WHERE ($1::TEXT IS NULL OR status = $1) AND seq > $2
+                 ORDER BY seq LIMIT $3",
+                &[
+                    &status.map(DeliveryStatus::as_str),
+                    &after.unwrap_or(0),
+                    &(limit as i64),
+                ],
+            )
+            .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let mut d = delivery_from_row(r);
+            self.attempts_of(&client, &mut d).await?;
+            out.push((r.get::<_, i64>("seq"), d));
+        }
+        Ok(out)
+    }
+
+    async fn list_events(
+        &self,
+        filter: EventFilter,
+        after: Option<(u64, String)>,
+        limit: usize,
+    ) -> Result<Vec<EventSummary>, StoreError> {
+        let client = self.pool.get().await?;
+        // The type is read from the body where the body is a JSON object.
+        let rows = client
+            .query(
+                "WITH e AS (
+                    SELECT id, source, received_at, status, switchyard_event_type(body) AS event_type
+                    FROM events)
+                 SELECT e.id, e.source, e.received_at, e.status, e.event_type,
+                    (SELECT COUNT(*) FROM deliveries d WHERE d.event_id = e.id AND d.status = 'pending'),
+                    (SELECT COUNT(*) FROM deliveries d WHERE d.event_id = e.id AND d.status = 'delivered'),
+                    (SELECT COUNT(*) FROM deliveries d WHERE d.event_id = e.id AND d.status = 'failed')
+                 FROM e
+                 WHERE ($1::TEXT IS NULL OR e.source = $1)
+                   AND ($2::TEXT IS NULL OR e.status = $2)
+                   AND ($3::TEXT IS NULL OR e.event_type = $3)
+                   AND ($4::BIGINT IS NULL OR e.received_at >= $4)
+                   AND ($5::BIGINT IS NULL OR e.received_at < $5)
+                   AND ($6::BIGINT IS NULL OR e.received_at < $6 OR (e.received_at = $6 AND e.id < $7))
+                 ORDER BY e.received_at DESC, e.id DESC LIMIT $8",
+                &[
+                    &filter.source,
+                    &filter.status.map(EventStatus::as_str),
+                    &filter.event_type,
+                    &filter.since.map(|v| v as i64),
+                    &filter.until.map(|v| v as i64),
+                    &after.as_ref().map(|(at, _)| *at as i64),
+                    &after.as_ref().map(|(_, id)| id.clone()),
+                    &(limit as i64),
+                ],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let status: String = r.get(3);
+                EventSummary {
+                    id: r.get(0),
+                    source: r.get(1),
+                    received_at: r.get::<_, i64>(2) as u64,
+                    status: if status == "queued" {
+                        EventStatus::Queued
+                    } else {
+                        EventStatus::Processed
+                    },
+                    event_type: r.get(4),
+                    pending: r.get::<_, i64>(5) as u64,
+                    delivered: r.get::<_, i64>(6) as u64,
+                    failed: r.get::<_, i64>(7) as u64,
+                }
+            })
+            .collect())
+    }
+
+    async fn retry_delivery(&self, id: &str, now: u64) -> Result<bool, StoreError> {
+        let client = self.pool.get().await?;
+        let n = client
+            .execute(
+                "UPDATE deliveries SET status = 'pending', next_attempt_at = $1, lease_until = NULL
+                 WHERE id = $2 AND status IN ('pending', 'failed')",
+                &[&(now as i64), &id],
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
+    async fn minute_stats(&self, since: u64) -> Result<Vec<MinuteStats>, StoreError> {
+        let since = (since / 60_000 * 60_000) as i64;
+        let client = self.pool.get().await?;
+        let mut minutes: std::collections::BTreeMap<i64, MinuteStats> = Default::default();
+        for r in client
+            .query(
+                "SELECT received_at / 60000 * 60000 AS m, COUNT(*) FROM events
+                 WHERE received_at >= $1 GROUP BY m",
+                &[&since],
+            )
+            .await?
+        {
+            let m: i64 = r.get(0);
+            minute(&mut minutes, m).received = r.get::<_, i64>(1) as u64;
+        }
+        for r in client
+            .query(
+                "SELECT at / 60000 * 60000 AS m,
+                        COUNT(*) FILTER (WHERE status_code BETWEEN 200 AND 299),
+                        COUNT(*) FILTER (WHERE status_code IS NULL OR status_code NOT BETWEEN 200 AND 299)
+                 FROM attempts WHERE at >= $1 GROUP BY m",
+                &[&since],
+            )
+            .await?
+        {
+            let m: i64 = r.get(0);
+            let entry = minute(&mut minutes, m);
+            entry.delivered = r.get::<_, i64>(1) as u64;
+            entry.failed = r.get::<_, i64>(2) as u64;
+        }
+        Ok(minutes.into_values().collect())
+    }
+
+    fn queue_depth(&self) -> usize {
+        self.queue.len()
+    }
+
+    async fn backlog(&self) -> Result<(u64, Option<u64>), StoreError> {
+        let client = self.pool.get().await?;
+        let r = client
+            .query_one(
+                "SELECT COUNT(*), MIN(created_at) FROM deliveries WHERE status = 'pending'",
+                &[],
+            )
+            .await?;
+        Ok((
+            r.get::<_, i64>(0) as u64,
+            r.get::<_, Option<i64>>(1).map(|v| v as u64),
+        ))
+    }
+
+    async fn purge_delivered(&self, before: u64) -> Result<usize, StoreError> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let doomed = "SELECT id FROM events e WHERE e.status = 'processed' AND e.received_at < $1
+            AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id AND d.status IN ('pending', 'failed'))";
+        let before = before as i64;
+        tx.execute(
+            &format!("DELETE FROM attempts WHERE delivery_id IN (SELECT id FROM deliveries WHERE event_id IN ({doomed}))"),
+            &[&before],
+        )
+        .await?;
+        tx.execute(
+            &format!("DELETE FROM deliveries WHERE event_id IN ({doomed})"),
+            &[&before],
+        )
+        .await?;
+        tx.execute(
+            &format!("DELETE FROM route_outcomes WHERE event_id IN ({doomed})"),
+            &[&before],
+        )
+        .await?;
+        tx.execute("DELETE FROM idempotency WHERE created_at < $1", &[&before])
+            .await?;
+        let n = tx
+            .execute(
+                &format!("DELETE FROM events WHERE id IN ({doomed})"),
+                &[&before],
+            )
+            .await?;
+        tx.commit().await?;
+        Ok(n as usize)
+    }
+}

@@ -1,0 +1,442 @@
+//! One conformance suite for the `Store` trait, run against both backends: SQLite (always)
+//! and PostgreSQL (a real server started for the test, see `pg.rs`; skipped with a
+//! message when PostgreSQL is not installed, never under `CI`).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use switchyard::event::{Body, Event};
+use switchyard::store::{
+    Attempt, AttemptNext, DeliveryStatus, DestinationHealth, DestinationState, EventFilter,
+    EventStatus, Idempotency, Inserted, ManagedObject, NewDelivery, PgStore, RouteOutcome,
+    RouteResult, SqliteStore, Store,
+};
+
+use crate::pg::PgServer;
+
+fn event(id: &str, source: &str, at: u64, body: &str) -> Event {
+    Event {
+        id: id.into(),
+        source: source.into(),
+        received_at: at,
+        method: "POST".into(),
+        path: format!("/v1/ingest/{source}"),
+        query: String::new(),
+        headers: vec![("content-type".into(), "application/json".into())],
+        content_type: Some("application/json".into()),
+        body: Body(Bytes::from(body.to_string())),
+        metadata: vec![],
+        run: 0,
+    }
+}
+
+fn delivery(id: &str, destination: &str, lease_until: Option<u64>) -> NewDelivery {
+    NewDelivery {
+        id: id.into(),
+        route: 0,
+        destination: destination.into(),
+        url: format!("http://127.0.0.1:1/{destination}"),
+        headers: vec![("webhook-id".into(), id.into())],
+        body: Bytes::from_static(b"{\"n\":1}"),
+        status: DeliveryStatus::Pending,
+        lease_until,
+    }
+}
+
+fn outcome(deliveries: usize) -> RouteOutcome {
+    RouteOutcome {
+        route: 0,
+        name: "r".into(),
+        run: 0,
+        steps: vec![],
+        result: RouteResult::Delivering { deliveries },
+    }
+}
+
+fn attempt(at: u64, code: u16) -> Attempt {
+    Attempt {
+        at,
+        duration_ms: 3,
+        status_code: Some(code),
+        error: None,
+        response: Some("ok".into()),
+    }
+}
+
+fn active(name: &str) -> DestinationState {
+    DestinationState {
+        name: name.into(),
+        state: DestinationHealth::Active,
+        consecutive_failures: 0,
+        last_error: None,
+    }
+}
+
+/// Opens the store under test again on the same data (a restart).
+type Reopen = Box<dyn Fn() -> futures_like::BoxFuture<Arc<dyn Store>> + Send + Sync>;
+
+mod futures_like {
+    pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+}
+
+/// The suite: everything the gateway relies on from a store.
+async fn conformance(open: Reopen) {
+    let store = open().await;
+
+    // Ingest: committed, queued, handed out in order; idempotency within the window.
+    let idem = |key: &str| {
+        Some(Idempotency {
+            key: key.into(),
+            window_ms: 1_000,
+        })
+    };
+    let e1 = event("e1", "onomondo", 10_000, r#"{"type":"usage"}"#);
+    assert_eq!(
+        store.insert_event(e1.clone(), idem("k1")).await.unwrap(),
+        Inserted::New
+    );
+    let dup = event("e1b", "onomondo", 10_500, r#"{"type":"usage"}"#);
+    assert_eq!(
+        store.insert_event(dup, idem("k1")).await.unwrap(),
+        Inserted::Duplicate("e1".into())
+    );
+    let late = event("e1c", "onomondo", 12_000, r#"{"type":"usage"}"#);
+    assert_eq!(
+        store.insert_event(late, idem("k1")).await.unwrap(),
+        Inserted::New
+    );
+    store
+        .insert_event(event("e2", "bondio", 13_000, "not json"), None)
+        .await
+        .unwrap();
+    assert_eq!(store.queue_depth(), 3);
+    assert_eq!(store.next_event().await.unwrap().id, "e1");
+
+    // An unprocessed event survives a restart and is queued again.
+    drop(store);
+    let store = open().await;
+    let mut resumed = Vec::new();
+    while store.queue_depth() > 0 {
+        resumed.push(store.next_event().await.unwrap().id);
+    }
+    assert_eq!(resumed, ["e1", "e1c", "e2"]);
+
+    // Completion: outcomes, deliveries (one leased at insert), processed; a second
+    // completion of the same deliveries (a crash before) leases nothing new.
+    let leased = store
+        .complete_event(
+            &e1,
+            vec![outcome(2)],
+            vec![
+                delivery("d1", "fleet", Some(60_000)),
+                delivery("d2", "archive", None),
+            ],
+            20_000,
+        )
+        .await
+        .unwrap();
+    assert_eq!(leased, ["d1"]);
+    let again = store
+        .complete_event(
+            &e1,
+            vec![outcome(2)],
+            vec![delivery("d1", "fleet", Some(60_000))],
+            20_000,
+        )
+        .await
+        .unwrap();
+    assert!(again.is_empty(), "{again:?}");
+    let record = store.get_event("e1").await.unwrap().unwrap();
+    assert_eq!(record.status, EventStatus::Processed);
+    assert_eq!(record.routes.len(), 1);
+    assert_eq!(record.routes[0]["name"], "r");
+    assert_eq!(record.deliveries.len(), 2);
+    assert!(store.get_event("nope").await.unwrap().is_none());
+
+    // Claims: the leased delivery is not claimable; the other is, once; after its lease
+    // runs out, again.
+    let due = store.claim_due(20_000, 30_000, 10).await.unwrap();
+    assert_eq!(
+        due.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(),
+        ["d2"]
+    );
+    assert_eq!(due[0].body.as_ref(), b"{\"n\":1}");
+    assert_eq!(due[0].headers[0].1, "d2");
+    assert!(
+        store
+            .claim_due(21_000, 31_000, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let retaken = store.claim_due(30_001, 40_000, 10).await.unwrap();
+    assert_eq!(retaken.len(), 1, "an expired lease is claimed again");
+    assert_eq!(store.next_due_at(30_001).await.unwrap(), Some(40_000));
+
+    // Attempts: a retry, then delivered; the destination state is stored with it.
+    let mut archive = active("archive");
+    archive.consecutive_failures = 1;
+    archive.last_error = Some("503".into());
+    store
+        .record_attempt(
+            "d2",
+            attempt(30_002, 503),
+            AttemptNext::RetryAt(35_000),
+            &archive,
+        )
+        .await
+        .unwrap();
+    assert!(
+        store
+            .claim_due(34_999, 50_000, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let due = store.claim_due(35_000, 50_000, 10).await.unwrap();
+    assert_eq!((due.len(), due[0].attempts), (1, 1));
+    store
+        .record_attempt(
+            "d2",
+            attempt(35_001, 200),
+            AttemptNext::Delivered,
+            &active("archive"),
+        )
+        .await
+        .unwrap();
+    let d2 = store.get_event("e1").await.unwrap().unwrap().deliveries;
+    let d2 = d2.iter().find(|d| d.id == "d2").unwrap();
+    assert_eq!(d2.status, DeliveryStatus::Delivered);
+    assert_eq!(d2.attempts.len(), 2);
+    assert_eq!(d2.attempts[0].status_code, Some(503));
+
+    // A FAILED destination's deliveries wait; setting it ACTIVE makes them due now.
+    store
+        .record_attempt(
+            "d1",
+            attempt(36_000, 500),
+            AttemptNext::Hold,
+            &DestinationState {
+                name: "fleet".into(),
+                state: DestinationHealth::Failed,
+                consecutive_failures: 5,
+                last_error: Some("500".into()),
+            },
+        )
+        .await
+        .unwrap();
+    assert!(
+        store
+            .claim_due(99_000, 100_000, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let states = store.destination_states().await.unwrap();
+    let fleet = states.iter().find(|s| s.name == "fleet").unwrap();
+    assert_eq!(fleet.state, DestinationHealth::Failed);
+    let counts = store.delivery_counts().await.unwrap();
+    assert_eq!(
+        counts
+            .iter()
+            .find(|c| c.destination == "fleet")
+            .unwrap()
+            .pending,
+        1
+    );
+    store
+        .set_destination_state(&active("fleet"), 99_000)
+        .await
+        .unwrap();
+    assert_eq!(store.claim_due(99_000, 100_000, 10).await.unwrap().len(), 1);
+    store
+        .record_attempt(
+            "d1",
+            attempt(99_001, 500),
+            AttemptNext::Failed,
+            &active("fleet"),
+        )
+        .await
+        .unwrap();
+
+    // Lists: deliveries by status with a cursor; events with filters; retry by hand.
+    let failed = store
+        .list_deliveries(Some(DeliveryStatus::Failed), None, 10)
+        .await
+        .unwrap();
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0].1.id, "d1");
+    let all = store.list_deliveries(None, None, 1).await.unwrap();
+    let next = store
+        .list_deliveries(None, Some(all[0].0), 10)
+        .await
+        .unwrap();
+    assert_eq!(all.len() + next.len(), 2);
+    let events = store
+        .list_events(EventFilter::default(), None, 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        events.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
+        ["e2", "e1c", "e1"]
+    );
+    let e1_summary = events.iter().find(|e| e.id == "e1").unwrap();
+    assert_eq!((e1_summary.delivered, e1_summary.failed), (1, 1));
+    assert_eq!(e1_summary.event_type.as_deref(), Some("usage"));
+    assert_eq!(events[0].event_type, None, "a non-JSON body has no type");
+    let usage = EventFilter {
+        event_type: Some("usage".into()),
+        source: Some("onomondo".into()),
+        ..Default::default()
+    };
+    assert_eq!(
+        store.list_events(usage.clone(), None, 1).await.unwrap()[0].id,
+        "e1c"
+    );
+    let after = store
+        .list_events(usage, Some((12_000, "e1c".into())), 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        after.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
+        ["e1"]
+    );
+    assert!(store.retry_delivery("d1", 100_000).await.unwrap());
+    assert!(
+        !store.retry_delivery("d2", 100_000).await.unwrap(),
+        "delivered"
+    );
+    assert_eq!(
+        store.claim_due(100_000, 110_000, 10).await.unwrap()[0].id,
+        "d1"
+    );
+    let stats = store.minute_stats(0).await.unwrap();
+    assert_eq!(stats.iter().map(|m| m.received).sum::<u64>(), 3);
+    assert_eq!(stats.iter().map(|m| m.delivered).sum::<u64>(), 1);
+
+    // Replay: the event is queued again as a new run.
+    assert!(store.replay("e1").await.unwrap());
+    let replayed = store.next_event().await.unwrap();
+    assert_eq!((replayed.id.as_str(), replayed.run), ("e1", 1));
+    assert!(!store.replay("nope").await.unwrap());
+
+    // Managed objects.
+    let object = |name: &str, body: &str| ManagedObject {
+        kind: "destination".into(),
+        name: name.into(),
+        body: body.into(),
+    };
+    store.put_managed(object("a", "{}"), 1).await.unwrap();
+    store
+        .put_managed(object("a", r#"{"v":2}"#), 2)
+        .await
+        .unwrap();
+    store.put_managed(object("b", "{}"), 2).await.unwrap();
+    store.delete_managed("destination", "b").await.unwrap();
+    assert_eq!(
+        store.managed_objects().await.unwrap(),
+        [object("a", r#"{"v":2}"#)]
+    );
+
+    // Retention: processed events whose deliveries all went out are purged; others stay.
+    let e3 = event("e3", "bondio", 14_000, "{}");
+    store.insert_event(e3.clone(), None).await.unwrap();
+    store
+        .complete_event(&e3, vec![outcome(0)], vec![], 14_001)
+        .await
+        .unwrap();
+    assert_eq!(store.purge_delivered(15_000).await.unwrap(), 1);
+    assert!(store.get_event("e3").await.unwrap().is_none());
+    assert!(
+        store.get_event("e1").await.unwrap().is_some(),
+        "e1 has a pending delivery"
+    );
+    let (pending, oldest) = store.backlog().await.unwrap();
+    assert_eq!((pending, oldest), (1, Some(20_000)));
+
+    store.close();
+    assert!(matches!(
+        store.insert_event(event("late", "s", 1, "{}"), None).await,
+        Err(switchyard::store::StoreError::Closed)
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sqlite_store_conforms() {
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    conformance(Box::new(move || {
+        let dir = dir.clone();
+        Box::pin(
+            async move { Arc::new(SqliteStore::open(dir.path(), 100).unwrap()) as Arc<dyn Store> },
+        )
+    }))
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_store_conforms() {
+    let Some(server) = PgServer::start() else {
+        return;
+    };
+    let url = server.database("conformance").await;
+    conformance(Box::new(move || {
+        let url = url.clone();
+        Box::pin(async move { Arc::new(PgStore::open(&url, 100).await.unwrap()) as Arc<dyn Store> })
+    }))
+    .await;
+    // Instances that start together migrate once.
+    let url = server.database("together").await;
+    let opens = (0..4).map(|_| {
+        let url = url.clone();
+        tokio::spawn(async move { PgStore::open(&url, 10).await.map(|_| ()) })
+    });
+    for o in opens {
+        o.await.unwrap().unwrap();
+    }
+}
+
+/// The whole gateway on PostgreSQL: an event through a plugin to a receiver, an API-made
+/// destination, and both still there after a restart on the same database.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_gateway_runs_on_postgres() {
+    let Some(server) = PgServer::start() else {
+        return;
+    };
+    let url = server.database("gateway").await;
+    let rx = crate::util::Receiver::start().await;
+    let config = format!(
+        r#"
+[store]
+url = "{url}"
+[[sources]]
+name = "onomondo"
+[[destinations]]
+name = "fleet"
+url = "{{receiver}}/fleet"
+[[routes]]
+source = "onomondo"
+plugins = [{{ name = "event-filter", config = {{ allow = "usage" }} }}]
+destinations = ["fleet"]
+"#
+    );
+    let gw = crate::util::TestGateway::start(&config, &rx, &["event-filter"]).await;
+    let id = gw.accept("onomondo", r#"{"type":"usage","n":1}"#).await;
+    let event = gw.settled(&id).await;
+    assert_eq!(event["deliveries"][0]["status"], "delivered", "{event}");
+    assert_eq!(rx.wait_for(1).await[0].uri, "/fleet");
+    let (status, _) = gw
+        .send(
+            "POST",
+            "/v1/destinations",
+            Some(serde_json::json!({ "name": "archive", "url": format!("{}/archive", rx.url) })),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let dir = gw.stop().await;
+    let gw = crate::util::TestGateway::start_in(dir, &config, &rx)
+        .await
+        .unwrap();
+    assert_eq!(gw.event(&id).await["deliveries"][0]["status"], "delivered");
+    assert_eq!(gw.get("/v1/destinations/archive").await.0, 200);
+    gw.shutdown().await.unwrap();
+}
