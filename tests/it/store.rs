@@ -73,11 +73,11 @@ fn active(name: &str) -> DestinationState {
 }
 
 /// Opens the store under test again on the same data (a restart).
-type Reopen = Box<dyn Fn() -> futures_like::BoxFuture<Arc<dyn Store>> + Send + Sync>;
-
-mod futures_like {
-    pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
-}
+type Reopen = Box<
+    dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Arc<dyn Store>> + Send>>
+        + Send
+        + Sync,
+>;
 
 /// The suite: everything the gateway relies on from a store.
 async fn conformance(open: Reopen) {

@@ -92,7 +92,38 @@ fn finish_doc(doc: utoipa::openapi::OpenApi) -> serde_json::Value {
     let mut doc = serde_json::to_value(doc).expect("the OpenAPI document serializes");
     let schemas = doc["components"]["schemas"].clone();
     open_all_of(&mut doc, &schemas);
+    document_the_token(&mut doc);
     doc
+}
+
+/// Every operation behind [`require_token`] (the same rule: `/v1/` but ingest) answers 401
+/// without a valid token; said once here rather than on each handler.
+fn document_the_token(doc: &mut serde_json::Value) {
+    let Some(paths) = doc["paths"].as_object_mut() else {
+        return;
+    };
+    for (path, item) in paths.iter_mut() {
+        if !guarded(path) {
+            continue;
+        }
+        for operation in item
+            .as_object_mut()
+            .into_iter()
+            .flat_map(|i| i.values_mut())
+        {
+            operation["responses"]["401"] = json!({
+                "description": "Missing or invalid bearer token",
+                "content": { "application/json": {
+                    "schema": { "$ref": "#/components/schemas/ErrorBody" }
+                } }
+            });
+        }
+    }
+}
+
+/// Whether a path needs the bearer token.
+fn guarded(path: &str) -> bool {
+    path.starts_with("/v1/") && !path.starts_with("/v1/ingest/")
 }
 
 fn open_all_of(value: &mut serde_json::Value, schemas: &serde_json::Value) {
@@ -211,8 +242,7 @@ async fn require_token(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let path = request.uri().path();
-    if !path.starts_with("/v1/") || path.starts_with("/v1/ingest/") {
+    if !guarded(request.uri().path()) {
         return next.run(request).await;
     }
     let tokens = &state.reloader.config().api.tokens;
@@ -313,28 +343,19 @@ struct EventQuery {
     limit: Option<usize>,
 }
 
-/// A page of events.
-#[derive(Serialize, ToSchema)]
-struct EventPage {
-    items: Vec<EventSummary>,
-    /// Fetches the next page; `null` on the last.
-    next_cursor: Option<String>,
-}
-
 /// Events, newest first, with their delivery counts; filter by source, status, type and
 /// time. To find one event by id, `GET /v1/events/{id}`.
 #[utoipa::path(get, path = "/v1/events", tag = "events",
     params(EventQuery),
     responses(
-        (status = 200, description = "A page of events", body = EventPage),
+        (status = 200, description = "A page of events", body = Page<EventSummary>),
         (status = 400, description = "A malformed parameter, named", body = ErrorBody),
-        (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
     ))]
 async fn list_events(
     State(state): State<AppState>,
     query: Result<Query<EventQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<EventPage>, ApiError> {
-    let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+) -> Result<Json<Page<EventSummary>>, ApiError> {
+    let Query(q) = query?;
     let limit = page_limit(q.limit)?;
     let after = match q.cursor.as_deref() {
         None | Some("") => None,
@@ -359,7 +380,7 @@ async fn list_events(
         format!("{}_{}", last.received_at, last.id)
     });
     items.truncate(limit);
-    Ok(Json(EventPage { items, next_cursor }))
+    Ok(Json(Page { items, next_cursor }))
 }
 
 /// An event with its route outcomes, deliveries and attempts.
@@ -367,7 +388,6 @@ async fn list_events(
     params(("id" = String, Path, description = "The event id from ingest")),
     responses(
         (status = 200, description = "The event", body = EventRecord),
-        (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
         (status = 404, description = "No such event", body = ErrorBody),
     ))]
 async fn get_event(
@@ -387,7 +407,6 @@ async fn get_event(
     params(("id" = String, Path, description = "The event id from ingest")),
     responses(
         (status = 202, description = "Queued again", body = EventId),
-        (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
         (status = 404, description = "No such event", body = ErrorBody),
         (status = 503, description = "The queue is full or the gateway is stopping", body = ErrorBody),
     ))]
@@ -415,7 +434,6 @@ struct Restarted {
     params(("name" = String, Path)),
     responses(
         (status = 200, description = "ACTIVE again", body = Restarted),
-        (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
         (status = 404, description = "No such destination", body = ErrorBody),
         (status = 409, description = "The test message failed; the state is unchanged", body = ErrorBody),
     ))]
@@ -436,7 +454,6 @@ async fn restart_destination(
     params(("name" = String, Path)),
     responses(
         (status = 200, description = "The destination's answer", body = TestOutcome),
-        (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
         (status = 404, description = "No such destination", body = ErrorBody),
     ))]
 async fn test_destination(
@@ -471,28 +488,19 @@ struct DeliveryQuery {
     limit: Option<usize>,
 }
 
-/// A page of deliveries.
-#[derive(Serialize, ToSchema)]
-struct DeliveryPage {
-    items: Vec<DeliveryRecord>,
-    /// Fetches the next page; `null` on the last.
-    next_cursor: Option<String>,
-}
-
 /// Deliveries, oldest first, `limit` (default 50, at most 500) a page; `next_cursor` fetches
 /// the next page.
 #[utoipa::path(get, path = "/v1/deliveries", tag = "deliveries",
     params(DeliveryQuery),
     responses(
-        (status = 200, description = "A page of deliveries", body = DeliveryPage),
+        (status = 200, description = "A page of deliveries", body = Page<DeliveryRecord>),
         (status = 400, description = "A malformed parameter, named", body = ErrorBody),
-        (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
     ))]
 async fn list_deliveries(
     State(state): State<AppState>,
     query: Result<Query<DeliveryQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<DeliveryPage>, ApiError> {
-    let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+) -> Result<Json<Page<DeliveryRecord>>, ApiError> {
+    let Query(q) = query?;
     let after = match q.cursor.as_deref() {
         None | Some("") => None,
         Some(c) => Some(c.parse::<i64>().map_err(|_| {
@@ -511,7 +519,7 @@ async fn list_deliveries(
         None
     };
     let items = page.into_iter().take(limit).map(|(_, d)| d).collect();
-    Ok(Json(DeliveryPage { items, next_cursor }))
+    Ok(Json(Page { items, next_cursor }))
 }
 
 /// Sends a pending or failed delivery again now (its destination must be ACTIVE; a FAILED
@@ -520,7 +528,6 @@ async fn list_deliveries(
     params(("id" = String, Path, description = "The delivery id (its `webhook-id`)")),
     responses(
         (status = 202, description = "Due now", body = EventId),
-        (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
         (status = 404, description = "No pending or failed delivery with this id", body = ErrorBody),
     ))]
 async fn retry_delivery(
@@ -565,13 +572,12 @@ struct Stats {
     responses(
         (status = 200, description = "Per-minute counts", body = Stats),
         (status = 400, description = "A malformed parameter, named", body = ErrorBody),
-        (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
     ))]
 async fn stats(
     State(state): State<AppState>,
     query: Result<Query<StatsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Stats>, ApiError> {
-    let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let Query(q) = query?;
     let minutes = match q.minutes {
         None => 60,
         Some(n @ 1..=1440) => n,
@@ -602,6 +608,13 @@ async fn stats(
     Ok(Json(Stats { minutes }))
 }
 
+/// A page of a list endpoint; `next_cursor` fetches the next (`null` on the last).
+#[derive(Serialize, ToSchema)]
+pub struct Page<T> {
+    items: Vec<T>,
+    next_cursor: Option<String>,
+}
+
 /// A page size from `limit`: 50 by default, 1 to 500.
 fn page_limit(limit: Option<usize>) -> Result<usize, ApiError> {
     match limit {
@@ -618,7 +631,6 @@ fn page_limit(limit: Option<usize>) -> Result<usize, ApiError> {
 #[utoipa::path(get, path = "/v1/plugins", tag = "plugins",
     responses(
         (status = 200, description = "`{\"items\": [...]}`, one item per plugin", body = Object),
-        (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
     ))]
 async fn list_plugins(State(state): State<AppState>) -> Json<serde_json::Value> {
     let routing = state.pipeline.routing();
@@ -666,7 +678,6 @@ async fn list_plugins(State(state): State<AppState>) -> Json<serde_json::Value> 
 #[utoipa::path(post, path = "/v1/reload", tag = "plugins",
     responses(
         (status = 200, description = "Reloaded", body = Object),
-        (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
         (status = 422, description = "The config was rejected; the previous one keeps serving", body = Object),
     ))]
 async fn reload(State(state): State<AppState>) -> (StatusCode, Json<crate::reload::ReloadReport>) {
@@ -716,6 +727,12 @@ pub enum ApiError {
     Conflict(String),
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
+}
+
+impl From<axum::extract::rejection::QueryRejection> for ApiError {
+    fn from(e: axum::extract::rejection::QueryRejection) -> Self {
+        ApiError::BadRequest(e.body_text())
+    }
 }
 
 impl From<StoreError> for ApiError {

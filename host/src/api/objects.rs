@@ -19,7 +19,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::{ApiError, AppState, ErrorBody, page_limit};
+use super::{ApiError, AppState, ErrorBody, Page, page_limit};
 use crate::config::{Config, DestinationConfig, RouteConfig, SourceConfig};
 use crate::managed::{Change, ChangeError, Kind, Managed, Object, Origin, Redact};
 use crate::store::{DeliveryCounts, DestinationHealth};
@@ -123,13 +123,6 @@ pub struct PageQuery {
     limit: Option<usize>,
 }
 
-/// A page of objects, by name; `next_cursor` fetches the next (`null` on the last).
-#[derive(Serialize, ToSchema)]
-pub struct Page<T> {
-    items: Vec<T>,
-    next_cursor: Option<String>,
-}
-
 /// A source as the API shows it.
 #[derive(Serialize, ToSchema)]
 pub struct SourceView {
@@ -203,7 +196,7 @@ fn page_of<R: Resource>(
     state: &AppState,
     query: Result<Query<PageQuery>, QueryRejection>,
 ) -> Result<(Vec<R>, Option<String>), ApiError> {
-    let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let Query(q) = query?;
     let limit = page_limit(q.limit)?;
     let config = state.reloader.config();
     let mut all: Vec<&R> = R::all(&config).iter().collect();
@@ -350,7 +343,6 @@ fn created<T: Serialize>(location: String, view: T) -> Response {
     responses(
         (status = 200, description = "A page of sources", body = Page<SourceView>),
         (status = 400, description = "A malformed parameter, named", body = ErrorBody),
-        (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
     ))]
 pub async fn list_sources(
     State(state): State<AppState>,
@@ -366,7 +358,6 @@ pub async fn list_sources(
     responses(
         (status = 201, description = "Created", body = SourceView),
         (status = 400, description = "Invalid; the message names the field", body = ErrorBody),
-        (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
         (status = 409, description = "The name is taken", body = ErrorBody),
     ))]
 pub async fn create_source(
@@ -381,7 +372,6 @@ pub async fn create_source(
 #[utoipa::path(get, path = "/v1/sources/{name}", tag = "sources", params(("name" = String, Path)),
     responses(
         (status = 200, description = "The source", body = SourceView),
-        (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
         (status = 404, description = "No such source", body = ErrorBody),
     ))]
 pub async fn get_source(
@@ -397,7 +387,6 @@ pub async fn get_source(
     responses(
         (status = 200, description = "The changed source", body = SourceView),
         (status = 400, description = "Invalid; the message names the field", body = ErrorBody),
-        (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
         (status = 404, description = "No such source", body = ErrorBody),
         (status = 409, description = "Defined in the config file, or the change breaks a route", body = ErrorBody),
     ))]
@@ -414,7 +403,6 @@ pub async fn patch_source(
 #[utoipa::path(delete, path = "/v1/sources/{name}", tag = "sources", params(("name" = String, Path)),
     responses(
         (status = 204, description = "Deleted"),
-        (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
         (status = 404, description = "No such source", body = ErrorBody),
         (status = 409, description = "Defined in the config file, or still used by a route", body = ErrorBody),
     ))]
@@ -432,7 +420,6 @@ pub async fn delete_source(
     responses(
         (status = 200, description = "A page of destinations", body = Page<DestinationView>),
         (status = 400, description = "A malformed parameter, named", body = ErrorBody),
-        (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
     ))]
 pub async fn list_destinations(
     State(state): State<AppState>,
@@ -452,7 +439,6 @@ pub async fn list_destinations(
     responses(
         (status = 201, description = "Created", body = DestinationView),
         (status = 400, description = "Invalid; the message names the field", body = ErrorBody),
-        (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
         (status = 409, description = "The name is taken", body = ErrorBody),
     ))]
 pub async fn create_destination(
@@ -468,7 +454,6 @@ pub async fn create_destination(
 #[utoipa::path(get, path = "/v1/destinations/{name}", tag = "destinations", params(("name" = String, Path)),
     responses(
         (status = 200, description = "The destination", body = DestinationView),
-        (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
         (status = 404, description = "No such destination", body = ErrorBody),
     ))]
 pub async fn get_destination(
@@ -487,7 +472,6 @@ pub async fn get_destination(
     responses(
         (status = 200, description = "The changed destination", body = DestinationView),
         (status = 400, description = "Invalid; the message names the field", body = ErrorBody),
-        (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
         (status = 404, description = "No such destination", body = ErrorBody),
         (status = 409, description = "Defined in the config file", body = ErrorBody),
     ))]
@@ -506,7 +490,6 @@ pub async fn patch_destination(
 #[utoipa::path(delete, path = "/v1/destinations/{name}", tag = "destinations", params(("name" = String, Path)),
     responses(
         (status = 204, description = "Deleted"),
-        (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
         (status = 404, description = "No such destination", body = ErrorBody),
         (status = 409, description = "Defined in the config file, or still used by a route", body = ErrorBody),
     ))]
@@ -524,7 +507,6 @@ pub async fn delete_destination(
     responses(
         (status = 200, description = "A page of routes", body = Page<RouteView>),
         (status = 400, description = "A malformed parameter, named", body = ErrorBody),
-        (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
     ))]
 pub async fn list_routes(
     State(state): State<AppState>,
@@ -541,7 +523,6 @@ pub async fn list_routes(
     responses(
         (status = 201, description = "Created", body = RouteView),
         (status = 400, description = "Invalid; the message names the field", body = ErrorBody),
-        (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
         (status = 409, description = "The name is taken", body = ErrorBody),
     ))]
 pub async fn create_route(
@@ -556,7 +537,6 @@ pub async fn create_route(
 #[utoipa::path(get, path = "/v1/routes/{name}", tag = "routes", params(("name" = String, Path)),
     responses(
         (status = 200, description = "The route", body = RouteView),
-        (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
         (status = 404, description = "No such route", body = ErrorBody),
     ))]
 pub async fn get_route(
@@ -572,7 +552,6 @@ pub async fn get_route(
     responses(
         (status = 200, description = "The changed route", body = RouteView),
         (status = 400, description = "Invalid; the message names the field", body = ErrorBody),
-        (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
         (status = 404, description = "No such route", body = ErrorBody),
         (status = 409, description = "Defined in the config file", body = ErrorBody),
     ))]
@@ -589,7 +568,6 @@ pub async fn patch_route(
 #[utoipa::path(delete, path = "/v1/routes/{name}", tag = "routes", params(("name" = String, Path)),
     responses(
         (status = 204, description = "Deleted"),
-        (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
         (status = 404, description = "No such route", body = ErrorBody),
         (status = 409, description = "Defined in the config file", body = ErrorBody),
     ))]
