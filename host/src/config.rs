@@ -357,7 +357,7 @@ pub struct ApiConfig {
 }
 
 /// `[store]`: where events and deliveries are kept.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
     /// `postgres://user:password@host/db` selects PostgreSQL (several gateways can share
@@ -365,6 +365,25 @@ pub struct StoreConfig {
     /// `SWITCHYARD_STORE_URL` overrides it.
     #[serde(default)]
     pub url: Option<String>,
+    /// How long a claim lasts: on an accepted event (renewed while the gateway holds it),
+    /// and on a delivery being attempted (on top of `delivery.timeout`). When a gateway
+    /// dies, what it held is taken over after this long — by another instance on a shared
+    /// store, or by the same one when it restarts on PostgreSQL.
+    #[serde(default = "default_lease", with = "humantime_serde")]
+    pub lease: Duration,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            lease: default_lease(),
+        }
+    }
+}
+
+fn default_lease() -> Duration {
+    Duration::from_secs(30)
 }
 
 /// `[retention]`: how long delivered events are kept.
@@ -677,6 +696,7 @@ impl Config {
             api: raw.api,
             store: StoreConfig {
                 url: env("SWITCHYARD_STORE_URL").or(raw.store.url),
+                lease: raw.store.lease,
             },
             sources: raw.sources,
             destinations: raw.destinations,
@@ -710,6 +730,9 @@ impl Config {
                 "store.url".into(),
                 "must be a postgres:// URL (leave it out for the embedded SQLite store)".into(),
             ));
+        }
+        if self.store.lease < Duration::from_secs(1) {
+            return Err(("store.lease".into(), "must be at least 1s".into()));
         }
         if self.delivery.concurrency == 0 {
             return Err(("delivery.concurrency".into(), "must be at least 1".into()));

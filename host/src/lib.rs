@@ -75,7 +75,7 @@ impl Gateway {
         let (data_dir, capacity) = (config.server.data_dir.clone(), config.server.queue_capacity);
         let store: Arc<dyn Store> = match &config.store.url {
             Some(url) => Arc::new(
-                PgStore::open(url, capacity)
+                PgStore::open(url, capacity, config.store.lease)
                     .await
                     .context("cannot open the PostgreSQL store (store.url)")?,
             ),
@@ -95,6 +95,7 @@ impl Gateway {
         let dispatcher = Dispatcher::new(
             store.clone(),
             &config.delivery,
+            config.store.lease,
             routing.destinations().clone(),
             clock.clone(),
             metrics.clone(),
@@ -189,6 +190,7 @@ impl Gateway {
             config.retention.clone(),
             stop.clone(),
         ));
+        let follower = tokio::spawn(self.reloader.clone().follow_store(stop.clone()));
         let watcher = match self.reloader.clone().watch(stop.clone()) {
             Ok(handle) => Some(handle),
             Err(e) => {
@@ -215,6 +217,7 @@ impl Gateway {
         stop.cancel();
         dispatcher.await.context("dispatcher ended abnormally")?;
         retention.await.context("retention ended abnormally")?;
+        follower.await.context("store follower ended abnormally")?;
         if let Some(w) = watcher {
             w.await.context("watcher ended abnormally")?;
         }

@@ -29,6 +29,9 @@ use crate::store::Store;
 /// and `cp` write files in pieces.
 const DEBOUNCE: Duration = Duration::from_millis(250);
 
+/// How often a gateway on a shared store looks for other instances' changes.
+const SYNC_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Reads an environment variable for `${VAR}` in a reloaded config.
 pub type Env = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
 
@@ -319,10 +322,35 @@ impl Reloader {
             }
         }))
     }
+
+    /// On a store that several gateways share, follows what the other instances change:
+    /// reloads when the managed objects' version moves (an object was made, changed or
+    /// deleted through another instance's API) and reads the destination states back, every
+    /// `SYNC_INTERVAL`, until `stop`. Returns at once on a store only this gateway uses.
+    pub async fn follow_store(self: Arc<Self>, stop: CancellationToken) {
+        let Ok(Some(mut seen)) = self.store.managed_version().await else {
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(SYNC_INTERVAL) => {}
+                _ = stop.cancelled() => return,
+            }
+            match self.store.managed_version().await {
+                Ok(Some(version)) if version != seen => {
+                    seen = version;
+                    self.reload("managed objects changed").await;
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "Cannot read the managed objects' version."),
+            }
+            if let Err(e) = self.dispatcher.refresh_states().await {
+                tracing::warn!(error = %e, "Cannot read the destination states.");
+            }
+        }
+    }
 }
 
-/// The first plugin that the config's routes use and that is not loaded, as an error
-/// naming the key.
 /// The first plugin a route uses that is not loaded: its key and the message.
 fn first_missing_plugin(config: &Config, plugins: &PluginMap) -> Option<(String, String)> {
     for (i, r) in config.routes.iter().enumerate() {

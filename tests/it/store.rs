@@ -373,6 +373,9 @@ async fn sqlite_store_conforms() {
     .await;
 }
 
+/// Claims on events in the PostgreSQL suite: short, so a restart does not wait long.
+const LEASE: std::time::Duration = std::time::Duration::from_millis(300);
+
 #[tokio::test(flavor = "multi_thread")]
 async fn postgres_store_conforms() {
     let Some(server) = PgServer::start() else {
@@ -381,18 +384,67 @@ async fn postgres_store_conforms() {
     let url = server.database("conformance").await;
     conformance(Box::new(move || {
         let url = url.clone();
-        Box::pin(async move { Arc::new(PgStore::open(&url, 100).await.unwrap()) as Arc<dyn Store> })
+        Box::pin(async move {
+            // A restart on PostgreSQL takes over the queued events once their claims ran
+            // out (nothing renews them after the first store is dropped).
+            tokio::time::sleep(LEASE * 2).await;
+            Arc::new(PgStore::open(&url, 100, LEASE).await.unwrap()) as Arc<dyn Store>
+        })
     }))
     .await;
     // Instances that start together migrate once.
     let url = server.database("together").await;
     let opens = (0..4).map(|_| {
         let url = url.clone();
-        tokio::spawn(async move { PgStore::open(&url, 10).await.map(|_| ()) })
+        tokio::spawn(async move { PgStore::open(&url, 10, LEASE).await.map(|_| ()) })
     });
     for o in opens {
         o.await.unwrap().unwrap();
     }
+}
+
+/// Two instances on one database: an event is held by the instance that accepted it for as
+/// long as that instance lives (its claim is renewed), and taken over by the other once it
+/// is gone; a managed object changed through one moves the version both see.
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_instances_share_the_queue() {
+    let Some(server) = PgServer::start() else {
+        return;
+    };
+    let url = server.database("shared").await;
+    let a = PgStore::open(&url, 100, LEASE).await.unwrap();
+    let b = PgStore::open(&url, 100, LEASE).await.unwrap();
+    let now = crate::util::now_ms();
+    a.insert_event(event("x", "s", now, "{}"), None)
+        .await
+        .unwrap();
+    tokio::time::sleep(LEASE * 4).await;
+    assert_eq!(
+        (a.queue_depth(), b.queue_depth()),
+        (1, 0),
+        "a live instance keeps its claim"
+    );
+    drop(a);
+    tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        while b.queue_depth() == 0 {
+            tokio::time::sleep(LEASE / 4).await;
+        }
+    })
+    .await
+    .expect("the other instance takes the event over");
+    assert_eq!(b.next_event().await.unwrap().id, "x");
+
+    let before = b.managed_version().await.unwrap().expect("a shared store");
+    let object = ManagedObject {
+        kind: "source".into(),
+        name: "n".into(),
+        body: r#"{"name":"n"}"#.into(),
+    };
+    b.put_managed(object, now).await.unwrap();
+    let after_put = b.managed_version().await.unwrap().unwrap();
+    b.delete_managed("source", "n").await.unwrap();
+    let after_delete = b.managed_version().await.unwrap().unwrap();
+    assert!(before < after_put && after_put < after_delete);
 }
 
 /// The whole gateway on PostgreSQL: an event through a plugin to a receiver, an API-made

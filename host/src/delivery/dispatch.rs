@@ -103,10 +103,12 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
-    /// A dispatcher for these destinations, with their states as stored.
+    /// A dispatcher for these destinations, with their states as stored. A delivery it
+    /// claims is leased for `delivery.timeout` + `lease`.
     pub async fn new(
         store: Arc<dyn Store>,
         config: &DeliveryConfig,
+        lease: Duration,
         destinations: HashMap<String, Arc<Destination>>,
         clock: Arc<dyn Clock>,
         metrics: Arc<Metrics>,
@@ -127,7 +129,7 @@ impl Dispatcher {
         Ok(Arc::new(Self {
             store,
             client,
-            lease: config.timeout + Duration::from_secs(30),
+            lease: config.timeout + lease,
             destinations: ArcSwap::from_pointee(destinations),
             states: Mutex::new(states),
             clock,
@@ -173,6 +175,14 @@ impl Dispatcher {
                 this.attempt(d, permit).await
             });
         }
+    }
+
+    /// Reads the destination states back from the store: on a shared store, other
+    /// instances change them too (a destination failed there, restarted through their API).
+    pub async fn refresh_states(&self) -> Result<(), StoreError> {
+        let states = self.store.destination_states().await?;
+        *self.lock_states() = states.into_iter().map(|s| (s.name.clone(), s)).collect();
+        Ok(())
     }
 
     /// Tells the dispatcher to look for due deliveries now.

@@ -74,7 +74,9 @@ pub trait Store: Send + Sync + 'static {
     /// they planned (due at `now`), and marks it processed: all at once. Returns the ids of
     /// the deliveries inserted with a lease (`NewDelivery::lease_until`): the caller sends
     /// those itself. A delivery that already existed (the event was processed before a
-    /// crash) is left as it is and not returned.
+    /// crash) is left as it is and not returned. Either way the pipeline is done with this
+    /// run of the event: if the commit failed, the event stays queued in the store (taken
+    /// up again at the next start, or, in a shared store, when its claim runs out).
     async fn complete_event(
         &self,
         event: &Event,
@@ -160,8 +162,15 @@ pub trait Store: Send + Sync + 'static {
     /// that delivered, attempts that failed.
     async fn minute_stats(&self, since: u64) -> Result<Vec<MinuteStats>, StoreError>;
 
-    /// Events accepted and not yet processed.
+    /// Events accepted and not yet processed, held by this gateway.
     fn queue_depth(&self) -> usize;
+
+    /// For a store that several gateways share: a number that changes whenever a managed
+    /// object changes, so that each gateway notices the others' changes. `None` for a store
+    /// only this gateway uses.
+    async fn managed_version(&self) -> Result<Option<i64>, StoreError> {
+        Ok(None)
+    }
 
     /// How many deliveries are pending, and when the oldest of them was created.
     async fn backlog(&self) -> Result<(u64, Option<u64>), StoreError>;
@@ -214,7 +223,8 @@ pub struct MinuteStats {
 }
 
 /// The events accepted and not yet processed, in memory, in order: both backends hand
-/// them to the pipeline from here (and rebuild it from the `queued` rows at open).
+/// them to the pipeline from here. It also knows which events this gateway holds (queued
+/// here or being processed), so that a shared store can keep its claims on them alive.
 struct EventQueue {
     inner: std::sync::Mutex<QueueState>,
     ready: tokio::sync::Notify,
@@ -224,6 +234,9 @@ struct EventQueue {
 #[derive(Default)]
 struct QueueState {
     events: std::collections::VecDeque<Event>,
+    /// Event id → how many times it is held (queued or in the pipeline): a replay can
+    /// queue an event again while its previous run is still being processed.
+    held: std::collections::HashMap<String, usize>,
     closed: bool,
 }
 
@@ -235,14 +248,15 @@ impl EventQueue {
                 "Resuming events accepted before the last stop."
             );
         }
-        Self {
-            inner: std::sync::Mutex::new(QueueState {
-                events: events.into(),
-                closed: false,
-            }),
+        let queue = Self {
+            inner: std::sync::Mutex::new(QueueState::default()),
             ready: tokio::sync::Notify::new(),
             capacity,
+        };
+        for e in events {
+            queue.push(e);
         }
+        queue
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
@@ -262,8 +276,52 @@ impl EventQueue {
     }
 
     fn push(&self, event: Event) {
-        self.lock().events.push_back(event);
+        let mut queue = self.lock();
+        *queue.held.entry(event.id.clone()).or_default() += 1;
+        queue.events.push_back(event);
+        drop(queue);
         self.ready.notify_one();
+    }
+
+    /// Queues events taken over from elsewhere (another instance's expired claims), except
+    /// those this gateway already holds.
+    fn adopt(&self, events: Vec<Event>) {
+        let mut queue = self.lock();
+        for event in events {
+            if !queue.held.contains_key(&event.id) {
+                queue.held.insert(event.id.clone(), 1);
+                queue.events.push_back(event);
+            }
+        }
+        drop(queue);
+        self.ready.notify_one();
+    }
+
+    /// The pipeline is finished with one run of this event (whether its outcome was
+    /// recorded or not).
+    fn done(&self, id: &str) {
+        let mut queue = self.lock();
+        if let Some(n) = queue.held.get_mut(id) {
+            *n -= 1;
+            if *n == 0 {
+                queue.held.remove(id);
+            }
+        }
+    }
+
+    /// The ids of the events this gateway holds.
+    fn held(&self) -> Vec<String> {
+        self.lock().held.keys().cloned().collect()
+    }
+
+    /// How many more events fit, 0 once closed.
+    fn room(&self) -> usize {
+        let queue = self.lock();
+        if queue.closed {
+            0
+        } else {
+            self.capacity.saturating_sub(queue.events.len())
+        }
     }
 
     async fn next(&self) -> Option<Event> {
@@ -289,6 +347,12 @@ impl EventQueue {
     fn close(&self) {
         self.lock().closed = true;
         self.ready.notify_waiters();
+    }
+
+    /// Closed, and nothing held any more.
+    fn finished(&self) -> bool {
+        let queue = self.lock();
+        queue.closed && queue.held.is_empty()
     }
 
     fn len(&self) -> usize {

@@ -1,17 +1,23 @@
 //! The PostgreSQL store: the same [`Store`] as [`super::SqliteStore`], on a server that
-//! several gateways can share.
+//! several gateways share.
 //!
 //! Selected by `[store] url = "postgres://…"` (or `SWITCHYARD_STORE_URL`). Migrations are
 //! versioned and applied at open under an advisory lock, so instances starting together
 //! do not race. Ingest commits each event in its own transaction before the 202; the
-//! server's group commit shares the WAL flushes of concurrent ingests. Due deliveries are
-//! claimed with `FOR UPDATE SKIP LOCKED` and a lease, so two instances never claim the
-//! same delivery, and the claims of an instance that died are taken over when the lease
-//! runs out.
+//! server's group commit shares the WAL flushes of concurrent ingests.
 //!
-//! Not yet shared between instances (see the scale-out issue): the queue of accepted but
-//! unprocessed events is each instance's own (an instance resumes the `queued` events it
-//! finds at open), and destination states are read at start.
+//! Several instances on one database (scale-out): every claim is a lease (`[store] lease`).
+//! An accepted event is claimed by the instance that accepted it; while it holds the event
+//! (queued in memory or in the pipeline) the instance renews the claim, and a sweeper in
+//! every instance takes over queued events whose claim ran out (an instance died) with
+//! `FOR UPDATE SKIP LOCKED`. Due deliveries are claimed the same way, so two instances
+//! never attempt the same delivery at once. Processing an event twice is harmless:
+//! delivery ids are derived from the event, and a delivery that exists is not inserted or
+//! sent again. Managed objects carry a version that every instance polls (see
+//! `crate::reload`), and destination states are read back by every dispatcher.
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -110,7 +116,19 @@ const SCHEMA: &[&str] = &[
     END;
     $$ LANGUAGE plpgsql IMMUTABLE;
     "#,
+    // 2: scale-out: claims on queued events, and a version of the managed objects.
+    r#"
+    ALTER TABLE events ADD COLUMN lease_until BIGINT;
+    CREATE TABLE managed_version (version BIGINT NOT NULL);
+    INSERT INTO managed_version (version) VALUES (0);
+    "#,
 ];
+
+/// How often the sweeper looks for queued events whose claim ran out.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The most events one sweep takes over.
+const SWEEP_BATCH: usize = 256;
 
 /// Any advisory-lock key that is ours: serialises migrations across instances.
 const MIGRATION_LOCK: i64 = 0x5357_4954_4348;
@@ -133,13 +151,17 @@ impl From<deadpool_postgres::PoolError> for StoreError {
 /// The PostgreSQL store.
 pub struct PgStore {
     pool: Pool,
-    queue: EventQueue,
+    queue: Arc<EventQueue>,
+    /// How long a claim on an event lasts unless renewed.
+    lease: Duration,
 }
 
 impl PgStore {
-    /// Connects to `url`, migrates the database, and queues the events that were accepted
-    /// but not processed before the last stop.
-    pub async fn open(url: &str, capacity: usize) -> Result<Self, StoreError> {
+    /// Connects to `url`, migrates the database, takes over the queued events nobody holds
+    /// (accepted before the last stop, or by an instance whose claims ran out), and starts
+    /// the task that renews this instance's claims and sweeps for abandoned events. Claims
+    /// on events last `lease` unless renewed.
+    pub async fn open(url: &str, capacity: usize, lease: Duration) -> Result<Self, StoreError> {
         let mut cfg = deadpool_postgres::Config::new();
         cfg.url = Some(url.to_string());
         cfg.pool = Some(deadpool_postgres::PoolConfig::new(32));
@@ -169,19 +191,74 @@ impl PgStore {
             .await?;
         }
         tx.commit().await?;
-        let queued: Vec<Event> = client
-            .query(
-                "SELECT * FROM events WHERE status = 'queued' ORDER BY received_at, id",
-                &[],
+        drop(client);
+        let queue = Arc::new(EventQueue::new(Vec::new(), capacity));
+        let resumed = sweep(&pool, &queue, lease).await?;
+        if resumed > 0 {
+            tracing::info!(
+                events = resumed,
+                "Taking over queued events that no running gateway holds."
+            );
+        }
+        tokio::spawn(keep_claims(pool.clone(), Arc::downgrade(&queue), lease));
+        Ok(Self { pool, queue, lease })
+    }
+
+    fn lease_until(&self) -> i64 {
+        (crate::delivery::now_ms() + self.lease.as_millis() as u64) as i64
+    }
+
+    /// `complete_event`'s one transaction.
+    async fn record_completion(
+        &self,
+        event: &Event,
+        outcomes: Vec<RouteOutcome>,
+        deliveries: Vec<NewDelivery>,
+        now: u64,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        for o in &outcomes {
+            tx.execute(
+                "INSERT INTO route_outcomes (event_id, run, route, outcome) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (event_id, run, route) DO UPDATE SET outcome = excluded.outcome",
+                &[&event.id, &(event.run as i32), &(o.route as i32), &json(o)],
             )
-            .await?
-            .iter()
-            .map(event_from_row)
-            .collect();
-        Ok(Self {
-            pool,
-            queue: EventQueue::new(queued, capacity),
-        })
+            .await?;
+        }
+        let mut leased = Vec::new();
+        for d in &deliveries {
+            let next = (d.status == DeliveryStatus::Pending).then_some(now as i64);
+            let inserted = tx
+                .execute(
+                    "INSERT INTO deliveries (id, event_id, route, destination, url, headers, body, status, next_attempt_at, created_at, lease_until)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT (id) DO NOTHING",
+                    &[
+                        &d.id,
+                        &event.id,
+                        &(d.route as i32),
+                        &d.destination,
+                        &d.url,
+                        &json(&d.headers),
+                        &d.body.as_ref(),
+                        &d.status.as_str(),
+                        &next,
+                        &(now as i64),
+                        &d.lease_until.map(|l| l as i64),
+                    ],
+                )
+                .await?;
+            if inserted == 1 && d.lease_until.is_some() {
+                leased.push(d.id.clone());
+            }
+        }
+        tx.execute(
+            "UPDATE events SET status = 'processed' WHERE id = $1 AND run = $2",
+            &[&event.id, &(event.run as i32)],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(leased)
     }
 
     async fn attempts_of(
@@ -206,6 +283,86 @@ impl PgStore {
             })
             .collect();
         Ok(())
+    }
+}
+
+/// Claims queued events that nobody holds (no claim, or one that ran out) for this
+/// instance, as many as its queue has room for, and queues them. Returns how many.
+async fn sweep(pool: &Pool, queue: &EventQueue, lease: Duration) -> Result<usize, StoreError> {
+    let room = queue.room().min(SWEEP_BATCH);
+    if room == 0 {
+        return Ok(0);
+    }
+    let now = crate::delivery::now_ms();
+    let client = pool.get().await?;
+    let events: Vec<Event> = client
+        .query(
+            "UPDATE events SET lease_until = $1
+             WHERE id IN (
+                 SELECT id FROM events
+                 WHERE status = 'queued' AND (lease_until IS NULL OR lease_until < $2)
+                 ORDER BY received_at LIMIT $3
+                 FOR UPDATE SKIP LOCKED)
+             RETURNING *",
+            &[
+                &((now + lease.as_millis() as u64) as i64),
+                &(now as i64),
+                &(room as i64),
+            ],
+        )
+        .await?
+        .iter()
+        .map(event_from_row)
+        .collect();
+    let mut events = events;
+    events.sort_by(|a, b| (a.received_at, &a.id).cmp(&(b.received_at, &b.id)));
+    let n = events.len();
+    queue.adopt(events);
+    Ok(n)
+}
+
+/// While the store is open or still holds events: renews the claims on the events this
+/// instance holds (every third of a lease) and sweeps for abandoned ones (every second).
+async fn keep_claims(pool: Pool, queue: std::sync::Weak<EventQueue>, lease: Duration) {
+    let renew_every = lease / 3;
+    let mut renewed = tokio::time::Instant::now();
+    loop {
+        let Some(queue) = queue.upgrade() else { return };
+        if queue.finished() {
+            return;
+        }
+        if renewed.elapsed() >= renew_every {
+            renewed = tokio::time::Instant::now();
+            let held = queue.held();
+            if !held.is_empty() {
+                let until = (crate::delivery::now_ms() + lease.as_millis() as u64) as i64;
+                let renew = async {
+                    pool.get()
+                        .await?
+                        .execute(
+                            "UPDATE events SET lease_until = $1
+                             WHERE id = ANY($2) AND status = 'queued'",
+                            &[&until, &held],
+                        )
+                        .await?;
+                    Ok::<_, StoreError>(())
+                };
+                if let Err(e) = renew.await {
+                    tracing::warn!(error = %e, "Cannot renew the claims on queued events.");
+                }
+            }
+        }
+        let full = match sweep(&pool, &queue, lease).await {
+            Ok(n) => n == SWEEP_BATCH,
+            Err(e) => {
+                tracing::warn!(error = %e, "Cannot look for abandoned queued events.");
+                false
+            }
+        };
+        drop(queue);
+        if !full {
+            tokio::time::sleep(SWEEP_INTERVAL.min(renew_every)).await;
+        }
     }
 }
 
@@ -307,8 +464,8 @@ impl Store for PgStore {
             }
         }
         tx.execute(
-            "INSERT INTO events (id, source, received_at, method, path, query, headers, content_type, body, status, run)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'queued', $10)",
+            "INSERT INTO events (id, source, received_at, method, path, query, headers, content_type, body, status, run, lease_until)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'queued', $10, $11)",
             &[
                 &event.id,
                 &event.source,
@@ -320,6 +477,7 @@ impl Store for PgStore {
                 &event.content_type,
                 &event.body.as_bytes(),
                 &(event.run as i32),
+                &self.lease_until(),
             ],
         )
         .await?;
@@ -343,57 +501,20 @@ impl Store for PgStore {
         deliveries: Vec<NewDelivery>,
         now: u64,
     ) -> Result<Vec<String>, StoreError> {
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        for o in &outcomes {
-            tx.execute(
-                "INSERT INTO route_outcomes (event_id, run, route, outcome) VALUES ($1, $2, $3, $4)
-                 ON CONFLICT (event_id, run, route) DO UPDATE SET outcome = excluded.outcome",
-                &[&event.id, &(event.run as i32), &(o.route as i32), &json(o)],
-            )
-            .await?;
-        }
-        let mut leased = Vec::new();
-        for d in &deliveries {
-            let next = (d.status == DeliveryStatus::Pending).then_some(now as i64);
-            let inserted = tx
-                .execute(
-                    "INSERT INTO deliveries (id, event_id, route, destination, url, headers, body, status, next_attempt_at, created_at, lease_until)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT (id) DO NOTHING",
-                    &[
-                        &d.id,
-                        &event.id,
-                        &(d.route as i32),
-                        &d.destination,
-                        &d.url,
-                        &json(&d.headers),
-                        &d.body.as_ref(),
-                        &d.status.as_str(),
-                        &next,
-                        &(now as i64),
-                        &d.lease_until.map(|l| l as i64),
-                    ],
-                )
-                .await?;
-            if inserted == 1 && d.lease_until.is_some() {
-                leased.push(d.id.clone());
-            }
-        }
-        tx.execute(
-            "UPDATE events SET status = 'processed' WHERE id = $1 AND run = $2",
-            &[&event.id, &(event.run as i32)],
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(leased)
+        let result = self
+            .record_completion(event, outcomes, deliveries, now)
+            .await;
+        self.queue.done(&event.id);
+        result
     }
 
     async fn replay(&self, event_id: &str) -> Result<bool, StoreError> {
         let client = self.pool.get().await?;
         let row = client
             .query_opt(
-                "UPDATE events SET status = 'queued', run = run + 1 WHERE id = $1 RETURNING *",
-                &[&event_id],
+                "UPDATE events SET status = 'queued', run = run + 1, lease_until = $2
+                 WHERE id = $1 RETURNING *",
+                &[&event_id, &self.lease_until()],
             )
             .await?;
         match row {
@@ -404,7 +525,6 @@ impl Store for PgStore {
             None => Ok(false),
         }
     }
-
     async fn claim_due(
         &self,
         now: u64,
@@ -578,26 +698,40 @@ impl Store for PgStore {
     }
 
     async fn put_managed(&self, object: ManagedObject, now: u64) -> Result<(), StoreError> {
-        let client = self.pool.get().await?;
-        client
-            .execute(
-                "INSERT INTO managed_objects (kind, name, body, updated_at) VALUES ($1, $2, $3, $4)
-                 ON CONFLICT (kind, name) DO UPDATE SET body = excluded.body, updated_at = excluded.updated_at",
-                &[&object.kind, &object.name, &object.body, &(now as i64)],
-            )
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        tx.execute(
+            "INSERT INTO managed_objects (kind, name, body, updated_at) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (kind, name) DO UPDATE SET body = excluded.body, updated_at = excluded.updated_at",
+            &[&object.kind, &object.name, &object.body, &(now as i64)],
+        )
+        .await?;
+        tx.execute("UPDATE managed_version SET version = version + 1", &[])
             .await?;
+        tx.commit().await?;
         Ok(())
     }
 
     async fn delete_managed(&self, kind: &str, name: &str) -> Result<(), StoreError> {
-        let client = self.pool.get().await?;
-        client
-            .execute(
-                "DELETE FROM managed_objects WHERE kind = $1 AND name = $2",
-                &[&kind, &name],
-            )
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        tx.execute(
+            "DELETE FROM managed_objects WHERE kind = $1 AND name = $2",
+            &[&kind, &name],
+        )
+        .await?;
+        tx.execute("UPDATE managed_version SET version = version + 1", &[])
             .await?;
+        tx.commit().await?;
         Ok(())
+    }
+
+    async fn managed_version(&self) -> Result<Option<i64>, StoreError> {
+        let client = self.pool.get().await?;
+        let row = client
+            .query_one("SELECT version FROM managed_version", &[])
+            .await?;
+        Ok(Some(row.get(0)))
     }
 
     async fn get_event(&self, id: &str) -> Result<Option<EventRecord>, StoreError> {

@@ -401,7 +401,7 @@ impl Store for SqliteStore {
         now: u64,
     ) -> Result<Vec<String>, StoreError> {
         let (event_id, run) = (event.id.clone(), event.run);
-        self.write(move |conn| {
+        let result = self.write(move |conn| {
             let mut leased = Vec::new();
             for o in &outcomes {
                 conn.prepare_cached(
@@ -436,7 +436,9 @@ impl Store for SqliteStore {
                 .execute(params![event_id, run as i64])?;
             Ok(leased)
         })
-        .await
+        .await;
+        self.queue.done(&event.id);
+        result
     }
 
     async fn replay(&self, event_id: &str) -> Result<bool, StoreError> {
