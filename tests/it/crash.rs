@@ -3,46 +3,13 @@
 //! `webhook-id`.
 
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
 use tokio::sync::Mutex;
 
-use crate::util::{Receiver, guest, switchyard_bin};
-
-/// Starts `switchyard serve` and returns it with the address it listens on.
-async fn start(config: &Path) -> (Child, String) {
-    let mut child = Command::new(switchyard_bin())
-        .args(["--log-format", "json", "serve", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("switchyard starts");
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let address = tokio::time::timeout(Duration::from_secs(60), async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
-                && v["fields"]["message"] == "Switchyard is listening."
-            {
-                return v["fields"]["address"].as_str().unwrap().to_string();
-            }
-        }
-        panic!("switchyard exited before listening");
-    })
-    .await
-    .expect("switchyard listens within a minute");
-    // Keep draining the log so the child never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    (child, format!("http://{address}"))
-}
+use crate::util::{Receiver, guest, start_binary as start};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_accepted_event_is_delivered_across_sigkill() {

@@ -3,6 +3,7 @@
 //! Guest plugins are built from source on first use (see `util::guest`).
 
 mod cli;
+mod cluster;
 mod conformance;
 mod crash;
 mod durable;

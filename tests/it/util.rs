@@ -454,6 +454,36 @@ pub fn dir_with_plugin_bytes(name: &str, bytes: &[u8]) -> tempfile::TempDir {
 }
 
 /// The `switchyard` binary built for this test run.
+/// Starts the real binary, `switchyard serve --config CONFIG`, and returns it with the address it listens on.
+pub async fn start_binary(config: &Path) -> (tokio::process::Child, String) {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mut child = tokio::process::Command::new(switchyard_bin())
+        .args(["--log-format", "json", "serve", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("switchyard starts");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let address = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                && v["fields"]["message"] == "Switchyard is listening."
+            {
+                return v["fields"]["address"].as_str().unwrap().to_string();
+            }
+        }
+        panic!("switchyard exited before listening");
+    })
+    .await
+    .expect("switchyard listens within a minute");
+    // Keep draining the log so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, format!("http://{address}"))
+}
+
 pub fn switchyard_bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_switchyard"))
 }
