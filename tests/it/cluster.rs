@@ -11,9 +11,10 @@ use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
+use serde_json::{Value, json};
 
-use crate::pg::PgServer;
-use crate::util::{guest, start_binary};
+use crate::util::{Receiver, TestGateway, guest, start_binary};
+use xtask::pg::PgServer;
 
 const EVENTS: usize = 10_000;
 const KILL_AFTER: usize = 3_000;
@@ -69,7 +70,7 @@ async fn three_instances_share_one_database_and_survive_a_sigkill() {
     let Some(server) = PgServer::start() else {
         return;
     };
-    let db = server.database("cluster").await;
+    let db = server.database("cluster");
     let seen = Arc::new(Seen::default());
     let app = axum::Router::new()
         .fallback(receive)
@@ -245,4 +246,112 @@ destinations = ["sink"]
         0,
         "no event is left queued"
     );
+}
+
+/// Waits up to 10 s for `check` to hold of `GET path` on `gw`.
+async fn eventually(gw: &TestGateway, path: &str, what: &str, check: impl Fn(u16, &Value) -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = gw.get(path).await;
+        if check(status, &body) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: GET {path} is still {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Two gateways on one database: objects made, changed and deleted through one instance's
+/// API serve on the other, and a destination that fails on one instance is FAILED on the
+/// other, and restarted through either.
+#[tokio::test(flavor = "multi_thread")]
+async fn api_changes_and_destination_states_reach_every_instance() {
+    let Some(server) = PgServer::start() else {
+        return;
+    };
+    let db = server.database("follow");
+    let rx = Receiver::start().await;
+    let config = format!(
+        r#"
+[store]
+url = "{db}"
+[[sources]]
+name = "s"
+[[destinations]]
+name = "fleet"
+url = "{{receiver}}/fleet"
+retry = {{ retry_schedule = ["0s", "1m"], jitter = 0.0, failure_threshold = 2 }}
+[[routes]]
+source = "s"
+destinations = ["fleet"]
+"#
+    );
+    let a = TestGateway::start(&config, &rx, &[]).await;
+    let b = TestGateway::start(&config, &rx, &[]).await;
+
+    let (status, body) = a
+        .send(
+            "POST",
+            "/v1/destinations",
+            Some(json!({ "name": "archive", "url": format!("{}/archive", rx.url) })),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = a
+        .send(
+            "POST",
+            "/v1/routes",
+            Some(json!({ "name": "to-archive", "source": "s", "destinations": ["archive"] })),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    eventually(&b, "/v1/routes/to-archive", "a route made on A", |s, _| {
+        s == 200
+    })
+    .await;
+    b.accept("s", r#"{"n":1}"#).await;
+    let got = rx.wait_for(2).await;
+    let mut paths: Vec<&str> = got.iter().map(|r| r.uri.as_str()).collect();
+    paths.sort();
+    assert_eq!(paths, ["/archive", "/fleet"], "B routes by A's route");
+
+    // Failures seen by A make the destination FAILED on B too.
+    rx.fail_with(Some(503));
+    for n in 2..4 {
+        a.accept("s", json!({ "n": n }).to_string()).await;
+    }
+    eventually(&a, "/v1/destinations/fleet", "fleet fails on A", |_, d| {
+        d["state"] == "FAILED"
+    })
+    .await;
+    eventually(&b, "/v1/destinations/fleet", "A's FAILED on B", |_, d| {
+        d["state"] == "FAILED"
+    })
+    .await;
+
+    // Restarted through B: ACTIVE on A, and what waited is delivered.
+    rx.fail_with(None);
+    let (status, body) = b.post_api("/v1/destinations/fleet/restart").await;
+    assert_eq!(status, 200, "{body}");
+    eventually(&a, "/v1/destinations/fleet", "B's restart on A", |_, d| {
+        d["state"] == "ACTIVE"
+    })
+    .await;
+    eventually(&a, "/v1/destinations/fleet", "the held events", |_, d| {
+        d["pending"] == 0
+    })
+    .await;
+
+    // Deleted through B: gone on A.
+    let (status, _) = b.send("DELETE", "/v1/routes/to-archive", None).await;
+    assert_eq!(status, 204);
+    eventually(&a, "/v1/routes/to-archive", "B's delete on A", |s, _| {
+        s == 404
+    })
+    .await;
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
 }

@@ -10,7 +10,6 @@ mod durable;
 mod edge;
 mod manage;
 mod observability;
-mod pg;
 mod reload;
 mod sandbox;
 mod spine;

@@ -12,7 +12,7 @@ use switchyard::store::{
     RouteResult, SqliteStore, Store,
 };
 
-use crate::pg::PgServer;
+use xtask::pg::PgServer;
 
 fn event(id: &str, source: &str, at: u64, body: &str) -> Event {
     Event {
@@ -69,6 +69,7 @@ fn active(name: &str) -> DestinationState {
         state: DestinationHealth::Active,
         consecutive_failures: 0,
         last_error: None,
+        epoch: 0,
     }
 }
 
@@ -221,6 +222,7 @@ async fn conformance(open: Reopen) {
                 state: DestinationHealth::Failed,
                 consecutive_failures: 5,
                 last_error: Some("500".into()),
+                epoch: 0,
             },
         )
         .await
@@ -244,20 +246,45 @@ async fn conformance(open: Reopen) {
             .pending,
         1
     );
-    store
+    let epoch = store
         .set_destination_state(&active("fleet"), 99_000)
         .await
         .unwrap();
+    assert_eq!(epoch, 1, "a restart begins a new epoch");
     assert_eq!(store.claim_due(99_000, 100_000, 10).await.unwrap().len(), 1);
+    // A state decided before the restart (an attempt in flight, or another instance that
+    // has not seen the restart yet) does not overwrite it; the attempt is still recorded.
+    let stale = DestinationState {
+        name: "fleet".into(),
+        state: DestinationHealth::Failed,
+        consecutive_failures: 6,
+        last_error: Some("500".into()),
+        epoch: 0,
+    };
     store
-        .record_attempt(
-            "d1",
-            attempt(99_001, 500),
-            AttemptNext::Failed,
-            &active("fleet"),
-        )
+        .record_attempt("d1", attempt(99_001, 500), AttemptNext::Failed, &stale)
         .await
         .unwrap();
+    let fleet = |states: Vec<DestinationState>| states.into_iter().find(|s| s.name == "fleet");
+    let now = fleet(store.destination_states().await.unwrap()).unwrap();
+    assert_eq!(
+        (now.state, now.consecutive_failures, now.epoch),
+        (DestinationHealth::Active, 0, 1)
+    );
+    let current = DestinationState {
+        epoch: 1,
+        consecutive_failures: 1,
+        ..active("fleet")
+    };
+    store
+        .record_attempt("d1", attempt(99_002, 500), AttemptNext::Failed, &current)
+        .await
+        .unwrap();
+    let now = fleet(store.destination_states().await.unwrap()).unwrap();
+    assert_eq!(
+        now.consecutive_failures, 1,
+        "a state of the current epoch is written"
+    );
 
     // Lists: deliveries by status with a cursor; events with filters; retry by hand.
     let failed = store
@@ -381,7 +408,7 @@ async fn postgres_store_conforms() {
     let Some(server) = PgServer::start() else {
         return;
     };
-    let url = server.database("conformance").await;
+    let url = server.database("conformance");
     conformance(Box::new(move || {
         let url = url.clone();
         Box::pin(async move {
@@ -393,7 +420,7 @@ async fn postgres_store_conforms() {
     }))
     .await;
     // Instances that start together migrate once.
-    let url = server.database("together").await;
+    let url = server.database("together");
     let opens = (0..4).map(|_| {
         let url = url.clone();
         tokio::spawn(async move { PgStore::open(&url, 10, LEASE).await.map(|_| ()) })
@@ -411,7 +438,7 @@ async fn postgres_instances_share_the_queue() {
     let Some(server) = PgServer::start() else {
         return;
     };
-    let url = server.database("shared").await;
+    let url = server.database("shared");
     let a = PgStore::open(&url, 100, LEASE).await.unwrap();
     let b = PgStore::open(&url, 100, LEASE).await.unwrap();
     let now = crate::util::now_ms();
@@ -454,7 +481,7 @@ async fn the_gateway_runs_on_postgres() {
     let Some(server) = PgServer::start() else {
         return;
     };
-    let url = server.database("gateway").await;
+    let url = server.database("gateway");
     let rx = crate::util::Receiver::start().await;
     let config = format!(
         r#"

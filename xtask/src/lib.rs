@@ -1,8 +1,11 @@
 //! Builds guest plugins from source for `wasm32-wasip2`: the one mechanism used by the
-//! quickstart (`cargo quickstart`), by `cargo xtask plugins`, and by the test suite.
+//! quickstart (`cargo quickstart`), by `cargo xtask plugins`, and by the test suite. Also
+//! the throwaway PostgreSQL server of the tests and benchmarks ([`pg`]).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+pub mod pg;
 
 /// The example plugins, shipped to users.
 pub const PLUGINS: &[&str] = &[

@@ -178,10 +178,24 @@ impl Dispatcher {
     }
 
     /// Reads the destination states back from the store: on a shared store, other
-    /// instances change them too (a destination failed there, restarted through their API).
+    /// instances change them too. A stored state replaces this instance's when it is of a
+    /// newer epoch (a restart, here or elsewhere) or when another instance found the
+    /// destination FAILED or DISABLED; otherwise this instance keeps its own count of
+    /// consecutive failures (its writes may not have been stored yet when this was read).
     pub async fn refresh_states(&self) -> Result<(), StoreError> {
-        let states = self.store.destination_states().await?;
-        *self.lock_states() = states.into_iter().map(|s| (s.name.clone(), s)).collect();
+        let stored = self.store.destination_states().await?;
+        let mut states = self.lock_states();
+        for s in stored {
+            let newer = states.get(&s.name).is_none_or(|mine| {
+                s.epoch > mine.epoch
+                    || (s.epoch == mine.epoch
+                        && mine.state == DestinationHealth::Active
+                        && s.state != DestinationHealth::Active)
+            });
+            if newer {
+                states.insert(s.name.clone(), s);
+            }
+        }
         Ok(())
     }
 
@@ -445,8 +459,9 @@ impl Dispatcher {
         if let Some(e) = self.send_test(name).await?.error {
             return Err(RestartError::TestFailed(e));
         }
-        let state = active(name);
-        self.store
+        let mut state = active(name);
+        state.epoch = self
+            .store
             .set_destination_state(&state, self.clock.now_ms())
             .await?;
         self.lock_states().insert(name.to_string(), state.clone());
@@ -482,6 +497,7 @@ fn active(name: &str) -> DestinationState {
         state: DestinationHealth::Active,
         consecutive_failures: 0,
         last_error: None,
+        epoch: 0,
     }
 }
 

@@ -114,6 +114,7 @@ mod tests {
             state: DestinationHealth::Active,
             consecutive_failures: 0,
             last_error: None,
+            epoch: 0,
         }
     }
 

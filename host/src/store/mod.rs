@@ -103,7 +103,9 @@ pub trait Store: Send + Sync + 'static {
     async fn next_due_at(&self, now: u64) -> Result<Option<u64>, StoreError>;
 
     /// Records one attempt of a delivery, what follows from it, and the destination's new
-    /// state, at once.
+    /// state, at once. The state is written only if the stored one is still of
+    /// `destination.epoch`: a state decided before a restart (here or, on a shared store,
+    /// on another instance) does not overwrite the restart.
     async fn record_attempt(
         &self,
         delivery_id: &str,
@@ -115,13 +117,13 @@ pub trait Store: Send + Sync + 'static {
     /// The stored state of every destination that has one.
     async fn destination_states(&self) -> Result<Vec<DestinationState>, StoreError>;
 
-    /// Sets a destination's state. Setting it active makes its pending deliveries due at
-    /// `now`.
+    /// Sets a destination's state (a restart) and begins a new epoch of it, returned.
+    /// Setting it active makes its pending deliveries due at `now`.
     async fn set_destination_state(
         &self,
         state: &DestinationState,
         now: u64,
-    ) -> Result<(), StoreError>;
+    ) -> Result<i64, StoreError>;
 
     /// Pending and failed delivery counts per destination.
     async fn delivery_counts(&self) -> Result<Vec<DeliveryCounts>, StoreError>;
@@ -596,6 +598,10 @@ pub struct DestinationState {
     pub consecutive_failures: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// How many times the state was set by hand (restarts): attempts decided in an older
+    /// epoch do not overwrite it.
+    #[serde(skip)]
+    pub epoch: i64,
 }
 
 /// How many deliveries of a destination wait or failed.

@@ -116,9 +116,11 @@ const SCHEMA: &[&str] = &[
     END;
     $$ LANGUAGE plpgsql IMMUTABLE;
     "#,
-    // 2: scale-out: claims on queued events, and a version of the managed objects.
+    // 2: scale-out: claims on queued events, destination state epochs (see
+    // `Store::record_attempt`), and a version of the managed objects.
     r#"
     ALTER TABLE events ADD COLUMN lease_until BIGINT;
+    ALTER TABLE destination_state ADD COLUMN epoch BIGINT NOT NULL DEFAULT 0;
     CREATE TABLE managed_version (version BIGINT NOT NULL);
     INSERT INTO managed_version (version) VALUES (0);
     "#,
@@ -405,20 +407,23 @@ fn json<T: Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_else(|_| "null".into())
 }
 
+/// Writes the state an attempt led to, unless the stored state is of a newer epoch.
 async fn upsert_destination(
     tx: &impl deadpool_postgres::GenericClient,
     s: &DestinationState,
 ) -> Result<(), StoreError> {
     tx.execute(
-        "INSERT INTO destination_state (name, state, consecutive_failures, last_error)
-         VALUES ($1, $2, $3, $4)
+        "INSERT INTO destination_state (name, state, consecutive_failures, last_error, epoch)
+         VALUES ($1, $2, $3, $4, $5)
          ON CONFLICT (name) DO UPDATE SET state = excluded.state,
-             consecutive_failures = excluded.consecutive_failures, last_error = excluded.last_error",
+             consecutive_failures = excluded.consecutive_failures, last_error = excluded.last_error
+         WHERE destination_state.epoch = excluded.epoch",
         &[
             &s.name,
             &s.state.as_str(),
             &(s.consecutive_failures as i32),
             &s.last_error,
+            &s.epoch,
         ],
     )
     .await?;
@@ -627,7 +632,7 @@ impl Store for PgStore {
         let client = self.pool.get().await?;
         Ok(client
             .query(
-                "SELECT name, state, consecutive_failures, last_error FROM destination_state",
+                "SELECT name, state, consecutive_failures, last_error, epoch FROM destination_state",
                 &[],
             )
             .await?
@@ -637,6 +642,7 @@ impl Store for PgStore {
                 state: DestinationHealth::parse(r.get(1)),
                 consecutive_failures: r.get::<_, i32>(2) as u32,
                 last_error: r.get(3),
+                epoch: r.get(4),
             })
             .collect())
     }
@@ -645,10 +651,26 @@ impl Store for PgStore {
         &self,
         state: &DestinationState,
         now: u64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<i64, StoreError> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
-        upsert_destination(&tx, state).await?;
+        let epoch: i64 = tx
+            .query_one(
+                "INSERT INTO destination_state (name, state, consecutive_failures, last_error, epoch)
+                 VALUES ($1, $2, $3, $4, 1)
+                 ON CONFLICT (name) DO UPDATE SET state = excluded.state,
+                     consecutive_failures = excluded.consecutive_failures,
+                     last_error = excluded.last_error, epoch = destination_state.epoch + 1
+                 RETURNING epoch",
+                &[
+                    &state.name,
+                    &state.state.as_str(),
+                    &(state.consecutive_failures as i32),
+                    &state.last_error,
+                ],
+            )
+            .await?
+            .get(0);
         if state.state == DestinationHealth::Active {
             tx.execute(
                 "UPDATE deliveries SET next_attempt_at = $1
@@ -658,7 +680,7 @@ impl Store for PgStore {
             .await?;
         }
         tx.commit().await?;
-        Ok(())
+        Ok(epoch)
     }
 
     async fn delivery_counts(&self) -> Result<Vec<DeliveryCounts>, StoreError> {

@@ -98,6 +98,8 @@ const SCHEMA: &[&str] = &[
         PRIMARY KEY (kind, name)
     );
     "#,
+    // Version 3: destination state epochs (see `Store::record_attempt`).
+    "ALTER TABLE destination_state ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0;",
 ];
 
 type Reply = Box<dyn FnOnce(Result<(), String>) + Send>;
@@ -561,7 +563,7 @@ impl Store for SqliteStore {
     async fn destination_states(&self) -> Result<Vec<DestinationState>, StoreError> {
         self.read(|conn| {
             let mut stmt = conn.prepare(
-                "SELECT name, state, consecutive_failures, last_error FROM destination_state",
+                "SELECT name, state, consecutive_failures, last_error, epoch FROM destination_state",
             )?;
             stmt.query_map([], |r| {
                 let state: String = r.get(1)?;
@@ -570,6 +572,7 @@ impl Store for SqliteStore {
                     state: DestinationHealth::parse(&state),
                     consecutive_failures: r.get::<_, i64>(2)? as u32,
                     last_error: r.get(3)?,
+                    epoch: r.get(4)?,
                 })
             })?
             .collect()
@@ -581,17 +584,34 @@ impl Store for SqliteStore {
         &self,
         state: &DestinationState,
         now: u64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<i64, StoreError> {
         let state = state.clone();
         self.write(move |conn| {
-            upsert_destination(conn, &state)?;
+            let epoch: i64 = conn
+                .prepare_cached(
+                    "INSERT INTO destination_state (name, state, consecutive_failures, last_error, epoch)
+                     VALUES (?, ?, ?, ?, 1)
+                     ON CONFLICT (name) DO UPDATE SET state = excluded.state,
+                         consecutive_failures = excluded.consecutive_failures,
+                         last_error = excluded.last_error, epoch = destination_state.epoch + 1
+                     RETURNING epoch",
+                )?
+                .query_row(
+                    params![
+                        state.name,
+                        state.state.as_str(),
+                        state.consecutive_failures as i64,
+                        state.last_error
+                    ],
+                    |r| r.get(0),
+                )?;
             if state.state == DestinationHealth::Active {
                 conn.prepare_cached(
                     "UPDATE deliveries SET next_attempt_at = ? WHERE destination = ? AND status = 'pending' AND next_attempt_at > ?",
                 )?
                 .execute(params![now as i64, state.name, now as i64])?;
             }
-            Ok(())
+            Ok(epoch)
         })
         .await
     }
@@ -876,13 +896,22 @@ impl Store for SqliteStore {
     }
 }
 
+/// Writes the state an attempt led to, unless the stored state is of a newer epoch.
 fn upsert_destination(conn: &Connection, s: &DestinationState) -> rusqlite::Result<()> {
     conn.prepare_cached(
-        "INSERT INTO destination_state (name, state, consecutive_failures, last_error) VALUES (?, ?, ?, ?)
+        "INSERT INTO destination_state (name, state, consecutive_failures, last_error, epoch)
+         VALUES (?, ?, ?, ?, ?)
          ON CONFLICT (name) DO UPDATE SET state = excluded.state,
-             consecutive_failures = excluded.consecutive_failures, last_error = excluded.last_error",
+             consecutive_failures = excluded.consecutive_failures, last_error = excluded.last_error
+         WHERE destination_state.epoch = excluded.epoch",
     )?
-    .execute(params![s.name, s.state.as_str(), s.consecutive_failures as i64, s.last_error])?;
+    .execute(params![
+        s.name,
+        s.state.as_str(),
+        s.consecutive_failures as i64,
+        s.last_error,
+        s.epoch
+    ])?;
     Ok(())
 }
 
@@ -979,6 +1008,7 @@ mod tests {
             state: DestinationHealth::Failed,
             consecutive_failures: 5,
             last_error: None,
+            epoch: 0,
         };
         let attempt = Attempt {
             at: 101,

@@ -1,6 +1,6 @@
-//! A real PostgreSQL server for tests: a throwaway cluster (Debian's `postgresql`
-//! binaries) in a temp dir on a loopback port, stopped when dropped. As root, the server
-//! runs as the `postgres` user (PostgreSQL refuses to run as root).
+//! A real PostgreSQL server for the tests and the benchmarks: a throwaway cluster (Debian's
+//! `postgresql` binaries) in a temp dir on a loopback port, stopped when dropped. As root,
+//! the server runs as the `postgres` user (PostgreSQL refuses to run as root).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -125,18 +125,28 @@ impl PgServer {
     }
 
     /// A new, empty database on this server; its URL.
-    pub async fn database(&self, name: &str) -> String {
-        let (client, conn) = tokio_postgres::connect(&self.url("postgres"), tokio_postgres::NoTls)
-            .await
-            .expect("connect to the test server");
-        tokio::spawn(conn);
-        client
-            .batch_execute(&format!("CREATE DATABASE \"{name}\""))
-            .await
-            .expect("create the test database");
+    pub fn database(&self, name: &str) -> String {
+        let out = Command::new(self.bin.join("createdb"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "switchyard",
+                name,
+            ])
+            .output()
+            .expect("createdb runs");
+        assert!(
+            out.status.success(),
+            "createdb {name} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         self.url(name)
     }
 
+    /// The URL of a database on this server.
     pub fn url(&self, db: &str) -> String {
         format!("postgres://switchyard@127.0.0.1:{}/{db}", self.port)
     }
