@@ -11,8 +11,13 @@
 //!
 //! Run with: `cargo bench -p switchyard --bench load [-- EVENTS CONCURRENCY]` (defaults
 //! 20000 and 64). Loopback only; bounded in count and time.
+//!
+//! `cargo bench -p switchyard --bench load -- postgres [EVENTS CONCURRENCY]` measures
+//! scale-out instead: after the sink, one and then two instances on one PostgreSQL
+//! database (a throwaway local server), the clients spread over the instances.
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -58,14 +63,19 @@ fn body() -> String {
     )
 }
 
-/// Posts `n` events with `concurrency` clients; returns the ids the answers carried.
-async fn blast(client: &reqwest::Client, url: &str, n: usize, concurrency: usize) -> usize {
+/// Posts `n` events with `concurrency` clients, spread over `urls` (client `i` posts to
+/// `urls[i % len]`, as behind a load balancer); returns how many were accepted.
+async fn blast(client: &reqwest::Client, urls: &[String], n: usize, concurrency: usize) -> usize {
     let next = Arc::new(AtomicUsize::new(0));
     let body = Arc::new(body());
     let mut tasks = Vec::new();
-    for _ in 0..concurrency {
-        let (client, url, next, body) =
-            (client.clone(), url.to_string(), next.clone(), body.clone());
+    for i in 0..concurrency {
+        let (client, url, next, body) = (
+            client.clone(),
+            urls[i % urls.len()].clone(),
+            next.clone(),
+            body.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             let mut ok = 0;
             while next.fetch_add(1, Ordering::Relaxed) < n {
@@ -103,52 +113,11 @@ async fn wait_count(sink: &Sink, n: usize, limit: Duration) -> bool {
     true
 }
 
-fn pct(sorted: &[Duration], p: f64) -> f64 {
-    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)].as_secs_f64() * 1e3
-}
-
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with("--"))
-        .collect();
-    let events: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(20_000);
-    let concurrency: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(64);
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(concurrency)
-        .build()?;
-
-    // 1. The sink alone.
-    let (sink_url, sink) = start_sink().await;
-    blast(&client, &sink_url, 1_000, concurrency).await;
-    let started = Instant::now();
-    blast(&client, &sink_url, events, concurrency).await;
-    let direct = events as f64 / started.elapsed().as_secs_f64();
-    println!("direct sink: {direct:.0} requests/s ({events} requests, {concurrency} clients)");
-
-    // 2. The gateway in front of it.
-    let guests = xtask::workspace_root().join("target/guests/plugins");
-    xtask::build_guests(&["event-filter"], &guests).map_err(anyhow::Error::msg)?;
-    let dir = tempfile::tempdir()?;
-    std::fs::create_dir_all(dir.path().join("plugins.d"))?;
-    std::fs::copy(
-        guests.join("event-filter.wasm"),
-        dir.path().join("plugins.d/event-filter.wasm"),
-    )?;
-    let config = dir.path().join("switchyard.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nqueue_capacity = 1000000\n[delivery]\nconcurrency = 256\nallowed_networks = [\"127.0.0.0/8\"]\n\
-             [[sources]]\nname = \"onomondo\"\n[[destinations]]\nname = \"sink\"\nurl = \"{sink_url}/events\"\n\
-             [[routes]]\nsource = \"onomondo\"\nplugins = [{{ name = \"event-filter\", config = {{ allow = \"usage\" }} }}]\n\
-             destinations = [\"sink\"]\n"
-        ),
-    )?;
+/// Starts the real binary on `config`; returns it and its ingest URL for `onomondo`.
+async fn start_gateway(config: &Path) -> anyhow::Result<(tokio::process::Child, String)> {
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .args(["--log-format", "json", "serve", "--config"])
-        .arg(&config)
+        .arg(config)
         .env("RUST_LOG", "warn,switchyard=info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -168,20 +137,104 @@ async fn main() -> anyhow::Result<()> {
         "http://{}/v1/ingest/onomondo",
         address.expect("gateway listens")
     );
+    Ok((child, ingest))
+}
 
-    blast(&client, &ingest, 1_000, concurrency).await;
-    wait_count(&sink, events + 2_000, Duration::from_secs(60)).await;
+fn pct(sorted: &[Duration], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)].as_secs_f64() * 1e3
+}
+
+/// A gateway dir (the plugin, a config delivering to the sink); the config's path.
+fn gateway_dir(dir: &Path, sink_url: &str, store: &str) -> anyhow::Result<PathBuf> {
+    let guests = xtask::workspace_root().join("target/guests/plugins");
+    xtask::build_guests(&["event-filter"], &guests).map_err(anyhow::Error::msg)?;
+    std::fs::create_dir_all(dir.join("plugins.d"))?;
+    std::fs::copy(
+        guests.join("event-filter.wasm"),
+        dir.join("plugins.d/event-filter.wasm"),
+    )?;
+    let config = dir.join("switchyard.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nqueue_capacity = 1000000\n{store}\n[delivery]\nconcurrency = 256\nallowed_networks = [\"127.0.0.0/8\"]\n\
+             [[sources]]\nname = \"onomondo\"\n[[destinations]]\nname = \"sink\"\nurl = \"{sink_url}/events\"\n\
+             [[routes]]\nsource = \"onomondo\"\nplugins = [{{ name = \"event-filter\", config = {{ allow = \"usage\" }} }}]\n\
+             destinations = [\"sink\"]\n"
+        ),
+    )?;
+    Ok(config)
+}
+
+/// Warms the gateways up, then posts `events` spread over `ingest` and waits until the
+/// sink has them all: events/s *delivered*.
+async fn delivered_rate(
+    client: &reqwest::Client,
+    sink: &Sink,
+    ingest: &[String],
+    events: usize,
+    concurrency: usize,
+) -> f64 {
+    let base = sink.count.load(Ordering::Relaxed);
+    let warm = blast(client, ingest, 1_000, concurrency).await;
+    wait_count(sink, base + warm, Duration::from_secs(60)).await;
     let base = sink.count.load(Ordering::Relaxed);
     let started = Instant::now();
-    let accepted = blast(&client, &ingest, events, concurrency).await;
-    let all = wait_count(&sink, base + accepted, Duration::from_secs(120)).await;
+    let accepted = blast(client, ingest, events, concurrency).await;
+    let all = wait_count(sink, base + accepted, Duration::from_secs(120)).await;
     let elapsed = started.elapsed().as_secs_f64();
     let delivered = sink.count.load(Ordering::Relaxed) - base;
     let rate = delivered as f64 / elapsed;
     println!(
-        "gateway: {rate:.0} events/s delivered ({delivered} of {accepted} accepted{}, {concurrency} clients)",
+        "gateway x{}: {rate:.0} events/s delivered ({delivered} of {accepted} accepted{}, {concurrency} clients)",
+        ingest.len(),
         if all { "" } else { ", TIMED OUT" }
     );
+    rate
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let postgres = args.first().is_some_and(|a| a == "postgres");
+    let numbers = &args[usize::from(postgres)..];
+    let events: usize = numbers
+        .first()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(20_000);
+    let concurrency: usize = numbers.get(1).and_then(|a| a.parse().ok()).unwrap_or(64);
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(concurrency)
+        .build()?;
+
+    // 1. The sink alone.
+    let (sink_url, sink) = start_sink().await;
+    let sink_urls = [sink_url.clone()];
+    blast(&client, &sink_urls, 1_000, concurrency).await;
+    let started = Instant::now();
+    blast(&client, &sink_urls, events, concurrency).await;
+    let direct = events as f64 / started.elapsed().as_secs_f64();
+    println!("direct sink: {direct:.0} requests/s ({events} requests, {concurrency} clients)");
+
+    if postgres {
+        return scale_out(&client, &sink_url, &sink, events, concurrency).await;
+    }
+
+    // 2. The gateway in front of it.
+    let dir = tempfile::tempdir()?;
+    let config = gateway_dir(dir.path(), &sink_url, "")?;
+    let (mut child, ingest) = start_gateway(&config).await?;
+    let rate = delivered_rate(
+        &client,
+        &sink,
+        std::slice::from_ref(&ingest),
+        events,
+        concurrency,
+    )
+    .await;
     println!("ratio gateway/direct: {:.0}%", 100.0 * rate / direct);
 
     // 3. Latency at a fixed 1,000 events/s for 5 s.
@@ -234,5 +287,45 @@ async fn main() -> anyhow::Result<()> {
         pct(&latencies, 0.999)
     );
     child.start_kill()?;
+    Ok(())
+}
+
+/// One and then two instances on one PostgreSQL database (a throwaway server, see
+/// `xtask::pg`), the load spread over them: events/s delivered, and the ratio.
+async fn scale_out(
+    client: &reqwest::Client,
+    sink_url: &str,
+    sink: &Sink,
+    events: usize,
+    concurrency: usize,
+) -> anyhow::Result<()> {
+    let server = xtask::pg::PgServer::start().ok_or_else(|| {
+        anyhow::anyhow!("PostgreSQL is not installed (apt-get install postgresql)")
+    })?;
+    let mut rates = Vec::new();
+    for instances in [1, 2] {
+        let url = server.database(&format!("scale{instances}"));
+        let store = format!("[store]\nurl = \"{url}\"");
+        let mut dirs = Vec::new();
+        let mut running = Vec::new();
+        let mut ingest = Vec::new();
+        for _ in 0..instances {
+            let dir = tempfile::tempdir()?;
+            let config = gateway_dir(dir.path(), sink_url, &store)?;
+            let (child, url) = start_gateway(&config).await?;
+            dirs.push(dir);
+            running.push(child);
+            ingest.push(url);
+        }
+        rates.push(delivered_rate(client, sink, &ingest, events, concurrency).await);
+        for mut child in running {
+            child.start_kill()?;
+            child.wait().await?;
+        }
+    }
+    println!(
+        "two instances / one, on one PostgreSQL: {:.2}x",
+        rates[1] / rates[0]
+    );
     Ok(())
 }

@@ -132,6 +132,84 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// The most events one sweep takes over.
 const SWEEP_BATCH: usize = 256;
 
+/// The most events one ingest commit takes.
+const INGEST_BATCH: usize = 256;
+
+/// Ingest commits in flight at once: while one waits for its commit, the next batch
+/// gathers.
+const INGEST_COMMITTERS: usize = 2;
+
+/// An event to insert, and where to say whether its commit succeeded.
+type IngestJob = (Event, tokio::sync::oneshot::Sender<Result<(), StoreError>>);
+
+/// Group commit of ingest: takes whatever events arrived meanwhile (up to
+/// `INGEST_BATCH`), inserts them with one statement (one commit, one WAL flush), and
+/// answers each. Ends when the store is dropped.
+async fn commit_ingest(
+    pool: Pool,
+    jobs: Arc<tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<IngestJob>>>,
+    lease: Duration,
+) {
+    loop {
+        let mut batch = Vec::new();
+        {
+            let mut jobs = jobs.lock().await;
+            if jobs.recv_many(&mut batch, INGEST_BATCH).await == 0 {
+                return;
+            }
+        }
+        let events: Vec<Event> = batch.iter().map(|(e, _)| e.clone()).collect();
+        let result = match pool.get().await {
+            Ok(client) => insert_events(&client, &events, lease).await,
+            Err(e) => Err(e.into()),
+        };
+        for (_, reply) in batch {
+            let _ = reply.send(match &result {
+                Ok(()) => Ok(()),
+                Err(e) => Err(StoreError::Db(e.to_string())),
+            });
+        }
+    }
+}
+
+/// Inserts queued events, claimed by this instance for `lease`, with one statement.
+async fn insert_events(
+    client: &impl deadpool_postgres::GenericClient,
+    events: &[Event],
+    lease: Duration,
+) -> Result<(), StoreError> {
+    let col = |f: fn(&Event) -> String| events.iter().map(f).collect::<Vec<String>>();
+    let received: Vec<i64> = events.iter().map(|e| e.received_at as i64).collect();
+    let content_types: Vec<Option<String>> =
+        events.iter().map(|e| e.content_type.clone()).collect();
+    let bodies: Vec<&[u8]> = events.iter().map(|e| e.body.as_bytes()).collect();
+    let runs: Vec<i32> = events.iter().map(|e| e.run as i32).collect();
+    let until = (crate::delivery::now_ms() + lease.as_millis() as u64) as i64;
+    client
+        .execute(
+            "INSERT INTO events (id, source, received_at, method, path, query, headers, content_type, body, status, run, lease_until)
+             SELECT id, source, received_at, method, path, query, headers, content_type, body, 'queued', run, $11
+             FROM UNNEST($1::TEXT[], $2::TEXT[], $3::BIGINT[], $4::TEXT[], $5::TEXT[], $6::TEXT[], $7::TEXT[],
+                         $8::TEXT[], $9::BYTEA[], $10::INTEGER[])
+                  AS t(id, source, received_at, method, path, query, headers, content_type, body, run)",
+            &[
+                &col(|e| e.id.clone()),
+                &col(|e| e.source.clone()),
+                &received,
+                &col(|e| e.method.clone()),
+                &col(|e| e.path.clone()),
+                &col(|e| e.query.clone()),
+                &col(|e| json(&e.headers)),
+                &content_types,
+                &bodies,
+                &runs,
+                &until,
+            ],
+        )
+        .await?;
+    Ok(())
+}
+
 /// Any advisory-lock key that is ours: serialises migrations across instances.
 const MIGRATION_LOCK: i64 = 0x5357_4954_4348;
 
@@ -154,6 +232,8 @@ impl From<deadpool_postgres::PoolError> for StoreError {
 pub struct PgStore {
     pool: Pool,
     queue: Arc<EventQueue>,
+    /// Events (without an idempotency key) waiting for the next ingest batch.
+    ingest: tokio::sync::mpsc::UnboundedSender<IngestJob>,
     /// How long a claim on an event lasts unless renewed.
     lease: Duration,
 }
@@ -203,14 +283,25 @@ impl PgStore {
             );
         }
         tokio::spawn(keep_claims(pool.clone(), Arc::downgrade(&queue), lease));
-        Ok(Self { pool, queue, lease })
+        let (ingest, jobs) = tokio::sync::mpsc::unbounded_channel();
+        let jobs = Arc::new(tokio::sync::Mutex::new(jobs));
+        for _ in 0..INGEST_COMMITTERS {
+            tokio::spawn(commit_ingest(pool.clone(), jobs.clone(), lease));
+        }
+        Ok(Self {
+            pool,
+            queue,
+            ingest,
+            lease,
+        })
     }
 
     fn lease_until(&self) -> i64 {
         (crate::delivery::now_ms() + self.lease.as_millis() as u64) as i64
     }
 
-    /// `complete_event`'s one transaction.
+    /// `complete_event`'s one statement (one round trip, one commit): the route outcomes,
+    /// the deliveries (those that exist already are left alone) and the event's status.
     async fn record_completion(
         &self,
         event: &Event,
@@ -218,49 +309,60 @@ impl PgStore {
         deliveries: Vec<NewDelivery>,
         now: u64,
     ) -> Result<Vec<String>, StoreError> {
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        for o in &outcomes {
-            tx.execute(
-                "INSERT INTO route_outcomes (event_id, run, route, outcome) VALUES ($1, $2, $3, $4)
-                 ON CONFLICT (event_id, run, route) DO UPDATE SET outcome = excluded.outcome",
-                &[&event.id, &(event.run as i32), &(o.route as i32), &json(o)],
+        let client = self.pool.get().await?;
+        let routes: Vec<i32> = outcomes.iter().map(|o| o.route as i32).collect();
+        let outcomes: Vec<String> = outcomes.iter().map(json).collect();
+        let ds = &deliveries;
+        let ids: Vec<&str> = ds.iter().map(|d| d.id.as_str()).collect();
+        let d_routes: Vec<i32> = ds.iter().map(|d| d.route as i32).collect();
+        let destinations: Vec<&str> = ds.iter().map(|d| d.destination.as_str()).collect();
+        let urls: Vec<&str> = ds.iter().map(|d| d.url.as_str()).collect();
+        let headers: Vec<String> = ds.iter().map(|d| json(&d.headers)).collect();
+        let bodies: Vec<&[u8]> = ds.iter().map(|d| d.body.as_ref()).collect();
+        let statuses: Vec<&str> = ds.iter().map(|d| d.status.as_str()).collect();
+        let next: Vec<Option<i64>> = ds
+            .iter()
+            .map(|d| (d.status == DeliveryStatus::Pending).then_some(now as i64))
+            .collect();
+        let leases: Vec<Option<i64>> = ds.iter().map(|d| d.lease_until.map(|l| l as i64)).collect();
+        let rows = client
+            .query(
+                "WITH o AS (
+                    INSERT INTO route_outcomes (event_id, run, route, outcome)
+                    SELECT $1, $2, route, outcome FROM UNNEST($3::INTEGER[], $4::TEXT[]) AS t(route, outcome)
+                    ON CONFLICT (event_id, run, route) DO UPDATE SET outcome = excluded.outcome
+                 ), d AS (
+                    INSERT INTO deliveries (id, event_id, route, destination, url, headers, body, status,
+                                            next_attempt_at, created_at, lease_until)
+                    SELECT id, $1, route, destination, url, headers, body, status, next_at, $5, lease
+                    FROM UNNEST($6::TEXT[], $7::INTEGER[], $8::TEXT[], $9::TEXT[], $10::TEXT[], $11::BYTEA[],
+                                $12::TEXT[], $13::BIGINT[], $14::BIGINT[])
+                         AS t(id, route, destination, url, headers, body, status, next_at, lease)
+                    ON CONFLICT (id) DO NOTHING
+                    RETURNING id, lease_until
+                 ), e AS (
+                    UPDATE events SET status = 'processed' WHERE id = $1 AND run = $2
+                 )
+                 SELECT id FROM d WHERE lease_until IS NOT NULL",
+                &[
+                    &event.id,
+                    &(event.run as i32),
+                    &routes,
+                    &outcomes,
+                    &(now as i64),
+                    &ids,
+                    &d_routes,
+                    &destinations,
+                    &urls,
+                    &headers,
+                    &bodies,
+                    &statuses,
+                    &next,
+                    &leases,
+                ],
             )
             .await?;
-        }
-        let mut leased = Vec::new();
-        for d in &deliveries {
-            let next = (d.status == DeliveryStatus::Pending).then_some(now as i64);
-            let inserted = tx
-                .execute(
-                    "INSERT INTO deliveries (id, event_id, route, destination, url, headers, body, status, next_attempt_at, created_at, lease_until)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT (id) DO NOTHING",
-                    &[
-                        &d.id,
-                        &event.id,
-                        &(d.route as i32),
-                        &d.destination,
-                        &d.url,
-                        &json(&d.headers),
-                        &d.body.as_ref(),
-                        &d.status.as_str(),
-                        &next,
-                        &(now as i64),
-                        &d.lease_until.map(|l| l as i64),
-                    ],
-                )
-                .await?;
-            if inserted == 1 && d.lease_until.is_some() {
-                leased.push(d.id.clone());
-            }
-        }
-        tx.execute(
-            "UPDATE events SET status = 'processed' WHERE id = $1 AND run = $2",
-            &[&event.id, &(event.run as i32)],
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(leased)
+        Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
     async fn attempts_of(
@@ -407,29 +509,6 @@ fn json<T: Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_else(|_| "null".into())
 }
 
-/// Writes the state an attempt led to, unless the stored state is of a newer epoch.
-async fn upsert_destination(
-    tx: &impl deadpool_postgres::GenericClient,
-    s: &DestinationState,
-) -> Result<(), StoreError> {
-    tx.execute(
-        "INSERT INTO destination_state (name, state, consecutive_failures, last_error, epoch)
-         VALUES ($1, $2, $3, $4, $5)
-         ON CONFLICT (name) DO UPDATE SET state = excluded.state,
-             consecutive_failures = excluded.consecutive_failures, last_error = excluded.last_error
-         WHERE destination_state.epoch = excluded.epoch",
-        &[
-            &s.name,
-            &s.state.as_str(),
-            &(s.consecutive_failures as i32),
-            &s.last_error,
-            &s.epoch,
-        ],
-    )
-    .await?;
-    Ok(())
-}
-
 #[async_trait]
 impl Store for PgStore {
     async fn insert_event(
@@ -438,54 +517,50 @@ impl Store for PgStore {
         idempotency: Option<Idempotency>,
     ) -> Result<Inserted, StoreError> {
         self.queue.accepting()?;
+        let Some(idem) = &idempotency else {
+            // Without a key there is nothing to check: the event joins the next batch.
+            let (reply, committed) = tokio::sync::oneshot::channel();
+            self.ingest
+                .send((event.clone(), reply))
+                .map_err(|_| StoreError::Closed)?;
+            committed.await.map_err(|_| StoreError::Closed)??;
+            self.queue.push(event);
+            return Ok(Inserted::New);
+        };
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
-        if let Some(idem) = &idempotency {
-            let since = event.received_at.saturating_sub(idem.window_ms) as i64;
-            // The row lock of the key makes concurrent repeats (on any instance) wait for
-            // the first one's commit.
-            tx.execute(
-                "INSERT INTO idempotency (source, key, event_id, created_at) VALUES ($1, $2, $3, $4)
-                 ON CONFLICT (source, key) DO UPDATE SET event_id = idempotency.event_id",
-                &[&event.source, &idem.key, &event.id, &(event.received_at as i64)],
-            )
-            .await?;
-            let row = tx
-                .query_one(
-                    "SELECT event_id, created_at FROM idempotency WHERE source = $1 AND key = $2",
-                    &[&event.source, &idem.key],
-                )
-                .await?;
-            let (existing, created_at): (String, i64) = (row.get(0), row.get(1));
-            if existing != event.id {
-                if created_at >= since {
-                    return Ok(Inserted::Duplicate(existing));
-                }
-                tx.execute(
-                    "UPDATE idempotency SET event_id = $3, created_at = $4 WHERE source = $1 AND key = $2",
-                    &[&event.source, &idem.key, &event.id, &(event.received_at as i64)],
-                )
-                .await?;
-            }
-        }
+        let since = event.received_at.saturating_sub(idem.window_ms) as i64;
+        // The row lock of the key makes concurrent repeats (on any instance) wait for the
+        // first one's commit.
         tx.execute(
-            "INSERT INTO events (id, source, received_at, method, path, query, headers, content_type, body, status, run, lease_until)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'queued', $10, $11)",
+            "INSERT INTO idempotency (source, key, event_id, created_at) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (source, key) DO UPDATE SET event_id = idempotency.event_id",
             &[
-                &event.id,
                 &event.source,
+                &idem.key,
+                &event.id,
                 &(event.received_at as i64),
-                &event.method,
-                &event.path,
-                &event.query,
-                &json(&event.headers),
-                &event.content_type,
-                &event.body.as_bytes(),
-                &(event.run as i32),
-                &self.lease_until(),
             ],
         )
         .await?;
+        let row = tx
+            .query_one(
+                "SELECT event_id, created_at FROM idempotency WHERE source = $1 AND key = $2",
+                &[&event.source, &idem.key],
+            )
+            .await?;
+        let (existing, created_at): (String, i64) = (row.get(0), row.get(1));
+        if existing != event.id {
+            if created_at >= since {
+                return Ok(Inserted::Duplicate(existing));
+            }
+            tx.execute(
+                "UPDATE idempotency SET event_id = $3, created_at = $4 WHERE source = $1 AND key = $2",
+                &[&event.source, &idem.key, &event.id, &(event.received_at as i64)],
+            )
+            .await?;
+        }
+        insert_events(&tx, std::slice::from_ref(&event), self.lease).await?;
         tx.commit().await?;
         self.queue.push(event);
         Ok(Inserted::New)
@@ -591,40 +666,59 @@ impl Store for PgStore {
         next: AttemptNext,
         destination: &DestinationState,
     ) -> Result<(), StoreError> {
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
         let (status, next_at) = match next {
             AttemptNext::Delivered => ("delivered", None),
             AttemptNext::Failed => ("failed", None),
             AttemptNext::RetryAt(at) => ("pending", Some(at as i64)),
             AttemptNext::Hold => ("pending", Some(attempt.at as i64)),
         };
-        let n: i32 = tx
-            .query_one(
-                "UPDATE deliveries SET attempts = attempts + 1, status = $1, next_attempt_at = $2, lease_until = NULL
-                 WHERE id = $3 RETURNING attempts",
-                &[&status, &next_at, &delivery_id],
-            )
+        let d = destination;
+        // One statement: the delivery, its attempt, the destination's state (unless the
+        // stored state is of a newer epoch).
+        let rows = self
+            .pool
+            .get()
             .await?
-            .get(0);
-        tx.execute(
-            "INSERT INTO attempts (delivery_id, n, at, duration_ms, status_code, error, response)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)
-             ON CONFLICT (delivery_id, n) DO UPDATE SET at = excluded.at, duration_ms = excluded.duration_ms,
-                 status_code = excluded.status_code, error = excluded.error, response = excluded.response",
-            &[
-                &delivery_id,
-                &n,
-                &(attempt.at as i64),
-                &(attempt.duration_ms as i64),
-                &attempt.status_code.map(i32::from),
-                &attempt.error,
-                &attempt.response,
-            ],
-        )
-        .await?;
-        upsert_destination(&tx, destination).await?;
-        tx.commit().await?;
+            .query(
+                "WITH u AS (
+                    UPDATE deliveries SET attempts = attempts + 1, status = $1, next_attempt_at = $2,
+                        lease_until = NULL
+                    WHERE id = $3 RETURNING id, attempts
+                 ), a AS (
+                    INSERT INTO attempts (delivery_id, n, at, duration_ms, status_code, error, response)
+                    SELECT id, attempts, $4, $5, $6, $7, $8 FROM u
+                    ON CONFLICT (delivery_id, n) DO UPDATE SET at = excluded.at,
+                        duration_ms = excluded.duration_ms, status_code = excluded.status_code,
+                        error = excluded.error, response = excluded.response
+                 ), s AS (
+                    INSERT INTO destination_state (name, state, consecutive_failures, last_error, epoch)
+                    SELECT $9, $10, $11, $12, $13 FROM u
+                    ON CONFLICT (name) DO UPDATE SET state = excluded.state,
+                        consecutive_failures = excluded.consecutive_failures,
+                        last_error = excluded.last_error
+                    WHERE destination_state.epoch = excluded.epoch
+                 )
+                 SELECT attempts FROM u",
+                &[
+                    &status,
+                    &next_at,
+                    &delivery_id,
+                    &(attempt.at as i64),
+                    &(attempt.duration_ms as i64),
+                    &attempt.status_code.map(i32::from),
+                    &attempt.error,
+                    &attempt.response,
+                    &d.name,
+                    &d.state.as_str(),
+                    &(d.consecutive_failures as i32),
+                    &d.last_error,
+                    &d.epoch,
+                ],
+            )
+            .await?;
+        if rows.is_empty() {
+            return Err(StoreError::Db(format!("no delivery {delivery_id}")));
+        }
         Ok(())
     }
 
