@@ -242,6 +242,10 @@ impl Pipeline {
                 result,
             });
         }
+        let pending = deliveries
+            .iter()
+            .filter(|d| d.status == DeliveryStatus::Pending)
+            .count();
         let skipped: Vec<String> = deliveries
             .iter()
             .filter(|d| d.status == DeliveryStatus::Skipped)
@@ -279,8 +283,13 @@ impl Pipeline {
                     self.metrics.delivery(destination, "skipped");
                 }
                 due.retain(|d| leased.contains(&d.id));
+                // Pending deliveries not sent from here (their destination is not ACTIVE
+                // here, or they existed already) are the dispatcher's to claim.
+                let left = pending - due.len();
                 self.dispatcher.send_now(due);
-                self.dispatcher.wake()
+                if left > 0 {
+                    self.dispatcher.wake()
+                }
             }
             // The event stays queued in the store and is processed again at the next start.
             Err(e) => tracing::error!(error = %e, "Cannot record the event's outcome."),

@@ -183,7 +183,7 @@ async fn conformance(open: Reopen) {
             "d2",
             attempt(30_002, 503),
             AttemptNext::RetryAt(35_000),
-            &archive,
+            Some(&archive),
         )
         .await
         .unwrap();
@@ -201,7 +201,7 @@ async fn conformance(open: Reopen) {
             "d2",
             attempt(35_001, 200),
             AttemptNext::Delivered,
-            &active("archive"),
+            Some(&active("archive")),
         )
         .await
         .unwrap();
@@ -217,13 +217,13 @@ async fn conformance(open: Reopen) {
             "d1",
             attempt(36_000, 500),
             AttemptNext::Hold,
-            &DestinationState {
+            Some(&DestinationState {
                 name: "fleet".into(),
                 state: DestinationHealth::Failed,
                 consecutive_failures: 5,
                 last_error: Some("500".into()),
                 epoch: 0,
-            },
+            }),
         )
         .await
         .unwrap();
@@ -262,7 +262,12 @@ async fn conformance(open: Reopen) {
         epoch: 0,
     };
     store
-        .record_attempt("d1", attempt(99_001, 500), AttemptNext::Failed, &stale)
+        .record_attempt(
+            "d1",
+            attempt(99_001, 500),
+            AttemptNext::Failed,
+            Some(&stale),
+        )
         .await
         .unwrap();
     let fleet = |states: Vec<DestinationState>| states.into_iter().find(|s| s.name == "fleet");
@@ -277,7 +282,12 @@ async fn conformance(open: Reopen) {
         ..active("fleet")
     };
     store
-        .record_attempt("d1", attempt(99_002, 500), AttemptNext::Failed, &current)
+        .record_attempt(
+            "d1",
+            attempt(99_002, 500),
+            AttemptNext::Failed,
+            Some(&current),
+        )
         .await
         .unwrap();
     let now = fleet(store.destination_states().await.unwrap()).unwrap();

@@ -3,7 +3,7 @@
 //! FAILED, DISABLED). Time comes from a [`Clock`] so tests can move it by hand.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -97,6 +97,9 @@ pub struct Dispatcher {
     clock: Arc<dyn Clock>,
     wake: Notify,
     permits: Arc<Semaphore>,
+    /// The last claim may have left due deliveries behind (no permits, or a full batch):
+    /// a finished attempt wakes the loop.
+    starved: AtomicBool,
     attempts: TaskTracker,
     metrics: Arc<Metrics>,
     guard: SsrfGuard,
@@ -135,6 +138,7 @@ impl Dispatcher {
             clock,
             wake: Notify::new(),
             permits: Arc::new(Semaphore::new(config.concurrency)),
+            starved: AtomicBool::new(false),
             attempts: TaskTracker::new(),
             metrics,
             guard,
@@ -224,12 +228,17 @@ impl Dispatcher {
         loop {
             let free = self.permits.available_permits();
             let mut claimed = 0;
+            // Out of permits, or a claim that took all it could: more may be due.
+            self.starved.store(free == 0, Ordering::Relaxed);
             if free > 0 {
                 let now = self.clock.now_ms();
                 let lease_until = now + self.lease.as_millis() as u64;
                 match self.store.claim_due(now, lease_until, free.min(256)).await {
                     Ok(due) => {
                         claimed = due.len();
+                        if claimed == free.min(256) {
+                            self.starved.store(true, Ordering::Relaxed);
+                        }
                         for d in due {
                             let Ok(permit) = self.permits.clone().acquire_owned().await else {
                                 return;
@@ -294,6 +303,7 @@ impl Dispatcher {
                 .cloned()
                 .unwrap_or_else(|| active(&d.destination));
             let was = before.state;
+            let before_copy = before.clone();
             let (next, after) = decide(
                 &policy,
                 result,
@@ -307,8 +317,9 @@ impl Dispatcher {
                 tracing::warn!(destination = %d.destination, state = ?after.state,
                     consecutive_failures = after.consecutive_failures, "Destination state changed.");
             }
+            let changed = after != before_copy;
             states.insert(d.destination.clone(), after.clone());
-            (next, after)
+            (next, changed.then_some(after))
         };
         match next {
             AttemptNext::Delivered => tracing::info!(event_id = %d.event_id, delivery_id = %d.id,
@@ -334,14 +345,17 @@ impl Dispatcher {
         };
         if let Err(e) = self
             .store
-            .record_attempt(&d.id, attempt, next, &state)
+            .record_attempt(&d.id, attempt, next, state.as_ref())
             .await
         {
             // The lease runs out and the delivery is tried again: at least once, never lost.
             tracing::error!(delivery_id = %d.id, error = %e, "Cannot record a delivery attempt.");
         }
-        // A permit is free again.
-        self.wake();
+        // A permit is free again: that matters only if the last claim left due deliveries
+        // behind for want of permits. A retry is a new due time to wait for.
+        if self.starved.load(Ordering::Relaxed) || matches!(next, AttemptNext::RetryAt(_)) {
+            self.wake();
+        }
     }
 
     /// POSTs once; returns (status, Retry-After, response excerpt, error, duration in ms).

@@ -103,15 +103,15 @@ pub trait Store: Send + Sync + 'static {
     async fn next_due_at(&self, now: u64) -> Result<Option<u64>, StoreError>;
 
     /// Records one attempt of a delivery, what follows from it, and the destination's new
-    /// state, at once. The state is written only if the stored one is still of
-    /// `destination.epoch`: a state decided before a restart (here or, on a shared store,
-    /// on another instance) does not overwrite the restart.
+    /// state if it changed, at once. The state is written only if the stored one is still
+    /// of `destination.epoch`: a state decided before a restart (here or, on a shared
+    /// store, on another instance) does not overwrite the restart.
     async fn record_attempt(
         &self,
         delivery_id: &str,
         attempt: Attempt,
         next: AttemptNext,
-        destination: &DestinationState,
+        destination: Option<&DestinationState>,
     ) -> Result<(), StoreError>;
 
     /// The stored state of every destination that has one.

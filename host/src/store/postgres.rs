@@ -185,13 +185,18 @@ async fn insert_events(
     let bodies: Vec<&[u8]> = events.iter().map(|e| e.body.as_bytes()).collect();
     let runs: Vec<i32> = events.iter().map(|e| e.run as i32).collect();
     let until = (crate::delivery::now_ms() + lease.as_millis() as u64) as i64;
-    client
-        .execute(
+    let statement = client
+        .prepare_cached(
             "INSERT INTO events (id, source, received_at, method, path, query, headers, content_type, body, status, run, lease_until)
              SELECT id, source, received_at, method, path, query, headers, content_type, body, 'queued', run, $11
              FROM UNNEST($1::TEXT[], $2::TEXT[], $3::BIGINT[], $4::TEXT[], $5::TEXT[], $6::TEXT[], $7::TEXT[],
                          $8::TEXT[], $9::BYTEA[], $10::INTEGER[])
                   AS t(id, source, received_at, method, path, query, headers, content_type, body, run)",
+        )
+        .await?;
+    client
+        .execute(
+            &statement,
             &[
                 &col(|e| e.id.clone()),
                 &col(|e| e.source.clone()),
@@ -325,8 +330,8 @@ impl PgStore {
             .map(|d| (d.status == DeliveryStatus::Pending).then_some(now as i64))
             .collect();
         let leases: Vec<Option<i64>> = ds.iter().map(|d| d.lease_until.map(|l| l as i64)).collect();
-        let rows = client
-            .query(
+        let statement = client
+            .prepare_cached(
                 "WITH o AS (
                     INSERT INTO route_outcomes (event_id, run, route, outcome)
                     SELECT $1, $2, route, outcome FROM UNNEST($3::INTEGER[], $4::TEXT[]) AS t(route, outcome)
@@ -344,6 +349,11 @@ impl PgStore {
                     UPDATE events SET status = 'processed' WHERE id = $1 AND run = $2
                  )
                  SELECT id FROM d WHERE lease_until IS NOT NULL",
+            )
+            .await?;
+        let rows = client
+            .query(
+                &statement,
                 &[
                     &event.id,
                     &(event.run as i32),
@@ -612,8 +622,8 @@ impl Store for PgStore {
         limit: usize,
     ) -> Result<Vec<DueDelivery>, StoreError> {
         let client = self.pool.get().await?;
-        let rows = client
-            .query(
+        let statement = client
+            .prepare_cached(
                 "UPDATE deliveries SET lease_until = $1
                  WHERE seq IN (
                      SELECT d.seq FROM deliveries d
@@ -624,6 +634,11 @@ impl Store for PgStore {
                      ORDER BY d.next_attempt_at LIMIT $3
                      FOR UPDATE OF d SKIP LOCKED)
                  RETURNING id, event_id, destination, url, headers, body, attempts",
+            )
+            .await?;
+        let rows = client
+            .query(
+                &statement,
                 &[&(lease_until as i64), &(now as i64), &(limit as i64)],
             )
             .await?;
@@ -647,15 +662,15 @@ impl Store for PgStore {
 
     async fn next_due_at(&self, now: u64) -> Result<Option<u64>, StoreError> {
         let client = self.pool.get().await?;
-        let row = client
-            .query_one(
+        let statement = client
+            .prepare_cached(
                 "SELECT MIN(CASE WHEN d.lease_until >= $1 THEN d.lease_until ELSE d.next_attempt_at END)
                  FROM deliveries d
                  LEFT JOIN destination_state s ON s.name = d.destination
                  WHERE d.status = 'pending' AND (s.state IS NULL OR s.state = 'active')",
-                &[&(now as i64)],
             )
             .await?;
+        let row = client.query_one(&statement, &[&(now as i64)]).await?;
         Ok(row.get::<_, Option<i64>>(0).map(|v| v as u64))
     }
 
@@ -664,7 +679,7 @@ impl Store for PgStore {
         delivery_id: &str,
         attempt: Attempt,
         next: AttemptNext,
-        destination: &DestinationState,
+        destination: Option<&DestinationState>,
     ) -> Result<(), StoreError> {
         let (status, next_at) = match next {
             AttemptNext::Delivered => ("delivered", None),
@@ -672,14 +687,12 @@ impl Store for PgStore {
             AttemptNext::RetryAt(at) => ("pending", Some(at as i64)),
             AttemptNext::Hold => ("pending", Some(attempt.at as i64)),
         };
-        let d = destination;
-        // One statement: the delivery, its attempt, the destination's state (unless the
-        // stored state is of a newer epoch).
-        let rows = self
-            .pool
-            .get()
-            .await?
-            .query(
+        // One statement: the delivery, its attempt, the destination's state if it changed
+        // (and unless the stored state is of a newer epoch). Writing the state only on a
+        // change keeps concurrent attempts from queueing on its row.
+        let client = self.pool.get().await?;
+        let statement = client
+            .prepare_cached(
                 "WITH u AS (
                     UPDATE deliveries SET attempts = attempts + 1, status = $1, next_attempt_at = $2,
                         lease_until = NULL
@@ -692,13 +705,18 @@ impl Store for PgStore {
                         error = excluded.error, response = excluded.response
                  ), s AS (
                     INSERT INTO destination_state (name, state, consecutive_failures, last_error, epoch)
-                    SELECT $9, $10, $11, $12, $13 FROM u
+                    SELECT $9, $10, $11, $12, $13 FROM u WHERE $9::TEXT IS NOT NULL
                     ON CONFLICT (name) DO UPDATE SET state = excluded.state,
                         consecutive_failures = excluded.consecutive_failures,
                         last_error = excluded.last_error
                     WHERE destination_state.epoch = excluded.epoch
                  )
                  SELECT attempts FROM u",
+            )
+            .await?;
+        let rows = client
+            .query(
+                &statement,
                 &[
                     &status,
                     &next_at,
@@ -708,11 +726,11 @@ impl Store for PgStore {
                     &attempt.status_code.map(i32::from),
                     &attempt.error,
                     &attempt.response,
-                    &d.name,
-                    &d.state.as_str(),
-                    &(d.consecutive_failures as i32),
-                    &d.last_error,
-                    &d.epoch,
+                    &destination.map(|d| d.name.as_str()),
+                    &destination.map_or("active", |d| d.state.as_str()),
+                    &destination.map_or(0, |d| d.consecutive_failures as i32),
+                    &destination.and_then(|d| d.last_error.as_deref()),
+                    &destination.map_or(0, |d| d.epoch),
                 ],
             )
             .await?;

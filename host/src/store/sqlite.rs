@@ -525,9 +525,9 @@ impl Store for SqliteStore {
         delivery_id: &str,
         attempt: Attempt,
         next: AttemptNext,
-        destination: &DestinationState,
+        destination: Option<&DestinationState>,
     ) -> Result<(), StoreError> {
-        let (id, dest) = (delivery_id.to_string(), destination.clone());
+        let (id, dest) = (delivery_id.to_string(), destination.cloned());
         self.write(move |conn| {
             let n: i64 = conn
                 .prepare_cached("SELECT attempts FROM deliveries WHERE id = ?")?
@@ -555,7 +555,10 @@ impl Store for SqliteStore {
                 "UPDATE deliveries SET attempts = attempts + 1, status = ?, next_attempt_at = ?, lease_until = NULL WHERE id = ?",
             )?
             .execute(params![status, next_at, id])?;
-            upsert_destination(conn, &dest)
+            match &dest {
+                Some(dest) => upsert_destination(conn, dest),
+                None => Ok(()),
+            }
         })
         .await
     }
@@ -1018,7 +1021,7 @@ mod tests {
             response: None,
         };
         store
-            .record_attempt("d2", attempt, AttemptNext::RetryAt(300), &failed)
+            .record_attempt("d2", attempt, AttemptNext::RetryAt(300), Some(&failed))
             .await
             .unwrap();
         assert_eq!(
