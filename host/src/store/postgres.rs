@@ -3,8 +3,9 @@
 //!
 //! Selected by `[store] url = "postgres://…"` (or `SWITCHYARD_STORE_URL`). Migrations are
 //! versioned and applied at open under an advisory lock, so instances starting together
-//! do not race. Ingest commits each event in its own transaction before the 202; the
-//! server's group commit shares the WAL flushes of concurrent ingests.
+//! do not race. Ingest answers only after the commit; events without an idempotency key
+//! that arrive together are committed together (one `INSERT … FROM UNNEST`, see
+//! `commit_ingest`), and each later step of an event is one statement.
 //!
 //! Several instances on one database (scale-out): every claim is a lease (`[store] lease`).
 //! An accepted event is claimed by the instance that accepted it; while it holds the event
