@@ -39,30 +39,46 @@ async fn receive(State(seen): State<Arc<Seen>>, headers: HeaderMap) -> StatusCod
             .to_string()
     };
     let (webhook_id, event_id) = (header("webhook-id"), header("switchyard-event-id"));
-    {
+    let _open = Open::new(seen.clone(), webhook_id.clone());
+    // Long enough for a concurrent second attempt of the same delivery to overlap.
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    let mut arrivals = seen.arrivals.lock().unwrap();
+    let entry = arrivals.entry(event_id).or_default();
+    entry.0.insert(webhook_id);
+    entry.1 += 1;
+    StatusCode::OK
+}
+
+/// A request open at the receiver, until it is answered or its connection is gone (the
+/// SIGKILLed instance's requests end with their connections: the handler is dropped).
+struct Open {
+    seen: Arc<Seen>,
+    webhook_id: String,
+}
+
+impl Open {
+    fn new(seen: Arc<Seen>, webhook_id: String) -> Self {
         let mut open = seen.open.lock().unwrap();
         let n = open.entry(webhook_id.clone()).or_default();
         *n += 1;
         if *n > 1 {
             seen.overlaps.fetch_add(1, Ordering::SeqCst);
         }
+        drop(open);
+        Self { seen, webhook_id }
     }
-    // Long enough for a concurrent second attempt of the same delivery to overlap.
-    tokio::time::sleep(Duration::from_millis(2)).await;
-    {
-        let mut arrivals = seen.arrivals.lock().unwrap();
-        let entry = arrivals.entry(event_id).or_default();
-        entry.0.insert(webhook_id.clone());
-        entry.1 += 1;
-    }
-    let mut open = seen.open.lock().unwrap();
-    if let Some(n) = open.get_mut(&webhook_id) {
-        *n -= 1;
-        if *n == 0 {
-            open.remove(&webhook_id);
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        let mut open = self.seen.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.webhook_id) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.webhook_id);
+            }
         }
     }
-    StatusCode::OK
 }
 
 #[tokio::test(flavor = "multi_thread")]
