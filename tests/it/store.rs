@@ -179,14 +179,10 @@ async fn conformance(open: Reopen) {
     archive.consecutive_failures = 1;
     archive.last_error = Some("503".into());
     store
-        .record_attempt(
-            "d2",
-            attempt(30_002, 503),
-            AttemptNext::RetryAt(35_000),
-            Some(&archive),
-        )
+        .record_attempt("d2", attempt(30_002, 503), AttemptNext::RetryAt(35_000))
         .await
         .unwrap();
+    store.record_destination_state(&archive).await.unwrap();
     assert!(
         store
             .claim_due(34_999, 50_000, 10)
@@ -197,12 +193,11 @@ async fn conformance(open: Reopen) {
     let due = store.claim_due(35_000, 50_000, 10).await.unwrap();
     assert_eq!((due.len(), due[0].attempts), (1, 1));
     store
-        .record_attempt(
-            "d2",
-            attempt(35_001, 200),
-            AttemptNext::Delivered,
-            Some(&active("archive")),
-        )
+        .record_attempt("d2", attempt(35_001, 200), AttemptNext::Delivered)
+        .await
+        .unwrap();
+    store
+        .record_destination_state(&active("archive"))
         .await
         .unwrap();
     let d2 = store.get_event("e1").await.unwrap().unwrap().deliveries;
@@ -213,18 +208,17 @@ async fn conformance(open: Reopen) {
 
     // A FAILED destination's deliveries wait; setting it ACTIVE makes them due now.
     store
-        .record_attempt(
-            "d1",
-            attempt(36_000, 500),
-            AttemptNext::Hold,
-            Some(&DestinationState {
-                name: "fleet".into(),
-                state: DestinationHealth::Failed,
-                consecutive_failures: 5,
-                last_error: Some("500".into()),
-                epoch: 0,
-            }),
-        )
+        .record_attempt("d1", attempt(36_000, 500), AttemptNext::Hold)
+        .await
+        .unwrap();
+    store
+        .record_destination_state(&DestinationState {
+            name: "fleet".into(),
+            state: DestinationHealth::Failed,
+            consecutive_failures: 5,
+            last_error: Some("500".into()),
+            epoch: 0,
+        })
         .await
         .unwrap();
     assert!(
@@ -262,14 +256,10 @@ async fn conformance(open: Reopen) {
         epoch: 0,
     };
     store
-        .record_attempt(
-            "d1",
-            attempt(99_001, 500),
-            AttemptNext::Failed,
-            Some(&stale),
-        )
+        .record_attempt("d1", attempt(99_001, 500), AttemptNext::Failed)
         .await
         .unwrap();
+    store.record_destination_state(&stale).await.unwrap();
     let fleet = |states: Vec<DestinationState>| states.into_iter().find(|s| s.name == "fleet");
     let now = fleet(store.destination_states().await.unwrap()).unwrap();
     assert_eq!(
@@ -282,14 +272,10 @@ async fn conformance(open: Reopen) {
         ..active("fleet")
     };
     store
-        .record_attempt(
-            "d1",
-            attempt(99_002, 500),
-            AttemptNext::Failed,
-            Some(&current),
-        )
+        .record_attempt("d1", attempt(99_002, 500), AttemptNext::Failed)
         .await
         .unwrap();
+    store.record_destination_state(&current).await.unwrap();
     let now = fleet(store.destination_states().await.unwrap()).unwrap();
     assert_eq!(
         now.consecutive_failures, 1,

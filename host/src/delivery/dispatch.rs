@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -97,6 +97,10 @@ pub struct Dispatcher {
     clock: Arc<dyn Clock>,
     wake: Notify,
     permits: Arc<Semaphore>,
+    /// Destination states that attempts changed, in the order decided, for `write_states`.
+    state_changes: mpsc::UnboundedSender<DestinationState>,
+    /// `write_states`, and how to tell it to finish.
+    state_writer: Mutex<Option<(tokio::task::JoinHandle<()>, CancellationToken)>>,
     /// The last claim may have left due deliveries behind (no permits, or a full batch):
     /// a finished attempt wakes the loop.
     starved: AtomicBool,
@@ -129,6 +133,9 @@ impl Dispatcher {
             .into_iter()
             .map(|s| (s.name.clone(), s))
             .collect();
+        let (state_changes, changes) = mpsc::unbounded_channel();
+        let writer_stop = CancellationToken::new();
+        let writer = tokio::spawn(write_states(store.clone(), changes, writer_stop.clone()));
         Ok(Arc::new(Self {
             store,
             client,
@@ -139,6 +146,8 @@ impl Dispatcher {
             wake: Notify::new(),
             permits: Arc::new(Semaphore::new(config.concurrency)),
             starved: AtomicBool::new(false),
+            state_changes,
+            state_writer: Mutex::new(Some((writer, writer_stop))),
             attempts: TaskTracker::new(),
             metrics,
             guard,
@@ -286,6 +295,16 @@ impl Dispatcher {
                 _ = stop.cancelled() => {}
             }
         }
+        // Every attempt has ended: store the last state changes.
+        let writer = self
+            .state_writer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some((handle, stop)) = writer {
+            stop.cancel();
+            let _ = handle.await;
+        }
     }
 
     async fn attempt(&self, d: DueDelivery, _permit: OwnedSemaphorePermit) {
@@ -296,7 +315,7 @@ impl Dispatcher {
         let (status, retry_after, response, error, duration_ms) =
             self.send(&d.url, &headers, d.body.clone()).await;
         let result = AttemptResult::from_status(status, retry_after);
-        let (next, state) = {
+        let next = {
             let mut states = self.lock_states();
             let before = states
                 .get(&d.destination)
@@ -317,9 +336,13 @@ impl Dispatcher {
                 tracing::warn!(destination = %d.destination, state = ?after.state,
                     consecutive_failures = after.consecutive_failures, "Destination state changed.");
             }
-            let changed = after != before_copy;
-            states.insert(d.destination.clone(), after.clone());
-            (next, changed.then_some(after))
+            if after != before_copy {
+                // Sent under the lock, so the writer stores changes in the order they
+                // were decided (two attempts' commits could land the other way round).
+                let _ = self.state_changes.send(after.clone());
+            }
+            states.insert(d.destination.clone(), after);
+            next
         };
         match next {
             AttemptNext::Delivered => tracing::info!(event_id = %d.event_id, delivery_id = %d.id,
@@ -343,11 +366,7 @@ impl Dispatcher {
             error,
             response,
         };
-        if let Err(e) = self
-            .store
-            .record_attempt(&d.id, attempt, next, state.as_ref())
-            .await
-        {
+        if let Err(e) = self.store.record_attempt(&d.id, attempt, next).await {
             // The lease runs out and the delivery is tried again: at least once, never lost.
             tracing::error!(delivery_id = %d.id, error = %e, "Cannot record a delivery attempt.");
         }
@@ -503,6 +522,38 @@ fn signed_headers(
         ));
     }
     headers
+}
+
+/// Stores the destination states that attempts changed, one at a time in the order they
+/// were decided (of a burst, only each destination's last), until `stop`; then what is left.
+async fn write_states(
+    store: Arc<dyn Store>,
+    mut changes: mpsc::UnboundedReceiver<DestinationState>,
+    stop: CancellationToken,
+) {
+    loop {
+        let mut burst = Vec::new();
+        let stopping = tokio::select! {
+            got = changes.recv_many(&mut burst, 256) => got == 0,
+            _ = stop.cancelled() => true,
+        };
+        while let Ok(s) = changes.try_recv() {
+            burst.push(s);
+        }
+        let mut latest: Vec<DestinationState> = Vec::new();
+        for s in burst {
+            latest.retain(|l| l.name != s.name);
+            latest.push(s);
+        }
+        for s in latest {
+            if let Err(e) = store.record_destination_state(&s).await {
+                tracing::error!(destination = %s.name, error = %e, "Cannot record a destination's state.");
+            }
+        }
+        if stopping {
+            return;
+        }
+    }
 }
 
 fn active(name: &str) -> DestinationState {

@@ -102,17 +102,18 @@ pub trait Store: Send + Sync + 'static {
     /// due time, or the end of its lease if it is leased at `now`), if any.
     async fn next_due_at(&self, now: u64) -> Result<Option<u64>, StoreError>;
 
-    /// Records one attempt of a delivery, what follows from it, and the destination's new
-    /// state if it changed, at once. The state is written only if the stored one is still
-    /// of `destination.epoch`: a state decided before a restart (here or, on a shared
-    /// store, on another instance) does not overwrite the restart.
+    /// Records one attempt of a delivery and what follows from it, at once.
     async fn record_attempt(
         &self,
         delivery_id: &str,
         attempt: Attempt,
         next: AttemptNext,
-        destination: Option<&DestinationState>,
     ) -> Result<(), StoreError>;
+
+    /// Records the state a destination's attempts led to, unless the stored state is of a
+    /// newer epoch than `state.epoch`: a state decided before a restart (here or, on a
+    /// shared store, on another instance) does not overwrite the restart.
+    async fn record_destination_state(&self, state: &DestinationState) -> Result<(), StoreError>;
 
     /// The stored state of every destination that has one.
     async fn destination_states(&self) -> Result<Vec<DestinationState>, StoreError>;
@@ -598,7 +599,7 @@ pub struct DestinationState {
     pub consecutive_failures: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
-    /// How many times the state was set by hand (restarts): attempts decided in an older
+    /// How many times the state was set by hand (restarts): states decided in an older
     /// epoch do not overwrite it.
     #[serde(skip)]
     pub epoch: i64,

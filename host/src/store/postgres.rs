@@ -118,7 +118,7 @@ const SCHEMA: &[&str] = &[
     $$ LANGUAGE plpgsql IMMUTABLE;
     "#,
     // 2: scale-out: claims on queued events, destination state epochs (see
-    // `Store::record_attempt`), and a version of the managed objects.
+    // `Store::record_destination_state`), and a version of the managed objects.
     r#"
     ALTER TABLE events ADD COLUMN lease_until BIGINT;
     ALTER TABLE destination_state ADD COLUMN epoch BIGINT NOT NULL DEFAULT 0;
@@ -680,7 +680,6 @@ impl Store for PgStore {
         delivery_id: &str,
         attempt: Attempt,
         next: AttemptNext,
-        destination: Option<&DestinationState>,
     ) -> Result<(), StoreError> {
         let (status, next_at) = match next {
             AttemptNext::Delivered => ("delivered", None),
@@ -688,9 +687,7 @@ impl Store for PgStore {
             AttemptNext::RetryAt(at) => ("pending", Some(at as i64)),
             AttemptNext::Hold => ("pending", Some(attempt.at as i64)),
         };
-        // One statement: the delivery, its attempt, the destination's state if it changed
-        // (and unless the stored state is of a newer epoch). Writing the state only on a
-        // change keeps concurrent attempts from queueing on its row.
+        // One statement: the delivery and its attempt.
         let client = self.pool.get().await?;
         let statement = client
             .prepare_cached(
@@ -704,13 +701,6 @@ impl Store for PgStore {
                     ON CONFLICT (delivery_id, n) DO UPDATE SET at = excluded.at,
                         duration_ms = excluded.duration_ms, status_code = excluded.status_code,
                         error = excluded.error, response = excluded.response
-                 ), s AS (
-                    INSERT INTO destination_state (name, state, consecutive_failures, last_error, epoch)
-                    SELECT $9, $10, $11, $12, $13 FROM u WHERE $9::TEXT IS NOT NULL
-                    ON CONFLICT (name) DO UPDATE SET state = excluded.state,
-                        consecutive_failures = excluded.consecutive_failures,
-                        last_error = excluded.last_error
-                    WHERE destination_state.epoch = excluded.epoch
                  )
                  SELECT attempts FROM u",
             )
@@ -727,17 +717,39 @@ impl Store for PgStore {
                     &attempt.status_code.map(i32::from),
                     &attempt.error,
                     &attempt.response,
-                    &destination.map(|d| d.name.as_str()),
-                    &destination.map_or("active", |d| d.state.as_str()),
-                    &destination.map_or(0, |d| d.consecutive_failures as i32),
-                    &destination.and_then(|d| d.last_error.as_deref()),
-                    &destination.map_or(0, |d| d.epoch),
                 ],
             )
             .await?;
         if rows.is_empty() {
             return Err(StoreError::Db(format!("no delivery {delivery_id}")));
         }
+        Ok(())
+    }
+
+    async fn record_destination_state(&self, s: &DestinationState) -> Result<(), StoreError> {
+        let client = self.pool.get().await?;
+        let statement = client
+            .prepare_cached(
+                "INSERT INTO destination_state (name, state, consecutive_failures, last_error, epoch)
+                 VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (name) DO UPDATE SET state = excluded.state,
+                     consecutive_failures = excluded.consecutive_failures,
+                     last_error = excluded.last_error
+                 WHERE destination_state.epoch = excluded.epoch",
+            )
+            .await?;
+        client
+            .execute(
+                &statement,
+                &[
+                    &s.name,
+                    &s.state.as_str(),
+                    &(s.consecutive_failures as i32),
+                    &s.last_error,
+                    &s.epoch,
+                ],
+            )
+            .await?;
         Ok(())
     }
 

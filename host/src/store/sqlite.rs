@@ -98,7 +98,7 @@ const SCHEMA: &[&str] = &[
         PRIMARY KEY (kind, name)
     );
     "#,
-    // Version 3: destination state epochs (see `Store::record_attempt`).
+    // Version 3: destination state epochs (see `Store::record_destination_state`).
     "ALTER TABLE destination_state ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0;",
 ];
 
@@ -525,9 +525,8 @@ impl Store for SqliteStore {
         delivery_id: &str,
         attempt: Attempt,
         next: AttemptNext,
-        destination: Option<&DestinationState>,
     ) -> Result<(), StoreError> {
-        let (id, dest) = (delivery_id.to_string(), destination.cloned());
+        let id = delivery_id.to_string();
         self.write(move |conn| {
             let n: i64 = conn
                 .prepare_cached("SELECT attempts FROM deliveries WHERE id = ?")?
@@ -555,12 +554,15 @@ impl Store for SqliteStore {
                 "UPDATE deliveries SET attempts = attempts + 1, status = ?, next_attempt_at = ?, lease_until = NULL WHERE id = ?",
             )?
             .execute(params![status, next_at, id])?;
-            match &dest {
-                Some(dest) => upsert_destination(conn, dest),
-                None => Ok(()),
-            }
+            Ok(())
         })
         .await
+    }
+
+    async fn record_destination_state(&self, state: &DestinationState) -> Result<(), StoreError> {
+        let state = state.clone();
+        self.write(move |conn| upsert_destination(conn, &state))
+            .await
     }
 
     async fn destination_states(&self) -> Result<Vec<DestinationState>, StoreError> {
@@ -1021,9 +1023,10 @@ mod tests {
             response: None,
         };
         store
-            .record_attempt("d2", attempt, AttemptNext::RetryAt(300), Some(&failed))
+            .record_attempt("d2", attempt, AttemptNext::RetryAt(300))
             .await
             .unwrap();
+        store.record_destination_state(&failed).await.unwrap();
         assert_eq!(
             store.next_due_at(150).await.unwrap(),
             Some(200),
