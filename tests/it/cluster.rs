@@ -13,7 +13,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use serde_json::{Value, json};
 
-use crate::util::{Receiver, TestGateway, guest, start_binary};
+use crate::util::{Receiver, TestGateway, start_binary};
 use xtask::pg::PgServer;
 
 const EVENTS: usize = 10_000;
@@ -96,15 +96,11 @@ async fn three_instances_share_one_database_and_survive_a_sigkill() {
     tokio::spawn(async move { axum::serve(listener, app).await });
 
     // Each instance has its own dir (config, plugins, data) and the one database.
-    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let dirs: Vec<tempfile::TempDir> = (0..3)
+        .map(|_| TestGateway::dir_with_plugins(&["event-filter"]))
+        .collect();
     let mut instances = Vec::new();
     for dir in &dirs {
-        std::fs::create_dir_all(dir.path().join("plugins.d")).unwrap();
-        std::fs::copy(
-            guest("event-filter"),
-            dir.path().join("plugins.d/event-filter.wasm"),
-        )
-        .unwrap();
         let config = dir.path().join("switchyard.toml");
         std::fs::write(
             &config,

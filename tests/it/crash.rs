@@ -9,18 +9,12 @@ use std::time::Duration;
 
 use tokio::sync::Mutex;
 
-use crate::util::{Receiver, guest, start_binary as start};
+use crate::util::{Receiver, TestGateway, start_binary as start};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_accepted_event_is_delivered_across_sigkill() {
     let rx = Receiver::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(dir.path().join("plugins.d")).unwrap();
-    std::fs::copy(
-        guest("event-filter"),
-        dir.path().join("plugins.d/event-filter.wasm"),
-    )
-    .unwrap();
+    let dir = TestGateway::dir_with_plugins(&["event-filter"]);
     let config = dir.path().join("switchyard.toml");
     std::fs::write(
         &config,
