@@ -377,6 +377,31 @@ async fn conformance(open: Reopen) {
     let (pending, oldest) = store.backlog().await.unwrap();
     assert_eq!((pending, oldest), (1, Some(20_000)));
 
+    // A delivery whose body is its event's is claimed with that body (the store keeps one
+    // copy); one with a body of its own, even an empty one, with its own.
+    let e2 = event("e2", "bondio", 13_000, "not json");
+    let same = NewDelivery {
+        body: e2.body.0.clone(),
+        ..delivery("d5", "archive", None)
+    };
+    let empty = NewDelivery {
+        body: Bytes::new(),
+        ..delivery("d6", "archive", None)
+    };
+    store
+        .complete_event(&e2, vec![outcome(2)], vec![same, empty], 200_000)
+        .await
+        .unwrap();
+    let mut due = store.claim_due(200_000, 210_000, 10).await.unwrap();
+    due.retain(|d| d.id == "d5" || d.id == "d6");
+    due.sort_by(|a, b| a.id.cmp(&b.id));
+    assert_eq!(
+        due.iter()
+            .map(|d| (d.id.as_str(), d.body.as_ref()))
+            .collect::<Vec<_>>(),
+        [("d5", &b"not json"[..]), ("d6", &b""[..])]
+    );
+
     store.close();
     assert!(matches!(
         store.insert_event(event("late", "s", 1, "{}"), None).await,

@@ -125,6 +125,9 @@ const SCHEMA: &[&str] = &[
     CREATE TABLE managed_version (version BIGINT NOT NULL);
     INSERT INTO managed_version (version) VALUES (0);
     "#,
+    // 3: a delivery whose body is the event's own keeps no copy of it (see
+    // `store::body_from_event`).
+    "ALTER TABLE deliveries ADD COLUMN body_from_event BOOLEAN NOT NULL DEFAULT false;",
 ];
 
 /// How often the sweeper looks for queued events whose claim ran out.
@@ -324,7 +327,12 @@ impl PgStore {
         let destinations: Vec<&str> = ds.iter().map(|d| d.destination.as_str()).collect();
         let urls: Vec<&str> = ds.iter().map(|d| d.url.as_str()).collect();
         let headers: Vec<String> = ds.iter().map(|d| json(&d.headers)).collect();
-        let bodies: Vec<&[u8]> = ds.iter().map(|d| d.body.as_ref()).collect();
+        let same: Vec<bool> = ds.iter().map(|d| body_from_event(event, d)).collect();
+        let bodies: Vec<&[u8]> = ds
+            .iter()
+            .zip(&same)
+            .map(|(d, same)| if *same { &[][..] } else { d.body.as_ref() })
+            .collect();
         let statuses: Vec<&str> = ds.iter().map(|d| d.status.as_str()).collect();
         let next: Vec<Option<i64>> = ds
             .iter()
@@ -338,12 +346,12 @@ impl PgStore {
                     SELECT $1, $2, route, outcome FROM UNNEST($3::INTEGER[], $4::TEXT[]) AS t(route, outcome)
                     ON CONFLICT (event_id, run, route) DO UPDATE SET outcome = excluded.outcome
                  ), d AS (
-                    INSERT INTO deliveries (id, event_id, route, destination, url, headers, body, status,
-                                            next_attempt_at, created_at, lease_until)
-                    SELECT id, $1, route, destination, url, headers, body, status, next_at, $5, lease
+                    INSERT INTO deliveries (id, event_id, route, destination, url, headers, body, body_from_event,
+                                            status, next_attempt_at, created_at, lease_until)
+                    SELECT id, $1, route, destination, url, headers, body, same, status, next_at, $5, lease
                     FROM UNNEST($6::TEXT[], $7::INTEGER[], $8::TEXT[], $9::TEXT[], $10::TEXT[], $11::BYTEA[],
-                                $12::TEXT[], $13::BIGINT[], $14::BIGINT[])
-                         AS t(id, route, destination, url, headers, body, status, next_at, lease)
+                                $15::BOOLEAN[], $12::TEXT[], $13::BIGINT[], $14::BIGINT[])
+                         AS t(id, route, destination, url, headers, body, same, status, next_at, lease)
                     ON CONFLICT (id) DO NOTHING
                     RETURNING id, lease_until
                  ), e AS (
@@ -370,6 +378,7 @@ impl PgStore {
                     &statuses,
                     &next,
                     &leases,
+                    &same,
                 ],
             )
             .await?;
@@ -634,7 +643,9 @@ impl Store for PgStore {
                        AND (s.state IS NULL OR s.state = 'active')
                      ORDER BY d.next_attempt_at LIMIT $3
                      FOR UPDATE OF d SKIP LOCKED)
-                 RETURNING id, event_id, destination, url, headers, body, attempts",
+                 RETURNING id, event_id, destination, url, headers,
+                           CASE WHEN body_from_event THEN (SELECT e.body FROM events e WHERE e.id = deliveries.event_id) ELSE body END,
+                           attempts",
             )
             .await?;
         let rows = client

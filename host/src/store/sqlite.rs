@@ -100,6 +100,9 @@ const SCHEMA: &[&str] = &[
     "#,
     // Version 3: destination state epochs (see `Store::record_destination_state`).
     "ALTER TABLE destination_state ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0;",
+    // Version 4: a delivery whose body is the event's own keeps no copy of it (see
+    // `store::body_from_event`).
+    "ALTER TABLE deliveries ADD COLUMN body_from_event INTEGER NOT NULL DEFAULT 0;",
 ];
 
 type Reply = Box<dyn FnOnce(Result<(), String>) + Send>;
@@ -403,19 +406,30 @@ impl Store for SqliteStore {
         now: u64,
     ) -> Result<Vec<String>, StoreError> {
         let (event_id, run) = (event.id.clone(), event.run);
+        // Serialised here, on the caller's thread: the writer thread is the one that
+        // cannot be scaled out.
+        let outcomes: Vec<(usize, String)> = outcomes.iter().map(|o| (o.route, json(o))).collect();
+        let deliveries: Vec<(NewDelivery, String, bool)> = deliveries
+            .into_iter()
+            .map(|d| {
+                let (headers, same) = (json(&d.headers), body_from_event(event, &d));
+                (d, headers, same)
+            })
+            .collect();
         let result = self.write(move |conn| {
             let mut leased = Vec::new();
-            for o in &outcomes {
+            for (route, outcome) in &outcomes {
                 conn.prepare_cached(
                     "INSERT OR REPLACE INTO route_outcomes (event_id, run, route, outcome) VALUES (?, ?, ?, ?)",
                 )?
-                .execute(params![event_id, run as i64, o.route as i64, json(o)])?;
+                .execute(params![event_id, run as i64, *route as i64, outcome])?;
             }
-            for d in &deliveries {
+            for (d, headers, same) in &deliveries {
                 let next = (d.status == DeliveryStatus::Pending).then_some(now as i64);
+                let body: &[u8] = if *same { &[] } else { &d.body };
                 let inserted = conn.prepare_cached(
-                    "INSERT OR IGNORE INTO deliveries (id, event_id, route, destination, url, headers, body, status, next_attempt_at, created_at, lease_until)
-                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT OR IGNORE INTO deliveries (id, event_id, route, destination, url, headers, body, body_from_event, status, next_attempt_at, created_at, lease_until)
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 )?
                 .execute(params![
                     d.id,
@@ -423,8 +437,9 @@ impl Store for SqliteStore {
                     d.route as i64,
                     d.destination,
                     d.url,
-                    json(&d.headers),
-                    d.body.as_ref(),
+                    headers,
+                    body,
+                    same,
                     d.status.as_str(),
                     next,
                     now as i64,
@@ -485,7 +500,9 @@ impl Store for SqliteStore {
                        AND (d.lease_until IS NULL OR d.lease_until < ?2)
                        AND (s.state IS NULL OR s.state = 'active')
                      ORDER BY d.next_attempt_at LIMIT ?3)
-                 RETURNING id, event_id, destination, url, headers, body, attempts",
+                 RETURNING id, event_id, destination, url, headers,
+                           CASE WHEN body_from_event THEN (SELECT e.body FROM events e WHERE e.id = deliveries.event_id) ELSE body END,
+                           attempts",
             )?;
             stmt.query_map(params![lease_until as i64, now as i64, limit as i64], |r| {
                 let headers: String = r.get(4)?;

@@ -1,0 +1,157 @@
+//! The store's share of one event's life, without HTTP or plugins: how many events per
+//! second go through the write path the gateway uses for a route with one destination —
+//! `insert_event` (the ingest commit), `complete_event` with one delivery leased to this
+//! instance (the outcome commit), `record_attempt` delivered (the attempt commit) — with
+//! many events in flight, as under load; and how many bytes the process wrote to disk per
+//! event (`/proc/self/io`, WAL and checkpoints included).
+//!
+//! Run with: `cargo bench -p switchyard --bench store [-- EVENTS CONCURRENCY]` (defaults
+//! 20000 and 64). SQLite in a temp dir on the local disk.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use switchyard::event::{Body, Event};
+use switchyard::store::{
+    Attempt, AttemptNext, DeliveryStatus, NewDelivery, RouteOutcome, RouteResult, SqliteStore,
+    Store,
+};
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+fn event(n: usize) -> Event {
+    let pad = "x".repeat(700);
+    let body = format!(
+        r#"{{"type":"usage","id":"d08592fd","time":"2020-04-23T11:39:01.000Z","sim_id":"{n:09}","iccid":"8945738730000000012","bytes":9484,"network":{{"name":"TDC A/S","country":"Denmark"}},"pad":"{pad}"}}"#
+    );
+    Event {
+        id: uuid::Uuid::now_v7().to_string(),
+        source: "bench".into(),
+        received_at: now_ms(),
+        method: "POST".into(),
+        path: "/v1/ingest/bench".into(),
+        query: String::new(),
+        headers: vec![
+            ("content-type".into(), "application/json".into()),
+            ("user-agent".into(), "bench/1.0".into()),
+            ("host".into(), "127.0.0.1:8080".into()),
+        ],
+        content_type: Some("application/json".into()),
+        body: Body(body.into_bytes().into()),
+        metadata: Vec::new(),
+        run: 0,
+    }
+}
+
+/// Bytes this process has caused to be written to storage so far.
+fn written() -> u64 {
+    std::fs::read_to_string("/proc/self/io")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("write_bytes: ")?.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// One event through the three commits.
+async fn one(store: &dyn Store, n: usize) {
+    let event = event(n);
+    store.insert_event(event, None).await.expect("insert");
+    let event = store.next_event().await.expect("queued");
+    let now = now_ms();
+    let delivery = NewDelivery {
+        id: format!("{}-0-0-0", event.id),
+        route: 0,
+        destination: "sink".into(),
+        url: "http://127.0.0.1:9/events".into(),
+        headers: vec![
+            ("content-type".into(), "application/json".into()),
+            ("webhook-id".into(), event.id.clone()),
+        ],
+        body: if std::env::var("NOBODY").is_ok() {
+            Default::default()
+        } else {
+            event.body.0.clone()
+        },
+        status: DeliveryStatus::Pending,
+        lease_until: Some(now + 40_000),
+    };
+    let id = delivery.id.clone();
+    let outcome = RouteOutcome {
+        route: 0,
+        name: "bench".into(),
+        run: 0,
+        steps: Vec::new(),
+        result: RouteResult::Delivering { deliveries: 1 },
+    };
+    let leased = store
+        .complete_event(&event, vec![outcome], vec![delivery], now)
+        .await
+        .expect("complete");
+    assert_eq!(leased, [id.clone()]);
+    let attempt = Attempt {
+        at: now,
+        duration_ms: 1,
+        status_code: Some(204),
+        error: None,
+        response: None,
+    };
+    store
+        .record_attempt(&id, attempt, AttemptNext::Delivered)
+        .await
+        .expect("attempt");
+}
+
+async fn run(store: Arc<dyn Store>, events: usize, concurrency: usize) -> (f64, u64) {
+    let next = Arc::new(AtomicUsize::new(0));
+    let before = written();
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (store, next) = (store.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= events {
+                    break;
+                }
+                one(store.as_ref(), n).await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let rate = events as f64 / started.elapsed().as_secs_f64();
+    (rate, (written() - before) / events as u64)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let events: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(20_000);
+    let concurrency: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(64);
+
+    let dir = tempfile::tempdir()?;
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path(), 1_000_000)?);
+    run(store.clone(), 1_000, concurrency).await;
+    let (rate, bytes) = run(store.clone(), events, concurrency).await;
+    println!(
+        "sqlite: {rate:.0} events/s through insert → complete (1 delivery) → attempt, \
+         {concurrency} in flight, {events} events; {:.1} KiB written to disk per event",
+        bytes as f64 / 1024.0
+    );
+    store.close();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    Ok(())
+}
