@@ -181,14 +181,16 @@ async fn delivered_rate(
     let base = sink.count.load(Ordering::Relaxed);
     let started = Instant::now();
     let accepted = blast(client, ingest, events, concurrency).await;
+    let ingest_secs = started.elapsed().as_secs_f64();
     let all = wait_count(sink, base + accepted, Duration::from_secs(120)).await;
     let elapsed = started.elapsed().as_secs_f64();
     let delivered = sink.count.load(Ordering::Relaxed) - base;
     let rate = delivered as f64 / elapsed;
     println!(
-        "gateway x{}: {rate:.0} events/s delivered ({delivered} of {accepted} accepted{}, {concurrency} clients)",
+        "gateway x{}: {rate:.0} events/s delivered ({delivered} of {accepted} accepted{}, {concurrency} clients; accepted at {:.0}/s)",
         ingest.len(),
-        if all { "" } else { ", TIMED OUT" }
+        if all { "" } else { ", TIMED OUT" },
+        accepted as f64 / ingest_secs
     );
     rate
 }

@@ -92,7 +92,7 @@ async fn one(store: &dyn Store, n: usize) {
         .complete_event(&event, vec![outcome], vec![delivery], now)
         .await
         .expect("complete");
-    assert_eq!(leased, [id.clone()]);
+    assert_eq!(leased, std::slice::from_ref(&id));
     let attempt = Attempt {
         at: now,
         duration_ms: 1,

@@ -4,10 +4,18 @@
 //! whatever arrived while the previous batch was being written goes into the next
 //! transaction, so many requests share one fsync. Each write runs in a savepoint, so one
 //! failing write does not undo the others of its batch. Reads use a second connection.
+//!
+//! The fsync is not the writer's: SQLite runs with `synchronous = NORMAL` (a commit is
+//! written to the WAL but not synced; checkpoints still sync), and a syncer thread
+//! `fdatasync`s the WAL after each commit that carries a write which must be durable
+//! before it is answered (`Durability::Synced`: an accepted event, an API change). The
+//! writer meanwhile writes the next batch. Writes whose loss in a power cut only means
+//! work done again (an event's outcome, an attempt, a claim: at least once) are answered
+//! as soon as they are committed (`Durability::Lazy`); a later sync covers them too.
 //! The queue of events for the pipeline is kept in memory and rebuilt from the `queued`
 //! rows at open.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, mpsc};
 
 use async_trait::async_trait;
@@ -106,7 +114,18 @@ const SCHEMA: &[&str] = &[
 ];
 
 type Reply = Box<dyn FnOnce(Result<(), String>) + Send>;
-type Job = Box<dyn FnOnce(&Connection) -> Reply + Send>;
+type Job = (Durability, Box<dyn FnOnce(&Connection) -> Reply + Send>);
+
+/// When a write is answered.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Durability {
+    /// Once its commit is synced to disk: it survives a power cut.
+    Synced,
+    /// Once it is committed: it survives a crash of the gateway, and a power cut too once
+    /// a later synced write has been answered. For writes whose loss only means that work
+    /// is done again.
+    Lazy,
+}
 
 /// The SQLite store.
 pub struct SqliteStore {
@@ -124,11 +143,16 @@ impl SqliteStore {
         let path = data_dir.join("switchyard.db");
         let writer = Connection::open(&path)?;
         writer.execute_batch(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000;",
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000;",
         )?;
         let reader = Connection::open(&path)?;
         reader.execute_batch("PRAGMA busy_timeout = 5000;")?;
-        Self::start(writer, reader, capacity)
+        Self::start(
+            writer,
+            reader,
+            capacity,
+            Some(data_dir.join("switchyard.db-wal")),
+        )
     }
 
     /// A store in memory (shared by its two connections), for unit tests.
@@ -140,13 +164,15 @@ impl SqliteStore {
         let flags = rusqlite::OpenFlags::default() | rusqlite::OpenFlags::SQLITE_OPEN_URI;
         let writer = Connection::open_with_flags(&name, flags)?;
         let reader = Connection::open_with_flags(&name, flags)?;
-        Self::start(writer, reader, capacity)
+        Self::start(writer, reader, capacity, None)
     }
 
+    /// `wal`: the WAL file the syncer syncs (`None` in memory).
     fn start(
         mut writer: Connection,
         reader: Connection,
         capacity: usize,
+        wal: Option<PathBuf>,
     ) -> Result<Self, StoreError> {
         migrate(&mut writer)?;
         // One process owns the file: leases of a previous run are void.
@@ -158,7 +184,7 @@ impl SqliteStore {
         let (tx, rx) = mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("switchyard-sqlite-writer".into())
-            .spawn(move || write_loop(writer, rx))
+            .spawn(move || write_loop(writer, rx, wal))
             .map_err(|e| StoreError::Db(format!("cannot start the writer thread: {e}")))?;
         Ok(Self {
             jobs: Mutex::new(Some(tx)),
@@ -168,13 +194,29 @@ impl SqliteStore {
     }
 
     /// Runs `f` in the writer's next transaction and answers once that transaction is
-    /// committed.
+    /// committed and synced to disk.
     async fn write<R: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
     ) -> Result<R, StoreError> {
+        self.write_with(Durability::Synced, f).await
+    }
+
+    /// As [`SqliteStore::write`], answered once committed (see [`Durability::Lazy`]).
+    async fn write_lazy<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
+    ) -> Result<R, StoreError> {
+        self.write_with(Durability::Lazy, f).await
+    }
+
+    async fn write_with<R: Send + 'static>(
+        &self,
+        durability: Durability,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
+    ) -> Result<R, StoreError> {
         let (tx, rx) = oneshot::channel();
-        let job: Job = Box::new(move |conn| {
+        let job = Box::new(move |conn: &Connection| -> Reply {
             let result = in_savepoint(conn, f);
             Box::new(move |commit| {
                 let answer = match (result, commit) {
@@ -185,6 +227,7 @@ impl SqliteStore {
                 let _ = tx.send(answer);
             })
         });
+        let job: Job = (durability, job);
         let sender = self.jobs.lock().unwrap_or_else(|e| e.into_inner()).clone();
         sender
             .ok_or(StoreError::Closed)?
@@ -238,7 +281,21 @@ fn in_savepoint<R>(
     }
 }
 
-fn write_loop(conn: Connection, jobs: mpsc::Receiver<Job>) {
+fn write_loop(conn: Connection, jobs: mpsc::Receiver<Job>, wal: Option<PathBuf>) {
+    let (to_syncer, synced) = mpsc::channel::<Vec<Reply>>();
+    match wal {
+        Some(wal) => {
+            let spawned = std::thread::Builder::new()
+                .name("switchyard-sqlite-sync".into())
+                .spawn(move || sync_loop(&wal, synced));
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "Cannot start the SQLite sync thread; commits sync themselves.");
+                let _ = conn.execute_batch("PRAGMA synchronous = FULL");
+            }
+        }
+        // In memory: nothing to sync.
+        None => drop(synced),
+    }
     while let Ok(first) = jobs.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -247,10 +304,13 @@ fn write_loop(conn: Connection, jobs: mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
-        let replies: Vec<Reply>;
+        let replies: Vec<(Durability, Reply)>;
         let commit = match conn.execute_batch("BEGIN IMMEDIATE") {
             Ok(()) => {
-                replies = batch.into_iter().map(|job| job(&conn)).collect();
+                replies = batch
+                    .into_iter()
+                    .map(|(durability, job)| (durability, job(&conn)))
+                    .collect();
                 conn.execute_batch("COMMIT").map_err(|e| {
                     let _ = conn.execute_batch("ROLLBACK");
                     e.to_string()
@@ -260,7 +320,7 @@ fn write_loop(conn: Connection, jobs: mpsc::Receiver<Job>) {
                 // Without a transaction nothing can be written; fail every job of the batch.
                 replies = batch
                     .into_iter()
-                    .map(|_| Box::new(|_| {}) as Reply)
+                    .map(|_| (Durability::Lazy, Box::new(|_| {}) as Reply))
                     .collect();
                 Err(e.to_string())
             }
@@ -268,8 +328,49 @@ fn write_loop(conn: Connection, jobs: mpsc::Receiver<Job>) {
         if let Err(e) = &commit {
             tracing::error!(error = %e, "Store commit failed.");
         }
+        let mut to_sync = Vec::new();
+        for (durability, reply) in replies {
+            if durability == Durability::Synced && commit.is_ok() {
+                to_sync.push(reply);
+            } else {
+                reply(commit.clone());
+            }
+        }
+        if !to_sync.is_empty()
+            && let Err(mpsc::SendError(unsent)) = to_syncer.send(to_sync)
+        {
+            // No syncer (in memory, or it could not start): synchronous = FULL, or
+            // nothing to sync.
+            for reply in unsent {
+                reply(Ok(()));
+            }
+        }
+    }
+}
+
+/// Syncs the WAL for the commits the writer hands over, then answers their durable
+/// writes: one `fdatasync` for everything that arrived while the previous one ran.
+fn sync_loop(wal: &Path, commits: mpsc::Receiver<Vec<Reply>>) {
+    let mut file: Option<std::fs::File> = None;
+    while let Ok(mut replies) = commits.recv() {
+        while let Ok(more) = commits.try_recv() {
+            replies.extend(more);
+        }
+        if file.is_none() {
+            file = std::fs::File::options().read(true).open(wal).ok();
+        }
+        let result = match &file {
+            Some(f) => f
+                .sync_data()
+                .map_err(|e| format!("cannot sync {}: {e}", wal.display())),
+            None => Err(format!("cannot open {} to sync it", wal.display())),
+        };
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "Store sync failed.");
+            file = None;
+        }
         for reply in replies {
-            reply(commit.clone());
+            reply(result.clone());
         }
     }
 }
@@ -416,7 +517,7 @@ impl Store for SqliteStore {
                 (d, headers, same)
             })
             .collect();
-        let result = self.write(move |conn| {
+        let result = self.write_lazy(move |conn| {
             let mut leased = Vec::new();
             for (route, outcome) in &outcomes {
                 conn.prepare_cached(
@@ -490,7 +591,7 @@ impl Store for SqliteStore {
         lease_until: u64,
         limit: usize,
     ) -> Result<Vec<DueDelivery>, StoreError> {
-        self.write(move |conn| {
+        self.write_lazy(move |conn| {
             let mut stmt = conn.prepare_cached(
                 "UPDATE deliveries SET lease_until = ?1
                  WHERE seq IN (
@@ -544,7 +645,7 @@ impl Store for SqliteStore {
         next: AttemptNext,
     ) -> Result<(), StoreError> {
         let id = delivery_id.to_string();
-        self.write(move |conn| {
+        self.write_lazy(move |conn| {
             let n: i64 = conn
                 .prepare_cached("SELECT attempts FROM deliveries WHERE id = ?")?
                 .query_row([&id], |r| r.get(0))?;
@@ -578,7 +679,7 @@ impl Store for SqliteStore {
 
     async fn record_destination_state(&self, state: &DestinationState) -> Result<(), StoreError> {
         let state = state.clone();
-        self.write(move |conn| upsert_destination(conn, &state))
+        self.write_lazy(move |conn| upsert_destination(conn, &state))
             .await
     }
 
