@@ -37,6 +37,7 @@ fn languages(c: &mut Criterion) {
     xtask::build_js("tag-router-js", &out).expect("JS plugin builds");
     xtask::build_python("tag-router-py", &out).expect("Python plugin builds");
     let runtime = PluginRuntime::new().unwrap();
+    let rt = runtime_for_calls();
     let mut event = event();
     event.body = Body::from(
         std::fs::read(xtask::workspace_root().join("examples/events/onomondo-location.json"))
@@ -59,8 +60,7 @@ fn languages(c: &mut Criterion) {
         for (mode_label, mode) in [("fresh", InstanceMode::Fresh), ("warm", InstanceMode::Warm)] {
             group.bench_function(format!("{lang}/{mode_label}"), |b| {
                 b.iter(|| {
-                    plugin
-                        .call(&event, config.clone(), CallLimits::default(), mode)
+                    rt.block_on(plugin.call(&event, config.clone(), CallLimits::default(), mode))
                         .expect("plugin answers")
                 })
             });
@@ -69,11 +69,21 @@ fn languages(c: &mut Criterion) {
     group.finish();
 }
 
+/// Plugin calls are async (the guest runs on a fiber): each measured call runs to its end
+/// on this one-thread runtime.
+fn runtime_for_calls() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 fn plugin_stage(c: &mut Criterion) {
     let out = xtask::workspace_root().join("target/guests/plugins");
     let plugins = ["event-filter", "iot-normalize"];
     xtask::build_guests(&plugins, &out).expect("guest plugins build");
     let runtime = PluginRuntime::new().unwrap();
+    let rt = runtime_for_calls();
     let event = event();
     // The same filter on a 16-byte body shows what the call costs besides parsing JSON.
     let mut tiny = event.clone();
@@ -92,8 +102,7 @@ fn plugin_stage(c: &mut Criterion) {
         for (mode_label, mode) in [("fresh", InstanceMode::Fresh), ("warm", InstanceMode::Warm)] {
             c.bench_function(&format!("{label}/{mode_label}"), |b| {
                 b.iter(|| {
-                    plugin
-                        .call(event, config.clone(), CallLimits::default(), mode)
+                    rt.block_on(plugin.call(event, config.clone(), CallLimits::default(), mode))
                         .expect("plugin answers")
                 })
             });

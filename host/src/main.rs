@@ -210,15 +210,14 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 metadata,
                 run: 0,
             };
-            let outcome = tokio::task::spawn_blocking(move || {
-                plugin.call(
+            let outcome = plugin
+                .call(
                     &event,
                     Arc::from(config),
                     CallLimits::default(),
                     InstanceMode::Fresh,
                 )
-            })
-            .await?;
+                .await;
             let (output, ok) = match outcome {
                 Ok(verdict) => (serde_json::to_value(&verdict)?, true),
                 Err(e) => (serde_json::json!({ "error": e.to_string() }), false),

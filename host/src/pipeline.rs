@@ -205,10 +205,12 @@ impl Pipeline {
                 self.metrics.clone(),
             );
             let permit = self.cpu.clone().acquire_owned().await;
-            let chain = tokio::task::spawn_blocking(move || {
+            // A task of its own, so that a panic in a chain fails this route, not the
+            // pipeline worker. It starts on this thread (the runtime's LIFO slot).
+            let chain = tokio::spawn(async move {
                 let _permit = permit;
                 let route = &routing2.routes[route_index];
-                run_chain(&routing2, route, &plugins, &event2, &metrics)
+                run_chain(&routing2, route, &plugins, &event2, &metrics).await
             })
             .await;
             let (steps, end) = match chain {
@@ -304,8 +306,8 @@ enum ChainEnd {
     Failed(String),
 }
 
-/// Runs one route's plugins in order on an event. Blocking (plugins run synchronously).
-fn run_chain(
+/// Runs one route's plugins in order on an event.
+async fn run_chain(
     routing: &Routing,
     route: &Route,
     plugins: &PluginMap,
@@ -323,7 +325,9 @@ fn run_chain(
         };
         let started = Instant::now();
         let mode = rp.mode.unwrap_or_else(|| plugin.default_mode());
-        let result = plugin.call(&event, rp.config.clone(), rp.limits, mode);
+        let result = plugin
+            .call(&event, rp.config.clone(), rp.limits, mode)
+            .await;
         let outcome = match &result {
             Ok(PluginVerdict::Drop { .. }) => "drop",
             Ok(PluginVerdict::Continue(_)) => "continue",

@@ -87,6 +87,99 @@ async fn adversarial_plugins_are_contained_with_a_clear_reason() {
     gw.shutdown().await.unwrap();
 }
 
+/// Plugins spinning up to their deadline on every CPU permit at once cost their own
+/// events only: the gateway goes on answering and accepting meanwhile.
+#[tokio::test(flavor = "multi_thread")]
+async fn plugins_running_to_their_deadline_do_not_stall_the_gateway() {
+    let rx = Receiver::start().await;
+    let config = config("", "").replace(r#"deadline = "200ms""#, r#"deadline = "2s""#);
+    let gw = TestGateway::start(&config, &rx, &["misbehave"]).await;
+    let mut spinning = Vec::new();
+    for _ in 0..4 {
+        spinning.push(
+            gw.accept("bad", json!({ "mode": "loop" }).to_string())
+                .await,
+        );
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    assert_eq!(gw.get("/healthz").await.0, 200);
+    let good = gw.accept("good", "{}").await;
+    let waited = started.elapsed();
+    assert!(
+        waited < std::time::Duration::from_millis(1_000),
+        "the gateway answered after {waited:?} while plugins ran"
+    );
+    for id in &spinning {
+        let e = gw.settled(id).await;
+        let error = e["routes"][0]["result"]["error"]
+            .as_str()
+            .unwrap_or_default();
+        assert!(error.contains("exceeded its deadline of 2s"), "{error}");
+    }
+    assert_eq!(
+        gw.settled(&good).await["deliveries"][0]["status"],
+        "delivered"
+    );
+    gw.shutdown().await.unwrap();
+}
+
+/// A call runs on a fiber of the calling task and yields at every epoch tick (5 ms): on a
+/// one-thread runtime, another task keeps running while a plugin spins to its deadline.
+/// (A guest that held the thread would let the other task run only after the call.)
+#[tokio::test(flavor = "current_thread")]
+async fn a_long_plugin_call_yields_to_other_tasks() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use switchyard::config::InstanceMode;
+    use switchyard::plugin::{CallError, CallLimits, PluginRuntime};
+
+    let runtime = PluginRuntime::new().unwrap();
+    let plugin = runtime
+        .load_file("misbehave", &crate::util::guest("misbehave"))
+        .unwrap();
+    let event = switchyard::event::Event {
+        id: "e".into(),
+        source: "bad".into(),
+        received_at: 0,
+        method: "POST".into(),
+        path: "/v1/ingest/bad".into(),
+        query: String::new(),
+        headers: vec![],
+        content_type: Some("application/json".into()),
+        body: switchyard::event::Body::from(br#"{"mode":"loop"}"#.to_vec()),
+        metadata: vec![],
+        run: 0,
+    };
+    let limits = CallLimits {
+        deadline: std::time::Duration::from_millis(500),
+        ..CallLimits::default()
+    };
+    let done = Arc::new(AtomicBool::new(false));
+    let turns = Arc::new(AtomicU64::new(0));
+    let call = async {
+        let result = plugin
+            .call(&event, Arc::from(vec![]), limits, InstanceMode::Fresh)
+            .await;
+        done.store(true, Ordering::SeqCst);
+        result
+    };
+    let other = async {
+        while !done.load(Ordering::SeqCst) {
+            turns.fetch_add(1, Ordering::SeqCst);
+            tokio::task::yield_now().await;
+        }
+    };
+    // The call is polled first: it has started before the other task's first turn.
+    let (result, ()) = tokio::join!(call, other);
+    assert!(matches!(result, Err(CallError::Deadline(_))), "{result:?}");
+    let turns = turns.load(Ordering::SeqCst);
+    assert!(
+        turns >= 20,
+        "the other task ran {turns} times during a 500 ms call"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn capabilities_are_denied() {
     let rx = Receiver::start().await;

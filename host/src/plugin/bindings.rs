@@ -4,6 +4,10 @@
 wasmtime::component::bindgen!({
     path: "../wit",
     world: "plugin",
+    // `handle` is called as an async call on a fiber, so that a long call yields to the
+    // runtime at every epoch tick instead of holding a thread; the host functions the
+    // plugin imports stay synchronous (they never block).
+    exports: { default: async },
 });
 
 pub use self::exports::switchyard::plugin::handler::{Event, PluginError, Verdict};

@@ -124,6 +124,9 @@ impl PluginRuntime {
 
     pub fn with_options(options: RuntimeOptions) -> anyhow::Result<Arc<Self>> {
         let mut config = wasmtime::Config::new();
+        // Calls run on fibers (`call_async`) and yield to the async runtime at each epoch
+        // tick: a plugin that runs long (up to its deadline) shares the runtime's threads
+        // with the rest of the gateway instead of needing a thread of its own.
         config.epoch_interruption(true);
         config.max_wasm_stack(1 << 20);
         // Instances come from a pool of pre-reserved slots, with copy-on-write memory images:
@@ -141,12 +144,13 @@ impl PluginRuntime {
             // as before.
             .pagemap_scan(Enabled::Auto)
             .linear_memory_keep_resident(KEEP_RESIDENT)
-            .table_keep_resident(KEEP_RESIDENT);
+            .table_keep_resident(KEEP_RESIDENT)
+            .async_stack_keep_resident(KEEP_RESIDENT);
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&config)?;
 
         let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
         Plugin::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
 
         // The ticker holds only a weak reference so it ends with the engine.
@@ -343,9 +347,9 @@ impl LoadedPlugin {
         self.consecutive_failures() >= self.options.degraded_after
     }
 
-    /// Runs the plugin on one event. Blocking: call it off the async runtime (e.g. in
-    /// `spawn_blocking`).
-    pub fn call(
+    /// Runs the plugin on one event. The guest runs on a fiber of the calling task and
+    /// yields at each epoch tick, so a call never holds a runtime thread for long.
+    pub async fn call(
         &self,
         event: &Event,
         config: Arc<[(String, String)]>,
@@ -354,8 +358,8 @@ impl LoadedPlugin {
     ) -> Result<PluginVerdict, CallError> {
         let started = std::time::Instant::now();
         let result = match mode {
-            InstanceMode::Fresh => self.call_fresh(event, config, limits),
-            InstanceMode::Warm => self.call_warm(event, config, limits),
+            InstanceMode::Fresh => self.call_fresh(event, config, limits).await,
+            InstanceMode::Warm => self.call_warm(event, config, limits).await,
         }
         .and_then(|v| check_output(v, &limits));
         self.calls.fetch_add(1, Ordering::Relaxed);
@@ -397,11 +401,10 @@ impl LoadedPlugin {
         );
         let mut store = Store::new(self.pre.engine(), state);
         store.limiter(|s| &mut s.limits);
-        store.epoch_deadline_trap();
         store
     }
 
-    fn call_fresh(
+    async fn call_fresh(
         &self,
         event: &Event,
         config: Arc<[(String, String)]>,
@@ -409,15 +412,15 @@ impl LoadedPlugin {
     ) -> Result<PluginVerdict, CallError> {
         let mut store = self.new_store(event, config, limits.max_memory);
         set_deadline(&mut store, limits.deadline);
-        let result = self
-            .pre
-            .instantiate(&mut store)
-            .and_then(|plugin| invoke(&plugin, &mut store, event));
+        let result = match self.pre.instantiate_async(&mut store).await {
+            Ok(plugin) => invoke(&plugin, &mut store, event).await,
+            Err(e) => Err(e),
+        };
         store.data().flush_output();
         classify(result, limits.deadline)
     }
 
-    fn call_warm(
+    async fn call_warm(
         &self,
         event: &Event,
         config: Arc<[(String, String)]>,
@@ -436,7 +439,7 @@ impl LoadedPlugin {
             None => {
                 let mut store = self.new_store(event, config, limits.max_memory);
                 set_deadline(&mut store, limits.deadline);
-                let plugin = match self.pre.instantiate(&mut store) {
+                let plugin = match self.pre.instantiate_async(&mut store).await {
                     Ok(p) => p,
                     Err(e) => return classify(Err(e), limits.deadline),
                 };
@@ -449,7 +452,7 @@ impl LoadedPlugin {
             }
         };
         set_deadline(&mut warm.store, limits.deadline);
-        let result = invoke(&warm.plugin, &mut warm.store, event);
+        let result = invoke(&warm.plugin, &mut warm.store, event).await;
         warm.store.data().flush_output();
         warm.calls += 1;
         // A trapped instance is never reused: its memory may be in any state.
@@ -469,18 +472,29 @@ impl LoadedPlugin {
     }
 }
 
+/// Arms the call's deadline: at every epoch tick the guest yields to the runtime, and the
+/// tick that reaches the deadline interrupts it (a `Trap::Interrupt`).
 fn set_deadline(store: &mut Store<PluginState>, deadline: Duration) {
-    let ticks = (deadline.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64;
-    store.set_epoch_deadline(ticks);
+    let mut ticks_left = (deadline.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64;
+    store.set_epoch_deadline(1);
+    store.epoch_deadline_callback(move |_| {
+        ticks_left -= 1;
+        if ticks_left == 0 {
+            Err(wasmtime::Trap::Interrupt.into())
+        } else {
+            Ok(wasmtime::UpdateDeadline::Yield(1))
+        }
+    });
 }
 
 type RawResult = wasmtime::Result<Result<bindings::Verdict, bindings::PluginError>>;
 
-fn invoke(plugin: &Plugin, store: &mut Store<PluginState>, event: &Event) -> RawResult {
+async fn invoke(plugin: &Plugin, store: &mut Store<PluginState>, event: &Event) -> RawResult {
     let wit_event = convert::to_wit_event(event);
     plugin
         .switchyard_plugin_handler()
         .call_handle(store, &wit_event)
+        .await
 }
 
 fn classify(result: RawResult, deadline: Duration) -> Result<PluginVerdict, CallError> {
