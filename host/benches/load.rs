@@ -166,12 +166,45 @@ fn gateway_dir(dir: &Path, sink_url: &str, store: &str) -> anyhow::Result<PathBu
     Ok(config)
 }
 
+/// CPU time in seconds that process `pid` has used so far (`/proc/PID/stat`, utime +
+/// stime, in Linux's fixed USER_HZ of 100 ticks a second); 0 where unreadable.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // Fields 14 and 15 of the line; 12 and 13 after the state field.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// The machine's idle and total CPU time in seconds so far (`/proc/stat`).
+fn machine_cpu() -> (f64, f64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let cpu: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    let idle = cpu.get(3).copied().unwrap_or(0.0) + cpu.get(4).copied().unwrap_or(0.0);
+    (idle / 100.0, cpu.iter().sum::<f64>() / 100.0)
+}
+
 /// Warms the gateways up, then posts `events` spread over `ingest` and waits until the
-/// sink has them all: events/s *delivered*.
+/// sink has them all: events/s *delivered*. Prints where the CPU went meanwhile: the
+/// gateways (`pids`), this process (clients and sink), and what stayed idle.
 async fn delivered_rate(
     client: &reqwest::Client,
     sink: &Sink,
     ingest: &[String],
+    pids: &[u32],
     events: usize,
     concurrency: usize,
 ) -> f64 {
@@ -179,6 +212,9 @@ async fn delivered_rate(
     let warm = blast(client, ingest, 1_000, concurrency).await;
     wait_count(sink, base + warm, Duration::from_secs(60)).await;
     let base = sink.count.load(Ordering::Relaxed);
+    let gateways_cpu = || pids.iter().map(|p| cpu_secs(*p)).sum::<f64>();
+    let (gateways_before, own_before) = (gateways_cpu(), cpu_secs(std::process::id()));
+    let (idle_before, total_before) = machine_cpu();
     let started = Instant::now();
     let accepted = blast(client, ingest, events, concurrency).await;
     let ingest_secs = started.elapsed().as_secs_f64();
@@ -191,6 +227,14 @@ async fn delivered_rate(
         ingest.len(),
         if all { "" } else { ", TIMED OUT" },
         accepted as f64 / ingest_secs
+    );
+    let (idle, total) = machine_cpu();
+    println!(
+        "  CPU meanwhile: gateway{} {:.2} cores, clients and sink {:.2} cores, machine idle {:.0}%",
+        if pids.len() > 1 { "s" } else { "" },
+        (gateways_cpu() - gateways_before) / elapsed,
+        (cpu_secs(std::process::id()) - own_before) / elapsed,
+        100.0 * (idle - idle_before) / (total - total_before).max(f64::EPSILON)
     );
     rate
 }
@@ -229,10 +273,12 @@ async fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let config = gateway_dir(dir.path(), &sink_url, "")?;
     let (mut child, ingest) = start_gateway(&config).await?;
+    let pids: Vec<u32> = child.id().into_iter().collect();
     let rate = delivered_rate(
         &client,
         &sink,
         std::slice::from_ref(&ingest),
+        &pids,
         events,
         concurrency,
     )
@@ -319,7 +365,8 @@ async fn scale_out(
             running.push(child);
             ingest.push(url);
         }
-        rates.push(delivered_rate(client, sink, &ingest, events, concurrency).await);
+        let pids: Vec<u32> = running.iter().filter_map(|c| c.id()).collect();
+        rates.push(delivered_rate(client, sink, &ingest, &pids, events, concurrency).await);
         for mut child in running {
             child.start_kill()?;
             child.wait().await?;
