@@ -178,7 +178,7 @@ fn cpu_secs(pid: u32) -> f64 {
             .and_then(|f| f.parse::<f64>().ok())
             .unwrap_or(0.0)
     };
-    // Fields 14 and 15 of the line; 12 and 13 after the state field.
+    // utime and stime: fields 14 and 15 of the line, 11 and 12 counting the state as 0.
     (ticks(11) + ticks(12)) / 100.0
 }
 
