@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use switchyard::delivery::delivery_id;
 use switchyard::event::{Body, Event};
 use switchyard::store::{
     Attempt, AttemptNext, DeliveryStatus, NewDelivery, RouteOutcome, RouteResult, SqliteStore,
@@ -66,21 +67,22 @@ async fn one(store: &dyn Store, n: usize) {
     store.insert_event(event, None).await.expect("insert");
     let event = store.next_event().await.expect("queued");
     let now = now_ms();
+    // The id the pipeline derives, so that the indexes on it see the gateway's key order.
+    let id = delivery_id(&event.id, event.run, 0, 0, "sink");
     let delivery = NewDelivery {
-        id: format!("{}-0-0-0", event.id),
+        id: id.clone(),
         route: 0,
         destination: "sink".into(),
         url: "http://127.0.0.1:9/events".into(),
         headers: vec![
             ("content-type".into(), "application/json".into()),
-            ("webhook-id".into(), event.id.clone()),
+            ("webhook-id".into(), id.clone()),
         ],
         // Passed through unchanged, as by most routes.
         body: event.body.0.clone(),
         status: DeliveryStatus::Pending,
         lease_until: Some(now + 40_000),
     };
-    let id = delivery.id.clone();
     let outcome = RouteOutcome {
         route: 0,
         name: "bench".into(),
