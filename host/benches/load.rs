@@ -229,10 +229,12 @@ async fn delivered_rate(
         accepted as f64 / ingest_secs
     );
     let (idle, total) = machine_cpu();
+    let gateways_secs = gateways_cpu() - gateways_before;
     println!(
-        "  CPU meanwhile: gateway{} {:.2} cores, clients and sink {:.2} cores, machine idle {:.0}%",
+        "  CPU meanwhile: gateway{} {:.2} cores ({:.0} µs per delivered event), clients and sink {:.2} cores, machine idle {:.0}%",
         if pids.len() > 1 { "s" } else { "" },
-        (gateways_cpu() - gateways_before) / elapsed,
+        gateways_secs / elapsed,
+        1e6 * gateways_secs / delivered.max(1) as f64,
         (cpu_secs(std::process::id()) - own_before) / elapsed,
         100.0 * (idle - idle_before) / (total - total_before).max(f64::EPSILON)
     );
