@@ -345,7 +345,9 @@ impl Dispatcher {
             next
         };
         match next {
-            AttemptNext::Delivered => tracing::info!(event_id = %d.event_id, delivery_id = %d.id,
+            // Not `info`: the delivery log and the metrics count successes; a line each
+            // at thousands a second costs CPU and buries what needs a look.
+            AttemptNext::Delivered => tracing::debug!(event_id = %d.event_id, delivery_id = %d.id,
                 destination = %d.destination, status, "Delivered."),
             _ => {
                 tracing::warn!(event_id = %d.event_id, delivery_id = %d.id, destination = %d.destination,
