@@ -274,7 +274,11 @@ mod tests {
         let earlier = "019abf00-0000-7000-8000-000000000001";
         let later = "019abf00-0001-7000-8000-000000000000";
         let id = delivery_id(earlier, 0, 1, 0, "crm");
-        assert_eq!(id, delivery_id(earlier, 0, 1, 0, "crm"), "derived, not drawn");
+        assert_eq!(
+            id,
+            delivery_id(earlier, 0, 1, 0, "crm"),
+            "derived, not drawn"
+        );
         assert!(id.starts_with("dlv_019abf000000"), "{id}");
         assert_eq!(id.len(), 4 + 12 + 20);
         let others = [

@@ -111,7 +111,27 @@ const SCHEMA: &[&str] = &[
     // Version 4: a delivery whose body is the event's own keeps no copy of it (see
     // `store::body_from_event`).
     "ALTER TABLE deliveries ADD COLUMN body_from_event INTEGER NOT NULL DEFAULT 0;",
+    // Version 5: deliveries are listed by status from an index of the ones not delivered
+    // (few, and the ones looked for), not of all: a delivery that succeeds leaves the index
+    // instead of moving to the delivered end of it, one index page less in most commits.
+    // Queries on it repeat its `status != 'delivered'` term, which is how SQLite knows a
+    // partial index applies.
+    "DROP INDEX deliveries_status;
+     CREATE INDEX deliveries_undelivered ON deliveries (status, seq) WHERE status != 'delivered';",
 ];
+
+/// Deliveries in `seq` order: all of them, the delivered ones (most rows match), or those
+/// of another status (from `deliveries_undelivered`). Bound: status, after, limit.
+const LIST_DELIVERIES_ALL: &str =
+    "SELECT * FROM deliveries WHERE ?1 IS NULL AND seq > ?2 ORDER BY seq LIMIT ?3";
+const LIST_DELIVERIES_DELIVERED: &str =
+    "SELECT * FROM deliveries WHERE status = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3";
+const LIST_DELIVERIES_UNDELIVERED: &str = "SELECT * FROM deliveries
+    WHERE status = ?1 AND status != 'delivered' AND seq > ?2 ORDER BY seq LIMIT ?3";
+/// Pending and failed deliveries per destination.
+const DELIVERY_COUNTS: &str = "SELECT destination, SUM(status = 'pending'), SUM(status = 'failed')
+    FROM deliveries WHERE status IN ('pending', 'failed') AND status != 'delivered'
+    GROUP BY destination";
 
 type Reply = Box<dyn FnOnce(Result<(), String>) + Send>;
 type Job = (Durability, Box<dyn FnOnce(&Connection) -> Reply + Send>);
@@ -746,11 +766,7 @@ impl Store for SqliteStore {
 
     async fn delivery_counts(&self) -> Result<Vec<DeliveryCounts>, StoreError> {
         self.read(|conn| {
-            let mut stmt = conn.prepare(
-                "SELECT destination,
-                        SUM(status = 'pending'), SUM(status = 'failed')
-                 FROM deliveries WHERE status IN ('pending', 'failed') GROUP BY destination",
-            )?;
+            let mut stmt = conn.prepare(DELIVERY_COUNTS)?;
             stmt.query_map([], |r| {
                 Ok(DeliveryCounts {
                     destination: r.get(0)?,
@@ -852,12 +868,21 @@ impl Store for SqliteStore {
         limit: usize,
     ) -> Result<Vec<(i64, DeliveryRecord)>, StoreError> {
         self.read(move |conn| {
-            let mut stmt = conn.prepare_cached(
-                "SELECT * FROM deliveries WHERE (?1 IS NULL OR status = ?1) AND seq > ?2 ORDER BY seq LIMIT ?3",
-            )?;
-            let rows: Vec<(i64, DeliveryRecord)> = stmt
+            // Delivered ones, or all, in `seq` order (most rows match); the others from
+            // `deliveries_undelivered`.
+            let sql = match status {
+                None => LIST_DELIVERIES_ALL,
+                Some(DeliveryStatus::Delivered) => LIST_DELIVERIES_DELIVERED,
+                Some(_) => LIST_DELIVERIES_UNDELIVERED,
+            };
+            let rows: Vec<(i64, DeliveryRecord)> = conn
+                .prepare_cached(sql)?
                 .query_map(
-                    params![status.map(DeliveryStatus::as_str), after.unwrap_or(0), limit as i64],
+                    params![
+                        status.map(DeliveryStatus::as_str),
+                        after.unwrap_or(0),
+                        limit as i64
+                    ],
                     |r| Ok((r.get::<_, i64>("seq")?, delivery_from_row(r)?)),
                 )?
                 .collect::<rusqlite::Result<_>>()?;
@@ -1229,6 +1254,36 @@ mod tests {
         }
         for i in 0..500 {
             assert!(store.get_event(&format!("e{i}")).await.unwrap().is_some());
+        }
+    }
+
+    /// The indexes the listing queries are meant to use: a partial index applies only when
+    /// the query repeats its WHERE term, which an edit could silently lose.
+    #[test]
+    fn deliveries_are_listed_from_the_intended_indexes() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate(&mut conn).unwrap();
+        let plan = |sql: &str| -> String {
+            let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+            let n = stmt.parameter_count();
+            let rows = stmt
+                .query_map(
+                    rusqlite::params_from_iter(vec![rusqlite::types::Null; n]),
+                    |r| r.get::<_, String>(3),
+                )
+                .unwrap();
+            rows.map(Result::unwrap).collect::<Vec<_>>().join("; ")
+        };
+        let undelivered = plan(LIST_DELIVERIES_UNDELIVERED);
+        assert!(
+            undelivered.contains("USING INDEX deliveries_undelivered (status=? AND seq>?)"),
+            "{undelivered}"
+        );
+        let counts = plan(DELIVERY_COUNTS);
+        assert!(counts.contains("deliveries_undelivered"), "{counts}");
+        for sql in [LIST_DELIVERIES_ALL, LIST_DELIVERIES_DELIVERED] {
+            let p = plan(sql);
+            assert!(p.contains("INTEGER PRIMARY KEY (rowid>?)"), "{p}");
         }
     }
 }
