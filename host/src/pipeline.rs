@@ -3,10 +3,12 @@
 //! delivery stage.
 
 use std::collections::{HashMap, HashSet};
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
+use futures_util::FutureExt;
 use tracing::Instrument;
 
 use crate::config::{Config, InstanceMode, OnError};
@@ -198,26 +200,24 @@ impl Pipeline {
             if routing.routes[route_index].source != event.source {
                 continue;
             }
-            let (routing2, plugins, event2, metrics) = (
-                routing.clone(),
-                plugin_versions.clone(),
-                event.clone(),
-                self.metrics.clone(),
-            );
-            let permit = self.cpu.clone().acquire_owned().await;
-            // A task of its own, so that a panic in a chain fails this route, not the
-            // pipeline worker. It starts on this thread (the runtime's LIFO slot).
-            let chain = tokio::spawn(async move {
-                let _permit = permit;
-                let route = &routing2.routes[route_index];
-                run_chain(&routing2, route, &plugins, &event2, &metrics).await
-            })
+            let permit = self.cpu.acquire().await;
+            // A panic in a chain fails this route, not the pipeline worker.
+            let route = &routing.routes[route_index];
+            let chain = AssertUnwindSafe(run_chain(
+                &routing,
+                route,
+                &plugin_versions,
+                &event,
+                &self.metrics,
+            ))
+            .catch_unwind()
             .await;
+            drop(permit);
             let (steps, end) = match chain {
                 Ok(result) => result,
-                Err(e) => (
+                Err(panic) => (
                     Vec::new(),
-                    ChainEnd::Failed(format!("plugin chain panicked: {e}")),
+                    ChainEnd::Failed(format!("plugin chain panicked: {}", panic_message(&*panic))),
                 ),
             };
             let route = routing.routes[route_index].index;
@@ -297,6 +297,15 @@ impl Pipeline {
             Err(e) => tracing::error!(error = %e, "Cannot record the event's outcome."),
         }
     }
+}
+
+/// What a panic said, as far as it is text.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
 }
 
 /// How a route's chain ended.
