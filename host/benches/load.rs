@@ -10,7 +10,8 @@
 //!    sink: p50, p99, p99.9.
 //!
 //! Run with: `cargo bench -p switchyard --bench load [-- EVENTS CONCURRENCY]` (defaults
-//! 20000 and 64). Loopback only; bounded in count and time.
+//! 20000 and 64). Loopback only; bounded in count and time. `LOAD_PLUGINS='plugins = []'`
+//! (any TOML `plugins` line) swaps the route's chain, to see what the plugin costs.
 //!
 //! `cargo bench -p switchyard --bench load -- postgres [EVENTS CONCURRENCY]` measures
 //! scale-out instead: after the sink, one and then two instances on one PostgreSQL
@@ -157,14 +158,18 @@ fn gateway_dir(dir: &Path, sink_url: &str, store: &str) -> anyhow::Result<PathBu
         guests.join("event-filter.wasm"),
         dir.join("plugins.d/event-filter.wasm"),
     )?;
+    // The route's plugins: `LOAD_PLUGINS` (a TOML `plugins = [...]` line) measures other
+    // chains, e.g. `plugins = []` or the same plugin with `instance = "warm"`.
+    let plugins = std::env::var("LOAD_PLUGINS").unwrap_or_else(|_| {
+        r#"plugins = [{ name = "event-filter", config = { allow = "usage" } }]"#.to_string()
+    });
     let config = dir.join("switchyard.toml");
     std::fs::write(
         &config,
         format!(
             "[server]\nlisten = \"127.0.0.1:0\"\nqueue_capacity = 1000000\n{store}\n[delivery]\nconcurrency = 256\nallowed_networks = [\"127.0.0.0/8\"]\n\
              [[sources]]\nname = \"onomondo\"\n[[destinations]]\nname = \"sink\"\nurl = \"{sink_url}/events\"\n\
-             [[routes]]\nsource = \"onomondo\"\nplugins = [{{ name = \"event-filter\", config = {{ allow = \"usage\" }} }}]\n\
-             destinations = [\"sink\"]\n"
+             [[routes]]\nsource = \"onomondo\"\n{plugins}\ndestinations = [\"sink\"]\n"
         ),
     )?;
     Ok(config)
