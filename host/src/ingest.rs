@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use serde_json::json;
+use tracing::Instrument;
 
 use crate::api::{ApiError, AppState};
 use crate::config::Config;
@@ -141,20 +142,25 @@ async fn accept(
         window_ms: config.server.idempotency_window.as_millis() as u64,
     });
     let id = event.id.clone();
-    let source = event.source.clone();
-    match state.store.insert_event(event, idempotency).await? {
-        Inserted::New => {
-            tracing::debug!(event_id = %id, source, "Event accepted.");
-            Ok((StatusCode::ACCEPTED, Json(json!({ "id": id }))))
-        }
-        Inserted::Duplicate(original) => {
-            tracing::info!(event_id = %original, source, "Duplicate event answered with the original id.");
-            Ok((
-                StatusCode::OK,
-                Json(json!({ "id": original, "duplicate": true })),
-            ))
+    // The stage's span: what is logged from here on carries the event's id.
+    let span = tracing::info_span!("ingest", event_id = %id, source = %event.source);
+    async move {
+        match state.store.insert_event(event, idempotency).await? {
+            Inserted::New => {
+                tracing::debug!("Event accepted.");
+                Ok((StatusCode::ACCEPTED, Json(json!({ "id": id }))))
+            }
+            Inserted::Duplicate(original) => {
+                tracing::info!(event_id = %original, "Duplicate event answered with the original id.");
+                Ok((
+                    StatusCode::OK,
+                    Json(json!({ "id": original, "duplicate": true })),
+                ))
+            }
         }
     }
+    .instrument(span)
+    .await
 }
 
 /// The event's idempotency key: the `Idempotency-Key` header, or else the source's

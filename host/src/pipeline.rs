@@ -172,8 +172,7 @@ impl Pipeline {
             let this = self.clone();
             handles.push(tokio::spawn(async move {
                 while let Some(event) = this.store.next_event().await {
-                    let span =
-                        tracing::info_span!("event", event_id = %event.id, source = %event.source);
+                    let span = tracing::info_span!("pipeline", event_id = %event.id, source = %event.source);
                     this.process(event).instrument(span).await;
                 }
             }));
@@ -284,6 +283,11 @@ impl Pipeline {
                 for destination in &skipped {
                     self.metrics.delivery(destination, "skipped");
                 }
+                tracing::debug!(
+                    deliveries = pending,
+                    skipped = skipped.len(),
+                    "Event processed."
+                );
                 due.retain(|d| leased.contains(&d.id));
                 // Pending deliveries not sent from here (their destination is not ACTIVE
                 // here, or they existed already) are the dispatcher's to claim.

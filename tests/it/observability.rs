@@ -1,6 +1,6 @@
 //! `/metrics` (Prometheus text) and `/readyz` from outside.
 
-use crate::util::{Receiver, TestGateway};
+use crate::util::{Receiver, TestGateway, start_binary_logging};
 
 /// The value of the sample whose line starts with `series` (name and labels).
 fn sample(text: &str, series: &str) -> Option<f64> {
@@ -121,4 +121,76 @@ destinations = ["ok", "bad"]
     );
     assert_eq!(get(r#"switchyard_reloads_total{result="ok"}"#), 1.0);
     gw.shutdown().await.unwrap();
+}
+
+/// Each stage logs inside a span named after it that carries the event's id, so an
+/// operator can follow one event through `--log-format json` (the real binary).
+#[tokio::test(flavor = "multi_thread")]
+async fn every_stage_logs_in_a_span_carrying_the_event_id() {
+    let rx = Receiver::start().await;
+    let dir = TestGateway::dir_with_plugins(&["event-filter"]);
+    let config = dir.path().join("switchyard.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[server]
+listen = "127.0.0.1:0"
+data_dir = "./data"
+[delivery]
+allowed_networks = ["127.0.0.0/8"]
+[[sources]]
+name = "s"
+[[destinations]]
+name = "ok"
+url = "{}/ok"
+[[routes]]
+source = "s"
+plugins = [{{ name = "event-filter", config = {{ allow = "usage" }} }}]
+destinations = ["ok"]
+"#,
+            rx.url
+        ),
+    )
+    .unwrap();
+    let (_child, url, log) = start_binary_logging(&config, "info,switchyard=debug").await;
+    let resp = reqwest::Client::new()
+        .post(format!("{url}/v1/ingest/s"))
+        .body(r#"{"type":"usage"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    let id = resp.json::<serde_json::Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    rx.wait_for(1).await;
+
+    // The message each stage logs at debug, and the span it must be logged in.
+    let stages = [
+        ("Event accepted.", "ingest"),
+        ("Event processed.", "pipeline"),
+        ("Delivered.", "delivery"),
+    ];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    for (message, span) in stages {
+        let line = loop {
+            let found = log
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| l["fields"]["message"] == message)
+                .cloned();
+            match found {
+                Some(line) => break line,
+                None if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await
+                }
+                None => panic!("no `{message}` line in {:#?}", log.lock().unwrap()),
+            }
+        };
+        assert_eq!(line["span"]["name"], span, "{line}");
+        assert_eq!(line["span"]["event_id"], id.as_str(), "{line}");
+    }
 }

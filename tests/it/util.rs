@@ -453,26 +453,43 @@ pub fn dir_with_plugin_bytes(name: &str, bytes: &[u8]) -> tempfile::TempDir {
     dir
 }
 
-/// The `switchyard` binary built for this test run.
 /// Starts the real binary, `switchyard serve --config CONFIG`, and returns it with the address it listens on.
 pub async fn start_binary(config: &Path) -> (tokio::process::Child, String) {
+    let (child, url, _log) = start_binary_logging(config, "info").await;
+    (child, url)
+}
+
+/// [`start_binary`] with `RUST_LOG=rust_log`; also returns the JSON log lines it has
+/// written so far (collected until the child exits).
+pub async fn start_binary_logging(
+    config: &Path,
+    rust_log: &str,
+) -> (
+    tokio::process::Child,
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+) {
     use tokio::io::{AsyncBufReadExt, BufReader};
     let mut child = tokio::process::Command::new(switchyard_bin())
         .args(["--log-format", "json", "serve", "--config"])
         .arg(config)
-        .env("RUST_LOG", "info")
+        .env("RUST_LOG", rust_log)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .expect("switchyard starts");
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let address = tokio::time::timeout(Duration::from_secs(60), async {
         while let Some(line) = lines.next_line().await.unwrap() {
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
-                && v["fields"]["message"] == "Switchyard is listening."
-            {
-                return v["fields"]["address"].as_str().unwrap().to_string();
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                let listening = v["fields"]["message"] == "Switchyard is listening.";
+                let address = v["fields"]["address"].as_str().map(str::to_string);
+                log.lock().unwrap().push(v);
+                if listening {
+                    return address.unwrap();
+                }
             }
         }
         panic!("switchyard exited before listening");
@@ -480,10 +497,18 @@ pub async fn start_binary(config: &Path) -> (tokio::process::Child, String) {
     .await
     .expect("switchyard listens within a minute");
     // Keep draining the log so the child never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    (child, format!("http://{address}"))
+    let kept = log.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Ok(v) = serde_json::from_str(&line) {
+                kept.lock().unwrap().push(v);
+            }
+        }
+    });
+    (child, format!("http://{address}"), log)
 }
 
+/// The `switchyard` binary built for this test run.
 pub fn switchyard_bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_switchyard"))
 }

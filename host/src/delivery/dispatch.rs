@@ -307,6 +307,8 @@ impl Dispatcher {
         }
     }
 
+    #[tracing::instrument(name = "delivery", skip_all, fields(event_id = %d.event_id,
+        delivery_id = %d.id, destination = %d.destination, attempt = d.attempts + 1))]
     async fn attempt(&self, d: DueDelivery, _permit: OwnedSemaphorePermit) {
         let dest = self.destinations.load().get(&d.destination).cloned();
         let policy = dest.as_ref().map(|d| d.retry.clone()).unwrap_or_default();
