@@ -9,7 +9,7 @@ pub mod policy;
 pub use dispatch::{Clock, Dispatcher, ManualClock, RestartError, SystemClock, TestOutcome};
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use reqwest::header::{HeaderName, HeaderValue};
 use sha2::{Digest, Sha256};
@@ -90,11 +90,12 @@ impl Destination {
     }
 
     /// Whether this destination takes events of this type.
-    pub fn accepts(&self, event_type: Option<&str>) -> bool {
-        match (&self.event_types, event_type) {
-            (None, _) => true,
-            (Some(types), Some(t)) => types.contains(t),
-            (Some(_), None) => false,
+    /// Whether this destination takes events of the type `event_type` yields (asked only
+    /// when the destination filters on types).
+    pub fn accepts<'a>(&self, event_type: impl FnOnce() -> Option<&'a str>) -> bool {
+        match &self.event_types {
+            None => true,
+            Some(types) => event_type().is_some_and(|t| types.contains(t)),
         }
     }
 }
@@ -119,31 +120,38 @@ pub struct PlannedDelivery {
 pub struct PlaceholderValues {
     event_id: String,
     source: String,
-    /// Top-level scalar fields of the event as received.
-    fields: HashMap<String, String>,
+    /// The event's body as received.
+    body: Body,
+    /// Its top-level scalar fields, parsed on first use: most destinations have no
+    /// placeholder and no event-type filter, and their events need no parse here.
+    fields: OnceLock<HashMap<String, String>>,
 }
 
 impl PlaceholderValues {
-    /// Collects the values of an event as received (before any plugin reshaped it).
+    /// The values of an event as received (before any plugin reshaped it).
     pub fn of(received: &Event) -> Self {
-        let fields = received
-            .json_object()
-            .map(|obj| {
-                obj.into_iter()
-                    .filter_map(|(k, v)| match v {
-                        serde_json::Value::String(s) => Some((k, s)),
-                        serde_json::Value::Number(n) => Some((k, n.to_string())),
-                        serde_json::Value::Bool(b) => Some((k, b.to_string())),
-                        _ => None,
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
         Self {
             event_id: received.id.clone(),
             source: received.source.clone(),
-            fields,
+            body: received.body.clone(),
+            fields: OnceLock::new(),
         }
+    }
+
+    fn fields(&self) -> &HashMap<String, String> {
+        self.fields.get_or_init(|| {
+            let Ok(serde_json::Value::Object(obj)) = serde_json::from_slice(&self.body.0) else {
+                return HashMap::new();
+            };
+            obj.into_iter()
+                .filter_map(|(k, v)| match v {
+                    serde_json::Value::String(s) => Some((k, s)),
+                    serde_json::Value::Number(n) => Some((k, n.to_string())),
+                    serde_json::Value::Bool(b) => Some((k, b.to_string())),
+                    _ => None,
+                })
+                .collect()
+        })
     }
 
     /// The gateway's id of the event.
@@ -153,7 +161,7 @@ impl PlaceholderValues {
 
     /// The event type: metadata `event_type`, else the top-level `type` field.
     pub fn event_type<'a>(&'a self, metadata: &'a [(String, String)]) -> Option<&'a str> {
-        lookup(metadata, "event_type").or_else(|| self.fields.get("type").map(String::as_str))
+        lookup(metadata, "event_type").or_else(|| self.fields().get("type").map(String::as_str))
     }
 
     fn get<'a>(&'a self, metadata: &'a [(String, String)], name: &str) -> Option<&'a str> {
@@ -161,7 +169,7 @@ impl PlaceholderValues {
             "event_id" => Some(&self.event_id),
             "source" => Some(&self.source),
             "event_type" => self.event_type(metadata),
-            _ => lookup(metadata, name).or_else(|| self.fields.get(name).map(String::as_str)),
+            _ => lookup(metadata, name).or_else(|| self.fields().get(name).map(String::as_str)),
         }
     }
 }
@@ -196,7 +204,7 @@ pub fn delivery_id(
 /// gateway's headers added. The result is stored and sent as it is, retry after retry.
 pub fn render(planned: &PlannedDelivery, values: &PlaceholderValues) -> NewDelivery {
     let dest = &planned.destination;
-    let accepted = dest.accepts(values.event_type(&planned.metadata));
+    let accepted = dest.accepts(|| values.event_type(&planned.metadata));
     let url = placeholder::render(&dest.url, Target::Url, |n| values.get(&planned.metadata, n));
     NewDelivery {
         lease_until: None,
