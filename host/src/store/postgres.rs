@@ -128,7 +128,25 @@ const SCHEMA: &[&str] = &[
     // 3: a delivery whose body is the event's own keeps no copy of it (see
     // `store::body_from_event`).
     "ALTER TABLE deliveries ADD COLUMN body_from_event BOOLEAN NOT NULL DEFAULT false;",
+    // 4: as SQLite's version 5 — deliveries listed by status from an index of the
+    // undelivered ones; queries on it repeat its `status <> 'delivered'` term.
+    "DROP INDEX deliveries_status;
+     CREATE INDEX deliveries_undelivered ON deliveries (status, seq) WHERE status <> 'delivered';",
 ];
+
+/// Deliveries in `seq` order: all of them, the delivered ones, or those of another status
+/// (from `deliveries_undelivered`). Bound: status, after, limit.
+const LIST_DELIVERIES_ALL: &str =
+    "SELECT * FROM deliveries WHERE $1::TEXT IS NULL AND seq > $2 ORDER BY seq LIMIT $3";
+const LIST_DELIVERIES_DELIVERED: &str =
+    "SELECT * FROM deliveries WHERE status = $1 AND seq > $2 ORDER BY seq LIMIT $3";
+const LIST_DELIVERIES_UNDELIVERED: &str = "SELECT * FROM deliveries
+    WHERE status = $1 AND status <> 'delivered' AND seq > $2 ORDER BY seq LIMIT $3";
+/// Pending and failed deliveries per destination.
+const DELIVERY_COUNTS: &str = "SELECT destination, COUNT(*) FILTER (WHERE status = 'pending'),
+        COUNT(*) FILTER (WHERE status = 'failed')
+    FROM deliveries WHERE status IN ('pending', 'failed') AND status <> 'delivered'
+    GROUP BY destination";
 
 /// How often the sweeper looks for queued events whose claim ran out.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
@@ -822,12 +840,7 @@ impl Store for PgStore {
     async fn delivery_counts(&self) -> Result<Vec<DeliveryCounts>, StoreError> {
         let client = self.pool.get().await?;
         Ok(client
-            .query(
-                "SELECT destination, COUNT(*) FILTER (WHERE status = 'pending'),
-                        COUNT(*) FILTER (WHERE status = 'failed')
-                 FROM deliveries WHERE status IN ('pending', 'failed') GROUP BY destination",
-                &[],
-            )
+            .query(DELIVERY_COUNTS, &[])
             .await?
             .iter()
             .map(|r| DeliveryCounts {
@@ -944,10 +957,16 @@ impl Store for PgStore {
         limit: usize,
     ) -> Result<Vec<(i64, DeliveryRecord)>, StoreError> {
         let client = self.pool.get().await?;
+        // As in SQLite: delivered ones, or all, in `seq` order; the others from
+        // `deliveries_undelivered`.
+        let sql = match status {
+            None => LIST_DELIVERIES_ALL,
+            Some(DeliveryStatus::Delivered) => LIST_DELIVERIES_DELIVERED,
+            Some(_) => LIST_DELIVERIES_UNDELIVERED,
+        };
         let rows = client
             .query(
-                "SELECT * FROM deliveries WHERE ($1::TEXT IS NULL OR status = $1) AND seq > $2
-                 ORDER BY seq LIMIT $3",
+                sql,
                 &[
                     &status.map(DeliveryStatus::as_str),
                     &after.unwrap_or(0),
@@ -1117,5 +1136,55 @@ impl Store for PgStore {
             .await?;
         tx.commit().await?;
         Ok(n as usize)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The listing queries can use `deliveries_undelivered` (sequential scans off, so the
+    /// plan shows what is usable, not what an empty table makes cheapest).
+    #[tokio::test(flavor = "multi_thread")]
+    async fn deliveries_are_listed_from_the_intended_indexes() {
+        let Some(server) = xtask::pg::PgServer::start() else {
+            return;
+        };
+        let url = server.database("plans");
+        PgStore::open(&url, 10, Duration::from_secs(30))
+            .await
+            .unwrap();
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        client
+            .batch_execute("SET enable_seqscan = off")
+            .await
+            .unwrap();
+        let failed = explain(
+            &client,
+            LIST_DELIVERIES_UNDELIVERED,
+            &[&"failed", &0i64, &10i64],
+        )
+        .await;
+        assert!(failed.contains("deliveries_undelivered"), "{failed}");
+        let counts = explain(&client, DELIVERY_COUNTS, &[]).await;
+        assert!(counts.contains("deliveries_undelivered"), "{counts}");
+    }
+
+    async fn explain(
+        client: &tokio_postgres::Client,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> String {
+        client
+            .query(&format!("EXPLAIN {sql}"), params)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 }
