@@ -402,6 +402,47 @@ async fn conformance(open: Reopen) {
         [("d5", &b"not json"[..]), ("d6", &b""[..])]
     );
 
+    // Reads are snapshots: an event or a delivery listing read while attempts are being
+    // recorded shows each delivery with its attempts and the state they left it in, never
+    // the attempt without the state (the retry-schedule test once saw exactly that).
+    const ATTEMPTS: u64 = 150;
+    let retry_at = |n: usize| AttemptNext::RetryAt(300_000 + n as u64);
+    let writer = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            for n in 1..=ATTEMPTS as usize {
+                store
+                    .record_attempt("d6", attempt(210_000 + n as u64, 503), retry_at(n))
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    let consistent = |d: &switchyard::store::DeliveryRecord| {
+        let n = d.attempts.len();
+        assert!(
+            n == 0 || d.next_attempt_at == Some(300_000 + n as u64),
+            "{n} attempts with next_attempt_at {:?}",
+            d.next_attempt_at
+        );
+        n
+    };
+    let mut seen = 0;
+    while seen < ATTEMPTS as usize {
+        let record = store.get_event("e2").await.unwrap().unwrap();
+        seen = consistent(record.deliveries.iter().find(|d| d.id == "d6").unwrap());
+        for (_, d) in store
+            .list_deliveries(Some(DeliveryStatus::Pending), None, 100)
+            .await
+            .unwrap()
+        {
+            if d.id == "d6" {
+                consistent(&d);
+            }
+        }
+    }
+    writer.await.unwrap();
+
     store.close();
     assert!(matches!(
         store.insert_event(event("late", "s", 1, "{}"), None).await,

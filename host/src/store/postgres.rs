@@ -405,7 +405,7 @@ impl PgStore {
 
     async fn attempts_of(
         &self,
-        client: &tokio_postgres::Client,
+        client: &impl deadpool_postgres::GenericClient,
         d: &mut DeliveryRecord,
     ) -> Result<(), StoreError> {
         d.attempts = client
@@ -506,6 +506,20 @@ async fn keep_claims(pool: Pool, queue: std::sync::Weak<EventQueue>, lease: Dura
             tokio::time::sleep(SWEEP_INTERVAL.min(renew_every)).await;
         }
     }
+}
+
+/// A read-only transaction in which every statement sees one snapshot, for reads that take
+/// more than one statement (an event with its deliveries and their attempts). Dropped, it
+/// rolls back, which for a read is all it needs.
+async fn snapshot(
+    client: &mut deadpool_postgres::Object,
+) -> Result<deadpool_postgres::Transaction<'_>, StoreError> {
+    Ok(client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await?)
 }
 
 fn event_from_row(r: &Row) -> Event {
@@ -906,7 +920,8 @@ impl Store for PgStore {
     }
 
     async fn get_event(&self, id: &str) -> Result<Option<EventRecord>, StoreError> {
-        let client = self.pool.get().await?;
+        let mut client = self.pool.get().await?;
+        let client = snapshot(&mut client).await?;
         let Some(row) = client
             .query_opt("SELECT * FROM events WHERE id = $1", &[&id])
             .await?
@@ -956,7 +971,8 @@ impl Store for PgStore {
         after: Option<i64>,
         limit: usize,
     ) -> Result<Vec<(i64, DeliveryRecord)>, StoreError> {
-        let client = self.pool.get().await?;
+        let mut client = self.pool.get().await?;
+        let client = snapshot(&mut client).await?;
         // As in SQLite: delivered ones, or all, in `seq` order; the others from
         // `deliveries_undelivered`.
         let sql = match status {

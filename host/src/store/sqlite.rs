@@ -260,15 +260,20 @@ impl SqliteStore {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
-    /// Runs a read on the reading connection, off the async runtime.
+    /// Runs a read on the reading connection, off the async runtime, in one transaction:
+    /// every statement of `f` sees the same snapshot, so an event read while an attempt is
+    /// being recorded has either both the attempt and the delivery's new state or neither.
     async fn read<R: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
     ) -> Result<R, StoreError> {
         let reader = self.reader.clone();
         tokio::task::spawn_blocking(move || {
-            let conn = reader.lock().unwrap_or_else(|e| e.into_inner());
-            f(&conn)
+            let mut conn = reader.lock().unwrap_or_else(|e| e.into_inner());
+            let tx = conn.transaction()?;
+            let result = f(&tx)?;
+            tx.commit()?;
+            Ok::<_, rusqlite::Error>(result)
         })
         .await
         .map_err(|e| StoreError::Db(format!("read task failed: {e}")))?
