@@ -110,5 +110,69 @@ fn plugin_stage(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, plugin_stage, languages);
+/// The same call as the gateway makes it: many events in flight on a two-thread runtime,
+/// so instances come from many pool slots at once and calls interleave on both cores. The
+/// time is per call (the batch's wall time over its calls), to compare with the one-at-a-
+/// time figures above.
+fn in_flight(c: &mut Criterion) {
+    const IN_FLIGHT: usize = 64;
+    const CALLS_EACH: usize = 20;
+    let out = xtask::workspace_root().join("target/guests/plugins");
+    xtask::build_guests(&["event-filter"], &out).expect("guest plugins build");
+    let runtime = PluginRuntime::new().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let plugin = Arc::new(
+        runtime
+            .load_file("event-filter", &out.join("event-filter.wasm"))
+            .unwrap(),
+    );
+    let event = Arc::new(event());
+    let config: Arc<[(String, String)]> =
+        Arc::from(vec![("allow".to_string(), "usage".to_string())]);
+    let mut group = c.benchmark_group("event-filter-64-in-flight");
+    group.throughput(criterion::Throughput::Elements(1));
+    for (mode_label, mode) in [("fresh", InstanceMode::Fresh), ("warm", InstanceMode::Warm)] {
+        group.bench_function(mode_label, |b| {
+            b.iter_custom(|iters| {
+                let batches = iters.div_ceil((IN_FLIGHT * CALLS_EACH) as u64);
+                let started = std::time::Instant::now();
+                for _ in 0..batches {
+                    rt.block_on(async {
+                        let tasks: Vec<_> = (0..IN_FLIGHT)
+                            .map(|_| {
+                                let (plugin, event, config) =
+                                    (plugin.clone(), event.clone(), config.clone());
+                                tokio::spawn(async move {
+                                    for _ in 0..CALLS_EACH {
+                                        plugin
+                                            .call(
+                                                &event,
+                                                config.clone(),
+                                                CallLimits::default(),
+                                                mode,
+                                            )
+                                            .await
+                                            .expect("plugin answers");
+                                    }
+                                })
+                            })
+                            .collect();
+                        for t in tasks {
+                            t.await.unwrap();
+                        }
+                    });
+                }
+                let calls = batches * (IN_FLIGHT * CALLS_EACH) as u64;
+                started.elapsed().mul_f64(iters as f64 / calls as f64)
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, plugin_stage, languages, in_flight);
 criterion_main!(benches);
