@@ -12,6 +12,8 @@
 //! Run with: `cargo bench -p switchyard --bench load [-- EVENTS CONCURRENCY]` (defaults
 //! 20000 and 64). Loopback only; bounded in count and time. `LOAD_PLUGINS='plugins = []'`
 //! (any TOML `plugins` line) swaps the route's chain, to see what the plugin costs.
+//! `LOAD_CLIENT=wrk` posts with Debian's `wrk` (in processes of its own, one thread each)
+//! instead of this process's reqwest clients, which take less of the shared cores.
 //!
 //! `cargo bench -p switchyard --bench load -- postgres [EVENTS CONCURRENCY]` measures
 //! scale-out instead: after the sink, one and then two instances on one PostgreSQL
@@ -69,8 +71,12 @@ fn body() -> String {
 }
 
 /// Posts `n` events with `concurrency` clients, spread over `urls` (client `i` posts to
-/// `urls[i % len]`, as behind a load balancer); returns how many were accepted.
+/// `urls[i % len]`, as behind a load balancer); returns how many were accepted. With
+/// `LOAD_CLIENT=wrk` the clients are Debian's `wrk` in processes of their own.
 async fn blast(client: &reqwest::Client, urls: &[String], n: usize, concurrency: usize) -> usize {
+    if std::env::var("LOAD_CLIENT").is_ok_and(|c| c == "wrk") {
+        return wrk_blast(urls, n, concurrency).await;
+    }
     let next = Arc::new(AtomicUsize::new(0));
     let body = Arc::new(body());
     let mut tasks = Vec::new();
@@ -105,6 +111,53 @@ async fn blast(client: &reqwest::Client, urls: &[String], n: usize, concurrency:
         ok += t.await.unwrap();
     }
     ok
+}
+
+/// `blast` with `wrk` (one thread and `concurrency / urls` connections per URL): a load
+/// generator in C that costs the shared cores less than this process's reqwest clients.
+/// Each wrk stops after its share of responses (its script sends it the SIGINT on which
+/// wrk stops early and reports); the up to `concurrency` requests still in flight then are
+/// not counted as accepted.
+async fn wrk_blast(urls: &[String], n: usize, concurrency: usize) -> usize {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut runs = Vec::new();
+    for url in urls {
+        let share = n / urls.len();
+        let script = dir.path().join(format!("post{}.lua", runs.len()));
+        std::fs::write(
+            &script,
+            format!(
+                "wrk.method = \"POST\"\nwrk.headers[\"Content-Type\"] = \"application/json\"\n\
+                 wrk.body = [==[{}]==]\nlocal left = {share}\n\
+                 local ffi = require(\"ffi\")\nffi.cdef(\"int kill(int pid, int sig); int getpid(void);\")\n\
+                 function response(status, headers, body)\n  left = left - 1\n  \
+                 if left == 0 then wrk.thread:stop(); ffi.C.kill(ffi.C.getpid(), 2) end\nend\n\
+                 function done(s)\n  local e = s.errors\n  \
+                 io.write(string.format(\"ACCEPTED %d\\n\", s.requests - e.status - e.connect - e.read - e.write - e.timeout))\nend\n",
+                body()
+            ),
+        )
+        .expect("wrk script");
+        let connections = (concurrency / urls.len()).max(1).to_string();
+        runs.push(
+            tokio::process::Command::new("wrk")
+                .args(["-t1", "-c", &connections, "-d300s", "--timeout", "10s", "-s"])
+                .arg(&script)
+                .arg(url)
+                .output(),
+        );
+    }
+    let mut accepted = 0;
+    for run in runs {
+        let out = run.await.expect("wrk runs (apt-get install wrk)");
+        let text = String::from_utf8_lossy(&out.stdout);
+        accepted += text
+            .lines()
+            .find_map(|l| l.strip_prefix("ACCEPTED "))
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .unwrap_or_else(|| panic!("wrk printed no count: {text}"));
+    }
+    accepted
 }
 
 async fn wait_count(sink: &Sink, n: usize, limit: Duration) -> bool {
@@ -178,6 +231,17 @@ fn gateway_dir(dir: &Path, sink_url: &str, store: &str) -> anyhow::Result<PathBu
 /// CPU time in seconds that process `pid` has used so far (`/proc/PID/stat`, utime +
 /// stime, in Linux's fixed USER_HZ of 100 ticks a second); 0 where unreadable.
 fn cpu_secs(pid: u32) -> f64 {
+    stat_ticks(pid, &[11, 12])
+}
+
+/// CPU time of this process and of the children it has waited for (the `wrk` clients).
+fn own_cpu_secs() -> f64 {
+    // cutime and cstime follow utime and stime.
+    stat_ticks(std::process::id(), &[11, 12, 13, 14])
+}
+
+/// The sum of the given tick fields of `/proc/PID/stat`, in seconds.
+fn stat_ticks(pid: u32, at: &[usize]) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
     let fields: Vec<&str> = after_name.split_whitespace().collect();
@@ -187,8 +251,9 @@ fn cpu_secs(pid: u32) -> f64 {
             .and_then(|f| f.parse::<f64>().ok())
             .unwrap_or(0.0)
     };
-    // utime and stime: fields 14 and 15 of the line, 11 and 12 counting the state as 0.
-    (ticks(11) + ticks(12)) / 100.0
+    // utime, stime, cutime, cstime: fields 14 to 17 of the line, 11 to 14 counting the
+    // state as 0.
+    at.iter().map(|&i| ticks(i)).sum::<f64>() / 100.0
 }
 
 /// The machine's idle and total CPU time in seconds so far (`/proc/stat`).
@@ -222,7 +287,7 @@ async fn delivered_rate(
     wait_count(sink, base + warm, Duration::from_secs(60)).await;
     let base = sink.count.load(Ordering::Relaxed);
     let gateways_cpu = || pids.iter().map(|p| cpu_secs(*p)).sum::<f64>();
-    let (gateways_before, own_before) = (gateways_cpu(), cpu_secs(std::process::id()));
+    let (gateways_before, own_before) = (gateways_cpu(), own_cpu_secs());
     let (idle_before, total_before) = machine_cpu();
     let started = Instant::now();
     let accepted = blast(client, ingest, events, concurrency).await;
@@ -244,7 +309,7 @@ async fn delivered_rate(
         if pids.len() > 1 { "s" } else { "" },
         gateways_secs / elapsed,
         1e6 * gateways_secs / delivered.max(1) as f64,
-        (cpu_secs(std::process::id()) - own_before) / elapsed,
+        (own_cpu_secs() - own_before) / elapsed,
         100.0 * (idle - idle_before) / (total - total_before).max(f64::EPSILON)
     );
     rate

@@ -385,11 +385,8 @@ impl SsrfGuard {
     }
 
     /// Checks a URL whose host is an IP literal (names are checked at resolution).
-    pub fn check_url(&self, url: &str) -> Result<(), String> {
-        let Ok(parsed) = reqwest::Url::parse(url) else {
-            return Ok(()); // The request itself reports a bad URL.
-        };
-        match parsed.host() {
+    pub fn check_url(&self, url: &reqwest::Url) -> Result<(), String> {
+        match url.host() {
             Some(url::Host::Ipv4(ip)) => self.check(IpAddr::V4(ip)),
             Some(url::Host::Ipv6(ip)) => self.check(IpAddr::V6(ip)),
             _ => Ok(()),
@@ -492,14 +489,15 @@ mod ssrf_tests {
         let allowing = SsrfGuard::new(vec!["127.0.0.0/8".parse().unwrap()]);
         assert!(allowing.check("127.0.0.1".parse().unwrap()).is_ok());
         assert!(allowing.check("10.0.0.1".parse().unwrap()).is_err());
+        let url = |u: &str| reqwest::Url::parse(u).unwrap();
         assert!(
             guard
-                .check_url("http://169.254.169.254/latest/meta-data")
+                .check_url(&url("http://169.254.169.254/latest/meta-data"))
                 .is_err()
         );
-        assert!(guard.check_url("http://[::1]:8080/").is_err());
+        assert!(guard.check_url(&url("http://[::1]:8080/")).is_err());
         assert!(
-            guard.check_url("https://fleet.example/x").is_ok(),
+            guard.check_url(&url("https://fleet.example/x")).is_ok(),
             "names are checked at resolution"
         );
     }

@@ -404,10 +404,18 @@ impl Dispatcher {
             }
         }
         let started = Instant::now();
-        if let Err(refused) = self.guard.check_url(url) {
-            return (None, None, None, Some(refused), 0);
-        }
-        let result = self.client.post(url).headers(map).body(body).send().await;
+        // Parsed once, for the guard and the request.
+        let request = match reqwest::Url::parse(url) {
+            Ok(parsed) => {
+                if let Err(refused) = self.guard.check_url(&parsed) {
+                    return (None, None, None, Some(refused), 0);
+                }
+                self.client.post(parsed)
+            }
+            // The request itself reports the bad URL.
+            Err(_) => self.client.post(url),
+        };
+        let result = request.headers(map).body(body).send().await;
         let outcome = match result {
             Ok(mut resp) => {
                 let code = resp.status();
