@@ -141,7 +141,15 @@ async fn wrk_blast(urls: &[String], n: usize, concurrency: usize) -> usize {
         let connections = (concurrency / urls.len()).max(1).to_string();
         runs.push(
             tokio::process::Command::new("wrk")
-                .args(["-t1", "-c", &connections, "-d300s", "--timeout", "10s", "-s"])
+                .args([
+                    "-t1",
+                    "-c",
+                    &connections,
+                    "-d300s",
+                    "--timeout",
+                    "10s",
+                    "-s",
+                ])
                 .arg(&script)
                 .arg(url)
                 .output(),
