@@ -265,7 +265,9 @@ fn stat_ticks(pid: u32, at: &[usize]) -> f64 {
 }
 
 /// The machine's idle and total CPU time in seconds so far (`/proc/stat`).
-fn machine_cpu() -> (f64, f64) {
+/// The machine's CPU time so far from `/proc/stat`, in seconds: (idle, stolen, total).
+/// Stolen time is what the hypervisor gave to other guests while this one wanted to run.
+fn machine_cpu() -> (f64, f64, f64) {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
     let cpu: Vec<f64> = stat
         .lines()
@@ -275,8 +277,11 @@ fn machine_cpu() -> (f64, f64) {
         .skip(1)
         .filter_map(|f| f.parse().ok())
         .collect();
-    let idle = cpu.get(3).copied().unwrap_or(0.0) + cpu.get(4).copied().unwrap_or(0.0);
-    (idle / 100.0, cpu.iter().sum::<f64>() / 100.0)
+    let at = |i: usize| cpu.get(i).copied().unwrap_or(0.0);
+    // user nice system idle iowait irq softirq steal guest guest_nice; guest time is
+    // already counted in user.
+    let total: f64 = cpu.iter().take(8).sum();
+    ((at(3) + at(4)) / 100.0, at(7) / 100.0, total / 100.0)
 }
 
 /// Warms the gateways up, then posts `events` spread over `ingest` and waits until the
@@ -296,7 +301,7 @@ async fn delivered_rate(
     let base = sink.count.load(Ordering::Relaxed);
     let gateways_cpu = || pids.iter().map(|p| cpu_secs(*p)).sum::<f64>();
     let (gateways_before, own_before) = (gateways_cpu(), own_cpu_secs());
-    let (idle_before, total_before) = machine_cpu();
+    let (idle_before, steal_before, total_before) = machine_cpu();
     let started = Instant::now();
     let accepted = blast(client, ingest, events, concurrency).await;
     let ingest_secs = started.elapsed().as_secs_f64();
@@ -310,15 +315,16 @@ async fn delivered_rate(
         if all { "" } else { ", TIMED OUT" },
         accepted as f64 / ingest_secs
     );
-    let (idle, total) = machine_cpu();
+    let (idle, steal, total) = machine_cpu();
     let gateways_secs = gateways_cpu() - gateways_before;
     println!(
-        "  CPU meanwhile: gateway{} {:.2} cores ({:.0} µs per delivered event), clients and sink {:.2} cores, machine idle {:.0}%",
+        "  CPU meanwhile: gateway{} {:.2} cores ({:.0} µs per delivered event), clients and sink {:.2} cores, machine idle {:.0}%, stolen by the hypervisor {:.0}%",
         if pids.len() > 1 { "s" } else { "" },
         gateways_secs / elapsed,
         1e6 * gateways_secs / delivered.max(1) as f64,
         (own_cpu_secs() - own_before) / elapsed,
-        100.0 * (idle - idle_before) / (total - total_before).max(f64::EPSILON)
+        100.0 * (idle - idle_before) / (total - total_before).max(f64::EPSILON),
+        100.0 * (steal - steal_before) / (total - total_before).max(f64::EPSILON)
     );
     rate
 }
