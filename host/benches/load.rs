@@ -13,7 +13,7 @@
 //! 20000 and 64). Loopback only; bounded in count and time. `LOAD_PLUGINS='plugins = []'`
 //! (any TOML `plugins` line) swaps the route's chain, to see what the plugin costs.
 //! `LOAD_CLIENT=wrk` posts with Debian's `wrk` (in processes of its own, one thread each)
-//! instead of this process's reqwest clients, which take less of the shared cores.
+//! instead of this process's reqwest clients: a second instrument for the same figures.
 //!
 //! `cargo bench -p switchyard --bench load -- postgres [EVENTS CONCURRENCY]` measures
 //! scale-out instead: after the sink, one and then two instances on one PostgreSQL
@@ -114,31 +114,31 @@ async fn blast(client: &reqwest::Client, urls: &[String], n: usize, concurrency:
 }
 
 /// `blast` with `wrk` (one thread and `concurrency / urls` connections per URL): a load
-/// generator in C that costs the shared cores less than this process's reqwest clients.
+/// generator outside this process, to check that the reqwest clients are not the limit.
 /// Each wrk stops after its share of responses (its script sends it the SIGINT on which
 /// wrk stops early and reports); the up to `concurrency` requests still in flight then are
 /// not counted as accepted.
 async fn wrk_blast(urls: &[String], n: usize, concurrency: usize) -> usize {
     let dir = tempfile::tempdir().expect("temp dir");
+    let share = n / urls.len();
+    let script = dir.path().join("post.lua");
+    std::fs::write(
+        &script,
+        format!(
+            "wrk.method = \"POST\"\nwrk.headers[\"Content-Type\"] = \"application/json\"\n\
+             wrk.body = [==[{}]==]\nlocal left = {share}\n\
+             local ffi = require(\"ffi\")\nffi.cdef(\"int kill(int pid, int sig); int getpid(void);\")\n\
+             function response(status, headers, body)\n  left = left - 1\n  \
+             if left == 0 then wrk.thread:stop(); ffi.C.kill(ffi.C.getpid(), 2) end\nend\n\
+             function done(s)\n  local e = s.errors\n  \
+             io.write(string.format(\"ACCEPTED %d\\n\", s.requests - e.status - e.connect - e.read - e.write - e.timeout))\nend\n",
+            body()
+        ),
+    )
+    .expect("wrk script");
+    let connections = (concurrency / urls.len()).max(1).to_string();
     let mut runs = Vec::new();
     for url in urls {
-        let share = n / urls.len();
-        let script = dir.path().join(format!("post{}.lua", runs.len()));
-        std::fs::write(
-            &script,
-            format!(
-                "wrk.method = \"POST\"\nwrk.headers[\"Content-Type\"] = \"application/json\"\n\
-                 wrk.body = [==[{}]==]\nlocal left = {share}\n\
-                 local ffi = require(\"ffi\")\nffi.cdef(\"int kill(int pid, int sig); int getpid(void);\")\n\
-                 function response(status, headers, body)\n  left = left - 1\n  \
-                 if left == 0 then wrk.thread:stop(); ffi.C.kill(ffi.C.getpid(), 2) end\nend\n\
-                 function done(s)\n  local e = s.errors\n  \
-                 io.write(string.format(\"ACCEPTED %d\\n\", s.requests - e.status - e.connect - e.read - e.write - e.timeout))\nend\n",
-                body()
-            ),
-        )
-        .expect("wrk script");
-        let connections = (concurrency / urls.len()).max(1).to_string();
         runs.push(
             tokio::process::Command::new("wrk")
                 .args([
@@ -152,12 +152,15 @@ async fn wrk_blast(urls: &[String], n: usize, concurrency: usize) -> usize {
                 ])
                 .arg(&script)
                 .arg(url)
-                .output(),
+                .stdout(Stdio::piped())
+                // Spawned here, so that the runs for several URLs go at once.
+                .spawn()
+                .expect("wrk runs (apt-get install wrk)"),
         );
     }
     let mut accepted = 0;
     for run in runs {
-        let out = run.await.expect("wrk runs (apt-get install wrk)");
+        let out = run.wait_with_output().await.expect("wrk ends");
         let text = String::from_utf8_lossy(&out.stdout);
         accepted += text
             .lines()
@@ -264,7 +267,6 @@ fn stat_ticks(pid: u32, at: &[usize]) -> f64 {
     at.iter().map(|&i| ticks(i)).sum::<f64>() / 100.0
 }
 
-/// The machine's idle and total CPU time in seconds so far (`/proc/stat`).
 /// The machine's CPU time so far from `/proc/stat`, in seconds: (idle, stolen, total).
 /// Stolen time is what the hypervisor gave to other guests while this one wanted to run.
 fn machine_cpu() -> (f64, f64, f64) {
