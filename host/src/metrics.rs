@@ -25,6 +25,14 @@ pub struct PluginLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: String,
+    /// `delivering`, `dropped`, `failed` (dead-lettered or dropped by `on_error`: see the
+    /// plugin calls' outcomes for which).
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DestinationLabels {
     pub destination: String,
     pub outcome: String,
@@ -48,6 +56,7 @@ pub struct Metrics {
     registry: Registry,
     pub events: Family<EventLabels, Counter>,
     pub plugin_calls: HistogramFamily<PluginLabels>,
+    pub routes: Family<RouteLabels, Counter>,
     pub deliveries: Family<DestinationLabels, Counter>,
     pub attempts: Family<DestinationLabels, Counter>,
     pub reloads: Family<ResultLabels, Counter>,
@@ -73,6 +82,12 @@ impl Default for Metrics {
             "plugin_call_seconds",
             "Duration of plugin calls, by plugin, version and outcome",
             plugin_calls.clone(),
+        );
+        let routes = Family::<RouteLabels, Counter>::default();
+        registry.register(
+            "route_outcomes",
+            "Events that went through a route, by route and result",
+            routes.clone(),
         );
         let deliveries = Family::<DestinationLabels, Counter>::default();
         registry.register(
@@ -116,6 +131,7 @@ impl Default for Metrics {
             registry,
             events,
             plugin_calls,
+            routes,
             deliveries,
             attempts,
             reloads,
@@ -147,6 +163,16 @@ impl Metrics {
                 outcome: outcome.to_string(),
             })
             .observe(seconds);
+    }
+
+    /// Counts an event's result on a route, once that result is stored.
+    pub fn route_outcome(&self, route: &str, result: &str) {
+        self.routes
+            .get_or_create(&RouteLabels {
+                route: route.to_string(),
+                result: result.to_string(),
+            })
+            .inc();
     }
 
     /// Counts an attempt, and the delivery when the attempt settled it.

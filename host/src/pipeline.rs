@@ -261,6 +261,10 @@ impl Pipeline {
                 d.lease_until = Some(lease_until);
             }
         }
+        let results: Vec<(String, &'static str)> = outcomes
+            .iter()
+            .map(|o| (o.name.clone(), o.result.as_str()))
+            .collect();
         let mut due: Vec<DueDelivery> = deliveries
             .iter()
             .filter(|d| d.lease_until.is_some())
@@ -280,6 +284,9 @@ impl Pipeline {
             .await
         {
             Ok(leased) => {
+                for (route, result) in &results {
+                    self.metrics.route_outcome(route, result);
+                }
                 for destination in &skipped {
                     self.metrics.delivery(destination, "skipped");
                 }

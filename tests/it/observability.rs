@@ -36,19 +36,25 @@ destinations = ["ok", "bad"]
         ids.push(gw.accept("s", r#"{"type":"usage"}"#).await);
     }
     ids.push(gw.accept("s", r#"{"type":"sms"}"#).await);
+    // Not JSON: the plugin fails, the route dead-letters the event.
+    ids.push(gw.accept("s", "not json").await);
     assert_eq!(gw.post("nope", "{}").await.0, 404);
     let dup = || async {
-        gw.client
+        let resp = gw
+            .client
             .post(format!("{}/v1/ingest/s", gw.url))
             .header("idempotency-key", "k")
             .body(r#"{"type":"sms"}"#)
             .send()
             .await
-            .unwrap()
-            .status()
-            .as_u16()
+            .unwrap();
+        let status = resp.status().as_u16();
+        let body: serde_json::Value = resp.json().await.unwrap();
+        (status, body["id"].as_str().unwrap().to_string())
     };
-    assert_eq!((dup().await, dup().await), (202, 200));
+    let (first, again) = (dup().await, dup().await);
+    assert_eq!((first.0, again.0, &again.1), (202, 200, &first.1));
+    ids.push(first.1);
     for id in &ids {
         gw.settled(id).await;
     }
@@ -72,7 +78,7 @@ destinations = ["ok", "bad"]
 
     assert_eq!(
         get(r#"switchyard_events_received_total{source="s",result="accepted"}"#),
-        5.0
+        6.0
     );
     assert_eq!(
         get(r#"switchyard_events_received_total{source="s",result="duplicate"}"#),
@@ -96,6 +102,16 @@ destinations = ["ok", "bad"]
     };
     assert_eq!(calls("continue"), 3.0);
     assert_eq!(calls("drop"), 2.0);
+    assert_eq!(calls("error"), 1.0);
+    let routes = |result: &str| {
+        get(&format!(
+            r#"switchyard_route_outcomes_total{{route="s",result="{result}"}}"#
+        ))
+    };
+    assert_eq!(
+        (routes("delivering"), routes("dropped"), routes("failed")),
+        (3.0, 2.0, 1.0)
+    );
     assert_eq!(
         get(r#"switchyard_deliveries_total{destination="ok",outcome="delivered"}"#),
         3.0

@@ -459,6 +459,17 @@ pub enum RouteResult {
     Failed { error: String },
 }
 
+impl RouteResult {
+    /// The name the API gives this result (its `result` field).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            RouteResult::Dropped { .. } => "dropped",
+            RouteResult::Delivering { .. } => "delivering",
+            RouteResult::Failed { .. } => "failed",
+        }
+    }
+}
+
 /// A delivery planned by the pipeline, its request fully rendered.
 #[derive(Clone, Debug)]
 pub struct NewDelivery {
@@ -619,4 +630,24 @@ pub struct DeliveryCounts {
     pub destination: String,
     pub pending: u64,
     pub failed: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_result_names_are_the_api_names() {
+        for result in [
+            RouteResult::Dropped {
+                plugin: "p".into(),
+                reason: "r".into(),
+            },
+            RouteResult::Delivering { deliveries: 1 },
+            RouteResult::Failed { error: "e".into() },
+        ] {
+            let json = serde_json::to_value(&result).unwrap();
+            assert_eq!(json["result"], result.as_str());
+        }
+    }
 }
