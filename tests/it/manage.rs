@@ -391,6 +391,73 @@ async fn schemathesis_finds_no_server_error_or_schema_violation() {
 
 /// The operator's views: the event list with filters and pagination, a retry by hand of a
 /// failed delivery, and per-minute stats.
+/// An event a route dead-lettered (its plugin failed) has no deliveries to show for it;
+/// the list says how many routes failed and `route_result=failed` finds it.
+#[tokio::test(flavor = "multi_thread")]
+async fn dead_lettered_events_are_listed() {
+    let rx = Receiver::start().await;
+    let config = r#"
+[[sources]]
+name = "s"
+[[destinations]]
+name = "d"
+url = "{receiver}/d"
+[[routes]]
+name = "filtered"
+source = "s"
+plugins = [{ name = "event-filter", config = { allow = "usage" } }]
+destinations = ["d"]
+[[routes]]
+name = "raw"
+source = "s"
+destinations = ["d"]
+"#;
+    let gw = TestGateway::start(config, &rx, &["event-filter"]).await;
+    let good = gw.accept("s", r#"{"type":"usage"}"#).await;
+    let bad = gw.accept("s", "not json").await;
+    gw.settled(&good).await;
+    let event = gw.settled(&bad).await;
+    let result = |name: &str| {
+        event["routes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == name)
+            .map(|r| r["result"]["result"].clone())
+    };
+    assert_eq!(
+        (result("filtered"), result("raw")),
+        (Some(json!("failed")), Some(json!("delivering"))),
+        "{event}"
+    );
+
+    let (status, page) = gw.get("/v1/events?route_result=failed").await;
+    assert_eq!(status, 200, "{page}");
+    let items = page["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{page}");
+    assert_eq!(
+        (
+            &items[0]["id"],
+            &items[0]["failed_routes"],
+            &items[0]["delivered"]
+        ),
+        (&json!(bad), &json!(1), &json!(1))
+    );
+    let (_, page) = gw.get("/v1/events?route_result=delivering").await;
+    assert_eq!(page["items"].as_array().unwrap().len(), 2, "{page}");
+    let (_, all) = gw.get("/v1/events").await;
+    let good_summary = all["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["id"] == good)
+        .unwrap()
+        .clone();
+    assert_eq!(good_summary["failed_routes"], 0);
+    assert_eq!(gw.get("/v1/events?route_result=lost").await.0, 400);
+    gw.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn event_list_retry_and_stats() {
     let rx = Receiver::start().await;

@@ -9,7 +9,7 @@ use switchyard::event::{Body, Event};
 use switchyard::store::{
     Attempt, AttemptNext, DeliveryStatus, DestinationHealth, DestinationState, EventFilter,
     EventStatus, Idempotency, Inserted, ManagedObject, NewDelivery, PgStore, RouteOutcome,
-    RouteResult, SqliteStore, Store,
+    RouteResult, RouteResultKind, SqliteStore, Store,
 };
 
 use xtask::pg::PgServer;
@@ -376,6 +376,93 @@ async fn conformance(open: Reopen) {
     );
     let (pending, oldest) = store.backlog().await.unwrap();
     assert_eq!((pending, oldest), (1, Some(20_000)));
+
+    // A dead-lettered event (a route failed, so no deliveries) is listed as such, found by
+    // `route_result`, and kept by retention until a replay's run no longer fails.
+    let e4 = event("e4", "bondio", 14_500, "{}");
+    store.insert_event(e4.clone(), None).await.unwrap();
+    let failed = |run| RouteOutcome {
+        run,
+        result: RouteResult::Failed {
+            error: "plugin `p` failed".into(),
+        },
+        ..outcome(0)
+    };
+    store
+        .complete_event(
+            &e4,
+            vec![
+                failed(0),
+                RouteOutcome {
+                    route: 1,
+                    ..outcome(0)
+                },
+            ],
+            vec![],
+            14_501,
+        )
+        .await
+        .unwrap();
+    let dead_letters = EventFilter {
+        route_result: Some(RouteResultKind::Failed),
+        ..Default::default()
+    };
+    let listed = store
+        .list_events(dead_letters.clone(), None, 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        listed
+            .iter()
+            .map(|e| (e.id.as_str(), e.failed_routes))
+            .collect::<Vec<_>>(),
+        [("e4", 1)]
+    );
+    let delivering = EventFilter {
+        route_result: Some(RouteResultKind::Delivering),
+        until: Some(14_600),
+        since: Some(14_000),
+        ..Default::default()
+    };
+    assert_eq!(
+        store.list_events(delivering, None, 10).await.unwrap().len(),
+        1,
+        "e4's other route"
+    );
+    assert_eq!(store.purge_delivered(15_000).await.unwrap(), 0);
+    assert!(
+        store.get_event("e4").await.unwrap().is_some(),
+        "dead-lettered"
+    );
+    assert!(store.replay("e4").await.unwrap());
+    // (e3 and e4's first run were completed without being taken from the queue.)
+    let mut queued = Vec::new();
+    while store.queue_depth() > 0 {
+        queued.push(store.next_event().await.unwrap());
+    }
+    let e4 = queued.pop().unwrap();
+    assert_eq!((e4.id.as_str(), e4.run), ("e4", 1));
+    store
+        .complete_event(
+            &e4,
+            vec![RouteOutcome {
+                run: 1,
+                ..outcome(0)
+            }],
+            vec![],
+            14_502,
+        )
+        .await
+        .unwrap();
+    assert!(
+        store
+            .list_events(dead_letters, None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(store.purge_delivered(15_000).await.unwrap(), 1);
+    assert!(store.get_event("e4").await.unwrap().is_none());
 
     // A delivery whose body is its event's is claimed with that body (the store keeps one
     // copy); one with a body of its own, even an empty one, with its own.

@@ -67,6 +67,20 @@ try {
   await page.getByLabel('Type').press('Tab');
   await row.waitFor();
 
+  step('a dead-lettered event is marked and found by the Routes filter');
+  const broken = await fetch(`${base}/v1/ingest/onomondo`, { method: 'POST', body: 'not json' });
+  const { id: deadId } = await broken.json();
+  await page.getByLabel('Type').fill('');
+  await page.getByLabel('Type').press('Tab');
+  await page.locator(`#events tr[data-id="${deadId}"]`).getByText('dead-letter').waitFor();
+  await page.getByLabel('Routes').selectOption('failed');
+  await page.locator(`#events tr[data-id="${deadId}"]`).waitFor();
+  await row.waitFor({ state: 'detached' });
+  await page.getByLabel('Routes').selectOption('');
+  await page.getByLabel('Type').fill('usage');
+  await page.getByLabel('Type').press('Tab');
+  await row.waitFor();
+
   step('the event page shows the plugin verdicts and the attempt');
   await row.getByRole('link').click();
   await page.getByRole('heading', { name: `Event ${id}` }).waitFor();

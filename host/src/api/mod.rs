@@ -31,7 +31,7 @@ use crate::pipeline::Pipeline;
 use crate::reload::Reloader;
 use crate::store::{
     DeliveryRecord, DeliveryStatus, DestinationHealth, EventFilter, EventRecord, EventStatus,
-    EventSummary, MinuteStats, Store, StoreError,
+    EventSummary, MinuteStats, RouteResultKind, Store, StoreError,
 };
 
 /// What every handler can reach.
@@ -336,6 +336,9 @@ struct EventQuery {
     since: Option<u64>,
     /// Received before (ms since the Unix epoch).
     until: Option<u64>,
+    /// Only events with a route of this result in their latest run: `failed` lists the
+    /// dead-lettered ones.
+    route_result: Option<RouteResultKind>,
     /// `next_cursor` of the previous page.
     cursor: Option<String>,
     /// Items per page: 1 to 500, 50 by default.
@@ -373,6 +376,7 @@ async fn list_events(
         event_type: q.event_type,
         since: q.since,
         until: q.until,
+        route_result: q.route_result,
     };
     let mut items = state.store.list_events(filter, after, limit + 1).await?;
     let next_cursor = (items.len() > limit).then(|| {

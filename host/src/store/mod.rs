@@ -179,7 +179,8 @@ pub trait Store: Send + Sync + 'static {
     async fn backlog(&self) -> Result<(u64, Option<u64>), StoreError>;
 
     /// Deletes processed events received before `before` whose deliveries all succeeded or
-    /// were skipped (undelivered events are kept). Returns how many were deleted.
+    /// were skipped and none of whose routes failed in their latest run (undelivered and
+    /// dead-lettered events are kept). Returns how many were deleted.
     async fn purge_delivered(&self, before: u64) -> Result<usize, StoreError>;
 }
 
@@ -194,6 +195,28 @@ pub struct EventFilter {
     pub since: Option<u64>,
     /// Received before (ms since the epoch).
     pub until: Option<u64>,
+    /// Some route had this result in the event's latest run.
+    pub route_result: Option<RouteResultKind>,
+}
+
+/// A route's result without its details: what the event list filters on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RouteResultKind {
+    Delivering,
+    Dropped,
+    /// Dead-lettered: a plugin failed and the route's `on_error` is `dead-letter`.
+    Failed,
+}
+
+impl RouteResultKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouteResultKind::Delivering => "delivering",
+            RouteResultKind::Dropped => "dropped",
+            RouteResultKind::Failed => "failed",
+        }
+    }
 }
 
 /// An event as the event list shows it.
@@ -211,6 +234,9 @@ pub struct EventSummary {
     pub pending: u64,
     pub delivered: u64,
     pub failed: u64,
+    /// How many of its routes failed (dead-lettered it) in its latest run: it is kept
+    /// until replayed.
+    pub failed_routes: u64,
 }
 
 /// One minute of traffic.
@@ -460,13 +486,17 @@ pub enum RouteResult {
 }
 
 impl RouteResult {
+    pub fn kind(&self) -> RouteResultKind {
+        match self {
+            RouteResult::Dropped { .. } => RouteResultKind::Dropped,
+            RouteResult::Delivering { .. } => RouteResultKind::Delivering,
+            RouteResult::Failed { .. } => RouteResultKind::Failed,
+        }
+    }
+
     /// The name the API gives this result (its `result` field).
     pub fn as_str(&self) -> &'static str {
-        match self {
-            RouteResult::Dropped { .. } => "dropped",
-            RouteResult::Delivering { .. } => "delivering",
-            RouteResult::Failed { .. } => "failed",
-        }
+        self.kind().as_str()
     }
 }
 

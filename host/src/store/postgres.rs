@@ -1010,12 +1010,14 @@ impl Store for PgStore {
         let rows = client
             .query(
                 "WITH e AS (
-                    SELECT id, source, received_at, status, switchyard_event_type(body) AS event_type
+                    SELECT id, source, received_at, status, run, switchyard_event_type(body) AS event_type
                     FROM events)
                  SELECT e.id, e.source, e.received_at, e.status, e.event_type,
                     (SELECT COUNT(*) FROM deliveries d WHERE d.event_id = e.id AND d.status = 'pending'),
                     (SELECT COUNT(*) FROM deliveries d WHERE d.event_id = e.id AND d.status = 'delivered'),
-                    (SELECT COUNT(*) FROM deliveries d WHERE d.event_id = e.id AND d.status = 'failed')
+                    (SELECT COUNT(*) FROM deliveries d WHERE d.event_id = e.id AND d.status = 'failed'),
+                    (SELECT COUNT(*) FROM route_outcomes o WHERE o.event_id = e.id AND o.run = e.run
+                        AND o.outcome::jsonb #>> '{result,result}' = 'failed')
                  FROM e
                  WHERE ($1::TEXT IS NULL OR e.source = $1)
                    AND ($2::TEXT IS NULL OR e.status = $2)
@@ -1023,6 +1025,8 @@ impl Store for PgStore {
                    AND ($4::BIGINT IS NULL OR e.received_at >= $4)
                    AND ($5::BIGINT IS NULL OR e.received_at < $5)
                    AND ($6::BIGINT IS NULL OR e.received_at < $6 OR (e.received_at = $6 AND e.id < $7))
+                   AND ($9::TEXT IS NULL OR EXISTS (SELECT 1 FROM route_outcomes o WHERE o.event_id = e.id
+                        AND o.run = e.run AND o.outcome::jsonb #>> '{result,result}' = $9))
                  ORDER BY e.received_at DESC, e.id DESC LIMIT $8",
                 &[
                     &filter.source,
@@ -1033,6 +1037,7 @@ impl Store for PgStore {
                     &after.as_ref().map(|(at, _)| *at as i64),
                     &after.as_ref().map(|(_, id)| id.clone()),
                     &(limit as i64),
+                    &filter.route_result.map(RouteResultKind::as_str),
                 ],
             )
             .await?;
@@ -1053,6 +1058,7 @@ impl Store for PgStore {
                     pending: r.get::<_, i64>(5) as u64,
                     delivered: r.get::<_, i64>(6) as u64,
                     failed: r.get::<_, i64>(7) as u64,
+                    failed_routes: r.get::<_, i64>(8) as u64,
                 }
             })
             .collect())
@@ -1125,7 +1131,9 @@ impl Store for PgStore {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         let doomed = "SELECT id FROM events e WHERE e.status = 'processed' AND e.received_at < $1
-            AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id AND d.status IN ('pending', 'failed'))";
+            AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id AND d.status IN ('pending', 'failed'))
+            AND NOT EXISTS (SELECT 1 FROM route_outcomes o WHERE o.event_id = e.id AND o.run = e.run
+                AND o.outcome::jsonb #>> '{result,result}' = 'failed')";
         let before = before as i64;
         tx.execute(
             &format!("DELETE FROM attempts WHERE delivery_id IN (SELECT id FROM deliveries WHERE event_id IN ({doomed}))"),

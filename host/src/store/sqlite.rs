@@ -916,7 +916,9 @@ impl Store for SqliteStore {
                 "SELECT e.id, e.source, e.received_at, e.status, {event_type} AS event_type,
                         (SELECT COUNT(*) FROM deliveries d WHERE d.event_id = e.id AND d.status = 'pending'),
                         (SELECT COUNT(*) FROM deliveries d WHERE d.event_id = e.id AND d.status = 'delivered'),
-                        (SELECT COUNT(*) FROM deliveries d WHERE d.event_id = e.id AND d.status = 'failed')
+                        (SELECT COUNT(*) FROM deliveries d WHERE d.event_id = e.id AND d.status = 'failed'),
+                        (SELECT COUNT(*) FROM route_outcomes o WHERE o.event_id = e.id AND o.run = e.run
+                            AND json_extract(o.outcome, '$.result.result') = 'failed')
                  FROM events e
                  WHERE (?1 IS NULL OR e.source = ?1)
                    AND (?2 IS NULL OR e.status = ?2)
@@ -924,6 +926,8 @@ impl Store for SqliteStore {
                    AND (?4 IS NULL OR e.received_at >= ?4)
                    AND (?5 IS NULL OR e.received_at < ?5)
                    AND (?6 IS NULL OR e.received_at < ?6 OR (e.received_at = ?6 AND e.id < ?7))
+                   AND (?9 IS NULL OR EXISTS (SELECT 1 FROM route_outcomes o WHERE o.event_id = e.id
+                        AND o.run = e.run AND json_extract(o.outcome, '$.result.result') = ?9))
                  ORDER BY e.received_at DESC, e.id DESC LIMIT ?8"
             );
             let (after_at, after_id) = match &after {
@@ -940,7 +944,8 @@ impl Store for SqliteStore {
                         filter.until.map(|v| v as i64),
                         after_at,
                         after_id,
-                        limit as i64
+                        limit as i64,
+                        filter.route_result.map(RouteResultKind::as_str),
                     ],
                     |r| {
                         let status: String = r.get(3)?;
@@ -962,6 +967,7 @@ impl Store for SqliteStore {
                             pending: r.get::<_, i64>(5)? as u64,
                             delivered: r.get::<_, i64>(6)? as u64,
                             failed: r.get::<_, i64>(7)? as u64,
+                            failed_routes: r.get::<_, i64>(8)? as u64,
                         })
                     },
                 )?
@@ -1043,7 +1049,9 @@ impl Store for SqliteStore {
     async fn purge_delivered(&self, before: u64) -> Result<usize, StoreError> {
         self.write(move |conn| {
             let doomed = "SELECT id FROM events e WHERE e.status = 'processed' AND e.received_at < ?1
-                AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id AND d.status IN ('pending', 'failed'))";
+                AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id AND d.status IN ('pending', 'failed'))
+                AND NOT EXISTS (SELECT 1 FROM route_outcomes o WHERE o.event_id = e.id AND o.run = e.run
+                    AND json_extract(o.outcome, '$.result.result') = 'failed')";
             conn.execute(&format!("DELETE FROM attempts WHERE delivery_id IN (SELECT id FROM deliveries WHERE event_id IN ({doomed}))"), [before as i64])?;
             conn.execute(&format!("DELETE FROM deliveries WHERE event_id IN ({doomed})"), [before as i64])?;
             conn.execute(&format!("DELETE FROM route_outcomes WHERE event_id IN ({doomed})"), [before as i64])?;

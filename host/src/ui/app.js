@@ -93,7 +93,7 @@ function signIn() {
 
 // ---- events -----------------------------------------------------------------------------
 
-const filters = { source: '', type: '', status: '', since: '' };
+const filters = { source: '', type: '', status: '', route_result: '', since: '' };
 
 function chart(minutes) {
   const w = 720, hgt = 150, pad = 20;
@@ -139,6 +139,9 @@ async function eventsPage() {
     h('label', {}, 'Type', field('type', h('input', { name: 'type', placeholder: 'usage' }))),
     h('label', {}, 'Status', field('status', h('select', { name: 'status' }, h('option', { value: '' }, 'all'),
       h('option', { value: 'queued' }, 'queued'), h('option', { value: 'processed' }, 'processed')))),
+    h('label', {}, 'Routes', field('route_result', h('select', { name: 'route_result' }, h('option', { value: '' }, 'any'),
+      h('option', { value: 'failed' }, 'dead-lettered'), h('option', { value: 'dropped' }, 'dropped'),
+      h('option', { value: 'delivering' }, 'delivering')))),
     h('label', {}, 'Since', field('since', h('input', { name: 'since', type: 'datetime-local' }))),
     h('label', {}, 'Find by id', search),
     h('button', { type: 'submit' }, 'Open'));
@@ -151,6 +154,7 @@ async function eventsPage() {
     if (filters.source) q.set('source', filters.source);
     if (filters.type) q.set('type', filters.type);
     if (filters.status) q.set('status', filters.status);
+    if (filters.route_result) q.set('route_result', filters.route_result);
     if (filters.since) q.set('since', String(new Date(filters.since).getTime()));
     try {
       const [events, stats] = await Promise.all([api(`/v1/events?${q}`), api('/v1/stats?minutes=60')]);
@@ -162,7 +166,8 @@ async function eventsPage() {
             h('th', { class: 'num hide-narrow' }, 'Failed'))),
           h('tbody', {}, events.items.map((e) => h('tr', { 'data-id': e.id },
             h('td', {}, h('a', { href: `#/events/${e.id}` }, time(e.received_at))),
-            h('td', {}, e.source), h('td', { class: 'hide-narrow' }, e.event_type || ''), h('td', {}, badge(e.status)),
+            h('td', {}, e.source), h('td', { class: 'hide-narrow' }, e.event_type || ''), h('td', {}, badge(e.status),
+              e.failed_routes ? ' ' : null, e.failed_routes ? h('span', { class: 'badge failed', title: `${e.failed_routes} route(s) failed: open the event to see why, then replay it` }, 'dead-letter') : null),
             h('td', { class: 'num' }, e.delivered), h('td', { class: 'num hide-narrow' }, e.pending),
             h('td', { class: `num hide-narrow ${e.failed ? 'error' : ''}` }, e.failed))))));
     } catch (e) { failed(e); }
