@@ -13,7 +13,8 @@
 //! 20000 and 64). Loopback only; bounded in count and time. `LOAD_PLUGINS='plugins = []'`
 //! (any TOML `plugins` line) swaps the route's chain, to see what the plugin costs.
 //! `LOAD_CLIENT=wrk` posts with Debian's `wrk` (in processes of its own, one thread each)
-//! instead of this process's reqwest clients: a second instrument for the same figures.
+//! instead of this process's reqwest clients: a second instrument for the same figures,
+//! which also prints how long the answers took under full load (wrk's p50 and p99).
 //!
 //! `cargo bench -p switchyard --bench load -- postgres [EVENTS CONCURRENCY]` measures
 //! scale-out instead: after the sink, one and then two instances on one PostgreSQL
@@ -143,6 +144,7 @@ async fn wrk_blast(urls: &[String], n: usize, concurrency: usize) -> usize {
             tokio::process::Command::new("wrk")
                 .args([
                     "-t1",
+                    "--latency",
                     "-c",
                     &connections,
                     "-d300s",
@@ -167,6 +169,20 @@ async fn wrk_blast(urls: &[String], n: usize, concurrency: usize) -> usize {
             .find_map(|l| l.strip_prefix("ACCEPTED "))
             .and_then(|v| v.trim().parse::<usize>().ok())
             .unwrap_or_else(|| panic!("wrk printed no count: {text}"));
+        // wrk's own view of the answers under full load (warm-up runs are too short).
+        let quantile = |q: &str| {
+            text.lines()
+                .find_map(|l| l.trim().strip_prefix(q))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_default()
+        };
+        if share >= 10_000 {
+            println!(
+                "  (wrk: answered in p50 {}, p99 {} under full load)",
+                quantile("50%"),
+                quantile("99%")
+            );
+        }
     }
     accepted
 }
@@ -253,7 +269,12 @@ fn own_cpu_secs() -> f64 {
 
 /// The sum of the given tick fields of `/proc/PID/stat`, in seconds.
 fn stat_ticks(pid: u32, at: &[usize]) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat_ticks_of(&format!("/proc/{pid}/stat"), at)
+}
+
+/// As [`stat_ticks`], of a `stat` file (a process's or a thread's).
+fn stat_ticks_of(path: &str, at: &[usize]) -> f64 {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
     let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
     let fields: Vec<&str> = after_name.split_whitespace().collect();
     let ticks = |i: usize| {
@@ -265,6 +286,21 @@ fn stat_ticks(pid: u32, at: &[usize]) -> f64 {
     // utime, stime, cutime, cstime: fields 14 to 17 of the line, 11 to 14 counting the
     // state as 0.
     at.iter().map(|&i| ticks(i)).sum::<f64>() / 100.0
+}
+
+/// CPU seconds of each thread of process `pid` so far, by thread id, with its name.
+fn thread_cpu(pid: u32) -> HashMap<u32, (String, f64)> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return HashMap::new();
+    };
+    tasks
+        .filter_map(|t| {
+            let tid: u32 = t.ok()?.file_name().to_str()?.parse().ok()?;
+            let name = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).ok()?;
+            let secs = stat_ticks_of(&format!("/proc/{pid}/task/{tid}/stat"), &[11, 12]);
+            Some((tid, (name.trim().to_string(), secs)))
+        })
+        .collect()
 }
 
 /// The machine's CPU time so far from `/proc/stat`, in seconds: (idle, stolen, total).
@@ -304,6 +340,7 @@ async fn delivered_rate(
     let gateways_cpu = || pids.iter().map(|p| cpu_secs(*p)).sum::<f64>();
     let (gateways_before, own_before) = (gateways_cpu(), own_cpu_secs());
     let (idle_before, steal_before, total_before) = machine_cpu();
+    let threads_before: Vec<_> = pids.iter().map(|p| thread_cpu(*p)).collect();
     let started = Instant::now();
     let accepted = blast(client, ingest, events, concurrency).await;
     let ingest_secs = started.elapsed().as_secs_f64();
@@ -327,6 +364,27 @@ async fn delivered_rate(
         (own_cpu_secs() - own_before) / elapsed,
         100.0 * (idle - idle_before) / (total - total_before).max(f64::EPSILON),
         100.0 * (steal - steal_before) / (total - total_before).max(f64::EPSILON)
+    );
+    // The busiest threads: one near 1.00 core would be a serial bottleneck.
+    let mut threads: Vec<(String, f64)> = pids
+        .iter()
+        .zip(&threads_before)
+        .flat_map(|(pid, before)| {
+            thread_cpu(*pid).into_iter().map(|(tid, (name, secs))| {
+                let earlier = before.get(&tid).map_or(0.0, |(_, s)| *s);
+                (name, (secs - earlier) / elapsed)
+            })
+        })
+        .collect();
+    threads.sort_by(|a, b| b.1.total_cmp(&a.1));
+    println!(
+        "  busiest gateway threads (cores): {}",
+        threads
+            .iter()
+            .take(4)
+            .map(|(name, cores)| format!("{name} {cores:.2}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     rate
 }

@@ -156,7 +156,7 @@ impl PluginRuntime {
         // The ticker holds only a weak reference so it ends with the engine.
         let weak = engine.weak();
         std::thread::Builder::new()
-            .name("switchyard-epoch".into())
+            .name("plugin-epoch".into())
             .spawn(move || {
                 while let Some(engine) = weak.upgrade() {
                     engine.increment_epoch();

@@ -206,8 +206,10 @@ impl SqliteStore {
         )?;
         let queued = load_queued(&writer)?;
         let (tx, rx) = mpsc::channel::<Job>();
+        // Thread names are kept under Linux's 15 characters, so `top -H` and `perf` tell
+        // them apart.
         std::thread::Builder::new()
-            .name("switchyard-sqlite-writer".into())
+            .name("sqlite-writer".into())
             .spawn(move || write_loop(writer, rx, wal))
             .map_err(|e| StoreError::Db(format!("cannot start the writer thread: {e}")))?;
         Ok(Self {
@@ -316,7 +318,7 @@ fn write_loop(conn: Connection, jobs: mpsc::Receiver<Job>, wal: Option<PathBuf>)
     match wal {
         Some(wal) => {
             let spawned = std::thread::Builder::new()
-                .name("switchyard-sqlite-sync".into())
+                .name("sqlite-syncer".into())
                 .spawn(move || sync_loop(&wal, synced));
             if let Err(e) = spawned {
                 tracing::error!(error = %e, "Cannot start the SQLite sync thread; commits sync themselves.");
