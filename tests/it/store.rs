@@ -464,6 +464,67 @@ async fn conformance(open: Reopen) {
     assert_eq!(store.purge_delivered(15_000).await.unwrap(), 1);
     assert!(store.get_event("e4").await.unwrap().is_none());
 
+    // A delivery that failed is superseded by a replay whose run delivers: each delivery
+    // records its run, and retention then lets the event go.
+    let e5 = event("e5", "bondio", 14_600, "{}");
+    store.insert_event(e5.clone(), None).await.unwrap();
+    store
+        .complete_event(
+            &e5,
+            vec![outcome(1)],
+            vec![delivery("d7", "fleet", Some(1))],
+            14_601,
+        )
+        .await
+        .unwrap();
+    store
+        .record_attempt("d7", attempt(14_602, 400), AttemptNext::Failed)
+        .await
+        .unwrap();
+    assert_eq!(store.purge_delivered(15_000).await.unwrap(), 0, "e5 failed");
+    assert!(store.replay("e5").await.unwrap());
+    while store.queue_depth() > 0 {
+        queued.push(store.next_event().await.unwrap());
+    }
+    let e5 = queued.pop().unwrap();
+    assert_eq!((e5.id.as_str(), e5.run), ("e5", 1));
+    let rerun = RouteOutcome {
+        run: 1,
+        ..outcome(1)
+    };
+    store
+        .complete_event(
+            &e5,
+            vec![rerun],
+            vec![delivery("d8", "fleet", Some(1))],
+            14_603,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store.purge_delivered(15_000).await.unwrap(),
+        0,
+        "d8 pending"
+    );
+    store
+        .record_attempt("d8", attempt(14_604, 200), AttemptNext::Delivered)
+        .await
+        .unwrap();
+    let record = store.get_event("e5").await.unwrap().unwrap();
+    assert_eq!(
+        record
+            .deliveries
+            .iter()
+            .map(|d| (d.id.as_str(), d.run, d.status))
+            .collect::<Vec<_>>(),
+        [
+            ("d7", 0, DeliveryStatus::Failed),
+            ("d8", 1, DeliveryStatus::Delivered)
+        ]
+    );
+    assert_eq!(store.purge_delivered(15_000).await.unwrap(), 1);
+    assert!(store.get_event("e5").await.unwrap().is_none());
+
     // A delivery whose body is its event's is claimed with that body (the store keeps one
     // copy); one with a body of its own, even an empty one, with its own.
     let e2 = event("e2", "bondio", 13_000, "not json");

@@ -178,9 +178,10 @@ pub trait Store: Send + Sync + 'static {
     /// How many deliveries are pending, and when the oldest of them was created.
     async fn backlog(&self) -> Result<(u64, Option<u64>), StoreError>;
 
-    /// Deletes processed events received before `before` whose deliveries all succeeded or
-    /// were skipped and none of whose routes failed in their latest run (undelivered and
-    /// dead-lettered events are kept). Returns how many were deleted.
+    /// Deletes processed events received before `before` that have no pending delivery, no
+    /// failed delivery made by their latest run, and no route that failed in their latest
+    /// run (undelivered and dead-lettered events are kept; a replay supersedes the failures
+    /// of earlier runs). Returns how many were deleted.
     async fn purge_delivered(&self, before: u64) -> Result<usize, StoreError>;
 }
 
@@ -557,6 +558,8 @@ pub struct DeliveryRecord {
     pub id: String,
     pub event_id: String,
     pub route: usize,
+    /// The run of the event (0, then one more per replay) whose plugins made it.
+    pub run: u32,
     pub destination: String,
     /// The URL after placeholders.
     pub url: String,

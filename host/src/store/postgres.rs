@@ -132,6 +132,8 @@ const SCHEMA: &[&str] = &[
     // undelivered ones; queries on it repeat its `status <> 'delivered'` term.
     "DROP INDEX deliveries_status;
      CREATE INDEX deliveries_undelivered ON deliveries (status, seq) WHERE status <> 'delivered';",
+    // 5: as SQLite's version 6 — the run of the event that made a delivery.
+    "ALTER TABLE deliveries ADD COLUMN run INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// Deliveries in `seq` order: all of them, the delivered ones, or those of another status
@@ -365,8 +367,8 @@ impl PgStore {
                     ON CONFLICT (event_id, run, route) DO UPDATE SET outcome = excluded.outcome
                  ), d AS (
                     INSERT INTO deliveries (id, event_id, route, destination, url, headers, body, body_from_event,
-                                            status, next_attempt_at, created_at, lease_until)
-                    SELECT id, $1, route, destination, url, headers, body, same, status, next_at, $5, lease
+                                            status, next_attempt_at, created_at, lease_until, run)
+                    SELECT id, $1, route, destination, url, headers, body, same, status, next_at, $5, lease, $2
                     FROM UNNEST($6::TEXT[], $7::INTEGER[], $8::TEXT[], $9::TEXT[], $10::TEXT[], $11::BYTEA[],
                                 $15::BOOLEAN[], $12::TEXT[], $13::BIGINT[], $14::BIGINT[])
                          AS t(id, route, destination, url, headers, body, same, status, next_at, lease)
@@ -546,6 +548,7 @@ fn delivery_from_row(r: &Row) -> DeliveryRecord {
         id: r.get("id"),
         event_id: r.get("event_id"),
         route: r.get::<_, i32>("route") as usize,
+        run: r.get::<_, i32>("run") as u32,
         destination: r.get("destination"),
         url: r.get("url"),
         next_attempt_at: match status {
@@ -1131,7 +1134,8 @@ impl Store for PgStore {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         let doomed = "SELECT id FROM events e WHERE e.status = 'processed' AND e.received_at < $1
-            AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id AND d.status IN ('pending', 'failed'))
+            AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id
+                AND (d.status = 'pending' OR (d.status = 'failed' AND d.run = e.run)))
             AND NOT EXISTS (SELECT 1 FROM route_outcomes o WHERE o.event_id = e.id AND o.run = e.run
                 AND o.outcome::jsonb #>> '{result,result}' = 'failed')";
         let before = before as i64;

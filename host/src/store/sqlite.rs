@@ -118,6 +118,9 @@ const SCHEMA: &[&str] = &[
     // partial index applies.
     "DROP INDEX deliveries_status;
      CREATE INDEX deliveries_undelivered ON deliveries (status, seq) WHERE status != 'delivered';",
+    // Version 6: the run of the event that made a delivery, so that a replay supersedes
+    // the failures of earlier runs (see `Store::purge_delivered`).
+    "ALTER TABLE deliveries ADD COLUMN run INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// Deliveries in `seq` order: all of them, the delivered ones (most rows match), or those
@@ -438,6 +441,7 @@ fn delivery_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeliveryRecord> 
         id: r.get("id")?,
         event_id: r.get("event_id")?,
         route: r.get::<_, i64>("route")? as usize,
+        run: r.get::<_, i64>("run")? as u32,
         destination: r.get("destination")?,
         url: r.get("url")?,
         next_attempt_at: match status {
@@ -561,8 +565,8 @@ impl Store for SqliteStore {
                 let next = (d.status == DeliveryStatus::Pending).then_some(now as i64);
                 let body: &[u8] = if *same { &[] } else { &d.body };
                 let inserted = conn.prepare_cached(
-                    "INSERT OR IGNORE INTO deliveries (id, event_id, route, destination, url, headers, body, body_from_event, status, next_attempt_at, created_at, lease_until)
-                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT OR IGNORE INTO deliveries (id, event_id, route, destination, url, headers, body, body_from_event, status, next_attempt_at, created_at, lease_until, run)
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 )?
                 .execute(params![
                     d.id,
@@ -577,6 +581,7 @@ impl Store for SqliteStore {
                     next,
                     now as i64,
                     d.lease_until.map(|l| l as i64),
+                    run as i64,
                 ])?;
                 if inserted == 1 && d.lease_until.is_some() {
                     leased.push(d.id.clone());
@@ -1051,7 +1056,8 @@ impl Store for SqliteStore {
     async fn purge_delivered(&self, before: u64) -> Result<usize, StoreError> {
         self.write(move |conn| {
             let doomed = "SELECT id FROM events e WHERE e.status = 'processed' AND e.received_at < ?1
-                AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id AND d.status IN ('pending', 'failed'))
+                AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id
+                    AND (d.status = 'pending' OR (d.status = 'failed' AND d.run = e.run)))
                 AND NOT EXISTS (SELECT 1 FROM route_outcomes o WHERE o.event_id = e.id AND o.run = e.run
                     AND json_extract(o.outcome, '$.result.result') = 'failed')";
             conn.execute(&format!("DELETE FROM attempts WHERE delivery_id IN (SELECT id FROM deliveries WHERE event_id IN ({doomed}))"), [before as i64])?;

@@ -198,6 +198,7 @@ async function eventPage(id) {
         h('td', {}, s.outcome === 'verdict' ? h('pre', {}, JSON.stringify(s.verdict, null, 2)) : h('span', { class: 'error' }, s.error))))))));
   const deliveries = e.deliveries.map((d) => h('div', { class: 'card delivery', 'data-id': d.id },
     h('div', { class: 'row' }, h('strong', {}, d.destination), badge(d.status), h('span', { class: 'mono muted' }, d.id),
+      h('span', { class: 'muted' }, `run ${d.run}`),
       (d.status === 'failed' || d.status === 'pending') ? h('button', { onclick: async () => {
         try { await api(`/v1/deliveries/${d.id}/retry`, { method: 'POST' }); toast('Retry queued.'); setTimeout(() => eventPage(id), 700); } catch (err) { toast(err.message); }
       } }, 'Retry') : null),
