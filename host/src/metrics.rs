@@ -39,6 +39,11 @@ pub struct DestinationLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DestinationOnly {
+    pub destination: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabels {
     pub destination: String,
     pub state: String,
@@ -58,6 +63,7 @@ pub struct Metrics {
     pub plugin_calls: HistogramFamily<PluginLabels>,
     pub routes: Family<RouteLabels, Counter>,
     pub deliveries: Family<DestinationLabels, Counter>,
+    pub delivery_latency: HistogramFamily<DestinationOnly>,
     pub attempts: Family<DestinationLabels, Counter>,
     pub reloads: Family<ResultLabels, Counter>,
     pub queue_depth: Gauge,
@@ -94,6 +100,14 @@ impl Default for Metrics {
             "deliveries",
             "Deliveries that reached a final state, by destination and outcome",
             deliveries.clone(),
+        );
+        // 1 ms to ~70 minutes: retries wait up to hours, and those are counted too.
+        let delivery_latency: HistogramFamily<DestinationOnly> =
+            Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.001, 4.0, 12)));
+        registry.register(
+            "delivery_latency_seconds",
+            "Time from receiving an event to a destination's successful answer, by destination",
+            delivery_latency.clone(),
         );
         let attempts = Family::<DestinationLabels, Counter>::default();
         registry.register(
@@ -133,6 +147,7 @@ impl Default for Metrics {
             plugin_calls,
             routes,
             deliveries,
+            delivery_latency,
             attempts,
             reloads,
             queue_depth,
@@ -187,6 +202,15 @@ impl Metrics {
         if let Some(outcome) = settled {
             self.delivery(destination, outcome);
         }
+    }
+
+    /// Records how long after its event's receipt a delivery succeeded.
+    pub fn delivered_after(&self, destination: &str, seconds: f64) {
+        self.delivery_latency
+            .get_or_create(&DestinationOnly {
+                destination: destination.to_string(),
+            })
+            .observe(seconds);
     }
 
     /// Counts a delivery that reached a final state.

@@ -276,6 +276,7 @@ impl Pipeline {
                 headers: d.headers.clone(),
                 body: d.body.clone(),
                 attempts: 0,
+                received_at: event.received_at,
             })
             .collect();
         match self

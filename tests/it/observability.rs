@@ -124,6 +124,21 @@ destinations = ["ok", "bad"]
         get(r#"switchyard_delivery_attempts_total{destination="bad",outcome="failure"}"#),
         3.0
     );
+    // Receipt to a successful answer: three deliveries to `ok`, each well under a minute.
+    assert_eq!(
+        get(r#"switchyard_delivery_latency_seconds_count{destination="ok"}"#),
+        3.0
+    );
+    let latency = get(r#"switchyard_delivery_latency_seconds_sum{destination="ok"}"#);
+    assert!(latency > 0.0 && latency < 60.0, "{latency}");
+    assert!(
+        sample(
+            &text,
+            r#"switchyard_delivery_latency_seconds_count{destination="bad"}"#
+        )
+        .is_none(),
+        "failed deliveries have no latency"
+    );
     assert_eq!(get("switchyard_queue_depth"), 0.0);
     assert_eq!(get("switchyard_pending_deliveries"), 0.0);
     assert_eq!(get("switchyard_oldest_pending_delivery_age_seconds"), 0.0);

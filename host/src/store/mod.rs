@@ -537,6 +537,8 @@ pub struct DueDelivery {
     pub body: bytes::Bytes,
     /// Attempts already made.
     pub attempts: u32,
+    /// When its event was received (ms since the epoch): what delivery latency counts from.
+    pub received_at: u64,
 }
 
 /// What follows an attempt.

@@ -680,7 +680,8 @@ impl Store for PgStore {
                      FOR UPDATE OF d SKIP LOCKED)
                  RETURNING id, event_id, destination, url, headers,
                            CASE WHEN body_from_event THEN (SELECT e.body FROM events e WHERE e.id = deliveries.event_id) ELSE body END,
-                           attempts",
+                           attempts,
+                           (SELECT e.received_at FROM events e WHERE e.id = deliveries.event_id)",
             )
             .await?;
         let rows = client
@@ -702,6 +703,7 @@ impl Store for PgStore {
                     headers: serde_json::from_str(&headers).unwrap_or_default(),
                     body: Bytes::from(body),
                     attempts: r.get::<_, i32>(6) as u32,
+                    received_at: r.get::<_, Option<i64>>(7).unwrap_or(0) as u64,
                 }
             })
             .collect())

@@ -640,7 +640,8 @@ impl Store for SqliteStore {
                      ORDER BY d.next_attempt_at LIMIT ?3)
                  RETURNING id, event_id, destination, url, headers,
                            CASE WHEN body_from_event THEN (SELECT e.body FROM events e WHERE e.id = deliveries.event_id) ELSE body END,
-                           attempts",
+                           attempts,
+                           (SELECT e.received_at FROM events e WHERE e.id = deliveries.event_id)",
             )?;
             stmt.query_map(params![lease_until as i64, now as i64, limit as i64], |r| {
                 let headers: String = r.get(4)?;
@@ -653,6 +654,7 @@ impl Store for SqliteStore {
                     headers: serde_json::from_str(&headers).unwrap_or_default(),
                     body: Bytes::from(body),
                     attempts: r.get::<_, i64>(6)? as u32,
+                    received_at: r.get::<_, Option<i64>>(7)?.unwrap_or(0) as u64,
                 })
             })?
             .collect()
