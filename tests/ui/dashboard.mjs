@@ -76,6 +76,12 @@ try {
   await page.getByLabel('Routes').selectOption('failed');
   await page.locator(`#events tr[data-id="${deadId}"]`).waitFor();
   await row.waitFor({ state: 'detached' });
+  await page.locator(`#events tr[data-id="${deadId}"]`).getByRole('link').click();
+  await page.getByRole('heading', { name: `Event ${deadId}` }).waitFor();
+  await page.locator('.card .row').first().getByText('dead-letter').waitFor();
+  await page.getByText('body is not valid JSON').first().waitFor();
+  await page.goBack();
+  await page.getByRole('heading', { name: 'Events' }).waitFor();
   await page.getByLabel('Routes').selectOption('');
   await page.getByLabel('Type').fill('usage');
   await page.getByLabel('Type').press('Tab');

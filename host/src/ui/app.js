@@ -209,7 +209,10 @@ async function eventPage(id) {
           h('td', {}, time(a.at)), h('td', {}, a.status_code ?? '—'), h('td', { class: 'num' }, `${a.duration_ms} ms`),
           h('td', {}, a.error ? h('span', { class: 'error' }, a.error) : h('code', {}, (a.response || '').slice(0, 200)))))))));
   page(`Event ${ev.id}`,
-    h('div', { class: 'card' }, h('div', { class: 'row' }, badge(e.status), h('span', {}, `${ev.source} · ${time(ev.received_at)} · run ${ev.run}`), replay)),
+    h('div', { class: 'card' }, h('div', { class: 'row' }, badge(e.status),
+      e.routes.some((r) => r.run === ev.run && r.result.result === 'failed')
+        ? h('span', { class: 'badge failed', title: 'A route failed on this run: see Routes below; replay once fixed' }, 'dead-letter') : null,
+      h('span', {}, `${ev.source} · ${time(ev.received_at)} · run ${ev.run}`), replay)),
     h('h2', {}, 'Payload'), h('div', { class: 'card' }, h('pre', { id: 'payload' }, pretty(body))),
     h('h2', {}, 'Headers'), h('div', { class: 'card' }, h('table', {}, h('tbody', {}, ev.headers.map(([k, v]) => h('tr', {}, h('th', {}, k), h('td', { class: 'mono' }, v)))))),
     h('h2', {}, 'Routes'), routes.length ? routes : h('p', { class: 'muted' }, 'Not processed yet.'),
