@@ -163,7 +163,10 @@ async fn conformance(open: Reopen) {
     );
     assert_eq!(due[0].body.as_ref(), b"{\"n\":1}");
     assert_eq!(due[0].headers[0].1, "d2");
-    assert_eq!(due[0].received_at, 10_000, "the event's, for delivery latency");
+    assert_eq!(
+        due[0].received_at, 10_000,
+        "the event's, for delivery latency"
+    );
     assert!(
         store
             .claim_due(21_000, 31_000, 10)

@@ -2,8 +2,12 @@
 //!
 //! All writes go through one writer thread that commits them in batches (group commit):
 //! whatever arrived while the previous batch was being written goes into the next
-//! transaction, so many requests share one fsync. Each write runs in a savepoint, so one
-//! failing write does not undo the others of its batch. Reads use a second connection.
+//! transaction, so many requests share one fsync. The writes of a batch run straight in
+//! its transaction; if one fails, the batch is rolled back and run again with each write in
+//! a savepoint of its own, so one failing write does not undo the others (writes are `Fn`,
+//! so running one twice does the same thing). Savepoints are not the common path because
+//! they are dear: SQLite copies every page a write touches into a statement journal first,
+//! and in a batch every write touches the same hot pages. Reads use a second connection.
 //!
 //! The fsync is not the writer's: SQLite runs with `synchronous = NORMAL` (a commit is
 //! written to the WAL but not synced; checkpoints still sync), and a syncer thread
@@ -136,8 +140,51 @@ const DELIVERY_COUNTS: &str = "SELECT destination, SUM(status = 'pending'), SUM(
     FROM deliveries WHERE status IN ('pending', 'failed') AND status != 'delivered'
     GROUP BY destination";
 
+/// Answers a write's caller, given how its commit (and sync, if it asked for one) went.
 type Reply = Box<dyn FnOnce(Result<(), String>) + Send>;
-type Job = (Durability, Box<dyn FnOnce(&Connection) -> Reply + Send>);
+type Job = (Durability, Box<dyn Write>);
+
+/// A write the writer thread runs, and answers once the batch's outcome is known.
+trait Write: Send {
+    /// Runs the write's statements in the open transaction; false if it failed (what it
+    /// did must then be undone). May run a second time after a rollback.
+    fn run(&mut self, conn: &Connection) -> bool;
+    /// The answer, from what the last run returned and how the commit went.
+    fn into_reply(self: Box<Self>) -> Reply;
+}
+
+/// A write and its caller's channel.
+struct Pending<F, R> {
+    f: F,
+    result: Option<rusqlite::Result<R>>,
+    tx: oneshot::Sender<Result<R, StoreError>>,
+}
+
+impl<F, R> Write for Pending<F, R>
+where
+    F: Fn(&Connection) -> rusqlite::Result<R> + Send,
+    R: Send + 'static,
+{
+    fn run(&mut self, conn: &Connection) -> bool {
+        let result = (self.f)(conn);
+        let ok = result.is_ok();
+        self.result = Some(result);
+        ok
+    }
+
+    fn into_reply(self: Box<Self>) -> Reply {
+        let Pending { result, tx, .. } = *self;
+        Box::new(move |commit| {
+            let answer = match (result, commit) {
+                (Some(Ok(v)), Ok(())) => Ok(v),
+                (Some(Err(e)), _) => Err(StoreError::from(e)),
+                (_, Err(e)) => Err(StoreError::Db(e)),
+                (None, Ok(())) => Err(StoreError::Db("the write did not run".into())),
+            };
+            let _ = tx.send(answer);
+        })
+    }
+}
 
 /// When a write is answered.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -165,9 +212,10 @@ impl SqliteStore {
             .map_err(|e| StoreError::Db(format!("cannot create {}: {e}", data_dir.display())))?;
         let path = data_dir.join("switchyard.db");
         let writer = Connection::open(&path)?;
-        // `temp_store = MEMORY`: each write runs in a savepoint, and SQLite keeps the pages a
-        // savepoint may have to restore in a statement journal, which spills to a temporary
-        // file past 64 KiB — every group commit did, paying two `pwrite`s per page touched.
+        // `temp_store = MEMORY`: SQLite keeps the pages a savepoint (or a statement that may
+        // abort half-way) may have to restore in a statement journal, which spills to a
+        // temporary file past 64 KiB — group commits did when every write ran in a
+        // savepoint, paying two `pwrite`s per page touched.
         writer.execute_batch(
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000;
              PRAGMA temp_store = MEMORY;",
@@ -226,7 +274,7 @@ impl SqliteStore {
     /// committed and synced to disk.
     async fn write<R: Send + 'static>(
         &self,
-        f: impl FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
+        f: impl Fn(&Connection) -> rusqlite::Result<R> + Send + 'static,
     ) -> Result<R, StoreError> {
         self.write_with(Durability::Synced, f).await
     }
@@ -234,7 +282,7 @@ impl SqliteStore {
     /// As [`SqliteStore::write`], answered once committed (see [`Durability::Lazy`]).
     async fn write_lazy<R: Send + 'static>(
         &self,
-        f: impl FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
+        f: impl Fn(&Connection) -> rusqlite::Result<R> + Send + 'static,
     ) -> Result<R, StoreError> {
         self.write_with(Durability::Lazy, f).await
     }
@@ -242,21 +290,17 @@ impl SqliteStore {
     async fn write_with<R: Send + 'static>(
         &self,
         durability: Durability,
-        f: impl FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
+        f: impl Fn(&Connection) -> rusqlite::Result<R> + Send + 'static,
     ) -> Result<R, StoreError> {
         let (tx, rx) = oneshot::channel();
-        let job = Box::new(move |conn: &Connection| -> Reply {
-            let result = in_savepoint(conn, f);
-            Box::new(move |commit| {
-                let answer = match (result, commit) {
-                    (Ok(v), Ok(())) => Ok(v),
-                    (Err(e), _) => Err(StoreError::from(e)),
-                    (Ok(_), Err(e)) => Err(StoreError::Db(e)),
-                };
-                let _ = tx.send(answer);
-            })
-        });
-        let job: Job = (durability, job);
+        let job: Job = (
+            durability,
+            Box::new(Pending {
+                f,
+                result: None,
+                tx,
+            }),
+        );
         let sender = self.jobs.lock().unwrap_or_else(|e| e.into_inner()).clone();
         sender
             .ok_or(StoreError::Closed)?
@@ -298,22 +342,38 @@ fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
-fn in_savepoint<R>(
-    conn: &Connection,
-    f: impl FnOnce(&Connection) -> rusqlite::Result<R>,
-) -> rusqlite::Result<R> {
-    // Prepared once: every write pays these two statements.
-    conn.prepare_cached("SAVEPOINT job")?.execute([])?;
-    match f(conn) {
-        Ok(v) => {
-            conn.prepare_cached("RELEASE job")?.execute([])?;
-            Ok(v)
+/// Runs a batch's writes in one transaction and commits it. If a write fails, the batch
+/// is rolled back and run again with each write in a savepoint of its own, so that only
+/// the failed writes are undone.
+fn run_batch(conn: &Connection, batch: &mut [Job]) -> Result<(), String> {
+    let begin = |conn: &Connection| conn.execute_batch("BEGIN IMMEDIATE");
+    begin(conn).map_err(|e| e.to_string())?;
+    if !batch.iter_mut().all(|(_, w)| w.run(conn)) {
+        // (Some errors end the transaction themselves.)
+        let again = if conn.is_autocommit() {
+            begin(conn)
+        } else {
+            conn.execute_batch("ROLLBACK").and_then(|()| begin(conn))
+        };
+        if let Err(e) = again {
+            let _ = conn.execute_batch("ROLLBACK");
+            return Err(e.to_string());
         }
-        Err(e) => {
-            conn.execute_batch("ROLLBACK TO job; RELEASE job")?;
-            Err(e)
+        for (_, w) in batch.iter_mut() {
+            let saved = conn.execute_batch("SAVEPOINT job");
+            if saved.is_ok() && !w.run(conn) {
+                conn.execute_batch("ROLLBACK TO job")
+                    .map_err(|e| e.to_string())?;
+            }
+            saved
+                .and_then(|()| conn.execute_batch("RELEASE job"))
+                .map_err(|e| e.to_string())?;
         }
     }
+    conn.execute_batch("COMMIT").map_err(|e| {
+        let _ = conn.execute_batch("ROLLBACK");
+        e.to_string()
+    })
 }
 
 fn write_loop(conn: Connection, jobs: mpsc::Receiver<Job>, wal: Option<PathBuf>) {
@@ -339,27 +399,12 @@ fn write_loop(conn: Connection, jobs: mpsc::Receiver<Job>, wal: Option<PathBuf>)
                 Err(_) => break,
             }
         }
-        let replies: Vec<(Durability, Reply)>;
-        let commit = match conn.execute_batch("BEGIN IMMEDIATE") {
-            Ok(()) => {
-                replies = batch
-                    .into_iter()
-                    .map(|(durability, job)| (durability, job(&conn)))
-                    .collect();
-                conn.execute_batch("COMMIT").map_err(|e| {
-                    let _ = conn.execute_batch("ROLLBACK");
-                    e.to_string()
-                })
-            }
-            Err(e) => {
-                // Without a transaction nothing can be written; fail every job of the batch.
-                replies = batch
-                    .into_iter()
-                    .map(|_| (Durability::Lazy, Box::new(|_| {}) as Reply))
-                    .collect();
-                Err(e.to_string())
-            }
-        };
+        let commit = run_batch(&conn, &mut batch);
+        if commit.is_err() && !conn.is_autocommit() {
+            // Whatever failed left a transaction open: the next batch needs a fresh one.
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        let replies = batch.into_iter().map(|(d, w)| (d, w.into_reply()));
         if let Err(e) = &commit {
             tracing::error!(error = %e, "Store commit failed.");
         }
@@ -825,7 +870,7 @@ impl Store for SqliteStore {
         self.write(move |conn| {
             conn.execute(
                 "DELETE FROM managed_objects WHERE kind = ?1 AND name = ?2",
-                [kind, name],
+                [&kind, &name],
             )
             .map(|_| ())
         })
@@ -1278,6 +1323,67 @@ mod tests {
         for i in 0..500 {
             assert!(store.get_event(&format!("e{i}")).await.unwrap().is_some());
         }
+    }
+
+    /// A write that fails undoes what it did and nothing else: the writes batched with it
+    /// are committed. A slow first write holds the writer so that the others queue up and
+    /// share the next batch.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_failing_write_undoes_only_itself() {
+        let store = Arc::new(SqliteStore::open_in_memory(100).unwrap());
+        let hold = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .write(|_| {
+                        std::thread::sleep(std::time::Duration::from_millis(200));
+                        Ok(())
+                    })
+                    .await
+            })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let mut tasks = Vec::new();
+        for i in 0..200usize {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                store
+                    .write(move |conn| {
+                        conn.execute(
+                            "INSERT INTO managed_objects (kind, name, body, updated_at) VALUES ('t', ?1, '{}', 0)",
+                            [i.to_string()],
+                        )?;
+                        if i % 3 == 0 {
+                            // Fails after a change of its own, which must go with it.
+                            conn.execute("INSERT INTO no_such_table VALUES (1)", [])?;
+                        }
+                        Ok(i)
+                    })
+                    .await
+            }));
+        }
+        hold.await.unwrap().unwrap();
+        let mut failed = 0;
+        for (i, t) in tasks.into_iter().enumerate() {
+            match t.await.unwrap() {
+                Ok(v) => assert_eq!(v, i),
+                Err(e) => {
+                    assert_eq!(i % 3, 0, "{e}");
+                    assert!(e.to_string().contains("no_such_table"), "{e}");
+                    failed += 1;
+                }
+            }
+        }
+        assert_eq!(failed, 67);
+        let names: Vec<usize> = store
+            .managed_objects()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|o| o.name.parse().unwrap())
+            .collect();
+        assert_eq!(names.len(), 133);
+        assert!(names.iter().all(|n| n % 3 != 0), "{names:?}");
     }
 
     /// The indexes the listing queries are meant to use: a partial index applies only when
