@@ -531,6 +531,8 @@ impl Store for SqliteStore {
     ) -> Result<Inserted, StoreError> {
         self.queue.accepting()?;
         let row = event.clone();
+        // Serialised here, not on the writer thread (see `complete_event`).
+        let headers = json(&row.headers);
         let inserted = self
             .write(move |conn| {
                 if let Some(idem) = &idempotency {
@@ -558,7 +560,7 @@ impl Store for SqliteStore {
                     row.method,
                     row.path,
                     row.query,
-                    json(&row.headers),
+                    headers,
                     row.content_type,
                     row.body.as_bytes(),
                     row.run as i64,
