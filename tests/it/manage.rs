@@ -391,6 +391,57 @@ async fn schemathesis_finds_no_server_error_or_schema_violation() {
 
 /// The operator's views: the event list with filters and pagination, a retry by hand of a
 /// failed delivery, and per-minute stats.
+/// A destination removed while one of its deliveries waits for a retry: the retry is not
+/// sent (the URL may no longer be trusted with the event); the delivery fails, saying why.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_removed_destination_gets_nothing_more() {
+    let rx = Receiver::start().await;
+    let gw = TestGateway::start("[[sources]]\nname = \"s\"\n", &rx, &[]).await;
+    let (status, d) = gw
+        .send(
+            "POST",
+            "/v1/destinations",
+            Some(json!({
+                "name": "old",
+                "url": format!("{}/old", rx.url),
+                "retry": { "retry_schedule": ["0s", "1s", "1s"], "jitter": 0.0 },
+            })),
+        )
+        .await;
+    assert_eq!(status, 201, "{d}");
+    let route = json!({ "name": "to-old", "source": "s", "destinations": ["old"] });
+    assert_eq!(gw.send("POST", "/v1/routes", Some(route)).await.0, 201);
+    rx.fail_with(Some(500));
+    let id = gw.accept("s", "{}").await;
+    rx.wait_for(1).await;
+    assert_eq!(gw.send("DELETE", "/v1/routes/to-old", None).await.0, 204);
+    assert_eq!(gw.send("DELETE", "/v1/destinations/old", None).await.0, 204);
+    rx.fail_with(None);
+    let mut delivery = Value::Null;
+    for _ in 0..200 {
+        let event = gw.event(&id).await;
+        if event["deliveries"][0]["status"] == "failed" {
+            delivery = event["deliveries"][0].clone();
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    let attempts = delivery["attempts"]
+        .as_array()
+        .expect("the delivery failed");
+    assert_eq!(attempts.len(), 2, "{delivery}");
+    assert_eq!(attempts[0]["status_code"], 500);
+    assert!(
+        attempts[1]["error"]
+            .as_str()
+            .unwrap()
+            .contains("destination `old` is no longer configured"),
+        "{delivery}"
+    );
+    assert_eq!(rx.requests().len(), 1, "nothing more was sent");
+    gw.shutdown().await.unwrap();
+}
+
 /// An event a route dead-lettered (its plugin failed) has no deliveries to show for it;
 /// the list says how many routes failed and `route_result=failed` finds it.
 #[tokio::test(flavor = "multi_thread")]

@@ -310,10 +310,36 @@ impl Dispatcher {
     #[tracing::instrument(name = "delivery", skip_all, fields(event_id = %d.event_id,
         delivery_id = %d.id, destination = %d.destination, attempt = d.attempts + 1))]
     async fn attempt(&self, d: DueDelivery, _permit: OwnedSemaphorePermit) {
-        let dest = self.destinations.load().get(&d.destination).cloned();
-        let policy = dest.as_ref().map(|d| d.retry.clone()).unwrap_or_default();
         let at = self.clock.now_ms();
-        let headers = signed_headers(dest.as_deref(), &d, at);
+        let Some(dest) = self.destinations.load().get(&d.destination).cloned() else {
+            // Removed since the delivery was planned (from the file or through the API):
+            // its URL may no longer be trusted with the event, so nothing is sent. The
+            // delivery fails, visibly, and can be retried by hand once it is back.
+            let error = format!(
+                "destination `{}` is no longer configured; not sent",
+                d.destination
+            );
+            tracing::warn!(event_id = %d.event_id, delivery_id = %d.id, destination = %d.destination,
+                "Delivery failed: its destination is no longer configured.");
+            self.metrics.delivery(&d.destination, "failed");
+            let attempt = Attempt {
+                at,
+                duration_ms: 0,
+                status_code: None,
+                error: Some(error),
+                response: None,
+            };
+            if let Err(e) = self
+                .store
+                .record_attempt(&d.id, attempt, AttemptNext::Failed)
+                .await
+            {
+                tracing::error!(delivery_id = %d.id, error = %e, "Cannot record a delivery attempt.");
+            }
+            return;
+        };
+        let policy = dest.retry.clone();
+        let headers = signed_headers(&dest, &d, at);
         let (status, retry_after, response, error, duration_ms) =
             self.send(&d.url, &headers, d.body.clone()).await;
         let result = AttemptResult::from_status(status, retry_after);
@@ -524,13 +550,9 @@ impl Dispatcher {
 
 /// The stored headers, plus a fresh Standard Webhooks timestamp and signature when the
 /// destination signs (each attempt is signed anew; the `webhook-id` stays).
-fn signed_headers(
-    dest: Option<&Destination>,
-    d: &DueDelivery,
-    now_ms: u64,
-) -> Vec<(String, String)> {
+fn signed_headers(dest: &Destination, d: &DueDelivery, now_ms: u64) -> Vec<(String, String)> {
     let mut headers = d.headers.clone();
-    if let Some(key) = dest.and_then(|d| d.signing_key.as_deref()) {
+    if let Some(key) = dest.signing_key.as_deref() {
         let ts = now_ms / 1000;
         headers.retain(|(k, _)| k != "webhook-timestamp" && k != "webhook-signature");
         headers.push(("webhook-timestamp".into(), ts.to_string()));
