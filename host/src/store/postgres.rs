@@ -134,7 +134,20 @@ const SCHEMA: &[&str] = &[
      CREATE INDEX deliveries_undelivered ON deliveries (status, seq) WHERE status <> 'delivered';",
     // 5: as SQLite's version 6 — the run of the event that made a delivery.
     "ALTER TABLE deliveries ADD COLUMN run INTEGER NOT NULL DEFAULT 0;",
+    // 6: as SQLite's version 7 — routes failed in the event's latest run, on the event.
+    "ALTER TABLE events ADD COLUMN failed_routes INTEGER NOT NULL DEFAULT 0;
+     UPDATE events SET failed_routes = (SELECT COUNT(*) FROM route_outcomes o
+         WHERE o.event_id = events.id AND o.run = events.run
+           AND o.outcome::jsonb #>> '{result,result}' = 'failed')
+     WHERE id IN (SELECT o.event_id FROM route_outcomes o
+         WHERE o.outcome::jsonb #>> '{result,result}' = 'failed');
+     CREATE INDEX events_dead_lettered ON events (received_at, id) WHERE failed_routes > 0;",
 ];
+
+/// The filter of `list_events` on route results (see SQLite's), bound as $9 either way.
+const DEAD_LETTERED: &str = "AND e.failed_routes > 0 AND $9::TEXT = 'failed'";
+const ROUTE_RESULT: &str = "AND ($9::TEXT IS NULL OR EXISTS (SELECT 1 FROM route_outcomes o
+    WHERE o.event_id = e.id AND o.run = e.run AND o.outcome::jsonb #>> '{result,result}' = $9))";
 
 /// Deliveries in `seq` order: all of them, the delivered ones, or those of another status
 /// (from `deliveries_undelivered`). Bound: status, after, limit.
@@ -339,6 +352,10 @@ impl PgStore {
         now: u64,
     ) -> Result<Vec<String>, StoreError> {
         let client = self.pool.get().await?;
+        let failed_routes = outcomes
+            .iter()
+            .filter(|o| matches!(o.result, RouteResult::Failed { .. }))
+            .count() as i32;
         let routes: Vec<i32> = outcomes.iter().map(|o| o.route as i32).collect();
         let outcomes: Vec<String> = outcomes.iter().map(json).collect();
         let ds = &deliveries;
@@ -375,7 +392,7 @@ impl PgStore {
                     ON CONFLICT (id) DO NOTHING
                     RETURNING id, lease_until
                  ), e AS (
-                    UPDATE events SET status = 'processed' WHERE id = $1 AND run = $2
+                    UPDATE events SET status = 'processed', failed_routes = $16 WHERE id = $1 AND run = $2
                  )
                  SELECT id FROM d WHERE lease_until IS NOT NULL",
             )
@@ -399,6 +416,7 @@ impl PgStore {
                     &next,
                     &leases,
                     &same,
+                    &failed_routes,
                 ],
             )
             .await?;
@@ -647,7 +665,7 @@ impl Store for PgStore {
         let client = self.pool.get().await?;
         let row = client
             .query_opt(
-                "UPDATE events SET status = 'queued', run = run + 1, lease_until = $2
+                "UPDATE events SET status = 'queued', run = run + 1, lease_until = $2, failed_routes = 0
                  WHERE id = $1 RETURNING *",
                 &[&event_id, &self.lease_until()],
             )
@@ -1011,18 +1029,22 @@ impl Store for PgStore {
         limit: usize,
     ) -> Result<Vec<EventSummary>, StoreError> {
         let client = self.pool.get().await?;
+        let route_result = match filter.route_result {
+            Some(RouteResultKind::Failed) => DEAD_LETTERED,
+            _ => ROUTE_RESULT,
+        };
         // The type is read from the body where the body is a JSON object.
         let rows = client
             .query(
-                "WITH e AS (
-                    SELECT id, source, received_at, status, run, switchyard_event_type(body) AS event_type
+                &format!("WITH e AS (
+                    SELECT id, source, received_at, status, run, failed_routes,
+                           switchyard_event_type(body) AS event_type
                     FROM events)
                  SELECT e.id, e.source, e.received_at, e.status, e.event_type,
                     (SELECT COUNT(*) FROM deliveries d WHERE d.event_id = e.id AND d.status = 'pending'),
                     (SELECT COUNT(*) FROM deliveries d WHERE d.event_id = e.id AND d.status = 'delivered'),
                     (SELECT COUNT(*) FROM deliveries d WHERE d.event_id = e.id AND d.status = 'failed'),
-                    (SELECT COUNT(*) FROM route_outcomes o WHERE o.event_id = e.id AND o.run = e.run
-                        AND o.outcome::jsonb #>> '{result,result}' = 'failed')
+                    e.failed_routes
                  FROM e
                  WHERE ($1::TEXT IS NULL OR e.source = $1)
                    AND ($2::TEXT IS NULL OR e.status = $2)
@@ -1030,9 +1052,8 @@ impl Store for PgStore {
                    AND ($4::BIGINT IS NULL OR e.received_at >= $4)
                    AND ($5::BIGINT IS NULL OR e.received_at < $5)
                    AND ($6::BIGINT IS NULL OR e.received_at < $6 OR (e.received_at = $6 AND e.id < $7))
-                   AND ($9::TEXT IS NULL OR EXISTS (SELECT 1 FROM route_outcomes o WHERE o.event_id = e.id
-                        AND o.run = e.run AND o.outcome::jsonb #>> '{result,result}' = $9))
-                 ORDER BY e.received_at DESC, e.id DESC LIMIT $8",
+                   {route_result}
+                 ORDER BY e.received_at DESC, e.id DESC LIMIT $8"),
                 &[
                     &filter.source,
                     &filter.status.map(EventStatus::as_str),
@@ -1063,7 +1084,7 @@ impl Store for PgStore {
                     pending: r.get::<_, i64>(5) as u64,
                     delivered: r.get::<_, i64>(6) as u64,
                     failed: r.get::<_, i64>(7) as u64,
-                    failed_routes: r.get::<_, i64>(8) as u64,
+                    failed_routes: r.get::<_, i32>(8) as u64,
                 }
             })
             .collect())
@@ -1138,8 +1159,7 @@ impl Store for PgStore {
         let doomed = "SELECT id FROM events e WHERE e.status = 'processed' AND e.received_at < $1
             AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id
                 AND (d.status = 'pending' OR (d.status = 'failed' AND d.run = e.run)))
-            AND NOT EXISTS (SELECT 1 FROM route_outcomes o WHERE o.event_id = e.id AND o.run = e.run
-                AND o.outcome::jsonb #>> '{result,result}' = 'failed')";
+            AND e.failed_routes = 0";
         let before = before as i64;
         tx.execute(
             &format!("DELETE FROM attempts WHERE delivery_id IN (SELECT id FROM deliveries WHERE event_id IN ({doomed}))"),

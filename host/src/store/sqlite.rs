@@ -125,7 +125,23 @@ const SCHEMA: &[&str] = &[
     // Version 6: the run of the event that made a delivery, so that a replay supersedes
     // the failures of earlier runs (see `Store::purge_delivered`).
     "ALTER TABLE deliveries ADD COLUMN run INTEGER NOT NULL DEFAULT 0;",
+    // Version 7: how many routes failed (dead-lettered the event) in its latest run, kept
+    // on the event so that listing dead letters and retention need not read every
+    // outcome; the index holds only those events. Events already stored are counted once.
+    "ALTER TABLE events ADD COLUMN failed_routes INTEGER NOT NULL DEFAULT 0;
+     UPDATE events SET failed_routes = (SELECT COUNT(*) FROM route_outcomes o
+         WHERE o.event_id = events.id AND o.run = events.run
+           AND json_extract(o.outcome, '$.result.result') = 'failed')
+     WHERE id IN (SELECT o.event_id FROM route_outcomes o
+         WHERE json_extract(o.outcome, '$.result.result') = 'failed');
+     CREATE INDEX events_dead_lettered ON events (received_at, id) WHERE failed_routes > 0;",
 ];
+
+/// The filter of `list_events` on route results: dead letters from their own index, the
+/// other results from the outcomes (bound as ?9 either way).
+const DEAD_LETTERED: &str = "AND e.failed_routes > 0 AND ?9 = 'failed'";
+const ROUTE_RESULT: &str = "AND (?9 IS NULL OR EXISTS (SELECT 1 FROM route_outcomes o
+    WHERE o.event_id = e.id AND o.run = e.run AND json_extract(o.outcome, '$.result.result') = ?9))";
 
 /// Deliveries in `seq` order: all of them, the delivered ones (most rows match), or those
 /// of another status (from `deliveries_undelivered`). Bound: status, after, limit.
@@ -590,6 +606,10 @@ impl Store for SqliteStore {
         now: u64,
     ) -> Result<Vec<String>, StoreError> {
         let (event_id, run) = (event.id.clone(), event.run);
+        let failed_routes = outcomes
+            .iter()
+            .filter(|o| matches!(o.result, RouteResult::Failed { .. }))
+            .count() as i64;
         // Serialised here, on the caller's thread: the writer thread is the one that
         // cannot be scaled out.
         let outcomes: Vec<(usize, String)> = outcomes.iter().map(|o| (o.route, json(o))).collect();
@@ -634,8 +654,10 @@ impl Store for SqliteStore {
                     leased.push(d.id.clone());
                 }
             }
-            conn.prepare_cached("UPDATE events SET status = 'processed' WHERE id = ? AND run = ?")?
-                .execute(params![event_id, run as i64])?;
+            conn.prepare_cached(
+                "UPDATE events SET status = 'processed', failed_routes = ? WHERE id = ? AND run = ?",
+            )?
+            .execute(params![failed_routes, event_id, run as i64])?;
             Ok(leased)
         })
         .await;
@@ -649,7 +671,7 @@ impl Store for SqliteStore {
             .write(move |conn| {
                 let changed = conn
                     .prepare_cached(
-                        "UPDATE events SET status = 'queued', run = run + 1 WHERE id = ?",
+                        "UPDATE events SET status = 'queued', run = run + 1, failed_routes = 0 WHERE id = ?",
                     )?
                     .execute([&id])?;
                 if changed == 0 {
@@ -968,13 +990,16 @@ impl Store for SqliteStore {
             let event_type = "CASE WHEN json_valid(CAST(e.body AS TEXT))
                  THEN COALESCE(json_extract(CAST(e.body AS TEXT), '$.type'), json_extract(CAST(e.body AS TEXT), '$.event_type'))
                  END";
+            let route_result = match filter.route_result {
+                Some(RouteResultKind::Failed) => DEAD_LETTERED,
+                _ => ROUTE_RESULT,
+            };
             let sql = format!(
                 "SELECT e.id, e.source, e.received_at, e.status, {event_type} AS event_type,
                         (SELECT COUNT(*) FROM deliveries d WHERE d.event_id = e.id AND d.status = 'pending'),
                         (SELECT COUNT(*) FROM deliveries d WHERE d.event_id = e.id AND d.status = 'delivered'),
                         (SELECT COUNT(*) FROM deliveries d WHERE d.event_id = e.id AND d.status = 'failed'),
-                        (SELECT COUNT(*) FROM route_outcomes o WHERE o.event_id = e.id AND o.run = e.run
-                            AND json_extract(o.outcome, '$.result.result') = 'failed')
+                        e.failed_routes
                  FROM events e
                  WHERE (?1 IS NULL OR e.source = ?1)
                    AND (?2 IS NULL OR e.status = ?2)
@@ -982,8 +1007,7 @@ impl Store for SqliteStore {
                    AND (?4 IS NULL OR e.received_at >= ?4)
                    AND (?5 IS NULL OR e.received_at < ?5)
                    AND (?6 IS NULL OR e.received_at < ?6 OR (e.received_at = ?6 AND e.id < ?7))
-                   AND (?9 IS NULL OR EXISTS (SELECT 1 FROM route_outcomes o WHERE o.event_id = e.id
-                        AND o.run = e.run AND json_extract(o.outcome, '$.result.result') = ?9))
+                   {route_result}
                  ORDER BY e.received_at DESC, e.id DESC LIMIT ?8"
             );
             let (after_at, after_id) = match &after {
@@ -1107,8 +1131,7 @@ impl Store for SqliteStore {
             let doomed = "SELECT id FROM events e WHERE e.status = 'processed' AND e.received_at < ?1
                 AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id
                     AND (d.status = 'pending' OR (d.status = 'failed' AND d.run = e.run)))
-                AND NOT EXISTS (SELECT 1 FROM route_outcomes o WHERE o.event_id = e.id AND o.run = e.run
-                    AND json_extract(o.outcome, '$.result.result') = 'failed')";
+                AND e.failed_routes = 0";
             conn.execute(&format!("DELETE FROM attempts WHERE delivery_id IN (SELECT id FROM deliveries WHERE event_id IN ({doomed}))"), [before as i64])?;
             conn.execute(&format!("DELETE FROM deliveries WHERE event_id IN ({doomed})"), [before as i64])?;
             conn.execute(&format!("DELETE FROM route_outcomes WHERE event_id IN ({doomed})"), [before as i64])?;
@@ -1416,5 +1439,45 @@ mod tests {
             let p = plan(sql);
             assert!(p.contains("INTEGER PRIMARY KEY (rowid>?)"), "{p}");
         }
+        let dead = plan(&format!(
+            "SELECT e.id FROM events e WHERE (?1 IS NULL OR e.source = ?1) {DEAD_LETTERED}
+             ORDER BY e.received_at DESC, e.id DESC LIMIT ?8"
+        ));
+        assert!(dead.contains("USING INDEX events_dead_lettered"), "{dead}");
+    }
+
+    /// Migration 7 counts the failed routes of events stored before it, so that retention
+    /// keeps the dead letters it did not know about.
+    #[test]
+    fn migration_7_counts_dead_letters_already_stored() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        for sql in &SCHEMA[..6] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 6).unwrap();
+        conn.execute_batch(
+            r#"INSERT INTO events (id, source, received_at, method, path, query, headers, body, status, run)
+               VALUES ('dead', 's', 1, 'POST', '/', '', '[]', x'', 'processed', 1),
+                      ('fine', 's', 2, 'POST', '/', '', '[]', x'', 'processed', 1);
+               INSERT INTO route_outcomes (event_id, run, route, outcome) VALUES
+                 ('dead', 1, 0, '{"result":{"result":"failed","error":"e"}}'),
+                 ('dead', 1, 1, '{"result":{"result":"failed","error":"e"}}'),
+                 ('dead', 1, 2, '{"result":{"result":"delivering","deliveries":1}}'),
+                 ('fine', 0, 0, '{"result":{"result":"failed","error":"e"}}'),
+                 ('fine', 1, 0, '{"result":{"result":"dropped","plugin":"p","reason":"r"}}');"#,
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        let failed = |id: &str| -> i64 {
+            conn.query_row("SELECT failed_routes FROM events WHERE id = ?", [id], |r| {
+                r.get(0)
+            })
+            .unwrap()
+        };
+        assert_eq!(
+            (failed("dead"), failed("fine")),
+            (2, 0),
+            "only the latest run counts"
+        );
     }
 }
