@@ -417,18 +417,10 @@ async fn a_removed_destination_gets_nothing_more() {
     assert_eq!(gw.send("DELETE", "/v1/routes/to-old", None).await.0, 204);
     assert_eq!(gw.send("DELETE", "/v1/destinations/old", None).await.0, 204);
     rx.fail_with(None);
-    let mut delivery = Value::Null;
-    for _ in 0..200 {
-        let event = gw.event(&id).await;
-        if event["deliveries"][0]["status"] == "failed" {
-            delivery = event["deliveries"][0].clone();
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-    }
-    let attempts = delivery["attempts"]
-        .as_array()
-        .expect("the delivery failed");
+    let event = gw.settled(&id).await;
+    let delivery = &event["deliveries"][0];
+    assert_eq!(delivery["status"], "failed", "{event}");
+    let attempts = delivery["attempts"].as_array().unwrap();
     assert_eq!(attempts.len(), 2, "{delivery}");
     assert_eq!(attempts[0]["status_code"], 500);
     assert!(
