@@ -311,35 +311,51 @@ impl Dispatcher {
         delivery_id = %d.id, destination = %d.destination, attempt = d.attempts + 1))]
     async fn attempt(&self, d: DueDelivery, _permit: OwnedSemaphorePermit) {
         let at = self.clock.now_ms();
-        let Some(dest) = self.destinations.load().get(&d.destination).cloned() else {
-            // Removed since the delivery was planned (from the file or through the API):
-            // its URL may no longer be trusted with the event, so nothing is sent. The
-            // delivery fails, visibly, and can be retried by hand once it is back.
-            let error = format!(
+        let destination = self.destinations.load().get(&d.destination).cloned();
+        let (attempt, next) = match destination {
+            Some(dest) => self.send_to(&dest, &d, at).await,
+            None => self.not_sent(&d, at),
+        };
+        if let Err(e) = self.store.record_attempt(&d.id, attempt, next).await {
+            // The lease runs out and the delivery is tried again: at least once, never lost.
+            tracing::error!(delivery_id = %d.id, error = %e, "Cannot record a delivery attempt.");
+        }
+        // A permit is free again: that matters only if the last claim left due deliveries
+        // behind for want of permits. A retry is a new due time to wait for.
+        if self.starved.load(Ordering::Relaxed) || matches!(next, AttemptNext::RetryAt(_)) {
+            self.wake();
+        }
+    }
+
+    /// A delivery whose destination was removed since it was planned (from the file or
+    /// through the API): its URL may no longer be trusted with the event, so nothing is
+    /// sent. It fails, visibly, and can be retried by hand once the destination is back.
+    fn not_sent(&self, d: &DueDelivery, at: u64) -> (Attempt, AttemptNext) {
+        tracing::warn!(event_id = %d.event_id, delivery_id = %d.id, destination = %d.destination,
+            "Delivery failed: its destination is no longer configured.");
+        self.metrics.delivery(&d.destination, "failed");
+        let attempt = Attempt {
+            at,
+            duration_ms: 0,
+            status_code: None,
+            error: Some(format!(
                 "destination `{}` is no longer configured; not sent",
                 d.destination
-            );
-            tracing::warn!(event_id = %d.event_id, delivery_id = %d.id, destination = %d.destination,
-                "Delivery failed: its destination is no longer configured.");
-            self.metrics.delivery(&d.destination, "failed");
-            let attempt = Attempt {
-                at,
-                duration_ms: 0,
-                status_code: None,
-                error: Some(error),
-                response: None,
-            };
-            if let Err(e) = self
-                .store
-                .record_attempt(&d.id, attempt, AttemptNext::Failed)
-                .await
-            {
-                tracing::error!(delivery_id = %d.id, error = %e, "Cannot record a delivery attempt.");
-            }
-            return;
+            )),
+            response: None,
         };
-        let policy = dest.retry.clone();
-        let headers = signed_headers(&dest, &d, at);
+        (attempt, AttemptNext::Failed)
+    }
+
+    /// Sends one attempt and decides what follows it, updating the destination's state
+    /// and the metrics.
+    async fn send_to(
+        &self,
+        dest: &Destination,
+        d: &DueDelivery,
+        at: u64,
+    ) -> (Attempt, AttemptNext) {
+        let headers = signed_headers(dest, d, at);
         let (status, retry_after, response, error, duration_ms) =
             self.send(&d.url, &headers, d.body.clone()).await;
         let result = AttemptResult::from_status(status, retry_after);
@@ -352,7 +368,7 @@ impl Dispatcher {
             let was = before.state;
             let before_copy = before.clone();
             let (next, after) = decide(
-                &policy,
+                &dest.retry,
                 result,
                 d.attempts + 1,
                 at,
@@ -402,15 +418,7 @@ impl Dispatcher {
             error,
             response,
         };
-        if let Err(e) = self.store.record_attempt(&d.id, attempt, next).await {
-            // The lease runs out and the delivery is tried again: at least once, never lost.
-            tracing::error!(delivery_id = %d.id, error = %e, "Cannot record a delivery attempt.");
-        }
-        // A permit is free again: that matters only if the last claim left due deliveries
-        // behind for want of permits. A retry is a new due time to wait for.
-        if self.starved.load(Ordering::Relaxed) || matches!(next, AttemptNext::RetryAt(_)) {
-            self.wake();
-        }
+        (attempt, next)
     }
 
     /// POSTs once; returns (status, Retry-After, response excerpt, error, duration in ms).

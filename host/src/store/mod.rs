@@ -518,6 +518,14 @@ pub struct NewDelivery {
     pub lease_until: Option<u64>,
 }
 
+/// How many of an event's route outcomes failed (dead-lettered it): stored on the event.
+pub fn failed_routes(outcomes: &[RouteOutcome]) -> usize {
+    outcomes
+        .iter()
+        .filter(|o| o.result.kind() == RouteResultKind::Failed)
+        .count()
+}
+
 /// Whether a delivery's body is its event's body unchanged. The stores then keep no copy of
 /// it (an empty body and `body_from_event` in the row) and read the event's body when the
 /// delivery is claimed: most routes pass the body through, and it is most of the bytes

@@ -352,10 +352,7 @@ impl PgStore {
         now: u64,
     ) -> Result<Vec<String>, StoreError> {
         let client = self.pool.get().await?;
-        let failed_routes = outcomes
-            .iter()
-            .filter(|o| matches!(o.result, RouteResult::Failed { .. }))
-            .count() as i32;
+        let failed_routes = failed_routes(&outcomes) as i32;
         let routes: Vec<i32> = outcomes.iter().map(|o| o.route as i32).collect();
         let outcomes: Vec<String> = outcomes.iter().map(json).collect();
         let ds = &deliveries;

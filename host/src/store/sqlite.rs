@@ -606,10 +606,7 @@ impl Store for SqliteStore {
         now: u64,
     ) -> Result<Vec<String>, StoreError> {
         let (event_id, run) = (event.id.clone(), event.run);
-        let failed_routes = outcomes
-            .iter()
-            .filter(|o| matches!(o.result, RouteResult::Failed { .. }))
-            .count() as i64;
+        let failed_routes = failed_routes(&outcomes) as i64;
         // Serialised here, on the caller's thread: the writer thread is the one that
         // cannot be scaled out.
         let outcomes: Vec<(usize, String)> = outcomes.iter().map(|o| (o.route, json(o))).collect();
