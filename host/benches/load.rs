@@ -16,6 +16,13 @@
 //! instead of this process's reqwest clients: a second instrument for the same figures,
 //! which also prints how long the answers took under full load (wrk's p50 and p99).
 //!
+//! `cargo bench -p switchyard --bench load -- relay [EVENTS CONCURRENCY]` measures, after
+//! the sink, a bare relay in place of the gateway: a process of its own (this binary run
+//! again, with the gateway's runtime and HTTP libraries) that answers each POST with 202
+//! and forwards its body to the sink — the two HTTP exchanges of an event and nothing else,
+//! no store and no plugin. Its ratio to the direct sink is the ceiling for any gateway built
+//! on axum and reqwest on this machine.
+//!
 //! `cargo bench -p switchyard --bench load -- postgres [EVENTS CONCURRENCY]` measures
 //! scale-out instead: after the sink, one and then two instances on one PostgreSQL
 //! database (a throwaway local server), the clients spread over the instances.
@@ -322,10 +329,12 @@ fn machine_cpu() -> (f64, f64, f64) {
     ((at(3) + at(4)) / 100.0, at(7) / 100.0, total / 100.0)
 }
 
-/// Warms the gateways up, then posts `events` spread over `ingest` and waits until the
-/// sink has them all: events/s *delivered*. Prints where the CPU went meanwhile: the
-/// gateways (`pids`), this process (clients and sink), and what stayed idle.
+/// Warms `what` up (the gateways, or the bare relay), then posts `events` spread over
+/// `ingest` and waits until the sink has them all: events/s *delivered*. Prints where the
+/// CPU went meanwhile: `what` (`pids`), this process (clients and sink), and what stayed
+/// idle.
 async fn delivered_rate(
+    what: &str,
     client: &reqwest::Client,
     sink: &Sink,
     ingest: &[String],
@@ -349,7 +358,7 @@ async fn delivered_rate(
     let delivered = sink.count.load(Ordering::Relaxed) - base;
     let rate = delivered as f64 / elapsed;
     println!(
-        "gateway x{}: {rate:.0} events/s delivered ({delivered} of {accepted} accepted{}, {concurrency} clients; accepted at {:.0}/s)",
+        "{what} x{}: {rate:.0} events/s delivered ({delivered} of {accepted} accepted{}, {concurrency} clients; accepted at {:.0}/s)",
         ingest.len(),
         if all { "" } else { ", TIMED OUT" },
         accepted as f64 / ingest_secs
@@ -357,7 +366,7 @@ async fn delivered_rate(
     let (idle, steal, total) = machine_cpu();
     let gateways_secs = gateways_cpu() - gateways_before;
     println!(
-        "  CPU meanwhile: gateway{} {:.2} cores ({:.0} µs per delivered event), clients and sink {:.2} cores, machine idle {:.0}%, stolen by the hypervisor {:.0}%",
+        "  CPU meanwhile: {what}{} {:.2} cores ({:.0} µs per delivered event), clients and sink {:.2} cores, machine idle {:.0}%, stolen by the hypervisor {:.0}%",
         if pids.len() > 1 { "s" } else { "" },
         gateways_secs / elapsed,
         1e6 * gateways_secs / delivered.max(1) as f64,
@@ -378,7 +387,7 @@ async fn delivered_rate(
         .collect();
     threads.sort_by(|a, b| b.1.total_cmp(&a.1));
     println!(
-        "  busiest gateway threads (cores): {}",
+        "  busiest {what} threads (cores): {}",
         threads
             .iter()
             .take(4)
@@ -389,14 +398,73 @@ async fn delivered_rate(
     rate
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    match std::env::var(RELAY_TO) {
+        Ok(sink) => runtime.block_on(relay(sink)),
+        Err(_) => runtime.block_on(run()),
+    }
+}
+
+/// Set in the environment of this binary run as the bare relay (see `-- relay`): the
+/// sink's URL.
+const RELAY_TO: &str = "LOAD_RELAY_TO";
+
+/// The bare relay: answers each POST with 202 and forwards its body to the sink with a
+/// client built as the gateway's delivery client is, as the gateway does once an event is
+/// stored (answer first, deliver in a task of its own). Prints its address on stdout.
+async fn relay(sink: String) -> anyhow::Result<()> {
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    let target = format!("{sink}/events");
+    let app = axum::Router::new().fallback(move |body: axum::body::Bytes| {
+        let (client, target) = (client.clone(), target.clone());
+        async move {
+            tokio::spawn(async move {
+                let sent = client
+                    .post(&target)
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await;
+                if let Err(e) = sent {
+                    eprintln!("relay: {e}");
+                }
+            });
+            axum::http::StatusCode::ACCEPTED
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    println!("{}", listener.local_addr()?);
+    axum::serve(listener, app).await?;
+    Ok(())
+}
+
+/// Starts the bare relay in front of `sink_url`; returns it and its URL.
+async fn start_relay(sink_url: &str) -> anyhow::Result<(tokio::process::Child, String)> {
+    let mut child = tokio::process::Command::new(std::env::current_exe()?)
+        .env(RELAY_TO, sink_url)
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let address = lines
+        .next_line()
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("the relay did not start"))?;
+    Ok((child, format!("http://{address}/")))
+}
+
+async fn run() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with("--"))
         .collect();
     let postgres = args.first().is_some_and(|a| a == "postgres");
-    let numbers = &args[usize::from(postgres)..];
+    let bare_relay = args.first().is_some_and(|a| a == "relay");
+    let numbers = &args[usize::from(postgres || bare_relay)..];
     let events: usize = numbers
         .first()
         .and_then(|a| a.parse().ok())
@@ -418,6 +486,14 @@ async fn main() -> anyhow::Result<()> {
     if postgres {
         return scale_out(&client, &sink_url, &sink, events, concurrency).await;
     }
+    if bare_relay {
+        let (mut child, url) = start_relay(&sink_url).await?;
+        let pids: Vec<u32> = child.id().into_iter().collect();
+        let rate = delivered_rate("bare relay", &client, &sink, &[url], &pids, events, concurrency).await;
+        println!("ratio bare relay/direct: {:.0}%", 100.0 * rate / direct);
+        child.start_kill()?;
+        return Ok(());
+    }
 
     // 2. The gateway in front of it.
     let dir = tempfile::tempdir()?;
@@ -425,6 +501,7 @@ async fn main() -> anyhow::Result<()> {
     let (mut child, ingest) = start_gateway(&config).await?;
     let pids: Vec<u32> = child.id().into_iter().collect();
     let rate = delivered_rate(
+        "gateway",
         &client,
         &sink,
         std::slice::from_ref(&ingest),
@@ -517,7 +594,7 @@ async fn scale_out(
             ingest.push(url);
         }
         let pids: Vec<u32> = running.iter().filter_map(|c| c.id()).collect();
-        rates.push(delivered_rate(client, sink, &ingest, &pids, events, concurrency).await);
+        rates.push(delivered_rate("gateway", client, sink, &ingest, &pids, events, concurrency).await);
         for mut child in running {
             child.start_kill()?;
             child.wait().await?;
