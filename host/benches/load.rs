@@ -489,7 +489,16 @@ async fn run() -> anyhow::Result<()> {
     if bare_relay {
         let (mut child, url) = start_relay(&sink_url).await?;
         let pids: Vec<u32> = child.id().into_iter().collect();
-        let rate = delivered_rate("bare relay", &client, &sink, &[url], &pids, events, concurrency).await;
+        let rate = delivered_rate(
+            "bare relay",
+            &client,
+            &sink,
+            &[url],
+            &pids,
+            events,
+            concurrency,
+        )
+        .await;
         println!("ratio bare relay/direct: {:.0}%", 100.0 * rate / direct);
         child.start_kill()?;
         return Ok(());
@@ -594,7 +603,9 @@ async fn scale_out(
             ingest.push(url);
         }
         let pids: Vec<u32> = running.iter().filter_map(|c| c.id()).collect();
-        rates.push(delivered_rate("gateway", client, sink, &ingest, &pids, events, concurrency).await);
+        rates.push(
+            delivered_rate("gateway", client, sink, &ingest, &pids, events, concurrency).await,
+        );
         for mut child in running {
             child.start_kill()?;
             child.wait().await?;

@@ -83,6 +83,10 @@ struct RawServer {
     idempotency_window: Duration,
     #[serde(default)]
     trusted_proxies: Vec<ipnet::IpNet>,
+    #[serde(default = "default_header_read_timeout", with = "humantime_serde")]
+    header_read_timeout: Duration,
+    #[serde(default = "default_body_read_timeout", with = "humantime_serde")]
+    body_read_timeout: Duration,
 }
 
 impl Default for RawServer {
@@ -94,12 +98,22 @@ impl Default for RawServer {
             queue_capacity: default_queue_capacity(),
             idempotency_window: default_idempotency_window(),
             trusted_proxies: Vec::new(),
+            header_read_timeout: default_header_read_timeout(),
+            body_read_timeout: default_body_read_timeout(),
         }
     }
 }
 
 fn default_idempotency_window() -> Duration {
     Duration::from_secs(24 * 3600)
+}
+
+fn default_header_read_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_body_read_timeout() -> Duration {
+    Duration::from_secs(60)
 }
 
 fn default_listen() -> String {
@@ -128,6 +142,11 @@ pub struct ServerConfig {
     pub idempotency_window: Duration,
     /// Proxies whose `X-Forwarded-For` is believed when checking `allow_ips`.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// How long a connection may take to send a request's headers — also how long an
+    /// idle keep-alive connection stays open; past it the connection is closed.
+    pub header_read_timeout: Duration,
+    /// How long an ingest request may take to send its body; past it, `408`.
+    pub body_read_timeout: Duration,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -680,6 +699,8 @@ impl Config {
                 queue_capacity: raw.server.queue_capacity,
                 idempotency_window: raw.server.idempotency_window,
                 trusted_proxies: raw.server.trusted_proxies,
+                header_read_timeout: raw.server.header_read_timeout,
+                body_read_timeout: raw.server.body_read_timeout,
             },
             plugins: PluginsConfig {
                 dir: base_dir.join(raw.plugins.dir),
@@ -713,6 +734,14 @@ impl Config {
         }
         if self.server.queue_capacity == 0 {
             return Err(("server.queue_capacity".into(), "must be above 0".into()));
+        }
+        for (key, timeout) in [
+            ("header_read_timeout", self.server.header_read_timeout),
+            ("body_read_timeout", self.server.body_read_timeout),
+        ] {
+            if timeout.is_zero() {
+                return Err((format!("server.{key}"), "must be above 0".into()));
+            }
         }
         check_retry(&self.delivery.retry).map_err(|(k, m)| (format!("delivery.{k}"), m))?;
         for (i, t) in self.api.tokens.iter().enumerate() {
@@ -1040,6 +1069,23 @@ mod tests {
             .unwrap();
         assert_eq!(ok.delivery.retry.retry_schedule.len(), 2);
         assert_eq!(ok.delivery.allowed_networks.len(), 1);
+    }
+
+    #[test]
+    fn read_timeouts_default_and_must_be_above_zero() {
+        let ok = parse(GOOD).unwrap();
+        assert_eq!(ok.server.header_read_timeout, Duration::from_secs(30));
+        assert_eq!(ok.server.body_read_timeout, Duration::from_secs(60));
+        let ok =
+            parse(&GOOD.replacen("[server]", "[server]\nbody_read_timeout = \"5s\"", 1)).unwrap();
+        assert_eq!(ok.server.body_read_timeout, Duration::from_secs(5));
+        let err = parse(&GOOD.replacen("[server]", "[server]\nheader_read_timeout = \"0s\"", 1))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("server.header_read_timeout") && err.contains("must be above 0"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -2,9 +2,9 @@
 //! to the store, and answers `202 {"id": ...}` once the store has accepted it.
 
 use axum::Json;
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::body::{Body as HttpBody, Bytes};
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
@@ -34,6 +34,7 @@ use crate::store::{Idempotency, Inserted};
         (status = 401, description = "The signature check failed", body = crate::api::ErrorBody),
         (status = 403, description = "The sender's address is not allowed", body = crate::api::ErrorBody),
         (status = 404, description = "No such source", body = crate::api::ErrorBody),
+        (status = 408, description = "The body did not arrive within `body_read_timeout`", body = crate::api::ErrorBody),
         (status = 413, description = "The body is over `max_body_bytes`", body = crate::api::ErrorBody),
         (status = 503, description = "The queue is full or the gateway is stopping", body = crate::api::ErrorBody),
     ))]
@@ -44,7 +45,7 @@ pub async fn ingest(
     method: Method,
     uri: Uri,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: HttpBody,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     let known = state.pipeline.routing().has_source(&source);
     // Unknown source names come from the client: one label for all, not one per name.
@@ -59,6 +60,7 @@ pub async fn ingest(
         Ok(_) => "accepted",
         Err(ApiError::NotFound(_)) => "rejected_unknown_source",
         Err(ApiError::PayloadTooLarge(_)) => "rejected_too_large",
+        Err(ApiError::RequestTimeout(_)) => "rejected_timeout",
         Err(ApiError::BadRequest(_)) => "rejected_bad_request",
         Err(ApiError::Unavailable(_)) => "rejected_unavailable",
         Err(ApiError::Unauthorized(_)) => "rejected_signature",
@@ -76,26 +78,18 @@ async fn accept(
     method: Method,
     uri: Uri,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: HttpBody,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     if !state.pipeline.routing().has_source(&source) {
         return Err(ApiError::NotFound(format!("no source named `{source}`")));
     }
     let config = state.reloader.config();
-    let max = config.server.max_body_bytes;
-    let body = match body {
-        Ok(b) if b.len() <= max => b,
-        Ok(_) => return Err(ApiError::PayloadTooLarge(max)),
-        Err(r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            return Err(ApiError::PayloadTooLarge(max));
-        }
-        Err(r) => {
-            return Err(ApiError::BadRequest(format!(
-                "cannot read the body: {}",
-                r.body_text()
-            )));
-        }
-    };
+    let body = read_body(
+        body,
+        config.server.max_body_bytes,
+        config.server.body_read_timeout,
+    )
+    .await?;
     // The edge: who may post here, and is it really them. Nothing is stored otherwise.
     let source_config = config.sources.iter().find(|s| s.name == source);
     if let Some(sc) = source_config {
@@ -161,6 +155,24 @@ async fn accept(
     }
     .instrument(span)
     .await
+}
+
+/// Reads a whole body of at most `max` bytes within `deadline` (from the end of the
+/// headers): a sender that trickles its body, or stops half-way, gets `408` instead of
+/// holding the connection and its buffer for as long as it likes.
+async fn read_body(body: HttpBody, max: usize, deadline: Duration) -> Result<Bytes, ApiError> {
+    match tokio::time::timeout(deadline, axum::body::to_bytes(body, max)).await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(e)) => {
+            let e = e.into_inner();
+            if e.is::<http_body_util::LengthLimitError>() {
+                Err(ApiError::PayloadTooLarge(max))
+            } else {
+                Err(ApiError::BadRequest(format!("cannot read the body: {e}")))
+            }
+        }
+        Err(_) => Err(ApiError::RequestTimeout(deadline)),
+    }
 }
 
 /// The event's idempotency key: the `Idempotency-Key` header, or else the source's

@@ -18,6 +18,7 @@ pub mod pipeline;
 pub mod plugin;
 pub mod reload;
 pub mod scaffold;
+pub mod serve;
 pub mod store;
 pub mod ui;
 
@@ -206,11 +207,7 @@ impl Gateway {
             metrics: self.metrics.clone(),
         });
         tracing::info!(address = %listener.local_addr()?, "Switchyard is listening.");
-        let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-            .context("HTTP server failed")?;
+        serve::serve(listener, app, self.reloader.clone(), shutdown).await;
         tracing::info!("Shutting down: finishing accepted events and due deliveries.");
         self.store.close();
         pipeline.await.context("pipeline ended abnormally")?;

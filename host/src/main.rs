@@ -141,6 +141,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             let gateway = switchyard::Gateway::new(config).await?;
             gateway.watch_config_file(path, Arc::new(env));
             reload_on_sighup(gateway.reloader());
+            switchyard::serve::raise_open_files_limit();
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("cannot listen on {listen}"))?;

@@ -162,15 +162,7 @@ async fn inbound_signatures_are_checked_and_failures_store_nothing() {
         3,
         "refused requests store and deliver nothing"
     );
-    let metrics = gw
-        .client
-        .get(format!("{}/metrics", gw.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = gw.metrics().await;
     assert!(
         metrics.contains(
             r#"switchyard_events_received_total{source="bondio",result="rejected_signature"} 3"#
@@ -416,6 +408,80 @@ destinations = ["by-name", "literal", "metadata"]
     assert!(
         rx.requests().is_empty(),
         "nothing reached the loopback receiver"
+    );
+    gw.shutdown().await.unwrap();
+}
+
+/// Reads from `stream` until the server answers or closes: what it said (empty if it
+/// closed without a word). Fails the test if neither happens within 20 s.
+async fn answer_or_close(stream: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        stream.read_to_end(&mut answer),
+    )
+    .await;
+    assert!(read.is_ok(), "the gateway kept a stalled connection open");
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stalled_senders_are_cut_off_and_store_nothing() {
+    use tokio::io::AsyncWriteExt;
+    let rx = Receiver::start().await;
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nheader_read_timeout = \"1s\"\nbody_read_timeout = \"1s\"\n\
+         [api]\ntokens = [\"{}\"]\n[delivery]\nallowed_networks = [\"127.0.0.0/8\"]\n{}",
+        crate::util::API_TOKEN,
+        config().replace("{receiver}", &rx.url)
+    );
+    let gw = TestGateway::start_raw(TestGateway::dir_with_plugins(&[]), &text, &|_| None)
+        .await
+        .unwrap();
+    let address = gw.url.trim_start_matches("http://").to_string();
+    let connect = || tokio::net::TcpStream::connect(address.clone());
+
+    // Headers that never end (slowloris), and a connection that says nothing: both closed.
+    let mut trickling = connect().await.unwrap();
+    trickling
+        .write_all(b"POST /v1/ingest/local HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    let mut silent = connect().await.unwrap();
+    // A body that stops half-way: 408, with the error in JSON.
+    let mut stalled = connect().await.unwrap();
+    stalled
+        .write_all(
+            b"POST /v1/ingest/local HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+              content-length: 100\r\n\r\n{\"type\":",
+        )
+        .await
+        .unwrap();
+    // Meanwhile others are served.
+    assert_eq!(post(&gw, "local", "{}", &[]).await.0, 202);
+
+    assert_eq!(answer_or_close(&mut trickling).await, "");
+    assert_eq!(answer_or_close(&mut silent).await, "");
+    let answer = answer_or_close(&mut stalled).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 408 Request Timeout\r\n"),
+        "{answer}"
+    );
+    assert!(
+        answer.ends_with(r#"{"error":"the body did not arrive within 1s"}"#),
+        "{answer}"
+    );
+    // Only the complete event was stored.
+    let (status, page) = gw.get("/v1/events").await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["items"].as_array().unwrap().len(), 1, "{page}");
+    let metrics = gw.metrics().await;
+    assert!(
+        metrics.contains(
+            r#"switchyard_events_received_total{source="local",result="rejected_timeout"} 1"#
+        ),
+        "{metrics}"
     );
     gw.shutdown().await.unwrap();
 }

@@ -329,6 +329,17 @@ impl TestGateway {
         (resp.status().as_u16(), resp.json().await.unwrap())
     }
 
+    /// The gateway's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        let resp = self
+            .client
+            .get(format!("{}/metrics", self.url))
+            .send()
+            .await
+            .unwrap();
+        resp.text().await.unwrap()
+    }
+
     /// POSTs to a path of the gateway's API (empty body); returns the status and the JSON answer.
     pub async fn post_api(&self, path: &str) -> (u16, Value) {
         let resp = self

@@ -200,9 +200,9 @@ fn api_router() -> OpenApiRouter<AppState> {
 
 /// Builds the gateway's router.
 pub fn router(state: AppState) -> Router {
-    // axum's own limit is set above ours so that ingest can answer an oversized body with
-    // our JSON error rather than axum's plain-text one.
-    // The limit is read once: a reloaded max_body_bytes takes effect at the next start.
+    // Ingest reads its body itself (limit and deadline from the current config); this bounds
+    // the management API's JSON bodies, read once: a reloaded max_body_bytes takes effect
+    // there at the next start.
     let limit = state
         .reloader
         .config()
@@ -721,6 +721,8 @@ pub enum ApiError {
     BadRequest(String),
     #[error("body is larger than the limit of {0} bytes")]
     PayloadTooLarge(usize),
+    #[error("the body did not arrive within {0:?}")]
+    RequestTimeout(std::time::Duration),
     #[error("{0}")]
     Unavailable(String),
     #[error("{0}")]
@@ -754,6 +756,7 @@ impl IntoResponse for ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
