@@ -16,7 +16,7 @@ use crate::config::Config;
 use crate::delivery::now_ms;
 use crate::edge;
 use crate::event::{Body, Event};
-use crate::store::{Idempotency, Inserted};
+use crate::store::{Idempotency, Inserted, StoreError};
 
 /// Accepts an event: `202` once it is committed to the store (it will not be lost). The
 /// body is any bytes (JSON is parsed by plugins, not here). Counted in
@@ -36,7 +36,7 @@ use crate::store::{Idempotency, Inserted};
         (status = 404, description = "No such source", body = crate::api::ErrorBody),
         (status = 408, description = "The body did not arrive within `body_read_timeout`", body = crate::api::ErrorBody),
         (status = 413, description = "The body is over `max_body_bytes`", body = crate::api::ErrorBody),
-        (status = 503, description = "The queue is full or the gateway is stopping", body = crate::api::ErrorBody),
+        (status = 503, description = "The queue is full, the store cannot write (e.g. a full disk) or the gateway is stopping: try again later", body = crate::api::ErrorBody),
     ))]
 pub async fn ingest(
     State(state): State<AppState>,
@@ -139,7 +139,17 @@ async fn accept(
     // The stage's span: what is logged from here on carries the event's id.
     let span = tracing::info_span!("ingest", event_id = %id, source = %event.source);
     async move {
-        match state.store.insert_event(event, idempotency).await? {
+        let inserted = state.store.insert_event(event, idempotency).await;
+        // Not stored (e.g. the disk is full): the sender should try again later, and learns
+        // nothing of the store's insides; the log has the cause.
+        let inserted = inserted.map_err(|e| match e {
+            StoreError::Db(cause) => {
+                tracing::error!(error = %cause, "Cannot store the event.");
+                ApiError::Unavailable("the event could not be stored; try again later".into())
+            }
+            e => e.into(),
+        })?;
+        match inserted {
             Inserted::New => {
                 tracing::debug!("Event accepted.");
                 Ok((StatusCode::ACCEPTED, Json(json!({ "id": id }))))

@@ -305,7 +305,7 @@ impl Pipeline {
                     self.dispatcher.wake()
                 }
             }
-            // The event stays queued in the store and is processed again at the next start.
+            // The event stays queued in the store, which hands it out again later.
             Err(e) => tracing::error!(error = %e, "Cannot record the event's outcome."),
         }
     }

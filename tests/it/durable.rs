@@ -435,3 +435,49 @@ destinations = ["broken"]
     );
     gw.shutdown().await.unwrap();
 }
+
+/// A store that cannot write (triggers in the gateway's own SQLite file stand in for a
+/// full disk): ingest answers 503 and stores nothing; an event whose outcome cannot be
+/// recorded is not left waiting for the next start, but processed once the store writes
+/// again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_store_that_cannot_write_refuses_and_then_resumes() {
+    let rx = Receiver::start().await;
+    let gw = TestGateway::start(&one_destination("/in", ""), &rx, &[]).await;
+    let db = rusqlite::Connection::open(gw.dir().join("data/switchyard.db")).unwrap();
+    db.busy_timeout(Duration::from_secs(5)).unwrap();
+    let full = |on: &str| {
+        format!(
+            "CREATE TRIGGER full BEFORE {on} BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"
+        )
+    };
+
+    db.execute_batch(&full("INSERT ON events")).unwrap();
+    let (status, body) = gw.post("s", r#"{"id":"e1"}"#).await;
+    assert_eq!(
+        (status, body),
+        (
+            503,
+            json!({ "error": "the event could not be stored; try again later" })
+        )
+    );
+
+    db.execute_batch(&format!(
+        "DROP TRIGGER full; {}",
+        full("UPDATE OF status ON events WHEN NEW.status = 'processed'")
+    ))
+    .unwrap();
+    let id = gw.accept("s", r#"{"id":"e1"}"#).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(gw.event(&id).await["status"], "queued");
+    assert!(
+        rx.requests().is_empty(),
+        "nothing is sent before it is recorded"
+    );
+
+    db.execute_batch("DROP TRIGGER full").unwrap();
+    let event = gw.settled(&id).await;
+    assert_eq!(event["deliveries"][0]["status"], "delivered", "{event}");
+    assert_eq!(rx.wait_for(1).await.len(), 1);
+    gw.shutdown().await.unwrap();
+}

@@ -75,8 +75,9 @@ pub trait Store: Send + Sync + 'static {
     /// the deliveries inserted with a lease (`NewDelivery::lease_until`): the caller sends
     /// those itself. A delivery that already existed (the event was processed before a
     /// crash) is left as it is and not returned. Either way the pipeline is done with this
-    /// run of the event: if the commit failed, the event stays queued in the store (taken
-    /// up again at the next start, or, in a shared store, when its claim runs out).
+    /// run of the event: if the commit failed, the event stays queued in the store and is
+    /// handed out again — after a growing pause in SQLite, when its claim runs out in a
+    /// shared store.
     async fn complete_event(
         &self,
         event: &Event,
@@ -267,7 +268,20 @@ struct QueueState {
     /// Event id → how many times it is held (queued or in the pipeline): a replay can
     /// queue an event again while its previous run is still being processed.
     held: std::collections::HashMap<String, usize>,
+    /// Event id → how many times in a row its outcome could not be recorded.
+    failures: std::collections::HashMap<String, u32>,
     closed: bool,
+}
+
+impl QueueState {
+    fn release(&mut self, id: &str) {
+        if let Some(n) = self.held.get_mut(id) {
+            *n -= 1;
+            if *n == 0 {
+                self.held.remove(id);
+            }
+        }
+    }
 }
 
 impl EventQueue {
@@ -305,8 +319,19 @@ impl EventQueue {
         Ok(())
     }
 
+    /// Queues an event. A replay (run above 0) supersedes earlier runs of it still waiting
+    /// here: they are not handed out.
     fn push(&self, event: Event) {
         let mut queue = self.lock();
+        if event.run > 0 {
+            let before = queue.events.len();
+            queue
+                .events
+                .retain(|e| e.id != event.id || e.run >= event.run);
+            for _ in queue.events.len()..before {
+                queue.release(&event.id);
+            }
+        }
         *queue.held.entry(event.id.clone()).or_default() += 1;
         queue.events.push_back(event);
         drop(queue);
@@ -327,16 +352,37 @@ impl EventQueue {
         self.ready.notify_one();
     }
 
-    /// The pipeline is finished with one run of this event (whether its outcome was
-    /// recorded or not).
+    /// The pipeline is finished with one run of this event, its outcome recorded.
     fn done(&self, id: &str) {
         let mut queue = self.lock();
-        if let Some(n) = queue.held.get_mut(id) {
-            *n -= 1;
-            if *n == 0 {
-                queue.held.remove(id);
-            }
+        queue.release(id);
+        queue.failures.remove(id);
+    }
+
+    /// The pipeline is finished with one run of this event, but its outcome could not be
+    /// recorded: how many times in a row that has now happened.
+    fn failed(&self, id: &str) -> u32 {
+        let mut queue = self.lock();
+        queue.release(id);
+        let failures = queue.failures.entry(id.to_string()).or_default();
+        *failures += 1;
+        *failures
+    }
+
+    /// Queues again an event whose outcome could not be recorded, unless the queue has
+    /// closed meanwhile (the next start resumes it) or the event is no longer waiting
+    /// (`still_queued` false: replayed or processed since).
+    /// (A hold on the event here now is a replay's: the failed run released its own.)
+    fn retry(&self, event: Event, still_queued: bool) {
+        let mut queue = self.lock();
+        if !still_queued || queue.closed || queue.held.contains_key(&event.id) {
+            queue.failures.remove(&event.id);
+            return;
         }
+        queue.held.insert(event.id.clone(), 1);
+        queue.events.push_back(event);
+        drop(queue);
+        self.ready.notify_one();
     }
 
     /// The ids of the events this gateway holds.

@@ -21,6 +21,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -32,6 +33,11 @@ use crate::event::{Body, Event};
 
 /// How many writes one transaction takes at most.
 const MAX_BATCH: usize = 1024;
+
+/// The first pause before an event whose outcome could not be recorded is processed
+/// again, and the longest (see `SqliteStore::retry_later`).
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(60);
 
 const SCHEMA: &[&str] = &[
     // Version 1.
@@ -217,7 +223,7 @@ enum Durability {
 pub struct SqliteStore {
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     reader: Arc<Mutex<Connection>>,
-    queue: EventQueue,
+    queue: Arc<EventQueue>,
 }
 
 impl SqliteStore {
@@ -282,8 +288,41 @@ impl SqliteStore {
         Ok(Self {
             jobs: Mutex::new(Some(tx)),
             reader: Arc::new(Mutex::new(reader)),
-            queue: EventQueue::new(queued, capacity),
+            queue: Arc::new(EventQueue::new(queued, capacity)),
         })
+    }
+
+    /// An event whose outcome could not be recorded (e.g. the disk was full) is still
+    /// `queued` in the file, but no longer in the pipeline's queue: it is queued again after
+    /// a pause that doubles with each failure in a row (1 s, 2 s, … up to a minute), unless
+    /// it was replayed or processed meanwhile or the store closed (the next start resumes
+    /// it then). Without this it would wait for the next start.
+    fn retry_later(&self, event: Event) {
+        let failures = self.queue.failed(&event.id);
+        let delay = RETRY_FIRST
+            .saturating_mul(1 << (failures - 1).min(6))
+            .min(RETRY_MAX);
+        tracing::warn!(event_id = %event.id, retry_in = ?delay, failures,
+            "The event's outcome was not recorded; it will be processed again.");
+        let (queue, reader) = (self.queue.clone(), self.reader.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let (id, run) = (event.id.clone(), event.run as i64);
+            let looked = tokio::task::spawn_blocking(move || {
+                let conn = reader.lock().unwrap_or_else(|e| e.into_inner());
+                conn.query_row(
+                    "SELECT 1 FROM events WHERE id = ? AND run = ? AND status = 'queued'",
+                    params![id, run],
+                    |_| Ok(()),
+                )
+                .optional()
+            })
+            .await;
+            // If the store cannot be read, the event is tried anyway: completing it checks
+            // its run again.
+            let still_queued = !matches!(looked, Ok(Ok(None)));
+            queue.retry(event, still_queued);
+        });
     }
 
     /// Runs `f` in the writer's next transaction and answers once that transaction is
@@ -658,7 +697,10 @@ impl Store for SqliteStore {
             Ok(leased)
         })
         .await;
-        self.queue.done(&event.id);
+        match &result {
+            Ok(_) => self.queue.done(&event.id),
+            Err(_) => self.retry_later(event.clone()),
+        }
         result
     }
 
@@ -1219,6 +1261,73 @@ mod tests {
         assert!(store.next_event().await.is_none());
         let due = store.claim_due(10, 100, 10).await.unwrap();
         assert_eq!(due.len(), 1, "the pending delivery is still there");
+    }
+
+    /// An outcome that cannot be recorded (here a trigger stands in for a full disk) does
+    /// not leave its event waiting for the next start: it is handed out again, and once
+    /// the store can write, processed. A replay meanwhile supersedes the failed run.
+    #[tokio::test(start_paused = true)]
+    async fn an_event_whose_outcome_was_not_recorded_is_handed_out_again() {
+        let store = SqliteStore::open_in_memory(10).unwrap();
+        // (Time is paused: waiting costs nothing, and a wait past any retry fails at once.)
+        let next = || async {
+            tokio::time::timeout(RETRY_MAX * 2, store.next_event())
+                .await
+                .expect("the event is handed out again")
+                .unwrap()
+        };
+        let full = "CREATE TRIGGER disk_full BEFORE UPDATE OF status ON events
+                    WHEN NEW.status = 'processed' BEGIN SELECT RAISE(ABORT, 'disk is full'); END";
+        store.write(move |c| c.execute_batch(full)).await.unwrap();
+        store.insert_event(event("a", "s"), None).await.unwrap();
+        let a = store.next_event().await.unwrap();
+        let failed = store.complete_event(&a, vec![], vec![delivery("d1", "x")], 5);
+        assert!(failed.await.is_err());
+        // Fails again: the pause doubles (1 s, then 2 s).
+        let again = next().await;
+        assert_eq!((again.id.as_str(), again.run), ("a", 0));
+        assert!(
+            store
+                .complete_event(&again, vec![], vec![], 5)
+                .await
+                .is_err()
+        );
+        let started = tokio::time::Instant::now();
+        let again = next().await;
+        assert!(started.elapsed() >= Duration::from_secs(2));
+        store
+            .write(|c| c.execute_batch("DROP TRIGGER disk_full"))
+            .await
+            .unwrap();
+        store
+            .complete_event(&again, vec![], vec![delivery("d1", "x")], 5)
+            .await
+            .unwrap();
+        let due = store.claim_due(10, 100, 10).await.unwrap();
+        assert_eq!(due.len(), 1, "the delivery was recorded");
+
+        // A run that fails and is replayed before its retry: only the replay is processed.
+        store.write(move |c| c.execute_batch(full)).await.unwrap();
+        store.insert_event(event("b", "s"), None).await.unwrap();
+        let b = store.next_event().await.unwrap();
+        assert!(store.complete_event(&b, vec![], vec![], 5).await.is_err());
+        store
+            .write(|c| c.execute_batch("DROP TRIGGER disk_full"))
+            .await
+            .unwrap();
+        assert!(store.replay("b").await.unwrap());
+        let replayed = next().await;
+        assert_eq!((replayed.id.as_str(), replayed.run), ("b", 1));
+        store
+            .complete_event(&replayed, vec![], vec![], 5)
+            .await
+            .unwrap();
+        tokio::time::sleep(RETRY_MAX).await;
+        store.close();
+        assert!(
+            store.next_event().await.is_none(),
+            "the failed run was not handed out again"
+        );
     }
 
     #[tokio::test]
