@@ -302,7 +302,8 @@ impl SqliteStore {
         let delay = RETRY_FIRST
             .saturating_mul(1 << (failures - 1).min(6))
             .min(RETRY_MAX);
-        tracing::warn!(event_id = %event.id, retry_in = ?delay, failures,
+        // (The pipeline's span carries the event id.)
+        tracing::warn!(retry_in = ?delay, failures,
             "The event's outcome was not recorded; it will be processed again.");
         let (queue, reader) = (self.queue.clone(), self.reader.clone());
         tokio::spawn(async move {
