@@ -274,6 +274,12 @@ struct QueueState {
 }
 
 impl QueueState {
+    /// Queues an event and counts the hold on it.
+    fn enqueue(&mut self, event: Event) {
+        *self.held.entry(event.id.clone()).or_default() += 1;
+        self.events.push_back(event);
+    }
+
     fn release(&mut self, id: &str) {
         if let Some(n) = self.held.get_mut(id) {
             *n -= 1;
@@ -332,8 +338,7 @@ impl EventQueue {
                 queue.release(&event.id);
             }
         }
-        *queue.held.entry(event.id.clone()).or_default() += 1;
-        queue.events.push_back(event);
+        queue.enqueue(event);
         drop(queue);
         self.ready.notify_one();
     }
@@ -344,8 +349,7 @@ impl EventQueue {
         let mut queue = self.lock();
         for event in events {
             if !queue.held.contains_key(&event.id) {
-                queue.held.insert(event.id.clone(), 1);
-                queue.events.push_back(event);
+                queue.enqueue(event);
             }
         }
         drop(queue);
@@ -356,7 +360,10 @@ impl EventQueue {
     fn done(&self, id: &str) {
         let mut queue = self.lock();
         queue.release(id);
-        queue.failures.remove(id);
+        // (Empty but after a failed commit: no hashing on the hot path.)
+        if !queue.failures.is_empty() {
+            queue.failures.remove(id);
+        }
     }
 
     /// The pipeline is finished with one run of this event, but its outcome could not be
@@ -379,8 +386,7 @@ impl EventQueue {
             queue.failures.remove(&event.id);
             return;
         }
-        queue.held.insert(event.id.clone(), 1);
-        queue.events.push_back(event);
+        queue.enqueue(event);
         drop(queue);
         self.ready.notify_one();
     }
