@@ -108,8 +108,11 @@ fn default_idempotency_window() -> Duration {
     Duration::from_secs(24 * 3600)
 }
 
+/// Longer than the 90 s common HTTP clients (Go's, reqwest) keep an idle connection: the
+/// client closes it first, rather than sending a request on a connection the gateway is
+/// closing that very moment (the request fails and has to be sent again).
 fn default_header_read_timeout() -> Duration {
-    Duration::from_secs(30)
+    Duration::from_secs(100)
 }
 
 fn default_body_read_timeout() -> Duration {
@@ -1074,7 +1077,7 @@ mod tests {
     #[test]
     fn read_timeouts_default_and_must_be_above_zero() {
         let ok = parse(GOOD).unwrap();
-        assert_eq!(ok.server.header_read_timeout, Duration::from_secs(30));
+        assert_eq!(ok.server.header_read_timeout, Duration::from_secs(100));
         assert_eq!(ok.server.body_read_timeout, Duration::from_secs(60));
         let ok =
             parse(&GOOD.replacen("[server]", "[server]\nbody_read_timeout = \"5s\"", 1)).unwrap();
