@@ -367,3 +367,62 @@ destinations = ["fleet"]
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
 }
+
+/// Instances whose config files differ, as during a rolling deploy: A has a destination
+/// that B's file does not. B leaves the retries of A's deliveries to it to A (it would
+/// otherwise take some and fail them as "no longer configured").
+#[tokio::test(flavor = "multi_thread")]
+async fn an_instance_leaves_deliveries_to_destinations_it_lacks_to_the_others() {
+    let Some(server) = PgServer::start() else {
+        return;
+    };
+    let db = server.database("rolling");
+    let rx = Receiver::start().await;
+    let a = TestGateway::start(
+        &format!(
+            r#"
+[store]
+url = "{db}"
+[[sources]]
+name = "s"
+[[destinations]]
+name = "new"
+url = "{{receiver}}/new"
+retry = {{ retry_schedule = ["0s", "2s", "2s"], jitter = 0.0, failure_threshold = 50 }}
+[[routes]]
+source = "s"
+destinations = ["new"]
+"#
+        ),
+        &rx,
+        &[],
+    )
+    .await;
+    let b = TestGateway::start(
+        &format!("[store]\nurl = \"{db}\"\n[[sources]]\nname = \"s\"\n"),
+        &rx,
+        &[],
+    )
+    .await;
+
+    // Every first attempt fails, so every delivery has a retry that either could claim:
+    // due 2 s later, by when both dispatchers have seen it and wake for it.
+    rx.fail_with(Some(500));
+    let mut ids = Vec::new();
+    for n in 0..8 {
+        ids.push(a.accept("s", json!({ "n": n }).to_string()).await);
+    }
+    rx.wait_for(8).await;
+    rx.fail_with(None);
+    for id in &ids {
+        let event = a.settled(id).await;
+        let delivery = &event["deliveries"][0];
+        assert_eq!(delivery["status"], "delivered", "{event}");
+        let attempts = delivery["attempts"].as_array().unwrap();
+        assert_eq!(attempts.len(), 2, "one failure, one success: {delivery}");
+        assert_eq!(attempts[1]["status_code"], 200, "{delivery}");
+    }
+    assert_eq!(rx.requests().len(), 16);
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}

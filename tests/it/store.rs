@@ -7,9 +7,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 use switchyard::event::{Body, Event};
 use switchyard::store::{
-    Attempt, AttemptNext, DeliveryStatus, DestinationHealth, DestinationState, EventFilter,
-    EventStatus, Idempotency, Inserted, ManagedObject, NewDelivery, PgStore, RouteOutcome,
-    RouteResult, RouteResultKind, SqliteStore, Store,
+    Attempt, AttemptNext, ClaimScope, DeliveryStatus, DestinationHealth, DestinationState,
+    EventFilter, EventStatus, Idempotency, Inserted, ManagedObject, NewDelivery, PgStore,
+    RouteOutcome, RouteResult, RouteResultKind, SqliteStore, Store,
 };
 
 use xtask::pg::PgServer;
@@ -154,9 +154,40 @@ async fn conformance(open: Reopen) {
     assert_eq!(record.deliveries.len(), 2);
     assert!(store.get_event("nope").await.unwrap().is_none());
 
+    // A dispatcher whose config lacks a destination (another instance's has it, as during
+    // a rolling deploy) leaves its deliveries to the others until they have been due for
+    // `orphaned_after_ms`.
+    let elsewhere = ClaimScope {
+        known: Some(vec!["fleet".into()]),
+        orphaned_after_ms: 5_000,
+    };
+    let here = ClaimScope {
+        known: Some(vec!["archive".into()]),
+        orphaned_after_ms: 5_000,
+    };
+    assert!(
+        store
+            .claim_due(20_000, 30_000, 10, &elsewhere)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store.next_due_at(20_000, &elsewhere).await.unwrap(),
+        Some(25_000)
+    );
+    assert_eq!(
+        store.next_due_at(20_000, &here).await.unwrap(),
+        Some(20_000)
+    );
+
     // Claims: the leased delivery is not claimable; the other is, once; after its lease
-    // runs out, again.
-    let due = store.claim_due(20_000, 30_000, 10).await.unwrap();
+    // runs out, again (here by the dispatcher that does not know its destination: it has
+    // been due long enough to count as orphaned).
+    let due = store
+        .claim_due(20_000, 30_000, 10, &ClaimScope::any())
+        .await
+        .unwrap();
     assert_eq!(
         due.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(),
         ["d2"]
@@ -169,14 +200,20 @@ async fn conformance(open: Reopen) {
     );
     assert!(
         store
-            .claim_due(21_000, 31_000, 10)
+            .claim_due(21_000, 31_000, 10, &ClaimScope::any())
             .await
             .unwrap()
             .is_empty()
     );
-    let retaken = store.claim_due(30_001, 40_000, 10).await.unwrap();
+    let retaken = store
+        .claim_due(30_001, 40_000, 10, &elsewhere)
+        .await
+        .unwrap();
     assert_eq!(retaken.len(), 1, "an expired lease is claimed again");
-    assert_eq!(store.next_due_at(30_001).await.unwrap(), Some(40_000));
+    assert_eq!(
+        store.next_due_at(30_001, &ClaimScope::any()).await.unwrap(),
+        Some(40_000)
+    );
 
     // Attempts: a retry, then delivered; the destination state is stored with it.
     let mut archive = active("archive");
@@ -189,12 +226,15 @@ async fn conformance(open: Reopen) {
     store.record_destination_state(&archive).await.unwrap();
     assert!(
         store
-            .claim_due(34_999, 50_000, 10)
+            .claim_due(34_999, 50_000, 10, &ClaimScope::any())
             .await
             .unwrap()
             .is_empty()
     );
-    let due = store.claim_due(35_000, 50_000, 10).await.unwrap();
+    let due = store
+        .claim_due(35_000, 50_000, 10, &ClaimScope::any())
+        .await
+        .unwrap();
     assert_eq!((due.len(), due[0].attempts), (1, 1));
     store
         .record_attempt("d2", attempt(35_001, 200), AttemptNext::Delivered)
@@ -227,7 +267,7 @@ async fn conformance(open: Reopen) {
         .unwrap();
     assert!(
         store
-            .claim_due(99_000, 100_000, 10)
+            .claim_due(99_000, 100_000, 10, &ClaimScope::any())
             .await
             .unwrap()
             .is_empty()
@@ -249,7 +289,14 @@ async fn conformance(open: Reopen) {
         .await
         .unwrap();
     assert_eq!(epoch, 1, "a restart begins a new epoch");
-    assert_eq!(store.claim_due(99_000, 100_000, 10).await.unwrap().len(), 1);
+    assert_eq!(
+        store
+            .claim_due(99_000, 100_000, 10, &ClaimScope::any())
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
     // A state decided before the restart (an attempt in flight, or another instance that
     // has not seen the restart yet) does not overwrite it; the attempt is still recorded.
     let stale = DestinationState {
@@ -334,7 +381,11 @@ async fn conformance(open: Reopen) {
         "delivered"
     );
     assert_eq!(
-        store.claim_due(100_000, 110_000, 10).await.unwrap()[0].id,
+        store
+            .claim_due(100_000, 110_000, 10, &ClaimScope::any())
+            .await
+            .unwrap()[0]
+            .id,
         "d1"
     );
     let stats = store.minute_stats(0).await.unwrap();
@@ -544,7 +595,10 @@ async fn conformance(open: Reopen) {
         .complete_event(&e2, vec![outcome(2)], vec![same, empty], 200_000)
         .await
         .unwrap();
-    let mut due = store.claim_due(200_000, 210_000, 10).await.unwrap();
+    let mut due = store
+        .claim_due(200_000, 210_000, 10, &ClaimScope::any())
+        .await
+        .unwrap();
     due.retain(|d| d.id == "d5" || d.id == "d6");
     due.sort_by(|a, b| a.id.cmp(&b.id));
     assert_eq!(

@@ -20,7 +20,8 @@ use crate::config::DeliveryConfig;
 use crate::edge::SsrfGuard;
 use crate::metrics::Metrics;
 use crate::store::{
-    Attempt, AttemptNext, DestinationHealth, DestinationState, DueDelivery, Store, StoreError,
+    Attempt, AttemptNext, ClaimScope, DestinationHealth, DestinationState, DueDelivery, Store,
+    StoreError,
 };
 
 /// How much of a response body is kept with an attempt.
@@ -29,6 +30,10 @@ const RESPONSE_EXCERPT: usize = 1024;
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// How long the dispatcher sleeps at most before looking for due deliveries again.
 const IDLE_POLL: Duration = Duration::from_millis(500);
+/// On a shared store, how long a delivery to a destination this instance does not know
+/// waits, once due, for an instance that knows it (during a rolling deploy the instances'
+/// config files differ) before this one takes it and fails it as no longer configured.
+const ORPHANED_AFTER: Duration = Duration::from_secs(600);
 
 /// The time, in milliseconds since the Unix epoch.
 pub trait Clock: Send + Sync + 'static {
@@ -97,6 +102,8 @@ pub struct Dispatcher {
     clock: Arc<dyn Clock>,
     wake: Notify,
     permits: Arc<Semaphore>,
+    /// See [`ORPHANED_AFTER`]; zero on a store only this gateway uses.
+    orphaned_after: Duration,
     /// Destination states that attempts changed, in the order decided, for `write_states`.
     state_changes: mpsc::UnboundedSender<DestinationState>,
     /// `write_states`, and how to tell it to finish.
@@ -136,6 +143,11 @@ impl Dispatcher {
         let (state_changes, changes) = mpsc::unbounded_channel();
         let writer_stop = CancellationToken::new();
         let writer = tokio::spawn(write_states(store.clone(), changes, writer_stop.clone()));
+        let orphaned_after = if store.shared() {
+            ORPHANED_AFTER
+        } else {
+            Duration::ZERO
+        };
         Ok(Arc::new(Self {
             store,
             client,
@@ -145,6 +157,7 @@ impl Dispatcher {
             clock,
             wake: Notify::new(),
             permits: Arc::new(Semaphore::new(config.concurrency)),
+            orphaned_after,
             starved: AtomicBool::new(false),
             state_changes,
             state_writer: Mutex::new(Some((writer, writer_stop))),
@@ -212,6 +225,18 @@ impl Dispatcher {
         Ok(())
     }
 
+    /// Which deliveries this dispatcher claims: all, on a store only it uses; on a shared
+    /// one, those to its destinations, and those to others once orphaned.
+    fn claim_scope(&self) -> ClaimScope {
+        if self.orphaned_after.is_zero() {
+            return ClaimScope::any();
+        }
+        ClaimScope {
+            known: Some(self.destinations.load().keys().cloned().collect()),
+            orphaned_after_ms: self.orphaned_after.as_millis() as u64,
+        }
+    }
+
     /// Tells the dispatcher to look for due deliveries now.
     pub fn wake(&self) {
         self.wake.notify_one();
@@ -242,7 +267,12 @@ impl Dispatcher {
             if free > 0 {
                 let now = self.clock.now_ms();
                 let lease_until = now + self.lease.as_millis() as u64;
-                match self.store.claim_due(now, lease_until, free.min(256)).await {
+                let scope = self.claim_scope();
+                match self
+                    .store
+                    .claim_due(now, lease_until, free.min(256), &scope)
+                    .await
+                {
                     Ok(due) => {
                         claimed = due.len();
                         if claimed == free.min(256) {
@@ -274,7 +304,7 @@ impl Dispatcher {
                 // transient failure just before shutdown does not wait for the next start.
                 let now = self.clock.now_ms();
                 let until = *drain_until.get_or_insert(now + SHUTDOWN_GRACE.as_millis() as u64);
-                match self.store.next_due_at(now).await {
+                match self.store.next_due_at(now, &self.claim_scope()).await {
                     Ok(Some(at)) if at <= until => {
                         let wait = Duration::from_millis(at.saturating_sub(now)).min(IDLE_POLL);
                         tokio::time::sleep(wait).await;
@@ -283,7 +313,8 @@ impl Dispatcher {
                     _ => break,
                 }
             }
-            let wait = match self.store.next_due_at(self.clock.now_ms()).await {
+            let scope = self.claim_scope();
+            let wait = match self.store.next_due_at(self.clock.now_ms(), &scope).await {
                 Ok(Some(at)) => {
                     Duration::from_millis(at.saturating_sub(self.clock.now_ms())).min(IDLE_POLL)
                 }

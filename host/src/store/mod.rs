@@ -90,18 +90,19 @@ pub trait Store: Send + Sync + 'static {
     /// `false` if there is no such event.
     async fn replay(&self, event_id: &str) -> Result<bool, StoreError>;
 
-    /// Claims up to `limit` pending deliveries that are due at `now` and whose destination
-    /// is active, leasing them until `lease_until`.
+    /// Claims up to `limit` pending deliveries that are due at `now`, whose destination
+    /// is active and within `scope`, leasing them until `lease_until`.
     async fn claim_due(
         &self,
         now: u64,
         lease_until: u64,
         limit: usize,
+        scope: &ClaimScope,
     ) -> Result<Vec<DueDelivery>, StoreError>;
 
-    /// When the earliest pending delivery of an active destination can be claimed (its
-    /// due time, or the end of its lease if it is leased at `now`), if any.
-    async fn next_due_at(&self, now: u64) -> Result<Option<u64>, StoreError>;
+    /// When the earliest pending delivery of an active destination can be claimed within
+    /// `scope` (its due time, or the end of its lease if it is leased at `now`), if any.
+    async fn next_due_at(&self, now: u64, scope: &ClaimScope) -> Result<Option<u64>, StoreError>;
 
     /// Records one attempt of a delivery and what follows from it, at once.
     async fn record_attempt(
@@ -168,6 +169,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// Events accepted and not yet processed, held by this gateway.
     fn queue_depth(&self) -> usize;
+
+    /// Whether several gateways may share this store (each with its own config file).
+    fn shared(&self) -> bool {
+        false
+    }
 
     /// For a store that several gateways share: a number that changes whenever a managed
     /// object changes, so that each gateway notices the others' changes. `None` for a store
@@ -584,6 +590,31 @@ pub fn failed_routes(outcomes: &[RouteOutcome]) -> usize {
 /// written per event.
 pub fn body_from_event(event: &Event, delivery: &NewDelivery) -> bool {
     !delivery.body.is_empty() && delivery.body == event.body.0
+}
+
+/// Which pending deliveries a dispatcher may claim, by destination. On a shared store
+/// another instance may know a destination this one does not (its config file is newer or
+/// older, as in a rolling deploy): deliveries to destinations outside `known` are left to
+/// the instances that know them, and taken here (to be failed as no longer configured)
+/// only once they have been due for `orphaned_after_ms` with no one taking them.
+#[derive(Clone, Debug, Default)]
+pub struct ClaimScope {
+    /// The destinations this instance sends to; `None`: every destination.
+    pub known: Option<Vec<String>>,
+    /// How long a delivery to a destination outside `known` waits for another instance.
+    pub orphaned_after_ms: u64,
+}
+
+impl ClaimScope {
+    /// Every destination, at once.
+    pub fn any() -> Self {
+        Self::default()
+    }
+
+    /// `known` as JSON text (`null` for every destination), for SQL.
+    fn known_json(&self) -> String {
+        serde_json::to_string(&self.known).unwrap_or_else(|_| "null".into())
+    }
 }
 
 /// A delivery claimed for an attempt.

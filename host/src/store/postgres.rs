@@ -680,7 +680,9 @@ impl Store for PgStore {
         now: u64,
         lease_until: u64,
         limit: usize,
+        scope: &ClaimScope,
     ) -> Result<Vec<DueDelivery>, StoreError> {
+        let orphaned = now.saturating_sub(scope.orphaned_after_ms) as i64;
         let client = self.pool.get().await?;
         let statement = client
             .prepare_cached(
@@ -691,6 +693,8 @@ impl Store for PgStore {
                      WHERE d.status = 'pending' AND d.next_attempt_at <= $2
                        AND (d.lease_until IS NULL OR d.lease_until < $2)
                        AND (s.state IS NULL OR s.state = 'active')
+                       AND ($4::text[] IS NULL OR d.next_attempt_at <= $5
+                            OR d.destination = ANY($4::text[]))
                      ORDER BY d.next_attempt_at LIMIT $3
                      FOR UPDATE OF d SKIP LOCKED)
                  RETURNING id, event_id, destination, url, headers,
@@ -702,7 +706,13 @@ impl Store for PgStore {
         let rows = client
             .query(
                 &statement,
-                &[&(lease_until as i64), &(now as i64), &(limit as i64)],
+                &[
+                    &(lease_until as i64),
+                    &(now as i64),
+                    &(limit as i64),
+                    &scope.known,
+                    &orphaned,
+                ],
             )
             .await?;
         Ok(rows
@@ -724,17 +734,29 @@ impl Store for PgStore {
             .collect())
     }
 
-    async fn next_due_at(&self, now: u64) -> Result<Option<u64>, StoreError> {
+    async fn next_due_at(&self, now: u64, scope: &ClaimScope) -> Result<Option<u64>, StoreError> {
         let client = self.pool.get().await?;
         let statement = client
             .prepare_cached(
-                "SELECT MIN(CASE WHEN d.lease_until >= $1 THEN d.lease_until ELSE d.next_attempt_at END)
+                "SELECT MIN(CASE WHEN d.lease_until >= $1 THEN d.lease_until
+                                 WHEN $2::text[] IS NULL OR d.destination = ANY($2::text[])
+                                 THEN d.next_attempt_at
+                                 ELSE d.next_attempt_at + $3 END)
                  FROM deliveries d
                  LEFT JOIN destination_state s ON s.name = d.destination
                  WHERE d.status = 'pending' AND (s.state IS NULL OR s.state = 'active')",
             )
             .await?;
-        let row = client.query_one(&statement, &[&(now as i64)]).await?;
+        let row = client
+            .query_one(
+                &statement,
+                &[
+                    &(now as i64),
+                    &scope.known,
+                    &(scope.orphaned_after_ms as i64),
+                ],
+            )
+            .await?;
         Ok(row.get::<_, Option<i64>>(0).map(|v| v as u64))
     }
 
@@ -929,6 +951,10 @@ impl Store for PgStore {
             .await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    fn shared(&self) -> bool {
+        true
     }
 
     async fn managed_version(&self) -> Result<Option<i64>, StoreError> {

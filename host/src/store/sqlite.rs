@@ -736,7 +736,10 @@ impl Store for SqliteStore {
         now: u64,
         lease_until: u64,
         limit: usize,
+        scope: &ClaimScope,
     ) -> Result<Vec<DueDelivery>, StoreError> {
+        let known = scope.known_json();
+        let orphaned = now.saturating_sub(scope.orphaned_after_ms) as i64;
         self.write_lazy(move |conn| {
             let mut stmt = conn.prepare_cached(
                 "UPDATE deliveries SET lease_until = ?1
@@ -746,13 +749,17 @@ impl Store for SqliteStore {
                      WHERE d.status = 'pending' AND d.next_attempt_at <= ?2
                        AND (d.lease_until IS NULL OR d.lease_until < ?2)
                        AND (s.state IS NULL OR s.state = 'active')
+                       AND (?4 = 'null' OR d.next_attempt_at <= ?5
+                            OR d.destination IN (SELECT value FROM json_each(?4)))
                      ORDER BY d.next_attempt_at LIMIT ?3)
                  RETURNING id, event_id, destination, url, headers,
                            CASE WHEN body_from_event THEN (SELECT e.body FROM events e WHERE e.id = deliveries.event_id) ELSE body END,
                            attempts,
                            (SELECT e.received_at FROM events e WHERE e.id = deliveries.event_id)",
             )?;
-            stmt.query_map(params![lease_until as i64, now as i64, limit as i64], |r| {
+            stmt.query_map(
+                params![lease_until as i64, now as i64, limit as i64, known, orphaned],
+                |r| {
                 let headers: String = r.get(4)?;
                 let body: Vec<u8> = r.get(5)?;
                 Ok(DueDelivery {
@@ -765,20 +772,26 @@ impl Store for SqliteStore {
                     attempts: r.get::<_, i64>(6)? as u32,
                     received_at: r.get::<_, Option<i64>>(7)?.unwrap_or(0) as u64,
                 })
-            })?
+            },
+            )?
             .collect()
         })
         .await
     }
 
-    async fn next_due_at(&self, now: u64) -> Result<Option<u64>, StoreError> {
+    async fn next_due_at(&self, now: u64, scope: &ClaimScope) -> Result<Option<u64>, StoreError> {
+        let known = scope.known_json();
+        let orphaned_after = scope.orphaned_after_ms as i64;
         self.read(move |conn| {
             conn.query_row(
-                "SELECT MIN(CASE WHEN d.lease_until >= ?1 THEN d.lease_until ELSE d.next_attempt_at END)
+                "SELECT MIN(CASE WHEN d.lease_until >= ?1 THEN d.lease_until
+                                 WHEN ?2 = 'null' OR d.destination IN (SELECT value FROM json_each(?2))
+                                 THEN d.next_attempt_at
+                                 ELSE d.next_attempt_at + ?3 END)
                  FROM deliveries d
                  LEFT JOIN destination_state s ON s.name = d.destination
                  WHERE d.status = 'pending' AND (s.state IS NULL OR s.state = 'active')",
-                [now as i64],
+                params![now as i64, known, orphaned_after],
                 |r| r.get::<_, Option<i64>>(0),
             )
             .map(|v| v.map(|v| v as u64))
@@ -1260,7 +1273,10 @@ mod tests {
         assert_eq!(b.id, "b", "only the unprocessed event is queued again");
         assert_eq!(b.headers, vec![("x-a".to_string(), "1".to_string())]);
         assert!(store.next_event().await.is_none());
-        let due = store.claim_due(10, 100, 10).await.unwrap();
+        let due = store
+            .claim_due(10, 100, 10, &ClaimScope::any())
+            .await
+            .unwrap();
         assert_eq!(due.len(), 1, "the pending delivery is still there");
     }
 
@@ -1304,7 +1320,10 @@ mod tests {
             .complete_event(&again, vec![], vec![delivery("d1", "x")], 5)
             .await
             .unwrap();
-        let due = store.claim_due(10, 100, 10).await.unwrap();
+        let due = store
+            .claim_due(10, 100, 10, &ClaimScope::any())
+            .await
+            .unwrap();
         assert_eq!(due.len(), 1, "the delivery was recorded");
 
         // A run that fails and is replayed before its retry: only the replay is processed.
@@ -1345,13 +1364,28 @@ mod tests {
             )
             .await
             .unwrap();
-        assert_eq!(store.claim_due(10, 100, 10).await.unwrap().len(), 2);
+        assert_eq!(
+            store
+                .claim_due(10, 100, 10, &ClaimScope::any())
+                .await
+                .unwrap()
+                .len(),
+            2
+        );
         assert!(
-            store.claim_due(50, 150, 10).await.unwrap().is_empty(),
+            store
+                .claim_due(50, 150, 10, &ClaimScope::any())
+                .await
+                .unwrap()
+                .is_empty(),
             "leased"
         );
         assert_eq!(
-            store.claim_due(101, 200, 10).await.unwrap().len(),
+            store
+                .claim_due(101, 200, 10, &ClaimScope::any())
+                .await
+                .unwrap()
+                .len(),
             2,
             "lease ran out"
         );
@@ -1376,13 +1410,13 @@ mod tests {
             .unwrap();
         store.record_destination_state(&failed).await.unwrap();
         assert_eq!(
-            store.next_due_at(150).await.unwrap(),
+            store.next_due_at(150, &ClaimScope::any()).await.unwrap(),
             Some(200),
             "d1 is leased until 200; d2's destination is not active"
         );
         assert!(
             store
-                .claim_due(1000, 2000, 10)
+                .claim_due(1000, 2000, 10, &ClaimScope::any())
                 .await
                 .unwrap()
                 .iter()
@@ -1395,7 +1429,10 @@ mod tests {
             ..failed
         };
         store.set_destination_state(&active, 1000).await.unwrap();
-        let due = store.claim_due(1000, 2000, 10).await.unwrap();
+        let due = store
+            .claim_due(1000, 2000, 10, &ClaimScope::any())
+            .await
+            .unwrap();
         assert!(due.iter().any(|d| d.id == "d2" && d.attempts == 1));
     }
 
