@@ -207,7 +207,28 @@ impl Gateway {
             metrics: self.metrics.clone(),
         });
         tracing::info!(address = %listener.local_addr()?, "Switchyard is listening.");
-        serve::serve(listener, app, self.reloader.clone(), shutdown).await;
+        // A store that can no longer be trusted to keep what it acknowledges stops the
+        // gateway at once, without finishing anything: the next start resumes from what is
+        // on disk (at least once).
+        let fatal = Arc::new(std::sync::OnceLock::new());
+        let stop_serving = {
+            let (store, fatal) = (self.store.clone(), fatal.clone());
+            async move {
+                tokio::select! {
+                    _ = shutdown => {}
+                    why = store.fatal() => { let _ = fatal.set(why); }
+                }
+            }
+        };
+        serve::serve(listener, app, self.reloader.clone(), stop_serving).await;
+        if let Some(why) = fatal.get() {
+            stop.cancel();
+            self.store.close();
+            anyhow::bail!(
+                "stopped: the store failed ({why}); restart once the disk is fixed, and \
+                 the events accepted before the failure resume from the store"
+            );
+        }
         tracing::info!("Shutting down: finishing accepted events and due deliveries.");
         self.store.close();
         pipeline.await.context("pipeline ended abnormally")?;

@@ -481,3 +481,164 @@ async fn a_store_that_cannot_write_refuses_and_then_resumes() {
     assert_eq!(rx.wait_for(1).await.len(), 1);
     gw.shutdown().await.unwrap();
 }
+
+/// An `LD_PRELOAD` library that makes `fdatasync` and `fsync` fail with EIO while the file
+/// named by `FAIL_SYNC_WHILE` exists: a disk failing under the gateway. Built with the
+/// system's C compiler; `None` (the test skips) without one, except under `CI`.
+fn fail_sync_shim(dir: &std::path::Path) -> Option<std::path::PathBuf> {
+    let source = dir.join("failsync.c");
+    std::fs::write(
+        &source,
+        r#"#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <stdlib.h>
+#include <unistd.h>
+static int failing(void) {
+    const char *trigger = getenv("FAIL_SYNC_WHILE");
+    return trigger && access(trigger, F_OK) == 0;
+}
+int fdatasync(int fd) {
+    if (failing()) { errno = EIO; return -1; }
+    int (*real)(int) = (int (*)(int))dlsym(RTLD_NEXT, "fdatasync");
+    return real(fd);
+}
+int fsync(int fd) {
+    if (failing()) { errno = EIO; return -1; }
+    int (*real)(int) = (int (*)(int))dlsym(RTLD_NEXT, "fsync");
+    return real(fd);
+}
+"#,
+    )
+    .unwrap();
+    let lib = dir.join("libfailsync.so");
+    let built = std::process::Command::new("cc")
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(&lib)
+        .arg(&source)
+        .arg("-ldl")
+        .status();
+    match built {
+        Ok(s) if s.success() => Some(lib),
+        other => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "cannot build the fsync shim: {other:?}"
+            );
+            eprintln!("skipped: no C compiler to build the fsync shim ({other:?})");
+            None
+        }
+    }
+}
+
+/// A sync of the store that fails (the disk reports EIO): the event waiting for it is
+/// refused, nothing is acknowledged after it, and the gateway stops, saying why — a later
+/// sync that succeeds would not prove the earlier writes reached the disk (PostgreSQL stops
+/// for the same reason). The next start resumes what was accepted before the failure.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_sync_stops_the_gateway_and_the_next_start_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(shim) = fail_sync_shim(dir.path()) else {
+        return;
+    };
+    let trigger = dir.path().join("fail-sync-now");
+    let rx = Receiver::start().await;
+    let config = dir.path().join("switchyard.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[server]
+listen = "127.0.0.1:0"
+data_dir = "{data}"
+[api]
+tokens = ["test-token-1234"]
+[delivery]
+allowed_networks = ["127.0.0.0/8"]
+[[sources]]
+name = "s"
+[[destinations]]
+name = "d"
+url = "{url}/d"
+retry = {{ retry_schedule = ["0s", "100ms"], jitter = 0.0, failure_threshold = 1000 }}
+[[routes]]
+source = "s"
+destinations = ["d"]
+"#,
+            data = dir.path().join("data").display(),
+            url = rx.url
+        ),
+    )
+    .unwrap();
+    let client = reqwest::Client::new();
+    let post = |url: String, n: usize| {
+        let client = client.clone();
+        async move {
+            client
+                .post(format!("{url}/v1/ingest/s"))
+                .body(format!(r#"{{"n":{n}}}"#))
+                .send()
+                .await
+        }
+    };
+
+    // Accepted while the disk works; the destination is down, so they stay pending.
+    rx.fail_with(Some(503));
+    let env = [
+        ("LD_PRELOAD", shim.as_os_str()),
+        ("FAIL_SYNC_WHILE", trigger.as_os_str()),
+    ];
+    let (mut child, url, log) = crate::util::start_binary_with_env(&config, "info", &env).await;
+    let mut accepted = Vec::new();
+    for n in 0..3 {
+        let resp = post(url.clone(), n).await.unwrap();
+        assert_eq!(resp.status(), 202);
+        let body: Value = resp.json().await.unwrap();
+        accepted.push(body["id"].as_str().unwrap().to_string());
+    }
+    rx.wait_for(3).await;
+
+    // The disk fails: this event is not acknowledged, and the gateway stops by itself.
+    std::fs::write(&trigger, "").unwrap();
+    if let Ok(resp) = post(url.clone(), 3).await {
+        assert_ne!(resp.status(), 202, "{:?}", resp.text().await);
+    }
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("the gateway stops after a failed sync")
+        .unwrap();
+    assert!(!status.success(), "{status}");
+    assert!(
+        log.lock().unwrap().iter().any(|l| l["level"] == "ERROR"
+            && l["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("Store sync failed"))),
+        "the log says why"
+    );
+
+    // The disk works again: the next start delivers what was accepted before the failure.
+    std::fs::remove_file(&trigger).unwrap();
+    rx.fail_with(None);
+    let (_child, url, _log) = crate::util::start_binary_logging(&config, "info").await;
+    for id in &accepted {
+        let mut delivered = false;
+        for _ in 0..200 {
+            let event: Value = client
+                .get(format!("{url}/v1/events/{id}"))
+                .bearer_auth("test-token-1234")
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if event["deliveries"][0]["status"] == "delivered" {
+                delivered = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(delivered, "event {id} was delivered after the restart");
+    }
+    assert_eq!(post(url, 4).await.unwrap().status(), 202);
+}

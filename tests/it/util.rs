@@ -480,11 +480,25 @@ pub async fn start_binary_logging(
     String,
     std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
 ) {
+    start_binary_with_env(config, rust_log, &[]).await
+}
+
+/// [`start_binary_logging`] with more environment variables for the child.
+pub async fn start_binary_with_env(
+    config: &Path,
+    rust_log: &str,
+    env: &[(&str, &std::ffi::OsStr)],
+) -> (
+    tokio::process::Child,
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+) {
     use tokio::io::{AsyncBufReadExt, BufReader};
     let mut child = tokio::process::Command::new(switchyard_bin())
         .args(["--log-format", "json", "serve", "--config"])
         .arg(config)
         .env("RUST_LOG", rust_log)
+        .envs(env.iter().copied())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)

@@ -175,6 +175,15 @@ pub trait Store: Send + Sync + 'static {
         false
     }
 
+    /// Resolves, with the reason, once the store has failed in a way that makes going on
+    /// unsafe; the gateway stops then. SQLite: a sync of its write-ahead log failed, so
+    /// writes since the last good sync may not be on disk, and a later sync that succeeds
+    /// would not prove otherwise (the kernel may have dropped the pages it could not write),
+    /// so nothing can be acknowledged as durable any more. Never resolves otherwise.
+    async fn fatal(&self) -> String {
+        std::future::pending().await
+    }
+
     /// For a store that several gateways share: a number that changes whenever a managed
     /// object changes, so that each gateway notices the others' changes. `None` for a store
     /// only this gateway uses.

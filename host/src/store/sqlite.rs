@@ -224,6 +224,8 @@ pub struct SqliteStore {
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     reader: Arc<Mutex<Connection>>,
     queue: Arc<EventQueue>,
+    /// Why the store stopped acknowledging writes (see `Store::fatal`), once it has.
+    fatal: tokio::sync::watch::Sender<Option<String>>,
 }
 
 impl SqliteStore {
@@ -279,16 +281,19 @@ impl SqliteStore {
         )?;
         let queued = load_queued(&writer)?;
         let (tx, rx) = mpsc::channel::<Job>();
+        let fatal = tokio::sync::watch::Sender::new(None);
+        let failed = fatal.clone();
         // Thread names are kept under Linux's 15 characters, so `top -H` and `perf` tell
         // them apart.
         std::thread::Builder::new()
             .name("sqlite-writer".into())
-            .spawn(move || write_loop(writer, rx, wal))
+            .spawn(move || write_loop(writer, rx, wal, failed))
             .map_err(|e| StoreError::Db(format!("cannot start the writer thread: {e}")))?;
         Ok(Self {
             jobs: Mutex::new(Some(tx)),
             reader: Arc::new(Mutex::new(reader)),
             queue: Arc::new(EventQueue::new(queued, capacity)),
+            fatal,
         })
     }
 
@@ -432,13 +437,18 @@ fn run_batch(conn: &Connection, batch: &mut [Job]) -> Result<(), String> {
     })
 }
 
-fn write_loop(conn: Connection, jobs: mpsc::Receiver<Job>, wal: Option<PathBuf>) {
+fn write_loop(
+    conn: Connection,
+    jobs: mpsc::Receiver<Job>,
+    wal: Option<PathBuf>,
+    fatal: tokio::sync::watch::Sender<Option<String>>,
+) {
     let (to_syncer, synced) = mpsc::channel::<Vec<Reply>>();
     match wal {
         Some(wal) => {
             let spawned = std::thread::Builder::new()
                 .name("sqlite-syncer".into())
-                .spawn(move || sync_loop(&wal, synced));
+                .spawn(move || sync_loop(&wal, synced, &fatal));
             if let Err(e) = spawned {
                 tracing::error!(error = %e, "Cannot start the SQLite sync thread; commits sync themselves.");
                 let _ = conn.execute_batch("PRAGMA synchronous = FULL");
@@ -486,24 +496,38 @@ fn write_loop(conn: Connection, jobs: mpsc::Receiver<Job>, wal: Option<PathBuf>)
 
 /// Syncs the WAL for the commits the writer hands over, then answers their durable
 /// writes: one `fdatasync` for everything that arrived while the previous one ran.
-fn sync_loop(wal: &Path, commits: mpsc::Receiver<Vec<Reply>>) {
+fn sync_loop(
+    wal: &Path,
+    commits: mpsc::Receiver<Vec<Reply>>,
+    fatal: &tokio::sync::watch::Sender<Option<String>>,
+) {
     let mut file: Option<std::fs::File> = None;
+    let mut failed: Option<String> = None;
     while let Ok(mut replies) = commits.recv() {
         while let Ok(more) = commits.try_recv() {
             replies.extend(more);
         }
-        if file.is_none() {
-            file = std::fs::File::options().read(true).open(wal).ok();
-        }
-        let result = match &file {
-            Some(f) => f
-                .sync_data()
-                .map_err(|e| format!("cannot sync {}: {e}", wal.display())),
-            None => Err(format!("cannot open {} to sync it", wal.display())),
+        let result = match &failed {
+            // Once a sync has failed, no later one is trusted (see `Store::fatal`): the
+            // writes waiting for it are refused until the gateway stops.
+            Some(why) => Err(why.clone()),
+            None => {
+                if file.is_none() {
+                    file = std::fs::File::options().read(true).open(wal).ok();
+                }
+                match &file {
+                    Some(f) => f
+                        .sync_data()
+                        .map_err(|e| format!("cannot sync {}: {e}", wal.display())),
+                    None => Err(format!("cannot open {} to sync it", wal.display())),
+                }
+            }
         };
-        if let Err(e) = &result {
-            tracing::error!(error = %e, "Store sync failed.");
-            file = None;
+        if let (Err(e), None) = (&result, &failed) {
+            tracing::error!(error = %e, "Store sync failed: writes since the last good sync may \
+                not be on disk, so no write is acknowledged from now on; the gateway stops.");
+            failed = Some(format!("{e} (the store stopped acknowledging writes)"));
+            fatal.send_replace(Some(e.clone()));
         }
         for reply in replies {
             reply(result.clone());
@@ -636,6 +660,20 @@ impl Store for SqliteStore {
 
     fn close(&self) {
         self.queue.close();
+    }
+
+    async fn fatal(&self) -> String {
+        let mut failed = self.fatal.subscribe();
+        let why = failed
+            .wait_for(Option::is_some)
+            .await
+            .ok()
+            .and_then(|why| why.clone());
+        match why {
+            Some(why) => why,
+            // (The sender lives as long as the store: not reached.)
+            None => std::future::pending().await,
+        }
     }
 
     async fn complete_event(
