@@ -42,6 +42,8 @@ use crate::store::{PgStore, SqliteStore, Store};
 
 /// Events the pipeline works on at once.
 const PIPELINE_WORKERS: usize = 64;
+/// After the store failed, how long requests in progress get before the gateway stops.
+const FATAL_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A gateway whose plugins are loaded, whose store is open and whose stages are built,
 /// ready to serve.
@@ -211,16 +213,28 @@ impl Gateway {
         // gateway at once, without finishing anything: the next start resumes from what is
         // on disk (at least once).
         let fatal = Arc::new(std::sync::OnceLock::new());
+        let failed = CancellationToken::new();
         let stop_serving = {
-            let (store, fatal) = (self.store.clone(), fatal.clone());
+            let (store, fatal, failed) = (self.store.clone(), fatal.clone(), failed.clone());
             async move {
                 tokio::select! {
                     _ = shutdown => {}
-                    why = store.fatal() => { let _ = fatal.set(why); }
+                    why = store.fatal() => {
+                        let _ = fatal.set(why);
+                        failed.cancel();
+                    }
                 }
             }
         };
-        serve::serve(listener, app, self.reloader.clone(), stop_serving).await;
+        // After a failure, requests in progress get a few seconds to be answered (503),
+        // not as long as a slow sender's body may take.
+        tokio::select! {
+            () = serve::serve(listener, app, self.reloader.clone(), stop_serving) => {}
+            () = async {
+                failed.cancelled().await;
+                tokio::time::sleep(FATAL_DRAIN).await;
+            } => {}
+        }
         if let Some(why) = fatal.get() {
             stop.cancel();
             self.store.close();

@@ -532,7 +532,8 @@ int fsync(int fd) {
 }
 
 /// A sync of the store that fails (the disk reports EIO): the event waiting for it is
-/// refused, nothing is acknowledged after it, and the gateway stops, saying why — a later
+/// refused, nothing is acknowledged after it, and the gateway stops within seconds, even
+/// with a slow sender's request in progress, saying why — a later
 /// sync that succeeds would not prove the earlier writes reached the disk (PostgreSQL stops
 /// for the same reason). The next start resumes what was accepted before the failure.
 #[tokio::test(flavor = "multi_thread")]
@@ -560,7 +561,7 @@ name = "s"
 [[destinations]]
 name = "d"
 url = "{url}/d"
-retry = {{ retry_schedule = ["0s", "100ms"], jitter = 0.0, failure_threshold = 1000 }}
+retry = {{ retry_schedule = ["0s", "1h"], jitter = 0.0, failure_threshold = 1000 }}
 [[routes]]
 source = "s"
 destinations = ["d"]
@@ -582,7 +583,8 @@ destinations = ["d"]
         }
     };
 
-    // Accepted while the disk works; the destination is down, so they stay pending.
+    // Accepted while the disk works; the destination is down, so they stay pending (their
+    // retry is an hour away: the test sends them again by hand after the restart).
     rx.fail_with(Some(503));
     let env = [
         ("LD_PRELOAD", shim.as_os_str()),
@@ -597,6 +599,18 @@ destinations = ["d"]
         accepted.push(body["id"].as_str().unwrap().to_string());
     }
     rx.wait_for(3).await;
+
+    // A sender in the middle of a slow body (it may take `body_read_timeout`, 60 s) does
+    // not hold the stop up.
+    let mut slow = tokio::net::TcpStream::connect(url.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    tokio::io::AsyncWriteExt::write_all(
+        &mut slow,
+        b"POST /v1/ingest/s HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{\"n\":",
+    )
+    .await
+    .unwrap();
 
     // The disk fails: this event is not acknowledged, and the gateway stops by itself.
     std::fs::write(&trigger, "").unwrap();
@@ -620,13 +634,33 @@ destinations = ["d"]
     std::fs::remove_file(&trigger).unwrap();
     rx.fail_with(None);
     let (_child, url, _log) = crate::util::start_binary_logging(&config, "info").await;
+    let api = |method: reqwest::Method, path: String| {
+        client
+            .request(method, format!("{url}{path}"))
+            .bearer_auth("test-token-1234")
+            .send()
+    };
+    for id in &accepted {
+        let event: Value = api(reqwest::Method::GET, format!("/v1/events/{id}"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(event["deliveries"][0]["status"], "pending", "{event}");
+        let delivery = event["deliveries"][0]["id"].as_str().unwrap();
+        let retry = api(
+            reqwest::Method::POST,
+            format!("/v1/deliveries/{delivery}/retry"),
+        )
+        .await
+        .unwrap();
+        assert!(retry.status().is_success(), "{:?}", retry.text().await);
+    }
     for id in &accepted {
         let mut delivered = false;
         for _ in 0..200 {
-            let event: Value = client
-                .get(format!("{url}/v1/events/{id}"))
-                .bearer_auth("test-token-1234")
-                .send()
+            let event: Value = api(reqwest::Method::GET, format!("/v1/events/{id}"))
                 .await
                 .unwrap()
                 .json()
