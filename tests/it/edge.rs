@@ -496,3 +496,46 @@ async fn stalled_senders_are_cut_off_and_store_nothing() {
     );
     gw.shutdown().await.unwrap();
 }
+
+/// A sender's credentials in an accepted request are kept with the event (plugins and
+/// replays see the request as it came) and never forwarded, and the API shows them
+/// redacted, as it does its own secrets; other headers as they came.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_event_view_hides_the_senders_credentials() {
+    let rx = Receiver::start().await;
+    let gw = TestGateway::start(&config(), &rx, &[]).await;
+    let (status, body) = post(
+        &gw,
+        "local",
+        "{}",
+        &[
+            ("authorization", "Bearer sender-secret-0123456789".into()),
+            ("x-api-key", "k-0123456789abcdef".into()),
+            ("idempotency-key", "order-42".into()),
+            ("x-region", "eu".into()),
+        ],
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    let event = gw.settled(body["id"].as_str().unwrap()).await;
+    let shown = |name: &str| {
+        event["event"]["headers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|pair| pair[0] == name)
+            .map(|pair| pair[1].as_str().unwrap().to_string())
+    };
+    assert_eq!(
+        shown("authorization").as_deref(),
+        Some("****6789"),
+        "{event}"
+    );
+    assert_eq!(shown("x-api-key").as_deref(), Some("****cdef"), "{event}");
+    assert_eq!(shown("idempotency-key").as_deref(), Some("order-42"));
+    assert_eq!(shown("x-region").as_deref(), Some("eu"));
+    let got = rx.wait_for(1).await;
+    assert_eq!(got[0].header("authorization"), None, "never forwarded");
+    assert_eq!(got[0].header("x-region"), Some("eu"));
+    gw.shutdown().await.unwrap();
+}

@@ -387,7 +387,9 @@ async fn list_events(
     Ok(Json(Page { items, next_cursor }))
 }
 
-/// An event with its route outcomes, deliveries and attempts.
+/// An event with its route outcomes, deliveries and attempts. The request's credential
+/// headers (`authorization`, `cookie`, names with `api-key`, `token`, `secret`,
+/// `password`) are shown redacted.
 #[utoipa::path(get, path = "/v1/events/{id}", tag = "events",
     params(("id" = String, Path, description = "The event id from ingest")),
     responses(
@@ -398,12 +400,30 @@ async fn get_event(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<EventRecord>, ApiError> {
-    state
+    let mut record = state
         .store
         .get_event(&id)
         .await?
-        .map(Json)
-        .ok_or_else(|| ApiError::NotFound(format!("no event with id `{id}`")))
+        .ok_or_else(|| ApiError::NotFound(format!("no event with id `{id}`")))?;
+    // The sender's credentials are kept (plugins see them, a replay has them) but not
+    // shown: `****` and at most the last four characters, as for the API's own secrets.
+    for (name, value) in record.event.headers.iter_mut() {
+        if credential_header(name) {
+            *value = crate::managed::redact(value);
+        }
+    }
+    Ok(Json(record))
+}
+
+/// Request headers that carry a sender's credentials.
+fn credential_header(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    matches!(
+        name.as_str(),
+        "authorization" | "proxy-authorization" | "cookie"
+    ) || ["api-key", "apikey", "token", "secret", "password"]
+        .iter()
+        .any(|s| name.contains(s))
 }
 
 /// Runs a stored event through the current plugins again; its new deliveries get new ids.
