@@ -212,17 +212,13 @@ impl Gateway {
         // A store that can no longer be trusted to keep what it acknowledges stops the
         // gateway at once, without finishing anything: the next start resumes from what is
         // on disk (at least once).
-        let fatal = Arc::new(std::sync::OnceLock::new());
         let failed = CancellationToken::new();
         let stop_serving = {
-            let (store, fatal, failed) = (self.store.clone(), fatal.clone(), failed.clone());
+            let (store, failed) = (self.store.clone(), failed.clone());
             async move {
                 tokio::select! {
                     _ = shutdown => {}
-                    why = store.fatal() => {
-                        let _ = fatal.set(why);
-                        failed.cancel();
-                    }
+                    _ = store.fatal() => failed.cancel(),
                 }
             }
         };
@@ -235,7 +231,9 @@ impl Gateway {
                 tokio::time::sleep(FATAL_DRAIN).await;
             } => {}
         }
-        if let Some(why) = fatal.get() {
+        if failed.is_cancelled() {
+            // (Resolves at once: the store has failed.)
+            let why = self.store.fatal().await;
             stop.cancel();
             self.store.close();
             anyhow::bail!(

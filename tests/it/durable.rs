@@ -640,13 +640,12 @@ destinations = ["d"]
             .bearer_auth("test-token-1234")
             .send()
     };
+    let event = |id: String| {
+        let get = api(reqwest::Method::GET, format!("/v1/events/{id}"));
+        async move { get.await.unwrap().json::<Value>().await.unwrap() }
+    };
     for id in &accepted {
-        let event: Value = api(reqwest::Method::GET, format!("/v1/events/{id}"))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let event = event(id.clone()).await;
         assert_eq!(event["deliveries"][0]["status"], "pending", "{event}");
         let delivery = event["deliveries"][0]["id"].as_str().unwrap();
         let retry = api(
@@ -660,13 +659,7 @@ destinations = ["d"]
     for id in &accepted {
         let mut delivered = false;
         for _ in 0..200 {
-            let event: Value = api(reqwest::Method::GET, format!("/v1/events/{id}"))
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            if event["deliveries"][0]["status"] == "delivered" {
+            if event(id.clone()).await["deliveries"][0]["status"] == "delivered" {
                 delivered = true;
                 break;
             }
