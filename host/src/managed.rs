@@ -370,8 +370,9 @@ pub fn redact(secret: &str) -> String {
     format!("****{tail}")
 }
 
-/// Header names whose values are treated as secrets.
-fn secret_header(name: &str) -> bool {
+/// Names (of destination headers, of plugin config keys) whose values are treated as
+/// secrets.
+fn secret_name(name: &str) -> bool {
     let n = name.to_ascii_lowercase();
     [
         "authorization",
@@ -436,7 +437,7 @@ impl Redact for DestinationConfig {
             s.secret = redact(&s.secret);
         }
         for (name, value) in d.headers.iter_mut() {
-            if secret_header(name) {
+            if secret_name(name) {
                 *value = redact(value);
             }
         }
@@ -450,6 +451,42 @@ impl Redact for DestinationConfig {
         for (name, value) in self.headers.iter_mut() {
             if let Some(o) = old.headers.get(name) {
                 keep(value, o);
+            }
+        }
+    }
+}
+
+impl Redact for RouteConfig {
+    /// A plugin's config may hold what it signs or authenticates with: values whose keys
+    /// name a secret are redacted, as destination headers are.
+    fn redacted(&self) -> Self {
+        let mut r = self.clone();
+        for plugin in &mut r.plugins {
+            for (key, value) in &mut plugin.config {
+                if secret_name(key) {
+                    *value = redact(value);
+                }
+            }
+        }
+        r
+    }
+
+    /// The old value of a key is that of the plugin at the same place in the chain, or
+    /// else of the first plugin of the same name.
+    fn keep_secrets(&mut self, old: &Self) {
+        for (i, plugin) in self.plugins.iter_mut().enumerate() {
+            let Some(o) = old
+                .plugins
+                .get(i)
+                .filter(|o| o.name == plugin.name)
+                .or_else(|| old.plugins.iter().find(|o| o.name == plugin.name))
+            else {
+                continue;
+            };
+            for (key, value) in &mut plugin.config {
+                if let Some((_, old_value)) = o.config.iter().find(|(k, _)| k == key) {
+                    keep(value, old_value);
+                }
             }
         }
     }
@@ -587,6 +624,34 @@ mod tests {
         echoed.keep_secrets(&d);
         assert_eq!(echoed.headers["x-api-key"], "k-0123456789abcdef");
         assert_eq!(echoed.signing.unwrap().secret, d.signing.unwrap().secret);
+    }
+
+    #[test]
+    fn plugin_config_secrets_are_redacted_and_kept_when_echoed() {
+        let r: RouteConfig = serde_json::from_value(serde_json::json!({
+            "name": "r", "source": "s",
+            "plugins": [
+                { "name": "sign", "config": { "signing-key": "k-0123456789abcdef", "mode": "v1" } },
+                { "name": "tag-router", "config": { "default": "archive" } }
+            ]
+        }))
+        .unwrap();
+        let shown = r.redacted();
+        let config = &shown.plugins[0].config;
+        assert_eq!(config[0], ("signing-key".into(), "****cdef".into()));
+        assert_eq!(config[1], ("mode".into(), "v1".into()));
+        assert_eq!(shown.plugins[1].config, r.plugins[1].config);
+
+        // Echoed back, also with the chain reordered: the real key is kept.
+        let mut echoed = shown.clone();
+        echoed.plugins.reverse();
+        echoed.keep_secrets(&r);
+        assert_eq!(echoed.plugins[1].config[0].1, "k-0123456789abcdef");
+        // A new value is taken as it is.
+        let mut changed = shown;
+        changed.plugins[0].config[0].1 = "k-fedcba9876543210".into();
+        changed.keep_secrets(&r);
+        assert_eq!(changed.plugins[0].config[0].1, "k-fedcba9876543210");
     }
 
     #[test]

@@ -104,13 +104,6 @@ impl Resource for RouteConfig {
     }
 }
 
-impl Redact for RouteConfig {
-    fn redacted(&self) -> Self {
-        self.clone()
-    }
-    fn keep_secrets(&mut self, _: &Self) {}
-}
-
 /// `?cursor=&limit=` of the list endpoints.
 #[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
@@ -164,7 +157,7 @@ fn source_view(state: &AppState, c: &SourceConfig) -> SourceView {
 
 fn route_view(state: &AppState, c: &RouteConfig) -> RouteView {
     RouteView {
-        config: c.clone(),
+        config: c.redacted(),
         origin: state.reloader.managed().origin(Kind::Route, &c.name),
     }
 }
