@@ -477,6 +477,12 @@ pub struct DestinationConfig {
     /// Sign deliveries with Standard Webhooks headers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signing: Option<SigningConfig>,
+    /// The most deliveries per second this gateway sends to this destination (a burst of
+    /// up to one second's worth, then evenly spaced); more wait in the store for their
+    /// turn. 0.001 to 1,000,000; unlimited when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = 50, minimum = 0.001, maximum = 1_000_000)]
+    pub rate_limit: Option<f64>,
 }
 
 /// Standard Webhooks signing of a destination's deliveries.
@@ -808,6 +814,14 @@ impl Config {
                 crate::edge::decode_secret(&s.secret)
                     .map_err(|m| (format!("destinations[{i}].signing.secret"), m))?;
             }
+            if let Some(rate) = d.rate_limit
+                && !(0.001..=1_000_000.0).contains(&rate)
+            {
+                return Err((
+                    format!("destinations[{i}].rate_limit"),
+                    "must be between 0.001 and 1000000 deliveries per second".into(),
+                ));
+            }
             if let Some(o) = &d.retry {
                 check_retry(&o.apply(&self.delivery.retry))
                     .map_err(|(k, m)| (format!("destinations[{i}].retry.{k}"), m))?;
@@ -1048,6 +1062,24 @@ mod tests {
             .to_string();
         assert!(err.contains("destinations[0].headers.x-api-key"), "{err}");
         assert!(err.contains("NOPE"), "{err}");
+    }
+
+    #[test]
+    fn a_rate_limit_must_be_above_zero() {
+        let limited = |v: &str| {
+            parse(&GOOD.replace(
+                "event_types",
+                &format!("rate_limit = {v}\n        event_types"),
+            ))
+        };
+        assert_eq!(
+            limited("0.5").unwrap().destinations[0].rate_limit,
+            Some(0.5)
+        );
+        for bad in ["0", "-1", "nan", "1e-9", "inf"] {
+            let err = limited(bad).unwrap_err().to_string();
+            assert!(err.contains("destinations[0].rate_limit"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -65,6 +65,7 @@ pub struct Metrics {
     pub deliveries: Family<DestinationLabels, Counter>,
     pub delivery_latency: HistogramFamily<DestinationOnly>,
     pub attempts: Family<DestinationLabels, Counter>,
+    pub deferred: Family<DestinationOnly, Counter>,
     pub reloads: Family<ResultLabels, Counter>,
     pub queue_depth: Gauge,
     pub pending_deliveries: Gauge,
@@ -115,6 +116,12 @@ impl Default for Metrics {
             "HTTP attempts, by destination and outcome",
             attempts.clone(),
         );
+        let deferred = Family::<DestinationOnly, Counter>::default();
+        registry.register(
+            "deliveries_deferred",
+            "Deliveries put off by their destination's rate limit, by destination",
+            deferred.clone(),
+        );
         let reloads = Family::<ResultLabels, Counter>::default();
         registry.register("reloads", "Reloads, by result (ok, error)", reloads.clone());
         let queue_depth = Gauge::default();
@@ -149,6 +156,7 @@ impl Default for Metrics {
             deliveries,
             delivery_latency,
             attempts,
+            deferred,
             reloads,
             queue_depth,
             pending_deliveries,
@@ -214,6 +222,15 @@ impl Metrics {
     }
 
     /// Counts a delivery that reached a final state.
+    /// A delivery put off by its destination's rate limit.
+    pub fn deferred(&self, destination: &str) {
+        self.deferred
+            .get_or_create(&DestinationOnly {
+                destination: destination.to_string(),
+            })
+            .inc();
+    }
+
     pub fn delivery(&self, destination: &str, outcome: &str) {
         self.deliveries
             .get_or_create(&DestinationLabels {

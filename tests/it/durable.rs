@@ -1,6 +1,6 @@
-//! Durable delivery through a real gateway: idempotent ingest, the retry schedule on an
-//! injected clock, Retry-After, 410, the FAILED state and restart, replay, pagination,
-//! retention.
+//! Durable delivery through a real gateway: idempotent ingest, the retry schedule and a
+//! destination's rate limit on an injected clock, Retry-After, 410, the FAILED state and
+//! restart, replay, pagination, retention.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -137,6 +137,72 @@ async fn retries_follow_the_schedule_on_the_injected_clock() {
     clock.advance(Duration::from_secs(361));
     let e = wait_event(&gw, &id, |e| e["deliveries"][0]["status"] == "failed").await;
     assert_eq!(attempts(&e), 3, "the schedule has three attempts");
+    gw.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rate_limit_spaces_deliveries_out_without_counting_attempts() {
+    let rx = Receiver::start().await;
+    let clock = clock();
+    // Two a second: a burst of two, then one every 500 ms.
+    let gw = TestGateway::start_with_clock(
+        &one_destination("/in", "rate_limit = 2"),
+        &rx,
+        &[],
+        clock.clone(),
+    )
+    .await;
+    let t0 = clock.now_ms();
+    let mut ids = Vec::new();
+    for n in 0..5 {
+        ids.push(gw.accept("s", format!(r#"{{"n":{n}}}"#)).await);
+    }
+    rx.wait_for(2).await;
+    // The other three wait for their slots, put off in the store with no attempt made.
+    let mut slots = Vec::new();
+    for id in &ids {
+        let e = wait_event(&gw, id, |e| {
+            attempts(e) == 1 || e["deliveries"][0]["next_attempt_at"].as_u64() > Some(t0)
+        })
+        .await;
+        if attempts(&e) == 0 {
+            slots.push(e["deliveries"][0]["next_attempt_at"].as_u64().unwrap() - t0);
+        }
+    }
+    slots.sort();
+    assert_eq!(slots, [500, 1_000, 1_500]);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(rx.requests().len(), 2, "nothing is sent before its slot");
+
+    clock.advance(Duration::from_millis(500));
+    rx.wait_for(3).await;
+    clock.advance(Duration::from_millis(1_000));
+    let got = rx.wait_for(5).await;
+    let mut sent: Vec<u64> = got
+        .iter()
+        .map(|r| r.json()["n"].as_u64().unwrap())
+        .collect();
+    sent.sort();
+    assert_eq!(sent, [0, 1, 2, 3, 4], "each event once");
+    for id in &ids {
+        let e = wait_event(&gw, id, |e| e["deliveries"][0]["status"] == "delivered").await;
+        assert_eq!(attempts(&e), 1, "putting off is not an attempt: {e}");
+    }
+    let metrics = gw
+        .client
+        .get(format!("{}/metrics", gw.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == r#"switchyard_deliveries_deferred_total{destination="d"} 3"#),
+        "{metrics}"
+    );
     gw.shutdown().await.unwrap();
 }
 

@@ -380,13 +380,33 @@ async fn conformance(open: Reopen) {
         !store.retry_delivery("d2", 100_000).await.unwrap(),
         "delivered"
     );
-    assert_eq!(
+    let claimed = store
+        .claim_due(100_000, 110_000, 10, &ClaimScope::any())
+        .await
+        .unwrap();
+    assert_eq!(claimed[0].id, "d1");
+
+    // Put off by a rate limit: its lease is released, it is due at its slot, and no
+    // attempt is counted.
+    assert!(store.defer_delivery("d1", 105_000).await.unwrap());
+    let any = ClaimScope::any();
+    assert!(
         store
-            .claim_due(100_000, 110_000, 10, &ClaimScope::any())
+            .claim_due(104_999, 110_000, 10, &any)
             .await
-            .unwrap()[0]
-            .id,
-        "d1"
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store.next_due_at(100_001, &any).await.unwrap(),
+        Some(105_000)
+    );
+    let again = store.claim_due(105_000, 110_000, 10, &any).await.unwrap();
+    assert_eq!(again[0].id, "d1");
+    assert_eq!(again[0].attempts, claimed[0].attempts);
+    assert!(
+        !store.defer_delivery("d2", 1).await.unwrap(),
+        "a delivered delivery is not put off"
     );
     let stats = store.minute_stats(0).await.unwrap();
     assert_eq!(stats.iter().map(|m| m.received).sum::<u64>(), 3);

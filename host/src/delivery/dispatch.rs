@@ -13,6 +13,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::pace::Pacer;
 use super::placeholder::{self, Target};
 use super::policy::{AttemptResult, decide, parse_retry_after};
 use super::{Destination, USER_AGENT};
@@ -99,6 +100,8 @@ pub struct Dispatcher {
     lease: Duration,
     destinations: ArcSwap<HashMap<String, Arc<Destination>>>,
     states: Mutex<HashMap<String, DestinationState>>,
+    /// The rate limits' slots, by destination.
+    pacers: Mutex<HashMap<String, Pacer>>,
     clock: Arc<dyn Clock>,
     wake: Notify,
     permits: Arc<Semaphore>,
@@ -154,6 +157,7 @@ impl Dispatcher {
             lease: config.timeout + lease,
             destinations: ArcSwap::from_pointee(destinations),
             states: Mutex::new(states),
+            pacers: Mutex::default(),
             clock,
             wake: Notify::new(),
             permits: Arc::new(Semaphore::new(config.concurrency)),
@@ -254,6 +258,10 @@ impl Dispatcher {
         self.states.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn lock_pacers(&self) -> std::sync::MutexGuard<'_, HashMap<String, Pacer>> {
+        self.pacers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Sends due deliveries until `stop` is cancelled; then sends what is due, waits for the
     /// attempts in flight and for retries due within a short grace period, and returns.
     /// Later retries stay in the store.
@@ -343,6 +351,16 @@ impl Dispatcher {
     async fn attempt(&self, d: DueDelivery, _permit: OwnedSemaphorePermit) {
         let at = self.clock.now_ms();
         let destination = self.destinations.load().get(&d.destination).cloned();
+        if let Some(rate) = destination.as_ref().and_then(|dest| dest.rate_limit) {
+            let slot = self
+                .lock_pacers()
+                .entry(d.destination.clone())
+                .or_default()
+                .slot(&d.id, at, rate);
+            if slot > at {
+                return self.defer(&d, slot).await;
+            }
+        }
         let (attempt, next) = match destination {
             Some(dest) => self.send_to(&dest, &d, at).await,
             None => self.not_sent(&d, at),
@@ -356,6 +374,22 @@ impl Dispatcher {
         if self.starved.load(Ordering::Relaxed) || matches!(next, AttemptNext::RetryAt(_)) {
             self.wake();
         }
+    }
+
+    /// Puts a delivery over its destination's rate limit off until its slot, in the store:
+    /// it is claimed again then (and sent at once, its slot being kept).
+    async fn defer(&self, d: &DueDelivery, slot: u64) {
+        self.metrics.deferred(&d.destination);
+        match self.store.defer_delivery(&d.id, slot).await {
+            Ok(_) => tracing::debug!(event_id = %d.event_id, delivery_id = %d.id,
+                destination = %d.destination, until = slot, "Delivery put off by the rate limit."),
+            // The lease runs out and the delivery is claimed, and paced, again.
+            Err(e) => {
+                tracing::error!(delivery_id = %d.id, error = %e, "Cannot put a delivery off.")
+            }
+        }
+        // The loop may be asleep until a later due time than this slot.
+        self.wake();
     }
 
     /// A delivery whose destination was removed since it was planned (from the file or
@@ -581,6 +615,8 @@ impl Dispatcher {
             .set_destination_state(&state, self.clock.now_ms())
             .await?;
         self.lock_states().insert(name.to_string(), state.clone());
+        // Every pending delivery is due now: paced afresh, none sent on an old slot.
+        self.lock_pacers().remove(name);
         tracing::info!(destination = name, "Destination restarted.");
         self.wake();
         Ok(state)

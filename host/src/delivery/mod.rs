@@ -1,8 +1,9 @@
 //! The delivery stage: renders a planned delivery into a stored request (placeholders,
 //! headers), and the [`Dispatcher`] that sends due deliveries, decides on retries
-//! ([`policy`]) and keeps each destination's state.
+//! ([`policy`]), keeps each destination's rate limit ([`pace`]) and state.
 
 mod dispatch;
+pub mod pace;
 pub mod placeholder;
 pub mod policy;
 
@@ -64,6 +65,8 @@ pub struct Destination {
     pub retry: RetryPolicy,
     /// The Standard Webhooks key deliveries are signed with, if any.
     signing_key: Option<Vec<u8>>,
+    /// The most deliveries per second (see [`pace`]).
+    pub rate_limit: Option<f64>,
 }
 
 impl Destination {
@@ -86,10 +89,10 @@ impl Destination {
                 .filter_map(|(k, v)| Some((HeaderName::from_bytes(k.as_bytes()).ok()?, v.clone())))
                 .collect(),
             event_types: c.event_types.as_ref().map(|t| t.iter().cloned().collect()),
+            rate_limit: c.rate_limit,
         }
     }
 
-    /// Whether this destination takes events of this type.
     /// Whether this destination takes events of the type `event_type` yields (asked only
     /// when the destination filters on types).
     pub fn accepts<'a>(&self, event_type: impl FnOnce() -> Option<&'a str>) -> bool {

@@ -104,6 +104,11 @@ pub trait Store: Send + Sync + 'static {
     /// `scope` (its due time, or the end of its lease if it is leased at `now`), if any.
     async fn next_due_at(&self, now: u64, scope: &ClaimScope) -> Result<Option<u64>, StoreError>;
 
+    /// Puts off a pending delivery whose lease the caller holds until `until`, releasing
+    /// the lease, without recording an attempt (its destination's rate limit). `false` if
+    /// there is no such pending delivery.
+    async fn defer_delivery(&self, delivery_id: &str, until: u64) -> Result<bool, StoreError>;
+
     /// Records one attempt of a delivery and what follows from it, at once.
     async fn record_attempt(
         &self,

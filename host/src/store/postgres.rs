@@ -1113,6 +1113,18 @@ impl Store for PgStore {
             .collect())
     }
 
+    async fn defer_delivery(&self, delivery_id: &str, until: u64) -> Result<bool, StoreError> {
+        let client = self.pool.get().await?;
+        let n = client
+            .execute(
+                "UPDATE deliveries SET next_attempt_at = $1, lease_until = NULL
+                 WHERE id = $2 AND status = 'pending'",
+                &[&(until as i64), &delivery_id],
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
     async fn retry_delivery(&self, id: &str, now: u64) -> Result<bool, StoreError> {
         let client = self.pool.get().await?;
         let n = client

@@ -1147,6 +1147,20 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn defer_delivery(&self, delivery_id: &str, until: u64) -> Result<bool, StoreError> {
+        let id = delivery_id.to_string();
+        // Lost in a power cut, the lease runs out and the delivery is paced again.
+        self.write_lazy(move |conn| {
+            conn.prepare_cached(
+                "UPDATE deliveries SET next_attempt_at = ?1, lease_until = NULL
+                 WHERE id = ?2 AND status = 'pending'",
+            )?
+            .execute(params![until as i64, id])
+            .map(|n| n == 1)
+        })
+        .await
+    }
+
     async fn retry_delivery(&self, id: &str, now: u64) -> Result<bool, StoreError> {
         let id = id.to_string();
         self.write(move |conn| {
