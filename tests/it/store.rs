@@ -212,7 +212,8 @@ async fn conformance(open: Reopen) {
     assert_eq!(retaken.len(), 1, "an expired lease is claimed again");
     assert_eq!(
         store.next_due_at(30_001, &ClaimScope::any()).await.unwrap(),
-        Some(40_000)
+        None,
+        "deliveries leased now are in flight (a lease that runs out is found by a claim)"
     );
 
     // Attempts: a retry, then delivered; the destination state is stored with it.
@@ -668,6 +669,72 @@ async fn conformance(open: Reopen) {
         }
     }
     writer.await.unwrap();
+
+    // A destination that is not ACTIVE holds its deliveries, those pending when it failed
+    // and those planned after: no due time, so neither claims nor `next_due_at` walk past
+    // them (a long outage leaves many); a restart makes them all due.
+    let e6 = event("e6", "bondio", 400_000, "{}");
+    store.insert_event(e6.clone(), None).await.unwrap();
+    store
+        .complete_event(
+            &e6,
+            vec![outcome(1)],
+            vec![delivery("h1", "down", None)],
+            400_000,
+        )
+        .await
+        .unwrap();
+    let down = DestinationState {
+        name: "down".into(),
+        state: DestinationHealth::Failed,
+        consecutive_failures: 5,
+        last_error: Some("500".into()),
+        epoch: 0,
+    };
+    store.record_destination_state(&down).await.unwrap();
+    let e7 = event("e7", "bondio", 400_100, "{}");
+    store.insert_event(e7.clone(), None).await.unwrap();
+    store
+        .complete_event(
+            &e7,
+            vec![outcome(1)],
+            vec![delivery("h2", "down", None)],
+            400_100,
+        )
+        .await
+        .unwrap();
+    for e in ["e6", "e7"] {
+        let record = store.get_event(e).await.unwrap().unwrap();
+        assert_eq!(record.deliveries[0].status, DeliveryStatus::Pending);
+        assert_eq!(record.deliveries[0].next_attempt_at, None, "{e} is held");
+    }
+    let due_after = |at: u64| {
+        let store = store.clone();
+        async move {
+            let ids: Vec<String> = store
+                .claim_due(at, at + 10_000, 100, &ClaimScope::any())
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|d| d.id)
+                .filter(|id| id.starts_with('h'))
+                .collect();
+            ids
+        }
+    };
+    assert!(due_after(500_000).await.is_empty());
+    let next = store
+        .next_due_at(500_000, &ClaimScope::any())
+        .await
+        .unwrap();
+    assert!(next.is_none_or(|at| at >= 510_000), "{next:?}");
+    store
+        .set_destination_state(&active("down"), 600_000)
+        .await
+        .unwrap();
+    let mut released = due_after(600_000).await;
+    released.sort();
+    assert_eq!(released, ["h1", "h2"]);
 
     store.close();
     assert!(matches!(

@@ -100,8 +100,9 @@ pub trait Store: Send + Sync + 'static {
         scope: &ClaimScope,
     ) -> Result<Vec<DueDelivery>, StoreError>;
 
-    /// When the earliest pending delivery of an active destination can be claimed within
-    /// `scope` (its due time, or the end of its lease if it is leased at `now`), if any.
+    /// When the earliest pending delivery of an active destination that is not leased at
+    /// `now` can be claimed within `scope`, if any. (A lease that runs out is found by the
+    /// next claim: the dispatcher claims at least twice a second.)
     async fn next_due_at(&self, now: u64, scope: &ClaimScope) -> Result<Option<u64>, StoreError>;
 
     /// Puts off a pending delivery whose lease the caller holds until `until`, releasing
@@ -671,7 +672,8 @@ pub struct DeliveryRecord {
     /// The URL after placeholders.
     pub url: String,
     pub status: DeliveryStatus,
-    /// When the next attempt is due, for pending deliveries.
+    /// When the next attempt is due, for pending deliveries; absent while the delivery is
+    /// held (its destination is FAILED or DISABLED: a restart makes it due).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub next_attempt_at: Option<u64>,
     pub attempts: Vec<Attempt>,

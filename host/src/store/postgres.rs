@@ -382,7 +382,11 @@ impl PgStore {
                  ), d AS (
                     INSERT INTO deliveries (id, event_id, route, destination, url, headers, body, body_from_event,
                                             status, next_attempt_at, created_at, lease_until, run)
-                    SELECT id, $1, route, destination, url, headers, body, same, status, next_at, $5, lease, $2
+                    SELECT id, $1, route, destination, url, headers, body, same, status,
+                           CASE WHEN EXISTS (SELECT 1 FROM destination_state s
+                                             WHERE s.name = t.destination AND s.state != 'active')
+                                THEN NULL ELSE next_at END,
+                           $5, lease, $2
                     FROM UNNEST($6::TEXT[], $7::INTEGER[], $8::TEXT[], $9::TEXT[], $10::TEXT[], $11::BYTEA[],
                                 $15::BOOLEAN[], $12::TEXT[], $13::BIGINT[], $14::BIGINT[])
                          AS t(id, route, destination, url, headers, body, same, status, next_at, lease)
@@ -579,6 +583,16 @@ fn json<T: Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_else(|_| "null".into())
 }
 
+/// A destination that is not ACTIVE holds its pending deliveries: they lose their due time,
+/// so claims and `next_due_at` never walk past them however many wait (new ones are
+/// inserted held too) ...
+const HOLD: &str = "UPDATE deliveries SET next_attempt_at = NULL
+    WHERE destination = $1 AND status = 'pending' AND next_attempt_at IS NOT NULL";
+
+/// ... until a restart makes them all due at `now` ($1).
+const RELEASE: &str = "UPDATE deliveries SET next_attempt_at = $1
+    WHERE destination = $2 AND status = 'pending' AND (next_attempt_at IS NULL OR next_attempt_at > $1)";
+
 #[async_trait]
 impl Store for PgStore {
     async fn insert_event(
@@ -738,13 +752,24 @@ impl Store for PgStore {
         let client = self.pool.get().await?;
         let statement = client
             .prepare_cached(
-                "SELECT MIN(CASE WHEN d.lease_until >= $1 THEN d.lease_until
-                                 WHEN $2::text[] IS NULL OR d.destination = ANY($2::text[])
-                                 THEN d.next_attempt_at
-                                 ELSE d.next_attempt_at + $3 END)
-                 FROM deliveries d
-                 LEFT JOIN destination_state s ON s.name = d.destination
-                 WHERE d.status = 'pending' AND (s.state IS NULL OR s.state = 'active')",
+                // As SQLite's NEXT_DUE: each part stops at its first row in `deliveries_due`.
+                "SELECT MIN(at) FROM (
+                    (SELECT d.next_attempt_at AS at FROM deliveries d
+                     LEFT JOIN destination_state s ON s.name = d.destination
+                     WHERE d.status = 'pending' AND d.next_attempt_at IS NOT NULL
+                       AND (d.lease_until IS NULL OR d.lease_until < $1)
+                       AND (s.state IS NULL OR s.state = 'active')
+                       AND ($2::text[] IS NULL OR d.destination = ANY($2::text[]))
+                     ORDER BY d.next_attempt_at LIMIT 1)
+                    UNION ALL
+                    (SELECT d.next_attempt_at + $3 AS at FROM deliveries d
+                     LEFT JOIN destination_state s ON s.name = d.destination
+                     WHERE $2::text[] IS NOT NULL AND d.status = 'pending'
+                       AND d.next_attempt_at IS NOT NULL
+                       AND (d.lease_until IS NULL OR d.lease_until < $1)
+                       AND (s.state IS NULL OR s.state = 'active')
+                       AND NOT d.destination = ANY($2::text[])
+                     ORDER BY d.next_attempt_at LIMIT 1)) AS due",
             )
             .await?;
         let row = client
@@ -770,7 +795,7 @@ impl Store for PgStore {
             AttemptNext::Delivered => ("delivered", None),
             AttemptNext::Failed => ("failed", None),
             AttemptNext::RetryAt(at) => ("pending", Some(at as i64)),
-            AttemptNext::Hold => ("pending", Some(attempt.at as i64)),
+            AttemptNext::Hold => ("pending", None),
         };
         // One statement: the delivery and its attempt.
         let client = self.pool.get().await?;
@@ -823,7 +848,7 @@ impl Store for PgStore {
                  WHERE destination_state.epoch = excluded.epoch",
             )
             .await?;
-        client
+        let written = client
             .execute(
                 &statement,
                 &[
@@ -835,6 +860,11 @@ impl Store for PgStore {
                 ],
             )
             .await?;
+        // Not in the same transaction: if this fails, the deliveries stay due, which
+        // claims skip (the destination is not active) — only more slowly.
+        if written == 1 && s.state != DestinationHealth::Active {
+            client.execute(HOLD, &[&s.name]).await?;
+        }
         Ok(())
     }
 
@@ -882,12 +912,9 @@ impl Store for PgStore {
             .await?
             .get(0);
         if state.state == DestinationHealth::Active {
-            tx.execute(
-                "UPDATE deliveries SET next_attempt_at = $1
-                 WHERE destination = $2 AND status = 'pending' AND next_attempt_at > $1",
-                &[&(now as i64), &state.name],
-            )
-            .await?;
+            tx.execute(RELEASE, &[&(now as i64), &state.name]).await?;
+        } else {
+            tx.execute(HOLD, &[&state.name]).await?;
         }
         tx.commit().await?;
         Ok(epoch)

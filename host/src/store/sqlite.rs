@@ -708,7 +708,10 @@ impl Store for SqliteStore {
                 let body: &[u8] = if *same { &[] } else { &d.body };
                 let inserted = conn.prepare_cached(
                     "INSERT OR IGNORE INTO deliveries (id, event_id, route, destination, url, headers, body, body_from_event, status, next_attempt_at, created_at, lease_until, run)
-                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9,
+                             CASE WHEN EXISTS (SELECT 1 FROM destination_state WHERE name = ?4 AND state != 'active')
+                                  THEN NULL ELSE ?10 END,
+                             ?11, ?12, ?13)",
                 )?
                 .execute(params![
                     d.id,
@@ -779,38 +782,29 @@ impl Store for SqliteStore {
         let known = scope.known_json();
         let orphaned = now.saturating_sub(scope.orphaned_after_ms) as i64;
         self.write_lazy(move |conn| {
-            let mut stmt = conn.prepare_cached(
-                "UPDATE deliveries SET lease_until = ?1
-                 WHERE seq IN (
-                     SELECT d.seq FROM deliveries d
-                     LEFT JOIN destination_state s ON s.name = d.destination
-                     WHERE d.status = 'pending' AND d.next_attempt_at <= ?2
-                       AND (d.lease_until IS NULL OR d.lease_until < ?2)
-                       AND (s.state IS NULL OR s.state = 'active')
-                       AND (?4 = 'null' OR d.next_attempt_at <= ?5
-                            OR d.destination IN (SELECT value FROM json_each(?4)))
-                     ORDER BY d.next_attempt_at LIMIT ?3)
-                 RETURNING id, event_id, destination, url, headers,
-                           CASE WHEN body_from_event THEN (SELECT e.body FROM events e WHERE e.id = deliveries.event_id) ELSE body END,
-                           attempts,
-                           (SELECT e.received_at FROM events e WHERE e.id = deliveries.event_id)",
-            )?;
+            let mut stmt = conn.prepare_cached(CLAIM_DUE)?;
             stmt.query_map(
-                params![lease_until as i64, now as i64, limit as i64, known, orphaned],
+                params![
+                    lease_until as i64,
+                    now as i64,
+                    limit as i64,
+                    known,
+                    orphaned
+                ],
                 |r| {
-                let headers: String = r.get(4)?;
-                let body: Vec<u8> = r.get(5)?;
-                Ok(DueDelivery {
-                    id: r.get(0)?,
-                    event_id: r.get(1)?,
-                    destination: r.get(2)?,
-                    url: r.get(3)?,
-                    headers: serde_json::from_str(&headers).unwrap_or_default(),
-                    body: Bytes::from(body),
-                    attempts: r.get::<_, i64>(6)? as u32,
-                    received_at: r.get::<_, Option<i64>>(7)?.unwrap_or(0) as u64,
-                })
-            },
+                    let headers: String = r.get(4)?;
+                    let body: Vec<u8> = r.get(5)?;
+                    Ok(DueDelivery {
+                        id: r.get(0)?,
+                        event_id: r.get(1)?,
+                        destination: r.get(2)?,
+                        url: r.get(3)?,
+                        headers: serde_json::from_str(&headers).unwrap_or_default(),
+                        body: Bytes::from(body),
+                        attempts: r.get::<_, i64>(6)? as u32,
+                        received_at: r.get::<_, Option<i64>>(7)?.unwrap_or(0) as u64,
+                    })
+                },
             )?
             .collect()
         })
@@ -821,18 +815,11 @@ impl Store for SqliteStore {
         let known = scope.known_json();
         let orphaned_after = scope.orphaned_after_ms as i64;
         self.read(move |conn| {
-            conn.query_row(
-                "SELECT MIN(CASE WHEN d.lease_until >= ?1 THEN d.lease_until
-                                 WHEN ?2 = 'null' OR d.destination IN (SELECT value FROM json_each(?2))
-                                 THEN d.next_attempt_at
-                                 ELSE d.next_attempt_at + ?3 END)
-                 FROM deliveries d
-                 LEFT JOIN destination_state s ON s.name = d.destination
-                 WHERE d.status = 'pending' AND (s.state IS NULL OR s.state = 'active')",
-                params![now as i64, known, orphaned_after],
-                |r| r.get::<_, Option<i64>>(0),
-            )
-            .map(|v| v.map(|v| v as u64))
+            conn.prepare_cached(NEXT_DUE)?
+                .query_row(params![now as i64, known, orphaned_after], |r| {
+                    r.get::<_, Option<i64>>(0)
+                })
+                .map(|v| v.map(|v| v as u64))
         })
         .await
     }
@@ -865,7 +852,7 @@ impl Store for SqliteStore {
                 AttemptNext::Delivered => ("delivered", None),
                 AttemptNext::Failed => ("failed", None),
                 AttemptNext::RetryAt(at) => ("pending", Some(at as i64)),
-                AttemptNext::Hold => ("pending", Some(attempt.at as i64)),
+                AttemptNext::Hold => ("pending", None),
             };
             conn.prepare_cached(
                 "UPDATE deliveries SET attempts = attempts + 1, status = ?, next_attempt_at = ?, lease_until = NULL WHERE id = ?",
@@ -928,10 +915,9 @@ impl Store for SqliteStore {
                     |r| r.get(0),
                 )?;
             if state.state == DestinationHealth::Active {
-                conn.prepare_cached(
-                    "UPDATE deliveries SET next_attempt_at = ? WHERE destination = ? AND status = 'pending' AND next_attempt_at > ?",
-                )?
-                .execute(params![now as i64, state.name, now as i64])?;
+                release(conn, &state.name, now)?;
+            } else {
+                hold(conn, &state.name)?;
             }
             Ok(epoch)
         })
@@ -1248,21 +1234,88 @@ impl Store for SqliteStore {
 }
 
 /// Writes the state an attempt led to, unless the stored state is of a newer epoch.
-fn upsert_destination(conn: &Connection, s: &DestinationState) -> rusqlite::Result<()> {
+/// `Store::claim_due`: the first due deliveries in the order of `deliveries_due`.
+const CLAIM_DUE: &str = "UPDATE deliveries SET lease_until = ?1
+    WHERE seq IN (
+        SELECT d.seq FROM deliveries d
+        LEFT JOIN destination_state s ON s.name = d.destination
+        WHERE d.status = 'pending' AND d.next_attempt_at <= ?2
+          AND (d.lease_until IS NULL OR d.lease_until < ?2)
+          AND (s.state IS NULL OR s.state = 'active')
+          AND (?4 = 'null' OR d.next_attempt_at <= ?5
+               OR d.destination IN (SELECT value FROM json_each(?4)))
+        ORDER BY d.next_attempt_at LIMIT ?3)
+    RETURNING id, event_id, destination, url, headers,
+              CASE WHEN body_from_event THEN (SELECT e.body FROM events e WHERE e.id = deliveries.event_id) ELSE body END,
+              attempts,
+              (SELECT e.received_at FROM events e WHERE e.id = deliveries.event_id)";
+
+/// When the dispatcher's next claim can take something (`Store::next_due_at`): the first
+/// claimable delivery in the order of `deliveries_due`, and on a shared store the first
+/// one to a destination this instance lacks, once orphaned. Each part stops at its first
+/// row; held deliveries (no due time) are not in that order at all.
+const NEXT_DUE: &str = "SELECT MIN(at) FROM (
+    SELECT * FROM (
+        SELECT d.next_attempt_at AS at FROM deliveries d
+        LEFT JOIN destination_state s ON s.name = d.destination
+        WHERE d.status = 'pending' AND d.next_attempt_at IS NOT NULL
+          AND (d.lease_until IS NULL OR d.lease_until < ?1)
+          AND (s.state IS NULL OR s.state = 'active')
+          AND (?2 = 'null' OR d.destination IN (SELECT value FROM json_each(?2)))
+        ORDER BY d.next_attempt_at LIMIT 1)
+    UNION ALL
+    SELECT * FROM (
+        SELECT d.next_attempt_at + ?3 AS at FROM deliveries d
+        LEFT JOIN destination_state s ON s.name = d.destination
+        WHERE ?2 != 'null' AND d.status = 'pending' AND d.next_attempt_at IS NOT NULL
+          AND (d.lease_until IS NULL OR d.lease_until < ?1)
+          AND (s.state IS NULL OR s.state = 'active')
+          AND d.destination NOT IN (SELECT value FROM json_each(?2))
+        ORDER BY d.next_attempt_at LIMIT 1))";
+
+/// A destination that is not ACTIVE holds its pending deliveries: they lose their due time,
+/// so claims and `next_due_at` never walk past them however many wait (new ones are
+/// inserted held too) ...
+fn hold(conn: &Connection, destination: &str) -> rusqlite::Result<()> {
     conn.prepare_cached(
-        "INSERT INTO destination_state (name, state, consecutive_failures, last_error, epoch)
+        "UPDATE deliveries SET next_attempt_at = NULL WHERE destination = ? AND status = 'pending'
+         AND next_attempt_at IS NOT NULL",
+    )?
+    .execute([destination])?;
+    Ok(())
+}
+
+/// ... until a restart makes them all due at `now`.
+fn release(conn: &Connection, destination: &str, now: u64) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "UPDATE deliveries SET next_attempt_at = ?1 WHERE destination = ?2 AND status = 'pending'
+         AND (next_attempt_at IS NULL OR next_attempt_at > ?1)",
+    )?
+    .execute(params![now as i64, destination])?;
+    Ok(())
+}
+
+/// Writes a state decided by attempts, unless a restart began a newer epoch meanwhile;
+/// a state that is not ACTIVE holds the destination's deliveries.
+fn upsert_destination(conn: &Connection, s: &DestinationState) -> rusqlite::Result<()> {
+    let written = conn
+        .prepare_cached(
+            "INSERT INTO destination_state (name, state, consecutive_failures, last_error, epoch)
          VALUES (?, ?, ?, ?, ?)
          ON CONFLICT (name) DO UPDATE SET state = excluded.state,
              consecutive_failures = excluded.consecutive_failures, last_error = excluded.last_error
          WHERE destination_state.epoch = excluded.epoch",
-    )?
-    .execute(params![
-        s.name,
-        s.state.as_str(),
-        s.consecutive_failures as i64,
-        s.last_error,
-        s.epoch
-    ])?;
+        )?
+        .execute(params![
+            s.name,
+            s.state.as_str(),
+            s.consecutive_failures as i64,
+            s.last_error,
+            s.epoch
+        ])?;
+    if written == 1 && s.state != DestinationHealth::Active {
+        hold(conn, &s.name)?;
+    }
     Ok(())
 }
 
@@ -1463,8 +1516,12 @@ mod tests {
         store.record_destination_state(&failed).await.unwrap();
         assert_eq!(
             store.next_due_at(150, &ClaimScope::any()).await.unwrap(),
-            Some(200),
-            "d1 is leased until 200; d2's destination is not active"
+            None,
+            "d1 is in flight (leased until 200; a claim finds it after); d2 is held"
+        );
+        assert_eq!(
+            store.next_due_at(201, &ClaimScope::any()).await.unwrap(),
+            Some(5)
         );
         assert!(
             store
@@ -1634,6 +1691,12 @@ mod tests {
         for sql in [LIST_DELIVERIES_ALL, LIST_DELIVERIES_DELIVERED] {
             let p = plan(sql);
             assert!(p.contains("INTEGER PRIMARY KEY (rowid>?)"), "{p}");
+        }
+        // Claims and the next due time walk `deliveries_due` in order and stop early: a
+        // full scan here made an idle gateway with a long-FAILED destination busy.
+        for sql in [CLAIM_DUE, NEXT_DUE] {
+            let p = plan(sql);
+            assert!(p.contains("d USING INDEX deliveries_due"), "{p}");
         }
         let dead = plan(&format!(
             "SELECT e.id FROM events e WHERE (?1 IS NULL OR e.source = ?1) {DEAD_LETTERED}
