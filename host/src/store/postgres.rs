@@ -142,6 +142,9 @@ const SCHEMA: &[&str] = &[
      WHERE id IN (SELECT o.event_id FROM route_outcomes o
          WHERE o.outcome::jsonb #>> '{result,result}' = 'failed');
      CREATE INDEX events_dead_lettered ON events (received_at, id) WHERE failed_routes > 0;",
+    // 7: as SQLite's version 8 — deliveries to a destination that is not ACTIVE are held.
+    "UPDATE deliveries SET next_attempt_at = NULL WHERE status = 'pending'
+         AND destination IN (SELECT name FROM destination_state WHERE state != 'active');",
 ];
 
 /// The filter of `list_events` on route results (see SQLite's), bound as $9 either way.

@@ -141,6 +141,11 @@ const SCHEMA: &[&str] = &[
      WHERE id IN (SELECT o.event_id FROM route_outcomes o
          WHERE json_extract(o.outcome, '$.result.result') = 'failed');
      CREATE INDEX events_dead_lettered ON events (received_at, id) WHERE failed_routes > 0;",
+    // Version 8: deliveries to a destination that is not ACTIVE are held — no due time, so
+    // the dispatcher's queries do not walk them (see `hold`); those stored before are held
+    // now.
+    "UPDATE deliveries SET next_attempt_at = NULL WHERE status = 'pending'
+         AND destination IN (SELECT name FROM destination_state WHERE state != 'active');",
 ];
 
 /// The filter of `list_events` on route results: dead letters from their own index, the
@@ -1737,6 +1742,45 @@ mod tests {
             (failed("dead"), failed("fine")),
             (2, 0),
             "only the latest run counts"
+        );
+    }
+
+    /// Migration 8 holds the deliveries that FAILED and DISABLED destinations had waiting.
+    #[test]
+    fn migration_8_holds_deliveries_already_waiting() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        for sql in &SCHEMA[..7] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 7).unwrap();
+        conn.execute_batch(
+            "INSERT INTO destination_state (name, state, consecutive_failures) VALUES
+                 ('down', 'failed', 5), ('gone', 'disabled', 1), ('up', 'active', 0);
+             INSERT INTO deliveries (id, event_id, route, destination, url, headers, body, status,
+                                     next_attempt_at, created_at) VALUES
+                 ('d1', 'e', 0, 'down', 'u', '[]', x'', 'pending', 10, 1),
+                 ('d2', 'e', 0, 'gone', 'u', '[]', x'', 'pending', 10, 1),
+                 ('d3', 'e', 0, 'up', 'u', '[]', x'', 'pending', 10, 1),
+                 ('d4', 'e', 0, 'new', 'u', '[]', x'', 'pending', 10, 1);",
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        let due: Vec<(String, Option<i64>)> = conn
+            .prepare("SELECT id, next_attempt_at FROM deliveries ORDER BY id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let due: Vec<(&str, Option<i64>)> = due.iter().map(|(id, at)| (id.as_str(), *at)).collect();
+        assert_eq!(
+            due,
+            [
+                ("d1", None),
+                ("d2", None),
+                ("d3", Some(10)),
+                ("d4", Some(10))
+            ]
         );
     }
 }
