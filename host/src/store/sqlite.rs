@@ -278,6 +278,10 @@ impl SqliteStore {
         capacity: usize,
         wal: Option<PathBuf>,
     ) -> Result<Self, StoreError> {
+        // Room for every statement each connection runs (rusqlite keeps 16): one evicted
+        // from the cache is parsed again the next time.
+        writer.set_prepared_statement_cache_capacity(64);
+        reader.set_prepared_statement_cache_capacity(64);
         migrate(&mut writer)?;
         // One process owns the file: leases of a previous run are void.
         writer.execute(
@@ -412,7 +416,12 @@ fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
 /// is rolled back and run again with each write in a savepoint of its own, so that only
 /// the failed writes are undone.
 fn run_batch(conn: &Connection, batch: &mut [Job]) -> Result<(), String> {
-    let begin = |conn: &Connection| conn.execute_batch("BEGIN IMMEDIATE");
+    // Prepared once: parsing them again per batch shows when batches are small.
+    let begin = |conn: &Connection| {
+        conn.prepare_cached("BEGIN IMMEDIATE")?
+            .execute([])
+            .map(drop)
+    };
     begin(conn).map_err(|e| e.to_string())?;
     if !batch.iter_mut().all(|(_, w)| w.run(conn)) {
         // (Some errors end the transaction themselves.)
@@ -436,10 +445,13 @@ fn run_batch(conn: &Connection, batch: &mut [Job]) -> Result<(), String> {
                 .map_err(|e| e.to_string())?;
         }
     }
-    conn.execute_batch("COMMIT").map_err(|e| {
-        let _ = conn.execute_batch("ROLLBACK");
-        e.to_string()
-    })
+    conn.prepare_cached("COMMIT")
+        .and_then(|mut commit| commit.execute([]))
+        .map(drop)
+        .map_err(|e| {
+            let _ = conn.execute_batch("ROLLBACK");
+            e.to_string()
+        })
 }
 
 fn write_loop(
@@ -1239,7 +1251,9 @@ impl Store for SqliteStore {
 }
 
 /// Writes the state an attempt led to, unless the stored state is of a newer epoch.
-/// `Store::claim_due`: the first due deliveries in the order of `deliveries_due`.
+/// `Store::claim_due`: the first due deliveries in the order of `deliveries_due`. (`LIMIT
+/// ?3 + 0`, not `LIMIT ?3`: SQLite plans with a bare bound limit's value and so compiles
+/// the statement again whenever it is bound, i.e. at every claim.)
 const CLAIM_DUE: &str = "UPDATE deliveries SET lease_until = ?1
     WHERE seq IN (
         SELECT d.seq FROM deliveries d
@@ -1249,7 +1263,7 @@ const CLAIM_DUE: &str = "UPDATE deliveries SET lease_until = ?1
           AND (s.state IS NULL OR s.state = 'active')
           AND (?4 = 'null' OR d.next_attempt_at <= ?5
                OR d.destination IN (SELECT value FROM json_each(?4)))
-        ORDER BY d.next_attempt_at LIMIT ?3)
+        ORDER BY d.next_attempt_at LIMIT ?3 + 0)
     RETURNING id, event_id, destination, url, headers,
               CASE WHEN body_from_event THEN (SELECT e.body FROM events e WHERE e.id = deliveries.event_id) ELSE body END,
               attempts,
@@ -1708,6 +1722,29 @@ mod tests {
              ORDER BY e.received_at DESC, e.id DESC LIMIT ?8"
         ));
         assert!(dead.contains("USING INDEX events_dead_lettered"), "{dead}");
+    }
+
+    /// The dispatcher's statements run often; they must not be compiled again each time
+    /// they are bound (as SQLite does when a bound value can change the plan).
+    #[test]
+    fn the_dispatchers_statements_are_not_recompiled_per_call() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate(&mut conn).unwrap();
+        for sql in [CLAIM_DUE, NEXT_DUE] {
+            let mut stmt = conn.prepare(sql).unwrap();
+            for i in 1..=3i64 {
+                let params: Vec<rusqlite::types::Value> = (1..=stmt.parameter_count())
+                    .map(|k| match sql == CLAIM_DUE && k == 4 {
+                        true => "null".to_string().into(),
+                        false => (i * 10 + k as i64).into(),
+                    })
+                    .collect();
+                let mut rows = stmt.query(rusqlite::params_from_iter(params)).unwrap();
+                while rows.next().unwrap().is_some() {}
+            }
+            let n = stmt.get_status(rusqlite::StatementStatus::RePrepare);
+            assert_eq!(n, 0, "{sql}");
+        }
     }
 
     /// Migration 7 counts the failed routes of events stored before it, so that retention
