@@ -586,6 +586,42 @@ fn json<T: Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_else(|_| "null".into())
 }
 
+/// `Store::claim_due`: the first due deliveries in the order of `deliveries_due`.
+const CLAIM_DUE: &str = "UPDATE deliveries SET lease_until = $1
+    WHERE seq IN (
+        SELECT d.seq FROM deliveries d
+        LEFT JOIN destination_state s ON s.name = d.destination
+        WHERE d.status = 'pending' AND d.next_attempt_at <= $2
+          AND (d.lease_until IS NULL OR d.lease_until < $2)
+          AND (s.state IS NULL OR s.state = 'active')
+          AND ($4::text[] IS NULL OR d.next_attempt_at <= $5
+               OR d.destination = ANY($4::text[]))
+        ORDER BY d.next_attempt_at LIMIT $3
+        FOR UPDATE OF d SKIP LOCKED)
+    RETURNING id, event_id, destination, url, headers,
+              CASE WHEN body_from_event THEN (SELECT e.body FROM events e WHERE e.id = deliveries.event_id) ELSE body END,
+              attempts,
+              (SELECT e.received_at FROM events e WHERE e.id = deliveries.event_id)";
+
+/// As SQLite's `NEXT_DUE`: each part stops at its first row in `deliveries_due`.
+const NEXT_DUE: &str = "SELECT MIN(at) FROM (
+       (SELECT d.next_attempt_at AS at FROM deliveries d
+        LEFT JOIN destination_state s ON s.name = d.destination
+        WHERE d.status = 'pending' AND d.next_attempt_at IS NOT NULL
+          AND (d.lease_until IS NULL OR d.lease_until < $1)
+          AND (s.state IS NULL OR s.state = 'active')
+          AND ($2::text[] IS NULL OR d.destination = ANY($2::text[]))
+        ORDER BY d.next_attempt_at LIMIT 1)
+       UNION ALL
+       (SELECT d.next_attempt_at + $3 AS at FROM deliveries d
+        LEFT JOIN destination_state s ON s.name = d.destination
+        WHERE $2::text[] IS NOT NULL AND d.status = 'pending'
+          AND d.next_attempt_at IS NOT NULL
+          AND (d.lease_until IS NULL OR d.lease_until < $1)
+          AND (s.state IS NULL OR s.state = 'active')
+          AND NOT d.destination = ANY($2::text[])
+        ORDER BY d.next_attempt_at LIMIT 1)) AS due";
+
 /// A destination that is not ACTIVE holds its pending deliveries: they lose their due time,
 /// so claims and `next_due_at` never walk past them however many wait (new ones are
 /// inserted held too) ...
@@ -701,25 +737,7 @@ impl Store for PgStore {
     ) -> Result<Vec<DueDelivery>, StoreError> {
         let orphaned = now.saturating_sub(scope.orphaned_after_ms) as i64;
         let client = self.pool.get().await?;
-        let statement = client
-            .prepare_cached(
-                "UPDATE deliveries SET lease_until = $1
-                 WHERE seq IN (
-                     SELECT d.seq FROM deliveries d
-                     LEFT JOIN destination_state s ON s.name = d.destination
-                     WHERE d.status = 'pending' AND d.next_attempt_at <= $2
-                       AND (d.lease_until IS NULL OR d.lease_until < $2)
-                       AND (s.state IS NULL OR s.state = 'active')
-                       AND ($4::text[] IS NULL OR d.next_attempt_at <= $5
-                            OR d.destination = ANY($4::text[]))
-                     ORDER BY d.next_attempt_at LIMIT $3
-                     FOR UPDATE OF d SKIP LOCKED)
-                 RETURNING id, event_id, destination, url, headers,
-                           CASE WHEN body_from_event THEN (SELECT e.body FROM events e WHERE e.id = deliveries.event_id) ELSE body END,
-                           attempts,
-                           (SELECT e.received_at FROM events e WHERE e.id = deliveries.event_id)",
-            )
-            .await?;
+        let statement = client.prepare_cached(CLAIM_DUE).await?;
         let rows = client
             .query(
                 &statement,
@@ -753,28 +771,7 @@ impl Store for PgStore {
 
     async fn next_due_at(&self, now: u64, scope: &ClaimScope) -> Result<Option<u64>, StoreError> {
         let client = self.pool.get().await?;
-        let statement = client
-            .prepare_cached(
-                // As SQLite's NEXT_DUE: each part stops at its first row in `deliveries_due`.
-                "SELECT MIN(at) FROM (
-                    (SELECT d.next_attempt_at AS at FROM deliveries d
-                     LEFT JOIN destination_state s ON s.name = d.destination
-                     WHERE d.status = 'pending' AND d.next_attempt_at IS NOT NULL
-                       AND (d.lease_until IS NULL OR d.lease_until < $1)
-                       AND (s.state IS NULL OR s.state = 'active')
-                       AND ($2::text[] IS NULL OR d.destination = ANY($2::text[]))
-                     ORDER BY d.next_attempt_at LIMIT 1)
-                    UNION ALL
-                    (SELECT d.next_attempt_at + $3 AS at FROM deliveries d
-                     LEFT JOIN destination_state s ON s.name = d.destination
-                     WHERE $2::text[] IS NOT NULL AND d.status = 'pending'
-                       AND d.next_attempt_at IS NOT NULL
-                       AND (d.lease_until IS NULL OR d.lease_until < $1)
-                       AND (s.state IS NULL OR s.state = 'active')
-                       AND NOT d.destination = ANY($2::text[])
-                     ORDER BY d.next_attempt_at LIMIT 1)) AS due",
-            )
-            .await?;
+        let statement = client.prepare_cached(NEXT_DUE).await?;
         let row = client
             .query_one(
                 &statement,
@@ -1286,6 +1283,12 @@ mod tests {
         assert!(failed.contains("deliveries_undelivered"), "{failed}");
         let counts = explain(&client, DELIVERY_COUNTS, &[]).await;
         assert!(counts.contains("deliveries_undelivered"), "{counts}");
+        // The dispatcher's queries walk the due index in order and stop early.
+        let known: Option<Vec<String>> = None;
+        let claim = explain(&client, CLAIM_DUE, &[&0i64, &0i64, &10i64, &known, &0i64]).await;
+        assert!(claim.contains("deliveries_due"), "{claim}");
+        let next = explain(&client, NEXT_DUE, &[&0i64, &known, &0i64]).await;
+        assert!(next.contains("deliveries_due"), "{next}");
     }
 
     async fn explain(
