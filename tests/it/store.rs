@@ -723,6 +723,12 @@ async fn conformance(open: Reopen) {
         }
     };
     assert!(due_after(500_000).await.is_empty());
+    assert!(store.retry_delivery("h1", 500_000).await.unwrap());
+    let record = store.get_event("e6").await.unwrap().unwrap();
+    assert_eq!(
+        record.deliveries[0].next_attempt_at, None,
+        "retried by hand while the destination is down: still held"
+    );
     let next = store
         .next_due_at(500_000, &ClaimScope::any())
         .await

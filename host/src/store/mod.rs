@@ -165,8 +165,9 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<EventSummary>, StoreError>;
 
-    /// Makes a pending or failed delivery due at `now` (a retry by hand). `false` if there
-    /// is no such delivery or it was delivered or skipped.
+    /// Makes a pending or failed delivery due at `now` (a retry by hand), or held if its
+    /// destination is not ACTIVE (a restart sends it). `false` if there is no such delivery
+    /// or it was delivered or skipped.
     async fn retry_delivery(&self, id: &str, now: u64) -> Result<bool, StoreError>;
 
     /// Per minute from `since` (ms, rounded down to a minute) on: events received, attempts

@@ -1156,7 +1156,11 @@ impl Store for PgStore {
         let client = self.pool.get().await?;
         let n = client
             .execute(
-                "UPDATE deliveries SET status = 'pending', next_attempt_at = $1, lease_until = NULL
+                // Held instead while its destination is not ACTIVE (see `HOLD`).
+                "UPDATE deliveries SET status = 'pending', lease_until = NULL,
+                     next_attempt_at = CASE WHEN EXISTS (SELECT 1 FROM destination_state s
+                         WHERE s.name = deliveries.destination AND s.state != 'active')
+                         THEN NULL ELSE $1::BIGINT END
                  WHERE id = $2 AND status IN ('pending', 'failed')",
                 &[&(now as i64), &id],
             )

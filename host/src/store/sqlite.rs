@@ -1168,7 +1168,11 @@ impl Store for SqliteStore {
         let id = id.to_string();
         self.write(move |conn| {
             conn.prepare_cached(
-                "UPDATE deliveries SET status = 'pending', next_attempt_at = ?1, lease_until = NULL
+                // Held instead while its destination is not ACTIVE (see `hold`).
+                "UPDATE deliveries SET status = 'pending', lease_until = NULL,
+                     next_attempt_at = CASE WHEN EXISTS (SELECT 1 FROM destination_state s
+                         WHERE s.name = deliveries.destination AND s.state != 'active')
+                         THEN NULL ELSE ?1 END
                  WHERE id = ?2 AND status IN ('pending', 'failed')",
             )?
             .execute(params![now as i64, id])
