@@ -286,6 +286,14 @@ async fn failed_destination_keeps_events_until_restart_delivers_them() {
     assert_eq!(rx.requests().len(), 3, "no attempts while FAILED");
     let d = destination(&gw, "d").await;
     assert_eq!(d["pending"], 5, "{d}");
+    // Those that arrived while it was FAILED are held: no due time until the restart.
+    for id in &ids[3..] {
+        wait_event(&gw, id, |e| {
+            e["deliveries"][0]["status"] == "pending"
+                && e["deliveries"][0].get("next_attempt_at").is_none()
+        })
+        .await;
+    }
 
     // A restart whose test message fails leaves it FAILED.
     let (status, body) = gw.post_api("/v1/destinations/d/restart").await;
