@@ -81,7 +81,7 @@ destinations = ["flaky"]
         }
         tokio::time::sleep(std::time::Duration::from_millis(25)).await;
     }
-    gw.accept("flaky-source", r#"{"type":"alert","n":2}"#).await;
+    let held = gw.accept("flaky-source", r#"{"type":"alert","n":2}"#).await;
 
     let artifacts = root.join("target/ui-artifacts");
     std::fs::create_dir_all(&artifacts).unwrap();
@@ -91,6 +91,7 @@ destinations = ["flaky"]
         .arg(API_TOKEN)
         .arg(format!("{}/control", flaky.url))
         .arg(&artifacts)
+        .arg(&held)
         .env("SWITCHYARD_CHROMIUM", &chromium)
         .current_dir(&ui)
         .kill_on_drop(true);

@@ -1,6 +1,6 @@
 // End-to-end test of the dashboard in headless Chromium, driven by playwright-core.
 // Started by tests/it/ui.rs with a running gateway:
-//   node dashboard.mjs <gateway-url> <api-token> <receiver-control-url> <artifact-dir>
+//   node dashboard.mjs <gateway-url> <api-token> <receiver-control-url> <artifact-dir> <held-event-id>
 // It signs in, sees a freshly ingested event appear, opens it (plugin verdicts, attempt),
 // replays it (a new attempt), restarts a FAILED destination (its held events go out), and
 // writes a screenshot of every page, at 1280×800 and at phone width.
@@ -10,7 +10,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
-const [base, token, controlUrl, artifacts] = process.argv.slice(2);
+const [base, token, controlUrl, artifacts, heldId] = process.argv.slice(2);
 const executablePath = process.env.SWITCHYARD_CHROMIUM || '/usr/bin/chromium';
 const profile = mkdtempSync(join(tmpdir(), 'switchyard-ui-'));
 const step = (s) => console.log(`- ${s}`);
@@ -108,6 +108,10 @@ try {
   await page.getByLabel('Find an event by id').fill(id);
   await page.getByLabel('Find an event by id').press('Enter');
   await page.getByRole('heading', { name: `Event ${id}` }).waitFor();
+
+  step('an event for a FAILED destination says its delivery is held');
+  await page.goto(`${base}/ui/#/events/${heldId}`);
+  await page.locator('.delivery .next').getByText('Held until the destination is restarted.').waitFor();
 
   step('a FAILED destination is restarted and its held events are delivered');
   await page.getByRole('link', { name: 'Destinations' }).click();

@@ -203,6 +203,8 @@ async function eventPage(id) {
         try { await api(`/v1/deliveries/${d.id}/retry`, { method: 'POST' }); toast('Retry queued.'); setTimeout(() => eventPage(id), 700); } catch (err) { toast(err.message); }
       } }, 'Retry') : null),
     h('div', { class: 'mono muted' }, d.url),
+    d.status === 'pending' ? h('p', { class: 'next muted' }, d.next_attempt_at
+      ? `Next attempt ${time(d.next_attempt_at)}.` : 'Held until the destination is restarted.') : null,
     d.attempts.length === 0 ? h('p', { class: 'muted' }, 'No attempt yet.') :
       h('table', { class: 'attempts' }, h('thead', {}, h('tr', {}, h('th', {}, 'At'), h('th', {}, 'Status'), h('th', { class: 'num' }, 'Duration'), h('th', {}, 'Error or response'))),
         h('tbody', {}, d.attempts.map((a) => h('tr', { class: 'attempt' },
