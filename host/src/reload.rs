@@ -138,15 +138,16 @@ impl Reloader {
         );
         let config = Arc::new(config);
         self.managed.store(Arc::new(managed));
-        self.install(config.clone());
+        self.install(config.clone()).await;
         Ok(config)
     }
 
     /// Makes `config` the one in force: routing, destinations and the config itself.
-    fn install(&self, config: Arc<Config>) {
+    async fn install(&self, config: Arc<Config>) {
         let routing = Arc::new(Routing::from_config(&config));
         self.dispatcher
-            .set_destinations(routing.destinations().clone());
+            .set_destinations(routing.destinations().clone())
+            .await;
         self.pipeline.set_routing(routing);
         self.config.store(config);
     }
@@ -243,7 +244,7 @@ impl Reloader {
             self.managed.store(managed);
         }
         self.registry.swap(plugins, statuses.clone());
-        self.install(config);
+        self.install(config).await;
         tracing::info!(
             reason,
             config = outcome,

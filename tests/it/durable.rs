@@ -31,21 +31,6 @@ fn clock() -> Arc<ManualClock> {
     Arc::new(ManualClock::new(switchyard::delivery::now_ms()))
 }
 
-/// Polls the event until `check` holds (the dispatcher runs on its own time).
-async fn wait_event(gw: &TestGateway, id: &str, check: impl Fn(&Value) -> bool) -> Value {
-    for _ in 0..200 {
-        let e = gw.event(id).await;
-        if check(&e) {
-            return e;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!(
-        "event {id} never reached the expected state: {}",
-        gw.event(id).await
-    );
-}
-
 fn attempts(e: &Value) -> usize {
     e["deliveries"][0]["attempts"]
         .as_array()
@@ -109,10 +94,11 @@ async fn retries_follow_the_schedule_on_the_injected_clock() {
     let t0 = clock.now_ms();
     let id = gw.accept("s", "{}").await;
 
-    let e = wait_event(&gw, &id, |e| {
-        attempts(e) == 1 && e["deliveries"][0]["next_attempt_at"].is_u64()
-    })
-    .await;
+    let e = gw
+        .wait_event(&id, |e| {
+            attempts(e) == 1 && e["deliveries"][0]["next_attempt_at"].is_u64()
+        })
+        .await;
     let next = e["deliveries"][0]["next_attempt_at"].as_u64().unwrap();
     assert!(
         (t0 + 5_000..=t0 + 6_000).contains(&next),
@@ -126,7 +112,7 @@ async fn retries_follow_the_schedule_on_the_injected_clock() {
     assert_eq!(attempts(&gw.event(&id).await), 1);
 
     clock.advance(Duration::from_millis(1_200));
-    let e = wait_event(&gw, &id, |e| attempts(e) == 2).await;
+    let e = gw.wait_event(&id, |e| attempts(e) == 2).await;
     let at2 = e["deliveries"][0]["attempts"][1]["at"].as_u64().unwrap();
     let next = e["deliveries"][0]["next_attempt_at"].as_u64().unwrap();
     assert!(
@@ -135,7 +121,9 @@ async fn retries_follow_the_schedule_on_the_injected_clock() {
     );
 
     clock.advance(Duration::from_secs(361));
-    let e = wait_event(&gw, &id, |e| e["deliveries"][0]["status"] == "failed").await;
+    let e = gw
+        .wait_event(&id, |e| e["deliveries"][0]["status"] == "failed")
+        .await;
     assert_eq!(attempts(&e), 3, "the schedule has three attempts");
     gw.shutdown().await.unwrap();
 }
@@ -161,10 +149,11 @@ async fn a_rate_limit_spaces_deliveries_out_without_counting_attempts() {
     // The other three wait for their slots, put off in the store with no attempt made.
     let mut slots = Vec::new();
     for id in &ids {
-        let e = wait_event(&gw, id, |e| {
-            attempts(e) == 1 || e["deliveries"][0]["next_attempt_at"].as_u64() > Some(t0)
-        })
-        .await;
+        let e = gw
+            .wait_event(id, |e| {
+                attempts(e) == 1 || e["deliveries"][0]["next_attempt_at"].as_u64() > Some(t0)
+            })
+            .await;
         if attempts(&e) == 0 {
             slots.push(e["deliveries"][0]["next_attempt_at"].as_u64().unwrap() - t0);
         }
@@ -185,7 +174,9 @@ async fn a_rate_limit_spaces_deliveries_out_without_counting_attempts() {
     sent.sort();
     assert_eq!(sent, [0, 1, 2, 3, 4], "each event once");
     for id in &ids {
-        let e = wait_event(&gw, id, |e| e["deliveries"][0]["status"] == "delivered").await;
+        let e = gw
+            .wait_event(id, |e| e["deliveries"][0]["status"] == "delivered")
+            .await;
         assert_eq!(attempts(&e), 1, "putting off is not an attempt: {e}");
     }
     let metrics = gw
@@ -218,10 +209,11 @@ async fn retry_after_is_honoured() {
     )
     .await;
     let id = gw.accept("s", "{}").await;
-    let e = wait_event(&gw, &id, |e| {
-        attempts(e) == 1 && e["deliveries"][0]["next_attempt_at"].is_u64()
-    })
-    .await;
+    let e = gw
+        .wait_event(&id, |e| {
+            attempts(e) == 1 && e["deliveries"][0]["next_attempt_at"].is_u64()
+        })
+        .await;
     let at = e["deliveries"][0]["attempts"][0]["at"].as_u64().unwrap();
     let next = e["deliveries"][0]["next_attempt_at"].as_u64().unwrap();
     assert_eq!(
@@ -238,7 +230,7 @@ async fn gone_disables_the_destination_and_keeps_the_event() {
     let rx = Receiver::start().await;
     let gw = TestGateway::start(&one_destination("/status/410", ""), &rx, &[]).await;
     let id = gw.accept("s", "{}").await;
-    let e = wait_event(&gw, &id, |e| attempts(e) == 1).await;
+    let e = gw.wait_event(&id, |e| attempts(e) == 1).await;
     assert_eq!(
         e["deliveries"][0]["status"], "pending",
         "held, not given up"
@@ -270,7 +262,7 @@ async fn failed_destination_keeps_events_until_restart_delivers_them() {
         ids.push(gw.accept("s", json!({ "n": i }).to_string()).await);
     }
     for id in &ids {
-        wait_event(&gw, id, |e| attempts(e) == 1).await;
+        gw.wait_event(id, |e| attempts(e) == 1).await;
     }
     let d = destination(&gw, "d").await;
     assert_eq!(d["state"], "FAILED", "{d}");
@@ -288,7 +280,7 @@ async fn failed_destination_keeps_events_until_restart_delivers_them() {
     assert_eq!(d["pending"], 5, "{d}");
     // Those that arrived while it was FAILED are held: no due time until the restart.
     for id in &ids[3..] {
-        wait_event(&gw, id, |e| {
+        gw.wait_event(id, |e| {
             e["deliveries"][0]["status"] == "pending"
                 && e["deliveries"][0].get("next_attempt_at").is_none()
         })
@@ -305,7 +297,8 @@ async fn failed_destination_keeps_events_until_restart_delivers_them() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["state"], "ACTIVE");
     for id in &ids {
-        wait_event(&gw, id, |e| e["deliveries"][0]["status"] == "delivered").await;
+        gw.wait_event(id, |e| e["deliveries"][0]["status"] == "delivered")
+            .await;
     }
     let got = rx.requests();
     let test_messages: Vec<_> = got
@@ -366,15 +359,16 @@ destinations = ["sink"]
     gw.settled(&id).await;
     let (status, body) = gw.post_api(&format!("/v1/events/{id}/replay")).await;
     assert_eq!(status, 202, "{body}");
-    let e = wait_event(&gw, &id, |e| {
-        e["deliveries"].as_array().unwrap().len() == 2
-            && e["deliveries"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .all(|d| d["status"] == "delivered")
-    })
-    .await;
+    let e = gw
+        .wait_event(&id, |e| {
+            e["deliveries"].as_array().unwrap().len() == 2
+                && e["deliveries"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|d| d["status"] == "delivered")
+        })
+        .await;
     assert_eq!(e["routes"].as_array().unwrap().len(), 2);
     assert_eq!(e["routes"][1]["run"], 1);
     assert_eq!(e["event"]["run"], 1);
@@ -742,4 +736,51 @@ destinations = ["d"]
         assert!(delivered, "event {id} was delivered after the restart");
     }
     assert_eq!(post(url, 4).await.unwrap().status(), 202);
+}
+
+/// A FAILED destination with deliveries held is removed from the config while the gateway
+/// is stopped: the next start releases them, and they fail as no longer configured instead
+/// of waiting for a restart that can no longer be asked for.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_destination_removed_while_stopped_fails_what_it_held() {
+    let rx = Receiver::start().await;
+    let config = one_destination(
+        "/d",
+        r#"retry = { retry_schedule = ["0s", "1h"], jitter = 0.0, failure_threshold = 1 }"#,
+    );
+    let gw = TestGateway::start(&config, &rx, &[]).await;
+    rx.fail_with(Some(500));
+    let first = gw.accept("s", json!({ "n": 1 }).to_string()).await;
+    gw.wait_event(&first, |e| attempts(e) == 1).await;
+    for _ in 0..200 {
+        if destination(&gw, "d").await["state"] == "FAILED" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(destination(&gw, "d").await["state"], "FAILED");
+    let second = gw.accept("s", json!({ "n": 2 }).to_string()).await;
+    gw.wait_event(&second, |e| e["deliveries"][0]["status"] == "pending")
+        .await;
+
+    let dir = gw.stop().await;
+    rx.fail_with(None);
+    let gw = TestGateway::start_in(dir, "[[sources]]\nname = \"s\"\n", &rx)
+        .await
+        .unwrap();
+    for id in [&first, &second] {
+        let event = gw.settled(id).await;
+        let delivery = &event["deliveries"][0];
+        assert_eq!(delivery["status"], "failed", "{event}");
+        let last = delivery["attempts"].as_array().unwrap().last().unwrap();
+        assert!(
+            last["error"]
+                .as_str()
+                .unwrap()
+                .contains("destination `d` is no longer configured"),
+            "{delivery}"
+        );
+    }
+    assert_eq!(rx.requests().len(), 1, "nothing more was sent");
+    gw.shutdown().await.unwrap();
 }

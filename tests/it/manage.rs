@@ -460,6 +460,71 @@ async fn a_removed_destination_gets_nothing_more() {
     gw.shutdown().await.unwrap();
 }
 
+/// A destination removed while FAILED: the deliveries it held (waiting for a restart that
+/// can no longer be asked for) fail as no longer configured, instead of staying pending for
+/// good; none is sent.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_removed_failed_destination_fails_what_it_held() {
+    let rx = Receiver::start().await;
+    let gw = TestGateway::start("[[sources]]\nname = \"s\"\n", &rx, &[]).await;
+    let (status, d) = gw
+        .send(
+            "POST",
+            "/v1/destinations",
+            Some(json!({
+                "name": "old",
+                "url": format!("{}/old", rx.url),
+                "retry": { "retry_schedule": ["0s", "1h"], "jitter": 0.0, "failure_threshold": 1 },
+            })),
+        )
+        .await;
+    assert_eq!(status, 201, "{d}");
+    let route = json!({ "name": "to-old", "source": "s", "destinations": ["old"] });
+    assert_eq!(gw.send("POST", "/v1/routes", Some(route)).await.0, 201);
+    rx.fail_with(Some(500));
+    let first = gw.accept("s", "{}").await;
+    rx.wait_for(1).await;
+    // One failure is the threshold: the first attempt leaves it FAILED.
+    gw.wait_event(&first, |e| {
+        e["deliveries"][0]["attempts"].as_array().unwrap().len() == 1
+    })
+    .await;
+    for _ in 0..200 {
+        if gw.get("/v1/destinations/old").await.1["state"] == "FAILED" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(gw.get("/v1/destinations/old").await.1["state"], "FAILED");
+    let second = gw.accept("s", "{}").await;
+    let held = gw
+        .wait_event(&second, |e| e["deliveries"][0]["status"] == "pending")
+        .await;
+    assert!(
+        held["deliveries"][0].get("next_attempt_at").is_none(),
+        "held while FAILED: {held}"
+    );
+
+    assert_eq!(gw.send("DELETE", "/v1/routes/to-old", None).await.0, 204);
+    assert_eq!(gw.send("DELETE", "/v1/destinations/old", None).await.0, 204);
+    rx.fail_with(None);
+    for id in [&first, &second] {
+        let event = gw.settled(id).await;
+        let delivery = &event["deliveries"][0];
+        assert_eq!(delivery["status"], "failed", "{event}");
+        let last = delivery["attempts"].as_array().unwrap().last().unwrap();
+        assert!(
+            last["error"]
+                .as_str()
+                .unwrap()
+                .contains("destination `old` is no longer configured"),
+            "{delivery}"
+        );
+    }
+    assert_eq!(rx.requests().len(), 1, "nothing more was sent");
+    gw.shutdown().await.unwrap();
+}
+
 /// An event a route dead-lettered (its plugin failed) has no deliveries to show for it;
 /// the list says how many routes failed and `route_result=failed` finds it.
 #[tokio::test(flavor = "multi_thread")]

@@ -370,6 +370,21 @@ impl TestGateway {
             .unwrap()
     }
 
+    /// Polls the event until `check` holds (the dispatcher runs on its own time).
+    pub async fn wait_event(&self, id: &str, check: impl Fn(&Value) -> bool) -> Value {
+        for _ in 0..200 {
+            let e = self.event(id).await;
+            if check(&e) {
+                return e;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!(
+            "event {id} never reached the expected state: {}",
+            self.event(id).await
+        );
+    }
+
     /// Waits until the event's routes are recorded and none of its deliveries is pending.
     pub async fn settled(&self, id: &str) -> Value {
         for _ in 0..400 {

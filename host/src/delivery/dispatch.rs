@@ -176,9 +176,52 @@ impl Dispatcher {
         self.clock.now_ms()
     }
 
-    /// Swaps in the destinations of a reloaded config.
-    pub fn set_destinations(&self, destinations: HashMap<String, Arc<Destination>>) {
-        self.destinations.store(Arc::new(destinations));
+    /// Swaps in the destinations of a reloaded config, then releases what destinations that
+    /// are no longer configured hold.
+    pub async fn set_destinations(&self, destinations: HashMap<String, Arc<Destination>>) {
+        let before = self.destinations.swap(Arc::new(destinations));
+        self.release_removed(&before).await;
+    }
+
+    /// A FAILED or DISABLED destination holds its deliveries until it is restarted, which
+    /// cannot be asked for once it is gone from the config: its state is set ACTIVE again
+    /// (the store releases its deliveries), and they are claimed and fail, visibly, as no
+    /// longer configured (a retry by hand sends them if it comes back). Which destinations:
+    /// on a store only this gateway uses, every one not configured (also those removed while
+    /// it was stopped: startup is a reload); on a shared store, only those this reload
+    /// removed — another instance may still have the others (a rolling deploy that adds a
+    /// destination must not see it restarted by each older instance that starts).
+    async fn release_removed(&self, before: &HashMap<String, Arc<Destination>>) {
+        let configured = self.destinations.load();
+        let shared = !self.orphaned_after.is_zero();
+        let removed: Vec<String> = self
+            .lock_states()
+            .values()
+            .filter(|s| s.state != DestinationHealth::Active)
+            .filter(|s| !configured.contains_key(&s.name))
+            .filter(|s| !shared || before.contains_key(&s.name))
+            .map(|s| s.name.clone())
+            .collect();
+        for name in removed {
+            let mut state = active(&name);
+            match self
+                .store
+                .set_destination_state(&state, self.clock.now_ms())
+                .await
+            {
+                Ok(epoch) => {
+                    state.epoch = epoch;
+                    self.lock_states().insert(name.clone(), state);
+                    self.lock_pacers().remove(&name);
+                    tracing::warn!(destination = %name,
+                        "A FAILED or DISABLED destination is no longer configured: its held deliveries are released, to fail as no longer configured.");
+                    self.wake();
+                }
+                Err(e) => {
+                    tracing::error!(destination = %name, error = %e, "Cannot release the deliveries of a removed destination.")
+                }
+            }
+        }
     }
 
     /// Until when a delivery claimed now is leased.
