@@ -4,7 +4,7 @@
 
 use serde_json::{Value, json};
 
-use crate::util::{API_TOKEN, Receiver, TestGateway};
+use crate::util::{API_TOKEN, Receiver, TestGateway, now_ms};
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
@@ -522,6 +522,112 @@ async fn a_removed_failed_destination_fails_what_it_held() {
         );
     }
     assert_eq!(rx.requests().len(), 1, "nothing more was sent");
+    gw.shutdown().await.unwrap();
+}
+
+/// A recovery after an outage that outlasted the retry schedule: every failed delivery to
+/// the destination planned in the window is sent again, once; other destinations' are not.
+#[tokio::test(flavor = "multi_thread")]
+async fn recover_sends_a_destinations_failed_deliveries_again() {
+    let rx = Receiver::start().await;
+    let gw = TestGateway::start("[[sources]]\nname = \"s\"\n", &rx, &[]).await;
+    for name in ["fleet", "audit"] {
+        let (status, d) = gw
+            .send(
+                "POST",
+                "/v1/destinations",
+                Some(json!({
+                    "name": name,
+                    "url": format!("{}/{name}", rx.url),
+                    "retry": { "retry_schedule": ["0s"], "jitter": 0.0, "failure_threshold": 100 },
+                })),
+            )
+            .await;
+        assert_eq!(status, 201, "{d}");
+    }
+    let route = json!({ "name": "both", "source": "s", "destinations": ["fleet", "audit"] });
+    assert_eq!(gw.send("POST", "/v1/routes", Some(route)).await.0, 201);
+    rx.fail_with(Some(503));
+    let before = now_ms();
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        ids.push(gw.accept("s", json!({ "n": n }).to_string()).await);
+    }
+    for id in &ids {
+        let e = gw.settled(id).await;
+        assert!(
+            e["deliveries"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|d| d["status"] == "failed"),
+            "{e}"
+        );
+    }
+    assert_eq!(rx.requests().len(), 6);
+
+    // Bad requests are named, and change nothing.
+    let recover = "/v1/destinations/fleet/recover";
+    let (status, body) = gw.send("POST", recover, Some(json!({ "from": 0 }))).await;
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = gw
+        .send("POST", recover, Some(json!({ "since": 10, "until": 5 })))
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("`since`"),
+        "{body}"
+    );
+    let (status, _) = gw
+        .send(
+            "POST",
+            "/v1/destinations/nope/recover",
+            Some(json!({ "since": 0 })),
+        )
+        .await;
+    assert_eq!(status, 404);
+    // A window before the events finds nothing.
+    let (status, body) = gw
+        .send(
+            "POST",
+            recover,
+            Some(json!({ "since": 0, "until": before - 1 })),
+        )
+        .await;
+    assert_eq!((status, body["retried"].as_u64()), (202, Some(0)), "{body}");
+
+    rx.fail_with(None);
+    let (status, body) = gw
+        .send("POST", recover, Some(json!({ "since": before })))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["retried"], 3, "{body}");
+    let got = rx.wait_for(9).await;
+    let mut resent: Vec<u64> = got[6..]
+        .iter()
+        .inspect(|r| assert_eq!(r.uri, "/fleet"))
+        .map(|r| r.json()["n"].as_u64().unwrap())
+        .collect();
+    resent.sort();
+    assert_eq!(resent, [0, 1, 2], "each event's body, once");
+    for id in &ids {
+        let e = gw.settled(id).await;
+        for d in e["deliveries"].as_array().unwrap() {
+            let expected = if d["destination"] == "fleet" {
+                "delivered"
+            } else {
+                "failed"
+            };
+            assert_eq!(d["status"], expected, "{e}");
+        }
+    }
+    // Nothing failed is left to recover.
+    let (_, body) = gw
+        .send("POST", recover, Some(json!({ "since": before })))
+        .await;
+    assert_eq!(body["retried"], 0, "{body}");
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(rx.requests().len(), 9, "nothing more was sent");
     gw.shutdown().await.unwrap();
 }
 

@@ -742,6 +742,96 @@ async fn conformance(open: Reopen) {
     released.sort();
     assert_eq!(released, ["h1", "h2"]);
 
+    // A recovery after an outage: the failed deliveries to one destination planned in a
+    // window are due again, in order, a batch at a time, each walked once; the others stay
+    // failed; while the destination is down they are held instead.
+    for (i, dest, at) in [
+        (1, "sink", 700_000),
+        (2, "other", 700_100),
+        (3, "sink", 700_200),
+        (4, "sink", 700_300),
+        (5, "sink", 800_000),
+    ] {
+        let e = event(&format!("re{i}"), "s", at, "{}");
+        store.insert_event(e.clone(), None).await.unwrap();
+        let id = format!("rd{i}");
+        let planned = vec![delivery(&id, dest, Some(at + 1))];
+        store
+            .complete_event(&e, vec![outcome(1)], planned, at)
+            .await
+            .unwrap();
+        store
+            .record_attempt(&id, attempt(at + 1, 500), AttemptNext::Failed)
+            .await
+            .unwrap();
+    }
+    let status = |id: &'static str| {
+        let store = store.clone();
+        async move {
+            let e = store
+                .get_event(&id.replace("rd", "re"))
+                .await
+                .unwrap()
+                .unwrap();
+            (e.deliveries[0].status, e.deliveries[0].next_attempt_at)
+        }
+    };
+    let (n, after) = store
+        .recover_deliveries("sink", 700_000, 800_000, 0, 900_000, 2)
+        .await
+        .unwrap();
+    assert_eq!(n, 2, "a full batch");
+    assert_eq!(
+        status("rd1").await,
+        (DeliveryStatus::Pending, Some(900_000))
+    );
+    assert_eq!(
+        status("rd4").await.0,
+        DeliveryStatus::Failed,
+        "not in this batch"
+    );
+    // rd1 fails again meanwhile: the walk goes on after it, and does not take it twice.
+    let claimed = store
+        .claim_due(900_000, 910_000, 10, &ClaimScope::any())
+        .await
+        .unwrap();
+    assert!(claimed.iter().any(|d| d.id == "rd1"), "{claimed:?}");
+    store
+        .record_attempt("rd1", attempt(900_001, 500), AttemptNext::Failed)
+        .await
+        .unwrap();
+    let sink_down = DestinationState {
+        name: "sink".into(),
+        ..down.clone()
+    };
+    store.record_destination_state(&sink_down).await.unwrap();
+    let (n, last) = store
+        .recover_deliveries("sink", 700_000, 800_000, after, 900_002, 2)
+        .await
+        .unwrap();
+    assert_eq!(n, 1, "rd4 only");
+    assert_eq!(
+        status("rd4").await,
+        (DeliveryStatus::Pending, None),
+        "held: the destination is down"
+    );
+    let (n, _) = store
+        .recover_deliveries("sink", 700_000, 800_000, last, 900_002, 2)
+        .await
+        .unwrap();
+    assert_eq!(n, 0);
+    assert_eq!(status("rd1").await.0, DeliveryStatus::Failed, "walked once");
+    assert_eq!(
+        status("rd2").await.0,
+        DeliveryStatus::Failed,
+        "another destination"
+    );
+    assert_eq!(
+        status("rd5").await.0,
+        DeliveryStatus::Failed,
+        "outside the window"
+    );
+
     store.close();
     assert!(matches!(
         store.insert_event(event("late", "s", 1, "{}"), None).await,

@@ -60,7 +60,7 @@ url = "{{receiver}}/fleet"
 [[destinations]]
 name = "flaky"
 url = "{}/flaky"
-retry = {{ retry_schedule = ["0s", "1h"], failure_threshold = 1 }}
+retry = {{ retry_schedule = ["0s"], failure_threshold = 2 }}
 [[routes]]
 source = "onomondo"
 plugins = [{{ name = "event-filter", config = {{ allow = "usage" }} }}]
@@ -72,9 +72,12 @@ destinations = ["flaky"]
         flaky.url
     );
     let gw = TestGateway::start(&config, &fleet, &["event-filter"]).await;
-    // The flaky destination fails once and turns FAILED; the next event is held.
-    gw.accept("flaky-source", r#"{"type":"alert","n":1}"#).await;
+    // The flaky destination fails twice: the first delivery has failed (no retries), the
+    // second turns the destination FAILED and is kept; the next event is held.
+    gw.accept("flaky-source", r#"{"type":"alert","n":0}"#).await;
     flaky.wait_for(1).await;
+    gw.accept("flaky-source", r#"{"type":"alert","n":1}"#).await;
+    flaky.wait_for(2).await;
     for _ in 0..200 {
         if gw.get("/v1/destinations/flaky").await.1["state"] == "FAILED" {
             break;
@@ -106,7 +109,8 @@ destinations = ["flaky"]
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.trim_end().ends_with("ok"), "{stdout}");
-    // Both held events reached the restarted destination.
+    // All three events reached the flaky destination: the kept and the held one at the
+    // restart, the failed one when resent.
     let (_, delivered) = gw.get("/v1/deliveries?status=delivered&limit=500").await;
     let to_flaky = delivered["items"]
         .as_array()
@@ -114,7 +118,7 @@ destinations = ["flaky"]
         .iter()
         .filter(|d| d["destination"] == "flaky")
         .count();
-    assert_eq!(to_flaky, 2, "{delivered}");
+    assert_eq!(to_flaky, 3, "{delivered}");
     for name in [
         "signin",
         "events",

@@ -2,8 +2,8 @@
 // Started by tests/it/ui.rs with a running gateway:
 //   node dashboard.mjs <gateway-url> <api-token> <receiver-control-url> <artifact-dir> <held-event-id>
 // It signs in, sees a freshly ingested event appear, opens it (plugin verdicts, attempt),
-// replays it (a new attempt), restarts a FAILED destination (its held events go out), and
-// writes a screenshot of every page, at 1280×800 and at phone width.
+// replays it (a new attempt), restarts a FAILED destination (its held events go out),
+// resends the delivery that failed before, and writes a screenshot of every page, at 1280×800 and at phone width.
 
 import { chromium } from 'playwright-core';
 import { mkdtempSync, rmSync } from 'node:fs';
@@ -116,14 +116,21 @@ try {
   step('a FAILED destination is restarted and its held events are delivered');
   await page.getByRole('link', { name: 'Destinations' }).click();
   const flaky = page.locator('#destinations tr[data-name="flaky"]');
-  await flaky.getByText('FAILED').waitFor();
+  await flaky.getByText('FAILED', { exact: true }).waitFor();
   const pending = Number(await flaky.locator('td.num').first().textContent());
   if (!(pending >= 1)) throw new Error(`expected held deliveries, saw ${pending}`);
   await shot('destinations');
   await fetch(`${controlUrl}/ok`, { method: 'POST' });
   await flaky.getByRole('button', { name: 'Restart' }).click();
-  await flaky.getByText('ACTIVE').waitFor();
+  await flaky.getByText('ACTIVE', { exact: true }).waitFor();
   await page.waitForFunction(() => document.querySelector('#destinations tr[data-name="flaky"] td.num')?.textContent === '0');
+
+  step('the delivery that failed before the restart is resent');
+  await flaky.locator('td.num').nth(1).getByText('1').waitFor();
+  page.once('dialog', (d) => d.accept());
+  await flaky.getByRole('button', { name: 'Resend failed' }).click();
+  await page.getByText('1 failed delivery to flaky sent again.').waitFor();
+  await page.waitForFunction(() => document.querySelectorAll('#destinations tr[data-name="flaky"] td.num')[1]?.textContent === '0');
 
   step('the plugins page shows versions, routes and call latency');
   await page.getByRole('link', { name: 'Plugins' }).click();

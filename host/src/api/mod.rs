@@ -185,6 +185,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         ))
         .routes(routes!(restart_destination))
         .routes(routes!(test_destination))
+        .routes(routes!(recover_destination))
         .routes(routes!(objects::list_routes, objects::create_route))
         .routes(routes!(
             objects::get_route,
@@ -487,6 +488,79 @@ async fn test_destination(
     Path(name): Path<String>,
 ) -> Result<Json<TestOutcome>, ApiError> {
     Ok(Json(state.dispatcher.send_test(&name).await?))
+}
+
+/// Which failed deliveries a recovery sends again.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct RecoverRequest {
+    /// Deliveries planned at or after this (ms since the Unix epoch).
+    since: u64,
+    /// Deliveries planned before this (ms since the Unix epoch); now if absent.
+    until: Option<u64>,
+}
+
+/// The answer to a recovery.
+#[derive(Serialize, ToSchema)]
+struct Recovered {
+    destination: String,
+    /// How many failed deliveries were made due again (or held, if the destination is
+    /// not ACTIVE: its restart sends them).
+    retried: usize,
+}
+
+/// How many deliveries one store write of a recovery changes: a long recovery does not
+/// keep the store's writer from ingest.
+const RECOVER_BATCH: usize = 500;
+
+/// Sends every failed delivery to this destination planned in a time window again, as a
+/// retry by hand does one — after an outage that outlasted the retry schedule, say.
+/// Attempts so far are kept; a rate limit paces them.
+#[utoipa::path(post, path = "/v1/destinations/{name}/recover", tag = "destinations",
+    params(("name" = String, Path)),
+    request_body = RecoverRequest,
+    responses(
+        (status = 202, description = "Due again", body = Recovered),
+        (status = 400, description = "A malformed body, the field named", body = ErrorBody),
+        (status = 404, description = "No such destination", body = ErrorBody),
+    ))]
+async fn recover_destination(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<(StatusCode, Json<Recovered>), ApiError> {
+    let req: RecoverRequest = objects::parse_json(&objects::body_bytes(body)?)?;
+    objects::find::<crate::config::DestinationConfig>(&state, &name)?;
+    let now = state.dispatcher.now_ms();
+    let until = req.until.unwrap_or(now.saturating_add(1));
+    if req.since >= until {
+        return Err(ApiError::BadRequest(format!(
+            "`since` ({}) must be before `until` ({until})",
+            req.since
+        )));
+    }
+    let (mut retried, mut after) = (0, 0);
+    loop {
+        let (n, last) = state
+            .store
+            .recover_deliveries(&name, req.since, until, after, now, RECOVER_BATCH)
+            .await?;
+        (retried, after) = (retried + n, last);
+        if n > 0 {
+            state.dispatcher.wake();
+        }
+        if n < RECOVER_BATCH {
+            break;
+        }
+    }
+    tracing::info!(destination = %name, retried, since = req.since, until, "Failed deliveries recovered by hand.");
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(Recovered {
+            destination: name,
+            retried,
+        }),
+    ))
 }
 
 impl From<RestartError> for ApiError {

@@ -36,7 +36,9 @@ impl From<ChangeError> for ApiError {
 }
 
 /// What the three kinds have in common.
-trait Resource: Serialize + DeserializeOwned + Redact + Clone + Send + 'static {
+pub(super) trait Resource:
+    Serialize + DeserializeOwned + Redact + Clone + Send + 'static
+{
     const KIND: Kind;
     fn name(&self) -> &str;
     fn all(c: &Config) -> &[Self];
@@ -205,7 +207,7 @@ fn page_of<R: Resource>(
     Ok((rest.into_iter().take(limit).collect(), next))
 }
 
-fn find<R: Resource>(state: &AppState, name: &str) -> Result<R, ApiError> {
+pub(super) fn find<R: Resource>(state: &AppState, name: &str) -> Result<R, ApiError> {
     R::all(&state.reloader.config())
         .iter()
         .find(|r| r.name() == name)
@@ -214,7 +216,7 @@ fn find<R: Resource>(state: &AppState, name: &str) -> Result<R, ApiError> {
 }
 
 /// Parses a JSON body, naming the field that is wrong.
-fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+pub(super) fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     let mut de = serde_json::Deserializer::from_slice(body);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
@@ -230,7 +232,7 @@ fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     Ok(value)
 }
 
-fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+pub(super) fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     body.map_err(|r| ApiError::BadRequest(format!("cannot read the body: {}", r.body_text())))
 }
 

@@ -170,6 +170,21 @@ pub trait Store: Send + Sync + 'static {
     /// or it was delivered or skipped.
     async fn retry_delivery(&self, id: &str, now: u64) -> Result<bool, StoreError>;
 
+    /// Makes up to `limit` failed deliveries to `destination` that were planned in
+    /// `[since, until)` (ms) and come after `after` in the store's order due at `now`,
+    /// oldest first, as [`Store::retry_delivery`] does one (held if the destination is not
+    /// ACTIVE). Returns how many, and where the next call goes on (`after`): a recovery
+    /// walks the failed deliveries once, even if some fail again meanwhile.
+    async fn recover_deliveries(
+        &self,
+        destination: &str,
+        since: u64,
+        until: u64,
+        after: i64,
+        now: u64,
+        limit: usize,
+    ) -> Result<(usize, i64), StoreError>;
+
     /// Per minute from `since` (ms, rounded down to a minute) on: events received, attempts
     /// that delivered, attempts that failed.
     async fn minute_stats(&self, since: u64) -> Result<Vec<MinuteStats>, StoreError>;

@@ -1168,6 +1168,41 @@ impl Store for PgStore {
         Ok(n == 1)
     }
 
+    async fn recover_deliveries(
+        &self,
+        destination: &str,
+        since: u64,
+        until: u64,
+        after: i64,
+        now: u64,
+        limit: usize,
+    ) -> Result<(usize, i64), StoreError> {
+        let [since, until, now] = [since, until, now].map(|t| t.min(i64::MAX as u64) as i64);
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                // Held instead while its destination is not ACTIVE (see `HOLD`). The outer
+                // status test is checked again on a row another instance changed meanwhile.
+                "UPDATE deliveries SET status = 'pending', lease_until = NULL,
+                     next_attempt_at = CASE WHEN EXISTS (SELECT 1 FROM destination_state s
+                         WHERE s.name = deliveries.destination AND s.state != 'active')
+                         THEN NULL ELSE $5::BIGINT END
+                 WHERE status = 'failed' AND seq IN (SELECT seq FROM deliveries
+                     WHERE status = 'failed' AND seq > $4 AND destination = $1
+                       AND created_at >= $2 AND created_at < $3
+                     ORDER BY seq LIMIT $6)
+                 RETURNING seq",
+                &[&destination, &since, &until, &after, &now, &(limit as i64)],
+            )
+            .await?;
+        let last = rows
+            .iter()
+            .map(|r| r.get::<_, i64>(0))
+            .max()
+            .unwrap_or(after);
+        Ok((rows.len(), last))
+    }
+
     async fn minute_stats(&self, since: u64) -> Result<Vec<MinuteStats>, StoreError> {
         let since = (since / 60_000 * 60_000) as i64;
         let client = self.pool.get().await?;

@@ -1181,6 +1181,42 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn recover_deliveries(
+        &self,
+        destination: &str,
+        since: u64,
+        until: u64,
+        after: i64,
+        now: u64,
+        limit: usize,
+    ) -> Result<(usize, i64), StoreError> {
+        let destination = destination.to_string();
+        let [since, until, now] = [since, until, now].map(|t| t.min(i64::MAX as u64) as i64);
+        self.write(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                // Held instead while its destination is not ACTIVE (see `hold`). The failed
+                // ones are found by `deliveries_status`, in order.
+                "UPDATE deliveries SET status = 'pending', lease_until = NULL,
+                     next_attempt_at = CASE WHEN EXISTS (SELECT 1 FROM destination_state s
+                         WHERE s.name = deliveries.destination AND s.state != 'active')
+                         THEN NULL ELSE ?5 END
+                 WHERE seq IN (SELECT seq FROM deliveries
+                     WHERE status = 'failed' AND seq > ?4 AND destination = ?1
+                       AND created_at >= ?2 AND created_at < ?3
+                     ORDER BY seq LIMIT ?6 + 0)
+                 RETURNING seq",
+            )?;
+            let seqs = stmt
+                .query_map(
+                    params![destination, since, until, after, now, limit as i64],
+                    |r| r.get::<_, i64>(0),
+                )?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok((seqs.len(), seqs.into_iter().max().unwrap_or(after)))
+        })
+        .await
+    }
+
     async fn minute_stats(&self, since: u64) -> Result<Vec<MinuteStats>, StoreError> {
         let since = (since / 60_000 * 60_000) as i64;
         self.read(move |conn| {

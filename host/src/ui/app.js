@@ -246,7 +246,15 @@ async function destinationsPage() {
             } }, 'Restart'),
             h('button', { class: 'test', onclick: async () => {
               try { const r = await api(`/v1/destinations/${d.name}/test`, { method: 'POST' }); toast(r.ok ? `Test: ${r.status_code}` : `Test failed: ${r.error}`); } catch (err) { toast(err.message); }
-            } }, 'Test'))))))));
+            } }, 'Test'),
+            d.failed > 0 ? h('button', { class: 'recover', onclick: async () => {
+              if (!confirm(`Send the ${d.failed} failed deliveries to ${d.name} again?`)) return;
+              try {
+                const r = await api(`/v1/destinations/${d.name}/recover`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ since: 0 }) });
+                toast(`${r.retried} failed ${r.retried === 1 ? 'delivery' : 'deliveries'} to ${d.name} sent again.`);
+              } catch (err) { toast(err.message); }
+              refresh();
+            } }, 'Resend failed') : null)))))));
     } catch (e) { failed(e); }
   }
   await refresh();
