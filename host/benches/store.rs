@@ -3,7 +3,8 @@
 //! `insert_event` (the ingest commit), `complete_event` with one delivery leased to this
 //! instance (the outcome commit), `record_attempt` delivered (the attempt commit) — with
 //! many events in flight, as under load; and how many bytes the process wrote to disk per
-//! event (`/proc/self/io`, WAL and checkpoints included).
+//! event (`/proc/self/io`, WAL and checkpoints included). Then retention's purge of those
+//! events, and how long an ingest commit waits while it runs.
 //!
 //! Run with: `cargo bench -p switchyard --bench store [-- EVENTS CONCURRENCY]` (defaults
 //! 20000 and 64). SQLite in a temp dir on the local disk.
@@ -149,6 +150,49 @@ async fn main() -> anyhow::Result<()> {
         "sqlite: {rate:.0} events/s through insert → complete (1 delivery) → attempt, \
          {concurrency} in flight, {events} events; {:.1} KiB written to disk per event",
         bytes as f64 / 1024.0
+    );
+
+    // Retention: everything above was delivered; purge it while events keep arriving, and
+    // see how long an ingest commit (what a sender waits for) waits meanwhile.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ingest = {
+        let (store, stop) = (store.clone(), stop.clone());
+        tokio::spawn(async move {
+            let (mut slowest, mut n) = (Duration::ZERO, 0);
+            while !stop.load(Ordering::Relaxed) {
+                let started = Instant::now();
+                store.insert_event(event(n), None).await.expect("insert");
+                slowest = slowest.max(started.elapsed());
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            (slowest, n)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let started = Instant::now();
+    // As the gateway's retention does it: a batch per transaction, from a cursor.
+    let batch: usize = std::env::var("PURGE_BATCH")
+        .ok()
+        .and_then(|b| b.parse().ok())
+        .unwrap_or(500);
+    let (before, mut purged, mut after) = (now_ms() + 1, 0, None);
+    loop {
+        let (n, next) = store.purge_delivered(before, after, batch).await?;
+        (purged, after) = (purged + n, next);
+        if n < batch {
+            break;
+        }
+    }
+    let took = started.elapsed();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (slowest, inserted) = ingest.await?;
+    println!(
+        "sqlite: purged {purged} delivered events, {batch} a transaction, in {:.0} ms; \
+         meanwhile {inserted} ingest commits, the slowest {:.1} ms",
+        took.as_secs_f64() * 1000.0,
+        slowest.as_secs_f64() * 1000.0
     );
     store.close();
     tokio::time::sleep(Duration::from_millis(10)).await;

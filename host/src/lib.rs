@@ -256,6 +256,10 @@ impl Gateway {
     }
 }
 
+/// How many events one purge transaction deletes: each is a short write (~15 ms on
+/// SQLite here) that ingest's commits queue behind, not one that lasts seconds.
+const PURGE_BATCH: usize = 500;
+
 /// Deletes delivered events older than the retention age, every `interval`.
 async fn retention_loop(
     store: Arc<dyn Store>,
@@ -267,10 +271,27 @@ async fn retention_loop(
         let before = clock
             .now_ms()
             .saturating_sub(config.delivered.as_millis() as u64);
-        match store.purge_delivered(before).await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(events = n, "Purged delivered events past retention."),
-            Err(e) => tracing::warn!(error = %e, "Retention purge failed."),
+        let (mut purged, mut after) = (0, None);
+        loop {
+            if stop.is_cancelled() {
+                return;
+            }
+            match store.purge_delivered(before, after, PURGE_BATCH).await {
+                Ok((n, next)) => {
+                    purged += n;
+                    after = next;
+                    if n < PURGE_BATCH {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "Retention purge failed.");
+                    break;
+                }
+            }
+        }
+        if purged > 0 {
+            tracing::info!(events = purged, "Purged delivered events past retention.");
         }
         tokio::select! {
             _ = tokio::time::sleep(config.interval) => {}

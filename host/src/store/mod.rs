@@ -216,11 +216,19 @@ pub trait Store: Send + Sync + 'static {
     /// How many deliveries are pending, and when the oldest of them was created.
     async fn backlog(&self) -> Result<(u64, Option<u64>), StoreError>;
 
-    /// Deletes processed events received before `before` that have no pending delivery, no
-    /// failed delivery made by their latest run, and no route that failed in their latest
-    /// run (undelivered and dead-lettered events are kept; a replay supersedes the failures
-    /// of earlier runs). Returns how many were deleted.
-    async fn purge_delivered(&self, before: u64) -> Result<usize, StoreError>;
+    /// Deletes up to `limit` processed events received before `before` that have no
+    /// pending delivery, no failed delivery made by their latest run, and no route that
+    /// failed in their latest run (undelivered and dead-lettered events are kept; a replay
+    /// supersedes the failures of earlier runs), the oldest first after `after`, in one
+    /// transaction, with the idempotency keys older than `before` on the first call.
+    /// Returns how many, and where the next call goes on: a purge is a series of short
+    /// writes, so that ingest's commits are not kept waiting behind one long delete.
+    async fn purge_delivered(
+        &self,
+        before: u64,
+        after: Option<PurgeCursor>,
+        limit: usize,
+    ) -> Result<(usize, Option<PurgeCursor>), StoreError>;
 }
 
 /// Which events `list_events` returns; every field narrows.
@@ -614,6 +622,9 @@ pub fn failed_routes(outcomes: &[RouteOutcome]) -> usize {
         .filter(|o| o.result.kind() == RouteResultKind::Failed)
         .count()
 }
+
+/// Where a purge goes on from: the `(received_at, id)` of the last event it deleted.
+pub type PurgeCursor = (u64, String);
 
 /// Whether a delivery's body is its event's body unchanged. The stores then keep no copy of
 /// it (an empty body and `body_from_event` in the row) and read the event's body when the

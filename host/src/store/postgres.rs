@@ -1254,39 +1254,53 @@ impl Store for PgStore {
         ))
     }
 
-    async fn purge_delivered(&self, before: u64) -> Result<usize, StoreError> {
+    async fn purge_delivered(
+        &self,
+        before: u64,
+        after: Option<PurgeCursor>,
+        limit: usize,
+    ) -> Result<(usize, Option<PurgeCursor>), StoreError> {
+        let before = before.min(i64::MAX as u64) as i64;
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
-        let doomed = "SELECT id FROM events e WHERE e.status = 'processed' AND e.received_at < $1
-            AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id
-                AND (d.status = 'pending' OR (d.status = 'failed' AND d.run = e.run)))
-            AND e.failed_routes = 0";
-        let before = before as i64;
-        tx.execute(
-            &format!("DELETE FROM attempts WHERE delivery_id IN (SELECT id FROM deliveries WHERE event_id IN ({doomed}))"),
-            &[&before],
-        )
-        .await?;
-        tx.execute(
-            &format!("DELETE FROM deliveries WHERE event_id IN ({doomed})"),
-            &[&before],
-        )
-        .await?;
-        tx.execute(
-            &format!("DELETE FROM route_outcomes WHERE event_id IN ({doomed})"),
-            &[&before],
-        )
-        .await?;
-        tx.execute("DELETE FROM idempotency WHERE created_at < $1", &[&before])
-            .await?;
-        let n = tx
-            .execute(
-                &format!("DELETE FROM events WHERE id IN ({doomed})"),
-                &[&before],
+        if after.is_none() {
+            tx.execute("DELETE FROM idempotency WHERE created_at < $1", &[&before])
+                .await?;
+        }
+        let (from_at, from_id) = match after {
+            Some((at, id)) => (at as i64, id),
+            None => (-1, String::new()),
+        };
+        // The next events retention may delete, oldest first from the cursor, found by
+        // `events_received`; the kept ones are passed over once per purge.
+        let doomed = tx
+            .query(
+                "SELECT e.received_at, e.id FROM events e
+                 WHERE e.received_at < $1 AND (e.received_at, e.id) > ($2, $3)
+                   AND e.status = 'processed' AND e.failed_routes = 0
+                   AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id
+                       AND (d.status = 'pending' OR (d.status = 'failed' AND d.run = e.run)))
+                 ORDER BY e.received_at, e.id LIMIT $4",
+                &[&before, &from_at, &from_id, &(limit as i64)],
             )
             .await?;
+        let Some(last) = doomed.last() else {
+            tx.commit().await?;
+            return Ok((0, None));
+        };
+        let cursor = (last.get::<_, i64>(0) as u64, last.get::<_, String>(1));
+        let ids: Vec<String> = doomed.iter().map(|r| r.get(1)).collect();
+        for delete in [
+            "DELETE FROM attempts WHERE delivery_id IN (SELECT id FROM deliveries
+                 WHERE event_id = ANY($1))",
+            "DELETE FROM deliveries WHERE event_id = ANY($1)",
+            "DELETE FROM route_outcomes WHERE event_id = ANY($1)",
+            "DELETE FROM events WHERE id = ANY($1)",
+        ] {
+            tx.execute(delete, &[&ids]).await?;
+        }
         tx.commit().await?;
-        Ok(n as usize)
+        Ok((ids.len(), Some(cursor)))
     }
 }
 

@@ -1274,23 +1274,57 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn purge_delivered(&self, before: u64) -> Result<usize, StoreError> {
+    async fn purge_delivered(
+        &self,
+        before: u64,
+        after: Option<PurgeCursor>,
+        limit: usize,
+    ) -> Result<(usize, Option<PurgeCursor>), StoreError> {
+        let before = before.min(i64::MAX as u64) as i64;
         self.write(move |conn| {
-            let doomed = "SELECT id FROM events e WHERE e.status = 'processed' AND e.received_at < ?1
-                AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id
-                    AND (d.status = 'pending' OR (d.status = 'failed' AND d.run = e.run)))
-                AND e.failed_routes = 0";
-            conn.execute(&format!("DELETE FROM attempts WHERE delivery_id IN (SELECT id FROM deliveries WHERE event_id IN ({doomed}))"), [before as i64])?;
-            conn.execute(&format!("DELETE FROM deliveries WHERE event_id IN ({doomed})"), [before as i64])?;
-            conn.execute(&format!("DELETE FROM route_outcomes WHERE event_id IN ({doomed})"), [before as i64])?;
-            conn.execute("DELETE FROM idempotency WHERE created_at < ?", [before as i64])?;
-            conn.execute(&format!("DELETE FROM events WHERE id IN ({doomed})"), [before as i64])
+            if after.is_none() {
+                conn.prepare_cached("DELETE FROM idempotency WHERE created_at < ?1")?
+                    .execute([before])?;
+            }
+            let (from_at, from_id) = match &after {
+                Some((at, id)) => (*at as i64, id.clone()),
+                None => (-1, String::new()),
+            };
+            let doomed: Vec<(i64, String)> = conn
+                .prepare_cached(PURGE_DOOMED)?
+                .query_map(params![before, from_at, from_id, limit as i64], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            let Some((last_at, last_id)) = doomed.last().cloned() else {
+                return Ok((0, None));
+            };
+            let ids = serde_json::to_string(&doomed.iter().map(|(_, id)| id).collect::<Vec<_>>())
+                .expect("strings serialize");
+            for delete in [
+                "DELETE FROM attempts WHERE delivery_id IN (SELECT id FROM deliveries
+                     WHERE event_id IN (SELECT value FROM json_each(?1)))",
+                "DELETE FROM deliveries WHERE event_id IN (SELECT value FROM json_each(?1))",
+                "DELETE FROM route_outcomes WHERE event_id IN (SELECT value FROM json_each(?1))",
+                "DELETE FROM events WHERE id IN (SELECT value FROM json_each(?1))",
+            ] {
+                conn.prepare_cached(delete)?.execute([&ids])?;
+            }
+            Ok((doomed.len(), Some((last_at as u64, last_id))))
         })
         .await
     }
 }
 
-/// Writes the state an attempt led to, unless the stored state is of a newer epoch.
+/// `Store::purge_delivered`: the next events retention may delete, oldest first from a
+/// cursor, found by `events_received`; the kept ones are passed over once per purge.
+const PURGE_DOOMED: &str = "SELECT e.received_at, e.id FROM events e
+    WHERE e.received_at < ?1 AND (e.received_at > ?2 OR (e.received_at = ?2 AND e.id > ?3))
+      AND e.status = 'processed' AND e.failed_routes = 0
+      AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id
+          AND (d.status = 'pending' OR (d.status = 'failed' AND d.run = e.run)))
+    ORDER BY e.received_at, e.id LIMIT ?4 + 0";
+
 /// `Store::claim_due`: the first due deliveries in the order of `deliveries_due`. (`LIMIT
 /// ?3 + 0`, not `LIMIT ?3`: SQLite plans with a bare bound limit's value and so compiles
 /// the statement again whenever it is bound, i.e. at every claim.)
@@ -1762,6 +1796,9 @@ mod tests {
              ORDER BY e.received_at DESC, e.id DESC LIMIT ?8"
         ));
         assert!(dead.contains("USING INDEX events_dead_lettered"), "{dead}");
+        // Retention walks the events by age from its cursor, a batch at a time.
+        let purge = plan(PURGE_DOOMED);
+        assert!(purge.contains("e USING INDEX events_received"), "{purge}");
     }
 
     /// The dispatcher's statements run often; they must not be compiled again each time
