@@ -186,11 +186,10 @@ impl Gateway {
         let pipeline = tokio::spawn(self.pipeline.clone().run(PIPELINE_WORKERS));
         let stop = CancellationToken::new();
         let dispatcher = tokio::spawn(self.dispatcher.clone().run(stop.clone()));
-        let config = self.reloader.config();
         let retention = tokio::spawn(retention_loop(
             self.store.clone(),
             self.clock.clone(),
-            config.retention.clone(),
+            self.reloader.clone(),
             stop.clone(),
         ));
         let follower = tokio::spawn(self.reloader.clone().follow_store(stop.clone()));
@@ -260,17 +259,19 @@ impl Gateway {
 /// SQLite here) that ingest's commits queue behind, not one that lasts seconds.
 const PURGE_BATCH: usize = 500;
 
-/// Deletes delivered events older than the retention age, every `interval`.
+/// Deletes delivered events older than the retention age, and idempotency keys past the
+/// idempotency window, every `interval` (all three read from the config in force at each
+/// pass), a batch per transaction.
 async fn retention_loop(
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
-    config: config::RetentionConfig,
+    reloader: Arc<Reloader>,
     stop: CancellationToken,
 ) {
     loop {
-        let before = clock
-            .now_ms()
-            .saturating_sub(config.delivered.as_millis() as u64);
+        let config = reloader.config();
+        let now = clock.now_ms();
+        let before = now.saturating_sub(config.retention.delivered.as_millis() as u64);
         let (mut purged, mut after) = (0, None);
         loop {
             if stop.is_cancelled() {
@@ -293,8 +294,30 @@ async fn retention_loop(
         if purged > 0 {
             tracing::info!(events = purged, "Purged delivered events past retention.");
         }
+        let keys_before = now.saturating_sub(config.server.idempotency_window.as_millis() as u64);
+        let mut keys = 0;
+        loop {
+            if stop.is_cancelled() {
+                return;
+            }
+            match store.purge_idempotency(keys_before, PURGE_BATCH).await {
+                Ok(n) => {
+                    keys += n;
+                    if n < PURGE_BATCH {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "Purging idempotency keys failed.");
+                    break;
+                }
+            }
+        }
+        if keys > 0 {
+            tracing::debug!(keys, "Purged idempotency keys past the window.");
+        }
         tokio::select! {
-            _ = tokio::time::sleep(config.interval) => {}
+            _ = tokio::time::sleep(config.retention.interval) => {}
             _ = stop.cancelled() => return,
         }
     }

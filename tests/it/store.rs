@@ -841,6 +841,31 @@ async fn conformance(open: Reopen) {
         "outside the window"
     );
 
+    // Idempotency keys past the window are purged, oldest first, a batch at a time; a
+    // purged key is new again, a kept one still answers with its event.
+    let keyed = |id: &str, at: u64, key: &str| {
+        let store = store.clone();
+        let (e, key) = (event(id, "onomondo", at, "{}"), key.to_string());
+        async move {
+            let idem = Idempotency {
+                key,
+                window_ms: 100_000,
+            };
+            store.insert_event(e, Some(idem)).await.unwrap()
+        }
+    };
+    assert_eq!(keyed("k8a", 950_000, "k8").await, Inserted::New);
+    assert_eq!(keyed("k9a", 960_000, "k9").await, Inserted::New);
+    // k1 (from the start) and k8, one a call.
+    for left in [1, 1, 0] {
+        assert_eq!(store.purge_idempotency(955_000, 1).await.unwrap(), left);
+    }
+    assert_eq!(keyed("k8b", 970_000, "k8").await, Inserted::New);
+    assert_eq!(
+        keyed("k9b", 970_000, "k9").await,
+        Inserted::Duplicate("k9a".into())
+    );
+
     store.close();
     assert!(matches!(
         store.insert_event(event("late", "s", 1, "{}"), None).await,

@@ -216,11 +216,15 @@ pub trait Store: Send + Sync + 'static {
     /// How many deliveries are pending, and when the oldest of them was created.
     async fn backlog(&self) -> Result<(u64, Option<u64>), StoreError>;
 
+    /// Deletes up to `limit` idempotency keys recorded before `before` (past the idempotency
+    /// window, where ingest no longer looks), the oldest first; returns how many.
+    async fn purge_idempotency(&self, before: u64, limit: usize) -> Result<usize, StoreError>;
+
     /// Deletes up to `limit` processed events received before `before` that have no
     /// pending delivery, no failed delivery made by their latest run, and no route that
     /// failed in their latest run (undelivered and dead-lettered events are kept; a replay
     /// supersedes the failures of earlier runs), the oldest first after `after`, in one
-    /// transaction, with the idempotency keys older than `before` on the first call.
+    /// transaction.
     /// Returns how many, and where the next call goes on: a purge is a series of short
     /// writes, so that ingest's commits are not kept waiting behind one long delete.
     async fn purge_delivered(

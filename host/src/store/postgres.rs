@@ -145,6 +145,8 @@ const SCHEMA: &[&str] = &[
     // 7: as SQLite's version 8 — deliveries to a destination that is not ACTIVE are held.
     "UPDATE deliveries SET next_attempt_at = NULL WHERE status = 'pending'
          AND destination IN (SELECT name FROM destination_state WHERE state != 'active');",
+    // 8: as SQLite's version 9 — idempotency keys are purged by age.
+    "CREATE INDEX idempotency_created ON idempotency (created_at);",
 ];
 
 /// The filter of `list_events` on route results (see SQLite's), bound as $9 either way.
@@ -1254,6 +1256,19 @@ impl Store for PgStore {
         ))
     }
 
+    async fn purge_idempotency(&self, before: u64, limit: usize) -> Result<usize, StoreError> {
+        let before = before.min(i64::MAX as u64) as i64;
+        let client = self.pool.get().await?;
+        let n = client
+            .execute(
+                "DELETE FROM idempotency WHERE (source, key) IN (SELECT source, key
+                     FROM idempotency WHERE created_at < $1 ORDER BY created_at LIMIT $2)",
+                &[&before, &(limit as i64)],
+            )
+            .await?;
+        Ok(n as usize)
+    }
+
     async fn purge_delivered(
         &self,
         before: u64,
@@ -1263,10 +1278,6 @@ impl Store for PgStore {
         let before = before.min(i64::MAX as u64) as i64;
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
-        if after.is_none() {
-            tx.execute("DELETE FROM idempotency WHERE created_at < $1", &[&before])
-                .await?;
-        }
         let (from_at, from_id) = match after {
             Some((at, id)) => (at as i64, id),
             None => (-1, String::new()),

@@ -146,6 +146,9 @@ const SCHEMA: &[&str] = &[
     // now.
     "UPDATE deliveries SET next_attempt_at = NULL WHERE status = 'pending'
          AND destination IN (SELECT name FROM destination_state WHERE state != 'active');",
+    // Version 9: idempotency keys are purged by age, a batch at a time, once past the
+    // idempotency window (see `Store::purge_idempotency`).
+    "CREATE INDEX idempotency_created ON idempotency (created_at);",
 ];
 
 /// The filter of `list_events` on route results: dead letters from their own index, the
@@ -1274,6 +1277,18 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn purge_idempotency(&self, before: u64, limit: usize) -> Result<usize, StoreError> {
+        let before = before.min(i64::MAX as u64) as i64;
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "DELETE FROM idempotency WHERE rowid IN (SELECT rowid FROM idempotency
+                     WHERE created_at < ?1 ORDER BY created_at LIMIT ?2 + 0)",
+            )?
+            .execute(params![before, limit as i64])
+        })
+        .await
+    }
+
     async fn purge_delivered(
         &self,
         before: u64,
@@ -1282,10 +1297,6 @@ impl Store for SqliteStore {
     ) -> Result<(usize, Option<PurgeCursor>), StoreError> {
         let before = before.min(i64::MAX as u64) as i64;
         self.write(move |conn| {
-            if after.is_none() {
-                conn.prepare_cached("DELETE FROM idempotency WHERE created_at < ?1")?
-                    .execute([before])?;
-            }
             let (from_at, from_id) = match &after {
                 Some((at, id)) => (*at as i64, id.clone()),
                 None => (-1, String::new()),
