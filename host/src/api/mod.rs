@@ -7,6 +7,7 @@
 //! served at `/v1/openapi.json` is generated from the same code that serves the routes.
 
 pub mod objects;
+pub mod stats;
 
 use std::sync::Arc;
 
@@ -31,7 +32,7 @@ use crate::pipeline::Pipeline;
 use crate::reload::Reloader;
 use crate::store::{
     DeliveryRecord, DeliveryStatus, DestinationHealth, EventFilter, EventRecord, EventStatus,
-    EventSummary, MinuteStats, RouteResultKind, Store, StoreError,
+    EventSummary, RouteResultKind, Store, StoreError,
 };
 
 /// What every handler can reach.
@@ -42,6 +43,8 @@ pub struct AppState {
     pub dispatcher: Arc<Dispatcher>,
     pub reloader: Arc<Reloader>,
     pub metrics: Arc<Metrics>,
+    /// The per-minute counts of minutes that are over, for `GET /v1/stats`.
+    pub minutes: Arc<stats::MinuteCache>,
 }
 
 /// The OpenAPI document's frame; the paths come from the handlers.
@@ -194,7 +197,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         ))
         .routes(routes!(list_deliveries))
         .routes(routes!(retry_delivery))
-        .routes(routes!(stats))
+        .routes(routes!(stats::stats))
         .routes(routes!(list_plugins))
         .routes(routes!(reload))
 }
@@ -647,65 +650,6 @@ async fn retry_delivery(
             "no pending or failed delivery with id `{id}`"
         )))
     }
-}
-
-#[derive(Deserialize, IntoParams)]
-#[serde(deny_unknown_fields)]
-#[into_params(parameter_in = Query)]
-struct StatsQuery {
-    /// How many minutes back, up to now: 1 to 1440, 60 by default.
-    #[param(minimum = 1, maximum = 1440)]
-    minutes: Option<u64>,
-}
-
-/// Per-minute counts, oldest first.
-#[derive(Serialize, ToSchema)]
-struct Stats {
-    /// One entry per minute of the window, zeros included.
-    minutes: Vec<MinuteStats>,
-}
-
-/// Events received, attempts delivered and attempts failed per minute over the last
-/// `minutes` minutes (for charts).
-#[utoipa::path(get, path = "/v1/stats", tag = "events",
-    params(StatsQuery),
-    responses(
-        (status = 200, description = "Per-minute counts", body = Stats),
-        (status = 400, description = "A malformed parameter, named", body = ErrorBody),
-    ))]
-async fn stats(
-    State(state): State<AppState>,
-    query: Result<Query<StatsQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Stats>, ApiError> {
-    let Query(q) = query?;
-    let minutes = match q.minutes {
-        None => 60,
-        Some(n @ 1..=1440) => n,
-        Some(n) => {
-            return Err(ApiError::BadRequest(format!(
-                "`minutes`: {n} is not between 1 and 1440"
-            )));
-        }
-    };
-    let now = state.dispatcher.now_ms() / 60_000 * 60_000;
-    let since = now - (minutes - 1) * 60_000;
-    let found = state.store.minute_stats(since).await?;
-    let minutes = (0..minutes)
-        .map(|i| {
-            let minute = since + i * 60_000;
-            found
-                .iter()
-                .find(|m| m.minute == minute)
-                .cloned()
-                .unwrap_or(MinuteStats {
-                    minute,
-                    received: 0,
-                    delivered: 0,
-                    failed: 0,
-                })
-        })
-        .collect();
-    Ok(Json(Stats { minutes }))
 }
 
 /// A page of a list endpoint; `next_cursor` fetches the next (`null` on the last).

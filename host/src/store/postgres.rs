@@ -147,6 +147,8 @@ const SCHEMA: &[&str] = &[
          AND destination IN (SELECT name FROM destination_state WHERE state != 'active');",
     // 8: as SQLite's version 9 — idempotency keys are purged by age.
     "CREATE INDEX idempotency_created ON idempotency (created_at);",
+    // 9: as SQLite's version 10 — attempts by time, for the per-minute counts.
+    "CREATE INDEX attempts_at ON attempts (at);",
 ];
 
 /// The filter of `list_events` on route results (see SQLite's), bound as $9 either way.

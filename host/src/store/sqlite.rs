@@ -149,6 +149,9 @@ const SCHEMA: &[&str] = &[
     // Version 9: idempotency keys are purged by age, a batch at a time, once past the
     // idempotency window (see `Store::purge_idempotency`).
     "CREATE INDEX idempotency_created ON idempotency (created_at);",
+    // Version 10: attempts by time, for the per-minute counts (`Store::minute_stats`), which
+    // otherwise read every attempt kept.
+    "CREATE INDEX attempts_at ON attempts (at);",
 ];
 
 /// The filter of `list_events` on route results: dead letters from their own index, the
@@ -1224,22 +1227,14 @@ impl Store for SqliteStore {
         let since = (since / 60_000 * 60_000) as i64;
         self.read(move |conn| {
             let mut minutes: std::collections::BTreeMap<i64, MinuteStats> = Default::default();
-            let mut rows = conn.prepare_cached(
-                "SELECT received_at / 60000 * 60000 AS m, COUNT(*) FROM events
-                 WHERE received_at >= ?1 GROUP BY m",
-            )?;
+            let mut rows = conn.prepare_cached(MINUTE_EVENTS)?;
             for row in
                 rows.query_map([since], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))?
             {
                 let (m, n) = row?;
                 minute(&mut minutes, m).received = n as u64;
             }
-            let mut rows = conn.prepare_cached(
-                "SELECT at / 60000 * 60000 AS m,
-                        SUM(status_code BETWEEN 200 AND 299),
-                        SUM(status_code IS NULL OR status_code NOT BETWEEN 200 AND 299)
-                 FROM attempts WHERE at >= ?1 GROUP BY m",
-            )?;
+            let mut rows = conn.prepare_cached(MINUTE_ATTEMPTS)?;
             for row in rows.query_map([since], |r| {
                 Ok((
                     r.get::<_, i64>(0)?,
@@ -1326,6 +1321,15 @@ impl Store for SqliteStore {
         .await
     }
 }
+
+/// `Store::minute_stats`: events and attempts per minute from a time on, each read from
+/// its index on time (not from every row kept).
+const MINUTE_EVENTS: &str = "SELECT received_at / 60000 * 60000 AS m, COUNT(*) FROM events
+    WHERE received_at >= ?1 GROUP BY m";
+const MINUTE_ATTEMPTS: &str = "SELECT at / 60000 * 60000 AS m,
+        SUM(status_code BETWEEN 200 AND 299),
+        SUM(status_code IS NULL OR status_code NOT BETWEEN 200 AND 299)
+    FROM attempts WHERE at >= ?1 GROUP BY m";
 
 /// `Store::purge_delivered`: the next events retention may delete, oldest first from a
 /// cursor, found by `events_received`; the kept ones are passed over once per purge.
@@ -1810,6 +1814,13 @@ mod tests {
         // Retention walks the events by age from its cursor, a batch at a time.
         let purge = plan(PURGE_DOOMED);
         assert!(purge.contains("e USING INDEX events_received"), "{purge}");
+        let events = plan(MINUTE_EVENTS);
+        assert!(
+            events.contains("USING COVERING INDEX events_received"),
+            "{events}"
+        );
+        let attempts = plan(MINUTE_ATTEMPTS);
+        assert!(attempts.contains("USING INDEX attempts_at"), "{attempts}");
     }
 
     /// The dispatcher's statements run often; they must not be compiled again each time
