@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use switchyard::delivery::delivery_id;
 use switchyard::event::{Body, Event};
 use switchyard::store::{
-    Attempt, AttemptNext, DeliveryStatus, NewDelivery, RouteOutcome, RouteResult, SqliteStore,
-    Store,
+    Attempt, AttemptNext, DeliveryStatus, NewDelivery, PurgeBefore, RouteOutcome, RouteResult,
+    SqliteStore, Store,
 };
 
 fn now_ms() -> u64 {
@@ -187,7 +187,9 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or(500);
     let (before, mut purged, mut after) = (now_ms() + 1, 0, None);
     loop {
-        let (n, next) = store.purge_delivered(before, after, batch).await?;
+        let (n, next) = store
+            .purge_events(PurgeBefore::delivered(before), after, batch)
+            .await?;
         (purged, after) = (purged + n, next);
         if n < batch {
             break;

@@ -408,7 +408,7 @@ fn default_lease() -> Duration {
     Duration::from_secs(30)
 }
 
-/// `[retention]`: how long delivered events are kept.
+/// `[retention]`: how long delivered events are kept, and failed ones if at all.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetentionConfig {
@@ -416,6 +416,11 @@ pub struct RetentionConfig {
     /// Events with pending or failed deliveries are kept.
     #[serde(default = "default_retention", with = "humantime_serde")]
     pub delivered: Duration,
+    /// If set, processed events with a failed delivery or a route that dead-lettered them
+    /// are deleted after this long too (never while a delivery is pending). Unset: kept
+    /// until an operator deals with them.
+    #[serde(default, with = "humantime_serde")]
+    pub failed: Option<Duration>,
     /// How often the purge runs.
     #[serde(default = "default_purge_interval", with = "humantime_serde")]
     pub interval: Duration,
@@ -425,6 +430,7 @@ impl Default for RetentionConfig {
     fn default() -> Self {
         Self {
             delivered: default_retention(),
+            failed: None,
             interval: default_purge_interval(),
         }
     }

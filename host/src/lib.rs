@@ -38,7 +38,7 @@ use crate::metrics::Metrics;
 use crate::pipeline::{Pipeline, Routing};
 use crate::plugin::{PluginRegistry, PluginRuntime, RuntimeOptions};
 use crate::reload::{Env, Reloader};
-use crate::store::{PgStore, SqliteStore, Store};
+use crate::store::{PgStore, PurgeBefore, SqliteStore, Store};
 
 /// Events the pipeline works on at once.
 const PIPELINE_WORKERS: usize = 64;
@@ -260,7 +260,8 @@ impl Gateway {
 /// SQLite here) that ingest's commits queue behind, not one that lasts seconds.
 const PURGE_BATCH: usize = 500;
 
-/// Deletes delivered events older than the retention age, and idempotency keys past the
+/// Deletes delivered events older than the retention age (and failed ones, if their age is
+/// set), and idempotency keys past the
 /// idempotency window, every `interval` (all three read from the config in force at each
 /// pass), a batch per transaction.
 async fn retention_loop(
@@ -272,13 +273,17 @@ async fn retention_loop(
     loop {
         let config = reloader.config();
         let now = clock.now_ms();
-        let before = now.saturating_sub(config.retention.delivered.as_millis() as u64);
+        let age = |d: std::time::Duration| now.saturating_sub(d.as_millis() as u64);
+        let before = PurgeBefore {
+            delivered: age(config.retention.delivered),
+            failed: config.retention.failed.map(age),
+        };
         let (mut purged, mut after) = (0, None);
         loop {
             if stop.is_cancelled() {
                 return;
             }
-            match store.purge_delivered(before, after, PURGE_BATCH).await {
+            match store.purge_events(before, after, PURGE_BATCH).await {
                 Ok((n, next)) => {
                     purged += n;
                     after = next;
@@ -293,7 +298,7 @@ async fn retention_loop(
             }
         }
         if purged > 0 {
-            tracing::info!(events = purged, "Purged delivered events past retention.");
+            tracing::info!(events = purged, "Purged events past retention.");
         }
         let keys_before = now.saturating_sub(config.server.idempotency_window.as_millis() as u64);
         let mut keys = 0;

@@ -446,6 +446,9 @@ destinations = ["bad", "good"]
     gw.shutdown().await.unwrap();
 }
 
+/// Delivered events go after `retention.delivered`; failed ones are kept unless
+/// `retention.failed` is set, then go after that; an event with a pending delivery stays
+/// whatever its age.
 #[tokio::test(flavor = "multi_thread")]
 async fn retention_purges_delivered_events_and_keeps_undelivered_ones() {
     let rx = Receiver::start().await;
@@ -453,53 +456,80 @@ async fn retention_purges_delivered_events_and_keeps_undelivered_ones() {
     let config = r#"
 [retention]
 delivered = "1d"
+failed = "3d"
 interval = "50ms"
 [[sources]]
 name = "ok"
 [[sources]]
 name = "bad"
+[[sources]]
+name = "later"
 [[destinations]]
 name = "good"
 url = "{receiver}/ok"
 [[destinations]]
 name = "broken"
 url = "{receiver}/status/400"
+[[destinations]]
+name = "down"
+url = "{receiver}/status/503"
+retry = { retry_schedule = ["0s", "30d"], jitter = 0.0, failure_threshold = 100 }
 [[routes]]
 source = "ok"
 destinations = ["good"]
 [[routes]]
 source = "bad"
 destinations = ["broken"]
+[[routes]]
+source = "later"
+destinations = ["down"]
 "#;
     let gw = TestGateway::start_with_clock(config, &rx, &[], clock.clone()).await;
     let delivered = gw.accept("ok", "{}").await;
     let failed = gw.accept("bad", "{}").await;
+    let pending = gw.accept("later", "{}").await;
     gw.settled(&delivered).await;
     gw.settled(&failed).await;
+    gw.wait_event(&pending, |e| attempts(e) == 1).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
         gw.get(&format!("/v1/events/{delivered}")).await.0,
         200,
         "younger than a day: kept"
     );
+    let purged = |id: String| {
+        let gw = &gw;
+        async move {
+            for _ in 0..100 {
+                if gw.get(&format!("/v1/events/{id}")).await.0 == 404 {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            false
+        }
+    };
 
     clock.advance(Duration::from_secs(2 * 24 * 3600));
-    let mut purged = false;
-    for _ in 0..100 {
-        if gw.get(&format!("/v1/events/{delivered}")).await.0 == 404 {
-            purged = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
     assert!(
-        purged,
+        purged(delivered).await,
         "a delivered event older than the retention age is purged"
     );
     assert_eq!(
         gw.get(&format!("/v1/events/{failed}")).await.0,
         200,
-        "an undelivered event is kept"
+        "a failed event younger than retention.failed is kept"
+    );
+
+    clock.advance(Duration::from_secs(2 * 24 * 3600));
+    assert!(
+        purged(failed.clone()).await,
+        "a failed event older than retention.failed is purged"
+    );
+    assert_eq!(
+        gw.get(&format!("/v1/events/{pending}")).await.0,
+        200,
+        "an event with a pending delivery is kept, whatever its age"
     );
     gw.shutdown().await.unwrap();
 }

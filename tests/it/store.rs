@@ -9,7 +9,7 @@ use switchyard::event::{Body, Event};
 use switchyard::store::{
     Attempt, AttemptNext, ClaimScope, DeliveryStatus, DestinationHealth, DestinationState,
     EventFilter, EventStatus, Idempotency, Inserted, ManagedObject, NewDelivery, PgStore,
-    RouteOutcome, RouteResult, RouteResultKind, SqliteStore, Store,
+    PurgeBefore, RouteOutcome, RouteResult, RouteResultKind, SqliteStore, Store,
 };
 
 use xtask::pg::PgServer;
@@ -68,7 +68,10 @@ fn attempt(at: u64, code: u16) -> Attempt {
 async fn purge(store: &dyn Store, before: u64) -> usize {
     let (mut purged, mut after) = (0, None);
     loop {
-        let (n, next) = store.purge_delivered(before, after, 1).await.unwrap();
+        let (n, next) = store
+            .purge_events(PurgeBefore::delivered(before), after, 1)
+            .await
+            .unwrap();
         if n == 0 {
             return purged;
         }
@@ -840,6 +843,33 @@ async fn conformance(open: Reopen) {
         DeliveryStatus::Failed,
         "outside the window"
     );
+
+    // With an age for failed events, retention takes them too — never one with a pending
+    // delivery, nor one younger than that age.
+    let failed_too = PurgeBefore {
+        delivered: 0,
+        failed: Some(750_000),
+    };
+    let (mut after, mut total) = (None, 0);
+    loop {
+        let (n, next) = store.purge_events(failed_too, after, 2).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        (after, total) = (next, total + n);
+    }
+    assert!(total >= 2, "{total}");
+    // re3 and re4 were made due again above (re3 is still leased): pending.
+    for (id, kept) in [
+        ("re1", false),
+        ("re2", false),
+        ("re3", true),
+        ("re4", true),
+        ("re5", true),
+    ] {
+        let found = store.get_event(id).await.unwrap().is_some();
+        assert_eq!(found, kept, "{id}");
+    }
 
     // Idempotency keys past the window are purged, oldest first, a batch at a time; a
     // purged key is new again, a kept one still answers with its event.

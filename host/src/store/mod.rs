@@ -220,16 +220,17 @@ pub trait Store: Send + Sync + 'static {
     /// window, where ingest no longer looks), the oldest first; returns how many.
     async fn purge_idempotency(&self, before: u64, limit: usize) -> Result<usize, StoreError>;
 
-    /// Deletes up to `limit` processed events received before `before` that have no
-    /// pending delivery, no failed delivery made by their latest run, and no route that
-    /// failed in their latest run (undelivered and dead-lettered events are kept; a replay
-    /// supersedes the failures of earlier runs), the oldest first after `after`, in one
-    /// transaction.
-    /// Returns how many, and where the next call goes on: a purge is a series of short
-    /// writes, so that ingest's commits are not kept waiting behind one long delete.
-    async fn purge_delivered(
+    /// Deletes up to `limit` processed events that retention lets go, the oldest first
+    /// after `after`, in one transaction: those received before `before.delivered` that
+    /// have no pending delivery, no failed delivery made by their latest run, and no route
+    /// that failed in their latest run (a replay supersedes the failures of earlier runs);
+    /// and, if `before.failed` is set, those received before it that have no pending
+    /// delivery, whatever became of the rest. Returns how many, and where the next call
+    /// goes on: a purge is a series of short writes, so that ingest's commits are not kept
+    /// waiting behind one long delete.
+    async fn purge_events(
         &self,
-        before: u64,
+        before: PurgeBefore,
         after: Option<PurgeCursor>,
         limit: usize,
     ) -> Result<(usize, Option<PurgeCursor>), StoreError>;
@@ -629,6 +630,31 @@ pub fn failed_routes(outcomes: &[RouteOutcome]) -> usize {
 
 /// Where a purge goes on from: the `(received_at, id)` of the last event it deleted.
 pub type PurgeCursor = (u64, String);
+
+/// What retention deletes (`Store::purge_events`): events received before these times
+/// (ms), delivered ones and, if set, failed ones.
+#[derive(Clone, Copy, Debug)]
+pub struct PurgeBefore {
+    pub delivered: u64,
+    pub failed: Option<u64>,
+}
+
+impl PurgeBefore {
+    /// Delivered events only.
+    pub fn delivered(before: u64) -> Self {
+        Self {
+            delivered: before,
+            failed: None,
+        }
+    }
+
+    /// The bounds as SQL parameters: the walk's end, the delivered bound, the failed one
+    /// (0 when unset: no event was received before it).
+    fn bounds(&self) -> [i64; 3] {
+        let failed = self.failed.unwrap_or(0);
+        [self.delivered.max(failed), self.delivered, failed].map(|t| t.min(i64::MAX as u64) as i64)
+    }
+}
 
 /// Whether a delivery's body is its event's body unchanged. The stores then keep no copy of
 /// it (an empty body and `body_from_event` in the row) and read the event's body when the

@@ -1271,13 +1271,13 @@ impl Store for PgStore {
         Ok(n as usize)
     }
 
-    async fn purge_delivered(
+    async fn purge_events(
         &self,
-        before: u64,
+        before: PurgeBefore,
         after: Option<PurgeCursor>,
         limit: usize,
     ) -> Result<(usize, Option<PurgeCursor>), StoreError> {
-        let before = before.min(i64::MAX as u64) as i64;
+        let [end, delivered, failed] = before.bounds();
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         let (from_at, from_id) = match after {
@@ -1285,16 +1285,28 @@ impl Store for PgStore {
             None => (-1, String::new()),
         };
         // The next events retention may delete, oldest first from the cursor, found by
-        // `events_received`; the kept ones are passed over once per purge.
+        // `events_received`; the kept ones are passed over once per purge. $1 is the later
+        // of $5 (delivered events) and $6 (any settled event).
         let doomed = tx
             .query(
                 "SELECT e.received_at, e.id FROM events e
                  WHERE e.received_at < $1 AND (e.received_at, e.id) > ($2, $3)
-                   AND e.status = 'processed' AND e.failed_routes = 0
+                   AND e.status = 'processed'
                    AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id
-                       AND (d.status = 'pending' OR (d.status = 'failed' AND d.run = e.run)))
+                       AND d.status = 'pending')
+                   AND (e.received_at < $6
+                        OR (e.received_at < $5 AND e.failed_routes = 0
+                            AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id
+                                AND d.status = 'failed' AND d.run = e.run)))
                  ORDER BY e.received_at, e.id LIMIT $4",
-                &[&before, &from_at, &from_id, &(limit as i64)],
+                &[
+                    &end,
+                    &from_at,
+                    &from_id,
+                    &(limit as i64),
+                    &delivered,
+                    &failed,
+                ],
             )
             .await?;
         let Some(last) = doomed.last() else {

@@ -129,7 +129,7 @@ const SCHEMA: &[&str] = &[
     "DROP INDEX deliveries_status;
      CREATE INDEX deliveries_undelivered ON deliveries (status, seq) WHERE status != 'delivered';",
     // Version 6: the run of the event that made a delivery, so that a replay supersedes
-    // the failures of earlier runs (see `Store::purge_delivered`).
+    // the failures of earlier runs (see `Store::purge_events`).
     "ALTER TABLE deliveries ADD COLUMN run INTEGER NOT NULL DEFAULT 0;",
     // Version 7: how many routes failed (dead-lettered the event) in its latest run, kept
     // on the event so that listing dead letters and retention need not read every
@@ -1284,13 +1284,13 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn purge_delivered(
+    async fn purge_events(
         &self,
-        before: u64,
+        before: PurgeBefore,
         after: Option<PurgeCursor>,
         limit: usize,
     ) -> Result<(usize, Option<PurgeCursor>), StoreError> {
-        let before = before.min(i64::MAX as u64) as i64;
+        let [end, delivered, failed] = before.bounds();
         self.write(move |conn| {
             let (from_at, from_id) = match &after {
                 Some((at, id)) => (*at as i64, id.clone()),
@@ -1298,9 +1298,10 @@ impl Store for SqliteStore {
             };
             let doomed: Vec<(i64, String)> = conn
                 .prepare_cached(PURGE_DOOMED)?
-                .query_map(params![before, from_at, from_id, limit as i64], |r| {
-                    Ok((r.get(0)?, r.get(1)?))
-                })?
+                .query_map(
+                    params![end, from_at, from_id, limit as i64, delivered, failed],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )?
                 .collect::<rusqlite::Result<_>>()?;
             let Some((last_at, last_id)) = doomed.last().cloned() else {
                 return Ok((0, None));
@@ -1331,13 +1332,17 @@ const MINUTE_ATTEMPTS: &str = "SELECT at / 60000 * 60000 AS m,
         SUM(status_code IS NULL OR status_code NOT BETWEEN 200 AND 299)
     FROM attempts WHERE at >= ?1 GROUP BY m";
 
-/// `Store::purge_delivered`: the next events retention may delete, oldest first from a
+/// `Store::purge_events`: the next events retention may delete, oldest first from a
 /// cursor, found by `events_received`; the kept ones are passed over once per purge.
+/// ?1 is the later of ?5 (delivered events) and ?6 (any settled event).
 const PURGE_DOOMED: &str = "SELECT e.received_at, e.id FROM events e
     WHERE e.received_at < ?1 AND (e.received_at > ?2 OR (e.received_at = ?2 AND e.id > ?3))
-      AND e.status = 'processed' AND e.failed_routes = 0
-      AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id
-          AND (d.status = 'pending' OR (d.status = 'failed' AND d.run = e.run)))
+      AND e.status = 'processed'
+      AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id AND d.status = 'pending')
+      AND (e.received_at < ?6
+           OR (e.received_at < ?5 AND e.failed_routes = 0
+               AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id
+                   AND d.status = 'failed' AND d.run = e.run)))
     ORDER BY e.received_at, e.id LIMIT ?4 + 0";
 
 /// `Store::claim_due`: the first due deliveries in the order of `deliveries_due`. (`LIMIT
