@@ -261,9 +261,8 @@ impl Gateway {
 const PURGE_BATCH: usize = 500;
 
 /// Deletes delivered events older than the retention age (and failed ones, if their age is
-/// set), and idempotency keys past the
-/// idempotency window, every `interval` (all three read from the config in force at each
-/// pass), a batch per transaction.
+/// set) and idempotency keys past the idempotency window, every `interval` (all three read
+/// from the config in force at each pass), a batch per transaction.
 async fn retention_loop(
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
@@ -278,53 +277,55 @@ async fn retention_loop(
             delivered: age(config.retention.delivered),
             failed: config.retention.failed.map(age),
         };
-        let (mut purged, mut after) = (0, None);
-        loop {
-            if stop.is_cancelled() {
-                return;
-            }
-            match store.purge_events(before, after, PURGE_BATCH).await {
-                Ok((n, next)) => {
-                    purged += n;
-                    after = next;
-                    if n < PURGE_BATCH {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "Retention purge failed.");
-                    break;
-                }
-            }
-        }
+        let events = in_batches(&stop, "Retention purge", None, |after| {
+            let store = store.clone();
+            async move { store.purge_events(before, after, PURGE_BATCH).await }
+        });
+        let Some(purged) = events.await else { return };
         if purged > 0 {
             tracing::info!(events = purged, "Purged events past retention.");
         }
-        let keys_before = now.saturating_sub(config.server.idempotency_window.as_millis() as u64);
-        let mut keys = 0;
-        loop {
-            if stop.is_cancelled() {
-                return;
-            }
-            match store.purge_idempotency(keys_before, PURGE_BATCH).await {
-                Ok(n) => {
-                    keys += n;
-                    if n < PURGE_BATCH {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "Purging idempotency keys failed.");
-                    break;
-                }
-            }
-        }
+        let keys_before = age(config.server.idempotency_window);
+        let keys = in_batches(&stop, "Purging idempotency keys", (), |()| {
+            let store = store.clone();
+            async move { Ok((store.purge_idempotency(keys_before, PURGE_BATCH).await?, ())) }
+        });
+        let Some(keys) = keys.await else { return };
         if keys > 0 {
             tracing::debug!(keys, "Purged idempotency keys past the window.");
         }
         tokio::select! {
             _ = tokio::time::sleep(config.retention.interval) => {}
             _ = stop.cancelled() => return,
+        }
+    }
+}
+
+/// Calls `batch` until it does less than a full batch or fails (logged as `what`), each
+/// call given where the last left off (starting from `from`); `None` if `stop` came first.
+/// Returns how much it did in all.
+async fn in_batches<C, F, Fut>(
+    stop: &CancellationToken,
+    what: &str,
+    from: C,
+    mut batch: F,
+) -> Option<usize>
+where
+    F: FnMut(C) -> Fut,
+    Fut: Future<Output = Result<(usize, C), store::StoreError>>,
+{
+    let (mut done, mut at) = (0, from);
+    loop {
+        if stop.is_cancelled() {
+            return None;
+        }
+        match batch(at).await {
+            Ok((n, _)) if n < PURGE_BATCH => return Some(done + n),
+            Ok((n, next)) => (done, at) = (done + n, next),
+            Err(e) => {
+                tracing::warn!(error = %e, "{what} failed.");
+                return Some(done);
+            }
         }
     }
 }
