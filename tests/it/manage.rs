@@ -631,6 +631,101 @@ async fn recover_sends_a_destinations_failed_deliveries_again() {
     gw.shutdown().await.unwrap();
 }
 
+/// After a plugin is fixed, the events it dead-lettered are replayed in bulk, a page per
+/// call, with the event list's own filters; each goes through the current route once.
+#[tokio::test(flavor = "multi_thread")]
+async fn dead_letters_are_replayed_in_bulk_once_the_route_is_fixed() {
+    let rx = Receiver::start().await;
+    let config =
+        "[[sources]]\nname = \"s\"\n[[destinations]]\nname = \"d\"\nurl = \"{receiver}/d\"\n";
+    let gw = TestGateway::start(config, &rx, &["event-filter"]).await;
+    let route = json!({
+        "name": "filtered", "source": "s", "destinations": ["d"],
+        "plugins": [{ "name": "event-filter", "config": { "allow": "usage" } }],
+    });
+    let (status, body) = gw.send("POST", "/v1/routes", Some(route)).await;
+    assert_eq!(status, 201, "{body}");
+    // Bodies the plugin cannot parse: dead-lettered.
+    let mut bad = Vec::new();
+    for n in 0..3 {
+        bad.push(gw.accept("s", format!("not json {n}")).await);
+    }
+    let good = gw.accept("s", r#"{"type":"usage"}"#).await;
+    for id in bad.iter().chain([&good]) {
+        gw.settled(id).await;
+    }
+    rx.wait_for(1).await;
+    let (_, page) = gw.get("/v1/events?route_result=failed").await;
+    assert_eq!(page["items"].as_array().unwrap().len(), 3, "{page}");
+
+    // The fix: the route passes bodies through as they are.
+    let (status, body) = gw
+        .send(
+            "PATCH",
+            "/v1/routes/filtered",
+            Some(json!({ "plugins": [] })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = gw
+        .send("POST", "/v1/events/replay?route_result=lost", None)
+        .await;
+    assert_eq!(status, 400, "{body}");
+    let (status, first) = gw
+        .send(
+            "POST",
+            "/v1/events/replay?route_result=failed&limit=2",
+            None,
+        )
+        .await;
+    assert_eq!(status, 202, "{first}");
+    assert_eq!(first["replayed"].as_array().unwrap().len(), 2, "{first}");
+    let cursor = first["next_cursor"]
+        .as_str()
+        .expect("a next page")
+        .to_string();
+    let (status, rest) = gw
+        .send(
+            "POST",
+            &format!("/v1/events/replay?route_result=failed&limit=2&cursor={cursor}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 202, "{rest}");
+    assert_eq!(rest["next_cursor"], Value::Null, "{rest}");
+    let mut replayed: Vec<String> = first["replayed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(rest["replayed"].as_array().unwrap())
+        .map(|id| id.as_str().unwrap().to_string())
+        .collect();
+    replayed.sort();
+    let mut expected = bad.clone();
+    expected.sort();
+    assert_eq!(
+        replayed, expected,
+        "each dead letter once, the good event not"
+    );
+
+    let got = rx.wait_for(4).await;
+    let mut bodies: Vec<String> = got[1..]
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.body).into_owned())
+        .collect();
+    bodies.sort();
+    assert_eq!(bodies, ["not json 0", "not json 1", "not json 2"]);
+    for id in &bad {
+        let e = gw.settled(id).await;
+        assert_eq!(e["deliveries"][0]["status"], "delivered", "{e}");
+    }
+    let (_, page) = gw.get("/v1/events?route_result=failed").await;
+    assert_eq!(page["items"].as_array().unwrap().len(), 0, "{page}");
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(rx.requests().len(), 4, "nothing sent twice");
+    gw.shutdown().await.unwrap();
+}
+
 /// An event a route dead-lettered (its plugin failed) has no deliveries to show for it;
 /// the list says how many routes failed and `route_result=failed` finds it.
 #[tokio::test(flavor = "multi_thread")]

@@ -1,7 +1,8 @@
 // End-to-end test of the dashboard in headless Chromium, driven by playwright-core.
 // Started by tests/it/ui.rs with a running gateway:
 //   node dashboard.mjs <gateway-url> <api-token> <receiver-control-url> <artifact-dir> <held-event-id>
-// It signs in, sees a freshly ingested event appear, opens it (plugin verdicts, attempt),
+// It signs in, sees a freshly ingested event appear, replays the dead letters in bulk,
+// opens an event (plugin verdicts, attempt),
 // replays it (a new attempt), restarts a FAILED destination (its held events go out),
 // resends the delivery that failed before, and writes a screenshot of every page, at 1280×800 and at phone width.
 
@@ -76,6 +77,11 @@ try {
   await page.getByLabel('Routes').selectOption('failed');
   await page.locator(`#events tr[data-id="${deadId}"]`).waitFor();
   await row.waitFor({ state: 'detached' });
+
+  step('dead letters are replayed in bulk (the plugin still fails: dead-lettered again)');
+  page.once('dialog', (d) => d.accept());
+  await page.getByRole('button', { name: 'Replay dead letters' }).click();
+  await page.getByText('1 event replayed.').waitFor();
   await page.locator(`#events tr[data-id="${deadId}"]`).getByRole('link').click();
   await page.getByRole('heading', { name: `Event ${deadId}` }).waitFor();
   await page.locator('.card .row').first().getByText('dead-letter').waitFor();

@@ -171,6 +171,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(list_events))
         .routes(routes!(get_event))
         .routes(routes!(replay_event))
+        .routes(routes!(replay_events))
         .routes(routes!(objects::list_sources, objects::create_source))
         .routes(routes!(
             objects::get_source,
@@ -365,6 +366,15 @@ async fn list_events(
     query: Result<Query<EventQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Page<EventSummary>>, ApiError> {
     let Query(q) = query?;
+    let (items, next_cursor) = event_page(&state, q).await?;
+    Ok(Json(Page { items, next_cursor }))
+}
+
+/// The page of events a query asks for, and the cursor of the next.
+async fn event_page(
+    state: &AppState,
+    q: EventQuery,
+) -> Result<(Vec<EventSummary>, Option<String>), ApiError> {
     let limit = page_limit(q.limit)?;
     let after = match q.cursor.as_deref() {
         None | Some("") => None,
@@ -390,7 +400,59 @@ async fn list_events(
         format!("{}_{}", last.received_at, last.id)
     });
     items.truncate(limit);
-    Ok(Json(Page { items, next_cursor }))
+    Ok((items, next_cursor))
+}
+
+/// The events a bulk replay queued again.
+#[derive(Serialize, ToSchema)]
+struct Replayed {
+    /// Their ids, in the list's order (newest first).
+    replayed: Vec<String>,
+    /// Replays the next page of the same query when passed as `cursor`; `null` on the last.
+    next_cursor: Option<String>,
+}
+
+/// Replays, page by page, the events `GET /v1/events` lists for the same query — after
+/// fixing a plugin, `?route_result=failed` runs the events it dead-lettered through the
+/// current plugins again. Each call replays one page (`limit`, at most 500) and answers
+/// with the cursor of the next.
+#[utoipa::path(post, path = "/v1/events/replay", tag = "events",
+    params(EventQuery),
+    responses(
+        (status = 202, description = "Queued again", body = Replayed),
+        (status = 400, description = "A malformed parameter, named", body = ErrorBody),
+        (status = 503, description = "The queue has no room for the page: try again later", body = ErrorBody),
+    ))]
+async fn replay_events(
+    State(state): State<AppState>,
+    query: Result<Query<EventQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<(StatusCode, Json<Replayed>), ApiError> {
+    let Query(q) = query?;
+    let (items, next_cursor) = event_page(&state, q).await?;
+    let capacity = state.reloader.config().server.queue_capacity;
+    let waiting = state.store.queue_depth();
+    if waiting + items.len() > capacity {
+        return Err(ApiError::Unavailable(format!(
+            "the queue has room for {} of these {} events ({waiting} waiting); try again later",
+            capacity.saturating_sub(waiting),
+            items.len()
+        )));
+    }
+    let mut replayed = Vec::with_capacity(items.len());
+    for e in items {
+        // Gone meanwhile (purged): nothing to replay.
+        if state.store.replay(&e.id).await? {
+            replayed.push(e.id);
+        }
+    }
+    tracing::info!(events = replayed.len(), "Events replayed in bulk.");
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(Replayed {
+            replayed,
+            next_cursor,
+        }),
+    ))
 }
 
 /// An event with its route outcomes, deliveries and attempts. The request's credential

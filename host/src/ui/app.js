@@ -149,17 +149,40 @@ async function eventsPage() {
   const table = h('div', { class: 'card' });
   page('Events', chartBox, h('div', { class: 'card' }, form), table);
 
-  async function refresh() {
-    const q = new URLSearchParams({ limit: '100' });
+  function query(limit) {
+    const q = new URLSearchParams({ limit });
     if (filters.source) q.set('source', filters.source);
     if (filters.type) q.set('type', filters.type);
     if (filters.status) q.set('status', filters.status);
     if (filters.route_result) q.set('route_result', filters.route_result);
     if (filters.since) q.set('since', String(new Date(filters.since).getTime()));
+    return q;
+  }
+
+  // Every dead letter the filters select, through the current plugins again, a page at a time.
+  async function replayDeadLetters() {
+    if (!confirm('Run every dead-lettered event these filters select through the current plugins again?')) return;
+    const q = query('500');
+    let replayed = 0;
     try {
-      const [events, stats] = await Promise.all([api(`/v1/events?${q}`), api('/v1/stats?minutes=60')]);
+      for (let cursor = null, first = true; first || cursor; first = false) {
+        if (cursor) q.set('cursor', cursor);
+        const r = await api(`/v1/events/replay?${q}`, { method: 'POST' });
+        replayed += r.replayed.length;
+        cursor = r.next_cursor;
+      }
+      toast(`${replayed} ${replayed === 1 ? 'event' : 'events'} replayed.`);
+    } catch (err) { toast(err.message); }
+    refresh();
+  }
+
+  async function refresh() {
+    try {
+      const [events, stats] = await Promise.all([api(`/v1/events?${query('100')}`), api('/v1/stats?minutes=60')]);
       chartBox.replaceChildren(chart(stats.minutes));
-      table.replaceChildren(events.items.length === 0 ? h('p', { class: 'muted' }, 'No events yet.') :
+      const deadLetters = filters.route_result === 'failed' && events.items.length > 0;
+      table.replaceChildren(events.items.length === 0 ? h('p', { class: 'muted' }, 'No events yet.') : h('div', {},
+        deadLetters ? h('div', { class: 'row' }, h('button', { class: 'replay-all', onclick: replayDeadLetters }, 'Replay dead letters')) : null,
         h('table', { id: 'events' },
           h('thead', {}, h('tr', {}, h('th', {}, 'Received'), h('th', {}, 'Source'), h('th', { class: 'hide-narrow' }, 'Type'),
             h('th', {}, 'Status'), h('th', { class: 'num' }, 'Delivered'), h('th', { class: 'num hide-narrow' }, 'Pending'),
@@ -169,7 +192,7 @@ async function eventsPage() {
             h('td', {}, e.source), h('td', { class: 'hide-narrow' }, e.event_type || ''), h('td', {}, badge(e.status),
               e.failed_routes ? ' ' : null, e.failed_routes ? h('span', { class: 'badge failed', title: `${e.failed_routes} route(s) failed: open the event to see why, then replay it` }, 'dead-letter') : null),
             h('td', { class: 'num' }, e.delivered), h('td', { class: 'num hide-narrow' }, e.pending),
-            h('td', { class: `num hide-narrow ${e.failed ? 'error' : ''}` }, e.failed))))));
+            h('td', { class: `num hide-narrow ${e.failed ? 'error' : ''}` }, e.failed)))))));
     } catch (e) { failed(e); }
   }
   await refresh();
