@@ -249,6 +249,10 @@ pub struct DeliveryConfig {
     /// Networks deliveries may reach although the SSRF guard refuses them by default
     /// (loopback, private, link-local, shared).
     pub allowed_networks: Vec<ipnet::IpNet>,
+    /// A source that receives an event each time a destination changes state
+    /// (`destination.failed`, `destination.disabled`, `destination.active`), for routes to
+    /// take to an operator.
+    pub notify_source: Option<String>,
 }
 
 /// `[delivery]` as written: every key at one level, unknown keys rejected.
@@ -269,6 +273,8 @@ struct RawDelivery {
     retry_client_errors: bool,
     #[serde(default)]
     allowed_networks: Vec<ipnet::IpNet>,
+    #[serde(default)]
+    notify_source: Option<String>,
 }
 
 impl From<RawDelivery> for DeliveryConfig {
@@ -283,6 +289,7 @@ impl From<RawDelivery> for DeliveryConfig {
                 retry_client_errors: r.retry_client_errors,
             },
             allowed_networks: r.allowed_networks,
+            notify_source: r.notify_source,
         }
     }
 }
@@ -294,6 +301,7 @@ impl Default for DeliveryConfig {
             concurrency: default_concurrency(),
             allowed_networks: Vec::new(),
             retry: RetryPolicy::default(),
+            notify_source: None,
         }
     }
 }
@@ -795,6 +803,14 @@ impl Config {
                 ));
             }
         }
+        if let Some(source) = &self.delivery.notify_source
+            && !sources.contains(source.as_str())
+        {
+            return Err((
+                "delivery.notify_source".into(),
+                format!("no source named `{source}`"),
+            ));
+        }
         let mut destinations = HashSet::new();
         for (i, d) in self.destinations.iter().enumerate() {
             check_name(&d.name).map_err(|m| (format!("destinations[{i}].name"), m))?;
@@ -1135,6 +1151,19 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("routes[0].destinations[0]"), "{err}");
+    }
+
+    #[test]
+    fn the_notify_source_must_be_a_source() {
+        let with = |source: &str| {
+            let notify = format!("[delivery]\nnotify_source = \"{source}\"\n[[sources]]");
+            parse(&GOOD.replacen("[[sources]]", &notify, 1))
+        };
+        let c = with("onomondo").unwrap();
+        assert_eq!(c.delivery.notify_source.as_deref(), Some("onomondo"));
+        let err = with("nope").unwrap_err().to_string();
+        assert!(err.contains("delivery.notify_source"), "{err}");
+        assert!(err.contains("no source named `nope`"), "{err}");
     }
 
     #[test]

@@ -146,7 +146,10 @@ impl Reloader {
     async fn install(&self, config: Arc<Config>) {
         let routing = Arc::new(Routing::from_config(&config));
         self.dispatcher
-            .set_destinations(routing.destinations().clone())
+            .set_destinations(
+                routing.destinations().clone(),
+                config.delivery.notify_source.clone(),
+            )
             .await;
         self.pipeline.set_routing(routing);
         self.config.store(config);

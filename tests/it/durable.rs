@@ -814,3 +814,69 @@ async fn a_destination_removed_while_stopped_fails_what_it_held() {
     assert_eq!(rx.requests().len(), 1, "nothing more was sent");
     gw.shutdown().await.unwrap();
 }
+
+/// `delivery.notify_source`: each change of a destination's state arrives as an event in
+/// that source, and its routes take it to an operator like any event.
+#[tokio::test(flavor = "multi_thread")]
+async fn destination_state_changes_are_posted_to_the_notify_source() {
+    let rx = Receiver::start().await;
+    let pager = Receiver::start().await;
+    let config = format!(
+        // (The harness's `[delivery]` table is open: the first line lands in it.)
+        r#"
+notify_source = "ops"
+[[sources]]
+name = "s"
+[[sources]]
+name = "ops"
+[[destinations]]
+name = "d"
+url = "{{receiver}}/d"
+retry = {{ retry_schedule = ["0s", "1h"], jitter = 0.0, failure_threshold = 1 }}
+[[destinations]]
+name = "pager"
+url = "{}/pager"
+event_types = ["destination.failed", "destination.active"]
+[[routes]]
+source = "s"
+destinations = ["d"]
+[[routes]]
+source = "ops"
+destinations = ["pager"]
+"#,
+        pager.url
+    );
+    let gw = TestGateway::start(&config, &rx, &[]).await;
+    rx.fail_with(Some(503));
+    gw.accept("s", json!({ "n": 1 }).to_string()).await;
+    let got = pager.wait_for(1).await;
+    let failed = got[0].json();
+    assert_eq!(failed["type"], "destination.failed", "{failed}");
+    assert_eq!(failed["destination"], "d");
+    assert_eq!(failed["state"], "FAILED");
+    assert_eq!(failed["consecutive_failures"], 1);
+    assert!(
+        failed["last_error"].as_str().unwrap().contains("503"),
+        "{failed}"
+    );
+
+    rx.fail_with(None);
+    let (status, body) = gw.post_api("/v1/destinations/d/restart").await;
+    assert_eq!(status, 200, "{body}");
+    let got = pager.wait_for(2).await;
+    let active = got[1].json();
+    assert_eq!(
+        (&active["type"], &active["destination"], &active["state"]),
+        (&json!("destination.active"), &json!("d"), &json!("ACTIVE")),
+        "{active}"
+    );
+    // The notifications are events like any other, listed under their source.
+    let (_, page) = gw.get("/v1/events?source=ops").await;
+    assert_eq!(page["items"].as_array().unwrap().len(), 2, "{page}");
+    // A restart of a destination that is ACTIVE changes nothing and posts nothing.
+    let (status, _) = gw.post_api("/v1/destinations/d/restart").await;
+    assert_eq!(status, 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(pager.requests().len(), 2);
+    gw.shutdown().await.unwrap();
+}

@@ -117,6 +117,8 @@ pub struct Dispatcher {
     attempts: TaskTracker,
     metrics: Arc<Metrics>,
     guard: SsrfGuard,
+    /// `delivery.notify_source` of the config in force.
+    notify_source: ArcSwap<Option<String>>,
 }
 
 impl Dispatcher {
@@ -168,6 +170,7 @@ impl Dispatcher {
             attempts: TaskTracker::new(),
             metrics,
             guard,
+            notify_source: ArcSwap::from_pointee(config.notify_source.clone()),
         }))
     }
 
@@ -176,11 +179,63 @@ impl Dispatcher {
         self.clock.now_ms()
     }
 
-    /// Swaps in the destinations of a reloaded config, then releases what destinations that
-    /// are no longer configured hold.
-    pub async fn set_destinations(&self, destinations: HashMap<String, Arc<Destination>>) {
+    /// Swaps in the destinations and the notify source of a reloaded config, then releases
+    /// what destinations that are no longer configured hold.
+    pub async fn set_destinations(
+        &self,
+        destinations: HashMap<String, Arc<Destination>>,
+        notify_source: Option<String>,
+    ) {
+        self.notify_source.store(Arc::new(notify_source));
         let before = self.destinations.swap(Arc::new(destinations));
         self.release_removed(&before).await;
+    }
+
+    /// Posts a destination's new state as an event into `delivery.notify_source`, if set:
+    /// routes from that source take it on like any event (to a chat hook or a pager,
+    /// through plugins, with retries). Only the instance that decided the change posts it.
+    fn notify(&self, state: &DestinationState) {
+        let Some(source) = self.notify_source.load().as_ref().clone() else {
+            return;
+        };
+        let kind = match state.state {
+            DestinationHealth::Active => "destination.active",
+            DestinationHealth::Failed => "destination.failed",
+            DestinationHealth::Disabled => "destination.disabled",
+        };
+        let body = serde_json::json!({
+            "type": kind,
+            "destination": state.name,
+            "state": state.state,
+            "consecutive_failures": state.consecutive_failures,
+            "last_error": state.last_error,
+            "at": self.clock.now_ms(),
+        });
+        let event = crate::event::Event {
+            id: uuid::Uuid::now_v7().to_string(),
+            path: format!("/v1/ingest/{source}"),
+            source,
+            received_at: super::now_ms(),
+            method: "POST".into(),
+            query: String::new(),
+            headers: vec![
+                ("content-type".into(), "application/json".into()),
+                ("user-agent".into(), USER_AGENT.into()),
+            ],
+            content_type: Some("application/json".into()),
+            body: crate::event::Body(body.to_string().into()),
+            metadata: Vec::new(),
+            run: 0,
+        };
+        let (store, id) = (self.store.clone(), event.id.clone());
+        tokio::spawn(async move {
+            match store.insert_event(event, None).await {
+                Ok(_) => tracing::info!(event_id = %id, kind, "Destination state posted."),
+                Err(e) => {
+                    tracing::error!(kind, error = %e, "Cannot post a destination's state change.")
+                }
+            }
+        });
     }
 
     /// A FAILED or DISABLED destination holds its deliveries until it is restarted, which
@@ -487,6 +542,7 @@ impl Dispatcher {
             if after.state != was {
                 tracing::warn!(destination = %d.destination, state = ?after.state,
                     consecutive_failures = after.consecutive_failures, "Destination state changed.");
+                self.notify(&after);
             }
             if after != before_copy {
                 // Sent under the lock, so the writer stores changes in the order they
@@ -657,10 +713,13 @@ impl Dispatcher {
             .store
             .set_destination_state(&state, self.clock.now_ms())
             .await?;
-        self.lock_states().insert(name.to_string(), state.clone());
+        let was = self.lock_states().insert(name.to_string(), state.clone());
         // Every pending delivery is due now: paced afresh, none sent on an old slot.
         self.lock_pacers().remove(name);
         tracing::info!(destination = name, "Destination restarted.");
+        if was.is_some_and(|w| w.state != DestinationHealth::Active) {
+            self.notify(&state);
+        }
         self.wake();
         Ok(state)
     }
