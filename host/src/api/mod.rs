@@ -17,6 +17,7 @@ use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use subtle::ConstantTimeEq;
@@ -403,6 +404,9 @@ async fn event_page(
     Ok((items, next_cursor))
 }
 
+/// How many replays of a bulk replay are in flight at once.
+const REPLAY_CONCURRENCY: usize = 64;
+
 /// The events a bulk replay queued again.
 #[derive(Serialize, ToSchema)]
 struct Replayed {
@@ -438,11 +442,25 @@ async fn replay_events(
             items.len()
         )));
     }
-    let mut replayed = Vec::with_capacity(items.len());
-    for e in items {
-        // Gone meanwhile (purged): nothing to replay.
-        if state.store.replay(&e.id).await? {
-            replayed.push(e.id);
+    // Many at once, so that the store commits them in groups (one at a time, each waits
+    // for a sync of its own).
+    let replays: Vec<(String, Result<bool, StoreError>)> = futures_util::stream::iter(items)
+        .map(|e| {
+            let store = state.store.clone();
+            async move {
+                let done = store.replay(&e.id).await;
+                (e.id, done)
+            }
+        })
+        .buffered(REPLAY_CONCURRENCY)
+        .collect()
+        .await;
+    let mut replayed = Vec::with_capacity(replays.len());
+    for (id, done) in replays {
+        // Gone meanwhile (purged): nothing to replay. An error answers the call; what was
+        // replayed before it no longer matches `route_result=failed` until it fails again.
+        if done? {
+            replayed.push(id);
         }
     }
     tracing::info!(events = replayed.len(), "Events replayed in bulk.");
