@@ -233,7 +233,7 @@ enum Durability {
 /// The SQLite store.
 pub struct SqliteStore {
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
-    reader: Arc<Mutex<Connection>>,
+    readers: Arc<Readers>,
     queue: Arc<EventQueue>,
     /// Why the store stopped acknowledging writes (see `Store::fatal`), once it has.
     fatal: tokio::sync::watch::Sender<Option<String>>,
@@ -255,11 +255,15 @@ impl SqliteStore {
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000;
              PRAGMA temp_store = MEMORY;",
         )?;
-        let reader = Connection::open(&path)?;
-        reader.execute_batch("PRAGMA busy_timeout = 5000;")?;
+        let reader_path = path.clone();
+        let open_reader = move || {
+            let reader = Connection::open(&reader_path)?;
+            reader.execute_batch("PRAGMA busy_timeout = 5000;")?;
+            Ok(reader)
+        };
         Self::start(
             writer,
-            reader,
+            Box::new(open_reader),
             capacity,
             Some(data_dir.join("switchyard.db-wal")),
         )
@@ -273,22 +277,22 @@ impl SqliteStore {
         );
         let flags = rusqlite::OpenFlags::default() | rusqlite::OpenFlags::SQLITE_OPEN_URI;
         let writer = Connection::open_with_flags(&name, flags)?;
-        let reader = Connection::open_with_flags(&name, flags)?;
-        Self::start(writer, reader, capacity, None)
+        let open_reader = move || Connection::open_with_flags(&name, flags);
+        Self::start(writer, Box::new(open_reader), capacity, None)
     }
 
     /// `wal`: the WAL file the syncer syncs (`None` in memory).
     fn start(
         mut writer: Connection,
-        reader: Connection,
+        open_reader: OpenReader,
         capacity: usize,
         wal: Option<PathBuf>,
     ) -> Result<Self, StoreError> {
         // Room for every statement each connection runs (rusqlite keeps 16): one evicted
         // from the cache is parsed again the next time.
         writer.set_prepared_statement_cache_capacity(64);
-        reader.set_prepared_statement_cache_capacity(64);
         migrate(&mut writer)?;
+        let readers = Readers::open(open_reader)?;
         // One process owns the file: leases of a previous run are void.
         writer.execute(
             "UPDATE deliveries SET lease_until = NULL WHERE lease_until IS NOT NULL",
@@ -306,7 +310,7 @@ impl SqliteStore {
             .map_err(|e| StoreError::Db(format!("cannot start the writer thread: {e}")))?;
         Ok(Self {
             jobs: Mutex::new(Some(tx)),
-            reader: Arc::new(Mutex::new(reader)),
+            readers,
             queue: Arc::new(EventQueue::new(queued, capacity)),
             fatal,
         })
@@ -325,23 +329,23 @@ impl SqliteStore {
         // (The pipeline's span carries the event id.)
         tracing::warn!(retry_in = ?delay, failures,
             "The event's outcome was not recorded; it will be processed again.");
-        let (queue, reader) = (self.queue.clone(), self.reader.clone());
+        let (queue, readers) = (self.queue.clone(), self.readers.clone());
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
             let (id, run) = (event.id.clone(), event.run as i64);
-            let looked = tokio::task::spawn_blocking(move || {
-                let conn = reader.lock().unwrap_or_else(|e| e.into_inner());
-                conn.query_row(
-                    "SELECT 1 FROM events WHERE id = ? AND run = ? AND status = 'queued'",
-                    params![id, run],
-                    |_| Ok(()),
-                )
-                .optional()
-            })
-            .await;
+            let looked = readers
+                .run(move |conn| {
+                    conn.query_row(
+                        "SELECT 1 FROM events WHERE id = ? AND run = ? AND status = 'queued'",
+                        params![id, run],
+                        |_| Ok(()),
+                    )
+                    .optional()
+                })
+                .await;
             // If the store cannot be read, the event is tried anyway: completing it checks
             // its run again.
-            let still_queued = !matches!(looked, Ok(Ok(None)));
+            let still_queued = !matches!(looked, Ok(None));
             queue.retry(event, still_queued);
         });
     }
@@ -392,13 +396,71 @@ impl SqliteStore {
         &self,
         f: impl FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
     ) -> Result<R, StoreError> {
-        let reader = self.reader.clone();
+        self.readers
+            .run(move |conn| {
+                let tx = conn.unchecked_transaction()?;
+                let result = f(&tx)?;
+                tx.commit()?;
+                Ok(result)
+            })
+            .await
+    }
+}
+
+/// Opens one more reading connection.
+type OpenReader = Box<dyn Fn() -> rusqlite::Result<Connection> + Send + Sync>;
+
+/// How many reads run at once, each on a connection of its own (WAL lets them run beside
+/// the writer and each other).
+const READERS: usize = 4;
+
+/// The reading connections. A read takes one for its duration, so a slow read (an event
+/// list whose filter matches little of a large store) holds up only itself — not the
+/// readiness probe, the metrics or an event's page.
+struct Readers {
+    idle: Mutex<Vec<Connection>>,
+    free: Arc<tokio::sync::Semaphore>,
+    open: OpenReader,
+}
+
+impl Readers {
+    fn open(open: OpenReader) -> Result<Arc<Self>, StoreError> {
+        let idle = (0..READERS)
+            .map(|_| {
+                let conn = open()?;
+                conn.set_prepared_statement_cache_capacity(64);
+                Ok(conn)
+            })
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(Arc::new(Self {
+            idle: Mutex::new(idle),
+            free: Arc::new(tokio::sync::Semaphore::new(READERS)),
+            open,
+        }))
+    }
+
+    /// Runs `f` on an idle connection, off the async runtime (waiting for one if all are
+    /// busy).
+    async fn run<R: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
+    ) -> Result<R, StoreError> {
+        let permit = self.free.clone().acquire_owned().await;
+        let this = self.clone();
         tokio::task::spawn_blocking(move || {
-            let mut conn = reader.lock().unwrap_or_else(|e| e.into_inner());
-            let tx = conn.transaction()?;
-            let result = f(&tx)?;
-            tx.commit()?;
-            Ok::<_, rusqlite::Error>(result)
+            let _permit = permit;
+            let pooled = this.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            // A connection lost with a read that panicked is replaced.
+            let conn = match pooled {
+                Some(conn) => conn,
+                None => (this.open)()?,
+            };
+            let result = f(&conn);
+            this.idle
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(conn);
+            result
         })
         .await
         .map_err(|e| StoreError::Db(format!("read task failed: {e}")))?
@@ -1826,6 +1888,33 @@ mod tests {
         );
         let attempts = plan(MINUTE_ATTEMPTS);
         assert!(attempts.contains("USING INDEX attempts_at"), "{attempts}");
+    }
+
+    /// A read that takes long (here: one that waits to be let go) holds up only itself:
+    /// the others — the readiness probe's among them — run on other connections.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_slow_read_does_not_hold_up_the_others() {
+        let store = Arc::new(SqliteStore::open_in_memory(10).unwrap());
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let slow = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .read(move |conn| {
+                        let _ = released.recv();
+                        conn.query_row("SELECT COUNT(*) FROM events", [], |r| r.get::<_, i64>(0))
+                    })
+                    .await
+            })
+        };
+        for _ in 0..2 * READERS {
+            let states =
+                tokio::time::timeout(Duration::from_secs(5), store.destination_states()).await;
+            assert!(matches!(states, Ok(Ok(_))), "{states:?}");
+        }
+        assert!(!slow.is_finished());
+        release.send(()).unwrap();
+        assert_eq!(slow.await.unwrap().unwrap(), 0);
     }
 
     /// The dispatcher's statements run often; they must not be compiled again each time

@@ -5,6 +5,17 @@ const main = document.getElementById('main');
 const TOKEN_KEY = 'switchyard-token';
 let poller = null;
 
+// Calls `refresh` every `ms` while the page is shown, never two at once: on a large store
+// a slow answer must not pile more requests up behind it.
+function every(ms, refresh) {
+  let busy = false;
+  return setInterval(async () => {
+    if (busy) return;
+    busy = true;
+    try { await refresh(); } finally { busy = false; }
+  }, ms);
+}
+
 // ---- helpers ------------------------------------------------------------------------
 
 function h(tag, attrs = {}, ...children) {
@@ -196,7 +207,7 @@ async function eventsPage() {
     } catch (e) { failed(e); }
   }
   await refresh();
-  poller = setInterval(refresh, 2000);
+  poller = every(2000, refresh);
 }
 
 function pretty(bodyText) {
@@ -281,7 +292,7 @@ async function destinationsPage() {
     } catch (e) { failed(e); }
   }
   await refresh();
-  poller = setInterval(refresh, 2000);
+  poller = every(2000, refresh);
 }
 
 async function pluginsPage() {
