@@ -361,6 +361,7 @@ struct EventQuery {
     responses(
         (status = 200, description = "A page of events", body = Page<EventSummary>),
         (status = 400, description = "A malformed parameter, named", body = ErrorBody),
+        (status = 422, description = "Stopped after 5 s: the filters match little of a large store; narrow them with since and until", body = ErrorBody),
     ))]
 async fn list_events(
     State(state): State<AppState>,
@@ -425,6 +426,7 @@ struct Replayed {
     responses(
         (status = 202, description = "Queued again", body = Replayed),
         (status = 400, description = "A malformed parameter, named", body = ErrorBody),
+        (status = 422, description = "Listing the page stopped after 5 s: narrow the filters with since and until", body = ErrorBody),
         (status = 503, description = "The queue has no room for the page: try again later", body = ErrorBody),
     ))]
 async fn replay_events(
@@ -851,6 +853,9 @@ pub enum ApiError {
     Forbidden(String),
     #[error("{0}")]
     Conflict(String),
+    /// A listing stopped at its time budget (`store::LIST_BUDGET`).
+    #[error("{0}")]
+    TooBroad(String),
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
 }
@@ -865,6 +870,7 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::QueueFull(_) | StoreError::Closed => ApiError::Unavailable(e.to_string()),
+            StoreError::TooSlow(_) => ApiError::TooBroad(e.to_string()),
             StoreError::Db(_) => ApiError::Internal(e.into()),
         }
     }
@@ -881,6 +887,7 @@ impl IntoResponse for ApiError {
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::TooBroad(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Internal(e) => {
                 tracing::error!(error = %format!("{e:#}"), "Request failed.");
                 StatusCode::INTERNAL_SERVER_ERROR

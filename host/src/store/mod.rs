@@ -27,7 +27,17 @@ pub enum StoreError {
     Closed,
     #[error("database error: {0}")]
     Db(String),
+    /// A listing ran past its time budget and was stopped.
+    #[error(
+        "the query was stopped after {0:?}: its filters match little of a large store; narrow it with `since` and `until`"
+    )]
+    TooSlow(std::time::Duration),
 }
+
+/// How long an event listing may run: one whose filters match little of a large store
+/// (a rare type must be read out of each body) is stopped rather than keep a reading
+/// connection busy for minutes.
+pub const LIST_BUDGET: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {

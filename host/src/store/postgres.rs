@@ -1082,13 +1082,20 @@ impl Store for PgStore {
         after: Option<(u64, String)>,
         limit: usize,
     ) -> Result<Vec<EventSummary>, StoreError> {
-        let client = self.pool.get().await?;
+        let mut client = self.pool.get().await?;
+        // Stopped at the listing's budget (see `LIST_BUDGET`).
+        let tx = client.transaction().await?;
+        tx.batch_execute(&format!(
+            "SET LOCAL statement_timeout = {}",
+            LIST_BUDGET.as_millis()
+        ))
+        .await?;
         let route_result = match filter.route_result {
             Some(RouteResultKind::Failed) => DEAD_LETTERED,
             _ => ROUTE_RESULT,
         };
         // The type is read from the body where the body is a JSON object.
-        let rows = client
+        let rows = tx
             .query(
                 &format!("WITH e AS (
                     SELECT id, source, received_at, status, run, failed_routes,
@@ -1120,7 +1127,14 @@ impl Store for PgStore {
                     &filter.route_result.map(RouteResultKind::as_str),
                 ],
             )
-            .await?;
+            .await
+            .map_err(|e| match e.code() {
+                Some(&tokio_postgres::error::SqlState::QUERY_CANCELED) => {
+                    StoreError::TooSlow(LIST_BUDGET)
+                }
+                _ => e.into(),
+            })?;
+        tx.commit().await?;
         Ok(rows
             .iter()
             .map(|r| {

@@ -234,6 +234,8 @@ enum Durability {
 pub struct SqliteStore {
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     readers: Arc<Readers>,
+    /// How long an event listing may run (`LIST_BUDGET`).
+    list_budget: Duration,
     queue: Arc<EventQueue>,
     /// Why the store stopped acknowledging writes (see `Store::fatal`), once it has.
     fatal: tokio::sync::watch::Sender<Option<String>>,
@@ -311,6 +313,7 @@ impl SqliteStore {
         Ok(Self {
             jobs: Mutex::new(Some(tx)),
             readers,
+            list_budget: LIST_BUDGET,
             queue: Arc::new(EventQueue::new(queued, capacity)),
             fatal,
         })
@@ -334,7 +337,7 @@ impl SqliteStore {
             tokio::time::sleep(delay).await;
             let (id, run) = (event.id.clone(), event.run as i64);
             let looked = readers
-                .run(move |conn| {
+                .run(None, move |conn| {
                     conn.query_row(
                         "SELECT 1 FROM events WHERE id = ? AND run = ? AND status = 'queued'",
                         params![id, run],
@@ -396,8 +399,17 @@ impl SqliteStore {
         &self,
         f: impl FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
     ) -> Result<R, StoreError> {
+        self.read_within(None, f).await
+    }
+
+    /// As [`SqliteStore::read`], stopped (`StoreError::TooSlow`) if it runs past `budget`.
+    async fn read_within<R: Send + 'static>(
+        &self,
+        budget: Option<Duration>,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
+    ) -> Result<R, StoreError> {
         self.readers
-            .run(move |conn| {
+            .run(budget, move |conn| {
                 let tx = conn.unchecked_transaction()?;
                 let result = f(&tx)?;
                 tx.commit()?;
@@ -440,31 +452,48 @@ impl Readers {
     }
 
     /// Runs `f` on an idle connection, off the async runtime (waiting for one if all are
-    /// busy).
+    /// busy); interrupted, if it runs past `budget`, with `StoreError::TooSlow`.
     async fn run<R: Send + 'static>(
         self: &Arc<Self>,
+        budget: Option<Duration>,
         f: impl FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
     ) -> Result<R, StoreError> {
         let permit = self.free.clone().acquire_owned().await;
+        let pooled = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        // A connection lost with a read that panicked is replaced.
+        let conn = match pooled {
+            Some(conn) => conn,
+            None => (self.open)()?,
+        };
+        let interrupt = conn.get_interrupt_handle();
         let this = self.clone();
-        tokio::task::spawn_blocking(move || {
+        let mut task = tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            let pooled = this.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
-            // A connection lost with a read that panicked is replaced.
-            let conn = match pooled {
-                Some(conn) => conn,
-                None => (this.open)()?,
-            };
             let result = f(&conn);
             this.idle
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .push(conn);
             result
-        })
-        .await
-        .map_err(|e| StoreError::Db(format!("read task failed: {e}")))?
-        .map_err(StoreError::from)
+        });
+        let joined = match budget {
+            None => task.await,
+            Some(budget) => tokio::select! {
+                joined = &mut task => joined,
+                _ = tokio::time::sleep(budget) => {
+                    interrupt.interrupt();
+                    task.await
+                }
+            },
+        };
+        match joined.map_err(|e| StoreError::Db(format!("read task failed: {e}")))? {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::OperationInterrupted =>
+            {
+                Err(StoreError::TooSlow(budget.unwrap_or_default()))
+            }
+            result => result.map_err(StoreError::from),
+        }
     }
 }
 
@@ -1147,7 +1176,7 @@ impl Store for SqliteStore {
         after: Option<(u64, String)>,
         limit: usize,
     ) -> Result<Vec<EventSummary>, StoreError> {
-        self.read(move |conn| {
+        self.read_within(Some(self.list_budget), move |conn| {
             // The type is read from the body where the body is JSON text.
             let event_type = "CASE WHEN json_valid(CAST(e.body AS TEXT))
                  THEN COALESCE(json_extract(CAST(e.body AS TEXT), '$.type'), json_extract(CAST(e.body AS TEXT), '$.event_type'))
@@ -1888,6 +1917,29 @@ mod tests {
         );
         let attempts = plan(MINUTE_ATTEMPTS);
         assert!(attempts.contains("USING INDEX attempts_at"), "{attempts}");
+    }
+
+    /// A read past its budget is interrupted and says so (a listing's budget).
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_read_past_its_budget_is_stopped() {
+        let store = SqliteStore::open_in_memory(10).unwrap();
+        let endless = store.read_within(Some(Duration::from_millis(100)), |conn| {
+            conn.query_row(
+                "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c)
+                 SELECT COUNT(*) FROM c",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+        });
+        let stopped = tokio::time::timeout(Duration::from_secs(10), endless).await;
+        assert!(
+            matches!(stopped, Ok(Err(StoreError::TooSlow(d))) if d == Duration::from_millis(100)),
+            "{stopped:?}"
+        );
+        // The connection serves the next read.
+        for _ in 0..READERS {
+            store.destination_states().await.unwrap();
+        }
     }
 
     /// A read that takes long (here: one that waits to be let go) holds up only itself:
