@@ -799,17 +799,8 @@ async fn a_destination_removed_while_stopped_fails_what_it_held() {
         .await
         .unwrap();
     for id in [&first, &second] {
-        let event = gw.settled(id).await;
-        let delivery = &event["deliveries"][0];
-        assert_eq!(delivery["status"], "failed", "{event}");
-        let last = delivery["attempts"].as_array().unwrap().last().unwrap();
-        assert!(
-            last["error"]
-                .as_str()
-                .unwrap()
-                .contains("destination `d` is no longer configured"),
-            "{delivery}"
-        );
+        gw.failed_with(id, "destination `d` is no longer configured")
+            .await;
     }
     assert_eq!(rx.requests().len(), 1, "nothing more was sent");
     gw.shutdown().await.unwrap();

@@ -385,6 +385,18 @@ impl TestGateway {
         );
     }
 
+    /// Waits until the event settles; its first delivery must have failed, the last attempt
+    /// saying `why`.
+    pub async fn failed_with(&self, id: &str, why: &str) -> Value {
+        let event = self.settled(id).await;
+        let delivery = &event["deliveries"][0];
+        assert_eq!(delivery["status"], "failed", "{event}");
+        let last = delivery["attempts"].as_array().unwrap().last().unwrap();
+        let error = last["error"].as_str().unwrap_or("");
+        assert!(error.contains(why), "{delivery}");
+        event
+    }
+
     /// Waits until the event's routes are recorded and none of its deliveries is pending.
     pub async fn settled(&self, id: &str) -> Value {
         for _ in 0..400 {
