@@ -27,20 +27,18 @@ async fn objects_round_trip_and_survive_a_restart() {
 
     // Create a destination with a secret header and a signing secret: both are shown
     // redacted, never in full.
-    let (status, d) = gw
-        .send(
-            "POST",
+    let d = gw
+        .create(
             "/v1/destinations",
-            Some(json!({
+            json!({
                 "name": "archive",
                 "url": format!("{}/archive/:source:", rx.url),
                 "headers": { "x-api-key": "k-0123456789abcdef", "x-region": "eu" },
                 "signing": { "secret": SECRET },
                 "retry": { "retry_schedule": ["0s", "10ms"] },
-            })),
+            }),
         )
         .await;
-    assert_eq!(status, 201, "{d}");
     assert_eq!(d["origin"], "api");
     assert_eq!(d["state"], "ACTIVE");
     assert_eq!(d["headers"]["x-api-key"], "****cdef");
@@ -53,18 +51,16 @@ async fn objects_round_trip_and_survive_a_restart() {
         .send("POST", "/v1/sources", Some(json!({ "name": "bondio" })))
         .await;
     assert_eq!((status, s["origin"].as_str()), (201, Some("api")), "{s}");
-    let (status, r) = gw
-        .send(
-            "POST",
+    let r = gw
+        .create(
             "/v1/routes",
-            Some(json!({
+            json!({
                 "name": "bondio-archive",
                 "source": "bondio",
                 "plugins": [{ "name": "tag-router", "config": { "default": "archive" } }],
-            })),
+            }),
         )
         .await;
-    assert_eq!(status, 201, "{r}");
     assert_eq!(r["plugins"][0]["config"]["default"], "archive");
 
     // The new route works at once, and deliveries carry the real secret header.
@@ -415,28 +411,23 @@ async fn schemathesis_finds_no_server_error_or_schema_violation() {
     gw.shutdown().await.unwrap();
 }
 
-/// The operator's views: the event list with filters and pagination, a retry by hand of a
-/// failed delivery, and per-minute stats.
 /// A destination removed while one of its deliveries waits for a retry: the retry is not
 /// sent (the URL may no longer be trusted with the event); the delivery fails, saying why.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_removed_destination_gets_nothing_more() {
     let rx = Receiver::start().await;
     let gw = TestGateway::start("[[sources]]\nname = \"s\"\n", &rx, &[]).await;
-    let (status, d) = gw
-        .send(
-            "POST",
-            "/v1/destinations",
-            Some(json!({
-                "name": "old",
-                "url": format!("{}/old", rx.url),
-                "retry": { "retry_schedule": ["0s", "1s", "1s"], "jitter": 0.0 },
-            })),
-        )
-        .await;
-    assert_eq!(status, 201, "{d}");
+    gw.create(
+        "/v1/destinations",
+        json!({
+            "name": "old",
+            "url": format!("{}/old", rx.url),
+            "retry": { "retry_schedule": ["0s", "1s", "1s"], "jitter": 0.0 },
+        }),
+    )
+    .await;
     let route = json!({ "name": "to-old", "source": "s", "destinations": ["old"] });
-    assert_eq!(gw.send("POST", "/v1/routes", Some(route)).await.0, 201);
+    gw.create("/v1/routes", route).await;
     rx.fail_with(Some(500));
     let id = gw.accept("s", "{}").await;
     rx.wait_for(1).await;
@@ -467,20 +458,17 @@ async fn a_removed_destination_gets_nothing_more() {
 async fn a_removed_failed_destination_fails_what_it_held() {
     let rx = Receiver::start().await;
     let gw = TestGateway::start("[[sources]]\nname = \"s\"\n", &rx, &[]).await;
-    let (status, d) = gw
-        .send(
-            "POST",
-            "/v1/destinations",
-            Some(json!({
-                "name": "old",
-                "url": format!("{}/old", rx.url),
-                "retry": { "retry_schedule": ["0s", "1h"], "jitter": 0.0, "failure_threshold": 1 },
-            })),
-        )
-        .await;
-    assert_eq!(status, 201, "{d}");
+    gw.create(
+        "/v1/destinations",
+        json!({
+            "name": "old",
+            "url": format!("{}/old", rx.url),
+            "retry": { "retry_schedule": ["0s", "1h"], "jitter": 0.0, "failure_threshold": 1 },
+        }),
+    )
+    .await;
     let route = json!({ "name": "to-old", "source": "s", "destinations": ["old"] });
-    assert_eq!(gw.send("POST", "/v1/routes", Some(route)).await.0, 201);
+    gw.create("/v1/routes", route).await;
     rx.fail_with(Some(500));
     let first = gw.accept("s", "{}").await;
     rx.wait_for(1).await;
@@ -523,21 +511,18 @@ async fn recover_sends_a_destinations_failed_deliveries_again() {
     let rx = Receiver::start().await;
     let gw = TestGateway::start("[[sources]]\nname = \"s\"\n", &rx, &[]).await;
     for name in ["fleet", "audit"] {
-        let (status, d) = gw
-            .send(
-                "POST",
-                "/v1/destinations",
-                Some(json!({
-                    "name": name,
-                    "url": format!("{}/{name}", rx.url),
-                    "retry": { "retry_schedule": ["0s"], "jitter": 0.0, "failure_threshold": 100 },
-                })),
-            )
-            .await;
-        assert_eq!(status, 201, "{d}");
+        gw.create(
+            "/v1/destinations",
+            json!({
+                "name": name,
+                "url": format!("{}/{name}", rx.url),
+                "retry": { "retry_schedule": ["0s"], "jitter": 0.0, "failure_threshold": 100 },
+            }),
+        )
+        .await;
     }
     let route = json!({ "name": "both", "source": "s", "destinations": ["fleet", "audit"] });
-    assert_eq!(gw.send("POST", "/v1/routes", Some(route)).await.0, 201);
+    gw.create("/v1/routes", route).await;
     rx.fail_with(Some(503));
     let before = now_ms();
     let mut ids = Vec::new();
@@ -634,8 +619,7 @@ async fn dead_letters_are_replayed_in_bulk_once_the_route_is_fixed() {
         "name": "filtered", "source": "s", "destinations": ["d"],
         "plugins": [{ "name": "event-filter", "config": { "allow": "usage" } }],
     });
-    let (status, body) = gw.send("POST", "/v1/routes", Some(route)).await;
-    assert_eq!(status, 201, "{body}");
+    gw.create("/v1/routes", route).await;
     // Bodies the plugin cannot parse: dead-lettered.
     let mut bad = Vec::new();
     for n in 0..3 {
@@ -784,6 +768,8 @@ destinations = ["d"]
     gw.shutdown().await.unwrap();
 }
 
+/// The operator's views: the event list with filters and pagination, a retry by hand of a
+/// failed delivery, and per-minute stats.
 #[tokio::test(flavor = "multi_thread")]
 async fn event_list_retry_and_stats() {
     let rx = Receiver::start().await;

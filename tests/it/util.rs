@@ -419,6 +419,13 @@ impl TestGateway {
         panic!("event {id} did not settle: {}", self.event(id).await);
     }
 
+    /// POSTs `body` to an API collection (`/v1/destinations`, ...), which must create it.
+    pub async fn create(&self, path: &str, body: Value) -> Value {
+        let (status, created) = self.send("POST", path, Some(body)).await;
+        assert_eq!(status, 201, "{path}: {created}");
+        created
+    }
+
     /// Sends `body` as JSON with `method` to a path of the gateway's API; returns the
     /// status and the JSON answer (`null` when there is none).
     pub async fn send(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
