@@ -426,3 +426,62 @@ destinations = ["new"]
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
 }
+
+/// `delivery.notify_source` on a shared store: two instances that each see a destination
+/// fail, before either has read the other's state, post one `destination.failed` between
+/// them (an operator is paged once per change, not once per instance).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_destination_failing_on_two_instances_is_posted_once() {
+    let Some(server) = PgServer::start() else {
+        return;
+    };
+    let db = server.database("notify");
+    let rx = Receiver::start().await;
+    let pager = Receiver::start().await;
+    let config = format!(
+        // (The harness's `[delivery]` table is open: the first line lands in it.)
+        r#"
+notify_source = "ops"
+[store]
+url = "{db}"
+[[sources]]
+name = "s"
+[[sources]]
+name = "ops"
+[[destinations]]
+name = "d"
+url = "{{receiver}}/d"
+retry = {{ retry_schedule = ["0s", "1h"], jitter = 0.0, failure_threshold = 1 }}
+[[destinations]]
+name = "pager"
+url = "{}/pager"
+[[routes]]
+source = "s"
+destinations = ["d"]
+[[routes]]
+source = "ops"
+destinations = ["pager"]
+"#,
+        pager.url
+    );
+    let a = TestGateway::start(&config, &rx, &[]).await;
+    let b = TestGateway::start(&config, &rx, &[]).await;
+    rx.fail_with(Some(503));
+    // At once, so that each instance makes its own first attempt and decides FAILED.
+    tokio::join!(a.accept("s", r#"{"n":1}"#), b.accept("s", r#"{"n":2}"#));
+    rx.wait_for(2).await;
+    for gw in [&a, &b] {
+        eventually(gw, "/v1/destinations/d", "d is FAILED", |_, d| {
+            d["state"] == "FAILED"
+        })
+        .await;
+    }
+    let got = pager.wait_for(1).await;
+    assert_eq!(got[0].json()["type"], "destination.failed");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(pager.requests().len(), 1, "paged once");
+    let (_, page) = a.get("/v1/events?source=ops").await;
+    assert_eq!(page["items"].as_array().unwrap().len(), 1, "{page}");
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}

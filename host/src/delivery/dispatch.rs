@@ -21,8 +21,8 @@ use crate::config::DeliveryConfig;
 use crate::edge::SsrfGuard;
 use crate::metrics::Metrics;
 use crate::store::{
-    Attempt, AttemptNext, ClaimScope, DestinationHealth, DestinationState, DueDelivery, Store,
-    StoreError,
+    Attempt, AttemptNext, ClaimScope, DestinationHealth, DestinationState, DueDelivery,
+    Idempotency, Inserted, Store, StoreError,
 };
 
 /// How much of a response body is kept with an attempt.
@@ -35,6 +35,9 @@ const IDLE_POLL: Duration = Duration::from_millis(500);
 /// waits, once due, for an instance that knows it (during a rolling deploy the instances'
 /// config files differ) before this one takes it and fails it as no longer configured.
 const ORPHANED_AFTER: Duration = Duration::from_secs(600);
+/// Within how long a second instance's post of the same destination state change is a
+/// duplicate (instances read each other's states every few seconds).
+const NOTIFY_WINDOW: Duration = Duration::from_secs(3600);
 
 /// The time, in milliseconds since the Unix epoch.
 pub trait Clock: Send + Sync + 'static {
@@ -193,7 +196,11 @@ impl Dispatcher {
 
     /// Posts a destination's new state as an event into `delivery.notify_source`, if set:
     /// routes from that source take it on like any event (to a chat hook or a pager,
-    /// through plugins, with retries). Only the instance that decided the change posts it.
+    /// through plugins, with retries). Only the instance that decided the change posts it;
+    /// on a shared store two instances may decide the same change before either has read
+    /// the other's, so the event carries an idempotency key — the destination, its epoch
+    /// and the new state, which happen once per epoch (a restart begins a new one) — and
+    /// the second is answered as a duplicate instead of paging twice.
     fn notify(&self, state: &DestinationState) {
         let Some(source) = self.notify_source.load().as_ref().clone() else {
             return;
@@ -227,10 +234,19 @@ impl Dispatcher {
             metadata: Vec::new(),
             run: 0,
         };
+        let idempotency = Idempotency {
+            key: format!("{kind}:{}:{}", state.name, state.epoch),
+            window_ms: NOTIFY_WINDOW.as_millis() as u64,
+        };
         let (store, id) = (self.store.clone(), event.id.clone());
         tokio::spawn(async move {
-            match store.insert_event(event, None).await {
-                Ok(_) => tracing::info!(event_id = %id, kind, "Destination state posted."),
+            match store.insert_event(event, Some(idempotency)).await {
+                Ok(Inserted::New) => {
+                    tracing::info!(event_id = %id, kind, "Destination state posted.")
+                }
+                Ok(Inserted::Duplicate(original)) => {
+                    tracing::info!(event_id = %original, kind, "Destination state already posted by another instance.")
+                }
                 Err(e) => {
                     tracing::error!(kind, error = %e, "Cannot post a destination's state change.")
                 }
