@@ -903,6 +903,64 @@ async fn conformance(open: Reopen) {
     ));
 }
 
+/// An event listing whose filter matches nothing of a large store (the type is read from
+/// each body) is stopped at the store's listing budget, and the store serves on.
+async fn listing_stops_at_its_budget(
+    store: Arc<dyn Store>,
+    events: usize,
+    budget: std::time::Duration,
+) {
+    let inserts = (0..events).map(|n| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let body = format!(r#"{{"type":"usage","n":{n}}}"#);
+            let e = event(&format!("e{n:06}"), "s", 1_000 + n as u64, &body);
+            store.insert_event(e, None).await.unwrap()
+        })
+    });
+    for insert in futures_util::future::join_all(inserts).await {
+        assert_eq!(insert.unwrap(), Inserted::New);
+    }
+    let rare = EventFilter {
+        event_type: Some("no-such-type".into()),
+        ..EventFilter::default()
+    };
+    let stopped = store.list_events(rare, None, 50).await;
+    assert!(
+        matches!(stopped, Err(switchyard::store::StoreError::TooSlow(d)) if d == budget),
+        "{:?}",
+        stopped.map(|page| page.len())
+    );
+    assert!(store.get_event("e000007").await.unwrap().is_some());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sqlite_listing_stops_at_its_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let budget = std::time::Duration::from_millis(5);
+    let store = SqliteStore::open(dir.path(), 100_000)
+        .unwrap()
+        .with_list_budget(budget);
+    // The listing takes 20–40 ms here unoptimized.
+    listing_stops_at_its_budget(Arc::new(store), 50_000, budget).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_listing_stops_at_its_budget() {
+    let Some(server) = PgServer::start() else {
+        return;
+    };
+    let url = server.database("budget");
+    let budget = std::time::Duration::from_millis(5);
+    let store = PgStore::open(&url, 100_000, LEASE)
+        .await
+        .unwrap()
+        .with_list_budget(budget);
+    // Fewer than on SQLite, which are enough: the listing takes over 40 ms here, and the
+    // server's own timer starts with the statement.
+    listing_stops_at_its_budget(Arc::new(store), 20_000, budget).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sqlite_store_conforms() {
     let dir = Arc::new(tempfile::tempdir().unwrap());

@@ -285,6 +285,8 @@ pub struct PgStore {
     ingest: tokio::sync::mpsc::UnboundedSender<IngestJob>,
     /// How long a claim on an event lasts unless renewed.
     lease: Duration,
+    /// How long an event listing may run (`LIST_BUDGET`).
+    list_budget: Duration,
 }
 
 impl PgStore {
@@ -342,7 +344,14 @@ impl PgStore {
             queue,
             ingest,
             lease,
+            list_budget: LIST_BUDGET,
         })
+    }
+
+    /// Stops event listings after `budget` instead of `LIST_BUDGET` (tests).
+    pub fn with_list_budget(mut self, budget: Duration) -> Self {
+        self.list_budget = budget;
+        self
     }
 
     fn lease_until(&self) -> i64 {
@@ -1087,7 +1096,7 @@ impl Store for PgStore {
         let tx = client.transaction().await?;
         tx.batch_execute(&format!(
             "SET LOCAL statement_timeout = {}",
-            LIST_BUDGET.as_millis()
+            self.list_budget.as_millis().max(1)
         ))
         .await?;
         let route_result = match filter.route_result {
@@ -1130,7 +1139,7 @@ impl Store for PgStore {
             .await
             .map_err(|e| match e.code() {
                 Some(&tokio_postgres::error::SqlState::QUERY_CANCELED) => {
-                    StoreError::TooSlow(LIST_BUDGET)
+                    StoreError::TooSlow(self.list_budget)
                 }
                 _ => e.into(),
             })?;

@@ -21,7 +21,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, mpsc};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -271,6 +271,12 @@ impl SqliteStore {
         )
     }
 
+    /// Stops event listings after `budget` instead of `LIST_BUDGET` (tests).
+    pub fn with_list_budget(mut self, budget: Duration) -> Self {
+        self.list_budget = budget;
+        self
+    }
+
     /// A store in memory (shared by its two connections), for unit tests.
     pub fn open_in_memory(capacity: usize) -> Result<Self, StoreError> {
         let name = format!(
@@ -426,6 +432,10 @@ type OpenReader = Box<dyn Fn() -> rusqlite::Result<Connection> + Send + Sync>;
 /// the writer and each other).
 const READERS: usize = 4;
 
+/// How many SQLite VM instructions a read with a budget runs between looks at the clock
+/// (a few microseconds' worth).
+const PROGRESS_STEPS: std::ffi::c_int = 1000;
+
 /// The reading connections. A read takes one for its duration, so a slow read (an event
 /// list whose filter matches little of a large store) holds up only itself — not the
 /// readiness probe, the metrics or an event's page.
@@ -460,32 +470,35 @@ impl Readers {
     ) -> Result<R, StoreError> {
         let permit = self.free.clone().acquire_owned().await;
         let pooled = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        // A connection lost with a read that panicked is replaced.
+        // A connection lost with a read that panicked (or could not clear its budget) is
+        // replaced.
         let conn = match pooled {
             Some(conn) => conn,
             None => (self.open)()?,
         };
-        let interrupt = conn.get_interrupt_handle();
+        // The budget is kept by SQLite's progress handler, which the read's own thread
+        // calls every thousand VM instructions: it stops the read at the deadline
+        // wherever it is, and cannot touch the connection's next read (an interrupt from
+        // outside can arrive before the read has started, or after it has handed the
+        // connection back).
+        let deadline = budget.map(|b| Instant::now() + b);
         let this = self.clone();
-        let mut task = tokio::task::spawn_blocking(move || {
+        let task = tokio::task::spawn_blocking(move || {
             let _permit = permit;
+            let mut conn = conn;
+            let Some(deadline) = deadline else {
+                let result = f(&conn);
+                this.give_back(conn);
+                return result;
+            };
+            conn.progress_handler(PROGRESS_STEPS, Some(move || Instant::now() >= deadline))?;
             let result = f(&conn);
-            this.idle
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(conn);
+            // A connection that still had the handler would stop every later read.
+            conn.progress_handler(0, None::<fn() -> bool>)?;
+            this.give_back(conn);
             result
         });
-        let joined = match budget {
-            None => task.await,
-            Some(budget) => tokio::select! {
-                joined = &mut task => joined,
-                _ = tokio::time::sleep(budget) => {
-                    interrupt.interrupt();
-                    task.await
-                }
-            },
-        };
+        let joined = task.await;
         match joined.map_err(|e| StoreError::Db(format!("read task failed: {e}")))? {
             Err(rusqlite::Error::SqliteFailure(e, _))
                 if e.code == rusqlite::ErrorCode::OperationInterrupted =>
@@ -494,6 +507,13 @@ impl Readers {
             }
             result => result.map_err(StoreError::from),
         }
+    }
+
+    fn give_back(&self, conn: Connection) {
+        self.idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(conn);
     }
 }
 
