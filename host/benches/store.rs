@@ -3,8 +3,11 @@
 //! `insert_event` (the ingest commit), `complete_event` with one delivery leased to this
 //! instance (the outcome commit), `record_attempt` delivered (the attempt commit) — with
 //! many events in flight, as under load; and how many bytes the process wrote to disk per
-//! event (`/proc/self/io`, WAL and checkpoints included). Then retention's purge of those
-//! events, and how long an ingest commit waits while it runs.
+//! event (`/proc/self/io`, WAL and checkpoints included). Then what reads of a large store
+//! cost (the dashboard's per-minute counts and event list, and — after as many events again
+//! whose deliveries wait, as in an outage — the backlog and counts per destination), and
+//! retention's purge of the delivered events, and how long an ingest commit waits while it
+//! runs.
 //!
 //! Run with: `cargo bench -p switchyard --bench store [-- EVENTS CONCURRENCY]` (defaults
 //! 20000 and 64). SQLite in a temp dir on the local disk.
@@ -62,8 +65,8 @@ fn written() -> u64 {
         .unwrap_or(0)
 }
 
-/// One event through the three commits.
-async fn one(store: &dyn Store, n: usize) {
+/// One event through the three commits; its attempt ends as `next` says.
+async fn one(store: &dyn Store, n: usize, next: AttemptNext) {
     let event = event(n);
     store.insert_event(event, None).await.expect("insert");
     let event = store.next_event().await.expect("queued");
@@ -104,12 +107,17 @@ async fn one(store: &dyn Store, n: usize) {
         response: None,
     };
     store
-        .record_attempt(&id, attempt, AttemptNext::Delivered)
+        .record_attempt(&id, attempt, next)
         .await
         .expect("attempt");
 }
 
-async fn run(store: Arc<dyn Store>, events: usize, concurrency: usize) -> (f64, u64) {
+async fn run(
+    store: Arc<dyn Store>,
+    events: usize,
+    concurrency: usize,
+    then: AttemptNext,
+) -> (f64, u64) {
     let next = Arc::new(AtomicUsize::new(0));
     let before = written();
     let started = Instant::now();
@@ -122,7 +130,7 @@ async fn run(store: Arc<dyn Store>, events: usize, concurrency: usize) -> (f64, 
                 if n >= events {
                     break;
                 }
-                one(store.as_ref(), n).await;
+                one(store.as_ref(), n, then).await;
             }
         }));
     }
@@ -144,8 +152,8 @@ async fn main() -> anyhow::Result<()> {
 
     let dir = tempfile::tempdir()?;
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path(), 1_000_000)?);
-    run(store.clone(), 1_000, concurrency).await;
-    let (rate, bytes) = run(store.clone(), events, concurrency).await;
+    run(store.clone(), 1_000, concurrency, AttemptNext::Delivered).await;
+    let (rate, bytes) = run(store.clone(), events, concurrency, AttemptNext::Delivered).await;
     println!(
         "sqlite: {rate:.0} events/s through insert → complete (1 delivery) → attempt, \
          {concurrency} in flight, {events} events; {:.1} KiB written to disk per event",
@@ -174,7 +182,23 @@ async fn main() -> anyhow::Result<()> {
         started.elapsed().as_secs_f64() * 1000.0
     );
 
-    // Retention: everything above was delivered; purge it while events keep arriving, and
+    // An outage: as many events again, each delivery waiting for a retry an hour away.
+    // What `/metrics` and the destination views (polled by the dashboard) read of them.
+    let retry = AttemptNext::RetryAt(now_ms() + 3_600_000);
+    run(store.clone(), events, concurrency, retry).await;
+    let started = Instant::now();
+    let (pending, _) = store.backlog().await?;
+    let backlog = started.elapsed();
+    let started = Instant::now();
+    store.delivery_counts().await?;
+    println!(
+        "sqlite: with {pending} deliveries pending, the backlog (/metrics) in {:.1} ms, \
+         the counts per destination in {:.1} ms",
+        backlog.as_secs_f64() * 1000.0,
+        started.elapsed().as_secs_f64() * 1000.0
+    );
+
+    // Retention: everything above was delivered or waits; purge it while events keep arriving, and
     // see how long an ingest commit (what a sender waits for) waits meanwhile.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let ingest = {

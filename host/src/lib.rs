@@ -207,6 +207,7 @@ impl Gateway {
             reloader: self.reloader.clone(),
             metrics: self.metrics.clone(),
             minutes: Default::default(),
+            counts: Default::default(),
         });
         tracing::info!(address = %listener.local_addr()?, "Switchyard is listening.");
         // A store that can no longer be trusted to keep what it acknowledges stops the

@@ -6,6 +6,7 @@
 //! annotation and is registered through [`utoipa_axum::routes!`], so the OpenAPI document
 //! served at `/v1/openapi.json` is generated from the same code that serves the routes.
 
+pub mod counts;
 pub mod objects;
 pub mod stats;
 
@@ -46,6 +47,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// The per-minute counts of minutes that are over, for `GET /v1/stats`.
     pub minutes: Arc<stats::MinuteCache>,
+    /// The deliveries waiting and failed per destination, for the destination views.
+    pub counts: Arc<counts::CountsCache>,
 }
 
 /// The OpenAPI document's frame; the paths come from the handlers.

@@ -8,6 +8,7 @@
 //! the stored secret.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Bytes;
@@ -410,6 +411,15 @@ pub async fn delete_source(
 
 // ---- destinations ---------------------------------------------------------------------
 
+/// The deliveries waiting and failed per destination (see [`super::counts`]).
+async fn delivery_counts(state: &AppState) -> Result<Arc<Vec<DeliveryCounts>>, ApiError> {
+    let store = state.store.clone();
+    Ok(state
+        .counts
+        .get(|| async move { store.delivery_counts().await })
+        .await?)
+}
+
 /// Destinations in name order, with their health and delivery counts.
 #[utoipa::path(get, path = "/v1/destinations", tag = "destinations", params(PageQuery),
     responses(
@@ -421,7 +431,7 @@ pub async fn list_destinations(
     query: Result<Query<PageQuery>, QueryRejection>,
 ) -> Result<Json<Page<DestinationView>>, ApiError> {
     let (items, next_cursor) = page_of::<DestinationConfig>(&state, query)?;
-    let counts = state.store.delivery_counts().await?;
+    let counts = delivery_counts(&state).await?;
     let items = items
         .iter()
         .map(|d| destination_view(&state, d, &counts))
@@ -441,7 +451,7 @@ pub async fn create_destination(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let (d, location) = create::<DestinationConfig>(&state, body).await?;
-    let counts = state.store.delivery_counts().await?;
+    let counts = delivery_counts(&state).await?;
     Ok(created(location, destination_view(&state, &d, &counts)))
 }
 
@@ -456,7 +466,7 @@ pub async fn get_destination(
     Path(name): Path<String>,
 ) -> Result<Json<DestinationView>, ApiError> {
     let d = find(&state, &name)?;
-    let counts = state.store.delivery_counts().await?;
+    let counts = delivery_counts(&state).await?;
     Ok(Json(destination_view(&state, &d, &counts)))
 }
 
@@ -476,7 +486,7 @@ pub async fn patch_destination(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<DestinationView>, ApiError> {
     let d = patch::<DestinationConfig>(&state, &name, body).await?;
-    let counts = state.store.delivery_counts().await?;
+    let counts = delivery_counts(&state).await?;
     Ok(Json(destination_view(&state, &d, &counts)))
 }
 

@@ -164,6 +164,11 @@ const LIST_DELIVERIES_DELIVERED: &str =
     "SELECT * FROM deliveries WHERE status = $1 AND seq > $2 ORDER BY seq LIMIT $3";
 const LIST_DELIVERIES_UNDELIVERED: &str = "SELECT * FROM deliveries
     WHERE status = $1 AND status <> 'delivered' AND seq > $2 ORDER BY seq LIMIT $3";
+/// When the oldest pending delivery was created: the first by `seq` (which follows
+/// creation), one probe of `deliveries_undelivered`; `MIN(created_at)` read every pending
+/// row.
+const OLDEST_PENDING: &str = "SELECT created_at FROM deliveries
+    WHERE status = 'pending' AND status <> 'delivered' ORDER BY seq LIMIT 1";
 /// Pending and failed deliveries per destination.
 const DELIVERY_COUNTS: &str = "SELECT destination, COUNT(*) FILTER (WHERE status = 'pending'),
         COUNT(*) FILTER (WHERE status = 'failed')
@@ -1271,7 +1276,9 @@ impl Store for PgStore {
         let client = self.pool.get().await?;
         let r = client
             .query_one(
-                "SELECT COUNT(*), MIN(created_at) FROM deliveries WHERE status = 'pending'",
+                &format!(
+                    "SELECT COUNT(*), ({OLDEST_PENDING}) FROM deliveries WHERE status = 'pending'"
+                ),
                 &[],
             )
             .await?;
@@ -1384,6 +1391,9 @@ mod tests {
         assert!(failed.contains("deliveries_undelivered"), "{failed}");
         let counts = explain(&client, DELIVERY_COUNTS, &[]).await;
         assert!(counts.contains("deliveries_undelivered"), "{counts}");
+        let oldest = explain(&client, OLDEST_PENDING, &[]).await;
+        assert!(oldest.contains("deliveries_undelivered"), "{oldest}");
+        assert!(!oldest.contains("Sort"), "{oldest}");
         // The dispatcher's queries walk the due index in order and stop early.
         let known: Option<Vec<String>> = None;
         let claim = explain(&client, CLAIM_DUE, &[&0i64, &0i64, &10i64, &known, &0i64]).await;

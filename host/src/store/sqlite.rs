@@ -168,6 +168,12 @@ const LIST_DELIVERIES_DELIVERED: &str =
     "SELECT * FROM deliveries WHERE status = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3";
 const LIST_DELIVERIES_UNDELIVERED: &str = "SELECT * FROM deliveries
     WHERE status = ?1 AND status != 'delivered' AND seq > ?2 ORDER BY seq LIMIT ?3";
+/// When the oldest pending delivery was created: the first by `seq` (which follows
+/// creation), one probe of `deliveries_undelivered` (the repeated term selects it; without
+/// it SQLite walks the table from its first row, delivered ones and all). `MIN(created_at)`
+/// read every pending row: ~90 ms a scrape of `/metrics` with 380,000 waiting.
+const OLDEST_PENDING: &str = "SELECT created_at FROM deliveries
+    WHERE status = 'pending' AND status != 'delivered' ORDER BY seq LIMIT 1";
 /// Pending and failed deliveries per destination.
 const DELIVERY_COUNTS: &str = "SELECT destination, SUM(status = 'pending'), SUM(status = 'failed')
     FROM deliveries WHERE status IN ('pending', 'failed') AND status != 'delivered'
@@ -1369,16 +1375,15 @@ impl Store for SqliteStore {
 
     async fn backlog(&self) -> Result<(u64, Option<u64>), StoreError> {
         self.read(|conn| {
-            conn.query_row(
-                "SELECT COUNT(*), MIN(created_at) FROM deliveries WHERE status = 'pending'",
+            let pending: i64 = conn.query_row(
+                "SELECT COUNT(*) FROM deliveries WHERE status = 'pending'",
                 [],
-                |r| {
-                    Ok((
-                        r.get::<_, i64>(0)? as u64,
-                        r.get::<_, Option<i64>>(1)?.map(|v| v as u64),
-                    ))
-                },
-            )
+                |r| r.get(0),
+            )?;
+            let oldest: Option<i64> = conn
+                .query_row(OLDEST_PENDING, [], |r| r.get(0))
+                .optional()?;
+            Ok((pending as u64, oldest.map(|v| v as u64)))
         })
         .await
     }
@@ -1912,6 +1917,11 @@ mod tests {
         );
         let counts = plan(DELIVERY_COUNTS);
         assert!(counts.contains("deliveries_undelivered"), "{counts}");
+        let oldest = plan(OLDEST_PENDING);
+        assert_eq!(
+            oldest, "SEARCH deliveries USING INDEX deliveries_undelivered (status=?)",
+            "no sort, no scan"
+        );
         for sql in [LIST_DELIVERIES_ALL, LIST_DELIVERIES_DELIVERED] {
             let p = plan(sql);
             assert!(p.contains("INTEGER PRIMARY KEY (rowid>?)"), "{p}");
