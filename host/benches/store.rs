@@ -228,7 +228,7 @@ async fn main() -> anyhow::Result<()> {
             .purge_events(PurgeBefore::delivered(before), after, batch)
             .await?;
         (purged, after) = (purged + n, next);
-        if n < batch {
+        if after.is_none() {
             break;
         }
     }

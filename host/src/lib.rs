@@ -257,8 +257,9 @@ impl Gateway {
     }
 }
 
-/// How many events one purge transaction deletes: each is a short write (~15 ms on
-/// SQLite here) that ingest's commits queue behind, not one that lasts seconds.
+/// How many events one purge transaction looks at (and idempotency keys it deletes): each
+/// is a short write (~15 ms on SQLite here) that ingest's commits queue behind, not one
+/// that lasts seconds.
 const PURGE_BATCH: usize = 500;
 
 /// Deletes delivered events older than the retention age (and failed ones, if their age is
@@ -278,7 +279,7 @@ async fn retention_loop(
             delivered: age(config.retention.delivered),
             failed: config.retention.failed.map(age),
         };
-        let events = in_batches(&stop, "Retention purge", None, |after| {
+        let events = in_batches(&stop, "Retention purge", |after| {
             let store = store.clone();
             async move { store.purge_events(before, after, PURGE_BATCH).await }
         });
@@ -287,9 +288,12 @@ async fn retention_loop(
             tracing::info!(events = purged, "Purged events past retention.");
         }
         let keys_before = age(config.server.idempotency_window);
-        let keys = in_batches(&stop, "Purging idempotency keys", (), |()| {
+        let keys = in_batches(&stop, "Purging idempotency keys", |_: Option<()>| {
             let store = store.clone();
-            async move { Ok((store.purge_idempotency(keys_before, PURGE_BATCH).await?, ())) }
+            async move {
+                let n = store.purge_idempotency(keys_before, PURGE_BATCH).await?;
+                Ok((n, (n == PURGE_BATCH).then_some(())))
+            }
         });
         let Some(keys) = keys.await else { return };
         if keys > 0 {
@@ -302,26 +306,21 @@ async fn retention_loop(
     }
 }
 
-/// Calls `batch` until it does less than a full batch or fails (logged as `what`), each
-/// call given where the last left off (starting from `from`); `None` if `stop` came first.
-/// Returns how much it did in all.
-async fn in_batches<C, F, Fut>(
-    stop: &CancellationToken,
-    what: &str,
-    from: C,
-    mut batch: F,
-) -> Option<usize>
+/// Calls `batch` until it says there is no more or fails (logged as `what`), each call
+/// given where the last left off (`None` at first); `None` if `stop` came first. Returns
+/// how much it did in all.
+async fn in_batches<C, F, Fut>(stop: &CancellationToken, what: &str, mut batch: F) -> Option<usize>
 where
-    F: FnMut(C) -> Fut,
-    Fut: Future<Output = Result<(usize, C), store::StoreError>>,
+    F: FnMut(Option<C>) -> Fut,
+    Fut: Future<Output = Result<(usize, Option<C>), store::StoreError>>,
 {
-    let (mut done, mut at) = (0, from);
+    let (mut done, mut at) = (0, None);
     loop {
         if stop.is_cancelled() {
             return None;
         }
         match batch(at).await {
-            Ok((n, _)) if n < PURGE_BATCH => return Some(done + n),
+            Ok((n, None)) => return Some(done + n),
             Ok((n, next)) => (done, at) = (done + n, next),
             Err(e) => {
                 tracing::warn!(error = %e, "{what} failed.");

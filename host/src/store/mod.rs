@@ -230,14 +230,16 @@ pub trait Store: Send + Sync + 'static {
     /// window, where ingest no longer looks), the oldest first; returns how many.
     async fn purge_idempotency(&self, before: u64, limit: usize) -> Result<usize, StoreError>;
 
-    /// Deletes up to `limit` processed events that retention lets go, the oldest first
-    /// after `after`, in one transaction: those received before `before.delivered` that
-    /// have no pending delivery, no failed delivery made by their latest run, and no route
-    /// that failed in their latest run (a replay supersedes the failures of earlier runs);
-    /// and, if `before.failed` is set, those received before it that have no pending
-    /// delivery, whatever became of the rest. Returns how many, and where the next call
-    /// goes on: a purge is a series of short writes, so that ingest's commits are not kept
-    /// waiting behind one long delete.
+    /// Looks at up to `limit` events received before `before`'s bounds, the oldest first
+    /// after `after`, and deletes in one transaction the processed ones that retention lets
+    /// go: those received before `before.delivered` that have no pending delivery, no
+    /// failed delivery made by their latest run, and no route that failed in their latest
+    /// run (a replay supersedes the failures of earlier runs); and, if `before.failed` is
+    /// set, those received before it that have no pending delivery, whatever became of the
+    /// rest. Returns how many it deleted, and where the next call goes on (`None`: there is
+    /// nothing more to look at). A purge is a series of short writes, each bounded by what
+    /// it looks at — kept events included, however many are kept — so that ingest's
+    /// commits are not kept waiting behind one long one.
     async fn purge_events(
         &self,
         before: PurgeBefore,

@@ -1314,20 +1314,22 @@ impl Store for PgStore {
             Some((at, id)) => (at as i64, id),
             None => (-1, String::new()),
         };
-        // The next events retention may delete, oldest first from the cursor, found by
-        // `events_received`; the kept ones are passed over once per purge. $1 is the later
-        // of $5 (delivered events) and $6 (any settled event).
-        let doomed = tx
+        // The next events from the cursor, oldest first by `events_received`, each with
+        // whether retention lets it go (a batch is what is looked at: see SQLite's
+        // `PURGE_LOOK`). $1 is the later of $5 (delivered events) and $6 (any settled
+        // event).
+        let looked = tx
             .query(
-                "SELECT e.received_at, e.id FROM events e
+                "SELECT e.received_at, e.id,
+                    e.status = 'processed'
+                    AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id
+                        AND d.status = 'pending')
+                    AND (e.received_at < $6
+                         OR (e.received_at < $5 AND e.failed_routes = 0
+                             AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id
+                                 AND d.status = 'failed' AND d.run = e.run)))
+                 FROM events e
                  WHERE e.received_at < $1 AND (e.received_at, e.id) > ($2, $3)
-                   AND e.status = 'processed'
-                   AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id
-                       AND d.status = 'pending')
-                   AND (e.received_at < $6
-                        OR (e.received_at < $5 AND e.failed_routes = 0
-                            AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id
-                                AND d.status = 'failed' AND d.run = e.run)))
                  ORDER BY e.received_at, e.id LIMIT $4",
                 &[
                     &end,
@@ -1339,12 +1341,21 @@ impl Store for PgStore {
                 ],
             )
             .await?;
-        let Some(last) = doomed.last() else {
-            tx.commit().await?;
-            return Ok((0, None));
+        let next = match looked.last() {
+            Some(last) if looked.len() == limit => {
+                Some((last.get::<_, i64>(0) as u64, last.get::<_, String>(1)))
+            }
+            _ => None,
         };
-        let cursor = (last.get::<_, i64>(0) as u64, last.get::<_, String>(1));
-        let ids: Vec<String> = doomed.iter().map(|r| r.get(1)).collect();
+        let ids: Vec<String> = looked
+            .iter()
+            .filter(|r| r.get::<_, bool>(2))
+            .map(|r| r.get(1))
+            .collect();
+        if ids.is_empty() {
+            tx.commit().await?;
+            return Ok((0, next));
+        }
         for delete in [
             "DELETE FROM attempts WHERE delivery_id IN (SELECT id FROM deliveries
                  WHERE event_id = ANY($1))",
@@ -1355,7 +1366,7 @@ impl Store for PgStore {
             tx.execute(delete, &[&ids]).await?;
         }
         tx.commit().await?;
-        Ok((ids.len(), Some(cursor)))
+        Ok((ids.len(), next))
     }
 }
 

@@ -1412,18 +1412,22 @@ impl Store for SqliteStore {
                 Some((at, id)) => (*at as i64, id.clone()),
                 None => (-1, String::new()),
             };
-            let doomed: Vec<(i64, String)> = conn
-                .prepare_cached(PURGE_DOOMED)?
+            let looked: Vec<(i64, String, bool)> = conn
+                .prepare_cached(PURGE_LOOK)?
                 .query_map(
                     params![end, from_at, from_id, limit as i64, delivered, failed],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
                 )?
                 .collect::<rusqlite::Result<_>>()?;
-            let Some((last_at, last_id)) = doomed.last().cloned() else {
-                return Ok((0, None));
+            let next = match looked.last() {
+                Some((at, id, _)) if looked.len() == limit => Some((*at as u64, id.clone())),
+                _ => None,
             };
-            let ids = serde_json::to_string(&doomed.iter().map(|(_, id)| id).collect::<Vec<_>>())
-                .expect("strings serialize");
+            let doomed: Vec<&String> = looked.iter().filter(|l| l.2).map(|l| &l.1).collect();
+            if doomed.is_empty() {
+                return Ok((0, next));
+            }
+            let ids = serde_json::to_string(&doomed).expect("strings serialize");
             for delete in [
                 "DELETE FROM attempts WHERE delivery_id IN (SELECT id FROM deliveries
                      WHERE event_id IN (SELECT value FROM json_each(?1)))",
@@ -1433,7 +1437,7 @@ impl Store for SqliteStore {
             ] {
                 conn.prepare_cached(delete)?.execute([&ids])?;
             }
-            Ok((doomed.len(), Some((last_at as u64, last_id))))
+            Ok((doomed.len(), next))
         })
         .await
     }
@@ -1448,17 +1452,20 @@ const MINUTE_ATTEMPTS: &str = "SELECT at / 60000 * 60000 AS m,
         SUM(status_code IS NULL OR status_code NOT BETWEEN 200 AND 299)
     FROM attempts WHERE at >= ?1 GROUP BY m";
 
-/// `Store::purge_events`: the next events retention may delete, oldest first from a
-/// cursor, found by `events_received`; the kept ones are passed over once per purge.
-/// ?1 is the later of ?5 (delivered events) and ?6 (any settled event).
-const PURGE_DOOMED: &str = "SELECT e.received_at, e.id FROM events e
-    WHERE e.received_at < ?1 AND (e.received_at > ?2 OR (e.received_at = ?2 AND e.id > ?3))
-      AND e.status = 'processed'
+/// `Store::purge_events`: the next events from a cursor, oldest first by
+/// `events_received`, each with whether retention lets it go. A batch is the events looked
+/// at, kept ones included, so a transaction stays short however many old events are kept
+/// (failed ones, with `retention.failed` unset; those of a long outage). ?1 is the later of
+/// ?5 (delivered events) and ?6 (any settled event).
+const PURGE_LOOK: &str = "SELECT e.received_at, e.id,
+      e.status = 'processed'
       AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id AND d.status = 'pending')
       AND (e.received_at < ?6
            OR (e.received_at < ?5 AND e.failed_routes = 0
                AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id
                    AND d.status = 'failed' AND d.run = e.run)))
+    FROM events e
+    WHERE e.received_at < ?1 AND (e.received_at > ?2 OR (e.received_at = ?2 AND e.id > ?3))
     ORDER BY e.received_at, e.id LIMIT ?4 + 0";
 
 /// `Store::claim_due`: the first due deliveries in the order of `deliveries_due`. (`LIMIT
@@ -1938,7 +1945,7 @@ mod tests {
         ));
         assert!(dead.contains("USING INDEX events_dead_lettered"), "{dead}");
         // Retention walks the events by age from its cursor, a batch at a time.
-        let purge = plan(PURGE_DOOMED);
+        let purge = plan(PURGE_LOOK);
         assert!(purge.contains("e USING INDEX events_received"), "{purge}");
         let events = plan(MINUTE_EVENTS);
         assert!(
