@@ -597,8 +597,8 @@ struct Recovered {
     retried: usize,
 }
 
-/// How many deliveries one store write of a recovery changes: a long recovery does not
-/// keep the store's writer from ingest.
+/// How many failed deliveries one store write of a recovery looks at: a long recovery does
+/// not keep the store's writer from ingest.
 const RECOVER_BATCH: usize = 500;
 
 /// Sends every failed delivery to this destination planned in a time window again, as a
@@ -629,16 +629,17 @@ async fn recover_destination(
     }
     let (mut retried, mut after) = (0, 0);
     loop {
-        let (n, last) = state
+        let (n, next) = state
             .store
             .recover_deliveries(&name, req.since, until, after, now, RECOVER_BATCH)
             .await?;
-        (retried, after) = (retried + n, last);
+        retried += n;
         if n > 0 {
             state.dispatcher.wake();
         }
-        if n < RECOVER_BATCH {
-            break;
+        match next {
+            Some(next) => after = next,
+            None => break,
         }
     }
     tracing::info!(destination = %name, retried, since = req.since, until, "Failed deliveries recovered by hand.");

@@ -180,11 +180,13 @@ pub trait Store: Send + Sync + 'static {
     /// or it was delivered or skipped.
     async fn retry_delivery(&self, id: &str, now: u64) -> Result<bool, StoreError>;
 
-    /// Makes up to `limit` failed deliveries to `destination` that were planned in
-    /// `[since, until)` (ms) and come after `after` in the store's order due at `now`,
-    /// oldest first, as [`Store::retry_delivery`] does one (held if the destination is not
-    /// ACTIVE). Returns how many, and where the next call goes on (`after`): a recovery
-    /// walks the failed deliveries once, even if some fail again meanwhile.
+    /// Looks at up to `limit` failed deliveries that come after `after` in the store's
+    /// order, oldest first, and makes those to `destination` planned in `[since, until)`
+    /// (ms) due at `now`, as [`Store::retry_delivery`] does one (held if the destination is
+    /// not ACTIVE). Returns how many it changed, and where the next call goes on (`None`:
+    /// there is nothing more to look at). A recovery walks the failed deliveries once, even
+    /// if some fail again meanwhile, in writes bounded by what they look at (the failed
+    /// deliveries of other destinations and other times included).
     async fn recover_deliveries(
         &self,
         destination: &str,
@@ -193,7 +195,7 @@ pub trait Store: Send + Sync + 'static {
         after: i64,
         now: u64,
         limit: usize,
-    ) -> Result<(usize, i64), StoreError>;
+    ) -> Result<(usize, Option<i64>), StoreError>;
 
     /// Per minute from `since` (ms, rounded down to a minute) on: events received, attempts
     /// that delivered, attempts that failed.

@@ -169,6 +169,10 @@ const LIST_DELIVERIES_UNDELIVERED: &str = "SELECT * FROM deliveries
 /// row.
 const OLDEST_PENDING: &str = "SELECT created_at FROM deliveries
     WHERE status = 'pending' AND status <> 'delivered' ORDER BY seq LIMIT 1";
+/// `Store::recover_deliveries`: the next failed deliveries from a cursor, by
+/// `deliveries_undelivered`.
+const RECOVER_LOOK: &str = "SELECT seq FROM deliveries
+    WHERE status = 'failed' AND status <> 'delivered' AND seq > $1 ORDER BY seq LIMIT $2";
 /// Pending and failed deliveries per destination.
 const DELIVERY_COUNTS: &str = "SELECT destination, COUNT(*) FILTER (WHERE status = 'pending'),
         COUNT(*) FILTER (WHERE status = 'failed')
@@ -1208,31 +1212,31 @@ impl Store for PgStore {
         after: i64,
         now: u64,
         limit: usize,
-    ) -> Result<(usize, i64), StoreError> {
+    ) -> Result<(usize, Option<i64>), StoreError> {
         let [since, until, now] = [since, until, now].map(|t| t.min(i64::MAX as u64) as i64);
-        let client = self.pool.get().await?;
-        let rows = client
-            .query(
-                // Held instead while its destination is not ACTIVE (see `HOLD`). The outer
-                // status test is checked again on a row another instance changed meanwhile.
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        // The next failed deliveries from the cursor...
+        let looked = tx.query(RECOVER_LOOK, &[&after, &(limit as i64)]).await?;
+        let Some(last) = looked.last().map(|r| r.get::<_, i64>(0)) else {
+            return Ok((0, None));
+        };
+        // ...and those of them to the destination and in the window due again. Held
+        // instead while its destination is not ACTIVE (see `HOLD`); the status test is
+        // checked again on a row another instance changed meanwhile.
+        let changed = tx
+            .execute(
                 "UPDATE deliveries SET status = 'pending', lease_until = NULL,
                      next_attempt_at = CASE WHEN EXISTS (SELECT 1 FROM destination_state s
                          WHERE s.name = deliveries.destination AND s.state != 'active')
                          THEN NULL ELSE $5::BIGINT END
-                 WHERE status = 'failed' AND seq IN (SELECT seq FROM deliveries
-                     WHERE status = 'failed' AND seq > $4 AND destination = $1
-                       AND created_at >= $2 AND created_at < $3
-                     ORDER BY seq LIMIT $6)
-                 RETURNING seq",
-                &[&destination, &since, &until, &after, &now, &(limit as i64)],
+                 WHERE status = 'failed' AND status <> 'delivered' AND seq > $4 AND seq <= $6
+                   AND destination = $1 AND created_at >= $2 AND created_at < $3",
+                &[&destination, &since, &until, &after, &now, &last],
             )
             .await?;
-        let last = rows
-            .iter()
-            .map(|r| r.get::<_, i64>(0))
-            .max()
-            .unwrap_or(after);
-        Ok((rows.len(), last))
+        tx.commit().await?;
+        Ok((changed as usize, (looked.len() == limit).then_some(last)))
     }
 
     async fn minute_stats(&self, since: u64) -> Result<Vec<MinuteStats>, StoreError> {
@@ -1405,6 +1409,9 @@ mod tests {
         let oldest = explain(&client, OLDEST_PENDING, &[]).await;
         assert!(oldest.contains("deliveries_undelivered"), "{oldest}");
         assert!(!oldest.contains("Sort"), "{oldest}");
+        let look = explain(&client, RECOVER_LOOK, &[&0i64, &10i64]).await;
+        assert!(look.contains("deliveries_undelivered"), "{look}");
+        assert!(!look.contains("Sort"), "{look}");
         // The dispatcher's queries walk the due index in order and stop early.
         let known: Option<Vec<String>> = None;
         let claim = explain(&client, CLAIM_DUE, &[&0i64, &0i64, &10i64, &known, &0i64]).await;

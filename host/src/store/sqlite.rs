@@ -1312,30 +1312,26 @@ impl Store for SqliteStore {
         after: i64,
         now: u64,
         limit: usize,
-    ) -> Result<(usize, i64), StoreError> {
+    ) -> Result<(usize, Option<i64>), StoreError> {
         let destination = destination.to_string();
         let [since, until, now] = [since, until, now].map(|t| t.min(i64::MAX as u64) as i64);
         self.write(move |conn| {
-            let mut stmt = conn.prepare_cached(
-                // Held instead while its destination is not ACTIVE (see `hold`). The failed
-                // ones are found by `deliveries_status`, in order.
-                "UPDATE deliveries SET status = 'pending', lease_until = NULL,
-                     next_attempt_at = CASE WHEN EXISTS (SELECT 1 FROM destination_state s
-                         WHERE s.name = deliveries.destination AND s.state != 'active')
-                         THEN NULL ELSE ?5 END
-                 WHERE seq IN (SELECT seq FROM deliveries
-                     WHERE status = 'failed' AND seq > ?4 AND destination = ?1
-                       AND created_at >= ?2 AND created_at < ?3
-                     ORDER BY seq LIMIT ?6 + 0)
-                 RETURNING seq",
-            )?;
-            let seqs = stmt
-                .query_map(
-                    params![destination, since, until, after, now, limit as i64],
-                    |r| r.get::<_, i64>(0),
-                )?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            Ok((seqs.len(), seqs.into_iter().max().unwrap_or(after)))
+            let looked: Vec<i64> = conn
+                .prepare_cached(RECOVER_LOOK)?
+                .query_map(params![after, limit as i64], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            let Some(&last) = looked.last() else {
+                return Ok((0, None));
+            };
+            let changed = conn.prepare_cached(RECOVER)?.execute(params![
+                destination,
+                since,
+                until,
+                after,
+                now,
+                last
+            ])?;
+            Ok((changed, (looked.len() == limit).then_some(last)))
         })
         .await
     }
@@ -1467,6 +1463,19 @@ const PURGE_LOOK: &str = "SELECT e.received_at, e.id,
     FROM events e
     WHERE e.received_at < ?1 AND (e.received_at > ?2 OR (e.received_at = ?2 AND e.id > ?3))
     ORDER BY e.received_at, e.id LIMIT ?4 + 0";
+
+/// `Store::recover_deliveries`: the next failed deliveries from a cursor, by
+/// `deliveries_undelivered` (the repeated term selects it).
+const RECOVER_LOOK: &str = "SELECT seq FROM deliveries
+    WHERE status = 'failed' AND status != 'delivered' AND seq > ?1 ORDER BY seq LIMIT ?2 + 0";
+/// ...and those of them to the destination and in the window made due again (?4 < seq <=
+/// ?6), or held while the destination is not ACTIVE (see `hold`).
+const RECOVER: &str = "UPDATE deliveries SET status = 'pending', lease_until = NULL,
+        next_attempt_at = CASE WHEN EXISTS (SELECT 1 FROM destination_state s
+            WHERE s.name = deliveries.destination AND s.state != 'active')
+            THEN NULL ELSE ?5 END
+    WHERE status = 'failed' AND status != 'delivered' AND seq > ?4 AND seq <= ?6
+      AND destination = ?1 AND created_at >= ?2 AND created_at < ?3";
 
 /// `Store::claim_due`: the first due deliveries in the order of `deliveries_due`. (`LIMIT
 /// ?3 + 0`, not `LIMIT ?3`: SQLite plans with a bare bound limit's value and so compiles
@@ -1924,6 +1933,18 @@ mod tests {
         );
         let counts = plan(DELIVERY_COUNTS);
         assert!(counts.contains("deliveries_undelivered"), "{counts}");
+        let look = plan(RECOVER_LOOK);
+        assert_eq!(
+            look,
+            "SEARCH deliveries USING COVERING INDEX deliveries_undelivered (status=? AND seq>?)"
+        );
+        let recover = plan(RECOVER);
+        assert!(
+            recover.starts_with(
+                "SEARCH deliveries USING INDEX deliveries_undelivered (status=? AND seq>? AND seq<?)"
+            ),
+            "{recover}"
+        );
         let oldest = plan(OLDEST_PENDING);
         assert_eq!(
             oldest, "SEARCH deliveries USING INDEX deliveries_undelivered (status=?)",
