@@ -169,6 +169,21 @@ const LIST_DELIVERIES_UNDELIVERED: &str = "SELECT * FROM deliveries
 /// row.
 const OLDEST_PENDING: &str = "SELECT created_at FROM deliveries
     WHERE status = 'pending' AND status <> 'delivered' ORDER BY seq LIMIT 1";
+/// The start of an update that makes deliveries due at `$now` again, as a retry by hand
+/// does — or held (no due time) while their destination is not ACTIVE (see `HOLD`).
+macro_rules! due_again {
+    ($now:literal) => {
+        concat!(
+            "UPDATE deliveries SET status = 'pending', lease_until = NULL,
+                next_attempt_at = CASE WHEN EXISTS (SELECT 1 FROM destination_state s
+                    WHERE s.name = deliveries.destination AND s.state != 'active')
+                    THEN NULL ELSE ",
+            $now,
+            " END"
+        )
+    };
+}
+
 /// `Store::recover_deliveries`: the next failed deliveries from a cursor, by
 /// `deliveries_undelivered`.
 const RECOVER_LOOK: &str = "SELECT seq FROM deliveries
@@ -1192,12 +1207,10 @@ impl Store for PgStore {
         let client = self.pool.get().await?;
         let n = client
             .execute(
-                // Held instead while its destination is not ACTIVE (see `HOLD`).
-                "UPDATE deliveries SET status = 'pending', lease_until = NULL,
-                     next_attempt_at = CASE WHEN EXISTS (SELECT 1 FROM destination_state s
-                         WHERE s.name = deliveries.destination AND s.state != 'active')
-                         THEN NULL ELSE $1::BIGINT END
-                 WHERE id = $2 AND status IN ('pending', 'failed')",
+                concat!(
+                    due_again!("$1::BIGINT"),
+                    " WHERE id = $2 AND status IN ('pending', 'failed')"
+                ),
                 &[&(now as i64), &id],
             )
             .await?;
@@ -1221,17 +1234,16 @@ impl Store for PgStore {
         let Some(last) = looked.last().map(|r| r.get::<_, i64>(0)) else {
             return Ok((0, None));
         };
-        // ...and those of them to the destination and in the window due again. Held
-        // instead while its destination is not ACTIVE (see `HOLD`); the status test is
-        // checked again on a row another instance changed meanwhile.
+        // ...and those of them to the destination and in the window due again (the status
+        // test is checked again on a row another instance changed meanwhile).
         let changed = tx
             .execute(
-                "UPDATE deliveries SET status = 'pending', lease_until = NULL,
-                     next_attempt_at = CASE WHEN EXISTS (SELECT 1 FROM destination_state s
-                         WHERE s.name = deliveries.destination AND s.state != 'active')
-                         THEN NULL ELSE $5::BIGINT END
-                 WHERE status = 'failed' AND status <> 'delivered' AND seq > $4 AND seq <= $6
-                   AND destination = $1 AND created_at >= $2 AND created_at < $3",
+                concat!(
+                    due_again!("$5::BIGINT"),
+                    " WHERE status = 'failed' AND status <> 'delivered' AND seq > $4
+                       AND seq <= $6 AND destination = $1 AND created_at >= $2
+                       AND created_at < $3"
+                ),
                 &[&destination, &since, &until, &after, &now, &last],
             )
             .await?;

@@ -1290,14 +1290,10 @@ impl Store for SqliteStore {
     async fn retry_delivery(&self, id: &str, now: u64) -> Result<bool, StoreError> {
         let id = id.to_string();
         self.write(move |conn| {
-            conn.prepare_cached(
-                // Held instead while its destination is not ACTIVE (see `hold`).
-                "UPDATE deliveries SET status = 'pending', lease_until = NULL,
-                     next_attempt_at = CASE WHEN EXISTS (SELECT 1 FROM destination_state s
-                         WHERE s.name = deliveries.destination AND s.state != 'active')
-                         THEN NULL ELSE ?1 END
-                 WHERE id = ?2 AND status IN ('pending', 'failed')",
-            )?
+            conn.prepare_cached(concat!(
+                due_again!("?1"),
+                " WHERE id = ?2 AND status IN ('pending', 'failed')"
+            ))?
             .execute(params![now as i64, id])
             .map(|n| n == 1)
         })
@@ -1469,13 +1465,28 @@ const PURGE_LOOK: &str = "SELECT e.received_at, e.id,
 const RECOVER_LOOK: &str = "SELECT seq FROM deliveries
     WHERE status = 'failed' AND status != 'delivered' AND seq > ?1 ORDER BY seq LIMIT ?2 + 0";
 /// ...and those of them to the destination and in the window made due again (?4 < seq <=
-/// ?6), or held while the destination is not ACTIVE (see `hold`).
-const RECOVER: &str = "UPDATE deliveries SET status = 'pending', lease_until = NULL,
-        next_attempt_at = CASE WHEN EXISTS (SELECT 1 FROM destination_state s
-            WHERE s.name = deliveries.destination AND s.state != 'active')
-            THEN NULL ELSE ?5 END
-    WHERE status = 'failed' AND status != 'delivered' AND seq > ?4 AND seq <= ?6
-      AND destination = ?1 AND created_at >= ?2 AND created_at < ?3";
+/// ?6).
+const RECOVER: &str = concat!(
+    due_again!("?5"),
+    " WHERE status = 'failed' AND status != 'delivered' AND seq > ?4 AND seq <= ?6
+      AND destination = ?1 AND created_at >= ?2 AND created_at < ?3"
+);
+
+/// The start of an update that makes deliveries due at `$now` again, as a retry by hand
+/// does — or held (no due time) while their destination is not ACTIVE (see `hold`).
+macro_rules! due_again {
+    ($now:literal) => {
+        concat!(
+            "UPDATE deliveries SET status = 'pending', lease_until = NULL,
+                next_attempt_at = CASE WHEN EXISTS (SELECT 1 FROM destination_state s
+                    WHERE s.name = deliveries.destination AND s.state != 'active')
+                    THEN NULL ELSE ",
+            $now,
+            " END"
+        )
+    };
+}
+use due_again;
 
 /// `Store::claim_due`: the first due deliveries in the order of `deliveries_due`. (`LIMIT
 /// ?3 + 0`, not `LIMIT ?3`: SQLite plans with a bare bound limit's value and so compiles
