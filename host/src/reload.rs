@@ -211,7 +211,10 @@ impl Reloader {
         let dir = config.plugins.dir.clone();
         let cache = config.server.data_dir.join("plugin-cache");
         let scanned = tokio::task::spawn_blocking(move || {
-            scan(&runtime, &dir, &current, &previous, &used, &cache)
+            let scanned = scan(&runtime, &dir, &current, &previous, &used, &cache);
+            // What serves after this reload is what the scan kept or loaded.
+            runtime.prune_cache(&cache, scanned.0.values().map(|p| p.sha256()));
+            scanned
         })
         .await;
         let (plugins, statuses) = match scanned {

@@ -324,6 +324,53 @@ async fn the_compiled_cache_skips_compilation_on_restart() {
     gw.shutdown().await.unwrap();
 }
 
+/// The compiled-plugin cache keeps only the versions in force: a new version's compiled
+/// code replaces the old one's, and an older engine's entries and a crash's temp files go.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_compiled_cache_keeps_only_the_versions_in_force() {
+    let rx = Receiver::start().await;
+    let dir = TestGateway::dir_with_plugins(&["marker"]);
+    let gw = TestGateway::start_from_file(dir, MARKED, &rx)
+        .await
+        .unwrap();
+    let cache = gw.dir().join("data/plugin-cache");
+    let entries = || {
+        let mut names: Vec<String> = std::fs::read_dir(&cache)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let v1 = entries();
+    assert_eq!(v1.len(), 1, "{v1:?}");
+    assert!(v1[0].starts_with(&sha256_of(&guest("marker"))), "{v1:?}");
+    let old_engine = cache.join(format!("{}-0123456789abcdef.cwasm", "0".repeat(64)));
+    std::fs::write(&old_engine, b"compiled by another engine").unwrap();
+    let leftover = cache.join("abc-def.tmp4242");
+    std::fs::write(&leftover, b"half written").unwrap();
+    let status = std::process::Command::new("touch")
+        .args(["-d", "2 hours ago"])
+        .arg(&leftover)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let young = cache.join("abc-def.tmp4343");
+    std::fs::write(&young, b"being written").unwrap();
+
+    install(gw.dir(), "marker", &guest("marker-v2"));
+    let v2_sha = sha256_of(&guest("marker-v2"));
+    wait_plugin(&gw, "marker", |p| p["sha256"] == v2_sha.as_str()).await;
+    let now = entries();
+    assert_eq!(now.len(), 2, "{now:?}");
+    assert_eq!(
+        now[0], "abc-def.tmp4343",
+        "a young temp file may be a write in progress"
+    );
+    assert!(now[1].starts_with(&v2_sha), "{now:?}");
+    gw.shutdown().await.unwrap();
+}
+
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(from).unwrap() {

@@ -236,6 +236,44 @@ impl PluginRuntime {
         })
     }
 
+    /// Deletes from `cache_dir` the compiled code of every plugin version but `keep` (the
+    /// SHA-256s of those in force) and of other engines (an older gateway's), and temp
+    /// files a crash left behind. Without it the cache grew by a compiled copy of each
+    /// version ever loaded — tens of MB for a JavaScript or Python plugin, each deploy.
+    /// A version reloaded later is compiled again.
+    pub fn prune_cache<'a>(&self, cache_dir: &Path, keep: impl IntoIterator<Item = &'a str>) {
+        let suffix = format!("-{}.cwasm", self.compatibility_hash());
+        let keep: std::collections::HashSet<String> = keep
+            .into_iter()
+            .map(|sha| format!("{sha}{suffix}"))
+            .collect();
+        let Ok(entries) = std::fs::read_dir(cache_dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let stale = if name.ends_with(".cwasm") {
+                !keep.contains(&name)
+            } else {
+                // A write in progress (another process's, on a shared data dir) is young.
+                name.contains(".tmp")
+                    && entry
+                        .metadata()
+                        .and_then(|m| m.modified())
+                        .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > STALE_TEMP))
+            };
+            if !stale {
+                continue;
+            }
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => tracing::debug!(file = %name, "Pruned from the compiled-plugin cache."),
+                Err(e) => {
+                    tracing::warn!(file = %name, error = %e, "Cannot prune the compiled-plugin cache.")
+                }
+            }
+        }
+    }
+
     /// A short hex digest of what makes compiled code loadable by this engine.
     fn compatibility_hash(&self) -> String {
         use std::hash::{Hash, Hasher};
@@ -264,6 +302,9 @@ impl PluginRuntime {
         &self.engine
     }
 }
+
+/// How old a temp file in the compiled-plugin cache must be to be a crash's leftover.
+const STALE_TEMP: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// Writes a compiled component to the cache, atomically (temp file, then rename).
 fn write_cache(component: &Component, file: &Path) {
