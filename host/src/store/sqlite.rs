@@ -476,12 +476,6 @@ impl Readers {
     ) -> Result<R, StoreError> {
         let permit = self.free.clone().acquire_owned().await;
         let pooled = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        // A connection lost with a read that panicked (or could not clear its budget) is
-        // replaced.
-        let conn = match pooled {
-            Some(conn) => conn,
-            None => (self.open)()?,
-        };
         // The budget is kept by SQLite's progress handler, which the read's own thread
         // calls every thousand VM instructions: it stops the read at the deadline
         // wherever it is, and cannot touch the connection's next read (an interrupt from
@@ -491,7 +485,12 @@ impl Readers {
         let this = self.clone();
         let task = tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            let mut conn = conn;
+            // A connection lost with a read that panicked (or could not clear its budget) is
+            // replaced, here: opening one is file I/O.
+            let mut conn = match pooled {
+                Some(conn) => conn,
+                None => (this.open)()?,
+            };
             let Some(deadline) = deadline else {
                 let result = f(&conn);
                 this.give_back(conn);
@@ -1986,6 +1985,29 @@ mod tests {
         );
         let attempts = plan(MINUTE_ATTEMPTS);
         assert!(attempts.contains("USING INDEX attempts_at"), "{attempts}");
+    }
+
+    /// A read that panics loses its connection, which the next reads replace: as many
+    /// reads as there are connections still run at once.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_read_that_panics_loses_only_its_connection() {
+        let store = SqliteStore::open_in_memory(10).unwrap();
+        let panicked = store
+            .read(|_| -> rusqlite::Result<()> { panic!("a bug in a read") })
+            .await;
+        assert!(
+            matches!(&panicked, Err(StoreError::Db(e)) if e.contains("read task failed")),
+            "{panicked:?}"
+        );
+        let reads = (0..READERS).map(|_| {
+            store.read(|conn| {
+                std::thread::sleep(Duration::from_millis(50));
+                conn.query_row("SELECT COUNT(*) FROM events", [], |r| r.get::<_, i64>(0))
+            })
+        });
+        for read in futures_util::future::join_all(reads).await {
+            assert_eq!(read.unwrap(), 0);
+        }
     }
 
     /// A read past its budget is interrupted and says so (a listing's budget).
