@@ -1,6 +1,9 @@
 //! Prometheus metrics: what each stage counts, and the gauges read from the store and the
 //! dispatcher when `/metrics` is scraped.
 
+use std::collections::HashSet;
+use std::sync::Mutex;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -20,9 +23,14 @@ pub struct PluginLabels {
     pub plugin: String,
     /// The first 12 hex digits of the plugin's SHA-256.
     pub version: String,
-    /// `drop`, `continue`, `route`, `error`, `trap`, `deadline`, `output`.
+    /// One of [`PLUGIN_OUTCOMES`].
     pub outcome: String,
 }
+
+/// What a plugin call can end in (the pipeline's names).
+pub const PLUGIN_OUTCOMES: [&str; 7] = [
+    "drop", "continue", "route", "error", "trap", "deadline", "output",
+];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
@@ -71,6 +79,10 @@ pub struct Metrics {
     pub pending_deliveries: Gauge,
     pub oldest_pending_seconds: Gauge,
     pub destination_state: Family<StateLabels, Gauge>,
+    /// The destinations whose states the last scrape set.
+    state_names: Mutex<HashSet<String>>,
+    /// The plugin versions the last reload retired (see `retire_plugin_versions`).
+    retired: Mutex<Vec<(String, String)>>,
 }
 
 impl Default for Metrics {
@@ -162,6 +174,8 @@ impl Default for Metrics {
             pending_deliveries,
             oldest_pending_seconds,
             destination_state,
+            state_names: Mutex::default(),
+            retired: Mutex::default(),
         }
     }
 }
@@ -175,6 +189,53 @@ impl Metrics {
                 result: result.to_string(),
             })
             .inc();
+    }
+
+    /// Sets each destination's state gauges (1 for its state, 0 for the others), and drops
+    /// those of destinations no longer configured: a removed destination that was FAILED
+    /// would otherwise report FAILED until the next start, and keep an alert firing.
+    pub fn set_destination_states(&self, states: impl IntoIterator<Item = (String, &'static str)>) {
+        const STATES: [&str; 3] = ["ACTIVE", "FAILED", "DISABLED"];
+        let mut names = self.state_names.lock().unwrap_or_else(|e| e.into_inner());
+        let before = std::mem::take(&mut *names);
+        for (destination, current) in states {
+            for state in STATES {
+                let labels = StateLabels {
+                    destination: destination.clone(),
+                    state: state.to_string(),
+                };
+                self.destination_state
+                    .get_or_create(&labels)
+                    .set(i64::from(state == current));
+            }
+            names.insert(destination);
+        }
+        for gone in before.difference(&names) {
+            for state in STATES {
+                self.destination_state.remove(&StateLabels {
+                    destination: gone.clone(),
+                    state: state.to_string(),
+                });
+            }
+        }
+    }
+
+    /// Drops the plugin-call series of plugin versions (name, SHA-256) that a reload
+    /// retired — each deploy of a plugin would otherwise add a set of series for good —
+    /// and those the previous reload retired once more (a call that was in flight at that
+    /// reload may have recorded after it).
+    pub fn retire_plugin_versions(&self, retired: Vec<(String, String)>) {
+        let mut last = self.retired.lock().unwrap_or_else(|e| e.into_inner());
+        for (plugin, sha256) in last.iter().chain(&retired) {
+            for outcome in PLUGIN_OUTCOMES {
+                self.plugin_calls.remove(&PluginLabels {
+                    plugin: plugin.clone(),
+                    version: sha256.chars().take(12).collect(),
+                    outcome: outcome.to_string(),
+                });
+            }
+        }
+        *last = retired;
     }
 
     /// Records one plugin call.

@@ -208,6 +208,10 @@ impl Reloader {
             self.registry.snapshot(),
             self.registry.statuses(),
         );
+        let current_versions: Vec<(String, String)> = current
+            .iter()
+            .map(|(name, p)| (name.clone(), p.sha256().to_string()))
+            .collect();
         let dir = config.plugins.dir.clone();
         let cache = config.server.data_dir.join("plugin-cache");
         let scanned = tokio::task::spawn_blocking(move || {
@@ -249,7 +253,12 @@ impl Reloader {
             self.file.store(file);
             self.managed.store(managed);
         }
+        let retired = current_versions
+            .into_iter()
+            .filter(|(name, sha256)| plugins.get(name).is_none_or(|p| p.sha256() != sha256))
+            .collect();
         self.registry.swap(plugins, statuses.clone());
+        self.metrics.retire_plugin_versions(retired);
         self.install(config).await;
         tracing::info!(
             reason,

@@ -371,6 +371,53 @@ async fn the_compiled_cache_keeps_only_the_versions_in_force() {
     gw.shutdown().await.unwrap();
 }
 
+/// `/metrics` keeps no series for what is gone: a retired plugin version's call
+/// histograms, or the state of a deleted destination (which, left FAILED, would keep an
+/// alert firing).
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_forget_retired_plugin_versions_and_deleted_destinations() {
+    let rx = Receiver::start().await;
+    let dir = TestGateway::dir_with_plugins(&["marker"]);
+    let gw = TestGateway::start_from_file(dir, MARKED, &rx)
+        .await
+        .unwrap();
+    let version = |path: &Path| format!(r#"plugin="marker",version="{}""#, &sha256_of(path)[..12]);
+    let (v1, v2) = (version(&guest("marker")), version(&guest("marker-v2")));
+    let id = gw.accept("s", "{}").await;
+    gw.settled(&id).await;
+    gw.create(
+        "/v1/destinations",
+        serde_json::json!({ "name": "extra", "url": format!("{}/extra", rx.url) }),
+    )
+    .await;
+    let text = gw.metrics().await;
+    assert!(text.contains(&v1), "{text}");
+    assert!(
+        text.contains(r#"destination="extra",state="ACTIVE""#),
+        "{text}"
+    );
+
+    install(gw.dir(), "marker", &guest("marker-v2"));
+    let v2_sha = sha256_of(&guest("marker-v2"));
+    wait_plugin(&gw, "marker", |p| p["sha256"] == v2_sha.as_str()).await;
+    let id = gw.accept("s", "{}").await;
+    gw.settled(&id).await;
+    let (status, _) = gw.send("DELETE", "/v1/destinations/extra", None).await;
+    assert_eq!(status, 204);
+    let text = gw.metrics().await;
+    assert!(text.contains(&v2), "{text}");
+    assert!(
+        !text.contains(&v1),
+        "the retired version's series are gone: {text}"
+    );
+    assert!(!text.contains(r#"destination="extra""#), "{text}");
+    assert!(
+        text.contains(r#"destination="sink",state="ACTIVE""#),
+        "{text}"
+    );
+    gw.shutdown().await.unwrap();
+}
+
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(from).unwrap() {

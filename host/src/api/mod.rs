@@ -29,7 +29,7 @@ use utoipa_axum::routes;
 
 use crate::delivery::{Dispatcher, RestartError, TestOutcome};
 use crate::ingest;
-use crate::metrics::{Metrics, StateLabels};
+use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
 use crate::reload::Reloader;
 use crate::store::{
@@ -305,22 +305,16 @@ async fn metrics(State(state): State<AppState>) -> Response {
         m.oldest_pending_seconds
             .set(oldest.map_or(0, |at| now.saturating_sub(at) / 1000) as i64);
     }
-    for d in &state.reloader.config().destinations {
-        let current = state.dispatcher.state(&d.name).state;
-        for s in [
-            DestinationHealth::Active,
-            DestinationHealth::Failed,
-            DestinationHealth::Disabled,
-        ] {
-            let labels = StateLabels {
-                destination: d.name.clone(),
-                state: format!("{s:?}").to_uppercase(),
-            };
-            m.destination_state
-                .get_or_create(&labels)
-                .set(i64::from(s == current));
-        }
-    }
+    let config = state.reloader.config();
+    let states = config.destinations.iter().map(|d| {
+        let current = match state.dispatcher.state(&d.name).state {
+            DestinationHealth::Active => "ACTIVE",
+            DestinationHealth::Failed => "FAILED",
+            DestinationHealth::Disabled => "DISABLED",
+        };
+        (d.name.clone(), current)
+    });
+    m.set_destination_states(states);
     (
         [(
             axum::http::header::CONTENT_TYPE,
