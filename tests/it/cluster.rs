@@ -485,3 +485,85 @@ destinations = ["pager"]
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
 }
+
+/// The database crashes and comes back while events arrive: ingest answers 503 while it
+/// cannot store (the sender tries again, as senders do), and every event it accepted is
+/// delivered once the database is back — nothing accepted is lost, the gateway keeps
+/// running.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_database_crash_loses_no_accepted_event() {
+    let Some(server) = PgServer::start() else {
+        return;
+    };
+    let db = server.database("crash");
+    let rx = Receiver::start().await;
+    let config = format!(
+        r#"
+[store]
+url = "{db}"
+[[sources]]
+name = "s"
+[[destinations]]
+name = "d"
+url = "{{receiver}}/d"
+retry = {{ retry_schedule = ["0s", "1s", "1s", "1s", "1s", "1s"], jitter = 0.0, failure_threshold = 100 }}
+[[routes]]
+source = "s"
+destinations = ["d"]
+"#
+    );
+    let gw = TestGateway::start(&config, &rx, &[]).await;
+    let server = Arc::new(server);
+    let mut accepted = Vec::new();
+    let mut refused = 0;
+    let mut crash = None;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut n = 0;
+    while accepted.len() < 300 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} accepted",
+            accepted.len()
+        );
+        // Mid-stream: the crash and the restart happen while events keep coming.
+        if accepted.len() == 100 && crash.is_none() {
+            let server = server.clone();
+            crash = Some(tokio::task::spawn_blocking(move || {
+                server.crash_and_restart()
+            }));
+        }
+        let (status, answer) = gw.post("s", json!({ "n": n }).to_string()).await;
+        match status {
+            202 => {
+                accepted.push(answer["id"].as_str().unwrap().to_string());
+                n += 1;
+            }
+            503 => {
+                refused += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => panic!("ingest answered {other}: {answer}"),
+        }
+    }
+    let arrived = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let ids: HashSet<String> = rx
+                .requests()
+                .iter()
+                .filter_map(|r| r.header("switchyard-event-id").map(str::to_string))
+                .collect();
+            if accepted.iter().all(|id| ids.contains(id)) {
+                return ids.len();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    crash.unwrap().await.unwrap();
+    assert!(
+        arrived.is_ok(),
+        "accepted events were lost ({refused} refused while the database was down)"
+    );
+    eprintln!("{refused} posts refused while the database was down");
+    gw.shutdown().await.unwrap();
+}

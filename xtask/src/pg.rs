@@ -124,6 +124,34 @@ impl PgServer {
         Some(PgServer { dir, bin, port })
     }
 
+    /// Stops the server as a crash would (`-m immediate`: no shutdown checkpoint, clients
+    /// cut off) and starts it again on the same port and data; returns once it accepts
+    /// connections.
+    pub fn crash_and_restart(&self) {
+        let data = self.dir.path().join("data");
+        let log = self.dir.path().join("server.log");
+        // `restart` starts it with the options of the last start.
+        let out = run_as_server_user(
+            &self.bin.join("pg_ctl"),
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-l",
+                log.to_str().unwrap(),
+                "-m",
+                "immediate",
+                "-w",
+                "restart",
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "pg_ctl restart failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+
     /// A new, empty database on this server; its URL.
     pub fn database(&self, name: &str) -> String {
         let out = Command::new(self.bin.join("createdb"))
