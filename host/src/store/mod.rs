@@ -8,6 +8,10 @@
 mod postgres;
 mod sqlite;
 
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
 use async_trait::async_trait;
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -86,8 +90,8 @@ pub trait Store: Send + Sync + 'static {
     /// those itself. A delivery that already existed (the event was processed before a
     /// crash) is left as it is and not returned. Either way the pipeline is done with this
     /// run of the event: if the commit failed, the event stays queued in the store and is
-    /// handed out again — after a growing pause in SQLite, when its claim runs out in a
-    /// shared store.
+    /// handed out again after a growing pause (`EventQueue::retry_later`; on a shared
+    /// store, with its claim renewed).
     async fn complete_event(
         &self,
         event: &Event,
@@ -317,6 +321,11 @@ pub struct MinuteStats {
     pub failed: u64,
 }
 
+/// The first pause before an event whose outcome could not be recorded is processed
+/// again, and the longest (see `EventQueue::retry_later`).
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(60);
+
 /// The events accepted and not yet processed, in memory, in order: both backends hand
 /// them to the pipeline from here. It also knows which events this gateway holds (queued
 /// here or being processed), so that a shared store can keep its claims on them alive.
@@ -453,6 +462,31 @@ impl EventQueue {
         queue.enqueue(event);
         drop(queue);
         self.ready.notify_one();
+    }
+
+    /// After an outcome that could not be recorded (see [`EventQueue::failed`]): queues the
+    /// event again after a pause that doubles with each failure in a row (1 s, 2 s, … up
+    /// to `max`), if `still_queued(id, run)` finds the store still has that run of it
+    /// waiting (if the store cannot say, it is tried anyway: completing it checks the run
+    /// again).
+    fn retry_later<F, Fut>(self: &Arc<Self>, event: Event, max: Duration, still_queued: F)
+    where
+        F: FnOnce(String, i64) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<bool, StoreError>> + Send,
+    {
+        let failures = self.failed(&event.id);
+        let delay = RETRY_FIRST
+            .saturating_mul(1 << (failures - 1).min(6))
+            .min(max);
+        // (The pipeline's span carries the event id.)
+        tracing::warn!(retry_in = ?delay, failures,
+            "The event's outcome was not recorded; it will be processed again.");
+        let queue = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let looked = still_queued(event.id.clone(), event.run as i64).await;
+            queue.retry(event, !matches!(looked, Ok(false)));
+        });
     }
 
     /// The ids of the events this gateway holds.

@@ -378,6 +378,29 @@ impl PgStore {
         self
     }
 
+    /// An event whose outcome could not be recorded (the database went away, say) is still
+    /// `queued` and claimed by this instance: it is queued here again after a pause that
+    /// doubles with each failure in a row, its claim renewed then — instead of waiting for
+    /// the claim to run out (`store.lease`) and a sweep to find it. The pause stays within
+    /// half a lease, so that the claim has not run out meanwhile.
+    fn retry_later(&self, event: Event) {
+        let (pool, lease) = (self.pool.clone(), self.lease);
+        self.queue
+            .retry_later(event, RETRY_MAX.min(lease / 2), move |id, run| async move {
+                let until = (crate::delivery::now_ms() + lease.as_millis() as u64) as i64;
+                let claimed = pool
+                    .get()
+                    .await?
+                    .execute(
+                        "UPDATE events SET lease_until = $3
+                         WHERE id = $1 AND run = $2 AND status = 'queued'",
+                        &[&id, &run, &until],
+                    )
+                    .await?;
+                Ok(claimed == 1)
+            });
+    }
+
     fn lease_until(&self) -> i64 {
         (crate::delivery::now_ms() + self.lease.as_millis() as u64) as i64
     }
@@ -744,7 +767,10 @@ impl Store for PgStore {
         let result = self
             .record_completion(event, outcomes, deliveries, now)
             .await;
-        self.queue.done(&event.id);
+        match &result {
+            Ok(_) => self.queue.done(&event.id),
+            Err(_) => self.retry_later(event.clone()),
+        }
         result
     }
 

@@ -34,11 +34,6 @@ use crate::event::{Body, Event};
 /// How many writes one transaction takes at most.
 const MAX_BATCH: usize = 1024;
 
-/// The first pause before an event whose outcome could not be recorded is processed
-/// again, and the longest (see `SqliteStore::retry_later`).
-const RETRY_FIRST: Duration = Duration::from_secs(1);
-const RETRY_MAX: Duration = Duration::from_secs(60);
-
 const SCHEMA: &[&str] = &[
     // Version 1.
     r#"
@@ -337,32 +332,21 @@ impl SqliteStore {
     /// it was replayed or processed meanwhile or the store closed (the next start resumes
     /// it then). Without this it would wait for the next start.
     fn retry_later(&self, event: Event) {
-        let failures = self.queue.failed(&event.id);
-        let delay = RETRY_FIRST
-            .saturating_mul(1 << (failures - 1).min(6))
-            .min(RETRY_MAX);
-        // (The pipeline's span carries the event id.)
-        tracing::warn!(retry_in = ?delay, failures,
-            "The event's outcome was not recorded; it will be processed again.");
-        let (queue, readers) = (self.queue.clone(), self.readers.clone());
-        tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
-            let (id, run) = (event.id.clone(), event.run as i64);
-            let looked = readers
-                .run(None, move |conn| {
-                    conn.query_row(
-                        "SELECT 1 FROM events WHERE id = ? AND run = ? AND status = 'queued'",
-                        params![id, run],
-                        |_| Ok(()),
-                    )
-                    .optional()
-                })
-                .await;
-            // If the store cannot be read, the event is tried anyway: completing it checks
-            // its run again.
-            let still_queued = !matches!(looked, Ok(None));
-            queue.retry(event, still_queued);
-        });
+        let readers = self.readers.clone();
+        self.queue
+            .retry_later(event, RETRY_MAX, move |id, run| async move {
+                readers
+                    .run(None, move |conn| {
+                        conn.query_row(
+                            "SELECT 1 FROM events WHERE id = ? AND run = ? AND status = 'queued'",
+                            params![id, run],
+                            |_| Ok(()),
+                        )
+                        .optional()
+                    })
+                    .await
+                    .map(|found| found.is_some())
+            });
     }
 
     /// Runs `f` in the writer's next transaction and answers once that transaction is
