@@ -147,7 +147,47 @@ const SCHEMA: &[&str] = &[
     // Version 10: attempts by time, for the per-minute counts (`Store::minute_stats`), which
     // otherwise read every attempt kept.
     "CREATE INDEX attempts_at ON attempts (at);",
+    // Version 11: events by source and time, for event lists filtered by source (a rare
+    // source, such as `delivery.notify_source`'s, was found by walking every event).
+    "CREATE INDEX events_source ON events (source, received_at, id);",
 ];
+
+/// `Store::list_events`: newest first, from the cursor (?6, ?7), within [?4, ?5). Walked by
+/// `events_source` when a source is given (?1), else by `events_received`, or by
+/// `events_dead_lettered` for dead letters: each bound is a range of the index, so a page
+/// costs what it reads, however deep it is. The status (?2) and the type (?3, read from
+/// each body that is JSON) are checked on each row walked; the listing's budget bounds a
+/// rare one.
+fn list_events_sql(by_source: bool, dead_lettered: bool) -> String {
+    let source = if by_source {
+        "e.source = ?1"
+    } else {
+        "?1 IS NULL"
+    };
+    let route_result = if dead_lettered {
+        DEAD_LETTERED
+    } else {
+        ROUTE_RESULT
+    };
+    let event_type = "CASE WHEN json_valid(CAST(e.body AS TEXT))
+         THEN COALESCE(json_extract(CAST(e.body AS TEXT), '$.type'), json_extract(CAST(e.body AS TEXT), '$.event_type'))
+         END";
+    format!(
+        "SELECT e.id, e.source, e.received_at, e.status, {event_type} AS event_type,
+                (SELECT COUNT(*) FROM deliveries d WHERE d.event_id = e.id AND d.status = 'pending'),
+                (SELECT COUNT(*) FROM deliveries d WHERE d.event_id = e.id AND d.status = 'delivered'),
+                (SELECT COUNT(*) FROM deliveries d WHERE d.event_id = e.id AND d.status = 'failed'),
+                e.failed_routes
+         FROM events e
+         WHERE {source}
+           AND (?2 IS NULL OR e.status = ?2)
+           AND (?3 IS NULL OR {event_type} = ?3)
+           AND e.received_at >= ?4 AND e.received_at < ?5
+           AND (e.received_at, e.id) < (?6, ?7)
+           {route_result}
+         ORDER BY e.received_at DESC, e.id DESC LIMIT ?8"
+    )
+}
 
 /// The filter of `list_events` on route results: dead letters from their own index, the
 /// other results from the outcomes (bound as ?9 either way).
@@ -1186,33 +1226,15 @@ impl Store for SqliteStore {
         limit: usize,
     ) -> Result<Vec<EventSummary>, StoreError> {
         self.read_within(Some(self.list_budget), move |conn| {
-            // The type is read from the body where the body is JSON text.
-            let event_type = "CASE WHEN json_valid(CAST(e.body AS TEXT))
-                 THEN COALESCE(json_extract(CAST(e.body AS TEXT), '$.type'), json_extract(CAST(e.body AS TEXT), '$.event_type'))
-                 END";
-            let route_result = match filter.route_result {
-                Some(RouteResultKind::Failed) => DEAD_LETTERED,
-                _ => ROUTE_RESULT,
-            };
-            let sql = format!(
-                "SELECT e.id, e.source, e.received_at, e.status, {event_type} AS event_type,
-                        (SELECT COUNT(*) FROM deliveries d WHERE d.event_id = e.id AND d.status = 'pending'),
-                        (SELECT COUNT(*) FROM deliveries d WHERE d.event_id = e.id AND d.status = 'delivered'),
-                        (SELECT COUNT(*) FROM deliveries d WHERE d.event_id = e.id AND d.status = 'failed'),
-                        e.failed_routes
-                 FROM events e
-                 WHERE (?1 IS NULL OR e.source = ?1)
-                   AND (?2 IS NULL OR e.status = ?2)
-                   AND (?3 IS NULL OR {event_type} = ?3)
-                   AND (?4 IS NULL OR e.received_at >= ?4)
-                   AND (?5 IS NULL OR e.received_at < ?5)
-                   AND (?6 IS NULL OR e.received_at < ?6 OR (e.received_at = ?6 AND e.id < ?7))
-                   {route_result}
-                 ORDER BY e.received_at DESC, e.id DESC LIMIT ?8"
+            let sql = list_events_sql(
+                filter.source.is_some(),
+                filter.route_result == Some(RouteResultKind::Failed),
             );
+            // No bound is bound as the widest, so that each is a range of the index.
+            let at = |t: u64| t.min(i64::MAX as u64) as i64;
             let (after_at, after_id) = match &after {
-                Some((at, id)) => (Some(*at as i64), Some(id.clone())),
-                None => (None, None),
+                Some((t, id)) => (at(*t), id.clone()),
+                None => (i64::MAX, String::new()),
             };
             conn.prepare_cached(&sql)?
                 .query_map(
@@ -1220,8 +1242,8 @@ impl Store for SqliteStore {
                         filter.source,
                         filter.status.map(EventStatus::as_str),
                         filter.event_type,
-                        filter.since.map(|v| v as i64),
-                        filter.until.map(|v| v as i64),
+                        filter.since.map_or(i64::MIN, at),
+                        filter.until.map_or(i64::MAX, at),
                         after_at,
                         after_id,
                         limit as i64,
@@ -1954,11 +1976,30 @@ mod tests {
             let p = plan(sql);
             assert!(p.contains("d USING INDEX deliveries_due"), "{p}");
         }
-        let dead = plan(&format!(
-            "SELECT e.id FROM events e WHERE (?1 IS NULL OR e.source = ?1) {DEAD_LETTERED}
-             ORDER BY e.received_at DESC, e.id DESC LIMIT ?8"
-        ));
-        assert!(dead.contains("USING INDEX events_dead_lettered"), "{dead}");
+        let dead = plan(&list_events_sql(false, true));
+        assert!(
+            dead.contains("USING INDEX events_dead_lettered (received_at>? AND received_at<?)"),
+            "{dead}"
+        );
+        let all = plan(&list_events_sql(false, false));
+        assert!(
+            all.starts_with(
+                "SEARCH e USING INDEX events_received (received_at>? AND received_at<?)"
+            ),
+            "{all}"
+        );
+        let by_source = plan(&list_events_sql(true, false));
+        assert!(
+            by_source.starts_with(
+                "SEARCH e USING INDEX events_source (source=? AND received_at>? AND received_at<?)"
+            ),
+            "{by_source}"
+        );
+        // (`events_received` has the rowid, not the id, after the time: ties within a
+        // millisecond are sorted, page by page — "LAST TERM" — not the whole range.)
+        for p in [&dead, &all, &by_source] {
+            assert!(!p.contains("TEMP B-TREE FOR ORDER BY"), "no sort: {p}");
+        }
         // Retention walks the events by age from its cursor, a batch at a time.
         let purge = plan(PURGE_LOOK);
         assert!(purge.contains("e USING INDEX events_received"), "{purge}");
