@@ -223,10 +223,15 @@ impl Metrics {
     /// Drops the plugin-call series of plugin versions (name, SHA-256) that a reload
     /// retired — each deploy of a plugin would otherwise add a set of series for good —
     /// and those the previous reload retired once more (a call that was in flight at that
-    /// reload may have recorded after it).
-    pub fn retire_plugin_versions(&self, retired: Vec<(String, String)>) {
+    /// reload may have recorded after it), unless `in_force` says one is back.
+    pub fn retire_plugin_versions(
+        &self,
+        retired: Vec<(String, String)>,
+        in_force: impl Fn(&str, &str) -> bool,
+    ) {
         let mut last = self.retired.lock().unwrap_or_else(|e| e.into_inner());
-        for (plugin, sha256) in last.iter().chain(&retired) {
+        let again = last.iter().filter(|(p, sha)| !in_force(p, sha));
+        for (plugin, sha256) in again.chain(&retired) {
             for outcome in PLUGIN_OUTCOMES {
                 self.plugin_calls.remove(&PluginLabels {
                     plugin: plugin.clone(),

@@ -257,8 +257,11 @@ impl Reloader {
             .into_iter()
             .filter(|(name, sha256)| plugins.get(name).is_none_or(|p| p.sha256() != sha256))
             .collect();
+        self.metrics
+            .retire_plugin_versions(retired, |name, sha256| {
+                plugins.get(name).is_some_and(|p| p.sha256() == sha256)
+            });
         self.registry.swap(plugins, statuses.clone());
-        self.metrics.retire_plugin_versions(retired);
         self.install(config).await;
         tracing::info!(
             reason,
