@@ -79,6 +79,8 @@ struct RawServer {
     max_body_bytes: usize,
     #[serde(default = "default_queue_capacity")]
     queue_capacity: usize,
+    #[serde(default = "default_queue_max_bytes")]
+    queue_max_bytes: usize,
     #[serde(default = "default_idempotency_window", with = "humantime_serde")]
     idempotency_window: Duration,
     #[serde(default)]
@@ -96,6 +98,7 @@ impl Default for RawServer {
             data_dir: default_data_dir(),
             max_body_bytes: default_max_body(),
             queue_capacity: default_queue_capacity(),
+            queue_max_bytes: default_queue_max_bytes(),
             idempotency_window: default_idempotency_window(),
             trusted_proxies: Vec::new(),
             header_read_timeout: default_header_read_timeout(),
@@ -131,6 +134,9 @@ fn default_max_body() -> usize {
 fn default_queue_capacity() -> usize {
     10_000
 }
+fn default_queue_max_bytes() -> usize {
+    crate::store::QUEUE_MAX_BYTES
+}
 
 /// `[server]`.
 #[derive(Clone, Debug)]
@@ -141,6 +147,8 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// Events accepted but not yet processed; beyond it ingest answers 503.
     pub queue_capacity: usize,
+    /// Bytes (bodies and headers) of the events waiting; beyond it ingest answers 503.
+    pub queue_max_bytes: usize,
     /// A repeated idempotency key within this window returns the original event.
     pub idempotency_window: Duration,
     /// Proxies whose `X-Forwarded-For` is believed when checking `allow_ips`.
@@ -720,6 +728,7 @@ impl Config {
                 data_dir,
                 max_body_bytes: raw.server.max_body_bytes,
                 queue_capacity: raw.server.queue_capacity,
+                queue_max_bytes: raw.server.queue_max_bytes,
                 idempotency_window: raw.server.idempotency_window,
                 trusted_proxies: raw.server.trusted_proxies,
                 header_read_timeout: raw.server.header_read_timeout,
@@ -754,6 +763,15 @@ impl Config {
     pub(crate) fn validate(&self) -> Result<(), (String, String)> {
         if self.server.max_body_bytes == 0 {
             return Err(("server.max_body_bytes".into(), "must be above 0".into()));
+        }
+        if self.server.queue_max_bytes < self.server.max_body_bytes {
+            return Err((
+                "server.queue_max_bytes".into(),
+                format!(
+                    "must be at least server.max_body_bytes ({})",
+                    self.server.max_body_bytes
+                ),
+            ));
         }
         if self.server.queue_capacity == 0 {
             return Err(("server.queue_capacity".into(), "must be above 0".into()));
@@ -1141,6 +1159,21 @@ mod tests {
             .to_string();
         assert!(
             err.contains("server.header_read_timeout") && err.contains("must be above 0"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_queue_byte_budget_defaults_and_holds_one_largest_body() {
+        let ok = parse(GOOD).unwrap();
+        assert_eq!(ok.server.queue_max_bytes, 256 << 20);
+        let small = "[server]\nmax_body_bytes = 2048\nqueue_max_bytes = 2047";
+        let err = parse(&GOOD.replacen("[server]", small, 1))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("server.queue_max_bytes")
+                && err.contains("at least server.max_body_bytes"),
             "{err}"
         );
     }

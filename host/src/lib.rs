@@ -76,11 +76,13 @@ impl Gateway {
             .await?
             .context("cannot start the WebAssembly engine")?;
         let (data_dir, capacity) = (config.server.data_dir.clone(), config.server.queue_capacity);
+        let max_bytes = config.server.queue_max_bytes;
         let store: Arc<dyn Store> = match &config.store.url {
             Some(url) => Arc::new(
                 PgStore::open(url, capacity, config.store.lease)
                     .await
-                    .context("cannot open the PostgreSQL store (store.url)")?,
+                    .context("cannot open the PostgreSQL store (store.url)")?
+                    .with_queue_max_bytes(max_bytes),
             ),
             None => Arc::new(
                 tokio::task::spawn_blocking(move || SqliteStore::open(&data_dir, capacity))
@@ -90,7 +92,8 @@ impl Gateway {
                             "cannot open the store in {}",
                             config.server.data_dir.display()
                         )
-                    })?,
+                    })?
+                    .with_queue_max_bytes(max_bytes),
             ),
         };
         let metrics = Arc::new(Metrics::default());

@@ -949,6 +949,62 @@ async fn listing_stops_at_its_budget(
     assert!(store.get_event("e000007").await.unwrap().is_some());
 }
 
+/// The events waiting in memory are bounded in bytes as well as in number: past
+/// `max_bytes` an insert is refused (the sender gets 503) until the pipeline takes some;
+/// one event always fits into an empty queue.
+async fn queue_is_bounded_in_bytes(store: Arc<dyn Store>) {
+    let body = |n: usize| format!(r#"{{"pad":"{}","n":{n}}}"#, "x".repeat(1000));
+    for n in 0..3 {
+        let e = event(&format!("b{n}"), "s", 1_000 + n as u64, &body(n));
+        assert_eq!(store.insert_event(e, None).await.unwrap(), Inserted::New);
+    }
+    let refused = store
+        .insert_event(event("b3", "s", 1_003, &body(3)), None)
+        .await;
+    assert!(
+        matches!(refused, Err(switchyard::store::StoreError::QueueBytesFull(n)) if n > 3_000),
+        "{refused:?}"
+    );
+    assert!(
+        store.get_event("b3").await.unwrap().is_none(),
+        "nothing stored"
+    );
+    assert_eq!(store.next_event().await.unwrap().id, "b0");
+    let e = event("b3", "s", 1_003, &body(3));
+    assert_eq!(store.insert_event(e, None).await.unwrap(), Inserted::New);
+    for id in ["b1", "b2", "b3"] {
+        assert_eq!(store.next_event().await.unwrap().id, id);
+    }
+    let huge = event("big", "s", 2_000, &"7".repeat(10_000));
+    assert_eq!(
+        store.insert_event(huge, None).await.unwrap(),
+        Inserted::New,
+        "an empty queue takes one event of any size"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sqlite_queue_is_bounded_in_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path(), 100)
+        .unwrap()
+        .with_queue_max_bytes(3_500);
+    queue_is_bounded_in_bytes(Arc::new(store)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_queue_is_bounded_in_bytes() {
+    let Some(server) = PgServer::start() else {
+        return;
+    };
+    let url = server.database("bytes");
+    let store = PgStore::open(&url, 100, LEASE)
+        .await
+        .unwrap()
+        .with_queue_max_bytes(3_500);
+    queue_is_bounded_in_bytes(Arc::new(store)).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sqlite_listing_stops_at_its_budget() {
     let dir = tempfile::tempdir().unwrap();

@@ -867,7 +867,9 @@ impl From<axum::extract::rejection::QueryRejection> for ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::QueueFull(_) | StoreError::Closed => ApiError::Unavailable(e.to_string()),
+            StoreError::QueueFull(_) | StoreError::QueueBytesFull(_) | StoreError::Closed => {
+                ApiError::Unavailable(e.to_string())
+            }
             StoreError::TooSlow(_) => ApiError::TooBroad(e.to_string()),
             StoreError::Db(_) => ApiError::Internal(e.into()),
         }

@@ -27,6 +27,9 @@ use crate::plugin::PluginVerdict;
 pub enum StoreError {
     #[error("the queue is full ({0} events waiting); try again later")]
     QueueFull(usize),
+    /// The events waiting take up `server.queue_max_bytes`.
+    #[error("the queue is full ({0} bytes of events waiting); try again later")]
+    QueueBytesFull(usize),
     #[error("the gateway is shutting down")]
     Closed,
     #[error("database error: {0}")]
@@ -333,11 +336,28 @@ struct EventQueue {
     inner: std::sync::Mutex<QueueState>,
     ready: tokio::sync::Notify,
     capacity: usize,
+    /// The most bytes of events waiting (see `Store::set_queue_max_bytes`).
+    max_bytes: std::sync::atomic::AtomicUsize,
+}
+
+/// How many bytes of events may wait in memory unless `server.queue_max_bytes` says.
+pub const QUEUE_MAX_BYTES: usize = 256 << 20;
+
+/// What an event takes up in the queue: its body and headers.
+fn queued_size(event: &Event) -> usize {
+    event.body.as_bytes().len()
+        + event
+            .headers
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>()
 }
 
 #[derive(Default)]
 struct QueueState {
     events: std::collections::VecDeque<Event>,
+    /// What the events waiting take up (`queued_size`).
+    bytes: usize,
     /// Event id → how many times it is held (queued or in the pipeline): a replay can
     /// queue an event again while its previous run is still being processed.
     held: std::collections::HashMap<String, usize>,
@@ -350,6 +370,7 @@ impl QueueState {
     /// Queues an event and counts the hold on it.
     fn enqueue(&mut self, event: Event) {
         *self.held.entry(event.id.clone()).or_default() += 1;
+        self.bytes += queued_size(&event);
         self.events.push_back(event);
     }
 
@@ -375,6 +396,7 @@ impl EventQueue {
             inner: std::sync::Mutex::new(QueueState::default()),
             ready: tokio::sync::Notify::new(),
             capacity,
+            max_bytes: QUEUE_MAX_BYTES.into(),
         };
         for e in events {
             queue.push(e);
@@ -386,14 +408,21 @@ impl EventQueue {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Whether another event may be accepted: not closed, not full.
-    fn accepting(&self) -> Result<(), StoreError> {
+    /// Whether `event` may be accepted: not closed, not full — of events, nor of bytes
+    /// (large bodies arriving faster than the plugins take them would otherwise fill the
+    /// memory: 10,000 waiting events of 1 MiB are 10 GiB).
+    fn accepting(&self, event: &Event) -> Result<(), StoreError> {
         let queue = self.lock();
         if queue.closed {
             return Err(StoreError::Closed);
         }
         if queue.events.len() >= self.capacity {
             return Err(StoreError::QueueFull(queue.events.len()));
+        }
+        let max = self.max_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        // (One event always fits into an empty queue, however large.)
+        if queue.bytes > 0 && queue.bytes + queued_size(event) > max {
+            return Err(StoreError::QueueBytesFull(queue.bytes));
         }
         Ok(())
     }
@@ -404,9 +433,15 @@ impl EventQueue {
         let mut queue = self.lock();
         if event.run > 0 {
             let before = queue.events.len();
-            queue
-                .events
-                .retain(|e| e.id != event.id || e.run >= event.run);
+            let mut dropped = 0;
+            queue.events.retain(|e| {
+                let superseded = e.id == event.id && e.run < event.run;
+                if superseded {
+                    dropped += queued_size(e);
+                }
+                !superseded
+            });
+            queue.bytes -= dropped;
             for _ in queue.events.len()..before {
                 queue.release(&event.id);
             }
@@ -497,7 +532,8 @@ impl EventQueue {
     /// How many more events fit, 0 once closed.
     fn room(&self) -> usize {
         let queue = self.lock();
-        if queue.closed {
+        let max_bytes = self.max_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        if queue.closed || queue.bytes >= max_bytes {
             0
         } else {
             self.capacity.saturating_sub(queue.events.len())
@@ -511,6 +547,7 @@ impl EventQueue {
             {
                 let mut queue = self.lock();
                 if let Some(event) = queue.events.pop_front() {
+                    queue.bytes -= queued_size(&event);
                     if !queue.events.is_empty() {
                         self.ready.notify_one();
                     }

@@ -409,6 +409,15 @@ impl PgStore {
         })
     }
 
+    /// Refuses events (`QueueBytesFull`) once those waiting take up `max` bytes instead of
+    /// `QUEUE_MAX_BYTES` (`server.queue_max_bytes`).
+    pub fn with_queue_max_bytes(self, max: usize) -> Self {
+        self.queue
+            .max_bytes
+            .store(max, std::sync::atomic::Ordering::Relaxed);
+        self
+    }
+
     /// Stops event listings after `budget` instead of `LIST_BUDGET` (tests).
     pub fn with_list_budget(mut self, budget: Duration) -> Self {
         self.list_budget = budget;
@@ -736,7 +745,7 @@ impl Store for PgStore {
         event: Event,
         idempotency: Option<Idempotency>,
     ) -> Result<Inserted, StoreError> {
-        self.queue.accepting()?;
+        self.queue.accepting(&event)?;
         let Some(idem) = &idempotency else {
             // Without a key there is nothing to check: the event joins the next batch.
             let (reply, committed) = tokio::sync::oneshot::channel();

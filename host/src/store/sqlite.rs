@@ -312,6 +312,15 @@ impl SqliteStore {
         )
     }
 
+    /// Refuses events (`QueueBytesFull`) once those waiting take up `max` bytes instead of
+    /// `QUEUE_MAX_BYTES` (`server.queue_max_bytes`).
+    pub fn with_queue_max_bytes(self, max: usize) -> Self {
+        self.queue
+            .max_bytes
+            .store(max, std::sync::atomic::Ordering::Relaxed);
+        self
+    }
+
     /// Stops event listings after `budget` instead of `LIST_BUDGET` (tests).
     pub fn with_list_budget(mut self, budget: Duration) -> Self {
         self.list_budget = budget;
@@ -772,7 +781,7 @@ impl Store for SqliteStore {
         event: Event,
         idempotency: Option<Idempotency>,
     ) -> Result<Inserted, StoreError> {
-        self.queue.accepting()?;
+        self.queue.accepting(&event)?;
         let row = event.clone();
         // Serialised here, not on the writer thread (see `complete_event`).
         let headers = json(&row.headers);
