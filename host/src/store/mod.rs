@@ -336,7 +336,7 @@ struct EventQueue {
     inner: std::sync::Mutex<QueueState>,
     ready: tokio::sync::Notify,
     capacity: usize,
-    /// The most bytes of events waiting (see `Store::set_queue_max_bytes`).
+    /// The most bytes of events waiting (`with_queue_max_bytes` of each store).
     max_bytes: std::sync::atomic::AtomicUsize,
 }
 
@@ -529,7 +529,7 @@ impl EventQueue {
         self.lock().held.keys().cloned().collect()
     }
 
-    /// How many more events fit, 0 once closed.
+    /// How many more events fit: 0 once closed or full of bytes.
     fn room(&self) -> usize {
         let queue = self.lock();
         let max_bytes = self.max_bytes.load(std::sync::atomic::Ordering::Relaxed);
