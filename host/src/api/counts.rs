@@ -12,8 +12,9 @@ use tokio::time::Instant;
 
 use crate::store::{DeliveryCounts, StoreError};
 
-/// A count that took less than this is not reused: small stores answer exactly.
-const REUSE_FROM: Duration = Duration::from_millis(20);
+/// A count that took less than this is not reused: small stores answer exactly (also on a
+/// loaded machine, where a small count may take tens of ms). ~100,000 waiting take longer.
+const REUSE_FROM: Duration = Duration::from_millis(50);
 /// A count is reused for this many times as long as it took, which bounds the share of a
 /// core spent counting, however many dashboards poll, to about 1 / (1 + REUSE_FACTOR).
 const REUSE_FACTOR: u32 = 10;
