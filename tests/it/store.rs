@@ -969,6 +969,37 @@ async fn queue_is_bounded_in_bytes(store: Arc<dyn Store>) {
         store.get_event("b3").await.unwrap().is_none(),
         "nothing stored"
     );
+    // A replay is refused the same way, with nothing changed: the event keeps its run.
+    let replay = store.replay("b0").await;
+    assert!(
+        matches!(replay, Err(switchyard::store::StoreError::QueueBytesFull(n)) if n > 3_000),
+        "{replay:?}"
+    );
+    assert_eq!(store.get_event("b0").await.unwrap().unwrap().event.run, 0);
+    assert!(
+        !store.replay("nope").await.unwrap(),
+        "unknown: not found, not full"
+    );
+    // What a bulk replay asks first, with the sizes the list gives.
+    let page = store
+        .list_events(EventFilter::default(), None, 10)
+        .await
+        .unwrap();
+    assert_eq!(page.len(), 3);
+    assert!(
+        page.iter()
+            .all(|e| (1_000..1_200).contains(&e.queued_bytes)),
+        "{page:?}"
+    );
+    assert!(store.queue_fits(1, 300).is_ok());
+    assert!(matches!(
+        store.queue_fits(1, page[0].queued_bytes as usize),
+        Err(switchyard::store::StoreError::QueueBytesFull(_))
+    ));
+    assert!(matches!(
+        store.queue_fits(98, 0),
+        Err(switchyard::store::StoreError::QueueFull(3))
+    ));
     assert_eq!(store.next_event().await.unwrap().id, "b0");
     let e = event("b3", "s", 1_003, &body(3));
     assert_eq!(store.insert_event(e, None).await.unwrap(), Inserted::New);
@@ -981,6 +1012,11 @@ async fn queue_is_bounded_in_bytes(store: Arc<dyn Store>) {
         Inserted::New,
         "an empty queue takes one event of any size"
     );
+    assert_eq!(store.next_event().await.unwrap().id, "big");
+    // Once the queue has room, the replay refused above goes through.
+    assert!(store.replay("b0").await.unwrap());
+    let again = store.next_event().await.unwrap();
+    assert_eq!((again.id.as_str(), again.run), ("b0", 1));
 }
 
 #[tokio::test(flavor = "multi_thread")]

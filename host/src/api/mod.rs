@@ -432,12 +432,11 @@ async fn replay_events(
 ) -> Result<(StatusCode, Json<Replayed>), ApiError> {
     let Query(q) = query?;
     let (items, next_cursor) = event_page(&state, q).await?;
-    let capacity = state.reloader.config().server.queue_capacity;
-    let waiting = state.store.queue_depth();
-    if waiting + items.len() > capacity {
+    // The page as a whole, or none of it: in number and in bytes.
+    let bytes = items.iter().map(|e| e.queued_bytes as usize).sum();
+    if let Err(full) = state.store.queue_fits(items.len(), bytes) {
         return Err(ApiError::Unavailable(format!(
-            "the queue has room for {} of these {} events ({waiting} waiting); try again later",
-            capacity.saturating_sub(waiting),
+            "the queue has no room for these {} events ({bytes} bytes): {full}",
             items.len()
         )));
     }

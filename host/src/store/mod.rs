@@ -211,6 +211,11 @@ pub trait Store: Send + Sync + 'static {
     /// Events accepted and not yet processed, held by this gateway.
     fn queue_depth(&self) -> usize;
 
+    /// Whether `events` replays taking up `bytes` (`EventSummary::queued_bytes`) fit into
+    /// the queue now: `QueueFull`, `QueueBytesFull` or `Closed` if not. Each replay checks
+    /// again for itself; this lets a bulk replay refuse a page as a whole.
+    fn queue_fits(&self, events: usize, bytes: usize) -> Result<(), StoreError>;
+
     /// Whether several gateways may share this store (each with its own config file).
     fn shared(&self) -> bool {
         false
@@ -310,6 +315,9 @@ pub struct EventSummary {
     /// How many of its routes failed (dead-lettered it) in its latest run: it is kept
     /// until replayed.
     pub failed_routes: u64,
+    /// What it takes up queued again: its body and headers, in bytes.
+    #[serde(skip)]
+    pub queued_bytes: u64,
 }
 
 /// One minute of traffic.
@@ -422,6 +430,24 @@ impl EventQueue {
         let max = self.max_bytes.load(std::sync::atomic::Ordering::Relaxed);
         // (One event always fits into an empty queue, however large.)
         if queue.bytes > 0 && queue.bytes + queued_size(event) > max {
+            return Err(StoreError::QueueBytesFull(queue.bytes));
+        }
+        Ok(())
+    }
+
+    /// Whether `events` more events taking up `bytes` may be queued again (replays): not
+    /// closed, and room for them in number and in bytes — as for an accepted event, a
+    /// replay into an empty queue always fits.
+    fn fits(&self, events: usize, bytes: usize) -> Result<(), StoreError> {
+        let queue = self.lock();
+        if queue.closed {
+            return Err(StoreError::Closed);
+        }
+        if queue.events.len() + events > self.capacity {
+            return Err(StoreError::QueueFull(queue.events.len()));
+        }
+        let max = self.max_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        if queue.bytes > 0 && queue.bytes + bytes > max {
             return Err(StoreError::QueueBytesFull(queue.bytes));
         }
         Ok(())

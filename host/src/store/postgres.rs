@@ -176,7 +176,7 @@ fn list_events_sql(by_source: bool, dead_lettered: bool) -> String {
             (SELECT COUNT(*) FROM deliveries d WHERE d.event_id = e.id AND d.status = 'pending'),
             (SELECT COUNT(*) FROM deliveries d WHERE d.event_id = e.id AND d.status = 'delivered'),
             (SELECT COUNT(*) FROM deliveries d WHERE d.event_id = e.id AND d.status = 'failed'),
-            e.failed_routes
+            e.failed_routes, octet_length(e.body) + octet_length(e.headers)
          FROM events e
          WHERE {source}
            AND ($2::TEXT IS NULL OR e.status = $2)
@@ -187,6 +187,10 @@ fn list_events_sql(by_source: bool, dead_lettered: bool) -> String {
          ORDER BY e.received_at DESC, e.id DESC LIMIT $8"
     )
 }
+
+/// What an event takes up in the queue (see SQLite's).
+const QUEUED_BYTES: &str =
+    "SELECT octet_length(body) + octet_length(headers) FROM events WHERE id = $1";
 
 /// The filter of `list_events` on route results (see SQLite's), bound as $9 either way.
 const DEAD_LETTERED: &str = "AND e.failed_routes > 0 AND $9::TEXT = 'failed'";
@@ -822,6 +826,15 @@ impl Store for PgStore {
 
     async fn replay(&self, event_id: &str) -> Result<bool, StoreError> {
         let client = self.pool.get().await?;
+        // Refused, with nothing changed, when the queue has no room for it.
+        let Some(bytes) = client
+            .query_opt(QUEUED_BYTES, &[&event_id])
+            .await?
+            .map(|r| r.get::<_, i32>(0))
+        else {
+            return Ok(false);
+        };
+        self.queue.fits(1, bytes as usize)?;
         let row = client
             .query_opt(
                 "UPDATE events SET status = 'queued', run = run + 1, lease_until = $2, failed_routes = 0
@@ -1246,6 +1259,7 @@ impl Store for PgStore {
                     delivered: r.get::<_, i64>(6) as u64,
                     failed: r.get::<_, i64>(7) as u64,
                     failed_routes: r.get::<_, i32>(8) as u64,
+                    queued_bytes: r.get::<_, i32>(9) as u64,
                 }
             })
             .collect())
@@ -1346,6 +1360,10 @@ impl Store for PgStore {
 
     fn queue_depth(&self) -> usize {
         self.queue.len()
+    }
+
+    fn queue_fits(&self, events: usize, bytes: usize) -> Result<(), StoreError> {
+        self.queue.fits(events, bytes)
     }
 
     async fn backlog(&self) -> Result<(u64, Option<u64>), StoreError> {

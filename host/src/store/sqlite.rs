@@ -177,7 +177,7 @@ fn list_events_sql(by_source: bool, dead_lettered: bool) -> String {
                 (SELECT COUNT(*) FROM deliveries d WHERE d.event_id = e.id AND d.status = 'pending'),
                 (SELECT COUNT(*) FROM deliveries d WHERE d.event_id = e.id AND d.status = 'delivered'),
                 (SELECT COUNT(*) FROM deliveries d WHERE d.event_id = e.id AND d.status = 'failed'),
-                e.failed_routes
+                e.failed_routes, length(e.body) + length(e.headers)
          FROM events e
          WHERE {source}
            AND (?2 IS NULL OR e.status = ?2)
@@ -188,6 +188,10 @@ fn list_events_sql(by_source: bool, dead_lettered: bool) -> String {
          ORDER BY e.received_at DESC, e.id DESC LIMIT ?8"
     )
 }
+
+/// What an event takes up in the queue (`queued_size`, near enough: its headers as
+/// stored), read without its body (SQLite keeps a blob's length in the row's header).
+const QUEUED_BYTES: &str = "SELECT length(body) + length(headers) FROM events WHERE id = ?";
 
 /// The filter of `list_events` on route results: dead letters from their own index, the
 /// other results from the outcomes (bound as ?9 either way).
@@ -920,21 +924,34 @@ impl Store for SqliteStore {
 
     async fn replay(&self, event_id: &str) -> Result<bool, StoreError> {
         let id = event_id.to_string();
+        let queue = self.queue.clone();
         let event = self
             .write(move |conn| {
+                // Refused, with nothing changed, when the queue has no room for it.
+                let bytes: Option<i64> = conn
+                    .prepare_cached(QUEUED_BYTES)?
+                    .query_row([&id], |r| r.get(0))
+                    .optional()?;
+                let Some(bytes) = bytes else {
+                    return Ok(Ok(None));
+                };
+                if let Err(full) = queue.fits(1, bytes as usize) {
+                    return Ok(Err(full));
+                }
                 let changed = conn
                     .prepare_cached(
                         "UPDATE events SET status = 'queued', run = run + 1, failed_routes = 0 WHERE id = ?",
                     )?
                     .execute([&id])?;
                 if changed == 0 {
-                    return Ok(None);
+                    return Ok(Ok(None));
                 }
                 conn.prepare_cached("SELECT * FROM events WHERE id = ?")?
                     .query_row([&id], event_from_row)
                     .optional()
+                    .map(Ok)
             })
-            .await?;
+            .await??;
         match event {
             Some(e) => {
                 self.queue.push(e);
@@ -1279,6 +1296,7 @@ impl Store for SqliteStore {
                             delivered: r.get::<_, i64>(6)? as u64,
                             failed: r.get::<_, i64>(7)? as u64,
                             failed_routes: r.get::<_, i64>(8)? as u64,
+                            queued_bytes: r.get::<_, i64>(9)? as u64,
                         })
                     },
                 )?
@@ -1377,6 +1395,10 @@ impl Store for SqliteStore {
 
     fn queue_depth(&self) -> usize {
         self.queue.len()
+    }
+
+    fn queue_fits(&self, events: usize, bytes: usize) -> Result<(), StoreError> {
+        self.queue.fits(events, bytes)
     }
 
     async fn backlog(&self) -> Result<(u64, Option<u64>), StoreError> {
