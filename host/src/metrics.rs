@@ -62,6 +62,12 @@ pub struct ResultLabels {
     pub result: String,
 }
 
+/// The values of `destination_state`'s `state` label.
+const DESTINATION_STATES: [&str; 3] = ["ACTIVE", "FAILED", "DISABLED"];
+
+/// The values of `deliveries`' `outcome` label (see `Metrics::delivery`).
+const DELIVERY_OUTCOMES: [&str; 3] = ["delivered", "failed", "skipped"];
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// Every metric of one gateway.
@@ -81,6 +87,8 @@ pub struct Metrics {
     pub destination_state: Family<StateLabels, Gauge>,
     /// The destinations whose states the last scrape set.
     state_names: Mutex<HashSet<String>>,
+    /// The destinations whose series the last scrape dropped.
+    dropped_names: Mutex<HashSet<String>>,
     /// The plugin versions the last reload retired (see `retire_plugin_versions`).
     retired: Mutex<Vec<(String, String)>>,
 }
@@ -175,6 +183,7 @@ impl Default for Metrics {
             oldest_pending_seconds,
             destination_state,
             state_names: Mutex::default(),
+            dropped_names: Mutex::default(),
             retired: Mutex::default(),
         }
     }
@@ -192,14 +201,17 @@ impl Metrics {
     }
 
     /// Sets each destination's state gauges (1 for its state, 0 for the others), and drops
-    /// those of destinations no longer configured: a removed destination that was FAILED
-    /// would otherwise report FAILED until the next start, and keep an alert firing.
+    /// every series of destinations no longer configured: a removed destination that was
+    /// FAILED would otherwise report FAILED until the next start, and keep an alert firing;
+    /// its counters would stay for good. Those dropped at the last scrape are dropped once
+    /// more (an attempt in flight when it was removed may have counted since), unless the
+    /// destination is back.
     pub fn set_destination_states(&self, states: impl IntoIterator<Item = (String, &'static str)>) {
-        const STATES: [&str; 3] = ["ACTIVE", "FAILED", "DISABLED"];
         let mut names = self.state_names.lock().unwrap_or_else(|e| e.into_inner());
+        let mut dropped = self.dropped_names.lock().unwrap_or_else(|e| e.into_inner());
         let before = std::mem::take(&mut *names);
         for (destination, current) in states {
-            for state in STATES {
+            for state in DESTINATION_STATES {
                 let labels = StateLabels {
                     destination: destination.clone(),
                     state: state.to_string(),
@@ -210,14 +222,37 @@ impl Metrics {
             }
             names.insert(destination);
         }
-        for gone in before.difference(&names) {
-            for state in STATES {
-                self.destination_state.remove(&StateLabels {
-                    destination: gone.clone(),
-                    state: state.to_string(),
-                });
-            }
+        let gone: HashSet<String> = before.difference(&names).cloned().collect();
+        for destination in gone.iter().chain(dropped.difference(&names)) {
+            self.drop_destination(destination);
         }
+        *dropped = gone;
+    }
+
+    /// Removes every series of one destination.
+    fn drop_destination(&self, destination: &str) {
+        let destination = destination.to_string();
+        for state in DESTINATION_STATES {
+            self.destination_state.remove(&StateLabels {
+                destination: destination.clone(),
+                state: state.to_string(),
+            });
+        }
+        for outcome in DELIVERY_OUTCOMES {
+            self.deliveries.remove(&DestinationLabels {
+                destination: destination.clone(),
+                outcome: outcome.to_string(),
+            });
+        }
+        for outcome in ["success", "failure"] {
+            self.attempts.remove(&DestinationLabels {
+                destination: destination.clone(),
+                outcome: outcome.to_string(),
+            });
+        }
+        let only = DestinationOnly { destination };
+        self.delivery_latency.remove(&only);
+        self.deferred.remove(&only);
     }
 
     /// Drops the plugin-call series of plugin versions (name, SHA-256) that a reload

@@ -372,8 +372,8 @@ async fn the_compiled_cache_keeps_only_the_versions_in_force() {
 }
 
 /// `/metrics` keeps no series for what is gone: a retired plugin version's call
-/// histograms, or the state of a deleted destination (which, left FAILED, would keep an
-/// alert firing).
+/// histograms, or a deleted destination's state (which, left FAILED, would keep an alert
+/// firing) and counters.
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_forget_retired_plugin_versions_and_deleted_destinations() {
     let rx = Receiver::start().await;
@@ -383,25 +383,35 @@ async fn metrics_forget_retired_plugin_versions_and_deleted_destinations() {
         .unwrap();
     let version = |path: &Path| format!(r#"plugin="marker",version="{}""#, &sha256_of(path)[..12]);
     let (v1, v2) = (version(&guest("marker")), version(&guest("marker-v2")));
-    let id = gw.accept("s", "{}").await;
-    gw.settled(&id).await;
     gw.create(
         "/v1/destinations",
         serde_json::json!({ "name": "extra", "url": format!("{}/extra", rx.url) }),
     )
     .await;
+    gw.create(
+        "/v1/routes",
+        serde_json::json!({ "name": "to-extra", "source": "s", "destinations": ["extra"] }),
+    )
+    .await;
+    let id = gw.accept("s", "{}").await;
+    gw.settled(&id).await;
     let text = gw.metrics().await;
     assert!(text.contains(&v1), "{text}");
-    assert!(
-        text.contains(r#"destination="extra",state="ACTIVE""#),
-        "{text}"
-    );
+    for series in [
+        r#"destination="extra",state="ACTIVE""#,
+        r#"switchyard_deliveries_total{destination="extra",outcome="delivered"}"#,
+        r#"switchyard_delivery_attempts_total{destination="extra",outcome="success"}"#,
+    ] {
+        assert!(text.contains(series), "{series} in {text}");
+    }
 
     install(gw.dir(), "marker", &guest("marker-v2"));
     let v2_sha = sha256_of(&guest("marker-v2"));
     wait_plugin(&gw, "marker", |p| p["sha256"] == v2_sha.as_str()).await;
     let id = gw.accept("s", "{}").await;
     gw.settled(&id).await;
+    let (status, _) = gw.send("DELETE", "/v1/routes/to-extra", None).await;
+    assert_eq!(status, 204);
     let (status, _) = gw.send("DELETE", "/v1/destinations/extra", None).await;
     assert_eq!(status, 204);
     let text = gw.metrics().await;
