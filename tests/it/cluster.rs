@@ -521,10 +521,11 @@ destinations = ["d"]
     let server = Arc::new(server);
     let mut accepted = Vec::new();
     let mut refused = 0;
-    let mut crash = None;
+    let mut crash: Option<tokio::task::JoinHandle<()>> = None;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let mut n = 0;
-    while accepted.len() < 300 {
+    // Until 300 are accepted and the restart is over: events keep coming through all of it.
+    while accepted.len() < 300 || !crash.as_ref().is_some_and(|c| c.is_finished()) {
         assert!(
             tokio::time::Instant::now() < deadline,
             "{} accepted",
@@ -565,6 +566,10 @@ destinations = ["d"]
     })
     .await;
     crash.unwrap().await.unwrap();
+    assert!(
+        refused > 0,
+        "no post was refused: the database was never down while events came"
+    );
     assert!(
         arrived.is_ok(),
         "accepted events were lost ({refused} refused while the database was down)"
