@@ -40,6 +40,80 @@ use crate::plugin::{PluginRegistry, PluginRuntime, RuntimeOptions};
 use crate::reload::{Env, Reloader};
 use crate::store::{PgStore, PurgeBefore, SqliteStore, Store};
 
+/// Why a start would fail for the plugins: one line per plugin that a route of `config`
+/// uses and that is not `loaded`, naming its load error from `statuses` or its missing file.
+fn unloaded_plugins(
+    config: &Config,
+    loaded: impl Fn(&str) -> bool,
+    statuses: &std::collections::BTreeMap<String, plugin::PluginStatus>,
+) -> Vec<String> {
+    let mut used: Vec<&str> = config.used_plugins().into_iter().collect();
+    used.sort();
+    used.into_iter()
+        .filter(|name| !loaded(name))
+        .map(
+            |name| match statuses.get(name).and_then(|s| s.last_error.as_deref()) {
+                Some(error) => {
+                    format!("plugin `{name}` is used by a route but failed to load: {error}")
+                }
+                None => format!(
+                    "plugin `{name}` is used by a route but there is no {name}.wasm in {}",
+                    config.plugins.dir.display()
+                ),
+            },
+        )
+        .collect()
+}
+
+/// What `switchyard serve --check` found: the plugins a start would load, and what would
+/// stop the start.
+pub struct CheckReport {
+    /// Each plugin file in the plugin directory: its name and SHA-256, or why it does not
+    /// load (a plugin no route uses does not stop a start).
+    pub plugins: Vec<(String, Result<String, String>)>,
+    /// What would stop the start; empty if it would start.
+    pub problems: Vec<String>,
+}
+
+/// Checks, as a start would, that `config`'s routes have their plugins: loads every plugin
+/// file in its plugin directory (without the compile cache). Opens no store and binds no
+/// port, so it runs beside a gateway serving, e.g. before a deploy. (Routes made through
+/// the management API live in the store and are not checked.)
+pub async fn check(config: &Config) -> anyhow::Result<CheckReport> {
+    let p = &config.plugins;
+    let options = RuntimeOptions {
+        max_memory: p.max_memory_bytes,
+        warm_pool_size: p.warm_pool_size,
+        warm_recycle_after: p.warm_recycle_after,
+        degraded_after: p.degraded_after,
+    };
+    let (dir, used) = (
+        p.dir.clone(),
+        config
+            .used_plugins()
+            .into_iter()
+            .map(String::from)
+            .collect(),
+    );
+    let (loaded, statuses) = tokio::task::spawn_blocking(move || {
+        let runtime = PluginRuntime::with_options(options)?;
+        anyhow::Ok(reload::scan_once(&runtime, &dir, &used))
+    })
+    .await??;
+    let problems = unloaded_plugins(config, |name| loaded.contains_key(name), &statuses);
+    let plugins = statuses
+        .into_iter()
+        .map(|(name, status)| {
+            let outcome = match loaded.get(&name) {
+                Some(plugin) => Ok(plugin.sha256().to_string()),
+                None => Err(status.last_error.unwrap_or_default()),
+            };
+            (name, outcome)
+        })
+        .collect();
+    Ok(CheckReport { plugins, problems })
+}
+
 /// Events the pipeline works on at once.
 const PIPELINE_WORKERS: usize = 64;
 /// After the store failed, how long requests in progress get before the gateway stops.
@@ -131,28 +205,7 @@ impl Gateway {
         let report = reloader.reload("startup").await;
         let config = reloader.config();
         let loaded = registry.snapshot();
-        let mut failures: Vec<String> = Vec::new();
-        let mut used: Vec<&str> = config.used_plugins().into_iter().collect();
-        used.sort();
-        for name in used {
-            if !loaded.contains_key(name) {
-                failures.push(
-                    match report
-                        .plugins
-                        .get(name)
-                        .and_then(|s| s.last_error.as_deref())
-                    {
-                        Some(error) => format!(
-                            "plugin `{name}` is used by a route but failed to load: {error}"
-                        ),
-                        None => format!(
-                            "plugin `{name}` is used by a route but there is no {name}.wasm in {}",
-                            config.plugins.dir.display()
-                        ),
-                    },
-                );
-            }
-        }
+        let failures = unloaded_plugins(&config, |name| loaded.contains_key(name), &report.plugins);
         if !failures.is_empty() {
             anyhow::bail!("{}", failures.join("; "));
         }

@@ -42,6 +42,11 @@ enum Command {
         /// The config file.
         #[arg(long, short, default_value = "switchyard.toml")]
         config: PathBuf,
+        /// Check the config file and load the plugins as a start would, then exit: 0 if
+        /// the gateway would start, 1 naming what would stop it. Opens no store and binds
+        /// no port.
+        #[arg(long)]
+        check: bool,
     },
     /// Work with plugin components.
     Plugin {
@@ -94,6 +99,33 @@ enum PluginCommand {
     },
 }
 
+/// `serve --check`: prints what a start would load, and what would stop it.
+async fn check_config(path: &std::path::Path, config: &Config) -> anyhow::Result<ExitCode> {
+    let report = switchyard::check(config).await?;
+    for (name, outcome) in &report.plugins {
+        match outcome {
+            Ok(sha256) => println!("plugin {name}: ok ({})", &sha256[..12]),
+            Err(error) => println!("plugin {name}: does not load: {error}"),
+        }
+    }
+    if report.problems.is_empty() {
+        println!(
+            "ok: {} would start: {} sources, {} destinations, {} routes",
+            path.display(),
+            config.sources.len(),
+            config.destinations.len(),
+            config.routes.len()
+        );
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("{} would not start:", path.display());
+        for problem in &report.problems {
+            println!("  - {problem}");
+        }
+        Ok(ExitCode::FAILURE)
+    }
+}
+
 fn parse_pair(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -133,10 +165,13 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             println!("{doc}");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Serve { config } => {
+        Command::Serve { config, check } => {
             let env = |name: &str| std::env::var(name).ok();
             let path = config;
             let config = Config::load(&path, &env)?;
+            if check {
+                return check_config(&path, &config).await;
+            }
             let listen = config.server.listen;
             let gateway = switchyard::Gateway::new(config).await?;
             gateway.watch_config_file(path, Arc::new(env));

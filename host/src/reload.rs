@@ -215,7 +215,7 @@ impl Reloader {
         let dir = config.plugins.dir.clone();
         let cache = config.server.data_dir.join("plugin-cache");
         let scanned = tokio::task::spawn_blocking(move || {
-            let scanned = scan(&runtime, &dir, &current, &previous, &used, &cache);
+            let scanned = scan(&runtime, &dir, &current, &previous, &used, Some(&cache));
             // What serves after this reload is what the scan kept or loaded.
             runtime.prune_cache(&cache, scanned.0.values().map(|p| p.sha256()));
             scanned
@@ -390,6 +390,23 @@ fn first_missing_plugin(config: &Config, plugins: &PluginMap) -> Option<(String,
     None
 }
 
+/// Loads every plugin in `dir` as a start would, without the compile cache (see
+/// `crate::check`).
+pub(crate) fn scan_once(
+    runtime: &PluginRuntime,
+    dir: &Path,
+    used: &HashSet<String>,
+) -> (PluginMap, BTreeMap<String, PluginStatus>) {
+    scan(
+        runtime,
+        dir,
+        &PluginMap::new(),
+        &BTreeMap::new(),
+        used,
+        None,
+    )
+}
+
 /// Loads what changed in `dir` against the plugins serving now.
 fn scan(
     runtime: &PluginRuntime,
@@ -397,7 +414,7 @@ fn scan(
     current: &PluginMap,
     previous: &BTreeMap<String, PluginStatus>,
     used: &HashSet<String>,
-    cache: &Path,
+    cache: Option<&Path>,
 ) -> (PluginMap, BTreeMap<String, PluginStatus>) {
     let mut plugins = PluginMap::new();
     let mut statuses = BTreeMap::new();
@@ -448,7 +465,7 @@ fn scan(
             continue;
         }
         let started = std::time::Instant::now();
-        match runtime.load_cached(name, &bytes, Some(cache)) {
+        match runtime.load_cached(name, &bytes, cache) {
             Ok(plugin) => {
                 tracing::info!(plugin = %name, sha256 = plugin.sha256(), from_cache = plugin.from_cache(),
                     elapsed_ms = started.elapsed().as_millis() as u64, "Plugin loaded.");

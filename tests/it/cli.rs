@@ -140,6 +140,62 @@ fn serve_names_a_bad_config_key_and_a_broken_plugin_file() {
     assert!(err.contains("half.wasm"), "{err}");
 }
 
+/// `serve --check` loads what a start would and says whether it would start, without
+/// opening the store: a broken plugin no route uses is named but does not stop it; one a
+/// route uses, or a missing one, does.
+#[test]
+fn serve_check_says_whether_the_gateway_would_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins.d");
+    std::fs::create_dir_all(&plugins).unwrap();
+    std::fs::copy(guest("tag-router"), plugins.join("tag-router.wasm")).unwrap();
+    std::fs::write(
+        plugins.join("half.wasm"),
+        &std::fs::read(guest("tag-router")).unwrap()[..1000],
+    )
+    .unwrap();
+    let config = dir.path().join("switchyard.toml");
+    let data = dir.path().join("data");
+    let write = |plugin: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "[server]\ndata_dir = \"{}\"\n[[sources]]\nname = \"s\"\n\
+                 [[routes]]\nsource = \"s\"\nplugins = [{{ name = \"{plugin}\" }}]\n",
+                path(&data)
+            ),
+        )
+        .unwrap()
+    };
+
+    write("tag-router");
+    let (ok, out, err) = run(&["serve", "--check", "--config", path(&config)]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("plugin tag-router: ok ("), "{out}");
+    assert!(out.contains("plugin half: does not load: "), "{out}");
+    assert!(
+        out.contains("would start: 1 sources, 0 destinations, 1 routes"),
+        "{out}"
+    );
+    assert!(!data.exists(), "the check opened the store");
+
+    write("half");
+    let (ok, out, _) = run(&["serve", "--check", "--config", path(&config)]);
+    assert!(!ok);
+    assert!(out.contains("would not start"), "{out}");
+    assert!(
+        out.contains("plugin `half` is used by a route but failed to load: ")
+            && out.contains("half.wasm"),
+        "{out}"
+    );
+
+    write("nope");
+    let (ok, out, _) = run(&["serve", "--check", "--config", path(&config)]);
+    assert!(!ok);
+    assert!(out.contains("there is no nope.wasm in"), "{out}");
+    assert!(!data.exists(), "the check opened the store");
+}
+
 #[test]
 fn every_guest_fixture_is_used_by_a_test() {
     // The list of guests lives in util.rs; every test module but this one is searched.
