@@ -643,6 +643,7 @@ impl Dispatcher {
                     resp.headers()
                         .get("retry-after")
                         .and_then(|v| v.to_str().ok()),
+                    self.clock.now_ms(),
                 );
                 let mut excerpt = Vec::new();
                 while excerpt.len() < RESPONSE_EXCERPT {

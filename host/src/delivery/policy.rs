@@ -40,10 +40,19 @@ impl AttemptResult {
     }
 }
 
-/// Parses a `Retry-After` header given in seconds (HTTP dates are ignored).
-pub fn parse_retry_after(value: Option<&str>) -> Option<Duration> {
-    let secs: u64 = value?.trim().parse().ok()?;
-    Some(Duration::from_secs(secs).min(MAX_RETRY_AFTER))
+/// Parses a `Retry-After` header, in either of its forms (RFC 9110): seconds, or an HTTP
+/// date, which is read against `now_ms` (a date passed means now). Anything else: `None`.
+pub fn parse_retry_after(value: Option<&str>, now_ms: u64) -> Option<Duration> {
+    let value = value?.trim();
+    let delay = match value.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => {
+            let at = httpdate::parse_http_date(value).ok()?;
+            let now = std::time::UNIX_EPOCH + Duration::from_millis(now_ms);
+            at.duration_since(now).unwrap_or_default()
+        }
+    };
+    Some(delay.min(MAX_RETRY_AFTER))
 }
 
 /// The decision after an attempt: what happens to the delivery and the destination's new
@@ -162,21 +171,54 @@ mod tests {
     #[test]
     fn retry_after_is_honoured_when_longer() {
         let policy = RetryPolicy::default();
-        let result = AttemptResult::from_status(Some(429), parse_retry_after(Some("120")));
+        let result = AttemptResult::from_status(Some(429), parse_retry_after(Some("120"), T0));
         let (next, _) = decide(&policy, result, 1, T0, 0.0, active(), None);
         assert_eq!(next, AttemptNext::RetryAt(T0 + 120_000));
-        let result = AttemptResult::from_status(Some(503), parse_retry_after(Some("1")));
+        let result = AttemptResult::from_status(Some(503), parse_retry_after(Some("1"), T0));
         let (next, _) = decide(&policy, result, 1, T0, 0.0, active(), None);
         assert_eq!(
             next,
             AttemptNext::RetryAt(T0 + 5_000),
             "the schedule wins when longer"
         );
-        assert_eq!(parse_retry_after(Some("999999999")), Some(MAX_RETRY_AFTER));
         assert_eq!(
-            parse_retry_after(Some("Wed, 21 Oct 2015 07:28:00 GMT")),
-            None
+            parse_retry_after(Some("999999999"), T0),
+            Some(MAX_RETRY_AFTER)
         );
+        assert_eq!(parse_retry_after(Some("soon"), T0), None);
+        assert_eq!(parse_retry_after(Some("-5"), T0), None);
+    }
+
+    #[test]
+    fn retry_after_may_be_an_http_date() {
+        // Wed, 21 Oct 2015 07:28:00 GMT
+        let at = 1_445_412_480_000;
+        let date = Some("Wed, 21 Oct 2015 07:28:00 GMT");
+        assert_eq!(
+            parse_retry_after(date, at - 90_000),
+            Some(Duration::from_secs(90))
+        );
+        // (Milliseconds into the second before it: what is left of it.)
+        assert_eq!(
+            parse_retry_after(date, at - 1_500),
+            Some(Duration::from_millis(1_500))
+        );
+        assert_eq!(parse_retry_after(date, at + 5_000), Some(Duration::ZERO));
+        assert_eq!(
+            parse_retry_after(date, at - 30 * 86_400_000),
+            Some(MAX_RETRY_AFTER)
+        );
+        let result = AttemptResult::from_status(Some(429), parse_retry_after(date, at - 120_000));
+        let (next, _) = decide(
+            &RetryPolicy::default(),
+            result,
+            1,
+            at - 120_000,
+            0.0,
+            active(),
+            None,
+        );
+        assert_eq!(next, AttemptNext::RetryAt(at));
     }
 
     #[test]
