@@ -513,6 +513,21 @@ pub struct DestinationConfig {
 pub struct SigningConfig {
     /// A `whsec_…` secret (base64 after the prefix, at least 16 bytes).
     pub secret: String,
+    /// During a rotation, the secrets receivers may still verify with: each delivery is
+    /// also signed with these (one `v1,` signature per secret in `webhook-signature`, as
+    /// Standard Webhooks allows). Remove them once every receiver has `secret`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub previous_secrets: Vec<String>,
+}
+
+impl SigningConfig {
+    /// The most `previous_secrets`.
+    pub const MAX_PREVIOUS: usize = 4;
+
+    /// The secrets deliveries are signed with: `secret` first, then `previous_secrets`.
+    pub fn secrets(&self) -> impl Iterator<Item = &String> {
+        std::iter::once(&self.secret).chain(&self.previous_secrets)
+    }
 }
 
 /// Per-destination overrides of `[delivery]`'s retry policy.
@@ -853,6 +868,23 @@ impl Config {
             if let Some(s) = &d.signing {
                 crate::edge::decode_secret(&s.secret)
                     .map_err(|m| (format!("destinations[{i}].signing.secret"), m))?;
+                for (j, previous) in s.previous_secrets.iter().enumerate() {
+                    crate::edge::decode_secret(previous).map_err(|m| {
+                        (
+                            format!("destinations[{i}].signing.previous_secrets[{j}]"),
+                            m,
+                        )
+                    })?;
+                }
+                if s.previous_secrets.len() > SigningConfig::MAX_PREVIOUS {
+                    return Err((
+                        format!("destinations[{i}].signing.previous_secrets"),
+                        format!(
+                            "at most {} secrets (each delivery is signed with every one)",
+                            SigningConfig::MAX_PREVIOUS
+                        ),
+                    ));
+                }
             }
             if let Some(rate) = d.rate_limit
                 && !(0.001..=1_000_000.0).contains(&rate)

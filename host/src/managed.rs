@@ -435,6 +435,9 @@ impl Redact for DestinationConfig {
         let mut d = self.clone();
         if let Some(s) = &mut d.signing {
             s.secret = redact(&s.secret);
+            for previous in &mut s.previous_secrets {
+                *previous = redact(previous);
+            }
         }
         for (name, value) in d.headers.iter_mut() {
             if secret_name(name) {
@@ -447,6 +450,13 @@ impl Redact for DestinationConfig {
     fn keep_secrets(&mut self, old: &Self) {
         if let (Some(s), Some(o)) = (&mut self.signing, &old.signing) {
             keep(&mut s.secret, &o.secret);
+            // A rotation through the API echoes the old secret, shown redacted, as a
+            // previous one.
+            for previous in &mut s.previous_secrets {
+                if let Some(secret) = o.secrets().find(|secret| *previous == redact(secret)) {
+                    *previous = secret.clone();
+                }
+            }
         }
         for (name, value) in self.headers.iter_mut() {
             if let Some(o) = old.headers.get(name) {

@@ -249,38 +249,8 @@ async fn deliveries_carry_standard_webhooks_signatures() {
 
     // And by the official Standard Webhooks library from PyPI, which shares no code with
     // ours; it also rejects a tampered body.
-    let verify = |body: &[u8]| {
-        let out = std::process::Command::new(crate::tools::python_env().join("bin/python"))
-            .args([
-                "-c",
-                "import sys, json\n\
-                 from standardwebhooks.webhooks import Webhook\n\
-                 h = json.loads(sys.argv[2])\n\
-                 print(json.dumps(Webhook(sys.argv[1]).verify(sys.stdin.buffer.read(), h)))",
-                SECRET,
-                &serde_json::json!({
-                    "webhook-id": id,
-                    "webhook-timestamp": ts.to_string(),
-                    "webhook-signature": r.header("webhook-signature").unwrap(),
-                })
-                .to_string(),
-            ])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .and_then(|mut child| {
-                use std::io::Write;
-                child.stdin.take().unwrap().write_all(body)?;
-                child.wait_with_output()
-            })
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let signature = r.header("webhook-signature").unwrap();
+    let verify = |body: &[u8]| verify_with_library(SECRET, id, ts, signature, body);
     let (ok, stdout, stderr) = verify(&r.body);
     assert!(ok, "standardwebhooks rejected our signature: {stderr}");
     assert_eq!(serde_json::from_str::<Value>(&stdout).unwrap()["n"], 1);
@@ -289,6 +259,111 @@ async fn deliveries_carry_standard_webhooks_signatures() {
         !ok && stderr.contains("WebhookVerificationError"),
         "{stderr}"
     );
+    gw.shutdown().await.unwrap();
+}
+
+/// Verifies a delivery with the official Standard Webhooks library from PyPI: whether it
+/// passed, what it printed (the payload as JSON), its errors.
+fn verify_with_library(
+    secret: &str,
+    id: &str,
+    ts: u64,
+    signature: &str,
+    body: &[u8],
+) -> (bool, String, String) {
+    let out = std::process::Command::new(crate::tools::python_env().join("bin/python"))
+        .args([
+            "-c",
+            "import sys, json\n\
+             from standardwebhooks.webhooks import Webhook\n\
+             h = json.loads(sys.argv[2])\n\
+             print(json.dumps(Webhook(sys.argv[1]).verify(sys.stdin.buffer.read(), h)))",
+            secret,
+            &serde_json::json!({
+                "webhook-id": id,
+                "webhook-timestamp": ts.to_string(),
+                "webhook-signature": signature,
+            })
+            .to_string(),
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(body)?;
+            child.wait_with_output()
+        })
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Rotating a destination's signing secret through the API: the new secret, and the old
+/// one (echoed as the API shows it, redacted) as a previous secret. Each delivery then
+/// carries a signature per secret, so receivers verify it with either.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rotation_signs_deliveries_with_the_new_and_the_old_secret() {
+    let rx = Receiver::start().await;
+    let gw = TestGateway::start(&config(), &rx, &[]).await;
+    gw.create("/v1/sources", serde_json::json!({ "name": "r" }))
+        .await;
+    gw.create(
+        "/v1/destinations",
+        serde_json::json!({ "name": "rot", "url": format!("{}/rot", rx.url),
+            "signing": { "secret": SECRET } }),
+    )
+    .await;
+    gw.create(
+        "/v1/routes",
+        serde_json::json!({ "name": "to-rot", "source": "r", "destinations": ["rot"] }),
+    )
+    .await;
+    let (status, shown) = gw
+        .send(
+            "PATCH",
+            "/v1/destinations/rot",
+            Some(serde_json::json!({ "signing": {
+                "secret": ROTATED, "previous_secrets": ["****LaSw"] } })),
+        )
+        .await;
+    assert_eq!(status, 200, "{shown}");
+    assert_eq!(
+        shown["signing"],
+        serde_json::json!({ "secret": "****dCE=", "previous_secrets": ["****LaSw"] })
+    );
+
+    let body = r#"{"type":"usage","n":7}"#;
+    gw.accept("r", body).await;
+    let got = rx.wait_for(1).await;
+    let r = &got[0];
+    let id = r.header("webhook-id").unwrap();
+    let ts: u64 = r.header("webhook-timestamp").unwrap().parse().unwrap();
+    let signature = r.header("webhook-signature").unwrap();
+    assert_eq!(
+        signature,
+        format!(
+            "{} {}",
+            standard_signature(ROTATED, id, ts, body),
+            standard_signature(SECRET, id, ts, body)
+        )
+    );
+    for secret in [ROTATED, SECRET] {
+        let (ok, _, stderr) = verify_with_library(secret, id, ts, signature, &r.body);
+        assert!(ok, "standardwebhooks rejected it with {secret}: {stderr}");
+    }
+    let (ok, _, _) = verify_with_library(
+        "whsec_c29tZSBvdGhlciBzZWNyZXQgZW50aXJlbHk=",
+        id,
+        ts,
+        signature,
+        &r.body,
+    );
+    assert!(!ok, "a secret that signed nothing verifies nothing");
     gw.shutdown().await.unwrap();
 }
 

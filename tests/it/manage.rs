@@ -236,6 +236,21 @@ async fn malformed_requests_get_400_naming_the_field() {
         (
             "POST",
             "/v1/destinations",
+            json!({ "name": "x", "url": "http://a/", "signing": {
+                "secret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "previous_secrets": ["nope"] } }),
+            "`signing.previous_secrets[0]`",
+        ),
+        (
+            "POST",
+            "/v1/destinations",
+            json!({ "name": "x", "url": "http://a/", "signing": {
+                "secret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+                "previous_secrets": vec!["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"; 5] } }),
+            "`signing.previous_secrets`",
+        ),
+        (
+            "POST",
+            "/v1/destinations",
             json!({ "name": "x", "url": "http://a/", "retry": { "jitter": 2 } }),
             "`retry.jitter`",
         ),

@@ -699,13 +699,8 @@ impl Dispatcher {
             "time_ms": self.clock.now_ms(),
         });
         let body: bytes::Bytes = body.to_string().into();
-        if let Some(key) = dest.signing_key.as_deref() {
-            let ts = self.clock.now_ms() / 1000;
-            headers.push(("webhook-timestamp".into(), ts.to_string()));
-            headers.push((
-                "webhook-signature".into(),
-                crate::edge::sign(key, &id, ts, &body),
-            ));
+        if let Some(signature) = dest.signature(&id, self.clock.now_ms(), &body) {
+            headers.extend(signature);
         }
         let (status_code, _, _, error, _) = self.send(&url, &headers, body).await;
         let error = match (status_code, error) {
@@ -746,14 +741,9 @@ impl Dispatcher {
 /// destination signs (each attempt is signed anew; the `webhook-id` stays).
 fn signed_headers(dest: &Destination, d: &DueDelivery, now_ms: u64) -> Vec<(String, String)> {
     let mut headers = d.headers.clone();
-    if let Some(key) = dest.signing_key.as_deref() {
-        let ts = now_ms / 1000;
+    if let Some(signature) = dest.signature(&d.id, now_ms, &d.body) {
         headers.retain(|(k, _)| k != "webhook-timestamp" && k != "webhook-signature");
-        headers.push(("webhook-timestamp".into(), ts.to_string()));
-        headers.push((
-            "webhook-signature".into(),
-            crate::edge::sign(key, &d.id, ts, &d.body),
-        ));
+        headers.extend(signature);
     }
     headers
 }

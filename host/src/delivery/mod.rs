@@ -63,13 +63,38 @@ pub struct Destination {
     headers: Vec<(HeaderName, String)>,
     event_types: Option<HashSet<String>>,
     pub retry: RetryPolicy,
-    /// The Standard Webhooks key deliveries are signed with, if any.
-    signing_key: Option<Vec<u8>>,
+    /// The Standard Webhooks keys deliveries are signed with: none, or the current one
+    /// and those of a rotation (`signing.previous_secrets`).
+    signing_keys: Vec<Vec<u8>>,
     /// The most deliveries per second (see [`pace`]).
     pub rate_limit: Option<f64>,
 }
 
 impl Destination {
+    /// The Standard Webhooks headers that sign one attempt: `webhook-timestamp` and
+    /// `webhook-signature` (one `v1,` signature per key, space-separated), or none when
+    /// the destination does not sign.
+    pub(crate) fn signature(
+        &self,
+        id: &str,
+        now_ms: u64,
+        body: &[u8],
+    ) -> Option<[(String, String); 2]> {
+        if self.signing_keys.is_empty() {
+            return None;
+        }
+        let ts = now_ms / 1000;
+        let signatures: Vec<String> = self
+            .signing_keys
+            .iter()
+            .map(|key| crate::edge::sign(key, id, ts, body))
+            .collect();
+        Some([
+            ("webhook-timestamp".into(), ts.to_string()),
+            ("webhook-signature".into(), signatures.join(" ")),
+        ])
+    }
+
     /// Builds a destination from validated config.
     pub fn from_config(c: &DestinationConfig, defaults: &RetryPolicy) -> Self {
         Self {
@@ -79,10 +104,12 @@ impl Destination {
                 .retry
                 .as_ref()
                 .map_or_else(|| defaults.clone(), |o| o.apply(defaults)),
-            signing_key: c
+            signing_keys: c
                 .signing
-                .as_ref()
-                .and_then(|s| crate::edge::decode_secret(&s.secret).ok()),
+                .iter()
+                .flat_map(|s| s.secrets())
+                .filter_map(|secret| crate::edge::decode_secret(secret).ok())
+                .collect(),
             headers: c
                 .headers
                 .iter()
