@@ -261,6 +261,20 @@ pub struct DeliveryConfig {
     /// (`destination.failed`, `destination.disabled`, `destination.active`), for routes to
     /// take to an operator.
     pub notify_source: Option<String>,
+    /// PEM files of certificate authorities that HTTPS destinations may be signed by,
+    /// besides the system's (an internal CA).
+    pub ca_certificates: Vec<PathBuf>,
+    /// The certificate deliveries present to HTTPS destinations that ask for one (mutual
+    /// TLS).
+    pub client_certificate: Option<ClientCertificate>,
+}
+
+/// `delivery.client_certificate`: PEM files of a certificate (chain) and its private key.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClientCertificate {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// `[delivery]` as written: every key at one level, unknown keys rejected.
@@ -283,6 +297,10 @@ struct RawDelivery {
     allowed_networks: Vec<ipnet::IpNet>,
     #[serde(default)]
     notify_source: Option<String>,
+    #[serde(default)]
+    ca_certificates: Vec<PathBuf>,
+    #[serde(default)]
+    client_certificate: Option<ClientCertificate>,
 }
 
 impl From<RawDelivery> for DeliveryConfig {
@@ -298,6 +316,8 @@ impl From<RawDelivery> for DeliveryConfig {
             },
             allowed_networks: r.allowed_networks,
             notify_source: r.notify_source,
+            ca_certificates: r.ca_certificates,
+            client_certificate: r.client_certificate,
         }
     }
 }
@@ -310,6 +330,8 @@ impl Default for DeliveryConfig {
             allowed_networks: Vec::new(),
             retry: RetryPolicy::default(),
             notify_source: None,
+            ca_certificates: Vec::new(),
+            client_certificate: None,
         }
     }
 }
@@ -759,7 +781,18 @@ impl Config {
                 warm_recycle_after: raw.plugins.warm_recycle_after,
                 degraded_after: raw.plugins.degraded_after,
             },
-            delivery: raw.delivery,
+            delivery: DeliveryConfig {
+                ca_certificates: (raw.delivery.ca_certificates.iter())
+                    .map(|p| base_dir.join(p))
+                    .collect(),
+                client_certificate: (raw.delivery.client_certificate.as_ref()).map(|c| {
+                    ClientCertificate {
+                        cert: base_dir.join(&c.cert),
+                        key: base_dir.join(&c.key),
+                    }
+                }),
+                ..raw.delivery
+            },
             retention: raw.retention,
             api: raw.api,
             store: StoreConfig {
@@ -771,6 +804,8 @@ impl Config {
             routes: name_routes(raw.routes),
         };
         config.validate().map_err(|(k, m)| key_err(k, m))?;
+        // (Read here, not in `validate`, which API changes call too.)
+        crate::delivery::tls_settings(&config.delivery).map_err(|(k, m)| key_err(k, m))?;
         Ok(config)
     }
 

@@ -195,6 +195,13 @@ impl Reloader {
         {
             tracing::warn!("server.listen and server.data_dir take effect at the next start only.");
         }
+        if config.delivery.ca_certificates != old.delivery.ca_certificates
+            || config.delivery.client_certificate != old.delivery.client_certificate
+        {
+            tracing::warn!(
+                "delivery.ca_certificates and delivery.client_certificate take effect at the next start only."
+            );
+        }
 
         // Keep what either config's routes use: a rejected config falls back to the old one.
         let used: HashSet<String> = old

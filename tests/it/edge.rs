@@ -1,5 +1,9 @@
 //! The edge from outside: inbound signatures (HMAC and Standard Webhooks), IP allowlists
-//! with trusted proxies, and Standard Webhooks signatures on deliveries.
+//! with trusted proxies, Standard Webhooks signatures on deliveries, and HTTPS destinations
+//! of an internal CA with a client certificate.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use base64::Engine as _;
 use hmac::Mac;
@@ -365,6 +369,151 @@ async fn a_rotation_signs_deliveries_with_the_new_and_the_old_secret() {
     );
     assert!(!ok, "a secret that signed nothing verifies nothing");
     gw.shutdown().await.unwrap();
+}
+
+/// An HTTPS receiver with the test PKI's server certificate (`tests/fixtures/tls`, made by
+/// its `gen.sh`): answers 200 and records, per request, the client certificate presented
+/// (DER), if any. A client that does not trust its CA fails the handshake.
+async fn tls_receiver() -> (String, Arc<Mutex<Vec<Option<Vec<u8>>>>>) {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(tls_fixture("server.pem"))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+    let key = PrivateKeyDer::from_pem_file(tls_fixture("server.key")).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_file_iter(tls_fixture("ca.pem")).unwrap() {
+        roots.add(ca.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let clients = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .allow_unauthenticated()
+    .build()
+    .unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_client_cert_verifier(clients)
+        .with_single_cert(certs, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://{}", listener.local_addr().unwrap());
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, record) = (acceptor.clone(), record.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let client = (tls.get_ref().1.peer_certificates())
+                    .and_then(|c| c.first())
+                    .map(|c| c.to_vec());
+                let service = hyper::service::service_fn(move |_| {
+                    record.lock().unwrap().push(client.clone());
+                    async {
+                        Ok::<_, std::convert::Infallible>(http::Response::new(
+                            axum::body::Body::empty(),
+                        ))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    (url, seen)
+}
+
+fn tls_fixture(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/tls")
+        .join(name)
+}
+
+/// HTTPS destinations signed by an internal CA: refused (the attempt names the unknown
+/// issuer) until `delivery.ca_certificates` lists the CA; with
+/// `delivery.client_certificate`, deliveries present that certificate (mutual TLS).
+#[tokio::test(flavor = "multi_thread")]
+async fn https_destinations_of_an_internal_ca_with_a_client_certificate() {
+    let rx = Receiver::start().await;
+    let (url, seen) = tls_receiver().await;
+    let route = format!(
+        "[[sources]]\nname = \"s\"\n[[destinations]]\nname = \"internal\"\nurl = \"{url}/in\"\n\
+         [[routes]]\nsource = \"s\"\ndestinations = [\"internal\"]\n"
+    );
+
+    let gw = TestGateway::start(&route, &rx, &[]).await;
+    let id = gw.accept("s", "{}").await;
+    let e = gw
+        .wait_event(&id, |e| e["deliveries"][0]["status"] == "failed")
+        .await;
+    let error = e["deliveries"][0]["attempts"][0]["error"].to_string();
+    assert!(error.contains("UnknownIssuer"), "{error}");
+    assert!(seen.lock().unwrap().is_empty());
+    gw.shutdown().await.unwrap();
+
+    // (The harness's `[delivery]` table is open: these lines land in it.)
+    let trusted = format!(
+        "ca_certificates = [\"{}\"]\nclient_certificate = {{ cert = \"{}\", key = \"{}\" }}\n{route}",
+        tls_fixture("ca.pem").display(),
+        tls_fixture("client.pem").display(),
+        tls_fixture("client.key").display()
+    );
+    let gw = TestGateway::start(&trusted, &rx, &[]).await;
+    let id = gw.accept("s", "{}").await;
+    gw.settled(&id).await;
+    let presented = seen.lock().unwrap().clone();
+    let client = rustls::pki_types::pem::PemObject::from_pem_file(tls_fixture("client.pem"))
+        .map(|c: rustls::pki_types::CertificateDer<'static>| c.to_vec())
+        .unwrap();
+    assert_eq!(
+        presented,
+        vec![Some(client)],
+        "one request, with our certificate"
+    );
+    gw.shutdown().await.unwrap();
+}
+
+/// A CA or client certificate file that cannot be used stops the start, naming the key.
+#[tokio::test(flavor = "multi_thread")]
+async fn unusable_tls_files_are_named_at_start() {
+    let rx = Receiver::start().await;
+    for (line, key) in [
+        (
+            "ca_certificates = [\"/nonexistent/ca.pem\"]",
+            "delivery.ca_certificates[0]",
+        ),
+        (
+            &*format!(
+                "ca_certificates = [\"{}\"]",
+                tls_fixture("gen.sh").display()
+            ),
+            "delivery.ca_certificates[0]",
+        ),
+        (
+            &*format!(
+                "client_certificate = {{ cert = \"{}\", key = \"{}\" }}",
+                tls_fixture("client.pem").display(),
+                tls_fixture("ca.pem").display()
+            ),
+            "delivery.client_certificate",
+        ),
+    ] {
+        let err = match TestGateway::try_start(&format!("{line}\n"), &rx, &[]).await {
+            Ok(_) => panic!("started with {line}"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(err.contains(key), "{line}: {err}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -136,12 +136,18 @@ impl Dispatcher {
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Arc<Self>> {
         let guard = SsrfGuard::new(config.allowed_networks.clone());
-        let client = reqwest::Client::builder()
+        let (roots, identity) = super::tls_settings(config)
+            .map_err(|(key, message)| anyhow::anyhow!("{key}: {message}"))?;
+        let mut client = reqwest::Client::builder()
             .dns_resolver(Arc::new(guard.clone()))
             .timeout(config.timeout)
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(USER_AGENT)
-            .build()?;
+            .tls_certs_merge(roots);
+        if let Some(identity) = identity {
+            client = client.identity(identity);
+        }
+        let client = client.build()?;
         let states = store
             .destination_states()
             .await?

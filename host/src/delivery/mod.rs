@@ -15,7 +15,7 @@ use std::sync::{Arc, OnceLock};
 use reqwest::header::{HeaderName, HeaderValue};
 use sha2::{Digest, Sha256};
 
-use crate::config::{DestinationConfig, RetryPolicy};
+use crate::config::{DeliveryConfig, DestinationConfig, RetryPolicy};
 use crate::event::{Body, Event, Pairs, lookup};
 use crate::store::{DeliveryStatus, NewDelivery};
 use placeholder::Target;
@@ -68,6 +68,52 @@ pub struct Destination {
     signing_keys: Vec<Vec<u8>>,
     /// The most deliveries per second (see [`pace`]).
     pub rate_limit: Option<f64>,
+}
+
+/// What HTTPS deliveries trust besides the system's certificate authorities, and the
+/// certificate they present when a destination asks for one, read from
+/// `delivery.ca_certificates` and `delivery.client_certificate`. An error names the key.
+pub fn tls_settings(
+    config: &DeliveryConfig,
+) -> Result<(Vec<reqwest::Certificate>, Option<reqwest::Identity>), (String, String)> {
+    let read = |key: &str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| {
+            (
+                key.to_string(),
+                format!("cannot read {}: {e}", path.display()),
+            )
+        })
+    };
+    let mut roots = Vec::new();
+    for (i, path) in config.ca_certificates.iter().enumerate() {
+        let key = format!("delivery.ca_certificates[{i}]");
+        let certs = reqwest::Certificate::from_pem_bundle(&read(&key, path)?)
+            .map_err(|e| (key.clone(), format!("{}: {e}", path.display())))?;
+        if certs.is_empty() {
+            return Err((key, format!("{} holds no PEM certificate", path.display())));
+        }
+        roots.extend(certs);
+    }
+    let identity = match &config.client_certificate {
+        None => None,
+        Some(c) => {
+            let mut pem = read("delivery.client_certificate.cert", &c.cert)?;
+            pem.push(b'\n');
+            pem.extend(read("delivery.client_certificate.key", &c.key)?);
+            let identity = reqwest::Identity::from_pem(&pem).map_err(|e| {
+                (
+                    "delivery.client_certificate".to_string(),
+                    format!(
+                        "{} and {} are not a PEM certificate and its private key: {e}",
+                        c.cert.display(),
+                        c.key.display()
+                    ),
+                )
+            })?;
+            Some(identity)
+        }
+    };
+    Ok((roots, identity))
 }
 
 impl Destination {
