@@ -489,9 +489,8 @@ destinations = ["pager"]
 /// The database crashes and comes back while events arrive: ingest answers 503 while it
 /// cannot store (the sender tries again, as senders do), and every event it accepted is
 /// delivered once the database is back — nothing accepted is lost, the gateway keeps
-/// running. (An outcome whose commit happened but whose answer was lost with the
-/// connection leaves its deliveries leased to a send that never comes: they go once the
-/// lease runs out, `store.lease` + `delivery.timeout`, shortened here.)
+/// running. (An outcome whose commit happened but whose answer was lost: see
+/// `an_outcome_whose_answer_was_lost_is_delivered_without_waiting_for_its_lease`.)
 #[tokio::test(flavor = "multi_thread")]
 async fn a_database_crash_loses_no_accepted_event() {
     let Some(server) = PgServer::start() else {
@@ -576,4 +575,168 @@ destinations = ["d"]
     );
     eprintln!("{refused} posts refused while the database was down");
     gw.shutdown().await.unwrap();
+}
+
+/// A TCP proxy in front of the database that fails the network the hard way: while it
+/// holds, the server's answer to each statement executed is not passed on (from its
+/// `BindComplete` on: preparing a statement still works, executing one runs and commits
+/// it); a cut then closes every connection open. What was committed meanwhile never got
+/// its answer — the ambiguous commit of a network failure.
+struct CutProxy {
+    port: u16,
+    hold: Arc<std::sync::atomic::AtomicBool>,
+    cuts: Arc<Mutex<tokio_util::sync::CancellationToken>>,
+}
+
+impl CutProxy {
+    async fn start(target_port: u16) -> Self {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let hold = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let cuts = Arc::new(Mutex::new(tokio_util::sync::CancellationToken::new()));
+        let (holding, current) = (hold.clone(), cuts.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target_port)).await
+                else {
+                    continue;
+                };
+                let cut = current.lock().unwrap().clone();
+                let hold = holding.clone();
+                tokio::spawn(async move {
+                    let (mut client_read, mut client_write) = client.into_split();
+                    let (mut server_read, mut server_write) = server.into_split();
+                    let up = tokio::io::copy(&mut client_read, &mut server_write);
+                    // Whole messages only (a type byte, then a length that counts itself).
+                    let down = async {
+                        let (mut buf, mut pending) = (vec![0u8; 64 * 1024], Vec::new());
+                        loop {
+                            let n = server_read.read(&mut buf).await?;
+                            if n == 0 {
+                                return Ok::<_, std::io::Error>(());
+                            }
+                            pending.extend_from_slice(&buf[..n]);
+                            let (mut whole, mut held) = (0, false);
+                            while pending.len() - whole >= 5 {
+                                let at = &pending[whole..];
+                                let len = u32::from_be_bytes(at[1..5].try_into().unwrap());
+                                if at.len() < 1 + len as usize {
+                                    break;
+                                }
+                                if at[0] == b'2' && hold.load(Ordering::SeqCst) {
+                                    held = true;
+                                    break;
+                                }
+                                whole += 1 + len as usize;
+                            }
+                            client_write.write_all(&pending[..whole]).await?;
+                            pending.drain(..whole);
+                            if held {
+                                // Nothing more on this connection until it is cut.
+                                std::future::pending::<()>().await;
+                            }
+                        }
+                    };
+                    tokio::select! {
+                        _ = up => {}
+                        _ = down => {}
+                        () = cut.cancelled() => {}
+                    }
+                });
+            }
+        });
+        Self { port, hold, cuts }
+    }
+
+    /// Holds the answers to statements executed for `held`; then closes every connection.
+    async fn hold_then_cut(&self, held: Duration) {
+        self.hold.store(true, Ordering::SeqCst);
+        tokio::time::sleep(held).await;
+        let old = std::mem::take(&mut *self.cuts.lock().unwrap());
+        old.cancel();
+        self.hold.store(false, Ordering::SeqCst);
+    }
+}
+
+/// An event's outcome commits but its answer is lost with the connection (the network to
+/// PostgreSQL fails at that moment): the deliveries it leased to the pipeline, which will
+/// not send them, are released once the database answers again, instead of waiting for
+/// the lease to run out (two minutes here, longer than the test waits). Delivered once.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_outcome_whose_answer_was_lost_is_delivered_without_waiting_for_its_lease() {
+    let Some(server) = PgServer::start() else {
+        return;
+    };
+    let db = server.database("lost_answer");
+    let proxy = CutProxy::start(server_port(&db)).await;
+    let db = db.replacen(
+        &format!(":{}/", server_port(&db)),
+        &format!(":{}/", proxy.port),
+        1,
+    );
+    let rx = Receiver::start().await;
+    let config = format!(
+        // (The harness's `[delivery]` table is open: the first line lands in it.)
+        r#"
+timeout = "2s"
+[store]
+url = "{db}"
+lease = "120s"
+[plugins]
+deadline = "5s"
+[[sources]]
+name = "s"
+[[destinations]]
+name = "d"
+url = "{{receiver}}/d"
+[[routes]]
+source = "s"
+plugins = [{{ name = "misbehave" }}]
+destinations = ["d"]
+"#
+    );
+    let gw = TestGateway::start(&config, &rx, &["misbehave"]).await;
+    // Warm up (connections open, statements prepared), then an event whose plugin takes
+    // 400 ms: its outcome is written while the proxy holds the answers.
+    let warm = gw.accept("s", r#"{"n":0}"#).await;
+    gw.settled(&warm).await;
+    let id = gw.accept("s", r#"{"mode":"slow","ms":400}"#).await;
+    proxy.hold_then_cut(Duration::from_millis(1_200)).await;
+
+    let arrived = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let n = (rx.requests().iter())
+                .filter(|r| r.header("switchyard-event-id") == Some(id.as_str()))
+                .count();
+            if n > 0 {
+                return n;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(
+        arrived.is_ok(),
+        "the delivery waited for its lease (120 s) after its outcome's answer was lost"
+    );
+    let e = gw.settled(&id).await;
+    assert_eq!(e["deliveries"][0]["status"], "delivered", "{e}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let copies = (rx.requests().iter())
+        .filter(|r| r.header("switchyard-event-id") == Some(id.as_str()))
+        .count();
+    assert_eq!(copies, 1, "delivered once");
+    gw.shutdown().await.unwrap();
+}
+
+fn server_port(url: &str) -> u16 {
+    url.rsplit_once(':')
+        .unwrap()
+        .1
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
 }

@@ -528,25 +528,39 @@ impl EventQueue {
     /// After an outcome that could not be recorded (see [`EventQueue::failed`]): queues the
     /// event again after a pause that doubles with each failure in a row (1 s, 2 s, … up
     /// to `max`), if `still_queued(id, run)` finds the store still has that run of it
-    /// waiting (if the store cannot say, it is tried anyway: completing it checks the run
-    /// again).
+    /// waiting. Until the store can say, nothing happens to the event: `still_queued` is
+    /// asked again, the pause doubling, for as long as the queue is open (a shared store's
+    /// outcome may have been recorded although its answer was lost, and what
+    /// `still_queued` does about it must happen before the event is processed again).
     fn retry_later<F, Fut>(self: &Arc<Self>, event: Event, max: Duration, still_queued: F)
     where
-        F: FnOnce(String, i64) -> Fut + Send + 'static,
+        F: Fn(String, i64) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<bool, StoreError>> + Send,
     {
         let failures = self.failed(&event.id);
-        let delay = RETRY_FIRST
+        let mut delay = RETRY_FIRST
             .saturating_mul(1 << (failures - 1).min(6))
             .min(max);
         // (The pipeline's span carries the event id.)
         tracing::warn!(retry_in = ?delay, failures,
-            "The event's outcome was not recorded; it will be processed again.");
+            "The store did not confirm the event's outcome; it is looked at again later.");
         let queue = self.clone();
         tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
-            let looked = still_queued(event.id.clone(), event.run as i64).await;
-            queue.retry(event, !matches!(looked, Ok(false)));
+            loop {
+                tokio::time::sleep(delay).await;
+                if queue.lock().closed {
+                    // (Still queued in the store: the next start resumes it.)
+                    return;
+                }
+                match still_queued(event.id.clone(), event.run as i64).await {
+                    Ok(queued) => return queue.retry(event, queued),
+                    Err(e) => {
+                        delay = delay.saturating_mul(2).min(max);
+                        tracing::warn!(event_id = %event.id, error = %e, retry_in = ?delay,
+                            "Cannot tell whether the event's outcome was recorded; asking again later.");
+                    }
+                }
+            }
         });
     }
 

@@ -433,21 +433,44 @@ impl PgStore {
     /// doubles with each failure in a row, its claim renewed then — instead of waiting for
     /// the claim to run out (`store.lease`) and a sweep to find it. The pause stays within
     /// half a lease, so that the claim has not run out meanwhile.
-    fn retry_later(&self, event: Event) {
+    /// After `complete_event` failed: see [`EventQueue::retry_later`]. The outcome's commit
+    /// may have happened with only its answer lost (the connection broke): then the
+    /// deliveries it leased to this gateway's pipeline, which will not send them, are
+    /// released first — `leased`: their ids and the lease they were written with, which
+    /// no later claim has — so that the dispatcher sends them now instead of when that
+    /// lease runs out.
+    fn retry_later(&self, event: Event, leased: Option<(Vec<String>, i64)>) {
         let (pool, lease) = (self.pool.clone(), self.lease);
+        let leased = Arc::new(leased);
         self.queue
-            .retry_later(event, RETRY_MAX.min(lease / 2), move |id, run| async move {
-                let until = (crate::delivery::now_ms() + lease.as_millis() as u64) as i64;
-                let claimed = pool
-                    .get()
-                    .await?
-                    .execute(
-                        "UPDATE events SET lease_until = $3
-                         WHERE id = $1 AND run = $2 AND status = 'queued'",
-                        &[&id, &run, &until],
-                    )
-                    .await?;
-                Ok(claimed == 1)
+            .retry_later(event, RETRY_MAX.min(lease / 2), move |id, run| {
+                let (pool, leased) = (pool.clone(), leased.clone());
+                async move {
+                    let client = pool.get().await?;
+                    if let Some((ids, until)) = leased.as_ref() {
+                        let released = client
+                            .execute(
+                                "UPDATE deliveries SET lease_until = NULL
+                                 WHERE id = ANY($1) AND lease_until = $2
+                                   AND status = 'pending' AND attempts = 0",
+                                &[ids, until],
+                            )
+                            .await?;
+                        if released > 0 {
+                            tracing::info!(event_id = %id, deliveries = released,
+                                "The event's outcome had been recorded; its deliveries go to the dispatcher.");
+                        }
+                    }
+                    let until = (crate::delivery::now_ms() + lease.as_millis() as u64) as i64;
+                    let claimed = client
+                        .execute(
+                            "UPDATE events SET lease_until = $3
+                             WHERE id = $1 AND run = $2 AND status = 'queued'",
+                            &[&id, &(run as i32), &until],
+                        )
+                        .await?;
+                    Ok(claimed == 1)
+                }
             });
     }
 
@@ -814,12 +837,18 @@ impl Store for PgStore {
         deliveries: Vec<NewDelivery>,
         now: u64,
     ) -> Result<Vec<String>, StoreError> {
+        // (What the pipeline was to send, should the answer be lost: see `retry_later`.)
+        let leased: Vec<String> = (deliveries.iter())
+            .filter(|d| d.lease_until.is_some())
+            .map(|d| d.id.clone())
+            .collect();
+        let until = deliveries.iter().find_map(|d| d.lease_until);
         let result = self
             .record_completion(event, outcomes, deliveries, now)
             .await;
         match &result {
             Ok(_) => self.queue.done(&event.id),
-            Err(_) => self.retry_later(event.clone()),
+            Err(_) => self.retry_later(event.clone(), until.map(|l| (leased, l as i64))),
         }
         result
     }

@@ -386,8 +386,9 @@ impl SqliteStore {
     /// it then). Without this it would wait for the next start.
     fn retry_later(&self, event: Event) {
         let readers = self.readers.clone();
-        self.queue
-            .retry_later(event, RETRY_MAX, move |id, run| async move {
+        self.queue.retry_later(event, RETRY_MAX, move |id, run| {
+            let readers = readers.clone();
+            async move {
                 readers
                     .run(None, move |conn| {
                         conn.query_row(
@@ -399,7 +400,8 @@ impl SqliteStore {
                     })
                     .await
                     .map(|found| found.is_some())
-            });
+            }
+        });
     }
 
     /// Runs `f` in the writer's next transaction and answers once that transaction is
