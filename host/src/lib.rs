@@ -80,15 +80,9 @@ pub struct CheckReport {
 /// port, so it runs beside a gateway serving, e.g. before a deploy. (Routes made through
 /// the management API live in the store and are not checked.)
 pub async fn check(config: &Config) -> anyhow::Result<CheckReport> {
-    let p = &config.plugins;
-    let options = RuntimeOptions {
-        max_memory: p.max_memory_bytes,
-        warm_pool_size: p.warm_pool_size,
-        warm_recycle_after: p.warm_recycle_after,
-        degraded_after: p.degraded_after,
-    };
+    let options = RuntimeOptions::from(&config.plugins);
     let (dir, used) = (
-        p.dir.clone(),
+        config.plugins.dir.clone(),
         config
             .used_plugins()
             .into_iter()
@@ -139,13 +133,7 @@ impl Gateway {
 
     /// As [`Gateway::new`], with the delivery stage's time taken from `clock`.
     pub async fn with_clock(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
-        let p = &config.plugins;
-        let options = RuntimeOptions {
-            max_memory: p.max_memory_bytes,
-            warm_pool_size: p.warm_pool_size,
-            warm_recycle_after: p.warm_recycle_after,
-            degraded_after: p.degraded_after,
-        };
+        let options = RuntimeOptions::from(&config.plugins);
         let runtime = tokio::task::spawn_blocking(move || PluginRuntime::with_options(options))
             .await?
             .context("cannot start the WebAssembly engine")?;

@@ -80,6 +80,17 @@ pub struct RuntimeOptions {
     pub degraded_after: u32,
 }
 
+impl From<&crate::config::PluginsConfig> for RuntimeOptions {
+    fn from(p: &crate::config::PluginsConfig) -> Self {
+        Self {
+            max_memory: p.max_memory_bytes,
+            warm_pool_size: p.warm_pool_size,
+            warm_recycle_after: p.warm_recycle_after,
+            degraded_after: p.degraded_after,
+        }
+    }
+}
+
 impl Default for RuntimeOptions {
     fn default() -> Self {
         Self {
