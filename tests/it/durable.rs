@@ -871,3 +871,65 @@ destinations = ["pager"]
     assert_eq!(pager.requests().len(), 2);
     gw.shutdown().await.unwrap();
 }
+
+/// A destination that accepts connections and never answers; counts them.
+async fn hanging_destination() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counting = count.clone();
+    tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            counting.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            open.push(socket);
+        }
+    });
+    (url, count)
+}
+
+/// A destination that hangs takes every delivery permit for a timeout, and more of its
+/// deliveries queue for permits behind it (with those of the other destinations). Once it
+/// is FAILED, those are held with its other deliveries instead of being sent, each for a
+/// timeout more: the other destinations do not wait behind them. (Before, every one of
+/// them was still sent, a permit-full of timeouts at a time.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_destination_gets_nothing_more_from_the_deliveries_queued_for_it() {
+    let rx = Receiver::start().await;
+    let (hang, connections) = hanging_destination().await;
+    let config = format!(
+        // (The harness's `[delivery]` table is open: these lines land in it.)
+        r#"
+timeout = "1s"
+concurrency = 4
+[[sources]]
+name = "s"
+[[destinations]]
+name = "slow"
+url = "{hang}/slow"
+retry = {{ failure_threshold = 2 }}
+[[destinations]]
+name = "fast"
+url = "{{receiver}}/fast"
+[[routes]]
+source = "s"
+destinations = ["slow", "fast"]
+"#
+    );
+    let gw = TestGateway::start(&config, &rx, &[]).await;
+    const EVENTS: usize = 30;
+    for n in 0..EVENTS {
+        gw.accept("s", json!({ "n": n }).to_string()).await;
+    }
+    rx.wait_for(EVENTS).await;
+    let slow = destination(&gw, "slow").await;
+    assert_eq!(slow["state"], "FAILED", "{slow}");
+    let sent = connections.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        sent <= 2 * 4,
+        "{sent} of {EVENTS} deliveries were sent to the hanging destination (at most two \
+         permit-fulls may be on their way before it is FAILED)"
+    );
+    assert_eq!(slow["pending"], EVENTS as u64, "held, not lost: {slow}");
+    gw.shutdown().await.unwrap();
+}

@@ -471,6 +471,12 @@ impl Dispatcher {
     async fn attempt(&self, d: DueDelivery, _permit: OwnedSemaphorePermit) {
         let at = self.clock.now_ms();
         let destination = self.destinations.load().get(&d.destination).cloned();
+        if destination.is_some() && !self.is_active(&d.destination) {
+            // Its destination failed (or was disabled) since this delivery was planned or
+            // claimed — e.g. while it waited for a permit behind others to a destination
+            // that hangs: it is held with the destination's other deliveries, not sent.
+            return self.put_back(&d, at).await;
+        }
         if let Some(rate) = destination.as_ref().and_then(|dest| dest.rate_limit) {
             let slot = self
                 .lock_pacers()
@@ -493,6 +499,20 @@ impl Dispatcher {
         // behind for want of permits. A retry is a new due time to wait for.
         if self.starved.load(Ordering::Relaxed) || matches!(next, AttemptNext::RetryAt(_)) {
             self.wake();
+        }
+    }
+
+    /// Gives a claimed delivery back unsent: held while its destination is not ACTIVE in
+    /// the store (a restart sends it), else due again now (once the destination's new
+    /// state is stored, a moment later, it is held).
+    async fn put_back(&self, d: &DueDelivery, now: u64) {
+        match self.store.retry_delivery(&d.id, now).await {
+            Ok(_) => tracing::debug!(event_id = %d.event_id, delivery_id = %d.id,
+                destination = %d.destination, "Delivery held: its destination is not ACTIVE."),
+            // The lease runs out; the claim skips it while the destination is not ACTIVE.
+            Err(e) => {
+                tracing::error!(delivery_id = %d.id, error = %e, "Cannot hold a delivery.")
+            }
         }
     }
 
