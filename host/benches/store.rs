@@ -107,7 +107,7 @@ async fn one(store: &dyn Store, n: usize, next: AttemptNext) {
         response: None,
     };
     store
-        .record_attempt(&id, attempt, next)
+        .record_attempt(&id, 0, attempt, next)
         .await
         .expect("attempt");
 }

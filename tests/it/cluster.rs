@@ -585,6 +585,8 @@ destinations = ["d"]
 struct CutProxy {
     port: u16,
     hold: Arc<std::sync::atomic::AtomicBool>,
+    /// Statements are not passed on to the server at all (nothing reaches it).
+    blackhole: Arc<std::sync::atomic::AtomicBool>,
     cuts: Arc<Mutex<tokio_util::sync::CancellationToken>>,
 }
 
@@ -594,8 +596,9 @@ impl CutProxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let hold = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let blackhole = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let cuts = Arc::new(Mutex::new(tokio_util::sync::CancellationToken::new()));
-        let (holding, current) = (hold.clone(), cuts.clone());
+        let (holding, current, dropping) = (hold.clone(), cuts.clone(), blackhole.clone());
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target_port)).await
@@ -603,11 +606,23 @@ impl CutProxy {
                     continue;
                 };
                 let cut = current.lock().unwrap().clone();
-                let hold = holding.clone();
+                let (hold, blackhole) = (holding.clone(), dropping.clone());
                 tokio::spawn(async move {
                     let (mut client_read, mut client_write) = client.into_split();
                     let (mut server_read, mut server_write) = server.into_split();
-                    let up = tokio::io::copy(&mut client_read, &mut server_write);
+                    let up = async {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = client_read.read(&mut buf).await?;
+                            if n == 0 {
+                                return Ok::<_, std::io::Error>(());
+                            }
+                            if blackhole.load(Ordering::SeqCst) {
+                                std::future::pending::<()>().await;
+                            }
+                            server_write.write_all(&buf[..n]).await?;
+                        }
+                    };
                     // Whole messages only (a type byte, then a length that counts itself).
                     let down = async {
                         let (mut buf, mut pending) = (vec![0u8; 64 * 1024], Vec::new());
@@ -646,16 +661,27 @@ impl CutProxy {
                 });
             }
         });
-        Self { port, hold, cuts }
+        Self {
+            port,
+            hold,
+            blackhole,
+            cuts,
+        }
     }
 
     /// Holds the answers to statements executed for `held`; then closes every connection.
     async fn hold_then_cut(&self, held: Duration) {
         self.hold.store(true, Ordering::SeqCst);
         tokio::time::sleep(held).await;
+        self.cut();
+    }
+
+    /// Closes every connection open; new ones work normally again.
+    fn cut(&self) {
         let old = std::mem::take(&mut *self.cuts.lock().unwrap());
         old.cancel();
         self.hold.store(false, Ordering::SeqCst);
+        self.blackhole.store(false, Ordering::SeqCst);
     }
 }
 
@@ -727,6 +753,75 @@ destinations = ["d"]
         .filter(|r| r.header("switchyard-event-id") == Some(id.as_str()))
         .count();
     assert_eq!(copies, 1, "delivered once");
+    gw.shutdown().await.unwrap();
+}
+
+/// The database stops answering just as a delivery succeeds, so its attempt cannot be
+/// recorded (nothing reaches the server), and comes back a moment later: the record is
+/// tried again, and the delivery is not sent a second time when its lease runs out.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_attempt_recorded_late_is_not_sent_again() {
+    let Some(server) = PgServer::start() else {
+        return;
+    };
+    let db = server.database("late_record");
+    let proxy = Arc::new(CutProxy::start(server_port(&db)).await);
+    let db = db.replacen(
+        &format!(":{}/", server_port(&db)),
+        &format!(":{}/", proxy.port),
+        1,
+    );
+    // A receiver that, at the first request, makes the database unreachable for 300 ms.
+    let arrived = Arc::new(AtomicUsize::new(0));
+    let app = axum::Router::new()
+        .fallback(
+            |State((proxy, arrived)): State<(Arc<CutProxy>, Arc<AtomicUsize>)>| async move {
+                if arrived.fetch_add(1, Ordering::SeqCst) == 0 {
+                    proxy.blackhole.store(true, Ordering::SeqCst);
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        proxy.cut();
+                    });
+                }
+                StatusCode::NO_CONTENT
+            },
+        )
+        .with_state((proxy.clone(), arrived.clone()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let rx = Receiver::start().await;
+    let config = format!(
+        // (The harness's `[delivery]` table is open: the first line lands in it.)
+        r#"
+timeout = "2s"
+[store]
+url = "{db}"
+lease = "3s"
+[[sources]]
+name = "s"
+[[destinations]]
+name = "d"
+url = "{url}/d"
+[[routes]]
+source = "s"
+destinations = ["d"]
+"#
+    );
+    let gw = TestGateway::start(&config, &rx, &[]).await;
+    let id = gw.accept("s", "{}").await;
+    // (While the database is unreachable, the API answers errors: polled through.)
+    gw.wait_event(&id, |e| e["deliveries"][0]["status"] == "delivered")
+        .await;
+    // Past the lease (3 s + the 2 s timeout): a delivery left leased would be sent again.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert_eq!(arrived.load(Ordering::SeqCst), 1, "sent once");
+    let e = gw.event(&id).await;
+    assert_eq!(
+        e["deliveries"][0]["attempts"].as_array().unwrap().len(),
+        1,
+        "{e}"
+    );
     gw.shutdown().await.unwrap();
 }
 

@@ -238,7 +238,7 @@ async fn conformance(open: Reopen) {
     archive.consecutive_failures = 1;
     archive.last_error = Some("503".into());
     store
-        .record_attempt("d2", attempt(30_002, 503), AttemptNext::RetryAt(35_000))
+        .record_attempt("d2", 0, attempt(30_002, 503), AttemptNext::RetryAt(35_000))
         .await
         .unwrap();
     store.record_destination_state(&archive).await.unwrap();
@@ -255,7 +255,7 @@ async fn conformance(open: Reopen) {
         .unwrap();
     assert_eq!((due.len(), due[0].attempts), (1, 1));
     store
-        .record_attempt("d2", attempt(35_001, 200), AttemptNext::Delivered)
+        .record_attempt("d2", 1, attempt(35_001, 200), AttemptNext::Delivered)
         .await
         .unwrap();
     store
@@ -267,10 +267,29 @@ async fn conformance(open: Reopen) {
     assert_eq!(d2.status, DeliveryStatus::Delivered);
     assert_eq!(d2.attempts.len(), 2);
     assert_eq!(d2.attempts[0].status_code, Some(503));
+    // Recording the same attempt again (a try whose answer was lost, then retried) writes
+    // nothing: the delivery no longer has the count it was claimed with.
+    assert!(
+        !store
+            .record_attempt("d2", 1, attempt(35_001, 200), AttemptNext::Delivered)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .record_attempt("nope", 0, attempt(35_001, 200), AttemptNext::Delivered)
+            .await
+            .unwrap()
+    );
+    let again = store.get_event("e1").await.unwrap().unwrap().deliveries;
+    assert_eq!(
+        again.iter().find(|d| d.id == "d2").unwrap().attempts.len(),
+        2
+    );
 
     // A FAILED destination's deliveries wait; setting it ACTIVE makes them due now.
     store
-        .record_attempt("d1", attempt(36_000, 500), AttemptNext::Hold)
+        .record_attempt("d1", 0, attempt(36_000, 500), AttemptNext::Hold)
         .await
         .unwrap();
     store
@@ -325,7 +344,7 @@ async fn conformance(open: Reopen) {
         epoch: 0,
     };
     store
-        .record_attempt("d1", attempt(99_001, 500), AttemptNext::Failed)
+        .record_attempt("d1", 1, attempt(99_001, 500), AttemptNext::Failed)
         .await
         .unwrap();
     store.record_destination_state(&stale).await.unwrap();
@@ -341,7 +360,7 @@ async fn conformance(open: Reopen) {
         ..active("fleet")
     };
     store
-        .record_attempt("d1", attempt(99_002, 500), AttemptNext::Failed)
+        .record_attempt("d1", 2, attempt(99_002, 500), AttemptNext::Failed)
         .await
         .unwrap();
     store.record_destination_state(&current).await.unwrap();
@@ -571,7 +590,7 @@ async fn conformance(open: Reopen) {
         .await
         .unwrap();
     store
-        .record_attempt("d7", attempt(14_602, 400), AttemptNext::Failed)
+        .record_attempt("d7", 0, attempt(14_602, 400), AttemptNext::Failed)
         .await
         .unwrap();
     assert_eq!(purge(store.as_ref(), 15_000).await, 0, "e5 failed");
@@ -596,7 +615,7 @@ async fn conformance(open: Reopen) {
         .unwrap();
     assert_eq!(purge(store.as_ref(), 15_000).await, 0, "d8 pending");
     store
-        .record_attempt("d8", attempt(14_604, 200), AttemptNext::Delivered)
+        .record_attempt("d8", 0, attempt(14_604, 200), AttemptNext::Delivered)
         .await
         .unwrap();
     let record = store.get_event("e5").await.unwrap().unwrap();
@@ -652,7 +671,12 @@ async fn conformance(open: Reopen) {
         tokio::spawn(async move {
             for n in 1..=ATTEMPTS as usize {
                 store
-                    .record_attempt("d6", attempt(210_000 + n as u64, 503), retry_at(n))
+                    .record_attempt(
+                        "d6",
+                        n as u32 - 1,
+                        attempt(210_000 + n as u64, 503),
+                        retry_at(n),
+                    )
                     .await
                     .unwrap();
             }
@@ -774,7 +798,7 @@ async fn conformance(open: Reopen) {
             .await
             .unwrap();
         store
-            .record_attempt(&id, attempt(at + 1, 500), AttemptNext::Failed)
+            .record_attempt(&id, 0, attempt(at + 1, 500), AttemptNext::Failed)
             .await
             .unwrap();
     }
@@ -818,7 +842,7 @@ async fn conformance(open: Reopen) {
         .unwrap();
     assert!(claimed.iter().any(|d| d.id == "rd1"), "{claimed:?}");
     store
-        .record_attempt("rd1", attempt(900_001, 500), AttemptNext::Failed)
+        .record_attempt("rd1", 1, attempt(900_001, 500), AttemptNext::Failed)
         .await
         .unwrap();
     let sink_down = DestinationState {

@@ -468,7 +468,7 @@ impl Dispatcher {
 
     #[tracing::instrument(name = "delivery", skip_all, fields(event_id = %d.event_id,
         delivery_id = %d.id, destination = %d.destination, attempt = d.attempts + 1))]
-    async fn attempt(&self, d: DueDelivery, _permit: OwnedSemaphorePermit) {
+    async fn attempt(&self, d: DueDelivery, permit: OwnedSemaphorePermit) {
         let at = self.clock.now_ms();
         let destination = self.destinations.load().get(&d.destination).cloned();
         if destination.is_some() && !self.is_active(&d.destination) {
@@ -491,15 +491,47 @@ impl Dispatcher {
             Some(dest) => self.send_to(&dest, &d, at).await,
             None => self.not_sent(&d, at),
         };
-        if let Err(e) = self.store.record_attempt(&d.id, attempt, next).await {
-            // The lease runs out and the delivery is tried again: at least once, never lost.
-            tracing::error!(delivery_id = %d.id, error = %e, "Cannot record a delivery attempt.");
+        let recorded = (self.store)
+            .record_attempt(&d.id, d.attempts, attempt.clone(), next)
+            .await;
+        if let Err(e) = recorded {
+            drop(permit);
+            self.record_again(&d, attempt, next, e).await;
         }
         // A permit is free again: that matters only if the last claim left due deliveries
         // behind for want of permits. A retry is a new due time to wait for.
         if self.starved.load(Ordering::Relaxed) || matches!(next, AttemptNext::RetryAt(_)) {
             self.wake();
         }
+    }
+
+    /// After an attempt whose record failed (the database did not answer): tries again a
+    /// few times, 1 s, 2 s and 4 s later, so that a short outage does not have the
+    /// delivery sent again when its lease runs out. An earlier try that was recorded after
+    /// all (only its answer lost) is not counted twice (`Store::record_attempt`). If every
+    /// try fails, the lease runs out and the delivery is tried again: at least once, never
+    /// lost.
+    async fn record_again(
+        &self,
+        d: &DueDelivery,
+        attempt: Attempt,
+        next: AttemptNext,
+        mut error: StoreError,
+    ) {
+        for wait in [1, 2, 4].map(Duration::from_secs) {
+            tracing::warn!(delivery_id = %d.id, error = %error, retry_in = ?wait,
+                "Cannot record a delivery attempt; trying again.");
+            tokio::time::sleep(wait).await;
+            match (self.store)
+                .record_attempt(&d.id, d.attempts, attempt.clone(), next)
+                .await
+            {
+                Ok(_) => return,
+                Err(e) => error = e,
+            }
+        }
+        tracing::error!(delivery_id = %d.id, error = %error,
+            "Cannot record a delivery attempt; it will be sent again when its lease runs out.");
     }
 
     /// Gives a claimed delivery back unsent: held while its destination is not ACTIVE in

@@ -127,13 +127,18 @@ pub trait Store: Send + Sync + 'static {
     /// there is no such pending delivery.
     async fn defer_delivery(&self, delivery_id: &str, until: u64) -> Result<bool, StoreError>;
 
-    /// Records one attempt of a delivery and what follows from it, at once.
+    /// Records one attempt of a delivery and what follows from it, at once — the attempt
+    /// after `attempts_before` (the count it was claimed with). `false`, with nothing
+    /// written, if the delivery does not have that count (this attempt was recorded
+    /// already, by a try whose answer was lost; or the delivery is gone), so that a
+    /// failed record can be tried again without counting an attempt twice.
     async fn record_attempt(
         &self,
         delivery_id: &str,
+        attempts_before: u32,
         attempt: Attempt,
         next: AttemptNext,
-    ) -> Result<(), StoreError>;
+    ) -> Result<bool, StoreError>;
 
     /// Records the state a destination's attempts led to, unless the stored state is of a
     /// newer epoch than `state.epoch`: a state decided before a restart (here or, on a

@@ -939,9 +939,10 @@ impl Store for PgStore {
     async fn record_attempt(
         &self,
         delivery_id: &str,
+        attempts_before: u32,
         attempt: Attempt,
         next: AttemptNext,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let (status, next_at) = match next {
             AttemptNext::Delivered => ("delivered", None),
             AttemptNext::Failed => ("failed", None),
@@ -955,7 +956,7 @@ impl Store for PgStore {
                 "WITH u AS (
                     UPDATE deliveries SET attempts = attempts + 1, status = $1, next_attempt_at = $2,
                         lease_until = NULL
-                    WHERE id = $3 RETURNING id, attempts
+                    WHERE id = $3 AND attempts = $9 RETURNING id, attempts
                  ), a AS (
                     INSERT INTO attempts (delivery_id, n, at, duration_ms, status_code, error, response)
                     SELECT id, attempts, $4, $5, $6, $7, $8 FROM u
@@ -978,13 +979,11 @@ impl Store for PgStore {
                     &attempt.status_code.map(i32::from),
                     &attempt.error,
                     &attempt.response,
+                    &(attempts_before as i32),
                 ],
             )
             .await?;
-        if rows.is_empty() {
-            return Err(StoreError::Db(format!("no delivery {delivery_id}")));
-        }
-        Ok(())
+        Ok(!rows.is_empty())
     }
 
     async fn record_destination_state(&self, s: &DestinationState) -> Result<(), StoreError> {

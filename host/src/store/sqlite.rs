@@ -1018,14 +1018,19 @@ impl Store for SqliteStore {
     async fn record_attempt(
         &self,
         delivery_id: &str,
+        attempts_before: u32,
         attempt: Attempt,
         next: AttemptNext,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let id = delivery_id.to_string();
         self.write_lazy(move |conn| {
-            let n: i64 = conn
+            let n: Option<i64> = conn
                 .prepare_cached("SELECT attempts FROM deliveries WHERE id = ?")?
-                .query_row([&id], |r| r.get(0))?;
+                .query_row([&id], |r| r.get(0))
+                .optional()?;
+            let Some(n) = n.filter(|n| *n == i64::from(attempts_before)) else {
+                return Ok(false);
+            };
             conn.prepare_cached(
                 "INSERT OR REPLACE INTO attempts (delivery_id, n, at, duration_ms, status_code, error, response)
                  VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -1049,7 +1054,7 @@ impl Store for SqliteStore {
                 "UPDATE deliveries SET attempts = attempts + 1, status = ?, next_attempt_at = ?, lease_until = NULL WHERE id = ?",
             )?
             .execute(params![status, next_at, id])?;
-            Ok(())
+            Ok(true)
         })
         .await
     }
@@ -1804,7 +1809,7 @@ mod tests {
             response: None,
         };
         store
-            .record_attempt("d2", attempt, AttemptNext::RetryAt(300))
+            .record_attempt("d2", 0, attempt, AttemptNext::RetryAt(300))
             .await
             .unwrap();
         store.record_destination_state(&failed).await.unwrap();
