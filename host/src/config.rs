@@ -252,6 +252,9 @@ pub struct DeliveryConfig {
     pub timeout: Duration,
     /// Deliveries in flight at once.
     pub concurrency: usize,
+    /// Deliveries in flight at once to one destination (half of `concurrency` unless
+    /// set): a destination that hangs holds at most these, and the others keep the rest.
+    pub destination_concurrency: usize,
     /// The default retry policy of destinations.
     pub retry: RetryPolicy,
     /// Networks deliveries may reach although the SSRF guard refuses them by default
@@ -285,6 +288,8 @@ struct RawDelivery {
     timeout: Duration,
     #[serde(default = "default_concurrency")]
     concurrency: usize,
+    #[serde(default)]
+    destination_concurrency: Option<usize>,
     #[serde(default = "default_schedule", with = "humantime_serde_vec")]
     retry_schedule: Vec<Duration>,
     #[serde(default = "default_jitter")]
@@ -308,6 +313,8 @@ impl From<RawDelivery> for DeliveryConfig {
         Self {
             timeout: r.timeout,
             concurrency: r.concurrency,
+            destination_concurrency: (r.destination_concurrency)
+                .unwrap_or_else(|| default_destination_concurrency(r.concurrency)),
             retry: RetryPolicy {
                 retry_schedule: r.retry_schedule,
                 jitter: r.jitter,
@@ -327,6 +334,7 @@ impl Default for DeliveryConfig {
         Self {
             timeout: default_timeout(),
             concurrency: default_concurrency(),
+            destination_concurrency: default_destination_concurrency(default_concurrency()),
             allowed_networks: Vec::new(),
             retry: RetryPolicy::default(),
             notify_source: None,
@@ -338,6 +346,9 @@ impl Default for DeliveryConfig {
 
 fn default_timeout() -> Duration {
     Duration::from_secs(10)
+}
+fn default_destination_concurrency(concurrency: usize) -> usize {
+    (concurrency / 2).max(1)
 }
 fn default_concurrency() -> usize {
     256
@@ -857,6 +868,16 @@ impl Config {
         if self.delivery.concurrency == 0 {
             return Err(("delivery.concurrency".into(), "must be at least 1".into()));
         }
+        let d = &self.delivery;
+        if d.destination_concurrency == 0 || d.destination_concurrency > d.concurrency {
+            return Err((
+                "delivery.destination_concurrency".into(),
+                format!(
+                    "must be between 1 and delivery.concurrency ({})",
+                    d.concurrency
+                ),
+            ));
+        }
         let mut sources = HashSet::new();
         for (i, s) in self.sources.iter().enumerate() {
             check_name(&s.name).map_err(|m| (format!("sources[{i}].name"), m))?;
@@ -1241,6 +1262,29 @@ mod tests {
         assert!(
             err.contains("server.queue_max_bytes")
                 && err.contains("at least server.max_body_bytes"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn one_destination_gets_half_the_delivery_permits_unless_told() {
+        let with = |delivery: &str| parse(&format!("[delivery]\n{delivery}\n{GOOD}"));
+        let ok = parse(GOOD).unwrap();
+        assert_eq!(ok.delivery.destination_concurrency, 128);
+        assert_eq!(
+            with("concurrency = 1")
+                .unwrap()
+                .delivery
+                .destination_concurrency,
+            1
+        );
+        let set = with("concurrency = 10\ndestination_concurrency = 10").unwrap();
+        assert_eq!(set.delivery.destination_concurrency, 10);
+        let err = with("concurrency = 10\ndestination_concurrency = 11")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("delivery.destination_concurrency") && err.contains("(10)"),
             "{err}"
         );
     }

@@ -267,8 +267,8 @@ impl Pipeline {
             .collect();
         let mut due: Vec<DueDelivery> = deliveries
             .iter()
-            .filter(|d| d.lease_until.is_some())
-            .map(|d| DueDelivery {
+            .filter_map(|d| Some((d, d.lease_until?)))
+            .map(|(d, lease_until)| DueDelivery {
                 id: d.id.clone(),
                 event_id: event.id.clone(),
                 destination: d.destination.clone(),
@@ -277,6 +277,7 @@ impl Pipeline {
                 body: d.body.clone(),
                 attempts: 0,
                 received_at: event.received_at,
+                lease_until,
             })
             .collect();
         match self

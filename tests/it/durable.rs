@@ -888,11 +888,10 @@ async fn hanging_destination() -> (String, Arc<std::sync::atomic::AtomicUsize>) 
     (url, count)
 }
 
-/// A destination that hangs takes every delivery permit for a timeout, and more of its
-/// deliveries queue for permits behind it (with those of the other destinations). Once it
-/// is FAILED, those are held with its other deliveries instead of being sent, each for a
-/// timeout more: the other destinations do not wait behind them. (Before, every one of
-/// them was still sent, a permit-full of timeouts at a time.)
+/// A destination that hangs takes its share of the delivery permits for a timeout, and
+/// more of its deliveries queue for permits behind it. Once it is FAILED, those are held
+/// with its other deliveries instead of being sent, each for a timeout more. (Before,
+/// every one of them was still sent, a permit-full of timeouts at a time.)
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failed_destination_gets_nothing_more_from_the_deliveries_queued_for_it() {
     let rx = Receiver::start().await;
@@ -922,14 +921,137 @@ destinations = ["slow", "fast"]
         gw.accept("s", json!({ "n": n }).to_string()).await;
     }
     rx.wait_for(EVENTS).await;
-    let slow = destination(&gw, "slow").await;
+    // FAILED after its first two timeouts (1 s); what waited for it is held, not sent.
+    let mut slow = destination(&gw, "slow").await;
+    for _ in 0..100 {
+        if slow["state"] == "FAILED" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        slow = destination(&gw, "slow").await;
+    }
     assert_eq!(slow["state"], "FAILED", "{slow}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let sent = connections.load(std::sync::atomic::Ordering::SeqCst);
     assert!(
-        sent <= 2 * 4,
+        sent <= 2 * 2,
         "{sent} of {EVENTS} deliveries were sent to the hanging destination (at most two \
-         permit-fulls may be on their way before it is FAILED)"
+         of its permit-fulls may be on their way before it is FAILED)"
     );
+    let slow = destination(&gw, "slow").await;
     assert_eq!(slow["pending"], EVENTS as u64, "held, not lost: {slow}");
+    gw.shutdown().await.unwrap();
+}
+
+/// A destination that hangs holds at most `delivery.destination_concurrency` of the
+/// delivery permits (half of them by default): the others' deliveries go on at once
+/// instead of waiting for its timeouts.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_destination_that_hangs_holds_at_most_its_share_of_the_permits() {
+    let rx = Receiver::start().await;
+    let (hang, connections) = hanging_destination().await;
+    let config = format!(
+        // (The harness's `[delivery]` table is open: these lines land in it.)
+        r#"
+timeout = "3s"
+concurrency = 4
+[[sources]]
+name = "s"
+[[destinations]]
+name = "slow"
+url = "{hang}/slow"
+[[destinations]]
+name = "fast"
+url = "{{receiver}}/fast"
+[[routes]]
+source = "s"
+destinations = ["slow", "fast"]
+"#
+    );
+    let gw = TestGateway::start(&config, &rx, &[]).await;
+    const EVENTS: usize = 30;
+    for n in 0..EVENTS {
+        gw.accept("s", json!({ "n": n }).to_string()).await;
+    }
+    // All of the fast destination's deliveries, long before the first timeout (3 s).
+    rx.wait_for(EVENTS).await;
+    let sent = connections.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        sent, 2,
+        "the slow destination holds two of the four permits"
+    );
+    let slow = destination(&gw, "slow").await;
+    assert_eq!(
+        (
+            slow["state"].as_str(),
+            slow["consecutive_failures"].as_u64()
+        ),
+        (Some("ACTIVE"), Some(0)),
+        "no timeout had to pass first: {slow}"
+    );
+    gw.shutdown().await.unwrap();
+}
+
+/// Deliveries queued behind a slow destination's permit for most of their lease are not
+/// started (they might still be on their way when the lease runs out and a claim takes
+/// them): they are left to that claim. Every delivery arrives, each once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_delivery_that_waited_out_its_lease_is_sent_once_by_the_next_claim() {
+    use axum::http::HeaderMap;
+    let arrivals: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+    let app = axum::Router::new()
+        .fallback(
+            |axum::extract::State(arrivals): axum::extract::State<
+                Arc<std::sync::Mutex<Vec<String>>>,
+            >,
+             headers: HeaderMap| async move {
+                let id = headers["webhook-id"].to_str().unwrap().to_string();
+                arrivals.lock().unwrap().push(id);
+                tokio::time::sleep(Duration::from_millis(1_500)).await;
+                axum::http::StatusCode::NO_CONTENT
+            },
+        )
+        .with_state(arrivals.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let slow = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let rx = Receiver::start().await;
+    // A lease of 1 s + the 2 s timeout; one delivery at a time to the destination.
+    let config = format!(
+        // (The harness's `[delivery]` table is open: these lines land in it.)
+        r#"
+timeout = "2s"
+destination_concurrency = 1
+[store]
+lease = "1s"
+[[sources]]
+name = "s"
+[[destinations]]
+name = "slow"
+url = "{slow}/slow"
+[[routes]]
+source = "s"
+destinations = ["slow"]
+"#
+    );
+    let gw = TestGateway::start(&config, &rx, &[]).await;
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        ids.push(gw.accept("s", json!({ "n": n }).to_string()).await);
+    }
+    for id in &ids {
+        let e = gw.settled(id).await;
+        assert_eq!(e["deliveries"][0]["status"], "delivered", "{e}");
+        assert_eq!(
+            e["deliveries"][0]["attempts"].as_array().unwrap().len(),
+            1,
+            "{e}"
+        );
+    }
+    let mut got = arrivals.lock().unwrap().clone();
+    got.sort();
+    let before = got.len();
+    got.dedup();
+    assert_eq!((before, got.len()), (3, 3), "each sent once: {got:?}");
     gw.shutdown().await.unwrap();
 }

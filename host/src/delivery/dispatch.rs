@@ -107,7 +107,18 @@ pub struct Dispatcher {
     pacers: Mutex<HashMap<String, Pacer>>,
     clock: Arc<dyn Clock>,
     wake: Notify,
+    /// `delivery.concurrency`: a permit per attempt in flight.
     permits: Arc<Semaphore>,
+    /// `delivery.destination_concurrency` permits per destination, taken before one of
+    /// `permits`: deliveries waiting behind a destination that hangs hold none of those.
+    destination_permits: Mutex<HashMap<String, Arc<Semaphore>>>,
+    destination_concurrency: usize,
+    /// Claimed deliveries whose attempts do not hold one of `permits` yet: the next claim
+    /// takes only as many as are left beyond them. (The pipeline's are not counted: it
+    /// has its own bound.)
+    waiting: Arc<std::sync::atomic::AtomicUsize>,
+    /// `delivery.timeout`: an attempt is not started unless it can end within its lease.
+    timeout: Duration,
     /// See [`ORPHANED_AFTER`]; zero on a store only this gateway uses.
     orphaned_after: Duration,
     /// Destination states that attempts changed, in the order decided, for `write_states`.
@@ -172,6 +183,10 @@ impl Dispatcher {
             clock,
             wake: Notify::new(),
             permits: Arc::new(Semaphore::new(config.concurrency)),
+            destination_permits: Mutex::default(),
+            destination_concurrency: config.destination_concurrency,
+            waiting: Arc::default(),
+            timeout: config.timeout,
             orphaned_after,
             starved: AtomicBool::new(false),
             state_changes,
@@ -317,14 +332,39 @@ impl Dispatcher {
     /// deliveries it just planned), within the dispatcher's concurrency.
     pub fn send_now(self: &Arc<Self>, due: Vec<DueDelivery>) {
         for d in due {
-            let this = self.clone();
-            self.attempts.spawn(async move {
-                let Ok(permit) = this.permits.clone().acquire_owned().await else {
-                    return;
-                };
-                this.attempt(d, permit).await
-            });
+            self.spawn_attempt(d, None);
         }
+    }
+
+    /// Spawns an attempt, which waits for a permit of its destination and then for one of
+    /// the dispatcher's (counted in `waiting` until it has it, if given).
+    fn spawn_attempt(self: &Arc<Self>, d: DueDelivery, waiting: Option<Waiting>) {
+        let this = self.clone();
+        self.attempts.spawn(async move {
+            let destination = this.destination_semaphore(&d.destination);
+            let Ok(for_destination) = destination.acquire_owned().await else {
+                return;
+            };
+            let Ok(permit) = this.permits.clone().acquire_owned().await else {
+                return;
+            };
+            drop(waiting);
+            let permits = Permits {
+                _any: permit,
+                _destination: for_destination,
+            };
+            this.attempt(d, permits).await
+        });
+    }
+
+    fn destination_semaphore(&self, destination: &str) -> Arc<Semaphore> {
+        let mut permits = (self.destination_permits.lock()).unwrap_or_else(|e| e.into_inner());
+        if let Some(semaphore) = permits.get(destination) {
+            return semaphore.clone();
+        }
+        let semaphore = Arc::new(Semaphore::new(self.destination_concurrency));
+        permits.insert(destination.to_string(), semaphore.clone());
+        semaphore
     }
 
     /// Reads the destination states back from the store: on a shared store, other
@@ -388,7 +428,8 @@ impl Dispatcher {
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
         let mut drain_until: Option<u64> = None;
         loop {
-            let free = self.permits.available_permits();
+            let free = (self.permits.available_permits())
+                .saturating_sub(self.waiting.load(Ordering::SeqCst));
             let mut claimed = 0;
             // Out of permits, or a claim that took all it could: more may be due.
             self.starved.store(free == 0, Ordering::Relaxed);
@@ -407,12 +448,7 @@ impl Dispatcher {
                             self.starved.store(true, Ordering::Relaxed);
                         }
                         for d in due {
-                            let Ok(permit) = self.permits.clone().acquire_owned().await else {
-                                return;
-                            };
-                            let this = self.clone();
-                            self.attempts
-                                .spawn(async move { this.attempt(d, permit).await });
+                            self.spawn_attempt(d, Some(Waiting::new(&self.waiting)));
                         }
                     }
                     Err(e) => tracing::error!(error = %e, "Cannot claim due deliveries."),
@@ -468,8 +504,16 @@ impl Dispatcher {
 
     #[tracing::instrument(name = "delivery", skip_all, fields(event_id = %d.event_id,
         delivery_id = %d.id, destination = %d.destination, attempt = d.attempts + 1))]
-    async fn attempt(&self, d: DueDelivery, permit: OwnedSemaphorePermit) {
+    async fn attempt(&self, d: DueDelivery, permits: Permits) {
         let at = self.clock.now_ms();
+        if at + self.timeout.as_millis() as u64 > d.lease_until {
+            // It waited for a permit for most of its lease (behind a destination that is
+            // slow to answer): sent now, it might still be on its way when another claim
+            // takes it. Left to that claim instead, once the lease runs out.
+            tracing::warn!(event_id = %d.event_id, delivery_id = %d.id,
+                destination = %d.destination, "Delivery left to a later claim: its lease ran down while it waited.");
+            return;
+        }
         let destination = self.destinations.load().get(&d.destination).cloned();
         if destination.is_some() && !self.is_active(&d.destination) {
             // Its destination failed (or was disabled) since this delivery was planned or
@@ -495,7 +539,7 @@ impl Dispatcher {
             .record_attempt(&d.id, d.attempts, attempt.clone(), next)
             .await;
         if let Err(e) = recorded {
-            drop(permit);
+            drop(permits);
             self.record_again(&d, attempt, next, e).await;
         }
         // A permit is free again: that matters only if the last claim left due deliveries
@@ -804,6 +848,28 @@ fn signed_headers(dest: &Destination, d: &DueDelivery, now_ms: u64) -> Vec<(Stri
         headers.extend(signature);
     }
     headers
+}
+
+/// The two permits an attempt holds: one of the dispatcher's, one of its destination's.
+struct Permits {
+    _any: OwnedSemaphorePermit,
+    _destination: OwnedSemaphorePermit,
+}
+
+/// Counts an attempt in `Dispatcher::waiting` for as long as it lives.
+struct Waiting(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Waiting {
+    fn new(count: &Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Self(count.clone())
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Stores the destination states that attempts changed, one at a time in the order they

@@ -832,6 +832,9 @@ pub struct DueDelivery {
     pub attempts: u32,
     /// When its event was received (ms since the epoch): what delivery latency counts from.
     pub received_at: u64,
+    /// Until when the caller holds it (ms since the epoch): an attempt that could not end
+    /// before then is not started, but left to whoever claims it next.
+    pub lease_until: u64,
 }
 
 /// What follows an attempt.

@@ -915,6 +915,7 @@ impl Store for PgStore {
                     body: Bytes::from(body),
                     attempts: r.get::<_, i32>(6) as u32,
                     received_at: r.get::<_, Option<i64>>(7).unwrap_or(0) as u64,
+                    lease_until,
                 }
             })
             .collect())

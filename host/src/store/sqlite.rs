@@ -994,6 +994,7 @@ impl Store for SqliteStore {
                         body: Bytes::from(body),
                         attempts: r.get::<_, i64>(6)? as u32,
                         received_at: r.get::<_, Option<i64>>(7)?.unwrap_or(0) as u64,
+                        lease_until,
                     })
                 },
             )?
