@@ -591,6 +591,14 @@ struct CutProxy {
 }
 
 impl CutProxy {
+    /// A proxy to the database at `url`, and the URL that goes through it.
+    async fn in_front_of(url: &str) -> (Self, String) {
+        let port = server_port(url);
+        let proxy = Self::start(port).await;
+        let through = url.replacen(&format!(":{port}/"), &format!(":{}/", proxy.port), 1);
+        (proxy, through)
+    }
+
     async fn start(target_port: u16) -> Self {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -695,12 +703,7 @@ async fn an_outcome_whose_answer_was_lost_is_delivered_without_waiting_for_its_l
         return;
     };
     let db = server.database("lost_answer");
-    let proxy = CutProxy::start(server_port(&db)).await;
-    let db = db.replacen(
-        &format!(":{}/", server_port(&db)),
-        &format!(":{}/", proxy.port),
-        1,
-    );
+    let (proxy, db) = CutProxy::in_front_of(&db).await;
     let rx = Receiver::start().await;
     let config = format!(
         // (The harness's `[delivery]` table is open: the first line lands in it.)
@@ -765,12 +768,8 @@ async fn an_attempt_recorded_late_is_not_sent_again() {
         return;
     };
     let db = server.database("late_record");
-    let proxy = Arc::new(CutProxy::start(server_port(&db)).await);
-    let db = db.replacen(
-        &format!(":{}/", server_port(&db)),
-        &format!(":{}/", proxy.port),
-        1,
-    );
+    let (proxy, db) = CutProxy::in_front_of(&db).await;
+    let proxy = Arc::new(proxy);
     // A receiver that, at the first request, makes the database unreachable for 300 ms.
     let arrived = Arc::new(AtomicUsize::new(0));
     let app = axum::Router::new()

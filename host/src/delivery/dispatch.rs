@@ -211,6 +211,12 @@ impl Dispatcher {
         notify_source: Option<String>,
     ) {
         self.notify_source.store(Arc::new(notify_source));
+        // (An attempt still holding a removed destination's permits keeps them.)
+        (self
+            .destination_permits
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()))
+        .retain(|name, _| destinations.contains_key(name));
         let before = self.destinations.swap(Arc::new(destinations));
         self.release_removed(&before).await;
     }
