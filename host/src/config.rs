@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -89,6 +90,8 @@ struct RawServer {
     header_read_timeout: Duration,
     #[serde(default = "default_body_read_timeout", with = "humantime_serde")]
     body_read_timeout: Duration,
+    #[serde(default)]
+    tls: Option<CertificateFiles>,
 }
 
 impl Default for RawServer {
@@ -101,6 +104,7 @@ impl Default for RawServer {
             queue_max_bytes: default_queue_max_bytes(),
             idempotency_window: default_idempotency_window(),
             trusted_proxies: Vec::new(),
+            tls: None,
             header_read_timeout: default_header_read_timeout(),
             body_read_timeout: default_body_read_timeout(),
         }
@@ -158,6 +162,16 @@ pub struct ServerConfig {
     pub header_read_timeout: Duration,
     /// How long an ingest request may take to send its body; past it, `408`.
     pub body_read_timeout: Duration,
+    /// `server.tls`: HTTPS on `listen` with this certificate, read at start and at each
+    /// reload (a renewed certificate is served from the next connection on).
+    pub tls: Option<ServerTls>,
+}
+
+/// `server.tls` as loaded: the files, and what was read from them.
+#[derive(Clone, Debug)]
+pub struct ServerTls {
+    pub files: CertificateFiles,
+    pub acceptor: Arc<rustls::ServerConfig>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -269,13 +283,14 @@ pub struct DeliveryConfig {
     pub ca_certificates: Vec<PathBuf>,
     /// The certificate deliveries present to HTTPS destinations that ask for one (mutual
     /// TLS).
-    pub client_certificate: Option<ClientCertificate>,
+    pub client_certificate: Option<CertificateFiles>,
 }
 
-/// `delivery.client_certificate`: PEM files of a certificate (chain) and its private key.
+/// PEM files of a certificate (chain) and its private key: `delivery.client_certificate`,
+/// `server.tls`.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
-pub struct ClientCertificate {
+pub struct CertificateFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
 }
@@ -305,7 +320,7 @@ struct RawDelivery {
     #[serde(default)]
     ca_certificates: Vec<PathBuf>,
     #[serde(default)]
-    client_certificate: Option<ClientCertificate>,
+    client_certificate: Option<CertificateFiles>,
 }
 
 impl From<RawDelivery> for DeliveryConfig {
@@ -781,6 +796,18 @@ impl Config {
                 trusted_proxies: raw.server.trusted_proxies,
                 header_read_timeout: raw.server.header_read_timeout,
                 body_read_timeout: raw.server.body_read_timeout,
+                tls: match raw.server.tls {
+                    None => None,
+                    Some(files) => {
+                        let files = CertificateFiles {
+                            cert: base_dir.join(&files.cert),
+                            key: base_dir.join(&files.key),
+                        };
+                        let acceptor = crate::edge::server_tls(&files)
+                            .map_err(|m| key_err("server.tls".into(), m))?;
+                        Some(ServerTls { files, acceptor })
+                    }
+                },
             },
             plugins: PluginsConfig {
                 dir: base_dir.join(raw.plugins.dir),
@@ -797,7 +824,7 @@ impl Config {
                     .map(|p| base_dir.join(p))
                     .collect(),
                 client_certificate: (raw.delivery.client_certificate.as_ref()).map(|c| {
-                    ClientCertificate {
+                    CertificateFiles {
                         cert: base_dir.join(&c.cert),
                         key: base_dir.join(&c.key),
                     }

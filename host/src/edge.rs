@@ -1,6 +1,7 @@
 //! Edge security: verification of inbound signatures (HMAC-SHA256 over the raw body, or
 //! Standard Webhooks), per-source IP allowlists with trusted proxies, and Standard Webhooks
-//! signing of outbound deliveries. Comparisons of signatures are constant-time (`hmac`'s
+//! signing of outbound deliveries, and the listener's own certificate (`server.tls`).
+//! Comparisons of signatures are constant-time (`hmac`'s
 //! `verify_slice`); secrets never appear in errors or logs.
 
 use std::net::IpAddr;
@@ -15,6 +16,46 @@ use sha2::Sha256;
 use utoipa::ToSchema;
 
 type HmacSha256 = Hmac<Sha256>;
+
+/// The TLS settings of the listener from `server.tls`'s PEM files: the certificate chain
+/// (leaf first) and its private key, HTTP/1.1 offered by ALPN. The error says which file
+/// and what is wrong with it.
+pub fn server_tls(
+    files: &crate::config::CertificateFiles,
+) -> Result<std::sync::Arc<rustls::ServerConfig>, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let unreadable = |path: &std::path::Path, e: &dyn std::fmt::Display| {
+        format!("cannot read {}: {e}", path.display())
+    };
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
+        .and_then(|certs| certs.collect::<Result<_, _>>())
+        .map_err(|e| unreadable(&files.cert, &e))?;
+    if certs.is_empty() {
+        return Err(format!("{} holds no PEM certificate", files.cert.display()));
+    }
+    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| match e {
+        rustls::pki_types::pem::Error::NoItemsFound => {
+            format!("{} holds no PEM private key", files.key.display())
+        }
+        e => unreadable(&files.key, &e),
+    })?;
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| {
+            format!(
+                "{} and {} are not a certificate and its private key: {e}",
+                files.cert.display(),
+                files.key.display()
+            )
+        })?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(std::sync::Arc::new(config))
+}
 
 /// How a source's requests are authenticated.
 #[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]

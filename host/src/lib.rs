@@ -253,7 +253,11 @@ impl Gateway {
             minutes: Default::default(),
             counts: Default::default(),
         });
-        tracing::info!(address = %listener.local_addr()?, "Switchyard is listening.");
+        let scheme = match self.reloader.config().server.tls {
+            Some(_) => "https",
+            None => "http",
+        };
+        tracing::info!(address = %listener.local_addr()?, scheme, "Switchyard is listening.");
         // A store that can no longer be trusted to keep what it acknowledges stops the
         // gateway at once, without finishing anything: the next start resumes from what is
         // on disk (at least once).

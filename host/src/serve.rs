@@ -8,21 +8,31 @@
 //! axum's `serve` sets no timer on hyper's connections, so hyper's header timeout cannot be
 //! turned on through it; this loop is the same as axum's otherwise (accept errors such as
 //! running out of file descriptors are retried by axum's `Listener`).
+//!
+//! With `server.tls`, each connection first completes a TLS handshake with the
+//! certificate of the config in force when it was accepted (a reload that read a renewed
+//! certificate applies to the next connection), within [`HANDSHAKE_TIMEOUT`].
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::ConnectInfo;
 use axum::serve::Listener;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tower::Service;
 
 use crate::reload::Reloader;
+
+/// How long a client has for its TLS handshake (at most `server.header_read_timeout`): a
+/// connection that does not finish it is closed, and shutdown waits no longer for it.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves `app` on `listener` until `shutdown` completes, then stops accepting and waits
 /// for the connections' requests in progress to be answered.
@@ -44,20 +54,53 @@ pub async fn serve(
             request.extensions_mut().insert(ConnectInfo(peer));
             app.clone().call(request)
         });
-        let header_timeout = reloader.config().server.header_read_timeout;
-        let connection = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(header_timeout)
-            .serve_connection(TokioIo::new(stream), service);
-        let connection = graceful.watch(connection);
+        let config = reloader.config();
+        let header_timeout = config.server.header_read_timeout;
+        let tls = (config.server.tls.as_ref())
+            .map(|t| tokio_rustls::TlsAcceptor::from(t.acceptor.clone()));
+        let watcher = graceful.watcher();
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(%peer, error = %e, "Connection ended with an error.");
+            let Some(tls) = tls else {
+                return serve_connection(stream, service, header_timeout, watcher, peer).await;
+            };
+            let handshake = HANDSHAKE_TIMEOUT.min(header_timeout);
+            match tokio::time::timeout(handshake, tls.accept(stream)).await {
+                Ok(Ok(stream)) => {
+                    serve_connection(stream, service, header_timeout, watcher, peer).await
+                }
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed."),
+                Err(_) => tracing::debug!(%peer, "TLS handshake timed out."),
             }
         });
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+/// Serves HTTP/1.1 on one connection (plain or after its TLS handshake) until it ends or,
+/// at shutdown, its request in progress is answered.
+async fn serve_connection<S, F>(
+    stream: S,
+    service: F,
+    header_timeout: Duration,
+    watcher: Watcher,
+    peer: SocketAddr,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: hyper::service::HttpService<Incoming> + Send,
+    F::Future: Send + 'static,
+    F::ResBody: Send + 'static,
+    <F::ResBody as hyper::body::Body>::Data: Send,
+    <F::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    F::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .serve_connection(TokioIo::new(stream), service);
+    if let Err(e) = watcher.watch(connection).await {
+        tracing::debug!(%peer, error = %e, "Connection ended with an error.");
+    }
 }
 
 /// Raises this process's soft limit of open files to its hard limit (each connection is

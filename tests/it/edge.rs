@@ -483,7 +483,8 @@ async fn https_destinations_of_an_internal_ca_with_a_client_certificate() {
     gw.shutdown().await.unwrap();
 }
 
-/// A CA or client certificate file that cannot be used stops the start, naming the key.
+/// A CA, client or server certificate file that cannot be used stops the start, naming
+/// the key and what is wrong.
 #[tokio::test(flavor = "multi_thread")]
 async fn unusable_tls_files_are_named_at_start() {
     let rx = Receiver::start().await;
@@ -506,6 +507,29 @@ async fn unusable_tls_files_are_named_at_start() {
                 tls_fixture("ca.pem").display()
             ),
             "delivery.client_certificate",
+        ),
+        (
+            &*format!(
+                "[server.tls]\ncert = \"/nonexistent/gw.pem\"\nkey = \"{}\"",
+                tls_fixture("server.key").display()
+            ),
+            "server.tls`: cannot read /nonexistent/gw.pem",
+        ),
+        (
+            &*format!(
+                "[server.tls]\ncert = \"{}\"\nkey = \"{}\"",
+                tls_fixture("server.pem").display(),
+                tls_fixture("ca.pem").display()
+            ),
+            "holds no PEM private key",
+        ),
+        (
+            &*format!(
+                "[server.tls]\ncert = \"{}\"\nkey = \"{}\"",
+                tls_fixture("server.pem").display(),
+                tls_fixture("client.key").display()
+            ),
+            "are not a certificate and its private key",
         ),
     ] {
         let err = match TestGateway::try_start(&format!("{line}\n"), &rx, &[]).await {
@@ -762,4 +786,126 @@ async fn the_event_view_hides_the_senders_credentials() {
     assert_eq!(got[0].header("authorization"), None, "never forwarded");
     assert_eq!(got[0].header("x-region"), Some("eu"));
     gw.shutdown().await.unwrap();
+}
+
+/// `server.tls`: the real binary serves HTTPS with the configured certificate (a client
+/// trusting the test CA ingests, the event is delivered; plain HTTP gets no answer), reads
+/// the files again at a reload (a renewal is served to the next connection without a
+/// restart), and keeps the certificate it has when a reload finds the files unusable.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_listener_serves_https_and_a_reload_reads_a_renewed_certificate() {
+    let rx = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("gw.pem"), dir.path().join("gw.key"));
+    std::fs::copy(tls_fixture("server.pem"), &cert).unwrap();
+    std::fs::copy(tls_fixture("server.key"), &key).unwrap();
+    let config = dir.path().join("switchyard.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[server]
+listen = "127.0.0.1:0"
+data_dir = "./data"
+tls = {{ cert = "gw.pem", key = "gw.key" }}
+[api]
+tokens = ["tls-test-token"]
+[delivery]
+allowed_networks = ["127.0.0.0/8"]
+[[sources]]
+name = "s"
+[[destinations]]
+name = "ok"
+url = "{}/ok"
+[[routes]]
+source = "s"
+destinations = ["ok"]
+"#,
+            rx.url
+        ),
+    )
+    .unwrap();
+    let (_child, url) = crate::util::start_binary(&config).await;
+    assert!(url.starts_with("https://"), "{url}");
+    let ca =
+        reqwest::Certificate::from_pem(&std::fs::read(tls_fixture("ca.pem")).unwrap()).unwrap();
+    let trusting = || {
+        reqwest::Client::builder()
+            .tls_certs_only([ca.clone()])
+            .build()
+            .unwrap()
+    };
+    let resp = trusting()
+        .post(format!("{url}/v1/ingest/s"))
+        .body(r#"{"over":"tls"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    assert_eq!(&rx.wait_for(1).await[0].body[..], br#"{"over":"tls"}"#);
+    let plain = url.replace("https://", "http://");
+    let refused = reqwest::get(format!("{plain}/healthz")).await;
+    assert!(refused.is_err(), "plain HTTP answered: {refused:?}");
+
+    // The certificate a client is shown, whatever it is.
+    let served = || async {
+        let client = reqwest::Client::builder()
+            .tls_danger_accept_invalid_certs(true)
+            .tls_info(true)
+            .build()
+            .unwrap();
+        let resp = client.get(format!("{url}/healthz")).send().await.unwrap();
+        let info = resp.extensions().get::<reqwest::tls::TlsInfo>().unwrap();
+        info.peer_certificate().unwrap().to_vec()
+    };
+    let der = |name: &str| {
+        use rustls::pki_types::pem::PemObject;
+        rustls::pki_types::CertificateDer::from_pem_file(tls_fixture(name))
+            .unwrap()
+            .to_vec()
+    };
+    assert_eq!(served().await, der("server.pem"));
+    let reload = || {
+        trusting()
+            .post(format!("{url}/v1/reload"))
+            .bearer_auth("tls-test-token")
+            .send()
+    };
+
+    // "Renewed": another certificate of the test CA in the same files.
+    std::fs::copy(tls_fixture("client.pem"), &cert).unwrap();
+    std::fs::copy(tls_fixture("client.key"), &key).unwrap();
+    let report: Value = reload().await.unwrap().json().await.unwrap();
+    assert_eq!(report["config"], "applied", "{report}");
+    assert_eq!(served().await, der("client.pem"));
+    // (It names neither 127.0.0.1 nor localhost: a verifying client now refuses it.)
+    assert!(
+        trusting()
+            .get(format!("{url}/healthz"))
+            .send()
+            .await
+            .is_err()
+    );
+
+    // A key that cannot be read: the reload is rejected, naming the key, and the
+    // certificate in force keeps being served.
+    std::fs::write(&key, "not a key").unwrap();
+    let report: Value = (reqwest::Client::builder().tls_danger_accept_invalid_certs(true))
+        .build()
+        .unwrap()
+        .post(format!("{url}/v1/reload"))
+        .bearer_auth("tls-test-token")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(report["config"], "rejected", "{report}");
+    let error = report["config_error"].as_str().unwrap();
+    assert!(
+        error.contains("server.tls") && error.contains("gw.key"),
+        "{error}"
+    );
+    assert_eq!(served().await, der("client.pem"));
 }

@@ -544,7 +544,8 @@ pub async fn start_binary_with_env(
         while let Some(line) = lines.next_line().await.unwrap() {
             if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
                 let listening = v["fields"]["message"] == "Switchyard is listening.";
-                let address = v["fields"]["address"].as_str().map(str::to_string);
+                let address = (v["fields"]["address"].as_str())
+                    .map(|a| format!("{}://{a}", v["fields"]["scheme"].as_str().unwrap_or("http")));
                 log.lock().unwrap().push(v);
                 if listening {
                     return address.unwrap();
@@ -564,7 +565,7 @@ pub async fn start_binary_with_env(
             }
         }
     });
-    (child, format!("http://{address}"), log)
+    (child, address, log)
 }
 
 /// The `switchyard` binary built for this test run.
