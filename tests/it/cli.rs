@@ -356,3 +356,80 @@ fn plugin_new_refuses_a_bad_name_and_a_full_directory() {
     ]);
     assert!(!ok && err.contains("not empty"), "{err}");
 }
+
+/// The production example (`examples/deploy`) is a config that starts: `serve --check` on
+/// it, run with the unit's own `ExecStart` command line, once its secrets are set; and a
+/// secret left unset stops it, naming the key.
+#[test]
+fn the_deploy_example_would_start_with_its_secrets_set() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let example = root.join("examples/deploy");
+    let dir = tempfile::tempdir().unwrap();
+    let etc = dir.path();
+    std::fs::copy(example.join("switchyard.toml"), etc.join("switchyard.toml")).unwrap();
+    std::fs::create_dir_all(etc.join("tls")).unwrap();
+    std::fs::create_dir_all(etc.join("plugins.d")).unwrap();
+    let fixtures = root.join("tests/fixtures/tls");
+    std::fs::copy(fixtures.join("server.pem"), etc.join("tls/fullchain.pem")).unwrap();
+    std::fs::copy(fixtures.join("server.key"), etc.join("tls/privkey.pem")).unwrap();
+    for plugin in ["metadata-inject", "iot-normalize"] {
+        std::fs::copy(guest(plugin), etc.join(format!("plugins.d/{plugin}.wasm"))).unwrap();
+    }
+
+    let unit = std::fs::read_to_string(example.join("switchyard.service")).unwrap();
+    let exec_start = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("the unit has an ExecStart");
+    let mut args: Vec<String> = exec_start
+        .split_whitespace()
+        .skip(1)
+        .map(String::from)
+        .collect();
+    let serve = args.iter().position(|a| a == "serve").unwrap();
+    args.insert(serve + 1, "--check".into());
+    for a in &mut args {
+        if a == "/etc/switchyard/switchyard.toml" {
+            *a = path(&etc.join("switchyard.toml")).into();
+        }
+    }
+    let data = etc.join("state");
+    let secrets = [
+        ("SWITCHYARD_API_TOKEN", "a-long-production-token"),
+        ("BONDIO_WEBHOOK_SECRET", "bondio-shared-secret"),
+        ("BACKEND_URL", "https://backend.example.com/hooks"),
+        (
+            "BACKEND_SIGNING_SECRET",
+            "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        ),
+        ("PAGER_URL", "https://pager.example.com/switchyard"),
+    ];
+    let check = |unset: Option<&str>| {
+        let mut command = Command::new(switchyard_bin());
+        command
+            .args(&args)
+            .env("RUST_LOG", "warn")
+            .env("SWITCHYARD_DATA_DIR", &data);
+        for (k, v) in secrets {
+            command.env_remove(k);
+            if Some(k) != unset {
+                command.env(k, v);
+            }
+        }
+        let out = command.output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    };
+
+    let (ok, out) = check(None);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("would start: 3 sources, 2 destinations, 3 routes"),
+        "{out}"
+    );
+    assert!(!data.exists(), "the check opened the store");
+    let (ok, out) = check(Some("BACKEND_SIGNING_SECRET"));
+    assert!(!ok, "{out}");
+    assert!(out.contains("BACKEND_SIGNING_SECRET"), "{out}");
+}
