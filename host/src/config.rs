@@ -284,6 +284,9 @@ pub struct DeliveryConfig {
     /// The certificate deliveries present to HTTPS destinations that ask for one (mutual
     /// TLS).
     pub client_certificate: Option<CertificateFiles>,
+    /// An HTTP(S) proxy every delivery goes through (`http://user:pass@host:port`); the
+    /// environment's `HTTP_PROXY`/`HTTPS_PROXY` are not used.
+    pub proxy: Option<String>,
 }
 
 /// PEM files of a certificate (chain) and its private key: `delivery.client_certificate`,
@@ -321,6 +324,8 @@ struct RawDelivery {
     ca_certificates: Vec<PathBuf>,
     #[serde(default)]
     client_certificate: Option<CertificateFiles>,
+    #[serde(default)]
+    proxy: Option<String>,
 }
 
 impl From<RawDelivery> for DeliveryConfig {
@@ -340,6 +345,7 @@ impl From<RawDelivery> for DeliveryConfig {
             notify_source: r.notify_source,
             ca_certificates: r.ca_certificates,
             client_certificate: r.client_certificate,
+            proxy: r.proxy,
         }
     }
 }
@@ -355,6 +361,7 @@ impl Default for DeliveryConfig {
             notify_source: None,
             ca_certificates: Vec::new(),
             client_certificate: None,
+            proxy: None,
         }
     }
 }
@@ -873,6 +880,9 @@ impl Config {
             }
         }
         check_retry(&self.delivery.retry).map_err(|(k, m)| (format!("delivery.{k}"), m))?;
+        if let Some(proxy) = &self.delivery.proxy {
+            crate::delivery::proxy_host(proxy).map_err(|m| ("delivery.proxy".into(), m))?;
+        }
         for (i, t) in self.api.tokens.iter().enumerate() {
             if t.len() < 8 {
                 return Err((
@@ -1259,6 +1269,36 @@ mod tests {
             .unwrap();
         assert_eq!(ok.delivery.retry.retry_schedule.len(), 2);
         assert_eq!(ok.delivery.allowed_networks.len(), 1);
+    }
+
+    #[test]
+    fn a_delivery_proxy_must_be_an_http_url_and_its_password_is_never_echoed() {
+        let ok = parse(&format!(
+            "[delivery]\nproxy = \"http://user:pw@proxy.internal:3128\"\n{GOOD}"
+        ))
+        .unwrap();
+        assert_eq!(
+            ok.delivery.proxy.as_deref(),
+            Some("http://user:pw@proxy.internal:3128")
+        );
+        for (proxy, says) in [
+            (
+                "socks5://user:hunter2@proxy:1080",
+                "`socks5` proxies are not supported",
+            ),
+            ("proxy.internal:3128", "proxies are not supported"),
+            ("http://", "not a URL"),
+            ("not a url", "not a URL"),
+        ] {
+            let err = parse(&format!("[delivery]\nproxy = \"{proxy}\"\n{GOOD}"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("delivery.proxy") && err.contains(says),
+                "{proxy}: {err}"
+            );
+            assert!(!err.contains("hunter2"), "{err}");
+        }
     }
 
     #[test]

@@ -400,15 +400,51 @@ mod tests {
 /// check applies to the addresses the client actually connects to — the resolver below
 /// hands reqwest only permitted addresses, so a name that re-resolves elsewhere (DNS
 /// rebinding) gains nothing — and to IP literals in URLs, which skip the resolver.
+///
+/// Through a proxy (`delivery.proxy`) the client resolves only the proxy, which the
+/// operator chose and which is exempt; the proxy resolves the destination. So each
+/// destination name is resolved here before the request and refused if any of its
+/// addresses is — the proxy may still resolve it to another address a moment later, so
+/// behind a proxy, the proxy's own egress rules are the last word on rebinding.
 #[derive(Clone, Debug, Default)]
 pub struct SsrfGuard {
     allowed: std::sync::Arc<Vec<IpNet>>,
+    /// The host of `delivery.proxy`, if any.
+    proxy: Option<std::sync::Arc<str>>,
 }
 
 impl SsrfGuard {
     pub fn new(allowed: Vec<IpNet>) -> Self {
         Self {
             allowed: std::sync::Arc::new(allowed),
+            proxy: None,
+        }
+    }
+
+    /// The guard of a client whose requests go through a proxy on `host`.
+    pub fn behind_proxy(mut self, host: String) -> Self {
+        self.proxy = Some(host.into());
+        self
+    }
+
+    /// Checks a destination URL before its request: an IP literal always; behind a proxy,
+    /// a name too, by resolving it here (without a proxy the resolver checks names).
+    pub async fn check_destination(&self, url: &reqwest::Url) -> Result<(), String> {
+        self.check_url(url)?;
+        let (Some(_), Some(url::Host::Domain(name))) = (&self.proxy, url.host()) else {
+            return Ok(());
+        };
+        let addrs = tokio::net::lookup_host((name, url.port_or_known_default().unwrap_or(0)))
+            .await
+            .map_err(|e| format!("cannot resolve {name}: {e}"))?;
+        let mut any = false;
+        for a in addrs {
+            self.check(a.ip()).map_err(|e| format!("{name}: {e}"))?;
+            any = true;
+        }
+        match any {
+            true => Ok(()),
+            false => Err(format!("{name}: no addresses")),
         }
     }
 
@@ -480,6 +516,10 @@ impl reqwest::dns::Resolve for SsrfGuard {
         Box::pin(async move {
             let addrs: Vec<std::net::SocketAddr> =
                 tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            if guard.proxy.as_deref() == Some(host.as_str()) {
+                // The operator's proxy: wherever it is, it is where deliveries go.
+                return Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs);
+            }
             let mut refusal = None;
             let permitted: Vec<std::net::SocketAddr> = addrs
                 .into_iter()

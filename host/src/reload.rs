@@ -197,9 +197,10 @@ impl Reloader {
         }
         if config.delivery.ca_certificates != old.delivery.ca_certificates
             || config.delivery.client_certificate != old.delivery.client_certificate
+            || config.delivery.proxy != old.delivery.proxy
         {
             tracing::warn!(
-                "delivery.ca_certificates and delivery.client_certificate take effect at the next start only."
+                "delivery.ca_certificates, delivery.client_certificate and delivery.proxy take effect at the next start only."
             );
         }
 

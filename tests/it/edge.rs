@@ -909,3 +909,102 @@ destinations = ["ok"]
     );
     assert_eq!(served().await, der("client.pem"));
 }
+
+/// `delivery.proxy`: every delivery goes through the configured proxy (a receiver standing
+/// in for it gets the request for the public address), and the SSRF guard still judges the
+/// destination, not the proxy: an internal IP literal and a name that resolves to loopback
+/// are refused before the proxy sees them, though the proxy itself is on loopback.
+#[tokio::test(flavor = "multi_thread")]
+async fn deliveries_go_through_the_configured_proxy_and_the_guard_judges_the_destination() {
+    let proxy = Receiver::start().await;
+    let config = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+[api]
+tokens = ["{}"]
+[delivery]
+retry_schedule = ["0s"]
+proxy = "{}"
+[[sources]]
+name = "s"
+[[destinations]]
+name = "public"
+url = "http://203.0.113.7/hook"
+[[destinations]]
+name = "internal"
+url = "http://10.1.2.3/hook"
+[[destinations]]
+name = "named"
+url = "http://localhost:9/hook"
+[[routes]]
+source = "s"
+destinations = ["public", "internal", "named"]
+"#,
+        crate::util::API_TOKEN,
+        proxy.url
+    );
+    let gw = TestGateway::start_raw(tempfile::tempdir().unwrap(), &config, &|_| None)
+        .await
+        .unwrap();
+    let id = gw.accept("s", r#"{"via":"proxy"}"#).await;
+    let e = gw.settled(&id).await;
+    let got = proxy.wait_for(1).await;
+    assert_eq!(
+        got.len(),
+        1,
+        "only the public destination reached the proxy"
+    );
+    assert_eq!(got[0].headers["host"], "203.0.113.7");
+    assert_eq!(&got[0].body[..], br#"{"via":"proxy"}"#);
+    let error = |name: &str| {
+        let d = (e["deliveries"].as_array().unwrap().iter())
+            .find(|d| d["destination"] == name)
+            .unwrap();
+        d["attempts"][0]["error"].as_str().unwrap_or("").to_string()
+    };
+    assert!(
+        error("internal").contains("refused by the SSRF guard: 10.1.2.3 is a private"),
+        "{e}"
+    );
+    assert!(
+        error("named").contains("localhost: refused by the SSRF guard"),
+        "{e}"
+    );
+    assert_eq!(error("public"), "", "{e}");
+    gw.shutdown().await.unwrap();
+}
+
+/// The environment's proxy variables are not used: with `HTTP_PROXY` and `ALL_PROXY`
+/// pointing elsewhere, the real binary delivers straight to the destination.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_environments_proxy_is_not_used() {
+    let (rx, elsewhere) = (Receiver::start().await, Receiver::start().await);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("switchyard.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"./data\"\n[delivery]\n\
+             allowed_networks = [\"127.0.0.0/8\"]\n[[sources]]\nname = \"s\"\n\
+             [[destinations]]\nname = \"ok\"\nurl = \"{}/direct\"\n\
+             [[routes]]\nsource = \"s\"\ndestinations = [\"ok\"]\n",
+            rx.url
+        ),
+    )
+    .unwrap();
+    let env: Vec<(&str, &std::ffi::OsStr)> = ["HTTP_PROXY", "http_proxy", "ALL_PROXY"]
+        .into_iter()
+        .map(|k| (k, std::ffi::OsStr::new(&elsewhere.url)))
+        .collect();
+    let (_child, url, _log) = crate::util::start_binary_with_env(&config, "info", &env).await;
+    let resp = reqwest::Client::new()
+        .post(format!("{url}/v1/ingest/s"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    assert_eq!(rx.wait_for(1).await[0].uri, "/direct");
+    assert!(elsewhere.requests().is_empty());
+}

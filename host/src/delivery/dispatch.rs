@@ -146,10 +146,19 @@ impl Dispatcher {
         clock: Arc<dyn Clock>,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Arc<Self>> {
-        let guard = SsrfGuard::new(config.allowed_networks.clone());
+        let mut guard = SsrfGuard::new(config.allowed_networks.clone());
         let (roots, identity) = super::tls_settings(config)
             .map_err(|(key, message)| anyhow::anyhow!("{key}: {message}"))?;
-        let mut client = reqwest::Client::builder()
+        // Proxies only as configured: one taken from the environment would move the SSRF
+        // guard's check from the destination to the proxy.
+        let mut client = reqwest::Client::builder().no_proxy();
+        if let Some(proxy) = &config.proxy {
+            let host = super::proxy_host(proxy)
+                .map_err(|message| anyhow::anyhow!("delivery.proxy: {message}"))?;
+            guard = guard.behind_proxy(host);
+            client = client.proxy(reqwest::Proxy::all(proxy)?);
+        }
+        let mut client = client
             .dns_resolver(Arc::new(guard.clone()))
             .timeout(config.timeout)
             .redirect(reqwest::redirect::Policy::none())
@@ -735,7 +744,7 @@ impl Dispatcher {
         // Parsed once, for the guard and the request.
         let request = match reqwest::Url::parse(url) {
             Ok(parsed) => {
-                if let Err(refused) = self.guard.check_url(&parsed) {
+                if let Err(refused) = self.guard.check_destination(&parsed).await {
                     return (None, None, None, Some(refused), 0);
                 }
                 self.client.post(parsed)

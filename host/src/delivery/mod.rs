@@ -116,6 +116,27 @@ pub fn tls_settings(
     Ok((roots, identity))
 }
 
+/// The host of `delivery.proxy` — an `http://` or `https://` URL with a host, optionally
+/// with credentials (`http://user:pass@proxy:3128`) — or why it is not one. (The error
+/// never repeats the URL, which may carry a password.)
+pub fn proxy_host(proxy: &str) -> Result<String, String> {
+    let url = url::Url::parse(proxy).map_err(|e| format!("not a URL: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!(
+            "`{}` proxies are not supported: use http:// or https://",
+            url.scheme()
+        ));
+    }
+    let host = match url.host() {
+        Some(url::Host::Domain(name)) => name.to_string(),
+        Some(url::Host::Ipv4(ip)) => ip.to_string(),
+        Some(url::Host::Ipv6(ip)) => ip.to_string(),
+        None => return Err("the proxy URL has no host".into()),
+    };
+    reqwest::Proxy::all(proxy).map_err(|e| e.to_string())?;
+    Ok(host)
+}
+
 impl Destination {
     /// The Standard Webhooks headers that sign one attempt: `webhook-timestamp` and
     /// `webhook-signature` (one `v1,` signature per key, space-separated), or none when
