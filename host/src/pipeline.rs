@@ -253,31 +253,42 @@ impl Pipeline {
             .map(|d| d.destination.clone())
             .collect();
         let now = self.dispatcher.now_ms();
-        // Deliveries to ACTIVE destinations are claimed as they are stored and sent from
-        // here, without a round through the store's claim query.
+        // Deliveries to ACTIVE destinations with room in their lane are claimed as they
+        // are stored and sent from here, without a round through the store's claim query.
         let lease_until = self.dispatcher.lease_until(now);
+        let (mut held, mut lanes_full) = (Vec::new(), 0);
         for d in deliveries.iter_mut() {
             if d.status == DeliveryStatus::Pending && self.dispatcher.is_active(&d.destination) {
-                d.lease_until = Some(lease_until);
+                match self.dispatcher.reserve(&d.destination) {
+                    Some(place) => {
+                        d.lease_until = Some(lease_until);
+                        held.push(place);
+                    }
+                    None => lanes_full += 1,
+                }
             }
         }
         let results: Vec<(String, &'static str)> = outcomes
             .iter()
             .map(|o| (o.name.clone(), o.result.as_str()))
             .collect();
-        let mut due: Vec<DueDelivery> = deliveries
+        let mut due: Vec<(DueDelivery, crate::delivery::Held)> = deliveries
             .iter()
             .filter_map(|d| Some((d, d.lease_until?)))
-            .map(|(d, lease_until)| DueDelivery {
-                id: d.id.clone(),
-                event_id: event.id.clone(),
-                destination: d.destination.clone(),
-                url: d.url.clone(),
-                headers: d.headers.clone(),
-                body: d.body.clone(),
-                attempts: 0,
-                received_at: event.received_at,
-                lease_until,
+            .zip(held)
+            .map(|((d, lease_until), held)| {
+                let due = DueDelivery {
+                    id: d.id.clone(),
+                    event_id: event.id.clone(),
+                    destination: d.destination.clone(),
+                    url: d.url.clone(),
+                    headers: d.headers.clone(),
+                    body: d.body.clone(),
+                    attempts: 0,
+                    received_at: event.received_at,
+                    lease_until,
+                };
+                (due, held)
             })
             .collect();
         match self
@@ -297,10 +308,11 @@ impl Pipeline {
                     skipped = skipped.len(),
                     "Event processed."
                 );
-                due.retain(|d| leased.contains(&d.id));
+                due.retain(|(d, _)| leased.contains(&d.id));
                 // Pending deliveries not sent from here (their destination is not ACTIVE
-                // here, or they existed already) are the dispatcher's to claim.
-                let left = pending - due.len();
+                // here, or they existed already) are the dispatcher's to claim; those
+                // whose lane is full are claimed when it frees a place, which wakes it.
+                let left = pending.saturating_sub(due.len() + lanes_full);
                 self.dispatcher.send_now(due);
                 if left > 0 {
                     self.dispatcher.wake()

@@ -992,6 +992,103 @@ destinations = ["slow", "fast"]
     gw.shutdown().await.unwrap();
 }
 
+/// A destination slower than its traffic holds a bounded lane of attempts (twice
+/// `delivery.destination_concurrency`); the rest of its deliveries wait in the store, and
+/// claims leave them out while its lane is full, so another destination's retry is sent
+/// when due instead of after the slow one's backlog. Every delivery arrives, once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_destinations_backlog_waits_in_the_store_and_other_retries_go_ahead() {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    let slow_arrivals = Arc::new(AtomicUsize::new(0));
+    let counted = slow_arrivals.clone();
+    let slow_app = axum::Router::new().fallback(move || {
+        let counted = counted.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            counted.fetch_add(1, SeqCst);
+            axum::http::StatusCode::NO_CONTENT
+        }
+    });
+    // The other destination fails its first request; at its retry it notes how many of the
+    // slow destination's deliveries had arrived by then.
+    let (calls, seen_at_retry) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (c, seen, slow_count) = (calls.clone(), seen_at_retry.clone(), slow_arrivals.clone());
+    let other_app = axum::Router::new().fallback(move || {
+        let (c, seen, slow_count) = (c.clone(), seen.clone(), slow_count.clone());
+        async move {
+            match c.fetch_add(1, SeqCst) {
+                0 => axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                _ => {
+                    seen.store(slow_count.load(SeqCst), SeqCst);
+                    axum::http::StatusCode::NO_CONTENT
+                }
+            }
+        }
+    });
+    let mut urls = Vec::new();
+    for app in [slow_app, other_app] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        urls.push(format!("http://{}", listener.local_addr().unwrap()));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+    }
+    let rx = Receiver::start().await;
+    // One attempt at a time to the slow destination (a lane of two); leases of 2 + 1 s.
+    let config = format!(
+        // (The harness's `[delivery]` table is open: these lines land in it.)
+        r#"
+timeout = "2s"
+concurrency = 2
+destination_concurrency = 1
+[store]
+lease = "1s"
+[[sources]]
+name = "busy"
+[[sources]]
+name = "other"
+[[destinations]]
+name = "slow"
+url = "{}/slow"
+[[destinations]]
+name = "flaky"
+url = "{}/flaky"
+[[routes]]
+source = "busy"
+destinations = ["slow"]
+[[routes]]
+source = "other"
+destinations = ["flaky"]
+"#,
+        urls[0], urls[1]
+    );
+    let gw = TestGateway::start(&config, &rx, &[]).await;
+    const EVENTS: usize = 30;
+    let mut ids = Vec::new();
+    for n in 0..EVENTS {
+        ids.push(gw.accept("busy", json!({ "n": n }).to_string()).await);
+    }
+    // Past the leases of the first deliveries: before lanes, the slow destination's
+    // deliveries were all leased at once, and those not sent by now were due again, ahead
+    // of any retry due later — which then waited for nearly all of them (~6 s at 200 ms).
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    let other = gw.accept("other", "{}").await;
+    let e = gw.settled(&other).await;
+    assert_eq!(e["deliveries"][0]["status"], "delivered", "{e}");
+    assert_eq!(e["deliveries"][0]["attempts"].as_array().unwrap().len(), 2);
+    let seen = seen_at_retry.load(SeqCst);
+    assert!(
+        seen < EVENTS - 3,
+        "the retry waited for the slow destination's backlog: {seen} of {EVENTS} had arrived"
+    );
+    for id in &ids {
+        let e = gw.settled(id).await;
+        let d = &e["deliveries"][0];
+        assert_eq!(d["status"], "delivered", "{e}");
+        assert_eq!(d["attempts"].as_array().unwrap().len(), 1, "{e}");
+    }
+    assert_eq!(slow_arrivals.load(SeqCst), EVENTS, "each sent once");
+    gw.shutdown().await.unwrap();
+}
+
 /// Deliveries queued behind a slow destination's permit for most of their lease are not
 /// started (they might still be on their way when the lease runs out and a claim takes
 /// them): they are left to that claim. Every delivery arrives, each once.

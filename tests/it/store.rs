@@ -177,10 +177,12 @@ async fn conformance(open: Reopen) {
     let elsewhere = ClaimScope {
         known: Some(vec!["fleet".into()]),
         orphaned_after_ms: 5_000,
+        busy: Vec::new(),
     };
     let here = ClaimScope {
         known: Some(vec!["archive".into()]),
         orphaned_after_ms: 5_000,
+        busy: Vec::new(),
     };
     assert!(
         store
@@ -196,6 +198,23 @@ async fn conformance(open: Reopen) {
     assert_eq!(
         store.next_due_at(20_000, &here).await.unwrap(),
         Some(20_000)
+    );
+
+    // A destination whose lane is full is left out of claims and of the next due time.
+    let archive_busy = ClaimScope {
+        busy: vec!["archive".into()],
+        ..ClaimScope::any()
+    };
+    assert!(
+        store
+            .claim_due(20_000, 30_000, 10, &archive_busy)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store.next_due_at(20_000, &archive_busy).await.unwrap(),
+        None
     );
 
     // Claims: the leased delivery is not claimable; the other is, once; after its lease

@@ -3,7 +3,7 @@
 //! FAILED, DISABLED). Time comes from a [`Clock`] so tests can move it by hand.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -109,13 +109,15 @@ pub struct Dispatcher {
     wake: Notify,
     /// `delivery.concurrency`: a permit per attempt in flight.
     permits: Arc<Semaphore>,
-    /// `delivery.destination_concurrency` permits per destination, taken before one of
-    /// `permits`: deliveries waiting behind a destination that hangs hold none of those.
-    destination_permits: Mutex<HashMap<String, Arc<Semaphore>>>,
+    /// Each destination's lane: its `delivery.destination_concurrency` permits, taken
+    /// before one of `permits` (deliveries waiting behind a destination that hangs hold
+    /// none of those), and how many attempts it holds.
+    lanes: Mutex<HashMap<String, Arc<Lane>>>,
     destination_concurrency: usize,
-    /// Claimed deliveries whose attempts do not hold one of `permits` yet: the next claim
-    /// takes only as many as are left beyond them. (The pipeline's are not counted: it
-    /// has its own bound.)
+    /// Claimed deliveries whose attempts have their destination's permit but not one of
+    /// `permits` yet: the next claim takes only as many as are left beyond them. (Those
+    /// waiting in a lane are bounded by the lane; the pipeline's are not counted: it has
+    /// its own bound.)
     waiting: Arc<std::sync::atomic::AtomicUsize>,
     /// `delivery.timeout`: an attempt is not started unless it can end within its lease.
     timeout: Duration,
@@ -192,7 +194,7 @@ impl Dispatcher {
             clock,
             wake: Notify::new(),
             permits: Arc::new(Semaphore::new(config.concurrency)),
-            destination_permits: Mutex::default(),
+            lanes: Mutex::default(),
             destination_concurrency: config.destination_concurrency,
             waiting: Arc::default(),
             timeout: config.timeout,
@@ -221,11 +223,8 @@ impl Dispatcher {
     ) {
         self.notify_source.store(Arc::new(notify_source));
         // (An attempt still holding a removed destination's permits keeps them.)
-        (self
-            .destination_permits
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()))
-        .retain(|name, _| destinations.contains_key(name));
+        (self.lanes.lock().unwrap_or_else(|e| e.into_inner()))
+            .retain(|name, _| destinations.contains_key(name));
         let before = self.destinations.swap(Arc::new(destinations));
         self.release_removed(&before).await;
     }
@@ -343,43 +342,103 @@ impl Dispatcher {
             .is_none_or(|s| s.state == DestinationHealth::Active)
     }
 
-    /// Sends deliveries that the caller already holds a lease on (the pipeline, for the
-    /// deliveries it just planned), within the dispatcher's concurrency.
-    pub fn send_now(self: &Arc<Self>, due: Vec<DueDelivery>) {
-        for d in due {
-            self.spawn_attempt(d, None);
+    /// A place in `destination`'s lane for a delivery the pipeline is about to store, if
+    /// the lane has room: then the pipeline leases the delivery and sends it with
+    /// [`Dispatcher::send_now`]; otherwise the delivery is stored due, for a claim once
+    /// the lane has room (so a destination slower than its traffic holds a bounded number
+    /// of attempts in memory, and the rest wait in the store).
+    pub fn reserve(&self, destination: &str) -> Option<Held> {
+        let lane = self.lane(destination);
+        let held = Held::enter(&lane);
+        (lane.held.load(Ordering::SeqCst) <= self.lane_room()).then_some(held)
+    }
+
+    /// Sends deliveries that the caller already holds a lease and a place in their lane on
+    /// (the pipeline, for the deliveries it just planned), within the dispatcher's
+    /// concurrency.
+    pub fn send_now(self: &Arc<Self>, due: Vec<(DueDelivery, Held)>) {
+        for (d, held) in due {
+            self.spawn_attempt(d, held, None);
         }
+    }
+
+    /// How many attempts a lane holds at most before its destination is left out of claims
+    /// and the pipeline's sends: as many as may be in flight, and as many again waiting
+    /// (each starts within one attempt's timeout, so well within its lease).
+    fn lane_room(&self) -> usize {
+        2 * self.destination_concurrency
     }
 
     /// Spawns an attempt, which waits for a permit of its destination and then for one of
-    /// the dispatcher's (counted in `waiting` until it has it, if given).
-    fn spawn_attempt(self: &Arc<Self>, d: DueDelivery, waiting: Option<Waiting>) {
+    /// the dispatcher's (counted in `waiting` meanwhile, if given).
+    fn spawn_attempt(self: &Arc<Self>, d: DueDelivery, held: Held, waiting: Option<Waiting>) {
         let this = self.clone();
         self.attempts.spawn(async move {
-            let destination = this.destination_semaphore(&d.destination);
-            let Ok(for_destination) = destination.acquire_owned().await else {
-                return;
+            let lane = held.0.clone();
+            let for_destination = match lane.permits.clone().try_acquire_owned() {
+                Ok(permit) => permit,
+                Err(_) => {
+                    // Waiting in its lane, it leaves the dispatcher's permits to others.
+                    let waited = waiting.is_some();
+                    drop(waiting);
+                    let Ok(permit) = lane.permits.clone().acquire_owned().await else {
+                        return;
+                    };
+                    let _waiting = waited.then(|| Waiting::new(&this.waiting));
+                    return this.start(d, held, permit, _waiting).await;
+                }
             };
-            let Ok(permit) = this.permits.clone().acquire_owned().await else {
-                return;
-            };
-            drop(waiting);
-            let permits = Permits {
-                _any: permit,
-                _destination: for_destination,
-            };
-            this.attempt(d, permits).await
+            this.start(d, held, for_destination, waiting).await
         });
     }
 
-    fn destination_semaphore(&self, destination: &str) -> Arc<Semaphore> {
-        let mut permits = (self.destination_permits.lock()).unwrap_or_else(|e| e.into_inner());
-        if let Some(semaphore) = permits.get(destination) {
-            return semaphore.clone();
+    /// With its destination's permit: waits for one of the dispatcher's and makes the
+    /// attempt; then, if its lane was full, wakes the claim loop for the deliveries left
+    /// in the store.
+    async fn start(
+        self: &Arc<Self>,
+        d: DueDelivery,
+        held: Held,
+        for_destination: OwnedSemaphorePermit,
+        waiting: Option<Waiting>,
+    ) {
+        let Ok(permit) = self.permits.clone().acquire_owned().await else {
+            return;
+        };
+        drop(waiting);
+        let permits = Permits {
+            _any: permit,
+            _destination: for_destination,
+        };
+        self.attempt(d, permits).await;
+        let was_full = held.0.held.load(Ordering::SeqCst) >= self.lane_room();
+        drop(held);
+        if was_full {
+            self.wake();
         }
-        let semaphore = Arc::new(Semaphore::new(self.destination_concurrency));
-        permits.insert(destination.to_string(), semaphore.clone());
-        semaphore
+    }
+
+    fn lane(&self, destination: &str) -> Arc<Lane> {
+        let mut lanes = (self.lanes.lock()).unwrap_or_else(|e| e.into_inner());
+        if let Some(lane) = lanes.get(destination) {
+            return lane.clone();
+        }
+        let lane = Arc::new(Lane {
+            permits: Arc::new(Semaphore::new(self.destination_concurrency)),
+            held: AtomicUsize::new(0),
+        });
+        lanes.insert(destination.to_string(), lane.clone());
+        lane
+    }
+
+    /// The destinations whose lanes are full.
+    fn busy(&self) -> Vec<String> {
+        let room = self.lane_room();
+        (self.lanes.lock().unwrap_or_else(|e| e.into_inner()))
+            .iter()
+            .filter(|(_, lane)| lane.held.load(Ordering::SeqCst) >= room)
+            .map(|(name, _)| name.clone())
+            .collect()
     }
 
     /// Reads the destination states back from the store: on a shared store, other
@@ -407,12 +466,17 @@ impl Dispatcher {
     /// Which deliveries this dispatcher claims: all, on a store only it uses; on a shared
     /// one, those to its destinations, and those to others once orphaned.
     fn claim_scope(&self) -> ClaimScope {
+        let busy = self.busy();
         if self.orphaned_after.is_zero() {
-            return ClaimScope::any();
+            return ClaimScope {
+                busy,
+                ..ClaimScope::any()
+            };
         }
         ClaimScope {
             known: Some(self.destinations.load().keys().cloned().collect()),
             orphaned_after_ms: self.orphaned_after.as_millis() as u64,
+            busy,
         }
     }
 
@@ -463,7 +527,8 @@ impl Dispatcher {
                             self.starved.store(true, Ordering::Relaxed);
                         }
                         for d in due {
-                            self.spawn_attempt(d, Some(Waiting::new(&self.waiting)));
+                            let held = Held::enter(&self.lane(&d.destination));
+                            self.spawn_attempt(d, held, Some(Waiting::new(&self.waiting)));
                         }
                     }
                     Err(e) => tracing::error!(error = %e, "Cannot claim due deliveries."),
@@ -869,6 +934,29 @@ fn signed_headers(dest: &Destination, d: &DueDelivery, now_ms: u64) -> Vec<(Stri
 struct Permits {
     _any: OwnedSemaphorePermit,
     _destination: OwnedSemaphorePermit,
+}
+
+/// A destination's lane: see `Dispatcher::lanes`.
+struct Lane {
+    permits: Arc<Semaphore>,
+    /// Attempts spawned (or reserved by the pipeline) and not yet ended.
+    held: AtomicUsize,
+}
+
+/// A place in a lane, given back when dropped.
+pub struct Held(Arc<Lane>);
+
+impl Held {
+    fn enter(lane: &Arc<Lane>) -> Self {
+        lane.held.fetch_add(1, Ordering::SeqCst);
+        Self(lane.clone())
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.held.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Counts an attempt in `Dispatcher::waiting` for as long as it lives.

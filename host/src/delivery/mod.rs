@@ -7,7 +7,7 @@ pub mod pace;
 pub mod placeholder;
 pub mod policy;
 
-pub use dispatch::{Clock, Dispatcher, ManualClock, RestartError, SystemClock, TestOutcome};
+pub use dispatch::{Clock, Dispatcher, Held, ManualClock, RestartError, SystemClock, TestOutcome};
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, OnceLock};

@@ -805,6 +805,10 @@ pub struct ClaimScope {
     pub known: Option<Vec<String>>,
     /// How long a delivery to a destination outside `known` waits for another instance.
     pub orphaned_after_ms: u64,
+    /// Destinations that have as many attempts under way here as they may: their due
+    /// deliveries are left to a later claim, so the claim (and the next due time) reaches
+    /// the other destinations' instead of waiting behind them.
+    pub busy: Vec<String>,
 }
 
 impl ClaimScope {
@@ -816,6 +820,11 @@ impl ClaimScope {
     /// `known` as JSON text (`null` for every destination), for SQL.
     fn known_json(&self) -> String {
         serde_json::to_string(&self.known).unwrap_or_else(|_| "null".into())
+    }
+
+    /// `busy` as a JSON array, for SQL.
+    fn busy_json(&self) -> String {
+        serde_json::to_string(&self.busy).unwrap_or_else(|_| "[]".into())
     }
 }
 

@@ -729,6 +729,7 @@ const CLAIM_DUE: &str = "UPDATE deliveries SET lease_until = $1
           AND (s.state IS NULL OR s.state = 'active')
           AND ($4::text[] IS NULL OR d.next_attempt_at <= $5
                OR d.destination = ANY($4::text[]))
+          AND NOT d.destination = ANY($6::text[])
         ORDER BY d.next_attempt_at LIMIT $3
         FOR UPDATE OF d SKIP LOCKED)
     RETURNING id, event_id, destination, url, headers,
@@ -744,6 +745,7 @@ const NEXT_DUE: &str = "SELECT MIN(at) FROM (
           AND (d.lease_until IS NULL OR d.lease_until < $1)
           AND (s.state IS NULL OR s.state = 'active')
           AND ($2::text[] IS NULL OR d.destination = ANY($2::text[]))
+          AND NOT d.destination = ANY($4::text[])
         ORDER BY d.next_attempt_at LIMIT 1)
        UNION ALL
        (SELECT d.next_attempt_at + $3 AS at FROM deliveries d
@@ -898,6 +900,7 @@ impl Store for PgStore {
                     &(limit as i64),
                     &scope.known,
                     &orphaned,
+                    &scope.busy,
                 ],
             )
             .await?;
@@ -931,6 +934,7 @@ impl Store for PgStore {
                     &(now as i64),
                     &scope.known,
                     &(scope.orphaned_after_ms as i64),
+                    &scope.busy,
                 ],
             )
             .await?;
@@ -1578,9 +1582,15 @@ mod tests {
         assert!(!look.contains("Sort"), "{look}");
         // The dispatcher's queries walk the due index in order and stop early.
         let known: Option<Vec<String>> = None;
-        let claim = explain(&client, CLAIM_DUE, &[&0i64, &0i64, &10i64, &known, &0i64]).await;
+        let busy = vec!["slow".to_string()];
+        let claim = explain(
+            &client,
+            CLAIM_DUE,
+            &[&0i64, &0i64, &10i64, &known, &0i64, &busy],
+        )
+        .await;
         assert!(claim.contains("deliveries_due"), "{claim}");
-        let next = explain(&client, NEXT_DUE, &[&0i64, &known, &0i64]).await;
+        let next = explain(&client, NEXT_DUE, &[&0i64, &known, &0i64, &busy]).await;
         assert!(next.contains("deliveries_due"), "{next}");
     }
 

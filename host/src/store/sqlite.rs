@@ -970,7 +970,7 @@ impl Store for SqliteStore {
         limit: usize,
         scope: &ClaimScope,
     ) -> Result<Vec<DueDelivery>, StoreError> {
-        let known = scope.known_json();
+        let (known, busy) = (scope.known_json(), scope.busy_json());
         let orphaned = now.saturating_sub(scope.orphaned_after_ms) as i64;
         self.write_lazy(move |conn| {
             let mut stmt = conn.prepare_cached(CLAIM_DUE)?;
@@ -980,7 +980,8 @@ impl Store for SqliteStore {
                     now as i64,
                     limit as i64,
                     known,
-                    orphaned
+                    orphaned,
+                    busy
                 ],
                 |r| {
                     let headers: String = r.get(4)?;
@@ -1004,11 +1005,11 @@ impl Store for SqliteStore {
     }
 
     async fn next_due_at(&self, now: u64, scope: &ClaimScope) -> Result<Option<u64>, StoreError> {
-        let known = scope.known_json();
+        let (known, busy) = (scope.known_json(), scope.busy_json());
         let orphaned_after = scope.orphaned_after_ms as i64;
         self.read(move |conn| {
             conn.prepare_cached(NEXT_DUE)?
-                .query_row(params![now as i64, known, orphaned_after], |r| {
+                .query_row(params![now as i64, known, orphaned_after, busy], |r| {
                     r.get::<_, Option<i64>>(0)
                 })
                 .map(|v| v.map(|v| v as u64))
@@ -1544,6 +1545,7 @@ const CLAIM_DUE: &str = "UPDATE deliveries SET lease_until = ?1
           AND (s.state IS NULL OR s.state = 'active')
           AND (?4 = 'null' OR d.next_attempt_at <= ?5
                OR d.destination IN (SELECT value FROM json_each(?4)))
+          AND d.destination NOT IN (SELECT value FROM json_each(?6))
         ORDER BY d.next_attempt_at LIMIT ?3 + 0)
     RETURNING id, event_id, destination, url, headers,
               CASE WHEN body_from_event THEN (SELECT e.body FROM events e WHERE e.id = deliveries.event_id) ELSE body END,
@@ -1562,6 +1564,7 @@ const NEXT_DUE: &str = "SELECT MIN(at) FROM (
           AND (d.lease_until IS NULL OR d.lease_until < ?1)
           AND (s.state IS NULL OR s.state = 'active')
           AND (?2 = 'null' OR d.destination IN (SELECT value FROM json_each(?2)))
+          AND d.destination NOT IN (SELECT value FROM json_each(?4))
         ORDER BY d.next_attempt_at LIMIT 1)
     UNION ALL
     SELECT * FROM (
@@ -2134,9 +2137,10 @@ mod tests {
             let mut stmt = conn.prepare(sql).unwrap();
             for i in 1..=3i64 {
                 let params: Vec<rusqlite::types::Value> = (1..=stmt.parameter_count())
-                    .map(|k| match sql == CLAIM_DUE && k == 4 {
-                        true => "null".to_string().into(),
-                        false => (i * 10 + k as i64).into(),
+                    .map(|k| match (sql == CLAIM_DUE, k) {
+                        (true, 4) => "null".to_string().into(),
+                        (true, 6) | (false, 4) => format!("[\"d{i}\"]").into(),
+                        _ => (i * 10 + k as i64).into(),
                     })
                     .collect();
                 let mut rows = stmt.query(rusqlite::params_from_iter(params)).unwrap();
