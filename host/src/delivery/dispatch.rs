@@ -516,14 +516,13 @@ impl Dispatcher {
                 let now = self.clock.now_ms();
                 let lease_until = now + self.lease.as_millis() as u64;
                 let scope = self.claim_scope();
-                match self
-                    .store
-                    .claim_due(now, lease_until, free.min(256), &scope)
-                    .await
-                {
+                // At most one lane's permits per claim: a lane with room fills past it by
+                // no more than that before the next claim leaves it out.
+                let limit = free.min(256).min(self.destination_concurrency);
+                match self.store.claim_due(now, lease_until, limit, &scope).await {
                     Ok(due) => {
                         claimed = due.len();
-                        if claimed == free.min(256) {
+                        if claimed == limit {
                             self.starved.store(true, Ordering::Relaxed);
                         }
                         for d in due {
