@@ -130,6 +130,8 @@ pub struct Dispatcher {
     /// The last claim may have left due deliveries behind (no permits, or a full batch):
     /// a finished attempt wakes the loop.
     starved: AtomicBool,
+    /// A full lane has room again since the loop last looked.
+    lane_freed: AtomicBool,
     attempts: TaskTracker,
     metrics: Arc<Metrics>,
     guard: SsrfGuard,
@@ -200,6 +202,7 @@ impl Dispatcher {
             timeout: config.timeout,
             orphaned_after,
             starved: AtomicBool::new(false),
+            lane_freed: AtomicBool::new(false),
             state_changes,
             state_writer: Mutex::new(Some((writer, writer_stop))),
             attempts: TaskTracker::new(),
@@ -374,7 +377,7 @@ impl Dispatcher {
     fn spawn_attempt(self: &Arc<Self>, d: DueDelivery, held: Held, waiting: Option<Waiting>) {
         let this = self.clone();
         self.attempts.spawn(async move {
-            let lane = held.0.clone();
+            let lane = held.lane().clone();
             let for_destination = match lane.permits.clone().try_acquire_owned() {
                 Ok(permit) => permit,
                 Err(_) => {
@@ -393,8 +396,8 @@ impl Dispatcher {
     }
 
     /// With its destination's permit: waits for one of the dispatcher's and makes the
-    /// attempt; then, if its lane was full, wakes the claim loop for the deliveries left
-    /// in the store.
+    /// attempt; then, if that leaves its lane no longer full, wakes the claim loop for the
+    /// deliveries left in the store.
     async fn start(
         self: &Arc<Self>,
         d: DueDelivery,
@@ -411,9 +414,10 @@ impl Dispatcher {
             _destination: for_destination,
         };
         self.attempt(d, permits).await;
-        let was_full = held.0.held.load(Ordering::SeqCst) >= self.lane_room();
-        drop(held);
-        if was_full {
+        // Only the place that takes the lane below full wakes the loop: while a claim's
+        // overshoot drains, its destination stays left out and the loop asleep.
+        if held.leave() == self.lane_room() {
+            self.lane_freed.store(true, Ordering::SeqCst);
             self.wake();
         }
     }
@@ -506,34 +510,50 @@ impl Dispatcher {
     /// Later retries stay in the store.
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
         let mut drain_until: Option<u64> = None;
+        // When a claim last walked past a full lane's due deliveries to the end (finding
+        // fewer than it could take): such a walk grows with that lane's backlog, so until
+        // `IDLE_POLL` has passed, the loop claims again only for a lane that has room.
+        let mut walked_past: Option<Instant> = None;
         loop {
             let free = (self.permits.available_permits())
                 .saturating_sub(self.waiting.load(Ordering::SeqCst));
-            let mut claimed = 0;
-            // Out of permits, or a claim that took all it could: more may be due.
+            let mut more = false;
+            // Out of permits: more may be due, and a finished attempt wakes the loop.
             self.starved.store(free == 0, Ordering::Relaxed);
-            if free > 0 {
+            let scope = self.claim_scope();
+            let walked_lately = walked_past.is_some_and(|at| at.elapsed() < IDLE_POLL);
+            if free > 0
+                && (scope.busy.is_empty()
+                    || !walked_lately
+                    || self.lane_freed.swap(false, Ordering::SeqCst))
+            {
                 let now = self.clock.now_ms();
                 let lease_until = now + self.lease.as_millis() as u64;
-                let scope = self.claim_scope();
                 // At most one lane's permits per claim: a lane with room fills past it by
                 // no more than that before the next claim leaves it out.
                 let limit = free.min(256).min(self.destination_concurrency);
                 match self.store.claim_due(now, lease_until, limit, &scope).await {
                     Ok(due) => {
-                        claimed = due.len();
-                        if claimed == limit {
-                            self.starved.store(true, Ordering::Relaxed);
+                        let took_all = due.len() == limit;
+                        if !took_all && !scope.busy.is_empty() {
+                            walked_past = Some(Instant::now());
                         }
                         for d in due {
                             let held = Held::enter(&self.lane(&d.destination));
                             self.spawn_attempt(d, held, Some(Waiting::new(&self.waiting)));
                         }
+                        // It took all it could: more may be due — unless it filled a lane,
+                        // when the next claim would walk past that lane's due deliveries
+                        // for the others'; those wait for the next wake or poll.
+                        more = took_all && self.busy().len() == scope.busy.len();
                     }
-                    Err(e) => tracing::error!(error = %e, "Cannot claim due deliveries."),
+                    Err(e) => {
+                        tracing::error!(error = %e, "Cannot claim due deliveries.");
+                        walked_past = Some(Instant::now());
+                    }
                 }
             }
-            if claimed > 0 {
+            if more {
                 continue;
             }
             if stop.is_cancelled() {
@@ -557,11 +577,21 @@ impl Dispatcher {
                 }
             }
             let scope = self.claim_scope();
-            let wait = match self.store.next_due_at(self.clock.now_ms(), &scope).await {
-                Ok(Some(at)) => {
-                    Duration::from_millis(at.saturating_sub(self.clock.now_ms())).min(IDLE_POLL)
+            let wait = if scope.busy.is_empty() {
+                match self.store.next_due_at(self.clock.now_ms(), &scope).await {
+                    Ok(Some(at)) => {
+                        Duration::from_millis(at.saturating_sub(self.clock.now_ms())).min(IDLE_POLL)
+                    }
+                    _ => IDLE_POLL,
                 }
-                _ => IDLE_POLL,
+            } else if free == 0 {
+                // Out of permits: an attempt that ends wakes the loop.
+                IDLE_POLL
+            } else {
+                // A lane is full: finding what else is due walks past its backlog, so it is
+                // done once per `IDLE_POLL`, however often the lane wakes the loop to
+                // claim its own next deliveries when it has room.
+                walked_past.map_or(Duration::ZERO, |at| IDLE_POLL.saturating_sub(at.elapsed()))
             };
             tokio::select! {
                 _ = self.wake.notified() => {}
@@ -943,18 +973,31 @@ struct Lane {
 }
 
 /// A place in a lane, given back when dropped.
-pub struct Held(Arc<Lane>);
+pub struct Held(Option<Arc<Lane>>);
 
 impl Held {
     fn enter(lane: &Arc<Lane>) -> Self {
         lane.held.fetch_add(1, Ordering::SeqCst);
-        Self(lane.clone())
+        Self(Some(lane.clone()))
+    }
+
+    fn lane(&self) -> &Arc<Lane> {
+        self.0
+            .as_ref()
+            .expect("a place is in its lane until it leaves")
+    }
+
+    /// Gives the place back; returns how many the lane held with it.
+    fn leave(mut self) -> usize {
+        (self.0.take()).map_or(0, |lane| lane.held.fetch_sub(1, Ordering::SeqCst))
     }
 }
 
 impl Drop for Held {
     fn drop(&mut self) {
-        self.0.held.fetch_sub(1, Ordering::SeqCst);
+        if let Some(lane) = self.0.take() {
+            lane.held.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 }
 

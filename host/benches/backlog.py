@@ -1,0 +1,135 @@
+#!/usr/bin/env python3
+"""A destination slower than its traffic: what its backlog costs the gateway.
+
+Starts a sink that answers each request after `--delay` seconds (asyncio, any number of
+connections), the release `switchyard` (build it first: `cargo build --release -p
+switchyard`; `--binary` for another build) on a throwaway data dir routing every event to
+`--destinations` destinations on that sink, then posts ~1 KiB events with wrk (Debian's
+package) for `--seconds` with 32 connections, as fast as the gateway accepts them. It
+prints the rate accepted, the gateway's resident memory once posting stops, and its CPU
+time and the deliveries made over the next 10 s, while the backlog drains at the sink's
+pace (`delivery.destination_concurrency` / `--delay` per destination). Loopback only;
+stops by itself.
+
+    python3 host/benches/backlog.py                   # one slow destination
+    python3 host/benches/backlog.py --destinations 2  # two: the dispatcher's permits run out
+"""
+
+import argparse
+import asyncio
+import os
+import pathlib
+import re
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_seconds(pid):
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mib(pid):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def slow_sink(port, delay, served):
+    async def handle(reader, writer):
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = re.search(rb"(?i)content-length:\s*(\d+)", head)
+                if length:
+                    await reader.readexactly(int(length.group(1)))
+                await asyncio.sleep(delay)
+                served[0] += 1
+                writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    async def serve():
+        server = await asyncio.start_server(handle, "127.0.0.1", port, backlog=1024)
+        async with server:
+            await server.serve_forever()
+
+    asyncio.run(serve())
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--delay", type=float, default=1.0, help="the sink's answer time, s")
+    ap.add_argument("--destinations", type=int, default=1)
+    ap.add_argument("--seconds", type=int, default=8, help="how long wrk posts")
+    ap.add_argument("--binary", default=ROOT / "target/release/switchyard")
+    args = ap.parse_args()
+
+    sink_port, port, served = free_port(), free_port(), [0]
+    threading.Thread(target=slow_sink, args=(sink_port, args.delay, served), daemon=True).start()
+    names = [f"slow{i}" for i in range(args.destinations)]
+    destinations = "".join(
+        f'[[destinations]]\nname = "{n}"\nurl = "http://127.0.0.1:{sink_port}/{n}"\n'
+        for n in names)
+    with tempfile.TemporaryDirectory() as tmp:
+        config = pathlib.Path(tmp, "switchyard.toml")
+        config.write_text(f"""
+[server]
+listen = "127.0.0.1:{port}"
+data_dir = "data"
+queue_capacity = 100000
+[delivery]
+allowed_networks = ["127.0.0.0/8"]
+[[sources]]
+name = "s"
+{destinations}
+[[routes]]
+source = "s"
+destinations = {names!r}
+""".replace("'", '"'))
+        script = pathlib.Path(tmp, "post.lua")
+        script.write_text('wrk.method = "POST"\nwrk.body = string.rep("x", 1000)\n'
+                          'wrk.headers["Content-Type"] = "application/json"\n')
+        gateway = subprocess.Popen([args.binary, "serve", "--config", config],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            for _ in range(100):
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    time.sleep(0.1)
+            wrk = subprocess.run(
+                ["wrk", "-t2", "-c32", f"-d{args.seconds}s", "-s", script,
+                 f"http://127.0.0.1:{port}/v1/ingest/s"],
+                capture_output=True, text=True, check=True).stdout
+            rate = re.search(r"Requests/sec:\s*([\d.]+)", wrk).group(1)
+            time.sleep(1)
+            rss = rss_mib(gateway.pid)
+            cpu, sent = cpu_seconds(gateway.pid), served[0]
+            time.sleep(10)
+            cpu, sent = cpu_seconds(gateway.pid) - cpu, served[0] - sent
+        finally:
+            gateway.terminate()
+            gateway.wait()
+    print(f"{args.destinations} destination(s) answering after {args.delay} s: "
+          f"accepted {float(rate):,.0f} events/s for {args.seconds} s; "
+          f"resident memory then {rss:,.0f} MiB; over the next 10 s "
+          f"{sent} deliveries and {cpu:.2f} s of gateway CPU")
+
+
+if __name__ == "__main__":
+    main()
