@@ -8,8 +8,8 @@ switchyard`; `--binary` for another build) on a throwaway data dir routing every
 package) for `--seconds` with 32 connections, as fast as the gateway accepts them. It
 prints the rate accepted, the gateway's resident memory once posting stops, and its CPU
 time and the deliveries made over the next 10 s, while the backlog drains at the sink's
-pace (`delivery.destination_concurrency` / `--delay` per destination). Loopback only;
-stops by itself.
+pace (`delivery.destination_concurrency` / `--delay` per destination), and how long it
+takes to stop on SIGTERM (killed after 60 s). Loopback only; stops by itself.
 
     python3 host/benches/backlog.py                   # one slow destination
     python3 host/benches/backlog.py --destinations 2  # two: the dispatcher's permits run out
@@ -124,11 +124,18 @@ destinations = {names!r}
             cpu, sent = cpu_seconds(gateway.pid) - cpu, served[0] - sent
         finally:
             gateway.terminate()
-            gateway.wait()
+            try:
+                stopped = time.monotonic()
+                gateway.wait(timeout=60)
+                stop = f"stopped {time.monotonic() - stopped:.1f} s after SIGTERM"
+            except subprocess.TimeoutExpired:
+                gateway.kill()
+                gateway.wait()
+                stop = "still stopping 60 s after SIGTERM: killed"
     print(f"{args.destinations} destination(s) answering after {args.delay} s: "
           f"accepted {float(rate):,.0f} events/s for {args.seconds} s; "
           f"resident memory then {rss:,.0f} MiB; over the next 10 s "
-          f"{sent} deliveries and {cpu:.2f} s of gateway CPU")
+          f"{sent} deliveries and {cpu:.2f} s of gateway CPU; {stop}")
 
 
 if __name__ == "__main__":

@@ -505,9 +505,10 @@ impl Dispatcher {
         self.pacers.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Sends due deliveries until `stop` is cancelled; then sends what is due, waits for the
-    /// attempts in flight and for retries due within a short grace period, and returns.
-    /// Later retries stay in the store.
+    /// Sends due deliveries until `stop` is cancelled; then, for a short grace period
+    /// (`SHUTDOWN_GRACE`), sends what is due and retries that fall due, waits for the
+    /// attempts under way, and returns. Later retries, and a backlog the grace period did
+    /// not reach, stay in the store.
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
         let mut drain_until: Option<u64> = None;
         // When a claim last walked past a full lane's due deliveries to the end (finding
@@ -520,9 +521,16 @@ impl Dispatcher {
             let mut more = false;
             // Out of permits: more may be due, and a finished attempt wakes the loop.
             self.starved.store(free == 0, Ordering::Relaxed);
+            if stop.is_cancelled() && drain_until.is_none() {
+                drain_until = Some(self.clock.now_ms() + SHUTDOWN_GRACE.as_millis() as u64);
+            }
+            // Stopping, nothing is claimed after the grace period (a slow destination's
+            // backlog stays in the store for the next start).
+            let draining = drain_until.is_none_or(|until| self.clock.now_ms() <= until);
             let scope = self.claim_scope();
             let walked_lately = walked_past.is_some_and(|at| at.elapsed() < IDLE_POLL);
             if free > 0
+                && draining
                 && (scope.busy.is_empty()
                     || !walked_lately
                     || self.lane_freed.swap(false, Ordering::SeqCst))
@@ -568,7 +576,7 @@ impl Dispatcher {
                 let now = self.clock.now_ms();
                 let until = *drain_until.get_or_insert(now + SHUTDOWN_GRACE.as_millis() as u64);
                 match self.store.next_due_at(now, &self.claim_scope()).await {
-                    Ok(Some(at)) if at <= until => {
+                    Ok(Some(at)) if at <= until && now <= until => {
                         let wait = Duration::from_millis(at.saturating_sub(now)).min(IDLE_POLL);
                         tokio::time::sleep(wait).await;
                         continue;
