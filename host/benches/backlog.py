@@ -17,7 +17,6 @@ takes to stop on SIGTERM (killed after 60 s). Loopback only; stops by itself.
 
 import argparse
 import asyncio
-import os
 import pathlib
 import re
 import socket
@@ -26,25 +25,9 @@ import tempfile
 import threading
 import time
 
+from gateway_proc import free_port, cpu_seconds, rss_mib
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cpu_seconds(pid):
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_mib(pid):
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def slow_sink(port, delay, served):

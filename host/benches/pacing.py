@@ -15,7 +15,6 @@ first, the span, and the gateway's CPU time while posting and while draining (fr
 import argparse
 import http.client
 import http.server
-import os
 import pathlib
 import socket
 import subprocess
@@ -23,18 +22,9 @@ import tempfile
 import threading
 import time
 
+from gateway_proc import free_port, cpu_seconds
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cpu_seconds(pid):
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main():
