@@ -19,13 +19,12 @@ import argparse
 import asyncio
 import pathlib
 import re
-import socket
 import subprocess
 import tempfile
 import threading
 import time
 
-from gateway_proc import free_port, cpu_seconds, rss_mib
+from gateway_proc import free_port, cpu_seconds, rss_mib, start_gateway
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -86,15 +85,8 @@ destinations = {names!r}
         script = pathlib.Path(tmp, "post.lua")
         script.write_text('wrk.method = "POST"\nwrk.body = string.rep("x", 1000)\n'
                           'wrk.headers["Content-Type"] = "application/json"\n')
-        gateway = subprocess.Popen([args.binary, "serve", "--config", config],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        gateway = start_gateway(args.binary, config, port)
         try:
-            for _ in range(100):
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                    break
-                except OSError:
-                    time.sleep(0.1)
             wrk = subprocess.run(
                 ["wrk", "-t2", "-c32", f"-d{args.seconds}s", "-s", script,
                  f"http://127.0.0.1:{port}/v1/ingest/s"],

@@ -16,13 +16,11 @@ import argparse
 import http.client
 import http.server
 import pathlib
-import socket
-import subprocess
 import tempfile
 import threading
 import time
 
-from gateway_proc import free_port, cpu_seconds
+from gateway_proc import free_port, cpu_seconds, start_gateway
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -70,16 +68,8 @@ url = "http://127.0.0.1:{receiver.server_address[1]}/in"
 source = "s"
 destinations = ["d"]
 """)
-        gateway = subprocess.Popen(
-            [ROOT / "target/release/switchyard", "serve", "--config", config],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        gateway = start_gateway(ROOT / "target/release/switchyard", config, port)
         try:
-            for _ in range(100):
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                    break
-                except OSError:
-                    time.sleep(0.1)
             before = cpu_seconds(gateway.pid)
             client = http.client.HTTPConnection("127.0.0.1", port)
             for n in range(args.events):
