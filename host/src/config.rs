@@ -172,6 +172,8 @@ pub struct ServerConfig {
 pub struct ServerTls {
     pub files: CertificateFiles,
     pub acceptor: Arc<rustls::ServerConfig>,
+    /// When the chain read stops being valid (`/metrics` shows it).
+    pub validity: crate::edge::Validity,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -810,9 +812,13 @@ impl Config {
                             cert: base_dir.join(&files.cert),
                             key: base_dir.join(&files.key),
                         };
-                        let acceptor = crate::edge::server_tls(&files)
+                        let (acceptor, validity) = crate::edge::server_tls(&files)
                             .map_err(|m| key_err("server.tls".into(), m))?;
-                        Some(ServerTls { files, acceptor })
+                        Some(ServerTls {
+                            files,
+                            acceptor,
+                            validity,
+                        })
                     }
                 },
             },
@@ -850,11 +856,26 @@ impl Config {
         };
         config.validate().map_err(|(k, m)| key_err(k, m))?;
         // (Read here, not in `validate`, which API changes call too.)
-        crate::delivery::tls_settings(&config.delivery).map_err(|(k, m)| key_err(k, m))?;
+        let delivery_tls =
+            crate::delivery::tls_settings(&config.delivery).map_err(|(k, m)| key_err(k, m))?;
+        // Each load warns of the certificates about to expire (`serve --check` too).
+        crate::edge::warn_of_expiry(config.certificates(&delivery_tls.validity));
         Ok(config)
     }
 
     /// Checks the whole config; the error names the key, e.g. `routes[2].source`.
+    /// The certificates in force, by the key naming each, and when each stops being valid:
+    /// `server.tls`'s and, as `delivery` says, those deliveries use (read at start only, so
+    /// `Dispatcher::certificates` has the ones in force).
+    pub fn certificates<'a>(
+        &'a self,
+        delivery: &'a [(String, crate::edge::Validity)],
+    ) -> impl Iterator<Item = (&'a str, crate::edge::Validity)> {
+        (self.server.tls.iter())
+            .map(|t| ("server.tls", t.validity))
+            .chain(delivery.iter().map(|(k, v)| (k.as_str(), *v)))
+    }
+
     pub(crate) fn validate(&self) -> Result<(), (String, String)> {
         if self.server.max_body_bytes == 0 {
             return Err(("server.max_body_bytes".into(), "must be above 0".into()));

@@ -17,12 +17,99 @@ use utoipa::ToSchema;
 
 type HmacSha256 = Hmac<Sha256>;
 
-/// The TLS settings of the listener from `server.tls`'s PEM files: the certificate chain
-/// (leaf first) and its private key, HTTP/1.1 offered by ALPN. The error says which file
-/// and what is wrong with it.
+/// When a certificate (chain) in force stops being valid: the `notBefore` and `notAfter`
+/// (seconds since the Unix epoch) of its certificate that expires first — a chain stops
+/// working when any of its certificates does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Validity {
+    pub not_before: i64,
+    pub not_after: i64,
+}
+
+impl Validity {
+    /// The validity of the certificate among these that expires first, or why one is not
+    /// an X.509 certificate; `None` for none.
+    pub fn of_chain(
+        certs: &[rustls::pki_types::CertificateDer<'_>],
+    ) -> Result<Option<Self>, String> {
+        let mut first: Option<Self> = None;
+        for (i, der) in certs.iter().enumerate() {
+            let (_, cert) = x509_parser::parse_x509_certificate(der)
+                .map_err(|e| format!("certificate {} is not X.509: {e}", i + 1))?;
+            let v = cert.validity();
+            let this = Self {
+                not_before: v.not_before.timestamp(),
+                not_after: v.not_after.timestamp(),
+            };
+            if first.is_none_or(|f| this.not_after < f.not_after) {
+                first = Some(this);
+            }
+        }
+        Ok(first)
+    }
+
+    /// `not_after` as RFC 3339 text, e.g. `2027-03-01T12:00:00Z`.
+    pub fn not_after_text(&self) -> String {
+        rfc3339(self.not_after)
+    }
+
+    /// What to warn of at `now` (seconds since the Unix epoch), if anything: that it has
+    /// expired or is not valid yet, or that it expires within `EXPIRY_WARNING` or a third
+    /// of its lifetime, whichever is shorter (so certificates that live a few days, renewed
+    /// every day or two, are not always warned of).
+    pub fn warning(&self, now: i64) -> Option<String> {
+        let at = rfc3339;
+        if now >= self.not_after {
+            return Some(format!("expired at {}: renew it", at(self.not_after)));
+        }
+        if now < self.not_before {
+            return Some(format!(
+                "is not valid before {} (is this machine's clock right?)",
+                at(self.not_before)
+            ));
+        }
+        let lifetime = self.not_after - self.not_before;
+        let warn_within = (EXPIRY_WARNING.as_secs() as i64).min(lifetime / 3);
+        let left = self.not_after - now;
+        (left <= warn_within).then(|| {
+            format!(
+                "expires at {}, in {} h: renew it",
+                at(self.not_after),
+                left / 3600
+            )
+        })
+    }
+}
+
+/// Seconds since the Unix epoch as RFC 3339 text.
+fn rfc3339(t: i64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(t.max(0) as u64))
+        .to_string()
+}
+
+/// How long before a certificate in force expires each load of the config warns of it
+/// (unless its lifetime is short: see `Validity::warning`).
+pub const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 24 * 3600);
+
+/// Logs a warning for each certificate that `Validity::warning` finds something to say of,
+/// named by the key that configured it.
+pub fn warn_of_expiry<'a>(certificates: impl IntoIterator<Item = (&'a str, Validity)>) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    for (key, validity) in certificates {
+        if let Some(warning) = validity.warning(now) {
+            tracing::warn!(certificate = key, "The certificate of {key} {warning}.");
+        }
+    }
+}
+
+/// The TLS settings of the listener from `server.tls`'s PEM files — the certificate chain
+/// (leaf first) and its private key, HTTP/1.1 offered by ALPN — and the chain's validity.
+/// The error says which file and what is wrong with it.
 pub fn server_tls(
     files: &crate::config::CertificateFiles,
-) -> Result<std::sync::Arc<rustls::ServerConfig>, String> {
+) -> Result<(std::sync::Arc<rustls::ServerConfig>, Validity), String> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let unreadable = |path: &std::path::Path, e: &dyn std::fmt::Display| {
@@ -31,9 +118,11 @@ pub fn server_tls(
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
         .and_then(|certs| certs.collect::<Result<_, _>>())
         .map_err(|e| unreadable(&files.cert, &e))?;
-    if certs.is_empty() {
+    let Some(validity) =
+        Validity::of_chain(&certs).map_err(|e| format!("{}: {e}", files.cert.display()))?
+    else {
         return Err(format!("{} holds no PEM certificate", files.cert.display()));
-    }
+    };
     let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| match e {
         rustls::pki_types::pem::Error::NoItemsFound => {
             format!("{} holds no PEM private key", files.key.display())
@@ -54,7 +143,7 @@ pub fn server_tls(
             )
         })?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(std::sync::Arc::new(config))
+    Ok((std::sync::Arc::new(config), validity))
 }
 
 /// How a source's requests are authenticated.
@@ -274,6 +363,57 @@ pub fn allowed(ip: IpAddr, allowlist: Option<&[IpNet]>) -> Result<(), EdgeError>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_chain_expires_with_its_first_certificate_to_expire() {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        let fixture = |name: &str| {
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../tests/fixtures/tls")
+                .join(name);
+            CertificateDer::from_pem_file(path).unwrap()
+        };
+        // (`openssl x509 -noout -dates` of the fixtures: the CA's notAfter is
+        // 2126-11-10T20:54:40Z, the server's a second later.)
+        let ca = Validity::of_chain(&[fixture("ca.pem")]).unwrap().unwrap();
+        assert_eq!(ca.not_after, 4_950_017_680);
+        let chain = Validity::of_chain(&[fixture("server.pem"), fixture("ca.pem")]);
+        assert_eq!(chain.unwrap(), Some(ca));
+        assert_eq!(Validity::of_chain(&[]).unwrap(), None);
+        let junk = Validity::of_chain(&[CertificateDer::from(vec![0x30, 0x03, 1, 2, 3])]);
+        assert!(junk.unwrap_err().contains("certificate 1 is not X.509"));
+    }
+
+    #[test]
+    fn certificates_are_warned_of_before_they_expire() {
+        let day = 24 * 3600;
+        // A 90-day certificate: warned of in its last 14 days.
+        let v = Validity {
+            not_before: 0,
+            not_after: 90 * day,
+        };
+        assert_eq!(v.warning(76 * day - 1), None);
+        let soon = v.warning(76 * day).unwrap();
+        assert!(
+            soon.starts_with("expires at 1970-04-01T00:00:00Z, in 336 h"),
+            "{soon}"
+        );
+        let expired = v.warning(90 * day).unwrap();
+        assert!(expired.starts_with("expired at 1970-04-01"), "{expired}");
+        assert!(
+            v.warning(-1)
+                .unwrap()
+                .starts_with("is not valid before 1970-01-01")
+        );
+        // A 6-day certificate renewed every other day: only in the last third of its life.
+        let short = Validity {
+            not_before: 0,
+            not_after: 6 * day,
+        };
+        assert_eq!(short.warning(4 * day - 1), None);
+        assert!(short.warning(4 * day).is_some());
+    }
 
     #[test]
     fn signatures_match_the_standard_webhooks_test_vector() {

@@ -73,6 +73,9 @@ pub struct CheckReport {
     pub plugins: Vec<(String, Result<String, String>)>,
     /// What would stop the start; empty if it would start.
     pub problems: Vec<String>,
+    /// Each certificate the config puts in force, by the key naming it, and when it stops
+    /// being valid (an expired one does not stop a start, but is shown).
+    pub certificates: Vec<(String, edge::Validity)>,
 }
 
 /// Checks, as a start would, that `config`'s routes have their plugins: loads every plugin
@@ -105,7 +108,17 @@ pub async fn check(config: &Config) -> anyhow::Result<CheckReport> {
             (name, outcome)
         })
         .collect();
-    Ok(CheckReport { plugins, problems })
+    // (`Config::load` has read these files already: this cannot fail but for a race.)
+    let delivery = delivery::tls_settings(&config.delivery)
+        .map_err(|(key, message)| anyhow::anyhow!("{key}: {message}"))?;
+    let certificates = (config.certificates(&delivery.validity))
+        .map(|(key, v)| (key.to_string(), v))
+        .collect();
+    Ok(CheckReport {
+        plugins,
+        problems,
+        certificates,
+    })
 }
 
 /// Events the pipeline works on at once.

@@ -108,6 +108,18 @@ async fn check_config(path: &std::path::Path, config: &Config) -> anyhow::Result
             Err(error) => println!("plugin {name}: does not load: {error}"),
         }
     }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    for (key, validity) in &report.certificates {
+        match validity.warning(now) {
+            Some(warning) => println!("certificate {key}: {warning}"),
+            None => println!(
+                "certificate {key}: valid until {}",
+                validity.not_after_text()
+            ),
+        }
+    }
     if report.problems.is_empty() {
         println!(
             "ok: {} would start: {} sources, {} destinations, {} routes",

@@ -58,6 +58,13 @@ pub struct StateLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CertificateLabels {
+    /// The config key that names it: `server.tls`, `delivery.client_certificate`,
+    /// `delivery.ca_certificates[0]`, ...
+    pub certificate: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: String,
 }
@@ -85,6 +92,9 @@ pub struct Metrics {
     pub pending_deliveries: Gauge,
     pub oldest_pending_seconds: Gauge,
     pub destination_state: Family<StateLabels, Gauge>,
+    pub certificate_expiry: Family<CertificateLabels, Gauge>,
+    /// The certificates whose expiry the last scrape set.
+    certificate_names: Mutex<HashSet<String>>,
     /// The destinations whose states the last scrape set.
     state_names: Mutex<HashSet<String>>,
     /// The destinations whose series the last scrape dropped.
@@ -168,6 +178,12 @@ impl Default for Metrics {
             "1 for each destination's current state (ACTIVE, FAILED, DISABLED)",
             destination_state.clone(),
         );
+        let certificate_expiry = Family::<CertificateLabels, Gauge>::default();
+        registry.register(
+            "certificate_expiry_timestamp_seconds",
+            "When each certificate in force stops being valid (the earliest notAfter of its chain), by the config key naming it",
+            certificate_expiry.clone(),
+        );
         Self {
             registry,
             events,
@@ -182,6 +198,8 @@ impl Default for Metrics {
             pending_deliveries,
             oldest_pending_seconds,
             destination_state,
+            certificate_expiry,
+            certificate_names: Mutex::default(),
             state_names: Mutex::default(),
             dropped_names: Mutex::default(),
             retired: Mutex::default(),
@@ -227,6 +245,30 @@ impl Metrics {
             self.drop_destination(destination);
         }
         *dropped = gone;
+    }
+
+    /// Sets the expiry of each certificate in force, by its key, and drops the series of
+    /// those no longer in force (a reload removed `server.tls`).
+    pub fn set_certificate_expiries<'a>(
+        &self,
+        certificates: impl IntoIterator<Item = (&'a str, crate::edge::Validity)>,
+    ) {
+        let mut names = (self.certificate_names.lock()).unwrap_or_else(|e| e.into_inner());
+        let before = std::mem::take(&mut *names);
+        for (key, validity) in certificates {
+            let labels = CertificateLabels {
+                certificate: key.to_string(),
+            };
+            self.certificate_expiry
+                .get_or_create(&labels)
+                .set(validity.not_after);
+            names.insert(labels.certificate);
+        }
+        for gone in before.difference(&names) {
+            self.certificate_expiry.remove(&CertificateLabels {
+                certificate: gone.clone(),
+            });
+        }
     }
 
     /// Removes every series of one destination.

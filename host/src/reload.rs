@@ -292,8 +292,9 @@ impl Reloader {
         }
     }
 
-    /// Watches the plugin directory and the config file and reloads after each burst of
-    /// changes, until `stop`. The watch stays on the directories watched at the start.
+    /// Watches the plugin directory, the config file and `server.tls`'s files, and reloads
+    /// after each burst of changes, until `stop`. The watch stays on the directories
+    /// watched at the start.
     pub fn watch(
         self: Arc<Self>,
         stop: CancellationToken,
@@ -301,15 +302,21 @@ impl Reloader {
         let (tx, mut rx) = mpsc::unbounded_channel::<()>();
         let config = self.config();
         let plugin_dir = config.plugins.dir.clone();
-        let config_file = self.config_file().map(|(p, _)| p);
-        let relevant = {
-            let config_file = config_file.clone();
-            move |path: &Path| {
-                let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-                (path.extension().is_some_and(|e| e == "wasm") && !name.starts_with('.'))
-                    || config_file.as_deref().and_then(Path::file_name)
-                        == path.file_name().filter(|_| !name.is_empty())
-            }
+        // The config file and the certificate's files, watched in their directories: an
+        // editor, certbot (a symlink in `live/` replaced) and a Kubernetes secret volume
+        // (its `..data` symlink swapped) all replace files rather than write them in place.
+        let mut files: Vec<PathBuf> = self.config_file().map(|(p, _)| p).into_iter().collect();
+        if let Some(tls) = &config.server.tls {
+            files.extend([tls.files.cert.clone(), tls.files.key.clone()]);
+        }
+        let names: HashSet<std::ffi::OsString> = (files.iter())
+            .filter_map(|f| f.file_name().map(Into::into))
+            .chain(config.server.tls.is_some().then(|| "..data".into()))
+            .collect();
+        let relevant = move |path: &Path| {
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            (path.extension().is_some_and(|e| e == "wasm") && !name.starts_with('.'))
+                || path.file_name().is_some_and(|n| names.contains(n))
         };
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
@@ -322,13 +329,24 @@ impl Reloader {
         if plugin_dir.is_dir() {
             watcher.watch(&plugin_dir, RecursiveMode::NonRecursive)?;
         }
-        if let Some(parent) = config_file.as_deref().and_then(Path::parent) {
-            let parent = if parent.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                parent
+        let mut watched = HashSet::new();
+        for (i, file) in files.iter().enumerate() {
+            let dir = match file.parent() {
+                Some(p) if p.as_os_str().is_empty() => Path::new("."),
+                Some(p) => p,
+                None => continue,
             };
-            watcher.watch(parent, RecursiveMode::NonRecursive)?;
+            if !watched.insert(dir) {
+                continue;
+            }
+            match watcher.watch(dir, RecursiveMode::NonRecursive) {
+                Ok(()) => {}
+                // The config file's directory (first) must be watched; a certificate's
+                // is a convenience, and SIGHUP still reloads it.
+                Err(e) if i == 0 && self.config_file().is_some() => return Err(e.into()),
+                Err(e) => tracing::warn!(error = %e, dir = %dir.display(),
+                    "Cannot watch the directory of server.tls; after renewing the certificate, reload with SIGHUP or POST /v1/reload."),
+            }
         }
         Ok(tokio::spawn(async move {
             let _watcher = watcher;

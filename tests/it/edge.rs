@@ -441,7 +441,8 @@ fn tls_fixture(name: &str) -> std::path::PathBuf {
 
 /// HTTPS destinations signed by an internal CA: refused (the attempt names the unknown
 /// issuer) until `delivery.ca_certificates` lists the CA; with
-/// `delivery.client_certificate`, deliveries present that certificate (mutual TLS).
+/// `delivery.client_certificate`, deliveries present that certificate (mutual TLS);
+/// `/metrics` shows when both expire.
 #[tokio::test(flavor = "multi_thread")]
 async fn https_destinations_of_an_internal_ca_with_a_client_certificate() {
     let rx = Receiver::start().await;
@@ -480,6 +481,14 @@ async fn https_destinations_of_an_internal_ca_with_a_client_certificate() {
         vec![Some(client)],
         "one request, with our certificate"
     );
+    // When they expire (`openssl x509 -noout -enddate` of the fixtures).
+    let metrics = gw.metrics().await;
+    for line in [
+        r#"switchyard_certificate_expiry_timestamp_seconds{certificate="delivery.ca_certificates[0]"} 4950017680"#,
+        r#"switchyard_certificate_expiry_timestamp_seconds{certificate="delivery.client_certificate"} 4950017681"#,
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+    }
     gw.shutdown().await.unwrap();
 }
 
@@ -908,6 +917,119 @@ destinations = ["ok"]
         "{error}"
     );
     assert_eq!(served().await, der("client.pem"));
+}
+
+/// A self-signed certificate for 127.0.0.1, issued `days_ago` and valid for `days_left`
+/// more, written as `dir/name.pem` and `dir/name.key`: its DER and its `notAfter` (seconds
+/// since the epoch).
+fn issue_certificate(dir: &Path, name: &str, days_ago: u64, days_left: u64) -> (Vec<u8>, i64) {
+    let (now, day) = (now_s(), 24 * 3600);
+    let not_after = now + days_left * day;
+    let at = |s: u64| std::time::UNIX_EPOCH + std::time::Duration::from_secs(s);
+    let mut params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+    params.not_before = at(now - days_ago * day - 60).into();
+    params.not_after = at(not_after).into();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+    std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+    (cert.der().to_vec(), not_after as i64)
+}
+
+/// What the listener shows: the certificate it serves, and the expiry `/metrics` gives
+/// for `server.tls`.
+async fn served_certificate(url: &str) -> (Vec<u8>, Option<i64>) {
+    let client = reqwest::Client::builder()
+        .tls_danger_accept_invalid_certs(true)
+        .tls_info(true)
+        .build()
+        .unwrap();
+    let resp = client.get(format!("{url}/metrics")).send().await.unwrap();
+    let info = resp.extensions().get::<reqwest::tls::TlsInfo>().unwrap();
+    let der = info.peer_certificate().unwrap().to_vec();
+    let text = resp.text().await.unwrap();
+    let expiry = (text.lines())
+        .find_map(|l| {
+            l.strip_prefix(
+                r#"switchyard_certificate_expiry_timestamp_seconds{certificate="server.tls"} "#,
+            )
+        })
+        .map(|v| v.parse().unwrap());
+    (der, expiry)
+}
+
+/// A listener certificate's life: one about to expire is named by `serve --check` and
+/// warned of at start, `/metrics` shows when it expires, and a renewal made as certbot
+/// makes it — new files, the symlinks in `live/` replaced — is served from the next
+/// connection on with no reload asked for (the files' directory is watched).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_certificate_about_to_expire_is_shown_and_its_renewal_is_picked_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let (archive, live) = (dir.path().join("archive"), dir.path().join("live"));
+    std::fs::create_dir_all(&archive).unwrap();
+    std::fs::create_dir_all(&live).unwrap();
+    let link = |target: &Path, link: &Path| {
+        // Replaced atomically, as certbot does: a new link renamed over the old one.
+        let tmp = link.with_extension("new");
+        std::os::unix::fs::symlink(target, &tmp).unwrap();
+        std::fs::rename(&tmp, link).unwrap();
+    };
+    let (old, old_expiry) = issue_certificate(&archive, "gw1", 88, 2);
+    link(&archive.join("gw1.pem"), &live.join("gw.pem"));
+    link(&archive.join("gw1.key"), &live.join("gw.key"));
+    let config = dir.path().join("switchyard.toml");
+    std::fs::write(
+        &config,
+        "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"./data\"\n\
+         tls = { cert = \"live/gw.pem\", key = \"live/gw.key\" }\n",
+    )
+    .unwrap();
+
+    let check = std::process::Command::new(crate::util::switchyard_bin())
+        .args(["serve", "--check", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        check.status.success(),
+        "an expiring certificate does not stop a start: {out}"
+    );
+    assert!(
+        out.contains("certificate server.tls: expires at") && out.contains("renew it"),
+        "{out}"
+    );
+
+    let (_child, url, log) = crate::util::start_binary_logging(&config, "info").await;
+    let warned = log.lock().unwrap().iter().any(|l| {
+        l["level"] == "WARN"
+            && l["fields"]["certificate"] == "server.tls"
+            && (l["fields"]["message"].as_str()).is_some_and(|m| m.contains("expires at"))
+    });
+    assert!(warned, "{:?}", log.lock().unwrap());
+    assert_eq!(served_certificate(&url).await, (old, Some(old_expiry)));
+
+    let (new, new_expiry) = issue_certificate(&archive, "gw2", 0, 90);
+    link(&archive.join("gw2.pem"), &live.join("gw.pem"));
+    link(&archive.join("gw2.key"), &live.join("gw.key"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let served = served_certificate(&url).await;
+        if served.0 == new {
+            assert_eq!(served.1, Some(new_expiry));
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the renewal was not picked up"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let reloaded = log.lock().unwrap().iter().any(|l| {
+        (l["fields"]["message"].as_str()).is_some_and(|m| m.contains("eload"))
+            && l["fields"]["reason"] == "file change"
+    });
+    assert!(reloaded, "{:?}", log.lock().unwrap());
 }
 
 /// `delivery.proxy`: every delivery goes through the configured proxy (a receiver standing

@@ -100,6 +100,8 @@ pub struct TestOutcome {
 pub struct Dispatcher {
     store: Arc<dyn Store>,
     client: reqwest::Client,
+    /// When the certificates `client` was built with stop being valid (read at start only).
+    certificates: Vec<(String, crate::edge::Validity)>,
     lease: Duration,
     destinations: ArcSwap<HashMap<String, Arc<Destination>>>,
     states: Mutex<HashMap<String, DestinationState>>,
@@ -151,7 +153,11 @@ impl Dispatcher {
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Arc<Self>> {
         let mut guard = SsrfGuard::new(config.allowed_networks.clone());
-        let (roots, identity) = super::tls_settings(config)
+        let super::DeliveryTls {
+            roots,
+            identity,
+            validity: certificates,
+        } = super::tls_settings(config)
             .map_err(|(key, message)| anyhow::anyhow!("{key}: {message}"))?;
         // Proxies only as configured: one taken from the environment would move the SSRF
         // guard's check from the destination to the proxy.
@@ -189,6 +195,7 @@ impl Dispatcher {
         Ok(Arc::new(Self {
             store,
             client,
+            certificates,
             lease: config.timeout + lease,
             destinations: ArcSwap::from_pointee(destinations),
             states: Mutex::new(states),
@@ -210,6 +217,12 @@ impl Dispatcher {
             guard,
             notify_source: ArcSwap::from_pointee(config.notify_source.clone()),
         }))
+    }
+
+    /// The certificates deliveries use (`delivery.ca_certificates`,
+    /// `delivery.client_certificate`) by key, and when each stops being valid.
+    pub fn certificates(&self) -> &[(String, crate::edge::Validity)] {
+        &self.certificates
     }
 
     /// The delivery stage's time.

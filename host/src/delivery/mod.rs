@@ -72,10 +72,19 @@ pub struct Destination {
 
 /// What HTTPS deliveries trust besides the system's certificate authorities, and the
 /// certificate they present when a destination asks for one, read from
-/// `delivery.ca_certificates` and `delivery.client_certificate`. An error names the key.
-pub fn tls_settings(
-    config: &DeliveryConfig,
-) -> Result<(Vec<reqwest::Certificate>, Option<reqwest::Identity>), (String, String)> {
+/// `delivery.ca_certificates` and `delivery.client_certificate`.
+pub struct DeliveryTls {
+    pub roots: Vec<reqwest::Certificate>,
+    pub identity: Option<reqwest::Identity>,
+    /// When each file's certificates stop being valid, by the key that names it
+    /// (`delivery.ca_certificates[0]`, `delivery.client_certificate`).
+    pub validity: Vec<(String, crate::edge::Validity)>,
+}
+
+/// Reads `DeliveryTls` from the files the config names. An error names the key.
+pub fn tls_settings(config: &DeliveryConfig) -> Result<DeliveryTls, (String, String)> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
     let read = |key: &str, path: &std::path::Path| {
         std::fs::read(path).map_err(|e| {
             (
@@ -84,36 +93,53 @@ pub fn tls_settings(
             )
         })
     };
-    let mut roots = Vec::new();
-    for (i, path) in config.ca_certificates.iter().enumerate() {
-        let key = format!("delivery.ca_certificates[{i}]");
-        let certs = reqwest::Certificate::from_pem_bundle(&read(&key, path)?)
-            .map_err(|e| (key.clone(), format!("{}: {e}", path.display())))?;
-        if certs.is_empty() {
-            return Err((key, format!("{} holds no PEM certificate", path.display())));
-        }
-        roots.extend(certs);
-    }
-    let identity = match &config.client_certificate {
-        None => None,
-        Some(c) => {
-            let mut pem = read("delivery.client_certificate.cert", &c.cert)?;
-            pem.push(b'\n');
-            pem.extend(read("delivery.client_certificate.key", &c.key)?);
-            let identity = reqwest::Identity::from_pem(&pem).map_err(|e| {
-                (
-                    "delivery.client_certificate".to_string(),
-                    format!(
-                        "{} and {} are not a PEM certificate and its private key: {e}",
-                        c.cert.display(),
-                        c.key.display()
-                    ),
-                )
-            })?;
-            Some(identity)
+    // The validity of a PEM file's certificates (read again here: reqwest's certificates
+    // do not show theirs).
+    let validity = |key: &str, path: &std::path::Path, pem: &[u8]| {
+        let fail = |e: String| (key.to_string(), format!("{}: {e}", path.display()));
+        let certs = CertificateDer::pem_slice_iter(pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| fail(e.to_string()))?;
+        match crate::edge::Validity::of_chain(&certs).map_err(fail)? {
+            Some(v) => Ok((key.to_string(), v)),
+            None => Err((
+                key.to_string(),
+                format!("{} holds no PEM certificate", path.display()),
+            )),
         }
     };
-    Ok((roots, identity))
+    let mut tls = DeliveryTls {
+        roots: Vec::new(),
+        identity: None,
+        validity: Vec::new(),
+    };
+    for (i, path) in config.ca_certificates.iter().enumerate() {
+        let key = format!("delivery.ca_certificates[{i}]");
+        let pem = read(&key, path)?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| (key.clone(), format!("{}: {e}", path.display())))?;
+        tls.validity.push(validity(&key, path, &pem)?);
+        tls.roots.extend(certs);
+    }
+    if let Some(c) = &config.client_certificate {
+        let key = "delivery.client_certificate";
+        let mut pem = read("delivery.client_certificate.cert", &c.cert)?;
+        tls.validity.push(validity(key, &c.cert, &pem)?);
+        pem.push(b'\n');
+        pem.extend(read("delivery.client_certificate.key", &c.key)?);
+        let identity = reqwest::Identity::from_pem(&pem).map_err(|e| {
+            (
+                key.to_string(),
+                format!(
+                    "{} and {} are not a PEM certificate and its private key: {e}",
+                    c.cert.display(),
+                    c.key.display()
+                ),
+            )
+        })?;
+        tls.identity = Some(identity);
+    }
+    Ok(tls)
 }
 
 /// The host of `delivery.proxy` — an `http://` or `https://` URL with a host, optionally
