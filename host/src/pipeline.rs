@@ -109,12 +109,12 @@ impl Routing {
         &self.destinations
     }
 
-    /// The indexes of the routes whose chain includes the plugin.
-    pub fn routes_using(&self, plugin: &str) -> Vec<usize> {
+    /// The names of the routes whose chain includes the plugin.
+    pub fn routes_using(&self, plugin: &str) -> Vec<&str> {
         self.routes
             .iter()
             .filter(|r| r.plugins.iter().any(|p| p.name == plugin))
-            .map(|r| r.index)
+            .map(|r| r.name.as_str())
             .collect()
     }
 }

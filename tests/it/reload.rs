@@ -280,7 +280,7 @@ async fn config_changes_apply_atomically_and_invalid_ones_are_rejected() {
     std::fs::write(&tmp, added).unwrap();
     std::fs::rename(&tmp, &config_file).unwrap();
     wait_plugin(&gw, "event-filter", |p| {
-        p["routes"] == serde_json::json!([1])
+        p["routes"] == serde_json::json!(["new"])
     })
     .await;
     let dropped = gw.accept("new", r#"{"type":"sms"}"#).await;
