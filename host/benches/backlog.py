@@ -24,7 +24,7 @@ import tempfile
 import threading
 import time
 
-from gateway_proc import free_port, cpu_seconds, rss_mib, start_gateway
+from gateway_proc import free_port, cpu_seconds, rss_mib, start_gateway, wrk_post
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -82,16 +82,9 @@ name = "s"
 source = "s"
 destinations = {names!r}
 """.replace("'", '"'))
-        script = pathlib.Path(tmp, "post.lua")
-        script.write_text('wrk.method = "POST"\nwrk.body = string.rep("x", 1000)\n'
-                          'wrk.headers["Content-Type"] = "application/json"\n')
         gateway = start_gateway(args.binary, config, port)
         try:
-            wrk = subprocess.run(
-                ["wrk", "-t2", "-c32", f"-d{args.seconds}s", "-s", script,
-                 f"http://127.0.0.1:{port}/v1/ingest/s"],
-                capture_output=True, text=True, check=True).stdout
-            rate = re.search(r"Requests/sec:\s*([\d.]+)", wrk).group(1)
+            rate = wrk_post(port, args.seconds, tmp)
             time.sleep(1)
             rss = rss_mib(gateway.pid)
             cpu, sent = cpu_seconds(gateway.pid), served[0]
@@ -108,7 +101,7 @@ destinations = {names!r}
                 gateway.wait()
                 stop = "still stopping 60 s after SIGTERM: killed"
     print(f"{args.destinations} destination(s) answering after {args.delay} s: "
-          f"accepted {float(rate):,.0f} events/s for {args.seconds} s; "
+          f"accepted {rate:,.0f} events/s for {args.seconds} s; "
           f"resident memory then {rss:,.0f} MiB; over the next 10 s "
           f"{sent} deliveries and {cpu:.2f} s of gateway CPU; {stop}")
 

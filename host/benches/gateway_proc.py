@@ -1,7 +1,10 @@
 """Helpers the benchmark scripts share: a free loopback port, a gateway started and
-listening, and what /proc says of a process (CPU time, resident memory)."""
+listening, wrk posting events to it, and what /proc says of a process (CPU time,
+resident memory)."""
 
 import os
+import pathlib
+import re
 import socket
 import subprocess
 import time
@@ -39,3 +42,17 @@ def start_gateway(binary, config, port):
         except OSError:
             time.sleep(0.1)
     return gateway
+
+
+def wrk_post(port, seconds, tmp):
+    """Posts ~1 KiB JSON events to source `s` of the gateway on `port` with wrk (Debian's
+    package: 2 threads, 32 connections) for `seconds`, as fast as it accepts them; returns
+    the rate, requests per second. `tmp` is a directory for wrk's script."""
+    script = pathlib.Path(tmp, "post.lua")
+    script.write_text('wrk.method = "POST"\nwrk.body = string.rep("x", 1000)\n'
+                      'wrk.headers["Content-Type"] = "application/json"\n')
+    out = subprocess.run(
+        ["wrk", "-t2", "-c32", f"-d{seconds}s", "-s", script,
+         f"http://127.0.0.1:{port}/v1/ingest/s"],
+        capture_output=True, text=True, check=True).stdout
+    return float(re.search(r"Requests/sec:\s*([\d.]+)", out).group(1))

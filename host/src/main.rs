@@ -53,6 +53,20 @@ enum Command {
         #[command(subcommand)]
         command: PluginCommand,
     },
+    /// Copy the embedded store to a new file while the gateway runs: a consistent,
+    /// checked snapshot (to restore it, stop the gateway and put it in the data dir as
+    /// switchyard.db, without the old switchyard.db-wal and -shm).
+    Backup {
+        /// The gateway's config file (for its data dir and store).
+        #[arg(long, short, default_value = "switchyard.toml")]
+        config: PathBuf,
+        /// The data dir itself, instead of a config file (which may need the secrets of
+        /// the gateway's environment to load).
+        #[arg(long, conflicts_with = "config")]
+        data_dir: Option<PathBuf>,
+        /// The file to write (it must not exist).
+        output: PathBuf,
+    },
     /// Print the HTTP API's OpenAPI 3 document (as served at /v1/openapi.json).
     Openapi,
 }
@@ -175,6 +189,40 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             let doc = serde_json::to_string_pretty(&switchyard::api::openapi())
                 .context("cannot render the OpenAPI document")?;
             println!("{doc}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Backup {
+            config,
+            data_dir,
+            output,
+        } => {
+            let data_dir = match data_dir {
+                Some(dir) => dir,
+                None => {
+                    let env = |name: &str| std::env::var(name).ok();
+                    let config = Config::load(&config, &env)?;
+                    if config.store.url.is_some() {
+                        anyhow::bail!(
+                            "the store is PostgreSQL (store.url): back it up with pg_dump, as any database"
+                        );
+                    }
+                    config.server.data_dir
+                }
+            };
+            let started = std::time::Instant::now();
+            let copy = output.clone();
+            let backup = tokio::task::spawn_blocking(move || {
+                switchyard::store::SqliteStore::backup(&data_dir, &copy)
+            })
+            .await??;
+            println!(
+                "backed up {} events ({} deliveries pending) to {} ({:.1} MiB) in {:.1} s",
+                backup.events,
+                backup.pending_deliveries,
+                output.display(),
+                backup.bytes as f64 / (1024.0 * 1024.0),
+                started.elapsed().as_secs_f64()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Serve { config, check } => {

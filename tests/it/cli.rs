@@ -196,6 +196,33 @@ fn serve_check_says_whether_the_gateway_would_start() {
     assert!(!data.exists(), "the check opened the store");
 }
 
+/// `backup` names what it cannot copy: a data dir with no store yet, or a PostgreSQL store
+/// (which has its own tools). (Copying a running store: `crash.rs`.)
+#[test]
+fn backup_names_what_it_cannot_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("switchyard.toml");
+    std::fs::write(&config, "[server]\ndata_dir = \"./nothing-yet\"\n").unwrap();
+    let out = dir.path().join("copy.db");
+    let (ok, _, err) = run(&["backup", "--config", path(&config), path(&out)]);
+    assert!(!ok);
+    assert!(
+        err.contains("no store at") && err.contains("nothing-yet"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    let pg = Command::new(switchyard_bin())
+        .args(["backup", "--config", path(&config), path(&out)])
+        .env("SWITCHYARD_STORE_URL", "postgres://localhost/switchyard")
+        .output()
+        .unwrap();
+    assert!(!pg.status.success());
+    assert!(
+        String::from_utf8_lossy(&pg.stderr).contains("pg_dump"),
+        "{pg:?}"
+    );
+}
+
 #[test]
 fn every_guest_fixture_is_used_by_a_test() {
     // The list of guests lives in util.rs; every test module but this one is searched.

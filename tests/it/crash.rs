@@ -138,3 +138,138 @@ destinations = ["sink"]
     }
     assert!(accepted.len() >= 20 + 150 + 280);
 }
+
+/// `switchyard backup` copies the embedded store while the gateway runs and delivers; a
+/// gateway started on that copy elsewhere has every event and sends the deliveries that
+/// were still pending — to a destination that was failing when the copy was made.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backup_taken_while_running_restores_every_event_and_pending_delivery() {
+    let (rx, later) = (Receiver::start().await, Receiver::start().await);
+    later.fail_with(Some(503));
+    let config = || {
+        format!(
+            r#"
+[server]
+listen = "127.0.0.1:0"
+data_dir = "./data"
+[store]
+lease = "1s"
+[api]
+tokens = ["backup-test"]
+[delivery]
+timeout = "2s"
+failure_threshold = 1000
+retry_schedule = ["0s", "1s", "1s", "1s", "1s", "1s", "1s", "1s", "1s", "1s", "1s", "1s"]
+allowed_networks = ["127.0.0.0/8"]
+[[sources]]
+name = "s"
+[[destinations]]
+name = "up"
+url = "{}/up"
+[[destinations]]
+name = "later"
+url = "{}/later"
+[[routes]]
+source = "s"
+destinations = ["up", "later"]
+"#,
+            rx.url, later.url
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("switchyard.toml");
+    std::fs::write(&file, config()).unwrap();
+    let (mut child, url) = start(&file).await;
+    let client = reqwest::Client::new();
+    let mut ids = HashSet::new();
+    for n in 0..50 {
+        let resp = (client.post(format!("{url}/v1/ingest/s")))
+            .body(format!(r#"{{"n":{n}}}"#))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 202);
+        let v: serde_json::Value = resp.json().await.unwrap();
+        ids.insert(v["id"].as_str().unwrap().to_string());
+    }
+    // Every event delivered to `up` and recorded so (and retrying `later`).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let page: serde_json::Value = (client.get(format!("{url}/v1/events?limit=100")))
+            .bearer_auth("backup-test")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let items = page["items"].as_array().unwrap();
+        if items.len() == 50 && items.iter().all(|e| e["delivered"] == 1) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{page}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let backup = dir.path().join("backup.db");
+    let run_backup = || {
+        std::process::Command::new(crate::util::switchyard_bin())
+            .args(["backup", "--config"])
+            .arg(&file)
+            .arg(&backup)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap()
+    };
+    let out = run_backup();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.starts_with("backed up 50 events (50 deliveries pending) to "),
+        "{stdout}"
+    );
+    assert!(!dir.path().join("backup.db.partial").exists());
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&backup).unwrap().permissions().mode();
+    assert_eq!(
+        mode & 0o777,
+        0o600,
+        "payloads and secrets: its owner's alone"
+    );
+    // Never over an existing file (here named by its data dir rather than its config).
+    let again = std::process::Command::new(crate::util::switchyard_bin())
+        .args(["backup", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .arg(&backup)
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("exists: choose a new file"),
+        "{again:?}"
+    );
+    child.kill().await.unwrap();
+
+    // Restored elsewhere, with `later` answering now: its 50 deliveries go out, `up` gets
+    // nothing again.
+    let before = later.requests().len();
+    later.fail_with(None);
+    let restored = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(restored.path().join("data")).unwrap();
+    std::fs::copy(&backup, restored.path().join("data/switchyard.db")).unwrap();
+    let file = restored.path().join("switchyard.toml");
+    std::fs::write(&file, config()).unwrap();
+    let (_child, _url) = start(&file).await;
+    let got = later.wait_for(before + 50).await;
+    let sent: HashSet<String> = (got[before..].iter())
+        .map(|r| r.header("switchyard-event-id").unwrap().to_string())
+        .collect();
+    assert_eq!(sent, ids);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(later.requests().len(), before + 50, "each once");
+    assert_eq!(rx.requests().len(), 50, "nothing again to `up`");
+}

@@ -286,6 +286,15 @@ pub struct SqliteStore {
     fatal: tokio::sync::watch::Sender<Option<String>>,
 }
 
+/// What `SqliteStore::backup` copied.
+#[derive(Debug)]
+pub struct Backup {
+    /// The size of the copy.
+    pub bytes: u64,
+    pub events: u64,
+    pub pending_deliveries: u64,
+}
+
 impl SqliteStore {
     /// Opens (creating if needed) `switchyard.db` in `data_dir`, migrates it, and queues
     /// the events that were accepted but not processed before the last stop.
@@ -314,6 +323,81 @@ impl SqliteStore {
             capacity,
             Some(data_dir.join("switchyard.db-wal")),
         )
+    }
+
+    /// Copies the store in `data_dir` to `to`, while a gateway may be using it: the
+    /// consistent snapshot of one read transaction (`VACUUM INTO`, which never starts over
+    /// however busy the writer is, unlike SQLite's page-by-page backup), written beside
+    /// `to` as `to.partial`, synced, checked (`PRAGMA quick_check`) and renamed into place,
+    /// so that `to` is never a partial copy; only its owner may read it. Refuses to replace
+    /// an existing `to`. (While it
+    /// reads, the gateway's write-ahead log cannot be checkpointed past the snapshot, and
+    /// grows.)
+    pub fn backup(data_dir: &Path, to: &Path) -> anyhow::Result<Backup> {
+        use anyhow::Context as _;
+        let source = data_dir.join("switchyard.db");
+        if !source.is_file() {
+            anyhow::bail!("no store at {}", source.display());
+        }
+        if to.exists() {
+            anyhow::bail!("{} exists: choose a new file", to.display());
+        }
+        let partial = PathBuf::from(format!("{}.partial", to.display()));
+        let _ = std::fs::remove_file(&partial);
+        // Created empty first (which `VACUUM INTO` accepts), readable by its owner alone:
+        // the copy holds the events' payloads and the API's secrets, as the store does.
+        let mut create = std::fs::OpenOptions::new();
+        create.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut create, 0o600);
+        create
+            .open(&partial)
+            .with_context(|| format!("cannot create {}", partial.display()))?;
+        let conn =
+            Connection::open_with_flags(&source, rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE)
+                .with_context(|| format!("cannot open {}", source.display()))?;
+        conn.execute_batch("PRAGMA busy_timeout = 5000;")?;
+        let copied = conn
+            .execute("VACUUM INTO ?1", [partial.to_string_lossy()])
+            .with_context(|| format!("cannot write {}", partial.display()));
+        drop(conn);
+        let checked = copied.and_then(|_| {
+            std::fs::File::open(&partial)
+                .and_then(|f| f.sync_all())
+                .with_context(|| format!("cannot sync {}", partial.display()))?;
+            let copy =
+                Connection::open_with_flags(&partial, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+            let check: String = copy.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
+            if check != "ok" {
+                anyhow::bail!("the copy does not check out: {check}");
+            }
+            let count = |sql: &str| copy.query_row(sql, [], |r| r.get::<_, i64>(0));
+            Ok(Backup {
+                bytes: std::fs::metadata(&partial)?.len(),
+                events: count("SELECT COUNT(*) FROM events")? as u64,
+                pending_deliveries: count(
+                    "SELECT COUNT(*) FROM deliveries WHERE status = 'pending'",
+                )? as u64,
+            })
+        });
+        let backup = match checked {
+            Ok(b) => b,
+            Err(e) => {
+                let _ = std::fs::remove_file(&partial);
+                return Err(e);
+            }
+        };
+        std::fs::rename(&partial, to)
+            .with_context(|| format!("cannot rename {} to {}", partial.display(), to.display()))?;
+        // The rename itself survives a crash once the directory is synced.
+        let dir = match to.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("cannot sync {}", dir.display()))?;
+        Ok(backup)
     }
 
     /// Refuses events (`QueueBytesFull`) once those waiting take up `max` bytes instead of
