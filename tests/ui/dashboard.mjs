@@ -145,6 +145,22 @@ try {
   await plugin.getByText('µs').waitFor();
   await shot('plugins');
 
+  step('the routes page shows each chain end to end, and opens its events');
+  await page.getByRole('link', { name: 'Routes' }).click();
+  const filtered = page.locator('#routes tr[data-name="onomondo"]');
+  await filtered.locator('.chain').getByText('event-filter').waitFor();
+  await filtered.locator('.destination').getByText('fleet').waitFor();
+  const plain = page.locator('#routes tr[data-name="flaky-source"]');
+  await plain.locator('.chain').getByText('none').waitFor();
+  await plain.locator('.destination').getByText('flaky').waitFor();
+  await shot('routes');
+  await filtered.getByRole('link', { name: 'Events' }).click();
+  await page.locator('select[name="source"]').waitFor();
+  const chosen = await page.locator('select[name="source"]').inputValue();
+  if (chosen !== 'onomondo') throw new Error(`the events page is filtered by "${chosen}"`);
+  await page.locator(`#events tr[data-id="${id}"]`).waitFor();
+  await page.locator('select[name="source"]').selectOption('');
+
   step('readable at phone width');
   await page.setViewportSize({ width: 390, height: 844 });
   await page.goto(`${base}/ui/#/events`);
@@ -152,6 +168,10 @@ try {
   const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
   if (overflow > 2) throw new Error(`the page is ${overflow}px wider than a phone`);
   await shot('events-phone');
+  await page.goto(`${base}/ui/#/routes`);
+  await page.locator('#routes tr[data-name="onomondo"]').waitFor();
+  const routesOverflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+  if (routesOverflow > 2) throw new Error(`the routes page is ${routesOverflow}px wider than a phone`);
 
   if (outside.length) throw new Error(`fetched from outside the gateway: ${outside.join(', ')}`);
   if (errors.length) throw new Error(`page errors: ${errors.join('; ')}`);

@@ -295,6 +295,41 @@ async function destinationsPage() {
   poller = every(2000, refresh);
 }
 
+// Each route as the gateway runs it: its source (and how that source is checked), the
+// plugin chain with each plugin's status, and the destinations with their states.
+async function routesPage() {
+  const box = h('div', { class: 'card' });
+  page('Routes', box);
+  async function refresh() {
+    try {
+      const [routes, sources, plugins, destinations] = await Promise.all(
+        ['routes', 'sources', 'plugins', 'destinations'].map((what) => api(`/v1/${what}${what === 'plugins' ? '' : '?limit=500'}`)));
+      const byName = (list) => Object.fromEntries(list.items.map((x) => [x.name, x]));
+      const [src, plugin, dest] = [byName(sources), byName(plugins), byName(destinations)];
+      const checks = (s) => [s && s.verify ? `signed (${s.verify.scheme})` : null,
+        s && s.allow_ips && s.allow_ips.length ? 'IP allowlist' : null].filter(Boolean).join(', ') || 'not verified';
+      const showEvents = (source) => h('a', { href: '#/events', class: 'events', onclick: () => { Object.assign(filters, { source, type: '', status: '', route_result: '', since: '' }); } }, 'Events');
+      box.replaceChildren(routes.items.length === 0 ? h('p', { class: 'muted' }, 'No routes: events are stored and go nowhere.') :
+        h('table', { id: 'routes' },
+          h('thead', {}, h('tr', {}, h('th', {}, 'Route'), h('th', {}, 'Source'), h('th', {}, 'Plugins'),
+            h('th', {}, 'Destinations'), h('th', { class: 'hide-narrow' }, 'On error'), h('th', {}, ''))),
+          h('tbody', {}, routes.items.map((r) => h('tr', { 'data-name': r.name },
+            h('td', {}, h('div', {}, r.name), h('div', { class: 'muted' }, r.origin)),
+            h('td', {}, h('div', {}, r.source), h('div', { class: 'muted hide-narrow' }, checks(src[r.source]))),
+            h('td', { class: 'chain' }, r.plugins.length === 0 ? h('span', { class: 'muted' }, 'none') :
+              r.plugins.flatMap((p, i) => [i ? ' → ' : null, h('span', { class: 'plugin' }, p.name,
+                plugin[p.name] && plugin[p.name].status !== 'ok' ? [' ', badge(plugin[p.name].status)] : null,
+                plugin[p.name] && plugin[p.name].degraded ? [' ', h('span', { class: 'badge error' }, 'degraded')] : null)])),
+            h('td', {}, r.destinations.map((d) => h('div', { class: 'destination' }, d, ' ',
+              dest[d] && dest[d].state !== 'ACTIVE' ? badge(dest[d].state) : null))),
+            h('td', { class: 'hide-narrow' }, r.on_error),
+            h('td', {}, showEvents(r.source)))))));
+    } catch (e) { failed(e); }
+  }
+  await refresh();
+  poller = every(5000, refresh);
+}
+
 async function pluginsPage() {
   const box = h('div', { class: 'card' });
   page('Plugins', box);
@@ -325,6 +360,7 @@ async function route() {
   }
   try {
     if (name === 'events' && id) await eventPage(decodeURIComponent(id));
+    else if (name === 'routes') await routesPage();
     else if (name === 'destinations') await destinationsPage();
     else if (name === 'plugins') await pluginsPage();
     else await eventsPage();
