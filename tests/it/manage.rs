@@ -809,14 +809,19 @@ destinations = ["d"]
 "#;
     let gw = TestGateway::start(config, &rx, &[]).await;
     let mut ids = Vec::new();
-    for (source, kind) in [
+    for (n, (source, kind)) in [
         ("a", "usage"),
         ("a", "location"),
         ("a", "usage"),
         ("b", "usage"),
         ("b", "sms"),
-    ] {
-        let id = gw.accept(source, json!({ "type": kind }).to_string()).await;
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let sim = json!({ "iccid": format!("894573873000000001{}", n % 2) });
+        let body = json!({ "type": kind, "sim": sim });
+        let id = gw.accept(source, body.to_string()).await;
         gw.settled(&id).await;
         ids.push(id);
     }
@@ -847,6 +852,30 @@ destinations = ["d"]
         [ids[2].clone(), ids[0].clone()]
     );
     assert_eq!(ids_of(&list("?status=queued").await.1).len(), 0);
+    // A field of the body: every event of one SIM, with the other filters too.
+    assert_eq!(
+        ids_of(&list("?field=sim.iccid&equals=8945738730000000011").await.1),
+        [ids[3].clone(), ids[1].clone()]
+    );
+    assert_eq!(
+        ids_of(
+            &list("?source=a&field=sim.iccid&equals=8945738730000000010")
+                .await
+                .1
+        ),
+        [ids[2].clone(), ids[0].clone()]
+    );
+    let (status, error) = list("?field=sim..iccid&equals=1").await;
+    assert_eq!(status, 400);
+    assert!(
+        error["error"].as_str().unwrap().starts_with("`field`:"),
+        "{error}"
+    );
+    let (status, error) = list("?field=sim.iccid").await;
+    assert_eq!(
+        (status, error["error"].as_str()),
+        (400, Some("`field` needs `equals`"))
+    );
     let (_, page) = list("?source=b&limit=1").await;
     assert_eq!(ids_of(&page), [ids[4].clone()]);
     let cursor = page["next_cursor"].as_str().unwrap().to_string();

@@ -8,8 +8,8 @@ use bytes::Bytes;
 use switchyard::event::{Body, Event};
 use switchyard::store::{
     Attempt, AttemptNext, ClaimScope, DeliveryStatus, DestinationHealth, DestinationState,
-    EventFilter, EventStatus, Idempotency, Inserted, ManagedObject, NewDelivery, PgStore,
-    PurgeBefore, RouteOutcome, RouteResult, RouteResultKind, SqliteStore, Store,
+    EventFilter, EventStatus, FieldMatch, Idempotency, Inserted, ManagedObject, NewDelivery,
+    PgStore, PurgeBefore, RouteOutcome, RouteResult, RouteResultKind, SqliteStore, Store,
 };
 
 use xtask::pg::PgServer;
@@ -118,7 +118,12 @@ async fn conformance(open: Reopen) {
         store.insert_event(dup, idem("k1")).await.unwrap(),
         Inserted::Duplicate("e1".into())
     );
-    let late = event("e1c", "onomondo", 12_000, r#"{"type":"usage"}"#);
+    let late = event(
+        "e1c",
+        "onomondo",
+        12_000,
+        r#"{"type":"usage","sim":{"iccid":"8945","slot":2,"ratio":1.5}}"#,
+    );
     assert_eq!(
         store.insert_event(late, idem("k1")).await.unwrap(),
         Inserted::New
@@ -430,6 +435,28 @@ async fn conformance(open: Reopen) {
     assert_eq!(
         after.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
         ["e1"]
+    );
+    // A field of the body, compared as text: a string, whole and decimal numbers; a body
+    // without it, or not JSON ("e2"), is not listed.
+    let by_field = |field: &str, equals: &str| {
+        let filter = EventFilter {
+            field: Some(FieldMatch::parse(field, equals.into()).unwrap()),
+            ..Default::default()
+        };
+        let store = store.clone();
+        async move {
+            let page = store.list_events(filter, None, 10).await.unwrap();
+            page.into_iter().map(|e| e.id).collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(by_field("sim.iccid", "8945").await, ["e1c"]);
+    assert_eq!(by_field("sim.slot", "2").await, ["e1c"]);
+    assert_eq!(by_field("sim.ratio", "1.5").await, ["e1c"]);
+    assert_eq!(by_field("type", "usage").await, ["e1c", "e1"]);
+    assert!(by_field("sim.iccid", "894").await.is_empty());
+    assert!(
+        by_field("iccid", "8945").await.is_empty(),
+        "only at its path"
     );
     assert!(store.retry_delivery("d1", 100_000).await.unwrap());
     assert!(

@@ -60,13 +60,21 @@ try {
   await page.locator('svg.chart').waitFor();
   await shot('events');
 
-  step('filters narrow the list');
+  step('filters narrow the list, by type and by a field of the body');
   await page.getByLabel('Type').fill('no-such-type');
   await page.getByLabel('Type').press('Tab');
   await page.getByText('No events yet.').waitFor();
   await page.getByLabel('Type').fill('usage');
   await page.getByLabel('Type').press('Tab');
   await row.waitFor();
+  await page.getByLabel('Body field').fill('iccid=8945738730000000099');
+  await page.getByLabel('Body field').press('Tab');
+  await page.getByText('No events yet.').waitFor();
+  await page.getByLabel('Body field').fill('iccid=8945738730000000012');
+  await page.getByLabel('Body field').press('Tab');
+  await row.waitFor();
+  await page.getByLabel('Body field').fill('');
+  await page.getByLabel('Body field').press('Tab');
 
   step('a dead-lettered event is marked and found by the Routes filter');
   const broken = await fetch(`${base}/v1/ingest/onomondo`, { method: 'POST', body: 'not json' });

@@ -34,7 +34,7 @@ use crate::pipeline::Pipeline;
 use crate::reload::Reloader;
 use crate::store::{
     DeliveryRecord, DeliveryStatus, DestinationHealth, EventFilter, EventRecord, EventStatus,
-    EventSummary, RouteResultKind, Store, StoreError,
+    EventSummary, FieldMatch, RouteResultKind, Store, StoreError,
 };
 
 /// What every handler can reach.
@@ -345,6 +345,11 @@ struct EventQuery {
     /// Only events with a route of this result in their latest run: `failed` lists the
     /// dead-lettered ones.
     route_result: Option<RouteResultKind>,
+    /// With `equals`: only events whose body (a JSON object) has this field — object keys
+    /// separated by dots, e.g. `iccid` or `data.iccid` — equal to `equals`.
+    field: Option<String>,
+    /// With `field`: the text the field must equal (a string's value, a number as written).
+    equals: Option<String>,
     /// `next_cursor` of the previous page.
     cursor: Option<String>,
     /// Items per page: 1 to 500, 50 by default.
@@ -386,6 +391,15 @@ async fn event_page(
                 })?,
         ),
     };
+    let field = match (q.field, q.equals) {
+        (None, None) => None,
+        (Some(field), Some(equals)) => Some(
+            FieldMatch::parse(&field, equals)
+                .map_err(|e| ApiError::BadRequest(format!("`field`: {e}")))?,
+        ),
+        (Some(_), None) => return Err(ApiError::BadRequest("`field` needs `equals`".into())),
+        (None, Some(_)) => return Err(ApiError::BadRequest("`equals` needs `field`".into())),
+    };
     let filter = EventFilter {
         source: q.source,
         status: q.status,
@@ -393,6 +407,7 @@ async fn event_page(
         since: q.since,
         until: q.until,
         route_result: q.route_result,
+        field,
     };
     let mut items = state.store.list_events(filter, after, limit + 1).await?;
     let next_cursor = (items.len() > limit).then(|| {

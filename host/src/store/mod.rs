@@ -280,6 +280,38 @@ pub struct EventFilter {
     pub until: Option<u64>,
     /// Some route had this result in the event's latest run.
     pub route_result: Option<RouteResultKind>,
+    /// A field of the body equal to a value (`field=iccid&equals=8945…`).
+    pub field: Option<FieldMatch>,
+}
+
+/// A field of an event's body (a JSON object) and the text it must equal: a string's
+/// value, or a number as the store prints it (whole numbers as written). Every body is
+/// read, as for the type: on a large store, narrow the list by source and time.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldMatch {
+    /// The object keys leading to it: `["data", "iccid"]` for `data.iccid`.
+    pub path: Vec<String>,
+    pub equals: String,
+}
+
+impl FieldMatch {
+    /// From `field` — object keys separated by dots, none empty and none holding `"` or
+    /// `\` — and `equals`; the error says what is wrong with `field`.
+    pub fn parse(field: &str, equals: String) -> Result<Self, String> {
+        let path: Vec<String> = field.split('.').map(String::from).collect();
+        if let Some(bad) = (path.iter()).find(|k| k.is_empty() || k.contains(['"', '\\'])) {
+            return Err(format!(
+                "`{field}` is not a field: keys separated by dots, none empty or holding `\"` or `\\` (`{bad}`)"
+            ));
+        }
+        Ok(Self { path, equals })
+    }
+
+    /// The path in SQLite's JSON path syntax, each key quoted: `$."data"."iccid"`.
+    pub fn sqlite_path(&self) -> String {
+        let keys: String = self.path.iter().map(|k| format!(".\"{k}\"")).collect();
+        format!("${keys}")
+    }
 }
 
 /// A route's result without its details: what the event list filters on.

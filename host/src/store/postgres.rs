@@ -155,6 +155,20 @@ const SCHEMA: &[&str] = &[
     "CREATE INDEX events_source ON events (source, received_at, id);
      DROP INDEX events_received;
      CREATE INDEX events_received ON events (received_at, id);",
+    // 11: a field of the body, for lists filtered by one (`FieldMatch`): its text when the
+    // body is a JSON object, else NULL.
+    r#"CREATE FUNCTION switchyard_body_field(body BYTEA, path TEXT[]) RETURNS TEXT AS $$
+    DECLARE j JSONB;
+    BEGIN
+        j := convert_from(body, 'UTF8')::JSONB;
+        IF jsonb_typeof(j) = 'object' THEN
+            RETURN j #>> path;
+        END IF;
+        RETURN NULL;
+    EXCEPTION WHEN others THEN
+        RETURN NULL;
+    END;
+    $$ LANGUAGE plpgsql IMMUTABLE;"#,
 ];
 
 /// `Store::list_events` (see SQLite's `list_events_sql`): by `events_source` when a source
@@ -181,6 +195,7 @@ fn list_events_sql(by_source: bool, dead_lettered: bool) -> String {
          WHERE {source}
            AND ($2::TEXT IS NULL OR e.status = $2)
            AND ($3::TEXT IS NULL OR switchyard_event_type(e.body) = $3)
+           AND ($10::TEXT[] IS NULL OR switchyard_body_field(e.body, $10) = $11)
            AND e.received_at >= $4 AND e.received_at < $5
            AND (e.received_at, e.id) < ($6, $7)
            {route_result}
@@ -1264,6 +1279,8 @@ impl Store for PgStore {
                     &after_id,
                     &(limit as i64),
                     &filter.route_result.map(RouteResultKind::as_str),
+                    &filter.field.as_ref().map(|f| f.path.clone()),
+                    &filter.field.as_ref().map(|f| f.equals.clone()),
                 ],
             )
             .await

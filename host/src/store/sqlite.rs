@@ -155,9 +155,9 @@ const SCHEMA: &[&str] = &[
 /// `Store::list_events`: newest first, from the cursor (?6, ?7), within [?4, ?5). Walked by
 /// `events_source` when a source is given (?1), else by `events_received`, or by
 /// `events_dead_lettered` for dead letters: each bound is a range of the index, so a page
-/// costs what it reads, however deep it is. The status (?2) and the type (?3, read from
-/// each body that is JSON) are checked on each row walked; the listing's budget bounds a
-/// rare one.
+/// costs what it reads, however deep it is. The status (?2), the type (?3) and a field
+/// (path ?10 equal to ?11; both read from each body that is JSON) are checked on each row
+/// walked; the listing's budget bounds a rare one.
 fn list_events_sql(by_source: bool, dead_lettered: bool) -> String {
     let source = if by_source {
         "e.source = ?1"
@@ -182,6 +182,8 @@ fn list_events_sql(by_source: bool, dead_lettered: bool) -> String {
          WHERE {source}
            AND (?2 IS NULL OR e.status = ?2)
            AND (?3 IS NULL OR {event_type} = ?3)
+           AND (?10 IS NULL OR CASE WHEN json_valid(CAST(e.body AS TEXT))
+                THEN CAST(json_extract(CAST(e.body AS TEXT), ?10) AS TEXT) END = ?11)
            AND e.received_at >= ?4 AND e.received_at < ?5
            AND (e.received_at, e.id) < (?6, ?7)
            {route_result}
@@ -1367,6 +1369,8 @@ impl Store for SqliteStore {
                         after_id,
                         limit as i64,
                         filter.route_result.map(RouteResultKind::as_str),
+                        filter.field.as_ref().map(FieldMatch::sqlite_path),
+                        filter.field.as_ref().map(|f| f.equals.as_str()),
                     ],
                     |r| {
                         let status: String = r.get(3)?;

@@ -104,7 +104,7 @@ function signIn() {
 
 // ---- events -----------------------------------------------------------------------------
 
-const filters = { source: '', type: '', status: '', route_result: '', since: '' };
+const filters = { source: '', type: '', field: '', status: '', route_result: '', since: '' };
 
 function chart(minutes) {
   const w = 720, hgt = 150, pad = 20;
@@ -148,6 +148,7 @@ async function eventsPage() {
     h('label', {}, 'Source', field('source', h('select', { name: 'source' }, h('option', { value: '' }, 'all'),
       sources.items.map((s) => h('option', { value: s.name }, s.name))))),
     h('label', {}, 'Type', field('type', h('input', { name: 'type', placeholder: 'usage' }))),
+    h('label', {}, 'Body field', field('field', h('input', { name: 'field', placeholder: 'iccid=8945…', title: 'A field of the JSON body (keys separated by dots) and the value it must have' }))),
     h('label', {}, 'Status', field('status', h('select', { name: 'status' }, h('option', { value: '' }, 'all'),
       h('option', { value: 'queued' }, 'queued'), h('option', { value: 'processed' }, 'processed')))),
     h('label', {}, 'Routes', field('route_result', h('select', { name: 'route_result' }, h('option', { value: '' }, 'any'),
@@ -164,6 +165,12 @@ async function eventsPage() {
     const q = new URLSearchParams({ limit });
     if (filters.source) q.set('source', filters.source);
     if (filters.type) q.set('type', filters.type);
+    if (filters.field) {
+      // `data.iccid=8945…`: the field, and the value after the first `=`.
+      const at = filters.field.indexOf('=');
+      q.set('field', at < 0 ? filters.field : filters.field.slice(0, at));
+      q.set('equals', at < 0 ? '' : filters.field.slice(at + 1));
+    }
     if (filters.status) q.set('status', filters.status);
     if (filters.route_result) q.set('route_result', filters.route_result);
     if (filters.since) q.set('since', String(new Date(filters.since).getTime()));
@@ -308,7 +315,7 @@ async function routesPage() {
       const [src, plugin, dest] = [byName(sources), byName(plugins), byName(destinations)];
       const checks = (s) => [s && s.verify ? `signed (${s.verify.scheme})` : null,
         s && s.allow_ips && s.allow_ips.length ? 'IP allowlist' : null].filter(Boolean).join(', ') || 'not verified';
-      const showEvents = (source) => h('a', { href: '#/events', class: 'events', onclick: () => { Object.assign(filters, { source, type: '', status: '', route_result: '', since: '' }); } }, 'Events');
+      const showEvents = (source) => h('a', { href: '#/events', class: 'events', onclick: () => { Object.assign(filters, { source, type: '', field: '', status: '', route_result: '', since: '' }); } }, 'Events');
       box.replaceChildren(routes.items.length === 0 ? h('p', { class: 'muted' }, 'No routes: events are stored and go nowhere.') :
         h('table', { id: 'routes' },
           h('thead', {}, h('tr', {}, h('th', {}, 'Route'), h('th', {}, 'Source'), h('th', {}, 'Plugins'),
