@@ -865,8 +865,8 @@ impl Config {
 
     /// Checks the whole config; the error names the key, e.g. `routes[2].source`.
     /// The certificates in force, by the key naming each, and when each stops being valid:
-    /// `server.tls`'s and, as `delivery` says, those deliveries use (read at start only, so
-    /// `Dispatcher::certificates` has the ones in force).
+    /// `server.tls`'s and, as `delivery` says, those deliveries use
+    /// (`Dispatcher::certificates` has the ones in force).
     pub fn certificates<'a>(
         &'a self,
         delivery: &'a [(String, crate::edge::Validity)],

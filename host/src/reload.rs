@@ -144,6 +144,7 @@ impl Reloader {
 
     /// Makes `config` the one in force: routing, destinations and the config itself.
     async fn install(&self, config: Arc<Config>) {
+        self.dispatcher.set_transport(&config.delivery);
         let routing = Arc::new(Routing::from_config(&config));
         self.dispatcher
             .set_destinations(
@@ -195,12 +196,11 @@ impl Reloader {
         {
             tracing::warn!("server.listen and server.data_dir take effect at the next start only.");
         }
-        if config.delivery.ca_certificates != old.delivery.ca_certificates
-            || config.delivery.client_certificate != old.delivery.client_certificate
-            || config.delivery.proxy != old.delivery.proxy
+        if config.delivery.concurrency != old.delivery.concurrency
+            || config.delivery.destination_concurrency != old.delivery.destination_concurrency
         {
             tracing::warn!(
-                "delivery.ca_certificates, delivery.client_certificate and delivery.proxy take effect at the next start only."
+                "delivery.concurrency and delivery.destination_concurrency take effect at the next start only."
             );
         }
 
@@ -292,9 +292,10 @@ impl Reloader {
         }
     }
 
-    /// Watches the plugin directory, the config file and `server.tls`'s files, and reloads
-    /// after each burst of changes, until `stop`. The watch stays on the directories
-    /// watched at the start.
+    /// Watches the plugin directory, the config file and the certificate files
+    /// (`server.tls`, `delivery.client_certificate`, `delivery.ca_certificates`), and
+    /// reloads after each burst of changes, until `stop`. The watch stays on the
+    /// directories watched at the start.
     pub fn watch(
         self: Arc<Self>,
         stop: CancellationToken,
@@ -309,9 +310,14 @@ impl Reloader {
         if let Some(tls) = &config.server.tls {
             files.extend([tls.files.cert.clone(), tls.files.key.clone()]);
         }
+        if let Some(c) = &config.delivery.client_certificate {
+            files.extend([c.cert.clone(), c.key.clone()]);
+        }
+        files.extend(config.delivery.ca_certificates.iter().cloned());
+        let certificates = files.len() > usize::from(self.config_file().is_some());
         let names: HashSet<std::ffi::OsString> = (files.iter())
             .filter_map(|f| f.file_name().map(Into::into))
-            .chain(config.server.tls.is_some().then(|| "..data".into()))
+            .chain(certificates.then(|| "..data".into()))
             .collect();
         let relevant = move |path: &Path| {
             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
@@ -345,7 +351,7 @@ impl Reloader {
                 // is a convenience, and SIGHUP still reloads it.
                 Err(e) if i == 0 && self.config_file().is_some() => return Err(e.into()),
                 Err(e) => tracing::warn!(error = %e, dir = %dir.display(),
-                    "Cannot watch the directory of server.tls; after renewing the certificate, reload with SIGHUP or POST /v1/reload."),
+                    "Cannot watch a certificate's directory; after renewing it, reload with SIGHUP or POST /v1/reload."),
             }
         }
         Ok(tokio::spawn(async move {

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use base64::Engine as _;
 use hmac::Mac;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use crate::util::{Receiver, TestGateway};
 
@@ -489,6 +489,65 @@ async fn https_destinations_of_an_internal_ca_with_a_client_certificate() {
     ] {
         assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
     }
+    gw.shutdown().await.unwrap();
+}
+
+/// The delivery client follows a reload: a gateway whose deliveries to an internal CA's
+/// receiver fail (`UnknownIssuer`) trusts it, and presents its client certificate, once
+/// the config names them and is reloaded — no restart — and `/metrics` shows them.
+#[tokio::test(flavor = "multi_thread")]
+async fn delivery_certificates_apply_at_a_reload() {
+    let rx = Receiver::start().await;
+    let (url, seen) = tls_receiver().await;
+    let route = format!(
+        "[[sources]]\nname = \"s\"\n[[destinations]]\nname = \"internal\"\nurl = \"{url}/in\"\n\
+         [[routes]]\nsource = \"s\"\ndestinations = [\"internal\"]\n"
+    );
+    let gw = TestGateway::start_from_file(tempfile::tempdir().unwrap(), &route, &rx)
+        .await
+        .unwrap();
+    let id = gw.accept("s", "{}").await;
+    let e = gw
+        .wait_event(&id, |e| e["deliveries"][0]["status"] == "failed")
+        .await;
+    let error = e["deliveries"][0]["attempts"][0]["error"].to_string();
+    assert!(error.contains("UnknownIssuer"), "{error}");
+    assert!(!gw.metrics().await.contains("delivery.client_certificate"));
+
+    let file = gw.dir().join("switchyard.toml");
+    let text = std::fs::read_to_string(&file).unwrap().replacen(
+        "[delivery]\n",
+        &format!(
+            "[delivery]\nca_certificates = [\"{}\"]\nclient_certificate = {{ cert = \"{}\", key = \"{}\" }}\n",
+            tls_fixture("ca.pem").display(),
+            tls_fixture("client.pem").display(),
+            tls_fixture("client.key").display()
+        ),
+        1,
+    );
+    std::fs::write(&file, text).unwrap();
+    let (status, report) = gw.post_api("/v1/reload").await;
+    assert_eq!(
+        (status, &report["config"]),
+        (200, &json!("applied")),
+        "{report}"
+    );
+    let delivery = e["deliveries"][0]["id"].as_str().unwrap();
+    let (status, _) = gw
+        .post_api(&format!("/v1/deliveries/{delivery}/retry"))
+        .await;
+    assert_eq!(status, 202);
+    gw.wait_event(&id, |e| e["deliveries"][0]["status"] == "delivered")
+        .await;
+    let client = rustls::pki_types::pem::PemObject::from_pem_file(tls_fixture("client.pem"))
+        .map(|c: rustls::pki_types::CertificateDer<'static>| c.to_vec())
+        .unwrap();
+    assert_eq!(seen.lock().unwrap().clone(), vec![Some(client)]);
+    assert!(
+        (gw.metrics().await.lines()).any(|l| l.starts_with(
+            r#"switchyard_certificate_expiry_timestamp_seconds{certificate="delivery.client_certificate"}"#
+        ))
+    );
     gw.shutdown().await.unwrap();
 }
 

@@ -316,7 +316,7 @@ async fn a_plugin_failing_again_and_again_is_degraded_until_it_succeeds() {
         );
     }
     let (_, plugins) = gw.get("/v1/plugins").await;
-    assert_eq!(plugins["items"][0]["routes"], json!([0]));
+    assert_eq!(plugins["items"][0]["routes"], json!(["bad"]));
     let id = gw.accept("bad", r#"{"mode":"fine"}"#).await;
     gw.settled(&id).await;
     let (_, plugins) = gw.get("/v1/plugins").await;

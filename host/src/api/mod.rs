@@ -315,7 +315,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
         (d.name.clone(), current)
     });
     m.set_destination_states(states);
-    m.set_certificate_expiries(config.certificates(state.dispatcher.certificates()));
+    m.set_certificate_expiries(config.certificates(&state.dispatcher.certificates()));
     (
         [(
             axum::http::header::CONTENT_TYPE,

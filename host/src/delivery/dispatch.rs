@@ -99,10 +99,10 @@ pub struct TestOutcome {
 /// Sends due deliveries and keeps destination state.
 pub struct Dispatcher {
     store: Arc<dyn Store>,
-    client: reqwest::Client,
-    /// When the certificates `client` was built with stop being valid (read at start only).
-    certificates: Vec<(String, crate::edge::Validity)>,
-    lease: Duration,
+    /// How deliveries go out: swapped by a reload that changes it (`set_transport`).
+    transport: ArcSwap<Transport>,
+    /// `store.lease`: a claimed delivery is leased for `delivery.timeout` + this.
+    store_lease: Duration,
     destinations: ArcSwap<HashMap<String, Arc<Destination>>>,
     states: Mutex<HashMap<String, DestinationState>>,
     /// The rate limits' slots, by destination.
@@ -121,8 +121,6 @@ pub struct Dispatcher {
     /// waiting in a lane are bounded by the lane; the pipeline's are not counted: it has
     /// its own bound.)
     waiting: Arc<std::sync::atomic::AtomicUsize>,
-    /// `delivery.timeout`: an attempt is not started unless it can end within its lease.
-    timeout: Duration,
     /// See [`ORPHANED_AFTER`]; zero on a store only this gateway uses.
     orphaned_after: Duration,
     /// Destination states that attempts changed, in the order decided, for `write_states`.
@@ -136,27 +134,63 @@ pub struct Dispatcher {
     lane_freed: AtomicBool,
     attempts: TaskTracker,
     metrics: Arc<Metrics>,
-    guard: SsrfGuard,
     /// `delivery.notify_source` of the config in force.
     notify_source: ArcSwap<Option<String>>,
 }
 
-impl Dispatcher {
-    /// A dispatcher for these destinations, with their states as stored. A delivery it
-    /// claims is leased for `delivery.timeout` + `lease`.
-    pub async fn new(
-        store: Arc<dyn Store>,
-        config: &DeliveryConfig,
-        lease: Duration,
-        destinations: HashMap<String, Arc<Destination>>,
-        clock: Arc<dyn Clock>,
-        metrics: Arc<Metrics>,
-    ) -> anyhow::Result<Arc<Self>> {
+/// How deliveries go out, from `[delivery]`: the HTTP client (its timeout, the SSRF guard
+/// as its resolver, the trusted CAs, the client certificate, the proxy), the guard, and
+/// the lease a claim takes.
+struct Transport {
+    client: reqwest::Client,
+    guard: SsrfGuard,
+    /// `delivery.timeout`: an attempt is not started unless it can end within its lease.
+    timeout: Duration,
+    /// How long a claimed delivery is leased: `delivery.timeout` + `store.lease`.
+    lease: Duration,
+    /// When the certificates `client` was built with stop being valid.
+    certificates: Vec<(String, crate::edge::Validity)>,
+    settings: TransportSettings,
+}
+
+/// What a `Transport` is built from: a reload whose settings are equal builds nothing.
+#[derive(PartialEq)]
+struct TransportSettings {
+    timeout: Duration,
+    lease: Duration,
+    allowed_networks: Vec<ipnet::IpNet>,
+    proxy: Option<String>,
+    /// The certificate files' names and contents (`DeliveryTls::fingerprint`): a renewal
+    /// in place changes it.
+    tls: [u8; 32],
+}
+
+impl TransportSettings {
+    fn read(config: &DeliveryConfig, store_lease: Duration) -> anyhow::Result<Self> {
+        let tls = super::tls_settings(config)
+            .map_err(|(key, message)| anyhow::anyhow!("{key}: {message}"))?;
+        Ok(Self::of(config, store_lease, tls.fingerprint))
+    }
+
+    fn of(config: &DeliveryConfig, store_lease: Duration, tls: [u8; 32]) -> Self {
+        Self {
+            timeout: config.timeout,
+            lease: config.timeout + store_lease,
+            allowed_networks: config.allowed_networks.clone(),
+            proxy: config.proxy.clone(),
+            tls,
+        }
+    }
+}
+
+impl Transport {
+    fn build(config: &DeliveryConfig, store_lease: Duration) -> anyhow::Result<Self> {
         let mut guard = SsrfGuard::new(config.allowed_networks.clone());
         let super::DeliveryTls {
             roots,
             identity,
             validity: certificates,
+            fingerprint,
         } = super::tls_settings(config)
             .map_err(|(key, message)| anyhow::anyhow!("{key}: {message}"))?;
         // Proxies only as configured: one taken from the environment would move the SSRF
@@ -177,7 +211,29 @@ impl Dispatcher {
         if let Some(identity) = identity {
             client = client.identity(identity);
         }
-        let client = client.build()?;
+        Ok(Self {
+            client: client.build()?,
+            guard,
+            timeout: config.timeout,
+            lease: config.timeout + store_lease,
+            certificates,
+            settings: TransportSettings::of(config, store_lease, fingerprint),
+        })
+    }
+}
+
+impl Dispatcher {
+    /// A dispatcher for these destinations, with their states as stored. A delivery it
+    /// claims is leased for `delivery.timeout` + `lease`.
+    pub async fn new(
+        store: Arc<dyn Store>,
+        config: &DeliveryConfig,
+        lease: Duration,
+        destinations: HashMap<String, Arc<Destination>>,
+        clock: Arc<dyn Clock>,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Arc<Self>> {
+        let transport = Transport::build(config, lease)?;
         let states = store
             .destination_states()
             .await?
@@ -194,9 +250,8 @@ impl Dispatcher {
         };
         Ok(Arc::new(Self {
             store,
-            client,
-            certificates,
-            lease: config.timeout + lease,
+            transport: ArcSwap::from_pointee(transport),
+            store_lease: lease,
             destinations: ArcSwap::from_pointee(destinations),
             states: Mutex::new(states),
             pacers: Mutex::default(),
@@ -206,7 +261,6 @@ impl Dispatcher {
             lanes: Mutex::default(),
             destination_concurrency: config.destination_concurrency,
             waiting: Arc::default(),
-            timeout: config.timeout,
             orphaned_after,
             starved: AtomicBool::new(false),
             lane_freed: AtomicBool::new(false),
@@ -214,15 +268,42 @@ impl Dispatcher {
             state_writer: Mutex::new(Some((writer, writer_stop))),
             attempts: TaskTracker::new(),
             metrics,
-            guard,
             notify_source: ArcSwap::from_pointee(config.notify_source.clone()),
         }))
     }
 
-    /// The certificates deliveries use (`delivery.ca_certificates`,
+    /// The certificates deliveries use now (`delivery.ca_certificates`,
     /// `delivery.client_certificate`) by key, and when each stops being valid.
-    pub fn certificates(&self) -> &[(String, crate::edge::Validity)] {
-        &self.certificates
+    pub fn certificates(&self) -> Vec<(String, crate::edge::Validity)> {
+        self.transport.load().certificates.clone()
+    }
+
+    /// Builds the transport a reloaded `[delivery]` describes and swaps it in, unless it
+    /// is the one in force (same settings, same certificate files' contents); attempts
+    /// under way finish on the one they started with. What cannot be built (a file gone
+    /// since the config was validated) is logged and the transport in force stays.
+    pub fn set_transport(&self, config: &DeliveryConfig) {
+        let settings = match TransportSettings::read(config, self.store_lease) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "Cannot read the delivery settings; deliveries go on as before.");
+                return;
+            }
+        };
+        if settings == self.transport.load().settings {
+            return;
+        }
+        match Transport::build(config, self.store_lease) {
+            Ok(t) => {
+                self.transport.store(Arc::new(t));
+                tracing::info!(
+                    "Deliveries use the reloaded delivery settings (timeout, allowed networks, certificates, proxy)."
+                );
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "Cannot apply the reloaded delivery settings; deliveries go on as before.")
+            }
+        }
     }
 
     /// The delivery stage's time.
@@ -348,7 +429,7 @@ impl Dispatcher {
 
     /// Until when a delivery claimed now is leased.
     pub fn lease_until(&self, now: u64) -> u64 {
-        now + self.lease.as_millis() as u64
+        now + self.transport.load().lease.as_millis() as u64
     }
 
     /// Whether deliveries to `destination` may be sent now (it is ACTIVE).
@@ -549,7 +630,7 @@ impl Dispatcher {
                     || self.lane_freed.swap(false, Ordering::SeqCst))
             {
                 let now = self.clock.now_ms();
-                let lease_until = now + self.lease.as_millis() as u64;
+                let lease_until = self.lease_until(now);
                 // At most one lane's permits per claim: a lane with room fills past it by
                 // no more than that before the next claim leaves it out.
                 let limit = free.min(256).min(self.destination_concurrency);
@@ -636,7 +717,7 @@ impl Dispatcher {
         delivery_id = %d.id, destination = %d.destination, attempt = d.attempts + 1))]
     async fn attempt(&self, d: DueDelivery, permits: Permits) {
         let at = self.clock.now_ms();
-        if at + self.timeout.as_millis() as u64 > d.lease_until {
+        if at + self.transport.load().timeout.as_millis() as u64 > d.lease_until {
             // It waited for a permit for most of its lease (behind a destination that is
             // slow to answer): sent now, it might still be on its way when another claim
             // takes it. Left to that claim instead, once the lease runs out.
@@ -856,16 +937,17 @@ impl Dispatcher {
             }
         }
         let started = Instant::now();
+        let transport = self.transport.load_full();
         // Parsed once, for the guard and the request.
         let request = match reqwest::Url::parse(url) {
             Ok(parsed) => {
-                if let Err(refused) = self.guard.check_destination(&parsed).await {
+                if let Err(refused) = transport.guard.check_destination(&parsed).await {
                     return (None, None, None, Some(refused), 0);
                 }
-                self.client.post(parsed)
+                transport.client.post(parsed)
             }
             // The request itself reports the bad URL.
-            Err(_) => self.client.post(url),
+            Err(_) => transport.client.post(url),
         };
         let result = request.headers(map).body(body).send().await;
         let outcome = match result {

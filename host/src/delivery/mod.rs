@@ -79,19 +79,28 @@ pub struct DeliveryTls {
     /// When each file's certificates stop being valid, by the key that names it
     /// (`delivery.ca_certificates[0]`, `delivery.client_certificate`).
     pub validity: Vec<(String, crate::edge::Validity)>,
+    /// A SHA-256 of the files' names and contents: it changes when one is renewed.
+    pub fingerprint: [u8; 32],
 }
 
 /// Reads `DeliveryTls` from the files the config names. An error names the key.
 pub fn tls_settings(config: &DeliveryConfig) -> Result<DeliveryTls, (String, String)> {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
+    use sha2::Digest as _;
+    let fingerprint = std::cell::RefCell::new(sha2::Sha256::new());
     let read = |key: &str, path: &std::path::Path| {
-        std::fs::read(path).map_err(|e| {
+        let bytes = std::fs::read(path).map_err(|e| {
             (
                 key.to_string(),
                 format!("cannot read {}: {e}", path.display()),
             )
-        })
+        })?;
+        let mut f = fingerprint.borrow_mut();
+        f.update(path.as_os_str().as_encoded_bytes());
+        f.update((bytes.len() as u64).to_le_bytes());
+        f.update(&bytes);
+        Ok::<_, (String, String)>(bytes)
     };
     // The validity of a PEM file's certificates (read again here: reqwest's certificates
     // do not show theirs).
@@ -112,6 +121,7 @@ pub fn tls_settings(config: &DeliveryConfig) -> Result<DeliveryTls, (String, Str
         roots: Vec::new(),
         identity: None,
         validity: Vec::new(),
+        fingerprint: [0; 32],
     };
     for (i, path) in config.ca_certificates.iter().enumerate() {
         let key = format!("delivery.ca_certificates[{i}]");
@@ -139,6 +149,7 @@ pub fn tls_settings(config: &DeliveryConfig) -> Result<DeliveryTls, (String, Str
         })?;
         tls.identity = Some(identity);
     }
+    tls.fingerprint = fingerprint.into_inner().finalize().into();
     Ok(tls)
 }
 

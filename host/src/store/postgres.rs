@@ -1561,8 +1561,9 @@ mod tests {
             .await
             .unwrap();
         let none: Option<&str> = None;
+        let no_path: Option<Vec<String>> = None;
         let list = |by_source, dead| {
-            let client = &client;
+            let (client, no_path) = (&client, &no_path);
             async move {
                 let sql = list_events_sql(by_source, dead);
                 let source = by_source.then_some("s7");
@@ -1580,6 +1581,8 @@ mod tests {
                         &"",
                         &50i64,
                         &result,
+                        &no_path,
+                        &none,
                     ],
                 )
                 .await
