@@ -439,6 +439,26 @@ fn tls_fixture(name: &str) -> std::path::PathBuf {
         .join(name)
 }
 
+/// Source `s` routed to destination `internal` at `url`.
+fn internal_route(url: &str) -> String {
+    format!(
+        "[[sources]]\nname = \"s\"\n[[destinations]]\nname = \"internal\"\nurl = \"{url}/in\"\n\
+         [[routes]]\nsource = \"s\"\ndestinations = [\"internal\"]\n"
+    )
+}
+
+/// Posts an event to `s` and waits for its delivery to fail because the gateway does not
+/// know the receiver's CA: the event's id and record.
+async fn refused_as_unknown_issuer(gw: &TestGateway) -> (String, Value) {
+    let id = gw.accept("s", "{}").await;
+    let e = gw
+        .wait_event(&id, |e| e["deliveries"][0]["status"] == "failed")
+        .await;
+    let error = e["deliveries"][0]["attempts"][0]["error"].to_string();
+    assert!(error.contains("UnknownIssuer"), "{error}");
+    (id, e)
+}
+
 /// HTTPS destinations signed by an internal CA: refused (the attempt names the unknown
 /// issuer) until `delivery.ca_certificates` lists the CA; with
 /// `delivery.client_certificate`, deliveries present that certificate (mutual TLS);
@@ -447,18 +467,10 @@ fn tls_fixture(name: &str) -> std::path::PathBuf {
 async fn https_destinations_of_an_internal_ca_with_a_client_certificate() {
     let rx = Receiver::start().await;
     let (url, seen) = tls_receiver().await;
-    let route = format!(
-        "[[sources]]\nname = \"s\"\n[[destinations]]\nname = \"internal\"\nurl = \"{url}/in\"\n\
-         [[routes]]\nsource = \"s\"\ndestinations = [\"internal\"]\n"
-    );
+    let route = internal_route(&url);
 
     let gw = TestGateway::start(&route, &rx, &[]).await;
-    let id = gw.accept("s", "{}").await;
-    let e = gw
-        .wait_event(&id, |e| e["deliveries"][0]["status"] == "failed")
-        .await;
-    let error = e["deliveries"][0]["attempts"][0]["error"].to_string();
-    assert!(error.contains("UnknownIssuer"), "{error}");
+    refused_as_unknown_issuer(&gw).await;
     assert!(seen.lock().unwrap().is_empty());
     gw.shutdown().await.unwrap();
 
@@ -499,19 +511,11 @@ async fn https_destinations_of_an_internal_ca_with_a_client_certificate() {
 async fn delivery_certificates_apply_at_a_reload() {
     let rx = Receiver::start().await;
     let (url, seen) = tls_receiver().await;
-    let route = format!(
-        "[[sources]]\nname = \"s\"\n[[destinations]]\nname = \"internal\"\nurl = \"{url}/in\"\n\
-         [[routes]]\nsource = \"s\"\ndestinations = [\"internal\"]\n"
-    );
+    let route = internal_route(&url);
     let gw = TestGateway::start_from_file(tempfile::tempdir().unwrap(), &route, &rx)
         .await
         .unwrap();
-    let id = gw.accept("s", "{}").await;
-    let e = gw
-        .wait_event(&id, |e| e["deliveries"][0]["status"] == "failed")
-        .await;
-    let error = e["deliveries"][0]["attempts"][0]["error"].to_string();
-    assert!(error.contains("UnknownIssuer"), "{error}");
+    let (id, e) = refused_as_unknown_issuer(&gw).await;
     assert!(!gw.metrics().await.contains("delivery.client_certificate"));
 
     let file = gw.dir().join("switchyard.toml");
