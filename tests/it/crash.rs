@@ -141,7 +141,8 @@ destinations = ["sink"]
 
 /// `switchyard backup` copies the embedded store while the gateway runs and delivers; a
 /// gateway started on that copy elsewhere has every event and sends the deliveries that
-/// were still pending — to a destination that was failing when the copy was made.
+/// were still pending — to a destination that was failing when the copy was made. The
+/// copy, like the data dir the gateway made, is its owner's alone.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_backup_taken_while_running_restores_every_event_and_pending_delivery() {
     let (rx, later) = (Receiver::start().await, Receiver::start().await);
@@ -239,6 +240,12 @@ destinations = ["up", "later"]
         mode & 0o777,
         0o600,
         "payloads and secrets: its owner's alone"
+    );
+    let data = std::fs::metadata(dir.path().join("data")).unwrap();
+    assert_eq!(
+        data.permissions().mode() & 0o777,
+        0o700,
+        "so is the data dir it made"
     );
     // Never over an existing file (here named by its data dir rather than its config).
     let again = std::process::Command::new(crate::util::switchyard_bin())

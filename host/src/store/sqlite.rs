@@ -301,7 +301,13 @@ impl SqliteStore {
     /// Opens (creating if needed) `switchyard.db` in `data_dir`, migrates it, and queues
     /// the events that were accepted but not processed before the last stop.
     pub fn open(data_dir: &Path, capacity: usize) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(data_dir)
+        // A data dir made here is its owner's alone: the store holds the events' payloads
+        // and the secrets of objects made through the API. (One that exists is left as is.)
+        let mut dir = std::fs::DirBuilder::new();
+        dir.recursive(true);
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut dir, 0o700);
+        dir.create(data_dir)
             .map_err(|e| StoreError::Db(format!("cannot create {}: {e}", data_dir.display())))?;
         let path = data_dir.join("switchyard.db");
         let writer = Connection::open(&path)?;
