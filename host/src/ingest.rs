@@ -54,10 +54,14 @@ pub async fn ingest(
     } else {
         "unknown".to_string()
     };
+    let started = std::time::Instant::now();
     let result = accept(&state, peer, source, method, uri, headers, body).await;
     let outcome = match &result {
         Ok((StatusCode::OK, _)) => "duplicate",
-        Ok(_) => "accepted",
+        Ok(_) => {
+            (state.metrics).accepted_after(&label, started.elapsed().as_secs_f64());
+            "accepted"
+        }
         Err(ApiError::NotFound(_)) => "rejected_unknown_source",
         Err(ApiError::PayloadTooLarge(_)) => "rejected_too_large",
         Err(ApiError::RequestTimeout(_)) => "rejected_timeout",

@@ -84,6 +84,10 @@ destinations = ["ok", "bad"]
         get(r#"switchyard_events_received_total{source="s",result="duplicate"}"#),
         1.0
     );
+    // The six accepted took some time each, all of it well under a second here.
+    assert_eq!(get(r#"switchyard_ingest_seconds_count{source="s"}"#), 6.0);
+    let accepting = get(r#"switchyard_ingest_seconds_sum{source="s"}"#);
+    assert!(accepting > 0.0 && accepting < 6.0, "{accepting}");
     assert_eq!(
         get(
             r#"switchyard_events_received_total{source="unknown",result="rejected_unknown_source"}"#
