@@ -53,9 +53,11 @@ enum Command {
         #[command(subcommand)]
         command: PluginCommand,
     },
-    /// Copy the embedded store to a new file while the gateway runs: a consistent,
-    /// checked snapshot (to restore it, stop the gateway and put it in the data dir as
-    /// switchyard.db, without the old switchyard.db-wal and -shm).
+    /// Copy the embedded store to a new file while the gateway runs.
+    ///
+    /// A consistent, checked snapshot, readable by its owner alone. To restore it: stop
+    /// the gateway, remove switchyard.db, switchyard.db-wal and switchyard.db-shm from the
+    /// data dir, copy the backup in as switchyard.db, start.
     Backup {
         /// The gateway's config file (for its data dir and store).
         #[arg(long, short, default_value = "switchyard.toml")]
