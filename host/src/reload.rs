@@ -142,7 +142,8 @@ impl Reloader {
         Ok(config)
     }
 
-    /// Makes `config` the one in force: routing, destinations and the config itself.
+    /// Makes `config` the one in force: the delivery transport (if it changed), routing,
+    /// destinations and the config itself.
     async fn install(&self, config: Arc<Config>) {
         self.dispatcher.set_transport(&config.delivery);
         let routing = Arc::new(Routing::from_config(&config));
