@@ -9,7 +9,10 @@ package) for `--seconds` with 32 connections, as fast as the gateway accepts the
 prints the rate accepted, the gateway's resident memory once posting stops, and its CPU
 time and the deliveries made over the next 10 s, while the backlog drains at the sink's
 pace (`delivery.destination_concurrency` / `--delay` per destination), and how long it
-takes to stop on SIGTERM (killed after 60 s). Loopback only; stops by itself.
+takes to stop on SIGTERM (killed after 60 s). Meanwhile, in those 10 s, it posts an
+event every 20 ms to a second source routed to a destination that answers at once, and
+prints how long those took from ingest to delivery: what one destination's backlog does
+to the others'. Loopback only; stops by itself.
 
     python3 host/benches/backlog.py                   # one slow destination
     python3 host/benches/backlog.py --destinations 2  # two: the dispatcher's permits run out
@@ -17,6 +20,7 @@ takes to stop on SIGTERM (killed after 60 s). Loopback only; stops by itself.
 
 import argparse
 import asyncio
+import http.client
 import pathlib
 import re
 import subprocess
@@ -29,16 +33,20 @@ from gateway_proc import free_port, cpu_seconds, rss_mib, start_gateway, wrk_pos
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-def slow_sink(port, delay, served):
+def slow_sink(port, delay, served, arrived):
+    """Answers each request after `delay` s, or at once under /fast, where it notes when
+    each event (its body the number it was sent with) arrived."""
     async def handle(reader, writer):
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
                 length = re.search(rb"(?i)content-length:\s*(\d+)", head)
-                if length:
-                    await reader.readexactly(int(length.group(1)))
-                await asyncio.sleep(delay)
-                served[0] += 1
+                body = await reader.readexactly(int(length.group(1))) if length else b""
+                if head.startswith(b"POST /fast"):
+                    arrived[int(body)] = time.monotonic()
+                else:
+                    await asyncio.sleep(delay)
+                    served[0] += 1
                 writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -60,8 +68,9 @@ def main():
     ap.add_argument("--binary", default=ROOT / "target/release/switchyard")
     args = ap.parse_args()
 
-    sink_port, port, served = free_port(), free_port(), [0]
-    threading.Thread(target=slow_sink, args=(sink_port, args.delay, served), daemon=True).start()
+    sink_port, port, served, arrived = free_port(), free_port(), [0], {}
+    threading.Thread(target=slow_sink, args=(sink_port, args.delay, served, arrived),
+                     daemon=True).start()
     names = [f"slow{i}" for i in range(args.destinations)]
     destinations = "".join(
         f'[[destinations]]\nname = "{n}"\nurl = "http://127.0.0.1:{sink_port}/{n}"\n'
@@ -81,6 +90,14 @@ name = "s"
 [[routes]]
 source = "s"
 destinations = {names!r}
+[[sources]]
+name = "f"
+[[destinations]]
+name = "fast"
+url = "http://127.0.0.1:{sink_port}/fast"
+[[routes]]
+source = "f"
+destinations = ["fast"]
 """.replace("'", '"'))
         gateway = start_gateway(args.binary, config, port)
         try:
@@ -88,8 +105,9 @@ destinations = {names!r}
             time.sleep(1)
             rss = rss_mib(gateway.pid)
             cpu, sent = cpu_seconds(gateway.pid), served[0]
-            time.sleep(10)
+            posted = probe(port, 10, 0.02)
             cpu, sent = cpu_seconds(gateway.pid) - cpu, served[0] - sent
+            time.sleep(1)
         finally:
             gateway.terminate()
             try:
@@ -104,6 +122,30 @@ destinations = {names!r}
           f"accepted {rate:,.0f} events/s for {args.seconds} s; "
           f"resident memory then {rss:,.0f} MiB; over the next 10 s "
           f"{sent} deliveries and {cpu:.2f} s of gateway CPU; {stop}")
+    late = sorted(arrived.get(n, float("inf")) - at for n, at in posted.items())
+    if late:
+        pick = lambda q: late[min(len(late) - 1, int(q * len(late)))] * 1000
+        print(f"meanwhile {len(late)} events to a destination answering at once: "
+              f"{sum(x != float('inf') for x in late)} delivered, ingest to delivery "
+              f"p50 {pick(0.5):.1f} ms, p99 {pick(0.99):.1f} ms, max {late[-1] * 1000:.1f} ms")
+
+
+def probe(port, seconds, every):
+    """Posts an event (its body a number) to source `f` every `every` s for `seconds`, one
+    at a time on one connection; returns when each was sent, by number."""
+    sent, conn = {}, http.client.HTTPConnection("127.0.0.1", port)
+    start = time.monotonic()
+    for n in range(int(seconds / every)):
+        time.sleep(max(0.0, start + n * every - time.monotonic()))
+        sent[n] = time.monotonic()
+        conn.request("POST", "/v1/ingest/f", body=str(n),
+                     headers={"Content-Type": "application/json"})
+        reply = conn.getresponse()
+        reply.read()
+        if reply.status != 202:
+            del sent[n]
+    conn.close()
+    return sent
 
 
 if __name__ == "__main__":

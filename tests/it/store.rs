@@ -182,12 +182,12 @@ async fn conformance(open: Reopen) {
     let elsewhere = ClaimScope {
         known: Some(vec!["fleet".into()]),
         orphaned_after_ms: 5_000,
-        busy: Vec::new(),
+        ..ClaimScope::any()
     };
     let here = ClaimScope {
         known: Some(vec!["archive".into()]),
         orphaned_after_ms: 5_000,
-        busy: Vec::new(),
+        ..ClaimScope::any()
     };
     assert!(
         store
@@ -207,7 +207,7 @@ async fn conformance(open: Reopen) {
 
     // A destination whose lane is full is left out of claims and of the next due time.
     let archive_busy = ClaimScope {
-        busy: vec!["archive".into()],
+        room: [("archive".to_string(), 0)].into(),
         ..ClaimScope::any()
     };
     assert!(
@@ -1087,6 +1087,98 @@ async fn queue_is_bounded_in_bytes(store: Arc<dyn Store>) {
     assert!(store.replay("b0").await.unwrap());
     let again = store.next_event().await.unwrap();
     assert_eq!((again.id.as_str(), again.run), ("b0", 1));
+}
+
+/// Claims go destination by destination: each takes at most its room, the earliest due of
+/// all are kept up to the limit, and a destination with no room is left out — however many
+/// of its deliveries are due before the others'.
+async fn claims_take_each_destination_up_to_its_room(store: Arc<dyn Store>) {
+    // 40 deliveries to "slow", due first; then a, b, a, b, ... (ids by due time).
+    let mut n = 0u64;
+    let mut add = |store: Arc<dyn Store>, destination: &'static str| {
+        n += 1;
+        let at = 10_000 + n;
+        async move {
+            let e = event(&format!("e{at}"), "s", at, "{}");
+            store.insert_event(e.clone(), None).await.unwrap();
+            let id = format!("{destination}{at}");
+            (store.complete_event(
+                &e,
+                vec![outcome(1)],
+                vec![delivery(&id, destination, None)],
+                at,
+            ))
+            .await
+            .unwrap();
+        }
+    };
+    for _ in 0..40 {
+        add(store.clone(), "slow").await;
+    }
+    for _ in 0..3 {
+        add(store.clone(), "a").await;
+        add(store.clone(), "b").await;
+    }
+    let ids = |due: &[switchyard::store::DueDelivery]| {
+        let mut ids: Vec<String> = due.iter().map(|d| d.id.clone()).collect();
+        ids.sort();
+        ids
+    };
+    let room = |pairs: &[(&str, usize)]| ClaimScope {
+        room: pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        ..ClaimScope::any()
+    };
+
+    // "slow" has no room: its 40 are skipped, not walked past; "a" may take one.
+    let scope = room(&[("slow", 0), ("a", 1)]);
+    assert_eq!(
+        store.next_due_at(20_000, &scope).await.unwrap(),
+        Some(10_041)
+    );
+    let due = store.claim_due(20_000, 30_000, 3, &scope).await.unwrap();
+    assert_eq!(ids(&due), ["a10041", "b10042", "b10044"]);
+    // The limit keeps the earliest due of every destination's.
+    let due = (store.claim_due(20_000, 30_000, 2, &room(&[("slow", 0)])))
+        .await
+        .unwrap();
+    assert_eq!(ids(&due), ["a10043", "a10045"]);
+    // Nothing left but "slow"'s and one of "b"'s, which has no room now.
+    let scope = room(&[("slow", 0), ("b", 0)]);
+    assert!(
+        store
+            .claim_due(20_000, 30_000, 10, &scope)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(store.next_due_at(20_000, &scope).await.unwrap(), None);
+    // Given room, "slow" goes first: it was due first.
+    let due = (store.claim_due(20_000, 30_000, 3, &ClaimScope::any()))
+        .await
+        .unwrap();
+    assert_eq!(ids(&due), ["slow10001", "slow10002", "slow10003"]);
+    let due = (store.claim_due(20_000, 30_000, 100, &room(&[("slow", 5)])))
+        .await
+        .unwrap();
+    assert_eq!(due.len(), 6, "five of slow's and b's last: {:?}", ids(&due));
+    assert!(due.iter().any(|d| d.id == "b10046"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sqlite_claims_take_each_destination_up_to_its_room() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path(), 100).unwrap();
+    claims_take_each_destination_up_to_its_room(Arc::new(store)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_claims_take_each_destination_up_to_its_room() {
+    let Some(server) = PgServer::start() else {
+        return;
+    };
+    let url = server.database("room");
+    let store = PgStore::open(&url, 100, LEASE).await.unwrap();
+    claims_take_each_destination_up_to_its_room(Arc::new(store)).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

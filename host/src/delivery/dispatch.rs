@@ -130,8 +130,6 @@ pub struct Dispatcher {
     /// The last claim may have left due deliveries behind (no permits, or a full batch):
     /// a finished attempt wakes the loop.
     starved: AtomicBool,
-    /// A full lane has room again since the loop last looked.
-    lane_freed: AtomicBool,
     attempts: TaskTracker,
     metrics: Arc<Metrics>,
     /// `delivery.notify_source` of the config in force.
@@ -263,7 +261,6 @@ impl Dispatcher {
             waiting: Arc::default(),
             orphaned_after,
             starved: AtomicBool::new(false),
-            lane_freed: AtomicBool::new(false),
             state_changes,
             state_writer: Mutex::new(Some((writer, writer_stop))),
             attempts: TaskTracker::new(),
@@ -508,10 +505,10 @@ impl Dispatcher {
             _destination: for_destination,
         };
         self.attempt(d, permits).await;
-        // Only the place that takes the lane below full wakes the loop: while a claim's
-        // overshoot drains, its destination stays left out and the loop asleep.
-        if held.leave() == self.lane_room() {
-            self.lane_freed.store(true, Ordering::SeqCst);
+        // The place that leaves the lane half full wakes the loop to claim the next half
+        // of a backlog in the store: a claim per `destination_concurrency` deliveries, and
+        // all of them waiting no longer than one attempt's time.
+        if held.leave() == self.destination_concurrency + 1 {
             self.wake();
         }
     }
@@ -529,13 +526,15 @@ impl Dispatcher {
         lane
     }
 
-    /// The destinations whose lanes are full.
-    fn busy(&self) -> Vec<String> {
+    /// How many more attempts each lane in use can hold.
+    fn lanes_room(&self) -> HashMap<String, usize> {
         let room = self.lane_room();
         (self.lanes.lock().unwrap_or_else(|e| e.into_inner()))
             .iter()
-            .filter(|(_, lane)| lane.held.load(Ordering::SeqCst) >= room)
-            .map(|(name, _)| name.clone())
+            .map(|(name, lane)| {
+                let held = lane.held.load(Ordering::SeqCst);
+                (name.clone(), room.saturating_sub(held))
+            })
             .collect()
     }
 
@@ -562,19 +561,20 @@ impl Dispatcher {
     }
 
     /// Which deliveries this dispatcher claims: all, on a store only it uses; on a shared
-    /// one, those to its destinations, and those to others once orphaned.
+    /// one, those to its destinations, and those to others once orphaned; of each
+    /// destination, as many as its lane has room for.
     fn claim_scope(&self) -> ClaimScope {
-        let busy = self.busy();
+        let room = self.lanes_room();
         if self.orphaned_after.is_zero() {
             return ClaimScope {
-                busy,
+                room,
                 ..ClaimScope::any()
             };
         }
         ClaimScope {
             known: Some(self.destinations.load().keys().cloned().collect()),
             orphaned_after_ms: self.orphaned_after.as_millis() as u64,
-            busy,
+            room,
         }
     }
 
@@ -605,10 +605,6 @@ impl Dispatcher {
     /// not reach, stay in the store.
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
         let mut drain_until: Option<u64> = None;
-        // When a claim last walked past a full lane's due deliveries to the end (finding
-        // fewer than it could take): such a walk grows with that lane's backlog, so until
-        // `IDLE_POLL` has passed, the loop claims again only for a lane that has room.
-        let mut walked_past: Option<Instant> = None;
         loop {
             let free = (self.permits.available_permits())
                 .saturating_sub(self.waiting.load(Ordering::SeqCst));
@@ -621,38 +617,23 @@ impl Dispatcher {
             // Stopping, nothing is claimed after the grace period (a slow destination's
             // backlog stays in the store for the next start).
             let draining = drain_until.is_none_or(|until| self.clock.now_ms() <= until);
-            let scope = self.claim_scope();
-            let walked_lately = walked_past.is_some_and(|at| at.elapsed() < IDLE_POLL);
-            if free > 0
-                && draining
-                && (scope.busy.is_empty()
-                    || !walked_lately
-                    || self.lane_freed.swap(false, Ordering::SeqCst))
-            {
+            if free > 0 && draining {
                 let now = self.clock.now_ms();
                 let lease_until = self.lease_until(now);
-                // At most one lane's permits per claim: a lane with room fills past it by
-                // no more than that before the next claim leaves it out.
-                let limit = free.min(256).min(self.destination_concurrency);
+                // Each destination takes at most its lane's room (see `claim_scope`); one
+                // whose lane this instance has not used yet, at most a lane's room too.
+                let limit = free.min(256).min(self.lane_room());
+                let scope = self.claim_scope();
                 match self.store.claim_due(now, lease_until, limit, &scope).await {
                     Ok(due) => {
-                        let took_all = due.len() == limit;
-                        if !took_all && !scope.busy.is_empty() {
-                            walked_past = Some(Instant::now());
-                        }
+                        // It took all it could: more may be due.
+                        more = due.len() == limit;
                         for d in due {
                             let held = Held::enter(&self.lane(&d.destination));
                             self.spawn_attempt(d, held, Some(Waiting::new(&self.waiting)));
                         }
-                        // It took all it could: more may be due — unless it filled a lane,
-                        // when the next claim would walk past that lane's due deliveries
-                        // for the others'; those wait for the next wake or poll.
-                        more = took_all && self.busy().len() == scope.busy.len();
                     }
-                    Err(e) => {
-                        tracing::error!(error = %e, "Cannot claim due deliveries.");
-                        walked_past = Some(Instant::now());
-                    }
+                    Err(e) => tracing::error!(error = %e, "Cannot claim due deliveries."),
                 }
             }
             if more {
@@ -678,22 +659,19 @@ impl Dispatcher {
                     _ => break,
                 }
             }
-            let scope = self.claim_scope();
-            let wait = if scope.busy.is_empty() {
-                match self.store.next_due_at(self.clock.now_ms(), &scope).await {
+            let wait = if free == 0 {
+                // Out of permits: an attempt that ends wakes the loop.
+                IDLE_POLL
+            } else {
+                match (self.store)
+                    .next_due_at(self.clock.now_ms(), &self.claim_scope())
+                    .await
+                {
                     Ok(Some(at)) => {
                         Duration::from_millis(at.saturating_sub(self.clock.now_ms())).min(IDLE_POLL)
                     }
                     _ => IDLE_POLL,
                 }
-            } else if free == 0 {
-                // Out of permits: an attempt that ends wakes the loop.
-                IDLE_POLL
-            } else {
-                // A lane is full: finding what else is due walks past its backlog, so it is
-                // done once per `IDLE_POLL`, however often the lane wakes the loop to
-                // claim its own next deliveries when it has room.
-                walked_past.map_or(Duration::ZERO, |at| IDLE_POLL.saturating_sub(at.elapsed()))
             };
             tokio::select! {
                 _ = self.wake.notified() => {}

@@ -8,6 +8,7 @@
 mod postgres;
 mod sqlite;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -826,37 +827,57 @@ pub fn body_from_event(event: &Event, delivery: &NewDelivery) -> bool {
     !delivery.body.is_empty() && delivery.body == event.body.0
 }
 
-/// Which pending deliveries a dispatcher may claim, by destination. On a shared store
-/// another instance may know a destination this one does not (its config file is newer or
-/// older, as in a rolling deploy): deliveries to destinations outside `known` are left to
-/// the instances that know them, and taken here (to be failed as no longer configured)
-/// only once they have been due for `orphaned_after_ms` with no one taking them.
+/// Which pending deliveries a dispatcher may claim, by destination, and how many of each.
+/// On a shared store another instance may know a destination this one does not (its
+/// config file is newer or older, as in a rolling deploy): deliveries to destinations
+/// outside `known` are left to the instances that know them, and taken here (to be failed
+/// as no longer configured) only once they have been due for `orphaned_after_ms` with no
+/// one taking them.
+///
+/// The stores claim destination by destination (each destination's due deliveries in the
+/// order of an index on (destination, due time), at most its `room`), then keep the
+/// earliest due up to the claim's limit: a destination with a long backlog and no room is
+/// skipped with one index probe, instead of being walked past.
 #[derive(Clone, Debug, Default)]
 pub struct ClaimScope {
     /// The destinations this instance sends to; `None`: every destination.
     pub known: Option<Vec<String>>,
     /// How long a delivery to a destination outside `known` waits for another instance.
     pub orphaned_after_ms: u64,
-    /// Destinations that have as many attempts under way here as they may: their due
-    /// deliveries are left to a later claim, so the claim (and the next due time) reaches
-    /// the other destinations' instead of waiting behind them.
-    pub busy: Vec<String>,
+    /// Destinations that may take fewer deliveries than the claim's limit: how many more
+    /// attempts their lanes here can hold (0: none, left out of the claim and of the next
+    /// due time).
+    pub room: HashMap<String, usize>,
 }
 
 impl ClaimScope {
-    /// Every destination, at once.
+    /// Every destination, at once, as many as the claim takes.
     pub fn any() -> Self {
         Self::default()
     }
 
-    /// `known` as JSON text (`null` for every destination), for SQL.
-    fn known_json(&self) -> String {
-        serde_json::to_string(&self.known).unwrap_or_else(|_| "null".into())
+    /// How many of `destination`'s deliveries a claim of `limit` may take.
+    pub fn room_for(&self, destination: &str, limit: usize) -> usize {
+        self.room
+            .get(destination)
+            .map_or(limit, |r| (*r).min(limit))
     }
 
-    /// `busy` as a JSON array, for SQL.
-    fn busy_json(&self) -> String {
-        serde_json::to_string(&self.busy).unwrap_or_else(|_| "[]".into())
+    /// How long after its due time a delivery to `destination` is claimable here: at once,
+    /// or, for a destination this instance does not know, once orphaned.
+    pub fn wait_for(&self, destination: &str) -> u64 {
+        match &self.known {
+            Some(known) if !known.iter().any(|k| k == destination) => self.orphaned_after_ms,
+            _ => 0,
+        }
+    }
+
+    /// `room` as two arrays (names, and how many each), for SQL.
+    pub fn room_arrays(&self) -> (Vec<String>, Vec<i64>) {
+        self.room
+            .iter()
+            .map(|(k, v)| (k.clone(), *v as i64))
+            .unzip()
     }
 }
 

@@ -169,6 +169,11 @@ const SCHEMA: &[&str] = &[
         RETURN NULL;
     END;
     $$ LANGUAGE plpgsql IMMUTABLE;"#,
+    // 12: as SQLite's version 12 — pending deliveries by destination and due time, in
+    // place of due time alone: claims go destination by destination.
+    "DROP INDEX deliveries_due;
+     CREATE INDEX deliveries_destination_due ON deliveries (destination, next_attempt_at)
+         WHERE status = 'pending';",
 ];
 
 /// `Store::list_events` (see SQLite's `list_events_sql`): by `events_source` when a source
@@ -734,43 +739,69 @@ fn json<T: Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_else(|_| "null".into())
 }
 
-/// `Store::claim_due`: the first due deliveries in the order of `deliveries_due`.
-const CLAIM_DUE: &str = "UPDATE deliveries SET lease_until = $1
+/// The destinations with pending deliveries, by a skip-scan of
+/// `deliveries_destination_due` (one probe each), as SQLite's `PENDING_DESTINATIONS`.
+macro_rules! pending_destinations {
+    () => {
+        "WITH RECURSIVE dest(name) AS (
+            SELECT MIN(destination) FROM deliveries WHERE status = 'pending'
+            UNION ALL
+            SELECT (SELECT MIN(destination) FROM deliveries
+                    WHERE status = 'pending' AND destination > dest.name)
+            FROM dest WHERE dest.name IS NOT NULL)"
+    };
+}
+
+/// `Store::claim_due` (see `ClaimScope`): each ACTIVE destination's first due deliveries
+/// in the order of `deliveries_destination_due` — due by $2, or by $5 for one outside the
+/// known ($4, NULL: all), at most its room ($6 names, $7 counts; else the limit $3) —
+/// then the earliest $3 of them all, leased until $1.
+const CLAIM_DUE: &str = concat!(
+    "UPDATE deliveries SET lease_until = $1
     WHERE seq IN (
-        SELECT d.seq FROM deliveries d
-        LEFT JOIN destination_state s ON s.name = d.destination
-        WHERE d.status = 'pending' AND d.next_attempt_at <= $2
-          AND (d.lease_until IS NULL OR d.lease_until < $2)
-          AND (s.state IS NULL OR s.state = 'active')
-          AND ($4::text[] IS NULL OR d.next_attempt_at <= $5
-               OR d.destination = ANY($4::text[]))
-          AND NOT d.destination = ANY($6::text[])
-        ORDER BY d.next_attempt_at LIMIT $3
-        FOR UPDATE OF d SKIP LOCKED)
+        SELECT due.seq FROM (",
+    pending_destinations!(),
+    "
+            SELECT x.seq, x.next_attempt_at FROM dest
+            CROSS JOIN LATERAL (
+                SELECT d.seq, d.next_attempt_at FROM deliveries d
+                WHERE d.destination = dest.name AND d.status = 'pending'
+                  AND d.next_attempt_at <= CASE WHEN $4::text[] IS NULL
+                      OR dest.name = ANY($4::text[]) THEN $2::int8 ELSE $5::int8 END
+                  AND (d.lease_until IS NULL OR d.lease_until < $2)
+                ORDER BY d.next_attempt_at
+                LIMIT COALESCE((SELECT r.n FROM unnest($6::text[], $7::int8[]) AS r(name, n)
+                                WHERE r.name = dest.name), $3::int8)
+                FOR UPDATE OF d SKIP LOCKED) x
+            WHERE dest.name IS NOT NULL
+              AND NOT EXISTS (SELECT 1 FROM destination_state s
+                              WHERE s.name = dest.name AND s.state != 'active')
+        ) due
+        ORDER BY due.next_attempt_at LIMIT $3)
     RETURNING id, event_id, destination, url, headers,
               CASE WHEN body_from_event THEN (SELECT e.body FROM events e WHERE e.id = deliveries.event_id) ELSE body END,
               attempts,
-              (SELECT e.received_at FROM events e WHERE e.id = deliveries.event_id)";
+              (SELECT e.received_at FROM events e WHERE e.id = deliveries.event_id)"
+);
 
-/// As SQLite's `NEXT_DUE`: each part stops at its first row in `deliveries_due`.
-const NEXT_DUE: &str = "SELECT MIN(at) FROM (
-       (SELECT d.next_attempt_at AS at FROM deliveries d
-        LEFT JOIN destination_state s ON s.name = d.destination
-        WHERE d.status = 'pending' AND d.next_attempt_at IS NOT NULL
-          AND (d.lease_until IS NULL OR d.lease_until < $1)
-          AND (s.state IS NULL OR s.state = 'active')
-          AND ($2::text[] IS NULL OR d.destination = ANY($2::text[]))
-          AND NOT d.destination = ANY($4::text[])
-        ORDER BY d.next_attempt_at LIMIT 1)
-       UNION ALL
-       (SELECT d.next_attempt_at + $3 AS at FROM deliveries d
-        LEFT JOIN destination_state s ON s.name = d.destination
-        WHERE $2::text[] IS NOT NULL AND d.status = 'pending'
+/// `Store::next_due_at`: each ACTIVE destination's first pending delivery not leased at $1,
+/// plus $3 for one outside the known ($2), leaving out those with no room ($4).
+const NEXT_DUE: &str = concat!(
+    pending_destinations!(),
+    "
+    SELECT MIN(x.next_attempt_at + CASE WHEN $2::text[] IS NULL
+                   OR dest.name = ANY($2::text[]) THEN 0 ELSE $3::int8 END)
+    FROM dest
+    CROSS JOIN LATERAL (
+        SELECT d.next_attempt_at FROM deliveries d
+        WHERE d.destination = dest.name AND d.status = 'pending'
           AND d.next_attempt_at IS NOT NULL
           AND (d.lease_until IS NULL OR d.lease_until < $1)
-          AND (s.state IS NULL OR s.state = 'active')
-          AND NOT d.destination = ANY($2::text[])
-        ORDER BY d.next_attempt_at LIMIT 1)) AS due";
+        ORDER BY d.next_attempt_at LIMIT 1) x
+    WHERE dest.name IS NOT NULL AND NOT dest.name = ANY($4::text[])
+      AND NOT EXISTS (SELECT 1 FROM destination_state s
+                      WHERE s.name = dest.name AND s.state != 'active')"
+);
 
 /// A destination that is not ACTIVE holds its pending deliveries: they lose their due time,
 /// so claims and `next_due_at` never walk past them however many wait (new ones are
@@ -904,6 +935,7 @@ impl Store for PgStore {
         scope: &ClaimScope,
     ) -> Result<Vec<DueDelivery>, StoreError> {
         let orphaned = now.saturating_sub(scope.orphaned_after_ms) as i64;
+        let (names, room) = scope.room_arrays();
         let client = self.pool.get().await?;
         let statement = client.prepare_cached(CLAIM_DUE).await?;
         let rows = client
@@ -915,7 +947,8 @@ impl Store for PgStore {
                     &(limit as i64),
                     &scope.known,
                     &orphaned,
-                    &scope.busy,
+                    &names,
+                    &room,
                 ],
             )
             .await?;
@@ -940,6 +973,10 @@ impl Store for PgStore {
     }
 
     async fn next_due_at(&self, now: u64, scope: &ClaimScope) -> Result<Option<u64>, StoreError> {
+        let full: Vec<String> = (scope.room.iter())
+            .filter(|(_, n)| **n == 0)
+            .map(|(name, _)| name.clone())
+            .collect();
         let client = self.pool.get().await?;
         let statement = client.prepare_cached(NEXT_DUE).await?;
         let row = client
@@ -949,7 +986,7 @@ impl Store for PgStore {
                     &(now as i64),
                     &scope.known,
                     &(scope.orphaned_after_ms as i64),
-                    &scope.busy,
+                    &full,
                 ],
             )
             .await?;
@@ -1600,18 +1637,21 @@ mod tests {
         let look = explain(&client, RECOVER_LOOK, &[&0i64, &10i64]).await;
         assert!(look.contains("deliveries_undelivered"), "{look}");
         assert!(!look.contains("Sort"), "{look}");
-        // The dispatcher's queries walk the due index in order and stop early.
+        // The dispatcher's queries probe each destination once, then walk its due
+        // deliveries in order and stop early.
         let known: Option<Vec<String>> = None;
-        let busy = vec!["slow".to_string()];
+        let (names, room) = (vec!["slow".to_string()], vec![0i64]);
         let claim = explain(
             &client,
             CLAIM_DUE,
-            &[&0i64, &0i64, &10i64, &known, &0i64, &busy],
+            &[&0i64, &0i64, &10i64, &known, &0i64, &names, &room],
         )
         .await;
-        assert!(claim.contains("deliveries_due"), "{claim}");
-        let next = explain(&client, NEXT_DUE, &[&0i64, &known, &0i64, &busy]).await;
-        assert!(next.contains("deliveries_due"), "{next}");
+        let next = explain(&client, NEXT_DUE, &[&0i64, &known, &0i64, &names]).await;
+        for p in [&claim, &next] {
+            assert!(p.contains("deliveries_destination_due"), "{p}");
+            assert!(!p.contains("Seq Scan on deliveries"), "{p}");
+        }
     }
 
     async fn explain(

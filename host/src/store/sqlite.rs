@@ -150,6 +150,12 @@ const SCHEMA: &[&str] = &[
     // Version 11: events by source and time, for event lists filtered by source (a rare
     // source, such as `delivery.notify_source`'s, was found by walking every event).
     "CREATE INDEX events_source ON events (source, received_at, id);",
+    // Version 12: pending deliveries by destination and due time, in place of due time
+    // alone: claims go destination by destination (see `ClaimScope`), so a destination
+    // with a long backlog and a full lane is skipped rather than walked past.
+    "DROP INDEX deliveries_due;
+     CREATE INDEX deliveries_destination_due ON deliveries (destination, next_attempt_at)
+         WHERE status = 'pending';",
 ];
 
 /// `Store::list_events`: newest first, from the cursor (?6, ?7), within [?4, ?5). Walked by
@@ -1062,49 +1068,68 @@ impl Store for SqliteStore {
         limit: usize,
         scope: &ClaimScope,
     ) -> Result<Vec<DueDelivery>, StoreError> {
-        let (known, busy) = (scope.known_json(), scope.busy_json());
-        let orphaned = now.saturating_sub(scope.orphaned_after_ms) as i64;
+        let scope = scope.clone();
         self.write_lazy(move |conn| {
-            let mut stmt = conn.prepare_cached(CLAIM_DUE)?;
-            stmt.query_map(
-                params![
-                    lease_until as i64,
-                    now as i64,
-                    limit as i64,
-                    known,
-                    orphaned,
-                    busy
-                ],
-                |r| {
-                    let headers: String = r.get(4)?;
-                    let body: Vec<u8> = r.get(5)?;
-                    Ok(DueDelivery {
-                        id: r.get(0)?,
-                        event_id: r.get(1)?,
-                        destination: r.get(2)?,
-                        url: r.get(3)?,
-                        headers: serde_json::from_str(&headers).unwrap_or_default(),
-                        body: Bytes::from(body),
-                        attempts: r.get::<_, i64>(6)? as u32,
-                        received_at: r.get::<_, Option<i64>>(7)?.unwrap_or(0) as u64,
-                        lease_until,
-                    })
-                },
-            )?
+            // Each destination's first due deliveries, then the earliest of them all.
+            let mut due: Vec<(i64, i64)> = Vec::new();
+            let mut first = conn.prepare_cached(DUE_TO)?;
+            for name in pending_destinations(conn)? {
+                let take = scope.room_for(&name, limit);
+                let by = now.checked_sub(scope.wait_for(&name));
+                let (Some(by), true) = (by, take > 0) else {
+                    continue;
+                };
+                let rows = first
+                    .query_map(params![name, by as i64, now as i64, take as i64], |r| {
+                        Ok((r.get(1)?, r.get(0)?))
+                    })?;
+                for row in rows {
+                    due.push(row?);
+                }
+            }
+            due.sort_unstable();
+            due.truncate(limit);
+            let seqs = serde_json::to_string(&due.iter().map(|d| d.1).collect::<Vec<_>>())
+                .unwrap_or_else(|_| "[]".into());
+            let mut stmt = conn.prepare_cached(CLAIM)?;
+            stmt.query_map(params![lease_until as i64, seqs], |r| {
+                let headers: String = r.get(4)?;
+                let body: Vec<u8> = r.get(5)?;
+                Ok(DueDelivery {
+                    id: r.get(0)?,
+                    event_id: r.get(1)?,
+                    destination: r.get(2)?,
+                    url: r.get(3)?,
+                    headers: serde_json::from_str(&headers).unwrap_or_default(),
+                    body: Bytes::from(body),
+                    attempts: r.get::<_, i64>(6)? as u32,
+                    received_at: r.get::<_, Option<i64>>(7)?.unwrap_or(0) as u64,
+                    lease_until,
+                })
+            })?
             .collect()
         })
         .await
     }
 
     async fn next_due_at(&self, now: u64, scope: &ClaimScope) -> Result<Option<u64>, StoreError> {
-        let (known, busy) = (scope.known_json(), scope.busy_json());
-        let orphaned_after = scope.orphaned_after_ms as i64;
+        let scope = scope.clone();
         self.read(move |conn| {
-            conn.prepare_cached(NEXT_DUE)?
-                .query_row(params![now as i64, known, orphaned_after, busy], |r| {
-                    r.get::<_, Option<i64>>(0)
-                })
-                .map(|v| v.map(|v| v as u64))
+            let mut first = conn.prepare_cached(DUE_TO)?;
+            let mut next: Option<u64> = None;
+            for name in pending_destinations(conn)? {
+                if scope.room_for(&name, 1) == 0 {
+                    continue;
+                }
+                let at: Option<i64> = first
+                    .query_row(params![name, i64::MAX, now as i64, 1], |r| r.get(1))
+                    .optional()?;
+                if let Some(at) = at {
+                    let at = at as u64 + scope.wait_for(&name);
+                    next = Some(next.map_or(at, |n| n.min(at)));
+                }
+            }
+            Ok(next)
         })
         .await
     }
@@ -1627,48 +1652,40 @@ macro_rules! due_again {
 }
 use due_again;
 
-/// `Store::claim_due`: the first due deliveries in the order of `deliveries_due`. (`LIMIT
-/// ?3 + 0`, not `LIMIT ?3`: SQLite plans with a bare bound limit's value and so compiles
-/// the statement again whenever it is bound, i.e. at every claim.)
-const CLAIM_DUE: &str = "UPDATE deliveries SET lease_until = ?1
-    WHERE seq IN (
-        SELECT d.seq FROM deliveries d
-        LEFT JOIN destination_state s ON s.name = d.destination
-        WHERE d.status = 'pending' AND d.next_attempt_at <= ?2
-          AND (d.lease_until IS NULL OR d.lease_until < ?2)
-          AND (s.state IS NULL OR s.state = 'active')
-          AND (?4 = 'null' OR d.next_attempt_at <= ?5
-               OR d.destination IN (SELECT value FROM json_each(?4)))
-          AND d.destination NOT IN (SELECT value FROM json_each(?6))
-        ORDER BY d.next_attempt_at LIMIT ?3 + 0)
+/// The destinations with pending deliveries, by a skip-scan of `deliveries_destination_due`:
+/// one probe each, however many deliveries each has waiting.
+const PENDING_DESTINATIONS: &str = "WITH RECURSIVE dest(name) AS (
+        SELECT (SELECT MIN(destination) FROM deliveries WHERE status = 'pending')
+        UNION ALL
+        SELECT (SELECT MIN(destination) FROM deliveries
+                WHERE status = 'pending' AND destination > dest.name)
+        FROM dest WHERE dest.name IS NOT NULL)
+    SELECT name FROM dest WHERE name IS NOT NULL";
+
+fn pending_destinations(conn: &Connection) -> rusqlite::Result<Vec<String>> {
+    conn.prepare_cached(PENDING_DESTINATIONS)?
+        .query_map([], |r| r.get(0))?
+        .collect()
+}
+
+/// A destination's (?1) first deliveries due by ?2 and not leased at ?3, at most ?4, in
+/// the order of `deliveries_destination_due`; none if the destination is not ACTIVE. The
+/// walk passes only the destination's deliveries under way (leased), at most its lane.
+/// (`LIMIT ?4 + 0`, not `LIMIT ?4`: SQLite plans with a bare bound limit's value and so
+/// compiles the statement again whenever it is bound, i.e. at every claim.)
+const DUE_TO: &str = "SELECT seq, next_attempt_at FROM deliveries
+    WHERE destination = ?1 AND status = 'pending' AND next_attempt_at <= ?2
+      AND (lease_until IS NULL OR lease_until < ?3)
+      AND NOT EXISTS (SELECT 1 FROM destination_state s WHERE s.name = ?1 AND s.state != 'active')
+    ORDER BY next_attempt_at LIMIT ?4 + 0";
+
+/// `Store::claim_due`: leases the deliveries chosen (their `seq`s, a JSON array ?2) until ?1.
+const CLAIM: &str = "UPDATE deliveries SET lease_until = ?1
+    WHERE seq IN (SELECT value FROM json_each(?2))
     RETURNING id, event_id, destination, url, headers,
               CASE WHEN body_from_event THEN (SELECT e.body FROM events e WHERE e.id = deliveries.event_id) ELSE body END,
               attempts,
               (SELECT e.received_at FROM events e WHERE e.id = deliveries.event_id)";
-
-/// When the dispatcher's next claim can take something (`Store::next_due_at`): the first
-/// claimable delivery in the order of `deliveries_due`, and on a shared store the first
-/// one to a destination this instance lacks, once orphaned. Each part stops at its first
-/// row; held deliveries (no due time) are not in that order at all.
-const NEXT_DUE: &str = "SELECT MIN(at) FROM (
-    SELECT * FROM (
-        SELECT d.next_attempt_at AS at FROM deliveries d
-        LEFT JOIN destination_state s ON s.name = d.destination
-        WHERE d.status = 'pending' AND d.next_attempt_at IS NOT NULL
-          AND (d.lease_until IS NULL OR d.lease_until < ?1)
-          AND (s.state IS NULL OR s.state = 'active')
-          AND (?2 = 'null' OR d.destination IN (SELECT value FROM json_each(?2)))
-          AND d.destination NOT IN (SELECT value FROM json_each(?4))
-        ORDER BY d.next_attempt_at LIMIT 1)
-    UNION ALL
-    SELECT * FROM (
-        SELECT d.next_attempt_at + ?3 AS at FROM deliveries d
-        LEFT JOIN destination_state s ON s.name = d.destination
-        WHERE ?2 != 'null' AND d.status = 'pending' AND d.next_attempt_at IS NOT NULL
-          AND (d.lease_until IS NULL OR d.lease_until < ?1)
-          AND (s.state IS NULL OR s.state = 'active')
-          AND d.destination NOT IN (SELECT value FROM json_each(?2))
-        ORDER BY d.next_attempt_at LIMIT 1))";
 
 /// A destination that is not ACTIVE holds its pending deliveries: they lose their due time,
 /// so claims and `next_due_at` never walk past them however many wait (new ones are
@@ -2106,12 +2123,29 @@ mod tests {
             let p = plan(sql);
             assert!(p.contains("INTEGER PRIMARY KEY (rowid>?)"), "{p}");
         }
-        // Claims and the next due time walk `deliveries_due` in order and stop early: a
-        // full scan here made an idle gateway with a long-FAILED destination busy.
-        for sql in [CLAIM_DUE, NEXT_DUE] {
-            let p = plan(sql);
-            assert!(p.contains("d USING INDEX deliveries_due"), "{p}");
-        }
+        // Claims and the next due time probe each destination once, then walk its due
+        // deliveries in order and stop early: a full scan here made an idle gateway with a
+        // long-FAILED destination busy, and a walk past a full lane's backlog stalled the
+        // writer.
+        let dests = plan(PENDING_DESTINATIONS);
+        assert_eq!(
+            dests
+                .matches("USING COVERING INDEX deliveries_destination_due")
+                .count(),
+            2,
+            "{dests}"
+        );
+        assert!(dests.contains("(destination>?)"), "{dests}");
+        let due = plan(DUE_TO);
+        assert!(
+            due.starts_with(
+                "SEARCH deliveries USING INDEX deliveries_destination_due (destination=? AND next_attempt_at<?)"
+            ),
+            "{due}"
+        );
+        assert!(!due.contains("TEMP B-TREE"), "no sort: {due}");
+        let claim = plan(CLAIM);
+        assert!(claim.contains("INTEGER PRIMARY KEY (rowid=?)"), "{claim}");
         let dead = plan(&list_events_sql(false, true));
         assert!(
             dead.contains("USING INDEX events_dead_lettered (received_at>? AND received_at<?)"),
@@ -2227,13 +2261,13 @@ mod tests {
     fn the_dispatchers_statements_are_not_recompiled_per_call() {
         let mut conn = Connection::open_in_memory().unwrap();
         migrate(&mut conn).unwrap();
-        for sql in [CLAIM_DUE, NEXT_DUE] {
+        for sql in [PENDING_DESTINATIONS, DUE_TO, CLAIM] {
             let mut stmt = conn.prepare(sql).unwrap();
             for i in 1..=3i64 {
                 let params: Vec<rusqlite::types::Value> = (1..=stmt.parameter_count())
-                    .map(|k| match (sql == CLAIM_DUE, k) {
-                        (true, 4) => "null".to_string().into(),
-                        (true, 6) | (false, 4) => format!("[\"d{i}\"]").into(),
+                    .map(|k| match (sql, k) {
+                        (DUE_TO, 1) => format!("d{i}").into(),
+                        (CLAIM, 2) => format!("[{i}]").into(),
                         _ => (i * 10 + k as i64).into(),
                     })
                     .collect();
