@@ -992,6 +992,58 @@ destinations = ["slow", "fast"]
     gw.shutdown().await.unwrap();
 }
 
+/// However many destinations hang, each holding its `destination_concurrency`, they do not
+/// hold every delivery permit: a quarter of `delivery.concurrency` is kept for destinations
+/// with few attempts under way, so the others' deliveries go on at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn destinations_that_hang_leave_permits_for_the_others() {
+    let rx = Receiver::start().await;
+    let (hang, connections) = hanging_destination().await;
+    let config = format!(
+        r#"
+timeout = "3s"
+concurrency = 8
+[[sources]]
+name = "s"
+[[destinations]]
+name = "slow1"
+url = "{hang}/slow1"
+[[destinations]]
+name = "slow2"
+url = "{hang}/slow2"
+[[destinations]]
+name = "fast"
+url = "{{receiver}}/fast"
+[[routes]]
+source = "s"
+destinations = ["slow1", "slow2", "fast"]
+"#
+    );
+    let gw = TestGateway::start(&config, &rx, &[]).await;
+    const EVENTS: usize = 30;
+    for n in 0..EVENTS {
+        gw.accept("s", json!({ "n": n }).to_string()).await;
+    }
+    rx.wait_for(EVENTS).await;
+    let sent = connections.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        sent, 6,
+        "the hanging destinations hold the six permits for any attempt, not the two kept"
+    );
+    for name in ["slow1", "slow2"] {
+        let slow = destination(&gw, name).await;
+        assert_eq!(
+            (
+                slow["state"].as_str(),
+                slow["consecutive_failures"].as_u64()
+            ),
+            (Some("ACTIVE"), Some(0)),
+            "no timeout had to pass first: {slow}"
+        );
+    }
+    gw.shutdown().await.unwrap();
+}
+
 /// A destination slower than its traffic holds a bounded lane of attempts (twice
 /// `delivery.destination_concurrency`); the rest of its deliveries wait in the store, and
 /// claims leave them out while its lane is full, so another destination's retry is sent

@@ -109,8 +109,15 @@ pub struct Dispatcher {
     pacers: Mutex<HashMap<String, Pacer>>,
     clock: Arc<dyn Clock>,
     wake: Notify,
-    /// `delivery.concurrency`: a permit per attempt in flight.
+    /// `delivery.concurrency`: a permit per attempt in flight, in two parts. `permits`
+    /// (three quarters) are for any attempt; `reserve` (the other quarter) only for
+    /// attempts to a destination with fewer than `light` attempts in flight. So
+    /// however many destinations hang or answer slowly, each holding its
+    /// `destination_concurrency`, the others' deliveries still find permits instead of
+    /// waiting for those attempts to end.
     permits: Arc<Semaphore>,
+    reserve: Arc<Semaphore>,
+    light: usize,
     /// Each destination's lane: its `delivery.destination_concurrency` permits, taken
     /// before one of `permits` (deliveries waiting behind a destination that hangs hold
     /// none of those), and how many attempts it holds.
@@ -255,7 +262,11 @@ impl Dispatcher {
             pacers: Mutex::default(),
             clock,
             wake: Notify::new(),
-            permits: Arc::new(Semaphore::new(config.concurrency)),
+            permits: Arc::new(Semaphore::new(
+                config.concurrency - reserved(config.concurrency),
+            )),
+            reserve: Arc::new(Semaphore::new(reserved(config.concurrency))),
+            light: (reserved(config.concurrency) / 8).max(1),
             lanes: Mutex::default(),
             destination_concurrency: config.destination_concurrency,
             waiting: Arc::default(),
@@ -496,13 +507,14 @@ impl Dispatcher {
         for_destination: OwnedSemaphorePermit,
         waiting: Option<Waiting>,
     ) {
-        let Ok(permit) = self.permits.clone().acquire_owned().await else {
+        let Some(permit) = self.dispatcher_permit(held.lane()).await else {
             return;
         };
         drop(waiting);
         let permits = Permits {
             _any: permit,
             _destination: for_destination,
+            _sending: Sending::start(held.lane()),
         };
         self.attempt(d, permits).await;
         // The place that leaves the lane half full wakes the loop to claim the next half
@@ -513,6 +525,38 @@ impl Dispatcher {
         }
     }
 
+    /// One of the dispatcher's permits for an attempt to `lane`'s destination: from the
+    /// reserve too while the destination has fewer than `light` attempts in flight (looked
+    /// at again each time one of them ends).
+    async fn dispatcher_permit(&self, lane: &Lane) -> Option<OwnedSemaphorePermit> {
+        if let Ok(p) = self.permits.clone().try_acquire_owned() {
+            return Some(p);
+        }
+        loop {
+            let ended = lane.ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            let any = self.permits.clone().acquire_owned();
+            if lane.sending.load(Ordering::SeqCst) < self.light {
+                return tokio::select! {
+                    biased;
+                    p = any => p.ok(),
+                    p = self.reserve.clone().acquire_owned() => p.ok(),
+                };
+            }
+            tokio::select! {
+                biased;
+                p = any => return p.ok(),
+                _ = ended => {}
+            }
+        }
+    }
+
+    /// The dispatcher's permits free now, reserved ones included.
+    fn free_permits(&self) -> usize {
+        self.permits.available_permits() + self.reserve.available_permits()
+    }
+
     fn lane(&self, destination: &str) -> Arc<Lane> {
         let mut lanes = (self.lanes.lock()).unwrap_or_else(|e| e.into_inner());
         if let Some(lane) = lanes.get(destination) {
@@ -521,6 +565,8 @@ impl Dispatcher {
         let lane = Arc::new(Lane {
             permits: Arc::new(Semaphore::new(self.destination_concurrency)),
             held: AtomicUsize::new(0),
+            sending: AtomicUsize::new(0),
+            ended: Notify::new(),
         });
         lanes.insert(destination.to_string(), lane.clone());
         lane
@@ -606,8 +652,7 @@ impl Dispatcher {
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
         let mut drain_until: Option<u64> = None;
         loop {
-            let free = (self.permits.available_permits())
-                .saturating_sub(self.waiting.load(Ordering::SeqCst));
+            let free = (self.free_permits()).saturating_sub(self.waiting.load(Ordering::SeqCst));
             let mut more = false;
             // Out of permits: more may be due, and a finished attempt wakes the loop.
             self.starved.store(free == 0, Ordering::Relaxed);
@@ -1040,10 +1085,35 @@ fn signed_headers(dest: &Destination, d: &DueDelivery, now_ms: u64) -> Vec<(Stri
     headers
 }
 
-/// The two permits an attempt holds: one of the dispatcher's, one of its destination's.
+/// How many of `delivery.concurrency`'s permits are kept for destinations with few
+/// attempts under way (see `Dispatcher::reserve`): a quarter.
+fn reserved(concurrency: usize) -> usize {
+    concurrency / 4
+}
+
+/// The two permits an attempt holds: one of the dispatcher's, one of its destination's;
+/// and its place among its destination's attempts in flight.
 struct Permits {
     _any: OwnedSemaphorePermit,
     _destination: OwnedSemaphorePermit,
+    _sending: Sending,
+}
+
+/// An attempt in flight, counted in its lane until dropped.
+struct Sending(Arc<Lane>);
+
+impl Sending {
+    fn start(lane: &Arc<Lane>) -> Self {
+        lane.sending.fetch_add(1, Ordering::SeqCst);
+        Self(lane.clone())
+    }
+}
+
+impl Drop for Sending {
+    fn drop(&mut self) {
+        self.0.sending.fetch_sub(1, Ordering::SeqCst);
+        self.0.ended.notify_waiters();
+    }
 }
 
 /// A destination's lane: see `Dispatcher::lanes`.
@@ -1051,6 +1121,9 @@ struct Lane {
     permits: Arc<Semaphore>,
     /// Attempts spawned (or reserved by the pipeline) and not yet ended.
     held: AtomicUsize,
+    /// Attempts in flight (with both permits), and a signal each time one ends.
+    sending: AtomicUsize,
+    ended: Notify,
 }
 
 /// A place in a lane, given back when dropped.
