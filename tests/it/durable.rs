@@ -948,25 +948,49 @@ destinations = ["slow", "fast"]
 /// instead of waiting for its timeouts.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_destination_that_hangs_holds_at_most_its_share_of_the_permits() {
+    let why = "the slow destination holds two of the four permits";
+    others_go_on_while_destinations_hang(4, &["slow"], 2, why).await;
+}
+
+/// However many destinations hang, each holding its `destination_concurrency`, they do not
+/// hold every delivery permit: a quarter of `delivery.concurrency` is kept for destinations
+/// with few attempts under way, so the others' deliveries go on at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn destinations_that_hang_leave_permits_for_the_others() {
+    let why = "the hanging destinations hold the six permits for any attempt, not the two kept";
+    others_go_on_while_destinations_hang(8, &["slow1", "slow2"], 6, why).await;
+}
+
+/// Routes 30 events to destinations that hang (`slow`) and to one that answers at once,
+/// with `concurrency` delivery permits and a 3 s timeout: all of the latter's deliveries
+/// arrive before any timeout, while the hanging ones have had `sent` attempts.
+async fn others_go_on_while_destinations_hang(
+    concurrency: usize,
+    slow: &[&str],
+    sent: usize,
+    why: &str,
+) {
     let rx = Receiver::start().await;
     let (hang, connections) = hanging_destination().await;
+    let hanging: String = (slow.iter())
+        .map(|name| format!("[[destinations]]\nname = \"{name}\"\nurl = \"{hang}/{name}\"\n"))
+        .collect();
     let config = format!(
         // (The harness's `[delivery]` table is open: these lines land in it.)
         r#"
 timeout = "3s"
-concurrency = 4
+concurrency = {concurrency}
 [[sources]]
 name = "s"
-[[destinations]]
-name = "slow"
-url = "{hang}/slow"
+{hanging}
 [[destinations]]
 name = "fast"
 url = "{{receiver}}/fast"
 [[routes]]
 source = "s"
-destinations = ["slow", "fast"]
-"#
+destinations = {all:?}
+"#,
+        all = [slow, &["fast"]].concat(),
     );
     let gw = TestGateway::start(&config, &rx, &[]).await;
     const EVENTS: usize = 30;
@@ -975,62 +999,12 @@ destinations = ["slow", "fast"]
     }
     // All of the fast destination's deliveries, long before the first timeout (3 s).
     rx.wait_for(EVENTS).await;
-    let sent = connections.load(std::sync::atomic::Ordering::SeqCst);
     assert_eq!(
-        sent, 2,
-        "the slow destination holds two of the four permits"
+        connections.load(std::sync::atomic::Ordering::SeqCst),
+        sent,
+        "{why}"
     );
-    let slow = destination(&gw, "slow").await;
-    assert_eq!(
-        (
-            slow["state"].as_str(),
-            slow["consecutive_failures"].as_u64()
-        ),
-        (Some("ACTIVE"), Some(0)),
-        "no timeout had to pass first: {slow}"
-    );
-    gw.shutdown().await.unwrap();
-}
-
-/// However many destinations hang, each holding its `destination_concurrency`, they do not
-/// hold every delivery permit: a quarter of `delivery.concurrency` is kept for destinations
-/// with few attempts under way, so the others' deliveries go on at once.
-#[tokio::test(flavor = "multi_thread")]
-async fn destinations_that_hang_leave_permits_for_the_others() {
-    let rx = Receiver::start().await;
-    let (hang, connections) = hanging_destination().await;
-    let config = format!(
-        r#"
-timeout = "3s"
-concurrency = 8
-[[sources]]
-name = "s"
-[[destinations]]
-name = "slow1"
-url = "{hang}/slow1"
-[[destinations]]
-name = "slow2"
-url = "{hang}/slow2"
-[[destinations]]
-name = "fast"
-url = "{{receiver}}/fast"
-[[routes]]
-source = "s"
-destinations = ["slow1", "slow2", "fast"]
-"#
-    );
-    let gw = TestGateway::start(&config, &rx, &[]).await;
-    const EVENTS: usize = 30;
-    for n in 0..EVENTS {
-        gw.accept("s", json!({ "n": n }).to_string()).await;
-    }
-    rx.wait_for(EVENTS).await;
-    let sent = connections.load(std::sync::atomic::Ordering::SeqCst);
-    assert_eq!(
-        sent, 6,
-        "the hanging destinations hold the six permits for any attempt, not the two kept"
-    );
-    for name in ["slow1", "slow2"] {
+    for name in slow {
         let slow = destination(&gw, name).await;
         assert_eq!(
             (
