@@ -827,6 +827,16 @@ pub fn body_from_event(event: &Event, delivery: &NewDelivery) -> bool {
     !delivery.body.is_empty() && delivery.body == event.body.0
 }
 
+/// How many due deliveries a claim of `limit` looks at in due order before it goes
+/// destination by destination instead (see `ClaimScope::take_walked`).
+pub fn claim_walk(limit: usize) -> usize {
+    4 * limit
+}
+
+/// How many pending deliveries `Store::next_due_at` looks at in due order before it goes
+/// destination by destination instead.
+pub const NEXT_DUE_WALK: usize = 256;
+
 /// Which pending deliveries a dispatcher may claim, by destination, and how many of each.
 /// On a shared store another instance may know a destination this one does not (its
 /// config file is newer or older, as in a rolling deploy): deliveries to destinations
@@ -834,10 +844,11 @@ pub fn body_from_event(event: &Event, delivery: &NewDelivery) -> bool {
 /// as no longer configured) only once they have been due for `orphaned_after_ms` with no
 /// one taking them.
 ///
-/// The stores claim destination by destination (each destination's due deliveries in the
-/// order of an index on (destination, due time), at most its `room`), then keep the
-/// earliest due up to the claim's limit: a destination with a long backlog and no room is
-/// skipped with one index probe, instead of being walked past.
+/// The stores walk the due deliveries in due order and take those in scope, each
+/// destination up to its `room`; when the deliveries they may not take stand in the way in
+/// numbers (a destination with a long backlog and no room), they go destination by
+/// destination instead (each one's first due, by an index on (destination, due time), at
+/// most its room; then the earliest of them all), skipping that backlog with one probe.
 #[derive(Clone, Debug, Default)]
 pub struct ClaimScope {
     /// The destinations this instance sends to; `None`: every destination.
@@ -870,6 +881,61 @@ impl ClaimScope {
             Some(known) if !known.iter().any(|k| k == destination) => self.orphaned_after_ms,
             _ => 0,
         }
+    }
+
+    /// The deliveries (their `seq`s) a claim of `limit` at `now` takes from the due ones
+    /// walked in due order — `(seq, destination, due time)`, at most `claim_walk(limit)`
+    /// of them. `None` when the walk was cut short before the claim was full: deliveries
+    /// it may not take (their destination has no room, or they are not orphaned yet) stood
+    /// in the way in greater numbers — a slow destination's backlog — and the claim must go
+    /// destination by destination instead.
+    pub fn take_walked(
+        &self,
+        walked: impl IntoIterator<Item = (i64, String, u64)>,
+        now: u64,
+        limit: usize,
+    ) -> Option<Vec<i64>> {
+        let (mut n, mut due) = (0, Vec::new());
+        let mut taken = HashMap::<String, usize>::new();
+        for (seq, name, at) in walked {
+            n += 1;
+            let (room, wait) = (self.room_for(&name, limit), self.wait_for(&name));
+            let k = taken.entry(name).or_default();
+            if *k < room && at + wait <= now {
+                *k += 1;
+                due.push(seq);
+                if due.len() == limit {
+                    return Some(due);
+                }
+            }
+        }
+        (n < claim_walk(limit)).then_some(due)
+    }
+
+    /// `Store::next_due_at` from the pending deliveries walked in due order —
+    /// `(destination, due time)`, at most `NEXT_DUE_WALK` of them: the first to a
+    /// destination with room that this instance knows, or, if earlier, one to a
+    /// destination it does not know, once orphaned. `None` when the walk was cut short
+    /// before the answer was sure.
+    pub fn next_walked(
+        &self,
+        walked: impl IntoIterator<Item = (String, u64)>,
+    ) -> Option<Option<u64>> {
+        let (mut n, mut next) = (0, None::<u64>);
+        for (name, at) in walked {
+            n += 1;
+            if self.room_for(&name, 1) == 0 {
+                continue;
+            }
+            let wait = self.wait_for(&name);
+            let at = at + wait;
+            next = Some(next.map_or(at, |x| x.min(at)));
+            if wait == 0 {
+                // No later row is due before this one.
+                return Some(next);
+            }
+        }
+        (n < NEXT_DUE_WALK).then_some(next)
     }
 
     /// `room` as two arrays (names, and how many each), for SQL.

@@ -169,10 +169,9 @@ const SCHEMA: &[&str] = &[
         RETURN NULL;
     END;
     $$ LANGUAGE plpgsql IMMUTABLE;"#,
-    // 12: as SQLite's version 12 — pending deliveries by destination and due time, in
-    // place of due time alone: claims go destination by destination.
-    "DROP INDEX deliveries_due;
-     CREATE INDEX deliveries_destination_due ON deliveries (destination, next_attempt_at)
+    // 12: as SQLite's version 12 — pending deliveries by destination and due time, for
+    // claims that go destination by destination.
+    "CREATE INDEX deliveries_destination_due ON deliveries (destination, next_attempt_at)
          WHERE status = 'pending';",
 ];
 
@@ -739,6 +738,33 @@ fn json<T: Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_else(|_| "null".into())
 }
 
+/// As SQLite's `DUE_WALK`: the due deliveries not leased at $1, earliest first, at most $2,
+/// by `deliveries_due`.
+const DUE_WALK: &str = "SELECT d.seq, d.destination, d.next_attempt_at FROM deliveries d
+    LEFT JOIN destination_state s ON s.name = d.destination
+    WHERE d.status = 'pending' AND d.next_attempt_at <= $1
+      AND (d.lease_until IS NULL OR d.lease_until < $1)
+      AND (s.state IS NULL OR s.state = 'active')
+    ORDER BY d.next_attempt_at LIMIT $2";
+
+/// As SQLite's `NEXT_WALK`.
+const NEXT_WALK: &str = "SELECT d.destination, d.next_attempt_at FROM deliveries d
+    LEFT JOIN destination_state s ON s.name = d.destination
+    WHERE d.status = 'pending' AND d.next_attempt_at IS NOT NULL
+      AND (d.lease_until IS NULL OR d.lease_until < $1)
+      AND (s.state IS NULL OR s.state = 'active')
+    ORDER BY d.next_attempt_at LIMIT $2";
+
+/// Leases until $1 the deliveries a walk chose ($2) that are still pending and not leased
+/// at $3: another instance may have claimed some meanwhile (the row lock makes the second
+/// claim see the first's lease and leave the row).
+const CLAIM_WALKED: &str = "UPDATE deliveries SET lease_until = $1
+    WHERE seq = ANY($2) AND status = 'pending' AND (lease_until IS NULL OR lease_until < $3)
+    RETURNING id, event_id, destination, url, headers,
+              CASE WHEN body_from_event THEN (SELECT e.body FROM events e WHERE e.id = deliveries.event_id) ELSE body END,
+              attempts,
+              (SELECT e.received_at FROM events e WHERE e.id = deliveries.event_id)";
+
 /// The destinations with pending deliveries, by a skip-scan of
 /// `deliveries_destination_due` (one probe each), as SQLite's `PENDING_DESTINATIONS`.
 macro_rules! pending_destinations {
@@ -752,7 +778,7 @@ macro_rules! pending_destinations {
     };
 }
 
-/// `Store::claim_due` (see `ClaimScope`): each ACTIVE destination's first due deliveries
+/// `Store::claim_due` when a walk cannot (see `ClaimScope`): each ACTIVE destination's first due deliveries
 /// in the order of `deliveries_destination_due` — due by $2, or by $5 for one outside the
 /// known ($4, NULL: all), at most its room ($6 names, $7 counts; else the limit $3) —
 /// then the earliest $3 of them all, leased until $1.
@@ -934,24 +960,40 @@ impl Store for PgStore {
         limit: usize,
         scope: &ClaimScope,
     ) -> Result<Vec<DueDelivery>, StoreError> {
-        let orphaned = now.saturating_sub(scope.orphaned_after_ms) as i64;
-        let (names, room) = scope.room_arrays();
         let client = self.pool.get().await?;
-        let statement = client.prepare_cached(CLAIM_DUE).await?;
-        let rows = client
-            .query(
-                &statement,
-                &[
-                    &(lease_until as i64),
-                    &(now as i64),
-                    &(limit as i64),
-                    &scope.known,
-                    &orphaned,
-                    &names,
-                    &room,
-                ],
-            )
-            .await?;
+        // In due order, as long as what this claim may not take is not in the way.
+        let walk = client.prepare_cached(DUE_WALK).await?;
+        let walked = (client.query(&walk, &[&(now as i64), &(claim_walk(limit) as i64)]))
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get::<_, i64>(2) as u64))
+            .collect::<Vec<_>>();
+        let rows = match scope.take_walked(walked, now, limit) {
+            Some(seqs) => {
+                let statement = client.prepare_cached(CLAIM_WALKED).await?;
+                let seqs = &seqs;
+                (client.query(&statement, &[&(lease_until as i64), seqs, &(now as i64)])).await?
+            }
+            None => {
+                let orphaned = now.saturating_sub(scope.orphaned_after_ms) as i64;
+                let (names, room) = scope.room_arrays();
+                let statement = client.prepare_cached(CLAIM_DUE).await?;
+                client
+                    .query(
+                        &statement,
+                        &[
+                            &(lease_until as i64),
+                            &(now as i64),
+                            &(limit as i64),
+                            &scope.known,
+                            &orphaned,
+                            &names,
+                            &room,
+                        ],
+                    )
+                    .await?
+            }
+        };
         Ok(rows
             .iter()
             .map(|r| {
@@ -973,11 +1015,20 @@ impl Store for PgStore {
     }
 
     async fn next_due_at(&self, now: u64, scope: &ClaimScope) -> Result<Option<u64>, StoreError> {
+        let client = self.pool.get().await?;
+        let walk = client.prepare_cached(NEXT_WALK).await?;
+        let walked = (client.query(&walk, &[&(now as i64), &(NEXT_DUE_WALK as i64)]))
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get::<_, i64>(1) as u64))
+            .collect::<Vec<_>>();
+        if let Some(next) = scope.next_walked(walked) {
+            return Ok(next);
+        }
         let full: Vec<String> = (scope.room.iter())
             .filter(|(_, n)| **n == 0)
             .map(|(name, _)| name.clone())
             .collect();
-        let client = self.pool.get().await?;
         let statement = client.prepare_cached(NEXT_DUE).await?;
         let row = client
             .query_one(
@@ -1637,8 +1688,8 @@ mod tests {
         let look = explain(&client, RECOVER_LOOK, &[&0i64, &10i64]).await;
         assert!(look.contains("deliveries_undelivered"), "{look}");
         assert!(!look.contains("Sort"), "{look}");
-        // The dispatcher's queries probe each destination once, then walk its due
-        // deliveries in order and stop early.
+        // When a walk in due order is not enough, the dispatcher's queries probe each
+        // destination once, then walk its due deliveries in order and stop early ...
         let known: Option<Vec<String>> = None;
         let (names, room) = (vec!["slow".to_string()], vec![0i64]);
         let claim = explain(
@@ -1651,6 +1702,12 @@ mod tests {
         for p in [&claim, &next] {
             assert!(p.contains("deliveries_destination_due"), "{p}");
             assert!(!p.contains("Seq Scan on deliveries"), "{p}");
+        }
+        // ... after walking the due ones in order, which usually suffices.
+        for sql in [DUE_WALK, NEXT_WALK] {
+            let p = explain(&client, sql, &[&0i64, &10i64]).await;
+            assert!(p.contains("deliveries_due"), "{p}");
+            assert!(!p.contains("Sort"), "{p}");
         }
     }
 

@@ -150,11 +150,10 @@ const SCHEMA: &[&str] = &[
     // Version 11: events by source and time, for event lists filtered by source (a rare
     // source, such as `delivery.notify_source`'s, was found by walking every event).
     "CREATE INDEX events_source ON events (source, received_at, id);",
-    // Version 12: pending deliveries by destination and due time, in place of due time
-    // alone: claims go destination by destination (see `ClaimScope`), so a destination
-    // with a long backlog and a full lane is skipped rather than walked past.
-    "DROP INDEX deliveries_due;
-     CREATE INDEX deliveries_destination_due ON deliveries (destination, next_attempt_at)
+    // Version 12: pending deliveries by destination and due time, besides due time alone:
+    // a claim that a destination with a long backlog and a full lane stands in the way of
+    // goes destination by destination (see `walk_due`) instead of walking past it.
+    "CREATE INDEX deliveries_destination_due ON deliveries (destination, next_attempt_at)
          WHERE status = 'pending';",
 ];
 
@@ -1070,27 +1069,11 @@ impl Store for SqliteStore {
     ) -> Result<Vec<DueDelivery>, StoreError> {
         let scope = scope.clone();
         self.write_lazy(move |conn| {
-            // Each destination's first due deliveries, then the earliest of them all.
-            let mut due: Vec<(i64, i64)> = Vec::new();
-            let mut first = conn.prepare_cached(DUE_TO)?;
-            for name in pending_destinations(conn)? {
-                let take = scope.room_for(&name, limit);
-                let by = now.checked_sub(scope.wait_for(&name));
-                let (Some(by), true) = (by, take > 0) else {
-                    continue;
-                };
-                let rows = first
-                    .query_map(params![name, by as i64, now as i64, take as i64], |r| {
-                        Ok((r.get(1)?, r.get(0)?))
-                    })?;
-                for row in rows {
-                    due.push(row?);
-                }
-            }
-            due.sort_unstable();
-            due.truncate(limit);
-            let seqs = serde_json::to_string(&due.iter().map(|d| d.1).collect::<Vec<_>>())
-                .unwrap_or_else(|_| "[]".into());
+            let due = match walk_due(conn, now, limit, &scope)? {
+                Some(due) => due,
+                None => due_by_destination(conn, now, limit, &scope)?,
+            };
+            let seqs = serde_json::to_string(&due).unwrap_or_else(|_| "[]".into());
             let mut stmt = conn.prepare_cached(CLAIM)?;
             stmt.query_map(params![lease_until as i64, seqs], |r| {
                 let headers: String = r.get(4)?;
@@ -1114,22 +1097,9 @@ impl Store for SqliteStore {
 
     async fn next_due_at(&self, now: u64, scope: &ClaimScope) -> Result<Option<u64>, StoreError> {
         let scope = scope.clone();
-        self.read(move |conn| {
-            let mut first = conn.prepare_cached(DUE_TO)?;
-            let mut next: Option<u64> = None;
-            for name in pending_destinations(conn)? {
-                if scope.room_for(&name, 1) == 0 {
-                    continue;
-                }
-                let at: Option<i64> = first
-                    .query_row(params![name, i64::MAX, now as i64, 1], |r| r.get(1))
-                    .optional()?;
-                if let Some(at) = at {
-                    let at = at as u64 + scope.wait_for(&name);
-                    next = Some(next.map_or(at, |n| n.min(at)));
-                }
-            }
-            Ok(next)
+        self.read(move |conn| match walk_next_due(conn, now, &scope)? {
+            Some(next) => Ok(next),
+            None => next_due_by_destination(conn, now, &scope),
         })
         .await
     }
@@ -1652,6 +1622,105 @@ macro_rules! due_again {
 }
 use due_again;
 
+/// The due deliveries not leased at ?1, earliest first, at most ?2, by `deliveries_due`
+/// (passing the leased ones: those in flight), with their destinations and due times.
+const DUE_WALK: &str = "SELECT d.seq, d.destination, d.next_attempt_at FROM deliveries d
+    LEFT JOIN destination_state s ON s.name = d.destination
+    WHERE d.status = 'pending' AND d.next_attempt_at <= ?1
+      AND (d.lease_until IS NULL OR d.lease_until < ?1)
+      AND (s.state IS NULL OR s.state = 'active')
+    ORDER BY d.next_attempt_at LIMIT ?2 + 0";
+
+/// The pending deliveries not leased at ?1, earliest due first, at most ?2.
+const NEXT_WALK: &str = "SELECT d.destination, d.next_attempt_at FROM deliveries d
+    LEFT JOIN destination_state s ON s.name = d.destination
+    WHERE d.status = 'pending' AND d.next_attempt_at IS NOT NULL
+      AND (d.lease_until IS NULL OR d.lease_until < ?1)
+      AND (s.state IS NULL OR s.state = 'active')
+    ORDER BY d.next_attempt_at LIMIT ?2 + 0";
+
+/// A claim's deliveries found by walking the due ones in due order (`ClaimScope::take_walked`).
+fn walk_due(
+    conn: &Connection,
+    now: u64,
+    limit: usize,
+    scope: &ClaimScope,
+) -> rusqlite::Result<Option<Vec<i64>>> {
+    let walked = conn
+        .prepare_cached(DUE_WALK)?
+        .query_map(params![now as i64, claim_walk(limit) as i64], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(scope.take_walked(walked, now, limit))
+}
+
+/// A claim's deliveries, destination by destination: each one's first due, at most its
+/// room, then the earliest of them all. Costs a probe per destination with pending
+/// deliveries, however many of theirs are due.
+fn due_by_destination(
+    conn: &Connection,
+    now: u64,
+    limit: usize,
+    scope: &ClaimScope,
+) -> rusqlite::Result<Vec<i64>> {
+    let mut due: Vec<(i64, i64)> = Vec::new();
+    let mut first = conn.prepare_cached(DUE_TO)?;
+    for name in pending_destinations(conn)? {
+        let take = scope.room_for(&name, limit);
+        let by = now.checked_sub(scope.wait_for(&name));
+        let (Some(by), true) = (by, take > 0) else {
+            continue;
+        };
+        let rows = first.query_map(params![name, by as i64, now as i64, take as i64], |r| {
+            Ok((r.get(1)?, r.get(0)?))
+        })?;
+        for row in rows {
+            due.push(row?);
+        }
+    }
+    due.sort_unstable();
+    Ok(due.into_iter().take(limit).map(|d| d.1).collect())
+}
+
+/// `Store::next_due_at` from the pending deliveries in due order (`ClaimScope::next_walked`).
+fn walk_next_due(
+    conn: &Connection,
+    now: u64,
+    scope: &ClaimScope,
+) -> rusqlite::Result<Option<Option<u64>>> {
+    let walked = conn
+        .prepare_cached(NEXT_WALK)?
+        .query_map(params![now as i64, NEXT_DUE_WALK as i64], |r| {
+            Ok((r.get(0)?, r.get::<_, i64>(1)? as u64))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(scope.next_walked(walked))
+}
+
+/// `Store::next_due_at` destination by destination.
+fn next_due_by_destination(
+    conn: &Connection,
+    now: u64,
+    scope: &ClaimScope,
+) -> rusqlite::Result<Option<u64>> {
+    let mut first = conn.prepare_cached(DUE_TO)?;
+    let mut next: Option<u64> = None;
+    for name in pending_destinations(conn)? {
+        if scope.room_for(&name, 1) == 0 {
+            continue;
+        }
+        let at: Option<i64> = first
+            .query_row(params![name, i64::MAX, now as i64, 1], |r| r.get(1))
+            .optional()?;
+        if let Some(at) = at {
+            let at = at as u64 + scope.wait_for(&name);
+            next = Some(next.map_or(at, |n| n.min(at)));
+        }
+    }
+    Ok(next)
+}
+
 /// The destinations with pending deliveries, by a skip-scan of `deliveries_destination_due`:
 /// one probe each, however many deliveries each has waiting.
 const PENDING_DESTINATIONS: &str = "WITH RECURSIVE dest(name) AS (
@@ -2123,10 +2192,15 @@ mod tests {
             let p = plan(sql);
             assert!(p.contains("INTEGER PRIMARY KEY (rowid>?)"), "{p}");
         }
-        // Claims and the next due time probe each destination once, then walk its due
-        // deliveries in order and stop early: a full scan here made an idle gateway with a
-        // long-FAILED destination busy, and a walk past a full lane's backlog stalled the
-        // writer.
+        // Claims and the next due time walk the due deliveries in order and stop early (a
+        // full scan here made an idle gateway with a long-FAILED destination busy); when a
+        // full lane's backlog is in the way, they probe each destination once, then walk
+        // its due deliveries in order (walking past that backlog stalled the writer).
+        for sql in [DUE_WALK, NEXT_WALK] {
+            let p = plan(sql);
+            assert!(p.contains("d USING INDEX deliveries_due"), "{p}");
+            assert!(!p.contains("TEMP B-TREE"), "no sort: {p}");
+        }
         let dests = plan(PENDING_DESTINATIONS);
         assert_eq!(
             dests
@@ -2261,7 +2335,7 @@ mod tests {
     fn the_dispatchers_statements_are_not_recompiled_per_call() {
         let mut conn = Connection::open_in_memory().unwrap();
         migrate(&mut conn).unwrap();
-        for sql in [PENDING_DESTINATIONS, DUE_TO, CLAIM] {
+        for sql in [DUE_WALK, NEXT_WALK, PENDING_DESTINATIONS, DUE_TO, CLAIM] {
             let mut stmt = conn.prepare(sql).unwrap();
             for i in 1..=3i64 {
                 let params: Vec<rusqlite::types::Value> = (1..=stmt.parameter_count())
