@@ -374,6 +374,9 @@ fn default_timeout() -> Duration {
 fn default_destination_concurrency(concurrency: usize) -> usize {
     (concurrency / 2).max(1)
 }
+/// The most `delivery.concurrency` may be: attempts in flight at once, each a connection.
+pub const MAX_CONCURRENCY: usize = 65_536;
+
 fn default_concurrency() -> usize {
     256
 }
@@ -923,8 +926,11 @@ impl Config {
         if self.store.lease < Duration::from_secs(1) {
             return Err(("store.lease".into(), "must be at least 1s".into()));
         }
-        if self.delivery.concurrency == 0 {
-            return Err(("delivery.concurrency".into(), "must be at least 1".into()));
+        if !(1..=MAX_CONCURRENCY).contains(&self.delivery.concurrency) {
+            return Err((
+                "delivery.concurrency".into(),
+                format!("must be between 1 and {MAX_CONCURRENCY}"),
+            ));
         }
         let d = &self.delivery;
         if d.destination_concurrency == 0 || d.destination_concurrency > d.concurrency {
@@ -1375,6 +1381,13 @@ mod tests {
             err.contains("delivery.destination_concurrency") && err.contains("(10)"),
             "{err}"
         );
+        for bad in ["concurrency = 0", "concurrency = 65537"] {
+            let err = with(bad).unwrap_err().to_string();
+            assert!(
+                err.contains("delivery.concurrency") && err.contains("between 1 and 65536"),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -142,10 +142,11 @@ impl Reloader {
         Ok(config)
     }
 
-    /// Makes `config` the one in force: the delivery transport (if it changed), routing,
-    /// destinations and the config itself.
+    /// Makes `config` the one in force: the delivery transport and concurrency (if they
+    /// changed), routing, destinations and the config itself.
     async fn install(&self, config: Arc<Config>) {
         self.dispatcher.set_transport(&config.delivery);
+        self.dispatcher.set_concurrency(&config.delivery);
         let routing = Arc::new(Routing::from_config(&config));
         self.dispatcher
             .set_destinations(
@@ -192,17 +193,25 @@ impl Reloader {
                 }
             }
         }
-        if config.server.listen != old.server.listen
-            || config.server.data_dir != old.server.data_dir
-        {
-            tracing::warn!("server.listen and server.data_dir take effect at the next start only.");
-        }
-        if config.delivery.concurrency != old.delivery.concurrency
-            || config.delivery.destination_concurrency != old.delivery.destination_concurrency
-        {
-            tracing::warn!(
-                "delivery.concurrency and delivery.destination_concurrency take effect at the next start only."
-            );
+        let start_only = [
+            ("server.listen", config.server.listen != old.server.listen),
+            (
+                "server.data_dir",
+                config.server.data_dir != old.server.data_dir,
+            ),
+            (
+                "server.queue_capacity",
+                config.server.queue_capacity != old.server.queue_capacity,
+            ),
+            (
+                "server.queue_max_bytes",
+                config.server.queue_max_bytes != old.server.queue_max_bytes,
+            ),
+            ("store.url", config.store.url != old.store.url),
+            ("store.lease", config.store.lease != old.store.lease),
+        ];
+        for (key, _) in start_only.iter().filter(|(_, changed)| *changed) {
+            tracing::warn!(key, "Changed, but takes effect at the next start only.");
         }
 
         // Keep what either config's routes use: a rejected config falls back to the old one.

@@ -1018,6 +1018,67 @@ destinations = {all:?}
     gw.shutdown().await.unwrap();
 }
 
+/// A reload that raises `delivery.concurrency` and `destination_concurrency` lets more
+/// attempts start at once, without a restart: a destination that hangs, held to 2 attempts
+/// in flight, gets 6 once the reloaded config allows 6 (and no more), the ones waiting in
+/// its lane and in the store alike.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_changes_how_many_deliveries_are_in_flight() {
+    let rx = Receiver::start().await;
+    let (hang, connections) = hanging_destination().await;
+    let config = |concurrency: usize, per_destination: usize| {
+        format!(
+            // (The harness's `[delivery]` table is open: these lines land in it.)
+            r#"
+timeout = "3s"
+concurrency = {concurrency}
+destination_concurrency = {per_destination}
+[[sources]]
+name = "s"
+[[destinations]]
+name = "slow"
+url = "{hang}/slow"
+[[routes]]
+source = "s"
+destinations = ["slow"]
+"#
+        )
+    };
+    let in_flight = async |n: usize| {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while connections.load(std::sync::atomic::Ordering::SeqCst) < n {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{n} attempts in flight"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // And no more, a while later.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), n);
+    };
+    let dir = TestGateway::dir_with_plugins(&[]);
+    let gw = TestGateway::start_from_file(dir, &config(4, 2), &rx)
+        .await
+        .unwrap();
+    for n in 0..10 {
+        gw.accept("s", json!({ "n": n }).to_string()).await;
+    }
+    in_flight(2).await;
+
+    let file = gw.dir().join("switchyard.toml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, text.replace(&config(4, 2), &config(16, 6))).unwrap();
+    let (status, report) = gw.post_api("/v1/reload").await;
+    assert_eq!(
+        (status, &report["config"]),
+        (200, &json!("applied")),
+        "{report}"
+    );
+    in_flight(6).await;
+    gw.shutdown().await.unwrap();
+}
+
 /// A destination slower than its traffic holds a bounded lane of attempts (twice
 /// `delivery.destination_concurrency`); the rest of its deliveries wait in the store, and
 /// claims leave them out while its lane is full, so another destination's retry is sent

@@ -115,14 +115,15 @@ pub struct Dispatcher {
     /// however many destinations hang or answer slowly, each holding its
     /// `destination_concurrency`, the others' deliveries still find permits instead of
     /// waiting for those attempts to end.
-    permits: Arc<Semaphore>,
-    reserve: Arc<Semaphore>,
-    light: usize,
+    /// A reload resizes all three (`set_concurrency`).
+    permits: Pool,
+    reserve: Pool,
+    light: AtomicUsize,
     /// Each destination's lane: its `delivery.destination_concurrency` permits, taken
     /// before one of `permits` (deliveries waiting behind a destination that hangs hold
     /// none of those), and how many attempts it holds.
     lanes: Mutex<HashMap<String, Arc<Lane>>>,
-    destination_concurrency: usize,
+    destination_concurrency: AtomicUsize,
     /// Claimed deliveries whose attempts have their destination's permit but not one of
     /// `permits` yet: the next claim takes only as many as are left beyond them. (Those
     /// waiting in a lane are bounded by the lane; the pipeline's are not counted: it has
@@ -262,13 +263,11 @@ impl Dispatcher {
             pacers: Mutex::default(),
             clock,
             wake: Notify::new(),
-            permits: Arc::new(Semaphore::new(
-                config.concurrency - reserved(config.concurrency),
-            )),
-            reserve: Arc::new(Semaphore::new(reserved(config.concurrency))),
-            light: (reserved(config.concurrency) / 8).max(1),
+            permits: Pool::new(config.concurrency - reserved(config.concurrency)),
+            reserve: Pool::new(reserved(config.concurrency)),
+            light: AtomicUsize::new(light(config.concurrency)),
             lanes: Mutex::default(),
-            destination_concurrency: config.destination_concurrency,
+            destination_concurrency: AtomicUsize::new(config.destination_concurrency),
             waiting: Arc::default(),
             orphaned_after,
             starved: AtomicBool::new(false),
@@ -312,6 +311,35 @@ impl Dispatcher {
                 tracing::error!(error = %e, "Cannot apply the reloaded delivery settings; deliveries go on as before.")
             }
         }
+    }
+
+    /// Applies a reloaded `delivery.concurrency` and `delivery.destination_concurrency`.
+    /// More permits are usable at once; fewer take effect as attempts under way end (no
+    /// new attempt starts while more are in flight than the new size allows), and none
+    /// is cut short.
+    pub fn set_concurrency(&self, config: &DeliveryConfig) {
+        let (concurrency, per_destination) = (config.concurrency, config.destination_concurrency);
+        let before = self.permits.size() + self.reserve.size();
+        let before_per_destination = self.destination_concurrency.load(Ordering::SeqCst);
+        if (before, before_per_destination) == (concurrency, per_destination) {
+            return;
+        }
+        self.permits.resize(concurrency - reserved(concurrency));
+        self.reserve.resize(reserved(concurrency));
+        self.light.store(light(concurrency), Ordering::SeqCst);
+        self.destination_concurrency
+            .store(per_destination, Ordering::SeqCst);
+        for lane in (self.lanes.lock().unwrap_or_else(|e| e.into_inner())).values() {
+            lane.permits.resize(per_destination);
+        }
+        tracing::info!(
+            concurrency,
+            destination_concurrency = per_destination,
+            before,
+            before_per_destination,
+            "Deliveries use the reloaded concurrency."
+        );
+        self.wake();
     }
 
     /// The delivery stage's time.
@@ -471,7 +499,7 @@ impl Dispatcher {
     /// and the pipeline's sends: as many as may be in flight, and as many again waiting
     /// (each starts within one attempt's timeout, so well within its lease).
     fn lane_room(&self) -> usize {
-        2 * self.destination_concurrency
+        2 * self.destination_concurrency.load(Ordering::SeqCst)
     }
 
     /// Spawns an attempt, which waits for a permit of its destination and then for one of
@@ -480,13 +508,13 @@ impl Dispatcher {
         let this = self.clone();
         self.attempts.spawn(async move {
             let lane = held.lane().clone();
-            let for_destination = match lane.permits.clone().try_acquire_owned() {
+            let for_destination = match lane.permits.get().try_acquire_owned() {
                 Ok(permit) => permit,
                 Err(_) => {
                     // Waiting in its lane, it leaves the dispatcher's permits to others.
                     let waited = waiting.is_some();
                     drop(waiting);
-                    let Ok(permit) = lane.permits.clone().acquire_owned().await else {
+                    let Ok(permit) = lane.permits.get().acquire_owned().await else {
                         return;
                     };
                     let _waiting = waited.then(|| Waiting::new(&this.waiting));
@@ -520,7 +548,7 @@ impl Dispatcher {
         // The place that leaves the lane half full wakes the loop to claim the next half
         // of a backlog in the store: a claim per `destination_concurrency` deliveries, and
         // all of them waiting no longer than one attempt's time.
-        if held.leave() == self.destination_concurrency + 1 {
+        if held.leave() == self.destination_concurrency.load(Ordering::SeqCst) + 1 {
             self.wake();
         }
     }
@@ -529,19 +557,19 @@ impl Dispatcher {
     /// reserve too while the destination has fewer than `light` attempts in flight (looked
     /// at again each time one of them ends).
     async fn dispatcher_permit(&self, lane: &Lane) -> Option<OwnedSemaphorePermit> {
-        if let Ok(p) = self.permits.clone().try_acquire_owned() {
+        if let Ok(p) = self.permits.get().try_acquire_owned() {
             return Some(p);
         }
         loop {
             let ended = lane.ended.notified();
             tokio::pin!(ended);
             ended.as_mut().enable();
-            let any = self.permits.clone().acquire_owned();
-            if lane.sending.load(Ordering::SeqCst) < self.light {
+            let any = self.permits.get().acquire_owned();
+            if lane.sending.load(Ordering::SeqCst) < self.light.load(Ordering::SeqCst) {
                 return tokio::select! {
                     biased;
                     p = any => p.ok(),
-                    p = self.reserve.clone().acquire_owned() => p.ok(),
+                    p = self.reserve.get().acquire_owned() => p.ok(),
                 };
             }
             tokio::select! {
@@ -554,7 +582,7 @@ impl Dispatcher {
 
     /// The dispatcher's permits free now, reserved ones included.
     fn free_permits(&self) -> usize {
-        self.permits.available_permits() + self.reserve.available_permits()
+        self.permits.get().available_permits() + self.reserve.get().available_permits()
     }
 
     fn lane(&self, destination: &str) -> Arc<Lane> {
@@ -563,7 +591,7 @@ impl Dispatcher {
             return lane.clone();
         }
         let lane = Arc::new(Lane {
-            permits: Arc::new(Semaphore::new(self.destination_concurrency)),
+            permits: Pool::new(self.destination_concurrency.load(Ordering::SeqCst)),
             held: AtomicUsize::new(0),
             sending: AtomicUsize::new(0),
             ended: Notify::new(),
@@ -1091,6 +1119,58 @@ fn reserved(concurrency: usize) -> usize {
     concurrency / 4
 }
 
+/// Below how many attempts in flight a destination may take the reserve's permits: an
+/// eighth of the reserve.
+fn light(concurrency: usize) -> usize {
+    (reserved(concurrency) / 8).max(1)
+}
+
+/// A semaphore of a size a reload may change. Growing adds permits at once; shrinking
+/// forgets the free ones and, for the rest, queues a task that takes the excess as
+/// attempts give their permits back and forgets them (the semaphore is fair, so no new
+/// attempt gets one before it is done). Sizes applied in any order add up to the last one.
+struct Pool {
+    semaphore: Arc<Semaphore>,
+    size: AtomicUsize,
+}
+
+impl Pool {
+    fn new(size: usize) -> Self {
+        Self {
+            semaphore: Arc::new(Semaphore::new(size)),
+            size: AtomicUsize::new(size),
+        }
+    }
+
+    fn get(&self) -> Arc<Semaphore> {
+        self.semaphore.clone()
+    }
+
+    fn size(&self) -> usize {
+        self.size.load(Ordering::SeqCst)
+    }
+
+    fn resize(&self, to: usize) {
+        let from = self.size.swap(to, Ordering::SeqCst);
+        if to > from {
+            self.semaphore.add_permits(to - from);
+            return;
+        }
+        let excess = from - to;
+        let owed = excess - self.semaphore.forget_permits(excess);
+        if owed > 0 {
+            let semaphore = self.semaphore.clone();
+            tokio::spawn(async move {
+                // `u32`: semaphores here hold far fewer (`delivery.concurrency` is a count
+                // of attempts in flight).
+                if let Ok(taken) = semaphore.acquire_many_owned(owed as u32).await {
+                    taken.forget();
+                }
+            });
+        }
+    }
+}
+
 /// The two permits an attempt holds: one of the dispatcher's, one of its destination's;
 /// and its place among its destination's attempts in flight.
 struct Permits {
@@ -1118,7 +1198,7 @@ impl Drop for Sending {
 
 /// A destination's lane: see `Dispatcher::lanes`.
 struct Lane {
-    permits: Arc<Semaphore>,
+    permits: Pool,
     /// Attempts spawned (or reserved by the pipeline) and not yet ended.
     held: AtomicUsize,
     /// Attempts in flight (with both permits), and a signal each time one ends.
@@ -1229,4 +1309,69 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
         cur = next;
     }
     cur.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Lets the task a shrink queued take what it is owed.
+    async fn settle() {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_pool_grows_at_once_and_shrinks_as_permits_come_back() {
+        let pool = Pool::new(4);
+        let mut held: Vec<_> = (0..3)
+            .map(|_| pool.get().try_acquire_owned().unwrap())
+            .collect();
+
+        // To 2 with 3 in use: the free one goes at once; one more is owed.
+        pool.resize(2);
+        settle().await;
+        assert_eq!(pool.get().available_permits(), 0);
+        held.pop();
+        settle().await;
+        assert_eq!(
+            pool.get().available_permits(),
+            0,
+            "the first one back pays the debt"
+        );
+        held.pop();
+        settle().await;
+        assert_eq!(
+            pool.get().available_permits(),
+            1,
+            "then 1 in use and 1 free: 2"
+        );
+
+        // Growing while in use, and shrinking again below what is free.
+        pool.resize(5);
+        assert_eq!(pool.get().available_permits(), 4);
+        pool.resize(1);
+        settle().await;
+        assert_eq!(pool.get().available_permits(), 0);
+        held.pop();
+        settle().await;
+        assert_eq!((pool.get().available_permits(), pool.size()), (1, 1));
+    }
+
+    #[tokio::test]
+    async fn sizes_applied_before_the_debt_is_paid_add_up_to_the_last() {
+        let pool = Pool::new(4);
+        let held: Vec<_> = (0..4)
+            .map(|_| pool.get().try_acquire_owned().unwrap())
+            .collect();
+        pool.resize(1); // 3 owed
+        settle().await;
+        pool.resize(3); // 2 added, taken by the debt
+        settle().await;
+        assert_eq!(pool.get().available_permits(), 0);
+        drop(held);
+        settle().await;
+        assert_eq!((pool.get().available_permits(), pool.size()), (3, 3));
+    }
 }
