@@ -122,7 +122,7 @@ async fn conformance(open: Reopen) {
         "e1c",
         "onomondo",
         12_000,
-        r#"{"type":"usage","sim":{"iccid":"8945","slot":2,"ratio":1.5}}"#,
+        r#"{"type":"usage","sim":{"iccid":"8945","slot":2,"ratio":1.50,"roaming":true,"apn":null,"tags":["a"],"big":89457387300000000123}}"#,
     );
     assert_eq!(
         store.insert_event(late, idem("k1")).await.unwrap(),
@@ -436,8 +436,9 @@ async fn conformance(open: Reopen) {
         after.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
         ["e1"]
     );
-    // A field of the body, compared as text: a string, whole and decimal numbers; a body
-    // without it, or not JSON ("e2"), is not listed.
+    // A field of the body, compared by its JSON type: a string by its text, a number by
+    // its value, `true`/`false`/`null` by name, an array never; a body without it, or not
+    // JSON ("e2"), is not listed.
     let by_field = |field: &str, equals: &str| {
         let filter = EventFilter {
             field: Some(FieldMatch::parse(field, equals.into()).unwrap()),
@@ -451,7 +452,17 @@ async fn conformance(open: Reopen) {
     };
     assert_eq!(by_field("sim.iccid", "8945").await, ["e1c"]);
     assert_eq!(by_field("sim.slot", "2").await, ["e1c"]);
-    assert_eq!(by_field("sim.ratio", "1.5").await, ["e1c"]);
+    for ratio in ["1.5", "1.50", "15e-1"] {
+        assert_eq!(by_field("sim.ratio", ratio).await, ["e1c"], "{ratio}");
+    }
+    assert!(by_field("sim.ratio", "1.6").await.is_empty());
+    assert_eq!(by_field("sim.slot", "2.0").await, ["e1c"]);
+    assert_eq!(by_field("sim.big", "89457387300000000123").await, ["e1c"]);
+    assert!(by_field("sim.iccid", "8945.0").await.is_empty(), "text");
+    assert_eq!(by_field("sim.roaming", "true").await, ["e1c"]);
+    assert!(by_field("sim.roaming", "1").await.is_empty());
+    assert_eq!(by_field("sim.apn", "null").await, ["e1c"]);
+    assert!(by_field("sim.tags", r#"["a"]"#).await.is_empty());
     assert_eq!(by_field("type", "usage").await, ["e1c", "e1"]);
     assert!(by_field("sim.iccid", "894").await.is_empty());
     assert!(

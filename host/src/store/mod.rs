@@ -285,9 +285,11 @@ pub struct EventFilter {
     pub field: Option<FieldMatch>,
 }
 
-/// A field of an event's body (a JSON object) and the text it must equal: a string's
-/// value, or a number as the store prints it (whole numbers as written). Every body is
-/// read, as for the type: on a large store, narrow the list by source and time.
+/// A field of an event's body (a JSON object) and the text it must equal. A string
+/// equals its value; a number, `equals` read as a JSON number of the same value (`1.5`
+/// matches `1.50` and `15e-1`); `true`, `false` and `null` their names; an object or an
+/// array nothing. Every body is read, as for the type: on a large store, narrow the list
+/// by source and time.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FieldMatch {
     /// The object keys leading to it: `["data", "iccid"]` for `data.iccid`.
@@ -306,6 +308,11 @@ impl FieldMatch {
             ));
         }
         Ok(Self { path, equals })
+    }
+
+    /// `equals` as a JSON number, if it is one: what a number field is compared with.
+    pub fn number(&self) -> Option<serde_json::Number> {
+        serde_json::from_str::<serde_json::Number>(&self.equals).ok()
     }
 
     /// The path in SQLite's JSON path syntax, each key quoted: `$."data"."iccid"`.

@@ -173,6 +173,29 @@ const SCHEMA: &[&str] = &[
     // claims that go destination by destination.
     "CREATE INDEX deliveries_destination_due ON deliveries (destination, next_attempt_at)
          WHERE status = 'pending';",
+    // 13: a field of the body compared by its JSON type, as SQLite's `list_events` does
+    // (`FieldMatch`): a string by its text, a number by its value (`num`, `equals` read as a
+    // number, NULL if it is not one), `true`/`false`/`null` by name. Replaces 11's.
+    r#"DROP FUNCTION switchyard_body_field(BYTEA, TEXT[]);
+    CREATE FUNCTION switchyard_body_matches(body BYTEA, path TEXT[], equals TEXT, num NUMERIC)
+    RETURNS BOOLEAN AS $$
+    DECLARE j JSONB;
+    BEGIN
+        j := convert_from(body, 'UTF8')::JSONB;
+        IF jsonb_typeof(j) <> 'object' THEN
+            RETURN NULL;
+        END IF;
+        j := j #> path;
+        RETURN CASE jsonb_typeof(j)
+            WHEN 'string' THEN j #>> '{}' = equals
+            WHEN 'number' THEN (j #>> '{}')::NUMERIC = num
+            WHEN 'boolean' THEN j #>> '{}' = equals
+            WHEN 'null' THEN equals = 'null'
+        END;
+    EXCEPTION WHEN others THEN
+        RETURN NULL;
+    END;
+    $$ LANGUAGE plpgsql IMMUTABLE;"#,
 ];
 
 /// `Store::list_events` (see SQLite's `list_events_sql`): by `events_source` when a source
@@ -199,7 +222,7 @@ fn list_events_sql(by_source: bool, dead_lettered: bool) -> String {
          WHERE {source}
            AND ($2::TEXT IS NULL OR e.status = $2)
            AND ($3::TEXT IS NULL OR switchyard_event_type(e.body) = $3)
-           AND ($10::TEXT[] IS NULL OR switchyard_body_field(e.body, $10) = $11)
+           AND ($10::TEXT[] IS NULL OR switchyard_body_matches(e.body, $10, $11, $12::TEXT::NUMERIC))
            AND e.received_at >= $4 AND e.received_at < $5
            AND (e.received_at, e.id) < ($6, $7)
            {route_result}
@@ -1369,6 +1392,10 @@ impl Store for PgStore {
                     &filter.route_result.map(RouteResultKind::as_str),
                     &filter.field.as_ref().map(|f| f.path.clone()),
                     &filter.field.as_ref().map(|f| f.equals.clone()),
+                    // Exact: PostgreSQL reads the JSON number as NUMERIC.
+                    &(filter.field.as_ref())
+                        .filter(|f| f.number().is_some())
+                        .map(|f| f.equals.clone()),
                 ],
             )
             .await
@@ -1670,6 +1697,7 @@ mod tests {
                         &50i64,
                         &result,
                         &no_path,
+                        &none,
                         &none,
                     ],
                 )

@@ -188,12 +188,28 @@ fn list_events_sql(by_source: bool, dead_lettered: bool) -> String {
            AND (?2 IS NULL OR e.status = ?2)
            AND (?3 IS NULL OR {event_type} = ?3)
            AND (?10 IS NULL OR CASE WHEN json_valid(CAST(e.body AS TEXT))
-                THEN CAST(json_extract(CAST(e.body AS TEXT), ?10) AS TEXT) END = ?11)
+                THEN CASE json_type(CAST(e.body AS TEXT), ?10)
+                    WHEN 'text' THEN json_extract(CAST(e.body AS TEXT), ?10) = ?11
+                    WHEN 'integer' THEN json_extract(CAST(e.body AS TEXT), ?10) = ?12
+                    WHEN 'real' THEN json_extract(CAST(e.body AS TEXT), ?10) = ?12
+                    WHEN 'true' THEN ?11 = 'true'
+                    WHEN 'false' THEN ?11 = 'false'
+                    WHEN 'null' THEN ?11 = 'null'
+                END END)
            AND e.received_at >= ?4 AND e.received_at < ?5
            AND (e.received_at, e.id) < (?6, ?7)
            {route_result}
          ORDER BY e.received_at DESC, e.id DESC LIMIT ?8"
     )
+}
+
+/// A number `FieldMatch::equals` is compared with: whole numbers (up to 2^63) exactly,
+/// others as SQLite reads JSON numbers, as doubles.
+fn sql_number(n: serde_json::Number) -> rusqlite::types::Value {
+    match n.as_i64() {
+        Some(i) => rusqlite::types::Value::Integer(i),
+        None => rusqlite::types::Value::Real(n.as_f64().unwrap_or(f64::NAN)),
+    }
 }
 
 /// What an event takes up in the queue (`queued_size`, near enough: its headers as
@@ -1372,6 +1388,11 @@ impl Store for SqliteStore {
                         filter.route_result.map(RouteResultKind::as_str),
                         filter.field.as_ref().map(FieldMatch::sqlite_path),
                         filter.field.as_ref().map(|f| f.equals.as_str()),
+                        filter
+                            .field
+                            .as_ref()
+                            .and_then(FieldMatch::number)
+                            .map(sql_number),
                     ],
                     |r| {
                         let status: String = r.get(3)?;
