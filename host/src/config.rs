@@ -271,6 +271,10 @@ pub struct DeliveryConfig {
     /// Deliveries in flight at once to one destination (half of `concurrency` unless
     /// set): a destination that hangs holds at most these, and the others keep the rest.
     pub destination_concurrency: usize,
+    /// Of `concurrency`, the permits kept for destinations with fewer than an eighth of
+    /// these in flight (a quarter unless set; 0: none kept), so that destinations that
+    /// hang, however many, leave the others permits.
+    pub reserved_concurrency: usize,
     /// The default retry policy of destinations.
     pub retry: RetryPolicy,
     /// Networks deliveries may reach although the SSRF guard refuses them by default
@@ -310,6 +314,8 @@ struct RawDelivery {
     concurrency: usize,
     #[serde(default)]
     destination_concurrency: Option<usize>,
+    #[serde(default)]
+    reserved_concurrency: Option<usize>,
     #[serde(default = "default_schedule", with = "humantime_serde_vec")]
     retry_schedule: Vec<Duration>,
     #[serde(default = "default_jitter")]
@@ -337,6 +343,8 @@ impl From<RawDelivery> for DeliveryConfig {
             concurrency: r.concurrency,
             destination_concurrency: (r.destination_concurrency)
                 .unwrap_or_else(|| default_destination_concurrency(r.concurrency)),
+            reserved_concurrency: (r.reserved_concurrency)
+                .unwrap_or_else(|| default_reserved_concurrency(r.concurrency)),
             retry: RetryPolicy {
                 retry_schedule: r.retry_schedule,
                 jitter: r.jitter,
@@ -358,6 +366,7 @@ impl Default for DeliveryConfig {
             timeout: default_timeout(),
             concurrency: default_concurrency(),
             destination_concurrency: default_destination_concurrency(default_concurrency()),
+            reserved_concurrency: default_reserved_concurrency(default_concurrency()),
             allowed_networks: Vec::new(),
             retry: RetryPolicy::default(),
             notify_source: None,
@@ -373,6 +382,9 @@ fn default_timeout() -> Duration {
 }
 fn default_destination_concurrency(concurrency: usize) -> usize {
     (concurrency / 2).max(1)
+}
+fn default_reserved_concurrency(concurrency: usize) -> usize {
+    concurrency / 4
 }
 /// The most `delivery.concurrency` may be: attempts in flight at once, each a connection.
 pub const MAX_CONCURRENCY: usize = 65_536;
@@ -942,6 +954,15 @@ impl Config {
                 ),
             ));
         }
+        if d.reserved_concurrency >= d.concurrency {
+            return Err((
+                "delivery.reserved_concurrency".into(),
+                format!(
+                    "must be below delivery.concurrency ({}): the rest are any destination's",
+                    d.concurrency
+                ),
+            ));
+        }
         let mut sources = HashSet::new();
         for (i, s) in self.sources.iter().enumerate() {
             check_name(&s.name).map_err(|m| (format!("sources[{i}].name"), m))?;
@@ -1379,6 +1400,18 @@ mod tests {
             .to_string();
         assert!(
             err.contains("delivery.destination_concurrency") && err.contains("(10)"),
+            "{err}"
+        );
+        // A quarter is kept for destinations with few in flight, unless told.
+        assert_eq!(ok.delivery.reserved_concurrency, 64);
+        assert_eq!(set.delivery.reserved_concurrency, 2);
+        let none = with("concurrency = 10\nreserved_concurrency = 0").unwrap();
+        assert_eq!(none.delivery.reserved_concurrency, 0);
+        let err = with("concurrency = 10\nreserved_concurrency = 10")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("delivery.reserved_concurrency") && err.contains("(10)"),
             "{err}"
         );
         for bad in ["concurrency = 0", "concurrency = 65537"] {

@@ -1021,18 +1021,20 @@ destinations = {all:?}
 /// A reload that raises `delivery.concurrency` and `destination_concurrency` lets more
 /// attempts start at once, without a restart: a destination that hangs, held to 2 attempts
 /// in flight, gets 6 once the reloaded config allows 6 (and no more), the ones waiting in
-/// its lane and in the store alike.
+/// its lane and in the store alike. Alone, it gets all 8 of 8 permits only once none are
+/// kept for other destinations (`reserved_concurrency = 0`; 2 by default).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_reload_changes_how_many_deliveries_are_in_flight() {
     let rx = Receiver::start().await;
     let (hang, connections) = hanging_destination().await;
-    let config = |concurrency: usize, per_destination: usize| {
+    let config = |concurrency: usize, per_destination: usize, reserved: &str| {
         format!(
             // (The harness's `[delivery]` table is open: these lines land in it.)
             r#"
-timeout = "3s"
+timeout = "5s"
 concurrency = {concurrency}
 destination_concurrency = {per_destination}
+{reserved}
 [[sources]]
 name = "s"
 [[destinations]]
@@ -1058,7 +1060,7 @@ destinations = ["slow"]
         assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), n);
     };
     let dir = TestGateway::dir_with_plugins(&[]);
-    let gw = TestGateway::start_from_file(dir, &config(4, 2), &rx)
+    let gw = TestGateway::start_from_file(dir, &config(4, 2, ""), &rx)
         .await
         .unwrap();
     for n in 0..10 {
@@ -1067,15 +1069,23 @@ destinations = ["slow"]
     in_flight(2).await;
 
     let file = gw.dir().join("switchyard.toml");
-    let text = std::fs::read_to_string(&file).unwrap();
-    std::fs::write(&file, text.replace(&config(4, 2), &config(16, 6))).unwrap();
-    let (status, report) = gw.post_api("/v1/reload").await;
-    assert_eq!(
-        (status, &report["config"]),
-        (200, &json!("applied")),
-        "{report}"
-    );
+    let reload = async |from: &str, to: &str| {
+        let text = std::fs::read_to_string(&file).unwrap();
+        std::fs::write(&file, text.replace(from, to)).unwrap();
+        let (status, report) = gw.post_api("/v1/reload").await;
+        assert_eq!(
+            (status, &report["config"]),
+            (200, &json!("applied")),
+            "{report}"
+        );
+    };
+    reload(&config(4, 2, ""), &config(16, 6, "")).await;
     in_flight(6).await;
+    reload(&config(16, 6, ""), &config(8, 8, "")).await;
+    in_flight(6).await;
+    let all = config(8, 8, "reserved_concurrency = 0");
+    reload(&config(8, 8, ""), &all).await;
+    in_flight(8).await;
     gw.shutdown().await.unwrap();
 }
 

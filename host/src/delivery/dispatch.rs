@@ -110,8 +110,9 @@ pub struct Dispatcher {
     clock: Arc<dyn Clock>,
     wake: Notify,
     /// `delivery.concurrency`: a permit per attempt in flight, in two parts. `permits`
-    /// (three quarters) are for any attempt; `reserve` (the other quarter) only for
-    /// attempts to a destination with fewer than `light` attempts in flight. So
+    /// are for any attempt; `reserve` (`delivery.reserved_concurrency`, a quarter by
+    /// default) only for attempts to a destination with fewer than `light` (an eighth of
+    /// the reserve) attempts in flight. So
     /// however many destinations hang or answer slowly, each holding its
     /// `destination_concurrency`, the others' deliveries still find permits instead of
     /// waiting for those attempts to end.
@@ -263,9 +264,9 @@ impl Dispatcher {
             pacers: Mutex::default(),
             clock,
             wake: Notify::new(),
-            permits: Pool::new(config.concurrency - reserved(config.concurrency)),
-            reserve: Pool::new(reserved(config.concurrency)),
-            light: AtomicUsize::new(light(config.concurrency)),
+            permits: Pool::new(config.concurrency - config.reserved_concurrency),
+            reserve: Pool::new(config.reserved_concurrency),
+            light: AtomicUsize::new(light(config.reserved_concurrency)),
             lanes: Mutex::default(),
             destination_concurrency: AtomicUsize::new(config.destination_concurrency),
             waiting: Arc::default(),
@@ -313,20 +314,28 @@ impl Dispatcher {
         }
     }
 
-    /// Applies a reloaded `delivery.concurrency` and `delivery.destination_concurrency`.
+    /// Applies a reloaded `delivery.concurrency`, `reserved_concurrency` and
+    /// `destination_concurrency`.
     /// More permits are usable at once; fewer take effect as attempts under way end (no
     /// new attempt starts while more are in flight than the new size allows), and none
     /// is cut short.
     pub fn set_concurrency(&self, config: &DeliveryConfig) {
-        let (concurrency, per_destination) = (config.concurrency, config.destination_concurrency);
+        let (concurrency, reserved, per_destination) = (
+            config.concurrency,
+            config.reserved_concurrency,
+            config.destination_concurrency,
+        );
         let before = self.permits.size() + self.reserve.size();
+        let before_reserved = self.reserve.size();
         let before_per_destination = self.destination_concurrency.load(Ordering::SeqCst);
-        if (before, before_per_destination) == (concurrency, per_destination) {
+        if (before, before_reserved, before_per_destination)
+            == (concurrency, reserved, per_destination)
+        {
             return;
         }
-        self.permits.resize(concurrency - reserved(concurrency));
-        self.reserve.resize(reserved(concurrency));
-        self.light.store(light(concurrency), Ordering::SeqCst);
+        self.permits.resize(concurrency - reserved);
+        self.reserve.resize(reserved);
+        self.light.store(light(reserved), Ordering::SeqCst);
         self.destination_concurrency
             .store(per_destination, Ordering::SeqCst);
         for lane in (self.lanes.lock().unwrap_or_else(|e| e.into_inner())).values() {
@@ -334,8 +343,10 @@ impl Dispatcher {
         }
         tracing::info!(
             concurrency,
+            reserved_concurrency = reserved,
             destination_concurrency = per_destination,
             before,
+            before_reserved,
             before_per_destination,
             "Deliveries use the reloaded concurrency."
         );
@@ -1113,16 +1124,10 @@ fn signed_headers(dest: &Destination, d: &DueDelivery, now_ms: u64) -> Vec<(Stri
     headers
 }
 
-/// How many of `delivery.concurrency`'s permits are kept for destinations with few
-/// attempts under way (see `Dispatcher::reserve`): a quarter.
-fn reserved(concurrency: usize) -> usize {
-    concurrency / 4
-}
-
-/// Below how many attempts in flight a destination may take the reserve's permits: an
-/// eighth of the reserve.
-fn light(concurrency: usize) -> usize {
-    (reserved(concurrency) / 8).max(1)
+/// Below how many attempts in flight a destination may take the reserve's permits
+/// (`delivery.reserved_concurrency`): an eighth of the reserve.
+fn light(reserved: usize) -> usize {
+    (reserved / 8).max(1)
 }
 
 /// A semaphore of a size a reload may change. Growing adds permits at once; shrinking
