@@ -7,7 +7,9 @@
 //! cost (the dashboard's per-minute counts and event list, and — after as many events again
 //! whose deliveries wait, as in an outage — the backlog and counts per destination), and
 //! retention's purge of the delivered events, and how long an ingest commit waits while it
-//! runs.
+//! runs. Last, what a claim costs when a destination's full lane and due backlog stop the
+//! walk in due order, first with 5 other destinations, then with 1,000 more that are
+//! FAILED and hold a delivery each.
 //!
 //! Run with: `cargo bench -p switchyard --bench store [-- EVENTS CONCURRENCY]` (defaults
 //! 20000 and 64). SQLite in a temp dir on the local disk.
@@ -19,8 +21,8 @@ use std::time::{Duration, Instant};
 use switchyard::delivery::delivery_id;
 use switchyard::event::{Body, Event};
 use switchyard::store::{
-    Attempt, AttemptNext, DeliveryStatus, EventFilter, NewDelivery, PurgeBefore, RouteOutcome,
-    RouteResult, SqliteStore, Store,
+    Attempt, AttemptNext, ClaimScope, DeliveryStatus, DestinationHealth, DestinationState,
+    EventFilter, NewDelivery, PurgeBefore, RouteOutcome, RouteResult, SqliteStore, Store,
 };
 
 fn now_ms() -> u64 {
@@ -110,6 +112,53 @@ async fn one(store: &dyn Store, n: usize, next: AttemptNext) {
         .record_attempt(&id, 0, attempt, next)
         .await
         .expect("attempt");
+}
+
+/// An event with one delivery to `destination`, pending, not leased, due `at`.
+async fn waiting(store: &dyn Store, n: usize, destination: &str, at: u64) {
+    store.insert_event(event(n), None).await.expect("insert");
+    let event = store.next_event().await.expect("queued");
+    let delivery = NewDelivery {
+        id: delivery_id(&event.id, event.run, 0, 0, destination),
+        route: 0,
+        destination: destination.into(),
+        url: "http://127.0.0.1:9/events".into(),
+        headers: Vec::new(),
+        body: event.body.0.clone(),
+        status: DeliveryStatus::Pending,
+        lease_until: None,
+    };
+    let outcome = RouteOutcome {
+        route: 0,
+        name: "bench".into(),
+        run: 0,
+        steps: Vec::new(),
+        result: RouteResult::Delivering { deliveries: 1 },
+    };
+    store
+        .complete_event(&event, vec![outcome], vec![delivery], at)
+        .await
+        .expect("complete");
+}
+
+/// The median of 50 claims of 64 that find nothing they may take: `slow`'s lane is full
+/// (no room) and its due backlog stops the walk in due order, so each goes destination
+/// by destination.
+async fn blocked_claim(store: &dyn Store) -> Duration {
+    let scope = ClaimScope {
+        room: [("slow".to_string(), 0)].into(),
+        ..ClaimScope::default()
+    };
+    let mut took = Vec::new();
+    for _ in 0..50 {
+        let now = now_ms();
+        let started = Instant::now();
+        let claimed = store.claim_due(now, now + 40_000, 64, &scope).await;
+        took.push(started.elapsed());
+        assert!(claimed.expect("claim").is_empty());
+    }
+    took.sort();
+    took[took.len() / 2]
 }
 
 async fn run(
@@ -254,6 +303,36 @@ async fn main() -> anyhow::Result<()> {
          meanwhile {inserted} ingest commits, the slowest {:.1} ms",
         took.as_secs_f64() * 1000.0,
         slowest.as_secs_f64() * 1000.0
+    );
+
+    // A slow destination's full lane and due backlog in the way of claims; 5 other
+    // destinations with a retry an hour away; then 1,000 FAILED ones holding one each.
+    let (now, later) = (now_ms(), now_ms() + 3_600_000);
+    for n in 0..2_000 {
+        waiting(store.as_ref(), n, "slow", now).await;
+    }
+    for n in 0..5 {
+        waiting(store.as_ref(), n, &format!("ok{n}"), later).await;
+    }
+    let few = blocked_claim(store.as_ref()).await;
+    for n in 0..1_000 {
+        let name = format!("failed{n:04}");
+        waiting(store.as_ref(), n, &name, now).await;
+        let state = DestinationState {
+            name,
+            state: DestinationHealth::Failed,
+            consecutive_failures: 5,
+            last_error: None,
+            epoch: 0,
+        };
+        store.record_destination_state(&state).await?;
+    }
+    let many = blocked_claim(store.as_ref()).await;
+    println!(
+        "sqlite: a claim past a full lane's due backlog (2,000), median of 50: {:.3} ms with \
+         5 other destinations, {:.3} ms with 1,000 FAILED ones holding a delivery each too",
+        few.as_secs_f64() * 1000.0,
+        many.as_secs_f64() * 1000.0
     );
     store.close();
     tokio::time::sleep(Duration::from_millis(10)).await;
