@@ -67,6 +67,17 @@ fn written() -> u64 {
         .unwrap_or(0)
 }
 
+/// A route's outcome with one delivery.
+fn delivering() -> RouteOutcome {
+    RouteOutcome {
+        route: 0,
+        name: "bench".into(),
+        run: 0,
+        steps: Vec::new(),
+        result: RouteResult::Delivering { deliveries: 1 },
+    }
+}
+
 /// One event through the three commits; its attempt ends as `next` says.
 async fn one(store: &dyn Store, n: usize, next: AttemptNext) {
     let event = event(n);
@@ -89,15 +100,8 @@ async fn one(store: &dyn Store, n: usize, next: AttemptNext) {
         status: DeliveryStatus::Pending,
         lease_until: Some(now + 40_000),
     };
-    let outcome = RouteOutcome {
-        route: 0,
-        name: "bench".into(),
-        run: 0,
-        steps: Vec::new(),
-        result: RouteResult::Delivering { deliveries: 1 },
-    };
     let leased = store
-        .complete_event(&event, vec![outcome], vec![delivery], now)
+        .complete_event(&event, vec![delivering()], vec![delivery], now)
         .await
         .expect("complete");
     assert_eq!(leased, std::slice::from_ref(&id));
@@ -128,15 +132,8 @@ async fn waiting(store: &dyn Store, n: usize, destination: &str, at: u64) {
         status: DeliveryStatus::Pending,
         lease_until: None,
     };
-    let outcome = RouteOutcome {
-        route: 0,
-        name: "bench".into(),
-        run: 0,
-        steps: Vec::new(),
-        result: RouteResult::Delivering { deliveries: 1 },
-    };
     store
-        .complete_event(&event, vec![outcome], vec![delivery], at)
+        .complete_event(&event, vec![delivering()], vec![delivery], at)
         .await
         .expect("complete");
 }
