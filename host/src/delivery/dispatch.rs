@@ -116,10 +116,9 @@ pub struct Dispatcher {
     /// however many destinations hang or answer slowly, each holding its
     /// `destination_concurrency`, the others' deliveries still find permits instead of
     /// waiting for those attempts to end.
-    /// A reload resizes all three (`set_concurrency`).
+    /// A reload resizes both (`set_concurrency`).
     permits: Pool,
     reserve: Pool,
-    light: AtomicUsize,
     /// Each destination's lane: its `delivery.destination_concurrency` permits, taken
     /// before one of `permits` (deliveries waiting behind a destination that hangs hold
     /// none of those), and how many attempts it holds.
@@ -266,7 +265,6 @@ impl Dispatcher {
             wake: Notify::new(),
             permits: Pool::new(config.concurrency - config.reserved_concurrency),
             reserve: Pool::new(config.reserved_concurrency),
-            light: AtomicUsize::new(light(config.reserved_concurrency)),
             lanes: Mutex::default(),
             destination_concurrency: AtomicUsize::new(config.destination_concurrency),
             waiting: Arc::default(),
@@ -325,9 +323,11 @@ impl Dispatcher {
             config.reserved_concurrency,
             config.destination_concurrency,
         );
-        let before = self.permits.size() + self.reserve.size();
-        let before_reserved = self.reserve.size();
-        let before_per_destination = self.destination_concurrency.load(Ordering::SeqCst);
+        let (before, before_reserved, before_per_destination) = (
+            self.permits.size() + self.reserve.size(),
+            self.reserve.size(),
+            self.destination_concurrency.load(Ordering::SeqCst),
+        );
         if (before, before_reserved, before_per_destination)
             == (concurrency, reserved, per_destination)
         {
@@ -335,7 +335,6 @@ impl Dispatcher {
         }
         self.permits.resize(concurrency - reserved);
         self.reserve.resize(reserved);
-        self.light.store(light(reserved), Ordering::SeqCst);
         self.destination_concurrency
             .store(per_destination, Ordering::SeqCst);
         for lane in (self.lanes.lock().unwrap_or_else(|e| e.into_inner())).values() {
@@ -576,7 +575,7 @@ impl Dispatcher {
             tokio::pin!(ended);
             ended.as_mut().enable();
             let any = self.permits.get().acquire_owned();
-            if lane.sending.load(Ordering::SeqCst) < self.light.load(Ordering::SeqCst) {
+            if lane.sending.load(Ordering::SeqCst) < light(self.reserve.size()) {
                 return tokio::select! {
                     biased;
                     p = any => p.ok(),
