@@ -174,7 +174,11 @@ async fn accept(
 /// Reads a whole body of at most `max` bytes within `deadline` (from the end of the
 /// headers): a sender that trickles its body, or stops half-way, gets `408` instead of
 /// holding the connection and its buffer for as long as it likes.
-async fn read_body(body: HttpBody, max: usize, deadline: Duration) -> Result<Bytes, ApiError> {
+pub(crate) async fn read_body(
+    body: HttpBody,
+    max: usize,
+    deadline: Duration,
+) -> Result<Bytes, ApiError> {
     match tokio::time::timeout(deadline, axum::body::to_bytes(body, max)).await {
         Ok(Ok(bytes)) => Ok(bytes),
         Ok(Err(e)) => {

@@ -952,3 +952,50 @@ destinations = ["d"]
     assert_eq!(gw.get("/v1/stats?minutes=0").await.0, 400);
     gw.shutdown().await.unwrap();
 }
+
+/// A management body over `server.max_body_bytes` gets `413` naming the limit, and a reload
+/// that lowers the limit applies to the next request.
+#[tokio::test(flavor = "multi_thread")]
+async fn management_bodies_are_bounded_by_the_current_body_limit() {
+    let rx = Receiver::start().await;
+    let gw = TestGateway::start_from_file(TestGateway::dir_with_plugins(&[]), FILE, &rx)
+        .await
+        .unwrap();
+    // Valid JSON of about 8 KiB: the padding is a header's value.
+    let padded = |name: &str| {
+        json!({ "name": name, "url": format!("{}/x", rx.url),
+                "headers": { "x-padding": "p".repeat(8 << 10) } })
+    };
+    let (status, e) = gw
+        .send("POST", "/v1/destinations", Some(padded("before")))
+        .await;
+    assert_eq!(status, 201, "{e}");
+
+    let config_file = gw.dir().join("switchyard.toml");
+    let text = std::fs::read_to_string(&config_file).unwrap();
+    std::fs::write(
+        &config_file,
+        text.replacen("[server]\n", "[server]\nmax_body_bytes = 4096\n", 1),
+    )
+    .unwrap();
+    let (status, report) = gw.post_api("/v1/reload").await;
+    assert_eq!(status, 200, "{report}");
+
+    let (status, e) = gw
+        .send("POST", "/v1/destinations", Some(padded("after")))
+        .await;
+    assert_eq!(status, 413, "{e}");
+    assert_eq!(e["error"], "body is larger than the limit of 4096 bytes");
+    let (status, e) = gw
+        .send("PATCH", "/v1/destinations/before", Some(padded("before")))
+        .await;
+    assert_eq!(status, 413, "{e}");
+    // Below the limit all is as before, and nothing was created by the refused request.
+    let (status, e) = gw
+        .send("POST", "/v1/sources", Some(json!({ "name": "small" })))
+        .await;
+    assert_eq!(status, 201, "{e}");
+    let (status, _) = gw.get("/v1/destinations/after").await;
+    assert_eq!(status, 404);
+    gw.shutdown().await.unwrap();
+}

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -209,15 +209,6 @@ fn api_router() -> OpenApiRouter<AppState> {
 
 /// Builds the gateway's router.
 pub fn router(state: AppState) -> Router {
-    // Ingest reads its body itself (limit and deadline from the current config); this bounds
-    // the management API's JSON bodies, read once: a reloaded max_body_bytes takes effect
-    // there at the next start.
-    let limit = state
-        .reloader
-        .config()
-        .server
-        .max_body_bytes
-        .saturating_add(1);
     let (documented, doc) = api_router().split_for_parts();
     let doc = Arc::new(finish_doc(doc));
     let management = Router::new()
@@ -240,7 +231,6 @@ pub fn router(state: AppState) -> Router {
             require_token,
         ))
         .fallback(not_found)
-        .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }
 
@@ -620,14 +610,15 @@ const RECOVER_BATCH: usize = 500;
     responses(
         (status = 202, description = "Due again", body = Recovered),
         (status = 400, description = "A malformed body, the field named", body = ErrorBody),
+        (status = 413, description = "The body is over `server.max_body_bytes`", body = ErrorBody),
         (status = 404, description = "No such destination", body = ErrorBody),
     ))]
 async fn recover_destination(
     State(state): State<AppState>,
     Path(name): Path<String>,
-    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+    body: objects::RequestBody,
 ) -> Result<(StatusCode, Json<Recovered>), ApiError> {
-    let req: RecoverRequest = objects::parse_json(&objects::body_bytes(body)?)?;
+    let req: RecoverRequest = objects::parse_json(&body.0)?;
     objects::find::<crate::config::DestinationConfig>(&state, &name)?;
     let now = state.dispatcher.now_ms();
     let until = req.until.unwrap_or(now.saturating_add(1));

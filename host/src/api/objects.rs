@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -233,15 +233,31 @@ pub(super) fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError
     Ok(value)
 }
 
-pub(super) fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
-    body.map_err(|r| ApiError::BadRequest(format!("cannot read the body: {}", r.body_text())))
+/// A management request's body, read like an ingested one: at most the current
+/// `server.max_body_bytes` (`413` past it, a reload applies at once) within
+/// `server.body_read_timeout` (`408`).
+pub struct RequestBody(pub Bytes);
+
+impl axum::extract::FromRequest<AppState> for RequestBody {
+    type Rejection = ApiError;
+
+    async fn from_request(
+        request: axum::extract::Request,
+        state: &AppState,
+    ) -> Result<Self, ApiError> {
+        let config = state.reloader.config();
+        let body = crate::ingest::read_body(
+            request.into_body(),
+            config.server.max_body_bytes,
+            config.server.body_read_timeout,
+        )
+        .await?;
+        Ok(RequestBody(body))
+    }
 }
 
-async fn create<R: Resource>(
-    state: &AppState,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<(R, String), ApiError> {
-    let object: R = parse_json(&body_bytes(body)?)?;
+async fn create<R: Resource>(state: &AppState, body: RequestBody) -> Result<(R, String), ApiError> {
+    let object: R = parse_json(&body.0)?;
     object.check()?;
     let name = object.name().to_string();
     state
@@ -280,9 +296,9 @@ fn merge_patch(target: &mut serde_json::Value, patch: &serde_json::Value) {
 async fn patch<R: Resource>(
     state: &AppState,
     name: &str,
-    body: Result<Bytes, BytesRejection>,
+    body: RequestBody,
 ) -> Result<R, ApiError> {
-    let patch: serde_json::Value = parse_json(&body_bytes(body)?)?;
+    let patch: serde_json::Value = parse_json(&body.0)?;
     if !patch.is_object() {
         return Err(ApiError::BadRequest(
             "the body must be a JSON object (a JSON merge patch)".into(),
@@ -354,11 +370,12 @@ pub async fn list_sources(
     responses(
         (status = 201, description = "Created", body = SourceView),
         (status = 400, description = "Invalid; the message names the field", body = ErrorBody),
+        (status = 413, description = "The body is over `server.max_body_bytes`", body = ErrorBody),
         (status = 409, description = "The name is taken", body = ErrorBody),
     ))]
 pub async fn create_source(
     State(state): State<AppState>,
-    body: Result<Bytes, BytesRejection>,
+    body: RequestBody,
 ) -> Result<Response, ApiError> {
     let (s, location) = create::<SourceConfig>(&state, body).await?;
     Ok(created(location, source_view(&state, &s)))
@@ -383,13 +400,14 @@ pub async fn get_source(
     responses(
         (status = 200, description = "The changed source", body = SourceView),
         (status = 400, description = "Invalid; the message names the field", body = ErrorBody),
+        (status = 413, description = "The body is over `server.max_body_bytes`", body = ErrorBody),
         (status = 404, description = "No such source", body = ErrorBody),
         (status = 409, description = "Defined in the config file, or the change breaks a route", body = ErrorBody),
     ))]
 pub async fn patch_source(
     State(state): State<AppState>,
     Path(name): Path<String>,
-    body: Result<Bytes, BytesRejection>,
+    body: RequestBody,
 ) -> Result<Json<SourceView>, ApiError> {
     let s = patch::<SourceConfig>(&state, &name, body).await?;
     Ok(Json(source_view(&state, &s)))
@@ -444,11 +462,12 @@ pub async fn list_destinations(
     responses(
         (status = 201, description = "Created", body = DestinationView),
         (status = 400, description = "Invalid; the message names the field", body = ErrorBody),
+        (status = 413, description = "The body is over `server.max_body_bytes`", body = ErrorBody),
         (status = 409, description = "The name is taken", body = ErrorBody),
     ))]
 pub async fn create_destination(
     State(state): State<AppState>,
-    body: Result<Bytes, BytesRejection>,
+    body: RequestBody,
 ) -> Result<Response, ApiError> {
     let (d, location) = create::<DestinationConfig>(&state, body).await?;
     let counts = delivery_counts(&state).await?;
@@ -477,13 +496,14 @@ pub async fn get_destination(
     responses(
         (status = 200, description = "The changed destination", body = DestinationView),
         (status = 400, description = "Invalid; the message names the field", body = ErrorBody),
+        (status = 413, description = "The body is over `server.max_body_bytes`", body = ErrorBody),
         (status = 404, description = "No such destination", body = ErrorBody),
         (status = 409, description = "Defined in the config file", body = ErrorBody),
     ))]
 pub async fn patch_destination(
     State(state): State<AppState>,
     Path(name): Path<String>,
-    body: Result<Bytes, BytesRejection>,
+    body: RequestBody,
 ) -> Result<Json<DestinationView>, ApiError> {
     let d = patch::<DestinationConfig>(&state, &name, body).await?;
     let counts = delivery_counts(&state).await?;
@@ -528,11 +548,12 @@ pub async fn list_routes(
     responses(
         (status = 201, description = "Created", body = RouteView),
         (status = 400, description = "Invalid; the message names the field", body = ErrorBody),
+        (status = 413, description = "The body is over `server.max_body_bytes`", body = ErrorBody),
         (status = 409, description = "The name is taken", body = ErrorBody),
     ))]
 pub async fn create_route(
     State(state): State<AppState>,
-    body: Result<Bytes, BytesRejection>,
+    body: RequestBody,
 ) -> Result<Response, ApiError> {
     let (r, location) = create::<RouteConfig>(&state, body).await?;
     Ok(created(location, route_view(&state, &r)))
@@ -557,13 +578,14 @@ pub async fn get_route(
     responses(
         (status = 200, description = "The changed route", body = RouteView),
         (status = 400, description = "Invalid; the message names the field", body = ErrorBody),
+        (status = 413, description = "The body is over `server.max_body_bytes`", body = ErrorBody),
         (status = 404, description = "No such route", body = ErrorBody),
         (status = 409, description = "Defined in the config file", body = ErrorBody),
     ))]
 pub async fn patch_route(
     State(state): State<AppState>,
     Path(name): Path<String>,
-    body: Result<Bytes, BytesRejection>,
+    body: RequestBody,
 ) -> Result<Json<RouteView>, ApiError> {
     let r = patch::<RouteConfig>(&state, &name, body).await?;
     Ok(Json(route_view(&state, &r)))
