@@ -326,6 +326,29 @@ async fn ingest_errors_are_json() {
     assert_eq!(resp.status(), 404);
     let body: Value = resp.json().await.unwrap();
     assert!(body["error"].as_str().unwrap().contains("nope"));
+
+    // A known path with a method it does not take: 405, the methods in `Allow`, JSON.
+    for (method, path, allow) in [
+        ("GET", "/v1/ingest/onomondo", "POST"),
+        ("PUT", "/v1/destinations", "GET,HEAD,POST"),
+    ] {
+        let resp = gw
+            .client
+            .request(
+                reqwest::Method::from_bytes(method.as_bytes()).unwrap(),
+                format!("{}{path}", gw.url),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 405, "{method} {path}");
+        let allowed = resp.headers()["allow"].to_str().unwrap().replace(' ', "");
+        let mut allowed: Vec<&str> = allowed.split(',').collect();
+        allowed.sort();
+        assert_eq!(allowed.join(","), allow, "{method} {path}");
+        let body: Value = resp.json().await.unwrap();
+        assert!(body["error"].as_str().unwrap().contains(method), "{body}");
+    }
     gw.shutdown().await.unwrap();
 }
 

@@ -231,6 +231,7 @@ pub fn router(state: AppState) -> Router {
             require_token,
         ))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
 }
 
@@ -823,6 +824,17 @@ async fn reload(State(state): State<AppState>) -> (StatusCode, Json<crate::reloa
 
 async fn not_found() -> ApiError {
     ApiError::NotFound("no such endpoint".into())
+}
+
+/// A known path with another method: `405`, the methods it takes in `Allow` (set by the
+/// router), and a JSON body like every other error.
+async fn method_not_allowed(method: axum::http::Method) -> Response {
+    let message = format!("this endpoint does not take {method}; see the Allow header");
+    (
+        StatusCode::METHOD_NOT_ALLOWED,
+        Json(ErrorBody { error: message }),
+    )
+        .into_response()
 }
 
 /// Every error's body.
