@@ -91,7 +91,17 @@ struct RawServer {
     #[serde(default = "default_body_read_timeout", with = "humantime_serde")]
     body_read_timeout: Duration,
     #[serde(default)]
-    tls: Option<CertificateFiles>,
+    tls: Option<RawServerTls>,
+}
+
+/// `server.tls` as written.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServerTls {
+    cert: PathBuf,
+    key: PathBuf,
+    #[serde(default)]
+    client_ca: Option<PathBuf>,
 }
 
 impl Default for RawServer {
@@ -171,9 +181,13 @@ pub struct ServerConfig {
 #[derive(Clone, Debug)]
 pub struct ServerTls {
     pub files: CertificateFiles,
+    /// `server.tls.client_ca`: the authorities whose certificates senders may present.
+    pub client_ca: Option<PathBuf>,
     pub acceptor: Arc<rustls::ServerConfig>,
     /// When the chain read stops being valid (`/metrics` shows it).
     pub validity: crate::edge::Validity,
+    /// When the first of `client_ca`'s certificates stops being valid.
+    pub client_ca_validity: Option<crate::edge::Validity>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -548,6 +562,13 @@ pub struct SourceConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Vec<String>>, example = json!(["203.0.113.0/24"]))]
     pub allow_ips: Option<Vec<ipnet::IpNet>>,
+    /// Only senders presenting a client certificate (verified against
+    /// `server.tls.client_ca`) with one of these names — a DNS name of its subject
+    /// alternative names, or its subject's common name — may post to this source
+    /// (everyone when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = json!(["webhooks.sender.example"]))]
+    pub allow_client_names: Option<Vec<String>>,
 }
 
 /// `[[destinations]]`: where deliveries go.
@@ -822,17 +843,28 @@ impl Config {
                 body_read_timeout: raw.server.body_read_timeout,
                 tls: match raw.server.tls {
                     None => None,
-                    Some(files) => {
+                    Some(raw) => {
                         let files = CertificateFiles {
-                            cert: base_dir.join(&files.cert),
-                            key: base_dir.join(&files.key),
+                            cert: base_dir.join(&raw.cert),
+                            key: base_dir.join(&raw.key),
                         };
-                        let (acceptor, validity) = crate::edge::server_tls(&files)
+                        let client_ca = raw.client_ca.map(|p| base_dir.join(p));
+                        let (clients, client_ca_validity) = match &client_ca {
+                            None => (None, None),
+                            Some(path) => {
+                                let (verifier, v) = crate::edge::client_verifier(path)
+                                    .map_err(|m| key_err("server.tls.client_ca".into(), m))?;
+                                (Some(verifier), Some(v))
+                            }
+                        };
+                        let (acceptor, validity) = crate::edge::server_tls(&files, clients)
                             .map_err(|m| key_err("server.tls".into(), m))?;
                         Some(ServerTls {
                             files,
+                            client_ca,
                             acceptor,
                             validity,
+                            client_ca_validity,
                         })
                     }
                 },
@@ -887,7 +919,10 @@ impl Config {
         delivery: &'a [(String, crate::edge::Validity)],
     ) -> impl Iterator<Item = (&'a str, crate::edge::Validity)> {
         (self.server.tls.iter())
-            .map(|t| ("server.tls", t.validity))
+            .flat_map(|t| {
+                std::iter::once(("server.tls", t.validity))
+                    .chain((t.client_ca_validity).map(|v| ("server.tls.client_ca", v)))
+            })
             .chain(delivery.iter().map(|(k, v)| (k.as_str(), *v)))
     }
 
@@ -969,6 +1004,21 @@ impl Config {
             if let Some(v) = &s.verify {
                 v.validate()
                     .map_err(|m| (format!("sources[{i}].verify"), m))?;
+            }
+            if let Some(names) = &s.allow_client_names {
+                let key = format!("sources[{i}].allow_client_names");
+                if (self.server.tls.as_ref()).is_none_or(|t| t.client_ca.is_none()) {
+                    return Err((
+                        key,
+                        "needs server.tls.client_ca: the authority that issues the senders' certificates".into(),
+                    ));
+                }
+                if names.is_empty() {
+                    return Err((key, "must name at least one sender (or be left out)".into()));
+                }
+                if let Some(j) = names.iter().position(|n| n.trim().is_empty()) {
+                    return Err((format!("{key}[{j}]"), "must not be empty".into()));
+                }
             }
             if !sources.insert(s.name.as_str()) {
                 return Err((

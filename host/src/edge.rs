@@ -109,6 +109,7 @@ pub fn warn_of_expiry<'a>(certificates: impl IntoIterator<Item = (&'a str, Valid
 /// The error says which file and what is wrong with it.
 pub fn server_tls(
     files: &crate::config::CertificateFiles,
+    clients: Option<std::sync::Arc<dyn rustls::server::danger::ClientCertVerifier>>,
 ) -> Result<(std::sync::Arc<rustls::ServerConfig>, Validity), String> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -130,20 +131,117 @@ pub fn server_tls(
         e => unreadable(&files.key, &e),
     })?;
     let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+    let builder = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| {
-            format!(
-                "{} and {} are not a certificate and its private key: {e}",
-                files.cert.display(),
-                files.key.display()
-            )
-        })?;
+        .map_err(|e| e.to_string())?;
+    let builder = match clients {
+        Some(verifier) => builder.with_client_cert_verifier(verifier),
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_single_cert(certs, key).map_err(|e| {
+        format!(
+            "{} and {} are not a certificate and its private key: {e}",
+            files.cert.display(),
+            files.key.display()
+        )
+    })?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok((std::sync::Arc::new(config), validity))
+}
+
+/// `server.tls.client_ca`: the listener asks each client for a certificate and verifies
+/// one against these authorities (PEM, one or more) if it is presented — a certificate
+/// they did not issue, or one expired, fails the handshake — but lets clients without one
+/// in (probes, the dashboard, senders to sources that do not ask for one); sources with
+/// `allow_client_names` turn those away. The authorities' validity comes along.
+pub fn client_verifier(
+    path: &std::path::Path,
+) -> Result<
+    (
+        std::sync::Arc<dyn rustls::server::danger::ClientCertVerifier>,
+        Validity,
+    ),
+    String,
+> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+        .and_then(|certs| certs.collect::<Result<_, _>>())
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let Some(validity) =
+        Validity::of_chain(&certs).map_err(|e| format!("{}: {e}", path.display()))?
+    else {
+        return Err(format!("{} holds no PEM certificate", path.display()));
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for (i, cert) in certs.into_iter().enumerate() {
+        roots.add(cert).map_err(|e| {
+            format!(
+                "{}: certificate {} is not a usable authority: {e}",
+                path.display(),
+                i + 1
+            )
+        })?;
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        std::sync::Arc::new(roots),
+        provider,
+    )
+    .allow_unauthenticated()
+    .build()
+    .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok((verifier, validity))
+}
+
+/// What the listener learnt of a sender from its verified client certificate: the names
+/// `allow_client_names` is matched against (its subject alternative names' DNS names and
+/// its subject's common name), kept with each of the connection's requests.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ClientCertificate {
+    pub names: Vec<String>,
+}
+
+impl ClientCertificate {
+    /// The names of a certificate the TLS handshake has verified (`None` if it cannot be
+    /// parsed, which verification would have refused).
+    pub fn of(der: &[u8]) -> Option<Self> {
+        let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+        let mut names: Vec<String> = Vec::new();
+        if let Ok(Some(san)) = cert.subject_alternative_name() {
+            for name in &san.value.general_names {
+                if let x509_parser::extensions::GeneralName::DNSName(dns) = name {
+                    names.push((*dns).to_string());
+                }
+            }
+        }
+        for cn in cert.subject().iter_common_name() {
+            if let Ok(cn) = cn.as_str() {
+                names.push(cn.to_string());
+            }
+        }
+        Some(Self { names })
+    }
+}
+
+/// Whether a sender with this client certificate (none: it presented none) may post to a
+/// source with these allowed names (none: everyone). Names compare without regard to case.
+pub fn allowed_client(
+    client: Option<&ClientCertificate>,
+    allowed: Option<&[String]>,
+) -> Result<(), EdgeError> {
+    let Some(allowed) = allowed else {
+        return Ok(());
+    };
+    let Some(client) = client else {
+        return Err(EdgeError::NoClientCertificate);
+    };
+    let matches = |n: &String| allowed.iter().any(|a| a.eq_ignore_ascii_case(n));
+    if client.names.iter().any(matches) {
+        Ok(())
+    } else {
+        Err(EdgeError::ClientNameDenied(client.names.join(", ")))
+    }
 }
 
 /// How a source's requests are authenticated.
@@ -201,6 +299,10 @@ pub enum EdgeError {
     Stale(Duration),
     #[error("address {0} is not allowed for this source")]
     AddressDenied(IpAddr),
+    #[error("this source requires a client certificate")]
+    NoClientCertificate,
+    #[error("the client certificate ({0}) is not allowed for this source")]
+    ClientNameDenied(String),
 }
 
 impl VerifyConfig {
@@ -363,6 +465,40 @@ pub fn allowed(ip: IpAddr, allowlist: Option<&[IpNet]>) -> Result<(), EdgeError>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_client_certificate_is_known_by_its_dns_names_and_common_name() {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        let names = |name: &str| {
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../tests/fixtures/tls")
+                .join(name);
+            ClientCertificate::of(&CertificateDer::from_pem_file(path).unwrap())
+                .unwrap()
+                .names
+        };
+        // (The server's SANs are `IP:127.0.0.1, DNS:localhost`: the address is no name.)
+        assert_eq!(names("server.pem"), ["localhost", "switchyard test server"]);
+        assert_eq!(names("client.pem"), ["switchyard test client"]);
+        assert_eq!(ClientCertificate::of(b"not DER"), None);
+
+        let client = ClientCertificate {
+            names: vec!["sender.example".into()],
+        };
+        let allowed = ["Sender.Example".to_string()];
+        assert!(allowed_client(Some(&client), Some(&allowed)).is_ok());
+        assert!(allowed_client(None, None).is_ok());
+        assert!(matches!(
+            allowed_client(None, Some(&allowed)),
+            Err(EdgeError::NoClientCertificate)
+        ));
+        let other = ["other.example".to_string()];
+        assert!(matches!(
+            allowed_client(Some(&client), Some(&other)),
+            Err(EdgeError::ClientNameDenied(n)) if n == "sender.example"
+        ));
+    }
 
     #[test]
     fn a_chain_expires_with_its_first_certificate_to_expire() {

@@ -7,8 +7,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::extract::{ConnectInfo, Path, State};
-use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::http::{HeaderMap, StatusCode};
 use serde_json::json;
+use std::sync::Arc;
 use tracing::Instrument;
 
 use crate::api::{ApiError, AppState};
@@ -32,7 +33,7 @@ use crate::store::{Idempotency, Inserted, StoreError};
         (status = 200, description = "A duplicate: the original event's id", body = Object),
         (status = 400, description = "A malformed `Idempotency-Key` or unreadable body", body = crate::api::ErrorBody),
         (status = 401, description = "The signature check failed", body = crate::api::ErrorBody),
-        (status = 403, description = "The sender's address is not allowed", body = crate::api::ErrorBody),
+        (status = 403, description = "The sender's address, or its client certificate (or its lack of one), is not allowed", body = crate::api::ErrorBody),
         (status = 404, description = "No such source", body = crate::api::ErrorBody),
         (status = 408, description = "The body did not arrive within `body_read_timeout`", body = crate::api::ErrorBody),
         (status = 413, description = "The body is over `max_body_bytes`", body = crate::api::ErrorBody),
@@ -40,12 +41,8 @@ use crate::store::{Idempotency, Inserted, StoreError};
     ))]
 pub async fn ingest(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(source): Path<String>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: HttpBody,
+    request: axum::extract::Request,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     let known = state.pipeline.routing().has_source(&source);
     // Unknown source names come from the client: one label for all, not one per name.
@@ -55,7 +52,8 @@ pub async fn ingest(
         "unknown".to_string()
     };
     let started = std::time::Instant::now();
-    let result = accept(&state, peer, source, method, uri, headers, body).await;
+    let (request, body) = request.into_parts();
+    let result = accept(&state, source, request, body).await;
     let outcome = match &result {
         Ok((StatusCode::OK, _)) => "duplicate",
         Ok(_) => {
@@ -69,21 +67,34 @@ pub async fn ingest(
         Err(ApiError::Unavailable(_)) => "rejected_unavailable",
         Err(ApiError::Unauthorized(_)) => "rejected_signature",
         Err(ApiError::Forbidden(_)) => "rejected_address",
+        Err(ApiError::CertificateDenied(_)) => "rejected_client_certificate",
         Err(_) => "rejected_error",
     };
     state.metrics.event(&label, outcome);
     result
 }
 
+/// Checks and stores one request to `source`: its peer's address and client certificate
+/// come with it from the accept loop (`serve.rs`).
 async fn accept(
     state: &AppState,
-    peer: SocketAddr,
     source: String,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
+    request: http::request::Parts,
     body: HttpBody,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let http::request::Parts {
+        method,
+        uri,
+        headers,
+        extensions,
+        ..
+    } = request;
+    let Some(ConnectInfo(peer)) = extensions.get::<ConnectInfo<SocketAddr>>().copied() else {
+        return Err(ApiError::Internal(anyhow::anyhow!(
+            "the request came without its peer's address"
+        )));
+    };
+    let client = extensions.get::<Arc<edge::ClientCertificate>>();
     if !state.pipeline.routing().has_source(&source) {
         return Err(ApiError::NotFound(format!("no source named `{source}`")));
     }
@@ -102,6 +113,12 @@ async fn accept(
             tracing::warn!(source, %ip, "Ingest refused: address not allowed.");
             ApiError::Forbidden(e.to_string())
         })?;
+        edge::allowed_client(client.map(|c| c.as_ref()), sc.allow_client_names.as_deref()).map_err(
+            |e| {
+                tracing::warn!(source, %ip, reason = %e, "Ingest refused: client certificate not allowed.");
+                ApiError::CertificateDenied(e.to_string())
+            },
+        )?;
         if let Some(verify) = &sc.verify {
             let now_s = now_ms() / 1000;
             verify.verify(&headers, &body, now_s).map_err(|e| {

@@ -303,7 +303,8 @@ impl Reloader {
     }
 
     /// Watches the plugin directory, the config file and the certificate files
-    /// (`server.tls`, `delivery.client_certificate`, `delivery.ca_certificates`), and
+    /// (`server.tls` and its `client_ca`, `delivery.client_certificate`,
+    /// `delivery.ca_certificates`), and
     /// reloads after each burst of changes, until `stop`. The watch stays on the
     /// directories watched at the start.
     pub fn watch(
@@ -319,6 +320,7 @@ impl Reloader {
         let mut files: Vec<PathBuf> = self.config_file().map(|(p, _)| p).into_iter().collect();
         if let Some(tls) = &config.server.tls {
             files.extend([tls.files.cert.clone(), tls.files.key.clone()]);
+            files.extend(tls.client_ca.iter().cloned());
         }
         if let Some(c) = &config.delivery.client_certificate {
             files.extend([c.cert.clone(), c.key.clone()]);

@@ -11,7 +11,9 @@
 //!
 //! With `server.tls`, each connection first completes a TLS handshake with the
 //! certificate of the config in force when it was accepted (a reload that read a renewed
-//! certificate applies to the next connection), within [`HANDSHAKE_TIMEOUT`].
+//! certificate applies to the next connection), within [`HANDSHAKE_TIMEOUT`]; with
+//! `server.tls.client_ca`, the names of the client certificate it verified go with each of
+//! the connection's requests, for ingest's `allow_client_names`.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -28,6 +30,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tower::Service;
 
+use crate::edge::ClientCertificate;
 use crate::reload::Reloader;
 
 /// How long a client has for its TLS handshake (at most `server.header_read_timeout`): a
@@ -50,10 +53,17 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let app = app.clone();
-        let service = hyper::service::service_fn(move |mut request: http::Request<Incoming>| {
-            request.extensions_mut().insert(ConnectInfo(peer));
-            app.clone().call(request)
-        });
+        // Each request carries the peer's address and, over TLS, what its verified client
+        // certificate says (`server.tls.client_ca`).
+        let service = move |client: Option<Arc<ClientCertificate>>| {
+            hyper::service::service_fn(move |mut request: http::Request<Incoming>| {
+                request.extensions_mut().insert(ConnectInfo(peer));
+                if let Some(client) = &client {
+                    request.extensions_mut().insert(client.clone());
+                }
+                app.clone().call(request)
+            })
+        };
         let config = reloader.config();
         let header_timeout = config.server.header_read_timeout;
         let tls = (config.server.tls.as_ref())
@@ -61,11 +71,17 @@ pub async fn serve(
         let watcher = graceful.watcher();
         tokio::spawn(async move {
             let Some(tls) = tls else {
+                let service = service(None);
                 return serve_connection(stream, service, header_timeout, watcher, peer).await;
             };
             let handshake = HANDSHAKE_TIMEOUT.min(header_timeout);
             match tokio::time::timeout(handshake, tls.accept(stream)).await {
                 Ok(Ok(stream)) => {
+                    let client = (stream.get_ref().1.peer_certificates())
+                        .and_then(|chain| chain.first())
+                        .and_then(|leaf| ClientCertificate::of(leaf))
+                        .map(Arc::new);
+                    let service = service(client);
                     serve_connection(stream, service, header_timeout, watcher, peer).await
                 }
                 Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed."),

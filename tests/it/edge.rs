@@ -1193,3 +1193,176 @@ async fn the_environments_proxy_is_not_used() {
     assert_eq!(rx.wait_for(1).await[0].uri, "/direct");
     assert!(elsewhere.requests().is_empty());
 }
+
+/// A certificate authority made for one test, and the certificates it issues (`pem`, `key`
+/// files in `dir`); `names` become DNS subject alternative names, `common_name` the
+/// subject's CN.
+struct TestCa {
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    pem: String,
+}
+
+impl TestCa {
+    fn new(name: &str) -> Self {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        (params.distinguished_name).push(rcgen::DnType::CommonName, name);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let pem = params.self_signed(&key).unwrap().pem();
+        Self {
+            issuer: rcgen::Issuer::new(params, key),
+            pem,
+        }
+    }
+
+    /// A client certificate: its PEM, chain and key together, as `reqwest::Identity` takes it.
+    fn client(&self, names: &[&str], common_name: &str) -> Vec<u8> {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut params = rcgen::CertificateParams::new(names).unwrap();
+        (params.distinguished_name).push(rcgen::DnType::CommonName, common_name);
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        format!("{}{}", cert.pem(), key.serialize_pem()).into_bytes()
+    }
+}
+
+/// `server.tls.client_ca`: the listener verifies the client certificates senders present
+/// against it, and a source with `allow_client_names` takes events only from senders whose
+/// certificate names one of them (a SAN DNS name or the CN, any case); `403` otherwise,
+/// counted as `rejected_client_certificate`, nothing stored. Sources without it, the API and
+/// probes stay open to clients without a certificate; a certificate another authority
+/// issued fails the handshake.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_source_may_require_the_senders_client_certificate() {
+    let rx = Receiver::start().await;
+    let ca = TestCa::new("senders CA");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("senders-ca.pem"), &ca.pem).unwrap();
+    let sources = |tls: &str| {
+        format!(
+            r#"
+[server]
+listen = "127.0.0.1:0"
+tls = {{ cert = "{}", key = "{}"{tls} }}
+[api]
+tokens = ["{}"]
+[delivery]
+allowed_networks = ["127.0.0.0/8"]
+[[sources]]
+name = "open"
+[[sources]]
+name = "fleet"
+allow_client_names = ["sender.example", "Legacy-Sender"]
+[[destinations]]
+name = "rx"
+url = "{}/in"
+[[routes]]
+source = "open"
+destinations = ["rx"]
+[[routes]]
+source = "fleet"
+destinations = ["rx"]
+"#,
+            tls_fixture("server.pem").display(),
+            tls_fixture("server.key").display(),
+            crate::util::API_TOKEN,
+            rx.url
+        )
+    };
+    // Without the authority to verify them, names cannot be required: the start says so.
+    let err = TestGateway::start_raw(tempfile::tempdir().unwrap(), &sources(""), &|_| None)
+        .await
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        err.contains("sources[1].allow_client_names") && err.contains("server.tls.client_ca"),
+        "{err}"
+    );
+
+    let gw = TestGateway::start_raw(dir, &sources(r#", client_ca = "senders-ca.pem""#), &|_| {
+        None
+    })
+    .await
+    .unwrap();
+    let url = gw.url.replace("http://", "https://");
+    let server_ca =
+        reqwest::Certificate::from_pem(&std::fs::read(tls_fixture("ca.pem")).unwrap()).unwrap();
+    let client = |identity: Option<&[u8]>| {
+        let mut b = reqwest::Client::builder().tls_certs_only([server_ca.clone()]);
+        if let Some(pem) = identity {
+            b = b.identity(reqwest::Identity::from_pem(pem).unwrap());
+        }
+        b.build().unwrap()
+    };
+    let post = |c: reqwest::Client, source: &str| {
+        let url = format!("{url}/v1/ingest/{source}");
+        async move {
+            let resp = c.post(url).body(r#"{"n":1}"#).send().await?;
+            let status = resp.status().as_u16();
+            Ok::<_, reqwest::Error>((status, resp.json::<Value>().await.unwrap()))
+        }
+    };
+
+    // No certificate: the open source, the probes and the API take it; `fleet` does not.
+    let anonymous = client(None);
+    assert_eq!(post(anonymous.clone(), "open").await.unwrap().0, 202);
+    let (status, e) = post(anonymous.clone(), "fleet").await.unwrap();
+    assert_eq!(status, 403, "{e}");
+    assert_eq!(e["error"], "this source requires a client certificate");
+    let health = anonymous
+        .get(format!("{url}/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+
+    // The right sender, by its SAN, and an older one by its CN in another case.
+    let sender = ca.client(&["sender.example"], "fleet sender");
+    assert_eq!(post(client(Some(&sender)), "fleet").await.unwrap().0, 202);
+    let legacy = ca.client(&[], "legacy-sender");
+    assert_eq!(post(client(Some(&legacy)), "fleet").await.unwrap().0, 202);
+
+    // Another certificate of the same authority: verified, but not one of the names.
+    let intruder = ca.client(&["intruder.example"], "intruder");
+    let (status, e) = post(client(Some(&intruder)), "fleet").await.unwrap();
+    assert_eq!(status, 403, "{e}");
+    assert!(
+        e["error"].as_str().unwrap().contains("intruder.example"),
+        "{e}"
+    );
+    // A certificate of an authority the gateway does not know: no connection at all.
+    let rogue = TestCa::new("rogue CA").client(&["sender.example"], "sender.example");
+    assert!(post(client(Some(&rogue)), "fleet").await.is_err());
+
+    // Three events accepted and delivered; the two refused stored nothing.
+    let delivered = rx.wait_for(3).await;
+    assert_eq!(delivered.len(), 3);
+    let get = |path: &str| {
+        (anonymous.get(format!("{url}{path}")))
+            .bearer_auth(crate::util::API_TOKEN)
+            .send()
+    };
+    let metrics = get("/metrics").await.unwrap().text().await.unwrap();
+    for line in [
+        r#"switchyard_events_received_total{source="fleet",result="rejected_client_certificate"} 2"#,
+        r#"switchyard_events_received_total{source="fleet",result="accepted"} 2"#,
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+    }
+    assert!(
+        metrics.contains(
+            r#"switchyard_certificate_expiry_timestamp_seconds{certificate="server.tls.client_ca"}"#
+        ),
+        "{metrics}"
+    );
+    let events: Value = get("/v1/events?source=fleet")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(events["items"].as_array().unwrap().len(), 2, "{events}");
+    gw.shutdown().await.unwrap();
+}

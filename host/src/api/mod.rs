@@ -868,6 +868,9 @@ pub enum ApiError {
     Unauthorized(String),
     #[error("{0}")]
     Forbidden(String),
+    /// Refused by a source's `allow_client_names` (`403`, counted apart from addresses).
+    #[error("{0}")]
+    CertificateDenied(String),
     #[error("{0}")]
     Conflict(String),
     /// A listing stopped at its time budget (`store::LIST_BUDGET`).
@@ -904,7 +907,7 @@ impl IntoResponse for ApiError {
             ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::Forbidden(_) | ApiError::CertificateDenied(_) => StatusCode::FORBIDDEN,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::TooBroad(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Internal(e) => {

@@ -314,7 +314,8 @@ async function routesPage() {
       const byName = (list) => Object.fromEntries(list.items.map((x) => [x.name, x]));
       const [src, plugin, dest] = [byName(sources), byName(plugins), byName(destinations)];
       const checks = (s) => [s && s.verify ? `signed (${s.verify.scheme})` : null,
-        s && s.allow_ips && s.allow_ips.length ? 'IP allowlist' : null].filter(Boolean).join(', ') || 'not verified';
+        s && s.allow_ips && s.allow_ips.length ? 'IP allowlist' : null,
+        s && s.allow_client_names && s.allow_client_names.length ? 'client certificate' : null].filter(Boolean).join(', ') || 'not verified';
       const showEvents = (source) => h('a', { href: '#/events', class: 'events', onclick: () => { Object.assign(filters, { source, type: '', field: '', status: '', route_result: '', since: '' }); } }, 'Events');
       box.replaceChildren(routes.items.length === 0 ? h('p', { class: 'muted' }, 'No routes: events are stored and go nowhere.') :
         h('table', { id: 'routes' },
