@@ -598,7 +598,22 @@ pub struct DestinationConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(example = 50, minimum = 0.001, maximum = 1_000_000)]
     pub rate_limit: Option<f64>,
+    /// How long one attempt to this destination may take, if not `delivery.timeout`: more
+    /// for a receiver known to be slow, less to give up on a hanging one sooner. Above 0,
+    /// at most `MAX_DESTINATION_TIMEOUT` (15 minutes).
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = Option<String>, example = "30s")]
+    pub timeout: Option<Duration>,
 }
+
+/// The longest `timeout` a destination may have: every claim's lease covers the longest
+/// one configured, and a lease is how long a crashed gateway's claimed deliveries wait
+/// before another takes them.
+pub const MAX_DESTINATION_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 
 /// Standard Webhooks signing of a destination's deliveries.
 #[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
@@ -943,11 +958,15 @@ impl Config {
             return Err(("server.queue_capacity".into(), "must be above 0".into()));
         }
         for (key, timeout) in [
-            ("header_read_timeout", self.server.header_read_timeout),
-            ("body_read_timeout", self.server.body_read_timeout),
+            (
+                "server.header_read_timeout",
+                self.server.header_read_timeout,
+            ),
+            ("server.body_read_timeout", self.server.body_read_timeout),
+            ("delivery.timeout", self.delivery.timeout),
         ] {
             if timeout.is_zero() {
-                return Err((format!("server.{key}"), "must be above 0".into()));
+                return Err((key.into(), "must be above 0".into()));
             }
         }
         check_retry(&self.delivery.retry).map_err(|(k, m)| (format!("delivery.{k}"), m))?;
@@ -1083,6 +1102,14 @@ impl Config {
                 return Err((
                     format!("destinations[{i}].rate_limit"),
                     "must be between 0.001 and 1000000 deliveries per second".into(),
+                ));
+            }
+            if let Some(t) = d.timeout
+                && (t.is_zero() || t > MAX_DESTINATION_TIMEOUT)
+            {
+                return Err((
+                    format!("destinations[{i}].timeout"),
+                    "must be above 0 and at most 15m".into(),
                 ));
             }
             if let Some(o) = &d.retry {
@@ -1412,6 +1439,13 @@ mod tests {
             .to_string();
         assert!(
             err.contains("server.header_read_timeout") && err.contains("must be above 0"),
+            "{err}"
+        );
+        let err = parse(&format!("{GOOD}\n[delivery]\ntimeout = \"0s\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("delivery.timeout") && err.contains("must be above 0"),
             "{err}"
         );
     }

@@ -1249,3 +1249,76 @@ destinations = ["slow"]
     assert_eq!((before, got.len()), (3, 3), "each sent once: {got:?}");
     gw.shutdown().await.unwrap();
 }
+
+/// A destination's own `timeout` replaces `delivery.timeout` for its attempts: a receiver
+/// that answers in 1 s gets its deliveries through a destination allowed 5 s, and through
+/// one on the default of 300 ms each attempt times out. The claims' leases cover the
+/// longest timeout (with `store.lease = "1s"`, a lease on the default alone would be too
+/// short to start any attempt to the patient destination).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_destinations_timeout_replaces_the_default() {
+    let app = axum::Router::new().fallback(|| async {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        axum::http::StatusCode::NO_CONTENT
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let slow = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let rx = Receiver::start().await;
+    let config = format!(
+        // (The harness's `[delivery]` table is open: these lines land in it.)
+        r#"
+timeout = "300ms"
+[store]
+lease = "1s"
+[[sources]]
+name = "s"
+[[destinations]]
+name = "patient"
+url = "{slow}/patient"
+timeout = "5s"
+[[destinations]]
+name = "hasty"
+url = "{slow}/hasty"
+[[routes]]
+source = "s"
+destinations = ["patient", "hasty"]
+"#
+    );
+    let gw = TestGateway::start(&config, &rx, &[]).await;
+    let id = gw.accept("s", "{}").await;
+    let event = gw.settled(&id).await;
+    let by_name = |name: &str| {
+        event["deliveries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["destination"] == name)
+            .cloned()
+            .unwrap()
+    };
+    let patient = by_name("patient");
+    assert_eq!(patient["status"], "delivered", "{event}");
+    assert!(
+        patient["attempts"][0]["duration_ms"].as_u64().unwrap() >= 900,
+        "{event}"
+    );
+    let hasty = by_name("hasty");
+    assert_eq!(hasty["status"], "failed", "{event}");
+    let error = hasty["attempts"][0]["error"].as_str().unwrap();
+    assert!(error.contains("timed out"), "{error}");
+
+    // Out of bounds: refused, naming the key.
+    for bad in ["0s", "16m"] {
+        let (status, e) = gw
+            .send(
+                "POST",
+                "/v1/destinations",
+                Some(json!({ "name": "x", "url": format!("{slow}/x"), "timeout": bad })),
+            )
+            .await;
+        assert_eq!(status, 400, "{bad}: {e}");
+        assert!(e["error"].as_str().unwrap().contains("timeout"), "{e}");
+    }
+    gw.shutdown().await.unwrap();
+}

@@ -101,8 +101,11 @@ pub struct Dispatcher {
     store: Arc<dyn Store>,
     /// How deliveries go out: swapped by a reload that changes it (`set_transport`).
     transport: ArcSwap<Transport>,
-    /// `store.lease`: a claimed delivery is leased for `delivery.timeout` + this.
+    /// `store.lease`: a claimed delivery is leased for the longest timeout an attempt may
+    /// have (`delivery.timeout` or a destination's) + this.
     store_lease: Duration,
+    /// The longest of the destinations' own `timeout`s, in ms (0: none has one).
+    longest_timeout: AtomicU64,
     destinations: ArcSwap<HashMap<String, Arc<Destination>>>,
     states: Mutex<HashMap<String, DestinationState>>,
     /// The rate limits' slots, by destination.
@@ -145,15 +148,12 @@ pub struct Dispatcher {
 }
 
 /// How deliveries go out, from `[delivery]`: the HTTP client (its timeout, the SSRF guard
-/// as its resolver, the trusted CAs, the client certificate, the proxy), the guard, and
-/// the lease a claim takes.
+/// as its resolver, the trusted CAs, the client certificate, the proxy) and the guard.
 struct Transport {
     client: reqwest::Client,
     guard: SsrfGuard,
-    /// `delivery.timeout`: an attempt is not started unless it can end within its lease.
+    /// `delivery.timeout`, for destinations without a `timeout` of their own.
     timeout: Duration,
-    /// How long a claimed delivery is leased: `delivery.timeout` + `store.lease`.
-    lease: Duration,
     /// When the certificates `client` was built with stop being valid.
     certificates: Vec<(String, crate::edge::Validity)>,
     settings: TransportSettings,
@@ -163,7 +163,6 @@ struct Transport {
 #[derive(PartialEq)]
 struct TransportSettings {
     timeout: Duration,
-    lease: Duration,
     allowed_networks: Vec<ipnet::IpNet>,
     proxy: Option<String>,
     /// The certificate files' names and contents (`DeliveryTls::fingerprint`): a renewal
@@ -172,16 +171,15 @@ struct TransportSettings {
 }
 
 impl TransportSettings {
-    fn read(config: &DeliveryConfig, store_lease: Duration) -> anyhow::Result<Self> {
+    fn read(config: &DeliveryConfig) -> anyhow::Result<Self> {
         let tls = super::tls_settings(config)
             .map_err(|(key, message)| anyhow::anyhow!("{key}: {message}"))?;
-        Ok(Self::of(config, store_lease, tls.fingerprint))
+        Ok(Self::of(config, tls.fingerprint))
     }
 
-    fn of(config: &DeliveryConfig, store_lease: Duration, tls: [u8; 32]) -> Self {
+    fn of(config: &DeliveryConfig, tls: [u8; 32]) -> Self {
         Self {
             timeout: config.timeout,
-            lease: config.timeout + store_lease,
             allowed_networks: config.allowed_networks.clone(),
             proxy: config.proxy.clone(),
             tls,
@@ -190,7 +188,7 @@ impl TransportSettings {
 }
 
 impl Transport {
-    fn build(config: &DeliveryConfig, store_lease: Duration) -> anyhow::Result<Self> {
+    fn build(config: &DeliveryConfig) -> anyhow::Result<Self> {
         let mut guard = SsrfGuard::new(config.allowed_networks.clone());
         let super::DeliveryTls {
             roots,
@@ -221,16 +219,15 @@ impl Transport {
             client: client.build()?,
             guard,
             timeout: config.timeout,
-            lease: config.timeout + store_lease,
             certificates,
-            settings: TransportSettings::of(config, store_lease, fingerprint),
+            settings: TransportSettings::of(config, fingerprint),
         })
     }
 }
 
 impl Dispatcher {
     /// A dispatcher for these destinations, with their states as stored. A delivery it
-    /// claims is leased for `delivery.timeout` + `lease`.
+    /// claims is leased for the longest timeout an attempt may have + `lease`.
     pub async fn new(
         store: Arc<dyn Store>,
         config: &DeliveryConfig,
@@ -239,7 +236,8 @@ impl Dispatcher {
         clock: Arc<dyn Clock>,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Arc<Self>> {
-        let transport = Transport::build(config, lease)?;
+        let transport = Transport::build(config)?;
+        let longest_timeout = AtomicU64::new(longest_timeout(&destinations));
         let states = store
             .destination_states()
             .await?
@@ -258,6 +256,7 @@ impl Dispatcher {
             store,
             transport: ArcSwap::from_pointee(transport),
             store_lease: lease,
+            longest_timeout,
             destinations: ArcSwap::from_pointee(destinations),
             states: Mutex::new(states),
             pacers: Mutex::default(),
@@ -289,7 +288,7 @@ impl Dispatcher {
     /// under way finish on the one they started with. What cannot be built (a file gone
     /// since the config was validated) is logged and the transport in force stays.
     pub fn set_transport(&self, config: &DeliveryConfig) {
-        let settings = match TransportSettings::read(config, self.store_lease) {
+        let settings = match TransportSettings::read(config) {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(error = %e, "Cannot read the delivery settings; deliveries go on as before.");
@@ -299,7 +298,7 @@ impl Dispatcher {
         if settings == self.transport.load().settings {
             return;
         }
-        match Transport::build(config, self.store_lease) {
+        match Transport::build(config) {
             Ok(t) => {
                 self.transport.store(Arc::new(t));
                 tracing::info!(
@@ -368,6 +367,10 @@ impl Dispatcher {
         // (An attempt still holding a removed destination's permits keeps them.)
         (self.lanes.lock().unwrap_or_else(|e| e.into_inner()))
             .retain(|name, _| destinations.contains_key(name));
+        // Raised before the new destinations are in force: no claim is leased for less than
+        // an attempt to one of them may take.
+        self.longest_timeout
+            .store(longest_timeout(&destinations), Ordering::SeqCst);
         let before = self.destinations.swap(Arc::new(destinations));
         self.release_removed(&before).await;
     }
@@ -473,9 +476,12 @@ impl Dispatcher {
         }
     }
 
-    /// Until when a delivery claimed now is leased.
+    /// Until when a delivery claimed now is leased: long enough for an attempt to any
+    /// destination to end, and `store.lease` more.
     pub fn lease_until(&self, now: u64) -> u64 {
-        now + self.transport.load().lease.as_millis() as u64
+        let timeout = (self.transport.load().timeout.as_millis() as u64)
+            .max(self.longest_timeout.load(Ordering::SeqCst));
+        now + timeout + self.store_lease.as_millis() as u64
     }
 
     /// Whether deliveries to `destination` may be sent now (it is ACTIVE).
@@ -778,7 +784,10 @@ impl Dispatcher {
         delivery_id = %d.id, destination = %d.destination, attempt = d.attempts + 1))]
     async fn attempt(&self, d: DueDelivery, permits: Permits) {
         let at = self.clock.now_ms();
-        if at + self.transport.load().timeout.as_millis() as u64 > d.lease_until {
+        let destination = self.destinations.load().get(&d.destination).cloned();
+        let timeout = (destination.as_ref().and_then(|dest| dest.timeout))
+            .unwrap_or_else(|| self.transport.load().timeout);
+        if at + timeout.as_millis() as u64 > d.lease_until {
             // It waited for a permit for most of its lease (behind a destination that is
             // slow to answer): sent now, it might still be on its way when another claim
             // takes it. Left to that claim instead, once the lease runs out.
@@ -786,7 +795,6 @@ impl Dispatcher {
                 destination = %d.destination, "Delivery left to a later claim: its lease ran down while it waited.");
             return;
         }
-        let destination = self.destinations.load().get(&d.destination).cloned();
         if destination.is_some() && !self.is_active(&d.destination) {
             // Its destination failed (or was disabled) since this delivery was planned or
             // claimed — e.g. while it waited for a permit behind others to a destination
@@ -909,8 +917,9 @@ impl Dispatcher {
         at: u64,
     ) -> (Attempt, AttemptNext) {
         let headers = signed_headers(dest, d, at);
-        let (status, retry_after, response, error, duration_ms) =
-            self.send(&d.url, &headers, d.body.clone()).await;
+        let (status, retry_after, response, error, duration_ms) = self
+            .send(&d.url, &headers, d.body.clone(), dest.timeout)
+            .await;
         let result = AttemptResult::from_status(status, retry_after);
         let next = {
             let mut states = self.lock_states();
@@ -975,12 +984,14 @@ impl Dispatcher {
         (attempt, next)
     }
 
-    /// POSTs once; returns (status, Retry-After, response excerpt, error, duration in ms).
+    /// POSTs once, within `timeout` if given (else `delivery.timeout`); returns (status,
+    /// Retry-After, response excerpt, error, duration in ms).
     async fn send(
         &self,
         url: &str,
         headers: &[(String, String)],
         body: bytes::Bytes,
+        timeout: Option<Duration>,
     ) -> (
         Option<u16>,
         Option<Duration>,
@@ -1009,6 +1020,10 @@ impl Dispatcher {
             }
             // The request itself reports the bad URL.
             Err(_) => transport.client.post(url),
+        };
+        let request = match timeout {
+            Some(t) => request.timeout(t),
+            None => request,
         };
         let result = request.headers(map).body(body).send().await;
         let outcome = match result {
@@ -1077,7 +1092,7 @@ impl Dispatcher {
         if let Some(signature) = dest.signature(&id, self.clock.now_ms(), &body) {
             headers.extend(signature);
         }
-        let (status_code, _, _, error, _) = self.send(&url, &headers, body).await;
+        let (status_code, _, _, error, _) = self.send(&url, &headers, body, dest.timeout).await;
         let error = match (status_code, error) {
             (None, None) => Some("no answer".into()),
             (_, e) => e,
@@ -1313,6 +1328,14 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
         cur = next;
     }
     cur.to_string()
+}
+
+/// The longest `timeout` of these destinations, in ms (0 if none has one).
+fn longest_timeout(destinations: &HashMap<String, Arc<Destination>>) -> u64 {
+    (destinations.values())
+        .filter_map(|d| d.timeout)
+        .max()
+        .map_or(0, |t| t.as_millis() as u64)
 }
 
 #[cfg(test)]

@@ -68,6 +68,8 @@ pub struct Destination {
     signing_keys: Vec<Vec<u8>>,
     /// The most deliveries per second (see [`pace`]).
     pub rate_limit: Option<f64>,
+    /// How long one attempt may take, if not `delivery.timeout`.
+    pub timeout: Option<std::time::Duration>,
 }
 
 /// What HTTPS deliveries trust besides the system's certificate authorities, and the
@@ -221,6 +223,7 @@ impl Destination {
                 .collect(),
             event_types: c.event_types.as_ref().map(|t| t.iter().cloned().collect()),
             rate_limit: c.rate_limit,
+            timeout: c.timeout,
         }
     }
 
