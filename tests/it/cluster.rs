@@ -91,9 +91,7 @@ async fn three_instances_share_one_database_and_survive_a_sigkill() {
     let app = axum::Router::new()
         .fallback(receive)
         .with_state(seen.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let sink = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let sink = crate::util::serve(app).await;
 
     // Each instance has its own dir (config, plugins, data) and the one database.
     let dirs: Vec<tempfile::TempDir> = (0..3)
@@ -786,9 +784,7 @@ async fn an_attempt_recorded_late_is_not_sent_again() {
             },
         )
         .with_state((proxy.clone(), arrived.clone()));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let url = crate::util::serve(app).await;
     let rx = Receiver::start().await;
     let config = format!(
         // (The harness's `[delivery]` table is open: the first line lands in it.)

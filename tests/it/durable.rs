@@ -1122,12 +1122,10 @@ async fn a_slow_destinations_backlog_waits_in_the_store_and_other_retries_go_ahe
             }
         }
     });
-    let mut urls = Vec::new();
-    for app in [slow_app, other_app] {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        urls.push(format!("http://{}", listener.local_addr().unwrap()));
-        tokio::spawn(async move { axum::serve(listener, app).await });
-    }
+    let urls = [
+        crate::util::serve(slow_app).await,
+        crate::util::serve(other_app).await,
+    ];
     let rx = Receiver::start().await;
     // One attempt at a time to the slow destination (a lane of two); leases of 2 + 1 s.
     let config = format!(
@@ -1206,9 +1204,7 @@ async fn a_delivery_that_waited_out_its_lease_is_sent_once_by_the_next_claim() {
             },
         )
         .with_state(arrivals.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let slow = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let slow = crate::util::serve(app).await;
     let rx = Receiver::start().await;
     // A lease of 1 s + the 2 s timeout; one delivery at a time to the destination.
     let config = format!(
@@ -1261,9 +1257,7 @@ async fn a_destinations_timeout_replaces_the_default() {
         tokio::time::sleep(Duration::from_secs(1)).await;
         axum::http::StatusCode::NO_CONTENT
     });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let slow = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let slow = crate::util::serve(app).await;
     let rx = Receiver::start().await;
     let config = format!(
         // (The harness's `[delivery]` table is open: these lines land in it.)

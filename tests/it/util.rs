@@ -95,16 +95,24 @@ pub struct Receiver {
     recorded: Arc<Recorded>,
 }
 
+/// Serves `app` on a loopback port of its own for the rest of the test: its base URL.
+pub async fn serve(app: axum::Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    url
+}
+
 impl Receiver {
     pub async fn start() -> Self {
         let recorded = Arc::new(Recorded::default());
         let app = axum::Router::new()
             .fallback(record)
             .with_state(recorded.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        Self { url, recorded }
+        Self {
+            url: serve(app).await,
+            recorded,
+        }
     }
 
     /// Answers every request with `status` from now on (`None`: back to normal).
