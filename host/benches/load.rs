@@ -11,7 +11,9 @@
 //!
 //! Run with: `cargo bench -p switchyard --bench load [-- EVENTS CONCURRENCY]` (defaults
 //! 20000 and 64). Loopback only; bounded in count and time. `LOAD_PLUGINS='plugins = []'`
-//! (any TOML `plugins` line) swaps the route's chain, to see what the plugin costs.
+//! (any TOML `plugins` line) swaps the route's chain, to see what the plugin costs;
+//! `LOAD_EXTRA_ROUTES=N` adds N sources with a route each, never posted to (placed before
+//! the measured route), to see what a large config costs.
 //! `LOAD_CLIENT=wrk` posts with Debian's `wrk` (in processes of its own, one thread each)
 //! instead of this process's reqwest clients: a second instrument for the same figures,
 //! which also prints how long the answers took under full load (wrk's p50 and p99).
@@ -250,12 +252,24 @@ fn gateway_dir(dir: &Path, sink_url: &str, store: &str) -> anyhow::Result<PathBu
     let plugins = std::env::var("LOAD_PLUGINS").unwrap_or_else(|_| {
         r#"plugins = [{ name = "event-filter", config = { allow = "usage" } }]"#.to_string()
     });
+    // `LOAD_EXTRA_ROUTES=N`: N more sources, each with a route to a destination of its own,
+    // that no event is posted to — what a large config costs the events of one source.
+    let extra: usize = std::env::var("LOAD_EXTRA_ROUTES").map_or(0, |n| n.parse().unwrap_or(0));
+    let extra: String = (0..extra)
+        .map(|i| {
+            format!(
+                "[[sources]]\nname = \"other-{i}\"\n[[destinations]]\nname = \"other-{i}\"\n\
+                 url = \"{sink_url}/other/{i}\"\n[[routes]]\nsource = \"other-{i}\"\n\
+                 destinations = [\"other-{i}\"]\n"
+            )
+        })
+        .collect();
     let config = dir.join("switchyard.toml");
     std::fs::write(
         &config,
         format!(
             "[server]\nlisten = \"127.0.0.1:0\"\nqueue_capacity = 1000000\n{store}\n[delivery]\nconcurrency = 256\nallowed_networks = [\"127.0.0.0/8\"]\n\
-             [[sources]]\nname = \"onomondo\"\n[[destinations]]\nname = \"sink\"\nurl = \"{sink_url}/events\"\n\
+             {extra}[[sources]]\nname = \"onomondo\"\n[[destinations]]\nname = \"sink\"\nurl = \"{sink_url}/events\"\n\
              [[routes]]\nsource = \"onomondo\"\n{plugins}\ndestinations = [\"sink\"]\n"
         ),
     )?;

@@ -13,7 +13,6 @@ use std::sync::Arc;
 use tracing::Instrument;
 
 use crate::api::{ApiError, AppState};
-use crate::config::Config;
 use crate::delivery::now_ms;
 use crate::edge;
 use crate::event::{Body, Event};
@@ -95,9 +94,9 @@ async fn accept(
         )));
     };
     let client = extensions.get::<Arc<edge::ClientCertificate>>();
-    if !state.pipeline.routing().has_source(&source) {
+    let Some(sc) = state.pipeline.routing().source(&source).cloned() else {
         return Err(ApiError::NotFound(format!("no source named `{source}`")));
-    }
+    };
     let config = state.reloader.config();
     let body = read_body(
         body,
@@ -106,26 +105,23 @@ async fn accept(
     )
     .await?;
     // The edge: who may post here, and is it really them. Nothing is stored otherwise.
-    let source_config = config.sources.iter().find(|s| s.name == source);
-    if let Some(sc) = source_config {
-        let ip = edge::client_ip(peer.ip(), &headers, &config.server.trusted_proxies);
-        edge::allowed(ip, sc.allow_ips.as_deref()).map_err(|e| {
-            tracing::warn!(source, %ip, "Ingest refused: address not allowed.");
-            ApiError::Forbidden(e.to_string())
+    let ip = edge::client_ip(peer.ip(), &headers, &config.server.trusted_proxies);
+    edge::allowed(ip, sc.allow_ips.as_deref()).map_err(|e| {
+        tracing::warn!(source, %ip, "Ingest refused: address not allowed.");
+        ApiError::Forbidden(e.to_string())
+    })?;
+    edge::allowed_client(client.map(|c| c.as_ref()), sc.allow_client_names.as_deref()).map_err(
+        |e| {
+            tracing::warn!(source, %ip, reason = %e, "Ingest refused: client certificate not allowed.");
+            ApiError::CertificateDenied(e.to_string())
+        },
+    )?;
+    if let Some(verify) = &sc.verify {
+        let now_s = now_ms() / 1000;
+        verify.verify(&headers, &body, now_s).map_err(|e| {
+            tracing::warn!(source, %ip, reason = %e, "Ingest refused: signature check failed.");
+            ApiError::Unauthorized(e.to_string())
         })?;
-        edge::allowed_client(client.map(|c| c.as_ref()), sc.allow_client_names.as_deref()).map_err(
-            |e| {
-                tracing::warn!(source, %ip, reason = %e, "Ingest refused: client certificate not allowed.");
-                ApiError::CertificateDenied(e.to_string())
-            },
-        )?;
-        if let Some(verify) = &sc.verify {
-            let now_s = now_ms() / 1000;
-            verify.verify(&headers, &body, now_s).map_err(|e| {
-                tracing::warn!(source, %ip, reason = %e, "Ingest refused: signature check failed.");
-                ApiError::Unauthorized(e.to_string())
-            })?;
-        }
     }
     let content_type = headers
         .get(axum::http::header::CONTENT_TYPE)
@@ -152,7 +148,8 @@ async fn accept(
         metadata: Vec::new(),
         run: 0,
     };
-    let idempotency = idempotency_key(&config, &event, &headers)?.map(|key| Idempotency {
+    let field = sc.idempotency_field.as_deref();
+    let idempotency = idempotency_key(field, &event, &headers)?.map(|key| Idempotency {
         key,
         window_ms: config.server.idempotency_window.as_millis() as u64,
     });
@@ -211,9 +208,9 @@ pub(crate) async fn read_body(
 }
 
 /// The event's idempotency key: the `Idempotency-Key` header, or else the source's
-/// configured JSON field.
+/// configured JSON field (`idempotency_field`).
 fn idempotency_key(
-    config: &Config,
+    field: Option<&str>,
     event: &Event,
     headers: &HeaderMap,
 ) -> Result<Option<String>, ApiError> {
@@ -228,11 +225,6 @@ fn idempotency_key(
         }
         return Ok(Some(key.to_string()));
     }
-    let field = config
-        .sources
-        .iter()
-        .find(|s| s.name == event.source)
-        .and_then(|s| s.idempotency_field.as_deref());
     Ok(field.and_then(|f| {
         event.json_object().and_then(|obj| match obj.get(f) {
             Some(serde_json::Value::String(s)) => Some(s.clone()),

@@ -2,7 +2,7 @@
 //! event's source through its chain of plugins, and hands the resulting deliveries to the
 //! delivery stage.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Instant;
@@ -11,7 +11,7 @@ use arc_swap::ArcSwap;
 use futures_util::FutureExt;
 use tracing::Instrument;
 
-use crate::config::{Config, InstanceMode, OnError};
+use crate::config::{Config, InstanceMode, OnError, SourceConfig};
 use crate::delivery::{
     Destination, Dispatcher, PlaceholderValues, PlannedDelivery, delivery_id, render,
 };
@@ -24,9 +24,12 @@ use crate::store::{
 
 /// Sources, destinations and routes as the pipeline uses them; swapped whole on reload.
 pub struct Routing {
-    sources: HashSet<String>,
+    sources: HashMap<String, Arc<SourceConfig>>,
     destinations: HashMap<String, Arc<Destination>>,
     routes: Vec<Route>,
+    /// Each source's routes (indexes into `routes`), in config order: an event looks at
+    /// its own source's routes only, however many others there are.
+    routes_by_source: HashMap<String, Vec<usize>>,
 }
 
 struct Route {
@@ -91,17 +94,37 @@ impl Routing {
                     .map(|d| destinations[d].clone())
                     .collect(),
             })
-            .collect();
+            .collect::<Vec<Route>>();
+        let mut routes_by_source: HashMap<String, Vec<usize>> = HashMap::new();
+        for (i, r) in routes.iter().enumerate() {
+            routes_by_source
+                .entry(r.source.clone())
+                .or_default()
+                .push(i);
+        }
         Self {
-            sources: config.sources.iter().map(|s| s.name.clone()).collect(),
+            sources: (config.sources.iter())
+                .map(|s| (s.name.clone(), Arc::new(s.clone())))
+                .collect(),
             destinations,
             routes,
+            routes_by_source,
         }
     }
 
     /// Whether events may be posted to this source.
     pub fn has_source(&self, name: &str) -> bool {
-        self.sources.contains(name)
+        self.sources.contains_key(name)
+    }
+
+    /// A source's config (its edge checks, its idempotency field), if it is configured.
+    pub fn source(&self, name: &str) -> Option<&Arc<SourceConfig>> {
+        self.sources.get(name)
+    }
+
+    /// The indexes of a source's routes in `routes`, in config order.
+    fn routes_of(&self, source: &str) -> &[usize] {
+        self.routes_by_source.get(source).map_or(&[], Vec::as_slice)
     }
 
     /// The destinations by name.
@@ -195,10 +218,7 @@ impl Pipeline {
         let values = PlaceholderValues::of(&event);
         let mut outcomes = Vec::new();
         let mut deliveries = Vec::new();
-        for route_index in 0..routing.routes.len() {
-            if routing.routes[route_index].source != event.source {
-                continue;
-            }
+        for &route_index in routing.routes_of(&event.source) {
             let permit = self.cpu.acquire().await;
             // A panic in a chain fails this route, not the pipeline worker.
             let route = &routing.routes[route_index];
