@@ -8,7 +8,7 @@ use bytes::Bytes;
 use switchyard::event::{Body, Event};
 use switchyard::store::{
     Attempt, AttemptNext, ClaimScope, DeliveryStatus, DestinationHealth, DestinationState,
-    EventFilter, EventStatus, FieldMatch, Idempotency, Inserted, ManagedObject, NewDelivery,
+    EventFilter, EventStatus, FieldMatch, Idempotency, Inserted, Known, ManagedObject, NewDelivery,
     PgStore, PurgeBefore, RouteOutcome, RouteResult, RouteResultKind, SqliteStore, Store,
 };
 
@@ -180,12 +180,12 @@ async fn conformance(open: Reopen) {
     // a rolling deploy) leaves its deliveries to the others until they have been due for
     // `orphaned_after_ms`.
     let elsewhere = ClaimScope {
-        known: Some(vec!["fleet".into()]),
+        known: Some(Known::new(["fleet".to_string()])),
         orphaned_after_ms: 5_000,
         ..ClaimScope::any()
     };
     let here = ClaimScope {
-        known: Some(vec!["archive".into()]),
+        known: Some(Known::new(["archive".to_string()])),
         orphaned_after_ms: 5_000,
         ..ClaimScope::any()
     };

@@ -22,7 +22,7 @@ use crate::edge::SsrfGuard;
 use crate::metrics::Metrics;
 use crate::store::{
     Attempt, AttemptNext, ClaimScope, DestinationHealth, DestinationState, DueDelivery,
-    Idempotency, Inserted, Store, StoreError,
+    Idempotency, Inserted, Known, Store, StoreError,
 };
 
 /// How much of a response body is kept with an attempt.
@@ -106,6 +106,8 @@ pub struct Dispatcher {
     store_lease: Duration,
     /// The longest of the destinations' own `timeout`s, in ms (0: none has one).
     longest_timeout: AtomicU64,
+    /// The destinations' names, for the claims on a shared store (`claim_scope`).
+    known: ArcSwap<Known>,
     destinations: ArcSwap<HashMap<String, Arc<Destination>>>,
     states: Mutex<HashMap<String, DestinationState>>,
     /// The rate limits' slots, by destination.
@@ -257,6 +259,7 @@ impl Dispatcher {
             transport: ArcSwap::from_pointee(transport),
             store_lease: lease,
             longest_timeout,
+            known: ArcSwap::from_pointee(Known::new(destinations.keys().cloned())),
             destinations: ArcSwap::from_pointee(destinations),
             states: Mutex::new(states),
             pacers: Mutex::default(),
@@ -371,6 +374,8 @@ impl Dispatcher {
         // an attempt to one of them may take.
         self.longest_timeout
             .store(longest_timeout(&destinations), Ordering::SeqCst);
+        self.known
+            .store(Arc::new(Known::new(destinations.keys().cloned())));
         let before = self.destinations.swap(Arc::new(destinations));
         self.release_removed(&before).await;
     }
@@ -662,7 +667,7 @@ impl Dispatcher {
             };
         }
         ClaimScope {
-            known: Some(self.destinations.load().keys().cloned().collect()),
+            known: Some(Known::clone(&self.known.load())),
             orphaned_after_ms: self.orphaned_after.as_millis() as u64,
             room,
         }

@@ -1020,7 +1020,7 @@ impl Store for PgStore {
                             &(lease_until as i64),
                             &(now as i64),
                             &(limit as i64),
-                            &scope.known,
+                            &scope.known.as_ref().map(Known::names),
                             &orphaned,
                             &names,
                             &room,
@@ -1070,7 +1070,7 @@ impl Store for PgStore {
                 &statement,
                 &[
                     &(now as i64),
-                    &scope.known,
+                    &scope.known.as_ref().map(Known::names),
                     &(scope.orphaned_after_ms as i64),
                     &full,
                 ],
