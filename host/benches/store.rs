@@ -9,7 +9,8 @@
 //! retention's purge of the delivered events, and how long an ingest commit waits while it
 //! runs. Last, what a claim costs when a destination's full lane and due backlog stop the
 //! walk in due order, first with 5 other destinations, then with 1,000 more that are
-//! FAILED and hold a delivery each.
+//! FAILED and hold a delivery each, then with 1,000 more ACTIVE ones holding a retry an
+//! hour away (and the next due time in that position).
 //!
 //! Run with: `cargo bench -p switchyard --bench store [-- EVENTS CONCURRENCY]` (defaults
 //! 20000 and 64). SQLite in a temp dir on the local disk.
@@ -153,6 +154,23 @@ async fn blocked_claim(store: &dyn Store) -> Duration {
         let claimed = store.claim_due(now, now + 40_000, 64, &scope).await;
         took.push(started.elapsed());
         assert!(claimed.expect("claim").is_empty());
+    }
+    took.sort();
+    took[took.len() / 2]
+}
+
+/// The median of 50 `next_due_at`s in the same position as [`blocked_claim`]'s claims.
+async fn blocked_next_due(store: &dyn Store) -> Duration {
+    let scope = ClaimScope {
+        room: [("slow".to_string(), 0)].into(),
+        ..ClaimScope::default()
+    };
+    let mut took = Vec::new();
+    for _ in 0..50 {
+        let started = Instant::now();
+        let next = store.next_due_at(now_ms(), &scope).await;
+        took.push(started.elapsed());
+        assert!(next.expect("next due").is_some());
     }
     took.sort();
     took[took.len() / 2]
@@ -330,6 +348,20 @@ async fn main() -> anyhow::Result<()> {
          5 other destinations, {:.3} ms with 1,000 FAILED ones holding a delivery each too",
         few.as_secs_f64() * 1000.0,
         many.as_secs_f64() * 1000.0
+    );
+    // And 1,000 ACTIVE destinations each holding a retry an hour away (an outage of many
+    // endpoints, over): nothing of theirs is due, yet each is a destination with
+    // deliveries due some time.
+    for n in 0..1_000 {
+        waiting(store.as_ref(), n, &format!("later{n:04}"), later).await;
+    }
+    let active = blocked_claim(store.as_ref()).await;
+    let next = blocked_next_due(store.as_ref()).await;
+    println!(
+        "sqlite: ... and with 1,000 ACTIVE ones holding a retry an hour away too: a claim \
+         {:.3} ms, the next due time {:.3} ms (medians of 50)",
+        active.as_secs_f64() * 1000.0,
+        next.as_secs_f64() * 1000.0
     );
     store.close();
     tokio::time::sleep(Duration::from_millis(10)).await;

@@ -1696,10 +1696,10 @@ fn due_by_destination(
 ) -> rusqlite::Result<Vec<i64>> {
     let mut due: Vec<(i64, i64)> = Vec::new();
     let mut first = conn.prepare_cached(DUE_TO)?;
-    for name in pending_destinations(conn)? {
+    for (name, earliest) in pending_destinations(conn)? {
         let take = scope.room_for(&name, limit);
         let by = now.checked_sub(scope.wait_for(&name));
-        let (Some(by), true) = (by, take > 0) else {
+        let (Some(by), true) = (by.filter(|by| earliest <= *by), take > 0) else {
             continue;
         };
         let rows = first.query_map(params![name, by as i64, now as i64, take as i64], |r| {
@@ -1736,13 +1736,19 @@ fn next_due_by_destination(
 ) -> rusqlite::Result<Option<u64>> {
     let mut first = conn.prepare_cached(DUE_TO)?;
     let mut next: Option<u64> = None;
-    for name in pending_destinations(conn)? {
+    for (name, earliest) in pending_destinations(conn)? {
         if scope.room_for(&name, 1) == 0 {
             continue;
         }
-        let at: Option<i64> = first
-            .query_row(params![name, i64::MAX, now as i64, 1], |r| r.get(1))
-            .optional()?;
+        // Still ahead: that is when it is next due (were its first delivery leased, the
+        // dispatcher only wakes once early). Already due: the first one not leased.
+        let at: Option<i64> = if earliest > now {
+            Some(earliest as i64)
+        } else {
+            first
+                .query_row(params![name, i64::MAX, now as i64, 1], |r| r.get(1))
+                .optional()?
+        };
         if let Some(at) = at {
             let at = at as u64 + scope.wait_for(&name);
             next = Some(next.map_or(at, |n| n.min(at)));
@@ -1761,11 +1767,17 @@ const PENDING_DESTINATIONS: &str = "WITH RECURSIVE dest(name) AS (
                 WHERE status = 'pending' AND next_attempt_at IS NOT NULL
                   AND destination > dest.name)
         FROM dest WHERE dest.name IS NOT NULL)
-    SELECT name FROM dest WHERE name IS NOT NULL";
+    SELECT name,
+           (SELECT MIN(next_attempt_at) FROM deliveries
+            WHERE destination = dest.name AND status = 'pending' AND next_attempt_at IS NOT NULL)
+    FROM dest WHERE name IS NOT NULL";
 
-fn pending_destinations(conn: &Connection) -> rusqlite::Result<Vec<String>> {
+/// The destinations with deliveries due some time, each with the earliest due time of them
+/// (leased ones included): a destination whose earliest is still ahead has nothing to claim
+/// and is not probed further.
+fn pending_destinations(conn: &Connection) -> rusqlite::Result<Vec<(String, u64)>> {
     conn.prepare_cached(PENDING_DESTINATIONS)?
-        .query_map([], |r| r.get(0))?
+        .query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?
         .collect()
 }
 
@@ -2237,15 +2249,20 @@ mod tests {
             assert!(p.contains("d USING INDEX deliveries_due"), "{p}");
             assert!(!p.contains("TEMP B-TREE"), "no sort: {p}");
         }
+        // (The skip-scan's two steps, and each destination's earliest due time.)
         let dests = plan(PENDING_DESTINATIONS);
         assert_eq!(
             dests
                 .matches("USING COVERING INDEX deliveries_destination_due")
                 .count(),
-            2,
+            3,
             "{dests}"
         );
         assert!(dests.contains("(destination>?)"), "{dests}");
+        assert!(
+            dests.contains("(destination=? AND next_attempt_at>?)"),
+            "{dests}"
+        );
         let due = plan(DUE_TO);
         assert!(
             due.starts_with(
