@@ -569,6 +569,12 @@ pub struct SourceConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(example = json!(["webhooks.sender.example"]))]
     pub allow_client_names: Option<Vec<String>>,
+    /// The most events per second this gateway accepts for this source (a burst of up to
+    /// one second's worth, then evenly spaced); beyond it `429` with `Retry-After`, so a
+    /// sender in a retry storm cannot crowd the others out of the queue. 0.001 to
+    /// 1,000,000; unlimited when absent. Counted per instance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<f64>,
 }
 
 /// `[[destinations]]`: where deliveries go.
@@ -1023,6 +1029,14 @@ impl Config {
             if let Some(v) = &s.verify {
                 v.validate()
                     .map_err(|m| (format!("sources[{i}].verify"), m))?;
+            }
+            if let Some(rate) = s.rate_limit
+                && !(0.001..=1_000_000.0).contains(&rate)
+            {
+                return Err((
+                    format!("sources[{i}].rate_limit"),
+                    "must be between 0.001 and 1000000 events per second".into(),
+                ));
             }
             if let Some(names) = &s.allow_client_names {
                 let key = format!("sources[{i}].allow_client_names");

@@ -36,6 +36,7 @@ use crate::store::{Idempotency, Inserted, StoreError};
         (status = 404, description = "No such source", body = crate::api::ErrorBody),
         (status = 408, description = "The body did not arrive within `body_read_timeout`", body = crate::api::ErrorBody),
         (status = 413, description = "The body is over `max_body_bytes`", body = crate::api::ErrorBody),
+        (status = 429, description = "Over the source's `rate_limit`: try again after `Retry-After` seconds", body = crate::api::ErrorBody),
         (status = 503, description = "The queue is full, the store cannot write (e.g. a full disk) or the gateway is stopping: try again later", body = crate::api::ErrorBody),
     ))]
 pub async fn ingest(
@@ -67,6 +68,7 @@ pub async fn ingest(
         Err(ApiError::Unauthorized(_)) => "rejected_signature",
         Err(ApiError::Forbidden(_)) => "rejected_address",
         Err(ApiError::CertificateDenied(_)) => "rejected_client_certificate",
+        Err(ApiError::RateLimited { .. }) => "rejected_rate_limited",
         Err(_) => "rejected_error",
     };
     state.metrics.event(&label, outcome);
@@ -122,6 +124,23 @@ async fn accept(
             tracing::warn!(source, %ip, reason = %e, "Ingest refused: signature check failed.");
             ApiError::Unauthorized(e.to_string())
         })?;
+    }
+    // Only events that passed the checks count against the source's rate: others' bad
+    // requests cannot use up a sender's share.
+    if let Some(rate) = sc.rate_limit
+        && let Err(wait_ms) = state.ingest_limits.admit(&source, now_ms(), rate)
+    {
+        tracing::warn!(
+            source,
+            rate,
+            "Ingest refused: over the source's rate limit."
+        );
+        return Err(ApiError::RateLimited {
+            message: format!(
+                "source `{source}` is over its rate limit of {rate} events per second"
+            ),
+            retry_after_s: wait_ms.div_ceil(1000).max(1),
+        });
     }
     let content_type = headers
         .get(axum::http::header::CONTENT_TYPE)

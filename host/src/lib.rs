@@ -265,6 +265,7 @@ impl Gateway {
             metrics: self.metrics.clone(),
             minutes: Default::default(),
             counts: Default::default(),
+            ingest_limits: Default::default(),
         });
         let scheme = match self.reloader.config().server.tls {
             Some(_) => "https",

@@ -1366,3 +1366,83 @@ destinations = ["rx"]
     assert_eq!(events["items"].as_array().unwrap().len(), 2, "{events}");
     gw.shutdown().await.unwrap();
 }
+
+/// A source's `rate_limit`: a second's worth at once, then `429` with `Retry-After`,
+/// counted as `rejected_rate_limited`, nothing stored; other sources are not held back, and
+/// requests refused by the source's checks use none of its share.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_source_over_its_rate_limit_gets_429() {
+    let rx = Receiver::start().await;
+    let config = r#"
+[[sources]]
+name = "noisy"
+rate_limit = 2
+verify = { scheme = "hmac-sha256", secret = "noisy-key", header = "x-signature" }
+[[sources]]
+name = "quiet"
+[[destinations]]
+name = "sink"
+url = "{receiver}/in"
+[[routes]]
+source = "noisy"
+destinations = ["sink"]
+[[routes]]
+source = "quiet"
+destinations = ["sink"]
+"#;
+    let gw = TestGateway::start(config, &rx, &[]).await;
+    let signed = |body: &str| vec![("x-signature", hmac_hex(b"noisy-key", body.as_bytes()))];
+    // Forged requests first: refused by the signature check, they take no slot.
+    for _ in 0..3 {
+        let (status, _) = post(&gw, "noisy", "{}", &[("x-signature", "00".into())]).await;
+        assert_eq!(status, 401);
+    }
+    for n in 0..2 {
+        let body = format!(r#"{{"n":{n}}}"#);
+        let (status, e) = post(&gw, "noisy", &body, &signed(&body)).await;
+        assert_eq!(status, 202, "{e}");
+    }
+    let resp = (gw.client.post(format!("{}/v1/ingest/noisy", gw.url)))
+        .header("x-signature", hmac_hex(b"noisy-key", b"{}"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 429);
+    let wait: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(wait, 1, "a slot every 500 ms: whole seconds, rounded up");
+    let e: Value = resp.json().await.unwrap();
+    assert_eq!(
+        e["error"],
+        "source `noisy` is over its rate limit of 2 events per second"
+    );
+    // Another source is not held back.
+    let (status, _) = post(&gw, "quiet", "{}", &[]).await;
+    assert_eq!(status, 202);
+
+    assert_eq!(rx.wait_for(3).await.len(), 3);
+    let metrics = gw.metrics().await;
+    for line in [
+        r#"switchyard_events_received_total{source="noisy",result="rejected_rate_limited"} 1"#,
+        r#"switchyard_events_received_total{source="noisy",result="accepted"} 2"#,
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+    }
+    let (_, events) = gw.get("/v1/events?source=noisy").await;
+    assert_eq!(events["items"].as_array().unwrap().len(), 2, "{events}");
+    // Out of bounds: refused, naming the key.
+    let (status, e) = gw
+        .send(
+            "POST",
+            "/v1/sources",
+            Some(json!({ "name": "x", "rate_limit": 0 })),
+        )
+        .await;
+    assert_eq!(status, 400, "{e}");
+    assert!(e["error"].as_str().unwrap().contains("rate_limit"), "{e}");
+    gw.shutdown().await.unwrap();
+}

@@ -49,6 +49,8 @@ pub struct AppState {
     pub minutes: Arc<stats::MinuteCache>,
     /// The deliveries waiting and failed per destination, for the destination views.
     pub counts: Arc<counts::CountsCache>,
+    /// The sources' `rate_limit`s on ingest.
+    pub ingest_limits: Arc<crate::edge::IngestLimits>,
 }
 
 /// The OpenAPI document's frame; the paths come from the handlers.
@@ -873,6 +875,9 @@ pub enum ApiError {
     CertificateDenied(String),
     #[error("{0}")]
     Conflict(String),
+    /// Over a source's `rate_limit`: `429`, `Retry-After` in whole seconds.
+    #[error("{message}")]
+    RateLimited { message: String, retry_after_s: u64 },
     /// A listing stopped at its time budget (`store::LIST_BUDGET`).
     #[error("{0}")]
     TooBroad(String),
@@ -909,12 +914,23 @@ impl IntoResponse for ApiError {
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) | ApiError::CertificateDenied(_) => StatusCode::FORBIDDEN,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::TooBroad(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Internal(e) => {
                 tracing::error!(error = %format!("{e:#}"), "Request failed.");
                 StatusCode::INTERNAL_SERVER_ERROR
             }
         };
-        (status, Json(json!({ "error": self.to_string() }))).into_response()
+        let retry_after = match &self {
+            ApiError::RateLimited { retry_after_s, .. } => Some(*retry_after_s),
+            _ => None,
+        };
+        let mut response = (status, Json(json!({ "error": self.to_string() }))).into_response();
+        if let Some(s) = retry_after {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, s.into());
+        }
+        response
     }
 }
