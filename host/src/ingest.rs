@@ -37,7 +37,7 @@ use crate::store::{Idempotency, Inserted, StoreError};
         (status = 408, description = "The body did not arrive within `body_read_timeout`", body = crate::api::ErrorBody),
         (status = 413, description = "The body is over `max_body_bytes`", body = crate::api::ErrorBody),
         (status = 429, description = "Over the source's `rate_limit`: try again after `Retry-After` seconds", body = crate::api::ErrorBody),
-        (status = 503, description = "The queue is full, the store cannot write (e.g. a full disk) or the gateway is stopping: try again later", body = crate::api::ErrorBody),
+        (status = 503, description = "The queue is full, the store cannot write (e.g. a full disk) or the gateway is stopping: try again later (`Retry-After: 1`)", body = crate::api::ErrorBody),
     ))]
 pub async fn ingest(
     State(state): State<AppState>,

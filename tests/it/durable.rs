@@ -551,13 +551,16 @@ async fn a_store_that_cannot_write_refuses_and_then_resumes() {
     };
 
     db.execute_batch(&full("INSERT ON events")).unwrap();
-    let (status, body) = gw.post("s", r#"{"id":"e1"}"#).await;
+    let refused = (gw.client.post(format!("{}/v1/ingest/s", gw.url)))
+        .body(r#"{"id":"e1"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 503);
+    assert_eq!(refused.headers()["retry-after"], "1");
     assert_eq!(
-        (status, body),
-        (
-            503,
-            json!({ "error": "the event could not be stored; try again later" })
-        )
+        refused.json::<Value>().await.unwrap(),
+        json!({ "error": "the event could not be stored; try again later" })
     );
 
     db.execute_batch(&format!(

@@ -921,8 +921,11 @@ impl IntoResponse for ApiError {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
         };
+        // When to try again: a rate limit knows; a full queue or a store that cannot
+        // write is worth another try in a second (the sender's own backoff takes over).
         let retry_after = match &self {
             ApiError::RateLimited { retry_after_s, .. } => Some(*retry_after_s),
+            ApiError::Unavailable(_) => Some(1),
             _ => None,
         };
         let mut response = (status, Json(json!({ "error": self.to_string() }))).into_response();
