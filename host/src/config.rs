@@ -478,6 +478,10 @@ pub struct ApiConfig {
     /// management API answers 401 to everyone.
     #[serde(default)]
     pub tokens: Vec<String>,
+    /// Bearer tokens that may only read (`GET`): for a support desk's dashboard, a
+    /// monitoring script. Anything else they ask answers 403.
+    #[serde(default)]
+    pub read_tokens: Vec<String>,
 }
 
 /// `[store]`: where events and deliveries are kept.
@@ -979,12 +983,17 @@ impl Config {
         if let Some(proxy) = &self.delivery.proxy {
             crate::delivery::proxy_host(proxy).map_err(|m| ("delivery.proxy".into(), m))?;
         }
-        for (i, t) in self.api.tokens.iter().enumerate() {
-            if t.len() < 8 {
-                return Err((
-                    format!("api.tokens[{i}]"),
-                    "a token must be at least 8 characters".into(),
-                ));
+        for (key, tokens) in [
+            ("tokens", &self.api.tokens),
+            ("read_tokens", &self.api.read_tokens),
+        ] {
+            for (i, t) in tokens.iter().enumerate() {
+                if t.len() < 8 {
+                    return Err((
+                        format!("api.{key}[{i}]"),
+                        "a token must be at least 8 characters".into(),
+                    ));
+                }
             }
         }
         if let Some(url) = &self.store.url

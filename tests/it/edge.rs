@@ -612,6 +612,8 @@ async fn unusable_tls_files_are_named_at_start() {
     }
 }
 
+/// Everything under `/v1` but ingest needs a token of `[api] tokens`, or, to read only, one
+/// of `read_tokens`; the probes, `/metrics` and ingest stay open.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_management_api_requires_a_bearer_token() {
     let rx = Receiver::start().await;
@@ -662,6 +664,50 @@ async fn the_management_api_requires_a_bearer_token() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 202);
+    gw.shutdown().await.unwrap();
+
+    // A read token: every GET, nothing that changes anything.
+    let dir = TestGateway::dir_with_plugins(&[]);
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[api]\nread_tokens = [\"support-desk-1\"]\n{}",
+        config().replace("{receiver}", &rx.url)
+    );
+    let gw = TestGateway::start_raw(dir, &text, &|_| None).await.unwrap();
+    let reader = |method: reqwest::Method, path: &str| {
+        bare.request(method, format!("{}{path}", gw.url))
+            .bearer_auth("support-desk-1")
+    };
+    for path in [
+        "/v1/destinations",
+        "/v1/events",
+        "/v1/stats",
+        "/v1/openapi.json",
+    ] {
+        let resp = reader(reqwest::Method::GET, path).send().await.unwrap();
+        assert_eq!(resp.status(), 200, "{path}");
+    }
+    for (method, path) in [
+        (reqwest::Method::POST, "/v1/reload"),
+        (reqwest::Method::DELETE, "/v1/destinations/signed"),
+        (reqwest::Method::POST, "/v1/destinations/signed/restart"),
+    ] {
+        let resp = reader(method.clone(), path).send().await.unwrap();
+        assert_eq!(resp.status(), 403, "{method} {path}");
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(
+            body["error"],
+            "this token may only read: changes need one of [api] tokens"
+        );
+    }
+    assert_eq!(
+        reader(reqwest::Method::GET, "/v1/destinations/signed")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200,
+        "still there"
+    );
     gw.shutdown().await.unwrap();
 
     // Without tokens the management API is closed, not open.

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use axum::Json;
 use axum::Router;
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures_util::StreamExt;
@@ -126,6 +126,17 @@ fn document_the_token(doc: &mut serde_json::Value) {
                     "schema": { "$ref": "#/components/schemas/ErrorBody" }
                 } }
             });
+        }
+        // What changes anything is refused to a read token.
+        for (method, operation) in item.as_object_mut().into_iter().flatten() {
+            if !matches!(method.as_str(), "get" | "head") {
+                operation["responses"]["403"] = json!({
+                    "description": "A read token (`api.read_tokens`) may only read",
+                    "content": { "application/json": {
+                        "schema": { "$ref": "#/components/schemas/ErrorBody" }
+                    } }
+                });
+            }
         }
     }
 }
@@ -238,7 +249,8 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// The management API's gate: `Authorization: Bearer <token>` with a configured token,
-/// compared in constant time, for every path under `/v1/` but ingest.
+/// compared in constant time, for every path under `/v1/` but ingest; a read token
+/// (`api.read_tokens`) only for `GET` and `HEAD`.
 async fn require_token(
     State(state): State<AppState>,
     request: axum::extract::Request,
@@ -247,21 +259,34 @@ async fn require_token(
     if !guarded(request.uri().path()) {
         return next.run(request).await;
     }
-    let tokens = &state.reloader.config().api.tokens;
+    let config = state.reloader.config();
+    let api = &config.api;
     let given = request
         .headers()
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    let ok = given.is_some_and(|g| {
-        tokens
-            .iter()
-            .any(|t| bool::from(t.as_bytes().ct_eq(g.as_bytes())))
-    });
-    if ok {
+    let among = |tokens: &[String]| {
+        given.is_some_and(|g| {
+            tokens
+                .iter()
+                .any(|t| bool::from(t.as_bytes().ct_eq(g.as_bytes())))
+        })
+    };
+    if among(&api.tokens) {
         return next.run(request).await;
     }
-    let message = if tokens.is_empty() {
+    if among(&api.read_tokens) {
+        if matches!(*request.method(), Method::GET | Method::HEAD) {
+            return next.run(request).await;
+        }
+        return ApiError::Forbidden(
+            "this token may only read: changes need one of [api] tokens".into(),
+        )
+        .into_response();
+    }
+    let tokens = &api.tokens;
+    let message = if tokens.is_empty() && api.read_tokens.is_empty() {
         "the management API is disabled: configure [api] tokens"
     } else {
         "missing or invalid bearer token"
@@ -830,7 +855,7 @@ async fn not_found() -> ApiError {
 
 /// A known path with another method: `405`, the methods it takes in `Allow` (set by the
 /// router), and a JSON body like every other error.
-async fn method_not_allowed(method: axum::http::Method) -> Response {
+async fn method_not_allowed(method: Method) -> Response {
     let message = format!("this endpoint does not take {method}; see the Allow header");
     (
         StatusCode::METHOD_NOT_ALLOWED,
