@@ -1492,3 +1492,91 @@ destinations = ["sink"]
     assert!(e["error"].as_str().unwrap().contains("rate_limit"), "{e}");
     gw.shutdown().await.unwrap();
 }
+
+/// An HTTPS receiver of the test CA that offers HTTP/2 and HTTP/1.1 by ALPN: the protocol
+/// version of each request it answered.
+async fn h2_receiver() -> (String, Arc<Mutex<Vec<http::Version>>>) {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(tls_fixture("server.pem"))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+    let key = PrivateKeyDer::from_pem_file(tls_fixture("server.key")).unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://{}", listener.local_addr().unwrap());
+    let versions: Arc<Mutex<Vec<http::Version>>> = Arc::default();
+    let seen = Arc::clone(&versions);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, seen) = (acceptor.clone(), Arc::clone(&seen));
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                let service = hyper::service::service_fn(move |req: http::Request<_>| {
+                    seen.lock().unwrap().push(req.version());
+                    async {
+                        let mut resp = http::Response::new(axum::body::Body::empty());
+                        *resp.status_mut() = http::StatusCode::NO_CONTENT;
+                        Ok::<_, std::convert::Infallible>(resp)
+                    }
+                });
+                let io = hyper_util::rt::TokioIo::new(tls);
+                if h2 {
+                    let _ = hyper::server::conn::http2::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(io, service)
+                    .await;
+                } else {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, service)
+                        .await;
+                }
+            });
+        }
+    });
+    (url, versions)
+}
+
+/// HTTPS deliveries offer HTTP/2 by ALPN: a receiver that speaks it gets every delivery
+/// over h2 (the other HTTPS tests' receivers offer nothing and get HTTP/1.1).
+#[tokio::test(flavor = "multi_thread")]
+async fn https_deliveries_use_http2_where_the_receiver_offers_it() {
+    let rx = Receiver::start().await;
+    let (url, versions) = h2_receiver().await;
+    // (The harness's `[delivery]` table is open: the first line lands in it.)
+    let config = format!(
+        "ca_certificates = [\"{}\"]\n{}",
+        tls_fixture("ca.pem").display(),
+        internal_route(&url)
+    );
+    let gw = TestGateway::start(&config, &rx, &[]).await;
+    let mut ids = Vec::new();
+    for n in 0..20 {
+        ids.push(gw.accept("s", format!(r#"{{"n":{n}}}"#)).await);
+    }
+    for id in &ids {
+        let event = gw.settled(id).await;
+        assert_eq!(event["deliveries"][0]["status"], "delivered", "{event}");
+    }
+    let versions = versions.lock().unwrap().clone();
+    assert_eq!(versions.len(), 20);
+    assert!(
+        versions.iter().all(|v| *v == http::Version::HTTP_2),
+        "{versions:?}"
+    );
+    gw.shutdown().await.unwrap();
+}
