@@ -244,9 +244,9 @@ pub fn allowed_client(
     }
 }
 
-/// Each source's `rate_limit` on ingest: a generic cell rate (GCRA) per source, the same
-/// shape as deliveries' pacing — a burst of up to one second's worth, then evenly spaced —
-/// except that a request refused takes no slot.
+/// Each source's `rate_limit` on ingest: deliveries' GCRA (`delivery::pace::gcra`) per
+/// source — a burst of up to one second's worth, then evenly spaced — except that a
+/// request refused takes no slot.
 #[derive(Debug, Default)]
 pub struct IngestLimits {
     /// By source: the theoretical arrival time of its next event, in ms (fractional).
@@ -257,15 +257,13 @@ impl IngestLimits {
     /// Takes a slot for an event of `source` at `now` (ms) under `rate` events per second,
     /// or says in how many ms there will be one.
     pub fn admit(&self, source: &str, now: u64, rate: f64) -> Result<(), u64> {
-        let interval = 1000.0 / rate;
-        let tolerance = (rate.floor().max(1.0) - 1.0) * interval;
         let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
-        let tat = next.get(source).copied().unwrap_or(0.0).max(now as f64);
-        let allowed = tat - tolerance;
+        let tat = next.get(source).copied().unwrap_or(0.0);
+        let (allowed, after) = crate::delivery::pace::gcra(tat, now, rate);
         if allowed > now as f64 {
             return Err((allowed - now as f64).ceil() as u64);
         }
-        next.insert(source.to_string(), tat + interval);
+        next.insert(source.to_string(), after);
         Ok(())
     }
 }

@@ -106,7 +106,8 @@ fn finish_doc(doc: utoipa::openapi::OpenApi) -> serde_json::Value {
 }
 
 /// Every operation behind [`require_token`] (the same rule: `/v1/` but ingest) answers 401
-/// without a valid token; said once here rather than on each handler.
+/// without a valid token, and each that is not a read 403 to a read token; said once here
+/// rather than on each handler.
 fn document_the_token(doc: &mut serde_json::Value) {
     let Some(paths) = doc["paths"].as_object_mut() else {
         return;
@@ -115,20 +116,14 @@ fn document_the_token(doc: &mut serde_json::Value) {
         if !guarded(path) {
             continue;
         }
-        for operation in item
-            .as_object_mut()
-            .into_iter()
-            .flat_map(|i| i.values_mut())
-        {
+        for (method, operation) in item.as_object_mut().into_iter().flatten() {
             operation["responses"]["401"] = json!({
                 "description": "Missing or invalid bearer token",
                 "content": { "application/json": {
                     "schema": { "$ref": "#/components/schemas/ErrorBody" }
                 } }
             });
-        }
-        // What changes anything is refused to a read token.
-        for (method, operation) in item.as_object_mut().into_iter().flatten() {
+            // What changes anything is refused to a read token.
             if !matches!(method.as_str(), "get" | "head") {
                 operation["responses"]["403"] = json!({
                     "description": "A read token (`api.read_tokens`) may only read",
@@ -285,8 +280,7 @@ async fn require_token(
         )
         .into_response();
     }
-    let tokens = &api.tokens;
-    let message = if tokens.is_empty() && api.read_tokens.is_empty() {
+    let message = if api.tokens.is_empty() && api.read_tokens.is_empty() {
         "the management API is disabled: configure [api] tokens"
     } else {
         "missing or invalid bearer token"

@@ -14,6 +14,18 @@ use std::collections::HashMap;
 /// retried by hand or removed).
 const FORGET_AFTER_MS: u64 = 3_600_000;
 
+/// One step of the GCRA at `rate` per second, asked at `now` (ms) with the theoretical
+/// arrival time `tat` (ms, fractional: a rate need not divide a second evenly): when the
+/// next one may go (at or before `now`: at once), and the arrival time that follows if it
+/// takes that slot. A burst of up to one second's worth, then one every `1 / rate` s. Also
+/// the ingest's per-source limit (`edge::IngestLimits`).
+pub fn gcra(tat: f64, now: u64, rate: f64) -> (f64, f64) {
+    let interval = 1000.0 / rate;
+    let tolerance = (rate.floor().max(1.0) - 1.0) * interval;
+    let tat = tat.max(now as f64);
+    (tat - tolerance, tat + interval)
+}
+
 /// The slots of one destination.
 #[derive(Debug, Default)]
 pub struct Pacer {
@@ -34,11 +46,8 @@ impl Pacer {
         if self.reserved.remove(id).is_some() {
             return now;
         }
-        let interval = 1000.0 / rate;
-        let tolerance = (rate.floor().max(1.0) - 1.0) * interval;
-        let tat = self.tat.max(now as f64);
-        let allowed = tat - tolerance;
-        self.tat = tat + interval;
+        let (allowed, next) = gcra(self.tat, now, rate);
+        self.tat = next;
         if allowed <= now as f64 {
             return now;
         }
