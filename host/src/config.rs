@@ -620,6 +620,10 @@ pub struct DestinationConfig {
     pub timeout: Option<Duration>,
 }
 
+/// The rates a `rate_limit` may have, per second: a source's events, a destination's
+/// deliveries.
+const RATE_LIMITS: std::ops::RangeInclusive<f64> = 0.001..=1_000_000.0;
+
 /// The longest `timeout` a destination may have: every claim's lease covers the longest
 /// one configured, and a lease is how long a crashed gateway's claimed deliveries wait
 /// before another takes them.
@@ -1040,7 +1044,7 @@ impl Config {
                     .map_err(|m| (format!("sources[{i}].verify"), m))?;
             }
             if let Some(rate) = s.rate_limit
-                && !(0.001..=1_000_000.0).contains(&rate)
+                && !RATE_LIMITS.contains(&rate)
             {
                 return Err((
                     format!("sources[{i}].rate_limit"),
@@ -1120,7 +1124,7 @@ impl Config {
                 }
             }
             if let Some(rate) = d.rate_limit
-                && !(0.001..=1_000_000.0).contains(&rate)
+                && !RATE_LIMITS.contains(&rate)
             {
                 return Err((
                     format!("destinations[{i}].rate_limit"),
