@@ -102,6 +102,8 @@ struct RawServerTls {
     key: PathBuf,
     #[serde(default)]
     client_ca: Option<PathBuf>,
+    #[serde(default)]
+    client_crl: Option<PathBuf>,
 }
 
 impl Default for RawServer {
@@ -188,6 +190,10 @@ pub struct ServerTls {
     pub validity: crate::edge::Validity,
     /// When the first of `client_ca`'s certificates stops being valid.
     pub client_ca_validity: Option<crate::edge::Validity>,
+    /// `server.tls.client_crl`: the revocation lists of `client_ca`'s authorities.
+    pub client_crl: Option<PathBuf>,
+    /// From `thisUpdate` to `nextUpdate` of `client_crl`'s list whose next is due first.
+    pub client_crl_validity: Option<crate::edge::Validity>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -878,12 +884,22 @@ impl Config {
                             key: base_dir.join(&raw.key),
                         };
                         let client_ca = raw.client_ca.map(|p| base_dir.join(p));
-                        let (clients, client_ca_validity) = match &client_ca {
-                            None => (None, None),
-                            Some(path) => {
-                                let (verifier, v) = crate::edge::client_verifier(path)
-                                    .map_err(|m| key_err("server.tls.client_ca".into(), m))?;
-                                (Some(verifier), Some(v))
+                        let client_crl = raw.client_crl.map(|p| base_dir.join(p));
+                        let (clients, client_ca_validity, client_crl_validity) = match (
+                            &client_ca,
+                            &client_crl,
+                        ) {
+                            (None, None) => (None, None, None),
+                            (None, Some(_)) => {
+                                return Err(key_err(
+                                        "server.tls.client_crl".into(),
+                                        "needs server.tls.client_ca: the authorities whose revocation lists these are".into(),
+                                    ));
+                            }
+                            (Some(ca), crl) => {
+                                let clients = crate::edge::client_verifier(ca, crl.as_deref())
+                                    .map_err(|(key, m)| key_err(format!("server.tls.{key}"), m))?;
+                                (Some(clients.verifier), Some(clients.ca), clients.crl)
                             }
                         };
                         let (acceptor, validity) = crate::edge::server_tls(&files, clients)
@@ -894,6 +910,8 @@ impl Config {
                             acceptor,
                             validity,
                             client_ca_validity,
+                            client_crl,
+                            client_crl_validity,
                         })
                     }
                 },
@@ -951,6 +969,7 @@ impl Config {
             .flat_map(|t| {
                 std::iter::once(("server.tls", t.validity))
                     .chain((t.client_ca_validity).map(|v| ("server.tls.client_ca", v)))
+                    .chain((t.client_crl_validity).map(|v| ("server.tls.client_crl", v)))
             })
             .chain(delivery.iter().map(|(k, v)| (k.as_str(), *v)))
     }

@@ -149,49 +149,118 @@ pub fn server_tls(
     Ok((std::sync::Arc::new(config), validity))
 }
 
+/// The listener's verifier of client certificates and what it was read from.
+pub struct ClientVerifier {
+    pub verifier: std::sync::Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    /// When the first of the authorities stops being valid.
+    pub ca: Validity,
+    /// From `thisUpdate` to `nextUpdate` of the revocation list whose next is due first.
+    pub crl: Option<Validity>,
+}
+
 /// `server.tls.client_ca`: the listener asks each client for a certificate and verifies
 /// one against these authorities (PEM, one or more) if it is presented — a certificate
 /// they did not issue, or one expired, fails the handshake — but lets clients without one
 /// in (probes, the dashboard, senders to sources that do not ask for one); sources with
-/// `allow_client_names` turn those away. The authorities' validity comes along.
+/// `allow_client_names` turn those away. With `server.tls.client_crl` (PEM revocation lists,
+/// each issued by one of the authorities), a certificate a list revokes fails the handshake
+/// too; certificates of an authority with no list are not checked, and a list past its
+/// `nextUpdate` still applies (its expiry is warned of, like a certificate's). The error
+/// names the key (`client_ca` or `client_crl`) and what is wrong.
 pub fn client_verifier(
-    path: &std::path::Path,
-) -> Result<
-    (
-        std::sync::Arc<dyn rustls::server::danger::ClientCertVerifier>,
-        Validity,
-    ),
-    String,
-> {
-    use rustls::pki_types::CertificateDer;
+    ca: &std::path::Path,
+    crl: Option<&std::path::Path>,
+) -> Result<ClientVerifier, (&'static str, String)> {
     use rustls::pki_types::pem::PemObject;
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+    use rustls::pki_types::{CertificateDer, CertificateRevocationListDer};
+    let ca_err = |m: String| ("client_ca", format!("{}: {m}", ca.display()));
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(ca)
         .and_then(|certs| certs.collect::<Result<_, _>>())
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let Some(validity) =
-        Validity::of_chain(&certs).map_err(|e| format!("{}: {e}", path.display()))?
-    else {
-        return Err(format!("{} holds no PEM certificate", path.display()));
+        .map_err(|e| ("client_ca", format!("cannot read {}: {e}", ca.display())))?;
+    let Some(validity) = Validity::of_chain(&certs).map_err(ca_err)? else {
+        return Err(ca_err("holds no PEM certificate".into()));
     };
     let mut roots = rustls::RootCertStore::empty();
-    for (i, cert) in certs.into_iter().enumerate() {
-        roots.add(cert).map_err(|e| {
-            format!(
-                "{}: certificate {} is not a usable authority: {e}",
-                path.display(),
+    for (i, cert) in certs.iter().enumerate() {
+        (roots.add(cert.clone())).map_err(|e| {
+            ca_err(format!(
+                "certificate {} is not a usable authority: {e}",
                 i + 1
-            )
+            ))
         })?;
     }
+    let (crls, crl_validity) = match crl {
+        None => (Vec::new(), None),
+        Some(path) => {
+            let crl_err = |m: String| ("client_crl", format!("{}: {m}", path.display()));
+            let crls: Vec<CertificateRevocationListDer<'static>> =
+                CertificateRevocationListDer::pem_file_iter(path)
+                    .and_then(|crls| crls.collect::<Result<_, _>>())
+                    .map_err(|e| ("client_crl", format!("cannot read {}: {e}", path.display())))?;
+            if crls.is_empty() {
+                return Err(crl_err("holds no PEM revocation list (X509 CRL)".into()));
+            }
+            let validity = revocation_lists_validity(&crls, &certs).map_err(crl_err)?;
+            (crls, validity)
+        }
+    };
     let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
         std::sync::Arc::new(roots),
         provider,
     )
     .allow_unauthenticated()
+    .with_crls(crls)
+    .allow_unknown_revocation_status()
     .build()
-    .map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok((verifier, validity))
+    .map_err(|e| match e {
+        rustls::server::VerifierBuilderError::InvalidCrl(e) => (
+            "client_crl",
+            format!("{}: {e:?}", crl.unwrap_or(ca).display()),
+        ),
+        e => ca_err(e.to_string()),
+    })?;
+    Ok(ClientVerifier {
+        verifier,
+        ca: validity,
+        crl: crl_validity,
+    })
+}
+
+/// When revocation lists stop being current: the `thisUpdate` and `nextUpdate` of the one
+/// whose next is due first (`None` if none says when). A list issued by none of the
+/// `authorities` would never apply to a certificate they verify, so it is refused.
+fn revocation_lists_validity(
+    crls: &[rustls::pki_types::CertificateRevocationListDer<'_>],
+    authorities: &[rustls::pki_types::CertificateDer<'_>],
+) -> Result<Option<Validity>, String> {
+    let subjects: Vec<Vec<u8>> = (authorities.iter())
+        .filter_map(|der| x509_parser::parse_x509_certificate(der).ok())
+        .map(|(_, cert)| cert.subject().as_raw().to_vec())
+        .collect();
+    let mut validity: Option<Validity> = None;
+    for (i, der) in crls.iter().enumerate() {
+        let (_, crl) = x509_parser::parse_x509_crl(der)
+            .map_err(|e| format!("revocation list {} is not an X.509 CRL: {e}", i + 1))?;
+        if !subjects.iter().any(|s| s == crl.issuer().as_raw()) {
+            return Err(format!(
+                "revocation list {} is issued by `{}`, not one of server.tls.client_ca's authorities",
+                i + 1,
+                crl.issuer()
+            ));
+        }
+        let Some(next) = crl.next_update() else {
+            continue;
+        };
+        let this = Validity {
+            not_before: crl.last_update().timestamp(),
+            not_after: next.timestamp(),
+        };
+        if validity.is_none_or(|v| this.not_after < v.not_after) {
+            validity = Some(this);
+        }
+    }
+    Ok(validity)
 }
 
 /// What the listener learnt of a sender from its verified client certificate: the names

@@ -303,7 +303,7 @@ impl Reloader {
     }
 
     /// Watches the plugin directory, the config file and the certificate files
-    /// (`server.tls` and its `client_ca`, `delivery.client_certificate`,
+    /// (`server.tls` and its `client_ca` and `client_crl`, `delivery.client_certificate`,
     /// `delivery.ca_certificates`), and
     /// reloads after each burst of changes, until `stop`. The watch stays on the
     /// directories watched at the start.
@@ -321,6 +321,7 @@ impl Reloader {
         if let Some(tls) = &config.server.tls {
             files.extend([tls.files.cert.clone(), tls.files.key.clone()]);
             files.extend(tls.client_ca.iter().cloned());
+            files.extend(tls.client_crl.iter().cloned());
         }
         if let Some(c) = &config.delivery.client_certificate {
             files.extend([c.cert.clone(), c.key.clone()]);

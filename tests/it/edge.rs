@@ -603,6 +603,25 @@ async fn unusable_tls_files_are_named_at_start() {
             ),
             "are not a certificate and its private key",
         ),
+        (
+            &*format!(
+                "[server.tls]\ncert = \"{}\"\nkey = \"{}\"\nclient_crl = \"{}\"",
+                tls_fixture("server.pem").display(),
+                tls_fixture("server.key").display(),
+                tls_fixture("ca.pem").display()
+            ),
+            "server.tls.client_crl`: needs server.tls.client_ca",
+        ),
+        (
+            &*format!(
+                "[server.tls]\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"\nclient_crl = \"{}\"",
+                tls_fixture("server.pem").display(),
+                tls_fixture("server.key").display(),
+                tls_fixture("ca.pem").display(),
+                tls_fixture("ca.pem").display()
+            ),
+            "holds no PEM revocation list",
+        ),
     ] {
         let err = match TestGateway::try_start(&format!("{line}\n"), &rx, &[]).await {
             Ok(_) => panic!("started with {line}"),
@@ -1271,6 +1290,68 @@ impl TestCa {
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         format!("{}{}", cert.pem(), key.serialize_pem()).into_bytes()
     }
+
+    /// A revocation list (PEM) numbered `number`, issued now and due again in a week, that
+    /// revokes these certificates (as `client` made them).
+    fn revocation_list(&self, number: u64, revoked: &[&[u8]]) -> String {
+        let now = rcgen::date_time_ymd(2026, 1, 1);
+        let now = now
+            + std::time::Duration::from_secs(
+                (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH))
+                    .unwrap()
+                    .as_secs()
+                    .saturating_sub(1_767_225_600),
+            );
+        let revoked_certs = (revoked.iter())
+            .map(|pem| {
+                let der: rustls::pki_types::CertificateDer<'static> =
+                    rustls::pki_types::pem::PemObject::from_pem_slice(pem).unwrap();
+                let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+                rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from_slice(cert.raw_serial()),
+                    revocation_time: now,
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                }
+            })
+            .collect();
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: now - std::time::Duration::from_secs(60),
+            next_update: now + std::time::Duration::from_secs(7 * 24 * 3600),
+            crl_number: rcgen::SerialNumber::from(number),
+            issuing_distribution_point: None,
+            revoked_certs,
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        params.signed_by(&self.issuer).unwrap().pem().unwrap()
+    }
+}
+
+/// A client of the gateway's HTTPS listener (whose certificate `tests/fixtures/tls/ca.pem`
+/// issued) presenting this client certificate and key (PEM), if any.
+fn sender_client(identity: Option<&[u8]>) -> reqwest::Client {
+    let server_ca =
+        reqwest::Certificate::from_pem(&std::fs::read(tls_fixture("ca.pem")).unwrap()).unwrap();
+    let mut b = reqwest::Client::builder().tls_certs_only([server_ca]);
+    if let Some(pem) = identity {
+        b = b.identity(reqwest::Identity::from_pem(pem).unwrap());
+    }
+    b.build().unwrap()
+}
+
+/// Posts `{"n":1}` to a source at `url` (`https://…`); the answer's status and body, or the
+/// error of a connection that failed (a refused client certificate fails the handshake).
+async fn post_event(
+    client: reqwest::Client,
+    url: &str,
+    source: &str,
+) -> Result<(u16, Value), reqwest::Error> {
+    let resp = (client.post(format!("{url}/v1/ingest/{source}")))
+        .body(r#"{"n":1}"#)
+        .send()
+        .await?;
+    let status = resp.status().as_u16();
+    Ok((status, resp.json::<Value>().await.unwrap()))
 }
 
 /// `server.tls.client_ca`: the listener verifies the client certificates senders present
@@ -1333,23 +1414,8 @@ destinations = ["rx"]
     .await
     .unwrap();
     let url = gw.url.replace("http://", "https://");
-    let server_ca =
-        reqwest::Certificate::from_pem(&std::fs::read(tls_fixture("ca.pem")).unwrap()).unwrap();
-    let client = |identity: Option<&[u8]>| {
-        let mut b = reqwest::Client::builder().tls_certs_only([server_ca.clone()]);
-        if let Some(pem) = identity {
-            b = b.identity(reqwest::Identity::from_pem(pem).unwrap());
-        }
-        b.build().unwrap()
-    };
-    let post = |c: reqwest::Client, source: &str| {
-        let url = format!("{url}/v1/ingest/{source}");
-        async move {
-            let resp = c.post(url).body(r#"{"n":1}"#).send().await?;
-            let status = resp.status().as_u16();
-            Ok::<_, reqwest::Error>((status, resp.json::<Value>().await.unwrap()))
-        }
-    };
+    let client = sender_client;
+    let post = |c: reqwest::Client, source: &'static str| post_event(c, &url, source);
 
     // No certificate: the open source, the probes and the API take it; `fleet` does not.
     let anonymous = client(None);
@@ -1410,6 +1476,102 @@ destinations = ["rx"]
         .await
         .unwrap();
     assert_eq!(events["items"].as_array().unwrap().len(), 2, "{events}");
+    gw.shutdown().await.unwrap();
+}
+
+/// `server.tls.client_crl`: a client certificate its authority revoked fails the
+/// handshake; the others of that authority still connect. The list is read again at a
+/// reload (a newer list applies to the next connections), its `nextUpdate` is on
+/// `/metrics`, and a list no authority of `client_ca` issued is refused at the start.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_revoked_client_certificate_is_refused() {
+    let rx = Receiver::start().await;
+    let ca = TestCa::new("senders CA");
+    let alice = ca.client(&["alice.example"], "alice");
+    let bob = ca.client(&["bob.example"], "bob");
+    let config = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+tls = {{ cert = "{}", key = "{}", client_ca = "senders-ca.pem", client_crl = "senders.crl" }}
+[api]
+tokens = ["{}"]
+[delivery]
+allowed_networks = ["127.0.0.0/8"]
+[[sources]]
+name = "fleet"
+allow_client_names = ["alice.example", "bob.example"]
+[[destinations]]
+name = "rx"
+url = "{}/in"
+[[routes]]
+source = "fleet"
+destinations = ["rx"]
+"#,
+        tls_fixture("server.pem").display(),
+        tls_fixture("server.key").display(),
+        crate::util::API_TOKEN,
+        rx.url
+    );
+
+    // A list another authority issued would never apply: refused, by its key.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("senders-ca.pem"), &ca.pem).unwrap();
+    let other = TestCa::new("another CA").revocation_list(1, &[&bob]);
+    std::fs::write(dir.path().join("senders.crl"), other).unwrap();
+    let err = TestGateway::start_raw(dir, &config, &|_| None)
+        .await
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        err.contains("server.tls.client_crl") && err.contains("another CA"),
+        "{err}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("senders-ca.pem"), &ca.pem).unwrap();
+    let crl = dir.path().join("senders.crl");
+    std::fs::write(&crl, ca.revocation_list(1, &[&bob])).unwrap();
+    let gw = TestGateway::start_from_raw_file(dir, &config)
+        .await
+        .unwrap();
+    let url = gw.url.replace("http://", "https://");
+    let post = |identity: &[u8]| post_event(sender_client(Some(identity)), &url, "fleet");
+    assert_eq!(post(&alice).await.unwrap().0, 202);
+    assert!(post(&bob).await.is_err(), "bob's certificate is revoked");
+
+    // A newer list revokes alice and no longer bob: it applies once reloaded.
+    std::fs::write(&crl, ca.revocation_list(2, &[&alice])).unwrap();
+    let anonymous = sender_client(None);
+    let reload = (anonymous.post(format!("{url}/v1/reload")))
+        .bearer_auth(crate::util::API_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    let report: Value = reload.json().await.unwrap();
+    assert_eq!(report["config"], "applied", "{report}");
+    assert_eq!(post(&bob).await.unwrap().0, 202);
+    assert!(
+        post(&alice).await.is_err(),
+        "alice's certificate is revoked"
+    );
+
+    assert_eq!(rx.wait_for(2).await.len(), 2);
+    let metrics = (anonymous.get(format!("{url}/metrics")))
+        .bearer_auth(crate::util::API_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(
+            r#"switchyard_certificate_expiry_timestamp_seconds{certificate="server.tls.client_crl"}"#
+        ),
+        "{metrics}"
+    );
     gw.shutdown().await.unwrap();
 }
 

@@ -239,8 +239,13 @@ impl TestGateway {
         config: &str,
         receiver: &Receiver,
     ) -> anyhow::Result<Self> {
+        Self::start_from_raw_file(dir, &Self::harness_config(config, receiver)).await
+    }
+
+    /// As [`TestGateway::start_from_file`], on config text as it is.
+    pub async fn start_from_raw_file(dir: tempfile::TempDir, text: &str) -> anyhow::Result<Self> {
         let path = dir.path().join("switchyard.toml");
-        std::fs::write(&path, Self::harness_config(config, receiver))?;
+        std::fs::write(&path, text)?;
         let config = Config::load(&path, &|_| None)?;
         let gateway = switchyard::Gateway::new(config).await?;
         gateway.watch_config_file(path, Arc::new(|_| None));
