@@ -41,9 +41,11 @@ pub struct Config {
     pub retention: RetentionConfig,
     pub api: ApiConfig,
     pub store: StoreConfig,
-    pub sources: Vec<SourceConfig>,
-    pub destinations: Vec<DestinationConfig>,
-    pub routes: Vec<RouteConfig>,
+    /// The objects, each shared between the configs it is part of: a management API
+    /// change makes a new config that shares all but the object changed.
+    pub sources: Vec<Arc<SourceConfig>>,
+    pub destinations: Vec<Arc<DestinationConfig>>,
+    pub routes: Vec<Arc<RouteConfig>>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -944,9 +946,9 @@ impl Config {
                 url: env("SWITCHYARD_STORE_URL").or(raw.store.url),
                 lease: raw.store.lease,
             },
-            sources: raw.sources,
-            destinations: raw.destinations,
-            routes: name_routes(raw.routes),
+            sources: raw.sources.into_iter().map(Arc::new).collect(),
+            destinations: raw.destinations.into_iter().map(Arc::new).collect(),
+            routes: name_routes(raw.routes).into_iter().map(Arc::new).collect(),
         };
         config.validate().map_err(|(k, m)| key_err(k, m))?;
         // (Read here, not in `validate`, which API changes call too.)
@@ -957,7 +959,6 @@ impl Config {
         Ok(config)
     }
 
-    /// Checks the whole config; the error names the key, e.g. `routes[2].source`.
     /// The certificates in force, by the key naming each, and when each stops being valid:
     /// `server.tls`'s and, as `delivery` says, those deliveries use
     /// (`Dispatcher::certificates` has the ones in force).
@@ -974,7 +975,172 @@ impl Config {
             .chain(delivery.iter().map(|(k, v)| (k.as_str(), *v)))
     }
 
+    /// Checks the whole config; the error names the key, e.g. `routes[2].source`.
     pub(crate) fn validate(&self) -> Result<(), (String, String)> {
+        self.validate_objects(None)
+    }
+
+    /// As [`Config::validate`], but of the objects (sources, destinations, routes) checks
+    /// only `changed` on its own (a management API change: the others were checked when
+    /// they came in, and the settings they are checked against are the same); names and
+    /// references are checked across all.
+    pub(crate) fn validate_objects(
+        &self,
+        changed: Option<(crate::managed::Kind, &str)>,
+    ) -> Result<(), (String, String)> {
+        self.validate_settings()?;
+        match changed {
+            None => self.validate_all_objects(),
+            Some((kind, name)) => self.validate_changed_object(kind, name),
+        }
+    }
+
+    /// Every object on its own, their names unique, and the routes' references.
+    fn validate_all_objects(&self) -> Result<(), (String, String)> {
+        let mut sources = HashSet::new();
+        for (i, s) in self.sources.iter().enumerate() {
+            self.validate_source(i, s)?;
+            if !sources.insert(s.name.as_str()) {
+                return Err((
+                    format!("sources[{i}].name"),
+                    format!("`{}` is defined twice", s.name),
+                ));
+            }
+        }
+        if let Some(source) = &self.delivery.notify_source
+            && !sources.contains(source.as_str())
+        {
+            return Err((
+                "delivery.notify_source".into(),
+                format!("no source named `{source}`"),
+            ));
+        }
+        let mut destinations = HashSet::new();
+        for (i, d) in self.destinations.iter().enumerate() {
+            self.validate_destination(i, d)?;
+            if !destinations.insert(d.name.as_str()) {
+                return Err((
+                    format!("destinations[{i}].name"),
+                    format!("`{}` is defined twice", d.name),
+                ));
+            }
+        }
+        let mut routes = HashSet::new();
+        for (i, r) in self.routes.iter().enumerate() {
+            self.validate_route(i, r)?;
+            if !routes.insert(r.name.as_str()) {
+                return Err((
+                    format!("routes[{i}].name"),
+                    format!("`{}` is defined twice", r.name),
+                ));
+            }
+            if !sources.contains(r.source.as_str()) {
+                return Err((
+                    format!("routes[{i}].source"),
+                    format!("no source named `{}`", r.source),
+                ));
+            }
+            for (j, d) in r.destinations.iter().enumerate() {
+                if !destinations.contains(d.as_str()) {
+                    return Err((
+                        format!("routes[{i}].destinations[{j}]"),
+                        format!("no destination named `{d}`"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// What `validate_all_objects` would find wrong in a config whose objects were all
+    /// valid before `kind` `name` was made, changed or deleted: the object on its own, its
+    /// name once, and the references to or from it — the same key and message, found by
+    /// scans that hash and allocate nothing (a change among 50,000 objects would otherwise
+    /// spend most of its time building sets of names).
+    fn validate_changed_object(
+        &self,
+        kind: crate::managed::Kind,
+        name: &str,
+    ) -> Result<(), (String, String)> {
+        use crate::managed::Kind;
+        let twice = |plural: &str, i: usize| {
+            (
+                format!("{plural}[{i}].name"),
+                format!("`{name}` is defined twice"),
+            )
+        };
+        // Where the object is now (and a second of that name, which cannot be valid).
+        let mut at = (self.sources.iter().enumerate())
+            .filter(|(_, s)| kind == Kind::Source && s.name == name)
+            .map(|(i, _)| i)
+            .chain(
+                (self.destinations.iter().enumerate())
+                    .filter(|(_, d)| kind == Kind::Destination && d.name == name)
+                    .map(|(i, _)| i),
+            )
+            .chain(
+                (self.routes.iter().enumerate())
+                    .filter(|(_, r)| kind == Kind::Route && r.name == name)
+                    .map(|(i, _)| i),
+            );
+        let (first, second) = (at.next(), at.next());
+        if let Some(i) = second {
+            return Err(twice(kind.plural(), i));
+        }
+        match (kind, first) {
+            (Kind::Source, Some(i)) => self.validate_source(i, &self.sources[i]),
+            (Kind::Destination, Some(i)) => self.validate_destination(i, &self.destinations[i]),
+            (Kind::Route, Some(i)) => {
+                let r = &self.routes[i];
+                self.validate_route(i, r)?;
+                if !self.sources.iter().any(|s| s.name == r.source) {
+                    return Err((
+                        format!("routes[{i}].source"),
+                        format!("no source named `{}`", r.source),
+                    ));
+                }
+                for (j, d) in r.destinations.iter().enumerate() {
+                    if !self.destinations.iter().any(|x| x.name == *d) {
+                        return Err((
+                            format!("routes[{i}].destinations[{j}]"),
+                            format!("no destination named `{d}`"),
+                        ));
+                    }
+                }
+                Ok(())
+            }
+            (Kind::Source, None) => {
+                if self.delivery.notify_source.as_deref() == Some(name) {
+                    return Err((
+                        "delivery.notify_source".into(),
+                        format!("no source named `{name}`"),
+                    ));
+                }
+                match self.routes.iter().position(|r| r.source == name) {
+                    Some(i) => Err((
+                        format!("routes[{i}].source"),
+                        format!("no source named `{name}`"),
+                    )),
+                    None => Ok(()),
+                }
+            }
+            (Kind::Destination, None) => {
+                for (i, r) in self.routes.iter().enumerate() {
+                    if let Some(j) = r.destinations.iter().position(|d| d == name) {
+                        return Err((
+                            format!("routes[{i}].destinations[{j}]"),
+                            format!("no destination named `{name}`"),
+                        ));
+                    }
+                }
+                Ok(())
+            }
+            (Kind::Route, None) => Ok(()),
+        }
+    }
+
+    /// The settings outside the objects.
+    fn validate_settings(&self) -> Result<(), (String, String)> {
         if self.server.max_body_bytes == 0 {
             return Err(("server.max_body_bytes".into(), "must be above 0".into()));
         }
@@ -1055,155 +1221,126 @@ impl Config {
                 ),
             ));
         }
-        let mut sources = HashSet::new();
-        for (i, s) in self.sources.iter().enumerate() {
-            check_name(&s.name).map_err(|m| (format!("sources[{i}].name"), m))?;
-            if let Some(v) = &s.verify {
-                v.validate()
-                    .map_err(|m| (format!("sources[{i}].verify"), m))?;
-            }
-            if let Some(rate) = s.rate_limit
-                && !RATE_LIMITS.contains(&rate)
-            {
-                return Err((
-                    format!("sources[{i}].rate_limit"),
-                    "must be between 0.001 and 1000000 events per second".into(),
-                ));
-            }
-            if let Some(names) = &s.allow_client_names {
-                let key = format!("sources[{i}].allow_client_names");
-                if (self.server.tls.as_ref()).is_none_or(|t| t.client_ca.is_none()) {
-                    return Err((
-                        key,
-                        "needs server.tls.client_ca: the authority that issues the senders' certificates".into(),
-                    ));
-                }
-                if names.is_empty() {
-                    return Err((key, "must name at least one sender (or be left out)".into()));
-                }
-                if let Some(j) = names.iter().position(|n| n.trim().is_empty()) {
-                    return Err((format!("{key}[{j}]"), "must not be empty".into()));
-                }
-            }
-            if !sources.insert(s.name.as_str()) {
-                return Err((
-                    format!("sources[{i}].name"),
-                    format!("`{}` is defined twice", s.name),
-                ));
-            }
+        Ok(())
+    }
+
+    /// A source's own settings (`sources[i]`).
+    fn validate_source(&self, i: usize, s: &SourceConfig) -> Result<(), (String, String)> {
+        check_name(&s.name).map_err(|m| (format!("sources[{i}].name"), m))?;
+        if let Some(v) = &s.verify {
+            v.validate()
+                .map_err(|m| (format!("sources[{i}].verify"), m))?;
         }
-        if let Some(source) = &self.delivery.notify_source
-            && !sources.contains(source.as_str())
+        if let Some(rate) = s.rate_limit
+            && !RATE_LIMITS.contains(&rate)
         {
             return Err((
-                "delivery.notify_source".into(),
-                format!("no source named `{source}`"),
+                format!("sources[{i}].rate_limit"),
+                "must be between 0.001 and 1000000 events per second".into(),
             ));
         }
-        let mut destinations = HashSet::new();
-        for (i, d) in self.destinations.iter().enumerate() {
-            check_name(&d.name).map_err(|m| (format!("destinations[{i}].name"), m))?;
-            if !destinations.insert(d.name.as_str()) {
+        if let Some(names) = &s.allow_client_names {
+            let key = format!("sources[{i}].allow_client_names");
+            if (self.server.tls.as_ref()).is_none_or(|t| t.client_ca.is_none()) {
                 return Err((
-                    format!("destinations[{i}].name"),
-                    format!("`{}` is defined twice", d.name),
+                    key,
+                    "needs server.tls.client_ca: the authority that issues the senders' certificates".into(),
                 ));
             }
-            let url = reqwest::Url::parse(&d.url).map_err(|e| {
-                (
-                    format!("destinations[{i}].url"),
-                    format!("`{}` is not a URL: {e}", d.url),
-                )
-            })?;
-            if url.scheme() != "http" && url.scheme() != "https" {
-                return Err((
-                    format!("destinations[{i}].url"),
-                    "must be an http or https URL".into(),
-                ));
+            if names.is_empty() {
+                return Err((key, "must name at least one sender (or be left out)".into()));
             }
-            if let Some(s) = &d.signing {
-                crate::edge::decode_secret(&s.secret)
-                    .map_err(|m| (format!("destinations[{i}].signing.secret"), m))?;
-                for (j, previous) in s.previous_secrets.iter().enumerate() {
-                    crate::edge::decode_secret(previous).map_err(|m| {
-                        (
-                            format!("destinations[{i}].signing.previous_secrets[{j}]"),
-                            m,
-                        )
-                    })?;
-                }
-                if s.previous_secrets.len() > SigningConfig::MAX_PREVIOUS {
-                    return Err((
-                        format!("destinations[{i}].signing.previous_secrets"),
-                        format!(
-                            "at most {} secrets (each delivery is signed with every one)",
-                            SigningConfig::MAX_PREVIOUS
-                        ),
-                    ));
-                }
+            if let Some(j) = names.iter().position(|n| n.trim().is_empty()) {
+                return Err((format!("{key}[{j}]"), "must not be empty".into()));
             }
-            if let Some(rate) = d.rate_limit
-                && !RATE_LIMITS.contains(&rate)
-            {
-                return Err((
-                    format!("destinations[{i}].rate_limit"),
-                    "must be between 0.001 and 1000000 deliveries per second".into(),
-                ));
-            }
-            if let Some(t) = d.timeout
-                && (t.is_zero() || t > MAX_DESTINATION_TIMEOUT)
-            {
-                return Err((
-                    format!("destinations[{i}].timeout"),
-                    "must be above 0 and at most 15m".into(),
-                ));
-            }
-            if let Some(o) = &d.retry {
-                check_retry(&o.apply(&self.delivery.retry))
-                    .map_err(|(k, m)| (format!("destinations[{i}].retry.{k}"), m))?;
-            }
-            for name in d.headers.keys() {
-                reqwest::header::HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+        }
+        Ok(())
+    }
+
+    /// A destination's own settings (`destinations[i]`).
+    fn validate_destination(
+        &self,
+        i: usize,
+        d: &DestinationConfig,
+    ) -> Result<(), (String, String)> {
+        check_name(&d.name).map_err(|m| (format!("destinations[{i}].name"), m))?;
+        let url = reqwest::Url::parse(&d.url).map_err(|e| {
+            (
+                format!("destinations[{i}].url"),
+                format!("`{}` is not a URL: {e}", d.url),
+            )
+        })?;
+        if url.scheme() != "http" && url.scheme() != "https" {
+            return Err((
+                format!("destinations[{i}].url"),
+                "must be an http or https URL".into(),
+            ));
+        }
+        if let Some(s) = &d.signing {
+            crate::edge::decode_secret(&s.secret)
+                .map_err(|m| (format!("destinations[{i}].signing.secret"), m))?;
+            for (j, previous) in s.previous_secrets.iter().enumerate() {
+                crate::edge::decode_secret(previous).map_err(|m| {
                     (
-                        format!("destinations[{i}].headers"),
-                        format!("`{name}` is not a valid header name"),
+                        format!("destinations[{i}].signing.previous_secrets[{j}]"),
+                        m,
                     )
                 })?;
             }
+            if s.previous_secrets.len() > SigningConfig::MAX_PREVIOUS {
+                return Err((
+                    format!("destinations[{i}].signing.previous_secrets"),
+                    format!(
+                        "at most {} secrets (each delivery is signed with every one)",
+                        SigningConfig::MAX_PREVIOUS
+                    ),
+                ));
+            }
         }
-        let mut routes = HashSet::new();
-        for (i, r) in self.routes.iter().enumerate() {
-            check_name(&r.name).map_err(|m| (format!("routes[{i}].name"), m))?;
-            if !routes.insert(r.name.as_str()) {
+        if let Some(rate) = d.rate_limit
+            && !RATE_LIMITS.contains(&rate)
+        {
+            return Err((
+                format!("destinations[{i}].rate_limit"),
+                "must be between 0.001 and 1000000 deliveries per second".into(),
+            ));
+        }
+        if let Some(t) = d.timeout
+            && (t.is_zero() || t > MAX_DESTINATION_TIMEOUT)
+        {
+            return Err((
+                format!("destinations[{i}].timeout"),
+                "must be above 0 and at most 15m".into(),
+            ));
+        }
+        if let Some(o) = &d.retry {
+            check_retry(&o.apply(&self.delivery.retry))
+                .map_err(|(k, m)| (format!("destinations[{i}].retry.{k}"), m))?;
+        }
+        for name in d.headers.keys() {
+            reqwest::header::HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+                (
+                    format!("destinations[{i}].headers"),
+                    format!("`{name}` is not a valid header name"),
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    /// A route's own settings (`routes[i]`); its source and destinations are checked
+    /// against the others by `validate_objects`.
+    fn validate_route(&self, i: usize, r: &RouteConfig) -> Result<(), (String, String)> {
+        check_name(&r.name).map_err(|m| (format!("routes[{i}].name"), m))?;
+        for (j, p) in r.plugins.iter().enumerate() {
+            check_name(&p.name).map_err(|m| (format!("routes[{i}].plugins[{j}].name"), m))?;
+            if p.max_memory_bytes.unwrap_or(self.plugins.max_memory_bytes)
+                > self.plugins.max_memory_bytes
+            {
                 return Err((
-                    format!("routes[{i}].name"),
-                    format!("`{}` is defined twice", r.name),
+                    format!("routes[{i}].plugins[{j}].max_memory_bytes"),
+                    "may not exceed [plugins] max_memory_bytes".into(),
                 ));
-            }
-            if !sources.contains(r.source.as_str()) {
-                return Err((
-                    format!("routes[{i}].source"),
-                    format!("no source named `{}`", r.source),
-                ));
-            }
-            for (j, d) in r.destinations.iter().enumerate() {
-                if !destinations.contains(d.as_str()) {
-                    return Err((
-                        format!("routes[{i}].destinations[{j}]"),
-                        format!("no destination named `{d}`"),
-                    ));
-                }
-            }
-            for (j, p) in r.plugins.iter().enumerate() {
-                check_name(&p.name).map_err(|m| (format!("routes[{i}].plugins[{j}].name"), m))?;
-                if p.max_memory_bytes.unwrap_or(self.plugins.max_memory_bytes)
-                    > self.plugins.max_memory_bytes
-                {
-                    return Err((
-                        format!("routes[{i}].plugins[{j}].max_memory_bytes"),
-                        "may not exceed [plugins] max_memory_bytes".into(),
-                    ));
-                }
             }
         }
         Ok(())
@@ -1593,5 +1730,141 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("server.listen"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod change_tests {
+    use super::*;
+    use crate::managed::Kind;
+
+    /// A valid config with a notify source, shared destinations and two routes per source.
+    fn valid() -> Config {
+        let text = r#"
+            [delivery]
+            notify_source = "alerts"
+            [[sources]]
+            name = "alerts"
+            [[sources]]
+            name = "fleet"
+            [[sources]]
+            name = "idle"
+            [[destinations]]
+            name = "pager"
+            url = "https://pager.example/"
+            [[destinations]]
+            name = "archive"
+            url = "https://archive.example/"
+            [[destinations]]
+            name = "spare"
+            url = "https://spare.example/"
+            [[routes]]
+            source = "alerts"
+            destinations = ["pager"]
+            [[routes]]
+            name = "fleet-archive"
+            source = "fleet"
+            destinations = ["archive", "pager"]
+        "#;
+        Config::parse(text, "test.toml", Path::new("."), &|_| None).unwrap()
+    }
+
+    fn parsed<T: serde::de::DeserializeOwned>(json: serde_json::Value) -> Arc<T> {
+        Arc::new(serde_json::from_value(json).unwrap())
+    }
+
+    /// After any one object is made, changed or deleted, checking that object alone finds
+    /// what checking everything finds: the same key and message, or nothing.
+    #[test]
+    fn checking_the_changed_object_finds_what_checking_all_finds() {
+        let base = valid();
+        assert_eq!(base.validate(), Ok(()));
+        let mut cases: Vec<(Config, Kind, String)> = Vec::new();
+        // Each object deleted: some are referenced, some not.
+        for kind in [Kind::Source, Kind::Destination, Kind::Route] {
+            let count = match kind {
+                Kind::Source => base.sources.len(),
+                Kind::Destination => base.destinations.len(),
+                Kind::Route => base.routes.len(),
+            };
+            for i in 0..count {
+                let mut c = base.clone();
+                let name = match kind {
+                    Kind::Source => c.sources.remove(i).name.clone(),
+                    Kind::Destination => c.destinations.remove(i).name.clone(),
+                    Kind::Route => c.routes.remove(i).name.clone(),
+                };
+                cases.push((c, kind, name));
+            }
+        }
+        // Objects made or changed, valid or not.
+        let sources = [
+            serde_json::json!({"name": "new"}),
+            serde_json::json!({"name": "idle", "rate_limit": 0.0}),
+            serde_json::json!({"name": "new", "allow_client_names": ["x"]}),
+            serde_json::json!({"name": "bad name!"}),
+            serde_json::json!({"name": "fleet"}),
+        ];
+        for json in sources {
+            let mut c = base.clone();
+            let s: Arc<SourceConfig> = parsed(json);
+            let name = s.name.clone();
+            match c
+                .sources
+                .iter()
+                .position(|x| x.name == name && name != "fleet")
+            {
+                Some(i) => c.sources[i] = s,
+                None => c.sources.push(s),
+            }
+            cases.push((c, Kind::Source, name));
+        }
+        let destinations = [
+            serde_json::json!({"name": "new", "url": "https://new.example/"}),
+            serde_json::json!({"name": "spare", "url": "ftp://spare.example/"}),
+            serde_json::json!({"name": "pager", "url": "not a url"}),
+            serde_json::json!({"name": "new", "url": "https://x/", "timeout": "0s"}),
+            serde_json::json!({"name": "archive", "url": "https://archive.example/"}),
+        ];
+        for (n, json) in destinations.into_iter().enumerate() {
+            let mut c = base.clone();
+            let d: Arc<DestinationConfig> = parsed(json);
+            let name = d.name.clone();
+            match c.destinations.iter().position(|x| x.name == name && n != 4) {
+                Some(i) => c.destinations[i] = d,
+                None => c.destinations.push(d),
+            }
+            cases.push((c, Kind::Destination, name));
+        }
+        let routes = [
+            serde_json::json!({"name": "new", "source": "idle", "destinations": ["spare"]}),
+            serde_json::json!({"name": "new", "source": "nowhere", "destinations": ["spare"]}),
+            serde_json::json!({"name": "new", "source": "idle", "destinations": ["spare", "gone"]}),
+            serde_json::json!({"name": "fleet-archive", "source": "fleet", "destinations": ["gone"]}),
+            serde_json::json!({"name": "new", "source": "idle", "destinations": [],
+                "plugins": [{"name": "p", "max_memory_bytes": 1099511627776u64}]}),
+            serde_json::json!({"name": "alerts", "source": "idle", "destinations": []}),
+        ];
+        for (n, json) in routes.into_iter().enumerate() {
+            let mut c = base.clone();
+            let r: Arc<RouteConfig> = parsed(json);
+            let name = r.name.clone();
+            match c.routes.iter().position(|x| x.name == name && n != 5) {
+                Some(i) => c.routes[i] = r,
+                None => c.routes.push(r),
+            }
+            cases.push((c, Kind::Route, name));
+        }
+        let mut refused = 0;
+        for (c, kind, name) in &cases {
+            let all = c.validate();
+            refused += usize::from(all.is_err());
+            assert_eq!(
+                c.validate_objects(Some((*kind, name))),
+                all,
+                "{kind:?} `{name}`"
+            );
+        }
+        assert_eq!(refused, 17, "the refused changes among the cases");
     }
 }

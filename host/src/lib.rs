@@ -172,12 +172,13 @@ impl Gateway {
             ),
         };
         let metrics = Arc::new(Metrics::default());
-        let routing = Arc::new(Routing::from_config(&config));
+        let routing = Arc::new(Routing::from_config(Arc::new(config.clone()), None));
         let dispatcher = Dispatcher::new(
             store.clone(),
             &config.delivery,
             config.store.lease,
             routing.destinations().clone(),
+            routing.longest_timeout(),
             clock.clone(),
             metrics.clone(),
         )

@@ -10,6 +10,7 @@
 //! api object has is rejected (the previous config keeps serving).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -36,7 +37,7 @@ impl Kind {
     }
 
     /// The config file's key for a list of them.
-    fn plural(self) -> &'static str {
+    pub(crate) fn plural(self) -> &'static str {
         match self {
             Kind::Source => "sources",
             Kind::Destination => "destinations",
@@ -157,9 +158,9 @@ pub enum ChangeError {
 /// The api objects, by name.
 #[derive(Clone, Debug, Default)]
 pub struct Managed {
-    pub sources: BTreeMap<String, SourceConfig>,
-    pub destinations: BTreeMap<String, DestinationConfig>,
-    pub routes: BTreeMap<String, RouteConfig>,
+    pub sources: BTreeMap<String, Arc<SourceConfig>>,
+    pub destinations: BTreeMap<String, Arc<DestinationConfig>>,
+    pub routes: BTreeMap<String, Arc<RouteConfig>>,
 }
 
 impl Managed {
@@ -182,13 +183,13 @@ impl Managed {
     fn insert(&mut self, o: Object) {
         match o {
             Object::Source(s) => {
-                self.sources.insert(s.name.clone(), s);
+                self.sources.insert(s.name.clone(), Arc::new(s));
             }
             Object::Destination(d) => {
-                self.destinations.insert(d.name.clone(), d);
+                self.destinations.insert(d.name.clone(), Arc::new(d));
             }
             Object::Route(r) => {
-                self.routes.insert(r.name.clone(), r);
+                self.routes.insert(r.name.clone(), Arc::new(r));
             }
         }
     }
@@ -217,9 +218,15 @@ impl Managed {
         }
     }
 
-    /// The config in force: the file's objects followed by these, validated together.
+    /// The config in force: the file's objects followed by these, validated together —
+    /// all of them, or, after a change to a config that was valid, the `changed` object on
+    /// its own and the names and references of all (see `Config::validate_objects`).
     /// The error names the key in the merged config (`routes[3].source`).
-    pub fn merged_with(&self, file: &Config) -> Result<Config, (String, String)> {
+    pub fn merged_with(
+        &self,
+        file: &Config,
+        changed: Option<(Kind, &str)>,
+    ) -> Result<Config, (String, String)> {
         let mut c = file.clone();
         let clash = |kind: Kind, i: usize, name: &str| {
             (
@@ -247,7 +254,7 @@ impl Managed {
         c.sources.extend(self.sources.values().cloned());
         c.destinations.extend(self.destinations.values().cloned());
         c.routes.extend(self.routes.values().cloned());
-        c.validate()?;
+        c.validate_objects(changed)?;
         Ok(c)
     }
 
@@ -286,7 +293,7 @@ impl Managed {
             }
         }
         let config = next
-            .merged_with(file)
+            .merged_with(file, Some((kind, &name)))
             .map_err(|(key, message)| next.blame(file, change, &key, message))?;
         Ok((next, config))
     }
@@ -613,7 +620,7 @@ mod tests {
     fn a_file_name_that_clashes_with_an_api_object_is_rejected() {
         let mut m = Managed::default();
         m.insert(destination("fleet", "https://other.example/"));
-        let (key, message) = m.merged_with(&file()).unwrap_err();
+        let (key, message) = m.merged_with(&file(), None).unwrap_err();
         assert_eq!(key, "destinations[0].name");
         assert!(message.contains("both"), "{message}");
     }

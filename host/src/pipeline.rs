@@ -2,7 +2,7 @@
 //! event's source through its chain of plugins, and hands the resulting deliveries to the
 //! delivery stage.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Instant;
@@ -11,9 +11,9 @@ use arc_swap::ArcSwap;
 use futures_util::FutureExt;
 use tracing::Instrument;
 
-use crate::config::{Config, InstanceMode, OnError, SourceConfig};
+use crate::config::{Config, DestinationConfig, InstanceMode, OnError, RouteConfig, SourceConfig};
 use crate::delivery::{
-    Destination, Dispatcher, PlaceholderValues, PlannedDelivery, delivery_id, render,
+    Destination, Destinations, Dispatcher, PlaceholderValues, PlannedDelivery, delivery_id, render,
 };
 use crate::event::{Body, Event, Pairs, merge_pairs};
 use crate::metrics::Metrics;
@@ -23,22 +23,41 @@ use crate::store::{
 };
 
 /// Sources, destinations and routes as the pipeline uses them; swapped whole on reload.
+/// Each part is shared with the routing before it while what it is built from stays the
+/// same: a management API change rebuilds the part of the one object it changed.
 pub struct Routing {
-    sources: HashMap<String, Arc<SourceConfig>>,
-    destinations: HashMap<String, Arc<Destination>>,
-    routes: Vec<Route>,
+    /// The config it was built from (the next routing compares its objects with these).
+    config: Arc<Config>,
+    sources: imbl::HashMap<String, Arc<SourceConfig>>,
+    destinations: Arc<Destinations>,
+    /// The longest of the destinations' own `timeout`s, in ms (0: none has one).
+    longest_timeout: u64,
+    /// In config order: a route's index here is its index in the config (in delivery ids
+    /// and outcomes).
+    routes: Arc<Vec<Arc<Route>>>,
     /// Each source's routes (indexes into `routes`), in config order: an event looks at
     /// its own source's routes only, however many others there are.
-    routes_by_source: HashMap<String, Vec<usize>>,
+    routes_by_source: Arc<HashMap<String, Vec<usize>>>,
+    /// The settings every destination and route was built with: while they stay the same,
+    /// the next routing reuses what it can of this one.
+    defaults: Defaults,
+}
+
+/// What a destination or route is built from besides its own config.
+#[derive(PartialEq)]
+struct Defaults {
+    retry: crate::config::RetryPolicy,
+    plugin_limits: CallLimits,
 }
 
 struct Route {
-    index: usize,
     name: String,
     source: String,
     plugins: Vec<RoutePlugin>,
     destinations: Vec<Arc<Destination>>,
     on_error: OnError,
+    /// What it was built from (see `Routing::from_config`).
+    config: Arc<RouteConfig>,
 }
 
 struct RoutePlugin {
@@ -50,65 +69,127 @@ struct RoutePlugin {
 }
 
 impl Routing {
-    /// Builds the routing table from a validated config.
-    pub fn from_config(config: &Config) -> Self {
-        let destinations: HashMap<String, Arc<Destination>> = config
-            .destinations
-            .iter()
-            .map(|d| {
-                (
-                    d.name.clone(),
-                    Arc::new(Destination::from_config(d, &config.delivery.retry)),
-                )
-            })
-            .collect();
-        let routes = config
-            .routes
-            .iter()
-            .enumerate()
-            .map(|(index, r)| Route {
-                index,
-                name: r.name.clone(),
-                source: r.source.clone(),
-                plugins: r
-                    .plugins
-                    .iter()
-                    .map(|p| RoutePlugin {
-                        name: p.name.clone(),
-                        config: p.config.clone().into(),
-                        limits: CallLimits {
-                            deadline: p.deadline.unwrap_or(config.plugins.deadline),
-                            max_memory: p
-                                .max_memory_bytes
-                                .unwrap_or(config.plugins.max_memory_bytes),
-                            max_output_bytes: config.plugins.max_output_bytes,
-                            max_deliveries: config.plugins.max_deliveries,
-                        },
-                        mode: p.instance,
-                    })
-                    .collect(),
-                on_error: r.on_error,
-                destinations: r
-                    .destinations
-                    .iter()
-                    .map(|d| destinations[d].clone())
-                    .collect(),
-            })
-            .collect::<Vec<Route>>();
-        let mut routes_by_source: HashMap<String, Vec<usize>> = HashMap::new();
-        for (i, r) in routes.iter().enumerate() {
-            routes_by_source
-                .entry(r.source.clone())
-                .or_default()
-                .push(i);
-        }
-        Self {
-            sources: (config.sources.iter())
-                .map(|s| (s.name.clone(), Arc::new(s.clone())))
+    /// Builds the routing table from a validated config. With `previous` (the routing in
+    /// force), what is built from the same objects and defaults is taken over rather than
+    /// rebuilt: the sources, destinations or routes whose lists are the same objects are
+    /// shared as they are; in a list that changed, the destinations and routes whose
+    /// config is the same object are kept. So a management API change among 50,000
+    /// objects rebuilds one table and one object, not all of them.
+    pub fn from_config(config: Arc<Config>, previous: Option<&Routing>) -> Self {
+        let p = &config.plugins;
+        let defaults = Defaults {
+            retry: config.delivery.retry.clone(),
+            plugin_limits: CallLimits {
+                deadline: p.deadline,
+                max_memory: p.max_memory_bytes,
+                max_output_bytes: p.max_output_bytes,
+                max_deliveries: p.max_deliveries,
+            },
+        };
+        let previous = previous.filter(|r| r.defaults == defaults);
+        let sources = match previous.and_then(|r| {
+            differences(&r.config.sources, &config.sources, |s| &s.name).map(|d| (r, d))
+        }) {
+            Some((r, (removed, added))) => {
+                let mut sources = r.sources.clone();
+                for name in removed {
+                    sources.remove(name);
+                }
+                for s in added {
+                    sources.insert(s.name.clone(), s.clone());
+                }
+                sources
+            }
+            None => (config.sources.iter())
+                .map(|s| (s.name.clone(), s.clone()))
                 .collect(),
+        };
+        // Destinations that replace one of the same name: routes to them are rebuilt too.
+        let mut replaced: HashSet<&str> = HashSet::new();
+        let timeout_ms = |d: &Destination| d.timeout.map_or(0, |t| t.as_millis() as u64);
+        let mut longest_timeout = None;
+        let build =
+            |d: &Arc<DestinationConfig>| Arc::new(Destination::from_config(d, &defaults.retry));
+        let destinations = match previous.and_then(|r| {
+            differences(&r.config.destinations, &config.destinations, |d| &d.name).map(|d| (r, d))
+        }) {
+            Some((r, (removed, added))) if removed.is_empty() && added.is_empty() => {
+                longest_timeout = Some(r.longest_timeout);
+                r.destinations.clone()
+            }
+            Some((r, (removed, added))) => {
+                let mut destinations = Destinations::clone(&r.destinations);
+                // The longest timeout holds unless the one that had it is gone.
+                let mut longest = Some(r.longest_timeout);
+                for name in removed {
+                    if let Some(gone) = destinations.remove(name)
+                        && r.longest_timeout > 0
+                        && timeout_ms(&gone) == r.longest_timeout
+                    {
+                        longest = None;
+                    }
+                }
+                for d in added {
+                    if r.destinations.contains_key(&d.name) {
+                        replaced.insert(&d.name);
+                    }
+                    let built = build(d);
+                    longest = longest.map(|l| l.max(timeout_ms(&built)));
+                    destinations.insert(d.name.clone(), built);
+                }
+                longest_timeout = longest;
+                Arc::new(destinations)
+            }
+            None => Arc::new(
+                (config.destinations.iter())
+                    .map(|d| {
+                        let before = previous.and_then(|r| r.destinations.get(&d.name));
+                        let kept = before.filter(|b| Arc::ptr_eq(&b.config, d)).cloned();
+                        if before.is_some() && kept.is_none() {
+                            replaced.insert(&d.name);
+                        }
+                        (d.name.clone(), kept.unwrap_or_else(|| build(d)))
+                    })
+                    .collect::<Destinations>(),
+            ),
+        };
+        let longest_timeout = longest_timeout.unwrap_or_else(|| {
+            (destinations.values())
+                .map(|d| timeout_ms(d))
+                .max()
+                .unwrap_or(0)
+        });
+        let same_routes = previous.filter(|r| same(&config.routes, &r.config.routes));
+        let routes = match same_routes {
+            Some(r) if replaced.is_empty() => r.routes.clone(),
+            _ => Arc::new(routes_reusing(
+                &config.routes,
+                previous.map_or(&[][..], |r| r.routes.as_slice()),
+                &replaced,
+                &destinations,
+                defaults.plugin_limits,
+            )),
+        };
+        // Which routes a source has changes only with the list of routes.
+        let routes_by_source = match same_routes {
+            Some(r) => r.routes_by_source.clone(),
+            None => {
+                let mut by_source: HashMap<String, Vec<usize>> = HashMap::new();
+                for (i, r) in routes.iter().enumerate() {
+                    by_source.entry(r.source.clone()).or_default().push(i);
+                }
+                Arc::new(by_source)
+            }
+        };
+        drop(replaced);
+        Self {
+            config,
+            sources,
             destinations,
+            longest_timeout,
             routes,
             routes_by_source,
+            defaults,
         }
     }
 
@@ -128,8 +209,14 @@ impl Routing {
     }
 
     /// The destinations by name.
-    pub fn destinations(&self) -> &HashMap<String, Arc<Destination>> {
+    pub fn destinations(&self) -> &Arc<Destinations> {
         &self.destinations
+    }
+
+    /// The longest of the destinations' own `timeout`s, in ms (0: none has one): claims
+    /// are leased for at least that long.
+    pub fn longest_timeout(&self) -> u64 {
+        self.longest_timeout
     }
 
     /// The names of the routes whose chain includes the plugin.
@@ -139,6 +226,109 @@ impl Routing {
             .filter(|r| r.plugins.iter().any(|p| p.name == plugin))
             .map(|r| r.name.as_str())
             .collect()
+    }
+}
+
+/// The most objects a list may differ by for a table to be patched rather than built anew.
+const MAX_PATCH: usize = 64;
+
+/// How a list of objects differs from the one before, found by walking both side by side
+/// (comparing allocations, not contents): the names of the objects gone (deleted, or
+/// replaced) and the objects that are new (made, or a new version). Where more than one
+/// object is missing in a row the walk takes the rest as new (still right, only more to
+/// build). `None` once more than `MAX_PATCH` differ: building anew is the better way then.
+fn differences<'a, T>(
+    old: &'a [Arc<T>],
+    new: &'a [Arc<T>],
+    name: fn(&T) -> &String,
+) -> Option<(Vec<&'a str>, Vec<&'a Arc<T>>)> {
+    let (mut removed, mut added) = (Vec::new(), Vec::new());
+    let mut j = 0;
+    for object in new {
+        if old.get(j).is_some_and(|o| Arc::ptr_eq(o, object)) {
+            j += 1;
+        } else if old.get(j + 1).is_some_and(|o| Arc::ptr_eq(o, object)) {
+            removed.push(name(&old[j]).as_str());
+            j += 2;
+        } else {
+            added.push(object);
+            if old.get(j).is_some_and(|o| name(o) == name(object)) {
+                removed.push(name(&old[j]).as_str());
+                j += 1;
+            }
+            if removed.len() + added.len() > MAX_PATCH {
+                return None;
+            }
+        }
+    }
+    if removed.len() + added.len() + (old.len() - j) > MAX_PATCH {
+        return None;
+    }
+    removed.extend(old[j..].iter().map(|o| name(o).as_str()));
+    Some((removed, added))
+}
+
+/// Whether two lists hold the same objects (not equal ones: the same allocations).
+fn same<T>(a: &[Arc<T>], b: &[Arc<T>]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(a, b)| Arc::ptr_eq(a, b))
+}
+
+/// The routes of `configs`, taking over from `built` (the previous routes, in their order)
+/// each whose config is the same object and none of whose destinations was `replaced`.
+/// The two lists are walked side by side: after a management API change (one route made,
+/// changed or deleted) each unchanged route is found at most one place ahead.
+fn routes_reusing(
+    configs: &[Arc<RouteConfig>],
+    built: &[Arc<Route>],
+    replaced: &HashSet<&str>,
+    destinations: &Destinations,
+    limits: CallLimits,
+) -> Vec<Arc<Route>> {
+    let mut next = 0;
+    (configs.iter())
+        .map(|r| {
+            let found =
+                (next..built.len().min(next + 2)).find(|&j| Arc::ptr_eq(&built[j].config, r));
+            if let Some(j) = found {
+                next = j + 1;
+            } else if built.get(next).is_some_and(|b| b.name == r.name) {
+                next += 1;
+            }
+            match found.map(|j| &built[j]) {
+                Some(route)
+                    if !(route.destinations.iter()).any(|d| replaced.contains(d.name.as_str())) =>
+                {
+                    Arc::clone(route)
+                }
+                _ => Arc::new(Route::build(r, destinations, limits)),
+            }
+        })
+        .collect()
+}
+
+impl Route {
+    fn build(r: &Arc<RouteConfig>, destinations: &Destinations, defaults: CallLimits) -> Self {
+        Self {
+            name: r.name.clone(),
+            source: r.source.clone(),
+            plugins: (r.plugins.iter())
+                .map(|p| RoutePlugin {
+                    name: p.name.clone(),
+                    config: p.config.clone().into(),
+                    limits: CallLimits {
+                        deadline: p.deadline.unwrap_or(defaults.deadline),
+                        max_memory: p.max_memory_bytes.unwrap_or(defaults.max_memory),
+                        ..defaults
+                    },
+                    mode: p.instance,
+                })
+                .collect(),
+            on_error: r.on_error,
+            destinations: (r.destinations.iter())
+                .map(|d| destinations[d].clone())
+                .collect(),
+            config: r.clone(),
+        }
     }
 }
 
@@ -221,10 +411,9 @@ impl Pipeline {
         for &route_index in routing.routes_of(&event.source) {
             let permit = self.cpu.acquire().await;
             // A panic in a chain fails this route, not the pipeline worker.
-            let route = &routing.routes[route_index];
             let chain = AssertUnwindSafe(run_chain(
                 &routing,
-                route,
+                route_index,
                 &plugin_versions,
                 &event,
                 &self.metrics,
@@ -239,7 +428,7 @@ impl Pipeline {
                     ChainEnd::Failed(format!("plugin chain panicked: {}", panic_message(&*panic))),
                 ),
             };
-            let route = routing.routes[route_index].index;
+            let route = route_index;
             let result = match end {
                 ChainEnd::Dropped { plugin, reason } => {
                     tracing::info!(route, plugin, reason, "Event dropped.");
@@ -363,11 +552,12 @@ enum ChainEnd {
 /// Runs one route's plugins in order on an event.
 async fn run_chain(
     routing: &Routing,
-    route: &Route,
+    index: usize,
     plugins: &PluginMap,
     received: &Event,
     metrics: &Metrics,
 ) -> (Vec<PluginStep>, ChainEnd) {
+    let route = &routing.routes[index];
     let mut event = received.clone();
     let mut steps = Vec::with_capacity(route.plugins.len());
     for rp in &route.plugins {
@@ -473,7 +663,7 @@ async fn run_chain(
                     merge_pairs(&mut metadata, d.metadata);
                     planned.push(plan(
                         &event,
-                        route.index,
+                        index,
                         i,
                         dest.clone(),
                         d.body,
@@ -493,7 +683,7 @@ async fn run_chain(
         .map(|(i, dest)| {
             plan(
                 &event,
-                route.index,
+                index,
                 i,
                 dest.clone(),
                 None,
@@ -526,5 +716,179 @@ fn plan(
         extra_headers,
         metadata,
         destination,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::managed::{Change, Kind, Managed, Object};
+
+    fn file() -> Config {
+        let text = r#"
+            [[sources]]
+            name = "fleet"
+            [[sources]]
+            name = "alerts"
+            [[destinations]]
+            name = "archive"
+            url = "https://archive.example/"
+            timeout = "30s"
+            [[destinations]]
+            name = "pager"
+            url = "https://pager.example/"
+            timeout = "5s"
+            [[routes]]
+            source = "fleet"
+            destinations = ["archive", "pager"]
+            [[routes]]
+            source = "alerts"
+            destinations = ["pager"]
+        "#;
+        Config::parse(text, "test.toml", std::path::Path::new("."), &|_| None).unwrap()
+    }
+
+    fn object(kind: Kind, json: serde_json::Value) -> Object {
+        match kind {
+            Kind::Source => Object::Source(serde_json::from_value(json).unwrap()),
+            Kind::Destination => Object::Destination(serde_json::from_value(json).unwrap()),
+            Kind::Route => Object::Route(serde_json::from_value(json).unwrap()),
+        }
+    }
+
+    /// What a routing built from nothing would be, checked against the one built from
+    /// the routing before: each table holds exactly the config's objects, routes in the
+    /// config's order point at the destinations in force, and the longest timeout is right.
+    fn assert_built_from(r: &Routing, c: &Config) {
+        assert_eq!(r.sources.len(), c.sources.len());
+        for s in &c.sources {
+            assert!(Arc::ptr_eq(&r.sources[&s.name], s), "source {}", s.name);
+        }
+        assert_eq!(r.destinations.len(), c.destinations.len());
+        for d in &c.destinations {
+            assert!(
+                Arc::ptr_eq(&r.destinations[&d.name].config, d),
+                "{}",
+                d.name
+            );
+        }
+        assert_eq!(r.routes.len(), c.routes.len());
+        for (route, config) in r.routes.iter().zip(&c.routes) {
+            assert!(Arc::ptr_eq(&route.config, config), "route {}", config.name);
+            assert_eq!(route.destinations.len(), config.destinations.len());
+            for (d, name) in route.destinations.iter().zip(&config.destinations) {
+                assert!(
+                    Arc::ptr_eq(d, &r.destinations[name]),
+                    "{} → {name}",
+                    config.name
+                );
+            }
+        }
+        let fresh = Routing::from_config(Arc::new(c.clone()), None);
+        assert_eq!(r.routes_by_source, fresh.routes_by_source);
+        assert_eq!(r.longest_timeout, fresh.longest_timeout);
+    }
+
+    /// A management API change builds the routing from the one before: right after every
+    /// kind of change, and sharing what the change did not touch.
+    #[test]
+    fn a_change_rebuilds_only_what_it_touched() {
+        let file = file();
+        let mut managed = Managed::default();
+        let mut config = Arc::new(file.clone());
+        let mut routing = Routing::from_config(config.clone(), None);
+        assert_built_from(&routing, &config);
+        assert_eq!(routing.longest_timeout, 30_000);
+        let changes = [
+            Change::Create(object(
+                Kind::Destination,
+                serde_json::json!(
+                {"name": "slow", "url": "https://slow.example/", "timeout": "60s"}),
+            )),
+            Change::Create(object(Kind::Source, serde_json::json!({"name": "api"}))),
+            Change::Create(object(
+                Kind::Route,
+                serde_json::json!(
+                {"name": "api-slow", "source": "api", "destinations": ["slow", "pager"]}),
+            )),
+            // A new version of a destination a route uses: the route is rebuilt to it.
+            Change::Update(object(
+                Kind::Destination,
+                serde_json::json!(
+                {"name": "slow", "url": "https://slow.example/v2", "timeout": "10s"}),
+            )),
+            Change::Create(object(
+                Kind::Route,
+                serde_json::json!(
+                {"name": "api-archive", "source": "api", "destinations": ["archive"]}),
+            )),
+            Change::Delete(Kind::Route, "api-slow".into()),
+            Change::Delete(Kind::Destination, "slow".into()),
+            Change::Update(object(
+                Kind::Source,
+                serde_json::json!(
+                {"name": "api", "rate_limit": 10.0}),
+            )),
+        ];
+        for change in &changes {
+            let before = routing;
+            let (next, c) = managed.apply(&file, change).unwrap();
+            (managed, config) = (next, Arc::new(c));
+            routing = Routing::from_config(config.clone(), Some(&before));
+            assert_built_from(&routing, &config);
+            let (kind, name) = (change.kind(), change.name());
+            // What the change did not touch is shared, not rebuilt.
+            if kind != Kind::Destination {
+                assert!(
+                    Arc::ptr_eq(&routing.destinations, &before.destinations),
+                    "{name}"
+                );
+            }
+            if kind != Kind::Route {
+                assert!(Arc::ptr_eq(
+                    &routing.routes_by_source,
+                    &before.routes_by_source
+                ));
+            }
+            if kind == Kind::Source {
+                assert!(Arc::ptr_eq(&routing.routes, &before.routes), "{name}");
+            }
+            for route in routing.routes.iter() {
+                let kept = before.routes.iter().find(|b| b.name == route.name);
+                let touched = route.name == name
+                    || (kind == Kind::Destination
+                        && route.destinations.iter().any(|d| d.name == name));
+                assert_eq!(
+                    kept.is_some_and(|b| Arc::ptr_eq(b, route)),
+                    kept.is_some() && !touched,
+                    "route {} after {kind:?} {name}",
+                    route.name
+                );
+            }
+        }
+        // 30s (archive's) → 60s (slow made) → 30s (slow's new version has 10s) → 30s.
+        assert_eq!(routing.longest_timeout, 30_000);
+    }
+
+    /// The longest timeout follows the destinations: a longer one raises it; when the one
+    /// that had it goes, it falls to the next.
+    #[test]
+    fn the_longest_timeout_follows_the_destinations() {
+        let file = file();
+        let managed = Managed::default();
+        let routing = Routing::from_config(Arc::new(file.clone()), None);
+        let slow = Change::Create(object(
+            Kind::Destination,
+            serde_json::json!(
+            {"name": "slow", "url": "https://slow.example/", "timeout": "2m"}),
+        ));
+        let (managed, c) = managed.apply(&file, &slow).unwrap();
+        let routing = Routing::from_config(Arc::new(c), Some(&routing));
+        assert_eq!(routing.longest_timeout, 120_000);
+        let (_, c) = managed
+            .apply(&file, &Change::Delete(Kind::Destination, "slow".into()))
+            .unwrap();
+        let routing = Routing::from_config(Arc::new(c), Some(&routing));
+        assert_eq!(routing.longest_timeout, 30_000);
     }
 }

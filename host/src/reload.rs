@@ -147,10 +147,14 @@ impl Reloader {
     async fn install(&self, config: Arc<Config>) {
         self.dispatcher.set_transport(&config.delivery);
         self.dispatcher.set_concurrency(&config.delivery);
-        let routing = Arc::new(Routing::from_config(&config));
+        let routing = Arc::new(Routing::from_config(
+            config.clone(),
+            Some(&self.pipeline.routing()),
+        ));
         self.dispatcher
             .set_destinations(
                 routing.destinations().clone(),
+                routing.longest_timeout(),
                 config.delivery.notify_source.clone(),
             )
             .await;
@@ -185,7 +189,7 @@ impl Reloader {
         };
         let mut config = old.clone();
         if outcome != "rejected" {
-            match managed.merged_with(&file) {
+            match managed.merged_with(&file, None) {
                 Ok(c) => config = Arc::new(c),
                 Err((key, message)) => {
                     config_error = Some(format!("key `{key}`: {message}"));

@@ -42,8 +42,8 @@ pub(super) trait Resource:
 {
     const KIND: Kind;
     fn name(&self) -> &str;
-    fn all(c: &Config) -> &[Self];
-    fn managed(m: &Managed) -> &BTreeMap<String, Self>;
+    fn all(c: &Config) -> &[Arc<Self>];
+    fn managed(m: &Managed) -> &BTreeMap<String, Arc<Self>>;
     fn object(self) -> Object;
     /// Checks that serde cannot express.
     fn check(&self) -> Result<(), ApiError> {
@@ -56,10 +56,10 @@ impl Resource for SourceConfig {
     fn name(&self) -> &str {
         &self.name
     }
-    fn all(c: &Config) -> &[Self] {
+    fn all(c: &Config) -> &[Arc<Self>] {
         &c.sources
     }
-    fn managed(m: &Managed) -> &BTreeMap<String, Self> {
+    fn managed(m: &Managed) -> &BTreeMap<String, Arc<Self>> {
         &m.sources
     }
     fn object(self) -> Object {
@@ -72,10 +72,10 @@ impl Resource for DestinationConfig {
     fn name(&self) -> &str {
         &self.name
     }
-    fn all(c: &Config) -> &[Self] {
+    fn all(c: &Config) -> &[Arc<Self>] {
         &c.destinations
     }
-    fn managed(m: &Managed) -> &BTreeMap<String, Self> {
+    fn managed(m: &Managed) -> &BTreeMap<String, Arc<Self>> {
         &m.destinations
     }
     fn object(self) -> Object {
@@ -88,10 +88,10 @@ impl Resource for RouteConfig {
     fn name(&self) -> &str {
         &self.name
     }
-    fn all(c: &Config) -> &[Self] {
+    fn all(c: &Config) -> &[Arc<Self>] {
         &c.routes
     }
-    fn managed(m: &Managed) -> &BTreeMap<String, Self> {
+    fn managed(m: &Managed) -> &BTreeMap<String, Arc<Self>> {
         &m.routes
     }
     fn object(self) -> Object {
@@ -195,7 +195,7 @@ fn page_of<R: Resource>(
     let Query(q) = query?;
     let limit = page_limit(q.limit)?;
     let config = state.reloader.config();
-    let mut all: Vec<&R> = R::all(&config).iter().collect();
+    let mut all: Vec<&R> = R::all(&config).iter().map(|r| &**r).collect();
     all.sort_by(|a, b| a.name().cmp(b.name()));
     let after = q.cursor.unwrap_or_default();
     let rest: Vec<R> = all
@@ -212,7 +212,7 @@ pub(super) fn find<R: Resource>(state: &AppState, name: &str) -> Result<R, ApiEr
     R::all(&state.reloader.config())
         .iter()
         .find(|r| r.name() == name)
-        .cloned()
+        .map(|r| R::clone(r))
         .ok_or_else(|| ApiError::NotFound(format!("no {} named `{name}`", R::KIND.as_str())))
 }
 
@@ -313,7 +313,7 @@ async fn patch<R: Resource>(
             R::KIND.as_str()
         )));
     };
-    let mut value = serde_json::to_value(&current).expect("config objects serialize");
+    let mut value = serde_json::to_value(&*current).expect("config objects serialize");
     merge_patch(&mut value, &patch);
     if value.get("name") != Some(&serde_json::Value::String(name.into())) {
         return Err(ApiError::BadRequest(

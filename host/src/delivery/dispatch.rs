@@ -16,7 +16,7 @@ use tokio_util::task::TaskTracker;
 use super::pace::Pacer;
 use super::placeholder::{self, Target};
 use super::policy::{AttemptResult, decide, parse_retry_after};
-use super::{Destination, USER_AGENT};
+use super::{Destination, Destinations, USER_AGENT};
 use crate::config::DeliveryConfig;
 use crate::edge::SsrfGuard;
 use crate::metrics::Metrics;
@@ -108,7 +108,7 @@ pub struct Dispatcher {
     longest_timeout: AtomicU64,
     /// The destinations' names, for the claims on a shared store (`claim_scope`).
     known: ArcSwap<Known>,
-    destinations: ArcSwap<HashMap<String, Arc<Destination>>>,
+    destinations: ArcSwap<Destinations>,
     states: Mutex<HashMap<String, DestinationState>>,
     /// The rate limits' slots, by destination.
     pacers: Mutex<HashMap<String, Pacer>>,
@@ -234,12 +234,13 @@ impl Dispatcher {
         store: Arc<dyn Store>,
         config: &DeliveryConfig,
         lease: Duration,
-        destinations: HashMap<String, Arc<Destination>>,
+        destinations: Arc<Destinations>,
+        longest_timeout_ms: u64,
         clock: Arc<dyn Clock>,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Arc<Self>> {
         let transport = Transport::build(config)?;
-        let longest_timeout = AtomicU64::new(longest_timeout(&destinations));
+        let longest_timeout = AtomicU64::new(longest_timeout_ms);
         let states = store
             .destination_states()
             .await?
@@ -260,7 +261,7 @@ impl Dispatcher {
             store_lease: lease,
             longest_timeout,
             known: ArcSwap::from_pointee(Known::new(destinations.keys().cloned())),
-            destinations: ArcSwap::from_pointee(destinations),
+            destinations: ArcSwap::new(destinations),
             states: Mutex::new(states),
             pacers: Mutex::default(),
             clock,
@@ -359,24 +360,31 @@ impl Dispatcher {
         self.clock.now_ms()
     }
 
-    /// Swaps in the destinations and the notify source of a reloaded config, then releases
-    /// what destinations that are no longer configured hold.
+    /// Swaps in the destinations (and the longest of their own timeouts, in ms: see
+    /// `Routing::longest_timeout`) and the notify source of a reloaded config, then
+    /// releases what destinations that are no longer configured hold. The same table as
+    /// before (a change to a source or route) changes nothing.
     pub async fn set_destinations(
         &self,
-        destinations: HashMap<String, Arc<Destination>>,
+        destinations: Arc<Destinations>,
+        longest_timeout_ms: u64,
         notify_source: Option<String>,
     ) {
         self.notify_source.store(Arc::new(notify_source));
-        // (An attempt still holding a removed destination's permits keeps them.)
-        (self.lanes.lock().unwrap_or_else(|e| e.into_inner()))
-            .retain(|name, _| destinations.contains_key(name));
-        // Raised before the new destinations are in force: no claim is leased for less than
-        // an attempt to one of them may take.
-        self.longest_timeout
-            .store(longest_timeout(&destinations), Ordering::SeqCst);
-        self.known
-            .store(Arc::new(Known::new(destinations.keys().cloned())));
-        let before = self.destinations.swap(Arc::new(destinations));
+        if !Arc::ptr_eq(&self.destinations.load(), &destinations) {
+            // (An attempt still holding a removed destination's permits keeps them.)
+            (self.lanes.lock().unwrap_or_else(|e| e.into_inner()))
+                .retain(|name, _| destinations.contains_key(name));
+            // Raised before the new destinations are in force: no claim is leased for less
+            // than an attempt to one of them may take.
+            self.longest_timeout
+                .store(longest_timeout_ms, Ordering::SeqCst);
+            if !self.orphaned_after.is_zero() {
+                self.known
+                    .store(Arc::new(Known::new(destinations.keys().cloned())));
+            }
+        }
+        let before = self.destinations.swap(destinations);
         self.release_removed(&before).await;
     }
 
@@ -448,7 +456,7 @@ impl Dispatcher {
     /// it was stopped: startup is a reload); on a shared store, only those this reload
     /// removed — another instance may still have the others (a rolling deploy that adds a
     /// destination must not see it restarted by each older instance that starts).
-    async fn release_removed(&self, before: &HashMap<String, Arc<Destination>>) {
+    async fn release_removed(&self, before: &Destinations) {
         let configured = self.destinations.load();
         let shared = !self.orphaned_after.is_zero();
         let removed: Vec<String> = self
@@ -1333,14 +1341,6 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
         cur = next;
     }
     cur.to_string()
-}
-
-/// The longest `timeout` of these destinations, in ms (0 if none has one).
-fn longest_timeout(destinations: &HashMap<String, Arc<Destination>>) -> u64 {
-    (destinations.values())
-        .filter_map(|d| d.timeout)
-        .max()
-        .map_or(0, |t| t.as_millis() as u64)
 }
 
 #[cfg(test)]

@@ -70,7 +70,13 @@ pub struct Destination {
     pub rate_limit: Option<f64>,
     /// How long one attempt may take, if not `delivery.timeout`.
     pub timeout: Option<std::time::Duration>,
+    /// What it was built from (a reload keeps a destination whose config is the same).
+    pub config: std::sync::Arc<crate::config::DestinationConfig>,
 }
+
+/// The destinations in force, by name: a persistent map, so a routing that changes one of
+/// 50,000 shares the rest with the one before (see `pipeline::Routing::from_config`).
+pub type Destinations = imbl::HashMap<String, Arc<Destination>>;
 
 /// What HTTPS deliveries trust besides the system's certificate authorities, and the
 /// certificate they present when a destination asks for one, read from
@@ -202,7 +208,7 @@ impl Destination {
     }
 
     /// Builds a destination from validated config.
-    pub fn from_config(c: &DestinationConfig, defaults: &RetryPolicy) -> Self {
+    pub fn from_config(c: &std::sync::Arc<DestinationConfig>, defaults: &RetryPolicy) -> Self {
         Self {
             name: c.name.clone(),
             url: c.url.clone(),
@@ -224,6 +230,7 @@ impl Destination {
             event_types: c.event_types.as_ref().map(|t| t.iter().cloned().collect()),
             rate_limit: c.rate_limit,
             timeout: c.timeout,
+            config: c.clone(),
         }
     }
 

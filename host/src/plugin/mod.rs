@@ -44,7 +44,7 @@ const WARM_BY_DEFAULT_ABOVE: usize = 1 << 20;
 const KEEP_RESIDENT: usize = 1 << 20;
 
 /// Limits applied to one call of a plugin.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct CallLimits {
     /// Wall-clock budget of one call, enforced by epoch interruption.
     pub deadline: Duration,
