@@ -1327,6 +1327,20 @@ impl TestCa {
     }
 }
 
+/// A gateway config serving HTTPS with the test server certificate (`tls` adds keys to
+/// `server.tls`, e.g. `, client_ca = "ca.pem"`), the test API token and loopback
+/// deliveries allowed, then `objects` with `{receiver}` replaced by `rx`'s URL.
+fn https_config(tls: &str, objects: &str, rx: &Receiver) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\ntls = {{ cert = \"{}\", key = \"{}\"{tls} }}\n\
+         [api]\ntokens = [\"{}\"]\n[delivery]\nallowed_networks = [\"127.0.0.0/8\"]\n{}",
+        tls_fixture("server.pem").display(),
+        tls_fixture("server.key").display(),
+        crate::util::API_TOKEN,
+        objects.replace("{receiver}", &rx.url)
+    )
+}
+
 /// A client of the gateway's HTTPS listener (whose certificate `tests/fixtures/tls/ca.pem`
 /// issued) presenting this client certificate and key (PEM), if any.
 fn sender_client(identity: Option<&[u8]>) -> reqwest::Client {
@@ -1367,15 +1381,9 @@ async fn a_source_may_require_the_senders_client_certificate() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("senders-ca.pem"), &ca.pem).unwrap();
     let sources = |tls: &str| {
-        format!(
+        https_config(
+            tls,
             r#"
-[server]
-listen = "127.0.0.1:0"
-tls = {{ cert = "{}", key = "{}"{tls} }}
-[api]
-tokens = ["{}"]
-[delivery]
-allowed_networks = ["127.0.0.0/8"]
 [[sources]]
 name = "open"
 [[sources]]
@@ -1383,7 +1391,7 @@ name = "fleet"
 allow_client_names = ["sender.example", "Legacy-Sender"]
 [[destinations]]
 name = "rx"
-url = "{}/in"
+url = "{receiver}/in"
 [[routes]]
 source = "open"
 destinations = ["rx"]
@@ -1391,10 +1399,7 @@ destinations = ["rx"]
 source = "fleet"
 destinations = ["rx"]
 "#,
-            tls_fixture("server.pem").display(),
-            tls_fixture("server.key").display(),
-            crate::util::API_TOKEN,
-            rx.url
+            &rx,
         )
     };
     // Without the authority to verify them, names cannot be required: the start says so.
@@ -1489,29 +1494,20 @@ async fn a_revoked_client_certificate_is_refused() {
     let ca = TestCa::new("senders CA");
     let alice = ca.client(&["alice.example"], "alice");
     let bob = ca.client(&["bob.example"], "bob");
-    let config = format!(
+    let config = https_config(
+        r#", client_ca = "senders-ca.pem", client_crl = "senders.crl""#,
         r#"
-[server]
-listen = "127.0.0.1:0"
-tls = {{ cert = "{}", key = "{}", client_ca = "senders-ca.pem", client_crl = "senders.crl" }}
-[api]
-tokens = ["{}"]
-[delivery]
-allowed_networks = ["127.0.0.0/8"]
 [[sources]]
 name = "fleet"
 allow_client_names = ["alice.example", "bob.example"]
 [[destinations]]
 name = "rx"
-url = "{}/in"
+url = "{receiver}/in"
 [[routes]]
 source = "fleet"
 destinations = ["rx"]
 "#,
-        tls_fixture("server.pem").display(),
-        tls_fixture("server.key").display(),
-        crate::util::API_TOKEN,
-        rx.url
+        &rx,
     );
 
     // A list another authority issued would never apply: refused, by its key.

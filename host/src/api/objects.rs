@@ -208,7 +208,11 @@ fn page_of<R: Resource>(
     Ok((rest.into_iter().take(limit).collect(), next))
 }
 
+/// The object named `name`: an API object by its name, a file's by a scan of the config.
 pub(super) fn find<R: Resource>(state: &AppState, name: &str) -> Result<R, ApiError> {
+    if let Some(object) = R::managed(&state.reloader.managed()).get(name) {
+        return Ok(R::clone(object));
+    }
     R::all(&state.reloader.config())
         .iter()
         .find(|r| r.name() == name)
