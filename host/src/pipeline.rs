@@ -87,78 +87,9 @@ impl Routing {
             },
         };
         let previous = previous.filter(|r| r.defaults == defaults);
-        let sources = match previous.and_then(|r| {
-            differences(&r.config.sources, &config.sources, |s| &s.name).map(|d| (r, d))
-        }) {
-            Some((r, (removed, added))) => {
-                let mut sources = r.sources.clone();
-                for name in removed {
-                    sources.remove(name);
-                }
-                for s in added {
-                    sources.insert(s.name.clone(), s.clone());
-                }
-                sources
-            }
-            None => (config.sources.iter())
-                .map(|s| (s.name.clone(), s.clone()))
-                .collect(),
-        };
-        // Destinations that replace one of the same name: routes to them are rebuilt too.
-        let mut replaced: HashSet<&str> = HashSet::new();
-        let timeout_ms = |d: &Destination| d.timeout.map_or(0, |t| t.as_millis() as u64);
-        let mut longest_timeout = None;
-        let build =
-            |d: &Arc<DestinationConfig>| Arc::new(Destination::from_config(d, &defaults.retry));
-        let destinations = match previous.and_then(|r| {
-            differences(&r.config.destinations, &config.destinations, |d| &d.name).map(|d| (r, d))
-        }) {
-            Some((r, (removed, added))) if removed.is_empty() && added.is_empty() => {
-                longest_timeout = Some(r.longest_timeout);
-                r.destinations.clone()
-            }
-            Some((r, (removed, added))) => {
-                let mut destinations = Destinations::clone(&r.destinations);
-                // The longest timeout holds unless the one that had it is gone.
-                let mut longest = Some(r.longest_timeout);
-                for name in removed {
-                    if let Some(gone) = destinations.remove(name)
-                        && r.longest_timeout > 0
-                        && timeout_ms(&gone) == r.longest_timeout
-                    {
-                        longest = None;
-                    }
-                }
-                for d in added {
-                    if r.destinations.contains_key(&d.name) {
-                        replaced.insert(&d.name);
-                    }
-                    let built = build(d);
-                    longest = longest.map(|l| l.max(timeout_ms(&built)));
-                    destinations.insert(d.name.clone(), built);
-                }
-                longest_timeout = longest;
-                Arc::new(destinations)
-            }
-            None => Arc::new(
-                (config.destinations.iter())
-                    .map(|d| {
-                        let before = previous.and_then(|r| r.destinations.get(&d.name));
-                        let kept = before.filter(|b| Arc::ptr_eq(&b.config, d)).cloned();
-                        if before.is_some() && kept.is_none() {
-                            replaced.insert(&d.name);
-                        }
-                        (d.name.clone(), kept.unwrap_or_else(|| build(d)))
-                    })
-                    .collect::<Destinations>(),
-            ),
-        };
-        let longest_timeout = longest_timeout.unwrap_or_else(|| {
-            (destinations.values())
-                .map(|d| timeout_ms(d))
-                .max()
-                .unwrap_or(0)
-        });
+        let sources = sources_from(&config, previous);
+        let (destinations, longest_timeout, replaced) =
+            destinations_from(&config, previous, &defaults.retry);
         let same_routes = previous.filter(|r| same(&config.routes, &r.config.routes));
         let routes = match same_routes {
             Some(r) if replaced.is_empty() => r.routes.clone(),
@@ -181,7 +112,6 @@ impl Routing {
                 Arc::new(by_source)
             }
         };
-        drop(replaced);
         Self {
             config,
             sources,
@@ -227,6 +157,96 @@ impl Routing {
             .map(|r| r.name.as_str())
             .collect()
     }
+}
+
+/// The sources' table: the previous one patched where the list differs in a few places,
+/// else built anew.
+fn sources_from(
+    config: &Config,
+    previous: Option<&Routing>,
+) -> imbl::HashMap<String, Arc<SourceConfig>> {
+    match previous
+        .and_then(|r| differences(&r.config.sources, &config.sources, |s| &s.name).map(|d| (r, d)))
+    {
+        Some((r, (removed, added))) => {
+            let mut sources = r.sources.clone();
+            for name in removed {
+                sources.remove(name);
+            }
+            for s in added {
+                sources.insert(s.name.clone(), s.clone());
+            }
+            sources
+        }
+        None => (config.sources.iter())
+            .map(|s| (s.name.clone(), s.clone()))
+            .collect(),
+    }
+}
+
+/// The destinations' table and the longest of their own timeouts (ms), and the names of
+/// the destinations that replace one of the same name (routes to them are rebuilt too):
+/// the previous table patched where the list differs in a few places, else built anew,
+/// keeping each destination whose config is the same object.
+fn destinations_from<'a>(
+    config: &'a Config,
+    previous: Option<&'a Routing>,
+    retry: &crate::config::RetryPolicy,
+) -> (Arc<Destinations>, u64, HashSet<&'a str>) {
+    let mut replaced: HashSet<&str> = HashSet::new();
+    let timeout_ms = |d: &Destination| d.timeout.map_or(0, |t| t.as_millis() as u64);
+    let mut longest_timeout = None;
+    let build = |d: &Arc<DestinationConfig>| Arc::new(Destination::from_config(d, retry));
+    let destinations = match previous.and_then(|r| {
+        differences(&r.config.destinations, &config.destinations, |d| &d.name).map(|d| (r, d))
+    }) {
+        Some((r, (removed, added))) if removed.is_empty() && added.is_empty() => {
+            longest_timeout = Some(r.longest_timeout);
+            r.destinations.clone()
+        }
+        Some((r, (removed, added))) => {
+            let mut destinations = Destinations::clone(&r.destinations);
+            // The longest timeout holds unless the one that had it is gone.
+            let mut longest = Some(r.longest_timeout);
+            for name in removed {
+                if let Some(gone) = destinations.remove(name)
+                    && r.longest_timeout > 0
+                    && timeout_ms(&gone) == r.longest_timeout
+                {
+                    longest = None;
+                }
+            }
+            for d in added {
+                if r.destinations.contains_key(&d.name) {
+                    replaced.insert(&d.name);
+                }
+                let built = build(d);
+                longest = longest.map(|l| l.max(timeout_ms(&built)));
+                destinations.insert(d.name.clone(), built);
+            }
+            longest_timeout = longest;
+            Arc::new(destinations)
+        }
+        None => Arc::new(
+            (config.destinations.iter())
+                .map(|d| {
+                    let before = previous.and_then(|r| r.destinations.get(&d.name));
+                    let kept = before.filter(|b| Arc::ptr_eq(&b.config, d)).cloned();
+                    if before.is_some() && kept.is_none() {
+                        replaced.insert(&d.name);
+                    }
+                    (d.name.clone(), kept.unwrap_or_else(|| build(d)))
+                })
+                .collect::<Destinations>(),
+        ),
+    };
+    let longest_timeout = longest_timeout.unwrap_or_else(|| {
+        (destinations.values())
+            .map(|d| timeout_ms(d))
+            .max()
+            .unwrap_or(0)
+    });
+    (destinations, longest_timeout, replaced)
 }
 
 /// The most objects a list may differ by for a table to be patched rather than built anew.
