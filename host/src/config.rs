@@ -1063,29 +1063,16 @@ impl Config {
         name: &str,
     ) -> Result<(), (String, String)> {
         use crate::managed::Kind;
-        let twice = |plural: &str, i: usize| {
-            (
-                format!("{plural}[{i}].name"),
-                format!("`{name}` is defined twice"),
-            )
-        };
         // Where the object is now (and a second of that name, which cannot be valid).
-        let mut at = (self.sources.iter().enumerate())
-            .filter(|(_, s)| kind == Kind::Source && s.name == name)
-            .map(|(i, _)| i)
-            .chain(
-                (self.destinations.iter().enumerate())
-                    .filter(|(_, d)| kind == Kind::Destination && d.name == name)
-                    .map(|(i, _)| i),
-            )
-            .chain(
-                (self.routes.iter().enumerate())
-                    .filter(|(_, r)| kind == Kind::Route && r.name == name)
-                    .map(|(i, _)| i),
-            );
+        let mut at = (crate::managed::names(self, kind).enumerate())
+            .filter(|(_, n)| *n == name)
+            .map(|(i, _)| i);
         let (first, second) = (at.next(), at.next());
         if let Some(i) = second {
-            return Err(twice(kind.plural(), i));
+            return Err((
+                format!("{}[{i}].name", kind.plural()),
+                format!("`{name}` is defined twice"),
+            ));
         }
         match (kind, first) {
             (Kind::Source, Some(i)) => self.validate_source(i, &self.sources[i]),

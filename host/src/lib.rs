@@ -172,7 +172,8 @@ impl Gateway {
             ),
         };
         let metrics = Arc::new(Metrics::default());
-        let routing = Arc::new(Routing::from_config(Arc::new(config.clone()), None));
+        let config = Arc::new(config);
+        let routing = Arc::new(Routing::from_config(config.clone(), None));
         let dispatcher = Dispatcher::new(
             store.clone(),
             &config.delivery,

@@ -340,7 +340,8 @@ impl Managed {
     }
 }
 
-fn names(c: &Config, kind: Kind) -> Box<dyn Iterator<Item = &str> + '_> {
+/// The names of a config's objects of one kind, in order.
+pub(crate) fn names(c: &Config, kind: Kind) -> Box<dyn Iterator<Item = &str> + '_> {
     match kind {
         Kind::Source => Box::new(c.sources.iter().map(|s| s.name.as_str())),
         Kind::Destination => Box::new(c.destinations.iter().map(|d| d.name.as_str())),

@@ -73,9 +73,8 @@ impl Reloader {
         dispatcher: Arc<Dispatcher>,
         metrics: Arc<Metrics>,
         store: Arc<dyn Store>,
-        config: Config,
+        config: Arc<Config>,
     ) -> Arc<Self> {
-        let config = Arc::new(config);
         Arc::new(Self {
             runtime,
             registry,
