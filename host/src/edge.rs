@@ -105,7 +105,8 @@ pub fn warn_of_expiry<'a>(certificates: impl IntoIterator<Item = (&'a str, Valid
 }
 
 /// The TLS settings of the listener from `server.tls`'s PEM files — the certificate chain
-/// (leaf first) and its private key, HTTP/1.1 offered by ALPN — and the chain's validity.
+/// (leaf first) and its private key, HTTP/2 and HTTP/1.1 offered by ALPN — and the chain's
+/// validity.
 /// The error says which file and what is wrong with it.
 pub fn server_tls(
     files: &crate::config::CertificateFiles,
@@ -145,7 +146,7 @@ pub fn server_tls(
             files.key.display()
         )
     })?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok((std::sync::Arc::new(config), validity))
 }
 

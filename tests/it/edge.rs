@@ -834,6 +834,12 @@ async fn stalled_senders_are_cut_off_and_store_nothing() {
         .await
         .unwrap();
     let mut silent = connect().await.unwrap();
+    // An HTTP/2 connection (prior knowledge) that opens and then says nothing.
+    let mut quiet_h2 = connect().await.unwrap();
+    quiet_h2
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
     // A body that stops half-way: 408, with the error in JSON.
     let mut stalled = connect().await.unwrap();
     stalled
@@ -859,6 +865,7 @@ async fn stalled_senders_are_cut_off_and_store_nothing() {
 
     assert_eq!(answer_or_close(&mut trickling).await, "");
     assert_eq!(answer_or_close(&mut silent).await, "");
+    answer_or_close(&mut quiet_h2).await; // its SETTINGS, then closed
     let answer = answer_or_close(&mut stalled).await;
     assert!(
         answer.starts_with("HTTP/1.1 408 Request Timeout\r\n"),
@@ -923,6 +930,81 @@ async fn the_event_view_hides_the_senders_credentials() {
     assert_eq!(got[0].header("authorization"), None, "never forwarded");
     assert_eq!(got[0].header("x-region"), Some("eu"));
     gw.shutdown().await.unwrap();
+}
+
+/// Senders may speak HTTP/2: by ALPN over HTTPS, or with prior knowledge on plain HTTP (as
+/// a load balancer in front does); HTTP/1.1 clients are served as before on the same
+/// listener. The events arrive and are delivered whichever protocol brought them.
+#[tokio::test(flavor = "multi_thread")]
+async fn senders_may_speak_http2() {
+    let rx = Receiver::start().await;
+    let objects = "[[sources]]\nname = \"s\"\n[[destinations]]\nname = \"ok\"\n\
+                   url = \"{receiver}/ok\"\n[[routes]]\nsource = \"s\"\ndestinations = [\"ok\"]\n";
+    let plain = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[api]\ntokens = [\"{}\"]\n\
+         [delivery]\nallowed_networks = [\"127.0.0.0/8\"]\n{}",
+        crate::util::API_TOKEN,
+        objects.replace("{receiver}", &rx.url)
+    );
+    let plain = TestGateway::start_raw(TestGateway::dir_with_plugins(&[]), &plain, &|_| None)
+        .await
+        .unwrap();
+    let https = TestGateway::start_raw(
+        TestGateway::dir_with_plugins(&[]),
+        &https_config("", objects, &rx),
+        &|_| None,
+    )
+    .await
+    .unwrap();
+
+    let prior_knowledge = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let http1 = |client: reqwest::ClientBuilder| client.http1_only().build().unwrap();
+    let https_url = https.url.replace("http://", "https://");
+    let sent = [
+        (prior_knowledge, &plain.url, http::Version::HTTP_2),
+        (
+            http1(reqwest::Client::builder()),
+            &plain.url,
+            http::Version::HTTP_11,
+        ),
+        (sender_client(None), &https_url, http::Version::HTTP_2),
+    ];
+    for (n, (client, url, version)) in sent.iter().enumerate() {
+        let resp = (client.post(format!("{url}/v1/ingest/s")))
+            .body(format!(r#"{{"n":{n}}}"#))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            (resp.status().as_u16(), resp.version()),
+            (202, *version),
+            "{url}"
+        );
+    }
+    // An HTTPS client that offers only HTTP/1.1 gets it.
+    let ca =
+        reqwest::Certificate::from_pem(&std::fs::read(tls_fixture("ca.pem")).unwrap()).unwrap();
+    let resp = http1(reqwest::Client::builder().tls_certs_only([ca]))
+        .post(format!("{https_url}/v1/ingest/s"))
+        .body(r#"{"n":3}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        (resp.status().as_u16(), resp.version()),
+        (202, http::Version::HTTP_11)
+    );
+
+    let mut delivered: Vec<i64> = (rx.wait_for(4).await.iter())
+        .map(|r| r.json()["n"].as_i64().unwrap())
+        .collect();
+    delivered.sort();
+    assert_eq!(delivered, [0, 1, 2, 3]);
+    plain.shutdown().await.unwrap();
+    https.shutdown().await.unwrap();
 }
 
 /// `server.tls`: the real binary serves HTTPS with the configured certificate (a client
