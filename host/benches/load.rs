@@ -17,6 +17,9 @@
 //! `LOAD_CLIENT=wrk` posts with Debian's `wrk` (in processes of its own, one thread each)
 //! instead of this process's reqwest clients: a second instrument for the same figures,
 //! which also prints how long the answers took under full load (wrk's p50 and p99).
+//! `LOAD_CLIENT=h2` posts over HTTP/2 with prior knowledge (to the sink and the gateway
+//! alike): the clients' requests share one connection as streams, as behind a load
+//! balancer that speaks HTTP/2 to its backends; deliveries stay HTTP/1.1.
 //!
 //! `cargo bench -p switchyard --bench load -- relay [EVENTS CONCURRENCY]` measures, after
 //! the sink, a bare relay in place of the gateway: a process of its own (this binary run
@@ -484,9 +487,12 @@ async fn run() -> anyhow::Result<()> {
         .and_then(|a| a.parse().ok())
         .unwrap_or(20_000);
     let concurrency: usize = numbers.get(1).and_then(|a| a.parse().ok()).unwrap_or(64);
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(concurrency)
-        .build()?;
+    let client = reqwest::Client::builder().pool_max_idle_per_host(concurrency);
+    let client = if std::env::var("LOAD_CLIENT").is_ok_and(|c| c == "h2") {
+        client.http2_prior_knowledge().build()?
+    } else {
+        client.build()?
+    };
 
     // 1. The sink alone.
     let (sink_url, sink) = start_sink().await;
