@@ -9,7 +9,7 @@
 //! API refuses to create a name the file has, and a reload whose file adds a name that an
 //! api object has is rejected (the previous config keeps serving).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -19,7 +19,7 @@ use crate::config::{Config, DestinationConfig, RouteConfig, SourceConfig};
 use crate::store::ManagedObject;
 
 /// The three kinds of managed object.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Kind {
     Source,
     Destination,
@@ -34,6 +34,13 @@ impl Kind {
             Kind::Destination => "destination",
             Kind::Route => "route",
         }
+    }
+
+    /// From the store's `kind` column.
+    fn parse(kind: &str) -> Option<Self> {
+        [Kind::Source, Kind::Destination, Kind::Route]
+            .into_iter()
+            .find(|k| k.as_str() == kind)
     }
 
     /// The config file's key for a list of them.
@@ -161,6 +168,26 @@ pub struct Managed {
     pub sources: BTreeMap<String, Arc<SourceConfig>>,
     pub destinations: BTreeMap<String, Arc<DestinationConfig>>,
     pub routes: BTreeMap<String, Arc<RouteConfig>>,
+    /// Each object's JSON as stored: what [`Managed::following`] compares the store with.
+    stored: Stored,
+}
+
+/// The kinds and names of the objects a change touched.
+pub type Changed = Vec<(Kind, String)>;
+
+/// The stored JSON of each kind's objects, by name (persistent maps: a clone per change
+/// costs nothing, whatever their number).
+#[derive(Clone, Debug, Default)]
+struct Stored([imbl::HashMap<String, String>; 3]);
+
+impl Stored {
+    fn of(&mut self, kind: Kind) -> &mut imbl::HashMap<String, String> {
+        &mut self.0[kind as usize]
+    }
+
+    fn get(&self, kind: Kind, name: &str) -> Option<&String> {
+        self.0[kind as usize].get(name)
+    }
 }
 
 impl Managed {
@@ -170,7 +197,7 @@ impl Managed {
         let mut m = Managed::default();
         for stored in objects {
             match Object::parse(stored) {
-                Ok(o) if o.name() == stored.name => m.insert(o),
+                Ok(o) if o.name() == stored.name => m.insert(o, stored.body.clone()),
                 Ok(_) => tracing::error!(kind = %stored.kind, name = %stored.name,
                     "A stored object's name does not match its key; left out."),
                 Err(e) => tracing::error!(kind = %stored.kind, name = %stored.name, error = %e,
@@ -180,7 +207,8 @@ impl Managed {
         m
     }
 
-    fn insert(&mut self, o: Object) {
+    fn insert(&mut self, o: Object, body: String) {
+        self.stored.of(o.kind()).insert(o.name().to_string(), body);
         match o {
             Object::Source(s) => {
                 self.sources.insert(s.name.clone(), Arc::new(s));
@@ -195,6 +223,7 @@ impl Managed {
     }
 
     fn remove(&mut self, kind: Kind, name: &str) -> bool {
+        self.stored.of(kind).remove(name);
         match kind {
             Kind::Source => self.sources.remove(name).is_some(),
             Kind::Destination => self.destinations.remove(name).is_some(),
@@ -272,7 +301,7 @@ impl Managed {
                         kind.as_str()
                     )));
                 }
-                next.insert(o.clone());
+                next.insert(o.clone(), o.stored().body);
             }
             Change::Update(o) => {
                 if in_file {
@@ -281,7 +310,7 @@ impl Managed {
                 if !next.remove(kind, &name) {
                     return Err(not_found(kind, &name));
                 }
-                next.insert(o.clone());
+                next.insert(o.clone(), o.stored().body);
             }
             Change::Delete(..) => {
                 if in_file {
@@ -296,6 +325,55 @@ impl Managed {
             .merged_with(file, Some((kind, &name)))
             .map_err(|(key, message)| next.blame(file, change, &key, message))?;
         Ok((next, config))
+    }
+
+    /// What other instances changed on a shared store: this set with the objects whose
+    /// stored JSON differs from what it was made of (`objects`: all of them, as the store has
+    /// them now) parsed again, those gone removed and the others kept as they are — the
+    /// same allocations, so the routing rebuilds only what changed. The new set and the
+    /// changed objects' kinds and names, `None` if nothing changed; the error names a
+    /// changed object that does not parse (a full reload then logs it and leaves it out).
+    pub fn following(
+        &self,
+        objects: &[ManagedObject],
+    ) -> Result<Option<(Managed, Changed)>, String> {
+        let mut next: Option<Managed> = None;
+        let (mut changed, mut known) = (Vec::new(), 0);
+        for stored in objects {
+            let unusable = || format!("{} `{}`", stored.kind, stored.name);
+            let kind = Kind::parse(&stored.kind).ok_or_else(unusable)?;
+            match self.stored.get(kind, &stored.name) {
+                Some(body) if *body == stored.body => {
+                    known += 1;
+                    continue;
+                }
+                Some(_) => known += 1,
+                None => {}
+            }
+            let object = (Object::parse(stored).ok())
+                .filter(|o| o.name() == stored.name)
+                .ok_or_else(unusable)?;
+            let next = next.get_or_insert_with(|| self.clone());
+            next.remove(kind, &stored.name);
+            next.insert(object, stored.body.clone());
+            changed.push((kind, stored.name.clone()));
+        }
+        // Some are gone from the store only if fewer than all of these were found there.
+        if known < self.stored.0.iter().map(imbl::HashMap::len).sum::<usize>() {
+            let present: HashSet<(Kind, &str)> = (objects.iter())
+                .filter_map(|o| Some((Kind::parse(&o.kind)?, o.name.as_str())))
+                .collect();
+            for kind in [Kind::Source, Kind::Destination, Kind::Route] {
+                for name in self.stored.0[kind as usize].keys() {
+                    if !present.contains(&(kind, name.as_str())) {
+                        let next = next.get_or_insert_with(|| self.clone());
+                        next.remove(kind, name);
+                        changed.push((kind, name.clone()));
+                    }
+                }
+            }
+        }
+        Ok(next.map(|next| (next, changed)))
     }
 
     /// Turns an error of the merged config into one about the changed object (a field of
@@ -541,6 +619,85 @@ mod tests {
     }
 
     #[test]
+    fn following_the_store_parses_only_what_changed() {
+        let object = |kind: &str, body: serde_json::Value| ManagedObject {
+            kind: kind.into(),
+            name: body["name"].as_str().unwrap().into(),
+            body: body.to_string(),
+        };
+        let source = object("source", serde_json::json!({ "name": "bondio" }));
+        let archive = |url: &str| {
+            object(
+                "destination",
+                serde_json::json!({ "name": "archive", "url": url }),
+            )
+        };
+        let route = object(
+            "route",
+            serde_json::json!({ "name": "r", "source": "bondio", "destinations": ["archive"] }),
+        );
+        let before = Managed::from_stored(&[
+            source.clone(),
+            archive("https://a.example/in"),
+            route.clone(),
+        ]);
+
+        // Nothing changed: nothing to take in.
+        let same = [source.clone(), archive("https://a.example/in"), route];
+        assert!(before.following(&same).unwrap().is_none());
+
+        // The destination changed, the route deleted, a source made.
+        let made = object("source", serde_json::json!({ "name": "onomondo-2" }));
+        let now = [
+            source.clone(),
+            archive("https://b.example/in"),
+            made.clone(),
+        ];
+        let (after, mut changed) = before.following(&now).unwrap().unwrap();
+        changed.sort_by_key(|(kind, name)| (kind.as_str(), name.clone()));
+        assert_eq!(
+            changed,
+            [
+                (Kind::Destination, "archive".to_string()),
+                (Kind::Route, "r".to_string()),
+                (Kind::Source, "onomondo-2".to_string()),
+            ]
+        );
+        assert!(Arc::ptr_eq(
+            &after.sources["bondio"],
+            &before.sources["bondio"]
+        ));
+        assert_eq!(after.destinations["archive"].url, "https://b.example/in");
+        assert!(after.routes.is_empty());
+        assert_eq!(after.sources.len(), 2);
+        // What it was made of is what the next comparison starts from.
+        assert!(after.following(&now).unwrap().is_none());
+        // The same set made by API changes compares equal to the store too.
+        let (by_api, _) =
+            (before.apply(&file(), &Change::Delete(Kind::Route, "r".into()))).unwrap();
+        let (by_api, _) = by_api
+            .apply(
+                &file(),
+                &Change::Update(destination("archive", "https://b.example/in")),
+            )
+            .unwrap();
+        let (by_api, _) = by_api
+            .apply(&file(), &Change::Create(Object::parse(&made).unwrap()))
+            .unwrap();
+        assert!(by_api.following(&now).unwrap().is_none());
+
+        // A changed object that does not parse: not taken in (a full reload logs it).
+        let broken = object(
+            "destination",
+            serde_json::json!({ "name": "archive", "url": 7 }),
+        );
+        assert_eq!(
+            before.following(&[source, broken]).unwrap_err(),
+            "destination `archive`"
+        );
+    }
+
+    #[test]
     fn file_routes_are_named_after_their_source() {
         assert_eq!(file().routes[0].name, "onomondo");
     }
@@ -620,7 +777,8 @@ mod tests {
     #[test]
     fn a_file_name_that_clashes_with_an_api_object_is_rejected() {
         let mut m = Managed::default();
-        m.insert(destination("fleet", "https://other.example/"));
+        let o = destination("fleet", "https://other.example/");
+        m.insert(o.clone(), o.stored().body);
         let (key, message) = m.merged_with(&file(), None).unwrap_err();
         assert_eq!(key, "destinations[0].name");
         assert!(message.contains("both"), "{message}");

@@ -391,9 +391,9 @@ impl Reloader {
     }
 
     /// On a store that several gateways share, follows what the other instances change:
-    /// reloads when the managed objects' version moves (an object was made, changed or
-    /// deleted through another instance's API) and reads the destination states back, every
-    /// `SYNC_INTERVAL`, until `stop`. Returns at once on a store only this gateway uses.
+    /// takes in the managed objects that changed when their version moves (an object was
+    /// made, changed or deleted through another instance's API) and reads the destination
+    /// states back, every `SYNC_INTERVAL`, until `stop`. Returns at once on a store only this gateway uses.
     pub async fn follow_store(self: Arc<Self>, stop: CancellationToken) {
         let Ok(Some(mut seen)) = self.store.managed_version().await else {
             return;
@@ -405,8 +405,9 @@ impl Reloader {
             }
             match self.store.managed_version().await {
                 Ok(Some(version)) if version != seen => {
-                    seen = version;
-                    self.reload("managed objects changed").await;
+                    if self.follow_managed().await {
+                        seen = version;
+                    }
                 }
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "Cannot read the managed objects' version."),
@@ -415,6 +416,51 @@ impl Reloader {
                 tracing::warn!(error = %e, "Cannot read the destination states.");
             }
         }
+    }
+
+    /// Takes in what other instances changed among the managed objects, as an API change
+    /// here would: only the objects whose stored JSON changed are parsed, checked (one on
+    /// its own, several with all the rest) and rebuilt. What cannot be taken in that way — a
+    /// stored object that does not parse, a change that does not validate or uses a plugin
+    /// this instance lacks — goes through a full reload, which reports and logs it. False
+    /// if the store could not be read (the next turn tries again).
+    async fn follow_managed(&self) -> bool {
+        {
+            let _one_at_a_time = self.busy.lock().await;
+            let objects = match self.store.managed_objects().await {
+                Ok(objects) => objects,
+                Err(e) => {
+                    tracing::warn!(error = %e, "Cannot read the managed objects.");
+                    return false;
+                }
+            };
+            match self.managed.load().following(&objects) {
+                Ok(None) => return true,
+                Ok(Some((managed, changed))) => {
+                    let file = self.file.load_full();
+                    let one = match changed.as_slice() {
+                        [(kind, name)] => Some((*kind, name.as_str())),
+                        _ => None,
+                    };
+                    if let Ok(config) = managed.merged_with(&file, one)
+                        && first_missing_plugin(&config, &self.registry.snapshot()).is_none()
+                    {
+                        tracing::info!(
+                            changed = changed.len(),
+                            "Took in the managed objects another instance changed."
+                        );
+                        self.managed.store(Arc::new(managed));
+                        self.install(Arc::new(config)).await;
+                        return true;
+                    }
+                }
+                Err(object) => {
+                    tracing::debug!(%object, "A changed managed object does not parse.");
+                }
+            }
+        }
+        self.reload("managed objects changed").await;
+        true
     }
 }
 

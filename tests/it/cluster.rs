@@ -301,6 +301,13 @@ destinations = ["fleet"]
     );
     let a = TestGateway::start(&config, &rx, &[]).await;
     let b = TestGateway::start(&config, &rx, &[]).await;
+    let reloads = |metrics: String| -> Vec<String> {
+        (metrics.lines())
+            .filter(|l| l.starts_with("switchyard_reloads_total"))
+            .map(String::from)
+            .collect()
+    };
+    let b_reloads = reloads(b.metrics().await);
 
     let (status, body) = a
         .send(
@@ -327,6 +334,26 @@ destinations = ["fleet"]
     let mut paths: Vec<&str> = got.iter().map(|r| r.uri.as_str()).collect();
     paths.sort();
     assert_eq!(paths, ["/archive", "/fleet"], "B routes by A's route");
+
+    // Changed through A: B delivers to the new URL.
+    let (status, body) = a
+        .send(
+            "PATCH",
+            "/v1/destinations/archive",
+            Some(json!({ "url": format!("{}/archive-2", rx.url) })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    eventually(&b, "/v1/destinations/archive", "A's change on B", |_, d| {
+        d["url"].as_str().is_some_and(|u| u.ends_with("/archive-2"))
+    })
+    .await;
+    b.accept("s", r#"{"n":1.5}"#).await;
+    let got = rx.wait_for(4).await;
+    assert!(
+        got.iter().any(|r| r.uri == "/archive-2"),
+        "B delivers to A's new URL"
+    );
 
     // Failures seen by A make the destination FAILED on B too.
     rx.fail_with(Some(503));
@@ -362,6 +389,8 @@ destinations = ["fleet"]
         s == 404
     })
     .await;
+    // B took A's changes in as they came, without reloading everything.
+    assert_eq!(reloads(b.metrics().await), b_reloads);
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
 }
