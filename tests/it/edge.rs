@@ -934,7 +934,8 @@ async fn the_event_view_hides_the_senders_credentials() {
 
 /// Senders may speak HTTP/2: by ALPN over HTTPS, or with prior knowledge on plain HTTP (as
 /// a load balancer in front does); HTTP/1.1 clients are served as before on the same
-/// listener. The events arrive and are delivered whichever protocol brought them.
+/// listener. The events arrive and are delivered whichever protocol brought them, and the
+/// body limit holds over HTTP/2 as over HTTP/1.1.
 #[tokio::test(flavor = "multi_thread")]
 async fn senders_may_speak_http2() {
     let rx = Receiver::start().await;
@@ -998,11 +999,40 @@ async fn senders_may_speak_http2() {
         (202, http::Version::HTTP_11)
     );
 
+    // Over HTTP/2 too, a body over `server.max_body_bytes` (1 MiB by default) gets 413,
+    // announced or not (no content-length: streamed in DATA frames), and stores nothing.
+    let prior_knowledge = &sent[0].0;
+    let large = vec![b' '; 1 << 21];
+    let resp = (prior_knowledge.post(format!("{}/v1/ingest/s", plain.url)))
+        .body(large.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        (resp.status().as_u16(), resp.version()),
+        (413, http::Version::HTTP_2)
+    );
+    let stream = futures_util::stream::iter(
+        (large
+            .chunks(1 << 16)
+            .map(|c| Ok::<_, std::io::Error>(c.to_vec())))
+        .collect::<Vec<_>>(),
+    );
+    let resp = (prior_knowledge.post(format!("{}/v1/ingest/s", plain.url)))
+        .body(reqwest::Body::wrap_stream(stream))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 413);
+
     let mut delivered: Vec<i64> = (rx.wait_for(4).await.iter())
         .map(|r| r.json()["n"].as_i64().unwrap())
         .collect();
     delivered.sort();
     assert_eq!(delivered, [0, 1, 2, 3]);
+    let (status, page) = plain.get("/v1/events").await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["items"].as_array().unwrap().len(), 2, "{page}");
     plain.shutdown().await.unwrap();
     https.shutdown().await.unwrap();
 }
