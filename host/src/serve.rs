@@ -24,6 +24,7 @@
 //! `server.tls.client_ca`, the names of the client certificate it verified go with each of
 //! the connection's requests, for ingest's `allow_client_names`.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -36,6 +37,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::ConnectInfo;
 use axum::serve::Listener;
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
@@ -70,20 +72,17 @@ pub async fn serve(
         let requests = Arc::new(Requests::new());
         let answering = requests.clone();
         // Each request carries the peer's address and, over TLS, what its verified client
-        // certificate says (`server.tls.client_ca`), and counts as in flight until answered.
+        // certificate says (`server.tls.client_ca`), and counts as in flight until its
+        // answer is written in full.
         let service = move |client: Option<Arc<ClientCertificate>>| {
             hyper::service::service_fn(move |mut request: http::Request<Incoming>| {
                 request.extensions_mut().insert(ConnectInfo(peer));
                 if let Some(client) = &client {
                     request.extensions_mut().insert(client.clone());
                 }
-                let answered = Answering::start(answering.clone());
+                let answering = Answering::start(answering.clone());
                 let response = app.clone().call(request);
-                async move {
-                    let response = response.await;
-                    drop(answered);
-                    response
-                }
+                async move { Ok::<_, Infallible>(answering.until_written(response.await?)) }
             })
         };
         let config = reloader.config();
@@ -174,6 +173,20 @@ impl Answering {
     fn start(requests: Arc<Requests>) -> Self {
         requests.in_flight.fetch_add(1, Ordering::Relaxed);
         Answering(requests)
+    }
+
+    /// The response, still in flight until its body is written in full (or dropped): a
+    /// large answer to a slow reader is not cut off for the client's silence.
+    fn until_written(
+        self,
+        response: http::Response<axum::body::Body>,
+    ) -> http::Response<impl hyper::body::Body<Data = bytes::Bytes, Error = axum::Error>> {
+        response.map(|body| {
+            body.map_frame(move |frame| {
+                let _answering = &self;
+                frame
+            })
+        })
     }
 }
 
@@ -303,6 +316,19 @@ mod tests {
                 Err(e) => return (from.elapsed(), e.kind()),
             }
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_is_in_flight_until_its_body_is_written() {
+        let requests = Arc::new(Requests::new());
+        let answer = http::Response::new(axum::body::Body::from("the answer"));
+        let response = Answering::start(requests.clone()).until_written(answer);
+        tokio::time::sleep(LIMIT).await; // a slow reader
+        assert_eq!(requests.in_flight.load(Ordering::Relaxed), 1);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "the answer");
+        assert_eq!(requests.in_flight.load(Ordering::Relaxed), 0);
+        assert_eq!(requests.last_answered(), requests.accepted + LIMIT);
     }
 
     #[tokio::test(start_paused = true)]
