@@ -393,7 +393,8 @@ impl Reloader {
     /// On a store that several gateways share, follows what the other instances change:
     /// takes in the managed objects that changed when their version moves (an object was
     /// made, changed or deleted through another instance's API) and reads the destination
-    /// states back, every `SYNC_INTERVAL`, until `stop`. Returns at once on a store only this gateway uses.
+    /// states back, every `SYNC_INTERVAL`, until `stop`. Returns at once on a store only
+    /// this gateway uses.
     pub async fn follow_store(self: Arc<Self>, stop: CancellationToken) {
         let Ok(Some(mut seen)) = self.store.managed_version().await else {
             return;
