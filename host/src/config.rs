@@ -507,6 +507,12 @@ pub struct StoreConfig {
     /// store, or by the same one when it restarts on PostgreSQL.
     #[serde(default = "default_lease", with = "humantime_serde")]
     pub lease: Duration,
+    /// Body fields (`sim.iccid`: object keys separated by dots) the store keeps an index
+    /// on, so that `GET /v1/events?field=…&equals=…` by one of them reads only the events
+    /// that hold the value instead of every body. Each costs a little on every event
+    /// stored; adding one reads every event stored to build its index.
+    #[serde(default)]
+    pub indexed_fields: Vec<String>,
 }
 
 impl Default for StoreConfig {
@@ -514,9 +520,14 @@ impl Default for StoreConfig {
         Self {
             url: None,
             lease: default_lease(),
+            indexed_fields: Vec::new(),
         }
     }
 }
+
+/// The most body fields `store.indexed_fields` may list: each index is written with
+/// every event.
+pub const MAX_INDEXED_FIELDS: usize = 16;
 
 fn default_lease() -> Duration {
     Duration::from_secs(30)
@@ -944,7 +955,7 @@ impl Config {
             api: raw.api,
             store: StoreConfig {
                 url: env("SWITCHYARD_STORE_URL").or(raw.store.url),
-                lease: raw.store.lease,
+                ..raw.store
             },
             sources: raw.sources.into_iter().map(Arc::new).collect(),
             destinations: raw.destinations.into_iter().map(Arc::new).collect(),
@@ -1182,6 +1193,22 @@ impl Config {
         }
         if self.store.lease < Duration::from_secs(1) {
             return Err(("store.lease".into(), "must be at least 1s".into()));
+        }
+        let fields = &self.store.indexed_fields;
+        if fields.len() > MAX_INDEXED_FIELDS {
+            return Err((
+                "store.indexed_fields".into(),
+                format!(
+                    "at most {MAX_INDEXED_FIELDS} fields (each index is written with every event)"
+                ),
+            ));
+        }
+        for (i, field) in fields.iter().enumerate() {
+            let key = format!("store.indexed_fields[{i}]");
+            crate::store::FieldMatch::parse(field, String::new()).map_err(|e| (key.clone(), e))?;
+            if fields[..i].contains(field) {
+                return Err((key, format!("`{field}` is listed twice")));
+            }
         }
         if !(1..=MAX_CONCURRENCY).contains(&self.delivery.concurrency) {
             return Err((

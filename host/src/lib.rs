@@ -171,6 +171,9 @@ impl Gateway {
                     .with_queue_max_bytes(max_bytes),
             ),
         };
+        store::index_fields(&*store, &config.store.indexed_fields)
+            .await
+            .context("cannot index the body fields of store.indexed_fields")?;
         let metrics = Arc::new(Metrics::default());
         let config = Arc::new(config);
         let routing = Arc::new(Routing::from_config(config.clone(), None));

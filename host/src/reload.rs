@@ -261,6 +261,8 @@ impl Reloader {
             config_error = Some(format!("key `{key}`: {message}"));
             outcome = "rejected";
         }
+        let indexed =
+            outcome != "rejected" && config.store.indexed_fields != old.store.indexed_fields;
         if outcome == "rejected" {
             tracing::error!(
                 reason,
@@ -283,14 +285,27 @@ impl Reloader {
                 plugins.get(name).is_some_and(|p| p.sha256() == sha256)
             });
         self.registry.swap(plugins, statuses.clone());
+        let fields = config.store.indexed_fields.clone();
         self.install(config).await;
+        // After the config is in force: building an index reads every event stored.
+        let index_error = match indexed {
+            true => crate::store::index_fields(&*self.store, &fields)
+                .await
+                .err(),
+            false => None,
+        };
+        if let Some(e) = &index_error {
+            tracing::error!(error = %e, "Cannot change the body field indexes (store.indexed_fields).");
+        }
         tracing::info!(
             reason,
             config = outcome,
             plugins = statuses.len(),
             "Reloaded."
         );
-        let failed = outcome == "rejected" || statuses.values().any(|s| s.status == "error");
+        let failed = outcome == "rejected"
+            || index_error.is_some()
+            || statuses.values().any(|s| s.status == "error");
         self.metrics
             .reloads
             .get_or_create(&ResultLabels {

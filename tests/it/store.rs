@@ -8,8 +8,9 @@ use bytes::Bytes;
 use switchyard::event::{Body, Event};
 use switchyard::store::{
     Attempt, AttemptNext, ClaimScope, DeliveryStatus, DestinationHealth, DestinationState,
-    EventFilter, EventStatus, FieldMatch, Idempotency, Inserted, Known, ManagedObject, NewDelivery,
-    PgStore, PurgeBefore, RouteOutcome, RouteResult, RouteResultKind, SqliteStore, Store,
+    EventFilter, EventStatus, FieldIndexes, FieldMatch, Idempotency, Inserted, Known,
+    ManagedObject, NewDelivery, PgStore, PurgeBefore, RouteOutcome, RouteResult, RouteResultKind,
+    SqliteStore, Store,
 };
 
 use xtask::pg::PgServer;
@@ -1028,6 +1029,117 @@ async fn listing_stops_at_its_budget(
         stopped.map(|page| page.len())
     );
     assert!(store.get_event("e000007").await.unwrap().is_some());
+}
+
+/// A list by a body field gives the same events whether the field is indexed
+/// (`store.indexed_fields`) or not: its string and the number, `true`, `false` or `null` it
+/// may also be, newest first across them, page by page, with the other filters; indexes
+/// are made once and dropped when their field is no longer listed.
+async fn listing_by_an_indexed_field(store: Arc<dyn Store>) {
+    let bodies = [
+        ("i1", "a", r#"{"sim":{"iccid":"8945"},"slot":2}"#),
+        ("i2", "b", r#"{"sim":{"iccid":8945},"slot":"2"}"#),
+        (
+            "i3",
+            "a",
+            r#"{"sim":{"iccid":"8945"},"slot":2.0,"on":true}"#,
+        ),
+        ("i4", "a", "not JSON"),
+        (
+            "i5",
+            "a",
+            r#"{"sim":{"iccid":"89450"},"on":false,"apn":null,"slot":1}"#,
+        ),
+        ("i6", "b", r#"[{"sim":{"iccid":"8945"}}]"#),
+        ("i7", "b", r#"{"sim":"8945","on":1,"apn":"null"}"#),
+    ];
+    for (n, (id, source, body)) in bodies.iter().enumerate() {
+        let e = event(id, source, 1_000 * (n as u64 + 1), body);
+        assert_eq!(store.insert_event(e, None).await.unwrap(), Inserted::New);
+    }
+    let list = |field: &str, equals: &str, source: Option<&str>, limit: usize| {
+        let filter = EventFilter {
+            source: source.map(String::from),
+            field: Some(FieldMatch::parse(field, equals.into()).unwrap()),
+            ..Default::default()
+        };
+        let store = store.clone();
+        async move {
+            // Page by page, each page's last event the next page's cursor.
+            let (mut ids, mut after) = (Vec::new(), None);
+            loop {
+                let page = store
+                    .list_events(filter.clone(), after, limit)
+                    .await
+                    .unwrap();
+                assert!(page.len() <= limit);
+                let Some(last) = page.last() else {
+                    return ids;
+                };
+                after = Some((last.received_at, last.id.clone()));
+                ids.extend(page.into_iter().map(|e| e.id));
+            }
+        }
+    };
+    let fields = |fields: &[&str]| {
+        (fields.iter())
+            .map(|f| f.split('.').map(String::from).collect())
+            .collect::<Vec<Vec<String>>>()
+    };
+    for indexed in [false, true] {
+        if indexed {
+            let changed = store
+                .index_fields(fields(&["sim.iccid", "slot", "on", "apn"]))
+                .await
+                .unwrap();
+            assert_eq!(changed.created, ["sim.iccid", "slot", "on", "apn"]);
+        }
+        for limit in [1, 2, 10] {
+            let all = |field, equals| list(field, equals, None, limit);
+            assert_eq!(
+                all("sim.iccid", "8945").await,
+                ["i3", "i2", "i1"],
+                "{indexed}"
+            );
+            assert_eq!(all("slot", "2").await, ["i3", "i2", "i1"], "{indexed}");
+            assert_eq!(all("slot", "2.00").await, ["i3", "i1"], "{indexed}");
+            assert_eq!(all("on", "true").await, ["i3"], "{indexed}");
+            assert_eq!(all("on", "false").await, ["i5"], "{indexed}");
+            assert_eq!(all("on", "1").await, ["i7"], "{indexed}");
+            assert_eq!(all("apn", "null").await, ["i7", "i5"], "{indexed}");
+            assert!(all("sim.iccid", "894").await.is_empty(), "{indexed}");
+            let in_a = list("sim.iccid", "8945", Some("a"), limit).await;
+            assert_eq!(in_a, ["i3", "i1"], "{indexed}");
+        }
+    }
+    let again = store
+        .index_fields(fields(&["sim.iccid", "slot", "on", "apn"]))
+        .await
+        .unwrap();
+    assert_eq!(again, FieldIndexes::default(), "made once");
+    let fewer = store.index_fields(fields(&["slot"])).await.unwrap();
+    assert_eq!((fewer.created.len(), fewer.dropped), (0, 3));
+    assert_eq!(list("sim.iccid", "8945", None, 2).await, ["i3", "i2", "i1"]);
+    assert_eq!(list("slot", "2", None, 2).await, ["i3", "i2", "i1"]);
+    let none = store.index_fields(vec![]).await.unwrap();
+    assert_eq!((none.created.len(), none.dropped), (0, 1));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sqlite_lists_by_an_indexed_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path(), 100).unwrap();
+    listing_by_an_indexed_field(Arc::new(store)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_lists_by_an_indexed_field() {
+    let Some(server) = PgServer::start() else {
+        return;
+    };
+    let url = server.database("indexed");
+    let store = PgStore::open(&url, 100, LEASE).await.unwrap();
+    listing_by_an_indexed_field(Arc::new(store)).await;
 }
 
 /// The events waiting in memory are bounded in bytes as well as in number: past

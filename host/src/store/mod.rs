@@ -188,6 +188,13 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<EventSummary>, StoreError>;
 
+    /// Keeps an index on each of these body fields (`store.indexed_fields`, paths as in
+    /// [`FieldMatch::path`]) and drops the ones of fields no longer listed, so that a list
+    /// filtered by an indexed field reads only the events that hold its value, newest
+    /// first, instead of every body. Returns the fields it had to index (the others were
+    /// indexed already) and how many indexes it dropped.
+    async fn index_fields(&self, fields: Vec<Vec<String>>) -> Result<FieldIndexes, StoreError>;
+
     /// Makes a pending or failed delivery due at `now` (a retry by hand), or held if its
     /// destination is not ACTIVE (a restart sends it). `false` if there is no such delivery
     /// or it was delivered or skipped.
@@ -314,12 +321,56 @@ impl FieldMatch {
     pub fn number(&self) -> Option<serde_json::Number> {
         serde_json::from_str::<serde_json::Number>(&self.equals).ok()
     }
+}
 
-    /// The path in SQLite's JSON path syntax, each key quoted: `$."data"."iccid"`.
-    pub fn sqlite_path(&self) -> String {
-        let keys: String = self.path.iter().map(|k| format!(".\"{k}\"")).collect();
-        format!("${keys}")
+/// What [`Store::index_fields`] changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct FieldIndexes {
+    /// The fields it indexed (their events were read to build it).
+    pub created: Vec<String>,
+    /// The indexes of fields no longer listed.
+    pub dropped: usize,
+}
+
+/// Brings the store's body field indexes in line with `store.indexed_fields` (at start and
+/// when a reload changes it), logging what it built and how long that took.
+pub async fn index_fields(store: &dyn Store, fields: &[String]) -> Result<(), StoreError> {
+    let started = std::time::Instant::now();
+    let paths = fields
+        .iter()
+        .map(|f| f.split('.').map(String::from).collect());
+    let changed = store.index_fields(paths.collect()).await?;
+    if !changed.created.is_empty() || changed.dropped > 0 {
+        tracing::info!(
+            created = ?changed.created,
+            dropped = changed.dropped,
+            took_ms = started.elapsed().as_millis() as u64,
+            "Body field indexes changed (store.indexed_fields)."
+        );
     }
+    Ok(())
+}
+
+/// The name of the index on a body field: `events_field_` and a hash of the path (a key
+/// holds no dot, so the dotted path names the field), which fits any name length. The
+/// index's definition holds the path itself.
+pub fn field_index_name(path: &[String]) -> String {
+    use sha2::Digest as _;
+    let hash = sha2::Sha256::digest(path.join(".").as_bytes());
+    format!("{FIELD_INDEX_PREFIX}{}", &hex::encode(hash)[..16])
+}
+
+/// What names the store's body field indexes (and only them).
+pub const FIELD_INDEX_PREFIX: &str = "events_field_";
+
+/// The newest `limit` of lists each newest first (a list by an indexed field is one walk
+/// of the index per value the field may be stored as, see the stores' `list_events`).
+fn newest_of(runs: Vec<Vec<EventSummary>>, limit: usize) -> Vec<EventSummary> {
+    let mut all: Vec<EventSummary> = runs.into_iter().flatten().collect();
+    all.sort_by(|a, b| (b.received_at, &b.id).cmp(&(a.received_at, &a.id)));
+    all.dedup_by(|a, b| a.id == b.id);
+    all.truncate(limit);
+    all
 }
 
 /// A route's result without its details: what the event list filters on.

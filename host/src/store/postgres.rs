@@ -203,17 +203,33 @@ const SCHEMA: &[&str] = &[
          WHERE status = 'pending' AND next_attempt_at IS NOT NULL;
      CREATE INDEX deliveries_held ON deliveries (destination)
          WHERE status = 'pending' AND next_attempt_at IS NULL;",
+    // 15: a field of the body as JSON (NULL when the body is not a JSON object or lacks
+    // it): the key of the indexes on body fields (`store.indexed_fields`, see `field_key`).
+    r#"CREATE FUNCTION switchyard_body_value(body BYTEA, path TEXT[]) RETURNS JSONB AS $$
+    DECLARE j JSONB;
+    BEGIN
+        j := convert_from(body, 'UTF8')::JSONB;
+        IF jsonb_typeof(j) = 'object' THEN
+            RETURN j #> path;
+        END IF;
+        RETURN NULL;
+    EXCEPTION WHEN others THEN
+        RETURN NULL;
+    END;
+    $$ LANGUAGE plpgsql IMMUTABLE;"#,
 ];
 
 /// `Store::list_events` (see SQLite's `list_events_sql`): by `events_source` when a source
 /// is given ($1), else by `events_received` or `events_dead_lettered`, each bound a range.
-/// The type is read from the body where the body is a JSON object.
-fn list_events_sql(by_source: bool, dead_lettered: bool) -> String {
+/// The type is read from the body where the body is a JSON object. With `indexed`, the key
+/// of the field's index (`field_key`), only events whose field is the JSON value $13.
+fn list_events_sql(by_source: bool, dead_lettered: bool, indexed: Option<&str>) -> String {
     let source = if by_source {
         "e.source = $1"
     } else {
         "$1::TEXT IS NULL"
     };
+    let by_key = indexed.map_or(String::new(), |key| format!("AND {key} = $13::TEXT::JSONB"));
     let route_result = if dead_lettered {
         DEAD_LETTERED
     } else {
@@ -227,6 +243,7 @@ fn list_events_sql(by_source: bool, dead_lettered: bool) -> String {
             e.failed_routes, octet_length(e.body) + octet_length(e.headers)
          FROM events e
          WHERE {source}
+           {by_key}
            AND ($2::TEXT IS NULL OR e.status = $2)
            AND ($3::TEXT IS NULL OR switchyard_event_type(e.body) = $3)
            AND ($10::TEXT[] IS NULL OR switchyard_body_matches(e.body, $10, $11, $12::TEXT::NUMERIC))
@@ -235,6 +252,65 @@ fn list_events_sql(by_source: bool, dead_lettered: bool) -> String {
            {route_result}
          ORDER BY e.received_at DESC, e.id DESC LIMIT $8"
     )
+}
+
+/// What the index on a body field (`store.indexed_fields`) holds of each event, besides its
+/// time and id: the field's JSON value (`switchyard_body_value`). The path is written out,
+/// as PostgreSQL uses an index on an expression only for the same expression.
+fn field_key(path: &[String]) -> String {
+    let keys: Vec<String> = path.iter().map(|k| format!("\"{k}\"")).collect();
+    let path = format!("{{{}}}", keys.join(",")).replace('\'', "''");
+    format!("switchyard_body_value(body, '{path}'::TEXT[])")
+}
+
+/// The index on a body field, named `name` (`field_index_name`), built while events go on
+/// being written: by its key, then newest first as `events_source` is by source.
+fn create_field_index(name: &str, path: &[String]) -> String {
+    let key = field_key(path);
+    format!(
+        "CREATE INDEX CONCURRENTLY IF NOT EXISTS \"{name}\" ON events (({key}), received_at, id)"
+    )
+}
+
+/// The JSON values a field equal to `field.equals` may be (see `FieldMatch`), each looked
+/// up in its index in turn: the string, and the number, `true`, `false` or `null` it also
+/// reads as (jsonb compares numbers by value).
+fn field_keys(field: &FieldMatch) -> Vec<String> {
+    let scalar = matches!(
+        serde_json::from_str::<serde_json::Value>(&field.equals),
+        Ok(serde_json::Value::Number(_) | serde_json::Value::Bool(_) | serde_json::Value::Null)
+    );
+    let text = serde_json::Value::String(field.equals.clone()).to_string();
+    std::iter::once(text)
+        .chain(scalar.then(|| field.equals.clone()))
+        .collect()
+}
+
+/// The store's body field indexes on `events`, and whether each is usable (one whose
+/// `CREATE INDEX CONCURRENTLY` was cut off is not).
+const FIELD_INDEXES: &str = "SELECT c.relname::TEXT, i.indisvalid FROM pg_index i
+    JOIN pg_class c ON c.oid = i.indexrelid
+    WHERE i.indrelid = 'events'::regclass AND starts_with(c.relname::TEXT, $1)";
+
+/// A row of `list_events_sql`.
+fn summary_from_row(r: &Row) -> EventSummary {
+    let status: String = r.get(3);
+    EventSummary {
+        id: r.get(0),
+        source: r.get(1),
+        received_at: r.get::<_, i64>(2) as u64,
+        status: if status == "queued" {
+            EventStatus::Queued
+        } else {
+            EventStatus::Processed
+        },
+        event_type: r.get(4),
+        pending: r.get::<_, i64>(5) as u64,
+        delivered: r.get::<_, i64>(6) as u64,
+        failed: r.get::<_, i64>(7) as u64,
+        failed_routes: r.get::<_, i32>(8) as u64,
+        queued_bytes: r.get::<_, i32>(9) as u64,
+    }
 }
 
 /// What an event takes up in the queue (see SQLite's).
@@ -401,6 +477,8 @@ pub struct PgStore {
     lease: Duration,
     /// How long an event listing may run (`LIST_BUDGET`).
     list_budget: Duration,
+    /// The body fields indexed (`Store::index_fields`): a list by one looks it up.
+    indexed: arc_swap::ArcSwap<std::collections::HashSet<Vec<String>>>,
 }
 
 impl PgStore {
@@ -459,6 +537,7 @@ impl PgStore {
             ingest,
             lease,
             list_budget: LIST_BUDGET,
+            indexed: Default::default(),
         })
     }
 
@@ -1381,9 +1460,13 @@ impl Store for PgStore {
             self.list_budget.as_millis().max(1)
         ))
         .await?;
+        let indexed = (filter.field.as_ref())
+            .filter(|f| self.indexed.load().contains(&f.path))
+            .map(|f| (field_key(&f.path), field_keys(f)));
         let sql = list_events_sql(
             filter.source.is_some(),
             filter.route_result == Some(RouteResultKind::Failed),
+            indexed.as_ref().map(|(key, _)| key.as_str()),
         );
         // No bound is bound as the widest, so that each is a range of the index.
         let at = |t: u64| t.min(i64::MAX as u64) as i64;
@@ -1391,57 +1474,95 @@ impl Store for PgStore {
             Some((t, id)) => (at(*t), id.clone()),
             None => (i64::MAX, String::new()),
         };
-        let rows = tx
-            .query(
-                &sql,
-                &[
-                    &filter.source,
-                    &filter.status.map(EventStatus::as_str),
-                    &filter.event_type,
-                    &filter.since.map_or(i64::MIN, at),
-                    &filter.until.map_or(i64::MAX, at),
-                    &after_at,
-                    &after_id,
-                    &(limit as i64),
-                    &filter.route_result.map(RouteResultKind::as_str),
-                    &filter.field.as_ref().map(|f| f.path.clone()),
-                    &filter.field.as_ref().map(|f| f.equals.clone()),
-                    // Exact: PostgreSQL reads the JSON number as NUMERIC.
-                    &(filter.field.as_ref())
-                        .filter(|f| f.number().is_some())
-                        .map(|f| f.equals.clone()),
-                ],
-            )
-            .await
-            .map_err(|e| match e.code() {
-                Some(&tokio_postgres::error::SqlState::QUERY_CANCELED) => {
-                    StoreError::TooSlow(self.list_budget)
+        let bound = (
+            filter.status.map(EventStatus::as_str),
+            filter.since.map_or(i64::MIN, at),
+            filter.until.map_or(i64::MAX, at),
+            limit as i64,
+            filter.route_result.map(RouteResultKind::as_str),
+            filter.field.as_ref().map(|f| f.path.clone()),
+            filter.field.as_ref().map(|f| f.equals.clone()),
+            // Exact: PostgreSQL reads the JSON number as NUMERIC.
+            (filter.field.as_ref())
+                .filter(|f| f.number().is_some())
+                .map(|f| f.equals.clone()),
+        );
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 12] = [
+            &filter.source,
+            &bound.0,
+            &filter.event_type,
+            &bound.1,
+            &bound.2,
+            &after_at,
+            &after_id,
+            &bound.3,
+            &bound.4,
+            &bound.5,
+            &bound.6,
+            &bound.7,
+        ];
+        let too_slow = |e: tokio_postgres::Error| match e.code() {
+            Some(&tokio_postgres::error::SqlState::QUERY_CANCELED) => {
+                StoreError::TooSlow(self.list_budget)
+            }
+            _ => e.into(),
+        };
+        let runs = match &indexed {
+            // One walk of the index per JSON value, merged.
+            Some((_, keys)) => {
+                let mut runs = Vec::with_capacity(keys.len());
+                for key in keys {
+                    let mut with_key = params.to_vec();
+                    with_key.push(key);
+                    let rows = tx.query(&sql, &with_key).await.map_err(too_slow)?;
+                    runs.push(rows.iter().map(summary_from_row).collect());
                 }
-                _ => e.into(),
-            })?;
+                runs
+            }
+            None => {
+                let rows = tx.query(&sql, &params).await.map_err(too_slow)?;
+                vec![rows.iter().map(summary_from_row).collect()]
+            }
+        };
         tx.commit().await?;
-        Ok(rows
+        Ok(newest_of(runs, limit))
+    }
+
+    async fn index_fields(&self, fields: Vec<Vec<String>>) -> Result<FieldIndexes, StoreError> {
+        // Lists stop using an index before it is dropped.
+        let kept = (self.indexed.load().iter())
+            .filter(|path| fields.contains(path))
+            .cloned()
+            .collect();
+        self.indexed.store(Arc::new(kept));
+        let client = self.pool.get().await?;
+        let existing: Vec<(String, bool)> = (client.query(FIELD_INDEXES, &[&FIELD_INDEX_PREFIX]))
+            .await?
             .iter()
-            .map(|r| {
-                let status: String = r.get(3);
-                EventSummary {
-                    id: r.get(0),
-                    source: r.get(1),
-                    received_at: r.get::<_, i64>(2) as u64,
-                    status: if status == "queued" {
-                        EventStatus::Queued
-                    } else {
-                        EventStatus::Processed
-                    },
-                    event_type: r.get(4),
-                    pending: r.get::<_, i64>(5) as u64,
-                    delivered: r.get::<_, i64>(6) as u64,
-                    failed: r.get::<_, i64>(7) as u64,
-                    failed_routes: r.get::<_, i32>(8) as u64,
-                    queued_bytes: r.get::<_, i32>(9) as u64,
-                }
-            })
-            .collect())
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let wanted: Vec<(String, &Vec<String>)> = (fields.iter())
+            .map(|path| (field_index_name(path), path))
+            .collect();
+        let mut changed = FieldIndexes::default();
+        // Concurrently: events go on being written (and other instances work) meanwhile.
+        for (name, valid) in &existing {
+            if !*valid || !wanted.iter().any(|(n, _)| n == name) {
+                (client.batch_execute(&format!("DROP INDEX CONCURRENTLY IF EXISTS \"{name}\"")))
+                    .await?;
+                changed.dropped += usize::from(*valid);
+            }
+        }
+        for (name, path) in &wanted {
+            if !existing.iter().any(|(n, valid)| n == name && *valid) {
+                client
+                    .batch_execute(&create_field_index(name, path))
+                    .await?;
+                changed.created.push(path.join("."));
+            }
+        }
+        self.indexed.store(Arc::new(fields.into_iter().collect()));
+        Ok(changed)
     }
 
     async fn defer_delivery(&self, delivery_id: &str, until: u64) -> Result<bool, StoreError> {
@@ -1683,48 +1804,60 @@ mod tests {
         client
             .batch_execute(
                 "INSERT INTO events (id, source, received_at, method, path, query, headers, body, status)
-                 SELECT 'e' || n, 's' || (n % 20), n, 'POST', '/', '', '[]', '\\x7b7d', 'processed'
-                 FROM generate_series(1, 20000) AS n;
-                 ANALYZE events;",
+                 SELECT 'e' || n, 's' || (n % 20), n, 'POST', '/', '', '[]',
+                     convert_to('{\"sim\":{\"iccid\":\"894' || n || '\"}}', 'UTF8'), 'processed'
+                 FROM generate_series(1, 20000) AS n;",
             )
             .await
             .unwrap();
+        let iccid = ["sim".to_string(), "iccid".to_string()];
+        let index = field_index_name(&iccid);
+        client
+            .batch_execute(&create_field_index(&index, &iccid))
+            .await
+            .unwrap();
+        client.batch_execute("ANALYZE events;").await.unwrap();
         let none: Option<&str> = None;
         let no_path: Option<Vec<String>> = None;
-        let list = |by_source, dead| {
-            let (client, no_path) = (&client, &no_path);
+        let key = field_key(&iccid);
+        let list = |by_source, dead, indexed: Option<&'static str>| {
+            let (client, no_path, key) = (&client, &no_path, &key);
             async move {
-                let sql = list_events_sql(by_source, dead);
+                let sql = list_events_sql(by_source, dead, indexed.map(|_| key.as_str()));
                 let source = by_source.then_some("s7");
                 let result = dead.then_some("failed");
-                explain(
-                    client,
-                    &sql,
-                    &[
-                        &source,
-                        &none,
-                        &none,
-                        &0i64,
-                        &i64::MAX,
-                        &i64::MAX,
-                        &"",
-                        &50i64,
-                        &result,
-                        &no_path,
-                        &none,
-                        &none,
-                    ],
-                )
-                .await
+                let params: [&(dyn tokio_postgres::types::ToSql + Sync); 13] = [
+                    &source,
+                    &none,
+                    &none,
+                    &0i64,
+                    &i64::MAX,
+                    &i64::MAX,
+                    &"",
+                    &50i64,
+                    &result,
+                    &no_path,
+                    &none,
+                    &none,
+                    &indexed,
+                ];
+                let bound = 12 + usize::from(indexed.is_some());
+                explain(client, &sql, &params[..bound]).await
             }
         };
-        let by_source = list(true, false).await;
+        let by_source = list(true, false, None).await;
         assert!(by_source.contains("events_source"), "{by_source}");
-        let all = list(false, false).await;
+        let all = list(false, false, None).await;
         assert!(all.contains("events_received"), "{all}");
-        let dead = list(false, true).await;
+        let dead = list(false, true, None).await;
         assert!(dead.contains("events_dead_lettered"), "{dead}");
-        for p in [&by_source, &all, &dead] {
+        // By an indexed body field, one event's value: its index, with or without a source.
+        let one = Some("\"89477\"");
+        let by_field = [list(false, false, one).await, list(true, false, one).await];
+        for p in &by_field {
+            assert!(p.contains(&index), "{p}");
+        }
+        for p in [&by_source, &all, &dead].into_iter().chain(&by_field) {
             assert!(!p.contains("Sort"), "{p}");
         }
         let look = explain(&client, RECOVER_LOOK, &[&0i64, &10i64]).await;

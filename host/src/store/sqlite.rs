@@ -19,6 +19,7 @@
 //! The queue of events for the pipeline is kept in memory and rebuilt from the `queued`
 //! rows at open.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
@@ -171,13 +172,16 @@ const SCHEMA: &[&str] = &[
 /// `events_dead_lettered` for dead letters: each bound is a range of the index, so a page
 /// costs what it reads, however deep it is. The status (?2), the type (?3) and a field
 /// (path ?10 equal to ?11; both read from each body that is JSON) are checked on each row
-/// walked; the listing's budget bounds a rare one.
-fn list_events_sql(by_source: bool, dead_lettered: bool) -> String {
-    let source = if by_source {
-        "e.source = ?1"
-    } else {
-        "?1 IS NULL"
+/// walked; the listing's budget bounds a rare one. With `indexed`, the key of the field's
+/// index (`field_key`), the walk is that index's for one value (?13) instead, the source
+/// checked on each row (`+` keeps SQLite from walking `events_source`).
+fn list_events_sql(by_source: bool, dead_lettered: bool, indexed: Option<&str>) -> String {
+    let source = match (by_source, indexed.is_some()) {
+        (true, false) => "e.source = ?1",
+        (true, true) => "+e.source = ?1",
+        (false, _) => "?1 IS NULL",
     };
+    let by_key = indexed.map_or(String::new(), |key| format!("AND {key} = ?13"));
     let route_result = if dead_lettered {
         DEAD_LETTERED
     } else {
@@ -194,6 +198,7 @@ fn list_events_sql(by_source: bool, dead_lettered: bool) -> String {
                 e.failed_routes, length(e.body) + length(e.headers)
          FROM events e
          WHERE {source}
+           {by_key}
            AND (?2 IS NULL OR e.status = ?2)
            AND (?3 IS NULL OR {event_type} = ?3)
            AND (?10 IS NULL OR CASE WHEN json_valid(CAST(e.body AS TEXT))
@@ -210,6 +215,78 @@ fn list_events_sql(by_source: bool, dead_lettered: bool) -> String {
            {route_result}
          ORDER BY e.received_at DESC, e.id DESC LIMIT ?8"
     )
+}
+
+/// A body field's path in SQLite's JSON path syntax, each key quoted: `$."data"."iccid"`.
+fn sqlite_path(path: &[String]) -> String {
+    let keys: String = path.iter().map(|k| format!(".\"{k}\"")).collect();
+    format!("${keys}")
+}
+
+/// What the index on a body field (`store.indexed_fields`) holds of each event, besides
+/// its time and id: the field's value as `json_extract` reads it (text, a number, 1 or 0
+/// for `true` or `false`), NULL when the body is not JSON or lacks it. The path is written
+/// out, as SQLite uses an index on an expression only for the same expression.
+fn field_key(path: &[String]) -> String {
+    let path = sqlite_path(path).replace('\'', "''");
+    format!(
+        "(CASE WHEN json_valid(CAST(body AS TEXT)) THEN json_extract(CAST(body AS TEXT), '{path}') END)"
+    )
+}
+
+/// The index on a body field, named `name` (`field_index_name`): by its key, then newest
+/// first as `events_source` is by source.
+fn create_field_index(name: &str, path: &[String]) -> String {
+    let key = field_key(path);
+    format!("CREATE INDEX \"{name}\" ON events ({key}, received_at, id)")
+}
+
+/// The keys under which a field equal to `field.equals` is found in its index (see
+/// `field_key`), each walked in turn: the text, and the number or `true`/`false` it may
+/// also be; `None` for `null`, which the index does not tell from a missing field.
+fn field_keys(field: &FieldMatch) -> Option<Vec<rusqlite::types::Value>> {
+    use rusqlite::types::Value;
+    let also = match field.equals.as_str() {
+        "null" => return None,
+        "true" => Some(Value::Integer(1)),
+        "false" => Some(Value::Integer(0)),
+        _ => field.number().map(sql_number),
+    };
+    Some(
+        std::iter::once(Value::Text(field.equals.clone()))
+            .chain(also)
+            .collect(),
+    )
+}
+
+/// The store's body field indexes (`FIELD_INDEX_PREFIX` bound as ?1).
+const FIELD_INDEXES: &str = "SELECT name FROM sqlite_master
+    WHERE type = 'index' AND tbl_name = 'events' AND substr(name, 1, length(?1)) = ?1";
+
+/// A row of `list_events_sql`.
+fn summary_from_row(r: &rusqlite::Row) -> rusqlite::Result<EventSummary> {
+    let status: String = r.get(3)?;
+    let event_type: Option<rusqlite::types::Value> = r.get(4)?;
+    Ok(EventSummary {
+        id: r.get(0)?,
+        source: r.get(1)?,
+        received_at: r.get::<_, i64>(2)? as u64,
+        status: if status == "queued" {
+            EventStatus::Queued
+        } else {
+            EventStatus::Processed
+        },
+        event_type: match event_type {
+            Some(rusqlite::types::Value::Text(t)) => Some(t),
+            Some(rusqlite::types::Value::Integer(i)) => Some(i.to_string()),
+            _ => None,
+        },
+        pending: r.get::<_, i64>(5)? as u64,
+        delivered: r.get::<_, i64>(6)? as u64,
+        failed: r.get::<_, i64>(7)? as u64,
+        failed_routes: r.get::<_, i64>(8)? as u64,
+        queued_bytes: r.get::<_, i64>(9)? as u64,
+    })
 }
 
 /// A number `FieldMatch::equals` is compared with: whole numbers (up to 2^63) exactly,
@@ -313,6 +390,8 @@ pub struct SqliteStore {
     readers: Arc<Readers>,
     /// How long an event listing may run (`LIST_BUDGET`).
     list_budget: Duration,
+    /// The body fields indexed (`Store::index_fields`): a list by one walks its index.
+    indexed: arc_swap::ArcSwap<HashSet<Vec<String>>>,
     queue: Arc<EventQueue>,
     /// Why the store stopped acknowledging writes (see `Store::fatal`), once it has.
     fatal: tokio::sync::watch::Sender<Option<String>>,
@@ -496,6 +575,7 @@ impl SqliteStore {
             jobs: Mutex::new(Some(tx)),
             readers,
             list_budget: LIST_BUDGET,
+            indexed: Default::default(),
             queue: Arc::new(EventQueue::new(queued, capacity)),
             fatal,
         })
@@ -1372,10 +1452,14 @@ impl Store for SqliteStore {
         after: Option<(u64, String)>,
         limit: usize,
     ) -> Result<Vec<EventSummary>, StoreError> {
+        let indexed = (filter.field.as_ref())
+            .filter(|f| self.indexed.load().contains(&f.path))
+            .and_then(|f| Some((field_key(&f.path), field_keys(f)?)));
         self.read_within(Some(self.list_budget), move |conn| {
             let sql = list_events_sql(
                 filter.source.is_some(),
                 filter.route_result == Some(RouteResultKind::Failed),
+                indexed.as_ref().map(|(key, _)| key.as_str()),
             );
             // No bound is bound as the widest, so that each is a range of the index.
             let at = |t: u64| t.min(i64::MAX as u64) as i64;
@@ -1383,54 +1467,89 @@ impl Store for SqliteStore {
                 Some((t, id)) => (at(*t), id.clone()),
                 None => (i64::MAX, String::new()),
             };
-            conn.prepare_cached(&sql)?
-                .query_map(
-                    params![
-                        filter.source,
-                        filter.status.map(EventStatus::as_str),
-                        filter.event_type,
-                        filter.since.map_or(i64::MIN, at),
-                        filter.until.map_or(i64::MAX, at),
-                        after_at,
-                        after_id,
-                        limit as i64,
-                        filter.route_result.map(RouteResultKind::as_str),
-                        filter.field.as_ref().map(FieldMatch::sqlite_path),
-                        filter.field.as_ref().map(|f| f.equals.as_str()),
-                        filter
-                            .field
-                            .as_ref()
-                            .and_then(FieldMatch::number)
-                            .map(sql_number),
-                    ],
-                    |r| {
-                        let status: String = r.get(3)?;
-                        let event_type: Option<rusqlite::types::Value> = r.get(4)?;
-                        Ok(EventSummary {
-                            id: r.get(0)?,
-                            source: r.get(1)?,
-                            received_at: r.get::<_, i64>(2)? as u64,
-                            status: if status == "queued" {
-                                EventStatus::Queued
-                            } else {
-                                EventStatus::Processed
-                            },
-                            event_type: match event_type {
-                                Some(rusqlite::types::Value::Text(t)) => Some(t),
-                                Some(rusqlite::types::Value::Integer(i)) => Some(i.to_string()),
-                                _ => None,
-                            },
-                            pending: r.get::<_, i64>(5)? as u64,
-                            delivered: r.get::<_, i64>(6)? as u64,
-                            failed: r.get::<_, i64>(7)? as u64,
-                            failed_routes: r.get::<_, i64>(8)? as u64,
-                            queued_bytes: r.get::<_, i64>(9)? as u64,
-                        })
-                    },
-                )?
-                .collect()
+            let bound = (
+                filter.status.map(EventStatus::as_str),
+                filter.since.map_or(i64::MIN, at),
+                filter.until.map_or(i64::MAX, at),
+                filter.route_result.map(RouteResultKind::as_str),
+                filter.field.as_ref().map(|f| sqlite_path(&f.path)),
+                filter.field.as_ref().map(|f| f.equals.as_str()),
+                (filter.field.as_ref())
+                    .and_then(FieldMatch::number)
+                    .map(sql_number),
+            );
+            let limit = limit as i64;
+            let mut statement = conn.prepare_cached(&sql)?;
+            let mut run = |key: Option<&rusqlite::types::Value>| {
+                let mut params = params![
+                    filter.source,
+                    bound.0,
+                    filter.event_type,
+                    bound.1,
+                    bound.2,
+                    after_at,
+                    after_id,
+                    limit,
+                    bound.3,
+                    bound.4,
+                    bound.5,
+                    bound.6,
+                ]
+                .to_vec();
+                params.extend(key.map(|k| k as &dyn rusqlite::ToSql));
+                statement
+                    .query_map(&*params, summary_from_row)?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            };
+            match &indexed {
+                // One walk of the index per key, merged.
+                Some((_, keys)) => {
+                    let runs = keys.iter().map(|k| run(Some(k)));
+                    Ok(newest_of(
+                        runs.collect::<rusqlite::Result<_>>()?,
+                        limit as usize,
+                    ))
+                }
+                None => run(None),
+            }
         })
         .await
+    }
+
+    async fn index_fields(&self, fields: Vec<Vec<String>>) -> Result<FieldIndexes, StoreError> {
+        let wanted: Vec<(String, Vec<String>)> = (fields.iter())
+            .map(|path| (field_index_name(path), path.clone()))
+            .collect();
+        // Lists stop using an index before it is dropped.
+        let kept = (self.indexed.load().iter())
+            .filter(|path| fields.contains(path))
+            .cloned()
+            .collect();
+        self.indexed.store(Arc::new(kept));
+        let changed = self
+            .write(move |conn| {
+                let existing: Vec<String> = conn
+                    .prepare(FIELD_INDEXES)?
+                    .query_map([FIELD_INDEX_PREFIX], |r| r.get(0))?
+                    .collect::<rusqlite::Result<_>>()?;
+                let mut changed = FieldIndexes::default();
+                for name in &existing {
+                    if !wanted.iter().any(|(n, _)| n == name) {
+                        conn.execute_batch(&format!("DROP INDEX \"{name}\""))?;
+                        changed.dropped += 1;
+                    }
+                }
+                for (name, path) in &wanted {
+                    if !existing.contains(name) {
+                        conn.execute_batch(&create_field_index(name, path))?;
+                        changed.created.push(path.join("."));
+                    }
+                }
+                Ok(changed)
+            })
+            .await?;
+        self.indexed.store(Arc::new(fields.into_iter().collect()));
+        Ok(changed)
     }
 
     async fn defer_delivery(&self, delivery_id: &str, until: u64) -> Result<bool, StoreError> {
@@ -2201,6 +2320,10 @@ mod tests {
     fn deliveries_are_listed_from_the_intended_indexes() {
         let mut conn = Connection::open_in_memory().unwrap();
         migrate(&mut conn).unwrap();
+        let iccid = ["sim".to_string(), "iccid".to_string()];
+        let index = field_index_name(&iccid);
+        conn.execute_batch(&create_field_index(&index, &iccid))
+            .unwrap();
         let plan = |sql: &str| -> String {
             let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
             let n = stmt.parameter_count();
@@ -2285,19 +2408,19 @@ mod tests {
                 .contains("INDEX deliveries_destination_due (destination=? AND next_attempt_at>?)"),
             "{later}"
         );
-        let dead = plan(&list_events_sql(false, true));
+        let dead = plan(&list_events_sql(false, true, None));
         assert!(
             dead.contains("USING INDEX events_dead_lettered (received_at>? AND received_at<?)"),
             "{dead}"
         );
-        let all = plan(&list_events_sql(false, false));
+        let all = plan(&list_events_sql(false, false, None));
         assert!(
             all.starts_with(
                 "SEARCH e USING INDEX events_received (received_at>? AND received_at<?)"
             ),
             "{all}"
         );
-        let by_source = plan(&list_events_sql(true, false));
+        let by_source = plan(&list_events_sql(true, false, None));
         assert!(
             by_source.starts_with(
                 "SEARCH e USING INDEX events_source (source=? AND received_at>? AND received_at<?)"
@@ -2306,7 +2429,23 @@ mod tests {
         );
         // (`events_received` has the rowid, not the id, after the time: ties within a
         // millisecond are sorted, page by page — "LAST TERM" — not the whole range.)
-        for p in [&dead, &all, &by_source] {
+        // By an indexed body field, each list walks that index for one key, whatever else
+        // it is filtered by.
+        let key = field_key(&iccid);
+        let mut by_field = Vec::new();
+        for (by_source, dead_lettered) in
+            [(false, false), (true, false), (false, true), (true, true)]
+        {
+            let p = plan(&list_events_sql(by_source, dead_lettered, Some(&key)));
+            assert!(
+                p.starts_with(&format!(
+                    "SEARCH e USING INDEX {index} (<expr>=? AND received_at>? AND received_at<?)"
+                )),
+                "{p}"
+            );
+            by_field.push(p);
+        }
+        for p in [&dead, &all, &by_source].into_iter().chain(&by_field) {
             assert!(!p.contains("TEMP B-TREE FOR ORDER BY"), "no sort: {p}");
         }
         // Retention walks the events by age from its cursor, a batch at a time.
