@@ -1745,6 +1745,34 @@ mod tests {
             .to_string();
         assert!(err.contains("server.listen"), "{err}");
     }
+
+    /// `store.indexed_fields` takes dotted paths as the event list's `field` does, each once
+    /// and not too many; a bad entry is named by its position.
+    #[test]
+    fn indexed_fields_are_paths_listed_once() {
+        let with = |fields: &str| parse(&format!("{GOOD}\n[store]\nindexed_fields = {fields}\n"));
+        let c = with(r#"["sim.iccid", "imsi"]"#).unwrap();
+        assert_eq!(c.store.indexed_fields, ["sim.iccid", "imsi"]);
+        for (fields, key, says) in [
+            (
+                r#"["imsi", "sim..iccid"]"#,
+                "store.indexed_fields[1]",
+                "not a field",
+            ),
+            (r#"["a\"b"]"#, "store.indexed_fields[0]", "not a field"),
+            (
+                r#"["imsi", "iccid", "imsi"]"#,
+                "store.indexed_fields[2]",
+                "listed twice",
+            ),
+        ] {
+            let err = with(fields).unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains(says), "{fields}: {err}");
+        }
+        let many: Vec<String> = (0..=MAX_INDEXED_FIELDS).map(|i| format!("f{i}")).collect();
+        let err = with(&format!("{many:?}")).unwrap_err().to_string();
+        assert!(err.contains("at most 16"), "{err}");
+    }
 }
 
 #[cfg(test)]

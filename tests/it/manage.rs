@@ -787,12 +787,14 @@ destinations = ["d"]
     gw.shutdown().await.unwrap();
 }
 
-/// The operator's views: the event list with filters and pagination, a retry by hand of a
-/// failed delivery, and per-minute stats.
+/// The operator's views: the event list with filters and pagination (its body field
+/// indexed), a retry by hand of a failed delivery, and per-minute stats.
 #[tokio::test(flavor = "multi_thread")]
 async fn event_list_retry_and_stats() {
     let rx = Receiver::start().await;
     let config = r#"
+[store]
+indexed_fields = ["sim.iccid"]
 [[sources]]
 name = "a"
 [[sources]]

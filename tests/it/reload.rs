@@ -435,3 +435,74 @@ fn copy_dir(from: &Path, to: &Path) {
         std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
     }
 }
+
+/// `store.indexed_fields` follows the config file: a reload that lists a body field builds
+/// its index in the store (over the events already there), one that drops it drops the
+/// index, and the event list by that field answers the same throughout.
+#[tokio::test(flavor = "multi_thread")]
+async fn body_field_indexes_follow_the_config() {
+    const CONFIG: &str = r#"
+[[sources]]
+name = "s"
+[[destinations]]
+name = "sink"
+url = "{receiver}/sink"
+[[routes]]
+source = "s"
+destinations = ["sink"]
+"#;
+    let rx = Receiver::start().await;
+    let gw = TestGateway::start_from_file(tempfile::tempdir().unwrap(), CONFIG, &rx)
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for iccid in ["8945", "8946", "8945"] {
+        ids.push(
+            gw.accept("s", format!(r#"{{"sim":{{"iccid":"{iccid}"}}}}"#))
+                .await,
+        );
+    }
+    let config_file = gw.dir().join("switchyard.toml");
+    let original = std::fs::read_to_string(&config_file).unwrap();
+    let db = rusqlite::Connection::open(gw.dir().join("data/switchyard.db")).unwrap();
+    db.busy_timeout(std::time::Duration::from_secs(5)).unwrap();
+    let indexes = || -> Vec<String> {
+        let mut stmt = db
+            .prepare("SELECT sql FROM sqlite_master WHERE name LIKE 'events_field_%'")
+            .unwrap();
+        stmt.query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    };
+    let listed = || async {
+        let (status, page) = gw.get("/v1/events?field=sim.iccid&equals=8945").await;
+        assert_eq!(status, 200, "{page}");
+        let items = page["items"].as_array().unwrap().iter();
+        items
+            .map(|e| e["id"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    let newest_first = [ids[2].clone(), ids[0].clone()];
+    assert!(indexes().is_empty());
+    assert_eq!(listed().await, newest_first);
+
+    let indexed = original.replace(
+        "[[sources]]",
+        "[store]\nindexed_fields = [\"sim.iccid\"]\n[[sources]]",
+    );
+    std::fs::write(&config_file, indexed).unwrap();
+    let (status, report) = gw.post_api("/v1/reload").await;
+    assert_eq!(status, 200, "{report}");
+    let made = indexes();
+    assert_eq!(made.len(), 1, "{made:?}");
+    assert!(made[0].contains(r#"'$."sim"."iccid"'"#), "{made:?}");
+    assert_eq!(listed().await, newest_first);
+
+    std::fs::write(&config_file, &original).unwrap();
+    let (status, report) = gw.post_api("/v1/reload").await;
+    assert_eq!(status, 200, "{report}");
+    assert!(indexes().is_empty());
+    assert_eq!(listed().await, newest_first);
+    gw.shutdown().await.unwrap();
+}
