@@ -359,7 +359,8 @@ struct EventQuery {
     route_result: Option<RouteResultKind>,
     /// With `equals`: only events whose body (a JSON object) has this field — object keys
     /// separated by dots, e.g. `iccid` or `data.iccid` — equal to `equals`: a string by its
-    /// text, a number by value (`1.5` = `1.50`), `true`/`false`/`null` by name.
+    /// text, a number by value (`1.5` = `1.50`), `true`/`false`/`null` by name. Each body
+    /// is read unless the field is listed in `store.indexed_fields`.
     field: Option<String>,
     /// With `field`: the text the field must equal (a string's value, a number as written).
     equals: Option<String>,

@@ -295,8 +295,8 @@ pub struct EventFilter {
 /// A field of an event's body (a JSON object) and the text it must equal. A string
 /// equals its value; a number, `equals` read as a JSON number of the same value (`1.5`
 /// matches `1.50` and `15e-1`); `true`, `false` and `null` their names; an object or an
-/// array nothing. Every body is read, as for the type: on a large store, narrow the list
-/// by source and time.
+/// array nothing. Every body is read, as for the type, unless the field is indexed
+/// (`Store::index_fields`): on a large store, narrow the list by source and time.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FieldMatch {
     /// The object keys leading to it: `["data", "iccid"]` for `data.iccid`.
