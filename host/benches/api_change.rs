@@ -6,9 +6,9 @@
 //!
 //! Then a file reload with as many objects in the file; and what an instance on a shared
 //! PostgreSQL store does to take in another instance's change to one of as many *managed*
-//! objects (the store's read of them left out, the same either way): parse and check them
-//! all and rebuild (as before session 23), or compare their stored JSON and take in the
-//! one that changed (`Managed::following`).
+//! objects (the store's read left out): parse and check them all and rebuild (as before
+//! session 23), or take in the one change the store's log of changes hands it
+//! (`Managed::following_changes`; session 23 compared every object's stored JSON instead).
 //!
 //! Run with: `cargo bench -p switchyard --bench api_change [-- OBJECTS [RUNS]]`
 //! (default 50,000 of each and 20 changes of each kind).
@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use switchyard::Config;
 use switchyard::managed::{Change, Kind, Managed, Object};
 use switchyard::pipeline::Routing;
-use switchyard::store::ManagedObject;
+use switchyard::store::{ManagedChanges, ManagedObject};
 
 fn median(mut times: Vec<Duration>) -> Duration {
     times.sort();
@@ -169,12 +169,17 @@ fn follow(objects: usize, runs: usize) {
     let config = managed.merged_with(&file, None).unwrap();
     let routing = Routing::from_config(Arc::new(config), None);
 
-    let as_made = objects_now.clone();
     let changed = objects_now.len() / 2 / 3 * 3 + 1; // a destination half-way
     objects_now[changed] = stored(
         "destination",
         serde_json::json!({ "name": objects_now[changed].name, "url": "https://moved.example/in" }),
     );
+    // What the store's log of changes hands a follower: the one changed object.
+    let log = ManagedChanges {
+        version: 1,
+        changed: vec![objects_now[changed].clone()],
+        deleted: Vec::new(),
+    };
     let (mut everything, mut what_changed, mut own) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..runs {
         let t = Instant::now();
@@ -185,7 +190,7 @@ fn follow(objects: usize, runs: usize) {
         drop(rebuilt);
 
         let t = Instant::now();
-        let (next, changed) = managed.following(&objects_now).unwrap().unwrap();
+        let (next, changed) = managed.following_changes(&log).unwrap().unwrap();
         let [(kind, name)] = changed.as_slice() else {
             panic!("one change: {changed:?}")
         };
@@ -196,7 +201,7 @@ fn follow(objects: usize, runs: usize) {
 
         // The version moved by this instance's own change: nothing to take in.
         let t = Instant::now();
-        assert!(managed.following(&as_made).unwrap().is_none());
+        assert!(next.following_changes(&log).unwrap().is_none());
         own.push(t.elapsed());
     }
     println!(

@@ -9,14 +9,14 @@
 //! API refuses to create a name the file has, and a reload whose file adds a name that an
 //! api object has is rejected (the previous config keeps serving).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::config::{Config, DestinationConfig, RouteConfig, SourceConfig};
-use crate::store::ManagedObject;
+use crate::store::{ManagedChanges, ManagedObject};
 
 /// The three kinds of managed object.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -327,53 +327,56 @@ impl Managed {
         Ok((next, config))
     }
 
-    /// What other instances changed on a shared store: this set with the objects whose
-    /// stored JSON differs from what it was made of (`objects`: all of them, as the store has
-    /// them now) parsed again, those gone removed and the others kept as they are — the
-    /// same allocations, so the routing rebuilds only what changed. The new set and the
-    /// changed objects' kinds and names, `None` if nothing changed; the error names a
-    /// changed object that does not parse (a full reload then logs it and leaves it out).
-    pub fn following(
+    /// What other instances changed on a shared store, from its log of the changes since
+    /// the version this set was made of (`Store::managed_changes`): this set with the
+    /// changed objects whose JSON differs from what it was made of parsed again, the
+    /// deleted ones removed and the others kept as they are — the same allocations, so the
+    /// routing rebuilds only what changed. The new set and the changed objects' kinds and
+    /// names, `None` if nothing changed (an instance's own changes compare equal); the
+    /// error names a changed object that does not parse (a full reload then logs it and
+    /// leaves it out).
+    pub fn following_changes(
         &self,
-        objects: &[ManagedObject],
+        changes: &ManagedChanges,
     ) -> Result<Option<(Managed, Changed)>, String> {
-        let mut next: Option<Managed> = None;
-        let (mut changed, mut known) = (Vec::new(), 0);
-        for stored in objects {
-            let unusable = || format!("{} `{}`", stored.kind, stored.name);
-            let kind = Kind::parse(&stored.kind).ok_or_else(unusable)?;
-            match self.stored.get(kind, &stored.name) {
-                Some(body) if *body == stored.body => {
-                    known += 1;
-                    continue;
-                }
-                Some(_) => known += 1,
-                None => {}
-            }
-            let object = (Object::parse(stored).ok())
-                .filter(|o| o.name() == stored.name)
-                .ok_or_else(unusable)?;
-            let next = next.get_or_insert_with(|| self.clone());
-            next.remove(kind, &stored.name);
-            next.insert(object, stored.body.clone());
-            changed.push((kind, stored.name.clone()));
+        let (mut next, mut changed) = (None, Vec::new());
+        for stored in &changes.changed {
+            self.take_in(stored, &mut next, &mut changed)?;
         }
-        // Some are gone from the store only if fewer than all of these were found there.
-        if known < self.stored.0.iter().map(imbl::HashMap::len).sum::<usize>() {
-            let present: HashSet<(Kind, &str)> = (objects.iter())
-                .filter_map(|o| Some((Kind::parse(&o.kind)?, o.name.as_str())))
-                .collect();
-            for kind in [Kind::Source, Kind::Destination, Kind::Route] {
-                for name in self.stored.0[kind as usize].keys() {
-                    if !present.contains(&(kind, name.as_str())) {
-                        let next = next.get_or_insert_with(|| self.clone());
-                        next.remove(kind, name);
-                        changed.push((kind, name.clone()));
-                    }
-                }
+        for (kind, name) in &changes.deleted {
+            let kind = Kind::parse(kind).ok_or_else(|| format!("{kind} `{name}`"))?;
+            if self.stored.get(kind, name).is_some() {
+                let next = next.get_or_insert_with(|| self.clone());
+                next.remove(kind, name);
+                changed.push((kind, name.clone()));
             }
         }
         Ok(next.map(|next| (next, changed)))
+    }
+
+    /// Takes `stored` into `next` (this set, cloned at the first change) if its JSON is not
+    /// the one this set was made of. True if this set has an object of that name.
+    fn take_in(
+        &self,
+        stored: &ManagedObject,
+        next: &mut Option<Managed>,
+        changed: &mut Changed,
+    ) -> Result<bool, String> {
+        let unusable = || format!("{} `{}`", stored.kind, stored.name);
+        let kind = Kind::parse(&stored.kind).ok_or_else(unusable)?;
+        let known = match self.stored.get(kind, &stored.name) {
+            Some(body) if *body == stored.body => return Ok(true),
+            Some(_) => true,
+            None => false,
+        };
+        let object = (Object::parse(stored).ok())
+            .filter(|o| o.name() == stored.name)
+            .ok_or_else(unusable)?;
+        let next = next.get_or_insert_with(|| self.clone());
+        next.remove(kind, &stored.name);
+        next.insert(object, stored.body.clone());
+        changed.push((kind, stored.name.clone()));
+        Ok(known)
     }
 
     /// Turns an error of the merged config into one about the changed object (a field of
@@ -642,18 +645,25 @@ mod tests {
             route.clone(),
         ]);
 
-        // Nothing changed: nothing to take in.
-        let same = [source.clone(), archive("https://a.example/in"), route];
-        assert!(before.following(&same).unwrap().is_none());
+        let changes = |changed: &[ManagedObject], deleted: &[(&str, &str)]| ManagedChanges {
+            version: 1,
+            changed: changed.to_vec(),
+            deleted: (deleted.iter())
+                .map(|(k, n)| (k.to_string(), n.to_string()))
+                .collect(),
+        };
+        // Nothing changed (an instance's own changes, say): nothing to take in; nor does
+        // the deletion of an object it never had.
+        let same = changes(&[archive("https://a.example/in")], &[("route", "gone")]);
+        assert!(before.following_changes(&same).unwrap().is_none());
 
         // The destination changed, the route deleted, a source made.
         let made = object("source", serde_json::json!({ "name": "onomondo-2" }));
-        let now = [
-            source.clone(),
-            archive("https://b.example/in"),
-            made.clone(),
-        ];
-        let (after, mut changed) = before.following(&now).unwrap().unwrap();
+        let now = changes(
+            &[archive("https://b.example/in"), made.clone()],
+            &[("route", "r")],
+        );
+        let (after, mut changed) = before.following_changes(&now).unwrap().unwrap();
         changed.sort_by_key(|(kind, name)| (kind.as_str(), name.clone()));
         assert_eq!(
             changed,
@@ -671,7 +681,7 @@ mod tests {
         assert!(after.routes.is_empty());
         assert_eq!(after.sources.len(), 2);
         // What it was made of is what the next comparison starts from.
-        assert!(after.following(&now).unwrap().is_none());
+        assert!(after.following_changes(&now).unwrap().is_none());
         // The same set made by API changes compares equal to the store too.
         let (by_api, _) =
             (before.apply(&file(), &Change::Delete(Kind::Route, "r".into()))).unwrap();
@@ -684,7 +694,7 @@ mod tests {
         let (by_api, _) = by_api
             .apply(&file(), &Change::Create(Object::parse(&made).unwrap()))
             .unwrap();
-        assert!(by_api.following(&now).unwrap().is_none());
+        assert!(by_api.following_changes(&now).unwrap().is_none());
 
         // A changed object that does not parse: not taken in (a full reload logs it).
         let broken = object(
@@ -692,7 +702,7 @@ mod tests {
             serde_json::json!({ "name": "archive", "url": 7 }),
         );
         assert_eq!(
-            before.following(&[source, broken]).unwrap_err(),
+            (before.following_changes(&changes(&[source, broken], &[]))).unwrap_err(),
             "destination `archive`"
         );
     }

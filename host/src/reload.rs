@@ -421,8 +421,8 @@ impl Reloader {
             }
             match self.store.managed_version().await {
                 Ok(Some(version)) if version != seen => {
-                    if self.follow_managed().await {
-                        seen = version;
+                    if let Some(now) = self.follow_managed(seen).await {
+                        seen = now;
                     }
                 }
                 Ok(_) => {}
@@ -434,24 +434,30 @@ impl Reloader {
         }
     }
 
-    /// Takes in what other instances changed among the managed objects, as an API change
-    /// here would: only the objects whose stored JSON changed are parsed, checked (one on
-    /// its own, several with all the rest) and rebuilt. What cannot be taken in that way — a
-    /// stored object that does not parse, a change that does not validate or uses a plugin
-    /// this instance lacks — goes through a full reload, which reports and logs it. False
-    /// if the store could not be read (the next turn tries again).
-    async fn follow_managed(&self) -> bool {
-        {
+    /// Takes in what changed among the managed objects after version `since`, read from
+    /// the store's log of changes, as an API change here would: only the objects changed
+    /// are parsed, checked (one on its own, several with all the rest) and rebuilt — an
+    /// instance's own changes among them compare equal and cost nothing more. What cannot
+    /// be taken in that way — a stored object that does not parse, a change that does not
+    /// validate or uses a plugin this instance lacks — goes through a full reload, which
+    /// reports and logs it. The version now seen; `None` if the store could not be read
+    /// (the next turn tries again).
+    async fn follow_managed(&self, since: i64) -> Option<i64> {
+        let version = {
             let _one_at_a_time = self.busy.lock().await;
-            let objects = match self.store.managed_objects().await {
-                Ok(objects) => objects,
+            let changes = match self.store.managed_changes(since).await {
+                Ok(Some(changes)) => changes,
+                Ok(None) => {
+                    tracing::warn!("The store keeps no log of the managed objects' changes.");
+                    return None;
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "Cannot read the managed objects.");
-                    return false;
+                    tracing::warn!(error = %e, "Cannot read the managed objects' changes.");
+                    return None;
                 }
             };
-            match self.managed.load().following(&objects) {
-                Ok(None) => return true,
+            match self.managed.load().following_changes(&changes) {
+                Ok(None) => return Some(changes.version),
                 Ok(Some((managed, changed))) => {
                     let file = self.file.load_full();
                     let one = match changed.as_slice() {
@@ -467,16 +473,18 @@ impl Reloader {
                         );
                         self.managed.store(Arc::new(managed));
                         self.install(Arc::new(config)).await;
-                        return true;
+                        return Some(changes.version);
                     }
                 }
                 Err(object) => {
                     tracing::debug!(%object, "A changed managed object does not parse.");
                 }
             }
-        }
+            changes.version
+        };
+        // (A full reload reads every object, so whatever changed since is in it too.)
         self.reload("managed objects changed").await;
-        true
+        Some(version)
     }
 }
 

@@ -1439,6 +1439,84 @@ async fn postgres_instances_share_the_queue() {
     assert!(before < after_put && after_put < after_delete);
 }
 
+/// What an instance reads of the managed objects others changed on a shared store: only
+/// what changed after the version it saw — objects as they are now, deleted names —
+/// whoever changed them, a hand edit in the database included.
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_instances_read_only_the_managed_changes() {
+    let Some(server) = PgServer::start() else {
+        return;
+    };
+    let url = server.database("changes");
+    let (a, b) = (
+        PgStore::open(&url, 10, LEASE).await.unwrap(),
+        PgStore::open(&url, 10, LEASE).await.unwrap(),
+    );
+    let source = |name: &str, body: &str| ManagedObject {
+        kind: "source".into(),
+        name: name.into(),
+        body: body.into(),
+    };
+    let now = crate::util::now_ms();
+    a.put_managed(source("m", r#"{"name":"m"}"#), now)
+        .await
+        .unwrap();
+    a.put_managed(source("old", r#"{"name":"old"}"#), now)
+        .await
+        .unwrap();
+    let seen = a.managed_version().await.unwrap().unwrap();
+
+    b.put_managed(source("k", r#"{"name":"k"}"#), now)
+        .await
+        .unwrap();
+    b.put_managed(source("m", r#"{"name":"m","x":1}"#), now)
+        .await
+        .unwrap();
+    b.delete_managed("source", "k").await.unwrap();
+    b.delete_managed("source", "old").await.unwrap();
+    let changes = a.managed_changes(seen).await.unwrap().unwrap();
+    assert_eq!(changes.changed, [source("m", r#"{"name":"m","x":1}"#)]);
+    let mut deleted = changes.deleted.clone();
+    deleted.sort();
+    assert_eq!(
+        deleted,
+        [
+            ("source".into(), "k".into()),
+            ("source".into(), "old".into())
+        ]
+    );
+    assert_eq!(changes.version, a.managed_version().await.unwrap().unwrap());
+    let none = a.managed_changes(changes.version).await.unwrap().unwrap();
+    assert_eq!((none.changed.len(), none.deleted.len()), (0, 0));
+    assert_eq!(none.version, changes.version);
+
+    // A hand edit moves the version and is in the log; a deleted name made again is no
+    // longer deleted.
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+        .batch_execute(r#"UPDATE managed_objects SET body = '{"name":"m","x":2}' WHERE name = 'm'"#)
+        .await
+        .unwrap();
+    b.put_managed(source("k", r#"{"name":"k"}"#), now)
+        .await
+        .unwrap();
+    let later = a.managed_changes(changes.version).await.unwrap().unwrap();
+    let mut changed = later.changed.clone();
+    changed.sort_by(|x, y| x.name.cmp(&y.name));
+    assert_eq!(
+        changed,
+        [
+            source("k", r#"{"name":"k"}"#),
+            source("m", r#"{"name":"m","x":2}"#)
+        ]
+    );
+    assert!(later.deleted.is_empty());
+    assert!(later.version > changes.version);
+}
+
 /// The whole gateway on PostgreSQL: an event through a plugin to a receiver, an API-made
 /// destination, and both still there after a restart on the same database.
 #[tokio::test(flavor = "multi_thread")]

@@ -250,6 +250,15 @@ pub trait Store: Send + Sync + 'static {
         Ok(None)
     }
 
+    /// On a shared store, what changed among the managed objects after version `since`:
+    /// the objects made or changed (as they are now) and the names deleted, and the
+    /// version that brings the reader to. `None` where the store keeps no such log (one
+    /// gateway's store: nobody else changes them).
+    async fn managed_changes(&self, since: i64) -> Result<Option<ManagedChanges>, StoreError> {
+        let _ = since;
+        Ok(None)
+    }
+
     /// How many deliveries are pending, and when the oldest of them was created.
     async fn backlog(&self) -> Result<(u64, Option<u64>), StoreError>;
 
@@ -731,6 +740,17 @@ pub struct ManagedObject {
     pub kind: String,
     pub name: String,
     pub body: String,
+}
+
+/// What changed among the managed objects after a version (`Store::managed_changes`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ManagedChanges {
+    /// The version these changes bring the reader to.
+    pub version: i64,
+    /// Made or changed, as they are now.
+    pub changed: Vec<ManagedObject>,
+    /// Deleted: kind and name.
+    pub deleted: Vec<(String, String)>,
 }
 
 /// An event and its history, as `GET /v1/events/{id}` shows it.

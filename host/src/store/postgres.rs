@@ -217,6 +217,37 @@ const SCHEMA: &[&str] = &[
         RETURN NULL;
     END;
     $$ LANGUAGE plpgsql IMMUTABLE;"#,
+    // 16: a log of the managed objects' changes, so that an instance following the others
+    // reads only what changed since the version it has seen (`Store::managed_changes`): each
+    // row carries the version its last change brought, each deletion leaves the name
+    // and its version in `managed_deleted` (until the name is made again). Kept by a
+    // trigger, which moves the version too, so that no writer — an older binary, a hand
+    // edit — can change an object unseen.
+    r#"ALTER TABLE managed_objects ADD COLUMN version BIGINT NOT NULL DEFAULT 0;
+    CREATE INDEX managed_objects_version ON managed_objects (version);
+    CREATE TABLE managed_deleted (
+        kind TEXT NOT NULL,
+        name TEXT NOT NULL,
+        version BIGINT NOT NULL,
+        PRIMARY KEY (kind, name)
+    );
+    CREATE INDEX managed_deleted_version ON managed_deleted (version);
+    CREATE FUNCTION switchyard_managed_changed() RETURNS TRIGGER AS $$
+    DECLARE v BIGINT;
+    BEGIN
+        UPDATE managed_version SET version = version + 1 RETURNING version INTO v;
+        IF TG_OP = 'DELETE' THEN
+            INSERT INTO managed_deleted (kind, name, version) VALUES (OLD.kind, OLD.name, v)
+                ON CONFLICT (kind, name) DO UPDATE SET version = excluded.version;
+            RETURN OLD;
+        END IF;
+        DELETE FROM managed_deleted WHERE kind = NEW.kind AND name = NEW.name;
+        NEW.version := v;
+        RETURN NEW;
+    END;
+    $$ LANGUAGE plpgsql;
+    CREATE TRIGGER managed_objects_changed BEFORE INSERT OR UPDATE OR DELETE ON managed_objects
+        FOR EACH ROW EXECUTE FUNCTION switchyard_managed_changed();"#,
 ];
 
 /// `Store::list_events` (see SQLite's `list_events_sql`): by `events_source` when a source
@@ -1334,8 +1365,7 @@ impl Store for PgStore {
             &[&object.kind, &object.name, &object.body, &(now as i64)],
         )
         .await?;
-        tx.execute("UPDATE managed_version SET version = version + 1", &[])
-            .await?;
+        // (The version moves by the trigger of migration 16.)
         tx.commit().await?;
         Ok(())
     }
@@ -1348,8 +1378,6 @@ impl Store for PgStore {
             &[&kind, &name],
         )
         .await?;
-        tx.execute("UPDATE managed_version SET version = version + 1", &[])
-            .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -1364,6 +1392,45 @@ impl Store for PgStore {
             .query_one("SELECT version FROM managed_version", &[])
             .await?;
         Ok(Some(row.get(0)))
+    }
+
+    async fn managed_changes(&self, since: i64) -> Result<Option<ManagedChanges>, StoreError> {
+        let mut client = self.pool.get().await?;
+        // One snapshot: a change is in it exactly when its version is at most the one read
+        // (changes take the version row's lock in turn, so they commit in version order).
+        let tx = (client.build_transaction())
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await?;
+        let version: i64 = tx
+            .query_one("SELECT version FROM managed_version", &[])
+            .await?
+            .get(0);
+        let changed = tx
+            .query(
+                "SELECT kind, name, body FROM managed_objects WHERE version > $1",
+                &[&since],
+            )
+            .await?;
+        let deleted = tx
+            .query(
+                "SELECT kind, name FROM managed_deleted WHERE version > $1",
+                &[&since],
+            )
+            .await?;
+        tx.commit().await?;
+        Ok(Some(ManagedChanges {
+            version,
+            changed: (changed.iter())
+                .map(|r| ManagedObject {
+                    kind: r.get(0),
+                    name: r.get(1),
+                    body: r.get(2),
+                })
+                .collect(),
+            deleted: deleted.iter().map(|r| (r.get(0), r.get(1))).collect(),
+        }))
     }
 
     async fn get_event(&self, id: &str) -> Result<Option<EventRecord>, StoreError> {
