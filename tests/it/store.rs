@@ -1140,6 +1140,36 @@ async fn postgres_lists_by_an_indexed_field() {
     let url = server.database("indexed");
     let store = PgStore::open(&url, 100, LEASE).await.unwrap();
     listing_by_an_indexed_field(Arc::new(store)).await;
+
+    // Instances that start together with a new field build its index once, and each
+    // uses it.
+    let url = server.database("indexed_together");
+    let mut stores = Vec::new();
+    for n in 0..3 {
+        stores.push(PgStore::open(&url, 100, LEASE).await.unwrap());
+        let body = format!(r#"{{"iccid":"89{n}"}}"#);
+        let e = event(&format!("t{n}"), "s", 1_000 + n as u64, &body);
+        stores[n].insert_event(e, None).await.unwrap();
+    }
+    let iccid = vec![vec!["iccid".to_string()]];
+    let built =
+        futures_util::future::join_all(stores.iter().map(|s| s.index_fields(iccid.clone())))
+            .await
+            .into_iter()
+            .map(|changed| changed.unwrap().created.len())
+            .sum::<usize>();
+    assert_eq!(built, 1);
+    for store in &stores {
+        let filter = EventFilter {
+            field: Some(FieldMatch::parse("iccid", "891".into()).unwrap()),
+            ..Default::default()
+        };
+        let found = store.list_events(filter, None, 10).await.unwrap();
+        assert_eq!(
+            found.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
+            ["t1"]
+        );
+    }
 }
 
 /// The events waiting in memory are bounded in bytes as well as in number: past

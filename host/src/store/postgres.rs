@@ -317,6 +317,43 @@ fn field_keys(field: &FieldMatch) -> Vec<String> {
         .collect()
 }
 
+/// Held by the instance changing the body field indexes (`Store::index_fields`).
+const FIELD_INDEX_LOCK: i64 = 0x5357_4649_454c;
+
+/// Makes the body field indexes those of `fields`: drops the others (and any whose
+/// `CREATE INDEX CONCURRENTLY` was cut off), builds the missing ones. Concurrently: events
+/// go on being written, and other instances work, meanwhile.
+async fn sync_field_indexes(
+    client: &deadpool_postgres::Client,
+    fields: &[Vec<String>],
+) -> Result<FieldIndexes, StoreError> {
+    let existing: Vec<(String, bool)> = (client.query(FIELD_INDEXES, &[&FIELD_INDEX_PREFIX]))
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let wanted: Vec<(String, &Vec<String>)> = (fields.iter())
+        .map(|path| (field_index_name(path), path))
+        .collect();
+    let mut changed = FieldIndexes::default();
+    for (name, valid) in &existing {
+        if !*valid || !wanted.iter().any(|(n, _)| n == name) {
+            (client.batch_execute(&format!("DROP INDEX CONCURRENTLY IF EXISTS \"{name}\"")))
+                .await?;
+            changed.dropped += usize::from(*valid);
+        }
+    }
+    for (name, path) in &wanted {
+        if !existing.iter().any(|(n, valid)| n == name && *valid) {
+            client
+                .batch_execute(&create_field_index(name, path))
+                .await?;
+            changed.created.push(path.join("."));
+        }
+    }
+    Ok(changed)
+}
+
 /// The store's body field indexes on `events`, and whether each is usable (one whose
 /// `CREATE INDEX CONCURRENTLY` was cut off is not).
 const FIELD_INDEXES: &str = "SELECT c.relname::TEXT, i.indisvalid FROM pg_index i
@@ -1603,31 +1640,22 @@ impl Store for PgStore {
             .collect();
         self.indexed.store(Arc::new(kept));
         let client = self.pool.get().await?;
-        let existing: Vec<(String, bool)> = (client.query(FIELD_INDEXES, &[&FIELD_INDEX_PREFIX]))
+        // One instance at a time (several may start together): another's index being
+        // built looks like one a cut-off build left, which would be dropped. Tried, not
+        // waited for inside a statement, whose snapshot the other's `CONCURRENTLY` build
+        // would wait on in turn.
+        while !(client.query_one("SELECT pg_try_advisory_lock($1)", &[&FIELD_INDEX_LOCK]))
             .await?
-            .iter()
-            .map(|r| (r.get(0), r.get(1)))
-            .collect();
-        let wanted: Vec<(String, &Vec<String>)> = (fields.iter())
-            .map(|path| (field_index_name(path), path))
-            .collect();
-        let mut changed = FieldIndexes::default();
-        // Concurrently: events go on being written (and other instances work) meanwhile.
-        for (name, valid) in &existing {
-            if !*valid || !wanted.iter().any(|(n, _)| n == name) {
-                (client.batch_execute(&format!("DROP INDEX CONCURRENTLY IF EXISTS \"{name}\"")))
-                    .await?;
-                changed.dropped += usize::from(*valid);
-            }
+            .get::<_, bool>(0)
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        for (name, path) in &wanted {
-            if !existing.iter().any(|(n, valid)| n == name && *valid) {
-                client
-                    .batch_execute(&create_field_index(name, path))
-                    .await?;
-                changed.created.push(path.join("."));
-            }
-        }
+        let changed = sync_field_indexes(&client, &fields).await;
+        let unlocked = client
+            .execute("SELECT pg_advisory_unlock($1)", &[&FIELD_INDEX_LOCK])
+            .await;
+        let changed = changed?;
+        unlocked?;
         self.indexed.store(Arc::new(fields.into_iter().collect()));
         Ok(changed)
     }
