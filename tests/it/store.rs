@@ -1057,6 +1057,64 @@ async fn listing_by_an_indexed_field(store: Arc<dyn Store>) {
         let e = event(id, source, 1_000 * (n as u64 + 1), body);
         assert_eq!(store.insert_event(e, None).await.unwrap(), Inserted::New);
     }
+    // Every kind of value a field `v` may hold, against every kind of `equals`: what each
+    // list finds indexed must be what it finds reading every body.
+    let values = [
+        r#""1""#,
+        r#""1.0""#,
+        r#""true""#,
+        r#""null""#,
+        r#""""#,
+        r#""x""#,
+        r#""٣""#,
+        "1",
+        "1.0",
+        "100",
+        "1e2",
+        "-0",
+        "0",
+        "1.5",
+        "-1.5",
+        "9223372036854775807",
+        "9223372036854775808",
+        "89457387300000000123",
+        "true",
+        "false",
+        "null",
+        "[1]",
+        r#"{"a":1}"#,
+    ];
+    for (n, value) in values.iter().enumerate() {
+        let body = format!(r#"{{"v":{value}}}"#);
+        let e = event(&format!("v{n:02}"), "c", 20_000 + n as u64, &body);
+        assert_eq!(store.insert_event(e, None).await.unwrap(), Inserted::New);
+    }
+    let equals = [
+        "1",
+        "1.0",
+        "1e0",
+        "01",
+        "100",
+        "1e2",
+        "0",
+        "-0",
+        "1.5",
+        "15e-1",
+        "-1.5",
+        "true",
+        "false",
+        "null",
+        "",
+        "x",
+        "٣",
+        "9223372036854775807",
+        "9223372036854775808",
+        "89457387300000000123",
+        "[1]",
+        r#"{"a":1}"#,
+        " 1",
+    ];
+    let mut unindexed = Vec::new();
     let list = |field: &str, equals: &str, source: Option<&str>, limit: usize| {
         let filter = EventFilter {
             source: source.map(String::from),
@@ -1089,10 +1147,18 @@ async fn listing_by_an_indexed_field(store: Arc<dyn Store>) {
     for indexed in [false, true] {
         if indexed {
             let changed = store
-                .index_fields(fields(&["sim.iccid", "slot", "on", "apn"]))
+                .index_fields(fields(&["sim.iccid", "slot", "on", "apn", "v"]))
                 .await
                 .unwrap();
-            assert_eq!(changed.created, ["sim.iccid", "slot", "on", "apn"]);
+            assert_eq!(changed.created, ["sim.iccid", "slot", "on", "apn", "v"]);
+        }
+        for (i, e) in equals.iter().enumerate() {
+            let found = list("v", e, None, 3).await;
+            if indexed {
+                assert_eq!(found, unindexed[i], "v = {e:?}");
+            } else {
+                unindexed.push(found);
+            }
         }
         for limit in [1, 2, 10] {
             let all = |field, equals| list(field, equals, None, limit);
@@ -1112,13 +1178,19 @@ async fn listing_by_an_indexed_field(store: Arc<dyn Store>) {
             assert_eq!(in_a, ["i3", "i1"], "{indexed}");
         }
     }
+    // Not vacuous: numbers match by value, strings by text.
+    let found = |e: &str| &unindexed[equals.iter().position(|x| *x == e).unwrap()];
+    assert_eq!(found("1e0"), &["v08", "v07"]);
+    assert_eq!(found("1"), &["v08", "v07", "v00"]);
+    assert_eq!(found("-0"), &["v12", "v11"]);
+    assert_eq!(found("null"), &["v20", "v03"]);
     let again = store
-        .index_fields(fields(&["sim.iccid", "slot", "on", "apn"]))
+        .index_fields(fields(&["sim.iccid", "slot", "on", "apn", "v"]))
         .await
         .unwrap();
     assert_eq!(again, FieldIndexes::default(), "made once");
     let fewer = store.index_fields(fields(&["slot"])).await.unwrap();
-    assert_eq!((fewer.created.len(), fewer.dropped), (0, 3));
+    assert_eq!((fewer.created.len(), fewer.dropped), (0, 4));
     assert_eq!(list("sim.iccid", "8945", None, 2).await, ["i3", "i2", "i1"]);
     assert_eq!(list("slot", "2", None, 2).await, ["i3", "i2", "i1"]);
     let none = store.index_fields(vec![]).await.unwrap();
