@@ -360,12 +360,12 @@ pub async fn index_fields(store: &dyn Store, fields: &[String]) -> Result<(), St
     Ok(())
 }
 
-/// The name of the index on a body field: `events_field_` and a hash of the path (a key
-/// holds no dot, so the dotted path names the field), which fits any name length. The
-/// index's definition holds the path itself.
-pub fn field_index_name(path: &[String]) -> String {
+/// The name of the index on a body field: `events_field_` and a hash of its key, the
+/// expression the store indexes (which holds the path), so that it fits any name length
+/// and a key defined otherwise by a later version is a new index, the old one dropped.
+pub fn field_index_name(key: &str) -> String {
     use sha2::Digest as _;
-    let hash = sha2::Sha256::digest(path.join(".").as_bytes());
+    let hash = sha2::Sha256::digest(key.as_bytes());
     format!("{FIELD_INDEX_PREFIX}{}", &hex::encode(hash)[..16])
 }
 

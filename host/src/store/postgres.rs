@@ -333,7 +333,7 @@ async fn sync_field_indexes(
         .map(|r| (r.get(0), r.get(1)))
         .collect();
     let wanted: Vec<(String, &Vec<String>)> = (fields.iter())
-        .map(|path| (field_index_name(path), path))
+        .map(|path| (field_index_name(&field_key(path)), path))
         .collect();
     let mut changed = FieldIndexes::default();
     for (name, valid) in &existing {
@@ -1906,7 +1906,7 @@ mod tests {
             .await
             .unwrap();
         let iccid = ["sim".to_string(), "iccid".to_string()];
-        let index = field_index_name(&iccid);
+        let index = field_index_name(&field_key(&iccid));
         client
             .batch_execute(&create_field_index(&index, &iccid))
             .await

@@ -224,13 +224,19 @@ fn sqlite_path(path: &[String]) -> String {
 }
 
 /// What the index on a body field (`store.indexed_fields`) holds of each event, besides
-/// its time and id: the field's value as `json_extract` reads it (text, a number, 1 or 0
-/// for `true` or `false`), NULL when the body is not JSON or lacks it. The path is written
-/// out, as SQLite uses an index on an expression only for the same expression.
+/// its time and id: the field's value as `json_extract` reads it (text or a number), its
+/// name for `true`, `false` and `null` (which `json_extract` reads as 1, 0 and NULL), and
+/// NULL when the body is not JSON or lacks it. The path is written out, as SQLite uses an
+/// index on an expression only for the same expression.
 fn field_key(path: &[String]) -> String {
     let path = sqlite_path(path).replace('\'', "''");
     format!(
-        "(CASE WHEN json_valid(CAST(body AS TEXT)) THEN json_extract(CAST(body AS TEXT), '{path}') END)"
+        "(CASE WHEN json_valid(CAST(body AS TEXT)) THEN
+            CASE json_type(CAST(body AS TEXT), '{path}')
+                WHEN 'true' THEN 'true' WHEN 'false' THEN 'false' WHEN 'null' THEN 'null'
+                ELSE json_extract(CAST(body AS TEXT), '{path}')
+            END
+        END)"
     )
 }
 
@@ -242,21 +248,13 @@ fn create_field_index(name: &str, path: &[String]) -> String {
 }
 
 /// The keys under which a field equal to `field.equals` is found in its index (see
-/// `field_key`), each walked in turn: the text, and the number or `true`/`false` it may
-/// also be; `None` for `null`, which the index does not tell from a missing field.
-fn field_keys(field: &FieldMatch) -> Option<Vec<rusqlite::types::Value>> {
-    use rusqlite::types::Value;
-    let also = match field.equals.as_str() {
-        "null" => return None,
-        "true" => Some(Value::Integer(1)),
-        "false" => Some(Value::Integer(0)),
-        _ => field.number().map(sql_number),
-    };
-    Some(
-        std::iter::once(Value::Text(field.equals.clone()))
-            .chain(also)
-            .collect(),
-    )
+/// `field_key`), each walked in turn: the text (a string's, or `true`, `false`, `null`),
+/// and the number it may also be.
+fn field_keys(field: &FieldMatch) -> Vec<rusqlite::types::Value> {
+    let text = rusqlite::types::Value::Text(field.equals.clone());
+    std::iter::once(text)
+        .chain(field.number().map(sql_number))
+        .collect()
 }
 
 /// The store's body field indexes (`FIELD_INDEX_PREFIX` bound as ?1).
@@ -1454,7 +1452,7 @@ impl Store for SqliteStore {
     ) -> Result<Vec<EventSummary>, StoreError> {
         let indexed = (filter.field.as_ref())
             .filter(|f| self.indexed.load().contains(&f.path))
-            .and_then(|f| Some((field_key(&f.path), field_keys(f)?)));
+            .map(|f| (field_key(&f.path), field_keys(f)));
         self.read_within(Some(self.list_budget), move |conn| {
             let sql = list_events_sql(
                 filter.source.is_some(),
@@ -1518,7 +1516,7 @@ impl Store for SqliteStore {
 
     async fn index_fields(&self, fields: Vec<Vec<String>>) -> Result<FieldIndexes, StoreError> {
         let wanted: Vec<(String, Vec<String>)> = (fields.iter())
-            .map(|path| (field_index_name(path), path.clone()))
+            .map(|path| (field_index_name(&field_key(path)), path.clone()))
             .collect();
         // Lists stop using an index before it is dropped.
         let kept = (self.indexed.load().iter())
@@ -2321,7 +2319,7 @@ mod tests {
         let mut conn = Connection::open_in_memory().unwrap();
         migrate(&mut conn).unwrap();
         let iccid = ["sim".to_string(), "iccid".to_string()];
-        let index = field_index_name(&iccid);
+        let index = field_index_name(&field_key(&iccid));
         conn.execute_batch(&create_field_index(&index, &iccid))
             .unwrap();
         let plan = |sql: &str| -> String {
