@@ -44,6 +44,10 @@ pub struct ReloadReport {
     pub config: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub config_error: Option<String>,
+    /// Why the store's body field indexes could not be brought in line with
+    /// `store.indexed_fields` (the config is in force; the next reload tries again).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub index_error: Option<String>,
     pub plugins: BTreeMap<String, PluginStatus>,
 }
 
@@ -63,6 +67,9 @@ pub struct Reloader {
     managed: ArcSwap<Managed>,
     source: Mutex<Option<(PathBuf, Env)>>,
     busy: tokio::sync::Mutex<()>,
+    /// The body fields the store's indexes were last brought in line with
+    /// (`store.indexed_fields`; a reload whose indexing failed tries again at the next).
+    indexed: Mutex<Vec<String>>,
 }
 
 impl Reloader {
@@ -82,11 +89,12 @@ impl Reloader {
             dispatcher,
             metrics,
             store,
-            config: ArcSwap::new(config.clone()),
-            file: ArcSwap::new(config),
             managed: ArcSwap::from_pointee(Managed::default()),
             source: Mutex::new(None),
             busy: tokio::sync::Mutex::new(()),
+            indexed: Mutex::new(config.store.indexed_fields.clone()),
+            config: ArcSwap::new(config.clone()),
+            file: ArcSwap::new(config),
         })
     }
 
@@ -250,6 +258,7 @@ impl Reloader {
                     reason: reason.into(),
                     config: "rejected",
                     config_error: Some(format!("plugin scan failed: {e}")),
+                    index_error: None,
                     plugins: self.registry.statuses(),
                 };
             }
@@ -261,8 +270,6 @@ impl Reloader {
             config_error = Some(format!("key `{key}`: {message}"));
             outcome = "rejected";
         }
-        let indexed =
-            outcome != "rejected" && config.store.indexed_fields != old.store.indexed_fields;
         if outcome == "rejected" {
             tracing::error!(
                 reason,
@@ -288,14 +295,17 @@ impl Reloader {
         let fields = config.store.indexed_fields.clone();
         self.install(config).await;
         // After the config is in force: building an index reads every event stored.
-        let index_error = match indexed {
+        let unsynced = *self.indexed.lock().unwrap_or_else(|e| e.into_inner()) != fields;
+        let index_error = match unsynced {
             true => crate::store::index_fields(&*self.store, &fields)
                 .await
                 .err(),
             false => None,
         };
-        if let Some(e) = &index_error {
-            tracing::error!(error = %e, "Cannot change the body field indexes (store.indexed_fields).");
+        match &index_error {
+            None => *self.indexed.lock().unwrap_or_else(|e| e.into_inner()) = fields,
+            Some(e) => tracing::error!(error = %e,
+                "Cannot change the body field indexes (store.indexed_fields); the next reload tries again."),
         }
         tracing::info!(
             reason,
@@ -316,6 +326,7 @@ impl Reloader {
             reason: reason.into(),
             config: outcome,
             config_error,
+            index_error: index_error.map(|e| e.to_string()),
             plugins: statuses,
         }
     }

@@ -492,8 +492,16 @@ destinations = ["sink"]
         "[store]\nindexed_fields = [\"sim.iccid\"]\n[[sources]]",
     );
     std::fs::write(&config_file, indexed).unwrap();
+    // While another connection holds the database's write lock, the index cannot be
+    // built: the config is in force, the report says why, and the next reload builds it.
+    db.execute_batch("BEGIN IMMEDIATE").unwrap();
     let (status, report) = gw.post_api("/v1/reload").await;
     assert_eq!(status, 200, "{report}");
+    assert!(report["index_error"].is_string(), "{report}");
+    db.execute_batch("ROLLBACK").unwrap();
+    let (status, report) = gw.post_api("/v1/reload").await;
+    assert_eq!(status, 200, "{report}");
+    assert!(report["index_error"].is_null(), "{report}");
     let made = indexes();
     assert_eq!(made.len(), 1, "{made:?}");
     assert!(made[0].contains(r#"'$."sim"."iccid"'"#), "{made:?}");
