@@ -341,8 +341,9 @@ pub struct FieldIndexes {
     pub dropped: usize,
 }
 
-/// Brings the store's body field indexes in line with `store.indexed_fields` (at start and
-/// when a reload changes it), logging what it built and how long that took.
+/// Brings the store's body field indexes in line with `store.indexed_fields` (at start, and
+/// at a reload whose list is not the one last applied), logging what it built and how long
+/// that took.
 pub async fn index_fields(store: &dyn Store, fields: &[String]) -> Result<(), StoreError> {
     let started = std::time::Instant::now();
     let paths = fields
