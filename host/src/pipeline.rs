@@ -516,6 +516,7 @@ impl Pipeline {
                     attempts: 0,
                     received_at: event.received_at,
                     lease_until,
+                    paced: false,
                 };
                 (due, held)
             })

@@ -454,6 +454,75 @@ destinations = ["new"]
     b.shutdown().await.unwrap();
 }
 
+/// A destination's `rate_limit` holds for the instances together, not for each: events
+/// sent through two instances reach it at the rate it allows, and a delivery one instance
+/// put off is sent at its slot by whichever claims it, without being put off again.
+#[tokio::test(flavor = "multi_thread")]
+async fn instances_share_a_destinations_rate_limit() {
+    let Some(server) = PgServer::start() else {
+        return;
+    };
+    let db = server.database("shared_pace");
+    let rx = Receiver::start().await;
+    // Five a second: a burst of five, then one every 200 ms.
+    let config = format!(
+        r#"
+[store]
+url = "{db}"
+[[sources]]
+name = "s"
+[[destinations]]
+name = "d"
+url = "{{receiver}}/d"
+rate_limit = 5
+[[routes]]
+source = "s"
+destinations = ["d"]
+"#
+    );
+    let a = TestGateway::start(&config, &rx, &[]).await;
+    let b = TestGateway::start(&config, &rx, &[]).await;
+    const EVENTS: usize = 20;
+    for n in 0..EVENTS {
+        let gw = if n % 2 == 0 { &a } else { &b };
+        gw.accept("s", json!({ "n": n }).to_string()).await;
+    }
+    let got = rx.wait_for(EVENTS).await;
+    let mut seen: Vec<u64> = got
+        .iter()
+        .map(|r| r.json()["n"].as_u64().unwrap())
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        (0..EVENTS as u64).collect::<Vec<_>>(),
+        "each event once"
+    );
+    // 5 at once, then 15 one every 200 ms: at least 3 s. (Each instance on its own limit
+    // would send its 10 in 1 s.) Arrivals come at or after their slots, never before.
+    let first = got.iter().map(|r| r.at).min().unwrap();
+    let last = got.iter().map(|r| r.at).max().unwrap();
+    assert!(
+        last - first >= Duration::from_millis(2_800),
+        "{EVENTS} deliveries in {:?}",
+        last - first
+    );
+    let deferred = |metrics: String| -> u64 {
+        (metrics.lines())
+            .find_map(|l| {
+                l.strip_prefix(r#"switchyard_deliveries_deferred_total{destination="d"} "#)
+            })
+            .map_or(0, |n| n.parse().unwrap())
+    };
+    assert_eq!(
+        deferred(a.metrics().await) + deferred(b.metrics().await),
+        (EVENTS - 5) as u64,
+        "each delivery past the burst is put off once, whichever instance claims it at its slot"
+    );
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}
+
 /// `delivery.notify_source` on a shared store: two instances that each see a destination
 /// fail, before either has read the other's state, post one `destination.failed` between
 /// them (an operator is paged once per change, not once per instance).

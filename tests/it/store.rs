@@ -1406,6 +1406,92 @@ async fn postgres_claims_take_each_destination_up_to_its_room() {
     claims_take_each_destination_up_to_its_room(Arc::new(store)).await;
 }
 
+/// Destinations' rate limits are the store's: `a` and `b` are two gateways on it (the same
+/// one for SQLite, whose store is one gateway's). Slots are taken once whoever asks; a
+/// delivery put off comes back marked paced, by any claim, until its attempt is recorded;
+/// a restart starts the limit afresh and unmarks what it releases.
+async fn rate_limits_are_the_stores(a: Arc<dyn Store>, b: Arc<dyn Store>) {
+    // Five a second: a burst of five, then one every 200 ms — between both.
+    let mut slots = Vec::new();
+    for n in 0..8 {
+        let store = if n % 2 == 0 { &a } else { &b };
+        slots.push(store.take_slot("d", 1_000, 5.0).await.unwrap());
+    }
+    assert_eq!(
+        slots,
+        [1_000, 1_000, 1_000, 1_000, 1_000, 1_200, 1_400, 1_600]
+    );
+    assert_eq!(b.take_slot("other", 1_000, 5.0).await.unwrap(), 1_000);
+    // Idle time refills the burst.
+    assert_eq!(a.take_slot("d", 60_000, 5.0).await.unwrap(), 60_000);
+
+    let e = event("paced-event", "s", 900, "{}");
+    a.insert_event(e.clone(), None).await.unwrap();
+    let id = "paced-delivery";
+    (a.complete_event(&e, vec![outcome(1)], vec![delivery(id, "d", None)], 1_000))
+        .await
+        .unwrap();
+    let claim = |store: Arc<dyn Store>, now: u64| async move {
+        let due = (store.claim_due(now, now + 10_000, 10, &ClaimScope::any()))
+            .await
+            .unwrap();
+        assert_eq!(due.len(), 1, "claimed at {now}");
+        due.into_iter().next().unwrap()
+    };
+    assert!(!claim(a.clone(), 1_000).await.paced, "a new delivery");
+    assert!(a.defer_delivery(id, 1_600).await.unwrap());
+    assert!(
+        (b.claim_due(1_599, 20_000, 10, &ClaimScope::any()))
+            .await
+            .unwrap()
+            .is_empty(),
+        "nothing before its slot"
+    );
+    let due = claim(b.clone(), 1_600).await;
+    assert!(
+        due.paced,
+        "at its slot, by another claim: sent without another slot"
+    );
+    let failed = Attempt {
+        status_code: Some(500),
+        ..attempt(1_600, 500)
+    };
+    (b.record_attempt(id, 0, failed, AttemptNext::RetryAt(5_000)))
+        .await
+        .unwrap();
+    let due = claim(a.clone(), 5_000).await;
+    assert!(!due.paced, "a retry takes a slot of its own");
+
+    // Put off again, then the destination restarted: due now, paced afresh.
+    assert!(a.defer_delivery(id, 90_000).await.unwrap());
+    b.set_destination_state(&active("d"), 61_000).await.unwrap();
+    let due = claim(a.clone(), 61_000).await;
+    assert!(!due.paced, "released by the restart: {}", due.id);
+    assert_eq!(
+        a.take_slot("d", 61_000, 5.0).await.unwrap(),
+        61_000,
+        "the restart started the limit afresh"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sqlite_rate_limits_are_the_stores() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path(), 100).unwrap());
+    rate_limits_are_the_stores(store.clone(), store).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_rate_limits_are_the_stores() {
+    let Some(server) = PgServer::start() else {
+        return;
+    };
+    let url = server.database("pace");
+    let a = PgStore::open(&url, 100, LEASE).await.unwrap();
+    let b = PgStore::open(&url, 100, LEASE).await.unwrap();
+    rate_limits_are_the_stores(Arc::new(a), Arc::new(b)).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sqlite_queue_is_bounded_in_bytes() {
     let dir = tempfile::tempdir().unwrap();

@@ -68,6 +68,8 @@ pub struct Received {
     pub uri: String,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// When it arrived.
+    pub at: std::time::Instant,
 }
 
 impl Received {
@@ -181,6 +183,7 @@ async fn record(
         uri: uri.to_string(),
         headers,
         body,
+        at: std::time::Instant::now(),
     });
     recorded.arrived.notify_waiters();
     (status, answer)

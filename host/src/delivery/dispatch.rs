@@ -13,7 +13,6 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::pace::Pacer;
 use super::placeholder::{self, Target};
 use super::policy::{AttemptResult, decide, parse_retry_after};
 use super::{Destination, Destinations, USER_AGENT};
@@ -110,8 +109,6 @@ pub struct Dispatcher {
     known: ArcSwap<Known>,
     destinations: ArcSwap<Destinations>,
     states: Mutex<HashMap<String, DestinationState>>,
-    /// The rate limits' slots, by destination.
-    pacers: Mutex<HashMap<String, Pacer>>,
     clock: Arc<dyn Clock>,
     wake: Notify,
     /// `delivery.concurrency`: a permit per attempt in flight, in two parts. `permits`
@@ -263,7 +260,6 @@ impl Dispatcher {
             known: ArcSwap::from_pointee(Known::new(destinations.keys().cloned())),
             destinations: ArcSwap::new(destinations),
             states: Mutex::new(states),
-            pacers: Mutex::default(),
             clock,
             wake: Notify::new(),
             permits: Pool::new(config.concurrency - config.reserved_concurrency),
@@ -477,7 +473,6 @@ impl Dispatcher {
                 Ok(epoch) => {
                     state.epoch = epoch;
                     self.lock_states().insert(name.clone(), state);
-                    self.lock_pacers().remove(&name);
                     tracing::warn!(destination = %name,
                         "A FAILED or DISABLED destination is no longer configured: its held deliveries are released, to fail as no longer configured.");
                     self.wake();
@@ -698,10 +693,6 @@ impl Dispatcher {
         self.states.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn lock_pacers(&self) -> std::sync::MutexGuard<'_, HashMap<String, Pacer>> {
-        self.pacers.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// Sends due deliveries until `stop` is cancelled; then, for a short grace period
     /// (`SHUTDOWN_GRACE`), sends what is due and retries that fall due, waits for the
     /// attempts under way, and returns. Later retries, and a backlog the grace period did
@@ -814,14 +805,18 @@ impl Dispatcher {
             // that hangs: it is held with the destination's other deliveries, not sent.
             return self.put_back(&d, at).await;
         }
-        if let Some(rate) = destination.as_ref().and_then(|dest| dest.rate_limit) {
-            let slot = self
-                .lock_pacers()
-                .entry(d.destination.clone())
-                .or_default()
-                .slot(&d.id, at, rate);
-            if slot > at {
-                return self.defer(&d, slot).await;
+        if let Some(rate) = destination.as_ref().and_then(|dest| dest.rate_limit)
+            && !d.paced
+        {
+            match self.store.take_slot(&d.destination, at, rate).await {
+                Ok(slot) if slot > at => return self.defer(&d, slot).await,
+                Ok(_) => {}
+                // Not sent unpaced: the lease runs out and it is claimed, and paced, again.
+                Err(e) => {
+                    tracing::error!(delivery_id = %d.id, error = %e,
+                        "Cannot take a slot under the destination's rate limit.");
+                    return;
+                }
             }
         }
         let (attempt, next) = match destination {
@@ -1128,9 +1123,8 @@ impl Dispatcher {
             .store
             .set_destination_state(&state, self.clock.now_ms())
             .await?;
+        // Every pending delivery is due now, paced afresh (the store started its limit over).
         let was = self.lock_states().insert(name.to_string(), state.clone());
-        // Every pending delivery is due now: paced afresh, none sent on an old slot.
-        self.lock_pacers().remove(name);
         tracing::info!(destination = name, "Destination restarted.");
         if was.is_some_and(|w| w.state != DestinationHealth::Active) {
             self.notify(&state);

@@ -123,10 +123,19 @@ pub trait Store: Send + Sync + 'static {
     /// next claim: the dispatcher claims at least twice a second.)
     async fn next_due_at(&self, now: u64, scope: &ClaimScope) -> Result<Option<u64>, StoreError>;
 
-    /// Puts off a pending delivery whose lease the caller holds until `until`, releasing
-    /// the lease, without recording an attempt (its destination's rate limit). `false` if
-    /// there is no such pending delivery.
+    /// Puts off a pending delivery whose lease the caller holds until `until`, its slot
+    /// under its destination's rate limit, releasing the lease, without recording an
+    /// attempt. It is marked paced ([`DueDelivery::paced`]) until its next attempt is
+    /// recorded or a restart of its destination. `false` if there is no such pending
+    /// delivery.
     async fn defer_delivery(&self, delivery_id: &str, until: u64) -> Result<bool, StoreError>;
+
+    /// Takes the next slot under `destination`'s rate limit of `rate` deliveries a second,
+    /// asked at `now` (ms): `now` (send at once) or the later time to put the delivery off
+    /// until (`delivery::pace`'s GCRA). The limit is the store's, so that gateways sharing
+    /// a store share it; setting the destination ACTIVE ([`Store::set_destination_state`])
+    /// starts it afresh.
+    async fn take_slot(&self, destination: &str, now: u64, rate: f64) -> Result<u64, StoreError>;
 
     /// Records one attempt of a delivery and what follows from it, at once — the attempt
     /// after `attempts_before` (the count it was claimed with). `false`, with nothing
@@ -150,7 +159,8 @@ pub trait Store: Send + Sync + 'static {
     async fn destination_states(&self) -> Result<Vec<DestinationState>, StoreError>;
 
     /// Sets a destination's state (a restart) and begins a new epoch of it, returned.
-    /// Setting it active makes its pending deliveries due at `now`.
+    /// Setting it active makes its pending deliveries due at `now`, to be paced afresh: its
+    /// rate limit starts over and none keeps a slot.
     async fn set_destination_state(
         &self,
         state: &DestinationState,
@@ -1065,6 +1075,9 @@ pub struct DueDelivery {
     /// Until when the caller holds it (ms since the epoch): an attempt that could not end
     /// before then is not started, but left to whoever claims it next.
     pub lease_until: u64,
+    /// Put off by its destination's rate limit and now at its slot: sent without taking
+    /// another ([`Store::defer_delivery`]).
+    pub paced: bool,
 }
 
 /// What follows an attempt.

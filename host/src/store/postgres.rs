@@ -27,6 +27,7 @@ use tokio_postgres::NoTls;
 use tokio_postgres::Row;
 
 use super::*;
+use crate::delivery::pace;
 use crate::event::{Body, Event};
 
 /// The migrations, in order; `schema_version` holds how many ran.
@@ -248,6 +249,16 @@ const SCHEMA: &[&str] = &[
     $$ LANGUAGE plpgsql;
     CREATE TRIGGER managed_objects_changed BEFORE INSERT OR UPDATE OR DELETE ON managed_objects
         FOR EACH ROW EXECUTE FUNCTION switchyard_managed_changed();"#,
+    // 17: destinations' rate limits shared by every instance (`Store::take_slot`): each
+    // destination's theoretical arrival time (ms) in a table all update. Unlogged: no WAL,
+    // so taking a slot is not a synced commit; after a crash of the server it is empty,
+    // and each limit starts afresh (one burst). As SQLite's version 14, deliveries put off
+    // by a limit are marked paced.
+    "ALTER TABLE deliveries ADD COLUMN paced BOOLEAN NOT NULL DEFAULT false;
+    CREATE UNLOGGED TABLE destination_pace (
+        destination TEXT PRIMARY KEY,
+        tat DOUBLE PRECISION NOT NULL
+    );",
 ];
 
 /// `Store::list_events` (see SQLite's `list_events_sql`): by `events_source` when a source
@@ -940,7 +951,8 @@ const CLAIM_WALKED: &str = "UPDATE deliveries SET lease_until = $1
     RETURNING id, event_id, destination, url, headers,
               CASE WHEN body_from_event THEN (SELECT e.body FROM events e WHERE e.id = deliveries.event_id) ELSE body END,
               attempts,
-              (SELECT e.received_at FROM events e WHERE e.id = deliveries.event_id)";
+              (SELECT e.received_at FROM events e WHERE e.id = deliveries.event_id),
+              paced";
 
 /// The destinations with pending deliveries not held, by a skip-scan of
 /// `deliveries_destination_due` (one probe each), as SQLite's `PENDING_DESTINATIONS`.
@@ -986,7 +998,8 @@ const CLAIM_DUE: &str = concat!(
     RETURNING id, event_id, destination, url, headers,
               CASE WHEN body_from_event THEN (SELECT e.body FROM events e WHERE e.id = deliveries.event_id) ELSE body END,
               attempts,
-              (SELECT e.received_at FROM events e WHERE e.id = deliveries.event_id)"
+              (SELECT e.received_at FROM events e WHERE e.id = deliveries.event_id),
+              paced"
 );
 
 /// `Store::next_due_at`: each ACTIVE destination's first pending delivery not leased at $1,
@@ -1016,9 +1029,9 @@ const HOLD: &str = "UPDATE deliveries SET next_attempt_at = NULL
 
 /// ... until a restart makes them all due at `now` ($1): the held ones (by
 /// `deliveries_held`) and those due later.
-const RELEASE_HELD: &str = "UPDATE deliveries SET next_attempt_at = $1
+const RELEASE_HELD: &str = "UPDATE deliveries SET next_attempt_at = $1, paced = false
     WHERE destination = $2 AND status = 'pending' AND next_attempt_at IS NULL";
-const RELEASE_LATER: &str = "UPDATE deliveries SET next_attempt_at = $1
+const RELEASE_LATER: &str = "UPDATE deliveries SET next_attempt_at = $1, paced = false
     WHERE destination = $2 AND status = 'pending' AND next_attempt_at > $1";
 
 #[async_trait]
@@ -1191,6 +1204,7 @@ impl Store for PgStore {
                     attempts: r.get::<_, i32>(6) as u32,
                     received_at: r.get::<_, Option<i64>>(7).unwrap_or(0) as u64,
                     lease_until,
+                    paced: r.get(8),
                 }
             })
             .collect())
@@ -1245,7 +1259,7 @@ impl Store for PgStore {
             .prepare_cached(
                 "WITH u AS (
                     UPDATE deliveries SET attempts = attempts + 1, status = $1, next_attempt_at = $2,
-                        lease_until = NULL
+                        lease_until = NULL, paced = false
                     WHERE id = $3 AND attempts = $9 RETURNING id, attempts
                  ), a AS (
                     INSERT INTO attempts (delivery_id, n, at, duration_ms, status_code, error, response)
@@ -1355,6 +1369,12 @@ impl Store for PgStore {
             for sql in [RELEASE_HELD, RELEASE_LATER] {
                 tx.execute(sql, &[&(now as i64), &state.name]).await?;
             }
+            // Its rate limit starts afresh.
+            tx.execute(
+                "DELETE FROM destination_pace WHERE destination = $1",
+                &[&state.name],
+            )
+            .await?;
         } else {
             tx.execute(HOLD, &[&state.name]).await?;
         }
@@ -1660,11 +1680,31 @@ impl Store for PgStore {
         Ok(changed)
     }
 
+    async fn take_slot(&self, destination: &str, now: u64, rate: f64) -> Result<u64, StoreError> {
+        // One step of the GCRA, atomically: whichever instance asks, each slot is taken once.
+        let client = self.pool.get().await?;
+        let statement = client
+            .prepare_cached(
+                "INSERT INTO destination_pace AS p (destination, tat) VALUES ($1, $2::FLOAT8 + $3::FLOAT8)
+                 ON CONFLICT (destination) DO UPDATE SET tat = GREATEST(p.tat, $2::FLOAT8) + $3::FLOAT8
+                 RETURNING tat",
+            )
+            .await?;
+        let next: f64 = client
+            .query_one(
+                &statement,
+                &[&destination, &(now as f64), &pace::interval(rate)],
+            )
+            .await?
+            .get(0);
+        Ok(pace::slot(next, now, rate))
+    }
+
     async fn defer_delivery(&self, delivery_id: &str, until: u64) -> Result<bool, StoreError> {
         let client = self.pool.get().await?;
         let n = client
             .execute(
-                "UPDATE deliveries SET next_attempt_at = $1, lease_until = NULL
+                "UPDATE deliveries SET next_attempt_at = $1, lease_until = NULL, paced = true
                  WHERE id = $2 AND status = 'pending'",
                 &[&(until as i64), &delivery_id],
             )

@@ -30,6 +30,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 
 use super::*;
+use crate::delivery::pace::Slots;
 use crate::event::{Body, Event};
 
 /// How many writes one transaction takes at most.
@@ -165,6 +166,10 @@ const SCHEMA: &[&str] = &[
          WHERE status = 'pending' AND next_attempt_at IS NOT NULL;
      CREATE INDEX deliveries_held ON deliveries (destination)
          WHERE status = 'pending' AND next_attempt_at IS NULL;",
+    // Version 14: a delivery put off by its destination's rate limit is marked, so that it
+    // is sent at its slot without taking another (`Store::defer_delivery`) — by whichever
+    // claim finds it, after a restart too.
+    "ALTER TABLE deliveries ADD COLUMN paced INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// `Store::list_events`: newest first, from the cursor (?6, ?7), within [?4, ?5). Walked by
@@ -393,6 +398,9 @@ pub struct SqliteStore {
     queue: Arc<EventQueue>,
     /// Why the store stopped acknowledging writes (see `Store::fatal`), once it has.
     fatal: tokio::sync::watch::Sender<Option<String>>,
+    /// The destinations' rate limits (`Store::take_slot`): in memory, since no other
+    /// gateway shares this store.
+    slots: Mutex<Slots>,
 }
 
 /// What `SqliteStore::backup` copied.
@@ -576,7 +584,12 @@ impl SqliteStore {
             indexed: Default::default(),
             queue: Arc::new(EventQueue::new(queued, capacity)),
             fatal,
+            slots: Mutex::default(),
         })
+    }
+
+    fn lock_slots(&self) -> std::sync::MutexGuard<'_, Slots> {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// An event whose outcome could not be recorded (e.g. the disk was full) is still
@@ -1191,6 +1204,7 @@ impl Store for SqliteStore {
                     attempts: r.get::<_, i64>(6)? as u32,
                     received_at: r.get::<_, Option<i64>>(7)?.unwrap_or(0) as u64,
                     lease_until,
+                    paced: r.get(8)?,
                 })
             })?
             .collect()
@@ -1243,7 +1257,9 @@ impl Store for SqliteStore {
                 AttemptNext::Hold => ("pending", None),
             };
             conn.prepare_cached(
-                "UPDATE deliveries SET attempts = attempts + 1, status = ?, next_attempt_at = ?, lease_until = NULL WHERE id = ?",
+                "UPDATE deliveries SET attempts = attempts + 1, status = ?, next_attempt_at = ?, lease_until = NULL,
+                     paced = 0
+                 WHERE id = ?",
             )?
             .execute(params![status, next_at, id])?;
             Ok(true)
@@ -1282,8 +1298,9 @@ impl Store for SqliteStore {
         state: &DestinationState,
         now: u64,
     ) -> Result<i64, StoreError> {
+        let (name, active) = (state.name.clone(), state.state == DestinationHealth::Active);
         let state = state.clone();
-        self.write(move |conn| {
+        let epoch = self.write(move |conn| {
             let epoch: i64 = conn
                 .prepare_cached(
                     "INSERT INTO destination_state (name, state, consecutive_failures, last_error, epoch)
@@ -1309,7 +1326,11 @@ impl Store for SqliteStore {
             }
             Ok(epoch)
         })
-        .await
+        .await;
+        if epoch.is_ok() && active {
+            self.lock_slots().forget(&name);
+        }
+        epoch
     }
 
     async fn delivery_counts(&self) -> Result<Vec<DeliveryCounts>, StoreError> {
@@ -1550,12 +1571,16 @@ impl Store for SqliteStore {
         Ok(changed)
     }
 
+    async fn take_slot(&self, destination: &str, now: u64, rate: f64) -> Result<u64, StoreError> {
+        Ok(self.lock_slots().take(destination, now, rate))
+    }
+
     async fn defer_delivery(&self, delivery_id: &str, until: u64) -> Result<bool, StoreError> {
         let id = delivery_id.to_string();
         // Lost in a power cut, the lease runs out and the delivery is paced again.
         self.write_lazy(move |conn| {
             conn.prepare_cached(
-                "UPDATE deliveries SET next_attempt_at = ?1, lease_until = NULL
+                "UPDATE deliveries SET next_attempt_at = ?1, lease_until = NULL, paced = 1
                  WHERE id = ?2 AND status = 'pending'",
             )?
             .execute(params![until as i64, id])
@@ -1915,7 +1940,8 @@ const CLAIM: &str = "UPDATE deliveries SET lease_until = ?1
     RETURNING id, event_id, destination, url, headers,
               CASE WHEN body_from_event THEN (SELECT e.body FROM events e WHERE e.id = deliveries.event_id) ELSE body END,
               attempts,
-              (SELECT e.received_at FROM events e WHERE e.id = deliveries.event_id)";
+              (SELECT e.received_at FROM events e WHERE e.id = deliveries.event_id),
+              paced";
 
 /// A destination that is not ACTIVE holds its pending deliveries: they lose their due time,
 /// so claims and `next_due_at` never walk past them however many wait (new ones are
@@ -1938,9 +1964,9 @@ fn release(conn: &Connection, destination: &str, now: u64) -> rusqlite::Result<(
     }
     Ok(())
 }
-const RELEASE_HELD: &str = "UPDATE deliveries SET next_attempt_at = ?1
+const RELEASE_HELD: &str = "UPDATE deliveries SET next_attempt_at = ?1, paced = 0
     WHERE destination = ?2 AND status = 'pending' AND next_attempt_at IS NULL";
-const RELEASE_LATER: &str = "UPDATE deliveries SET next_attempt_at = ?1
+const RELEASE_LATER: &str = "UPDATE deliveries SET next_attempt_at = ?1, paced = 0
     WHERE destination = ?2 AND status = 'pending' AND next_attempt_at > ?1";
 
 /// Writes a state decided by attempts, unless a restart began a newer epoch meanwhile;
