@@ -1,6 +1,6 @@
-//! What a destination's `rate_limit` costs each delivery: `Store::take_slot`, on SQLite (in
-//! memory) and on PostgreSQL (an update of one row of an unlogged table that every instance
-//! shares), one call at a time (the latency an attempt waits) and with 64 in flight from two
+//! What a `rate_limit` costs each delivery to a limited destination (or event to a limited
+//! source): `Store::take_slot`, on SQLite (in memory) and on PostgreSQL (an update of one
+//! row of an unlogged table that every instance shares), one call at a time (the latency an attempt waits) and with 64 in flight from two
 //! stores on one database (what the shared row allows, all to one destination, as
 //! `delivery.concurrency` attempts would). Medians of five rounds.
 //!
@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use switchyard::store::{PgStore, SqliteStore, Store};
+use switchyard::store::{Limit, PgStore, SqliteStore, Store};
 
 const IN_FLIGHT: usize = 64;
 const ROUNDS: usize = 5;
@@ -24,7 +24,10 @@ fn median(mut v: Vec<f64>) -> f64 {
 async fn one_at_a_time(store: &dyn Store, calls: usize) -> f64 {
     let start = Instant::now();
     for n in 0..calls {
-        store.take_slot("d", n as u64, 1e6).await.unwrap();
+        store
+            .take_slot(Limit::Destination("d"), n as u64, 1e6)
+            .await
+            .unwrap();
     }
     start.elapsed().as_secs_f64() * 1e6 / calls as f64
 }
@@ -35,7 +38,12 @@ async fn many_at_once(stores: &[Arc<dyn Store>], calls: usize) -> f64 {
     futures_util::stream::iter(0..calls)
         .map(|n| {
             let store = stores[n % stores.len()].clone();
-            async move { store.take_slot("d", n as u64, 1e6).await.unwrap() }
+            async move {
+                store
+                    .take_slot(Limit::Destination("d"), n as u64, 1e6)
+                    .await
+                    .unwrap()
+            }
         })
         .buffer_unordered(IN_FLIGHT)
         .for_each(|_| async {})

@@ -314,30 +314,6 @@ pub fn allowed_client(
     }
 }
 
-/// Each source's `rate_limit` on ingest: deliveries' GCRA (`delivery::pace::gcra`) per
-/// source — a burst of up to one second's worth, then evenly spaced — except that a
-/// request refused takes no slot.
-#[derive(Debug, Default)]
-pub struct IngestLimits {
-    /// By source: the theoretical arrival time of its next event, in ms (fractional).
-    next: std::sync::Mutex<std::collections::HashMap<String, f64>>,
-}
-
-impl IngestLimits {
-    /// Takes a slot for an event of `source` at `now` (ms) under `rate` events per second,
-    /// or says in how many ms there will be one.
-    pub fn admit(&self, source: &str, now: u64, rate: f64) -> Result<(), u64> {
-        let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
-        let tat = next.get(source).copied().unwrap_or(0.0);
-        let (allowed, after) = crate::delivery::pace::gcra(tat, now, rate);
-        if allowed > now as f64 {
-            return Err((allowed - now as f64).ceil() as u64);
-        }
-        next.insert(source.to_string(), after);
-        Ok(())
-    }
-}
-
 /// How a source's requests are authenticated.
 #[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
 #[serde(tag = "scheme", rename_all = "kebab-case", deny_unknown_fields)]
@@ -559,28 +535,6 @@ pub fn allowed(ip: IpAddr, allowlist: Option<&[IpNet]>) -> Result<(), EdgeError>
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ingest_limits_allow_a_seconds_burst_then_space_events_evenly() {
-        let limits = IngestLimits::default();
-        // 4 a second: a burst of 4 at once, then one each 250 ms.
-        for _ in 0..4 {
-            assert_eq!(limits.admit("s", 10_000, 4.0), Ok(()));
-        }
-        assert_eq!(limits.admit("s", 10_000, 4.0), Err(250));
-        // A refused request takes no slot: the next is still 250 ms away, not 500.
-        assert_eq!(limits.admit("s", 10_100, 4.0), Err(150));
-        assert_eq!(limits.admit("s", 10_250, 4.0), Ok(()));
-        assert_eq!(limits.admit("s", 10_250, 4.0), Err(250));
-        // Each source has its own; a slow rate waits its whole interval.
-        assert_eq!(limits.admit("other", 10_250, 0.5), Ok(()));
-        assert_eq!(limits.admit("other", 10_250, 0.5), Err(2_000));
-        // Idle for a while, the burst is back (and no more than it).
-        for _ in 0..4 {
-            assert_eq!(limits.admit("s", 60_000, 4.0), Ok(()));
-        }
-        assert!(limits.admit("s", 60_000, 4.0).is_err());
-    }
 
     #[test]
     fn a_client_certificate_is_known_by_its_dns_names_and_common_name() {

@@ -16,7 +16,7 @@ use crate::api::{ApiError, AppState};
 use crate::delivery::now_ms;
 use crate::edge;
 use crate::event::{Body, Event};
-use crate::store::{Idempotency, Inserted, StoreError};
+use crate::store::{Idempotency, Inserted, Limit, StoreError};
 
 /// Accepts an event: `202` once it is committed to the store (it will not be lost). The
 /// body is any bytes (JSON is parsed by plugins, not here). Counted in
@@ -126,21 +126,30 @@ async fn accept(
         })?;
     }
     // Only events that passed the checks count against the source's rate: others' bad
-    // requests cannot use up a sender's share.
-    if let Some(rate) = sc.rate_limit
-        && let Err(wait_ms) = state.ingest_limits.admit(&source, now_ms(), rate)
-    {
-        tracing::warn!(
-            source,
-            rate,
-            "Ingest refused: over the source's rate limit."
-        );
-        return Err(ApiError::RateLimited {
-            message: format!(
-                "source `{source}` is over its rate limit of {rate} events per second"
-            ),
-            retry_after_s: wait_ms.div_ceil(1000).max(1),
-        });
+    // requests cannot use up a sender's share. The limit is the store's: instances on one
+    // database share it.
+    if let Some(rate) = sc.rate_limit {
+        let now = now_ms();
+        let slot = (state.store)
+            .take_slot(Limit::Source(&source), now, rate)
+            .await
+            .map_err(|e| {
+                tracing::error!(source, error = %e, "Cannot check the source's rate limit.");
+                ApiError::Unavailable("the event could not be stored; try again later".into())
+            })?;
+        if slot > now {
+            tracing::warn!(
+                source,
+                rate,
+                "Ingest refused: over the source's rate limit."
+            );
+            return Err(ApiError::RateLimited {
+                message: format!(
+                    "source `{source}` is over its rate limit of {rate} events per second"
+                ),
+                retry_after_s: (slot - now).div_ceil(1000).max(1),
+            });
+        }
     }
     let content_type = headers
         .get(axum::http::header::CONTENT_TYPE)

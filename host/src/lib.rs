@@ -14,6 +14,7 @@ pub mod event;
 pub mod ingest;
 pub mod managed;
 pub mod metrics;
+pub mod pace;
 pub mod pipeline;
 pub mod plugin;
 pub mod reload;
@@ -270,7 +271,6 @@ impl Gateway {
             metrics: self.metrics.clone(),
             minutes: Default::default(),
             counts: Default::default(),
-            ingest_limits: Default::default(),
         });
         let scheme = match self.reloader.config().server.tls {
             Some(_) => "https",

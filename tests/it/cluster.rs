@@ -454,11 +454,12 @@ destinations = ["new"]
     b.shutdown().await.unwrap();
 }
 
-/// A destination's `rate_limit` holds for the instances together, not for each: events
+/// Rate limits hold for the instances together, not for each. A destination's: events
 /// sent through two instances reach it at the rate it allows, and a delivery one instance
-/// put off is sent at its slot by whichever claims it, without being put off again.
+/// put off is sent at its slot by whichever claims it, without being put off again. A
+/// source's: a sender spread over both is let in at its rate, not twice it.
 #[tokio::test(flavor = "multi_thread")]
-async fn instances_share_a_destinations_rate_limit() {
+async fn instances_share_rate_limits() {
     let Some(server) = PgServer::start() else {
         return;
     };
@@ -478,10 +479,23 @@ rate_limit = 5
 [[routes]]
 source = "s"
 destinations = ["d"]
+[[sources]]
+name = "limited"
+rate_limit = 0.2
 "#
     );
     let a = TestGateway::start(&config, &rx, &[]).await;
     let b = TestGateway::start(&config, &rx, &[]).await;
+
+    // One event every 5 s, no burst: of six sent within a moment, through both, one is let
+    // in (each instance on its own limit would let in two).
+    let mut statuses = Vec::new();
+    for n in 0..6 {
+        let gw = if n % 2 == 0 { &a } else { &b };
+        statuses.push(gw.post("limited", json!({ "n": n }).to_string()).await.0);
+    }
+    assert_eq!(statuses, [202, 429, 429, 429, 429, 429]);
+
     const EVENTS: usize = 20;
     for n in 0..EVENTS {
         let gw = if n % 2 == 0 { &a } else { &b };

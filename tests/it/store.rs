@@ -8,7 +8,7 @@ use bytes::Bytes;
 use switchyard::event::{Body, Event};
 use switchyard::store::{
     Attempt, AttemptNext, ClaimScope, DeliveryStatus, DestinationHealth, DestinationState,
-    EventFilter, EventStatus, FieldIndexes, FieldMatch, Idempotency, Inserted, Known,
+    EventFilter, EventStatus, FieldIndexes, FieldMatch, Idempotency, Inserted, Known, Limit,
     ManagedObject, NewDelivery, PgStore, PurgeBefore, RouteOutcome, RouteResult, RouteResultKind,
     SqliteStore, Store,
 };
@@ -1411,19 +1411,37 @@ async fn postgres_claims_take_each_destination_up_to_its_room() {
 /// delivery put off comes back marked paced, by any claim, until its attempt is recorded;
 /// a restart starts the limit afresh and unmarks what it releases.
 async fn rate_limits_are_the_stores(a: Arc<dyn Store>, b: Arc<dyn Store>) {
+    const D: Limit = Limit::Destination("d");
     // Five a second: a burst of five, then one every 200 ms — between both.
     let mut slots = Vec::new();
     for n in 0..8 {
         let store = if n % 2 == 0 { &a } else { &b };
-        slots.push(store.take_slot("d", 1_000, 5.0).await.unwrap());
+        slots.push(store.take_slot(D, 1_000, 5.0).await.unwrap());
     }
     assert_eq!(
         slots,
         [1_000, 1_000, 1_000, 1_000, 1_000, 1_200, 1_400, 1_600]
     );
-    assert_eq!(b.take_slot("other", 1_000, 5.0).await.unwrap(), 1_000);
+    assert_eq!(
+        b.take_slot(Limit::Destination("other"), 1_000, 5.0)
+            .await
+            .unwrap(),
+        1_000
+    );
+    // A source's limit is its own, and a refused event takes no slot: two a second, so
+    // the third and fourth are refused until 1,500, and the one at 1,500 is let in.
+    let source = Limit::Source("d");
+    let mut answers = Vec::new();
+    for (n, now) in [1_000, 1_000, 1_000, 1_100, 1_500, 1_500]
+        .into_iter()
+        .enumerate()
+    {
+        let store = if n % 2 == 0 { &a } else { &b };
+        answers.push(store.take_slot(source, now, 2.0).await.unwrap());
+    }
+    assert_eq!(answers, [1_000, 1_000, 1_500, 1_500, 1_500, 2_000]);
     // Idle time refills the burst.
-    assert_eq!(a.take_slot("d", 60_000, 5.0).await.unwrap(), 60_000);
+    assert_eq!(a.take_slot(D, 60_000, 5.0).await.unwrap(), 60_000);
 
     let e = event("paced-event", "s", 900, "{}");
     a.insert_event(e.clone(), None).await.unwrap();
@@ -1468,7 +1486,7 @@ async fn rate_limits_are_the_stores(a: Arc<dyn Store>, b: Arc<dyn Store>) {
     let due = claim(a.clone(), 61_000).await;
     assert!(!due.paced, "released by the restart: {}", due.id);
     assert_eq!(
-        a.take_slot("d", 61_000, 5.0).await.unwrap(),
+        a.take_slot(D, 61_000, 5.0).await.unwrap(),
         61_000,
         "the restart started the limit afresh"
     );

@@ -49,8 +49,6 @@ pub struct AppState {
     pub minutes: Arc<stats::MinuteCache>,
     /// The deliveries waiting and failed per destination, for the destination views.
     pub counts: Arc<counts::CountsCache>,
-    /// The sources' `rate_limit`s on ingest.
-    pub ingest_limits: Arc<crate::edge::IngestLimits>,
 }
 
 /// The OpenAPI document's frame; the paths come from the handlers.

@@ -808,7 +808,8 @@ impl Dispatcher {
         if let Some(rate) = destination.as_ref().and_then(|dest| dest.rate_limit)
             && !d.paced
         {
-            match self.store.take_slot(&d.destination, at, rate).await {
+            let limit = crate::pace::Limit::Destination(&d.destination);
+            match self.store.take_slot(limit, at, rate).await {
                 Ok(slot) if slot > at => return self.defer(&d, slot).await,
                 Ok(_) => {}
                 // Not sent unpaced: the lease runs out and it is claimed, and paced, again.

@@ -3,7 +3,6 @@
 //! ([`policy`]), keeps each destination's rate limit ([`pace`]) and state.
 
 mod dispatch;
-pub mod pace;
 pub mod placeholder;
 pub mod policy;
 

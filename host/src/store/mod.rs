@@ -21,6 +21,7 @@ pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 use crate::event::{Event, Pairs};
+pub use crate::pace::Limit;
 use crate::plugin::PluginVerdict;
 
 /// A store failure.
@@ -130,12 +131,13 @@ pub trait Store: Send + Sync + 'static {
     /// delivery.
     async fn defer_delivery(&self, delivery_id: &str, until: u64) -> Result<bool, StoreError>;
 
-    /// Takes the next slot under `destination`'s rate limit of `rate` deliveries a second,
-    /// asked at `now` (ms): `now` (send at once) or the later time to put the delivery off
-    /// until (`delivery::pace`'s GCRA). The limit is the store's, so that gateways sharing
-    /// a store share it; setting the destination ACTIVE ([`Store::set_destination_state`])
-    /// starts it afresh.
-    async fn take_slot(&self, destination: &str, now: u64, rate: f64) -> Result<u64, StoreError>;
+    /// A slot under a rate limit of `rate` a second, asked at `now` (ms), by the GCRA of
+    /// [`crate::pace`]: `now`, taken (send the delivery, admit the event); or the later
+    /// time of the next free slot — taken for a destination's delivery, which is put off
+    /// until then, not for a source's event, which is refused. The limits are the store's,
+    /// so that gateways sharing a store share them; setting a destination ACTIVE
+    /// ([`Store::set_destination_state`]) starts its limit afresh.
+    async fn take_slot(&self, limit: Limit<'_>, now: u64, rate: f64) -> Result<u64, StoreError>;
 
     /// Records one attempt of a delivery and what follows from it, at once — the attempt
     /// after `attempts_before` (the count it was claimed with). `false`, with nothing

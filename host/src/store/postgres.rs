@@ -27,8 +27,8 @@ use tokio_postgres::NoTls;
 use tokio_postgres::Row;
 
 use super::*;
-use crate::delivery::pace;
 use crate::event::{Body, Event};
+use crate::pace;
 
 /// The migrations, in order; `schema_version` holds how many ran.
 const SCHEMA: &[&str] = &[
@@ -249,15 +249,19 @@ const SCHEMA: &[&str] = &[
     $$ LANGUAGE plpgsql;
     CREATE TRIGGER managed_objects_changed BEFORE INSERT OR UPDATE OR DELETE ON managed_objects
         FOR EACH ROW EXECUTE FUNCTION switchyard_managed_changed();"#,
-    // 17: destinations' rate limits shared by every instance (`Store::take_slot`): each
-    // destination's theoretical arrival time (ms) in a table all update. Unlogged: no WAL,
-    // so taking a slot is not a synced commit; after a crash of the server it is empty,
-    // and each limit starts afresh (one burst). As SQLite's version 14, deliveries put off
-    // by a limit are marked paced.
+    // 17: rate limits shared by every instance (`Store::take_slot`): each destination's
+    // and source's theoretical arrival time (ms) in a table all update, a step of the GCRA
+    // at a time (`TAKE_SLOT`), `taken` saying whether the last step took its slot.
+    // Unlogged: no WAL, so taking a slot is not a synced commit; after a crash of the
+    // server it is empty, and each limit starts afresh (one burst). As SQLite's version
+    // 14, deliveries put off by a limit are marked paced.
     "ALTER TABLE deliveries ADD COLUMN paced BOOLEAN NOT NULL DEFAULT false;
-    CREATE UNLOGGED TABLE destination_pace (
-        destination TEXT PRIMARY KEY,
-        tat DOUBLE PRECISION NOT NULL
+    CREATE UNLOGGED TABLE rate_limits (
+        kind TEXT NOT NULL,
+        name TEXT NOT NULL,
+        tat DOUBLE PRECISION NOT NULL,
+        taken BOOLEAN NOT NULL,
+        PRIMARY KEY (kind, name)
     );",
 ];
 
@@ -935,6 +939,18 @@ const DUE_WALK: &str = "SELECT d.seq, d.destination, d.next_attempt_at FROM deli
       AND (s.state IS NULL OR s.state = 'active')
     ORDER BY d.next_attempt_at LIMIT $2";
 
+/// `Store::take_slot`: one step of `pace::gcra` on the row of limit ($1 kind, $2 name),
+/// under its lock, so that whichever instance asks each slot is taken once: asked at $3
+/// (ms) with $4 between slots and $5 of burst, the slot is taken if it is free now or
+/// the limit reserves later ones ($6). The SET expressions read the row as it was.
+const TAKE_SLOT: &str = "INSERT INTO rate_limits AS r (kind, name, tat, taken)
+    VALUES ($1, $2, $3::FLOAT8 + $4::FLOAT8, true)
+    ON CONFLICT (kind, name) DO UPDATE SET
+        taken = $6 OR GREATEST(r.tat, $3::FLOAT8) - $5::FLOAT8 <= $3::FLOAT8,
+        tat = CASE WHEN $6 OR GREATEST(r.tat, $3::FLOAT8) - $5::FLOAT8 <= $3::FLOAT8
+                   THEN GREATEST(r.tat, $3::FLOAT8) + $4::FLOAT8 ELSE r.tat END
+    RETURNING tat, taken";
+
 /// As SQLite's `NEXT_WALK`.
 const NEXT_WALK: &str = "SELECT d.destination, d.next_attempt_at FROM deliveries d
     LEFT JOIN destination_state s ON s.name = d.destination
@@ -1370,9 +1386,10 @@ impl Store for PgStore {
                 tx.execute(sql, &[&(now as i64), &state.name]).await?;
             }
             // Its rate limit starts afresh.
+            let limit = Limit::Destination(&state.name);
             tx.execute(
-                "DELETE FROM destination_pace WHERE destination = $1",
-                &[&state.name],
+                "DELETE FROM rate_limits WHERE kind = $1 AND name = $2",
+                &[&limit.kind(), &limit.name()],
             )
             .await?;
         } else {
@@ -1680,24 +1697,30 @@ impl Store for PgStore {
         Ok(changed)
     }
 
-    async fn take_slot(&self, destination: &str, now: u64, rate: f64) -> Result<u64, StoreError> {
-        // One step of the GCRA, atomically: whichever instance asks, each slot is taken once.
+    async fn take_slot(&self, limit: Limit<'_>, now: u64, rate: f64) -> Result<u64, StoreError> {
         let client = self.pool.get().await?;
-        let statement = client
-            .prepare_cached(
-                "INSERT INTO destination_pace AS p (destination, tat) VALUES ($1, $2::FLOAT8 + $3::FLOAT8)
-                 ON CONFLICT (destination) DO UPDATE SET tat = GREATEST(p.tat, $2::FLOAT8) + $3::FLOAT8
-                 RETURNING tat",
-            )
-            .await?;
-        let next: f64 = client
+        let statement = client.prepare_cached(TAKE_SLOT).await?;
+        let (step, tolerance) = (pace::interval(rate), pace::tolerance(rate));
+        let row = client
             .query_one(
                 &statement,
-                &[&destination, &(now as f64), &pace::interval(rate)],
+                &[
+                    &limit.kind(),
+                    &limit.name(),
+                    &(now as f64),
+                    &step,
+                    // As `pace::slot` rounds.
+                    &(tolerance + pace::ROUNDING),
+                    &limit.reserves(),
+                ],
             )
-            .await?
-            .get(0);
-        Ok(pace::slot(next, now, rate))
+            .await?;
+        let (tat, taken): (f64, bool) = (row.get(0), row.get(1));
+        // When the slot was allowed (`pace::gcra`'s first value): the arrival time it
+        // moved on from, or the one it left as it was, less the burst.
+        let allowed = if taken { tat - step } else { tat } - tolerance;
+        debug_assert!(taken == (pace::slot(allowed, now) == now) || limit.reserves());
+        Ok(pace::slot(allowed, now))
     }
 
     async fn defer_delivery(&self, delivery_id: &str, until: u64) -> Result<bool, StoreError> {

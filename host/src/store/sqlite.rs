@@ -30,8 +30,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 
 use super::*;
-use crate::delivery::pace::Slots;
 use crate::event::{Body, Event};
+use crate::pace::Slots;
 
 /// How many writes one transaction takes at most.
 const MAX_BATCH: usize = 1024;
@@ -398,8 +398,8 @@ pub struct SqliteStore {
     queue: Arc<EventQueue>,
     /// Why the store stopped acknowledging writes (see `Store::fatal`), once it has.
     fatal: tokio::sync::watch::Sender<Option<String>>,
-    /// The destinations' rate limits (`Store::take_slot`): in memory, since no other
-    /// gateway shares this store.
+    /// The rate limits (`Store::take_slot`): in memory, since no other gateway shares
+    /// this store.
     slots: Mutex<Slots>,
 }
 
@@ -1328,7 +1328,7 @@ impl Store for SqliteStore {
         })
         .await;
         if epoch.is_ok() && active {
-            self.lock_slots().forget(&name);
+            self.lock_slots().forget(Limit::Destination(&name));
         }
         epoch
     }
@@ -1571,8 +1571,8 @@ impl Store for SqliteStore {
         Ok(changed)
     }
 
-    async fn take_slot(&self, destination: &str, now: u64, rate: f64) -> Result<u64, StoreError> {
-        Ok(self.lock_slots().take(destination, now, rate))
+    async fn take_slot(&self, limit: Limit<'_>, now: u64, rate: f64) -> Result<u64, StoreError> {
+        Ok(self.lock_slots().take(limit, now, rate))
     }
 
     async fn defer_delivery(&self, delivery_id: &str, until: u64) -> Result<bool, StoreError> {
