@@ -146,7 +146,8 @@ async fn conformance(open: Reopen) {
     assert_eq!(resumed, ["e1", "e1c", "e2"]);
 
     // Completion: outcomes, deliveries (one leased at insert), processed; a second
-    // completion of the same deliveries (a crash before) leases nothing new.
+    // completion of the run (an instance taken over while it was slow) stores nothing,
+    // though it planned another delivery (its config differs, as in a rolling deploy).
     let leased = store
         .complete_event(
             &e1,
@@ -160,11 +161,19 @@ async fn conformance(open: Reopen) {
         .await
         .unwrap();
     assert_eq!(leased, ["d1"]);
+    let other_route = RouteOutcome {
+        route: 1,
+        name: "other".into(),
+        ..outcome(1)
+    };
     let again = store
         .complete_event(
             &e1,
-            vec![outcome(2)],
-            vec![delivery("d1", "fleet", Some(60_000))],
+            vec![outcome(2), other_route],
+            vec![
+                delivery("d1", "fleet", Some(60_000)),
+                delivery("d1-elsewhere", "fleet", Some(60_000)),
+            ],
             20_000,
         )
         .await
@@ -174,7 +183,9 @@ async fn conformance(open: Reopen) {
     assert_eq!(record.status, EventStatus::Processed);
     assert_eq!(record.routes.len(), 1);
     assert_eq!(record.routes[0]["name"], "r");
-    assert_eq!(record.deliveries.len(), 2);
+    let mut ids: Vec<&str> = record.deliveries.iter().map(|d| d.id.as_str()).collect();
+    ids.sort();
+    assert_eq!(ids, ["d1", "d2"]);
     assert!(store.get_event("nope").await.unwrap().is_none());
 
     // A dispatcher whose config lacks a destination (another instance's has it, as during

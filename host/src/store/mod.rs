@@ -92,8 +92,12 @@ pub trait Store: Send + Sync + 'static {
     /// Records what the routes decided for an event (run `event.run`) and the deliveries
     /// they planned (due at `now`), and marks it processed: all at once. Returns the ids of
     /// the deliveries inserted with a lease (`NewDelivery::lease_until`): the caller sends
-    /// those itself. A delivery that already existed (the event was processed before a
-    /// crash) is left as it is and not returned. Either way the pipeline is done with this
+    /// those itself. A run that is no longer queued (completed already — on a shared
+    /// store, by an instance that took longer than its lease and was taken over — or
+    /// superseded by a replay) records nothing and returns no ids: what the first
+    /// completion stored stands, even if this one planned other deliveries (another
+    /// config, another plugin version). A delivery that already existed is left as it is
+    /// and not returned. Either way the pipeline is done with this
     /// run of the event: if the commit failed, the event stays queued in the store and is
     /// handed out again after a growing pause (`EventQueue::retry_later`; on a shared
     /// store, with its claim renewed).

@@ -689,8 +689,11 @@ impl PgStore {
         (crate::delivery::now_ms() + self.lease.as_millis() as u64) as i64
     }
 
-    /// `complete_event`'s one statement (one round trip, one commit): the route outcomes,
-    /// the deliveries (those that exist already are left alone) and the event's status.
+    /// `complete_event`'s one statement (one round trip, one commit): the event's status,
+    /// and if it was still queued in this run, the route outcomes and the deliveries (those
+    /// that exist already are left alone). Under the event row's lock: of two instances
+    /// completing one run (one took the event over from the other, alive but slow), the
+    /// second stores nothing.
     async fn record_completion(
         &self,
         event: &Event,
@@ -722,9 +725,14 @@ impl PgStore {
         let leases: Vec<Option<i64>> = ds.iter().map(|d| d.lease_until.map(|l| l as i64)).collect();
         let statement = client
             .prepare_cached(
-                "WITH o AS (
+                "WITH e AS (
+                    UPDATE events SET status = 'processed', failed_routes = $16
+                    WHERE id = $1 AND run = $2 AND status = 'queued'
+                    RETURNING 1
+                 ), o AS (
                     INSERT INTO route_outcomes (event_id, run, route, outcome)
                     SELECT $1, $2, route, outcome FROM UNNEST($3::INTEGER[], $4::TEXT[]) AS t(route, outcome)
+                    WHERE EXISTS (SELECT 1 FROM e)
                     ON CONFLICT (event_id, run, route) DO UPDATE SET outcome = excluded.outcome
                  ), d AS (
                     INSERT INTO deliveries (id, event_id, route, destination, url, headers, body, body_from_event,
@@ -737,10 +745,9 @@ impl PgStore {
                     FROM UNNEST($6::TEXT[], $7::INTEGER[], $8::TEXT[], $9::TEXT[], $10::TEXT[], $11::BYTEA[],
                                 $15::BOOLEAN[], $12::TEXT[], $13::BIGINT[], $14::BIGINT[])
                          AS t(id, route, destination, url, headers, body, same, status, next_at, lease)
+                    WHERE EXISTS (SELECT 1 FROM e)
                     ON CONFLICT (id) DO NOTHING
                     RETURNING id, lease_until
-                 ), e AS (
-                    UPDATE events SET status = 'processed', failed_routes = $16 WHERE id = $1 AND run = $2
                  )
                  SELECT id FROM d WHERE lease_until IS NOT NULL",
             )

@@ -1088,6 +1088,16 @@ impl Store for SqliteStore {
             .collect();
         let result = self.write_lazy(move |conn| {
             let mut leased = Vec::new();
+            // Only a run still queued is completed (see `Store::complete_event`).
+            let queued = conn
+                .prepare_cached(
+                    "UPDATE events SET status = 'processed', failed_routes = ?
+                     WHERE id = ? AND run = ? AND status = 'queued'",
+                )?
+                .execute(params![failed_routes, event_id, run as i64])?;
+            if queued == 0 {
+                return Ok(leased);
+            }
             for (route, outcome) in &outcomes {
                 conn.prepare_cached(
                     "INSERT OR REPLACE INTO route_outcomes (event_id, run, route, outcome) VALUES (?, ?, ?, ?)",
@@ -1123,10 +1133,6 @@ impl Store for SqliteStore {
                     leased.push(d.id.clone());
                 }
             }
-            conn.prepare_cached(
-                "UPDATE events SET status = 'processed', failed_routes = ? WHERE id = ? AND run = ?",
-            )?
-            .execute(params![failed_routes, event_id, run as i64])?;
             Ok(leased)
         })
         .await;
