@@ -21,6 +21,11 @@
 //! alike): the clients' requests share one connection as streams, as behind a load
 //! balancer that speaks HTTP/2 to its backends; deliveries stay HTTP/1.1.
 //!
+//! `LOAD_SINK=h2` serves the sink over HTTPS (the test PKI's certificate, `tests/fixtures/
+//! tls`) offering HTTP/2 by ALPN, so that deliveries go over HTTP/2 — all of them as
+//! streams of one connection, as reqwest keeps one per receiver; `LOAD_SINK=https`
+//! offers HTTP/1.1 only, to compare. The direct rate is measured against the same sink.
+//!
 //! `cargo bench -p switchyard --bench load -- relay [EVENTS CONCURRENCY]` measures, after
 //! the sink, a bare relay in place of the gateway: a process of its own (this binary run
 //! again, with the gateway's runtime and HTTP libraries) that answers each POST with 202
@@ -46,6 +51,8 @@ use tokio::sync::Mutex;
 #[derive(Default)]
 struct Sink {
     count: AtomicUsize,
+    /// Of those, the requests that came over HTTP/2.
+    http2: AtomicUsize,
     /// Whether arrivals are recorded (only while latency is measured: the sink shares the
     /// cores with the gateway and should cost as little as it can meanwhile).
     timing: AtomicBool,
@@ -55,25 +62,88 @@ struct Sink {
 async fn start_sink() -> (String, Arc<Sink>) {
     let sink = Arc::new(Sink::default());
     let state = sink.clone();
-    let app = axum::Router::new().fallback(move |headers: HeaderMap, _body: axum::body::Bytes| {
-        let state = state.clone();
-        async move {
-            let now = Instant::now();
-            if state.timing.load(Ordering::Relaxed)
-                && let Some(id) = headers
-                    .get("switchyard-event-id")
-                    .and_then(|v| v.to_str().ok())
-            {
-                state.arrivals.lock().await.insert(id.to_string(), now);
+    let app = axum::Router::new().fallback(
+        move |version: axum::http::Version, headers: HeaderMap, _body: axum::body::Bytes| {
+            let state = state.clone();
+            async move {
+                if version == axum::http::Version::HTTP_2 {
+                    state.http2.fetch_add(1, Ordering::Relaxed);
+                }
+                let now = Instant::now();
+                if state.timing.load(Ordering::Relaxed)
+                    && let Some(id) = headers
+                        .get("switchyard-event-id")
+                        .and_then(|v| v.to_str().ok())
+                {
+                    state.arrivals.lock().await.insert(id.to_string(), now);
+                }
+                state.count.fetch_add(1, Ordering::Relaxed);
+                axum::http::StatusCode::NO_CONTENT
             }
-            state.count.fetch_add(1, Ordering::Relaxed);
-            axum::http::StatusCode::NO_CONTENT
+        },
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let Some(alpn) = sink_alpn() else {
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        return (format!("http://{addr}"), sink);
+    };
+    let acceptor = tls_acceptor(alpn);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, app) = (acceptor.clone(), app.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = hyper_util::service::TowerToHyperService::new(app);
+                let builder = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                );
+                let io = hyper_util::rt::TokioIo::new(tls);
+                let _ = builder.serve_connection(io, service).await;
+            });
         }
     });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (url, sink)
+    (format!("https://localhost:{}", addr.port()), sink)
+}
+
+/// `LOAD_SINK`: the protocols an HTTPS sink offers by ALPN (`h2`: HTTP/2 and HTTP/1.1;
+/// `https`: HTTP/1.1 only); `None`, plain HTTP/1.1.
+fn sink_alpn() -> Option<Vec<Vec<u8>>> {
+    match std::env::var("LOAD_SINK").as_deref() {
+        Ok("h2") => Some(vec![b"h2".to_vec(), b"http/1.1".to_vec()]),
+        Ok("https") => Some(vec![b"http/1.1".to_vec()]),
+        Ok(other) => panic!("LOAD_SINK={other}: h2 or https"),
+        Err(_) => None,
+    }
+}
+
+fn tls_fixture(name: &str) -> PathBuf {
+    xtask::workspace_root()
+        .join("tests/fixtures/tls")
+        .join(name)
+}
+
+/// The sink's TLS: the test PKI's server certificate (for `localhost`), offering `alpn`.
+fn tls_acceptor(alpn: Vec<Vec<u8>>) -> tokio_rustls::TlsAcceptor {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(tls_fixture("server.pem"))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+    let key = PrivateKeyDer::from_pem_file(tls_fixture("server.key")).unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    config.alpn_protocols = alpn;
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
 }
 
 fn body() -> String {
@@ -267,11 +337,16 @@ fn gateway_dir(dir: &Path, sink_url: &str, store: &str) -> anyhow::Result<PathBu
             )
         })
         .collect();
+    // An HTTPS sink's certificate is the test PKI's: the gateway trusts its CA.
+    let ca = match sink_alpn() {
+        Some(_) => format!("ca_certificates = [{:?}]\n", tls_fixture("ca.pem")),
+        None => String::new(),
+    };
     let config = dir.join("switchyard.toml");
     std::fs::write(
         &config,
         format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nqueue_capacity = 1000000\n{store}\n[delivery]\nconcurrency = 256\nallowed_networks = [\"127.0.0.0/8\"]\n\
+            "[server]\nlisten = \"127.0.0.1:0\"\nqueue_capacity = 1000000\n{store}\n[delivery]\nconcurrency = 256\nallowed_networks = [\"127.0.0.0/8\"]\n{ca}\
              {extra}[[sources]]\nname = \"onomondo\"\n[[destinations]]\nname = \"sink\"\nurl = \"{sink_url}/events\"\n\
              [[routes]]\nsource = \"onomondo\"\n{plugins}\ndestinations = [\"sink\"]\n"
         ),
@@ -487,7 +562,11 @@ async fn run() -> anyhow::Result<()> {
         .and_then(|a| a.parse().ok())
         .unwrap_or(20_000);
     let concurrency: usize = numbers.get(1).and_then(|a| a.parse().ok()).unwrap_or(64);
-    let client = reqwest::Client::builder().pool_max_idle_per_host(concurrency);
+    let mut client = reqwest::Client::builder().pool_max_idle_per_host(concurrency);
+    if sink_alpn().is_some() {
+        let ca = std::fs::read(tls_fixture("ca.pem"))?;
+        client = client.tls_certs_merge(reqwest::Certificate::from_pem_bundle(&ca)?);
+    }
     let client = if std::env::var("LOAD_CLIENT").is_ok_and(|c| c == "h2") {
         client.http2_prior_knowledge().build()?
     } else {
@@ -540,6 +619,13 @@ async fn run() -> anyhow::Result<()> {
     )
     .await;
     println!("ratio gateway/direct: {:.0}%", 100.0 * rate / direct);
+    if sink_alpn().is_some() {
+        println!(
+            "the sink's requests so far: {} in all, {} over HTTP/2",
+            sink.count.load(Ordering::Relaxed),
+            sink.http2.load(Ordering::Relaxed)
+        );
+    }
 
     // 3. Latency at a fixed 1,000 events/s for 5 s.
     sink.timing.store(true, Ordering::Relaxed);
