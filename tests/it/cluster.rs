@@ -695,6 +695,8 @@ destinations = ["d"]
 struct CutProxy {
     port: u16,
     hold: Arc<std::sync::atomic::AtomicBool>,
+    /// Only the answer to a `COMMIT` is held (statements in a transaction go through).
+    hold_commits: Arc<std::sync::atomic::AtomicBool>,
     /// Statements are not passed on to the server at all (nothing reaches it).
     blackhole: Arc<std::sync::atomic::AtomicBool>,
     cuts: Arc<Mutex<tokio_util::sync::CancellationToken>>,
@@ -714,9 +716,11 @@ impl CutProxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let hold = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let hold_commits = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let blackhole = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let cuts = Arc::new(Mutex::new(tokio_util::sync::CancellationToken::new()));
         let (holding, current, dropping) = (hold.clone(), cuts.clone(), blackhole.clone());
+        let holding_commits = hold_commits.clone();
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target_port)).await
@@ -725,6 +729,7 @@ impl CutProxy {
                 };
                 let cut = current.lock().unwrap().clone();
                 let (hold, blackhole) = (holding.clone(), dropping.clone());
+                let hold_commits = holding_commits.clone();
                 tokio::spawn(async move {
                     let (mut client_read, mut client_write) = client.into_split();
                     let (mut server_read, mut server_write) = server.into_split();
@@ -761,6 +766,14 @@ impl CutProxy {
                                     held = true;
                                     break;
                                 }
+                                // CommandComplete, tagged COMMIT.
+                                if at[0] == b'C'
+                                    && at[5..].starts_with(b"COMMIT\0")
+                                    && hold_commits.load(Ordering::SeqCst)
+                                {
+                                    held = true;
+                                    break;
+                                }
                                 whole += 1 + len as usize;
                             }
                             client_write.write_all(&pending[..whole]).await?;
@@ -782,9 +795,17 @@ impl CutProxy {
         Self {
             port,
             hold,
+            hold_commits,
             blackhole,
             cuts,
         }
+    }
+
+    /// As `hold_then_cut`, holding only the answers to `COMMIT`s.
+    async fn hold_commits_then_cut(&self, held: Duration) {
+        self.hold_commits.store(true, Ordering::SeqCst);
+        tokio::time::sleep(held).await;
+        self.cut();
     }
 
     /// Holds the answers to statements executed for `held`; then closes every connection.
@@ -799,6 +820,7 @@ impl CutProxy {
         let old = std::mem::take(&mut *self.cuts.lock().unwrap());
         old.cancel();
         self.hold.store(false, Ordering::SeqCst);
+        self.hold_commits.store(false, Ordering::SeqCst);
         self.blackhole.store(false, Ordering::SeqCst);
     }
 }
@@ -867,6 +889,88 @@ destinations = ["d"]
         .count();
     assert_eq!(copies, 1, "delivered once");
     gw.shutdown().await.unwrap();
+}
+
+/// An event's insert commits but its answer is lost with the connection: the gateway finds
+/// it stored and answers `202` (not `503`, which would have the sender post a second copy),
+/// and delivers it at once instead of after its lease (two minutes here, longer than the
+/// test waits). The same for an event with an idempotency key (its own transaction).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_whose_commit_answer_was_lost_is_accepted_and_delivered() {
+    let Some(server) = PgServer::start() else {
+        return;
+    };
+    let db = server.database("lost_ingest_answer");
+    let (proxy, db) = CutProxy::in_front_of(&db).await;
+    let rx = Receiver::start().await;
+    let config = format!(
+        r#"
+[store]
+url = "{db}"
+lease = "120s"
+[[sources]]
+name = "s"
+[[sources]]
+name = "keyed"
+idempotency_field = "key"
+[[destinations]]
+name = "d"
+url = "{{receiver}}/d"
+[[routes]]
+source = "s"
+destinations = ["d"]
+[[routes]]
+source = "keyed"
+destinations = ["d"]
+"#
+    );
+    let gw = Arc::new(TestGateway::start(&config, &rx, &[]).await);
+    // Warm up: connections open, statements prepared.
+    for source in ["s", "keyed"] {
+        let warm = gw
+            .accept(source, json!({ "key": "warm" }).to_string())
+            .await;
+        gw.settled(&warm).await;
+    }
+    for (source, body) in [("s", json!({ "n": 1 })), ("keyed", json!({ "key": "k1" }))] {
+        let post = {
+            let gw = gw.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                gw.post(source, body.to_string()).await
+            })
+        };
+        // The group-committed insert is one statement; a keyed event's, a transaction.
+        match source {
+            "s" => proxy.hold_then_cut(Duration::from_millis(1_200)).await,
+            _ => {
+                proxy
+                    .hold_commits_then_cut(Duration::from_millis(1_200))
+                    .await
+            }
+        }
+        let (status, answer) = post.await.unwrap();
+        assert_eq!(status, 202, "{source}: {answer}");
+        let id = answer["id"].as_str().unwrap().to_string();
+        let arrived = tokio::time::timeout(Duration::from_secs(30), async {
+            while !(rx.requests().iter())
+                .any(|r| r.header("switchyard-event-id") == Some(id.as_str()))
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        assert!(
+            arrived.is_ok(),
+            "{source}: the event waited for its lease (120 s)"
+        );
+    }
+    let copies = (rx.requests().iter()).filter(|r| r.uri == "/d").count();
+    assert_eq!(
+        copies, 4,
+        "each event delivered once, the two warm-ups included"
+    );
+    Arc::into_inner(gw).unwrap().shutdown().await.unwrap();
 }
 
 /// The database stops answering just as a delivery succeeds, so its attempt cannot be

@@ -17,6 +17,7 @@
 //! sent again. Managed objects carry a version that every instance polls (see
 //! `crate::reload`), and destination states are read back by every dispatcher.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -476,17 +477,58 @@ async fn commit_ingest(
             }
         }
         let events: Vec<Event> = batch.iter().map(|(e, _)| e.clone()).collect();
-        let result = match pool.get().await {
-            Ok(client) => insert_events(&client, &events, lease).await,
-            Err(e) => Err(e.into()),
+        let (result, stored) = match pool.get().await {
+            Ok(client) => match insert_events(&client, &events, lease).await {
+                Ok(()) => (Ok(()), HashSet::new()),
+                Err(e) => {
+                    let ids: Vec<&str> = events.iter().map(|e| e.id.as_str()).collect();
+                    (Err(e), stored_after_all(&pool, &ids).await)
+                }
+            },
+            // Nothing was sent.
+            Err(e) => (Err(e.into()), HashSet::new()),
         };
-        for (_, reply) in batch {
+        for (event, reply) in batch {
             let _ = reply.send(match &result {
+                Err(_) if stored.contains(&event.id) => Ok(()),
                 Ok(()) => Ok(()),
                 Err(e) => Err(StoreError::Db(e.to_string())),
             });
         }
     }
+}
+
+/// After an insert of events `ids` that failed — perhaps only its answer was lost with
+/// the connection, the commit having happened — which of them are stored after all: the
+/// sender is told they are accepted (instead of `503` and a second copy when it tries
+/// again without an idempotency key), and this instance processes them now (instead of
+/// after their lease, when the sweep finds them). Asked on a new connection, a few times
+/// while the database does not answer; none, if it never does. (A commit still under way
+/// on the server is not seen: those events wait for their lease, as all did before.)
+async fn stored_after_all(pool: &Pool, ids: &[&str]) -> HashSet<String> {
+    for wait in [0, 200, 800].map(Duration::from_millis) {
+        tokio::time::sleep(wait).await;
+        let Ok(client) = pool.get().await else {
+            continue;
+        };
+        match client
+            .query("SELECT id FROM events WHERE id = ANY($1)", &[&ids])
+            .await
+        {
+            Ok(rows) => {
+                let stored: HashSet<String> = rows.iter().map(|r| r.get(0)).collect();
+                if !stored.is_empty() {
+                    tracing::info!(
+                        events = stored.len(),
+                        "An ingest commit's answer was lost, but the events are stored: accepted."
+                    );
+                }
+                return stored;
+            }
+            Err(e) => tracing::debug!(error = %e, "Cannot look for events whose insert failed."),
+        }
+    }
+    HashSet::new()
 }
 
 /// Inserts queued events, claimed by this instance for `lease`, with one statement.
@@ -1109,7 +1151,13 @@ impl Store for PgStore {
             .await?;
         }
         insert_events(&tx, std::slice::from_ref(&event), self.lease).await?;
-        tx.commit().await?;
+        if let Err(e) = tx.commit().await
+            && !stored_after_all(&self.pool, &[&event.id])
+                .await
+                .contains(&event.id)
+        {
+            return Err(e.into());
+        }
         self.queue.push(event);
         Ok(Inserted::New)
     }
