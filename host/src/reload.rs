@@ -68,8 +68,10 @@ pub struct Reloader {
     source: Mutex<Option<(PathBuf, Env)>>,
     busy: tokio::sync::Mutex<()>,
     /// The body fields the store's indexes were last brought in line with
-    /// (`store.indexed_fields`; a reload whose indexing failed tries again at the next).
-    indexed: Mutex<Vec<String>>,
+    /// (`store.indexed_fields`; a reload whose indexing failed tries again at the next),
+    /// locked while they are built — apart from `busy`: a build reads every event stored
+    /// (minutes, on a large PostgreSQL store), and API changes and reloads go on meanwhile.
+    indexed: tokio::sync::Mutex<Vec<String>>,
 }
 
 impl Reloader {
@@ -92,7 +94,7 @@ impl Reloader {
             managed: ArcSwap::from_pointee(Managed::default()),
             source: Mutex::new(None),
             busy: tokio::sync::Mutex::new(()),
-            indexed: Mutex::new(config.store.indexed_fields.clone()),
+            indexed: tokio::sync::Mutex::new(config.store.indexed_fields.clone()),
             config: ArcSwap::new(config.clone()),
             file: ArcSwap::new(config),
         })
@@ -172,7 +174,7 @@ impl Reloader {
     /// Reloads the config file (if any), the managed objects and the plugin directory, and
     /// swaps in what loaded.
     pub async fn reload(&self, reason: &str) -> ReloadReport {
-        let _one_at_a_time = self.busy.lock().await;
+        let one_at_a_time = self.busy.lock().await;
         let old = self.config();
         let (mut file, mut config_error, mut outcome) = (self.file.load_full(), None, "unchanged");
         if let Some((path, env)) = self.config_file() {
@@ -292,21 +294,25 @@ impl Reloader {
                 plugins.get(name).is_some_and(|p| p.sha256() == sha256)
             });
         self.registry.swap(plugins, statuses.clone());
-        let fields = config.store.indexed_fields.clone();
         self.install(config).await;
-        // After the config is in force: building an index reads every event stored.
-        let unsynced = *self.indexed.lock().unwrap_or_else(|e| e.into_inner()) != fields;
-        let index_error = match unsynced {
+        drop(one_at_a_time);
+        // After the config is in force, and without holding up the others: building an
+        // index reads every event stored. The fields are the config's in force when the
+        // build may start, so that of two reloads the later's list is the one built.
+        let mut indexed = self.indexed.lock().await;
+        let fields = self.config().store.indexed_fields.clone();
+        let index_error = match *indexed != fields {
             true => crate::store::index_fields(&*self.store, &fields)
                 .await
                 .err(),
             false => None,
         };
         match &index_error {
-            None => *self.indexed.lock().unwrap_or_else(|e| e.into_inner()) = fields,
+            None => *indexed = fields,
             Some(e) => tracing::error!(error = %e,
                 "Cannot change the body field indexes (store.indexed_fields); the next reload tries again."),
         }
+        drop(indexed);
         tracing::info!(
             reason,
             config = outcome,

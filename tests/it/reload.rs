@@ -514,3 +514,84 @@ destinations = ["sink"]
     assert_eq!(listed().await, newest_first);
     gw.shutdown().await.unwrap();
 }
+
+/// Building a body field's index reads every event stored — minutes on a large
+/// PostgreSQL store — and the management API does not wait for it: while a reload's build
+/// waits (here for a lock another connection holds on `events`), a destination is made,
+/// and the reload answers once its index is built.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_index_build_holds_up_no_api_change() {
+    let Some(server) = xtask::pg::PgServer::start() else {
+        return;
+    };
+    let db = server.database("index_build");
+    let config = format!(
+        r#"
+[store]
+url = "{db}"
+[[sources]]
+name = "s"
+[[destinations]]
+name = "sink"
+url = "{{receiver}}/sink"
+[[routes]]
+source = "s"
+destinations = ["sink"]
+"#
+    );
+    let rx = Receiver::start().await;
+    let gw = Arc::new(
+        TestGateway::start_from_file(tempfile::tempdir().unwrap(), &config, &rx)
+            .await
+            .unwrap(),
+    );
+    gw.accept("s", r#"{"sim":{"iccid":"8945"}}"#).await;
+    let config_file = gw.dir().join("switchyard.toml");
+    let original = std::fs::read_to_string(&config_file).unwrap();
+    std::fs::write(
+        &config_file,
+        original.replace("[store]\n", "[store]\nindexed_fields = [\"sim.iccid\"]\n"),
+    )
+    .unwrap();
+    let (mut holder, connection) = tokio_postgres::connect(&db, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let lock = holder.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE events IN EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let reload = {
+        let gw = gw.clone();
+        tokio::spawn(async move { gw.post_api("/v1/reload").await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!reload.is_finished(), "the build waits for the lock");
+    let made = tokio::time::timeout(
+        Duration::from_secs(5),
+        gw.send(
+            "POST",
+            "/v1/destinations",
+            Some(serde_json::json!({ "name": "more", "url": format!("{}/more", rx.url) })),
+        ),
+    )
+    .await
+    .expect("an API change while an index is built");
+    assert_eq!(made.0, 201, "{}", made.1);
+    assert!(!reload.is_finished());
+    lock.rollback().await.unwrap();
+    let (status, report) = reload.await.unwrap();
+    assert_eq!(status, 200, "{report}");
+    assert!(report["index_error"].is_null(), "{report}");
+    let indexes = holder
+        .query(
+            "SELECT indexname FROM pg_indexes WHERE indexname LIKE 'events_field_%'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(indexes.len(), 1);
+    let (status, _) = gw.get("/v1/destinations/more").await;
+    assert_eq!(status, 200);
+    Arc::into_inner(gw).unwrap().shutdown().await.unwrap();
+}
