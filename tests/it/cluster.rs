@@ -629,7 +629,7 @@ destinations = ["d"]
     let gw = TestGateway::start(&config, &rx, &[]).await;
     let server = Arc::new(server);
     let mut accepted = Vec::new();
-    let mut refused = 0;
+    let (mut refused, mut slowest) = (0, Duration::ZERO);
     let mut crash: Option<tokio::task::JoinHandle<()>> = None;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let mut n = 0;
@@ -647,7 +647,9 @@ destinations = ["d"]
                 server.crash_and_restart()
             }));
         }
+        let posted = tokio::time::Instant::now();
         let (status, answer) = gw.post("s", json!({ "n": n }).to_string()).await;
+        slowest = slowest.max(posted.elapsed());
         match status {
             202 => {
                 accepted.push(answer["id"].as_str().unwrap().to_string());
@@ -675,15 +677,20 @@ destinations = ["d"]
     })
     .await;
     crash.unwrap().await.unwrap();
+    // A post in flight when the server went down is refused, or — its insert having
+    // committed with only the answer lost — accepted once the gateway has found it
+    // stored, which takes as long as the server is down.
     assert!(
-        refused > 0,
-        "no post was refused: the database was never down while events came"
+        refused > 0 || slowest > Duration::from_millis(300),
+        "no post was refused or held up: the database was never down while events came"
     );
     assert!(
         arrived.is_ok(),
         "accepted events were lost ({refused} refused while the database was down)"
     );
-    eprintln!("{refused} posts refused while the database was down");
+    eprintln!(
+        "{refused} posts refused while the database was down, the slowest answered in {slowest:?}"
+    );
     gw.shutdown().await.unwrap();
 }
 
