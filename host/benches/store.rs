@@ -22,8 +22,9 @@ use std::time::{Duration, Instant};
 use switchyard::delivery::delivery_id;
 use switchyard::event::{Body, Event};
 use switchyard::store::{
-    Attempt, AttemptNext, ClaimScope, DeliveryStatus, DestinationHealth, DestinationState,
-    EventFilter, NewDelivery, PurgeBefore, RouteOutcome, RouteResult, SqliteStore, Store,
+    Attempt, AttemptNext, ClaimScope, Completion, DeliveryStatus, DestinationHealth,
+    DestinationState, EventFilter, NewDelivery, PurgeBefore, RouteOutcome, RouteResult,
+    SqliteStore, Store,
 };
 
 fn now_ms() -> u64 {
@@ -105,7 +106,12 @@ async fn one(store: &dyn Store, n: usize, next: AttemptNext) {
         .complete_event(&event, vec![delivering()], vec![delivery], now)
         .await
         .expect("complete");
-    assert_eq!(leased, std::slice::from_ref(&id));
+    assert_eq!(
+        leased,
+        Completion::Recorded {
+            leased: vec![id.clone()]
+        }
+    );
     let attempt = Attempt {
         at: now,
         duration_ms: 1,

@@ -19,7 +19,8 @@ use crate::event::{Body, Event, Pairs, merge_pairs};
 use crate::metrics::Metrics;
 use crate::plugin::{CallError, CallLimits, PluginMap, PluginRegistry, PluginVerdict};
 use crate::store::{
-    DeliveryStatus, DueDelivery, PluginStep, RouteOutcome, RouteResult, StepResult, Store,
+    Completion, DeliveryStatus, DueDelivery, PluginStep, RouteOutcome, RouteResult, StepResult,
+    Store,
 };
 
 /// Sources, destinations and routes as the pipeline uses them; swapped whole on reload.
@@ -526,7 +527,12 @@ impl Pipeline {
             .complete_event(&event, outcomes, deliveries, now)
             .await
         {
-            Ok(leased) => {
+            Ok(Completion::Stale) => {
+                // Another completion of this run (an instance that took it over) was
+                // stored first; what it recorded, sent and counted stands.
+                tracing::debug!("Event processed already; nothing recorded.");
+            }
+            Ok(Completion::Recorded { leased }) => {
                 for (route, result) in &results {
                     self.metrics.route_outcome(route, result);
                 }

@@ -7,10 +7,10 @@ use std::sync::Arc;
 use bytes::Bytes;
 use switchyard::event::{Body, Event};
 use switchyard::store::{
-    Attempt, AttemptNext, ClaimScope, DeliveryStatus, DestinationHealth, DestinationState,
-    EventFilter, EventStatus, FieldIndexes, FieldMatch, Idempotency, Inserted, Known, Limit,
-    ManagedObject, NewDelivery, PgStore, PurgeBefore, RouteOutcome, RouteResult, RouteResultKind,
-    SqliteStore, Store,
+    Attempt, AttemptNext, ClaimScope, Completion, DeliveryStatus, DestinationHealth,
+    DestinationState, EventFilter, EventStatus, FieldIndexes, FieldMatch, Idempotency, Inserted,
+    Known, Limit, ManagedObject, NewDelivery, PgStore, PurgeBefore, RouteOutcome, RouteResult,
+    RouteResultKind, SqliteStore, Store,
 };
 
 use xtask::pg::PgServer;
@@ -148,7 +148,7 @@ async fn conformance(open: Reopen) {
     // Completion: outcomes, deliveries (one leased at insert), processed; a second
     // completion of the run (an instance taken over while it was slow) stores nothing,
     // though it planned another delivery (its config differs, as in a rolling deploy).
-    let leased = store
+    let completion = store
         .complete_event(
             &e1,
             vec![outcome(2)],
@@ -160,7 +160,12 @@ async fn conformance(open: Reopen) {
         )
         .await
         .unwrap();
-    assert_eq!(leased, ["d1"]);
+    assert_eq!(
+        completion,
+        Completion::Recorded {
+            leased: vec!["d1".into()]
+        }
+    );
     let other_route = RouteOutcome {
         route: 1,
         name: "other".into(),
@@ -178,7 +183,7 @@ async fn conformance(open: Reopen) {
         )
         .await
         .unwrap();
-    assert!(again.is_empty(), "{again:?}");
+    assert_eq!(again, Completion::Stale);
     let record = store.get_event("e1").await.unwrap().unwrap();
     assert_eq!(record.status, EventStatus::Processed);
     assert_eq!(record.routes.len(), 1);

@@ -94,10 +94,10 @@ pub trait Store: Send + Sync + 'static {
     /// the deliveries inserted with a lease (`NewDelivery::lease_until`): the caller sends
     /// those itself. A run that is no longer queued (completed already — on a shared
     /// store, by an instance that took longer than its lease and was taken over — or
-    /// superseded by a replay) records nothing and returns no ids: what the first
-    /// completion stored stands, even if this one planned other deliveries (another
-    /// config, another plugin version). A delivery that already existed is left as it is
-    /// and not returned. Either way the pipeline is done with this
+    /// superseded by a replay) records nothing and is answered `Completion::Stale`: what
+    /// the first completion stored stands, even if this one planned other deliveries
+    /// (another config, another plugin version). A delivery that already existed is left
+    /// as it is and not returned. Either way the pipeline is done with this
     /// run of the event: if the commit failed, the event stays queued in the store and is
     /// handed out again after a growing pause (`EventQueue::retry_later`; on a shared
     /// store, with its claim renewed).
@@ -107,7 +107,7 @@ pub trait Store: Send + Sync + 'static {
         outcomes: Vec<RouteOutcome>,
         deliveries: Vec<NewDelivery>,
         now: u64,
-    ) -> Result<Vec<String>, StoreError>;
+    ) -> Result<Completion, StoreError>;
 
     /// Queues a stored event again for the current plugins; its deliveries get new ids.
     /// `false` if there is no such event.
@@ -888,6 +888,17 @@ pub fn failed_routes(outcomes: &[RouteOutcome]) -> usize {
 
 /// Where a purge goes on from: the `(received_at, id)` of the last event it deleted.
 pub type PurgeCursor = (u64, String);
+
+/// What `Store::complete_event` did with a run of an event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Completion {
+    /// The run was queued: its outcomes and deliveries are stored, and these deliveries
+    /// were inserted with a lease (the caller sends them).
+    Recorded { leased: Vec<String> },
+    /// The run was no longer queued (completed already, or superseded by a replay):
+    /// nothing was recorded.
+    Stale,
+}
 
 /// What retention deletes (`Store::purge_events`): events received before these times
 /// (ms), delivered ones and, if set, failed ones.

@@ -742,7 +742,7 @@ impl PgStore {
         outcomes: Vec<RouteOutcome>,
         deliveries: Vec<NewDelivery>,
         now: u64,
-    ) -> Result<Vec<String>, StoreError> {
+    ) -> Result<Completion, StoreError> {
         let client = self.pool.get().await?;
         let failed_routes = failed_routes(&outcomes) as i32;
         let routes: Vec<i32> = outcomes.iter().map(|o| o.route as i32).collect();
@@ -791,7 +791,9 @@ impl PgStore {
                     ON CONFLICT (id) DO NOTHING
                     RETURNING id, lease_until
                  )
-                 SELECT id FROM d WHERE lease_until IS NOT NULL",
+                 -- One row without an id says the run was queued (and is recorded now).
+                 SELECT id FROM d WHERE lease_until IS NOT NULL
+                 UNION ALL SELECT NULL FROM e",
             )
             .await?;
         let rows = client
@@ -817,7 +819,12 @@ impl PgStore {
                 ],
             )
             .await?;
-        Ok(rows.iter().map(|r| r.get(0)).collect())
+        let ids: Vec<Option<String>> = rows.iter().map(|r| r.get(0)).collect();
+        if !ids.iter().any(Option::is_none) {
+            return Ok(Completion::Stale);
+        }
+        let leased = ids.into_iter().flatten().collect();
+        Ok(Completion::Recorded { leased })
     }
 
     async fn attempts_of(
@@ -1176,7 +1183,7 @@ impl Store for PgStore {
         outcomes: Vec<RouteOutcome>,
         deliveries: Vec<NewDelivery>,
         now: u64,
-    ) -> Result<Vec<String>, StoreError> {
+    ) -> Result<Completion, StoreError> {
         // (What the pipeline was to send, should the answer be lost: see `retry_later`.)
         let leased: Vec<String> = (deliveries.iter())
             .filter(|d| d.lease_until.is_some())

@@ -1073,7 +1073,7 @@ impl Store for SqliteStore {
         outcomes: Vec<RouteOutcome>,
         deliveries: Vec<NewDelivery>,
         now: u64,
-    ) -> Result<Vec<String>, StoreError> {
+    ) -> Result<Completion, StoreError> {
         let (event_id, run) = (event.id.clone(), event.run);
         let failed_routes = failed_routes(&outcomes) as i64;
         // Serialised here, on the caller's thread: the writer thread is the one that
@@ -1096,7 +1096,7 @@ impl Store for SqliteStore {
                 )?
                 .execute(params![failed_routes, event_id, run as i64])?;
             if queued == 0 {
-                return Ok(leased);
+                return Ok(Completion::Stale);
             }
             for (route, outcome) in &outcomes {
                 conn.prepare_cached(
@@ -1133,7 +1133,7 @@ impl Store for SqliteStore {
                     leased.push(d.id.clone());
                 }
             }
-            Ok(leased)
+            Ok(Completion::Recorded { leased })
         })
         .await;
         match &result {
