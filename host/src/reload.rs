@@ -463,11 +463,7 @@ impl Reloader {
         let version = {
             let _one_at_a_time = self.busy.lock().await;
             let changes = match self.store.managed_changes(since).await {
-                Ok(Some(changes)) => changes,
-                Ok(None) => {
-                    tracing::warn!("The store keeps no log of the managed objects' changes.");
-                    return None;
-                }
+                Ok(changes) => changes,
                 Err(e) => {
                     tracing::warn!(error = %e, "Cannot read the managed objects' changes.");
                     return None;

@@ -1696,7 +1696,7 @@ async fn postgres_instances_read_only_the_managed_changes() {
         .unwrap();
     b.delete_managed("source", "k").await.unwrap();
     b.delete_managed("source", "old").await.unwrap();
-    let changes = a.managed_changes(seen).await.unwrap().unwrap();
+    let changes = a.managed_changes(seen).await.unwrap();
     assert_eq!(changes.changed, [source("m", r#"{"name":"m","x":1}"#)]);
     let mut deleted = changes.deleted.clone();
     deleted.sort();
@@ -1708,7 +1708,7 @@ async fn postgres_instances_read_only_the_managed_changes() {
         ]
     );
     assert_eq!(changes.version, a.managed_version().await.unwrap().unwrap());
-    let none = a.managed_changes(changes.version).await.unwrap().unwrap();
+    let none = a.managed_changes(changes.version).await.unwrap();
     assert_eq!((none.changed.len(), none.deleted.len()), (0, 0));
     assert_eq!(none.version, changes.version);
 
@@ -1725,7 +1725,7 @@ async fn postgres_instances_read_only_the_managed_changes() {
     b.put_managed(source("k", r#"{"name":"k"}"#), now)
         .await
         .unwrap();
-    let later = a.managed_changes(changes.version).await.unwrap().unwrap();
+    let later = a.managed_changes(changes.version).await.unwrap();
     let mut changed = later.changed.clone();
     changed.sort_by(|x, y| x.name.cmp(&y.name));
     assert_eq!(

@@ -268,11 +268,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// On a shared store, what changed among the managed objects after version `since`:
     /// the objects made or changed (as they are now) and the names deleted, and the
-    /// version that brings the reader to. `None` where the store keeps no such log (one
-    /// gateway's store: nobody else changes them).
-    async fn managed_changes(&self, since: i64) -> Result<Option<ManagedChanges>, StoreError> {
-        let _ = since;
-        Ok(None)
+    /// version that brings the reader to. A store only this gateway uses (no
+    /// `managed_version`) keeps no such log: nobody else changes them, so nothing did.
+    async fn managed_changes(&self, since: i64) -> Result<ManagedChanges, StoreError> {
+        Ok(ManagedChanges {
+            version: since,
+            ..ManagedChanges::default()
+        })
     }
 
     /// How many deliveries are pending, and when the oldest of them was created.

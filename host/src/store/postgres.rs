@@ -1530,7 +1530,7 @@ impl Store for PgStore {
         Ok(Some(row.get(0)))
     }
 
-    async fn managed_changes(&self, since: i64) -> Result<Option<ManagedChanges>, StoreError> {
+    async fn managed_changes(&self, since: i64) -> Result<ManagedChanges, StoreError> {
         let mut client = self.pool.get().await?;
         // One snapshot: a change is in it exactly when its version is at most the one read
         // (changes take the version row's lock in turn, so they commit in version order).
@@ -1556,7 +1556,7 @@ impl Store for PgStore {
             )
             .await?;
         tx.commit().await?;
-        Ok(Some(ManagedChanges {
+        Ok(ManagedChanges {
             version,
             changed: (changed.iter())
                 .map(|r| ManagedObject {
@@ -1566,7 +1566,7 @@ impl Store for PgStore {
                 })
                 .collect(),
             deleted: deleted.iter().map(|r| (r.get(0), r.get(1))).collect(),
-        }))
+        })
     }
 
     async fn get_event(&self, id: &str) -> Result<Option<EventRecord>, StoreError> {
