@@ -388,7 +388,6 @@ impl Metrics {
             .observe(seconds);
     }
 
-    /// Counts a delivery that reached a final state.
     /// A delivery put off by its destination's rate limit.
     pub fn deferred(&self, destination: &str) {
         self.deferred
@@ -398,6 +397,7 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts a delivery that reached a final state.
     pub fn delivery(&self, destination: &str, outcome: &str) {
         self.deliveries
             .get_or_create(&DestinationLabels {
