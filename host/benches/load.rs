@@ -36,6 +36,11 @@
 //! `cargo bench -p switchyard --bench load -- postgres [EVENTS CONCURRENCY]` measures
 //! scale-out instead: after the sink, one and then two instances on one PostgreSQL
 //! database (a throwaway local server), the clients spread over the instances.
+//! `LOAD_PG_STATEMENTS=N` loads `pg_stat_statements` into that server and prints, after
+//! the one-instance run, the N statements that took the server longest: calls and plans
+//! per delivered event, and µs of execution and of planning per event (wall time inside
+//! the server, waits included; parsing, commits and the server's other work are not in
+//! it). `LOAD_PG_OPTIONS` adds server options (`-c name=value …`).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -387,6 +392,22 @@ fn stat_ticks_of(path: &str, at: &[usize]) -> f64 {
     at.iter().map(|&i| ticks(i)).sum::<f64>() / 100.0
 }
 
+/// CPU time of every `postgres` process so far, and of those its postmaster has reaped
+/// (cutime, cstime): the database server's, in seconds.
+fn postgres_cpu_secs() -> f64 {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    procs
+        .filter_map(|p| p.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "postgres")
+        })
+        .map(|pid| stat_ticks(pid, &[11, 12, 13, 14]))
+        .sum()
+}
+
 /// CPU seconds of each thread of process `pid` so far, by thread id, with its name.
 fn thread_cpu(pid: u32) -> HashMap<u32, (String, f64)> {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
@@ -440,6 +461,7 @@ async fn delivered_rate(
     let base = sink.count.load(Ordering::Relaxed);
     let gateways_cpu = || pids.iter().map(|p| cpu_secs(*p)).sum::<f64>();
     let (gateways_before, own_before) = (gateways_cpu(), own_cpu_secs());
+    let database_before = postgres_cpu_secs();
     let (idle_before, steal_before, total_before) = machine_cpu();
     let threads_before: Vec<_> = pids.iter().map(|p| thread_cpu(*p)).collect();
     let started = Instant::now();
@@ -466,6 +488,14 @@ async fn delivered_rate(
         100.0 * (idle - idle_before) / (total - total_before).max(f64::EPSILON),
         100.0 * (steal - steal_before) / (total - total_before).max(f64::EPSILON)
     );
+    let database_secs = postgres_cpu_secs() - database_before;
+    if database_secs > 0.0 {
+        println!(
+            "  PostgreSQL meanwhile: {:.2} cores ({:.0} µs per delivered event)",
+            database_secs / elapsed,
+            1e6 * database_secs / delivered.max(1) as f64,
+        );
+    }
     // The busiest threads: one near 1.00 core would be a serial bottleneck.
     let mut threads: Vec<(String, f64)> = pids
         .iter()
@@ -681,6 +711,45 @@ async fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// With `Some((n, events))`, prints the `n` statements of `pg_stat_statements` that took
+/// the server longest, per event; with `None`, resets its counts.
+async fn statement_stats(url: &str, top: Option<(usize, usize)>) -> anyhow::Result<()> {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    client
+        .batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        .await?;
+    let Some((n, events)) = top else {
+        client
+            .execute("SELECT pg_stat_statements_reset()", &[])
+            .await?;
+        return Ok(());
+    };
+    let rows = client
+        .query(
+            "SELECT calls, total_exec_time, plans, total_plan_time,
+                    regexp_replace(query, '\\s+', ' ', 'g')
+             FROM pg_stat_statements ORDER BY total_exec_time + total_plan_time DESC LIMIT $1",
+            &[&(n as i64)],
+        )
+        .await?;
+    println!("statements that took the server longest, per delivered event ({events}):");
+    for row in rows {
+        let (calls, ms, plans, plan_ms): (i64, f64, i64, f64) =
+            (row.get(0), row.get(1), row.get(2), row.get(3));
+        let query: String = row.get::<_, String>(4).chars().take(90).collect();
+        let per_event = |n: f64| n / events as f64;
+        println!(
+            "  {:>5.2} calls {:>6.1} µs, {:>5.2} plans {:>6.1} µs  {query}",
+            per_event(calls as f64),
+            per_event(ms * 1_000.0),
+            per_event(plans as f64),
+            per_event(plan_ms * 1_000.0),
+        );
+    }
+    Ok(())
+}
+
 /// One and then two instances on one PostgreSQL database (a throwaway server, see
 /// `xtask::pg`), the load spread over them: events/s delivered, and the ratio.
 async fn scale_out(
@@ -690,9 +759,21 @@ async fn scale_out(
     events: usize,
     concurrency: usize,
 ) -> anyhow::Result<()> {
-    let server = xtask::pg::PgServer::start().ok_or_else(|| {
-        anyhow::anyhow!("PostgreSQL is not installed (apt-get install postgresql)")
-    })?;
+    let statements: Option<usize> = std::env::var("LOAD_PG_STATEMENTS")
+        .ok()
+        .and_then(|n| n.parse().ok());
+    let options = match statements {
+        Some(_) => {
+            "-c shared_preload_libraries=pg_stat_statements -c pg_stat_statements.track=all \
+             -c pg_stat_statements.track_planning=on"
+        }
+        None => "",
+    };
+    let extra = std::env::var("LOAD_PG_OPTIONS").unwrap_or_default();
+    let server =
+        xtask::pg::PgServer::start_with(&format!("{options} {extra}")).ok_or_else(|| {
+            anyhow::anyhow!("PostgreSQL is not installed (apt-get install postgresql)")
+        })?;
     let mut rates = Vec::new();
     for instances in [1, 2] {
         let url = server.database(&format!("scale{instances}"));
@@ -709,9 +790,15 @@ async fn scale_out(
             ingest.push(url);
         }
         let pids: Vec<u32> = running.iter().filter_map(|c| c.id()).collect();
+        if statements.is_some() {
+            statement_stats(&url, None).await?;
+        }
         rates.push(
             delivered_rate("gateway", client, sink, &ingest, &pids, events, concurrency).await,
         );
+        if let (Some(n), 1) = (statements, instances) {
+            statement_stats(&url, Some((n, events + 1_000))).await?;
+        }
         for mut child in running {
             child.start_kill()?;
             child.wait().await?;

@@ -51,6 +51,11 @@ impl PgServer {
     /// Starts a server, or `None` when PostgreSQL is not installed. Under `CI` a missing
     /// PostgreSQL fails instead (`.ci/run` installs it).
     pub fn start() -> Option<PgServer> {
+        Self::start_with("")
+    }
+
+    /// As `start`, with more server options (`-c name=value …`).
+    pub fn start_with(options: &str) -> Option<PgServer> {
         let Some(bin) = bin_dir() else {
             assert!(
                 std::env::var_os("CI").is_none(),
@@ -98,7 +103,7 @@ impl PgServer {
             l.local_addr().unwrap().port()
         };
         let options = format!(
-            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200",
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200 {options}",
             dir.path().display()
         );
         let log = dir.path().join("server.log");
