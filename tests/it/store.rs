@@ -1784,3 +1784,47 @@ destinations = ["fleet"]
     assert_eq!(gw.get("/v1/destinations/archive").await.0, 200);
     gw.shutdown().await.unwrap();
 }
+
+/// A receiver that answers with bytes PostgreSQL's text cannot hold (NUL) still has its
+/// delivery recorded: the attempt's response excerpt keeps the rest. (Before, the record
+/// failed, so the delivery stayed leased and was sent again at every lease, for good.)
+#[tokio::test(flavor = "multi_thread")]
+async fn an_answer_with_nul_bytes_is_recorded_on_postgres() {
+    let Some(server) = PgServer::start() else {
+        return;
+    };
+    let url = server.database("nul");
+    let arrivals = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = arrivals.clone();
+    let binary = axum::Router::new().fallback(move || {
+        counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async { (axum::http::StatusCode::OK, b"ok\0\x01binary".to_vec()) }
+    });
+    let receiver = crate::util::serve(binary).await;
+    let rx = crate::util::Receiver::start().await;
+    let config = format!(
+        r#"
+[store]
+url = "{url}"
+[[sources]]
+name = "onomondo"
+[[destinations]]
+name = "binary"
+url = "{receiver}/binary"
+[[routes]]
+source = "onomondo"
+destinations = ["binary"]
+"#
+    );
+    let gw = crate::util::TestGateway::start(&config, &rx, &[]).await;
+    let id = gw.accept("onomondo", r#"{"type":"usage"}"#).await;
+    let event = gw.settled(&id).await;
+    let delivery = &event["deliveries"][0];
+    assert_eq!(delivery["status"], "delivered", "{event}");
+    assert_eq!(
+        delivery["attempts"][0]["response"], "ok\u{FFFD}\u{1}binary",
+        "{event}"
+    );
+    assert_eq!(arrivals.load(std::sync::atomic::Ordering::SeqCst), 1);
+    gw.shutdown().await.unwrap();
+}

@@ -26,6 +26,14 @@ use crate::store::{
 
 /// How much of a response body is kept with an attempt.
 const RESPONSE_EXCERPT: usize = 1024;
+
+/// A response excerpt as the text an attempt records: invalid UTF-8, and NUL (which
+/// PostgreSQL's text cannot hold: the attempt's record would fail, and the delivery be
+/// sent again at every lease), become U+FFFD.
+fn response_text(excerpt: &[u8]) -> String {
+    String::from_utf8_lossy(excerpt).replace('\0', "\u{FFFD}")
+}
+
 /// At shutdown, retries due within this long are still sent.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// How long the dispatcher sleeps at most before looking for due deliveries again.
@@ -1052,8 +1060,7 @@ impl Dispatcher {
                     }
                 }
                 excerpt.truncate(RESPONSE_EXCERPT);
-                let response =
-                    (!excerpt.is_empty()).then(|| String::from_utf8_lossy(&excerpt).into_owned());
+                let response = (!excerpt.is_empty()).then(|| response_text(&excerpt));
                 let error = (!code.is_success()).then(|| format!("destination answered {code}"));
                 (Some(code.as_u16()), retry_after, response, error)
             }
