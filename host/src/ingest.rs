@@ -255,9 +255,25 @@ fn idempotency_key(
     }
     Ok(field.and_then(|f| {
         event.json_object().and_then(|obj| match obj.get(f) {
-            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            Some(serde_json::Value::String(s)) => Some(field_key(s)),
             Some(serde_json::Value::Number(n)) => Some(n.to_string()),
             _ => None,
         })
     }))
+}
+
+/// A body field's value as an idempotency key: itself where a header's key could be it
+/// (at most 255 bytes, no control characters), else `sha256:` and its digest — the same
+/// value still gives the same key, and one every store can keep (PostgreSQL's text holds
+/// no NUL, nor its B-tree an entry much over 2 KB). The event is never refused for it:
+/// the sender did not choose the field's value as a key, its provider did.
+fn field_key(value: &str) -> String {
+    if value.len() <= 255 && !value.chars().any(char::is_control) {
+        return value.to_string();
+    }
+    use sha2::Digest;
+    format!(
+        "sha256:{}",
+        hex::encode(sha2::Sha256::digest(value.as_bytes()))
+    )
 }

@@ -1828,3 +1828,39 @@ destinations = ["binary"]
     assert_eq!(arrivals.load(std::sync::atomic::Ordering::SeqCst), 1);
     gw.shutdown().await.unwrap();
 }
+
+/// A source's `idempotency_field` whose value PostgreSQL could not keep as a key — a NUL
+/// in it, or longer than a B-tree entry may be — still de-duplicates, on both stores,
+/// and the event is accepted (before, PostgreSQL refused it with a 503 at every try).
+#[tokio::test(flavor = "multi_thread")]
+async fn any_idempotency_field_value_de_duplicates() {
+    let server = PgServer::start();
+    let stores = [
+        None,
+        server
+            .as_ref()
+            .map(|s| format!("[store]\nurl = \"{}\"\n", s.database("keys"))),
+    ];
+    for store in stores.into_iter().flatten().chain([String::new()]) {
+        let rx = crate::util::Receiver::start().await;
+        let config = format!(
+            "{store}[[sources]]\nname = \"s\"\nidempotency_field = \"id\"\n[[destinations]]\n\
+             name = \"d\"\nurl = \"{{receiver}}/d\"\n[[routes]]\nsource = \"s\"\ndestinations = [\"d\"]\n"
+        );
+        let gw = crate::util::TestGateway::start(&config, &rx, &[]).await;
+        let long = "x".repeat(10_000);
+        for id in ["a\u{0}b", long.as_str()] {
+            let body = serde_json::json!({ "id": id }).to_string();
+            let (first, accepted) = gw.post("s", body.clone()).await;
+            assert_eq!(first, 202, "{store}: {accepted}");
+            let (again, repeat) = gw.post("s", body).await;
+            assert_eq!(again, 200, "{store}: {repeat}");
+            assert_eq!(repeat["id"], accepted["id"]);
+        }
+        // Another value is another event, even where only what a key keeps would differ.
+        let other = serde_json::json!({ "id": format!("{long}y") }).to_string();
+        assert_eq!(gw.post("s", other).await.0, 202, "{store}");
+        rx.wait_for(3).await;
+        gw.shutdown().await.unwrap();
+    }
+}
