@@ -1864,3 +1864,31 @@ async fn any_idempotency_field_value_de_duplicates() {
         gw.shutdown().await.unwrap();
     }
 }
+
+/// A NUL in a management request's path or query (`%00`) is refused with `400` on both
+/// stores: no name, id or stored text holds one, and PostgreSQL's text cannot take one
+/// (it answered `500`).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_nul_in_a_management_url_is_a_bad_request() {
+    let server = PgServer::start();
+    let pg = server
+        .as_ref()
+        .map(|s| format!("[store]\nurl = \"{}\"\n", s.database("nul_url")));
+    for store in pg.into_iter().chain([String::new()]) {
+        let rx = crate::util::Receiver::start().await;
+        let config = format!("{store}[[sources]]\nname = \"s\"\n");
+        let gw = crate::util::TestGateway::start(&config, &rx, &[]).await;
+        for path in [
+            "/v1/events?source=a%00b",
+            "/v1/events/a%00b",
+            "/v1/deliveries?destination=%00",
+        ] {
+            let (status, body) = gw.get(path).await;
+            assert_eq!(status, 400, "{store}{path}: {body}");
+            assert!(body["error"].as_str().unwrap().contains("NUL"), "{body}");
+        }
+        // Encoded once more, it is a plain `%00` and no NUL.
+        assert_eq!(gw.get("/v1/events?source=a%2500b").await.0, 200);
+        gw.shutdown().await.unwrap();
+    }
+}

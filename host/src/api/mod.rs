@@ -104,8 +104,8 @@ fn finish_doc(doc: utoipa::openapi::OpenApi) -> serde_json::Value {
 }
 
 /// Every operation behind [`require_token`] (the same rule: `/v1/` but ingest) answers 401
-/// without a valid token, and each that is not a read 403 to a read token; said once here
-/// rather than on each handler.
+/// without a valid token, each that is not a read 403 to a read token, and each 400 to a
+/// NUL in its URL (`has_nul`); said once here rather than on each handler.
 fn document_the_token(doc: &mut serde_json::Value) {
     let Some(paths) = doc["paths"].as_object_mut() else {
         return;
@@ -121,6 +121,14 @@ fn document_the_token(doc: &mut serde_json::Value) {
                     "schema": { "$ref": "#/components/schemas/ErrorBody" }
                 } }
             });
+            if operation["responses"].get("400").is_none() {
+                operation["responses"]["400"] = json!({
+                    "description": "A NUL (`%00`) in the URL's path or query",
+                    "content": { "application/json": {
+                        "schema": { "$ref": "#/components/schemas/ErrorBody" }
+                    } }
+                });
+            }
             // What changes anything is refused to a read token.
             if !matches!(method.as_str(), "get" | "head") {
                 operation["responses"]["403"] = json!({
@@ -266,17 +274,21 @@ async fn require_token(
                 .any(|t| bool::from(t.as_bytes().ct_eq(g.as_bytes())))
         })
     };
-    if among(&api.tokens) {
-        return next.run(request).await;
-    }
-    if among(&api.read_tokens) {
-        if matches!(*request.method(), Method::GET | Method::HEAD) {
-            return next.run(request).await;
+    let writes = among(&api.tokens);
+    if writes || among(&api.read_tokens) {
+        if !writes && !matches!(*request.method(), Method::GET | Method::HEAD) {
+            return ApiError::Forbidden(
+                "this token may only read: changes need one of [api] tokens".into(),
+            )
+            .into_response();
         }
-        return ApiError::Forbidden(
-            "this token may only read: changes need one of [api] tokens".into(),
-        )
-        .into_response();
+        if has_nul(request.uri()) {
+            return ApiError::BadRequest(
+                "NUL characters (`%00`) are not allowed in the URL".into(),
+            )
+            .into_response();
+        }
+        return next.run(request).await;
     }
     let message = if api.tokens.is_empty() && api.read_tokens.is_empty() {
         "the management API is disabled: configure [api] tokens"
@@ -289,6 +301,13 @@ async fn require_token(
         axum::http::HeaderValue::from_static("Bearer"),
     );
     response
+}
+
+/// Whether a request's path or query holds a NUL once percent-decoded (a raw one never
+/// gets past the HTTP parser). No name, id or stored text can hold one, and PostgreSQL's
+/// text cannot take one as a parameter: refused with `400` before it reaches the store.
+fn has_nul(uri: &axum::http::Uri) -> bool {
+    uri.path().contains("%00") || uri.query().is_some_and(|q| q.contains("%00"))
 }
 
 async fn healthz() -> Json<serde_json::Value> {
