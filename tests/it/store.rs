@@ -1892,3 +1892,73 @@ async fn a_nul_in_a_management_url_is_a_bad_request() {
         gw.shutdown().await.unwrap();
     }
 }
+
+/// On PostgreSQL, an event whose indexed body field is longer than an index entry may be
+/// is stored all the same, and found by that value; and an event the database refuses
+/// fails only itself, not the ingest batch it was committed with. (Before: the insert
+/// failed, `503` at every try, and took down every event of its batch.)
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_stores_an_indexed_field_of_any_length() {
+    let Some(server) = PgServer::start() else {
+        return;
+    };
+    let url = server.database("long_field");
+    let store = PgStore::open(&url, 1_000, LEASE).await.unwrap();
+    store
+        .index_fields(vec![vec!["v".to_string()]])
+        .await
+        .unwrap();
+    // 20,000 letters that do not compress.
+    let mut x: u64 = 88_172_645_463_325_252;
+    let long: String = (0..20_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b'a' + (x % 26) as u8)
+        })
+        .collect();
+    let body = |v: &str| serde_json::json!({ "v": v }).to_string();
+    let mut events = vec![event("long", "s", 1_000, &body(&long))];
+    events.extend(
+        (0..40).map(|n| event(&format!("e{n:02}"), "s", 2_000 + n, &body(&format!("v{n}")))),
+    );
+    let inserted =
+        futures_util::future::join_all((events.into_iter()).map(|e| store.insert_event(e, None)))
+            .await;
+    for result in inserted {
+        assert_eq!(result.unwrap(), Inserted::New);
+    }
+    let by = |equals: &str| EventFilter {
+        field: Some(FieldMatch {
+            path: vec!["v".into()],
+            equals: equals.into(),
+        }),
+        ..EventFilter::default()
+    };
+    let found = store.list_events(by(&long), None, 10).await.unwrap();
+    assert_eq!(
+        found.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
+        ["long"]
+    );
+    let found = store.list_events(by("v7"), None, 10).await.unwrap();
+    assert_eq!(
+        found.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
+        ["e07"]
+    );
+
+    // An event the database refuses (here: an id it has already) among others, sent
+    // last so that it shares their batch.
+    let mut events: Vec<_> = (0..40)
+        .map(|n| event(&format!("f{n:02}"), "s", 4_000 + n, "{}"))
+        .collect();
+    events.push(event("e07", "s", 3_000, "{}"));
+    let mut inserted =
+        futures_util::future::join_all((events.into_iter()).map(|e| store.insert_event(e, None)))
+            .await;
+    let refused = inserted.pop().unwrap();
+    for result in inserted {
+        assert_eq!(result.unwrap(), Inserted::New);
+    }
+    assert!(refused.is_err(), "{refused:?}");
+}

@@ -264,7 +264,39 @@ const SCHEMA: &[&str] = &[
         taken BOOLEAN NOT NULL,
         PRIMARY KEY (kind, name)
     );",
+    // 18: a body field's value is indexed only up to `FIELD_KEY_MAX` bytes of JSON: a
+    // longer one made its event's insert fail (a B-tree entry holds ~2.7 KB), and with it
+    // the rest of its ingest batch. The indexes made with the old function are dropped;
+    // the next `index_fields` builds them anew, concurrently.
+    r#"CREATE OR REPLACE FUNCTION switchyard_body_value(body BYTEA, path TEXT[]) RETURNS JSONB AS $$
+    DECLARE j JSONB;
+    BEGIN
+        j := convert_from(body, 'UTF8')::JSONB;
+        IF jsonb_typeof(j) = 'object' THEN
+            j := j #> path;
+            IF octet_length(j::TEXT) <= 1024 THEN
+                RETURN j;
+            END IF;
+        END IF;
+        RETURN NULL;
+    EXCEPTION WHEN others THEN
+        RETURN NULL;
+    END;
+    $$ LANGUAGE plpgsql IMMUTABLE;
+    DO $$
+    DECLARE r RECORD;
+    BEGIN
+        FOR r IN SELECT c.relname::TEXT AS name FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+                 WHERE i.indrelid = 'events'::regclass AND starts_with(c.relname::TEXT, 'events_field_')
+        LOOP
+            EXECUTE format('DROP INDEX %I', r.name);
+        END LOOP;
+    END $$;"#,
 ];
+
+/// The longest JSON value of a body field (in bytes) that its index holds (migration 18):
+/// a list by a longer one reads the bodies instead.
+const FIELD_KEY_MAX: usize = 1024;
 
 /// `Store::list_events` (see SQLite's `list_events_sql`): by `events_source` when a source
 /// is given ($1), else by `events_received` or `events_dead_lettered`, each bound a range.
@@ -477,23 +509,47 @@ async fn commit_ingest(
             }
         }
         let events: Vec<Event> = batch.iter().map(|(e, _)| e.clone()).collect();
-        let (result, stored) = match pool.get().await {
+        let failed = |e: &dyn std::fmt::Display| StoreError::Db(e.to_string());
+        let results: Vec<Result<(), StoreError>> = match pool.get().await {
             Ok(client) => match insert_events(&client, &events, lease).await {
-                Ok(()) => (Ok(()), HashSet::new()),
+                Ok(()) => events.iter().map(|_| Ok(())).collect(),
+                // The server refused the statement, and nothing of it is stored: one
+                // event it cannot keep fails only itself, the others are inserted anew.
+                Err(e) if e.as_db_error().is_some() => {
+                    let e = StoreError::from(e);
+                    if events.len() == 1 {
+                        vec![Err(e)]
+                    } else {
+                        tracing::warn!(error = %e, "An ingest batch was refused; inserting its events one by one.");
+                        let mut results = Vec::new();
+                        for event in &events {
+                            let one =
+                                insert_events(&client, std::slice::from_ref(event), lease).await;
+                            results.push(one.map_err(StoreError::from));
+                        }
+                        results
+                    }
+                }
                 Err(e) => {
+                    let e = StoreError::from(e);
                     let ids: Vec<&str> = events.iter().map(|e| e.id.as_str()).collect();
-                    (Err(e), stored_after_all(&pool, &ids).await)
+                    let stored = stored_after_all(&pool, &ids).await;
+                    (events.iter())
+                        .map(|event| match stored.contains(&event.id) {
+                            true => Ok(()),
+                            false => Err(failed(&e)),
+                        })
+                        .collect()
                 }
             },
             // Nothing was sent.
-            Err(e) => (Err(e.into()), HashSet::new()),
+            Err(e) => {
+                let e = StoreError::from(e);
+                events.iter().map(|_| Err(failed(&e))).collect()
+            }
         };
-        for (event, reply) in batch {
-            let _ = reply.send(match &result {
-                Err(_) if stored.contains(&event.id) => Ok(()),
-                Ok(()) => Ok(()),
-                Err(e) => Err(StoreError::Db(e.to_string())),
-            });
+        for ((_, reply), result) in batch.into_iter().zip(results) {
+            let _ = reply.send(result);
         }
     }
 }
@@ -536,7 +592,7 @@ async fn insert_events(
     client: &impl deadpool_postgres::GenericClient,
     events: &[Event],
     lease: Duration,
-) -> Result<(), StoreError> {
+) -> Result<(), tokio_postgres::Error> {
     let col = |f: fn(&Event) -> String| events.iter().map(f).collect::<Vec<String>>();
     let received: Vec<i64> = events.iter().map(|e| e.received_at as i64).collect();
     let content_types: Vec<Option<String>> =
@@ -1677,7 +1733,9 @@ impl Store for PgStore {
         .await?;
         let indexed = (filter.field.as_ref())
             .filter(|f| self.indexed.load().contains(&f.path))
-            .map(|f| (field_key(&f.path), field_keys(f)));
+            .map(|f| (field_key(&f.path), field_keys(f)))
+            // (A value the index cannot hold is looked for in the bodies.)
+            .filter(|(_, keys)| keys.iter().all(|k| k.len() <= FIELD_KEY_MAX / 2));
         let sql = list_events_sql(
             filter.source.is_some(),
             filter.route_result == Some(RouteResultKind::Failed),
