@@ -26,6 +26,7 @@ use bytes::Bytes;
 use deadpool_postgres::{Pool, Runtime};
 use tokio_postgres::NoTls;
 use tokio_postgres::Row;
+use tokio_postgres::error::Severity;
 
 use super::*;
 use crate::event::{Body, Event};
@@ -513,9 +514,14 @@ async fn commit_ingest(
         let results: Vec<Result<(), StoreError>> = match pool.get().await {
             Ok(client) => match insert_events(&client, &events, lease).await {
                 Ok(()) => events.iter().map(|_| Ok(())).collect(),
-                // The server refused the statement, and nothing of it is stored: one
-                // event it cannot keep fails only itself, the others are inserted anew.
-                Err(e) if e.as_db_error().is_some() => {
+                // The server refused the statement (an ERROR: the connection stands, and
+                // nothing of it is stored; a FATAL, as at a crash, may come after the
+                // commit): one event it cannot keep fails only itself, the others are
+                // inserted anew.
+                Err(e)
+                    if (e.as_db_error())
+                        .is_some_and(|db| db.parsed_severity() == Some(Severity::Error)) =>
+                {
                     let e = StoreError::from(e);
                     if events.len() == 1 {
                         vec![Err(e)]
