@@ -1104,7 +1104,9 @@ async fn a_slow_destinations_backlog_waits_in_the_store_and_other_retries_go_ahe
     let slow_app = axum::Router::new().fallback(move || {
         let counted = counted.clone();
         async move {
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            // (300 ms: the retry below has ~4.5 s to come before the backlog is through,
+            // however slow a shared machine is meanwhile.)
+            tokio::time::sleep(Duration::from_millis(300)).await;
             counted.fetch_add(1, SeqCst);
             axum::http::StatusCode::NO_CONTENT
         }
@@ -1166,7 +1168,7 @@ destinations = ["flaky"]
     }
     // Past the leases of the first deliveries: before lanes, the slow destination's
     // deliveries were all leased at once, and those not sent by now were due again, ahead
-    // of any retry due later — which then waited for nearly all of them (~6 s at 200 ms).
+    // of any retry due later — which then waited for nearly all of them (~9 s at 300 ms).
     tokio::time::sleep(Duration::from_millis(3_500)).await;
     let other = gw.accept("other", "{}").await;
     let e = gw.settled(&other).await;
