@@ -1,4 +1,4 @@
-//! Edge security: verification of inbound signatures (HMAC-SHA256 over the raw body, or
+//! Edge security: verification of inbound signatures (HMAC-SHA256 over the body, or
 //! Standard Webhooks), per-source IP allowlists with trusted proxies, and Standard Webhooks
 //! signing of outbound deliveries, and the listener's own certificate (`server.tls`).
 //! Comparisons of signatures are constant-time (`hmac`'s
@@ -400,7 +400,8 @@ impl VerifyConfig {
         }
     }
 
-    /// Verifies a request's signature over its raw body. `now_s`: Unix seconds.
+    /// Verifies a request's signature over `body` (as sent, or as decoded by ingest).
+    /// `now_s`: Unix seconds.
     pub fn verify(
         &self,
         headers: &http::HeaderMap,

@@ -26,16 +26,17 @@ use crate::store::{Idempotency, Inserted, Limit, StoreError};
         ("source" = String, Path, description = "A configured source"),
         ("Idempotency-Key" = Option<String>, Header, description = "A repeat within the idempotency window answers 200 with the original id"),
     ),
-    request_body(content = Object, description = "The sender's payload, stored as sent", content_type = "application/json"),
+    request_body(content = Object, description = "The sender's payload, stored as sent (decoded first if sent with `Content-Encoding: gzip` or `deflate`)", content_type = "application/json"),
     responses(
         (status = 202, description = "Accepted and committed", body = crate::api::EventId),
         (status = 200, description = "A duplicate: the original event's id", body = Object),
-        (status = 400, description = "A malformed `Idempotency-Key` or unreadable body", body = crate::api::ErrorBody),
+        (status = 400, description = "A malformed `Idempotency-Key`, or a body that cannot be read or decoded", body = crate::api::ErrorBody),
         (status = 401, description = "The signature check failed", body = crate::api::ErrorBody),
         (status = 403, description = "The sender's address, or its client certificate (or its lack of one), is not allowed", body = crate::api::ErrorBody),
         (status = 404, description = "No such source", body = crate::api::ErrorBody),
         (status = 408, description = "The body did not arrive within `body_read_timeout`", body = crate::api::ErrorBody),
-        (status = 413, description = "The body is over `max_body_bytes`", body = crate::api::ErrorBody),
+        (status = 413, description = "The body, or its decoded form, is over `max_body_bytes`", body = crate::api::ErrorBody),
+        (status = 415, description = "A `Content-Encoding` other than gzip, x-gzip, deflate or identity", body = crate::api::ErrorBody),
         (status = 429, description = "Over the source's `rate_limit`: try again after `Retry-After` seconds", body = crate::api::ErrorBody),
         (status = 503, description = "The queue is full, the store cannot write (e.g. a full disk) or the gateway is stopping: try again later (`Retry-After: 1`)", body = crate::api::ErrorBody),
     ))]
@@ -69,6 +70,7 @@ pub async fn ingest(
         Err(ApiError::Forbidden(_)) => "rejected_address",
         Err(ApiError::CertificateDenied(_)) => "rejected_client_certificate",
         Err(ApiError::RateLimited { .. }) => "rejected_rate_limited",
+        Err(ApiError::UnsupportedEncoding(_)) => "rejected_unsupported_encoding",
         Err(_) => "rejected_error",
     };
     state.metrics.event(&label, outcome);
@@ -118,9 +120,25 @@ async fn accept(
             ApiError::CertificateDenied(e.to_string())
         },
     )?;
+    // A compressed body is decoded here, so that the signature check, the plugins, the
+    // store and the deliveries all see the payload itself.
+    let wire = body;
+    let decoded = decode(&headers, &wire, config.server.max_body_bytes)
+        .await
+        .inspect_err(
+            |e| tracing::warn!(source, %ip, reason = %e, "Ingest refused: cannot decode the body."),
+        )?;
+    let body = decoded.clone().unwrap_or_else(|| wire.clone());
     if let Some(verify) = &sc.verify {
         let now_s = now_ms() / 1000;
-        verify.verify(&headers, &body, now_s).map_err(|e| {
+        // Senders sign the payload; one that signs the compressed bytes is let in too.
+        let checked = verify
+            .verify(&headers, &body, now_s)
+            .or_else(|e| match decoded {
+                Some(_) => verify.verify(&headers, &wire, now_s).map_err(|_| e),
+                None => Err(e),
+            });
+        checked.map_err(|e| {
             tracing::warn!(source, %ip, reason = %e, "Ingest refused: signature check failed.");
             ApiError::Unauthorized(e.to_string())
         })?;
@@ -164,6 +182,8 @@ async fn accept(
         query: uri.query().unwrap_or("").to_string(),
         headers: headers
             .iter()
+            // The stored body is the decoded one.
+            .filter(|(k, _)| decoded.is_none() || *k != axum::http::header::CONTENT_ENCODING)
             .map(|(k, v)| {
                 (
                     k.as_str().to_string(),
@@ -233,6 +253,72 @@ pub(crate) async fn read_body(
         }
         Err(_) => Err(ApiError::RequestTimeout(deadline)),
     }
+}
+
+/// The `Content-Encoding`s an ingest body may come in (besides `identity`).
+const ENCODINGS: &str = "gzip, x-gzip, deflate";
+
+/// Decodes a body sent with `Content-Encoding: gzip` or `deflate` (several in a row are
+/// undone last first); `None` when it came as is. The decoded body is held to `max` bytes
+/// like a plain one (`413`: a small compressed body cannot expand without bound); one
+/// that does not decode is a `400`, an encoding the gateway does not know a `415`.
+async fn decode(headers: &HeaderMap, wire: &Bytes, max: usize) -> Result<Option<Bytes>, ApiError> {
+    let mut codings = Vec::new();
+    for value in headers.get_all(axum::http::header::CONTENT_ENCODING) {
+        let value = value
+            .to_str()
+            .map_err(|_| ApiError::BadRequest("a malformed `Content-Encoding` header".into()))?;
+        for coding in value.split(',').map(|c| c.trim().to_ascii_lowercase()) {
+            match coding.as_str() {
+                "" | "identity" => {}
+                "gzip" | "x-gzip" | "deflate" => codings.push(coding),
+                other => {
+                    return Err(ApiError::UnsupportedEncoding(format!(
+                        "`Content-Encoding: {other}` is not supported; send the body as is or in {ENCODINGS}"
+                    )));
+                }
+            }
+        }
+    }
+    if codings.is_empty() {
+        return Ok(None);
+    }
+    let wire = wire.clone();
+    // Inflating a large body takes milliseconds of CPU: off the async workers.
+    tokio::task::spawn_blocking(move || {
+        let mut body = wire;
+        for coding in codings.iter().rev() {
+            body = inflate(coding, &body, max)?;
+        }
+        Ok(Some(body))
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.into()))?
+}
+
+/// Undoes one content coding, reading at most `max` bytes of its output.
+fn inflate(coding: &str, input: &[u8], max: usize) -> Result<Bytes, ApiError> {
+    use flate2::read::{DeflateDecoder, MultiGzDecoder, ZlibDecoder};
+    use std::io::Read;
+    fn read_all(decoder: impl Read, max: usize) -> std::io::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        decoder.take(max as u64 + 1).read_to_end(&mut out)?;
+        Ok(out)
+    }
+    let out = match coding {
+        "deflate" => {
+            // `deflate` is meant to be zlib-wrapped (RFC 9110); some senders send the raw
+            // stream, which is what it then is.
+            read_all(ZlibDecoder::new(input), max)
+                .or_else(|_| read_all(DeflateDecoder::new(input), max))
+        }
+        _ => read_all(MultiGzDecoder::new(input), max),
+    }
+    .map_err(|e| ApiError::BadRequest(format!("cannot decode the body as {coding}: {e}")))?;
+    if out.len() > max {
+        return Err(ApiError::PayloadTooLarge(max));
+    }
+    Ok(Bytes::from(out))
 }
 
 /// The event's idempotency key: the `Idempotency-Key` header, or else the source's

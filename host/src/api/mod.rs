@@ -918,6 +918,9 @@ pub enum ApiError {
     /// A listing stopped at its time budget (`store::LIST_BUDGET`).
     #[error("{0}")]
     TooBroad(String),
+    /// An ingest body in a `Content-Encoding` the gateway does not decode (`415`).
+    #[error("{0}")]
+    UnsupportedEncoding(String),
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
 }
@@ -953,6 +956,7 @@ impl IntoResponse for ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::TooBroad(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Internal(e) => {
                 tracing::error!(error = %format!("{e:#}"), "Request failed.");
                 StatusCode::INTERNAL_SERVER_ERROR
