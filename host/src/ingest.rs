@@ -169,33 +169,12 @@ async fn accept(
             });
         }
     }
-    let content_type = headers
-        .get(axum::http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
-    let event = Event {
-        id: uuid::Uuid::now_v7().to_string(),
-        source,
-        received_at: now_ms(),
-        method: method.to_string(),
-        path: uri.path().to_string(),
-        query: uri.query().unwrap_or("").to_string(),
-        headers: headers
-            .iter()
-            // The stored body is the decoded one.
-            .filter(|(k, _)| decoded.is_none() || *k != axum::http::header::CONTENT_ENCODING)
-            .map(|(k, v)| {
-                (
-                    k.as_str().to_string(),
-                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                )
-            })
-            .collect(),
-        content_type,
-        body: Body(body),
-        metadata: Vec::new(),
-        run: 0,
+    // The stored body is the decoded one.
+    let skip: &[_] = match decoded {
+        Some(_) => &[axum::http::header::CONTENT_ENCODING],
+        None => &[],
     };
+    let event = new_event(source, &method, &uri, &headers, skip, body);
     let field = sc.idempotency_field.as_deref();
     let idempotency = idempotency_key(field, &event, &headers)?.map(|key| Idempotency {
         key,
@@ -233,6 +212,44 @@ async fn accept(
     .await
 }
 
+/// A new event (a fresh UUIDv7 id, received now) from a request to `source`, without the
+/// headers named in `skip`.
+pub(crate) fn new_event(
+    source: String,
+    method: &http::Method,
+    uri: &http::Uri,
+    headers: &HeaderMap,
+    skip: &[http::HeaderName],
+    body: Bytes,
+) -> Event {
+    let content_type = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    Event {
+        id: uuid::Uuid::now_v7().to_string(),
+        source,
+        received_at: now_ms(),
+        method: method.to_string(),
+        path: uri.path().to_string(),
+        query: uri.query().unwrap_or("").to_string(),
+        headers: headers
+            .iter()
+            .filter(|(k, _)| !skip.contains(k))
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect(),
+        content_type,
+        body: Body(body),
+        metadata: Vec::new(),
+        run: 0,
+    }
+}
+
 /// Reads a whole body of at most `max` bytes within `deadline` (from the end of the
 /// headers): a sender that trickles its body, or stops half-way, gets `408` instead of
 /// holding the connection and its buffer for as long as it likes.
@@ -262,7 +279,11 @@ const ENCODINGS: &str = "gzip, x-gzip, deflate";
 /// undone last first); `None` when it came as is. The decoded body is held to `max` bytes
 /// like a plain one (`413`: a small compressed body cannot expand without bound); one
 /// that does not decode is a `400`, an encoding the gateway does not know a `415`.
-async fn decode(headers: &HeaderMap, wire: &Bytes, max: usize) -> Result<Option<Bytes>, ApiError> {
+pub(crate) async fn decode(
+    headers: &HeaderMap,
+    wire: &Bytes,
+    max: usize,
+) -> Result<Option<Bytes>, ApiError> {
     let mut codings = Vec::new();
     for value in headers.get_all(axum::http::header::CONTENT_ENCODING) {
         let value = value

@@ -461,7 +461,7 @@ pub fn redact(secret: &str) -> String {
 
 /// Names (of destination headers, of plugin config keys) whose values are treated as
 /// secrets.
-fn secret_name(name: &str) -> bool {
+pub(crate) fn secret_name(name: &str) -> bool {
     let n = name.to_ascii_lowercase();
     [
         "authorization",

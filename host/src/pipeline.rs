@@ -19,8 +19,8 @@ use crate::event::{Body, Event, Pairs, merge_pairs};
 use crate::metrics::Metrics;
 use crate::plugin::{CallError, CallLimits, PluginMap, PluginRegistry, PluginVerdict};
 use crate::store::{
-    Completion, DeliveryStatus, DueDelivery, PluginStep, RouteOutcome, RouteResult, StepResult,
-    Store,
+    Completion, DeliveryStatus, DueDelivery, NewDelivery, PluginStep, RouteOutcome, RouteResult,
+    StepResult, Store,
 };
 
 /// Sources, destinations and routes as the pipeline uses them; swapped whole on reload.
@@ -421,12 +421,24 @@ impl Pipeline {
     /// Runs every route of the event's source, then stores the outcomes and the deliveries
     /// they decided in one commit and wakes the dispatcher.
     async fn process(&self, event: Event) {
+        let (outcomes, deliveries) = self.decide(&event, Some(&self.metrics)).await;
+        self.record(event, outcomes, deliveries).await;
+    }
+
+    /// What the routes of the event's source make of it: each route's outcome (its plugin
+    /// steps and result) and the deliveries the routes plan, rendered. Stores and sends
+    /// nothing: `process` records them, and a dry run (`POST /v1/sources/{name}/dry-run`)
+    /// only shows them (`metrics`: `None`, so that its plugin calls are not counted).
+    pub async fn decide(
+        &self,
+        event: &Event,
+        metrics: Option<&Metrics>,
+    ) -> (Vec<RouteOutcome>, Vec<NewDelivery>) {
         // One snapshot of routes and plugins per event: each event is processed by exactly
         // one version of each plugin, whatever reloads happen meanwhile.
         let routing = self.routing();
         let plugin_versions = self.plugins.snapshot();
-        let event = Arc::new(event);
-        let values = PlaceholderValues::of(&event);
+        let values = PlaceholderValues::of(event);
         let mut outcomes = Vec::new();
         let mut deliveries = Vec::new();
         for &route_index in routing.routes_of(&event.source) {
@@ -436,8 +448,8 @@ impl Pipeline {
                 &routing,
                 route_index,
                 &plugin_versions,
-                &event,
-                &self.metrics,
+                event,
+                metrics,
             ))
             .catch_unwind()
             .await;
@@ -473,6 +485,17 @@ impl Pipeline {
                 result,
             });
         }
+        (outcomes, deliveries)
+    }
+
+    /// Stores the event's outcomes and deliveries in one commit and sends the deliveries
+    /// it may send from here at once.
+    async fn record(
+        &self,
+        event: Event,
+        outcomes: Vec<RouteOutcome>,
+        mut deliveries: Vec<NewDelivery>,
+    ) {
         let pending = deliveries
             .iter()
             .filter(|d| d.status == DeliveryStatus::Pending)
@@ -582,7 +605,7 @@ async fn run_chain(
     index: usize,
     plugins: &PluginMap,
     received: &Event,
-    metrics: &Metrics,
+    metrics: Option<&Metrics>,
 ) -> (Vec<PluginStep>, ChainEnd) {
     let route = &routing.routes[index];
     let mut event = received.clone();
@@ -608,12 +631,14 @@ async fn run_chain(
             Err(CallError::Deadline(_)) => "deadline",
             Err(CallError::Output(_)) => "output",
         };
-        metrics.plugin_call(
-            &rp.name,
-            plugin.sha256(),
-            outcome,
-            started.elapsed().as_secs_f64(),
-        );
+        if let Some(metrics) = metrics {
+            metrics.plugin_call(
+                &rp.name,
+                plugin.sha256(),
+                outcome,
+                started.elapsed().as_secs_f64(),
+            );
+        }
         let mut step = PluginStep {
             plugin: rp.name.clone(),
             sha256: plugin.sha256().to_string(),

@@ -1001,3 +1001,132 @@ async fn management_bodies_are_bounded_by_the_current_body_limit() {
     assert_eq!(status, 404);
     gw.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dry_run_shows_what_the_routes_would_send_and_stores_nothing() {
+    let rx = Receiver::start().await;
+    let config = format!(
+        r#"
+[[sources]]
+name = "dev"
+verify = {{ scheme = "hmac-sha256", secret = "never-checked-here", header = "x-signature" }}
+[[sources]]
+name = "quiet"
+[[destinations]]
+name = "sink"
+url = "{{receiver}}/d/:source:?iccid=:iccid:&label=:label:"
+headers = {{ "authorization" = "Bearer sink-token-0123456789", "x-ip" = ":ip:" }}
+signing = {{ secret = "{SECRET}" }}
+[[destinations]]
+name = "usage-only"
+url = "{{receiver}}/u"
+event_types = ["usage"]
+[[routes]]
+source = "dev"
+plugins = [{{ name = "metadata-inject", config = {{ label = "/device/label" }} }}]
+destinations = ["sink", "usage-only"]
+"#
+    );
+    let gw = TestGateway::start(&config, &rx, &["metadata-inject"]).await;
+    let payload = json!({
+        "type": "location",
+        "iccid": "8945738730000000012",
+        "ipv4": "10.1.2.3",
+        "device": { "label": "a b" }
+    });
+    let dry_run = |path: &str, body: Vec<u8>, encoding: Option<&str>| {
+        let mut req = gw
+            .client
+            .post(format!("{}/v1/sources/{path}", gw.url))
+            .header("content-type", "application/json")
+            .header("x-sender", "abc")
+            .body(body);
+        if let Some(coding) = encoding {
+            req = req.header("content-encoding", coding);
+        }
+        async move {
+            let resp = req.send().await.unwrap();
+            (resp.status().as_u16(), resp.json::<Value>().await.unwrap())
+        }
+    };
+
+    let (status, run) = dry_run("dev/dry-run?k=v", payload.to_string().into_bytes(), None).await;
+    assert_eq!(status, 200, "{run}");
+    // The event as ingest would have made it, without the API's own credentials.
+    assert_eq!(run["event"]["source"], "dev");
+    assert_eq!(run["event"]["path"], "/v1/ingest/dev");
+    assert_eq!(run["event"]["query"], "k=v");
+    assert_eq!(run["event"]["body"], payload);
+    let event_headers = run["event"]["headers"].as_array().unwrap();
+    assert!(event_headers.contains(&json!(["x-sender", "abc"])), "{run}");
+    assert!(
+        !event_headers.iter().any(|h| h[0] == "authorization"),
+        "{run}"
+    );
+    // The route: the plugin's verdict, then both destinations, one skipped by type.
+    let route = &run["routes"][0];
+    assert_eq!(route["steps"][0]["plugin"], "metadata-inject", "{run}");
+    assert_eq!(route["steps"][0]["outcome"], "verdict", "{run}");
+    assert_eq!(
+        route["result"],
+        json!({ "result": "delivering", "deliveries": 2 }),
+        "{run}"
+    );
+    let deliveries = run["deliveries"].as_array().unwrap();
+    assert_eq!(deliveries.len(), 2, "{run}");
+    let sink = &deliveries[0];
+    assert_eq!(sink["destination"], "sink");
+    assert_eq!(sink["status"], "pending");
+    assert_eq!(
+        sink["url"],
+        format!("{}/d/dev?iccid=8945738730000000012&label=a%20b", rx.url)
+    );
+    assert_eq!(sink["body"], payload);
+    let headers = sink["headers"].as_array().unwrap();
+    for h in [
+        json!(["x-ip", "10.1.2.3"]),
+        json!(["x-sender", "abc"]),
+        json!(["authorization", "****6789"]),
+        json!(["webhook-id", sink["id"]]),
+    ] {
+        assert!(headers.contains(&h), "{h} in {headers:?}");
+    }
+    assert!(
+        !headers.iter().any(|h| h[0] == "webhook-signature"),
+        "signed at each attempt, not here: {headers:?}"
+    );
+    assert_eq!(deliveries[1]["destination"], "usage-only");
+    assert_eq!(deliveries[1]["status"], "skipped");
+
+    // A compressed payload is decoded as ingest would; a source without routes plans
+    // nothing; an unknown source is a 404.
+    let gzipped = {
+        use std::io::Write;
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(payload.to_string().as_bytes()).unwrap();
+        e.finish().unwrap()
+    };
+    let (status, run) = dry_run("dev/dry-run", gzipped, Some("gzip")).await;
+    assert_eq!(
+        (status, &run["deliveries"][0]["body"]),
+        (200, &payload),
+        "{run}"
+    );
+    let (status, run) = dry_run("quiet/dry-run", b"{}".to_vec(), None).await;
+    assert_eq!(status, 200, "{run}");
+    assert_eq!(
+        (run["routes"].clone(), run["deliveries"].clone()),
+        (json!([]), json!([]))
+    );
+    let (status, run) = dry_run("nowhere/dry-run", b"{}".to_vec(), None).await;
+    assert_eq!(status, 404, "{run}");
+
+    // Nothing stored, sent or counted.
+    let (status, list) = gw.get("/v1/events").await;
+    assert_eq!((status, list["items"].clone()), (200, json!([])));
+    let metrics = gw.metrics().await;
+    assert!(!metrics.contains("metadata-inject"), "{metrics}");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(rx.requests().is_empty());
+    gw.shutdown().await.unwrap();
+}

@@ -7,6 +7,7 @@
 //! served at `/v1/openapi.json` is generated from the same code that serves the routes.
 
 pub mod counts;
+mod dry_run;
 pub mod objects;
 pub mod stats;
 
@@ -196,6 +197,7 @@ fn api_router() -> OpenApiRouter<AppState> {
             objects::patch_source,
             objects::delete_source
         ))
+        .routes(routes!(dry_run::dry_run))
         .routes(routes!(
             objects::list_destinations,
             objects::create_destination

@@ -1,0 +1,136 @@
+//! `POST /v1/sources/{name}/dry-run`: a payload through the source's routes as they are in
+//! force — the same plugins, versions, destinations and placeholders as an event posted to
+//! ingest — answered with what would happen, without storing or sending anything. For
+//! trying a plugin or a route change on a real payload before a sender's event meets it.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use super::{ApiError, AppState, ErrorBody};
+use crate::event::{Body, Event, Pairs};
+use crate::ingest;
+use crate::store::{DeliveryStatus, NewDelivery, RouteOutcome};
+
+/// What the source's routes make of a payload.
+#[derive(Serialize, ToSchema)]
+pub(super) struct DryRun {
+    /// The event as the plugins got it: id, source, received_at, method, path, query,
+    /// headers, content_type, body, metadata, run. Not stored: its id is nobody's.
+    #[schema(value_type = Object)]
+    event: Event,
+    /// Each route's outcome, as `GET /v1/events/{id}` shows them: the plugin steps with
+    /// each verdict, version (sha256) and duration, and the result.
+    #[schema(value_type = Vec<Object>)]
+    routes: Vec<RouteOutcome>,
+    /// The deliveries the routes plan, as they would be sent (a signed destination's
+    /// `webhook-timestamp` and `webhook-signature` are added at each attempt, so they are
+    /// not here).
+    deliveries: Vec<PlannedRequest>,
+}
+
+/// One delivery a dry run plans, rendered.
+#[derive(Serialize, ToSchema)]
+pub(super) struct PlannedRequest {
+    /// The delivery's `webhook-id`, as it would be for an event with this id.
+    id: String,
+    /// The index of the route that planned it.
+    route: usize,
+    destination: String,
+    /// The URL after placeholders.
+    url: String,
+    /// `pending` (it would be sent) or `skipped` (the destination's `event_types` do not
+    /// take this event's type).
+    status: DeliveryStatus,
+    /// The request's headers in order; values of headers that name a secret
+    /// (`authorization`, `…key…`, `…token…`, …) redacted.
+    #[schema(value_type = Vec<Vec<String>>)]
+    headers: Pairs,
+    /// The request's body: the JSON value when it is JSON, else text, else
+    /// `{"base64": "..."}`.
+    #[schema(value_type = serde_json::Value)]
+    body: Body,
+}
+
+impl From<NewDelivery> for PlannedRequest {
+    fn from(d: NewDelivery) -> Self {
+        let headers = (d.headers.into_iter())
+            .map(|(name, value)| {
+                let value = match crate::managed::secret_name(&name) {
+                    true => crate::managed::redact(&value),
+                    false => value,
+                };
+                (name, value)
+            })
+            .collect();
+        PlannedRequest {
+            id: d.id,
+            route: d.route,
+            destination: d.destination,
+            url: d.url,
+            status: d.status,
+            headers,
+            body: Body(d.body),
+        }
+    }
+}
+
+/// Runs a payload through the source's routes and answers with each route's outcome and
+/// the deliveries they would send; stores, sends and counts nothing. The request body is
+/// the payload as a sender would post it (decoded first if it comes with
+/// `Content-Encoding`); its headers but `authorization` and `cookie`, and its query
+/// string, are the event's. The source's signature check, allowlists, rate limit and
+/// idempotency do not apply.
+#[utoipa::path(post, path = "/v1/sources/{name}/dry-run", tag = "sources",
+    params(("name" = String, Path, description = "A source")),
+    request_body(content = Object, description = "A payload as a sender would post it (any bytes)", content_type = "application/json"),
+    responses(
+        (status = 200, description = "What the source's routes would do", body = DryRun),
+        (status = 400, description = "A body that cannot be read or decoded", body = ErrorBody),
+        (status = 404, description = "No such source", body = ErrorBody),
+        (status = 408, description = "The body did not arrive within `body_read_timeout`", body = ErrorBody),
+        (status = 413, description = "The body, or its decoded form, is over `max_body_bytes`", body = ErrorBody),
+        (status = 415, description = "A `Content-Encoding` other than gzip, x-gzip, deflate or identity", body = ErrorBody),
+    ))]
+pub(super) async fn dry_run(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    request: axum::extract::Request,
+) -> Result<Json<DryRun>, ApiError> {
+    if !state.pipeline.routing().has_source(&name) {
+        return Err(ApiError::NotFound(format!("no source named `{name}`")));
+    }
+    let (request, body) = request.into_parts();
+    let config = state.reloader.config();
+    let max = config.server.max_body_bytes;
+    let wire = ingest::read_body(body, max, config.server.body_read_timeout).await?;
+    let decoded = ingest::decode(&request.headers, &wire, max).await?;
+    let mut skip = vec![http::header::AUTHORIZATION, http::header::COOKIE];
+    if decoded.is_some() {
+        skip.push(http::header::CONTENT_ENCODING);
+    }
+    // The event as ingest would have made it from a post to the source.
+    let uri: http::Uri = match request.uri.query() {
+        Some(q) => format!("/v1/ingest/{name}?{q}"),
+        None => format!("/v1/ingest/{name}"),
+    }
+    .parse()
+    .map_err(|_| ApiError::BadRequest("the source's name is not a path segment".into()))?;
+    let event = ingest::new_event(
+        name,
+        &http::Method::POST,
+        &uri,
+        &request.headers,
+        &skip,
+        decoded.unwrap_or(wire),
+    );
+    let span = tracing::info_span!("dry_run", event_id = %event.id, source = %event.source);
+    let (routes, deliveries) =
+        tracing::Instrument::instrument(state.pipeline.decide(&event, None), span).await;
+    Ok(Json(DryRun {
+        event,
+        routes,
+        deliveries: deliveries.into_iter().map(PlannedRequest::from).collect(),
+    }))
+}
