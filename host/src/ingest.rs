@@ -170,11 +170,9 @@ async fn accept(
         }
     }
     // The stored body is the decoded one.
-    let skip: &[_] = match decoded {
-        Some(_) => &[axum::http::header::CONTENT_ENCODING],
-        None => &[],
-    };
-    let event = new_event(source, &method, &uri, &headers, skip, body);
+    let keep =
+        |name: &http::HeaderName| decoded.is_none() || name != http::header::CONTENT_ENCODING;
+    let event = new_event(source, &method, &uri, &headers, keep, body);
     let field = sc.idempotency_field.as_deref();
     let idempotency = idempotency_key(field, &event, &headers)?.map(|key| Idempotency {
         key,
@@ -212,14 +210,14 @@ async fn accept(
     .await
 }
 
-/// A new event (a fresh UUIDv7 id, received now) from a request to `source`, without the
-/// headers named in `skip`.
+/// A new event (a fresh UUIDv7 id, received now) from a request to `source`, with the
+/// headers `keep` keeps.
 pub(crate) fn new_event(
     source: String,
     method: &http::Method,
     uri: &http::Uri,
     headers: &HeaderMap,
-    skip: &[http::HeaderName],
+    keep: impl Fn(&http::HeaderName) -> bool,
     body: Bytes,
 ) -> Event {
     let content_type = headers
@@ -235,7 +233,7 @@ pub(crate) fn new_event(
         query: uri.query().unwrap_or("").to_string(),
         headers: headers
             .iter()
-            .filter(|(k, _)| !skip.contains(k))
+            .filter(|(k, _)| keep(k))
             .map(|(k, v)| {
                 (
                     k.as_str().to_string(),

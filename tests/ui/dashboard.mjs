@@ -3,7 +3,7 @@
 //   node dashboard.mjs <gateway-url> <api-token> <receiver-control-url> <artifact-dir> <held-event-id>
 // It signs in, sees a freshly ingested event appear, replays the dead letters in bulk,
 // opens an event (plugin verdicts, attempt),
-// replays it (a new attempt), restarts a FAILED destination (its held events go out),
+// replays it (a new attempt), dry-runs its payload (and an edited one), restarts a FAILED destination (its held events go out),
 // resends the delivery that failed before, and writes a screenshot of every page, at 1280×800 and at phone width.
 
 import { chromium } from 'playwright-core';
@@ -117,6 +117,26 @@ try {
   await page.locator('tr.attempt').nth(1).waitFor();
   await page.getByText('run 1').first().waitFor();
 
+  step('a dry run of the event\'s payload shows the verdicts and what would be sent, and stores nothing');
+  const count = async () => (await (await fetch(`${base}/v1/events?limit=500`, { headers: { authorization: `Bearer ${token}` } })).json()).items.length;
+  const before = await count();
+  await page.getByRole('button', { name: 'Dry run' }).click();
+  await page.getByRole('heading', { name: 'Dry run' }).waitFor();
+  const payload = page.getByLabel('Payload');
+  if (!(await payload.inputValue()).includes('8945738730000000012')) throw new Error('the dry run did not open with the event\'s payload');
+  await page.getByRole('button', { name: 'Run' }).click();
+  const planned = page.locator('#dry-result .planned[data-destination="fleet"]');
+  await planned.getByText('would send').waitFor();
+  await planned.locator('.url').getByText('/fleet').waitFor();
+  await planned.locator('pre.body', { hasText: '8945738730000000012' }).waitFor();
+  await page.locator('#dry-result tr.step').first().getByText('"verdict": "continue"').waitFor();
+  await shot('dry-run');
+  await payload.fill(JSON.stringify({ type: 'sms', iccid: '8945738730000000012' }));
+  await page.getByRole('button', { name: 'Run' }).click();
+  await page.locator('#dry-result .route').getByText('dropped').waitFor();
+  await page.locator('#dry-result').getByText('Nothing.').waitFor();
+  if ((await count()) !== before) throw new Error('a dry run stored an event');
+
   step('search by id opens the event');
   await page.goto(`${base}/ui/#/events`);
   await page.getByLabel('Find an event by id').fill(id);
@@ -162,6 +182,10 @@ try {
   await plain.locator('.chain').getByText('none').waitFor();
   await plain.locator('.destination').getByText('flaky').waitFor();
   await shot('routes');
+  await plain.getByRole('link', { name: 'Dry run' }).click();
+  await page.getByRole('heading', { name: 'Dry run' }).waitFor();
+  if ((await page.getByLabel('Source').inputValue()) !== 'flaky-source') throw new Error('the dry run is not for the route\'s source');
+  await page.getByRole('link', { name: 'Routes' }).click();
   await filtered.getByRole('link', { name: 'Events' }).click();
   await page.locator('select[name="source"]').waitFor();
   const chosen = await page.locator('select[name="source"]').inputValue();

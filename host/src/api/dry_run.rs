@@ -76,11 +76,22 @@ impl From<NewDelivery> for PlannedRequest {
     }
 }
 
+/// Request headers that belong to the API call, not to the event: its credentials, and
+/// what a browser adds (as do `sec-…` names: the dashboard runs dry runs from a page).
+const API_CALL_HEADERS: &[&str] = &[
+    "authorization",
+    "cookie",
+    "origin",
+    "referer",
+    "accept-language",
+];
+
 /// Runs a payload through the source's routes and answers with each route's outcome and
 /// the deliveries they would send; stores, sends and counts nothing. The request body is
 /// the payload as a sender would post it (decoded first if it comes with
-/// `Content-Encoding`); its headers but `authorization` and `cookie`, and its query
-/// string, are the event's. The source's signature check, allowlists, rate limit and
+/// `Content-Encoding`); its headers, but the call's own (`authorization`, `cookie`, and
+/// what browsers add: `origin`, `referer`, `accept-language`, `sec-…`), and its query
+/// string are the event's. The source's signature check, allowlists, rate limit and
 /// idempotency do not apply.
 #[utoipa::path(post, path = "/v1/sources/{name}/dry-run", tag = "sources",
     params(("name" = String, Path, description = "A source")),
@@ -106,10 +117,11 @@ pub(super) async fn dry_run(
     let max = config.server.max_body_bytes;
     let wire = ingest::read_body(body, max, config.server.body_read_timeout).await?;
     let decoded = ingest::decode(&request.headers, &wire, max).await?;
-    let mut skip = vec![http::header::AUTHORIZATION, http::header::COOKIE];
-    if decoded.is_some() {
-        skip.push(http::header::CONTENT_ENCODING);
-    }
+    let keep = |name: &http::HeaderName| {
+        !(API_CALL_HEADERS.contains(&name.as_str())
+            || name.as_str().starts_with("sec-")
+            || (decoded.is_some() && name == http::header::CONTENT_ENCODING))
+    };
     // The event as ingest would have made it from a post to the source.
     let uri: http::Uri = match request.uri.query() {
         Some(q) => format!("/v1/ingest/{name}?{q}"),
@@ -122,8 +134,8 @@ pub(super) async fn dry_run(
         &http::Method::POST,
         &uri,
         &request.headers,
-        &skip,
-        decoded.unwrap_or(wire),
+        keep,
+        decoded.clone().unwrap_or(wire),
     );
     let span = tracing::info_span!("dry_run", event_id = %event.id, source = %event.source);
     let (routes, deliveries) =

@@ -221,6 +221,19 @@ function pretty(bodyText) {
   try { return JSON.stringify(JSON.parse(bodyText), null, 2); } catch { return bodyText; }
 }
 
+// Each route's outcome: its plugin steps with verdict, version and duration, and the result
+// (an event's runs, or a dry run's).
+function routeCards(routes) {
+  return routes.map((r) => h('div', { class: 'card route' },
+    h('div', { class: 'row' }, h('strong', {}, r.name ? `Route ${r.name}` : `Route #${r.route}`), h('span', { class: 'muted' }, `run ${r.run}`),
+      badge(r.result.result), r.result.reason ? h('span', {}, r.result.reason) : null, r.result.error ? h('span', { class: 'error' }, r.result.error) : null),
+    h('table', {}, h('thead', {}, h('tr', {}, h('th', {}, 'Plugin'), h('th', {}, 'Version'), h('th', { class: 'num' }, 'Duration'), h('th', {}, 'Verdict'))),
+      h('tbody', {}, r.steps.map((s) => h('tr', { class: 'step' },
+        h('td', {}, s.plugin), h('td', { class: 'mono', title: s.sha256 }, short(s.sha256)),
+        h('td', { class: 'num' }, `${s.duration_us} µs`),
+        h('td', {}, s.outcome === 'verdict' ? h('pre', {}, JSON.stringify(s.verdict, null, 2)) : h('span', { class: 'error' }, s.error))))))));
+}
+
 async function eventPage(id) {
   let e;
   try { e = await api(`/v1/events/${encodeURIComponent(id)}`); } catch (err) { page('Event'); failed(err); return; }
@@ -229,14 +242,11 @@ async function eventPage(id) {
   const replay = h('button', { class: 'primary', id: 'replay', onclick: async () => {
     try { await api(`/v1/events/${ev.id}/replay`, { method: 'POST' }); toast('Replayed: a new run is queued.'); setTimeout(() => eventPage(id), 700); } catch (err) { toast(err.message); }
   } }, 'Replay');
-  const routes = e.routes.map((r) => h('div', { class: 'card route' },
-    h('div', { class: 'row' }, h('strong', {}, r.name ? `Route ${r.name}` : `Route #${r.route}`), h('span', { class: 'muted' }, `run ${r.run}`),
-      badge(r.result.result), r.result.reason ? h('span', {}, r.result.reason) : null, r.result.error ? h('span', { class: 'error' }, r.result.error) : null),
-    h('table', {}, h('thead', {}, h('tr', {}, h('th', {}, 'Plugin'), h('th', {}, 'Version'), h('th', { class: 'num' }, 'Duration'), h('th', {}, 'Verdict'))),
-      h('tbody', {}, r.steps.map((s) => h('tr', { class: 'step' },
-        h('td', {}, s.plugin), h('td', { class: 'mono', title: s.sha256 }, short(s.sha256)),
-        h('td', { class: 'num' }, `${s.duration_us} µs`),
-        h('td', {}, s.outcome === 'verdict' ? h('pre', {}, JSON.stringify(s.verdict, null, 2)) : h('span', { class: 'error' }, s.error))))))));
+  const tryIt = h('button', { id: 'dry-run', title: 'Run this payload through the routes in force without storing or sending anything', onclick: () => {
+    draft = { source: ev.source, body: pretty(body), contentType: ev.content_type || 'application/json' };
+    location.hash = `#/dry-run/${encodeURIComponent(ev.source)}`;
+  } }, 'Dry run');
+  const routes = routeCards(e.routes);
   const deliveries = e.deliveries.map((d) => h('div', { class: 'card delivery', 'data-id': d.id },
     h('div', { class: 'row' }, h('strong', {}, d.destination), badge(d.status), h('span', { class: 'mono muted' }, d.id),
       h('span', { class: 'muted' }, `run ${d.run}`),
@@ -255,7 +265,7 @@ async function eventPage(id) {
     h('div', { class: 'card' }, h('div', { class: 'row' }, badge(e.status),
       e.routes.some((r) => r.run === ev.run && r.result.result === 'failed')
         ? h('span', { class: 'badge failed', title: 'A route failed on this run: see Routes below; replay once fixed' }, 'dead-letter') : null,
-      h('span', {}, `${ev.source} · ${time(ev.received_at)} · run ${ev.run}`), replay)),
+      h('span', {}, `${ev.source} · ${time(ev.received_at)} · run ${ev.run}`), replay, tryIt)),
     h('h2', {}, 'Payload'), h('div', { class: 'card' }, h('pre', { id: 'payload' }, pretty(body))),
     h('h2', {}, 'Headers'), h('div', { class: 'card' }, h('table', {}, h('tbody', {}, ev.headers.map(([k, v]) => h('tr', {}, h('th', {}, k), h('td', { class: 'mono' }, v)))))),
     h('h2', {}, 'Routes'), routes.length ? routes : h('p', { class: 'muted' }, 'Not processed yet.'),
@@ -263,6 +273,44 @@ async function eventPage(id) {
   if (e.status === 'queued' || e.deliveries.some((d) => d.status === 'pending')) {
     poller = setInterval(() => { clearInterval(poller); eventPage(id); }, 1500);
   }
+}
+
+// ---- dry run --------------------------------------------------------------------------------
+
+// The payload the dry-run page opens with, when another page sends one there.
+let draft = null;
+
+// A payload through a source's routes as they are in force: the plugins' verdicts and the
+// requests each destination would get. Nothing is stored or sent.
+async function dryRunPage(source) {
+  const sources = await api('/v1/sources?limit=500');
+  const start = draft && draft.source === source ? draft : { body: '{\n  "type": "usage"\n}', contentType: 'application/json' };
+  draft = null;
+  const pick = h('select', { name: 'source', id: 'dry-source' },
+    sources.items.map((s) => h('option', { value: s.name, selected: s.name === source }, s.name)));
+  const payload = h('textarea', { id: 'dry-payload', name: 'payload', rows: 12, spellcheck: 'false' });
+  payload.value = start.body;
+  const contentType = h('input', { id: 'dry-type', name: 'content_type', value: start.contentType });
+  const result = h('div', { id: 'dry-result' });
+  const form = h('form', { class: 'dry-run', onsubmit: async (e) => {
+    e.preventDefault();
+    try {
+      const r = await api(`/v1/sources/${encodeURIComponent(pick.value)}/dry-run`, { method: 'POST', headers: { 'content-type': contentType.value }, body: payload.value });
+      result.replaceChildren(...[
+        h('h2', {}, 'Routes'), r.routes.length ? routeCards(r.routes) : h('p', { class: 'muted' }, 'No route takes events from this source.'),
+        h('h2', {}, 'Would send'), r.deliveries.length === 0 ? h('p', { class: 'muted' }, 'Nothing.') :
+          r.deliveries.map((d) => h('div', { class: 'card planned', 'data-destination': d.destination },
+            h('div', { class: 'row' }, h('strong', {}, d.destination), badge(d.status === 'pending' ? 'would send' : d.status)),
+            h('div', { class: 'mono muted url' }, `POST ${d.url}`),
+            h('table', {}, h('tbody', {}, d.headers.map(([k, v]) => h('tr', {}, h('th', {}, k), h('td', { class: 'mono' }, v))))),
+            h('pre', { class: 'body' }, typeof d.body === 'string' ? d.body : JSON.stringify(d.body, null, 2))))].flat());
+    } catch (err) { result.replaceChildren(h('p', { class: 'error', role: 'alert' }, `Error: ${err.message}`)); }
+  } },
+  h('div', { class: 'row' }, h('label', {}, 'Source', pick), h('label', {}, 'Content type', contentType)),
+  h('label', { class: 'payload' }, 'Payload', payload),
+  h('div', { class: 'row' }, h('button', { class: 'primary', type: 'submit' }, 'Run'),
+    h('span', { class: 'muted' }, 'Runs the routes in force on this payload; stores, sends and counts nothing.')));
+  page('Dry run', h('div', { class: 'card' }, form), result);
 }
 
 // ---- destinations and plugins ---------------------------------------------------------
@@ -331,7 +379,8 @@ async function routesPage() {
             h('td', {}, r.destinations.map((d) => h('div', { class: 'destination' }, d, ' ',
               dest[d] && dest[d].state !== 'ACTIVE' ? badge(dest[d].state) : null))),
             h('td', { class: 'hide-narrow' }, r.on_error),
-            h('td', {}, showEvents(r.source)))))));
+            h('td', {}, h('div', { class: 'row' }, showEvents(r.source),
+              h('a', { href: `#/dry-run/${encodeURIComponent(r.source)}`, class: 'dry-run' }, 'Dry run'))))))));
     } catch (e) { failed(e); }
   }
   await refresh();
@@ -369,6 +418,7 @@ async function route() {
   try {
     if (name === 'events' && id) await eventPage(decodeURIComponent(id));
     else if (name === 'routes') await routesPage();
+    else if (name === 'dry-run') await dryRunPage(id ? decodeURIComponent(id) : '');
     else if (name === 'destinations') await destinationsPage();
     else if (name === 'plugins') await pluginsPage();
     else await eventsPage();
