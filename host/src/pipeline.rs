@@ -428,7 +428,9 @@ impl Pipeline {
     /// What the routes of the event's source make of it: each route's outcome (its plugin
     /// steps and result) and the deliveries the routes plan, rendered. Stores and sends
     /// nothing: `process` records them, and a dry run (`POST /v1/sources/{name}/dry-run`)
-    /// only shows them (`metrics`: `None`, so that its plugin calls are not counted).
+    /// only shows them. `metrics`: `None` for a dry run, whose plugin calls are counted
+    /// nowhere (neither in the metrics nor in the plugins' call statistics and failures
+    /// in a row).
     pub async fn decide(
         &self,
         event: &Event,
@@ -619,9 +621,14 @@ async fn run_chain(
         };
         let started = Instant::now();
         let mode = rp.mode.unwrap_or_else(|| plugin.default_mode());
-        let result = plugin
-            .call(&event, rp.config.clone(), rp.limits, mode)
-            .await;
+        let result = match metrics {
+            Some(_) => {
+                plugin
+                    .call(&event, rp.config.clone(), rp.limits, mode)
+                    .await
+            }
+            None => (plugin.call_uncounted(&event, rp.config.clone(), rp.limits, mode)).await,
+        };
         let outcome = match &result {
             Ok(PluginVerdict::Drop { .. }) => "drop",
             Ok(PluginVerdict::Continue(_)) => "continue",

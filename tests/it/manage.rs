@@ -1121,7 +1121,22 @@ destinations = ["sink", "usage-only"]
     let (status, run) = dry_run("nowhere/dry-run", b"{}".to_vec(), None).await;
     assert_eq!(status, 404, "{run}");
 
+    // A plugin failing in dry runs, `degraded_after` times and more, is not degraded.
+    for _ in 0..6 {
+        let (status, run) = dry_run("dev/dry-run", b"not json".to_vec(), None).await;
+        assert_eq!(status, 200, "{run}");
+        assert_eq!(run["routes"][0]["result"]["result"], "failed", "{run}");
+    }
+
     // Nothing stored, sent or counted.
+    let (_, plugins) = gw.get("/v1/plugins").await;
+    let plugin = &plugins["items"][0];
+    assert_eq!(plugin["name"], "metadata-inject", "{plugins}");
+    assert_eq!(
+        (plugin["calls"].clone(), plugin["degraded"].clone()),
+        (json!(0), json!(false)),
+        "{plugins}"
+    );
     let (status, list) = gw.get("/v1/events").await;
     assert_eq!((status, list["items"].clone()), (200, json!([])));
     let metrics = gw.metrics().await;

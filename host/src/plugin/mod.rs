@@ -399,8 +399,9 @@ impl LoadedPlugin {
         self.consecutive_failures() >= self.options.degraded_after
     }
 
-    /// Runs the plugin on one event. The guest runs on a fiber of the calling task and
-    /// yields at each epoch tick, so a call never holds a runtime thread for long.
+    /// Runs the plugin on one event, counting the call in the plugin's statistics and
+    /// its failures in a row (`degraded`). The guest runs on a fiber of the calling task
+    /// and yields at each epoch tick, so a call never holds a runtime thread for long.
     pub async fn call(
         &self,
         event: &Event,
@@ -409,16 +410,28 @@ impl LoadedPlugin {
         mode: InstanceMode,
     ) -> Result<PluginVerdict, CallError> {
         let started = std::time::Instant::now();
-        let result = match mode {
-            InstanceMode::Fresh => self.call_fresh(event, config, limits).await,
-            InstanceMode::Warm => self.call_warm(event, config, limits).await,
-        }
-        .and_then(|v| check_output(v, &limits));
+        let result = self.call_uncounted(event, config, limits, mode).await;
         self.calls.fetch_add(1, Ordering::Relaxed);
         self.call_micros
             .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         self.note_outcome(result.is_ok());
         result
+    }
+
+    /// Runs the plugin on one event as [`LoadedPlugin::call`] does, without counting the
+    /// call anywhere: for dry runs, whose payloads are someone's experiments.
+    pub async fn call_uncounted(
+        &self,
+        event: &Event,
+        config: Arc<[(String, String)]>,
+        limits: CallLimits,
+        mode: InstanceMode,
+    ) -> Result<PluginVerdict, CallError> {
+        match mode {
+            InstanceMode::Fresh => self.call_fresh(event, config, limits).await,
+            InstanceMode::Warm => self.call_warm(event, config, limits).await,
+        }
+        .and_then(|v| check_output(v, &limits))
     }
 
     fn note_outcome(&self, ok: bool) {
