@@ -1143,5 +1143,72 @@ destinations = ["sink", "usage-only"]
     assert!(!metrics.contains("metadata-inject"), "{metrics}");
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert!(rx.requests().is_empty());
+
+    // A stored event, as a replay would run it: its own headers and query, its next run's
+    // delivery ids; the event itself unchanged.
+    let resp = gw
+        .client
+        .post(format!("{}/v1/ingest/dev?k=v", gw.url))
+        .header("content-type", "application/json")
+        .header("x-sender", "abc")
+        .header("x-api-key", "sender-key-0123456789")
+        .header(
+            "x-signature",
+            hmac_hex(b"never-checked-here", payload.to_string().as_bytes()),
+        )
+        .body(payload.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    let id = resp.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let stored = gw.settled(&id).await;
+    let (status, run) = gw.post_api(&format!("/v1/events/{id}/dry-run")).await;
+    assert_eq!(status, 200, "{run}");
+    assert_eq!(
+        (run["event"]["id"].as_str(), run["event"]["run"].clone()),
+        (Some(id.as_str()), json!(1))
+    );
+    assert_eq!(run["event"]["query"], "k=v");
+    let event_headers = run["event"]["headers"].as_array().unwrap();
+    assert!(
+        event_headers.contains(&json!(["x-api-key", "****6789"])),
+        "{run}"
+    );
+    let sink = &run["deliveries"][0];
+    assert!(
+        sink["headers"]
+            .as_array()
+            .unwrap()
+            .contains(&json!(["x-sender", "abc"])),
+        "{run}"
+    );
+    assert_eq!(sink["url"], stored["deliveries"][0]["url"]);
+    assert_ne!(
+        sink["id"], stored["deliveries"][0]["id"],
+        "the next run's delivery"
+    );
+    let (_, replayed) = gw.post_api(&format!("/v1/events/{id}/replay")).await;
+    assert_eq!(replayed["id"], id.as_str());
+    let after = gw
+        .wait_event(&id, |e| e["deliveries"].as_array().unwrap().len() == 4)
+        .await;
+    let next: Vec<&Value> = (after["deliveries"].as_array().unwrap().iter())
+        .filter(|d| d["run"] == 1)
+        .map(|d| &d["id"])
+        .collect();
+    assert!(next.contains(&&sink["id"]), "a replay's ids: {after}");
+    let (status, _) = gw.post_api("/v1/events/no-such-event/dry-run").await;
+    assert_eq!(status, 404);
     gw.shutdown().await.unwrap();
+}
+
+fn hmac_hex(key: &[u8], data: &[u8]) -> String {
+    use hmac::Mac;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key).unwrap();
+    mac.update(data);
+    hex::encode(mac.finalize().into_bytes())
 }

@@ -1,7 +1,9 @@
-//! `POST /v1/sources/{name}/dry-run`: a payload through the source's routes as they are in
+//! Dry runs: `POST /v1/sources/{name}/dry-run` takes a payload, `POST
+//! /v1/events/{id}/dry-run` a stored event, through the source's routes as they are in
 //! force — the same plugins, versions, destinations and placeholders as an event posted to
-//! ingest — answered with what would happen, without storing or sending anything. For
-//! trying a plugin or a route change on a real payload before a sender's event meets it.
+//! ingest or replayed — answered with what would happen, without storing or sending
+//! anything. For trying a plugin or a route change on a real payload before a sender's
+//! event meets it, or before replaying dead letters.
 
 use axum::Json;
 use axum::extract::{Path, State};
@@ -137,12 +139,45 @@ pub(super) async fn dry_run(
         keep,
         decoded.clone().unwrap_or(wire),
     );
+    Ok(Json(run(&state, event).await))
+}
+
+/// Runs a stored event through its source's routes as a replay would, as its next run
+/// (so the deliveries' ids are those a replay would give them), and answers as the
+/// payload's dry run does; the event and its deliveries are not changed, nothing is sent
+/// or counted. Its credential headers are shown redacted, as `GET /v1/events/{id}` shows
+/// them.
+#[utoipa::path(post, path = "/v1/events/{id}/dry-run", tag = "events",
+    params(("id" = String, Path, description = "The event id from ingest")),
+    responses(
+        (status = 200, description = "What a replay would do", body = DryRun),
+        (status = 404, description = "No such event", body = ErrorBody),
+    ))]
+pub(super) async fn dry_run_event(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<DryRun>, ApiError> {
+    let record = (state.store.get_event(&id).await?)
+        .ok_or_else(|| ApiError::NotFound(format!("no event with id `{id}`")))?;
+    let mut event = record.event;
+    event.run += 1;
+    let mut answer = run(&state, event).await;
+    for (name, value) in answer.event.headers.iter_mut() {
+        if super::credential_header(name) {
+            *value = crate::managed::redact(value);
+        }
+    }
+    Ok(Json(answer))
+}
+
+/// The event through `Pipeline::decide`, counted nowhere.
+async fn run(state: &AppState, event: Event) -> DryRun {
     let span = tracing::info_span!("dry_run", event_id = %event.id, source = %event.source);
     let (routes, deliveries) =
         tracing::Instrument::instrument(state.pipeline.decide(&event, None), span).await;
-    Ok(Json(DryRun {
+    DryRun {
         event,
         routes,
         deliveries: deliveries.into_iter().map(PlannedRequest::from).collect(),
-    }))
+    }
 }

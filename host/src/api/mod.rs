@@ -190,6 +190,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(list_events))
         .routes(routes!(get_event))
         .routes(routes!(replay_event))
+        .routes(routes!(dry_run::dry_run_event))
         .routes(routes!(replay_events))
         .routes(routes!(objects::list_sources, objects::create_source))
         .routes(routes!(
@@ -549,7 +550,7 @@ async fn get_event(
 }
 
 /// Request headers that carry a sender's credentials.
-fn credential_header(name: &str) -> bool {
+pub(crate) fn credential_header(name: &str) -> bool {
     let name = name.to_ascii_lowercase();
     matches!(
         name.as_str(),
