@@ -272,8 +272,10 @@ pub(crate) async fn read_body(
 
 /// The `Content-Encoding`s an ingest body may come in (besides `identity`).
 const ENCODINGS: &str = "gzip, x-gzip, deflate";
+/// The most content codings one body may list.
+const MAX_CODINGS: usize = 2;
 
-/// Decodes a body sent with `Content-Encoding: gzip` or `deflate` (several in a row are
+/// Decodes a body sent with `Content-Encoding: gzip` or `deflate` (two in a row are
 /// undone last first); `None` when it came as is. The decoded body is held to `max` bytes
 /// like a plain one (`413`: a small compressed body cannot expand without bound); one
 /// that does not decode is a `400`, an encoding the gateway does not know a `415`.
@@ -301,6 +303,14 @@ pub(crate) async fn decode(
     }
     if codings.is_empty() {
         return Ok(None);
+    }
+    // Each coding may inflate up to `max` bytes: a long chain of them would be a lot of
+    // work for one small body, and no sender needs more than two.
+    if codings.len() > MAX_CODINGS {
+        return Err(ApiError::BadRequest(format!(
+            "`Content-Encoding` lists {} codings; at most {MAX_CODINGS} are decoded",
+            codings.len()
+        )));
     }
     let wire = wire.clone();
     // Inflating a large body takes milliseconds of CPU: off the async workers.

@@ -286,6 +286,13 @@ async fn compressed_bodies_are_decoded_before_the_checks_and_the_store() {
     assert!(bomb.len() < 8192, "{}", bomb.len());
     let (status, answer) = post_encoded(&gw, "local", bomb, &encoded("gzip")).await;
     assert_eq!(status, 413, "{answer}");
+    let thrice = compress("gzip", &compress("gzip", &compress("gzip", body)));
+    let (status, answer) = post_encoded(&gw, "local", thrice, &encoded("gzip, gzip, gzip")).await;
+    assert_eq!(status, 400, "{answer}");
+    assert!(
+        answer["error"].as_str().unwrap().contains("at most 2"),
+        "{answer}"
+    );
     let just = compress("gzip", &vec![b' '; 1 << 20]);
     assert_eq!(
         post_encoded(&gw, "local", just, &encoded("gzip")).await.0,
@@ -297,7 +304,7 @@ async fn compressed_bodies_are_decoded_before_the_checks_and_the_store() {
     let metrics = gw.metrics().await;
     for line in [
         r#"switchyard_events_received_total{source="local",result="rejected_unsupported_encoding"} 1"#,
-        r#"switchyard_events_received_total{source="local",result="rejected_bad_request"} 1"#,
+        r#"switchyard_events_received_total{source="local",result="rejected_bad_request"} 2"#,
         r#"switchyard_events_received_total{source="local",result="rejected_too_large"} 1"#,
         r#"switchyard_events_received_total{source="bondio",result="accepted"} 6"#,
     ] {
