@@ -86,7 +86,7 @@ try {
   await page.locator(`#events tr[data-id="${deadId}"]`).waitFor();
   await row.waitFor({ state: 'detached' });
 
-  step('dead letters are replayed in bulk (the plugin still fails: dead-lettered again)');
+  step('dead letters are replayed in bulk (the plugin still fails: dead-lettered again, as a dry run of a replay shows)');
   page.once('dialog', (d) => d.accept());
   await page.getByRole('button', { name: 'Replay dead letters' }).click();
   await page.getByText('1 event replayed.').waitFor();
@@ -94,6 +94,10 @@ try {
   await page.getByRole('heading', { name: `Event ${deadId}` }).waitFor();
   await page.locator('.card .row').first().getByText('dead-letter').waitFor();
   await page.getByText('body is not valid JSON').first().waitFor();
+  await page.getByRole('button', { name: 'Dry run a replay' }).click();
+  await page.locator('#dry-result .route').getByText('failed', { exact: true }).waitFor();
+  await page.locator('#dry-result').getByText('body is not valid JSON').first().waitFor();
+  await page.locator('#dry-result').getByText('Nothing.').waitFor();
   await page.goBack();
   await page.getByRole('heading', { name: 'Events' }).waitFor();
   await page.getByLabel('Routes').selectOption('');
@@ -113,14 +117,14 @@ try {
   await shot('event');
 
   step('replay makes a new run and a new attempt');
-  await page.getByRole('button', { name: 'Replay' }).click();
+  await page.getByRole('button', { name: 'Replay', exact: true }).click();
   await page.locator('tr.attempt').nth(1).waitFor();
   await page.getByText('run 1').first().waitFor();
 
   step('a dry run of the event\'s payload shows the verdicts and what would be sent, and stores nothing');
   const count = async () => (await (await fetch(`${base}/v1/events?limit=500`, { headers: { authorization: `Bearer ${token}` } })).json()).items.length;
   const before = await count();
-  await page.getByRole('button', { name: 'Dry run' }).click();
+  await page.getByRole('button', { name: 'Edit payload' }).click();
   await page.getByRole('heading', { name: 'Dry run' }).waitFor();
   const payload = page.getByLabel('Payload');
   if (!(await payload.inputValue()).includes('8945738730000000012')) throw new Error('the dry run did not open with the event\'s payload');

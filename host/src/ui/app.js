@@ -242,10 +242,17 @@ async function eventPage(id) {
   const replay = h('button', { class: 'primary', id: 'replay', onclick: async () => {
     try { await api(`/v1/events/${ev.id}/replay`, { method: 'POST' }); toast('Replayed: a new run is queued.'); setTimeout(() => eventPage(id), 700); } catch (err) { toast(err.message); }
   } }, 'Replay');
-  const tryIt = h('button', { id: 'dry-run', title: 'Run this payload through the routes in force without storing or sending anything', onclick: () => {
+  const dryBox = h('div', { id: 'dry-result' });
+  const dryReplay = h('button', { id: 'dry-replay', title: 'What a replay would do: this event through the plugins in force, nothing stored or sent', onclick: async () => {
+    try {
+      const r = await api(`/v1/events/${encodeURIComponent(ev.id)}/dry-run`, { method: 'POST' });
+      dryBox.replaceChildren(h('div', { class: 'card dry' }, h('h2', {}, 'A replay would do this (dry run)'), ...dryRunResult(r, 'h3')));
+    } catch (err) { toast(err.message); }
+  } }, 'Dry run a replay');
+  const tryIt = h('button', { id: 'dry-run', title: 'Open this payload in the dry run, to edit it and run it through the routes in force', onclick: () => {
     draft = { source: ev.source, body: pretty(body), contentType: ev.content_type || 'application/json' };
     location.hash = `#/dry-run/${encodeURIComponent(ev.source)}`;
-  } }, 'Dry run');
+  } }, 'Edit payload');
   const routes = routeCards(e.routes);
   const deliveries = e.deliveries.map((d) => h('div', { class: 'card delivery', 'data-id': d.id },
     h('div', { class: 'row' }, h('strong', {}, d.destination), badge(d.status), h('span', { class: 'mono muted' }, d.id),
@@ -265,7 +272,8 @@ async function eventPage(id) {
     h('div', { class: 'card' }, h('div', { class: 'row' }, badge(e.status),
       e.routes.some((r) => r.run === ev.run && r.result.result === 'failed')
         ? h('span', { class: 'badge failed', title: 'A route failed on this run: see Routes below; replay once fixed' }, 'dead-letter') : null,
-      h('span', {}, `${ev.source} · ${time(ev.received_at)} · run ${ev.run}`), replay, tryIt)),
+      h('span', {}, `${ev.source} · ${time(ev.received_at)} · run ${ev.run}`), replay, dryReplay, tryIt)),
+    dryBox,
     h('h2', {}, 'Payload'), h('div', { class: 'card' }, h('pre', { id: 'payload' }, pretty(body))),
     h('h2', {}, 'Headers'), h('div', { class: 'card' }, h('table', {}, h('tbody', {}, ev.headers.map(([k, v]) => h('tr', {}, h('th', {}, k), h('td', { class: 'mono' }, v)))))),
     h('h2', {}, 'Routes'), routes.length ? routes : h('p', { class: 'muted' }, 'Not processed yet.'),
@@ -279,6 +287,18 @@ async function eventPage(id) {
 
 // The payload the dry-run page opens with, when another page sends one there.
 let draft = null;
+
+// A dry run's answer: each route's outcome and every request it would send.
+function dryRunResult(r, heading = 'h2') {
+  return [
+    h(heading, {}, 'Routes'), r.routes.length ? routeCards(r.routes) : h('p', { class: 'muted' }, 'No route takes events from this source.'),
+    h(heading, {}, 'Would send'), r.deliveries.length === 0 ? h('p', { class: 'muted' }, 'Nothing.') :
+      r.deliveries.map((d) => h('div', { class: 'card planned', 'data-destination': d.destination },
+        h('div', { class: 'row' }, h('strong', {}, d.destination), badge(d.status === 'pending' ? 'would send' : d.status)),
+        h('div', { class: 'mono muted url' }, `POST ${d.url}`),
+        h('table', {}, h('tbody', {}, d.headers.map(([k, v]) => h('tr', {}, h('th', {}, k), h('td', { class: 'mono' }, v))))),
+        h('pre', { class: 'body' }, typeof d.body === 'string' ? d.body : JSON.stringify(d.body, null, 2))))].flat();
+}
 
 // A payload through a source's routes as they are in force: the plugins' verdicts and the
 // requests each destination would get. Nothing is stored or sent.
@@ -296,14 +316,7 @@ async function dryRunPage(source) {
     e.preventDefault();
     try {
       const r = await api(`/v1/sources/${encodeURIComponent(pick.value)}/dry-run`, { method: 'POST', headers: { 'content-type': contentType.value }, body: payload.value });
-      result.replaceChildren(...[
-        h('h2', {}, 'Routes'), r.routes.length ? routeCards(r.routes) : h('p', { class: 'muted' }, 'No route takes events from this source.'),
-        h('h2', {}, 'Would send'), r.deliveries.length === 0 ? h('p', { class: 'muted' }, 'Nothing.') :
-          r.deliveries.map((d) => h('div', { class: 'card planned', 'data-destination': d.destination },
-            h('div', { class: 'row' }, h('strong', {}, d.destination), badge(d.status === 'pending' ? 'would send' : d.status)),
-            h('div', { class: 'mono muted url' }, `POST ${d.url}`),
-            h('table', {}, h('tbody', {}, d.headers.map(([k, v]) => h('tr', {}, h('th', {}, k), h('td', { class: 'mono' }, v))))),
-            h('pre', { class: 'body' }, typeof d.body === 'string' ? d.body : JSON.stringify(d.body, null, 2))))].flat());
+      result.replaceChildren(...dryRunResult(r));
     } catch (err) { result.replaceChildren(h('p', { class: 'error', role: 'alert' }, `Error: ${err.message}`)); }
   } },
   h('div', { class: 'row' }, h('label', {}, 'Source', pick), h('label', {}, 'Content type', contentType)),
