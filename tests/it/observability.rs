@@ -229,3 +229,68 @@ destinations = ["ok"]
         assert_eq!(line["span"]["event_id"], id.as_str(), "{line}");
     }
 }
+
+/// GETs `path` accepting gzip: the status, the `content-encoding`, and the body decoded.
+async fn get_gzip(gw: &TestGateway, path: &str) -> (u16, Option<String>, String) {
+    use std::io::Read;
+    let resp = gw
+        .client
+        .get(format!("{}{path}", gw.url))
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let coding = (resp.headers().get("content-encoding")).map(|v| v.to_str().unwrap().to_string());
+    let bytes = resp.bytes().await.unwrap();
+    let mut text = String::new();
+    match coding.as_deref() {
+        Some("gzip") => {
+            flate2::read::GzDecoder::new(&bytes[..])
+                .read_to_string(&mut text)
+                .unwrap();
+        }
+        _ => text = String::from_utf8(bytes.to_vec()).unwrap(),
+    }
+    (status, coding, text)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn large_answers_are_gzipped_for_clients_that_accept_it() {
+    let rx = Receiver::start().await;
+    let gw = TestGateway::start(
+        "[[sources]]\nname = \"a\"\n[[destinations]]\nname = \"d\"\nurl = \"{receiver}/d\"\n[[routes]]\nsource = \"a\"\ndestinations = [\"d\"]\n",
+        &rx,
+        &[],
+    )
+    .await;
+    let id = gw.accept("a", r#"{"type":"usage"}"#).await;
+    gw.settled(&id).await;
+
+    let (status, coding, metrics) = get_gzip(&gw, "/metrics").await;
+    assert_eq!((status, coding.as_deref()), (200, Some("gzip")));
+    assert!(
+        metrics.contains(r#"switchyard_events_received_total{source="a",result="accepted"} 1"#),
+        "{metrics}"
+    );
+    let (status, coding, doc) = get_gzip(&gw, "/v1/openapi.json").await;
+    assert_eq!((status, coding.as_deref()), (200, Some("gzip")));
+    let doc: serde_json::Value = serde_json::from_str(&doc).unwrap();
+    assert!(doc["paths"]["/v1/ingest/{source}"].is_object());
+    // Small answers go as they are; so does everything for a client that does not ask.
+    let (status, coding, _) = get_gzip(&gw, "/healthz").await;
+    assert_eq!((status, coding), (200, None));
+    let resp = gw
+        .client
+        .post(format!("{}/v1/ingest/a", gw.url))
+        .header("accept-encoding", "gzip")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    assert_eq!(resp.headers().get("content-encoding"), None);
+    let plain = gw.metrics().await;
+    assert!(plain.starts_with("# HELP"), "{plain}");
+    gw.shutdown().await.unwrap();
+}

@@ -249,7 +249,24 @@ pub fn router(state: AppState) -> Router {
         ))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(compression())
         .with_state(state)
+}
+
+/// Gzip for answers of 1 KiB or more to clients that accept it — `/metrics` of many
+/// destinations is megabytes of text, and the dashboard polls event lists — at the fastest
+/// level: a few bytes saved are not worth the CPU. Ingest's answers are smaller.
+fn compression() -> tower_http::compression::CompressionLayer<
+    tower_http::compression::predicate::And<
+        tower_http::compression::DefaultPredicate,
+        tower_http::compression::predicate::SizeAbove,
+    >,
+> {
+    use tower_http::compression::predicate::{Predicate, SizeAbove};
+    use tower_http::compression::{CompressionLayer, CompressionLevel, DefaultPredicate};
+    CompressionLayer::new()
+        .quality(CompressionLevel::Fastest)
+        .compress_when(DefaultPredicate::new().and(SizeAbove::new(1024)))
 }
 
 /// The management API's gate: `Authorization: Bearer <token>` with a configured token,
