@@ -428,13 +428,14 @@ impl Pipeline {
     /// What the routes of the event's source make of it: each route's outcome (its plugin
     /// steps and result) and the deliveries the routes plan, rendered. Stores and sends
     /// nothing: `process` records them, and a dry run (`POST /v1/sources/{name}/dry-run`)
-    /// only shows them. `metrics`: `None` for a dry run, whose plugin calls are counted
-    /// nowhere (neither in the metrics nor in the plugins' call statistics and failures
-    /// in a row).
+    /// only shows them. `live`: the metrics to count in, or `None` for a dry run, whose
+    /// plugin calls are counted nowhere (neither in the metrics nor in the plugins' call
+    /// statistics and failures in a row) and whose failures are not logged as the
+    /// gateway's (its answer has them).
     pub async fn decide(
         &self,
         event: &Event,
-        metrics: Option<&Metrics>,
+        live: Option<&Metrics>,
     ) -> (Vec<RouteOutcome>, Vec<NewDelivery>) {
         // One snapshot of routes and plugins per event: each event is processed by exactly
         // one version of each plugin, whatever reloads happen meanwhile.
@@ -451,7 +452,7 @@ impl Pipeline {
                 route_index,
                 &plugin_versions,
                 event,
-                metrics,
+                live,
             ))
             .catch_unwind()
             .await;
@@ -466,11 +467,15 @@ impl Pipeline {
             let route = route_index;
             let result = match end {
                 ChainEnd::Dropped { plugin, reason } => {
-                    tracing::info!(route, plugin, reason, "Event dropped.");
+                    if live.is_some() {
+                        tracing::info!(route, plugin, reason, "Event dropped.");
+                    }
                     RouteResult::Dropped { plugin, reason }
                 }
                 ChainEnd::Failed(error) => {
-                    tracing::warn!(route, error, "Route failed for this event.");
+                    if live.is_some() {
+                        tracing::warn!(route, error, "Route failed for this event.");
+                    }
                     RouteResult::Failed { error }
                 }
                 ChainEnd::Deliver(planned) => {
@@ -607,7 +612,7 @@ async fn run_chain(
     index: usize,
     plugins: &PluginMap,
     received: &Event,
-    metrics: Option<&Metrics>,
+    live: Option<&Metrics>,
 ) -> (Vec<PluginStep>, ChainEnd) {
     let route = &routing.routes[index];
     let mut event = received.clone();
@@ -621,7 +626,7 @@ async fn run_chain(
         };
         let started = Instant::now();
         let mode = rp.mode.unwrap_or_else(|| plugin.default_mode());
-        let result = match metrics {
+        let result = match live {
             Some(_) => {
                 plugin
                     .call(&event, rp.config.clone(), rp.limits, mode)
@@ -638,7 +643,7 @@ async fn run_chain(
             Err(CallError::Deadline(_)) => "deadline",
             Err(CallError::Output(_)) => "output",
         };
-        if let Some(metrics) = metrics {
+        if let Some(metrics) = live {
             metrics.plugin_call(
                 &rp.name,
                 plugin.sha256(),
@@ -658,8 +663,10 @@ async fn run_chain(
             Ok(v) => v,
             Err(e) => {
                 let error = format!("plugin `{}` failed: {e}", rp.name);
-                tracing::warn!(plugin = %rp.name, sha256 = plugin.sha256(), error = %e,
-                    on_error = ?route.on_error, "Plugin failed.");
+                if live.is_some() {
+                    tracing::warn!(plugin = %rp.name, sha256 = plugin.sha256(), error = %e,
+                        on_error = ?route.on_error, "Plugin failed.");
+                }
                 step.result = StepResult::Error {
                     error: e.to_string(),
                 };
