@@ -639,6 +639,40 @@ async fn insert_events(
 /// Any advisory-lock key that is ours: serialises migrations across instances.
 const MIGRATION_LOCK: i64 = 0x5357_4954_4348;
 
+/// How long a connection attempt may take, unless the URL says (`connect_timeout`).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long data sent to the server may go unacknowledged before the connection is
+/// dropped, unless the URL says (`tcp_user_timeout`; Linux). Without it a database that
+/// stops answering — a network that drops packets rather than refusing them — holds every
+/// statement in flight for the kernel's ~15 minutes of retransmissions, and ingest, the
+/// pipeline and deliveries with it; with it they fail in seconds (ingest answers 503, the
+/// rest is tried again) and the pool opens new connections once the server answers.
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(20);
+/// A connection idle this long is probed (TCP keepalive), unless the URL says
+/// (`keepalives_idle`): a server gone while a connection sits idle is noticed before it
+/// is used, instead of two hours later.
+const KEEPALIVES_IDLE: Duration = Duration::from_secs(30);
+
+/// The connection settings of a `store.url`: the URL's, with the timeouts above where it
+/// names none (one it sets to 0 stays off, as libpq has it).
+fn connection_config(url: &str) -> Result<tokio_postgres::Config, StoreError> {
+    let mut config: tokio_postgres::Config = url
+        .parse()
+        .map_err(|e| StoreError::Db(format!("invalid store url: {e}")))?;
+    // (In a URL's query or a `key=value` string alike.)
+    let names = |key: &str| url.contains(&format!("{key}=")) || url.contains(&format!("{key} ="));
+    if !names("connect_timeout") {
+        config.connect_timeout(CONNECT_TIMEOUT);
+    }
+    if !names("tcp_user_timeout") {
+        config.tcp_user_timeout(TCP_USER_TIMEOUT);
+    }
+    if !names("keepalives_idle") {
+        config.keepalives_idle(KEEPALIVES_IDLE);
+    }
+    Ok(config)
+}
+
 impl From<tokio_postgres::Error> for StoreError {
     fn from(e: tokio_postgres::Error) -> Self {
         StoreError::Db(match e.as_db_error() {
@@ -674,12 +708,12 @@ impl PgStore {
     /// the task that renews this instance's claims and sweeps for abandoned events. Claims
     /// on events last `lease` unless renewed.
     pub async fn open(url: &str, capacity: usize, lease: Duration) -> Result<Self, StoreError> {
-        let mut cfg = deadpool_postgres::Config::new();
-        cfg.url = Some(url.to_string());
-        cfg.pool = Some(deadpool_postgres::PoolConfig::new(32));
-        let pool = cfg
-            .create_pool(Some(Runtime::Tokio1), NoTls)
-            .map_err(|e| StoreError::Db(format!("invalid store url: {e}")))?;
+        let manager = deadpool_postgres::Manager::new(connection_config(url)?, NoTls);
+        let pool = Pool::builder(manager)
+            .max_size(32)
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| StoreError::Db(format!("cannot make the connection pool: {e}")))?;
         let mut client = pool.get().await?;
         let tx = client.transaction().await?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
@@ -2063,6 +2097,25 @@ impl Store for PgStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_store_url_gets_timeouts_unless_it_names_its_own() {
+        let c = connection_config("postgres://sy@127.0.0.1:5432/sy").unwrap();
+        assert_eq!(c.get_connect_timeout(), Some(&CONNECT_TIMEOUT));
+        assert_eq!(c.get_tcp_user_timeout(), Some(&TCP_USER_TIMEOUT));
+        assert_eq!(c.get_keepalives_idle(), KEEPALIVES_IDLE);
+        let c = connection_config(
+            "postgres://sy@127.0.0.1:5432/sy?connect_timeout=3&tcp_user_timeout=0&keepalives_idle=7",
+        )
+        .unwrap();
+        assert_eq!(c.get_connect_timeout(), Some(&Duration::from_secs(3)));
+        assert_eq!(c.get_tcp_user_timeout(), None, "0: off, as asked");
+        assert_eq!(c.get_keepalives_idle(), Duration::from_secs(7));
+        let c = connection_config("host=127.0.0.1 user=sy connect_timeout=4").unwrap();
+        assert_eq!(c.get_connect_timeout(), Some(&Duration::from_secs(4)));
+        assert_eq!(c.get_tcp_user_timeout(), Some(&TCP_USER_TIMEOUT));
+        assert!(connection_config("postgres://sy@127.0.0.1:5432/sy?connect_timeout=soon").is_err());
+    }
 
     /// The listing queries can use `deliveries_undelivered` (sequential scans off, so the
     /// plan shows what is usable, not what an empty table makes cheapest).
