@@ -110,7 +110,10 @@ pub fn new_plugin(lang: Lang, name: &str, dir: &Path) -> anyhow::Result<Vec<Path
          Build:\n\n    {build}\n\nTest (runs `sample-event.json` through the plugin and compares the verdict with\n\
          `expected-verdict.json`):\n\n    {test}\n\n\
          Use it: copy the `.wasm` into the gateway's plugin directory as `{name}.wasm` and name it in a\n\
-         route: `plugins = [{{ name = \"{name}\" }}]`.\n",
+         route: `plugins = [{{ name = \"{name}\" }}]`. Then see what the route does with a payload,\n\
+         nothing stored or sent (`SOURCE`: the route's source; the dashboard's Dry run page does the same):\n\n    \
+         curl -H 'authorization: Bearer TOKEN' -H 'content-type: application/json' \\\n        \
+         --data-binary @sample-event.json http://127.0.0.1:8080/v1/sources/SOURCE/dry-run\n",
         build = build.replace("NAME", name),
     );
     let mut written = Vec::new();
