@@ -706,6 +706,8 @@ struct CutProxy {
     hold_commits: Arc<std::sync::atomic::AtomicBool>,
     /// Statements are not passed on to the server at all (nothing reaches it).
     blackhole: Arc<std::sync::atomic::AtomicBool>,
+    /// New connections are closed at once (the server is down; see `down_for`).
+    down: Arc<std::sync::atomic::AtomicBool>,
     cuts: Arc<Mutex<tokio_util::sync::CancellationToken>>,
 }
 
@@ -725,11 +727,17 @@ impl CutProxy {
         let hold = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let hold_commits = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let blackhole = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let cuts = Arc::new(Mutex::new(tokio_util::sync::CancellationToken::new()));
+        let refusing = down.clone();
         let (holding, current, dropping) = (hold.clone(), cuts.clone(), blackhole.clone());
         let holding_commits = hold_commits.clone();
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
+                if refusing.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
                 let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target_port)).await
                 else {
                     continue;
@@ -804,8 +812,21 @@ impl CutProxy {
             hold,
             hold_commits,
             blackhole,
+            down,
             cuts,
         }
+    }
+
+    /// The server goes away for `down`, as a restart or a failover would: every connection
+    /// is closed and new ones are closed at once until it is back.
+    fn down_for(self: &Arc<Self>, down: Duration) {
+        self.down.store(true, Ordering::SeqCst);
+        self.cut();
+        let proxy = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(down).await;
+            proxy.down.store(false, Ordering::SeqCst);
+        });
     }
 
     /// As `hold_then_cut`, holding only the answers to `COMMIT`s.
@@ -1040,6 +1061,68 @@ destinations = ["d"]
         1,
         "{e}"
     );
+    gw.shutdown().await.unwrap();
+}
+
+/// The database goes away just as a delivery succeeds, for longer than the record of its
+/// attempt is retried (1 + 2 + 4 s) and than its lease (3 s + the 2 s timeout): once the
+/// database is back and the delivery is claimed again, the attempt made before is
+/// recorded instead of the request being sent a second time.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_attempt_unrecorded_through_a_long_outage_is_recorded_at_the_next_claim_not_sent_again()
+{
+    let Some(server) = PgServer::start() else {
+        return;
+    };
+    let db = server.database("long_outage");
+    let (proxy, db) = CutProxy::in_front_of(&db).await;
+    let proxy = Arc::new(proxy);
+    let arrived = Arc::new(AtomicUsize::new(0));
+    let app = axum::Router::new()
+        .fallback(
+            |State((proxy, arrived)): State<(Arc<CutProxy>, Arc<AtomicUsize>)>| async move {
+                if arrived.fetch_add(1, Ordering::SeqCst) == 0 {
+                    proxy.down_for(Duration::from_secs(9));
+                }
+                StatusCode::NO_CONTENT
+            },
+        )
+        .with_state((proxy.clone(), arrived.clone()));
+    let url = crate::util::serve(app).await;
+    let rx = Receiver::start().await;
+    let config = format!(
+        // (The harness's `[delivery]` table is open: the first line lands in it.)
+        r#"
+timeout = "2s"
+[store]
+url = "{db}"
+lease = "3s"
+[[sources]]
+name = "s"
+[[destinations]]
+name = "d"
+url = "{url}/d"
+[[routes]]
+source = "s"
+destinations = ["d"]
+"#
+    );
+    let gw = TestGateway::start(&config, &rx, &[]).await;
+    let id = gw.accept("s", "{}").await;
+    // The database is down for 9 s from the first request; the API answers errors.
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    let e = gw
+        .wait_event(&id, |e| e["deliveries"][0]["status"] == "delivered")
+        .await;
+    assert_eq!(arrived.load(Ordering::SeqCst), 1, "sent once: {e}");
+    assert_eq!(
+        e["deliveries"][0]["attempts"].as_array().unwrap().len(),
+        1,
+        "{e}"
+    );
+    // A while after: nothing sent again.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(arrived.load(Ordering::SeqCst), 1, "sent once");
     gw.shutdown().await.unwrap();
 }
 

@@ -45,6 +45,21 @@ const ORPHANED_AFTER: Duration = Duration::from_secs(600);
 /// Within how long a second instance's post of the same destination state change is a
 /// duplicate (instances read each other's states every few seconds).
 const NOTIFY_WINDOW: Duration = Duration::from_secs(3600);
+/// The most attempts kept in memory whose record failed (`Dispatcher::unrecorded`).
+const UNRECORDED_MAX: usize = 10_000;
+/// How long such an attempt is kept at most, when room is needed.
+const UNRECORDED_KEPT: Duration = Duration::from_secs(3600);
+
+/// An attempt made whose record failed, kept until its delivery is claimed again.
+struct Unrecorded {
+    /// The delivery's attempts before this one: the claim that finds it must agree.
+    attempts: u32,
+    /// When it was kept: one never claimed here again (another instance took it) is
+    /// dropped after `UNRECORDED_KEPT`, to make room.
+    kept: std::time::Instant,
+    attempt: Attempt,
+    next: AttemptNext,
+}
 
 /// The time, in milliseconds since the Unix epoch.
 pub trait Clock: Send + Sync + 'static {
@@ -152,6 +167,12 @@ pub struct Dispatcher {
     metrics: Arc<Metrics>,
     /// `delivery.notify_source` of the config in force.
     notify_source: ArcSwap<Option<String>>,
+    /// Attempts made whose record failed even when tried again (`record_again`: a store
+    /// that could not write for longer — a database away, a full disk), by delivery id.
+    /// When the lease runs out and the delivery is claimed again here, the attempt is
+    /// recorded then instead of the request being sent again. At most `UNRECORDED_MAX`;
+    /// beyond them, and on another instance, the delivery is sent again (at least once).
+    unrecorded: Mutex<HashMap<String, Unrecorded>>,
 }
 
 /// How deliveries go out, from `[delivery]`: the HTTP client (its timeout, the SSRF guard
@@ -282,6 +303,7 @@ impl Dispatcher {
             attempts: TaskTracker::new(),
             metrics,
             notify_source: ArcSwap::from_pointee(config.notify_source.clone()),
+            unrecorded: Mutex::default(),
         }))
     }
 
@@ -795,6 +817,9 @@ impl Dispatcher {
     #[tracing::instrument(name = "delivery", skip_all, fields(event_id = %d.event_id,
         delivery_id = %d.id, destination = %d.destination, attempt = d.attempts + 1))]
     async fn attempt(&self, d: DueDelivery, permits: Permits) {
+        if let Some(made) = self.take_unrecorded(&d) {
+            return self.record_unrecorded(&d, made).await;
+        }
         let at = self.clock.now_ms();
         let destination = self.destinations.load().get(&d.destination).cloned();
         let timeout = (destination.as_ref().and_then(|dest| dest.timeout))
@@ -850,8 +875,8 @@ impl Dispatcher {
     /// few times, 1 s, 2 s and 4 s later, so that a short outage does not have the
     /// delivery sent again when its lease runs out. An earlier try that was recorded after
     /// all (only its answer lost) is not counted twice (`Store::record_attempt`). If every
-    /// try fails, the lease runs out and the delivery is tried again: at least once, never
-    /// lost.
+    /// try fails, the attempt is kept (`unrecorded`) and recorded when the lease has run
+    /// out and the delivery is claimed again here, instead of being sent again; never lost.
     async fn record_again(
         &self,
         d: &DueDelivery,
@@ -871,8 +896,55 @@ impl Dispatcher {
                 Err(e) => error = e,
             }
         }
-        tracing::error!(delivery_id = %d.id, error = %error,
-            "Cannot record a delivery attempt; it will be sent again when its lease runs out.");
+        let mut unrecorded = self.unrecorded.lock().unwrap_or_else(|e| e.into_inner());
+        if unrecorded.len() >= UNRECORDED_MAX {
+            unrecorded.retain(|_, made| made.kept.elapsed() < UNRECORDED_KEPT);
+        }
+        if unrecorded.len() < UNRECORDED_MAX {
+            let made = Unrecorded {
+                attempts: d.attempts,
+                kept: std::time::Instant::now(),
+                attempt,
+                next,
+            };
+            unrecorded.insert(d.id.clone(), made);
+            tracing::error!(delivery_id = %d.id, error = %error,
+                "Cannot record a delivery attempt; it is recorded, not sent again, when the delivery is claimed again.");
+        } else {
+            tracing::error!(delivery_id = %d.id, error = %error,
+                "Cannot record a delivery attempt; it will be sent again when its lease runs out.");
+        }
+    }
+
+    /// The attempt made for this claim of `d` whose record failed, if any (a later attempt
+    /// recorded meanwhile by another instance makes it stale: dropped).
+    fn take_unrecorded(&self, d: &DueDelivery) -> Option<Unrecorded> {
+        let mut unrecorded = self.unrecorded.lock().unwrap_or_else(|e| e.into_inner());
+        let made = unrecorded.remove(&d.id)?;
+        (made.attempts == d.attempts).then_some(made)
+    }
+
+    /// Records an attempt made before its record failed (see `unrecorded`), now that its
+    /// delivery is claimed again; kept for the next claim if the store still fails.
+    async fn record_unrecorded(&self, d: &DueDelivery, made: Unrecorded) {
+        let recorded = (self.store)
+            .record_attempt(&d.id, d.attempts, made.attempt.clone(), made.next)
+            .await;
+        match recorded {
+            Ok(_) => {
+                tracing::info!(delivery_id = %d.id,
+                    "An attempt made while the store could not write is recorded; not sent again.");
+                if matches!(made.next, AttemptNext::RetryAt(_)) {
+                    self.wake();
+                }
+            }
+            Err(e) => {
+                tracing::warn!(delivery_id = %d.id, error = %e,
+                    "Cannot record a delivery attempt yet; trying again at the next claim.");
+                let mut unrecorded = self.unrecorded.lock().unwrap_or_else(|e| e.into_inner());
+                unrecorded.insert(d.id.clone(), made);
+            }
+        }
     }
 
     /// Gives a claimed delivery back unsent: held while its destination is not ACTIVE in
