@@ -1001,38 +1001,37 @@ destinations = ["d"]
     Arc::into_inner(gw).unwrap().shutdown().await.unwrap();
 }
 
-/// The database stops answering just as a delivery succeeds, so its attempt cannot be
-/// recorded (nothing reaches the server), and comes back a moment later: the record is
-/// tried again, and the delivery is not sent a second time when its lease runs out.
-#[tokio::test(flavor = "multi_thread")]
-async fn an_attempt_recorded_late_is_not_sent_again() {
-    let Some(server) = PgServer::start() else {
-        return;
-    };
-    let db = server.database("late_record");
-    let (proxy, db) = CutProxy::in_front_of(&db).await;
-    let proxy = Arc::new(proxy);
-    // A receiver that, at the first request, makes the database unreachable for 300 ms.
-    let arrived = Arc::new(AtomicUsize::new(0));
-    let app = axum::Router::new()
-        .fallback(
-            |State((proxy, arrived)): State<(Arc<CutProxy>, Arc<AtomicUsize>)>| async move {
-                if arrived.fetch_add(1, Ordering::SeqCst) == 0 {
-                    proxy.blackhole.store(true, Ordering::SeqCst);
-                    tokio::spawn(async move {
-                        tokio::time::sleep(Duration::from_millis(300)).await;
-                        proxy.cut();
-                    });
-                }
-                StatusCode::NO_CONTENT
-            },
-        )
-        .with_state((proxy.clone(), arrived.clone()));
-    let url = crate::util::serve(app).await;
-    let rx = Receiver::start().await;
-    let config = format!(
-        // (The harness's `[delivery]` table is open: the first line lands in it.)
-        r#"
+/// A gateway on a fresh database behind a [`CutProxy`] (lease 3 s, attempts time out
+/// after 2 s), routing source `s` to one destination that, at its first request, does
+/// `first` to the proxy and answers 204; and how many requests that destination got.
+struct CutAtFirstDelivery {
+    gw: TestGateway,
+    arrived: Arc<AtomicUsize>,
+    _server: PgServer,
+}
+
+impl CutAtFirstDelivery {
+    async fn start(name: &str, first: fn(&Arc<CutProxy>)) -> Option<Self> {
+        let server = PgServer::start()?;
+        let db = server.database(name);
+        let (proxy, db) = CutProxy::in_front_of(&db).await;
+        let proxy = Arc::new(proxy);
+        let arrived = Arc::new(AtomicUsize::new(0));
+        let app = axum::Router::new()
+            .fallback(
+                move |State((proxy, arrived)): State<(Arc<CutProxy>, Arc<AtomicUsize>)>| async move {
+                    if arrived.fetch_add(1, Ordering::SeqCst) == 0 {
+                        first(&proxy);
+                    }
+                    StatusCode::NO_CONTENT
+                },
+            )
+            .with_state((proxy, arrived.clone()));
+        let url = crate::util::serve(app).await;
+        let rx = Receiver::start().await;
+        let config = format!(
+            // (The harness's `[delivery]` table is open: the first line lands in it.)
+            r#"
 timeout = "2s"
 [store]
 url = "{db}"
@@ -1046,8 +1045,38 @@ url = "{url}/d"
 source = "s"
 destinations = ["d"]
 "#
-    );
-    let gw = TestGateway::start(&config, &rx, &[]).await;
+        );
+        let gw = TestGateway::start(&config, &rx, &[]).await;
+        Some(Self {
+            gw,
+            arrived,
+            _server: server,
+        })
+    }
+}
+
+/// The database stops answering just as a delivery succeeds, so its attempt cannot be
+/// recorded (nothing reaches the server), and comes back a moment later: the record is
+/// tried again, and the delivery is not sent a second time when its lease runs out.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_attempt_recorded_late_is_not_sent_again() {
+    // Unreachable for 300 ms.
+    let blackhole = |proxy: &Arc<CutProxy>| {
+        proxy.blackhole.store(true, Ordering::SeqCst);
+        let proxy = proxy.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            proxy.cut();
+        });
+    };
+    let Some(CutAtFirstDelivery {
+        gw,
+        arrived,
+        _server,
+    }) = CutAtFirstDelivery::start("late_record", blackhole).await
+    else {
+        return;
+    };
     let id = gw.accept("s", "{}").await;
     // (While the database is unreachable, the API answers errors: polled through.)
     gw.wait_event(&id, |e| e["deliveries"][0]["status"] == "delivered")
@@ -1071,43 +1100,15 @@ destinations = ["d"]
 #[tokio::test(flavor = "multi_thread")]
 async fn an_attempt_unrecorded_through_a_long_outage_is_recorded_at_the_next_claim_not_sent_again()
 {
-    let Some(server) = PgServer::start() else {
+    let down = |proxy: &Arc<CutProxy>| proxy.down_for(Duration::from_secs(9));
+    let Some(CutAtFirstDelivery {
+        gw,
+        arrived,
+        _server,
+    }) = CutAtFirstDelivery::start("long_outage", down).await
+    else {
         return;
     };
-    let db = server.database("long_outage");
-    let (proxy, db) = CutProxy::in_front_of(&db).await;
-    let proxy = Arc::new(proxy);
-    let arrived = Arc::new(AtomicUsize::new(0));
-    let app = axum::Router::new()
-        .fallback(
-            |State((proxy, arrived)): State<(Arc<CutProxy>, Arc<AtomicUsize>)>| async move {
-                if arrived.fetch_add(1, Ordering::SeqCst) == 0 {
-                    proxy.down_for(Duration::from_secs(9));
-                }
-                StatusCode::NO_CONTENT
-            },
-        )
-        .with_state((proxy.clone(), arrived.clone()));
-    let url = crate::util::serve(app).await;
-    let rx = Receiver::start().await;
-    let config = format!(
-        // (The harness's `[delivery]` table is open: the first line lands in it.)
-        r#"
-timeout = "2s"
-[store]
-url = "{db}"
-lease = "3s"
-[[sources]]
-name = "s"
-[[destinations]]
-name = "d"
-url = "{url}/d"
-[[routes]]
-source = "s"
-destinations = ["d"]
-"#
-    );
-    let gw = TestGateway::start(&config, &rx, &[]).await;
     let id = gw.accept("s", "{}").await;
     // The database is down for 9 s from the first request; the API answers errors.
     tokio::time::sleep(Duration::from_secs(9)).await;
