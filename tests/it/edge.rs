@@ -176,26 +176,19 @@ async fn inbound_signatures_are_checked_and_failures_store_nothing() {
     gw.shutdown().await.unwrap();
 }
 
+/// `data` compressed: `gzip`, `deflate` (zlib-wrapped) or `raw` (a bare deflate stream).
 fn compress(coding: &str, data: &[u8]) -> Vec<u8> {
-    use flate2::Compression;
+    use flate2::{Compression, write};
     use std::io::Write;
+    let (mut out, level) = (Vec::new(), Compression::default());
+    // Each encoder writes its end into `out` as it is dropped, at the end of its statement.
     match coding {
-        "gzip" => {
-            let mut e = flate2::write::GzEncoder::new(Vec::new(), Compression::default());
-            e.write_all(data).unwrap();
-            e.finish().unwrap()
-        }
-        "deflate" => {
-            let mut e = flate2::write::ZlibEncoder::new(Vec::new(), Compression::default());
-            e.write_all(data).unwrap();
-            e.finish().unwrap()
-        }
-        _ => {
-            let mut e = flate2::write::DeflateEncoder::new(Vec::new(), Compression::default());
-            e.write_all(data).unwrap();
-            e.finish().unwrap()
-        }
+        "gzip" => write::GzEncoder::new(&mut out, level).write_all(data),
+        "deflate" => write::ZlibEncoder::new(&mut out, level).write_all(data),
+        _ => write::DeflateEncoder::new(&mut out, level).write_all(data),
     }
+    .unwrap();
+    out
 }
 
 async fn post_encoded(
