@@ -189,6 +189,8 @@ try {
   await plain.getByRole('link', { name: 'Dry run' }).click();
   await page.getByRole('heading', { name: 'Dry run' }).waitFor();
   if ((await page.getByLabel('Source').inputValue()) !== 'flaky-source') throw new Error('the dry run is not for the route\'s source');
+  await page.getByRole('button', { name: 'Newest event' }).click();
+  await page.waitForFunction(() => document.getElementById('dry-payload').value.includes('"alert"'));
   await page.getByRole('link', { name: 'Routes' }).click();
   await filtered.getByRole('link', { name: 'Events' }).click();
   await page.locator('select[name="source"]').waitFor();

@@ -319,7 +319,16 @@ async function dryRunPage(source) {
       result.replaceChildren(...dryRunResult(r));
     } catch (err) { result.replaceChildren(h('p', { class: 'error', role: 'alert' }, `Error: ${err.message}`)); }
   } },
-  h('div', { class: 'row' }, h('label', {}, 'Source', pick), h('label', {}, 'Content type', contentType)),
+  h('div', { class: 'row' }, h('label', {}, 'Source', pick), h('label', {}, 'Content type', contentType),
+    h('button', { type: 'button', id: 'dry-latest', title: "Fill in the payload of this source's newest event", onclick: async () => {
+      try {
+        const list = await api(`/v1/events?source=${encodeURIComponent(pick.value)}&limit=1`);
+        if (list.items.length === 0) { toast(`No events from ${pick.value} yet.`); return; }
+        const e = await api(`/v1/events/${encodeURIComponent(list.items[0].id)}`);
+        payload.value = pretty(typeof e.event.body === 'string' ? e.event.body : JSON.stringify(e.event.body));
+        contentType.value = e.event.content_type || 'application/json';
+      } catch (err) { toast(err.message); }
+    } }, 'Newest event')),
   h('label', { class: 'payload' }, 'Payload', payload),
   h('div', { class: 'row' }, h('button', { class: 'primary', type: 'submit' }, 'Run'),
     h('span', { class: 'muted' }, 'Runs the routes in force on this payload; stores, sends and counts nothing.')));
