@@ -934,7 +934,10 @@ impl Dispatcher {
             Ok(_) => {
                 tracing::info!(delivery_id = %d.id,
                     "An attempt made while the store could not write is recorded; not sent again.");
-                if matches!(made.next, AttemptNext::RetryAt(_)) {
+                // As after an attempt: a permit is free again, a retry is a due time.
+                if self.starved.load(Ordering::Relaxed)
+                    || matches!(made.next, AttemptNext::RetryAt(_))
+                {
                     self.wake();
                 }
             }
