@@ -293,7 +293,29 @@ async fn compressed_bodies_are_decoded_before_the_checks_and_the_store() {
         "exactly the limit"
     );
 
-    rx.wait_for(sent.len() + 2).await;
+    // A large body that compresses poorly (over 16 KiB compressed: inflated off the async
+    // workers) arrives whole.
+    let mut x: u64 = 1;
+    let digits: String = (0..200_000)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            char::from(b'0' + (x >> 60) as u8 % 10)
+        })
+        .collect();
+    let large = format!(r#"{{"type":"dump","digits":"{digits}"}}"#);
+    let wire = compress("gzip", large.as_bytes());
+    assert!(wire.len() > 16 * 1024, "{}", wire.len());
+    assert_eq!(
+        post_encoded(&gw, "local", wire, &encoded("gzip")).await.0,
+        202
+    );
+    let received = rx.wait_for(sent.len() + 3).await;
+    assert!(
+        received.iter().any(|r| r.body == large.as_bytes()),
+        "the large body arrives whole"
+    );
     let metrics = gw.metrics().await;
     for line in [
         r#"switchyard_events_received_total{source="local",result="rejected_unsupported_encoding"} 1"#,
