@@ -182,7 +182,16 @@ async fn accept(
     // The stage's span: what is logged from here on carries the event's id.
     let span = tracing::info_span!("ingest", event_id = %id, source = %event.source);
     async move {
-        let inserted = state.store.insert_event(event, idempotency).await;
+        // The store's call is a task of its own, seen through whether or not the sender
+        // waits for the answer: one that gives up (its timeout, a dropped connection) while
+        // the commit is under way — a stalled disk, a slow database — would otherwise leave
+        // an event committed but not queued, unprocessed until the next start. Stored, it
+        // is processed, as the sender's retry would be (deduplicated by an idempotency key).
+        let store = state.store.clone();
+        let inserted =
+            tokio::spawn(async move { store.insert_event(event, idempotency).await }.in_current_span())
+                .await
+                .map_err(|e| ApiError::Internal(anyhow::anyhow!("storing the event failed: {e}")))?;
         // Not stored (e.g. the disk is full): the sender should try again later, and learns
         // nothing of the store's insides; the log has the cause.
         let inserted = inserted.map_err(|e| match e {

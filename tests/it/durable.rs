@@ -584,10 +584,12 @@ async fn a_store_that_cannot_write_refuses_and_then_resumes() {
 }
 
 /// An `LD_PRELOAD` library that makes `fdatasync` and `fsync` fail with EIO while the file
-/// named by `FAIL_SYNC_WHILE` exists: a disk failing under the gateway. Built with the
-/// system's C compiler; `None` (the test skips) without one, except under `CI`.
-fn fail_sync_shim(dir: &std::path::Path) -> Option<std::path::PathBuf> {
-    let source = dir.join("failsync.c");
+/// named by `FAIL_SYNC_WHILE` exists (a disk failing under the gateway), and not return
+/// while the one named by `STALL_SYNC_WHILE` exists (a disk that stalls: a hung network
+/// volume). Built with the system's C compiler; `None` (the test skips) without one,
+/// except under `CI`.
+fn sync_shim(dir: &std::path::Path) -> Option<std::path::PathBuf> {
+    let source = dir.join("syncshim.c");
     std::fs::write(
         &source,
         r#"#define _GNU_SOURCE
@@ -595,9 +597,13 @@ fn fail_sync_shim(dir: &std::path::Path) -> Option<std::path::PathBuf> {
 #include <errno.h>
 #include <stdlib.h>
 #include <unistd.h>
-static int failing(void) {
-    const char *trigger = getenv("FAIL_SYNC_WHILE");
+static int exists(const char *var) {
+    const char *trigger = getenv(var);
     return trigger && access(trigger, F_OK) == 0;
+}
+static int failing(void) {
+    while (exists("STALL_SYNC_WHILE")) usleep(10000);
+    return exists("FAIL_SYNC_WHILE");
 }
 int fdatasync(int fd) {
     if (failing()) { errno = EIO; return -1; }
@@ -612,7 +618,7 @@ int fsync(int fd) {
 "#,
     )
     .unwrap();
-    let lib = dir.join("libfailsync.so");
+    let lib = dir.join("libsyncshim.so");
     let built = std::process::Command::new("cc")
         .args(["-shared", "-fPIC", "-o"])
         .arg(&lib)
@@ -624,9 +630,9 @@ int fsync(int fd) {
         other => {
             assert!(
                 std::env::var_os("CI").is_none(),
-                "cannot build the fsync shim: {other:?}"
+                "cannot build the sync shim: {other:?}"
             );
-            eprintln!("skipped: no C compiler to build the fsync shim ({other:?})");
+            eprintln!("skipped: no C compiler to build the sync shim ({other:?})");
             None
         }
     }
@@ -640,7 +646,7 @@ int fsync(int fd) {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failed_sync_stops_the_gateway_and_the_next_start_resumes() {
     let dir = tempfile::tempdir().unwrap();
-    let Some(shim) = fail_sync_shim(dir.path()) else {
+    let Some(shim) = sync_shim(dir.path()) else {
         return;
     };
     let trigger = dir.path().join("fail-sync-now");
@@ -769,6 +775,99 @@ destinations = ["d"]
         assert!(delivered, "event {id} was delivered after the restart");
     }
     assert_eq!(post(url, 4).await.unwrap().status(), 202);
+}
+
+/// A disk that stalls (a sync that does not return: a hung network volume) while senders
+/// give up waiting. Events being stored take room in the queue as waiting ones do, so a
+/// sender that goes on posting is refused (`503`) once `queue_capacity` is taken instead
+/// of piling events up in memory; and an event whose sender gave up while its commit was
+/// under way is queued and delivered once the disk comes back — not left stored but
+/// unprocessed until the next start.
+#[tokio::test(flavor = "multi_thread")]
+async fn events_whose_senders_gave_up_during_a_stalled_commit_are_delivered() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(shim) = sync_shim(dir.path()) else {
+        return;
+    };
+    let stall = dir.path().join("stall-sync-now");
+    let rx = Receiver::start().await;
+    let config = dir.path().join("switchyard.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[server]
+listen = "127.0.0.1:0"
+data_dir = "{data}"
+queue_capacity = 3
+[api]
+tokens = ["test-token-1234"]
+[delivery]
+allowed_networks = ["127.0.0.0/8"]
+[[sources]]
+name = "s"
+[[destinations]]
+name = "d"
+url = "{url}/d"
+[[routes]]
+source = "s"
+destinations = ["d"]
+"#,
+            data = dir.path().join("data").display(),
+            url = rx.url
+        ),
+    )
+    .unwrap();
+    let env = [
+        ("LD_PRELOAD", shim.as_os_str()),
+        ("STALL_SYNC_WHILE", stall.as_os_str()),
+    ];
+    let (_child, url, _log) = crate::util::start_binary_with_env(&config, "info", &env).await;
+    // A sender that waits `wait` for the answer.
+    let post = |n: usize, wait: Duration| {
+        let url = url.clone();
+        async move {
+            reqwest::Client::new()
+                .post(format!("{url}/v1/ingest/s"))
+                .body(format!(r#"{{"n":{n}}}"#))
+                .timeout(wait)
+                .send()
+                .await
+        }
+    };
+    let delivered = |r: &crate::util::Received| r.json()["n"].as_u64().unwrap();
+    let resp = post(0, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(resp.status(), 202);
+    assert_eq!(delivered(&rx.wait_for(1).await[0]), 0);
+    // (Its attempt's record, after the answer, is written before the disk stalls.)
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // The disk stalls: three senders give up after a second each, their events stored in
+    // part or waiting to be; they take the queue's room.
+    std::fs::write(&stall, "").unwrap();
+    for n in 1..=3 {
+        let gave_up = post(n, Duration::from_secs(1)).await;
+        assert!(
+            gave_up.as_ref().is_err_and(|e| e.is_timeout()),
+            "the store does not answer while the disk stalls: {gave_up:?}"
+        );
+    }
+    let refused = post(4, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(refused.status(), 503, "refused at once, not held");
+    let why = refused.text().await.unwrap();
+    assert!(why.contains("3 events waiting or being stored"), "{why}");
+
+    // The disk comes back: the three are stored and delivered without a restart, and the
+    // refused one is not.
+    std::fs::remove_file(&stall).unwrap();
+    let mut got: Vec<u64> = rx.wait_for(4).await.iter().map(delivered).collect();
+    got.sort();
+    assert_eq!(got, [0, 1, 2, 3]);
+    let resp = post(5, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(resp.status(), 202, "the room is free again");
+    let mut got: Vec<u64> = rx.wait_for(5).await.iter().map(delivered).collect();
+    got.sort();
+    assert_eq!(got, [0, 1, 2, 3, 5]);
 }
 
 /// A FAILED destination with deliveries held is removed from the config while the gateway

@@ -27,10 +27,11 @@ use crate::plugin::PluginVerdict;
 /// A store failure.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("the queue is full ({0} events waiting); try again later")]
+    /// `server.queue_capacity` events are waiting, or being stored.
+    #[error("the queue is full ({0} events waiting or being stored); try again later")]
     QueueFull(usize),
-    /// The events waiting take up `server.queue_max_bytes`.
-    #[error("the queue is full ({0} bytes of events waiting); try again later")]
+    /// The events waiting, or being stored, take up `server.queue_max_bytes`.
+    #[error("the queue is full ({0} bytes of events waiting or being stored); try again later")]
     QueueBytesFull(usize),
     #[error("the gateway is shutting down")]
     Closed,
@@ -75,7 +76,12 @@ pub enum Inserted {
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Commits the event and queues it for the pipeline. When this returns `Ok`, the event
-    /// survives a crash and the sender may be told it is accepted.
+    /// survives a crash and the sender may be told it is accepted. Until then the event
+    /// counts against the queue's room (`QueueFull`, `QueueBytesFull`), so that a store that
+    /// stops answering cannot fill the memory with events waiting for it. The caller must
+    /// see the call through (ingest runs it as a task of its own): an event committed by a
+    /// call given up half-way would not be queued until the next start (or, on a shared
+    /// store, until its claim runs out).
     async fn insert_event(
         &self,
         event: Event,
@@ -461,6 +467,28 @@ pub struct MinuteStats {
 const RETRY_FIRST: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(60);
 
+/// The room an event being stored takes in the queue (see [`EventQueue::accepting`]).
+#[must_use]
+struct Storing<'a> {
+    queue: &'a EventQueue,
+    bytes: usize,
+}
+
+impl Storing<'_> {
+    /// The event is stored: it is queued, in the room it took.
+    fn queue(self, event: Event) {
+        self.queue.push(event);
+    }
+}
+
+impl Drop for Storing<'_> {
+    fn drop(&mut self) {
+        let mut queue = self.queue.lock();
+        queue.storing -= 1;
+        queue.storing_bytes -= self.bytes;
+    }
+}
+
 /// The events accepted and not yet processed, in memory, in order: both backends hand
 /// them to the pipeline from here. It also knows which events this gateway holds (queued
 /// here or being processed), so that a shared store can keep its claims on them alive.
@@ -495,6 +523,10 @@ struct QueueState {
     held: std::collections::HashMap<String, usize>,
     /// Event id → how many times in a row its outcome could not be recorded.
     failures: std::collections::HashMap<String, u32>,
+    /// Events accepted (`EventQueue::accepting`) and being stored, not queued yet, and what
+    /// they take up: they count against the queue's room as the events waiting do.
+    storing: usize,
+    storing_bytes: usize,
     closed: bool,
 }
 
@@ -504,6 +536,14 @@ impl QueueState {
         *self.held.entry(event.id.clone()).or_default() += 1;
         self.bytes += queued_size(&event);
         self.events.push_back(event);
+    }
+
+    /// The room taken: events waiting and being stored, and their bytes.
+    fn taken(&self) -> (usize, usize) {
+        (
+            self.events.len() + self.storing,
+            self.bytes + self.storing_bytes,
+        )
     }
 
     fn release(&mut self, id: &str) {
@@ -542,21 +582,32 @@ impl EventQueue {
 
     /// Whether `event` may be accepted: not closed, not full — of events, nor of bytes
     /// (large bodies arriving faster than the plugins take them would otherwise fill the
-    /// memory: 10,000 waiting events of 1 MiB are 10 GiB).
-    fn accepting(&self, event: &Event) -> Result<(), StoreError> {
-        let queue = self.lock();
+    /// memory: 10,000 waiting events of 1 MiB are 10 GiB). Events being stored count as
+    /// waiting ones: a store that stops answering (a stalled disk, a hung database) holds
+    /// them, and senders that go on posting meanwhile are refused once the room is taken
+    /// instead of piling up in memory. The room is taken until the event is queued
+    /// ([`Storing::queue`]) or given up (the `Storing` dropped: not stored).
+    fn accepting(&self, event: &Event) -> Result<Storing<'_>, StoreError> {
+        let mut queue = self.lock();
         if queue.closed {
             return Err(StoreError::Closed);
         }
-        if queue.events.len() >= self.capacity {
-            return Err(StoreError::QueueFull(queue.events.len()));
+        let (events, bytes) = queue.taken();
+        if events >= self.capacity {
+            return Err(StoreError::QueueFull(events));
         }
         let max = self.max_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        let size = queued_size(event);
         // (One event always fits into an empty queue, however large.)
-        if queue.bytes > 0 && queue.bytes + queued_size(event) > max {
-            return Err(StoreError::QueueBytesFull(queue.bytes));
+        if bytes > 0 && bytes + size > max {
+            return Err(StoreError::QueueBytesFull(bytes));
         }
-        Ok(())
+        queue.storing += 1;
+        queue.storing_bytes += size;
+        Ok(Storing {
+            queue: self,
+            bytes: size,
+        })
     }
 
     /// Whether `events` more events taking up `bytes` may be queued again (replays): not
@@ -567,12 +618,13 @@ impl EventQueue {
         if queue.closed {
             return Err(StoreError::Closed);
         }
-        if queue.events.len() + events > self.capacity {
-            return Err(StoreError::QueueFull(queue.events.len()));
+        let (taken, taken_bytes) = queue.taken();
+        if taken + events > self.capacity {
+            return Err(StoreError::QueueFull(taken));
         }
         let max = self.max_bytes.load(std::sync::atomic::Ordering::Relaxed);
-        if queue.bytes > 0 && queue.bytes + bytes > max {
-            return Err(StoreError::QueueBytesFull(queue.bytes));
+        if taken_bytes > 0 && taken_bytes + bytes > max {
+            return Err(StoreError::QueueBytesFull(taken_bytes));
         }
         Ok(())
     }

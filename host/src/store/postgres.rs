@@ -1221,7 +1221,7 @@ impl Store for PgStore {
         event: Event,
         idempotency: Option<Idempotency>,
     ) -> Result<Inserted, StoreError> {
-        self.queue.accepting(&event)?;
+        let storing = self.queue.accepting(&event)?;
         let Some(idem) = &idempotency else {
             // Without a key there is nothing to check: the event joins the next batch.
             let (reply, committed) = tokio::sync::oneshot::channel();
@@ -1229,7 +1229,7 @@ impl Store for PgStore {
                 .send((event.clone(), reply))
                 .map_err(|_| StoreError::Closed)?;
             committed.await.map_err(|_| StoreError::Closed)??;
-            self.queue.push(event);
+            storing.queue(event);
             return Ok(Inserted::New);
         };
         let mut client = self.pool.get().await?;
@@ -1273,7 +1273,7 @@ impl Store for PgStore {
         {
             return Err(e.into());
         }
-        self.queue.push(event);
+        storing.queue(event);
         Ok(Inserted::New)
     }
 

@@ -1000,7 +1000,7 @@ impl Store for SqliteStore {
         event: Event,
         idempotency: Option<Idempotency>,
     ) -> Result<Inserted, StoreError> {
-        self.queue.accepting(&event)?;
+        let storing = self.queue.accepting(&event)?;
         let row = event.clone();
         // Serialised here, not on the writer thread (see `complete_event`).
         let headers = json(&row.headers);
@@ -1040,7 +1040,7 @@ impl Store for SqliteStore {
             })
             .await?;
         if inserted == Inserted::New {
-            self.queue.push(event);
+            storing.queue(event);
         }
         Ok(inserted)
     }
