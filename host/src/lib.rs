@@ -84,20 +84,7 @@ pub struct CheckReport {
 /// port, so it runs beside a gateway serving, e.g. before a deploy. (Routes made through
 /// the management API live in the store and are not checked.)
 pub async fn check(config: &Config) -> anyhow::Result<CheckReport> {
-    let options = RuntimeOptions::from(&config.plugins);
-    let (dir, used) = (
-        config.plugins.dir.clone(),
-        config
-            .used_plugins()
-            .into_iter()
-            .map(String::from)
-            .collect(),
-    );
-    let (loaded, statuses) = tokio::task::spawn_blocking(move || {
-        let runtime = PluginRuntime::with_options(options)?;
-        anyhow::Ok(reload::scan_once(&runtime, &dir, &used))
-    })
-    .await??;
+    let (_runtime, loaded, statuses) = load_plugins(config).await?;
     let problems = unloaded_plugins(config, |name| loaded.contains_key(name), &statuses);
     let plugins = statuses
         .into_iter()
@@ -120,6 +107,67 @@ pub async fn check(config: &Config) -> anyhow::Result<CheckReport> {
         problems,
         certificates,
     })
+}
+
+/// Loads every plugin in `config`'s plugin directory as a start would, without the compile
+/// cache, without a gateway: the plugins that loaded, what became of each file, and the
+/// runtime they run on (keep it while calling them).
+async fn load_plugins(
+    config: &Config,
+) -> anyhow::Result<(
+    Arc<PluginRuntime>,
+    plugin::PluginMap,
+    std::collections::BTreeMap<String, plugin::PluginStatus>,
+)> {
+    let options = RuntimeOptions::from(&config.plugins);
+    let (dir, used) = (
+        config.plugins.dir.clone(),
+        config
+            .used_plugins()
+            .into_iter()
+            .map(String::from)
+            .collect(),
+    );
+    let loaded = tokio::task::spawn_blocking(move || {
+        let runtime = PluginRuntime::with_options(options)?;
+        let (loaded, statuses) = reload::scan_once(&runtime, &dir, &used);
+        anyhow::Ok((runtime, loaded, statuses))
+    });
+    loaded.await?
+}
+
+/// `switchyard dry-run`: what the routes of `config` make of a payload posted to `source`
+/// with `headers` and `query` — the answer of `POST /v1/sources/{name}/dry-run`, with no
+/// gateway running: the file's sources, destinations and routes (those made through the
+/// management API live in a store, and are not seen) and the plugins of its plugin
+/// directory, every one a route uses loaded (else an error naming them, as a start would
+/// refuse). Stores, sends and counts nothing.
+pub async fn dry_run(
+    config: Config,
+    source: &str,
+    headers: &axum::http::HeaderMap,
+    query: Option<&str>,
+    body: bytes::Bytes,
+) -> anyhow::Result<api::DryRun> {
+    let (_runtime, plugins, statuses) = load_plugins(&config).await?;
+    let problems = unloaded_plugins(&config, |name| plugins.contains_key(name), &statuses);
+    anyhow::ensure!(problems.is_empty(), "{}", problems.join("; "));
+    let routing = pipeline::Routing::from_config(Arc::new(config), None);
+    anyhow::ensure!(
+        routing.has_source(source),
+        "no source named `{source}` in the config"
+    );
+    let cpu = tokio::sync::Semaphore::new(1);
+    let event = ingest::new_event(
+        source.to_string(),
+        &axum::http::Method::POST,
+        &api::ingest_uri(source, query)?,
+        headers,
+        |_| true,
+        body,
+    );
+    let (routes, deliveries) = pipeline::decide(&routing, &plugins, &cpu, &event, None).await;
+    Ok(api::DryRun::new(event, routes, deliveries))
 }
 
 /// Events the pipeline works on at once.

@@ -71,6 +71,37 @@ enum Command {
     },
     /// Print the HTTP API's OpenAPI 3 document (as served at /v1/openapi.json).
     Openapi,
+    /// Run a payload through the config's routes with no gateway, and print as JSON what
+    /// each route decides and every request it would send (the answer of
+    /// `POST /v1/sources/{name}/dry-run`).
+    ///
+    /// The file's sources, destinations and routes, and the plugins of its plugin
+    /// directory (routes made through the management API live in the store and are not
+    /// seen). Stores and sends nothing. With --expect, a golden test for CI: exit 1 naming
+    /// what differs.
+    DryRun {
+        /// The config file.
+        #[arg(long, short, default_value = "switchyard.toml")]
+        config: PathBuf,
+        /// The source the payload is posted to.
+        #[arg(long)]
+        source: String,
+        /// The payload, as a sender would post it (e.g. examples/events/onomondo-usage.json).
+        #[arg(long)]
+        event: PathBuf,
+        /// A request header the event carries, repeatable; `content-type:
+        /// application/json` unless one is given.
+        #[arg(long = "header", value_name = "NAME: VALUE", value_parser = parse_header)]
+        headers: Vec<(String, String)>,
+        /// The request's query string (`a=1&b=2`).
+        #[arg(long)]
+        query: Option<String>,
+        /// A JSON file of what the answer must hold: an object matches when each of its
+        /// keys does (others are ignored), an array when it is as long and each item
+        /// matches, anything else when equal. Exit 1 naming each difference.
+        #[arg(long)]
+        expect: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -152,6 +183,12 @@ async fn check_config(path: &std::path::Path, config: &Config) -> anyhow::Result
         }
         Ok(ExitCode::FAILURE)
     }
+}
+
+fn parse_header(s: &str) -> Result<(String, String), String> {
+    s.split_once(':')
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .ok_or_else(|| format!("`{s}` is not NAME: VALUE"))
 }
 
 fn parse_pair(s: &str) -> Result<(String, String), String> {
@@ -244,6 +281,53 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("cannot listen on {listen}"))?;
             gateway.serve(listener, shutdown_signal()).await?;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::DryRun {
+            config,
+            source,
+            event,
+            headers,
+            query,
+            expect,
+        } => {
+            let env = |name: &str| std::env::var(name).ok();
+            let config = Config::load(&config, &env)?;
+            let body = std::fs::read(&event)
+                .with_context(|| format!("cannot read {}", event.display()))?;
+            let mut map = axum::http::HeaderMap::new();
+            for (name, value) in &headers {
+                let name = axum::http::HeaderName::try_from(name.as_str())
+                    .with_context(|| format!("`{name}` is not a header name"))?;
+                let value = axum::http::HeaderValue::try_from(value.as_str())
+                    .with_context(|| format!("the value of `{name}` is not a header value"))?;
+                map.append(name, value);
+            }
+            if !map.contains_key(axum::http::header::CONTENT_TYPE) {
+                let json = axum::http::HeaderValue::from_static("application/json");
+                map.insert(axum::http::header::CONTENT_TYPE, json);
+            }
+            let answer =
+                switchyard::dry_run(config, &source, &map, query.as_deref(), body.into()).await?;
+            let answer = serde_json::to_value(&answer)?;
+            println!("{}", serde_json::to_string_pretty(&answer)?);
+            let Some(path) = expect else {
+                return Ok(ExitCode::SUCCESS);
+            };
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            let expected: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not JSON", path.display()))?;
+            let differences = switchyard::api::DryRun::differences(&expected, &answer);
+            if differences.is_empty() {
+                eprintln!("ok: the answer holds {}", path.display());
+                Ok(ExitCode::SUCCESS)
+            } else {
+                eprintln!("error: the answer does not hold {}:", path.display());
+                for difference in &differences {
+                    eprintln!("  - {difference}");
+                }
+                Ok(ExitCode::FAILURE)
+            }
         }
         Command::Plugin {
             command: PluginCommand::Check { file, json },

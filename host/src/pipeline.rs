@@ -365,6 +365,68 @@ pub struct Pipeline {
     cpu: Arc<tokio::sync::Semaphore>,
 }
 
+/// What the routes of the event's source in `routing` make of it, with `plugins`: each
+/// route's outcome (its plugin steps and result) and the deliveries the routes plan,
+/// rendered. Stores and sends nothing. A chain runs holding a permit of `cpu` (plugin
+/// chains running at once). `live`: the metrics to count in, or `None` for a dry run (the
+/// API's, or `switchyard dry-run` with no gateway at all), whose plugin calls are counted
+/// nowhere (neither in the metrics nor in the plugins' call statistics and failures in a
+/// row) and whose failures are not logged as the gateway's (its answer has them).
+pub async fn decide(
+    routing: &Routing,
+    plugins: &PluginMap,
+    cpu: &tokio::sync::Semaphore,
+    event: &Event,
+    live: Option<&Metrics>,
+) -> (Vec<RouteOutcome>, Vec<NewDelivery>) {
+    let values = PlaceholderValues::of(event);
+    let mut outcomes = Vec::new();
+    let mut deliveries = Vec::new();
+    for &route_index in routing.routes_of(&event.source) {
+        let permit = cpu.acquire().await;
+        // A panic in a chain fails this route, not the pipeline worker.
+        let chain = AssertUnwindSafe(run_chain(routing, route_index, plugins, event, live))
+            .catch_unwind()
+            .await;
+        drop(permit);
+        let (steps, end) = match chain {
+            Ok(result) => result,
+            Err(panic) => (
+                Vec::new(),
+                ChainEnd::Failed(format!("plugin chain panicked: {}", panic_message(&*panic))),
+            ),
+        };
+        let route = route_index;
+        let result = match end {
+            ChainEnd::Dropped { plugin, reason } => {
+                if live.is_some() {
+                    tracing::info!(route, plugin, reason, "Event dropped.");
+                }
+                RouteResult::Dropped { plugin, reason }
+            }
+            ChainEnd::Failed(error) => {
+                if live.is_some() {
+                    tracing::warn!(route, error, "Route failed for this event.");
+                }
+                RouteResult::Failed { error }
+            }
+            ChainEnd::Deliver(planned) => {
+                let n = planned.len();
+                deliveries.extend(planned.iter().map(|p| render(p, &values)));
+                RouteResult::Delivering { deliveries: n }
+            }
+        };
+        outcomes.push(RouteOutcome {
+            route,
+            name: routing.routes[route_index].name.clone(),
+            run: event.run,
+            steps,
+            result,
+        });
+    }
+    (outcomes, deliveries)
+}
+
 impl Pipeline {
     pub fn new(
         store: Arc<dyn Store>,
@@ -425,13 +487,10 @@ impl Pipeline {
         self.record(event, outcomes, deliveries).await;
     }
 
-    /// What the routes of the event's source make of it: each route's outcome (its plugin
-    /// steps and result) and the deliveries the routes plan, rendered. Stores and sends
-    /// nothing: `process` records them, and a dry run (`POST /v1/sources/{name}/dry-run`)
-    /// only shows them. `live`: the metrics to count in, or `None` for a dry run, whose
-    /// plugin calls are counted nowhere (neither in the metrics nor in the plugins' call
-    /// statistics and failures in a row) and whose failures are not logged as the
-    /// gateway's (its answer has them).
+    /// What the routes of the event's source make of it, with the routes and plugins in
+    /// force (see [`decide`]). Stores and sends nothing: `process` records it, and a dry
+    /// run (`POST /v1/sources/{name}/dry-run`) only shows it. `live`: the metrics to count
+    /// in, or `None` for a dry run.
     pub async fn decide(
         &self,
         event: &Event,
@@ -439,60 +498,8 @@ impl Pipeline {
     ) -> (Vec<RouteOutcome>, Vec<NewDelivery>) {
         // One snapshot of routes and plugins per event: each event is processed by exactly
         // one version of each plugin, whatever reloads happen meanwhile.
-        let routing = self.routing();
-        let plugin_versions = self.plugins.snapshot();
-        let values = PlaceholderValues::of(event);
-        let mut outcomes = Vec::new();
-        let mut deliveries = Vec::new();
-        for &route_index in routing.routes_of(&event.source) {
-            let permit = self.cpu.acquire().await;
-            // A panic in a chain fails this route, not the pipeline worker.
-            let chain = AssertUnwindSafe(run_chain(
-                &routing,
-                route_index,
-                &plugin_versions,
-                event,
-                live,
-            ))
-            .catch_unwind()
-            .await;
-            drop(permit);
-            let (steps, end) = match chain {
-                Ok(result) => result,
-                Err(panic) => (
-                    Vec::new(),
-                    ChainEnd::Failed(format!("plugin chain panicked: {}", panic_message(&*panic))),
-                ),
-            };
-            let route = route_index;
-            let result = match end {
-                ChainEnd::Dropped { plugin, reason } => {
-                    if live.is_some() {
-                        tracing::info!(route, plugin, reason, "Event dropped.");
-                    }
-                    RouteResult::Dropped { plugin, reason }
-                }
-                ChainEnd::Failed(error) => {
-                    if live.is_some() {
-                        tracing::warn!(route, error, "Route failed for this event.");
-                    }
-                    RouteResult::Failed { error }
-                }
-                ChainEnd::Deliver(planned) => {
-                    let n = planned.len();
-                    deliveries.extend(planned.iter().map(|p| render(p, &values)));
-                    RouteResult::Delivering { deliveries: n }
-                }
-            };
-            outcomes.push(RouteOutcome {
-                route,
-                name: routing.routes[route_index].name.clone(),
-                run: event.run,
-                steps,
-                result,
-            });
-        }
-        (outcomes, deliveries)
+        let (routing, plugins) = (self.routing(), self.plugins.snapshot());
+        decide(&routing, &plugins, &self.cpu, event, live).await
     }
 
     /// Stores the event's outcomes and deliveries in one commit and sends the deliveries

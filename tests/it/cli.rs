@@ -196,6 +196,101 @@ fn serve_check_says_whether_the_gateway_would_start() {
     assert!(!data.exists(), "the check opened the store");
 }
 
+/// `switchyard dry-run` runs a payload through the config file's routes with no gateway,
+/// printing the dry run's answer; with `--expect` it is a golden test: the quickstart's
+/// expected file holds, a changed one fails naming each difference. Headers and query
+/// make the event's; an unknown source or a route's missing plugin is an error; nothing is
+/// stored.
+#[test]
+fn dry_run_shows_what_the_routes_would_send_and_checks_an_expected_answer() {
+    let root = xtask::workspace_root();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("switchyard.toml");
+    std::fs::copy(root.join("examples/quickstart/switchyard.toml"), &config).unwrap();
+    let plugins = dir.path().join("plugins.d");
+    std::fs::create_dir_all(&plugins).unwrap();
+    for name in &GUESTS[..4] {
+        std::fs::copy(guest(name), plugins.join(format!("{name}.wasm"))).unwrap();
+    }
+    let event = root.join("examples/events/onomondo-location.json");
+    let expected = root.join("examples/quickstart/expected/onomondo-location.json");
+    let dry_run = |extra: &[&str]| {
+        let mut args = vec![
+            "dry-run",
+            "--config",
+            path(&config),
+            "--source",
+            "onomondo",
+            "--event",
+            path(&event),
+        ];
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+
+    let (ok, out, err) = dry_run(&["--expect", path(&expected)]);
+    assert!(ok, "{out}{err}");
+    assert!(err.contains("ok: the answer holds"), "{err}");
+    let answer: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(answer["deliveries"][0]["destination"], "fleet");
+    assert_eq!(
+        answer["deliveries"][0]["headers"][0],
+        serde_json::json!(["x-api-key", "****"]),
+        "a secret-named header's value is redacted"
+    );
+    assert_eq!(
+        answer["event"]["headers"],
+        serde_json::json!([["content-type", "application/json"]])
+    );
+
+    // A route changed under its golden file: each difference is named.
+    let changed = dir.path().join("changed.json");
+    let mut golden: Value =
+        serde_json::from_str(&std::fs::read_to_string(&expected).unwrap()).unwrap();
+    golden["deliveries"][0]["url"] = "https://fleet.example.com/hook".into();
+    golden["deliveries"].as_array_mut().unwrap().pop();
+    std::fs::write(&changed, golden.to_string()).unwrap();
+    let (ok, _, err) = dry_run(&["--expect", path(&changed)]);
+    assert!(!ok, "{err}");
+    assert!(err.contains("does not hold"), "{err}");
+    assert!(err.contains("deliveries: 2 items, expected 1"), "{err}");
+    assert!(
+        err.contains(
+            r#"deliveries[0].url: "http://127.0.0.1:9000/fleet?iccid=8945738730000000012&ip=100.70.24.198", expected "https://fleet.example.com/hook""#
+        ),
+        "{err}"
+    );
+
+    let (ok, out, err) = dry_run(&["--header", "x-trace: abc", "--query", "a=1"]);
+    assert!(ok, "{out}{err}");
+    let answer: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(answer["event"]["query"], "a=1");
+    assert_eq!(
+        answer["event"]["headers"],
+        serde_json::json!([["x-trace", "abc"], ["content-type", "application/json"]])
+    );
+
+    let (ok, _, err) = run(&[
+        "dry-run",
+        "--config",
+        path(&config),
+        "--source",
+        "nope",
+        "--event",
+        path(&event),
+    ]);
+    assert!(!ok);
+    assert!(err.contains("no source named `nope`"), "{err}");
+    std::fs::remove_file(plugins.join("tag-router.wasm")).unwrap();
+    let (ok, _, err) = dry_run(&[]);
+    assert!(!ok);
+    assert!(
+        err.contains("plugin `tag-router` is used by a route but there is no tag-router.wasm"),
+        "{err}"
+    );
+    assert!(!dir.path().join("data").exists(), "nothing is stored");
+}
+
 /// `backup` names what it cannot copy: a data dir with no store yet, or a PostgreSQL store
 /// (which has its own tools). (Copying a running store: `crash.rs`.)
 #[test]

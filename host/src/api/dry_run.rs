@@ -17,7 +17,7 @@ use crate::store::{DeliveryStatus, NewDelivery, RouteOutcome};
 
 /// What the source's routes make of a payload.
 #[derive(Serialize, ToSchema)]
-pub(super) struct DryRun {
+pub struct DryRun {
     /// The event as the plugins got it: id, source, received_at, method, path, query,
     /// headers, content_type, body, metadata, run. Not stored: its id is nobody's.
     #[schema(value_type = Object)]
@@ -125,12 +125,7 @@ pub(super) async fn dry_run(
             || (decoded.is_some() && name == http::header::CONTENT_ENCODING))
     };
     // The event as ingest would have made it from a post to the source.
-    let uri: http::Uri = match request.uri.query() {
-        Some(q) => format!("/v1/ingest/{name}?{q}"),
-        None => format!("/v1/ingest/{name}"),
-    }
-    .parse()
-    .map_err(|_| ApiError::BadRequest("the source's name is not a path segment".into()))?;
+    let uri = ingest_uri(&name, request.uri.query())?;
     let event = ingest::new_event(
         name,
         &http::Method::POST,
@@ -170,14 +165,123 @@ pub(super) async fn dry_run_event(
     Ok(Json(answer))
 }
 
+/// The URI of a post to `source`'s ingest with `query`.
+pub(crate) fn ingest_uri(source: &str, query: Option<&str>) -> Result<http::Uri, ApiError> {
+    match query {
+        Some(q) => format!("/v1/ingest/{source}?{q}"),
+        None => format!("/v1/ingest/{source}"),
+    }
+    .parse()
+    .map_err(|_| ApiError::BadRequest("the source's name or the query is not part of a URL".into()))
+}
+
 /// The event through `Pipeline::decide`, counted nowhere.
 async fn run(state: &AppState, event: Event) -> DryRun {
     let span = tracing::info_span!("dry_run", event_id = %event.id, source = %event.source);
     let (routes, deliveries) =
         tracing::Instrument::instrument(state.pipeline.decide(&event, None), span).await;
-    DryRun {
-        event,
-        routes,
-        deliveries: deliveries.into_iter().map(PlannedRequest::from).collect(),
+    DryRun::new(event, routes, deliveries)
+}
+
+impl DryRun {
+    /// Where `answer` (a dry run's, as JSON) does not hold `expected` (`switchyard dry-run
+    /// --expect`): an object holds another when it has each of its keys with a value that
+    /// holds that key's (other keys are ignored), an array when it is as long and each
+    /// item holds the expected one at its place, anything else when equal. Each difference
+    /// names its place (`deliveries[0].body.type`).
+    pub fn differences(expected: &serde_json::Value, answer: &serde_json::Value) -> Vec<String> {
+        use serde_json::Value;
+        fn walk(at: &str, expected: &Value, answer: &Value, found: &mut Vec<String>) {
+            let place = |at: &str| {
+                if at.is_empty() {
+                    "the answer".to_string()
+                } else {
+                    at.to_string()
+                }
+            };
+            match (expected, answer) {
+                (Value::Object(expected), Value::Object(answer)) => {
+                    for (key, value) in expected {
+                        let at = match at {
+                            "" => key.clone(),
+                            _ => format!("{at}.{key}"),
+                        };
+                        match answer.get(key) {
+                            Some(got) => walk(&at, value, got, found),
+                            None => found.push(format!("{at}: missing, expected {value}")),
+                        }
+                    }
+                }
+                (Value::Array(expected), Value::Array(answer)) => {
+                    if expected.len() != answer.len() {
+                        found.push(format!(
+                            "{}: {} items, expected {}",
+                            place(at),
+                            answer.len(),
+                            expected.len()
+                        ));
+                    }
+                    for (i, (e, a)) in expected.iter().zip(answer).enumerate() {
+                        walk(&format!("{at}[{i}]"), e, a, found);
+                    }
+                }
+                (expected, answer) if expected != answer => {
+                    found.push(format!("{}: {answer}, expected {expected}", place(at)));
+                }
+                _ => {}
+            }
+        }
+        let mut found = Vec::new();
+        walk("", expected, answer, &mut found);
+        found
+    }
+
+    pub(crate) fn new(
+        event: Event,
+        routes: Vec<RouteOutcome>,
+        deliveries: Vec<NewDelivery>,
+    ) -> Self {
+        DryRun {
+            event,
+            routes,
+            deliveries: deliveries.into_iter().map(PlannedRequest::from).collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DryRun;
+    use serde_json::json;
+
+    #[test]
+    fn an_expected_answer_is_held_by_its_keys_and_every_item() {
+        let answer = json!({
+            "event": {"id": "e1", "source": "s"},
+            "deliveries": [
+                {"destination": "a", "body": {"type": "usage", "id": "x", "n": 1}},
+                {"destination": "b", "body": "text"}
+            ]
+        });
+        let holds = json!({"deliveries": [{"destination": "a", "body": {"type": "usage"}}, {}]});
+        assert_eq!(DryRun::differences(&holds, &answer), Vec::<String>::new());
+        let differs = json!({
+            "event": {"source": "t", "run": 0},
+            "deliveries": [{"body": {"type": "location", "n": "1"}}]
+        });
+        assert_eq!(
+            DryRun::differences(&differs, &answer),
+            [
+                r#"event.source: "s", expected "t""#,
+                "event.run: missing, expected 0",
+                "deliveries: 2 items, expected 1",
+                r#"deliveries[0].body.type: "usage", expected "location""#,
+                r#"deliveries[0].body.n: 1, expected "1""#,
+            ]
+        );
+        assert_eq!(
+            DryRun::differences(&json!([1]), &json!({"a": 1})),
+            [r#"the answer: {"a":1}, expected [1]"#]
+        );
     }
 }

@@ -8,6 +8,8 @@
 
 pub mod counts;
 mod dry_run;
+pub use dry_run::DryRun;
+pub(crate) use dry_run::ingest_uri;
 pub mod objects;
 pub mod stats;
 
