@@ -186,12 +186,24 @@ async fn accept(
         // waits for the answer: one that gives up (its timeout, a dropped connection) while
         // the commit is under way — a stalled disk, a slow database — would otherwise leave
         // an event committed but not queued, unprocessed until the next start. Stored, it
-        // is processed, as the sender's retry would be (deduplicated by an idempotency key).
-        let store = state.store.clone();
-        let inserted =
-            tokio::spawn(async move { store.insert_event(event, idempotency).await }.in_current_span())
-                .await
-                .map_err(|e| ApiError::Internal(anyhow::anyhow!("storing the event failed: {e}")))?;
+        // is processed (and counted as accepted), as the sender's retry would be
+        // (deduplicated by an idempotency key).
+        let (store, metrics) = (state.store.clone(), state.metrics.clone());
+        let source = event.source.clone();
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        let insert = async move {
+            let inserted = store.insert_event(event, idempotency).await;
+            // Nobody waits for the answer any more.
+            match answer.send(inserted) {
+                Err(Ok(Inserted::New)) => metrics.event(&source, "accepted"),
+                Err(Err(e)) => tracing::error!(error = %e, "Cannot store the event."),
+                _ => {}
+            }
+        };
+        tokio::spawn(insert.in_current_span());
+        let inserted = answered.await.map_err(|_| {
+            ApiError::Internal(anyhow::anyhow!("storing the event failed: no answer"))
+        })?;
         // Not stored (e.g. the disk is full): the sender should try again later, and learns
         // nothing of the store's insides; the log has the cause.
         let inserted = inserted.map_err(|e| match e {

@@ -868,6 +868,19 @@ destinations = ["d"]
     let mut got: Vec<u64> = rx.wait_for(5).await.iter().map(delivered).collect();
     got.sort();
     assert_eq!(got, [0, 1, 2, 3, 5]);
+    // Stored, the three count as accepted though nobody heard so; the refused one not.
+    let metrics = reqwest::get(format!("{url}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        r#"switchyard_events_received_total{source="s",result="accepted"} 5"#,
+        r#"switchyard_events_received_total{source="s",result="rejected_unavailable"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "{line} in:\n{metrics}");
+    }
 }
 
 /// A FAILED destination with deliveries held is removed from the config while the gateway
