@@ -583,6 +583,46 @@ async fn a_store_that_cannot_write_refuses_and_then_resumes() {
     gw.shutdown().await.unwrap();
 }
 
+/// The config file (in `dir`, with its data dir) of a test that runs the binary: source
+/// `s` routed to destination `d` at `rx`, with the API's token `test-token-1234`, and
+/// `server` and `destination` lines added to those tables.
+fn binary_config(
+    dir: &std::path::Path,
+    rx: &Receiver,
+    server: &str,
+    destination: &str,
+) -> std::path::PathBuf {
+    let config = dir.join("switchyard.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[server]
+listen = "127.0.0.1:0"
+data_dir = "{data}"
+{server}
+[api]
+tokens = ["test-token-1234"]
+[delivery]
+allowed_networks = ["127.0.0.0/8"]
+[[sources]]
+name = "s"
+[[destinations]]
+name = "d"
+url = "{url}/d"
+{destination}
+[[routes]]
+source = "s"
+destinations = ["d"]
+"#,
+            data = dir.join("data").display(),
+            url = rx.url
+        ),
+    )
+    .unwrap();
+    config
+}
+
 /// An `LD_PRELOAD` library that makes `fdatasync` and `fsync` fail with EIO while the file
 /// named by `FAIL_SYNC_WHILE` exists (a disk failing under the gateway), and not return
 /// while the one named by `STALL_SYNC_WHILE` exists (a disk that stalls: a hung network
@@ -651,33 +691,12 @@ async fn a_failed_sync_stops_the_gateway_and_the_next_start_resumes() {
     };
     let trigger = dir.path().join("fail-sync-now");
     let rx = Receiver::start().await;
-    let config = dir.path().join("switchyard.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-[server]
-listen = "127.0.0.1:0"
-data_dir = "{data}"
-[api]
-tokens = ["test-token-1234"]
-[delivery]
-allowed_networks = ["127.0.0.0/8"]
-[[sources]]
-name = "s"
-[[destinations]]
-name = "d"
-url = "{url}/d"
-retry = {{ retry_schedule = ["0s", "1h"], jitter = 0.0, failure_threshold = 1000 }}
-[[routes]]
-source = "s"
-destinations = ["d"]
-"#,
-            data = dir.path().join("data").display(),
-            url = rx.url
-        ),
-    )
-    .unwrap();
+    let config = binary_config(
+        dir.path(),
+        &rx,
+        "",
+        r#"retry = { retry_schedule = ["0s", "1h"], jitter = 0.0, failure_threshold = 1000 }"#,
+    );
     let client = reqwest::Client::new();
     let post = |url: String, n: usize| {
         let client = client.clone();
@@ -791,33 +810,7 @@ async fn events_whose_senders_gave_up_during_a_stalled_commit_are_delivered() {
     };
     let stall = dir.path().join("stall-sync-now");
     let rx = Receiver::start().await;
-    let config = dir.path().join("switchyard.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-[server]
-listen = "127.0.0.1:0"
-data_dir = "{data}"
-queue_capacity = 3
-[api]
-tokens = ["test-token-1234"]
-[delivery]
-allowed_networks = ["127.0.0.0/8"]
-[[sources]]
-name = "s"
-[[destinations]]
-name = "d"
-url = "{url}/d"
-[[routes]]
-source = "s"
-destinations = ["d"]
-"#,
-            data = dir.path().join("data").display(),
-            url = rx.url
-        ),
-    )
-    .unwrap();
+    let config = binary_config(dir.path(), &rx, "queue_capacity = 3", "");
     let env = [
         ("LD_PRELOAD", shim.as_os_str()),
         ("STALL_SYNC_WHILE", stall.as_os_str()),
