@@ -95,6 +95,7 @@ pub struct Metrics {
     pub deferred: Family<DestinationOnly, Counter>,
     pub reloads: Family<ResultLabels, Counter>,
     pub queue_depth: Gauge,
+    pub store_unanswered_seconds: Gauge,
     pub pending_deliveries: Gauge,
     pub oldest_pending_seconds: Gauge,
     pub destination_state: Family<StateLabels, Gauge>,
@@ -174,6 +175,12 @@ impl Default for Metrics {
             "Events accepted and not yet processed",
             queue_depth.clone(),
         );
+        let store_unanswered_seconds = Gauge::default();
+        registry.register(
+            "store_unanswered_seconds",
+            "How long the store has stored none of the events waiting for it (0 when none wait): a store that stopped answering",
+            store_unanswered_seconds.clone(),
+        );
         let pending_deliveries = Gauge::default();
         registry.register(
             "pending_deliveries",
@@ -210,6 +217,7 @@ impl Default for Metrics {
             deferred,
             reloads,
             queue_depth,
+            store_unanswered_seconds,
             pending_deliveries,
             oldest_pending_seconds,
             destination_state,

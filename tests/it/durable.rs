@@ -849,6 +849,29 @@ async fn events_whose_senders_gave_up_during_a_stalled_commit_are_delivered() {
     assert_eq!(refused.status(), 503, "refused at once, not held");
     let why = refused.text().await.unwrap();
     assert!(why.contains("3 events waiting or being stored"), "{why}");
+    // After 5 s without a commit, the gateway says it is not ready (a load balancer sends
+    // senders elsewhere), and the gauge counts the time.
+    let get = |path: &str| reqwest::get(format!("{url}{path}"));
+    let mut ready = get("/readyz").await.unwrap();
+    for _ in 0..100 {
+        if ready.status() == 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        ready = get("/readyz").await.unwrap();
+    }
+    assert_eq!(ready.status(), 503);
+    let why = ready.text().await.unwrap();
+    assert!(
+        why.contains("the store has stored none of the 3 events waiting for it for 5 s"),
+        "{why}"
+    );
+    let metrics = get("/metrics").await.unwrap().text().await.unwrap();
+    let unanswered: u64 = (metrics.lines())
+        .find_map(|l| l.strip_prefix("switchyard_store_unanswered_seconds "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{metrics}"));
+    assert!(unanswered >= 5, "{unanswered}");
 
     // The disk comes back: the three are stored and delivered without a restart, and the
     // refused one is not.
@@ -856,19 +879,16 @@ async fn events_whose_senders_gave_up_during_a_stalled_commit_are_delivered() {
     let mut got: Vec<u64> = rx.wait_for(4).await.iter().map(delivered).collect();
     got.sort();
     assert_eq!(got, [0, 1, 2, 3]);
+    assert_eq!(get("/readyz").await.unwrap().status(), 200);
     let resp = post(5, Duration::from_secs(30)).await.unwrap();
     assert_eq!(resp.status(), 202, "the room is free again");
     let mut got: Vec<u64> = rx.wait_for(5).await.iter().map(delivered).collect();
     got.sort();
     assert_eq!(got, [0, 1, 2, 3, 5]);
     // Stored, the three count as accepted though nobody heard so; the refused one not.
-    let metrics = reqwest::get(format!("{url}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get("/metrics").await.unwrap().text().await.unwrap();
     for line in [
+        "switchyard_store_unanswered_seconds 0",
         r#"switchyard_events_received_total{source="s",result="accepted"} 5"#,
         r#"switchyard_events_received_total{source="s",result="rejected_unavailable"} 1"#,
     ] {

@@ -340,16 +340,34 @@ async fn healthz() -> Json<serde_json::Value> {
 /// question asked is the smallest the store has (one row per destination): a probe must
 /// stay fast however many deliveries wait.
 async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    if let Some((events, unanswered)) = state.store.storing()
+        && unanswered >= STORE_STALLED_AFTER
+    {
+        return Err(ApiError::Unavailable(format!(
+            "not ready: the store has stored none of the {events} events waiting for it for {} s",
+            unanswered.as_secs()
+        )));
+    }
     match state.store.destination_states().await {
         Ok(_) => Ok(Json(json!({ "ready": true }))),
         Err(e) => Err(ApiError::Unavailable(format!("not ready: {e}"))),
     }
 }
 
+/// A store that has stored none of the events waiting for it for this long has stopped
+/// answering (a stalled disk, a hung database): `/readyz` says not ready, so that a load
+/// balancer sends senders to another instance. (A commit takes milliseconds.)
+const STORE_STALLED_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Prometheus text format. Gauges are read from the store and the dispatcher here.
 async fn metrics(State(state): State<AppState>) -> Response {
     let m = &state.metrics;
     m.queue_depth.set(state.store.queue_depth() as i64);
+    let unanswered = state
+        .store
+        .storing()
+        .map_or(0, |(_, waited)| waited.as_secs());
+    m.store_unanswered_seconds.set(unanswered as i64);
     if let Ok((pending, oldest)) = state.store.backlog().await {
         m.pending_deliveries.set(pending as i64);
         let now = state.dispatcher.now_ms();

@@ -246,6 +246,11 @@ pub trait Store: Send + Sync + 'static {
     /// Events accepted and not yet processed, held by this gateway.
     fn queue_depth(&self) -> usize;
 
+    /// Events being stored by ingest (see [`Store::insert_event`]), if any, and for how
+    /// long the store has stored none of them: since the last one was stored or since they
+    /// began to wait. A long time is a store that stopped answering (`/readyz`).
+    fn storing(&self) -> Option<(usize, Duration)>;
+
     /// Whether `events` replays taking up `bytes` (`EventSummary::queued_bytes`) fit into
     /// the queue now: `QueueFull`, `QueueBytesFull` or `Closed` if not. Each replay checks
     /// again for itself; this lets a bulk replay refuse a page as a whole.
@@ -486,6 +491,7 @@ impl Drop for Storing<'_> {
         let mut queue = self.queue.lock();
         queue.storing -= 1;
         queue.storing_bytes -= self.bytes;
+        queue.storing_progress = Some(std::time::Instant::now());
     }
 }
 
@@ -527,6 +533,9 @@ struct QueueState {
     /// they take up: they count against the queue's room as the events waiting do.
     storing: usize,
     storing_bytes: usize,
+    /// When the last event being stored was stored (or given up), or the first of those
+    /// being stored now began to wait: see [`Store::storing`].
+    storing_progress: Option<std::time::Instant>,
     closed: bool,
 }
 
@@ -601,6 +610,9 @@ impl EventQueue {
         // (One event always fits into an empty queue, however large.)
         if bytes > 0 && bytes + size > max {
             return Err(StoreError::QueueBytesFull(bytes));
+        }
+        if queue.storing == 0 {
+            queue.storing_progress = Some(std::time::Instant::now());
         }
         queue.storing += 1;
         queue.storing_bytes += size;
@@ -790,6 +802,13 @@ impl EventQueue {
 
     fn len(&self) -> usize {
         self.lock().events.len()
+    }
+
+    /// See [`Store::storing`].
+    fn storing(&self) -> Option<(usize, Duration)> {
+        let queue = self.lock();
+        let since = queue.storing_progress?;
+        (queue.storing > 0).then(|| (queue.storing, since.elapsed()))
     }
 }
 

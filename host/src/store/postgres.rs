@@ -1992,6 +1992,10 @@ impl Store for PgStore {
         self.queue.len()
     }
 
+    fn storing(&self) -> Option<(usize, Duration)> {
+        self.queue.storing()
+    }
+
     fn queue_fits(&self, events: usize, bytes: usize) -> Result<(), StoreError> {
         self.queue.fits(events, bytes)
     }
