@@ -9,7 +9,7 @@ use base64::Engine as _;
 use hmac::Mac;
 use serde_json::{Value, json};
 
-use crate::util::{Receiver, TestGateway};
+use crate::util::{Receiver, TestGateway, compress};
 
 type HmacSha256 = hmac::Hmac<sha2::Sha256>;
 
@@ -174,21 +174,6 @@ async fn inbound_signatures_are_checked_and_failures_store_nothing() {
         "{metrics}"
     );
     gw.shutdown().await.unwrap();
-}
-
-/// `data` compressed: `gzip`, `deflate` (zlib-wrapped) or `raw` (a bare deflate stream).
-fn compress(coding: &str, data: &[u8]) -> Vec<u8> {
-    use flate2::{Compression, write};
-    use std::io::Write;
-    let (mut out, level) = (Vec::new(), Compression::default());
-    // Each encoder writes its end into `out` as it is dropped, at the end of its statement.
-    match coding {
-        "gzip" => write::GzEncoder::new(&mut out, level).write_all(data),
-        "deflate" => write::ZlibEncoder::new(&mut out, level).write_all(data),
-        _ => write::DeflateEncoder::new(&mut out, level).write_all(data),
-    }
-    .unwrap();
-    out
 }
 
 async fn post_encoded(

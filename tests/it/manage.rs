@@ -4,7 +4,7 @@
 
 use serde_json::{Value, json};
 
-use crate::util::{API_TOKEN, Receiver, TestGateway, now_ms};
+use crate::util::{API_TOKEN, Receiver, TestGateway, compress, now_ms};
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
@@ -1100,12 +1100,7 @@ destinations = ["sink", "usage-only"]
 
     // A compressed payload is decoded as ingest would; a source without routes plans
     // nothing; an unknown source is a 404.
-    let gzipped = {
-        use std::io::Write;
-        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-        e.write_all(payload.to_string().as_bytes()).unwrap();
-        e.finish().unwrap()
-    };
+    let gzipped = compress("gzip", payload.to_string().as_bytes());
     let (status, run) = dry_run("dev/dry-run", gzipped, Some("gzip")).await;
     assert_eq!(
         (status, &run["deliveries"][0]["body"]),

@@ -596,3 +596,18 @@ pub fn now_ms() -> u64 {
         .unwrap()
         .as_millis() as u64
 }
+
+/// `data` compressed: `gzip`, `deflate` (zlib-wrapped) or `raw` (a bare deflate stream).
+pub fn compress(coding: &str, data: &[u8]) -> Vec<u8> {
+    use flate2::{Compression, write};
+    use std::io::Write;
+    let (mut out, level) = (Vec::new(), Compression::default());
+    // Each encoder writes its end into `out` as it is dropped, at the end of its statement.
+    match coding {
+        "gzip" => write::GzEncoder::new(&mut out, level).write_all(data),
+        "deflate" => write::ZlibEncoder::new(&mut out, level).write_all(data),
+        _ => write::DeflateEncoder::new(&mut out, level).write_all(data),
+    }
+    .unwrap();
+    out
+}
