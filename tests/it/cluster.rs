@@ -1127,6 +1127,117 @@ async fn an_attempt_unrecorded_through_a_long_outage_is_recorded_at_the_next_cla
     gw.shutdown().await.unwrap();
 }
 
+/// A database server that hangs (every process stopped: connections stay open and its
+/// kernel acknowledges, but nothing answers) while senders give up, as the embedded
+/// store's stalled disk in `durable::events_whose_senders_gave_up_during_a_stalled_commit_are_delivered`:
+/// the events waiting take the queue's room (a third sender is refused at once), `/readyz`
+/// says not ready after 5 s and `/metrics` still answers, telling how long; once the server
+/// resumes, the events whose senders gave up are delivered at once — not when their claim
+/// runs out (two minutes here, longer than the test waits).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hung_database_is_reported_and_what_senders_gave_up_on_is_delivered_when_it_resumes() {
+    let Some(server) = PgServer::start() else {
+        return;
+    };
+    let db = server.database("hung");
+    let rx = Receiver::start().await;
+    let config = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+queue_capacity = 2
+[store]
+url = "{db}"
+lease = "120s"
+[delivery]
+allowed_networks = ["127.0.0.0/8"]
+[[sources]]
+name = "s"
+[[destinations]]
+name = "d"
+url = "{}/d"
+[[routes]]
+source = "s"
+destinations = ["d"]
+"#,
+        rx.url
+    );
+    let gw = TestGateway::start_raw(TestGateway::dir_with_plugins(&[]), &config, &|_| None)
+        .await
+        .unwrap();
+    let post = |n: usize, wait: Duration| {
+        let url = gw.url.clone();
+        async move {
+            reqwest::Client::new()
+                .post(format!("{url}/v1/ingest/s"))
+                .body(json!({ "n": n }).to_string())
+                .timeout(wait)
+                .send()
+                .await
+        }
+    };
+    let get = |path: &str| {
+        reqwest::Client::new()
+            .get(format!("{}{path}", gw.url))
+            .timeout(Duration::from_secs(4))
+            .send()
+    };
+    let n = |r: &crate::util::Received| r.json()["n"].as_u64().unwrap();
+    // Warm: connections open, statements prepared.
+    for i in 0..4 {
+        assert_eq!(
+            post(i, Duration::from_secs(30)).await.unwrap().status(),
+            202
+        );
+    }
+    rx.wait_for(4).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    server.pause();
+    let paused = std::time::Instant::now();
+    for i in [10, 11] {
+        let gave_up = post(i, Duration::from_secs(1)).await;
+        assert!(
+            gave_up.as_ref().is_err_and(|e| e.is_timeout()),
+            "nothing answers while the server hangs: {gave_up:?}"
+        );
+    }
+    let refused = post(12, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(refused.status(), 503, "refused at once, not held");
+    let why = refused.text().await.unwrap();
+    assert!(why.contains("2 events waiting or being stored"), "{why}");
+    let mut ready = get("/readyz").await;
+    while !ready.as_ref().is_ok_and(|r| r.status() == 503) {
+        assert!(paused.elapsed() < Duration::from_secs(8), "{ready:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        ready = get("/readyz").await;
+    }
+    let why = ready.unwrap().text().await.unwrap();
+    assert!(
+        why.contains("stored none of the 2 events waiting for it"),
+        "{why}"
+    );
+    let metrics = get("/metrics")
+        .await
+        .expect("a scrape answers")
+        .text()
+        .await;
+    let metrics = metrics.unwrap();
+    let unanswered: u64 = (metrics.lines())
+        .find_map(|l| l.strip_prefix("switchyard_store_unanswered_seconds "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{metrics}"));
+    assert!(unanswered >= 5, "{unanswered}");
+
+    // (Within the connection attempts' 10 s: the commits under way go on.)
+    server.resume();
+    let mut got: Vec<u64> = rx.wait_for(6).await.iter().map(n).collect();
+    got.sort();
+    assert_eq!(got, [0, 1, 2, 3, 10, 11]);
+    assert_eq!(get("/readyz").await.unwrap().status(), 200);
+    gw.shutdown().await.unwrap();
+}
+
 fn server_port(url: &str) -> u16 {
     url.rsplit_once(':')
         .unwrap()

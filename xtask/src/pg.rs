@@ -157,6 +157,42 @@ impl PgServer {
         );
     }
 
+    /// Stops (`SIGSTOP`) every process of the server, as a hung server would be: its
+    /// connections stay open and its kernel acknowledges what is sent, but nothing answers
+    /// until [`PgServer::resume`].
+    pub fn pause(&self) {
+        assert!(self.signal("STOP"), "kill -STOP of the server's processes");
+    }
+
+    /// Lets a paused server go on.
+    pub fn resume(&self) {
+        assert!(self.signal("CONT"), "kill -CONT of the server's processes");
+    }
+
+    /// Sends `signal` to the postmaster and to every process it started; whether it could.
+    fn signal(&self, signal: &str) -> bool {
+        let pid_file = self.dir.path().join("data/postmaster.pid");
+        let Some(postmaster) = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|pids| Some(pids.lines().next()?.trim().to_string()))
+        else {
+            return false;
+        };
+        let children = Command::new("pgrep").args(["-P", &postmaster]).output();
+        let mut all: Vec<String> = children
+            .map(|c| String::from_utf8_lossy(&c.stdout).into_owned())
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(String::from)
+            .collect();
+        all.push(postmaster);
+        Command::new("kill")
+            .arg(format!("-{signal}"))
+            .args(&all)
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
     /// A new, empty database on this server; its URL.
     pub fn database(&self, name: &str) -> String {
         let out = Command::new(self.bin.join("createdb"))
@@ -187,6 +223,8 @@ impl PgServer {
 
 impl Drop for PgServer {
     fn drop(&mut self) {
+        // A paused server (a test that failed before resuming it) could not stop.
+        self.signal("CONT");
         let data = self.dir.path().join("data");
         let _ = run_as_server_user(
             &self.bin.join("pg_ctl"),

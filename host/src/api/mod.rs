@@ -359,6 +359,9 @@ async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>
 /// balancer sends senders to another instance. (A commit takes milliseconds.)
 const STORE_STALLED_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// How long a scrape of `/metrics` waits for the store's backlog counts.
+const METRICS_STORE_BUDGET: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Prometheus text format. Gauges are read from the store and the dispatcher here.
 async fn metrics(State(state): State<AppState>) -> Response {
     let m = &state.metrics;
@@ -368,7 +371,11 @@ async fn metrics(State(state): State<AppState>) -> Response {
         .storing()
         .map_or(0, |(_, waited)| waited.as_secs());
     m.store_unanswered_seconds.set(unanswered as i64);
-    if let Ok((pending, oldest)) = state.store.backlog().await {
+    // A store that does not answer (a hung database) leaves these as they were, and the
+    // scrape goes on: `switchyard_store_unanswered_seconds` tells of it.
+    if let Ok(Ok((pending, oldest))) =
+        tokio::time::timeout(METRICS_STORE_BUDGET, state.store.backlog()).await
+    {
         m.pending_deliveries.set(pending as i64);
         let now = state.dispatcher.now_ms();
         m.oldest_pending_seconds
