@@ -4,7 +4,8 @@
 // It signs in, sees a freshly ingested event appear, replays the dead letters in bulk,
 // opens an event (plugin verdicts, attempt),
 // replays it (a new attempt), dry-runs its payload (and an edited one), restarts a FAILED destination (its held events go out),
-// resends the delivery that failed before, and writes a screenshot of every page, at 1280×800 and at phone width.
+// resends the delivery that failed before, shows a banner while the gateway is not ready,
+// and writes a screenshot of every page, at 1280×800 and at phone width.
 
 import { chromium } from 'playwright-core';
 import { mkdtempSync, rmSync } from 'node:fs';
@@ -198,6 +199,20 @@ try {
   if (chosen !== 'onomondo') throw new Error(`the events page is filtered by "${chosen}"`);
   await page.locator(`#events tr[data-id="${id}"]`).waitFor();
   await page.locator('select[name="source"]').selectOption('');
+
+  step('a gateway that is not ready says why on every page, until it is');
+  if (!(await page.locator('#health').isHidden())) throw new Error('a ready gateway shows the not-ready banner');
+  await page.route('**/readyz', (r) => r.fulfill({
+    status: 503,
+    contentType: 'application/json',
+    body: JSON.stringify({ error: 'not ready: the store has stored none of the 3 events waiting for it for 12 s' }),
+  }));
+  await page.getByRole('link', { name: 'Plugins' }).click();
+  await page.getByRole('alert').filter({ hasText: 'The gateway is not ready: the store has stored none of the 3 events waiting for it for 12 s.' }).waitFor();
+  await shot('not-ready');
+  await page.unroute('**/readyz');
+  await page.getByRole('link', { name: 'Events' }).click();
+  await page.locator('#health').waitFor({ state: 'hidden' });
 
   step('readable at phone width');
   await page.setViewportSize({ width: 390, height: 844 });

@@ -448,6 +448,26 @@ async function route() {
   main.focus();
 }
 
+// ---- readiness, on every page ---------------------------------------------------------
+
+// `/readyz` (open, as for a load balancer): while the gateway is not ready — its store has
+// stopped answering, say — a banner at the top says why, on every page, until it is.
+const health = document.getElementById('health');
+async function checkHealth() {
+  let why;
+  try {
+    const resp = await fetch('/readyz', { signal: AbortSignal.timeout(4000) });
+    if (resp.ok) { health.hidden = true; return; }
+    const body = await resp.json().catch(() => null);
+    why = body && body.error ? body.error.replace(/^not ready: /, '') : `HTTP ${resp.status}`;
+  } catch { why = 'it does not answer'; }
+  health.textContent = `The gateway is not ready: ${why}. Senders are refused or kept waiting meanwhile.`;
+  health.hidden = false;
+}
+every(5000, checkHealth);
+window.addEventListener('hashchange', checkHealth);
+checkHealth();
+
 document.getElementById('signout').addEventListener('click', () => { sessionStorage.removeItem(TOKEN_KEY); route(); });
 window.addEventListener('hashchange', route);
 route();
