@@ -182,28 +182,8 @@ async fn accept(
     // The stage's span: what is logged from here on carries the event's id.
     let span = tracing::info_span!("ingest", event_id = %id, source = %event.source);
     async move {
-        // The store's call is a task of its own, seen through whether or not the sender
-        // waits for the answer: one that gives up (its timeout, a dropped connection) while
-        // the commit is under way — a stalled disk, a slow database — would otherwise leave
-        // an event committed but not queued, unprocessed until the next start. Stored, it
-        // is processed (and counted as accepted), as the sender's retry would be
-        // (deduplicated by an idempotency key).
-        let (store, metrics) = (state.store.clone(), state.metrics.clone());
-        let source = event.source.clone();
-        let (answer, answered) = tokio::sync::oneshot::channel();
-        let insert = async move {
-            let inserted = store.insert_event(event, idempotency).await;
-            // Nobody waits for the answer any more.
-            match answer.send(inserted) {
-                Err(Ok(Inserted::New)) => metrics.event(&source, "accepted"),
-                Err(Err(e)) => tracing::error!(error = %e, "Cannot store the event."),
-                _ => {}
-            }
-        };
-        tokio::spawn(insert.in_current_span());
-        let inserted = answered.await.map_err(|_| {
-            ApiError::Internal(anyhow::anyhow!("storing the event failed: no answer"))
-        })?;
+        // (A sender that gives up waiting does not cut this short: see `api::see_through`.)
+        let inserted = state.store.insert_event(event, idempotency).await;
         // Not stored (e.g. the disk is full): the sender should try again later, and learns
         // nothing of the store's insides; the log has the cause.
         let inserted = inserted.map_err(|e| match e {

@@ -801,7 +801,7 @@ async fn a_failed_sync_stops_the_gateway_and_the_next_start_resumes() {
 /// sender that goes on posting is refused (`503`) once `queue_capacity` is taken instead
 /// of piling events up in memory; and an event whose sender gave up while its commit was
 /// under way is queued and delivered once the disk comes back — not left stored but
-/// unprocessed until the next start.
+/// unprocessed until the next start; so is a replay whose caller gave up.
 #[tokio::test(flavor = "multi_thread")]
 async fn events_whose_senders_gave_up_during_a_stalled_commit_are_delivered() {
     let dir = tempfile::tempdir().unwrap();
@@ -831,6 +831,7 @@ async fn events_whose_senders_gave_up_during_a_stalled_commit_are_delivered() {
     let delivered = |r: &crate::util::Received| r.json()["n"].as_u64().unwrap();
     let resp = post(0, Duration::from_secs(30)).await.unwrap();
     assert_eq!(resp.status(), 202);
+    let first: Value = resp.json().await.unwrap();
     assert_eq!(delivered(&rx.wait_for(1).await[0]), 0);
     // (Its attempt's record, after the answer, is written before the disk stalls.)
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -894,6 +895,23 @@ async fn events_whose_senders_gave_up_during_a_stalled_commit_are_delivered() {
     ] {
         assert!(metrics.contains(line), "{line} in:\n{metrics}");
     }
+
+    // A replay whose caller gives up while the disk stalls goes on too: the event is
+    // processed again once the disk is back (cut off after its commit, it would wait,
+    // queued in the store only, for the next start).
+    std::fs::write(&stall, "").unwrap();
+    let replay = reqwest::Client::new()
+        .post(format!(
+            "{url}/v1/events/{}/replay",
+            first["id"].as_str().unwrap()
+        ))
+        .bearer_auth("test-token-1234")
+        .timeout(Duration::from_secs(1))
+        .send()
+        .await;
+    assert!(replay.is_err_and(|e| e.is_timeout()));
+    std::fs::remove_file(&stall).unwrap();
+    assert_eq!(delivered(&rx.wait_for(6).await[5]), 0, "event 0 again");
 }
 
 /// A FAILED destination with deliveries held is removed from the config while the gateway

@@ -251,8 +251,32 @@ pub fn router(state: AppState) -> Router {
         ))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn(see_through))
         .layer(compression())
         .with_state(state)
+}
+
+/// A request that may change something (any method but `GET`, `HEAD` and `OPTIONS`) runs to
+/// its end even if its client goes away — a sender's timeout while the disk stalls, a
+/// closed tab: cut off between a commit and what follows it in memory, an event would be
+/// stored but not queued (ingest, a replay), unprocessed until the next start, or a change
+/// stored but not applied. Its handler is a task of its own, which the connection only
+/// waits for; what it did is counted and logged as if the client had stayed. (A panic in
+/// it is a `500`, not a dropped connection.) Reads are cut off as before.
+async fn see_through(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    if matches!(
+        *request.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS
+    ) {
+        return next.run(request).await;
+    }
+    let handler = tokio::spawn(tracing::Instrument::in_current_span(next.run(request)));
+    match handler.await {
+        Ok(response) => response,
+        Err(e) => {
+            ApiError::Internal(anyhow::anyhow!("the request's handler failed: {e}")).into_response()
+        }
+    }
 }
 
 /// Gzip for answers of 1 KiB or more to clients that accept it — `/metrics` of many

@@ -79,9 +79,9 @@ pub trait Store: Send + Sync + 'static {
     /// survives a crash and the sender may be told it is accepted. Until then the event
     /// counts against the queue's room (`QueueFull`, `QueueBytesFull`), so that a store that
     /// stops answering cannot fill the memory with events waiting for it. The caller must
-    /// see the call through (ingest runs it as a task of its own): an event committed by a
-    /// call given up half-way would not be queued until the next start (or, on a shared
-    /// store, until its claim runs out).
+    /// see the call through (requests that change something run as tasks of their own,
+    /// `api::see_through`): an event committed by a call given up half-way would not be
+    /// queued until the next start (or, on a shared store, until its claim runs out).
     async fn insert_event(
         &self,
         event: Event,
