@@ -1049,3 +1049,32 @@ impl IntoResponse for ApiError {
         response
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode};
+    use tower::Service;
+
+    async fn buggy() -> StatusCode {
+        panic!("a handler's bug")
+    }
+
+    /// A request that may change something runs on a task of its own: a panic in its
+    /// handler is a `500` with a JSON error, not a dropped connection.
+    #[tokio::test]
+    async fn a_panicking_change_is_a_500() {
+        let mut app = axum::Router::new()
+            .route("/change", axum::routing::post(buggy))
+            .layer(axum::middleware::from_fn(super::see_through))
+            .into_service::<Body>();
+        let request = Request::post("/change").body(Body::empty()).unwrap();
+        let response = app.call(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body = axum::body::to_bytes(response.into_body(), 1024)
+            .await
+            .unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert!(body["error"].is_string(), "{body}");
+    }
+}
