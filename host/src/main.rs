@@ -86,7 +86,8 @@ enum Command {
         /// The source the payload is posted to.
         #[arg(long)]
         source: String,
-        /// The payload, as a sender would post it (e.g. examples/events/onomondo-usage.json).
+        /// The payload, as a sender would post it (e.g. examples/events/onomondo-usage.json;
+        /// `-`: read from standard input).
         #[arg(long)]
         event: PathBuf,
         /// A request header the event carries, repeatable; `content-type:
@@ -292,8 +293,16 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         } => {
             let env = |name: &str| std::env::var(name).ok();
             let config = Config::load(&config, &env)?;
-            let body = std::fs::read(&event)
-                .with_context(|| format!("cannot read {}", event.display()))?;
+            let body = match event.to_str() {
+                Some("-") => {
+                    let mut body = Vec::new();
+                    std::io::Read::read_to_end(&mut std::io::stdin(), &mut body)
+                        .context("cannot read the payload from standard input")?;
+                    body
+                }
+                _ => std::fs::read(&event)
+                    .with_context(|| format!("cannot read {}", event.display()))?,
+            };
             let mut map = axum::http::HeaderMap::new();
             for (name, value) in &headers {
                 let name = axum::http::HeaderName::try_from(name.as_str())

@@ -270,6 +270,25 @@ fn dry_run_shows_what_the_routes_would_send_and_checks_an_expected_answer() {
         serde_json::json!([["x-trace", "abc"], ["content-type", "application/json"]])
     );
 
+    // The payload from standard input.
+    let mut child = Command::new(switchyard_bin())
+        .args(["dry-run", "--config", path(&config), "--source", "onomondo"])
+        .args(["--event", "-", "--expect", path(&expected)])
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let payload = std::fs::read(&event).unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), &payload).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && err.contains("ok: the answer holds"),
+        "{err}"
+    );
+
     let (ok, _, err) = run(&[
         "dry-run",
         "--config",
