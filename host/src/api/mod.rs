@@ -372,9 +372,14 @@ async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>
             unanswered.as_secs()
         )));
     }
-    match state.store.destination_states().await {
-        Ok(_) => Ok(Json(json!({ "ready": true }))),
-        Err(e) => Err(ApiError::Unavailable(format!("not ready: {e}"))),
+    // (A hung database would hold the probe as long as the prober waits.)
+    match tokio::time::timeout(STORE_BUDGET, state.store.destination_states()).await {
+        Ok(Ok(_)) => Ok(Json(json!({ "ready": true }))),
+        Ok(Err(e)) => Err(ApiError::Unavailable(format!("not ready: {e}"))),
+        Err(_) => Err(ApiError::Unavailable(format!(
+            "not ready: the store did not answer within {} s",
+            STORE_BUDGET.as_secs()
+        ))),
     }
 }
 
@@ -383,8 +388,9 @@ async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>
 /// balancer sends senders to another instance. (A commit takes milliseconds.)
 const STORE_STALLED_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// How long a scrape of `/metrics` waits for the store's backlog counts.
-const METRICS_STORE_BUDGET: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long `/readyz` waits for the store, and a scrape of `/metrics` for the store's
+/// backlog counts.
+const STORE_BUDGET: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Prometheus text format. Gauges are read from the store and the dispatcher here.
 async fn metrics(State(state): State<AppState>) -> Response {
@@ -398,7 +404,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
     // A store that does not answer (a hung database) leaves these as they were, and the
     // scrape goes on: `switchyard_store_unanswered_seconds` tells of it.
     if let Ok(Ok((pending, oldest))) =
-        tokio::time::timeout(METRICS_STORE_BUDGET, state.store.backlog()).await
+        tokio::time::timeout(STORE_BUDGET, state.store.backlog()).await
     {
         m.pending_deliveries.set(pending as i64);
         let now = state.dispatcher.now_ms();
