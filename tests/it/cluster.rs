@@ -1196,43 +1196,12 @@ destinations = ["d"]
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     server.pause();
-    let paused = std::time::Instant::now();
     // Not ready at once: the probe does not wait for a server that does not answer.
     let ready = get("/readyz").await.unwrap();
     assert_eq!(ready.status(), 503);
     let why = ready.text().await.unwrap();
     assert!(why.contains("the store did not answer within 2 s"), "{why}");
-    for i in [10, 11] {
-        let gave_up = post(i, Duration::from_secs(1)).await;
-        assert!(
-            gave_up.as_ref().is_err_and(|e| e.is_timeout()),
-            "nothing answers while the server hangs: {gave_up:?}"
-        );
-    }
-    let refused = post(12, Duration::from_secs(30)).await.unwrap();
-    assert_eq!(refused.status(), 503, "refused at once, not held");
-    let why = refused.text().await.unwrap();
-    assert!(why.contains("2 events waiting or being stored"), "{why}");
-    // Once the events waiting have waited 5 s, it says so (without asking the store).
-    let mut why = String::new();
-    while !why.contains("stored none of the 2 events waiting for it") {
-        assert!(paused.elapsed() < Duration::from_secs(20), "{why}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let ready = get("/readyz").await.unwrap();
-        assert_eq!(ready.status(), 503);
-        why = ready.text().await.unwrap();
-    }
-    let metrics = get("/metrics")
-        .await
-        .expect("a scrape answers")
-        .text()
-        .await;
-    let metrics = metrics.unwrap();
-    let unanswered: u64 = (metrics.lines())
-        .find_map(|l| l.strip_prefix("switchyard_store_unanswered_seconds "))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("{metrics}"));
-    assert!(unanswered >= 5, "{unanswered}");
+    crate::util::while_the_store_does_not_answer(&gw.url, 10, 2).await;
 
     server.resume();
     let mut got: Vec<u64> = rx.wait_for(6).await.iter().map(n).collect();

@@ -836,43 +836,12 @@ async fn events_whose_senders_gave_up_during_a_stalled_commit_are_delivered() {
     // (Its attempt's record, after the answer, is written before the disk stalls.)
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    // The disk stalls: three senders give up after a second each, their events stored in
-    // part or waiting to be; they take the queue's room.
+    // The disk stalls: three senders give up, their events stored in part or waiting to be;
+    // a fourth is refused, and the gateway says it is not ready (a load balancer sends
+    // senders elsewhere).
     std::fs::write(&stall, "").unwrap();
-    for n in 1..=3 {
-        let gave_up = post(n, Duration::from_secs(1)).await;
-        assert!(
-            gave_up.as_ref().is_err_and(|e| e.is_timeout()),
-            "the store does not answer while the disk stalls: {gave_up:?}"
-        );
-    }
-    let refused = post(4, Duration::from_secs(30)).await.unwrap();
-    assert_eq!(refused.status(), 503, "refused at once, not held");
-    let why = refused.text().await.unwrap();
-    assert!(why.contains("3 events waiting or being stored"), "{why}");
-    // After 5 s without a commit, the gateway says it is not ready (a load balancer sends
-    // senders elsewhere), and the gauge counts the time.
+    crate::util::while_the_store_does_not_answer(&url, 1, 3).await;
     let get = |path: &str| reqwest::get(format!("{url}{path}"));
-    let mut ready = get("/readyz").await.unwrap();
-    for _ in 0..100 {
-        if ready.status() == 503 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        ready = get("/readyz").await.unwrap();
-    }
-    assert_eq!(ready.status(), 503);
-    let why = ready.text().await.unwrap();
-    assert!(
-        why.contains("the store has stored none of the 3 events waiting for it for 5 s"),
-        "{why}"
-    );
-    let metrics = get("/metrics").await.unwrap().text().await.unwrap();
-    let unanswered: u64 = (metrics.lines())
-        .find_map(|l| l.strip_prefix("switchyard_store_unanswered_seconds "))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("{metrics}"));
-    assert!(unanswered >= 5, "{unanswered}");
 
     // The disk comes back: the three are stored and delivered without a restart, and the
     // refused one is not.

@@ -611,3 +611,58 @@ pub fn compress(coding: &str, data: &[u8]) -> Vec<u8> {
     .unwrap();
     out
 }
+
+/// What the gateway at `url` does while its store does not answer (a stalled disk, a hung
+/// database), `room` being its `queue_capacity` and nothing else waiting: the senders of
+/// events `{"n": first}` to `first + room - 1` (to source `s`) give up after a second each,
+/// their events taking the queue's room; the next sender is refused at once; and once they
+/// have waited 5 s, `/readyz` says why and `switchyard_store_unanswered_seconds` counts.
+pub async fn while_the_store_does_not_answer(url: &str, first: u64, room: u64) {
+    let client = reqwest::Client::new();
+    let post = |n: u64, wait: Duration| {
+        client
+            .post(format!("{url}/v1/ingest/s"))
+            .body(format!(r#"{{"n":{n}}}"#))
+            .timeout(wait)
+            .send()
+    };
+    let get = |path: &str| {
+        client
+            .get(format!("{url}{path}"))
+            .timeout(Duration::from_secs(4))
+            .send()
+    };
+    let started = std::time::Instant::now();
+    for n in first..first + room {
+        let gave_up = post(n, Duration::from_secs(1)).await;
+        assert!(
+            gave_up.as_ref().is_err_and(|e| e.is_timeout()),
+            "the store does not answer: {gave_up:?}"
+        );
+    }
+    let refused = post(first + room, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(refused.status(), 503, "refused at once, not held");
+    let why = refused.text().await.unwrap();
+    assert!(
+        why.contains(&format!("{room} events waiting or being stored")),
+        "{why}"
+    );
+    // (Not ready until then, or ready: the probe asks the store, within 2 s.)
+    let says = format!("not ready: the store has stored none of the {room} events waiting for it");
+    let mut why = String::new();
+    while !why.contains(&says) {
+        assert!(started.elapsed() < Duration::from_secs(20), "{why}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        why = get("/readyz").await.unwrap().text().await.unwrap();
+    }
+    let metrics = (get("/metrics").await)
+        .expect("a scrape answers")
+        .text()
+        .await
+        .unwrap();
+    let unanswered: u64 = (metrics.lines())
+        .find_map(|l| l.strip_prefix("switchyard_store_unanswered_seconds "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{metrics}"));
+    assert!(unanswered >= 5, "{unanswered}");
+}
