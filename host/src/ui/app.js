@@ -461,7 +461,9 @@ async function checkHealth() {
     const body = await resp.json().catch(() => null);
     why = body && body.error ? body.error.replace(/^not ready: /, '') : `HTTP ${resp.status}`;
   } catch { why = 'it does not answer'; }
-  health.textContent = `The gateway is not ready: ${why}. Senders are refused or kept waiting meanwhile.`;
+  const text = `The gateway is not ready: ${why}. Senders are refused or kept waiting meanwhile.`;
+  // (Set only when it changes: an alert is read out again at each change.)
+  if (health.textContent !== text) health.textContent = text;
   health.hidden = false;
 }
 every(5000, checkHealth);
