@@ -186,6 +186,13 @@ async fn check_config(path: &std::path::Path, config: &Config) -> anyhow::Result
     }
 }
 
+/// The JSON file of an `--expect`.
+fn read_expected(path: &std::path::Path) -> anyhow::Result<serde_json::Value> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))
+}
+
 fn parse_header(s: &str) -> Result<(String, String), String> {
     s.split_once(':')
         .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
@@ -322,10 +329,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             let Some(path) = expect else {
                 return Ok(ExitCode::SUCCESS);
             };
-            let text = std::fs::read_to_string(&path)
-                .with_context(|| format!("cannot read {}", path.display()))?;
-            let expected: serde_json::Value = serde_json::from_str(&text)
-                .with_context(|| format!("{} is not JSON", path.display()))?;
+            let expected = read_expected(&path)?;
             let differences = switchyard::api::DryRun::differences(&expected, &answer);
             if differences.is_empty() {
                 eprintln!("ok: the answer holds {}", path.display());
@@ -421,10 +425,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                     ExitCode::FAILURE
                 }),
                 Some(path) => {
-                    let text = std::fs::read_to_string(&path)
-                        .with_context(|| format!("cannot read {}", path.display()))?;
-                    let expected: serde_json::Value = serde_json::from_str(&text)
-                        .with_context(|| format!("{} is not JSON", path.display()))?;
+                    let expected = read_expected(&path)?;
                     if expected == output {
                         eprintln!("ok: the output is as expected ({})", path.display());
                         Ok(ExitCode::SUCCESS)
