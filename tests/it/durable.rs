@@ -535,9 +535,9 @@ destinations = ["down"]
 }
 
 /// A store that cannot write (triggers in the gateway's own SQLite file stand in for a
-/// full disk): ingest answers 503 and stores nothing; an event whose outcome cannot be
-/// recorded is not left waiting for the next start, but processed once the store writes
-/// again.
+/// full disk): ingest answers 503 and stores nothing, and `/readyz` 503 until an event is
+/// stored again; an event whose outcome cannot be recorded is not left waiting for the
+/// next start, but processed once the store writes again.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_store_that_cannot_write_refuses_and_then_resumes() {
     let rx = Receiver::start().await;
@@ -562,6 +562,15 @@ async fn a_store_that_cannot_write_refuses_and_then_resumes() {
         refused.json::<Value>().await.unwrap(),
         json!({ "error": "the event could not be stored; try again later" })
     );
+    // Not ready while it refuses: a load balancer sends senders elsewhere.
+    let (status, ready) = gw.get("/readyz").await;
+    assert_eq!(status, 503);
+    let why = ready["error"].as_str().unwrap();
+    assert!(
+        why.starts_with("not ready: the store refused the latest event 0 s ago (")
+            && why.contains("database or disk is full"),
+        "{why}"
+    );
 
     db.execute_batch(&format!(
         "DROP TRIGGER full; {}",
@@ -569,6 +578,7 @@ async fn a_store_that_cannot_write_refuses_and_then_resumes() {
     ))
     .unwrap();
     let id = gw.accept("s", r#"{"id":"e1"}"#).await;
+    assert_eq!(gw.get("/readyz").await, (200, json!({ "ready": true })));
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(gw.event(&id).await["status"], "queued");
     assert!(

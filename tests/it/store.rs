@@ -1330,6 +1330,72 @@ async fn queue_is_bounded_in_bytes(store: Arc<dyn Store>) {
     assert_eq!((again.id.as_str(), again.run), ("b0", 1));
 }
 
+/// A store that refuses an event (a trigger stands in for a full disk) remembers why, for
+/// `/readyz`, until it stores one again; a full queue is not the store refusing.
+async fn refusals_are_remembered_until_an_event_is_stored(
+    store: Arc<dyn Store>,
+    full: impl AsyncFn(bool),
+) {
+    assert!(store.refused().is_none());
+    full(true).await;
+    let refused = store
+        .insert_event(event("r1", "s", 1_000, "{}"), None)
+        .await;
+    assert!(
+        matches!(&refused, Err(switchyard::store::StoreError::Db(e)) if e.contains("no space left")),
+        "{refused:?}"
+    );
+    let (ago, cause) = store.refused().expect("remembered");
+    assert!(ago < std::time::Duration::from_secs(5), "{ago:?}");
+    assert!(cause.contains("no space left"), "{cause}");
+    let idempotent = Some(Idempotency {
+        key: "k1".into(),
+        window_ms: 60_000,
+    });
+    let refused = (store.insert_event(event("r2", "s", 1_001, "{}"), idempotent.clone())).await;
+    assert!(refused.is_err(), "{refused:?}");
+    assert!(store.refused().is_some());
+    assert_eq!(store.queue_depth(), 0, "nothing queued");
+
+    full(false).await;
+    assert_eq!(
+        store
+            .insert_event(event("r3", "s", 1_002, "{}"), None)
+            .await
+            .unwrap(),
+        Inserted::New
+    );
+    assert!(store.refused().is_none(), "forgotten once one is stored");
+    assert_eq!(store.next_event().await.unwrap().id, "r3");
+    // A duplicate is the store answering too.
+    full(true).await;
+    assert!(
+        store
+            .insert_event(event("r4", "s", 1_003, "{}"), None)
+            .await
+            .is_err()
+    );
+    full(false).await;
+    let e = event("r5", "s", 1_004, "{}");
+    assert_eq!(
+        store.insert_event(e, idempotent.clone()).await.unwrap(),
+        Inserted::New
+    );
+    full(true).await;
+    assert!(
+        store
+            .insert_event(event("r6", "s", 1_005, "{}"), None)
+            .await
+            .is_err()
+    );
+    let e = event("r7", "s", 1_006, "{}");
+    assert_eq!(
+        store.insert_event(e, idempotent).await.unwrap(),
+        Inserted::Duplicate("r5".into())
+    );
+    assert!(store.refused().is_none(), "answered");
+}
+
 /// Claims go destination by destination: each takes at most its room, the earliest due of
 /// all are kept up to the limit, and a destination with no room is left out — however many
 /// of its deliveries are due before the others'.
@@ -1546,6 +1612,54 @@ async fn postgres_queue_is_bounded_in_bytes() {
         .unwrap()
         .with_queue_max_bytes(3_500);
     queue_is_bounded_in_bytes(Arc::new(store)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sqlite_refusals_are_remembered_until_an_event_is_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path(), 100).unwrap();
+    let db = rusqlite::Connection::open(dir.path().join("switchyard.db")).unwrap();
+    db.busy_timeout(std::time::Duration::from_secs(5)).unwrap();
+    let full = async |on: bool| {
+        db.execute_batch(match on {
+            true => "CREATE TRIGGER full BEFORE INSERT ON events BEGIN SELECT RAISE(ABORT, 'no space left on device'); END",
+            false => "DROP TRIGGER full",
+        })
+        .unwrap();
+    };
+    refusals_are_remembered_until_an_event_is_stored(Arc::new(store), full).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_refusals_are_remembered_until_an_event_is_stored() {
+    let Some(server) = PgServer::start() else {
+        return;
+    };
+    let url = server.database("refusals");
+    let store = PgStore::open(&url, 100, LEASE).await.unwrap();
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+        .batch_execute(
+            "CREATE FUNCTION disk_full() RETURNS trigger LANGUAGE plpgsql AS
+             $$ BEGIN RAISE EXCEPTION 'could not extend file: no space left on device'; END $$",
+        )
+        .await
+        .unwrap();
+    let full = async |on: bool| {
+        client
+            .batch_execute(match on {
+                true => {
+                    "CREATE TRIGGER disk_full BEFORE INSERT ON events EXECUTE FUNCTION disk_full()"
+                }
+                false => "DROP TRIGGER disk_full ON events",
+            })
+            .await
+            .unwrap();
+    };
+    refusals_are_remembered_until_an_event_is_stored(Arc::new(store), full).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -360,9 +360,10 @@ async fn healthz() -> Json<serde_json::Value> {
     Json(json!({ "status": "ok" }))
 }
 
-/// Ready when the store answers (plugins are loaded before the gateway listens). The
-/// question asked is the smallest the store has (one row per destination): a probe must
-/// stay fast however many deliveries wait.
+/// Ready when the store answers (plugins are loaded before the gateway listens), has not
+/// stopped storing the events waiting for it, and has not just refused one. The question
+/// asked is the smallest the store has (one row per destination): a probe must stay fast
+/// however many deliveries wait.
 async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
     if let Some((events, unanswered)) = state.store.storing()
         && unanswered >= STORE_STALLED_AFTER
@@ -370,6 +371,13 @@ async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>
         return Err(ApiError::Unavailable(format!(
             "not ready: the store has stored none of the {events} events waiting for it for {} s",
             unanswered.as_secs()
+        )));
+    }
+    if let Some((ago, cause)) = state.store.refused() {
+        return Err(ApiError::Unavailable(format!(
+            "not ready: the store refused the latest event {} s ago ({cause}); ready again once it stores one, or {} s after it refused",
+            ago.as_secs(),
+            crate::store::REFUSAL_REMEMBERED.as_secs()
         )));
     }
     // (A hung database would hold the probe as long as the prober waits.)

@@ -251,6 +251,12 @@ pub trait Store: Send + Sync + 'static {
     /// began to wait. A long time is a store that stopped answering (`/readyz`).
     fn storing(&self) -> Option<(usize, Duration)>;
 
+    /// How long ago the store refused the latest event ingest gave it — failed to store it
+    /// (a full disk, a database gone read-only), not a full queue — and why; `None` once it
+    /// has stored one since, or [`REFUSAL_REMEMBERED`] after. A store that refuses is not
+    /// ready (`/readyz`).
+    fn refused(&self) -> Option<(Duration, String)>;
+
     /// Whether `events` replays taking up `bytes` (`EventSummary::queued_bytes`) fit into
     /// the queue now: `QueueFull`, `QueueBytesFull` or `Closed` if not. Each replay checks
     /// again for itself; this lets a bulk replay refuse a page as a whole.
@@ -467,12 +473,19 @@ pub struct MinuteStats {
     pub failed: u64,
 }
 
+/// How long [`Store::refused`] tells of a refusal unless an event is stored meanwhile:
+/// `/readyz` says not ready as long, so that a load balancer sends senders to another
+/// instance; when none comes to this one any more, it is offered them again after this
+/// long, to find out whether its store writes again.
+pub const REFUSAL_REMEMBERED: Duration = Duration::from_secs(30);
+
 /// The first pause before an event whose outcome could not be recorded is processed
 /// again, and the longest (see `EventQueue::retry_later`).
 const RETRY_FIRST: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(60);
 
-/// The room an event being stored takes in the queue (see [`EventQueue::accepting`]).
+/// The room an event being stored takes in the queue (see [`EventQueue::accepting`]),
+/// until [`Storing::settle`] gives the store's answer (or it is dropped: given up).
 #[must_use]
 struct Storing<'a> {
     queue: &'a EventQueue,
@@ -480,18 +493,41 @@ struct Storing<'a> {
 }
 
 impl Storing<'_> {
-    /// The event is stored: it is queued, in the room it took.
-    fn queue(self, event: Event) {
-        self.queue.push(event);
+    /// The store's answer to the event: a new one is queued, in the room it took; a
+    /// refusal (`StoreError::Db`) is remembered, and a stored event forgets the last one
+    /// ([`Store::refused`]). One lock of the queue.
+    fn settle(self, inserted: &Result<Inserted, StoreError>, event: Event) {
+        let events = self.queue;
+        let mut queue = events.lock();
+        self.release(&mut queue);
+        // (Released here: the drop must not release it again.)
+        std::mem::forget(self);
+        match inserted {
+            Ok(new) => {
+                queue.refused = None;
+                if *new == Inserted::New {
+                    queue.push(event);
+                    drop(queue);
+                    events.ready.notify_one();
+                }
+            }
+            Err(StoreError::Db(cause)) => {
+                queue.refused = Some((tokio::time::Instant::now(), cause.clone()));
+            }
+            Err(_) => {}
+        }
+    }
+
+    fn release(&self, queue: &mut QueueState) {
+        queue.storing -= 1;
+        queue.storing_bytes -= self.bytes;
+        queue.storing_progress = Some(std::time::Instant::now());
     }
 }
 
 impl Drop for Storing<'_> {
     fn drop(&mut self) {
-        let mut queue = self.queue.lock();
-        queue.storing -= 1;
-        queue.storing_bytes -= self.bytes;
-        queue.storing_progress = Some(std::time::Instant::now());
+        self.release(&mut self.queue.lock());
     }
 }
 
@@ -536,6 +572,9 @@ struct QueueState {
     /// When the last event being stored was stored (or given up), or the first of those
     /// being stored now began to wait: see [`Store::storing`].
     storing_progress: Option<std::time::Instant>,
+    /// When the store last refused an event ingest gave it, and why (see
+    /// [`Store::refused`]).
+    refused: Option<(tokio::time::Instant, String)>,
     closed: bool,
 }
 
@@ -545,6 +584,26 @@ impl QueueState {
         *self.held.entry(event.id.clone()).or_default() += 1;
         self.bytes += queued_size(&event);
         self.events.push_back(event);
+    }
+
+    /// See [`EventQueue::push`].
+    fn push(&mut self, event: Event) {
+        if event.run > 0 {
+            let before = self.events.len();
+            let mut dropped = 0;
+            self.events.retain(|e| {
+                let superseded = e.id == event.id && e.run < event.run;
+                if superseded {
+                    dropped += queued_size(e);
+                }
+                !superseded
+            });
+            self.bytes -= dropped;
+            for _ in self.events.len()..before {
+                self.release(&event.id);
+            }
+        }
+        self.enqueue(event);
     }
 
     /// The room taken: events waiting and being stored, and their bytes.
@@ -594,8 +653,9 @@ impl EventQueue {
     /// memory: 10,000 waiting events of 1 MiB are 10 GiB). Events being stored count as
     /// waiting ones: a store that stops answering (a stalled disk, a hung database) holds
     /// them, and senders that go on posting meanwhile are refused once the room is taken
-    /// instead of piling up in memory. The room is taken until the event is queued
-    /// ([`Storing::queue`]) or given up (the `Storing` dropped: not stored).
+    /// instead of piling up in memory. The room is taken until the store answers
+    /// ([`Storing::settle`]: a new event is queued in it) or the wait is given up (the
+    /// `Storing` dropped: not stored).
     fn accepting(&self, event: &Event) -> Result<Storing<'_>, StoreError> {
         let mut queue = self.lock();
         if queue.closed {
@@ -644,24 +704,7 @@ impl EventQueue {
     /// Queues an event. A replay (run above 0) supersedes earlier runs of it still waiting
     /// here: they are not handed out.
     fn push(&self, event: Event) {
-        let mut queue = self.lock();
-        if event.run > 0 {
-            let before = queue.events.len();
-            let mut dropped = 0;
-            queue.events.retain(|e| {
-                let superseded = e.id == event.id && e.run < event.run;
-                if superseded {
-                    dropped += queued_size(e);
-                }
-                !superseded
-            });
-            queue.bytes -= dropped;
-            for _ in queue.events.len()..before {
-                queue.release(&event.id);
-            }
-        }
-        queue.enqueue(event);
-        drop(queue);
+        self.lock().push(event);
         self.ready.notify_one();
     }
 
@@ -810,6 +853,14 @@ impl EventQueue {
         let since = queue.storing_progress?;
         (queue.storing > 0).then(|| (queue.storing, since.elapsed()))
     }
+
+    /// See [`Store::refused`].
+    fn refused(&self) -> Option<(Duration, String)> {
+        let queue = self.lock();
+        let (at, cause) = queue.refused.as_ref()?;
+        let ago = at.elapsed();
+        (ago < REFUSAL_REMEMBERED).then(|| (ago, cause.clone()))
+    }
 }
 
 /// The stats entry of minute `m`, made empty if there is none yet.
@@ -847,7 +898,8 @@ pub struct ManagedChanges {
 #[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct EventRecord {
     /// The event as accepted: id, source, received_at, method, path, query, headers,
-    /// content_type, body (text, or base64 when not UTF-8), metadata, run.
+    /// content_type, body (its JSON value, or text, or `{"base64": …}` when not UTF-8),
+    /// body_encoding (`json`, `text`, `base64`: which of those), metadata, run.
     #[schema(value_type = Object)]
     pub event: Event,
     pub status: EventStatus,
@@ -1300,6 +1352,61 @@ pub struct DeliveryCounts {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn event(id: &str) -> Event {
+        Event {
+            id: id.into(),
+            source: "s".into(),
+            received_at: 0,
+            method: "POST".into(),
+            path: "/".into(),
+            query: String::new(),
+            headers: vec![],
+            content_type: None,
+            body: crate::event::Body::from(b"{}".to_vec()),
+            metadata: vec![],
+            run: 0,
+        }
+    }
+
+    /// A refusal is told of for `REFUSAL_REMEMBERED` unless an event is stored meanwhile;
+    /// the room the events took is given back either way, in one settling.
+    #[tokio::test(start_paused = true)]
+    async fn a_refusal_is_told_of_until_an_event_is_stored_or_for_a_while() {
+        let queue = EventQueue::new(vec![], 10);
+        let refused = Err(StoreError::Db("disk full".into()));
+        queue
+            .accepting(&event("a"))
+            .unwrap()
+            .settle(&refused, event("a"));
+        assert_eq!(queue.refused(), Some((Duration::ZERO, "disk full".into())));
+        tokio::time::advance(REFUSAL_REMEMBERED - Duration::from_secs(1)).await;
+        assert_eq!(queue.refused().unwrap().0, Duration::from_secs(29));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(queue.refused(), None, "offered senders again");
+
+        queue
+            .accepting(&event("b"))
+            .unwrap()
+            .settle(&refused, event("b"));
+        let (room, _) = queue.lock().taken();
+        assert_eq!(room, 0, "the refused ones took no room");
+        // A full queue, or a store closing, is not the store refusing.
+        let full = Err(StoreError::QueueFull(10));
+        queue
+            .accepting(&event("c"))
+            .unwrap()
+            .settle(&full, event("c"));
+        assert!(queue.refused().is_some());
+        let stored = Ok(Inserted::New);
+        queue
+            .accepting(&event("d"))
+            .unwrap()
+            .settle(&stored, event("d"));
+        assert_eq!(queue.refused(), None);
+        assert_eq!(queue.lock().taken(), (1, queued_size(&event("d"))));
+        assert_eq!(queue.next().await.unwrap().id, "d");
+    }
 
     #[test]
     fn route_result_names_are_the_api_names() {

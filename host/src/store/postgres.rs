@@ -703,6 +703,66 @@ pub struct PgStore {
 }
 
 impl PgStore {
+    /// Stores an event for [`Store::insert_event`] (which holds its room in the queue and
+    /// queues it once stored).
+    async fn store_event(
+        &self,
+        event: &Event,
+        idempotency: Option<Idempotency>,
+    ) -> Result<Inserted, StoreError> {
+        let Some(idem) = &idempotency else {
+            // Without a key there is nothing to check: the event joins the next batch.
+            let (reply, committed) = tokio::sync::oneshot::channel();
+            self.ingest
+                .send((event.clone(), reply))
+                .map_err(|_| StoreError::Closed)?;
+            committed.await.map_err(|_| StoreError::Closed)??;
+            return Ok(Inserted::New);
+        };
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let since = event.received_at.saturating_sub(idem.window_ms) as i64;
+        // The row lock of the key makes concurrent repeats (on any instance) wait for the
+        // first one's commit.
+        tx.execute(
+            "INSERT INTO idempotency (source, key, event_id, created_at) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (source, key) DO UPDATE SET event_id = idempotency.event_id",
+            &[
+                &event.source,
+                &idem.key,
+                &event.id,
+                &(event.received_at as i64),
+            ],
+        )
+        .await?;
+        let row = tx
+            .query_one(
+                "SELECT event_id, created_at FROM idempotency WHERE source = $1 AND key = $2",
+                &[&event.source, &idem.key],
+            )
+            .await?;
+        let (existing, created_at): (String, i64) = (row.get(0), row.get(1));
+        if existing != event.id {
+            if created_at >= since {
+                return Ok(Inserted::Duplicate(existing));
+            }
+            tx.execute(
+                "UPDATE idempotency SET event_id = $3, created_at = $4 WHERE source = $1 AND key = $2",
+                &[&event.source, &idem.key, &event.id, &(event.received_at as i64)],
+            )
+            .await?;
+        }
+        insert_events(&tx, std::slice::from_ref(event), self.lease).await?;
+        if let Err(e) = tx.commit().await
+            && !stored_after_all(&self.pool, &[&event.id])
+                .await
+                .contains(&event.id)
+        {
+            return Err(e.into());
+        }
+        Ok(Inserted::New)
+    }
+
     /// Connects to `url`, migrates the database, takes over the queued events nobody holds
     /// (accepted before the last stop, or by an instance whose claims ran out), and starts
     /// the task that renews this instance's claims and sweeps for abandoned events. Claims
@@ -1222,59 +1282,9 @@ impl Store for PgStore {
         idempotency: Option<Idempotency>,
     ) -> Result<Inserted, StoreError> {
         let storing = self.queue.accepting(&event)?;
-        let Some(idem) = &idempotency else {
-            // Without a key there is nothing to check: the event joins the next batch.
-            let (reply, committed) = tokio::sync::oneshot::channel();
-            self.ingest
-                .send((event.clone(), reply))
-                .map_err(|_| StoreError::Closed)?;
-            committed.await.map_err(|_| StoreError::Closed)??;
-            storing.queue(event);
-            return Ok(Inserted::New);
-        };
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        let since = event.received_at.saturating_sub(idem.window_ms) as i64;
-        // The row lock of the key makes concurrent repeats (on any instance) wait for the
-        // first one's commit.
-        tx.execute(
-            "INSERT INTO idempotency (source, key, event_id, created_at) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (source, key) DO UPDATE SET event_id = idempotency.event_id",
-            &[
-                &event.source,
-                &idem.key,
-                &event.id,
-                &(event.received_at as i64),
-            ],
-        )
-        .await?;
-        let row = tx
-            .query_one(
-                "SELECT event_id, created_at FROM idempotency WHERE source = $1 AND key = $2",
-                &[&event.source, &idem.key],
-            )
-            .await?;
-        let (existing, created_at): (String, i64) = (row.get(0), row.get(1));
-        if existing != event.id {
-            if created_at >= since {
-                return Ok(Inserted::Duplicate(existing));
-            }
-            tx.execute(
-                "UPDATE idempotency SET event_id = $3, created_at = $4 WHERE source = $1 AND key = $2",
-                &[&event.source, &idem.key, &event.id, &(event.received_at as i64)],
-            )
-            .await?;
-        }
-        insert_events(&tx, std::slice::from_ref(&event), self.lease).await?;
-        if let Err(e) = tx.commit().await
-            && !stored_after_all(&self.pool, &[&event.id])
-                .await
-                .contains(&event.id)
-        {
-            return Err(e.into());
-        }
-        storing.queue(event);
-        Ok(Inserted::New)
+        let inserted = self.store_event(&event, idempotency).await;
+        storing.settle(&inserted, event);
+        inserted
     }
 
     async fn next_event(&self) -> Option<Event> {
@@ -1994,6 +2004,10 @@ impl Store for PgStore {
 
     fn storing(&self) -> Option<(usize, Duration)> {
         self.queue.storing()
+    }
+
+    fn refused(&self) -> Option<(Duration, String)> {
+        self.queue.refused()
     }
 
     fn queue_fits(&self, events: usize, bytes: usize) -> Result<(), StoreError> {

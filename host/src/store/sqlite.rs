@@ -1038,11 +1038,9 @@ impl Store for SqliteStore {
                 ])?;
                 Ok(Inserted::New)
             })
-            .await?;
-        if inserted == Inserted::New {
-            storing.queue(event);
-        }
-        Ok(inserted)
+            .await;
+        storing.settle(&inserted, event);
+        inserted
     }
 
     async fn next_event(&self) -> Option<Event> {
@@ -1675,6 +1673,10 @@ impl Store for SqliteStore {
 
     fn storing(&self) -> Option<(usize, Duration)> {
         self.queue.storing()
+    }
+
+    fn refused(&self) -> Option<(Duration, String)> {
+        self.queue.refused()
     }
 
     fn queue_fits(&self, events: usize, bytes: usize) -> Result<(), StoreError> {
