@@ -22,6 +22,8 @@ pub struct Event {
     pub query: String,
     pub headers: Pairs,
     pub content_type: Option<String>,
+    /// Shown as `body` and, beside it, `body_encoding` (see [`Body`]).
+    #[serde(flatten, serialize_with = "Body::with_encoding")]
     pub body: Body,
     /// Metadata accumulated from plugins (empty on ingest).
     pub metadata: Pairs,
@@ -57,13 +59,86 @@ pub fn lookup<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a str> {
 }
 
 /// A body of bytes. In JSON views it shows as the JSON value when it is valid JSON, as a
-/// string when it is UTF-8 text, and as `{"base64": "..."}` otherwise.
+/// string when it is UTF-8 text, and as `{"base64": "..."}` otherwise; `body_encoding`
+/// (`json`, `text`, `base64`) beside it tells which, where a view has one — a JSON string,
+/// or a JSON object `{"base64": …}`, shows as text or bytes would.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Body(pub Bytes);
+
+/// How a [`Body`] shows in a JSON view.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum BodyEncoding {
+    /// Valid JSON, shown as its value.
+    Json,
+    /// UTF-8 text that is not JSON, shown as a string.
+    Text,
+    /// Other bytes, shown as `{"base64": "..."}`.
+    Base64,
+}
+
+/// A body as a JSON view shows it.
+enum Shown<'a> {
+    Json(serde_json::Value),
+    Text(&'a str),
+    Base64,
+}
 
 impl Body {
     pub fn as_bytes(&self) -> &[u8] {
         &self.0
+    }
+
+    /// How the body shows in a JSON view.
+    pub fn encoding(&self) -> BodyEncoding {
+        match self.shown() {
+            Shown::Json(_) => BodyEncoding::Json,
+            Shown::Text(_) => BodyEncoding::Text,
+            Shown::Base64 => BodyEncoding::Base64,
+        }
+    }
+
+    fn shown(&self) -> Shown<'_> {
+        if let Ok(value) = serde_json::from_slice::<serde_json::Value>(&self.0) {
+            return Shown::Json(value);
+        }
+        match std::str::from_utf8(&self.0) {
+            Ok(text) => Shown::Text(text),
+            Err(_) => Shown::Base64,
+        }
+    }
+
+    /// Serializes a struct's body field as two: `body` and `body_encoding`
+    /// (`#[serde(flatten, serialize_with = "Body::with_encoding")]`).
+    pub fn with_encoding<S: Serializer>(body: &Body, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(Some(2))?;
+        let encoding = match body.shown() {
+            Shown::Json(value) => {
+                map.serialize_entry("body", &value)?;
+                BodyEncoding::Json
+            }
+            Shown::Text(text) => {
+                map.serialize_entry("body", text)?;
+                BodyEncoding::Text
+            }
+            Shown::Base64 => {
+                map.serialize_entry("body", &Base64(&body.0))?;
+                BodyEncoding::Base64
+            }
+        };
+        map.serialize_entry("body_encoding", &encoding)?;
+        map.end()
+    }
+}
+
+/// Bytes as `{"base64": "..."}`.
+struct Base64<'a>(&'a [u8]);
+
+impl Serialize for Base64<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(self.0);
+        serde_json::json!({ "base64": b64 }).serialize(s)
     }
 }
 
@@ -75,15 +150,10 @@ impl From<Vec<u8>> for Body {
 
 impl Serialize for Body {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        if let Ok(value) = serde_json::from_slice::<serde_json::Value>(&self.0) {
-            return value.serialize(s);
-        }
-        match std::str::from_utf8(&self.0) {
-            Ok(text) => s.serialize_str(text),
-            Err(_) => {
-                let b64 = base64::engine::general_purpose::STANDARD.encode(&self.0);
-                serde_json::json!({ "base64": b64 }).serialize(s)
-            }
+        match self.shown() {
+            Shown::Json(value) => value.serialize(s),
+            Shown::Text(text) => s.serialize_str(text),
+            Shown::Base64 => Base64(&self.0).serialize(s),
         }
     }
 }

@@ -1057,6 +1057,7 @@ destinations = ["sink", "usage-only"]
     assert_eq!(run["event"]["path"], "/v1/ingest/dev");
     assert_eq!(run["event"]["query"], "k=v");
     assert_eq!(run["event"]["body"], payload);
+    assert_eq!(run["event"]["body_encoding"], "json");
     let event_headers = run["event"]["headers"].as_array().unwrap();
     assert!(event_headers.contains(&json!(["x-sender", "abc"])), "{run}");
     assert!(
@@ -1082,6 +1083,7 @@ destinations = ["sink", "usage-only"]
         format!("{}/d/dev?iccid=8945738730000000012&label=a%20b", rx.url)
     );
     assert_eq!(sink["body"], payload);
+    assert_eq!(sink["body_encoding"], "json");
     let headers = sink["headers"].as_array().unwrap();
     for h in [
         json!(["x-ip", "10.1.2.3"]),
@@ -1113,6 +1115,26 @@ destinations = ["sink", "usage-only"]
         (run["routes"].clone(), run["deliveries"].clone()),
         (json!([]), json!([]))
     );
+    // `body_encoding` tells what the body shows as: text and JSON that look alike, and
+    // bytes that look like a JSON object, apart.
+    for (body, shown, encoding) in [
+        (&b"plain"[..], json!("plain"), "text"),
+        (&br#""plain""#[..], json!("plain"), "json"),
+        (&[0x00, 0xff][..], json!({ "base64": "AP8=" }), "base64"),
+        (
+            &br#"{"base64":"AP8="}"#[..],
+            json!({ "base64": "AP8=" }),
+            "json",
+        ),
+    ] {
+        let (status, run) = dry_run("quiet/dry-run", body.to_vec(), None).await;
+        assert_eq!(status, 200, "{run}");
+        let event = &run["event"];
+        assert_eq!(
+            (&event["body"], event["body_encoding"].as_str()),
+            (&shown, Some(encoding))
+        );
+    }
     let (status, run) = dry_run("nowhere/dry-run", b"{}".to_vec(), None).await;
     assert_eq!(status, 404, "{run}");
 

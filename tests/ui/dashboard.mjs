@@ -3,7 +3,7 @@
 //   node dashboard.mjs <gateway-url> <api-token> <receiver-control-url> <artifact-dir> <held-event-id>
 // It signs in, sees a freshly ingested event appear, replays the dead letters in bulk,
 // opens an event (plugin verdicts, attempt),
-// replays it (a new attempt), dry-runs its payload (and an edited one), restarts a FAILED destination (its held events go out),
+// replays it (a new attempt), dry-runs its payload (and an edited one; a binary one is not editable), restarts a FAILED destination (its held events go out),
 // resends the delivery that failed before, shows a banner while the gateway is not ready,
 // and writes a screenshot of every page, at 1280×800 and at phone width.
 
@@ -147,6 +147,14 @@ try {
   await page.getByLabel('Find an event by id').fill(id);
   await page.getByLabel('Find an event by id').press('Enter');
   await page.getByRole('heading', { name: `Event ${id}` }).waitFor();
+
+  step('a payload that is not text is shown as base64, and cannot be edited as text');
+  const binary = await fetch(`${base}/v1/ingest/onomondo`, { method: 'POST', headers: { 'content-type': 'application/octet-stream' }, body: new Uint8Array([0x00, 0xff, 0xfe, 0x80]) });
+  const { id: binaryId } = await binary.json();
+  await page.goto(`${base}/ui/#/events/${binaryId}`);
+  await page.getByText('Not text: shown as base64.').waitFor();
+  await page.locator('#payload', { hasText: '"base64": "AP/+gA=="' }).waitFor();
+  if (!(await page.getByRole('button', { name: 'Edit payload' }).isDisabled())) throw new Error('a binary payload can be edited as text');
 
   step('an event for a FAILED destination says its delivery is held');
   await page.goto(`${base}/ui/#/events/${heldId}`);

@@ -11,7 +11,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::{ApiError, AppState, ErrorBody};
-use crate::event::{Body, Event, Pairs};
+use crate::event::{Body, BodyEncoding, Event, Pairs};
 use crate::ingest;
 use crate::store::{DeliveryStatus, NewDelivery, RouteOutcome};
 
@@ -53,6 +53,8 @@ pub(super) struct PlannedRequest {
     /// `{"base64": "..."}`.
     #[schema(value_type = serde_json::Value)]
     body: Body,
+    /// Which of those the body is.
+    body_encoding: BodyEncoding,
 }
 
 impl From<NewDelivery> for PlannedRequest {
@@ -66,6 +68,7 @@ impl From<NewDelivery> for PlannedRequest {
                 (name, value)
             })
             .collect();
+        let body = Body(d.body);
         PlannedRequest {
             id: d.id,
             route: d.route,
@@ -73,7 +76,8 @@ impl From<NewDelivery> for PlannedRequest {
             url: d.url,
             status: d.status,
             headers,
-            body: Body(d.body),
+            body_encoding: body.encoding(),
+            body,
         }
     }
 }

@@ -217,8 +217,12 @@ async function eventsPage() {
   poller = every(2000, refresh);
 }
 
-function pretty(bodyText) {
-  try { return JSON.stringify(JSON.parse(bodyText), null, 2); } catch { return bodyText; }
+// A body as the API shows it (`body`, with `body_encoding` beside it) as text to read or
+// edit: JSON indented, text as it is; null for bytes that are not text (their `body` is
+// `{"base64": …}`).
+function bodyText(body, encoding) {
+  if (encoding === 'base64') return null;
+  return encoding === 'text' ? body : JSON.stringify(body, null, 2);
 }
 
 // Each route's outcome: its plugin steps with verdict, version and duration, and the result
@@ -238,7 +242,7 @@ async function eventPage(id) {
   let e;
   try { e = await api(`/v1/events/${encodeURIComponent(id)}`); } catch (err) { page('Event'); failed(err); return; }
   const ev = e.event;
-  const body = typeof ev.body === 'string' ? ev.body : JSON.stringify(ev.body);
+  const text = bodyText(ev.body, ev.body_encoding);
   const replay = h('button', { class: 'primary', id: 'replay', onclick: async () => {
     try { await api(`/v1/events/${ev.id}/replay`, { method: 'POST' }); toast('Replayed: a new run is queued.'); setTimeout(() => eventPage(id), 700); } catch (err) { toast(err.message); }
   } }, 'Replay');
@@ -249,8 +253,10 @@ async function eventPage(id) {
       dryBox.replaceChildren(h('div', { class: 'card dry' }, h('h2', {}, 'A replay would do this (dry run)'), ...dryRunResult(r, 'h3')));
     } catch (err) { toast(err.message); }
   } }, 'Dry run a replay');
-  const tryIt = h('button', { id: 'dry-run', title: 'Open this payload in the dry run, to edit it and run it through the routes in force', onclick: () => {
-    draft = { source: ev.source, body: pretty(body), contentType: ev.content_type || 'application/json' };
+  const tryIt = h('button', { id: 'dry-run', disabled: text === null, title: text === null
+    ? 'This payload is not text (shown as base64), so it cannot be edited here: dry run a replay instead'
+    : 'Open this payload in the dry run, to edit it and run it through the routes in force', onclick: () => {
+    draft = { source: ev.source, body: text, contentType: ev.content_type || 'application/json' };
     location.hash = `#/dry-run/${encodeURIComponent(ev.source)}`;
   } }, 'Edit payload');
   const routes = routeCards(e.routes);
@@ -274,7 +280,8 @@ async function eventPage(id) {
         ? h('span', { class: 'badge failed', title: 'A route failed on this run: see Routes below; replay once fixed' }, 'dead-letter') : null,
       h('span', {}, `${ev.source} · ${time(ev.received_at)} · run ${ev.run}`), replay, dryReplay, tryIt)),
     dryBox,
-    h('h2', {}, 'Payload'), h('div', { class: 'card' }, h('pre', { id: 'payload' }, pretty(body))),
+    h('h2', {}, 'Payload'), h('div', { class: 'card' }, text === null ? h('p', { class: 'muted' }, 'Not text: shown as base64.') : null,
+      h('pre', { id: 'payload' }, text ?? JSON.stringify(ev.body, null, 2))),
     h('h2', {}, 'Headers'), h('div', { class: 'card' }, h('table', {}, h('tbody', {}, ev.headers.map(([k, v]) => h('tr', {}, h('th', {}, k), h('td', { class: 'mono' }, v)))))),
     h('h2', {}, 'Routes'), routes.length ? routes : h('p', { class: 'muted' }, 'Not processed yet.'),
     h('h2', {}, 'Deliveries'), deliveries.length ? deliveries : h('p', { class: 'muted' }, 'No deliveries.'));
@@ -297,7 +304,7 @@ function dryRunResult(r, heading = 'h2') {
         h('div', { class: 'row' }, h('strong', {}, d.destination), badge(d.status === 'pending' ? 'would send' : d.status)),
         h('div', { class: 'mono muted url' }, `POST ${d.url}`),
         h('table', {}, h('tbody', {}, d.headers.map(([k, v]) => h('tr', {}, h('th', {}, k), h('td', { class: 'mono' }, v))))),
-        h('pre', { class: 'body' }, typeof d.body === 'string' ? d.body : JSON.stringify(d.body, null, 2))))].flat();
+        h('pre', { class: 'body' }, bodyText(d.body, d.body_encoding) ?? JSON.stringify(d.body, null, 2))))].flat();
 }
 
 // A payload through a source's routes as they are in force: the plugins' verdicts and the
@@ -325,7 +332,9 @@ async function dryRunPage(source) {
         const list = await api(`/v1/events?source=${encodeURIComponent(pick.value)}&limit=1`);
         if (list.items.length === 0) { toast(`No events from ${pick.value} yet.`); return; }
         const e = await api(`/v1/events/${encodeURIComponent(list.items[0].id)}`);
-        payload.value = pretty(typeof e.event.body === 'string' ? e.event.body : JSON.stringify(e.event.body));
+        const text = bodyText(e.event.body, e.event.body_encoding);
+        if (text === null) { toast(`The newest event from ${pick.value} is not text: dry run a replay of it from its page.`); return; }
+        payload.value = text;
         contentType.value = e.event.content_type || 'application/json';
       } catch (err) { toast(err.message); }
     } }, 'Newest event')),
