@@ -65,7 +65,7 @@ pub fn lookup<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a str> {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Body(pub Bytes);
 
-/// How a [`Body`] shows in a JSON view.
+/// How a body shows in a JSON view: which of its JSON value, text or base64 `body` is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum BodyEncoding {
