@@ -637,7 +637,54 @@ pub struct DestinationConfig {
     )]
     #[schema(value_type = Option<String>, example = "30s")]
     pub timeout: Option<Duration>,
+    /// Authenticate each attempt with an OAuth 2.0 access token from a token endpoint
+    /// (the client credentials grant), sent as `authorization: Bearer …`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oauth2: Option<OAuth2Config>,
 }
+
+/// OAuth 2.0 client credentials (RFC 6749 §4.4) for a destination that takes bearer
+/// tokens: a token is fetched from `token_url` before the first attempt, kept until shortly
+/// before it expires, and fetched again when the destination answers `401` to it.
+#[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OAuth2Config {
+    /// The token endpoint (https; http only to a loopback address).
+    #[schema(example = "https://auth.example.com/oauth/token")]
+    pub token_url: String,
+    pub client_id: String,
+    pub client_secret: String,
+    /// The `scope` asked for (space-separated), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+    /// More form fields of the token request: `audience` (Auth0), `resource`, ….
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub params: BTreeMap<String, String>,
+    /// How the client authenticates to the token endpoint: `basic` (HTTP Basic, RFC 6749's
+    /// default) or `body` (`client_id` and `client_secret` as form fields).
+    #[serde(default, skip_serializing_if = "ClientAuth::is_basic")]
+    pub client_auth: ClientAuth,
+}
+
+/// How a client authenticates to an OAuth 2.0 token endpoint.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuth {
+    /// `authorization: Basic …` (`client_secret_basic`).
+    #[default]
+    Basic,
+    /// Form fields (`client_secret_post`).
+    Body,
+}
+
+impl ClientAuth {
+    fn is_basic(&self) -> bool {
+        *self == ClientAuth::Basic
+    }
+}
+
+/// The form fields a token request sets itself: `oauth2.params` may not name them.
+const OAUTH2_FIELDS: &[&str] = &["grant_type", "scope", "client_id", "client_secret"];
 
 /// The rates a `rate_limit` may have, per second: a source's events, a destination's
 /// deliveries.
@@ -1339,6 +1386,18 @@ impl Config {
                 )
             })?;
         }
+        if let Some(o) = &d.oauth2 {
+            validate_oauth2(o).map_err(|(k, m)| (format!("destinations[{i}].oauth2.{k}"), m))?;
+            if d.headers
+                .keys()
+                .any(|k| k.eq_ignore_ascii_case("authorization"))
+            {
+                return Err((
+                    format!("destinations[{i}].headers.authorization"),
+                    "cannot be set with `oauth2`, which sends the token as `authorization`".into(),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -1367,6 +1426,46 @@ impl Config {
             .flat_map(|r| r.plugins.iter().map(|p| p.name.as_str()))
             .collect()
     }
+}
+
+/// A destination's `oauth2` (a key inside it and the message, if not).
+fn validate_oauth2(o: &OAuth2Config) -> Result<(), (String, String)> {
+    let url = reqwest::Url::parse(&o.token_url).map_err(|e| {
+        (
+            "token_url".to_string(),
+            format!("`{}` is not a URL: {e}", o.token_url),
+        )
+    })?;
+    // The client's secret goes to it in every request: not in the clear over a network.
+    let loopback = match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
+        None => false,
+    };
+    if !(url.scheme() == "https" || url.scheme() == "http" && loopback) {
+        return Err((
+            "token_url".into(),
+            "must be an https URL (http only to a loopback address): the client secret is sent to it".into(),
+        ));
+    }
+    if o.client_id.is_empty() {
+        return Err(("client_id".into(), "must not be empty".into()));
+    }
+    if o.client_secret.is_empty() {
+        return Err(("client_secret".into(), "must not be empty".into()));
+    }
+    if let Some(name) = o
+        .params
+        .keys()
+        .find(|k| OAUTH2_FIELDS.contains(&k.as_str()))
+    {
+        return Err((
+            format!("params.{name}"),
+            "is set by the token request itself (use `scope`, `client_id`, `client_secret`)".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Names the routes that have no name after their source: `onomondo`, `onomondo-2`, …
@@ -1566,6 +1665,85 @@ mod tests {
         for bad in ["0", "-1", "nan", "1e-9", "inf"] {
             let err = limited(bad).unwrap_err().to_string();
             assert!(err.contains("destinations[0].rate_limit"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn oauth2_is_checked_where_it_would_fail_later() {
+        let with = |oauth2: &str, headers: &str| {
+            parse(&GOOD.replace(
+                r#"headers = { "x-api-key" = "${FLEET_KEY}", "x-region" = "${REGION:-eu}" }"#,
+                &format!("headers = {{ {headers} }}\n        oauth2 = {{ {oauth2} }}"),
+            ))
+        };
+        let good = r#"token_url = "https://auth.example/token", client_id = "gw", client_secret = "${FLEET_KEY}", scope = "events:write", params = { audience = "fleet" }"#;
+        let c = with(good, "").unwrap();
+        let o = c.destinations[0].oauth2.as_ref().unwrap();
+        assert_eq!(
+            (o.client_secret.as_str(), o.client_auth),
+            ("k-123", ClientAuth::Basic)
+        );
+        let body = with(&format!(r#"{good}, client_auth = "body""#), "").unwrap();
+        assert_eq!(
+            body.destinations[0].oauth2.as_ref().unwrap().client_auth,
+            ClientAuth::Body
+        );
+        let loopback =
+            r#"token_url = "http://127.0.0.1:9/token", client_id = "gw", client_secret = "s""#;
+        assert!(with(loopback, "").is_ok(), "http to a loopback address");
+        let other = |rest: &str| format!(r#"token_url = "https://a.example/", {rest}"#);
+        for (oauth2, headers, key, says) in [
+            (
+                good.to_string(),
+                r#"Authorization = "Bearer x""#,
+                "destinations[0].headers.authorization",
+                "cannot be set with `oauth2`",
+            ),
+            (
+                r#"token_url = "http://auth.example/token", client_id = "gw", client_secret = "s""#
+                    .to_string(),
+                "",
+                "destinations[0].oauth2.token_url",
+                "must be an https URL",
+            ),
+            (
+                r#"token_url = "auth.example", client_id = "gw", client_secret = "s""#.to_string(),
+                "",
+                "destinations[0].oauth2.token_url",
+                "is not a URL",
+            ),
+            (
+                other(r#"client_id = "", client_secret = "s""#),
+                "",
+                "destinations[0].oauth2.client_id",
+                "must not be empty",
+            ),
+            (
+                other(r#"client_id = "gw", client_secret = """#),
+                "",
+                "destinations[0].oauth2.client_secret",
+                "must not be empty",
+            ),
+            (
+                other(
+                    r#"client_id = "gw", client_secret = "s", params = { grant_type = "password" }"#,
+                ),
+                "",
+                "destinations[0].oauth2.params.grant_type",
+                "is set by the token request",
+            ),
+            (
+                other(r#"client_id = "gw", client_secret = "s", client_auth = "jwt""#),
+                "",
+                "destinations[0]",
+                "client_auth",
+            ),
+        ] {
+            let err = with(&oauth2, headers).unwrap_err().to_string();
+            assert!(
+                err.contains(key) && err.contains(says),
+                "{oauth2} {headers}: {err}"
+            );
         }
     }
 

@@ -533,6 +533,14 @@ impl Redact for DestinationConfig {
                 *value = redact(value);
             }
         }
+        if let Some(o) = &mut d.oauth2 {
+            o.client_secret = redact(&o.client_secret);
+            for (name, value) in o.params.iter_mut() {
+                if secret_name(name) {
+                    *value = redact(value);
+                }
+            }
+        }
         d
     }
 
@@ -550,6 +558,14 @@ impl Redact for DestinationConfig {
         for (name, value) in self.headers.iter_mut() {
             if let Some(o) = old.headers.get(name) {
                 keep(value, o);
+            }
+        }
+        if let (Some(o), Some(old)) = (&mut self.oauth2, &old.oauth2) {
+            keep(&mut o.client_secret, &old.client_secret);
+            for (name, value) in o.params.iter_mut() {
+                if let Some(old) = old.params.get(name) {
+                    keep(value, old);
+                }
             }
         }
     }
@@ -799,17 +815,30 @@ mod tests {
         let d: DestinationConfig = serde_json::from_value(serde_json::json!({
             "name": "d", "url": "https://d.example/",
             "headers": { "x-api-key": "k-0123456789abcdef", "x-region": "eu" },
-            "signing": { "secret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw" }
+            "signing": { "secret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw" },
+            "oauth2": {
+                "token_url": "https://auth.example/token", "client_id": "gw",
+                "client_secret": "cs-0123456789abcdef",
+                "params": { "audience": "https://d.example/", "assertion_key": "ak-0123456789abcdef" }
+            }
         }))
         .unwrap();
         let shown = d.redacted();
         assert_eq!(shown.headers["x-api-key"], "****cdef");
         assert_eq!(shown.headers["x-region"], "eu");
         assert_eq!(shown.signing.as_ref().unwrap().secret, "****LaSw");
+        let oauth2 = shown.oauth2.as_ref().unwrap();
+        assert_eq!(oauth2.client_secret, "****cdef");
+        assert_eq!(oauth2.params["audience"], "https://d.example/");
+        assert_eq!(oauth2.params["assertion_key"], "****cdef");
+        assert_eq!(oauth2.client_id, "gw");
         let mut echoed = shown.clone();
         echoed.keep_secrets(&d);
         assert_eq!(echoed.headers["x-api-key"], "k-0123456789abcdef");
         assert_eq!(echoed.signing.unwrap().secret, d.signing.unwrap().secret);
+        let (echoed, d) = (echoed.oauth2.unwrap(), d.oauth2.unwrap());
+        assert_eq!(echoed.client_secret, d.client_secret);
+        assert_eq!(echoed.params, d.params);
     }
 
     #[test]

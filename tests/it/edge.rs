@@ -1975,3 +1975,166 @@ async fn https_deliveries_use_http2_where_the_receiver_offers_it() {
     );
     gw.shutdown().await.unwrap();
 }
+
+/// An OAuth 2.0 authorization server and the API it guards, in one: `/token` issues
+/// `tok-1`, `tok-2`, … (the client credentials grant), and `/api` takes only the token
+/// it issued last (unless `valid` is changed: a revocation).
+#[derive(Default)]
+struct Authority {
+    issued: std::sync::atomic::AtomicUsize,
+    valid: Mutex<String>,
+    expires_in: std::sync::atomic::AtomicU64,
+    refuse_client: std::sync::atomic::AtomicBool,
+    /// Each token request's `authorization` header and form.
+    asked: Mutex<Vec<(String, String)>>,
+    /// Each API request's token and status.
+    called: Mutex<Vec<(String, u16)>>,
+}
+
+async fn authority() -> (String, Arc<Authority>) {
+    use axum::http::{HeaderMap, StatusCode};
+    use std::sync::atomic::Ordering::SeqCst;
+    let auth = Arc::new(Authority::default());
+    auth.expires_in.store(3600, SeqCst);
+    let header = |headers: &HeaderMap| {
+        let value = headers.get("authorization").map(|v| v.to_str().unwrap());
+        value.unwrap_or("").to_string()
+    };
+    let (token_auth, api_auth) = (auth.clone(), auth.clone());
+    let app = axum::Router::new()
+        .route(
+            "/token",
+            axum::routing::post(move |headers: HeaderMap, form: String| async move {
+                let a = token_auth;
+                a.asked.lock().unwrap().push((header(&headers), form));
+                if a.refuse_client.load(SeqCst) {
+                    let error = json!({ "error": "invalid_client", "error_description": "bad secret" });
+                    return (StatusCode::UNAUTHORIZED, axum::Json(error));
+                }
+                let token = format!("tok-{}", a.issued.fetch_add(1, SeqCst) + 1);
+                *a.valid.lock().unwrap() = token.clone();
+                let expires_in = a.expires_in.load(SeqCst);
+                let answer = json!({ "access_token": token, "token_type": "Bearer", "expires_in": expires_in });
+                (StatusCode::OK, axum::Json(answer))
+            }),
+        )
+        .route(
+            "/api",
+            axum::routing::post(move |headers: HeaderMap| async move {
+                let a = api_auth;
+                let token = header(&headers).trim_start_matches("Bearer ").to_string();
+                let ok = token == *a.valid.lock().unwrap();
+                let status = if ok { 200 } else { 401 };
+                a.called.lock().unwrap().push((token, status));
+                StatusCode::from_u16(status).unwrap()
+            }),
+        );
+    (crate::util::serve(app).await, auth)
+}
+
+/// A destination with `oauth2` gets one token for many deliveries, a new one when the
+/// API refuses the one kept (in the same attempt) or shortly before it expires, and an
+/// endpoint that refuses the client fails the attempts with its reason; the API never
+/// sees a delivery without a valid token, and the token is not stored with the delivery.
+#[tokio::test(flavor = "multi_thread")]
+async fn deliveries_carry_an_oauth2_token_renewed_and_replaced_when_refused() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let (url, auth) = authority().await;
+    let rx = Receiver::start().await;
+    let config = format!(
+        r#"
+[[sources]]
+name = "s"
+[[destinations]]
+name = "api"
+url = "{url}/api"
+oauth2 = {{ token_url = "{url}/token", client_id = "gw", client_secret = "cs-0123456789abcdef", scope = "events:write", params = {{ audience = "fleet" }} }}
+[[routes]]
+source = "s"
+destinations = ["api"]
+"#
+    );
+    let gw = TestGateway::start(&config, &rx, &[]).await;
+    let delivered = async |body: &str| {
+        let id = gw.accept("s", body.to_string()).await;
+        gw.settled(&id).await
+    };
+    let ids: Vec<String> =
+        futures_util::future::join_all((0..3).map(|n| gw.accept("s", format!(r#"{{"n":{n}}}"#))))
+            .await;
+    for id in &ids {
+        let event = gw.settled(id).await;
+        assert_eq!(event["deliveries"][0]["status"], "delivered", "{event}");
+    }
+    let asked = auth.asked.lock().unwrap().clone();
+    assert_eq!(asked.len(), 1, "one token for all: {asked:?}");
+    let basic = base64::engine::general_purpose::STANDARD.encode("gw:cs-0123456789abcdef");
+    assert_eq!(
+        asked[0],
+        (
+            format!("Basic {basic}"),
+            "grant_type=client_credentials&scope=events%3Awrite&audience=fleet".into()
+        )
+    );
+    assert_eq!(*auth.called.lock().unwrap(), vec![("tok-1".into(), 200); 3]);
+
+    // Revoked: the API refuses tok-1; the same attempt gets tok-2 and delivers.
+    *auth.valid.lock().unwrap() = "revoked".into();
+    let event = delivered(r#"{"n":3}"#).await;
+    let delivery = &event["deliveries"][0];
+    assert_eq!(delivery["status"], "delivered", "{event}");
+    assert_eq!(delivery["attempts"].as_array().unwrap().len(), 1, "{event}");
+    assert_eq!(delivery["attempts"][0]["status_code"], 200, "{event}");
+    let called = auth.called.lock().unwrap().clone();
+    assert_eq!(called[3..], [("tok-1".into(), 401), ("tok-2".into(), 200)]);
+    // Not stored: the deliveries' headers have no token.
+    let db = rusqlite::Connection::open(gw.dir().join("data/switchyard.db")).unwrap();
+    let stored: Vec<String> = (db.prepare("SELECT headers FROM deliveries").unwrap())
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(stored.len(), 4);
+    assert!(stored.iter().all(|h| !h.contains("tok-")), "{stored:?}");
+
+    // A token that expires in 2 s is renewed after 1 s, before the API would refuse it.
+    auth.expires_in.store(2, SeqCst);
+    *auth.valid.lock().unwrap() = "revoked".into();
+    delivered(r#"{"n":4}"#).await; // tok-2 refused, tok-3 (2 s) delivers
+    tokio::time::sleep(std::time::Duration::from_millis(1_200)).await;
+    delivered(r#"{"n":5}"#).await;
+    let called = auth.called.lock().unwrap().clone();
+    assert_eq!(
+        called[5..],
+        [
+            ("tok-2".into(), 401),
+            ("tok-3".into(), 200),
+            ("tok-4".into(), 200)
+        ]
+    );
+    assert_eq!(auth.asked.lock().unwrap().len(), 4);
+
+    // The endpoint refuses the client: each attempt fails with its reason, nothing is sent.
+    auth.expires_in.store(3600, SeqCst);
+    auth.refuse_client.store(true, SeqCst);
+    *auth.valid.lock().unwrap() = "revoked".into();
+    let id = gw.accept("s", r#"{"n":6}"#).await;
+    let event = gw.failed_with(&id, "invalid_client").await;
+    let error = event["deliveries"][0]["attempts"][0]["error"]
+        .as_str()
+        .unwrap();
+    assert!(
+        error.starts_with("no OAuth 2.0 token: the token endpoint answered 401 Unauthorized: invalid_client (bad secret)"),
+        "{event}"
+    );
+    let called = auth.called.lock().unwrap().clone();
+    assert!(
+        called[8..].iter().all(|(_, status)| *status == 401) && called.len() <= 9,
+        "at most the kept token was tried: {called:?}"
+    );
+    // The API shows the client secret redacted.
+    let (status, shown) = gw.get("/v1/destinations/api").await;
+    assert_eq!(status, 200);
+    assert_eq!(shown["oauth2"]["client_secret"], "****cdef", "{shown}");
+    gw.shutdown().await.unwrap();
+}

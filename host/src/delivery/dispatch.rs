@@ -1009,9 +1009,8 @@ impl Dispatcher {
         at: u64,
     ) -> (Attempt, AttemptNext) {
         let headers = signed_headers(dest, d, at);
-        let (status, retry_after, response, error, duration_ms) = self
-            .send(&d.url, &headers, d.body.clone(), dest.timeout)
-            .await;
+        let (status, retry_after, response, error, duration_ms) =
+            self.send_as(dest, &d.url, headers, d.body.clone()).await;
         let result = AttemptResult::from_status(status, retry_after);
         let next = {
             let mut states = self.lock_states();
@@ -1074,6 +1073,71 @@ impl Dispatcher {
             response,
         };
         (attempt, next)
+    }
+
+    /// POSTs one attempt to `dest` (see [`Dispatcher::send`]), with an OAuth 2.0 token when
+    /// it has `oauth2`. A `401` to a token kept from before is tried once more with a new
+    /// token (it may have been revoked, or expired early). The whole attempt — the token's
+    /// fetch, the request, and after such a `401` one more of each — takes at most the
+    /// destination's timeout, which every claim's lease covers.
+    async fn send_as(
+        &self,
+        dest: &Destination,
+        url: &str,
+        mut headers: Vec<(String, String)>,
+        body: bytes::Bytes,
+    ) -> (
+        Option<u16>,
+        Option<Duration>,
+        Option<String>,
+        Option<String>,
+        u64,
+    ) {
+        let Some(oauth) = &dest.oauth2 else {
+            return self.send(url, &headers, body, dest.timeout).await;
+        };
+        let started = Instant::now();
+        let deadline = started + dest.timeout.unwrap_or(self.transport.load().timeout);
+        let mut again = true;
+        loop {
+            let left = || deadline.saturating_duration_since(Instant::now());
+            let token = oauth
+                .token(async |config| self.fetch_token(config, left()).await)
+                .await;
+            let (token, fresh) = match token {
+                Ok(token) => token,
+                Err(why) => {
+                    tracing::warn!(destination = %dest.name, error = %why, "No OAuth 2.0 token.");
+                    let error = format!("no OAuth 2.0 token: {why}");
+                    return (None, None, None, Some(error), ms(started.elapsed()));
+                }
+            };
+            headers.retain(|(k, _)| !k.eq_ignore_ascii_case("authorization"));
+            headers.push(("authorization".into(), format!("Bearer {token}")));
+            let mut answer = self.send(url, &headers, body.clone(), Some(left())).await;
+            answer.4 = ms(started.elapsed());
+            if answer.0 == Some(401) {
+                oauth.rejected(&token).await;
+                if !fresh && std::mem::take(&mut again) && !left().is_zero() {
+                    continue;
+                }
+            }
+            return answer;
+        }
+    }
+
+    /// A token from `config`'s endpoint, through the deliveries' client and address check.
+    async fn fetch_token(
+        &self,
+        config: &crate::config::OAuth2Config,
+        timeout: Duration,
+    ) -> Result<super::oauth2::Fetched, String> {
+        let transport = self.transport.load_full();
+        let url = reqwest::Url::parse(&config.token_url)
+            .map_err(|e| format!("`{}` is not a URL: {e}", config.token_url))?;
+        (transport.guard.check_destination(&url).await)
+            .map_err(|refused| format!("the token endpoint: {refused}"))?;
+        super::oauth2::request(&transport.client, url, config, timeout).await
     }
 
     /// POSTs once, within `timeout` if given (else `delivery.timeout`); returns (status,
@@ -1183,7 +1247,7 @@ impl Dispatcher {
         if let Some(signature) = dest.signature(&id, self.clock.now_ms(), &body) {
             headers.extend(signature);
         }
-        let (status_code, _, _, error, _) = self.send(&url, &headers, body, dest.timeout).await;
+        let (status_code, _, _, error, _) = self.send_as(&dest, &url, headers, body).await;
         let error = match (status_code, error) {
             (None, None) => Some("no answer".into()),
             (_, e) => e,
@@ -1215,6 +1279,11 @@ impl Dispatcher {
         self.wake();
         Ok(state)
     }
+}
+
+/// A duration in whole milliseconds.
+fn ms(d: Duration) -> u64 {
+    d.as_millis() as u64
 }
 
 /// The stored headers, plus a fresh Standard Webhooks timestamp and signature when the
@@ -1402,7 +1471,7 @@ fn active(name: &str) -> DestinationState {
     }
 }
 
-fn describe(e: &reqwest::Error) -> String {
+pub(super) fn describe(e: &reqwest::Error) -> String {
     if e.is_timeout() {
         "timed out".into()
     } else if e.is_connect() {

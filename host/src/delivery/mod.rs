@@ -3,6 +3,7 @@
 //! ([`policy`]), keeps each destination's rate limit ([`pace`]) and state.
 
 mod dispatch;
+pub mod oauth2;
 pub mod placeholder;
 pub mod policy;
 
@@ -69,6 +70,8 @@ pub struct Destination {
     pub rate_limit: Option<f64>,
     /// How long one attempt may take, if not `delivery.timeout`.
     pub timeout: Option<std::time::Duration>,
+    /// Its OAuth 2.0 client and token, if it takes bearer tokens (`oauth2`).
+    pub oauth2: Option<oauth2::OAuth2>,
     /// What it was built from (a reload keeps a destination whose config is the same).
     pub config: std::sync::Arc<crate::config::DestinationConfig>,
 }
@@ -229,6 +232,7 @@ impl Destination {
             event_types: c.event_types.as_ref().map(|t| t.iter().cloned().collect()),
             rate_limit: c.rate_limit,
             timeout: c.timeout,
+            oauth2: c.oauth2.clone().map(oauth2::OAuth2::new),
             config: c.clone(),
         }
     }
