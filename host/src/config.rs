@@ -609,6 +609,11 @@ pub struct DestinationConfig {
     /// The URL; may contain `:name:` placeholders.
     #[schema(example = "https://fleet.example/events?iccid=:iccid:")]
     pub url: String,
+    /// The requests' method: `POST` (the default), `PUT` or `PATCH`. `PUT` to a URL that
+    /// names the event (`…/:event_id:`) makes a repeat — a retry, a replay — overwrite
+    /// what the first one made instead of adding to it.
+    #[serde(default, skip_serializing_if = "DeliveryMethod::is_post")]
+    pub method: DeliveryMethod,
     /// Extra headers; values may contain `:name:` placeholders.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub headers: BTreeMap<String, String>,
@@ -641,6 +646,30 @@ pub struct DestinationConfig {
     /// (the client credentials grant), sent as `authorization: Bearer …`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oauth2: Option<OAuth2Config>,
+}
+
+/// The HTTP method of a destination's requests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum DeliveryMethod {
+    #[default]
+    Post,
+    Put,
+    Patch,
+}
+
+impl DeliveryMethod {
+    fn is_post(&self) -> bool {
+        *self == DeliveryMethod::Post
+    }
+
+    pub fn as_http(self) -> http::Method {
+        match self {
+            DeliveryMethod::Post => http::Method::POST,
+            DeliveryMethod::Put => http::Method::PUT,
+            DeliveryMethod::Patch => http::Method::PATCH,
+        }
+    }
 }
 
 /// OAuth 2.0 client credentials (RFC 6749 §4.4) for a destination that takes bearer

@@ -201,6 +201,55 @@ destinations = ["sink"]
     assert_eq!(got[0].header("switchyard-event-id"), Some(id.as_str()));
 }
 
+/// A destination's `method` (here `PUT` to a URL that names the event, as an upsert
+/// wants) applies to every attempt and a replay, and to a destination made through the
+/// API and its test message; a method with no body to carry is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_destination_may_take_put_or_patch() {
+    let rx = Receiver::start().await;
+    let config = r#"
+[[sources]]
+name = "dev"
+[[destinations]]
+name = "docs"
+url = "{receiver}/docs/:event_id:"
+method = "PUT"
+[[routes]]
+source = "dev"
+destinations = ["docs"]
+"#;
+    let gw = TestGateway::start(config, &rx, &[]).await;
+    let id = gw.accept("dev", r#"{"type":"usage"}"#).await;
+    gw.settled(&id).await;
+    assert_eq!(gw.post_api(&format!("/v1/events/{id}/replay")).await.0, 202);
+    let got = rx.wait_for(2).await;
+    for r in &got {
+        assert_eq!(
+            (r.method.as_str(), r.uri.as_str()),
+            ("PUT", &*format!("/docs/{id}"))
+        );
+        assert_eq!(r.body, r#"{"type":"usage"}"#.as_bytes());
+    }
+    let made = json!({ "name": "notes", "url": format!("{}/notes", rx.url), "method": "PATCH" });
+    let shown = gw.create("/v1/destinations", made).await;
+    assert_eq!(shown["method"], "PATCH", "{shown}");
+    let (status, tested) = gw.post_api("/v1/destinations/notes/test").await;
+    assert_eq!((status, &tested["ok"]), (200, &json!(true)), "{tested}");
+    let got = rx.wait_for(3).await;
+    assert_eq!(
+        (got[2].method.as_str(), got[2].uri.as_str()),
+        ("PATCH", "/notes")
+    );
+    let delete = json!({ "name": "gone", "url": format!("{}/x", rx.url), "method": "DELETE" });
+    let (status, refused) = gw.send("POST", "/v1/destinations", Some(delete)).await;
+    assert_eq!(status, 400, "{refused}");
+    assert!(
+        refused["error"].as_str().unwrap().contains("method"),
+        "{refused}"
+    );
+    gw.shutdown().await.unwrap();
+}
+
 const MISBEHAVE: &str = r#"
 [plugins]
 deadline = "200ms"

@@ -1075,7 +1075,7 @@ impl Dispatcher {
         (attempt, next)
     }
 
-    /// POSTs one attempt to `dest` (see [`Dispatcher::send`]), with an OAuth 2.0 token when
+    /// Sends one attempt to `dest` (see [`Dispatcher::send`]) with its method, and an OAuth 2.0 token when
     /// it has `oauth2`. A `401` to a token kept from before is tried once more with a new
     /// token (it may have been revoked, or expired early). The whole attempt — the token's
     /// fetch, the request, and after such a `401` one more of each — takes at most the
@@ -1093,8 +1093,9 @@ impl Dispatcher {
         Option<String>,
         u64,
     ) {
+        let method = dest.config.method.as_http();
         let Some(oauth) = &dest.oauth2 else {
-            return self.send(url, &headers, body, dest.timeout).await;
+            return self.send(method, url, &headers, body, dest.timeout).await;
         };
         let started = Instant::now();
         let deadline = started + dest.timeout.unwrap_or(self.transport.load().timeout);
@@ -1114,7 +1115,8 @@ impl Dispatcher {
             };
             headers.retain(|(k, _)| !k.eq_ignore_ascii_case("authorization"));
             headers.push(("authorization".into(), format!("Bearer {token}")));
-            let mut answer = self.send(url, &headers, body.clone(), Some(left())).await;
+            let mut answer =
+                (self.send(method.clone(), url, &headers, body.clone(), Some(left()))).await;
             answer.4 = ms(started.elapsed());
             if answer.0 == Some(401) {
                 oauth.rejected(&token).await;
@@ -1140,10 +1142,11 @@ impl Dispatcher {
         super::oauth2::request(&transport.client, url, config, timeout).await
     }
 
-    /// POSTs once, within `timeout` if given (else `delivery.timeout`); returns (status,
-    /// Retry-After, response excerpt, error, duration in ms).
+    /// Sends one request, within `timeout` if given (else `delivery.timeout`); returns
+    /// (status, Retry-After, response excerpt, error, duration in ms).
     async fn send(
         &self,
+        method: http::Method,
         url: &str,
         headers: &[(String, String)],
         body: bytes::Bytes,
@@ -1172,10 +1175,10 @@ impl Dispatcher {
                 if let Err(refused) = transport.guard.check_destination(&parsed).await {
                     return (None, None, None, Some(refused), 0);
                 }
-                transport.client.post(parsed)
+                transport.client.request(method, parsed)
             }
             // The request itself reports the bad URL.
-            Err(_) => transport.client.post(url),
+            Err(_) => transport.client.request(method, url),
         };
         let request = match timeout {
             Some(t) => request.timeout(t),
