@@ -136,38 +136,57 @@ async fn load_plugins(
     loaded.await?
 }
 
-/// `switchyard dry-run`: what the routes of `config` make of a payload posted to `source`
-/// with `headers` and `query` — the answer of `POST /v1/sources/{name}/dry-run`, with no
-/// gateway running: the file's sources, destinations and routes (those made through the
-/// management API live in a store, and are not seen) and the plugins of its plugin
-/// directory, every one a route uses loaded (else an error naming them, as a start would
-/// refuse). Stores, sends and counts nothing.
-pub async fn dry_run(
-    config: Config,
-    source: &str,
-    headers: &axum::http::HeaderMap,
-    query: Option<&str>,
-    body: bytes::Bytes,
-) -> anyhow::Result<api::DryRun> {
-    let (_runtime, plugins, statuses) = load_plugins(&config).await?;
-    let problems = unloaded_plugins(&config, |name| plugins.contains_key(name), &statuses);
-    anyhow::ensure!(problems.is_empty(), "{}", problems.join("; "));
-    let routing = pipeline::Routing::from_config(Arc::new(config), None);
-    anyhow::ensure!(
-        routing.has_source(source),
-        "no source named `{source}` in the config"
-    );
-    let cpu = tokio::sync::Semaphore::new(1);
-    let event = ingest::new_event(
-        source.to_string(),
-        &axum::http::Method::POST,
-        &api::ingest_uri(source, query)?,
-        headers,
-        |_| true,
-        body,
-    );
-    let (routes, deliveries) = pipeline::decide(&routing, &plugins, &cpu, &event, None).await;
-    Ok(api::DryRun::new(event, routes, deliveries))
+/// `switchyard dry-run`: what the routes of a config make of payloads — the answer of
+/// `POST /v1/sources/{name}/dry-run`, with no gateway running: the file's sources,
+/// destinations and routes (those made through the management API live in a store, and are
+/// not seen) and the plugins of its plugin directory, every one a route uses loaded (else
+/// an error naming them, as a start would refuse). Loaded once, for any number of
+/// payloads; stores, sends and counts nothing.
+pub struct DryRunner {
+    /// (Kept while the plugins are called.)
+    _runtime: Arc<PluginRuntime>,
+    plugins: plugin::PluginMap,
+    routing: pipeline::Routing,
+    cpu: tokio::sync::Semaphore,
+}
+
+impl DryRunner {
+    pub async fn new(config: Config) -> anyhow::Result<Self> {
+        let (runtime, plugins, statuses) = load_plugins(&config).await?;
+        let problems = unloaded_plugins(&config, |name| plugins.contains_key(name), &statuses);
+        anyhow::ensure!(problems.is_empty(), "{}", problems.join("; "));
+        Ok(Self {
+            _runtime: runtime,
+            plugins,
+            routing: pipeline::Routing::from_config(Arc::new(config), None),
+            cpu: tokio::sync::Semaphore::new(1),
+        })
+    }
+
+    /// A payload posted to `source` with `headers` and `query`, through the routes.
+    pub async fn run(
+        &self,
+        source: &str,
+        headers: &axum::http::HeaderMap,
+        query: Option<&str>,
+        body: bytes::Bytes,
+    ) -> anyhow::Result<api::DryRun> {
+        anyhow::ensure!(
+            self.routing.has_source(source),
+            "no source named `{source}` in the config"
+        );
+        let event = ingest::new_event(
+            source.to_string(),
+            &axum::http::Method::POST,
+            &api::ingest_uri(source, query)?,
+            headers,
+            |_| true,
+            body,
+        );
+        let (routes, deliveries) =
+            pipeline::decide(&self.routing, &self.plugins, &self.cpu, &event, None).await;
+        Ok(api::DryRun::new(event, routes, deliveries))
+    }
 }
 
 /// Events the pipeline works on at once.

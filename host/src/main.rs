@@ -78,18 +78,19 @@ enum Command {
     /// The file's sources, destinations and routes, and the plugins of its plugin
     /// directory (routes made through the management API live in the store and are not
     /// seen). Stores and sends nothing. With --expect, a golden test for CI: exit 1 naming
-    /// what differs.
+    /// what differs. With --cases DIR, every case file of a directory, the plugins loaded
+    /// once.
     DryRun {
         /// The config file.
         #[arg(long, short, default_value = "switchyard.toml")]
         config: PathBuf,
         /// The source the payload is posted to.
-        #[arg(long)]
-        source: String,
+        #[arg(long, required_unless_present = "cases")]
+        source: Option<String>,
         /// The payload, as a sender would post it (e.g. examples/events/onomondo-usage.json;
         /// `-`: read from standard input).
-        #[arg(long)]
-        event: PathBuf,
+        #[arg(long, required_unless_present = "cases")]
+        event: Option<PathBuf>,
         /// A request header the event carries, repeatable; `content-type:
         /// application/json` unless one is given.
         #[arg(long = "header", value_name = "NAME: VALUE", value_parser = parse_header)]
@@ -102,6 +103,12 @@ enum Command {
         /// matches, anything else when equal. Exit 1 naming each difference.
         #[arg(long)]
         expect: Option<PathBuf>,
+        /// A directory of golden cases, each a `*.json` file: `{"source": …, "event": <the
+        /// payload as JSON> or "event_file": <a file, relative to the case>, "headers":
+        /// {…}, "query": "…", "expect": <what the answer must hold, as --expect>}`. Prints
+        /// each case's result; exit 1 if any fails.
+        #[arg(long, conflicts_with_all = ["source", "event", "headers", "query", "expect"])]
+        cases: Option<PathBuf>,
     },
 }
 
@@ -191,6 +198,109 @@ fn read_expected(path: &std::path::Path) -> anyhow::Result<serde_json::Value> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))
+}
+
+/// A request's headers from NAME, VALUE pairs; `content-type: application/json` unless
+/// they name one.
+fn header_map(headers: &[(String, String)]) -> anyhow::Result<axum::http::HeaderMap> {
+    let mut map = axum::http::HeaderMap::new();
+    for (name, value) in headers {
+        let name = axum::http::HeaderName::try_from(name.as_str())
+            .with_context(|| format!("`{name}` is not a header name"))?;
+        let value = axum::http::HeaderValue::try_from(value.as_str())
+            .with_context(|| format!("the value of `{name}` is not a header value"))?;
+        map.append(name, value);
+    }
+    if !map.contains_key(axum::http::header::CONTENT_TYPE) {
+        let json = axum::http::HeaderValue::from_static("application/json");
+        map.insert(axum::http::header::CONTENT_TYPE, json);
+    }
+    Ok(map)
+}
+
+/// One golden case of `dry-run --cases` (see its help).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Case {
+    source: String,
+    event: Option<serde_json::Value>,
+    event_file: Option<PathBuf>,
+    #[serde(default)]
+    headers: std::collections::BTreeMap<String, String>,
+    query: Option<String>,
+    expect: serde_json::Value,
+}
+
+/// `dry-run --cases DIR`: each `*.json` case of `dir` in name order, one line each (`ok` or
+/// `FAIL`, with each difference or the reason under it), then the count; exit 1 if any
+/// failed.
+async fn run_cases(
+    runner: &switchyard::DryRunner,
+    dir: &std::path::Path,
+) -> anyhow::Result<ExitCode> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read {}", dir.display()))?
+        .filter_map(|entry| Some(entry.ok()?.path()))
+        .filter(|path| path.extension().is_some_and(|e| e == "json") && path.is_file())
+        .collect();
+    files.sort();
+    anyhow::ensure!(
+        !files.is_empty(),
+        "no case files (*.json) in {}",
+        dir.display()
+    );
+    let mut failed = 0;
+    for file in &files {
+        let problems = match run_case(runner, file).await {
+            Ok(differences) => differences,
+            Err(e) => vec![format!("{e:#}")],
+        };
+        if problems.is_empty() {
+            println!("ok    {}", file.display());
+        } else {
+            failed += 1;
+            println!("FAIL  {}", file.display());
+            for problem in &problems {
+                println!("  - {problem}");
+            }
+        }
+    }
+    println!(
+        "{} cases: {} passed, {failed} failed",
+        files.len(),
+        files.len() - failed
+    );
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// One case: how its answer differs from what it expects (nothing: it passes), or why it
+/// could not be run.
+async fn run_case(
+    runner: &switchyard::DryRunner,
+    file: &std::path::Path,
+) -> anyhow::Result<Vec<String>> {
+    let text = std::fs::read_to_string(file).context("cannot read the case")?;
+    let case: Case = serde_json::from_str(&text).context("not a case")?;
+    let body = match (&case.event, &case.event_file) {
+        (Some(event), None) => event.to_string().into_bytes(),
+        (None, Some(path)) => {
+            let path = file
+                .parent()
+                .unwrap_or(std::path::Path::new("."))
+                .join(path);
+            std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?
+        }
+        _ => anyhow::bail!("a case has one of `event` and `event_file`"),
+    };
+    let headers: Vec<(String, String)> = case.headers.into_iter().collect();
+    let map = header_map(&headers)?;
+    let answer = (runner.run(&case.source, &map, case.query.as_deref(), body.into())).await?;
+    let answer = serde_json::to_value(&answer)?;
+    Ok(switchyard::api::DryRun::differences(&case.expect, &answer))
 }
 
 fn parse_header(s: &str) -> Result<(String, String), String> {
@@ -297,9 +407,17 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             headers,
             query,
             expect,
+            cases,
         } => {
             let env = |name: &str| std::env::var(name).ok();
             let config = Config::load(&config, &env)?;
+            let runner = switchyard::DryRunner::new(config).await?;
+            if let Some(dir) = cases {
+                return run_cases(&runner, &dir).await;
+            }
+            let (Some(source), Some(event)) = (source, event) else {
+                anyhow::bail!("--source and --event are needed (or --cases)");
+            };
             let body = match event.to_str() {
                 Some("-") => {
                     let mut body = Vec::new();
@@ -310,20 +428,10 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 _ => std::fs::read(&event)
                     .with_context(|| format!("cannot read {}", event.display()))?,
             };
-            let mut map = axum::http::HeaderMap::new();
-            for (name, value) in &headers {
-                let name = axum::http::HeaderName::try_from(name.as_str())
-                    .with_context(|| format!("`{name}` is not a header name"))?;
-                let value = axum::http::HeaderValue::try_from(value.as_str())
-                    .with_context(|| format!("the value of `{name}` is not a header value"))?;
-                map.append(name, value);
-            }
-            if !map.contains_key(axum::http::header::CONTENT_TYPE) {
-                let json = axum::http::HeaderValue::from_static("application/json");
-                map.insert(axum::http::header::CONTENT_TYPE, json);
-            }
-            let answer =
-                switchyard::dry_run(config, &source, &map, query.as_deref(), body.into()).await?;
+            let map = header_map(&headers)?;
+            let answer = runner
+                .run(&source, &map, query.as_deref(), body.into())
+                .await?;
             let answer = serde_json::to_value(&answer)?;
             println!("{}", serde_json::to_string_pretty(&answer)?);
             let Some(path) = expect else {

@@ -213,7 +213,11 @@ fn dry_run_shows_what_the_routes_would_send_and_checks_an_expected_answer() {
         std::fs::copy(guest(name), plugins.join(format!("{name}.wasm"))).unwrap();
     }
     let event = root.join("examples/events/onomondo-location.json");
-    let expected = root.join("examples/quickstart/expected/onomondo-location.json");
+    // What the quickstart's golden case expects of this event.
+    let case = root.join("examples/quickstart/cases/onomondo-location.json");
+    let case: Value = serde_json::from_str(&std::fs::read_to_string(case).unwrap()).unwrap();
+    let expected = dir.path().join("expected.json");
+    std::fs::write(&expected, case["expect"].to_string()).unwrap();
     let dry_run = |extra: &[&str]| {
         let mut args = vec![
             "dry-run",
@@ -308,6 +312,102 @@ fn dry_run_shows_what_the_routes_would_send_and_checks_an_expected_answer() {
         "{err}"
     );
     assert!(!dir.path().join("data").exists(), "nothing is stored");
+}
+
+/// `switchyard dry-run --cases DIR` runs every golden case of a directory with the plugins
+/// loaded once: the quickstart's cases pass; a case whose route changed, one that cannot
+/// be run and one of an unknown source fail, each named with why, and the run exits 1.
+#[test]
+fn dry_run_cases_check_a_directory_of_golden_cases() {
+    let root = xtask::workspace_root();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("switchyard.toml");
+    std::fs::copy(root.join("examples/quickstart/switchyard.toml"), &config).unwrap();
+    let plugins = dir.path().join("plugins.d");
+    std::fs::create_dir_all(&plugins).unwrap();
+    for name in &GUESTS[..4] {
+        std::fs::copy(guest(name), plugins.join(format!("{name}.wasm"))).unwrap();
+    }
+    let cases = root.join("examples/quickstart/cases");
+    let (ok, out, err) = run(&[
+        "dry-run",
+        "--config",
+        path(&config),
+        "--cases",
+        path(&cases),
+    ]);
+    assert!(ok, "{out}{err}");
+    assert!(out.ends_with("3 cases: 3 passed, 0 failed\n"), "{out}");
+    assert!(
+        out.contains(&format!(
+            "ok    {}",
+            cases.join("onomondo-location.json").display()
+        )),
+        "{out}"
+    );
+
+    // A copy, its event files beside it, with three cases that fail.
+    let mine = dir.path().join("cases");
+    std::fs::create_dir_all(&mine).unwrap();
+    let events = dir.path().join("events");
+    std::fs::create_dir_all(&events).unwrap();
+    std::fs::copy(
+        root.join("examples/events/onomondo-location.json"),
+        events.join("onomondo-location.json"),
+    )
+    .unwrap();
+    let location = std::fs::read_to_string(cases.join("onomondo-location.json")).unwrap();
+    let mut moved: Value = serde_json::from_str(&location).unwrap();
+    moved["event_file"] = "../events/onomondo-location.json".into();
+    std::fs::write(mine.join("a-location.json"), moved.to_string()).unwrap();
+    moved["expect"]["deliveries"][1]["url"] = "https://archive.example.com/onomondo".into();
+    std::fs::write(mine.join("b-moved.json"), moved.to_string()).unwrap();
+    std::fs::write(
+        mine.join("c-broken.json"),
+        r#"{"source": "onomondo", "expect": {}}"#,
+    )
+    .unwrap();
+    let nowhere = serde_json::json!({ "source": "nope", "event": {}, "expect": {}, "headers": { "x-a": "b" } });
+    std::fs::write(mine.join("d-nowhere.json"), nowhere.to_string()).unwrap();
+    std::fs::write(mine.join("notes.txt"), "not a case").unwrap();
+    let (ok, out, err) = run(&["dry-run", "--config", path(&config), "--cases", path(&mine)]);
+    assert!(!ok, "{out}{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    let name = |file: &str| mine.join(file).display().to_string();
+    assert_eq!(
+        lines,
+        [
+            format!("ok    {}", name("a-location.json")),
+            format!("FAIL  {}", name("b-moved.json")),
+            r#"  - deliveries[1].url: "http://127.0.0.1:9000/archive/onomondo", expected "https://archive.example.com/onomondo""#.to_string(),
+            format!("FAIL  {}", name("c-broken.json")),
+            "  - a case has one of `event` and `event_file`".to_string(),
+            format!("FAIL  {}", name("d-nowhere.json")),
+            "  - no source named `nope` in the config".to_string(),
+            "4 cases: 1 passed, 3 failed".to_string(),
+        ]
+    );
+    // Cases are all or nothing: no --source beside them; an empty directory is an error.
+    let (ok, _, err) = run(&[
+        "dry-run",
+        "--config",
+        path(&config),
+        "--cases",
+        path(&mine),
+        "--source",
+        "onomondo",
+    ]);
+    assert!(!ok && err.contains("cannot be used with"), "{err}");
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let (ok, _, err) = run(&[
+        "dry-run",
+        "--config",
+        path(&config),
+        "--cases",
+        path(&empty),
+    ]);
+    assert!(!ok && err.contains("no case files (*.json) in"), "{err}");
 }
 
 /// `backup` names what it cannot copy: a data dir with no store yet, or a PostgreSQL store
