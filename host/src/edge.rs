@@ -13,6 +13,7 @@ use hmac::{Hmac, Mac};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
+use subtle::ConstantTimeEq as _;
 use utoipa::ToSchema;
 
 type HmacSha256 = Hmac<Sha256>;
@@ -339,6 +340,17 @@ pub enum VerifyConfig {
         #[schema(value_type = String, example = "5m")]
         tolerance: Duration,
     },
+    /// A shared secret as a header's whole value: an API key (`x-api-key: …`), a bearer
+    /// token or HTTP Basic credentials (`authorization: Bearer …`, `Basic …`) — for senders
+    /// that can only add a fixed header (1NCE's webhook headers) or put credentials in
+    /// their URL. The header is not stored with the event, so it is neither shown nor
+    /// forwarded to destinations.
+    Header {
+        /// The header that carries it.
+        header: String,
+        /// The values accepted; several during a rotation (never shown in full by the API).
+        secrets: Vec<String>,
+    },
     /// No verification.
     None {},
 }
@@ -373,6 +385,10 @@ pub enum EdgeError {
     NoClientCertificate,
     #[error("the client certificate ({0}) is not allowed for this source")]
     ClientNameDenied(String),
+    #[error("missing header `{0}`")]
+    MissingSecret(String),
+    #[error("the `{0}` header does not hold an accepted secret")]
+    WrongSecret(String),
 }
 
 impl VerifyConfig {
@@ -396,7 +412,34 @@ impl VerifyConfig {
                 }
                 Ok(())
             }
+            VerifyConfig::Header { header, secrets } => {
+                reqwest::header::HeaderName::from_bytes(header.as_bytes())
+                    .map_err(|_| format!("`header`: `{header}` is not a header name"))?;
+                if secrets.is_empty() {
+                    return Err("`secrets` must list at least one accepted value".into());
+                }
+                for (i, s) in secrets.iter().enumerate() {
+                    if s.is_empty() || http::HeaderValue::from_str(s).is_err() {
+                        return Err(format!(
+                            "`secrets[{i}]` must be a header value (visible ASCII, not empty)"
+                        ));
+                    }
+                }
+                Ok(())
+            }
             VerifyConfig::None {} => Ok(()),
+        }
+    }
+
+    /// Whether the event keeps this header of a request: all but the one a `header`
+    /// scheme's secret comes in (ingest does not store a sender's credential, and a dry run
+    /// shows what ingest would store).
+    pub fn keeps(verify: Option<&Self>, name: &http::HeaderName) -> bool {
+        match verify {
+            Some(VerifyConfig::Header { header, .. }) => {
+                !name.as_str().eq_ignore_ascii_case(header)
+            }
+            _ => true,
         }
     }
 
@@ -461,6 +504,19 @@ impl VerifyConfig {
                     }
                 }
                 Err(EdgeError::Mismatch)
+            }
+            VerifyConfig::Header { header, secrets } => {
+                let given = (headers.get(header.as_str()))
+                    .ok_or_else(|| EdgeError::MissingSecret(header.clone()))?
+                    .as_bytes();
+                // Each compared in constant time, and all of them whatever matches.
+                let accepted = (secrets.iter()).fold(subtle::Choice::from(0), |any, s| {
+                    any | s.as_bytes().ct_eq(given)
+                });
+                match bool::from(accepted) {
+                    true => Ok(()),
+                    false => Err(EdgeError::WrongSecret(header.clone())),
+                }
             }
         }
     }
@@ -715,6 +771,53 @@ mod tests {
             b64_cfg.verify(&h, body, 0),
             Err(EdgeError::Malformed("x-sig".into()))
         );
+    }
+
+    #[test]
+    fn a_header_secret_is_one_of_those_accepted_and_not_kept() {
+        let cfg = VerifyConfig::Header {
+            header: "X-Api-Key".into(),
+            secrets: vec!["new-0123456789abcdef".into(), "old-0123456789abcdef".into()],
+        };
+        assert_eq!(cfg.validate(), Ok(()));
+        for secret in ["new-0123456789abcdef", "old-0123456789abcdef"] {
+            let h = headers(&[("x-api-key", secret)]);
+            assert_eq!(cfg.verify(&h, b"{}", 0), Ok(()), "{secret}");
+        }
+        let wrong = ["new-0123456789abcde", "new-0123456789abcdefg", ""];
+        for given in wrong {
+            let h = headers(&[("x-api-key", given)]);
+            let refused = Err(EdgeError::WrongSecret("X-Api-Key".into()));
+            assert_eq!(cfg.verify(&h, b"{}", 0), refused, "{given:?}");
+        }
+        let missing = cfg.verify(
+            &headers(&[("authorization", "new-0123456789abcdef")]),
+            b"",
+            0,
+        );
+        assert_eq!(missing, Err(EdgeError::MissingSecret("X-Api-Key".into())));
+        assert_eq!(
+            missing.unwrap_err().to_string(),
+            "missing header `X-Api-Key`"
+        );
+        let name = |n: &'static str| http::HeaderName::from_static(n);
+        assert!(!VerifyConfig::keeps(Some(&cfg), &name("x-api-key")));
+        assert!(VerifyConfig::keeps(Some(&cfg), &name("x-other")));
+        assert!(VerifyConfig::keeps(None, &name("x-api-key")));
+
+        let bad = |header: &str, secrets: &[&str]| {
+            let secrets = secrets.iter().map(|s| s.to_string()).collect();
+            (VerifyConfig::Header {
+                header: header.into(),
+                secrets,
+            })
+            .validate()
+            .unwrap_err()
+        };
+        assert!(bad("x api", &["s"]).contains("not a header name"));
+        assert!(bad("x-api-key", &[]).contains("at least one"));
+        assert!(bad("x-api-key", &["s", ""]).contains("`secrets[1]`"));
+        assert!(bad("x-api-key", &["line\nbreak"]).contains("`secrets[0]`"));
     }
 
     #[test]

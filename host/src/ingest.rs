@@ -169,9 +169,13 @@ async fn accept(
             });
         }
     }
-    // The stored body is the decoded one.
-    let keep =
-        |name: &http::HeaderName| decoded.is_none() || name != http::header::CONTENT_ENCODING;
+    // The stored body is the decoded one; a secret the source checked as it came (a
+    // `header` scheme's) is not kept: plugins, the event view and destinations have no use
+    // for the sender's credential.
+    let keep = |name: &http::HeaderName| {
+        (decoded.is_none() || name != http::header::CONTENT_ENCODING)
+            && crate::edge::VerifyConfig::keeps(sc.verify.as_ref(), name)
+    };
     let event = new_event(source, &method, &uri, &headers, keep, body);
     let field = sc.idempotency_field.as_deref();
     let idempotency = idempotency_key(field, &event, &headers)?.map(|key| Idempotency {

@@ -175,12 +175,13 @@ impl DryRunner {
             self.routing.has_source(source),
             "no source named `{source}` in the config"
         );
+        let verify = (self.routing.source(source)).and_then(|s| s.verify.as_ref());
         let event = ingest::new_event(
             source.to_string(),
             &axum::http::Method::POST,
             &api::ingest_uri(source, query)?,
             headers,
-            |_| true,
+            |name| edge::VerifyConfig::keeps(verify, name),
             body,
         );
         let (routes, deliveries) =

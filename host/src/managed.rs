@@ -488,7 +488,7 @@ impl Redact for SourceConfig {
         let mut s = self.clone();
         match &mut s.verify {
             Some(V::HmacSha256 { secret, .. }) => *secret = redact(secret),
-            Some(V::StandardWebhooks { secrets, .. }) => {
+            Some(V::StandardWebhooks { secrets, .. } | V::Header { secrets, .. }) => {
                 for x in secrets.iter_mut() {
                     *x = redact(x);
                 }
@@ -507,7 +507,8 @@ impl Redact for SourceConfig {
             (
                 Some(V::StandardWebhooks { secrets, .. }),
                 Some(V::StandardWebhooks { secrets: olds, .. }),
-            ) => {
+            )
+            | (Some(V::Header { secrets, .. }), Some(V::Header { secrets: olds, .. })) => {
                 for x in secrets.iter_mut() {
                     if let Some(o) = olds.iter().find(|o| *x == redact(o)) {
                         *x = o.clone();

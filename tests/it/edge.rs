@@ -2138,3 +2138,89 @@ destinations = ["api"]
     assert_eq!(shown["oauth2"]["client_secret"], "****cdef", "{shown}");
     gw.shutdown().await.unwrap();
 }
+
+/// A source whose senders can only add a fixed header (1NCE's webhook headers) or put
+/// credentials in their URL checks that header's value against its secrets (several
+/// during a rotation): missing or wrong is a `401` naming the header, and the credential
+/// is not kept — neither shown in the event view nor forwarded to the destination.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_source_may_check_a_secret_header_or_basic_credentials() {
+    let rx = Receiver::start().await;
+    let basic = base64::engine::general_purpose::STANDARD.encode("onenc:pa55-w0rd-0123");
+    let config = format!(
+        r#"
+[[sources]]
+name = "1nce"
+verify = {{ scheme = "header", header = "x-api-key", secrets = ["k-new-0123456789abcdef", "k-old-0123456789abcdef"] }}
+[[sources]]
+name = "basic"
+verify = {{ scheme = "header", header = "authorization", secrets = ["Basic {basic}"] }}
+[[destinations]]
+name = "d"
+url = "{{receiver}}/in"
+[[routes]]
+source = "1nce"
+destinations = ["d"]
+[[routes]]
+source = "basic"
+destinations = ["d"]
+"#
+    );
+    let gw = TestGateway::start(&config, &rx, &[]).await;
+    let body = r#"{"type":"usage"}"#;
+    let key = |k: &str| vec![("x-api-key", k.to_string()), ("x-trace", "t-1".to_string())];
+    assert_eq!(
+        post(&gw, "1nce", body, &[]).await,
+        (401, json!({ "error": "missing header `x-api-key`" }))
+    );
+    assert_eq!(
+        post(&gw, "1nce", body, &key("k-new-0123456789abcdeX")).await,
+        (
+            401,
+            json!({ "error": "the `x-api-key` header does not hold an accepted secret" })
+        )
+    );
+    let mut ids = vec![];
+    for k in ["k-new-0123456789abcdef", "k-old-0123456789abcdef"] {
+        let (status, answer) = post(&gw, "1nce", body, &key(k)).await;
+        assert_eq!(status, 202, "{answer}");
+        ids.push(answer["id"].as_str().unwrap().to_string());
+    }
+    // A sender with credentials in its URL (HTTP Basic), as a plain client sends them.
+    let sender = reqwest::Client::new();
+    let url = gw.url.replace("http://", "http://onenc:pa55-w0rd-0123@");
+    let sent = (sender.post(format!("{url}/v1/ingest/basic")).body(body))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sent.status(), 202);
+    let url = gw.url.replace("http://", "http://onenc:guess@");
+    let sent = (sender.post(format!("{url}/v1/ingest/basic")).body(body))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sent.status(), 401);
+
+    let got = rx.wait_for(3).await;
+    for r in &got {
+        assert_eq!(r.header("x-api-key"), None, "{:?}", r.headers);
+        assert_eq!(r.header("authorization"), None, "{:?}", r.headers);
+    }
+    assert_eq!(
+        got.iter()
+            .filter(|r| r.header("x-trace") == Some("t-1"))
+            .count(),
+        2
+    );
+    let event = gw.event(&ids[0]).await;
+    let headers = event["event"]["headers"].as_array().unwrap();
+    assert!(!headers.iter().any(|h| h[0] == "x-api-key"), "{event}");
+    // The API shows the secrets redacted.
+    let (_, source) = gw.get("/v1/sources/1nce").await;
+    assert_eq!(
+        source["verify"]["secrets"],
+        json!(["****cdef", "****cdef"]),
+        "{source}"
+    );
+    gw.shutdown().await.unwrap();
+}

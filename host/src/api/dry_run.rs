@@ -115,9 +115,9 @@ pub(super) async fn dry_run(
     Path(name): Path<String>,
     request: axum::extract::Request,
 ) -> Result<Json<DryRun>, ApiError> {
-    if !state.pipeline.routing().has_source(&name) {
+    let Some(source) = state.pipeline.routing().source(&name).cloned() else {
         return Err(ApiError::NotFound(format!("no source named `{name}`")));
-    }
+    };
     let (request, body) = request.into_parts();
     let config = state.reloader.config();
     let max = config.server.max_body_bytes;
@@ -126,7 +126,8 @@ pub(super) async fn dry_run(
     let keep = |name: &http::HeaderName| {
         !(API_CALL_HEADERS.contains(&name.as_str())
             || name.as_str().starts_with("sec-")
-            || (decoded.is_some() && name == http::header::CONTENT_ENCODING))
+            || (decoded.is_some() && name == http::header::CONTENT_ENCODING)
+            || !crate::edge::VerifyConfig::keeps(source.verify.as_ref(), name))
     };
     // The event as ingest would have made it from a post to the source.
     let uri = ingest_uri(&name, request.uri.query())?;
