@@ -196,6 +196,21 @@ fn serve_check_says_whether_the_gateway_would_start() {
     assert!(!data.exists(), "the check opened the store");
 }
 
+/// A copy of the quickstart's config in a directory of its own, with its plugins built
+/// into `plugins.d`: the directory and the config file.
+fn quickstart_copy() -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("switchyard.toml");
+    let quickstart = xtask::workspace_root().join("examples/quickstart/switchyard.toml");
+    std::fs::copy(quickstart, &config).unwrap();
+    let plugins = dir.path().join("plugins.d");
+    std::fs::create_dir_all(&plugins).unwrap();
+    for name in &GUESTS[..4] {
+        std::fs::copy(guest(name), plugins.join(format!("{name}.wasm"))).unwrap();
+    }
+    (dir, config)
+}
+
 /// `switchyard dry-run` runs a payload through the config file's routes with no gateway,
 /// printing the dry run's answer; with `--expect` it is a golden test: the quickstart's
 /// expected file holds, a changed one fails naming each difference. Headers and query
@@ -204,14 +219,8 @@ fn serve_check_says_whether_the_gateway_would_start() {
 #[test]
 fn dry_run_shows_what_the_routes_would_send_and_checks_an_expected_answer() {
     let root = xtask::workspace_root();
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("switchyard.toml");
-    std::fs::copy(root.join("examples/quickstart/switchyard.toml"), &config).unwrap();
+    let (dir, config) = quickstart_copy();
     let plugins = dir.path().join("plugins.d");
-    std::fs::create_dir_all(&plugins).unwrap();
-    for name in &GUESTS[..4] {
-        std::fs::copy(guest(name), plugins.join(format!("{name}.wasm"))).unwrap();
-    }
     let event = root.join("examples/events/onomondo-location.json");
     // What the quickstart's golden case expects of this event.
     let case = root.join("examples/quickstart/cases/onomondo-location.json");
@@ -320,14 +329,7 @@ fn dry_run_shows_what_the_routes_would_send_and_checks_an_expected_answer() {
 #[test]
 fn dry_run_cases_check_a_directory_of_golden_cases() {
     let root = xtask::workspace_root();
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("switchyard.toml");
-    std::fs::copy(root.join("examples/quickstart/switchyard.toml"), &config).unwrap();
-    let plugins = dir.path().join("plugins.d");
-    std::fs::create_dir_all(&plugins).unwrap();
-    for name in &GUESTS[..4] {
-        std::fs::copy(guest(name), plugins.join(format!("{name}.wasm"))).unwrap();
-    }
+    let (dir, config) = quickstart_copy();
     let cases = root.join("examples/quickstart/cases");
     let (ok, out, err) = run(&[
         "dry-run",

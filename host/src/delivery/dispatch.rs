@@ -1086,13 +1086,7 @@ impl Dispatcher {
         url: &str,
         mut headers: Vec<(String, String)>,
         body: bytes::Bytes,
-    ) -> (
-        Option<u16>,
-        Option<Duration>,
-        Option<String>,
-        Option<String>,
-        u64,
-    ) {
+    ) -> Answer {
         let method = dest.config.method.as_http();
         let Some(oauth) = &dest.oauth2 else {
             return self.send(method, url, &headers, body, dest.timeout).await;
@@ -1142,8 +1136,7 @@ impl Dispatcher {
         super::oauth2::request(&transport.client, url, config, timeout).await
     }
 
-    /// Sends one request, within `timeout` if given (else `delivery.timeout`); returns
-    /// (status, Retry-After, response excerpt, error, duration in ms).
+    /// Sends one request, within `timeout` if given (else `delivery.timeout`).
     async fn send(
         &self,
         method: http::Method,
@@ -1151,13 +1144,7 @@ impl Dispatcher {
         headers: &[(String, String)],
         body: bytes::Bytes,
         timeout: Option<Duration>,
-    ) -> (
-        Option<u16>,
-        Option<Duration>,
-        Option<String>,
-        Option<String>,
-        u64,
-    ) {
+    ) -> Answer {
         let mut map = HeaderMap::new();
         for (k, v) in headers {
             if let (Ok(k), Ok(v)) = (
@@ -1283,6 +1270,16 @@ impl Dispatcher {
         Ok(state)
     }
 }
+
+/// How a destination answered one request: status, Retry-After, response excerpt, error,
+/// duration in ms.
+type Answer = (
+    Option<u16>,
+    Option<Duration>,
+    Option<String>,
+    Option<String>,
+    u64,
+);
 
 /// A duration in whole milliseconds.
 fn ms(d: Duration) -> u64 {
