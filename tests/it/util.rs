@@ -19,6 +19,7 @@ pub const GUESTS: &[&str] = &[
     "iot-normalize",
     "tag-router",
     "metadata-inject",
+    "reshape",
     "misbehave",
     "wrong-world",
     "marker",

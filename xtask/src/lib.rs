@@ -13,6 +13,7 @@ pub const PLUGINS: &[&str] = &[
     "iot-normalize",
     "tag-router",
     "metadata-inject",
+    "reshape",
 ];
 
 /// Plugins that exist only to test the gateway.
