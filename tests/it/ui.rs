@@ -54,6 +54,9 @@ async fn dashboard_in_a_real_browser() {
 name = "onomondo"
 [[sources]]
 name = "flaky-source"
+[[sources]]
+name = "secured"
+verify = {{ scheme = "header", header = "x-api-key", secrets = ["k-0123456789abcdef"] }}
 [[destinations]]
 name = "fleet"
 url = "{{receiver}}/fleet"
@@ -68,6 +71,9 @@ destinations = ["fleet"]
 [[routes]]
 source = "flaky-source"
 destinations = ["flaky"]
+[[routes]]
+source = "secured"
+destinations = ["fleet"]
 "#,
         flaky.url
     );

@@ -194,6 +194,8 @@ try {
   const plain = page.locator('#routes tr[data-name="flaky-source"]');
   await plain.locator('.chain').getByText('none').waitFor();
   await plain.locator('.destination').getByText('flaky').waitFor();
+  await filtered.getByText('not verified').waitFor();
+  await page.locator('#routes tr[data-name="secured"]').getByText('secret header (x-api-key)').waitFor();
   await shot('routes');
   await plain.getByRole('link', { name: 'Dry run' }).click();
   await page.getByRole('heading', { name: 'Dry run' }).waitFor();

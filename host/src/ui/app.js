@@ -392,7 +392,9 @@ async function routesPage() {
         ['routes', 'sources', 'plugins', 'destinations'].map((what) => api(`/v1/${what}${what === 'plugins' ? '' : '?limit=500'}`)));
       const byName = (list) => Object.fromEntries(list.items.map((x) => [x.name, x]));
       const [src, plugin, dest] = [byName(sources), byName(plugins), byName(destinations)];
-      const checks = (s) => [s && s.verify ? `signed (${s.verify.scheme})` : null,
+      // How a source's senders are checked: a signature, a secret header, an address, a certificate.
+      const verified = (v) => !v || v.scheme === 'none' ? null : v.scheme === 'header' ? `secret header (${v.header})` : `signed (${v.scheme})`;
+      const checks = (s) => [s && verified(s.verify),
         s && s.allow_ips && s.allow_ips.length ? 'IP allowlist' : null,
         s && s.allow_client_names && s.allow_client_names.length ? 'client certificate' : null].filter(Boolean).join(', ') || 'not verified';
       const showEvents = (source) => h('a', { href: '#/events', class: 'events', onclick: () => { Object.assign(filters, { source, type: '', field: '', status: '', route_result: '', since: '' }); } }, 'Events');
