@@ -675,7 +675,7 @@ impl DeliveryMethod {
 /// OAuth 2.0 client credentials (RFC 6749 §4.4) for a destination that takes bearer
 /// tokens: a token is fetched from `token_url` before the first attempt, kept until shortly
 /// before it expires, and fetched again when the destination answers `401` to it.
-#[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OAuth2Config {
     /// The token endpoint (https; http only to a loopback address).

@@ -197,7 +197,11 @@ fn destinations_from<'a>(
     let mut replaced: HashSet<&str> = HashSet::new();
     let timeout_ms = |d: &Destination| d.timeout.map_or(0, |t| t.as_millis() as u64);
     let mut longest_timeout = None;
-    let build = |d: &Arc<DestinationConfig>| Arc::new(Destination::from_config(d, retry));
+    // (A new version of a destination keeps the OAuth 2.0 token of the one it replaces,
+    // if its `oauth2` is the same.)
+    let build = |d: &Arc<DestinationConfig>, before: Option<&Arc<Destination>>| {
+        Arc::new(Destination::from_config(d, retry).keeping_token_of(before))
+    };
     let destinations = match previous.and_then(|r| {
         differences(&r.config.destinations, &config.destinations, |d| &d.name).map(|d| (r, d))
     }) {
@@ -221,7 +225,7 @@ fn destinations_from<'a>(
                 if r.destinations.contains_key(&d.name) {
                     replaced.insert(&d.name);
                 }
-                let built = build(d);
+                let built = build(d, r.destinations.get(&d.name));
                 longest = longest.map(|l| l.max(timeout_ms(&built)));
                 destinations.insert(d.name.clone(), built);
             }
@@ -236,7 +240,7 @@ fn destinations_from<'a>(
                     if before.is_some() && kept.is_none() {
                         replaced.insert(&d.name);
                     }
-                    (d.name.clone(), kept.unwrap_or_else(|| build(d)))
+                    (d.name.clone(), kept.unwrap_or_else(|| build(d, before)))
                 })
                 .collect::<Destinations>(),
         ),

@@ -2054,7 +2054,10 @@ source = "s"
 destinations = ["api"]
 "#
     );
-    let gw = TestGateway::start(&config, &rx, &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = TestGateway::start_from_file(dir, &config, &rx)
+        .await
+        .unwrap();
     let delivered = async |body: &str| {
         let id = gw.accept("s", body.to_string()).await;
         gw.settled(&id).await
@@ -2078,6 +2081,29 @@ destinations = ["api"]
     );
     assert_eq!(*auth.called.lock().unwrap(), vec![("tok-1".into(), 200); 3]);
 
+    // A reload that changes the destination but not its `oauth2` keeps the token.
+    let file = gw.dir().join("switchyard.toml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    let text = text.replace(
+        r#"url = "{url}/api""#.replace("{url}", &url).as_str(),
+        &format!("url = \"{url}/api\"\ntimeout = \"5s\""),
+    );
+    assert!(text.contains("timeout = \"5s\""), "{text}");
+    std::fs::write(&file, text).unwrap();
+    let (status, report) = gw.post_api("/v1/reload").await;
+    assert_eq!(
+        (status, &report["config"]),
+        (200, &json!("applied")),
+        "{report}"
+    );
+    delivered(r#"{"n":2.5}"#).await;
+    assert_eq!(
+        auth.asked.lock().unwrap().len(),
+        1,
+        "no token asked for at a reload"
+    );
+    assert_eq!(auth.called.lock().unwrap()[3], ("tok-1".into(), 200));
+
     // Revoked: the API refuses tok-1; the same attempt gets tok-2 and delivers.
     *auth.valid.lock().unwrap() = "revoked".into();
     let event = delivered(r#"{"n":3}"#).await;
@@ -2086,7 +2112,7 @@ destinations = ["api"]
     assert_eq!(delivery["attempts"].as_array().unwrap().len(), 1, "{event}");
     assert_eq!(delivery["attempts"][0]["status_code"], 200, "{event}");
     let called = auth.called.lock().unwrap().clone();
-    assert_eq!(called[3..], [("tok-1".into(), 401), ("tok-2".into(), 200)]);
+    assert_eq!(called[4..], [("tok-1".into(), 401), ("tok-2".into(), 200)]);
     // Not stored: the deliveries' headers have no token.
     let db = rusqlite::Connection::open(gw.dir().join("data/switchyard.db")).unwrap();
     let stored: Vec<String> = (db.prepare("SELECT headers FROM deliveries").unwrap())
@@ -2094,7 +2120,7 @@ destinations = ["api"]
         .unwrap()
         .map(Result::unwrap)
         .collect();
-    assert_eq!(stored.len(), 4);
+    assert_eq!(stored.len(), 5);
     assert!(stored.iter().all(|h| !h.contains("tok-")), "{stored:?}");
 
     // A token that expires in 2 s is renewed after 1 s, before the API would refuse it.
@@ -2105,7 +2131,7 @@ destinations = ["api"]
     delivered(r#"{"n":5}"#).await;
     let called = auth.called.lock().unwrap().clone();
     assert_eq!(
-        called[5..],
+        called[6..],
         [
             ("tok-2".into(), 401),
             ("tok-3".into(), 200),
@@ -2129,7 +2155,7 @@ destinations = ["api"]
     );
     let called = auth.called.lock().unwrap().clone();
     assert!(
-        called[8..].iter().all(|(_, status)| *status == 401) && called.len() <= 9,
+        called[9..].iter().all(|(_, status)| *status == 401) && called.len() <= 10,
         "at most the kept token was tried: {called:?}"
     );
     // The API shows the client secret redacted.

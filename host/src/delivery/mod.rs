@@ -71,7 +71,7 @@ pub struct Destination {
     /// How long one attempt may take, if not `delivery.timeout`.
     pub timeout: Option<std::time::Duration>,
     /// Its OAuth 2.0 client and token, if it takes bearer tokens (`oauth2`).
-    pub oauth2: Option<oauth2::OAuth2>,
+    pub oauth2: Option<Arc<oauth2::OAuth2>>,
     /// What it was built from (a reload keeps a destination whose config is the same).
     pub config: std::sync::Arc<crate::config::DestinationConfig>,
 }
@@ -232,9 +232,20 @@ impl Destination {
             event_types: c.event_types.as_ref().map(|t| t.iter().cloned().collect()),
             rate_limit: c.rate_limit,
             timeout: c.timeout,
-            oauth2: c.oauth2.clone().map(oauth2::OAuth2::new),
+            oauth2: c.oauth2.clone().map(|o| Arc::new(oauth2::OAuth2::new(o))),
             config: c.clone(),
         }
+    }
+
+    /// This destination, with the OAuth 2.0 client (and so the token) of the one it
+    /// replaces if their `oauth2` settings are the same: a reload does not cost a token.
+    pub fn keeping_token_of(mut self, before: Option<&Arc<Destination>>) -> Self {
+        if let (Some(mine), Some(theirs)) = (&self.oauth2, before.and_then(|b| b.oauth2.as_ref()))
+            && mine.config() == theirs.config()
+        {
+            self.oauth2 = Some(theirs.clone());
+        }
+        self
     }
 
     /// Whether this destination takes events of the type `event_type` yields (asked only

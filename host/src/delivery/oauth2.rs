@@ -69,6 +69,10 @@ impl OAuth2 {
         }
     }
 
+    pub fn config(&self) -> &OAuth2Config {
+        &self.config
+    }
+
     /// The token for an attempt, and whether it is new: the one kept unless it is due for
     /// renewal, else one from `fetch` (a `401` to a kept token is worth one more try with a
     /// new one; to a new one, it is the destination's answer). A fetch that failed while
