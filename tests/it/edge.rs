@@ -1985,6 +1985,8 @@ struct Authority {
     valid: Mutex<String>,
     expires_in: std::sync::atomic::AtomicU64,
     refuse_client: std::sync::atomic::AtomicBool,
+    /// The token endpoint does not answer (for a minute).
+    hang: std::sync::atomic::AtomicBool,
     /// Each token request's `authorization` header and form.
     asked: Mutex<Vec<(String, String)>>,
     /// Each API request's token and status.
@@ -2007,6 +2009,9 @@ async fn authority() -> (String, Arc<Authority>) {
             axum::routing::post(move |headers: HeaderMap, form: String| async move {
                 let a = token_auth;
                 a.asked.lock().unwrap().push((header(&headers), form));
+                if a.hang.load(SeqCst) {
+                    tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+                }
                 if a.refuse_client.load(SeqCst) {
                     let error = json!({ "error": "invalid_client", "error_description": "bad secret" });
                     return (StatusCode::UNAUTHORIZED, axum::Json(error));
@@ -2247,6 +2252,52 @@ destinations = ["d"]
         source["verify"]["secrets"],
         json!(["****cdef", "****cdef"]),
         "{source}"
+    );
+    gw.shutdown().await.unwrap();
+}
+
+/// A token endpoint that does not answer costs each attempt no more than the
+/// destination's timeout — the one that asked and those waiting for its answer alike —
+/// and only one request to the endpoint.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_endpoint_that_hangs_fails_attempts_within_their_timeout() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let (url, auth) = authority().await;
+    auth.hang.store(true, SeqCst);
+    let rx = Receiver::start().await;
+    let config = format!(
+        r#"
+[[sources]]
+name = "s"
+[[destinations]]
+name = "api"
+url = "{url}/api"
+timeout = "1s"
+retry = {{ retry_schedule = ["0s"] }}
+oauth2 = {{ token_url = "{url}/token", client_id = "gw", client_secret = "cs-0123456789abcdef" }}
+[[routes]]
+source = "s"
+destinations = ["api"]
+"#
+    );
+    let gw = TestGateway::start(&config, &rx, &[]).await;
+    let ids: Vec<String> =
+        futures_util::future::join_all((0..3).map(|n| gw.accept("s", format!(r#"{{"n":{n}}}"#))))
+            .await;
+    for id in &ids {
+        let event = gw.failed_with(id, "no OAuth 2.0 token").await;
+        let attempt = &event["deliveries"][0]["attempts"][0];
+        let took = attempt["duration_ms"].as_u64().unwrap();
+        assert!((900..1_900).contains(&took), "{attempt}");
+    }
+    assert_eq!(
+        auth.asked.lock().unwrap().len(),
+        1,
+        "one request to the endpoint"
+    );
+    assert!(
+        auth.called.lock().unwrap().is_empty(),
+        "nothing sent without a token"
     );
     gw.shutdown().await.unwrap();
 }

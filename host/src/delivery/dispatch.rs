@@ -1075,11 +1075,12 @@ impl Dispatcher {
         (attempt, next)
     }
 
-    /// Sends one attempt to `dest` (see [`Dispatcher::send`]) with its method, and an OAuth 2.0 token when
-    /// it has `oauth2`. A `401` to a token kept from before is tried once more with a new
-    /// token (it may have been revoked, or expired early). The whole attempt — the token's
-    /// fetch, the request, and after such a `401` one more of each — takes at most the
-    /// destination's timeout, which every claim's lease covers.
+    /// Sends one attempt to `dest` (see [`Dispatcher::send`]) with its method, and an OAuth
+    /// 2.0 token when it has `oauth2`. A `401` to a token kept from before is tried once
+    /// more with a new token (it may have been revoked, or expired early). The whole
+    /// attempt — waiting for a token (another attempt's fetch, or its own), the request,
+    /// and after such a `401` one more of each — takes at most the destination's timeout,
+    /// which every claim's lease covers.
     async fn send_as(
         &self,
         dest: &Destination,
@@ -1096,9 +1097,9 @@ impl Dispatcher {
         let mut again = true;
         loop {
             let left = || deadline.saturating_duration_since(Instant::now());
-            let token = oauth
-                .token(async |config| self.fetch_token(config, left()).await)
-                .await;
+            let fetch = async |config: &_| self.fetch_token(config, left()).await;
+            let token = (tokio::time::timeout(left(), oauth.token(fetch)).await)
+                .unwrap_or_else(|_| Err("none came within the attempt's timeout".into()));
             let (token, fresh) = match token {
                 Ok(token) => token,
                 Err(why) => {
