@@ -93,6 +93,7 @@ pub struct Metrics {
     pub delivery_latency: HistogramFamily<DestinationOnly>,
     pub attempts: Family<DestinationLabels, Counter>,
     pub deferred: Family<DestinationOnly, Counter>,
+    pub oauth2_tokens: Family<DestinationLabels, Counter>,
     pub reloads: Family<ResultLabels, Counter>,
     pub queue_depth: Gauge,
     pub store_unanswered_seconds: Gauge,
@@ -167,6 +168,12 @@ impl Default for Metrics {
             "Deliveries put off by their destination's rate limit, by destination",
             deferred.clone(),
         );
+        let oauth2_tokens = Family::<DestinationLabels, Counter>::default();
+        registry.register(
+            "oauth2_token_requests",
+            "Requests for an OAuth 2.0 token, by destination and outcome (ok, failed)",
+            oauth2_tokens.clone(),
+        );
         let reloads = Family::<ResultLabels, Counter>::default();
         registry.register("reloads", "Reloads, by result (ok, error)", reloads.clone());
         let queue_depth = Gauge::default();
@@ -215,6 +222,7 @@ impl Default for Metrics {
             delivery_latency,
             attempts,
             deferred,
+            oauth2_tokens,
             reloads,
             queue_depth,
             store_unanswered_seconds,
@@ -324,6 +332,12 @@ impl Metrics {
                 outcome: outcome.to_string(),
             });
         }
+        for outcome in ["ok", "failed"] {
+            self.oauth2_tokens.remove(&DestinationLabels {
+                destination: destination.clone(),
+                outcome: outcome.to_string(),
+            });
+        }
         let only = DestinationOnly { destination };
         self.delivery_latency.remove(&only);
         self.deferred.remove(&only);
@@ -394,6 +408,16 @@ impl Metrics {
                 destination: destination.to_string(),
             })
             .observe(seconds);
+    }
+
+    /// A request for an OAuth 2.0 token for `destination`, and whether it got one.
+    pub fn oauth2_token(&self, destination: &str, ok: bool) {
+        self.oauth2_tokens
+            .get_or_create(&DestinationLabels {
+                destination: destination.to_string(),
+                outcome: if ok { "ok" } else { "failed" }.to_string(),
+            })
+            .inc();
     }
 
     /// A delivery put off by its destination's rate limit.

@@ -1097,9 +1097,8 @@ impl Dispatcher {
         let mut again = true;
         loop {
             let left = || deadline.saturating_duration_since(Instant::now());
-            let fetch = async |config: &_| self.fetch_token(config, left()).await;
-            let token = (tokio::time::timeout(left(), oauth.token(fetch)).await)
-                .unwrap_or_else(|_| Err("none came within the attempt's timeout".into()));
+            let fetch = async |config: &_| self.fetch_token(&dest.name, config, left()).await;
+            let token = oauth.token(left(), fetch).await;
             let (token, fresh) = match token {
                 Ok(token) => token,
                 Err(why) => {
@@ -1123,18 +1122,25 @@ impl Dispatcher {
         }
     }
 
-    /// A token from `config`'s endpoint, through the deliveries' client and address check.
+    /// A token for `destination` from `config`'s endpoint, through the deliveries' client
+    /// and address check; counted (`switchyard_oauth2_token_requests_total`).
     async fn fetch_token(
         &self,
+        destination: &str,
         config: &crate::config::OAuth2Config,
         timeout: Duration,
     ) -> Result<super::oauth2::Fetched, String> {
         let transport = self.transport.load_full();
-        let url = reqwest::Url::parse(&config.token_url)
-            .map_err(|e| format!("`{}` is not a URL: {e}", config.token_url))?;
-        (transport.guard.check_destination(&url).await)
-            .map_err(|refused| format!("the token endpoint: {refused}"))?;
-        super::oauth2::request(&transport.client, url, config, timeout).await
+        let fetched = async {
+            let url = reqwest::Url::parse(&config.token_url)
+                .map_err(|e| format!("`{}` is not a URL: {e}", config.token_url))?;
+            (transport.guard.check_destination(&url).await)
+                .map_err(|refused| format!("the token endpoint: {refused}"))?;
+            super::oauth2::request(&transport.client, url, config, timeout).await
+        }
+        .await;
+        self.metrics.oauth2_token(destination, fetched.is_ok());
+        fetched
     }
 
     /// Sends one request, within `timeout` if given (else `delivery.timeout`).

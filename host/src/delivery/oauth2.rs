@@ -76,14 +76,17 @@ impl OAuth2 {
     /// The token for an attempt, and whether it is new: the one kept unless it is due for
     /// renewal, else one from `fetch` (a `401` to a kept token is worth one more try with a
     /// new one; to a new one, it is the destination's answer). A fetch that failed while
-    /// this attempt waited for it is this attempt's answer too.
-    pub async fn token<F>(&self, fetch: F) -> Result<(String, bool), String>
+    /// this attempt waited for it is this attempt's answer too; an attempt waits at most
+    /// `wait` for another's fetch (its own is bounded by `fetch`, and runs to its end so
+    /// that those waiting for it learn how it went).
+    pub async fn token<F>(&self, wait: Duration, fetch: F) -> Result<(String, bool), String>
     where
         F: AsyncFnOnce(&OAuth2Config) -> Result<Fetched, String>,
     {
         use std::sync::atomic::Ordering::SeqCst;
         let seen = self.fetches.load(SeqCst);
-        let mut kept = self.kept.lock().await;
+        let mut kept = (tokio::time::timeout(wait, self.kept.lock()).await)
+            .map_err(|_| "none came within the attempt's timeout".to_string())?;
         if let Some(t) = &kept.token
             && t.renew_at.is_none_or(|at| Instant::now() < at)
         {
@@ -359,6 +362,8 @@ mod tests {
 
     /// One fetch for the attempts that wait on it, a new one when the token is due for
     /// renewal or refused, and a failed fetch is the answer of those that waited for it.
+    const HOUR: Duration = Duration::from_secs(3600);
+
     #[tokio::test(start_paused = true)]
     async fn a_token_is_kept_renewed_and_replaced_when_refused() {
         let oauth = std::sync::Arc::new(OAuth2::new(config(ClientAuth::Basic)));
@@ -377,7 +382,7 @@ mod tests {
         let waiting: Vec<_> = (0..5)
             .map(|_| {
                 let (oauth, fetch) = (oauth.clone(), fetch(600));
-                tokio::spawn(async move { oauth.token(fetch).await })
+                tokio::spawn(async move { oauth.token(HOUR, fetch).await })
             })
             .collect();
         let mut got = vec![];
@@ -398,17 +403,23 @@ mod tests {
         );
         // Renewed 60 s before it expires.
         tokio::time::advance(Duration::from_secs(539)).await;
-        assert_eq!(oauth.token(fetch(600)).await.unwrap(), one);
+        assert_eq!(oauth.token(HOUR, fetch(600)).await.unwrap(), one);
         tokio::time::advance(Duration::from_secs(1)).await;
-        assert_eq!(oauth.token(fetch(600)).await.unwrap(), ("t-2".into(), true));
+        assert_eq!(
+            oauth.token(HOUR, fetch(600)).await.unwrap(),
+            ("t-2".into(), true)
+        );
         // A refusal of an older token keeps the newer one; of this one, replaces it.
         oauth.rejected("t-1").await;
         assert_eq!(
-            oauth.token(fetch(600)).await.unwrap(),
+            oauth.token(HOUR, fetch(600)).await.unwrap(),
             ("t-2".into(), false)
         );
         oauth.rejected("t-2").await;
-        assert_eq!(oauth.token(fetch(600)).await.unwrap(), ("t-3".into(), true));
+        assert_eq!(
+            oauth.token(HOUR, fetch(600)).await.unwrap(),
+            ("t-3".into(), true)
+        );
 
         // A failed fetch answers those that waited for it, not those that come later.
         oauth.rejected("t-3").await;
@@ -416,13 +427,30 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(100)).await;
             Err::<Fetched, _>("the token endpoint answered 503 Service Unavailable".to_string())
         };
-        let (first, second) = tokio::join!(oauth.token(failing), oauth.token(fetch(600)));
+        let (first, second) =
+            tokio::join!(oauth.token(HOUR, failing), oauth.token(HOUR, fetch(600)));
         assert!(first.unwrap_err().contains("503"));
         assert!(
             second.unwrap_err().contains("503"),
             "waited for the failed fetch"
         );
         assert_eq!(fetches.load(std::sync::atomic::Ordering::SeqCst), 3);
-        assert_eq!(oauth.token(fetch(600)).await.unwrap(), ("t-4".into(), true));
+        assert_eq!(
+            oauth.token(HOUR, fetch(600)).await.unwrap(),
+            ("t-4".into(), true)
+        );
+
+        // A waiter gives up at its own bound; the fetch it waited for goes on to its end.
+        oauth.rejected("t-4").await;
+        let short = Duration::from_millis(50);
+        let (first, second) = tokio::join!(
+            oauth.token(HOUR, fetch(600)),
+            oauth.token(short, fetch(600))
+        );
+        assert_eq!(first.unwrap(), ("t-5".into(), true));
+        assert_eq!(
+            second.unwrap_err(),
+            "none came within the attempt's timeout"
+        );
     }
 }
