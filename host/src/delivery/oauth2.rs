@@ -42,6 +42,8 @@ struct Token {
     access: String,
     /// When to fetch a new one (none: when the destination refuses this one).
     renew_at: Option<Instant>,
+    /// When it expires: until then it serves on while fetching a new one fails.
+    expires_at: Option<Instant>,
 }
 
 /// A token endpoint's answer: the access token and how long it lasts (`expires_in`).
@@ -92,29 +94,35 @@ impl OAuth2 {
         {
             return Ok((t.access.clone(), false));
         }
-        if let Some(why) = &kept.failed
-            && self.fetches.load(SeqCst) > seen
-        {
-            return Err(why.clone());
-        }
-        let fetched = fetch(&self.config).await;
-        self.fetches.fetch_add(1, SeqCst);
-        match fetched {
-            Ok(fetched) => {
-                let now = Instant::now();
-                let renew_at = (fetched.lifetime)
-                    .map(|life| now + life.saturating_sub(RENEW_BEFORE.min(life / 2)));
-                kept.failed = None;
-                kept.token = Some(Token {
-                    access: fetched.access.clone(),
-                    renew_at,
-                });
-                Ok((fetched.access, true))
+        // Unless a fetch failed while this attempt waited for it, fetch.
+        if kept.failed.is_none() || self.fetches.load(SeqCst) == seen {
+            let fetched = fetch(&self.config).await;
+            self.fetches.fetch_add(1, SeqCst);
+            match fetched {
+                Ok(fetched) => {
+                    let now = Instant::now();
+                    let lifetime = fetched.lifetime;
+                    kept.failed = None;
+                    kept.token = Some(Token {
+                        access: fetched.access.clone(),
+                        renew_at: lifetime
+                            .map(|life| now + life.saturating_sub(RENEW_BEFORE.min(life / 2))),
+                        expires_at: lifetime.map(|life| now + life),
+                    });
+                    return Ok((fetched.access, true));
+                }
+                Err(why) => kept.failed = Some(why),
             }
-            Err(why) => {
+        }
+        // The fetch failed: a token due for renewal serves on until it expires (a token
+        // endpoint's blip costs no delivery), else the attempt has none.
+        match &kept.token {
+            Some(t) if t.expires_at.is_some_and(|at| Instant::now() < at) => {
+                Ok((t.access.clone(), false))
+            }
+            _ => {
                 kept.token = None;
-                kept.failed = Some(why.clone());
-                Err(why)
+                Err(kept.failed.clone().unwrap_or_default())
             }
         }
     }
@@ -440,14 +448,26 @@ mod tests {
             ("t-4".into(), true)
         );
 
+        // A token due for renewal serves on while its renewal fails, until it expires.
+        let failing = async |_: &OAuth2Config| Err::<Fetched, _>("503".to_string());
+        let kept = ("t-4".to_string(), false);
+        tokio::time::advance(Duration::from_secs(541)).await;
+        assert_eq!(oauth.token(HOUR, failing).await.unwrap(), kept);
+        tokio::time::advance(Duration::from_secs(58)).await;
+        assert_eq!(oauth.token(HOUR, failing).await.unwrap(), kept);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(oauth.token(HOUR, failing).await.unwrap_err(), "503");
+        let fifth = oauth.token(HOUR, fetch(600)).await.unwrap();
+        assert_eq!(fifth, ("t-5".into(), true));
+
         // A waiter gives up at its own bound; the fetch it waited for goes on to its end.
-        oauth.rejected("t-4").await;
+        oauth.rejected("t-5").await;
         let short = Duration::from_millis(50);
         let (first, second) = tokio::join!(
             oauth.token(HOUR, fetch(600)),
             oauth.token(short, fetch(600))
         );
-        assert_eq!(first.unwrap(), ("t-5".into(), true));
+        assert_eq!(first.unwrap(), ("t-6".into(), true));
         assert_eq!(
             second.unwrap_err(),
             "none came within the attempt's timeout"
