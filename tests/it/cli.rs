@@ -140,6 +140,8 @@ fn reshape_builds_a_new_body_by_configuration() {
         "usage.ok=/ok",
         "cell=/data/cell",
         "kind==usage",
+        "version=#2",
+        r#"tags=#["sim",true]"#,
         "sim=@iccid",
         "gone=/nope",
         "unset=@imsi",
@@ -153,6 +155,8 @@ fn reshape_builds_a_new_body_by_configuration() {
             "usage": { "bytes": 1234, "ok": true },
             "cell": { "id": 7 },
             "kind": "usage",
+            "version": 2,
+            "tags": ["sim", true],
             "sim": "8945-from-metadata"
         })
     );
@@ -170,8 +174,9 @@ fn reshape_builds_a_new_body_by_configuration() {
     for (pairs, says) in [
         (
             &["x=iccid"][..],
-            "`x` = `iccid`: a source is /a/json/pointer, =text or @metadata",
+            "`x` = `iccid`: a source is /a/json/pointer, =text, #json or @metadata",
         ),
+        (&["x=#{"][..], "`x` = `#{`: not JSON after `#`"),
         (&["x..y=/iccid"][..], "names joined by dots"),
         (&["x=/iccid", "x.y=/bytes"][..], "`x` is already set"),
         (&["*=/type"][..], "is not an object"),

@@ -8,6 +8,7 @@
 //! - `/a/json/pointer`: the value at that place of the event's body, of any JSON type (a
 //!   field the event does not have is left out of the new body);
 //! - `=text`: that text, as a string (`=fleet-v2`);
+//! - `#json`: that JSON value (`#2`, `#true`, `#["a","b"]`, `#null`);
 //! - `@name`: the metadata `name` an earlier plugin set (`@iccid` after `metadata-inject`),
 //!   as a string; left out when not set.
 //!
@@ -62,11 +63,15 @@ fn reshape(
             body.pointer(source).cloned()
         } else if let Some(text) = source.strip_prefix('=') {
             Some(Value::String(text.to_string()))
+        } else if let Some(json) = source.strip_prefix('#') {
+            let value = serde_json::from_str(json)
+                .map_err(|e| format!("`{path}` = `{source}`: not JSON after `#`: {e}"))?;
+            Some(value)
         } else if let Some(name) = source.strip_prefix('@') {
             metadata(name).map(Value::String)
         } else {
             return Err(format!(
-                "`{path}` = `{source}`: a source is /a/json/pointer, =text or @metadata"
+                "`{path}` = `{source}`: a source is /a/json/pointer, =text, #json or @metadata"
             ));
         };
         if let Some(value) = value {
