@@ -812,6 +812,35 @@ mod tests {
     }
 
     #[test]
+    fn a_sources_header_secrets_are_redacted_and_kept_when_echoed() {
+        let s: SourceConfig = serde_json::from_value(serde_json::json!({
+            "name": "1nce",
+            "verify": { "scheme": "header", "header": "x-api-key",
+                        "secrets": ["k-new-0123456789abcdef", "k-old-0123456789abcdeF"] }
+        }))
+        .unwrap();
+        let shown = serde_json::to_value(s.redacted()).unwrap();
+        assert_eq!(
+            shown["verify"]["secrets"],
+            serde_json::json!(["****cdef", "****cdeF"])
+        );
+        assert_eq!(shown["verify"]["header"], "x-api-key");
+        // A rotation through the API: a new secret, the old one echoed as shown.
+        let mut patched: SourceConfig = serde_json::from_value(serde_json::json!({
+            "name": "1nce",
+            "verify": { "scheme": "header", "header": "x-api-key",
+                        "secrets": ["k-newer-0123456789abcd", "****cdef"] }
+        }))
+        .unwrap();
+        patched.keep_secrets(&s);
+        let kept = serde_json::to_value(&patched).unwrap();
+        assert_eq!(
+            kept["verify"]["secrets"],
+            serde_json::json!(["k-newer-0123456789abcd", "k-new-0123456789abcdef"])
+        );
+    }
+
+    #[test]
     fn secrets_are_redacted_and_kept_when_echoed() {
         let d: DestinationConfig = serde_json::from_value(serde_json::json!({
             "name": "d", "url": "https://d.example/",
