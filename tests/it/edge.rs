@@ -2037,6 +2037,30 @@ async fn authority() -> (String, Arc<Authority>) {
     (crate::util::serve(app).await, auth)
 }
 
+/// Source `s` routed to destination `api` at the `authority`'s `/api`, with `extra` lines
+/// and an `oauth2` of its `/token` for client `gw`, plus `more` of its keys.
+fn oauth2_route(url: &str, extra: &str, more: &str) -> String {
+    let more = if more.is_empty() {
+        String::new()
+    } else {
+        format!(", {more}")
+    };
+    format!(
+        r#"
+[[sources]]
+name = "s"
+[[destinations]]
+name = "api"
+url = "{url}/api"
+{extra}
+oauth2 = {{ token_url = "{url}/token", client_id = "gw", client_secret = "cs-0123456789abcdef"{more} }}
+[[routes]]
+source = "s"
+destinations = ["api"]
+"#
+    )
+}
+
 /// A destination with `oauth2` gets one token for many deliveries, a new one when the
 /// API refuses the one kept (in the same attempt) or shortly before it expires, and an
 /// endpoint that refuses the client fails the attempts with its reason; the API never
@@ -2046,19 +2070,8 @@ async fn deliveries_carry_an_oauth2_token_renewed_and_replaced_when_refused() {
     use std::sync::atomic::Ordering::SeqCst;
     let (url, auth) = authority().await;
     let rx = Receiver::start().await;
-    let config = format!(
-        r#"
-[[sources]]
-name = "s"
-[[destinations]]
-name = "api"
-url = "{url}/api"
-oauth2 = {{ token_url = "{url}/token", client_id = "gw", client_secret = "cs-0123456789abcdef", scope = "events:write", params = {{ audience = "fleet" }} }}
-[[routes]]
-source = "s"
-destinations = ["api"]
-"#
-    );
+    let oauth2 = r#"scope = "events:write", params = { audience = "fleet" }"#;
+    let config = oauth2_route(&url, "", oauth2);
     let dir = tempfile::tempdir().unwrap();
     let gw = TestGateway::start_from_file(dir, &config, &rx)
         .await
@@ -2277,21 +2290,8 @@ async fn a_token_endpoint_that_hangs_fails_attempts_within_their_timeout() {
     let (url, auth) = authority().await;
     auth.hang.store(true, SeqCst);
     let rx = Receiver::start().await;
-    let config = format!(
-        r#"
-[[sources]]
-name = "s"
-[[destinations]]
-name = "api"
-url = "{url}/api"
-timeout = "1s"
-retry = {{ retry_schedule = ["0s"] }}
-oauth2 = {{ token_url = "{url}/token", client_id = "gw", client_secret = "cs-0123456789abcdef" }}
-[[routes]]
-source = "s"
-destinations = ["api"]
-"#
-    );
+    let extra = "timeout = \"1s\"\nretry = { retry_schedule = [\"0s\"] }";
+    let config = oauth2_route(&url, extra, "");
     let gw = TestGateway::start(&config, &rx, &[]).await;
     let ids: Vec<String> =
         futures_util::future::join_all((0..3).map(|n| gw.accept("s", format!(r#"{{"n":{n}}}"#))))
