@@ -1,5 +1,5 @@
-//! Edge security: verification of inbound signatures (HMAC-SHA256 over the body, or
-//! Standard Webhooks), per-source IP allowlists with trusted proxies, and Standard Webhooks
+//! Edge security: verification of inbound signatures (HMAC-SHA256 over the body or over a
+//! signed timestamp and the body, Standard Webhooks, a secret header), per-source IP allowlists with trusted proxies, and Standard Webhooks
 //! signing of outbound deliveries, and the listener's own certificate (`server.tls`).
 //! Comparisons of signatures are constant-time (`hmac`'s
 //! `verify_slice`); secrets never appear in errors or logs.
@@ -319,10 +319,15 @@ pub fn allowed_client(
 #[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
 #[serde(tag = "scheme", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum VerifyConfig {
-    /// An HMAC-SHA256 of the raw body in a header (e.g. Bondio's `bondio-signature`).
+    /// An HMAC-SHA256 of the raw body in a header (e.g. Bondio's `bondio-signature`,
+    /// GitHub's `x-hub-signature-256`), or of the body with a timestamp to refuse replays
+    /// (Slack's `v0:{timestamp}:{body}`, Stripe's `t=…,v1=…`).
     HmacSha256 {
         /// The shared secret (never shown in full by the API).
         secret: String,
+        /// Secrets still accepted during a rotation (never shown in full by the API).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        previous_secrets: Vec<String>,
         /// The header carrying the signature.
         header: String,
         #[serde(default)]
@@ -330,6 +335,25 @@ pub enum VerifyConfig {
         /// Text before the signature in the header, e.g. `sha256=`.
         #[serde(default)]
         prefix: String,
+        /// What is signed: `{body}` by default; with a timestamp, e.g. `{timestamp}.{body}`
+        /// or `v0:{timestamp}:{body}`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        signed: Option<String>,
+        /// The header carrying the signed timestamp (Unix seconds), e.g.
+        /// `x-slack-request-timestamp`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timestamp_header: Option<String>,
+        /// When the signature header lists `key=value` pairs separated by commas (Stripe's
+        /// `t=1700000000,v1=…,v1=…`): the key of the signatures, e.g. `v1`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        signature_key: Option<String>,
+        /// The key of the timestamp among those pairs, e.g. `t`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timestamp_key: Option<String>,
+        /// How far a signed timestamp may be from now, e.g. `5m`.
+        #[serde(default = "default_tolerance", with = "humantime_serde")]
+        #[schema(value_type = String, example = "5m")]
+        tolerance: Duration,
     },
     /// Standard Webhooks: `webhook-id`, `webhook-timestamp`, `webhook-signature`.
     StandardWebhooks {
@@ -395,13 +419,52 @@ impl VerifyConfig {
     /// Checks the config's secrets once, at load.
     pub fn validate(&self) -> Result<(), String> {
         match self {
-            VerifyConfig::HmacSha256 { secret, header, .. } => {
-                if secret.is_empty() {
-                    return Err("`secret` must not be empty".into());
+            VerifyConfig::HmacSha256 {
+                secret,
+                previous_secrets,
+                header,
+                signed,
+                timestamp_header,
+                signature_key,
+                timestamp_key,
+                ..
+            } => {
+                if secret.is_empty() || previous_secrets.iter().any(String::is_empty) {
+                    return Err("`secret` and `previous_secrets` must not be empty".into());
                 }
-                reqwest::header::HeaderName::from_bytes(header.as_bytes())
-                    .map_err(|_| format!("`header`: `{header}` is not a header name"))?;
-                Ok(())
+                for (field, name) in [
+                    ("header", Some(header)),
+                    ("timestamp_header", timestamp_header.as_ref()),
+                ] {
+                    let Some(name) = name else { continue };
+                    reqwest::header::HeaderName::from_bytes(name.as_bytes())
+                        .map_err(|_| format!("`{field}`: `{name}` is not a header name"))?;
+                }
+                if timestamp_key.is_some() && signature_key.is_none() {
+                    return Err("`timestamp_key` needs `signature_key` (the header's pairs)".into());
+                }
+                if timestamp_key.is_some() && timestamp_header.is_some() {
+                    return Err(
+                        "give the timestamp's `timestamp_header` or its `timestamp_key`, not both"
+                            .into(),
+                    );
+                }
+                let template = signed.as_deref().unwrap_or("{body}");
+                if template.matches("{body}").count() != 1 {
+                    return Err("`signed` must hold `{body}` once".into());
+                }
+                let rest = template.replace("{body}", "").replace("{timestamp}", "");
+                if rest.contains('{') || rest.contains('}') {
+                    return Err(format!(
+                        "`signed`: `{template}` may name only `{{body}}` and `{{timestamp}}`"
+                    ));
+                }
+                let timestamped = timestamp_header.is_some() || timestamp_key.is_some();
+                match (template.contains("{timestamp}"), timestamped) {
+                    (true, false) => Err("`signed` names `{timestamp}`: say where it comes from (`timestamp_header` or `timestamp_key`)".into()),
+                    (false, true) => Err("a timestamp that is not signed proves nothing: name `{timestamp}` in `signed`".into()),
+                    _ => Ok(()),
+                }
             }
             VerifyConfig::StandardWebhooks { secrets, .. } => {
                 if secrets.is_empty() {
@@ -455,25 +518,73 @@ impl VerifyConfig {
             VerifyConfig::None {} => Ok(()),
             VerifyConfig::HmacSha256 {
                 secret,
+                previous_secrets,
                 header,
                 encoding,
                 prefix,
+                signed,
+                timestamp_header,
+                signature_key,
+                timestamp_key,
+                tolerance,
             } => {
                 let value = header_str(headers, header)?;
-                let given = value
-                    .strip_prefix(prefix.as_str())
-                    .ok_or_else(|| EdgeError::Malformed(header.clone()))?;
-                let given = match encoding {
-                    Encoding::Hex => hex::decode(given.trim()),
-                    Encoding::Base64 => B64
-                        .decode(given.trim())
-                        .map_err(|_| hex::FromHexError::InvalidStringLength),
+                let malformed = || EdgeError::Malformed(header.clone());
+                let (given, timestamp) = match signature_key {
+                    None => (vec![value], None),
+                    Some(key) => {
+                        let pairs = || (value.split(',')).filter_map(|p| p.trim().split_once('='));
+                        let given = (pairs().filter(|(k, _)| k == key).map(|(_, v)| v)).collect();
+                        let timestamp = match timestamp_key {
+                            None => None,
+                            Some(t) => Some(
+                                (pairs().find(|(k, _)| k == t).map(|(_, v)| v))
+                                    .ok_or_else(malformed)?,
+                            ),
+                        };
+                        (given, timestamp)
+                    }
+                };
+                let timestamp = match timestamp_header {
+                    Some(name) => Some(header_str(headers, name)?),
+                    None => timestamp,
+                };
+                if let Some(ts) = timestamp {
+                    let name = timestamp_header.as_ref().unwrap_or(header);
+                    let seconds: u64 =
+                        (ts.trim().parse()).map_err(|_| EdgeError::Malformed(name.clone()))?;
+                    if seconds.abs_diff(now_s) > tolerance.as_secs() {
+                        return Err(EdgeError::Stale(*tolerance));
+                    }
                 }
-                .map_err(|_| EdgeError::Malformed(header.clone()))?;
-                let mut mac = HmacSha256::new_from_slice(secret.as_bytes())
-                    .map_err(|_| EdgeError::Mismatch)?;
-                mac.update(body);
-                mac.verify_slice(&given).map_err(|_| EdgeError::Mismatch)
+                let given: Vec<Vec<u8>> = (given.iter())
+                    .filter_map(|g| g.strip_prefix(prefix.as_str()))
+                    .filter_map(|g| match encoding {
+                        Encoding::Hex => hex::decode(g.trim()).ok(),
+                        Encoding::Base64 => B64.decode(g.trim()).ok(),
+                    })
+                    .collect();
+                if given.is_empty() {
+                    return Err(malformed());
+                }
+                // What is signed around the body: `signed`'s text before and after `{body}`.
+                let template = signed.as_deref().unwrap_or("{body}");
+                let (before, after) = template.split_once("{body}").unwrap_or(("", ""));
+                let fill = |part: &str| part.replace("{timestamp}", timestamp.unwrap_or(""));
+                let (before, after) = (fill(before), fill(after));
+                for key in std::iter::once(secret).chain(previous_secrets) {
+                    let mut mac = HmacSha256::new_from_slice(key.as_bytes())
+                        .expect("HMAC takes any key length");
+                    mac.update(before.as_bytes());
+                    mac.update(body);
+                    mac.update(after.as_bytes());
+                    let mac = mac.finalize().into_bytes();
+                    // Constant-time, each one.
+                    if given.iter().any(|g| bool::from(mac.as_slice().ct_eq(g))) {
+                        return Ok(());
+                    }
+                }
+                Err(EdgeError::Mismatch)
             }
             VerifyConfig::StandardWebhooks { secrets, tolerance } => {
                 let id = header_str(headers, "webhook-id")?;
@@ -749,21 +860,13 @@ mod tests {
         let mut mac = HmacSha256::new_from_slice(b"key").unwrap();
         mac.update(body);
         let raw = mac.finalize().into_bytes();
-        let hex_cfg = VerifyConfig::HmacSha256 {
-            secret: "key".into(),
-            header: "bondio-signature".into(),
-            encoding: Encoding::Hex,
-            prefix: String::new(),
-        };
+        let hex_cfg = hmac(r#"{"secret": "key", "header": "bondio-signature"}"#);
         let h = headers(&[("bondio-signature", &hex::encode(raw))]);
         assert_eq!(hex_cfg.verify(&h, body, 0), Ok(()));
         assert_eq!(hex_cfg.verify(&h, b"tampered", 0), Err(EdgeError::Mismatch));
-        let b64_cfg = VerifyConfig::HmacSha256 {
-            secret: "key".into(),
-            header: "x-sig".into(),
-            encoding: Encoding::Base64,
-            prefix: "sha256=".into(),
-        };
+        let b64_cfg = hmac(
+            r#"{"secret": "key", "header": "x-sig", "encoding": "base64", "prefix": "sha256="}"#,
+        );
         let h = headers(&[("x-sig", &format!("sha256={}", B64.encode(raw)))]);
         assert_eq!(b64_cfg.verify(&h, body, 0), Ok(()));
         let h = headers(&[("x-sig", &B64.encode(raw))]);
@@ -771,6 +874,157 @@ mod tests {
             b64_cfg.verify(&h, body, 0),
             Err(EdgeError::Malformed("x-sig".into()))
         );
+    }
+
+    /// An `hmac-sha256` config from its fields as JSON (the API's form), validated.
+    fn hmac(fields: &str) -> VerifyConfig {
+        let mut v: serde_json::Value = serde_json::from_str(fields).unwrap();
+        v["scheme"] = "hmac-sha256".into();
+        let cfg: VerifyConfig = serde_json::from_value(v).unwrap();
+        cfg.validate().unwrap();
+        cfg
+    }
+
+    #[test]
+    fn hmac_secrets_rotate() {
+        let body = b"{}";
+        let sign = |key: &[u8]| {
+            let mut mac = HmacSha256::new_from_slice(key).unwrap();
+            mac.update(body);
+            hex::encode(mac.finalize().into_bytes())
+        };
+        let cfg = hmac(r#"{"secret": "new", "previous_secrets": ["old"], "header": "x-sig"}"#);
+        for key in ["new", "old"] {
+            let h = headers(&[("x-sig", &sign(key.as_bytes()))]);
+            assert_eq!(cfg.verify(&h, body, 0), Ok(()), "{key}");
+        }
+        let h = headers(&[("x-sig", &sign(b"older"))]);
+        assert_eq!(cfg.verify(&h, body, 0), Err(EdgeError::Mismatch));
+    }
+
+    /// Slack's worked example (api.slack.com, "Verifying requests from Slack"): its secret,
+    /// timestamp, form body and the signature it gives.
+    #[test]
+    fn hmac_with_a_timestamp_header_checks_slack_s_example() {
+        let body = b"token=xyzz0WbapA4vBCDEFasx0q6G&team_id=T1DC2JH3J&team_domain=testteamnow&channel_id=G8PSS9T3V&channel_name=foobar&user_id=U2CERLKJA&user_name=roadrunner&command=%2Fwebhook-collect&text=&response_url=https%3A%2F%2Fhooks.slack.com%2Fcommands%2FT1DC2JH3J%2F397700885554%2F96rGlfmibIGlgcZRskXaIFfN&trigger_id=398738663015.47445629121.803a0bc887a14d10d2c447fce8b6703c";
+        let cfg = hmac(
+            r#"{"secret": "8f742231b10e8888abcd99yyyzzz85a5", "header": "x-slack-signature",
+                "prefix": "v0=", "timestamp_header": "x-slack-request-timestamp",
+                "signed": "v0:{timestamp}:{body}"}"#,
+        );
+        let sig = "v0=a2114d57b48eac39b9ad189dd8316235a7b4a8d21a10bd27519666489c69b503";
+        let at = |ts: &str| {
+            headers(&[
+                ("x-slack-signature", sig),
+                ("x-slack-request-timestamp", ts),
+            ])
+        };
+        let ts = 1531420618;
+        assert_eq!(cfg.verify(&at("1531420618"), body, ts + 299), Ok(()));
+        assert_eq!(
+            cfg.verify(&at("1531420618"), body, ts + 301),
+            Err(EdgeError::Stale(Duration::from_secs(300))),
+            "a replay after the tolerance"
+        );
+        assert_eq!(
+            cfg.verify(&at("1531420619"), body, ts),
+            Err(EdgeError::Mismatch),
+            "the timestamp is signed"
+        );
+        assert_eq!(
+            cfg.verify(&at("soon"), body, ts),
+            Err(EdgeError::Malformed("x-slack-request-timestamp".into()))
+        );
+        let h = headers(&[("x-slack-signature", sig)]);
+        assert_eq!(
+            cfg.verify(&h, body, ts),
+            Err(EdgeError::Missing("x-slack-request-timestamp".into()))
+        );
+    }
+
+    /// A Stripe-style header: `t=…,v1=…`, one `v1` per secret during a rotation. The
+    /// signature was computed apart, with Python's `hmac`:
+    /// `hmac.new(b"whsec_test_secret", b'1700000000.{"id":"evt_1"}', sha256).hexdigest()`.
+    #[test]
+    fn hmac_with_key_value_pairs_checks_a_stripe_style_header() {
+        let body = br#"{"id":"evt_1"}"#;
+        let sig = "248a374f50f943a28b0f6ab50faf9a7e7e29b710fa26df9fb1618b9bf8ea9c9a";
+        let cfg = hmac(
+            r#"{"secret": "whsec_test_secret", "header": "stripe-signature",
+                "signature_key": "v1", "timestamp_key": "t", "signed": "{timestamp}.{body}",
+                "tolerance": "10m"}"#,
+        );
+        let h = |v: &str| headers(&[("stripe-signature", v)]);
+        let good = format!("t=1700000000,v1={},v1={sig},v0=ignored", "00".repeat(32));
+        assert_eq!(cfg.verify(&h(&good), body, 1700000000 + 599), Ok(()));
+        assert_eq!(
+            cfg.verify(&h(&good), body, 1700000000 - 601),
+            Err(EdgeError::Stale(Duration::from_secs(600)))
+        );
+        assert_eq!(
+            cfg.verify(&h(&format!("t=1700000001,v1={sig}")), body, 1700000000),
+            Err(EdgeError::Mismatch)
+        );
+        assert_eq!(
+            cfg.verify(&h(&format!("v1={sig}")), body, 1700000000),
+            Err(EdgeError::Malformed("stripe-signature".into())),
+            "no timestamp"
+        );
+        assert_eq!(
+            cfg.verify(&h("t=1700000000,v0=abc"), body, 1700000000),
+            Err(EdgeError::Malformed("stripe-signature".into())),
+            "no signature under the key"
+        );
+    }
+
+    #[test]
+    fn hmac_configs_that_cannot_work_are_refused_at_load() {
+        let refused = |fields: &str| {
+            let mut v: serde_json::Value = serde_json::from_str(fields).unwrap();
+            v["scheme"] = "hmac-sha256".into();
+            v["header"] = "x-sig".into();
+            let cfg: VerifyConfig = serde_json::from_value(v).unwrap();
+            cfg.validate().unwrap_err()
+        };
+        let cases = [
+            (r#"{"secret": ""}"#, "must not be empty"),
+            (
+                r#"{"secret": "k", "previous_secrets": [""]}"#,
+                "must not be empty",
+            ),
+            (
+                r#"{"secret": "k", "signed": "{timestamp}"}"#,
+                "`{body}` once",
+            ),
+            (
+                r#"{"secret": "k", "signed": "{body}{body}"}"#,
+                "`{body}` once",
+            ),
+            (
+                r#"{"secret": "k", "signed": "{id}.{body}"}"#,
+                "may name only",
+            ),
+            (
+                r#"{"secret": "k", "signed": "{timestamp}.{body}"}"#,
+                "say where it comes from",
+            ),
+            (
+                r#"{"secret": "k", "timestamp_header": "x-ts"}"#,
+                "name `{timestamp}`",
+            ),
+            (
+                r#"{"secret": "k", "timestamp_key": "t", "signed": "{timestamp}{body}"}"#,
+                "needs `signature_key`",
+            ),
+            (
+                r#"{"secret": "k", "timestamp_header": "a b", "signed": "{timestamp}{body}"}"#,
+                "`timestamp_header`",
+            ),
+        ];
+        for (fields, says) in cases {
+            let error = refused(fields);
+            assert!(error.contains(says), "{fields}: {error}");
+        }
     }
 
     #[test]

@@ -482,12 +482,32 @@ fn keep(new: &mut String, old: &str) {
     }
 }
 
+/// Puts back each secret of a list echoed redacted: the one at the same place if its
+/// redaction matches (two short secrets redact alike), else the first that matches.
+fn keep_listed<'a>(news: impl Iterator<Item = &'a mut String>, olds: &[&String]) {
+    for (i, x) in news.enumerate() {
+        let same_place = olds.get(i).filter(|o| *x == redact(o));
+        if let Some(o) = same_place.or_else(|| olds.iter().find(|o| *x == redact(o))) {
+            *x = o.to_string();
+        }
+    }
+}
+
 impl Redact for SourceConfig {
     fn redacted(&self) -> Self {
         use crate::edge::VerifyConfig as V;
         let mut s = self.clone();
         match &mut s.verify {
-            Some(V::HmacSha256 { secret, .. }) => *secret = redact(secret),
+            Some(V::HmacSha256 {
+                secret,
+                previous_secrets: secrets,
+                ..
+            }) => {
+                *secret = redact(secret);
+                for x in secrets.iter_mut() {
+                    *x = redact(x);
+                }
+            }
             Some(V::StandardWebhooks { secrets, .. } | V::Header { secrets, .. }) => {
                 for x in secrets.iter_mut() {
                     *x = redact(x);
@@ -501,19 +521,28 @@ impl Redact for SourceConfig {
     fn keep_secrets(&mut self, old: &Self) {
         use crate::edge::VerifyConfig as V;
         match (&mut self.verify, &old.verify) {
-            (Some(V::HmacSha256 { secret, .. }), Some(V::HmacSha256 { secret: o, .. })) => {
-                keep(secret, o)
+            (
+                Some(V::HmacSha256 {
+                    secret,
+                    previous_secrets: secrets,
+                    ..
+                }),
+                Some(V::HmacSha256 {
+                    secret: o,
+                    previous_secrets: olds,
+                    ..
+                }),
+            ) => {
+                // A rotation may move the secret in force to `previous_secrets`.
+                let olds: Vec<&String> = std::iter::once(o).chain(olds).collect();
+                keep_listed(std::iter::once(secret).chain(secrets), &olds);
             }
             (
                 Some(V::StandardWebhooks { secrets, .. }),
                 Some(V::StandardWebhooks { secrets: olds, .. }),
             )
             | (Some(V::Header { secrets, .. }), Some(V::Header { secrets: olds, .. })) => {
-                for x in secrets.iter_mut() {
-                    if let Some(o) = olds.iter().find(|o| *x == redact(o)) {
-                        *x = o.clone();
-                    }
-                }
+                keep_listed(secrets.iter_mut(), &olds.iter().collect::<Vec<_>>())
             }
             _ => {}
         }
@@ -547,14 +576,13 @@ impl Redact for DestinationConfig {
 
     fn keep_secrets(&mut self, old: &Self) {
         if let (Some(s), Some(o)) = (&mut self.signing, &old.signing) {
-            keep(&mut s.secret, &o.secret);
             // A rotation through the API echoes the old secret, shown redacted, as a
             // previous one.
-            for previous in &mut s.previous_secrets {
-                if let Some(secret) = o.secrets().find(|secret| *previous == redact(secret)) {
-                    *previous = secret.clone();
-                }
-            }
+            let olds: Vec<&String> = o.secrets().collect();
+            keep_listed(
+                std::iter::once(&mut s.secret).chain(&mut s.previous_secrets),
+                &olds,
+            );
         }
         for (name, value) in self.headers.iter_mut() {
             if let Some(o) = old.headers.get(name) {
@@ -837,6 +865,45 @@ mod tests {
         assert_eq!(
             kept["verify"]["secrets"],
             serde_json::json!(["k-newer-0123456789abcd", "k-new-0123456789abcdef"])
+        );
+    }
+
+    #[test]
+    fn a_sources_hmac_secrets_are_redacted_and_kept_through_a_rotation() {
+        let s: SourceConfig = serde_json::from_value(serde_json::json!({
+            "name": "bondio",
+            "verify": { "scheme": "hmac-sha256", "header": "bondio-signature",
+                        "secret": "b-old-0123456789abcdef" }
+        }))
+        .unwrap();
+        let shown = serde_json::to_value(s.redacted()).unwrap();
+        assert_eq!(shown["verify"]["secret"], "****cdef");
+        // The new secret in force, the old one echoed as shown kept as a previous one.
+        let mut patched: SourceConfig = serde_json::from_value(serde_json::json!({
+            "name": "bondio",
+            "verify": { "scheme": "hmac-sha256", "header": "bondio-signature",
+                        "secret": "b-new-0123456789abcdeF", "previous_secrets": ["****cdef"] }
+        }))
+        .unwrap();
+        patched.keep_secrets(&s);
+        let shown = serde_json::to_value(patched.redacted()).unwrap();
+        assert_eq!(
+            shown["verify"]["previous_secrets"],
+            serde_json::json!(["****cdef"])
+        );
+        let kept = serde_json::to_value(&patched).unwrap();
+        assert_eq!(kept["verify"]["secret"], "b-new-0123456789abcdeF");
+        assert_eq!(
+            kept["verify"]["previous_secrets"],
+            serde_json::json!(["b-old-0123456789abcdef"])
+        );
+        // Echoed whole, both stay.
+        let mut echoed: SourceConfig =
+            serde_json::from_value(serde_json::to_value(patched.redacted()).unwrap()).unwrap();
+        echoed.keep_secrets(&patched);
+        assert_eq!(
+            serde_json::to_value(&echoed).unwrap(),
+            serde_json::to_value(&patched).unwrap()
         );
     }
 

@@ -26,6 +26,12 @@ verify = {{ scheme = "hmac-sha256", secret = "bondio-key", header = "bondio-sign
 name = "sw"
 verify = {{ scheme = "standard-webhooks", secrets = ["{ROTATED}", "{SECRET}"] }}
 [[sources]]
+name = "stripe"
+verify = {{ scheme = "hmac-sha256", header = "stripe-signature", secret = "whsec_new", previous_secrets = ["whsec_old"], signature_key = "v1", timestamp_key = "t", signed = "{{timestamp}}.{{body}}" }}
+[[sources]]
+name = "slack"
+verify = {{ scheme = "hmac-sha256", header = "x-slack-signature", prefix = "v0=", secret = "slack-key", timestamp_header = "x-slack-request-timestamp", signed = "v0:{{timestamp}}:{{body}}", tolerance = "1m" }}
+[[sources]]
 name = "office"
 allow_ips = ["10.0.0.0/8"]
 [[sources]]
@@ -40,6 +46,12 @@ source = "bondio"
 destinations = ["signed"]
 [[routes]]
 source = "sw"
+destinations = ["signed"]
+[[routes]]
+source = "stripe"
+destinations = ["signed"]
+[[routes]]
+source = "slack"
 destinations = ["signed"]
 [[routes]]
 source = "local"
@@ -173,6 +185,70 @@ async fn inbound_signatures_are_checked_and_failures_store_nothing() {
         ),
         "{metrics}"
     );
+    gw.shutdown().await.unwrap();
+}
+
+/// Signatures over a timestamp and the body, as Stripe and Slack send them: a replay
+/// after the tolerance is refused however well signed, and a secret being rotated out is
+/// still accepted.
+#[tokio::test(flavor = "multi_thread")]
+async fn timestamped_hmac_signatures_refuse_replays_and_rotate() {
+    let rx = Receiver::start().await;
+    let gw = TestGateway::start(&config(), &rx, &[]).await;
+    let body = r#"{"id":"evt_1","type":"invoice.paid"}"#;
+    let stripe = |ts: u64, keys: &[&str]| {
+        let signed = format!("{ts}.{body}");
+        let v1s: Vec<String> = (keys.iter())
+            .map(|k| format!("v1={}", hmac_hex(k.as_bytes(), signed.as_bytes())))
+            .collect();
+        vec![("stripe-signature", format!("t={ts},{}", v1s.join(",")))]
+    };
+    let now = now_s();
+    for keys in [
+        &["whsec_new"][..],
+        &["whsec_old"],
+        &["whsec_other", "whsec_new"],
+    ] {
+        let (status, answer) = post(&gw, "stripe", body, &stripe(now, keys)).await;
+        assert_eq!(status, 202, "{keys:?}: {answer}");
+    }
+    let (status, err) = post(&gw, "stripe", body, &stripe(now, &["whsec_other"])).await;
+    assert_eq!(
+        (status, err["error"].as_str()),
+        (401, Some("the signature does not match"))
+    );
+    let (status, err) = post(&gw, "stripe", body, &stripe(now - 301, &["whsec_new"])).await;
+    assert_eq!(status, 401, "a replay after five minutes");
+    assert!(
+        err["error"].as_str().unwrap().contains("tolerance"),
+        "{err}"
+    );
+
+    // Slack: a form body, the timestamp in a header of its own, a one-minute tolerance.
+    let form = "token=abc&team_id=T1&command=%2Fdeploy&text=web";
+    let slack = |ts: u64| {
+        let sig = hmac_hex(b"slack-key", format!("v0:{ts}:{form}").as_bytes());
+        vec![
+            ("x-slack-request-timestamp", ts.to_string()),
+            ("x-slack-signature", format!("v0={sig}")),
+            ("content-type", "application/x-www-form-urlencoded".into()),
+        ]
+    };
+    let (status, answer) = post(&gw, "slack", form, &slack(now)).await;
+    assert_eq!(status, 202, "{answer}");
+    let (status, _) = post(&gw, "slack", form, &slack(now - 61)).await;
+    assert_eq!(status, 401, "older than the source's tolerance");
+    let mut moved = slack(now);
+    moved[0].1 = (now + 1).to_string();
+    let (status, _) = post(&gw, "slack", form, &moved).await;
+    assert_eq!(status, 401, "the timestamp is signed: it cannot be moved");
+
+    rx.wait_for(4).await;
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let delivered = rx.requests();
+    assert_eq!(delivered.len(), 4, "refused requests store nothing");
+    let slack_body = delivered.iter().find(|r| r.body.starts_with(b"token="));
+    assert_eq!(slack_body.map(|r| &r.body[..]), Some(form.as_bytes()));
     gw.shutdown().await.unwrap();
 }
 
