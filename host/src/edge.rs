@@ -1,8 +1,8 @@
 //! Edge security: verification of inbound signatures (HMAC-SHA256 over the body or over a
-//! signed timestamp and the body, Standard Webhooks, a secret header), per-source IP allowlists with trusted proxies, and Standard Webhooks
-//! signing of outbound deliveries, and the listener's own certificate (`server.tls`).
-//! Comparisons of signatures are constant-time (`hmac`'s
-//! `verify_slice`); secrets never appear in errors or logs.
+//! signed timestamp and the body, Standard Webhooks, a secret header), per-source IP
+//! allowlists with trusted proxies, Standard Webhooks signing of outbound deliveries, and
+//! the listener's own certificate (`server.tls`). Comparisons of signatures and secrets
+//! are constant-time; secrets never appear in errors or logs.
 
 use std::net::IpAddr;
 use std::time::Duration;
