@@ -41,7 +41,7 @@ use crate::store::{Idempotency, Inserted, Limit, StoreError};
         (status = 503, description = "The queue is full, the store cannot write (e.g. a full disk) or the gateway is stopping: try again later (`Retry-After: 1`)", body = crate::api::ErrorBody),
     ))]
 pub async fn ingest(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Path(source): Path<String>,
     request: axum::extract::Request,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {

@@ -5,6 +5,8 @@
 //! anything. For trying a plugin or a route change on a real payload before a sender's
 //! event meets it, or before replaying dead letters.
 
+use std::sync::Arc;
+
 use axum::Json;
 use axum::extract::{Path, State};
 use serde::Serialize;
@@ -111,7 +113,7 @@ const API_CALL_HEADERS: &[&str] = &[
         (status = 415, description = "A `Content-Encoding` other than gzip, x-gzip, deflate or identity", body = ErrorBody),
     ))]
 pub(super) async fn dry_run(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
     request: axum::extract::Request,
 ) -> Result<Json<DryRun>, ApiError> {
@@ -154,7 +156,7 @@ pub(super) async fn dry_run(
         (status = 404, description = "No such event", body = ErrorBody),
     ))]
 pub(super) async fn dry_run_event(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> Result<Json<DryRun>, ApiError> {
     let record = (state.store.get_event(&id).await?)

@@ -41,7 +41,6 @@ use crate::store::{
 };
 
 /// What every handler can reach.
-#[derive(Clone)]
 pub struct AppState {
     pub pipeline: Arc<Pipeline>,
     pub store: Arc<dyn Store>,
@@ -184,7 +183,7 @@ fn open_all_of(value: &mut serde_json::Value, schemas: &serde_json::Value) {
 }
 
 /// Every documented route; the bearer-token gate is added by [`router`].
-fn api_router() -> OpenApiRouter<AppState> {
+fn api_router() -> OpenApiRouter<Arc<AppState>> {
     let mut doc = ApiDoc::openapi();
     doc.info.version = env!("CARGO_PKG_VERSION").into();
     OpenApiRouter::with_openapi(doc)
@@ -228,6 +227,9 @@ fn api_router() -> OpenApiRouter<AppState> {
 
 /// Builds the gateway's router.
 pub fn router(state: AppState) -> Router {
+    // One `Arc` for the whole state: axum clones the state for each request (and the token
+    // gate again), which is one count to change rather than one per field.
+    let state = Arc::new(state);
     let (documented, doc) = api_router().split_for_parts();
     let doc = Arc::new(finish_doc(doc));
     let management = Router::new()
@@ -299,7 +301,7 @@ fn compression() -> tower_http::compression::CompressionLayer<
 /// compared in constant time, for every path under `/v1/` but ingest; a read token
 /// (`api.read_tokens`) only for `GET` and `HEAD`.
 async fn require_token(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
@@ -364,7 +366,7 @@ async fn healthz() -> Json<serde_json::Value> {
 /// stopped storing the events waiting for it, and has not just refused one. The question
 /// asked is the smallest the store has (one row per destination): a probe must stay fast
 /// however many deliveries wait.
-async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn readyz(State(state): State<Arc<AppState>>) -> Result<Json<serde_json::Value>, ApiError> {
     if let Some((events, unanswered)) = state.store.storing()
         && unanswered >= STORE_STALLED_AFTER
     {
@@ -401,7 +403,7 @@ const STORE_STALLED_AFTER: std::time::Duration = std::time::Duration::from_secs(
 const STORE_BUDGET: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Prometheus text format. Gauges are read from the store and the dispatcher here.
-async fn metrics(State(state): State<AppState>) -> Response {
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let m = &state.metrics;
     m.queue_depth.set(state.store.queue_depth() as i64);
     let unanswered = state
@@ -483,7 +485,7 @@ struct EventQuery {
         (status = 422, description = "Stopped after 5 s: the filters match little of a large store; narrow them with since and until", body = ErrorBody),
     ))]
 async fn list_events(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     query: Result<Query<EventQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Page<EventSummary>>, ApiError> {
     let Query(q) = query?;
@@ -559,7 +561,7 @@ struct Replayed {
         (status = 503, description = "The queue has no room for the page: try again later", body = ErrorBody),
     ))]
 async fn replay_events(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     query: Result<Query<EventQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<(StatusCode, Json<Replayed>), ApiError> {
     let Query(q) = query?;
@@ -613,7 +615,7 @@ async fn replay_events(
         (status = 404, description = "No such event", body = ErrorBody),
     ))]
 async fn get_event(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> Result<Json<EventRecord>, ApiError> {
     let mut record = state
@@ -651,7 +653,7 @@ pub(crate) fn credential_header(name: &str) -> bool {
         (status = 503, description = "The queue is full or the gateway is stopping", body = ErrorBody),
     ))]
 async fn replay_event(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> Result<(StatusCode, Json<EventId>), ApiError> {
     if state.store.replay(&id).await? {
@@ -678,7 +680,7 @@ struct Restarted {
         (status = 409, description = "The test message failed; the state is unchanged", body = ErrorBody),
     ))]
 async fn restart_destination(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
 ) -> Result<Json<Restarted>, ApiError> {
     let s = state.dispatcher.restart(&name).await?;
@@ -697,7 +699,7 @@ async fn restart_destination(
         (status = 404, description = "No such destination", body = ErrorBody),
     ))]
 async fn test_destination(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
 ) -> Result<Json<TestOutcome>, ApiError> {
     Ok(Json(state.dispatcher.send_test(&name).await?))
@@ -739,7 +741,7 @@ const RECOVER_BATCH: usize = 500;
         (status = 404, description = "No such destination", body = ErrorBody),
     ))]
 async fn recover_destination(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
     body: objects::RequestBody,
 ) -> Result<(StatusCode, Json<Recovered>), ApiError> {
@@ -812,7 +814,7 @@ struct DeliveryQuery {
         (status = 400, description = "A malformed parameter, named", body = ErrorBody),
     ))]
 async fn list_deliveries(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     query: Result<Query<DeliveryQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Page<DeliveryRecord>>, ApiError> {
     let Query(q) = query?;
@@ -846,7 +848,7 @@ async fn list_deliveries(
         (status = 404, description = "No pending or failed delivery with this id", body = ErrorBody),
     ))]
 async fn retry_delivery(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> Result<(StatusCode, Json<EventId>), ApiError> {
     if state
@@ -888,7 +890,7 @@ fn page_limit(limit: Option<usize>) -> Result<usize, ApiError> {
     responses(
         (status = 200, description = "`{\"items\": [...]}`, one item per plugin", body = Object),
     ))]
-async fn list_plugins(State(state): State<AppState>) -> Json<serde_json::Value> {
+async fn list_plugins(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
     let routing = state.pipeline.routing();
     let serving = state.pipeline.plugins().snapshot();
     let items: Vec<serde_json::Value> = state
@@ -936,7 +938,7 @@ async fn list_plugins(State(state): State<AppState>) -> Json<serde_json::Value> 
         (status = 200, description = "Reloaded", body = Object),
         (status = 422, description = "The config was rejected; the previous one keeps serving", body = Object),
     ))]
-async fn reload(State(state): State<AppState>) -> (StatusCode, Json<crate::reload::ReloadReport>) {
+async fn reload(State(state): State<Arc<AppState>>) -> (StatusCode, Json<crate::reload::ReloadReport>) {
     let report = state.reloader.reload("POST /v1/reload").await;
     let status = if report.config == "rejected" {
         StatusCode::UNPROCESSABLE_ENTITY

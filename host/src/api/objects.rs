@@ -242,12 +242,12 @@ pub(super) fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError
 /// `server.body_read_timeout` (`408`).
 pub struct RequestBody(pub Bytes);
 
-impl axum::extract::FromRequest<AppState> for RequestBody {
+impl axum::extract::FromRequest<Arc<AppState>> for RequestBody {
     type Rejection = ApiError;
 
     async fn from_request(
         request: axum::extract::Request,
-        state: &AppState,
+        state: &Arc<AppState>,
     ) -> Result<Self, ApiError> {
         let config = state.reloader.config();
         let body = crate::ingest::read_body(
@@ -361,7 +361,7 @@ fn created<T: Serialize>(location: String, view: T) -> Response {
         (status = 400, description = "A malformed parameter, named", body = ErrorBody),
     ))]
 pub async fn list_sources(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     query: Result<Query<PageQuery>, QueryRejection>,
 ) -> Result<Json<Page<SourceView>>, ApiError> {
     let (items, next_cursor) = page_of::<SourceConfig>(&state, query)?;
@@ -378,7 +378,7 @@ pub async fn list_sources(
         (status = 409, description = "The name is taken", body = ErrorBody),
     ))]
 pub async fn create_source(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     body: RequestBody,
 ) -> Result<Response, ApiError> {
     let (s, location) = create::<SourceConfig>(&state, body).await?;
@@ -392,7 +392,7 @@ pub async fn create_source(
         (status = 404, description = "No such source", body = ErrorBody),
     ))]
 pub async fn get_source(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
 ) -> Result<Json<SourceView>, ApiError> {
     Ok(Json(source_view(&state, &find(&state, &name)?)))
@@ -409,7 +409,7 @@ pub async fn get_source(
         (status = 409, description = "Defined in the config file, or the change breaks a route", body = ErrorBody),
     ))]
 pub async fn patch_source(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
     body: RequestBody,
 ) -> Result<Json<SourceView>, ApiError> {
@@ -425,7 +425,7 @@ pub async fn patch_source(
         (status = 409, description = "Defined in the config file, or still used by a route", body = ErrorBody),
     ))]
 pub async fn delete_source(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     delete::<SourceConfig>(&state, &name).await
@@ -449,7 +449,7 @@ async fn delivery_counts(state: &AppState) -> Result<Arc<Vec<DeliveryCounts>>, A
         (status = 400, description = "A malformed parameter, named", body = ErrorBody),
     ))]
 pub async fn list_destinations(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     query: Result<Query<PageQuery>, QueryRejection>,
 ) -> Result<Json<Page<DestinationView>>, ApiError> {
     let (items, next_cursor) = page_of::<DestinationConfig>(&state, query)?;
@@ -470,7 +470,7 @@ pub async fn list_destinations(
         (status = 409, description = "The name is taken", body = ErrorBody),
     ))]
 pub async fn create_destination(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     body: RequestBody,
 ) -> Result<Response, ApiError> {
     let (d, location) = create::<DestinationConfig>(&state, body).await?;
@@ -485,7 +485,7 @@ pub async fn create_destination(
         (status = 404, description = "No such destination", body = ErrorBody),
     ))]
 pub async fn get_destination(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
 ) -> Result<Json<DestinationView>, ApiError> {
     let d = find(&state, &name)?;
@@ -505,7 +505,7 @@ pub async fn get_destination(
         (status = 409, description = "Defined in the config file", body = ErrorBody),
     ))]
 pub async fn patch_destination(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
     body: RequestBody,
 ) -> Result<Json<DestinationView>, ApiError> {
@@ -523,7 +523,7 @@ pub async fn patch_destination(
         (status = 409, description = "Defined in the config file, or still used by a route", body = ErrorBody),
     ))]
 pub async fn delete_destination(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     delete::<DestinationConfig>(&state, &name).await
@@ -538,7 +538,7 @@ pub async fn delete_destination(
         (status = 400, description = "A malformed parameter, named", body = ErrorBody),
     ))]
 pub async fn list_routes(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     query: Result<Query<PageQuery>, QueryRejection>,
 ) -> Result<Json<Page<RouteView>>, ApiError> {
     let (items, next_cursor) = page_of::<RouteConfig>(&state, query)?;
@@ -556,7 +556,7 @@ pub async fn list_routes(
         (status = 409, description = "The name is taken", body = ErrorBody),
     ))]
 pub async fn create_route(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     body: RequestBody,
 ) -> Result<Response, ApiError> {
     let (r, location) = create::<RouteConfig>(&state, body).await?;
@@ -570,7 +570,7 @@ pub async fn create_route(
         (status = 404, description = "No such route", body = ErrorBody),
     ))]
 pub async fn get_route(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
 ) -> Result<Json<RouteView>, ApiError> {
     Ok(Json(route_view(&state, &find(&state, &name)?)))
@@ -587,7 +587,7 @@ pub async fn get_route(
         (status = 409, description = "Defined in the config file", body = ErrorBody),
     ))]
 pub async fn patch_route(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
     body: RequestBody,
 ) -> Result<Json<RouteView>, ApiError> {
@@ -603,7 +603,7 @@ pub async fn patch_route(
         (status = 409, description = "Defined in the config file", body = ErrorBody),
     ))]
 pub async fn delete_route(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     delete::<RouteConfig>(&state, &name).await

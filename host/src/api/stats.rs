@@ -4,6 +4,8 @@
 //! SQLite here), so the counts of minutes that are over are kept in a [`MinuteCache`] and
 //! the store is asked only for the minutes since.
 
+use std::sync::Arc;
+
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
@@ -44,7 +46,7 @@ pub(super) struct Stats {
         (status = 400, description = "A malformed parameter, named", body = ErrorBody),
     ))]
 pub(super) async fn stats(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     query: Result<Query<StatsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Stats>, ApiError> {
     let Query(q) = query?;
