@@ -578,6 +578,12 @@ pub struct SourceConfig {
     /// besides the `Idempotency-Key` header.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_field: Option<String>,
+    /// A request header whose value de-duplicates events: the delivery id a provider
+    /// repeats when it retries (GitHub's `x-github-delivery`, Shopify's
+    /// `x-shopify-webhook-id`). A `standard-webhooks` source uses `webhook-id` unless this
+    /// is set. The `Idempotency-Key` header comes first, a body field last.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_header: Option<String>,
     /// How requests to this source are authenticated (none by default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verify: Option<crate::edge::VerifyConfig>,
@@ -1321,6 +1327,14 @@ impl Config {
             v.validate()
                 .map_err(|m| (format!("sources[{i}].verify"), m))?;
         }
+        if let Some(h) = &s.idempotency_header
+            && http::HeaderName::from_bytes(h.as_bytes()).is_err()
+        {
+            return Err((
+                format!("sources[{i}].idempotency_header"),
+                format!("`{h}` is not a header name"),
+            ));
+        }
         if let Some(rate) = s.rate_limit
             && !RATE_LIMITS.contains(&rate)
         {
@@ -1917,6 +1931,22 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("routes[0].destinations[0]"), "{err}");
+    }
+
+    #[test]
+    fn an_idempotency_header_must_be_a_header_name() {
+        let with = |h: &str| {
+            let line = format!("name = \"onomondo\"\nidempotency_header = \"{h}\"");
+            parse(&GOOD.replacen(r#"name = "onomondo""#, &line, 1))
+        };
+        let c = with("X-GitHub-Delivery").unwrap();
+        assert_eq!(
+            c.sources[0].idempotency_header.as_deref(),
+            Some("X-GitHub-Delivery")
+        );
+        let err = with("x delivery").unwrap_err().to_string();
+        assert!(err.contains("sources[0].idempotency_header"), "{err}");
+        assert!(err.contains("not a header name"), "{err}");
     }
 
     #[test]

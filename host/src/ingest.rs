@@ -177,8 +177,7 @@ async fn accept(
             && crate::edge::VerifyConfig::keeps(sc.verify.as_ref(), name)
     };
     let event = new_event(source, &method, &uri, &headers, keep, body);
-    let field = sc.idempotency_field.as_deref();
-    let idempotency = idempotency_key(field, &event, &headers)?.map(|key| Idempotency {
+    let idempotency = idempotency_key(&sc, &event, &headers)?.map(|key| Idempotency {
         key,
         window_ms: config.server.idempotency_window.as_millis() as u64,
     });
@@ -363,9 +362,10 @@ fn inflate(coding: &str, input: &[u8], max: usize) -> Result<Bytes, ApiError> {
 }
 
 /// The event's idempotency key: the `Idempotency-Key` header, or else the source's
-/// configured JSON field (`idempotency_field`).
+/// provider header (`idempotency_header`, `webhook-id` for a Standard Webhooks source), or
+/// else its JSON field (`idempotency_field`).
 fn idempotency_key(
-    field: Option<&str>,
+    source: &crate::config::SourceConfig,
     event: &Event,
     headers: &HeaderMap,
 ) -> Result<Option<String>, ApiError> {
@@ -380,27 +380,38 @@ fn idempotency_key(
         }
         return Ok(Some(key.to_string()));
     }
-    Ok(field.and_then(|f| {
+    let standard = matches!(
+        source.verify,
+        Some(crate::edge::VerifyConfig::StandardWebhooks { .. })
+    );
+    let header = (source.idempotency_header.as_deref()).or(standard.then_some("webhook-id"));
+    if let Some(value) = header
+        .and_then(|h| headers.get(h))
+        .filter(|v| !v.is_empty())
+    {
+        return Ok(Some(provider_key(value.as_bytes())));
+    }
+    Ok(source.idempotency_field.as_deref().and_then(|f| {
         event.json_object().and_then(|obj| match obj.get(f) {
-            Some(serde_json::Value::String(s)) => Some(field_key(s)),
+            Some(serde_json::Value::String(s)) => Some(provider_key(s.as_bytes())),
             Some(serde_json::Value::Number(n)) => Some(n.to_string()),
             _ => None,
         })
     }))
 }
 
-/// A body field's value as an idempotency key: itself where a header's key could be it
-/// (at most 255 bytes, no control characters), else `sha256:` and its digest — the same
-/// value still gives the same key, and one every store can keep (PostgreSQL's text holds
-/// no NUL, nor its B-tree an entry much over 2 KB). The event is never refused for it:
-/// the sender did not choose the field's value as a key, its provider did.
-fn field_key(value: &str) -> String {
-    if value.len() <= 255 && !value.chars().any(char::is_control) {
-        return value.to_string();
+/// A body field's or a provider header's value as an idempotency key: itself where an
+/// `Idempotency-Key` could be it (at most 255 bytes of text, no control characters), else
+/// `sha256:` and its digest — the same value still gives the same key, and one every store
+/// can keep (PostgreSQL's text holds no NUL, nor its B-tree an entry much over 2 KB). The
+/// event is never refused for it: the sender did not choose the value as a key, its
+/// provider did.
+fn provider_key(value: &[u8]) -> String {
+    match std::str::from_utf8(value) {
+        Ok(text) if text.len() <= 255 && !text.chars().any(char::is_control) => text.into(),
+        _ => {
+            use sha2::Digest;
+            format!("sha256:{}", hex::encode(sha2::Sha256::digest(value)))
+        }
     }
-    use sha2::Digest;
-    format!(
-        "sha256:{}",
-        hex::encode(sha2::Sha256::digest(value.as_bytes()))
-    )
 }

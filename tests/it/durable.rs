@@ -16,6 +16,7 @@ fn one_destination(path: &str, extra: &str) -> String {
 [[sources]]
 name = "s"
 idempotency_field = "id"
+idempotency_header = "x-github-delivery"
 [[destinations]]
 name = "d"
 url = "{{receiver}}{path}"
@@ -53,15 +54,19 @@ async fn destination(gw: &TestGateway, name: &str) -> Value {
 async fn idempotent_ingest_answers_with_the_original_id() {
     let rx = Receiver::start().await;
     let gw = TestGateway::start(&one_destination("/", ""), &rx, &[]).await;
-    let post = |key: Option<&'static str>, body: &'static str| {
+    let post_with = |headers: &[(&'static str, &'static str)], body: &'static str| {
         let mut req = gw.client.post(format!("{}/v1/ingest/s", gw.url)).body(body);
-        if let Some(k) = key {
-            req = req.header("idempotency-key", k);
+        for (name, value) in headers {
+            req = req.header(*name, *value);
         }
         async move {
             let resp = req.send().await.unwrap();
             (resp.status().as_u16(), resp.json::<Value>().await.unwrap())
         }
+    };
+    let post = |key: Option<&'static str>, body| match key {
+        Some(k) => post_with(&[("idempotency-key", k)], body),
+        None => post_with(&[], body),
     };
     let (s1, first) = post(Some("k-1"), "{}").await;
     let (s2, again) = post(Some("k-1"), "{}").await;
@@ -77,9 +82,25 @@ async fn idempotent_ingest_answers_with_the_original_id() {
     assert_eq!(status, 200);
     assert_eq!(a["id"], b["id"]);
 
-    rx.wait_for(3).await;
+    // The source's idempotency_header (GitHub's delivery id, repeated on its retries) comes
+    // before the body field, and after an `Idempotency-Key`.
+    let gh = |delivery| [("x-github-delivery", delivery)];
+    let (s1, c) = post_with(&gh("72d3162e"), r#"{"id":"onomondo-1"}"#).await;
+    let (s2, d) = post_with(&gh("72d3162e"), r#"{"id":"onomondo-2"}"#).await;
+    assert_eq!((s1, s2), (202, 200), "{c} {d}");
+    assert_eq!(c["id"], d["id"]);
+    let both = [
+        ("x-github-delivery", "72d3162e"),
+        ("idempotency-key", "k-3"),
+    ];
+    let (s3, e) = post_with(&both, "{}").await;
+    assert_eq!(s3, 202, "the Idempotency-Key decides: {e}");
+    let (s4, _) = post_with(&gh(""), r#"{"id":"onomondo-1"}"#).await;
+    assert_eq!(s4, 200, "an empty header is no key: the body field decides");
+
+    rx.wait_for(5).await;
     gw.shutdown().await.unwrap();
-    assert_eq!(rx.requests().len(), 3, "duplicates are not delivered again");
+    assert_eq!(rx.requests().len(), 5, "duplicates are not delivered again");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -143,8 +143,8 @@ async fn inbound_signatures_are_checked_and_failures_store_nothing() {
     );
 
     // Standard Webhooks, signed with the second of two secrets (rotation).
-    let (id, ts) = ("msg_1", now_s());
-    let sw = |ts: u64, secret: &str| {
+    let (mut id, ts) = ("msg_1", now_s());
+    let sw = |id: &str, ts: u64, secret: &str| {
         vec![
             ("webhook-id", id.to_string()),
             ("webhook-timestamp", ts.to_string()),
@@ -154,9 +154,18 @@ async fn inbound_signatures_are_checked_and_failures_store_nothing() {
             ),
         ]
     };
-    assert_eq!(post(&gw, "sw", body, &sw(ts, SECRET)).await.0, 202);
-    assert_eq!(post(&gw, "sw", body, &sw(ts, ROTATED)).await.0, 202);
-    let (status, err) = post(&gw, "sw", body, &sw(ts - 600, SECRET)).await;
+    assert_eq!(post(&gw, "sw", body, &sw(id, ts, SECRET)).await.0, 202);
+    // The sender's retry of that message (its `webhook-id` again), signed anew: the same
+    // event, not a second one.
+    let (status, again) = post(&gw, "sw", body, &sw(id, ts + 5, ROTATED)).await;
+    assert_eq!(
+        (status, &again["duplicate"]),
+        (200, &json!(true)),
+        "{again}"
+    );
+    id = "msg_2";
+    assert_eq!(post(&gw, "sw", body, &sw(id, ts, ROTATED)).await.0, 202);
+    let (status, err) = post(&gw, "sw", body, &sw(id, ts - 600, SECRET)).await;
     assert_eq!(status, 401, "stale timestamp");
     assert!(
         err["error"].as_str().unwrap().contains("tolerance"),
@@ -166,7 +175,7 @@ async fn inbound_signatures_are_checked_and_failures_store_nothing() {
         &gw,
         "sw",
         body,
-        &sw(ts, "whsec_c29tZSBvdGhlciBzZWNyZXQgZW50aXJlbHk="),
+        &sw(id, ts, "whsec_c29tZSBvdGhlciBzZWNyZXQgZW50aXJlbHk="),
     )
     .await;
     assert_eq!(status, 401, "unknown secret");

@@ -938,7 +938,9 @@ async fn list_plugins(State(state): State<Arc<AppState>>) -> Json<serde_json::Va
         (status = 200, description = "Reloaded", body = Object),
         (status = 422, description = "The config was rejected; the previous one keeps serving", body = Object),
     ))]
-async fn reload(State(state): State<Arc<AppState>>) -> (StatusCode, Json<crate::reload::ReloadReport>) {
+async fn reload(
+    State(state): State<Arc<AppState>>,
+) -> (StatusCode, Json<crate::reload::ReloadReport>) {
     let report = state.reloader.reload("POST /v1/reload").await;
     let status = if report.config == "rejected" {
         StatusCode::UNPROCESSABLE_ENTITY
