@@ -375,6 +375,17 @@ pub enum VerifyConfig {
         /// The values accepted; several during a rotation (never shown in full by the API).
         secrets: Vec<String>,
     },
+    /// A shared secret in a query parameter of the URL the sender posts to
+    /// (`…/v1/ingest/onomondo?token=…`) — for senders that can neither sign nor add a
+    /// header, only be given a URL. Weaker than a header: a URL is more often logged on
+    /// the way (proxies, the sender's own tools); prefer `header` or a signature where the
+    /// sender allows. The parameter is not stored with the event.
+    Query {
+        /// The query parameter that carries it, e.g. `token`.
+        param: String,
+        /// The values accepted; several during a rotation (never shown in full by the API).
+        secrets: Vec<String>,
+    },
     /// No verification.
     None {},
 }
@@ -413,6 +424,10 @@ pub enum EdgeError {
     MissingSecret(String),
     #[error("the `{0}` header does not hold an accepted secret")]
     WrongSecret(String),
+    #[error("missing query parameter `{0}`")]
+    MissingParam(String),
+    #[error("the `{0}` query parameter does not hold an accepted secret")]
+    WrongParam(String),
 }
 
 impl VerifyConfig {
@@ -490,6 +505,22 @@ impl VerifyConfig {
                 }
                 Ok(())
             }
+            VerifyConfig::Query { param, secrets } => {
+                if param.is_empty() {
+                    return Err("`param` must name the query parameter".into());
+                }
+                if secrets.is_empty() {
+                    return Err("`secrets` must list at least one accepted value".into());
+                }
+                for (i, s) in secrets.iter().enumerate() {
+                    if s.len() < 16 {
+                        return Err(format!(
+                            "`secrets[{i}]` must be at least 16 characters (anyone may try a URL)"
+                        ));
+                    }
+                }
+                Ok(())
+            }
             VerifyConfig::None {} => Ok(()),
         }
     }
@@ -506,11 +537,24 @@ impl VerifyConfig {
         }
     }
 
+    /// The query the event keeps of a request's: all of it but the parameter a `query`
+    /// scheme's secret comes in (the others as sent, in their order).
+    pub fn kept_query(verify: Option<&Self>, query: &str) -> String {
+        match verify {
+            Some(VerifyConfig::Query { param, .. }) => (query.split('&'))
+                .filter(|pair| !pair.is_empty() && !is_param(pair, param))
+                .collect::<Vec<_>>()
+                .join("&"),
+            _ => query.to_string(),
+        }
+    }
+
     /// Verifies a request's signature over `body` (as sent, or as decoded by ingest).
     /// `now_s`: Unix seconds.
     pub fn verify(
         &self,
         headers: &http::HeaderMap,
+        query: &str,
         body: &[u8],
         now_s: u64,
     ) -> Result<(), EdgeError> {
@@ -620,17 +664,38 @@ impl VerifyConfig {
                 let given = (headers.get(header.as_str()))
                     .ok_or_else(|| EdgeError::MissingSecret(header.clone()))?
                     .as_bytes();
-                // Each compared in constant time, and all of them whatever matches.
-                let accepted = (secrets.iter()).fold(subtle::Choice::from(0), |any, s| {
-                    any | s.as_bytes().ct_eq(given)
-                });
-                match bool::from(accepted) {
+                match accepted(secrets, given) {
                     true => Ok(()),
                     false => Err(EdgeError::WrongSecret(header.clone())),
                 }
             }
+            VerifyConfig::Query { param, secrets } => {
+                let given: Vec<_> = (url::form_urlencoded::parse(query.as_bytes()))
+                    .filter(|(name, _)| name == param)
+                    .map(|(_, value)| value)
+                    .collect();
+                match given.as_slice() {
+                    [] => Err(EdgeError::MissingParam(param.clone())),
+                    [one] if accepted(secrets, one.as_bytes()) => Ok(()),
+                    _ => Err(EdgeError::WrongParam(param.clone())),
+                }
+            }
         }
     }
+}
+
+/// One of the secrets, compared in constant time with each of them whatever matches.
+fn accepted(secrets: &[String], given: &[u8]) -> bool {
+    let any = (secrets.iter()).fold(subtle::Choice::from(0), |any, s| {
+        any | s.as_bytes().ct_eq(given)
+    });
+    any.into()
+}
+
+/// Whether a `name=value` pair of a query is the parameter `param` (its name decoded).
+fn is_param(pair: &str, param: &str) -> bool {
+    let name = pair.split_once('=').map_or(pair, |(name, _)| name);
+    (url::form_urlencoded::parse(name.as_bytes()).next()).is_some_and(|(n, _)| n == param)
 }
 
 fn header_str<'a>(headers: &'a http::HeaderMap, name: &str) -> Result<&'a str, EdgeError> {
@@ -830,26 +895,26 @@ mod tests {
             ("webhook-timestamp", "1614265330"),
             ("webhook-signature", &format!("v1,bm9wZQ== {sig}")),
         ]);
-        assert_eq!(cfg(&[good]).verify(&h, body, 1614265330 + 10), Ok(()));
+        assert_eq!(cfg(&[good]).verify(&h, "", body, 1614265330 + 10), Ok(()));
         assert_eq!(
-            cfg(&[other, good]).verify(&h, body, 1614265330),
+            cfg(&[other, good]).verify(&h, "", body, 1614265330),
             Ok(()),
             "rotation"
         );
         assert_eq!(
-            cfg(&[other]).verify(&h, body, 1614265330),
+            cfg(&[other]).verify(&h, "", body, 1614265330),
             Err(EdgeError::Mismatch)
         );
         assert_eq!(
-            cfg(&[good]).verify(&h, b"{}", 1614265330),
+            cfg(&[good]).verify(&h, "", b"{}", 1614265330),
             Err(EdgeError::Mismatch)
         );
         assert!(matches!(
-            cfg(&[good]).verify(&h, body, 1614265330 + 301),
+            cfg(&[good]).verify(&h, "", body, 1614265330 + 301),
             Err(EdgeError::Stale(_))
         ));
         assert_eq!(
-            cfg(&[good]).verify(&headers(&[]), body, 0),
+            cfg(&[good]).verify(&headers(&[]), "", body, 0),
             Err(EdgeError::Missing("webhook-id".into()))
         );
     }
@@ -862,16 +927,19 @@ mod tests {
         let raw = mac.finalize().into_bytes();
         let hex_cfg = hmac(r#"{"secret": "key", "header": "bondio-signature"}"#);
         let h = headers(&[("bondio-signature", &hex::encode(raw))]);
-        assert_eq!(hex_cfg.verify(&h, body, 0), Ok(()));
-        assert_eq!(hex_cfg.verify(&h, b"tampered", 0), Err(EdgeError::Mismatch));
+        assert_eq!(hex_cfg.verify(&h, "", body, 0), Ok(()));
+        assert_eq!(
+            hex_cfg.verify(&h, "", b"tampered", 0),
+            Err(EdgeError::Mismatch)
+        );
         let b64_cfg = hmac(
             r#"{"secret": "key", "header": "x-sig", "encoding": "base64", "prefix": "sha256="}"#,
         );
         let h = headers(&[("x-sig", &format!("sha256={}", B64.encode(raw)))]);
-        assert_eq!(b64_cfg.verify(&h, body, 0), Ok(()));
+        assert_eq!(b64_cfg.verify(&h, "", body, 0), Ok(()));
         let h = headers(&[("x-sig", &B64.encode(raw))]);
         assert_eq!(
-            b64_cfg.verify(&h, body, 0),
+            b64_cfg.verify(&h, "", body, 0),
             Err(EdgeError::Malformed("x-sig".into()))
         );
     }
@@ -896,10 +964,10 @@ mod tests {
         let cfg = hmac(r#"{"secret": "new", "previous_secrets": ["old"], "header": "x-sig"}"#);
         for key in ["new", "old"] {
             let h = headers(&[("x-sig", &sign(key.as_bytes()))]);
-            assert_eq!(cfg.verify(&h, body, 0), Ok(()), "{key}");
+            assert_eq!(cfg.verify(&h, "", body, 0), Ok(()), "{key}");
         }
         let h = headers(&[("x-sig", &sign(b"older"))]);
-        assert_eq!(cfg.verify(&h, body, 0), Err(EdgeError::Mismatch));
+        assert_eq!(cfg.verify(&h, "", body, 0), Err(EdgeError::Mismatch));
     }
 
     /// Slack's worked example (api.slack.com, "Verifying requests from Slack"): its secret,
@@ -920,24 +988,24 @@ mod tests {
             ])
         };
         let ts = 1531420618;
-        assert_eq!(cfg.verify(&at("1531420618"), body, ts + 299), Ok(()));
+        assert_eq!(cfg.verify(&at("1531420618"), "", body, ts + 299), Ok(()));
         assert_eq!(
-            cfg.verify(&at("1531420618"), body, ts + 301),
+            cfg.verify(&at("1531420618"), "", body, ts + 301),
             Err(EdgeError::Stale(Duration::from_secs(300))),
             "a replay after the tolerance"
         );
         assert_eq!(
-            cfg.verify(&at("1531420619"), body, ts),
+            cfg.verify(&at("1531420619"), "", body, ts),
             Err(EdgeError::Mismatch),
             "the timestamp is signed"
         );
         assert_eq!(
-            cfg.verify(&at("soon"), body, ts),
+            cfg.verify(&at("soon"), "", body, ts),
             Err(EdgeError::Malformed("x-slack-request-timestamp".into()))
         );
         let h = headers(&[("x-slack-signature", sig)]);
         assert_eq!(
-            cfg.verify(&h, body, ts),
+            cfg.verify(&h, "", body, ts),
             Err(EdgeError::Missing("x-slack-request-timestamp".into()))
         );
     }
@@ -956,22 +1024,22 @@ mod tests {
         );
         let h = |v: &str| headers(&[("stripe-signature", v)]);
         let good = format!("t=1700000000,v1={},v1={sig},v0=ignored", "00".repeat(32));
-        assert_eq!(cfg.verify(&h(&good), body, 1700000000 + 599), Ok(()));
+        assert_eq!(cfg.verify(&h(&good), "", body, 1700000000 + 599), Ok(()));
         assert_eq!(
-            cfg.verify(&h(&good), body, 1700000000 - 601),
+            cfg.verify(&h(&good), "", body, 1700000000 - 601),
             Err(EdgeError::Stale(Duration::from_secs(600)))
         );
         assert_eq!(
-            cfg.verify(&h(&format!("t=1700000001,v1={sig}")), body, 1700000000),
+            cfg.verify(&h(&format!("t=1700000001,v1={sig}")), "", body, 1700000000),
             Err(EdgeError::Mismatch)
         );
         assert_eq!(
-            cfg.verify(&h(&format!("v1={sig}")), body, 1700000000),
+            cfg.verify(&h(&format!("v1={sig}")), "", body, 1700000000),
             Err(EdgeError::Malformed("stripe-signature".into())),
             "no timestamp"
         );
         assert_eq!(
-            cfg.verify(&h("t=1700000000,v0=abc"), body, 1700000000),
+            cfg.verify(&h("t=1700000000,v0=abc"), "", body, 1700000000),
             Err(EdgeError::Malformed("stripe-signature".into())),
             "no signature under the key"
         );
@@ -1028,6 +1096,45 @@ mod tests {
     }
 
     #[test]
+    fn a_query_secret_is_one_of_those_accepted_and_not_kept() {
+        let cfg = VerifyConfig::Query {
+            param: "token".into(),
+            secrets: vec!["new-0123456789ab+/".into(), "old-0123456789abcd".into()],
+        };
+        assert_eq!(cfg.validate(), Ok(()));
+        let check = |query: &str| cfg.verify(&headers(&[]), query, b"{}", 0);
+        // As sent, percent-encoded, among other parameters; the old secret during a rotation.
+        for query in [
+            "token=new-0123456789ab%2B%2F",
+            "a=1&token=old-0123456789abcd&b=2",
+        ] {
+            assert_eq!(check(query), Ok(()), "{query}");
+        }
+        let wrong = Err(EdgeError::WrongParam("token".into()));
+        assert_eq!(check("token=new-0123456789ab"), wrong);
+        assert_eq!(
+            check("token=old-0123456789abcd&token=nope"),
+            wrong,
+            "only one, not any of several"
+        );
+        assert_eq!(
+            check("tokens=old-0123456789abcd"),
+            Err(EdgeError::MissingParam("token".into()))
+        );
+        assert_eq!(check(""), Err(EdgeError::MissingParam("token".into())));
+        // The event keeps the rest of the query as sent.
+        let kept = |q| VerifyConfig::kept_query(Some(&cfg), q);
+        assert_eq!(kept("a=1%20x&token=old-0123456789abcd&b=2"), "a=1%20x&b=2");
+        assert_eq!(kept("to%6Ben=x&b"), "b", "the name is decoded");
+        assert_eq!(VerifyConfig::kept_query(None, "token=x"), "token=x");
+        let short = VerifyConfig::Query {
+            param: "token".into(),
+            secrets: vec!["guessable".into()],
+        };
+        assert!(short.validate().unwrap_err().contains("at least 16"));
+    }
+
+    #[test]
     fn a_header_secret_is_one_of_those_accepted_and_not_kept() {
         let cfg = VerifyConfig::Header {
             header: "X-Api-Key".into(),
@@ -1036,16 +1143,17 @@ mod tests {
         assert_eq!(cfg.validate(), Ok(()));
         for secret in ["new-0123456789abcdef", "old-0123456789abcdef"] {
             let h = headers(&[("x-api-key", secret)]);
-            assert_eq!(cfg.verify(&h, b"{}", 0), Ok(()), "{secret}");
+            assert_eq!(cfg.verify(&h, "", b"{}", 0), Ok(()), "{secret}");
         }
         let wrong = ["new-0123456789abcde", "new-0123456789abcdefg", ""];
         for given in wrong {
             let h = headers(&[("x-api-key", given)]);
             let refused = Err(EdgeError::WrongSecret("X-Api-Key".into()));
-            assert_eq!(cfg.verify(&h, b"{}", 0), refused, "{given:?}");
+            assert_eq!(cfg.verify(&h, "", b"{}", 0), refused, "{given:?}");
         }
         let missing = cfg.verify(
             &headers(&[("authorization", "new-0123456789abcdef")]),
+            "",
             b"",
             0,
         );

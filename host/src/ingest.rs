@@ -15,6 +15,7 @@ use tracing::Instrument;
 use crate::api::{ApiError, AppState};
 use crate::delivery::now_ms;
 use crate::edge;
+use crate::edge::VerifyConfig;
 use crate::event::{Body, Event};
 use crate::store::{Idempotency, Inserted, Limit, StoreError};
 
@@ -132,10 +133,11 @@ async fn accept(
     if let Some(verify) = &sc.verify {
         let now_s = now_ms() / 1000;
         // Senders sign the payload; one that signs the compressed bytes is let in too.
+        let query = uri.query().unwrap_or("");
         let checked = verify
-            .verify(&headers, &body, now_s)
+            .verify(&headers, query, &body, now_s)
             .or_else(|e| match decoded {
-                Some(_) => verify.verify(&headers, &wire, now_s).map_err(|_| e),
+                Some(_) => verify.verify(&headers, query, &wire, now_s).map_err(|_| e),
                 None => Err(e),
             });
         checked.map_err(|e| {
@@ -169,14 +171,18 @@ async fn accept(
             });
         }
     }
-    // The stored body is the decoded one; a secret the source checked as it came (a
-    // `header` scheme's) is not kept: plugins, the event view and destinations have no use
-    // for the sender's credential.
-    let keep = |name: &http::HeaderName| {
-        (decoded.is_none() || name != http::header::CONTENT_ENCODING)
-            && crate::edge::VerifyConfig::keeps(sc.verify.as_ref(), name)
-    };
-    let event = new_event(source, &method, &uri, &headers, keep, body);
+    // The stored body is the decoded one.
+    let keep =
+        |name: &http::HeaderName| decoded.is_none() || name != http::header::CONTENT_ENCODING;
+    let event = new_event(
+        source,
+        &method,
+        &uri,
+        &headers,
+        keep,
+        sc.verify.as_ref(),
+        body,
+    );
     let idempotency = idempotency_key(&sc, &event, &headers)?.map(|key| Idempotency {
         key,
         window_ms: config.server.idempotency_window.as_millis() as u64,
@@ -216,12 +222,16 @@ async fn accept(
 
 /// A new event (a fresh UUIDv7 id, received now) from a request to `source`, with the
 /// headers `keep` keeps.
+/// The event a request makes: its headers those `keep` keeps, and neither keeps the
+/// credential a source's `verify` checked as it came (a `header` scheme's header, a `query`
+/// scheme's parameter) — plugins, the event view and destinations have no use for it.
 pub(crate) fn new_event(
     source: String,
     method: &http::Method,
     uri: &http::Uri,
     headers: &HeaderMap,
     keep: impl Fn(&http::HeaderName) -> bool,
+    verify: Option<&VerifyConfig>,
     body: Bytes,
 ) -> Event {
     let content_type = headers
@@ -234,10 +244,10 @@ pub(crate) fn new_event(
         received_at: now_ms(),
         method: method.to_string(),
         path: uri.path().to_string(),
-        query: uri.query().unwrap_or("").to_string(),
+        query: VerifyConfig::kept_query(verify, uri.query().unwrap_or("")),
         headers: headers
             .iter()
-            .filter(|(k, _)| keep(k))
+            .filter(|(k, _)| keep(k) && VerifyConfig::keeps(verify, k))
             .map(|(k, v)| {
                 (
                     k.as_str().to_string(),

@@ -181,7 +181,8 @@ impl DryRunner {
             &axum::http::Method::POST,
             &api::ingest_uri(source, query)?,
             headers,
-            |name| edge::VerifyConfig::keeps(verify, name),
+            |_| true,
+            verify,
             body,
         );
         let (routes, deliveries) =

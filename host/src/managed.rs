@@ -508,7 +508,11 @@ impl Redact for SourceConfig {
                     *x = redact(x);
                 }
             }
-            Some(V::StandardWebhooks { secrets, .. } | V::Header { secrets, .. }) => {
+            Some(
+                V::StandardWebhooks { secrets, .. }
+                | V::Header { secrets, .. }
+                | V::Query { secrets, .. },
+            ) => {
                 for x in secrets.iter_mut() {
                     *x = redact(x);
                 }
@@ -541,7 +545,8 @@ impl Redact for SourceConfig {
                 Some(V::StandardWebhooks { secrets, .. }),
                 Some(V::StandardWebhooks { secrets: olds, .. }),
             )
-            | (Some(V::Header { secrets, .. }), Some(V::Header { secrets: olds, .. })) => {
+            | (Some(V::Header { secrets, .. }), Some(V::Header { secrets: olds, .. }))
+            | (Some(V::Query { secrets, .. }), Some(V::Query { secrets: olds, .. })) => {
                 keep_listed(secrets.iter_mut(), &olds.iter().collect::<Vec<_>>())
             }
             _ => {}

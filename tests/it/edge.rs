@@ -2280,12 +2280,13 @@ async fn deliveries_carry_an_oauth2_token_renewed_and_replaced_when_refused() {
     gw.shutdown().await.unwrap();
 }
 
-/// A source whose senders can only add a fixed header (1NCE's webhook headers) or put
-/// credentials in their URL checks that header's value against its secrets (several
-/// during a rotation): missing or wrong is a `401` naming the header, and the credential
-/// is not kept — neither shown in the event view nor forwarded to the destination.
+/// A source whose senders can only add a fixed header (1NCE's webhook headers), put
+/// credentials in their URL, or be given a URL with a secret parameter checks that header's
+/// or parameter's value against its secrets (several during a rotation): missing or wrong
+/// is a `401` naming it, and the credential is not kept — neither shown in the event view
+/// nor forwarded to the destination.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_source_may_check_a_secret_header_or_basic_credentials() {
+async fn a_source_may_check_a_secret_header_basic_credentials_or_a_query_secret() {
     let rx = Receiver::start().await;
     let basic = base64::engine::general_purpose::STANDARD.encode("onenc:pa55-w0rd-0123");
     let config = format!(
@@ -2296,6 +2297,9 @@ verify = {{ scheme = "header", header = "x-api-key", secrets = ["k-new-012345678
 [[sources]]
 name = "basic"
 verify = {{ scheme = "header", header = "authorization", secrets = ["Basic {basic}"] }}
+[[sources]]
+name = "onomondo"
+verify = {{ scheme = "query", param = "token", secrets = ["q-0123456789abcdef/+"] }}
 [[destinations]]
 name = "d"
 url = "{{receiver}}/in"
@@ -2304,6 +2308,9 @@ source = "1nce"
 destinations = ["d"]
 [[routes]]
 source = "basic"
+destinations = ["d"]
+[[routes]]
+source = "onomondo"
 destinations = ["d"]
 "#
     );
@@ -2342,7 +2349,35 @@ destinations = ["d"]
         .unwrap();
     assert_eq!(sent.status(), 401);
 
-    let got = rx.wait_for(3).await;
+    // A sender that can only be given a URL: the secret in a query parameter.
+    let at = |query: &str| format!("{}/v1/ingest/onomondo{query}", gw.url);
+    let post_to = |url: String| {
+        let sent = sender.post(url).body(body).send();
+        async move {
+            let sent = sent.await.unwrap();
+            (sent.status().as_u16(), sent.json::<Value>().await.unwrap())
+        }
+    };
+    assert_eq!(
+        post_to(at("")).await,
+        (401, json!({ "error": "missing query parameter `token`" }))
+    );
+    assert_eq!(
+        post_to(at("?token=q-0123456789abcdef")).await,
+        (
+            401,
+            json!({ "error": "the `token` query parameter does not hold an accepted secret" })
+        )
+    );
+    let (status, answer) = post_to(at("?site=a%20b&token=q-0123456789abcdef%2F%2B")).await;
+    assert_eq!(status, 202, "{answer}");
+    let event = gw.event(answer["id"].as_str().unwrap()).await;
+    assert_eq!(
+        event["event"]["query"], "site=a%20b",
+        "the secret is not kept: {event}"
+    );
+
+    let got = rx.wait_for(4).await;
     for r in &got {
         assert_eq!(r.header("x-api-key"), None, "{:?}", r.headers);
         assert_eq!(r.header("authorization"), None, "{:?}", r.headers);

@@ -128,8 +128,7 @@ pub(super) async fn dry_run(
     let keep = |name: &http::HeaderName| {
         !(API_CALL_HEADERS.contains(&name.as_str())
             || name.as_str().starts_with("sec-")
-            || (decoded.is_some() && name == http::header::CONTENT_ENCODING)
-            || !crate::edge::VerifyConfig::keeps(source.verify.as_ref(), name))
+            || (decoded.is_some() && name == http::header::CONTENT_ENCODING))
     };
     // The event as ingest would have made it from a post to the source.
     let uri = ingest_uri(&name, request.uri.query())?;
@@ -139,6 +138,7 @@ pub(super) async fn dry_run(
         &uri,
         &request.headers,
         keep,
+        source.verify.as_ref(),
         decoded.clone().unwrap_or(wire),
     );
     Ok(Json(run(&state, event).await))

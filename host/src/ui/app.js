@@ -393,7 +393,10 @@ async function routesPage() {
       const byName = (list) => Object.fromEntries(list.items.map((x) => [x.name, x]));
       const [src, plugin, dest] = [byName(sources), byName(plugins), byName(destinations)];
       // How a source's senders are checked: a signature, a secret header, an address, a certificate.
-      const verified = (v) => !v || v.scheme === 'none' ? null : v.scheme === 'header' ? `secret header (${v.header})` : `signed (${v.scheme})`;
+      const verified = (v) => !v || v.scheme === 'none' ? null
+        : v.scheme === 'header' ? `secret header (${v.header})`
+        : v.scheme === 'query' ? `secret query parameter (${v.param})`
+        : `signed (${v.scheme})`;
       const checks = (s) => [s && verified(s.verify),
         s && s.allow_ips && s.allow_ips.length ? 'IP allowlist' : null,
         s && s.allow_client_names && s.allow_client_names.length ? 'client certificate' : null].filter(Boolean).join(', ') || 'not verified';
