@@ -720,6 +720,7 @@ fn the_deploy_example_would_start_with_its_secrets_set() {
     let secrets = [
         ("SWITCHYARD_API_TOKEN", "a-long-production-token"),
         ("BONDIO_WEBHOOK_SECRET", "bondio-shared-secret"),
+        ("ONOMONDO_URL_TOKEN", "0123456789abcdef0123456789abcdef"),
         ("BACKEND_URL", "https://backend.example.com/hooks"),
         (
             "BACKEND_SIGNING_SECRET",
