@@ -730,22 +730,106 @@ const RATE_LIMITS: std::ops::RangeInclusive<f64> = 0.001..=1_000_000.0;
 /// before another takes them.
 pub const MAX_DESTINATION_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 
-/// Standard Webhooks signing of a destination's deliveries.
+/// How a destination's deliveries are signed: Standard Webhooks, or an HMAC-SHA256 in a
+/// header of the receiver's choice.
 #[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SigningConfig {
-    /// A `whsec_…` secret (base64 after the prefix, at least 16 bytes).
+    /// `standard-webhooks` (the default): `webhook-timestamp` and `webhook-signature`; or
+    /// `hmac-sha256`: for a receiver that already checks a provider's HMAC (Bondio's,
+    /// GitHub's), so the gateway can sign in its place what the plugins reshaped.
+    #[serde(default)]
+    pub scheme: SigningScheme,
+    /// `standard-webhooks`: a `whsec_…` secret (base64 after the prefix, at least 16
+    /// bytes); `hmac-sha256`: the receiver's shared secret, as text.
     pub secret: String,
     /// During a rotation, the secrets receivers may still verify with: each delivery is
     /// also signed with these (one `v1,` signature per secret in `webhook-signature`, as
     /// Standard Webhooks allows). Remove them once every receiver has `secret`.
+    /// (`standard-webhooks` only: an HMAC header carries one signature.)
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub previous_secrets: Vec<String>,
+    /// `hmac-sha256`: the header carrying the signature, e.g. `x-hub-signature-256`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    /// `hmac-sha256`: `hex` (the default) or `base64`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoding: Option<crate::edge::Encoding>,
+    /// `hmac-sha256`: text before the signature, e.g. `sha256=`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    /// `hmac-sha256`: what is signed, `{body}` by default; with the attempt's time, e.g.
+    /// `{timestamp}.{body}` (Unix seconds, sent in `timestamp_header`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signed: Option<String>,
+    /// `hmac-sha256`: the header carrying the signed timestamp.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestamp_header: Option<String>,
+}
+
+/// A destination's signature scheme.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum SigningScheme {
+    #[default]
+    StandardWebhooks,
+    HmacSha256,
 }
 
 impl SigningConfig {
     /// The most `previous_secrets`.
     pub const MAX_PREVIOUS: usize = 4;
+
+    /// What the scheme needs and forbids: the field at fault and why. (A Standard Webhooks
+    /// secret's form is checked by the caller.)
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        let hmac_fields = [
+            ("header", self.header.is_some()),
+            ("encoding", self.encoding.is_some()),
+            ("prefix", self.prefix.is_some()),
+            ("signed", self.signed.is_some()),
+            ("timestamp_header", self.timestamp_header.is_some()),
+        ];
+        match self.scheme {
+            SigningScheme::StandardWebhooks => match hmac_fields.iter().find(|(_, given)| *given) {
+                Some((field, _)) => Err((field, "only for scheme = \"hmac-sha256\"".into())),
+                None => Ok(()),
+            },
+            SigningScheme::HmacSha256 => {
+                if self.secret.is_empty() {
+                    return Err(("secret", "must not be empty".into()));
+                }
+                if !self.previous_secrets.is_empty() {
+                    return Err((
+                        "previous_secrets",
+                        "an `hmac-sha256` header carries one signature: change the secret here and at the receiver together".into(),
+                    ));
+                }
+                let Some(header) = &self.header else {
+                    return Err((
+                        "header",
+                        "the header the signature goes in is required".into(),
+                    ));
+                };
+                for (field, name) in [
+                    ("header", Some(header)),
+                    ("timestamp_header", self.timestamp_header.as_ref()),
+                ] {
+                    if let Some(name) = name
+                        && http::HeaderName::from_bytes(name.as_bytes()).is_err()
+                    {
+                        return Err((field, format!("`{name}` is not a header name")));
+                    }
+                }
+                crate::edge::check_signed(
+                    self.signed.as_deref(),
+                    self.timestamp_header.is_some(),
+                    "`timestamp_header`",
+                )
+                .map_err(|m| ("signed", m))
+            }
+        }
+    }
 
     /// The secrets deliveries are signed with: `secret` first, then `previous_secrets`.
     pub fn secrets(&self) -> impl Iterator<Item = &String> {
@@ -1381,6 +1465,14 @@ impl Config {
             ));
         }
         if let Some(s) = &d.signing {
+            s.validate()
+                .map_err(|(field, m)| (format!("destinations[{i}].signing.{field}"), m))?;
+        }
+        if let Some(s) = d
+            .signing
+            .as_ref()
+            .filter(|s| s.scheme == SigningScheme::StandardWebhooks)
+        {
             crate::edge::decode_secret(&s.secret)
                 .map_err(|m| (format!("destinations[{i}].signing.secret"), m))?;
             for (j, previous) in s.previous_secrets.iter().enumerate() {
@@ -1931,6 +2023,67 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("routes[0].destinations[0]"), "{err}");
+    }
+
+    #[test]
+    fn a_destinations_signing_takes_what_its_scheme_needs() {
+        let with = |signing: &str| {
+            let line = format!("event_types = [\"usage\"]\n        signing = {{ {signing} }}");
+            parse(&GOOD.replacen(r#"event_types = ["usage"]"#, &line, 1))
+        };
+        let hmac = r#"scheme = "hmac-sha256", secret = "s", header = "x-sig""#;
+        let c = with(&format!(
+            r#"{hmac}, signed = "{{timestamp}}.{{body}}", timestamp_header = "x-ts""#
+        ))
+        .unwrap();
+        let s = c.destinations[0].signing.as_ref().unwrap();
+        assert_eq!(s.scheme, SigningScheme::HmacSha256);
+        with(r#"secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw""#).unwrap();
+        let refused = [
+            (
+                r#"secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", header = "x-sig""#,
+                "signing.header",
+                "only for scheme",
+            ),
+            (
+                r#"scheme = "hmac-sha256", secret = "s""#,
+                "signing.header",
+                "required",
+            ),
+            (
+                r#"scheme = "hmac-sha256", secret = "", header = "x-sig""#,
+                "signing.secret",
+                "empty",
+            ),
+            (
+                &format!(r#"{hmac}, previous_secrets = ["old"]"#),
+                "signing.previous_secrets",
+                "one signature",
+            ),
+            (
+                &format!(r#"{hmac}, signed = "{{timestamp}}.{{body}}""#),
+                "signing.signed",
+                "`timestamp_header`",
+            ),
+            (
+                &format!(r#"{hmac}, timestamp_header = "x-ts""#),
+                "signing.signed",
+                "not signed",
+            ),
+            (
+                r#"scheme = "hmac-sha256", secret = "s", header = "x sig""#,
+                "signing.header",
+                "not a header name",
+            ),
+        ];
+        for (signing, key, says) in refused {
+            let err = with(signing).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("destinations[0].{key}")),
+                "{signing}: {err}"
+            );
+            assert!(err.contains(says), "{signing}: {err}");
+        }
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! Edge security: verification of inbound signatures (HMAC-SHA256 over the body or over a
-//! signed timestamp and the body, Standard Webhooks, a secret header), per-source IP
-//! allowlists with trusted proxies, Standard Webhooks signing of outbound deliveries, and
-//! the listener's own certificate (`server.tls`). Comparisons of signatures and secrets
-//! are constant-time; secrets never appear in errors or logs.
+//! signed timestamp and the body, Standard Webhooks, a secret header or query parameter),
+//! per-source IP allowlists with trusted proxies, the signing of outbound deliveries
+//! (Standard Webhooks, or an HMAC as the inbound one), and the listener's own certificate
+//! (`server.tls`). Comparisons of signatures and secrets are constant-time; secrets never
+//! appear in errors or logs.
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -464,22 +465,12 @@ impl VerifyConfig {
                             .into(),
                     );
                 }
-                let template = signed.as_deref().unwrap_or("{body}");
-                if template.matches("{body}").count() != 1 {
-                    return Err("`signed` must hold `{body}` once".into());
-                }
-                let rest = template.replace("{body}", "").replace("{timestamp}", "");
-                if rest.contains('{') || rest.contains('}') {
-                    return Err(format!(
-                        "`signed`: `{template}` may name only `{{body}}` and `{{timestamp}}`"
-                    ));
-                }
                 let timestamped = timestamp_header.is_some() || timestamp_key.is_some();
-                match (template.contains("{timestamp}"), timestamped) {
-                    (true, false) => Err("`signed` names `{timestamp}`: say where it comes from (`timestamp_header` or `timestamp_key`)".into()),
-                    (false, true) => Err("a timestamp that is not signed proves nothing: name `{timestamp}` in `signed`".into()),
-                    _ => Ok(()),
-                }
+                check_signed(
+                    signed.as_deref(),
+                    timestamped,
+                    "`timestamp_header` or `timestamp_key`",
+                )
             }
             VerifyConfig::StandardWebhooks { secrets, .. } => {
                 if secrets.is_empty() {
@@ -603,28 +594,15 @@ impl VerifyConfig {
                 }
                 let given: Vec<Vec<u8>> = (given.iter())
                     .filter_map(|g| g.strip_prefix(prefix.as_str()))
-                    .filter_map(|g| match encoding {
-                        Encoding::Hex => hex::decode(g.trim()).ok(),
-                        Encoding::Base64 => B64.decode(g.trim()).ok(),
-                    })
+                    .filter_map(|g| encoding.decode(g.trim()))
                     .collect();
                 if given.is_empty() {
                     return Err(malformed());
                 }
-                // What is signed around the body: `signed`'s text before and after `{body}`.
-                let template = signed.as_deref().unwrap_or("{body}");
-                let (before, after) = template.split_once("{body}").unwrap_or(("", ""));
-                let fill = |part: &str| part.replace("{timestamp}", timestamp.unwrap_or(""));
-                let (before, after) = (fill(before), fill(after));
                 for key in std::iter::once(secret).chain(previous_secrets) {
-                    let mut mac = HmacSha256::new_from_slice(key.as_bytes())
-                        .expect("HMAC takes any key length");
-                    mac.update(before.as_bytes());
-                    mac.update(body);
-                    mac.update(after.as_bytes());
-                    let mac = mac.finalize().into_bytes();
+                    let mac = hmac_of(key.as_bytes(), signed.as_deref(), timestamp, body);
                     // Constant-time, each one.
-                    if given.iter().any(|g| bool::from(mac.as_slice().ct_eq(g))) {
+                    if given.iter().any(|g| bool::from(mac.as_ref().ct_eq(g))) {
                         return Ok(());
                     }
                 }
@@ -681,6 +659,66 @@ impl VerifyConfig {
                 }
             }
         }
+    }
+}
+
+impl Encoding {
+    /// A signature as written in its header.
+    pub fn encode(self, mac: &[u8]) -> String {
+        match self {
+            Encoding::Hex => hex::encode(mac),
+            Encoding::Base64 => B64.encode(mac),
+        }
+    }
+
+    fn decode(self, text: &str) -> Option<Vec<u8>> {
+        match self {
+            Encoding::Hex => hex::decode(text).ok(),
+            Encoding::Base64 => B64.decode(text).ok(),
+        }
+    }
+}
+
+/// The HMAC-SHA256 of what `signed` says is signed: its text before `{body}`, the body,
+/// its text after, with `{timestamp}` filled in (the body alone without a template).
+pub fn hmac_of(
+    key: &[u8],
+    signed: Option<&str>,
+    timestamp: Option<&str>,
+    body: &[u8],
+) -> impl AsRef<[u8]> + use<> {
+    let (before, after) = signed
+        .and_then(|t| t.split_once("{body}"))
+        .unwrap_or(("", ""));
+    let fill = |part: &str| part.replace("{timestamp}", timestamp.unwrap_or(""));
+    let mut mac = HmacSha256::new_from_slice(key).expect("HMAC takes any key length");
+    mac.update(fill(before).as_bytes());
+    mac.update(body);
+    mac.update(fill(after).as_bytes());
+    mac.finalize().into_bytes()
+}
+
+/// Checks a `signed` template: `{body}` once, `{timestamp}` if and only if a timestamp is
+/// carried (`source` says how one would be), nothing else in braces.
+pub fn check_signed(signed: Option<&str>, timestamped: bool, source: &str) -> Result<(), String> {
+    let template = signed.unwrap_or("{body}");
+    if template.matches("{body}").count() != 1 {
+        return Err("`signed` must hold `{body}` once".into());
+    }
+    let rest = template.replace("{body}", "").replace("{timestamp}", "");
+    if rest.contains('{') || rest.contains('}') {
+        return Err(format!(
+            "`signed`: `{template}` may name only `{{body}}` and `{{timestamp}}`"
+        ));
+    }
+    match (template.contains("{timestamp}"), timestamped) {
+        (true, false) => Err(format!(
+            "`signed` names `{{timestamp}}`: say what carries it ({source})"
+        )),
+        (false, true) => Err(
+            "a timestamp that is not signed proves nothing: name `{timestamp}` in `signed`".into(),
+        ),
+        _ => Ok(()),
     }
 }
 
@@ -1074,7 +1112,7 @@ mod tests {
             ),
             (
                 r#"{"secret": "k", "signed": "{timestamp}.{body}"}"#,
-                "say where it comes from",
+                "say what carries it",
             ),
             (
                 r#"{"secret": "k", "timestamp_header": "x-ts"}"#,

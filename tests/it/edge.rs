@@ -488,6 +488,67 @@ async fn deliveries_carry_standard_webhooks_signatures() {
     gw.shutdown().await.unwrap();
 }
 
+/// A receiver that already checks a provider's HMAC — GitHub's `sha256=<hex>` over the
+/// body, or one over a timestamp and the body — gets it from the gateway, computed over
+/// the body as delivered, fresh on each attempt, in place of any header of that name.
+#[tokio::test(flavor = "multi_thread")]
+async fn deliveries_may_carry_an_hmac_in_the_receivers_header() {
+    let rx = Receiver::start().await;
+    let config = r#"
+[[sources]]
+name = "s"
+[[destinations]]
+name = "gh"
+url = "{receiver}/gh"
+headers = { "x-hub-signature-256" = "sha256=stale" }
+signing = { scheme = "hmac-sha256", secret = "gh-secret", header = "X-Hub-Signature-256", prefix = "sha256=" }
+[[destinations]]
+name = "ts"
+url = "{receiver}/ts"
+signing = { scheme = "hmac-sha256", secret = "ts-secret", header = "x-signature", encoding = "base64", timestamp_header = "x-timestamp", signed = "v0:{timestamp}:{body}" }
+[[routes]]
+source = "s"
+destinations = ["gh", "ts"]
+"#;
+    let gw = TestGateway::start(config, &rx, &[]).await;
+    let body = r#"{"type":"usage","n":1}"#;
+    gw.accept("s", body).await;
+    let got = rx.wait_for(2).await;
+    let at = |path: &str| got.iter().find(|r| r.uri == path).unwrap();
+
+    let gh = at("/gh");
+    assert_eq!(gh.body, body.as_bytes());
+    let sent: Vec<_> = gh.headers.get_all("x-hub-signature-256").iter().collect();
+    assert_eq!(
+        sent,
+        [&format!(
+            "sha256={}",
+            hmac_hex(b"gh-secret", body.as_bytes())
+        )],
+        "one signature, the configured header's value replaced"
+    );
+    assert_eq!(gh.header("webhook-signature"), None);
+
+    let ts = at("/ts");
+    let timestamp = ts.header("x-timestamp").unwrap();
+    assert!(timestamp.parse::<u64>().unwrap().abs_diff(now_s()) < 60);
+    let mut mac = HmacSha256::new_from_slice(b"ts-secret").unwrap();
+    mac.update(format!("v0:{timestamp}:{body}").as_bytes());
+    let expected = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
+    assert_eq!(ts.header("x-signature"), Some(expected.as_str()));
+
+    // The test message is signed alike.
+    let (status, answer) = gw.post_api("/v1/destinations/gh/test").await;
+    assert_eq!((status, &answer["ok"]), (200, &json!(true)), "{answer}");
+    let test = rx.wait_for(3).await.pop().unwrap();
+    let signature = hmac_hex(b"gh-secret", &test.body);
+    assert_eq!(
+        test.header("x-hub-signature-256"),
+        Some(format!("sha256={signature}").as_str())
+    );
+    gw.shutdown().await.unwrap();
+}
+
 /// Verifies a delivery with the official Standard Webhooks library from PyPI: whether it
 /// passed, what it printed (the payload as JSON), its errors.
 fn verify_with_library(
@@ -560,7 +621,8 @@ async fn a_rotation_signs_deliveries_with_the_new_and_the_old_secret() {
     assert_eq!(status, 200, "{shown}");
     assert_eq!(
         shown["signing"],
-        serde_json::json!({ "secret": "****dCE=", "previous_secrets": ["****LaSw"] })
+        serde_json::json!({ "scheme": "standard-webhooks", "secret": "****dCE=",
+                            "previous_secrets": ["****LaSw"] })
     );
 
     let body = r#"{"type":"usage","n":7}"#;

@@ -1241,9 +1241,10 @@ impl Dispatcher {
             "time_ms": self.clock.now_ms(),
         });
         let body: bytes::Bytes = body.to_string().into();
-        if let Some(signature) = dest.signature(&id, self.clock.now_ms(), &body) {
-            headers.extend(signature);
-        }
+        sign_into(
+            &mut headers,
+            dest.signature(&id, self.clock.now_ms(), &body),
+        );
         let (status_code, _, _, error, _) = self.send_as(&dest, &url, headers, body).await;
         let error = match (status_code, error) {
             (None, None) => Some("no answer".into()),
@@ -1293,15 +1294,21 @@ fn ms(d: Duration) -> u64 {
     d.as_millis() as u64
 }
 
-/// The stored headers, plus a fresh Standard Webhooks timestamp and signature when the
-/// destination signs (each attempt is signed anew; the `webhook-id` stays).
+/// The stored headers, plus a fresh timestamp and signature when the destination signs
+/// (each attempt is signed anew; the `webhook-id` stays), in place of any of the same names.
 fn signed_headers(dest: &Destination, d: &DueDelivery, now_ms: u64) -> Vec<(String, String)> {
     let mut headers = d.headers.clone();
-    if let Some(signature) = dest.signature(&d.id, now_ms, &d.body) {
-        headers.retain(|(k, _)| k != "webhook-timestamp" && k != "webhook-signature");
+    sign_into(&mut headers, dest.signature(&d.id, now_ms, &d.body));
+    headers
+}
+
+/// Adds a signature's headers in place of any of the same names.
+fn sign_into(headers: &mut Vec<(String, String)>, signature: Vec<(String, String)>) {
+    if !signature.is_empty() {
+        let signs = |k: &String| signature.iter().any(|(s, _)| s.eq_ignore_ascii_case(k));
+        headers.retain(|(k, _)| !signs(k));
         headers.extend(signature);
     }
-    headers
 }
 
 /// Below how many attempts in flight a destination may take the reserve's permits

@@ -63,9 +63,8 @@ pub struct Destination {
     headers: Vec<(HeaderName, String)>,
     event_types: Option<HashSet<String>>,
     pub retry: RetryPolicy,
-    /// The Standard Webhooks keys deliveries are signed with: none, or the current one
-    /// and those of a rotation (`signing.previous_secrets`).
-    signing_keys: Vec<Vec<u8>>,
+    /// How each attempt is signed (`signing`), if it is.
+    signer: Option<Signer>,
     /// The most deliveries per second (see [`pace`]).
     pub rate_limit: Option<f64>,
     /// How long one attempt may take, if not `delivery.timeout`.
@@ -184,29 +183,77 @@ pub fn proxy_host(proxy: &str) -> Result<String, String> {
     Ok(host)
 }
 
-impl Destination {
-    /// The Standard Webhooks headers that sign one attempt: `webhook-timestamp` and
-    /// `webhook-signature` (one `v1,` signature per key, space-separated), or none when
-    /// the destination does not sign.
-    pub(crate) fn signature(
-        &self,
-        id: &str,
-        now_ms: u64,
-        body: &[u8],
-    ) -> Option<[(String, String); 2]> {
-        if self.signing_keys.is_empty() {
-            return None;
+/// How a destination signs each attempt, made from its validated `signing`.
+#[derive(Debug)]
+enum Signer {
+    /// The current key and those of a rotation (`previous_secrets`).
+    StandardWebhooks(Vec<Vec<u8>>),
+    /// An HMAC-SHA256 in `header`, over what `signed` says.
+    Hmac {
+        key: Vec<u8>,
+        header: String,
+        encoding: crate::edge::Encoding,
+        prefix: String,
+        signed: Option<String>,
+        timestamp_header: Option<String>,
+    },
+}
+
+impl Signer {
+    fn from_config(c: &crate::config::SigningConfig) -> Self {
+        use crate::config::SigningScheme;
+        match c.scheme {
+            SigningScheme::StandardWebhooks => Signer::StandardWebhooks(
+                (c.secrets())
+                    .filter_map(|secret| crate::edge::decode_secret(secret).ok())
+                    .collect(),
+            ),
+            SigningScheme::HmacSha256 => Signer::Hmac {
+                key: c.secret.as_bytes().to_vec(),
+                header: c.header.clone().unwrap_or_default().to_ascii_lowercase(),
+                encoding: c.encoding.unwrap_or_default(),
+                prefix: c.prefix.clone().unwrap_or_default(),
+                signed: c.signed.clone(),
+                timestamp_header: c.timestamp_header.as_ref().map(|h| h.to_ascii_lowercase()),
+            },
         }
-        let ts = now_ms / 1000;
-        let signatures: Vec<String> = self
-            .signing_keys
-            .iter()
-            .map(|key| crate::edge::sign(key, id, ts, body))
-            .collect();
-        Some([
-            ("webhook-timestamp".into(), ts.to_string()),
-            ("webhook-signature".into(), signatures.join(" ")),
-        ])
+    }
+}
+
+impl Destination {
+    /// The headers that sign one attempt, or none when the destination does not sign:
+    /// Standard Webhooks' `webhook-timestamp` and `webhook-signature` (one `v1,` signature
+    /// per key, space-separated); or the `hmac-sha256` scheme's header (and its timestamp's).
+    pub(crate) fn signature(&self, id: &str, now_ms: u64, body: &[u8]) -> Vec<(String, String)> {
+        let ts = (now_ms / 1000).to_string();
+        match &self.signer {
+            None => Vec::new(),
+            Some(Signer::StandardWebhooks(keys)) => {
+                let signatures: Vec<String> = (keys.iter())
+                    .map(|key| crate::edge::sign(key, id, now_ms / 1000, body))
+                    .collect();
+                vec![
+                    ("webhook-timestamp".into(), ts),
+                    ("webhook-signature".into(), signatures.join(" ")),
+                ]
+            }
+            Some(Signer::Hmac {
+                key,
+                header,
+                encoding,
+                prefix,
+                signed,
+                timestamp_header,
+            }) => {
+                let mac = crate::edge::hmac_of(key, signed.as_deref(), Some(&ts), body);
+                let mut headers = vec![(
+                    header.clone(),
+                    format!("{prefix}{}", encoding.encode(mac.as_ref())),
+                )];
+                headers.extend(timestamp_header.clone().map(|h| (h, ts)));
+                headers
+            }
+        }
     }
 
     /// Builds a destination from validated config.
@@ -218,12 +265,7 @@ impl Destination {
                 .retry
                 .as_ref()
                 .map_or_else(|| defaults.clone(), |o| o.apply(defaults)),
-            signing_keys: c
-                .signing
-                .iter()
-                .flat_map(|s| s.secrets())
-                .filter_map(|secret| crate::edge::decode_secret(secret).ok())
-                .collect(),
+            signer: c.signing.as_ref().map(Signer::from_config),
             headers: c
                 .headers
                 .iter()
