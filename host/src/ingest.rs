@@ -75,7 +75,64 @@ pub async fn ingest(
         Err(_) => "rejected_error",
     };
     state.metrics.event(&label, outcome);
+    if let (true, Err(e)) = (known, &result) {
+        (state.refusals).record(&label, outcome, e);
+    }
     result
+}
+
+/// The requests to each source refused lately, by this instance since it started: shown
+/// with the source (`GET /v1/sources`, the dashboard's routes page), so that a sender's
+/// wrong secret or address is seen where its events would have been — a refused request
+/// stores nothing. Kept for the sources in the config at the time (none for unknown names).
+#[derive(Default)]
+pub struct Refusals(std::sync::Mutex<std::collections::HashMap<String, SourceRefusals>>);
+
+/// A source's refused requests.
+#[derive(Clone, Debug, Default, serde::Serialize, utoipa::ToSchema)]
+pub struct SourceRefusals {
+    /// Requests refused since this instance started.
+    pub total: u64,
+    /// The latest, newest first (at most [`Refusals::KEPT`]).
+    pub recent: Vec<Refusal>,
+}
+
+/// One refused request.
+#[derive(Clone, Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct Refusal {
+    /// When (milliseconds since the Unix epoch).
+    pub at: u64,
+    /// The status it was answered with.
+    pub status: u16,
+    /// Why, as `switchyard_events_received_total` counts it (`rejected_signature`, …).
+    pub reason: String,
+    /// What the sender was told.
+    pub error: String,
+}
+
+impl Refusals {
+    /// The refusals kept per source.
+    pub const KEPT: usize = 10;
+
+    fn record(&self, source: &str, reason: &str, error: &ApiError) {
+        let refusal = Refusal {
+            at: now_ms(),
+            status: error.status().as_u16(),
+            reason: reason.to_string(),
+            error: error.to_string(),
+        };
+        let mut all = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let this = all.entry(source.to_string()).or_default();
+        this.total += 1;
+        this.recent.insert(0, refusal);
+        this.recent.truncate(Self::KEPT);
+    }
+
+    /// A source's refusals (none yet: zero and an empty list).
+    pub fn of(&self, source: &str) -> SourceRefusals {
+        let all = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        all.get(source).cloned().unwrap_or_default()
+    }
 }
 
 /// Checks and stores one request to `source`: its peer's address and client certificate
@@ -423,5 +480,25 @@ fn provider_key(value: &[u8]) -> String {
             use sha2::Digest;
             format!("sha256:{}", hex::encode(sha2::Sha256::digest(value)))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_source_keeps_its_latest_refusals_newest_first() {
+        let refusals = Refusals::default();
+        for n in 0..Refusals::KEPT + 2 {
+            let e = ApiError::Unauthorized(format!("refusal {n}"));
+            refusals.record("s", "rejected_signature", &e);
+        }
+        let s = refusals.of("s");
+        assert_eq!(s.total, Refusals::KEPT as u64 + 2);
+        assert_eq!(s.recent.len(), Refusals::KEPT);
+        assert_eq!(s.recent[0].error, format!("refusal {}", Refusals::KEPT + 1));
+        assert_eq!(s.recent[0].status, 401);
+        assert_eq!(refusals.of("other").total, 0);
     }
 }

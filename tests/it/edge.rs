@@ -194,6 +194,30 @@ async fn inbound_signatures_are_checked_and_failures_store_nothing() {
         ),
         "{metrics}"
     );
+    // The source shows what it refused, newest first, as the sender was told.
+    let (_, source) = gw.get("/v1/sources/bondio").await;
+    let refused = &source["refused"];
+    assert_eq!(refused["total"], 3, "{source}");
+    let recent = refused["recent"].as_array().unwrap();
+    let told: Vec<_> = recent
+        .iter()
+        .map(|r| (r["status"].clone(), r["error"].clone()))
+        .collect();
+    assert_eq!(
+        told,
+        [
+            (
+                json!(401),
+                json!("missing signature header `bondio-signature`")
+            ),
+            (json!(401), json!("the signature does not match")),
+            (json!(401), json!("the signature does not match")),
+        ]
+    );
+    assert_eq!(recent[0]["reason"], "rejected_signature");
+    assert!(recent[0]["at"].as_u64().unwrap() / 1000 >= now_s() - 60);
+    let (_, local) = gw.get("/v1/sources/local").await;
+    assert_eq!(local["refused"], json!({ "total": 0, "recent": [] }));
     gw.shutdown().await.unwrap();
 }
 

@@ -196,6 +196,13 @@ try {
   await plain.locator('.destination').getByText('flaky').waitFor();
   await filtered.getByText('not verified').waitFor();
   await page.locator('#routes tr[data-name="secured"]').getByText('secret header (x-api-key)').waitFor();
+  // A sender with the wrong key: refused, nothing stored, and shown with its source.
+  const wrongKey = await fetch(`${base}/v1/ingest/secured`, { method: 'POST', headers: { 'x-api-key': 'not-the-key' }, body: '{}' });
+  if (wrongKey.status !== 401) throw new Error(`a wrong key was answered ${wrongKey.status}`);
+  await page.locator('#routes tr[data-name="secured"] .refused')
+    .getByText('1 refused').waitFor();
+  await page.locator('#routes tr[data-name="secured"] .refused')
+    .getByText('401 the `x-api-key` header does not hold an accepted secret').waitFor();
   await shot('routes');
   await plain.getByRole('link', { name: 'Dry run' }).click();
   await page.getByRole('heading', { name: 'Dry run' }).waitFor();

@@ -51,6 +51,8 @@ pub struct AppState {
     pub minutes: Arc<stats::MinuteCache>,
     /// The deliveries waiting and failed per destination, for the destination views.
     pub counts: Arc<counts::CountsCache>,
+    /// The requests each source refused lately, for the source views.
+    pub refusals: crate::ingest::Refusals,
 }
 
 /// The OpenAPI document's frame; the paths come from the handlers.
@@ -1032,9 +1034,10 @@ impl From<StoreError> for ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let status = match &self {
+impl ApiError {
+    /// The status it is answered with.
+    pub fn status(&self) -> StatusCode {
+        match self {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -1046,11 +1049,17 @@ impl IntoResponse for ApiError {
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::TooBroad(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ApiError::Internal(e) => {
-                tracing::error!(error = %format!("{e:#}"), "Request failed.");
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
-        };
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if let ApiError::Internal(e) = &self {
+            tracing::error!(error = %format!("{e:#}"), "Request failed.");
+        }
         // When to try again: a rate limit knows; a full queue or a store that cannot
         // write is worth another try in a second (the sender's own backoff takes over).
         let retry_after = match &self {

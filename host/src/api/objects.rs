@@ -125,6 +125,10 @@ pub struct SourceView {
     #[serde(flatten)]
     config: SourceConfig,
     origin: Origin,
+    /// The requests to it this instance refused lately (a wrong signature or secret, an
+    /// address not allowed, over its rate limit, …): they store nothing, so they are seen
+    /// here.
+    refused: crate::ingest::SourceRefusals,
 }
 
 /// A route as the API shows it.
@@ -155,6 +159,7 @@ fn source_view(state: &AppState, c: &SourceConfig) -> SourceView {
     SourceView {
         config: c.redacted(),
         origin: state.reloader.managed().origin(Kind::Source, &c.name),
+        refused: state.refusals.of(&c.name),
     }
 }
 

@@ -400,6 +400,11 @@ async function routesPage() {
       const checks = (s) => [s && verified(s.verify),
         s && s.allow_ips && s.allow_ips.length ? 'IP allowlist' : null,
         s && s.allow_client_names && s.allow_client_names.length ? 'client certificate' : null].filter(Boolean).join(', ') || 'not verified';
+      // What a source refused lately (a wrong secret, an address not allowed…): such
+      // requests store nothing, so this is where a sender's misconfiguration shows.
+      const refused = (s) => !s || !s.refused || !s.refused.total ? null
+        : h('div', { class: 'error refused', title: s.refused.recent.map((r) => `${time(r.at)}: ${r.status} ${r.error}`).join('\n') },
+          `${s.refused.total} refused, latest ${time(s.refused.recent[0].at)}: ${s.refused.recent[0].status} ${s.refused.recent[0].error}`);
       const showEvents = (source) => h('a', { href: '#/events', class: 'events', onclick: () => { Object.assign(filters, { source, type: '', field: '', status: '', route_result: '', since: '' }); } }, 'Events');
       box.replaceChildren(routes.items.length === 0 ? h('p', { class: 'muted' }, 'No routes: events are stored and go nowhere.') :
         h('table', { id: 'routes' },
@@ -407,7 +412,7 @@ async function routesPage() {
             h('th', {}, 'Destinations'), h('th', { class: 'hide-narrow' }, 'On error'), h('th', {}, ''))),
           h('tbody', {}, routes.items.map((r) => h('tr', { 'data-name': r.name },
             h('td', {}, h('div', {}, r.name), h('div', { class: 'muted' }, r.origin)),
-            h('td', {}, h('div', {}, r.source), h('div', { class: 'muted hide-narrow' }, checks(src[r.source]))),
+            h('td', {}, h('div', {}, r.source), h('div', { class: 'muted hide-narrow' }, checks(src[r.source])), refused(src[r.source])),
             h('td', { class: 'chain' }, r.plugins.length === 0 ? h('span', { class: 'muted' }, 'none') :
               r.plugins.flatMap((p, i) => [i ? ' → ' : null, h('span', { class: 'plugin' }, p.name,
                 plugin[p.name] && plugin[p.name].status !== 'ok' ? [' ', badge(plugin[p.name].status)] : null,
