@@ -87,6 +87,7 @@ pub struct Metrics {
     registry: Registry,
     pub events: Family<EventLabels, Counter>,
     pub ingest_latency: HistogramFamily<SourceOnly>,
+    pub last_accepted: Family<SourceOnly, Gauge>,
     pub plugin_calls: HistogramFamily<PluginLabels>,
     pub routes: Family<RouteLabels, Counter>,
     pub deliveries: Family<DestinationLabels, Counter>,
@@ -127,6 +128,12 @@ impl Default for Metrics {
             "ingest_seconds",
             "Time to accept an event, from its request's headers to the 202 (the body read and its commit synced), by source",
             ingest_latency.clone(),
+        );
+        let last_accepted = Family::<SourceOnly, Gauge>::default();
+        registry.register(
+            "source_last_accepted_timestamp_seconds",
+            "When this instance last accepted an event of the source, as a Unix time: alert when a sender goes quiet",
+            last_accepted.clone(),
         );
         let plugin_calls: HistogramFamily<PluginLabels> = Family::new_with_constructor(|| {
             Histogram::new(exponential_buckets(0.000_005, 2.0, 18))
@@ -216,6 +223,7 @@ impl Default for Metrics {
             registry,
             events,
             ingest_latency,
+            last_accepted,
             plugin_calls,
             routes,
             deliveries,
@@ -241,11 +249,12 @@ impl Default for Metrics {
 impl Metrics {
     /// Records how long an accepted event took to accept.
     pub fn accepted_after(&self, source: &str, seconds: f64) {
-        self.ingest_latency
-            .get_or_create(&SourceOnly {
-                source: source.to_string(),
-            })
-            .observe(seconds);
+        let source = SourceOnly {
+            source: source.to_string(),
+        };
+        self.ingest_latency.get_or_create(&source).observe(seconds);
+        let now_s = crate::delivery::now_ms() / 1000;
+        self.last_accepted.get_or_create(&source).set(now_s as i64);
     }
 
     /// Counts an ingest request.

@@ -88,6 +88,10 @@ destinations = ["ok", "bad"]
     assert_eq!(get(r#"switchyard_ingest_seconds_count{source="s"}"#), 6.0);
     let accepting = get(r#"switchyard_ingest_seconds_sum{source="s"}"#);
     assert!(accepting > 0.0 && accepting < 6.0, "{accepting}");
+    // When the source last had an event accepted: a Unix time, to alert on a quiet sender.
+    let last = get(r#"switchyard_source_last_accepted_timestamp_seconds{source="s"}"#);
+    let now = switchyard::delivery::now_ms() as f64 / 1000.0;
+    assert!((now - 120.0..=now + 1.0).contains(&last), "{last} vs {now}");
     assert_eq!(
         get(
             r#"switchyard_events_received_total{source="unknown",result="rejected_unknown_source"}"#
