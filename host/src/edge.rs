@@ -395,6 +395,14 @@ fn default_tolerance() -> Duration {
     Duration::from_secs(300)
 }
 
+/// What a request carries to pass a source's check (see [`VerifyConfig::credentials`]).
+#[derive(Debug, Default)]
+pub struct Credentials {
+    pub headers: Vec<(String, String)>,
+    /// A query parameter's name and value (not encoded).
+    pub query: Option<(String, String)>,
+}
+
 /// How an HMAC signature is written in its header.
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, ToSchema)]
 #[serde(rename_all = "lowercase")]
@@ -537,6 +545,65 @@ impl VerifyConfig {
                 .collect::<Vec<_>>()
                 .join("&"),
             _ => query.to_string(),
+        }
+    }
+
+    /// What a sender adds to a request of `body` for this check to pass at `now_s` (Unix
+    /// seconds): headers, and a query parameter (the `query` scheme's) — with the current
+    /// secret (`secret`, the first of `secrets`). The inverse of [`Self::verify`], for
+    /// `switchyard send`.
+    pub fn credentials(&self, body: &[u8], now_s: u64) -> Credentials {
+        let ts = now_s.to_string();
+        match self {
+            VerifyConfig::None {} => Credentials::default(),
+            VerifyConfig::HmacSha256 {
+                secret,
+                header,
+                encoding,
+                prefix,
+                signed,
+                timestamp_header,
+                signature_key,
+                timestamp_key,
+                ..
+            } => {
+                let mac = hmac_of(secret.as_bytes(), signed.as_deref(), Some(&ts), body);
+                let signature = format!("{prefix}{}", encoding.encode(mac.as_ref()));
+                let value = match signature_key {
+                    Some(key) => {
+                        let stamp = timestamp_key.as_ref().map(|t| format!("{t}={ts},"));
+                        format!("{}{key}={signature}", stamp.unwrap_or_default())
+                    }
+                    None => signature,
+                };
+                let mut headers = vec![(header.clone(), value)];
+                headers.extend(timestamp_header.clone().map(|h| (h, ts)));
+                Credentials {
+                    headers,
+                    query: None,
+                }
+            }
+            VerifyConfig::StandardWebhooks { secrets, .. } => {
+                let id = format!("msg_{}", uuid::Uuid::now_v7().simple());
+                let key = (secrets.first()).and_then(|s| decode_secret(s).ok());
+                let signature = sign(&key.unwrap_or_default(), &id, now_s, body);
+                Credentials {
+                    headers: vec![
+                        ("webhook-id".into(), id),
+                        ("webhook-timestamp".into(), ts),
+                        ("webhook-signature".into(), signature),
+                    ],
+                    query: None,
+                }
+            }
+            VerifyConfig::Header { header, secrets } => Credentials {
+                headers: vec![(header.clone(), secrets.first().cloned().unwrap_or_default())],
+                query: None,
+            },
+            VerifyConfig::Query { param, secrets } => Credentials {
+                headers: Vec::new(),
+                query: Some((param.clone(), secrets.first().cloned().unwrap_or_default())),
+            },
         }
     }
 
@@ -1130,6 +1197,51 @@ mod tests {
         for (fields, says) in cases {
             let error = refused(fields);
             assert!(error.contains(says), "{fields}: {error}");
+        }
+    }
+
+    /// What `switchyard send` adds passes the check, for every scheme and form.
+    #[test]
+    fn credentials_pass_their_own_check() {
+        let configs = [
+            r#"{"scheme": "none"}"#,
+            r#"{"scheme": "hmac-sha256", "secret": "k", "header": "bondio-signature"}"#,
+            r#"{"scheme": "hmac-sha256", "secret": "k", "header": "x-sig", "encoding": "base64", "prefix": "sha256="}"#,
+            r#"{"scheme": "hmac-sha256", "secret": "k", "header": "x-slack-signature", "prefix": "v0=",
+                "timestamp_header": "x-slack-request-timestamp", "signed": "v0:{timestamp}:{body}"}"#,
+            r#"{"scheme": "hmac-sha256", "secret": "k", "header": "stripe-signature", "signature_key": "v1",
+                "timestamp_key": "t", "signed": "{timestamp}.{body}"}"#,
+            r#"{"scheme": "standard-webhooks", "secrets": ["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"]}"#,
+            r#"{"scheme": "header", "header": "x-api-key", "secrets": ["k-0123456789abcdef"]}"#,
+            r#"{"scheme": "query", "param": "token", "secrets": ["q-0123456789abcdef&=+"]}"#,
+        ];
+        let body = br#"{"type":"usage"}"#;
+        for config in configs {
+            let cfg: VerifyConfig = serde_json::from_str(config).unwrap();
+            cfg.validate().unwrap();
+            let sent = cfg.credentials(body, 1_700_000_000);
+            let pairs: Vec<(&str, &str)> = sent
+                .headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            let query = (sent.query.iter())
+                .fold(
+                    url::form_urlencoded::Serializer::new(String::new()),
+                    |mut q, (k, v)| {
+                        q.append_pair(k, v);
+                        q
+                    },
+                )
+                .finish();
+            let checked = cfg.verify(&headers(&pairs), &query, body, 1_700_000_000 + 10);
+            assert_eq!(checked, Ok(()), "{config}: {sent:?}");
+            let tampered = cfg.verify(&headers(&pairs), &query, b"{}", 1_700_000_000);
+            let keyed = matches!(
+                cfg,
+                VerifyConfig::Header { .. } | VerifyConfig::Query { .. } | VerifyConfig::None {}
+            );
+            assert_eq!(tampered.is_ok(), keyed, "{config}");
         }
     }
 

@@ -69,6 +69,34 @@ enum Command {
         /// The file to write (it must not exist).
         output: PathBuf,
     },
+    /// Post a payload to a running gateway as the source's sender would: signed, or with
+    /// the secret header or query parameter, as the source's `verify` asks (with its current
+    /// secret). Prints the gateway's answer; exit 1 unless it is a 2xx.
+    ///
+    /// To try a source's check end to end before its sender is set up, e.g.
+    /// `switchyard send --source bondio --event examples/events/bondio-attachment-activated.json`.
+    Send {
+        /// The config file (the gateway's, for the source and its secrets).
+        #[arg(long, short, default_value = "switchyard.toml")]
+        config: PathBuf,
+        /// The source to post to.
+        #[arg(long)]
+        source: String,
+        /// The payload (`-`: read from standard input).
+        #[arg(long)]
+        event: PathBuf,
+        /// A request header, repeatable; `content-type: application/json` unless one is
+        /// given.
+        #[arg(long = "header", value_name = "NAME: VALUE", value_parser = parse_header)]
+        headers: Vec<(String, String)>,
+        /// The request's query string (`a=1&b=2`).
+        #[arg(long)]
+        query: Option<String>,
+        /// The gateway's base URL (by default the config's `server.listen`: loopback for an
+        /// unspecified address, https with `server.tls`).
+        #[arg(long)]
+        url: Option<String>,
+    },
     /// Print the HTTP API's OpenAPI 3 document (as served at /v1/openapi.json).
     Openapi,
     /// Run a payload through the config's routes with no gateway, and print as JSON what
@@ -202,6 +230,19 @@ fn read_expected(path: &std::path::Path) -> anyhow::Result<serde_json::Value> {
 
 /// A request's headers from NAME, VALUE pairs; `content-type: application/json` unless
 /// they name one.
+/// A payload from a file, or from standard input for `-`.
+fn read_payload(event: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    match event.to_str() {
+        Some("-") => {
+            let mut body = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::stdin(), &mut body)
+                .context("cannot read the payload from standard input")?;
+            Ok(body)
+        }
+        _ => std::fs::read(event).with_context(|| format!("cannot read {}", event.display())),
+    }
+}
+
 fn header_map(headers: &[(String, String)]) -> anyhow::Result<axum::http::HeaderMap> {
     let mut map = axum::http::HeaderMap::new();
     for (name, value) in headers {
@@ -342,6 +383,77 @@ fn init_tracing(format: LogFormat) {
 #[tokio::main]
 async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
+        Command::Send {
+            config,
+            source,
+            event,
+            headers,
+            query,
+            url,
+        } => {
+            let env = |name: &str| std::env::var(name).ok();
+            let config = Config::load(&config, &env)?;
+            let Some(sc) = config.sources.iter().find(|s| s.name == source) else {
+                anyhow::bail!("no source named `{source}` in the config");
+            };
+            let body = read_payload(&event)?;
+            let now_s = switchyard::delivery::now_ms() / 1000;
+            let sent = match &sc.verify {
+                Some(verify) => verify.credentials(&body, now_s),
+                None => Default::default(),
+            };
+            let base = url.unwrap_or_else(|| {
+                let scheme = if config.server.tls.is_some() {
+                    "https"
+                } else {
+                    "http"
+                };
+                let mut at = config.server.listen;
+                if at.ip().is_unspecified() {
+                    at.set_ip(match at {
+                        std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                        std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+                    });
+                }
+                format!("{scheme}://{at}")
+            });
+            let mut query = query.unwrap_or_default();
+            if let Some((name, value)) = &sent.query {
+                let pair = url::form_urlencoded::Serializer::new(String::new())
+                    .append_pair(name, value)
+                    .finish();
+                query = [query, pair]
+                    .into_iter()
+                    .filter(|q| !q.is_empty())
+                    .collect::<Vec<_>>()
+                    .join("&");
+            }
+            let mut target = format!("{}/v1/ingest/{source}", base.trim_end_matches('/'));
+            if !query.is_empty() {
+                target = format!("{target}?{query}");
+            }
+            // The credentials in place of any header of the same name given.
+            let mut headers = headers;
+            headers.retain(|(k, _)| !sent.headers.iter().any(|(s, _)| s.eq_ignore_ascii_case(k)));
+            headers.extend(sent.headers);
+            let map = header_map(&headers)?;
+            let answer = reqwest::Client::new()
+                .post(&target)
+                .headers(map)
+                .body(body)
+                .send()
+                .await
+                .with_context(|| format!("cannot post to {base}"))?;
+            let status = answer.status();
+            let text = answer.text().await.unwrap_or_default();
+            eprintln!("{status}");
+            println!("{text}");
+            Ok(if status.is_success() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
         Command::Openapi => {
             let doc = serde_json::to_string_pretty(&switchyard::api::openapi())
                 .context("cannot render the OpenAPI document")?;
@@ -418,16 +530,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             let (Some(source), Some(event)) = (source, event) else {
                 anyhow::bail!("--source and --event are needed (or --cases)");
             };
-            let body = match event.to_str() {
-                Some("-") => {
-                    let mut body = Vec::new();
-                    std::io::Read::read_to_end(&mut std::io::stdin(), &mut body)
-                        .context("cannot read the payload from standard input")?;
-                    body
-                }
-                _ => std::fs::read(&event)
-                    .with_context(|| format!("cannot read {}", event.display()))?,
-            };
+            let body = read_payload(&event)?;
             let map = header_map(&headers)?;
             let answer = runner
                 .run(&source, &map, query.as_deref(), body.into())

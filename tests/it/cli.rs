@@ -757,3 +757,89 @@ fn the_deploy_example_would_start_with_its_secrets_set() {
     assert!(!ok, "{out}");
     assert!(out.contains("BACKEND_SIGNING_SECRET"), "{out}");
 }
+
+/// `switchyard send` posts as each source's sender would — signed, or with its secret
+/// header or query parameter — and the gateway takes it; with a secret the gateway does
+/// not hold, it is refused and `send` exits 1 with the answer.
+#[tokio::test(flavor = "multi_thread")]
+async fn send_posts_as_the_sources_sender_would() {
+    use crate::util::{Receiver, TestGateway};
+    let rx = Receiver::start().await;
+    let config = |secret: &str| {
+        format!(
+            r#"
+[[sources]]
+name = "stripe"
+verify = {{ scheme = "hmac-sha256", header = "stripe-signature", secret = "{secret}", signature_key = "v1", timestamp_key = "t", signed = "{{timestamp}}.{{body}}" }}
+[[sources]]
+name = "sw"
+verify = {{ scheme = "standard-webhooks", secrets = ["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"] }}
+[[sources]]
+name = "1nce"
+verify = {{ scheme = "header", header = "x-api-key", secrets = ["k-0123456789abcdef"] }}
+[[sources]]
+name = "onomondo"
+verify = {{ scheme = "query", param = "token", secrets = ["q-0123456789abcdef/+&"] }}
+[[destinations]]
+name = "d"
+url = "{{receiver}}/in"
+[[routes]]
+source = "stripe"
+destinations = ["d"]
+[[routes]]
+source = "sw"
+destinations = ["d"]
+[[routes]]
+source = "1nce"
+destinations = ["d"]
+[[routes]]
+source = "onomondo"
+destinations = ["d"]
+"#
+        )
+    };
+    let gw = TestGateway::start(&config("whsec_stripe"), &rx, &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str, text: String| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text.replace("{receiver}", &rx.url)).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let (good, wrong) = (
+        file("good.toml", config("whsec_stripe")),
+        file("wrong.toml", config("whsec_other")),
+    );
+    let event = xtask::workspace_root().join("examples/events/onomondo-usage.json");
+    let event = event.to_str().unwrap().to_string();
+    let send = |config: &str, source: &str| {
+        let args = [
+            "send", "--config", config, "--url", &gw.url, "--source", source, "--event", &event,
+        ];
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            run(&args)
+        })
+    };
+    for source in ["stripe", "sw", "1nce", "onomondo"] {
+        let (ok, stdout, stderr) = send(&good, source).await.unwrap();
+        assert!(ok, "{source}: {stderr}");
+        assert!(stderr.contains("202"), "{source}: {stderr}");
+        let answer: Value = serde_json::from_str(&stdout).unwrap();
+        assert!(answer["id"].is_string(), "{source}: {stdout}");
+    }
+    let (ok, stdout, stderr) = send(&wrong, "stripe").await.unwrap();
+    assert!(!ok);
+    assert!(stderr.contains("401"), "{stderr}");
+    assert!(stdout.contains("the signature does not match"), "{stdout}");
+    let (ok, _, stderr) = send(&good, "nope").await.unwrap();
+    assert!(!ok && stderr.contains("no source named `nope`"), "{stderr}");
+
+    let got = rx.wait_for(4).await;
+    let sent = std::fs::read(&event).unwrap();
+    assert!(
+        got.iter().all(|r| r.body == sent),
+        "the payload as it is in the file"
+    );
+    gw.shutdown().await.unwrap();
+}
