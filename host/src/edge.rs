@@ -421,7 +421,9 @@ pub enum EdgeError {
     Malformed(String),
     #[error("the signature does not match")]
     Mismatch,
-    #[error("the webhook timestamp is outside the tolerance of {0:?}")]
+    #[error(
+        "the signed timestamp is outside the tolerance of {0:?} (a replay, or the sender's clock is off)"
+    )]
     Stale(Duration),
     #[error("address {0} is not allowed for this source")]
     AddressDenied(IpAddr),

@@ -278,10 +278,9 @@ async fn accept(
 }
 
 /// A new event (a fresh UUIDv7 id, received now) from a request to `source`, with the
-/// headers `keep` keeps.
-/// The event a request makes: its headers those `keep` keeps, and neither keeps the
-/// credential a source's `verify` checked as it came (a `header` scheme's header, a `query`
-/// scheme's parameter) — plugins, the event view and destinations have no use for it.
+/// headers `keep` keeps — and never the credential a source's `verify` checked as it came
+/// (a `header` scheme's header, a `query` scheme's parameter): plugins, the event view and
+/// destinations have no use for it.
 pub(crate) fn new_event(
     source: String,
     method: &http::Method,

@@ -225,7 +225,7 @@ impl Destination {
     /// Standard Webhooks' `webhook-timestamp` and `webhook-signature` (one `v1,` signature
     /// per key, space-separated); or the `hmac-sha256` scheme's header (and its timestamp's).
     pub(crate) fn signature(&self, id: &str, now_ms: u64, body: &[u8]) -> Vec<(String, String)> {
-        let ts = (now_ms / 1000).to_string();
+        let ts = || (now_ms / 1000).to_string();
         match &self.signer {
             None => Vec::new(),
             Some(Signer::StandardWebhooks(keys)) => {
@@ -233,7 +233,7 @@ impl Destination {
                     .map(|key| crate::edge::sign(key, id, now_ms / 1000, body))
                     .collect();
                 vec![
-                    ("webhook-timestamp".into(), ts),
+                    ("webhook-timestamp".into(), ts()),
                     ("webhook-signature".into(), signatures.join(" ")),
                 ]
             }
@@ -245,6 +245,7 @@ impl Destination {
                 signed,
                 timestamp_header,
             }) => {
+                let ts = ts();
                 let mac = crate::edge::hmac_of(key, signed.as_deref(), Some(&ts), body);
                 let mut headers = vec![(
                     header.clone(),
