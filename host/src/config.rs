@@ -765,6 +765,13 @@ pub struct SigningConfig {
     /// `hmac-sha256`: the header carrying the signed timestamp.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timestamp_header: Option<String>,
+    /// `hmac-sha256`: write `header` as `key=value` pairs (Stripe's `t=…,v1=…`): the
+    /// signature's key, e.g. `v1`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature_key: Option<String>,
+    /// `hmac-sha256`: the timestamp's key among those pairs, e.g. `t`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestamp_key: Option<String>,
 }
 
 /// A destination's signature scheme.
@@ -789,6 +796,8 @@ impl SigningConfig {
             ("prefix", self.prefix.is_some()),
             ("signed", self.signed.is_some()),
             ("timestamp_header", self.timestamp_header.is_some()),
+            ("signature_key", self.signature_key.is_some()),
+            ("timestamp_key", self.timestamp_key.is_some()),
         ];
         match self.scheme {
             SigningScheme::StandardWebhooks => match hmac_fields.iter().find(|(_, given)| *given) {
@@ -821,10 +830,23 @@ impl SigningConfig {
                         return Err((field, format!("`{name}` is not a header name")));
                     }
                 }
+                if self.timestamp_key.is_some() && self.signature_key.is_none() {
+                    return Err((
+                        "timestamp_key",
+                        "needs `signature_key` (the header's pairs)".into(),
+                    ));
+                }
+                if self.timestamp_key.is_some() && self.timestamp_header.is_some() {
+                    return Err((
+                        "timestamp_key",
+                        "give the timestamp's `timestamp_header` or its `timestamp_key`, not both"
+                            .into(),
+                    ));
+                }
                 crate::edge::check_signed(
                     self.signed.as_deref(),
-                    self.timestamp_header.is_some(),
-                    "`timestamp_header`",
+                    self.timestamp_header.is_some() || self.timestamp_key.is_some(),
+                    "`timestamp_header` or `timestamp_key`",
                 )
                 .map_err(|m| ("signed", m))
             }

@@ -395,6 +395,39 @@ fn default_tolerance() -> Duration {
     Duration::from_secs(300)
 }
 
+/// How an HMAC-SHA256 signature is sent: the fields of the `hmac-sha256` schemes, the
+/// inbound one (what a sender sends) and the outbound one (what a delivery carries) alike.
+pub struct HmacForm<'a> {
+    pub header: &'a str,
+    pub encoding: Encoding,
+    pub prefix: &'a str,
+    pub signed: Option<&'a str>,
+    pub timestamp_header: Option<&'a str>,
+    pub signature_key: Option<&'a str>,
+    pub timestamp_key: Option<&'a str>,
+}
+
+impl HmacForm<'_> {
+    /// The headers that sign `body` with `key` at `now_s`: `header` holding the signature
+    /// after `prefix` — or, with `signature_key`, as `key=value` pairs, the timestamp's
+    /// first under `timestamp_key` (`t=…,v1=…`) — and the timestamp in `timestamp_header`.
+    pub fn headers(&self, key: &[u8], now_s: u64, body: &[u8]) -> Vec<(String, String)> {
+        let ts = now_s.to_string();
+        let mac = hmac_of(key, self.signed, Some(&ts), body);
+        let signature = format!("{}{}", self.prefix, self.encoding.encode(mac.as_ref()));
+        let value = match self.signature_key {
+            Some(name) => {
+                let stamp = self.timestamp_key.map(|t| format!("{t}={ts},"));
+                format!("{}{name}={signature}", stamp.unwrap_or_default())
+            }
+            None => signature,
+        };
+        let mut headers = vec![(self.header.to_string(), value)];
+        headers.extend(self.timestamp_header.map(|h| (h.to_string(), ts)));
+        headers
+    }
+}
+
 /// What a request carries to pass a source's check (see [`VerifyConfig::credentials`]).
 #[derive(Debug, Default)]
 pub struct Credentials {
@@ -569,19 +602,17 @@ impl VerifyConfig {
                 timestamp_key,
                 ..
             } => {
-                let mac = hmac_of(secret.as_bytes(), signed.as_deref(), Some(&ts), body);
-                let signature = format!("{prefix}{}", encoding.encode(mac.as_ref()));
-                let value = match signature_key {
-                    Some(key) => {
-                        let stamp = timestamp_key.as_ref().map(|t| format!("{t}={ts},"));
-                        format!("{}{key}={signature}", stamp.unwrap_or_default())
-                    }
-                    None => signature,
+                let form = HmacForm {
+                    header,
+                    encoding: *encoding,
+                    prefix,
+                    signed: signed.as_deref(),
+                    timestamp_header: timestamp_header.as_deref(),
+                    signature_key: signature_key.as_deref(),
+                    timestamp_key: timestamp_key.as_deref(),
                 };
-                let mut headers = vec![(header.clone(), value)];
-                headers.extend(timestamp_header.clone().map(|h| (h, ts)));
                 Credentials {
-                    headers,
+                    headers: form.headers(secret.as_bytes(), now_s, body),
                     query: None,
                 }
             }

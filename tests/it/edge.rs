@@ -530,14 +530,18 @@ signing = { scheme = "hmac-sha256", secret = "gh-secret", header = "X-Hub-Signat
 name = "ts"
 url = "{receiver}/ts"
 signing = { scheme = "hmac-sha256", secret = "ts-secret", header = "x-signature", encoding = "base64", timestamp_header = "x-timestamp", signed = "v0:{timestamp}:{body}" }
+[[destinations]]
+name = "pairs"
+url = "{receiver}/pairs"
+signing = { scheme = "hmac-sha256", secret = "whsec_pairs", header = "stripe-signature", signature_key = "v1", timestamp_key = "t", signed = "{timestamp}.{body}" }
 [[routes]]
 source = "s"
-destinations = ["gh", "ts"]
+destinations = ["gh", "ts", "pairs"]
 "#;
     let gw = TestGateway::start(config, &rx, &[]).await;
     let body = r#"{"type":"usage","n":1}"#;
     gw.accept("s", body).await;
-    let got = rx.wait_for(2).await;
+    let got = rx.wait_for(3).await;
     let at = |path: &str| got.iter().find(|r| r.uri == path).unwrap();
 
     let gh = at("/gh");
@@ -561,10 +565,19 @@ destinations = ["gh", "ts"]
     let expected = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
     assert_eq!(ts.header("x-signature"), Some(expected.as_str()));
 
+    // Stripe's form: `t=<timestamp>,v1=<hex of HMAC over "{t}.{body}">`.
+    let pairs = at("/pairs").header("stripe-signature").unwrap();
+    let (t, v1) = (pairs.strip_prefix("t=").and_then(|p| p.split_once(",v1="))).unwrap();
+    assert!(t.parse::<u64>().unwrap().abs_diff(now_s()) < 60, "{pairs}");
+    assert_eq!(
+        v1,
+        hmac_hex(b"whsec_pairs", format!("{t}.{body}").as_bytes())
+    );
+
     // The test message is signed alike.
     let (status, answer) = gw.post_api("/v1/destinations/gh/test").await;
     assert_eq!((status, &answer["ok"]), (200, &json!(true)), "{answer}");
-    let test = rx.wait_for(3).await.pop().unwrap();
+    let test = rx.wait_for(4).await.pop().unwrap();
     let signature = hmac_hex(b"gh-secret", &test.body);
     assert_eq!(
         test.header("x-hub-signature-256"),

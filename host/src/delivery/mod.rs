@@ -188,15 +188,9 @@ pub fn proxy_host(proxy: &str) -> Result<String, String> {
 enum Signer {
     /// The current key and those of a rotation (`previous_secrets`).
     StandardWebhooks(Vec<Vec<u8>>),
-    /// An HMAC-SHA256 in `header`, over what `signed` says.
-    Hmac {
-        key: Vec<u8>,
-        header: String,
-        encoding: crate::edge::Encoding,
-        prefix: String,
-        signed: Option<String>,
-        timestamp_header: Option<String>,
-    },
+    /// An HMAC-SHA256 in the form `signing` gives (kept as configured: validated, header
+    /// names matched without regard to case).
+    Hmac(Arc<crate::config::SigningConfig>),
 }
 
 impl Signer {
@@ -208,14 +202,7 @@ impl Signer {
                     .filter_map(|secret| crate::edge::decode_secret(secret).ok())
                     .collect(),
             ),
-            SigningScheme::HmacSha256 => Signer::Hmac {
-                key: c.secret.as_bytes().to_vec(),
-                header: c.header.clone().unwrap_or_default().to_ascii_lowercase(),
-                encoding: c.encoding.unwrap_or_default(),
-                prefix: c.prefix.clone().unwrap_or_default(),
-                signed: c.signed.clone(),
-                timestamp_header: c.timestamp_header.as_ref().map(|h| h.to_ascii_lowercase()),
-            },
+            SigningScheme::HmacSha256 => Signer::Hmac(Arc::new(c.clone())),
         }
     }
 }
@@ -237,22 +224,17 @@ impl Destination {
                     ("webhook-signature".into(), signatures.join(" ")),
                 ]
             }
-            Some(Signer::Hmac {
-                key,
-                header,
-                encoding,
-                prefix,
-                signed,
-                timestamp_header,
-            }) => {
-                let ts = ts();
-                let mac = crate::edge::hmac_of(key, signed.as_deref(), Some(&ts), body);
-                let mut headers = vec![(
-                    header.clone(),
-                    format!("{prefix}{}", encoding.encode(mac.as_ref())),
-                )];
-                headers.extend(timestamp_header.clone().map(|h| (h, ts)));
-                headers
+            Some(Signer::Hmac(c)) => {
+                let form = crate::edge::HmacForm {
+                    header: c.header.as_deref().unwrap_or_default(),
+                    encoding: c.encoding.unwrap_or_default(),
+                    prefix: c.prefix.as_deref().unwrap_or_default(),
+                    signed: c.signed.as_deref(),
+                    timestamp_header: c.timestamp_header.as_deref(),
+                    signature_key: c.signature_key.as_deref(),
+                    timestamp_key: c.timestamp_key.as_deref(),
+                };
+                form.headers(c.secret.as_bytes(), now_ms / 1000, body)
             }
         }
     }
