@@ -604,6 +604,11 @@ pub struct SourceConfig {
     /// 1,000,000; unlimited when absent. Counted per instance.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<f64>,
+    /// A sender's check of its URL to answer instead of storing (Slack's
+    /// `url_verification`): a JSON body whose top-level `type` is `type` gets
+    /// `200 {"<field>": <its field>}`, once it has passed `verify`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub challenge: Option<ChallengeConfig>,
 }
 
 /// `[[destinations]]`: where deliveries go.
@@ -729,6 +734,35 @@ const RATE_LIMITS: std::ops::RangeInclusive<f64> = 0.001..=1_000_000.0;
 /// one configured, and a lease is how long a crashed gateway's claimed deliveries wait
 /// before another takes them.
 pub const MAX_DESTINATION_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+
+/// A URL check a source's sender makes, answered by echoing a field (see
+/// `SourceConfig::challenge`).
+#[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChallengeConfig {
+    /// The top-level field of the body holding the challenge, e.g. `challenge`.
+    pub field: String,
+    /// Only a body whose top-level `type` is this, e.g. `url_verification` (any body with
+    /// `field` when absent).
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+}
+
+impl ChallengeConfig {
+    /// The answer to a request whose body is a challenge, if it is one.
+    pub fn answer(&self, body: &[u8]) -> Option<serde_json::Value> {
+        let serde_json::Value::Object(body) = serde_json::from_slice(body).ok()? else {
+            return None;
+        };
+        if let Some(kind) = &self.kind
+            && body.get("type").and_then(|t| t.as_str()) != Some(kind.as_str())
+        {
+            return None;
+        }
+        let value = body.get(&self.field)?;
+        Some(serde_json::json!({ self.field.clone(): value }))
+    }
+}
 
 /// How a destination's deliveries are signed: Standard Webhooks, or an HMAC-SHA256 in a
 /// header of the receiver's choice.
@@ -1433,6 +1467,14 @@ impl Config {
             v.validate()
                 .map_err(|m| (format!("sources[{i}].verify"), m))?;
         }
+        if let Some(c) = &s.challenge
+            && c.field.is_empty()
+        {
+            return Err((
+                format!("sources[{i}].challenge.field"),
+                "must name the body's field that holds the challenge".into(),
+            ));
+        }
         if let Some(h) = &s.idempotency_header
             && http::HeaderName::from_bytes(h.as_bytes()).is_err()
         {
@@ -2106,6 +2148,35 @@ mod tests {
             );
             assert!(err.contains(says), "{signing}: {err}");
         }
+    }
+
+    #[test]
+    fn a_challenge_is_answered_only_when_the_body_is_one() {
+        let slack = ChallengeConfig {
+            field: "challenge".into(),
+            kind: Some("url_verification".into()),
+        };
+        let answer = |c: &ChallengeConfig, body: &str| c.answer(body.as_bytes());
+        assert_eq!(
+            answer(&slack, r#"{"type":"url_verification","challenge":"c-1"}"#),
+            Some(serde_json::json!({ "challenge": "c-1" }))
+        );
+        for not_one in [
+            r#"{"type":"event_callback","challenge":"c-1"}"#,
+            r#"{"type":"url_verification"}"#,
+            r#"["url_verification"]"#,
+            "type=url_verification&challenge=c-1",
+        ] {
+            assert_eq!(answer(&slack, not_one), None, "{not_one}");
+        }
+        let any = ChallengeConfig {
+            field: "validationToken".into(),
+            kind: None,
+        };
+        assert_eq!(
+            answer(&any, r#"{"validationToken":7}"#),
+            Some(serde_json::json!({ "validationToken": 7 }))
+        );
     }
 
     #[test]

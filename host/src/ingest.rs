@@ -30,7 +30,7 @@ use crate::store::{Idempotency, Inserted, Limit, StoreError};
     request_body(content = Object, description = "The sender's payload, stored as sent (decoded first if sent with `Content-Encoding: gzip` or `deflate`)", content_type = "application/json"),
     responses(
         (status = 202, description = "Accepted and committed", body = crate::api::EventId),
-        (status = 200, description = "A duplicate: the original event's id", body = Object),
+        (status = 200, description = "A duplicate: the original event's id; or the answer to the sender's URL check (the source's `challenge`), not stored", body = Object),
         (status = 400, description = "A malformed `Idempotency-Key`, or a body that cannot be read or decoded", body = crate::api::ErrorBody),
         (status = 401, description = "The signature check failed", body = crate::api::ErrorBody),
         (status = 403, description = "The sender's address, or its client certificate (or its lack of one), is not allowed", body = crate::api::ErrorBody),
@@ -57,8 +57,9 @@ pub async fn ingest(
     let (request, body) = request.into_parts();
     let result = accept(&state, source, request, body).await;
     let outcome = match &result {
-        Ok((StatusCode::OK, _)) => "duplicate",
-        Ok(_) => {
+        Ok(Answer::Duplicate(_)) => "duplicate",
+        Ok(Answer::Challenge(_)) => "challenge",
+        Ok(Answer::Accepted(_)) => {
             (state.metrics).accepted_after(&label, started.elapsed().as_secs_f64());
             "accepted"
         }
@@ -78,7 +79,24 @@ pub async fn ingest(
     if let (true, Err(e)) = (known, &result) {
         (state.refusals).record(&label, outcome, e);
     }
-    result
+    result.map(|answer| match answer {
+        Answer::Accepted(id) => (StatusCode::ACCEPTED, Json(json!({ "id": id }))),
+        Answer::Duplicate(original) => (
+            StatusCode::OK,
+            Json(json!({ "id": original, "duplicate": true })),
+        ),
+        Answer::Challenge(echo) => (StatusCode::OK, Json(echo)),
+    })
+}
+
+/// What ingest answers a request it takes.
+enum Answer {
+    /// Stored: the new event's id.
+    Accepted(String),
+    /// Seen before: the original event's id.
+    Duplicate(String),
+    /// A sender's URL check (`challenge`), answered and not stored.
+    Challenge(serde_json::Value),
 }
 
 /// The requests to each source refused lately, by this instance since it started: shown
@@ -142,7 +160,7 @@ async fn accept(
     source: String,
     request: http::request::Parts,
     body: HttpBody,
-) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+) -> Result<Answer, ApiError> {
     let http::request::Parts {
         method,
         uri,
@@ -228,6 +246,14 @@ async fn accept(
             });
         }
     }
+    // A sender checking its URL (it passed the checks above) is answered, not stored.
+    if let Some(echo) = sc.challenge.as_ref().and_then(|c| c.answer(&body)) {
+        tracing::info!(
+            source,
+            "Ingest answered the sender's URL check (challenge)."
+        );
+        return Ok(Answer::Challenge(echo));
+    }
     // The stored body is the decoded one.
     let keep =
         |name: &http::HeaderName| decoded.is_none() || name != http::header::CONTENT_ENCODING;
@@ -262,14 +288,11 @@ async fn accept(
         match inserted {
             Inserted::New => {
                 tracing::debug!("Event accepted.");
-                Ok((StatusCode::ACCEPTED, Json(json!({ "id": id }))))
+                Ok(Answer::Accepted(id))
             }
             Inserted::Duplicate(original) => {
                 tracing::info!(event_id = %original, "Duplicate event answered with the original id.");
-                Ok((
-                    StatusCode::OK,
-                    Json(json!({ "id": original, "duplicate": true })),
-                ))
+                Ok(Answer::Duplicate(original))
             }
         }
     }

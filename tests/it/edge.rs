@@ -31,6 +31,7 @@ verify = {{ scheme = "hmac-sha256", header = "stripe-signature", secret = "whsec
 [[sources]]
 name = "slack"
 verify = {{ scheme = "hmac-sha256", header = "x-slack-signature", prefix = "v0=", secret = "slack-key", timestamp_header = "x-slack-request-timestamp", signed = "v0:{{timestamp}}:{{body}}", tolerance = "1m" }}
+challenge = {{ type = "url_verification", field = "challenge" }}
 [[sources]]
 name = "office"
 allow_ips = ["10.0.0.0/8"]
@@ -259,14 +260,32 @@ async fn timestamped_hmac_signatures_refuse_replays_and_rotate() {
 
     // Slack: a form body, the timestamp in a header of its own, a one-minute tolerance.
     let form = "token=abc&team_id=T1&command=%2Fdeploy&text=web";
-    let slack = |ts: u64| {
-        let sig = hmac_hex(b"slack-key", format!("v0:{ts}:{form}").as_bytes());
+    let signed_at = |ts: u64, body: &str| {
+        let sig = hmac_hex(b"slack-key", format!("v0:{ts}:{body}").as_bytes());
         vec![
             ("x-slack-request-timestamp", ts.to_string()),
             ("x-slack-signature", format!("v0={sig}")),
             ("content-type", "application/x-www-form-urlencoded".into()),
         ]
     };
+    let slack = |ts: u64| signed_at(ts, form);
+
+    // Slack's URL check when the Events API is set up: answered with its challenge, once
+    // signed, and not stored; an event of another type is stored as any.
+    let check = r#"{"token":"t","challenge":"3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P","type":"url_verification"}"#;
+    let (status, answer) = post(&gw, "slack", check, &signed_at(now, check)).await;
+    assert_eq!(
+        (status, answer),
+        (
+            200,
+            json!({ "challenge": "3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P" })
+        )
+    );
+    assert_eq!(
+        post(&gw, "slack", check, &[]).await.0,
+        401,
+        "unsigned: no answer"
+    );
     let (status, answer) = post(&gw, "slack", form, &slack(now)).await;
     assert_eq!(status, 202, "{answer}");
     let (status, _) = post(&gw, "slack", form, &slack(now - 61)).await;
@@ -282,6 +301,16 @@ async fn timestamped_hmac_signatures_refuse_replays_and_rotate() {
     assert_eq!(delivered.len(), 4, "refused requests store nothing");
     let slack_body = delivered.iter().find(|r| r.body.starts_with(b"token="));
     assert_eq!(slack_body.map(|r| &r.body[..]), Some(form.as_bytes()));
+    assert!(
+        !delivered.iter().any(|r| r.body.starts_with(b"{\"token\"")),
+        "the check is not delivered"
+    );
+    let metrics = gw.metrics().await;
+    assert!(
+        metrics
+            .contains(r#"switchyard_events_received_total{source="slack",result="challenge"} 1"#),
+        "{metrics}"
+    );
     gw.shutdown().await.unwrap();
 }
 
