@@ -407,7 +407,7 @@ pub struct HmacForm<'a> {
     pub timestamp_key: Option<&'a str>,
 }
 
-impl HmacForm<'_> {
+impl<'a> HmacForm<'a> {
     /// The headers that sign `body` with `key` at `now_s`: `header` holding the signature
     /// after `prefix` — or, with `signature_key`, as `key=value` pairs, the timestamp's
     /// first under `timestamp_key` (`t=…,v1=…`) — and the timestamp in `timestamp_header`.
@@ -425,6 +425,49 @@ impl HmacForm<'_> {
         let mut headers = vec![(self.header.to_string(), value)];
         headers.extend(self.timestamp_header.map(|h| (h.to_string(), ts)));
         headers
+    }
+
+    /// What a request's headers carry, read as [`Self::headers`] writes it: the signatures
+    /// (decoded; several where the pairs list several) and the timestamp with the header
+    /// it came in, if this form carries one.
+    #[allow(clippy::type_complexity)]
+    fn read<'h>(
+        &self,
+        headers: &'h http::HeaderMap,
+    ) -> Result<(Vec<Vec<u8>>, Option<(&'h str, &'a str)>), EdgeError>
+    where
+        'a: 'h,
+    {
+        let value = header_str(headers, self.header)?;
+        let malformed = || EdgeError::Malformed(self.header.into());
+        let (given, mut timestamp) = match self.signature_key {
+            None => (vec![value], None),
+            Some(key) => {
+                let pairs = || (value.split(',')).filter_map(|p| p.trim().split_once('='));
+                let given = (pairs().filter(|(k, _)| *k == key).map(|(_, v)| v)).collect();
+                let timestamp = match self.timestamp_key {
+                    None => None,
+                    Some(t) => Some(
+                        (pairs()
+                            .find(|(k, _)| *k == t)
+                            .map(|(_, v)| (v, self.header)))
+                        .ok_or_else(malformed)?,
+                    ),
+                };
+                (given, timestamp)
+            }
+        };
+        if let Some(name) = self.timestamp_header {
+            timestamp = Some((header_str(headers, name)?, name));
+        }
+        let given: Vec<Vec<u8>> = (given.iter())
+            .filter_map(|g| g.strip_prefix(self.prefix))
+            .filter_map(|g| self.encoding.decode(g.trim()))
+            .collect();
+        if given.is_empty() {
+            return Err(malformed());
+        }
+        Ok((given, timestamp))
     }
 }
 
@@ -583,6 +626,32 @@ impl VerifyConfig {
         }
     }
 
+    /// How an `hmac-sha256` scheme's signature is sent.
+    fn hmac_form(&self) -> Option<HmacForm<'_>> {
+        let VerifyConfig::HmacSha256 {
+            header,
+            encoding,
+            prefix,
+            signed,
+            timestamp_header,
+            signature_key,
+            timestamp_key,
+            ..
+        } = self
+        else {
+            return None;
+        };
+        Some(HmacForm {
+            header,
+            encoding: *encoding,
+            prefix,
+            signed: signed.as_deref(),
+            timestamp_header: timestamp_header.as_deref(),
+            signature_key: signature_key.as_deref(),
+            timestamp_key: timestamp_key.as_deref(),
+        })
+    }
+
     /// What a sender adds to a request of `body` for this check to pass at `now_s` (Unix
     /// seconds): headers, and a query parameter (the `query` scheme's) — with the current
     /// secret (`secret`, the first of `secrets`). The inverse of [`Self::verify`], for
@@ -591,26 +660,8 @@ impl VerifyConfig {
         let ts = now_s.to_string();
         match self {
             VerifyConfig::None {} => Credentials::default(),
-            VerifyConfig::HmacSha256 {
-                secret,
-                header,
-                encoding,
-                prefix,
-                signed,
-                timestamp_header,
-                signature_key,
-                timestamp_key,
-                ..
-            } => {
-                let form = HmacForm {
-                    header,
-                    encoding: *encoding,
-                    prefix,
-                    signed: signed.as_deref(),
-                    timestamp_header: timestamp_header.as_deref(),
-                    signature_key: signature_key.as_deref(),
-                    timestamp_key: timestamp_key.as_deref(),
-                };
+            VerifyConfig::HmacSha256 { secret, .. } => {
+                let form = self.hmac_form().expect("an hmac-sha256 scheme");
                 Credentials {
                     headers: form.headers(secret.as_bytes(), now_s, body),
                     query: None,
@@ -654,53 +705,22 @@ impl VerifyConfig {
             VerifyConfig::HmacSha256 {
                 secret,
                 previous_secrets,
-                header,
-                encoding,
-                prefix,
                 signed,
-                timestamp_header,
-                signature_key,
-                timestamp_key,
                 tolerance,
+                ..
             } => {
-                let value = header_str(headers, header)?;
-                let malformed = || EdgeError::Malformed(header.clone());
-                let (given, timestamp) = match signature_key {
-                    None => (vec![value], None),
-                    Some(key) => {
-                        let pairs = || (value.split(',')).filter_map(|p| p.trim().split_once('='));
-                        let given = (pairs().filter(|(k, _)| k == key).map(|(_, v)| v)).collect();
-                        let timestamp = match timestamp_key {
-                            None => None,
-                            Some(t) => Some(
-                                (pairs().find(|(k, _)| k == t).map(|(_, v)| v))
-                                    .ok_or_else(malformed)?,
-                            ),
-                        };
-                        (given, timestamp)
-                    }
-                };
-                let timestamp = match timestamp_header {
-                    Some(name) => Some(header_str(headers, name)?),
-                    None => timestamp,
-                };
-                if let Some(ts) = timestamp {
-                    let name = timestamp_header.as_ref().unwrap_or(header);
+                let form = self.hmac_form().expect("an hmac-sha256 scheme");
+                let (given, timestamp) = form.read(headers)?;
+                if let Some((ts, name)) = timestamp {
                     let seconds: u64 =
-                        (ts.trim().parse()).map_err(|_| EdgeError::Malformed(name.clone()))?;
+                        (ts.trim().parse()).map_err(|_| EdgeError::Malformed(name.into()))?;
                     if seconds.abs_diff(now_s) > tolerance.as_secs() {
                         return Err(EdgeError::Stale(*tolerance));
                     }
                 }
-                let given: Vec<Vec<u8>> = (given.iter())
-                    .filter_map(|g| g.strip_prefix(prefix.as_str()))
-                    .filter_map(|g| encoding.decode(g.trim()))
-                    .collect();
-                if given.is_empty() {
-                    return Err(malformed());
-                }
+                let ts = timestamp.map(|(ts, _)| ts);
                 for key in std::iter::once(secret).chain(previous_secrets) {
-                    let mac = hmac_of(key.as_bytes(), signed.as_deref(), timestamp, body);
+                    let mac = hmac_of(key.as_bytes(), signed.as_deref(), ts, body);
                     // Constant-time, each one.
                     if given.iter().any(|g| bool::from(mac.as_ref().ct_eq(g))) {
                         return Ok(());
