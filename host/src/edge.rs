@@ -430,11 +430,10 @@ impl<'a> HmacForm<'a> {
     /// What a request's headers carry, read as [`Self::headers`] writes it: the signatures
     /// (decoded; several where the pairs list several) and the timestamp with the header
     /// it came in, if this form carries one.
-    #[allow(clippy::type_complexity)]
     fn read<'h>(
         &self,
         headers: &'h http::HeaderMap,
-    ) -> Result<(Vec<Vec<u8>>, Option<(&'h str, &'a str)>), EdgeError>
+    ) -> Result<(Vec<Vec<u8>>, Option<Stamp<'h>>), EdgeError>
     where
         'a: 'h,
     {
@@ -470,6 +469,9 @@ impl<'a> HmacForm<'a> {
         Ok((given, timestamp))
     }
 }
+
+/// A timestamp as a request carries it, and the header it came in.
+type Stamp<'h> = (&'h str, &'h str);
 
 /// What a request carries to pass a source's check (see [`VerifyConfig::credentials`]).
 #[derive(Debug, Default)]
