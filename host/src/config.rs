@@ -821,6 +821,19 @@ impl SigningConfig {
     /// The most `previous_secrets`.
     pub const MAX_PREVIOUS: usize = 4;
 
+    /// How an `hmac-sha256` signature goes out.
+    pub fn hmac_form(&self) -> crate::edge::HmacForm<'_> {
+        crate::edge::HmacForm {
+            header: self.header.as_deref().unwrap_or_default(),
+            encoding: self.encoding.unwrap_or_default(),
+            prefix: self.prefix.as_deref().unwrap_or_default(),
+            signed: self.signed.as_deref(),
+            timestamp_header: self.timestamp_header.as_deref(),
+            signature_key: self.signature_key.as_deref(),
+            timestamp_key: self.timestamp_key.as_deref(),
+        }
+    }
+
     /// What the scheme needs and forbids: the field at fault and why. (A Standard Webhooks
     /// secret's form is checked by the caller.)
     fn validate(&self) -> Result<(), (&'static str, String)> {
@@ -848,41 +861,13 @@ impl SigningConfig {
                         "an `hmac-sha256` header carries one signature: change the secret here and at the receiver together".into(),
                     ));
                 }
-                let Some(header) = &self.header else {
+                if self.header.is_none() {
                     return Err((
                         "header",
                         "the header the signature goes in is required".into(),
                     ));
-                };
-                for (field, name) in [
-                    ("header", Some(header)),
-                    ("timestamp_header", self.timestamp_header.as_ref()),
-                ] {
-                    if let Some(name) = name
-                        && http::HeaderName::from_bytes(name.as_bytes()).is_err()
-                    {
-                        return Err((field, format!("`{name}` is not a header name")));
-                    }
                 }
-                if self.timestamp_key.is_some() && self.signature_key.is_none() {
-                    return Err((
-                        "timestamp_key",
-                        "needs `signature_key` (the header's pairs)".into(),
-                    ));
-                }
-                if self.timestamp_key.is_some() && self.timestamp_header.is_some() {
-                    return Err((
-                        "timestamp_key",
-                        "give the timestamp's `timestamp_header` or its `timestamp_key`, not both"
-                            .into(),
-                    ));
-                }
-                crate::edge::check_signed(
-                    self.signed.as_deref(),
-                    self.timestamp_header.is_some() || self.timestamp_key.is_some(),
-                    "`timestamp_header` or `timestamp_key`",
-                )
-                .map_err(|m| ("signed", m))
+                self.hmac_form().check()
             }
         }
     }

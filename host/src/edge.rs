@@ -427,6 +427,39 @@ impl<'a> HmacForm<'a> {
         headers
     }
 
+    /// Whether the fields fit together: header names, a timestamp from one place and
+    /// signed (see [`check_signed`]); the field at fault and why.
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
+        for (field, name) in [
+            ("header", Some(self.header)),
+            ("timestamp_header", self.timestamp_header),
+        ] {
+            if let Some(name) = name
+                && http::HeaderName::from_bytes(name.as_bytes()).is_err()
+            {
+                return Err((field, format!("`{name}` is not a header name")));
+            }
+        }
+        if self.timestamp_key.is_some() && self.signature_key.is_none() {
+            return Err((
+                "timestamp_key",
+                "needs `signature_key` (the header's pairs)".into(),
+            ));
+        }
+        if self.timestamp_key.is_some() && self.timestamp_header.is_some() {
+            return Err((
+                "timestamp_key",
+                "give the timestamp's `timestamp_header` or its `timestamp_key`, not both".into(),
+            ));
+        }
+        check_signed(
+            self.signed,
+            self.timestamp_header.is_some() || self.timestamp_key.is_some(),
+            "`timestamp_header` or `timestamp_key`",
+        )
+        .map_err(|m| ("signed", m))
+    }
+
     /// What a request's headers carry, read as [`Self::headers`] writes it: the signatures
     /// (decoded; several where the pairs list several) and the timestamp with the header
     /// it came in, if this form carries one.
@@ -526,39 +559,13 @@ impl VerifyConfig {
             VerifyConfig::HmacSha256 {
                 secret,
                 previous_secrets,
-                header,
-                signed,
-                timestamp_header,
-                signature_key,
-                timestamp_key,
                 ..
             } => {
                 if secret.is_empty() || previous_secrets.iter().any(String::is_empty) {
                     return Err("`secret` and `previous_secrets` must not be empty".into());
                 }
-                for (field, name) in [
-                    ("header", Some(header)),
-                    ("timestamp_header", timestamp_header.as_ref()),
-                ] {
-                    let Some(name) = name else { continue };
-                    reqwest::header::HeaderName::from_bytes(name.as_bytes())
-                        .map_err(|_| format!("`{field}`: `{name}` is not a header name"))?;
-                }
-                if timestamp_key.is_some() && signature_key.is_none() {
-                    return Err("`timestamp_key` needs `signature_key` (the header's pairs)".into());
-                }
-                if timestamp_key.is_some() && timestamp_header.is_some() {
-                    return Err(
-                        "give the timestamp's `timestamp_header` or its `timestamp_key`, not both"
-                            .into(),
-                    );
-                }
-                let timestamped = timestamp_header.is_some() || timestamp_key.is_some();
-                check_signed(
-                    signed.as_deref(),
-                    timestamped,
-                    "`timestamp_header` or `timestamp_key`",
-                )
+                let form = self.hmac_form().expect("an hmac-sha256 scheme");
+                form.check().map_err(|(field, m)| format!("`{field}`: {m}"))
             }
             VerifyConfig::StandardWebhooks { secrets, .. } => {
                 if secrets.is_empty() {
@@ -825,21 +832,21 @@ pub fn hmac_of(
 pub fn check_signed(signed: Option<&str>, timestamped: bool, source: &str) -> Result<(), String> {
     let template = signed.unwrap_or("{body}");
     if template.matches("{body}").count() != 1 {
-        return Err("`signed` must hold `{body}` once".into());
+        return Err("must hold `{body}` once".into());
     }
     let rest = template.replace("{body}", "").replace("{timestamp}", "");
     if rest.contains('{') || rest.contains('}') {
         return Err(format!(
-            "`signed`: `{template}` may name only `{{body}}` and `{{timestamp}}`"
+            "`{template}` may name only `{{body}}` and `{{timestamp}}`"
         ));
     }
     match (template.contains("{timestamp}"), timestamped) {
         (true, false) => Err(format!(
-            "`signed` names `{{timestamp}}`: say what carries it ({source})"
+            "names `{{timestamp}}`: say what carries it ({source})"
         )),
-        (false, true) => Err(
-            "a timestamp that is not signed proves nothing: name `{timestamp}` in `signed`".into(),
-        ),
+        (false, true) => {
+            Err("a timestamp that is not signed proves nothing: name `{timestamp}` here".into())
+        }
         _ => Ok(()),
     }
 }

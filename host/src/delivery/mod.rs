@@ -225,16 +225,7 @@ impl Destination {
                 ]
             }
             Some(Signer::Hmac(c)) => {
-                let form = crate::edge::HmacForm {
-                    header: c.header.as_deref().unwrap_or_default(),
-                    encoding: c.encoding.unwrap_or_default(),
-                    prefix: c.prefix.as_deref().unwrap_or_default(),
-                    signed: c.signed.as_deref(),
-                    timestamp_header: c.timestamp_header.as_deref(),
-                    signature_key: c.signature_key.as_deref(),
-                    timestamp_key: c.timestamp_key.as_deref(),
-                };
-                form.headers(c.secret.as_bytes(), now_ms / 1000, body)
+                (c.hmac_form()).headers(c.secret.as_bytes(), now_ms / 1000, body)
             }
         }
     }
