@@ -230,6 +230,79 @@ fn read_expected(path: &std::path::Path) -> anyhow::Result<serde_json::Value> {
 
 /// A request's headers from NAME, VALUE pairs; `content-type: application/json` unless
 /// they name one.
+/// `switchyard send`: posts a payload to the gateway as the source's sender would.
+async fn send(
+    config: &std::path::Path,
+    source: &str,
+    event: &std::path::Path,
+    headers: Vec<(String, String)>,
+    query: Option<String>,
+    url: Option<String>,
+) -> anyhow::Result<ExitCode> {
+    let env = |name: &str| std::env::var(name).ok();
+    let config = Config::load(config, &env)?;
+    let Some(sc) = config.sources.iter().find(|s| s.name == source) else {
+        anyhow::bail!("no source named `{source}` in the config");
+    };
+    let body = read_payload(event)?;
+    let now_s = switchyard::delivery::now_ms() / 1000;
+    let sent = match &sc.verify {
+        Some(verify) => verify.credentials(&body, now_s),
+        None => Default::default(),
+    };
+    let base = url.unwrap_or_else(|| {
+        let scheme = if config.server.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let mut at = config.server.listen;
+        if at.ip().is_unspecified() {
+            at.set_ip(match at {
+                std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        format!("{scheme}://{at}")
+    });
+    let mut query = query.unwrap_or_default();
+    if let Some((name, value)) = &sent.query {
+        let pair = url::form_urlencoded::Serializer::new(String::new())
+            .append_pair(name, value)
+            .finish();
+        query = [query, pair]
+            .into_iter()
+            .filter(|q| !q.is_empty())
+            .collect::<Vec<_>>()
+            .join("&");
+    }
+    let mut target = format!("{}/v1/ingest/{source}", base.trim_end_matches('/'));
+    if !query.is_empty() {
+        target = format!("{target}?{query}");
+    }
+    // The credentials in place of any header of the same name given.
+    let mut headers = headers;
+    headers.retain(|(k, _)| !sent.headers.iter().any(|(s, _)| s.eq_ignore_ascii_case(k)));
+    headers.extend(sent.headers);
+    let map = header_map(&headers)?;
+    let answer = reqwest::Client::new()
+        .post(&target)
+        .headers(map)
+        .body(body)
+        .send()
+        .await
+        .with_context(|| format!("cannot post to {base}"))?;
+    let status = answer.status();
+    let text = answer.text().await.unwrap_or_default();
+    eprintln!("{status}");
+    println!("{text}");
+    Ok(if status.is_success() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
 /// A payload from a file, or from standard input for `-`.
 fn read_payload(event: &std::path::Path) -> anyhow::Result<Vec<u8>> {
     match event.to_str() {
@@ -390,70 +463,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             headers,
             query,
             url,
-        } => {
-            let env = |name: &str| std::env::var(name).ok();
-            let config = Config::load(&config, &env)?;
-            let Some(sc) = config.sources.iter().find(|s| s.name == source) else {
-                anyhow::bail!("no source named `{source}` in the config");
-            };
-            let body = read_payload(&event)?;
-            let now_s = switchyard::delivery::now_ms() / 1000;
-            let sent = match &sc.verify {
-                Some(verify) => verify.credentials(&body, now_s),
-                None => Default::default(),
-            };
-            let base = url.unwrap_or_else(|| {
-                let scheme = if config.server.tls.is_some() {
-                    "https"
-                } else {
-                    "http"
-                };
-                let mut at = config.server.listen;
-                if at.ip().is_unspecified() {
-                    at.set_ip(match at {
-                        std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-                        std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-                    });
-                }
-                format!("{scheme}://{at}")
-            });
-            let mut query = query.unwrap_or_default();
-            if let Some((name, value)) = &sent.query {
-                let pair = url::form_urlencoded::Serializer::new(String::new())
-                    .append_pair(name, value)
-                    .finish();
-                query = [query, pair]
-                    .into_iter()
-                    .filter(|q| !q.is_empty())
-                    .collect::<Vec<_>>()
-                    .join("&");
-            }
-            let mut target = format!("{}/v1/ingest/{source}", base.trim_end_matches('/'));
-            if !query.is_empty() {
-                target = format!("{target}?{query}");
-            }
-            // The credentials in place of any header of the same name given.
-            let mut headers = headers;
-            headers.retain(|(k, _)| !sent.headers.iter().any(|(s, _)| s.eq_ignore_ascii_case(k)));
-            headers.extend(sent.headers);
-            let map = header_map(&headers)?;
-            let answer = reqwest::Client::new()
-                .post(&target)
-                .headers(map)
-                .body(body)
-                .send()
-                .await
-                .with_context(|| format!("cannot post to {base}"))?;
-            let status = answer.status();
-            let text = answer.text().await.unwrap_or_default();
-            eprintln!("{status}");
-            println!("{text}");
-            Ok(if status.is_success() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
-        }
+        } => send(&config, &source, &event, headers, query, url).await,
         Command::Openapi => {
             let doc = serde_json::to_string_pretty(&switchyard::api::openapi())
                 .context("cannot render the OpenAPI document")?;
