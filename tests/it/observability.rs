@@ -298,3 +298,80 @@ async fn large_answers_are_gzipped_for_clients_that_accept_it() {
     assert!(plain.starts_with("# HELP"), "{plain}");
     gw.shutdown().await.unwrap();
 }
+
+/// The example alerting rules (`examples/deploy/alerts.yml`) are YAML of Prometheus'
+/// shape, and every metric their expressions name is one a gateway exports — so a renamed
+/// metric cannot leave an alert that never fires.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_example_alerts_name_metrics_the_gateway_exports() {
+    let file = xtask::workspace_root().join("examples/deploy/alerts.yml");
+    let out = std::process::Command::new(crate::tools::python_env().join("bin/python"))
+        .args([
+            "-c",
+            "import sys, json, yaml; print(json.dumps(yaml.safe_load(open(sys.argv[1]))))",
+        ])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rules: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rules = rules["groups"][0]["rules"].as_array().unwrap();
+    assert!(rules.len() >= 5, "{rules:?}");
+
+    // A gateway that has done a little of everything, so that each family has a series
+    // (an empty one is not shown): a plugin call, a route outcome, a delivery, a
+    // certificate watched (the harness's `[delivery]` table is open: the first line lands
+    // in it).
+    let rx = Receiver::start().await;
+    let ca = xtask::workspace_root().join("tests/fixtures/tls/ca.pem");
+    let config = format!(
+        r#"ca_certificates = ["{}"]
+[[sources]]
+name = "s"
+[[destinations]]
+name = "d"
+url = "{{receiver}}/in"
+[[routes]]
+source = "s"
+plugins = [{{ name = "event-filter", config = {{ allow = "usage" }} }}]
+destinations = ["d"]
+"#,
+        ca.display()
+    );
+    let gw = TestGateway::start(&config, &rx, &["event-filter"]).await;
+    gw.accept("s", r#"{"type":"usage"}"#).await;
+    rx.wait_for(1).await;
+    let text = gw.metrics().await;
+    // Every family with a series is declared (`# TYPE name kind`).
+    let families: Vec<&str> = (text.lines())
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    let exported = |name: &str| {
+        ["_total", "_bucket", "_count", "_sum", ""]
+            .iter()
+            .any(|suffix| {
+                name.strip_suffix(suffix)
+                    .is_some_and(|f| families.contains(&f))
+            })
+    };
+    for rule in rules {
+        let (alert, expr) = (&rule["alert"], rule["expr"].as_str().unwrap());
+        assert!(
+            alert.is_string() && rule["annotations"]["summary"].is_string(),
+            "{rule}"
+        );
+        let names: Vec<&str> = (expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')))
+            .filter(|w| w.starts_with("switchyard_"))
+            .collect();
+        assert!(!names.is_empty(), "{alert}: {expr}");
+        for name in names {
+            assert!(exported(name), "{alert}: `{name}` is not exported:\n{text}");
+        }
+    }
+    gw.shutdown().await.unwrap();
+}
