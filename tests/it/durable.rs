@@ -1218,12 +1218,7 @@ destinations = ["slow"]
     let reload = async |from: &str, to: &str| {
         let text = std::fs::read_to_string(&file).unwrap();
         std::fs::write(&file, text.replace(from, to)).unwrap();
-        let (status, report) = gw.post_api("/v1/reload").await;
-        assert_eq!(
-            (status, &report["config"]),
-            (200, &json!("applied")),
-            "{report}"
-        );
+        gw.reload_applied().await;
     };
     reload(&config(4, 2, ""), &config(16, 6, "")).await;
     in_flight(6).await;

@@ -880,12 +880,7 @@ async fn delivery_certificates_apply_at_a_reload() {
         1,
     );
     std::fs::write(&file, text).unwrap();
-    let (status, report) = gw.post_api("/v1/reload").await;
-    assert_eq!(
-        (status, &report["config"]),
-        (200, &json!("applied")),
-        "{report}"
-    );
+    gw.reload_applied().await;
     let delivery = e["deliveries"][0]["id"].as_str().unwrap();
     let (status, _) = gw
         .post_api(&format!("/v1/deliveries/{delivery}/retry"))
@@ -2321,12 +2316,7 @@ async fn deliveries_carry_an_oauth2_token_renewed_and_replaced_when_refused() {
     );
     assert!(text.contains("timeout = \"5s\""), "{text}");
     std::fs::write(&file, text).unwrap();
-    let (status, report) = gw.post_api("/v1/reload").await;
-    assert_eq!(
-        (status, &report["config"]),
-        (200, &json!("applied")),
-        "{report}"
-    );
+    gw.reload_applied().await;
     delivered(r#"{"n":2.5}"#).await;
     assert_eq!(
         auth.asked.lock().unwrap().len(),

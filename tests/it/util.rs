@@ -368,6 +368,16 @@ impl TestGateway {
         (resp.status().as_u16(), resp.json().await.unwrap())
     }
 
+    /// Reloads the config (`POST /v1/reload`), which must be applied.
+    pub async fn reload_applied(&self) {
+        let (status, report) = self.post_api("/v1/reload").await;
+        assert_eq!(
+            (status, &report["config"]),
+            (200, &serde_json::json!("applied")),
+            "{report}"
+        );
+    }
+
     /// Posts an event that must be accepted; returns its id.
     pub async fn accept(&self, source: &str, body: impl Into<reqwest::Body>) -> String {
         let (status, answer) = self.post(source, body).await;
