@@ -77,7 +77,7 @@ pub async fn ingest(
     };
     state.metrics.event(&label, outcome);
     if let (true, Err(e)) = (known, &result) {
-        (state.refusals).record(&label, outcome, e);
+        (state.metrics.refusals).record(&label, outcome, e);
     }
     result.map(|answer| match answer {
         Answer::Accepted(id) => (StatusCode::ACCEPTED, Json(json!({ "id": id }))),
@@ -102,7 +102,8 @@ enum Answer {
 /// The requests to each source refused lately, by this instance since it started: shown
 /// with the source (`GET /v1/sources`, the dashboard's routes page), so that a sender's
 /// wrong secret or address is seen where its events would have been — a refused request
-/// stores nothing. Kept for the sources in the config at the time (none for unknown names).
+/// stores nothing. Kept for the sources in the config at the time (none for unknown names),
+/// forgotten when a source is removed (`Metrics::forget_removed`).
 #[derive(Default)]
 pub struct Refusals(std::sync::Mutex<std::collections::HashMap<String, SourceRefusals>>);
 
@@ -144,6 +145,12 @@ impl Refusals {
         this.total += 1;
         this.recent.insert(0, refusal);
         this.recent.truncate(Self::KEPT);
+    }
+
+    /// Forgets the refusals of the sources `in_force` says are gone.
+    pub fn retain(&self, in_force: impl Fn(&str) -> bool) {
+        let mut all = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        all.retain(|source, _| in_force(source));
     }
 
     /// A source's refusals (none yet: zero and an empty list).

@@ -340,7 +340,6 @@ impl Gateway {
             metrics: self.metrics.clone(),
             minutes: Default::default(),
             counts: Default::default(),
-            refusals: Default::default(),
         });
         let scheme = match self.reloader.config().server.tls {
             Some(_) => "https",

@@ -82,7 +82,8 @@ const DELIVERY_OUTCOMES: [&str; 3] = ["delivered", "failed", "skipped"];
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
-/// Every metric of one gateway.
+/// Every metric of one gateway, and the requests refused lately that the sources' views
+/// show.
 pub struct Metrics {
     registry: Registry,
     pub events: Family<EventLabels, Counter>,
@@ -110,6 +111,12 @@ pub struct Metrics {
     dropped_names: Mutex<HashSet<String>>,
     /// The plugin versions the last reload retired (see `retire_plugin_versions`).
     retired: Mutex<Vec<(String, String)>>,
+    /// The label sets `events_received` and `route_outcomes` have series for (see
+    /// `forget_removed`): written when a series is made, not per event.
+    event_series: Mutex<HashSet<EventLabels>>,
+    route_series: Mutex<HashSet<RouteLabels>>,
+    /// The requests to each source refused lately.
+    pub refusals: crate::ingest::Refusals,
 }
 
 impl Default for Metrics {
@@ -242,8 +249,17 @@ impl Default for Metrics {
             state_names: Mutex::default(),
             dropped_names: Mutex::default(),
             retired: Mutex::default(),
+            event_series: Mutex::default(),
+            route_series: Mutex::default(),
+            refusals: Default::default(),
         }
     }
+}
+
+/// A lock whose holder cannot leave it half-written (a set of names): a panic elsewhere
+/// does not stop the metrics.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Metrics {
@@ -259,12 +275,57 @@ impl Metrics {
 
     /// Counts an ingest request.
     pub fn event(&self, source: &str, result: &str) {
-        self.events
-            .get_or_create(&EventLabels {
-                source: source.to_string(),
-                result: result.to_string(),
-            })
-            .inc();
+        let labels = EventLabels {
+            source: source.to_string(),
+            result: result.to_string(),
+        };
+        match self.events.get(&labels) {
+            Some(counter) => {
+                counter.inc();
+            }
+            None => {
+                self.events.get_or_create(&labels).inc();
+                lock(&self.event_series).insert(labels);
+            }
+        }
+    }
+
+    /// Drops every series of the sources and routes `config` no longer has, and the
+    /// refusals kept for such sources: a source removed would otherwise keep its
+    /// `source_last_accepted_timestamp_seconds` (and an alert on a quiet sender firing) until
+    /// the next start, and a source made again under that name would show the old one's
+    /// refusals. Called when a config is installed and at each scrape (a request or event in
+    /// flight at the reload may count after it: its series is made again, and dropped then).
+    /// `unknown`, the label of requests to names no source has, stays.
+    pub fn forget_removed(&self, config: &crate::config::Config) {
+        let sources: HashSet<&str> = config.sources.iter().map(|s| s.name.as_str()).collect();
+        let kept = |name: &str| name == "unknown" || sources.contains(name);
+        let mut gone_sources = HashSet::new();
+        lock(&self.event_series).retain(|labels| {
+            let keep = kept(&labels.source);
+            if !keep {
+                self.events.remove(labels);
+                gone_sources.insert(labels.source.clone());
+            }
+            keep
+        });
+        for source in gone_sources {
+            let only = SourceOnly { source };
+            self.ingest_latency.remove(&only);
+            self.last_accepted.remove(&only);
+        }
+        let mut series = lock(&self.route_series);
+        if !series.is_empty() {
+            let routes: HashSet<&str> = config.routes.iter().map(|r| r.name.as_str()).collect();
+            series.retain(|labels| {
+                let keep = routes.contains(labels.route.as_str());
+                if !keep {
+                    self.routes.remove(labels);
+                }
+                keep
+            });
+        }
+        self.refusals.retain(kept);
     }
 
     /// Sets each destination's state gauges (1 for its state, 0 for the others), and drops
@@ -274,8 +335,8 @@ impl Metrics {
     /// more (an attempt in flight when it was removed may have counted since), unless the
     /// destination is back.
     pub fn set_destination_states(&self, states: impl IntoIterator<Item = (String, &'static str)>) {
-        let mut names = self.state_names.lock().unwrap_or_else(|e| e.into_inner());
-        let mut dropped = self.dropped_names.lock().unwrap_or_else(|e| e.into_inner());
+        let mut names = lock(&self.state_names);
+        let mut dropped = lock(&self.dropped_names);
         let before = std::mem::take(&mut *names);
         for (destination, current) in states {
             for state in DESTINATION_STATES {
@@ -302,7 +363,7 @@ impl Metrics {
         &self,
         certificates: impl IntoIterator<Item = (&'a str, crate::edge::Validity)>,
     ) {
-        let mut names = (self.certificate_names.lock()).unwrap_or_else(|e| e.into_inner());
+        let mut names = lock(&self.certificate_names);
         let before = std::mem::take(&mut *names);
         for (key, validity) in certificates {
             let labels = CertificateLabels {
@@ -361,7 +422,7 @@ impl Metrics {
         retired: Vec<(String, String)>,
         in_force: impl Fn(&str, &str) -> bool,
     ) {
-        let mut last = self.retired.lock().unwrap_or_else(|e| e.into_inner());
+        let mut last = lock(&self.retired);
         let again = last.iter().filter(|(p, sha)| !in_force(p, sha));
         for (plugin, sha256) in again.chain(&retired) {
             for outcome in PLUGIN_OUTCOMES {
@@ -388,12 +449,19 @@ impl Metrics {
 
     /// Counts an event's result on a route, once that result is stored.
     pub fn route_outcome(&self, route: &str, result: &str) {
-        self.routes
-            .get_or_create(&RouteLabels {
-                route: route.to_string(),
-                result: result.to_string(),
-            })
-            .inc();
+        let labels = RouteLabels {
+            route: route.to_string(),
+            result: result.to_string(),
+        };
+        match self.routes.get(&labels) {
+            Some(counter) => {
+                counter.inc();
+            }
+            None => {
+                self.routes.get_or_create(&labels).inc();
+                lock(&self.route_series).insert(labels);
+            }
+        }
     }
 
     /// Counts an attempt, and the delivery when the attempt settled it.

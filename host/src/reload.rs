@@ -168,6 +168,7 @@ impl Reloader {
             )
             .await;
         self.pipeline.set_routing(routing);
+        self.metrics.forget_removed(&config);
         self.config.store(config);
     }
 

@@ -372,10 +372,12 @@ async fn the_compiled_cache_keeps_only_the_versions_in_force() {
 }
 
 /// `/metrics` keeps no series for what is gone: a retired plugin version's call
-/// histograms, or a deleted destination's state (which, left FAILED, would keep an alert
-/// firing) and counters.
+/// histograms, a deleted destination's state (which, left FAILED, would keep an alert
+/// firing) and counters, a deleted source's (its last-accepted time would fire a quiet
+/// sender's alert) and a deleted route's; nor are a deleted source's refusals shown when a
+/// source of that name is made again.
 #[tokio::test(flavor = "multi_thread")]
-async fn metrics_forget_retired_plugin_versions_and_deleted_destinations() {
+async fn metrics_forget_retired_plugin_versions_and_deleted_objects() {
     let rx = Receiver::start().await;
     let dir = TestGateway::dir_with_plugins(&["marker"]);
     let gw = TestGateway::start_from_file(dir, MARKED, &rx)
@@ -388,19 +390,37 @@ async fn metrics_forget_retired_plugin_versions_and_deleted_destinations() {
         serde_json::json!({ "name": "extra", "url": format!("{}/extra", rx.url) }),
     )
     .await;
+    gw.create("/v1/sources", serde_json::json!({ "name": "other" }))
+        .await;
     gw.create(
         "/v1/routes",
-        serde_json::json!({ "name": "to-extra", "source": "s", "destinations": ["extra"] }),
+        serde_json::json!({ "name": "to-extra", "source": "other", "destinations": ["extra"] }),
     )
     .await;
     let id = gw.accept("s", "{}").await;
     gw.settled(&id).await;
+    let id = gw.accept("other", "{}").await;
+    gw.settled(&id).await;
+    let refused = (gw.client.post(format!("{}/v1/ingest/other", gw.url)))
+        .header("content-encoding", "br")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 415);
+    let (_, other) = gw.get("/v1/sources/other").await;
+    assert_eq!(other["refused"]["total"], 1, "{other}");
     let text = gw.metrics().await;
     assert!(text.contains(&v1), "{text}");
     for series in [
         r#"destination="extra",state="ACTIVE""#,
         r#"switchyard_deliveries_total{destination="extra",outcome="delivered"}"#,
         r#"switchyard_delivery_attempts_total{destination="extra",outcome="success"}"#,
+        r#"switchyard_events_received_total{source="other",result="accepted"}"#,
+        r#"switchyard_events_received_total{source="other",result="rejected_unsupported_encoding"}"#,
+        r#"switchyard_source_last_accepted_timestamp_seconds{source="other"}"#,
+        r#"switchyard_ingest_seconds_count{source="other"}"#,
+        r#"switchyard_route_outcomes_total{route="to-extra",result="delivering"}"#,
     ] {
         assert!(text.contains(series), "{series} in {text}");
     }
@@ -414,8 +434,26 @@ async fn metrics_forget_retired_plugin_versions_and_deleted_destinations() {
     assert_eq!(status, 204);
     let (status, _) = gw.send("DELETE", "/v1/destinations/extra", None).await;
     assert_eq!(status, 204);
+    let (status, _) = gw.send("DELETE", "/v1/sources/other", None).await;
+    assert_eq!(status, 204);
     let text = gw.metrics().await;
     assert!(text.contains(&v2), "{text}");
+    assert!(!text.contains(r#"source="other""#), "{text}");
+    assert!(!text.contains(r#"route="to-extra""#), "{text}");
+    for series in [
+        r#"switchyard_events_received_total{source="s",result="accepted"}"#,
+        r#"switchyard_source_last_accepted_timestamp_seconds{source="s"}"#,
+    ] {
+        assert!(text.contains(series), "{series} in {text}");
+    }
+    gw.create("/v1/sources", serde_json::json!({ "name": "other" }))
+        .await;
+    let (_, other) = gw.get("/v1/sources/other").await;
+    assert_eq!(
+        other["refused"],
+        serde_json::json!({ "total": 0, "recent": [] }),
+        "the deleted source's refusals are not the new one's: {other}"
+    );
     assert!(
         !text.contains(&v1),
         "the retired version's series are gone: {text}"

@@ -51,8 +51,6 @@ pub struct AppState {
     pub minutes: Arc<stats::MinuteCache>,
     /// The deliveries waiting and failed per destination, for the destination views.
     pub counts: Arc<counts::CountsCache>,
-    /// The requests each source refused lately, for the source views.
-    pub refusals: crate::ingest::Refusals,
 }
 
 /// The OpenAPI document's frame; the paths come from the handlers.
@@ -433,6 +431,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         (d.name.clone(), current)
     });
     m.set_destination_states(states);
+    m.forget_removed(&config);
     m.set_certificate_expiries(config.certificates(&state.dispatcher.certificates()));
     (
         [(

@@ -159,7 +159,7 @@ fn source_view(state: &AppState, c: &SourceConfig) -> SourceView {
     SourceView {
         config: c.redacted(),
         origin: state.reloader.managed().origin(Kind::Source, &c.name),
-        refused: state.refusals.of(&c.name),
+        refused: state.metrics.refusals.of(&c.name),
     }
 }
 
