@@ -273,19 +273,28 @@ async fn timestamped_hmac_signatures_refuse_replays_and_rotate() {
     // Slack's URL check when the Events API is set up: answered with its challenge, once
     // signed, and not stored; an event of another type is stored as any.
     let check = r#"{"token":"t","challenge":"3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P","type":"url_verification"}"#;
+    let answer_of_check =
+        || json!({ "challenge": "3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P" });
     let (status, answer) = post(&gw, "slack", check, &signed_at(now, check)).await;
-    assert_eq!(
-        (status, answer),
-        (
-            200,
-            json!({ "challenge": "3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P" })
-        )
-    );
+    assert_eq!((status, answer), (200, answer_of_check()));
     assert_eq!(
         post(&gw, "slack", check, &[]).await.0,
         401,
         "unsigned: no answer"
     );
+    // A dry run of it says what ingest answers, and runs no route; of another, no such key.
+    let check_value: Value = serde_json::from_str(check).unwrap();
+    let (status, dry) = (gw.send("POST", "/v1/sources/slack/dry-run", Some(check_value))).await;
+    assert_eq!(status, 200, "{dry}");
+    assert_eq!(dry["challenge"], answer_of_check(), "{dry}");
+    assert_eq!(
+        (dry["routes"].clone(), dry["deliveries"].clone()),
+        (json!([]), json!([]))
+    );
+    let callback = json!({ "type": "event_callback", "challenge": "c" });
+    let (_, dry) = (gw.send("POST", "/v1/sources/slack/dry-run", Some(callback))).await;
+    assert!(dry.get("challenge").is_none(), "{dry}");
+    assert_eq!(dry["deliveries"].as_array().unwrap().len(), 1, "{dry}");
     let (status, answer) = post(&gw, "slack", form, &slack(now)).await;
     assert_eq!(status, 202, "{answer}");
     let (status, _) = post(&gw, "slack", form, &slack(now - 61)).await;

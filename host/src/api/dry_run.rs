@@ -32,6 +32,12 @@ pub struct DryRun {
     /// `webhook-timestamp` and `webhook-signature` are added at each attempt, so they are
     /// not here).
     deliveries: Vec<PlannedRequest>,
+    /// When the payload is a sender's URL check (the source's `challenge`): what ingest
+    /// would answer with (`200`), storing nothing — the routes do not run, so `routes` and
+    /// `deliveries` are empty. Absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    challenge: Option<serde_json::Value>,
 }
 
 /// One delivery a dry run plans, rendered.
@@ -100,7 +106,8 @@ const API_CALL_HEADERS: &[&str] = &[
 /// `Content-Encoding`); its headers, but the call's own (`authorization`, `cookie`, and
 /// what browsers add: `origin`, `referer`, `accept-language`, `sec-…`), and its query
 /// string are the event's. The source's signature check, allowlists, rate limit and
-/// idempotency do not apply.
+/// idempotency do not apply; a payload that is a sender's URL check (`challenge`) is
+/// answered as ingest would answer it, and no route runs.
 #[utoipa::path(post, path = "/v1/sources/{name}/dry-run", tag = "sources",
     params(("name" = String, Path, description = "A source")),
     request_body(content = Object, description = "A payload as a sender would post it (any bytes)", content_type = "application/json"),
@@ -132,6 +139,8 @@ pub(super) async fn dry_run(
     };
     // The event as ingest would have made it from a post to the source.
     let uri = ingest_uri(&name, request.uri.query())?;
+    let body = decoded.clone().unwrap_or(wire);
+    let challenge = source.challenge.as_ref().and_then(|c| c.answer(&body));
     let event = ingest::new_event(
         name,
         &http::Method::POST,
@@ -139,8 +148,13 @@ pub(super) async fn dry_run(
         &request.headers,
         keep,
         source.verify.as_ref(),
-        decoded.clone().unwrap_or(wire),
+        body,
     );
+    if let Some(echo) = challenge {
+        let mut answer = DryRun::new(event, Vec::new(), Vec::new());
+        answer.challenge = Some(echo);
+        return Ok(Json(answer));
+    }
     Ok(Json(run(&state, event).await))
 }
 
@@ -252,6 +266,7 @@ impl DryRun {
             event,
             routes,
             deliveries: deliveries.into_iter().map(PlannedRequest::from).collect(),
+            challenge: None,
         }
     }
 }
