@@ -96,6 +96,8 @@ enum Command {
         /// unspecified address, https with `server.tls`).
         #[arg(long)]
         url: Option<String>,
+        #[command(flatten)]
+        tls: SendTls,
     },
     /// Print the HTTP API's OpenAPI 3 document (as served at /v1/openapi.json).
     Openapi,
@@ -231,6 +233,58 @@ fn read_expected(path: &std::path::Path) -> anyhow::Result<serde_json::Value> {
 /// A request's headers from NAME, VALUE pairs; `content-type: application/json` unless
 /// they name one.
 /// `switchyard send`: posts a payload to the gateway as the source's sender would.
+/// How `switchyard send` meets an HTTPS gateway: the authority of its certificate, and the
+/// certificate it presents to a source with `allow_client_names`.
+#[derive(clap::Args)]
+struct SendTls {
+    /// A PEM file of the authority that issued the gateway's certificate (an internal CA),
+    /// trusted besides the system's.
+    #[arg(long, value_name = "FILE")]
+    ca_cert: Option<PathBuf>,
+    /// A PEM certificate (chain) to present as the sender's client certificate.
+    #[arg(long, value_name = "FILE", requires = "client_key")]
+    client_cert: Option<PathBuf>,
+    /// The PEM private key of --client-cert.
+    #[arg(long, value_name = "FILE", requires = "client_cert")]
+    client_key: Option<PathBuf>,
+}
+
+impl SendTls {
+    /// A client that trusts `--ca-cert` and presents `--client-cert`, if given.
+    fn client(&self) -> anyhow::Result<reqwest::Client> {
+        let read = |path: &PathBuf| {
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+        };
+        let mut builder = reqwest::Client::builder();
+        if let Some(path) = &self.ca_cert {
+            let certs = reqwest::Certificate::from_pem_bundle(&read(path)?)
+                .with_context(|| format!("{} is not PEM certificates", path.display()))?;
+            anyhow::ensure!(
+                !certs.is_empty(),
+                "{} holds no PEM certificate",
+                path.display()
+            );
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        if let (Some(cert), Some(key)) = (&self.client_cert, &self.client_key) {
+            let mut pem = read(cert)?;
+            pem.push(b'\n');
+            pem.extend(read(key)?);
+            let identity = reqwest::Identity::from_pem(&pem).with_context(|| {
+                format!(
+                    "{} and {} are not a PEM certificate and its private key",
+                    cert.display(),
+                    key.display()
+                )
+            })?;
+            builder = builder.identity(identity);
+        }
+        builder.build().context("cannot make the HTTP client")
+    }
+}
+
 async fn send(
     config: &std::path::Path,
     source: &str,
@@ -238,6 +292,7 @@ async fn send(
     headers: Vec<(String, String)>,
     query: Option<String>,
     url: Option<String>,
+    tls: &SendTls,
 ) -> anyhow::Result<ExitCode> {
     let env = |name: &str| std::env::var(name).ok();
     let config = Config::load(config, &env)?;
@@ -285,7 +340,8 @@ async fn send(
     headers.retain(|(k, _)| !sent.headers.iter().any(|(s, _)| s.eq_ignore_ascii_case(k)));
     headers.extend(sent.headers);
     let map = header_map(&headers)?;
-    let answer = reqwest::Client::new()
+    let answer = tls
+        .client()?
         .post(&target)
         .headers(map)
         .body(body)
@@ -463,7 +519,8 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             headers,
             query,
             url,
-        } => send(&config, &source, &event, headers, query, url).await,
+            tls,
+        } => send(&config, &source, &event, headers, query, url, &tls).await,
         Command::Openapi => {
             let doc = serde_json::to_string_pretty(&switchyard::api::openapi())
                 .context("cannot render the OpenAPI document")?;

@@ -6,7 +6,7 @@ use serde_json::Value;
 
 use crate::util::{GUESTS, guest, switchyard_bin};
 
-fn run(args: &[&str]) -> (bool, String, String) {
+pub(crate) fn run(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(switchyard_bin())
         .args(args)
         .env("RUST_LOG", "warn")

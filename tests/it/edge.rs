@@ -1822,6 +1822,76 @@ async fn post_event(
     Ok((status, resp.json::<Value>().await.unwrap()))
 }
 
+/// `switchyard send` to an HTTPS gateway whose certificate an internal CA issued
+/// (`--ca-cert`), presenting a client certificate (`--client-cert`, `--client-key`) to a
+/// source that requires one; without the CA it cannot connect, without the certificate the
+/// source refuses it (exit 1 both).
+#[tokio::test(flavor = "multi_thread")]
+async fn send_trusts_an_internal_ca_and_presents_a_client_certificate() {
+    let rx = Receiver::start().await;
+    let ca = tls_fixture("ca.pem");
+    let text = https_config(
+        &format!(r#", client_ca = "{}""#, ca.display()),
+        r#"
+[[sources]]
+name = "fleet"
+allow_client_names = ["switchyard test client"]
+[[destinations]]
+name = "rx"
+url = "{receiver}/in"
+[[routes]]
+source = "fleet"
+destinations = ["rx"]
+"#,
+        &rx,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("switchyard.toml");
+    std::fs::write(&file, &text).unwrap();
+    let gw = TestGateway::start_raw(tempfile::tempdir().unwrap(), &text, &|_| None)
+        .await
+        .unwrap();
+    let url = gw.url.replace("http://", "https://");
+    let event = xtask::workspace_root().join("examples/events/onomondo-usage.json");
+    let (cert, key) = (tls_fixture("client.pem"), tls_fixture("client.key"));
+    let send = |extra: &[&std::path::Path]| {
+        let mut args: Vec<String> = ["send", "--source", "fleet", "--url", &url]
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        for (flag, path) in [("--config", &*file), ("--event", &*event)]
+            .into_iter()
+            .chain(
+                ["--ca-cert", "--client-cert", "--client-key"]
+                    .into_iter()
+                    .zip(extra.iter().copied()),
+            )
+        {
+            args.extend([flag.to_string(), path.display().to_string()]);
+        }
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            crate::cli::run(&args)
+        })
+    };
+    let (ok, _, stderr) = send(&[]).await.unwrap();
+    assert!(!ok && stderr.contains("cannot post to"), "{stderr}");
+    assert!(stderr.contains("UnknownIssuer"), "the cause is named: {stderr}");
+    let (ok, stdout, stderr) = send(&[&ca]).await.unwrap();
+    assert!(!ok && stderr.contains("403"), "{stderr}");
+    assert!(
+        stdout.contains("this source requires a client certificate"),
+        "{stdout}"
+    );
+    let (ok, stdout, stderr) = send(&[&ca, &cert, &key]).await.unwrap();
+    assert!(ok && stderr.contains("202"), "{stdout}{stderr}");
+    let got = rx.wait_for(1).await;
+    assert_eq!(got[0].body, std::fs::read(&event).unwrap());
+    let (ok, _, stderr) = send(&[&ca, &cert]).await.unwrap();
+    assert!(!ok && stderr.contains("--client-key"), "{stderr}");
+    gw.shutdown().await.unwrap();
+}
+
 /// `server.tls.client_ca`: the listener verifies the client certificates senders present
 /// against it, and a source with `allow_client_names` takes events only from senders whose
 /// certificate names one of them (a SAN DNS name or the CN, any case); `403` otherwise,
