@@ -628,7 +628,8 @@ pub struct DestinationConfig {
     /// Extra headers; values may contain `:name:` placeholders.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub headers: BTreeMap<String, String>,
-    /// Deliver only events of these types (all when absent).
+    /// Deliver only events of these types (all when absent); `*` in one stands for any
+    /// characters (`bondio.attachment.*`, `usage*`, `*`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub event_types: Option<Vec<String>>,
     /// This destination's retry policy, if not `[delivery]`'s.
@@ -1542,6 +1543,14 @@ impl Config {
                 ));
             }
         }
+        for (j, t) in d.event_types.iter().flatten().enumerate() {
+            if t.is_empty() {
+                return Err((
+                    format!("destinations[{i}].event_types[{j}]"),
+                    "must not be empty: an event type, or a pattern with `*` (e.g. `bondio.attachment.*`)".into(),
+                ));
+            }
+        }
         if let Some(rate) = d.rate_limit
             && !RATE_LIMITS.contains(&rate)
         {
@@ -1832,6 +1841,17 @@ mod tests {
             .to_string();
         assert!(err.contains("destinations[0].headers.x-api-key"), "{err}");
         assert!(err.contains("NOPE"), "{err}");
+    }
+
+    #[test]
+    fn an_event_type_may_be_a_pattern_but_not_empty() {
+        let types = |v: &str| parse(&GOOD.replace(r#"event_types = ["usage"]"#, v));
+        let ok = types(r#"event_types = ["usage", "bondio.attachment.*", "*"]"#).unwrap();
+        assert_eq!(ok.destinations[0].event_types.as_ref().unwrap().len(), 3);
+        let err = types(r#"event_types = ["usage", ""]"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("destinations[0].event_types[1]"), "{err}");
     }
 
     #[test]

@@ -1876,7 +1876,10 @@ destinations = ["rx"]
     };
     let (ok, _, stderr) = send(&[]).await.unwrap();
     assert!(!ok && stderr.contains("cannot post to"), "{stderr}");
-    assert!(stderr.contains("UnknownIssuer"), "the cause is named: {stderr}");
+    assert!(
+        stderr.contains("UnknownIssuer"),
+        "the cause is named: {stderr}"
+    );
     let (ok, stdout, stderr) = send(&[&ca]).await.unwrap();
     assert!(!ok && stderr.contains("403"), "{stderr}");
     assert!(

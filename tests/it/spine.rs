@@ -486,43 +486,82 @@ destinations = ["down", "gone"]
     assert!(ids.iter().all(|i| *i == ids[0]));
 }
 
+/// A destination's `event_types` take names as they are and patterns with `*`; an event
+/// of another type is `skipped` for it.
 #[tokio::test(flavor = "multi_thread")]
 async fn destination_event_types_select_what_is_delivered() {
     let rx = Receiver::start().await;
     let config = r#"
 [[sources]]
 name = "onomondo"
+[[sources]]
+name = "bondio"
 [[destinations]]
 name = "usage-only"
 url = "{receiver}/usage-only"
 event_types = ["usage"]
 [[destinations]]
+name = "network"
+url = "{receiver}/network"
+event_types = ["network-*", "location"]
+[[destinations]]
+name = "attachments"
+url = "{receiver}/attachments"
+event_types = ["attachment.*"]
+[[destinations]]
 name = "all"
 url = "{receiver}/all"
 [[routes]]
 source = "onomondo"
-destinations = ["usage-only", "all"]
+destinations = ["usage-only", "network", "all"]
+[[routes]]
+source = "bondio"
+destinations = ["attachments"]
 "#;
     let gw = TestGateway::start(config, &rx, &[]).await;
-    let sms = gw
-        .accept("onomondo", sample_event("onomondo-sms.json"))
-        .await;
-    let usage = gw
-        .accept("onomondo", sample_event("onomondo-usage.json"))
-        .await;
-    let e = gw.settled(&sms).await;
-    gw.settled(&usage).await;
+    let mut ids = Vec::new();
+    for (source, file) in [
+        ("onomondo", "onomondo-sms.json"),
+        ("onomondo", "onomondo-usage.json"),
+        ("onomondo", "onomondo-network-registration.json"),
+        ("bondio", "bondio-attachment-activated.json"),
+        ("bondio", "bondio-subscription-threshold-breached.json"),
+    ] {
+        ids.push((file, gw.accept(source, sample_event(file)).await));
+    }
+    let mut skipped = Vec::new();
+    for (file, id) in &ids {
+        let e = gw.settled(id).await;
+        for d in e["deliveries"].as_array().unwrap() {
+            if d["status"] == "skipped" {
+                skipped.push(format!("{file} {}", d["destination"].as_str().unwrap()));
+            }
+        }
+    }
     gw.shutdown().await.unwrap();
-    let skipped = e["deliveries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["destination"] == "usage-only")
-        .unwrap();
-    assert_eq!(skipped["status"], "skipped");
+    assert_eq!(
+        skipped,
+        [
+            "onomondo-sms.json usage-only",
+            "onomondo-sms.json network",
+            "onomondo-usage.json network",
+            "onomondo-network-registration.json usage-only",
+            "bondio-subscription-threshold-breached.json attachments",
+        ]
+    );
     let mut uris: Vec<String> = rx.requests().into_iter().map(|r| r.uri).collect();
     uris.sort();
-    assert_eq!(uris, ["/all", "/all", "/usage-only"]);
+    assert_eq!(
+        uris,
+        [
+            "/all",
+            "/all",
+            "/all",
+            "/attachments",
+            "/network",
+            "/usage-only"
+        ]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -61,7 +61,7 @@ pub struct Destination {
     pub name: String,
     url: String,
     headers: Vec<(HeaderName, String)>,
-    event_types: Option<HashSet<String>>,
+    event_types: Option<TypeFilter>,
     pub retry: RetryPolicy,
     /// How each attempt is signed (`signing`), if it is.
     signer: Option<Signer>,
@@ -245,7 +245,7 @@ impl Destination {
                 .iter()
                 .filter_map(|(k, v)| Some((HeaderName::from_bytes(k.as_bytes()).ok()?, v.clone())))
                 .collect(),
-            event_types: c.event_types.as_ref().map(|t| t.iter().cloned().collect()),
+            event_types: c.event_types.as_deref().map(TypeFilter::new),
             rate_limit: c.rate_limit,
             timeout: c.timeout,
             oauth2: c.oauth2.clone().map(|o| Arc::new(oauth2::OAuth2::new(o))),
@@ -269,9 +269,54 @@ impl Destination {
     pub fn accepts<'a>(&self, event_type: impl FnOnce() -> Option<&'a str>) -> bool {
         match &self.event_types {
             None => true,
-            Some(types) => event_type().is_some_and(|t| types.contains(t)),
+            Some(types) => event_type().is_some_and(|t| types.takes(t)),
         }
     }
+}
+
+/// A destination's `event_types`: names taken as they are, and patterns in which `*`
+/// stands for any run of characters (none included) — `bondio.attachment.*`, `usage*`,
+/// `*.threshold_breached`, or `*` for any event that has a type.
+#[derive(Debug)]
+struct TypeFilter {
+    names: HashSet<String>,
+    /// Each pattern split at its `*`s.
+    patterns: Vec<Vec<String>>,
+}
+
+impl TypeFilter {
+    fn new(types: &[String]) -> Self {
+        let (patterns, names): (Vec<&String>, Vec<&String>) =
+            types.iter().partition(|t| t.contains('*'));
+        TypeFilter {
+            names: names.into_iter().cloned().collect(),
+            patterns: (patterns.into_iter())
+                .map(|p| p.split('*').map(str::to_string).collect())
+                .collect(),
+        }
+    }
+
+    fn takes(&self, event_type: &str) -> bool {
+        self.names.contains(event_type) || self.patterns.iter().any(|p| glob(p, event_type))
+    }
+}
+
+/// Whether `text` is `parts` joined by runs of any characters: it starts with the first,
+/// ends with the last, and holds the others in order between them, none overlapping.
+fn glob(parts: &[String], text: &str) -> bool {
+    let [first, middle @ .., last] = parts else {
+        return parts.first().is_some_and(|p| p == text);
+    };
+    let Some(mut rest) = text.strip_prefix(first.as_str()) else {
+        return false;
+    };
+    for part in middle {
+        match rest.find(part.as_str()) {
+            Some(at) => rest = &rest[at + part.len()..],
+            None => return false,
+        }
+    }
+    rest.ends_with(last.as_str())
 }
 
 /// A delivery decided by a route, before placeholders are filled.
@@ -449,7 +494,46 @@ pub fn now_ms() -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use super::delivery_id;
+    use super::{TypeFilter, delivery_id};
+
+    #[test]
+    fn event_types_take_names_and_patterns() {
+        let types: Vec<String> = [
+            "usage",
+            "bondio.attachment.*",
+            "*.threshold_breached",
+            "sms*in*",
+        ]
+        .map(String::from)
+        .to_vec();
+        let filter = TypeFilter::new(&types);
+        for taken in [
+            "usage",
+            "bondio.attachment.activated",
+            "bondio.attachment.",
+            "bondio.subscription.threshold_breached",
+            "sms-incoming",
+            "smsin",
+        ] {
+            assert!(filter.takes(taken), "{taken}");
+        }
+        for left in [
+            "usage-alert",
+            "Usage",
+            "bondio.attachment",
+            "bondio.esim.location_changed",
+            "threshold_breached",
+            "sms-out",
+            "",
+        ] {
+            assert!(!filter.takes(left), "{left}");
+        }
+        let any = TypeFilter::new(&["*".to_string()]);
+        assert!(any.takes("location") && any.takes(""));
+        // Parts do not overlap: `a*a` needs two `a`s.
+        let twice = TypeFilter::new(&["a*a".to_string()]);
+        assert!(!twice.takes("a") && twice.takes("aa") && twice.takes("aba"));
+    }
 
     #[test]
     fn delivery_ids_are_stable_distinct_and_sort_by_event_time() {
