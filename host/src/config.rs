@@ -856,11 +856,14 @@ impl SigningConfig {
                 if self.secret.is_empty() {
                     return Err(("secret", "must not be empty".into()));
                 }
-                if !self.previous_secrets.is_empty() {
+                if !self.previous_secrets.is_empty() && self.signature_key.is_none() {
                     return Err((
                         "previous_secrets",
-                        "an `hmac-sha256` header carries one signature: change the secret here and at the receiver together".into(),
+                        "this header carries one signature: change the secret here and at the receiver together (with `signature_key`, each secret signs: `t=…,v1=…,v1=…`)".into(),
                     ));
+                }
+                if self.previous_secrets.iter().any(String::is_empty) {
+                    return Err(("previous_secrets", "must not be empty".into()));
                 }
                 if self.header.is_none() {
                     return Err((
@@ -1533,15 +1536,17 @@ impl Config {
                     )
                 })?;
             }
-            if s.previous_secrets.len() > SigningConfig::MAX_PREVIOUS {
-                return Err((
-                    format!("destinations[{i}].signing.previous_secrets"),
-                    format!(
-                        "at most {} secrets (each delivery is signed with every one)",
-                        SigningConfig::MAX_PREVIOUS
-                    ),
-                ));
-            }
+        }
+        if let Some(s) = &d.signing
+            && s.previous_secrets.len() > SigningConfig::MAX_PREVIOUS
+        {
+            return Err((
+                format!("destinations[{i}].signing.previous_secrets"),
+                format!(
+                    "at most {} secrets (each delivery is signed with every one)",
+                    SigningConfig::MAX_PREVIOUS
+                ),
+            ));
         }
         for (j, t) in d.event_types.iter().flatten().enumerate() {
             if t.is_empty() {
@@ -2108,7 +2113,15 @@ mod tests {
         let s = c.destinations[0].signing.as_ref().unwrap();
         assert_eq!(s.scheme, SigningScheme::HmacSha256);
         with(r#"secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw""#).unwrap();
-        let refused = [
+        // Stripe's form carries a signature per secret: a rotation is possible.
+        let pairs = r#"signature_key = "v1", timestamp_key = "t", signed = "{timestamp}.{body}""#;
+        with(&format!(r#"{hmac}, {pairs}, previous_secrets = ["old"]"#)).unwrap();
+        let refused: [(&str, &str, &str); 8] = [
+            (
+                &format!(r#"{hmac}, {pairs}, previous_secrets = [""]"#),
+                "signing.previous_secrets",
+                "empty",
+            ),
             (
                 r#"secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", header = "x-sig""#,
                 "signing.header",

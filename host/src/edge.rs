@@ -408,19 +408,28 @@ pub struct HmacForm<'a> {
 }
 
 impl<'a> HmacForm<'a> {
-    /// The headers that sign `body` with `key` at `now_s`: `header` holding the signature
+    /// The headers that sign `body` with `keys` at `now_s`: `header` holding the signature
     /// after `prefix` — or, with `signature_key`, as `key=value` pairs, the timestamp's
-    /// first under `timestamp_key` (`t=…,v1=…`) — and the timestamp in `timestamp_header`.
-    pub fn headers(&self, key: &[u8], now_s: u64, body: &[u8]) -> Vec<(String, String)> {
+    /// first under `timestamp_key` and then one signature per key (`t=…,v1=…,v1=…`, as
+    /// Stripe signs during a rotation) — and the timestamp in `timestamp_header`. Without
+    /// `signature_key` the header holds one signature: the first key's.
+    pub fn headers(&self, keys: &[&[u8]], now_s: u64, body: &[u8]) -> Vec<(String, String)> {
         let ts = now_s.to_string();
-        let mac = hmac_of(key, self.signed, Some(&ts), body);
-        let signature = format!("{}{}", self.prefix, self.encoding.encode(mac.as_ref()));
+        let signature = |key: &[u8]| {
+            let mac = hmac_of(key, self.signed, Some(&ts), body);
+            format!("{}{}", self.prefix, self.encoding.encode(mac.as_ref()))
+        };
         let value = match self.signature_key {
             Some(name) => {
-                let stamp = self.timestamp_key.map(|t| format!("{t}={ts},"));
-                format!("{}{name}={signature}", stamp.unwrap_or_default())
+                let stamp = self.timestamp_key.map(|t| format!("{t}={ts}"));
+                let signatures = keys.iter().map(|k| format!("{name}={}", signature(k)));
+                stamp
+                    .into_iter()
+                    .chain(signatures)
+                    .collect::<Vec<_>>()
+                    .join(",")
             }
-            None => signature,
+            None => keys.first().map(|k| signature(k)).unwrap_or_default(),
         };
         let mut headers = vec![(self.header.to_string(), value)];
         headers.extend(self.timestamp_header.map(|h| (h.to_string(), ts)));
@@ -672,7 +681,7 @@ impl VerifyConfig {
             VerifyConfig::HmacSha256 { secret, .. } => {
                 let form = self.hmac_form().expect("an hmac-sha256 scheme");
                 Credentials {
-                    headers: form.headers(secret.as_bytes(), now_s, body),
+                    headers: form.headers(&[secret.as_bytes()], now_s, body),
                     query: None,
                 }
             }

@@ -571,7 +571,7 @@ signing = { scheme = "hmac-sha256", secret = "ts-secret", header = "x-signature"
 [[destinations]]
 name = "pairs"
 url = "{receiver}/pairs"
-signing = { scheme = "hmac-sha256", secret = "whsec_pairs", header = "stripe-signature", signature_key = "v1", timestamp_key = "t", signed = "{timestamp}.{body}" }
+signing = { scheme = "hmac-sha256", secret = "whsec_pairs", previous_secrets = ["whsec_before"], header = "stripe-signature", signature_key = "v1", timestamp_key = "t", signed = "{timestamp}.{body}" }
 [[routes]]
 source = "s"
 destinations = ["gh", "ts", "pairs"]
@@ -603,13 +603,19 @@ destinations = ["gh", "ts", "pairs"]
     let expected = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
     assert_eq!(ts.header("x-signature"), Some(expected.as_str()));
 
-    // Stripe's form: `t=<timestamp>,v1=<hex of HMAC over "{t}.{body}">`.
+    // Stripe's form: `t=<timestamp>,v1=<hex of HMAC over "{t}.{body}">`, and during a
+    // rotation a `v1` per secret, the current one's first (as Stripe signs then).
     let pairs = at("/pairs").header("stripe-signature").unwrap();
-    let (t, v1) = (pairs.strip_prefix("t=").and_then(|p| p.split_once(",v1="))).unwrap();
+    let (t, v1s) = (pairs.strip_prefix("t=").and_then(|p| p.split_once(','))).unwrap();
     assert!(t.parse::<u64>().unwrap().abs_diff(now_s()) < 60, "{pairs}");
+    let signed = format!("{t}.{body}");
     assert_eq!(
-        v1,
-        hmac_hex(b"whsec_pairs", format!("{t}.{body}").as_bytes())
+        v1s,
+        format!(
+            "v1={},v1={}",
+            hmac_hex(b"whsec_pairs", signed.as_bytes()),
+            hmac_hex(b"whsec_before", signed.as_bytes())
+        )
     );
 
     // The test message is signed alike.

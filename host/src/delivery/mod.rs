@@ -210,7 +210,8 @@ impl Signer {
 impl Destination {
     /// The headers that sign one attempt, or none when the destination does not sign:
     /// Standard Webhooks' `webhook-timestamp` and `webhook-signature` (one `v1,` signature
-    /// per key, space-separated); or the `hmac-sha256` scheme's header (and its timestamp's).
+    /// per key, space-separated); or the `hmac-sha256` scheme's header (and its timestamp's;
+    /// one signature per key in a `signature_key` form).
     pub(crate) fn signature(&self, id: &str, now_ms: u64, body: &[u8]) -> Vec<(String, String)> {
         let ts = || (now_ms / 1000).to_string();
         match &self.signer {
@@ -225,7 +226,8 @@ impl Destination {
                 ]
             }
             Some(Signer::Hmac(c)) => {
-                (c.hmac_form()).headers(c.secret.as_bytes(), now_ms / 1000, body)
+                let keys: Vec<&[u8]> = c.secrets().map(|s| s.as_bytes()).collect();
+                (c.hmac_form()).headers(&keys, now_ms / 1000, body)
             }
         }
     }
