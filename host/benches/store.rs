@@ -100,6 +100,7 @@ async fn one(store: &dyn Store, n: usize, next: AttemptNext) {
         // Passed through unchanged, as by most routes.
         body: event.body.0.clone(),
         status: DeliveryStatus::Pending,
+        delay_ms: 0,
         lease_until: Some(now + 40_000),
     };
     let leased = store
@@ -137,6 +138,7 @@ async fn waiting(store: &dyn Store, n: usize, destination: &str, at: u64) {
         headers: Vec::new(),
         body: event.body.0.clone(),
         status: DeliveryStatus::Pending,
+        delay_ms: 0,
         lease_until: None,
     };
     store

@@ -421,7 +421,8 @@ pub struct RetryPolicy {
     /// The wait before each attempt: the first entry before the first attempt (normally
     /// 0), and so on. Its length is the number of attempts of a delivery.
     pub retry_schedule: Vec<Duration>,
-    /// Each wait is lengthened by a random fraction up to this, so retries spread out.
+    /// Each wait between attempts is lengthened by a random fraction up to this, so retries
+    /// spread out (the first attempt's wait is not).
     pub jitter: f64,
     /// Consecutive failed attempts after which the destination is FAILED.
     pub failure_threshold: u32,

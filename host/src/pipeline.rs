@@ -529,7 +529,12 @@ impl Pipeline {
         let lease_until = self.dispatcher.lease_until(now);
         let (mut held, mut lanes_full) = (Vec::new(), 0);
         for d in deliveries.iter_mut() {
-            if d.status == DeliveryStatus::Pending && self.dispatcher.is_active(&d.destination) {
+            // (A delivery whose first attempt waits, `retry_schedule`'s first entry, is
+            // the dispatcher's to claim when due.)
+            if d.status == DeliveryStatus::Pending
+                && d.delay_ms == 0
+                && self.dispatcher.is_active(&d.destination)
+            {
                 match self.dispatcher.reserve(&d.destination) {
                     Some(place) => {
                         d.lease_until = Some(lease_until);

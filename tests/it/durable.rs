@@ -103,6 +103,56 @@ async fn idempotent_ingest_answers_with_the_original_id() {
     assert_eq!(rx.requests().len(), 5, "duplicates are not delivered again");
 }
 
+/// The first entry of `retry_schedule` is the wait before the first attempt: a destination
+/// with `["30s", …]` gets each event 30 s after it is stored (a receiver that must not hear
+/// of a SIM before the provider's own API knows it), and then retries as the rest of the
+/// schedule says; another destination of the same route is sent at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_schedules_first_wait_delays_the_first_attempt() {
+    let rx = Receiver::start().await;
+    let clock = clock();
+    let config = r#"
+[[sources]]
+name = "s"
+[[destinations]]
+name = "later"
+url = "{receiver}/later"
+retry = { retry_schedule = ["30s", "5s"], jitter = 0.0 }
+[[destinations]]
+name = "now"
+url = "{receiver}/now"
+[[routes]]
+source = "s"
+destinations = ["later", "now"]
+"#;
+    let gw = TestGateway::start_with_clock(config, &rx, &[], clock.clone()).await;
+    let t0 = clock.now_ms();
+    let id = gw.accept("s", "{}").await;
+    assert_eq!(rx.wait_for(1).await[0].uri, "/now");
+    let e = gw.event(&id).await;
+    let later = (e["deliveries"].as_array().unwrap().iter())
+        .find(|d| d["destination"] == "later")
+        .unwrap();
+    assert_eq!(later["status"], "pending", "{e}");
+    assert_eq!(later["next_attempt_at"], t0 + 30_000, "{e}");
+
+    // Not due yet: nothing is sent however long we wait in real time.
+    clock.advance(Duration::from_millis(29_000));
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(rx.requests().len(), 1);
+
+    clock.advance(Duration::from_millis(1_000));
+    let got = rx.wait_for(2).await;
+    assert_eq!(got[1].uri, "/later");
+    let e = gw.settled(&id).await;
+    let later = (e["deliveries"].as_array().unwrap().iter())
+        .find(|d| d["destination"] == "later")
+        .unwrap();
+    assert_eq!(later["status"], "delivered", "{e}");
+    assert_eq!(later["attempts"].as_array().unwrap().len(), 1, "{e}");
+    gw.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn retries_follow_the_schedule_on_the_injected_clock() {
     let rx = Receiver::start().await;

@@ -40,6 +40,7 @@ fn delivery(id: &str, destination: &str, lease_until: Option<u64>) -> NewDeliver
         headers: vec![("webhook-id".into(), id.into())],
         body: Bytes::from_static(b"{\"n\":1}"),
         status: DeliveryStatus::Pending,
+        delay_ms: 0,
         lease_until,
     }
 }
@@ -718,14 +719,28 @@ async fn conformance(open: Reopen) {
         body: Bytes::new(),
         ..delivery("d6", "archive", None)
     };
+    // And one whose first attempt waits (its schedule's first entry) is due only then.
+    let delayed = NewDelivery {
+        delay_ms: 5_000,
+        ..delivery("d5-later", "archive", None)
+    };
     store
-        .complete_event(&e2, vec![outcome(2)], vec![same, empty], 200_000)
+        .complete_event(&e2, vec![outcome(3)], vec![same, empty, delayed], 200_000)
         .await
         .unwrap();
     let mut due = store
         .claim_due(200_000, 210_000, 10, &ClaimScope::any())
         .await
         .unwrap();
+    assert!(due.iter().all(|d| d.id != "d5-later"), "not due yet");
+    let later = store
+        .claim_due(205_000, 210_000, 10, &ClaimScope::any())
+        .await
+        .unwrap();
+    assert_eq!(
+        later.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(),
+        ["d5-later"]
+    );
     due.retain(|d| d.id == "d5" || d.id == "d6");
     due.sort_by(|a, b| a.id.cmp(&b.id));
     assert_eq!(

@@ -427,8 +427,15 @@ pub fn render(planned: &PlannedDelivery, values: &PlaceholderValues) -> NewDeliv
     let dest = &planned.destination;
     let accepted = dest.accepts(|| values.event_type(&planned.metadata));
     let url = placeholder::render(&dest.url, Target::Url, |n| values.get(&planned.metadata, n));
+    let first_wait = dest
+        .retry
+        .retry_schedule
+        .first()
+        .copied()
+        .unwrap_or_default();
     NewDelivery {
         lease_until: None,
+        delay_ms: first_wait.as_millis() as u64,
         id: planned.id.clone(),
         route: planned.route,
         destination: dest.name.clone(),

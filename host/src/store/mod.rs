@@ -995,8 +995,11 @@ pub struct NewDelivery {
     pub url: String,
     pub headers: Pairs,
     pub body: bytes::Bytes,
-    /// `Pending` (due now) or `Skipped`.
+    /// `Pending` or `Skipped`.
     pub status: DeliveryStatus,
+    /// A pending delivery's first attempt is due this long after it is stored (the first
+    /// wait of its destination's `retry_schedule`, normally 0).
+    pub delay_ms: u64,
     /// Claimed as it is inserted, until then: the pipeline hands it to the dispatcher at
     /// once instead of waiting for a claim. If the gateway dies first, the lease runs out
     /// and the delivery is claimed like any other.

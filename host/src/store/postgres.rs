@@ -918,7 +918,7 @@ impl PgStore {
         let statuses: Vec<&str> = ds.iter().map(|d| d.status.as_str()).collect();
         let next: Vec<Option<i64>> = ds
             .iter()
-            .map(|d| (d.status == DeliveryStatus::Pending).then_some(now as i64))
+            .map(|d| (d.status == DeliveryStatus::Pending).then_some((now + d.delay_ms) as i64))
             .collect();
         let leases: Vec<Option<i64>> = ds.iter().map(|d| d.lease_until.map(|l| l as i64)).collect();
         let statement = client

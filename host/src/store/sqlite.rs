@@ -1103,7 +1103,7 @@ impl Store for SqliteStore {
                 .execute(params![event_id, run as i64, *route as i64, outcome])?;
             }
             for (d, headers, same) in &deliveries {
-                let next = (d.status == DeliveryStatus::Pending).then_some(now as i64);
+                let next = (d.status == DeliveryStatus::Pending).then_some((now + d.delay_ms) as i64);
                 let body: &[u8] = if *same { &[] } else { &d.body };
                 let inserted = conn.prepare_cached(
                     "INSERT OR IGNORE INTO deliveries (id, event_id, route, destination, url, headers, body, body_from_event, status, next_attempt_at, created_at, lease_until, run)
@@ -2042,6 +2042,7 @@ mod tests {
             headers: vec![("webhook-id".into(), id.into())],
             body: Bytes::from_static(b"{}"),
             status: DeliveryStatus::Pending,
+            delay_ms: 0,
         }
     }
 
