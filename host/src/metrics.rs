@@ -262,6 +262,20 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Counts one in `family`'s series of `labels`, noting in `series` the label sets it makes
+/// (looked up first, so that the set is written only then, not per count).
+fn count_tracked<L>(family: &Family<L, Counter>, series: &Mutex<HashSet<L>>, labels: L)
+where
+    L: Clone + std::hash::Hash + Eq + EncodeLabelSet + std::fmt::Debug,
+{
+    if let Some(counter) = family.get(&labels) {
+        counter.inc();
+        return;
+    }
+    family.get_or_create(&labels).inc();
+    lock(series).insert(labels);
+}
+
 impl Metrics {
     /// Records how long an accepted event took to accept.
     pub fn accepted_after(&self, source: &str, seconds: f64) {
@@ -279,15 +293,7 @@ impl Metrics {
             source: source.to_string(),
             result: result.to_string(),
         };
-        match self.events.get(&labels) {
-            Some(counter) => {
-                counter.inc();
-            }
-            None => {
-                self.events.get_or_create(&labels).inc();
-                lock(&self.event_series).insert(labels);
-            }
-        }
+        count_tracked(&self.events, &self.event_series, labels);
     }
 
     /// Drops every series of the sources and routes `config` no longer has, and the
@@ -453,15 +459,7 @@ impl Metrics {
             route: route.to_string(),
             result: result.to_string(),
         };
-        match self.routes.get(&labels) {
-            Some(counter) => {
-                counter.inc();
-            }
-            None => {
-                self.routes.get_or_create(&labels).inc();
-                lock(&self.route_series).insert(labels);
-            }
-        }
+        count_tracked(&self.routes, &self.route_series, labels);
     }
 
     /// Counts an attempt, and the delivery when the attempt settled it.

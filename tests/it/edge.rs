@@ -1801,6 +1801,24 @@ fn https_config(tls: &str, objects: &str, rx: &Receiver) -> String {
     )
 }
 
+/// A source `fleet` that takes events only from senders with a client certificate of these
+/// names (TOML strings), delivered to the receiver.
+fn fleet_of(names: &str) -> String {
+    format!(
+        r#"
+[[sources]]
+name = "fleet"
+allow_client_names = [{names}]
+[[destinations]]
+name = "rx"
+url = "{{receiver}}/in"
+[[routes]]
+source = "fleet"
+destinations = ["rx"]
+"#
+    )
+}
+
 /// A client of the gateway's HTTPS listener (whose certificate `tests/fixtures/tls/ca.pem`
 /// issued) presenting this client certificate and key (PEM), if any.
 fn sender_client(identity: Option<&[u8]>) -> reqwest::Client {
@@ -1838,17 +1856,7 @@ async fn send_trusts_an_internal_ca_and_presents_a_client_certificate() {
     let ca = tls_fixture("ca.pem");
     let text = https_config(
         &format!(r#", client_ca = "{}""#, ca.display()),
-        r#"
-[[sources]]
-name = "fleet"
-allow_client_names = ["switchyard test client"]
-[[destinations]]
-name = "rx"
-url = "{receiver}/in"
-[[routes]]
-source = "fleet"
-destinations = ["rx"]
-"#,
+        &fleet_of(r#""switchyard test client""#),
         &rx,
     );
     let dir = tempfile::tempdir().unwrap();
@@ -2029,17 +2037,7 @@ async fn a_revoked_client_certificate_is_refused() {
     let bob = ca.client(&["bob.example"], "bob");
     let config = https_config(
         r#", client_ca = "senders-ca.pem", client_crl = "senders.crl""#,
-        r#"
-[[sources]]
-name = "fleet"
-allow_client_names = ["alice.example", "bob.example"]
-[[destinations]]
-name = "rx"
-url = "{receiver}/in"
-[[routes]]
-source = "fleet"
-destinations = ["rx"]
-"#,
+        &fleet_of(r#""alice.example", "bob.example""#),
         &rx,
     );
 
