@@ -111,6 +111,100 @@ fn plugin_run_prints_the_verdict_as_json() {
     );
 }
 
+/// `event-filter` keeps an event whose type is allowed (names or `*` patterns) and whose
+/// body passes every `/pointer` condition — one of, none of, compared, present, absent —
+/// and drops the rest naming the first reason; a condition it cannot read is an
+/// `invalid-config` error naming it.
+#[test]
+fn event_filter_keeps_what_passes_its_conditions() {
+    let dir = tempfile::tempdir().unwrap();
+    let event = dir.path().join("event.json");
+    let body = serde_json::json!({ "type": "network-registration", "bytes": 1234,
+        "sim": { "label": "fleet", "roaming": false, "mcc": "238" }, "gone": null });
+    std::fs::write(&event, body.to_string()).unwrap();
+    let plugin = guest("event-filter");
+    let filter = |pairs: &[&str]| {
+        let mut args = vec!["plugin", "run", path(&plugin), "--event", path(&event)];
+        for pair in pairs {
+            args.extend(["--config", pair]);
+        }
+        let (ok, out, err) = run(&args);
+        (
+            ok,
+            serde_json::from_str::<Value>(&out).unwrap_or_else(|_| panic!("{out}{err}")),
+        )
+    };
+    for kept in [
+        &["allow=usage,network-*"][..],
+        &["/sim/label=trucks,fleet", "/bytes=>=1234", "/bytes=<2000"],
+        &["/sim/roaming=false", "/sim/mcc=238", "/sim/label=fl*"],
+        &[
+            "/sim/label=!trucks",
+            "/nope=!x",
+            "/sim=?",
+            "/gone=!?",
+            "/nope=!?",
+        ],
+        &["allow=*", "/bytes=>1000"],
+    ] {
+        let (ok, verdict) = filter(kept);
+        assert!(ok, "{kept:?}: {verdict}");
+        assert_eq!(verdict["verdict"], "continue", "{kept:?}: {verdict}");
+        assert_eq!(
+            verdict["metadata"],
+            serde_json::json!([["event_type", "network-registration"]]),
+            "{kept:?}"
+        );
+    }
+    for (dropped, why) in [
+        (
+            &["allow=usage,location"][..],
+            "event type `network-registration` is not allowed",
+        ),
+        (
+            &["allow=network-*", "/sim/label=trucks"],
+            "`/sim/label` is `fleet`, not one of trucks",
+        ),
+        (
+            &["/sim/label=!fleet"],
+            "`/sim/label` is `fleet`, one of fleet",
+        ),
+        (&["/bytes=>1234"], "`/bytes` is 1234, not >1234"),
+        (
+            &["/sim/label=>1"],
+            "`/sim/label` is not a number to compare (>1)",
+        ),
+        (&["/nope=?"], "`/nope` is missing"),
+        (&["/gone=?"], "`/gone` is missing"),
+        (&["/sim=!?"], "`/sim` is set"),
+        (&["/nope=a"], "`/nope` is missing, not one of a"),
+    ] {
+        let (ok, verdict) = filter(dropped);
+        assert!(ok, "{dropped:?}: {verdict}");
+        assert_eq!(verdict["verdict"], "drop", "{dropped:?}: {verdict}");
+        assert_eq!(verdict["reason"], why, "{dropped:?}: {verdict}");
+    }
+    for (pairs, says) in [
+        (
+            &["field=type"][..],
+            "`allow` must list at least one event type",
+        ),
+        (
+            &["/bytes=>=lots"],
+            "`>=lots`: `lots` after `>=` is not a number",
+        ),
+        (&["/bytes=!"], "`!` names no value"),
+    ] {
+        let (ok, answer) = filter(pairs);
+        assert!(!ok, "{pairs:?}: {answer}");
+        let error = answer["error"].as_str().unwrap();
+        assert!(
+            error.contains("invalid config") && error.contains(says),
+            "{pairs:?}: {error}"
+        );
+    }
+}
+
 /// `reshape` builds a new body by configuration alone: fields renamed, nested, kept in
 /// their JSON types, texts and metadata added, a missing one left out, a base object kept
 /// and added to; a pair it cannot read is an `invalid-config` error naming it.
