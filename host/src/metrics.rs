@@ -3,6 +3,7 @@
 
 use std::collections::HashSet;
 use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -93,6 +94,8 @@ pub struct Metrics {
     pub routes: Family<RouteLabels, Counter>,
     pub deliveries: Family<DestinationLabels, Counter>,
     pub delivery_latency: HistogramFamily<DestinationOnly>,
+    /// Unix seconds (with milliseconds) of each destination's latest delivery.
+    pub last_delivered: Family<DestinationOnly, Gauge<f64, AtomicU64>>,
     pub attempts: Family<DestinationLabels, Counter>,
     pub deferred: Family<DestinationOnly, Counter>,
     pub oauth2_tokens: Family<DestinationLabels, Counter>,
@@ -170,6 +173,12 @@ impl Default for Metrics {
             "Time from receiving an event to a destination's successful answer, by destination",
             delivery_latency.clone(),
         );
+        let last_delivered = Family::<DestinationOnly, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "destination_last_delivered_timestamp_seconds",
+            "When this instance last delivered an event to the destination, as a Unix time: alert when a receiver stops getting anything",
+            last_delivered.clone(),
+        );
         let attempts = Family::<DestinationLabels, Counter>::default();
         registry.register(
             "delivery_attempts",
@@ -235,6 +244,7 @@ impl Default for Metrics {
             routes,
             deliveries,
             delivery_latency,
+            last_delivered,
             attempts,
             deferred,
             oauth2_tokens,
@@ -416,6 +426,7 @@ impl Metrics {
         }
         let only = DestinationOnly { destination };
         self.delivery_latency.remove(&only);
+        self.last_delivered.remove(&only);
         self.deferred.remove(&only);
     }
 
@@ -476,13 +487,23 @@ impl Metrics {
         }
     }
 
-    /// Records how long after its event's receipt a delivery succeeded.
-    pub fn delivered_after(&self, destination: &str, seconds: f64) {
-        self.delivery_latency
-            .get_or_create(&DestinationOnly {
-                destination: destination.to_string(),
-            })
-            .observe(seconds);
+    /// Records a delivery that succeeded at `now_ms`, `seconds` after its event's receipt.
+    pub fn delivered_after(&self, destination: &str, seconds: f64, now_ms: u64) {
+        let only = DestinationOnly {
+            destination: destination.to_string(),
+        };
+        self.delivery_latency.get_or_create(&only).observe(seconds);
+        let at = now_ms as f64 / 1000.0;
+        self.last_delivered.get_or_create(&only).set(at);
+    }
+
+    /// When this instance last delivered to `destination` (ms since the Unix epoch), if it
+    /// has since it started.
+    pub fn last_delivered_ms(&self, destination: &str) -> Option<u64> {
+        let only = DestinationOnly {
+            destination: destination.to_string(),
+        };
+        (self.last_delivered.get(&only)).map(|g| (g.get() * 1000.0).round() as u64)
     }
 
     /// A request for an OAuth 2.0 token for `destination`, and whether it got one.

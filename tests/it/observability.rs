@@ -147,6 +147,23 @@ destinations = ["ok", "bad"]
         .is_none(),
         "failed deliveries have no latency"
     );
+    // When a destination last got an event: in /metrics (to alert on a receiver that stops
+    // getting anything) and with the destination in the API; none for one never delivered.
+    let last = get(r#"switchyard_destination_last_delivered_timestamp_seconds{destination="ok"}"#);
+    let now = switchyard::delivery::now_ms() as f64 / 1000.0;
+    assert!((now - 120.0..=now + 1.0).contains(&last), "{last} vs {now}");
+    let (_, ok) = gw.get("/v1/destinations/ok").await;
+    assert_eq!(
+        ok["last_delivered_at"],
+        (last * 1000.0).round() as u64,
+        "{ok}"
+    );
+    let (_, bad) = gw.get("/v1/destinations/bad").await;
+    assert!(bad.get("last_delivered_at").is_none(), "{bad}");
+    assert!(
+        !text.contains(r#"last_delivered_timestamp_seconds{destination="bad"}"#),
+        "{text}"
+    );
     assert_eq!(get("switchyard_queue_depth"), 0.0);
     assert_eq!(get("switchyard_pending_deliveries"), 0.0);
     assert_eq!(get("switchyard_oldest_pending_delivery_age_seconds"), 0.0);

@@ -166,6 +166,7 @@ try {
   await flaky.getByText('FAILED', { exact: true }).waitFor();
   const pending = Number(await flaky.locator('td.num').first().textContent());
   if (!(pending >= 1)) throw new Error(`expected held deliveries, saw ${pending}`);
+  await page.locator('#destinations tr[data-name="fleet"] .last-delivered', { hasText: 'last delivered' }).waitFor();
   await shot('destinations');
   await fetch(`${controlUrl}/ok`, { method: 'POST' });
   await flaky.getByRole('button', { name: 'Restart' }).click();

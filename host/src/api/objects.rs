@@ -153,6 +153,10 @@ pub struct DestinationView {
     pending: u64,
     /// Deliveries that gave up.
     failed: u64,
+    /// When this instance last delivered an event there (ms since the Unix epoch), since it
+    /// started; absent if it has not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_delivered_at: Option<u64>,
 }
 
 fn source_view(state: &AppState, c: &SourceConfig) -> SourceView {
@@ -189,6 +193,7 @@ fn destination_view(
         last_error: s.last_error,
         pending: n.pending,
         failed: n.failed,
+        last_delivered_at: state.metrics.last_delivered_ms(&c.name),
     }
 }
 

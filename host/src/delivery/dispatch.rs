@@ -1061,9 +1061,9 @@ impl Dispatcher {
             .attempt(&d.destination, result == AttemptResult::Success, settled);
         // (0: the event is gone, which retention does not do while a delivery is pending.)
         if next == AttemptNext::Delivered && d.received_at > 0 {
-            let ms = self.clock.now_ms().saturating_sub(d.received_at);
-            self.metrics
-                .delivered_after(&d.destination, ms as f64 / 1000.0);
+            let now = self.clock.now_ms();
+            let seconds = now.saturating_sub(d.received_at) as f64 / 1000.0;
+            (self.metrics).delivered_after(&d.destination, seconds, now);
         }
         let attempt = Attempt {
             at,
