@@ -103,7 +103,7 @@ enum Answer {
 /// with the source (`GET /v1/sources`, the dashboard's routes page), so that a sender's
 /// wrong secret or address is seen where its events would have been — a refused request
 /// stores nothing. Kept for the sources in the config at the time (none for unknown names),
-/// forgotten when a source is removed (`Metrics::forget_removed`).
+/// forgotten when a source is removed (`Metrics::forget_removed_sources`).
 #[derive(Default)]
 pub struct Refusals(std::sync::Mutex<std::collections::HashMap<String, SourceRefusals>>);
 

@@ -306,42 +306,48 @@ impl Metrics {
         count_tracked(&self.events, &self.event_series, labels);
     }
 
-    /// Drops every series of the sources and routes `config` no longer has, and the
-    /// refusals kept for such sources: a source removed would otherwise keep its
+    /// Drops every series of the sources `has_source` says are gone, and the refusals kept
+    /// for them: a source removed would otherwise keep its
     /// `source_last_accepted_timestamp_seconds` (and an alert on a quiet sender firing) until
     /// the next start, and a source made again under that name would show the old one's
-    /// refusals. Called when a config is installed and at each scrape (a request or event in
-    /// flight at the reload may count after it: its series is made again, and dropped then).
-    /// `unknown`, the label of requests to names no source has, stays.
-    pub fn forget_removed(&self, config: &crate::config::Config) {
-        let sources: HashSet<&str> = config.sources.iter().map(|s| s.name.as_str()).collect();
-        let kept = |name: &str| name == "unknown" || sources.contains(name);
-        let mut gone_sources = HashSet::new();
+    /// refusals. Called when a config is installed and at each scrape (a request in flight
+    /// at the reload may count after it: its series is made again, and dropped then). One
+    /// lookup per source with series or refusals; `unknown`, the label of requests to names
+    /// no source has, stays.
+    pub fn forget_removed_sources(&self, has_source: impl Fn(&str) -> bool) {
+        let kept = |name: &str| name == "unknown" || has_source(name);
+        let mut gone = HashSet::new();
         lock(&self.event_series).retain(|labels| {
             let keep = kept(&labels.source);
             if !keep {
                 self.events.remove(labels);
-                gone_sources.insert(labels.source.clone());
+                gone.insert(labels.source.clone());
             }
             keep
         });
-        for source in gone_sources {
+        for source in gone {
             let only = SourceOnly { source };
             self.ingest_latency.remove(&only);
             self.last_accepted.remove(&only);
         }
-        let mut series = lock(&self.route_series);
-        if !series.is_empty() {
-            let routes: HashSet<&str> = config.routes.iter().map(|r| r.name.as_str()).collect();
-            series.retain(|labels| {
-                let keep = routes.contains(labels.route.as_str());
-                if !keep {
-                    self.routes.remove(labels);
-                }
-                keep
-            });
-        }
         self.refusals.retain(kept);
+    }
+
+    /// Drops the `route_outcomes` series of routes `config` no longer has. At each scrape
+    /// (what it costs, a set of the routes' names, is paid only once routes have series).
+    pub fn forget_removed_routes(&self, config: &crate::config::Config) {
+        let mut series = lock(&self.route_series);
+        if series.is_empty() {
+            return;
+        }
+        let routes: HashSet<&str> = config.routes.iter().map(|r| r.name.as_str()).collect();
+        series.retain(|labels| {
+            let keep = routes.contains(labels.route.as_str());
+            if !keep {
+                self.routes.remove(labels);
+            }
+            keep
+        });
     }
 
     /// Sets each destination's state gauges (1 for its state, 0 for the others), and drops

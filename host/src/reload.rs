@@ -167,8 +167,9 @@ impl Reloader {
                 config.delivery.notify_source.clone(),
             )
             .await;
+        self.metrics
+            .forget_removed_sources(|s| routing.has_source(s));
         self.pipeline.set_routing(routing);
-        self.metrics.forget_removed(&config);
         self.config.store(config);
     }
 

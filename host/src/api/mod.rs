@@ -431,7 +431,9 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         (d.name.clone(), current)
     });
     m.set_destination_states(states);
-    m.forget_removed(&config);
+    let routing = state.pipeline.routing();
+    m.forget_removed_sources(|s| routing.has_source(s));
+    m.forget_removed_routes(&config);
     m.set_certificate_expiries(config.certificates(&state.dispatcher.certificates()));
     (
         [(
