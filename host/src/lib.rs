@@ -171,20 +171,21 @@ impl DryRunner {
         query: Option<&str>,
         body: bytes::Bytes,
     ) -> anyhow::Result<api::DryRun> {
-        anyhow::ensure!(
-            self.routing.has_source(source),
-            "no source named `{source}` in the config"
-        );
-        let verify = (self.routing.source(source)).and_then(|s| s.verify.as_ref());
+        let Some(config) = self.routing.source(source) else {
+            anyhow::bail!("no source named `{source}` in the config");
+        };
         let event = ingest::new_event(
             source.to_string(),
             &axum::http::Method::POST,
             &api::ingest_uri(source, query)?,
             headers,
             |_| true,
-            verify,
+            config.verify.as_ref(),
             body,
         );
+        if let Some(answer) = api::DryRun::of_challenge(config, &event) {
+            return Ok(answer);
+        }
         let (routes, deliveries) =
             pipeline::decide(&self.routing, &self.plugins, &self.cpu, &event, None).await;
         Ok(api::DryRun::new(event, routes, deliveries))

@@ -390,6 +390,46 @@ fn quickstart_copy() -> (tempfile::TempDir, std::path::PathBuf) {
 /// expected file holds, a changed one fails naming each difference. Headers and query
 /// make the event's; an unknown source or a route's missing plugin is an error; nothing is
 /// stored.
+/// `switchyard dry-run` of a payload that is a sender's URL check (the source's
+/// `challenge`) shows what ingest answers, and no route runs — as the API's dry run does.
+#[test]
+fn dry_run_of_a_url_check_shows_the_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("switchyard.toml");
+    std::fs::write(
+        &config,
+        r#"
+[[sources]]
+name = "slack"
+challenge = { type = "url_verification", field = "challenge" }
+[[destinations]]
+name = "d"
+url = "https://example.com/in"
+[[routes]]
+source = "slack"
+destinations = ["d"]
+"#,
+    )
+    .unwrap();
+    let event = dir.path().join("check.json");
+    let dry_run = |body: &str| {
+        std::fs::write(&event, body).unwrap();
+        let args = ["dry-run", "--config", path(&config), "--source", "slack"];
+        let (ok, out, err) = run(&[&args[..], &["--event", path(&event)]].concat());
+        assert!(ok, "{out}{err}");
+        serde_json::from_str::<Value>(&out).unwrap()
+    };
+    let answer = dry_run(r#"{"type":"url_verification","challenge":"c-1","token":"t"}"#);
+    assert_eq!(
+        answer["challenge"],
+        serde_json::json!({ "challenge": "c-1" })
+    );
+    assert_eq!(answer["deliveries"], serde_json::json!([]), "{answer}");
+    let answer = dry_run(r#"{"type":"event_callback"}"#);
+    assert!(answer.get("challenge").is_none(), "{answer}");
+    assert_eq!(answer["deliveries"][0]["destination"], "d", "{answer}");
+}
+
 #[test]
 fn dry_run_shows_what_the_routes_would_send_and_checks_an_expected_answer() {
     let root = xtask::workspace_root();

@@ -13,6 +13,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::{ApiError, AppState, ErrorBody};
+use crate::config::SourceConfig;
 use crate::event::{Body, BodyEncoding, Event, Pairs};
 use crate::ingest;
 use crate::store::{DeliveryStatus, NewDelivery, RouteOutcome};
@@ -139,8 +140,6 @@ pub(super) async fn dry_run(
     };
     // The event as ingest would have made it from a post to the source.
     let uri = ingest_uri(&name, request.uri.query())?;
-    let body = decoded.clone().unwrap_or(wire);
-    let challenge = source.challenge.as_ref().and_then(|c| c.answer(&body));
     let event = ingest::new_event(
         name,
         &http::Method::POST,
@@ -148,11 +147,9 @@ pub(super) async fn dry_run(
         &request.headers,
         keep,
         source.verify.as_ref(),
-        body,
+        decoded.clone().unwrap_or(wire),
     );
-    if let Some(echo) = challenge {
-        let mut answer = DryRun::new(event, Vec::new(), Vec::new());
-        answer.challenge = Some(echo);
+    if let Some(answer) = DryRun::of_challenge(&source, &event) {
         return Ok(Json(answer));
     }
     Ok(Json(run(&state, event).await))
@@ -268,6 +265,16 @@ impl DryRun {
             deliveries: deliveries.into_iter().map(PlannedRequest::from).collect(),
             challenge: None,
         }
+    }
+
+    /// The dry run of a payload that is a sender's URL check (the source's `challenge`):
+    /// what ingest would answer, and no route run. `None` for any other payload.
+    pub(crate) fn of_challenge(source: &SourceConfig, event: &Event) -> Option<Self> {
+        let echo = source.challenge.as_ref()?.answer(&event.body.0)?;
+        Some(DryRun {
+            challenge: Some(echo),
+            ..DryRun::new(event.clone(), Vec::new(), Vec::new())
+        })
     }
 }
 
