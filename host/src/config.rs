@@ -569,16 +569,47 @@ fn default_purge_interval() -> Duration {
     Duration::from_secs(60)
 }
 
+/// A source's `idempotency_field`: one field, or several whose values together are the key.
+#[derive(Clone, Debug, Deserialize, Serialize, ToSchema, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum IdempotencyField {
+    One(String),
+    Several(Vec<String>),
+}
+
+impl IdempotencyField {
+    /// The most fields one key is made of.
+    pub const MAX: usize = 8;
+
+    /// Each field: a top-level name, or a JSON pointer (starting with `/`).
+    pub fn fields(&self) -> &[String] {
+        match self {
+            IdempotencyField::One(f) => std::slice::from_ref(f),
+            IdempotencyField::Several(fs) => fs,
+        }
+    }
+
+    /// The value of `field` in `body`: a JSON pointer's, or a top-level name's.
+    pub fn value<'a>(body: &'a serde_json::Value, field: &str) -> Option<&'a serde_json::Value> {
+        match field.starts_with('/') {
+            true => body.pointer(field),
+            false => body.get(field),
+        }
+    }
+}
+
 /// `[[sources]]`: a name senders post to at `/v1/ingest/{name}`.
 #[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SourceConfig {
     /// 1 to 64 letters, digits, `-`, `_` or `.`.
     pub name: String,
-    /// A top-level JSON field whose value de-duplicates events (e.g. Onomondo's `id`),
-    /// besides the `Idempotency-Key` header.
+    /// The body's field whose value de-duplicates events (e.g. Onomondo's `id`), besides the
+    /// `Idempotency-Key` header: a top-level name, or a JSON pointer (`/data/attachmentId`);
+    /// or a list of them whose values together do (Mobile Manager's `["/OrderId",
+    /// "/State"]`: an order's every state is an event of its own).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub idempotency_field: Option<String>,
+    pub idempotency_field: Option<IdempotencyField>,
     /// A request header whose value de-duplicates events: the delivery id a provider
     /// repeats when it retries (GitHub's `x-github-delivery`, Shopify's
     /// `x-shopify-webhook-id`). A `standard-webhooks` source uses `webhook-id` unless this
@@ -1464,6 +1495,21 @@ impl Config {
                 format!("sources[{i}].challenge.field"),
                 "must name the body's field that holds the challenge".into(),
             ));
+        }
+        if let Some(f) = &s.idempotency_field {
+            let fields = f.fields();
+            if fields.is_empty() || fields.len() > IdempotencyField::MAX {
+                return Err((
+                    format!("sources[{i}].idempotency_field"),
+                    format!("must name 1 to {} fields", IdempotencyField::MAX),
+                ));
+            }
+            if let Some(j) = fields.iter().position(String::is_empty) {
+                return Err((
+                    format!("sources[{i}].idempotency_field[{j}]"),
+                    "must not be empty: a top-level field's name, or a JSON pointer such as `/data/id`".into(),
+                ));
+            }
         }
         if let Some(h) = &s.idempotency_header
             && http::HeaderName::from_bytes(h.as_bytes()).is_err()

@@ -31,16 +31,6 @@ pub struct Event {
     pub run: u32,
 }
 
-impl Event {
-    /// The event's body parsed as a JSON object, if it is one.
-    pub fn json_object(&self) -> Option<serde_json::Map<String, serde_json::Value>> {
-        match serde_json::from_slice(&self.body.0) {
-            Ok(serde_json::Value::Object(map)) => Some(map),
-            _ => None,
-        }
-    }
-}
-
 /// Sets `key` in `pairs`, replacing an earlier value (the last value of a key wins).
 pub fn merge_pairs(pairs: &mut Pairs, more: impl IntoIterator<Item = (String, String)>) {
     for (k, v) in more {

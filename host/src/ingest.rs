@@ -487,13 +487,35 @@ fn idempotency_key(
     {
         return Ok(Some(provider_key(value.as_bytes())));
     }
-    Ok(source.idempotency_field.as_deref().and_then(|f| {
-        event.json_object().and_then(|obj| match obj.get(f) {
-            Some(serde_json::Value::String(s)) => Some(provider_key(s.as_bytes())),
-            Some(serde_json::Value::Number(n)) => Some(n.to_string()),
-            _ => None,
-        })
-    }))
+    Ok((source.idempotency_field.as_ref()).and_then(|f| field_key(f, &event.body.0)))
+}
+
+/// The key the body's `idempotency_field` values make: one field's string or number as it
+/// is (see `provider_key`), several fields' as a JSON array of their texts (`["ord-1","2"]`,
+/// then as one value); none if a field is missing or not a string, number or boolean.
+fn field_key(field: &crate::config::IdempotencyField, body: &[u8]) -> Option<String> {
+    use crate::config::IdempotencyField;
+    use serde_json::Value;
+    let body: Value = serde_json::from_slice(body).ok()?;
+    let text = |v: &Value| match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    };
+    let fields = field.fields();
+    if let [one] = fields {
+        return match IdempotencyField::value(&body, one)? {
+            Value::String(s) => Some(provider_key(s.as_bytes())),
+            other => text(other),
+        };
+    }
+    let parts = (fields.iter())
+        .map(|f| IdempotencyField::value(&body, f).and_then(text))
+        .collect::<Option<Vec<String>>>()?;
+    Some(provider_key(
+        serde_json::to_string(&parts).unwrap_or_default().as_bytes(),
+    ))
 }
 
 /// A body field's or a provider header's value as an idempotency key: itself where an
@@ -515,6 +537,32 @@ fn provider_key(value: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn idempotency_fields_make_keys_of_one_value_or_several() {
+        use crate::config::IdempotencyField::{One, Several};
+        let order = br#"{"OrderId":"ord-1","State":2,"Done":false,"data":{"id":"d-7","n":null}}"#;
+        let key = |f| field_key(&f, order);
+        assert_eq!(key(One("OrderId".into())).as_deref(), Some("ord-1"));
+        assert_eq!(key(One("/data/id".into())).as_deref(), Some("d-7"));
+        assert_eq!(key(One("State".into())).as_deref(), Some("2"));
+        let both = Several(vec!["/OrderId".into(), "State".into()]);
+        assert_eq!(key(both).as_deref(), Some(r#"["ord-1","2"]"#));
+        let three = Several(vec!["/OrderId".into(), "/State".into(), "/Done".into()]);
+        assert_eq!(key(three).as_deref(), Some(r#"["ord-1","2","false"]"#));
+        // A part missing, null or not a scalar: no key (the event is stored as any other).
+        for missing in ["/nope", "/data/n", "/data"] {
+            let f = Several(vec!["/OrderId".into(), missing.into()]);
+            assert_eq!(key(f), None, "{missing}");
+        }
+        assert_eq!(key(One("data".into())), None);
+        assert_eq!(field_key(&One("id".into()), b"not json"), None);
+        // A long value is keyed by its digest, one value or several alike.
+        let long = format!(r#"{{"id":"{}","n":1}}"#, "x".repeat(300));
+        let by_digest = |f| field_key(&f, long.as_bytes()).unwrap();
+        assert!(by_digest(One("id".into())).starts_with("sha256:"));
+        assert!(by_digest(Several(vec!["id".into(), "n".into()])).starts_with("sha256:"));
+    }
 
     #[test]
     fn a_source_keeps_its_latest_refusals_newest_first() {

@@ -50,6 +50,49 @@ async fn destination(gw: &TestGateway, name: &str) -> Value {
         .unwrap()
 }
 
+/// A provider with no id of its own: the fields that make its event unique together
+/// (Mobile Manager sends an order once per state), given through the API as JSON pointers.
+/// An event missing one of them has no key and is stored each time.
+#[tokio::test(flavor = "multi_thread")]
+async fn several_body_fields_together_de_duplicate() {
+    let rx = Receiver::start().await;
+    let gw = TestGateway::start(&one_destination("/", ""), &rx, &[]).await;
+    let fields = json!(["/OrderId", "/State"]);
+    gw.create(
+        "/v1/sources",
+        json!({ "name": "mm", "idempotency_field": fields }),
+    )
+    .await;
+    let (_, mm) = gw.get("/v1/sources/mm").await;
+    assert_eq!(mm["idempotency_field"], fields, "{mm}");
+    let order = |state: u8| json!({ "OrderId": "ord-1", "State": state, "Type": 5 }).to_string();
+    let (s1, first) = gw.post("mm", order(1)).await;
+    let (s2, again) = gw.post("mm", order(1)).await;
+    let (s3, next) = gw.post("mm", order(2)).await;
+    assert_eq!((s1, s2, s3), (202, 200, 202), "{first} {again} {next}");
+    assert_eq!(again["id"], first["id"]);
+    assert_ne!(next["id"], first["id"]);
+    let alert = json!({ "AlertId": "a-1", "AlertName": "usage" }).to_string();
+    let (s1, _) = gw.post("mm", alert.clone()).await;
+    let (s2, _) = gw.post("mm", alert).await;
+    assert_eq!((s1, s2), (202, 202), "no OrderId: no key");
+    for (bad, says) in [
+        (json!([]), "1 to 8 fields"),
+        (json!(["/OrderId", ""]), "idempotency_field[1]"),
+    ] {
+        let (status, e) = gw
+            .send(
+                "POST",
+                "/v1/sources",
+                Some(json!({ "name": "x", "idempotency_field": bad })),
+            )
+            .await;
+        assert_eq!(status, 400, "{e}");
+        assert!(e["error"].as_str().unwrap().contains(says), "{e}");
+    }
+    gw.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn idempotent_ingest_answers_with_the_original_id() {
     let rx = Receiver::start().await;

@@ -360,8 +360,9 @@ destinations = ["d"]
         ca.display()
     );
     let gw = TestGateway::start(&config, &rx, &["event-filter"]).await;
-    gw.accept("s", r#"{"type":"usage"}"#).await;
-    rx.wait_for(1).await;
+    let id = gw.accept("s", r#"{"type":"usage"}"#).await;
+    // (Settled in the store: the attempt's metrics were counted before it was recorded.)
+    gw.settled(&id).await;
     let text = gw.metrics().await;
     // Every family with a series is declared (`# TYPE name kind`).
     let families: Vec<&str> = (text.lines())
