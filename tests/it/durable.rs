@@ -361,6 +361,59 @@ async fn gone_disables_the_destination_and_keeps_the_event() {
     gw.shutdown().await.unwrap();
 }
 
+/// A destination paused by hand (a receiver's maintenance window) is DISABLED: events are
+/// taken in and their deliveries held, no attempt is made or retry spent, a state-change
+/// notice goes out, and a restart sends what waited.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_paused_destination_holds_its_deliveries_until_a_restart() {
+    let rx = Receiver::start().await;
+    let config = format!(
+        "notify_source = \"ops\"\n{}[[sources]]\nname = \"ops\"\n[[destinations]]\nname = \"pager\"\n\
+         url = \"{{receiver}}/pager\"\n[[routes]]\nsource = \"ops\"\ndestinations = [\"pager\"]\n",
+        one_destination("/fleet", "")
+    );
+    let gw = TestGateway::start(&config, &rx, &[]).await;
+    let (status, body) = gw.post_api("/v1/destinations/d/pause").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["state"], "DISABLED");
+    let d = destination(&gw, "d").await;
+    assert_eq!(
+        d["last_error"], "paused through the API: restart it to resume",
+        "{d}"
+    );
+    let notice = rx.wait_for(1).await;
+    assert_eq!(notice[0].uri, "/pager");
+    assert_eq!(notice[0].json()["type"], "destination.disabled");
+
+    let ids = [
+        gw.accept("s", json!({ "n": 1 }).to_string()).await,
+        gw.accept("s", json!({ "n": 2 }).to_string()).await,
+    ];
+    for id in &ids {
+        gw.wait_event(id, |e| {
+            e["deliveries"][0]["status"] == "pending"
+                && e["deliveries"][0].get("next_attempt_at").is_none()
+        })
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        rx.requests().iter().all(|r| r.uri != "/fleet"),
+        "nothing is sent while paused"
+    );
+
+    let (status, body) = gw.post_api("/v1/destinations/d/restart").await;
+    assert_eq!((status, &body["state"]), (200, &json!("ACTIVE")), "{body}");
+    for id in &ids {
+        let e = gw.settled(id).await;
+        assert_eq!(e["deliveries"][0]["status"], "delivered", "{e}");
+        assert_eq!(e["deliveries"][0]["attempts"].as_array().unwrap().len(), 1);
+    }
+    let (status, _) = gw.post_api("/v1/destinations/nope/pause").await;
+    assert_eq!(status, 404);
+    gw.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn failed_destination_keeps_events_until_restart_delivers_them() {
     let rx = Receiver::start().await;

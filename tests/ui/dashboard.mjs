@@ -168,6 +168,15 @@ try {
   if (!(pending >= 1)) throw new Error(`expected held deliveries, saw ${pending}`);
   await page.locator('#destinations tr[data-name="fleet"] .last-delivered', { hasText: 'last delivered' }).waitFor();
   await shot('destinations');
+
+  step('an ACTIVE destination is paused, and restarted');
+  const fleet = page.locator('#destinations tr[data-name="fleet"]');
+  page.once('dialog', (d) => d.accept());
+  await fleet.getByRole('button', { name: 'Pause' }).click();
+  await fleet.getByText('DISABLED', { exact: true }).waitFor();
+  await fleet.getByText('paused through the API').waitFor();
+  await fleet.getByRole('button', { name: 'Restart' }).click();
+  await fleet.getByText('ACTIVE', { exact: true }).waitFor();
   await fetch(`${controlUrl}/ok`, { method: 'POST' });
   await flaky.getByRole('button', { name: 'Restart' }).click();
   await flaky.getByText('ACTIVE', { exact: true }).waitFor();

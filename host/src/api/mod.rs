@@ -210,6 +210,7 @@ fn api_router() -> OpenApiRouter<Arc<AppState>> {
             objects::delete_destination
         ))
         .routes(routes!(restart_destination))
+        .routes(routes!(pause_destination))
         .routes(routes!(test_destination))
         .routes(routes!(recover_destination))
         .routes(routes!(objects::list_routes, objects::create_route))
@@ -666,7 +667,7 @@ async fn replay_event(
     }
 }
 
-/// The answer to a restart.
+/// The answer to a restart or a pause: the destination's state now.
 #[derive(Serialize, ToSchema)]
 struct Restarted {
     name: String,
@@ -687,6 +688,26 @@ async fn restart_destination(
     Path(name): Path<String>,
 ) -> Result<Json<Restarted>, ApiError> {
     let s = state.dispatcher.restart(&name).await?;
+    Ok(Json(Restarted {
+        name: s.name,
+        state: s.state,
+    }))
+}
+
+/// Pauses a destination (a receiver's maintenance window): DISABLED, its deliveries held —
+/// events are still taken in and routed — until `restart` (a test message, then ACTIVE and
+/// what waited sent). No retry is spent meanwhile, and the other destinations go on.
+#[utoipa::path(post, path = "/v1/destinations/{name}/pause", tag = "destinations",
+    params(("name" = String, Path)),
+    responses(
+        (status = 200, description = "DISABLED, its deliveries held until a restart", body = Restarted),
+        (status = 404, description = "No such destination", body = ErrorBody),
+    ))]
+async fn pause_destination(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> Result<Json<Restarted>, ApiError> {
+    let s = state.dispatcher.pause(&name).await?;
     Ok(Json(Restarted {
         name: s.name,
         state: s.state,

@@ -1257,6 +1257,31 @@ impl Dispatcher {
         })
     }
 
+    /// Pauses a destination by hand (a receiver's maintenance window): DISABLED, as a `410`
+    /// makes it, so its deliveries are held — events are still taken in, routed and kept —
+    /// and no retry is spent on it, until a restart. Attempts already on their way finish;
+    /// those not yet sent are held.
+    pub async fn pause(&self, name: &str) -> Result<DestinationState, RestartError> {
+        if !self.destinations.load().contains_key(name) {
+            return Err(RestartError::NotFound(name.to_string()));
+        }
+        let mut state = DestinationState {
+            state: DestinationHealth::Disabled,
+            last_error: Some(PAUSED.into()),
+            ..active(name)
+        };
+        state.epoch = self
+            .store
+            .set_destination_state(&state, self.clock.now_ms())
+            .await?;
+        let was = self.lock_states().insert(name.to_string(), state.clone());
+        tracing::info!(destination = name, "Destination paused.");
+        if was.is_none_or(|w| w.state != DestinationHealth::Disabled) {
+            self.notify(&state);
+        }
+        Ok(state)
+    }
+
     /// Restarts a FAILED or DISABLED destination: sends it a test message first, and if that
     /// succeeds marks it ACTIVE and makes its queued deliveries due now.
     pub async fn restart(&self, name: &str) -> Result<DestinationState, RestartError> {
@@ -1278,6 +1303,9 @@ impl Dispatcher {
         Ok(state)
     }
 }
+
+/// The `last_error` of a destination paused by hand.
+const PAUSED: &str = "paused through the API: restart it to resume";
 
 /// How a destination answered one request: status, Retry-After, response excerpt, error,
 /// duration in ms.

@@ -368,6 +368,11 @@ async function destinationsPage() {
             h('button', { class: 'test', onclick: async () => {
               try { const r = await api(`/v1/destinations/${d.name}/test`, { method: 'POST' }); toast(r.ok ? `Test: ${r.status_code}` : `Test failed: ${r.error}`); } catch (err) { toast(err.message); }
             } }, 'Test'),
+            d.state === 'ACTIVE' ? h('button', { class: 'pause', onclick: async () => {
+              if (!confirm(`Pause ${d.name}? Its deliveries wait until it is restarted.`)) return;
+              try { await api(`/v1/destinations/${d.name}/pause`, { method: 'POST' }); toast(`${d.name} paused.`); } catch (err) { toast(err.message); }
+              refresh();
+            } }, 'Pause') : null,
             d.failed > 0 ? h('button', { class: 'recover', onclick: async () => {
               if (!confirm(`Send the ${d.failed} failed deliveries to ${d.name} again?`)) return;
               try {
