@@ -1265,20 +1265,14 @@ impl Dispatcher {
         if !self.destinations.load().contains_key(name) {
             return Err(RestartError::NotFound(name.to_string()));
         }
-        let mut state = DestinationState {
-            state: DestinationHealth::Disabled,
-            last_error: Some(PAUSED.into()),
-            ..active(name)
-        };
-        state.epoch = self
-            .store
-            .set_destination_state(&state, self.clock.now_ms())
+        let state = self
+            .set_by_hand(DestinationState {
+                state: DestinationHealth::Disabled,
+                last_error: Some(PAUSED.into()),
+                ..active(name)
+            })
             .await?;
-        let was = self.lock_states().insert(name.to_string(), state.clone());
         tracing::info!(destination = name, "Destination paused.");
-        if was.is_none_or(|w| w.state != DestinationHealth::Disabled) {
-            self.notify(&state);
-        }
         Ok(state)
     }
 
@@ -1288,18 +1282,28 @@ impl Dispatcher {
         if let Some(e) = self.send_test(name).await?.error {
             return Err(RestartError::TestFailed(e));
         }
-        let mut state = active(name);
+        // Every pending delivery is due now, paced afresh (the store started its limit over).
+        let state = self.set_by_hand(active(name)).await?;
+        tracing::info!(destination = name, "Destination restarted.");
+        self.wake();
+        Ok(state)
+    }
+
+    /// Stores a state set by hand (a restart, a pause) in a new epoch, so that no state
+    /// decided before it overwrites it; takes it here at once, and posts it to
+    /// `notify_source` if it changed (a destination with no state yet is ACTIVE).
+    async fn set_by_hand(
+        &self,
+        mut state: DestinationState,
+    ) -> Result<DestinationState, RestartError> {
         state.epoch = self
             .store
             .set_destination_state(&state, self.clock.now_ms())
             .await?;
-        // Every pending delivery is due now, paced afresh (the store started its limit over).
-        let was = self.lock_states().insert(name.to_string(), state.clone());
-        tracing::info!(destination = name, "Destination restarted.");
-        if was.is_some_and(|w| w.state != DestinationHealth::Active) {
+        let was = self.lock_states().insert(state.name.clone(), state.clone());
+        if was.map_or(DestinationHealth::Active, |w| w.state) != state.state {
             self.notify(&state);
         }
-        self.wake();
         Ok(state)
     }
 }
