@@ -382,6 +382,34 @@ destinations = ["fleet"]
     })
     .await;
 
+    // Paused through A: DISABLED on B, which holds what it takes in; restarted through B.
+    let (status, body) = a.post_api("/v1/destinations/fleet/pause").await;
+    assert_eq!(status, 200, "{body}");
+    eventually(&b, "/v1/destinations/fleet", "A's pause on B", |_, d| {
+        d["state"] == "DISABLED"
+    })
+    .await;
+    let before = rx.requests().len();
+    let held = b.accept("s", json!({ "n": 4 }).to_string()).await;
+    b.wait_event(&held, |e| {
+        (e["deliveries"].as_array().unwrap().iter()).any(|d| {
+            d["destination"] == "fleet"
+                && d["status"] == "pending"
+                && d.get("next_attempt_at").is_none()
+        })
+    })
+    .await;
+    let (status, body) = b.post_api("/v1/destinations/fleet/restart").await;
+    assert_eq!(status, 200, "{body}");
+    eventually(
+        &a,
+        "/v1/destinations/fleet",
+        "the paused one's events",
+        |_, d| d["state"] == "ACTIVE" && d["pending"] == 0,
+    )
+    .await;
+    assert!(rx.requests().len() > before);
+
     // Deleted through B: gone on A.
     let (status, _) = b.send("DELETE", "/v1/routes/to-archive", None).await;
     assert_eq!(status, 204);
