@@ -230,9 +230,6 @@ fn read_expected(path: &std::path::Path) -> anyhow::Result<serde_json::Value> {
     serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))
 }
 
-/// A request's headers from NAME, VALUE pairs; `content-type: application/json` unless
-/// they name one.
-/// `switchyard send`: posts a payload to the gateway as the source's sender would.
 /// How `switchyard send` meets an HTTPS gateway: the authority of its certificate, and the
 /// certificate it presents to a source with `allow_client_names`.
 #[derive(clap::Args)]
@@ -285,6 +282,7 @@ impl SendTls {
     }
 }
 
+/// `switchyard send`: posts a payload to the gateway as the source's sender would.
 async fn send(
     config: &std::path::Path,
     source: &str,
@@ -372,6 +370,8 @@ fn read_payload(event: &std::path::Path) -> anyhow::Result<Vec<u8>> {
     }
 }
 
+/// A request's headers from NAME, VALUE pairs; `content-type: application/json` unless
+/// they name one.
 fn header_map(headers: &[(String, String)]) -> anyhow::Result<axum::http::HeaderMap> {
     let mut map = axum::http::HeaderMap::new();
     for (name, value) in headers {
