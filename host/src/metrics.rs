@@ -89,7 +89,8 @@ pub struct Metrics {
     registry: Registry,
     pub events: Family<EventLabels, Counter>,
     pub ingest_latency: HistogramFamily<SourceOnly>,
-    pub last_accepted: Family<SourceOnly, Gauge>,
+    /// Unix seconds (with milliseconds) of each source's latest accepted event.
+    pub last_accepted: Family<SourceOnly, Gauge<f64, AtomicU64>>,
     pub plugin_calls: HistogramFamily<PluginLabels>,
     pub routes: Family<RouteLabels, Counter>,
     pub deliveries: Family<DestinationLabels, Counter>,
@@ -139,7 +140,7 @@ impl Default for Metrics {
             "Time to accept an event, from its request's headers to the 202 (the body read and its commit synced), by source",
             ingest_latency.clone(),
         );
-        let last_accepted = Family::<SourceOnly, Gauge>::default();
+        let last_accepted = Family::<SourceOnly, Gauge<f64, AtomicU64>>::default();
         registry.register(
             "source_last_accepted_timestamp_seconds",
             "When this instance last accepted an event of the source, as a Unix time: alert when a sender goes quiet",
@@ -293,8 +294,17 @@ impl Metrics {
             source: source.to_string(),
         };
         self.ingest_latency.get_or_create(&source).observe(seconds);
-        let now_s = crate::delivery::now_ms() / 1000;
-        self.last_accepted.get_or_create(&source).set(now_s as i64);
+        let now = crate::delivery::now_ms() as f64 / 1000.0;
+        self.last_accepted.get_or_create(&source).set(now);
+    }
+
+    /// When this instance last accepted an event of `source` (ms since the Unix epoch), if
+    /// it has since it started.
+    pub fn last_accepted_ms(&self, source: &str) -> Option<u64> {
+        let only = SourceOnly {
+            source: source.to_string(),
+        };
+        (self.last_accepted.get(&only)).map(|g| (g.get() * 1000.0).round() as u64)
     }
 
     /// Counts an ingest request.

@@ -92,6 +92,12 @@ destinations = ["ok", "bad"]
     let last = get(r#"switchyard_source_last_accepted_timestamp_seconds{source="s"}"#);
     let now = switchyard::delivery::now_ms() as f64 / 1000.0;
     assert!((now - 120.0..=now + 1.0).contains(&last), "{last} vs {now}");
+    let (_, source) = gw.get("/v1/sources/s").await;
+    assert_eq!(
+        source["last_accepted_at"],
+        (last * 1000.0).round() as u64,
+        "{source}"
+    );
     assert_eq!(
         get(
             r#"switchyard_events_received_total{source="unknown",result="rejected_unknown_source"}"#

@@ -205,6 +205,8 @@ try {
   await plain.locator('.chain').getByText('none').waitFor();
   await plain.locator('.destination').getByText('flaky').waitFor();
   await filtered.getByText('not verified').waitFor();
+  await filtered.locator('.last-accepted', { hasText: 'last event' }).waitFor();
+  await page.locator('#routes tr[data-name="secured"] .last-accepted', { hasText: 'no event since start' }).waitFor();
   await page.locator('#routes tr[data-name="secured"]').getByText('secret header (x-api-key)').waitFor();
   // A sender with the wrong key: refused, nothing stored, and shown with its source.
   const wrongKey = await fetch(`${base}/v1/ingest/secured`, { method: 'POST', headers: { 'x-api-key': 'not-the-key' }, body: '{}' });

@@ -129,6 +129,10 @@ pub struct SourceView {
     /// address not allowed, over its rate limit, …): they store nothing, so they are seen
     /// here.
     refused: crate::ingest::SourceRefusals,
+    /// When this instance last accepted an event of it (ms since the Unix epoch), since it
+    /// started; absent if it has not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_accepted_at: Option<u64>,
 }
 
 /// A route as the API shows it.
@@ -164,6 +168,7 @@ fn source_view(state: &AppState, c: &SourceConfig) -> SourceView {
         config: c.redacted(),
         origin: state.reloader.managed().origin(Kind::Source, &c.name),
         refused: state.metrics.refusals.of(&c.name),
+        last_accepted_at: state.metrics.last_accepted_ms(&c.name),
     }
 }
 

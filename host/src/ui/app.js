@@ -418,7 +418,9 @@ async function routesPage() {
             h('th', {}, 'Destinations'), h('th', { class: 'hide-narrow' }, 'On error'), h('th', {}, ''))),
           h('tbody', {}, routes.items.map((r) => h('tr', { 'data-name': r.name },
             h('td', {}, h('div', {}, r.name), h('div', { class: 'muted' }, r.origin)),
-            h('td', {}, h('div', {}, r.source), h('div', { class: 'muted hide-narrow' }, checks(src[r.source])), refused(src[r.source])),
+            h('td', {}, h('div', {}, r.source), h('div', { class: 'muted hide-narrow' }, checks(src[r.source])),
+              h('div', { class: 'muted last-accepted' }, src[r.source] && src[r.source].last_accepted_at ? `last event ${time(src[r.source].last_accepted_at)}` : 'no event since start'),
+              refused(src[r.source])),
             h('td', { class: 'chain' }, r.plugins.length === 0 ? h('span', { class: 'muted' }, 'none') :
               r.plugins.flatMap((p, i) => [i ? ' → ' : null, h('span', { class: 'plugin' }, p.name,
                 plugin[p.name] && plugin[p.name].status !== 'ok' ? [' ', badge(plugin[p.name].status)] : null,
