@@ -454,6 +454,28 @@ async fn conformance(open: Reopen) {
         after.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
         ["e1"]
     );
+    // A type pattern: `*` stands for any characters, nothing else is a wildcard, and case
+    // counts (SQLite's GLOB and PostgreSQL's LIKE alike).
+    for (pattern, listed) in [
+        ("us*", &["e1c", "e1"][..]),
+        ("*ag*", &["e1c", "e1"]),
+        ("*", &["e1c", "e1"]),
+        ("usage*", &["e1c", "e1"]),
+        ("Usage", &[]),
+        ("u?age", &[]),
+        ("us_ge", &[]),
+        ("usa%", &[]),
+        ("[u]sage", &[]),
+        ("usage\\", &[]),
+    ] {
+        let filter = EventFilter {
+            event_type: Some(pattern.into()),
+            ..Default::default()
+        };
+        let page = store.list_events(filter, None, 10).await.unwrap();
+        let ids: Vec<&str> = page.iter().map(|e| e.id.as_str()).collect();
+        assert_eq!(ids, listed, "{pattern}");
+    }
     // A field of the body, compared by its JSON type: a string by its text, a number by
     // its value, `true`/`false`/`null` by name, an array never; a body without it, or not
     // JSON ("e2"), is not listed.

@@ -454,7 +454,8 @@ struct EventQuery {
     source: Option<String>,
     /// Only `queued` or `processed` events.
     status: Option<EventStatus>,
-    /// Only events whose body's top-level `type` (or `event_type`) is this.
+    /// Only events whose body's top-level `type` (or `event_type`) is this, or matches it
+    /// with `*` standing for any characters (`attachment.*`).
     #[serde(rename = "type")]
     #[param(rename = "type")]
     event_type: Option<String>,

@@ -319,12 +319,44 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<(usize, Option<PurgeCursor>), StoreError>;
 }
 
+/// An `event_type` filter as SQLite's `GLOB` takes it: `*` as it is, the other characters
+/// `GLOB` gives a meaning to (`?`, `[`) bracketed, so that only `*` is a wildcard.
+pub(crate) fn type_glob(pattern: &str) -> String {
+    let mut out = String::with_capacity(pattern.len());
+    for c in pattern.chars() {
+        match c {
+            '?' => out.push_str("[?]"),
+            '[' => out.push_str("[[]"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// An `event_type` filter as `LIKE` takes it (PostgreSQL, whose `LIKE` escapes with `\`):
+/// `*` as `%`, and `%`, `_` and `\` escaped, so that only `*` is a wildcard.
+pub(crate) fn type_like(pattern: &str) -> String {
+    let mut out = String::with_capacity(pattern.len());
+    for c in pattern.chars() {
+        match c {
+            '*' => out.push('%'),
+            '%' | '_' | '\\' => {
+                out.push('\\');
+                out.push(c);
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// Which events `list_events` returns; every field narrows.
 #[derive(Clone, Debug, Default)]
 pub struct EventFilter {
     pub source: Option<String>,
     pub status: Option<EventStatus>,
-    /// The body's top-level `type` field (or `event_type`).
+    /// The body's top-level `type` field (or `event_type`): a name, or a pattern in which
+    /// `*` stands for any characters (`attachment.*`), as a destination's `event_types`.
     pub event_type: Option<String>,
     /// Received at or after (ms since the epoch).
     pub since: Option<u64>,

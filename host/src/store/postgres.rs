@@ -325,7 +325,7 @@ fn list_events_sql(by_source: bool, dead_lettered: bool, indexed: Option<&str>) 
          WHERE {source}
            {by_key}
            AND ($2::TEXT IS NULL OR e.status = $2)
-           AND ($3::TEXT IS NULL OR switchyard_event_type(e.body) = $3)
+           AND ($3::TEXT IS NULL OR switchyard_event_type(e.body) LIKE $3)
            AND ($10::TEXT[] IS NULL OR switchyard_body_matches(e.body, $10, $11, $12::TEXT::NUMERIC))
            AND e.received_at >= $4 AND e.received_at < $5
            AND (e.received_at, e.id) < ($6, $7)
@@ -1810,10 +1810,11 @@ impl Store for PgStore {
                 .filter(|f| f.number().is_some())
                 .map(|f| f.equals.clone()),
         );
+        let event_type = filter.event_type.as_deref().map(super::type_like);
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 12] = [
             &filter.source,
             &bound.0,
-            &filter.event_type,
+            &event_type,
             &bound.1,
             &bound.2,
             &after_at,

@@ -205,7 +205,7 @@ fn list_events_sql(by_source: bool, dead_lettered: bool, indexed: Option<&str>) 
          WHERE {source}
            {by_key}
            AND (?2 IS NULL OR e.status = ?2)
-           AND (?3 IS NULL OR {event_type} = ?3)
+           AND (?3 IS NULL OR {event_type} GLOB ?3)
            AND (?10 IS NULL OR CASE WHEN json_valid(CAST(e.body AS TEXT))
                 THEN CASE json_type(CAST(e.body AS TEXT), ?10)
                     WHEN 'text' THEN json_extract(CAST(e.body AS TEXT), ?10) = ?11
@@ -1502,12 +1502,13 @@ impl Store for SqliteStore {
                     .map(sql_number),
             );
             let limit = limit as i64;
+            let event_type = filter.event_type.as_deref().map(super::type_glob);
             let mut statement = conn.prepare_cached(&sql)?;
             let mut run = |key: Option<&rusqlite::types::Value>| {
                 let mut params = params![
                     filter.source,
                     bound.0,
-                    filter.event_type,
+                    event_type,
                     bound.1,
                     bound.2,
                     after_at,
