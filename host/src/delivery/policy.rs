@@ -68,7 +68,11 @@ pub fn decide(
 ) -> (AttemptNext, DestinationState) {
     if result == AttemptResult::Success {
         state.consecutive_failures = 0;
-        state.last_error = None;
+        // A destination held (FAILED, DISABLED: paused or gone) stays so until a restart,
+        // and keeps the reason why: an attempt on its way when it was held may still succeed.
+        if state.state == DestinationHealth::Active {
+            state.last_error = None;
+        }
         return (AttemptNext::Delivered, state);
     }
     state.consecutive_failures = state.consecutive_failures.saturating_add(1);
@@ -326,5 +330,8 @@ mod tests {
         let (next, ok) = decide(&policy, AttemptResult::Success, 1, T0, 0.0, state, None);
         assert_eq!(next, AttemptNext::Delivered);
         assert_eq!(ok.consecutive_failures, 0);
+        // Still held until a restart, with the reason it is (a late attempt succeeded).
+        assert_eq!(ok.state, DestinationHealth::Failed);
+        assert_eq!(ok.last_error.as_deref(), Some("503"));
     }
 }
