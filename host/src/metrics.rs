@@ -287,6 +287,16 @@ where
     lock(series).insert(labels);
 }
 
+/// A timestamp gauge's value (Unix seconds) in milliseconds, if it has a series of `labels`.
+fn ms_of<L>(family: &Family<L, Gauge<f64, AtomicU64>>, labels: &L) -> Option<u64>
+where
+    L: Clone + std::hash::Hash + Eq + EncodeLabelSet + std::fmt::Debug,
+{
+    family
+        .get(labels)
+        .map(|g| (g.get() * 1000.0).round() as u64)
+}
+
 impl Metrics {
     /// Records how long an accepted event took to accept.
     pub fn accepted_after(&self, source: &str, seconds: f64) {
@@ -304,7 +314,7 @@ impl Metrics {
         let only = SourceOnly {
             source: source.to_string(),
         };
-        (self.last_accepted.get(&only)).map(|g| (g.get() * 1000.0).round() as u64)
+        ms_of(&self.last_accepted, &only)
     }
 
     /// Counts an ingest request.
@@ -519,7 +529,7 @@ impl Metrics {
         let only = DestinationOnly {
             destination: destination.to_string(),
         };
-        (self.last_delivered.get(&only)).map(|g| (g.get() * 1000.0).round() as u64)
+        ms_of(&self.last_delivered, &only)
     }
 
     /// A request for an OAuth 2.0 token for `destination`, and whether it got one.

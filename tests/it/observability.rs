@@ -88,16 +88,21 @@ destinations = ["ok", "bad"]
     assert_eq!(get(r#"switchyard_ingest_seconds_count{source="s"}"#), 6.0);
     let accepting = get(r#"switchyard_ingest_seconds_sum{source="s"}"#);
     assert!(accepting > 0.0 && accepting < 6.0, "{accepting}");
-    // When the source last had an event accepted: a Unix time, to alert on a quiet sender.
-    let last = get(r#"switchyard_source_last_accepted_timestamp_seconds{source="s"}"#);
-    let now = switchyard::delivery::now_ms() as f64 / 1000.0;
-    assert!((now - 120.0..=now + 1.0).contains(&last), "{last} vs {now}");
-    let (_, source) = gw.get("/v1/sources/s").await;
-    assert_eq!(
-        source["last_accepted_at"],
-        (last * 1000.0).round() as u64,
-        "{source}"
-    );
+    // A timestamp gauge is a recent Unix time, and the object's view shows it in ms.
+    let shown_recent = async |series: &str, path: &str, field: &str| {
+        let last = get(series);
+        let now = switchyard::delivery::now_ms() as f64 / 1000.0;
+        assert!((now - 120.0..=now + 1.0).contains(&last), "{last} vs {now}");
+        let (_, view) = gw.get(path).await;
+        assert_eq!(view[field], (last * 1000.0).round() as u64, "{view}");
+    };
+    // When the source last had an event accepted, to alert on a quiet sender.
+    shown_recent(
+        r#"switchyard_source_last_accepted_timestamp_seconds{source="s"}"#,
+        "/v1/sources/s",
+        "last_accepted_at",
+    )
+    .await;
     assert_eq!(
         get(
             r#"switchyard_events_received_total{source="unknown",result="rejected_unknown_source"}"#
@@ -155,15 +160,12 @@ destinations = ["ok", "bad"]
     );
     // When a destination last got an event: in /metrics (to alert on a receiver that stops
     // getting anything) and with the destination in the API; none for one never delivered.
-    let last = get(r#"switchyard_destination_last_delivered_timestamp_seconds{destination="ok"}"#);
-    let now = switchyard::delivery::now_ms() as f64 / 1000.0;
-    assert!((now - 120.0..=now + 1.0).contains(&last), "{last} vs {now}");
-    let (_, ok) = gw.get("/v1/destinations/ok").await;
-    assert_eq!(
-        ok["last_delivered_at"],
-        (last * 1000.0).round() as u64,
-        "{ok}"
-    );
+    shown_recent(
+        r#"switchyard_destination_last_delivered_timestamp_seconds{destination="ok"}"#,
+        "/v1/destinations/ok",
+        "last_delivered_at",
+    )
+    .await;
     let (_, bad) = gw.get("/v1/destinations/bad").await;
     assert!(bad.get("last_delivered_at").is_none(), "{bad}");
     assert!(
