@@ -641,6 +641,32 @@ pub struct SourceConfig {
     /// `200 {"<field>": <its field>}`, once it has passed `verify`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub challenge: Option<ChallengeConfig>,
+    /// Refuse a body that is not JSON with `400`, saying where it stops being JSON (line
+    /// and column), so that the sender sees its mistake at once; counted as
+    /// `rejected_invalid_json`. Off by default: such a body is stored like any other and
+    /// fails its routes in the first plugin that reads JSON (dead-lettered, replayable once
+    /// a plugin can read it) — nothing a sender posts is turned away for its shape.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub require_json: bool,
+}
+
+impl SourceConfig {
+    /// Why ingest refuses `body` for its shape (`require_json` and not JSON), if it does.
+    pub fn refuses_body(&self, body: &[u8]) -> Option<String> {
+        if !self.require_json {
+            return None;
+        }
+        let parsed = serde_json::from_slice::<serde::de::IgnoredAny>(body);
+        parsed.err().map(|e| {
+            let why = match e.classify() {
+                serde_json::error::Category::Eof if body.iter().all(u8::is_ascii_whitespace) => {
+                    "the body is empty".to_string()
+                }
+                _ => format!("the body is not valid JSON: {e}"),
+            };
+            format!("{why} (source `{}` takes JSON bodies only)", self.name)
+        })
+    }
 }
 
 /// `[[destinations]]`: where deliveries go.
@@ -2242,6 +2268,40 @@ mod tests {
             answer(&any, r#"{"validationToken":7}"#),
             Some(serde_json::json!({ "validationToken": 7 }))
         );
+    }
+
+    #[test]
+    fn a_source_that_requires_json_refuses_other_bodies_saying_where() {
+        let source = |extra: &str| {
+            toml::from_str::<SourceConfig>(&format!("name = \"onomondo\"\n{extra}")).unwrap()
+        };
+        let lenient = source("");
+        assert!(!lenient.require_json);
+        assert_eq!(lenient.refuses_body(b"{\"a\": 1,}"), None);
+        let strict = source("require_json = true");
+        for fine in [&b"{\"a\": 1}"[..], b"[1, 2]", b" \"text\" ", b"7"] {
+            assert_eq!(strict.refuses_body(fine), None);
+        }
+        let why = strict.refuses_body(b"{\n\"a\": 1\n\"b\": 2}").unwrap();
+        assert_eq!(
+            why,
+            "the body is not valid JSON: expected `,` or `}` at line 3 column 1 \
+             (source `onomondo` takes JSON bodies only)"
+        );
+        assert!(
+            strict
+                .refuses_body(b"a=1&b=2")
+                .unwrap()
+                .contains("line 1 column 1")
+        );
+        let empty = strict.refuses_body(b" \n").unwrap();
+        assert!(empty.starts_with("the body is empty"), "{empty}");
+        // Shown as set, and only when set.
+        assert_eq!(
+            toml::to_string(&strict).unwrap(),
+            "name = \"onomondo\"\nrequire_json = true\n"
+        );
+        assert_eq!(toml::to_string(&lenient).unwrap(), "name = \"onomondo\"\n");
     }
 
     #[test]

@@ -31,7 +31,7 @@ use crate::store::{Idempotency, Inserted, Limit, StoreError};
     responses(
         (status = 202, description = "Accepted and committed", body = crate::api::EventId),
         (status = 200, description = "A duplicate: the original event's id; or the answer to the sender's URL check (the source's `challenge`), not stored", body = Object),
-        (status = 400, description = "A malformed `Idempotency-Key`, or a body that cannot be read or decoded", body = crate::api::ErrorBody),
+        (status = 400, description = "A malformed `Idempotency-Key`, a body that cannot be read or decoded, or one that is not JSON to a source that `require_json`", body = crate::api::ErrorBody),
         (status = 401, description = "The signature check failed", body = crate::api::ErrorBody),
         (status = 403, description = "The sender's address, or its client certificate (or its lack of one), is not allowed", body = crate::api::ErrorBody),
         (status = 404, description = "No such source", body = crate::api::ErrorBody),
@@ -67,6 +67,7 @@ pub async fn ingest(
         Err(ApiError::PayloadTooLarge(_)) => "rejected_too_large",
         Err(ApiError::RequestTimeout(_)) => "rejected_timeout",
         Err(ApiError::BadRequest(_)) => "rejected_bad_request",
+        Err(ApiError::InvalidJson(_)) => "rejected_invalid_json",
         Err(ApiError::Unavailable(_)) => "rejected_unavailable",
         Err(ApiError::Unauthorized(_)) => "rejected_signature",
         Err(ApiError::Forbidden(_)) => "rejected_address",
@@ -226,6 +227,10 @@ async fn accept(
             tracing::warn!(source, %ip, reason = %e, "Ingest refused: signature check failed.");
             ApiError::Unauthorized(e.to_string())
         })?;
+    }
+    if let Some(why) = sc.refuses_body(&body) {
+        tracing::warn!(source, %ip, reason = %why, "Ingest refused: the body is not JSON.");
+        return Err(ApiError::InvalidJson(why));
     }
     // Only events that passed the checks count against the source's rate: others' bad
     // requests cannot use up a sender's share. The limit is the store's: instances on one

@@ -183,7 +183,7 @@ impl DryRunner {
             config.verify.as_ref(),
             body,
         );
-        if let Some(answer) = api::DryRun::of_challenge(config, &event) {
+        if let Some(answer) = api::DryRun::at_ingest(config, &event)? {
             return Ok(answer);
         }
         let (routes, deliveries) =

@@ -391,9 +391,11 @@ fn quickstart_copy() -> (tempfile::TempDir, std::path::PathBuf) {
 /// make the event's; an unknown source or a route's missing plugin is an error; nothing is
 /// stored.
 /// `switchyard dry-run` of a payload that is a sender's URL check (the source's
-/// `challenge`) shows what ingest answers, and no route runs — as the API's dry run does.
+/// `challenge`) shows what ingest answers, and no route runs; one that is not JSON to a
+/// source that `require_json` fails with what ingest would answer — as the API's dry run
+/// does.
 #[test]
-fn dry_run_of_a_url_check_shows_the_answer() {
+fn dry_run_answers_as_ingest_would_before_the_routes() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("switchyard.toml");
     std::fs::write(
@@ -402,6 +404,7 @@ fn dry_run_of_a_url_check_shows_the_answer() {
 [[sources]]
 name = "slack"
 challenge = { type = "url_verification", field = "challenge" }
+require_json = true
 [[destinations]]
 name = "d"
 url = "https://example.com/in"
@@ -412,13 +415,23 @@ destinations = ["d"]
     )
     .unwrap();
     let event = dir.path().join("check.json");
-    let dry_run = |body: &str| {
+    let try_dry_run = |body: &str| {
         std::fs::write(&event, body).unwrap();
         let args = ["dry-run", "--config", path(&config), "--source", "slack"];
-        let (ok, out, err) = run(&[&args[..], &["--event", path(&event)]].concat());
+        run(&[&args[..], &["--event", path(&event)]].concat())
+    };
+    let dry_run = |body: &str| {
+        let (ok, out, err) = try_dry_run(body);
         assert!(ok, "{out}{err}");
         serde_json::from_str::<Value>(&out).unwrap()
     };
+    let (ok, out, err) = try_dry_run(r#"{"type": "url_verification", "challenge"}"#);
+    assert!(!ok, "{out}");
+    assert!(
+        err.contains("the body is not valid JSON: expected `:` at line 1 column 41")
+            && err.contains("source `slack` takes JSON bodies only"),
+        "{err}"
+    );
     let answer = dry_run(r#"{"type":"url_verification","challenge":"c-1","token":"t"}"#);
     assert_eq!(
         answer["challenge"],

@@ -340,6 +340,68 @@ async fn malformed_json_is_a_recorded_plugin_error() {
     gw.shutdown().await.unwrap();
 }
 
+/// A source that `require_json` answers a malformed body with `400` saying where it stops
+/// being JSON — the sender sees its mistake — and stores nothing of it; the refusal is
+/// counted and shown with the source, and the API's dry run refuses it alike.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_source_that_requires_json_refuses_a_malformed_body_saying_where() {
+    let rx = Receiver::start().await;
+    let config = ONOMONDO_FILTER.replace(
+        "name = \"onomondo\"\n",
+        "name = \"onomondo\"\nrequire_json = true\n",
+    );
+    let gw = TestGateway::start(&config, &rx, &["event-filter"]).await;
+    let as_printed = std::fs::read(
+        xtask::workspace_root().join("examples/events/invalid/onomondo-usage-as-printed.json"),
+    )
+    .unwrap();
+    let told = "the body is not valid JSON: expected `,` or `}` at line 10 column 1 \
+                (source `onomondo` takes JSON bodies only)";
+    let (status, answer) = gw.post("onomondo", as_printed.clone()).await;
+    assert_eq!((status, answer["error"].as_str()), (400, Some(told)));
+    let (status, answer) = gw.post("onomondo", "").await;
+    assert_eq!(status, 400, "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("the body is empty"),
+        "{answer}"
+    );
+    // The dry run of it is refused as ingest refuses it.
+    let resp = (gw.client)
+        .post(format!("{}/v1/sources/onomondo/dry-run", gw.url))
+        .body(as_printed)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 400);
+    assert_eq!(resp.json::<Value>().await.unwrap()["error"], told);
+    // A well-formed one goes through.
+    let ok = gw
+        .accept("onomondo", sample_event("onomondo-usage.json"))
+        .await;
+    assert_eq!(
+        gw.settled(&ok).await["deliveries"][0]["status"],
+        "delivered"
+    );
+    let (_, events) = gw.get("/v1/events?source=onomondo").await;
+    assert_eq!(events["items"].as_array().unwrap().len(), 1, "{events}");
+    let metrics = gw.metrics().await;
+    let line =
+        r#"switchyard_events_received_total{source="onomondo",result="rejected_invalid_json"} 2"#;
+    assert!(metrics.contains(line), "{metrics}");
+    let (_, source) = gw.get("/v1/sources/onomondo").await;
+    assert_eq!(source["require_json"], true, "{source}");
+    let newest = &source["refused"]["recent"][1];
+    assert_eq!(
+        (&newest["status"], &newest["reason"], &newest["error"]),
+        (&json!(400), &json!("rejected_invalid_json"), &json!(told)),
+        "{source}"
+    );
+    gw.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn ingest_errors_are_json() {
     let rx = Receiver::start().await;

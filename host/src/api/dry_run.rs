@@ -108,13 +108,14 @@ const API_CALL_HEADERS: &[&str] = &[
 /// what browsers add: `origin`, `referer`, `accept-language`, `sec-…`), and its query
 /// string are the event's. The source's signature check, allowlists, rate limit and
 /// idempotency do not apply; a payload that is a sender's URL check (`challenge`) is
-/// answered as ingest would answer it, and no route runs.
+/// answered as ingest would answer it, and no route runs; one that is not JSON to a
+/// source that `require_json` is refused as ingest would refuse it.
 #[utoipa::path(post, path = "/v1/sources/{name}/dry-run", tag = "sources",
     params(("name" = String, Path, description = "A source")),
     request_body(content = Object, description = "A payload as a sender would post it (any bytes)", content_type = "application/json"),
     responses(
         (status = 200, description = "What the source's routes would do", body = DryRun),
-        (status = 400, description = "A body that cannot be read or decoded", body = ErrorBody),
+        (status = 400, description = "A body that cannot be read or decoded, or one that is not JSON to a source that `require_json` (as ingest would refuse it)", body = ErrorBody),
         (status = 404, description = "No such source", body = ErrorBody),
         (status = 408, description = "The body did not arrive within `body_read_timeout`", body = ErrorBody),
         (status = 413, description = "The body, or its decoded form, is over `max_body_bytes`", body = ErrorBody),
@@ -149,7 +150,7 @@ pub(super) async fn dry_run(
         source.verify.as_ref(),
         decoded.clone().unwrap_or(wire),
     );
-    if let Some(answer) = DryRun::of_challenge(&source, &event) {
+    if let Some(answer) = DryRun::at_ingest(&source, &event)? {
         return Ok(Json(answer));
     }
     Ok(Json(run(&state, event).await))
@@ -267,14 +268,24 @@ impl DryRun {
         }
     }
 
-    /// The dry run of a payload that is a sender's URL check (the source's `challenge`):
-    /// what ingest would answer, and no route run. `None` for any other payload.
-    pub(crate) fn of_challenge(source: &SourceConfig, event: &Event) -> Option<Self> {
-        let echo = source.challenge.as_ref()?.answer(&event.body.0)?;
-        Some(DryRun {
+    /// What ingest makes of a payload before any route runs: refused for its shape (the
+    /// source's `require_json`: the error ingest would answer), answered as a sender's URL
+    /// check (the source's `challenge`: its dry run, no route run), or `None`: on to the
+    /// routes.
+    pub(crate) fn at_ingest(
+        source: &SourceConfig,
+        event: &Event,
+    ) -> Result<Option<Self>, ApiError> {
+        if let Some(why) = source.refuses_body(&event.body.0) {
+            return Err(ApiError::InvalidJson(why));
+        }
+        let Some(echo) = (source.challenge.as_ref()).and_then(|c| c.answer(&event.body.0)) else {
+            return Ok(None);
+        };
+        Ok(Some(DryRun {
             challenge: Some(echo),
             ..DryRun::new(event.clone(), Vec::new(), Vec::new())
-        })
+        }))
     }
 }
 

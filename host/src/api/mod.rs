@@ -1035,6 +1035,10 @@ pub enum ApiError {
     /// An ingest body in a `Content-Encoding` the gateway does not decode (`415`).
     #[error("{0}")]
     UnsupportedEncoding(String),
+    /// An ingest body that is not JSON, to a source that `require_json` (`400`, counted
+    /// apart from other bad requests).
+    #[error("{0}")]
+    InvalidJson(String),
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
 }
@@ -1062,7 +1066,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::BadRequest(_) | ApiError::InvalidJson(_) => StatusCode::BAD_REQUEST,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
