@@ -1129,7 +1129,8 @@ impl Config {
                 origin: origin.to_string(),
                 message: e.to_string(),
             })?;
-        expand_env(&mut value, &mut String::new(), env).map_err(|(k, m)| key_err(k, m))?;
+        let refs = Refs { env, base_dir };
+        expand_env(&mut value, &mut String::new(), &refs).map_err(|(k, m)| key_err(k, m))?;
 
         let raw: RawConfig = serde_path_to_error::deserialize(value).map_err(|e| {
             let key = e.path().to_string();
@@ -1788,21 +1789,58 @@ fn check_name(name: &str) -> Result<(), String> {
     }
 }
 
-/// Replaces `${VAR}` and `${VAR:-default}` in every string of the tree. `$$` is a literal `$`.
+/// Where a config's references are read: `${VAR}` from `env`, `${file:PATH}` from files
+/// (a relative `PATH` from `base_dir`, the config file's directory).
+struct Refs<'a> {
+    env: EnvLookup<'a>,
+    base_dir: &'a Path,
+}
+
+/// The most bytes a `${file:PATH}` reads: a secret, not a document.
+const MAX_REFERENCED_FILE: u64 = 64 * 1024;
+
+impl Refs<'_> {
+    /// The text of the file a `${file:PATH}` names, without its trailing line breaks (as
+    /// `echo` and most secret stores leave one).
+    fn file(&self, name: &str) -> Result<String, String> {
+        let path = self.base_dir.join(name);
+        let read = || -> std::io::Result<Vec<u8>> {
+            use std::io::Read;
+            let mut bytes = Vec::new();
+            let file = std::fs::File::open(&path)?;
+            file.take(MAX_REFERENCED_FILE + 1).read_to_end(&mut bytes)?;
+            Ok(bytes)
+        };
+        let bytes = read()
+            .map_err(|e| format!("`${{file:{name}}}`: cannot read {}: {e}", path.display()))?;
+        if bytes.len() as u64 > MAX_REFERENCED_FILE {
+            return Err(format!(
+                "`${{file:{name}}}`: {} is over {MAX_REFERENCED_FILE} bytes (a secret, not a document)",
+                path.display()
+            ));
+        }
+        let text = String::from_utf8(bytes)
+            .map_err(|_| format!("`${{file:{name}}}`: {} is not UTF-8 text", path.display()))?;
+        Ok(text.trim_end_matches(['\n', '\r']).to_string())
+    }
+}
+
+/// Replaces `${VAR}`, `${VAR:-default}` and `${file:PATH}` in every string of the tree.
+/// `$$` is a literal `$`.
 fn expand_env(
     value: &mut toml::Value,
     path: &mut String,
-    env: EnvLookup<'_>,
+    refs: &Refs<'_>,
 ) -> Result<(), (String, String)> {
     match value {
         toml::Value::String(s) => {
-            *s = expand_str(s, env).map_err(|m| (path.clone(), m))?;
+            *s = expand_str(s, refs).map_err(|m| (path.clone(), m))?;
         }
         toml::Value::Array(items) => {
             for (i, item) in items.iter_mut().enumerate() {
                 let len = path.len();
                 path.push_str(&format!("[{i}]"));
-                expand_env(item, path, env)?;
+                expand_env(item, path, refs)?;
                 path.truncate(len);
             }
         }
@@ -1813,7 +1851,7 @@ fn expand_env(
                     path.push('.');
                 }
                 path.push_str(k);
-                expand_env(item, path, env)?;
+                expand_env(item, path, refs)?;
                 path.truncate(len);
             }
         }
@@ -1822,7 +1860,7 @@ fn expand_env(
     Ok(())
 }
 
-fn expand_str(s: &str, env: EnvLookup<'_>) -> Result<String, String> {
+fn expand_str(s: &str, refs: &Refs<'_>) -> Result<String, String> {
     let mut out = String::with_capacity(s.len());
     let mut rest = s;
     while let Some(pos) = rest.find('$') {
@@ -1836,6 +1874,14 @@ fn expand_str(s: &str, env: EnvLookup<'_>) -> Result<String, String> {
                 .find('}')
                 .ok_or_else(|| format!("unclosed `${{` in `{s}`"))?;
             let expr = &after[..end];
+            if let Some(file) = expr.strip_prefix("file:") {
+                if file.is_empty() {
+                    return Err(format!("`${{{expr}}}` names no file"));
+                }
+                out.push_str(&refs.file(file)?);
+                rest = &after[end + 1..];
+                continue;
+            }
             let (name, default) = match expr.split_once(":-") {
                 Some((n, d)) => (n, Some(d)),
                 None => (expr, None),
@@ -1845,7 +1891,7 @@ fn expand_str(s: &str, env: EnvLookup<'_>) -> Result<String, String> {
             if !valid {
                 return Err(format!("`${{{expr}}}` is not a valid variable reference"));
             }
-            match (env(name), default) {
+            match ((refs.env)(name), default) {
                 (Some(v), _) => out.push_str(&v),
                 (None, Some(d)) => out.push_str(d),
                 (None, None) => {
@@ -1919,6 +1965,45 @@ mod tests {
             .to_string();
         assert!(err.contains("destinations[0].headers.x-api-key"), "{err}");
         assert!(err.contains("NOPE"), "{err}");
+    }
+
+    #[test]
+    fn a_file_reference_reads_a_secret_from_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("secrets")).unwrap();
+        std::fs::write(dir.path().join("secrets/fleet"), "f-456\n").unwrap();
+        let absolute = dir.path().join("secrets/fleet");
+        let parse_in = |text: &str| Config::parse(text, "test.toml", dir.path(), &env);
+        // Relative to the config file's directory, or absolute; the line break trimmed;
+        // beside text and `${VAR}`s.
+        let text = GOOD.replace(
+            "${FLEET_KEY}",
+            &format!(
+                "${{file:secrets/fleet}}/${{file:{}}}/${{FLEET_KEY}}",
+                absolute.display()
+            ),
+        );
+        let c = parse_in(&text).unwrap();
+        assert_eq!(c.destinations[0].headers["x-api-key"], "f-456/f-456/k-123");
+        // What is wrong names the key and the file, never a secret.
+        let err = |text: &str| parse_in(text).unwrap_err().to_string();
+        let missing = err(&GOOD.replace("${FLEET_KEY}", "${file:secrets/nope}"));
+        assert!(
+            missing.contains("destinations[0].headers.x-api-key")
+                && missing.contains("secrets/nope")
+                && missing.contains("No such file"),
+            "{missing}"
+        );
+        std::fs::write(dir.path().join("secrets/big"), vec![b'k'; 64 * 1024 + 1]).unwrap();
+        let big = err(&GOOD.replace("${FLEET_KEY}", "${file:secrets/big}"));
+        assert!(big.contains("is over 65536 bytes"), "{big}");
+        std::fs::write(dir.path().join("secrets/binary"), [0xff, 0xfe]).unwrap();
+        let binary = err(&GOOD.replace("${FLEET_KEY}", "${file:secrets/binary}"));
+        assert!(binary.contains("is not UTF-8 text"), "{binary}");
+        assert!(err(&GOOD.replace("${FLEET_KEY}", "${file:}")).contains("names no file"));
+        // `$$` still escapes: a literal `${file:…}`.
+        let c = parse_in(&GOOD.replace("${FLEET_KEY}", "$${file:x}")).unwrap();
+        assert_eq!(c.destinations[0].headers["x-api-key"], "${file:x}");
     }
 
     #[test]

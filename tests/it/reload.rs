@@ -294,6 +294,55 @@ async fn config_changes_apply_atomically_and_invalid_ones_are_rejected() {
     gw.shutdown().await.unwrap();
 }
 
+/// A secret the config reads from a file (`${file:PATH}`, as Kubernetes and systemd
+/// credentials hand them over) is read again at each reload: a rotated file takes effect
+/// without a restart, and a file gone is a rejected reload that keeps the old config.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_secret_read_from_a_file_is_rotated_by_a_reload() {
+    let rx = Receiver::start().await;
+    let dir = TestGateway::dir_with_plugins(&[]);
+    let secret = dir.path().join("secrets/api-key");
+    std::fs::create_dir(dir.path().join("secrets")).unwrap();
+    std::fs::write(&secret, "k-one-0123456789\n").unwrap();
+    let config = r#"
+[[sources]]
+name = "s"
+verify = { scheme = "header", header = "x-api-key", secrets = ["${file:secrets/api-key}"] }
+[[destinations]]
+name = "sink"
+url = "{receiver}/sink"
+[[routes]]
+source = "s"
+destinations = ["sink"]
+"#;
+    let gw = TestGateway::start_from_file(dir, config, &rx)
+        .await
+        .unwrap();
+    let post = |key: &'static str| {
+        let request = (gw.client)
+            .post(format!("{}/v1/ingest/s", gw.url))
+            .header("x-api-key", key)
+            .body("{}");
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(post("k-one-0123456789").await, 202);
+    std::fs::write(&secret, "k-two-0123456789\n").unwrap();
+    gw.reload_applied().await;
+    assert_eq!(post("k-one-0123456789").await, 401);
+    assert_eq!(post("k-two-0123456789").await, 202);
+    std::fs::remove_file(&secret).unwrap();
+    let (status, report) = gw.post_api("/v1/reload").await;
+    let error = report["config_error"].as_str().unwrap_or_default();
+    assert_eq!(status, 422, "{report}");
+    assert!(
+        error.contains("sources[0].verify.secrets[0]") && error.contains("secrets/api-key"),
+        "{report}"
+    );
+    assert_eq!(post("k-two-0123456789").await, 202, "the old config serves");
+    rx.wait_for(2).await;
+    gw.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_compiled_cache_skips_compilation_on_restart() {
     let rx = Receiver::start().await;
