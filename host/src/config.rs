@@ -823,46 +823,48 @@ impl ChallengeConfig {
     }
 }
 
-/// How a destination's deliveries are signed: Standard Webhooks, or an HMAC-SHA256 in a
-/// header of the receiver's choice.
+/// How a destination's deliveries are signed: Standard Webhooks, or an HMAC (SHA-256, SHA-1
+/// or SHA-512) in a header of the receiver's choice.
 #[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SigningConfig {
     /// `standard-webhooks` (the default): `webhook-timestamp` and `webhook-signature`; or
-    /// `hmac-sha256`: for a receiver that already checks a provider's HMAC (Bondio's,
-    /// GitHub's), so the gateway can sign in its place what the plugins reshaped.
+    /// `hmac-sha256` (`hmac-sha1`, `hmac-sha512`): for a receiver that already checks a
+    /// provider's HMAC (Bondio's, GitHub's), so the gateway can sign in its place what the
+    /// plugins reshaped.
     #[serde(default)]
     pub scheme: SigningScheme,
     /// `standard-webhooks`: a `whsec_…` secret (base64 after the prefix, at least 16
-    /// bytes); `hmac-sha256`: the receiver's shared secret, as text.
+    /// bytes); an HMAC scheme: the receiver's shared secret, as text.
     pub secret: String,
     /// During a rotation, the secrets receivers may still verify with: each delivery is
     /// also signed with these (one `v1,` signature per secret in `webhook-signature`, as
-    /// Standard Webhooks allows). Remove them once every receiver has `secret`.
-    /// (`standard-webhooks` only: an HMAC header carries one signature.)
+    /// Standard Webhooks allows; an HMAC scheme's with `signature_key` gets one pair per
+    /// secret, `t=…,v1=…,v1=…`, while a plain HMAC header carries one signature and takes
+    /// none). Remove them once every receiver has `secret`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub previous_secrets: Vec<String>,
-    /// `hmac-sha256`: the header carrying the signature, e.g. `x-hub-signature-256`.
+    /// HMAC schemes: the header carrying the signature, e.g. `x-hub-signature-256`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub header: Option<String>,
-    /// `hmac-sha256`: `hex` (the default) or `base64`.
+    /// HMAC schemes: `hex` (the default) or `base64`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encoding: Option<crate::edge::Encoding>,
-    /// `hmac-sha256`: text before the signature, e.g. `sha256=`.
+    /// HMAC schemes: text before the signature, e.g. `sha256=`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefix: Option<String>,
-    /// `hmac-sha256`: what is signed, `{body}` by default; with the attempt's time, e.g.
+    /// HMAC schemes: what is signed, `{body}` by default; with the attempt's time, e.g.
     /// `{timestamp}.{body}` (Unix seconds, sent in `timestamp_header`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signed: Option<String>,
-    /// `hmac-sha256`: the header carrying the signed timestamp.
+    /// HMAC schemes: the header carrying the signed timestamp.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timestamp_header: Option<String>,
-    /// `hmac-sha256`: write `header` as `key=value` pairs (Stripe's `t=…,v1=…`): the
+    /// HMAC schemes: write `header` as `key=value` pairs (Stripe's `t=…,v1=…`): the
     /// signature's key, e.g. `v1`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signature_key: Option<String>,
-    /// `hmac-sha256`: the timestamp's key among those pairs, e.g. `t`.
+    /// HMAC schemes: the timestamp's key among those pairs, e.g. `t`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timestamp_key: Option<String>,
 }
@@ -874,15 +876,33 @@ pub enum SigningScheme {
     #[default]
     StandardWebhooks,
     HmacSha256,
+    /// For a receiver that checks an HMAC-SHA1 (Intercom's, Trello's).
+    HmacSha1,
+    /// For a receiver that checks an HMAC-SHA512.
+    HmacSha512,
+}
+
+impl SigningScheme {
+    /// An HMAC scheme's hash.
+    pub fn hmac_hash(self) -> Option<crate::edge::HmacHash> {
+        use crate::edge::HmacHash;
+        match self {
+            SigningScheme::StandardWebhooks => None,
+            SigningScheme::HmacSha256 => Some(HmacHash::Sha256),
+            SigningScheme::HmacSha1 => Some(HmacHash::Sha1),
+            SigningScheme::HmacSha512 => Some(HmacHash::Sha512),
+        }
+    }
 }
 
 impl SigningConfig {
     /// The most `previous_secrets`.
     pub const MAX_PREVIOUS: usize = 4;
 
-    /// How an `hmac-sha256` signature goes out.
+    /// How an HMAC scheme's signature goes out.
     pub fn hmac_form(&self) -> crate::edge::HmacForm<'_> {
         crate::edge::HmacForm {
+            hash: (self.scheme.hmac_hash()).unwrap_or(crate::edge::HmacHash::Sha256),
             header: self.header.as_deref().unwrap_or_default(),
             encoding: self.encoding.unwrap_or_default(),
             prefix: self.prefix.as_deref().unwrap_or_default(),
@@ -907,10 +927,13 @@ impl SigningConfig {
         ];
         match self.scheme {
             SigningScheme::StandardWebhooks => match hmac_fields.iter().find(|(_, given)| *given) {
-                Some((field, _)) => Err((field, "only for scheme = \"hmac-sha256\"".into())),
+                Some((field, _)) => Err((
+                    field,
+                    "only for an HMAC scheme (`hmac-sha256`, `hmac-sha1`, `hmac-sha512`)".into(),
+                )),
                 None => Ok(()),
             },
-            SigningScheme::HmacSha256 => {
+            SigningScheme::HmacSha256 | SigningScheme::HmacSha1 | SigningScheme::HmacSha512 => {
                 if self.secret.is_empty() {
                     return Err(("secret", "must not be empty".into()));
                 }
@@ -1913,6 +1936,7 @@ fn expand_str(s: &str, refs: &Refs<'_>) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::edge::HmacHash;
 
     fn env(name: &str) -> Option<String> {
         match name {
@@ -2270,6 +2294,14 @@ mod tests {
         .unwrap();
         let s = c.destinations[0].signing.as_ref().unwrap();
         assert_eq!(s.scheme, SigningScheme::HmacSha256);
+        for (scheme, hash) in [
+            ("hmac-sha1", HmacHash::Sha1),
+            ("hmac-sha512", HmacHash::Sha512),
+        ] {
+            let c = with(&hmac.replace("hmac-sha256", scheme)).unwrap();
+            let s = c.destinations[0].signing.as_ref().unwrap();
+            assert_eq!(s.hmac_form().hash, hash);
+        }
         with(r#"secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw""#).unwrap();
         // Stripe's form carries a signature per secret: a rotation is possible.
         let pairs = r#"signature_key = "v1", timestamp_key = "t", signed = "{timestamp}.{body}""#;
@@ -2283,7 +2315,7 @@ mod tests {
             (
                 r#"secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", header = "x-sig""#,
                 "signing.header",
-                "only for scheme",
+                "only for an HMAC scheme",
             ),
             (
                 r#"scheme = "hmac-sha256", secret = "s""#,

@@ -1,5 +1,5 @@
-//! Edge security: verification of inbound signatures (HMAC-SHA256 over the body or over a
-//! signed timestamp and the body, Standard Webhooks, a secret header or query parameter),
+//! Edge security: verification of inbound signatures (an HMAC — SHA-256, SHA-1 or SHA-512
+//! — over the body or over a signed timestamp and the body, Standard Webhooks, a secret header or query parameter),
 //! per-source IP allowlists with trusted proxies, the signing of outbound deliveries
 //! (Standard Webhooks, or an HMAC as the inbound one), and the listener's own certificate
 //! (`server.tls`). Comparisons of signatures and secrets are constant-time; secrets never
@@ -18,6 +18,32 @@ use subtle::ConstantTimeEq as _;
 use utoipa::ToSchema;
 
 type HmacSha256 = Hmac<Sha256>;
+
+/// The hash of an HMAC scheme (`hmac-sha256`, `hmac-sha1`, `hmac-sha512`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HmacHash {
+    Sha256,
+    Sha1,
+    Sha512,
+}
+
+impl HmacHash {
+    /// The MAC of `parts` in a row under `key`.
+    fn mac(self, key: &[u8], parts: &[&[u8]]) -> Vec<u8> {
+        fn of<M: Mac + hmac::digest::KeyInit>(key: &[u8], parts: &[&[u8]]) -> Vec<u8> {
+            let mut mac = <M as Mac>::new_from_slice(key).expect("HMAC takes any key length");
+            for part in parts {
+                mac.update(part);
+            }
+            mac.finalize().into_bytes().to_vec()
+        }
+        match self {
+            HmacHash::Sha256 => of::<HmacSha256>(key, parts),
+            HmacHash::Sha1 => of::<Hmac<sha1::Sha1>>(key, parts),
+            HmacHash::Sha512 => of::<Hmac<sha2::Sha512>>(key, parts),
+        }
+    }
+}
 
 /// When a certificate (chain) in force stops being valid: the `notBefore` and `notAfter`
 /// (seconds since the Unix epoch) of its certificate that expires first — a chain stops
@@ -323,39 +349,12 @@ pub enum VerifyConfig {
     /// An HMAC-SHA256 of the raw body in a header (e.g. Bondio's `bondio-signature`,
     /// GitHub's `x-hub-signature-256`), or of the body with a timestamp to refuse replays
     /// (Slack's `v0:{timestamp}:{body}`, Stripe's `t=…,v1=…`).
-    HmacSha256 {
-        /// The shared secret (never shown in full by the API).
-        secret: String,
-        /// Secrets still accepted during a rotation (never shown in full by the API).
-        #[serde(default, skip_serializing_if = "Vec::is_empty")]
-        previous_secrets: Vec<String>,
-        /// The header carrying the signature.
-        header: String,
-        #[serde(default)]
-        encoding: Encoding,
-        /// Text before the signature in the header, e.g. `sha256=`.
-        #[serde(default)]
-        prefix: String,
-        /// What is signed: `{body}` by default; with a timestamp, e.g. `{timestamp}.{body}`
-        /// or `v0:{timestamp}:{body}`.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        signed: Option<String>,
-        /// The header carrying the signed timestamp (Unix seconds), e.g.
-        /// `x-slack-request-timestamp`.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        timestamp_header: Option<String>,
-        /// When the signature header lists `key=value` pairs separated by commas (Stripe's
-        /// `t=1700000000,v1=…,v1=…`): the key of the signatures, e.g. `v1`.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        signature_key: Option<String>,
-        /// The key of the timestamp among those pairs, e.g. `t`.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        timestamp_key: Option<String>,
-        /// How far a signed timestamp may be from now, e.g. `5m`.
-        #[serde(default = "default_tolerance", with = "humantime_serde")]
-        #[schema(value_type = String, example = "5m")]
-        tolerance: Duration,
-    },
+    HmacSha256(HmacVerify),
+    /// The same with SHA-1, for senders that still sign with it (Intercom's and GitHub's
+    /// older `x-hub-signature: sha1=…`, Trello's).
+    HmacSha1(HmacVerify),
+    /// The same with SHA-512 (Paystack's `x-paystack-signature`).
+    HmacSha512(HmacVerify),
     /// Standard Webhooks: `webhook-id`, `webhook-timestamp`, `webhook-signature`.
     StandardWebhooks {
         /// `whsec_…` secrets; several during a rotation (never shown in full by the API).
@@ -391,13 +390,52 @@ pub enum VerifyConfig {
     None {},
 }
 
+/// The fields of the HMAC schemes (`hmac-sha256`, `hmac-sha1`, `hmac-sha512`) of a
+/// source's `verify`.
+#[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HmacVerify {
+    /// The shared secret (never shown in full by the API).
+    pub secret: String,
+    /// Secrets still accepted during a rotation (never shown in full by the API).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub previous_secrets: Vec<String>,
+    /// The header carrying the signature.
+    pub header: String,
+    #[serde(default)]
+    pub encoding: Encoding,
+    /// Text before the signature in the header, e.g. `sha256=`.
+    #[serde(default)]
+    pub prefix: String,
+    /// What is signed: `{body}` by default; with a timestamp, e.g. `{timestamp}.{body}`
+    /// or `v0:{timestamp}:{body}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signed: Option<String>,
+    /// The header carrying the signed timestamp (Unix seconds), e.g.
+    /// `x-slack-request-timestamp`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestamp_header: Option<String>,
+    /// When the signature header lists `key=value` pairs separated by commas (Stripe's
+    /// `t=1700000000,v1=…,v1=…`): the key of the signatures, e.g. `v1`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature_key: Option<String>,
+    /// The key of the timestamp among those pairs, e.g. `t`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestamp_key: Option<String>,
+    /// How far a signed timestamp may be from now, e.g. `5m`.
+    #[serde(default = "default_tolerance", with = "humantime_serde")]
+    #[schema(value_type = String, example = "5m")]
+    pub tolerance: Duration,
+}
+
 fn default_tolerance() -> Duration {
     Duration::from_secs(300)
 }
 
-/// How an HMAC-SHA256 signature is sent: the fields of the `hmac-sha256` schemes, the
-/// inbound one (what a sender sends) and the outbound one (what a delivery carries) alike.
+/// How an HMAC signature is sent: the fields of the HMAC schemes, the inbound ones (what a
+/// sender sends) and the outbound ones (what a delivery carries) alike.
 pub struct HmacForm<'a> {
+    pub hash: HmacHash,
     pub header: &'a str,
     pub encoding: Encoding,
     pub prefix: &'a str,
@@ -416,8 +454,8 @@ impl<'a> HmacForm<'a> {
     pub fn headers(&self, keys: &[&[u8]], now_s: u64, body: &[u8]) -> Vec<(String, String)> {
         let ts = now_s.to_string();
         let signature = |key: &[u8]| {
-            let mac = hmac_of(key, self.signed, Some(&ts), body);
-            format!("{}{}", self.prefix, self.encoding.encode(mac.as_ref()))
+            let mac = hmac_of(self.hash, key, self.signed, Some(&ts), body);
+            format!("{}{}", self.prefix, self.encoding.encode(&mac))
         };
         let value = match self.signature_key {
             Some(name) => {
@@ -565,15 +603,13 @@ impl VerifyConfig {
     /// Checks the config's secrets once, at load.
     pub fn validate(&self) -> Result<(), String> {
         match self {
-            VerifyConfig::HmacSha256 {
-                secret,
-                previous_secrets,
-                ..
-            } => {
-                if secret.is_empty() || previous_secrets.iter().any(String::is_empty) {
+            VerifyConfig::HmacSha256(h)
+            | VerifyConfig::HmacSha1(h)
+            | VerifyConfig::HmacSha512(h) => {
+                if h.secret.is_empty() || h.previous_secrets.iter().any(String::is_empty) {
                     return Err("`secret` and `previous_secrets` must not be empty".into());
                 }
-                let form = self.hmac_form().expect("an hmac-sha256 scheme");
+                let form = self.hmac_form().expect("an hmac scheme");
                 form.check().map_err(|(field, m)| format!("`{field}`: {m}"))
             }
             VerifyConfig::StandardWebhooks { secrets, .. } => {
@@ -644,29 +680,38 @@ impl VerifyConfig {
         }
     }
 
-    /// How an `hmac-sha256` scheme's signature is sent.
+    /// An HMAC scheme's hash and fields.
+    pub fn hmac(&self) -> Option<(HmacHash, &HmacVerify)> {
+        match self {
+            VerifyConfig::HmacSha256(h) => Some((HmacHash::Sha256, h)),
+            VerifyConfig::HmacSha1(h) => Some((HmacHash::Sha1, h)),
+            VerifyConfig::HmacSha512(h) => Some((HmacHash::Sha512, h)),
+            _ => None,
+        }
+    }
+
+    /// An HMAC scheme's fields, to change.
+    pub fn hmac_mut(&mut self) -> Option<&mut HmacVerify> {
+        match self {
+            VerifyConfig::HmacSha256(h)
+            | VerifyConfig::HmacSha1(h)
+            | VerifyConfig::HmacSha512(h) => Some(h),
+            _ => None,
+        }
+    }
+
+    /// How an HMAC scheme's signature is sent.
     fn hmac_form(&self) -> Option<HmacForm<'_>> {
-        let VerifyConfig::HmacSha256 {
-            header,
-            encoding,
-            prefix,
-            signed,
-            timestamp_header,
-            signature_key,
-            timestamp_key,
-            ..
-        } = self
-        else {
-            return None;
-        };
+        let (hash, h) = self.hmac()?;
         Some(HmacForm {
-            header,
-            encoding: *encoding,
-            prefix,
-            signed: signed.as_deref(),
-            timestamp_header: timestamp_header.as_deref(),
-            signature_key: signature_key.as_deref(),
-            timestamp_key: timestamp_key.as_deref(),
+            hash,
+            header: &h.header,
+            encoding: h.encoding,
+            prefix: &h.prefix,
+            signed: h.signed.as_deref(),
+            timestamp_header: h.timestamp_header.as_deref(),
+            signature_key: h.signature_key.as_deref(),
+            timestamp_key: h.timestamp_key.as_deref(),
         })
     }
 
@@ -678,10 +723,12 @@ impl VerifyConfig {
         let ts = now_s.to_string();
         match self {
             VerifyConfig::None {} => Credentials::default(),
-            VerifyConfig::HmacSha256 { secret, .. } => {
-                let form = self.hmac_form().expect("an hmac-sha256 scheme");
+            VerifyConfig::HmacSha256(h)
+            | VerifyConfig::HmacSha1(h)
+            | VerifyConfig::HmacSha512(h) => {
+                let form = self.hmac_form().expect("an hmac scheme");
                 Credentials {
-                    headers: form.headers(&[secret.as_bytes()], now_s, body),
+                    headers: form.headers(&[h.secret.as_bytes()], now_s, body),
                     query: None,
                 }
             }
@@ -720,14 +767,17 @@ impl VerifyConfig {
     ) -> Result<(), EdgeError> {
         match self {
             VerifyConfig::None {} => Ok(()),
-            VerifyConfig::HmacSha256 {
-                secret,
-                previous_secrets,
-                signed,
-                tolerance,
-                ..
-            } => {
-                let form = self.hmac_form().expect("an hmac-sha256 scheme");
+            VerifyConfig::HmacSha256(h)
+            | VerifyConfig::HmacSha1(h)
+            | VerifyConfig::HmacSha512(h) => {
+                let HmacVerify {
+                    secret,
+                    previous_secrets,
+                    signed,
+                    tolerance,
+                    ..
+                } = h;
+                let form = self.hmac_form().expect("an hmac scheme");
                 let (given, timestamp) = form.read(headers)?;
                 if let Some((ts, name)) = timestamp {
                     let seconds: u64 =
@@ -738,9 +788,9 @@ impl VerifyConfig {
                 }
                 let ts = timestamp.map(|(ts, _)| ts);
                 for key in std::iter::once(secret).chain(previous_secrets) {
-                    let mac = hmac_of(key.as_bytes(), signed.as_deref(), ts, body);
+                    let mac = hmac_of(form.hash, key.as_bytes(), signed.as_deref(), ts, body);
                     // Constant-time, each one.
-                    if given.iter().any(|g| bool::from(mac.as_ref().ct_eq(g))) {
+                    if given.iter().any(|g| bool::from(mac.ct_eq(g))) {
                         return Ok(());
                     }
                 }
@@ -817,23 +867,23 @@ impl Encoding {
     }
 }
 
-/// The HMAC-SHA256 of what `signed` says is signed: its text before `{body}`, the body,
-/// its text after, with `{timestamp}` filled in (the body alone without a template).
+/// The HMAC (with `hash`) of what `signed` says is signed: its text before `{body}`, the
+/// body, its text after, with `{timestamp}` filled in (the body alone without a template).
 pub fn hmac_of(
+    hash: HmacHash,
     key: &[u8],
     signed: Option<&str>,
     timestamp: Option<&str>,
     body: &[u8],
-) -> impl AsRef<[u8]> + use<> {
+) -> Vec<u8> {
     let (before, after) = signed
         .and_then(|t| t.split_once("{body}"))
         .unwrap_or(("", ""));
     let fill = |part: &str| part.replace("{timestamp}", timestamp.unwrap_or(""));
-    let mut mac = HmacSha256::new_from_slice(key).expect("HMAC takes any key length");
-    mac.update(fill(before).as_bytes());
-    mac.update(body);
-    mac.update(fill(after).as_bytes());
-    mac.finalize().into_bytes()
+    hash.mac(
+        key,
+        &[fill(before).as_bytes(), body, fill(after).as_bytes()],
+    )
 }
 
 /// Checks a `signed` template: `{body}` once, `{timestamp}` if and only if a timestamp is
@@ -1118,6 +1168,60 @@ mod tests {
             b64_cfg.verify(&h, "", body, 0),
             Err(EdgeError::Malformed("x-sig".into()))
         );
+    }
+
+    /// `hmac-sha1` and `hmac-sha512` check the published HMACs of the same message (and
+    /// `hmac-sha256` its own), and refuse the others' signatures; what they show is what
+    /// they were given.
+    #[test]
+    fn hmac_schemes_check_their_own_hash() {
+        let body = b"The quick brown fox jumps over the lazy dog";
+        let known = [
+            (
+                "hmac-sha256",
+                "f7bc83f430538424b13298e6aa6fb143ef4d59a14946175997479dbc2d1a3cd8",
+            ),
+            ("hmac-sha1", "de7c9b85b8b78aa6bc8a7a36f70a90701c9db4d9"),
+            (
+                "hmac-sha512",
+                "b42af09057bac1e2d41708e48a902e09b5ff7f12ab428a4fe86653c73dd248fb\
+                 82f948a549f7b791a5b41915ee4d1ec3935357e4e2317250d0372afa2ebeeb3a",
+            ),
+        ];
+        for (scheme, _) in known {
+            let cfg: VerifyConfig = serde_json::from_value(serde_json::json!({
+                "scheme": scheme, "secret": "key", "header": "x-hub-signature", "prefix": "sha=",
+            }))
+            .unwrap();
+            cfg.validate().unwrap();
+            assert_eq!(serde_json::to_value(&cfg).unwrap()["scheme"], scheme);
+            for (other, mac) in known {
+                let h = headers(&[("x-hub-signature", &format!("sha={mac}"))]);
+                let expected = if other == scheme {
+                    Ok(())
+                } else {
+                    Err(EdgeError::Mismatch)
+                };
+                assert_eq!(
+                    cfg.verify(&h, "", body, 0),
+                    expected,
+                    "{scheme} given {other}'s"
+                );
+            }
+            // What `switchyard send` (and a destination) writes passes it.
+            let sent = cfg.credentials(body, 0).headers;
+            let given = &sent[0].1;
+            assert!(
+                known
+                    .iter()
+                    .any(|(s, mac)| *s == scheme && given == &format!("sha={mac}"))
+            );
+        }
+        let unknown = serde_json::json!({"scheme": "hmac-md5", "secret": "key", "header": "x"});
+        assert!(serde_json::from_value::<VerifyConfig>(unknown).is_err());
+        let stray =
+            serde_json::json!({"scheme": "hmac-sha1", "secret": "k", "header": "x", "nope": 1});
+        assert!(serde_json::from_value::<VerifyConfig>(stray).is_err());
     }
 
     /// An `hmac-sha256` config from its fields as JSON (the API's form), validated.

@@ -498,13 +498,9 @@ impl Redact for SourceConfig {
         use crate::edge::VerifyConfig as V;
         let mut s = self.clone();
         match &mut s.verify {
-            Some(V::HmacSha256 {
-                secret,
-                previous_secrets: secrets,
-                ..
-            }) => {
-                *secret = redact(secret);
-                for x in secrets.iter_mut() {
+            Some(V::HmacSha256(h) | V::HmacSha1(h) | V::HmacSha512(h)) => {
+                h.secret = redact(&h.secret);
+                for x in h.previous_secrets.iter_mut() {
                     *x = redact(x);
                 }
             }
@@ -525,21 +521,17 @@ impl Redact for SourceConfig {
     fn keep_secrets(&mut self, old: &Self) {
         use crate::edge::VerifyConfig as V;
         match (&mut self.verify, &old.verify) {
-            (
-                Some(V::HmacSha256 {
-                    secret,
-                    previous_secrets: secrets,
-                    ..
-                }),
-                Some(V::HmacSha256 {
-                    secret: o,
-                    previous_secrets: olds,
-                    ..
-                }),
-            ) => {
-                // A rotation may move the secret in force to `previous_secrets`.
-                let olds: Vec<&String> = std::iter::once(o).chain(olds).collect();
-                keep_listed(std::iter::once(secret).chain(secrets), &olds);
+            (Some(new), Some(old)) if new.hmac().is_some() && old.hmac().is_some() => {
+                let (new, (_, old)) = (new.hmac_mut().expect("hmac"), old.hmac().expect("hmac"));
+                // A rotation may move the secret in force to `previous_secrets` (and a
+                // change of hash keeps the secrets).
+                let olds: Vec<&String> = std::iter::once(&old.secret)
+                    .chain(&old.previous_secrets)
+                    .collect();
+                keep_listed(
+                    std::iter::once(&mut new.secret).chain(&mut new.previous_secrets),
+                    &olds,
+                );
             }
             (
                 Some(V::StandardWebhooks { secrets, .. }),

@@ -630,6 +630,98 @@ destinations = ["gh", "ts", "pairs"]
     gw.shutdown().await.unwrap();
 }
 
+/// The HMAC of `message` under `key` with Python's `hashlib` `hash` (`sha1`, `sha512`),
+/// hex or base64: a second implementation to check the gateway's against.
+fn python_hmac(hash: &str, key: &str, message: &[u8], encoding: &str) -> String {
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sys, hmac, hashlib, base64\n\
+             mac = hmac.new(sys.argv[2].encode(), sys.stdin.buffer.read(), getattr(hashlib, sys.argv[1])).digest()\n\
+             print(mac.hex() if sys.argv[3] == 'hex' else base64.b64encode(mac).decode(), end='')",
+            hash,
+            key,
+            encoding,
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(message)?;
+            child.wait_with_output()
+        })
+        .unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `hmac-sha1` and `hmac-sha512`, in and out: Intercom's `x-hub-signature: sha1=<hex>` and
+/// Paystack's SHA-512 hex are let in and others' hashes refused; deliveries carry Trello's
+/// form (base64 of an HMAC-SHA1 over the body and the callback URL) and a SHA-512 hex — each
+/// as Python's `hmac` computes them.
+#[tokio::test(flavor = "multi_thread")]
+async fn hmac_sha1_and_sha512_sign_and_verify_as_python_computes_them() {
+    let rx = Receiver::start().await;
+    let config = r#"
+[[sources]]
+name = "intercom"
+verify = { scheme = "hmac-sha1", secret = "intercom-key", header = "x-hub-signature", prefix = "sha1=" }
+[[sources]]
+name = "paystack"
+verify = { scheme = "hmac-sha512", secret = "paystack-key", header = "x-paystack-signature" }
+[[destinations]]
+name = "trello"
+url = "{receiver}/trello"
+signing = { scheme = "hmac-sha1", secret = "trello-key", header = "x-trello-webhook", encoding = "base64", signed = "{body}https://hooks.example.com/trello" }
+[[destinations]]
+name = "p512"
+url = "{receiver}/p512"
+signing = { scheme = "hmac-sha512", secret = "p512-key", header = "x-signature" }
+[[routes]]
+source = "intercom"
+destinations = ["trello"]
+[[routes]]
+source = "paystack"
+destinations = ["p512"]
+"#;
+    let gw = TestGateway::start(config, &rx, &[]).await;
+    let body = r#"{"type":"notification_event","topic":"conversation.user.created"}"#;
+    let sha1 = python_hmac("sha1", "intercom-key", body.as_bytes(), "hex");
+    let sha256 = python_hmac("sha256", "intercom-key", body.as_bytes(), "hex");
+    let signed = |v: &str| vec![("x-hub-signature", format!("sha1={v}"))];
+    assert_eq!(post(&gw, "intercom", body, &signed(&sha256)).await.0, 401);
+    assert_eq!(post(&gw, "intercom", body, &signed(&sha1)).await.0, 202);
+    let sha512 = python_hmac("sha512", "paystack-key", body.as_bytes(), "hex");
+    let wrong = python_hmac("sha512", "other-key", body.as_bytes(), "hex");
+    let paystack = |v: &str| vec![("x-paystack-signature", v.to_string())];
+    assert_eq!(post(&gw, "paystack", body, &paystack(&wrong)).await.0, 401);
+    assert_eq!(post(&gw, "paystack", body, &paystack(&sha512)).await.0, 202);
+
+    let got = rx.wait_for(2).await;
+    let at = |path: &str| got.iter().find(|r| r.uri == path).unwrap();
+    let trello = at("/trello");
+    let over = [&trello.body[..], b"https://hooks.example.com/trello"].concat();
+    assert_eq!(
+        trello.header("x-trello-webhook"),
+        Some(python_hmac("sha1", "trello-key", &over, "base64").as_str())
+    );
+    let p512 = at("/p512");
+    assert_eq!(
+        p512.header("x-signature"),
+        Some(python_hmac("sha512", "p512-key", &p512.body, "hex").as_str())
+    );
+    // The API shows each scheme by its name.
+    let (_, source) = gw.get("/v1/sources/paystack").await;
+    assert_eq!(source["verify"]["scheme"], "hmac-sha512", "{source}");
+    let (_, destination) = gw.get("/v1/destinations/trello").await;
+    assert_eq!(
+        destination["signing"]["scheme"], "hmac-sha1",
+        "{destination}"
+    );
+    gw.shutdown().await.unwrap();
+}
+
 /// Verifies a delivery with the official Standard Webhooks library from PyPI: whether it
 /// passed, what it printed (the payload as JSON), its errors.
 fn verify_with_library(

@@ -202,7 +202,9 @@ impl Signer {
                     .filter_map(|secret| crate::edge::decode_secret(secret).ok())
                     .collect(),
             ),
-            SigningScheme::HmacSha256 => Signer::Hmac(Arc::new(c.clone())),
+            SigningScheme::HmacSha256 | SigningScheme::HmacSha1 | SigningScheme::HmacSha512 => {
+                Signer::Hmac(Arc::new(c.clone()))
+            }
         }
     }
 }
