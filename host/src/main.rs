@@ -299,8 +299,11 @@ async fn send(
     };
     let body = read_payload(event)?;
     let now_s = switchyard::delivery::now_ms() / 1000;
+    let content_type = (headers.iter())
+        .find(|(name, _)| name.eq_ignore_ascii_case("content-type"))
+        .map(|(_, value)| value.as_str());
     let sent = match &sc.verify {
-        Some(verify) => verify.credentials(&body, now_s),
+        Some(verify) => verify.credentials(content_type, &body, now_s),
         None => Default::default(),
     };
     let base = url.unwrap_or_else(|| {

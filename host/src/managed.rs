@@ -507,7 +507,8 @@ impl Redact for SourceConfig {
             Some(
                 V::StandardWebhooks { secrets, .. }
                 | V::Header { secrets, .. }
-                | V::Query { secrets, .. },
+                | V::Query { secrets, .. }
+                | V::Twilio { secrets, .. },
             ) => {
                 for x in secrets.iter_mut() {
                     *x = redact(x);
@@ -538,7 +539,8 @@ impl Redact for SourceConfig {
                 Some(V::StandardWebhooks { secrets: olds, .. }),
             )
             | (Some(V::Header { secrets, .. }), Some(V::Header { secrets: olds, .. }))
-            | (Some(V::Query { secrets, .. }), Some(V::Query { secrets: olds, .. })) => {
+            | (Some(V::Query { secrets, .. }), Some(V::Query { secrets: olds, .. }))
+            | (Some(V::Twilio { secrets, .. }), Some(V::Twilio { secrets: olds, .. })) => {
                 keep_listed(secrets.iter_mut(), &olds.iter().collect::<Vec<_>>())
             }
             _ => {}

@@ -927,6 +927,9 @@ verify = {{ scheme = "header", header = "x-api-key", secrets = ["k-0123456789abc
 [[sources]]
 name = "onomondo"
 verify = {{ scheme = "query", param = "token", secrets = ["q-0123456789abcdef/+&"] }}
+[[sources]]
+name = "twilio"
+verify = {{ scheme = "twilio", url = "https://hooks.example.com/v1/ingest/twilio", secrets = ["tw-token"] }}
 [[destinations]]
 name = "d"
 url = "{{receiver}}/in"
@@ -941,6 +944,9 @@ source = "1nce"
 destinations = ["d"]
 [[routes]]
 source = "onomondo"
+destinations = ["d"]
+[[routes]]
+source = "twilio"
 destinations = ["d"]
 "#
         )
@@ -968,7 +974,7 @@ destinations = ["d"]
             run(&args)
         })
     };
-    for source in ["stripe", "sw", "1nce", "onomondo"] {
+    for source in ["stripe", "sw", "1nce", "onomondo", "twilio"] {
         let (ok, stdout, stderr) = send(&good, source).await.unwrap();
         assert!(ok, "{source}: {stderr}");
         assert!(stderr.contains("202"), "{source}: {stderr}");
@@ -982,7 +988,7 @@ destinations = ["d"]
     let (ok, _, stderr) = send(&good, "nope").await.unwrap();
     assert!(!ok && stderr.contains("no source named `nope`"), "{stderr}");
 
-    let got = rx.wait_for(4).await;
+    let got = rx.wait_for(5).await;
     let sent = std::fs::read(&event).unwrap();
     assert!(
         got.iter().all(|r| r.body == sent),

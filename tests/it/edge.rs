@@ -722,6 +722,49 @@ destinations = ["p512"]
     gw.shutdown().await.unwrap();
 }
 
+/// A Twilio source from outside, with the request Twilio's own library's tests sign (auth
+/// token `12345`): a form post to the URL set in Twilio's console, its query as sent, is
+/// let in; the same with a parameter changed is refused; the signature header is kept with
+/// the event as any sender's signature is.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_twilio_source_checks_twilio_s_signature() {
+    let rx = Receiver::start().await;
+    let config = r#"
+[[sources]]
+name = "twilio"
+verify = { scheme = "twilio", url = "https://mycompany.com/myapp.php", secrets = ["12345"] }
+[[destinations]]
+name = "d"
+url = "{receiver}/in"
+[[routes]]
+source = "twilio"
+destinations = ["d"]
+"#;
+    let gw = TestGateway::start(config, &rx, &[]).await;
+    let post = |params: &'static str| {
+        let request = (gw.client)
+            .post(format!("{}/v1/ingest/twilio?foo=1&bar=2", gw.url))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("x-twilio-signature", "RSOYDt4T1cUTdK1PDd93/VVr8B8=")
+            .body(params);
+        async move {
+            let resp = request.send().await.unwrap();
+            (resp.status().as_u16(), resp.json::<Value>().await.unwrap())
+        }
+    };
+    let params = "CallSid=CA1234567890ABCDE&Digits=1234&From=%2B14158675309&To=%2B18005551212&Caller=%2B14158675309";
+    let (status, answer) = post(params).await;
+    assert_eq!(status, 202, "{answer}");
+    let (status, answer) = post("CallSid=CA1234567890ABCDE&Digits=9999&From=%2B14158675309&To=%2B18005551212&Caller=%2B14158675309").await;
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (401, Some("the signature does not match"))
+    );
+    let got = rx.wait_for(1).await;
+    assert_eq!(got[0].body, params.as_bytes());
+    gw.shutdown().await.unwrap();
+}
+
 /// Verifies a delivery with the official Standard Webhooks library from PyPI: whether it
 /// passed, what it printed (the payload as JSON), its errors.
 fn verify_with_library(
