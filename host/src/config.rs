@@ -648,6 +648,13 @@ pub struct SourceConfig {
     /// a plugin can read it) — nothing a sender posts is turned away for its shape.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub require_json: bool,
+    /// Store a form body (`application/x-www-form-urlencoded`, as Twilio posts its
+    /// callbacks) as a JSON object of its fields — each value a string, a repeated field's
+    /// an array of its values in order — with content type `application/json`, so that
+    /// plugins, `idempotency_field`, event types and destinations read it as JSON. The
+    /// signature is checked on the form as it came. Off by default.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub form_as_json: bool,
 }
 
 impl SourceConfig {

@@ -950,7 +950,7 @@ impl Encoding {
 const TWILIO_SIGNATURE: &str = "x-twilio-signature";
 
 /// Whether a body of this content type is a form (`application/x-www-form-urlencoded`).
-fn is_form(content_type: Option<&str>) -> bool {
+pub(crate) fn is_form(content_type: Option<&str>) -> bool {
     content_type.is_some_and(|t| {
         let essence = t.split(';').next().unwrap_or_default().trim();
         essence.eq_ignore_ascii_case("application/x-www-form-urlencoded")

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use tracing::Instrument;
 
 use crate::api::{ApiError, AppState};
+use crate::config::SourceConfig;
 use crate::delivery::now_ms;
 use crate::edge;
 use crate::edge::VerifyConfig;
@@ -172,7 +173,7 @@ async fn accept(
     let http::request::Parts {
         method,
         uri,
-        headers,
+        mut headers,
         extensions,
         ..
     } = request;
@@ -228,6 +229,7 @@ async fn accept(
             ApiError::Unauthorized(e.to_string())
         })?;
     }
+    let body = stored_body(&sc, &mut headers, body);
     if let Some(why) = sc.refuses_body(&body) {
         tracing::warn!(source, %ip, reason = %why, "Ingest refused: the body is not JSON.");
         return Err(ApiError::InvalidJson(why));
@@ -310,6 +312,38 @@ async fn accept(
     }
     .instrument(span)
     .await
+}
+
+/// The body as `source` stores it (once it passed `verify`, which checks it as it came): a
+/// form as a JSON object of its fields with `form_as_json` — each value a string, a
+/// repeated field's an array of its values in order — and `headers`' content type made
+/// `application/json` to match; any other body as it is.
+pub(crate) fn stored_body(source: &SourceConfig, headers: &mut HeaderMap, body: Bytes) -> Bytes {
+    let content_type = headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    if !source.form_as_json || !crate::edge::is_form(content_type) {
+        return body;
+    }
+    use serde_json::map::Entry;
+    let mut fields = serde_json::Map::new();
+    for (name, value) in url::form_urlencoded::parse(&body) {
+        let value = serde_json::Value::String(value.into_owned());
+        match fields.entry(name.into_owned()) {
+            Entry::Vacant(field) => {
+                field.insert(value);
+            }
+            Entry::Occupied(mut field) => match field.get_mut() {
+                serde_json::Value::Array(values) => values.push(value),
+                first => *first = serde_json::Value::Array(vec![first.take(), value]),
+            },
+        }
+    }
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    Bytes::from(serde_json::Value::Object(fields).to_string())
 }
 
 /// A new event (a fresh UUIDv7 id, received now) from a request to `source`, with the

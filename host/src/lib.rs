@@ -174,11 +174,13 @@ impl DryRunner {
         let Some(config) = self.routing.source(source) else {
             anyhow::bail!("no source named `{source}` in the config");
         };
+        let mut headers = headers.clone();
+        let body = ingest::stored_body(config, &mut headers, body);
         let event = ingest::new_event(
             source.to_string(),
             &axum::http::Method::POST,
             &api::ingest_uri(source, query)?,
-            headers,
+            &headers,
             |_| true,
             config.verify.as_ref(),
             body,

@@ -724,8 +724,9 @@ destinations = ["p512"]
 
 /// A Twilio source from outside, with the request Twilio's own library's tests sign (auth
 /// token `12345`): a form post to the URL set in Twilio's console, its query as sent, is
-/// let in; the same with a parameter changed is refused; the signature header is kept with
-/// the event as any sender's signature is.
+/// let in; the same with a parameter changed is refused. With `form_as_json` the form is
+/// stored and delivered as a JSON object (its signature checked on the form as it came),
+/// so a body field de-duplicates it.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_twilio_source_checks_twilio_s_signature() {
     let rx = Receiver::start().await;
@@ -733,6 +734,8 @@ async fn a_twilio_source_checks_twilio_s_signature() {
 [[sources]]
 name = "twilio"
 verify = { scheme = "twilio", url = "https://mycompany.com/myapp.php", secrets = ["12345"] }
+form_as_json = true
+idempotency_field = "CallSid"
 [[destinations]]
 name = "d"
 url = "{receiver}/in"
@@ -760,8 +763,37 @@ destinations = ["d"]
         (status, answer["error"].as_str()),
         (401, Some("the signature does not match"))
     );
+    let (status, again) = post(params).await;
+    assert_eq!(
+        (status, &again["duplicate"]),
+        (200, &json!(true)),
+        "{again}"
+    );
     let got = rx.wait_for(1).await;
-    assert_eq!(got[0].body, params.as_bytes());
+    let fields = json!({
+        "CallSid": "CA1234567890ABCDE",
+        "Digits": "1234",
+        "From": "+14158675309",
+        "To": "+18005551212",
+        "Caller": "+14158675309",
+    });
+    assert_eq!(got[0].json(), fields);
+    assert_eq!(got[0].header("content-type"), Some("application/json"));
+    // A repeated field is an array of its values; the dry run shows it as stored.
+    let dry = (gw.client)
+        .post(format!("{}/v1/sources/twilio/dry-run", gw.url))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("Digits=5678&Digits=1234&Sid=CA123")
+        .send()
+        .await
+        .unwrap();
+    let dry: Value = dry.json().await.unwrap();
+    assert_eq!(
+        dry["event"]["body"],
+        json!({ "Digits": ["5678", "1234"], "Sid": "CA123" }),
+        "{dry}"
+    );
+    assert_eq!(dry["event"]["content_type"], "application/json", "{dry}");
     gw.shutdown().await.unwrap();
 }
 

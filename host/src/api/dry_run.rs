@@ -129,7 +129,7 @@ pub(super) async fn dry_run(
     let Some(source) = state.pipeline.routing().source(&name).cloned() else {
         return Err(ApiError::NotFound(format!("no source named `{name}`")));
     };
-    let (request, body) = request.into_parts();
+    let (mut request, body) = request.into_parts();
     let config = state.reloader.config();
     let max = config.server.max_body_bytes;
     let wire = ingest::read_body(body, max, config.server.body_read_timeout).await?;
@@ -141,6 +141,11 @@ pub(super) async fn dry_run(
     };
     // The event as ingest would have made it from a post to the source.
     let uri = ingest_uri(&name, request.uri.query())?;
+    let body = ingest::stored_body(
+        &source,
+        &mut request.headers,
+        decoded.clone().unwrap_or(wire),
+    );
     let event = ingest::new_event(
         name,
         &http::Method::POST,
@@ -148,7 +153,7 @@ pub(super) async fn dry_run(
         &request.headers,
         keep,
         source.verify.as_ref(),
-        decoded.clone().unwrap_or(wire),
+        body,
     );
     if let Some(answer) = DryRun::at_ingest(&source, &event)? {
         return Ok(Json(answer));
