@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use switchyard::event::{Body, Event};
-use switchyard::plugin::{CallLimits, InstanceMode, PluginRuntime};
+use switchyard::plugin::{CallInput, CallLimits, InstanceMode, PluginRuntime};
 
 fn event() -> Event {
     let body =
@@ -60,8 +60,13 @@ fn languages(c: &mut Criterion) {
         for (mode_label, mode) in [("fresh", InstanceMode::Fresh), ("warm", InstanceMode::Warm)] {
             group.bench_function(format!("{lang}/{mode_label}"), |b| {
                 b.iter(|| {
-                    rt.block_on(plugin.call(&event, config.clone(), CallLimits::default(), mode))
-                        .expect("plugin answers")
+                    rt.block_on(plugin.call(
+                        &event,
+                        CallInput::config(config.clone()),
+                        CallLimits::default(),
+                        mode,
+                    ))
+                    .expect("plugin answers")
                 })
             });
         }
@@ -102,8 +107,13 @@ fn plugin_stage(c: &mut Criterion) {
         for (mode_label, mode) in [("fresh", InstanceMode::Fresh), ("warm", InstanceMode::Warm)] {
             c.bench_function(&format!("{label}/{mode_label}"), |b| {
                 b.iter(|| {
-                    rt.block_on(plugin.call(event, config.clone(), CallLimits::default(), mode))
-                        .expect("plugin answers")
+                    rt.block_on(plugin.call(
+                        event,
+                        CallInput::config(config.clone()),
+                        CallLimits::default(),
+                        mode,
+                    ))
+                    .expect("plugin answers")
                 })
             });
         }
@@ -151,7 +161,7 @@ fn in_flight(c: &mut Criterion) {
                                         plugin
                                             .call(
                                                 &event,
-                                                config.clone(),
+                                                CallInput::config(config.clone()),
                                                 CallLimits::default(),
                                                 mode,
                                             )

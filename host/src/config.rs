@@ -46,6 +46,9 @@ pub struct Config {
     pub sources: Vec<Arc<SourceConfig>>,
     pub destinations: Vec<Arc<DestinationConfig>>,
     pub routes: Vec<Arc<RouteConfig>>,
+    /// `[tables]`: the lookup tables plugins read (`host.lookup`), read from their files
+    /// by this load.
+    pub tables: Arc<crate::tables::Tables>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -69,6 +72,9 @@ struct RawConfig {
     destinations: Vec<DestinationConfig>,
     #[serde(default)]
     routes: Vec<RouteConfig>,
+    /// Lookup tables by name: each one's file, `.csv` or `.json`.
+    #[serde(default)]
+    tables: std::collections::BTreeMap<String, PathBuf>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -1260,8 +1266,18 @@ impl Config {
             sources: raw.sources.into_iter().map(Arc::new).collect(),
             destinations: raw.destinations.into_iter().map(Arc::new).collect(),
             routes: name_routes(raw.routes).into_iter().map(Arc::new).collect(),
+            tables: Arc::default(),
         };
         config.validate().map_err(|(k, m)| key_err(k, m))?;
+        for name in raw.tables.keys() {
+            check_name(name).map_err(|m| key_err(format!("tables.{name}"), m))?;
+        }
+        let tables = crate::tables::Tables::load(base_dir, &raw.tables)
+            .map_err(|(name, m)| key_err(format!("tables.{name}"), m))?;
+        let config = Config {
+            tables: Arc::new(tables),
+            ..config
+        };
         // (Read here, not in `validate`, which API changes call too.)
         let delivery_tls =
             crate::delivery::tls_settings(&config.delivery).map_err(|(k, m)| key_err(k, m))?;

@@ -21,6 +21,7 @@ pub mod reload;
 pub mod scaffold;
 pub mod serve;
 pub mod store;
+pub mod tables;
 pub mod ui;
 
 use std::future::Future;

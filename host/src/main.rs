@@ -13,7 +13,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::{Parser, Subcommand, ValueEnum};
 use switchyard::config::Config;
 use switchyard::event::{Body, Event};
-use switchyard::plugin::{CallLimits, InstanceMode, PluginRuntime, check_component};
+use switchyard::plugin::{CallInput, CallLimits, InstanceMode, PluginRuntime, check_component};
 
 #[derive(Parser)]
 #[command(
@@ -169,6 +169,10 @@ enum PluginCommand {
         /// Metadata the plugin sees, repeatable.
         #[arg(long = "metadata", value_name = "KEY=VALUE", value_parser = parse_pair)]
         metadata: Vec<(String, String)>,
+        /// A lookup table the plugin may read (`host.lookup`), as `[tables]` names one in a
+        /// config: its name and its .csv or .json file. Repeatable.
+        #[arg(long = "table", value_name = "NAME=FILE", value_parser = parse_pair)]
+        tables: Vec<(String, String)>,
         /// A JSON file with the expected output: exit 1, showing both, if it differs.
         #[arg(long)]
         expect: Option<PathBuf>,
@@ -661,9 +665,15 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                     source,
                     content_type,
                     metadata,
+                    tables,
                     expect,
                 },
         } => {
+            let files = (tables.into_iter())
+                .map(|(name, file)| (name, PathBuf::from(file)))
+                .collect();
+            let tables = switchyard::tables::Tables::load(std::path::Path::new("."), &files)
+                .map_err(|(name, why)| anyhow::anyhow!("table `{name}`: {why}"))?;
             let runtime = PluginRuntime::new()?;
             let name = file
                 .file_stem()
@@ -689,7 +699,10 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             let outcome = plugin
                 .call(
                     &event,
-                    Arc::from(config),
+                    CallInput {
+                        config: Arc::from(config),
+                        tables: Arc::new(tables),
+                    },
                     CallLimits::default(),
                     InstanceMode::Fresh,
                 )

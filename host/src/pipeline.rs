@@ -17,7 +17,7 @@ use crate::delivery::{
 };
 use crate::event::{Body, Event, Pairs, merge_pairs};
 use crate::metrics::Metrics;
-use crate::plugin::{CallError, CallLimits, PluginMap, PluginRegistry, PluginVerdict};
+use crate::plugin::{CallError, CallInput, CallLimits, PluginMap, PluginRegistry, PluginVerdict};
 use crate::store::{
     Completion, DeliveryStatus, DueDelivery, NewDelivery, PluginStep, RouteOutcome, RouteResult,
     StepResult, Store,
@@ -642,13 +642,13 @@ async fn run_chain(
         };
         let started = Instant::now();
         let mode = rp.mode.unwrap_or_else(|| plugin.default_mode());
+        let input = CallInput {
+            config: rp.config.clone(),
+            tables: routing.config.tables.clone(),
+        };
         let result = match live {
-            Some(_) => {
-                plugin
-                    .call(&event, rp.config.clone(), rp.limits, mode)
-                    .await
-            }
-            None => (plugin.call_uncounted(&event, rp.config.clone(), rp.limits, mode)).await,
+            Some(_) => plugin.call(&event, input, rp.limits, mode).await,
+            None => (plugin.call_uncounted(&event, input, rp.limits, mode)).await,
         };
         let outcome = match &result {
             Ok(PluginVerdict::Drop { .. }) => "drop",

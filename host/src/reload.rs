@@ -319,6 +319,7 @@ impl Reloader {
             reason,
             config = outcome,
             plugins = statuses.len(),
+            tables = ?self.config().tables.sizes(),
             "Reloaded."
         );
         let failed = outcome == "rejected"

@@ -343,6 +343,64 @@ destinations = ["sink"]
     gw.shutdown().await.unwrap();
 }
 
+/// A lookup table (`[tables]`) read by a plugin through `host.lookup` (`metadata-inject`'s
+/// `sims[iccid]/customer`) fills a destination's placeholder; a changed table file takes
+/// effect at the next reload, and one that does not load is a rejected reload that keeps
+/// the old table. A plugin built against the first contract (0.1.0) runs in the same chain.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lookup_table_feeds_plugins_and_follows_reloads() {
+    let rx = Receiver::start().await;
+    let dir = TestGateway::dir_with_plugins(&["metadata-inject", "contract-0-1-0"]);
+    let table = dir.path().join("sims.csv");
+    std::fs::write(&table, "iccid,customer\n8945000000000000001,acme\n").unwrap();
+    let config = r#"
+[tables]
+sims = "sims.csv"
+[[sources]]
+name = "s"
+[[destinations]]
+name = "sink"
+url = "{receiver}/sink/:customer:"
+headers = { "x-contract" = ":contract:" }
+[[routes]]
+source = "s"
+plugins = [
+    { name = "contract-0-1-0" },
+    { name = "metadata-inject", config = { customer = "sims[iccid]/customer" } },
+]
+destinations = ["sink"]
+"#;
+    let gw = TestGateway::start_from_file(dir, config, &rx)
+        .await
+        .unwrap();
+    let body = r#"{"type":"usage","iccid":"8945000000000000001"}"#;
+    gw.accept("s", body).await;
+    let got = rx.wait_for(1).await;
+    assert_eq!(got[0].uri, "/sink/acme");
+    assert_eq!(got[0].header("x-contract"), Some("0.1.0"));
+
+    std::fs::write(&table, "iccid,customer\n8945000000000000001,globex\n").unwrap();
+    gw.reload_applied().await;
+    gw.accept("s", body).await;
+    assert_eq!(rx.wait_for(2).await[1].uri, "/sink/globex");
+
+    std::fs::write(&table, "iccid,customer\n1,a\n1,b\n").unwrap();
+    let (status, report) = gw.post_api("/v1/reload").await;
+    let error = report["config_error"].as_str().unwrap_or_default();
+    assert_eq!(status, 422, "{report}");
+    assert!(
+        error.contains("tables.sims") && error.contains("twice"),
+        "{report}"
+    );
+    gw.accept("s", body).await;
+    assert_eq!(
+        rx.wait_for(3).await[2].uri,
+        "/sink/globex",
+        "the old table serves"
+    );
+    gw.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_compiled_cache_skips_compilation_on_restart() {
     let rx = Receiver::start().await;

@@ -132,7 +132,7 @@ async fn a_long_plugin_call_yields_to_other_tasks() {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use switchyard::config::InstanceMode;
-    use switchyard::plugin::{CallError, CallLimits, PluginRuntime};
+    use switchyard::plugin::{CallError, CallInput, CallLimits, PluginRuntime};
 
     let runtime = PluginRuntime::new().unwrap();
     let plugin = runtime
@@ -159,7 +159,7 @@ async fn a_long_plugin_call_yields_to_other_tasks() {
     let turns = Arc::new(AtomicU64::new(0));
     let call = async {
         let result = plugin
-            .call(&event, Arc::from(vec![]), limits, InstanceMode::Fresh)
+            .call(&event, CallInput::default(), limits, InstanceMode::Fresh)
             .await;
         done.store(true, Ordering::SeqCst);
         result

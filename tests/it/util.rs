@@ -22,6 +22,7 @@ pub const GUESTS: &[&str] = &[
     "reshape",
     "misbehave",
     "wrong-world",
+    "contract-0-1-0",
     "marker",
     "marker-v2",
 ];

@@ -17,7 +17,13 @@ pub const PLUGINS: &[&str] = &[
 ];
 
 /// Plugins that exist only to test the gateway.
-pub const FIXTURES: &[&str] = &["misbehave", "wrong-world", "marker", "marker-v2"];
+pub const FIXTURES: &[&str] = &[
+    "misbehave",
+    "wrong-world",
+    "contract-0-1-0",
+    "marker",
+    "marker-v2",
+];
 
 /// The guest target.
 pub const TARGET: &str = "wasm32-wasip2";

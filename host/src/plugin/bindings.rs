@@ -15,8 +15,8 @@ pub use self::switchyard::plugin::host::LogLevel;
 pub use self::switchyard::plugin::types::{Delivery, Update};
 
 /// The package and version of the contract this gateway implements.
-pub const WIT_PACKAGE: &str = "switchyard:plugin@0.1.0";
+pub const WIT_PACKAGE: &str = "switchyard:plugin@0.1.1";
 /// The interface a plugin must export.
-pub const HANDLER_EXPORT: &str = "switchyard:plugin/handler@0.1.0";
+pub const HANDLER_EXPORT: &str = "switchyard:plugin/handler@0.1.1";
 /// The interface the gateway provides to plugins.
-pub const HOST_IMPORT: &str = "switchyard:plugin/host@0.1.0";
+pub const HOST_IMPORT: &str = "switchyard:plugin/host@0.1.1";

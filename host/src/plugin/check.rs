@@ -101,7 +101,9 @@ pub(super) fn diagnose(engine: &Engine, component: &Component) -> Diagnosis {
         }
     }
 
-    if !exports.iter().any(|e| e == HANDLER_EXPORT) {
+    // (An export of an earlier 0.1.x is called as this one: the linker matches it.)
+    let calls = |e: &String| matches!(split_versioned(e), Some(("switchyard:plugin", "handler", v)) if compatible(v));
+    if !exports.iter().any(calls) {
         let other_version = exports.iter().find(|e| {
             matches!(
                 split_versioned(e),
@@ -137,8 +139,8 @@ fn split_versioned(name: &str) -> Option<(&str, &str, &str)> {
     Some((package, iface, version))
 }
 
-/// Whether a version of our package links against 0.1.0 under semver rules
-/// (for 0.x versions, the minor number must match).
+/// Whether a version of our package links against this gateway's (0.1.x) under semver
+/// rules (for 0.x versions, the minor number must match).
 fn compatible(version: &str) -> bool {
     let mut parts = version.split('.');
     parts.next() == Some("0") && parts.next() == Some("1")

@@ -26,7 +26,7 @@ pub struct PluginState {
     pub(super) limits: StoreLimits,
     plugin: Arc<str>,
     event_id: String,
-    config: Arc<[(String, String)]>,
+    input: super::CallInput,
     log_lines: usize,
     stdout: CapturedOutput,
     stderr: CapturedOutput,
@@ -36,7 +36,7 @@ impl PluginState {
     pub(super) fn new(
         plugin: Arc<str>,
         event_id: String,
-        config: Arc<[(String, String)]>,
+        input: super::CallInput,
         limits: StoreLimits,
     ) -> Self {
         let stdout = CapturedOutput::default();
@@ -56,7 +56,7 @@ impl PluginState {
             limits,
             plugin,
             event_id,
-            config,
+            input,
             log_lines: 0,
             stdout,
             stderr,
@@ -64,9 +64,9 @@ impl PluginState {
     }
 
     /// Prepares a reused (warm) instance's state for the next call.
-    pub(super) fn begin_call(&mut self, event_id: String, config: Arc<[(String, String)]>) {
+    pub(super) fn begin_call(&mut self, event_id: String, input: super::CallInput) {
         self.event_id = event_id;
-        self.config = config;
+        self.input = input;
         self.log_lines = 0;
     }
 
@@ -116,11 +116,15 @@ impl host::Host for PluginState {
     }
 
     fn config(&mut self) -> Vec<(String, String)> {
-        self.config.to_vec()
+        self.input.config.to_vec()
+    }
+
+    fn lookup(&mut self, table: String, key: String) -> Option<String> {
+        self.input.tables.lookup(&table, &key).map(str::to_string)
     }
 
     fn config_get(&mut self, key: String) -> Option<String> {
-        self.config
+        (self.input.config)
             .iter()
             .rev()
             .find(|(k, _)| *k == key)

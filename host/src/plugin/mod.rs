@@ -43,6 +43,24 @@ const WARM_BY_DEFAULT_ABOVE: usize = 1 << 20;
 /// use (the rest is returned to the kernel).
 const KEEP_RESIDENT: usize = 1 << 20;
 
+/// What one call of a plugin reads besides the event: the route's configuration of the
+/// plugin (`host.config`) and the config's lookup tables (`host.lookup`).
+#[derive(Clone, Default)]
+pub struct CallInput {
+    pub config: Arc<[(String, String)]>,
+    pub tables: Arc<crate::tables::Tables>,
+}
+
+impl CallInput {
+    /// A call with this configuration and no tables.
+    pub fn config(config: Arc<[(String, String)]>) -> Self {
+        CallInput {
+            config,
+            tables: Arc::default(),
+        }
+    }
+}
+
 /// Limits applied to one call of a plugin.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct CallLimits {
@@ -405,12 +423,12 @@ impl LoadedPlugin {
     pub async fn call(
         &self,
         event: &Event,
-        config: Arc<[(String, String)]>,
+        input: CallInput,
         limits: CallLimits,
         mode: InstanceMode,
     ) -> Result<PluginVerdict, CallError> {
         let started = std::time::Instant::now();
-        let result = self.call_uncounted(event, config, limits, mode).await;
+        let result = self.call_uncounted(event, input, limits, mode).await;
         self.calls.fetch_add(1, Ordering::Relaxed);
         self.call_micros
             .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
@@ -423,13 +441,13 @@ impl LoadedPlugin {
     pub async fn call_uncounted(
         &self,
         event: &Event,
-        config: Arc<[(String, String)]>,
+        input: CallInput,
         limits: CallLimits,
         mode: InstanceMode,
     ) -> Result<PluginVerdict, CallError> {
         match mode {
-            InstanceMode::Fresh => self.call_fresh(event, config, limits).await,
-            InstanceMode::Warm => self.call_warm(event, config, limits).await,
+            InstanceMode::Fresh => self.call_fresh(event, input, limits).await,
+            InstanceMode::Warm => self.call_warm(event, input, limits).await,
         }
         .and_then(|v| check_output(v, &limits))
     }
@@ -445,12 +463,7 @@ impl LoadedPlugin {
         }
     }
 
-    fn new_store(
-        &self,
-        event: &Event,
-        config: Arc<[(String, String)]>,
-        max_memory: usize,
-    ) -> Store<PluginState> {
+    fn new_store(&self, event: &Event, input: CallInput, max_memory: usize) -> Store<PluginState> {
         let store_limits = StoreLimitsBuilder::new()
             .memory_size(max_memory)
             .instances(20)
@@ -458,12 +471,7 @@ impl LoadedPlugin {
             .memories(20)
             .trap_on_grow_failure(true)
             .build();
-        let state = PluginState::new(
-            self.name.clone(),
-            event.id.to_string(),
-            config,
-            store_limits,
-        );
+        let state = PluginState::new(self.name.clone(), event.id.to_string(), input, store_limits);
         let mut store = Store::new(self.pre.engine(), state);
         store.limiter(|s| &mut s.limits);
         store
@@ -472,10 +480,10 @@ impl LoadedPlugin {
     async fn call_fresh(
         &self,
         event: &Event,
-        config: Arc<[(String, String)]>,
+        input: CallInput,
         limits: CallLimits,
     ) -> Result<PluginVerdict, CallError> {
-        let mut store = self.new_store(event, config, limits.max_memory);
+        let mut store = self.new_store(event, input, limits.max_memory);
         set_deadline(&mut store, limits.deadline);
         let result = match self.pre.instantiate_async(&mut store).await {
             Ok(plugin) => invoke(&plugin, &mut store, event).await,
@@ -488,7 +496,7 @@ impl LoadedPlugin {
     async fn call_warm(
         &self,
         event: &Event,
-        config: Arc<[(String, String)]>,
+        input: CallInput,
         limits: CallLimits,
     ) -> Result<PluginVerdict, CallError> {
         let reused = {
@@ -498,11 +506,11 @@ impl LoadedPlugin {
         };
         let mut warm = match reused {
             Some(mut w) => {
-                w.store.data_mut().begin_call(event.id.to_string(), config);
+                w.store.data_mut().begin_call(event.id.to_string(), input);
                 w
             }
             None => {
-                let mut store = self.new_store(event, config, limits.max_memory);
+                let mut store = self.new_store(event, input, limits.max_memory);
                 set_deadline(&mut store, limits.deadline);
                 let plugin = match self.pre.instantiate_async(&mut store).await {
                     Ok(p) => p,

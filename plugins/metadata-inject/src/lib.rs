@@ -4,9 +4,14 @@
 //! Looks at the top level and at a nested `data` object (Bondio, CloudEvents). Recognised
 //! fields: `iccid`, `esimIccid`, `esim`, `subject` for `iccid`; `imsi` for `imsi`; `ip`,
 //! `ipv4`, `ip_address` for `ip`. Any further config pair `NAME = /json/pointer` adds
-//! metadata `NAME` from that place of the body.
+//! metadata `NAME` from that place of the body; `NAME = TABLE[KEY]/json/pointer` adds it
+//! from the gateway's lookup table `TABLE` (`[tables]` in its config): the row whose key is
+//! the metadata `KEY` found so far, at that place of the row (`sims[iccid]/customer`: the
+//! customer of the event's SIM). Pairs apply in order, so one may key on another's result;
+//! a value not found adds nothing.
 //!
 //! Try it: `switchyard plugin run metadata-inject.wasm --event examples/events/onomondo-usage.json`
+//! (with `--table sims=sims.csv --config customer=sims[iccid]/customer` for a table).
 
 use serde_json::Value;
 use switchyard_plugin::*;
@@ -28,13 +33,25 @@ impl Plugin for MetadataInject {
                 metadata.push((name.to_string(), value));
             }
         }
-        for (name, pointer) in config_all() {
-            if !pointer.starts_with('/') {
-                return Err(PluginError::InvalidConfig(format!(
-                    "`{name}` must be a JSON pointer such as /data/tenant"
-                )));
-            }
-            if let Some(value) = body.pointer(&pointer).and_then(scalar_text) {
+        for (name, source) in config_all() {
+            let value = match source.split_once('[') {
+                None if source.starts_with('/') => body.pointer(&source).and_then(scalar_text),
+                Some((table, rest)) if !table.is_empty() => {
+                    let Some((key, pointer)) = rest.split_once(']') else {
+                        return Err(bad(&name));
+                    };
+                    if !(pointer.is_empty() || pointer.starts_with('/')) {
+                        return Err(bad(&name));
+                    }
+                    let key = (metadata.iter().rev())
+                        .find(|(n, _)| n == key)
+                        .map(|(_, v)| v);
+                    let row = key.and_then(|key| lookup(table, key));
+                    row.and_then(|row| row.pointer(pointer).and_then(scalar_text))
+                }
+                _ => return Err(bad(&name)),
+            };
+            if let Some(value) = value {
                 metadata.push((name, value));
             }
         }
@@ -43,6 +60,12 @@ impl Plugin for MetadataInject {
             ..Update::default()
         }))
     }
+}
+
+fn bad(name: &str) -> PluginError {
+    PluginError::InvalidConfig(format!(
+        "`{name}` must be a JSON pointer such as /data/tenant, or a table's row such as sims[iccid]/customer"
+    ))
 }
 
 fn find(body: &Value, candidates: &[&str]) -> Option<String> {

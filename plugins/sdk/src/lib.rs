@@ -1,6 +1,6 @@
 //! Write Switchyard plugins in Rust.
 //!
-//! The bindings are generated from the repository's `wit/` (the `switchyard:plugin@0.1.0`
+//! The bindings are generated from the repository's `wit/` (the `switchyard:plugin@0.1.1`
 //! world), so the SDK and the gateway share one contract. A plugin implements [`Plugin`]
 //! and registers itself with [`export_plugin!`]:
 //!
@@ -85,6 +85,14 @@ pub fn config(key: &str) -> Option<String> {
 /// All of the plugin's configuration, in order.
 pub fn config_all() -> Vec<(String, String)> {
     switchyard::plugin::host::config()
+}
+
+/// The row of `key` in the gateway's lookup table `table` (`[tables]` in its config), as
+/// JSON: an object of the columns for a CSV table, the key's value for a JSON one. `None`
+/// when there is no such row or table. Needs a gateway of `switchyard:plugin@0.1.1`.
+pub fn lookup(table: &str, key: &str) -> Option<serde_json::Value> {
+    let row = switchyard::plugin::host::lookup(table, key)?;
+    serde_json::from_str(&row).ok()
 }
 
 /// A comma-separated configuration value as a list of trimmed, non-empty items.
