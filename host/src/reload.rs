@@ -365,6 +365,7 @@ impl Reloader {
             files.extend([c.cert.clone(), c.key.clone()]);
         }
         files.extend(config.delivery.ca_certificates.iter().cloned());
+        files.extend(config.tables.files().map(Path::to_path_buf));
         let certificates = files.len() > usize::from(self.config_file().is_some());
         let names: HashSet<std::ffi::OsString> = (files.iter())
             .filter_map(|f| f.file_name().map(Into::into))
@@ -398,11 +399,11 @@ impl Reloader {
             }
             match watcher.watch(dir, RecursiveMode::NonRecursive) {
                 Ok(()) => {}
-                // The config file's directory (first) must be watched; a certificate's
-                // is a convenience, and SIGHUP still reloads it.
+                // The config file's directory (first) must be watched; a certificate's or a
+                // table's is a convenience, and SIGHUP still reloads it.
                 Err(e) if i == 0 && self.config_file().is_some() => return Err(e.into()),
                 Err(e) => tracing::warn!(error = %e, dir = %dir.display(),
-                    "Cannot watch a certificate's directory; after renewing it, reload with SIGHUP or POST /v1/reload."),
+                    "Cannot watch a certificate's or a table's directory; after changing one, reload with SIGHUP or POST /v1/reload."),
             }
         }
         Ok(tokio::spawn(async move {

@@ -2,7 +2,8 @@
 //! a fleet's SIMs by ICCID with their customer and region, say — so that a route can tag
 //! or route by what the sender's payload does not carry. `[tables]` names each one's file
 //! (CSV with a header row, or a JSON object); they are read at start and again at each
-//! reload, held in memory, and shared by every plugin call made under that config.
+//! reload (a change to one's file is one), held in memory, and shared by every plugin call
+//! made under that config.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -54,6 +55,11 @@ impl Tables {
     /// The row of `key` in `table`, as JSON text; `None` when either is unknown.
     pub fn lookup(&self, table: &str, key: &str) -> Option<&str> {
         self.by_name.get(table)?.rows.get(key).map(String::as_str)
+    }
+
+    /// The tables' files (watched for changes, as the config file is).
+    pub fn files(&self) -> impl Iterator<Item = &Path> {
+        self.by_name.values().map(|t| t.file.as_path())
     }
 
     /// Each table's name and number of rows, sorted by name.

@@ -344,9 +344,9 @@ destinations = ["sink"]
 }
 
 /// A lookup table (`[tables]`) read by a plugin through `host.lookup` (`metadata-inject`'s
-/// `sims[iccid]/customer`) fills a destination's placeholder; a changed table file takes
-/// effect at the next reload, and one that does not load is a rejected reload that keeps
-/// the old table. A plugin built against the first contract (0.1.0) runs in the same chain.
+/// `sims[iccid]/customer`) fills a destination's placeholder; a changed table takes effect
+/// at the next reload — a change to its file is one — and one that does not load is a
+/// rejected reload that keeps the old table. A plugin built against the first contract (0.1.0) runs in the same chain.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_lookup_table_feeds_plugins_and_follows_reloads() {
     let rx = Receiver::start().await;
@@ -384,6 +384,28 @@ destinations = ["sink"]
     gw.accept("s", body).await;
     assert_eq!(rx.wait_for(2).await[1].uri, "/sink/globex");
 
+    // A change to the table's file alone is noticed, as one to the config file is.
+    let reloads = || async {
+        let text = gw.metrics().await;
+        (text.lines())
+            .find_map(|l| l.strip_prefix(r#"switchyard_reloads_total{result="ok"} "#))
+            .map_or(0.0, |n| n.parse::<f64>().unwrap())
+    };
+    let before = reloads().await;
+    let tmp = gw.dir().join(".sims.csv.tmp");
+    std::fs::write(&tmp, "iccid,customer\n8945000000000000001,initech\n").unwrap();
+    std::fs::rename(&tmp, &table).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while reloads().await == before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the table's change was not noticed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    gw.accept("s", body).await;
+    assert_eq!(rx.wait_for(3).await[2].uri, "/sink/initech");
+
     std::fs::write(&table, "iccid,customer\n1,a\n1,b\n").unwrap();
     let (status, report) = gw.post_api("/v1/reload").await;
     let error = report["config_error"].as_str().unwrap_or_default();
@@ -394,8 +416,8 @@ destinations = ["sink"]
     );
     gw.accept("s", body).await;
     assert_eq!(
-        rx.wait_for(3).await[2].uri,
-        "/sink/globex",
+        rx.wait_for(4).await[3].uri,
+        "/sink/initech",
         "the old table serves"
     );
     gw.shutdown().await.unwrap();
