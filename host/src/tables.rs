@@ -64,11 +64,18 @@ impl Tables {
 
     /// Each table's name and number of rows, sorted by name.
     pub fn sizes(&self) -> Vec<(&str, usize)> {
-        let mut sizes: Vec<_> = (self.by_name.iter())
-            .map(|(n, t)| (n.as_str(), t.rows.len()))
+        (self.listing().into_iter())
+            .map(|(name, _, rows)| (name, rows))
+            .collect()
+    }
+
+    /// Each table's name, file and number of rows, sorted by name.
+    pub fn listing(&self) -> Vec<(&str, &Path, usize)> {
+        let mut tables: Vec<_> = (self.by_name.iter())
+            .map(|(name, t)| (name.as_str(), t.file.as_path(), t.rows.len()))
             .collect();
-        sizes.sort();
-        sizes
+        tables.sort();
+        tables
     }
 }
 

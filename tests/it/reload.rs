@@ -373,6 +373,16 @@ destinations = ["sink"]
     let gw = TestGateway::start_from_file(dir, config, &rx)
         .await
         .unwrap();
+    let (_, tables) = gw.get("/v1/tables").await;
+    assert_eq!(tables["items"][0]["name"], "sims", "{tables}");
+    assert_eq!(tables["items"][0]["rows"], 1, "{tables}");
+    assert!(
+        tables["items"][0]["file"]
+            .as_str()
+            .unwrap()
+            .ends_with("sims.csv"),
+        "{tables}"
+    );
     let body = r#"{"type":"usage","iccid":"8945000000000000001"}"#;
     gw.accept("s", body).await;
     let got = rx.wait_for(1).await;

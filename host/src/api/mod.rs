@@ -223,6 +223,7 @@ fn api_router() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(retry_delivery))
         .routes(routes!(stats::stats))
         .routes(routes!(list_plugins))
+        .routes(routes!(list_tables))
         .routes(routes!(reload))
 }
 
@@ -952,6 +953,20 @@ async fn list_plugins(State(state): State<Arc<AppState>>) -> Json<serde_json::Va
             }
             item
         })
+        .collect();
+    Json(json!({ "items": items }))
+}
+
+/// The lookup tables in force (`[tables]`), which plugins read with `host.lookup`: each
+/// one's name, file and number of rows, as the last config load read them.
+#[utoipa::path(get, path = "/v1/tables", tag = "plugins",
+    responses(
+        (status = 200, description = "`{\"items\": [{\"name\", \"file\", \"rows\"}]}`, by name", body = Object),
+    ))]
+async fn list_tables(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
+    let config = state.reloader.config();
+    let items: Vec<serde_json::Value> = (config.tables.listing().into_iter())
+        .map(|(name, file, rows)| json!({ "name": name, "file": file.display().to_string(), "rows": rows }))
         .collect();
     Json(json!({ "items": items }))
 }
