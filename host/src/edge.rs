@@ -1,8 +1,8 @@
 //! Edge security: verification of inbound signatures (an HMAC — SHA-256, SHA-1 or SHA-512
-//! — over the body or over a signed timestamp and the body, Standard Webhooks, a secret header or query parameter),
-//! per-source IP allowlists with trusted proxies, the signing of outbound deliveries
-//! (Standard Webhooks, or an HMAC as the inbound one), and the listener's own certificate
-//! (`server.tls`). Comparisons of signatures and secrets are constant-time; secrets never
+//! — over the body or over a signed timestamp and the body, Standard Webhooks, Twilio's, a
+//! secret header or query parameter), per-source IP allowlists with trusted proxies, the
+//! signing of outbound deliveries (Standard Webhooks, or an HMAC as the inbound one), and
+//! the listener's own certificate (`server.tls`). Comparisons of signatures and secrets are constant-time; secrets never
 //! appear in errors or logs.
 
 use std::net::IpAddr;
