@@ -418,11 +418,6 @@ fn quickstart_copy() -> (tempfile::TempDir, std::path::PathBuf) {
     (dir, config)
 }
 
-/// `switchyard dry-run` runs a payload through the config file's routes with no gateway,
-/// printing the dry run's answer; with `--expect` it is a golden test: the quickstart's
-/// expected file holds, a changed one fails naming each difference. Headers and query
-/// make the event's; an unknown source or a route's missing plugin is an error; nothing is
-/// stored.
 /// `switchyard dry-run` of a payload that is a sender's URL check (the source's
 /// `challenge`) shows what ingest answers, and no route runs; one that is not JSON to a
 /// source that `require_json` fails with what ingest would answer — as the API's dry run
@@ -476,6 +471,11 @@ destinations = ["d"]
     assert_eq!(answer["deliveries"][0]["destination"], "d", "{answer}");
 }
 
+/// `switchyard dry-run` runs a payload through the config file's routes with no gateway,
+/// printing the dry run's answer; with `--expect` it is a golden test: the quickstart's
+/// expected file holds, a changed one fails naming each difference. Headers and query
+/// make the event's; an unknown source or a route's missing plugin is an error; nothing is
+/// stored.
 #[test]
 fn dry_run_shows_what_the_routes_would_send_and_checks_an_expected_answer() {
     let root = xtask::workspace_root();
