@@ -1850,25 +1850,24 @@ impl Refs<'_> {
     /// `echo` and most secret stores leave one).
     fn file(&self, name: &str) -> Result<String, String> {
         let path = self.base_dir.join(name);
-        let read = || -> std::io::Result<Vec<u8>> {
-            use std::io::Read;
-            let mut bytes = Vec::new();
-            let file = std::fs::File::open(&path)?;
-            file.take(MAX_REFERENCED_FILE + 1).read_to_end(&mut bytes)?;
-            Ok(bytes)
-        };
-        let bytes = read()
-            .map_err(|e| format!("`${{file:{name}}}`: cannot read {}: {e}", path.display()))?;
-        if bytes.len() as u64 > MAX_REFERENCED_FILE {
-            return Err(format!(
-                "`${{file:{name}}}`: {} is over {MAX_REFERENCED_FILE} bytes (a secret, not a document)",
-                path.display()
-            ));
-        }
+        let bytes = read_at_most(&path, MAX_REFERENCED_FILE)
+            .map_err(|why| format!("`${{file:{name}}}`: {}: {why}", path.display()))?;
         let text = String::from_utf8(bytes)
             .map_err(|_| format!("`${{file:{name}}}`: {} is not UTF-8 text", path.display()))?;
         Ok(text.trim_end_matches(['\n', '\r']).to_string())
     }
+}
+
+/// The bytes of a file of at most `max` bytes; what is wrong (unreadable, larger).
+pub(crate) fn read_at_most(path: &Path, max: u64) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot read it: {e}"))?;
+    (file.take(max + 1).read_to_end(&mut bytes)).map_err(|e| format!("cannot read it: {e}"))?;
+    if bytes.len() as u64 > max {
+        return Err(format!("it is over {max} bytes"));
+    }
+    Ok(bytes)
 }
 
 /// Replaces `${VAR}`, `${VAR:-default}` and `${file:PATH}` in every string of the tree.

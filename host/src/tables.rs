@@ -84,14 +84,7 @@ impl Table {
     /// a JSON object of the row's columns by header (every value a string). A `.json`
     /// file: an object whose members are the keys and their rows (any JSON).
     fn load(path: &Path) -> Result<Self, String> {
-        use std::io::Read;
-        let mut bytes = Vec::new();
-        let file = std::fs::File::open(path).map_err(|e| format!("cannot read it: {e}"))?;
-        (file.take(MAX_TABLE_BYTES + 1).read_to_end(&mut bytes))
-            .map_err(|e| format!("cannot read it: {e}"))?;
-        if bytes.len() as u64 > MAX_TABLE_BYTES {
-            return Err(format!("over {} MiB", MAX_TABLE_BYTES >> 20));
-        }
+        let bytes = crate::config::read_at_most(path, MAX_TABLE_BYTES)?;
         let rows = match path.extension().and_then(|e| e.to_str()) {
             Some(e) if e.eq_ignore_ascii_case("csv") => csv_rows(&bytes)?,
             Some(e) if e.eq_ignore_ascii_case("json") => json_rows(&bytes)?,
