@@ -6,6 +6,7 @@
 //   label.<label>   events whose `sim_label` is <label>
 //   tag.<tag>       events whose `tags` list (or `tag` field) holds <tag>
 //   iccid.<prefix>  events whose ICCID starts with <prefix>
+//   meta.<name>.<value>  events whose metadata <name> (the last value) is <value>
 //   default         when no rule matches (without it, such events are dropped)
 //
 // Build: npm ci && npm run build   (bindings come from ../../wit; nothing hand-written)
@@ -26,6 +27,13 @@ function scalarText(v) {
   if (typeof v === 'string') return v;
   if (typeof v === 'number') return String(v);
   return undefined;
+}
+
+/** The last value of a metadata key (when a key repeats, the last pair wins). */
+function metadata(event, name) {
+  let found;
+  for (const [k, v] of event.metadata) if (k === name) found = v;
+  return found;
 }
 
 function add(chosen, list) {
@@ -51,8 +59,7 @@ export const handler = {
     let tags = [];
     if (Array.isArray(payload.tags)) tags = payload.tags.filter((t) => typeof t === 'string');
     else if (typeof payload.tag === 'string') tags = [payload.tag];
-    const meta = event.metadata.find(([k]) => k === 'iccid');
-    let iccid = meta ? meta[1] : undefined;
+    let iccid = metadata(event, 'iccid');
     if (iccid === undefined) {
       for (const k of ['iccid', 'esimIccid', 'esim']) {
         iccid = scalarText(payload[k]);
@@ -68,11 +75,18 @@ export const handler = {
       if (key.startsWith('label.')) matched = label === key.slice(6);
       else if (key.startsWith('tag.')) matched = tags.includes(key.slice(4));
       else if (key.startsWith('iccid.')) matched = iccid !== undefined && iccid.startsWith(key.slice(6));
-      else if (key === 'default') fallback = destinations;
+      else if (key.startsWith('meta.')) {
+        const rule = key.slice(5);
+        const dot = rule.indexOf('.');
+        if (dot <= 0) {
+          throw pluginError('invalid-config', `\`${key}\`: a metadata rule is meta.NAME.VALUE`);
+        }
+        matched = metadata(event, rule.slice(0, dot)) === rule.slice(dot + 1);
+      } else if (key === 'default') fallback = destinations;
       else {
         throw pluginError(
           'invalid-config',
-          `unknown rule \`${key}\` (use label.X, tag.X, iccid.PREFIX or default)`,
+          `unknown rule \`${key}\` (use label.X, tag.X, iccid.PREFIX, meta.NAME.VALUE or default)`,
         );
       }
       if (matched) add(chosen, destinations);

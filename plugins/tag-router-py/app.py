@@ -7,6 +7,7 @@ Config (keys are rules, values comma-separated destination names):
   label.<label>   events whose `sim_label` is <label>
   tag.<tag>       events whose `tags` list (or `tag` field) holds <tag>
   iccid.<prefix>  events whose ICCID starts with <prefix>
+  meta.<name>.<value>  events whose metadata <name> (the last value) is <value>
   default         when no rule matches (without it, such events are dropped)
 
 Build (bindings are generated from ../../wit by componentize-py; nothing hand-written):
@@ -45,6 +46,15 @@ def fields(v):
     return v if isinstance(v, dict) else {}
 
 
+def metadata(event, name):
+    """The last value of a metadata key (when a key repeats, the last pair wins)."""
+    found = None
+    for k, v in event.metadata:
+        if k == name:
+            found = v
+    return found
+
+
 def add(chosen, destinations):
     for d in (s.strip() for s in destinations.split(",")):
         if d and d not in chosen:
@@ -69,7 +79,7 @@ class Handler(exports.Handler):
             tags = [payload["tag"]]
         else:
             tags = []
-        iccid = next((v for k, v in event.metadata if k == "iccid"), None)
+        iccid = metadata(event, "iccid")
         if iccid is None:
             for k in ("iccid", "esimIccid", "esim"):
                 iccid = scalar_text(payload.get(k))
@@ -87,13 +97,18 @@ class Handler(exports.Handler):
                 matched = key[len("tag."):] in tags
             elif key.startswith("iccid."):
                 matched = iccid is not None and iccid.startswith(key[len("iccid."):])
+            elif key.startswith("meta."):
+                name, dot, value = key[len("meta."):].partition(".")
+                if not name or not dot:
+                    raise Err(PluginError_InvalidConfig(f"`{key}`: a metadata rule is meta.NAME.VALUE"))
+                matched = metadata(event, name) == value
             elif key == "default":
                 fallback = destinations
                 matched = False
             else:
                 raise Err(
                     PluginError_InvalidConfig(
-                        f"unknown rule `{key}` (use label.X, tag.X, iccid.PREFIX or default)"
+                        f"unknown rule `{key}` (use label.X, tag.X, iccid.PREFIX, meta.NAME.VALUE or default)"
                     )
                 )
             if matched:

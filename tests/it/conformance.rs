@@ -24,6 +24,12 @@ const CONFIGS: &[(&str, &str)] = &[
         r#"{ "tag.gold" = "fleet", "iccid.8944" = "sims" }"#,
     ),
     ("broken", r#"{ "colour.red" = "fleet" }"#),
+    // After `metadata-inject` (see `config`): rules on the metadata it set, the last value
+    // of a key winning; a value may hold dots.
+    (
+        "by-metadata",
+        r#"{ "meta.iccid.8945738730000000012" = "fleet", "meta.ip.10.1.2.3" = "sims", default = "archive" }"#,
+    ),
 ];
 
 fn config() -> String {
@@ -33,10 +39,15 @@ fn config() -> String {
     }
     for (source, rules) in CONFIGS {
         c += &format!("[[sources]]\nname = \"{source}\"\n");
+        // (`iccid` set twice when the body has `sim.iccid` too: the last one counts.)
+        let first = match *source {
+            "by-metadata" => r#"{ name = "metadata-inject", config = { iccid = "/sim/iccid" } }, "#,
+            _ => "",
+        };
         for (lang, plugin) in LANGUAGES {
             c += &format!(
                 "[[routes]]\nname = \"{source}-{lang}\"\nsource = \"{source}\"\non_error = \"drop\"\n\
-                 plugins = [{{ name = \"{plugin}\", instance = \"warm\", config = {rules} }}]\n"
+                 plugins = [{first}{{ name = \"{plugin}\", instance = \"warm\", config = {rules} }}]\n"
             );
         }
     }
@@ -81,6 +92,11 @@ fn events() -> Vec<(String, Vec<u8>)> {
         ("array body", json!([1, 2, 3])),
         ("string body", json!("gold")),
         ("nothing matches", json!({ "sim_label": "other" })),
+        (
+            "metadata set twice",
+            json!({ "iccid": "1", "sim": { "iccid": "8945738730000000012" } }),
+        ),
+        ("an address", json!({ "ip": "10.1.2.3" })),
     ];
     events.extend(
         cases
@@ -111,7 +127,8 @@ fn decision(step: &Value) -> Value {
 async fn rust_js_and_python_plugins_give_the_same_verdicts() {
     let plugins: Vec<&str> = LANGUAGES.iter().map(|(_, p)| *p).collect();
     let rx = Receiver::start().await;
-    let gw = TestGateway::start(&config(), &rx, &plugins).await;
+    let loaded = [&plugins[..], &["metadata-inject"]].concat();
+    let gw = TestGateway::start(&config(), &rx, &loaded).await;
     let (_, listed) = gw.get("/v1/plugins").await;
     for p in &plugins {
         let item = listed["items"]
@@ -130,7 +147,10 @@ async fn rust_js_and_python_plugins_give_the_same_verdicts() {
             let event = gw.settled(&id).await;
             let routes = event["routes"].as_array().unwrap();
             assert_eq!(routes.len(), LANGUAGES.len(), "{event}");
-            let decisions: Vec<Value> = routes.iter().map(|r| decision(&r["steps"][0])).collect();
+            // (The router's step: the last of a route's chain.)
+            let decisions: Vec<Value> = (routes.iter())
+                .map(|r| decision(r["steps"].as_array().unwrap().last().unwrap()))
+                .collect();
             for (i, (lang, _)) in LANGUAGES.iter().enumerate().skip(1) {
                 assert_eq!(
                     decisions[i], decisions[0],
@@ -169,6 +189,19 @@ async fn rust_js_and_python_plugins_give_the_same_verdicts() {
         ["archive"]
     );
     assert_eq!(destinations(&verdict("strict / esimIccid")), ["sims"]);
+    assert_eq!(
+        destinations(&verdict("by-metadata / metadata set twice")),
+        ["fleet"]
+    );
+    assert_eq!(destinations(&verdict("by-metadata / an address")), ["sims"]);
+    assert_eq!(
+        destinations(&verdict("by-metadata / onomondo-location.json")),
+        ["fleet"]
+    );
+    assert_eq!(
+        destinations(&verdict("by-metadata / nothing matches")),
+        ["archive"]
+    );
     assert_eq!(verdict("strict / nothing matches")["verdict"], "drop");
     assert_eq!(
         verdict("routed / not JSON"),

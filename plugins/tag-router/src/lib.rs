@@ -4,6 +4,9 @@
 //! - `label.<label>` — events whose `sim_label` is `<label>`;
 //! - `tag.<tag>` — events whose `tags` list (or `tag` field) holds `<tag>`;
 //! - `iccid.<prefix>` — events whose ICCID starts with `<prefix>`;
+//! - `meta.<name>.<value>` — events whose metadata `<name>`, as an earlier plugin set it
+//!   (the last value), is `<value>` (`meta.customer.acme`, after `metadata-inject` read a
+//!   lookup table);
 //! - `default` — when no rule matches (without it, such events are dropped).
 //!
 //! Every matching rule adds its destinations (each at most once). The payload may be a
@@ -55,12 +58,23 @@ impl Plugin for TagRouter {
                 tags.contains(&t)
             } else if let Some(prefix) = key.strip_prefix("iccid.") {
                 iccid.as_deref().is_some_and(|i| i.starts_with(prefix))
+            } else if let Some(rule) = key.strip_prefix("meta.") {
+                match rule.split_once('.') {
+                    Some((name, value)) if !name.is_empty() => {
+                        metadata(&event, name) == Some(value)
+                    }
+                    _ => {
+                        return Err(PluginError::InvalidConfig(format!(
+                            "`{key}`: a metadata rule is meta.NAME.VALUE"
+                        )));
+                    }
+                }
             } else if key == "default" {
                 default = Some(destinations.clone());
                 false
             } else {
                 return Err(PluginError::InvalidConfig(format!(
-                    "unknown rule `{key}` (use label.X, tag.X, iccid.PREFIX or default)"
+                    "unknown rule `{key}` (use label.X, tag.X, iccid.PREFIX, meta.NAME.VALUE or default)"
                 )));
             };
             if matched {
