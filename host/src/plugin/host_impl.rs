@@ -70,6 +70,11 @@ impl PluginState {
         self.log_lines = 0;
     }
 
+    /// Lets go of the call's input, as a warm instance waits for its next call.
+    pub(super) fn end_call(&mut self) {
+        self.input = super::CallInput::default();
+    }
+
     /// Writes what the guest printed to the gateway's log, one event per line, tagged with
     /// the plugin and the event.
     pub(super) fn flush_output(&self) {

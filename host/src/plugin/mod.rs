@@ -531,6 +531,8 @@ impl LoadedPlugin {
         // A trapped instance is never reused: its memory may be in any state.
         let trapped = result.is_err();
         if !trapped && warm.calls < self.options.warm_recycle_after {
+            // (Waiting, it holds no config or tables: a reload's old ones go at once.)
+            warm.store.data_mut().end_call();
             let mut pool = self.warm.lock().unwrap_or_else(|e| e.into_inner());
             if pool.len() < self.options.warm_pool_size {
                 pool.push(warm);
