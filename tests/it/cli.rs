@@ -415,6 +415,10 @@ fn quickstart_copy() -> (tempfile::TempDir, std::path::PathBuf) {
     for name in &GUESTS[..4] {
         std::fs::copy(guest(name), plugins.join(format!("{name}.wasm"))).unwrap();
     }
+    let tables = dir.path().join("tables");
+    std::fs::create_dir_all(&tables).unwrap();
+    let sims = xtask::workspace_root().join("examples/quickstart/tables/sims.csv");
+    std::fs::copy(sims, tables.join("sims.csv")).unwrap();
     (dir, config)
 }
 

@@ -668,6 +668,9 @@ async fn quickstart_config_accepts_every_sample_event() {
         _ => None,
     };
     let dir = TestGateway::dir_with_plugins(&GUESTS[..4]);
+    std::fs::create_dir(dir.path().join("tables")).unwrap();
+    let sims = root.join("examples/quickstart/tables/sims.csv");
+    std::fs::copy(sims, dir.path().join("tables/sims.csv")).unwrap();
     let gw = TestGateway::start_raw(dir, &text, &env).await.unwrap();
 
     let mut ids = Vec::new();
@@ -707,5 +710,7 @@ async fn quickstart_config_accepts_every_sample_event() {
     assert_eq!(fleet.uri, "/fleet?iccid=8988280666000000001&ip=10.100.0.17");
     assert_eq!(fleet.header("x-device-imsi"), Some("901405100000001"));
     assert_eq!(fleet.header("x-api-key"), Some("demo-key"));
+    // The SIM's customer, from the quickstart's lookup table.
+    assert_eq!(fleet.header("x-customer"), Some("globex"));
     gw.shutdown().await.unwrap();
 }
