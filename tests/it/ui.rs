@@ -48,8 +48,14 @@ async fn dashboard_in_a_real_browser() {
     let fleet = Receiver::start().await;
     let flaky = Receiver::start().await;
     flaky.fail_with(Some(503));
+    // A lookup table, shown on the plugins page.
+    let tables = tempfile::tempdir().unwrap();
+    let sims = tables.path().join("sims.csv");
+    std::fs::write(&sims, "iccid,customer\n8945738730000000012,acme\n").unwrap();
     let config = format!(
         r#"
+[tables]
+sims = "{}"
 [[sources]]
 name = "onomondo"
 [[sources]]
@@ -75,6 +81,7 @@ destinations = ["flaky"]
 source = "secured"
 destinations = ["fleet"]
 "#,
+        sims.display(),
         flaky.url
     );
     let gw = TestGateway::start(&config, &fleet, &["event-filter"]).await;

@@ -189,11 +189,13 @@ try {
   await page.getByText('1 failed delivery to flaky sent again.').waitFor();
   await page.waitForFunction(() => document.querySelectorAll('#destinations tr[data-name="flaky"] td.num')[1]?.textContent === '0');
 
-  step('the plugins page shows versions, routes and call latency');
+  step('the plugins page shows versions, routes and call latency, and the lookup tables');
   await page.getByRole('link', { name: 'Plugins' }).click();
   const plugin = page.locator('#plugins tr[data-name="event-filter"]');
   await plugin.getByText('ok').first().waitFor();
   await plugin.getByText('µs').waitFor();
+  // The lookup tables plugins read, with their rows.
+  await page.locator('#tables tr[data-name="sims"]').getByText('1', { exact: true }).waitFor();
   await shot('plugins');
 
   step('the routes page shows each chain end to end, and opens its events');

@@ -438,9 +438,16 @@ async function routesPage() {
 
 async function pluginsPage() {
   const box = h('div', { class: 'card' });
-  page('Plugins', box);
+  const tablesBox = h('section', { hidden: true });
+  page('Plugins', box, tablesBox);
   try {
-    const list = await api('/v1/plugins');
+    const [list, tables] = await Promise.all([api('/v1/plugins'), api('/v1/tables')]);
+    // The lookup tables plugins read (`[tables]`), when the config has any.
+    tablesBox.hidden = tables.items.length === 0;
+    tablesBox.replaceChildren(h('h2', {}, 'Lookup tables'), h('div', { class: 'card' }, h('table', { id: 'tables' },
+      h('thead', {}, h('tr', {}, h('th', {}, 'Name'), h('th', { class: 'num' }, 'Rows'), h('th', { class: 'hide-narrow' }, 'File'))),
+      h('tbody', {}, tables.items.map((t) => h('tr', { 'data-name': t.name },
+        h('td', {}, t.name), h('td', { class: 'num' }, String(t.rows)), h('td', { class: 'hide-narrow mono' }, t.file)))))));
     box.replaceChildren(h('table', { id: 'plugins' },
       h('thead', {}, h('tr', {}, h('th', {}, 'Name'), h('th', {}, 'Status'), h('th', {}, 'Version'), h('th', { class: 'hide-narrow' }, 'Loaded'),
         h('th', { class: 'num' }, 'Calls'), h('th', { class: 'num' }, 'Mean call'), h('th', {}, 'Routes'), h('th', { class: 'hide-narrow' }, 'Last error'))),
