@@ -746,18 +746,30 @@ impl VerifyConfig {
     /// seconds): headers, and a query parameter (the `query` scheme's) — with the current
     /// secret (`secret`, the first of `secrets`). The inverse of [`Self::verify`], for
     /// `switchyard send`.
-    /// (`content_type`: the body's, which the `twilio` scheme signs according to.)
-    pub fn credentials(&self, content_type: Option<&str>, body: &[u8], now_s: u64) -> Credentials {
+    /// (`content_type`: the body's, and `query`: the request's own query, before any the
+    /// credentials add — both of which the `twilio` scheme signs.)
+    pub fn credentials(
+        &self,
+        content_type: Option<&str>,
+        query: &str,
+        body: &[u8],
+        now_s: u64,
+    ) -> Credentials {
         let ts = now_s.to_string();
         match self {
             VerifyConfig::None {} => Credentials::default(),
             VerifyConfig::Twilio { url, secrets } => {
                 let key = secrets.first().map(String::as_bytes).unwrap_or_default();
                 let (signed, query) = match is_form(content_type) {
-                    true => (twilio_signed(url, "", Some(body)), None),
+                    true => (twilio_signed(url, query, Some(body)), None),
                     false => {
+                        // (As `switchyard send` adds it: after the request's own query.)
                         let hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(body));
-                        let query = format!("bodySHA256={hash}");
+                        let pair = format!("bodySHA256={hash}");
+                        let query = match query.is_empty() {
+                            true => pair,
+                            false => format!("{query}&{pair}"),
+                        };
                         (
                             twilio_signed(url, &query, None),
                             Some(("bodySHA256".into(), hash)),
@@ -1343,7 +1355,7 @@ mod tests {
                 );
             }
             // What `switchyard send` (and a destination) writes passes it.
-            let sent = cfg.credentials(None, body, 0).headers;
+            let sent = cfg.credentials(None, "", body, 0).headers;
             let given = &sent[0].1;
             assert!(
                 known
@@ -1429,14 +1441,23 @@ mod tests {
             Err(EdgeError::Malformed("x-twilio-signature".into()))
         );
         // What `switchyard send` adds passes, for a form and for JSON.
-        let sent = cfg.credentials(Some("application/x-www-form-urlencoded"), params, 0);
+        // (With a query of the request's own, signed as the gateway will see it.)
+        let sent = cfg.credentials(Some("application/x-www-form-urlencoded"), query, params, 0);
         assert_eq!(sent.query, None);
         let h = form(&sent.headers[0].1);
-        assert_eq!(cfg.verify(&h, "", params, 0), Ok(()));
-        let sent = cfg.credentials(None, body, 0);
-        let (name, hash) = sent.query.unwrap();
-        let h = headers(&[("x-twilio-signature", &sent.headers[0].1)]);
-        assert_eq!(cfg.verify(&h, &format!("{name}={hash}"), body, 0), Ok(()));
+        assert_eq!(cfg.verify(&h, query, params, 0), Ok(()));
+        for own in ["", query] {
+            let sent = cfg.credentials(None, own, body, 0);
+            let (name, hash) = sent.query.unwrap();
+            let h = headers(&[("x-twilio-signature", &sent.headers[0].1)]);
+            let sent_query = [own, &format!("{name}={hash}")]
+                .iter()
+                .filter(|q| !q.is_empty())
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("&");
+            assert_eq!(cfg.verify(&h, &sent_query, body, 0), Ok(()), "{own}");
+        }
         // What cannot work is refused at load.
         for (url, secrets) in [
             ("https://mycompany.com/myapp.php?foo=1", vec!["12345"]),
@@ -1623,7 +1644,7 @@ mod tests {
         for config in configs {
             let cfg: VerifyConfig = serde_json::from_str(config).unwrap();
             cfg.validate().unwrap();
-            let sent = cfg.credentials(None, body, 1_700_000_000);
+            let sent = cfg.credentials(None, "", body, 1_700_000_000);
             let pairs: Vec<(&str, &str)> = sent
                 .headers
                 .iter()

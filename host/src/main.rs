@@ -307,7 +307,9 @@ async fn send(
         .find(|(name, _)| name.eq_ignore_ascii_case("content-type"))
         .map(|(_, value)| value.as_str());
     let sent = match &sc.verify {
-        Some(verify) => verify.credentials(content_type, &body, now_s),
+        Some(verify) => {
+            verify.credentials(content_type, query.as_deref().unwrap_or(""), &body, now_s)
+        }
         None => Default::default(),
     };
     let base = url.unwrap_or_else(|| {

@@ -1018,6 +1018,29 @@ destinations = ["d"]
         let answer: Value = serde_json::from_str(&stdout).unwrap();
         assert!(answer["id"].is_string(), "{source}: {stdout}");
     }
+    // Twilio signs the URL with its query: one of the request's own too.
+    let args: Vec<String> = [
+        "send",
+        "--config",
+        &good,
+        "--url",
+        &gw.url,
+        "--source",
+        "twilio",
+        "--event",
+        &event,
+        "--query",
+        "fleet=trucks",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    let (ok, _, stderr) = tokio::task::spawn_blocking(move || {
+        run(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    })
+    .await
+    .unwrap();
+    assert!(ok && stderr.contains("202"), "{stderr}");
     let (ok, stdout, stderr) = send(&wrong, "stripe").await.unwrap();
     assert!(!ok);
     assert!(stderr.contains("401"), "{stderr}");
