@@ -349,7 +349,8 @@ pub(crate) fn stored_body(source: &SourceConfig, headers: &mut HeaderMap, body: 
 /// A new event (a fresh UUIDv7 id, received now) from a request to `source`, with the
 /// headers `keep` keeps — and never the credential a source's `verify` checked as it came
 /// (a `header` scheme's header, a `query` scheme's parameter): plugins, the event view and
-/// destinations have no use for it.
+/// destinations have no use for it. A `content-length` tells the stored body's length (a
+/// decoded or `form_as_json` body's is not the request's).
 pub(crate) fn new_event(
     source: String,
     method: &http::Method,
@@ -374,10 +375,11 @@ pub(crate) fn new_event(
             .iter()
             .filter(|(k, _)| keep(k) && VerifyConfig::keeps(verify, k))
             .map(|(k, v)| {
-                (
-                    k.as_str().to_string(),
-                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                )
+                let value = match k == http::header::CONTENT_LENGTH {
+                    true => body.len().to_string(),
+                    false => String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                };
+                (k.as_str().to_string(), value)
             })
             .collect(),
         content_type,

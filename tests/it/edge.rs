@@ -758,6 +758,7 @@ destinations = ["d"]
     let params = "CallSid=CA1234567890ABCDE&Digits=1234&From=%2B14158675309&To=%2B18005551212&Caller=%2B14158675309";
     let (status, answer) = post(params).await;
     assert_eq!(status, 202, "{answer}");
+    let answer_id = answer["id"].clone();
     let (status, answer) = post("CallSid=CA1234567890ABCDE&Digits=9999&From=%2B14158675309&To=%2B18005551212&Caller=%2B14158675309").await;
     assert_eq!(
         (status, answer["error"].as_str()),
@@ -779,6 +780,16 @@ destinations = ["d"]
     });
     assert_eq!(got[0].json(), fields);
     assert_eq!(got[0].header("content-type"), Some("application/json"));
+    // The stored event's headers tell the stored body, not the form.
+    let event = gw.event(answer_id.as_str().unwrap()).await;
+    let length = (event["event"]["headers"].as_array().unwrap().iter())
+        .find(|h| h[0] == "content-length")
+        .map(|h| h[1].clone());
+    assert_eq!(
+        length,
+        Some(json!(got[0].body.len().to_string())),
+        "{event}"
+    );
     // A repeated field is an array of its values; the dry run shows it as stored.
     let dry = (gw.client)
         .post(format!("{}/v1/sources/twilio/dry-run", gw.url))
