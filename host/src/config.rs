@@ -49,6 +49,8 @@ pub struct Config {
     /// `[tables]`: the lookup tables plugins read (`host.lookup`), read from their files
     /// by this load.
     pub tables: Arc<crate::tables::Tables>,
+    /// The files this load read for `${file:PATH}` references.
+    pub referenced_files: Vec<PathBuf>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -1165,7 +1167,11 @@ impl Config {
                 origin: origin.to_string(),
                 message: e.to_string(),
             })?;
-        let refs = Refs { env, base_dir };
+        let refs = Refs {
+            env,
+            base_dir,
+            read: Default::default(),
+        };
         expand_env(&mut value, &mut String::new(), &refs).map_err(|(k, m)| key_err(k, m))?;
 
         let raw: RawConfig = serde_path_to_error::deserialize(value).map_err(|e| {
@@ -1267,6 +1273,7 @@ impl Config {
             destinations: raw.destinations.into_iter().map(Arc::new).collect(),
             routes: name_routes(raw.routes).into_iter().map(Arc::new).collect(),
             tables: Arc::default(),
+            referenced_files: refs.read.into_inner(),
         };
         config.validate().map_err(|(k, m)| key_err(k, m))?;
         for name in raw.tables.keys() {
@@ -1284,6 +1291,26 @@ impl Config {
         // Each load warns of the certificates about to expire (`serve --check` too).
         crate::edge::warn_of_expiry(config.certificates(&delivery_tls.validity));
         Ok(config)
+    }
+
+    /// The files besides the config file itself that this config was read from, which a
+    /// reload reads again: `server.tls`'s (certificate, key, `client_ca`, `client_crl`),
+    /// `delivery.client_certificate`'s and `delivery.ca_certificates`, the tables', and
+    /// those of `${file:PATH}` references.
+    pub fn files(&self) -> Vec<PathBuf> {
+        let mut files = Vec::new();
+        if let Some(tls) = &self.server.tls {
+            files.extend([tls.files.cert.clone(), tls.files.key.clone()]);
+            files.extend(tls.client_ca.iter().cloned());
+            files.extend(tls.client_crl.iter().cloned());
+        }
+        if let Some(c) = &self.delivery.client_certificate {
+            files.extend([c.cert.clone(), c.key.clone()]);
+        }
+        files.extend(self.delivery.ca_certificates.iter().cloned());
+        files.extend(self.tables.files().map(Path::to_path_buf));
+        files.extend(self.referenced_files.iter().cloned());
+        files
     }
 
     /// The certificates in force, by the key naming each, and when each stops being valid:
@@ -1840,6 +1867,8 @@ fn check_name(name: &str) -> Result<(), String> {
 struct Refs<'a> {
     env: EnvLookup<'a>,
     base_dir: &'a Path,
+    /// The files read so far, each once.
+    read: std::cell::RefCell<Vec<PathBuf>>,
 }
 
 /// The most bytes a `${file:PATH}` reads: a secret, not a document.
@@ -1850,6 +1879,11 @@ impl Refs<'_> {
     /// `echo` and most secret stores leave one).
     fn file(&self, name: &str) -> Result<String, String> {
         let path = self.base_dir.join(name);
+        let mut read = self.read.borrow_mut();
+        if !read.contains(&path) {
+            read.push(path.clone());
+        }
+        drop(read);
         let bytes = read_at_most(&path, MAX_REFERENCED_FILE)
             .map_err(|why| format!("`${{file:{name}}}`: {}: {why}", path.display()))?;
         let text = String::from_utf8(bytes)

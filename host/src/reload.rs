@@ -72,6 +72,8 @@ pub struct Reloader {
     /// locked while they are built — apart from `busy`: a build reads every event stored
     /// (minutes, on a large PostgreSQL store), and API changes and reloads go on meanwhile.
     indexed: tokio::sync::Mutex<Vec<String>>,
+    /// Told each time a config is put in force, so the file watcher follows its files.
+    installed: tokio::sync::Notify,
 }
 
 impl Reloader {
@@ -95,6 +97,7 @@ impl Reloader {
             source: Mutex::new(None),
             busy: tokio::sync::Mutex::new(()),
             indexed: tokio::sync::Mutex::new(config.store.indexed_fields.clone()),
+            installed: tokio::sync::Notify::new(),
             config: ArcSwap::new(config.clone()),
             file: ArcSwap::new(config),
         })
@@ -171,6 +174,7 @@ impl Reloader {
             .forget_removed_sources(|s| routing.has_source(s));
         self.pipeline.set_routing(routing);
         self.config.store(config);
+        self.installed.notify_one();
     }
 
     /// Reloads the config file (if any), the managed objects and the plugin directory, and
@@ -340,77 +344,51 @@ impl Reloader {
         }
     }
 
-    /// Watches the plugin directory, the config file and the certificate files
-    /// (`server.tls` and its `client_ca` and `client_crl`, `delivery.client_certificate`,
-    /// `delivery.ca_certificates`), and
-    /// reloads after each burst of changes, until `stop`. The watch stays on the
-    /// directories watched at the start.
+    /// Watches the plugin directory, the config file and the other files the config was
+    /// read from ([`Config::files`]: certificates, tables, `${file:PATH}` secrets), and
+    /// reloads after each burst of changes, until `stop`. What is watched follows the
+    /// config in force: after each change of it, the directories of the files it names now
+    /// are watched, and those it no longer names are not.
     pub fn watch(
         self: Arc<Self>,
         stop: CancellationToken,
     ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
         let (tx, mut rx) = mpsc::unbounded_channel::<()>();
-        let config = self.config();
-        let plugin_dir = config.plugins.dir.clone();
-        // The config file and the certificate's files, watched in their directories: an
-        // editor, certbot (a symlink in `live/` replaced) and a Kubernetes secret volume
-        // (its `..data` symlink swapped) all replace files rather than write them in place.
-        let mut files: Vec<PathBuf> = self.config_file().map(|(p, _)| p).into_iter().collect();
-        if let Some(tls) = &config.server.tls {
-            files.extend([tls.files.cert.clone(), tls.files.key.clone()]);
-            files.extend(tls.client_ca.iter().cloned());
-            files.extend(tls.client_crl.iter().cloned());
-        }
-        if let Some(c) = &config.delivery.client_certificate {
-            files.extend([c.cert.clone(), c.key.clone()]);
-        }
-        files.extend(config.delivery.ca_certificates.iter().cloned());
-        files.extend(config.tables.files().map(Path::to_path_buf));
-        let certificates = files.len() > usize::from(self.config_file().is_some());
-        let names: HashSet<std::ffi::OsString> = (files.iter())
-            .filter_map(|f| f.file_name().map(Into::into))
-            .chain(certificates.then(|| "..data".into()))
-            .collect();
-        let relevant = move |path: &Path| {
-            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            (path.extension().is_some_and(|e| e == "wasm") && !name.starts_with('.'))
-                || path.file_name().is_some_and(|n| names.contains(n))
+        let names = Arc::new(Mutex::new(HashSet::<std::ffi::OsString>::new()));
+        let relevant = {
+            let names = names.clone();
+            move |path: &Path| {
+                let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                (path.extension().is_some_and(|e| e == "wasm") && !name.starts_with('.'))
+                    || path.file_name().is_some_and(|n| {
+                        (names.lock().unwrap_or_else(|e| e.into_inner())).contains(n)
+                    })
+            }
         };
-        let mut watcher =
-            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                if let Ok(event) = event
-                    && event.paths.iter().any(|p| relevant(p))
-                {
-                    let _ = tx.send(());
-                }
-            })?;
-        if plugin_dir.is_dir() {
-            watcher.watch(&plugin_dir, RecursiveMode::NonRecursive)?;
-        }
-        let mut watched = HashSet::new();
-        for (i, file) in files.iter().enumerate() {
-            let dir = match file.parent() {
-                Some(p) if p.as_os_str().is_empty() => Path::new("."),
-                Some(p) => p,
-                None => continue,
-            };
-            if !watched.insert(dir) {
-                continue;
+        let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            if let Ok(event) = event
+                && event.paths.iter().any(|p| relevant(p))
+            {
+                let _ = tx.send(());
             }
-            match watcher.watch(dir, RecursiveMode::NonRecursive) {
-                Ok(()) => {}
-                // The config file's directory (first) must be watched; a certificate's or a
-                // table's is a convenience, and SIGHUP still reloads it.
-                Err(e) if i == 0 && self.config_file().is_some() => return Err(e.into()),
-                Err(e) => tracing::warn!(error = %e, dir = %dir.display(),
-                    "Cannot watch a certificate's or a table's directory; after changing one, reload with SIGHUP or POST /v1/reload."),
-            }
-        }
+        })?;
+        let mut watches = Watches {
+            watcher,
+            dirs: HashSet::new(),
+            names,
+        };
+        let config_file = self.config_file().map(|(p, _)| p);
+        watches.follow(config_file.as_deref(), &self.config())?;
         Ok(tokio::spawn(async move {
-            let _watcher = watcher;
             loop {
                 tokio::select! {
                     got = rx.recv() => if got.is_none() { return },
+                    _ = self.installed.notified() => {
+                        // Only the config file's directory can fail to be watched here,
+                        // and it was watched at the start.
+                        let _ = watches.follow(config_file.as_deref(), &self.config());
+                        continue;
+                    }
                     _ = stop.cancelled() => return,
                 }
                 // Wait for the burst to end.
@@ -506,6 +484,66 @@ impl Reloader {
 }
 
 /// The first plugin a route uses that is not loaded: its key and the message.
+/// The directories the watcher watches and the file names in them that reload.
+struct Watches {
+    watcher: notify::RecommendedWatcher,
+    dirs: HashSet<PathBuf>,
+    /// The names of the config file and of the files it names; `..data` too when it names
+    /// any (a Kubernetes volume swaps its `..data` symlink rather than the files).
+    names: Arc<Mutex<HashSet<std::ffi::OsString>>>,
+}
+
+impl Watches {
+    /// Watches the plugin directory and the directories of the config file and of the files
+    /// the config names — an editor, certbot (a symlink in `live/` replaced) and a
+    /// Kubernetes secret volume all replace files rather than write them in place — and no
+    /// others. Fails only if the config file's directory cannot be watched; another's is a
+    /// convenience, and SIGHUP still reloads it.
+    fn follow(&mut self, config_file: Option<&Path>, config: &Config) -> anyhow::Result<()> {
+        let files = config.files();
+        let dir_of = |file: &Path| match file.parent() {
+            Some(p) if p.as_os_str().is_empty() => Some(PathBuf::from(".")),
+            p => p.map(Path::to_path_buf),
+        };
+        let mut names: HashSet<std::ffi::OsString> = (config_file.iter().copied())
+            .chain(files.iter().map(PathBuf::as_path))
+            .filter_map(|f| f.file_name().map(Into::into))
+            .collect();
+        if !files.is_empty() {
+            names.insert("..data".into());
+        }
+        *self.names.lock().unwrap_or_else(|e| e.into_inner()) = names;
+        let plugin_dir = &config.plugins.dir;
+        let wanted: Vec<(PathBuf, bool)> = (config_file.and_then(dir_of).map(|d| (d, true)))
+            .into_iter()
+            .chain(plugin_dir.is_dir().then(|| (plugin_dir.clone(), true)))
+            .chain(files.iter().filter_map(|f| dir_of(f)).map(|d| (d, false)))
+            .collect();
+        for (dir, needed) in &wanted {
+            if self.dirs.contains(dir) {
+                continue;
+            }
+            match self.watcher.watch(dir, RecursiveMode::NonRecursive) {
+                Ok(()) => {
+                    self.dirs.insert(dir.clone());
+                }
+                Err(e) if *needed => return Err(e.into()),
+                Err(e) => tracing::warn!(error = %e, dir = %dir.display(),
+                    "Cannot watch the directory of a file the config names; after changing it, reload with SIGHUP or POST /v1/reload."),
+            }
+        }
+        let gone: Vec<PathBuf> = (self.dirs.iter())
+            .filter(|d| !wanted.iter().any(|(w, _)| w == *d))
+            .cloned()
+            .collect();
+        for dir in gone {
+            let _ = self.watcher.unwatch(&dir);
+            self.dirs.remove(&dir);
+        }
+        Ok(())
+    }
+}
+
 fn first_missing_plugin(config: &Config, plugins: &PluginMap) -> Option<(String, String)> {
     for (i, r) in config.routes.iter().enumerate() {
         for (j, p) in r.plugins.iter().enumerate() {

@@ -395,24 +395,12 @@ destinations = ["sink"]
     assert_eq!(rx.wait_for(2).await[1].uri, "/sink/globex");
 
     // A change to the table's file alone is noticed, as one to the config file is.
-    let reloads = || async {
-        let text = gw.metrics().await;
-        (text.lines())
-            .find_map(|l| l.strip_prefix(r#"switchyard_reloads_total{result="ok"} "#))
-            .map_or(0.0, |n| n.parse::<f64>().unwrap())
-    };
-    let before = reloads().await;
-    let tmp = gw.dir().join(".sims.csv.tmp");
-    std::fs::write(&tmp, "iccid,customer\n8945000000000000001,initech\n").unwrap();
-    std::fs::rename(&tmp, &table).unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while reloads().await == before {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the table's change was not noticed"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    gw.noticed(|| {
+        let tmp = gw.dir().join(".sims.csv.tmp");
+        std::fs::write(&tmp, "iccid,customer\n8945000000000000001,initech\n").unwrap();
+        std::fs::rename(&tmp, &table).unwrap();
+    })
+    .await;
     gw.accept("s", body).await;
     assert_eq!(rx.wait_for(3).await[2].uri, "/sink/initech");
 
@@ -430,6 +418,79 @@ destinations = ["sink"]
         "/sink/initech",
         "the old table serves"
     );
+    gw.shutdown().await.unwrap();
+}
+
+/// The watcher follows the config: a secret file in a directory of its own is watched, so
+/// its rotation applies with no SIGHUP; a table a reload adds, in a directory not watched
+/// before, is watched from that reload on.
+#[tokio::test(flavor = "multi_thread")]
+async fn files_the_config_names_are_watched_as_the_config_changes() {
+    let rx = Receiver::start().await;
+    let dir = TestGateway::dir_with_plugins(&["metadata-inject"]);
+    for sub in ["secrets", "tables"] {
+        std::fs::create_dir(dir.path().join(sub)).unwrap();
+    }
+    let secret = dir.path().join("secrets/api-key");
+    std::fs::write(&secret, "k-one-0123456789\n").unwrap();
+    let table = dir.path().join("tables/sims.csv");
+    std::fs::write(&table, "iccid,customer\n89450001,acme\n").unwrap();
+    let config = r#"
+[[sources]]
+name = "s"
+verify = { scheme = "header", header = "x-api-key", secrets = ["${file:secrets/api-key}"] }
+[[destinations]]
+name = "sink"
+url = "{receiver}/sink/:customer:"
+[[routes]]
+source = "s"
+plugins = [{ name = "metadata-inject", config = { customer = "sims[iccid]/customer" } }]
+destinations = ["sink"]
+"#;
+    let gw = TestGateway::start_from_file(dir, &config.replace("sims[", "none["), &rx)
+        .await
+        .unwrap();
+    let post = |key: &'static str| {
+        let request = (gw.client)
+            .post(format!("{}/v1/ingest/s", gw.url))
+            .header("x-api-key", key)
+            .body(r#"{"iccid":"89450001"}"#);
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(post("k-one-0123456789").await, 202);
+    assert_eq!(rx.wait_for(1).await[0].uri, "/sink/:customer:");
+
+    // Kubernetes rotates a secret by swapping the file in.
+    gw.noticed(|| {
+        let tmp = gw.dir().join("secrets/.api-key.tmp");
+        std::fs::write(&tmp, "k-two-0123456789\n").unwrap();
+        std::fs::rename(&tmp, &secret).unwrap();
+    })
+    .await;
+    assert_eq!(post("k-one-0123456789").await, 401);
+    assert_eq!(post("k-two-0123456789").await, 202);
+    assert_eq!(rx.wait_for(2).await.len(), 2);
+
+    // The config now names a table in `tables/`: the config file's change is noticed, and
+    // from then on so is the table's.
+    let config_file = gw.dir().join("switchyard.toml");
+    let text = std::fs::read_to_string(&config_file).unwrap();
+    let with_table = format!(
+        "[tables]\nsims = \"tables/sims.csv\"\n{}",
+        text.replace("none[", "sims[")
+    );
+    gw.noticed(|| std::fs::write(&config_file, with_table).unwrap())
+        .await;
+    assert_eq!(post("k-two-0123456789").await, 202);
+    assert_eq!(rx.wait_for(3).await[2].uri, "/sink/acme");
+    gw.noticed(|| {
+        let tmp = gw.dir().join("tables/.sims.csv.tmp");
+        std::fs::write(&tmp, "iccid,customer\n89450001,globex\n").unwrap();
+        std::fs::rename(&tmp, &table).unwrap();
+    })
+    .await;
+    assert_eq!(post("k-two-0123456789").await, 202);
+    assert_eq!(rx.wait_for(4).await[3].uri, "/sink/globex");
     gw.shutdown().await.unwrap();
 }
 

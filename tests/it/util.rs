@@ -379,6 +379,27 @@ impl TestGateway {
         );
     }
 
+    /// Makes a change on disk and waits (10 s at most) for the file watcher to notice it and
+    /// apply a reload — no SIGHUP, no `POST /v1/reload`.
+    pub async fn noticed(&self, change: impl FnOnce()) {
+        let reloads = || async {
+            let text = self.metrics().await;
+            (text.lines())
+                .find_map(|l| l.strip_prefix(r#"switchyard_reloads_total{result="ok"} "#))
+                .map_or(0.0, |n| n.parse::<f64>().unwrap())
+        };
+        let before = reloads().await;
+        change();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while reloads().await == before {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the change was not noticed"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
     /// Posts an event that must be accepted; returns its id.
     pub async fn accept(&self, source: &str, body: impl Into<reqwest::Body>) -> String {
         let (status, answer) = self.post(source, body).await;
