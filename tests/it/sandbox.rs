@@ -88,11 +88,13 @@ async fn adversarial_plugins_are_contained_with_a_clear_reason() {
 }
 
 /// Plugins spinning up to their deadline on every CPU permit at once cost their own
-/// events only: the gateway goes on answering and accepting meanwhile.
+/// events only: the gateway goes on answering and accepting meanwhile — well before the
+/// plugins' deadline ends (the bound is half of it, so a busy machine does not make the
+/// test fail: what is checked is that the answer did not wait for the plugins).
 #[tokio::test(flavor = "multi_thread")]
 async fn plugins_running_to_their_deadline_do_not_stall_the_gateway() {
     let rx = Receiver::start().await;
-    let config = config("", "").replace(r#"deadline = "200ms""#, r#"deadline = "2s""#);
+    let config = config("", "").replace(r#"deadline = "200ms""#, r#"deadline = "5s""#);
     let gw = TestGateway::start(&config, &rx, &["misbehave"]).await;
     let mut spinning = Vec::new();
     for _ in 0..4 {
@@ -107,7 +109,7 @@ async fn plugins_running_to_their_deadline_do_not_stall_the_gateway() {
     let good = gw.accept("good", "{}").await;
     let waited = started.elapsed();
     assert!(
-        waited < std::time::Duration::from_millis(1_000),
+        waited < std::time::Duration::from_millis(2_500),
         "the gateway answered after {waited:?} while plugins ran"
     );
     for id in &spinning {
@@ -115,7 +117,7 @@ async fn plugins_running_to_their_deadline_do_not_stall_the_gateway() {
         let error = e["routes"][0]["result"]["error"]
             .as_str()
             .unwrap_or_default();
-        assert!(error.contains("exceeded its deadline of 2s"), "{error}");
+        assert!(error.contains("exceeded its deadline of 5s"), "{error}");
     }
     assert_eq!(
         gw.settled(&good).await["deliveries"][0]["status"],
