@@ -354,6 +354,8 @@ struct RawDelivery {
     failure_threshold: u32,
     #[serde(default)]
     retry_client_errors: bool,
+    #[serde(default, with = "humantime_serde")]
+    restart_after: Option<Duration>,
     #[serde(default)]
     allowed_networks: Vec<ipnet::IpNet>,
     #[serde(default)]
@@ -380,6 +382,7 @@ impl From<RawDelivery> for DeliveryConfig {
                 jitter: r.jitter,
                 failure_threshold: r.failure_threshold,
                 retry_client_errors: r.retry_client_errors,
+                restart_after: r.restart_after.filter(|d| !d.is_zero()),
             },
             allowed_networks: r.allowed_networks,
             notify_source: r.notify_source,
@@ -436,6 +439,10 @@ pub struct RetryPolicy {
     pub failure_threshold: u32,
     /// Retry 4xx answers other than 408, 410 and 429 (by default they fail the delivery).
     pub retry_client_errors: bool,
+    /// A FAILED destination is sent a test message this long after it failed, and again
+    /// every this long while the test fails; one that passes makes it ACTIVE, as a restart
+    /// does. `None` (the default, 1NCE's way): it stays FAILED until restarted by hand.
+    pub restart_after: Option<Duration>,
 }
 
 impl Default for RetryPolicy {
@@ -445,6 +452,7 @@ impl Default for RetryPolicy {
             jitter: default_jitter(),
             failure_threshold: default_failure_threshold(),
             retry_client_errors: false,
+            restart_after: None,
         }
     }
 }
@@ -998,6 +1006,16 @@ pub struct RetryOverride {
     pub failure_threshold: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_client_errors: Option<bool>,
+    /// A FAILED destination is sent a test message this long after it failed, and every
+    /// this long while it fails; one that passes makes it ACTIVE again. `"0s"`: never (it
+    /// waits for a restart), whatever `delivery.restart_after` says.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = Option<String>, example = "5m")]
+    pub restart_after: Option<Duration>,
 }
 
 impl RetryOverride {
@@ -1011,6 +1029,11 @@ impl RetryOverride {
             jitter: self.jitter.unwrap_or(base.jitter),
             failure_threshold: self.failure_threshold.unwrap_or(base.failure_threshold),
             retry_client_errors: self.retry_client_errors.unwrap_or(base.retry_client_errors),
+            restart_after: match self.restart_after {
+                Some(d) if d.is_zero() => None,
+                Some(d) => Some(d),
+                None => base.restart_after,
+            },
         }
     }
 }
@@ -1844,6 +1867,12 @@ fn check_retry(p: &RetryPolicy) -> Result<(), (String, String)> {
     if p.failure_threshold == 0 {
         return Err(("failure_threshold".into(), "must be at least 1".into()));
     }
+    if p.restart_after.is_some_and(|d| d < Duration::from_secs(1)) {
+        return Err((
+            "restart_after".into(),
+            "must be at least 1s (or 0s: never)".into(),
+        ));
+    }
     Ok(())
 }
 
@@ -2113,6 +2142,50 @@ mod tests {
             let err = limited(bad).unwrap_err().to_string();
             assert!(err.contains("destinations[0].rate_limit"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn automatic_restarts_are_off_unless_set_and_a_destination_may_turn_it_off() {
+        let with = |delivery: &str, retry: &str| {
+            parse(
+                &GOOD
+                    .replace("[server]", &format!("[delivery]\n{delivery}\n[server]"))
+                    .replace(
+                        "event_types",
+                        &format!("retry = {{ {retry} }}\n        event_types"),
+                    ),
+            )
+        };
+        let policy = |c: Config| {
+            let d = &c.destinations[0];
+            d.retry
+                .as_ref()
+                .map_or(c.delivery.retry.clone(), |o| o.apply(&c.delivery.retry))
+        };
+        assert_eq!(policy(with("", "").unwrap()).restart_after, None);
+        let five = Some(Duration::from_secs(300));
+        assert_eq!(
+            policy(with("restart_after = \"5m\"", "").unwrap()).restart_after,
+            five
+        );
+        assert_eq!(
+            policy(with("", "restart_after = \"5m\"").unwrap()).restart_after,
+            five
+        );
+        assert_eq!(
+            policy(with("restart_after = \"5m\"", "restart_after = \"0s\"").unwrap()).restart_after,
+            None,
+            "0s: never"
+        );
+        let err = with("restart_after = \"500ms\"", "")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("delivery.restart_after") && err.contains("1s"),
+            "{err}"
+        );
+        let err = with("", "restart_after = \"1ms\"").unwrap_err().to_string();
+        assert!(err.contains("destinations[0].retry.restart_after"), "{err}");
     }
 
     #[test]

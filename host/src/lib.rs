@@ -329,6 +329,7 @@ impl Gateway {
             stop.clone(),
         ));
         let follower = tokio::spawn(self.reloader.clone().follow_store(stop.clone()));
+        let restarts = tokio::spawn(self.dispatcher.clone().restart_failed(stop.clone()));
         let watcher = match self.reloader.clone().watch(stop.clone()) {
             Ok(handle) => Some(handle),
             Err(e) => {
@@ -389,6 +390,9 @@ impl Gateway {
         dispatcher.await.context("dispatcher ended abnormally")?;
         retention.await.context("retention ended abnormally")?;
         follower.await.context("store follower ended abnormally")?;
+        restarts
+            .await
+            .context("automatic restarts ended abnormally")?;
         if let Some(w) = watcher {
             w.await.context("watcher ended abnormally")?;
         }

@@ -22,6 +22,9 @@ pub enum Limit<'a> {
     Destination(&'a str),
     /// A source's on ingest: its events are refused when over it.
     Source(&'a str),
+    /// A FAILED destination's automatic restarts (`restart_after`): one per interval, between
+    /// all the gateways sharing the store.
+    Restart(&'a str),
 }
 
 impl Limit<'_> {
@@ -36,12 +39,13 @@ impl Limit<'_> {
         match self {
             Limit::Destination(_) => "destination",
             Limit::Source(_) => "source",
+            Limit::Restart(_) => "restart",
         }
     }
 
     pub fn name(&self) -> &str {
         match self {
-            Limit::Destination(name) | Limit::Source(name) => name,
+            Limit::Destination(name) | Limit::Source(name) | Limit::Restart(name) => name,
         }
     }
 }

@@ -567,7 +567,9 @@ rate_limit = 0.2
 
 /// `delivery.notify_source` on a shared store: two instances that each see a destination
 /// fail, before either has read the other's state, post one `destination.failed` between
-/// them (an operator is paged once per change, not once per instance).
+/// them (an operator is paged once per change, not once per instance). With
+/// `restart_after`, they send it one test message an interval between them, and the one
+/// that passes makes it ACTIVE on both, paged once.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_destination_failing_on_two_instances_is_posted_once() {
     let Some(server) = PgServer::start() else {
@@ -580,6 +582,7 @@ async fn a_destination_failing_on_two_instances_is_posted_once() {
         // (The harness's `[delivery]` table is open: the first line lands in it.)
         r#"
 notify_source = "ops"
+restart_after = "3s"
 [store]
 url = "{db}"
 [[sources]]
@@ -620,6 +623,39 @@ destinations = ["pager"]
     assert_eq!(pager.requests().len(), 1, "paged once");
     let (_, page) = a.get("/v1/events?source=ops").await;
     assert_eq!(page["items"].as_array().unwrap().len(), 1, "{page}");
+
+    // Test messages: one each 3 s between the two (each instance alone would send its
+    // own, a tick of 1 s apart at most).
+    let tests = || {
+        (rx.requests().into_iter())
+            .filter(|r| r.json()["type"] == "switchyard.test")
+            .map(|r| r.at)
+            .collect::<Vec<_>>()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while tests().len() < 3 {
+        assert!(std::time::Instant::now() < deadline, "{:?}", tests());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let at = tests();
+    for pair in at.windows(2) {
+        let apart = pair[1] - pair[0];
+        assert!(
+            apart > Duration::from_secs(2),
+            "tests {apart:?} apart: {at:?}"
+        );
+    }
+    rx.fail_with(None);
+    for gw in [&a, &b] {
+        eventually(gw, "/v1/destinations/d", "d is ACTIVE again", |_, d| {
+            d["state"] == "ACTIVE"
+        })
+        .await;
+    }
+    let got = pager.wait_for(2).await;
+    assert_eq!(got[1].json()["type"], "destination.active");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(pager.requests().len(), 2, "paged once each change");
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
 }

@@ -414,6 +414,97 @@ async fn a_paused_destination_holds_its_deliveries_until_a_restart() {
     gw.shutdown().await.unwrap();
 }
 
+/// With `restart_after`, a FAILED destination is sent a test message that long after it
+/// failed and every that long while the test fails; the first that passes makes it ACTIVE,
+/// sends what it held and tells the notify source — as a restart by hand would. A
+/// destination paused by hand is not tested: it waits for its restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_destination_is_restarted_by_itself_when_its_test_passes() {
+    let rx = Receiver::start().await;
+    let pager = Receiver::start().await;
+    let clock = clock();
+    let config = format!(
+        // (The harness's `[delivery]` table is open: the first line lands in it.)
+        r#"
+notify_source = "ops"
+restart_after = "5m"
+[[sources]]
+name = "s"
+[[sources]]
+name = "ops"
+[[destinations]]
+name = "d"
+url = "{{receiver}}/d"
+retry = {{ retry_schedule = ["0s", "1h"], jitter = 0.0, failure_threshold = 2 }}
+[[destinations]]
+name = "pager"
+url = "{}/pager"
+[[routes]]
+source = "s"
+destinations = ["d"]
+[[routes]]
+source = "ops"
+destinations = ["pager"]
+"#,
+        pager.url
+    );
+    let gw = TestGateway::start_with_clock(&config, &rx, &[], clock.clone()).await;
+    let tests = || {
+        (rx.requests().iter())
+            .filter(|r| r.json()["type"] == "switchyard.test")
+            .count()
+    };
+    rx.fail_with(Some(503));
+    let ids = [
+        gw.accept("s", json!({ "n": 1 }).to_string()).await,
+        gw.accept("s", json!({ "n": 2 }).to_string()).await,
+    ];
+    assert_eq!(
+        pager.wait_for(1).await[0].json()["type"],
+        "destination.failed"
+    );
+    // (The restart loop looks each second: it has found it FAILED after this.)
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    clock.advance(Duration::from_secs(240));
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(tests(), 0, "no test before restart_after has passed");
+
+    // Its test fails: it stays FAILED, and is tested again one interval later.
+    clock.advance(Duration::from_secs(61));
+    while tests() == 0 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(destination(&gw, "d").await["state"], "FAILED");
+    rx.fail_with(None);
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(tests(), 1, "one test an interval");
+    clock.advance(Duration::from_secs(300));
+    for id in &ids {
+        let e = gw
+            .wait_event(id, |e| e["deliveries"][0]["status"] == "delivered")
+            .await;
+        assert_eq!(attempts(&e), 2, "{e}");
+    }
+    assert_eq!(tests(), 2);
+    assert_eq!(destination(&gw, "d").await["state"], "ACTIVE");
+    let active = pager.wait_for(2).await[1].json();
+    assert_eq!(
+        (&active["type"], &active["destination"]),
+        (&json!("destination.active"), &json!("d")),
+        "{active}"
+    );
+
+    // Paused by hand, it is not tested however long it waits.
+    let (status, body) = gw.post_api("/v1/destinations/d/pause").await;
+    assert_eq!(status, 200, "{body}");
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    clock.advance(Duration::from_secs(3600));
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(tests(), 2, "a paused destination waits for its restart");
+    assert_eq!(destination(&gw, "d").await["state"], "DISABLED");
+    gw.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn failed_destination_keeps_events_until_restart_delivers_them() {
     let rx = Receiver::start().await;

@@ -19,6 +19,7 @@ use super::{Destination, Destinations, USER_AGENT};
 use crate::config::DeliveryConfig;
 use crate::edge::SsrfGuard;
 use crate::metrics::Metrics;
+use crate::pace::Limit;
 use crate::store::{
     Attempt, AttemptNext, ClaimScope, DestinationHealth, DestinationState, DueDelivery,
     Idempotency, Inserted, Known, Store, StoreError,
@@ -36,6 +37,8 @@ fn response_text(excerpt: &[u8]) -> String {
 
 /// At shutdown, retries due within this long are still sent.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// How often `restart_failed` looks for FAILED destinations due a test message.
+const RESTART_TICK: Duration = Duration::from_secs(1);
 /// How long the dispatcher sleeps at most before looking for due deliveries again.
 const IDLE_POLL: Duration = Duration::from_millis(500);
 /// On a shared store, how long a delivery to a destination this instance does not know
@@ -841,7 +844,7 @@ impl Dispatcher {
         if let Some(rate) = destination.as_ref().and_then(|dest| dest.rate_limit)
             && !d.paced
         {
-            let limit = crate::pace::Limit::Destination(&d.destination);
+            let limit = Limit::Destination(&d.destination);
             match self.store.take_slot(limit, at, rate).await {
                 Ok(slot) if slot > at => return self.defer(&d, slot).await,
                 Ok(_) => {}
@@ -1287,6 +1290,83 @@ impl Dispatcher {
         tracing::info!(destination = name, "Destination restarted.");
         self.wake();
         Ok(state)
+    }
+
+    /// Restarts FAILED destinations by themselves where their retry policy has
+    /// `restart_after`, until `stop`: each is sent a test message that long after this
+    /// instance found it FAILED, and again every that long while the test fails; the first
+    /// that passes makes it ACTIVE and its held deliveries due, as `restart` does. Gateways
+    /// sharing a store test each destination once an interval between them (a
+    /// [`Limit::Restart`] slot). A destination paused, restarted or removed meanwhile is
+    /// left as it is.
+    pub async fn restart_failed(self: Arc<Self>, stop: CancellationToken) {
+        // When this instance found each FAILED destination so (ms), by name.
+        let mut failed_since: HashMap<String, u64> = HashMap::new();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(RESTART_TICK) => {}
+                _ = stop.cancelled() => return,
+            }
+            let now = self.clock.now_ms();
+            let failed: Vec<(String, i64)> = (self.lock_states().values())
+                .filter(|s| s.state == DestinationHealth::Failed)
+                .map(|s| (s.name.clone(), s.epoch))
+                .collect();
+            failed_since.retain(|name, _| failed.iter().any(|(n, _)| n == name));
+            let destinations = self.destinations.load_full();
+            for (name, epoch) in failed {
+                let Some(after) = (destinations.get(&name)).and_then(|d| d.retry.restart_after)
+                else {
+                    continue;
+                };
+                let since = *failed_since.entry(name.clone()).or_insert(now);
+                if now < since + ms(after) {
+                    continue;
+                }
+                let rate = 1000.0 / ms(after) as f64;
+                match self.store.take_slot(Limit::Restart(&name), now, rate).await {
+                    Ok(slot) if slot == now => self.try_restart(&name, epoch, after).await,
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(destination = name, error = %e,
+                        "Cannot take a FAILED destination's turn for a test message; trying at the next."),
+                }
+            }
+        }
+    }
+
+    /// One test message of a FAILED destination (of state `epoch`): ACTIVE again if it
+    /// passes and the destination is still FAILED in that epoch.
+    async fn try_restart(&self, name: &str, epoch: i64, after: Duration) {
+        let error = match self.send_test(name).await {
+            Ok(outcome) => outcome.error,
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(error) = error {
+            tracing::info!(destination = name, error, next_in = %humantime::format_duration(after),
+                "A FAILED destination's test message failed: it stays FAILED.");
+            return;
+        }
+        // Paused, restarted or failed anew elsewhere while the test went: leave it.
+        if let Err(e) = self.refresh_states().await {
+            tracing::warn!(destination = name, error = %e,
+                "Cannot read the destination states after a test message; trying at the next.");
+            return;
+        }
+        let now = self.state(name);
+        if now.state != DestinationHealth::Failed || now.epoch != epoch {
+            return;
+        }
+        match self.set_by_hand(active(name)).await {
+            Ok(_) => {
+                tracing::info!(
+                    destination = name,
+                    "A FAILED destination passed its test message: ACTIVE again, its held deliveries are due."
+                );
+                self.wake();
+            }
+            Err(e) => tracing::warn!(destination = name, error = %e,
+                "Cannot store a restarted destination's state; trying at the next test."),
+        }
     }
 
     /// Stores a state set by hand (a restart, a pause) in a new epoch, so that no state
