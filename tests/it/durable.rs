@@ -469,6 +469,9 @@ destinations = ["pager"]
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     assert_eq!(tests(), 0, "no test before restart_after has passed");
 
+    let first = destination(&gw, "d").await["next_test_at"].as_u64();
+    assert!(first.is_some(), "the API tells when the test comes");
+
     // Its test fails: it stays FAILED, and is tested again one interval later.
     clock.advance(Duration::from_secs(61));
     while tests() == 0 {
@@ -478,6 +481,12 @@ destinations = ["pager"]
     rx.fail_with(None);
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     assert_eq!(tests(), 1, "one test an interval");
+    let next = destination(&gw, "d").await["next_test_at"].as_u64();
+    assert_eq!(
+        next.zip(first).map(|(n, f)| n - f),
+        Some(301_000),
+        "the next five minutes after the one made late"
+    );
     clock.advance(Duration::from_secs(300));
     for id in &ids {
         let e = gw
@@ -486,7 +495,11 @@ destinations = ["pager"]
         assert_eq!(attempts(&e), 2, "{e}");
     }
     assert_eq!(tests(), 2);
-    assert_eq!(destination(&gw, "d").await["state"], "ACTIVE");
+    let d = destination(&gw, "d").await;
+    assert_eq!(d["state"], "ACTIVE");
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let d = destination(&gw, "d").await;
+    assert!(d.get("next_test_at").is_none(), "{d}");
     let active = pager.wait_for(2).await[1].json();
     assert_eq!(
         (&active["type"], &active["destination"]),

@@ -69,7 +69,7 @@ url = "{{receiver}}/fleet"
 [[destinations]]
 name = "flaky"
 url = "{}/flaky"
-retry = {{ retry_schedule = ["0s"], failure_threshold = 2 }}
+retry = {{ retry_schedule = ["0s"], failure_threshold = 2, restart_after = "1h" }}
 [[routes]]
 source = "onomondo"
 plugins = [{{ name = "event-filter", config = {{ allow = "usage" }} }}]

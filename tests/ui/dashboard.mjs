@@ -3,7 +3,7 @@
 //   node dashboard.mjs <gateway-url> <api-token> <receiver-control-url> <artifact-dir> <held-event-id>
 // It signs in, sees a freshly ingested event appear, replays the dead letters in bulk,
 // opens an event (plugin verdicts, attempt),
-// replays it (a new attempt), dry-runs its payload (and an edited one; a binary one is not editable), restarts a FAILED destination (its held events go out),
+// replays it (a new attempt), dry-runs its payload (and an edited one; a binary one is not editable), restarts a FAILED destination (which says when it is tested again; its held events go out),
 // resends the delivery that failed before, shows a banner while the gateway is not ready,
 // and writes a screenshot of every page, at 1280×800 and at phone width.
 
@@ -164,6 +164,7 @@ try {
   await page.getByRole('link', { name: 'Destinations' }).click();
   const flaky = page.locator('#destinations tr[data-name="flaky"]');
   await flaky.getByText('FAILED', { exact: true }).waitFor();
+  await flaky.locator('.next-test', { hasText: 'tested again' }).waitFor();
   const pending = Number(await flaky.locator('td.num').first().textContent());
   if (!(pending >= 1)) throw new Error(`expected held deliveries, saw ${pending}`);
   await page.locator('#destinations tr[data-name="fleet"] .last-delivered', { hasText: 'last delivered' }).waitFor();

@@ -161,6 +161,10 @@ pub struct DestinationView {
     /// started; absent if it has not.
     #[serde(skip_serializing_if = "Option::is_none")]
     last_delivered_at: Option<u64>,
+    /// When a FAILED destination with `restart_after` is next sent a test message (ms since
+    /// the Unix epoch) — one that passes makes it ACTIVE; absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_test_at: Option<u64>,
 }
 
 fn source_view(state: &AppState, c: &SourceConfig) -> SourceView {
@@ -199,6 +203,7 @@ fn destination_view(
         pending: n.pending,
         failed: n.failed,
         last_delivered_at: state.metrics.last_delivered_ms(&c.name),
+        next_test_at: state.dispatcher.next_test_at(&c.name),
     }
 }
 

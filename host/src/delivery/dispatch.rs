@@ -176,6 +176,9 @@ pub struct Dispatcher {
     /// recorded then instead of the request being sent again. At most `UNRECORDED_MAX`;
     /// beyond them, and on another instance, the delivery is sent again (at least once).
     unrecorded: Mutex<HashMap<String, Unrecorded>>,
+    /// When the next test message of each FAILED destination with `restart_after` is due
+    /// from this instance (ms), by name: kept by `restart_failed`.
+    next_tests: Mutex<HashMap<String, u64>>,
 }
 
 /// How deliveries go out, from `[delivery]`: the HTTP client (its timeout, the SSRF guard
@@ -307,6 +310,7 @@ impl Dispatcher {
             metrics,
             notify_source: ArcSwap::from_pointee(config.notify_source.clone()),
             unrecorded: Mutex::default(),
+            next_tests: Mutex::default(),
         }))
     }
 
@@ -1300,38 +1304,54 @@ impl Dispatcher {
     /// [`Limit::Restart`] slot). A destination paused, restarted or removed meanwhile is
     /// left as it is.
     pub async fn restart_failed(self: Arc<Self>, stop: CancellationToken) {
-        // When this instance found each FAILED destination so (ms), by name.
-        let mut failed_since: HashMap<String, u64> = HashMap::new();
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(RESTART_TICK) => {}
                 _ = stop.cancelled() => return,
             }
             let now = self.clock.now_ms();
-            let failed: Vec<(String, i64)> = (self.lock_states().values())
-                .filter(|s| s.state == DestinationHealth::Failed)
-                .map(|s| (s.name.clone(), s.epoch))
-                .collect();
-            failed_since.retain(|name, _| failed.iter().any(|(n, _)| n == name));
             let destinations = self.destinations.load_full();
-            for (name, epoch) in failed {
-                let Some(after) = (destinations.get(&name)).and_then(|d| d.retry.restart_after)
-                else {
-                    continue;
-                };
-                let since = *failed_since.entry(name.clone()).or_insert(now);
-                if now < since + ms(after) {
+            let failed: Vec<(String, i64, Duration)> = (self.lock_states().values())
+                .filter(|s| s.state == DestinationHealth::Failed)
+                .filter_map(|s| {
+                    let after = destinations.get(&s.name)?.retry.restart_after?;
+                    Some((s.name.clone(), s.epoch, after))
+                })
+                .collect();
+            let mut next = self.lock_next_tests().clone();
+            next.retain(|name, _| failed.iter().any(|(n, ..)| n == name));
+            for (name, epoch, after) in failed {
+                // The first test comes that long after this instance found it FAILED.
+                let at = *next.entry(name.clone()).or_insert(now + ms(after));
+                if now < at {
                     continue;
                 }
                 let rate = 1000.0 / ms(after) as f64;
                 match self.store.take_slot(Limit::Restart(&name), now, rate).await {
-                    Ok(slot) if slot == now => self.try_restart(&name, epoch, after).await,
-                    Ok(_) => {}
+                    Ok(slot) if slot == now => {
+                        self.try_restart(&name, epoch, after).await;
+                        next.insert(name, now + ms(after));
+                    }
+                    // Another instance's turn: the next is then.
+                    Ok(slot) => {
+                        next.insert(name, slot);
+                    }
                     Err(e) => tracing::warn!(destination = name, error = %e,
                         "Cannot take a FAILED destination's turn for a test message; trying at the next."),
                 }
             }
+            *self.lock_next_tests() = next;
         }
+    }
+
+    /// When this instance next sends each FAILED destination with `restart_after` a test
+    /// message (ms), by name ([`Dispatcher::restart_failed`]).
+    pub fn next_test_at(&self, destination: &str) -> Option<u64> {
+        self.lock_next_tests().get(destination).copied()
+    }
+
+    fn lock_next_tests(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
+        self.next_tests.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// One test message of a FAILED destination (of state `epoch`): ACTIVE again if it
