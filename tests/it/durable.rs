@@ -518,6 +518,82 @@ destinations = ["pager"]
     gw.shutdown().await.unwrap();
 }
 
+/// A FAILED destination whose test message hangs (its receiver takes the connection and
+/// never answers) holds only its own test: another's test goes out and restarts it in the
+/// same second.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_test_message_that_hangs_holds_up_no_other_destination_s_restart() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let rx = Receiver::start().await;
+    let hang = Arc::new(AtomicBool::new(false));
+    let app = axum::Router::new()
+        .fallback(
+            |axum::extract::State(hang): axum::extract::State<Arc<AtomicBool>>| async move {
+                if hang.load(Ordering::SeqCst) {
+                    std::future::pending::<()>().await;
+                }
+                axum::http::StatusCode::SERVICE_UNAVAILABLE
+            },
+        )
+        .with_state(hang.clone());
+    let hanging = crate::util::serve(app).await;
+    let clock = clock();
+    let config = format!(
+        // (The harness's `[delivery]` table is open: the first line lands in it.)
+        r#"
+restart_after = "5m"
+[[sources]]
+name = "s"
+[[destinations]]
+name = "hangs"
+url = "{hanging}/hangs"
+timeout = "10m"
+retry = {{ retry_schedule = ["0s", "1h"], failure_threshold = 1 }}
+[[destinations]]
+name = "d"
+url = "{{receiver}}/d"
+retry = {{ retry_schedule = ["0s", "1h"], failure_threshold = 1 }}
+[[routes]]
+source = "s"
+destinations = ["hangs", "d"]
+"#
+    );
+    let gw = TestGateway::start_with_clock(&config, &rx, &[], clock.clone()).await;
+    let failed = |name: &'static str| {
+        let gw = &gw;
+        async move {
+            while destination(gw, name).await["state"] != "FAILED" {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            // (The restart loop looks each second: it has found it FAILED after this.)
+            tokio::time::sleep(Duration::from_millis(1_500)).await;
+        }
+    };
+    // `hangs` fails first, `d` a minute later; then `hangs` is tested first, and its test
+    // hangs.
+    gw.accept("s", r#"{"n":1}"#).await;
+    failed("hangs").await;
+    clock.advance(Duration::from_secs(60));
+    rx.fail_with(Some(503));
+    gw.accept("s", r#"{"n":2}"#).await;
+    failed("d").await;
+    hang.store(true, Ordering::SeqCst);
+    clock.advance(Duration::from_secs(240));
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    rx.fail_with(None);
+    clock.advance(Duration::from_secs(60));
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while destination(&gw, "d").await["state"] != "ACTIVE" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "d waits behind the hanging test"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(destination(&gw, "hangs").await["state"], "FAILED");
+    gw.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn failed_destination_keeps_events_until_restart_delivers_them() {
     let rx = Receiver::start().await;

@@ -1304,10 +1304,18 @@ impl Dispatcher {
     /// [`Limit::Restart`] slot). A destination paused, restarted or removed meanwhile is
     /// left as it is.
     pub async fn restart_failed(self: Arc<Self>, stop: CancellationToken) {
+        // The tests on their way, each a task of its own (a receiver that hangs holds its
+        // test for the attempt timeout, not the others'), by destination; dropped (cut
+        // short) at `stop`.
+        let mut testing = tokio::task::JoinSet::new();
+        let mut names: HashMap<tokio::task::Id, String> = HashMap::new();
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(RESTART_TICK) => {}
                 _ = stop.cancelled() => return,
+            }
+            while let Some(done) = testing.try_join_next_with_id() {
+                names.remove(&done.map_or_else(|e| e.id(), |(id, ())| id));
             }
             let now = self.clock.now_ms();
             let destinations = self.destinations.load_full();
@@ -1323,14 +1331,19 @@ impl Dispatcher {
             for (name, epoch, after) in failed {
                 // The first test comes that long after this instance found it FAILED.
                 let at = *next.entry(name.clone()).or_insert(now + ms(after));
-                if now < at {
+                if now < at || names.values().any(|n| *n == name) {
                     continue;
                 }
                 let rate = 1000.0 / ms(after) as f64;
                 match self.store.take_slot(Limit::Restart(&name), now, rate).await {
                     Ok(slot) if slot == now => {
-                        self.try_restart(&name, epoch, after).await;
-                        next.insert(name, now + ms(after));
+                        next.insert(name.clone(), now + ms(after));
+                        let this = self.clone();
+                        let task = testing.spawn({
+                            let name = name.clone();
+                            async move { this.try_restart(&name, epoch, after).await }
+                        });
+                        names.insert(task.id(), name);
                     }
                     // Another instance's turn: the next is then.
                     Ok(slot) => {
