@@ -1071,7 +1071,8 @@ pub struct RouteConfig {
     /// Where events that the chain continues go (a `route` verdict chooses its own).
     #[serde(default)]
     pub destinations: Vec<String>,
-    /// What happens to an event whose plugin fails (error, trap, deadline, limit).
+    /// What happens to an event whose plugin fails (error, trap, deadline, limit), for
+    /// the plugins that do not say (a plugin's own `on_error`).
     #[serde(default)]
     pub on_error: OnError,
 }
@@ -1120,6 +1121,10 @@ pub struct PluginRef {
     /// for large components (language runtimes), fresh otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance: Option<InstanceMode>,
+    /// What a failure of this plugin means, if not the route's `on_error`: an enrichment
+    /// that may be skipped (`skip-plugin`) before a router that must not fail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_error: Option<OnError>,
 }
 
 fn config_pairs_out<S: serde::Serializer>(

@@ -56,7 +56,6 @@ struct Route {
     source: String,
     plugins: Vec<RoutePlugin>,
     destinations: Vec<Arc<Destination>>,
-    on_error: OnError,
     /// What it was built from (see `Routing::from_config`).
     config: Arc<RouteConfig>,
 }
@@ -67,6 +66,8 @@ struct RoutePlugin {
     limits: CallLimits,
     /// `None`: the plugin's default mode.
     mode: Option<InstanceMode>,
+    /// Its own, or else the route's.
+    on_error: OnError,
 }
 
 impl Routing {
@@ -346,9 +347,9 @@ impl Route {
                         ..defaults
                     },
                     mode: p.instance,
+                    on_error: p.on_error.unwrap_or(r.on_error),
                 })
                 .collect(),
-            on_error: r.on_error,
             destinations: (r.destinations.iter())
                 .map(|d| destinations[d].clone())
                 .collect(),
@@ -681,13 +682,13 @@ async fn run_chain(
                 let error = format!("plugin `{}` failed: {e}", rp.name);
                 if live.is_some() {
                     tracing::warn!(plugin = %rp.name, sha256 = plugin.sha256(), error = %e,
-                        on_error = ?route.on_error, "Plugin failed.");
+                        on_error = ?rp.on_error, "Plugin failed.");
                 }
                 step.result = StepResult::Error {
                     error: e.to_string(),
                 };
                 steps.push(step);
-                match route.on_error {
+                match rp.on_error {
                     OnError::DeadLetter => return (steps, ChainEnd::Failed(error)),
                     OnError::Drop => {
                         let plugin = rp.name.clone();

@@ -218,6 +218,8 @@ async fn capabilities_are_denied() {
     gw.shutdown().await.unwrap();
 }
 
+/// A route's `on_error` (or a plugin's own, which overrides it) decides what a failing
+/// plugin means for the event: dropped, skipped, or dead-lettered (the default).
 #[tokio::test(flavor = "multi_thread")]
 async fn on_error_decides_what_a_failure_means() {
     let rx = Receiver::start().await;
@@ -248,10 +250,33 @@ async fn on_error_decides_what_a_failure_means() {
 
     // The default: dead-letter — kept, visible, and replayable.
     let gw = TestGateway::start(&config("", ""), &rx, &["misbehave"]).await;
-    let id = gw.accept("bad", panic).await;
+    let id = gw.accept("bad", panic.clone()).await;
     let e = gw.settled(&id).await;
     assert_eq!(e["routes"][0]["result"]["result"], "failed", "{e}");
     assert_eq!(gw.post_api(&format!("/v1/events/{id}/replay")).await.0, 202);
+    gw.shutdown().await.unwrap();
+
+    // A plugin's own `on_error` overrides the route's, either way.
+    let gw = TestGateway::start(
+        &config("", r#", on_error = "skip-plugin""#),
+        &rx,
+        &["misbehave"],
+    )
+    .await;
+    let e = gw.settled(&gw.accept("bad", panic.clone()).await).await;
+    assert_eq!(e["routes"][0]["result"]["result"], "delivering", "{e}");
+    gw.shutdown().await.unwrap();
+    let gw = TestGateway::start(
+        &config(
+            r#"on_error = "skip-plugin""#,
+            r#", on_error = "dead-letter""#,
+        ),
+        &rx,
+        &["misbehave"],
+    )
+    .await;
+    let e = gw.settled(&gw.accept("bad", panic).await).await;
+    assert_eq!(e["routes"][0]["result"]["result"], "failed", "{e}");
     gw.shutdown().await.unwrap();
 }
 
