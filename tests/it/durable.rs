@@ -1360,6 +1360,110 @@ async fn hanging_destination() -> (String, Arc<std::sync::atomic::AtomicUsize>) 
     (url, count)
 }
 
+/// Events are erased on request — one by id, or a page of a list (a SIM's by its ICCID) —
+/// with their deliveries and attempts; a pending delivery of an erased event is never sent,
+/// and an event with a delivery on its way is left (`409`, or `busy`) until it settles. A
+/// bulk erasure must name what it erases.
+#[tokio::test(flavor = "multi_thread")]
+async fn events_are_erased_on_request_with_everything_made_of_them() {
+    let rx = Receiver::start().await;
+    let (hang, _) = hanging_destination().await;
+    let config = format!(
+        r#"
+[[sources]]
+name = "s"
+[[sources]]
+name = "slow"
+[[destinations]]
+name = "d"
+url = "{{receiver}}/d"
+[[destinations]]
+name = "hangs"
+url = "{hang}/hangs"
+timeout = "8s"
+[[routes]]
+source = "s"
+destinations = ["d"]
+[[routes]]
+source = "slow"
+destinations = ["hangs"]
+"#
+    );
+    let gw = TestGateway::start(&config, &rx, &[]).await;
+    let erase = |path: String| {
+        let request = gw.client.delete(format!("{}{path}", gw.url));
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    let a = [
+        gw.accept("s", r#"{"iccid":"8945001","n":1}"#).await,
+        gw.accept("s", r#"{"iccid":"8945001","n":2}"#).await,
+    ];
+    let b = gw.accept("s", r#"{"iccid":"8945002","n":3}"#).await;
+    for id in a.iter().chain([&b]) {
+        gw.wait_event(id, |e| e["deliveries"][0]["status"] == "delivered")
+            .await;
+    }
+    assert_eq!(erase(format!("/v1/events/{b}")).await, 204);
+    assert_eq!(gw.get(&format!("/v1/events/{b}")).await.0, 404);
+    assert_eq!(erase(format!("/v1/events/{b}")).await, 404);
+
+    let (status, answer) = gw.post_api("/v1/events/erase").await;
+    assert_eq!(status, 400, "{answer}");
+    let (status, answer) = gw.post_api("/v1/events/erase?status=processed").await;
+    assert_eq!(status, 400, "a status alone names everything: {answer}");
+    let (status, answer) = gw
+        .post_api("/v1/events/erase?field=iccid&equals=8945001&limit=1")
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["erased"], json!([a[1]]), "newest first: {answer}");
+    let cursor = answer["next_cursor"].as_str().unwrap().to_string();
+    let (_, answer) = gw
+        .post_api(&format!(
+            "/v1/events/erase?field=iccid&equals=8945001&limit=1&cursor={cursor}"
+        ))
+        .await;
+    assert_eq!(answer["erased"], json!([a[0]]), "{answer}");
+    let (_, left) = gw.get("/v1/events?field=iccid&equals=8945001").await;
+    assert_eq!(left["items"], json!([]), "{left}");
+    let (_, deliveries) = gw.get("/v1/deliveries?limit=500").await;
+    assert_eq!(deliveries["items"], json!([]), "{deliveries}");
+
+    // A held delivery (its destination paused) goes with its event, and is never sent.
+    assert_eq!(gw.post_api("/v1/destinations/d/pause").await.0, 200);
+    let held = gw.accept("s", r#"{"iccid":"8945003"}"#).await;
+    gw.wait_event(&held, |e| e["deliveries"][0]["status"] == "pending")
+        .await;
+    assert_eq!(erase(format!("/v1/events/{held}")).await, 204);
+    assert_eq!(gw.post_api("/v1/destinations/d/restart").await.0, 200);
+
+    // A delivery on its way: the event is left until the attempt ends.
+    let slow = gw.accept("slow", r#"{"iccid":"8945004"}"#).await;
+    gw.wait_event(&slow, |e| e["status"] == "processed").await;
+    assert_eq!(erase(format!("/v1/events/{slow}")).await, 409);
+    let (status, answer) = gw.post_api("/v1/events/erase?source=slow").await;
+    assert_eq!(
+        (status, &answer["busy"], &answer["erased"]),
+        (200, &json!([slow]), &json!([])),
+        "{answer}"
+    );
+    assert_eq!(gw.get(&format!("/v1/events/{slow}")).await.0, 200);
+
+    // Three deliveries and a test message reached the receiver, the erased held one not.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let got = rx.requests();
+    assert_eq!(
+        got.len(),
+        4,
+        "{:?}",
+        got.iter().map(|r| &r.uri).collect::<Vec<_>>()
+    );
+    assert!(
+        got.iter()
+            .all(|r| !String::from_utf8_lossy(&r.body).contains("8945003"))
+    );
+    gw.shutdown().await.unwrap();
+}
+
 /// A destination that hangs takes its share of the delivery permits for a timeout, and
 /// more of its deliveries queue for permits behind it. Once it is FAILED, those are held
 /// with its other deliveries instead of being sent, each for a timeout more. (Before,

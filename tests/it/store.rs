@@ -1508,6 +1508,64 @@ async fn claims_take_each_destination_up_to_its_room(store: Arc<dyn Store>) {
     assert!(due.iter().any(|d| d.id == "b10046"));
 }
 
+/// `erase_events` takes each event with its deliveries, unless it is busy — queued, or
+/// with a delivery leased now — and a delivery it took is never claimed.
+async fn events_are_erased_unless_busy(store: Arc<dyn Store>) {
+    let done = |id: &'static str, at: u64, d: Option<NewDelivery>| {
+        let store = store.clone();
+        async move {
+            let e = event(id, "s", at, "{}");
+            store.insert_event(e.clone(), None).await.unwrap();
+            let n = usize::from(d.is_some());
+            (store.complete_event(&e, vec![outcome(n)], d.into_iter().collect(), at))
+                .await
+                .unwrap();
+        }
+    };
+    done("e1", 10_001, Some(delivery("d1", "x", None))).await;
+    done("e2", 10_002, Some(delivery("d2", "x", Some(30_000)))).await;
+    done("e4", 10_004, None).await;
+    store
+        .insert_event(event("e3", "s", 10_003, "{}"), None)
+        .await
+        .unwrap();
+    let ids = |ids: &[&str]| ids.iter().map(|i| i.to_string()).collect::<Vec<_>>();
+    let mut erased = (store.erase_events(ids(&["e1", "e2", "e3", "e4", "nope"]), 20_000))
+        .await
+        .unwrap();
+    erased.erased.sort();
+    erased.busy.sort();
+    assert_eq!(erased.erased, ids(&["e1", "e4"]));
+    assert_eq!(erased.busy, ids(&["e2", "e3"]), "leased, queued");
+    assert!(store.get_event("e1").await.unwrap().is_none());
+    assert!(store.get_event("e2").await.unwrap().is_some());
+    let due = (store.claim_due(20_000, 40_000, 10, &ClaimScope::any()))
+        .await
+        .unwrap();
+    assert!(due.is_empty(), "d1 went with e1, d2 is leased");
+    // Once the lease has run out, the event goes too.
+    let erased = store.erase_events(ids(&["e2"]), 30_001).await.unwrap();
+    assert_eq!(erased.erased, ids(&["e2"]));
+    assert!(store.get_event("e2").await.unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sqlite_erases_events_unless_busy() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path(), 100).unwrap();
+    events_are_erased_unless_busy(Arc::new(store)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_erases_events_unless_busy() {
+    let Some(server) = PgServer::start() else {
+        return;
+    };
+    let url = server.database("erase");
+    let store = PgStore::open(&url, 100, LEASE).await.unwrap();
+    events_are_erased_unless_busy(Arc::new(store)).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sqlite_claims_take_each_destination_up_to_its_room() {
     let dir = tempfile::tempdir().unwrap();

@@ -3,7 +3,7 @@
 //   node dashboard.mjs <gateway-url> <api-token> <receiver-control-url> <artifact-dir> <held-event-id>
 // It signs in, sees a freshly ingested event appear, replays the dead letters in bulk,
 // opens an event (plugin verdicts, attempt),
-// replays it (a new attempt), dry-runs its payload (and an edited one; a binary one is not editable), restarts a FAILED destination (which says when it is tested again; its held events go out),
+// replays it (a new attempt), dry-runs its payload (and an edited one; a binary one is not editable), erases an event, restarts a FAILED destination (which says when it is tested again; its held events go out),
 // resends the delivery that failed before, shows a banner while the gateway is not ready,
 // and writes a screenshot of every page, at 1280×800 and at phone width.
 
@@ -231,6 +231,22 @@ try {
   if (chosen !== 'onomondo') throw new Error(`the events page is filtered by "${chosen}"`);
   await page.locator(`#events tr[data-id="${id}"]`).waitFor();
   await page.locator('select[name="source"]').selectOption('');
+
+  step('an event is erased from its page, and is gone');
+  const doomed = await fetch(`${base}/v1/ingest/onomondo`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ type: 'usage', iccid: '8945738730000000099', bytes: 1 }),
+  });
+  const { id: doomedId } = await doomed.json();
+  await page.goto(`${base}/ui/#/events/${doomedId}`);
+  await page.locator('.delivery').getByText('delivered', { exact: true }).waitFor();
+  page.once('dialog', (d) => d.accept());
+  await page.getByRole('button', { name: 'Erase' }).click();
+  await page.getByText('Event erased.').waitFor();
+  await page.getByRole('heading', { name: 'Events' }).waitFor();
+  const gone = await fetch(`${base}/v1/events/${doomedId}`, { headers: { authorization: `Bearer ${token}` } });
+  if (gone.status !== 404) throw new Error(`the erased event is answered ${gone.status}`);
 
   step('a gateway that is not ready says why on every page, until it is');
   if (!(await page.locator('#health').isHidden())) throw new Error('a ready gateway shows the not-ready banner');

@@ -189,10 +189,11 @@ fn api_router() -> OpenApiRouter<Arc<AppState>> {
     OpenApiRouter::with_openapi(doc)
         .routes(routes!(ingest::ingest))
         .routes(routes!(list_events))
-        .routes(routes!(get_event))
+        .routes(routes!(get_event, erase_event))
         .routes(routes!(replay_event))
         .routes(routes!(dry_run::dry_run_event))
         .routes(routes!(replay_events))
+        .routes(routes!(erase_events))
         .routes(routes!(objects::list_sources, objects::create_source))
         .routes(routes!(
             objects::get_source,
@@ -609,6 +610,96 @@ async fn replay_events(
             next_cursor,
         }),
     ))
+}
+
+/// The events a bulk erasure erased, and those it left for now.
+#[derive(Serialize, ToSchema)]
+struct ErasedPage {
+    /// The ids of the events erased, with their deliveries and attempts.
+    erased: Vec<String>,
+    /// Events of the page still being processed, or with a delivery on its way: left as
+    /// they are; the same call again once they settle erases them.
+    busy: Vec<String>,
+    /// Erases the next page of the same query when passed as `cursor`; `null` on the last.
+    next_cursor: Option<String>,
+}
+
+/// Erases for good, page by page, the events `GET /v1/events` lists for the same query —
+/// a person's or a device's data on request: `?field=iccid&equals=8945…` (with the field
+/// in `store.indexed_fields`, only that SIM's events are read). Each event goes with its
+/// route outcomes, deliveries (pending ones are not sent) and attempts. One page per call
+/// (`limit`, at most 500), answered with the cursor of the next; an event still being
+/// processed or delivered is left and named in `busy`. A query must narrow the list (a
+/// source, a type, a field, a time or a route result): this is not how to empty a store.
+#[utoipa::path(post, path = "/v1/events/erase", tag = "events",
+    params(EventQuery),
+    responses(
+        (status = 200, description = "The page erased", body = ErasedPage),
+        (status = 400, description = "A malformed parameter, named, or no filter at all", body = ErrorBody),
+        (status = 422, description = "Listing the page stopped after 5 s: narrow the filters with since and until", body = ErrorBody),
+    ))]
+async fn erase_events(
+    State(state): State<Arc<AppState>>,
+    query: Result<Query<EventQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<ErasedPage>, ApiError> {
+    let Query(q) = query?;
+    let narrowed = q.source.is_some()
+        || q.event_type.is_some()
+        || q.field.is_some()
+        || q.since.is_some()
+        || q.until.is_some()
+        || q.route_result.is_some();
+    if !narrowed {
+        return Err(ApiError::BadRequest(
+            "name the events to erase: `source`, `type`, `field` and `equals`, `since`, \
+             `until` or `route_result` (retention purges the rest)"
+                .into(),
+        ));
+    }
+    let (items, next_cursor) = event_page(&state, q).await?;
+    let ids = items.into_iter().map(|e| e.id).collect();
+    let erased = state
+        .store
+        .erase_events(ids, state.dispatcher.now_ms())
+        .await?;
+    tracing::info!(
+        events = erased.erased.len(),
+        busy = erased.busy.len(),
+        "Events erased in bulk."
+    );
+    Ok(Json(ErasedPage {
+        erased: erased.erased,
+        busy: erased.busy,
+        next_cursor,
+    }))
+}
+
+/// Erases one event for good, with its route outcomes, deliveries (pending ones are not
+/// sent) and attempts.
+#[utoipa::path(delete, path = "/v1/events/{id}", tag = "events",
+    params(("id" = String, Path, description = "The event id from ingest")),
+    responses(
+        (status = 204, description = "Erased"),
+        (status = 404, description = "No such event", body = ErrorBody),
+        (status = 409, description = "Still being processed, or a delivery is on its way: try again in a moment", body = ErrorBody),
+    ))]
+async fn erase_event(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let erased = (state.store)
+        .erase_events(vec![id.clone()], state.dispatcher.now_ms())
+        .await?;
+    if !erased.busy.is_empty() {
+        return Err(ApiError::Conflict(format!(
+            "event `{id}` is being processed or delivered: try again in a moment"
+        )));
+    }
+    if erased.erased.is_empty() {
+        return Err(ApiError::NotFound(format!("no event `{id}`")));
+    }
+    tracing::info!(event_id = id, "Event erased.");
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// An event with its route outcomes, deliveries and attempts. The request's credential

@@ -301,6 +301,15 @@ pub trait Store: Send + Sync + 'static {
     /// window, where ingest no longer looks), the oldest first; returns how many.
     async fn purge_idempotency(&self, before: u64, limit: usize) -> Result<usize, StoreError>;
 
+    /// Erases these events for good, in one transaction, each with its route outcomes, its
+    /// deliveries (pending ones too: they are not sent) and their attempts — a person's
+    /// data on request, a device's history. An event still being processed (queued) or with
+    /// a delivery on its way (leased at `now`) is left as it is and named in
+    /// [`Erased::busy`], to be erased once it settles; an id with no event is in neither
+    /// list. (Its idempotency key stays until the window ends: it holds no payload, and a
+    /// sender's retry of the erased event is answered as a duplicate, not stored again.)
+    async fn erase_events(&self, ids: Vec<String>, now: u64) -> Result<Erased, StoreError>;
+
     /// Looks at up to `limit` events received before `before`'s bounds, the oldest first
     /// after `after`, and deletes in one transaction the processed ones that retention lets
     /// go: those received before `before.delivered` that have no pending delivery, no
@@ -1374,6 +1383,15 @@ pub struct DestinationState {
     /// epoch do not overwrite it.
     #[serde(skip)]
     pub epoch: i64,
+}
+
+/// What [`Store::erase_events`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Erased {
+    /// The events erased.
+    pub erased: Vec<String>,
+    /// The events left as they are for now: being processed, or with a delivery on its way.
+    pub busy: Vec<String>,
 }
 
 /// How many deliveries of a destination wait or failed.

@@ -2099,18 +2099,64 @@ impl Store for PgStore {
             tx.commit().await?;
             return Ok((0, next));
         }
-        for delete in [
-            "DELETE FROM attempts WHERE delivery_id IN (SELECT id FROM deliveries
-                 WHERE event_id = ANY($1))",
-            "DELETE FROM deliveries WHERE event_id = ANY($1)",
-            "DELETE FROM route_outcomes WHERE event_id = ANY($1)",
-            "DELETE FROM events WHERE id = ANY($1)",
-        ] {
-            tx.execute(delete, &[&ids]).await?;
-        }
+        delete_events(&tx, &ids).await?;
         tx.commit().await?;
         Ok((ids.len(), next))
     }
+
+    async fn erase_events(&self, ids: Vec<String>, now: u64) -> Result<Erased, StoreError> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        // The events and every delivery of theirs locked first: a claim (`FOR UPDATE SKIP
+        // LOCKED`) takes none of them meanwhile, and one made before shows as a lease.
+        let events = (tx.query(
+            "SELECT id, status = 'queued' FROM events WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+            &[&ids],
+        ))
+        .await?;
+        let leased: std::collections::HashSet<String> = (tx.query(
+            "SELECT event_id, status = 'pending' AND lease_until >= $2 FROM deliveries
+             WHERE event_id = ANY($1) ORDER BY id FOR UPDATE",
+            &[&ids, &(now as i64)],
+        ))
+        .await?
+        .into_iter()
+        .filter(|r| r.get::<_, Option<bool>>(1) == Some(true))
+        .map(|r| r.get(0))
+        .collect();
+        let mut erased = Erased::default();
+        for row in events {
+            let id: String = row.get(0);
+            match row.get::<_, bool>(1) || leased.contains(&id) {
+                true => erased.busy.push(id),
+                false => erased.erased.push(id),
+            }
+        }
+        delete_events(&tx, &erased.erased).await?;
+        tx.commit().await?;
+        Ok(erased)
+    }
+}
+
+/// Deletes these events with their attempts, deliveries and route outcomes (a purge, an
+/// erasure), in the caller's transaction.
+async fn delete_events(
+    tx: &tokio_postgres::Transaction<'_>,
+    ids: &[String],
+) -> Result<(), StoreError> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    for delete in [
+        "DELETE FROM attempts WHERE delivery_id IN (SELECT id FROM deliveries
+             WHERE event_id = ANY($1))",
+        "DELETE FROM deliveries WHERE event_id = ANY($1)",
+        "DELETE FROM route_outcomes WHERE event_id = ANY($1)",
+        "DELETE FROM events WHERE id = ANY($1)",
+    ] {
+        tx.execute(delete, &[&ids]).await?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1738,21 +1738,54 @@ impl Store for SqliteStore {
             if doomed.is_empty() {
                 return Ok((0, next));
             }
-            let ids = serde_json::to_string(&doomed).expect("strings serialize");
-            for delete in [
-                "DELETE FROM attempts WHERE delivery_id IN (SELECT id FROM deliveries
-                     WHERE event_id IN (SELECT value FROM json_each(?1)))",
-                "DELETE FROM deliveries WHERE event_id IN (SELECT value FROM json_each(?1))",
-                "DELETE FROM route_outcomes WHERE event_id IN (SELECT value FROM json_each(?1))",
-                "DELETE FROM events WHERE id IN (SELECT value FROM json_each(?1))",
-            ] {
-                conn.prepare_cached(delete)?.execute([&ids])?;
-            }
+            delete_events(conn, &doomed)?;
             Ok((doomed.len(), next))
         })
         .await
     }
+
+    async fn erase_events(&self, ids: Vec<String>, now: u64) -> Result<Erased, StoreError> {
+        let ids = serde_json::to_string(&ids).expect("strings serialize");
+        self.write(move |conn| {
+            let found: Vec<(String, bool)> = (conn.prepare_cached(ERASE_LOOK)?)
+                .query_map(params![ids, now as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<rusqlite::Result<_>>()?;
+            let (busy, doomed): (Vec<_>, Vec<_>) = found.into_iter().partition(|(_, busy)| *busy);
+            let erased: Vec<String> = doomed.into_iter().map(|(id, _)| id).collect();
+            delete_events(conn, &erased.iter().collect::<Vec<_>>())?;
+            Ok(Erased {
+                erased,
+                busy: busy.into_iter().map(|(id, _)| id).collect(),
+            })
+        })
+        .await
+    }
 }
+
+/// Deletes these events with their attempts, deliveries and route outcomes (a purge, an
+/// erasure), in the caller's transaction.
+fn delete_events(conn: &Connection, ids: &[&String]) -> rusqlite::Result<()> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let ids = serde_json::to_string(ids).expect("strings serialize");
+    for delete in [
+        "DELETE FROM attempts WHERE delivery_id IN (SELECT id FROM deliveries
+             WHERE event_id IN (SELECT value FROM json_each(?1)))",
+        "DELETE FROM deliveries WHERE event_id IN (SELECT value FROM json_each(?1))",
+        "DELETE FROM route_outcomes WHERE event_id IN (SELECT value FROM json_each(?1))",
+        "DELETE FROM events WHERE id IN (SELECT value FROM json_each(?1))",
+    ] {
+        conn.prepare_cached(delete)?.execute([&ids])?;
+    }
+    Ok(())
+}
+
+/// `Store::erase_events`: each of the events (?1, a JSON array of ids) there is, and
+/// whether it is busy — queued, or with a delivery leased at ?2.
+const ERASE_LOOK: &str = "SELECT e.id, e.status = 'queued' OR EXISTS (SELECT 1 FROM deliveries d
+        WHERE d.event_id = e.id AND d.status = 'pending' AND d.lease_until >= ?2)
+    FROM events e WHERE e.id IN (SELECT value FROM json_each(?1))";
 
 /// `Store::minute_stats`: events and attempts per minute from a time on, each read from
 /// its index on time (not from every row kept).

@@ -259,6 +259,10 @@ async function eventPage(id) {
     draft = { source: ev.source, body: text, contentType: ev.content_type || 'application/json' };
     location.hash = `#/dry-run/${encodeURIComponent(ev.source)}`;
   } }, 'Edit payload');
+  const erase = h('button', { id: 'erase', class: 'danger', title: 'Erase this event for good, with its deliveries and attempts (a pending delivery is not sent)', onclick: async () => {
+    if (!confirm(`Erase event ${ev.id} for good, with its deliveries and attempts?`)) return;
+    try { await api(`/v1/events/${encodeURIComponent(ev.id)}`, { method: 'DELETE' }); toast('Event erased.'); location.hash = '#/events'; } catch (err) { toast(err.message); }
+  } }, 'Erase');
   const routes = routeCards(e.routes);
   const deliveries = e.deliveries.map((d) => h('div', { class: 'card delivery', 'data-id': d.id },
     h('div', { class: 'row' }, h('strong', {}, d.destination), badge(d.status), h('span', { class: 'mono muted' }, d.id),
@@ -278,7 +282,7 @@ async function eventPage(id) {
     h('div', { class: 'card' }, h('div', { class: 'row' }, badge(e.status),
       e.routes.some((r) => r.run === ev.run && r.result.result === 'failed')
         ? h('span', { class: 'badge failed', title: 'A route failed on this run: see Routes below; replay once fixed' }, 'dead-letter') : null,
-      h('span', {}, `${ev.source} · ${time(ev.received_at)} · run ${ev.run}`), replay, dryReplay, tryIt)),
+      h('span', {}, `${ev.source} · ${time(ev.received_at)} · run ${ev.run}`), replay, dryReplay, tryIt, erase)),
     dryBox,
     h('h2', {}, 'Payload'), h('div', { class: 'card' }, text === null ? h('p', { class: 'muted' }, 'Not text: shown as base64.') : null,
       h('pre', { id: 'payload' }, text ?? JSON.stringify(ev.body, null, 2))),
