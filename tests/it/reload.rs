@@ -28,6 +28,15 @@ fn sha256_of(path: &Path) -> String {
     hex::encode(sha2::Sha256::digest(std::fs::read(path).unwrap()))
 }
 
+/// Replaces a file's text as editors and Kubernetes do: written beside it under a dot
+/// name, then renamed over it (never seen half-written).
+fn replace_file(path: &Path, text: &str) {
+    let name = path.file_name().unwrap().to_str().unwrap();
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
 /// Installs `from` as plugin `name` the recommended way: write aside, then rename.
 fn install(dir: &Path, name: &str, from: &Path) {
     let tmp = dir.join(format!("plugins.d/.{name}.wasm.tmp"));
@@ -276,9 +285,7 @@ async fn config_changes_apply_atomically_and_invalid_ones_are_rejected() {
     let added = format!(
         "{original}\n[[sources]]\nname = \"new\"\n[[routes]]\nsource = \"new\"\nplugins = [{{ name = \"event-filter\", config = {{ allow = \"usage\" }} }}]\ndestinations = [\"sink\"]\n"
     );
-    let tmp = gw.dir().join(".switchyard.toml.tmp");
-    std::fs::write(&tmp, added).unwrap();
-    std::fs::rename(&tmp, &config_file).unwrap();
+    replace_file(&config_file, &added);
     wait_plugin(&gw, "event-filter", |p| {
         p["routes"] == serde_json::json!(["new"])
     })
@@ -395,12 +402,8 @@ destinations = ["sink"]
     assert_eq!(rx.wait_for(2).await[1].uri, "/sink/globex");
 
     // A change to the table's file alone is noticed, as one to the config file is.
-    gw.noticed(|| {
-        let tmp = gw.dir().join(".sims.csv.tmp");
-        std::fs::write(&tmp, "iccid,customer\n8945000000000000001,initech\n").unwrap();
-        std::fs::rename(&tmp, &table).unwrap();
-    })
-    .await;
+    gw.noticed(|| replace_file(&table, "iccid,customer\n8945000000000000001,initech\n"))
+        .await;
     gw.accept("s", body).await;
     assert_eq!(rx.wait_for(3).await[2].uri, "/sink/initech");
 
@@ -461,12 +464,8 @@ destinations = ["sink"]
     assert_eq!(rx.wait_for(1).await[0].uri, "/sink/:customer:");
 
     // Kubernetes rotates a secret by swapping the file in.
-    gw.noticed(|| {
-        let tmp = gw.dir().join("secrets/.api-key.tmp");
-        std::fs::write(&tmp, "k-two-0123456789\n").unwrap();
-        std::fs::rename(&tmp, &secret).unwrap();
-    })
-    .await;
+    gw.noticed(|| replace_file(&secret, "k-two-0123456789\n"))
+        .await;
     assert_eq!(post("k-one-0123456789").await, 401);
     assert_eq!(post("k-two-0123456789").await, 202);
     assert_eq!(rx.wait_for(2).await.len(), 2);
@@ -483,12 +482,8 @@ destinations = ["sink"]
         .await;
     assert_eq!(post("k-two-0123456789").await, 202);
     assert_eq!(rx.wait_for(3).await[2].uri, "/sink/acme");
-    gw.noticed(|| {
-        let tmp = gw.dir().join("tables/.sims.csv.tmp");
-        std::fs::write(&tmp, "iccid,customer\n89450001,globex\n").unwrap();
-        std::fs::rename(&tmp, &table).unwrap();
-    })
-    .await;
+    gw.noticed(|| replace_file(&table, "iccid,customer\n89450001,globex\n"))
+        .await;
     assert_eq!(post("k-two-0123456789").await, 202);
     assert_eq!(rx.wait_for(4).await[3].uri, "/sink/globex");
     gw.shutdown().await.unwrap();
