@@ -671,6 +671,33 @@ pub struct SourceConfig {
     /// signature is checked on the form as it came. Off by default.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub form_as_json: bool,
+    /// How long this source's events are kept, if not as `[retention]` says: a telemetry
+    /// source's a day, say, while the others' lifecycle events stay a month.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<SourceRetention>,
+}
+
+/// A source's own retention: each key set replaces `[retention]`'s for its events.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, ToSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SourceRetention {
+    /// Processed events all of whose deliveries succeeded are deleted after this long.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = Option<String>, example = "1d")]
+    pub delivered: Option<Duration>,
+    /// Processed events with a failed delivery or a dead-lettered route are deleted after
+    /// this long too (never while a delivery is pending).
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = Option<String>, example = "7d")]
+    pub failed: Option<Duration>,
 }
 
 impl SourceConfig {
@@ -1612,6 +1639,16 @@ impl Config {
     /// A source's own settings (`sources[i]`).
     fn validate_source(&self, i: usize, s: &SourceConfig) -> Result<(), (String, String)> {
         check_name(&s.name).map_err(|m| (format!("sources[{i}].name"), m))?;
+        if let Some(r) = &s.retention {
+            for (key, d) in [("delivered", r.delivered), ("failed", r.failed)] {
+                if d.is_some_and(|d| d.is_zero()) {
+                    return Err((
+                        format!("sources[{i}].retention.{key}"),
+                        "must be longer than 0s".into(),
+                    ));
+                }
+            }
+        }
         if let Some(v) = &s.verify {
             v.validate()
                 .map_err(|m| (format!("sources[{i}].verify"), m))?;
@@ -2147,6 +2184,24 @@ mod tests {
             let err = limited(bad).unwrap_err().to_string();
             assert!(err.contains("destinations[0].rate_limit"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn a_source_may_keep_its_events_for_a_time_of_its_own() {
+        let with = |retention: &str| {
+            parse(&GOOD.replace(
+                "name = \"onomondo\"\n        [[destinations]]",
+                &format!("name = \"onomondo\"\n        retention = {{ {retention} }}\n        [[destinations]]"),
+            ))
+        };
+        let c = with("delivered = \"1d\"").unwrap();
+        let r = c.sources[0].retention.clone().unwrap();
+        assert_eq!(r.delivered, Some(Duration::from_secs(86_400)));
+        assert_eq!(r.failed, None);
+        let err = with("failed = \"0s\"").unwrap_err().to_string();
+        assert!(err.contains("sources[0].retention.failed"), "{err}");
+        let err = with("kept = \"1d\"").unwrap_err().to_string();
+        assert!(err.contains("sources[0].retention"), "{err}");
     }
 
     #[test]

@@ -422,9 +422,19 @@ async fn retention_loop(
         let before = PurgeBefore {
             delivered: age(config.retention.delivered),
             failed: config.retention.failed.map(age),
+            by_source: (config.sources.iter())
+                .filter_map(|s| {
+                    let r = s.retention.as_ref()?;
+                    let bounds = store::SourceBounds {
+                        delivered: r.delivered.map(age),
+                        failed: r.failed.map(age),
+                    };
+                    Some((s.name.clone(), bounds))
+                })
+                .collect(),
         };
         let events = in_batches(&stop, "Retention purge", |after| {
-            let store = store.clone();
+            let (store, before) = (store.clone(), before.clone());
             async move { store.purge_events(before, after, PURGE_BATCH).await }
         });
         let Some(purged) = events.await else { return };

@@ -795,7 +795,7 @@ destinations = ["bad", "good"]
 
 /// Delivered events go after `retention.delivered`; failed ones are kept unless
 /// `retention.failed` is set, then go after that; an event with a pending delivery stays
-/// whatever its age.
+/// whatever its age. A source with a retention of its own has its events purged by it.
 #[tokio::test(flavor = "multi_thread")]
 async fn retention_purges_delivered_events_and_keeps_undelivered_ones() {
     let rx = Receiver::start().await;
@@ -811,6 +811,9 @@ name = "ok"
 name = "bad"
 [[sources]]
 name = "later"
+[[sources]]
+name = "telemetry"
+retention = { delivered = "1h" }
 [[destinations]]
 name = "good"
 url = "{receiver}/ok"
@@ -830,8 +833,13 @@ destinations = ["broken"]
 [[routes]]
 source = "later"
 destinations = ["down"]
+[[routes]]
+source = "telemetry"
+destinations = ["good"]
 "#;
     let gw = TestGateway::start_with_clock(config, &rx, &[], clock.clone()).await;
+    let telemetry = gw.accept("telemetry", "{}").await;
+    gw.settled(&telemetry).await;
     let delivered = gw.accept("ok", "{}").await;
     let failed = gw.accept("bad", "{}").await;
     let pending = gw.accept("later", "{}").await;
@@ -856,6 +864,14 @@ destinations = ["down"]
             false
         }
     };
+
+    // A source's own retention: its events go after an hour, the others' stay.
+    clock.advance(Duration::from_secs(2 * 3600));
+    assert!(
+        purged(telemetry).await,
+        "the source's own retention applies"
+    );
+    assert_eq!(gw.get(&format!("/v1/events/{delivered}")).await.0, 200);
 
     clock.advance(Duration::from_secs(2 * 24 * 3600));
     assert!(

@@ -10,7 +10,7 @@ use switchyard::store::{
     Attempt, AttemptNext, ClaimScope, Completion, DeliveryStatus, DestinationHealth,
     DestinationState, EventFilter, EventStatus, FieldIndexes, FieldMatch, Idempotency, Inserted,
     Known, Limit, ManagedObject, NewDelivery, PgStore, PurgeBefore, RouteOutcome, RouteResult,
-    RouteResultKind, SqliteStore, Store,
+    RouteResultKind, SourceBounds, SqliteStore, Store,
 };
 
 use xtask::pg::PgServer;
@@ -998,10 +998,13 @@ async fn conformance(open: Reopen) {
     let failed_too = PurgeBefore {
         delivered: 0,
         failed: Some(750_000),
+        ..PurgeBefore::default()
     };
     let (mut after, mut total) = (None, 0);
     loop {
-        let (n, next) = store.purge_events(failed_too, after, 2).await.unwrap();
+        let (n, next) = (store.purge_events(failed_too.clone(), after, 2))
+            .await
+            .unwrap();
         total += n;
         if next.is_none() {
             break;
@@ -1506,6 +1509,87 @@ async fn claims_take_each_destination_up_to_its_room(store: Arc<dyn Store>) {
         .unwrap();
     assert_eq!(due.len(), 6, "five of slow's and b's last: {:?}", ids(&due));
     assert!(due.iter().any(|d| d.id == "b10046"));
+}
+
+/// A source's own retention (`[[sources]] retention`) replaces `[retention]`'s for its
+/// events only, shorter or longer.
+async fn sources_keep_their_events_as_long_as_they_say(store: Arc<dyn Store>) {
+    for (id, source, at) in [
+        ("t1", "telemetry", 1_000),
+        ("t2", "telemetry", 5_000),
+        ("l1", "lifecycle", 1_000),
+    ] {
+        let e = event(id, source, at, "{}");
+        store.insert_event(e.clone(), None).await.unwrap();
+        (store.complete_event(&e, vec![outcome(0)], vec![], at))
+            .await
+            .unwrap();
+    }
+    let purge_all = |before: PurgeBefore| {
+        let store = store.clone();
+        async move {
+            let mut after = None;
+            loop {
+                let (_, next) = (store.purge_events(before.clone(), after, 1))
+                    .await
+                    .unwrap();
+                match next {
+                    Some(next) => after = Some(next),
+                    None => break,
+                }
+            }
+        }
+    };
+    let kept = |ids: &'static [&'static str]| {
+        let store = store.clone();
+        async move {
+            let mut kept = Vec::new();
+            for id in ids {
+                if store.get_event(id).await.unwrap().is_some() {
+                    kept.push(*id);
+                }
+            }
+            kept
+        }
+    };
+    let telemetry = |delivered: u64| {
+        let bounds = SourceBounds {
+            delivered: Some(delivered),
+            failed: None,
+        };
+        vec![("telemetry".to_string(), bounds)]
+    };
+    // Shorter: telemetry's events before 2,000 go; the others' only before 500.
+    purge_all(PurgeBefore {
+        by_source: telemetry(2_000),
+        ..PurgeBefore::delivered(500)
+    })
+    .await;
+    assert_eq!(kept(&["t1", "t2", "l1"]).await, ["t2", "l1"]);
+    // Longer: the others' events before 10,000 go, telemetry's still only before 2,000.
+    purge_all(PurgeBefore {
+        by_source: telemetry(2_000),
+        ..PurgeBefore::delivered(10_000)
+    })
+    .await;
+    assert_eq!(kept(&["t2", "l1"]).await, ["t2"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sqlite_sources_keep_their_events_as_long_as_they_say() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path(), 100).unwrap();
+    sources_keep_their_events_as_long_as_they_say(Arc::new(store)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_sources_keep_their_events_as_long_as_they_say() {
+    let Some(server) = PgServer::start() else {
+        return;
+    };
+    let url = server.database("retention");
+    let store = PgStore::open(&url, 100, LEASE).await.unwrap();
+    sources_keep_their_events_as_long_as_they_say(Arc::new(store)).await;
 }
 
 /// `erase_events` takes each event with its deliveries, unless it is busy — queued, or

@@ -1070,10 +1070,22 @@ pub enum Completion {
 }
 
 /// What retention deletes (`Store::purge_events`): events received before these times
-/// (ms), delivered ones and, if set, failed ones.
-#[derive(Clone, Copy, Debug)]
+/// (ms), delivered ones and, if set, failed ones — or before a source's own.
+#[derive(Clone, Debug, Default)]
 pub struct PurgeBefore {
     pub delivered: u64,
+    pub failed: Option<u64>,
+    /// Sources whose events have bounds of their own, each replacing the one above it
+    /// names (`[[sources]] retention`).
+    pub by_source: Vec<(String, SourceBounds)>,
+}
+
+/// A source's own retention bounds (ms), each in place of [`PurgeBefore`]'s.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct SourceBounds {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delivered: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub failed: Option<u64>,
 }
 
@@ -1082,15 +1094,28 @@ impl PurgeBefore {
     pub fn delivered(before: u64) -> Self {
         Self {
             delivered: before,
-            failed: None,
+            ..Self::default()
         }
     }
 
-    /// The bounds as SQL parameters: the walk's end, the delivered bound, the failed one
-    /// (0 when unset: no event was received before it).
+    /// The bounds as SQL parameters: the walk's end (the latest bound of any), the
+    /// delivered bound, the failed one (0 when unset: no event was received before it).
     fn bounds(&self) -> [i64; 3] {
         let failed = self.failed.unwrap_or(0);
-        [self.delivered.max(failed), self.delivered, failed].map(|t| t.min(i64::MAX as u64) as i64)
+        let end = (self.by_source.iter())
+            .flat_map(|(_, b)| [b.delivered, b.failed])
+            .flatten()
+            .fold(self.delivered.max(failed), u64::max);
+        [end, self.delivered, failed].map(|t| t.min(i64::MAX as u64) as i64)
+    }
+
+    /// The sources' own bounds as a JSON object by source name (`{"telemetry":
+    /// {"delivered": ms}}`), for the stores' statements.
+    fn sources_json(&self) -> String {
+        let map: std::collections::BTreeMap<&str, SourceBounds> = (self.by_source.iter())
+            .map(|(name, b)| (name.as_str(), *b))
+            .collect();
+        serde_json::to_string(&map).expect("bounds serialize")
     }
 }
 

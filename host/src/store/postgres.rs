@@ -2051,6 +2051,7 @@ impl Store for PgStore {
         limit: usize,
     ) -> Result<(usize, Option<PurgeCursor>), StoreError> {
         let [end, delivered, failed] = before.bounds();
+        let sources = before.sources_json();
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         let (from_at, from_id) = match after {
@@ -2059,16 +2060,17 @@ impl Store for PgStore {
         };
         // The next events from the cursor, oldest first by `events_received`, each with
         // whether retention lets it go (a batch is what is looked at: see SQLite's
-        // `PURGE_LOOK`). $1 is the later of $5 (delivered events) and $6 (any settled
-        // event).
+        // `PURGE_LOOK`). $1 is the latest of $5 (delivered events), $6 (any settled
+        // event) and the sources' own bounds in $7, which replace them for their events.
         let looked = tx
             .query(
                 "SELECT e.received_at, e.id,
                     e.status = 'processed'
                     AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id
                         AND d.status = 'pending')
-                    AND (e.received_at < $6
-                         OR (e.received_at < $5 AND e.failed_routes = 0
+                    AND (e.received_at < COALESCE(($7::TEXT::JSONB -> e.source ->> 'failed')::BIGINT, $6)
+                         OR (e.received_at < COALESCE(($7::TEXT::JSONB -> e.source ->> 'delivered')::BIGINT, $5)
+                             AND e.failed_routes = 0
                              AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id
                                  AND d.status = 'failed' AND d.run = e.run)))
                  FROM events e
@@ -2081,6 +2083,7 @@ impl Store for PgStore {
                     &(limit as i64),
                     &delivered,
                     &failed,
+                    &sources,
                 ],
             )
             .await?;

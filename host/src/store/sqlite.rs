@@ -1718,6 +1718,7 @@ impl Store for SqliteStore {
         limit: usize,
     ) -> Result<(usize, Option<PurgeCursor>), StoreError> {
         let [end, delivered, failed] = before.bounds();
+        let sources = before.sources_json();
         self.write(move |conn| {
             let (from_at, from_id) = match &after {
                 Some((at, id)) => (*at as i64, id.clone()),
@@ -1726,7 +1727,15 @@ impl Store for SqliteStore {
             let looked: Vec<(i64, String, bool)> = conn
                 .prepare_cached(PURGE_LOOK)?
                 .query_map(
-                    params![end, from_at, from_id, limit as i64, delivered, failed],
+                    params![
+                        end,
+                        from_at,
+                        from_id,
+                        limit as i64,
+                        delivered,
+                        failed,
+                        sources
+                    ],
                     |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
                 )?
                 .collect::<rusqlite::Result<_>>()?;
@@ -1799,13 +1808,16 @@ const MINUTE_ATTEMPTS: &str = "SELECT at / 60000 * 60000 AS m,
 /// `Store::purge_events`: the next events from a cursor, oldest first by
 /// `events_received`, each with whether retention lets it go. A batch is the events looked
 /// at, kept ones included, so a transaction stays short however many old events are kept
-/// (failed ones, with `retention.failed` unset; those of a long outage). ?1 is the later of
-/// ?5 (delivered events) and ?6 (any settled event).
+/// (failed ones, with `retention.failed` unset; those of a long outage). ?1 is the latest
+/// of ?5 (delivered events), ?6 (any settled event) and the sources' own bounds in ?7 (a
+/// JSON object: `{"telemetry": {"delivered": ms, "failed": ms}}`), which replace ?5 and ?6
+/// for their events.
 const PURGE_LOOK: &str = "SELECT e.received_at, e.id,
       e.status = 'processed'
       AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id AND d.status = 'pending')
-      AND (e.received_at < ?6
-           OR (e.received_at < ?5 AND e.failed_routes = 0
+      AND (e.received_at < COALESCE(json_extract(?7, '$.\"' || e.source || '\".failed'), ?6)
+           OR (e.received_at < COALESCE(json_extract(?7, '$.\"' || e.source || '\".delivered'), ?5)
+               AND e.failed_routes = 0
                AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id
                    AND d.status = 'failed' AND d.run = e.run)))
     FROM events e
