@@ -2061,15 +2061,16 @@ impl Store for PgStore {
         // The next events from the cursor, oldest first by `events_received`, each with
         // whether retention lets it go (a batch is what is looked at: see SQLite's
         // `PURGE_LOOK`). $1 is the latest of $5 (delivered events), $6 (any settled
-        // event) and the sources' own bounds in $7, which replace them for their events.
+        // event) and the sources' own bounds in $7, which replace them for their events
+        // (read once, as an init plan, however many sources it names).
         let looked = tx
             .query(
                 "SELECT e.received_at, e.id,
                     e.status = 'processed'
                     AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id
                         AND d.status = 'pending')
-                    AND (e.received_at < COALESCE(($7::TEXT::JSONB -> e.source ->> 'failed')::BIGINT, $6)
-                         OR (e.received_at < COALESCE(($7::TEXT::JSONB -> e.source ->> 'delivered')::BIGINT, $5)
+                    AND (e.received_at < COALESCE(((SELECT $7::TEXT::JSONB) -> e.source ->> 'failed')::BIGINT, $6)
+                         OR (e.received_at < COALESCE(((SELECT $7::TEXT::JSONB) -> e.source ->> 'delivered')::BIGINT, $5)
                              AND e.failed_routes = 0
                              AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id
                                  AND d.status = 'failed' AND d.run = e.run)))
