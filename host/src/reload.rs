@@ -384,9 +384,11 @@ impl Reloader {
                 tokio::select! {
                     got = rx.recv() => if got.is_none() { return },
                     _ = self.installed.notified() => {
-                        // Only the config file's directory can fail to be watched here,
-                        // and it was watched at the start.
-                        let _ = watches.follow(config_file.as_deref(), &self.config());
+                        // (A plugin directory a reload named that cannot be watched.)
+                        if let Err(e) = watches.follow(config_file.as_deref(), &self.config()) {
+                            tracing::warn!(error = %e,
+                                "Cannot watch the plugin directory; after changing a plugin, reload with SIGHUP or POST /v1/reload.");
+                        }
                         continue;
                     }
                     _ = stop.cancelled() => return,
@@ -483,7 +485,6 @@ impl Reloader {
     }
 }
 
-/// The first plugin a route uses that is not loaded: its key and the message.
 /// The directories the watcher watches and the file names in them that reload.
 struct Watches {
     watcher: notify::RecommendedWatcher,
@@ -497,8 +498,8 @@ impl Watches {
     /// Watches the plugin directory and the directories of the config file and of the files
     /// the config names — an editor, certbot (a symlink in `live/` replaced) and a
     /// Kubernetes secret volume all replace files rather than write them in place — and no
-    /// others. Fails only if the config file's directory cannot be watched; another's is a
-    /// convenience, and SIGHUP still reloads it.
+    /// others. Fails if the config file's or the plugins' directory cannot be watched
+    /// (having done the rest); another's is a convenience, and SIGHUP still reloads it.
     fn follow(&mut self, config_file: Option<&Path>, config: &Config) -> anyhow::Result<()> {
         let files = config.files();
         let dir_of = |file: &Path| match file.parent() {
@@ -519,6 +520,7 @@ impl Watches {
             .chain(plugin_dir.is_dir().then(|| (plugin_dir.clone(), true)))
             .chain(files.iter().filter_map(|f| dir_of(f)).map(|d| (d, false)))
             .collect();
+        let mut failed = None;
         for (dir, needed) in &wanted {
             if self.dirs.contains(dir) {
                 continue;
@@ -527,7 +529,7 @@ impl Watches {
                 Ok(()) => {
                     self.dirs.insert(dir.clone());
                 }
-                Err(e) if *needed => return Err(e.into()),
+                Err(e) if *needed => failed = failed.or(Some(e)),
                 Err(e) => tracing::warn!(error = %e, dir = %dir.display(),
                     "Cannot watch the directory of a file the config names; after changing it, reload with SIGHUP or POST /v1/reload."),
             }
@@ -540,10 +542,11 @@ impl Watches {
             let _ = self.watcher.unwatch(&dir);
             self.dirs.remove(&dir);
         }
-        Ok(())
+        failed.map_or(Ok(()), |e| Err(e.into()))
     }
 }
 
+/// The first plugin a route uses that is not loaded: its key and the message.
 fn first_missing_plugin(config: &Config, plugins: &PluginMap) -> Option<(String, String)> {
     for (i, r) in config.routes.iter().enumerate() {
         for (j, p) in r.plugins.iter().enumerate() {
