@@ -58,6 +58,7 @@ async fn dashboard_in_a_real_browser() {
 sims = "{}"
 [[sources]]
 name = "onomondo"
+retention = {{ delivered = "30d" }}
 [[sources]]
 name = "flaky-source"
 [[sources]]
@@ -72,7 +73,7 @@ url = "{}/flaky"
 retry = {{ retry_schedule = ["0s"], failure_threshold = 2, restart_after = "1h" }}
 [[routes]]
 source = "onomondo"
-plugins = [{{ name = "event-filter", config = {{ allow = "usage" }} }}]
+plugins = [{{ name = "event-filter", config = {{ allow = "usage" }}, on_error = "dead-letter" }}]
 destinations = ["fleet"]
 [[routes]]
 source = "flaky-source"

@@ -203,6 +203,8 @@ try {
   await page.getByRole('link', { name: 'Routes' }).click();
   const filtered = page.locator('#routes tr[data-name="onomondo"]');
   await filtered.locator('.chain').getByText('event-filter').waitFor();
+  await filtered.locator('.chain').getByText('(dead-letter)').waitFor();
+  await filtered.locator('.retention').getByText('events kept 30days if delivered').waitFor();
   await filtered.locator('.destination').getByText('fleet').waitFor();
   const plain = page.locator('#routes tr[data-name="flaky-source"]');
   await plain.locator('.chain').getByText('none').waitFor();

@@ -426,9 +426,12 @@ async function routesPage() {
             h('td', {}, h('div', {}, r.name), h('div', { class: 'muted' }, r.origin)),
             h('td', {}, h('div', {}, r.source), h('div', { class: 'muted hide-narrow' }, checks(src[r.source])),
               h('div', { class: 'muted last-accepted' }, src[r.source] && src[r.source].last_accepted_at ? `last event ${time(src[r.source].last_accepted_at)}` : 'no event since start'),
+              src[r.source] && src[r.source].retention ? h('div', { class: 'muted retention hide-narrow' },
+                `events kept ${Object.entries(src[r.source].retention).map(([k, v]) => `${v} if ${k}`).join(', ')}`) : null,
               refused(src[r.source])),
             h('td', { class: 'chain' }, r.plugins.length === 0 ? h('span', { class: 'muted' }, 'none') :
               r.plugins.flatMap((p, i) => [i ? ' → ' : null, h('span', { class: 'plugin' }, p.name,
+                p.on_error ? h('span', { class: 'muted', title: 'this plugin\'s own on_error' }, ` (${p.on_error})`) : null,
                 plugin[p.name] && plugin[p.name].status !== 'ok' ? [' ', badge(plugin[p.name].status)] : null,
                 plugin[p.name] && plugin[p.name].degraded ? [' ', h('span', { class: 'badge error' }, 'degraded')] : null)])),
             h('td', {}, r.destinations.map((d) => h('div', { class: 'destination' }, d, ' ',
