@@ -100,6 +100,8 @@ pub struct Metrics {
     pub attempts: Family<DestinationLabels, Counter>,
     pub deferred: Family<DestinationOnly, Counter>,
     pub oauth2_tokens: Family<DestinationLabels, Counter>,
+    /// Test messages (by hand, a restart's, `restart_after`'s), by destination and outcome.
+    pub tests: Family<DestinationLabels, Counter>,
     pub reloads: Family<ResultLabels, Counter>,
     pub queue_depth: Gauge,
     pub store_unanswered_seconds: Gauge,
@@ -198,6 +200,12 @@ impl Default for Metrics {
             "Requests for an OAuth 2.0 token, by destination and outcome (ok, failed)",
             oauth2_tokens.clone(),
         );
+        let tests = Family::<DestinationLabels, Counter>::default();
+        registry.register(
+            "destination_tests",
+            "Test messages sent to a destination (by hand, before a restart, or by restart_after), by outcome (passed, failed)",
+            tests.clone(),
+        );
         let reloads = Family::<ResultLabels, Counter>::default();
         registry.register("reloads", "Reloads, by result (ok, error)", reloads.clone());
         let queue_depth = Gauge::default();
@@ -249,6 +257,7 @@ impl Default for Metrics {
             attempts,
             deferred,
             oauth2_tokens,
+            tests,
             reloads,
             queue_depth,
             store_unanswered_seconds,
@@ -450,6 +459,12 @@ impl Metrics {
                 outcome: outcome.to_string(),
             });
         }
+        for outcome in ["passed", "failed"] {
+            self.tests.remove(&DestinationLabels {
+                destination: destination.clone(),
+                outcome: outcome.to_string(),
+            });
+        }
         let only = DestinationOnly { destination };
         self.delivery_latency.remove(&only);
         self.last_delivered.remove(&only);
@@ -538,6 +553,16 @@ impl Metrics {
             .get_or_create(&DestinationLabels {
                 destination: destination.to_string(),
                 outcome: if ok { "ok" } else { "failed" }.to_string(),
+            })
+            .inc();
+    }
+
+    /// A test message to `destination`, and whether it passed.
+    pub fn destination_test(&self, destination: &str, passed: bool) {
+        self.tests
+            .get_or_create(&DestinationLabels {
+                destination: destination.to_string(),
+                outcome: if passed { "passed" } else { "failed" }.to_string(),
             })
             .inc();
     }

@@ -500,6 +500,13 @@ destinations = ["pager"]
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     let d = destination(&gw, "d").await;
     assert!(d.get("next_test_at").is_none(), "{d}");
+    let metrics = gw.metrics().await;
+    for line in [
+        r#"switchyard_destination_tests_total{destination="d",outcome="failed"} 1"#,
+        r#"switchyard_destination_tests_total{destination="d",outcome="passed"} 1"#,
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+    }
     let active = pager.wait_for(2).await[1].json();
     assert_eq!(
         (&active["type"], &active["destination"]),

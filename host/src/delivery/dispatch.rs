@@ -1257,6 +1257,7 @@ impl Dispatcher {
             (None, None) => Some("no answer".into()),
             (_, e) => e,
         };
+        self.metrics.destination_test(name, error.is_none());
         Ok(TestOutcome {
             ok: error.is_none(),
             status_code,
