@@ -530,6 +530,15 @@ pub struct StoreConfig {
     /// stored; adding one reads every event stored to build its index.
     #[serde(default)]
     pub indexed_fields: Vec<String>,
+    /// Seals the objects made through the management API in the store (AES-256-GCM;
+    /// see `seal.rs`): a random text of at least 32 characters, best read from a file
+    /// (`${file:…}`). Unset: stored as JSON text.
+    #[serde(default)]
+    pub encryption_key: Option<String>,
+    /// Keys that sealed objects before `encryption_key`: they still open them, and each
+    /// reload seals those again with `encryption_key`.
+    #[serde(default)]
+    pub previous_encryption_keys: Vec<String>,
 }
 
 impl Default for StoreConfig {
@@ -538,6 +547,8 @@ impl Default for StoreConfig {
             url: None,
             lease: default_lease(),
             indexed_fields: Vec::new(),
+            encryption_key: None,
+            previous_encryption_keys: Vec::new(),
         }
     }
 }
@@ -1592,6 +1603,26 @@ impl Config {
         if self.store.lease < Duration::from_secs(1) {
             return Err(("store.lease".into(), "must be at least 1s".into()));
         }
+        let keys = (self
+            .store
+            .encryption_key
+            .iter()
+            .map(|k| ("store.encryption_key".to_string(), k)))
+        .chain(
+            (self.store.previous_encryption_keys.iter().enumerate())
+                .map(|(i, k)| (format!("store.previous_encryption_keys[{i}]"), k)),
+        );
+        for (key, text) in keys {
+            if text.chars().count() < crate::seal::MIN_KEY_CHARS {
+                return Err((
+                    key,
+                    format!(
+                        "must be at least {} characters: a random key (`openssl rand -base64 32`), not a password",
+                        crate::seal::MIN_KEY_CHARS
+                    ),
+                ));
+            }
+        }
         let fields = &self.store.indexed_fields;
         if fields.len() > MAX_INDEXED_FIELDS {
             return Err((
@@ -2184,6 +2215,28 @@ mod tests {
             let err = limited(bad).unwrap_err().to_string();
             assert!(err.contains("destinations[0].rate_limit"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn an_encryption_key_is_a_random_key_not_a_password() {
+        let with =
+            |store: &str| parse(&GOOD.replace("[server]", &format!("[store]\n{store}\n[server]")));
+        let long = "0123456789abcdef0123456789abcdef";
+        let c = with(&format!("encryption_key = \"{long}\"")).unwrap();
+        assert_eq!(c.store.encryption_key.as_deref(), Some(long));
+        let err = with("encryption_key = \"hunter2\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("store.encryption_key") && err.contains("32"),
+            "{err}"
+        );
+        let err = with(&format!(
+            "encryption_key = \"{long}\"\nprevious_encryption_keys = [\"{long}\", \"short\"]"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("store.previous_encryption_keys[1]"), "{err}");
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod pipeline;
 pub mod plugin;
 pub mod reload;
 pub mod scaffold;
+pub mod seal;
 pub mod serve;
 pub mod store;
 pub mod tables;
@@ -283,6 +284,9 @@ impl Gateway {
         // Startup is a reload from empty; unlike later reloads, a plugin that a route uses
         // and that does not load stops the start.
         let report = reloader.reload("startup").await;
+        if let Some(e) = &report.managed_error {
+            anyhow::bail!("the objects made through the management API: {e}");
+        }
         let config = reloader.config();
         let loaded = registry.snapshot();
         let failures = unloaded_plugins(&config, |name| loaded.contains_key(name), &report.plugins);

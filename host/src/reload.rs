@@ -23,7 +23,8 @@ use crate::managed::{Change, ChangeError, Managed};
 use crate::metrics::{Metrics, ResultLabels};
 use crate::pipeline::{Pipeline, Routing};
 use crate::plugin::{PluginMap, PluginRegistry, PluginRuntime, PluginStatus};
-use crate::store::Store;
+use crate::seal::{Found, Sealer};
+use crate::store::{ManagedObject, Store};
 
 /// How long the watcher waits for a burst of file events to end before reloading: editors
 /// and `cp` write files in pieces.
@@ -48,6 +49,11 @@ pub struct ReloadReport {
     /// `store.indexed_fields` (the config is in force; the next reload tries again).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub index_error: Option<String>,
+    /// Why the managed objects could not be read from the store, or opened (sealed with a
+    /// key the config no longer names: the config is then rejected); the ones in memory
+    /// keep serving. A start stops on it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub managed_error: Option<String>,
     pub plugins: BTreeMap<String, PluginStatus>,
 }
 
@@ -135,7 +141,10 @@ impl Reloader {
             return Err(managed.blame(&file, &change, &key, message));
         }
         match change.stored() {
-            Ok(object) => self.store.put_managed(object, now_ms()).await?,
+            Ok(object) => {
+                let sealed = Sealer::new(&file.store).seal(object);
+                self.store.put_managed(sealed, now_ms()).await?
+            }
             Err((kind, name)) => self.store.delete_managed(kind.as_str(), &name).await?,
         }
         tracing::info!(
@@ -195,11 +204,19 @@ impl Reloader {
                 }
             }
         }
-        let managed = match self.store.managed_objects().await {
-            Ok(objects) => Arc::new(Managed::from_stored(&objects)),
-            Err(e) => {
+        let mut stale = Vec::new();
+        let (managed, managed_error) = match self.read_managed(&file).await {
+            Ok((objects, found_stale)) => {
+                stale = found_stale;
+                (Arc::new(Managed::from_stored(&objects)), None)
+            }
+            Err((sealed, e)) => {
                 tracing::error!(error = %e, "Cannot read the managed objects; keeping the ones in memory.");
-                self.managed.load_full()
+                if sealed {
+                    config_error = Some(e.clone());
+                    outcome = "rejected";
+                }
+                (self.managed.load_full(), Some(e))
             }
         };
         let mut config = old.clone();
@@ -267,6 +284,7 @@ impl Reloader {
                     config: "rejected",
                     config_error: Some(format!("plugin scan failed: {e}")),
                     index_error: None,
+                    managed_error: None,
                     plugins: self.registry.statuses(),
                 };
             }
@@ -288,6 +306,8 @@ impl Reloader {
         }
 
         if outcome != "rejected" {
+            // Sealed with this config's key only once it is the one in force.
+            self.reseal(stale, &file).await;
             self.file.store(file);
             self.managed.store(managed);
         }
@@ -340,6 +360,7 @@ impl Reloader {
             config: outcome,
             config_error,
             index_error: index_error.map(|e| e.to_string()),
+            managed_error,
             plugins: statuses,
         }
     }
@@ -406,6 +427,48 @@ impl Reloader {
         }))
     }
 
+    /// The managed objects in the store, opened with the keys `file` names, and those of
+    /// them found as text or sealed with a previous key (to be sealed again with the
+    /// current one: `reseal`). An error says whether it was a seal that did not open
+    /// (`true`) or the store.
+    async fn read_managed(
+        &self,
+        file: &Config,
+    ) -> Result<(Vec<ManagedObject>, Vec<ManagedObject>), (bool, String)> {
+        let stored = (self.store.managed_objects().await).map_err(|e| (false, e.to_string()))?;
+        let sealer = Sealer::new(&file.store);
+        let (mut objects, mut stale) = (Vec::with_capacity(stored.len()), Vec::new());
+        for object in stored {
+            let (object, found) = sealer.open(object).map_err(|e| (true, e))?;
+            if found == Found::Stale {
+                stale.push(object.clone());
+            }
+            objects.push(object);
+        }
+        Ok((objects, stale))
+    }
+
+    /// Stores these objects sealed with the key of `file` (the config in force). One that
+    /// fails is left as it was, and tried again at the next reload.
+    async fn reseal(&self, stale: Vec<ManagedObject>, file: &Config) {
+        let sealer = Sealer::new(&file.store);
+        let mut sealed = 0;
+        for object in stale {
+            let (kind, name) = (object.kind.clone(), object.name.clone());
+            match self.store.put_managed(sealer.seal(object), now_ms()).await {
+                Ok(()) => sealed += 1,
+                Err(e) => tracing::warn!(kind, name, error = %e,
+                    "Cannot seal a managed object with store.encryption_key; the next reload tries again."),
+            }
+        }
+        if sealed > 0 {
+            tracing::info!(
+                objects = sealed,
+                "Managed objects sealed with store.encryption_key."
+            );
+        }
+    }
+
     /// On a store that several gateways share, follows what the other instances change:
     /// takes in the managed objects that changed when their version moves (an object was
     /// made, changed or deleted through another instance's API) and reads the destination
@@ -446,14 +509,26 @@ impl Reloader {
     async fn follow_managed(&self, since: i64) -> Option<i64> {
         let version = {
             let _one_at_a_time = self.busy.lock().await;
-            let changes = match self.store.managed_changes(since).await {
+            let mut changes = match self.store.managed_changes(since).await {
                 Ok(changes) => changes,
                 Err(e) => {
                     tracing::warn!(error = %e, "Cannot read the managed objects' changes.");
                     return None;
                 }
             };
-            match self.managed.load().following_changes(&changes) {
+            let sealer = Sealer::new(&self.file.load().store);
+            let opened: Result<Vec<ManagedObject>, String> = (changes.changed.drain(..))
+                .map(|o| sealer.open(o).map(|(o, _)| o))
+                .collect();
+            let following = match opened {
+                Ok(opened) => {
+                    changes.changed = opened;
+                    self.managed.load().following_changes(&changes)
+                }
+                // (The full reload below reports it.)
+                Err(e) => Err(e),
+            };
+            match following {
                 Ok(None) => return Some(changes.version),
                 Ok(Some((managed, changed))) => {
                     let file = self.file.load_full();
@@ -474,7 +549,7 @@ impl Reloader {
                     }
                 }
                 Err(object) => {
-                    tracing::debug!(%object, "A changed managed object does not parse.");
+                    tracing::debug!(%object, "A changed managed object does not parse or open.");
                 }
             }
             changes.version

@@ -911,6 +911,10 @@ fn the_deploy_example_would_start_with_its_secrets_set() {
             "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
         ),
         ("PAGER_URL", "https://pager.example.com/switchyard"),
+        (
+            "SWITCHYARD_ENCRYPTION_KEY",
+            "c2VhbGVkLWF0LXJlc3QtMDEyMzQ1Njc4OWFiY2RlZg==",
+        ),
     ];
     let check = |unset: Option<&str>| {
         let mut command = Command::new(switchyard_bin());

@@ -275,8 +275,8 @@ async fn eventually(gw: &TestGateway, path: &str, what: &str, check: impl Fn(u16
 }
 
 /// Two gateways on one database: objects made, changed and deleted through one instance's
-/// API serve on the other, and a destination that fails on one instance is FAILED on the
-/// other, and restarted through either.
+/// API serve on the other (stored sealed: `store.encryption_key`), and a destination that
+/// fails on one instance is FAILED on the other, and restarted through either.
 #[tokio::test(flavor = "multi_thread")]
 async fn api_changes_and_destination_states_reach_every_instance() {
     let Some(server) = PgServer::start() else {
@@ -288,6 +288,7 @@ async fn api_changes_and_destination_states_reach_every_instance() {
         r#"
 [store]
 url = "{db}"
+encryption_key = "0123456789abcdef0123456789abcdef"
 [[sources]]
 name = "s"
 [[destinations]]

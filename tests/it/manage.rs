@@ -4,7 +4,7 @@
 
 use serde_json::{Value, json};
 
-use crate::util::{API_TOKEN, Receiver, TestGateway, compress, now_ms};
+use crate::util::{API_TOKEN, Receiver, TestGateway, compress, copy_dir, now_ms};
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
@@ -206,6 +206,95 @@ async fn objects_round_trip_and_survive_a_restart() {
     let dir = gw.stop().await;
     let gw = TestGateway::start_in(dir, FILE, &rx).await.unwrap();
     assert_eq!(gw.get("/v1/routes/bondio-archive").await.0, 404);
+    gw.shutdown().await.unwrap();
+}
+
+/// With `store.encryption_key`, objects made through the API are stored sealed — the
+/// secrets they hold are not in the database as text — and open at the next start; a key
+/// that does not open them stops the start, naming the object; a rotated key (the old one
+/// in `previous_encryption_keys`) opens them and seals them again with the new one, and
+/// objects stored as text before a key was set are sealed by the first start with one.
+#[tokio::test(flavor = "multi_thread")]
+async fn api_objects_are_sealed_at_rest_with_the_configured_key() {
+    const ONE: &str = "one-0123456789abcdef0123456789abcdef";
+    const TWO: &str = "two-0123456789abcdef0123456789abcdef";
+    let with_keys = |current: Option<&str>, previous: &[&str]| {
+        let current = current.map_or(String::new(), |k| format!("encryption_key = \"{k}\"\n"));
+        format!("{FILE}[store]\n{current}previous_encryption_keys = {previous:?}\n")
+    };
+    let rows = |gw: &TestGateway| {
+        let db = rusqlite::Connection::open(gw.dir().join("data/switchyard.db")).unwrap();
+        let mut rows = db
+            .prepare("SELECT name, body FROM managed_objects ORDER BY name")
+            .unwrap();
+        rows.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap()
+    };
+    let rx = Receiver::start().await;
+    // Made before any key: stored as text.
+    let gw = TestGateway::start(&with_keys(None, &[]), &rx, &[]).await;
+    let signed = json!({ "name": "signed", "url": format!("{}/signed", rx.url),
+        "signing": { "secret": SECRET } });
+    assert_eq!(
+        gw.send("POST", "/v1/destinations", Some(signed)).await.0,
+        201
+    );
+    assert!(rows(&gw)[0].1.contains(SECRET), "text without a key");
+
+    // The first start with a key seals it; what is made after is sealed too.
+    let dir = gw.stop().await;
+    let gw = TestGateway::start_in(dir, &with_keys(Some(ONE), &[]), &rx)
+        .await
+        .unwrap();
+    let header = json!({ "name": "keyed", "url": format!("{}/keyed", rx.url),
+        "headers": { "x-api-key": "k-0123456789abcdef" } });
+    assert_eq!(
+        gw.send("POST", "/v1/destinations", Some(header)).await.0,
+        201
+    );
+    let sealed = rows(&gw);
+    assert_eq!(sealed.len(), 2);
+    for (name, body) in &sealed {
+        assert!(body.starts_with("sealed:v1:"), "{name}: {body}");
+        assert!(
+            !body.contains(SECRET) && !body.contains("k-0123456789abcdef"),
+            "{name}"
+        );
+    }
+    let (_, d) = gw.get("/v1/destinations/signed").await;
+    assert_eq!(d["name"], "signed", "{d}");
+
+    // A key that does not open them stops the start, naming the object (on a copy of the
+    // data: a failed start takes its directory with it).
+    let dir = gw.stop().await;
+    let copy = TestGateway::dir_with_plugins(&[]);
+    copy_dir(&dir.path().join("data"), &copy.path().join("data"));
+    let started = TestGateway::start_in(copy, &with_keys(Some(TWO), &[]), &rx).await;
+    let error = format!("{:#}", started.err().expect("the start stops"));
+    assert!(
+        error.contains("does not open") && error.contains("destination `"),
+        "{error}"
+    );
+
+    // Rotated: the old key opens them and they are sealed again with the new one, which
+    // then opens them on its own; the signing secret still signs.
+    let gw = TestGateway::start_in(dir, &with_keys(Some(TWO), &[ONE]), &rx)
+        .await
+        .unwrap();
+    let dir = gw.stop().await;
+    let gw = TestGateway::start_in(dir, &with_keys(Some(TWO), &[]), &rx)
+        .await
+        .unwrap();
+    let (status, test) = gw.post_api("/v1/destinations/signed/test").await;
+    assert_eq!((status, test["ok"].as_bool()), (200, Some(true)), "{test}");
+    let got = rx.requests();
+    let signature = got.last().unwrap().header("webhook-signature");
+    assert!(
+        signature.is_some_and(|s| s.starts_with("v1,")),
+        "{signature:?}"
+    );
     gw.shutdown().await.unwrap();
 }
 

@@ -10,7 +10,7 @@ use serde_json::Value;
 use sha2::Digest;
 use tokio::sync::Mutex;
 
-use crate::util::{Receiver, TestGateway, guest};
+use crate::util::{Receiver, TestGateway, copy_dir, guest};
 
 const MARKED: &str = r#"
 [[sources]]
@@ -660,14 +660,6 @@ async fn metrics_forget_retired_plugin_versions_and_deleted_objects() {
         "{text}"
     );
     gw.shutdown().await.unwrap();
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
-    }
 }
 
 /// `store.indexed_fields` follows the config file: a reload that lists a body field builds

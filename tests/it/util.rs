@@ -57,6 +57,17 @@ pub fn guest(name: &str) -> PathBuf {
 }
 
 /// The repository's `examples/events/NAME.json`.
+/// Copies the files of a directory (not its subdirectories) into another, made if missing.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
+}
+
 pub fn sample_event(name: &str) -> Vec<u8> {
     let path = xtask::workspace_root().join("examples/events").join(name);
     std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
