@@ -4,7 +4,7 @@
 
 use serde_json::{Value, json};
 
-use crate::util::{API_TOKEN, Receiver, TestGateway, compress, copy_dir, now_ms};
+use crate::util::{API_TOKEN, Receiver, TestGateway, compress, now_ms};
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
@@ -270,7 +270,12 @@ async fn api_objects_are_sealed_at_rest_with_the_configured_key() {
     // data: a failed start takes its directory with it).
     let dir = gw.stop().await;
     let copy = TestGateway::dir_with_plugins(&[]);
-    copy_dir(&dir.path().join("data"), &copy.path().join("data"));
+    std::fs::create_dir(copy.path().join("data")).unwrap();
+    let db = rusqlite::Connection::open(dir.path().join("data/switchyard.db")).unwrap();
+    let into = copy.path().join("data/switchyard.db");
+    db.execute("VACUUM INTO ?1", [into.to_str().unwrap()])
+        .unwrap();
+    drop(db);
     let started = TestGateway::start_in(copy, &with_keys(Some(TWO), &[]), &rx).await;
     let error = format!("{:#}", started.err().expect("the start stops"));
     assert!(
