@@ -3,7 +3,7 @@
 //   node dashboard.mjs <gateway-url> <api-token> <receiver-control-url> <artifact-dir> <held-event-id>
 // It signs in, sees a freshly ingested event appear, replays the dead letters in bulk,
 // opens an event (plugin verdicts, attempt),
-// replays it (a new attempt), dry-runs its payload (and an edited one; a binary one is not editable), erases an event, restarts a FAILED destination (which says when it is tested again; its held events go out),
+// replays it (a new attempt), dry-runs its payload (and an edited one; a binary one is not editable), erases an event and a device's events, restarts a FAILED destination (which says when it is tested again; its held events go out),
 // resends the delivery that failed before, shows a banner while the gateway is not ready,
 // and writes a screenshot of every page, at 1280×800 and at phone width.
 
@@ -249,6 +249,25 @@ try {
   await page.getByRole('heading', { name: 'Events' }).waitFor();
   const gone = await fetch(`${base}/v1/events/${doomedId}`, { headers: { authorization: `Bearer ${token}` } });
   if (gone.status !== 404) throw new Error(`the erased event is answered ${gone.status}`);
+
+  step('a device\'s events are erased from the filtered list');
+  for (const n of [1, 2]) {
+    await fetch(`${base}/v1/ingest/onomondo`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ type: 'usage', iccid: '8945738730000000077', bytes: n }),
+    });
+  }
+  await page.getByLabel('Body field').fill('iccid=8945738730000000077');
+  await page.getByLabel('Body field').press('Tab');
+  await page.waitForFunction(() => [...document.querySelectorAll('#events tbody tr')]
+    .filter((r) => r.querySelector('td.num')?.textContent === '1').length === 2);
+  page.once('dialog', (d) => d.accept());
+  await page.getByRole('button', { name: 'Erase these events' }).click();
+  await page.getByText('2 events erased.').waitFor();
+  await page.getByText('No events yet.').waitFor();
+  await page.getByLabel('Body field').fill('');
+  await page.getByLabel('Body field').press('Tab');
 
   step('a gateway that is not ready says why on every page, until it is');
   if (!(await page.locator('#health').isHidden())) throw new Error('a ready gateway shows the not-ready banner');

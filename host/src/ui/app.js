@@ -194,13 +194,36 @@ async function eventsPage() {
     refresh();
   }
 
+  // Every event the filters select, erased for good with its deliveries and attempts, a
+  // page at a time; those still being processed or delivered are left, and counted.
+  async function eraseSelected() {
+    if (!confirm('Erase for good every event these filters select, with its deliveries and attempts?')) return;
+    const q = query('500');
+    let erased = 0, busy = 0;
+    try {
+      for (let cursor = null, first = true; first || cursor; first = false) {
+        if (cursor) q.set('cursor', cursor);
+        const r = await api(`/v1/events/erase?${q}`, { method: 'POST' });
+        erased += r.erased.length;
+        busy += r.busy.length;
+        cursor = r.next_cursor;
+      }
+      toast(`${erased} ${erased === 1 ? 'event' : 'events'} erased${busy ? `; ${busy} still being processed or delivered, left` : ''}.`);
+    } catch (err) { toast(err.message); }
+    refresh();
+  }
+
   async function refresh() {
     try {
       const [events, stats] = await Promise.all([api(`/v1/events?${query('100')}`), api('/v1/stats?minutes=60')]);
       chartBox.replaceChildren(chart(stats.minutes));
       const deadLetters = filters.route_result === 'failed' && events.items.length > 0;
+      // (The API erases only a list that a filter narrows.)
+      const narrowed = [filters.source, filters.type, filters.field, filters.route_result, filters.since].some(Boolean);
       table.replaceChildren(events.items.length === 0 ? h('p', { class: 'muted' }, 'No events yet.') : h('div', {},
-        deadLetters ? h('div', { class: 'row' }, h('button', { class: 'replay-all', onclick: replayDeadLetters }, 'Replay dead letters')) : null,
+        (deadLetters || narrowed) ? h('div', { class: 'row' },
+          deadLetters ? h('button', { class: 'replay-all', onclick: replayDeadLetters }, 'Replay dead letters') : null,
+          narrowed ? h('button', { class: 'erase-all danger', title: 'Erase for good every event these filters select (a device\'s history, on request)', onclick: eraseSelected }, 'Erase these events') : null) : null,
         h('table', { id: 'events' },
           h('thead', {}, h('tr', {}, h('th', {}, 'Received'), h('th', {}, 'Source'), h('th', { class: 'hide-narrow' }, 'Type'),
             h('th', {}, 'Status'), h('th', { class: 'num' }, 'Delivered'), h('th', { class: 'num hide-narrow' }, 'Pending'),
