@@ -448,8 +448,9 @@ impl Reloader {
         Ok((objects, stale))
     }
 
-    /// Stores these objects sealed with the key of `file` (the config in force). One that
-    /// fails is left as it was, and tried again at the next reload.
+    /// Stores these objects sealed with the key of `file` (the config in force) — or as
+    /// text, when it names only previous keys (encryption turned off). One that fails is
+    /// left as it was, and tried again at the next reload.
     async fn reseal(&self, stale: Vec<ManagedObject>, file: &Config) {
         let sealer = Sealer::new(&file.store);
         let mut sealed = 0;
@@ -461,11 +462,18 @@ impl Reloader {
                     "Cannot seal a managed object with store.encryption_key; the next reload tries again."),
             }
         }
-        if sealed > 0 {
-            tracing::info!(
-                objects = sealed,
-                "Managed objects sealed with store.encryption_key."
-            );
+        match (sealed, sealer.seals()) {
+            (0, _) => {}
+            (n, true) => {
+                tracing::info!(
+                    objects = n,
+                    "Managed objects sealed with store.encryption_key."
+                )
+            }
+            (n, false) => tracing::info!(
+                objects = n,
+                "Managed objects stored as text again: store.encryption_key is not set."
+            ),
         }
     }
 

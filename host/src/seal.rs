@@ -57,6 +57,11 @@ impl Sealer {
         }
     }
 
+    /// Whether [`Sealer::seal`] seals (there is a current key) or keeps text.
+    pub fn seals(&self) -> bool {
+        self.current.is_some()
+    }
+
     /// The object as it is to be stored: its body sealed, if there is a key.
     pub fn seal(&self, mut object: ManagedObject) -> ManagedObject {
         let Some(key) = &self.current else {
@@ -189,6 +194,13 @@ mod tests {
         assert_eq!(without.seal(plain.clone()), plain);
         assert_eq!(without.open(plain.clone()).unwrap().1, Found::Current);
         let with = Sealer::new(&store(Some(ONE), &[]));
-        assert_eq!(with.open(plain).unwrap().1, Found::Stale);
+        assert_eq!(with.open(plain.clone()).unwrap().1, Found::Stale);
+        // Turned off: the old key, now only a previous one, opens what it sealed, to be
+        // stored as text again.
+        let off = Sealer::new(&store(None, &[ONE]));
+        let (opened, found) = off.open(with.seal(plain.clone())).unwrap();
+        assert_eq!((opened, found), (plain.clone(), Found::Stale));
+        assert!(!off.seals());
+        assert_eq!(off.seal(plain.clone()), plain);
     }
 }
