@@ -225,6 +225,10 @@ struct RawPlugins {
     warm_recycle_after: u32,
     #[serde(default = "default_degraded_after")]
     degraded_after: u32,
+    #[serde(default = "default_state_ttl", with = "humantime_serde")]
+    state_ttl: Duration,
+    #[serde(default = "default_state_max_value")]
+    state_max_value_bytes: usize,
 }
 
 impl Default for RawPlugins {
@@ -238,8 +242,17 @@ impl Default for RawPlugins {
             warm_pool_size: default_warm_pool(),
             warm_recycle_after: default_warm_recycle(),
             degraded_after: default_degraded_after(),
+            state_ttl: default_state_ttl(),
+            state_max_value_bytes: default_state_max_value(),
         }
     }
+}
+
+fn default_state_ttl() -> Duration {
+    crate::plugin::StateLimits::default().ttl
+}
+fn default_state_max_value() -> usize {
+    crate::plugin::StateLimits::default().max_value_bytes
 }
 
 fn default_max_output() -> usize {
@@ -287,6 +300,11 @@ pub struct PluginsConfig {
     pub warm_recycle_after: u32,
     /// Consecutive failures after which a plugin is reported degraded.
     pub degraded_after: u32,
+    /// How long a value a plugin keeps (WIT `state`) lasts when the plugin names no time,
+    /// and the longest it may name.
+    pub state_ttl: Duration,
+    /// The largest value a plugin may keep, in bytes.
+    pub state_max_value_bytes: usize,
 }
 
 /// `[delivery]`: how deliveries are sent and retried (destinations may override the
@@ -1316,6 +1334,8 @@ impl Config {
                 warm_pool_size: raw.plugins.warm_pool_size,
                 warm_recycle_after: raw.plugins.warm_recycle_after,
                 degraded_after: raw.plugins.degraded_after,
+                state_ttl: raw.plugins.state_ttl,
+                state_max_value_bytes: raw.plugins.state_max_value_bytes,
             },
             delivery: DeliveryConfig {
                 ca_certificates: (raw.delivery.ca_certificates.iter())
@@ -1602,6 +1622,9 @@ impl Config {
         }
         if self.store.lease < Duration::from_secs(1) {
             return Err(("store.lease".into(), "must be at least 1s".into()));
+        }
+        if self.plugins.state_ttl < Duration::from_secs(1) {
+            return Err(("plugins.state_ttl".into(), "must be at least 1s".into()));
         }
         let keys = (self
             .store

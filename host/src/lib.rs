@@ -190,8 +190,10 @@ impl DryRunner {
         if let Some(answer) = api::DryRun::at_ingest(config, &event)? {
             return Ok(answer);
         }
+        // Each run's values its own, in memory: with no store, none outlast the run.
+        let states = plugin::PluginStates::memory();
         let (routes, deliveries) =
-            pipeline::decide(&self.routing, &self.plugins, &self.cpu, &event, None).await;
+            pipeline::decide(&self.routing, &self.plugins, &self.cpu, &states, &event, None).await;
         Ok(api::DryRun::new(event, routes, deliveries))
     }
 }
@@ -270,6 +272,7 @@ impl Gateway {
             routing,
             dispatcher.clone(),
             metrics.clone(),
+            clock.clone(),
         );
         let reloader = Reloader::new(
             runtime,
@@ -411,8 +414,8 @@ impl Gateway {
 const PURGE_BATCH: usize = 500;
 
 /// Deletes delivered events older than the retention age (and failed ones, if their age is
-/// set) and idempotency keys past the idempotency window, every `interval` (all three read
-/// from the config in force at each pass), a batch per transaction.
+/// set), idempotency keys past the idempotency window and plugins' values past their time,
+/// every `interval` (read from the config in force at each pass), a batch per transaction.
 async fn retention_loop(
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
@@ -456,6 +459,17 @@ async fn retention_loop(
         let Some(keys) = keys.await else { return };
         if keys > 0 {
             tracing::debug!(keys, "Purged idempotency keys past the window.");
+        }
+        let values = in_batches(&stop, "Purging expired plugin state", |_: Option<()>| {
+            let store = store.clone();
+            async move {
+                let n = store.purge_state(now, PURGE_BATCH).await?;
+                Ok((n, (n == PURGE_BATCH).then_some(())))
+            }
+        });
+        let Some(values) = values.await else { return };
+        if values > 0 {
+            tracing::debug!(values, "Purged expired plugin state.");
         }
         tokio::select! {
             _ = tokio::time::sleep(config.retention.interval) => {}

@@ -704,6 +704,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                     CallInput {
                         config: Arc::from(config),
                         tables: Arc::new(tables),
+                        state: Default::default(),
                     },
                     CallLimits::default(),
                     InstanceMode::Fresh,

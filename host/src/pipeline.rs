@@ -17,7 +17,10 @@ use crate::delivery::{
 };
 use crate::event::{Body, Event, Pairs, merge_pairs};
 use crate::metrics::Metrics;
-use crate::plugin::{CallError, CallInput, CallLimits, PluginMap, PluginRegistry, PluginVerdict};
+use crate::plugin::{
+    CallError, CallInput, CallLimits, PluginMap, PluginRegistry, PluginStates, PluginVerdict,
+    StateLimits,
+};
 use crate::store::{
     Completion, DeliveryStatus, DueDelivery, NewDelivery, PluginStep, RouteOutcome, RouteResult,
     StepResult, Store,
@@ -368,6 +371,8 @@ pub struct Pipeline {
     metrics: Arc<Metrics>,
     /// Plugin chains running at once: as many as the machine has cores, twice over.
     cpu: Arc<tokio::sync::Semaphore>,
+    /// Where plugins keep their values (in the store).
+    states: PluginStates,
 }
 
 /// What the routes of the event's source in `routing` make of it, with `plugins`: each
@@ -376,21 +381,24 @@ pub struct Pipeline {
 /// chains running at once). `live`: the metrics to count in, or `None` for a dry run (the
 /// API's, or `switchyard dry-run` with no gateway at all), whose plugin calls are counted
 /// nowhere (neither in the metrics nor in the plugins' call statistics and failures in a
-/// row) and whose failures are not logged as the gateway's (its answer has them).
+/// row) and whose failures are not logged as the gateway's (its answer has them). The
+/// plugins keep their values in `states`, under the limits of the routing's config.
 pub async fn decide(
     routing: &Routing,
     plugins: &PluginMap,
     cpu: &tokio::sync::Semaphore,
+    states: &PluginStates,
     event: &Event,
     live: Option<&Metrics>,
 ) -> (Vec<RouteOutcome>, Vec<NewDelivery>) {
+    let states = states.with_limits(StateLimits::from(&routing.config.plugins));
     let values = PlaceholderValues::of(event);
     let mut outcomes = Vec::new();
     let mut deliveries = Vec::new();
     for &route_index in routing.routes_of(&event.source) {
         let permit = cpu.acquire().await;
         // A panic in a chain fails this route, not the pipeline worker.
-        let chain = AssertUnwindSafe(run_chain(routing, route_index, plugins, event, live))
+        let chain = AssertUnwindSafe(run_chain(routing, route_index, plugins, &states, event, live))
             .catch_unwind()
             .await;
         drop(permit);
@@ -439,9 +447,11 @@ impl Pipeline {
         routing: Arc<Routing>,
         dispatcher: Arc<Dispatcher>,
         metrics: Arc<Metrics>,
+        clock: Arc<dyn crate::delivery::Clock>,
     ) -> Arc<Self> {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         Arc::new(Self {
+            states: PluginStates::store(store.clone(), clock),
             store,
             metrics,
             cpu: Arc::new(tokio::sync::Semaphore::new(cores * 2)),
@@ -504,7 +514,15 @@ impl Pipeline {
         // One snapshot of routes and plugins per event: each event is processed by exactly
         // one version of each plugin, whatever reloads happen meanwhile.
         let (routing, plugins) = (self.routing(), self.plugins.snapshot());
-        decide(&routing, &plugins, &self.cpu, event, live).await
+        let dry_run;
+        let states = match live {
+            Some(_) => &self.states,
+            None => {
+                dry_run = self.states.dry_run();
+                &dry_run
+            }
+        };
+        decide(&routing, &plugins, &self.cpu, states, event, live).await
     }
 
     /// Stores the event's outcomes and deliveries in one commit and sends the deliveries
@@ -628,6 +646,7 @@ async fn run_chain(
     routing: &Routing,
     index: usize,
     plugins: &PluginMap,
+    states: &PluginStates,
     received: &Event,
     live: Option<&Metrics>,
 ) -> (Vec<PluginStep>, ChainEnd) {
@@ -646,6 +665,7 @@ async fn run_chain(
         let input = CallInput {
             config: rp.config.clone(),
             tables: routing.config.tables.clone(),
+            state: states.clone(),
         };
         let result = match live {
             Some(_) => plugin.call(&event, input, rp.limits, mode).await,

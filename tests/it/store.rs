@@ -13,6 +13,7 @@ use switchyard::store::{
     RouteResultKind, SourceBounds, SqliteStore, Store,
 };
 
+use switchyard::plugin::PluginStates;
 use xtask::pg::PgServer;
 
 fn event(id: &str, source: &str, at: u64, body: &str) -> Event {
@@ -1648,6 +1649,96 @@ async fn postgres_erases_events_unless_busy() {
     let url = server.database("erase");
     let store = PgStore::open(&url, 100, LEASE).await.unwrap();
     events_are_erased_unless_busy(Arc::new(store)).await;
+}
+
+/// Plugins' values (WIT `state`): each plugin's own, replaced, deleted, gone once expired
+/// (and purged), listed by a key's prefix bytewise; a dry run's writes stay its own.
+async fn plugin_values_are_kept_by_plugin_and_key(store: Arc<dyn Store>) {
+    let put = |plugin: &'static str, key: &'static str, value: &'static str, until: u64| {
+        let store = store.clone();
+        async move {
+            (store.state_put(plugin, key, Some(value.into()), until))
+                .await
+                .unwrap()
+        }
+    };
+    put("a", "k", "1", 2_000).await;
+    put("b", "k", "other", 5_000).await;
+    put("a", "soon", "2", 1_000).await;
+    let get = |plugin: &'static str, key: &'static str, now: u64| {
+        let store = store.clone();
+        async move { store.state_get(plugin, key, now).await.unwrap() }
+    };
+    assert_eq!(get("a", "k", 500).await.as_deref(), Some("1"));
+    assert_eq!(get("b", "k", 500).await.as_deref(), Some("other"));
+    assert_eq!(get("c", "k", 500).await, None);
+    assert_eq!(get("a", "soon", 999).await.as_deref(), Some("2"));
+    assert_eq!(get("a", "soon", 1_000).await, None, "expired at its time");
+    put("a", "k", "replaced", 3_000).await;
+    assert_eq!(get("a", "k", 2_500).await.as_deref(), Some("replaced"));
+    store.state_put("a", "k", None, 0).await.unwrap();
+    assert_eq!(get("a", "k", 500).await, None, "deleted");
+    assert_eq!(get("b", "k", 500).await.as_deref(), Some("other"));
+
+    // Listed by prefix, bytewise, from a key on; expired values left out.
+    for key in ["user:1", "user:2", "user:é", "user", "usez", "user:3"] {
+        put("a", key, key, 10_000).await;
+    }
+    put("a", "user:old", "x", 1_500).await;
+    let list = |prefix: &'static str, after: &'static str, limit: usize| {
+        let store = store.clone();
+        async move {
+            let entries = store.state_list("a", prefix, after, limit, 2_000).await.unwrap();
+            entries.into_iter().map(|e| e.key).collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        list("user:", "", 10).await,
+        ["user:1", "user:2", "user:3", "user:é"]
+    );
+    assert_eq!(list("user:", "user:1", 2).await, ["user:2", "user:3"]);
+    assert_eq!(list("", "user:é", 10).await, ["usez"]);
+    let entry = store.state_list("a", "user:1", "", 1, 2_000).await.unwrap();
+    assert_eq!((entry[0].value.as_str(), entry[0].expires_at), ("user:1", 10_000));
+
+    // The purge takes what expired, a batch at a time.
+    assert_eq!(store.purge_state(2_000, 1).await.unwrap(), 1);
+    assert_eq!(store.purge_state(2_000, 10).await.unwrap(), 1, "soon and user:old");
+    assert_eq!(store.purge_state(2_000, 10).await.unwrap(), 0);
+    assert_eq!(store.purge_state(5_000, 10).await.unwrap(), 1, "b's");
+    assert_eq!(get("a", "user:1", 5_000).await.as_deref(), Some("user:1"));
+
+    // A dry run reads the store and keeps its writes to itself.
+    let clock = Arc::new(switchyard::delivery::ManualClock::new(5_000));
+    let live = PluginStates::store(store.clone(), clock);
+    let dry = live.dry_run();
+    assert_eq!(dry.get("a", "user:1").await.unwrap().as_deref(), Some("user:1"));
+    dry.set("a", "user:1", "dry".into(), None).await.unwrap().unwrap();
+    dry.delete("a", "user:2").await.unwrap();
+    assert_eq!(dry.get("a", "user:1").await.unwrap().as_deref(), Some("dry"));
+    assert_eq!(dry.get("a", "user:2").await.unwrap(), None);
+    assert_eq!(get("a", "user:1", 5_000).await.as_deref(), Some("user:1"));
+    assert_eq!(get("a", "user:2", 5_000).await.as_deref(), Some("user:2"));
+    live.set("a", "new", "v".into(), Some(60)).await.unwrap().unwrap();
+    let entry = store.state_list("a", "new", "", 1, 5_000).await.unwrap();
+    assert_eq!(entry[0].expires_at, 65_000, "60 s from the clock's 5 s");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sqlite_keeps_plugin_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path(), 100).unwrap();
+    plugin_values_are_kept_by_plugin_and_key(Arc::new(store)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_keeps_plugin_values() {
+    let Some(server) = PgServer::start() else {
+        return;
+    };
+    let url = server.database("plugin_state");
+    let store = PgStore::open(&url, 100, LEASE).await.unwrap();
+    plugin_values_are_kept_by_plugin_and_key(Arc::new(store)).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -14,6 +14,7 @@ pub const PLUGINS: &[&str] = &[
     "tag-router",
     "metadata-inject",
     "reshape",
+    "change-filter",
 ];
 
 /// Plugins that exist only to test the gateway.

@@ -11,13 +11,15 @@ use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::LogLevel;
-use super::bindings::switchyard::plugin::host;
+use super::bindings::switchyard::plugin::{host, state};
 
 /// How much of a plugin's stdout and stderr is kept per call; the rest is dropped so a
 /// chatty plugin cannot fill the gateway's memory or log.
 const OUTPUT_CAP: usize = 16 * 1024;
 /// How many `host.log` lines a plugin may write per call.
 const LOG_LINES_CAP: usize = 100;
+/// How many times a call may use `state` (each a round to the store); more traps it.
+const STATE_OPS_CAP: usize = 100;
 
 /// The data of one plugin `Store`: lives for one call of one plugin on one event.
 pub struct PluginState {
@@ -28,6 +30,7 @@ pub struct PluginState {
     event_id: String,
     input: super::CallInput,
     log_lines: usize,
+    state_ops: usize,
     stdout: CapturedOutput,
     stderr: CapturedOutput,
 }
@@ -58,6 +61,7 @@ impl PluginState {
             event_id,
             input,
             log_lines: 0,
+            state_ops: 0,
             stdout,
             stderr,
         }
@@ -68,6 +72,7 @@ impl PluginState {
         self.event_id = event_id;
         self.input = input;
         self.log_lines = 0;
+        self.state_ops = 0;
     }
 
     /// Lets go of the call's input, as a warm instance waits for its next call.
@@ -138,6 +143,50 @@ impl host::Host for PluginState {
 }
 
 impl super::bindings::switchyard::plugin::types::Host for PluginState {}
+
+impl PluginState {
+    /// Counts one use of `state`, failing the call past the cap.
+    fn state_op(&mut self) -> wasmtime::Result<()> {
+        self.state_ops += 1;
+        if self.state_ops > STATE_OPS_CAP {
+            return Err(wasmtime::Error::msg(format!(
+                "plugin used `state` more than {STATE_OPS_CAP} times in one call"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A store that cannot answer fails the call (the route's `on_error` applies), rather than
+/// answering `none` for a value that exists.
+fn unavailable(e: crate::store::StoreError) -> wasmtime::Error {
+    wasmtime::Error::msg(format!("plugin state unavailable: {e}"))
+}
+
+impl state::Host for PluginState {
+    async fn get(&mut self, key: String) -> wasmtime::Result<Option<String>> {
+        self.state_op()?;
+        let states = self.input.state.clone();
+        states.get(&self.plugin, &key).await.map_err(unavailable)
+    }
+
+    async fn set(
+        &mut self,
+        key: String,
+        value: String,
+        ttl_seconds: Option<u32>,
+    ) -> wasmtime::Result<Result<(), String>> {
+        self.state_op()?;
+        let states = self.input.state.clone();
+        (states.set(&self.plugin, &key, value, ttl_seconds).await).map_err(unavailable)
+    }
+
+    async fn delete(&mut self, key: String) -> wasmtime::Result<()> {
+        self.state_op()?;
+        let states = self.input.state.clone();
+        states.delete(&self.plugin, &key).await.map_err(unavailable)
+    }
+}
 
 /// A bounded in-memory sink for a guest's stdout or stderr. Writes past the cap succeed
 /// (so a guest's `println!` never fails and traps) but are dropped.

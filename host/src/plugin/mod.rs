@@ -9,6 +9,7 @@ mod check;
 mod convert;
 mod host_impl;
 mod registry;
+mod state;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -25,6 +26,7 @@ pub use bindings::{HANDLER_EXPORT, HOST_IMPORT, WIT_PACKAGE};
 pub use check::{CheckReport, check_component};
 pub use convert::{PluginDelivery, PluginUpdate, PluginVerdict};
 pub use registry::{PluginMap, PluginRegistry, PluginStatus};
+pub use state::{MAX_KEY_BYTES, PluginStates, StateLimits};
 
 use bindings::{Plugin, PluginPre};
 use host_impl::PluginState;
@@ -44,19 +46,21 @@ const WARM_BY_DEFAULT_ABOVE: usize = 1 << 20;
 const KEEP_RESIDENT: usize = 1 << 20;
 
 /// What one call of a plugin reads besides the event: the route's configuration of the
-/// plugin (`host.config`) and the config's lookup tables (`host.lookup`).
+/// plugin (`host.config`), the config's lookup tables (`host.lookup`), and where the
+/// plugin's values are kept (`state`).
 #[derive(Clone, Default)]
 pub struct CallInput {
     pub config: Arc<[(String, String)]>,
     pub tables: Arc<crate::tables::Tables>,
+    pub state: PluginStates,
 }
 
 impl CallInput {
-    /// A call with this configuration and no tables.
+    /// A call with this configuration, no tables and its own state in memory.
     pub fn config(config: Arc<[(String, String)]>) -> Self {
         CallInput {
             config,
-            tables: Arc::default(),
+            ..Self::default()
         }
     }
 }

@@ -301,6 +301,36 @@ pub trait Store: Send + Sync + 'static {
     /// window, where ingest no longer looks), the oldest first; returns how many.
     async fn purge_idempotency(&self, before: u64, limit: usize) -> Result<usize, StoreError>;
 
+    /// The value `plugin` keeps under `key` (the WIT `state` interface), unless it expired
+    /// by `now`.
+    async fn state_get(&self, plugin: &str, key: &str, now: u64)
+    -> Result<Option<String>, StoreError>;
+
+    /// Sets `plugin`'s `key` to `value` until `expires_at`, or deletes it (`None`). A set is
+    /// answered once committed; the event's own record, which follows the plugin's call,
+    /// is synced after it, so a recorded event never has its plugins' writes missing.
+    async fn state_put(
+        &self,
+        plugin: &str,
+        key: &str,
+        value: Option<String>,
+        expires_at: u64,
+    ) -> Result<(), StoreError>;
+
+    /// Up to `limit` of `plugin`'s values not expired by `now` whose key starts with
+    /// `prefix`, by key (bytewise), after the key `after`.
+    async fn state_list(
+        &self,
+        plugin: &str,
+        prefix: &str,
+        after: &str,
+        limit: usize,
+        now: u64,
+    ) -> Result<Vec<StateEntry>, StoreError>;
+
+    /// Deletes up to `limit` plugin values expired by `now`; returns how many.
+    async fn purge_state(&self, now: u64, limit: usize) -> Result<usize, StoreError>;
+
     /// Erases these events for good, in one transaction, each with its route outcomes, its
     /// deliveries (pending ones too: they are not sent) and their attempts — a person's
     /// data on request, a device's history. An event still being processed (queued) or with
@@ -326,6 +356,27 @@ pub trait Store: Send + Sync + 'static {
         after: Option<PurgeCursor>,
         limit: usize,
     ) -> Result<(usize, Option<PurgeCursor>), StoreError>;
+}
+
+/// One value a plugin keeps (`Store::state_list`).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, utoipa::ToSchema)]
+pub struct StateEntry {
+    pub key: String,
+    pub value: String,
+    /// When it expires, in ms since the Unix epoch.
+    pub expires_at: u64,
+}
+
+/// A time in ms as the stores keep it (a signed 64-bit integer), the far future capped.
+pub(crate) fn sql_ms(ms: u64) -> i64 {
+    ms.min(i64::MAX as u64) as i64
+}
+
+/// The least key greater than every key that starts with `prefix` (bytewise, as the
+/// stores compare keys: SQLite's `BINARY`, PostgreSQL's `"C"` collation), or `None` when
+/// no such bound is needed (an empty prefix).
+pub(crate) fn prefix_end(prefix: &str) -> Option<String> {
+    (!prefix.is_empty()).then(|| format!("{prefix}{}", char::MAX))
 }
 
 /// An `event_type` filter as SQLite's `GLOB` takes it: `*` as it is, the other characters

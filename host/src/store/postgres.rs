@@ -293,6 +293,17 @@ const SCHEMA: &[&str] = &[
             EXECUTE format('DROP INDEX %I', r.name);
         END LOOP;
     END $$;"#,
+    // 19: what plugins keep from one event to the next (the WIT `state` interface), by
+    // plugin and key — keys compared bytewise (`"C"`), as SQLite does, so that a listing
+    // by prefix is a range of the key; every value expires (`Store::purge_state`).
+    r#"CREATE TABLE plugin_state (
+        plugin TEXT NOT NULL,
+        key TEXT COLLATE "C" NOT NULL,
+        value TEXT NOT NULL,
+        expires_at BIGINT NOT NULL,
+        PRIMARY KEY (plugin, key)
+    );
+    CREATE INDEX plugin_state_expires ON plugin_state (expires_at);"#,
 ];
 
 /// The longest JSON value of a body field (in bytes) that its index holds (migration 18):
@@ -2039,6 +2050,95 @@ impl Store for PgStore {
                 "DELETE FROM idempotency WHERE (source, key) IN (SELECT source, key
                      FROM idempotency WHERE created_at < $1 ORDER BY created_at LIMIT $2)",
                 &[&before, &(limit as i64)],
+            )
+            .await?;
+        Ok(n as usize)
+    }
+
+    async fn state_get(
+        &self,
+        plugin: &str,
+        key: &str,
+        now: u64,
+    ) -> Result<Option<String>, StoreError> {
+        let client = self.pool.get().await?;
+        let row = client
+            .query_opt(
+                "SELECT value FROM plugin_state WHERE plugin = $1 AND key = $2 AND expires_at > $3",
+                &[&plugin, &key, &sql_ms(now)],
+            )
+            .await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    async fn state_put(
+        &self,
+        plugin: &str,
+        key: &str,
+        value: Option<String>,
+        expires_at: u64,
+    ) -> Result<(), StoreError> {
+        let client = self.pool.get().await?;
+        match value {
+            Some(value) => {
+                client
+                    .execute(
+                        "INSERT INTO plugin_state (plugin, key, value, expires_at)
+                         VALUES ($1, $2, $3, $4) ON CONFLICT (plugin, key)
+                         DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at",
+                        &[&plugin, &key, &value, &sql_ms(expires_at)],
+                    )
+                    .await?
+            }
+            None => {
+                client
+                    .execute(
+                        "DELETE FROM plugin_state WHERE plugin = $1 AND key = $2",
+                        &[&plugin, &key],
+                    )
+                    .await?
+            }
+        };
+        Ok(())
+    }
+
+    async fn state_list(
+        &self,
+        plugin: &str,
+        prefix: &str,
+        after: &str,
+        limit: usize,
+        now: u64,
+    ) -> Result<Vec<StateEntry>, StoreError> {
+        let end = prefix_end(prefix);
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                "SELECT key, value, expires_at FROM plugin_state
+                 WHERE plugin = $1 AND key >= $2 AND key > $3
+                   AND ($4::TEXT IS NULL OR key < $4::TEXT) AND starts_with(key, $2)
+                   AND expires_at > $5
+                 ORDER BY key LIMIT $6",
+                &[&plugin, &prefix, &after, &end, &sql_ms(now), &(limit as i64)],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| StateEntry {
+                key: r.get(0),
+                value: r.get(1),
+                expires_at: r.get::<_, i64>(2) as u64,
+            })
+            .collect())
+    }
+
+    async fn purge_state(&self, now: u64, limit: usize) -> Result<usize, StoreError> {
+        let client = self.pool.get().await?;
+        let n = client
+            .execute(
+                "DELETE FROM plugin_state WHERE (plugin, key) IN (SELECT plugin, key
+                     FROM plugin_state WHERE expires_at <= $1 ORDER BY expires_at LIMIT $2)",
+                &[&sql_ms(now), &(limit as i64)],
             )
             .await?;
         Ok(n as usize)

@@ -170,6 +170,16 @@ const SCHEMA: &[&str] = &[
     // is sent at its slot without taking another (`Store::defer_delivery`) — by whichever
     // claim finds it, after a restart too.
     "ALTER TABLE deliveries ADD COLUMN paced INTEGER NOT NULL DEFAULT 0;",
+    // Version 15: what plugins keep from one event to the next (the WIT `state`
+    // interface), by plugin and key; every value expires (`Store::purge_state`).
+    "CREATE TABLE plugin_state (
+        plugin TEXT NOT NULL,
+        key TEXT NOT NULL,
+        value TEXT NOT NULL,
+        expires_at INTEGER NOT NULL,
+        PRIMARY KEY (plugin, key)
+    ) WITHOUT ROWID;
+    CREATE INDEX plugin_state_expires ON plugin_state (expires_at);",
 ];
 
 /// `Store::list_events`: newest first, from the cursor (?6, ?7), within [?4, ?5). Walked by
@@ -1707,6 +1717,93 @@ impl Store for SqliteStore {
                      WHERE created_at < ?1 ORDER BY created_at LIMIT ?2 + 0)",
             )?
             .execute(params![before, limit as i64])
+        })
+        .await
+    }
+
+    async fn state_get(
+        &self,
+        plugin: &str,
+        key: &str,
+        now: u64,
+    ) -> Result<Option<String>, StoreError> {
+        let (plugin, key) = (plugin.to_string(), key.to_string());
+        self.read(move |conn| {
+            conn.prepare_cached(
+                "SELECT value FROM plugin_state WHERE plugin = ?1 AND key = ?2 AND expires_at > ?3",
+            )?
+            .query_row(params![plugin, key, sql_ms(now)], |r| r.get(0))
+            .optional()
+        })
+        .await
+    }
+
+    async fn state_put(
+        &self,
+        plugin: &str,
+        key: &str,
+        value: Option<String>,
+        expires_at: u64,
+    ) -> Result<(), StoreError> {
+        let (plugin, key) = (plugin.to_string(), key.to_string());
+        self.write_lazy(move |conn| {
+            match &value {
+                Some(value) => conn
+                    .prepare_cached(
+                        "INSERT INTO plugin_state (plugin, key, value, expires_at)
+                         VALUES (?1, ?2, ?3, ?4) ON CONFLICT (plugin, key)
+                         DO UPDATE SET value = ?3, expires_at = ?4",
+                    )?
+                    .execute(params![plugin, key, value, sql_ms(expires_at)])?,
+                None => conn
+                    .prepare_cached("DELETE FROM plugin_state WHERE plugin = ?1 AND key = ?2")?
+                    .execute(params![plugin, key])?,
+            };
+            Ok(())
+        })
+        .await
+    }
+
+    async fn state_list(
+        &self,
+        plugin: &str,
+        prefix: &str,
+        after: &str,
+        limit: usize,
+        now: u64,
+    ) -> Result<Vec<StateEntry>, StoreError> {
+        let (plugin, prefix, after) = (plugin.to_string(), prefix.to_string(), after.to_string());
+        let end = prefix_end(&prefix);
+        self.read(move |conn| {
+            conn.prepare_cached(
+                "SELECT key, value, expires_at FROM plugin_state
+                 WHERE plugin = ?1 AND key >= ?2 AND key > ?3 AND (?4 IS NULL OR key < ?4)
+                   AND substr(key, 1, length(?2)) = ?2 AND expires_at > ?5
+                 ORDER BY key LIMIT ?6",
+            )?
+            .query_map(
+                params![plugin, prefix, after, end, sql_ms(now), limit as i64],
+                |r| {
+                    Ok(StateEntry {
+                        key: r.get(0)?,
+                        value: r.get(1)?,
+                        expires_at: r.get::<_, i64>(2)? as u64,
+                    })
+                },
+            )?
+            .collect()
+        })
+        .await
+    }
+
+    async fn purge_state(&self, now: u64, limit: usize) -> Result<usize, StoreError> {
+        let now = sql_ms(now);
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "DELETE FROM plugin_state WHERE (plugin, key) IN (SELECT plugin, key
+                     FROM plugin_state WHERE expires_at <= ?1 ORDER BY expires_at LIMIT ?2 + 0)",
+            )?
+            .execute(params![now, limit as i64])
         })
         .await
     }

@@ -1,6 +1,6 @@
 //! Write Switchyard plugins in Rust.
 //!
-//! The bindings are generated from the repository's `wit/` (the `switchyard:plugin@0.1.1`
+//! The bindings are generated from the repository's `wit/` (the `switchyard:plugin@0.1.2`
 //! world), so the SDK and the gateway share one contract. A plugin implements [`Plugin`]
 //! and registers itself with [`export_plugin!`]:
 //!
@@ -31,6 +31,10 @@ wit_bindgen::generate!({
 
 pub use exports::switchyard::plugin::handler::Guest as Plugin;
 pub use switchyard::plugin::host::{LogLevel, log};
+/// What the plugin keeps from one event to the next (`state::get`, `state::set`,
+/// `state::delete`): text by key, in the gateway's store, each value expiring. Needs a
+/// gateway of `switchyard:plugin@0.1.2`.
+pub use switchyard::plugin::state;
 pub use switchyard::plugin::types::{Delivery, Event, PluginError, Update, Verdict};
 
 use serde_json::Value;
