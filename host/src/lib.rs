@@ -192,8 +192,15 @@ impl DryRunner {
         }
         // Each run's values its own, in memory: with no store, none outlast the run.
         let states = plugin::PluginStates::memory();
-        let (routes, deliveries) =
-            pipeline::decide(&self.routing, &self.plugins, &self.cpu, &states, &event, None).await;
+        let (routes, deliveries) = pipeline::decide(
+            &self.routing,
+            &self.plugins,
+            &self.cpu,
+            &states,
+            &event,
+            None,
+        )
+        .await;
         Ok(api::DryRun::new(event, routes, deliveries))
     }
 }

@@ -398,9 +398,16 @@ pub async fn decide(
     for &route_index in routing.routes_of(&event.source) {
         let permit = cpu.acquire().await;
         // A panic in a chain fails this route, not the pipeline worker.
-        let chain = AssertUnwindSafe(run_chain(routing, route_index, plugins, &states, event, live))
-            .catch_unwind()
-            .await;
+        let chain = AssertUnwindSafe(run_chain(
+            routing,
+            route_index,
+            plugins,
+            &states,
+            event,
+            live,
+        ))
+        .catch_unwind()
+        .await;
         drop(permit);
         let (steps, end) = match chain {
             Ok(result) => result,

@@ -13,6 +13,7 @@ mod observability;
 mod reload;
 mod sandbox;
 mod spine;
+mod state;
 mod store;
 mod tools;
 mod ui;

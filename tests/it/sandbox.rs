@@ -54,6 +54,14 @@ async fn adversarial_plugins_are_contained_with_a_clear_reason() {
             json!({ "mode": "many-deliveries", "count": 9 }),
             "9 deliveries are more than 8",
         ),
+        (
+            json!({ "mode": "state-flood" }),
+            "plugin used `state` more than 100 times in one call",
+        ),
+        (
+            json!({ "mode": "state-big", "size": 65537 }),
+            "value of 65537 bytes is larger than plugins.state_max_value_bytes (65536)",
+        ),
     ];
     let mut ids = Vec::new();
     let mut good = Vec::new();

@@ -1688,7 +1688,10 @@ async fn plugin_values_are_kept_by_plugin_and_key(store: Arc<dyn Store>) {
     let list = |prefix: &'static str, after: &'static str, limit: usize| {
         let store = store.clone();
         async move {
-            let entries = store.state_list("a", prefix, after, limit, 2_000).await.unwrap();
+            let entries = store
+                .state_list("a", prefix, after, limit, 2_000)
+                .await
+                .unwrap();
             entries.into_iter().map(|e| e.key).collect::<Vec<_>>()
         }
     };
@@ -1699,11 +1702,18 @@ async fn plugin_values_are_kept_by_plugin_and_key(store: Arc<dyn Store>) {
     assert_eq!(list("user:", "user:1", 2).await, ["user:2", "user:3"]);
     assert_eq!(list("", "user:é", 10).await, ["usez"]);
     let entry = store.state_list("a", "user:1", "", 1, 2_000).await.unwrap();
-    assert_eq!((entry[0].value.as_str(), entry[0].expires_at), ("user:1", 10_000));
+    assert_eq!(
+        (entry[0].value.as_str(), entry[0].expires_at),
+        ("user:1", 10_000)
+    );
 
     // The purge takes what expired, a batch at a time.
     assert_eq!(store.purge_state(2_000, 1).await.unwrap(), 1);
-    assert_eq!(store.purge_state(2_000, 10).await.unwrap(), 1, "soon and user:old");
+    assert_eq!(
+        store.purge_state(2_000, 10).await.unwrap(),
+        1,
+        "soon and user:old"
+    );
     assert_eq!(store.purge_state(2_000, 10).await.unwrap(), 0);
     assert_eq!(store.purge_state(5_000, 10).await.unwrap(), 1, "b's");
     assert_eq!(get("a", "user:1", 5_000).await.as_deref(), Some("user:1"));
@@ -1712,14 +1722,26 @@ async fn plugin_values_are_kept_by_plugin_and_key(store: Arc<dyn Store>) {
     let clock = Arc::new(switchyard::delivery::ManualClock::new(5_000));
     let live = PluginStates::store(store.clone(), clock);
     let dry = live.dry_run();
-    assert_eq!(dry.get("a", "user:1").await.unwrap().as_deref(), Some("user:1"));
-    dry.set("a", "user:1", "dry".into(), None).await.unwrap().unwrap();
+    assert_eq!(
+        dry.get("a", "user:1").await.unwrap().as_deref(),
+        Some("user:1")
+    );
+    dry.set("a", "user:1", "dry".into(), None)
+        .await
+        .unwrap()
+        .unwrap();
     dry.delete("a", "user:2").await.unwrap();
-    assert_eq!(dry.get("a", "user:1").await.unwrap().as_deref(), Some("dry"));
+    assert_eq!(
+        dry.get("a", "user:1").await.unwrap().as_deref(),
+        Some("dry")
+    );
     assert_eq!(dry.get("a", "user:2").await.unwrap(), None);
     assert_eq!(get("a", "user:1", 5_000).await.as_deref(), Some("user:1"));
     assert_eq!(get("a", "user:2", 5_000).await.as_deref(), Some("user:2"));
-    live.set("a", "new", "v".into(), Some(60)).await.unwrap().unwrap();
+    live.set("a", "new", "v".into(), Some(60))
+        .await
+        .unwrap()
+        .unwrap();
     let entry = store.state_list("a", "new", "", 1, 5_000).await.unwrap();
     assert_eq!(entry[0].expires_at, 65_000, "60 s from the clock's 5 s");
 }

@@ -20,6 +20,7 @@ pub const GUESTS: &[&str] = &[
     "tag-router",
     "metadata-inject",
     "reshape",
+    "change-filter",
     "misbehave",
     "wrong-world",
     "contract-0-1-0",

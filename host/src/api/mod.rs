@@ -37,7 +37,7 @@ use crate::pipeline::Pipeline;
 use crate::reload::Reloader;
 use crate::store::{
     DeliveryRecord, DeliveryStatus, DestinationHealth, EventFilter, EventRecord, EventStatus,
-    EventSummary, FieldMatch, RouteResultKind, Store, StoreError,
+    EventSummary, FieldMatch, RouteResultKind, StateEntry, Store, StoreError,
 };
 
 /// What every handler can reach.
@@ -224,6 +224,7 @@ fn api_router() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(retry_delivery))
         .routes(routes!(stats::stats))
         .routes(routes!(list_plugins))
+        .routes(routes!(list_plugin_state, delete_plugin_state))
         .routes(routes!(list_tables))
         .routes(routes!(reload))
 }
@@ -999,6 +1000,80 @@ fn page_limit(limit: Option<usize>) -> Result<usize, ApiError> {
             "`limit`: {n} is not between 1 and 500"
         ))),
     }
+}
+
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+struct PluginStateQuery {
+    /// Only keys that start with this.
+    prefix: Option<String>,
+    /// `next_cursor` of the previous page.
+    cursor: Option<String>,
+    /// Items per page: 1 to 500, 50 by default.
+    #[param(minimum = 1, maximum = 500)]
+    limit: Option<usize>,
+}
+
+/// The values a plugin keeps between events (the WIT `state` interface), by key (compared
+/// bytewise), `limit` (default 50, at most 500) a page; expired ones are left out. A
+/// plugin's values outlast its removal until they expire, so any name is answered.
+#[utoipa::path(get, path = "/v1/plugins/{name}/state", tag = "plugins",
+    params(("name" = String, Path, description = "The plugin's name"), PluginStateQuery),
+    responses(
+        (status = 200, description = "A page of values", body = Page<StateEntry>),
+        (status = 400, description = "A malformed parameter, named", body = ErrorBody),
+    ))]
+async fn list_plugin_state(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    query: Result<Query<PluginStateQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Page<StateEntry>>, ApiError> {
+    let Query(q) = query?;
+    let limit = page_limit(q.limit)?;
+    let (prefix, after) = (q.prefix.unwrap_or_default(), q.cursor.unwrap_or_default());
+    let now = state.dispatcher.now_ms();
+    let mut items = (state.store)
+        .state_list(&name, &prefix, &after, limit + 1, now)
+        .await?;
+    let next_cursor = (items.len() > limit).then(|| items[limit - 1].key.clone());
+    items.truncate(limit);
+    Ok(Json(Page { items, next_cursor }))
+}
+
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+struct PluginStateKey {
+    /// The key whose value goes.
+    key: String,
+}
+
+/// Deletes one value a plugin keeps (the plugin finds nothing under the key from then on):
+/// what `change-filter` remembers of a SIM, say.
+#[utoipa::path(delete, path = "/v1/plugins/{name}/state", tag = "plugins",
+    params(("name" = String, Path, description = "The plugin's name"), PluginStateKey),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 400, description = "No `key`", body = ErrorBody),
+        (status = 404, description = "The plugin keeps no value under that key", body = ErrorBody),
+    ))]
+async fn delete_plugin_state(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    query: Result<Query<PluginStateKey>, axum::extract::rejection::QueryRejection>,
+) -> Result<StatusCode, ApiError> {
+    let Query(q) = query?;
+    let now = state.dispatcher.now_ms();
+    if state.store.state_get(&name, &q.key, now).await?.is_none() {
+        return Err(ApiError::NotFound(format!(
+            "plugin `{name}` keeps no value under `{}`",
+            q.key
+        )));
+    }
+    state.store.state_put(&name, &q.key, None, 0).await?;
+    tracing::info!(plugin = %name, key = %q.key, "Plugin value deleted by hand.");
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Every plugin the last reload saw: the serving version, its status (ok, error with the

@@ -249,15 +249,25 @@ mod tests {
         };
         let s = in_memory(clock.clone(), limits);
         assert_eq!(s.set("a", "k", "1".into(), None).await.unwrap(), Ok(()));
-        assert_eq!(s.set("a", "short", "2".into(), Some(5)).await.unwrap(), Ok(()));
+        assert_eq!(
+            s.set("a", "short", "2".into(), Some(5)).await.unwrap(),
+            Ok(())
+        );
         // Longer than the limit: kept only as long as the limit.
-        assert_eq!(s.set("a", "long", "3".into(), Some(3600)).await.unwrap(), Ok(()));
+        assert_eq!(
+            s.set("a", "long", "3".into(), Some(3600)).await.unwrap(),
+            Ok(())
+        );
         assert_eq!(s.get("a", "k").await.unwrap().as_deref(), Some("1"));
         assert_eq!(s.get("b", "k").await.unwrap(), None, "another plugin's key");
-        clock.0.store(1_000 + 5_000, std::sync::atomic::Ordering::Relaxed);
+        clock
+            .0
+            .store(1_000 + 5_000, std::sync::atomic::Ordering::Relaxed);
         assert_eq!(s.get("a", "short").await.unwrap(), None, "expired at 5 s");
         assert_eq!(s.get("a", "long").await.unwrap().as_deref(), Some("3"));
-        clock.0.store(1_000 + 60_000, std::sync::atomic::Ordering::Relaxed);
+        clock
+            .0
+            .store(1_000 + 60_000, std::sync::atomic::Ordering::Relaxed);
         assert_eq!(s.get("a", "long").await.unwrap(), None, "held to the ttl");
         assert_eq!(s.get("a", "k").await.unwrap(), None);
     }
@@ -270,7 +280,10 @@ mod tests {
         };
         let s = in_memory(at(0), limits);
         let e = s.set("a", "k", "12345".into(), None).await.unwrap();
-        assert!(e.unwrap_err().contains("larger than plugins.state_max_value_bytes (4)"));
+        assert!(
+            e.unwrap_err()
+                .contains("larger than plugins.state_max_value_bytes (4)")
+        );
         assert!(s.set("a", "", "1".into(), None).await.unwrap().is_err());
         let long = "k".repeat(MAX_KEY_BYTES + 1);
         assert!(s.set("a", &long, "1".into(), None).await.unwrap().is_err());
@@ -285,7 +298,10 @@ mod tests {
         let dry = s.dry_run();
         // (In memory a dry run starts empty; over a store it reads the store: see the
         // store's tests.)
-        dry.set("a", "k", "dry".into(), None).await.unwrap().unwrap();
+        dry.set("a", "k", "dry".into(), None)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(dry.get("a", "k").await.unwrap().as_deref(), Some("dry"));
         assert_eq!(s.get("a", "k").await.unwrap().as_deref(), Some("kept"));
     }

@@ -303,8 +303,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// The value `plugin` keeps under `key` (the WIT `state` interface), unless it expired
     /// by `now`.
-    async fn state_get(&self, plugin: &str, key: &str, now: u64)
-    -> Result<Option<String>, StoreError>;
+    async fn state_get(
+        &self,
+        plugin: &str,
+        key: &str,
+        now: u64,
+    ) -> Result<Option<String>, StoreError>;
 
     /// Sets `plugin`'s `key` to `value` until `expires_at`, or deletes it (`None`). A set is
     /// answered once committed; the event's own record, which follows the plugin's call,

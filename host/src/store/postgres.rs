@@ -2119,7 +2119,14 @@ impl Store for PgStore {
                    AND ($4::TEXT IS NULL OR key < $4::TEXT) AND starts_with(key, $2)
                    AND expires_at > $5
                  ORDER BY key LIMIT $6",
-                &[&plugin, &prefix, &after, &end, &sql_ms(now), &(limit as i64)],
+                &[
+                    &plugin,
+                    &prefix,
+                    &after,
+                    &end,
+                    &sql_ms(now),
+                    &(limit as i64),
+                ],
             )
             .await?;
         Ok(rows

@@ -63,7 +63,10 @@ impl Plugin for ChangeFilter {
         let remembered = format!("{scope}{key}={id}");
         let before = state::get(&remembered);
         if before.as_deref() == Some(now.as_str()) {
-            return Ok(Verdict::Drop(format!("{key} {id}: {} unchanged ({now})", fields.join(","))));
+            return Ok(Verdict::Drop(format!(
+                "{key} {id}: {} unchanged ({now})",
+                fields.join(",")
+            )));
         }
         state::set(&remembered, &now, ttl).map_err(PluginError::Other)?;
         Ok(Verdict::Continue(Update {

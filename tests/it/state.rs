@@ -1,0 +1,151 @@
+//! What plugins keep between events (WIT `state`, 0.1.2), through a real gateway:
+//! `change-filter`, built from source, passes a SIM's events on only when its network
+//! changed, remembering the last one in the store — across a restart, untouched by dry
+//! runs, listed and deleted through the API.
+
+use serde_json::{Value, json};
+
+use crate::util::{Receiver, TestGateway};
+
+const ROAMING: &str = r#"
+[[sources]]
+name = "onomondo"
+[[destinations]]
+name = "sink"
+url = "{receiver}/sink"
+headers = { "x-previous" = ":previous:" }
+[[routes]]
+source = "onomondo"
+plugins = [{ name = "change-filter", config = { key = "/iccid", fields = "/network/mcc,/network/mnc" } }]
+destinations = ["sink"]
+"#;
+
+fn location(iccid: &str, mcc: &str) -> String {
+    json!({
+        "type": "location",
+        "iccid": iccid,
+        "network": { "name": "N", "mcc": mcc, "mnc": "01" },
+    })
+    .to_string()
+}
+
+/// Posts an event and waits for it to settle; the route's result (`delivering` or
+/// `dropped`).
+async fn route_result(gw: &TestGateway, body: String) -> Value {
+    let id = gw.accept("onomondo", body).await;
+    gw.settled(&id).await["routes"][0]["result"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plugin_remembers_between_events_and_restarts() {
+    let rx = Receiver::start().await;
+    let gw = TestGateway::start(ROAMING, &rx, &["change-filter"]).await;
+    let (a, b) = ("8945738730000000012", "8945738730000000099");
+
+    assert_eq!(
+        route_result(&gw, location(a, "238")).await["result"],
+        "delivering"
+    );
+    let same = route_result(&gw, location(a, "238")).await;
+    assert_eq!(same["result"], "dropped", "{same}");
+    assert!(
+        same["reason"].as_str().unwrap().contains("unchanged"),
+        "{same}"
+    );
+    // Another SIM has its own; a change passes, carrying what it changed from.
+    assert_eq!(
+        route_result(&gw, location(b, "238")).await["result"],
+        "delivering"
+    );
+    assert_eq!(
+        route_result(&gw, location(a, "240")).await["result"],
+        "delivering"
+    );
+    let sent = rx.wait_for(3).await;
+    assert_eq!(sent[0].header("x-previous"), Some("[]"));
+    assert_eq!(sent[2].header("x-previous"), Some(r#"["238","01"]"#));
+
+    // A dry run reads what is remembered, and changes none of it.
+    let (status, run) = gw
+        .send(
+            "POST",
+            "/v1/sources/onomondo/dry-run",
+            Some(serde_json::from_str(&location(a, "262")).unwrap()),
+        )
+        .await;
+    assert_eq!(status, 200, "{run}");
+    assert_eq!(run["routes"][0]["result"]["result"], "delivering", "{run}");
+    let (_, run) = gw
+        .send(
+            "POST",
+            "/v1/sources/onomondo/dry-run",
+            Some(serde_json::from_str(&location(a, "240")).unwrap()),
+        )
+        .await;
+    assert_eq!(run["routes"][0]["result"]["result"], "dropped", "{run}");
+
+    // The API lists the values by key (prefix, pages) and deletes one.
+    let (status, page) = gw.get("/v1/plugins/change-filter/state").await;
+    assert_eq!(status, 200, "{page}");
+    let keys: Vec<&str> = (page["items"].as_array().unwrap().iter())
+        .map(|v| v["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(keys, [format!("/iccid={a}"), format!("/iccid={b}")]);
+    assert_eq!(page["items"][0]["value"], r#"["240","01"]"#);
+    assert!(page["items"][0]["expires_at"].as_u64().unwrap() > crate::util::now_ms());
+    let (_, page) = gw
+        .get("/v1/plugins/change-filter/state?prefix=%2Ficcid%3D8945&limit=1")
+        .await;
+    assert_eq!(page["items"].as_array().unwrap().len(), 1, "{page}");
+    let cursor = page["next_cursor"].as_str().unwrap().to_string();
+    let (_, page) = gw
+        .get(&format!(
+            "/v1/plugins/change-filter/state?prefix=%2Ficcid%3D8945&limit=1&cursor={}",
+            urlencode(&cursor)
+        ))
+        .await;
+    assert_eq!(page["items"][0]["key"], format!("/iccid={b}"), "{page}");
+    assert_eq!(page["next_cursor"], Value::Null);
+    let delete = format!(
+        "/v1/plugins/change-filter/state?key={}",
+        urlencode(&format!("/iccid={b}"))
+    );
+    let (status, _) = gw.send("DELETE", &delete, None).await;
+    assert_eq!(status, 204);
+    let (status, answer) = gw.send("DELETE", &delete, None).await;
+    assert_eq!(status, 404, "{answer}");
+    let (status, answer) = gw
+        .send("DELETE", "/v1/plugins/change-filter/state", None)
+        .await;
+    assert_eq!(status, 400, "no key: {answer}");
+    assert_eq!(
+        route_result(&gw, location(b, "238")).await["result"],
+        "delivering"
+    );
+
+    // What it remembers is in the store: a gateway started on the same data knows it.
+    let dir = gw.stop().await;
+    let gw = TestGateway::start_in(dir, ROAMING, &rx).await.unwrap();
+    assert_eq!(
+        route_result(&gw, location(a, "240")).await["result"],
+        "dropped"
+    );
+    assert_eq!(
+        route_result(&gw, location(b, "238")).await["result"],
+        "dropped"
+    );
+    assert_eq!(
+        route_result(&gw, location(a, "238")).await["result"],
+        "delivering"
+    );
+}
+
+/// `%`-encodes a query value.
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
