@@ -1730,7 +1730,7 @@ async fn plugin_values_are_kept_by_plugin_and_key(store: Arc<dyn Store>) {
         .await
         .unwrap()
         .unwrap();
-    dry.delete("a", "user:2").await.unwrap();
+    dry.remove("a", "user:2").await.unwrap();
     assert_eq!(
         dry.get("a", "user:1").await.unwrap().as_deref(),
         Some("dry")

@@ -181,10 +181,10 @@ impl state::Host for PluginState {
         (states.set(&self.plugin, &key, value, ttl_seconds).await).map_err(unavailable)
     }
 
-    async fn delete(&mut self, key: String) -> wasmtime::Result<()> {
+    async fn remove(&mut self, key: String) -> wasmtime::Result<()> {
         self.state_op()?;
         let states = self.input.state.clone();
-        states.delete(&self.plugin, &key).await.map_err(unavailable)
+        states.remove(&self.plugin, &key).await.map_err(unavailable)
     }
 }
 

@@ -163,7 +163,7 @@ impl PluginStates {
     }
 
     /// Removes `plugin`'s `key`, if it has one.
-    pub async fn delete(&self, plugin: &str, key: &str) -> Result<(), StoreError> {
+    pub async fn remove(&self, plugin: &str, key: &str) -> Result<(), StoreError> {
         if self.check_key(key).is_err() {
             // No such key can have been set.
             return Ok(());
@@ -288,7 +288,7 @@ mod tests {
         let long = "k".repeat(MAX_KEY_BYTES + 1);
         assert!(s.set("a", &long, "1".into(), None).await.unwrap().is_err());
         assert_eq!(s.get("a", "k").await.unwrap(), None);
-        s.delete("a", &long).await.unwrap();
+        s.remove("a", &long).await.unwrap();
     }
 
     #[tokio::test]
