@@ -213,3 +213,182 @@ async fn rust_js_and_python_plugins_give_the_same_verdicts() {
     );
     gw.shutdown().await.unwrap();
 }
+
+/// `change-filter` in the three languages, each remembering in the store through `state`
+/// (each plugin its own keys), on one sequence of events: the same verdict at each step.
+#[tokio::test(flavor = "multi_thread")]
+async fn change_filter_remembers_alike_in_rust_js_and_python() {
+    const CHANGE_FILTERS: &[(&str, &str)] = &[
+        ("rust", "change-filter"),
+        ("js", "change-filter-js"),
+        ("python", "change-filter-py"),
+    ];
+    let mut config = "[[destinations]]\nname = \"sink\"\nurl = \"{receiver}/sink\"\n".to_string();
+    let sources = [
+        (
+            "roaming",
+            r#"{ key = "/iccid", fields = "/network/mcc, /network/mnc", ttl = "3600" }"#,
+        ),
+        (
+            "scoped",
+            r#"{ key = "/sim/0/id", fields = "/a~1b", scope = "s:" }"#,
+        ),
+        ("no-fields", r#"{ key = "/iccid" }"#),
+        (
+            "bad-ttl",
+            r#"{ key = "/iccid", fields = "/x", ttl = "soon" }"#,
+        ),
+        ("not-a-pointer", r#"{ key = "iccid", fields = "/x" }"#),
+    ];
+    for (source, plugin_config) in sources {
+        config += &format!("[[sources]]\nname = \"{source}\"\n");
+        for (lang, plugin) in CHANGE_FILTERS {
+            config += &format!(
+                "[[routes]]\nname = \"{source}-{lang}\"\nsource = \"{source}\"\non_error = \"drop\"\n\
+                 destinations = [\"sink\"]\n\
+                 plugins = [{{ name = \"{plugin}\", config = {plugin_config} }}]\n"
+            );
+        }
+    }
+    let plugins: Vec<&str> = CHANGE_FILTERS.iter().map(|(_, p)| *p).collect();
+    let rx = Receiver::start().await;
+    let gw = TestGateway::start(&config, &rx, &plugins).await;
+
+    let network =
+        |iccid: Value, mcc: &str| json!({ "iccid": iccid, "network": { "mcc": mcc, "mnc": "01" } });
+    let events: Vec<(&str, &str, Vec<u8>)> = vec![
+        (
+            "roaming",
+            "first",
+            network(json!("a"), "238").to_string().into_bytes(),
+        ),
+        (
+            "roaming",
+            "repeat",
+            network(json!("a"), "238").to_string().into_bytes(),
+        ),
+        (
+            "roaming",
+            "other SIM",
+            network(json!("b"), "238").to_string().into_bytes(),
+        ),
+        (
+            "roaming",
+            "changed",
+            network(json!("a"), "240").to_string().into_bytes(),
+        ),
+        (
+            "roaming",
+            "numeric key",
+            network(json!(42), "238").to_string().into_bytes(),
+        ),
+        (
+            "roaming",
+            "numeric key again",
+            network(json!(42), "238").to_string().into_bytes(),
+        ),
+        (
+            "roaming",
+            "no key",
+            json!({ "network": { "mcc": "238" } })
+                .to_string()
+                .into_bytes(),
+        ),
+        (
+            "roaming",
+            "no fields",
+            json!({ "iccid": "c" }).to_string().into_bytes(),
+        ),
+        (
+            "roaming",
+            "no fields again",
+            json!({ "iccid": "c", "network": {} })
+                .to_string()
+                .into_bytes(),
+        ),
+        (
+            "roaming",
+            "text",
+            network(json!("d"), "Zürich \"1\"").to_string().into_bytes(),
+        ),
+        (
+            "roaming",
+            "text again",
+            network(json!("d"), "Zürich \"1\"").to_string().into_bytes(),
+        ),
+        ("roaming", "not JSON", b"{ nope".to_vec()),
+        (
+            "scoped",
+            "array and escaped",
+            json!({ "sim": [{ "id": "x" }], "a/b": [1, true] })
+                .to_string()
+                .into_bytes(),
+        ),
+        (
+            "scoped",
+            "array and escaped again",
+            json!({ "sim": [{ "id": "x" }], "a/b": [1, true] })
+                .to_string()
+                .into_bytes(),
+        ),
+        ("no-fields", "no fields config", b"{}".to_vec()),
+        ("bad-ttl", "bad ttl", b"{}".to_vec()),
+        ("not-a-pointer", "not a pointer", b"{}".to_vec()),
+    ];
+    let mut seen: Vec<(&str, Value)> = Vec::new();
+    for (source, name, body) in events {
+        let id = gw.accept(source, body).await;
+        let event = gw.settled(&id).await;
+        let routes = event["routes"].as_array().unwrap();
+        assert_eq!(routes.len(), CHANGE_FILTERS.len(), "{event}");
+        let decisions: Vec<Value> = (routes.iter())
+            .map(|r| decision(r["steps"].as_array().unwrap().last().unwrap()))
+            .collect();
+        for (i, (lang, _)) in CHANGE_FILTERS.iter().enumerate().skip(1) {
+            assert_eq!(
+                decisions[i], decisions[0],
+                "{name}: {lang} disagrees with rust"
+            );
+        }
+        seen.push((name, decisions[0].clone()));
+    }
+    let decided = |case: &str| seen.iter().find(|(n, _)| *n == case).unwrap().1.clone();
+    let previous = |case: &str| decided(case)["metadata"].clone();
+    assert_eq!(previous("first"), json!([["previous", "[]"]]));
+    assert_eq!(
+        decided("repeat")["reason"],
+        r#"/iccid a: /network/mcc,/network/mnc unchanged (["238","01"])"#
+    );
+    assert_eq!(previous("other SIM"), json!([["previous", "[]"]]));
+    assert_eq!(
+        previous("changed"),
+        json!([["previous", r#"["238","01"]"#]])
+    );
+    assert_eq!(decided("numeric key again")["verdict"], "drop");
+    assert_eq!(previous("no key"), json!([]));
+    assert_eq!(
+        decided("no fields again")["reason"],
+        "/iccid c: /network/mcc,/network/mnc unchanged ([null,null])"
+    );
+    assert_eq!(decided("text again")["verdict"], "drop");
+    assert_eq!(decided("not JSON"), json!({ "error": "invalid event" }));
+    assert_eq!(
+        decided("array and escaped again")["reason"],
+        "/sim/0/id x: /a~1b unchanged ([[1,true]])"
+    );
+    for case in ["no fields config", "bad ttl", "not a pointer"] {
+        assert_eq!(
+            decided(case),
+            json!({ "error": "invalid config" }),
+            "{case}"
+        );
+    }
+    // Each plugin keeps its own values, under the same keys.
+    for (_, plugin) in CHANGE_FILTERS {
+        let (_, page) = gw
+            .get(&format!("/v1/plugins/{plugin}/state?prefix=s%3A"))
+            .await;
+        assert_eq!(page["items"][0]["key"], "s:/sim/0/id=x", "{plugin}: {page}");
+        assert_eq!(page["items"][0]["value"], "[[1,true]]", "{plugin}: {page}");
+    }
+}
