@@ -412,7 +412,7 @@ fn quickstart_copy() -> (tempfile::TempDir, std::path::PathBuf) {
     std::fs::copy(quickstart, &config).unwrap();
     let plugins = dir.path().join("plugins.d");
     std::fs::create_dir_all(&plugins).unwrap();
-    for name in &GUESTS[..4] {
+    for name in crate::util::QUICKSTART_PLUGINS {
         std::fs::copy(guest(name), plugins.join(format!("{name}.wasm"))).unwrap();
     }
     let tables = dir.path().join("tables");

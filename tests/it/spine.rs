@@ -3,7 +3,7 @@
 
 use serde_json::{Value, json};
 
-use crate::util::{GUESTS, Receiver, TestGateway, dir_with_plugin_bytes, sample_event};
+use crate::util::{Receiver, TestGateway, dir_with_plugin_bytes, sample_event};
 
 const ONOMONDO_FILTER: &str = r#"
 [[sources]]
@@ -661,13 +661,15 @@ async fn quickstart_config_accepts_every_sample_event() {
     let root = xtask::workspace_root();
     let text = std::fs::read_to_string(root.join("examples/quickstart/switchyard.toml")).unwrap();
     let (fleet, archive) = (format!("{}/fleet", rx.url), format!("{}/archive", rx.url));
+    let roaming = format!("{}/roaming", rx.url);
     let env = |name: &str| match name {
         "FLEET_URL" => Some(fleet.clone()),
         "ARCHIVE_URL" => Some(archive.clone()),
+        "ROAMING_URL" => Some(roaming.clone()),
         "SWITCHYARD_API_TOKEN" => Some(crate::util::API_TOKEN.to_string()),
         _ => None,
     };
-    let dir = TestGateway::dir_with_plugins(&GUESTS[..4]);
+    let dir = TestGateway::dir_with_plugins(crate::util::QUICKSTART_PLUGINS);
     std::fs::create_dir(dir.path().join("tables")).unwrap();
     let sims = root.join("examples/quickstart/tables/sims.csv");
     std::fs::copy(sims, dir.path().join("tables/sims.csv")).unwrap();
@@ -712,5 +714,11 @@ async fn quickstart_config_accepts_every_sample_event() {
     assert_eq!(fleet.header("x-api-key"), Some("demo-key"));
     // The SIM's customer, from the quickstart's lookup table.
     assert_eq!(fleet.header("x-customer"), Some("globex"));
+    // The roaming feed: the SIM's network was seen for the first time (its location and
+    // registration events, processed at once, may both find nothing remembered yet).
+    let roaming = (rx.requests().into_iter())
+        .find(|r| r.uri == "/roaming")
+        .expect("the roaming route delivered");
+    assert_eq!(roaming.header("x-previous-network"), Some("[]"));
     gw.shutdown().await.unwrap();
 }

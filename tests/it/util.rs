@@ -13,6 +13,15 @@ use switchyard::Config;
 use switchyard::delivery::ManualClock;
 use tokio::sync::{Notify, oneshot};
 
+/// The plugins the quickstart's config uses.
+pub const QUICKSTART_PLUGINS: &[&str] = &[
+    "event-filter",
+    "iot-normalize",
+    "tag-router",
+    "metadata-inject",
+    "change-filter",
+];
+
 /// Every guest the tests use; `every_fixture_is_used` checks none is forgotten.
 pub const GUESTS: &[&str] = &[
     "event-filter",
