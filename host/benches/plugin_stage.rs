@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use switchyard::event::{Body, Event};
-use switchyard::plugin::{CallInput, CallLimits, InstanceMode, PluginRuntime};
+use switchyard::plugin::{CallInput, CallLimits, InstanceMode, PluginRuntime, PluginStates};
 
 fn event() -> Event {
     let body =
@@ -184,5 +184,72 @@ fn in_flight(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, plugin_stage, languages, in_flight);
+/// What keeping state between events costs a call: `change-filter` (Rust, fresh instances)
+/// on events whose network alternates, so that every call reads its SIM's value and writes
+/// the new one — in memory, and in the embedded SQLite store (a read on a reading
+/// connection, a write committed by the writer thread, not synced).
+fn state(c: &mut Criterion) {
+    let out = xtask::workspace_root().join("target/guests/plugins");
+    xtask::build_guests(&["change-filter"], &out).expect("Rust plugin builds");
+    let runtime = PluginRuntime::new().unwrap();
+    let rt = runtime_for_calls();
+    let plugin = runtime
+        .load_file("change-filter", &out.join("change-filter.wasm"))
+        .unwrap();
+    let events: Vec<Event> = ["238", "240"]
+        .iter()
+        .map(|mcc| {
+            let mut e = event();
+            e.body = Body::from(format!(
+                r#"{{"type":"location","iccid":"8945738730000000012","network":{{"mcc":"{mcc}","mnc":"01"}}}}"#
+            ).into_bytes());
+            e
+        })
+        .collect();
+    let config: Arc<[(String, String)]> = Arc::from(vec![
+        ("key".to_string(), "/iccid".to_string()),
+        (
+            "fields".to_string(),
+            "/network/mcc,/network/mnc".to_string(),
+        ),
+    ]);
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn switchyard::store::Store> =
+        Arc::new(switchyard::store::SqliteStore::open(dir.path(), 100).unwrap());
+    let mut group = c.benchmark_group("state");
+    group.sample_size(20);
+    for (label, states) in [
+        ("memory", PluginStates::memory()),
+        (
+            "sqlite",
+            PluginStates::store(store, Arc::new(switchyard::delivery::SystemClock)),
+        ),
+    ] {
+        let mut n = 0usize;
+        group.bench_function(format!("change-filter/{label}"), |b| {
+            b.iter(|| {
+                n += 1;
+                let input = CallInput {
+                    state: states.clone(),
+                    ..CallInput::config(config.clone())
+                };
+                let verdict = rt
+                    .block_on(plugin.call(
+                        &events[n % 2],
+                        input,
+                        CallLimits::default(),
+                        InstanceMode::Fresh,
+                    ))
+                    .expect("plugin answers");
+                assert!(matches!(
+                    verdict,
+                    switchyard::plugin::PluginVerdict::Continue(_)
+                ));
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, plugin_stage, languages, in_flight, state);
 criterion_main!(benches);

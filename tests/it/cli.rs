@@ -530,7 +530,7 @@ fn dry_run_shows_what_the_routes_would_send_and_checks_an_expected_answer() {
     let (ok, _, err) = dry_run(&["--expect", path(&changed)]);
     assert!(!ok, "{err}");
     assert!(err.contains("does not hold"), "{err}");
-    assert!(err.contains("deliveries: 2 items, expected 1"), "{err}");
+    assert!(err.contains("deliveries: 3 items, expected 2"), "{err}");
     assert!(
         err.contains(
             r#"deliveries[0].url: "http://127.0.0.1:9000/fleet?iccid=8945738730000000012&ip=100.70.24.198", expected "https://fleet.example.com/hook""#

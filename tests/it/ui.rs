@@ -81,11 +81,24 @@ destinations = ["flaky"]
 [[routes]]
 source = "secured"
 destinations = ["fleet"]
+[[sources]]
+name = "roaming"
+[[routes]]
+source = "roaming"
+plugins = [{{ name = "change-filter", config = {{ key = "/iccid", fields = "/network/mcc" }} }}]
+destinations = ["fleet"]
 "#,
         sims.display(),
         flaky.url
     );
-    let gw = TestGateway::start(&config, &fleet, &["event-filter"]).await;
+    let gw = TestGateway::start(&config, &fleet, &["event-filter", "change-filter"]).await;
+    // A value change-filter keeps, shown (and forgotten) on the plugins page.
+    let roamed = (gw.accept(
+        "roaming",
+        r#"{"iccid":"8945738730000000012","network":{"mcc":"238"}}"#,
+    ))
+    .await;
+    gw.settled(&roamed).await;
     // The flaky destination fails twice: the first delivery has failed (no retries), the
     // second turns the destination FAILED and is kept; the next event is held.
     gw.accept("flaky-source", r#"{"type":"alert","n":0}"#).await;

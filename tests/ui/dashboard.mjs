@@ -190,14 +190,21 @@ try {
   await page.getByText('1 failed delivery to flaky sent again.').waitFor();
   await page.waitForFunction(() => document.querySelectorAll('#destinations tr[data-name="flaky"] td.num')[1]?.textContent === '0');
 
-  step('the plugins page shows versions, routes and call latency, and the lookup tables');
+  step('the plugins page shows versions, routes and call latency, the lookup tables, and the values plugins keep');
   await page.getByRole('link', { name: 'Plugins' }).click();
   const plugin = page.locator('#plugins tr[data-name="event-filter"]');
   await plugin.getByText('ok').first().waitFor();
   await plugin.getByText('µs').waitFor();
   // The lookup tables plugins read, with their rows.
   await page.locator('#tables tr[data-name="sims"]').getByText('1', { exact: true }).waitFor();
+  // The values a plugin keeps between events: change-filter's SIM, forgotten by hand.
+  await page.locator('#state-plugin').selectOption('change-filter');
+  const kept = page.locator('#state tr[data-key="/iccid=8945738730000000012"]');
+  await kept.getByText('["238"]').waitFor();
   await shot('plugins');
+  page.once('dialog', (d) => d.accept());
+  await kept.getByRole('button', { name: 'Forget' }).click();
+  await page.getByText('change-filter keeps no values.').waitFor();
 
   step('the routes page shows each chain end to end, and opens its events');
   await page.getByRole('link', { name: 'Routes' }).click();

@@ -468,10 +468,44 @@ async function routesPage() {
   poller = every(5000, refresh);
 }
 
+// What plugins keep between events (`state`): one plugin's values by key, a prefix to
+// narrow them, a value forgotten by hand (the plugin finds nothing under its key then).
+function keptValues(names) {
+  const plugin = h('select', { id: 'state-plugin', name: 'plugin' }, names.map((n) => h('option', { value: n }, n)));
+  const prefix = h('input', { id: 'state-prefix', name: 'prefix', placeholder: 'key prefix' });
+  const rows = h('div');
+  async function load() {
+    const p = plugin.value;
+    try {
+      const page = await api(`/v1/plugins/${encodeURIComponent(p)}/state?limit=100&prefix=${encodeURIComponent(prefix.value)}`);
+      rows.replaceChildren(page.items.length === 0 ? h('p', { class: 'muted' }, `${p} keeps no values${prefix.value ? ' under this prefix' : ''}.`) :
+        h('table', { id: 'state' },
+          h('thead', {}, h('tr', {}, h('th', {}, 'Key'), h('th', {}, 'Value'), h('th', { class: 'hide-narrow' }, 'Expires'), h('th', {}))),
+          h('tbody', {}, page.items.map((v) => h('tr', { 'data-key': v.key },
+            h('td', { class: 'mono' }, v.key), h('td', { class: 'mono' }, v.value), h('td', { class: 'hide-narrow' }, time(v.expires_at)),
+            h('td', {}, h('button', { onclick: async () => {
+              if (!confirm(`Forget ${p}'s value under ${v.key}?`)) return;
+              try {
+                await api(`/v1/plugins/${encodeURIComponent(p)}/state?key=${encodeURIComponent(v.key)}`, { method: 'DELETE' });
+                toast(`${p} forgot ${v.key}.`);
+              } catch (err) { toast(err.message); }
+              load();
+            } }, 'Forget')))))),
+        ...(page.next_cursor ? [h('p', { class: 'muted' }, 'The first 100 shown: narrow them with a prefix.')] : []));
+    } catch (e) { rows.replaceChildren(h('p', { class: 'error' }, e.message)); }
+  }
+  const form = h('form', { class: 'filters', onsubmit: (e) => { e.preventDefault(); load(); } },
+    h('label', {}, 'Plugin', plugin), h('label', {}, 'Key starts with', prefix), h('button', { type: 'submit' }, 'Show'));
+  plugin.addEventListener('change', load);
+  if (names.length) load();
+  return [h('h2', {}, 'Values kept between events'), h('div', { class: 'card' }, form, rows)];
+}
+
 async function pluginsPage() {
   const box = h('div', { class: 'card' });
   const tablesBox = h('section', { hidden: true });
-  page('Plugins', box, tablesBox);
+  const stateBox = h('section');
+  page('Plugins', box, tablesBox, stateBox);
   try {
     const [list, tables] = await Promise.all([api('/v1/plugins'), api('/v1/tables')]);
     // The lookup tables plugins read (`[tables]`), when the config has any.
@@ -489,6 +523,7 @@ async function pluginsPage() {
         h('td', { class: 'hide-narrow' }, p.loaded_at ? time(p.loaded_at) : ''),
         h('td', { class: 'num' }, p.calls ?? ''), h('td', { class: 'num' }, p.mean_call_us !== undefined ? `${p.mean_call_us} µs` : ''),
         h('td', {}, (p.routes || []).join(', ')), h('td', { class: 'hide-narrow error' }, p.last_error || ''))))));
+    stateBox.replaceChildren(...keptValues(list.items.map((p) => p.name)));
   } catch (e) { failed(e); }
 }
 
