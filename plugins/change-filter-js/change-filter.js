@@ -15,7 +15,10 @@
 //          --config key=/iccid --config fields=/network/mcc,/network/mnc
 
 import { configGet } from 'switchyard:plugin/host@0.1.2';
-import { get, set } from 'switchyard:plugin/state@0.1.2';
+import { get, swap } from 'switchyard:plugin/state@0.1.2';
+
+/** How many times a value changed by another event meanwhile is read again. */
+const SWAPS = 10;
 
 /** A `result` error of the WIT `plugin-error` variant. */
 function pluginError(tag, message) {
@@ -90,23 +93,31 @@ export const handler = {
     }
     const now = JSON.stringify(fields.map((p) => pointer(body, p) ?? null));
     const remembered = `${configGet('scope') ?? ''}${key}=${id}`;
-    const before = get(remembered);
-    if (before === now) {
-      return { tag: 'drop', val: `${key} ${id}: ${fields.join(',')} unchanged (${now})` };
+    // What was read is replaced only if it is still there (`swap`): of two events of one
+    // SIM handled at once, one passes and the other, reading again, is a repeat.
+    for (let i = 0; i < SWAPS; i++) {
+      const before = get(remembered);
+      if (before === now) {
+        return { tag: 'drop', val: `${key} ${id}: ${fields.join(',')} unchanged (${now})` };
+      }
+      let swapped;
+      try {
+        swapped = swap(remembered, before, now, ttl);
+      } catch (e) {
+        throw pluginError('other', String(e.payload ?? e.message));
+      }
+      if (swapped) {
+        return {
+          tag: 'continue',
+          val: {
+            body: undefined,
+            contentType: undefined,
+            headers: undefined,
+            metadata: [['previous', before ?? '[]']],
+          },
+        };
+      }
     }
-    try {
-      set(remembered, now, ttl);
-    } catch (e) {
-      throw pluginError('other', String(e.payload ?? e.message));
-    }
-    return {
-      tag: 'continue',
-      val: {
-        body: undefined,
-        contentType: undefined,
-        headers: undefined,
-        metadata: [['previous', before ?? '[]']],
-      },
-    };
+    throw pluginError('other', `${key} ${id}: its values changed under every one of ${SWAPS} tries`);
   },
 };

@@ -35,6 +35,8 @@ from wit_world.imports.types import (
 )
 
 MISSING = object()
+# How many times a value changed by another event meanwhile is read again.
+SWAPS = 10
 
 
 def scalar_text(v):
@@ -94,11 +96,16 @@ class Handler(exports.Handler):
         values = [pointer(body, p) for p in fields]
         now = json.dumps([None if v is MISSING else v for v in values], separators=(",", ":"), ensure_ascii=False)
         remembered = f"{host.config_get('scope') or ''}{key}={ident}"
-        before = state.get(remembered)
-        if before == now:
-            return Verdict_Drop(f"{key} {ident}: {','.join(fields)} unchanged ({now})")
-        try:
-            state.set(remembered, now, ttl)
-        except Err as e:
-            raise Err(PluginError_Other(str(e.value)))
-        return update([("previous", before if before is not None else "[]")])
+        # What was read is replaced only if it is still there (`swap`): of two events of one
+        # SIM handled at once, one passes and the other, reading again, is a repeat.
+        for _ in range(SWAPS):
+            before = state.get(remembered)
+            if before == now:
+                return Verdict_Drop(f"{key} {ident}: {','.join(fields)} unchanged ({now})")
+            try:
+                swapped = state.swap(remembered, before, now, ttl)
+            except Err as e:
+                raise Err(PluginError_Other(str(e.value)))
+            if swapped:
+                return update([("previous", before if before is not None else "[]")])
+        raise Err(PluginError_Other(f"{key} {ident}: its values changed under every one of {SWAPS} tries"))

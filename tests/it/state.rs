@@ -149,3 +149,25 @@ fn urlencode(s: &str) -> String {
         })
         .collect()
 }
+
+/// Identical events of one SIM, accepted together and handled at once by the pipeline's
+/// workers: `swap` lets exactly one pass, whichever it is. (With a `set` in its place,
+/// several pass: seen failing so at 48 events.)
+#[tokio::test(flavor = "multi_thread")]
+async fn of_identical_events_handled_at_once_one_passes() {
+    let rx = Receiver::start().await;
+    let gw = TestGateway::start(ROAMING, &rx, &["change-filter"]).await;
+    let posts = (0..48).map(|_| gw.accept("onomondo", location("8945738730000000012", "238")));
+    let ids = futures_util::future::join_all(posts).await;
+    let mut passed = 0;
+    for id in &ids {
+        let result = gw.settled(id).await["routes"][0]["result"].clone();
+        match result["result"].as_str() {
+            Some("delivering") => passed += 1,
+            Some("dropped") => assert!(result["reason"].as_str().unwrap().contains("unchanged")),
+            _ => panic!("{result}"),
+        }
+    }
+    assert_eq!(passed, 1, "one of {} identical events", ids.len());
+    assert_eq!(rx.wait_for(1).await.len(), 1);
+}

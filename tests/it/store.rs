@@ -1718,6 +1718,51 @@ async fn plugin_values_are_kept_by_plugin_and_key(store: Arc<dyn Store>) {
     assert_eq!(store.purge_state(5_000, 10).await.unwrap(), 1, "b's");
     assert_eq!(get("a", "user:1", 5_000).await.as_deref(), Some("user:1"));
 
+    // A swap writes only over what it expects (nothing: no value, or an expired one).
+    let swap =
+        |key: &'static str, expected: Option<&'static str>, value: &'static str, now: u64| {
+            let store = store.clone();
+            async move {
+                (store.state_swap(
+                    "a",
+                    key,
+                    expected.map(String::from),
+                    value.into(),
+                    9_000,
+                    now,
+                ))
+                .await
+                .unwrap()
+            }
+        };
+    assert!(swap("s", None, "1", 5_000).await);
+    assert!(!swap("s", None, "2", 5_000).await, "1 is held");
+    assert!(!swap("s", Some("0"), "2", 5_000).await);
+    assert!(swap("s", Some("1"), "2", 5_000).await);
+    assert_eq!(get("a", "s", 5_000).await.as_deref(), Some("2"));
+    assert!(!swap("s", Some("2"), "3", 9_000).await, "2 expired at 9 s");
+    assert!(
+        swap("s", None, "3", 9_000).await,
+        "an expired value is nothing"
+    );
+    // Of many swaps from the same value at once, one wins.
+    let racers: Vec<_> = (0..16)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let value = format!("racer {i}");
+                (store.state_swap("a", "race", None, value, 60_000, 5_000))
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut won = 0;
+    for r in racers {
+        won += usize::from(r.await.unwrap());
+    }
+    assert_eq!(won, 1, "exactly one swap from nothing wins");
+
     // A dry run reads the store and keeps its writes to itself.
     let clock = Arc::new(switchyard::delivery::ManualClock::new(5_000));
     let live = PluginStates::store(store.clone(), clock);

@@ -12,6 +12,7 @@ wasmtime::component::bindgen!({
     imports: {
         "switchyard:plugin/state.get": async | trappable,
         "switchyard:plugin/state.set": async | trappable,
+        "switchyard:plugin/state.swap": async | trappable,
         "switchyard:plugin/state.remove": async | trappable,
     },
 });

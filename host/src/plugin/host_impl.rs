@@ -181,6 +181,19 @@ impl state::Host for PluginState {
         (states.set(&self.plugin, &key, value, ttl_seconds).await).map_err(unavailable)
     }
 
+    async fn swap(
+        &mut self,
+        key: String,
+        expected: Option<String>,
+        value: String,
+        ttl_seconds: Option<u32>,
+    ) -> wasmtime::Result<Result<bool, String>> {
+        self.state_op()?;
+        let states = self.input.state.clone();
+        let swapped = states.swap(&self.plugin, &key, expected, value, ttl_seconds);
+        swapped.await.map_err(unavailable)
+    }
+
     async fn remove(&mut self, key: String) -> wasmtime::Result<()> {
         self.state_op()?;
         let states = self.input.state.clone();

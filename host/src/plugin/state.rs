@@ -144,22 +144,71 @@ impl PluginStates {
         value: String,
         ttl_seconds: Option<u32>,
     ) -> Result<Result<(), String>, StoreError> {
-        if let Err(e) = self.check_key(key) {
-            return Ok(Err(e));
-        }
+        let expires = match self.checked(key, &value, ttl_seconds) {
+            Ok(expires) => expires,
+            Err(e) => return Ok(Err(e)),
+        };
+        self.put(plugin, key, Some((value, expires))).await?;
+        Ok(Ok(()))
+    }
+
+    /// When a value set now for `ttl_seconds` expires, if the key and value are within the
+    /// limits.
+    fn checked(&self, key: &str, value: &str, ttl_seconds: Option<u32>) -> Result<u64, String> {
+        self.check_key(key)?;
         if value.len() > self.limits.max_value_bytes {
-            return Ok(Err(format!(
+            return Err(format!(
                 "value of {} bytes is larger than plugins.state_max_value_bytes ({})",
                 value.len(),
                 self.limits.max_value_bytes
-            )));
+            ));
         }
         let ttl = ttl_seconds
             .map_or(self.limits.ttl, |s| Duration::from_secs(s.into()))
             .min(self.limits.ttl);
-        let expires = (self.clock.now_ms()).saturating_add(ttl.as_millis() as u64);
-        self.put(plugin, key, Some((value, expires))).await?;
-        Ok(Ok(()))
+        Ok((self.clock.now_ms()).saturating_add(ttl.as_millis() as u64))
+    }
+
+    /// Sets `plugin`'s `key` to `value` as [`PluginStates::set`] does, only if it holds
+    /// `expected` now (`None`: nothing); whether it did. The inner error is the plugin's.
+    pub async fn swap(
+        &self,
+        plugin: &str,
+        key: &str,
+        expected: Option<String>,
+        value: String,
+        ttl_seconds: Option<u32>,
+    ) -> Result<Result<bool, String>, StoreError> {
+        let expires = match self.checked(key, &value, ttl_seconds) {
+            Ok(expires) => expires,
+            Err(e) => return Ok(Err(e)),
+        };
+        let now = self.clock.now_ms();
+        let entry = (plugin.to_string(), key.to_string());
+        let swapped = match &self.backend {
+            Backend::Store(store) => {
+                (store.state_swap(plugin, key, expected, value, expires, now)).await?
+            }
+            Backend::Memory(values) => {
+                let mut values = lock(values);
+                let held = values.get(&entry).filter(|(_, e)| *e > now).map(|(v, _)| v);
+                let swap = held == expected.as_ref();
+                if swap {
+                    values.insert(entry, (value, expires));
+                }
+                swap
+            }
+            Backend::Overlay(_, writes) => {
+                // (A dry run is one event: nothing else writes to its overlay meanwhile.)
+                let held = self.get(plugin, key).await?;
+                let swap = held == expected;
+                if swap {
+                    lock(writes).insert(entry, Some((value, expires)));
+                }
+                swap
+            }
+        };
+        Ok(Ok(swapped))
     }
 
     /// Removes `plugin`'s `key`, if it has one.
@@ -289,6 +338,31 @@ mod tests {
         assert!(s.set("a", &long, "1".into(), None).await.unwrap().is_err());
         assert_eq!(s.get("a", "k").await.unwrap(), None);
         s.remove("a", &long).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_swap_writes_only_over_what_it_expects() {
+        let clock = at(0);
+        let s = in_memory(clock.clone(), StateLimits::default());
+        let swap = |expected: Option<&str>, value: &str, ttl: Option<u32>| {
+            let (s, expected, value) = (s.clone(), expected.map(str::to_string), value.to_string());
+            async move {
+                s.swap("a", "k", expected, value, ttl)
+                    .await
+                    .unwrap()
+                    .unwrap()
+            }
+        };
+        assert!(swap(None, "1", Some(10)).await, "nothing held");
+        assert!(!swap(None, "2", None).await, "1 is held");
+        assert!(!swap(Some("0"), "2", None).await);
+        assert!(swap(Some("1"), "2", Some(10)).await);
+        assert_eq!(s.get("a", "k").await.unwrap().as_deref(), Some("2"));
+        clock.0.store(10_000, std::sync::atomic::Ordering::Relaxed);
+        assert!(!swap(Some("2"), "3", None).await, "2 expired");
+        assert!(swap(None, "3", None).await, "an expired value is nothing");
+        let big = "x".repeat(StateLimits::default().max_value_bytes + 1);
+        assert!(s.swap("a", "k", None, big, None).await.unwrap().is_err());
     }
 
     #[tokio::test]

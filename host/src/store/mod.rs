@@ -321,6 +321,18 @@ pub trait Store: Send + Sync + 'static {
         expires_at: u64,
     ) -> Result<(), StoreError>;
 
+    /// Sets `plugin`'s `key` to `value` until `expires_at` only if, at `now`, it holds
+    /// `expected` (`None`: nothing, or a value expired), in one step; whether it did.
+    async fn state_swap(
+        &self,
+        plugin: &str,
+        key: &str,
+        expected: Option<String>,
+        value: String,
+        expires_at: u64,
+        now: u64,
+    ) -> Result<bool, StoreError>;
+
     /// Up to `limit` of `plugin`'s values not expired by `now` whose key starts with
     /// `prefix`, by key (bytewise), after the key `after`.
     async fn state_list(

@@ -2102,6 +2102,44 @@ impl Store for PgStore {
         Ok(())
     }
 
+    async fn state_swap(
+        &self,
+        plugin: &str,
+        key: &str,
+        expected: Option<String>,
+        value: String,
+        expires_at: u64,
+        now: u64,
+    ) -> Result<bool, StoreError> {
+        let client = self.pool.get().await?;
+        let (expires_at, now) = (sql_ms(expires_at), sql_ms(now));
+        // One statement each: the row's lock makes the check and the write one step
+        // (a concurrent insert of the same key waits, then finds the row and checks it).
+        let changed = match expected {
+            None => {
+                client
+                    .execute(
+                        "INSERT INTO plugin_state (plugin, key, value, expires_at)
+                         VALUES ($1, $2, $3, $4) ON CONFLICT (plugin, key)
+                         DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at
+                         WHERE plugin_state.expires_at <= $5",
+                        &[&plugin, &key, &value, &expires_at, &now],
+                    )
+                    .await?
+            }
+            Some(expected) => {
+                client
+                    .execute(
+                        "UPDATE plugin_state SET value = $3, expires_at = $4
+                         WHERE plugin = $1 AND key = $2 AND value = $6 AND expires_at > $5",
+                        &[&plugin, &key, &value, &expires_at, &now, &expected],
+                    )
+                    .await?
+            }
+        };
+        Ok(changed == 1)
+    }
+
     async fn state_list(
         &self,
         plugin: &str,

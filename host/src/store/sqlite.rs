@@ -1764,6 +1764,39 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn state_swap(
+        &self,
+        plugin: &str,
+        key: &str,
+        expected: Option<String>,
+        value: String,
+        expires_at: u64,
+        now: u64,
+    ) -> Result<bool, StoreError> {
+        let (plugin, key) = (plugin.to_string(), key.to_string());
+        let (expires_at, now) = (sql_ms(expires_at), sql_ms(now));
+        // (The writer runs one write at a time: the check and the write are one step.)
+        self.write_lazy(move |conn| {
+            let changed = match &expected {
+                None => conn
+                    .prepare_cached(
+                        "INSERT INTO plugin_state (plugin, key, value, expires_at)
+                         VALUES (?1, ?2, ?3, ?4) ON CONFLICT (plugin, key)
+                         DO UPDATE SET value = ?3, expires_at = ?4 WHERE expires_at <= ?5",
+                    )?
+                    .execute(params![plugin, key, value, expires_at, now])?,
+                Some(expected) => conn
+                    .prepare_cached(
+                        "UPDATE plugin_state SET value = ?3, expires_at = ?4
+                         WHERE plugin = ?1 AND key = ?2 AND value = ?6 AND expires_at > ?5",
+                    )?
+                    .execute(params![plugin, key, value, expires_at, now, expected])?,
+            };
+            Ok(changed == 1)
+        })
+        .await
+    }
+
     async fn state_list(
         &self,
         plugin: &str,

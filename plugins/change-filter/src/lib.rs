@@ -19,12 +19,16 @@
 //! ```
 //!
 //! Events are delivered at least once: an event processed again (a replay) finds its own
-//! values remembered and is dropped as unchanged.
+//! values remembered and is dropped as unchanged. Events of one thing handled at once are
+//! told apart by `state::swap`: only one of two identical ones passes.
 
 use serde_json::Value;
 use switchyard_plugin::*;
 
 struct ChangeFilter;
+
+/// How many times a value changed by another event meanwhile is read again.
+const SWAPS: usize = 10;
 
 impl Plugin for ChangeFilter {
     fn handle(event: Event) -> Result<Verdict, PluginError> {
@@ -61,18 +65,26 @@ impl Plugin for ChangeFilter {
         let now = Value::Array(now).to_string();
         let scope = config("scope").unwrap_or_default();
         let remembered = format!("{scope}{key}={id}");
-        let before = state::get(&remembered);
-        if before.as_deref() == Some(now.as_str()) {
-            return Ok(Verdict::Drop(format!(
-                "{key} {id}: {} unchanged ({now})",
-                fields.join(",")
-            )));
+        // What was read is replaced only if it is still there (`swap`): of two events of
+        // one SIM handled at once, one passes and the other, reading again, is a repeat.
+        for _ in 0..SWAPS {
+            let before = state::get(&remembered);
+            if before.as_deref() == Some(now.as_str()) {
+                return Ok(Verdict::Drop(format!(
+                    "{key} {id}: {} unchanged ({now})",
+                    fields.join(",")
+                )));
+            }
+            if state::swap(&remembered, before.as_deref(), &now, ttl).map_err(PluginError::Other)? {
+                return Ok(Verdict::Continue(Update {
+                    metadata: vec![("previous".into(), before.unwrap_or_else(|| "[]".into()))],
+                    ..Update::default()
+                }));
+            }
         }
-        state::set(&remembered, &now, ttl).map_err(PluginError::Other)?;
-        Ok(Verdict::Continue(Update {
-            metadata: vec![("previous".into(), before.unwrap_or_else(|| "[]".into()))],
-            ..Update::default()
-        }))
+        Err(PluginError::Other(format!(
+            "{key} {id}: its values changed under every one of {SWAPS} tries"
+        )))
     }
 }
 

@@ -32,7 +32,7 @@ wit_bindgen::generate!({
 pub use exports::switchyard::plugin::handler::Guest as Plugin;
 pub use switchyard::plugin::host::{LogLevel, log};
 /// What the plugin keeps from one event to the next (`state::get`, `state::set`,
-/// `state::remove`): text by key, in the gateway's store, each value expiring. Needs a
+/// `state::swap`, `state::remove`): text by key, in the gateway's store, each value expiring. Needs a
 /// gateway of `switchyard:plugin@0.1.2`.
 pub use switchyard::plugin::state;
 pub use switchyard::plugin::types::{Delivery, Event, PluginError, Update, Verdict};
