@@ -118,6 +118,22 @@ async fn a_plugin_remembers_between_events_and_restarts() {
         .send("DELETE", "/v1/plugins/change-filter/state", None)
         .await;
     assert_eq!(status, 400, "no key: {answer}");
+    let (status, answer) = gw
+        .send(
+            "DELETE",
+            "/v1/plugins/change-filter/state?key=k&prefix=p",
+            None,
+        )
+        .await;
+    assert_eq!(status, 400, "both: {answer}");
+    let (status, answer) = gw
+        .send(
+            "DELETE",
+            "/v1/plugins/change-filter/state?prefix=%2Fimei",
+            None,
+        )
+        .await;
+    assert_eq!((status, answer), (200, json!({ "removed": 0 })));
     assert_eq!(
         route_result(&gw, location(b, "238")).await["result"],
         "delivering"
@@ -136,6 +152,16 @@ async fn a_plugin_remembers_between_events_and_restarts() {
     );
     assert_eq!(
         route_result(&gw, location(a, "238")).await["result"],
+        "delivering"
+    );
+
+    // Forgotten all at once (an empty prefix): every SIM's next event passes.
+    let (status, answer) = gw
+        .send("DELETE", "/v1/plugins/change-filter/state?prefix=", None)
+        .await;
+    assert_eq!((status, answer), (200, json!({ "removed": 2 })));
+    assert_eq!(
+        route_result(&gw, location(b, "238")).await["result"],
         "delivering"
     );
 }

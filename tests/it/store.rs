@@ -1789,6 +1789,26 @@ async fn plugin_values_are_kept_by_plugin_and_key(store: Arc<dyn Store>) {
         .unwrap();
     let entry = store.state_list("a", "new", "", 1, 5_000).await.unwrap();
     assert_eq!(entry[0].expires_at, 65_000, "60 s from the clock's 5 s");
+
+    // Removed by prefix, a batch at a time, one plugin's only.
+    put("b", "user:1", "b's", 90_000).await;
+    assert_eq!(store.state_remove_prefix("a", "user:", 2).await.unwrap(), 2);
+    assert_eq!(
+        store.state_remove_prefix("a", "user:", 10).await.unwrap(),
+        2,
+        "user:3, user:é"
+    );
+    assert_eq!(list("user", "", 10).await, ["user"]);
+    let left = store.state_list("a", "", "", 100, 0).await.unwrap().len();
+    assert_eq!(store.state_remove_prefix("a", "", 100).await.unwrap(), left);
+    assert!(
+        store
+            .state_list("a", "", "", 100, 0)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(get("b", "user:1", 5_000).await.as_deref(), Some("b's"));
 }
 
 #[tokio::test(flavor = "multi_thread")]

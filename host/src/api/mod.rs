@@ -1044,36 +1044,73 @@ async fn list_plugin_state(
 #[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
-struct PluginStateKey {
+struct PluginStateKeys {
     /// The key whose value goes.
-    key: String,
+    key: Option<String>,
+    /// Instead of `key`: every key that starts with this (all of the plugin's for an empty
+    /// one).
+    prefix: Option<String>,
 }
 
-/// Deletes one value a plugin keeps (the plugin finds nothing under the key from then on):
-/// what `change-filter` remembers of a SIM, say.
+/// How many values `DELETE /v1/plugins/{name}/state?prefix=` removed.
+#[derive(Serialize, ToSchema)]
+struct RemovedValues {
+    removed: usize,
+}
+
+/// How many values one transaction of a removal by prefix deletes.
+const REMOVE_BATCH: usize = 500;
+
+/// Removes values a plugin keeps (it finds nothing under their keys from then on): one by
+/// `key` — what `change-filter` remembers of a SIM, say — answered `204`, or every one
+/// whose key starts with `prefix` (all of them for `prefix=`: the plugin starts afresh),
+/// a batch per transaction, answered with how many.
 #[utoipa::path(delete, path = "/v1/plugins/{name}/state", tag = "plugins",
-    params(("name" = String, Path, description = "The plugin's name"), PluginStateKey),
+    params(("name" = String, Path, description = "The plugin's name"), PluginStateKeys),
     responses(
-        (status = 204, description = "Deleted"),
-        (status = 400, description = "No `key`", body = ErrorBody),
+        (status = 200, description = "Removed by prefix: how many", body = RemovedValues),
+        (status = 204, description = "The key's value removed"),
+        (status = 400, description = "Neither `key` nor `prefix`, or both", body = ErrorBody),
         (status = 404, description = "The plugin keeps no value under that key", body = ErrorBody),
     ))]
 async fn delete_plugin_state(
     State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
-    query: Result<Query<PluginStateKey>, axum::extract::rejection::QueryRejection>,
-) -> Result<StatusCode, ApiError> {
+    query: Result<Query<PluginStateKeys>, axum::extract::rejection::QueryRejection>,
+) -> Result<axum::response::Response, ApiError> {
     let Query(q) = query?;
-    let now = state.dispatcher.now_ms();
-    if state.store.state_get(&name, &q.key, now).await?.is_none() {
-        return Err(ApiError::NotFound(format!(
-            "plugin `{name}` keeps no value under `{}`",
-            q.key
-        )));
+    match (q.key, q.prefix) {
+        (Some(key), None) => {
+            let now = state.dispatcher.now_ms();
+            if state.store.state_get(&name, &key, now).await?.is_none() {
+                return Err(ApiError::NotFound(format!(
+                    "plugin `{name}` keeps no value under `{key}`"
+                )));
+            }
+            state.store.state_put(&name, &key, None, 0).await?;
+            tracing::info!(plugin = %name, key = %key, "Plugin value removed by hand.");
+            Ok(StatusCode::NO_CONTENT.into_response())
+        }
+        (None, Some(prefix)) => {
+            let mut removed = 0;
+            loop {
+                let n = (state.store)
+                    .state_remove_prefix(&name, &prefix, REMOVE_BATCH)
+                    .await?;
+                removed += n;
+                if n < REMOVE_BATCH {
+                    break;
+                }
+            }
+            tracing::info!(plugin = %name, prefix = %prefix, removed, "Plugin values removed by hand.");
+            Ok(Json(RemovedValues { removed }).into_response())
+        }
+        _ => Err(ApiError::BadRequest(
+            "name what to remove: `key` (one value) or `prefix` (every key that starts with it; \
+             empty for all)"
+                .into(),
+        )),
     }
-    state.store.state_put(&name, &q.key, None, 0).await?;
-    tracing::info!(plugin = %name, key = %q.key, "Plugin value deleted by hand.");
-    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Every plugin the last reload saw: the serving version, its status (ok, error with the

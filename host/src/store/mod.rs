@@ -344,6 +344,15 @@ pub trait Store: Send + Sync + 'static {
         now: u64,
     ) -> Result<Vec<StateEntry>, StoreError>;
 
+    /// Deletes up to `limit` of `plugin`'s values whose key starts with `prefix` (all of
+    /// them for an empty one), by key; returns how many.
+    async fn state_remove_prefix(
+        &self,
+        plugin: &str,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<usize, StoreError>;
+
     /// Deletes up to `limit` plugin values expired by `now`; returns how many.
     async fn purge_state(&self, now: u64, limit: usize) -> Result<usize, StoreError>;
 

@@ -2177,6 +2177,26 @@ impl Store for PgStore {
             .collect())
     }
 
+    async fn state_remove_prefix(
+        &self,
+        plugin: &str,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<usize, StoreError> {
+        let end = prefix_end(prefix);
+        let client = self.pool.get().await?;
+        let n = client
+            .execute(
+                "DELETE FROM plugin_state WHERE plugin = $1 AND key IN (SELECT key FROM plugin_state
+                     WHERE plugin = $1 AND key >= $2 AND ($3::TEXT IS NULL OR key < $3::TEXT)
+                       AND starts_with(key, $2)
+                     ORDER BY key LIMIT $4)",
+                &[&plugin, &prefix, &end, &(limit as i64)],
+            )
+            .await?;
+        Ok(n as usize)
+    }
+
     async fn purge_state(&self, now: u64, limit: usize) -> Result<usize, StoreError> {
         let client = self.pool.get().await?;
         let n = client

@@ -1829,6 +1829,26 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn state_remove_prefix(
+        &self,
+        plugin: &str,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<usize, StoreError> {
+        let (plugin, prefix) = (plugin.to_string(), prefix.to_string());
+        let end = prefix_end(&prefix);
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "DELETE FROM plugin_state WHERE plugin = ?1 AND key IN (SELECT key FROM plugin_state
+                     WHERE plugin = ?1 AND key >= ?2 AND (?3 IS NULL OR key < ?3)
+                       AND substr(key, 1, length(?2)) = ?2
+                     ORDER BY key LIMIT ?4)",
+            )?
+            .execute(params![plugin, prefix, end, limit as i64])
+        })
+        .await
+    }
+
     async fn purge_state(&self, now: u64, limit: usize) -> Result<usize, StoreError> {
         let now = sql_ms(now);
         self.write(move |conn| {
