@@ -165,13 +165,16 @@ impl DryRunner {
         })
     }
 
-    /// A payload posted to `source` with `headers` and `query`, through the routes.
+    /// A payload posted to `source` with `headers` and `query`, through the routes; the
+    /// plugins find the values of `state` kept (and nothing else: with no store, each run
+    /// starts from these).
     pub async fn run(
         &self,
         source: &str,
         headers: &axum::http::HeaderMap,
         query: Option<&str>,
         body: bytes::Bytes,
+        state: &plugin::StateSeed,
     ) -> anyhow::Result<api::DryRun> {
         let Some(config) = self.routing.source(source) else {
             anyhow::bail!("no source named `{source}` in the config");
@@ -191,7 +194,7 @@ impl DryRunner {
             return Ok(answer);
         }
         // Each run's values its own, in memory: with no store, none outlast the run.
-        let states = plugin::PluginStates::memory();
+        let states = plugin::PluginStates::memory_with(state);
         let (routes, deliveries) = pipeline::decide(
             &self.routing,
             &self.plugins,

@@ -135,10 +135,15 @@ enum Command {
         expect: Option<PathBuf>,
         /// A directory of golden cases, each a `*.json` file: `{"source": …, "event": <the
         /// payload as JSON> or "event_file": <a file, relative to the case>, "headers":
-        /// {…}, "query": "…", "expect": <what the answer must hold, as --expect>}`. Prints
-        /// each case's result; exit 1 if any fails.
-        #[arg(long, conflicts_with_all = ["source", "event", "headers", "query", "expect"])]
+        /// {…}, "query": "…", "state": {…, as --state}, "expect": <what the answer must
+        /// hold, as --expect>}`. Prints each case's result; exit 1 if any fails.
+        #[arg(long, conflicts_with_all = ["source", "event", "headers", "query", "expect", "state"])]
         cases: Option<PathBuf>,
+        /// A JSON file of values the plugins keep between events, as they would find them:
+        /// `{"change-filter": {"/iccid=8945…": "[\"238\",\"01\"]"}}` (by plugin, by key).
+        /// Without it they find none: with no store, nothing outlasts a run.
+        #[arg(long)]
+        state: Option<PathBuf>,
     },
 }
 
@@ -173,6 +178,10 @@ enum PluginCommand {
         /// config: its name and its .csv or .json file. Repeatable.
         #[arg(long = "table", value_name = "NAME=FILE", value_parser = parse_pair)]
         tables: Vec<(String, String)>,
+        /// A JSON file of values the plugin keeps between events (`state`), as it would find
+        /// them: `{"/iccid=8945…": "[\"238\",\"01\"]"}` (by key). Without it, none.
+        #[arg(long)]
+        state: Option<PathBuf>,
         /// A JSON file with the expected output: exit 1, showing both, if it differs.
         #[arg(long)]
         expect: Option<PathBuf>,
@@ -228,6 +237,17 @@ async fn check_config(path: &std::path::Path, config: &Config) -> anyhow::Result
 }
 
 /// The JSON file of an `--expect`.
+/// A JSON file as `T`; the error names the option and what it takes.
+fn read_json<T: serde::de::DeserializeOwned>(
+    path: &std::path::Path,
+    option: &str,
+    takes: &str,
+) -> anyhow::Result<T> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{option} {}: not {takes}", path.display()))
+}
+
 fn read_expected(path: &std::path::Path) -> anyhow::Result<serde_json::Value> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
@@ -407,6 +427,8 @@ struct Case {
     #[serde(default)]
     headers: std::collections::BTreeMap<String, String>,
     query: Option<String>,
+    #[serde(default)]
+    state: switchyard::plugin::StateSeed,
     expect: serde_json::Value,
 }
 
@@ -477,7 +499,8 @@ async fn run_case(
     };
     let headers: Vec<(String, String)> = case.headers.into_iter().collect();
     let map = header_map(&headers)?;
-    let answer = (runner.run(&case.source, &map, case.query.as_deref(), body.into())).await?;
+    let query = case.query.as_deref();
+    let answer = (runner.run(&case.source, &map, query, body.into(), &case.state)).await?;
     let answer = serde_json::to_value(&answer)?;
     Ok(switchyard::api::DryRun::differences(&case.expect, &answer))
 }
@@ -596,6 +619,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             query,
             expect,
             cases,
+            state,
         } => {
             let env = |name: &str| std::env::var(name).ok();
             let config = Config::load(&config, &env)?;
@@ -608,8 +632,16 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             };
             let body = read_payload(&event)?;
             let map = header_map(&headers)?;
+            let state: switchyard::plugin::StateSeed = match &state {
+                Some(path) => read_json(
+                    path,
+                    "--state",
+                    "an object of plugins, each an object of keys and their text values",
+                )?,
+                None => Default::default(),
+            };
             let answer = runner
-                .run(&source, &map, query.as_deref(), body.into())
+                .run(&source, &map, query.as_deref(), body.into(), &state)
                 .await?;
             let answer = serde_json::to_value(&answer)?;
             println!("{}", serde_json::to_string_pretty(&answer)?);
@@ -668,6 +700,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                     content_type,
                     metadata,
                     tables,
+                    state,
                     expect,
                 },
         } => {
@@ -683,6 +716,14 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 .unwrap_or("plugin")
                 .to_string();
             let plugin = runtime.load_file(&name, &file)?;
+            let state = match &state {
+                Some(path) => {
+                    let keys =
+                        read_json(path, "--state", "an object of keys and their text values")?;
+                    switchyard::plugin::StateSeed::from([(name.clone(), keys)])
+                }
+                None => Default::default(),
+            };
             let body = std::fs::read(&event)
                 .with_context(|| format!("cannot read {}", event.display()))?;
             let event = Event {
@@ -704,7 +745,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                     CallInput {
                         config: Arc::from(config),
                         tables: Arc::new(tables),
-                        state: Default::default(),
+                        state: switchyard::plugin::PluginStates::memory_with(&state),
                     },
                     CallLimits::default(),
                     InstanceMode::Fresh,

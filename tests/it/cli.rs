@@ -148,6 +148,48 @@ fn plugin_run_prints_the_verdict_as_json() {
 /// body passes every `/pointer` condition — one of, none of, compared, present, absent —
 /// and drops the rest naming the first reason; a condition it cannot read is an
 /// `invalid-config` error naming it.
+/// `plugin run --state FILE`: the values the plugin keeps between events, as it finds them
+/// (none without it); a file of another shape is named with what it takes.
+#[test]
+fn plugin_run_starts_from_the_state_it_is_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let event = xtask::workspace_root().join("examples/events/onomondo-location.json");
+    let plugin = guest("change-filter");
+    let state = dir.path().join("state.json");
+    let run_with = |extra: &[&str]| {
+        let args = [
+            "plugin",
+            "run",
+            path(&plugin),
+            "--event",
+            path(&event),
+            "--config",
+            "key=/iccid",
+            "--config",
+            "fields=/network/mcc",
+        ];
+        run(&[&args[..], extra].concat())
+    };
+    let (ok, out, err) = run_with(&[]);
+    assert!(ok, "{out}{err}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).unwrap()["verdict"],
+        "continue"
+    );
+    std::fs::write(&state, r#"{"/iccid=8945738730000000012": "[\"238\"]"}"#).unwrap();
+    let (ok, out, err) = run_with(&["--state", path(&state)]);
+    assert!(ok, "{out}{err}");
+    let verdict: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(verdict["verdict"], "drop", "{verdict}");
+    std::fs::write(&state, "[1]").unwrap();
+    let (ok, _, err) = run_with(&["--state", path(&state)]);
+    assert!(!ok);
+    assert!(
+        err.contains("not an object of keys and their text values"),
+        "{err}"
+    );
+}
+
 #[test]
 fn event_filter_keeps_what_passes_its_conditions() {
     let dir = tempfile::tempdir().unwrap();
@@ -603,7 +645,13 @@ fn dry_run_cases_check_a_directory_of_golden_cases() {
         path(&cases),
     ]);
     assert!(ok, "{out}{err}");
-    assert!(out.ends_with("3 cases: 3 passed, 0 failed\n"), "{out}");
+    assert!(out.ends_with("4 cases: 4 passed, 0 failed\n"), "{out}");
+    // A case's `state`: the values the plugins find (change-filter knows the SIM's network).
+    let known = "onomondo-location-on-a-known-network-is-not-roaming.json";
+    assert!(
+        out.contains(&format!("ok    {}", cases.join(known).display())),
+        "{out}"
+    );
     assert!(
         out.contains(&format!(
             "ok    {}",
@@ -635,6 +683,12 @@ fn dry_run_cases_check_a_directory_of_golden_cases() {
     .unwrap();
     let nowhere = serde_json::json!({ "source": "nope", "event": {}, "expect": {}, "headers": { "x-a": "b" } });
     std::fs::write(mine.join("d-nowhere.json"), nowhere.to_string()).unwrap();
+    // The known-network case without its state: the roaming route passes the event.
+    let known = std::fs::read_to_string(cases.join(known)).unwrap();
+    let mut forgotten: Value = serde_json::from_str(&known).unwrap();
+    forgotten["event_file"] = "../events/onomondo-location.json".into();
+    forgotten.as_object_mut().unwrap().remove("state");
+    std::fs::write(mine.join("e-forgotten.json"), forgotten.to_string()).unwrap();
     std::fs::write(mine.join("notes.txt"), "not a case").unwrap();
     let (ok, out, err) = run(&["dry-run", "--config", path(&config), "--cases", path(&mine)]);
     assert!(!ok, "{out}{err}");
@@ -650,7 +704,11 @@ fn dry_run_cases_check_a_directory_of_golden_cases() {
             "  - a case has one of `event` and `event_file`".to_string(),
             format!("FAIL  {}", name("d-nowhere.json")),
             "  - no source named `nope` in the config".to_string(),
-            "4 cases: 1 passed, 3 failed".to_string(),
+            format!("FAIL  {}", name("e-forgotten.json")),
+            r#"  - routes[1].result.result: "delivering", expected "dropped""#.to_string(),
+            r#"  - routes[1].result.plugin: missing, expected "change-filter""#.to_string(),
+            r#"  - routes[1].result.reason: missing, expected "/iccid 8945738730000000012: /network/mcc,/network/mnc unchanged ([\"238\",\"01\"])""#.to_string(),
+            "5 cases: 1 passed, 4 failed".to_string(),
         ]
     );
     // Cases are all or nothing: no --source beside them; an empty directory is an error.

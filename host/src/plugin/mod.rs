@@ -26,7 +26,7 @@ pub use bindings::{HANDLER_EXPORT, HOST_IMPORT, WIT_PACKAGE};
 pub use check::{CheckReport, check_component};
 pub use convert::{PluginDelivery, PluginUpdate, PluginVerdict};
 pub use registry::{PluginMap, PluginRegistry, PluginStatus};
-pub use state::{MAX_KEY_BYTES, PluginStates, StateLimits};
+pub use state::{MAX_KEY_BYTES, PluginStates, Seed as StateSeed, StateLimits};
 
 use bindings::{Plugin, PluginPre};
 use host_impl::PluginState;

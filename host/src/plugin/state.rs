@@ -45,6 +45,10 @@ impl From<&crate::config::PluginsConfig> for StateLimits {
     }
 }
 
+/// Values to start a run with no store from: by plugin, by key (as JSON, an object of
+/// objects of strings).
+pub type Seed = std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>;
+
 /// Values by plugin and key, each with when it expires (ms); a dry run's overlay holds
 /// `None` for a key it deleted.
 type Values<V> = Arc<Mutex<HashMap<(String, String), V>>>;
@@ -90,6 +94,24 @@ impl PluginStates {
             clock: Arc::new(SystemClock),
             limits: StateLimits::default(),
         }
+    }
+
+    /// Values in memory only, starting with these: each plugin's keys and their values
+    /// (`switchyard dry-run --state`, a golden case's `state`, `plugin run --state`),
+    /// kept as long as values are kept by default.
+    pub fn memory_with(values: &Seed) -> Self {
+        let states = Self::memory();
+        let expires =
+            (states.clock.now_ms()).saturating_add(StateLimits::default().ttl.as_millis() as u64);
+        if let Backend::Memory(map) = &states.backend {
+            let mut map = lock(map);
+            for (plugin, keys) in values {
+                for (key, value) in keys {
+                    map.insert((plugin.clone(), key.clone()), (value.clone(), expires));
+                }
+            }
+        }
+        states
     }
 
     /// The same values under other limits (the config in force).
