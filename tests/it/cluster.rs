@@ -1286,3 +1286,60 @@ fn server_port(url: &str) -> u16 {
         .parse()
         .unwrap()
 }
+
+/// What plugins keep between events is the database's: two instances running
+/// `change-filter` on one database see each other's values, and of identical events sent
+/// through both at once exactly one passes (`swap`, decided by PostgreSQL's row lock).
+#[tokio::test(flavor = "multi_thread")]
+async fn instances_share_what_plugins_keep() {
+    let Some(server) = PgServer::start() else {
+        return;
+    };
+    let db = server.database("shared_state");
+    let rx = Receiver::start().await;
+    let config = format!(
+        r#"
+[store]
+url = "{db}"
+[[sources]]
+name = "s"
+[[destinations]]
+name = "d"
+url = "{{receiver}}/d"
+[[routes]]
+source = "s"
+plugins = [{{ name = "change-filter", config = {{ key = "/iccid", fields = "/mcc" }} }}]
+destinations = ["d"]
+"#
+    );
+    let a = TestGateway::start(&config, &rx, &["change-filter"]).await;
+    let b = TestGateway::start(&config, &rx, &["change-filter"]).await;
+    let event = |mcc: &str| json!({ "iccid": "8945", "mcc": mcc }).to_string();
+    let (through_a, through_b) = tokio::join!(
+        futures_util::future::join_all((0..12).map(|_| a.accept("s", event("238")))),
+        futures_util::future::join_all((0..12).map(|_| b.accept("s", event("238")))),
+    );
+    let mut passed = 0;
+    for (gw, ids) in [(&a, through_a), (&b, through_b)] {
+        for id in ids {
+            let e = gw.settled(&id).await;
+            passed += usize::from(e["routes"][0]["result"]["result"] == "delivering");
+        }
+    }
+    assert_eq!(
+        passed, 1,
+        "one of 24 identical events through two instances"
+    );
+    // A change through one instance is known to the other.
+    let changed = b.accept("s", event("240")).await;
+    assert_eq!(
+        b.settled(&changed).await["routes"][0]["result"]["result"],
+        "delivering"
+    );
+    let again = a.accept("s", event("240")).await;
+    assert_eq!(
+        a.settled(&again).await["routes"][0]["result"]["result"],
+        "dropped"
+    );
+    assert_eq!(rx.wait_for(2).await.len(), 2);
+}
