@@ -39,8 +39,16 @@ async fn route_result(gw: &TestGateway, body: String) -> Value {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_plugin_remembers_between_events_and_restarts() {
     let rx = Receiver::start().await;
-    let gw = TestGateway::start(ROAMING, &rx, &["change-filter"]).await;
+    let gw = TestGateway::start(ROAMING, &rx, &["change-filter", "event-filter"]).await;
     let (a, b) = ("8945738730000000012", "8945738730000000099");
+    // The plugins list tells which plugins keep state (import `state`).
+    let (_, plugins) = gw.get("/v1/plugins").await;
+    let stateful = |name: &str| {
+        let items = plugins["items"].as_array().unwrap();
+        items.iter().find(|p| p["name"] == name).unwrap()["stateful"].clone()
+    };
+    assert_eq!(stateful("change-filter"), true, "{plugins}");
+    assert_eq!(stateful("event-filter"), false, "{plugins}");
 
     assert_eq!(
         route_result(&gw, location(a, "238")).await["result"],

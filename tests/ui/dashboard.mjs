@@ -197,7 +197,10 @@ try {
   await plugin.getByText('µs').waitFor();
   // The lookup tables plugins read, with their rows.
   await page.locator('#tables tr[data-name="sims"]').getByText('1', { exact: true }).waitFor();
-  // The values a plugin keeps between events: change-filter's SIM, forgotten by hand.
+  // The values a plugin keeps between events: change-filter's SIM, forgotten by hand (only
+  // plugins that keep state are offered).
+  await page.locator('#plugins tr[data-name="change-filter"]').getByText('keeps state').waitFor();
+  if (await page.locator('#state-plugin option[value="event-filter"]').count() !== 0) throw new Error('event-filter keeps no state');
   await page.locator('#state-plugin').selectOption('change-filter');
   const kept = page.locator('#state tr[data-key="/iccid=8945738730000000012"]');
   await kept.getByText('["238"]').waitFor();

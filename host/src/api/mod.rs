@@ -1144,6 +1144,7 @@ async fn list_plugins(State(state): State<Arc<AppState>>) -> Json<serde_json::Va
                         "mean_call_us": mean_call_us,
                         "sha256": p.sha256(),
                         "from_cache": p.from_cache(),
+                        "stateful": p.stateful(),
                         "degraded": p.degraded(),
                         "consecutive_failures": p.consecutive_failures(),
                         "default_instance": p.default_mode(),

@@ -255,7 +255,10 @@ impl PluginRuntime {
             }
         };
         let pre = self.link(&component)?;
+        let stateful = (component.component_type().imports(&self.engine))
+            .any(|(import, _)| import.starts_with("switchyard:plugin/state@"));
         Ok(LoadedPlugin {
+            stateful,
             name: name.into(),
             sha256,
             size: bytes.len(),
@@ -378,9 +381,16 @@ pub struct LoadedPlugin {
     calls: AtomicU64,
     call_micros: AtomicU64,
     from_cache: bool,
+    /// Whether it imports `state` (keeps values between events).
+    stateful: bool,
 }
 
 impl LoadedPlugin {
+    /// Whether the plugin imports the `state` interface: it may keep values between events.
+    pub fn stateful(&self) -> bool {
+        self.stateful
+    }
+
     /// Whether the compiled code came from the cache (no compilation).
     pub fn from_cache(&self) -> bool {
         self.from_cache

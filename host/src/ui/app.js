@@ -518,12 +518,15 @@ async function pluginsPage() {
       h('thead', {}, h('tr', {}, h('th', {}, 'Name'), h('th', {}, 'Status'), h('th', {}, 'Version'), h('th', { class: 'hide-narrow' }, 'Loaded'),
         h('th', { class: 'num' }, 'Calls'), h('th', { class: 'num' }, 'Mean call'), h('th', {}, 'Routes'), h('th', { class: 'hide-narrow' }, 'Last error'))),
       h('tbody', {}, list.items.map((p) => h('tr', { 'data-name': p.name },
-        h('td', {}, p.name, p.degraded ? h('span', { class: 'badge error' }, 'degraded') : null),
+        h('td', {}, p.name, p.degraded ? h('span', { class: 'badge error' }, 'degraded') : null,
+          p.stateful ? h('span', { class: 'badge', title: 'Keeps values between events (state)' }, 'keeps state') : null),
         h('td', {}, badge(p.status)), h('td', { class: 'mono', title: p.sha256 || '' }, short(p.sha256)),
         h('td', { class: 'hide-narrow' }, p.loaded_at ? time(p.loaded_at) : ''),
         h('td', { class: 'num' }, p.calls ?? ''), h('td', { class: 'num' }, p.mean_call_us !== undefined ? `${p.mean_call_us} µs` : ''),
         h('td', {}, (p.routes || []).join(', ')), h('td', { class: 'hide-narrow error' }, p.last_error || ''))))));
-    stateBox.replaceChildren(...keptValues(list.items.map((p) => p.name)));
+    // (Only plugins that import `state` keep values; the section is left out without one.)
+    const stateful = list.items.filter((p) => p.stateful).map((p) => p.name);
+    stateBox.replaceChildren(...(stateful.length ? keptValues(stateful) : []));
   } catch (e) { failed(e); }
 }
 
