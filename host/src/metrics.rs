@@ -34,6 +34,14 @@ pub const PLUGIN_OUTCOMES: [&str; 7] = [
 ];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginStateLabels {
+    pub plugin: String,
+    /// `get`, `set`, `swap`, `swap_lost` (the key held something else), `remove`, `refused`
+    /// (a key or value over the limits).
+    pub operation: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
     pub route: String,
     /// `delivering`, `dropped`, `failed` (dead-lettered or dropped by `on_error`: see the
@@ -102,6 +110,8 @@ pub struct Metrics {
     pub oauth2_tokens: Family<DestinationLabels, Counter>,
     /// Test messages (by hand, a restart's, `restart_after`'s), by destination and outcome.
     pub tests: Family<DestinationLabels, Counter>,
+    /// Plugins' uses of `state`, by plugin and operation.
+    pub plugin_state: Family<PluginStateLabels, Counter>,
     pub reloads: Family<ResultLabels, Counter>,
     pub queue_depth: Gauge,
     pub store_unanswered_seconds: Gauge,
@@ -121,6 +131,7 @@ pub struct Metrics {
     /// `forget_removed`): written when a series is made, not per event.
     event_series: Mutex<HashSet<EventLabels>>,
     route_series: Mutex<HashSet<RouteLabels>>,
+    plugin_state_series: Mutex<HashSet<PluginStateLabels>>,
     /// The requests to each source refused lately.
     pub refusals: crate::ingest::Refusals,
 }
@@ -206,6 +217,12 @@ impl Default for Metrics {
             "Test messages sent to a destination (by hand, before a restart, or by restart_after), by outcome (passed, failed)",
             tests.clone(),
         );
+        let plugin_state = Family::<PluginStateLabels, Counter>::default();
+        registry.register(
+            "plugin_state_operations",
+            "Plugins' uses of the values they keep between events (state), by plugin and operation (get, set, swap, swap_lost, remove, refused)",
+            plugin_state.clone(),
+        );
         let reloads = Family::<ResultLabels, Counter>::default();
         registry.register("reloads", "Reloads, by result (ok, error)", reloads.clone());
         let queue_depth = Gauge::default();
@@ -258,6 +275,7 @@ impl Default for Metrics {
             deferred,
             oauth2_tokens,
             tests,
+            plugin_state,
             reloads,
             queue_depth,
             store_unanswered_seconds,
@@ -271,6 +289,7 @@ impl Default for Metrics {
             retired: Mutex::default(),
             event_series: Mutex::default(),
             route_series: Mutex::default(),
+            plugin_state_series: Mutex::default(),
             refusals: Default::default(),
         }
     }
@@ -360,6 +379,27 @@ impl Metrics {
             self.last_accepted.remove(&only);
         }
         self.refusals.retain(kept);
+    }
+
+    /// Counts one use of `state` by a plugin.
+    pub fn plugin_state(&self, plugin: &str, operation: &str) {
+        let labels = PluginStateLabels {
+            plugin: plugin.to_string(),
+            operation: operation.to_string(),
+        };
+        count_tracked(&self.plugin_state, &self.plugin_state_series, labels);
+    }
+
+    /// Drops the `plugin_state_operations` series of plugins `has_plugin` says are gone. At
+    /// each scrape (a lookup per plugin with series).
+    pub fn forget_removed_plugins(&self, has_plugin: impl Fn(&str) -> bool) {
+        lock(&self.plugin_state_series).retain(|labels| {
+            let keep = has_plugin(&labels.plugin);
+            if !keep {
+                self.plugin_state.remove(labels);
+            }
+            keep
+        });
     }
 
     /// Drops the `route_outcomes` series of routes `config` no longer has. At each scrape

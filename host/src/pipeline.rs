@@ -458,7 +458,7 @@ impl Pipeline {
     ) -> Arc<Self> {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         Arc::new(Self {
-            states: PluginStates::store(store.clone(), clock),
+            states: PluginStates::store(store.clone(), clock).counted(metrics.clone()),
             store,
             metrics,
             cpu: Arc::new(tokio::sync::Semaphore::new(cores * 2)),

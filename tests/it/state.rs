@@ -73,6 +73,15 @@ async fn a_plugin_remembers_between_events_and_restarts() {
     assert_eq!(sent[0].header("x-previous"), Some("[]"));
     assert_eq!(sent[2].header("x-previous"), Some(r#"["238","01"]"#));
 
+    // Each use is counted, by plugin and operation (a dry run's, below, are not).
+    let metrics = gw.metrics().await;
+    for line in [
+        r#"switchyard_plugin_state_operations_total{plugin="change-filter",operation="get"} 4"#,
+        r#"switchyard_plugin_state_operations_total{plugin="change-filter",operation="swap"} 3"#,
+    ] {
+        assert!(metrics.contains(line), "{line} in:\n{metrics}");
+    }
+
     // A dry run reads what is remembered, and changes none of it.
     let (status, run) = gw
         .send(
@@ -91,6 +100,14 @@ async fn a_plugin_remembers_between_events_and_restarts() {
         )
         .await;
     assert_eq!(run["routes"][0]["result"]["result"], "dropped", "{run}");
+
+    let metrics = gw.metrics().await;
+    let gets =
+        r#"switchyard_plugin_state_operations_total{plugin="change-filter",operation="get"} 4"#;
+    assert!(
+        metrics.contains(gets),
+        "dry runs are not counted:\n{metrics}"
+    );
 
     // The API lists the values by key (prefix, pages) and deletes one.
     let (status, page) = gw.get("/v1/plugins/change-filter/state").await;

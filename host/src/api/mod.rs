@@ -438,6 +438,8 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let routing = state.pipeline.routing();
     m.forget_removed_sources(|s| routing.has_source(s));
     m.forget_removed_routes(&config);
+    let plugins = state.pipeline.plugins().snapshot();
+    m.forget_removed_plugins(|p| plugins.contains_key(p));
     m.set_certificate_expiries(config.certificates(&state.dispatcher.certificates()));
     (
         [(

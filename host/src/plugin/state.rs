@@ -68,6 +68,9 @@ pub struct PluginStates {
     backend: Backend,
     clock: Arc<dyn Clock>,
     limits: StateLimits,
+    /// Where the gateway's own calls count their uses (`None`: dry runs, runs with no
+    /// store).
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl Default for PluginStates {
@@ -84,6 +87,15 @@ impl PluginStates {
             backend: Backend::Store(store),
             clock,
             limits: StateLimits::default(),
+            metrics: None,
+        }
+    }
+
+    /// The same values, each use counted in `metrics` (`plugin_state_operations`).
+    pub fn counted(self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        Self {
+            metrics: Some(metrics),
+            ..self
         }
     }
 
@@ -93,6 +105,7 @@ impl PluginStates {
             backend: Backend::Memory(Values::default()),
             clock: Arc::new(SystemClock),
             limits: StateLimits::default(),
+            metrics: None,
         }
     }
 
@@ -132,12 +145,20 @@ impl PluginStates {
         };
         Self {
             backend,
+            metrics: None,
             ..self.clone()
+        }
+    }
+
+    fn count(&self, plugin: &str, operation: &str) {
+        if let Some(metrics) = &self.metrics {
+            metrics.plugin_state(plugin, operation);
         }
     }
 
     /// `plugin`'s value under `key`, unless it expired.
     pub async fn get(&self, plugin: &str, key: &str) -> Result<Option<String>, StoreError> {
+        self.count(plugin, "get");
         let now = self.clock.now_ms();
         let entry = (plugin.to_string(), key.to_string());
         match &self.backend {
@@ -168,8 +189,12 @@ impl PluginStates {
     ) -> Result<Result<(), String>, StoreError> {
         let expires = match self.checked(key, &value, ttl_seconds) {
             Ok(expires) => expires,
-            Err(e) => return Ok(Err(e)),
+            Err(e) => {
+                self.count(plugin, "refused");
+                return Ok(Err(e));
+            }
         };
+        self.count(plugin, "set");
         self.put(plugin, key, Some((value, expires))).await?;
         Ok(Ok(()))
     }
@@ -203,7 +228,10 @@ impl PluginStates {
     ) -> Result<Result<bool, String>, StoreError> {
         let expires = match self.checked(key, &value, ttl_seconds) {
             Ok(expires) => expires,
-            Err(e) => return Ok(Err(e)),
+            Err(e) => {
+                self.count(plugin, "refused");
+                return Ok(Err(e));
+            }
         };
         let now = self.clock.now_ms();
         let entry = (plugin.to_string(), key.to_string());
@@ -230,11 +258,13 @@ impl PluginStates {
                 swap
             }
         };
+        self.count(plugin, if swapped { "swap" } else { "swap_lost" });
         Ok(Ok(swapped))
     }
 
     /// Removes `plugin`'s `key`, if it has one.
     pub async fn remove(&self, plugin: &str, key: &str) -> Result<(), StoreError> {
+        self.count(plugin, "remove");
         if self.check_key(key).is_err() {
             // No such key can have been set.
             return Ok(());
