@@ -222,3 +222,33 @@ async fn of_identical_events_handled_at_once_one_passes() {
     assert_eq!(passed, 1, "one of {} identical events", ids.len());
     assert_eq!(rx.wait_for(1).await.len(), 1);
 }
+
+/// A plugin gone from the gateway (no route uses it, its file removed) takes its
+/// `plugin_state_operations` series with it at the next scrape.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_removed_plugin_s_state_series_go() {
+    let rx = Receiver::start().await;
+    let dir = TestGateway::dir_with_plugins(&["change-filter"]);
+    let gw = TestGateway::start_from_file(dir, ROAMING, &rx)
+        .await
+        .unwrap();
+    route_result(&gw, location("8945738730000000012", "238")).await;
+    let series =
+        r#"switchyard_plugin_state_operations_total{plugin="change-filter",operation="get"}"#;
+    assert!(gw.metrics().await.contains(series));
+    // The route goes, then the plugin's file: the reload drops the plugin.
+    let config = gw.dir().join("switchyard.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let without = text.replace(
+        r#"plugins = [{ name = "change-filter", config = { key = "/iccid", fields = "/network/mcc,/network/mnc" } }]"#,
+        "",
+    );
+    assert_ne!(text, without);
+    gw.noticed(|| std::fs::write(&config, &without).unwrap())
+        .await;
+    gw.noticed(|| std::fs::remove_file(gw.dir().join("plugins.d/change-filter.wasm")).unwrap())
+        .await;
+    let (_, plugins) = gw.get("/v1/plugins").await;
+    assert_eq!(plugins["items"], json!([]), "{plugins}");
+    assert!(!gw.metrics().await.contains(series));
+}
