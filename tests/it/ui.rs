@@ -92,13 +92,12 @@ destinations = ["fleet"]
         flaky.url
     );
     let gw = TestGateway::start(&config, &fleet, &["event-filter", "change-filter"]).await;
-    // A value change-filter keeps, shown (and forgotten) on the plugins page.
-    let roamed = (gw.accept(
-        "roaming",
-        r#"{"iccid":"8945738730000000012","network":{"mcc":"238"}}"#,
-    ))
-    .await;
-    gw.settled(&roamed).await;
+    // Values change-filter keeps, shown (and forgotten) on the plugins page.
+    for iccid in ["8945738730000000012", "8945738730000000099"] {
+        let body = format!(r#"{{"iccid":"{iccid}","network":{{"mcc":"238"}}}}"#);
+        let roamed = gw.accept("roaming", body).await;
+        gw.settled(&roamed).await;
+    }
     // The flaky destination fails twice: the first delivery has failed (no retries), the
     // second turns the destination FAILED and is kept; the next event is held.
     gw.accept("flaky-source", r#"{"type":"alert","n":0}"#).await;

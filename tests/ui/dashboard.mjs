@@ -206,8 +206,16 @@ try {
   await kept.getByText('["238"]').waitFor();
   await shot('plugins');
   page.once('dialog', (d) => d.accept());
-  await kept.getByRole('button', { name: 'Forget' }).click();
-  await page.getByText('change-filter keeps no values.').waitFor();
+  await kept.getByRole('button', { name: 'Forget', exact: true }).click();
+  await page.getByText('change-filter forgot /iccid=8945738730000000012.').waitFor();
+  await page.locator('#state tr[data-key="/iccid=8945738730000000012"]').waitFor({ state: 'detached' });
+  // The rest at once, by a prefix of their keys.
+  await page.locator('#state tr[data-key="/iccid=8945738730000000099"]').waitFor();
+  await page.locator('#state-prefix').fill('/iccid=8945');
+  page.once('dialog', (d) => d.accept());
+  await page.getByRole('button', { name: 'Forget all' }).click();
+  await page.getByText('change-filter forgot 1 value.').waitFor();
+  await page.getByText('change-filter keeps no values under this prefix.').waitFor();
 
   step('the routes page shows each chain end to end, and opens its events');
   await page.getByRole('link', { name: 'Routes' }).click();

@@ -494,8 +494,19 @@ function keptValues(names) {
         ...(page.next_cursor ? [h('p', { class: 'muted' }, 'The first 100 shown: narrow them with a prefix.')] : []));
     } catch (e) { rows.replaceChildren(h('p', { class: 'error' }, e.message)); }
   }
+  // Every value under the prefix (all of the plugin's without one): the plugin starts afresh.
+  const forgetAll = h('button', { type: 'button', onclick: async () => {
+    const p = plugin.value;
+    const what = prefix.value ? `every value of ${p} whose key starts with ${prefix.value}` : `every value ${p} keeps`;
+    if (!confirm(`Forget ${what}?`)) return;
+    try {
+      const r = await api(`/v1/plugins/${encodeURIComponent(p)}/state?prefix=${encodeURIComponent(prefix.value)}`, { method: 'DELETE' });
+      toast(`${p} forgot ${r.removed} ${r.removed === 1 ? 'value' : 'values'}.`);
+    } catch (err) { toast(err.message); }
+    load();
+  } }, 'Forget all');
   const form = h('form', { class: 'filters', onsubmit: (e) => { e.preventDefault(); load(); } },
-    h('label', {}, 'Plugin', plugin), h('label', {}, 'Key starts with', prefix), h('button', { type: 'submit' }, 'Show'));
+    h('label', {}, 'Plugin', plugin), h('label', {}, 'Key starts with', prefix), h('button', { type: 'submit' }, 'Show'), forgetAll);
   plugin.addEventListener('change', load);
   if (names.length) load();
   return [h('h2', {}, 'Values kept between events'), h('div', { class: 'card' }, form, rows)];
