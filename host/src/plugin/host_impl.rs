@@ -166,8 +166,8 @@ fn unavailable(e: crate::store::StoreError) -> wasmtime::Error {
 impl state::Host for PluginState {
     async fn get(&mut self, key: String) -> wasmtime::Result<Option<String>> {
         self.state_op()?;
-        let states = self.input.state.clone();
-        states.get(&self.plugin, &key).await.map_err(unavailable)
+        let state = &self.input.state;
+        state.get(&self.plugin, &key).await.map_err(unavailable)
     }
 
     async fn set(
@@ -177,8 +177,8 @@ impl state::Host for PluginState {
         ttl_seconds: Option<u32>,
     ) -> wasmtime::Result<Result<(), String>> {
         self.state_op()?;
-        let states = self.input.state.clone();
-        (states.set(&self.plugin, &key, value, ttl_seconds).await).map_err(unavailable)
+        let state = &self.input.state;
+        (state.set(&self.plugin, &key, value, ttl_seconds).await).map_err(unavailable)
     }
 
     async fn swap(
@@ -189,15 +189,15 @@ impl state::Host for PluginState {
         ttl_seconds: Option<u32>,
     ) -> wasmtime::Result<Result<bool, String>> {
         self.state_op()?;
-        let states = self.input.state.clone();
-        let swapped = states.swap(&self.plugin, &key, expected, value, ttl_seconds);
+        let state = &self.input.state;
+        let swapped = state.swap(&self.plugin, &key, expected, value, ttl_seconds);
         swapped.await.map_err(unavailable)
     }
 
     async fn remove(&mut self, key: String) -> wasmtime::Result<()> {
         self.state_op()?;
-        let states = self.input.state.clone();
-        states.remove(&self.plugin, &key).await.map_err(unavailable)
+        let state = &self.input.state;
+        state.remove(&self.plugin, &key).await.map_err(unavailable)
     }
 }
 
