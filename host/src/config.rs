@@ -229,6 +229,10 @@ struct RawPlugins {
     state_ttl: Duration,
     #[serde(default = "default_state_max_value")]
     state_max_value_bytes: usize,
+    #[serde(default = "default_http_timeout", with = "humantime_serde")]
+    http_timeout: Duration,
+    #[serde(default = "default_http_max_response")]
+    http_max_response_bytes: usize,
 }
 
 impl Default for RawPlugins {
@@ -244,6 +248,8 @@ impl Default for RawPlugins {
             degraded_after: default_degraded_after(),
             state_ttl: default_state_ttl(),
             state_max_value_bytes: default_state_max_value(),
+            http_timeout: default_http_timeout(),
+            http_max_response_bytes: default_http_max_response(),
         }
     }
 }
@@ -253,6 +259,12 @@ fn default_state_ttl() -> Duration {
 }
 fn default_state_max_value() -> usize {
     crate::plugin::StateLimits::default().max_value_bytes
+}
+fn default_http_timeout() -> Duration {
+    crate::plugin::HttpLimits::default().timeout
+}
+fn default_http_max_response() -> usize {
+    crate::plugin::HttpLimits::default().max_response_bytes
 }
 
 fn default_max_output() -> usize {
@@ -305,6 +317,10 @@ pub struct PluginsConfig {
     pub state_ttl: Duration,
     /// The largest value a plugin may keep, in bytes.
     pub state_max_value_bytes: usize,
+    /// How long one call's HTTP requests (WIT `http`) may take together.
+    pub http_timeout: Duration,
+    /// The largest response body a plugin's HTTP request may read, in bytes.
+    pub http_max_response_bytes: usize,
 }
 
 /// `[delivery]`: how deliveries are sent and retried (destinations may override the
@@ -1181,6 +1197,12 @@ pub struct PluginRef {
     /// that may be skipped (`skip-plugin`) before a router that must not fail.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_error: Option<OnError>,
+    /// The origins this plugin may send HTTP requests to on this route (WIT `http`):
+    /// `https://crm.example.com`, `http://10.0.0.5:8080`, `https://*.example.com`. None
+    /// unless listed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(example = json!(["https://crm.example.com"]))]
+    pub allow_http: Vec<String>,
 }
 
 fn config_pairs_out<S: serde::Serializer>(
@@ -1336,6 +1358,8 @@ impl Config {
                 degraded_after: raw.plugins.degraded_after,
                 state_ttl: raw.plugins.state_ttl,
                 state_max_value_bytes: raw.plugins.state_max_value_bytes,
+                http_timeout: raw.plugins.http_timeout,
+                http_max_response_bytes: raw.plugins.http_max_response_bytes,
             },
             delivery: DeliveryConfig {
                 ca_certificates: (raw.delivery.ca_certificates.iter())
@@ -1626,6 +1650,9 @@ impl Config {
         if self.plugins.state_ttl < Duration::from_secs(1) {
             return Err(("plugins.state_ttl".into(), "must be at least 1s".into()));
         }
+        if self.plugins.http_timeout.is_zero() {
+            return Err(("plugins.http_timeout".into(), "must be more than 0s".into()));
+        }
         let keys = (self
             .store
             .encryption_key
@@ -1871,6 +1898,10 @@ impl Config {
         check_name(&r.name).map_err(|m| (format!("routes[{i}].name"), m))?;
         for (j, p) in r.plugins.iter().enumerate() {
             check_name(&p.name).map_err(|m| (format!("routes[{i}].plugins[{j}].name"), m))?;
+            for (k, origin) in p.allow_http.iter().enumerate() {
+                crate::plugin::Origin::parse(origin)
+                    .map_err(|m| (format!("routes[{i}].plugins[{j}].allow_http[{k}]"), m))?;
+            }
             if p.max_memory_bytes.unwrap_or(self.plugins.max_memory_bytes)
                 > self.plugins.max_memory_bytes
             {

@@ -149,7 +149,10 @@ pub struct DryRunner {
     _runtime: Arc<PluginRuntime>,
     plugins: plugin::PluginMap,
     routing: pipeline::Routing,
-    cpu: tokio::sync::Semaphore,
+    cpu: Arc<tokio::sync::Semaphore>,
+    /// Plugins' requests (a dry run's: `GET` and `HEAD` only), as the config's
+    /// `[delivery]` would send them.
+    outbound: plugin::Outbound,
 }
 
 impl DryRunner {
@@ -157,11 +160,13 @@ impl DryRunner {
         let (runtime, plugins, statuses) = load_plugins(&config).await?;
         let problems = unloaded_plugins(&config, |name| plugins.contains_key(name), &statuses);
         anyhow::ensure!(problems.is_empty(), "{}", problems.join("; "));
+        let outbound = plugin::Outbound::new(delivery::plugin_sender(&config.delivery)?);
         Ok(Self {
             _runtime: runtime,
             plugins,
             routing: pipeline::Routing::from_config(Arc::new(config), None),
-            cpu: tokio::sync::Semaphore::new(1),
+            cpu: Arc::new(tokio::sync::Semaphore::new(1)),
+            outbound: outbound.dry_run(),
         })
     }
 
@@ -199,7 +204,10 @@ impl DryRunner {
             &self.routing,
             &self.plugins,
             &self.cpu,
-            &states,
+            pipeline::Reach {
+                states: &states,
+                outbound: &self.outbound,
+            },
             &event,
             None,
         )

@@ -746,6 +746,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                         config: Arc::from(config),
                         tables: Arc::new(tables),
                         state: switchyard::plugin::PluginStates::memory_with(&state),
+                        http: Default::default(),
                     },
                     CallLimits::default(),
                     InstanceMode::Fresh,

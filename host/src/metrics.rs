@@ -42,6 +42,15 @@ pub struct PluginStateLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginHttpLabels {
+    pub plugin: String,
+    /// The status class of the response (`2xx`, `3xx`, `4xx`, `5xx`), or `refused` (not
+    /// allowed: an origin the route does not grant, a method a dry run does not send, the
+    /// address guard) or `failed` (not sent or not answered in time, a body too large).
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
     pub route: String,
     /// `delivering`, `dropped`, `failed` (dead-lettered or dropped by `on_error`: see the
@@ -112,6 +121,8 @@ pub struct Metrics {
     pub tests: Family<DestinationLabels, Counter>,
     /// Plugins' uses of `state`, by plugin and operation.
     pub plugin_state: Family<PluginStateLabels, Counter>,
+    /// Plugins' HTTP requests (`http.send`), by plugin and outcome.
+    pub plugin_http: Family<PluginHttpLabels, Counter>,
     pub reloads: Family<ResultLabels, Counter>,
     pub queue_depth: Gauge,
     pub store_unanswered_seconds: Gauge,
@@ -132,6 +143,7 @@ pub struct Metrics {
     event_series: Mutex<HashSet<EventLabels>>,
     route_series: Mutex<HashSet<RouteLabels>>,
     plugin_state_series: Mutex<HashSet<PluginStateLabels>>,
+    plugin_http_series: Mutex<HashSet<PluginHttpLabels>>,
     /// The requests to each source refused lately.
     pub refusals: crate::ingest::Refusals,
 }
@@ -223,6 +235,12 @@ impl Default for Metrics {
             "Plugins' uses of the values they keep between events (state), by plugin and operation (get, set, swap, swap_lost, remove, refused)",
             plugin_state.clone(),
         );
+        let plugin_http = Family::<PluginHttpLabels, Counter>::default();
+        registry.register(
+            "plugin_http_requests",
+            "Plugins' HTTP requests (http.send), by plugin and outcome (2xx, 3xx, 4xx, 5xx, refused, failed)",
+            plugin_http.clone(),
+        );
         let reloads = Family::<ResultLabels, Counter>::default();
         registry.register("reloads", "Reloads, by result (ok, error)", reloads.clone());
         let queue_depth = Gauge::default();
@@ -276,6 +294,7 @@ impl Default for Metrics {
             oauth2_tokens,
             tests,
             plugin_state,
+            plugin_http,
             reloads,
             queue_depth,
             store_unanswered_seconds,
@@ -290,6 +309,7 @@ impl Default for Metrics {
             event_series: Mutex::default(),
             route_series: Mutex::default(),
             plugin_state_series: Mutex::default(),
+            plugin_http_series: Mutex::default(),
             refusals: Default::default(),
         }
     }
@@ -390,13 +410,29 @@ impl Metrics {
         count_tracked(&self.plugin_state, &self.plugin_state_series, labels);
     }
 
-    /// Drops the `plugin_state_operations` series of plugins `has_plugin` says are gone. At
-    /// each scrape (a lookup per plugin with series).
+    /// Counts one HTTP request of a plugin (`http.send`), by outcome.
+    pub fn plugin_http(&self, plugin: &str, outcome: &str) {
+        let labels = PluginHttpLabels {
+            plugin: plugin.to_string(),
+            outcome: outcome.to_string(),
+        };
+        count_tracked(&self.plugin_http, &self.plugin_http_series, labels);
+    }
+
+    /// Drops the `plugin_state_operations` and `plugin_http_requests` series of plugins
+    /// `has_plugin` says are gone. At each scrape (a lookup per plugin with series).
     pub fn forget_removed_plugins(&self, has_plugin: impl Fn(&str) -> bool) {
         lock(&self.plugin_state_series).retain(|labels| {
             let keep = has_plugin(&labels.plugin);
             if !keep {
                 self.plugin_state.remove(labels);
+            }
+            keep
+        });
+        lock(&self.plugin_http_series).retain(|labels| {
+            let keep = has_plugin(&labels.plugin);
+            if !keep {
+                self.plugin_http.remove(labels);
             }
             keep
         });

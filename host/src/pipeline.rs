@@ -18,8 +18,8 @@ use crate::delivery::{
 use crate::event::{Body, Event, Pairs, merge_pairs};
 use crate::metrics::Metrics;
 use crate::plugin::{
-    CallError, CallInput, CallLimits, PluginMap, PluginRegistry, PluginStates, PluginVerdict,
-    StateLimits,
+    CallError, CallInput, CallLimits, HttpLimits, Origin, Outbound, PluginMap, PluginRegistry,
+    PluginStates, PluginVerdict, StateLimits, Turn,
 };
 use crate::store::{
     Completion, DeliveryStatus, DueDelivery, NewDelivery, PluginStep, RouteOutcome, RouteResult,
@@ -58,6 +58,9 @@ struct Route {
     name: String,
     source: String,
     plugins: Vec<RoutePlugin>,
+    /// Whether a plugin of the chain may send HTTP requests (its chain then gives up its
+    /// turn on the CPU while it waits for them).
+    sends_http: bool,
     destinations: Vec<Arc<Destination>>,
     /// What it was built from (see `Routing::from_config`).
     config: Arc<RouteConfig>,
@@ -71,6 +74,8 @@ struct RoutePlugin {
     mode: Option<InstanceMode>,
     /// Its own, or else the route's.
     on_error: OnError,
+    /// The origins it may send HTTP requests to.
+    allow_http: Arc<[Origin]>,
 }
 
 impl Routing {
@@ -351,8 +356,13 @@ impl Route {
                     },
                     mode: p.instance,
                     on_error: p.on_error.unwrap_or(r.on_error),
+                    // (Validated with the config.)
+                    allow_http: (p.allow_http.iter())
+                        .filter_map(|o| Origin::parse(o).ok())
+                        .collect(),
                 })
                 .collect(),
+            sends_http: r.plugins.iter().any(|p| !p.allow_http.is_empty()),
             destinations: (r.destinations.iter())
                 .map(|d| destinations[d].clone())
                 .collect(),
@@ -373,6 +383,15 @@ pub struct Pipeline {
     cpu: Arc<tokio::sync::Semaphore>,
     /// Where plugins keep their values (in the store).
     states: PluginStates,
+    /// How plugins' HTTP requests go out (the dispatcher's transport).
+    outbound: Outbound,
+}
+
+/// What the plugin calls of one event reach besides the event: where their values are
+/// kept and how their HTTP requests go out, under the config's limits.
+pub struct Reach<'a> {
+    pub states: &'a PluginStates,
+    pub outbound: &'a Outbound,
 }
 
 /// What the routes of the event's source in `routing` make of it, with `plugins`: each
@@ -382,33 +401,45 @@ pub struct Pipeline {
 /// API's, or `switchyard dry-run` with no gateway at all), whose plugin calls are counted
 /// nowhere (neither in the metrics nor in the plugins' call statistics and failures in a
 /// row) and whose failures are not logged as the gateway's (its answer has them). The
-/// plugins keep their values in `states`, under the limits of the routing's config.
+/// plugins keep their values and send their requests as `reach` says, under the limits of
+/// the routing's config.
 pub async fn decide(
     routing: &Routing,
     plugins: &PluginMap,
-    cpu: &tokio::sync::Semaphore,
-    states: &PluginStates,
+    cpu: &Arc<tokio::sync::Semaphore>,
+    reach: Reach<'_>,
     event: &Event,
     live: Option<&Metrics>,
 ) -> (Vec<RouteOutcome>, Vec<NewDelivery>) {
-    let states = states.with_limits(StateLimits::from(&routing.config.plugins));
+    let calls = Calls {
+        states: reach
+            .states
+            .with_limits(StateLimits::from(&routing.config.plugins)),
+        outbound: reach.outbound,
+        http: HttpLimits::from(&routing.config.plugins),
+    };
     let values = PlaceholderValues::of(event);
     let mut outcomes = Vec::new();
     let mut deliveries = Vec::new();
     for &route_index in routing.routes_of(&event.source) {
-        let permit = cpu.acquire().await;
+        // A chain whose plugins may wait for HTTP responses gives up its turn meanwhile.
+        let (permit, turn) = match routing.routes[route_index].sends_http {
+            false => (Some(cpu.acquire().await), None),
+            true => (None, Some(Turn::take(cpu).await)),
+        };
         // A panic in a chain fails this route, not the pipeline worker.
         let chain = AssertUnwindSafe(run_chain(
             routing,
             route_index,
             plugins,
-            &states,
+            &calls,
+            turn.as_ref(),
             event,
             live,
         ))
         .catch_unwind()
         .await;
-        drop(permit);
+        drop((permit, turn));
         let (steps, end) = match chain {
             Ok(result) => result,
             Err(panic) => (
@@ -459,6 +490,7 @@ impl Pipeline {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         Arc::new(Self {
             states: PluginStates::store(store.clone(), clock).counted(metrics.clone()),
+            outbound: Outbound::new(dispatcher.clone()).counted(metrics.clone()),
             store,
             metrics,
             cpu: Arc::new(tokio::sync::Semaphore::new(cores * 2)),
@@ -522,14 +554,20 @@ impl Pipeline {
         // one version of each plugin, whatever reloads happen meanwhile.
         let (routing, plugins) = (self.routing(), self.plugins.snapshot());
         let dry_run;
-        let states = match live {
-            Some(_) => &self.states,
+        let reach = match live {
+            Some(_) => Reach {
+                states: &self.states,
+                outbound: &self.outbound,
+            },
             None => {
-                dry_run = self.states.dry_run();
-                &dry_run
+                dry_run = (self.states.dry_run(), self.outbound.dry_run());
+                Reach {
+                    states: &dry_run.0,
+                    outbound: &dry_run.1,
+                }
             }
         };
-        decide(&routing, &plugins, &self.cpu, states, event, live).await
+        decide(&routing, &plugins, &self.cpu, reach, event, live).await
     }
 
     /// Stores the event's outcomes and deliveries in one commit and sends the deliveries
@@ -648,12 +686,21 @@ enum ChainEnd {
     Failed(String),
 }
 
-/// Runs one route's plugins in order on an event.
+/// What one event's plugin calls are given besides the event (see [`Reach`]).
+struct Calls<'a> {
+    states: PluginStates,
+    outbound: &'a Outbound,
+    http: HttpLimits,
+}
+
+/// Runs one route's plugins in order on an event (holding `turn` when a plugin may wait
+/// for HTTP responses).
 async fn run_chain(
     routing: &Routing,
     index: usize,
     plugins: &PluginMap,
-    states: &PluginStates,
+    calls: &Calls<'_>,
+    turn: Option<&Arc<Turn>>,
     received: &Event,
     live: Option<&Metrics>,
 ) -> (Vec<PluginStep>, ChainEnd) {
@@ -672,7 +719,8 @@ async fn run_chain(
         let input = CallInput {
             config: rp.config.clone(),
             tables: routing.config.tables.clone(),
-            state: states.clone(),
+            state: calls.states.clone(),
+            http: (calls.outbound).grant(&rp.allow_http, calls.http, turn),
         };
         let result = match live {
             Some(_) => plugin.call(&event, input, rp.limits, mode).await,

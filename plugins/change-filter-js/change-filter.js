@@ -14,8 +14,8 @@
 // Try:   switchyard plugin run dist/change-filter-js.wasm --event ../../examples/events/onomondo-location.json \
 //          --config key=/iccid --config fields=/network/mcc,/network/mnc
 
-import { configGet } from 'switchyard:plugin/host@0.1.2';
-import { get, swap } from 'switchyard:plugin/state@0.1.2';
+import { configGet } from 'switchyard:plugin/host@0.1.3';
+import { get, swap } from 'switchyard:plugin/state@0.1.3';
 
 /** How many times a value changed by another event meanwhile is read again. */
 const SWAPS = 10;

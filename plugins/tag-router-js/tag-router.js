@@ -13,7 +13,7 @@
 // Try:   switchyard plugin run dist/tag-router-js.wasm --event ../../examples/events/onomondo-location.json \
 //          --config label.valid-example=fleet --config default=archive
 
-import { config } from 'switchyard:plugin/host@0.1.2';
+import { config } from 'switchyard:plugin/host@0.1.3';
 
 /** A `result` error of the WIT `plugin-error` variant. */
 function pluginError(tag, message) {

@@ -28,11 +28,11 @@ fn plugin_check_accepts_every_example_plugin() {
     for name in xtask::PLUGINS {
         let (ok, out, err) = run(&["plugin", "check", path(&guest(name))]);
         assert!(ok, "{name}: {out}{err}");
-        assert!(out.contains("fits switchyard:plugin@0.1.2"), "{out}");
+        assert!(out.contains("fits switchyard:plugin@0.1.3"), "{out}");
     }
 }
 
-/// A plugin built against the first contract (0.1.0) fits this gateway's 0.1.2, whose
+/// A plugin built against the first contract (0.1.0) fits this gateway's 0.1.3, whose
 /// additions it does not use, and runs: the host answers its `config` import.
 #[test]
 fn a_plugin_of_the_first_contract_still_fits_and_runs() {
@@ -77,7 +77,7 @@ fn plugin_check_names_the_mismatch_of_another_version() {
         "{problems}"
     );
     assert!(
-        problems.contains("switchyard:plugin/handler@0.1.2"),
+        problems.contains("switchyard:plugin/handler@0.1.3"),
         "{problems}"
     );
     assert!(
@@ -95,7 +95,7 @@ fn plugin_check_names_a_missing_export_and_a_non_component() {
     let (ok, out, _) = run(&["plugin", "check", path(&empty)]);
     assert!(!ok);
     assert!(
-        out.contains("does not export `switchyard:plugin/handler@0.1.2`"),
+        out.contains("does not export `switchyard:plugin/handler@0.1.3`"),
         "{out}"
     );
     assert!(

@@ -10,6 +10,7 @@ mod durable;
 mod edge;
 mod manage;
 mod observability;
+mod outbound;
 mod reload;
 mod sandbox;
 mod spine;

@@ -59,6 +59,10 @@ async fn adversarial_plugins_are_contained_with_a_clear_reason() {
             "plugin used `state` more than 100 times in one call",
         ),
         (
+            json!({ "mode": "http-flood" }),
+            "plugin sent more than 20 HTTP requests in one call",
+        ),
+        (
             json!({ "mode": "state-big", "size": 65537 }),
             "value of 65537 bytes is larger than plugins.state_max_value_bytes (65536)",
         ),

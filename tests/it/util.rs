@@ -30,6 +30,7 @@ pub const GUESTS: &[&str] = &[
     "metadata-inject",
     "reshape",
     "change-filter",
+    "enrich",
     "misbehave",
     "wrong-world",
     "contract-0-1-0",

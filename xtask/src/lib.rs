@@ -15,6 +15,7 @@ pub const PLUGINS: &[&str] = &[
     "metadata-inject",
     "reshape",
     "change-filter",
+    "enrich",
 ];
 
 /// Plugins that exist only to test the gateway.

@@ -20,6 +20,7 @@ use crate::config::DeliveryConfig;
 use crate::edge::SsrfGuard;
 use crate::metrics::Metrics;
 use crate::pace::Limit;
+use crate::plugin::{HttpRequest, HttpResponse, HttpSender, SendError};
 use crate::store::{
     Attempt, AttemptNext, ClaimScope, DestinationHealth, DestinationState, DueDelivery,
     Idempotency, Inserted, Known, Store, StoreError,
@@ -256,6 +257,94 @@ impl Transport {
             certificates,
             settings: TransportSettings::of(config, fingerprint),
         })
+    }
+}
+
+/// Plugins' requests (WIT `http`) go out as deliveries do: the same client (proxy,
+/// trusted authorities, no redirects) and the same address guard.
+#[async_trait::async_trait]
+impl HttpSender for Transport {
+    async fn send(
+        &self,
+        request: HttpRequest,
+        timeout: Duration,
+        max_bytes: usize,
+    ) -> Result<HttpResponse, SendError> {
+        (self.guard.check_destination(&request.url).await).map_err(SendError::Refused)?;
+        let mut headers = HeaderMap::new();
+        for (k, v) in &request.headers {
+            let header = (HeaderName::from_bytes(k.as_bytes()).ok())
+                .zip(HeaderValue::from_str(v).ok())
+                .ok_or_else(|| SendError::Refused(format!("`{k}: {v}` is not a valid header")))?;
+            headers.append(header.0, header.1);
+        }
+        let mut builder = (self.client.request(request.method, request.url))
+            .headers(headers)
+            .timeout(timeout);
+        if let Some(body) = request.body {
+            builder = builder.body(body);
+        }
+        let exchange = async {
+            let mut resp = builder
+                .send()
+                .await
+                .map_err(|e| SendError::Failed(describe(&e)))?;
+            let status = resp.status().as_u16();
+            let headers = (resp.headers().iter())
+                .map(|(k, v)| {
+                    (
+                        k.to_string(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
+                .collect();
+            let mut body = Vec::new();
+            while let Some(chunk) = resp
+                .chunk()
+                .await
+                .map_err(|e| SendError::Failed(describe(&e)))?
+            {
+                if body.len() + chunk.len() > max_bytes {
+                    return Err(SendError::Failed(format!(
+                        "the response's body is larger than {max_bytes} bytes \
+                         (`plugins.http_max_response_bytes`)"
+                    )));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(HttpResponse {
+                status,
+                headers,
+                body,
+            })
+        };
+        // (The client's timeout covers the body too; this one is the call's budget, whole.)
+        match tokio::time::timeout(timeout, exchange).await {
+            Ok(result) => result,
+            Err(_) => Err(SendError::Failed(format!(
+                "no whole answer within {timeout:?}"
+            ))),
+        }
+    }
+}
+
+/// A sender of plugins' requests through a transport built from `config`, for runs with no
+/// dispatcher (`switchyard dry-run`).
+pub fn plugin_sender(config: &DeliveryConfig) -> anyhow::Result<Arc<dyn HttpSender>> {
+    Ok(Arc::new(Transport::build(config)?))
+}
+
+/// Plugins' requests go out through the transport in force.
+#[async_trait::async_trait]
+impl HttpSender for Dispatcher {
+    async fn send(
+        &self,
+        request: HttpRequest,
+        timeout: Duration,
+        max_bytes: usize,
+    ) -> Result<HttpResponse, SendError> {
+        let transport = self.transport.load_full();
+        transport.send(request, timeout, max_bytes).await
     }
 }
 

@@ -7,7 +7,9 @@ pub mod oauth2;
 pub mod placeholder;
 pub mod policy;
 
-pub use dispatch::{Clock, Dispatcher, Held, ManualClock, RestartError, SystemClock, TestOutcome};
+pub use dispatch::{
+    Clock, Dispatcher, Held, ManualClock, RestartError, SystemClock, TestOutcome, plugin_sender,
+};
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, OnceLock};

@@ -88,7 +88,7 @@ pub(super) fn diagnose(engine: &Engine, component: &Component) -> Diagnosis {
                         "imports `{name}`, but this gateway implements {WIT_PACKAGE}: rebuild \
                          the plugin against wit/ of this version"
                     ));
-                } else if !["host", "state", "types"].contains(&iface) {
+                } else if !["host", "state", "http", "types"].contains(&iface) {
                     problems.push(format!(
                         "imports `{name}`, which is not an interface of {WIT_PACKAGE}"
                     ));

@@ -1,5 +1,6 @@
-//! The per-event state of a plugin's `Store` and the host side of the `host` interface:
-//! logging, configuration, and the capture of the guest's stdout and stderr.
+//! The per-event state of a plugin's `Store` and the host side of the interfaces plugins
+//! import: `host` (logging, configuration, lookups), `state` and `http`; and the capture of
+//! the guest's stdout and stderr.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -11,7 +12,7 @@ use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::LogLevel;
-use super::bindings::switchyard::plugin::{host, state};
+use super::bindings::switchyard::plugin::{host, http, state};
 
 /// How much of a plugin's stdout and stderr is kept per call; the rest is dropped so a
 /// chatty plugin cannot fill the gateway's memory or log.
@@ -31,6 +32,9 @@ pub struct PluginState {
     input: super::CallInput,
     log_lines: usize,
     state_ops: usize,
+    http_requests: usize,
+    /// When this call's time for HTTP requests ends (set by its first request).
+    http_deadline: Option<std::time::Instant>,
     stdout: CapturedOutput,
     stderr: CapturedOutput,
 }
@@ -62,6 +66,8 @@ impl PluginState {
             input,
             log_lines: 0,
             state_ops: 0,
+            http_requests: 0,
+            http_deadline: None,
             stdout,
             stderr,
         }
@@ -73,6 +79,8 @@ impl PluginState {
         self.input = input;
         self.log_lines = 0;
         self.state_ops = 0;
+        self.http_requests = 0;
+        self.http_deadline = None;
     }
 
     /// Lets go of the call's input, as a warm instance waits for its next call.
@@ -198,6 +206,36 @@ impl state::Host for PluginState {
         self.state_op()?;
         let state = &self.input.state;
         state.remove(&self.plugin, &key).await.map_err(unavailable)
+    }
+}
+
+impl http::Host for PluginState {
+    async fn send(
+        &mut self,
+        request: http::Request,
+    ) -> wasmtime::Result<Result<http::Response, String>> {
+        self.http_requests += 1;
+        if self.http_requests > super::outbound::REQUESTS_CAP {
+            return Err(wasmtime::Error::msg(format!(
+                "plugin sent more than {} HTTP requests in one call",
+                super::outbound::REQUESTS_CAP
+            )));
+        }
+        let grant = &self.input.http;
+        let deadline = *(self.http_deadline)
+            .get_or_insert_with(|| std::time::Instant::now() + grant.limits().timeout);
+        let http::Request {
+            method,
+            url,
+            headers,
+            body,
+        } = request;
+        let sent = grant.send(&self.plugin, &method, &url, headers, body, deadline);
+        Ok(sent.await.map(|r| http::Response {
+            status: r.status,
+            headers: r.headers,
+            body: r.body,
+        }))
     }
 }
 

@@ -8,6 +8,7 @@ mod bindings;
 mod check;
 mod convert;
 mod host_impl;
+mod outbound;
 mod registry;
 mod state;
 
@@ -25,6 +26,10 @@ use wasmtime::{
 pub use bindings::{HANDLER_EXPORT, HOST_IMPORT, WIT_PACKAGE};
 pub use check::{CheckReport, check_component};
 pub use convert::{PluginDelivery, PluginUpdate, PluginVerdict};
+pub use outbound::{
+    HttpLimits, Origin, Outbound, PluginHttp, Request as HttpRequest, Response as HttpResponse,
+    SendError, Sender as HttpSender, Turn,
+};
 pub use registry::{PluginMap, PluginRegistry, PluginStatus};
 pub use state::{MAX_KEY_BYTES, PluginStates, Seed as StateSeed, StateLimits};
 
@@ -46,13 +51,14 @@ const WARM_BY_DEFAULT_ABOVE: usize = 1 << 20;
 const KEEP_RESIDENT: usize = 1 << 20;
 
 /// What one call of a plugin reads besides the event: the route's configuration of the
-/// plugin (`host.config`), the config's lookup tables (`host.lookup`), and where the
-/// plugin's values are kept (`state`).
+/// plugin (`host.config`), the config's lookup tables (`host.lookup`), where the plugin's
+/// values are kept (`state`), and what it may reach over HTTP (`http`).
 #[derive(Clone, Default)]
 pub struct CallInput {
     pub config: Arc<[(String, String)]>,
     pub tables: Arc<crate::tables::Tables>,
     pub state: PluginStates,
+    pub http: PluginHttp,
 }
 
 impl CallInput {

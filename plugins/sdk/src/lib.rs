@@ -1,6 +1,6 @@
 //! Write Switchyard plugins in Rust.
 //!
-//! The bindings are generated from the repository's `wit/` (the `switchyard:plugin@0.1.2`
+//! The bindings are generated from the repository's `wit/` (the `switchyard:plugin@0.1.3`
 //! world), so the SDK and the gateway share one contract. A plugin implements [`Plugin`]
 //! and registers itself with [`export_plugin!`]:
 //!
@@ -31,6 +31,10 @@ wit_bindgen::generate!({
 
 pub use exports::switchyard::plugin::handler::Guest as Plugin;
 pub use switchyard::plugin::host::{LogLevel, log};
+/// Requests to the HTTP services the route allows the plugin (`http::send`, or
+/// [`http_get`]): the route lists their origins in the plugin's `allow_http`. Needs a
+/// gateway of `switchyard:plugin@0.1.3`.
+pub use switchyard::plugin::http;
 /// What the plugin keeps from one event to the next (`state::get`, `state::set`,
 /// `state::swap`, `state::remove`): text by key, in the gateway's store, each value expiring. Needs a
 /// gateway of `switchyard:plugin@0.1.2`.
@@ -130,6 +134,19 @@ pub fn metadata<'a>(event: &'a Event, key: &str) -> Option<&'a str> {
         .rev()
         .find(|(k, _)| k == key)
         .map(|(_, v)| v.as_str())
+}
+
+/// `GET url` with `headers`, to an origin the route allows the plugin: the response,
+/// whatever its status, or why there is none (not allowed, no answer in time, too large).
+pub fn http_get(url: &str, headers: &[(&str, &str)]) -> Result<http::Response, String> {
+    http::send(&http::Request {
+        method: "GET".into(),
+        url: url.into(),
+        headers: (headers.iter())
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        body: None,
+    })
 }
 
 /// A JSON value as text if it is a string or a number.

@@ -1,0 +1,419 @@
+//! What plugins may reach over HTTP (the WIT `http` interface, 0.1.3): the origins a route
+//! grants each of its plugins (`allow_http`), the limits one call's requests meet, and the
+//! sending, which goes through the deliveries' transport (`delivery::Transport`: its proxy,
+//! its trusted authorities, its address guard, no redirects) so that one network policy
+//! covers everything the gateway sends.
+//!
+//! While a plugin waits for a response its chain gives up its turn on the CPU (`Turn`):
+//! a slow service holds a pipeline worker, not one of the few permits plugin code runs
+//! under.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::metrics::Metrics;
+
+/// How many requests one call may send; one more traps the call.
+pub const REQUESTS_CAP: usize = 20;
+
+/// The methods a plugin may send.
+const METHODS: [&str; 6] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"];
+/// The methods a dry run sends (the others change something elsewhere).
+const DRY_RUN_METHODS: [&str; 2] = ["GET", "HEAD"];
+/// Request headers that are the transport's to set.
+const TRANSPORT_HEADERS: [&str; 4] = ["host", "content-length", "transfer-encoding", "connection"];
+
+/// How long one call's requests may take together, and how large a response may be
+/// (`[plugins]`'s `http_timeout` and `http_max_response_bytes`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct HttpLimits {
+    pub timeout: Duration,
+    pub max_response_bytes: usize,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(5),
+            max_response_bytes: 1 << 20,
+        }
+    }
+}
+
+impl From<&crate::config::PluginsConfig> for HttpLimits {
+    fn from(p: &crate::config::PluginsConfig) -> Self {
+        Self {
+            timeout: p.http_timeout,
+            max_response_bytes: p.http_max_response_bytes,
+        }
+    }
+}
+
+/// An origin a route lets a plugin reach: `https://crm.example.com`,
+/// `http://127.0.0.1:8080`, or every subdomain of one, `https://*.example.com`. The port
+/// is the scheme's unless given; paths are not part of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Origin {
+    scheme: String,
+    /// Lower-case; for `*.example.com`, `.example.com`.
+    host: String,
+    wildcard: bool,
+    port: u16,
+}
+
+impl Origin {
+    /// Reads an `allow_http` entry, saying what is wrong with it.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let bad = |why: &str| {
+            format!(
+                "`{text}` is not an origin ({why}): write `https://host`, `http://host:port` or \
+                 `https://*.domain`"
+            )
+        };
+        let (scheme, rest) = text.split_once("://").ok_or_else(|| bad("no scheme"))?;
+        if scheme != "http" && scheme != "https" {
+            return Err(bad("the scheme must be http or https"));
+        }
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        let (wildcard, rest) = match rest.strip_prefix("*.") {
+            Some(domain) => (true, domain),
+            None => (false, rest),
+        };
+        if rest.contains(['/', '?', '#', '@', '*']) {
+            return Err(bad("only a scheme, a host and a port"));
+        }
+        let url =
+            url::Url::parse(&format!("{scheme}://{rest}/")).map_err(|e| bad(&e.to_string()))?;
+        let host = url
+            .host_str()
+            .filter(|h| !h.is_empty())
+            .ok_or_else(|| bad("no host"))?;
+        if wildcard && !matches!(url.host(), Some(url::Host::Domain(_))) {
+            return Err(bad("`*.` goes before a domain name"));
+        }
+        Ok(Self {
+            scheme: scheme.to_string(),
+            host: match wildcard {
+                true => format!(".{host}"),
+                false => host.to_string(),
+            },
+            wildcard,
+            port: url.port_or_known_default().unwrap_or(0),
+        })
+    }
+
+    /// Whether `url` is of this origin.
+    pub fn allows(&self, url: &url::Url) -> bool {
+        let (Some(host), Some(port)) = (url.host_str(), url.port_or_known_default()) else {
+            return false;
+        };
+        url.scheme() == self.scheme
+            && port == self.port
+            && match self.wildcard {
+                true => host.ends_with(&self.host),
+                false => host == self.host,
+            }
+    }
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let star = if self.wildcard { "*" } else { "" };
+        write!(f, "{}://{star}{}:{}", self.scheme, self.host, self.port)
+    }
+}
+
+/// A request a plugin's grant allows, ready to send.
+#[derive(Debug)]
+pub struct Request {
+    pub method: http::Method,
+    pub url: url::Url,
+    pub headers: Vec<(String, String)>,
+    pub body: Option<Vec<u8>>,
+}
+
+/// A whole response.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+/// Why a request got no response.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// Not sent: not allowed (the address guard, a bad header).
+    #[error("{0}")]
+    Refused(String),
+    /// Sent, or tried, and not answered as it should be (no connection, no answer in time,
+    /// a body too large).
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// What sends plugins' requests: the deliveries' transport in force.
+#[async_trait::async_trait]
+pub trait Sender: Send + Sync {
+    /// Sends `request` and reads its whole response, within `timeout`, failing past
+    /// `max_bytes` of body.
+    async fn send(
+        &self,
+        request: Request,
+        timeout: Duration,
+        max_bytes: usize,
+    ) -> Result<Response, SendError>;
+}
+
+struct Shared {
+    sender: Arc<dyn Sender>,
+    metrics: Option<Arc<Metrics>>,
+    dry_run: bool,
+}
+
+/// Where plugins' requests go out, for the gateway's calls or a dry run's. `Default`:
+/// nowhere (every request fails: runs with no transport, `switchyard plugin run`).
+#[derive(Clone, Default)]
+pub struct Outbound(Option<Arc<Shared>>);
+
+impl Outbound {
+    /// Requests sent by `sender`, counted nowhere.
+    pub fn new(sender: Arc<dyn Sender>) -> Self {
+        Self(Some(Arc::new(Shared {
+            sender,
+            metrics: None,
+            dry_run: false,
+        })))
+    }
+
+    /// The same, each request counted in `metrics` (`plugin_http_requests`).
+    pub fn counted(self, metrics: Arc<Metrics>) -> Self {
+        Self(self.0.map(|s| {
+            Arc::new(Shared {
+                sender: s.sender.clone(),
+                metrics: Some(metrics),
+                dry_run: s.dry_run,
+            })
+        }))
+    }
+
+    /// For a dry run: sends only `GET` and `HEAD`, counts nothing.
+    pub fn dry_run(&self) -> Self {
+        Self(self.0.as_ref().map(|s| {
+            Arc::new(Shared {
+                sender: s.sender.clone(),
+                metrics: None,
+                dry_run: true,
+            })
+        }))
+    }
+
+    /// What one call of a plugin may reach: the origins its route grants it.
+    pub fn grant(
+        &self,
+        allowed: &Arc<[Origin]>,
+        limits: HttpLimits,
+        turn: Option<&Arc<Turn>>,
+    ) -> PluginHttp {
+        PluginHttp {
+            outbound: self.clone(),
+            allowed: allowed.clone(),
+            limits,
+            turn: turn.cloned(),
+        }
+    }
+}
+
+/// What one call of a plugin may reach over HTTP, and how.
+#[derive(Clone, Default)]
+pub struct PluginHttp {
+    outbound: Outbound,
+    allowed: Arc<[Origin]>,
+    limits: HttpLimits,
+    /// The chain's turn on the CPU, given up while a response is awaited.
+    turn: Option<Arc<Turn>>,
+}
+
+impl PluginHttp {
+    /// The limits its requests meet.
+    pub fn limits(&self) -> HttpLimits {
+        self.limits
+    }
+
+    /// Sends a plugin's request, if its route allows it, by `deadline` (the call's time
+    /// for requests): the response, or why there is none. Counted by outcome.
+    pub async fn send(
+        &self,
+        plugin: &str,
+        method: &str,
+        url: &str,
+        headers: Vec<(String, String)>,
+        body: Option<Vec<u8>>,
+        deadline: Instant,
+    ) -> Result<Response, String> {
+        let result = self
+            .checked_send(plugin, method, url, headers, body, deadline)
+            .await;
+        if let Some(metrics) = self.outbound.0.as_ref().and_then(|s| s.metrics.as_ref()) {
+            let outcome = match &result {
+                Ok(r) => match r.status {
+                    200..=299 => "2xx",
+                    300..=399 => "3xx",
+                    400..=499 => "4xx",
+                    _ => "5xx",
+                },
+                Err(SendError::Refused(_)) => "refused",
+                Err(SendError::Failed(_)) => "failed",
+            };
+            metrics.plugin_http(plugin, outcome);
+        }
+        result.map_err(|e| e.to_string())
+    }
+
+    async fn checked_send(
+        &self,
+        plugin: &str,
+        method: &str,
+        url: &str,
+        headers: Vec<(String, String)>,
+        body: Option<Vec<u8>>,
+        deadline: Instant,
+    ) -> Result<Response, SendError> {
+        let refused = |m: String| Err(SendError::Refused(m));
+        if !METHODS.contains(&method) {
+            return refused(format!(
+                "`{method}` is not a method a plugin may send ({})",
+                METHODS.join(", ")
+            ));
+        }
+        let url = match url::Url::parse(url) {
+            Ok(u) => u,
+            Err(e) => return refused(format!("`{url}` is not an absolute URL: {e}")),
+        };
+        if !self.allowed.iter().any(|o| o.allows(&url)) {
+            let origin = url.origin().ascii_serialization();
+            return refused(match self.allowed.is_empty() {
+                true => format!(
+                    "the route allows plugin `{plugin}` no HTTP requests (add `{origin}` to its \
+                     `allow_http` to allow this one)"
+                ),
+                false => format!(
+                    "{origin} is not among the origins the route allows plugin `{plugin}` \
+                     (`allow_http`)"
+                ),
+            });
+        }
+        let Some(shared) = &self.outbound.0 else {
+            return refused("this run sends no HTTP requests".into());
+        };
+        if shared.dry_run && !DRY_RUN_METHODS.contains(&method) {
+            return refused(format!(
+                "a dry run does not send `{method}` requests (only GET and HEAD)"
+            ));
+        }
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        if timeout.is_zero() {
+            return Err(SendError::Failed(format!(
+                "the call's time for HTTP requests ({:?}, `plugins.http_timeout`) is used up",
+                self.limits.timeout
+            )));
+        }
+        let request = Request {
+            method: method.parse().expect("one of METHODS"),
+            url,
+            headers: (headers.into_iter())
+                .filter(|(k, _)| !TRANSPORT_HEADERS.contains(&k.to_ascii_lowercase().as_str()))
+                .collect(),
+            body,
+        };
+        let send = shared
+            .sender
+            .send(request, timeout, self.limits.max_response_bytes);
+        match &self.turn {
+            Some(turn) => turn.away(send).await,
+            None => send.await,
+        }
+    }
+}
+
+/// A plugin chain's turn on the CPU (a permit of the pipeline's plugin semaphore), which
+/// it gives up while it waits for something other than the CPU.
+pub struct Turn {
+    cpu: Arc<Semaphore>,
+    permit: Mutex<Option<OwnedSemaphorePermit>>,
+}
+
+impl Turn {
+    /// Waits for a turn on `cpu`.
+    pub async fn take(cpu: &Arc<Semaphore>) -> Arc<Self> {
+        let permit = cpu.clone().acquire_owned().await.ok();
+        Arc::new(Self {
+            cpu: cpu.clone(),
+            permit: Mutex::new(permit),
+        })
+    }
+
+    /// Runs `wait` without the turn, and takes a turn again afterwards.
+    pub async fn away<F: Future>(&self, wait: F) -> F::Output {
+        drop(self.lock().take());
+        let out = wait.await;
+        let permit = self.cpu.clone().acquire_owned().await.ok();
+        *self.lock() = permit;
+        out
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<OwnedSemaphorePermit>> {
+        self.permit.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn url(s: &str) -> url::Url {
+        url::Url::parse(s).unwrap()
+    }
+
+    #[test]
+    fn an_origin_allows_its_scheme_host_and_port_only() {
+        let o = Origin::parse("https://CRM.example.com").unwrap();
+        assert!(o.allows(&url("https://crm.example.com/sims/1?x=2")));
+        assert!(o.allows(&url("https://crm.example.com:443/")));
+        assert!(!o.allows(&url("http://crm.example.com/")));
+        assert!(!o.allows(&url("https://crm.example.com:8443/")));
+        assert!(!o.allows(&url("https://crm.example.com.evil.net/")));
+        assert!(!o.allows(&url("https://api.crm.example.com/")));
+
+        let o = Origin::parse("http://127.0.0.1:8080/").unwrap();
+        assert!(o.allows(&url("http://127.0.0.1:8080/a")));
+        assert!(!o.allows(&url("http://127.0.0.1:8081/a")));
+        assert!(!o.allows(&url("http://localhost:8080/a")));
+
+        let o = Origin::parse("https://*.example.com").unwrap();
+        assert!(o.allows(&url("https://a.example.com/")));
+        assert!(o.allows(&url("https://a.b.example.com/")));
+        assert!(!o.allows(&url("https://example.com/")));
+        assert!(!o.allows(&url("https://badexample.com/")));
+
+        let o = Origin::parse("http://[::1]:9000").unwrap();
+        assert!(o.allows(&url("http://[::1]:9000/x")));
+    }
+
+    #[test]
+    fn a_bad_origin_says_what_is_wrong() {
+        for (text, why) in [
+            ("crm.example.com", "no scheme"),
+            ("ftp://crm.example.com", "http or https"),
+            ("https://crm.example.com/sims", "only a scheme"),
+            ("https://user@crm.example.com", "only a scheme"),
+            ("https://*.10.0.0.1", "before a domain"),
+            ("https://", "empty host"),
+        ] {
+            let e = Origin::parse(text).unwrap_err();
+            assert!(e.contains(why), "{text}: {e}");
+        }
+    }
+}

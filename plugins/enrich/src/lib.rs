@@ -1,0 +1,172 @@
+//! `enrich`: adds to an event what another service knows of it — a SIM's customer from a
+//! CRM, a device's owner from an inventory — by one `GET` per event to that service (WIT
+//! `http`, 0.1.3), optionally remembered for a while (WIT `state`).
+//!
+//! Config:
+//! - `url`: the service's URL, with `{/pointer}` placeholders filled from the event's JSON
+//!   body (each value percent-encoded): `https://crm.example.com/sims/{/iccid}`. The route
+//!   must allow the URL's origin (`allow_http`).
+//! - `header.<name>`: a header to send (`header.authorization = "Bearer ${env:CRM_TOKEN}"`).
+//! - `into`: a JSON pointer in the body where the service's JSON answer goes (default
+//!   `/enrichment`; missing objects on the way are made); `""` leaves the body as it is.
+//! - `metadata.<key>`: a JSON pointer into the answer whose value (a string or a number)
+//!   becomes metadata `key` — for a destination's `:key:` placeholders, or a later
+//!   plugin's routing (`metadata.customer = "/customer/id"`).
+//! - `not_found`: what a `404` means: `pass` (the event goes on unchanged; the default),
+//!   `drop`, or `error`.
+//! - `cache_ttl`: seconds to remember an answer per URL (in the plugin's `state`), so that
+//!   a SIM's hundred events ask once; unset, every event asks.
+//!
+//! ```toml
+//! plugins = [{ name = "enrich", on_error = "skip-plugin", allow_http = ["https://crm.example.com"],
+//!              config = { url = "https://crm.example.com/sims/{/iccid}", "metadata.customer" = "/customer" } }]
+//! ```
+//!
+//! Any other status, an answer that is not JSON, or no answer at all is an error of the
+//! plugin (the route's `on_error` applies: `skip-plugin` delivers the event unenriched). An
+//! event without a value for a placeholder is an `invalid-event` error.
+
+use serde_json::Value;
+use switchyard_plugin::*;
+
+struct Enrich;
+
+impl Plugin for Enrich {
+    fn handle(event: Event) -> Result<Verdict, PluginError> {
+        let template = config("url").ok_or_else(|| {
+            PluginError::InvalidConfig(
+                "`url` must name the service, e.g. https://crm.example.com/sims/{/iccid}".into(),
+            )
+        })?;
+        let into = config("into").unwrap_or_else(|| "/enrichment".into());
+        if !into.is_empty() && !into.starts_with('/') {
+            return Err(PluginError::InvalidConfig(format!(
+                "`into` must be a JSON pointer (it starts with /) or empty, not `{into}`"
+            )));
+        }
+        let not_found = config("not_found").unwrap_or_else(|| "pass".into());
+        if !["pass", "drop", "error"].contains(&not_found.as_str()) {
+            return Err(PluginError::InvalidConfig(format!(
+                "`not_found` must be pass, drop or error, not `{not_found}`"
+            )));
+        }
+        let cache_ttl = match config("cache_ttl") {
+            None => None,
+            Some(t) => Some(t.trim().parse::<u32>().map_err(|_| {
+                PluginError::InvalidConfig(format!(
+                    "`cache_ttl` must be a number of seconds, not `{t}`"
+                ))
+            })?),
+        };
+        let all = config_all();
+        let headers: Vec<(&str, &str)> = (all.iter())
+            .filter_map(|(k, v)| Some((k.strip_prefix("header.")?, v.as_str())))
+            .collect();
+
+        let mut body = json_body(&event)?;
+        let url = fill(&template, &body)?;
+        let answer = match cache_ttl.and_then(|_| state::get(&url)) {
+            Some(kept) => serde_json::from_str(&kept).ok(),
+            None => None,
+        };
+        let answer = match answer {
+            Some(answer) => answer,
+            None => {
+                let response = http_get(&url, &headers)
+                    .map_err(|e| PluginError::Other(format!("GET {url}: {e}")))?;
+                match response.status {
+                    200..=299 => {}
+                    404 => {
+                        return match not_found.as_str() {
+                            "drop" => Ok(Verdict::Drop(format!("GET {url} answered 404"))),
+                            "error" => Err(PluginError::Other(format!("GET {url} answered 404"))),
+                            _ => Ok(Verdict::Continue(Update::default())),
+                        };
+                    }
+                    status => {
+                        return Err(PluginError::Other(format!("GET {url} answered {status}")));
+                    }
+                }
+                let answer: Value = serde_json::from_slice(&response.body).map_err(|e| {
+                    PluginError::Other(format!("GET {url} did not answer JSON: {e}"))
+                })?;
+                if let Some(ttl) = cache_ttl {
+                    // Too large to keep: asked again next time.
+                    let _ = state::set(&url, &answer.to_string(), Some(ttl));
+                }
+                answer
+            }
+        };
+
+        let metadata = (all.iter())
+            .filter_map(|(k, pointer)| {
+                let key = k.strip_prefix("metadata.")?;
+                Some((
+                    key.to_string(),
+                    answer.pointer(pointer).and_then(scalar_text)?,
+                ))
+            })
+            .collect();
+        if into.is_empty() {
+            return Ok(Verdict::Continue(Update {
+                metadata,
+                ..Update::default()
+            }));
+        }
+        set_pointer(&mut body, &into, answer)?;
+        Ok(continue_with_json(&body, metadata))
+    }
+}
+
+/// `template` with each `{/pointer}` replaced by the body's value there, percent-encoded.
+fn fill(template: &str, body: &Value) -> Result<String, PluginError> {
+    let mut out = String::new();
+    let mut rest = template;
+    while let Some(start) = rest.find("{/") {
+        out.push_str(&rest[..start]);
+        let end = rest[start..].find('}').ok_or_else(|| {
+            PluginError::InvalidConfig(format!("`url` has an unclosed placeholder: `{template}`"))
+        })? + start;
+        let pointer = &rest[start + 1..end];
+        let value = body.pointer(pointer).and_then(scalar_text).ok_or_else(|| {
+            PluginError::InvalidEvent(format!("the body has no string or number at {pointer}"))
+        })?;
+        for b in value.bytes() {
+            match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                    out.push(b as char)
+                }
+                _ => out.push_str(&format!("%{b:02X}")),
+            }
+        }
+        rest = &rest[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// Sets `value` at `pointer` in `body`, making the objects missing on the way.
+fn set_pointer(body: &mut Value, pointer: &str, value: Value) -> Result<(), PluginError> {
+    let mut at = body;
+    let tokens: Vec<String> = (pointer.split('/').skip(1))
+        .map(|t| t.replace("~1", "/").replace("~0", "~"))
+        .collect();
+    for (i, token) in tokens.iter().enumerate() {
+        let Value::Object(map) = at else {
+            return Err(PluginError::InvalidEvent(format!(
+                "cannot set {pointer}: the body is not an object on the way"
+            )));
+        };
+        if i + 1 == tokens.len() {
+            map.insert(token.clone(), value);
+            return Ok(());
+        }
+        at = map
+            .entry(token.clone())
+            .or_insert_with(|| Value::Object(Default::default()));
+    }
+    // (Not reached: `into` is checked to be a pointer, one token or more.)
+    Ok(())
+}
+
+export_plugin!(Enrich);
