@@ -771,6 +771,7 @@ fn every_guest_fixture_is_used_by_a_test() {
         include_str!("reload.rs"),
         include_str!("crash.rs"),
         include_str!("state.rs"),
+        include_str!("outbound.rs"),
     ]
     .concat();
     let this = include_str!("cli.rs");

@@ -3,6 +3,8 @@
 //! source, run side by side on the same events through a real gateway. Every event must
 //! get the same verdict from all three.
 
+use std::sync::Arc;
+
 use serde_json::{Value, json};
 
 use crate::util::{Receiver, TestGateway, sample_event};
@@ -335,23 +337,7 @@ async fn change_filter_remembers_alike_in_rust_js_and_python() {
         ("bad-ttl", "bad ttl", b"{}".to_vec()),
         ("not-a-pointer", "not a pointer", b"{}".to_vec()),
     ];
-    let mut seen: Vec<(&str, Value)> = Vec::new();
-    for (source, name, body) in events {
-        let id = gw.accept(source, body).await;
-        let event = gw.settled(&id).await;
-        let routes = event["routes"].as_array().unwrap();
-        assert_eq!(routes.len(), CHANGE_FILTERS.len(), "{event}");
-        let decisions: Vec<Value> = (routes.iter())
-            .map(|r| decision(r["steps"].as_array().unwrap().last().unwrap()))
-            .collect();
-        for (i, (lang, _)) in CHANGE_FILTERS.iter().enumerate().skip(1) {
-            assert_eq!(
-                decisions[i], decisions[0],
-                "{name}: {lang} disagrees with rust"
-            );
-        }
-        seen.push((name, decisions[0].clone()));
-    }
+    let seen = agree(&gw, CHANGE_FILTERS, events).await;
     let decided = |case: &str| seen.iter().find(|(n, _)| *n == case).unwrap().1.clone();
     let previous = |case: &str| decided(case)["metadata"].clone();
     assert_eq!(previous("first"), json!([["previous", "[]"]]));
@@ -391,4 +377,223 @@ async fn change_filter_remembers_alike_in_rust_js_and_python() {
         assert_eq!(page["items"][0]["key"], "s:/sim/0/id=x", "{plugin}: {page}");
         assert_eq!(page["items"][0]["value"], "[[1,true]]", "{plugin}: {page}");
     }
+}
+
+/// Posts each `(source, case, body)` to a gateway whose every source has one route per
+/// language (in `languages`' order): each case's decision, which every language must share.
+async fn agree<'a>(
+    gw: &TestGateway,
+    languages: &[(&str, &str)],
+    events: Vec<(&str, &'a str, Vec<u8>)>,
+) -> Vec<(&'a str, Value)> {
+    let mut seen = Vec::new();
+    for (source, name, body) in events {
+        let id = gw.accept(source, body).await;
+        let event = gw.settled(&id).await;
+        let routes = event["routes"].as_array().unwrap();
+        assert_eq!(routes.len(), languages.len(), "{event}");
+        let decisions: Vec<Value> = (routes.iter())
+            .map(|r| decision(r["steps"].as_array().unwrap().last().unwrap()))
+            .collect();
+        for (i, (lang, _)) in languages.iter().enumerate().skip(1) {
+            assert_eq!(
+                decisions[i], decisions[0],
+                "{name}: {lang} disagrees with {}",
+                languages[0].0
+            );
+        }
+        seen.push((name, decisions[0].clone()));
+    }
+    seen
+}
+
+/// `enrich` in the three languages, each asking a CRM on loopback through `http` (and
+/// remembering answers through `state`), on one sequence of events and configs: the same
+/// verdict at each step — the URL each built (percent-encoding included) is in the answer.
+#[tokio::test(flavor = "multi_thread")]
+async fn enrich_asks_alike_in_rust_js_and_python() {
+    const ENRICHERS: &[(&str, &str)] = &[
+        ("rust", "enrich"),
+        ("js", "enrich-js"),
+        ("python", "enrich-py"),
+    ];
+    let asked = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let crm = {
+        let asked = asked.clone();
+        crate::util::serve(axum::Router::new().fallback(move |uri: axum::http::Uri| {
+            let asked = asked.clone();
+            async move {
+                let path = uri.path().to_string();
+                asked.lock().unwrap().push(path.clone());
+                let mut parts = path.split('/').skip(1);
+                match (parts.next(), parts.next()) {
+                    (Some("sims"), Some(id)) if id.starts_with("8945") => (
+                        axum::http::StatusCode::OK,
+                        json!({ "customer": { "id": "acme", "plan": "iot-1" }, "n": 7, "asked": path }).to_string(),
+                    ),
+                    (Some("status"), Some(code)) => (code.parse().unwrap(), "{}".to_string()),
+                    (Some("text"), _) => (axum::http::StatusCode::OK, "not json".to_string()),
+                    _ => (axum::http::StatusCode::NOT_FOUND, "{}".to_string()),
+                }
+            }
+        }))
+        .await
+    };
+    let sims = format!("{crm}/sims/{{/iccid}}");
+    let sources = [
+        (
+            "enrich",
+            format!(
+                r#"{{ url = "{sims}", "metadata.customer" = "/customer/id", "metadata.n" = "/n", "metadata.none" = "/nothing", into = "/crm/data" }}"#
+            ),
+        ),
+        (
+            "cached",
+            format!(r#"{{ url = "{sims}", cache_ttl = "60" }}"#),
+        ),
+        (
+            "nowhere",
+            format!(r#"{{ url = "{sims}", into = "", "metadata.plan" = "/customer/plan" }}"#),
+        ),
+        (
+            "drop-404",
+            format!(r#"{{ url = "{sims}", not_found = "drop" }}"#),
+        ),
+        (
+            "error-404",
+            format!(r#"{{ url = "{sims}", not_found = "error" }}"#),
+        ),
+        ("status", format!(r#"{{ url = "{crm}/status/{{/code}}" }}"#)),
+        (
+            "not-json",
+            format!(r#"{{ url = "{crm}/text/{{/iccid}}" }}"#),
+        ),
+        ("no-url", "{}".to_string()),
+        ("bad-into", format!(r#"{{ url = "{sims}", into = "crm" }}"#)),
+        (
+            "bad-ttl",
+            format!(r#"{{ url = "{sims}", cache_ttl = "soon" }}"#),
+        ),
+        (
+            "bad-not-found",
+            format!(r#"{{ url = "{sims}", not_found = "maybe" }}"#),
+        ),
+    ];
+    let mut config = "[[destinations]]\nname = \"sink\"\nurl = \"{receiver}/sink\"\n".to_string();
+    for (source, plugin_config) in &sources {
+        config += &format!("[[sources]]\nname = \"{source}\"\n");
+        for (lang, plugin) in ENRICHERS {
+            config += &format!(
+                "[[routes]]\nname = \"{source}-{lang}\"\nsource = \"{source}\"\non_error = \"drop\"\n\
+                 destinations = [\"sink\"]\n\
+                 plugins = [{{ name = \"{plugin}\", allow_http = [\"{crm}\"], config = {plugin_config} }}]\n"
+            );
+        }
+    }
+    let plugins: Vec<&str> = ENRICHERS.iter().map(|(_, p)| *p).collect();
+    let rx = Receiver::start().await;
+    let gw = TestGateway::start(&config, &rx, &plugins).await;
+
+    let sim = |iccid: Value| {
+        json!({ "iccid": iccid, "bytes": 1200 })
+            .to_string()
+            .into_bytes()
+    };
+    let known = || sim(json!("8945738730000000012"));
+    let events: Vec<(&str, &str, Vec<u8>)> = vec![
+        ("enrich", "known", known()),
+        ("enrich", "unknown", sim(json!("1234"))),
+        ("enrich", "numeric", sim(json!(8945001))),
+        ("enrich", "to encode", sim(json!("8945 a/b?é~"))),
+        ("enrich", "no iccid", b"{}".to_vec()),
+        (
+            "enrich",
+            "not an object on the way",
+            json!({ "iccid": "8945", "crm": 5 })
+                .to_string()
+                .into_bytes(),
+        ),
+        ("enrich", "not JSON", b"{ nope".to_vec()),
+        ("cached", "first", known()),
+        ("cached", "again", known()),
+        ("nowhere", "metadata only", known()),
+        ("drop-404", "dropped", sim(json!("1234"))),
+        ("error-404", "error", sim(json!("1234"))),
+        (
+            "status",
+            "500",
+            json!({ "code": "500" }).to_string().into_bytes(),
+        ),
+        (
+            "status",
+            "302",
+            json!({ "code": "302" }).to_string().into_bytes(),
+        ),
+        ("not-json", "not a JSON answer", known()),
+        ("no-url", "no url", known()),
+        ("bad-into", "bad into", known()),
+        ("bad-ttl", "bad ttl", known()),
+        ("bad-not-found", "bad not_found", known()),
+    ];
+    let seen = agree(&gw, ENRICHERS, events).await;
+    let decided = |case: &str| seen.iter().find(|(n, _)| *n == case).unwrap().1.clone();
+
+    let known = decided("known");
+    assert_eq!(
+        known["body"]["crm"]["data"]["customer"]["plan"], "iot-1",
+        "{known}"
+    );
+    assert_eq!(known["body"]["bytes"], 1200, "{known}");
+    assert_eq!(
+        known["metadata"],
+        json!([["customer", "acme"], ["n", "7"]]),
+        "{known}"
+    );
+    assert_eq!(decided("unknown")["verdict"], "continue");
+    assert!(
+        decided("unknown").get("body").is_none(),
+        "{}",
+        decided("unknown")
+    );
+    assert_eq!(
+        decided("numeric")["body"]["crm"]["data"]["asked"],
+        "/sims/8945001"
+    );
+    assert_eq!(
+        decided("to encode")["body"]["crm"]["data"]["asked"],
+        "/sims/8945%20a%2Fb%3F%C3%A9~"
+    );
+    assert_eq!(decided("no iccid"), json!({ "error": "invalid event" }));
+    assert_eq!(
+        decided("not an object on the way"),
+        json!({ "error": "invalid event" })
+    );
+    assert_eq!(decided("not JSON"), json!({ "error": "invalid event" }));
+    assert_eq!(decided("again"), decided("first"));
+    assert_eq!(
+        decided("metadata only")["metadata"],
+        json!([["plan", "iot-1"]])
+    );
+    assert!(decided("metadata only").get("body").is_none());
+    assert_eq!(
+        decided("dropped")["reason"],
+        format!("GET {crm}/sims/1234 answered 404")
+    );
+    for case in ["error", "500", "302", "not a JSON answer"] {
+        assert_eq!(decided(case), json!({ "error": "other" }), "{case}");
+    }
+    for case in ["no url", "bad into", "bad ttl", "bad not_found"] {
+        assert_eq!(
+            decided(case),
+            json!({ "error": "invalid config" }),
+            "{case}"
+        );
+    }
+    // Each language asked for the known SIM once per config that reached the CRM with it
+    // (`enrich`, `cached` — its second event remembered it — and `nowhere`).
+    let asked = asked.lock().unwrap();
+    let known_asked = (asked.iter())
+        .filter(|p| *p == "/sims/8945738730000000012")
+        .count();
+    assert_eq!(known_asked, 3 * 3, "{asked:?}");
 }

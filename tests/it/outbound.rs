@@ -95,6 +95,10 @@ destinations = ["sink"]
 "#
     );
     let gw = TestGateway::start(&config, &rx, &["enrich"]).await;
+    // The plugins list tells which plugins may send requests (import `http`).
+    let (_, plugins) = gw.get("/v1/plugins").await;
+    assert_eq!(plugins["items"][0]["sends_http"], true, "{plugins}");
+    assert_eq!(plugins["items"][0]["stateful"], true, "{plugins}");
 
     // The answer goes into the body and its customer into metadata; the second event of
     // the SIM finds the answer remembered (`cache_ttl`) and asks nothing.
@@ -267,7 +271,12 @@ destinations = ["sink"]
     let id = gw.accept("held", sim(KNOWN)).await;
     let e = gw.settled(&id).await;
     let error = e["routes"][0]["result"]["error"].as_str().unwrap();
-    assert!(error.contains("timed out"), "{error}");
+    assert!(
+        error.contains(
+            "timed out: the call's time for HTTP requests (`plugins.http_timeout`) ran out"
+        ),
+        "{error}"
+    );
     slow.release.notify_waiters();
     gw.shutdown().await.unwrap();
 }

@@ -92,8 +92,8 @@ pub fn build_guests(packages: &[&str], out_dir: &Path) -> Result<Vec<PathBuf>, S
 }
 
 /// Plugins in other languages, built by their own tools from `plugins/NAME`.
-pub const JS_PLUGINS: &[&str] = &["tag-router-js", "change-filter-js"];
-pub const PYTHON_PLUGINS: &[&str] = &["tag-router-py", "change-filter-py"];
+pub const JS_PLUGINS: &[&str] = &["tag-router-js", "change-filter-js", "enrich-js"];
+pub const PYTHON_PLUGINS: &[&str] = &["tag-router-py", "change-filter-py", "enrich-py"];
 
 /// The virtualenv (under `target/pytools`) with the pinned Python tools of
 /// `tests/tools/requirements.txt`: componentize-py for Python plugins, schemathesis and

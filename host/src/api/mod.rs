@@ -1147,6 +1147,7 @@ async fn list_plugins(State(state): State<Arc<AppState>>) -> Json<serde_json::Va
                         "sha256": p.sha256(),
                         "from_cache": p.from_cache(),
                         "stateful": p.stateful(),
+                        "sends_http": p.sends_http(),
                         "degraded": p.degraded(),
                         "consecutive_failures": p.consecutive_failures(),
                         "default_instance": p.default_mode(),

@@ -278,9 +278,7 @@ impl HttpSender for Transport {
                 .ok_or_else(|| SendError::Refused(format!("`{k}: {v}` is not a valid header")))?;
             headers.append(header.0, header.1);
         }
-        let mut builder = (self.client.request(request.method, request.url))
-            .headers(headers)
-            .timeout(timeout);
+        let mut builder = (self.client.request(request.method, request.url)).headers(headers);
         if let Some(body) = request.body {
             builder = builder.body(body);
         }
@@ -318,12 +316,14 @@ impl HttpSender for Transport {
                 body,
             })
         };
-        // (The client's timeout covers the body too; this one is the call's budget, whole.)
+        // The call's time for requests bounds the exchange, body included (the client's own
+        // timeout, `delivery.timeout`, still applies when it is the shorter).
         match tokio::time::timeout(timeout, exchange).await {
             Ok(result) => result,
-            Err(_) => Err(SendError::Failed(format!(
-                "no whole answer within {timeout:?}"
-            ))),
+            Err(_) => Err(SendError::Failed(
+                "timed out: the call's time for HTTP requests (`plugins.http_timeout`) ran out"
+                    .into(),
+            )),
         }
     }
 }

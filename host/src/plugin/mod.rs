@@ -261,10 +261,17 @@ impl PluginRuntime {
             }
         };
         let pre = self.link(&component)?;
-        let stateful = (component.component_type().imports(&self.engine))
-            .any(|(import, _)| import.starts_with("switchyard:plugin/state@"));
+        let imports = |prefix: &str| {
+            (component.component_type().imports(&self.engine))
+                .any(|(import, _)| import.starts_with(prefix))
+        };
+        let (stateful, sends_http) = (
+            imports("switchyard:plugin/state@"),
+            imports("switchyard:plugin/http@"),
+        );
         Ok(LoadedPlugin {
             stateful,
+            sends_http,
             name: name.into(),
             sha256,
             size: bytes.len(),
@@ -389,12 +396,20 @@ pub struct LoadedPlugin {
     from_cache: bool,
     /// Whether it imports `state` (keeps values between events).
     stateful: bool,
+    /// Whether it imports `http` (may send requests, where a route allows).
+    sends_http: bool,
 }
 
 impl LoadedPlugin {
     /// Whether the plugin imports the `state` interface: it may keep values between events.
     pub fn stateful(&self) -> bool {
         self.stateful
+    }
+
+    /// Whether the plugin imports the `http` interface: it may send HTTP requests to the
+    /// origins a route allows it.
+    pub fn sends_http(&self) -> bool {
+        self.sends_http
     }
 
     /// Whether the compiled code came from the cache (no compilation).

@@ -402,6 +402,113 @@ mod tests {
         assert!(o.allows(&url("http://[::1]:9000/x")));
     }
 
+    /// Answers every request with its method as the body, status 200.
+    struct Echo;
+
+    #[async_trait::async_trait]
+    impl Sender for Echo {
+        async fn send(&self, r: Request, _: Duration, _: usize) -> Result<Response, SendError> {
+            Ok(Response {
+                status: 200,
+                headers: r.headers,
+                body: r.method.as_str().as_bytes().to_vec(),
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_grant_checks_method_origin_dry_run_and_time_and_counts() {
+        let metrics = Arc::new(Metrics::default());
+        let outbound = Outbound::new(Arc::new(Echo)).counted(metrics.clone());
+        let allowed: Arc<[Origin]> = [Origin::parse("https://crm.example.com").unwrap()].into();
+        let later = Instant::now() + Duration::from_secs(5);
+        let live = outbound.grant(&allowed, HttpLimits::default(), None);
+        let send = |grant: &PluginHttp, method: &str, url: &str, deadline: Instant| {
+            let (grant, method, url) = (grant.clone(), method.to_string(), url.to_string());
+            async move {
+                let headers = vec![("Host".into(), "evil".into()), ("x-a".into(), "1".into())];
+                grant
+                    .send("p", &method, &url, headers, None, deadline)
+                    .await
+            }
+        };
+
+        let ok = send(&live, "POST", "https://crm.example.com/x", later)
+            .await
+            .unwrap();
+        assert_eq!((ok.status, ok.body.as_slice()), (200, b"POST".as_slice()));
+        assert_eq!(
+            ok.headers,
+            [("x-a".to_string(), "1".to_string())],
+            "host is the transport's"
+        );
+        let e = send(&live, "CONNECT", "https://crm.example.com/", later)
+            .await
+            .unwrap_err();
+        assert!(e.contains("not a method a plugin may send"), "{e}");
+        let e = send(&live, "GET", "https://other.example.com/", later)
+            .await
+            .unwrap_err();
+        assert!(
+            e.contains("https://other.example.com is not among the origins"),
+            "{e}"
+        );
+        let e = send(&live, "GET", "/relative", later).await.unwrap_err();
+        assert!(e.contains("not an absolute URL"), "{e}");
+        let e = send(&live, "GET", "https://crm.example.com/", Instant::now())
+            .await
+            .unwrap_err();
+        assert!(e.contains("is used up"), "{e}");
+
+        // A dry run sends GET and HEAD only, and counts nothing.
+        let dry = outbound
+            .dry_run()
+            .grant(&allowed, HttpLimits::default(), None);
+        assert!(
+            send(&dry, "GET", "https://crm.example.com/", later)
+                .await
+                .is_ok()
+        );
+        let e = send(&dry, "DELETE", "https://crm.example.com/", later)
+            .await
+            .unwrap_err();
+        assert!(
+            e.contains("a dry run does not send `DELETE` requests"),
+            "{e}"
+        );
+
+        // No grant at all: nothing is sent, and the error says what to allow.
+        let none = outbound.grant(&Arc::from([]), HttpLimits::default(), None);
+        let e = send(&none, "GET", "https://crm.example.com/a", later)
+            .await
+            .unwrap_err();
+        assert!(
+            e.contains("add `https://crm.example.com` to its `allow_http`"),
+            "{e}"
+        );
+
+        let count = |outcome: &str| {
+            let labels = crate::metrics::PluginHttpLabels {
+                plugin: "p".into(),
+                outcome: outcome.into(),
+            };
+            metrics.plugin_http.get(&labels).map_or(0, |c| c.get())
+        };
+        assert_eq!((count("2xx"), count("refused"), count("failed")), (1, 4, 1));
+    }
+
+    /// A chain that waits gives its permit back meanwhile, and takes one again after.
+    #[tokio::test]
+    async fn a_turn_is_given_up_while_waiting() {
+        let cpu = Arc::new(Semaphore::new(1));
+        let turn = Turn::take(&cpu).await;
+        assert_eq!(cpu.available_permits(), 0);
+        let seen = turn.away(async { cpu.available_permits() }).await;
+        assert_eq!((seen, cpu.available_permits()), (1, 0));
+        drop(turn);
+        assert_eq!(cpu.available_permits(), 1);
+    }
+
     #[test]
     fn a_bad_origin_says_what_is_wrong() {
         for (text, why) in [
