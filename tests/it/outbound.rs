@@ -170,6 +170,23 @@ destinations = ["sink"]
     assert!(headers.contains(&json!(["x-customer", "acme"])), "{run}");
     assert_eq!(crm.asked.load(Ordering::SeqCst), 3);
 
+    // Routes made through the API grant origins the same way, checked as the file's are.
+    let plugin = |origin: &str| json!([{ "name": "enrich", "allow_http": [origin] }]);
+    let route =
+        |origin: &str| json!({ "name": "api", "source": "other", "plugins": plugin(origin) });
+    let (status, e) = gw
+        .send("POST", "/v1/routes", Some(route("ftp://crm")))
+        .await;
+    assert_eq!(status, 400, "{e}");
+    let message = e["error"].as_str().unwrap();
+    assert!(message.contains("plugins[0].allow_http[0]"), "{message}");
+    assert!(
+        message.contains("the scheme must be http or https"),
+        "{message}"
+    );
+    let created = gw.create("/v1/routes", route(&crm_url)).await;
+    assert_eq!(created["plugins"], plugin(&crm_url), "{created}");
+
     let metrics = gw.metrics().await;
     for line in [
         r#"switchyard_plugin_http_requests_total{plugin="enrich",outcome="2xx"} 1"#,
