@@ -1,5 +1,6 @@
 //! The plugin stage per call: one 1 KiB Onomondo event through a plugin, in a fresh
-//! instance and in a warm (reused) one.
+//! instance and in a warm (reused) one; per language; many in flight; with `state`; with an
+//! HTTP request (`http`).
 //!
 //! Run with: `cargo bench -p switchyard --bench plugin_stage`. The plugins are built from
 //! source first (release, wasm32-wasip2).
@@ -251,5 +252,72 @@ fn state(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, plugin_stage, languages, in_flight, state);
+/// A plugin's HTTP request per call (`http`, 0.1.3): `enrich`, fresh, asking a minimal JSON
+/// server on loopback in the same one-thread runtime through the deliveries' transport
+/// (`get`: a `GET` every call, the round trip and the server's side included), and the same
+/// with its answer remembered in memory (`cached`: `cache_ttl`, a `state` read per call and
+/// no request).
+fn http(c: &mut Criterion) {
+    let out = xtask::workspace_root().join("target/guests/plugins");
+    xtask::build_guests(&["enrich"], &out).expect("Rust plugin builds");
+    let runtime = PluginRuntime::new().unwrap();
+    let rt = runtime_for_calls();
+    let plugin = runtime
+        .load_file("enrich", &out.join("enrich.wasm"))
+        .unwrap();
+    let crm = rt.block_on(async {
+        let app = axum::Router::new()
+            .fallback(|| async { r#"{"customer":{"id":"acme","plan":"iot-1"}}"# });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        url
+    });
+    let config = switchyard::config::Config::parse(
+        "[delivery]\nallowed_networks = [\"127.0.0.0/8\"]\n",
+        "bench",
+        std::path::Path::new("."),
+        &|_| None,
+    )
+    .unwrap();
+    let sender = switchyard::delivery::plugin_sender(&config.delivery).unwrap();
+    let outbound = switchyard::plugin::Outbound::new(sender);
+    let allowed: Arc<[switchyard::plugin::Origin]> =
+        [switchyard::plugin::Origin::parse(&crm).unwrap()].into();
+    let mut e = event();
+    e.body = Body::from(br#"{"type":"usage","iccid":"8945738730000000012","bytes":1200}"#.to_vec());
+    let mut group = c.benchmark_group("http");
+    group.sample_size(20);
+    for (label, cache) in [("get", None), ("cached", Some("60"))] {
+        let mut pairs = vec![
+            ("url".to_string(), format!("{crm}/sims/{{/iccid}}")),
+            ("metadata.customer".to_string(), "/customer/id".to_string()),
+        ];
+        pairs.extend(cache.map(|t| ("cache_ttl".to_string(), t.to_string())));
+        let config: Arc<[(String, String)]> = Arc::from(pairs);
+        let states = PluginStates::memory();
+        group.bench_function(format!("enrich/{label}"), |b| {
+            b.iter(|| {
+                let input = CallInput {
+                    state: states.clone(),
+                    http: outbound.grant(&allowed, Default::default(), None),
+                    ..CallInput::config(config.clone())
+                };
+                let verdict = rt
+                    .block_on(plugin.call(&e, input, CallLimits::default(), InstanceMode::Fresh))
+                    .expect("plugin answers");
+                let switchyard::plugin::PluginVerdict::Continue(update) = verdict else {
+                    panic!("enrich continues: {verdict:?}");
+                };
+                assert_eq!(
+                    update.metadata,
+                    [("customer".to_string(), "acme".to_string())]
+                );
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, plugin_stage, languages, in_flight, state, http);
 criterion_main!(benches);
