@@ -182,6 +182,16 @@ enum PluginCommand {
         /// them: `{"/iccid=8945…": "[\"238\",\"01\"]"}` (by key). Without it, none.
         #[arg(long)]
         state: Option<PathBuf>,
+        /// An origin the plugin may send HTTP requests to (`http`), as a route's
+        /// `allow_http` grants one: `https://crm.example.com`. Repeatable; without it, the
+        /// plugin's requests fail unsent.
+        #[arg(long = "allow-http", value_name = "ORIGIN")]
+        allow_http: Vec<String>,
+        /// A network the address guard lets those requests reach, as
+        /// `delivery.allowed_networks` does (`127.0.0.0/8` for a service on this machine).
+        /// Repeatable.
+        #[arg(long = "allow-network", value_name = "CIDR")]
+        allow_networks: Vec<String>,
         /// A JSON file with the expected output: exit 1, showing both, if it differs.
         #[arg(long)]
         expect: Option<PathBuf>,
@@ -195,6 +205,33 @@ enum PluginCommand {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+}
+
+/// What `plugin run` lets a plugin reach over HTTP: the origins given, through a transport
+/// as `[delivery]` with these `allowed_networks` builds it (nothing without an origin).
+fn plugin_run_http(
+    origins: &[String],
+    networks: &[String],
+) -> anyhow::Result<switchyard::plugin::PluginHttp> {
+    use switchyard::plugin::{HttpLimits, Origin, Outbound};
+    if origins.is_empty() {
+        return Ok(Default::default());
+    }
+    let allowed: Arc<[Origin]> = (origins.iter())
+        .map(|o| Origin::parse(o).map_err(|e| anyhow::anyhow!("--allow-http: {e}")))
+        .collect::<anyhow::Result<_>>()?;
+    let delivery = format!(
+        "[delivery]\nallowed_networks = {}\n",
+        serde_json::to_string(networks)?
+    );
+    let config = switchyard::config::Config::parse(
+        &delivery,
+        "--allow-network",
+        std::path::Path::new("."),
+        &|_| None,
+    )?;
+    let sender = switchyard::delivery::plugin_sender(&config.delivery)?;
+    Ok(Outbound::new(sender).grant(&allowed, HttpLimits::default(), None))
 }
 
 /// `serve --check`: prints what a start would load, and what would stop it.
@@ -701,9 +738,12 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                     metadata,
                     tables,
                     state,
+                    allow_http,
+                    allow_networks,
                     expect,
                 },
         } => {
+            let http = plugin_run_http(&allow_http, &allow_networks)?;
             let files = (tables.into_iter())
                 .map(|(name, file)| (name, PathBuf::from(file)))
                 .collect();
@@ -746,7 +786,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                         config: Arc::from(config),
                         tables: Arc::new(tables),
                         state: switchyard::plugin::PluginStates::memory_with(&state),
-                        http: Default::default(),
+                        http,
                     },
                     CallLimits::default(),
                     InstanceMode::Fresh,

@@ -190,6 +190,75 @@ fn plugin_run_starts_from_the_state_it_is_given() {
     );
 }
 
+/// `plugin run --allow-http ORIGIN`: the plugin's requests reach what is allowed (here a
+/// service on loopback, so `--allow-network` too); without them, nothing is sent and the
+/// plugin's error says what to allow.
+#[tokio::test(flavor = "multi_thread")]
+async fn plugin_run_sends_requests_only_where_allowed() {
+    let crm = crate::util::serve(
+        axum::Router::new().fallback(|| async { r#"{"customer":{"id":"acme"}}"# }),
+    )
+    .await;
+    let event = std::env::temp_dir().join(format!("sim-{}.json", std::process::id()));
+    std::fs::write(&event, r#"{"iccid":"8945738730000000012"}"#).unwrap();
+    let plugin = guest("enrich");
+    let args = |extra: &[&str]| -> Vec<String> {
+        let url = format!("url={crm}/sims/{{/iccid}}");
+        let base = ["plugin", "run", path(&plugin), "--event", path(&event)];
+        let config = [
+            "--config",
+            &url,
+            "--config",
+            "metadata.customer=/customer/id",
+        ];
+        [&base[..], &config[..], extra]
+            .concat()
+            .iter()
+            .map(|a| a.to_string())
+            .collect()
+    };
+    let run_owned = |args: Vec<String>| {
+        tokio::task::spawn_blocking(move || {
+            run(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        })
+    };
+    let (ok, out, err) = run_owned(args(&[])).await.unwrap();
+    assert!(!ok, "{out}{err}");
+    let error = serde_json::from_str::<Value>(&out).unwrap()["error"].to_string();
+    assert!(
+        error.contains(&format!("add `{crm}` to its `allow_http`")),
+        "{error}"
+    );
+
+    let allowed = ["--allow-http", &crm, "--allow-network", "127.0.0.0/8"];
+    let (ok, out, err) = run_owned(args(&allowed)).await.unwrap();
+    assert!(ok, "{out}{err}");
+    let verdict: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        verdict["metadata"],
+        serde_json::json!([["customer", "acme"]]),
+        "{verdict}"
+    );
+    assert_eq!(
+        verdict["body"]["enrichment"]["customer"]["id"], "acme",
+        "{verdict}"
+    );
+
+    // Allowed, but the address guard refuses loopback unless told.
+    let (ok, out, _) = run_owned(args(&allowed[..2])).await.unwrap();
+    assert!(!ok);
+    assert!(out.contains("refused by the SSRF guard"), "{out}");
+    let (ok, _, err) = run_owned(args(&["--allow-http", "ftp://crm"]))
+        .await
+        .unwrap();
+    assert!(!ok);
+    assert!(
+        err.contains("--allow-http: `ftp://crm` is not an origin"),
+        "{err}"
+    );
+    std::fs::remove_file(&event).unwrap();
+}
+
 #[test]
 fn event_filter_keeps_what_passes_its_conditions() {
     let dir = tempfile::tempdir().unwrap();
