@@ -147,6 +147,8 @@ enum Command {
     },
 }
 
+// One value per process, parsed once: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum PluginCommand {
     /// Check that a component fits the switchyard:plugin world; name what does not.
