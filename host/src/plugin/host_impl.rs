@@ -224,13 +224,13 @@ impl http::Host for PluginState {
         let grant = &self.input.http;
         let deadline = *(self.http_deadline)
             .get_or_insert_with(|| std::time::Instant::now() + grant.limits().timeout);
-        let http::Request {
-            method,
-            url,
-            headers,
-            body,
-        } = request;
-        let sent = grant.send(&self.plugin, &method, &url, headers, body, deadline);
+        let asked = super::outbound::Asked {
+            method: request.method,
+            url: request.url,
+            headers: request.headers,
+            body: request.body,
+        };
+        let sent = grant.send(&self.plugin, asked, deadline);
         Ok(sent.await.map(|r| http::Response {
             status: r.status,
             headers: r.headers,

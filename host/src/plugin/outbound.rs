@@ -125,6 +125,15 @@ impl std::fmt::Display for Origin {
     }
 }
 
+/// A request as a plugin asks for it (WIT `http.request`), not yet checked.
+#[derive(Debug)]
+pub struct Asked {
+    pub method: String,
+    pub url: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Option<Vec<u8>>,
+}
+
 /// A request a plugin's grant allows, ready to send.
 #[derive(Debug)]
 pub struct Request {
@@ -247,15 +256,10 @@ impl PluginHttp {
     pub async fn send(
         &self,
         plugin: &str,
-        method: &str,
-        url: &str,
-        headers: Vec<(String, String)>,
-        body: Option<Vec<u8>>,
+        asked: Asked,
         deadline: Instant,
     ) -> Result<Response, String> {
-        let result = self
-            .checked_send(plugin, method, url, headers, body, deadline)
-            .await;
+        let result = self.checked_send(plugin, asked, deadline).await;
         if let Some(metrics) = self.outbound.0.as_ref().and_then(|s| s.metrics.as_ref()) {
             let outcome = match &result {
                 Ok(r) => match r.status {
@@ -275,12 +279,16 @@ impl PluginHttp {
     async fn checked_send(
         &self,
         plugin: &str,
-        method: &str,
-        url: &str,
-        headers: Vec<(String, String)>,
-        body: Option<Vec<u8>>,
+        asked: Asked,
         deadline: Instant,
     ) -> Result<Response, SendError> {
+        let Asked {
+            method,
+            url,
+            headers,
+            body,
+        } = asked;
+        let (method, url) = (method.as_str(), url.as_str());
         let refused = |m: String| Err(SendError::Refused(m));
         if !METHODS.contains(&method) {
             return refused(format!(
@@ -427,9 +435,13 @@ mod tests {
             let (grant, method, url) = (grant.clone(), method.to_string(), url.to_string());
             async move {
                 let headers = vec![("Host".into(), "evil".into()), ("x-a".into(), "1".into())];
-                grant
-                    .send("p", &method, &url, headers, None, deadline)
-                    .await
+                let asked = Asked {
+                    method,
+                    url,
+                    headers,
+                    body: None,
+                };
+                grant.send("p", asked, deadline).await
             }
         };
 
