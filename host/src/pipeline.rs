@@ -4,7 +4,8 @@
 
 use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
@@ -385,6 +386,73 @@ pub struct Pipeline {
     states: PluginStates,
     /// How plugins' HTTP requests go out (the dispatcher's transport).
     outbound: Outbound,
+    workers: Workers,
+}
+
+/// The most workers that stand in for workers waiting on plugins' HTTP responses.
+const MAX_STAND_INS: usize = 960;
+
+/// The pipeline's workers: `base` of them take events at all times. One whose plugin waits
+/// for an HTTP response is stood in for by another (at most `MAX_STAND_INS` more), which
+/// leaves after an event once the waiting one is back — so a slow service holds up the
+/// events that ask it, not every source's.
+#[derive(Default)]
+struct Workers {
+    base: AtomicUsize,
+    /// Workers not waiting on a response.
+    working: AtomicUsize,
+    /// Workers in all.
+    all: AtomicUsize,
+    tracker: tokio_util::task::TaskTracker,
+}
+
+impl Workers {
+    /// Whether this worker is one too many now (a waiting one is back), and leaves.
+    fn leave_if_extra(&self) -> bool {
+        let base = self.base.load(Ordering::Relaxed);
+        let mut working = self.working.load(Ordering::Relaxed);
+        while working > base {
+            let fewer = working - 1;
+            match (self.working).compare_exchange(
+                working,
+                fewer,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => {
+                    self.all.fetch_sub(1, Ordering::AcqRel);
+                    return true;
+                }
+                Err(now) => working = now,
+            }
+        }
+        false
+    }
+}
+
+/// Stands workers in for waiting ones (the pipeline's `Waiting`).
+struct StandIns(Weak<Pipeline>);
+
+impl crate::plugin::Waiting for StandIns {
+    fn begins(&self) {
+        let Some(pipeline) = self.0.upgrade() else {
+            return;
+        };
+        let w = &pipeline.workers;
+        let working = w.working.fetch_sub(1, Ordering::AcqRel) - 1;
+        let base = w.base.load(Ordering::Relaxed);
+        if working < base && w.all.load(Ordering::Relaxed) < base + MAX_STAND_INS {
+            w.all.fetch_add(1, Ordering::AcqRel);
+            w.working.fetch_add(1, Ordering::AcqRel);
+            pipeline.spawn_worker();
+        }
+    }
+
+    fn ends(&self) {
+        if let Some(pipeline) = self.0.upgrade() {
+            pipeline.workers.working.fetch_add(1, Ordering::AcqRel);
+        }
+    }
 }
 
 /// What the plugin calls of one event reach besides the event: where their values are
@@ -488,9 +556,11 @@ impl Pipeline {
         clock: Arc<dyn crate::delivery::Clock>,
     ) -> Arc<Self> {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-        Arc::new(Self {
+        Arc::new_cyclic(|me| Self {
             states: PluginStates::store(store.clone(), clock).counted(metrics.clone()),
-            outbound: Outbound::new(dispatcher.clone()).counted(metrics.clone()),
+            outbound: (Outbound::new(dispatcher.clone()).counted(metrics.clone()))
+                .telling(Arc::new(StandIns(me.clone()))),
+            workers: Workers::default(),
             store,
             metrics,
             cpu: Arc::new(tokio::sync::Semaphore::new(cores * 2)),
@@ -515,23 +585,39 @@ impl Pipeline {
         self.routing.load_full()
     }
 
-    /// Processes events until the store is closed and drained.
+    /// Processes events with `workers` workers (and stand-ins for those waiting on plugins'
+    /// HTTP responses) until the store is closed and drained.
     pub async fn run(self: Arc<Self>, workers: usize) {
-        let mut handles = Vec::new();
-        for _ in 0..workers.max(1) {
-            let this = self.clone();
-            handles.push(tokio::spawn(async move {
+        let (w, n) = (&self.workers, workers.max(1));
+        w.base.store(n, Ordering::Relaxed);
+        w.all.fetch_add(n, Ordering::AcqRel);
+        w.working.fetch_add(n, Ordering::AcqRel);
+        for _ in 0..n {
+            self.spawn_worker();
+        }
+        w.tracker.close();
+        w.tracker.wait().await;
+    }
+
+    /// Starts a worker: it takes events until the store is drained, or until it is one too
+    /// many (`Workers::leave_if_extra`).
+    fn spawn_worker(self: &Arc<Self>) {
+        let this = self.clone();
+        self.workers.tracker.spawn(async move {
+            let work = async {
                 while let Some(event) = this.store.next_event().await {
                     let span = tracing::info_span!("pipeline", event_id = %event.id, source = %event.source);
                     this.process(event).instrument(span).await;
+                    if this.workers.leave_if_extra() {
+                        return;
+                    }
                 }
-            }));
-        }
-        for h in handles {
-            if let Err(e) = h.await {
-                tracing::error!(error = %e, "Pipeline worker ended abnormally.");
+            };
+            if let Err(panic) = AssertUnwindSafe(work).catch_unwind().await {
+                let error = panic_message(&*panic);
+                tracing::error!(error, "Pipeline worker ended abnormally.");
             }
-        }
+        });
     }
 
     /// Runs every route of the event's source, then stores the outcomes and the deliveries

@@ -198,12 +198,13 @@ destinations = ["sink"]
     gw.shutdown().await.unwrap();
 }
 
-/// Chains waiting for responses give up their CPU permits: with more of them waiting than
-/// there are permits, an event of another source still goes through. Then the responses
+/// Chains waiting for responses give up their CPU permits, and their workers are stood in
+/// for: with more of them waiting than there are permits and workers, an event of another
+/// source still goes through. Then the responses
 /// come, and each waiting event is enriched. A response past the call's time or its size
 /// limit fails the plugin, saying why.
 #[tokio::test(flavor = "multi_thread")]
-async fn waiting_for_responses_holds_no_cpu_permit_and_is_bounded() {
+async fn waiting_for_responses_holds_up_no_other_event_and_is_bounded() {
     let rx = Receiver::start().await;
     let (crm_url, crm) = start_crm().await;
     let route = |source: &str, path: &str| {
@@ -237,16 +238,17 @@ destinations = ["sink"]
     );
     let gw = TestGateway::start(&config, &rx, &["enrich"]).await;
 
-    // More chains waiting than there are permits (twice the cores).
-    let permits = std::thread::available_parallelism().map_or(2, |n| n.get()) * 2;
+    // More chains waiting than there are CPU permits (twice the cores) and pipeline
+    // workers (64): each waiting one is stood in for by another worker.
+    let waiting = 70;
     let mut held = Vec::new();
-    for i in 0..permits + 2 {
+    for i in 0..waiting {
         held.push(
             gw.accept("held", sim(&format!("89450000000000000{i:02}")))
                 .await,
         );
     }
-    while crm.asked.load(Ordering::SeqCst) < permits + 2 {
+    while crm.asked.load(Ordering::SeqCst) < waiting {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     let quick = gw.accept("quick", "{}").await;
@@ -262,7 +264,7 @@ destinations = ["sink"]
         let e = gw.settled(id).await;
         assert_eq!(e["deliveries"][0]["status"], "delivered", "{e}");
     }
-    let customers = rx.wait_for(permits + 3).await;
+    let customers = rx.wait_for(waiting + 1).await;
     assert!(
         customers[1..]
             .iter()

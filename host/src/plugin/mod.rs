@@ -28,7 +28,7 @@ pub use check::{CheckReport, check_component};
 pub use convert::{PluginDelivery, PluginUpdate, PluginVerdict};
 pub use outbound::{
     HttpLimits, Origin, Outbound, PluginHttp, Request as HttpRequest, Response as HttpResponse,
-    SendError, Sender as HttpSender, Turn,
+    SendError, Sender as HttpSender, Turn, Waiting,
 };
 pub use registry::{PluginMap, PluginRegistry, PluginStatus};
 pub use state::{MAX_KEY_BYTES, PluginStates, Seed as StateSeed, StateLimits};

@@ -176,10 +176,29 @@ pub trait Sender: Send + Sync {
     ) -> Result<Response, SendError>;
 }
 
+/// Told when a call starts and stops waiting for a response: the pipeline stands another
+/// worker in for the one that waits.
+pub trait Waiting: Send + Sync {
+    fn begins(&self);
+    fn ends(&self);
+}
+
+/// Ends a wait when dropped (a call cancelled mid-wait included).
+struct WaitGuard<'a>(&'a dyn Waiting);
+
+impl Drop for WaitGuard<'_> {
+    fn drop(&mut self) {
+        self.0.ends();
+    }
+}
+
 struct Shared {
     sender: Arc<dyn Sender>,
     metrics: Option<Arc<Metrics>>,
     dry_run: bool,
+    /// Whom to tell of waits (the pipeline's workers; `None` for dry runs, whose waits hold
+    /// an API request, not a worker).
+    waiting: Option<Arc<dyn Waiting>>,
 }
 
 /// Where plugins' requests go out, for the gateway's calls or a dry run's. `Default`:
@@ -194,7 +213,20 @@ impl Outbound {
             sender,
             metrics: None,
             dry_run: false,
+            waiting: None,
         })))
+    }
+
+    /// The same, each wait for a response told to `waiting`.
+    pub fn telling(self, waiting: Arc<dyn Waiting>) -> Self {
+        Self(self.0.map(|s| {
+            Arc::new(Shared {
+                sender: s.sender.clone(),
+                metrics: s.metrics.clone(),
+                dry_run: s.dry_run,
+                waiting: Some(waiting),
+            })
+        }))
     }
 
     /// The same, each request counted in `metrics` (`plugin_http_requests`).
@@ -204,6 +236,7 @@ impl Outbound {
                 sender: s.sender.clone(),
                 metrics: Some(metrics),
                 dry_run: s.dry_run,
+                waiting: s.waiting.clone(),
             })
         }))
     }
@@ -215,6 +248,7 @@ impl Outbound {
                 sender: s.sender.clone(),
                 metrics: None,
                 dry_run: true,
+                waiting: None,
             })
         }))
     }
@@ -339,6 +373,10 @@ impl PluginHttp {
         let send = shared
             .sender
             .send(request, timeout, self.limits.max_response_bytes);
+        let _wait = (shared.waiting.as_deref()).map(|w| {
+            w.begins();
+            WaitGuard(w)
+        });
         match &self.turn {
             Some(turn) => turn.away(send).await,
             None => send.await,
