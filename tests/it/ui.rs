@@ -91,7 +91,9 @@ destinations = ["fleet"]
         sims.display(),
         flaky.url
     );
-    let gw = TestGateway::start(&config, &fleet, &["event-filter", "change-filter"]).await;
+    // (`enrich`, in no route, is listed with what it may do: keep state, send HTTP.)
+    let plugins = ["event-filter", "change-filter", "enrich"];
+    let gw = TestGateway::start(&config, &fleet, &plugins).await;
     // Values change-filter keeps, shown (and forgotten) on the plugins page.
     for iccid in ["8945738730000000012", "8945738730000000099"] {
         let body = format!(r#"{{"iccid":"{iccid}","network":{{"mcc":"238"}}}}"#);

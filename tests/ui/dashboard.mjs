@@ -200,6 +200,10 @@ try {
   // The values a plugin keeps between events: change-filter's SIM, forgotten by hand (only
   // plugins that keep state are offered).
   await page.locator('#plugins tr[data-name="change-filter"]').getByText('keeps state').waitFor();
+  await page.locator('#plugins tr[data-name="enrich"]').getByText('sends HTTP').waitFor();
+  if (await page.locator('#plugins tr[data-name="change-filter"]').getByText('sends HTTP').count() !== 0) {
+    throw new Error('change-filter sends no HTTP requests');
+  }
   if (await page.locator('#state-plugin option[value="event-filter"]').count() !== 0) throw new Error('event-filter keeps no state');
   await page.locator('#state-plugin').selectOption('change-filter');
   const kept = page.locator('#state tr[data-key="/iccid=8945738730000000012"]');
