@@ -192,6 +192,7 @@ impl Drop for WaitGuard<'_> {
     }
 }
 
+#[derive(Clone)]
 struct Shared {
     sender: Arc<dyn Sender>,
     metrics: Option<Arc<Metrics>>,
@@ -219,37 +220,29 @@ impl Outbound {
 
     /// The same, each wait for a response told to `waiting`.
     pub fn telling(self, waiting: Arc<dyn Waiting>) -> Self {
-        Self(self.0.map(|s| {
-            Arc::new(Shared {
-                sender: s.sender.clone(),
-                metrics: s.metrics.clone(),
-                dry_run: s.dry_run,
-                waiting: Some(waiting),
-            })
-        }))
+        self.with(|s| s.waiting = Some(waiting))
     }
 
     /// The same, each request counted in `metrics` (`plugin_http_requests`).
     pub fn counted(self, metrics: Arc<Metrics>) -> Self {
-        Self(self.0.map(|s| {
-            Arc::new(Shared {
-                sender: s.sender.clone(),
-                metrics: Some(metrics),
-                dry_run: s.dry_run,
-                waiting: s.waiting.clone(),
-            })
-        }))
+        self.with(|s| s.metrics = Some(metrics))
     }
 
-    /// For a dry run: sends only `GET` and `HEAD`, counts nothing.
+    /// For a dry run: sends only `GET` and `HEAD`, counts nothing, tells no one of waits.
     pub fn dry_run(&self) -> Self {
+        self.with(|s| {
+            s.dry_run = true;
+            s.metrics = None;
+            s.waiting = None;
+        })
+    }
+
+    /// The same sender, the settings changed by `change`.
+    fn with(&self, change: impl FnOnce(&mut Shared)) -> Self {
         Self(self.0.as_ref().map(|s| {
-            Arc::new(Shared {
-                sender: s.sender.clone(),
-                metrics: None,
-                dry_run: true,
-                waiting: None,
-            })
+            let mut s = Shared::clone(s);
+            change(&mut s);
+            Arc::new(s)
         }))
     }
 
