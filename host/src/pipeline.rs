@@ -439,7 +439,8 @@ impl crate::plugin::Waiting for StandIns {
             return;
         };
         let w = &pipeline.workers;
-        let working = w.working.fetch_sub(1, Ordering::AcqRel) - 1;
+        // (A worker that begins to wait was working: at least one is.)
+        let working = w.working.fetch_sub(1, Ordering::AcqRel).saturating_sub(1);
         let base = w.base.load(Ordering::Relaxed);
         if working < base && w.all.load(Ordering::Relaxed) < base + MAX_STAND_INS {
             w.all.fetch_add(1, Ordering::AcqRel);
