@@ -233,6 +233,8 @@ struct RawPlugins {
     http_timeout: Duration,
     #[serde(default = "default_http_max_response")]
     http_max_response_bytes: usize,
+    #[serde(default = "default_http_concurrency")]
+    http_concurrency: usize,
 }
 
 impl Default for RawPlugins {
@@ -250,6 +252,7 @@ impl Default for RawPlugins {
             state_max_value_bytes: default_state_max_value(),
             http_timeout: default_http_timeout(),
             http_max_response_bytes: default_http_max_response(),
+            http_concurrency: default_http_concurrency(),
         }
     }
 }
@@ -265,6 +268,9 @@ fn default_http_timeout() -> Duration {
 }
 fn default_http_max_response() -> usize {
     crate::plugin::HttpLimits::default().max_response_bytes
+}
+fn default_http_concurrency() -> usize {
+    crate::plugin::HttpLimits::default().concurrency
 }
 
 fn default_max_output() -> usize {
@@ -321,6 +327,8 @@ pub struct PluginsConfig {
     pub http_timeout: Duration,
     /// The largest response body a plugin's HTTP request may read, in bytes.
     pub http_max_response_bytes: usize,
+    /// Plugins' HTTP requests in flight at once to one granted origin.
+    pub http_concurrency: usize,
 }
 
 /// `[delivery]`: how deliveries are sent and retried (destinations may override the
@@ -1360,6 +1368,7 @@ impl Config {
                 state_max_value_bytes: raw.plugins.state_max_value_bytes,
                 http_timeout: raw.plugins.http_timeout,
                 http_max_response_bytes: raw.plugins.http_max_response_bytes,
+                http_concurrency: raw.plugins.http_concurrency,
             },
             delivery: DeliveryConfig {
                 ca_certificates: (raw.delivery.ca_certificates.iter())
@@ -1652,6 +1661,12 @@ impl Config {
         }
         if self.plugins.http_timeout.is_zero() {
             return Err(("plugins.http_timeout".into(), "must be more than 0s".into()));
+        }
+        if !(1..=4096).contains(&self.plugins.http_concurrency) {
+            return Err((
+                "plugins.http_concurrency".into(),
+                "must be 1 to 4096".into(),
+            ));
         }
         let keys = (self
             .store

@@ -224,6 +224,8 @@ destinations = ["sink"]
 [plugins]
 http_timeout = "20s"
 http_max_response_bytes = 1048576
+# (Past the 32 a granted origin takes by default: here the workers are what is tested.)
+http_concurrency = 128
 [[destinations]]
 name = "sink"
 url = "{{receiver}}/:source:?customer=:customer:"
@@ -297,5 +299,51 @@ destinations = ["sink"]
         "{error}"
     );
     slow.release.notify_waiters();
+    gw.shutdown().await.unwrap();
+}
+
+/// At most `plugins.http_concurrency` requests are in flight to one granted origin: the
+/// others wait their turn (within the call's time) instead of piling onto the service.
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_to_one_origin_are_capped() {
+    let rx = Receiver::start().await;
+    let (crm_url, crm) = start_crm().await;
+    let config = format!(
+        r#"
+[plugins]
+http_timeout = "20s"
+http_concurrency = 2
+[[sources]]
+name = "held"
+[[destinations]]
+name = "sink"
+url = "{{receiver}}/sink"
+[[routes]]
+source = "held"
+plugins = [{{ name = "enrich", allow_http = ["{crm_url}"], config = {{ url = "{crm_url}/held/{{/iccid}}" }} }}]
+destinations = ["sink"]
+"#
+    );
+    let gw = TestGateway::start(&config, &rx, &["enrich"]).await;
+    let mut held = Vec::new();
+    for i in 0..5 {
+        held.push(
+            gw.accept("held", sim(&format!("894500000000000000{i}")))
+                .await,
+        );
+    }
+    while crm.asked.load(Ordering::SeqCst) < 2 {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // (Were the cap not kept, the other three would arrive meanwhile.)
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(crm.asked.load(Ordering::SeqCst), 2);
+
+    crm.released.store(true, Ordering::SeqCst);
+    crm.release.notify_waiters();
+    for id in &held {
+        assert_eq!(gw.settled(id).await["deliveries"][0]["status"], "delivered");
+    }
+    assert_eq!(crm.asked.load(Ordering::SeqCst), 5);
     gw.shutdown().await.unwrap();
 }

@@ -8,6 +8,7 @@
 //! a slow service holds a pipeline worker, not one of the few permits plugin code runs
 //! under.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,12 +26,14 @@ const DRY_RUN_METHODS: [&str; 2] = ["GET", "HEAD"];
 /// Request headers that are the transport's to set.
 const TRANSPORT_HEADERS: [&str; 4] = ["host", "content-length", "transfer-encoding", "connection"];
 
-/// How long one call's requests may take together, and how large a response may be
-/// (`[plugins]`'s `http_timeout` and `http_max_response_bytes`).
+/// How long one call's requests may take together, how large a response may be, and how
+/// many requests may be in flight at once to one granted origin (`[plugins]`'s
+/// `http_timeout`, `http_max_response_bytes` and `http_concurrency`).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct HttpLimits {
     pub timeout: Duration,
     pub max_response_bytes: usize,
+    pub concurrency: usize,
 }
 
 impl Default for HttpLimits {
@@ -38,6 +41,7 @@ impl Default for HttpLimits {
         Self {
             timeout: Duration::from_secs(5),
             max_response_bytes: 1 << 20,
+            concurrency: 32,
         }
     }
 }
@@ -47,6 +51,7 @@ impl From<&crate::config::PluginsConfig> for HttpLimits {
         Self {
             timeout: p.http_timeout,
             max_response_bytes: p.http_max_response_bytes,
+            concurrency: p.http_concurrency,
         }
     }
 }
@@ -186,6 +191,17 @@ pub trait Waiting: Send + Sync {
 /// Ends a wait when dropped (a call cancelled mid-wait included).
 struct WaitGuard<'a>(&'a dyn Waiting);
 
+impl Shared {
+    /// The places for requests in flight to `origin`.
+    fn slots(&self, origin: &Origin, concurrency: usize) -> Arc<Semaphore> {
+        let mut map = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (origin.to_string(), concurrency);
+        (map.entry(key)
+            .or_insert_with(|| Arc::new(Semaphore::new(concurrency.max(1)))))
+        .clone()
+    }
+}
+
 impl Drop for WaitGuard<'_> {
     fn drop(&mut self) {
         self.0.ends();
@@ -200,6 +216,10 @@ struct Shared {
     /// Whom to tell of waits (the pipeline's workers; `None` for dry runs, whose waits hold
     /// an API request, not a worker).
     waiting: Option<Arc<dyn Waiting>>,
+    /// The requests in flight to each granted origin (an `allow_http` entry, with the
+    /// `http_concurrency` in force when it was first used), shared by every call and dry
+    /// run: at most as many entries as the configs in force grant origins.
+    in_flight: Arc<Mutex<HashMap<(String, usize), Arc<Semaphore>>>>,
 }
 
 /// Where plugins' requests go out, for the gateway's calls or a dry run's. `Default`:
@@ -215,6 +235,7 @@ impl Outbound {
             metrics: None,
             dry_run: false,
             waiting: None,
+            in_flight: Default::default(),
         })))
     }
 
@@ -327,7 +348,7 @@ impl PluginHttp {
             Ok(u) => u,
             Err(e) => return refused(format!("`{url}` is not an absolute URL: {e}")),
         };
-        if !self.allowed.iter().any(|o| o.allows(&url)) {
+        let Some(granted) = self.allowed.iter().find(|o| o.allows(&url)) else {
             let origin = url.origin().ascii_serialization();
             return refused(match self.allowed.is_empty() {
                 true => format!(
@@ -339,7 +360,7 @@ impl PluginHttp {
                      (`allow_http`)"
                 ),
             });
-        }
+        };
         let Some(shared) = &self.outbound.0 else {
             return refused("this run sends no HTTP requests".into());
         };
@@ -363,9 +384,22 @@ impl PluginHttp {
                 .collect(),
             body,
         };
-        let send = shared
-            .sender
-            .send(request, timeout, self.limits.max_response_bytes);
+        let started = Instant::now();
+        let slots = shared.slots(granted, self.limits.concurrency);
+        let send = async {
+            // Waiting for a place counts against the call's time, as the exchange does.
+            let Ok(Ok(_slot)) = tokio::time::timeout(timeout, slots.acquire_owned()).await else {
+                return Err(SendError::Failed(format!(
+                    "timed out waiting for one of the {} requests in flight to {granted} \
+                     (`plugins.http_concurrency`) to end",
+                    self.limits.concurrency
+                )));
+            };
+            let left = timeout.saturating_sub(started.elapsed());
+            (shared.sender)
+                .send(request, left, self.limits.max_response_bytes)
+                .await
+        };
         let _wait = (shared.waiting.as_deref()).map(|w| {
             w.begins();
             WaitGuard(w)
