@@ -219,8 +219,11 @@ struct Shared {
     /// The requests in flight to each granted origin (an `allow_http` entry, with the
     /// `http_concurrency` in force when it was first used), shared by every call and dry
     /// run: at most as many entries as the configs in force grant origins.
-    in_flight: Arc<Mutex<HashMap<(String, usize), Arc<Semaphore>>>>,
+    in_flight: Arc<Mutex<InFlight>>,
 }
+
+/// Places for requests in flight by granted origin and the cap they were made with.
+type InFlight = HashMap<(String, usize), Arc<Semaphore>>;
 
 /// Where plugins' requests go out, for the gateway's calls or a dry run's. `Default`:
 /// nowhere (every request fails: runs with no transport, `switchyard plugin run`).
