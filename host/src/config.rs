@@ -2774,6 +2774,37 @@ mod tests {
         assert_eq!(c.server.data_dir, Path::new("/var/lib/sy"));
     }
 
+    /// The limits of plugins' HTTP requests, and the origins a route grants, are checked
+    /// when the config loads, each error naming its key.
+    #[test]
+    fn plugins_http_settings_are_checked() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(
+            crate::plugin::HttpLimits::from(&c.plugins),
+            crate::plugin::HttpLimits::default()
+        );
+        for (extra, key, says) in [
+            (
+                "[plugins]\nhttp_timeout = \"0s\"\n",
+                "plugins.http_timeout",
+                "more than 0s",
+            ),
+            (
+                "[plugins]\nhttp_concurrency = 0\n",
+                "plugins.http_concurrency",
+                "1 to 4096",
+            ),
+            (
+                "[[routes]]\nname = \"r2\"\nsource = \"onomondo\"\nplugins = [{ name = \"p\", allow_http = [\"https://a.example\", \"a.example\"] }]\n",
+                "plugins[0].allow_http[1]",
+                "no scheme",
+            ),
+        ] {
+            let err = parse(&format!("{GOOD}\n{extra}")).unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains(says), "{extra}: {err}");
+        }
+    }
+
     #[test]
     fn bad_listen_names_the_key() {
         let err = parse(&GOOD.replace("127.0.0.1:9000", "nowhere"))

@@ -275,7 +275,8 @@ impl HttpSender for Transport {
         for (k, v) in &request.headers {
             let header = (HeaderName::from_bytes(k.as_bytes()).ok())
                 .zip(HeaderValue::from_str(v).ok())
-                .ok_or_else(|| SendError::Refused(format!("`{k}: {v}` is not a valid header")))?;
+                // (The value is not repeated: it may be a credential.)
+                .ok_or_else(|| SendError::Refused(format!("header `{k}` is not valid")))?;
             headers.append(header.0, header.1);
         }
         let mut builder = (self.client.request(request.method, request.url)).headers(headers);
