@@ -300,7 +300,7 @@ fn http(c: &mut Criterion) {
             b.iter(|| {
                 let input = CallInput {
                     state: states.clone(),
-                    http: outbound.grant(&allowed, Default::default(), None),
+                    http: outbound.grant(&allowed, &Default::default(), None),
                     ..CallInput::config(config.clone())
                 };
                 let verdict = rt

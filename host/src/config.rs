@@ -235,6 +235,8 @@ struct RawPlugins {
     http_max_response_bytes: usize,
     #[serde(default = "default_http_concurrency")]
     http_concurrency: usize,
+    #[serde(default)]
+    http_rate_limit: BTreeMap<String, f64>,
 }
 
 impl Default for RawPlugins {
@@ -253,6 +255,7 @@ impl Default for RawPlugins {
             http_timeout: default_http_timeout(),
             http_max_response_bytes: default_http_max_response(),
             http_concurrency: default_http_concurrency(),
+            http_rate_limit: BTreeMap::new(),
         }
     }
 }
@@ -329,6 +332,9 @@ pub struct PluginsConfig {
     pub http_max_response_bytes: usize,
     /// Plugins' HTTP requests in flight at once to one granted origin.
     pub http_concurrency: usize,
+    /// Plugins' HTTP requests a second to a granted origin (an `allow_http` entry as
+    /// written, the key), between all the gateways sharing the store.
+    pub http_rate_limit: BTreeMap<String, f64>,
 }
 
 /// `[delivery]`: how deliveries are sent and retried (destinations may override the
@@ -1369,6 +1375,7 @@ impl Config {
                 http_timeout: raw.plugins.http_timeout,
                 http_max_response_bytes: raw.plugins.http_max_response_bytes,
                 http_concurrency: raw.plugins.http_concurrency,
+                http_rate_limit: raw.plugins.http_rate_limit,
             },
             delivery: DeliveryConfig {
                 ca_certificates: (raw.delivery.ca_certificates.iter())
@@ -1667,6 +1674,16 @@ impl Config {
                 "plugins.http_concurrency".into(),
                 "must be 1 to 4096".into(),
             ));
+        }
+        for (origin, rate) in &self.plugins.http_rate_limit {
+            let key = format!("plugins.http_rate_limit.\"{origin}\"");
+            crate::plugin::Origin::parse(origin).map_err(|m| (key.clone(), m))?;
+            if !RATE_LIMITS.contains(rate) {
+                return Err((
+                    key,
+                    "must be between 0.001 and 1000000 requests per second".into(),
+                ));
+            }
         }
         let keys = (self
             .store
@@ -2783,6 +2800,19 @@ mod tests {
             crate::plugin::HttpLimits::from(&c.plugins),
             crate::plugin::HttpLimits::default()
         );
+        let limited = parse(&format!(
+            "{GOOD}\n[plugins.http_rate_limit]\n\"https://crm.example.com\" = 10\n\"https://*.example.net\" = 0.5\n"
+        ))
+        .unwrap();
+        let rates = crate::plugin::HttpLimits::from(&limited.plugins).rates;
+        let origin = |o| crate::plugin::Origin::parse(o).unwrap();
+        assert_eq!(
+            rates[..],
+            [
+                (origin("https://*.example.net"), 0.5),
+                (origin("https://crm.example.com:443"), 10.0)
+            ]
+        );
         for (extra, key, says) in [
             (
                 "[plugins]\nhttp_timeout = \"0s\"\n",
@@ -2793,6 +2823,16 @@ mod tests {
                 "[plugins]\nhttp_concurrency = 0\n",
                 "plugins.http_concurrency",
                 "1 to 4096",
+            ),
+            (
+                "[plugins.http_rate_limit]\n\"https://crm.example.com\" = 0\n",
+                "plugins.http_rate_limit.\"https://crm.example.com\"",
+                "between 0.001 and 1000000",
+            ),
+            (
+                "[plugins.http_rate_limit]\n\"crm.example.com\" = 10\n",
+                "plugins.http_rate_limit.\"crm.example.com\"",
+                "no scheme",
             ),
             (
                 "[[routes]]\nname = \"r2\"\nsource = \"onomondo\"\nplugins = [{ name = \"p\", allow_http = [\"https://a.example\", \"a.example\"] }]\n",

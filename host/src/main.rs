@@ -233,7 +233,7 @@ fn plugin_run_http(
         &|_| None,
     )?;
     let sender = switchyard::delivery::plugin_sender(&config.delivery)?;
-    Ok(Outbound::new(sender).grant(&allowed, HttpLimits::default(), None))
+    Ok(Outbound::new(sender).grant(&allowed, &HttpLimits::default(), None))
 }
 
 /// `serve --check`: prints what a start would load, and what would stop it.

@@ -7,6 +7,10 @@
 //! dispatcher puts it off in the store until then, marked as paced, and when it is claimed
 //! again it is sent without taking another. An event over its source's limit is refused
 //! (`429`) and takes no slot, so a sender that keeps trying is let in as soon as one frees.
+//! A plugin's HTTP request over its origin's limit (`plugins.http_rate_limit`) waits for the
+//! next free slot if its call has the time left, kept for it; if not it fails and takes no
+//! slot — so a service flooded with more requests than its limit still gets its rate of
+//! them, not a queue of slots that every later call gives up on.
 //!
 //! The limits are the store's (`Store::take_slot`), so that gateways sharing a store share
 //! them: PostgreSQL keeps each limit's theoretical arrival time in a table every instance
@@ -25,13 +29,21 @@ pub enum Limit<'a> {
     /// A FAILED destination's automatic restarts (`restart_after`): one per interval, between
     /// all the gateways sharing the store.
     Restart(&'a str),
+    /// Plugins' HTTP requests to a granted origin (`plugins.http_rate_limit`), asked by a
+    /// call that may wait `within` ms for its slot.
+    Origin { origin: &'a str, within: u64 },
 }
 
 impl Limit<'_> {
-    /// Whether a slot later than now is taken (kept for a delivery that waits for it) or
-    /// not (an event refused).
-    pub fn reserves(&self) -> bool {
-        matches!(self, Limit::Destination(_))
+    /// How far ahead of now, in ms, a slot is still taken (kept for whoever waits for it):
+    /// any time for a delivery, which is put off until then; none for an event, which is
+    /// refused; a plugin call's time left for its request.
+    pub fn horizon(&self) -> u64 {
+        match self {
+            Limit::Destination(_) => u64::MAX,
+            Limit::Source(_) | Limit::Restart(_) => 0,
+            Limit::Origin { within, .. } => *within,
+        }
     }
 
     /// How the store names the kind.
@@ -40,12 +52,14 @@ impl Limit<'_> {
             Limit::Destination(_) => "destination",
             Limit::Source(_) => "source",
             Limit::Restart(_) => "restart",
+            Limit::Origin { .. } => "origin",
         }
     }
 
     pub fn name(&self) -> &str {
         match self {
             Limit::Destination(name) | Limit::Source(name) | Limit::Restart(name) => name,
+            Limit::Origin { origin, .. } => origin,
         }
     }
 }
@@ -92,13 +106,13 @@ pub struct Slots {
 
 impl Slots {
     /// `Store::take_slot` in memory: the slot of `limit` asked at `now` under `rate` a
-    /// second — `now`, taken; or a later time, taken only if the limit reserves.
+    /// second — `now`, taken; or a later time, taken only within the limit's horizon.
     pub fn take(&mut self, limit: Limit, now: u64, rate: f64) -> u64 {
         let key = (limit.kind(), limit.name().to_string());
         let tat = self.tat.get(&key).copied().unwrap_or(0.0);
         let (allowed, next) = gcra(tat, now, rate);
         let slot = slot(allowed, now);
-        if slot == now || limit.reserves() {
+        if slot <= now.saturating_add(limit.horizon()) {
             self.tat.insert(key, next);
         }
         slot
@@ -158,6 +172,32 @@ mod tests {
         assert_eq!(s.take(D, 60_000, 1.0), 61_000);
         s.forget(D);
         assert_eq!(s.take(D, 60_000, 1.0), 60_000);
+    }
+
+    #[test]
+    fn a_request_takes_a_slot_within_its_time_left_only() {
+        let mut s = Slots::default();
+        let asked = |within| Limit::Origin {
+            origin: "https://crm.example.com:443",
+            within,
+        };
+        // 2 a second: a burst of 2, then one each 500 ms.
+        assert_eq!(s.take(asked(0), 1_000, 2.0), 1_000);
+        assert_eq!(s.take(asked(0), 1_000, 2.0), 1_000);
+        // The next slot is at 1,500: taken by a call with 600 ms left, not by one with 400.
+        assert_eq!(s.take(asked(400), 1_000, 2.0), 1_500);
+        assert_eq!(s.take(asked(600), 1_000, 2.0), 1_500, "kept for it");
+        assert_eq!(
+            s.take(asked(600), 1_000, 2.0),
+            2_000,
+            "not taken: past its time"
+        );
+        assert_eq!(s.take(asked(1_000), 1_000, 2.0), 2_000, "still free, taken");
+        // However many give up, the limit lets its rate through: 2 a second.
+        for _ in 0..100 {
+            assert_eq!(s.take(asked(100), 1_000, 2.0), 2_500);
+        }
+        assert_eq!(s.take(asked(100), 2_500, 2.0), 2_500);
     }
 
     #[test]

@@ -46,6 +46,8 @@ pub struct Routing {
     /// The settings every destination and route was built with: while they stay the same,
     /// the next routing reuses what it can of this one.
     defaults: Defaults,
+    /// What plugins' HTTP requests meet (`[plugins]`'s `http_*`).
+    http: HttpLimits,
 }
 
 /// What a destination or route is built from besides its own config.
@@ -124,13 +126,14 @@ impl Routing {
             }
         };
         Self {
-            config,
             sources,
             destinations,
             longest_timeout,
             routes,
             routes_by_source,
             defaults,
+            http: HttpLimits::from(&config.plugins),
+            config,
         }
     }
 
@@ -485,7 +488,7 @@ pub async fn decide(
             .states
             .with_limits(StateLimits::from(&routing.config.plugins)),
         outbound: reach.outbound,
-        http: HttpLimits::from(&routing.config.plugins),
+        http: &routing.http,
     };
     let values = PlaceholderValues::of(event);
     let mut outcomes = Vec::new();
@@ -558,9 +561,10 @@ impl Pipeline {
     ) -> Arc<Self> {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         Arc::new_cyclic(|me| Self {
-            states: PluginStates::store(store.clone(), clock).counted(metrics.clone()),
+            states: PluginStates::store(store.clone(), clock.clone()).counted(metrics.clone()),
             outbound: (Outbound::new(dispatcher.clone()).counted(metrics.clone()))
-                .telling(Arc::new(StandIns(me.clone()))),
+                .telling(Arc::new(StandIns(me.clone())))
+                .paced(store.clone(), clock.clone()),
             workers: Workers::default(),
             store,
             metrics,
@@ -777,7 +781,7 @@ enum ChainEnd {
 struct Calls<'a> {
     states: PluginStates,
     outbound: &'a Outbound,
-    http: HttpLimits,
+    http: &'a HttpLimits,
 }
 
 /// Runs one route's plugins in order on an event (holding `turn` when a plugin may wait

@@ -21,6 +21,8 @@ struct Crm {
     authorization: std::sync::Mutex<Vec<String>>,
     release: tokio::sync::Notify,
     released: std::sync::atomic::AtomicBool,
+    /// When each `/sims` request came.
+    arrivals: std::sync::Mutex<Vec<std::time::Instant>>,
 }
 
 const KNOWN: &str = "8945738730000000012";
@@ -33,6 +35,7 @@ async fn start_crm() -> (String, Arc<Crm>) {
             axum::routing::get(
                 |State(crm): State<Arc<Crm>>, Path(iccid): Path<String>, headers: HeaderMap| async move {
                     crm.asked.fetch_add(1, Ordering::SeqCst);
+                    crm.arrivals.lock().unwrap().push(std::time::Instant::now());
                     let auth = headers.get("authorization").map(|v| v.to_str().unwrap().to_string());
                     crm.authorization.lock().unwrap().extend(auth);
                     match iccid.starts_with("894573873") {
@@ -345,5 +348,83 @@ destinations = ["sink"]
         assert_eq!(gw.settled(id).await["deliveries"][0]["status"], "delivered");
     }
     assert_eq!(crm.asked.load(Ordering::SeqCst), 5);
+    gw.shutdown().await.unwrap();
+}
+
+/// `plugins.http_rate_limit`: requests to a granted origin go at its rate — a burst of a
+/// second's worth, then one each interval, each waiting for its slot within the call's
+/// time — and one whose slot would come past that time fails at once, saying why.
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_to_an_origin_keep_its_rate_limit() {
+    let rx = Receiver::start().await;
+    let (crm_url, crm) = start_crm().await;
+    let config = |timeout: &str, rate: f64| {
+        format!(
+            r#"
+[plugins]
+http_timeout = "{timeout}"
+[plugins.http_rate_limit]
+"{crm_url}" = {rate}
+[[sources]]
+name = "onomondo"
+[[destinations]]
+name = "sink"
+url = "{{receiver}}/sink"
+[[routes]]
+source = "onomondo"
+plugins = [{{ name = "enrich", allow_http = ["{crm_url}"], config = {{ url = "{crm_url}/sims/{{/iccid}}" }} }}]
+destinations = ["sink"]
+"#
+        )
+    };
+    // Two a second: six requests at once take at least two seconds from first to last.
+    let gw = TestGateway::start(&config("20s", 2.0), &rx, &["enrich"]).await;
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        ids.push(
+            gw.accept("onomondo", sim(&format!("89457387300000001{i:02}")))
+                .await,
+        );
+    }
+    for id in &ids {
+        assert_eq!(gw.settled(id).await["deliveries"][0]["status"], "delivered");
+    }
+    let arrivals = crm.arrivals.lock().unwrap().clone();
+    assert_eq!(arrivals.len(), 6);
+    // (Two seconds between the first slot and the last, less any difference in the time
+    // their requests took to get here; unlimited, the six take a few ms.)
+    let spread = arrivals[5] - arrivals[0];
+    assert!(
+        spread >= std::time::Duration::from_millis(1_800),
+        "six requests at 2/s in {spread:?}"
+    );
+    gw.shutdown().await.unwrap();
+
+    // One a minute, and a call's requests may take a second: the first event's request
+    // goes, the second's fails at once (its slot is a minute away), taking no slot.
+    let rx = Receiver::start().await;
+    let gw = TestGateway::start(&config("1s", 1.0 / 60.0), &rx, &["enrich"]).await;
+    let first = gw.accept("onomondo", sim(KNOWN)).await;
+    assert_eq!(
+        gw.settled(&first).await["deliveries"][0]["status"],
+        "delivered"
+    );
+    let second = gw.accept("onomondo", sim("8945738730000000013")).await;
+    let e = gw.settled(&second).await;
+    let error = e["routes"][0]["result"]["error"].as_str().unwrap();
+    assert!(error.contains("rate limited"), "{e}");
+    assert!(error.contains("plugins.http_rate_limit"), "{e}");
+    assert_eq!(
+        crm.asked.load(Ordering::SeqCst),
+        7,
+        "the second was not sent"
+    );
+    let metrics = gw.metrics().await;
+    for line in [
+        r#"switchyard_plugin_http_requests_total{plugin="enrich",outcome="2xx"} 1"#,
+        r#"switchyard_plugin_http_requests_total{plugin="enrich",outcome="rate_limited"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "{line} in:\n{metrics}");
+    }
     gw.shutdown().await.unwrap();
 }

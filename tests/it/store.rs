@@ -1879,6 +1879,20 @@ async fn rate_limits_are_the_stores(a: Arc<dyn Store>, b: Arc<dyn Store>) {
         answers.push(store.take_slot(source, now, 2.0).await.unwrap());
     }
     assert_eq!(answers, [1_000, 1_000, 1_500, 1_500, 1_500, 2_000]);
+    // A plugin's request to an origin takes a later slot only within its call's time left:
+    // two a second, so the third waits for 1,500 if it may wait 500 ms; one that may wait
+    // 400 takes nothing, and the slot at 2,000 is still free for the next.
+    let origin = |within| Limit::Origin {
+        origin: "https://crm.example.com:443",
+        within,
+    };
+    let mut answers = Vec::new();
+    for (n, within) in [0, 0, 500, 400, 1_000].into_iter().enumerate() {
+        let store = if n % 2 == 0 { &a } else { &b };
+        answers.push(store.take_slot(origin(within), 1_000, 2.0).await.unwrap());
+    }
+    assert_eq!(answers, [1_000, 1_000, 1_500, 2_000, 2_000]);
+    assert_eq!(b.take_slot(origin(0), 1_000, 2.0).await.unwrap(), 2_500);
     // Idle time refills the burst.
     assert_eq!(a.take_slot(D, 60_000, 5.0).await.unwrap(), 60_000);
 

@@ -14,7 +14,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::delivery::Clock;
 use crate::metrics::Metrics;
+use crate::pace::Limit;
+use crate::store::Store;
 
 /// How many requests one call may send; one more traps the call.
 pub const REQUESTS_CAP: usize = 20;
@@ -26,14 +29,17 @@ const DRY_RUN_METHODS: [&str; 2] = ["GET", "HEAD"];
 /// Request headers that are the transport's to set.
 const TRANSPORT_HEADERS: [&str; 4] = ["host", "content-length", "transfer-encoding", "connection"];
 
-/// How long one call's requests may take together, how large a response may be, and how
-/// many requests may be in flight at once to one granted origin (`[plugins]`'s
-/// `http_timeout`, `http_max_response_bytes` and `http_concurrency`).
-#[derive(Clone, Copy, Debug, PartialEq)]
+/// How long one call's requests may take together, how large a response may be, how many
+/// requests may be in flight at once to one granted origin, and how many a second may go
+/// to the origins that have a rate limit (`[plugins]`'s `http_timeout`,
+/// `http_max_response_bytes`, `http_concurrency` and `http_rate_limit`).
+#[derive(Clone, Debug, PartialEq)]
 pub struct HttpLimits {
     pub timeout: Duration,
     pub max_response_bytes: usize,
     pub concurrency: usize,
+    /// Requests a second to a granted origin, by the `allow_http` entry that grants it.
+    pub rates: Arc<[(Origin, f64)]>,
 }
 
 impl Default for HttpLimits {
@@ -42,6 +48,7 @@ impl Default for HttpLimits {
             timeout: Duration::from_secs(5),
             max_response_bytes: 1 << 20,
             concurrency: 32,
+            rates: Arc::new([]),
         }
     }
 }
@@ -52,7 +59,18 @@ impl From<&crate::config::PluginsConfig> for HttpLimits {
             timeout: p.http_timeout,
             max_response_bytes: p.http_max_response_bytes,
             concurrency: p.http_concurrency,
+            // (Validated with the config.)
+            rates: (p.http_rate_limit.iter())
+                .filter_map(|(o, rate)| Some((Origin::parse(o).ok()?, *rate)))
+                .collect(),
         }
+    }
+}
+
+impl HttpLimits {
+    /// The rate limit of requests granted by `origin`, if it has one.
+    fn rate(&self, origin: &Origin) -> Option<f64> {
+        (self.rates.iter()).find_map(|(o, rate)| (o == origin).then_some(*rate))
     }
 }
 
@@ -162,6 +180,9 @@ pub enum SendError {
     /// Not sent: not allowed (the address guard, a bad header).
     #[error("{0}")]
     Refused(String),
+    /// Not sent: no slot under the origin's rate limit within the call's time.
+    #[error("{0}")]
+    RateLimited(String),
     /// Sent, or tried, and not answered as it should be (no connection, no answer in time,
     /// a body too large).
     #[error("{0}")]
@@ -193,12 +214,45 @@ struct WaitGuard<'a>(&'a dyn Waiting);
 
 impl Shared {
     /// The places for requests in flight to `origin`.
-    fn slots(&self, origin: &Origin, concurrency: usize) -> Arc<Semaphore> {
+    fn places(&self, origin: &Origin, concurrency: usize) -> Arc<Semaphore> {
         let mut map = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
         let key = (origin.to_string(), concurrency);
         (map.entry(key)
             .or_insert_with(|| Arc::new(Semaphore::new(concurrency.max(1)))))
         .clone()
+    }
+
+    /// Waits for a slot under `granted`'s rate limit of `rate` a second, taking it if it
+    /// comes within `timeout`; if it does not, fails at once, taking none (see
+    /// [`crate::pace`]).
+    async fn wait_for_slot(
+        &self,
+        granted: &Origin,
+        rate: f64,
+        timeout: Duration,
+    ) -> Result<(), SendError> {
+        let Some((store, clock)) = &self.pace else {
+            return Ok(());
+        };
+        let origin = granted.to_string();
+        let now = clock.now_ms();
+        let limit = Limit::Origin {
+            origin: &origin,
+            within: timeout.as_millis() as u64,
+        };
+        let slot = store.take_slot(limit, now, rate).await.map_err(|e| {
+            SendError::Failed(format!("the rate limit of {granted} is unknown: {e}"))
+        })?;
+        let wait = Duration::from_millis(slot.saturating_sub(now));
+        if wait > timeout {
+            return Err(SendError::RateLimited(format!(
+                "rate limited: {granted} takes {rate} requests a second \
+                 (`plugins.http_rate_limit`), and its next free slot is {wait:?} away, past \
+                 the call's time for HTTP requests"
+            )));
+        }
+        tokio::time::sleep(wait).await;
+        Ok(())
     }
 }
 
@@ -220,6 +274,10 @@ struct Shared {
     /// `http_concurrency` in force when it was first used), shared by every call and dry
     /// run: at most as many entries as the configs in force grant origins.
     in_flight: Arc<Mutex<InFlight>>,
+    /// Where the origins' rate limits are kept (`Store::take_slot`, shared by the gateways
+    /// on one store) and the time they are asked at; `None`: no limits (a run with no
+    /// store).
+    pace: Option<(Arc<dyn Store>, Arc<dyn Clock>)>,
 }
 
 /// Places for requests in flight by granted origin and the cap they were made with.
@@ -239,7 +297,14 @@ impl Outbound {
             dry_run: false,
             waiting: None,
             in_flight: Default::default(),
+            pace: None,
         })))
+    }
+
+    /// The same, the origins' rate limits (`plugins.http_rate_limit`) kept in `store` and
+    /// asked at `clock`'s time.
+    pub fn paced(self, store: Arc<dyn Store>, clock: Arc<dyn Clock>) -> Self {
+        self.with(|s| s.pace = Some((store, clock)))
     }
 
     /// The same, each wait for a response told to `waiting`.
@@ -274,13 +339,13 @@ impl Outbound {
     pub fn grant(
         &self,
         allowed: &Arc<[Origin]>,
-        limits: HttpLimits,
+        limits: &HttpLimits,
         turn: Option<&Arc<Turn>>,
     ) -> PluginHttp {
         PluginHttp {
             outbound: self.clone(),
             allowed: allowed.clone(),
-            limits,
+            limits: limits.clone(),
             turn: turn.cloned(),
         }
     }
@@ -298,8 +363,8 @@ pub struct PluginHttp {
 
 impl PluginHttp {
     /// The limits its requests meet.
-    pub fn limits(&self) -> HttpLimits {
-        self.limits
+    pub fn limits(&self) -> &HttpLimits {
+        &self.limits
     }
 
     /// Sends a plugin's request, if its route allows it, by `deadline` (the call's time
@@ -320,6 +385,7 @@ impl PluginHttp {
                     _ => "5xx",
                 },
                 Err(SendError::Refused(_)) => "refused",
+                Err(SendError::RateLimited(_)) => "rate_limited",
                 Err(SendError::Failed(_)) => "failed",
             };
             metrics.plugin_http(plugin, outcome);
@@ -388,10 +454,15 @@ impl PluginHttp {
             body,
         };
         let started = Instant::now();
-        let slots = shared.slots(granted, self.limits.concurrency);
+        let places = shared.places(granted, self.limits.concurrency);
         let send = async {
-            // Waiting for a place counts against the call's time, as the exchange does.
-            let Ok(Ok(_slot)) = tokio::time::timeout(timeout, slots.acquire_owned()).await else {
+            // Waiting for a slot or a place counts against the call's time, as the exchange
+            // does.
+            if let Some(rate) = self.limits.rate(granted) {
+                shared.wait_for_slot(granted, rate, timeout).await?;
+            }
+            let timeout = timeout.saturating_sub(started.elapsed());
+            let Ok(Ok(_place)) = tokio::time::timeout(timeout, places.acquire_owned()).await else {
                 return Err(SendError::Failed(format!(
                     "timed out waiting for one of the {} requests in flight to {granted} \
                      (`plugins.http_concurrency`) to end",
@@ -498,7 +569,7 @@ mod tests {
         let outbound = Outbound::new(Arc::new(Echo)).counted(metrics.clone());
         let allowed: Arc<[Origin]> = [Origin::parse("https://crm.example.com").unwrap()].into();
         let later = Instant::now() + Duration::from_secs(5);
-        let live = outbound.grant(&allowed, HttpLimits::default(), None);
+        let live = outbound.grant(&allowed, &HttpLimits::default(), None);
         let send = |grant: &PluginHttp, method: &str, url: &str, deadline: Instant| {
             let (grant, method, url) = (grant.clone(), method.to_string(), url.to_string());
             async move {
@@ -543,7 +614,7 @@ mod tests {
         // A dry run sends GET and HEAD only, and counts nothing.
         let dry = outbound
             .dry_run()
-            .grant(&allowed, HttpLimits::default(), None);
+            .grant(&allowed, &HttpLimits::default(), None);
         assert!(
             send(&dry, "GET", "https://crm.example.com/", later)
                 .await
@@ -558,7 +629,7 @@ mod tests {
         );
 
         // No grant at all: nothing is sent, and the error says what to allow.
-        let none = outbound.grant(&Arc::from([]), HttpLimits::default(), None);
+        let none = outbound.grant(&Arc::from([]), &HttpLimits::default(), None);
         let e = send(&none, "GET", "https://crm.example.com/a", later)
             .await
             .unwrap_err();

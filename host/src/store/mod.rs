@@ -143,8 +143,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// A slot under a rate limit of `rate` a second, asked at `now` (ms), by the GCRA of
     /// [`crate::pace`]: `now`, taken (send the delivery, admit the event); or the later
-    /// time of the next free slot — taken for a destination's delivery, which is put off
-    /// until then, not for a source's event, which is refused. The limits are the store's,
+    /// time of the next free slot — taken if it is within the limit's horizon
+    /// ([`Limit::horizon`]): for a destination's delivery, which is put off until then, and
+    /// for a plugin's request that may wait that long; not for a source's event, which is
+    /// refused. The limits are the store's,
     /// so that gateways sharing a store share them; setting a destination ACTIVE
     /// ([`Store::set_destination_state`]) starts its limit afresh.
     async fn take_slot(&self, limit: Limit<'_>, now: u64, rate: f64) -> Result<u64, StoreError>;

@@ -1176,13 +1176,13 @@ const DUE_WALK: &str = "SELECT d.seq, d.destination, d.next_attempt_at FROM deli
 
 /// `Store::take_slot`: one step of `pace::gcra` on the row of limit ($1 kind, $2 name),
 /// under its lock, so that whichever instance asks each slot is taken once: asked at $3
-/// (ms) with $4 between slots and $5 of burst, the slot is taken if it is free now or
-/// the limit reserves later ones ($6). The SET expressions read the row as it was.
+/// (ms) with $4 between slots and $5 of burst, the slot is taken if it is free by $6 (ms:
+/// now plus the limit's horizon). The SET expressions read the row as it was.
 const TAKE_SLOT: &str = "INSERT INTO rate_limits AS r (kind, name, tat, taken)
     VALUES ($1, $2, $3::FLOAT8 + $4::FLOAT8, true)
     ON CONFLICT (kind, name) DO UPDATE SET
-        taken = $6 OR GREATEST(r.tat, $3::FLOAT8) - $5::FLOAT8 <= $3::FLOAT8,
-        tat = CASE WHEN $6 OR GREATEST(r.tat, $3::FLOAT8) - $5::FLOAT8 <= $3::FLOAT8
+        taken = GREATEST(r.tat, $3::FLOAT8) - $5::FLOAT8 <= $6::FLOAT8,
+        tat = CASE WHEN GREATEST(r.tat, $3::FLOAT8) - $5::FLOAT8 <= $6::FLOAT8
                    THEN GREATEST(r.tat, $3::FLOAT8) + $4::FLOAT8 ELSE r.tat END
     RETURNING tat, taken";
 
@@ -1905,7 +1905,7 @@ impl Store for PgStore {
                     &step,
                     // As `pace::slot` rounds.
                     &(tolerance + pace::ROUNDING),
-                    &limit.reserves(),
+                    &(now.saturating_add(limit.horizon()) as f64),
                 ],
             )
             .await?;
@@ -1913,7 +1913,7 @@ impl Store for PgStore {
         // When the slot was allowed (`pace::gcra`'s first value): the arrival time it
         // moved on from, or the one it left as it was, less the burst.
         let allowed = if taken { tat - step } else { tat } - tolerance;
-        debug_assert!(taken == (pace::slot(allowed, now) == now) || limit.reserves());
+        debug_assert!(taken == (pace::slot(allowed, now) <= now.saturating_add(limit.horizon())));
         Ok(pace::slot(allowed, now))
     }
 
