@@ -350,8 +350,8 @@ fn event_filter_keeps_what_passes_its_conditions() {
 }
 
 /// `reshape` builds a new body by configuration alone: fields renamed, nested, kept in
-/// their JSON types, texts and metadata added, a missing one left out, a base object kept
-/// and added to; a pair it cannot read is an `invalid-config` error naming it.
+/// their JSON types, texts (with values in them) and metadata added, a missing one left
+/// out, a base object kept and added to; a pair it cannot read is an `invalid-config` error naming it.
 #[test]
 fn reshape_builds_a_new_body_by_configuration() {
     let dir = tempfile::tempdir().unwrap();
@@ -403,6 +403,19 @@ fn reshape_builds_a_new_body_by_configuration() {
     assert_eq!(
         verdict["body"],
         serde_json::json!({ "cell": { "id": 7 }, "a": "one", "type": "usage" })
+    );
+    // Texts with the body's values and metadata in them; other braces kept.
+    let (ok, verdict) = reshape(&[
+        "text==SIM {/iccid} used {/bytes} bytes (ok: {/ok}, cell {/data/cell}, {/nope}{@iccid})",
+        "kept=={not a placeholder} {/unclosed",
+    ]);
+    assert!(ok, "{verdict}");
+    assert_eq!(
+        verdict["body"],
+        serde_json::json!({
+            "text": r#"SIM 8945 used 1234 bytes (ok: true, cell {"id":7}, 8945-from-metadata)"#,
+            "kept": "{not a placeholder} {/unclosed"
+        })
     );
     let (_, verdict) = reshape(&["*=/", "data.b==2"]);
     assert_eq!(

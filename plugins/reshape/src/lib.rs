@@ -7,7 +7,10 @@
 //! `SOURCE` is one of:
 //! - `/a/json/pointer`: the value at that place of the event's body, of any JSON type (a
 //!   field the event does not have is left out of the new body);
-//! - `=text`: that text, as a string (`=fleet-v2`);
+//! - `=text`: that text, as a string (`=fleet-v2`), in which `{/pointer}` stands for the
+//!   body's value there and `{@name}` for metadata — `=SIM {/iccid} used {/bytes} bytes`
+//!   makes `SIM 8945… used 1200 bytes` (a string as it is, any other value as JSON, one the
+//!   event does not have as nothing), for a chat message or an alert's summary;
 //! - `#json`: that JSON value (`#2`, `#true`, `#["a","b"]`, `#null`);
 //! - `@name`: the metadata `name` an earlier plugin set (`@iccid` after `metadata-inject`),
 //!   as a string; left out when not set.
@@ -62,7 +65,7 @@ fn reshape(
         let value = if source.starts_with('/') {
             body.pointer(source).cloned()
         } else if let Some(text) = source.strip_prefix('=') {
-            Some(Value::String(text.to_string()))
+            Some(Value::String(fill(text, body, &metadata)))
         } else if let Some(json) = source.strip_prefix('#') {
             let value = serde_json::from_str(json)
                 .map_err(|e| format!("`{path}` = `{source}`: not JSON after `#`: {e}"))?;
@@ -79,6 +82,38 @@ fn reshape(
         }
     }
     Ok(Value::Object(out))
+}
+
+/// `text` with each `{/pointer}` replaced by the body's value there and each `{@name}` by
+/// that metadata: a string as it is, any other value as JSON, a missing one by nothing.
+/// Other braces are kept as they are.
+fn fill(text: &str, body: &Value, metadata: &impl Fn(&str) -> Option<String>) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        let after = &rest[open + 1..];
+        let placeholder = after
+            .find('}')
+            .map(|close| &after[..close])
+            .filter(|inner| inner.starts_with('/') || inner.starts_with('@'));
+        let Some(inner) = placeholder else {
+            out.push('{');
+            rest = after;
+            continue;
+        };
+        match inner.strip_prefix('@') {
+            Some(name) => out.push_str(&metadata(name).unwrap_or_default()),
+            None => match body.pointer(inner) {
+                Some(Value::String(s)) => out.push_str(s),
+                Some(other) => out.push_str(&other.to_string()),
+                None => {}
+            },
+        }
+        rest = &after[inner.len() + 1..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Puts `value` at the dotted `path` of `out`, making the objects on the way.
