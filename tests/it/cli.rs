@@ -417,6 +417,23 @@ fn reshape_builds_a_new_body_by_configuration() {
             "kept": "{not a placeholder} {/unclosed"
         })
     );
+    // Arrays: elements by index, objects inside them, the ones before unset as null.
+    let (ok, verdict) = reshape(&[
+        "blocks[0].text==SIM {/iccid}",
+        "blocks[0].type==section",
+        "blocks[1].fields[0]=/bytes",
+        "grid[1][0]=/ok",
+        "sparse[2]==c",
+    ]);
+    assert!(ok, "{verdict}");
+    assert_eq!(
+        verdict["body"],
+        serde_json::json!({
+            "blocks": [{ "text": "SIM 8945", "type": "section" }, { "fields": [1234] }],
+            "grid": [null, [true]],
+            "sparse": [null, null, "c"]
+        })
+    );
     let (_, verdict) = reshape(&["*=/", "data.b==2"]);
     assert_eq!(
         verdict["body"]["data"],
@@ -429,6 +446,13 @@ fn reshape_builds_a_new_body_by_configuration() {
         ),
         (&["x=#{"][..], "`x` = `#{`: not JSON after `#`"),
         (&["x..y=/iccid"][..], "names joined by dots"),
+        (&["x[a]=/iccid"][..], "such as [0]"),
+        (&["x[0=/iccid"][..], "such as [0]"),
+        (&["[0]=/iccid"][..], "such as [0]"),
+        (&["x[0]y=/iccid"][..], "such as [0]"),
+        (&["x[5000]=/iccid"][..], "at most 1000"),
+        (&["x=/iccid", "x[0]=/bytes"][..], "`x` is already set"),
+        (&["x[0]=/iccid", "x.y=/bytes"][..], "`x` is already set"),
         (&["x=/iccid", "x.y=/bytes"][..], "`x` is already set"),
         (&["*=/type"][..], "is not an object"),
     ] {

@@ -3,7 +3,8 @@
 //! otherwise, or fewer of them.
 //!
 //! Each config pair is `OUTPUT = SOURCE`. `OUTPUT` is where the value goes in the new
-//! body: a field name, or names joined by dots for nested objects (`device.iccid`).
+//! body: a field name, or names joined by dots for nested objects (`device.iccid`), each
+//! maybe followed by array indexes (`blocks[0].text`: a Slack message's blocks).
 //! `SOURCE` is one of:
 //! - `/a/json/pointer`: the value at that place of the event's body, of any JSON type (a
 //!   field the event does not have is left out of the new body);
@@ -116,28 +117,87 @@ fn fill(text: &str, body: &Value, metadata: &impl Fn(&str) -> Option<String>) ->
     out
 }
 
-/// Puts `value` at the dotted `path` of `out`, making the objects on the way.
-fn set(out: &mut Map<String, Value>, path: &str, value: Value) -> Result<(), String> {
-    let names: Vec<&str> = path.split('.').collect();
-    if names.iter().any(|n| n.is_empty()) {
-        return Err(format!("`{path}`: an output is names joined by dots"));
-    }
-    let (last, parents) = names.split_last().expect("split yields at least one name");
-    let mut here = out;
-    for name in parents {
-        let next = here
-            .entry(name.to_string())
-            .or_insert_with(|| Value::Object(Map::new()));
-        here = match next {
-            Value::Object(map) => map,
-            _ => {
-                return Err(format!(
-                    "`{path}`: `{name}` is already set to a value that is not an object"
-                ));
+/// One step of an output path: an object's field or an array's element.
+#[derive(Debug, PartialEq)]
+enum Step<'a> {
+    Field(&'a str),
+    Element(usize),
+}
+
+/// The steps of an output path: names joined by dots, each maybe followed by array indexes
+/// (`blocks[0].text`, `rows[1][0]`).
+fn steps(path: &str) -> Result<Vec<Step<'_>>, String> {
+    let bad = || {
+        format!(
+            "`{path}`: an output is names joined by dots, each maybe followed by indexes \
+             such as [0]"
+        )
+    };
+    let mut steps = Vec::new();
+    for part in path.split('.') {
+        let (name, mut indexes) = part.split_at(part.find('[').unwrap_or(part.len()));
+        if name.is_empty() || name.contains(']') {
+            return Err(bad());
+        }
+        steps.push(Step::Field(name));
+        while !indexes.is_empty() {
+            let close = indexes.find(']').ok_or_else(bad)?;
+            let index: usize = indexes[1..close].parse().map_err(|_| bad())?;
+            if index > MAX_INDEX {
+                return Err(format!("`{path}`: an index is at most {MAX_INDEX}"));
             }
+            steps.push(Step::Element(index));
+            indexes = &indexes[close + 1..];
+            if !indexes.is_empty() && !indexes.starts_with('[') {
+                return Err(bad());
+            }
+        }
+    }
+    Ok(steps)
+}
+
+/// The largest array index an output may name (the elements before it are made `null`).
+const MAX_INDEX: usize = 1000;
+
+/// Puts `value` at `path` of `out`, making the objects and arrays on the way (an array's
+/// elements before the one named are `null` until a pair sets them).
+fn set(out: &mut Map<String, Value>, path: &str, value: Value) -> Result<(), String> {
+    let steps = steps(path)?;
+    let Step::Field(first) = steps[0] else {
+        unreachable!("a path starts with a name")
+    };
+    let mut here = out.entry(first.to_string()).or_insert(Value::Null);
+    let conflict = |at: &Step| {
+        let what = match at {
+            Step::Field(name) => format!("`{name}`"),
+            Step::Element(i) => format!("[{i}]"),
+        };
+        format!(
+            "`{path}`: {what} is already set to a value that is not an object or array as the path needs"
+        )
+    };
+    // Each step's value, made an object or array for the step after it if it is unset.
+    for (step, next) in steps.iter().zip(&steps[1..]) {
+        if here.is_null() {
+            *here = match next {
+                Step::Field(_) => Value::Object(Map::new()),
+                Step::Element(_) => Value::Array(Vec::new()),
+            };
+        }
+        here = match (here, next) {
+            (Value::Object(map), Step::Field(name)) => {
+                map.entry(name.to_string()).or_insert(Value::Null)
+            }
+            (Value::Array(items), Step::Element(i)) => {
+                if items.len() <= *i {
+                    items.resize(i + 1, Value::Null);
+                }
+                &mut items[*i]
+            }
+            _ => return Err(conflict(step)),
         };
     }
-    here.insert(last.to_string(), value);
+    *here = value;
     Ok(())
 }
 
