@@ -347,6 +347,7 @@ async fn main() -> anyhow::Result<()> {
             consecutive_failures: 5,
             last_error: None,
             epoch: 0,
+            since: 0,
         };
         store.record_destination_state(&state).await?;
     }

@@ -1303,6 +1303,60 @@ async fn a_destination_removed_while_stopped_fails_what_it_held() {
 
 /// `delivery.notify_source`: each change of a destination's state arrives as an event in
 /// that source, and its routes take it to an operator like any event.
+/// `restart_after` counts from when the destination became FAILED, as stored: a gateway
+/// started again meanwhile tests it when that time comes (at once, if it is past), not a
+/// whole `restart_after` after its own start. The API says since when it is FAILED.
+#[tokio::test(flavor = "multi_thread")]
+async fn restart_after_counts_from_the_failure_across_a_gateway_restart() {
+    let rx = Receiver::start().await;
+    let clock = clock();
+    let config = r#"
+restart_after = "5m"
+[[sources]]
+name = "s"
+[[destinations]]
+name = "d"
+url = "{receiver}/d"
+retry = { retry_schedule = ["0s", "1h"], jitter = 0.0, failure_threshold = 1 }
+[[routes]]
+source = "s"
+destinations = ["d"]
+"#;
+    let gw = TestGateway::start_in_with_clock(
+        TestGateway::dir_with_plugins(&[]),
+        config,
+        &rx,
+        clock.clone(),
+    )
+    .await;
+    let d = destination(&gw, "d").await;
+    assert!(d.get("state_since").is_none(), "never out of ACTIVE: {d}");
+    rx.fail_with(Some(503));
+    let failed_at = clock.now_ms();
+    let id = gw.accept("s", json!({ "n": 1 }).to_string()).await;
+    let d = loop {
+        let d = destination(&gw, "d").await;
+        if d["state"] == "FAILED" {
+            break d;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(d["state_since"].as_u64(), Some(failed_at), "{d}");
+    let dir = gw.stop().await;
+
+    // Six minutes later, a gateway starts on the same store: the test is due already.
+    clock.advance(Duration::from_secs(360));
+    rx.fail_with(None);
+    let gw = TestGateway::start_in_with_clock(dir, config, &rx, clock.clone()).await;
+    // (Before a whole `restart_after` from this start, by the hand-moved clock: never.)
+    let e = (gw.wait_event(&id, |e| e["deliveries"][0]["status"] == "delivered")).await;
+    assert_eq!(attempts(&e), 2, "{e}");
+    let d = destination(&gw, "d").await;
+    assert_eq!(d["state"], "ACTIVE");
+    assert_eq!(d["state_since"].as_u64(), Some(clock.now_ms()), "{d}");
+    gw.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn destination_state_changes_are_posted_to_the_notify_source() {
     let rx = Receiver::start().await;

@@ -90,6 +90,7 @@ fn active(name: &str) -> DestinationState {
         consecutive_failures: 0,
         last_error: None,
         epoch: 0,
+        since: 0,
     }
 }
 
@@ -342,6 +343,7 @@ async fn conformance(open: Reopen) {
             consecutive_failures: 5,
             last_error: Some("500".into()),
             epoch: 0,
+            since: 36_000,
         })
         .await
         .unwrap();
@@ -354,7 +356,11 @@ async fn conformance(open: Reopen) {
     );
     let states = store.destination_states().await.unwrap();
     let fleet = states.iter().find(|s| s.name == "fleet").unwrap();
-    assert_eq!(fleet.state, DestinationHealth::Failed);
+    assert_eq!(
+        (fleet.state, fleet.since),
+        (DestinationHealth::Failed, 36_000),
+        "FAILED since the attempt that made it so"
+    );
     let counts = store.delivery_counts().await.unwrap();
     assert_eq!(
         counts
@@ -364,8 +370,12 @@ async fn conformance(open: Reopen) {
             .pending,
         1
     );
+    let restarted = DestinationState {
+        since: 99_000,
+        ..active("fleet")
+    };
     let epoch = store
-        .set_destination_state(&active("fleet"), 99_000)
+        .set_destination_state(&restarted, 99_000)
         .await
         .unwrap();
     assert_eq!(epoch, 1, "a restart begins a new epoch");
@@ -385,6 +395,7 @@ async fn conformance(open: Reopen) {
         consecutive_failures: 6,
         last_error: Some("500".into()),
         epoch: 0,
+        since: 0,
     };
     store
         .record_attempt("d1", 1, attempt(99_001, 500), AttemptNext::Failed)
@@ -394,8 +405,8 @@ async fn conformance(open: Reopen) {
     let fleet = |states: Vec<DestinationState>| states.into_iter().find(|s| s.name == "fleet");
     let now = fleet(store.destination_states().await.unwrap()).unwrap();
     assert_eq!(
-        (now.state, now.consecutive_failures, now.epoch),
-        (DestinationHealth::Active, 0, 1)
+        (now.state, now.consecutive_failures, now.epoch, now.since),
+        (DestinationHealth::Active, 0, 1, 99_000)
     );
     let current = DestinationState {
         epoch: 1,
@@ -839,6 +850,7 @@ async fn conformance(open: Reopen) {
         consecutive_failures: 5,
         last_error: Some("500".into()),
         epoch: 0,
+        since: 0,
     };
     store.record_destination_state(&down).await.unwrap();
     let e7 = event("e7", "bondio", 400_100, "{}");

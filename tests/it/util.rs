@@ -286,15 +286,20 @@ impl TestGateway {
         plugins: &[&str],
         clock: Arc<ManualClock>,
     ) -> Self {
+        Self::start_in_with_clock(Self::dir_with_plugins(plugins), config, receiver, clock).await
+    }
+
+    /// As [`TestGateway::start_in`], with the delivery stage's time on a hand-moved clock.
+    pub async fn start_in_with_clock(
+        dir: tempfile::TempDir,
+        config: &str,
+        receiver: &Receiver,
+        clock: Arc<ManualClock>,
+    ) -> Self {
         let text = Self::harness_config(config, receiver);
-        Self::start_raw_with_clock(
-            Self::dir_with_plugins(plugins),
-            &text,
-            &|_| None,
-            Some(clock),
-        )
-        .await
-        .expect("gateway starts")
+        Self::start_raw_with_clock(dir, &text, &|_| None, Some(clock))
+            .await
+            .expect("gateway starts")
     }
 
     fn harness_config(config: &str, receiver: &Receiver) -> String {

@@ -165,6 +165,7 @@ try {
   const flaky = page.locator('#destinations tr[data-name="flaky"]');
   await flaky.getByText('FAILED', { exact: true }).waitFor();
   await flaky.locator('.next-test', { hasText: 'tested again' }).waitFor();
+  await flaky.locator('.state-since', { hasText: 'since' }).waitFor();
   const pending = Number(await flaky.locator('td.num').first().textContent());
   if (!(pending >= 1)) throw new Error(`expected held deliveries, saw ${pending}`);
   await page.locator('#destinations tr[data-name="fleet"] .last-delivered', { hasText: 'last delivered' }).waitFor();

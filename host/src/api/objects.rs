@@ -153,6 +153,10 @@ pub struct DestinationView {
     consecutive_failures: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     last_error: Option<String>,
+    /// When it entered its state (ms since the Unix epoch): the attempt that made it FAILED
+    /// or DISABLED, the pause or restart by hand; absent for one never out of ACTIVE.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    state_since: Option<u64>,
     /// Deliveries waiting for an attempt.
     pending: u64,
     /// Deliveries that gave up.
@@ -200,6 +204,7 @@ fn destination_view(
         state: s.state,
         consecutive_failures: s.consecutive_failures,
         last_error: s.last_error,
+        state_since: (s.since > 0).then_some(s.since),
         pending: n.pending,
         failed: n.failed,
         last_delivered_at: state.metrics.last_delivered_ms(&c.name),

@@ -1388,8 +1388,8 @@ impl Dispatcher {
     }
 
     /// Restarts FAILED destinations by themselves where their retry policy has
-    /// `restart_after`, until `stop`: each is sent a test message that long after this
-    /// instance found it FAILED, and again every that long while the test fails; the first
+    /// `restart_after`, until `stop`: each is sent a test message that long after it became
+    /// FAILED (`DestinationState::since`), and again every that long while the test fails; the first
     /// that passes makes it ACTIVE and its held deliveries due, as `restart` does. Gateways
     /// sharing a store test each destination once an interval between them (a
     /// [`Limit::Restart`] slot). A destination paused, restarted or removed meanwhile is
@@ -1410,18 +1410,22 @@ impl Dispatcher {
             }
             let now = self.clock.now_ms();
             let destinations = self.destinations.load_full();
-            let failed: Vec<(String, i64, Duration)> = (self.lock_states().values())
+            let failed: Vec<(String, i64, u64, Duration)> = (self.lock_states().values())
                 .filter(|s| s.state == DestinationHealth::Failed)
                 .filter_map(|s| {
                     let after = destinations.get(&s.name)?.retry.restart_after?;
-                    Some((s.name.clone(), s.epoch, after))
+                    Some((s.name.clone(), s.epoch, s.since, after))
                 })
                 .collect();
             let mut next = self.lock_next_tests().clone();
             next.retain(|name, _| failed.iter().any(|(n, ..)| n == name));
-            for (name, epoch, after) in failed {
-                // The first test comes that long after this instance found it FAILED.
-                let at = *next.entry(name.clone()).or_insert(now + ms(after));
+            for (name, epoch, since, after) in failed {
+                // The first test comes that long after it became FAILED (as stored: a
+                // gateway started meanwhile does not start the wait over), or now if
+                // that is past.
+                let at = *next
+                    .entry(name.clone())
+                    .or_insert((since + ms(after)).max(now));
                 if now < at || names.values().any(|n| *n == name) {
                     continue;
                 }
@@ -1500,9 +1504,10 @@ impl Dispatcher {
         &self,
         mut state: DestinationState,
     ) -> Result<DestinationState, RestartError> {
+        state.since = self.clock.now_ms();
         state.epoch = self
             .store
-            .set_destination_state(&state, self.clock.now_ms())
+            .set_destination_state(&state, state.since)
             .await?;
         let was = self.lock_states().insert(state.name.clone(), state.clone());
         if was.map_or(DestinationHealth::Active, |w| w.state) != state.state {
@@ -1718,6 +1723,7 @@ fn active(name: &str) -> DestinationState {
         consecutive_failures: 0,
         last_error: None,
         epoch: 0,
+        since: 0,
     }
 }
 

@@ -78,6 +78,9 @@ pub fn decide(
     state.consecutive_failures = state.consecutive_failures.saturating_add(1);
     state.last_error = error;
     if result == AttemptResult::Gone {
+        if state.state != DestinationHealth::Disabled {
+            state.since = now_ms;
+        }
         state.state = DestinationHealth::Disabled;
         return (AttemptNext::Hold, state);
     }
@@ -85,6 +88,7 @@ pub fn decide(
         && state.state == DestinationHealth::Active
     {
         state.state = DestinationHealth::Failed;
+        state.since = now_ms;
     }
     let retryable = match result {
         AttemptResult::Transient { .. } => true,
@@ -128,6 +132,7 @@ mod tests {
             consecutive_failures: 0,
             last_error: None,
             epoch: 0,
+            since: 0,
         }
     }
 
@@ -265,6 +270,7 @@ mod tests {
             Some("410".into()),
         );
         assert_eq!(next, AttemptNext::Hold);
+        assert_eq!(state.since, T0);
         assert_eq!(state.state, DestinationHealth::Disabled);
     }
 
@@ -303,30 +309,36 @@ mod tests {
                 &policy,
                 AttemptResult::Transient { retry_after: None },
                 1,
-                T0,
+                T0 + i,
                 0.0,
                 state,
                 Some("503".into()),
             );
             state = s;
-            let expected = if i < 5 {
-                DestinationHealth::Active
+            let (expected, since) = if i < 5 {
+                (DestinationHealth::Active, 0)
             } else {
-                DestinationHealth::Failed
+                (DestinationHealth::Failed, T0 + 5)
             };
             assert_eq!(state.state, expected, "after {i} failures");
+            assert_eq!(state.since, since, "when it became FAILED, after {i}");
         }
         // An exhausted delivery of a FAILED destination is held, not given up.
-        let (next, _) = decide(
+        let (next, after) = decide(
             &policy,
             AttemptResult::Transient { retry_after: None },
             8,
-            T0,
+            T0 + 60_000,
             0.0,
             state.clone(),
             None,
         );
         assert_eq!(next, AttemptNext::Hold);
+        assert_eq!(
+            after.since,
+            T0 + 5,
+            "FAILED since the fifth, however many follow"
+        );
         let (next, ok) = decide(&policy, AttemptResult::Success, 1, T0, 0.0, state, None);
         assert_eq!(next, AttemptNext::Delivered);
         assert_eq!(ok.consecutive_failures, 0);

@@ -1486,6 +1486,11 @@ pub struct DestinationState {
     /// epoch do not overwrite it.
     #[serde(skip)]
     pub epoch: i64,
+    /// When it entered this state (ms since the Unix epoch): the attempt that made it FAILED
+    /// or DISABLED, a pause or restart by hand; 0 for a destination never out of ACTIVE (or
+    /// a state stored before this was kept).
+    #[serde(skip)]
+    pub since: u64,
 }
 
 /// What [`Store::erase_events`] did.

@@ -304,6 +304,8 @@ const SCHEMA: &[&str] = &[
         PRIMARY KEY (plugin, key)
     );
     CREATE INDEX plugin_state_expires ON plugin_state (expires_at);"#,
+    // 20: when each destination entered its state (ms), as SQLite's version 16.
+    "ALTER TABLE destination_state ADD COLUMN since BIGINT NOT NULL DEFAULT 0;",
 ];
 
 /// The longest JSON value of a body field (in bytes) that its index holds (migration 18):
@@ -1501,11 +1503,11 @@ impl Store for PgStore {
         let client = self.pool.get().await?;
         let statement = client
             .prepare_cached(
-                "INSERT INTO destination_state (name, state, consecutive_failures, last_error, epoch)
-                 VALUES ($1, $2, $3, $4, $5)
+                "INSERT INTO destination_state (name, state, consecutive_failures, last_error, epoch, since)
+                 VALUES ($1, $2, $3, $4, $5, $6)
                  ON CONFLICT (name) DO UPDATE SET state = excluded.state,
                      consecutive_failures = excluded.consecutive_failures,
-                     last_error = excluded.last_error
+                     last_error = excluded.last_error, since = excluded.since
                  WHERE destination_state.epoch = excluded.epoch",
             )
             .await?;
@@ -1518,6 +1520,7 @@ impl Store for PgStore {
                     &(s.consecutive_failures as i32),
                     &s.last_error,
                     &s.epoch,
+                    &(s.since as i64),
                 ],
             )
             .await?;
@@ -1533,7 +1536,7 @@ impl Store for PgStore {
         let client = self.pool.get().await?;
         Ok(client
             .query(
-                "SELECT name, state, consecutive_failures, last_error, epoch FROM destination_state",
+                "SELECT name, state, consecutive_failures, last_error, epoch, since FROM destination_state",
                 &[],
             )
             .await?
@@ -1544,6 +1547,7 @@ impl Store for PgStore {
                 consecutive_failures: r.get::<_, i32>(2) as u32,
                 last_error: r.get(3),
                 epoch: r.get(4),
+                since: r.get::<_, i64>(5) as u64,
             })
             .collect())
     }
@@ -1557,17 +1561,19 @@ impl Store for PgStore {
         let tx = client.transaction().await?;
         let epoch: i64 = tx
             .query_one(
-                "INSERT INTO destination_state (name, state, consecutive_failures, last_error, epoch)
-                 VALUES ($1, $2, $3, $4, 1)
+                "INSERT INTO destination_state (name, state, consecutive_failures, last_error, epoch, since)
+                 VALUES ($1, $2, $3, $4, 1, $5)
                  ON CONFLICT (name) DO UPDATE SET state = excluded.state,
                      consecutive_failures = excluded.consecutive_failures,
-                     last_error = excluded.last_error, epoch = destination_state.epoch + 1
+                     last_error = excluded.last_error, epoch = destination_state.epoch + 1,
+                     since = excluded.since
                  RETURNING epoch",
                 &[
                     &state.name,
                     &state.state.as_str(),
                     &(state.consecutive_failures as i32),
                     &state.last_error,
+                    &(state.since as i64),
                 ],
             )
             .await?

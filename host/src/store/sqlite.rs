@@ -180,6 +180,9 @@ const SCHEMA: &[&str] = &[
         PRIMARY KEY (plugin, key)
     ) WITHOUT ROWID;
     CREATE INDEX plugin_state_expires ON plugin_state (expires_at);",
+    // Version 16: when each destination entered its state (ms), so that `restart_after`
+    // counts from when it became FAILED, across restarts of the gateway.
+    "ALTER TABLE destination_state ADD COLUMN since INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// `Store::list_events`: newest first, from the cursor (?6, ?7), within [?4, ?5). Walked by
@@ -1290,7 +1293,7 @@ impl Store for SqliteStore {
     async fn destination_states(&self) -> Result<Vec<DestinationState>, StoreError> {
         self.read(|conn| {
             let mut stmt = conn.prepare(
-                "SELECT name, state, consecutive_failures, last_error, epoch FROM destination_state",
+                "SELECT name, state, consecutive_failures, last_error, epoch, since FROM destination_state",
             )?;
             stmt.query_map([], |r| {
                 let state: String = r.get(1)?;
@@ -1300,6 +1303,7 @@ impl Store for SqliteStore {
                     consecutive_failures: r.get::<_, i64>(2)? as u32,
                     last_error: r.get(3)?,
                     epoch: r.get(4)?,
+                    since: r.get::<_, i64>(5)? as u64,
                 })
             })?
             .collect()
@@ -1317,11 +1321,12 @@ impl Store for SqliteStore {
         let epoch = self.write(move |conn| {
             let epoch: i64 = conn
                 .prepare_cached(
-                    "INSERT INTO destination_state (name, state, consecutive_failures, last_error, epoch)
-                     VALUES (?, ?, ?, ?, 1)
+                    "INSERT INTO destination_state (name, state, consecutive_failures, last_error, epoch, since)
+                     VALUES (?, ?, ?, ?, 1, ?)
                      ON CONFLICT (name) DO UPDATE SET state = excluded.state,
                          consecutive_failures = excluded.consecutive_failures,
-                         last_error = excluded.last_error, epoch = destination_state.epoch + 1
+                         last_error = excluded.last_error, epoch = destination_state.epoch + 1,
+                         since = excluded.since
                      RETURNING epoch",
                 )?
                 .query_row(
@@ -1329,7 +1334,8 @@ impl Store for SqliteStore {
                         state.name,
                         state.state.as_str(),
                         state.consecutive_failures as i64,
-                        state.last_error
+                        state.last_error,
+                        state.since as i64
                     ],
                     |r| r.get(0),
                 )?;
@@ -2182,10 +2188,11 @@ const RELEASE_LATER: &str = "UPDATE deliveries SET next_attempt_at = ?1, paced =
 fn upsert_destination(conn: &Connection, s: &DestinationState) -> rusqlite::Result<()> {
     let written = conn
         .prepare_cached(
-            "INSERT INTO destination_state (name, state, consecutive_failures, last_error, epoch)
-         VALUES (?, ?, ?, ?, ?)
+            "INSERT INTO destination_state (name, state, consecutive_failures, last_error, epoch, since)
+         VALUES (?, ?, ?, ?, ?, ?)
          ON CONFLICT (name) DO UPDATE SET state = excluded.state,
-             consecutive_failures = excluded.consecutive_failures, last_error = excluded.last_error
+             consecutive_failures = excluded.consecutive_failures, last_error = excluded.last_error,
+             since = excluded.since
          WHERE destination_state.epoch = excluded.epoch",
         )?
         .execute(params![
@@ -2193,7 +2200,8 @@ fn upsert_destination(conn: &Connection, s: &DestinationState) -> rusqlite::Resu
             s.state.as_str(),
             s.consecutive_failures as i64,
             s.last_error,
-            s.epoch
+            s.epoch,
+            s.since as i64
         ])?;
     if written == 1 && s.state != DestinationHealth::Active {
         hold(conn, &s.name)?;
@@ -2384,6 +2392,7 @@ mod tests {
             consecutive_failures: 5,
             last_error: None,
             epoch: 0,
+            since: 0,
         };
         let attempt = Attempt {
             at: 101,

@@ -385,7 +385,8 @@ async function destinationsPage() {
         h('tbody', {}, list.items.map((d) => h('tr', { 'data-name': d.name },
           h('td', {}, h('div', {}, d.name), h('div', { class: 'mono muted hide-narrow' }, d.url),
             h('div', { class: 'muted last-delivered' }, d.last_delivered_at ? `last delivered ${time(d.last_delivered_at)}` : 'nothing delivered since start')),
-          h('td', {}, badge(d.state), d.next_test_at
+          h('td', {}, badge(d.state), d.state !== 'ACTIVE' && d.state_since
+            ? h('div', { class: 'muted state-since' }, `since ${time(d.state_since)}`) : null, d.next_test_at
             ? h('div', { class: 'muted next-test', title: 'restart_after: a test message that passes makes it ACTIVE again' }, `tested again ${time(d.next_test_at)}`) : null),
           h('td', { class: 'num' }, d.pending), h('td', { class: 'num' }, d.failed),
           h('td', { class: 'hide-narrow error' }, d.last_error || ''),
