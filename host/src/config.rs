@@ -404,6 +404,8 @@ struct RawDelivery {
     retry_client_errors: bool,
     #[serde(default, with = "humantime_serde")]
     restart_after: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    max_event_age: Option<Duration>,
     #[serde(default)]
     allowed_networks: Vec<ipnet::IpNet>,
     #[serde(default)]
@@ -431,6 +433,7 @@ impl From<RawDelivery> for DeliveryConfig {
                 failure_threshold: r.failure_threshold,
                 retry_client_errors: r.retry_client_errors,
                 restart_after: r.restart_after.filter(|d| !d.is_zero()),
+                max_event_age: r.max_event_age.filter(|d| !d.is_zero()),
             },
             allowed_networks: r.allowed_networks,
             notify_source: r.notify_source,
@@ -491,6 +494,10 @@ pub struct RetryPolicy {
     /// every this long while the test fails; one that passes makes it ACTIVE, as a restart
     /// does. `None` (the default, 1NCE's way): it stays FAILED until restarted by hand.
     pub restart_after: Option<Duration>,
+    /// A delivery whose event was received longer ago than this is not sent: it fails
+    /// (expired) when its attempt comes — a retry, a backlog after an outage or a restart —
+    /// so a receiver never gets news that is stale. `None` (the default): no limit.
+    pub max_event_age: Option<Duration>,
 }
 
 impl Default for RetryPolicy {
@@ -501,6 +508,7 @@ impl Default for RetryPolicy {
             failure_threshold: default_failure_threshold(),
             retry_client_errors: false,
             restart_after: None,
+            max_event_age: None,
         }
     }
 }
@@ -1102,6 +1110,16 @@ pub struct RetryOverride {
     )]
     #[schema(value_type = Option<String>, example = "5m")]
     pub restart_after: Option<Duration>,
+    /// An event received longer ago than this is not sent here: its delivery fails
+    /// (expired) when its attempt comes. `"0s"`: no limit, whatever
+    /// `delivery.max_event_age` says.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = Option<String>, example = "1h")]
+    pub max_event_age: Option<Duration>,
 }
 
 impl RetryOverride {
@@ -1119,6 +1137,11 @@ impl RetryOverride {
                 Some(d) if d.is_zero() => None,
                 Some(d) => Some(d),
                 None => base.restart_after,
+            },
+            max_event_age: match self.max_event_age {
+                Some(d) if d.is_zero() => None,
+                Some(d) => Some(d),
+                None => base.max_event_age,
             },
         }
     }
@@ -2032,6 +2055,12 @@ fn check_retry(p: &RetryPolicy) -> Result<(), (String, String)> {
             "must be at least 1s (or 0s: never)".into(),
         ));
     }
+    if p.max_event_age.is_some_and(|d| d < Duration::from_secs(1)) {
+        return Err((
+            "max_event_age".into(),
+            "must be at least 1s (or 0s: no limit)".into(),
+        ));
+    }
     Ok(())
 }
 
@@ -2385,6 +2414,27 @@ mod tests {
         );
         let err = with("", "restart_after = \"1ms\"").unwrap_err().to_string();
         assert!(err.contains("destinations[0].retry.restart_after"), "{err}");
+
+        // `max_event_age` the same way: the delivery's, a destination's over it, 0s none.
+        assert_eq!(policy(with("", "").unwrap()).max_event_age, None);
+        let hour = Some(Duration::from_secs(3600));
+        assert_eq!(
+            policy(with("max_event_age = \"1h\"", "").unwrap()).max_event_age,
+            hour
+        );
+        assert_eq!(
+            policy(with("max_event_age = \"5m\"", "max_event_age = \"1h\"").unwrap()).max_event_age,
+            hour
+        );
+        assert_eq!(
+            policy(with("max_event_age = \"1h\"", "max_event_age = \"0s\"").unwrap()).max_event_age,
+            None,
+            "0s: no limit"
+        );
+        let err = with("", "max_event_age = \"10ms\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("destinations[0].retry.max_event_age"), "{err}");
     }
 
     #[test]

@@ -1303,6 +1303,63 @@ async fn a_destination_removed_while_stopped_fails_what_it_held() {
 
 /// `delivery.notify_source`: each change of a destination's state arrives as an event in
 /// that source, and its routes take it to an operator like any event.
+/// `max_event_age`: a delivery whose event is older than that when its attempt comes (a
+/// retry, here) is not sent — it fails, saying why, counted as `expired` — and the
+/// destination's state is not touched; a fresh event goes as usual. (The gateway's events
+/// are timed by the system's clock, its attempts here by one moved by hand.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_delivery_older_than_max_event_age_expires_unsent() {
+    let rx = Receiver::start().await;
+    let clock = clock();
+    let config = r#"
+[[sources]]
+name = "s"
+[[destinations]]
+name = "d"
+url = "{receiver}/d"
+retry = { retry_schedule = ["0s", "2m"], jitter = 0.0, max_event_age = "1m" }
+[[routes]]
+source = "s"
+destinations = ["d"]
+"#;
+    let gw = TestGateway::start_with_clock(config, &rx, &[], clock.clone()).await;
+    // A fresh event goes as usual.
+    let fresh = gw.accept("s", json!({ "n": 1 }).to_string()).await;
+    gw.wait_event(&fresh, |e| e["deliveries"][0]["status"] == "delivered")
+        .await;
+    rx.fail_with(Some(503));
+    let old = gw.accept("s", json!({ "n": 2 }).to_string()).await;
+    gw.wait_event(&old, |e| attempts(e) == 1).await;
+    rx.fail_with(None);
+    // Its retry comes two minutes on: the event is a minute too old by then.
+    clock.advance(Duration::from_secs(121));
+    let e = (gw.wait_event(&old, |e| e["deliveries"][0]["status"] == "failed")).await;
+    assert_eq!(attempts(&e), 2, "{e}");
+    let error = e["deliveries"][0]["attempts"][1]["error"].as_str().unwrap();
+    // (About two minutes: the event's time is the ingest's clock, the attempt's the one
+    // moved by hand.)
+    assert!(
+        error.starts_with("expired: the event was received 2m")
+            && error.ends_with("ago, more than `max_event_age` (1m); not sent"),
+        "{error}"
+    );
+    assert_eq!(rx.requests().len(), 2, "the retry was not sent");
+    let d = destination(&gw, "d").await;
+    assert_eq!(
+        (&d["state"], &d["consecutive_failures"]),
+        (&json!("ACTIVE"), &json!(1)),
+        "{d}"
+    );
+    let metrics = gw.metrics().await;
+    for line in [
+        r#"switchyard_deliveries_total{destination="d",outcome="expired"} 1"#,
+        r#"switchyard_deliveries_total{destination="d",outcome="delivered"} 1"#,
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+    }
+    gw.shutdown().await.unwrap();
+}
+
 /// `restart_after` counts from when the destination became FAILED, as stored: a gateway
 /// started again meanwhile tests it when that time comes (at once, if it is past), not a
 /// whole `restart_after` after its own start. The API says since when it is FAILED.

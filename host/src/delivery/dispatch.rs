@@ -929,7 +929,12 @@ impl Dispatcher {
                 destination = %d.destination, "Delivery left to a later claim: its lease ran down while it waited.");
             return;
         }
-        if destination.is_some() && !self.is_active(&d.destination) {
+        // An event older than the destination's `max_event_age` is not sent: not now, nor
+        // held for later.
+        let expired = (destination.as_ref())
+            .and_then(|dest| dest.retry.max_event_age)
+            .filter(|age| at.saturating_sub(d.received_at) > ms(*age));
+        if expired.is_none() && destination.is_some() && !self.is_active(&d.destination) {
             // Its destination failed (or was disabled) since this delivery was planned or
             // claimed — e.g. while it waited for a permit behind others to a destination
             // that hangs: it is held with the destination's other deliveries, not sent.
@@ -937,6 +942,7 @@ impl Dispatcher {
         }
         if let Some(rate) = destination.as_ref().and_then(|dest| dest.rate_limit)
             && !d.paced
+            && expired.is_none()
         {
             let limit = Limit::Destination(&d.destination);
             match self.store.take_slot(limit, at, rate).await {
@@ -950,9 +956,10 @@ impl Dispatcher {
                 }
             }
         }
-        let (attempt, next) = match destination {
-            Some(dest) => self.send_to(&dest, &d, at).await,
-            None => self.not_sent(&d, at),
+        let (attempt, next) = match (destination, expired) {
+            (Some(_), Some(age)) => self.expired(&d, at, age),
+            (Some(dest), None) => self.send_to(&dest, &d, at).await,
+            (None, _) => self.not_sent(&d, at),
         };
         let recorded = (self.store)
             .record_attempt(&d.id, d.attempts, attempt.clone(), next)
@@ -1091,6 +1098,29 @@ impl Dispatcher {
             error: Some(format!(
                 "destination `{}` is no longer configured; not sent",
                 d.destination
+            )),
+            response: None,
+        };
+        (attempt, AttemptNext::Failed)
+    }
+
+    /// A delivery whose event is older than its destination's `max_event_age` (`age`):
+    /// nothing is sent, and it fails — visibly, counted as `expired`, the destination's
+    /// state untouched (the receiver did nothing wrong).
+    fn expired(&self, d: &DueDelivery, at: u64, age: Duration) -> (Attempt, AttemptNext) {
+        tracing::info!(event_id = %d.event_id, delivery_id = %d.id, destination = %d.destination,
+            "Delivery expired: its event is older than the destination's max_event_age.");
+        self.metrics.delivery(&d.destination, "expired");
+        let attempt = Attempt {
+            at,
+            duration_ms: 0,
+            status_code: None,
+            error: Some(format!(
+                "expired: the event was received {} ago, more than `max_event_age` ({}); not sent",
+                humantime::format_duration(Duration::from_secs(
+                    at.saturating_sub(d.received_at) / 1000
+                )),
+                humantime::format_duration(age)
             )),
             response: None,
         };
