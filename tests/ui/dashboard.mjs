@@ -4,7 +4,8 @@
 // It signs in, sees a freshly ingested event appear, replays the dead letters in bulk,
 // opens an event (plugin verdicts, attempt),
 // replays it (a new attempt), dry-runs its payload (and an edited one; a binary one is not editable), erases an event and a device's events, restarts a FAILED destination (which says when it is tested again; its held events go out),
-// resends the delivery that failed before, shows a banner while the gateway is not ready,
+// resends the delivery that failed before, makes, changes and deletes a source, a destination
+// and a route through the API's objects, shows a banner while the gateway is not ready,
 // and writes a screenshot of every page, at 1280×800 and at phone width.
 
 import { chromium } from 'playwright-core';
@@ -244,6 +245,59 @@ try {
   await page.locator('#routes tr[data-name="secured"] .refused')
     .getByText('401 the `x-api-key` header does not hold an accepted secret').waitFor();
   await shot('routes');
+
+  step('a source, a destination and a route are made, changed and deleted from the dashboard; the file\'s are read-only');
+  if (await page.locator('#sources tr[data-name="onomondo"] button').count() !== 0) throw new Error('a file source offers changes');
+  await page.getByRole('button', { name: 'New source' }).click();
+  await page.getByLabel('Source as JSON').fill(JSON.stringify({ name: 'ui-source' }));
+  await page.locator('.sources-editor').getByRole('button', { name: 'Create' }).click();
+  const uiSource = page.locator('#sources tr[data-name="ui-source"]');
+  await uiSource.getByText('none', { exact: true }).waitFor();
+  await page.getByRole('link', { name: 'Destinations' }).click();
+  if (await page.locator('#destinations tr[data-name="fleet"]').getByRole('button', { name: 'Edit' }).count() !== 0) {
+    throw new Error('a file destination offers changes');
+  }
+  await page.getByRole('button', { name: 'New destination' }).click();
+  const destinationJson = page.getByLabel('Destination as JSON');
+  await destinationJson.fill(JSON.stringify({ name: 'ui-made', url: 'not a url' }));
+  await page.locator('.destinations-editor').getByRole('button', { name: 'Create' }).click();
+  await page.locator('#toast', { hasText: 'url' }).waitFor();
+  await destinationJson.fill(JSON.stringify({ name: 'ui-made', url: 'https://ui.example.com/in' }));
+  await page.locator('.destinations-editor').getByRole('button', { name: 'Create' }).click();
+  const made = page.locator('#destinations tr[data-name="ui-made"]');
+  await made.getByText('https://ui.example.com/in').waitFor();
+  await made.getByRole('button', { name: 'Edit' }).click();
+  await shot('destination-editor');
+  const shown = JSON.parse(await destinationJson.inputValue());
+  for (const only of ['origin', 'state', 'pending', 'failed']) {
+    if (only in shown) throw new Error(`the editor holds \`${only}\`, which the API only shows`);
+  }
+  shown.url = 'https://ui.example.com/v2';
+  await destinationJson.fill(JSON.stringify(shown));
+  await page.locator('.destinations-editor').getByRole('button', { name: 'Save' }).click();
+  await made.getByText('https://ui.example.com/v2').waitFor();
+  await page.getByRole('link', { name: 'Routes' }).click();
+  await page.getByRole('button', { name: 'New route' }).click();
+  await page.getByLabel('Route as JSON').fill(JSON.stringify({ name: 'ui-route', source: 'ui-source', destinations: ['ui-made'] }));
+  await page.locator('.routes-editor').getByRole('button', { name: 'Create' }).click();
+  const uiRoute = page.locator('#routes tr[data-name="ui-route"]');
+  await uiRoute.locator('.destination').getByText('ui-made').waitFor();
+  await uiSource.getByText('ui-route').waitFor();
+  // A source a route uses is not deleted: the page says which route.
+  page.once('dialog', (d) => d.accept());
+  await uiSource.getByRole('button', { name: 'Delete' }).click();
+  await page.locator('#toast', { hasText: 'ui-route' }).waitFor();
+  page.once('dialog', (d) => d.accept());
+  await uiRoute.getByRole('button', { name: 'Delete' }).click();
+  await uiRoute.waitFor({ state: 'detached' });
+  page.once('dialog', (d) => d.accept());
+  await uiSource.getByRole('button', { name: 'Delete' }).click();
+  await uiSource.waitFor({ state: 'detached' });
+  await page.getByRole('link', { name: 'Destinations' }).click();
+  page.once('dialog', (d) => d.accept());
+  await made.getByRole('button', { name: 'Delete' }).click();
+  await made.waitFor({ state: 'detached' });
+  await page.getByRole('link', { name: 'Routes' }).click();
   await plain.getByRole('link', { name: 'Dry run' }).click();
   await page.getByRole('heading', { name: 'Dry run' }).waitFor();
   if ((await page.getByLabel('Source').inputValue()) !== 'flaky-source') throw new Error('the dry run is not for the route\'s source');

@@ -75,6 +75,59 @@ function failed(e) {
   }
 }
 
+// A JSON editor for the sources, destinations and routes made through the API (`kind`: the
+// collection's path): a new one from `template`, or one of `origin: "api"` changed (a merge
+// patch of what the editor holds; the fields the API only shows left out) or deleted.
+// Objects of the config file are read-only here, as over the API.
+function objectEditor(kind, noun, template, shownOnly, refresh) {
+  const title = h('h2', {});
+  const text = h('textarea', { class: 'object-json', rows: 10, spellcheck: 'false', 'aria-label': `${noun} as JSON` });
+  let editing = null;
+  const card = h('div', { class: `card editor ${kind}-editor`, hidden: true }, title, text);
+  const close = () => { card.hidden = true; editing = null; };
+  const save = h('button', { class: 'save', onclick: async () => {
+    let body;
+    try { body = JSON.parse(text.value); } catch (err) { toast(`Not JSON: ${err.message}`); return; }
+    try {
+      if (editing) {
+        if (body && body.name === editing) delete body.name;
+        await api(`/v1/${kind}/${encodeURIComponent(editing)}`, { method: 'PATCH', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) });
+        toast(`${noun} ${editing} changed.`);
+      } else {
+        const made = await api(`/v1/${kind}`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) });
+        toast(`${noun} ${made.name} created.`);
+      }
+      close();
+      refresh();
+    } catch (err) { toast(err.message); }
+  } }, 'Create');
+  card.append(h('div', { class: 'row' }, save, h('button', { class: 'cancel', onclick: close }, 'Cancel')));
+  const open = (object) => {
+    editing = object ? object.name : null;
+    title.textContent = object ? `Change ${noun.toLowerCase()} ${object.name}` : `New ${noun.toLowerCase()}`;
+    const shown = object ? Object.fromEntries(Object.entries(object).filter(([k]) => k !== 'origin' && !shownOnly.includes(k))) : template;
+    text.value = JSON.stringify(shown, null, 2);
+    save.textContent = object ? 'Save' : 'Create';
+    card.hidden = false;
+    text.focus();
+  };
+  const remove = async (object) => {
+    if (!confirm(`Delete ${noun.toLowerCase()} ${object.name}?`)) return;
+    try {
+      await api(`/v1/${kind}/${encodeURIComponent(object.name)}`, { method: 'DELETE' });
+      toast(`${noun} ${object.name} deleted.`);
+      if (editing === object.name) close();
+      refresh();
+    } catch (err) { toast(err.message); }
+  };
+  // The buttons a listed object gets: Edit and Delete if it was made through the API.
+  const actions = (object) => object.origin !== 'api' ? [] : [
+    h('button', { class: 'edit', onclick: () => open(object) }, 'Edit'),
+    h('button', { class: 'delete', onclick: () => remove(object) }, 'Delete')];
+  const create = h('button', { class: `new-${kind}`, onclick: () => open(null) }, `New ${noun.toLowerCase()}`);
+  return { card, create, actions };
+}
+
 // ---- sign in --------------------------------------------------------------------------
 
 function signIn() {
@@ -375,7 +428,9 @@ async function dryRunPage(source) {
 
 async function destinationsPage() {
   const box = h('div', { class: 'card' });
-  page('Destinations', box);
+  const editor = objectEditor('destinations', 'Destination', { name: '', url: 'https://', event_types: ['*'] },
+    ['state', 'state_since', 'consecutive_failures', 'last_error', 'pending', 'failed', 'last_delivered_at', 'next_test_at'], () => refresh());
+  page('Destinations', h('div', { class: 'row' }, editor.create), editor.card, box);
   async function refresh() {
     try {
       const list = await api('/v1/destinations?limit=500');
@@ -410,7 +465,8 @@ async function destinationsPage() {
                 toast(`${r.retried} failed ${r.retried === 1 ? 'delivery' : 'deliveries'} to ${d.name} sent again.`);
               } catch (err) { toast(err.message); }
               refresh();
-            } }, 'Resend failed') : null)))))));
+            } }, 'Resend failed') : null,
+            editor.actions(d))))))));
     } catch (e) { failed(e); }
   }
   await refresh();
@@ -421,7 +477,11 @@ async function destinationsPage() {
 // plugin chain with each plugin's status, and the destinations with their states.
 async function routesPage() {
   const box = h('div', { class: 'card' });
-  page('Routes', box);
+  const sourcesBox = h('div', { class: 'card' });
+  const routeEditor = objectEditor('routes', 'Route', { name: '', source: '', plugins: [], destinations: [] }, [], () => refresh());
+  const sourceEditor = objectEditor('sources', 'Source', { name: '' }, ['refused', 'last_accepted_at'], () => refresh());
+  page('Routes', h('div', { class: 'row' }, routeEditor.create, sourceEditor.create), routeEditor.card, sourceEditor.card, box,
+    h('h2', {}, 'Sources'), sourcesBox);
   async function refresh() {
     try {
       const [routes, sources, plugins, destinations] = await Promise.all(
@@ -462,7 +522,18 @@ async function routesPage() {
               dest[d] && dest[d].state !== 'ACTIVE' ? badge(dest[d].state) : null))),
             h('td', { class: 'hide-narrow' }, r.on_error),
             h('td', {}, h('div', { class: 'row' }, showEvents(r.source),
-              h('a', { href: `#/dry-run/${encodeURIComponent(r.source)}`, class: 'dry-run' }, 'Dry run'))))))));
+              h('a', { href: `#/dry-run/${encodeURIComponent(r.source)}`, class: 'dry-run' }, 'Dry run'),
+              routeEditor.actions(r))))))));
+      // Every source, those no route takes events from included (their events are stored
+      // and go nowhere).
+      const routed = new Set(routes.items.map((r) => r.source));
+      sourcesBox.replaceChildren(h('table', { id: 'sources' },
+        h('thead', {}, h('tr', {}, h('th', {}, 'Source'), h('th', {}, 'Checked'), h('th', {}, 'Routes'), h('th', {}, ''))),
+        h('tbody', {}, sources.items.map((s) => h('tr', { 'data-name': s.name },
+          h('td', {}, h('div', {}, s.name), h('div', { class: 'muted' }, s.origin)),
+          h('td', {}, checks(s)),
+          h('td', {}, routed.has(s.name) ? routes.items.filter((r) => r.source === s.name).map((r) => r.name).join(', ') : h('span', { class: 'muted' }, 'none')),
+          h('td', {}, h('div', { class: 'row' }, sourceEditor.actions(s))))))));
     } catch (e) { failed(e); }
   }
   await refresh();
