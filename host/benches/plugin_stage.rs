@@ -319,5 +319,59 @@ fn http(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, plugin_stage, languages, in_flight, state, http);
+/// `validate` on the Onomondo usage event against a schema of its fields: fresh (the schema
+/// compiled on each call) and warm (compiled once per instance).
+fn validate(c: &mut Criterion) {
+    let out = xtask::workspace_root().join("target/guests/plugins");
+    xtask::build_guests(&["validate"], &out).expect("guest plugins build");
+    let runtime = PluginRuntime::new().unwrap();
+    let rt = runtime_for_calls();
+    let event = event();
+    let plugin = runtime
+        .load_file("validate", &out.join("validate.wasm"))
+        .unwrap();
+    let schema = serde_json::json!({
+        "type": "object",
+        "required": ["type", "iccid", "sim_id"],
+        "properties": {
+            "type": { "enum": ["usage", "location"] },
+            "iccid": { "type": "string", "pattern": "^89[0-9]{17,18}$" },
+            "sim_id": { "type": "string" },
+            "bytes": { "type": "integer", "minimum": 0 },
+            "network": { "type": "object", "required": ["mcc", "mnc"] }
+        }
+    });
+    let config: Arc<[(String, String)]> =
+        Arc::from(vec![("schema".to_string(), schema.to_string())]);
+    let mut group = c.benchmark_group("validate");
+    for (mode_label, mode) in [("fresh", InstanceMode::Fresh), ("warm", InstanceMode::Warm)] {
+        group.bench_function(mode_label, |b| {
+            b.iter(|| {
+                let verdict = rt
+                    .block_on(plugin.call(
+                        &event,
+                        CallInput::config(config.clone()),
+                        CallLimits::default(),
+                        mode,
+                    ))
+                    .expect("plugin answers");
+                assert!(
+                    matches!(verdict, switchyard::plugin::PluginVerdict::Continue(_)),
+                    "{verdict:?}"
+                );
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    plugin_stage,
+    languages,
+    in_flight,
+    state,
+    http,
+    validate
+);
 criterion_main!(benches);

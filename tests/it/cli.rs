@@ -466,6 +466,119 @@ fn reshape_builds_a_new_body_by_configuration() {
     }
 }
 
+/// `validate` stops the events whose body does not match a JSON Schema, naming where and
+/// why — an error (the route's `on_error`), or a drop — from a schema in its config or
+/// one per event type from a lookup table; a schema that is not one is an
+/// `invalid-config` error.
+#[test]
+fn validate_checks_bodies_against_a_json_schema() {
+    let dir = tempfile::tempdir().unwrap();
+    let event = dir.path().join("event.json");
+    let schema = serde_json::json!({
+        "type": "object",
+        "required": ["iccid", "type"],
+        "properties": {
+            "iccid": { "type": "string", "pattern": "^89[0-9]{17,18}$" },
+            "bytes": { "type": "integer", "minimum": 0 }
+        }
+    });
+    let schemas = dir.path().join("schemas.json");
+    std::fs::write(&schemas, serde_json::json!({ "usage": schema }).to_string()).unwrap();
+    let plugin = guest("validate");
+    let check = |body: Value, pairs: &[&str]| {
+        std::fs::write(&event, body.to_string()).unwrap();
+        let mut args = vec!["plugin", "run", path(&plugin), "--event", path(&event)];
+        args.extend(["--table", &*format!("schemas={}", schemas.display()).leak()]);
+        for pair in pairs {
+            args.extend(["--config", pair]);
+        }
+        let (ok, out, err) = run(&args);
+        (
+            ok,
+            serde_json::from_str::<Value>(&out).unwrap_or_else(|_| panic!("{out}{err}")),
+        )
+    };
+    let inline = format!("schema={schema}");
+    let good =
+        serde_json::json!({ "type": "usage", "iccid": "8945738730000000012", "bytes": 1200 });
+    let bad = serde_json::json!({ "type": "usage", "iccid": 8945, "bytes": -1 });
+
+    let (ok, verdict) = check(good.clone(), &[&inline]);
+    assert!(ok, "{verdict}");
+    assert_eq!(verdict["verdict"], "continue", "{verdict}");
+    assert!(
+        verdict.get("body").is_none_or(Value::is_null),
+        "passed on as it came: {verdict}"
+    );
+
+    let (ok, verdict) = check(bad.clone(), &[&inline]);
+    assert!(!ok, "{verdict}");
+    let error = verdict["error"].as_str().unwrap();
+    assert!(
+        error.contains("invalid event") && error.contains("the body does not match the schema: "),
+        "{error}"
+    );
+    assert!(
+        error.contains(r#"/iccid: 8945 is not of type "string""#),
+        "{error}"
+    );
+    assert!(
+        error.contains("/bytes: -1 is less than the minimum of 0"),
+        "{error}"
+    );
+
+    let (ok, verdict) = check(bad.clone(), &[&inline, "on_invalid=drop"]);
+    assert!(ok, "{verdict}");
+    assert_eq!(verdict["verdict"], "drop", "{verdict}");
+    assert!(
+        verdict["reason"].as_str().unwrap().contains("/iccid"),
+        "{verdict}"
+    );
+
+    // One schema per event type, from a lookup table; a type it does not know passes,
+    // unless `unknown` says otherwise.
+    let by_type = ["table=schemas", "key=/type"];
+    let (_, verdict) = check(bad.clone(), &by_type);
+    let error = verdict["error"].as_str().unwrap();
+    assert!(
+        error.contains("does not match the schema `usage`: "),
+        "{error}"
+    );
+    let (ok, verdict) = check(good.clone(), &by_type);
+    assert!(ok && verdict["verdict"] == "continue", "{verdict}");
+    let location = serde_json::json!({ "type": "location", "iccid": 1 });
+    let (ok, verdict) = check(location.clone(), &by_type);
+    assert!(ok && verdict["verdict"] == "continue", "{verdict}");
+    let (_, verdict) = check(location, &["table=schemas", "key=/type", "unknown=drop"]);
+    assert_eq!(verdict["verdict"], "drop", "{verdict}");
+    assert!(
+        verdict["reason"]
+            .as_str()
+            .unwrap()
+            .contains("table `schemas` has no schema `location`"),
+        "{verdict}"
+    );
+
+    for (pairs, says) in [
+        (vec![], "give `schema`"),
+        (vec![r#"schema={"type": 12}"#], "is not a JSON Schema"),
+        (vec!["schema={"], "is not JSON"),
+        (
+            vec![&*inline, "on_invalid=ignore"],
+            "`on_invalid` must be error or drop",
+        ),
+        (vec!["table=schemas"], "`table` needs `key`"),
+    ] {
+        let (ok, answer) = check(good.clone(), &pairs);
+        assert!(!ok, "{pairs:?}: {answer}");
+        let error = answer["error"].as_str().unwrap();
+        assert!(
+            error.contains("invalid config") && error.contains(says),
+            "{pairs:?}: {error}"
+        );
+    }
+}
+
 #[test]
 fn serve_names_a_bad_config_key_and_a_broken_plugin_file() {
     let dir = tempfile::tempdir().unwrap();

@@ -31,6 +31,7 @@ pub const GUESTS: &[&str] = &[
     "reshape",
     "change-filter",
     "enrich",
+    "validate",
     "misbehave",
     "wrong-world",
     "contract-0-1-0",

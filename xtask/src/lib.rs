@@ -16,6 +16,7 @@ pub const PLUGINS: &[&str] = &[
     "reshape",
     "change-filter",
     "enrich",
+    "validate",
 ];
 
 /// Plugins that exist only to test the gateway.
