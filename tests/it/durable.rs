@@ -750,9 +750,12 @@ url = "{receiver}/status/404"
 [[destinations]]
 name = "good"
 url = "{receiver}/ok"
+[[destinations]]
+name = "refusing"
+url = "{receiver}/status/400"
 [[routes]]
 source = "s"
-destinations = ["bad", "good"]
+destinations = ["bad", "good", "refusing"]
 "#;
     let gw = TestGateway::start(config, &rx, &[]).await;
     let mut ids = Vec::new();
@@ -768,7 +771,7 @@ destinations = ["bad", "good"]
     loop {
         let (status, page) = gw
             .get(&format!(
-                "/v1/deliveries?status=failed&limit=2&cursor={cursor}"
+                "/v1/deliveries?status=failed&destination=bad&limit=2&cursor={cursor}"
             ))
             .await;
         assert_eq!(status, 200, "{page}");
@@ -791,8 +794,32 @@ destinations = ["bad", "good"]
     assert_eq!(
         unique.len(),
         5,
-        "five failed deliveries, each once: {seen:?}"
+        "five failed deliveries to `bad`, each once: {seen:?}"
     );
+    // Of every destination, or of another one.
+    let (_, all) = gw.get("/v1/deliveries?status=failed&limit=500").await;
+    assert_eq!(all["items"].as_array().unwrap().len(), 10, "{all}");
+    let (_, refusing) = (gw.get("/v1/deliveries?status=failed&destination=refusing")).await;
+    let refusing = refusing["items"].as_array().unwrap();
+    assert_eq!(refusing.len(), 5);
+    assert!(
+        refusing
+            .iter()
+            .all(|d| d["attempts"][0]["status_code"] == 400)
+    );
+    let (_, none) = (gw.get("/v1/deliveries?status=failed&destination=good")).await;
+    assert_eq!(none["items"], json!([]));
+    for without in [
+        "/v1/deliveries?destination=bad",
+        "/v1/deliveries?status=delivered&destination=good",
+    ] {
+        let (status, body) = gw.get(without).await;
+        assert_eq!(status, 400, "{body}");
+        assert!(
+            body["error"].as_str().unwrap().contains("`destination`"),
+            "{body}"
+        );
+    }
     let (status, body) = gw.get("/v1/deliveries?status=bogus").await;
     assert_eq!(status, 400, "{body}");
     let (status, body) = gw.get("/v1/deliveries?cursor=xyz").await;

@@ -426,14 +426,14 @@ async fn conformance(open: Reopen) {
 
     // Lists: deliveries by status with a cursor; events with filters; retry by hand.
     let failed = store
-        .list_deliveries(Some(DeliveryStatus::Failed), None, 10)
+        .list_deliveries(Some(DeliveryStatus::Failed), None, None, 10)
         .await
         .unwrap();
     assert_eq!(failed.len(), 1);
     assert_eq!(failed[0].1.id, "d1");
-    let all = store.list_deliveries(None, None, 1).await.unwrap();
+    let all = store.list_deliveries(None, None, None, 1).await.unwrap();
     let next = store
-        .list_deliveries(None, Some(all[0].0), 10)
+        .list_deliveries(None, None, Some(all[0].0), 10)
         .await
         .unwrap();
     assert_eq!(all.len() + next.len(), 2);
@@ -819,7 +819,7 @@ async fn conformance(open: Reopen) {
         let record = store.get_event("e2").await.unwrap().unwrap();
         seen = consistent(record.deliveries.iter().find(|d| d.id == "d6").unwrap());
         for (_, d) in store
-            .list_deliveries(Some(DeliveryStatus::Pending), None, 100)
+            .list_deliveries(Some(DeliveryStatus::Pending), None, None, 100)
             .await
             .unwrap()
         {

@@ -918,6 +918,9 @@ impl From<RestartError> for ApiError {
 struct DeliveryQuery {
     /// Only deliveries with this status.
     status: Option<DeliveryStatus>,
+    /// Only deliveries to this destination (with `status` `pending`, `failed` or
+    /// `skipped`: `?destination=erp&status=failed`).
+    destination: Option<String>,
     /// `next_cursor` of the previous page.
     cursor: Option<String>,
     /// Items per page: 1 to 500, 50 by default.
@@ -945,9 +948,14 @@ async fn list_deliveries(
         })?),
     };
     let limit = page_limit(q.limit)?;
+    if q.destination.is_some() && matches!(q.status, None | Some(DeliveryStatus::Delivered)) {
+        return Err(ApiError::BadRequest(
+            "`destination`: give it with `status` pending, failed or skipped".into(),
+        ));
+    }
     let page = state
         .store
-        .list_deliveries(q.status, after, limit + 1)
+        .list_deliveries(q.status, q.destination.as_deref(), after, limit + 1)
         .await?;
     let more = page.len() > limit;
     let next_cursor = if more {

@@ -196,10 +196,12 @@ pub trait Store: Send + Sync + 'static {
     /// An event with everything recorded about it.
     async fn get_event(&self, id: &str) -> Result<Option<EventRecord>, StoreError>;
 
-    /// Deliveries in the order they were created, optionally of one status, after a cursor.
+    /// Deliveries in the order they were created, optionally of one status (and, for a
+    /// status other than delivered, of one destination), after a cursor.
     async fn list_deliveries(
         &self,
         status: Option<DeliveryStatus>,
+        destination: Option<&str>,
         after: Option<i64>,
         limit: usize,
     ) -> Result<Vec<(i64, DeliveryRecord)>, StoreError>;

@@ -454,12 +454,14 @@ const ROUTE_RESULT: &str = "AND ($9::TEXT IS NULL OR EXISTS (SELECT 1 FROM route
 
 /// Deliveries in `seq` order: all of them, the delivered ones, or those of another status
 /// (from `deliveries_undelivered`). Bound: status, after, limit.
-const LIST_DELIVERIES_ALL: &str =
-    "SELECT * FROM deliveries WHERE $1::TEXT IS NULL AND seq > $2 ORDER BY seq LIMIT $3";
-const LIST_DELIVERIES_DELIVERED: &str =
-    "SELECT * FROM deliveries WHERE status = $1 AND seq > $2 ORDER BY seq LIMIT $3";
+const LIST_DELIVERIES_ALL: &str = "SELECT * FROM deliveries
+    WHERE $1::TEXT IS NULL AND $4::TEXT IS NULL AND seq > $2 ORDER BY seq LIMIT $3";
+const LIST_DELIVERIES_DELIVERED: &str = "SELECT * FROM deliveries
+    WHERE status = $1 AND $4::TEXT IS NULL AND seq > $2 ORDER BY seq LIMIT $3";
+/// As SQLite's: of one destination ($4) or all, walking `deliveries_undelivered`.
 const LIST_DELIVERIES_UNDELIVERED: &str = "SELECT * FROM deliveries
-    WHERE status = $1 AND status <> 'delivered' AND seq > $2 ORDER BY seq LIMIT $3";
+    WHERE status = $1 AND status <> 'delivered' AND seq > $2
+      AND ($4::TEXT IS NULL OR destination = $4) ORDER BY seq LIMIT $3";
 /// When the oldest pending delivery was created: the first by `seq` (which follows
 /// creation), one probe of `deliveries_undelivered`; `MIN(created_at)` read every pending
 /// row.
@@ -1753,6 +1755,7 @@ impl Store for PgStore {
     async fn list_deliveries(
         &self,
         status: Option<DeliveryStatus>,
+        destination: Option<&str>,
         after: Option<i64>,
         limit: usize,
     ) -> Result<Vec<(i64, DeliveryRecord)>, StoreError> {
@@ -1772,6 +1775,7 @@ impl Store for PgStore {
                     &status.map(DeliveryStatus::as_str),
                     &after.unwrap_or(0),
                     &(limit as i64),
+                    &destination,
                 ],
             )
             .await?;
@@ -2379,7 +2383,7 @@ mod tests {
         let failed = explain(
             &client,
             LIST_DELIVERIES_UNDELIVERED,
-            &[&"failed", &0i64, &10i64],
+            &[&"failed", &0i64, &10i64, &Some("fleet")],
         )
         .await;
         assert!(failed.contains("deliveries_undelivered"), "{failed}");

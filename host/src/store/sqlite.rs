@@ -326,12 +326,15 @@ const ROUTE_RESULT: &str = "AND (?9 IS NULL OR EXISTS (SELECT 1 FROM route_outco
 
 /// Deliveries in `seq` order: all of them, the delivered ones (most rows match), or those
 /// of another status (from `deliveries_undelivered`). Bound: status, after, limit.
-const LIST_DELIVERIES_ALL: &str =
-    "SELECT * FROM deliveries WHERE ?1 IS NULL AND seq > ?2 ORDER BY seq LIMIT ?3";
-const LIST_DELIVERIES_DELIVERED: &str =
-    "SELECT * FROM deliveries WHERE status = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3";
+const LIST_DELIVERIES_ALL: &str = "SELECT * FROM deliveries
+    WHERE ?1 IS NULL AND ?4 IS NULL AND seq > ?2 ORDER BY seq LIMIT ?3";
+const LIST_DELIVERIES_DELIVERED: &str = "SELECT * FROM deliveries
+    WHERE status = ?1 AND ?4 IS NULL AND seq > ?2 ORDER BY seq LIMIT ?3";
+/// Pending, failed or skipped deliveries, of one destination (?4) or all, walking
+/// `deliveries_undelivered` (few rows, where the others are delivered).
 const LIST_DELIVERIES_UNDELIVERED: &str = "SELECT * FROM deliveries
-    WHERE status = ?1 AND status != 'delivered' AND seq > ?2 ORDER BY seq LIMIT ?3";
+    WHERE status = ?1 AND status != 'delivered' AND seq > ?2 AND (?4 IS NULL OR +destination = ?4)
+    ORDER BY seq LIMIT ?3";
 /// When the oldest pending delivery was created: the first by `seq` (which follows
 /// creation), one probe of `deliveries_undelivered` (the repeated term selects it; without
 /// it SQLite walks the table from its first row, delivered ones and all). `MIN(created_at)`
@@ -1453,9 +1456,11 @@ impl Store for SqliteStore {
     async fn list_deliveries(
         &self,
         status: Option<DeliveryStatus>,
+        destination: Option<&str>,
         after: Option<i64>,
         limit: usize,
     ) -> Result<Vec<(i64, DeliveryRecord)>, StoreError> {
+        let destination = destination.map(str::to_string);
         self.read(move |conn| {
             // Delivered ones, or all, in `seq` order (most rows match); the others from
             // `deliveries_undelivered`.
@@ -1470,7 +1475,8 @@ impl Store for SqliteStore {
                     params![
                         status.map(DeliveryStatus::as_str),
                         after.unwrap_or(0),
-                        limit as i64
+                        limit as i64,
+                        destination
                     ],
                     |r| Ok((r.get::<_, i64>("seq")?, delivery_from_row(r)?)),
                 )?
