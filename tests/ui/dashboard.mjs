@@ -185,8 +185,12 @@ try {
   await flaky.getByText('ACTIVE', { exact: true }).waitFor();
   await page.waitForFunction(() => document.querySelector('#destinations tr[data-name="flaky"] td.num')?.textContent === '0');
 
-  step('the delivery that failed before the restart is resent');
+  step('the delivery that failed before the restart is listed, and resent');
   await flaky.locator('td.num').nth(1).getByText('1').waitFor();
+  await flaky.getByRole('button', { name: '1', exact: true }).click();
+  await page.getByRole('heading', { name: 'Failed deliveries to flaky' }).waitFor();
+  if (await page.locator('#failed-deliveries tbody tr').count() !== 1) throw new Error('one failed delivery to flaky');
+  await page.getByRole('button', { name: 'Close' }).click();
   page.once('dialog', (d) => d.accept());
   await flaky.getByRole('button', { name: 'Resend failed' }).click();
   await page.getByText('1 failed delivery to flaky sent again.').waitFor();

@@ -430,7 +430,25 @@ async function destinationsPage() {
   const box = h('div', { class: 'card' });
   const editor = objectEditor('destinations', 'Destination', { name: '', url: 'https://', event_types: ['*'] },
     ['state', 'state_since', 'consecutive_failures', 'last_error', 'pending', 'failed', 'last_delivered_at', 'next_test_at'], () => refresh());
-  page('Destinations', h('div', { class: 'row' }, editor.create), editor.card, box);
+  // One destination's failed deliveries (oldest first), opened from its failed count.
+  const failures = h('div', { class: 'card failures', hidden: true });
+  async function showFailed(name) {
+    try {
+      const r = await api(`/v1/deliveries?status=failed&destination=${encodeURIComponent(name)}&limit=50`);
+      const last = (d) => d.attempts[d.attempts.length - 1] || {};
+      failures.replaceChildren(h('h2', {}, `Failed deliveries to ${name}`),
+        r.items.length === 0 ? h('p', { class: 'muted' }, 'None.') : h('table', { id: 'failed-deliveries' },
+          h('thead', {}, h('tr', {}, h('th', {}, 'Event'), h('th', {}, 'Last attempt'), h('th', { class: 'num' }, 'Status'), h('th', {}, 'Error'))),
+          h('tbody', {}, r.items.map((d) => h('tr', { 'data-id': d.id },
+            h('td', {}, h('a', { href: `#/events/${d.event_id}`, class: 'mono' }, d.event_id)),
+            h('td', {}, time(last(d).at)), h('td', { class: 'num' }, last(d).status_code ?? ''),
+            h('td', { class: 'error' }, last(d).error || ''))))),
+        r.next_cursor ? h('p', { class: 'muted' }, 'The oldest 50 are shown.') : null,
+        h('button', { class: 'close', onclick: () => { failures.hidden = true; } }, 'Close'));
+      failures.hidden = false;
+    } catch (err) { toast(err.message); }
+  }
+  page('Destinations', h('div', { class: 'row' }, editor.create), editor.card, failures, box);
   async function refresh() {
     try {
       const list = await api('/v1/destinations?limit=500');
@@ -443,7 +461,8 @@ async function destinationsPage() {
           h('td', {}, badge(d.state), d.state !== 'ACTIVE' && d.state_since
             ? h('div', { class: 'muted state-since' }, `since ${time(d.state_since)}`) : null, d.next_test_at
             ? h('div', { class: 'muted next-test', title: 'restart_after: a test message that passes makes it ACTIVE again' }, `tested again ${time(d.next_test_at)}`) : null),
-          h('td', { class: 'num' }, d.pending), h('td', { class: 'num' }, d.failed),
+          h('td', { class: 'num' }, d.pending), h('td', { class: 'num' }, d.failed > 0
+            ? h('button', { class: 'link failed-count', title: 'list them', onclick: () => showFailed(d.name) }, d.failed) : d.failed),
           h('td', { class: 'hide-narrow error' }, d.last_error || ''),
           h('td', {}, h('div', { class: 'row' },
             h('button', { class: 'restart', onclick: async () => {
