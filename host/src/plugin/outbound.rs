@@ -245,6 +245,8 @@ impl Shared {
         })?;
         let wait = Duration::from_millis(slot.saturating_sub(now));
         if wait > timeout {
+            // (`1/60` shown as 0.017, not as its every digit.)
+            let rate = (rate * 1000.0).round() / 1000.0;
             return Err(SendError::RateLimited(format!(
                 "rate limited: {granted} takes {rate} requests a second \
                  (`plugins.http_rate_limit`), and its next free slot is {wait:?} away, past \
