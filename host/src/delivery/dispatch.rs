@@ -1091,17 +1091,13 @@ impl Dispatcher {
         tracing::warn!(event_id = %d.event_id, delivery_id = %d.id, destination = %d.destination,
             "Delivery failed: its destination is no longer configured.");
         self.metrics.delivery(&d.destination, "failed");
-        let attempt = Attempt {
+        unsent(
             at,
-            duration_ms: 0,
-            status_code: None,
-            error: Some(format!(
+            format!(
                 "destination `{}` is no longer configured; not sent",
                 d.destination
-            )),
-            response: None,
-        };
-        (attempt, AttemptNext::Failed)
+            ),
+        )
     }
 
     /// A delivery whose event is older than its destination's `max_event_age` (`age`):
@@ -1111,20 +1107,15 @@ impl Dispatcher {
         tracing::info!(event_id = %d.event_id, delivery_id = %d.id, destination = %d.destination,
             "Delivery expired: its event is older than the destination's max_event_age.");
         self.metrics.delivery(&d.destination, "expired");
-        let attempt = Attempt {
+        let ago = Duration::from_secs(at.saturating_sub(d.received_at) / 1000);
+        unsent(
             at,
-            duration_ms: 0,
-            status_code: None,
-            error: Some(format!(
+            format!(
                 "expired: the event was received {} ago, more than `max_event_age` ({}); not sent",
-                humantime::format_duration(Duration::from_secs(
-                    at.saturating_sub(d.received_at) / 1000
-                )),
+                humantime::format_duration(ago),
                 humantime::format_duration(age)
-            )),
-            response: None,
-        };
-        (attempt, AttemptNext::Failed)
+            ),
+        )
     }
 
     /// Sends one attempt and decides what follows it, updating the destination's state
@@ -1418,9 +1409,10 @@ impl Dispatcher {
     }
 
     /// Restarts FAILED destinations by themselves where their retry policy has
-    /// `restart_after`, until `stop`: each is sent a test message that long after it became
-    /// FAILED (`DestinationState::since`), and again every that long while the test fails; the first
-    /// that passes makes it ACTIVE and its held deliveries due, as `restart` does. Gateways
+    /// `restart_after`, until `stop`: each is sent a test message that long after it
+    /// became FAILED (`DestinationState::since`), and again every that long while the test
+    /// fails; the first that passes makes it ACTIVE and its held deliveries due, as
+    /// `restart` does. Gateways
     /// sharing a store test each destination once an interval between them (a
     /// [`Limit::Restart`] slot). A destination paused, restarted or removed meanwhile is
     /// left as it is.
@@ -1559,6 +1551,18 @@ type Answer = (
     Option<String>,
     u64,
 );
+
+/// An attempt that sent nothing, failing its delivery for `error`.
+fn unsent(at: u64, error: String) -> (Attempt, AttemptNext) {
+    let attempt = Attempt {
+        at,
+        duration_ms: 0,
+        status_code: None,
+        error: Some(error),
+        response: None,
+    };
+    (attempt, AttemptNext::Failed)
+}
 
 /// A duration in whole milliseconds.
 fn ms(d: Duration) -> u64 {
