@@ -579,6 +579,75 @@ fn validate_checks_bodies_against_a_json_schema() {
     }
 }
 
+/// `examples/schemas/onomondo.json`, a schema per Onomondo event type for `validate`: every
+/// example event passes, and one whose usage is not a number, or that lacks its ICCID, is
+/// stopped naming the field.
+#[test]
+fn onomondo_schemas_accept_every_example_and_name_what_is_wrong() {
+    let root = xtask::workspace_root();
+    let plugin = guest("validate");
+    let table = format!(
+        "schemas={}",
+        root.join("examples/schemas/onomondo.json").display()
+    );
+    let check = |event: &std::path::Path| {
+        let args = [
+            "plugin",
+            "run",
+            path(&plugin),
+            "--event",
+            path(event),
+            "--table",
+            &table,
+            "--config",
+            "table=schemas",
+            "--config",
+            "key=/type",
+            "--config",
+            "unknown=error",
+        ];
+        let (ok, out, err) = run(&args);
+        (
+            ok,
+            serde_json::from_str::<Value>(&out).unwrap_or_else(|_| panic!("{out}{err}")),
+        )
+    };
+    let mut checked = 0;
+    for entry in std::fs::read_dir(root.join("examples/events")).unwrap() {
+        let file = entry.unwrap().path();
+        let name = file.file_name().unwrap().to_string_lossy().to_string();
+        if !(name.starts_with("onomondo-") && name.ends_with(".json")) {
+            continue;
+        }
+        let (ok, verdict) = check(&file);
+        assert!(ok && verdict["verdict"] == "continue", "{name}: {verdict}");
+        checked += 1;
+    }
+    assert!(checked >= 10, "{checked} examples");
+
+    let dir = tempfile::tempdir().unwrap();
+    let changed = dir.path().join("event.json");
+    let mut usage: Value = serde_json::from_slice(
+        &std::fs::read(root.join("examples/events/onomondo-usage.json")).unwrap(),
+    )
+    .unwrap();
+    usage["bytes"] = "9484".into();
+    usage.as_object_mut().unwrap().remove("iccid");
+    std::fs::write(&changed, usage.to_string()).unwrap();
+    let (ok, answer) = check(&changed);
+    assert!(!ok, "{answer}");
+    let error = answer["error"].as_str().unwrap();
+    assert!(error.contains("the schema `usage`"), "{error}");
+    assert!(
+        error.contains(r#"/bytes: "9484" is not of type "integer""#),
+        "{error}"
+    );
+    assert!(
+        error.contains(r#""iccid" is a required property"#),
+        "{error}"
+    );
+}
+
 #[test]
 fn serve_names_a_bad_config_key_and_a_broken_plugin_file() {
     let dir = tempfile::tempdir().unwrap();
