@@ -332,8 +332,9 @@ pub struct PluginsConfig {
     pub http_max_response_bytes: usize,
     /// Plugins' HTTP requests in flight at once to one granted origin.
     pub http_concurrency: usize,
-    /// Plugins' HTTP requests a second to a granted origin (an `allow_http` entry as
-    /// written, the key), between all the gateways sharing the store.
+    /// Plugins' HTTP requests a second to an origin (`https://*.example.com`: to its
+    /// subdomains without a limit of their own, together), between all the gateways
+    /// sharing the store.
     pub http_rate_limit: BTreeMap<String, f64>,
 }
 
@@ -1698,9 +1699,14 @@ impl Config {
                 "must be 1 to 4096".into(),
             ));
         }
+        let mut limited = Vec::new();
         for (origin, rate) in &self.plugins.http_rate_limit {
             let key = format!("plugins.http_rate_limit.\"{origin}\"");
-            crate::plugin::Origin::parse(origin).map_err(|m| (key.clone(), m))?;
+            let parsed = crate::plugin::Origin::parse(origin).map_err(|m| (key.clone(), m))?;
+            if let Some((other, _)) = limited.iter().find(|(_, o)| *o == parsed) {
+                return Err((key, format!("is the origin `{other}` names already")));
+            }
+            limited.push((origin, parsed));
             if !RATE_LIMITS.contains(rate) {
                 return Err((
                     key,
@@ -2883,6 +2889,11 @@ mod tests {
                 "[plugins.http_rate_limit]\n\"crm.example.com\" = 10\n",
                 "plugins.http_rate_limit.\"crm.example.com\"",
                 "no scheme",
+            ),
+            (
+                "[plugins.http_rate_limit]\n\"https://crm.example.com\" = 10\n\"https://crm.example.com:443\" = 5\n",
+                "plugins.http_rate_limit.\"https://crm.example.com:443\"",
+                "`https://crm.example.com` names already",
             ),
             (
                 "[[routes]]\nname = \"r2\"\nsource = \"onomondo\"\nplugins = [{ name = \"p\", allow_http = [\"https://a.example\", \"a.example\"] }]\n",

@@ -38,7 +38,8 @@ pub struct HttpLimits {
     pub timeout: Duration,
     pub max_response_bytes: usize,
     pub concurrency: usize,
-    /// Requests a second to a granted origin, by the `allow_http` entry that grants it.
+    /// Requests a second to an origin (`https://*.example.com`: to each of its subdomains
+    /// with no limit of their own, together).
     pub rates: Arc<[(Origin, f64)]>,
 }
 
@@ -68,9 +69,14 @@ impl From<&crate::config::PluginsConfig> for HttpLimits {
 }
 
 impl HttpLimits {
-    /// The rate limit of requests granted by `origin`, if it has one.
-    fn rate(&self, origin: &Origin) -> Option<f64> {
-        (self.rates.iter()).find_map(|(o, rate)| (o == origin).then_some(*rate))
+    /// The rate limit a request to `url` is under, if any, with the origin it is kept by:
+    /// its own origin's, else the one of the closest `*.` domain that has one — whichever
+    /// `allow_http` entry let the request through.
+    fn rate_for(&self, url: &url::Url) -> Option<(&Origin, f64)> {
+        (self.rates.iter())
+            .filter(|(o, _)| o.allows(url))
+            .max_by_key(|(o, _)| (!o.wildcard, o.host.len()))
+            .map(|(o, rate)| (o, *rate))
     }
 }
 
@@ -222,33 +228,33 @@ impl Shared {
         .clone()
     }
 
-    /// Waits for a slot under `granted`'s rate limit of `rate` a second, taking it if it
+    /// Waits for a slot under `limited`'s rate limit of `rate` a second, taking it if it
     /// comes within `timeout`; if it does not, fails at once, taking none (see
     /// [`crate::pace`]).
     async fn wait_for_slot(
         &self,
-        granted: &Origin,
+        limited: &Origin,
         rate: f64,
         timeout: Duration,
     ) -> Result<(), SendError> {
         let Some((store, clock)) = &self.pace else {
             return Ok(());
         };
-        let origin = granted.to_string();
+        let origin = limited.to_string();
         let now = clock.now_ms();
         let limit = Limit::Origin {
             origin: &origin,
             within: timeout.as_millis() as u64,
         };
         let slot = store.take_slot(limit, now, rate).await.map_err(|e| {
-            SendError::Failed(format!("the rate limit of {granted} is unknown: {e}"))
+            SendError::Failed(format!("the rate limit of {limited} is unknown: {e}"))
         })?;
         let wait = Duration::from_millis(slot.saturating_sub(now));
         if wait > timeout {
             // (`1/60` shown as 0.017, not as its every digit.)
             let rate = (rate * 1000.0).round() / 1000.0;
             return Err(SendError::RateLimited(format!(
-                "rate limited: {granted} takes {rate} requests a second \
+                "rate limited: {limited} takes {rate} requests a second \
                  (`plugins.http_rate_limit`), and its next free slot is {wait:?} away, past \
                  the call's time for HTTP requests"
             )));
@@ -447,6 +453,7 @@ impl PluginHttp {
                 self.limits.timeout
             )));
         }
+        let rate = self.limits.rate_for(&url);
         let request = Request {
             method: method.parse().expect("one of METHODS"),
             url,
@@ -460,8 +467,8 @@ impl PluginHttp {
         let send = async {
             // Waiting for a slot or a place counts against the call's time, as the exchange
             // does.
-            if let Some(rate) = self.limits.rate(granted) {
-                shared.wait_for_slot(granted, rate, timeout).await?;
+            if let Some((limited, rate)) = rate {
+                shared.wait_for_slot(limited, rate, timeout).await?;
             }
             let timeout = timeout.saturating_sub(started.elapsed());
             let Ok(Ok(_place)) = tokio::time::timeout(timeout, places.acquire_owned()).await else {
@@ -660,6 +667,36 @@ mod tests {
         assert_eq!((seen, cpu.available_permits()), (1, 0));
         drop(turn);
         assert_eq!(cpu.available_permits(), 1);
+    }
+
+    /// A request is under its own origin's rate limit, else under the closest `*.`
+    /// domain's — whichever `allow_http` entry let it through.
+    #[test]
+    fn a_request_is_under_its_closest_origins_rate_limit() {
+        let origin = |o| Origin::parse(o).unwrap();
+        let limits = HttpLimits {
+            rates: Arc::from(vec![
+                (origin("https://*.example.com"), 1.0),
+                (origin("https://*.eu.example.com"), 2.0),
+                (origin("https://crm.eu.example.com"), 3.0),
+            ]),
+            ..HttpLimits::default()
+        };
+        let rate = |u| limits.rate_for(&url(u)).map(|(o, r)| (o.to_string(), r));
+        assert_eq!(
+            rate("https://crm.eu.example.com/sims/1"),
+            Some(("https://crm.eu.example.com:443".into(), 3.0))
+        );
+        assert_eq!(
+            rate("https://inv.eu.example.com/x"),
+            Some(("https://*.eu.example.com:443".into(), 2.0))
+        );
+        assert_eq!(
+            rate("https://inv.example.com/x"),
+            Some(("https://*.example.com:443".into(), 1.0))
+        );
+        assert_eq!(rate("http://crm.eu.example.com/x"), None, "another scheme");
+        assert_eq!(rate("https://example.org/x"), None);
     }
 
     #[test]
