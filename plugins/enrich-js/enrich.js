@@ -1,5 +1,5 @@
 // enrich in JavaScript: adds to an event what another service knows of it (a SIM's
-// customer from a CRM) by one GET per event to that service (WIT `http`, 0.1.3),
+// customer from a CRM) by one GET (or POST) per event to that service (WIT `http`, 0.1.3),
 // optionally remembered for a while (WIT `state`). The same behaviour as the Rust plugin in
 // plugins/enrich (the conformance suite in tests/it/conformance.rs checks that they agree).
 //
@@ -8,6 +8,9 @@
 //                     percent-encoded (https://crm.example.com/sims/{/iccid}); the route must
 //                     allow its origin (`allow_http`)
 //   header.<name>     a header to send
+//   body              makes the request a POST of this JSON, `{/pointer}` placeholders
+//                     replaced by the event's values as JSON (a string quoted); content-type
+//                     application/json unless a header.content-type says otherwise
 //   into              a JSON pointer where the JSON answer goes (default /enrichment; "" for
 //                     nowhere)
 //   metadata.<key>    a JSON pointer into the answer: its value becomes metadata `key`
@@ -66,18 +69,19 @@ function percentEncode(text) {
   return out;
 }
 
-/** `template` with each `{/pointer}` replaced by the body's value there. */
-function fill(template, body) {
+/** `template` (the config's `what`) with each `{/pointer}` replaced by the body's value
+ * there (a string or a number), written by `put`. */
+function fill(template, body, what, put) {
   let out = '';
   let rest = template;
   for (let start = rest.indexOf('{/'); start !== -1; start = rest.indexOf('{/')) {
     out += rest.slice(0, start);
     const end = rest.indexOf('}', start);
-    if (end === -1) throw pluginError('invalid-config', `\`url\` has an unclosed placeholder: \`${template}\``);
+    if (end === -1) throw pluginError('invalid-config', `\`${what}\` has an unclosed placeholder: \`${template}\``);
     const path = rest.slice(start + 1, end);
-    const value = scalarText(pointer(body, path));
-    if (value === undefined) throw pluginError('invalid-event', `the body has no string or number at ${path}`);
-    out += percentEncode(value);
+    const value = pointer(body, path);
+    if (scalarText(value) === undefined) throw pluginError('invalid-event', `the body has no string or number at ${path}`);
+    out += put(value);
     rest = rest.slice(end + 1);
   }
   return out + rest;
@@ -133,10 +137,15 @@ export const handler = {
     } catch (e) {
       throw pluginError('invalid-event', `body is not valid JSON: ${e.message}`);
     }
-    const url = fill(template, body);
+    const url = fill(template, body, 'url', (v) => percentEncode(scalarText(v)));
+    const bodyTemplate = configGet('body');
+    const sent = bodyTemplate === undefined ? undefined : fill(bodyTemplate, body, 'body', (v) => JSON.stringify(v));
+    // What the answer is remembered by: the URL, and the body a POST sends.
+    const method = sent === undefined ? 'GET' : 'POST';
+    const key = sent === undefined ? url : `${url} ${sent}`;
     let answer;
     if (ttl !== undefined) {
-      const kept = get(url);
+      const kept = get(key);
       if (kept !== undefined) {
         try {
           answer = JSON.parse(kept);
@@ -148,26 +157,30 @@ export const handler = {
     if (answer === undefined) {
       let response;
       try {
-        response = send({ method: 'GET', url, headers, body: undefined });
+        const sentHeaders = [...headers];
+        if (sent !== undefined && !headers.some(([k]) => k.toLowerCase() === 'content-type')) {
+          sentHeaders.push(['content-type', 'application/json']);
+        }
+        response = send({ method, url, headers: sentHeaders, body: sent === undefined ? undefined : new TextEncoder().encode(sent) });
       } catch (e) {
-        throw pluginError('other', `GET ${url}: ${e.payload ?? e.message}`);
+        throw pluginError('other', `${method} ${url}: ${e.payload ?? e.message}`);
       }
       if (response.status === 404) {
-        if (notFound === 'drop') return { tag: 'drop', val: `GET ${url} answered 404` };
-        if (notFound === 'error') throw pluginError('other', `GET ${url} answered 404`);
+        if (notFound === 'drop') return { tag: 'drop', val: `${method} ${url} answered 404` };
+        if (notFound === 'error') throw pluginError('other', `${method} ${url} answered 404`);
         return { tag: 'continue', val: unchanged };
       }
       if (response.status < 200 || response.status > 299) {
-        throw pluginError('other', `GET ${url} answered ${response.status}`);
+        throw pluginError('other', `${method} ${url} answered ${response.status}`);
       }
       try {
         answer = JSON.parse(new TextDecoder().decode(response.body));
       } catch (e) {
-        throw pluginError('other', `GET ${url} did not answer JSON: ${e.message}`);
+        throw pluginError('other', `${method} ${url} did not answer JSON: ${e.message}`);
       }
       if (ttl !== undefined) {
         try {
-          set(url, JSON.stringify(answer), ttl);
+          set(key, JSON.stringify(answer), ttl);
         } catch {
           // Too large to keep: asked again next time.
         }

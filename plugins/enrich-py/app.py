@@ -1,5 +1,5 @@
 """enrich in Python: adds to an event what another service knows of it (a SIM's customer
-from a CRM) by one GET per event to that service (WIT `http`, 0.1.3), optionally remembered
+from a CRM) by one GET (or POST) per event to that service (WIT `http`, 0.1.3), optionally remembered
 for a while (WIT `state`).
 
 The same behaviour as the Rust plugin in plugins/enrich (the conformance suite in
@@ -10,6 +10,9 @@ Config:
                   percent-encoded (https://crm.example.com/sims/{/iccid}); the route must
                   allow its origin (`allow_http`)
   header.<name>   a header to send
+  body            makes the request a POST of this JSON, `{/pointer}` placeholders replaced
+                  by the event's values as JSON (a string quoted); content-type
+                  application/json unless a header.content-type says otherwise
   into            a JSON pointer where the JSON answer goes (default /enrichment; "" for nowhere)
   metadata.<key>  a JSON pointer into the answer: its value becomes metadata `key`
   not_found       what a 404 means: pass (default), drop or error
@@ -68,22 +71,33 @@ def pointer(value, path):
     return v
 
 
-def fill(template, body):
-    """`template` with each `{/pointer}` replaced by the body's value there, percent-encoded
-    (every byte but A-Z a-z 0-9 - . _ ~, as the Rust plugin does)."""
+def percent_encoded(value):
+    """A value in a URL: its text, every byte but A-Z a-z 0-9 - . _ ~ as %XX (as the Rust
+    plugin does)."""
+    return quote(scalar_text(value), safe="-._~")
+
+
+def as_json(value):
+    """A value in a JSON body: as JSON (a string quoted and escaped, as the Rust plugin
+    writes it)."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def fill(template, body, what, put):
+    """`template` (the config's `what`) with each `{/pointer}` replaced by the body's value
+    there (a string or a number), written by `put`."""
     out = ""
     rest = template
     while (start := rest.find("{/")) != -1:
         out += rest[:start]
         end = rest.find("}", start)
         if end == -1:
-            raise Err(PluginError_InvalidConfig(f"`url` has an unclosed placeholder: `{template}`"))
+            raise Err(PluginError_InvalidConfig(f"`{what}` has an unclosed placeholder: `{template}`"))
         path = rest[start + 1 : end]
         found = pointer(body, path)
-        value = None if found is MISSING else scalar_text(found)
-        if value is None:
+        if found is MISSING or scalar_text(found) is None:
             raise Err(PluginError_InvalidEvent(f"the body has no string or number at {path}"))
-        out += quote(value, safe="-._~")
+        out += put(found)
         rest = rest[end + 1 :]
     return out + rest
 
@@ -131,35 +145,44 @@ class Handler(exports.Handler):
             body = json.loads(event.body)
         except ValueError as e:
             raise Err(PluginError_InvalidEvent(f"body is not valid JSON: {e}"))
-        url = fill(template, body)
+        url = fill(template, body, "url", percent_encoded)
+        body_template = host.config_get("body")
+        sent = None if body_template is None else fill(body_template, body, "body", as_json)
+        # What the answer is remembered by: the URL, and the body a POST sends.
+        method = "GET" if sent is None else "POST"
+        key = url if sent is None else f"{url} {sent}"
         answer = MISSING
         if ttl is not None:
-            kept = state.get(url)
+            kept = state.get(key)
             if kept is not None:
                 try:
                     answer = json.loads(kept)
                 except ValueError:
                     answer = MISSING
         if answer is MISSING:
+            sent_headers = list(headers)
+            if sent is not None and not any(k.lower() == "content-type" for k, _ in headers):
+                sent_headers.append(("content-type", "application/json"))
+            request_body = None if sent is None else sent.encode()
             try:
-                response = http.send(http.Request(method="GET", url=url, headers=headers, body=None))
+                response = http.send(http.Request(method=method, url=url, headers=sent_headers, body=request_body))
             except Err as e:
-                raise Err(PluginError_Other(f"GET {url}: {e.value}"))
+                raise Err(PluginError_Other(f"{method} {url}: {e.value}"))
             if response.status == 404:
                 if not_found == "drop":
-                    return Verdict_Drop(f"GET {url} answered 404")
+                    return Verdict_Drop(f"{method} {url} answered 404")
                 if not_found == "error":
-                    raise Err(PluginError_Other(f"GET {url} answered 404"))
+                    raise Err(PluginError_Other(f"{method} {url} answered 404"))
                 return update([])
             if not 200 <= response.status <= 299:
-                raise Err(PluginError_Other(f"GET {url} answered {response.status}"))
+                raise Err(PluginError_Other(f"{method} {url} answered {response.status}"))
             try:
                 answer = json.loads(response.body)
             except ValueError as e:
-                raise Err(PluginError_Other(f"GET {url} did not answer JSON: {e}"))
+                raise Err(PluginError_Other(f"{method} {url} did not answer JSON: {e}"))
             if ttl is not None:
                 try:
-                    state.set(url, json.dumps(answer, separators=(",", ":"), ensure_ascii=False), ttl)
+                    state.set(key, json.dumps(answer, separators=(",", ":"), ensure_ascii=False), ttl)
                 except Err:
                     pass  # Too large to keep: asked again next time.
         metadata = []

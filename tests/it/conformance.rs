@@ -420,10 +420,24 @@ async fn enrich_asks_alike_in_rust_js_and_python() {
     let asked = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let crm = {
         let asked = asked.clone();
-        crate::util::serve(axum::Router::new().fallback(move |uri: axum::http::Uri| {
+        crate::util::serve(axum::Router::new().fallback(
+            move |method: axum::http::Method, uri: axum::http::Uri, headers: axum::http::HeaderMap, sent: String| {
             let asked = asked.clone();
             async move {
                 let path = uri.path().to_string();
+                if method == axum::http::Method::POST && path == "/graphql" {
+                    // A GraphQL-like service: the SIM is in the posted variables.
+                    asked.lock().unwrap().push(format!("POST {sent}"));
+                    let posted: Value = serde_json::from_str(&sent).unwrap_or(Value::Null);
+                    let content_type = headers.get("content-type").map(|v| v.to_str().unwrap().to_string());
+                    return match posted["variables"]["id"].as_str() {
+                        Some(id) if id.starts_with("8945") => (
+                            axum::http::StatusCode::OK,
+                            json!({ "customer": { "id": "acme" }, "asked": posted, "content_type": content_type }).to_string(),
+                        ),
+                        _ => (axum::http::StatusCode::NOT_FOUND, "{}".to_string()),
+                    };
+                }
                 asked.lock().unwrap().push(path.clone());
                 let mut parts = path.split('/').skip(1);
                 match (parts.next(), parts.next()) {
@@ -439,6 +453,7 @@ async fn enrich_asks_alike_in_rust_js_and_python() {
         }))
         .await
     };
+    let query = r#"{"query": "query($id: ID!) { sim(iccid: $id) { customer } }", "variables": {"id": {/iccid}, "bytes": {/bytes}}}"#;
     let sims = format!("{crm}/sims/{{/iccid}}");
     let sources = [
         (
@@ -467,6 +482,16 @@ async fn enrich_asks_alike_in_rust_js_and_python() {
         (
             "not-json",
             format!(r#"{{ url = "{crm}/text/{{/iccid}}" }}"#),
+        ),
+        (
+            "graphql",
+            format!(
+                r#"{{ url = "{crm}/graphql", body = '{query}', "metadata.customer" = "/customer/id", into = "/crm", cache_ttl = "60" }}"#
+            ),
+        ),
+        (
+            "bad-body",
+            format!(r#"{{ url = "{crm}/graphql", body = '{{"id": {{/iccid' }}"#),
         ),
         ("no-url", "{}".to_string()),
         ("bad-into", format!(r#"{{ url = "{sims}", into = "crm" }}"#)),
@@ -530,6 +555,12 @@ async fn enrich_asks_alike_in_rust_js_and_python() {
             json!({ "code": "302" }).to_string().into_bytes(),
         ),
         ("not-json", "not a JSON answer", known()),
+        ("graphql", "posted", known()),
+        ("graphql", "posted again", known()),
+        ("graphql", "posted unknown", sim(json!("1234"))),
+        ("graphql", "posted to escape", sim(json!("8945 \"a\" \\ é"))),
+        ("graphql", "posted no iccid", b"{}".to_vec()),
+        ("bad-body", "bad body", known()),
         ("no-url", "no url", known()),
         ("bad-into", "bad into", known()),
         ("bad-ttl", "bad ttl", known()),
@@ -582,7 +613,35 @@ async fn enrich_asks_alike_in_rust_js_and_python() {
     for case in ["error", "500", "302", "not a JSON answer"] {
         assert_eq!(decided(case), json!({ "error": "other" }), "{case}");
     }
-    for case in ["no url", "bad into", "bad ttl", "bad not_found"] {
+    // A POST of the config's JSON, the event's values in it as JSON.
+    let posted = decided("posted");
+    assert_eq!(
+        posted["metadata"],
+        json!([["customer", "acme"]]),
+        "{posted}"
+    );
+    assert_eq!(
+        posted["body"]["crm"]["asked"],
+        json!({ "query": "query($id: ID!) { sim(iccid: $id) { customer } }",
+                "variables": { "id": "8945738730000000012", "bytes": 1200 } }),
+        "{posted}"
+    );
+    assert_eq!(posted["body"]["crm"]["content_type"], "application/json");
+    assert_eq!(
+        decided("posted again"),
+        posted,
+        "remembered by URL and body"
+    );
+    assert_eq!(decided("posted unknown")["verdict"], "continue");
+    assert_eq!(
+        decided("posted to escape")["body"]["crm"]["asked"]["variables"]["id"],
+        "8945 \"a\" \\ é"
+    );
+    assert_eq!(
+        decided("posted no iccid"),
+        json!({ "error": "invalid event" })
+    );
+    for case in ["no url", "bad into", "bad ttl", "bad not_found", "bad body"] {
         assert_eq!(
             decided(case),
             json!({ "error": "invalid config" }),
@@ -596,4 +655,11 @@ async fn enrich_asks_alike_in_rust_js_and_python() {
         .filter(|p| *p == "/sims/8945738730000000012")
         .count();
     assert_eq!(known_asked, 3 * 3, "{asked:?}");
+    let known_posted = (asked.iter())
+        .filter(|p| p.starts_with("POST ") && p.contains("\"8945738730000000012\""))
+        .count();
+    assert_eq!(
+        known_posted, 3,
+        "once per language, then remembered: {asked:?}"
+    );
 }

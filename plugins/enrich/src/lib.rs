@@ -1,5 +1,5 @@
 //! `enrich`: adds to an event what another service knows of it — a SIM's customer from a
-//! CRM, a device's owner from an inventory — by one `GET` per event to that service (WIT
+//! CRM, a device's owner from an inventory — by one `GET` (or `POST`) per event to that service (WIT
 //! `http`, 0.1.3), optionally remembered for a while (WIT `state`).
 //!
 //! Config:
@@ -7,6 +7,11 @@
 //!   body (each value percent-encoded): `https://crm.example.com/sims/{/iccid}`. The route
 //!   must allow the URL's origin (`allow_http`).
 //! - `header.<name>`: a header to send (`header.authorization = "Bearer ${env:CRM_TOKEN}"`).
+//! - `body`: makes the request a `POST` of this JSON (a GraphQL query, a search), with
+//!   `{/pointer}` placeholders replaced by the event's values as JSON — a string quoted, a
+//!   number as it is: `{"query": "query($id: ID!) { sim(iccid: $id) { customer } }",
+//!   "variables": {"id": {/iccid}}}`; `content-type: application/json` unless a
+//!   `header.content-type` says otherwise.
 //! - `into`: a JSON pointer in the body where the service's JSON answer goes (default
 //!   `/enrichment`; missing objects on the way are made); `""` leaves the body as it is.
 //! - `metadata.<key>`: a JSON pointer into the answer whose value (a string or a number)
@@ -64,35 +69,62 @@ impl Plugin for Enrich {
             .collect();
 
         let mut body = json_body(&event)?;
-        let url = fill(&template, &body)?;
-        let answer = match cache_ttl.and_then(|_| state::get(&url)) {
+        let url = fill(&template, &body, "url", percent_encoded)?;
+        let sent = match config("body") {
+            None => None,
+            Some(t) => Some(fill(&t, &body, "body", as_json)?),
+        };
+        // What the answer is remembered by: the URL, and the body a POST sends.
+        let (method, key) = match &sent {
+            None => ("GET", url.clone()),
+            Some(sent) => ("POST", format!("{url} {sent}")),
+        };
+        let answer = match cache_ttl.and_then(|_| state::get(&key)) {
             Some(kept) => serde_json::from_str(&kept).ok(),
             None => None,
         };
         let answer = match answer {
             Some(answer) => answer,
             None => {
-                let response = http_get(&url, &headers)
-                    .map_err(|e| PluginError::Other(format!("GET {url}: {e}")))?;
+                let mut sent_headers: Vec<(String, String)> = (headers.iter())
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect();
+                if sent.is_some()
+                    && !headers
+                        .iter()
+                        .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+                {
+                    sent_headers.push(("content-type".into(), "application/json".into()));
+                }
+                let response = http::send(&http::Request {
+                    method: method.into(),
+                    url: url.clone(),
+                    headers: sent_headers,
+                    body: sent.map(String::into_bytes),
+                })
+                .map_err(|e| PluginError::Other(format!("{method} {url}: {e}")))?;
                 match response.status {
                     200..=299 => {}
                     404 => {
+                        let why = format!("{method} {url} answered 404");
                         return match not_found.as_str() {
-                            "drop" => Ok(Verdict::Drop(format!("GET {url} answered 404"))),
-                            "error" => Err(PluginError::Other(format!("GET {url} answered 404"))),
+                            "drop" => Ok(Verdict::Drop(why)),
+                            "error" => Err(PluginError::Other(why)),
                             _ => Ok(Verdict::Continue(Update::default())),
                         };
                     }
                     status => {
-                        return Err(PluginError::Other(format!("GET {url} answered {status}")));
+                        return Err(PluginError::Other(format!(
+                            "{method} {url} answered {status}"
+                        )));
                     }
                 }
                 let answer: Value = serde_json::from_slice(&response.body).map_err(|e| {
-                    PluginError::Other(format!("GET {url} did not answer JSON: {e}"))
+                    PluginError::Other(format!("{method} {url} did not answer JSON: {e}"))
                 })?;
                 if let Some(ttl) = cache_ttl {
                     // Too large to keep: asked again next time.
-                    let _ = state::set(&url, &answer.to_string(), Some(ttl));
+                    let _ = state::set(&key, &answer.to_string(), Some(ttl));
                 }
                 answer
             }
@@ -118,31 +150,51 @@ impl Plugin for Enrich {
     }
 }
 
-/// `template` with each `{/pointer}` replaced by the body's value there, percent-encoded.
-fn fill(template: &str, body: &Value) -> Result<String, PluginError> {
+/// `template` (the config's `what`) with each `{/pointer}` replaced by the body's value
+/// there (a string or a number), written by `put`.
+fn fill(
+    template: &str,
+    body: &Value,
+    what: &str,
+    put: fn(&mut String, &Value),
+) -> Result<String, PluginError> {
     let mut out = String::new();
     let mut rest = template;
     while let Some(start) = rest.find("{/") {
         out.push_str(&rest[..start]);
         let end = rest[start..].find('}').ok_or_else(|| {
-            PluginError::InvalidConfig(format!("`url` has an unclosed placeholder: `{template}`"))
+            PluginError::InvalidConfig(format!(
+                "`{what}` has an unclosed placeholder: `{template}`"
+            ))
         })? + start;
         let pointer = &rest[start + 1..end];
-        let value = body.pointer(pointer).and_then(scalar_text).ok_or_else(|| {
-            PluginError::InvalidEvent(format!("the body has no string or number at {pointer}"))
-        })?;
-        for b in value.bytes() {
-            match b {
-                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                    out.push(b as char)
-                }
-                _ => out.push_str(&format!("%{b:02X}")),
-            }
-        }
+        let value = (body.pointer(pointer))
+            .filter(|v| v.is_string() || v.is_number())
+            .ok_or_else(|| {
+                PluginError::InvalidEvent(format!("the body has no string or number at {pointer}"))
+            })?;
+        put(&mut out, value);
         rest = &rest[end + 1..];
     }
     out.push_str(rest);
     Ok(out)
+}
+
+/// A value in a URL: its text, percent-encoded.
+fn percent_encoded(out: &mut String, value: &Value) {
+    for b in scalar_text(value).unwrap_or_default().bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                out.push(b as char)
+            }
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+}
+
+/// A value in a JSON body: as JSON (a string quoted and escaped).
+fn as_json(out: &mut String, value: &Value) {
+    out.push_str(&value.to_string());
 }
 
 /// Sets `value` at `pointer` in `body`, making the objects missing on the way.
