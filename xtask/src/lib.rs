@@ -225,7 +225,9 @@ fn install(from: &Path, out_dir: &Path, name: &str) -> Result<PathBuf, String> {
     std::fs::create_dir_all(out_dir)
         .map_err(|e| format!("cannot create {}: {e}", out_dir.display()))?;
     let to = out_dir.join(format!("{name}.wasm"));
-    let tmp = out_dir.join(format!(".{name}.wasm.tmp"));
+    // (One temporary file per process: test processes install the same plugin at once,
+    // and a shared one could be renamed into place while another is writing it.)
+    let tmp = out_dir.join(format!(".{name}.wasm.{}.tmp", std::process::id()));
     std::fs::copy(from, &tmp)
         .and_then(|_| std::fs::rename(&tmp, &to))
         .map_err(|e| format!("cannot copy {} to {}: {e}", from.display(), to.display()))?;
