@@ -29,8 +29,9 @@ pub enum Limit<'a> {
     /// A FAILED destination's automatic restarts (`restart_after`): one per interval, between
     /// all the gateways sharing the store.
     Restart(&'a str),
-    /// Plugins' HTTP requests to a granted origin (`plugins.http_rate_limit`), asked by a
-    /// call that may wait `within` ms for its slot.
+    /// Plugins' HTTP requests to an origin with a limit (`plugins.http_rate_limit`: the
+    /// request's own, or its closest `*.` domain's), asked by a call that may wait
+    /// `within` ms for its slot.
     Origin { origin: &'a str, within: u64 },
 }
 
