@@ -172,7 +172,8 @@ impl DryRunner {
 
     /// A payload posted to `source` with `headers` and `query`, through the routes; the
     /// plugins find the values of `state` kept (and nothing else: with no store, each run
-    /// starts from these).
+    /// starts from these), and their HTTP requests are answered by `answers` (none sent)
+    /// or, without them, sent if `GET` or `HEAD`.
     pub async fn run(
         &self,
         source: &str,
@@ -180,6 +181,7 @@ impl DryRunner {
         query: Option<&str>,
         body: bytes::Bytes,
         state: &plugin::StateSeed,
+        answers: Option<&plugin::Answers>,
     ) -> anyhow::Result<api::DryRun> {
         let Some(config) = self.routing.source(source) else {
             anyhow::bail!("no source named `{source}` in the config");
@@ -200,19 +202,29 @@ impl DryRunner {
         }
         // Each run's values its own, in memory: with no store, none outlast the run.
         let states = plugin::PluginStates::memory_with(state);
+        let (outbound, recording) = match answers {
+            Some(answers) => plugin::Outbound::answered_by(answers.clone()),
+            None => self.outbound.clone(),
+        }
+        .recorded();
         let (routes, deliveries) = pipeline::decide(
             &self.routing,
             &self.plugins,
             &self.cpu,
             pipeline::Reach {
                 states: &states,
-                outbound: &self.outbound,
+                outbound: &outbound,
             },
             &event,
             None,
         )
         .await;
-        Ok(api::DryRun::new(event, routes, deliveries))
+        Ok(api::DryRun::new(
+            event,
+            routes,
+            deliveries,
+            recording.take(),
+        ))
     }
 }
 

@@ -135,15 +135,24 @@ enum Command {
         expect: Option<PathBuf>,
         /// A directory of golden cases, each a `*.json` file: `{"source": …, "event": <the
         /// payload as JSON> or "event_file": <a file, relative to the case>, "headers":
-        /// {…}, "query": "…", "state": {…, as --state}, "expect": <what the answer must
-        /// hold, as --expect>}`. Prints each case's result; exit 1 if any fails.
-        #[arg(long, conflicts_with_all = ["source", "event", "headers", "query", "expect", "state"])]
+        /// {…}, "query": "…", "state": {…, as --state}, "http": […, as --http], "expect":
+        /// <what the answer must hold, as --expect>}`. Prints each case's result; exit 1 if
+        /// any fails.
+        #[arg(long, conflicts_with_all = ["source", "event", "headers", "query", "expect", "state", "http"])]
         cases: Option<PathBuf>,
         /// A JSON file of values the plugins keep between events, as they would find them:
         /// `{"change-filter": {"/iccid=8945…": "[\"238\",\"01\"]"}}` (by plugin, by key).
         /// Without it they find none: with no store, nothing outlasts a run.
         #[arg(long)]
         state: Option<PathBuf>,
+        /// A JSON file of answers to the plugins' HTTP requests: `[{"method": "GET", "url":
+        /// "https://crm.example.com/sims/8945…", "status": 200, "headers": {…}, "body":
+        /// {…}}]` (`method` GET and `status` 200 unless given; `"error": "…"` instead of a
+        /// response fails the request). With it nothing is sent, whatever the method, and a
+        /// request with no answer fails; without it `GET` and `HEAD` requests go to the
+        /// service and others fail.
+        #[arg(long)]
+        http: Option<PathBuf>,
     },
 }
 
@@ -194,6 +203,10 @@ enum PluginCommand {
         /// Repeatable.
         #[arg(long = "allow-network", value_name = "CIDR")]
         allow_networks: Vec<String>,
+        /// A JSON file of answers to the plugin's HTTP requests, as `dry-run --http` takes
+        /// (the origins still granted by --allow-http): with it nothing is sent.
+        #[arg(long)]
+        http: Option<PathBuf>,
         /// A JSON file with the expected output: exit 1, showing both, if it differs.
         #[arg(long)]
         expect: Option<PathBuf>,
@@ -214,6 +227,7 @@ enum PluginCommand {
 fn plugin_run_http(
     origins: &[String],
     networks: &[String],
+    answers: Option<&std::path::Path>,
 ) -> anyhow::Result<switchyard::plugin::PluginHttp> {
     use switchyard::plugin::{HttpLimits, Origin, Outbound};
     if origins.is_empty() {
@@ -222,6 +236,10 @@ fn plugin_run_http(
     let allowed: Arc<[Origin]> = (origins.iter())
         .map(|o| Origin::parse(o).map_err(|e| anyhow::anyhow!("--allow-http: {e}")))
         .collect::<anyhow::Result<_>>()?;
+    if let Some(path) = answers {
+        let answers = read_json(path, "--http", "a JSON array of answers")?;
+        return Ok(Outbound::answered_by(answers).grant(&allowed, &HttpLimits::default(), None));
+    }
     let delivery = format!(
         "[delivery]\nallowed_networks = {}\n",
         serde_json::to_string(networks)?
@@ -468,6 +486,7 @@ struct Case {
     query: Option<String>,
     #[serde(default)]
     state: switchyard::plugin::StateSeed,
+    http: Option<switchyard::plugin::Answers>,
     expect: serde_json::Value,
 }
 
@@ -539,7 +558,8 @@ async fn run_case(
     let headers: Vec<(String, String)> = case.headers.into_iter().collect();
     let map = header_map(&headers)?;
     let query = case.query.as_deref();
-    let answer = (runner.run(&case.source, &map, query, body.into(), &case.state)).await?;
+    let (state, answers) = (&case.state, case.http.as_ref());
+    let answer = (runner.run(&case.source, &map, query, body.into(), state, answers)).await?;
     let answer = serde_json::to_value(&answer)?;
     Ok(switchyard::api::DryRun::differences(&case.expect, &answer))
 }
@@ -659,6 +679,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             expect,
             cases,
             state,
+            http,
         } => {
             let env = |name: &str| std::env::var(name).ok();
             let config = Config::load(&config, &env)?;
@@ -679,8 +700,19 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 )?,
                 None => Default::default(),
             };
+            let answers: Option<switchyard::plugin::Answers> = match &http {
+                Some(path) => Some(read_json(path, "--http", "a JSON array of answers")?),
+                None => None,
+            };
             let answer = runner
-                .run(&source, &map, query.as_deref(), body.into(), &state)
+                .run(
+                    &source,
+                    &map,
+                    query.as_deref(),
+                    body.into(),
+                    &state,
+                    answers.as_ref(),
+                )
                 .await?;
             let answer = serde_json::to_value(&answer)?;
             println!("{}", serde_json::to_string_pretty(&answer)?);
@@ -742,10 +774,11 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                     state,
                     allow_http,
                     allow_networks,
+                    http,
                     expect,
                 },
         } => {
-            let http = plugin_run_http(&allow_http, &allow_networks)?;
+            let http = plugin_run_http(&allow_http, &allow_networks, http.as_deref())?;
             let files = (tables.into_iter())
                 .map(|(name, file)| (name, PathBuf::from(file)))
                 .collect();

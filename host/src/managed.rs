@@ -459,6 +459,16 @@ pub fn redact(secret: &str) -> String {
     format!("****{tail}")
 }
 
+/// `headers` with the values of those whose names name a secret redacted.
+pub fn redact_secret_headers(headers: Vec<(String, String)>) -> Vec<(String, String)> {
+    (headers.into_iter())
+        .map(|(name, value)| match secret_name(&name) {
+            true => (name, redact(&value)),
+            false => (name, value),
+        })
+        .collect()
+}
+
 /// Names (of destination headers, of plugin config keys) whose values are treated as
 /// secrets.
 pub(crate) fn secret_name(name: &str) -> bool {

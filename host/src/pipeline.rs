@@ -19,8 +19,8 @@ use crate::delivery::{
 use crate::event::{Body, Event, Pairs, merge_pairs};
 use crate::metrics::Metrics;
 use crate::plugin::{
-    CallError, CallInput, CallLimits, HttpLimits, Origin, Outbound, PluginMap, PluginRegistry,
-    PluginStates, PluginVerdict, StateLimits, Turn,
+    CallError, CallInput, CallLimits, HttpExchange, HttpLimits, Origin, Outbound, PluginMap,
+    PluginRegistry, PluginStates, PluginVerdict, StateLimits, Turn,
 };
 use crate::store::{
     Completion, DeliveryStatus, DueDelivery, NewDelivery, PluginStep, RouteOutcome, RouteResult,
@@ -628,36 +628,43 @@ impl Pipeline {
     /// Runs every route of the event's source, then stores the outcomes and the deliveries
     /// they decided in one commit and wakes the dispatcher.
     async fn process(&self, event: Event) {
-        let (outcomes, deliveries) = self.decide(&event, Some(&self.metrics)).await;
+        let reach = Reach {
+            states: &self.states,
+            outbound: &self.outbound,
+        };
+        let (outcomes, deliveries) = self.decide(reach, &event, Some(&self.metrics)).await;
         self.record(event, outcomes, deliveries).await;
     }
 
-    /// What the routes of the event's source make of it, with the routes and plugins in
-    /// force (see [`decide`]). Stores and sends nothing: `process` records it, and a dry
-    /// run (`POST /v1/sources/{name}/dry-run`) only shows it. `live`: the metrics to count
-    /// in, or `None` for a dry run.
-    pub async fn decide(
+    /// What the routes of the event's source would make of it, as `process` would run it,
+    /// for a dry run (`POST /v1/sources/{name}/dry-run`): stores, counts and sends nothing
+    /// (but its plugins' `GET` and `HEAD` requests), its plugins' state values seen and not
+    /// kept; with the requests its plugins asked for, in order.
+    pub async fn dry_run(
         &self,
+        event: &Event,
+    ) -> (Vec<RouteOutcome>, Vec<NewDelivery>, Vec<HttpExchange>) {
+        let states = self.states.dry_run();
+        let (outbound, recording) = self.outbound.dry_run().recorded();
+        let reach = Reach {
+            states: &states,
+            outbound: &outbound,
+        };
+        let (outcomes, deliveries) = self.decide(reach, event, None).await;
+        (outcomes, deliveries, recording.take())
+    }
+
+    /// What the routes of the event's source make of it, with the routes and plugins in
+    /// force (see [`decide`]). `live`: the metrics to count in, or `None` for a dry run.
+    async fn decide(
+        &self,
+        reach: Reach<'_>,
         event: &Event,
         live: Option<&Metrics>,
     ) -> (Vec<RouteOutcome>, Vec<NewDelivery>) {
         // One snapshot of routes and plugins per event: each event is processed by exactly
         // one version of each plugin, whatever reloads happen meanwhile.
         let (routing, plugins) = (self.routing(), self.plugins.snapshot());
-        let dry_run;
-        let reach = match live {
-            Some(_) => Reach {
-                states: &self.states,
-                outbound: &self.outbound,
-            },
-            None => {
-                dry_run = (self.states.dry_run(), self.outbound.dry_run());
-                Reach {
-                    states: &dry_run.0,
-                    outbound: &dry_run.1,
-                }
-            }
-        };
         decide(&routing, &plugins, &self.cpu, reach, event, live).await
     }
 

@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use crate::util::{GUESTS, guest, switchyard_bin};
 
@@ -1017,6 +1017,191 @@ fn dry_run_cases_check_a_directory_of_golden_cases() {
 
 /// `backup` names what it cannot copy: a data dir with no store yet, or a PostgreSQL store
 /// (which has its own tools). (Copying a running store: `crash.rs`.)
+/// A golden case (or `dry-run --http`) answers its plugins' HTTP requests itself: nothing
+/// is sent, a `POST` (a GraphQL query) included, which a dry run otherwise refuses; the
+/// answer lists each request as asked (secrets redacted, the body built) and what came of
+/// it; a request with no answer, or one answered with an error, fails the plugin saying so.
+/// `plugin run --http` takes the same file.
+#[test]
+fn dry_run_cases_answer_plugins_requests_without_sending_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins.d");
+    std::fs::create_dir_all(&plugins).unwrap();
+    std::fs::copy(guest("enrich"), plugins.join("enrich.wasm")).unwrap();
+    let config = dir.path().join("switchyard.toml");
+    std::fs::write(
+        &config,
+        r#"
+[plugins]
+dir = "./plugins.d"
+[[sources]]
+name = "sims"
+[[destinations]]
+name = "by-customer"
+url = "http://127.0.0.1:9000/:customer:"
+[[destinations]]
+name = "graph"
+url = "http://127.0.0.1:9000/graph"
+[[routes]]
+name = "crm"
+source = "sims"
+plugins = [{ name = "enrich", allow_http = ["https://crm.example.com"], config = { url = "https://crm.example.com/sims/{/iccid}", "header.authorization" = "Bearer crm-token-0123456789", "metadata.customer" = "/customer/id", into = "" } }]
+destinations = ["by-customer"]
+[[routes]]
+name = "graphql"
+source = "sims"
+plugins = [{ name = "enrich", allow_http = ["https://graph.example.com"], config = { url = "https://graph.example.com/query", body = '{"query": "query($id: ID!) { sim(iccid: $id) { plan } }", "variables": {"id": {/iccid}}}', into = "/graph" } }]
+destinations = ["graph"]
+"#,
+    )
+    .unwrap();
+    let iccid = "8945738730000000012";
+    let crm = format!("https://crm.example.com/sims/{iccid}");
+    let answers = json!([
+        { "url": crm, "body": { "customer": { "id": "acme" } } },
+        { "method": "POST", "url": "https://graph.example.com/query", "body": { "data": { "sim": { "plan": "iot-1" } } } },
+    ]);
+    let query = "query($id: ID!) { sim(iccid: $id) { plan } }";
+    let answered = json!({
+        "source": "sims",
+        "event": { "iccid": iccid },
+        "http": answers,
+        "expect": {
+            "deliveries": [
+                { "url": "http://127.0.0.1:9000/acme", "body": { "iccid": iccid } },
+                { "body": { "iccid": iccid, "graph": { "data": { "sim": { "plan": "iot-1" } } } } },
+            ],
+            "requests": [
+                { "plugin": "enrich", "method": "GET", "url": crm,
+                  "headers": [["authorization", "****6789"]], "status": 200 },
+                { "plugin": "enrich", "method": "POST", "url": "https://graph.example.com/query",
+                  "headers": [["content-type", "application/json"]],
+                  "body": { "query": query, "variables": { "id": iccid } }, "status": 200 },
+            ],
+        },
+    });
+    let cases = dir.path().join("cases");
+    std::fs::create_dir_all(&cases).unwrap();
+    std::fs::write(cases.join("a-answered.json"), answered.to_string()).unwrap();
+    // Without the GraphQL answer, or with the CRM down, the case fails: a route errs.
+    let mut unanswered = answered.clone();
+    unanswered["http"] = json!([answers[0]]);
+    std::fs::write(cases.join("b-unanswered.json"), unanswered.to_string()).unwrap();
+    let mut down = answered.clone();
+    down["http"] = json!([{ "url": crm, "error": "connection refused" }, answers[1]]);
+    std::fs::write(cases.join("c-down.json"), down.to_string()).unwrap();
+    let (ok, out, err) = run(&[
+        "dry-run",
+        "--config",
+        path(&config),
+        "--cases",
+        path(&cases),
+    ]);
+    assert!(!ok, "{out}{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    let name = |file: &str| cases.join(file).display().to_string();
+    assert_eq!(
+        lines[0],
+        format!("ok    {}", name("a-answered.json")),
+        "{out}"
+    );
+    assert_eq!(
+        lines[1],
+        format!("FAIL  {}", name("b-unanswered.json")),
+        "{out}"
+    );
+    assert!(lines[2].starts_with("  - deliveries: "), "{out}");
+    assert!(
+        out.contains(&format!("FAIL  {}", name("c-down.json"))),
+        "{out}"
+    );
+    assert!(out.ends_with("3 cases: 1 passed, 2 failed\n"), "{out}");
+
+    // One run with --http: the answer lists the requests and what came of each.
+    let event = dir.path().join("sim.json");
+    std::fs::write(&event, json!({ "iccid": iccid }).to_string()).unwrap();
+    let http = dir.path().join("answers.json");
+    let dry_run = |answers: &Value| {
+        std::fs::write(&http, answers.to_string()).unwrap();
+        let (ok, out, err) = run(&[
+            "dry-run",
+            "--config",
+            path(&config),
+            "--source",
+            "sims",
+            "--event",
+            path(&event),
+            "--http",
+            path(&http),
+        ]);
+        assert!(ok, "{out}{err}");
+        serde_json::from_str::<Value>(&out).unwrap()
+    };
+    let answer = dry_run(&answers);
+    assert_eq!(
+        answer["requests"], answered["expect"]["requests"],
+        "{answer}"
+    );
+    let answer = dry_run(&unanswered["http"]);
+    let error = answer["routes"][1]["result"]["error"].as_str().unwrap();
+    let said = "no answer for `POST https://graph.example.com/query` among the run's (`http`)";
+    assert!(error.contains(said), "{answer}");
+    assert!(
+        answer["requests"][1]["error"]
+            .as_str()
+            .unwrap()
+            .contains(said),
+        "{answer}"
+    );
+    let answer = dry_run(&down["http"]);
+    let error = answer["routes"][0]["result"]["error"].as_str().unwrap();
+    assert!(error.contains("connection refused"), "{answer}");
+    assert_eq!(
+        answer["requests"][0]["error"], "connection refused",
+        "{answer}"
+    );
+    // A bad answers file is refused, naming the answer and why.
+    std::fs::write(&http, r#"[{"url": "/sims"}]"#).unwrap();
+    let (ok, _, err) = run(&[
+        "dry-run",
+        "--config",
+        path(&config),
+        "--source",
+        "sims",
+        "--event",
+        path(&event),
+        "--http",
+        path(&http),
+    ]);
+    assert!(!ok);
+    assert!(
+        err.contains("answer [0]: `/sims` is not an absolute URL"),
+        "{err}"
+    );
+
+    // `plugin run --http`: the same answers, the grant still --allow-http's.
+    std::fs::write(&http, answers.to_string()).unwrap();
+    let url = "url=https://crm.example.com/sims/{/iccid}";
+    let wasm = plugins.join("enrich.wasm");
+    let plugin_run = |extra: &[&str]| {
+        let base = ["plugin", "run", path(&wasm), "--event", path(&event)];
+        let args = [&base[..], &["--config", url, "--http", path(&http)], extra].concat();
+        run(&args)
+    };
+    let (ok, out, err) = plugin_run(&["--allow-http", "https://crm.example.com"]);
+    assert!(ok, "{out}{err}");
+    let verdict: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        verdict["body"]["enrichment"]["customer"]["id"], "acme",
+        "{verdict}"
+    );
+    let (ok, out, _) = plugin_run(&[]);
+    assert!(
+        !ok && out.contains("add `https://crm.example.com` to its `allow_http`"),
+        "{out}"
+    );
+}
+
 #[test]
 fn backup_names_what_it_cannot_copy() {
     let dir = tempfile::tempdir().unwrap();

@@ -172,6 +172,18 @@ destinations = ["sink"]
     let headers = run["deliveries"][0]["headers"].as_array().unwrap();
     assert!(headers.contains(&json!(["x-customer", "acme"])), "{run}");
     assert_eq!(crm.asked.load(Ordering::SeqCst), 3);
+    // It shows the request its plugin sent (the credential redacted) and the answer's status.
+    assert_eq!(
+        run["requests"],
+        json!([{
+            "plugin": "enrich",
+            "method": "GET",
+            "url": format!("{crm_url}/sims/8945738730000000099"),
+            "headers": [["authorization", "****oken"]],
+            "status": 200,
+        }]),
+        "{run}"
+    );
 
     // Routes made through the API grant origins the same way, checked as the file's are.
     let plugin = |origin: &str| json!([{ "name": "enrich", "allow_http": [origin] }]);

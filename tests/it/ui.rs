@@ -52,6 +52,11 @@ async fn dashboard_in_a_real_browser() {
     let tables = tempfile::tempdir().unwrap();
     let sims = tables.path().join("sims.csv");
     std::fs::write(&sims, "iccid,customer\n8945738730000000012,acme\n").unwrap();
+    // A CRM that the dry run's `enrich` asks (shown as the requests its plugins asked for).
+    let crm = crate::util::serve(
+        axum::Router::new().fallback(|| async { r#"{"customer":{"id":"acme"}}"# }),
+    )
+    .await;
     let config = format!(
         r#"
 [tables]
@@ -87,11 +92,17 @@ name = "roaming"
 source = "roaming"
 plugins = [{{ name = "change-filter", config = {{ key = "/iccid", fields = "/network/mcc" }} }}]
 destinations = ["fleet"]
+[[sources]]
+name = "crm-lookup"
+[[routes]]
+source = "crm-lookup"
+plugins = [{{ name = "enrich", allow_http = ["{crm}"], config = {{ url = "{crm}/sims/{{/iccid}}" }} }}]
+destinations = ["fleet"]
 "#,
         sims.display(),
         flaky.url
     );
-    // (`enrich`, in no route, is listed with what it may do: keep state, send HTTP.)
+    // (`enrich` is listed with what it may do: keep state, send HTTP.)
     let plugins = ["event-filter", "change-filter", "enrich"];
     let gw = TestGateway::start(&config, &fleet, &plugins).await;
     // Values change-filter keeps, shown (and forgotten) on the plugins page.
@@ -123,6 +134,7 @@ destinations = ["fleet"]
         .arg(format!("{}/control", flaky.url))
         .arg(&artifacts)
         .arg(&held)
+        .arg(&crm)
         .env("SWITCHYARD_CHROMIUM", &chromium)
         .current_dir(&ui)
         .kill_on_drop(true);

@@ -3,7 +3,7 @@
 //   node dashboard.mjs <gateway-url> <api-token> <receiver-control-url> <artifact-dir> <held-event-id>
 // It signs in, sees a freshly ingested event appear, replays the dead letters in bulk,
 // opens an event (plugin verdicts, attempt),
-// replays it (a new attempt), dry-runs its payload (and an edited one; a binary one is not editable), erases an event and a device's events, restarts a FAILED destination (which says when it is tested again; its held events go out),
+// replays it (a new attempt), dry-runs its payload (and an edited one; a binary one is not editable; the HTTP requests its plugins asked for shown), erases an event and a device's events, restarts a FAILED destination (which says when it is tested again; its held events go out),
 // resends the delivery that failed before, makes, changes and deletes a source, a destination
 // and a route through the API's objects, shows a banner while the gateway is not ready,
 // and writes a screenshot of every page, at 1280×800 and at phone width.
@@ -13,7 +13,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
-const [base, token, controlUrl, artifacts, heldId] = process.argv.slice(2);
+const [base, token, controlUrl, artifacts, heldId, crmUrl] = process.argv.slice(2);
 const executablePath = process.env.SWITCHYARD_CHROMIUM || '/usr/bin/chromium';
 const profile = mkdtempSync(join(tmpdir(), 'switchyard-ui-'));
 const step = (s) => console.log(`- ${s}`);
@@ -142,6 +142,15 @@ try {
   await page.locator('#dry-result .route').getByText('dropped').waitFor();
   await page.locator('#dry-result').getByText('Nothing.').waitFor();
   if ((await count()) !== before) throw new Error('a dry run stored an event');
+
+  step('a dry run shows the HTTP requests its plugins asked for, and what came of each');
+  await page.goto(`${base}/ui/#/dry-run/crm-lookup`);
+  await page.getByLabel('Payload').fill(JSON.stringify({ iccid: '8945738730000000012' }));
+  await page.getByRole('button', { name: 'Run' }).click();
+  const asked = page.locator('#dry-requests tr.request');
+  await asked.getByText(`GET ${crmUrl}/sims/8945738730000000012`).waitFor();
+  await asked.getByText('200', { exact: true }).waitFor();
+  await page.locator('#dry-result .planned[data-destination="fleet"] pre.body', { hasText: 'acme' }).waitFor();
 
   step('search by id opens the event');
   await page.goto(`${base}/ui/#/events`);

@@ -16,6 +16,7 @@ use super::{ApiError, AppState, ErrorBody};
 use crate::config::SourceConfig;
 use crate::event::{Body, BodyEncoding, Event, Pairs};
 use crate::ingest;
+use crate::plugin::HttpExchange;
 use crate::store::{DeliveryStatus, NewDelivery, RouteOutcome};
 
 /// What the source's routes make of a payload.
@@ -33,6 +34,12 @@ pub struct DryRun {
     /// `webhook-timestamp` and `webhook-signature` are added at each attempt, so they are
     /// not here).
     deliveries: Vec<PlannedRequest>,
+    /// The HTTP requests the plugins asked for (WIT `http`), in order: plugin, method, URL,
+    /// headers (secrets redacted), body, and the response's `status` or the `error` the
+    /// plugin was told. A dry run sends `GET` and `HEAD` requests (answered by the service)
+    /// and no others; `switchyard dry-run` may answer them all from a file instead.
+    #[schema(value_type = Vec<Object>)]
+    requests: Vec<HttpExchange>,
     /// When the payload is a sender's URL check (the source's `challenge`): what ingest
     /// would answer with (`200`), storing nothing — the routes do not run, so `routes` and
     /// `deliveries` are empty. Absent otherwise.
@@ -68,15 +75,7 @@ pub(super) struct PlannedRequest {
 
 impl From<NewDelivery> for PlannedRequest {
     fn from(d: NewDelivery) -> Self {
-        let headers = (d.headers.into_iter())
-            .map(|(name, value)| {
-                let value = match crate::managed::secret_name(&name) {
-                    true => crate::managed::redact(&value),
-                    false => value,
-                };
-                (name, value)
-            })
-            .collect();
+        let headers = crate::managed::redact_secret_headers(d.headers);
         let body = Body(d.body);
         PlannedRequest {
             id: d.id,
@@ -202,9 +201,9 @@ pub(crate) fn ingest_uri(source: &str, query: Option<&str>) -> Result<http::Uri,
 /// The event through `Pipeline::decide`, counted nowhere.
 async fn run(state: &AppState, event: Event) -> DryRun {
     let span = tracing::info_span!("dry_run", event_id = %event.id, source = %event.source);
-    let (routes, deliveries) =
-        tracing::Instrument::instrument(state.pipeline.decide(&event, None), span).await;
-    DryRun::new(event, routes, deliveries)
+    let (routes, deliveries, requests) =
+        tracing::Instrument::instrument(state.pipeline.dry_run(&event), span).await;
+    DryRun::new(event, routes, deliveries, requests)
 }
 
 impl DryRun {
@@ -264,11 +263,13 @@ impl DryRun {
         event: Event,
         routes: Vec<RouteOutcome>,
         deliveries: Vec<NewDelivery>,
+        requests: Vec<HttpExchange>,
     ) -> Self {
         DryRun {
             event,
             routes,
             deliveries: deliveries.into_iter().map(PlannedRequest::from).collect(),
+            requests,
             challenge: None,
         }
     }
@@ -289,7 +290,7 @@ impl DryRun {
         };
         Ok(Some(DryRun {
             challenge: Some(echo),
-            ..DryRun::new(event.clone(), Vec::new(), Vec::new())
+            ..DryRun::new(event.clone(), Vec::new(), Vec::new(), Vec::new())
         }))
     }
 }

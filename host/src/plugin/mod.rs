@@ -4,6 +4,7 @@
 //! for the process; a [`LoadedPlugin`] (a compiled `Component` and its `InstancePre`) lives
 //! for one version of one plugin file; a `Store` lives for one call on one event.
 
+mod answers;
 mod bindings;
 mod check;
 mod convert;
@@ -23,12 +24,14 @@ use wasmtime::{
     Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreLimitsBuilder,
 };
 
+pub use answers::Answers;
 pub use bindings::{HANDLER_EXPORT, HOST_IMPORT, WIT_PACKAGE};
 pub use check::{CheckReport, check_component};
 pub use convert::{PluginDelivery, PluginUpdate, PluginVerdict};
 pub use outbound::{
-    HttpLimits, Origin, Outbound, PluginHttp, Request as HttpRequest, Response as HttpResponse,
-    SendError, Sender as HttpSender, Turn, Waiting,
+    Exchange as HttpExchange, HttpLimits, Origin, Outbound, PluginHttp, Recording,
+    Request as HttpRequest, Response as HttpResponse, SendError, Sender as HttpSender, Turn,
+    Waiting,
 };
 pub use registry::{PluginMap, PluginRegistry, PluginStatus};
 pub use state::{MAX_KEY_BYTES, PluginStates, Seed as StateSeed, StateLimits};

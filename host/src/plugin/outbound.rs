@@ -173,7 +173,7 @@ pub struct Request {
 }
 
 /// A whole response.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Response {
     pub status: u16,
     pub headers: Vec<(String, String)>,
@@ -286,6 +286,44 @@ struct Shared {
     /// on one store) and the time they are asked at; `None`: no limits (a run with no
     /// store).
     pace: Option<(Arc<dyn Store>, Arc<dyn Clock>)>,
+    /// Where each request and its outcome are written down (a dry run's); `None`: nowhere.
+    recording: Option<Recording>,
+}
+
+/// One request a plugin asked for in a dry run, and what became of it (a dry run's
+/// `requests`).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Exchange {
+    pub plugin: String,
+    pub method: String,
+    pub url: String,
+    /// As asked; values of headers that name a secret (`authorization`, `…key…`,
+    /// `…token…`, …) redacted.
+    pub headers: Vec<(String, String)>,
+    /// The JSON value when it is JSON, else text, else `{"base64": …}`; absent with none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body: Option<crate::event::Body>,
+    /// The response's status; absent when there was none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    /// Why there was no response (refused, rate limited, failed), as the plugin was told.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The requests of one run, in the order they were asked for.
+#[derive(Clone, Default)]
+pub struct Recording(Arc<Mutex<Vec<Exchange>>>);
+
+impl Recording {
+    /// What was recorded so far.
+    pub fn take(&self) -> Vec<Exchange> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn push(&self, exchange: Exchange) {
+        (self.0.lock().unwrap_or_else(|e| e.into_inner())).push(exchange);
+    }
 }
 
 /// Places for requests in flight by granted origin and the cap they were made with.
@@ -306,7 +344,14 @@ impl Outbound {
             waiting: None,
             in_flight: Default::default(),
             pace: None,
+            recording: None,
         })))
+    }
+
+    /// Requests answered by `answers`, none sent (a run given answers in advance: it may
+    /// ask with any method, as nothing leaves).
+    pub fn answered_by(answers: super::Answers) -> Self {
+        Self::new(Arc::new(answers))
     }
 
     /// The same, the origins' rate limits (`plugins.http_rate_limit`) kept in `store` and
@@ -332,6 +377,16 @@ impl Outbound {
             s.metrics = None;
             s.waiting = None;
         })
+    }
+
+    /// The same, each request and what became of it written down in the [`Recording`]
+    /// returned (a fresh one, for one run).
+    pub fn recorded(&self) -> (Self, Recording) {
+        let recording = Recording::default();
+        (
+            self.with(|s| s.recording = Some(recording.clone())),
+            recording,
+        )
     }
 
     /// The same sender, the settings changed by `change`.
@@ -383,7 +438,35 @@ impl PluginHttp {
         asked: Asked,
         deadline: Instant,
     ) -> Result<Response, String> {
+        let shared = self.outbound.0.as_ref();
+        let Some(recording) = shared.and_then(|s| s.recording.as_ref()) else {
+            let result = self.checked_send(plugin, asked, deadline).await;
+            return self.counted(plugin, result);
+        };
+        let mut exchange = Exchange {
+            plugin: plugin.to_string(),
+            method: asked.method.clone(),
+            url: asked.url.clone(),
+            headers: crate::managed::redact_secret_headers(asked.headers.clone()),
+            body: asked.body.clone().map(crate::event::Body::from),
+            status: None,
+            error: None,
+        };
         let result = self.checked_send(plugin, asked, deadline).await;
+        match &result {
+            Ok(response) => exchange.status = Some(response.status),
+            Err(e) => exchange.error = Some(e.to_string()),
+        }
+        recording.push(exchange);
+        self.counted(plugin, result)
+    }
+
+    /// `result`, counted by outcome in the metrics (if any).
+    fn counted(
+        &self,
+        plugin: &str,
+        result: Result<Response, SendError>,
+    ) -> Result<Response, String> {
         if let Some(metrics) = self.outbound.0.as_ref().and_then(|s| s.metrics.as_ref()) {
             let outcome = match &result {
                 Ok(r) => match r.status {

@@ -375,16 +375,24 @@ async function eventPage(id) {
 // The payload the dry-run page opens with, when another page sends one there.
 let draft = null;
 
-// A dry run's answer: each route's outcome and every request it would send.
+// A dry run's answer: each route's outcome, the HTTP requests its plugins asked for, and
+// every request it would send.
 function dryRunResult(r, heading = 'h2') {
+  const asked = r.requests || [];
   return [
     h(heading, {}, 'Routes'), r.routes.length ? routeCards(r.routes) : h('p', { class: 'muted' }, 'No route takes events from this source.'),
+    asked.length === 0 ? null : [h(heading, {}, 'Plugins asked'),
+      h('div', { class: 'card' }, h('table', { id: 'dry-requests' },
+        h('thead', {}, h('tr', {}, h('th', {}, 'Plugin'), h('th', {}, 'Request'), h('th', {}, 'Answer'))),
+        h('tbody', {}, asked.map((q) => h('tr', { class: 'request' },
+          h('td', {}, q.plugin), h('td', { class: 'mono' }, `${q.method} ${q.url}`),
+          h('td', {}, q.error ? h('span', { class: 'error' }, q.error) : String(q.status)))))))],
     h(heading, {}, 'Would send'), r.deliveries.length === 0 ? h('p', { class: 'muted' }, 'Nothing.') :
       r.deliveries.map((d) => h('div', { class: 'card planned', 'data-destination': d.destination },
         h('div', { class: 'row' }, h('strong', {}, d.destination), badge(d.status === 'pending' ? 'would send' : d.status)),
         h('div', { class: 'mono muted url' }, `POST ${d.url}`),
         h('table', {}, h('tbody', {}, d.headers.map(([k, v]) => h('tr', {}, h('th', {}, k), h('td', { class: 'mono' }, v))))),
-        h('pre', { class: 'body' }, bodyText(d.body, d.body_encoding) ?? JSON.stringify(d.body, null, 2))))].flat();
+        h('pre', { class: 'body' }, bodyText(d.body, d.body_encoding) ?? JSON.stringify(d.body, null, 2))))].flat().filter((c) => c);
 }
 
 // A payload through a source's routes as they are in force: the plugins' verdicts and the
