@@ -548,12 +548,10 @@ impl PluginHttp {
         let started = Instant::now();
         let places = shared.places(granted, self.limits.concurrency);
         let send = async {
-            // Waiting for a slot or a place counts against the call's time, as the exchange
-            // does.
-            if let Some((limited, rate)) = rate {
-                shared.wait_for_slot(limited, rate, timeout).await?;
-            }
-            let timeout = timeout.saturating_sub(started.elapsed());
+            // Waiting for a place or a slot counts against the call's time, as the exchange
+            // does. The place first: a slot is taken only by a request that then goes (a
+            // slot taken before a wait for a place that timed out would be spent unsent,
+            // pushing every later request's slot back).
             let Ok(Ok(_place)) = tokio::time::timeout(timeout, places.acquire_owned()).await else {
                 return Err(SendError::Failed(format!(
                     "timed out waiting for one of the {} requests in flight to {granted} \
@@ -561,6 +559,10 @@ impl PluginHttp {
                     self.limits.concurrency
                 )));
             };
+            if let Some((limited, rate)) = rate {
+                let left = timeout.saturating_sub(started.elapsed());
+                shared.wait_for_slot(limited, rate, left).await?;
+            }
             let left = timeout.saturating_sub(started.elapsed());
             (shared.sender)
                 .send(request, left, self.limits.max_response_bytes)
@@ -738,6 +740,70 @@ mod tests {
             metrics.plugin_http.get(&labels).map_or(0, |c| c.get())
         };
         assert_eq!((count("2xx"), count("refused"), count("failed")), (1, 4, 1));
+    }
+
+    /// Holds each request to `/slow` until told, answers the others at once.
+    struct Held(tokio::sync::Notify);
+
+    #[async_trait::async_trait]
+    impl Sender for Held {
+        async fn send(&self, r: Request, _: Duration, _: usize) -> Result<Response, SendError> {
+            if r.url.path() == "/slow" {
+                self.0.notified().await;
+            }
+            Ok(Response {
+                status: 200,
+                headers: Vec::new(),
+                body: Vec::new(),
+            })
+        }
+    }
+
+    /// A request that waited in vain for a place under `http_concurrency` took no slot of
+    /// its origin's rate limit: the next one, once the place is free, goes at once.
+    #[tokio::test]
+    async fn a_request_that_found_no_place_takes_no_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(crate::store::SqliteStore::open(dir.path(), 10).unwrap());
+        let sender = Arc::new(Held(tokio::sync::Notify::new()));
+        let outbound =
+            Outbound::new(sender.clone()).paced(store, Arc::new(crate::delivery::SystemClock));
+        let origin = Origin::parse("https://crm.example.com").unwrap();
+        let limits = HttpLimits {
+            concurrency: 1,
+            rates: Arc::new([(origin.clone(), 1.0)]),
+            ..HttpLimits::default()
+        };
+        let grant = outbound.grant(&Arc::from([origin]), &limits, None);
+        let send = |path: &str, within: u64| {
+            let (grant, url) = (grant.clone(), format!("https://crm.example.com{path}"));
+            let deadline = Instant::now() + Duration::from_millis(within);
+            async move {
+                let asked = Asked {
+                    method: "GET".into(),
+                    url,
+                    headers: Vec::new(),
+                    body: None,
+                };
+                grant.send("p", asked, deadline).await
+            }
+        };
+        // One a second. The first takes the place (and the slot now) and is held.
+        let slow = tokio::spawn(send("/slow", 10_000));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The second's slot would come in a second, within its 1.5 s, but no place does.
+        let e = send("/b", 1_500).await.unwrap_err();
+        assert!(
+            e.contains("timed out waiting for one of the 1 requests"),
+            "{e}"
+        );
+        sender.0.notify_one();
+        slow.await.unwrap().unwrap();
+        // A second and a half after the first: its slot is free now. (Had the second
+        // request taken the slot at one second, the next would be at two, 0.45 s away,
+        // past this one's 0.2 s: rate limited.)
+        send("/c", 200).await.unwrap();
     }
 
     /// A chain that waits gives its permit back meanwhile, and takes one again after.
