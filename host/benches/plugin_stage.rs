@@ -365,6 +365,64 @@ fn validate(c: &mut Criterion) {
     group.finish();
 }
 
+/// The same new body two ways: `reshape` by configuration (Rust) and `js-transform` by a
+/// route's own JavaScript, on the Onomondo usage event, fresh and warm.
+fn transform(c: &mut Criterion) {
+    let out = xtask::workspace_root().join("target/guests/plugins");
+    xtask::build_guests(&["reshape"], &out).expect("guest plugins build");
+    xtask::build_js("js-transform", &out).expect("JS plugin builds");
+    let runtime = PluginRuntime::new().unwrap();
+    let rt = runtime_for_calls();
+    let event = event();
+    let pairs = |pairs: &[(&str, &str)]| -> Arc<[(String, String)]> {
+        (pairs.iter())
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    let code = "function transform(e) {
+        e.body = { device: { iccid: e.body.iccid }, usage: { bytes: e.body.bytes },
+                   network: e.body.network.mcc + '-' + e.body.network.mnc, kind: 'usage' };
+    }";
+    let cases = [
+        (
+            "reshape",
+            pairs(&[
+                ("device.iccid", "/iccid"),
+                ("usage.bytes", "/bytes"),
+                ("network", "={/network/mcc}-{/network/mnc}"),
+                ("kind", "=usage"),
+            ]),
+        ),
+        ("js-transform", pairs(&[("code", code)])),
+    ];
+    let mut group = c.benchmark_group("transform");
+    group.sample_size(20);
+    for (name, config) in cases {
+        let plugin = runtime
+            .load_file(name, &out.join(format!("{name}.wasm")))
+            .unwrap();
+        for (mode_label, mode) in [("fresh", InstanceMode::Fresh), ("warm", InstanceMode::Warm)] {
+            group.bench_function(format!("{name}/{mode_label}"), |b| {
+                b.iter(|| {
+                    let verdict = rt
+                        .block_on(plugin.call(
+                            &event,
+                            CallInput::config(config.clone()),
+                            CallLimits::default(),
+                            mode,
+                        ))
+                        .expect("plugin answers");
+                    assert!(
+                        matches!(verdict, switchyard::plugin::PluginVerdict::Continue(_)),
+                        "{verdict:?}"
+                    );
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
 criterion_group!(
     benches,
     plugin_stage,
@@ -372,6 +430,7 @@ criterion_group!(
     in_flight,
     state,
     http,
-    validate
+    validate,
+    transform
 );
 criterion_main!(benches);

@@ -8,6 +8,7 @@ mod conformance;
 mod crash;
 mod durable;
 mod edge;
+mod js_transform;
 mod manage;
 mod observability;
 mod outbound;

@@ -93,8 +93,31 @@ pub fn build_guests(packages: &[&str], out_dir: &Path) -> Result<Vec<PathBuf>, S
 }
 
 /// Plugins in other languages, built by their own tools from `plugins/NAME`.
-pub const JS_PLUGINS: &[&str] = &["tag-router-js", "change-filter-js", "enrich-js"];
+pub const JS_PLUGINS: &[&str] = &[
+    "tag-router-js",
+    "change-filter-js",
+    "enrich-js",
+    "js-transform",
+];
 pub const PYTHON_PLUGINS: &[&str] = &["tag-router-py", "change-filter-py", "enrich-py"];
+
+/// Builds the plugin `plugins/NAME` of any language into `out_dir/NAME.wasm`: a Rust one
+/// (one of [`PLUGINS`]) for wasm32-wasip2, a JavaScript or Python one with its pinned
+/// tools (which need node and npm, or python3).
+pub fn build_plugin(name: &str, out_dir: &Path) -> Result<PathBuf, String> {
+    if JS_PLUGINS.contains(&name) {
+        build_js(name, out_dir)
+    } else if PYTHON_PLUGINS.contains(&name) {
+        build_python(name, out_dir)
+    } else if PLUGINS.contains(&name) {
+        Ok(build_guests(&[name], out_dir)?.remove(0))
+    } else {
+        Err(format!(
+            "no plugin `{name}`: one of {}",
+            [PLUGINS, JS_PLUGINS, PYTHON_PLUGINS].concat().join(", ")
+        ))
+    }
+}
 
 /// The virtualenv (under `target/pytools`) with the pinned Python tools of
 /// `tests/tools/requirements.txt`: componentize-py for Python plugins, schemathesis and

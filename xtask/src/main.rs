@@ -1,4 +1,5 @@
-//! `cargo xtask plugins [OUT_DIR]` builds the example plugins;
+//! `cargo xtask plugins [OUT_DIR]` builds the example plugins (Rust); `cargo xtask plugin
+//! NAME [OUT_DIR]` builds one of any language (`js-transform`, `enrich-py`, …);
 //! `cargo quickstart` (= `cargo xtask quickstart`) builds them into
 //! `examples/quickstart/plugins.d` and runs the gateway on the quickstart config.
 
@@ -19,9 +20,17 @@ fn main() -> ExitCode {
                 }
             })
         }
+        Some("plugin") if args.len() >= 2 => {
+            let out = args
+                .get(2)
+                .map_or_else(|| root.join("target/plugins"), PathBuf::from);
+            xtask::build_plugin(&args[1], &out).map(|path| println!("{}", path.display()))
+        }
         Some("quickstart") => quickstart(&root, &args[1..]),
         _ => Err(
-            "usage: cargo xtask plugins [OUT_DIR] | cargo xtask quickstart [-- SERVE ARGS]".into(),
+            "usage: cargo xtask plugins [OUT_DIR] | cargo xtask plugin NAME [OUT_DIR] | \
+                  cargo xtask quickstart [-- SERVE ARGS]"
+                .into(),
         ),
     };
     match result {

@@ -1,0 +1,213 @@
+// js-transform: runs the route's own JavaScript on each event — reshape its body, add
+// metadata, drop it, choose its destinations — with no build step: the code is the
+// plugin's config, and runs in this plugin's sandbox (its deadline and memory cap; no
+// network, no files).
+//
+// Config:
+//   code   JavaScript that defines `function transform(event)`; anything else it defines
+//          is its own. `event` is
+//            { id, source, receivedAt, method, path, query, contentType,
+//              headers: { name: value, … }   (lower-case names; a repeated one's last value)
+//              body,                         (its JSON value; its text if it is not JSON)
+//              metadata: { key: value, … } } (earlier plugins')
+//          and the code may call `lookup(table, key)` (a row of a lookup table, or
+//          undefined) and `log(message)` (a line in the gateway's log).
+//          transform returns
+//            nothing, or the event           the event goes on as changed: its `body`
+//                                            (a string is sent as it is, anything else as
+//                                            JSON), `metadata` (keys added or changed),
+//                                            `headers` (replaced, if changed), `contentType`
+//            an object                       the same, from its fields (those missing
+//                                            stay as they were)
+//            null                            the event is dropped
+//          and with `destinations: ["a", "b"]` in what it returns the event goes to those
+//          destinations instead of the route's. A throw is the plugin's error (the route's
+//          `on_error` applies); so is code that does not compile, or defines no transform.
+//
+// Build: npm ci && npm run build   (bindings come from ../../wit; nothing hand-written)
+// Try:   switchyard plugin run dist/js-transform.wasm --event ../../examples/events/onomondo-usage.json \
+//          --config 'code=function transform(e) { e.body.kb = e.body.bytes / 1000; }'
+
+import { configGet, log as hostLog, lookup as hostLookup } from 'switchyard:plugin/host@0.1.3';
+
+/** A `result` error of the WIT `plugin-error` variant. */
+function pluginError(tag, message) {
+  const e = new Error(message);
+  e.payload = { tag, val: message };
+  return e;
+}
+
+/** What the code may call besides the language. */
+function lookup(table, key) {
+  const row = hostLookup(String(table), String(key));
+  return row === undefined ? undefined : JSON.parse(row);
+}
+
+function log(message) {
+  hostLog('info', String(message));
+}
+
+// Compiled code by its text: an instance kept between events (warm, as a component this
+// size is by default) compiles each route's code once. Bounded: routes are few.
+const compiled = new Map();
+const COMPILED_MAX = 32;
+
+function transformOf(code) {
+  let transform = compiled.get(code);
+  if (transform !== undefined) return transform;
+  let made;
+  try {
+    made = new Function('lookup', 'log',
+      `${code}\n;return typeof transform === 'function' ? transform : undefined;`)(lookup, log);
+  } catch (e) {
+    throw pluginError('invalid-config', `\`code\` does not compile: ${e}${where(e)}`);
+  }
+  if (made === undefined) {
+    throw pluginError('invalid-config', '`code` must define `function transform(event)`');
+  }
+  if (compiled.size >= COMPILED_MAX) compiled.clear();
+  compiled.set(code, made);
+  return made;
+}
+
+/** Where in `code` an error is, when the engine says: ` (line N)`. */
+function where(e) {
+  // (The code is compiled as the body of a function whose header takes two lines.)
+  const line = e && typeof e.lineNumber === 'number' ? e.lineNumber - 2 : 0;
+  return line > 0 ? ` (line ${line})` : '';
+}
+
+/** Pairs as an object, a repeated name's last value winning. */
+function object(pairs) {
+  const o = {};
+  for (const [k, v] of pairs) o[k] = v;
+  return o;
+}
+
+/** The body as the code sees it: its JSON value, else its text. */
+function readBody(bytes) {
+  const text = new TextDecoder().decode(bytes);
+  try {
+    return { value: JSON.parse(text), json: true };
+  } catch {
+    return { value: text, json: false };
+  }
+}
+
+/** What the code sees of a value it was given back, to tell whether it changed. */
+function same(a, b) {
+  return JSON.stringify(a) === JSON.stringify(b);
+}
+
+function text(v, what) {
+  if (typeof v === 'string') return v;
+  if (typeof v === 'number' || typeof v === 'boolean') return String(v);
+  throw pluginError('other', `${what} is ${JSON.stringify(v)}: a string or a number`);
+}
+
+export const handler = {
+  handle(event) {
+    const code = configGet('code');
+    if (code === undefined || code.trim() === '') {
+      throw pluginError('invalid-config',
+        '`code` must be JavaScript that defines `function transform(event)`');
+    }
+    const transform = transformOf(code);
+    const body = readBody(event.body);
+    const given = {
+      id: event.id,
+      source: event.source,
+      receivedAt: Number(event.receivedAt),
+      method: event.method,
+      path: event.path,
+      query: event.query,
+      contentType: event.contentType ?? null,
+      headers: object(event.headers),
+      body: body.value,
+      metadata: object(event.metadata),
+    };
+    const before = { headers: { ...given.headers }, metadata: { ...given.metadata }, body: JSON.stringify(given.body) };
+    let out;
+    try {
+      out = transform(given);
+    } catch (e) {
+      if (e && e.payload) throw e;
+      throw pluginError('other', `transform threw: ${e}${where(e)}`);
+    }
+    if (out === null) return { tag: 'drop', val: 'transform returned null' };
+    if (out === undefined) out = given;
+    if (typeof out !== 'object' || Array.isArray(out)) {
+      throw pluginError('other',
+        `transform returned ${JSON.stringify(out)}: return nothing, the event, an object or null`);
+    }
+
+    // The content type, if set; the body, if it changed: a string as it is, anything else
+    // as JSON (`application/json` unless the event's already is JSON or one is set).
+    let contentType;
+    if (out.contentType !== undefined && out.contentType !== null
+      && out.contentType !== given.contentType) {
+      contentType = text(out.contentType, '`contentType`');
+    }
+    let newBody;
+    if ('body' in out && (out !== given || JSON.stringify(out.body) !== before.body)) {
+      if (typeof out.body === 'string') {
+        newBody = out.body;
+      } else {
+        let json;
+        try {
+          json = JSON.stringify(out.body);
+        } catch (e) {
+          throw pluginError('other', `the body transform returned is not JSON: ${e}`);
+        }
+        if (json === undefined) {
+          throw pluginError('other', 'the body transform returned is not JSON (undefined or a function)');
+        }
+        newBody = json;
+        const isJson = body.json && /json/i.test(given.contentType ?? '');
+        if (contentType === undefined && !isJson) contentType = 'application/json';
+      }
+    }
+    // Metadata added or changed (a removed key stays: the contract only adds).
+    const metadata = [];
+    if (out.metadata !== undefined) {
+      if (out.metadata === null || typeof out.metadata !== 'object' || Array.isArray(out.metadata)) {
+        throw pluginError('other', '`metadata` is an object of keys and their values');
+      }
+      for (const [k, v] of Object.entries(out.metadata)) {
+        if (!(k in before.metadata) || !same(before.metadata[k], v)) {
+          metadata.push([k, text(v, `metadata \`${k}\``)]);
+        }
+      }
+    }
+    // Headers, if changed: the event's replaced; with destinations, those added or changed
+    // go with each delivery.
+    let headers;
+    if (out.headers !== undefined && !same(out.headers, before.headers)) {
+      if (out.headers === null || typeof out.headers !== 'object' || Array.isArray(out.headers)) {
+        throw pluginError('other', '`headers` is an object of names and their values');
+      }
+      headers = Object.entries(out.headers)
+        .map(([k, v]) => [k.toLowerCase(), text(v, `header \`${k}\``)]);
+    }
+    const encoded = newBody === undefined ? undefined : new TextEncoder().encode(newBody);
+
+    if (out.destinations !== undefined) {
+      const list = out.destinations;
+      if (!Array.isArray(list) || list.some((d) => typeof d !== 'string')) {
+        throw pluginError('other', '`destinations` is a list of destination names');
+      }
+      const added = (headers ?? []).filter(([k, v]) => before.headers[k] !== v);
+      return {
+        tag: 'route',
+        val: list.map((destination) => ({
+          destination,
+          body: encoded,
+          contentType,
+          headers: added,
+          metadata,
+        })),
+      };
+    }
+    return { tag: 'continue', val: { body: encoded, contentType, headers, metadata } };
+  },
+};

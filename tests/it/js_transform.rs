@@ -1,0 +1,179 @@
+//! `js-transform`: a route's own JavaScript, in its config, run on each event inside the
+//! plugin sandbox — no build step. One gateway, one route per case (each its own code),
+//! tried by dry runs; then an event through the store to a receiver.
+
+use serde_json::{Value, json};
+
+use crate::util::{Receiver, TestGateway};
+
+const CONFIG: &str = r#"
+[tables]
+sims = "tables/sims.csv"
+[[destinations]]
+name = "by-customer"
+url = "{receiver}/customers/:customer:"
+[[destinations]]
+name = "alerts"
+url = "{receiver}/alerts"
+[[destinations]]
+name = "archive"
+url = "{receiver}/archive"
+
+[[sources]]
+name = "reshaped"
+[[routes]]
+source = "reshaped"
+destinations = ["by-customer"]
+plugins = [{ name = "js-transform", config = { code = '''
+// A SIM's usage in kB, its customer from the lookup table into metadata.
+function transform(event) {
+  const sim = lookup("sims", event.body.iccid);
+  event.metadata.customer = sim ? sim.customer : "unknown";
+  event.body = { iccid: event.body.iccid, kb: Math.round(event.body.bytes / 1000), from: event.source };
+}
+''' } }]
+
+[[sources]]
+name = "routed"
+[[routes]]
+source = "routed"
+destinations = ["archive"]
+plugins = [{ name = "js-transform", config = { code = '''
+function transform(event) {
+  if (event.body.type === "sms") return null;
+  // (`$$` is a `$` in the config file, whose `$${VAR}` names the environment's VAR.)
+  const text = `SIM $${event.body.iccid}: $${event.body.type}`;
+  return {
+    body: text,
+    contentType: "text/plain",
+    headers: { ...event.headers, "x-kind": event.body.type },
+    destinations: event.body.type === "usage-alert" ? ["alerts", "archive"] : ["archive"],
+  };
+}
+''' } }]
+
+[[sources]]
+name = "throws"
+[[routes]]
+source = "throws"
+destinations = ["archive"]
+plugins = [{ name = "js-transform", config = { code = '''
+function transform(event) {
+  const n = 1;
+  return event.body.missing.deeper + n;
+}
+''' } }]
+
+[[sources]]
+name = "broken"
+[[routes]]
+source = "broken"
+destinations = ["archive"]
+plugins = [{ name = "js-transform", config = { code = "function transform(event) { return {" } }]
+
+[[sources]]
+name = "loops"
+[[routes]]
+source = "loops"
+destinations = ["archive"]
+plugins = [{ name = "js-transform", config = { code = "function transform(event) { while (true) {} }" } }]
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn js_transform_runs_the_routes_own_code_in_the_sandbox() {
+    let rx = Receiver::start().await;
+    let dir = TestGateway::dir_with_plugins(&["js-transform"]);
+    std::fs::create_dir_all(dir.path().join("tables")).unwrap();
+    std::fs::write(
+        dir.path().join("tables/sims.csv"),
+        "iccid,customer\n8945738730000000012,acme\n",
+    )
+    .unwrap();
+    let gw = TestGateway::start_in(dir, CONFIG, &rx).await.unwrap();
+    let dry_run = |source: &'static str, body: Value| {
+        let gw = &gw;
+        async move {
+            let (status, answer) = gw
+                .send("POST", &format!("/v1/sources/{source}/dry-run"), Some(body))
+                .await;
+            assert_eq!(status, 200, "{answer}");
+            answer
+        }
+    };
+    let usage = json!({ "type": "usage", "iccid": "8945738730000000012", "bytes": 9484 });
+
+    // A new body, and metadata from a lookup table for the destination's URL.
+    let answer = dry_run("reshaped", usage.clone()).await;
+    let delivery = &answer["deliveries"][0];
+    assert_eq!(
+        delivery["body"],
+        json!({ "iccid": "8945738730000000012", "kb": 9, "from": "reshaped" }),
+        "{answer}"
+    );
+    assert!(
+        (delivery["url"].as_str().unwrap()).ends_with("/customers/acme"),
+        "{answer}"
+    );
+
+    // Dropped, or routed to destinations of its choosing with a text body and a header.
+    let answer = dry_run("routed", json!({ "type": "sms", "iccid": "1" })).await;
+    assert_eq!(
+        answer["routes"][0]["result"]["result"], "dropped",
+        "{answer}"
+    );
+    assert_eq!(
+        answer["routes"][0]["result"]["reason"], "transform returned null",
+        "{answer}"
+    );
+    let alert = json!({ "type": "usage-alert", "iccid": "8945738730000000012" });
+    let answer = dry_run("routed", alert).await;
+    let deliveries = answer["deliveries"].as_array().unwrap();
+    let names: Vec<&str> = (deliveries.iter())
+        .map(|d| d["destination"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["alerts", "archive"], "{answer}");
+    assert_eq!(
+        deliveries[0]["body"], "SIM 8945738730000000012: usage-alert",
+        "{answer}"
+    );
+    let headers = deliveries[0]["headers"].as_array().unwrap();
+    assert!(
+        headers.contains(&json!(["x-kind", "usage-alert"])),
+        "{answer}"
+    );
+    assert!(
+        headers.contains(&json!(["content-type", "text/plain"])),
+        "{answer}"
+    );
+
+    // A throw, code that does not compile, and a loop that never ends are the plugin's
+    // errors, each saying what and where; the route's `on_error` (dead-letter) applies.
+    let error = |answer: &Value| answer["routes"][0]["result"]["error"].to_string();
+    let answer = dry_run("throws", usage.clone()).await;
+    assert!(
+        error(&answer).contains("transform threw: TypeError")
+            && error(&answer).contains("(line 3)"),
+        "{answer}"
+    );
+    let answer = dry_run("broken", usage.clone()).await;
+    assert!(
+        error(&answer).contains("`code` does not compile: SyntaxError"),
+        "{answer}"
+    );
+    let answer = dry_run("loops", usage.clone()).await;
+    assert!(error(&answer).contains("exceeded its deadline"), "{answer}");
+    // ... and the gateway goes on: the same instance pool serves the next event.
+    let answer = dry_run("reshaped", usage.clone()).await;
+    assert_eq!(answer["deliveries"][0]["body"]["kb"], 9, "{answer}");
+
+    // Through the store to the destination, as it would be sent.
+    let id = gw.accept("reshaped", usage.to_string()).await;
+    gw.settled(&id).await;
+    let got = rx.wait_for(1).await;
+    assert!(got[0].uri.ends_with("/customers/acme"), "{}", got[0].uri);
+    assert_eq!(
+        got[0].json(),
+        json!({ "iccid": "8945738730000000012", "kb": 9, "from": "reshaped" })
+    );
+    gw.shutdown().await.unwrap();
+}
