@@ -720,9 +720,11 @@ pub struct SourceConfig {
     /// 1,000,000; unlimited when absent. Counted per instance.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<f64>,
-    /// A sender's check of its URL to answer instead of storing (Slack's
-    /// `url_verification`): a JSON body whose top-level `type` is `type` gets
-    /// `200 {"<field>": <its field>}`, once it has passed `verify`.
+    /// A sender's check of its URL to answer instead of storing: Slack's
+    /// `url_verification` (a JSON body whose top-level `type` is `type` gets
+    /// `200 {"<field>": <its field>}`, once it has passed `verify`), or a challenge in the
+    /// query (`query = "hub.challenge"`: a `GET` with it gets the challenge back as text,
+    /// its `token_query` checked against `token`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub challenge: Option<ChallengeConfig>,
     /// Refuse a body that is not JSON with `400`, saying where it stops being JSON (line
@@ -912,22 +914,70 @@ const RATE_LIMITS: std::ops::RangeInclusive<f64> = 0.001..=1_000_000.0;
 /// before another takes them.
 pub const MAX_DESTINATION_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 
-/// A URL check a source's sender makes, answered by echoing a field (see
-/// `SourceConfig::challenge`).
+/// A URL check a source's sender makes, answered by echoing its challenge (see
+/// `SourceConfig::challenge`): from a JSON body's field (Slack, Twitch) or from a query
+/// parameter (Meta and Strava's `hub.challenge`, Dropbox's `challenge`, Microsoft Graph's
+/// `validationToken`).
 #[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChallengeConfig {
-    /// The top-level field of the body holding the challenge, e.g. `challenge`.
-    pub field: String,
-    /// Only a body whose top-level `type` is this, e.g. `url_verification` (any body with
-    /// `field` when absent).
+    /// The top-level field of a JSON body holding the challenge, e.g. `challenge`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    /// Or the query parameter holding it, e.g. `hub.challenge`: a `GET` (or a `POST`) with
+    /// it is answered — before the signature check, since the senders that check this way
+    /// sign nothing of it — and not stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
+    /// With `field`: only a body whose top-level `type` is this, e.g. `url_verification`
+    /// (any body with `field` when absent).
     #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
     pub kind: Option<String>,
+    /// `json`: `{"<field or query>": <the challenge>}` (the default with `field`); `text`: the
+    /// challenge alone, as `text/plain` (the default with `query`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer: Option<ChallengeAnswer>,
+    /// With `query`: the query parameter carrying the sender's verify token, e.g.
+    /// `hub.verify_token`: the check is answered only when it equals `token` (else `403`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_query: Option<String>,
+    /// The verify token `token_query` must carry (a secret: `"${META_VERIFY_TOKEN}"`);
+    /// shown redacted by the API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+/// How a sender's URL check is answered.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ChallengeAnswer {
+    Json,
+    Text,
+}
+
+/// The answer to a sender's URL check.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ChallengeReply {
+    /// `200` with this JSON.
+    Json(serde_json::Value),
+    /// `200` with this text, as `text/plain`.
+    Text(String),
+}
+
+impl ChallengeReply {
+    /// As a JSON value (a dry run shows it so).
+    pub fn to_json(&self) -> serde_json::Value {
+        match self {
+            ChallengeReply::Json(v) => v.clone(),
+            ChallengeReply::Text(t) => serde_json::Value::String(t.clone()),
+        }
+    }
 }
 
 impl ChallengeConfig {
-    /// The answer to a request whose body is a challenge, if it is one.
-    pub fn answer(&self, body: &[u8]) -> Option<serde_json::Value> {
+    /// The answer to a request whose body is a challenge (`field`), if it is one.
+    pub fn answer(&self, body: &[u8]) -> Option<ChallengeReply> {
+        let field = self.field.as_ref()?;
         let serde_json::Value::Object(body) = serde_json::from_slice(body).ok()? else {
             return None;
         };
@@ -936,8 +986,92 @@ impl ChallengeConfig {
         {
             return None;
         }
-        let value = body.get(&self.field)?;
-        Some(serde_json::json!({ self.field.clone(): value }))
+        let value = body.get(field)?;
+        Some(match self.answer {
+            Some(ChallengeAnswer::Text) => ChallengeReply::Text(match value {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            }),
+            _ => ChallengeReply::Json(serde_json::json!({ field.clone(): value })),
+        })
+    }
+
+    /// The answer to a request whose query carries a challenge (`query`), if it does: the
+    /// echo, or why it is refused (its verify token is missing or wrong).
+    pub fn answer_query(&self, query: &str) -> Option<Result<ChallengeReply, String>> {
+        use subtle::ConstantTimeEq as _;
+        let name = self.query.as_ref()?;
+        let param = |wanted: &str| {
+            (url::form_urlencoded::parse(query.as_bytes()))
+                .find(|(k, _)| k == wanted)
+                .map(|(_, v)| v.into_owned())
+        };
+        let value = param(name)?;
+        if let (Some(token_query), Some(token)) = (&self.token_query, &self.token) {
+            let given = param(token_query).unwrap_or_default();
+            if !bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
+                return Some(Err(format!(
+                    "the URL check's `{token_query}` is missing or not this source's verify token"
+                )));
+            }
+        }
+        Some(Ok(match self.answer {
+            Some(ChallengeAnswer::Json) => {
+                ChallengeReply::Json(serde_json::json!({ name.clone(): value }))
+            }
+            _ => ChallengeReply::Text(value),
+        }))
+    }
+
+    /// What is wrong with it, if anything: the key and why.
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        match (&self.field, &self.query) {
+            (Some(f), None) if !f.is_empty() => {}
+            (None, Some(q)) if !q.is_empty() => {}
+            (Some(_), Some(_)) => {
+                return Err((
+                    "query",
+                    "a challenge is in a body `field` or a `query` parameter, not both".into(),
+                ));
+            }
+            (Some(_), None) => {
+                return Err((
+                    "field",
+                    "must name the body's field that holds the challenge".into(),
+                ));
+            }
+            _ => {
+                return Err((
+                    "field",
+                    "must name the body's field that holds the challenge (or `query`, the \
+                     query parameter that does)"
+                        .into(),
+                ));
+            }
+        }
+        if self.kind.is_some() && self.query.is_some() {
+            return Err((
+                "type",
+                "is the type of a body `field` challenge, not of a `query` one".into(),
+            ));
+        }
+        match (&self.token_query, &self.token) {
+            (Some(_), None) => Err((
+                "token",
+                "is the verify token `token_query` must carry".into(),
+            )),
+            (None, Some(_)) => Err((
+                "token_query",
+                "names the query parameter carrying `token`".into(),
+            )),
+            (Some(_), Some(_)) if self.query.is_none() => Err((
+                "token_query",
+                "checks a `query` challenge's verify token (a body challenge is signed: `verify`)"
+                    .into(),
+            )),
+            (Some(_), Some(t)) if t.is_empty() => Err(("token", "must not be empty".into())),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -1795,13 +1929,9 @@ impl Config {
             v.validate()
                 .map_err(|m| (format!("sources[{i}].verify"), m))?;
         }
-        if let Some(c) = &s.challenge
-            && c.field.is_empty()
-        {
-            return Err((
-                format!("sources[{i}].challenge.field"),
-                "must name the body's field that holds the challenge".into(),
-            ));
+        if let Some(c) = &s.challenge {
+            c.validate()
+                .map_err(|(key, m)| (format!("sources[{i}].challenge.{key}"), m))?;
         }
         if let Some(f) = &s.idempotency_field {
             let fields = f.fields();
@@ -2744,14 +2874,28 @@ mod tests {
 
     #[test]
     fn a_challenge_is_answered_only_when_the_body_is_one() {
-        let slack = ChallengeConfig {
-            field: "challenge".into(),
-            kind: Some("url_verification".into()),
+        let challenge = |json: serde_json::Value| -> ChallengeConfig {
+            let c: ChallengeConfig = serde_json::from_value(json).unwrap();
+            c.validate().unwrap();
+            c
         };
+        let slack =
+            challenge(serde_json::json!({ "field": "challenge", "type": "url_verification" }));
         let answer = |c: &ChallengeConfig, body: &str| c.answer(body.as_bytes());
         assert_eq!(
             answer(&slack, r#"{"type":"url_verification","challenge":"c-1"}"#),
-            Some(serde_json::json!({ "challenge": "c-1" }))
+            Some(ChallengeReply::Json(
+                serde_json::json!({ "challenge": "c-1" })
+            ))
+        );
+        let twitch = challenge(serde_json::json!({ "field": "challenge", "answer": "text" }));
+        assert_eq!(
+            answer(&twitch, r#"{"challenge":"pogchamp","subscription":{}}"#),
+            Some(ChallengeReply::Text("pogchamp".into()))
+        );
+        assert_eq!(
+            answer(&twitch, r#"{"challenge":7}"#),
+            Some(ChallengeReply::Text("7".into()))
         );
         for not_one in [
             r#"{"type":"event_callback","challenge":"c-1"}"#,
@@ -2761,14 +2905,69 @@ mod tests {
         ] {
             assert_eq!(answer(&slack, not_one), None, "{not_one}");
         }
-        let any = ChallengeConfig {
-            field: "validationToken".into(),
-            kind: None,
-        };
+        let any = challenge(serde_json::json!({ "field": "validationToken" }));
         assert_eq!(
             answer(&any, r#"{"validationToken":7}"#),
-            Some(serde_json::json!({ "validationToken": 7 }))
+            Some(ChallengeReply::Json(
+                serde_json::json!({ "validationToken": 7 })
+            ))
         );
+        assert_eq!(
+            any.answer_query("validationToken=x"),
+            None,
+            "a body challenge"
+        );
+
+        // In the query: the parameter decoded, the verify token compared.
+        let meta = challenge(serde_json::json!({ "query": "hub.challenge",
+            "token_query": "hub.verify_token", "token": "tok" }));
+        assert_eq!(
+            meta.answer_query("hub.mode=subscribe&hub.challenge=11%2022&hub.verify_token=tok"),
+            Some(Ok(ChallengeReply::Text("11 22".into())))
+        );
+        assert!(matches!(
+            meta.answer_query("hub.challenge=1&hub.verify_token=to"),
+            Some(Err(_))
+        ));
+        assert!(matches!(meta.answer_query("hub.challenge=1"), Some(Err(_))));
+        assert_eq!(meta.answer_query("hub.verify_token=tok"), None);
+        assert_eq!(
+            meta.answer(br#"{"hub.challenge":"1"}"#),
+            None,
+            "a query challenge"
+        );
+        let json = challenge(serde_json::json!({ "query": "challenge", "answer": "json" }));
+        assert_eq!(
+            json.answer_query("challenge=abc"),
+            Some(Ok(ChallengeReply::Json(
+                serde_json::json!({ "challenge": "abc" })
+            )))
+        );
+        for (bad, key) in [
+            (serde_json::json!({}), "field"),
+            (serde_json::json!({ "field": "" }), "field"),
+            (serde_json::json!({ "field": "a", "query": "b" }), "query"),
+            (serde_json::json!({ "query": "b", "type": "x" }), "type"),
+            (
+                serde_json::json!({ "query": "b", "token_query": "t" }),
+                "token",
+            ),
+            (
+                serde_json::json!({ "query": "b", "token": "t" }),
+                "token_query",
+            ),
+            (
+                serde_json::json!({ "field": "b", "token_query": "t", "token": "x" }),
+                "token_query",
+            ),
+            (
+                serde_json::json!({ "query": "b", "token_query": "t", "token": "" }),
+                "token",
+            ),
+        ] {
+            let c: ChallengeConfig = serde_json::from_value(bad.clone()).unwrap();
+            assert_eq!(c.validate().unwrap_err().0, key, "{bad}");
+        }
     }
 
     #[test]

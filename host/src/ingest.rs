@@ -1,5 +1,6 @@
 //! The ingest stage: `POST /v1/ingest/{source}` turns a request into an [`Event`], hands it
-//! to the store, and answers `202 {"id": ...}` once the store has accepted it.
+//! to the store, and answers `202 {"id": ...}` once the store has accepted it. (`GET` is
+//! taken only as a sender's URL check, `challenge.query`.)
 
 use axum::Json;
 use axum::body::{Body as HttpBody, Bytes};
@@ -8,12 +9,13 @@ use std::time::Duration;
 
 use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use std::sync::Arc;
 use tracing::Instrument;
 
 use crate::api::{ApiError, AppState};
-use crate::config::SourceConfig;
+use crate::config::{ChallengeReply, SourceConfig};
 use crate::delivery::now_ms;
 use crate::edge;
 use crate::edge::VerifyConfig;
@@ -46,7 +48,7 @@ pub async fn ingest(
     State(state): State<Arc<AppState>>,
     Path(source): Path<String>,
     request: axum::extract::Request,
-) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+) -> Result<Response, ApiError> {
     let known = state.pipeline.routing().has_source(&source);
     // Unknown source names come from the client: one label for all, not one per name.
     let label = if known {
@@ -73,8 +75,10 @@ pub async fn ingest(
         Err(ApiError::Unauthorized(_)) => "rejected_signature",
         Err(ApiError::Forbidden(_)) => "rejected_address",
         Err(ApiError::CertificateDenied(_)) => "rejected_client_certificate",
+        Err(ApiError::TokenDenied(_)) => "rejected_verify_token",
         Err(ApiError::RateLimited { .. }) => "rejected_rate_limited",
         Err(ApiError::UnsupportedEncoding(_)) => "rejected_unsupported_encoding",
+        Err(ApiError::MethodNotAllowed { .. }) => "rejected_method",
         Err(_) => "rejected_error",
     };
     state.metrics.event(&label, outcome);
@@ -82,13 +86,48 @@ pub async fn ingest(
         (state.metrics.refusals).record(&label, outcome, e);
     }
     result.map(|answer| match answer {
-        Answer::Accepted(id) => (StatusCode::ACCEPTED, Json(json!({ "id": id }))),
+        Answer::Accepted(id) => (StatusCode::ACCEPTED, Json(json!({ "id": id }))).into_response(),
         Answer::Duplicate(original) => (
             StatusCode::OK,
             Json(json!({ "id": original, "duplicate": true })),
-        ),
-        Answer::Challenge(echo) => (StatusCode::OK, Json(echo)),
+        )
+            .into_response(),
+        Answer::Challenge(ChallengeReply::Json(echo)) => {
+            (StatusCode::OK, Json(echo)).into_response()
+        }
+        // (Text the sender chose, echoed: never to be read as anything but text.)
+        Answer::Challenge(ChallengeReply::Text(echo)) => (
+            StatusCode::OK,
+            [
+                (http::header::CONTENT_TYPE, "text/plain; charset=utf-8"),
+                (http::header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            ],
+            echo,
+        )
+            .into_response(),
     })
+}
+
+/// Answers a sender's URL check by `GET` (Meta's and Strava's `hub.challenge`, Dropbox's
+/// `challenge`): the source's `challenge.query` parameter echoed as text, once the sender's
+/// address and client certificate pass the source's allowlists and its verify token
+/// (`challenge.token_query`) equals `challenge.token`. Stores nothing; counted in
+/// `switchyard_events_received_total` (`challenge`). Any other `GET` is `405`: events
+/// come by `POST`.
+#[utoipa::path(get, path = "/v1/ingest/{source}", tag = "ingest", security(()),
+    params(("source" = String, Path, description = "A configured source")),
+    responses(
+        (status = 200, description = "The challenge of the query, echoed (`text/plain`, or JSON with `challenge.answer = \"json\"`)", body = String, content_type = "text/plain"),
+        (status = 403, description = "The sender's address, or its client certificate, is not allowed; or the verify token is missing or wrong", body = crate::api::ErrorBody),
+        (status = 404, description = "No such source", body = crate::api::ErrorBody),
+        (status = 405, description = "Not a URL check this source answers: events come by `POST`", body = crate::api::ErrorBody),
+    ))]
+pub async fn ingest_check(
+    state: State<Arc<AppState>>,
+    source: Path<String>,
+    request: axum::extract::Request,
+) -> Result<Response, ApiError> {
+    ingest(state, source, request).await
 }
 
 /// What ingest answers a request it takes.
@@ -98,7 +137,7 @@ enum Answer {
     /// Seen before: the original event's id.
     Duplicate(String),
     /// A sender's URL check (`challenge`), answered and not stored.
-    Challenge(serde_json::Value),
+    Challenge(ChallengeReply),
 }
 
 /// The requests to each source refused lately, by this instance since it started: shown
@@ -214,6 +253,36 @@ async fn accept(
             |e| tracing::warn!(source, %ip, reason = %e, "Ingest refused: cannot decode the body."),
         )?;
     let body = decoded.clone().unwrap_or_else(|| wire.clone());
+    // A URL check in the query is answered before the signature check: its senders sign
+    // nothing of it (a verify token, if the source has one, is its check).
+    let query_check = (sc.challenge.as_ref()).and_then(|c| c.answer_query(uri.query()?));
+    match query_check {
+        Some(Ok(echo)) => {
+            tracing::info!(
+                source,
+                "Ingest answered the sender's URL check (challenge)."
+            );
+            return Ok(Answer::Challenge(echo));
+        }
+        Some(Err(why)) => {
+            tracing::warn!(source, %ip, reason = %why, "Ingest refused: a URL check's verify token.");
+            return Err(ApiError::TokenDenied(why));
+        }
+        None if method == http::Method::GET => {
+            return Err(ApiError::MethodNotAllowed {
+                message: match sc.challenge.as_ref().and_then(|c| c.query.as_ref()) {
+                    Some(q) => format!(
+                        "events come by POST; a GET is answered only as a URL check, with `{q}` in its query"
+                    ),
+                    None => "events come by POST (this source answers no URL check by GET: \
+                             `challenge.query`)"
+                        .into(),
+                },
+                allow: "GET, POST",
+            });
+        }
+        None => {}
+    }
     if let Some(verify) = &sc.verify {
         let now_s = now_ms() / 1000;
         // Senders sign the payload; one that signs the compressed bytes is let in too.

@@ -526,11 +526,19 @@ impl Redact for SourceConfig {
             }
             _ => {}
         }
+        if let Some(token) = s.challenge.as_mut().and_then(|c| c.token.as_mut()) {
+            *token = redact(token);
+        }
         s
     }
 
     fn keep_secrets(&mut self, old: &Self) {
         use crate::edge::VerifyConfig as V;
+        let tokens = (self.challenge.as_mut().and_then(|c| c.token.as_mut()))
+            .zip(old.challenge.as_ref().and_then(|c| c.token.as_ref()));
+        if let Some((token, old)) = tokens {
+            keep(token, old);
+        }
         match (&mut self.verify, &old.verify) {
             (Some(new), Some(old)) if new.hmac().is_some() && old.hmac().is_some() => {
                 let (new, (_, old)) = (new.hmac_mut().expect("hmac"), old.hmac().expect("hmac"));

@@ -323,6 +323,164 @@ async fn timestamped_hmac_signatures_refuse_replays_and_rotate() {
     gw.shutdown().await.unwrap();
 }
 
+/// URL checks in the query, as Meta (and Strava), Dropbox and Microsoft Graph make them,
+/// and Twitch's in the body answered as text: each gets its challenge back as it expects,
+/// before the signature check and with the verify token checked, and nothing is stored;
+/// any other `GET` is `405`. Events from the same source are still checked and stored.
+#[tokio::test(flavor = "multi_thread")]
+async fn url_checks_in_the_query_are_answered_as_each_sender_expects() {
+    let rx = Receiver::start().await;
+    let config = r#"
+[[sources]]
+name = "meta"
+verify = { scheme = "hmac-sha256", header = "x-hub-signature-256", prefix = "sha256=", secret = "meta-app-secret" }
+challenge = { query = "hub.challenge", token_query = "hub.verify_token", token = "meaty-token" }
+[[sources]]
+name = "dropbox"
+challenge = { query = "challenge" }
+[[sources]]
+name = "graph"
+challenge = { query = "validationToken" }
+[[sources]]
+name = "twitch"
+challenge = { field = "challenge", answer = "text" }
+[[sources]]
+name = "plain"
+[[destinations]]
+name = "sink"
+url = "{receiver}/sink"
+[[routes]]
+source = "meta"
+destinations = ["sink"]
+[[routes]]
+source = "graph"
+destinations = ["sink"]
+[[routes]]
+source = "twitch"
+destinations = ["sink"]
+"#;
+    let gw = TestGateway::start(config, &rx, &[]).await;
+    let client = reqwest::Client::new();
+    let get = |path: String| {
+        let request = client.get(format!("{}/v1/ingest/{path}", gw.url));
+        async move {
+            let resp = request.send().await.unwrap();
+            let status = resp.status().as_u16();
+            let headers = resp.headers().clone();
+            (status, headers, resp.text().await.unwrap())
+        }
+    };
+    // Meta: the challenge back as text once the verify token is this source's.
+    let (status, headers, text) =
+        get("meta?hub.mode=subscribe&hub.challenge=1158201444&hub.verify_token=meaty-token".into())
+            .await;
+    assert_eq!((status, text.as_str()), (200, "1158201444"));
+    assert_eq!(headers["content-type"], "text/plain; charset=utf-8");
+    assert_eq!(headers["x-content-type-options"], "nosniff");
+    for wrong in ["&hub.verify_token=guess", ""] {
+        let (status, _, text) =
+            get(format!("meta?hub.mode=subscribe&hub.challenge=1{wrong}")).await;
+        assert_eq!(status, 403, "{text}");
+        assert!(
+            text.contains("`hub.verify_token` is missing or not"),
+            "{text}"
+        );
+    }
+    // A GET that is no URL check: 405, saying how events come.
+    let (status, headers, text) = get("meta".into()).await;
+    assert_eq!(status, 405, "{text}");
+    assert_eq!(headers["allow"], "GET, POST");
+    assert!(text.contains("with `hub.challenge` in its query"), "{text}");
+    let (status, _, text) = get("plain?challenge=x".into()).await;
+    assert_eq!(status, 405, "{text}");
+    assert_eq!(get("nowhere?challenge=x".into()).await.0, 404);
+    // Dropbox: no token, the challenge (decoded) back.
+    let (status, _, text) = get("dropbox?challenge=a%20b".into()).await;
+    assert_eq!((status, text.as_str()), (200, "a b"));
+    // Microsoft Graph: a POST with the token in its query.
+    let resp = (client.post(format!(
+        "{}/v1/ingest/graph?validationToken=Validation%3A+Testing+client",
+        gw.url
+    )))
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text().await.unwrap(), "Validation: Testing client");
+    // Twitch: the body's challenge, as text.
+    let check = json!({ "challenge": "pogchamp-kappa-360noscope-vohiyo", "subscription": { "id": "f1c2a387" } });
+    let (status, text) = {
+        let resp = (client.post(format!("{}/v1/ingest/twitch", gw.url)))
+            .json(&check)
+            .send()
+            .await
+            .unwrap();
+        (resp.status().as_u16(), resp.text().await.unwrap())
+    };
+    assert_eq!(
+        (status, text.as_str()),
+        (200, "pogchamp-kappa-360noscope-vohiyo")
+    );
+
+    // Meta's events are signed, and checked as before.
+    let event = r#"{"object":"whatsapp_business_account","entry":[]}"#;
+    let signature = format!("sha256={}", hmac_hex(b"meta-app-secret", event.as_bytes()));
+    let (status, answer) = post(&gw, "meta", event, &[("x-hub-signature-256", signature)]).await;
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(post(&gw, "meta", event, &[]).await.0, 401);
+    // Only the event arrives: the checks are not stored.
+    let got = rx.wait_for(1).await;
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(rx.requests().len(), 1);
+    assert_eq!(got[0].body, event.as_bytes());
+    let metrics = gw.metrics().await;
+    for line in [
+        r#"switchyard_events_received_total{source="meta",result="challenge"} 1"#,
+        r#"switchyard_events_received_total{source="meta",result="rejected_verify_token"} 2"#,
+        r#"switchyard_events_received_total{source="meta",result="rejected_method"} 1"#,
+        r#"switchyard_events_received_total{source="dropbox",result="challenge"} 1"#,
+        r#"switchyard_events_received_total{source="graph",result="challenge"} 1"#,
+        r#"switchyard_events_received_total{source="twitch",result="challenge"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "{line} in:\n{metrics}");
+    }
+
+    // Made through the API, a source's verify token is shown redacted, kept when echoed.
+    let source = json!({ "name": "strava", "challenge": { "query": "hub.challenge",
+        "token_query": "hub.verify_token", "token": "strava-verify-token-0123" } });
+    let made = gw.create("/v1/sources", source).await;
+    assert_eq!(made["challenge"]["token"], "****0123", "{made}");
+    let (status, changed) = gw
+        .send(
+            "PATCH",
+            "/v1/sources/strava",
+            Some(json!({ "challenge": made["challenge"] })),
+        )
+        .await;
+    assert_eq!(status, 200, "{changed}");
+    let (status, _, text) =
+        get("strava?hub.challenge=15f7d1a91c1f40f8a748fd134752feb3&hub.verify_token=strava-verify-token-0123".into()).await;
+    assert_eq!(
+        (status, text.as_str()),
+        (200, "15f7d1a91c1f40f8a748fd134752feb3")
+    );
+    // A challenge in both places, or a token with no parameter, is refused naming its key.
+    for (challenge, key) in [
+        (json!({ "field": "c", "query": "c" }), "challenge.query"),
+        (
+            json!({ "query": "c", "token": "t" }),
+            "challenge.token_query",
+        ),
+        (json!({}), "challenge.field"),
+    ] {
+        let body = json!({ "name": "bad", "challenge": challenge });
+        let (status, e) = gw.send("POST", "/v1/sources", Some(body)).await;
+        assert_eq!(status, 400, "{e}");
+        assert!(e["error"].as_str().unwrap().contains(key), "{key}: {e}");
+    }
+    gw.shutdown().await.unwrap();
+}
+
 async fn post_encoded(
     gw: &TestGateway,
     source: &str,

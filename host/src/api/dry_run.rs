@@ -115,6 +115,7 @@ const API_CALL_HEADERS: &[&str] = &[
     responses(
         (status = 200, description = "What the source's routes would do", body = DryRun),
         (status = 400, description = "A body that cannot be read or decoded, or one that is not JSON to a source that `require_json` (as ingest would refuse it)", body = ErrorBody),
+        (status = 403, description = "A URL check in the query (`challenge.query`) without the source's verify token (as ingest would refuse it)", body = ErrorBody),
         (status = 404, description = "No such source", body = ErrorBody),
         (status = 408, description = "The body did not arrive within `body_read_timeout`", body = ErrorBody),
         (status = 413, description = "The body, or its decoded form, is over `max_body_bytes`", body = ErrorBody),
@@ -282,14 +283,24 @@ impl DryRun {
         source: &SourceConfig,
         event: &Event,
     ) -> Result<Option<Self>, ApiError> {
-        if let Some(why) = source.refuses_body(&event.body.0) {
+        let challenge = source.challenge.as_ref();
+        // (As ingest: a URL check in the query first, its verify token checked.)
+        let echo = match challenge.and_then(|c| c.answer_query(&event.query)) {
+            Some(Err(why)) => return Err(ApiError::TokenDenied(why)),
+            Some(Ok(echo)) => Some(echo),
+            None => None,
+        };
+        if echo.is_none()
+            && let Some(why) = source.refuses_body(&event.body.0)
+        {
             return Err(ApiError::InvalidJson(why));
         }
-        let Some(echo) = (source.challenge.as_ref()).and_then(|c| c.answer(&event.body.0)) else {
+        let echo = echo.or_else(|| challenge.and_then(|c| c.answer(&event.body.0)));
+        let Some(echo) = echo else {
             return Ok(None);
         };
         Ok(Some(DryRun {
-            challenge: Some(echo),
+            challenge: Some(echo.to_json()),
             ..DryRun::new(event.clone(), Vec::new(), Vec::new(), Vec::new())
         }))
     }

@@ -187,7 +187,7 @@ fn api_router() -> OpenApiRouter<Arc<AppState>> {
     let mut doc = ApiDoc::openapi();
     doc.info.version = env!("CARGO_PKG_VERSION").into();
     OpenApiRouter::with_openapi(doc)
-        .routes(routes!(ingest::ingest))
+        .routes(routes!(ingest::ingest, ingest::ingest_check))
         .routes(routes!(list_events))
         .routes(routes!(get_event, erase_event))
         .routes(routes!(replay_event))
@@ -1254,6 +1254,10 @@ pub enum ApiError {
     /// Refused by a source's `allow_client_names` (`403`, counted apart from addresses).
     #[error("{0}")]
     CertificateDenied(String),
+    /// A sender's URL check without the source's verify token (`challenge.token`): `403`,
+    /// counted apart from addresses.
+    #[error("{0}")]
+    TokenDenied(String),
     #[error("{0}")]
     Conflict(String),
     /// Over a source's `rate_limit`: `429`, `Retry-After` in whole seconds.
@@ -1269,6 +1273,12 @@ pub enum ApiError {
     /// apart from other bad requests).
     #[error("{0}")]
     InvalidJson(String),
+    /// A method the endpoint takes only for some requests (`405`, what it takes in `Allow`).
+    #[error("{message}")]
+    MethodNotAllowed {
+        message: String,
+        allow: &'static str,
+    },
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
 }
@@ -1301,11 +1311,14 @@ impl ApiError {
             ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            ApiError::Forbidden(_) | ApiError::CertificateDenied(_) => StatusCode::FORBIDDEN,
+            ApiError::Forbidden(_) | ApiError::CertificateDenied(_) | ApiError::TokenDenied(_) => {
+                StatusCode::FORBIDDEN
+            }
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::TooBroad(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -1329,6 +1342,12 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(axum::http::header::RETRY_AFTER, s.into());
+        }
+        if let ApiError::MethodNotAllowed { allow, .. } = &self {
+            (response.headers_mut()).insert(
+                axum::http::header::ALLOW,
+                axum::http::HeaderValue::from_static(allow),
+            );
         }
         response
     }
