@@ -469,6 +469,54 @@ pub fn redact_secret_headers(headers: Vec<(String, String)>) -> Vec<(String, Str
         .collect()
 }
 
+/// `text` with the values of the query parameters in it whose names name a secret
+/// (`?key=…`, `&access_token=…`, `&sig=…` is not one) as `****`: a URL a plugin puts in an
+/// error or a drop reason — a geocoder's `?key=` — is stored with the event's outcome and
+/// logged, and a key in it must not be.
+pub fn redact_query_secrets(text: &str) -> std::borrow::Cow<'_, str> {
+    let bytes = text.as_bytes();
+    let mut out = String::new();
+    let mut copied = 0;
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] != b'?' && bytes[i] != b'&' {
+            i += 1;
+            continue;
+        }
+        let name_start = i + 1;
+        let name_end = (name_start..bytes.len())
+            .find(|&j| {
+                !(bytes[j].is_ascii_alphanumeric() || matches!(bytes[j], b'_' | b'-' | b'.' | b'%'))
+            })
+            .unwrap_or(bytes.len());
+        if name_end == name_start || bytes.get(name_end) != Some(&b'=') {
+            i = name_start;
+            continue;
+        }
+        let value_start = name_end + 1;
+        let value_end = (value_start..bytes.len())
+            .find(|&j| {
+                bytes[j].is_ascii_whitespace()
+                    || matches!(
+                        bytes[j],
+                        b'&' | b'#' | b'"' | b'\'' | b'`' | b')' | b'<' | b'>' | b',' | b';'
+                    )
+            })
+            .unwrap_or(bytes.len());
+        if value_end > value_start && secret_name(&text[name_start..name_end]) {
+            out.push_str(&text[copied..value_start]);
+            out.push_str("****");
+            copied = value_end;
+        }
+        i = value_end;
+    }
+    if copied == 0 {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    out.push_str(&text[copied..]);
+    std::borrow::Cow::Owned(out)
+}
+
 /// Names (of destination headers, of plugin config keys) whose values are treated as
 /// secrets.
 pub(crate) fn secret_name(name: &str) -> bool {
@@ -655,6 +703,27 @@ impl Redact for RouteConfig {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn query_secrets_are_redacted_in_text_and_nothing_else() {
+        use super::redact_query_secrets as r;
+        assert_eq!(
+            r("GET https://maps.example.com/geo?lat=1&key=AIzaSy123&api_token=t0k answered 403"),
+            "GET https://maps.example.com/geo?lat=1&key=****&api_token=**** answered 403"
+        );
+        assert_eq!(
+            r("`GET https://x.example/?Signature=abc#frag` and (https://y.example/?secret=s)"),
+            "`GET https://x.example/?Signature=****#frag` and (https://y.example/?secret=****)"
+        );
+        for kept in [
+            "GET https://crm.example.com/sims/1?iccid=8945&page=2 answered 404",
+            "a ? b & c",
+            "?key= (empty)",
+            "no query at all",
+        ] {
+            assert!(matches!(r(kept), std::borrow::Cow::Borrowed(_)), "{kept}");
+        }
+    }
+
     use super::*;
     use std::path::Path;
 

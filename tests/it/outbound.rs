@@ -95,6 +95,12 @@ name = "elsewhere"
 source = "other"
 plugins = [{{ name = "enrich", allow_http = ["https://crm.example.com"], config = {{ url = "{crm_url}/sims/{{/iccid}}" }} }}]
 destinations = ["sink"]
+[[sources]]
+name = "geo"
+[[routes]]
+source = "geo"
+plugins = [{{ name = "enrich", allow_http = ["{crm_url}"], config = {{ url = "{crm_url}/sims/{{/iccid}}?lang=en&api_key=geo-secret-123", not_found = "error" }} }}]
+destinations = ["sink"]
 "#
     );
     let gw = TestGateway::start(&config, &rx, &["enrich"]).await;
@@ -210,6 +216,18 @@ destinations = ["sink"]
     ] {
         assert!(metrics.contains(line), "{line} in:\n{metrics}");
     }
+
+    // A key in a URL's query (a geocoder's `?api_key=`) is not in the error the plugin's
+    // failure leaves with the event, nor in the dry run's list of requests.
+    let body = json!({ "iccid": "8945000000000000000" });
+    let (status, run) = gw.send("POST", "/v1/sources/geo/dry-run", Some(body)).await;
+    assert_eq!(status, 200, "{run}");
+    let error = run["routes"][0]["result"]["error"].as_str().unwrap();
+    assert!(
+        error.contains("?lang=en&api_key=**** answered 404"),
+        "{run}"
+    );
+    assert!(!run.to_string().contains("geo-secret"), "{run}");
     gw.shutdown().await.unwrap();
 }
 

@@ -5,6 +5,7 @@ use serde::Serialize;
 
 use super::bindings::{Delivery, Event as WitEvent, PluginError, Update, Verdict};
 use crate::event::{Body, Event, Pairs};
+use crate::managed::redact_query_secrets;
 
 /// A plugin's verdict, owned by the gateway.
 #[derive(Clone, Debug, Serialize)]
@@ -56,7 +57,10 @@ pub(super) fn to_wit_event(e: &Event) -> WitEvent {
 
 pub(super) fn from_wit_verdict(v: Verdict) -> PluginVerdict {
     match v {
-        Verdict::Drop(reason) => PluginVerdict::Drop { reason },
+        // (A reason, as an error, is stored and logged: a URL's key in it is not.)
+        Verdict::Drop(reason) => PluginVerdict::Drop {
+            reason: redact_query_secrets(&reason).into_owned(),
+        },
         Verdict::Continue(Update {
             body,
             content_type,
@@ -84,9 +88,10 @@ pub(super) fn from_wit_verdict(v: Verdict) -> PluginVerdict {
 }
 
 pub(super) fn plugin_error_message(e: &PluginError) -> String {
-    match e {
+    let message = match e {
         PluginError::InvalidEvent(m) => format!("invalid event: {m}"),
         PluginError::InvalidConfig(m) => format!("invalid config: {m}"),
         PluginError::Other(m) => m.clone(),
-    }
+    };
+    redact_query_secrets(&message).into_owned()
 }

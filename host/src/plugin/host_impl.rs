@@ -94,6 +94,7 @@ impl PluginState {
         for (stream, out) in [("stdout", &self.stdout), ("stderr", &self.stderr)] {
             let (bytes, truncated) = out.take();
             for line in String::from_utf8_lossy(&bytes).lines() {
+                let line = crate::managed::redact_query_secrets(line);
                 tracing::info!(plugin = %self.plugin, event_id = %self.event_id, stream, "{line}");
             }
             if truncated {
@@ -124,6 +125,7 @@ impl host::Host for PluginState {
             return;
         }
         let (plugin, event_id) = (&*self.plugin, &self.event_id);
+        let message = crate::managed::redact_query_secrets(&message);
         match level {
             LogLevel::Trace => tracing::trace!(plugin, event_id, "{message}"),
             LogLevel::Debug => tracing::debug!(plugin, event_id, "{message}"),

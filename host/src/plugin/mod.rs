@@ -616,7 +616,9 @@ fn classify(result: RawResult, deadline: Duration) -> Result<PluginVerdict, Call
         Ok(Err(error)) => Err(CallError::Plugin(convert::plugin_error_message(&error))),
         Err(error) => match error.downcast_ref::<wasmtime::Trap>() {
             Some(wasmtime::Trap::Interrupt) => Err(CallError::Deadline(deadline)),
-            _ => Err(CallError::Trap(format!("{error:#}"))),
+            _ => Err(CallError::Trap(
+                crate::managed::redact_query_secrets(&format!("{error:#}")).into_owned(),
+            )),
         },
     }
 }

@@ -296,6 +296,8 @@ struct Shared {
 pub struct Exchange {
     pub plugin: String,
     pub method: String,
+    /// As asked; the values of query parameters that name a secret (`key`, `…token…`)
+    /// redacted.
     pub url: String,
     /// As asked; values of headers that name a secret (`authorization`, `…key…`,
     /// `…token…`, …) redacted.
@@ -446,7 +448,7 @@ impl PluginHttp {
         let mut exchange = Exchange {
             plugin: plugin.to_string(),
             method: asked.method.clone(),
-            url: asked.url.clone(),
+            url: crate::managed::redact_query_secrets(&asked.url).into_owned(),
             headers: crate::managed::redact_secret_headers(asked.headers.clone()),
             body: asked.body.clone().map(crate::event::Body::from),
             status: None,
