@@ -53,6 +53,13 @@ function transform(event) {
 ''' } }]
 
 [[sources]]
+name = "from-file"
+[[routes]]
+source = "from-file"
+destinations = ["archive"]
+plugins = [{ name = "js-transform", config = { code = "${file:transforms/label.js}" } }]
+
+[[sources]]
 name = "throws"
 [[routes]]
 source = "throws"
@@ -89,7 +96,18 @@ async fn js_transform_runs_the_routes_own_code_in_the_sandbox() {
         "iccid,customer\n8945738730000000012,acme\n",
     )
     .unwrap();
-    let gw = TestGateway::start_in(dir, CONFIG, &rx).await.unwrap();
+    // Code in a file of its own (no `$$` there: it is not the config's text), re-read at
+    // each reload as the config is.
+    std::fs::create_dir_all(dir.path().join("transforms")).unwrap();
+    let label = dir.path().join("transforms/label.js");
+    let write_label = |prefix: &str| {
+        let code = format!(
+            "function transform(event) {{\n  event.body.label = `{prefix}-${{event.body.iccid}}`;\n}}\n"
+        );
+        std::fs::write(&label, code).unwrap();
+    };
+    write_label("sim");
+    let gw = TestGateway::start_from_file(dir, CONFIG, &rx).await.unwrap();
     let dry_run = |source: &'static str, body: Value| {
         let gw = &gw;
         async move {
@@ -165,6 +183,21 @@ async fn js_transform_runs_the_routes_own_code_in_the_sandbox() {
     // ... and the gateway goes on: the same instance pool serves the next event.
     let answer = dry_run("reshaped", usage.clone()).await;
     assert_eq!(answer["deliveries"][0]["body"]["kb"], 9, "{answer}");
+
+    // The file's code, and after a change to it and a reload, the new code.
+    let answer = dry_run("from-file", usage.clone()).await;
+    assert_eq!(
+        answer["deliveries"][0]["body"]["label"], "sim-8945738730000000012",
+        "{answer}"
+    );
+    write_label("device");
+    let (status, report) = gw.send("POST", "/v1/reload", None).await;
+    assert_eq!(status, 200, "{report}");
+    let answer = dry_run("from-file", usage.clone()).await;
+    assert_eq!(
+        answer["deliveries"][0]["body"]["label"], "device-8945738730000000012",
+        "{answer}"
+    );
 
     // Through the store to the destination, as it would be sent.
     let id = gw.accept("reshaped", usage.to_string()).await;
