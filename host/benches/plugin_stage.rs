@@ -344,12 +344,26 @@ fn validate(c: &mut Criterion) {
     let config: Arc<[(String, String)]> =
         Arc::from(vec![("schema".to_string(), schema.to_string())]);
     let mut group = c.benchmark_group("validate");
+    fresh_and_warm(&mut group, "", &rt, &plugin, &event, &config);
+    group.finish();
+}
+
+/// `plugin` called on `event` with `config`, fresh and warm (`{prefix}fresh`,
+/// `{prefix}warm`), each call's verdict a `continue`.
+fn fresh_and_warm(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    prefix: &str,
+    rt: &tokio::runtime::Runtime,
+    plugin: &switchyard::plugin::LoadedPlugin,
+    event: &Event,
+    config: &Arc<[(String, String)]>,
+) {
     for (mode_label, mode) in [("fresh", InstanceMode::Fresh), ("warm", InstanceMode::Warm)] {
-        group.bench_function(mode_label, |b| {
+        group.bench_function(format!("{prefix}{mode_label}"), |b| {
             b.iter(|| {
                 let verdict = rt
                     .block_on(plugin.call(
-                        &event,
+                        event,
                         CallInput::config(config.clone()),
                         CallLimits::default(),
                         mode,
@@ -362,7 +376,6 @@ fn validate(c: &mut Criterion) {
             })
         });
     }
-    group.finish();
 }
 
 /// The same new body two ways: `reshape` by configuration (Rust) and `js-transform` by a
@@ -401,24 +414,14 @@ fn transform(c: &mut Criterion) {
         let plugin = runtime
             .load_file(name, &out.join(format!("{name}.wasm")))
             .unwrap();
-        for (mode_label, mode) in [("fresh", InstanceMode::Fresh), ("warm", InstanceMode::Warm)] {
-            group.bench_function(format!("{name}/{mode_label}"), |b| {
-                b.iter(|| {
-                    let verdict = rt
-                        .block_on(plugin.call(
-                            &event,
-                            CallInput::config(config.clone()),
-                            CallLimits::default(),
-                            mode,
-                        ))
-                        .expect("plugin answers");
-                    assert!(
-                        matches!(verdict, switchyard::plugin::PluginVerdict::Continue(_)),
-                        "{verdict:?}"
-                    );
-                })
-            });
-        }
+        fresh_and_warm(
+            &mut group,
+            &format!("{name}/"),
+            &rt,
+            &plugin,
+            &event,
+            &config,
+        );
     }
     group.finish();
 }

@@ -1121,9 +1121,9 @@ destinations = ["graph"]
     let event = dir.path().join("sim.json");
     std::fs::write(&event, json!({ "iccid": iccid }).to_string()).unwrap();
     let http = dir.path().join("answers.json");
-    let dry_run = |answers: &Value| {
-        std::fs::write(&http, answers.to_string()).unwrap();
-        let (ok, out, err) = run(&[
+    let dry_run_with = |answers: &str| {
+        std::fs::write(&http, answers).unwrap();
+        run(&[
             "dry-run",
             "--config",
             path(&config),
@@ -1133,7 +1133,10 @@ destinations = ["graph"]
             path(&event),
             "--http",
             path(&http),
-        ]);
+        ])
+    };
+    let dry_run = |answers: &Value| {
+        let (ok, out, err) = dry_run_with(&answers.to_string());
         assert!(ok, "{out}{err}");
         serde_json::from_str::<Value>(&out).unwrap()
     };
@@ -1161,18 +1164,7 @@ destinations = ["graph"]
         "{answer}"
     );
     // A bad answers file is refused, naming the answer and why.
-    std::fs::write(&http, r#"[{"url": "/sims"}]"#).unwrap();
-    let (ok, _, err) = run(&[
-        "dry-run",
-        "--config",
-        path(&config),
-        "--source",
-        "sims",
-        "--event",
-        path(&event),
-        "--http",
-        path(&http),
-    ]);
+    let (ok, _, err) = dry_run_with(r#"[{"url": "/sims"}]"#);
     assert!(!ok);
     assert!(
         err.contains("answer [0]: `/sims` is not an absolute URL"),

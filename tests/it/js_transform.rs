@@ -107,7 +107,9 @@ async fn js_transform_runs_the_routes_own_code_in_the_sandbox() {
         std::fs::write(&label, code).unwrap();
     };
     write_label("sim");
-    let gw = TestGateway::start_from_file(dir, CONFIG, &rx).await.unwrap();
+    let gw = TestGateway::start_from_file(dir, CONFIG, &rx)
+        .await
+        .unwrap();
     let dry_run = |source: &'static str, body: Value| {
         let gw = &gw;
         async move {
