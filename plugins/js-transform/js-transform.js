@@ -11,7 +11,11 @@
 //              body,                         (its JSON value; its text if it is not JSON)
 //              metadata: { key: value, … } } (earlier plugins')
 //          and the code may call `lookup(table, key)` (a row of a lookup table, or
-//          undefined) and `log(message)` (a line in the gateway's log).
+//          undefined), `log(message)` (a line in the gateway's log),
+//          `state.get(key)`, `state.set(key, value, ttlSeconds)`, `state.remove(key)`
+//          (text values this plugin keeps between events: WIT `state`), and
+//          `http(url, { method, headers, body })` → `{ status, headers, body, json() }`
+//          (a request to an origin the route allows: `allow_http`; WIT `http`).
 //          transform returns
 //            nothing, or the event           the event goes on as changed: its `body`
 //                                            (a string is sent as it is, anything else as
@@ -29,6 +33,8 @@
 //          --config 'code=function transform(e) { e.body.kb = e.body.bytes / 1000; }'
 
 import { configGet, log as hostLog, lookup as hostLookup } from 'switchyard:plugin/host@0.1.3';
+import { send } from 'switchyard:plugin/http@0.1.3';
+import { get, remove, set } from 'switchyard:plugin/state@0.1.3';
 
 /** A `result` error of the WIT `plugin-error` variant. */
 function pluginError(tag, message) {
@@ -47,6 +53,40 @@ function log(message) {
   hostLog('info', String(message));
 }
 
+/** What the plugin keeps between events, by key: text values (WIT `state`). */
+const state = Object.freeze({
+  get: (key) => get(String(key)),
+  set(key, value, ttlSeconds) {
+    if (typeof value !== 'string') throw new TypeError('state.set: the value is a string (JSON.stringify it)');
+    set(String(key), value, ttlSeconds === undefined ? undefined : Number(ttlSeconds));
+  },
+  remove: (key) => remove(String(key)),
+});
+
+/** One HTTP request (WIT `http`): the whole response, whatever its status. */
+function http(url, options = {}) {
+  const method = (options.method ?? (options.body === undefined ? 'GET' : 'POST')).toUpperCase();
+  const headers = Object.entries(options.headers ?? {}).map(([k, v]) => [k.toLowerCase(), String(v)]);
+  let body = options.body;
+  if (body !== undefined && typeof body !== 'string') {
+    body = JSON.stringify(body);
+    if (!headers.some(([k]) => k === 'content-type')) headers.push(['content-type', 'application/json']);
+  }
+  let response;
+  try {
+    response = send({ method, url: String(url), headers, body: body === undefined ? undefined : new TextEncoder().encode(body) });
+  } catch (e) {
+    throw new Error(`${method} ${url}: ${e.payload ?? e.message}`);
+  }
+  const text = new TextDecoder().decode(response.body);
+  return {
+    status: response.status,
+    headers: object(response.headers),
+    body: text,
+    json: () => JSON.parse(text),
+  };
+}
+
 // Compiled code by its text: an instance kept between events (warm, as a component this
 // size is by default) compiles each route's code once. Bounded: routes are few.
 const compiled = new Map();
@@ -57,8 +97,8 @@ function transformOf(code) {
   if (transform !== undefined) return transform;
   let made;
   try {
-    made = new Function('lookup', 'log',
-      `${code}\n;return typeof transform === 'function' ? transform : undefined;`)(lookup, log);
+    made = new Function('lookup', 'log', 'state', 'http',
+      `${code}\n;return typeof transform === 'function' ? transform : undefined;`)(lookup, log, state, http);
   } catch (e) {
     throw pluginError('invalid-config', `\`code\` does not compile: ${e}${where(e)}`);
   }
@@ -72,8 +112,12 @@ function transformOf(code) {
 
 /** Where in `code` an error is, when the engine says: ` (line N)`. */
 function where(e) {
-  // (The code is compiled as the body of a function whose header takes two lines.)
-  const line = e && typeof e.lineNumber === 'number' ? e.lineNumber - 2 : 0;
+  // (The code is compiled as the body of a function whose header takes two lines: its
+  // frames show as `… > Function:LINE:COLUMN`. An error made by a helper here — `http` —
+  // is placed at the code's call of it; a syntax error has no frame of the code.)
+  const frame = typeof e?.stack === 'string' ? /> Function:(\d+):\d+/.exec(e.stack) : null;
+  const line = frame ? Number(frame[1]) - 2
+    : (e && typeof e.lineNumber === 'number' && e instanceof SyntaxError ? e.lineNumber - 2 : 0);
   return line > 0 ? ` (line ${line})` : '';
 }
 

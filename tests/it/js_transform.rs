@@ -60,6 +60,24 @@ destinations = ["archive"]
 plugins = [{ name = "js-transform", config = { code = "${file:transforms/label.js}" } }]
 
 [[sources]]
+name = "enriched"
+[[routes]]
+source = "enriched"
+destinations = ["archive"]
+plugins = [{ name = "js-transform", allow_http = ["{crm}"], config = { code = '''
+// What the CRM knows of the SIM, and how many of its events came so far.
+function transform(event) {
+  const iccid = event.body.iccid;
+  const seen = Number(state.get(iccid) ?? "0") + 1;
+  state.set(iccid, String(seen), 3600);
+  const crm = http("{crm}/sims/" + iccid, { headers: { authorization: "Bearer crm-token" } });
+  if (crm.status !== 200) throw new Error("the CRM answered " + crm.status);
+  event.body.customer = crm.json().customer;
+  event.body.seen = seen;
+}
+''' } }]
+
+[[sources]]
 name = "throws"
 [[routes]]
 source = "throws"
@@ -107,7 +125,25 @@ async fn js_transform_runs_the_routes_own_code_in_the_sandbox() {
         std::fs::write(&label, code).unwrap();
     };
     write_label("sim");
-    let gw = TestGateway::start_from_file(dir, CONFIG, &rx)
+    let crm = crate::util::serve(axum::Router::new().route(
+        "/sims/{iccid}",
+        axum::routing::get(
+            |axum::extract::Path(iccid): axum::extract::Path<String>,
+             headers: axum::http::HeaderMap| async move {
+                let known = iccid == "8945738730000000012"
+                    && headers
+                        .get("authorization")
+                        .is_some_and(|v| v == "Bearer crm-token");
+                match known {
+                    true => (axum::http::StatusCode::OK, r#"{"customer":"acme"}"#),
+                    false => (axum::http::StatusCode::NOT_FOUND, "{}"),
+                }
+            },
+        ),
+    ))
+    .await;
+    let config = CONFIG.replace("{crm}", &crm);
+    let gw = TestGateway::start_from_file(dir, &config, &rx)
         .await
         .unwrap();
     let dry_run = |source: &'static str, body: Value| {
@@ -209,6 +245,30 @@ async fn js_transform_runs_the_routes_own_code_in_the_sandbox() {
     assert_eq!(
         got[0].json(),
         json!({ "iccid": "8945738730000000012", "kb": 9, "from": "reshaped" })
+    );
+
+    // State kept between events and a request to a service the route allows: the second
+    // event of a SIM is its second; an unknown SIM is the plugin's error.
+    for _ in 0..2 {
+        let id = gw.accept("enriched", usage.to_string()).await;
+        gw.settled(&id).await;
+    }
+    let got = rx.wait_for(3).await;
+    let enriched: Vec<Value> = (got.iter())
+        .filter(|r| r.uri.ends_with("/archive"))
+        .map(|r| r.json())
+        .collect();
+    assert_eq!(enriched.len(), 2, "{enriched:?}");
+    assert_eq!(enriched[0]["customer"], "acme");
+    assert_eq!(
+        (enriched[0]["seen"].clone(), enriched[1]["seen"].clone()),
+        (json!(1), json!(2))
+    );
+    let unknown = json!({ "iccid": "8945000000000000000" });
+    let answer = dry_run("enriched", unknown).await;
+    assert!(
+        error(&answer).contains("transform threw: Error: the CRM answered 404 (line 7)"),
+        "{answer}"
     );
     gw.shutdown().await.unwrap();
 }
