@@ -102,8 +102,9 @@ destinations = ["fleet"]
         sims.display(),
         flaky.url
     );
-    // (`enrich` is listed with what it may do: keep state, send HTTP.)
-    let plugins = ["event-filter", "change-filter", "enrich"];
+    // (`enrich` is listed with what it may do: keep state, send HTTP; `js-transform` runs
+    // a route made in the dashboard.)
+    let plugins = ["event-filter", "change-filter", "enrich", "js-transform"];
     let gw = TestGateway::start(&config, &fleet, &plugins).await;
     // Values change-filter keeps, shown (and forgotten) on the plugins page.
     for iccid in ["8945738730000000012", "8945738730000000099"] {

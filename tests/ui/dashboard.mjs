@@ -3,7 +3,7 @@
 //   node dashboard.mjs <gateway-url> <api-token> <receiver-control-url> <artifact-dir> <held-event-id>
 // It signs in, sees a freshly ingested event appear, replays the dead letters in bulk,
 // opens an event (plugin verdicts, attempt),
-// replays it (a new attempt), dry-runs its payload (and an edited one; a binary one is not editable; the HTTP requests its plugins asked for shown), erases an event and a device's events, restarts a FAILED destination (which says when it is tested again; its held events go out),
+// replays it (a new attempt), dry-runs its payload (and an edited one; a binary one is not editable; the HTTP requests its plugins asked for shown), erases an event and a device's events, restarts a FAILED destination (which says when it is tested again; its held events go out), writes a route's own JavaScript in a code editor,
 // resends the delivery that failed before, makes, changes and deletes a source, a destination
 // and a route through the API's objects, shows a banner while the gateway is not ready,
 // and writes a screenshot of every page, at 1280×800 and at phone width.
@@ -296,6 +296,25 @@ try {
   const uiRoute = page.locator('#routes tr[data-name="ui-route"]');
   await uiRoute.locator('.destination').getByText('ui-made').waitFor();
   await uiSource.getByText('ui-route').waitFor();
+  // A route's own JavaScript (js-transform) is written in an editor of its own, kept in the
+  // route's JSON, runs, and is shown again for editing.
+  await page.getByRole('button', { name: 'New route' }).click();
+  await page.getByLabel('Route as JSON').fill(JSON.stringify({ name: 'ui-transform', source: 'ui-source', plugins: [{ name: 'js-transform' }], destinations: ['ui-made'] }));
+  const code = 'function transform(event) {\n  event.body.via = `dashboard`;\n}';
+  await page.getByLabel('JavaScript of plugins[0]').fill(code);
+  if (!(await page.getByLabel('Route as JSON').inputValue()).includes('event.body.via')) throw new Error('the code is not in the route\'s JSON');
+  await shot('route-code');
+  await page.locator('.routes-editor').getByRole('button', { name: 'Create' }).click();
+  const uiTransform = page.locator('#routes tr[data-name="ui-transform"]');
+  await uiTransform.locator('.plugin').getByText('js-transform').waitFor();
+  const tried = await (await fetch(`${base}/v1/sources/ui-source/dry-run`, { method: 'POST', headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json' }, body: '{"iccid":"1"}' })).json();
+  if (!tried.deliveries.some((d) => d.body.via === 'dashboard')) throw new Error(`the route's code did not run: ${JSON.stringify(tried)}`);
+  await uiTransform.getByRole('button', { name: 'Edit' }).click();
+  if ((await page.getByLabel('JavaScript of plugins[0]').inputValue()) !== code) throw new Error('the editor does not show the route\'s code');
+  await page.locator('.routes-editor').getByRole('button', { name: 'Cancel' }).click();
+  page.once('dialog', (d) => d.accept());
+  await uiTransform.getByRole('button', { name: 'Delete' }).click();
+  await uiTransform.waitFor({ state: 'detached' });
   // A source a route uses is not deleted: the page says which route.
   page.once('dialog', (d) => d.accept());
   await uiSource.getByRole('button', { name: 'Delete' }).click();

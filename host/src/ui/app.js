@@ -83,7 +83,26 @@ function objectEditor(kind, noun, template, shownOnly, refresh) {
   const title = h('h2', {});
   const text = h('textarea', { class: 'object-json', rows: 10, spellcheck: 'false', 'aria-label': `${noun} as JSON` });
   let editing = null;
-  const card = h('div', { class: `card editor ${kind}-editor`, hidden: true }, title, text);
+  // A route's `js-transform` entries get their code in an editor of its own: a JavaScript
+  // function is not written as a JSON string. Kept in step with the JSON both ways.
+  const codes = h('div', { class: 'plugin-codes' });
+  const renderCodes = () => {
+    let object;
+    try { object = JSON.parse(text.value); } catch { return; }
+    const entries = (Array.isArray(object?.plugins) ? object.plugins : [])
+      .map((p, i) => [p, i]).filter(([p]) => p && p.name === 'js-transform');
+    codes.replaceChildren(...entries.map(([p, i]) => h('label', { class: 'plugin-code' },
+      `plugins[${i}]: js-transform's code`,
+      h('textarea', { rows: 10, spellcheck: 'false', 'aria-label': `JavaScript of plugins[${i}]`,
+        oninput: (e) => {
+          let now;
+          try { now = JSON.parse(text.value); } catch { toast('Fix the JSON first: the code goes into it.'); return; }
+          now.plugins[i].config = { ...(now.plugins[i].config || {}), code: e.target.value };
+          text.value = JSON.stringify(now, null, 2);
+        } }, (p.config && p.config.code) || ''))));
+  };
+  text.addEventListener('input', renderCodes);
+  const card = h('div', { class: `card editor ${kind}-editor`, hidden: true }, title, text, codes);
   const close = () => { card.hidden = true; editing = null; };
   const save = h('button', { class: 'save', onclick: async () => {
     let body;
@@ -107,6 +126,7 @@ function objectEditor(kind, noun, template, shownOnly, refresh) {
     title.textContent = object ? `Change ${noun.toLowerCase()} ${object.name}` : `New ${noun.toLowerCase()}`;
     const shown = object ? Object.fromEntries(Object.entries(object).filter(([k]) => k !== 'origin' && !shownOnly.includes(k))) : template;
     text.value = JSON.stringify(shown, null, 2);
+    renderCodes();
     save.textContent = object ? 'Save' : 'Create';
     card.hidden = false;
     text.focus();
