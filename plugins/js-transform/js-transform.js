@@ -13,7 +13,8 @@
 //          and the code may call `lookup(table, key)` (a row of a lookup table, or
 //          undefined), `log(message)` (a line in the gateway's log),
 //          `state.get(key)`, `state.set(key, value, ttlSeconds)`, `state.remove(key)`
-//          (text values this plugin keeps between events: WIT `state`), and
+//          (text values this plugin keeps between events: WIT `state`; every route
+//          using js-transform shares its keys unless given a `scope`), and
 //          `http(url, { method, headers, body })` → `{ status, headers, body, json() }`
 //          (a request to an origin the route allows: `allow_http`; WIT `http`).
 //          transform returns
@@ -27,6 +28,9 @@
 //          and with `destinations: ["a", "b"]` in what it returns the event goes to those
 //          destinations instead of the route's. A throw is the plugin's error (the route's
 //          `on_error` applies); so is code that does not compile, or defines no transform.
+//
+//   scope  a prefix of the code's state keys, keeping its values apart from those of
+//          the other routes using js-transform (`scope = "roaming"`)
 //
 // Build: npm ci && npm run build   (bindings come from ../../wit; nothing hand-written)
 // Try:   switchyard plugin run dist/js-transform.wasm --event ../../examples/events/onomondo-usage.json \
@@ -53,14 +57,16 @@ function log(message) {
   hostLog('info', String(message));
 }
 
-/** What the plugin keeps between events, by key: text values (WIT `state`). */
+/** What the plugin keeps between events, by key: text values (WIT `state`), the keys
+ * prefixed by the route's `scope` (read at each call: routes share the instance). */
+const scoped = (key) => `${configGet('scope') ?? ''}${key}`;
 const state = Object.freeze({
-  get: (key) => get(String(key)),
+  get: (key) => get(scoped(key)),
   set(key, value, ttlSeconds) {
     if (typeof value !== 'string') throw new TypeError('state.set: the value is a string (JSON.stringify it)');
-    set(String(key), value, ttlSeconds === undefined ? undefined : Number(ttlSeconds));
+    set(scoped(key), value, ttlSeconds === undefined ? undefined : Number(ttlSeconds));
   },
-  remove: (key) => remove(String(key)),
+  remove: (key) => remove(scoped(key)),
 });
 
 /** One HTTP request (WIT `http`): the whole response, whatever its status. */

@@ -78,6 +78,19 @@ function transform(event) {
 ''' } }]
 
 [[sources]]
+name = "counted"
+[[routes]]
+source = "counted"
+destinations = ["archive"]
+plugins = [{ name = "js-transform", config = { scope = "counted:", code = '''
+function transform(event) {
+  const seen = Number(state.get(event.body.iccid) ?? "0") + 1;
+  state.set(event.body.iccid, String(seen));
+  event.body.seen = seen;
+}
+''' } }]
+
+[[sources]]
 name = "throws"
 [[routes]]
 source = "throws"
@@ -264,6 +277,11 @@ async fn js_transform_runs_the_routes_own_code_in_the_sandbox() {
         (enriched[0]["seen"].clone(), enriched[1]["seen"].clone()),
         (json!(1), json!(2))
     );
+    // Another route's code, its keys kept apart by its `scope`: the SIM's first event there.
+    let id = gw.accept("counted", usage.to_string()).await;
+    gw.settled(&id).await;
+    let got = rx.wait_for(4).await;
+    assert_eq!(got[3].json()["seen"], 1, "{:?}", got[3].json());
     let unknown = json!({ "iccid": "8945000000000000000" });
     let answer = dry_run("enriched", unknown).await;
     assert!(
