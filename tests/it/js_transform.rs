@@ -290,3 +290,37 @@ async fn js_transform_runs_the_routes_own_code_in_the_sandbox() {
     );
     gw.shutdown().await.unwrap();
 }
+
+/// `examples/transforms` (a route's JavaScript in a file of its own, a lookup table, the
+/// destinations it chooses) passes its golden cases, as its README comment says to run
+/// them.
+#[test]
+fn the_transforms_example_passes_its_golden_cases() {
+    let root = xtask::workspace_root();
+    let dir = tempfile::tempdir().unwrap();
+    let example = dir.path().join("transforms");
+    crate::util::copy_dir(&root.join("examples/transforms"), &example);
+    crate::util::copy_dir(
+        &root.join("examples/transforms/cases"),
+        &example.join("cases"),
+    );
+    crate::util::copy_dir(&root.join("examples/events"), &dir.path().join("events"));
+    let plugins = example.join("plugins.d");
+    std::fs::create_dir_all(&plugins).unwrap();
+    std::fs::copy(
+        crate::util::guest("js-transform"),
+        plugins.join("js-transform.wasm"),
+    )
+    .unwrap();
+    let config = example.join("switchyard.toml");
+    let cases = example.join("cases");
+    let (ok, out, err) = crate::cli::run(&[
+        "dry-run",
+        "--config",
+        config.to_str().unwrap(),
+        "--cases",
+        cases.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}{err}");
+    assert!(out.ends_with("3 cases: 3 passed, 0 failed\n"), "{out}");
+}
