@@ -52,6 +52,16 @@ function pointer(value, path) {
   return v;
 }
 
+/** A kept value's lines: values, event id, values before (the last two absent when an
+ * older version kept only the values). */
+function splitKept(text) {
+  const first = text.indexOf('\n');
+  if (first < 0) return [text, undefined, undefined];
+  const second = text.indexOf('\n', first + 1);
+  if (second < 0) return [text.slice(0, first), text.slice(first + 1), undefined];
+  return [text.slice(0, first), text.slice(first + 1, second), text.slice(second + 1)];
+}
+
 export const handler = {
   handle(event) {
     const key = configGet('key');
@@ -95,28 +105,28 @@ export const handler = {
     const remembered = `${configGet('scope') ?? ''}${key}=${id}`;
     // What was read is replaced only if it is still there (`swap`): of two events of one
     // SIM handled at once, one passes and the other, reading again, is a repeat.
+    // What is kept: the values, the event that set them, the values before (one line each;
+    // only the values in what an older version kept). The event that set them passes again
+    // (a replay, a run done again); another with the same values is a repeat.
+    const passes = (previous) => ({
+      tag: 'continue',
+      val: { body: undefined, contentType: undefined, headers: undefined, metadata: [['previous', previous]] },
+    });
     for (let i = 0; i < SWAPS; i++) {
       const before = get(remembered);
-      if (before === now) {
+      const [values, by, was] = before === undefined ? [] : splitKept(before);
+      if (values === now) {
+        if (by === event.id) return passes(was ?? '[]');
         return { tag: 'drop', val: `${key} ${id}: ${fields.join(',')} unchanged (${now})` };
       }
+      const previous = values ?? '[]';
       let swapped;
       try {
-        swapped = swap(remembered, before, now, ttl);
+        swapped = swap(remembered, before, `${now}\n${event.id}\n${previous}`, ttl);
       } catch (e) {
         throw pluginError('other', String(e.payload ?? e.message));
       }
-      if (swapped) {
-        return {
-          tag: 'continue',
-          val: {
-            body: undefined,
-            contentType: undefined,
-            headers: undefined,
-            metadata: [['previous', before ?? '[]']],
-          },
-        };
-      }
+      if (swapped) return passes(previous);
     }
     throw pluginError('other', `${key} ${id}: its values changed under every one of ${SWAPS} tries`);
   },

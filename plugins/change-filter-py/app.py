@@ -98,14 +98,21 @@ class Handler(exports.Handler):
         remembered = f"{host.config_get('scope') or ''}{key}={ident}"
         # What was read is replaced only if it is still there (`swap`): of two events of one
         # SIM handled at once, one passes and the other, reading again, is a repeat.
+        # What is kept: the values, the event that set them, the values before (one line
+        # each; only the values in what an older version kept). The event that set them
+        # passes again (a replay, a run done again); another with the same values is a repeat.
         for _ in range(SWAPS):
             before = state.get(remembered)
-            if before == now:
+            values, by, was = (before.split("\n", 2) + [None, None])[:3] if before is not None else (None, None, None)
+            if values == now:
+                if by == event.id:
+                    return update([("previous", was if was is not None else "[]")])
                 return Verdict_Drop(f"{key} {ident}: {','.join(fields)} unchanged ({now})")
+            previous = values if values is not None else "[]"
             try:
-                swapped = state.swap(remembered, before, now, ttl)
+                swapped = state.swap(remembered, before, f"{now}\n{event.id}\n{previous}", ttl)
             except Err as e:
                 raise Err(PluginError_Other(str(e.value)))
             if swapped:
-                return update([("previous", before if before is not None else "[]")])
+                return update([("previous", previous)])
         raise Err(PluginError_Other(f"{key} {ident}: its values changed under every one of {SWAPS} tries"))

@@ -369,13 +369,65 @@ async fn change_filter_remembers_alike_in_rust_js_and_python() {
             "{case}"
         );
     }
-    // Each plugin keeps its own values, under the same keys.
+    // Each plugin keeps its own values, under the same keys, alike: the values, the event
+    // that set them, the values before.
+    let mut kept = Vec::new();
     for (_, plugin) in CHANGE_FILTERS {
         let (_, page) = gw
             .get(&format!("/v1/plugins/{plugin}/state?prefix=s%3A"))
             .await;
         assert_eq!(page["items"][0]["key"], "s:/sim/0/id=x", "{plugin}: {page}");
-        assert_eq!(page["items"][0]["value"], "[[1,true]]", "{plugin}: {page}");
+        let value = page["items"][0]["value"].as_str().unwrap().to_string();
+        let lines: Vec<&str> = value.split('\n').collect();
+        assert_eq!(
+            (lines.len(), lines[0], lines[2]),
+            (3, "[[1,true]]", "[]"),
+            "{plugin}: {page}"
+        );
+        kept.push(value);
+    }
+    assert!(kept.iter().all(|v| *v == kept[0]), "{kept:?}");
+
+    // A replay of an event that passed passes again, with the same `previous` — the values
+    // it finds are its own — while a new event with those values is a repeat.
+    let id = gw
+        .accept("roaming", network(json!("a"), "250").to_string())
+        .await;
+    let first = gw.settled(&id).await;
+    let (status, _) = gw
+        .send("POST", &format!("/v1/events/{id}/replay"), None)
+        .await;
+    assert_eq!(status, 202);
+    let mut replayed = Value::Null;
+    for _ in 0..400 {
+        replayed = gw.event(&id).await;
+        let runs = replayed["routes"].as_array().unwrap();
+        if replayed["status"] == "processed" && runs.iter().filter(|r| r["run"] == 1).count() == 3 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    for run in [&first, &replayed] {
+        let latest: Vec<&Value> = (run["routes"].as_array().unwrap().iter())
+            .filter(|r| r["run"] == run["event"]["run"])
+            .collect();
+        assert_eq!(latest.len(), 3, "{run}");
+        for route in latest {
+            let step = decision(route["steps"].as_array().unwrap().last().unwrap());
+            assert_eq!(step["verdict"], "continue", "{run}");
+            assert_eq!(
+                step["metadata"],
+                json!([["previous", r#"["240","01"]"#]]),
+                "{run}"
+            );
+        }
+    }
+    let again = gw
+        .accept("roaming", network(json!("a"), "250").to_string())
+        .await;
+    let again = gw.settled(&again).await;
+    for route in again["routes"].as_array().unwrap() {
+        assert_eq!(route["result"]["result"], "dropped", "{again}");
     }
 }
 

@@ -18,9 +18,14 @@
 //! plugins = [{ name = "change-filter", config = { key = "/iccid", fields = "/network/mcc,/network/mnc" } }]
 //! ```
 //!
-//! Events are delivered at least once: an event processed again (a replay) finds its own
-//! values remembered and is dropped as unchanged. Events of one thing handled at once are
-//! told apart by `state::swap`: only one of two identical ones passes.
+//! What it remembers of a thing is its values, the id of the event that set them and the
+//! values before (`["238","01"]`, a line break, the event id, a line break, `["238","02"]`;
+//! a value of only the first line, as older versions kept, reads as values set by no known
+//! event). So an event processed again — a replay of one whose route failed after this
+//! plugin passed it, or a run cut short before its record — finds the values it set itself
+//! and passes again, with the same `previous`; any other event with the same values is a
+//! repeat. Events of one thing handled at once are told apart by `state::swap`: only one
+//! of two identical ones passes.
 
 use serde_json::Value;
 use switchyard_plugin::*;
@@ -67,24 +72,58 @@ impl Plugin for ChangeFilter {
         let remembered = format!("{scope}{key}={id}");
         // What was read is replaced only if it is still there (`swap`): of two events of
         // one SIM handled at once, one passes and the other, reading again, is a repeat.
+        let passes = |previous: &str| {
+            Verdict::Continue(Update {
+                metadata: vec![("previous".into(), previous.to_string())],
+                ..Update::default()
+            })
+        };
         for _ in 0..SWAPS {
             let before = state::get(&remembered);
-            if before.as_deref() == Some(now.as_str()) {
+            let kept = before.as_deref().map(Kept::read);
+            if let Some(kept) = &kept
+                && kept.values == now
+            {
+                // This very event set them (a replay, a run done again): it passes again.
+                if kept.event == Some(event.id.as_str()) {
+                    return Ok(passes(kept.previous.unwrap_or("[]")));
+                }
                 return Ok(Verdict::Drop(format!(
                     "{key} {id}: {} unchanged ({now})",
                     fields.join(",")
                 )));
             }
-            if state::swap(&remembered, before.as_deref(), &now, ttl).map_err(PluginError::Other)? {
-                return Ok(Verdict::Continue(Update {
-                    metadata: vec![("previous".into(), before.unwrap_or_else(|| "[]".into()))],
-                    ..Update::default()
-                }));
+            let previous = kept.as_ref().map_or("[]", |k| k.values);
+            let value = format!("{now}\n{}\n{previous}", event.id);
+            if state::swap(&remembered, before.as_deref(), &value, ttl)
+                .map_err(PluginError::Other)?
+            {
+                return Ok(passes(previous));
             }
         }
         Err(PluginError::Other(format!(
             "{key} {id}: its values changed under every one of {SWAPS} tries"
         )))
+    }
+}
+
+/// What is remembered of a thing: `values`, the event that set them and the values before
+/// (one line each; JSON text never holds a raw line break). Only `values` in a value kept by
+/// an older version.
+struct Kept<'a> {
+    values: &'a str,
+    event: Option<&'a str>,
+    previous: Option<&'a str>,
+}
+
+impl<'a> Kept<'a> {
+    fn read(text: &'a str) -> Self {
+        let mut lines = text.splitn(3, '\n');
+        Kept {
+            values: lines.next().unwrap_or_default(),
+            event: lines.next(),
+            previous: lines.next(),
+        }
     }
 }
 
