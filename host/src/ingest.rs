@@ -268,7 +268,8 @@ async fn accept(
             tracing::warn!(source, %ip, reason = %why, "Ingest refused: a URL check's verify token.");
             return Err(ApiError::TokenDenied(why));
         }
-        None if method == http::Method::GET => {
+        // (`GET`, or the `HEAD` the router takes with it: never an event.)
+        None if method != http::Method::POST => {
             return Err(ApiError::MethodNotAllowed {
                 message: match sc.challenge.as_ref().and_then(|c| c.query.as_ref()) {
                     Some(q) => format!(

@@ -393,6 +393,13 @@ destinations = ["sink"]
     assert!(text.contains("with `hub.challenge` in its query"), "{text}");
     let (status, _, text) = get("plain?challenge=x".into()).await;
     assert_eq!(status, 405, "{text}");
+    // (Nor is a HEAD, which the router takes with GET, ever an event.)
+    let head = client
+        .head(format!("{}/v1/ingest/plain", gw.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.status(), 405);
     assert_eq!(get("nowhere?challenge=x".into()).await.0, 404);
     // Dropbox: no token, the challenge (decoded) back.
     let (status, _, text) = get("dropbox?challenge=a%20b".into()).await;

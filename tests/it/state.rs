@@ -119,7 +119,11 @@ async fn a_plugin_remembers_between_events_and_restarts() {
     // (The values, the event that set them, the values before: a line each.)
     let value = page["items"][0]["value"].as_str().unwrap();
     let lines: Vec<&str> = value.split('\n').collect();
-    assert_eq!((lines[0], lines[2]), (r#"["240","01"]"#, r#"["238","01"]"#), "{value}");
+    assert_eq!(
+        (lines[0], lines[2]),
+        (r#"["240","01"]"#, r#"["238","01"]"#),
+        "{value}"
+    );
     assert!(page["items"][0]["expires_at"].as_u64().unwrap() > crate::util::now_ms());
     let (_, page) = gw
         .get("/v1/plugins/change-filter/state?prefix=%2Ficcid%3D8945&limit=1")
