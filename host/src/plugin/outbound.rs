@@ -308,7 +308,8 @@ pub struct Exchange {
     /// The response's status; absent when there was none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub status: Option<u16>,
-    /// Why there was no response (refused, rate limited, failed), as the plugin was told.
+    /// Why there was no response (refused, rate limited, failed), as the plugin was told
+    /// (secret query parameters redacted, as in the URL).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
@@ -457,7 +458,10 @@ impl PluginHttp {
         let result = self.checked_send(plugin, asked, deadline).await;
         match &result {
             Ok(response) => exchange.status = Some(response.status),
-            Err(e) => exchange.error = Some(e.to_string()),
+            Err(e) => {
+                exchange.error =
+                    Some(crate::managed::redact_query_secrets(&e.to_string()).into_owned())
+            }
         }
         recording.push(exchange);
         self.counted(plugin, result)
