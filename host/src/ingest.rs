@@ -610,7 +610,7 @@ fn field_key(field: &crate::config::IdempotencyField, body: &[u8]) -> Option<Str
     let body: Value = serde_json::from_slice(body).ok()?;
     let text = |v: &Value| match v {
         Value::String(s) => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
+        Value::Number(n) => Some(number_text(n)),
         Value::Bool(b) => Some(b.to_string()),
         _ => None,
     };
@@ -627,6 +627,18 @@ fn field_key(field: &crate::config::IdempotencyField, body: &[u8]) -> Option<Str
     Some(provider_key(
         serde_json::to_string(&parts).unwrap_or_default().as_bytes(),
     ))
+}
+
+/// A number as its key's text, by value: `2`, `2.0` and `2e0` alike (`2`); others as their
+/// shortest form (`1.5`).
+fn number_text(n: &serde_json::Number) -> String {
+    match n.as_f64() {
+        // (Whole numbers up to 2^53 are exact as f64, and print without a fraction.)
+        Some(f) if n.is_f64() && f.fract() == 0.0 && f.abs() < 9_007_199_254_740_992.0 => {
+            format!("{}", f as i64)
+        }
+        _ => n.to_string(),
+    }
 }
 
 /// A body field's or a provider header's value as an idempotency key: itself where an
@@ -667,6 +679,15 @@ mod tests {
             assert_eq!(key(f), None, "{missing}");
         }
         assert_eq!(key(One("data".into())), None);
+        // Numbers by value: a sender writing 2 once and 2.0 the next time sends one order.
+        for same in [br#"{"n":2}"#.as_slice(), br#"{"n":2.0}"#, br#"{"n":2e0}"#] {
+            assert_eq!(field_key(&One("n".into()), same).as_deref(), Some("2"));
+        }
+        let parts = Several(vec!["id".into(), "n".into()]);
+        assert_eq!(
+            field_key(&parts, br#"{"id":"a","n":1.50}"#).as_deref(),
+            Some(r#"["a","1.5"]"#)
+        );
         assert_eq!(field_key(&One("id".into()), b"not json"), None);
         // A long value is keyed by its digest, one value or several alike.
         let long = format!(r#"{{"id":"{}","n":1}}"#, "x".repeat(300));
