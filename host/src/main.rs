@@ -74,7 +74,9 @@ enum Command {
     /// secret). Prints the gateway's answer; exit 1 unless it is a 2xx.
     ///
     /// To try a source's check end to end before its sender is set up, e.g.
-    /// `switchyard send --source bondio --event examples/events/bondio-attachment-activated.json`.
+    /// `switchyard send --source bondio --event examples/events/bondio-attachment-activated.json`;
+    /// with --url-check, the URL check the sender makes before it sends anything (the
+    /// source's `challenge`).
     Send {
         /// The config file (the gateway's, for the source and its secrets).
         #[arg(long, short, default_value = "switchyard.toml")]
@@ -83,8 +85,8 @@ enum Command {
         #[arg(long)]
         source: String,
         /// The payload (`-`: read from standard input).
-        #[arg(long)]
-        event: PathBuf,
+        #[arg(long, required_unless_present = "url_check")]
+        event: Option<PathBuf>,
         /// A request header, repeatable; `content-type: application/json` unless one is
         /// given.
         #[arg(long = "header", value_name = "NAME: VALUE", value_parser = parse_header)]
@@ -96,6 +98,11 @@ enum Command {
         /// unspecified address, https with `server.tls`).
         #[arg(long)]
         url: Option<String>,
+        /// Instead of an event, the URL check the source's sender makes (`challenge`): a
+        /// `GET` with a fresh challenge (and the verify token) in the query, or a signed
+        /// body holding one; exit 0 only if the gateway echoes it as the sender expects.
+        #[arg(long, conflicts_with_all = ["event", "query"])]
+        url_check: bool,
         #[command(flatten)]
         tls: SendTls,
     },
@@ -364,12 +371,17 @@ impl SendTls {
 }
 
 /// `switchyard send`: posts a payload to the gateway as the source's sender would.
+/// What `switchyard send` sends: a payload (with a query string), or the source's URL check.
+enum Sending {
+    Event(PathBuf, Option<String>),
+    UrlCheck,
+}
+
 async fn send(
     config: &std::path::Path,
     source: &str,
-    event: &std::path::Path,
+    what: Sending,
     headers: Vec<(String, String)>,
-    query: Option<String>,
     url: Option<String>,
     tls: &SendTls,
 ) -> anyhow::Result<ExitCode> {
@@ -378,16 +390,65 @@ async fn send(
     let Some(sc) = config.sources.iter().find(|s| s.name == source) else {
         anyhow::bail!("no source named `{source}` in the config");
     };
-    let body = read_payload(event)?;
+    // A URL check: a fresh challenge, where the sender puts it, and what must come back.
+    let (method, body, query, expected) = match what {
+        Sending::Event(event, query) => (http::Method::POST, read_payload(&event)?, query, None),
+        Sending::UrlCheck => {
+            let Some(check) = &sc.challenge else {
+                anyhow::bail!("source `{source}` answers no URL check (it has no `challenge`)");
+            };
+            let challenge = format!("check-{}", uuid::Uuid::now_v7().simple());
+            let (name, expected) = match (&check.query, &check.field) {
+                (Some(name), _) => (name.clone(), switchyard::config::ChallengeAnswer::Text),
+                (None, Some(name)) => (name.clone(), switchyard::config::ChallengeAnswer::Json),
+                (None, None) => anyhow::bail!("source `{source}`'s `challenge` names nothing"),
+            };
+            use switchyard::config::{ChallengeAnswer, ChallengeReply};
+            let expected = match check.answer.unwrap_or(expected) {
+                ChallengeAnswer::Text => ChallengeReply::Text(challenge.clone()),
+                ChallengeAnswer::Json => {
+                    ChallengeReply::Json(serde_json::json!({ name.clone(): challenge }))
+                }
+            };
+            match &check.query {
+                Some(_) => {
+                    let mut query = url::form_urlencoded::Serializer::new(String::new());
+                    query.append_pair(&name, &challenge);
+                    if let (Some(param), Some(token)) = (&check.token_query, &check.token) {
+                        query.append_pair(param, token);
+                    }
+                    (
+                        http::Method::GET,
+                        Vec::new(),
+                        Some(query.finish()),
+                        Some(expected),
+                    )
+                }
+                None => {
+                    let mut body = serde_json::json!({ name: challenge });
+                    if let Some(kind) = &check.kind {
+                        body["type"] = kind.clone().into();
+                    }
+                    (
+                        http::Method::POST,
+                        body.to_string().into_bytes(),
+                        None,
+                        Some(expected),
+                    )
+                }
+            }
+        }
+    };
     let now_s = switchyard::delivery::now_ms() / 1000;
     let content_type = (headers.iter())
         .find(|(name, _)| name.eq_ignore_ascii_case("content-type"))
         .map(|(_, value)| value.as_str());
+    // (A check by GET is not signed: its senders sign none.)
     let sent = match &sc.verify {
-        Some(verify) => {
+        Some(verify) if method == http::Method::POST => {
             verify.credentials(content_type, query.as_deref().unwrap_or(""), &body, now_s)
         }
-        None => Default::default(),
+        _ => Default::default(),
     };
     let base = url.unwrap_or_else(|| {
         let scheme = if config.server.tls.is_some() {
@@ -426,7 +487,7 @@ async fn send(
     let map = header_map(&headers)?;
     let answer = tls
         .client()?
-        .post(&target)
+        .request(method, &target)
         .headers(map)
         .body(body)
         .send()
@@ -436,6 +497,22 @@ async fn send(
     let text = answer.text().await.unwrap_or_default();
     eprintln!("{status}");
     println!("{text}");
+    if let Some(expected) = expected {
+        use switchyard::config::ChallengeReply;
+        let echoed = status.is_success()
+            && match &expected {
+                ChallengeReply::Text(t) => text == *t,
+                ChallengeReply::Json(v) => serde_json::from_str(&text).ok().as_ref() == Some(v),
+            };
+        if echoed {
+            eprintln!(
+                "ok: the gateway answers source `{source}`'s URL check as its sender expects"
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        eprintln!("error: the sender expects {} back", expected.to_json());
+        return Ok(ExitCode::FAILURE);
+    }
     Ok(if status.is_success() {
         ExitCode::SUCCESS
     } else {
@@ -610,8 +687,16 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             headers,
             query,
             url,
+            url_check,
             tls,
-        } => send(&config, &source, &event, headers, query, url, &tls).await,
+        } => {
+            let what = match (url_check, event) {
+                (true, _) => Sending::UrlCheck,
+                (false, Some(event)) => Sending::Event(event, query),
+                (false, None) => anyhow::bail!("--event is needed (or --url-check)"),
+            };
+            send(&config, &source, what, headers, url, &tls).await
+        }
         Command::Openapi => {
             let doc = serde_json::to_string_pretty(&switchyard::api::openapi())
                 .context("cannot render the OpenAPI document")?;

@@ -1578,3 +1578,82 @@ destinations = ["d"]
     );
     gw.shutdown().await.unwrap();
 }
+
+/// `switchyard send --url-check` makes a source's URL check as its sender would — a `GET`
+/// with a fresh challenge and the verify token, or a signed body holding one — and exits
+/// 0 only if the gateway echoes it as the sender expects.
+#[tokio::test(flavor = "multi_thread")]
+async fn send_makes_the_url_check_of_a_sources_sender() {
+    use crate::util::{Receiver, TestGateway};
+    let rx = Receiver::start().await;
+    let config = |token: &str| {
+        format!(
+            r#"
+[[sources]]
+name = "meta"
+verify = {{ scheme = "hmac-sha256", header = "x-hub-signature-256", prefix = "sha256=", secret = "app-secret" }}
+challenge = {{ query = "hub.challenge", token_query = "hub.verify_token", token = "{token}" }}
+[[sources]]
+name = "slack"
+verify = {{ scheme = "hmac-sha256", header = "x-slack-signature", prefix = "v0=", secret = "slack-key", timestamp_header = "x-slack-request-timestamp", signed = "v0:{{timestamp}}:{{body}}" }}
+challenge = {{ type = "url_verification", field = "challenge" }}
+[[sources]]
+name = "dropbox"
+challenge = {{ query = "challenge" }}
+[[sources]]
+name = "plain"
+"#
+        )
+    };
+    let gw = TestGateway::start(&config("meaty-token"), &rx, &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str, text: String| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let (good, wrong) = (
+        file("good.toml", config("meaty-token")),
+        file("wrong.toml", config("guessed")),
+    );
+    let check = |config: &str, source: &str| {
+        let args = [
+            "send",
+            "--config",
+            config,
+            "--url",
+            &gw.url,
+            "--source",
+            source,
+            "--url-check",
+        ];
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        tokio::task::spawn_blocking(move || {
+            run(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        })
+    };
+    for source in ["meta", "slack", "dropbox"] {
+        let (ok, out, err) = check(&good, source).await.unwrap();
+        assert!(ok, "{source}: {out}{err}");
+        assert!(
+            err.contains("ok: the gateway answers source"),
+            "{source}: {err}"
+        );
+        assert!(out.contains("check-"), "{source}: {out}");
+    }
+    // A verify token the gateway does not have: 403, exit 1.
+    let (ok, _, err) = check(&wrong, "meta").await.unwrap();
+    assert!(!ok && err.contains("403"), "{err}");
+    // A source with no URL check says so.
+    let (ok, _, err) = check(&good, "plain").await.unwrap();
+    assert!(!ok && err.contains("answers no URL check"), "{err}");
+    // Nothing was stored: the checks reach no destination, and none is an event.
+    let metrics = gw.metrics().await;
+    for source in ["meta", "slack", "dropbox"] {
+        let line = format!(
+            r#"switchyard_events_received_total{{source="{source}",result="challenge"}} 1"#
+        );
+        assert!(metrics.contains(&line), "{line} in:\n{metrics}");
+    }
+    gw.shutdown().await.unwrap();
+}
