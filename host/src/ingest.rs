@@ -270,16 +270,20 @@ async fn accept(
         }
         // (`GET`, or the `HEAD` the router takes with it: never an event.)
         None if method != http::Method::POST => {
-            return Err(ApiError::MethodNotAllowed {
-                message: match sc.challenge.as_ref().and_then(|c| c.query.as_ref()) {
-                    Some(q) => format!(
+            // (`Allow`: what this source takes — a GET only if it answers URL checks so.)
+            return Err(match sc.challenge.as_ref().and_then(|c| c.query.as_ref()) {
+                Some(q) => ApiError::MethodNotAllowed {
+                    message: format!(
                         "events come by POST; a GET is answered only as a URL check, with `{q}` in its query"
                     ),
-                    None => "events come by POST (this source answers no URL check by GET: \
-                             `challenge.query`)"
-                        .into(),
+                    allow: "GET, POST",
                 },
-                allow: "GET, POST",
+                None => ApiError::MethodNotAllowed {
+                    message: "this source takes events by POST, and answers no URL check by GET \
+                              (`challenge.query`)"
+                        .into(),
+                    allow: "POST",
+                },
             });
         }
         None => {}

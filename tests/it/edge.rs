@@ -391,8 +391,12 @@ destinations = ["sink"]
     assert_eq!(status, 405, "{text}");
     assert_eq!(headers["allow"], "GET, POST");
     assert!(text.contains("with `hub.challenge` in its query"), "{text}");
-    let (status, _, text) = get("plain?challenge=x".into()).await;
+    let (status, headers, text) = get("plain?challenge=x".into()).await;
     assert_eq!(status, 405, "{text}");
+    assert_eq!(
+        headers["allow"], "POST",
+        "a source with no URL check by GET"
+    );
     // (Nor is a HEAD, which the router takes with GET, ever an event.)
     let head = client
         .head(format!("{}/v1/ingest/plain", gw.url))

@@ -145,6 +145,8 @@ try {
 
   step('a dry run shows the HTTP requests its plugins asked for, and what came of each');
   await page.goto(`${base}/ui/#/dry-run/crm-lookup`);
+  // (The page is drawn again once it has the sources: fill in the new one, not the old.)
+  await page.waitForFunction(() => document.getElementById('dry-source')?.value === 'crm-lookup');
   await page.getByLabel('Payload').fill(JSON.stringify({ iccid: '8945738730000000012' }));
   await page.getByRole('button', { name: 'Run' }).click();
   const asked = page.locator('#dry-requests tr.request');
