@@ -19,6 +19,15 @@ pub(crate) fn run(args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// [`run`] from an async test: on a blocking thread, the runtime free to serve the gateway
+/// the binary talks to.
+async fn run_in_background(args: &[&str]) -> (bool, String, String) {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || run(&args.iter().map(String::as_str).collect::<Vec<_>>()))
+        .await
+        .expect("the binary's run ends")
+}
+
 fn path(p: &std::path::Path) -> &str {
     p.to_str().unwrap()
 }
@@ -217,12 +226,10 @@ async fn plugin_run_sends_requests_only_where_allowed() {
             .map(|a| a.to_string())
             .collect()
     };
-    let run_owned = |args: Vec<String>| {
-        tokio::task::spawn_blocking(move || {
-            run(&args.iter().map(String::as_str).collect::<Vec<_>>())
-        })
+    let run_owned = |args: Vec<String>| async move {
+        run_in_background(&args.iter().map(String::as_str).collect::<Vec<_>>()).await
     };
-    let (ok, out, err) = run_owned(args(&[])).await.unwrap();
+    let (ok, out, err) = run_owned(args(&[])).await;
     assert!(!ok, "{out}{err}");
     let error = serde_json::from_str::<Value>(&out).unwrap()["error"].to_string();
     assert!(
@@ -231,7 +238,7 @@ async fn plugin_run_sends_requests_only_where_allowed() {
     );
 
     let allowed = ["--allow-http", &crm, "--allow-network", "127.0.0.0/8"];
-    let (ok, out, err) = run_owned(args(&allowed)).await.unwrap();
+    let (ok, out, err) = run_owned(args(&allowed)).await;
     assert!(ok, "{out}{err}");
     let verdict: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(
@@ -245,12 +252,10 @@ async fn plugin_run_sends_requests_only_where_allowed() {
     );
 
     // Allowed, but the address guard refuses loopback unless told.
-    let (ok, out, _) = run_owned(args(&allowed[..2])).await.unwrap();
+    let (ok, out, _) = run_owned(args(&allowed[..2])).await;
     assert!(!ok);
     assert!(out.contains("refused by the SSRF guard"), "{out}");
-    let (ok, _, err) = run_owned(args(&["--allow-http", "ftp://crm"]))
-        .await
-        .unwrap();
+    let (ok, _, err) = run_owned(args(&["--allow-http", "ftp://crm"])).await;
     assert!(!ok);
     assert!(
         err.contains("--allow-http: `ftp://crm` is not an origin"),
@@ -1528,20 +1533,17 @@ destinations = ["d"]
             "send", "--config", config, "--url", &gw.url, "--source", source, "--event", &event,
         ];
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        tokio::task::spawn_blocking(move || {
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            run(&args)
-        })
+        async move { run_in_background(&args.iter().map(String::as_str).collect::<Vec<_>>()).await }
     };
     for source in ["stripe", "sw", "1nce", "onomondo", "twilio"] {
-        let (ok, stdout, stderr) = send(&good, source).await.unwrap();
+        let (ok, stdout, stderr) = send(&good, source).await;
         assert!(ok, "{source}: {stderr}");
         assert!(stderr.contains("202"), "{source}: {stderr}");
         let answer: Value = serde_json::from_str(&stdout).unwrap();
         assert!(answer["id"].is_string(), "{source}: {stdout}");
     }
     // Twilio signs the URL with its query: one of the request's own too.
-    let args: Vec<String> = [
+    let (ok, _, stderr) = run_in_background(&[
         "send",
         "--config",
         &good,
@@ -1553,21 +1555,14 @@ destinations = ["d"]
         &event,
         "--query",
         "fleet=trucks",
-    ]
-    .iter()
-    .map(|a| a.to_string())
-    .collect();
-    let (ok, _, stderr) = tokio::task::spawn_blocking(move || {
-        run(&args.iter().map(String::as_str).collect::<Vec<_>>())
-    })
-    .await
-    .unwrap();
+    ])
+    .await;
     assert!(ok && stderr.contains("202"), "{stderr}");
-    let (ok, stdout, stderr) = send(&wrong, "stripe").await.unwrap();
+    let (ok, stdout, stderr) = send(&wrong, "stripe").await;
     assert!(!ok);
     assert!(stderr.contains("401"), "{stderr}");
     assert!(stdout.contains("the signature does not match"), "{stdout}");
-    let (ok, _, stderr) = send(&good, "nope").await.unwrap();
+    let (ok, _, stderr) = send(&good, "nope").await;
     assert!(!ok && stderr.contains("no source named `nope`"), "{stderr}");
 
     let got = rx.wait_for(5).await;
@@ -1628,12 +1623,10 @@ name = "plain"
             "--url-check",
         ];
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        tokio::task::spawn_blocking(move || {
-            run(&args.iter().map(String::as_str).collect::<Vec<_>>())
-        })
+        async move { run_in_background(&args.iter().map(String::as_str).collect::<Vec<_>>()).await }
     };
     for source in ["meta", "slack", "dropbox"] {
-        let (ok, out, err) = check(&good, source).await.unwrap();
+        let (ok, out, err) = check(&good, source).await;
         assert!(ok, "{source}: {out}{err}");
         assert!(
             err.contains("ok: the gateway answers source"),
@@ -1642,10 +1635,10 @@ name = "plain"
         assert!(out.contains("check-"), "{source}: {out}");
     }
     // A verify token the gateway does not have: 403, exit 1.
-    let (ok, _, err) = check(&wrong, "meta").await.unwrap();
+    let (ok, _, err) = check(&wrong, "meta").await;
     assert!(!ok && err.contains("403"), "{err}");
     // A source with no URL check says so.
-    let (ok, _, err) = check(&good, "plain").await.unwrap();
+    let (ok, _, err) = check(&good, "plain").await;
     assert!(!ok && err.contains("answers no URL check"), "{err}");
     // Nothing was stored: the checks reach no destination, and none is an event.
     let metrics = gw.metrics().await;
