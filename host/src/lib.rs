@@ -68,6 +68,22 @@ fn unloaded_plugins(
         .collect()
 }
 
+/// Why a start would fail for the routes' plugin configurations: one line per
+/// configuration its plugin refuses (WIT `config-check`), naming its key.
+async fn refusals(config: &Config, plugins: &plugin::PluginMap) -> Vec<String> {
+    refusal_lines(
+        reload::ConfigChecks::default()
+            .refused(config, plugins, None)
+            .await,
+    )
+}
+
+fn refusal_lines(refused: Vec<(String, String)>) -> Vec<String> {
+    (refused.into_iter())
+        .map(|(key, message)| format!("`{key}`: {message}"))
+        .collect()
+}
+
 /// What `switchyard serve --check` found: the plugins a start would load, and what would
 /// stop the start.
 pub struct CheckReport {
@@ -87,7 +103,8 @@ pub struct CheckReport {
 /// the management API live in the store and are not checked.)
 pub async fn check(config: &Config) -> anyhow::Result<CheckReport> {
     let (_runtime, loaded, statuses) = load_plugins(config).await?;
-    let problems = unloaded_plugins(config, |name| loaded.contains_key(name), &statuses);
+    let mut problems = unloaded_plugins(config, |name| loaded.contains_key(name), &statuses);
+    problems.extend(refusals(config, &loaded).await);
     let plugins = statuses
         .into_iter()
         .map(|(name, status)| {
@@ -160,6 +177,8 @@ impl DryRunner {
         let (runtime, plugins, statuses) = load_plugins(&config).await?;
         let problems = unloaded_plugins(&config, |name| plugins.contains_key(name), &statuses);
         anyhow::ensure!(problems.is_empty(), "{}", problems.join("; "));
+        let refused = refusals(&config, &plugins).await;
+        anyhow::ensure!(refused.is_empty(), "{}", refused.join("; "));
         let outbound = plugin::Outbound::new(delivery::plugin_sender(&config.delivery)?);
         Ok(Self {
             _runtime: runtime,
@@ -326,6 +345,8 @@ impl Gateway {
         if !failures.is_empty() {
             anyhow::bail!("{}", failures.join("; "));
         }
+        let refused = refusal_lines(reloader.refused_plugin_configs().await);
+        anyhow::ensure!(refused.is_empty(), "{}", refused.join("; "));
         Ok(Self {
             store,
             pipeline,

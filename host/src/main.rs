@@ -826,9 +826,13 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else if report.ok {
                 println!(
-                    "ok: {} fits {}",
+                    "ok: {} fits {}{}",
                     report.file,
-                    switchyard::plugin::WIT_PACKAGE
+                    switchyard::plugin::WIT_PACKAGE,
+                    match report.checks_config {
+                        true => ", and checks the configurations routes give it",
+                        false => "",
+                    }
                 );
             } else {
                 println!(
@@ -899,22 +903,30 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 metadata,
                 run: 0,
             };
-            let outcome = plugin
-                .call(
-                    &event,
-                    CallInput {
-                        config: Arc::from(config),
-                        tables: Arc::new(tables),
-                        state: switchyard::plugin::PluginStates::memory_with(&state),
-                        http,
-                    },
-                    CallLimits::default(),
-                    InstanceMode::Fresh,
-                )
-                .await;
-            let (output, ok) = match outcome {
-                Ok(verdict) => (serde_json::to_value(&verdict)?, true),
-                Err(e) => (serde_json::json!({ "error": e.to_string() }), false),
+            let input = CallInput {
+                config: Arc::from(config),
+                tables: Arc::new(tables),
+                state: switchyard::plugin::PluginStates::memory_with(&state),
+                http,
+            };
+            // The configuration first, as a route's is checked when it comes into force.
+            let checked = CallInput {
+                config: input.config.clone(),
+                tables: input.tables.clone(),
+                ..CallInput::default()
+            };
+            let (output, ok) = match plugin.check_config(checked, CallLimits::default()).await {
+                Err(why) => {
+                    let error = format!("the plugin refuses this configuration: {why}");
+                    (serde_json::json!({ "error": error }), false)
+                }
+                Ok(()) => match (plugin)
+                    .call(&event, input, CallLimits::default(), InstanceMode::Fresh)
+                    .await
+                {
+                    Ok(verdict) => (serde_json::to_value(&verdict)?, true),
+                    Err(e) => (serde_json::json!({ "error": e.to_string() }), false),
+                },
             };
             println!("{}", serde_json::to_string_pretty(&output)?);
             match expect {

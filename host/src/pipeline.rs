@@ -89,15 +89,9 @@ impl Routing {
     /// config is the same object are kept. So a management API change among 50,000
     /// objects rebuilds one table and one object, not all of them.
     pub fn from_config(config: Arc<Config>, previous: Option<&Routing>) -> Self {
-        let p = &config.plugins;
         let defaults = Defaults {
             retry: config.delivery.retry.clone(),
-            plugin_limits: CallLimits {
-                deadline: p.deadline,
-                max_memory: p.max_memory_bytes,
-                max_output_bytes: p.max_output_bytes,
-                max_deliveries: p.max_deliveries,
-            },
+            plugin_limits: plugin_limits(&config.plugins),
         };
         let previous = previous.filter(|r| r.defaults == defaults);
         let sources = sources_from(&config, previous);
@@ -344,6 +338,26 @@ fn routes_reusing(
         .collect()
 }
 
+/// The limits of a plugin's calls where a route sets none (`[plugins]`).
+pub(crate) fn plugin_limits(p: &crate::config::PluginsConfig) -> CallLimits {
+    CallLimits {
+        deadline: p.deadline,
+        max_memory: p.max_memory_bytes,
+        max_output_bytes: p.max_output_bytes,
+        max_deliveries: p.max_deliveries,
+    }
+}
+
+/// The limits of a route's plugin entry: its own `deadline` and `max_memory_bytes`, else
+/// `defaults`.
+pub(crate) fn entry_limits(p: &crate::config::PluginRef, defaults: CallLimits) -> CallLimits {
+    CallLimits {
+        deadline: p.deadline.unwrap_or(defaults.deadline),
+        max_memory: p.max_memory_bytes.unwrap_or(defaults.max_memory),
+        ..defaults
+    }
+}
+
 impl Route {
     fn build(r: &Arc<RouteConfig>, destinations: &Destinations, defaults: CallLimits) -> Self {
         Self {
@@ -353,11 +367,7 @@ impl Route {
                 .map(|p| RoutePlugin {
                     name: p.name.clone(),
                     config: p.config.clone().into(),
-                    limits: CallLimits {
-                        deadline: p.deadline.unwrap_or(defaults.deadline),
-                        max_memory: p.max_memory_bytes.unwrap_or(defaults.max_memory),
-                        ..defaults
-                    },
+                    limits: entry_limits(p, defaults),
                     mode: p.instance,
                     on_error: p.on_error.unwrap_or(r.on_error),
                     // (Validated with the config.)

@@ -78,6 +78,8 @@ pub struct Reloader {
     /// locked while they are built — apart from `busy`: a build reads every event stored
     /// (minutes, on a large PostgreSQL store), and API changes and reloads go on meanwhile.
     indexed: tokio::sync::Mutex<Vec<String>>,
+    /// What routes' plugins said of their configurations.
+    checks: ConfigChecks,
     /// Told each time a config is put in force, so the file watcher follows its files.
     installed: tokio::sync::Notify,
 }
@@ -103,10 +105,21 @@ impl Reloader {
             source: Mutex::new(None),
             busy: tokio::sync::Mutex::new(()),
             indexed: tokio::sync::Mutex::new(config.store.indexed_fields.clone()),
+            checks: ConfigChecks::default(),
             installed: tokio::sync::Notify::new(),
             config: ArcSwap::new(config.clone()),
             file: ArcSwap::new(config),
         })
+    }
+
+    /// Each plugin configuration of the config in force that its plugin refuses (WIT
+    /// `config-check`): its key and the plugin's words. A start stops on any; what passes
+    /// is not checked again by later reloads.
+    pub async fn refused_plugin_configs(&self) -> Vec<(String, String)> {
+        let config = self.config();
+        (self.checks)
+            .refused(&config, &self.registry.snapshot(), None)
+            .await
     }
 
     /// Re-reads this file (with this environment) on every reload.
@@ -137,7 +150,17 @@ impl Reloader {
         let _one_at_a_time = self.busy.lock().await;
         let file = self.file.load_full();
         let (managed, config) = self.managed.load().apply(&file, &change)?;
-        if let Some((key, message)) = first_missing_plugin(&config, &self.registry.snapshot()) {
+        let plugins = self.registry.snapshot();
+        if let Some((key, message)) = first_missing_plugin(&config, &plugins) {
+            return Err(managed.blame(&file, &change, &key, message));
+        }
+        if let Change::Create(o) | Change::Update(o) = &change
+            && o.kind() == crate::managed::Kind::Route
+            && let Some((key, message)) = (self.checks.refused(&config, &plugins, Some(o.name())))
+                .await
+                .into_iter()
+                .next()
+        {
             return Err(managed.blame(&file, &change, &key, message));
         }
         match change.stored() {
@@ -292,6 +315,15 @@ impl Reloader {
 
         if outcome == "applied"
             && let Some((key, message)) = first_missing_plugin(&config, &plugins)
+        {
+            config_error = Some(format!("key `{key}`: {message}"));
+            outcome = "rejected";
+        }
+        if outcome == "applied"
+            && let Some((key, message)) = (self.checks.refused(&config, &plugins, None))
+                .await
+                .into_iter()
+                .next()
         {
             config_error = Some(format!("key `{key}`: {message}"));
             outcome = "rejected";
@@ -647,6 +679,77 @@ fn first_missing_plugin(config: &Config, plugins: &PluginMap) -> Option<(String,
         }
     }
     None
+}
+
+/// The plugin configurations of routes that their plugins accepted (WIT `config-check`),
+/// by plugin version, configuration and limits: each is checked once, not at every reload
+/// or API change.
+#[derive(Default)]
+pub(crate) struct ConfigChecks {
+    passed: Mutex<HashSet<u64>>,
+}
+
+impl ConfigChecks {
+    /// Each plugin configuration of `config`'s routes (only the route named `only`, if
+    /// given) that its plugin refuses: the key (`routes[i].plugins[j].config`) and what the
+    /// plugin says is wrong. Plugins not in `plugins` are passed over (`first_missing_plugin`
+    /// names them), as are those that do not export `config-check`.
+    pub(crate) async fn refused(
+        &self,
+        config: &Config,
+        plugins: &PluginMap,
+        only: Option<&str>,
+    ) -> Vec<(String, String)> {
+        use std::hash::{Hash, Hasher};
+        let defaults = crate::pipeline::plugin_limits(&config.plugins);
+        let mut refused = Vec::new();
+        let routes = (config.routes.iter().enumerate())
+            .filter(|(_, r)| only.is_none_or(|name| r.name == name));
+        for (i, r) in routes {
+            for (j, p) in r.plugins.iter().enumerate() {
+                let Some(plugin) = plugins.get(&p.name).filter(|p| p.checks_config()) else {
+                    continue;
+                };
+                let limits = crate::pipeline::entry_limits(p, defaults);
+                let mut h = std::hash::DefaultHasher::new();
+                (
+                    plugin.sha256(),
+                    &p.config,
+                    limits.deadline,
+                    limits.max_memory,
+                )
+                    .hash(&mut h);
+                let key = h.finish();
+                if self
+                    .passed
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .contains(&key)
+                {
+                    continue;
+                }
+                let input = crate::plugin::CallInput {
+                    tables: config.tables.clone(),
+                    ..crate::plugin::CallInput::config(p.config.clone().into())
+                };
+                match plugin.check_config(input, limits).await {
+                    Ok(()) => {
+                        let mut passed = self.passed.lock().unwrap_or_else(|e| e.into_inner());
+                        // (Bounded: what was passed long ago is checked again, that is all.)
+                        if passed.len() >= 4 * config.routes.len() + 1024 {
+                            passed.clear();
+                        }
+                        passed.insert(key);
+                    }
+                    Err(message) => refused.push((
+                        format!("routes[{i}].plugins[{j}].config"),
+                        format!("plugin `{}` refuses this configuration: {message}", p.name),
+                    )),
+                }
+            }
+        }
+        refused
+    }
 }
 
 /// Loads every plugin in `dir` as a start would, without the compile cache (see

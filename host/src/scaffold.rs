@@ -105,7 +105,7 @@ pub fn new_plugin(lang: Lang, name: &str, dir: &Path) -> anyhow::Result<Vec<Path
     let expected = serde_json::json!({ "verdict": "continue", "metadata": [["seen-by", name]] });
     let readme = format!(
         "# {name}\n\nA Switchyard plugin ({lang:?}). It tags every JSON event with `seen-by = {name}` and drops\n\
-         events whose `type` is `ping`. `wit/plugin.wit` is the contract (`switchyard:plugin@0.1.3`);\n\
+         events whose `type` is `ping`. `wit/plugin.wit` is the contract (`switchyard:plugin@0.1.4`);\n\
          the bindings are generated from it by the build.\n\n\
          Build:\n\n    {build}\n\nTest (runs `sample-event.json` through the plugin and compares the verdict with\n\
          `expected-verdict.json`):\n\n    {test}\n\n\

@@ -14,8 +14,8 @@
 // Try:   switchyard plugin run dist/change-filter-js.wasm --event ../../examples/events/onomondo-location.json \
 //          --config key=/iccid --config fields=/network/mcc,/network/mnc
 
-import { configGet } from 'switchyard:plugin/host@0.1.3';
-import { get, swap } from 'switchyard:plugin/state@0.1.3';
+import { configGet } from 'switchyard:plugin/host@0.1.4';
+import { get, swap } from 'switchyard:plugin/state@0.1.4';
 
 /** How many times a value changed by another event meanwhile is read again. */
 const SWAPS = 10;
@@ -62,35 +62,55 @@ function splitKept(text) {
   return [text.slice(0, first), text.slice(first + 1, second), text.slice(second + 1)];
 }
 
+/** The config: `key`, `fields` and `ttl`; an `invalid-config` error if it is wrong. */
+function settings() {
+  const key = configGet('key');
+  if (key === undefined) {
+    throw pluginError('invalid-config', '`key` must name a JSON pointer, e.g. /iccid');
+  }
+  const fields = (configGet('fields') ?? '')
+    .split(',')
+    .map((s) => s.trim())
+    .filter((s) => s !== '');
+  if (fields.length === 0) {
+    throw pluginError(
+      'invalid-config',
+      '`fields` must list at least one JSON pointer, e.g. /network/mcc',
+    );
+  }
+  const bad = [key, ...fields].find((p) => !p.startsWith('/'));
+  if (bad !== undefined) {
+    throw pluginError('invalid-config', `\`${bad}\` is not a JSON pointer (it starts with /)`);
+  }
+  let ttl;
+  const t = configGet('ttl');
+  if (t !== undefined) {
+    const n = Number(t.trim());
+    if (!/^\+?[0-9]+$/.test(t.trim()) || n > 4294967295) {
+      throw pluginError('invalid-config', `\`ttl\` must be a number of seconds, not \`${t}\``);
+    }
+    ttl = n;
+  }
+  return { key, fields, ttl };
+}
+
+// The route's configuration, checked when it comes into force (WIT `config-check`): an
+// error's message is the refusal.
+export const configCheck = {
+  check() {
+    try {
+      settings();
+    } catch (e) {
+      const refused = new Error(e?.payload?.val ?? String(e));
+      refused.payload = refused.message;
+      throw refused;
+    }
+  },
+};
+
 export const handler = {
   handle(event) {
-    const key = configGet('key');
-    if (key === undefined) {
-      throw pluginError('invalid-config', '`key` must name a JSON pointer, e.g. /iccid');
-    }
-    const fields = (configGet('fields') ?? '')
-      .split(',')
-      .map((s) => s.trim())
-      .filter((s) => s !== '');
-    if (fields.length === 0) {
-      throw pluginError(
-        'invalid-config',
-        '`fields` must list at least one JSON pointer, e.g. /network/mcc',
-      );
-    }
-    const bad = [key, ...fields].find((p) => !p.startsWith('/'));
-    if (bad !== undefined) {
-      throw pluginError('invalid-config', `\`${bad}\` is not a JSON pointer (it starts with /)`);
-    }
-    let ttl;
-    const t = configGet('ttl');
-    if (t !== undefined) {
-      const n = Number(t.trim());
-      if (!/^\+?[0-9]+$/.test(t.trim()) || n > 4294967295) {
-        throw pluginError('invalid-config', `\`ttl\` must be a number of seconds, not \`${t}\``);
-      }
-      ttl = n;
-    }
+    const { key, fields, ttl } = settings();
     let body;
     try {
       body = JSON.parse(new TextDecoder().decode(event.body));

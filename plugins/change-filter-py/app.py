@@ -13,7 +13,7 @@ Config:
 
 Build (bindings are generated from ../../wit by componentize-py; nothing hand-written):
   pip install -r requirements.txt
-  componentize-py -d ../../wit -w plugin componentize app -o change-filter-py.wasm
+  componentize-py -d ../../wit -w checked-plugin componentize app -o change-filter-py.wasm
 Try:
   switchyard plugin run change-filter-py.wasm --event ../../examples/events/onomondo-location.json \
       --config key=/iccid --config fields=/network/mcc,/network/mnc
@@ -68,23 +68,39 @@ def update(metadata):
     return Verdict_Continue(Update(body=None, content_type=None, headers=None, metadata=metadata))
 
 
+def settings():
+    """The config: `key`, `fields` and `ttl`; an `invalid-config` error if it is wrong."""
+    key = host.config_get("key")
+    if key is None:
+        raise Err(PluginError_InvalidConfig("`key` must name a JSON pointer, e.g. /iccid"))
+    fields = [f.strip() for f in (host.config_get("fields") or "").split(",") if f.strip()]
+    if not fields:
+        raise Err(PluginError_InvalidConfig("`fields` must list at least one JSON pointer, e.g. /network/mcc"))
+    for p in [key, *fields]:
+        if not p.startswith("/"):
+            raise Err(PluginError_InvalidConfig(f"`{p}` is not a JSON pointer (it starts with /)"))
+    ttl = None
+    t = host.config_get("ttl")
+    if t is not None:
+        if not re.fullmatch(r"\+?[0-9]+", t.strip()) or int(t.strip()) > 4294967295:
+            raise Err(PluginError_InvalidConfig(f"`ttl` must be a number of seconds, not `{t}`"))
+        ttl = int(t.strip())
+    return key, fields, ttl
+
+
+class ConfigCheck(exports.ConfigCheck):
+    """The route's configuration, checked when it comes into force (WIT `config-check`)."""
+
+    def check(self):
+        try:
+            settings()
+        except Err as e:
+            raise Err(e.value.value)
+
+
 class Handler(exports.Handler):
     def handle(self, event):
-        key = host.config_get("key")
-        if key is None:
-            raise Err(PluginError_InvalidConfig("`key` must name a JSON pointer, e.g. /iccid"))
-        fields = [f.strip() for f in (host.config_get("fields") or "").split(",") if f.strip()]
-        if not fields:
-            raise Err(PluginError_InvalidConfig("`fields` must list at least one JSON pointer, e.g. /network/mcc"))
-        for p in [key, *fields]:
-            if not p.startswith("/"):
-                raise Err(PluginError_InvalidConfig(f"`{p}` is not a JSON pointer (it starts with /)"))
-        ttl = None
-        t = host.config_get("ttl")
-        if t is not None:
-            if not re.fullmatch(r"\+?[0-9]+", t.strip()) or int(t.strip()) > 4294967295:
-                raise Err(PluginError_InvalidConfig(f"`ttl` must be a number of seconds, not `{t}`"))
-            ttl = int(t.strip())
+        key, fields, ttl = settings()
         try:
             body = json.loads(event.body)
         except ValueError as e:

@@ -19,9 +19,9 @@
 //
 // Build: npm ci && npm run build   (bindings come from ../../wit; nothing hand-written)
 
-import { config, configGet } from 'switchyard:plugin/host@0.1.3';
-import { send } from 'switchyard:plugin/http@0.1.3';
-import { get, set } from 'switchyard:plugin/state@0.1.3';
+import { config, configGet } from 'switchyard:plugin/host@0.1.4';
+import { send } from 'switchyard:plugin/http@0.1.4';
+import { get, set } from 'switchyard:plugin/state@0.1.4';
 
 /** A `result` error of the WIT `plugin-error` variant. */
 function pluginError(tag, message) {
@@ -106,28 +106,57 @@ function setPointer(body, path, value) {
 
 const unchanged = { body: undefined, contentType: undefined, headers: undefined, metadata: [] };
 
+/** The config's `url`, `into`, `not_found` and `cache_ttl`; an `invalid-config` error if
+ * it is wrong (a placeholder of `url` or `body` not closed too). */
+function settings() {
+  const template = configGet('url');
+  if (template === undefined) {
+    throw pluginError('invalid-config', '`url` must name the service, e.g. https://crm.example.com/sims/{/iccid}');
+  }
+  const into = configGet('into') ?? '/enrichment';
+  if (into !== '' && !into.startsWith('/')) {
+    throw pluginError('invalid-config', `\`into\` must be a JSON pointer (it starts with /) or empty, not \`${into}\``);
+  }
+  const notFound = configGet('not_found') ?? 'pass';
+  if (!['pass', 'drop', 'error'].includes(notFound)) {
+    throw pluginError('invalid-config', `\`not_found\` must be pass, drop or error, not \`${notFound}\``);
+  }
+  let ttl;
+  const t = configGet('cache_ttl');
+  if (t !== undefined) {
+    if (!/^\+?[0-9]+$/.test(t.trim()) || Number(t.trim()) > 4294967295) {
+      throw pluginError('invalid-config', `\`cache_ttl\` must be a number of seconds, not \`${t}\``);
+    }
+    ttl = Number(t.trim());
+  }
+  for (const [what, text] of [['url', template], ['body', configGet('body')]]) {
+    let rest = text ?? '';
+    for (let start = rest.indexOf('{/'); start !== -1; start = rest.indexOf('{/')) {
+      const end = rest.indexOf('}', start);
+      if (end === -1) throw pluginError('invalid-config', `\`${what}\` has an unclosed placeholder: \`${text}\``);
+      rest = rest.slice(end + 1);
+    }
+  }
+  return { template, into, notFound, ttl };
+}
+
+// The route's configuration, checked when it comes into force (WIT `config-check`): an
+// error's message is the refusal.
+export const configCheck = {
+  check() {
+    try {
+      settings();
+    } catch (e) {
+      const refused = new Error(e?.payload?.val ?? String(e));
+      refused.payload = refused.message;
+      throw refused;
+    }
+  },
+};
+
 export const handler = {
   handle(event) {
-    const template = configGet('url');
-    if (template === undefined) {
-      throw pluginError('invalid-config', '`url` must name the service, e.g. https://crm.example.com/sims/{/iccid}');
-    }
-    const into = configGet('into') ?? '/enrichment';
-    if (into !== '' && !into.startsWith('/')) {
-      throw pluginError('invalid-config', `\`into\` must be a JSON pointer (it starts with /) or empty, not \`${into}\``);
-    }
-    const notFound = configGet('not_found') ?? 'pass';
-    if (!['pass', 'drop', 'error'].includes(notFound)) {
-      throw pluginError('invalid-config', `\`not_found\` must be pass, drop or error, not \`${notFound}\``);
-    }
-    let ttl;
-    const t = configGet('cache_ttl');
-    if (t !== undefined) {
-      if (!/^\+?[0-9]+$/.test(t.trim()) || Number(t.trim()) > 4294967295) {
-        throw pluginError('invalid-config', `\`cache_ttl\` must be a number of seconds, not \`${t}\``);
-      }
-      ttl = Number(t.trim());
-    }
+    const { template, into, notFound, ttl } = settings();
     const all = config();
     const headers = all.filter(([k]) => k.startsWith('header.')).map(([k, v]) => [k.slice('header.'.length), v]);
 

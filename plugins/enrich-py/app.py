@@ -20,7 +20,7 @@ Config:
 
 Build (bindings are generated from ../../wit by componentize-py; nothing hand-written):
   pip install -r requirements.txt
-  componentize-py -d ../../wit -w plugin componentize app -o enrich-py.wasm
+  componentize-py -d ../../wit -w checked-plugin componentize app -o enrich-py.wasm
 """
 
 import json
@@ -120,24 +120,48 @@ def update(metadata, body=None):
     return Verdict_Continue(Update(body=body, content_type=content_type, headers=None, metadata=metadata))
 
 
+def settings():
+    """The config's `url`, `into`, `not_found` and `cache_ttl`; an `invalid-config` error if
+    it is wrong (a placeholder of `url` or `body` not closed too)."""
+    template = host.config_get("url")
+    if template is None:
+        raise Err(PluginError_InvalidConfig("`url` must name the service, e.g. https://crm.example.com/sims/{/iccid}"))
+    into = host.config_get("into")
+    into = "/enrichment" if into is None else into
+    if into != "" and not into.startswith("/"):
+        raise Err(PluginError_InvalidConfig(f"`into` must be a JSON pointer (it starts with /) or empty, not `{into}`"))
+    not_found = host.config_get("not_found") or "pass"
+    if not_found not in ("pass", "drop", "error"):
+        raise Err(PluginError_InvalidConfig(f"`not_found` must be pass, drop or error, not `{not_found}`"))
+    ttl = None
+    t = host.config_get("cache_ttl")
+    if t is not None:
+        if not re.fullmatch(r"\+?[0-9]+", t.strip()) or int(t.strip()) > 4294967295:
+            raise Err(PluginError_InvalidConfig(f"`cache_ttl` must be a number of seconds, not `{t}`"))
+        ttl = int(t.strip())
+    for what, text in (("url", template), ("body", host.config_get("body"))):
+        rest = text or ""
+        while (start := rest.find("{/")) != -1:
+            end = rest.find("}", start)
+            if end == -1:
+                raise Err(PluginError_InvalidConfig(f"`{what}` has an unclosed placeholder: `{text}`"))
+            rest = rest[end + 1 :]
+    return template, into, not_found, ttl
+
+
+class ConfigCheck(exports.ConfigCheck):
+    """The route's configuration, checked when it comes into force (WIT `config-check`)."""
+
+    def check(self):
+        try:
+            settings()
+        except Err as e:
+            raise Err(e.value.value)
+
+
 class Handler(exports.Handler):
     def handle(self, event):
-        template = host.config_get("url")
-        if template is None:
-            raise Err(PluginError_InvalidConfig("`url` must name the service, e.g. https://crm.example.com/sims/{/iccid}"))
-        into = host.config_get("into")
-        into = "/enrichment" if into is None else into
-        if into != "" and not into.startswith("/"):
-            raise Err(PluginError_InvalidConfig(f"`into` must be a JSON pointer (it starts with /) or empty, not `{into}`"))
-        not_found = host.config_get("not_found") or "pass"
-        if not_found not in ("pass", "drop", "error"):
-            raise Err(PluginError_InvalidConfig(f"`not_found` must be pass, drop or error, not `{not_found}`"))
-        ttl = None
-        t = host.config_get("cache_ttl")
-        if t is not None:
-            if not re.fullmatch(r"\+?[0-9]+", t.strip()) or int(t.strip()) > 4294967295:
-                raise Err(PluginError_InvalidConfig(f"`cache_ttl` must be a number of seconds, not `{t}`"))
-            ttl = int(t.strip())
+        template, into, not_found, ttl = settings()
         pairs = host.config()
         headers = [(k[len("header."):], v) for k, v in pairs if k.startswith("header.")]
 

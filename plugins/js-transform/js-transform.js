@@ -36,9 +36,9 @@
 // Try:   switchyard plugin run dist/js-transform.wasm --event ../../examples/events/onomondo-usage.json \
 //          --config 'code=function transform(e) { e.body.kb = e.body.bytes / 1000; }'
 
-import { configGet, log as hostLog, lookup as hostLookup } from 'switchyard:plugin/host@0.1.3';
-import { send } from 'switchyard:plugin/http@0.1.3';
-import { get, remove, set } from 'switchyard:plugin/state@0.1.3';
+import { configGet, log as hostLog, lookup as hostLookup } from 'switchyard:plugin/host@0.1.4';
+import { send } from 'switchyard:plugin/http@0.1.4';
+import { get, remove, set } from 'switchyard:plugin/state@0.1.4';
 
 /** A `result` error of the WIT `plugin-error` variant. */
 function pluginError(tag, message) {
@@ -155,14 +155,35 @@ function text(v, what) {
   throw pluginError('other', `${what} is ${JSON.stringify(v)}: a string or a number`);
 }
 
+/** The route's `code`, or an `invalid-config` error. */
+function codeOf() {
+  const code = configGet('code');
+  if (code === undefined || code.trim() === '') {
+    throw pluginError('invalid-config',
+      '`code` must be JavaScript that defines `function transform(event)`');
+  }
+  return code;
+}
+
+// The route's code compiled when the route comes into force (`serve --check`, a start, a
+// reload, the management API), so that one that does not compile, or defines no
+// `transform`, is refused then rather than failing its first event. (Its top-level
+// statements run: `state` and `http` do nothing during the check.)
+export const configCheck = {
+  check() {
+    try {
+      transformOf(codeOf());
+    } catch (e) {
+      const refused = new Error(e?.payload?.val ?? String(e));
+      refused.payload = refused.message;
+      throw refused;
+    }
+  },
+};
+
 export const handler = {
   handle(event) {
-    const code = configGet('code');
-    if (code === undefined || code.trim() === '') {
-      throw pluginError('invalid-config',
-        '`code` must be JavaScript that defines `function transform(event)`');
-    }
-    const transform = transformOf(code);
+    const transform = transformOf(codeOf());
     const body = readBody(event.body);
     const given = {
       id: event.id,

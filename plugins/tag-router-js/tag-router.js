@@ -13,7 +13,7 @@
 // Try:   switchyard plugin run dist/tag-router-js.wasm --event ../../examples/events/onomondo-location.json \
 //          --config label.valid-example=fleet --config default=archive
 
-import { config } from 'switchyard:plugin/host@0.1.3';
+import { config } from 'switchyard:plugin/host@0.1.4';
 
 /** A `result` error of the WIT `plugin-error` variant. */
 function pluginError(tag, message) {
@@ -41,6 +41,29 @@ function add(chosen, list) {
     if (d !== '' && !chosen.includes(d)) chosen.push(d);
   }
 }
+
+/** What is wrong with a config key, if it is not a rule. */
+function badRule(key) {
+  if (key.startsWith('meta.')) {
+    const dot = key.slice(5).indexOf('.');
+    return dot <= 0 ? `\`${key}\`: a metadata rule is meta.NAME.VALUE` : undefined;
+  }
+  if (['label.', 'tag.', 'iccid.'].some((p) => key.startsWith(p)) || key === 'default') return undefined;
+  return `unknown rule \`${key}\` (use label.X, tag.X, iccid.PREFIX, meta.NAME.VALUE or default)`;
+}
+
+// The route's configuration, checked when it comes into force (WIT `config-check`): an
+// error's message is the refusal.
+export const configCheck = {
+  check() {
+    const why = config().map(([key]) => badRule(key)).find((w) => w !== undefined);
+    if (why !== undefined) {
+      const refused = new Error(why);
+      refused.payload = why;
+      throw refused;
+    }
+  },
+};
 
 export const handler = {
   handle(event) {
@@ -71,6 +94,8 @@ export const handler = {
     const chosen = [];
     let fallback;
     for (const [key, destinations] of config()) {
+      const why = badRule(key);
+      if (why !== undefined) throw pluginError('invalid-config', why);
       let matched = false;
       if (key.startsWith('label.')) matched = label === key.slice(6);
       else if (key.startsWith('tag.')) matched = tags.includes(key.slice(4));
@@ -78,17 +103,8 @@ export const handler = {
       else if (key.startsWith('meta.')) {
         const rule = key.slice(5);
         const dot = rule.indexOf('.');
-        if (dot <= 0) {
-          throw pluginError('invalid-config', `\`${key}\`: a metadata rule is meta.NAME.VALUE`);
-        }
         matched = metadata(event, rule.slice(0, dot)) === rule.slice(dot + 1);
-      } else if (key === 'default') fallback = destinations;
-      else {
-        throw pluginError(
-          'invalid-config',
-          `unknown rule \`${key}\` (use label.X, tag.X, iccid.PREFIX, meta.NAME.VALUE or default)`,
-        );
-      }
+      } else fallback = destinations; // (`default`: the only other key `badRule` lets through.)
       if (matched) add(chosen, destinations);
     }
     if (chosen.length === 0) {

@@ -12,7 +12,7 @@ Config (keys are rules, values comma-separated destination names):
 
 Build (bindings are generated from ../../wit by componentize-py; nothing hand-written):
   pip install -r requirements.txt
-  componentize-py -d ../../wit -w plugin componentize app -o tag-router-py.wasm
+  componentize-py -d ../../wit -w checked-plugin componentize app -o tag-router-py.wasm
 Try:
   switchyard plugin run tag-router-py.wasm --event ../../examples/events/onomondo-location.json \
       --config label.valid-example=fleet --config default=archive
@@ -61,6 +61,26 @@ def add(chosen, destinations):
             chosen.append(d)
 
 
+def bad_rule(key):
+    """What is wrong with a config key, if it is not a rule; else None."""
+    if key.startswith("meta."):
+        name, dot, _ = key[len("meta."):].partition(".")
+        return None if name and dot else f"`{key}`: a metadata rule is meta.NAME.VALUE"
+    if key.startswith(("label.", "tag.", "iccid.")) or key == "default":
+        return None
+    return f"unknown rule `{key}` (use label.X, tag.X, iccid.PREFIX, meta.NAME.VALUE or default)"
+
+
+class ConfigCheck(exports.ConfigCheck):
+    """The route's configuration, checked when it comes into force (WIT `config-check`)."""
+
+    def check(self):
+        for key, _ in host.config():
+            why = bad_rule(key)
+            if why is not None:
+                raise Err(why)
+
+
 class Handler(exports.Handler):
     def handle(self, event):
         try:
@@ -91,6 +111,9 @@ class Handler(exports.Handler):
         chosen = []
         fallback = None
         for key, destinations in host.config():
+            why = bad_rule(key)
+            if why is not None:
+                raise Err(PluginError_InvalidConfig(why))
             if key.startswith("label."):
                 matched = label == key[len("label."):]
             elif key.startswith("tag."):
@@ -98,19 +121,12 @@ class Handler(exports.Handler):
             elif key.startswith("iccid."):
                 matched = iccid is not None and iccid.startswith(key[len("iccid."):])
             elif key.startswith("meta."):
-                name, dot, value = key[len("meta."):].partition(".")
-                if not name or not dot:
-                    raise Err(PluginError_InvalidConfig(f"`{key}`: a metadata rule is meta.NAME.VALUE"))
+                name, _, value = key[len("meta."):].partition(".")
                 matched = metadata(event, name) == value
-            elif key == "default":
+            else:
+                # (`default`: the only other key `bad_rule` lets through.)
                 fallback = destinations
                 matched = False
-            else:
-                raise Err(
-                    PluginError_InvalidConfig(
-                        f"unknown rule `{key}` (use label.X, tag.X, iccid.PREFIX, meta.NAME.VALUE or default)"
-                    )
-                )
             if matched:
                 add(chosen, destinations)
         if not chosen:

@@ -37,11 +37,14 @@ fn plugin_check_accepts_every_example_plugin() {
     for name in xtask::PLUGINS {
         let (ok, out, err) = run(&["plugin", "check", path(&guest(name))]);
         assert!(ok, "{name}: {out}{err}");
-        assert!(out.contains("fits switchyard:plugin@0.1.3"), "{out}");
+        assert!(
+            out.contains("fits switchyard:plugin@0.1.4, and checks the configurations"),
+            "{out}"
+        );
     }
 }
 
-/// A plugin built against the first contract (0.1.0) fits this gateway's 0.1.3, whose
+/// A plugin built against the first contract (0.1.0) fits this gateway's 0.1.4, whose
 /// additions it does not use, and runs: the host answers its `config` import.
 #[test]
 fn a_plugin_of_the_first_contract_still_fits_and_runs() {
@@ -55,6 +58,7 @@ fn a_plugin_of_the_first_contract_still_fits_and_runs() {
             .contains("switchyard:plugin/handler@0.1.0"),
         "{report}"
     );
+    assert_eq!(report["checks_config"], false, "{report}");
     let event = xtask::workspace_root().join("examples/events/onomondo-usage.json");
     let args = [
         "plugin",
@@ -86,7 +90,7 @@ fn plugin_check_names_the_mismatch_of_another_version() {
         "{problems}"
     );
     assert!(
-        problems.contains("switchyard:plugin/handler@0.1.3"),
+        problems.contains("switchyard:plugin/handler@0.1.4"),
         "{problems}"
     );
     assert!(
@@ -104,7 +108,7 @@ fn plugin_check_names_a_missing_export_and_a_non_component() {
     let (ok, out, _) = run(&["plugin", "check", path(&empty)]);
     assert!(!ok);
     assert!(
-        out.contains("does not export `switchyard:plugin/handler@0.1.3`"),
+        out.contains("does not export `switchyard:plugin/handler@0.1.4`"),
         "{out}"
     );
     assert!(
@@ -145,10 +149,11 @@ fn plugin_run_prints_the_verdict_as_json() {
         "--event",
         path(&event),
     ]);
-    assert!(!ok, "missing config is a plugin error");
+    assert!(!ok, "a missing config is refused");
     let answer: Value = serde_json::from_str(&out).unwrap();
     assert!(
-        answer["error"].as_str().unwrap().contains("invalid config"),
+        (answer["error"].as_str().unwrap())
+            .starts_with("the plugin refuses this configuration: `allow` must list"),
         "{answer}"
     );
 }
@@ -348,13 +353,13 @@ fn event_filter_keeps_what_passes_its_conditions() {
     }
 }
 
-/// A plugin's answer to a config it cannot read (`pairs`): not ok, an `invalid-config`
-/// error that says `says`.
+/// A plugin's answer to a config it cannot read (`pairs`): not ok, refused by the
+/// plugin's check before the event, saying `says`.
 fn refused_config(pairs: &dyn std::fmt::Debug, (ok, answer): (bool, Value), says: &str) {
     assert!(!ok, "{pairs:?}: {answer}");
     let error = answer["error"].as_str().unwrap();
     assert!(
-        error.contains("invalid config") && error.contains(says),
+        error.starts_with("the plugin refuses this configuration: ") && error.contains(says),
         "{pairs:?}: {error}"
     );
 }
@@ -461,12 +466,23 @@ fn reshape_builds_a_new_body_by_configuration() {
         (&["[0]=/iccid"][..], "such as [0]"),
         (&["x[0]y=/iccid"][..], "such as [0]"),
         (&["x[5000]=/iccid"][..], "at most 1000"),
+    ] {
+        refused_config(&pairs, reshape(pairs), says);
+    }
+    // What depends on the body's values is found at the event: an `invalid-config` error.
+    for (pairs, says) in [
         (&["x=/iccid", "x[0]=/bytes"][..], "`x` is already set"),
         (&["x[0]=/iccid", "x.y=/bytes"][..], "`x` is already set"),
         (&["x=/iccid", "x.y=/bytes"][..], "`x` is already set"),
         (&["*=/type"][..], "is not an object"),
     ] {
-        refused_config(&pairs, reshape(pairs), says);
+        let (ok, answer) = reshape(pairs);
+        assert!(!ok, "{pairs:?}: {answer}");
+        let error = answer["error"].as_str().unwrap();
+        assert!(
+            error.contains("plugin error: invalid config: ") && error.contains(says),
+            "{pairs:?}: {error}"
+        );
     }
 }
 
@@ -729,6 +745,84 @@ fn serve_check_says_whether_the_gateway_would_start() {
     assert!(!ok);
     assert!(out.contains("there is no nope.wasm in"), "{out}");
     assert!(!data.exists(), "the check opened the store");
+}
+
+/// A route's configuration of a plugin that the plugin itself refuses (its WIT
+/// `config-check`, 0.1.4) stops `serve --check`, `switchyard dry-run` and a start, each
+/// naming the route's entry and the plugin's words; a plugin built before 0.1.4, which
+/// has no check, is not held up.
+#[tokio::test(flavor = "multi_thread")]
+async fn plugins_refuse_configurations_they_cannot_work_with_before_any_event() {
+    let plugins = ["reshape", "validate", "tag-router", "contract-0-1-0"];
+    let dir = crate::util::TestGateway::dir_with_plugins(&plugins);
+    let config = dir.path().join("switchyard.toml");
+    let data = dir.path().join("data");
+    let write = |reshape: &str, schema: &str, rule: &str| {
+        let text = format!(
+            "[server]\ndata_dir = \"{}\"\n[plugins]\ndir = \"{}\"\n[[sources]]\nname = \"s\"\n\
+             [[routes]]\nsource = \"s\"\nplugins = [{{ name = \"reshape\", config = {{ {reshape} }} }}]\n\
+             [[routes]]\nsource = \"s\"\nplugins = [{{ name = \"validate\", config = {{ schema = '{schema}' }} }}]\n\
+             [[routes]]\nsource = \"s\"\nplugins = [{{ name = \"contract-0-1-0\", config = {{ anything = \"goes\" }} }}, \
+             {{ name = \"tag-router\", config = {{ {rule} = \"a\" }} }}]\n",
+            path(&data),
+            path(&dir.path().join("plugins.d")),
+        );
+        std::fs::write(&config, text).unwrap();
+    };
+    let check = || run(&["serve", "--check", "--config", path(&config)]);
+
+    write(r#""a..b" = "/x""#, r#"{"type": "object"#, r#""colour.red""#);
+    let (ok, out, err) = check();
+    assert!(!ok, "{out}{err}");
+    for refusal in [
+        "`routes[0].plugins[0].config`: plugin `reshape` refuses this configuration: `a..b`: an output is names joined by dots",
+        "`routes[1].plugins[0].config`: plugin `validate` refuses this configuration: the schema is not JSON",
+        "`routes[2].plugins[1].config`: plugin `tag-router` refuses this configuration: unknown rule `colour.red`",
+    ] {
+        assert!(out.contains(refusal), "{refusal}\n{out}{err}");
+    }
+    assert_eq!(
+        out.matches("refuses this configuration").count(),
+        3,
+        "{out}"
+    );
+    // A dry run loads the routes as a start would, and refuses as it would.
+    let event = xtask::workspace_root().join("examples/events/onomondo-usage.json");
+    let (ok, out, err) = run(&[
+        "dry-run",
+        "--config",
+        path(&config),
+        "--source",
+        "s",
+        "--event",
+        path(&event),
+    ]);
+    assert!(!ok, "{out}{err}");
+    assert!(
+        err.contains("plugin `reshape` refuses this configuration"),
+        "{err}"
+    );
+    // A start: refused, naming them.
+    let loaded = switchyard::config::Config::load(&config, &|_| None).unwrap();
+    let started = switchyard::Gateway::new(loaded).await;
+    let error = format!("{:#}", started.err().expect("the start is refused"));
+    assert!(
+        error.contains("`routes[1].plugins[0].config`: plugin `validate` refuses"),
+        "{error}"
+    );
+
+    // Each mended: it would start.
+    write(
+        r#""a.b" = "/x", "c[0]" = "=SIM {/iccid}""#,
+        r#"{"type": "object"}"#,
+        r#""label.fleet""#,
+    );
+    let (ok, out, err) = check();
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains("would start: 1 sources, 0 destinations, 3 routes"),
+        "{out}"
+    );
 }
 
 /// A copy of the quickstart's config in a directory of its own, with its plugins built

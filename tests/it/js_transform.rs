@@ -104,10 +104,6 @@ function transform(event) {
 
 [[sources]]
 name = "broken"
-[[routes]]
-source = "broken"
-destinations = ["archive"]
-plugins = [{ name = "js-transform", config = { code = "function transform(event) { return {" } }]
 
 [[sources]]
 name = "loops"
@@ -215,18 +211,41 @@ async fn js_transform_runs_the_routes_own_code_in_the_sandbox() {
         "{answer}"
     );
 
-    // A throw, code that does not compile, and a loop that never ends are the plugin's
-    // errors, each saying what and where; the route's `on_error` (dead-letter) applies.
+    // Code that does not compile, or defines no `transform`, is refused when the route is
+    // made (the plugin's `config-check`), saying what and where; nothing is made.
+    let broken = |code: &str| {
+        json!({ "name": "broken", "source": "broken", "destinations": ["archive"],
+                "plugins": [{ "name": "js-transform", "config": { "code": code } }] })
+    };
+    let made = |code: &'static str| {
+        let (gw, route) = (&gw, broken(code));
+        async move { gw.send("POST", "/v1/routes", Some(route)).await }
+    };
+    let (status, answer) = made("function transform(event) {\n  return {\n}").await;
+    assert_eq!(status, 400, "{answer}");
+    let refusal = answer.to_string();
+    assert!(
+        refusal.contains("plugins[0].config")
+            && refusal.contains("plugin `js-transform` refuses this configuration")
+            && refusal.contains("`code` does not compile: SyntaxError"),
+        "{answer}"
+    );
+    let (status, answer) = made("const transform = 1;").await;
+    assert_eq!(status, 400, "{answer}");
+    assert!(
+        (answer.to_string()).contains("`code` must define `function transform(event)`"),
+        "{answer}"
+    );
+    let (status, answer) = gw.send("GET", "/v1/routes/broken", None).await;
+    assert_eq!(status, 404, "{answer}");
+
+    // A throw and a loop that never ends are the plugin's errors at an event, each saying
+    // what and where; the route's `on_error` (dead-letter) applies.
     let error = |answer: &Value| answer["routes"][0]["result"]["error"].to_string();
     let answer = dry_run("throws", usage.clone()).await;
     assert!(
         error(&answer).contains("transform threw: TypeError")
             && error(&answer).contains("(line 3)"),
-        "{answer}"
-    );
-    let answer = dry_run("broken", usage.clone()).await;
-    assert!(
-        error(&answer).contains("`code` does not compile: SyntaxError"),
         "{answer}"
     );
     let answer = dry_run("loops", usage.clone()).await;
@@ -244,6 +263,28 @@ async fn js_transform_runs_the_routes_own_code_in_the_sandbox() {
     write_label("device");
     let (status, report) = gw.send("POST", "/v1/reload", None).await;
     assert_eq!(status, 200, "{report}");
+    let answer = dry_run("from-file", usage.clone()).await;
+    assert_eq!(
+        answer["deliveries"][0]["body"]["label"], "device-8945738730000000012",
+        "{answer}"
+    );
+    // A change to the file that breaks the code is refused by the reload, which keeps the
+    // code in force serving.
+    std::fs::write(
+        &label,
+        "function transform(event) {\n  event.body.label = ;\n}\n",
+    )
+    .unwrap();
+    let (status, report) = gw.send("POST", "/v1/reload", None).await;
+    assert_eq!(status, 422, "{report}");
+    assert_eq!(report["config"], "rejected", "{report}");
+    let why = report["config_error"].as_str().unwrap_or_default();
+    assert!(
+        why.contains(".plugins[0].config")
+            && why.contains("SyntaxError")
+            && why.contains("(line 2)"),
+        "{report}"
+    );
     let answer = dry_run("from-file", usage.clone()).await;
     assert_eq!(
         answer["deliveries"][0]["body"]["label"], "device-8945738730000000012",

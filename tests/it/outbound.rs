@@ -192,7 +192,10 @@ destinations = ["sink"]
     );
 
     // Routes made through the API grant origins the same way, checked as the file's are.
-    let plugin = |origin: &str| json!([{ "name": "enrich", "allow_http": [origin] }]);
+    let plugin = |origin: &str| {
+        json!([{ "name": "enrich", "config": { "url": format!("{origin}/sims/{{/iccid}}") },
+                 "allow_http": [origin] }])
+    };
     let route =
         |origin: &str| json!({ "name": "api", "source": "other", "plugins": plugin(origin) });
     let (status, e) = gw

@@ -302,6 +302,11 @@ try {
   // route's JSON, runs, and is shown again for editing.
   await page.getByRole('button', { name: 'New route' }).click();
   await page.getByLabel('Route as JSON').fill(JSON.stringify({ name: 'ui-transform', source: 'ui-source', plugins: [{ name: 'js-transform' }], destinations: ['ui-made'] }));
+  // Code that does not compile is refused when the route is made, saying where.
+  await page.getByLabel('JavaScript of plugins[0]').fill('function transform(event) {\n  return event.;\n}');
+  await page.locator('.routes-editor').getByRole('button', { name: 'Create' }).click();
+  await page.locator('#toast', { hasText: 'does not compile: SyntaxError' }).filter({ hasText: '(line 2)' }).waitFor();
+  await shot('route-code-refused');
   const code = 'function transform(event) {\n  event.body.via = `dashboard`;\n}';
   await page.getByLabel('JavaScript of plugins[0]').fill(code);
   if (!(await page.getByLabel('Route as JSON').inputValue()).includes('event.body.via')) throw new Error('the code is not in the route\'s JSON');

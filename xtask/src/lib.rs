@@ -185,7 +185,7 @@ pub fn build_python(name: &str, out_dir: &Path) -> Result<PathBuf, String> {
     run(Command::new(venv.join("bin/componentize-py"))
         .arg("-d")
         .arg(root.join("wit"))
-        .args(["-w", "plugin", "componentize", "app", "-o"])
+        .args(["-w", "checked-plugin", "componentize", "app", "-o"])
         .arg(&tmp)
         .current_dir(&dir))?;
     std::fs::rename(&tmp, &to).map_err(|e| format!("cannot move {}: {e}", tmp.display()))?;

@@ -24,8 +24,11 @@ pub use self::switchyard::plugin::host::LogLevel;
 pub use self::switchyard::plugin::types::{Delivery, Update};
 
 /// The package and version of the contract this gateway implements.
-pub const WIT_PACKAGE: &str = "switchyard:plugin@0.1.3";
+pub const WIT_PACKAGE: &str = "switchyard:plugin@0.1.4";
 /// The interface a plugin must export.
-pub const HANDLER_EXPORT: &str = "switchyard:plugin/handler@0.1.3";
+pub const HANDLER_EXPORT: &str = "switchyard:plugin/handler@0.1.4";
 /// The interface the gateway provides to plugins.
-pub const HOST_IMPORT: &str = "switchyard:plugin/host@0.1.3";
+pub const HOST_IMPORT: &str = "switchyard:plugin/host@0.1.4";
+/// The interface a plugin may export for its configuration to be checked (since 0.1.4;
+/// not in the `plugin` world, so looked up by name: `LoadedPlugin::check_config`).
+pub const CONFIG_CHECK_EXPORT: &str = "switchyard:plugin/config-check@0.1.4";

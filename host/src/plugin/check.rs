@@ -20,6 +20,9 @@ pub struct CheckReport {
     pub imports: Vec<String>,
     pub exports: Vec<String>,
     pub problems: Vec<String>,
+    /// Whether it exports `config-check`: a route's configuration of it is checked when
+    /// it comes into force (since 0.1.4).
+    pub checks_config: bool,
 }
 
 /// Checks a component file against the world this gateway implements.
@@ -32,6 +35,7 @@ pub fn check_component(runtime: &PluginRuntime, path: &Path) -> CheckReport {
         imports: Vec::new(),
         exports: Vec::new(),
         problems: Vec::new(),
+        checks_config: false,
     };
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
@@ -56,6 +60,7 @@ pub fn check_component(runtime: &PluginRuntime, path: &Path) -> CheckReport {
     match runtime.load_bytes("check", &bytes) {
         Ok(loaded) => {
             report.sha256 = Some(loaded.sha256().to_string());
+            report.checks_config = loaded.checks_config();
             report.ok = true;
         }
         Err(e) if report.problems.is_empty() => report.problems.push(format!("{e:#}")),

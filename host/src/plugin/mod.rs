@@ -25,7 +25,7 @@ use wasmtime::{
 };
 
 pub use answers::Answers;
-pub use bindings::{HANDLER_EXPORT, HOST_IMPORT, WIT_PACKAGE};
+pub use bindings::{CONFIG_CHECK_EXPORT, HANDLER_EXPORT, HOST_IMPORT, WIT_PACKAGE};
 pub use check::{CheckReport, check_component};
 pub use convert::{PluginDelivery, PluginUpdate, PluginVerdict};
 pub use outbound::{
@@ -272,9 +272,13 @@ impl PluginRuntime {
             imports("switchyard:plugin/state@"),
             imports("switchyard:plugin/http@"),
         );
+        // (Any 0.1.x: looked up by this gateway's name, which the instance matches to it.)
+        let checks_config = (component.component_type().exports(&self.engine))
+            .any(|(export, _)| export.starts_with("switchyard:plugin/config-check@0.1."));
         Ok(LoadedPlugin {
             stateful,
             sends_http,
+            checks_config,
             name: name.into(),
             sha256,
             size: bytes.len(),
@@ -401,6 +405,8 @@ pub struct LoadedPlugin {
     stateful: bool,
     /// Whether it imports `http` (may send requests, where a route allows).
     sends_http: bool,
+    /// Whether it exports `config-check` (its configurations are checked before use).
+    checks_config: bool,
 }
 
 impl LoadedPlugin {
@@ -413,6 +419,54 @@ impl LoadedPlugin {
     /// origins a route allows it.
     pub fn sends_http(&self) -> bool {
         self.sends_http
+    }
+
+    /// Whether the plugin exports the `config-check` interface: a route's configuration of
+    /// it is checked before any event meets it ([`LoadedPlugin::check_config`]).
+    pub fn checks_config(&self) -> bool {
+        self.checks_config
+    }
+
+    /// Asks the plugin whether `input.config` is a configuration it can work with (WIT
+    /// `config-check`, since 0.1.4), on an instance of its own under `limits`: `Ok` if it
+    /// says so or does not export the check, else what is wrong — in its words, or the
+    /// trap or deadline that ended the check. Not counted in the call statistics.
+    pub async fn check_config(&self, input: CallInput, limits: CallLimits) -> Result<(), String> {
+        if !self.checks_config {
+            return Ok(());
+        }
+        let mut store = self.new_store("config-check".into(), input, limits.max_memory);
+        set_deadline(&mut store, limits.deadline);
+        let result: wasmtime::Result<Result<(), String>> = async {
+            let instance = (self.pre.instance_pre())
+                .instantiate_async(&mut store)
+                .await?;
+            let missing = || wasmtime::format_err!("no `check` in `{CONFIG_CHECK_EXPORT}`");
+            let interface = (instance.get_export_index(&mut store, None, CONFIG_CHECK_EXPORT))
+                .ok_or_else(missing)?;
+            let check = (instance.get_export_index(&mut store, Some(&interface), "check"))
+                .ok_or_else(missing)?;
+            let check = instance.get_typed_func::<(), (Result<(), String>,)>(&mut store, &check)?;
+            let (answer,) = check.call_async(&mut store, ()).await?;
+            Ok(answer)
+        }
+        .await;
+        store.data().flush_output();
+        match result {
+            Ok(answer) => answer,
+            Err(error) => Err(match error.downcast_ref::<wasmtime::Trap>() {
+                Some(wasmtime::Trap::Interrupt) => {
+                    format!("the check ran past the deadline of {:?}", limits.deadline)
+                }
+                _ => {
+                    let error = format!("{error:#}");
+                    format!(
+                        "the check trapped: {}",
+                        crate::managed::redact_query_secrets(&error)
+                    )
+                }
+            }),
+        }
     }
 
     /// Whether the compiled code came from the cache (no compilation).
@@ -501,7 +555,7 @@ impl LoadedPlugin {
         }
     }
 
-    fn new_store(&self, event: &Event, input: CallInput, max_memory: usize) -> Store<PluginState> {
+    fn new_store(&self, call: String, input: CallInput, max_memory: usize) -> Store<PluginState> {
         let store_limits = StoreLimitsBuilder::new()
             .memory_size(max_memory)
             .instances(20)
@@ -509,7 +563,7 @@ impl LoadedPlugin {
             .memories(20)
             .trap_on_grow_failure(true)
             .build();
-        let state = PluginState::new(self.name.clone(), event.id.to_string(), input, store_limits);
+        let state = PluginState::new(self.name.clone(), call, input, store_limits);
         let mut store = Store::new(self.pre.engine(), state);
         store.limiter(|s| &mut s.limits);
         store
@@ -521,7 +575,7 @@ impl LoadedPlugin {
         input: CallInput,
         limits: CallLimits,
     ) -> Result<PluginVerdict, CallError> {
-        let mut store = self.new_store(event, input, limits.max_memory);
+        let mut store = self.new_store(event.id.to_string(), input, limits.max_memory);
         set_deadline(&mut store, limits.deadline);
         let result = match self.pre.instantiate_async(&mut store).await {
             Ok(plugin) => invoke(&plugin, &mut store, event).await,
@@ -548,7 +602,7 @@ impl LoadedPlugin {
                 w
             }
             None => {
-                let mut store = self.new_store(event, input, limits.max_memory);
+                let mut store = self.new_store(event.id.to_string(), input, limits.max_memory);
                 set_deadline(&mut store, limits.deadline);
                 let plugin = match self.pre.instantiate_async(&mut store).await {
                     Ok(p) => p,

@@ -35,31 +35,36 @@ struct ChangeFilter;
 /// How many times a value changed by another event meanwhile is read again.
 const SWAPS: usize = 10;
 
+/// The config: `key`, `fields` and `ttl`; or what is wrong with it.
+fn settings() -> Result<(String, Vec<String>, Option<u32>), String> {
+    let key = config("key").ok_or("`key` must name a JSON pointer, e.g. /iccid")?;
+    let fields = config_list("fields");
+    if fields.is_empty() {
+        return Err("`fields` must list at least one JSON pointer, e.g. /network/mcc".into());
+    }
+    if let Some(bad) = std::iter::once(&key)
+        .chain(&fields)
+        .find(|p| !p.starts_with('/'))
+    {
+        return Err(format!("`{bad}` is not a JSON pointer (it starts with /)"));
+    }
+    let ttl = match config("ttl") {
+        None => None,
+        Some(t) => Some(
+            (t.trim().parse::<u32>())
+                .map_err(|_| format!("`ttl` must be a number of seconds, not `{t}`"))?,
+        ),
+    };
+    Ok((key, fields, ttl))
+}
+
 impl Plugin for ChangeFilter {
+    fn check_config() -> Result<(), String> {
+        settings().map(|_| ())
+    }
+
     fn handle(event: Event) -> Result<Verdict, PluginError> {
-        let key = config("key").ok_or_else(|| {
-            PluginError::InvalidConfig("`key` must name a JSON pointer, e.g. /iccid".into())
-        })?;
-        let fields = config_list("fields");
-        if fields.is_empty() {
-            return Err(PluginError::InvalidConfig(
-                "`fields` must list at least one JSON pointer, e.g. /network/mcc".into(),
-            ));
-        }
-        if let Some(bad) = std::iter::once(&key)
-            .chain(&fields)
-            .find(|p| !p.starts_with('/'))
-        {
-            return Err(PluginError::InvalidConfig(format!(
-                "`{bad}` is not a JSON pointer (it starts with /)"
-            )));
-        }
-        let ttl = match config("ttl") {
-            None => None,
-            Some(t) => Some(t.trim().parse::<u32>().map_err(|_| {
-                PluginError::InvalidConfig(format!("`ttl` must be a number of seconds, not `{t}`"))
-            })?),
-        };
+        let (key, fields, ttl) = settings().map_err(PluginError::InvalidConfig)?;
         let body = json_body(&event)?;
         let Some(id) = body.pointer(&key).and_then(scalar_text) else {
             return Ok(Verdict::Continue(Update::default()));

@@ -36,33 +36,70 @@ use switchyard_plugin::*;
 
 struct Enrich;
 
+/// The config's `url`, `into`, `not_found` and `cache_ttl`.
+struct Settings {
+    template: String,
+    into: String,
+    not_found: String,
+    cache_ttl: Option<u32>,
+}
+
+/// The config as `handle` reads it; or what is wrong with it.
+fn settings() -> Result<Settings, PluginError> {
+    let invalid = |m: String| PluginError::InvalidConfig(m);
+    let template = config("url").ok_or_else(|| {
+        invalid("`url` must name the service, e.g. https://crm.example.com/sims/{/iccid}".into())
+    })?;
+    let into = config("into").unwrap_or_else(|| "/enrichment".into());
+    if !into.is_empty() && !into.starts_with('/') {
+        return Err(invalid(format!(
+            "`into` must be a JSON pointer (it starts with /) or empty, not `{into}`"
+        )));
+    }
+    let not_found = config("not_found").unwrap_or_else(|| "pass".into());
+    if !["pass", "drop", "error"].contains(&not_found.as_str()) {
+        return Err(invalid(format!(
+            "`not_found` must be pass, drop or error, not `{not_found}`"
+        )));
+    }
+    let cache_ttl = match config("cache_ttl") {
+        None => None,
+        Some(t) => Some((t.trim().parse::<u32>()).map_err(|_| {
+            invalid(format!(
+                "`cache_ttl` must be a number of seconds, not `{t}`"
+            ))
+        })?),
+    };
+    // The templates' placeholders are closed (filled from a body that has every value).
+    for (what, template) in [("url", Some(template.clone())), ("body", config("body"))] {
+        if let Some(t) = template {
+            check_placeholders(&t, what)?;
+        }
+    }
+    Ok(Settings {
+        template,
+        into,
+        not_found,
+        cache_ttl,
+    })
+}
+
 impl Plugin for Enrich {
+    fn check_config() -> Result<(), String> {
+        settings().map(|_| ()).map_err(|e| match e {
+            PluginError::InvalidConfig(m)
+            | PluginError::InvalidEvent(m)
+            | PluginError::Other(m) => m,
+        })
+    }
+
     fn handle(event: Event) -> Result<Verdict, PluginError> {
-        let template = config("url").ok_or_else(|| {
-            PluginError::InvalidConfig(
-                "`url` must name the service, e.g. https://crm.example.com/sims/{/iccid}".into(),
-            )
-        })?;
-        let into = config("into").unwrap_or_else(|| "/enrichment".into());
-        if !into.is_empty() && !into.starts_with('/') {
-            return Err(PluginError::InvalidConfig(format!(
-                "`into` must be a JSON pointer (it starts with /) or empty, not `{into}`"
-            )));
-        }
-        let not_found = config("not_found").unwrap_or_else(|| "pass".into());
-        if !["pass", "drop", "error"].contains(&not_found.as_str()) {
-            return Err(PluginError::InvalidConfig(format!(
-                "`not_found` must be pass, drop or error, not `{not_found}`"
-            )));
-        }
-        let cache_ttl = match config("cache_ttl") {
-            None => None,
-            Some(t) => Some(t.trim().parse::<u32>().map_err(|_| {
-                PluginError::InvalidConfig(format!(
-                    "`cache_ttl` must be a number of seconds, not `{t}`"
-                ))
-            })?),
-        };
+        let Settings {
+            template,
+            into,
+            not_found,
+            cache_ttl,
+        } = settings()?;
         let all = config_all();
         let headers: Vec<(&str, &str)> = (all.iter())
             .filter_map(|(k, v)| Some((k.strip_prefix("header.")?, v.as_str())))
@@ -178,6 +215,20 @@ fn fill(
     }
     out.push_str(rest);
     Ok(out)
+}
+
+/// Whether each `{/pointer}` placeholder of `template` (the config's `what`) is closed.
+fn check_placeholders(template: &str, what: &str) -> Result<(), PluginError> {
+    let mut rest = template;
+    while let Some(start) = rest.find("{/") {
+        let Some(end) = rest[start..].find('}') else {
+            return Err(PluginError::InvalidConfig(format!(
+                "`{what}` has an unclosed placeholder: `{template}`"
+            )));
+        };
+        rest = &rest[start + end + 1..];
+    }
+    Ok(())
 }
 
 /// A value in a URL: its text, percent-encoded.

@@ -15,7 +15,8 @@
 //!
 //! An event is kept when its type is allowed (if `allow` is set) and every condition holds;
 //! otherwise it is dropped with the first reason. At least `allow` or one condition must be
-//! given; a condition that cannot be read is an `invalid-config` error naming it.
+//! given; a condition that cannot be read is an `invalid-config` error naming it (and is
+//! refused when the route comes into force, by `config-check`).
 //!
 //! ```toml
 //! plugins = [{ name = "event-filter", config = { allow = "usage", "/sim/label" = "fleet", "/bytes" = ">=1000" } }]
@@ -29,19 +30,30 @@ use switchyard_plugin::*;
 
 struct EventFilter;
 
+/// The types allowed and the conditions, from the config; or what is wrong with it.
+#[allow(clippy::type_complexity)]
+fn settings() -> Result<(Vec<String>, Vec<(String, Condition)>), String> {
+    let allow = config_list("allow");
+    let conditions = (config_all().into_iter())
+        .filter(|(key, _)| key.starts_with('/'))
+        .map(|(pointer, text)| Condition::parse(&text).map(|c| (pointer, c)))
+        .collect::<Result<Vec<_>, _>>()?;
+    if allow.is_empty() && conditions.is_empty() {
+        return Err(
+            "`allow` must list at least one event type, or a `/json/pointer` key give a condition"
+                .into(),
+        );
+    }
+    Ok((allow, conditions))
+}
+
 impl Plugin for EventFilter {
+    fn check_config() -> Result<(), String> {
+        settings().map(|_| ())
+    }
+
     fn handle(event: Event) -> Result<Verdict, PluginError> {
-        let allow = config_list("allow");
-        let conditions = (config_all().into_iter())
-            .filter(|(key, _)| key.starts_with('/'))
-            .map(|(pointer, text)| Condition::parse(&text).map(|c| (pointer, c)))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(PluginError::InvalidConfig)?;
-        if allow.is_empty() && conditions.is_empty() {
-            return Err(PluginError::InvalidConfig(
-                "`allow` must list at least one event type, or a `/json/pointer` key give a condition".into(),
-            ));
-        }
+        let (allow, conditions) = settings().map_err(PluginError::InvalidConfig)?;
         let field = config("field").unwrap_or_else(|| "type".into());
         let body = json_body(&event)?;
         let event_type = body.get(&field).and_then(Value::as_str);

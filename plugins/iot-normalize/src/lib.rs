@@ -46,7 +46,20 @@ const ORDER_STATES: &[&str] = &[
     "Pending",
 ];
 
+/// The providers `provider` may name.
+const PROVIDERS: &[&str] = &["onomondo", "bondio", "mobilemanager", "1nce"];
+
 impl Plugin for IotNormalize {
+    fn check_config() -> Result<(), String> {
+        match config("provider") {
+            Some(p) if !PROVIDERS.contains(&p.as_str()) => Err(format!(
+                "unknown provider `{p}` (one of {})",
+                PROVIDERS.join(", ")
+            )),
+            _ => Ok(()),
+        }
+    }
+
     fn handle(event: Event) -> Result<Verdict, PluginError> {
         let body = json_body(&event)?;
         let Value::Object(obj) = &body else {

@@ -25,6 +25,20 @@ const FIELDS: &[(&str, &[&str])] = &[
 ];
 
 impl Plugin for MetadataInject {
+    fn check_config() -> Result<(), String> {
+        match config_all()
+            .iter()
+            .find(|(_, source)| parse(source).is_none())
+        {
+            Some((name, _)) => Err(match bad(name) {
+                PluginError::InvalidConfig(m)
+                | PluginError::InvalidEvent(m)
+                | PluginError::Other(m) => m,
+            }),
+            None => Ok(()),
+        }
+    }
+
     fn handle(event: Event) -> Result<Verdict, PluginError> {
         let body = json_body(&event)?;
         let mut metadata = Vec::new();
@@ -34,22 +48,19 @@ impl Plugin for MetadataInject {
             }
         }
         for (name, source) in config_all() {
-            let value = match source.split_once('[') {
-                None if source.starts_with('/') => body.pointer(&source).and_then(scalar_text),
-                Some((table, rest)) if !table.is_empty() => {
-                    let Some((key, pointer)) = rest.split_once(']') else {
-                        return Err(bad(&name));
-                    };
-                    if !(pointer.is_empty() || pointer.starts_with('/')) {
-                        return Err(bad(&name));
-                    }
+            let value = match parse(&source).ok_or_else(|| bad(&name))? {
+                Source::Pointer(pointer) => body.pointer(pointer).and_then(scalar_text),
+                Source::Row {
+                    table,
+                    key,
+                    pointer,
+                } => {
                     let key = (metadata.iter().rev())
                         .find(|(n, _)| n == key)
                         .map(|(_, v)| v);
                     let row = key.and_then(|key| lookup(table, key));
                     row.and_then(|row| row.pointer(pointer).and_then(scalar_text))
                 }
-                _ => return Err(bad(&name)),
             };
             if let Some(value) = value {
                 metadata.push((name, value));
@@ -59,6 +70,35 @@ impl Plugin for MetadataInject {
             metadata,
             ..Update::default()
         }))
+    }
+}
+
+/// Where a metadata value comes from.
+enum Source<'a> {
+    /// `/a/pointer` of the body.
+    Pointer(&'a str),
+    /// `table[key]/pointer`: the row of `table` whose key is the metadata `key` found so
+    /// far, at `pointer` (the whole row if empty).
+    Row {
+        table: &'a str,
+        key: &'a str,
+        pointer: &'a str,
+    },
+}
+
+/// A config value as a source; `None` if it is neither form.
+fn parse(source: &str) -> Option<Source<'_>> {
+    match source.split_once('[') {
+        None if source.starts_with('/') => Some(Source::Pointer(source)),
+        Some((table, rest)) if !table.is_empty() => {
+            let (key, pointer) = rest.split_once(']')?;
+            (pointer.is_empty() || pointer.starts_with('/')).then_some(Source::Row {
+                table,
+                key,
+                pointer,
+            })
+        }
+        _ => None,
     }
 }
 

@@ -19,7 +19,8 @@
 //! The pair `* = /pointer` starts the new body from that object of the event's body
 //! (`* = /` keeps the whole body; `* = /data` lifts `data` up) instead of an empty one; the
 //! other pairs then add or replace fields. A body that is not JSON is an `invalid-event`
-//! error; a config that is not as above is an `invalid-config` error naming the pair.
+//! error; a config that is not as above is an `invalid-config` error naming the pair, and
+//! is refused when the route comes into force (`config-check`).
 //!
 //! ```toml
 //! plugins = [{ name = "reshape", config = { "device.iccid" = "/iccid", "usage.bytes" = "/bytes", "kind" = "=usage" } }]
@@ -38,6 +39,15 @@ impl Plugin for Reshape {
         let lookup = |name: &str| metadata(&event, name).map(str::to_string);
         let shaped = reshape(&body, &config_all(), lookup).map_err(PluginError::InvalidConfig)?;
         Ok(continue_with_json(&shaped, Vec::new()))
+    }
+
+    /// Each pair as `handle` reads it, whatever a body holds: its output path and its source.
+    fn check_config() -> Result<(), String> {
+        let pairs = config_all();
+        for (path, _) in pairs.iter().filter(|(k, _)| k != "*") {
+            steps(path)?;
+        }
+        reshape(&Value::Object(Map::new()), &pairs, |_| None).map(|_| ())
     }
 }
 

@@ -1,8 +1,8 @@
 //! Write Switchyard plugins in Rust.
 //!
-//! The bindings are generated from the repository's `wit/` (the `switchyard:plugin@0.1.3`
-//! world), so the SDK and the gateway share one contract. A plugin implements [`Plugin`]
-//! and registers itself with [`export_plugin!`]:
+//! The bindings are generated from the repository's `wit/` (the `checked-plugin` world of
+//! `switchyard:plugin@0.1.4`), so the SDK and the gateway share one contract. A plugin
+//! implements [`Plugin`] and registers itself with [`export_plugin!`]:
 //!
 //! ```ignore
 //! use switchyard_plugin::*;
@@ -18,22 +18,69 @@
 //! export_plugin!(Hello);
 //! ```
 //!
+//! A plugin that reads a configuration also implements [`Plugin::check_config`], so that a
+//! route's configuration the plugin cannot work with is refused when it comes into force
+//! (`serve --check`, a start, a reload, the management API) rather than at its first event.
+//!
 //! Build with `cargo build --release --target wasm32-wasip2`; the `.wasm` file in
 //! `target/wasm32-wasip2/release/` is the plugin.
 
 wit_bindgen::generate!({
     path: "../../wit",
-    world: "plugin",
+    world: "checked-plugin",
     pub_export_macro: true,
-    export_macro_name: "export_plugin",
+    export_macro_name: "__export_world",
     default_bindings_module: "switchyard_plugin",
 });
 
-pub use exports::switchyard::plugin::handler::Guest as Plugin;
+/// What a plugin implements: [`Plugin::handle`], called for each event, and
+/// [`Plugin::check_config`], called when a route's configuration of the plugin comes into
+/// force. Registered with [`export_plugin!`].
+pub trait Plugin {
+    /// Decides what happens to one event (the WIT `handler.handle`).
+    fn handle(event: Event) -> Result<Verdict, PluginError>;
+
+    /// Whether the configuration [`config`] and [`config_all`] give now is one
+    /// [`Plugin::handle`] can work with: an error says what is wrong, naming the key (the
+    /// WIT `config-check.check`, since 0.1.4). `state` and `http` do nothing here. By
+    /// default every configuration is accepted, and `handle`'s `invalid-config` errors
+    /// show a wrong one at its first event.
+    fn check_config() -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// Registers a type implementing [`Plugin`] as the component's `handler` and
+/// `config-check` exports.
+#[macro_export]
+macro_rules! export_plugin {
+    ($ty:ty) => {
+        const _: () = {
+            struct SwitchyardPlugin;
+            impl $crate::__exports::Handler for SwitchyardPlugin {
+                fn handle(event: $crate::Event) -> Result<$crate::Verdict, $crate::PluginError> {
+                    <$ty as $crate::Plugin>::handle(event)
+                }
+            }
+            impl $crate::__exports::ConfigCheck for SwitchyardPlugin {
+                fn check() -> Result<(), String> {
+                    <$ty as $crate::Plugin>::check_config()
+                }
+            }
+    $crate::__export_world!(SwitchyardPlugin with_types_in $crate);
+        };
+    };
+}
+
+#[doc(hidden)]
+pub mod __exports {
+    pub use crate::exports::switchyard::plugin::config_check::Guest as ConfigCheck;
+    pub use crate::exports::switchyard::plugin::handler::Guest as Handler;
+}
 pub use switchyard::plugin::host::{LogLevel, log};
 /// Requests to the HTTP services the route allows the plugin (`http::send`, or
 /// [`http_get`]): the route lists their origins in the plugin's `allow_http`. Needs a
-/// gateway of `switchyard:plugin@0.1.3`.
+/// gateway of `switchyard:plugin@0.1.3` or later.
 pub use switchyard::plugin::http;
 /// What the plugin keeps from one event to the next (`state::get`, `state::set`,
 /// `state::swap`, `state::remove`): text by key, in the gateway's store, each value expiring. Needs a

@@ -21,7 +21,33 @@ use switchyard_plugin::*;
 
 struct TagRouter;
 
+/// What is wrong with a config key, if it is not a rule.
+fn bad_rule(key: &str) -> Option<String> {
+    if let Some(rule) = key.strip_prefix("meta.") {
+        return match rule.split_once('.') {
+            Some((name, _)) if !name.is_empty() => None,
+            _ => Some(format!("`{key}`: a metadata rule is meta.NAME.VALUE")),
+        };
+    }
+    let known = ["label.", "tag.", "iccid."]
+        .iter()
+        .any(|p| key.starts_with(p))
+        || key == "default";
+    (!known).then(|| {
+        format!(
+            "unknown rule `{key}` (use label.X, tag.X, iccid.PREFIX, meta.NAME.VALUE or default)"
+        )
+    })
+}
+
 impl Plugin for TagRouter {
+    fn check_config() -> Result<(), String> {
+        config_all()
+            .iter()
+            .find_map(|(key, _)| bad_rule(key))
+            .map_or(Ok(()), Err)
+    }
+
     fn handle(event: Event) -> Result<Verdict, PluginError> {
         let body = json_body(&event)?;
         let payload = if body.get("specversion").is_some() {
@@ -52,6 +78,9 @@ impl Plugin for TagRouter {
         let mut chosen: Vec<String> = Vec::new();
         let mut default = None;
         for (key, destinations) in config_all() {
+            if let Some(why) = bad_rule(&key) {
+                return Err(PluginError::InvalidConfig(why));
+            }
             let matched = if let Some(l) = key.strip_prefix("label.") {
                 label == Some(l)
             } else if let Some(t) = key.strip_prefix("tag.") {
@@ -59,23 +88,12 @@ impl Plugin for TagRouter {
             } else if let Some(prefix) = key.strip_prefix("iccid.") {
                 iccid.as_deref().is_some_and(|i| i.starts_with(prefix))
             } else if let Some(rule) = key.strip_prefix("meta.") {
-                match rule.split_once('.') {
-                    Some((name, value)) if !name.is_empty() => {
-                        metadata(&event, name) == Some(value)
-                    }
-                    _ => {
-                        return Err(PluginError::InvalidConfig(format!(
-                            "`{key}`: a metadata rule is meta.NAME.VALUE"
-                        )));
-                    }
-                }
-            } else if key == "default" {
+                (rule.split_once('.'))
+                    .is_some_and(|(name, value)| metadata(&event, name) == Some(value))
+            } else {
+                // (`default`: the only other key `bad_rule` lets through.)
                 default = Some(destinations.clone());
                 false
-            } else {
-                return Err(PluginError::InvalidConfig(format!(
-                    "unknown rule `{key}` (use label.X, tag.X, iccid.PREFIX, meta.NAME.VALUE or default)"
-                )));
             };
             if matched {
                 add(&mut chosen, &destinations);

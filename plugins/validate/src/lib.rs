@@ -39,22 +39,89 @@ thread_local! {
     static COMPILED: RefCell<Vec<(String, Rc<jsonschema::Validator>)>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Where the schema comes from.
+enum Schemas {
+    /// `schema`: one, as text.
+    One(String),
+    /// `table` and `key`: the table's row named by the body's value at `pointer`; with
+    /// `unknown` (pass, drop or error) for a body without one.
+    Table {
+        table: String,
+        pointer: String,
+        unknown: String,
+    },
+}
+
+/// The config as `handle` reads it: where the schema comes from and `on_invalid`; or what
+/// is wrong with it.
+fn settings() -> Result<(Schemas, String), PluginError> {
+    let invalid = |m: String| Err(PluginError::InvalidConfig(m));
+    let schemas = match (config("schema"), config("table")) {
+        (Some(text), None) => Schemas::One(text),
+        (None, Some(table)) => {
+            let Some(pointer) = config("key") else {
+                return invalid(
+                    "`table` needs `key`: the JSON pointer of the body field naming the schema (/type)".into(),
+                );
+            };
+            if !pointer.starts_with('/') {
+                return invalid(format!(
+                    "`key` must be a JSON pointer such as /type, not `{pointer}`"
+                ));
+            }
+            let unknown = config("unknown").unwrap_or_else(|| "pass".into());
+            if !["pass", "drop", "error"].contains(&unknown.as_str()) {
+                return invalid(format!(
+                    "`unknown` must be pass, drop or error, not `{unknown}`"
+                ));
+            }
+            Schemas::Table {
+                table,
+                pointer,
+                unknown,
+            }
+        }
+        (Some(_), Some(_)) => return invalid("give `schema` or `table`, not both".into()),
+        (None, None) => {
+            return invalid(
+                "give `schema` (a JSON Schema as text) or `table` and `key` (a lookup table of schemas)".into(),
+            );
+        }
+    };
+    let on_invalid = config("on_invalid").unwrap_or_else(|| "error".into());
+    if on_invalid != "error" && on_invalid != "drop" {
+        return invalid(format!(
+            "`on_invalid` must be error or drop, not `{on_invalid}`"
+        ));
+    }
+    Ok((schemas, on_invalid))
+}
+
 impl Plugin for Validate {
+    /// The config as `handle` reads it, and `schema` compiled (a table's schemas are
+    /// compiled at the first event naming each).
+    fn check_config() -> Result<(), String> {
+        let text = |e: PluginError| match e {
+            PluginError::InvalidConfig(m)
+            | PluginError::InvalidEvent(m)
+            | PluginError::Other(m) => m,
+        };
+        match settings().map_err(text)? {
+            (Schemas::One(schema), _) => compiled(&schema, None).map(|_| ()).map_err(text),
+            (Schemas::Table { .. }, _) => Ok(()),
+        }
+    }
+
     fn handle(event: Event) -> Result<Verdict, PluginError> {
         let body = json_body(&event)?;
-        let (schema, named) = match (config("schema"), config("table")) {
-            (Some(text), None) => (text, None),
-            (None, Some(table)) => {
-                let pointer = config("key").ok_or_else(|| {
-                    PluginError::InvalidConfig(
-                        "`table` needs `key`: the JSON pointer of the body field naming the schema (/type)".into(),
-                    )
-                })?;
-                if !pointer.starts_with('/') {
-                    return Err(PluginError::InvalidConfig(format!(
-                        "`key` must be a JSON pointer such as /type, not `{pointer}`"
-                    )));
-                }
+        let (schemas, on_invalid) = settings()?;
+        let (schema, named) = match schemas {
+            Schemas::One(text) => (text, None),
+            Schemas::Table {
+                table,
+                pointer,
+                unknown,
+            } => {
                 let name = match body.pointer(&pointer) {
                     Some(Value::String(s)) => Some(s.clone()),
                     Some(v @ (Value::Number(_) | Value::Bool(_))) => Some(v.to_string()),
@@ -67,34 +134,15 @@ impl Plugin for Validate {
                             Some(n) => format!("table `{table}` has no schema `{n}`"),
                             None => format!("the body has no string or number at {pointer}"),
                         };
-                        return match config("unknown").as_deref().unwrap_or("pass") {
-                            "pass" => Ok(Verdict::Continue(Update::default())),
+                        return match unknown.as_str() {
                             "drop" => Ok(Verdict::Drop(format!("no schema: {what}"))),
                             "error" => Err(PluginError::InvalidEvent(format!("no schema: {what}"))),
-                            other => Err(PluginError::InvalidConfig(format!(
-                                "`unknown` must be pass, drop or error, not `{other}`"
-                            ))),
+                            _ => Ok(Verdict::Continue(Update::default())),
                         };
                     }
                 }
             }
-            (Some(_), Some(_)) => {
-                return Err(PluginError::InvalidConfig(
-                    "give `schema` or `table`, not both".into(),
-                ));
-            }
-            (None, None) => {
-                return Err(PluginError::InvalidConfig(
-                    "give `schema` (a JSON Schema as text) or `table` and `key` (a lookup table of schemas)".into(),
-                ));
-            }
         };
-        let on_invalid = config("on_invalid").unwrap_or_else(|| "error".into());
-        if on_invalid != "error" && on_invalid != "drop" {
-            return Err(PluginError::InvalidConfig(format!(
-                "`on_invalid` must be error or drop, not `{on_invalid}`"
-            )));
-        }
         let validator = compiled(&schema, named.as_deref())?;
         let mismatches: Vec<String> = validator
             .iter_errors(&body)
