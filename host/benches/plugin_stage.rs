@@ -422,6 +422,16 @@ fn transform(c: &mut Criterion) {
             &event,
             &config,
         );
+        // What checking a route's configuration costs (WIT `config-check`, at a start, a
+        // reload or an API change; each configuration once): an instance of its own.
+        group.bench_function(format!("{name}/config-check"), |b| {
+            b.iter(|| {
+                let checked = rt.block_on(
+                    plugin.check_config(CallInput::config(config.clone()), CallLimits::default()),
+                );
+                assert_eq!(checked, Ok(()));
+            })
+        });
     }
     group.finish();
 }

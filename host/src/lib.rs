@@ -71,16 +71,11 @@ fn unloaded_plugins(
 /// Why a start would fail for the routes' plugin configurations: one line per
 /// configuration its plugin refuses (WIT `config-check`), naming its key.
 async fn refusals(config: &Config, plugins: &plugin::PluginMap) -> Vec<String> {
-    refusal_lines(
-        reload::ConfigChecks::default()
-            .refused(config, plugins, None)
-            .await,
-    )
-}
-
-fn refusal_lines(refused: Vec<(String, String)>) -> Vec<String> {
-    (refused.into_iter())
-        .map(|(key, message)| format!("`{key}`: {message}"))
+    (reload::ConfigChecks::default()
+        .refused(config, plugins, None)
+        .await)
+        .iter()
+        .map(ToString::to_string)
         .collect()
 }
 
@@ -345,7 +340,9 @@ impl Gateway {
         if !failures.is_empty() {
             anyhow::bail!("{}", failures.join("; "));
         }
-        let refused = refusal_lines(reloader.refused_plugin_configs().await);
+        let refused: Vec<String> = (reloader.refused_plugin_configs().await.iter())
+            .map(ToString::to_string)
+            .collect();
         anyhow::ensure!(refused.is_empty(), "{}", refused.join("; "));
         Ok(Self {
             store,

@@ -113,13 +113,58 @@ impl Reloader {
     }
 
     /// Each plugin configuration of the config in force that its plugin refuses (WIT
-    /// `config-check`): its key and the plugin's words. A start stops on any; what passes
-    /// is not checked again by later reloads.
-    pub async fn refused_plugin_configs(&self) -> Vec<(String, String)> {
+    /// `config-check`). A start stops on any; what passes is not checked again by later
+    /// reloads.
+    pub async fn refused_plugin_configs(&self) -> Vec<Refusal> {
         let config = self.config();
         (self.checks)
             .refused(&config, &self.registry.snapshot(), None)
             .await
+    }
+
+    /// The configurations `config`'s routes give their plugins (`plugins`, as a scan left
+    /// them) that the plugins refuse — but for those refused by a new version of a plugin,
+    /// whose serving version goes on instead (as when a new version does not load), its
+    /// status saying why: the plugin is changed back, not the config.
+    async fn keep_accepting(
+        &self,
+        config: &Config,
+        plugins: &mut PluginMap,
+        statuses: &mut BTreeMap<String, PluginStatus>,
+    ) -> Vec<Refusal> {
+        let (serving, before) = (self.registry.snapshot(), self.registry.statuses());
+        let new = |plugins: &PluginMap, name: &str| {
+            let (now, was) = (plugins.get(name)?, serving.get(name)?);
+            (now.sha256() != was.sha256()).then(|| now.sha256().to_string())
+        };
+        let refused = self.checks.refused(config, plugins, None).await;
+        let mut kept = HashSet::new();
+        for refusal in &refused {
+            if kept.contains(&refusal.plugin) {
+                continue;
+            }
+            let Some(sha256) = new(plugins, &refusal.plugin) else {
+                continue;
+            };
+            tracing::error!(plugin = %refusal.plugin, sha256, error = %refusal,
+                "A new version of a plugin refuses a configuration a route gives it; the version serving goes on.");
+            let name = refusal.plugin.clone();
+            keep_or_fail(
+                plugins,
+                statuses,
+                &serving,
+                &name,
+                format!("refuses `{}`: {}", refusal.key, refusal.message),
+                Some(sha256),
+                before.get(&name).and_then(|s| s.loaded_at),
+            );
+            kept.insert(name);
+        }
+        if kept.is_empty() {
+            return refused;
+        }
+        // What the versions put back say of the config (e.g. of a config changed with them).
+        self.checks.refused(config, plugins, None).await
     }
 
     /// Re-reads this file (with this environment) on every reload.
@@ -156,12 +201,12 @@ impl Reloader {
         }
         if let Change::Create(o) | Change::Update(o) = &change
             && o.kind() == crate::managed::Kind::Route
-            && let Some((key, message)) = (self.checks.refused(&config, &plugins, Some(o.name())))
+            && let Some(refusal) = (self.checks.refused(&config, &plugins, Some(o.name())))
                 .await
                 .into_iter()
                 .next()
         {
-            return Err(managed.blame(&file, &change, &key, message));
+            return Err(managed.blame(&file, &change, &refusal.key, refusal.message));
         }
         match change.stored() {
             Ok(object) => {
@@ -291,14 +336,14 @@ impl Reloader {
             .collect();
         let dir = config.plugins.dir.clone();
         let cache = config.server.data_dir.join("plugin-cache");
-        let scanned = tokio::task::spawn_blocking(move || {
-            let scanned = scan(&runtime, &dir, &current, &previous, &used, Some(&cache));
-            // What serves after this reload is what the scan kept or loaded.
-            runtime.prune_cache(&cache, scanned.0.values().map(|p| p.sha256()));
-            scanned
-        })
-        .await;
-        let (plugins, statuses) = match scanned {
+        let scanned = {
+            let cache = cache.clone();
+            tokio::task::spawn_blocking(move || {
+                scan(&runtime, &dir, &current, &previous, &used, Some(&cache))
+            })
+            .await
+        };
+        let (mut plugins, mut statuses) = match scanned {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(error = %e, "Plugin scan failed; nothing changed.");
@@ -319,13 +364,14 @@ impl Reloader {
             config_error = Some(format!("key `{key}`: {message}"));
             outcome = "rejected";
         }
+        // Routes' plugin configurations, as their plugins (new versions included) see them.
         if outcome == "applied"
-            && let Some((key, message)) = (self.checks.refused(&config, &plugins, None))
+            && let Some(refusal) = (self.keep_accepting(&config, &mut plugins, &mut statuses))
                 .await
                 .into_iter()
                 .next()
         {
-            config_error = Some(format!("key `{key}`: {message}"));
+            config_error = Some(format!("key `{}`: {}", refusal.key, refusal.message));
             outcome = "rejected";
         }
         if outcome == "rejected" {
@@ -335,6 +381,23 @@ impl Reloader {
                 "Config change rejected; the previous config keeps serving."
             );
             config = old;
+        }
+        if outcome != "applied" {
+            self.keep_accepting(&config, &mut plugins, &mut statuses)
+                .await;
+        }
+        // What serves after this reload is what the scan kept or loaded, and was not put back.
+        let (runtime, keep) = (
+            self.runtime.clone(),
+            (plugins.values())
+                .map(|p| p.sha256().to_string())
+                .collect::<Vec<_>>(),
+        );
+        let pruned = tokio::task::spawn_blocking(move || {
+            runtime.prune_cache(&cache, keep.iter().map(String::as_str))
+        });
+        if let Err(e) = pruned.await {
+            tracing::warn!(error = %e, "Cannot prune the compiled-plugin cache.");
         }
 
         if outcome != "rejected" {
@@ -681,6 +744,23 @@ fn first_missing_plugin(config: &Config, plugins: &PluginMap) -> Option<(String,
     None
 }
 
+/// A route's configuration of a plugin that the plugin refused (WIT `config-check`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Refusal {
+    /// Where the configuration is: `routes[i].plugins[j].config`.
+    pub key: String,
+    /// The plugin that refused it.
+    pub plugin: String,
+    /// What the plugin said is wrong, prefixed with its name.
+    pub message: String,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "`{}`: {}", self.key, self.message)
+    }
+}
+
 /// The plugin configurations of routes that their plugins accepted (WIT `config-check`),
 /// by plugin version, configuration and limits: each is checked once, not at every reload
 /// or API change.
@@ -691,15 +771,14 @@ pub(crate) struct ConfigChecks {
 
 impl ConfigChecks {
     /// Each plugin configuration of `config`'s routes (only the route named `only`, if
-    /// given) that its plugin refuses: the key (`routes[i].plugins[j].config`) and what the
-    /// plugin says is wrong. Plugins not in `plugins` are passed over (`first_missing_plugin`
-    /// names them), as are those that do not export `config-check`.
+    /// given) that its plugin refuses. Plugins not in `plugins` are passed over
+    /// (`first_missing_plugin` names them), as are those that do not export `config-check`.
     pub(crate) async fn refused(
         &self,
         config: &Config,
         plugins: &PluginMap,
         only: Option<&str>,
-    ) -> Vec<(String, String)> {
+    ) -> Vec<Refusal> {
         use std::hash::{Hash, Hasher};
         let defaults = crate::pipeline::plugin_limits(&config.plugins);
         let mut refused = Vec::new();
@@ -741,10 +820,14 @@ impl ConfigChecks {
                         }
                         passed.insert(key);
                     }
-                    Err(message) => refused.push((
-                        format!("routes[{i}].plugins[{j}].config"),
-                        format!("plugin `{}` refuses this configuration: {message}", p.name),
-                    )),
+                    Err(message) => refused.push(Refusal {
+                        key: format!("routes[{i}].plugins[{j}].config"),
+                        plugin: p.name.clone(),
+                        message: format!(
+                            "plugin `{}` refuses this configuration: {message}",
+                            p.name
+                        ),
+                    }),
                 }
             }
         }

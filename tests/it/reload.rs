@@ -207,6 +207,61 @@ async fn a_broken_file_leaves_the_old_version_serving() {
     gw.shutdown().await.unwrap();
 }
 
+/// A new version of a plugin that refuses a configuration a route gives it (its WIT
+/// `config-check`) is not put in force: the version serving goes on, and the plugin's
+/// status says which configuration the new one refused and why; the config stays applied.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_version_that_refuses_a_routes_configuration_leaves_the_old_one_serving() {
+    let rx = Receiver::start().await;
+    let dir = TestGateway::dir_with_plugins(&[]);
+    install(dir.path(), "x", &guest("contract-0-1-0"));
+    let config = r#"
+[[sources]]
+name = "s"
+[[destinations]]
+name = "sink"
+url = "{receiver}/sink?c=:contract:"
+[[routes]]
+source = "s"
+plugins = [{ name = "x", config = { anything = "goes" } }]
+destinations = ["sink"]
+"#;
+    let gw = TestGateway::start_from_file(dir, config, &rx)
+        .await
+        .unwrap();
+    let old = plugin(&gw, "x").await["sha256"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // event-filter, as `x`: it checks its configuration, and wants `allow` or a condition.
+    install(gw.dir(), "x", &guest("event-filter"));
+    let p = wait_plugin(&gw, "x", |p| p["status"] == "error").await;
+    assert_eq!(p["sha256"], old.as_str(), "the old version serves: {p}");
+    assert_eq!(
+        p["failed_sha256"],
+        sha256_of(&gw.dir().join("plugins.d/x.wasm")).as_str(),
+        "{p}"
+    );
+    let error = p["last_error"].as_str().unwrap();
+    assert!(
+        error.starts_with("refuses `routes[0].plugins[0].config`: plugin `x` refuses this configuration: `allow` must list"),
+        "{p}"
+    );
+    let id = gw.accept("s", "{}").await;
+    let e = gw.settled(&id).await;
+    let url = e["deliveries"][0]["url"].as_str().unwrap();
+    assert!(url.ends_with("c=0.1.0"), "served by the old version: {e}");
+    let (status, report) = gw.send("POST", "/v1/reload", None).await;
+    assert_eq!(
+        (status, report["config"].as_str()),
+        (200, Some("applied")),
+        "{report}"
+    );
+    assert_eq!(report["plugins"]["x"]["status"], "error", "{report}");
+    gw.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_removed_plugin_keeps_serving_and_is_reported_missing() {
     let rx = Receiver::start().await;
