@@ -139,6 +139,13 @@ export const handler = {
         if (by === event.id) return passes(was ?? '[]');
         return { tag: 'drop', val: `${key} ${id}: ${fields.join(',')} unchanged (${now})` };
       }
+      // Received before the event that set them (ids are UUIDv7): passes, keeps the newer.
+      if (by !== undefined && event.id < by) {
+        return {
+          tag: 'continue',
+          val: { body: undefined, contentType: undefined, headers: undefined, metadata: [['newer', values]] },
+        };
+      }
       const previous = values ?? '[]';
       let swapped;
       try {

@@ -124,6 +124,9 @@ class Handler(exports.Handler):
                 if by == event.id:
                     return update([("previous", was if was is not None else "[]")])
                 return Verdict_Drop(f"{key} {ident}: {','.join(fields)} unchanged ({now})")
+            # Received before the event that set them (ids are UUIDv7): passes, keeps the newer.
+            if by is not None and event.id < by:
+                return update([("newer", values)])
             previous = values if values is not None else "[]"
             try:
                 swapped = state.swap(remembered, before, f"{now}\n{event.id}\n{previous}", ttl)

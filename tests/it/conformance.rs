@@ -406,26 +406,9 @@ async fn change_filter_remembers_alike_in_rust_js_and_python() {
         .accept("roaming", network(json!("a"), "250").to_string())
         .await;
     let first = gw.settled(&id).await;
-    let (status, _) = gw
-        .send("POST", &format!("/v1/events/{id}/replay"), None)
-        .await;
-    assert_eq!(status, 202);
-    let mut replayed = Value::Null;
-    for _ in 0..400 {
-        replayed = gw.event(&id).await;
-        let runs = replayed["routes"].as_array().unwrap();
-        if replayed["status"] == "processed" && runs.iter().filter(|r| r["run"] == 1).count() == 3 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-    }
+    let replayed = replay(&gw, &id).await;
     for run in [&first, &replayed] {
-        let latest: Vec<&Value> = (run["routes"].as_array().unwrap().iter())
-            .filter(|r| r["run"] == run["event"]["run"])
-            .collect();
-        assert_eq!(latest.len(), 3, "{run}");
-        for route in latest {
-            let step = decision(route["steps"].as_array().unwrap().last().unwrap());
+        for step in latest_steps(run) {
             assert_eq!(step["verdict"], "continue", "{run}");
             assert_eq!(
                 step["metadata"],
@@ -441,6 +424,63 @@ async fn change_filter_remembers_alike_in_rust_js_and_python() {
     for route in again["routes"].as_array().unwrap() {
         assert_eq!(route["result"]["result"], "dropped", "{again}");
     }
+
+    // A replay of an event older than the one that set the values kept passes, as it did,
+    // saying what is `newer`, and leaves the newer values kept: the next event with them
+    // is still a repeat.
+    let older = gw
+        .accept("roaming", network(json!("a"), "260").to_string())
+        .await;
+    gw.settled(&older).await;
+    let newer = gw
+        .accept("roaming", network(json!("a"), "270").to_string())
+        .await;
+    gw.settled(&newer).await;
+    let replayed = replay(&gw, &older).await;
+    for step in latest_steps(&replayed) {
+        assert_eq!(step["verdict"], "continue", "{replayed}");
+        assert_eq!(
+            step["metadata"],
+            json!([["newer", r#"["270","01"]"#]]),
+            "{replayed}"
+        );
+    }
+    let repeat = gw
+        .accept("roaming", network(json!("a"), "270").to_string())
+        .await;
+    let repeat = gw.settled(&repeat).await;
+    for route in repeat["routes"].as_array().unwrap() {
+        assert_eq!(route["result"]["result"], "dropped", "{repeat}");
+    }
+}
+
+/// Replays event `id` (its first replay: run 1) and waits until its three routes have run.
+async fn replay(gw: &TestGateway, id: &str) -> Value {
+    let (status, _) = gw
+        .send("POST", &format!("/v1/events/{id}/replay"), None)
+        .await;
+    assert_eq!(status, 202);
+    let mut replayed = Value::Null;
+    for _ in 0..400 {
+        replayed = gw.event(id).await;
+        let runs = replayed["routes"].as_array().unwrap();
+        if replayed["status"] == "processed" && runs.iter().filter(|r| r["run"] == 1).count() == 3 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    replayed
+}
+
+/// The decision of the last step of each route in an event's latest run (three routes).
+fn latest_steps(run: &Value) -> Vec<Value> {
+    let latest: Vec<&Value> = (run["routes"].as_array().unwrap().iter())
+        .filter(|r| r["run"] == run["event"]["run"])
+        .collect();
+    assert_eq!(latest.len(), 3, "{run}");
+    (latest.iter())
+        .map(|route| decision(route["steps"].as_array().unwrap().last().unwrap()))
+        .collect()
 }
 
 /// Makes, through the management API, a route on `source` per language (`languages`)

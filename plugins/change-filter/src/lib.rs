@@ -24,7 +24,11 @@
 //! event). So an event processed again — a replay of one whose route failed after this
 //! plugin passed it, or a run cut short before its record — finds the values it set itself
 //! and passes again, with the same `previous`; any other event with the same values is a
-//! repeat. Events of one thing handled at once are told apart by `state::swap`: only one
+//! repeat. An event received before the one that set the values (event ids are UUIDv7, so
+//! they sort by when they came) — a replay of an old event — with other values passes, as
+//! it did when it came, but leaves the newer values kept: it carries metadata `newer`, the
+//! values kept (not `previous`, which is not known), so the next event is compared with
+//! what is newest. Events of one thing handled at once are told apart by `state::swap`: only one
 //! of two identical ones passes.
 
 use serde_json::Value;
@@ -97,6 +101,14 @@ impl Plugin for ChangeFilter {
                     "{key} {id}: {} unchanged ({now})",
                     fields.join(",")
                 )));
+            }
+            if let Some(kept) = &kept
+                && kept.event.is_some_and(|setter| event.id.as_str() < setter)
+            {
+                return Ok(Verdict::Continue(Update {
+                    metadata: vec![("newer".into(), kept.values.to_string())],
+                    ..Update::default()
+                }));
             }
             let previous = kept.as_ref().map_or("[]", |k| k.values);
             let value = format!("{now}\n{}\n{previous}", event.id);
