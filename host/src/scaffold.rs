@@ -70,7 +70,7 @@ pub fn commands(lang: Lang) -> (&'static str, &'static str) {
         Lang::Rust => ("cargo build --release --target wasm32-wasip2", "./test.sh"),
         Lang::Js => ("npm install && npm run build", "npm test"),
         Lang::Python => (
-            "pip install -r requirements.txt && componentize-py -d wit -w plugin componentize app -o NAME.wasm",
+            "pip install -r requirements.txt && componentize-py -d wit -w checked-plugin componentize app -o NAME.wasm",
             "./test.sh",
         ),
     }
@@ -105,8 +105,10 @@ pub fn new_plugin(lang: Lang, name: &str, dir: &Path) -> anyhow::Result<Vec<Path
     let expected = serde_json::json!({ "verdict": "continue", "metadata": [["seen-by", name]] });
     let readme = format!(
         "# {name}\n\nA Switchyard plugin ({lang:?}). It tags every JSON event with `seen-by = {name}` and drops\n\
-         events whose `type` is `ping`. `wit/plugin.wit` is the contract (`switchyard:plugin@0.1.4`);\n\
-         the bindings are generated from it by the build.\n\n\
+         events whose `type` is `ping`. It takes no configuration, and says so when a route gives it\n\
+         some (its `config-check`: the gateway asks before any event meets the route). `wit/plugin.wit`\n\
+         is the contract (the world `checked-plugin` of `switchyard:plugin@0.1.4`); the bindings are\n\
+         generated from it by the build.\n\n\
          Build:\n\n    {build}\n\nTest (runs `sample-event.json` through the plugin and compares the verdict with\n\
          `expected-verdict.json`):\n\n    {test}\n\n\
          Use it: copy the `.wasm` into the gateway's plugin directory as `{name}.wasm` and name it in a\n\

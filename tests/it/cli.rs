@@ -1363,8 +1363,9 @@ fn wasm_component_with_unknown_import() -> Vec<u8> {
 
 /// Scaffolds a project with `switchyard plugin new`, then runs its own build and test
 /// commands (which end in `switchyard plugin run … --expect expected-verdict.json`) with
-/// this build's binary and the pinned tools on `PATH`.
-fn scaffold_builds_and_passes_its_test(lang: &str, steps: &[&[&str]]) {
+/// this build's binary and the pinned tools on `PATH`; the component built (`built`, in
+/// the project) checks the configurations routes give it, and refuses any.
+fn scaffold_builds_and_passes_its_test(lang: &str, built: &str, steps: &[&[&str]]) {
     let dir = tempfile::tempdir().unwrap();
     let project = dir.path().join(format!("hello-{lang}"));
     let (ok, out, err) = run(&[
@@ -1410,6 +1411,28 @@ fn scaffold_builds_and_passes_its_test(lang: &str, steps: &[&[&str]]) {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    let root_built = root.join("target/scaffolded");
+    let component = match built.strip_prefix("$CARGO_TARGET_DIR/") {
+        Some(rest) => root_built.join(rest),
+        None => project.join(built),
+    };
+    let (ok, out, err) = run(&["plugin", "check", path(&component)]);
+    assert!(
+        ok && out.contains("and checks the configurations"),
+        "{lang}: {out}{err}"
+    );
+    let event = project.join("sample-event.json");
+    let args = ["plugin", "run", path(&component), "--event", path(&event)];
+    let (ok, out, _) = run(&[&args[..], &["--config", "colour=red"]].concat());
+    assert!(!ok, "{lang}: {out}");
+    let answer: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        answer["error"],
+        format!(
+            "the plugin refuses this configuration: hello-{lang} takes no configuration (`colour` given)"
+        ),
+        "{lang}"
+    );
     // The test really compares: a wrong expectation fails it.
     std::fs::write(
         project.join("expected-verdict.json"),
@@ -1429,13 +1452,18 @@ fn scaffold_builds_and_passes_its_test(lang: &str, steps: &[&[&str]]) {
 
 #[test]
 fn plugin_new_rust_builds_and_passes_its_test() {
-    scaffold_builds_and_passes_its_test("rust", &[&["./test.sh"]]);
+    scaffold_builds_and_passes_its_test(
+        "rust",
+        "$CARGO_TARGET_DIR/wasm32-wasip2/release/hello_rust.wasm",
+        &[&["./test.sh"]],
+    );
 }
 
 #[test]
 fn plugin_new_js_builds_and_passes_its_test() {
     scaffold_builds_and_passes_its_test(
         "js",
+        "dist/hello-js.wasm",
         &[
             &[
                 "npm",
@@ -1452,7 +1480,7 @@ fn plugin_new_js_builds_and_passes_its_test() {
 
 #[test]
 fn plugin_new_python_builds_and_passes_its_test() {
-    scaffold_builds_and_passes_its_test("python", &[&["./test.sh"]]);
+    scaffold_builds_and_passes_its_test("python", "hello-python.wasm", &[&["./test.sh"]]);
 }
 
 #[test]
