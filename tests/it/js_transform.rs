@@ -236,6 +236,13 @@ async fn js_transform_runs_the_routes_own_code_in_the_sandbox() {
         (answer.to_string()).contains("`code` must define `function transform(event)`"),
         "{answer}"
     );
+    // Code whose loading never ends is stopped by the deadline, and refused as well.
+    let (status, answer) = made("while (true) {}\nfunction transform(event) {}").await;
+    assert_eq!(status, 400, "{answer}");
+    assert!(
+        (answer.to_string()).contains("the check ran past the deadline"),
+        "{answer}"
+    );
     let (status, answer) = gw.send("GET", "/v1/routes/broken", None).await;
     assert_eq!(status, 404, "{answer}");
 
