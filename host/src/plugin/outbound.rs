@@ -223,6 +223,10 @@ impl Shared {
     fn places(&self, origin: &Origin, concurrency: usize) -> Arc<Semaphore> {
         let mut map = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
         let key = (origin.to_string(), concurrency);
+        if !map.contains_key(&key) {
+            // The cap changed (a reload): the old places go with the requests holding them.
+            map.retain(|(other, _), _| *other != key.0);
+        }
         (map.entry(key)
             .or_insert_with(|| Arc::new(Semaphore::new(concurrency.max(1)))))
         .clone()
@@ -279,8 +283,8 @@ struct Shared {
     /// an API request, not a worker).
     waiting: Option<Arc<dyn Waiting>>,
     /// The requests in flight to each granted origin (an `allow_http` entry, with the
-    /// `http_concurrency` in force when it was first used), shared by every call and dry
-    /// run: at most as many entries as the configs in force grant origins.
+    /// `http_concurrency` in force), shared by every call and dry run: one entry per origin
+    /// granted since the start (a changed cap replaces its origin's entry).
     in_flight: Arc<Mutex<InFlight>>,
     /// Where the origins' rate limits are kept (`Store::take_slot`, shared by the gateways
     /// on one store) and the time they are asked at; `None`: no limits (a run with no
@@ -810,6 +814,41 @@ mod tests {
         // request taken the slot at one second, the next would be at two, 0.45 s away,
         // past this one's 0.2 s: rate limited.)
         send("/c", 200).await.unwrap();
+    }
+
+    /// A changed `http_concurrency` replaces an origin's places instead of adding to them;
+    /// requests in flight keep the places they hold.
+    #[test]
+    fn a_changed_cap_replaces_an_origins_places() {
+        let outbound = Outbound::new(Arc::new(Held(tokio::sync::Notify::new())));
+        let shared = outbound.0.as_ref().unwrap();
+        let (crm, geo) = (
+            Origin::parse("https://crm.example.com").unwrap(),
+            Origin::parse("https://geo.example.com").unwrap(),
+        );
+        let held = shared.places(&crm, 2);
+        shared.places(&geo, 2);
+        assert!(
+            Arc::ptr_eq(&held, &shared.places(&crm, 2)),
+            "the same cap, the same places"
+        );
+        let now = shared.places(&crm, 3);
+        assert_eq!(now.available_permits(), 3);
+        let map = shared.in_flight.lock().unwrap();
+        let mut keys: Vec<_> = map.keys().cloned().collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            [
+                ("https://crm.example.com:443".to_string(), 3),
+                ("https://geo.example.com:443".to_string(), 2)
+            ]
+        );
+        assert_eq!(
+            held.available_permits(),
+            2,
+            "the old places live while held"
+        );
     }
 
     /// A chain that waits gives its permit back meanwhile, and takes one again after.
