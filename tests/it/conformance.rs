@@ -402,11 +402,23 @@ async fn change_filter_remembers_alike_in_rust_js_and_python() {
 
     // A replay of an event that passed passes again, with the same `previous` — the values
     // it finds are its own — while a new event with those values is a repeat.
-    let id = gw
-        .accept("roaming", network(json!("a"), "250").to_string())
-        .await;
-    let first = gw.settled(&id).await;
-    let replayed = replay(&gw, &id).await;
+    // (Posts SIM `a` on network `mcc`: the event, settled.)
+    let post = |mcc: &'static str| {
+        let gw = &gw;
+        async move {
+            let id = gw
+                .accept("roaming", network(json!("a"), mcc).to_string())
+                .await;
+            gw.settled(&id).await
+        }
+    };
+    let dropped_by_all = |event: &Value| {
+        for route in event["routes"].as_array().unwrap() {
+            assert_eq!(route["result"]["result"], "dropped", "{event}");
+        }
+    };
+    let first = post("250").await;
+    let replayed = replay(&gw, first["event"]["id"].as_str().unwrap()).await;
     for run in [&first, &replayed] {
         for step in latest_steps(run) {
             assert_eq!(step["verdict"], "continue", "{run}");
@@ -417,26 +429,14 @@ async fn change_filter_remembers_alike_in_rust_js_and_python() {
             );
         }
     }
-    let again = gw
-        .accept("roaming", network(json!("a"), "250").to_string())
-        .await;
-    let again = gw.settled(&again).await;
-    for route in again["routes"].as_array().unwrap() {
-        assert_eq!(route["result"]["result"], "dropped", "{again}");
-    }
+    dropped_by_all(&post("250").await);
 
     // A replay of an event older than the one that set the values kept passes, as it did,
     // saying what is `newer`, and leaves the newer values kept: the next event with them
     // is still a repeat.
-    let older = gw
-        .accept("roaming", network(json!("a"), "260").to_string())
-        .await;
-    gw.settled(&older).await;
-    let newer = gw
-        .accept("roaming", network(json!("a"), "270").to_string())
-        .await;
-    gw.settled(&newer).await;
-    let replayed = replay(&gw, &older).await;
+    let older = post("260").await;
+    post("270").await;
+    let replayed = replay(&gw, older["event"]["id"].as_str().unwrap()).await;
     for step in latest_steps(&replayed) {
         assert_eq!(step["verdict"], "continue", "{replayed}");
         assert_eq!(
@@ -445,13 +445,7 @@ async fn change_filter_remembers_alike_in_rust_js_and_python() {
             "{replayed}"
         );
     }
-    let repeat = gw
-        .accept("roaming", network(json!("a"), "270").to_string())
-        .await;
-    let repeat = gw.settled(&repeat).await;
-    for route in repeat["routes"].as_array().unwrap() {
-        assert_eq!(route["result"]["result"], "dropped", "{repeat}");
-    }
+    dropped_by_all(&post("270").await);
 }
 
 /// Replays event `id` (its first replay: run 1) and waits until its three routes have run.
