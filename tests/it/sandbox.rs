@@ -66,6 +66,16 @@ async fn adversarial_plugins_are_contained_with_a_clear_reason() {
             json!({ "mode": "state-big", "size": 65537 }),
             "value of 65537 bytes is larger than plugins.state_max_value_bytes (65536)",
         ),
+        (
+            json!({ "mode": "much-metadata", "count": 64 }),
+            "metadata, headers and names of 65718 bytes are more than 65536 bytes",
+        ),
+        // An error's text is cut at 4 KiB (at a character's boundary), saying how much
+        // more there was.
+        (
+            json!({ "mode": "long-error", "size": 100000 }),
+            "éé… (195904 bytes more)",
+        ),
     ];
     let mut ids = Vec::new();
     let mut good = Vec::new();
@@ -85,6 +95,17 @@ async fn adversarial_plugins_are_contained_with_a_clear_reason() {
     for id in &good {
         assert_eq!(gw.settled(id).await["deliveries"][0]["status"], "delivered");
     }
+    // A drop reason is cut the same way; the event is dropped as asked.
+    let long = gw
+        .accept(
+            "bad",
+            json!({ "mode": "long-reason", "size": 10000 }).to_string(),
+        )
+        .await;
+    let e = gw.settled(&long).await;
+    let reason = e["routes"][0]["result"]["reason"].as_str().unwrap();
+    assert_eq!(reason.len(), 4096 + "… (5904 bytes more)".len(), "{reason}");
+    assert!(reason.ends_with("x… (5904 bytes more)"), "{reason}");
     // A body exactly at the cap is fine.
     let ok = gw
         .accept(

@@ -53,6 +53,26 @@ const WARM_BY_DEFAULT_ABOVE: usize = 1 << 20;
 /// use (the rest is returned to the kernel).
 const KEEP_RESIDENT: usize = 1 << 20;
 
+/// The longest a text a plugin gives is kept — a drop reason, an error, a refusal of a
+/// configuration (each stored with an event's outcome or shown by the API, and logged):
+/// the rest is cut, saying how much.
+const MAX_TEXT: usize = 4096;
+
+/// `text`, cut to [`MAX_TEXT`] bytes (at a character's boundary) if longer.
+fn clipped(mut text: String) -> String {
+    if text.len() <= MAX_TEXT {
+        return text;
+    }
+    let mut end = MAX_TEXT;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let more = text.len() - end;
+    text.truncate(end);
+    text.push_str(&format!("… ({more} bytes more)"));
+    text
+}
+
 /// What one call of a plugin reads besides the event: the route's configuration of the
 /// plugin (`host.config`), the config's lookup tables (`host.lookup`), where the plugin's
 /// values are kept (`state`), and what it may reach over HTTP (`http`).
@@ -453,7 +473,9 @@ impl LoadedPlugin {
         .await;
         store.data().flush_output();
         match result {
-            Ok(answer) => answer,
+            Ok(answer) => {
+                answer.map_err(|m| clipped(crate::managed::redact_query_secrets(&m).into_owned()))
+            }
             Err(error) => Err(match error.downcast_ref::<wasmtime::Trap>() {
                 Some(wasmtime::Trap::Interrupt) => {
                     format!("the check ran past the deadline of {:?}", limits.deadline)
@@ -667,7 +689,9 @@ async fn invoke(plugin: &Plugin, store: &mut Store<PluginState>, event: &Event) 
 fn classify(result: RawResult, deadline: Duration) -> Result<PluginVerdict, CallError> {
     match result {
         Ok(Ok(verdict)) => Ok(convert::from_wit_verdict(verdict)),
-        Ok(Err(error)) => Err(CallError::Plugin(convert::plugin_error_message(&error))),
+        Ok(Err(error)) => Err(CallError::Plugin(clipped(convert::plugin_error_message(
+            &error,
+        )))),
         Err(error) => match error.downcast_ref::<wasmtime::Trap>() {
             Some(wasmtime::Trap::Interrupt) => Err(CallError::Deadline(deadline)),
             _ => Err(CallError::Trap(
@@ -677,8 +701,39 @@ fn classify(result: RawResult, deadline: Duration) -> Result<PluginVerdict, Call
     }
 }
 
-/// Enforces the output caps on a verdict.
+/// Enforces the output caps on a verdict: each body, and what comes besides — metadata,
+/// headers, content types, destination names — at most `max_output_bytes` each; the
+/// number of deliveries; a drop reason cut to [`MAX_TEXT`].
 fn check_output(verdict: PluginVerdict, limits: &CallLimits) -> Result<PluginVerdict, CallError> {
+    let pairs = |p: &crate::event::Pairs| p.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+    let besides = match &verdict {
+        PluginVerdict::Drop { .. } => 0,
+        PluginVerdict::Continue(u) => {
+            pairs(&u.metadata)
+                + u.headers.as_ref().map_or(0, pairs)
+                + u.content_type.as_ref().map_or(0, String::len)
+        }
+        PluginVerdict::Route { deliveries } => (deliveries.iter())
+            .map(|d| {
+                pairs(&d.metadata)
+                    + pairs(&d.headers)
+                    + d.destination.len()
+                    + d.content_type.as_ref().map_or(0, String::len)
+            })
+            .sum(),
+    };
+    if besides > limits.max_output_bytes {
+        return Err(CallError::Output(format!(
+            "metadata, headers and names of {besides} bytes are more than {} bytes",
+            limits.max_output_bytes
+        )));
+    }
+    let verdict = match verdict {
+        PluginVerdict::Drop { reason } => PluginVerdict::Drop {
+            reason: clipped(reason),
+        },
+        verdict => verdict,
+    };
     let too_big = |len: usize| {
         Err(CallError::Output(format!(
             "a body of {len} bytes is larger than {} bytes",
@@ -712,4 +767,21 @@ fn check_output(verdict: PluginVerdict, limits: &CallLimits) -> Result<PluginVer
         PluginVerdict::Drop { .. } => {}
     }
     Ok(verdict)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A text over the limit is cut at a character's boundary, saying how much is left out;
+    /// one within it is kept whole.
+    #[test]
+    fn long_texts_are_cut_at_a_characters_boundary() {
+        let text = format!("a{}", "é".repeat(3000));
+        let cut = clipped(text.clone());
+        // (Byte 4096 falls inside an `é`: the cut is before it.)
+        assert_eq!(cut, format!("{}… (1906 bytes more)", &text[..4095]));
+        let short = "é".repeat(2048);
+        assert_eq!(clipped(short.clone()), short);
+    }
 }
