@@ -54,8 +54,8 @@ const WARM_BY_DEFAULT_ABOVE: usize = 1 << 20;
 const KEEP_RESIDENT: usize = 1 << 20;
 
 /// The longest a text a plugin gives is kept — a drop reason, an error, a refusal of a
-/// configuration (each stored with an event's outcome or shown by the API, and logged):
-/// the rest is cut, saying how much.
+/// configuration, a trap's backtrace (each stored with an event's outcome or shown by the
+/// API, and logged): the rest is cut, saying how much.
 const MAX_TEXT: usize = 4096;
 
 /// `text`, cut to [`MAX_TEXT`] bytes (at a character's boundary) if longer.
@@ -482,10 +482,10 @@ impl LoadedPlugin {
                 }
                 _ => {
                     let error = format!("{error:#}");
-                    format!(
+                    clipped(format!(
                         "the check trapped: {}",
                         crate::managed::redact_query_secrets(&error)
-                    )
+                    ))
                 }
             }),
         }
@@ -694,9 +694,9 @@ fn classify(result: RawResult, deadline: Duration) -> Result<PluginVerdict, Call
         )))),
         Err(error) => match error.downcast_ref::<wasmtime::Trap>() {
             Some(wasmtime::Trap::Interrupt) => Err(CallError::Deadline(deadline)),
-            _ => Err(CallError::Trap(
+            _ => Err(CallError::Trap(clipped(
                 crate::managed::redact_query_secrets(&format!("{error:#}")).into_owned(),
-            )),
+            ))),
         },
     }
 }
