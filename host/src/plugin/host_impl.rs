@@ -125,7 +125,8 @@ impl host::Host for PluginState {
             return;
         }
         let (plugin, event_id) = (&*self.plugin, &self.event_id);
-        let message = crate::managed::redact_query_secrets(&message);
+        // (A line is cut at 4 KiB, as the texts a plugin returns are.)
+        let message = super::clipped(crate::managed::redact_query_secrets(&message).into_owned());
         match level {
             LogLevel::Trace => tracing::trace!(plugin, event_id, "{message}"),
             LogLevel::Debug => tracing::debug!(plugin, event_id, "{message}"),
