@@ -211,6 +211,8 @@ async fn js_transform_runs_the_routes_own_code_in_the_sandbox() {
         "{answer}"
     );
 
+    let (_, plugins) = gw.get("/v1/plugins").await;
+    assert_eq!(plugins["items"][0]["checks_config"], true, "{plugins}");
     // Code that does not compile, or defines no `transform`, is refused when the route is
     // made (the plugin's `config-check`), saying what and where; nothing is made.
     let broken = |code: &str| {

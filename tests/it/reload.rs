@@ -234,10 +234,16 @@ destinations = ["sink"]
         .unwrap()
         .to_string();
 
+    assert_eq!(
+        plugin(&gw, "x").await["checks_config"],
+        false,
+        "a 0.1.0 plugin"
+    );
     // event-filter, as `x`: it checks its configuration, and wants `allow` or a condition.
     install(gw.dir(), "x", &guest("event-filter"));
     let p = wait_plugin(&gw, "x", |p| p["status"] == "error").await;
     assert_eq!(p["sha256"], old.as_str(), "the old version serves: {p}");
+    assert_eq!(p["checks_config"], false, "the serving version's: {p}");
     assert_eq!(
         p["failed_sha256"],
         sha256_of(&gw.dir().join("plugins.d/x.wasm")).as_str(),

@@ -1156,6 +1156,7 @@ async fn list_plugins(State(state): State<Arc<AppState>>) -> Json<serde_json::Va
                         "from_cache": p.from_cache(),
                         "stateful": p.stateful(),
                         "sends_http": p.sends_http(),
+                        "checks_config": p.checks_config(),
                         "degraded": p.degraded(),
                         "consecutive_failures": p.consecutive_failures(),
                         "default_instance": p.default_mode(),
