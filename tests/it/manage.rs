@@ -424,11 +424,17 @@ async fn malformed_requests_get_400_naming_the_field() {
             .body(body)
             .send()
     };
-    for body in ["not json", r#"{"name":"a"} x"#] {
+    for body in ["not json", r#"{"name":"a"} x"#, r#"{"name":"#] {
         let resp = raw(body).await.unwrap();
         assert_eq!(resp.status(), 400);
         let e: Value = resp.json().await.unwrap();
-        assert!(e["error"].as_str().unwrap().contains("JSON"), "{e}");
+        assert!(
+            e["error"]
+                .as_str()
+                .unwrap()
+                .starts_with("invalid JSON body: "),
+            "{body}: {e}"
+        );
     }
     gw.send("POST", "/v1/sources", Some(json!({ "name": "s" })))
         .await;
@@ -444,9 +450,19 @@ async fn malformed_requests_get_400_naming_the_field() {
     assert_eq!(status, 400, "{e}");
     assert!(e["error"].as_str().unwrap().contains("verify"), "{e}");
     // Query parameters.
-    for q in ["limit=0", "limit=501", "limit=many", "colour=red"] {
+    for q in [
+        "limit=0",
+        "limit=501",
+        "limit=many",
+        "limit=-1",
+        "colour=red",
+    ] {
         let (status, e) = gw.get(&format!("/v1/destinations?{q}")).await;
         assert_eq!(status, 400, "{q}: {e}");
+        let name = q.split('=').next().unwrap();
+        let message = e["error"].as_str().unwrap();
+        assert!(message.contains(&format!("`{name}`")), "{q}: {message}");
+        assert!(!message.contains("Failed to deserialize"), "{q}: {message}");
     }
     // Nothing invalid was created.
     let (_, all) = gw.get("/v1/destinations").await;

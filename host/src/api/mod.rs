@@ -1286,7 +1286,21 @@ pub enum ApiError {
 
 impl From<axum::extract::rejection::QueryRejection> for ApiError {
     fn from(e: axum::extract::rejection::QueryRejection) -> Self {
-        ApiError::BadRequest(e.body_text())
+        ApiError::BadRequest(query_error(&e.body_text()))
+    }
+}
+
+/// A query string's rejection in the API's words: `` `limit`: invalid digit found in
+/// string `` rather than axum's `Failed to deserialize query string: limit: …`.
+fn query_error(text: &str) -> String {
+    let Some(rest) = text.strip_prefix("Failed to deserialize query string: ") else {
+        return text.to_string();
+    };
+    match rest.split_once(": ") {
+        Some((name, why)) if !name.is_empty() && !name.contains(' ') => {
+            format!("invalid query string: `{name}`: {why}")
+        }
+        _ => format!("invalid query string: {rest}"),
     }
 }
 

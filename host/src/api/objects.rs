@@ -251,7 +251,8 @@ pub(super) fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
-        if path == "." {
+        // A body cut short or not JSON is wrong as a whole, whichever field it stopped in.
+        if path == "." || inner.is_syntax() || inner.is_eof() {
             ApiError::BadRequest(format!("invalid JSON body: {inner}"))
         } else {
             ApiError::BadRequest(format!("`{path}`: {inner}"))
