@@ -106,6 +106,27 @@ function transform(event) {
 name = "broken"
 
 [[sources]]
+name = "tallied"
+[[routes]]
+source = "tallied"
+destinations = ["archive"]
+plugins = [{ name = "js-transform", config = { code = '''
+function transform(event) {
+  globalThis.tally = (globalThis.tally ?? 0) + 1;
+  event.body = { route: "a", tally: globalThis.tally };
+}
+''' } }]
+[[routes]]
+source = "tallied"
+destinations = ["archive"]
+plugins = [{ name = "js-transform", config = { code = '''
+function transform(event) {
+  globalThis.tally = (globalThis.tally ?? 0) + 1;
+  event.body = { route: "b", tally: globalThis.tally };
+}
+''' } }]
+
+[[sources]]
 name = "loops"
 [[routes]]
 source = "loops"
@@ -338,6 +359,22 @@ async fn js_transform_runs_the_routes_own_code_in_the_sandbox() {
         error(&answer).contains("transform threw: Error: the CRM answered 404 (line 7)"),
         "{answer}"
     );
+
+    // Warm instances serve one route each: what one route's code leaves in its globals,
+    // another route's code never sees (both count events in `globalThis.tally`).
+    for _ in 0..3 {
+        let id = gw.accept("tallied", usage.to_string()).await;
+        gw.settled(&id).await;
+    }
+    let got = rx.wait_for(10).await;
+    let tallies = |route: &str| -> Vec<Value> {
+        (got.iter().map(|r| r.json()))
+            .filter(|b| b["route"] == route)
+            .map(|b| b["tally"].clone())
+            .collect()
+    };
+    assert_eq!(tallies("a"), [json!(1), json!(2), json!(3)]);
+    assert_eq!(tallies("b"), [json!(1), json!(2), json!(3)]);
     gw.shutdown().await.unwrap();
 }
 

@@ -360,6 +360,85 @@ async fn warm_instances_are_recycled_and_never_reused_after_a_trap() {
     gw.shutdown().await.unwrap();
 }
 
+/// A warm instance serves one configuration (a route's plugin entry): never another's, so
+/// what one route's call leaves in memory no other route's call sees. At most
+/// `warm_pool_size` are kept per configuration and four times that per plugin, the least
+/// recently used going first; those of a configuration no longer in force go.
+#[tokio::test(flavor = "multi_thread")]
+async fn warm_instances_serve_one_configuration_each() {
+    use std::sync::Arc;
+    use switchyard::plugin::{
+        CallInput, CallLimits, InstanceMode, PluginRuntime, PluginVerdict, RuntimeOptions,
+    };
+
+    let runtime = PluginRuntime::with_options(RuntimeOptions {
+        warm_pool_size: 1,
+        ..RuntimeOptions::default()
+    })
+    .unwrap();
+    let plugin = runtime
+        .load_file("misbehave", &crate::util::guest("misbehave"))
+        .unwrap();
+    let event = switchyard::event::Event {
+        id: "e".into(),
+        source: "s".into(),
+        received_at: 0,
+        method: "POST".into(),
+        path: "/v1/ingest/s".into(),
+        query: String::new(),
+        headers: vec![],
+        content_type: Some("application/json".into()),
+        body: switchyard::event::Body::from(br#"{"mode":"fine"}"#.to_vec()),
+        metadata: vec![],
+        run: 0,
+    };
+    // The calls the instance that took this one had served, this one included.
+    let calls = |config: &Arc<[(String, String)]>| {
+        let (plugin, event, config) = (&plugin, &event, config.clone());
+        async move {
+            let verdict = plugin
+                .call(
+                    event,
+                    CallInput::config(config),
+                    CallLimits::default(),
+                    InstanceMode::Warm,
+                )
+                .await
+                .unwrap();
+            let PluginVerdict::Continue(update) = verdict else {
+                panic!("{verdict:?}")
+            };
+            let (_, n) = (update.metadata.iter())
+                .find(|(k, _)| k == "calls")
+                .unwrap();
+            n.parse::<u32>().unwrap()
+        }
+    };
+    let configs: Vec<Arc<[(String, String)]>> = (0..6)
+        .map(|i| Arc::from(vec![("route".to_string(), i.to_string())]))
+        .collect();
+    // The same configuration, the same instance; another (even with the same text), its own.
+    assert_eq!(calls(&configs[0]).await, 1);
+    assert_eq!(calls(&configs[0]).await, 2);
+    let same_text: Arc<[(String, String)]> = Arc::from(configs[0].to_vec());
+    assert_eq!(calls(&same_text).await, 1);
+    assert_eq!(calls(&configs[1]).await, 1);
+    assert_eq!(calls(&configs[0]).await, 3);
+    assert_eq!(calls(&configs[1]).await, 2);
+    drop(same_text);
+    // Four kept in all (`warm_pool_size` 1): a fifth configuration's instance puts out the
+    // least recently used one's (configs[0]); one no longer in force goes at once.
+    for config in &configs[2..5] {
+        assert_eq!(calls(config).await, 1);
+    }
+    assert_eq!(plugin.warm_instances(), 4);
+    assert_eq!(calls(&configs[0]).await, 1, "its instance was put out");
+    assert_eq!(calls(&configs[4]).await, 2, "its instance was kept");
+    drop(configs);
+    assert_eq!(calls(&Arc::from(vec![])).await, 1);
+    assert_eq!(plugin.warm_instances(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_plugin_failing_again_and_again_is_degraded_until_it_succeeds() {
     let rx = Receiver::start().await;

@@ -15,7 +15,7 @@ mod state;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -48,6 +48,10 @@ const EPOCH_TICK: Duration = Duration::from_millis(5);
 /// Components larger than this (language runtimes: JavaScript, Python) default to warm
 /// instances; smaller ones to fresh instances.
 const WARM_BY_DEFAULT_ABOVE: usize = 1 << 20;
+
+/// Warm instances kept per plugin, over every configuration, as a multiple of
+/// `warm_pool_size` (the most kept for one configuration): the least recently used go first.
+const WARM_CONFIGS_KEPT: usize = 4;
 
 /// How much of a pooled memory or table slot is kept resident and reset in place after
 /// use (the rest is returned to the kernel).
@@ -123,7 +127,8 @@ impl Default for CallLimits {
 pub struct RuntimeOptions {
     /// The largest memory any instance may have (the pool reserves this per slot).
     pub max_memory: usize,
-    /// Warm instances kept per plugin.
+    /// Warm instances kept per configuration of a plugin (a route's entry; four times as
+    /// many per plugin).
     pub warm_pool_size: usize,
     /// A warm instance is replaced after this many calls.
     pub warm_recycle_after: u32,
@@ -400,12 +405,24 @@ fn write_cache(component: &Component, file: &Path) {
     }
 }
 
-/// An instance kept for reuse, with the limits it was made with.
+/// An instance kept for reuse, with the limits it was made with and the configuration it
+/// serves: a route's entry (its `config`, by identity) — what one route's code leaves in
+/// the instance's memory (a JavaScript global, a cache) is never seen by another route's.
+/// (A weak reference: it keeps no configuration alive, and its allocation's address is
+/// not reused while it is held.)
 struct WarmInstance {
     store: Store<PluginState>,
     plugin: Plugin,
     max_memory: usize,
+    config: Weak<[(String, String)]>,
     calls: u32,
+}
+
+impl WarmInstance {
+    fn serves(&self, config: &Arc<[(String, String)]>, max_memory: usize) -> bool {
+        self.max_memory == max_memory
+            && std::ptr::addr_eq(self.config.as_ptr(), Arc::as_ptr(config))
+    }
 }
 
 /// One compiled version of one plugin, ready to instantiate.
@@ -613,10 +630,11 @@ impl LoadedPlugin {
         input: CallInput,
         limits: CallLimits,
     ) -> Result<PluginVerdict, CallError> {
+        let config = input.config.clone();
         let reused = {
             let mut pool = self.warm.lock().unwrap_or_else(|e| e.into_inner());
-            let at = pool.iter().rposition(|w| w.max_memory == limits.max_memory);
-            at.map(|i| pool.swap_remove(i))
+            let at = (pool.iter()).rposition(|w| w.serves(&config, limits.max_memory));
+            at.map(|i| pool.remove(i))
         };
         let mut warm = match reused {
             Some(mut w) => {
@@ -634,6 +652,7 @@ impl LoadedPlugin {
                     store,
                     plugin,
                     max_memory: limits.max_memory,
+                    config: Arc::downgrade(&config),
                     calls: 0,
                 }
             }
@@ -647,8 +666,18 @@ impl LoadedPlugin {
         if !trapped && warm.calls < self.options.warm_recycle_after {
             // (Waiting, it holds no config or tables: a reload's old ones go at once.)
             warm.store.data_mut().end_call();
+            let size = self.options.warm_pool_size;
             let mut pool = self.warm.lock().unwrap_or_else(|e| e.into_inner());
-            if pool.len() < self.options.warm_pool_size {
+            // Those of configurations no longer in force (a reload's, a dry run's) go.
+            pool.retain(|w| w.config.strong_count() > 0);
+            let same = (pool.iter())
+                .filter(|w| w.serves(&config, limits.max_memory))
+                .count();
+            if same < size {
+                // The pool is in order of use, the least recent first.
+                if pool.len() >= size * WARM_CONFIGS_KEPT {
+                    pool.remove(0);
+                }
                 pool.push(warm);
             }
         }
