@@ -50,8 +50,20 @@ fn unloaded_plugins(
     loaded: impl Fn(&str) -> bool,
     statuses: &std::collections::BTreeMap<String, plugin::PluginStatus>,
 ) -> Vec<String> {
-    let mut used: Vec<&str> = config.used_plugins().into_iter().collect();
-    used.sort();
+    unloaded_plugins_of(config, |_| true, loaded, statuses)
+}
+
+/// [`unloaded_plugins`], of the routes `of` takes only.
+fn unloaded_plugins_of(
+    config: &Config,
+    of: impl Fn(&config::RouteConfig) -> bool,
+    loaded: impl Fn(&str) -> bool,
+    statuses: &std::collections::BTreeMap<String, plugin::PluginStatus>,
+) -> Vec<String> {
+    let used: std::collections::BTreeSet<&str> = (config.routes.iter())
+        .filter(|r| of(r))
+        .flat_map(|r| r.plugins.iter().map(|p| p.name.as_str()))
+        .collect();
     used.into_iter()
         .filter(|name| !loaded(name))
         .map(
@@ -328,19 +340,30 @@ impl Gateway {
             config,
         );
 
-        // Startup is a reload from empty; unlike later reloads, a plugin that a route uses
-        // and that does not load stops the start.
+        // Startup is a reload from empty; unlike later reloads, a plugin that a route of the
+        // config file uses and that does not load, or refuses the route's configuration,
+        // stops the start. (A route made through the API with such a plugin does not: it is
+        // mended through the API, so the gateway starts, and says so —
+        // `ReloadReport::route_errors`.)
         let report = reloader.reload("startup").await;
         if let Some(e) = &report.managed_error {
             anyhow::bail!("the objects made through the management API: {e}");
         }
         let config = reloader.config();
+        let managed = reloader.managed();
+        let from_file = |r: &config::RouteConfig| !managed.contains(managed::Kind::Route, &r.name);
         let loaded = registry.snapshot();
-        let failures = unloaded_plugins(&config, |name| loaded.contains_key(name), &report.plugins);
+        let failures = unloaded_plugins_of(
+            &config,
+            from_file,
+            |name| loaded.contains_key(name),
+            &report.plugins,
+        );
         if !failures.is_empty() {
             anyhow::bail!("{}", failures.join("; "));
         }
         let refused: Vec<String> = (reloader.refused_plugin_configs().await.iter())
+            .filter(|r| from_file(&config.routes[r.route]))
             .map(ToString::to_string)
             .collect();
         anyhow::ensure!(refused.is_empty(), "{}", refused.join("; "));

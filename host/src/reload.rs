@@ -17,7 +17,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use crate::config::{Config, RouteConfig};
 use crate::delivery::{Dispatcher, now_ms};
 use crate::managed::{Change, ChangeError, Managed};
 use crate::metrics::{Metrics, ResultLabels};
@@ -54,6 +54,14 @@ pub struct ReloadReport {
     /// keep serving. A start stops on it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub managed_error: Option<String>,
+    /// What is wrong with routes made through the management API: a plugin one uses that
+    /// is not loaded, or that refuses the configuration the route gives it (a new version
+    /// put in since the route was made, with none before it to keep serving). Logged and
+    /// listed here, never a reason to reject the config or stop a start — such a route is
+    /// mended through the API, which needs the gateway up — and its events fail at that
+    /// plugin (kept as its `on_error` says, to replay) until it is.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub route_errors: Vec<String>,
     pub plugins: BTreeMap<String, PluginStatus>,
 }
 
@@ -196,7 +204,13 @@ impl Reloader {
         let file = self.file.load_full();
         let (managed, config) = self.managed.load().apply(&file, &change)?;
         let plugins = self.registry.snapshot();
-        if let Some((key, message)) = first_missing_plugin(&config, &plugins) {
+        // (Only the route changed: another made through the API may be broken already —
+        // see `ReloadReport::route_errors` — and is mended on its own.)
+        let changed = |r: &RouteConfig| {
+            matches!(&change, Change::Create(o) | Change::Update(o)
+                if o.kind() == crate::managed::Kind::Route && o.name() == r.name)
+        };
+        if let Some((_, key, message)) = missing_plugins(&config, &plugins, changed).next() {
             return Err(managed.blame(&file, &change, &key, message));
         }
         if let Change::Create(o) | Change::Update(o) = &change
@@ -353,26 +367,50 @@ impl Reloader {
                     config_error: Some(format!("plugin scan failed: {e}")),
                     index_error: None,
                     managed_error: None,
+                    route_errors: Vec::new(),
                     plugins: self.registry.statuses(),
                 };
             }
         };
 
-        if outcome == "applied"
-            && let Some((key, message)) = first_missing_plugin(&config, &plugins)
-        {
-            config_error = Some(format!("key `{key}`: {message}"));
-            outcome = "rejected";
+        // What the file's routes need must be there; what the API's routes lack is said
+        // (`route_errors`) and fails their events, as it does after a start.
+        let from_api = |r: &RouteConfig| managed.contains(crate::managed::Kind::Route, &r.name);
+        let mut route_errors = Vec::new();
+        if outcome == "applied" {
+            for (route, key, message) in missing_plugins(&config, &plugins, |_| true) {
+                if !from_api(route) {
+                    config_error = Some(format!("key `{key}`: {message}"));
+                    outcome = "rejected";
+                    break;
+                }
+                route_errors.push(api_route_error(route, &key, &message));
+            }
         }
         // Routes' plugin configurations, as their plugins (new versions included) see them.
-        if outcome == "applied"
-            && let Some(refusal) = (self.keep_accepting(&config, &mut plugins, &mut statuses))
+        if outcome == "applied" {
+            for refusal in self
+                .keep_accepting(&config, &mut plugins, &mut statuses)
                 .await
-                .into_iter()
-                .next()
-        {
-            config_error = Some(format!("key `{}`: {}", refusal.key, refusal.message));
-            outcome = "rejected";
+            {
+                let route = &config.routes[refusal.route];
+                if !from_api(route) {
+                    config_error = Some(format!("key `{}`: {}", refusal.key, refusal.message));
+                    outcome = "rejected";
+                    break;
+                }
+                route_errors.push(api_route_error(route, &refusal.key, &refusal.message));
+            }
+        }
+        if outcome == "rejected" {
+            route_errors.clear();
+        }
+        for error in &route_errors {
+            tracing::error!(
+                reason,
+                error,
+                "A route made through the API cannot work as it is; its events fail at the plugin until it is changed."
+            );
         }
         if outcome == "rejected" {
             tracing::error!(
@@ -456,6 +494,7 @@ impl Reloader {
             config_error,
             index_error: index_error.map(|e| e.to_string()),
             managed_error,
+            route_errors,
             plugins: statuses,
         }
     }
@@ -639,8 +678,11 @@ impl Reloader {
                         [(kind, name)] => Some((*kind, name.as_str())),
                         _ => None,
                     };
+                    // (One whose plugin is not here goes through the full reload, which says so.)
                     if let Ok(config) = managed.merged_with(&file, one)
-                        && first_missing_plugin(&config, &self.registry.snapshot()).is_none()
+                        && (missing_plugins(&config, &self.registry.snapshot(), |_| true))
+                            .next()
+                            .is_none()
                     {
                         tracing::info!(
                             changed = changed.len(),
@@ -725,28 +767,41 @@ impl Watches {
 }
 
 /// The first plugin a route uses that is not loaded: its key and the message.
-fn first_missing_plugin(config: &Config, plugins: &PluginMap) -> Option<(String, String)> {
-    for (i, r) in config.routes.iter().enumerate() {
-        for (j, p) in r.plugins.iter().enumerate() {
-            if !plugins.contains_key(&p.name) {
-                return Some((
-                    format!("routes[{i}].plugins[{j}].name"),
-                    format!(
-                        "no plugin `{}` is loaded from {} (expected {}.wasm)",
-                        p.name,
-                        config.plugins.dir.display(),
-                        p.name
-                    ),
-                ));
-            }
-        }
-    }
-    None
+fn missing_plugins<'a>(
+    config: &'a Config,
+    plugins: &'a PluginMap,
+    of: impl Fn(&RouteConfig) -> bool + 'a,
+) -> impl Iterator<Item = (&'a RouteConfig, String, String)> + 'a {
+    let routes = (config.routes.iter().enumerate()).filter(move |(_, r)| of(r));
+    routes.flat_map(move |(i, r)| {
+        (r.plugins.iter().enumerate())
+            .filter(|(_, p)| !plugins.contains_key(&p.name))
+            .map(move |(j, p)| {
+                let message = format!(
+                    "no plugin `{}` is loaded from {} (expected {}.wasm)",
+                    p.name,
+                    config.plugins.dir.display(),
+                    p.name
+                );
+                (&**r, format!("routes[{i}].plugins[{j}].name"), message)
+            })
+    })
+}
+
+/// A route made through the API that cannot work as it is (`ReloadReport::route_errors`).
+pub(crate) fn api_route_error(route: &RouteConfig, key: &str, message: &str) -> String {
+    format!(
+        "route `{}` (made through the API), `{key}`: {message}; its events fail at this plugin \
+         until the route is changed (`PATCH /v1/routes/{}`) or the plugin is",
+        route.name, route.name
+    )
 }
 
 /// A route's configuration of a plugin that the plugin refused (WIT `config-check`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Refusal {
+    /// The route's index in the config's `routes`.
+    pub route: usize,
     /// Where the configuration is: `routes[i].plugins[j].config`.
     pub key: String,
     /// The plugin that refused it.
@@ -772,7 +827,7 @@ pub(crate) struct ConfigChecks {
 impl ConfigChecks {
     /// Each plugin configuration of `config`'s routes (only the route named `only`, if
     /// given) that its plugin refuses. Plugins not in `plugins` are passed over
-    /// (`first_missing_plugin` names them), as are those that do not export `config-check`.
+    /// (`missing_plugins` names them), as are those that do not export `config-check`.
     pub(crate) async fn refused(
         &self,
         config: &Config,
@@ -821,6 +876,7 @@ impl ConfigChecks {
                         passed.insert(key);
                     }
                     Err(message) => refused.push(Refusal {
+                        route: i,
                         key: format!("routes[{i}].plugins[{j}].config"),
                         plugin: p.name.clone(),
                         message: format!(

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{Value, json};
 use sha2::Digest;
 use tokio::sync::Mutex;
 
@@ -266,6 +266,142 @@ destinations = ["sink"]
     );
     assert_eq!(report["plugins"]["x"]["status"], "error", "{report}");
     gw.shutdown().await.unwrap();
+}
+
+/// A route made through the management API whose plugin has gone, or whose new version
+/// refuses the route's configuration, does not stop a start — it is mended through the
+/// API, which needs the gateway up: the reload report lists it (`route_errors`), its events
+/// fail at that plugin (kept, to replay), the other routes serve, file reloads and API
+/// changes go on. A route of the config file with the same plugin missing still stops it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_broken_route_made_through_the_api_does_not_stop_a_start() {
+    let rx = Receiver::start().await;
+    let dir = TestGateway::dir_with_plugins(&[]);
+    install(dir.path(), "x", &guest("contract-0-1-0"));
+    install(dir.path(), "gone", &guest("contract-0-1-0"));
+    let config = r#"
+[[sources]]
+name = "s"
+[[destinations]]
+name = "sink"
+url = "{receiver}/sink"
+[[routes]]
+name = "file"
+source = "s"
+destinations = ["sink"]
+"#;
+    let gw = TestGateway::start_from_file(dir, config, &rx)
+        .await
+        .unwrap();
+    let route = |name: &str, plugin: &str| {
+        json!({ "name": name, "source": "s", "destinations": ["sink"],
+                "plugins": [{ "name": plugin, "config": { "anything": "goes" } }] })
+    };
+    gw.create("/v1/routes", route("api-x", "x")).await;
+    gw.create("/v1/routes", route("api-gone", "gone")).await;
+    let dir = gw.stop().await;
+    // event-filter as `x`: it wants `allow` or a condition; and `gone` is gone.
+    install(dir.path(), "x", &guest("event-filter"));
+    std::fs::remove_file(dir.path().join("plugins.d/gone.wasm")).unwrap();
+
+    let gw = TestGateway::start_from_file(dir, config, &rx)
+        .await
+        .expect("a broken route made through the API does not stop the start");
+    let (status, report) = gw.send("POST", "/v1/reload", None).await;
+    assert_eq!(
+        (status, report["config"].as_str()),
+        (200, Some("applied")),
+        "{report}"
+    );
+    let errors: Vec<&str> = (report["route_errors"].as_array().unwrap().iter())
+        .map(|e| e.as_str().unwrap())
+        .collect();
+    assert_eq!(errors.len(), 2, "{report}");
+    let error = |route: &str| {
+        (errors.iter())
+            .find(|e| e.starts_with(&format!("route `{route}` (made through the API), ")))
+            .unwrap_or_else(|| panic!("{route}: {report}"))
+    };
+    assert!(
+        error("api-x").contains("`routes[2].plugins[0].config`: plugin `x` refuses this configuration: `allow` must list")
+            && error("api-x").contains("`PATCH /v1/routes/api-x`"),
+        "{report}"
+    );
+    assert!(
+        error("api-gone").contains("`routes[1].plugins[0].name`: no plugin `gone` is loaded"),
+        "{report}"
+    );
+    // The file's route delivers; the two fail at their plugins, kept to replay.
+    let id = gw.accept("s", r#"{"type":"usage"}"#).await;
+    let e = gw.settled(&id).await;
+    let result = |name: &str| {
+        (e["routes"].as_array().unwrap().iter())
+            .find(|r| r["name"] == name)
+            .map(|r| r["result"].clone())
+            .unwrap()
+    };
+    assert_eq!(result("file")["result"], "delivering", "{e}");
+    assert_eq!(e["deliveries"][0]["status"], "delivered", "{e}");
+    assert_eq!(result("api-x")["result"], "failed", "{e}");
+    assert!(
+        result("api-x")["error"]
+            .to_string()
+            .contains("`allow` must list"),
+        "{e}"
+    );
+    assert_eq!(result("api-gone")["result"], "failed", "{e}");
+    assert!(
+        result("api-gone")["error"]
+            .to_string()
+            .contains("plugin `gone` is not loaded"),
+        "{e}"
+    );
+    // Mended through the API, one by one; changes to other objects go on meanwhile.
+    gw.create(
+        "/v1/destinations",
+        json!({ "name": "other", "url": format!("{}/other", rx.url) }),
+    )
+    .await;
+    let (status, body) = gw
+        .send(
+            "PATCH",
+            "/v1/routes/api-x",
+            Some(json!({ "plugins": [{ "name": "x", "config": { "allow": "usage" } }] })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (_, report) = gw.send("POST", "/v1/reload", None).await;
+    assert_eq!(
+        report["route_errors"].as_array().map(Vec::len),
+        Some(1),
+        "{report}"
+    );
+    let (status, body) = gw.send("DELETE", "/v1/routes/api-gone", None).await;
+    assert_eq!(status, 204, "{body}");
+    let (_, report) = gw.send("POST", "/v1/reload", None).await;
+    assert!(report.get("route_errors").is_none(), "{report}");
+    let id = gw.accept("s", r#"{"type":"usage"}"#).await;
+    let e = gw.settled(&id).await;
+    let delivered: Vec<&Value> = (e["deliveries"].as_array().unwrap().iter())
+        .map(|d| &d["status"])
+        .collect();
+    assert_eq!(delivered, [&json!("delivered"), &json!("delivered")], "{e}");
+    let dir = gw.stop().await;
+
+    // A route of the config file whose plugin is missing stops the start, as ever.
+    let broken = config.replace(
+        "destinations = [\"sink\"]\n",
+        "destinations = [\"sink\"]\nplugins = [{ name = \"gone\" }]\n",
+    );
+    assert_ne!(broken, config);
+    let Err(e) = TestGateway::start_from_file(dir, &broken, &rx).await else {
+        panic!("started with a file route's plugin missing");
+    };
+    assert!(
+        e.to_string()
+            .contains("plugin `gone` is used by a route but there is no gone.wasm"),
+        "{e}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
