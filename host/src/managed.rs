@@ -474,9 +474,26 @@ pub fn redact_secret_headers(headers: Vec<(String, String)>) -> Vec<(String, Str
 /// error or a drop reason — a geocoder's `?key=` — is stored with the event's outcome and
 /// logged, and a key in it must not be.
 pub fn redact_query_secrets(text: &str) -> std::borrow::Cow<'_, str> {
-    let bytes = text.as_bytes();
-    let mut out = String::new();
+    let secrets = query_secrets(text);
+    if secrets.is_empty() {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len());
     let mut copied = 0;
+    for (_, value) in secrets {
+        out.push_str(&text[copied..value.start]);
+        out.push_str("****");
+        copied = value.end;
+    }
+    out.push_str(&text[copied..]);
+    std::borrow::Cow::Owned(out)
+}
+
+/// Where the query parameters whose names name a secret are in `text`: each one's name
+/// and (non-empty) value.
+fn query_secrets(text: &str) -> Vec<(std::ops::Range<usize>, std::ops::Range<usize>)> {
+    let bytes = text.as_bytes();
+    let mut found = Vec::new();
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] != b'?' && bytes[i] != b'&' {
@@ -504,17 +521,11 @@ pub fn redact_query_secrets(text: &str) -> std::borrow::Cow<'_, str> {
             })
             .unwrap_or(bytes.len());
         if value_end > value_start && secret_name(&text[name_start..name_end]) {
-            out.push_str(&text[copied..value_start]);
-            out.push_str("****");
-            copied = value_end;
+            found.push((name_start..name_end, value_start..value_end));
         }
         i = value_end;
     }
-    if copied == 0 {
-        return std::borrow::Cow::Borrowed(text);
-    }
-    out.push_str(&text[copied..]);
-    std::borrow::Cow::Owned(out)
+    found
 }
 
 /// Names (of destination headers, of plugin config keys) whose values are treated as
@@ -538,6 +549,34 @@ fn keep(new: &mut String, old: &str) {
     if *new == redact(old) {
         *new = old.to_string();
     }
+}
+
+/// A URL (or a plugin's config value) given with a secret query parameter as the API
+/// showed it (`?token=****`) keeps that parameter's stored value — also when the rest of
+/// the URL changed.
+fn keep_query_secrets(new: &mut String, old: &str) {
+    let olds = query_secrets(old);
+    if olds.is_empty() || !new.contains("=****") {
+        return;
+    }
+    let mut out = String::with_capacity(new.len());
+    let mut copied = 0;
+    for (name, value) in query_secrets(new) {
+        let stored = (olds.iter()).find(|(n, _)| old[n.clone()] == new[name.clone()]);
+        if let (Some((_, stored)), "****") = (stored, &new[value.clone()]) {
+            out.push_str(&new[copied..value.start]);
+            out.push_str(&old[stored.clone()]);
+            copied = value.end;
+        }
+    }
+    out.push_str(&new[copied..]);
+    *new = out;
+}
+
+/// Serializes a URL as the API shows one: the values of its query's secret parameters
+/// (`?token=…`, `&api_key=…`) as `****` (see [`redact_query_secrets`]).
+pub fn serialize_redacted_url<S: serde::Serializer>(url: &str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&redact_query_secrets(url))
 }
 
 /// Puts back each secret of a list echoed redacted: the one at the same place if its
@@ -617,6 +656,7 @@ impl Redact for SourceConfig {
 impl Redact for DestinationConfig {
     fn redacted(&self) -> Self {
         let mut d = self.clone();
+        d.url = redact_query_secrets(&d.url).into_owned();
         if let Some(s) = &mut d.signing {
             s.secret = redact(&s.secret);
             for previous in &mut s.previous_secrets {
@@ -640,6 +680,7 @@ impl Redact for DestinationConfig {
     }
 
     fn keep_secrets(&mut self, old: &Self) {
+        keep_query_secrets(&mut self.url, &old.url);
         if let (Some(s), Some(o)) = (&mut self.signing, &old.signing) {
             // A rotation through the API echoes the old secret, shown redacted, as a
             // previous one.
@@ -667,13 +708,16 @@ impl Redact for DestinationConfig {
 
 impl Redact for RouteConfig {
     /// A plugin's config may hold what it signs or authenticates with: values whose keys
-    /// name a secret are redacted, as destination headers are.
+    /// name a secret are redacted, as destination headers are, and the secret query
+    /// parameters of the others (a service's `url = "…?api_key=…"`), as URLs are.
     fn redacted(&self) -> Self {
         let mut r = self.clone();
         for plugin in &mut r.plugins {
             for (key, value) in &mut plugin.config {
                 if secret_name(key) {
                     *value = redact(value);
+                } else if let std::borrow::Cow::Owned(shown) = redact_query_secrets(value) {
+                    *value = shown;
                 }
             }
         }
@@ -694,7 +738,10 @@ impl Redact for RouteConfig {
             };
             for (key, value) in &mut plugin.config {
                 if let Some((_, old_value)) = o.config.iter().find(|(k, _)| k == key) {
-                    keep(value, old_value);
+                    match secret_name(key) {
+                        true => keep(value, old_value),
+                        false => keep_query_secrets(value, old_value),
+                    }
                 }
             }
         }
@@ -1007,6 +1054,7 @@ mod tests {
         }))
         .unwrap();
         let shown = d.redacted();
+        assert_eq!(shown.url, "https://d.example/");
         assert_eq!(shown.headers["x-api-key"], "****cdef");
         assert_eq!(shown.headers["x-region"], "eu");
         assert_eq!(shown.signing.as_ref().unwrap().secret, "****LaSw");
@@ -1022,6 +1070,34 @@ mod tests {
         let (echoed, d) = (echoed.oauth2.unwrap(), d.oauth2.unwrap());
         assert_eq!(echoed.client_secret, d.client_secret);
         assert_eq!(echoed.params, d.params);
+
+        // A secret in the URL's query (a function's `?code=`, a hook's `?token=`): shown
+        // as `****`, kept when echoed, replaced when changed.
+        let d: DestinationConfig = serde_json::from_value(serde_json::json!({
+            "name": "d", "url": "https://d.example/hook?region=eu&token=t-0123456789"
+        }))
+        .unwrap();
+        let shown = d.redacted();
+        assert_eq!(shown.url, "https://d.example/hook?region=eu&token=****");
+        let mut echoed = shown.clone();
+        echoed.keep_secrets(&d);
+        assert_eq!(echoed.url, d.url);
+        let mut changed = shown;
+        changed.url = "https://d.example/v2/hook?token=****&region=us".into();
+        changed.keep_secrets(&d);
+        assert_eq!(
+            changed.url,
+            "https://d.example/v2/hook?token=t-0123456789&region=us"
+        );
+        changed.url = "https://d.example/hook?token=t-new".into();
+        changed.keep_secrets(&d);
+        assert_eq!(changed.url, "https://d.example/hook?token=t-new");
+        changed.url = "https://d.example/hook?api_key=****".into();
+        changed.keep_secrets(&d);
+        assert_eq!(
+            changed.url, "https://d.example/hook?api_key=****",
+            "no such one stored"
+        );
     }
 
     #[test]
@@ -1030,13 +1106,18 @@ mod tests {
             "name": "r", "source": "s",
             "plugins": [
                 { "name": "sign", "config": { "signing-key": "k-0123456789abcdef", "mode": "v1" } },
-                { "name": "tag-router", "config": { "default": "archive" } }
+                { "name": "tag-router", "config": { "default": "archive" } },
+                { "name": "enrich", "config": { "url": "https://geo.example/v1?key=AIza123&lang=en" } }
             ]
         }))
         .unwrap();
         let shown = r.redacted();
         let config = &shown.plugins[0].config;
         assert_eq!(config[0], ("signing-key".into(), "****cdef".into()));
+        assert_eq!(
+            shown.plugins[2].config[0].1,
+            "https://geo.example/v1?key=****&lang=en"
+        );
         assert_eq!(config[1], ("mode".into(), "v1".into()));
         assert_eq!(shown.plugins[1].config, r.plugins[1].config);
 
@@ -1044,7 +1125,8 @@ mod tests {
         let mut echoed = shown.clone();
         echoed.plugins.reverse();
         echoed.keep_secrets(&r);
-        assert_eq!(echoed.plugins[1].config[0].1, "k-0123456789abcdef");
+        assert_eq!(echoed.plugins[2].config[0].1, "k-0123456789abcdef");
+        assert_eq!(echoed.plugins[0].config, r.plugins[2].config);
         // A new value is taken as it is.
         let mut changed = shown;
         changed.plugins[0].config[0].1 = "k-fedcba9876543210".into();

@@ -20,6 +20,56 @@ source = "onomondo"
 destinations = ["fleet"]
 "#;
 
+/// A secret in a URL's query — a receiver's `?token=` — is shown as `****` wherever the
+/// API shows the URL (the destination, each delivery of an event), sent in full, and kept
+/// when a change echoes the URL as shown. (A plugin's config: `tests/it/outbound.rs`.)
+#[tokio::test(flavor = "multi_thread")]
+async fn secrets_in_urls_are_shown_redacted_and_sent_in_full() {
+    let rx = Receiver::start().await;
+    let gw = TestGateway::start(FILE, &rx, &["tag-router"]).await;
+    let url = format!("{}/hook?region=eu&token=t-0123456789abcdef", rx.url);
+    let d = gw
+        .create("/v1/destinations", json!({ "name": "hook", "url": url }))
+        .await;
+    let shown = format!("{}/hook?region=eu&token=****", rx.url);
+    assert_eq!(d["url"], shown.as_str(), "{d}");
+    gw.create(
+        "/v1/routes",
+        json!({ "name": "hooked", "source": "onomondo", "destinations": ["hook"] }),
+    )
+    .await;
+    // Echoed back as shown (a dashboard's edit of another field): the secret is kept.
+    let (status, d) = gw
+        .send(
+            "PATCH",
+            "/v1/destinations/hook",
+            Some(json!({ "url": shown })),
+        )
+        .await;
+    assert_eq!(status, 200, "{d}");
+    let id = gw.accept("onomondo", r#"{"type":"usage"}"#).await;
+    let e = gw.settled(&id).await;
+    let hooked = (e["deliveries"].as_array().unwrap().iter())
+        .find(|d| d["destination"] == "hook")
+        .unwrap();
+    assert_eq!(hooked["status"], "delivered", "{e}");
+    assert_eq!(hooked["url"], shown.as_str(), "{e}");
+    assert!(!e.to_string().contains("0123456789abcdef"), "{e}");
+    let got = rx.wait_for(2).await;
+    assert!(
+        got.iter()
+            .any(|r| r.uri == "/hook?region=eu&token=t-0123456789abcdef"),
+        "sent in full: {:?}",
+        got.iter().map(|r| &r.uri).collect::<Vec<_>>()
+    );
+    let (_, deliveries) = gw.get("/v1/deliveries?destination=hook").await;
+    assert!(
+        !deliveries.to_string().contains("0123456789abcdef"),
+        "{deliveries}"
+    );
+    gw.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn objects_round_trip_and_survive_a_restart() {
     let rx = Receiver::start().await;

@@ -231,6 +231,13 @@ destinations = ["sink"]
         "{run}"
     );
     assert!(!run.to_string().contains("geo-secret"), "{run}");
+    // Nor in the route as the API shows it.
+    let (_, route) = gw.get("/v1/routes/geo").await;
+    let url = route["plugins"][0]["config"]["url"].as_str().unwrap();
+    assert!(
+        url.ends_with("/sims/{/iccid}?lang=en&api_key=****"),
+        "{route}"
+    );
     gw.shutdown().await.unwrap();
 }
 

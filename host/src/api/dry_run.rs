@@ -56,7 +56,8 @@ pub(super) struct PlannedRequest {
     /// The index of the route that planned it.
     route: usize,
     destination: String,
-    /// The URL after placeholders.
+    /// The URL after placeholders (a secret query parameter's value as `****`).
+    #[serde(serialize_with = "crate::managed::serialize_redacted_url")]
     url: String,
     /// `pending` (it would be sent) or `skipped` (the destination's `event_types` do not
     /// take this event's type).

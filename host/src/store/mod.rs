@@ -1393,7 +1393,9 @@ pub struct DeliveryRecord {
     /// The run of the event (0, then one more per replay) whose plugins made it.
     pub run: u32,
     pub destination: String,
-    /// The URL after placeholders.
+    /// The URL after placeholders (as the API shows a URL: a secret query parameter's
+    /// value as `****`).
+    #[serde(serialize_with = "crate::managed::serialize_redacted_url")]
     pub url: String,
     pub status: DeliveryStatus,
     /// When the next attempt is due, for pending deliveries; absent while the delivery is
