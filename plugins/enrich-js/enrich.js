@@ -15,7 +15,8 @@
 //                     nowhere)
 //   metadata.<key>    a JSON pointer into the answer: its value becomes metadata `key`
 //   not_found         what a 404 means: pass (default), drop or error
-//   cache_ttl         seconds to remember an answer per URL (state)
+//   cache_ttl         seconds to remember an answer per URL (state; the key holds the URL
+//                     with its secret query values as ****)
 //
 // Build: npm ci && npm run build   (bindings come from ../../wit; nothing hand-written)
 
@@ -71,6 +72,22 @@ function percentEncode(text) {
 
 /** `template` (the config's `what`) with each `{/pointer}` replaced by the body's value
  * there (a string or a number), written by `put`. */
+/** `url` with the values of the query parameters whose names name a secret (`api_key`,
+ * `token`, … as the gateway's API redacts them) as `****`: what the answer is remembered
+ * by, a key the API lists, holds no secret. */
+function withoutQuerySecrets(url) {
+  const at = url.indexOf('?');
+  if (at < 0) return url;
+  const secret = ['authorization', 'cookie', 'key', 'token', 'secret', 'password', 'signature'];
+  const params = url.slice(at + 1).split('&').map((param) => {
+    const eq = param.indexOf('=');
+    if (eq < 0 || eq === param.length - 1) return param;
+    const name = param.slice(0, eq);
+    return secret.some((s) => name.toLowerCase().includes(s)) ? `${name}=****` : param;
+  });
+  return `${url.slice(0, at)}?${params.join('&')}`;
+}
+
 function fill(template, body, what, put) {
   let out = '';
   let rest = template;
@@ -171,7 +188,7 @@ export const handler = {
     const sent = bodyTemplate === undefined ? undefined : fill(bodyTemplate, body, 'body', (v) => JSON.stringify(v));
     // What the answer is remembered by: the URL, and the body a POST sends.
     const method = sent === undefined ? 'GET' : 'POST';
-    const key = sent === undefined ? url : `${url} ${sent}`;
+    const key = sent === undefined ? withoutQuerySecrets(url) : `${withoutQuerySecrets(url)} ${sent}`;
     let answer;
     if (ttl !== undefined) {
       const kept = get(key);

@@ -16,7 +16,8 @@ Config:
   into            a JSON pointer where the JSON answer goes (default /enrichment; "" for nowhere)
   metadata.<key>  a JSON pointer into the answer: its value becomes metadata `key`
   not_found       what a 404 means: pass (default), drop or error
-  cache_ttl       seconds to remember an answer per URL (state)
+  cache_ttl       seconds to remember an answer per URL (state; the key holds the URL
+                  with its secret query values as ****)
 
 Build (bindings are generated from ../../wit by componentize-py; nothing hand-written):
   pip install -r requirements.txt
@@ -81,6 +82,24 @@ def as_json(value):
     """A value in a JSON body: as JSON (a string quoted and escaped, as the Rust plugin
     writes it)."""
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+SECRET = ("authorization", "cookie", "key", "token", "secret", "password", "signature")
+
+
+def without_query_secrets(url):
+    """`url` with the values of the query parameters whose names name a secret (`api_key`,
+    `token`, ... as the gateway's API redacts them) as `****`: what the answer is
+    remembered by, a key the API lists, holds no secret."""
+    base, sep, query = url.partition("?")
+    if not sep:
+        return url
+    params = []
+    for param in query.split("&"):
+        name, eq, value = param.partition("=")
+        secret = eq and value and any(s in name.lower() for s in SECRET)
+        params.append(f"{name}=****" if secret else param)
+    return f"{base}?{'&'.join(params)}"
 
 
 def fill(template, body, what, put):
@@ -174,7 +193,7 @@ class Handler(exports.Handler):
         sent = None if body_template is None else fill(body_template, body, "body", as_json)
         # What the answer is remembered by: the URL, and the body a POST sends.
         method = "GET" if sent is None else "POST"
-        key = url if sent is None else f"{url} {sent}"
+        key = without_query_secrets(url) if sent is None else f"{without_query_secrets(url)} {sent}"
         answer = MISSING
         if ttl is not None:
             kept = state.get(key)

@@ -593,7 +593,7 @@ async fn enrich_asks_alike_in_rust_js_and_python() {
         ),
         (
             "cached",
-            format!(r#"{{ url = "{sims}", cache_ttl = "60" }}"#),
+            format!(r#"{{ url = "{sims}?region=eu&api_key=crm-secret-0123", cache_ttl = "60" }}"#),
         ),
         (
             "nowhere",
@@ -772,6 +772,16 @@ async fn enrich_asks_alike_in_rust_js_and_python() {
     ] {
         let refusal = refuse_alike(&gw, ENRICHERS, "enrich", plugin_config).await;
         assert!(refusal.starts_with(says), "{refusal}");
+    }
+    // Each remembered the answer by its URL, the key in it left out (the API lists keys).
+    for (_, plugin) in ENRICHERS {
+        let (_, kept) = gw.get(&format!("/v1/plugins/{plugin}/state")).await;
+        let keys: Vec<&str> = (kept["items"].as_array().unwrap().iter())
+            .map(|i| i["key"].as_str().unwrap())
+            .collect();
+        let remembered = format!("{crm}/sims/8945738730000000012?region=eu&api_key=****");
+        assert!(keys.contains(&remembered.as_str()), "{plugin}: {keys:?}");
+        assert!(!kept.to_string().contains("crm-secret"), "{plugin}: {kept}");
     }
     // Each language asked for the known SIM once per config that reached the CRM with it
     // (`enrich`, `cached` — its second event remembered it — and `nowhere`).

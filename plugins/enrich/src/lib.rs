@@ -19,7 +19,8 @@
 //!   plugin's routing (`metadata.customer = "/customer/id"`).
 //! - `not_found`: what a `404` means: `pass` (the event goes on unchanged; the default),
 //!   `drop`, or `error`.
-//! - `cache_ttl`: seconds to remember an answer per URL (in the plugin's `state`), so that
+//! - `cache_ttl`: seconds to remember an answer per URL (in the plugin's `state`, keyed by
+//!   the URL with its secret query values as `****`: the API lists the keys), so that
 //!   a SIM's hundred events ask once; unset, every event asks.
 //!
 //! ```toml
@@ -113,8 +114,8 @@ impl Plugin for Enrich {
         };
         // What the answer is remembered by: the URL, and the body a POST sends.
         let (method, key) = match &sent {
-            None => ("GET", url.clone()),
-            Some(sent) => ("POST", format!("{url} {sent}")),
+            None => ("GET", without_query_secrets(&url)),
+            Some(sent) => ("POST", format!("{} {sent}", without_query_secrets(&url))),
         };
         let answer = match cache_ttl.and_then(|_| state::get(&key)) {
             Some(kept) => serde_json::from_str(&kept).ok(),
@@ -229,6 +230,36 @@ fn check_placeholders(template: &str, what: &str) -> Result<(), PluginError> {
         rest = &rest[start + end + 1..];
     }
     Ok(())
+}
+
+/// `url` with the values of the query parameters whose names name a secret (`api_key`,
+/// `token`, … as the gateway's API redacts them) as `****`: what the answer is remembered
+/// by, a key the API lists (`GET /v1/plugins/enrich/state`), holds no secret.
+fn without_query_secrets(url: &str) -> String {
+    const SECRET: [&str; 7] = [
+        "authorization",
+        "cookie",
+        "key",
+        "token",
+        "secret",
+        "password",
+        "signature",
+    ];
+    let Some((base, query)) = url.split_once('?') else {
+        return url.to_string();
+    };
+    let params: Vec<String> = (query.split('&'))
+        .map(|param| match param.split_once('=') {
+            Some((name, value))
+                if !value.is_empty()
+                    && SECRET.iter().any(|s| name.to_ascii_lowercase().contains(s)) =>
+            {
+                format!("{name}=****")
+            }
+            _ => param.to_string(),
+        })
+        .collect();
+    format!("{base}?{}", params.join("&"))
 }
 
 /// A value in a URL: its text, percent-encoded.
