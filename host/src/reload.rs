@@ -6,7 +6,7 @@
 //! at once. What fails keeps the previous version serving: a file that does not load, a
 //! config that does not validate, a plugin a route uses that vanished from disk.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -88,6 +88,10 @@ pub struct Reloader {
     indexed: tokio::sync::Mutex<Vec<String>>,
     /// What routes' plugins said of their configurations.
     checks: ConfigChecks,
+    /// Why routes made through the API cannot work as they are, by route name, as the last
+    /// reload found (`ReloadReport::route_errors`); a route changed or deleted since is
+    /// not in it.
+    route_errors: ArcSwap<HashMap<String, String>>,
     /// Told each time a config is put in force, so the file watcher follows its files.
     installed: tokio::sync::Notify,
 }
@@ -114,6 +118,7 @@ impl Reloader {
             busy: tokio::sync::Mutex::new(()),
             indexed: tokio::sync::Mutex::new(config.store.indexed_fields.clone()),
             checks: ConfigChecks::default(),
+            route_errors: ArcSwap::default(),
             installed: tokio::sync::Notify::new(),
             config: ArcSwap::new(config.clone()),
             file: ArcSwap::new(config),
@@ -197,6 +202,25 @@ impl Reloader {
         self.managed.load_full()
     }
 
+    /// Why a route made through the API cannot work as it is (its plugin missing, or
+    /// refusing its configuration): its events fail at that plugin until it is changed.
+    pub fn route_error(&self, route: &str) -> Option<String> {
+        self.route_errors.load().get(route).cloned()
+    }
+
+    /// The routes changed (or deleted) were checked as they came into force: what was
+    /// said of them before no longer stands.
+    fn forget_route_errors<'a>(&self, routes: impl IntoIterator<Item = &'a str>) {
+        let mut errors = HashMap::clone(&self.route_errors.load());
+        let before = errors.len();
+        for route in routes {
+            errors.remove(route);
+        }
+        if errors.len() != before {
+            self.route_errors.store(Arc::new(errors));
+        }
+    }
+
     /// Applies a change made through the management API: checked against the whole
     /// config (and the loaded plugins), persisted, then swapped in like a reload.
     pub async fn apply(&self, change: Change) -> Result<Arc<Config>, ChangeError> {
@@ -241,6 +265,9 @@ impl Reloader {
         );
         let config = Arc::new(config);
         self.managed.store(Arc::new(managed));
+        if change.kind() == crate::managed::Kind::Route {
+            self.forget_route_errors([change.name()]);
+        }
         self.install(config.clone()).await;
         Ok(config)
     }
@@ -373,39 +400,56 @@ impl Reloader {
             }
         };
 
-        // What the file's routes need must be there; what the API's routes lack is said
-        // (`route_errors`) and fails their events, as it does after a start.
+        // What a new file's routes need must be there (an unchanged file's were checked
+        // when it came); what the API's routes lack is said (`route_errors`, at a start
+        // too) and fails their events.
         let from_api = |r: &RouteConfig| managed.contains(crate::managed::Kind::Route, &r.name);
         let mut route_errors = Vec::new();
-        if outcome == "applied" {
+        if outcome != "rejected" {
             for (route, key, message) in missing_plugins(&config, &plugins, |_| true) {
                 if !from_api(route) {
-                    config_error = Some(format!("key `{key}`: {message}"));
-                    outcome = "rejected";
-                    break;
+                    if outcome == "applied" {
+                        config_error = Some(format!("key `{key}`: {message}"));
+                        outcome = "rejected";
+                        break;
+                    }
+                    continue;
                 }
-                route_errors.push(api_route_error(route, &key, &message));
+                route_errors.push((route.name.clone(), api_route_error(route, &key, &message)));
             }
         }
         // Routes' plugin configurations, as their plugins (new versions included) see them.
-        if outcome == "applied" {
+        if outcome != "rejected" {
             for refusal in self
                 .keep_accepting(&config, &mut plugins, &mut statuses)
                 .await
             {
                 let route = &config.routes[refusal.route];
                 if !from_api(route) {
-                    config_error = Some(format!("key `{}`: {}", refusal.key, refusal.message));
-                    outcome = "rejected";
-                    break;
+                    if outcome == "applied" {
+                        config_error = Some(format!("key `{}`: {}", refusal.key, refusal.message));
+                        outcome = "rejected";
+                        break;
+                    }
+                    continue;
                 }
-                route_errors.push(api_route_error(route, &refusal.key, &refusal.message));
+                route_errors.push((
+                    route.name.clone(),
+                    api_route_error(route, &refusal.key, &refusal.message),
+                ));
             }
         }
         if outcome == "rejected" {
             route_errors.clear();
+        } else {
+            // (A route's first error is the one shown on it.)
+            let mut by_route = HashMap::new();
+            for (route, error) in route_errors.iter().rev() {
+                by_route.insert(route.clone(), error.clone());
+            }
+            self.route_errors.store(Arc::new(by_route));
         }
-        for error in &route_errors {
+        for (_, error) in &route_errors {
             tracing::error!(
                 reason,
                 error,
@@ -419,8 +463,7 @@ impl Reloader {
                 "Config change rejected; the previous config keeps serving."
             );
             config = old;
-        }
-        if outcome != "applied" {
+            // (The config in force again: a new plugin version that refuses it is put back.)
             self.keep_accepting(&config, &mut plugins, &mut statuses)
                 .await;
         }
@@ -494,7 +537,7 @@ impl Reloader {
             config_error,
             index_error: index_error.map(|e| e.to_string()),
             managed_error,
-            route_errors,
+            route_errors: route_errors.into_iter().map(|(_, e)| e).collect(),
             plugins: statuses,
         }
     }
@@ -689,6 +732,11 @@ impl Reloader {
                             "Took in the managed objects another instance changed."
                         );
                         self.managed.store(Arc::new(managed));
+                        self.forget_route_errors(
+                            (changed.iter())
+                                .filter(|(kind, _)| *kind == crate::managed::Kind::Route)
+                                .map(|(_, name)| name.as_str()),
+                        );
                         self.install(Arc::new(config)).await;
                         return Some(changes.version);
                     }

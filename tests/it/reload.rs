@@ -307,6 +307,13 @@ destinations = ["sink"]
     let gw = TestGateway::start_from_file(dir, config, &rx)
         .await
         .expect("a broken route made through the API does not stop the start");
+    // The start found it: the route says so where the API (and the dashboard) shows it.
+    let (_, shown) = gw.get("/v1/routes/api-x").await;
+    let said = shown["error"].as_str().unwrap_or_default();
+    assert!(
+        said.contains("plugin `x` refuses this configuration"),
+        "{shown}"
+    );
     let (status, report) = gw.send("POST", "/v1/reload", None).await;
     assert_eq!(
         (status, report["config"].as_str()),
@@ -331,6 +338,11 @@ destinations = ["sink"]
         error("api-gone").contains("`routes[1].plugins[0].name`: no plugin `gone` is loaded"),
         "{report}"
     );
+    // As the reload's report says it.
+    let (_, shown) = gw.get("/v1/routes/api-x").await;
+    assert_eq!(shown["error"].as_str(), Some(*error("api-x")), "{shown}");
+    let (_, shown) = gw.get("/v1/routes/file").await;
+    assert!(shown.get("error").is_none(), "{shown}");
     // The file's route delivers; the two fail at their plugins, kept to replay.
     let id = gw.accept("s", r#"{"type":"usage"}"#).await;
     let e = gw.settled(&id).await;
@@ -370,6 +382,12 @@ destinations = ["sink"]
         )
         .await;
     assert_eq!(status, 200, "{body}");
+    assert!(
+        body.get("error").is_none(),
+        "checked as it was changed: {body}"
+    );
+    let (_, shown) = gw.get("/v1/routes/api-gone").await;
+    assert!(shown["error"].is_string(), "{shown}");
     let (_, report) = gw.send("POST", "/v1/reload", None).await;
     assert_eq!(
         report["route_errors"].as_array().map(Vec::len),

@@ -141,6 +141,12 @@ pub struct RouteView {
     #[serde(flatten)]
     config: RouteConfig,
     origin: Origin,
+    /// Why the route cannot work as it is: one made through the API whose plugin is
+    /// missing, or refuses its configuration, since (a start or a reload found it; see
+    /// `POST /v1/reload`'s `route_errors`). Its events fail at that plugin until it is
+    /// changed; absent for a route that works.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
 }
 
 /// A destination as the API shows it: its config, where it is defined, and its health.
@@ -184,6 +190,7 @@ fn route_view(state: &AppState, c: &RouteConfig) -> RouteView {
     RouteView {
         config: c.redacted(),
         origin: state.reloader.managed().origin(Kind::Route, &c.name),
+        error: state.reloader.route_error(&c.name),
     }
 }
 

@@ -525,7 +525,7 @@ async function destinationsPage() {
 async function routesPage() {
   const box = h('div', { class: 'card' });
   const sourcesBox = h('div', { class: 'card' });
-  const routeEditor = objectEditor('routes', 'Route', { name: '', source: '', plugins: [], destinations: [] }, [], () => refresh());
+  const routeEditor = objectEditor('routes', 'Route', { name: '', source: '', plugins: [], destinations: [] }, ['error'], () => refresh());
   const sourceEditor = objectEditor('sources', 'Source', { name: '' }, ['refused', 'last_accepted_at'], () => refresh());
   page('Routes', h('div', { class: 'row' }, routeEditor.create, sourceEditor.create), routeEditor.card, sourceEditor.card, box,
     h('h2', {}, 'Sources'), sourcesBox);
@@ -554,7 +554,10 @@ async function routesPage() {
           h('thead', {}, h('tr', {}, h('th', {}, 'Route'), h('th', {}, 'Source'), h('th', {}, 'Plugins'),
             h('th', {}, 'Destinations'), h('th', { class: 'hide-narrow' }, 'On error'), h('th', {}, ''))),
           h('tbody', {}, routes.items.map((r) => h('tr', { 'data-name': r.name },
-            h('td', {}, h('div', {}, r.name), h('div', { class: 'muted' }, r.origin)),
+            h('td', {}, h('div', {}, r.name), h('div', { class: 'muted' }, r.origin),
+              // A route made through the API that its plugin no longer takes: its events
+              // fail there until it is changed.
+              r.error ? h('div', { class: 'error route-error' }, r.error) : null),
             h('td', {}, h('div', {}, r.source), h('div', { class: 'muted hide-narrow' }, checks(src[r.source])),
               h('div', { class: 'muted last-accepted' }, src[r.source] && src[r.source].last_accepted_at ? `last event ${time(src[r.source].last_accepted_at)}` : 'no event since start'),
               src[r.source] && src[r.source].retention ? h('div', { class: 'muted retention hide-narrow' },
