@@ -93,6 +93,8 @@ source = "roaming"
 plugins = [{{ name = "change-filter", config = {{ key = "/iccid", fields = "/network/mcc" }} }}]
 destinations = ["fleet"]
 [[sources]]
+name = "legacy"
+[[sources]]
 name = "crm-lookup"
 [[routes]]
 source = "crm-lookup"
@@ -105,7 +107,22 @@ destinations = ["fleet"]
     // (`enrich` is listed with what it may do: keep state, send HTTP; `js-transform` runs
     // a route made in the dashboard.)
     let plugins = ["event-filter", "change-filter", "enrich", "js-transform"];
-    let gw = TestGateway::start(&config, &fleet, &plugins).await;
+    // A route made through the API whose plugin, upgraded while the gateway was down,
+    // refuses its configuration (event-filter in place of a 0.1.0 plugin that took any):
+    // the start goes on, and the routes page says why the route cannot work.
+    let dir = TestGateway::dir_with_plugins(&plugins);
+    let legacy = dir.path().join("plugins.d/legacy.wasm");
+    std::fs::copy(crate::util::guest("contract-0-1-0"), &legacy).unwrap();
+    let gw = TestGateway::start_in(dir, &config, &fleet).await.unwrap();
+    gw.create(
+        "/v1/routes",
+        serde_json::json!({ "name": "legacy-api", "source": "legacy", "destinations": ["fleet"],
+                            "plugins": [{ "name": "legacy", "config": { "anything": "goes" } }] }),
+    )
+    .await;
+    let dir = gw.stop().await;
+    std::fs::copy(crate::util::guest("event-filter"), &legacy).unwrap();
+    let gw = TestGateway::start_in(dir, &config, &fleet).await.unwrap();
     // Values change-filter keeps, shown (and forgotten) on the plugins page.
     for iccid in ["8945738730000000012", "8945738730000000099"] {
         let body = format!(r#"{{"iccid":"{iccid}","network":{{"mcc":"238"}}}}"#);
