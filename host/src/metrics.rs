@@ -124,6 +124,8 @@ pub struct Metrics {
     /// Plugins' HTTP requests (`http.send`), by plugin and outcome.
     pub plugin_http: Family<PluginHttpLabels, Counter>,
     pub reloads: Family<ResultLabels, Counter>,
+    /// Routes made through the API that cannot work as they are (`ReloadReport::route_errors`).
+    pub broken_routes: Gauge,
     pub queue_depth: Gauge,
     pub store_unanswered_seconds: Gauge,
     pub pending_deliveries: Gauge,
@@ -255,6 +257,12 @@ impl Default for Metrics {
             "How long the store has stored none of the events waiting for it (0 when none wait): a store that stopped answering",
             store_unanswered_seconds.clone(),
         );
+        let broken_routes = Gauge::default();
+        registry.register(
+            "broken_routes",
+            "Routes made through the API that cannot work as they are (their plugin missing, or refusing their configuration since a start or reload): their events fail at that plugin until they are changed",
+            broken_routes.clone(),
+        );
         let pending_deliveries = Gauge::default();
         registry.register(
             "pending_deliveries",
@@ -296,6 +304,7 @@ impl Default for Metrics {
             plugin_state,
             plugin_http,
             reloads,
+            broken_routes,
             queue_depth,
             store_unanswered_seconds,
             pending_deliveries,

@@ -217,6 +217,7 @@ impl Reloader {
             errors.remove(route);
         }
         if errors.len() != before {
+            self.metrics.broken_routes.set(errors.len() as i64);
             self.route_errors.store(Arc::new(errors));
         }
     }
@@ -447,6 +448,7 @@ impl Reloader {
             for (route, error) in route_errors.iter().rev() {
                 by_route.insert(route.clone(), error.clone());
             }
+            self.metrics.broken_routes.set(by_route.len() as i64);
             self.route_errors.store(Arc::new(by_route));
         }
         for (_, error) in &route_errors {

@@ -314,6 +314,12 @@ destinations = ["sink"]
         said.contains("plugin `x` refuses this configuration"),
         "{shown}"
     );
+    assert!(
+        gw.metrics()
+            .await
+            .contains("\nswitchyard_broken_routes 2\n"),
+        "counted for alerts"
+    );
     let (status, report) = gw.send("POST", "/v1/reload", None).await;
     assert_eq!(
         (status, report["config"].as_str()),
@@ -398,6 +404,11 @@ destinations = ["sink"]
     assert_eq!(status, 204, "{body}");
     let (_, report) = gw.send("POST", "/v1/reload", None).await;
     assert!(report.get("route_errors").is_none(), "{report}");
+    assert!(
+        gw.metrics()
+            .await
+            .contains("\nswitchyard_broken_routes 0\n")
+    );
     let id = gw.accept("s", r#"{"type":"usage"}"#).await;
     let e = gw.settled(&id).await;
     let delivered: Vec<&Value> = (e["deliveries"].as_array().unwrap().iter())
