@@ -723,9 +723,15 @@ impl Reloader {
                         [(kind, name)] => Some((*kind, name.as_str())),
                         _ => None,
                     };
-                    // (One whose plugin is not here goes through the full reload, which says so.)
+                    // (A changed route whose plugin is not here goes through the full reload,
+                    // which says so; another route's, found before, does not hold this up.)
+                    let changed_route = |r: &RouteConfig| {
+                        (changed.iter()).any(|(kind, name)| {
+                            *kind == crate::managed::Kind::Route && *name == r.name
+                        })
+                    };
                     if let Ok(config) = managed.merged_with(&file, one)
-                        && (missing_plugins(&config, &self.registry.snapshot(), |_| true))
+                        && (missing_plugins(&config, &self.registry.snapshot(), changed_route))
                             .next()
                             .is_none()
                     {
@@ -816,7 +822,8 @@ impl Watches {
     }
 }
 
-/// The first plugin a route uses that is not loaded: its key and the message.
+/// The plugins that the routes `of` takes use and that are not loaded: each one's route,
+/// key and message.
 fn missing_plugins<'a>(
     config: &'a Config,
     plugins: &'a PluginMap,
