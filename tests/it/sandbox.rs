@@ -173,19 +173,7 @@ async fn a_long_plugin_call_yields_to_other_tasks() {
     let plugin = runtime
         .load_file("misbehave", &crate::util::guest("misbehave"))
         .unwrap();
-    let event = switchyard::event::Event {
-        id: "e".into(),
-        source: "bad".into(),
-        received_at: 0,
-        method: "POST".into(),
-        path: "/v1/ingest/bad".into(),
-        query: String::new(),
-        headers: vec![],
-        content_type: Some("application/json".into()),
-        body: switchyard::event::Body::from(br#"{"mode":"loop"}"#.to_vec()),
-        metadata: vec![],
-        run: 0,
-    };
+    let event = misbehave_event(r#"{"mode":"loop"}"#);
     let limits = CallLimits {
         deadline: std::time::Duration::from_millis(500),
         ..CallLimits::default()
@@ -360,6 +348,24 @@ async fn warm_instances_are_recycled_and_never_reused_after_a_trap() {
     gw.shutdown().await.unwrap();
 }
 
+/// An event for the `misbehave` fixture, called on the runtime directly: its body says
+/// how to misbehave.
+fn misbehave_event(body: &str) -> switchyard::event::Event {
+    switchyard::event::Event {
+        id: "e".into(),
+        source: "bad".into(),
+        received_at: 0,
+        method: "POST".into(),
+        path: "/v1/ingest/bad".into(),
+        query: String::new(),
+        headers: vec![],
+        content_type: Some("application/json".into()),
+        body: switchyard::event::Body::from(body.as_bytes().to_vec()),
+        metadata: vec![],
+        run: 0,
+    }
+}
+
 /// A warm instance serves one configuration (a route's plugin entry): never another's, so
 /// what one route's call leaves in memory no other route's call sees. At most
 /// `warm_pool_size` are kept per configuration and four times that per plugin, the least
@@ -379,19 +385,7 @@ async fn warm_instances_serve_one_configuration_each() {
     let plugin = runtime
         .load_file("misbehave", &crate::util::guest("misbehave"))
         .unwrap();
-    let event = switchyard::event::Event {
-        id: "e".into(),
-        source: "s".into(),
-        received_at: 0,
-        method: "POST".into(),
-        path: "/v1/ingest/s".into(),
-        query: String::new(),
-        headers: vec![],
-        content_type: Some("application/json".into()),
-        body: switchyard::event::Body::from(br#"{"mode":"fine"}"#.to_vec()),
-        metadata: vec![],
-        run: 0,
-    };
+    let event = misbehave_event(r#"{"mode":"fine"}"#);
     // The calls the instance that took this one had served, this one included.
     let calls = |config: &Arc<[(String, String)]>| {
         let (plugin, event, config) = (&plugin, &event, config.clone());
