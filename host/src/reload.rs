@@ -846,7 +846,7 @@ fn missing_plugins<'a>(
 }
 
 /// A route made through the API that cannot work as it is (`ReloadReport::route_errors`).
-pub(crate) fn api_route_error(route: &RouteConfig, key: &str, message: &str) -> String {
+fn api_route_error(route: &RouteConfig, key: &str, message: &str) -> String {
     format!(
         "route `{}` (made through the API), `{key}`: {message}; its events fail at this plugin \
          until the route is changed (`PATCH /v1/routes/{}`) or the plugin is",
