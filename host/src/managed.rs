@@ -470,7 +470,8 @@ pub fn redact_secret_headers(headers: Vec<(String, String)>) -> Vec<(String, Str
 }
 
 /// `text` with the values of the query parameters in it whose names name a secret
-/// (`?key=…`, `&access_token=…`, `&sig=…` is not one) as `****`: a URL a plugin puts in an
+/// (`?key=…`, `&access_token=…`, and by their whole names Azure's `?code=` — a Functions
+/// key — and `&sig=` — a SAS signature; `country_code` is not one) as `****`: a URL a plugin puts in an
 /// error or a drop reason — a geocoder's `?key=` — is stored with the event's outcome and
 /// logged, and a key in it must not be.
 pub fn redact_query_secrets(text: &str) -> std::borrow::Cow<'_, str> {
@@ -520,7 +521,10 @@ fn query_secrets(text: &str) -> Vec<(std::ops::Range<usize>, std::ops::Range<usi
                     )
             })
             .unwrap_or(bytes.len());
-        if value_end > value_start && secret_name(&text[name_start..name_end]) {
+        let name = &text[name_start..name_end];
+        let secret =
+            secret_name(name) || ["code", "sig"].iter().any(|s| name.eq_ignore_ascii_case(s));
+        if value_end > value_start && secret {
             found.push((name_start..name_end, value_start..value_end));
         }
         i = value_end;
@@ -761,8 +765,15 @@ mod tests {
             r("`GET https://x.example/?Signature=abc#frag` and (https://y.example/?secret=s)"),
             "`GET https://x.example/?Signature=****#frag` and (https://y.example/?secret=****)"
         );
+        assert_eq!(
+            r(
+                "https://fn.azurewebsites.net/api/in?code=abc== and https://b.blob.core.windows.net/c?sv=2022&sig=x%2By"
+            ),
+            "https://fn.azurewebsites.net/api/in?code=**** and https://b.blob.core.windows.net/c?sv=2022&sig=****"
+        );
         for kept in [
             "GET https://crm.example.com/sims/1?iccid=8945&page=2 answered 404",
+            "https://geo.example/v1?country_code=DK&signal=3",
             "a ? b & c",
             "?key= (empty)",
             "no query at all",

@@ -83,7 +83,9 @@ function withoutQuerySecrets(url) {
     const eq = param.indexOf('=');
     if (eq < 0 || eq === param.length - 1) return param;
     const name = param.slice(0, eq);
-    return secret.some((s) => name.toLowerCase().includes(s)) ? `${name}=****` : param;
+    const lower = name.toLowerCase();
+    const isSecret = secret.some((s) => lower.includes(s)) || lower === 'code' || lower === 'sig';
+    return isSecret ? `${name}=****` : param;
   });
   return `${url.slice(0, at)}?${params.join('&')}`;
 }

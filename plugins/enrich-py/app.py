@@ -97,7 +97,7 @@ def without_query_secrets(url):
     params = []
     for param in query.split("&"):
         name, eq, value = param.partition("=")
-        secret = eq and value and any(s in name.lower() for s in SECRET)
+        secret = eq and value and (any(s in name.lower() for s in SECRET) or name.lower() in ("code", "sig"))
         params.append(f"{name}=****" if secret else param)
     return f"{base}?{'&'.join(params)}"
 

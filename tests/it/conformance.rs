@@ -593,7 +593,9 @@ async fn enrich_asks_alike_in_rust_js_and_python() {
         ),
         (
             "cached",
-            format!(r#"{{ url = "{sims}?region=eu&api_key=crm-secret-0123", cache_ttl = "60" }}"#),
+            format!(
+                r#"{{ url = "{sims}?region=eu&api_key=crm-secret-0123&code=crm-secret-fn", cache_ttl = "60" }}"#
+            ),
         ),
         (
             "nowhere",
@@ -779,7 +781,7 @@ async fn enrich_asks_alike_in_rust_js_and_python() {
         let keys: Vec<&str> = (kept["items"].as_array().unwrap().iter())
             .map(|i| i["key"].as_str().unwrap())
             .collect();
-        let remembered = format!("{crm}/sims/8945738730000000012?region=eu&api_key=****");
+        let remembered = format!("{crm}/sims/8945738730000000012?region=eu&api_key=****&code=****");
         assert!(keys.contains(&remembered.as_str()), "{plugin}: {keys:?}");
         assert!(!kept.to_string().contains("crm-secret"), "{plugin}: {kept}");
     }

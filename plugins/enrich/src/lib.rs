@@ -252,7 +252,8 @@ fn without_query_secrets(url: &str) -> String {
         .map(|param| match param.split_once('=') {
             Some((name, value))
                 if !value.is_empty()
-                    && SECRET.iter().any(|s| name.to_ascii_lowercase().contains(s)) =>
+                    && (SECRET.iter().any(|s| name.to_ascii_lowercase().contains(s))
+                        || ["code", "sig"].iter().any(|s| name.eq_ignore_ascii_case(s))) =>
             {
                 format!("{name}=****")
             }
