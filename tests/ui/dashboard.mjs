@@ -3,7 +3,7 @@
 //   node dashboard.mjs <gateway-url> <api-token> <receiver-control-url> <artifact-dir> <held-event-id>
 // It signs in, sees a freshly ingested event appear, replays the dead letters in bulk,
 // opens an event (plugin verdicts, attempt),
-// replays it (a new attempt), dry-runs its payload (and an edited one; a binary one is not editable; the HTTP requests its plugins asked for shown), erases an event and a device's events, restarts a FAILED destination (which says when it is tested again; its held events go out), writes a route's own JavaScript in a code editor,
+// replays it (a new attempt), dry-runs its payload (and an edited one; a binary one is not editable; the HTTP requests its plugins asked for shown), erases an event and a device's events, restarts a FAILED destination (which says when it is tested again; its held events go out), writes a route's own JavaScript in a code editor (a Python one's editor too),
 // resends the delivery that failed before, makes, changes and deletes a source, a destination
 // and a route through the API's objects, shows a banner while the gateway is not ready,
 // and writes a screenshot of every page, at 1280×800 and at phone width.
@@ -321,6 +321,10 @@ try {
   if (!tried.deliveries.some((d) => d.body.via === 'dashboard')) throw new Error(`the route's code did not run: ${JSON.stringify(tried)}`);
   await uiTransform.getByRole('button', { name: 'Edit' }).click();
   if ((await page.getByLabel('JavaScript of plugins[0]').inputValue()) !== code) throw new Error('the editor does not show the route\'s code');
+  // A py-transform entry's code gets an editor of its own too, named for its language.
+  await page.getByLabel('Route as JSON').fill(JSON.stringify({ plugins: [{ name: 'event-filter' }, { name: 'py-transform' }] }));
+  await page.getByLabel('Python of plugins[1]').fill('def transform(event):\n    event["body"]["via"] = "dashboard"\n');
+  if (!(await page.getByLabel('Route as JSON').inputValue()).includes('event[\\"body\\"][\\"via\\"]')) throw new Error('the Python code is not in the route\'s JSON');
   await page.locator('.routes-editor').getByRole('button', { name: 'Cancel' }).click();
   page.once('dialog', (d) => d.accept());
   await uiTransform.getByRole('button', { name: 'Delete' }).click();

@@ -99,7 +99,12 @@ pub const JS_PLUGINS: &[&str] = &[
     "enrich-js",
     "js-transform",
 ];
-pub const PYTHON_PLUGINS: &[&str] = &["tag-router-py", "change-filter-py", "enrich-py"];
+pub const PYTHON_PLUGINS: &[&str] = &[
+    "tag-router-py",
+    "change-filter-py",
+    "enrich-py",
+    "py-transform",
+];
 
 /// Builds the plugin `plugins/NAME` of any language into `out_dir/NAME.wasm`: a Rust one
 /// (one of [`PLUGINS`]) for wasm32-wasip2, a JavaScript or Python one with its pinned

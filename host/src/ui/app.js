@@ -83,17 +83,18 @@ function objectEditor(kind, noun, template, shownOnly, refresh) {
   const title = h('h2', {});
   const text = h('textarea', { class: 'object-json', rows: 10, spellcheck: 'false', 'aria-label': `${noun} as JSON` });
   let editing = null;
-  // A route's `js-transform` entries get their code in an editor of its own: a JavaScript
-  // function is not written as a JSON string. Kept in step with the JSON both ways.
+  // A route's `js-transform` and `py-transform` entries get their code in an editor of its
+  // own: a function is not written as a JSON string. Kept in step with the JSON both ways.
   const codes = h('div', { class: 'plugin-codes' });
+  const languages = { 'js-transform': 'JavaScript', 'py-transform': 'Python' };
   const renderCodes = () => {
     let object;
     try { object = JSON.parse(text.value); } catch { return; }
     const entries = (Array.isArray(object?.plugins) ? object.plugins : [])
-      .map((p, i) => [p, i]).filter(([p]) => p && p.name === 'js-transform');
+      .map((p, i) => [p, i]).filter(([p]) => p && Object.hasOwn(languages, p.name));
     codes.replaceChildren(...entries.map(([p, i]) => h('label', { class: 'plugin-code' },
-      `plugins[${i}]: js-transform's code`,
-      h('textarea', { rows: 10, spellcheck: 'false', 'aria-label': `JavaScript of plugins[${i}]`,
+      `plugins[${i}]: ${p.name}'s code`,
+      h('textarea', { rows: 10, spellcheck: 'false', 'aria-label': `${languages[p.name]} of plugins[${i}]`,
         oninput: (e) => {
           let now;
           try { now = JSON.parse(text.value); } catch { toast('Fix the JSON first: the code goes into it.'); return; }

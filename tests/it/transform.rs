@@ -1,11 +1,14 @@
-//! `js-transform`: a route's own JavaScript, in its config, run on each event inside the
-//! plugin sandbox — no build step. One gateway, one route per case (each its own code),
+//! `js-transform` and `py-transform`: a route's own JavaScript or Python, in its config, run
+//! on each event inside the plugin sandbox — no build step. One gateway per language, one
+//! route per case (each its own code, the same cases in both languages, asserted alike),
 //! tried by dry runs; then an event through the store to a receiver.
 
 use serde_json::{Value, json};
 
 use crate::util::{Receiver, TestGateway};
 
+/// The gateway's config: a route per case, `{plugin}` and `{reshaped}`, `{routed}`, …
+/// filled with a language's plugin and code (`Lang`).
 const CONFIG: &str = r#"
 [tables]
 sims = "tables/sims.csv"
@@ -24,22 +27,113 @@ name = "reshaped"
 [[routes]]
 source = "reshaped"
 destinations = ["by-customer"]
-plugins = [{ name = "js-transform", config = { code = '''
-// A SIM's usage in kB, its customer from the lookup table into metadata.
-function transform(event) {
-  const sim = lookup("sims", event.body.iccid);
-  event.metadata.customer = sim ? sim.customer : "unknown";
-  event.body = { iccid: event.body.iccid, kb: Math.round(event.body.bytes / 1000), from: event.source };
-}
-''' } }]
+plugins = [{ name = "{plugin}", config = { code = '''
+{reshaped}''' } }]
 
 [[sources]]
 name = "routed"
 [[routes]]
 source = "routed"
 destinations = ["archive"]
-plugins = [{ name = "js-transform", config = { code = '''
+plugins = [{ name = "{plugin}", config = { code = '''
+{routed}''' } }]
+
+[[sources]]
+name = "from-file"
+[[routes]]
+source = "from-file"
+destinations = ["archive"]
+plugins = [{ name = "{plugin}", config = { code = "${file:transforms/label.{ext}}" } }]
+
+[[sources]]
+name = "enriched"
+[[routes]]
+source = "enriched"
+destinations = ["archive"]
+plugins = [{ name = "{plugin}", allow_http = ["{crm}"], config = { code = '''
+{enriched}''' } }]
+
+[[sources]]
+name = "counted"
+[[routes]]
+source = "counted"
+destinations = ["archive"]
+plugins = [{ name = "{plugin}", config = { scope = "counted:", code = '''
+{counted}''' } }]
+
+[[sources]]
+name = "throws"
+[[routes]]
+source = "throws"
+destinations = ["archive"]
+plugins = [{ name = "{plugin}", config = { code = '''
+{throws}''' } }]
+
+[[sources]]
+name = "broken"
+
+[[sources]]
+name = "tallied"
+[[routes]]
+source = "tallied"
+destinations = ["archive"]
+plugins = [{ name = "{plugin}", config = { code = '''
+{tallied_a}''' } }]
+[[routes]]
+source = "tallied"
+destinations = ["archive"]
+plugins = [{ name = "{plugin}", config = { code = '''
+{tallied_b}''' } }]
+
+[[sources]]
+name = "loops"
+[[routes]]
+source = "loops"
+destinations = ["archive"]
+plugins = [{ name = "{plugin}", config = { code = '''
+{loops}''' } }]
+"#;
+
+/// A transform plugin's language: its code for each case, and what it says.
+struct Lang {
+    plugin: &'static str,
+    ext: &'static str,
+    reshaped: &'static str,
+    routed: &'static str,
+    /// The code of `transforms/label.{ext}`, labelling with `PREFIX`; and a broken one
+    /// (line 2).
+    label: &'static str,
+    broken_label: &'static str,
+    enriched: &'static str,
+    counted: &'static str,
+    throws: &'static str,
+    /// Counting events in a global; `ROUTE` is the route's name.
+    tallied: &'static str,
+    loops: &'static str,
+    /// Refused by the API: a syntax error, no `transform`, a load that never ends.
+    syntax_error: &'static str,
+    no_transform: &'static str,
+    endless_load: &'static str,
+    /// What the plugin says: a dropped event's reason, the start of the error the
+    /// `throws` case raises, the refusal of code with no `transform`, and the CRM case's
+    /// error.
+    dropped: &'static str,
+    raised: &'static str,
+    must_define: &'static str,
+    crm_error: &'static str,
+}
+
+const JS: Lang = Lang {
+    plugin: "js-transform",
+    ext: "js",
+    reshaped: r#"// A SIM's usage in kB, its customer from the lookup table into metadata.
 function transform(event) {
+  const sim = lookup("sims", event.body.iccid);
+  event.metadata.customer = sim ? sim.customer : "unknown";
+  event.body = { iccid: event.body.iccid, kb: Math.round(event.body.bytes / 1000), from: event.source };
+}
+"#,
+    routed: r#"function transform(event) {
   if (event.body.type === "sms") return null;
   // (`$$` is a `$` in the config file, whose `$${VAR}` names the environment's VAR.)
   const text = `SIM $${event.body.iccid}: $${event.body.type}`;
@@ -50,22 +144,11 @@ function transform(event) {
     destinations: event.body.type === "usage-alert" ? ["alerts", "archive"] : ["archive"],
   };
 }
-''' } }]
-
-[[sources]]
-name = "from-file"
-[[routes]]
-source = "from-file"
-destinations = ["archive"]
-plugins = [{ name = "js-transform", config = { code = "${file:transforms/label.js}" } }]
-
-[[sources]]
-name = "enriched"
-[[routes]]
-source = "enriched"
-destinations = ["archive"]
-plugins = [{ name = "js-transform", allow_http = ["{crm}"], config = { code = '''
-// What the CRM knows of the SIM, and how many of its events came so far.
+"#,
+    // (No `$$` in a file of its own: it is not the config's text.)
+    label: "function transform(event) {\n  event.body.label = `PREFIX-${event.body.iccid}`;\n}\n",
+    broken_label: "function transform(event) {\n  event.body.label = ;\n}\n",
+    enriched: r#"// What the CRM knows of the SIM, and how many of its events came so far.
 function transform(event) {
   const iccid = event.body.iccid;
   const seen = Number(state.get(iccid) ?? "0") + 1;
@@ -75,84 +158,114 @@ function transform(event) {
   event.body.customer = crm.json().customer;
   event.body.seen = seen;
 }
-''' } }]
-
-[[sources]]
-name = "counted"
-[[routes]]
-source = "counted"
-destinations = ["archive"]
-plugins = [{ name = "js-transform", config = { scope = "counted:", code = '''
-function transform(event) {
+"#,
+    counted: r#"function transform(event) {
   const seen = Number(state.get(event.body.iccid) ?? "0") + 1;
   state.set(event.body.iccid, String(seen));
   event.body.seen = seen;
 }
-''' } }]
-
-[[sources]]
-name = "throws"
-[[routes]]
-source = "throws"
-destinations = ["archive"]
-plugins = [{ name = "js-transform", config = { code = '''
-function transform(event) {
+"#,
+    throws: r#"function transform(event) {
   const n = 1;
   return event.body.missing.deeper + n;
 }
-''' } }]
-
-[[sources]]
-name = "broken"
-
-[[sources]]
-name = "tallied"
-[[routes]]
-source = "tallied"
-destinations = ["archive"]
-plugins = [{ name = "js-transform", config = { code = '''
-function transform(event) {
+"#,
+    tallied: r#"function transform(event) {
   globalThis.tally = (globalThis.tally ?? 0) + 1;
-  event.body = { route: "a", tally: globalThis.tally };
+  event.body = { route: "ROUTE", tally: globalThis.tally };
 }
-''' } }]
-[[routes]]
-source = "tallied"
-destinations = ["archive"]
-plugins = [{ name = "js-transform", config = { code = '''
-function transform(event) {
-  globalThis.tally = (globalThis.tally ?? 0) + 1;
-  event.body = { route: "b", tally: globalThis.tally };
-}
-''' } }]
+"#,
+    loops: "function transform(event) { while (true) {} }\n",
+    syntax_error: "function transform(event) {\n  return {\n}",
+    no_transform: "const transform = 1;",
+    endless_load: "while (true) {}\nfunction transform(event) {}",
+    dropped: "transform returned null",
+    raised: "transform threw: TypeError",
+    must_define: "`code` must define `function transform(event)`",
+    crm_error: "transform threw: Error: the CRM answered 404 (line 7)",
+};
 
-[[sources]]
-name = "loops"
-[[routes]]
-source = "loops"
-destinations = ["archive"]
-plugins = [{ name = "js-transform", config = { code = "function transform(event) { while (true) {} }" } }]
-"#;
+const PY: Lang = Lang {
+    plugin: "py-transform",
+    ext: "py",
+    reshaped: r#"# A SIM's usage in kB, its customer from the lookup table into metadata.
+def transform(event):
+    sim = lookup("sims", event["body"]["iccid"])
+    event["metadata"]["customer"] = sim["customer"] if sim else "unknown"
+    event["body"] = {"iccid": event["body"]["iccid"], "kb": round(event["body"]["bytes"] / 1000), "from": event["source"]}
+"#,
+    routed: r#"def transform(event):
+    kind = event["body"]["type"]
+    if kind == "sms":
+        return DROP
+    return {
+        "body": f"SIM {event['body']['iccid']}: {kind}",
+        "content_type": "text/plain",
+        "headers": {**event["headers"], "x-kind": kind},
+        "destinations": ["alerts", "archive"] if kind == "usage-alert" else ["archive"],
+    }
+"#,
+    label: "def transform(event):\n    event[\"body\"][\"label\"] = f\"PREFIX-{event['body']['iccid']}\"\n",
+    broken_label: "def transform(event):\n    event[\"body\"][\"label\"] = \n",
+    enriched: r#"# What the CRM knows of the SIM, and how many of its events came so far.
+def transform(event):
+    iccid = event["body"]["iccid"]
+    seen = int(state.get(iccid) or "0") + 1
+    state.set(iccid, str(seen), 3600)
+    crm = http("{crm}/sims/" + iccid, headers={"authorization": "Bearer crm-token"})
+    if crm.status != 200: raise RuntimeError(f"the CRM answered {crm.status}")
+    event["body"]["customer"] = crm.json()["customer"]
+    event["body"]["seen"] = seen
+"#,
+    counted: r#"def transform(event):
+    seen = int(state.get(event["body"]["iccid"]) or "0") + 1
+    state.set(event["body"]["iccid"], str(seen))
+    event["body"]["seen"] = seen
+"#,
+    throws: r#"def transform(event):
+    n = 1
+    return event["body"]["missing"]["deeper"] + n
+"#,
+    tallied: r#"tally = 0
+def transform(event):
+    global tally
+    tally += 1
+    event["body"] = {"route": "ROUTE", "tally": tally}
+"#,
+    loops: "def transform(event):\n    while True:\n        pass\n",
+    syntax_error: "def transform(event):\n    return {\n",
+    no_transform: "transform = 1",
+    endless_load: "while True:\n    pass\ndef transform(event):\n    pass\n",
+    dropped: "transform returned DROP",
+    raised: "transform raised: KeyError",
+    must_define: "`code` must define `def transform(event)`",
+    crm_error: "transform raised: RuntimeError: the CRM answered 404 (line 7)",
+};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn js_transform_runs_the_routes_own_code_in_the_sandbox() {
+    runs_the_routes_own_code_in_the_sandbox(&JS).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn py_transform_runs_the_routes_own_code_in_the_sandbox() {
+    runs_the_routes_own_code_in_the_sandbox(&PY).await;
+}
+
+async fn runs_the_routes_own_code_in_the_sandbox(lang: &Lang) {
     let rx = Receiver::start().await;
-    let dir = TestGateway::dir_with_plugins(&["js-transform"]);
+    let dir = TestGateway::dir_with_plugins(&[lang.plugin]);
     std::fs::create_dir_all(dir.path().join("tables")).unwrap();
     std::fs::write(
         dir.path().join("tables/sims.csv"),
         "iccid,customer\n8945738730000000012,acme\n",
     )
     .unwrap();
-    // Code in a file of its own (no `$$` there: it is not the config's text), re-read at
-    // each reload as the config is.
+    // Code in a file of its own, re-read at each reload as the config is.
     std::fs::create_dir_all(dir.path().join("transforms")).unwrap();
-    let label = dir.path().join("transforms/label.js");
+    let label = dir.path().join(format!("transforms/label.{}", lang.ext));
     let write_label = |prefix: &str| {
-        let code = format!(
-            "function transform(event) {{\n  event.body.label = `{prefix}-${{event.body.iccid}}`;\n}}\n"
-        );
-        std::fs::write(&label, code).unwrap();
+        std::fs::write(&label, lang.label.replace("PREFIX", prefix)).unwrap();
     };
     write_label("sim");
     let crm = crate::util::serve(axum::Router::new().route(
@@ -172,7 +285,17 @@ async fn js_transform_runs_the_routes_own_code_in_the_sandbox() {
         ),
     ))
     .await;
-    let config = CONFIG.replace("{crm}", &crm);
+    let config = (CONFIG.replace("{plugin}", lang.plugin))
+        .replace("{ext}", lang.ext)
+        .replace("{reshaped}", lang.reshaped)
+        .replace("{routed}", lang.routed)
+        .replace("{enriched}", lang.enriched)
+        .replace("{counted}", lang.counted)
+        .replace("{throws}", lang.throws)
+        .replace("{tallied_a}", &lang.tallied.replace("ROUTE", "a"))
+        .replace("{tallied_b}", &lang.tallied.replace("ROUTE", "b"))
+        .replace("{loops}", lang.loops)
+        .replace("{crm}", &crm);
     let gw = TestGateway::start_from_file(dir, &config, &rx)
         .await
         .unwrap();
@@ -208,7 +331,7 @@ async fn js_transform_runs_the_routes_own_code_in_the_sandbox() {
         "{answer}"
     );
     assert_eq!(
-        answer["routes"][0]["result"]["reason"], "transform returned null",
+        answer["routes"][0]["result"]["reason"], lang.dropped,
         "{answer}"
     );
     let alert = json!({ "type": "usage-alert", "iccid": "8945738730000000012" });
@@ -238,29 +361,29 @@ async fn js_transform_runs_the_routes_own_code_in_the_sandbox() {
     // made (the plugin's `config-check`), saying what and where; nothing is made.
     let broken = |code: &str| {
         json!({ "name": "broken", "source": "broken", "destinations": ["archive"],
-                "plugins": [{ "name": "js-transform", "config": { "code": code } }] })
+                "plugins": [{ "name": lang.plugin, "config": { "code": code } }] })
     };
     let made = |code: &'static str| {
         let (gw, route) = (&gw, broken(code));
         async move { gw.send("POST", "/v1/routes", Some(route)).await }
     };
-    let (status, answer) = made("function transform(event) {\n  return {\n}").await;
+    let (status, answer) = made(lang.syntax_error).await;
     assert_eq!(status, 400, "{answer}");
     let refusal = answer.to_string();
     assert!(
         refusal.contains("plugins[0].config")
-            && refusal.contains("plugin `js-transform` refuses this configuration")
+            && refusal.contains(&format!(
+                "plugin `{}` refuses this configuration",
+                lang.plugin
+            ))
             && refusal.contains("`code` does not compile: SyntaxError"),
         "{answer}"
     );
-    let (status, answer) = made("const transform = 1;").await;
+    let (status, answer) = made(lang.no_transform).await;
     assert_eq!(status, 400, "{answer}");
-    assert!(
-        (answer.to_string()).contains("`code` must define `function transform(event)`"),
-        "{answer}"
-    );
+    assert!((answer.to_string()).contains(lang.must_define), "{answer}");
     // Code whose loading never ends is stopped by the deadline, and refused as well.
-    let (status, answer) = made("while (true) {}\nfunction transform(event) {}").await;
+    let (status, answer) = made(lang.endless_load).await;
     assert_eq!(status, 400, "{answer}");
     assert!(
         (answer.to_string()).contains("the check ran past the deadline"),
@@ -274,8 +397,7 @@ async fn js_transform_runs_the_routes_own_code_in_the_sandbox() {
     let error = |answer: &Value| answer["routes"][0]["result"]["error"].to_string();
     let answer = dry_run("throws", usage.clone()).await;
     assert!(
-        error(&answer).contains("transform threw: TypeError")
-            && error(&answer).contains("(line 3)"),
+        error(&answer).contains(lang.raised) && error(&answer).contains("(line 3)"),
         "{answer}"
     );
     let answer = dry_run("loops", usage.clone()).await;
@@ -300,11 +422,7 @@ async fn js_transform_runs_the_routes_own_code_in_the_sandbox() {
     );
     // A change to the file that breaks the code is refused by the reload, which keeps the
     // code in force serving.
-    std::fs::write(
-        &label,
-        "function transform(event) {\n  event.body.label = ;\n}\n",
-    )
-    .unwrap();
+    std::fs::write(&label, lang.broken_label).unwrap();
     let (status, report) = gw.send("POST", "/v1/reload", None).await;
     assert_eq!(status, 422, "{report}");
     assert_eq!(report["config"], "rejected", "{report}");
@@ -355,10 +473,7 @@ async fn js_transform_runs_the_routes_own_code_in_the_sandbox() {
     assert_eq!(got[3].json()["seen"], 1, "{:?}", got[3].json());
     let unknown = json!({ "iccid": "8945000000000000000" });
     let answer = dry_run("enriched", unknown).await;
-    assert!(
-        error(&answer).contains("transform threw: Error: the CRM answered 404 (line 7)"),
-        "{answer}"
-    );
+    assert!(error(&answer).contains(lang.crm_error), "{answer}");
 
     // Warm instances serve one route each: what one route's code leaves in its globals,
     // another route's code never sees (both count events in `globalThis.tally`).
