@@ -16,7 +16,8 @@
 //   metadata.<key>    a JSON pointer into the answer: its value becomes metadata `key`
 //   not_found         what a 404 means: pass (default), drop or error
 //   cache_ttl         seconds to remember an answer per URL (state; the key holds the URL
-//                     with its secret query values as ****)
+//                     with its secret query values as ****, and a digest of its
+//                     credentials: routes with different ones never share an answer)
 //
 // Build: npm ci && npm run build   (bindings come from ../../wit; nothing hand-written)
 
@@ -72,9 +73,65 @@ function percentEncode(text) {
 
 /** `template` (the config's `what`) with each `{/pointer}` replaced by the body's value
  * there (a string or a number), written by `put`. */
+/** What an answer is remembered by: the URL (its secret query values as `****`: the API
+ * lists the keys) and the body a POST sends, then — when the request carries what that
+ * leaves out (a secret in the URL, headers) — ` #` and the first 16 hex digits of the
+ * SHA-256 of the whole URL and the headers (`\nname: value` each), as the Rust plugin
+ * makes it: routes that ask one URL with different credentials never share an answer. */
+function cacheKey(url, sent, headers) {
+  const shown = withoutQuerySecrets(url);
+  let key = sent === undefined ? shown : `${shown} ${sent}`;
+  if (shown !== url || headers.length > 0) {
+    const credentials = url + headers.map(([name, value]) => `\n${name}: ${value}`).join('');
+    key += ` #${sha256Hex(new TextEncoder().encode(credentials)).slice(0, 16)}`;
+  }
+  return key;
+}
+
+/** SHA-256 (FIPS 180-4) of bytes, as hex. (The engine's `crypto.subtle.digest` answers
+ * with a promise, which a plugin's `handle` cannot wait for.) */
+function sha256Hex(bytes) {
+  const K = [
+    0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
+    0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
+    0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
+    0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
+    0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
+    0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
+    0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+    0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2,
+  ];
+  const h = [0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19];
+  // The message, a 1 bit, zeros, and its length in bits (64-bit big-endian): 64-byte blocks.
+  const length = Math.ceil((bytes.length + 9) / 64) * 64;
+  const m = new Uint8Array(length);
+  m.set(bytes);
+  m[bytes.length] = 0x80;
+  const view = new DataView(m.buffer);
+  view.setUint32(length - 8, Math.floor(bytes.length / 0x20000000));
+  view.setUint32(length - 4, (bytes.length * 8) >>> 0);
+  const rotr = (x, n) => (x >>> n) | (x << (32 - n));
+  const w = new Uint32Array(64);
+  for (let block = 0; block < length; block += 64) {
+    for (let i = 0; i < 16; i++) w[i] = view.getUint32(block + 4 * i);
+    for (let i = 16; i < 64; i++) {
+      const s0 = rotr(w[i - 15], 7) ^ rotr(w[i - 15], 18) ^ (w[i - 15] >>> 3);
+      const s1 = rotr(w[i - 2], 17) ^ rotr(w[i - 2], 19) ^ (w[i - 2] >>> 10);
+      w[i] = (w[i - 16] + s0 + w[i - 7] + s1) >>> 0;
+    }
+    let [a, b, c, d, e, f, g, hh] = h;
+    for (let i = 0; i < 64; i++) {
+      const t1 = (hh + (rotr(e, 6) ^ rotr(e, 11) ^ rotr(e, 25)) + ((e & f) ^ (~e & g)) + K[i] + w[i]) >>> 0;
+      const t2 = ((rotr(a, 2) ^ rotr(a, 13) ^ rotr(a, 22)) + ((a & b) ^ (a & c) ^ (b & c))) >>> 0;
+      [hh, g, f, e, d, c, b, a] = [g, f, e, (d + t1) >>> 0, c, b, a, (t1 + t2) >>> 0];
+    }
+    [a, b, c, d, e, f, g, hh].forEach((v, i) => { h[i] = (h[i] + v) >>> 0; });
+  }
+  return h.map((v) => v.toString(16).padStart(8, '0')).join('');
+}
+
 /** `url` with the values of the query parameters whose names name a secret (`api_key`,
- * `token`, … as the gateway's API redacts them) as `****`: what the answer is remembered
- * by, a key the API lists, holds no secret. */
+ * `token`, … as the gateway's API redacts them) as `****`. */
 function withoutQuerySecrets(url) {
   const at = url.indexOf('?');
   if (at < 0) return url;
@@ -188,9 +245,8 @@ export const handler = {
     const url = fill(template, body, 'url', (v) => percentEncode(scalarText(v)));
     const bodyTemplate = configGet('body');
     const sent = bodyTemplate === undefined ? undefined : fill(bodyTemplate, body, 'body', (v) => JSON.stringify(v));
-    // What the answer is remembered by: the URL, and the body a POST sends.
     const method = sent === undefined ? 'GET' : 'POST';
-    const key = sent === undefined ? withoutQuerySecrets(url) : `${withoutQuerySecrets(url)} ${sent}`;
+    const key = cacheKey(url, sent, headers);
     let answer;
     if (ttl !== undefined) {
       const kept = get(key);

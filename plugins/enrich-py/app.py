@@ -17,13 +17,15 @@ Config:
   metadata.<key>  a JSON pointer into the answer: its value becomes metadata `key`
   not_found       what a 404 means: pass (default), drop or error
   cache_ttl       seconds to remember an answer per URL (state; the key holds the URL
-                  with its secret query values as ****)
+                  with its secret query values as ****, and a digest of its credentials:
+                  routes with different ones never share an answer)
 
 Build (bindings are generated from ../../wit by componentize-py; nothing hand-written):
   pip install -r requirements.txt
   componentize-py -d ../../wit -w checked-plugin componentize app -o enrich-py.wasm
 """
 
+import hashlib
 import json
 import re
 from urllib.parse import quote
@@ -87,10 +89,23 @@ def as_json(value):
 SECRET = ("authorization", "cookie", "key", "token", "secret", "password", "signature")
 
 
+def cache_key(url, sent, headers):
+    """What an answer is remembered by: the URL (its secret query values as `****`: the API
+    lists the keys) and the body a POST sends, then -- when the request carries what that
+    leaves out (a secret in the URL, headers) -- ` #` and the first 16 hex digits of the
+    SHA-256 of the whole URL and the headers (`\\nname: value` each), as the Rust plugin
+    makes it: routes that ask one URL with different credentials never share an answer."""
+    shown = without_query_secrets(url)
+    key = shown if sent is None else f"{shown} {sent}"
+    if shown != url or headers:
+        credentials = url + "".join(f"\n{name}: {value}" for name, value in headers)
+        key += " #" + hashlib.sha256(credentials.encode()).hexdigest()[:16]
+    return key
+
+
 def without_query_secrets(url):
     """`url` with the values of the query parameters whose names name a secret (`api_key`,
-    `token`, ... as the gateway's API redacts them) as `****`: what the answer is
-    remembered by, a key the API lists, holds no secret."""
+    `token`, ... as the gateway's API redacts them) as `****`."""
     base, sep, query = url.partition("?")
     if not sep:
         return url
@@ -191,9 +206,8 @@ class Handler(exports.Handler):
         url = fill(template, body, "url", percent_encoded)
         body_template = host.config_get("body")
         sent = None if body_template is None else fill(body_template, body, "body", as_json)
-        # What the answer is remembered by: the URL, and the body a POST sends.
         method = "GET" if sent is None else "POST"
-        key = without_query_secrets(url) if sent is None else f"{without_query_secrets(url)} {sent}"
+        key = cache_key(url, sent, headers)
         answer = MISSING
         if ttl is not None:
             kept = state.get(key)

@@ -597,6 +597,25 @@ async fn enrich_asks_alike_in_rust_js_and_python() {
                 r#"{{ url = "{sims}?region=eu&api_key=crm-secret-0123&code=crm-secret-fn", cache_ttl = "60" }}"#
             ),
         ),
+        // The same URL with another key, and with a header's credentials: answers of its own.
+        (
+            "other-key",
+            format!(
+                r#"{{ url = "{sims}?region=eu&api_key=crm-other-4567&code=crm-secret-fn", cache_ttl = "60" }}"#
+            ),
+        ),
+        (
+            "bearer-a",
+            format!(
+                r#"{{ url = "{sims}", "header.authorization" = "Bearer crm-a", cache_ttl = "60" }}"#
+            ),
+        ),
+        (
+            "bearer-b",
+            format!(
+                r#"{{ url = "{sims}", "header.authorization" = "Bearer crm-b", cache_ttl = "60" }}"#
+            ),
+        ),
         (
             "nowhere",
             format!(r#"{{ url = "{sims}", into = "", "metadata.plan" = "/customer/plan" }}"#),
@@ -658,6 +677,10 @@ async fn enrich_asks_alike_in_rust_js_and_python() {
         ("enrich", "not JSON", b"{ nope".to_vec()),
         ("cached", "first", known()),
         ("cached", "again", known()),
+        ("other-key", "another key", known()),
+        ("bearer-a", "a bearer", known()),
+        ("bearer-b", "another bearer", known()),
+        ("bearer-a", "a bearer again", known()),
         ("nowhere", "metadata only", known()),
         ("drop-404", "dropped", sim(json!("1234"))),
         ("error-404", "error", sim(json!("1234"))),
@@ -713,6 +736,9 @@ async fn enrich_asks_alike_in_rust_js_and_python() {
     );
     assert_eq!(decided("not JSON"), json!({ "error": "invalid event" }));
     assert_eq!(decided("again"), decided("first"));
+    assert_eq!(decided("another key"), decided("first"));
+    assert_eq!(decided("another bearer"), decided("a bearer"));
+    assert_eq!(decided("a bearer again"), decided("a bearer"));
     assert_eq!(
         decided("metadata only")["metadata"],
         json!([["plan", "iot-1"]])
@@ -775,23 +801,53 @@ async fn enrich_asks_alike_in_rust_js_and_python() {
         let refusal = refuse_alike(&gw, ENRICHERS, "enrich", plugin_config).await;
         assert!(refusal.starts_with(says), "{refusal}");
     }
-    // Each remembered the answer by its URL, the key in it left out (the API lists keys).
+    // Each remembered the answer by its URL, the secrets in it left out (the API lists
+    // keys), and a digest of the request's credentials: the first 16 hex digits of the
+    // SHA-256 of the whole URL and its headers (`\nname: value`) — the same keys in each.
+    let digest = |credentials: String| {
+        use sha2::Digest;
+        let d = sha2::Sha256::digest(credentials.as_bytes());
+        (d[..8].iter())
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    let known_url = format!("{crm}/sims/8945738730000000012");
+    let secret_url = format!("{known_url}?region=eu&api_key=crm-secret-0123&code=crm-secret-fn");
+    let remembered = [
+        format!(
+            "{known_url}?region=eu&api_key=****&code=**** #{}",
+            digest(secret_url)
+        ),
+        format!(
+            "{known_url} #{}",
+            digest(format!("{known_url}\nauthorization: Bearer crm-a"))
+        ),
+    ];
+    let mut all_keys = Vec::new();
     for (_, plugin) in ENRICHERS {
         let (_, kept) = gw.get(&format!("/v1/plugins/{plugin}/state")).await;
-        let keys: Vec<&str> = (kept["items"].as_array().unwrap().iter())
-            .map(|i| i["key"].as_str().unwrap())
+        let mut keys: Vec<String> = (kept["items"].as_array().unwrap().iter())
+            .map(|i| i["key"].as_str().unwrap().to_string())
             .collect();
-        let remembered = format!("{crm}/sims/8945738730000000012?region=eu&api_key=****&code=****");
-        assert!(keys.contains(&remembered.as_str()), "{plugin}: {keys:?}");
+        for key in &remembered {
+            assert!(keys.contains(key), "{plugin}: {keys:?}");
+        }
         assert!(!kept.to_string().contains("crm-secret"), "{plugin}: {kept}");
+        assert!(!kept.to_string().contains("crm-other"), "{plugin}: {kept}");
+        assert!(!kept.to_string().contains("Bearer"), "{plugin}: {kept}");
+        keys.sort();
+        all_keys.push(keys);
     }
+    assert!(all_keys.iter().all(|k| *k == all_keys[0]), "{all_keys:?}");
     // Each language asked for the known SIM once per config that reached the CRM with it
-    // (`enrich`, `cached` — its second event remembered it — and `nowhere`).
+    // (`enrich`, `cached` — its second event remembered it —, `other-key`, `bearer-a` —
+    // remembered for its second event —, `bearer-b` and `nowhere`): the same URL with
+    // other credentials is never answered from another's.
     let asked = asked.lock().unwrap();
     let known_asked = (asked.iter())
         .filter(|p| *p == "/sims/8945738730000000012")
         .count();
-    assert_eq!(known_asked, 3 * 3, "{asked:?}");
+    assert_eq!(known_asked, 3 * 6, "{asked:?}");
     let known_posted = (asked.iter())
         .filter(|p| p.starts_with("POST ") && p.contains("\"8945738730000000012\""))
         .count();

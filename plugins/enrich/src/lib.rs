@@ -20,8 +20,9 @@
 //! - `not_found`: what a `404` means: `pass` (the event goes on unchanged; the default),
 //!   `drop`, or `error`.
 //! - `cache_ttl`: seconds to remember an answer per URL (in the plugin's `state`, keyed by
-//!   the URL with its secret query values as `****`: the API lists the keys), so that
-//!   a SIM's hundred events ask once; unset, every event asks.
+//!   the URL with its secret query values as `****` — the API lists the keys — and a
+//!   digest of its credentials, so that routes with different ones never share an
+//!   answer), so that a SIM's hundred events ask once; unset, every event asks.
 //!
 //! ```toml
 //! plugins = [{ name = "enrich", on_error = "skip-plugin", allow_http = ["https://crm.example.com"],
@@ -112,11 +113,8 @@ impl Plugin for Enrich {
             None => None,
             Some(t) => Some(fill(&t, &body, "body", as_json)?),
         };
-        // What the answer is remembered by: the URL, and the body a POST sends.
-        let (method, key) = match &sent {
-            None => ("GET", without_query_secrets(&url)),
-            Some(sent) => ("POST", format!("{} {sent}", without_query_secrets(&url))),
-        };
+        let method = if sent.is_some() { "POST" } else { "GET" };
+        let key = cache_key(&url, sent.as_deref(), &headers);
         let answer = match cache_ttl.and_then(|_| state::get(&key)) {
             Some(kept) => serde_json::from_str(&kept).ok(),
             None => None,
@@ -232,9 +230,35 @@ fn check_placeholders(template: &str, what: &str) -> Result<(), PluginError> {
     Ok(())
 }
 
+/// What an answer is remembered by: the URL (its secret query values as `****`: the API
+/// lists the keys, `GET /v1/plugins/enrich/state`) and the body a POST sends, then — when
+/// the request carries what that leaves out (a secret in the URL, headers) — ` #` and the
+/// first 16 hex digits of the SHA-256 of the whole URL and the headers (`\nname: value`
+/// each): routes that ask one URL with different credentials never share an answer, and
+/// the key holds no secret.
+fn cache_key(url: &str, sent: Option<&str>, headers: &[(&str, &str)]) -> String {
+    use sha2::{Digest, Sha256};
+    let shown = without_query_secrets(url);
+    let mut key = match sent {
+        None => shown.clone(),
+        Some(sent) => format!("{shown} {sent}"),
+    };
+    if shown != url || !headers.is_empty() {
+        let mut credentials = Sha256::new();
+        credentials.update(url);
+        for (name, value) in headers {
+            credentials.update(format!("\n{name}: {value}"));
+        }
+        key.push_str(" #");
+        for b in &credentials.finalize()[..8] {
+            key.push_str(&format!("{b:02x}"));
+        }
+    }
+    key
+}
+
 /// `url` with the values of the query parameters whose names name a secret (`api_key`,
-/// `token`, … as the gateway's API redacts them) as `****`: what the answer is remembered
-/// by, a key the API lists (`GET /v1/plugins/enrich/state`), holds no secret.
+/// `token`, … as the gateway's API redacts them) as `****`.
 fn without_query_secrets(url: &str) -> String {
     const SECRET: [&str; 7] = [
         "authorization",
