@@ -378,12 +378,14 @@ fn fresh_and_warm(
     }
 }
 
-/// The same new body two ways: `reshape` by configuration (Rust) and `js-transform` by a
-/// route's own JavaScript, on the Onomondo usage event, fresh and warm.
+/// The same new body three ways: `reshape` by configuration (Rust), `js-transform` and
+/// `py-transform` by a route's own JavaScript or Python, on the Onomondo usage event, fresh
+/// and warm.
 fn transform(c: &mut Criterion) {
     let out = xtask::workspace_root().join("target/guests/plugins");
     xtask::build_guests(&["reshape"], &out).expect("guest plugins build");
     xtask::build_js("js-transform", &out).expect("JS plugin builds");
+    xtask::build_python("py-transform", &out).expect("Python plugin builds");
     let runtime = PluginRuntime::new().unwrap();
     let rt = runtime_for_calls();
     let event = event();
@@ -396,6 +398,11 @@ fn transform(c: &mut Criterion) {
         e.body = { device: { iccid: e.body.iccid }, usage: { bytes: e.body.bytes },
                    network: e.body.network.mcc + '-' + e.body.network.mnc, kind: 'usage' };
     }";
+    let py_code = "def transform(e):
+    b = e['body']
+    e['body'] = {'device': {'iccid': b['iccid']}, 'usage': {'bytes': b['bytes']},
+                 'network': f\"{b['network']['mcc']}-{b['network']['mnc']}\", 'kind': 'usage'}
+";
     let cases = [
         (
             "reshape",
@@ -407,6 +414,7 @@ fn transform(c: &mut Criterion) {
             ]),
         ),
         ("js-transform", pairs(&[("code", code)])),
+        ("py-transform", pairs(&[("code", py_code)])),
     ];
     let mut group = c.benchmark_group("transform");
     group.sample_size(20);
