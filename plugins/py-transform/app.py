@@ -169,8 +169,20 @@ def http(url, method=None, headers=None, body=None):
 
 
 def dumps(value):
-    """JSON as the gateway and js-transform write it: compact, UTF-8."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    """JSON as the gateway and js-transform write it: compact, UTF-8, numbers plain."""
+    return json.dumps(plain(value), separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def plain(value):
+    """A float with no fraction as an integer (`120.0` as `120`), as JavaScript writes it: a
+    receiver that reads the field as an integer (Go's, say) refuses `120.0`."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
 
 
 def where(e):
@@ -251,7 +263,7 @@ def text(v, what):
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):
-        return str(v)
+        return str(plain(v))
     raise Err(PluginError_Other(f"{what} is {v!r}: a str or a number"))
 
 

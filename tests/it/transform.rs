@@ -495,9 +495,18 @@ async fn runs_the_routes_own_code_in_the_sandbox(lang: &Lang) {
 
 /// `examples/transforms` (a route's JavaScript in a file of its own, a lookup table, the
 /// destinations it chooses) passes its golden cases, as its README comment says to run
-/// them.
+/// them — and so does its Python (`python.toml`, `usage.py`), with the same cases.
 #[test]
 fn the_transforms_example_passes_its_golden_cases() {
+    examples_golden_cases_pass(&JS, "switchyard.toml");
+}
+
+#[test]
+fn the_transforms_example_in_python_passes_the_same_golden_cases() {
+    examples_golden_cases_pass(&PY, "python.toml");
+}
+
+fn examples_golden_cases_pass(lang: &Lang, config: &str) {
     let root = xtask::workspace_root();
     let dir = tempfile::tempdir().unwrap();
     let example = dir.path().join("transforms");
@@ -510,11 +519,11 @@ fn the_transforms_example_passes_its_golden_cases() {
     let plugins = example.join("plugins.d");
     std::fs::create_dir_all(&plugins).unwrap();
     std::fs::copy(
-        crate::util::guest("js-transform"),
-        plugins.join("js-transform.wasm"),
+        crate::util::guest(lang.plugin),
+        plugins.join(format!("{}.wasm", lang.plugin)),
     )
     .unwrap();
-    let config = example.join("switchyard.toml");
+    let config = example.join(config);
     let cases = example.join("cases");
     let (ok, out, err) = crate::cli::run(&[
         "dry-run",
