@@ -12,9 +12,11 @@
 //              metadata: { key: value, … } } (earlier plugins')
 //          and the code may call `lookup(table, key)` (a row of a lookup table, or
 //          undefined), `log(message)` (a line in the gateway's log),
-//          `state.get(key)`, `state.set(key, value, ttlSeconds)`, `state.remove(key)`
-//          (text values this plugin keeps between events: WIT `state`; every route
-//          using js-transform shares its keys unless given a `scope`), and
+//          `state.get(key)`, `state.set(key, value, ttlSeconds)`, `state.remove(key)`,
+//          `state.swap(key, expected, value, ttlSeconds)` (sets only over `expected`:
+//          true when it did) (text values this plugin keeps between events: WIT
+//          `state`; every route using js-transform shares its keys unless given a
+//          `scope`), and
 //          `http(url, { method, headers, body })` → `{ status, headers, body, json() }`
 //          (a request to an origin the route allows: `allow_http`; WIT `http`).
 //          transform returns
@@ -38,7 +40,7 @@
 
 import { configGet, log as hostLog, lookup as hostLookup } from 'switchyard:plugin/host@0.1.4';
 import { send } from 'switchyard:plugin/http@0.1.4';
-import { get, remove, set } from 'switchyard:plugin/state@0.1.4';
+import { get, remove, set, swap } from 'switchyard:plugin/state@0.1.4';
 
 /** A `result` error of the WIT `plugin-error` variant. */
 function pluginError(tag, message) {
@@ -65,6 +67,12 @@ const state = Object.freeze({
   set(key, value, ttlSeconds) {
     if (typeof value !== 'string') throw new TypeError('state.set: the value is a string (JSON.stringify it)');
     set(scoped(key), value, ttlSeconds === undefined ? undefined : Number(ttlSeconds));
+  },
+  /** Sets `key` to `value` only if it holds `expected` now (undefined: nothing): true when
+   * this call set it — of two events handled at once, only one replaces what both read. */
+  swap(key, expected, value, ttlSeconds) {
+    if (typeof value !== 'string') throw new TypeError('state.swap: the value is a string (JSON.stringify it)');
+    return swap(scoped(key), expected ?? undefined, value, ttlSeconds === undefined ? undefined : Number(ttlSeconds));
   },
   remove: (key) => remove(scoped(key)),
 });

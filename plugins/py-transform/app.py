@@ -12,9 +12,10 @@ Config:
              "metadata": { key: value, ... } } (earlier plugins')
          and the code may call `lookup(table, key)` (a row of a lookup table, or None),
          `log(message)` (a line in the gateway's log), `state.get(key)`,
-         `state.set(key, value, ttl_seconds=None)`, `state.remove(key)` (text values this
-         plugin keeps between events: WIT `state`; every route using py-transform shares
-         its keys unless given a `scope`), and
+         `state.set(key, value, ttl_seconds=None)`, `state.remove(key)`,
+         `state.swap(key, expected, value, ttl_seconds=None)` (sets only over `expected`:
+         True when it did) (text values this plugin keeps between events: WIT `state`;
+         every route using py-transform shares its keys unless given a `scope`), and
          `http(url, method=None, headers=None, body=None)` -> a response with `status`,
          `headers`, `body` (text) and `json()` (a request to an origin the route allows:
          `allow_http`; WIT `http`). transform returns
@@ -127,6 +128,18 @@ class State:
             wit_state.set(scoped(key), value, None if ttl_seconds is None else int(ttl_seconds))
         except Err as e:
             raise RuntimeError(f"state.set: {e.value}") from None
+
+    @staticmethod
+    def swap(key, expected, value, ttl_seconds=None):
+        """Sets `key` to `value` only if it holds `expected` now (None: nothing): True when
+        this call set it -- of two events handled at once, only one replaces what both
+        read."""
+        if not isinstance(value, str):
+            raise TypeError("state.swap: the value is a str (json.dumps it)")
+        try:
+            return wit_state.swap(scoped(key), expected, value, None if ttl_seconds is None else int(ttl_seconds))
+        except Err as e:
+            raise RuntimeError(f"state.swap: {e.value}") from None
 
     @staticmethod
     def remove(key):

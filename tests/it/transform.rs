@@ -159,9 +159,14 @@ function transform(event) {
   event.body.seen = seen;
 }
 "#,
+    // (A count that two events handled at once cannot both take: `swap` sets only over
+    // what was read.)
     counted: r#"function transform(event) {
-  const seen = Number(state.get(event.body.iccid) ?? "0") + 1;
-  state.set(event.body.iccid, String(seen));
+  let was, seen;
+  do {
+    was = state.get(event.body.iccid);
+    seen = Number(was ?? "0") + 1;
+  } while (!state.swap(event.body.iccid, was, String(seen)));
   event.body.seen = seen;
 }
 "#,
@@ -218,8 +223,11 @@ def transform(event):
     event["body"]["seen"] = seen
 "#,
     counted: r#"def transform(event):
-    seen = int(state.get(event["body"]["iccid"]) or "0") + 1
-    state.set(event["body"]["iccid"], str(seen))
+    while True:
+        was = state.get(event["body"]["iccid"])
+        seen = int(was or "0") + 1
+        if state.swap(event["body"]["iccid"], was, str(seen)):
+            break
     event["body"]["seen"] = seen
 "#,
     throws: r#"def transform(event):
