@@ -293,6 +293,11 @@ impl Reloader {
             .forget_removed_sources(|s| routing.has_source(s));
         self.pipeline.set_routing(routing);
         self.config.store(config);
+        // Warm instances of the entries just put out of force go now (those an event in
+        // flight still holds, when it gives them back).
+        for plugin in self.registry.snapshot().values() {
+            plugin.drop_stale_instances();
+        }
         self.installed.notify_one();
     }
 

@@ -433,6 +433,46 @@ destinations = ["sink"]
     );
 }
 
+/// A warm instance serves one route entry's configuration: when the route changes or goes,
+/// its instances go at once — not when (if ever) the plugin is next called.
+#[tokio::test(flavor = "multi_thread")]
+async fn warm_instances_go_with_the_route_entry_they_served() {
+    let rx = Receiver::start().await;
+    let config =
+        "[[sources]]\nname = \"in\"\n[[destinations]]\nname = \"out\"\nurl = \"{receiver}/out\"\n";
+    let gw = TestGateway::start(config, &rx, &["reshape"]).await;
+    let entry =
+        |kind: &str| json!([{ "name": "reshape", "instance": "warm", "config": { "kind": kind } }]);
+    gw.create(
+        "/v1/routes",
+        json!({ "name": "warm", "source": "in", "destinations": ["out"], "plugins": entry("=one") }),
+    )
+    .await;
+    let warm = async || plugin(&gw, "reshape").await["warm_instances"].clone();
+    let send = async || {
+        let id = gw.accept("in", r#"{"iccid":"1"}"#.to_string()).await;
+        gw.settled(&id).await;
+    };
+    send().await;
+    assert_eq!(warm().await, 1);
+    // Changed: the old entry's instance goes; the new entry's comes with its first event.
+    let patch = json!({ "plugins": entry("=two") });
+    let (status, body) = gw.send("PATCH", "/v1/routes/warm", Some(patch)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(warm().await, 0);
+    send().await;
+    assert_eq!(warm().await, 1);
+    let kinds: Vec<Value> = (rx.wait_for(2).await.iter())
+        .map(|r| r.json()["kind"].clone())
+        .collect();
+    assert_eq!(kinds, [json!("one"), json!("two")]);
+    // Deleted: its instance goes too.
+    let (status, body) = gw.send("DELETE", "/v1/routes/warm", None).await;
+    assert!(status == 204 || status == 200, "{status} {body}");
+    assert_eq!(warm().await, 0);
+    gw.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_removed_plugin_keeps_serving_and_is_reported_missing() {
     let rx = Receiver::start().await;

@@ -668,8 +668,7 @@ impl LoadedPlugin {
             warm.store.data_mut().end_call();
             let size = self.options.warm_pool_size;
             let mut pool = self.warm.lock().unwrap_or_else(|e| e.into_inner());
-            // Those of configurations no longer in force (a reload's, a dry run's) go.
-            pool.retain(|w| w.config.strong_count() > 0);
+            drop_stale(&mut pool);
             let same = (pool.iter())
                 .filter(|w| w.serves(&config, limits.max_memory))
                 .count();
@@ -688,6 +687,19 @@ impl LoadedPlugin {
     pub fn warm_instances(&self) -> usize {
         self.warm.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
+
+    /// Drops the warm instances of configurations no longer in force. Called when the
+    /// routes in force change, so that a plugin no longer called (its route deleted or
+    /// changed) does not keep them and their memory; an instance given back does it too.
+    pub fn drop_stale_instances(&self) {
+        drop_stale(&mut self.warm.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+}
+
+/// Drops from a warm pool the instances of configurations no longer in force (a route's
+/// old entry, a reload's, a dry run's): none can be called with them again.
+fn drop_stale(pool: &mut Vec<WarmInstance>) {
+    pool.retain(|w| w.config.strong_count() > 0);
 }
 
 /// Arms the call's deadline: at every epoch tick the guest yields to the runtime, and the
